@@ -1,0 +1,312 @@
+"""Model configs: dataclasses with a docstring per field, presets, JSON load/save, overrides.
+
+A config is read strictly: an unknown key is an error that names it (and the nearest known
+key), and a value of the wrong type is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+@dataclass
+class TransformerConfig:
+    """Fields shared by the three encoders (pre-norm transformer blocks)."""
+
+    hidden_size: int = 768
+    """Width of the residual stream."""
+    num_layers: int = 12
+    """Number of transformer blocks."""
+    num_heads: int = 12
+    """Attention heads; must divide `hidden_size`."""
+    mlp_size: int = 3072
+    """Hidden width of each block's MLP."""
+    activation: str = "gelu"
+    """MLP activation: gelu (exact), gelu_tanh, relu, silu or quick_gelu."""
+    layer_norm_eps: float = 1e-12
+    """Epsilon of every LayerNorm in the encoder."""
+    qkv_bias: bool = True
+    """Whether the query/key/value projections have a bias."""
+    dropout: float = 0.0
+    """Dropout after the attention output and MLP projections (and on embeddings)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+
+
+@dataclass
+class ImageEncoderConfig(TransformerConfig):
+    """ViT image encoder."""
+
+    image_size: int = 224
+    """Side of the square input image, in pixels."""
+    patch_size: int = 16
+    """Side of a square patch, in pixels; must divide `image_size`."""
+    num_channels: int = 3
+    """Input channels."""
+    use_mask_token: bool = True
+    """Learn a mask token that replaces masked patch embeddings (needed for MIM/MMM)."""
+    vocab_size: int = 8192
+    """Number of image tokens (the dVAE codebook size) the masked-image heads predict."""
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+
+@dataclass
+class TextEncoderConfig(TransformerConfig):
+    """BERT-style text encoder."""
+
+    vocab_size: int = 30522
+    """WordPiece vocabulary size (BERT uncased: 30,522)."""
+    max_position_embeddings: int = 512
+    """Longest text, in tokens, including [CLS] and [SEP]."""
+    type_vocab_size: int = 2
+    """Number of token types (segments)."""
+    pad_token_id: int = 0
+    """Id of the [PAD] token."""
+
+
+@dataclass
+class MultimodalEncoderConfig(TransformerConfig):
+    """Multimodal encoder over [CLS_M | image tokens | text tokens]."""
+
+    num_layers: int = 6
+    """Number of transformer blocks."""
+    use_cls_token: bool = True
+    """Prepend a learned CLS_M token (its output feeds ITM and multimodal tasks)."""
+
+
+@dataclass
+class CodebookConfig:
+    """DALL-E dVAE encoder that turns an image into a grid of discrete tokens (8x downsampling)."""
+
+    hidden_size: int = 256
+    """Width of the first group; the groups are 1x, 2x, 4x and 8x this."""
+    num_blocks_per_group: int = 2
+    """Residual blocks in each of the four groups."""
+    num_groups: int = 4
+    """Counted into the residual gain 1/(num_groups * num_blocks_per_group)^2; the network always
+    has DALL-E's four groups."""
+    vocab_size: int = 8192
+    """Number of discrete image tokens."""
+    input_channels: int = 3
+    """Input channels."""
+
+
+@dataclass
+class FlavaConfig:
+    """The whole FLAVA model."""
+
+    image: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    """Image encoder."""
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    """Text encoder."""
+    multimodal: MultimodalEncoderConfig = field(default_factory=MultimodalEncoderConfig)
+    """Multimodal encoder."""
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    """Image tokenizer giving MIM/MMM targets."""
+    projection_dim: int = 768
+    """Size of the contrastive embeddings."""
+    logit_scale_init: float = 2.6592
+    """Initial contrastive logit scale, ln(1/0.07)."""
+    init_std: float = 0.02
+    """Standard deviation of the (truncated) normal weight initialisation."""
+
+    @property
+    def codebook_image_size(self) -> int:
+        """Input side of the codebook so its 8x-downsampled grid matches the patch grid."""
+        return self.image.grid_size * 8
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def _preset_tiny() -> FlavaConfig:
+    enc = dict(hidden_size=128, num_heads=4, mlp_size=512)
+    return FlavaConfig(
+        image=ImageEncoderConfig(**enc, num_layers=2, image_size=64, patch_size=8, vocab_size=512),
+        text=TextEncoderConfig(**enc, num_layers=2, max_position_embeddings=64),
+        multimodal=MultimodalEncoderConfig(**enc, num_layers=1),
+        codebook=CodebookConfig(hidden_size=32, num_blocks_per_group=1, vocab_size=512),
+        projection_dim=128,
+    )
+
+
+def _preset_small() -> FlavaConfig:
+    enc = dict(hidden_size=384, num_heads=6, mlp_size=1536)
+    return FlavaConfig(
+        image=ImageEncoderConfig(**enc, num_layers=6),
+        text=TextEncoderConfig(**enc, num_layers=6),
+        multimodal=MultimodalEncoderConfig(**enc, num_layers=3),
+        codebook=CodebookConfig(hidden_size=64),
+        projection_dim=384,
+    )
+
+
+def _preset_base() -> FlavaConfig:
+    # Paper Table A.1: ViT-B/16 image and text encoders, 6-layer multimodal encoder.
+    return FlavaConfig()
+
+
+PRESETS = {"tiny": _preset_tiny, "small": _preset_small, "base": _preset_base}
+
+
+def preset(name: str) -> FlavaConfig:
+    """A fresh copy of a named preset: tiny (tests, CPU demo), small, base (the paper's)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(path: str, value: Any, tp: Any) -> Any:
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected an object, got {data!r}")
+    types = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {where!r}{hint}")
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value, where)
+        else:
+            kwargs[key] = _check_value(where, value, tp)
+    return cls(**kwargs)
+
+
+def set_value(cfg: Any, dotted: str, raw: str) -> None:
+    """Apply one `key.sub=value` override in place; the value is parsed as JSON, else a string."""
+    parts = dotted.split(".")
+    target = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names:
+            where = ".".join(parts[: i + 1])
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {where!r}{hint}")
+        if i < len(parts) - 1:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    tp = _field_types(type(target))[parts[-1]]
+    if dataclasses.is_dataclass(tp):
+        value = from_dict(tp, value, dotted)
+    else:
+        value = _check_value(dotted, value, tp)
+    setattr(target, parts[-1], value)
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        set_value(cfg, key.strip().lstrip("-"), raw)
+    return cfg
+
+
+def validate(cfg: FlavaConfig) -> FlavaConfig:
+    """Check the relations between fields that a single type check cannot see."""
+    for name in ("image", "text", "multimodal"):
+        enc = getattr(cfg, name)
+        if enc.hidden_size % enc.num_heads:
+            raise ConfigError(
+                f"{name}.hidden_size ({enc.hidden_size}) must be divisible by "
+                f"{name}.num_heads ({enc.num_heads})"
+            )
+        for k in ("hidden_size", "num_heads", "mlp_size"):
+            if getattr(enc, k) <= 0:
+                raise ConfigError(f"{name}.{k} must be positive")
+        if enc.num_layers < 0:
+            raise ConfigError(f"{name}.num_layers must not be negative")
+        from .model.layers import ACTIVATIONS  # local: config must not import torch eagerly
+
+        if enc.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"{name}.activation {enc.activation!r} is not supported; "
+                f"choose one of {', '.join(sorted(ACTIVATIONS))}"
+            )
+    if cfg.image.image_size % cfg.image.patch_size:
+        raise ConfigError(
+            f"image.patch_size ({cfg.image.patch_size}) must divide "
+            f"image.image_size ({cfg.image.image_size})"
+        )
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> FlavaConfig:
+    """Read a FlavaConfig from JSON; a checkpoint's config.json is accepted too."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if isinstance(data, dict) and data.get("format") == "flava":
+        data = data.get("model", {})
+    return validate(from_dict(FlavaConfig, data))
+
+
+def config_from(spec: str | os.PathLike | FlavaConfig) -> FlavaConfig:
+    """A config from a preset name, a JSON path, or a config object (copied)."""
+    if isinstance(spec, FlavaConfig):
+        return validate(from_dict(FlavaConfig, to_dict(spec)))
+    if isinstance(spec, str) and spec in PRESETS:
+        return preset(spec)
+    return load_config(spec)

@@ -1,0 +1,273 @@
+"""The image (ViT), text (BERT-style) and multimodal encoders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ImageEncoderConfig, MultimodalEncoderConfig, TextEncoderConfig
+from ..errors import InputError
+from .layers import Pooler, Transformer, padding_mask
+
+
+@dataclass
+class EncoderOutput:
+    """Per-token states of one encoder."""
+
+    last_hidden_state: torch.Tensor
+    """[B, N, D] after the encoder's final LayerNorm."""
+    pre_norm_hidden_state: torch.Tensor
+    """[B, N, D] before the final LayerNorm: what the multimodal encoder consumes."""
+    attention_mask: torch.Tensor | None = None
+    """[B, N] 1 for real tokens, 0 for padding (text only)."""
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    """Embedding output and every block's output, when asked for."""
+
+
+@dataclass(frozen=True)
+class MultimodalLayout:
+    """Where each part sits in the multimodal sequence [CLS_M | image tokens | text tokens].
+
+    The image tokens are the image encoder's CLS followed by its patches.
+    """
+
+    num_image_tokens: int
+    num_text_tokens: int
+    has_cls: bool = True
+
+    @property
+    def offset(self) -> int:
+        return 1 if self.has_cls else 0
+
+    @property
+    def length(self) -> int:
+        return self.offset + self.num_image_tokens + self.num_text_tokens
+
+    @property
+    def image(self) -> slice:
+        return slice(self.offset, self.offset + self.num_image_tokens)
+
+    @property
+    def image_patches(self) -> slice:
+        """The image patches only (the image encoder's CLS excluded)."""
+        return slice(self.offset + 1, self.offset + self.num_image_tokens)
+
+    @property
+    def text(self) -> slice:
+        start = self.offset + self.num_image_tokens
+        return slice(start, start + self.num_text_tokens)
+
+
+@dataclass
+class MultimodalOutput:
+    last_hidden_state: torch.Tensor
+    """[B, layout.length, D] after the final LayerNorm."""
+    layout: MultimodalLayout
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def cls(self) -> torch.Tensor:
+        """[B, D] the CLS_M state (the first token; needs `use_cls_token`)."""
+        if not self.layout.has_cls:
+            raise InputError("this multimodal encoder has no CLS_M token (use_cls_token is false)")
+        return self.last_hidden_state[:, 0]
+
+    @property
+    def image_patches(self) -> torch.Tensor:
+        return self.last_hidden_state[:, self.layout.image_patches]
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self.last_hidden_state[:, self.layout.text]
+
+
+class ImageEncoder(nn.Module):
+    """ViT: patch embedding, a learned mask token, CLS, learned positions, pre-norm blocks."""
+
+    def __init__(self, cfg: ImageEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_mask_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.transformer = Transformer(cfg)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.pooler = Pooler(d)
+
+    def _check(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
+        cfg = self.cfg
+        if pixel_values.dim() != 4:
+            raise InputError(
+                f"pixel_values must be [batch, {cfg.num_channels}, H, W]; got shape {tuple(pixel_values.shape)}"
+            )
+        _, c, h, w = pixel_values.shape
+        if c != cfg.num_channels:
+            raise InputError(
+                f"images have {c} channels but the image encoder expects {cfg.num_channels} "
+                f"(convert grey or RGBA images to RGB)"
+            )
+        if not interpolate and (h, w) != (cfg.image_size, cfg.image_size):
+            raise InputError(
+                f"images are {h}x{w} but the model expects {cfg.image_size}x{cfg.image_size}; resize them, "
+                f"or pass interpolate_pos_encoding=True to run at another multiple of {cfg.patch_size}"
+            )
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise InputError(f"image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}")
+
+    def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """[1, 1 + grid_h*grid_w, D], bicubically resized when the grid differs from the trained one."""
+        g = self.cfg.grid_size
+        if (grid_h, grid_w) == (g, g):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        d = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d)
+        return torch.cat([cls_pos, patch_pos], dim=1)
+
+    def resize(self, image_size: int) -> None:
+        """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""
+        if image_size % self.cfg.patch_size:
+            raise InputError(f"image size {image_size} is not a multiple of the patch size {self.cfg.patch_size}")
+        grid = image_size // self.cfg.patch_size
+        with torch.no_grad():
+            new = self.position_embeddings(grid, grid).clone()
+        self.pos_embed = nn.Parameter(new)
+        self.cfg.image_size = image_size
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        patch_mask: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        """`patch_mask` [B, num_patches] (or [B, h, w]) marks patches replaced by the mask token."""
+        self._check(pixel_values, interpolate_pos_encoding)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)
+        B, N, _ = x.shape
+        if patch_mask is not None:
+            if self.mask_token is None:
+                raise InputError("this image encoder has no mask token (use_mask_token is false)")
+            patch_mask = patch_mask.reshape(patch_mask.shape[0], -1)
+            if tuple(patch_mask.shape) != (B, N):
+                raise InputError(f"patch_mask must be [{B}, {N}]; got {tuple(patch_mask.shape)}")
+            x = torch.where(patch_mask.to(torch.bool).unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        x = self.drop(x + self.position_embeddings(grid_h, grid_w))
+        h, states = self.transformer(x, keep_all=output_hidden_states)
+        return EncoderOutput(self.norm(h), h, hidden_states=states)
+
+
+class TextEncoder(nn.Module):
+    """BERT embeddings (word + position + token type, LayerNorm) and pre-norm blocks."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
+        self.embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.transformer = Transformer(cfg)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.pooler = Pooler(d)
+
+    def _check(self, input_ids: torch.Tensor, attention_mask, token_type_ids) -> None:
+        cfg = self.cfg
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point:
+            raise InputError("input_ids must be integer token ids, not floats")
+        L = input_ids.shape[1]
+        if L == 0:
+            raise InputError("input_ids is empty: every text needs at least one token")
+        if L > cfg.max_position_embeddings:
+            raise InputError(
+                f"texts are {L} tokens long but the text encoder takes at most "
+                f"{cfg.max_position_embeddings}; truncate them"
+            )
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            bad = hi if hi >= cfg.vocab_size else lo
+            raise InputError(
+                f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
+                f"was the text tokenized with a different vocabulary?"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        if token_type_ids is not None:
+            if token_type_ids.shape != input_ids.shape:
+                raise InputError("token_type_ids must have the shape of input_ids")
+            if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size:
+                raise InputError(f"token_type_ids must lie in [0, {cfg.type_vocab_size})")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> EncoderOutput:
+        self._check(input_ids, attention_mask, token_type_ids)
+        L = input_ids.shape[1]
+        positions = torch.arange(L, device=input_ids.device)
+        if token_type_ids is None:
+            x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+        else:
+            x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(positions)
+        x = self.drop(self.embed_norm(x))
+        h, states = self.transformer(x, padding_mask(attention_mask, x), keep_all=output_hidden_states)
+        return EncoderOutput(self.norm(h), h, attention_mask=attention_mask, hidden_states=states)
+
+
+class MultimodalEncoder(nn.Module):
+    """Pre-norm blocks over [CLS_M | image tokens | text tokens], text padding masked."""
+
+    def __init__(self, cfg: MultimodalEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_cls_token else None
+        self.transformer = Transformer(cfg)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.pooler = Pooler(d)
+
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> MultimodalOutput:
+        if image_tokens.shape[0] != text_tokens.shape[0]:
+            raise InputError(
+                f"the multimodal encoder needs as many images as texts; "
+                f"got {image_tokens.shape[0]} images and {text_tokens.shape[0]} texts"
+            )
+        B = image_tokens.shape[0]
+        layout = MultimodalLayout(image_tokens.shape[1], text_tokens.shape[1], self.cls_token is not None)
+        parts = [image_tokens, text_tokens]
+        if self.cls_token is not None:
+            parts.insert(0, self.cls_token.expand(B, -1, -1).to(image_tokens.dtype))
+        x = torch.cat(parts, dim=1)
+        mask = None
+        if text_attention_mask is not None:
+            keep_prefix = text_attention_mask.new_ones(B, layout.offset + layout.num_image_tokens)
+            mask = padding_mask(torch.cat([keep_prefix, text_attention_mask], dim=1), x)
+        h, states = self.transformer(x, mask, keep_all=output_hidden_states)
+        return MultimodalOutput(self.norm(h), layout, hidden_states=states)
