@@ -1,0 +1,112 @@
+"""`flava <command>`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .errors import FlavaError
+
+# Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
+
+
+def _cmd_init(args) -> None:
+    import torch
+
+    from .config import apply_overrides, config_from, validate
+    from .model import FlavaModel
+
+    cfg = validate(apply_overrides(config_from(args.config), args.set or []))
+    torch.manual_seed(args.seed)
+    model = FlavaModel(cfg)
+    model.save_pretrained(args.output)
+    console.print(f"wrote a newly initialised model ({model.num_parameters() / 1e6:.1f} M parameters) to {args.output}")
+
+
+def _cmd_info(args) -> None:
+    from .storage import read_checkpoint
+
+    ckpt = read_checkpoint(args.checkpoint)
+    cfg = ckpt.config
+    table = Table(title=f"{ckpt.path} ({ckpt.source} format)")
+    for col in ("part", "layers", "hidden", "heads", "mlp", "tensors", "parameters"):
+        table.add_column(col, justify="right" if col != "part" else "left")
+    prefixes = {"image": "image_encoder.", "text": "text_encoder.", "multimodal": "multimodal_encoder."}
+    model = ckpt.parts["model"]
+    for name, prefix in prefixes.items():
+        enc = getattr(cfg, name)
+        keys = [k for k in model if k.startswith(prefix)]
+        table.add_row(name, str(enc.num_layers), str(enc.hidden_size), str(enc.num_heads), str(enc.mlp_size),
+                      str(len(keys)), f"{sum(model[k].numel() for k in keys) / 1e6:.2f} M")
+    for part in ("heads", "codebook"):
+        sd = ckpt.parts.get(part) or {}
+        table.add_row(part, "", "", "", "", str(len(sd)),
+                      f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M" if sd else "absent")
+    console.print(table)
+    console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "
+                  f"{cfg.text.max_position_embeddings} tokens; projection {cfg.projection_dim}")
+
+
+def _cmd_export_hf(args) -> None:
+    from .interop.export import export_hf
+
+    notes = export_hf(args.checkpoint, args.output)
+    for note in notes:
+        console.print(f"note: {note}")
+    console.print(f"wrote a transformers FlavaForPreTraining checkpoint to {args.output}")
+
+
+def _cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(Path(args.output), console)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flava", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the end-to-end demo on packaged data")
+    p.add_argument("--output", default="runs/demo", help="where the demo writes (default: runs/demo)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("init", help="write a newly initialised model")
+    p.add_argument("--config", default="tiny", help="preset name (tiny, small, base) or a JSON config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("info", help="describe a checkpoint (ours or Hugging Face's)")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("export-hf", help="write a checkpoint transformers' FlavaForPreTraining loads")
+    p.add_argument("checkpoint")
+    p.add_argument("output")
+    p.set_defaults(func=_cmd_export_hf)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        args.func(args)
+    except FlavaError as e:
+        print(f"flava {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flava {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

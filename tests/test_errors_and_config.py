@@ -1,0 +1,181 @@
+"""Configs round-trip and are strict; every bad input ends in one clear FlavaError."""
+
+import json
+
+import pytest
+import torch
+
+import flava
+from flava.cli import main as cli
+from flava.config import apply_overrides, from_dict, load_config, preset, to_dict
+from flava.errors import CheckpointError, ConfigError, InputError
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = preset("tiny")
+    cfg.text.vocab_size = 100
+    return flava.FlavaModel(cfg).eval()
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    return tmp_path / "m"
+
+
+@pytest.mark.parametrize("name", ["tiny", "small", "base"])
+def test_presets_roundtrip_through_json(name, tmp_path):
+    cfg = preset(name)
+    (tmp_path / "c.json").write_text(json.dumps(to_dict(cfg)))
+    assert load_config(tmp_path / "c.json") == cfg
+
+
+def test_base_preset_is_the_papers_model():
+    cfg = preset("base")
+    for enc, layers in ((cfg.image, 12), (cfg.text, 12), (cfg.multimodal, 6)):
+        assert (enc.hidden_size, enc.num_heads, enc.mlp_size, enc.num_layers) == (768, 12, 3072, layers)
+    assert (cfg.image.image_size, cfg.image.patch_size, cfg.codebook.vocab_size) == (224, 16, 8192)
+    assert cfg.codebook_image_size == 112 and cfg.projection_dim == 768
+    assert abs(cfg.logit_scale_init - 2.6592) < 1e-4
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    data = to_dict(preset("tiny"))
+    data["image"]["hiden_size"] = 64
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"image\.hiden_size.*hidden_size"):
+        load_config(tmp_path / "c.json")
+
+
+def test_wrong_type_and_bad_relations_are_named():
+    with pytest.raises(ConfigError, match=r"text\.num_layers: expected an integer"):
+        from_dict(flava.FlavaConfig, {"text": {"num_layers": "six"}})
+    with pytest.raises(ConfigError, match=r"divisible"):
+        flava.FlavaModel(apply_overrides(preset("tiny"), ["image.num_heads=3"]))
+    with pytest.raises(ConfigError, match=r"activation"):
+        flava.FlavaModel(apply_overrides(preset("tiny"), ["text.activation=swoosh"]))
+
+
+def test_overrides():
+    cfg = apply_overrides(preset("tiny"), ["image.image_size=96", "multimodal.use_cls_token=false",
+                                           "--text.activation=gelu_tanh"])
+    assert cfg.image.image_size == 96 and cfg.multimodal.use_cls_token is False
+    assert cfg.text.activation == "gelu_tanh"
+    with pytest.raises(ConfigError, match=r"unknown config key 'image\.patch'.*patch_size"):
+        apply_overrides(cfg, ["image.patch=8"])
+    with pytest.raises(ConfigError, match=r"key=value"):
+        apply_overrides(cfg, ["image.patch_size"])
+
+
+def test_bad_images(tiny):
+    s = tiny.config.image.image_size
+    with pytest.raises(InputError, match=r"50x50 but the model expects 64x64"):
+        tiny.encode_image(torch.randn(1, 3, 50, 50))
+    with pytest.raises(InputError, match=r"4 channels.*expects 3"):
+        tiny.encode_image(torch.randn(1, 4, s, s))
+    with pytest.raises(InputError, match=r"\[batch, 3, H, W\]"):
+        tiny.encode_image(torch.randn(3, s, s))
+    with pytest.raises(InputError, match=r"not a multiple of the patch size"):
+        tiny.encode_image(torch.randn(1, 3, 60, 60), interpolate_pos_encoding=True)
+    assert tiny.encode_image(torch.randn(2, 3, 96, 96), interpolate_pos_encoding=True).shape == (2, 128)
+
+
+def test_bad_token_ids(tiny):
+    with pytest.raises(InputError, match=r"token id 100 is outside the vocabulary \[0, 100\)"):
+        tiny.encode_text(torch.tensor([[1, 100, 2]]))
+    with pytest.raises(InputError, match=r"token id -1"):
+        tiny.encode_text(torch.tensor([[1, -1, 2]]))
+    with pytest.raises(InputError, match=r"at most 64"):
+        tiny.encode_text(torch.ones(1, 65, dtype=torch.long))
+    with pytest.raises(InputError, match=r"empty"):
+        tiny.encode_text(torch.ones(1, 0, dtype=torch.long))
+    with pytest.raises(InputError, match=r"as many images as texts"):
+        tiny.encode_multimodal(torch.randn(2, 3, 64, 64), torch.ones(3, 4, dtype=torch.long))
+
+
+def test_missing_and_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match=r"does not exist"):
+        flava.load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"is not a checkpoint"):
+        flava.load(tmp_path)
+
+
+def test_missing_weights_file(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no weights"):
+        flava.load(saved)
+
+
+def test_truncated_weights_file(saved):
+    data = (saved / "model.safetensors").read_bytes()
+    (saved / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt"):
+        flava.load(saved)
+
+
+def test_truncated_bin_file(tiny, tmp_path):
+    import transformers
+
+    from flava.interop.hf import config_to_hf, state_dict_to_hf
+
+    cfg = config_to_hf(tiny.config, with_codebook=False)
+    transformers.FlavaConfig(**cfg).save_pretrained(tmp_path)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(state_dict_to_hf(tiny.state_dict(), {}, None), path)
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin could not be read"):
+        flava.load(tmp_path)
+
+
+def test_shapes_disagree_with_config(saved):
+    data = json.loads((saved / "config.json").read_text())
+    data["model"]["image"]["image_size"] = 32
+    (saved / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"wrong shape, e.g. image_encoder.pos_embed: checkpoint \[1, 65, 128\]"):
+        flava.load(saved)
+
+
+def test_config_with_unknown_key_in_checkpoint(saved):
+    data = json.loads((saved / "config.json").read_text())
+    data["model"]["text"]["num_layer"] = 2
+    (saved / "config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"text\.num_layer.*num_layers"):
+        flava.load(saved)
+
+
+def test_cli_reports_one_line_not_a_traceback(tmp_path, capsys):
+    assert cli(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flava info: error: checkpoint") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tiny, saved, monkeypatch):
+    import flava.storage as storage
+
+    before = (saved / "model.safetensors").read_bytes()
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(storage, "save_file", disk_full)
+    with pytest.raises(OSError):
+        tiny.save_pretrained(saved)
+    assert (saved / "model.safetensors").read_bytes() == before
+    assert not [p for p in saved.parent.iterdir() if p.name.startswith(".")]
+    flava.load(saved)
+
+
+def test_int8_embeddings_stay_close(saved):
+    fp32, int8 = flava.load(saved), flava.load(saved, quantize="int8")
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(4, 3, 64, 64, generator=g)
+    ids = torch.randint(1, 100, (4, 9), generator=g)
+    with torch.no_grad():
+        assert (fp32.encode_image(pixels) * int8.encode_image(pixels)).sum(-1).min() > 0.995
+        assert (fp32.encode_text(ids) * int8.encode_text(ids)).sum(-1).min() > 0.995
+    assert any("quantized" in type(m).__module__ for m in int8.modules())
+    with pytest.raises(ConfigError, match=r"int4"):
+        flava.load(saved, quantize="int4")

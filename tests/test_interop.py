@@ -1,0 +1,107 @@
+"""Loading every transformers FLAVA layout, and our export loading back into transformers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import hf_config, randomize_
+
+import flava
+from flava.cli import main as cli
+from flava.model.heads import PretrainingHeads
+from flava.storage import read_checkpoint, save_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def sample(cfg: flava.FlavaConfig, batch=2, length=7):
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randn(batch, 3, cfg.image.image_size, cfg.image.image_size, generator=g)
+    ids = torch.randint(1, cfg.text.vocab_size, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[1, 4:] = 0
+    return pixels, ids, mask
+
+
+@pytest.mark.parametrize("layout", ["FlavaModel", "FlavaForPreTraining", "bin", "sharded"])
+def test_load_every_transformers_layout(layout, tmp_path):
+    cfg = hf_config()
+    if layout == "FlavaModel":
+        ref = randomize_(transformers.FlavaModel(cfg))
+        ref.save_pretrained(tmp_path)
+    else:
+        full = randomize_(transformers.FlavaForPreTraining(cfg))
+        if layout == "bin":
+            full.config.save_pretrained(tmp_path)
+            torch.save(full.state_dict(), tmp_path / "pytorch_model.bin")
+        else:
+            full.save_pretrained(tmp_path, max_shard_size="50KB" if layout == "sharded" else "5GB")
+        ref = full.flava
+    if layout == "sharded":
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = flava.load(tmp_path)
+    pixels, ids, mask = sample(ours.config)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pixels, attention_mask=mask).multimodal_embeddings
+        close(ours(pixels, ids, mask).multimodal.last_hidden_state, want)
+    ckpt = read_checkpoint(tmp_path)
+    assert ckpt.source == "transformers"
+    if layout != "FlavaModel":
+        assert len(ckpt.parts["heads"]) == len(PretrainingHeads(ckpt.config).state_dict())
+        assert ckpt.parts["codebook"]
+
+
+def test_export_roundtrip_loads_in_transformers_with_no_missing_keys(tmp_path):
+    cfg = flava.preset("tiny")
+    cfg.text.vocab_size = 200
+    cfg.image.vocab_size = cfg.codebook.vocab_size = 64
+    torch.manual_seed(0)
+    model = randomize_(flava.FlavaModel(cfg), seed=5)
+    heads = randomize_(PretrainingHeads(cfg), seed=6)
+    codebook = randomize_(flava.FlavaImageCodebook(cfg.codebook), seed=7)
+    save_model(tmp_path / "ours", cfg, {"model": model, "heads": heads, "codebook": codebook})
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+
+    ref, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    ref.eval()
+    pixels, ids, mask = sample(cfg, batch=3)
+    with torch.no_grad():
+        r = ref.flava(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        o = model(pixels, ids, mask)
+        close(o.multimodal.last_hidden_state, r.multimodal_embeddings)
+        close(o.image.last_hidden_state, r.image_embeddings)
+        close(o.text_embeddings, F.normalize(ref.flava.text_projection(r.text_embeddings[:, 0]), dim=-1))
+        close(heads.mlm(o.text.last_hidden_state), ref.mlm_head(r.text_embeddings))
+        close(heads.mmm_image(o.multimodal.image_patches), ref.mmm_image_head(r.multimodal_embeddings[:, 2 : 2 + cfg.image.num_patches]))
+        close(heads.itm(o.multimodal.cls), ref.itm_head(r.multimodal_embeddings))
+        x = torch.rand(2, 3, cfg.codebook_image_size, cfg.codebook_image_size)
+        assert torch.equal(codebook.token_ids(x), ref.image_codebook.get_codebook_indices(x).flatten(1))
+
+    # ...and back: the exported directory loads into our model unchanged.
+    back = flava.load(tmp_path / "hf")
+    for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_export_without_heads_or_codebook(tmp_path, capsys):
+    cfg = flava.preset("tiny")
+    cfg.text.vocab_size = 120
+    flava.FlavaModel(cfg).save_pretrained(tmp_path / "ours")
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert "newly initialised" in capsys.readouterr().out
+    _, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_export_refuses_shapes_transformers_cannot_hold(tmp_path, capsys):
+    cfg = flava.preset("tiny")
+    cfg.text.hidden_size = 64
+    cfg.text.num_heads = 2
+    flava.FlavaModel(cfg).save_pretrained(tmp_path / "ours")
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 2
+    assert "hidden sizes to be equal" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
