@@ -1,8 +1,8 @@
 """Inference speed and memory: flava (fp32 and int8) against transformers' FLAVA.
 
 Both models hold the same weights and see the same inputs, in one process. Timings interleave
-the contenders and report medians; memory is the peak resident set during one call, above the
-resident set before it (Linux `VmHWM`, reset through /proc/self/clear_refs).
+the contenders and report medians; memory is the peak of tensor memory allocated during one call,
+replayed from torch.profiler's allocation and free events (independent of malloc caching).
 
     python benchmarks/inference.py [--preset base] [--repeats 7] [--threads 2] [--json FILE]
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -27,19 +26,18 @@ from flava.quantize import quantize_int8
 from flava.storage import load_weights
 
 
-def _rss_kib(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+def peak_memory_mib(fn) -> float:
+    """Peak of live tensor memory allocated while `fn` runs, in MiB."""
+    from torch.profiler import ProfilerActivity, profile
 
-
-def peak_memory_mib(fn) -> float | None:
-    """Peak extra resident memory while `fn` runs (Linux only; None elsewhere)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    before = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - before) / 1024
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -100,6 +98,7 @@ def main() -> int:
     mask32 = (torch.arange(32)[None] < lengths[:, None]).long()
     ids32[mask32 == 0] = 0
     ids8, mask8 = ids32[:8], mask32[:8]
+    full32 = torch.ones_like(mask32)
 
     def ref_image():
         return F.normalize(ref.get_image_features(pixel_values=img8).pooler_output[:, 0], dim=-1)
@@ -115,8 +114,13 @@ def main() -> int:
         "image embeddings (batch 8)": dict(
             ref=ref_image, ours=lambda: ours.encode_image(img8), int8=lambda: ours8.encode_image(img8),
             flops=8 * image_flops(cfg)),
-        "text embeddings (batch 32 x 32 tokens)": dict(
+        "text embeddings, lengths 8-32 padded (batch 32 x 32 tokens)": dict(
             ref=ref_text, ours=lambda: ours.encode_text(ids32, mask32), int8=lambda: ours8.encode_text(ids32, mask32),
+            flops=32 * text_flops(cfg, 32)),
+        "text embeddings, no padding (batch 32 x 32 tokens)": dict(
+            ref=lambda: F.normalize(ref.get_text_features(input_ids=ids32, attention_mask=full32).pooler_output[:, 0],
+                                    dim=-1),
+            ours=lambda: ours.encode_text(ids32, full32), int8=lambda: ours8.encode_text(ids32, full32),
             flops=32 * text_flops(cfg, 32)),
         "multimodal forward (batch 8)": dict(
             ref=ref_mm, ours=lambda: ours(img8, ids8, mask8).multimodal.last_hidden_state,

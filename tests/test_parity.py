@@ -150,3 +150,25 @@ def test_codebook_token_ids(cb):
         ids = ours.token_ids(x)
         assert ids.shape == (3, 16)
         assert torch.equal(ids, ref.get_codebook_indices(x).flatten(1))
+
+
+def test_embedding_fast_paths_equal_the_full_computation():
+    """encode_text packs padding away and encode_image updates only CLS in the last block;
+    both must equal projecting the full per-token output."""
+    torch.manual_seed(0)
+    cfg = flava.preset("tiny")
+    cfg.text.num_layers = cfg.image.num_layers = 3
+    model = randomize_(flava.FlavaModel(cfg))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 1000, (5, 12), generator=g)
+    mask = torch.ones(5, 12, dtype=torch.long)
+    for i, n in enumerate([12, 1, 5, 9, 3]):
+        mask[i, n:] = 0
+    left = mask.flip(1)  # left padding: token 0 is padding, so packing must not be used
+    types = torch.randint(0, 2, (5, 12), generator=g)
+    pixels = torch.randn(2, 3, 64, 64, generator=g)
+    with torch.no_grad():
+        for m, tt in ((mask, None), (mask, types), (left, None), (None, None)):
+            full = model.text_embedding(model.encode_text_tokens(ids, m, tt))
+            close(model.encode_text(ids, m, tt), full)
+        close(model.encode_image(pixels), model.image_embedding(model.encode_image_tokens(pixels)))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ImageEncoderConfig, MultimodalEncoderConfig, TextEncoderConfig
 from ..errors import InputError
-from .layers import Pooler, Transformer, padding_mask
+from .layers import Packing, Pooler, Transformer, padding_mask
 
 
 @dataclass
@@ -18,7 +18,7 @@ class EncoderOutput:
     """Per-token states of one encoder."""
 
     last_hidden_state: torch.Tensor
-    """[B, N, D] after the encoder's final LayerNorm."""
+    """[B, N, D] after the encoder's final LayerNorm (N = 1 when only CLS was asked for)."""
     pre_norm_hidden_state: torch.Tensor
     """[B, N, D] before the final LayerNorm: what the multimodal encoder consumes."""
     attention_mask: torch.Tensor | None = None
@@ -148,8 +148,10 @@ class ImageEncoder(nn.Module):
         patch_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
+        cls_only: bool = False,
     ) -> EncoderOutput:
-        """`patch_mask` [B, num_patches] (or [B, h, w]) marks patches replaced by the mask token."""
+        """`patch_mask` [B, num_patches] (or [B, h, w]) marks patches replaced by the mask token.
+        `cls_only` returns the CLS state alone and skips the work only other tokens need."""
         self._check(pixel_values, interpolate_pos_encoding)
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         grid_h, grid_w = x.shape[-2:]
@@ -164,7 +166,7 @@ class ImageEncoder(nn.Module):
             x = torch.where(patch_mask.to(torch.bool).unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
         x = self.drop(x + self.position_embeddings(grid_h, grid_w))
-        h, states = self.transformer(x, keep_all=output_hidden_states)
+        h, states = self.transformer(x, keep_all=output_hidden_states, cls_only=cls_only)
         return EncoderOutput(self.norm(h), h, hidden_states=states)
 
 
@@ -221,7 +223,9 @@ class TextEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        cls_only: bool = False,
     ) -> EncoderOutput:
+        """`cls_only` returns the CLS state alone; it also skips padding in the linear layers."""
         self._check(input_ids, attention_mask, token_type_ids)
         L = input_ids.shape[1]
         positions = torch.arange(L, device=input_ids.device)
@@ -231,7 +235,13 @@ class TextEncoder(nn.Module):
             x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
         x = x + self.position_embeddings(positions)
         x = self.drop(self.embed_norm(x))
-        h, states = self.transformer(x, padding_mask(attention_mask, x), keep_all=output_hidden_states)
+        mask = padding_mask(attention_mask, x)
+        packing = None
+        if cls_only and mask is not None and bool(attention_mask[:, 0].all()):
+            packing = Packing.from_mask(attention_mask)
+        h, states = self.transformer(x, mask, output_hidden_states, cls_only, packing)
+        if cls_only:
+            attention_mask = None if attention_mask is None else attention_mask[:, :1]
         return EncoderOutput(self.norm(h), h, attention_mask=attention_mask, hidden_states=states)
 
 

@@ -105,7 +105,9 @@ class FlavaModel(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """[B, projection_dim] L2-normalised contrastive image embeddings."""
-        return self.image_embedding(self.encode_image_tokens(pixel_values, None, interpolate_pos_encoding))
+        return self.image_embedding(
+            self.image_encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, cls_only=True)
+        )
 
     def encode_text(
         self,
@@ -114,7 +116,7 @@ class FlavaModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, projection_dim] L2-normalised contrastive text embeddings."""
-        return self.text_embedding(self.encode_text_tokens(input_ids, attention_mask, token_type_ids))
+        return self.text_embedding(self.text_encoder(input_ids, attention_mask, token_type_ids, cls_only=True))
 
     # ------------------------------------------------------------------ multimodal
 

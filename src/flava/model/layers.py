@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,17 +25,54 @@ ACTIVATIONS = {
 }
 
 
+# In-place versions save a large allocation per MLP when no gradient needs the input.
+_INPLACE = {
+    "gelu": lambda x: torch.ops.aten.gelu_(x),
+    "gelu_tanh": lambda x: torch.ops.aten.gelu_(x, approximate="tanh"),
+    "relu": lambda x: x.relu_(),
+    "silu": lambda x: F.silu(x, inplace=True),
+}
+
+
 class Activation(nn.Module):
     def __init__(self, name: str):
         super().__init__()
         self.name = name
         self.fn = ACTIVATIONS[name]
+        self.fn_ = _INPLACE.get(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fn_ is not None and not (torch.is_grad_enabled() and x.requires_grad):
+            return self.fn_(x)
         return self.fn(x)
 
     def extra_repr(self) -> str:
         return self.name
+
+
+@dataclass
+class Packing:
+    """Where the real (unpadded) tokens of a [B, L] batch sit, to run linear layers on them only."""
+
+    index: torch.Tensor
+    """[T] flat positions of real tokens in B * L."""
+    batch: int
+    length: int
+    mask: torch.Tensor
+    """[B, 1, 1, L] boolean SDPA keep-mask."""
+
+    @classmethod
+    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+        keep = attention_mask.to(torch.bool)
+        B, L = keep.shape
+        return cls(keep.flatten().nonzero().squeeze(1), B, L, keep[:, None, None, :])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        full = x.new_zeros(self.batch * self.length, x.shape[-1])
+        return full.index_copy_(0, self.index, x).view(self.batch, self.length, -1)
 
 
 class Attention(nn.Module):
@@ -47,13 +86,28 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        num_queries: int | None = None,
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
+        """x [B, N, C] -> [B, num_queries or N, C]; with `packing`, x and the result are [T, C]."""
+        qkv = self.qkv(x)
+        if packing is not None:
+            qkv, attn_mask = packing.unpack(qkv), packing.mask
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        q, k, v = qkv.view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        if num_queries is not None:
+            q = q[:, :, :num_queries]
         x = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
         )
-        x = x.transpose(1, 2).reshape(B, N, C)
+        x = x.transpose(1, 2).reshape(B, -1, C)
+        if packing is not None:
+            x = packing.pack(x)
         return self.proj_drop(self.proj(x))
 
 
@@ -80,8 +134,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(d, cfg.mlp_size, cfg.activation, cfg.dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        num_queries: int | None = None,
+        packing: Packing | None = None,
+    ) -> torch.Tensor:
+        """`num_queries` updates only the first tokens (all still serve as keys and values)."""
+        a = self.attn(self.norm1(x), attn_mask, num_queries, packing)
+        x = (x if num_queries is None else x[:, :num_queries]) + a
         return x + self.mlp(self.norm2(x))
 
 
@@ -94,16 +156,35 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, keep_all: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        keep_all: bool = False,
+        cls_only: bool = False,
+        packing: Packing | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """`cls_only`: the last block updates only token 0, whose state is all that is returned.
+        `packing` (with `cls_only`): every block but the last runs its linear layers on real
+        tokens only; needs token 0 of every row to be real."""
         states = [x] if keep_all else None
-        for block in self.blocks:
+        n = len(self.blocks)
+        if packing is not None and n > 1 and not keep_all:
+            x = packing.pack(x)
+        else:
+            packing = None
+        for i, block in enumerate(self.blocks):
+            last = i == n - 1
+            if last and packing is not None:
+                x, packing = packing.unpack(x), None
+            queries = 1 if cls_only and last else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, attn_mask, queries, packing, use_reentrant=False)
             else:
-                x = block(x, attn_mask)
+                x = block(x, attn_mask, queries, packing)
             if states is not None:
                 states.append(x)
+        if cls_only and n == 0:
+            x = x[:, :1]
         return x, (tuple(states) if states is not None else None)
 
 
