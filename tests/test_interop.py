@@ -105,3 +105,19 @@ def test_export_refuses_shapes_transformers_cannot_hold(tmp_path, capsys):
     assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 2
     assert "hidden sizes to be equal" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+def test_load_codebook_from_every_source(tmp_path):
+    cfg = hf_config(codebook=dict(hidden_size=12, num_groups=2))
+    full = randomize_(transformers.FlavaForPreTraining(cfg))
+    full.save_pretrained(tmp_path / "pretraining")
+    full.image_codebook.save_pretrained(tmp_path / "codebook")
+    x = torch.rand(2, 3, 32, 32)
+    want = full.image_codebook.get_codebook_indices(x).flatten(1)
+    for src in ("pretraining", "codebook"):
+        cb = flava.load_codebook(tmp_path / src)
+        assert cb.cfg.num_groups == 2 and not any(p.requires_grad for p in cb.parameters())
+        assert torch.equal(cb.token_ids(x), want), src
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "no-codebook")
+    with pytest.raises(flava.CheckpointError, match="no image codebook"):
+        flava.load_codebook(tmp_path / "no-codebook")

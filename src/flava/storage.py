@@ -259,3 +259,27 @@ def load(
     elif device is not None:
         model = model.to(device)
     return model
+
+
+def load_codebook(path: str | os.PathLike):
+    """The dVAE image tokenizer from a checkpoint directory: this project's, a transformers
+    FlavaForPreTraining (its `image_codebook.*`), or a standalone transformers FlavaImageCodebook."""
+    from .codebook import FlavaImageCodebook
+
+    path = Path(path)
+    cfg_path = path / CONFIG
+    if cfg_path.is_file() and _read_json(cfg_path).get("model_type") == "flava_image_codebook":
+        data = _read_json(cfg_path)
+        try:
+            cfg = hf.codebook_config_from_hf(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{cfg_path}: not a usable codebook config ({e})") from None
+        sd = {hf.codebook_key_from_hf(k): v for k, v in read_weights(path).items()}
+    else:
+        ckpt = read_checkpoint(path)
+        cfg, sd = ckpt.config.codebook, ckpt.parts.get("codebook") or {}
+        if not sd:
+            raise CheckpointError(f"{path} holds no image codebook weights")
+    codebook = FlavaImageCodebook(cfg)
+    load_weights(codebook, sd, "codebook", path)
+    return codebook.eval().requires_grad_(False)

@@ -73,7 +73,6 @@ def config_from_hf(hf: dict[str, Any]) -> FlavaConfig:
     img = _section(hf, "image_config", _HF_IMAGE_DEFAULTS)
     txt = _section(hf, "text_config", _HF_TEXT_DEFAULTS)
     mm = _section(hf, "multimodal_config", _HF_MM_DEFAULTS)
-    cb = _section(hf, "image_codebook_config", _HF_CODEBOOK_DEFAULTS)
     return FlavaConfig(
         image=ImageEncoderConfig(
             **_transformer_fields(img, "image_config"), image_size=_square("image_size", img["image_size"]),
@@ -89,11 +88,7 @@ def config_from_hf(hf: dict[str, Any]) -> FlavaConfig:
         multimodal=MultimodalEncoderConfig(
             **_transformer_fields(mm, "multimodal_config"), use_cls_token=bool(mm["use_cls_token"])
         ),
-        codebook=CodebookConfig(
-            hidden_size=int(cb["hidden_size"]), num_blocks_per_group=int(cb["num_blocks_per_group"]),
-            num_groups=int(cb["num_groups"]), vocab_size=int(cb["vocab_size"]),
-            input_channels=int(cb["input_channels"]),
-        ),
+        codebook=codebook_config_from_hf(_section(hf, "image_codebook_config", {})),
         projection_dim=int(hf.get("projection_dim", 768)),
         logit_scale_init=float(hf.get("logit_scale_init_value", 2.6592)),
         init_std=float(hf.get("initializer_range", 0.02)),
@@ -212,8 +207,18 @@ def _codebook_to_hf(key: str) -> str:
     return key.replace(".res_path.", ".res_path.path.")
 
 
-def _codebook_from_hf(key: str) -> str:
+def codebook_key_from_hf(key: str) -> str:
     return key.replace(".group.", ".", 1).replace(".res_path.path.", ".res_path.")
+
+
+def codebook_config_from_hf(hf_cb: dict[str, Any]) -> CodebookConfig:
+    cb = dict(_HF_CODEBOOK_DEFAULTS)
+    cb.update({k: v for k, v in hf_cb.items() if k in cb})
+    return CodebookConfig(
+        hidden_size=int(cb["hidden_size"]), num_blocks_per_group=int(cb["num_blocks_per_group"]),
+        num_groups=int(cb["num_groups"]), vocab_size=int(cb["vocab_size"]),
+        input_channels=int(cb["input_channels"]),
+    )
 
 
 # Buffers some transformers versions saved; they carry no learned state.
@@ -230,7 +235,7 @@ def state_dict_from_hf(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, l
         if _IGNORED_HF.fullmatch(key):
             continue
         if key.startswith("image_codebook."):
-            codebook[_codebook_from_hf(key[len("image_codebook."):])] = value
+            codebook[codebook_key_from_hf(key[len("image_codebook."):])] = value
             continue
         k = key[len("flava."):] if key.startswith("flava.") else key
         m = _QKV_HF.fullmatch(k)
