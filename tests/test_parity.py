@@ -28,6 +28,10 @@ CONFIGS = {
         multimodal=dict(hidden_size=16, num_attention_heads=2, use_cls_token=False),
         logit_scale_init_value=1.5,
     ),
+    "grey-no-mask-token-uneven-grid": hf_config(
+        image=dict(num_channels=1, mask_token=False, image_size=30, patch_size=8),
+        text=dict(max_position_embeddings=12, pad_token_id=3),
+    ),
 }
 
 
@@ -52,7 +56,7 @@ def inputs(ref, batch=3, length=9, seed=0):
         mask[i, length - 2 * i:] = 0
         ids[i, length - 2 * i:] = 0
     n = (ic.image_size // ic.patch_size) ** 2
-    patch_mask = torch.rand(batch, n, generator=g) < 0.4
+    patch_mask = (torch.rand(batch, n, generator=g) < 0.4) if ic.mask_token else None
     token_types = torch.randint(0, tc.type_vocab_size, (batch, length), generator=g)
     return pixels, ids, mask, patch_mask, token_types
 
@@ -62,7 +66,7 @@ def test_unimodal_hidden_states_and_embeddings(name, tmp_path):
     ref, ours = make_pair(name, tmp_path)
     pixels, ids, mask, patch_mask, token_types = inputs(ref)
     with torch.no_grad():
-        for pm in (None, patch_mask):
+        for pm in [None] + ([patch_mask] if patch_mask is not None else []):
             r = ref.image_model(pixel_values=pixels, bool_masked_pos=pm, output_hidden_states=True)
             o = ours.encode_image_tokens(pixels, patch_mask=pm, output_hidden_states=True)
             close(o.last_hidden_state, r.last_hidden_state)
@@ -93,7 +97,7 @@ def test_multimodal_output(name, tmp_path):
     ref, ours = make_pair(name, tmp_path)
     pixels, ids, mask, patch_mask, _ = inputs(ref, batch=4, length=11, seed=1)
     with torch.no_grad():
-        for pm in (None, patch_mask):
+        for pm in [None] + ([patch_mask] if patch_mask is not None else []):
             r = ref(input_ids=ids, pixel_values=pixels, attention_mask=mask, bool_masked_pos=pm)
             o = ours(pixel_values=pixels, input_ids=ids, attention_mask=mask, patch_mask=pm)
             close(o.multimodal.last_hidden_state, r.multimodal_embeddings)

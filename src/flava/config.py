@@ -49,7 +49,7 @@ class ImageEncoderConfig(TransformerConfig):
     image_size: int = 224
     """Side of the square input image, in pixels."""
     patch_size: int = 16
-    """Side of a square patch, in pixels; must divide `image_size`."""
+    """Side of a square patch, in pixels; a remainder of `image_size` is cropped away."""
     num_channels: int = 3
     """Input channels."""
     use_mask_token: bool = True
@@ -281,9 +281,9 @@ def validate(cfg: FlavaConfig) -> FlavaConfig:
                 f"{name}.activation {enc.activation!r} is not supported; "
                 f"choose one of {', '.join(sorted(ACTIVATIONS))}"
             )
-    if cfg.image.image_size % cfg.image.patch_size:
+    if not 0 < cfg.image.patch_size <= cfg.image.image_size:
         raise ConfigError(
-            f"image.patch_size ({cfg.image.patch_size}) must divide "
+            f"image.patch_size ({cfg.image.patch_size}) must be positive and at most "
             f"image.image_size ({cfg.image.image_size})"
         )
     return cfg

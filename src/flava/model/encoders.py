@@ -117,7 +117,7 @@ class ImageEncoder(nn.Module):
                 f"images are {h}x{w} but the model expects {cfg.image_size}x{cfg.image_size}; resize them, "
                 f"or pass interpolate_pos_encoding=True to run at another multiple of {cfg.patch_size}"
             )
-        if h % cfg.patch_size or w % cfg.patch_size:
+        if interpolate and (h % cfg.patch_size or w % cfg.patch_size):
             raise InputError(f"image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}")
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
