@@ -1,0 +1,152 @@
+"""Masking for MIM/MMM (BEiT block masking of image patches) and MLM/MMM (BERT masking of text).
+
+Both take an explicit `numpy.random.Generator`, so a mask depends only on the seed it was drawn
+with: a data loader that seeds per sample reproduces every mask after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
+
+IGNORE_INDEX = -100
+
+# The paper's setting for a 14 x 14 grid (BEiT's): 75 patches in blocks of at least 16.
+BASE_GRID = 14
+BASE_MASKED = 75
+BASE_MIN_BLOCK = 16
+
+
+@dataclass
+class BlockMasking:
+    """BEiT block masking: rectangles of random area and aspect ratio until the target is met.
+
+    Every rectangle covers at least `min_block` patches with its aspect ratio in
+    [min_aspect, max_aspect], and adds at most the patches still missing (it may overlap earlier
+    ones). Unlike BEiT, which fills the last few patches with blocks below `min_block`, the last
+    rectangles here overlap earlier ones instead; the loop ends when `tries` draws in a row add
+    nothing, so a mask never exceeds `num_masked` and almost always equals it.
+    """
+
+    grid: int = BASE_GRID
+    num_masked: int = BASE_MASKED
+    min_block: int = BASE_MIN_BLOCK
+    min_aspect: float = 0.3
+    max_aspect: float | None = None
+    """Defaults to 1 / min_aspect."""
+    tries: int = 200
+
+    @classmethod
+    def for_grid(cls, grid: int, mask_ratio: float | None = None) -> "BlockMasking":
+        """The paper's setting scaled in proportion to another patch grid."""
+        n = grid * grid
+        ratio = BASE_MASKED / BASE_GRID**2 if mask_ratio is None else mask_ratio
+        return cls(grid=grid, num_masked=max(1, round(ratio * n)),
+                   min_block=max(1, round(BASE_MIN_BLOCK / BASE_GRID**2 * n)))
+
+    def __post_init__(self) -> None:
+        hi = self.max_aspect if self.max_aspect is not None else 1 / self.min_aspect
+        self._log_aspect = (math.log(self.min_aspect), math.log(hi))
+        if not 0 < self.num_masked <= self.grid**2:
+            raise ValueError(f"num_masked must be in [1, {self.grid ** 2}], got {self.num_masked}")
+
+    def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator,
+                   blocks: list | None) -> int:
+        g = self.grid
+        lo_aspect, hi_aspect = (math.exp(x) for x in self._log_aspect)
+        for _ in range(self.tries):
+            area = rng.uniform(self.min_block, max(self.min_block, budget))
+            aspect = math.exp(rng.uniform(*self._log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            # Rounding must not break the shape rules: every block keeps >= min_block patches
+            # and its aspect ratio in range (small blocks would otherwise round to 1x5 and such).
+            if h * w < self.min_block or not lo_aspect - 1e-9 <= h / w <= hi_aspect + 1e-9 or h > g or w > g:
+                continue
+            top, left = int(rng.integers(0, g - h + 1)), int(rng.integers(0, g - w + 1))
+            window = mask[top: top + h, left: left + w]
+            new = h * w - int(window.sum())
+            if 0 < new <= budget:
+                window[...] = True
+                if blocks is not None:
+                    blocks.append((top, left, h, w))
+                return new
+        return 0
+
+    def __call__(self, rng: np.random.Generator, blocks: list | None = None) -> np.ndarray:
+        """A [grid, grid] boolean mask; `blocks` (if a list) receives each (top, left, h, w)."""
+        mask = np.zeros((self.grid, self.grid), dtype=bool)
+        count = 0
+        while count < self.num_masked:
+            added = self._add_block(mask, self.num_masked - count, rng, blocks)
+            if added == 0:
+                break
+            count += added
+        return mask
+
+
+@dataclass
+class TextMasking:
+    """BERT masking: each ordinary token is chosen with `probability`; a chosen token becomes
+    [MASK] 80 % of the time, a random ordinary token 10 %, and stays itself 10 %.
+
+    Special tokens and padding are never chosen. With `whole_word`, a word's WordPiece
+    continuations (`##...`) are chosen together with its first piece.
+    """
+
+    probability: float = 0.15
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+    whole_word: bool = False
+    vocab_size: int = 30522
+    random_low: int = 999
+    """Random replacements are drawn from [random_low, vocab_size): BERT's ordinary tokens."""
+    special_ids: tuple[int, ...] = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
+    continuation: np.ndarray | None = field(default=None, repr=False)
+    """[vocab] True for WordPiece continuation pieces; needed for `whole_word`."""
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, **kwargs) -> "TextMasking":
+        vocab = tokenizer.tok.get_vocab()
+        continuation = np.zeros(tokenizer.vocab_size, dtype=bool)
+        for token, i in vocab.items():
+            continuation[i] = token.startswith("##")
+        return cls(vocab_size=tokenizer.vocab_size, continuation=continuation, **kwargs)
+
+    def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One text's ids (unpadded or padded) -> (masked ids, labels with -100 where unchosen)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        ordinary = ~np.isin(ids, self.special_ids)
+        if self.whole_word:
+            if self.continuation is None:
+                raise ValueError("whole-word masking needs the vocabulary's continuation table")
+            cont = self.continuation[ids] & ordinary
+            word = np.cumsum(~cont) - 1  # word index of every token
+            chosen_words = rng.random(word[-1] + 1 if len(ids) else 0) < self.probability
+            chosen = ordinary & chosen_words[word]
+        else:
+            chosen = ordinary & (rng.random(len(ids)) < self.probability)
+        labels = np.where(chosen, ids, IGNORE_INDEX)
+        r = rng.random(len(ids))
+        masked = ids.copy()
+        masked[chosen & (r < self.mask_fraction)] = MASK_ID
+        randomize = chosen & (r >= self.mask_fraction) & (r < self.mask_fraction + self.random_fraction)
+        masked[randomize] = rng.integers(self.random_low, self.vocab_size, int(randomize.sum()))
+        return masked, labels
+
+
+def mask_images(masking: BlockMasking, batch: int, rng: np.random.Generator) -> torch.Tensor:
+    """[batch, grid * grid] boolean patch masks."""
+    return torch.from_numpy(np.stack([masking(rng).reshape(-1) for _ in range(batch)]))
+
+
+def mask_texts(masking: TextMasking, input_ids: torch.Tensor, rng: np.random.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row by row over a padded [B, L] batch -> (masked ids, labels)."""
+    masked, labels = zip(*(masking(row, rng) for row in input_ids.numpy()))
+    return torch.from_numpy(np.stack(masked)), torch.from_numpy(np.stack(labels))
