@@ -132,6 +132,38 @@ class FlavaConfig:
         return self.image.grid_size * 8
 
 
+@dataclass
+class ObjectivesConfig:
+    """Which pretraining losses run, how much each counts, and how their inputs are made."""
+
+    global_contrastive_weight: float = 1.0
+    """Image-text InfoNCE over the global batch (pairs). 0 skips it."""
+    itm_weight: float = 1.0
+    """Image-text matching on CLS_M (pairs). 0 skips it."""
+    mmm_image_weight: float = 1.0
+    """Masked image tokens predicted from the multimodal encoder (pairs). 0 skips it."""
+    mmm_text_weight: float = 1.0
+    """Masked text tokens predicted from the multimodal encoder (pairs). 0 skips it."""
+    mim_weight: float = 1.0
+    """Masked image tokens predicted from the image encoder (images). 0 skips it."""
+    mlm_weight: float = 1.0
+    """Masked text tokens predicted from the text encoder (text). 0 skips it."""
+    gather_with_grad: bool = True
+    """Contrastive features are gathered from every process with gradient (else locally only)."""
+    itm_negatives: str = "swap"
+    """'swap': the original recipe, a pair's caption replaced by another one with probability
+    `itm_negative_probability`; 'hard': ALBEF-style, one negative text per image and one
+    negative image per text drawn by contrastive similarity over the global batch."""
+    itm_negative_probability: float = 0.1
+    """Share of pairs turned into negatives by the 'swap' recipe."""
+    image_mask_ratio: float = 75 / 196
+    """Share of patches block-masked for MIM/MMM (the paper: 75 of 196)."""
+    text_mask_probability: float = 0.15
+    """Share of text tokens chosen for MLM/MMM."""
+    whole_word_masking: bool = False
+    """Choose whole words (all their WordPieces) rather than single pieces."""
+
+
 # --------------------------------------------------------------------------- presets
 
 

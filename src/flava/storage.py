@@ -203,7 +203,12 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(
                 f"{path} holds {len(unknown)} weight(s) that are not part of FLAVA, e.g. {unknown[0]!r}"
             )
-        return Checkpoint(path, config, {"model": model, "heads": heads, "codebook": codebook}, "transformers")
+        objectives = {f"{name}_weight": float(data[f"{name}_weight"]) for name in
+                      ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text") if f"{name}_weight" in data}
+        if "global_backprop_contrastive" in data:
+            objectives["gather_with_grad"] = bool(data["global_backprop_contrastive"])
+        return Checkpoint(path, config, {"model": model, "heads": heads, "codebook": codebook}, "transformers",
+                          {"objectives": objectives})
     raise CheckpointError(f"{cfg_path} is neither a flava nor a Hugging Face FLAVA config")
 
 
@@ -237,16 +242,31 @@ def load(
     path: str | os.PathLike,
     quantize: str | None = None,
     device: str | torch.device | None = None,
+    pretraining: bool = False,
+    codebook: str | os.PathLike | None = None,
 ):
     """A `FlavaModel` from a checkpoint directory (this project's or Hugging Face's), in eval mode.
 
     quantize="int8" swaps every linear layer for a dynamically quantized one (CPU inference).
+    pretraining=True returns a `PretrainingModel` (model, heads, frozen image codebook, losses);
+    `codebook` names a directory to take the image codebook from instead of the checkpoint.
     """
     from .model.flava import FlavaModel
 
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; use None or 'int8'")
     ckpt = read_checkpoint(path)
+    if pretraining:
+        import warnings
+
+        from .pretraining import pretraining_from_checkpoint
+
+        if quantize is not None:
+            raise ConfigError("quantize is for inference; it cannot be combined with pretraining=True")
+        pm, notes = pretraining_from_checkpoint(ckpt, codebook=load_codebook(codebook) if codebook else None)
+        for note in notes:
+            warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
+        return pm.to(device) if device is not None else pm
     with torch.device("meta"):
         model = FlavaModel(ckpt.config)
     model = model.to_empty(device="cpu")

@@ -224,8 +224,11 @@ class TextEncoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         cls_only: bool = False,
+        skip_padding: bool = False,
     ) -> EncoderOutput:
-        """`cls_only` returns the CLS state alone; it also skips padding in the linear layers."""
+        """`cls_only` returns the CLS state alone. `skip_padding` runs the linear layers on real
+        tokens only and leaves zeros (pre-norm) at padding positions: for losses and embeddings,
+        which never read them. `cls_only` implies it."""
         self._check(input_ids, attention_mask, token_type_ids)
         L = input_ids.shape[1]
         positions = torch.arange(L, device=input_ids.device)
@@ -237,8 +240,9 @@ class TextEncoder(nn.Module):
         x = self.drop(self.embed_norm(x))
         mask = padding_mask(attention_mask, x)
         packing = None
-        if cls_only and mask is not None and bool(attention_mask[:, 0].all()):
-            packing = Packing.from_mask(attention_mask)
+        if mask is not None and (skip_padding or cls_only) and not output_hidden_states:
+            if not cls_only or bool(attention_mask[:, 0].all()):
+                packing = Packing.from_mask(attention_mask)
         h, states = self.transformer(x, mask, output_hidden_states, cls_only, packing)
         if cls_only:
             attention_mask = None if attention_mask is None else attention_mask[:, :1]
@@ -263,7 +267,9 @@ class MultimodalEncoder(nn.Module):
         text_tokens: torch.Tensor,
         text_attention_mask: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        skip_padding: bool = False,
     ) -> MultimodalOutput:
+        """`skip_padding`: linear layers on real tokens only, zeros at text padding positions."""
         if image_tokens.shape[0] != text_tokens.shape[0]:
             raise InputError(
                 f"the multimodal encoder needs as many images as texts; "
@@ -275,9 +281,12 @@ class MultimodalEncoder(nn.Module):
         if self.cls_token is not None:
             parts.insert(0, self.cls_token.expand(B, -1, -1).to(image_tokens.dtype))
         x = torch.cat(parts, dim=1)
-        mask = None
+        mask = packing = None
         if text_attention_mask is not None:
             keep_prefix = text_attention_mask.new_ones(B, layout.offset + layout.num_image_tokens)
-            mask = padding_mask(torch.cat([keep_prefix, text_attention_mask], dim=1), x)
-        h, states = self.transformer(x, mask, keep_all=output_hidden_states)
+            keep = torch.cat([keep_prefix, text_attention_mask], dim=1)
+            mask = padding_mask(keep, x)
+            if mask is not None and skip_padding and not output_hidden_states:
+                packing = Packing.from_mask(keep)
+        h, states = self.transformer(x, mask, keep_all=output_hidden_states, packing=packing)
         return MultimodalOutput(self.norm(h), layout, hidden_states=states)

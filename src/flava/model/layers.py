@@ -164,17 +164,18 @@ class Transformer(nn.Module):
         packing: Packing | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """`cls_only`: the last block updates only token 0, whose state is all that is returned.
-        `packing` (with `cls_only`): every block but the last runs its linear layers on real
-        tokens only; needs token 0 of every row to be real."""
+        `packing`: the blocks run their linear layers on real tokens only; the result is back in
+        the padded layout with zeros at padding (with `cls_only`, token 0 of every row must be
+        real)."""
         states = [x] if keep_all else None
         n = len(self.blocks)
-        if packing is not None and n > 1 and not keep_all:
+        if packing is not None and n > 0 and not keep_all:
             x = packing.pack(x)
         else:
             packing = None
         for i, block in enumerate(self.blocks):
             last = i == n - 1
-            if last and packing is not None:
+            if cls_only and last and packing is not None:
                 x, packing = packing.unpack(x), None
             queries = 1 if cls_only and last else None
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -183,6 +184,8 @@ class Transformer(nn.Module):
                 x = block(x, attn_mask, queries, packing)
             if states is not None:
                 states.append(x)
+        if packing is not None:
+            x = packing.unpack(x)
         if cls_only and n == 0:
             x = x[:, :1]
         return x, (tuple(states) if states is not None else None)
