@@ -1,0 +1,193 @@
+"""ITM negatives, zero weights, saving/loading a pretraining model, and the global contrastive
+loss across two gloo processes."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import flava
+from flava.config import ObjectivesConfig, preset
+from flava.data.batch import ImageBatch, PairBatch, TextBatch
+from flava.losses import global_contrastive_loss
+from flava.pretraining import PretrainingModel, hard_negatives, same_text, swap_negatives
+
+
+def tiny_config():
+    cfg = preset("tiny")
+    cfg.text.vocab_size = 300
+    cfg.image.vocab_size = cfg.codebook.vocab_size = 64
+    return cfg
+
+
+def texts_with_duplicates(B=12, L=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 300, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[::3, 5:] = 0
+    ids[mask == 0] = 0
+    ids[1], mask[1] = ids[0], mask[0]  # the same caption twice
+    ids[2, :5], mask[2] = ids[0, :5], mask[0]  # the same text again, with other ids under its padding
+    ids[2, 5:] = 7
+    return ids, mask
+
+
+def test_swap_negatives_never_pair_a_caption_with_itself():
+    ids, mask = texts_with_duplicates()
+    same = same_text(ids, mask, ids, mask)
+    assert same[0, 1] and same[0, 2] and not same[0, 3]
+    g = torch.Generator().manual_seed(0)
+    flipped = 0
+    for _ in range(300):
+        p = swap_negatives(ids, mask, 0.5, g)
+        neg = p.labels == 0
+        flipped += int(neg.sum())
+        assert not same[p.image_index[neg], p.text_index[neg]].any()
+        assert torch.equal(p.text_index[~neg], p.image_index[~neg])
+    assert abs(flipped / (300 * 12) - 0.5) < 0.05
+    rate = sum(int((swap_negatives(ids, mask, 0.1, g).labels == 0).sum()) for _ in range(500)) / (500 * 12)
+    assert abs(rate - 0.1) < 0.02
+    # a batch whose captions are all the same has no negative to offer
+    same_ids = ids[:1].repeat(5, 1)
+    assert (swap_negatives(same_ids, mask[:1].repeat(5, 1), 1.0, g).labels == 1).all()
+
+
+def test_hard_negatives_follow_similarity_and_skip_true_captions():
+    ids, mask = texts_with_duplicates()
+    same = same_text(ids, mask, ids, mask)
+    B = ids.shape[0]
+    sim = torch.randn(B, B) * 3
+    sim[:, 4] += 20  # text 4 is the hardest negative for every image (when allowed)
+    p = hard_negatives(sim, sim.T.clone(), same, offset=0, generator=torch.Generator().manual_seed(0))
+    assert p.labels[:B].eq(1).all() and p.labels[B:].eq(0).all()
+    neg = p.labels == 0
+    assert not same[p.image_index[neg], p.text_index[neg]].any()
+    i2t = p.text_index[B: 2 * B]
+    assert (i2t[torch.arange(B) != 4] == 4).float().mean() > 0.9
+
+
+def pair_batch(cfg, B=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.image.image_size
+    n = cfg.image.num_patches
+    ids, mask = texts_with_duplicates(B, 8, seed)
+    labels = torch.where(torch.rand(B, 8, generator=g) < 0.3, ids, torch.full_like(ids, -100))
+    labels[mask == 0] = -100
+    return PairBatch(
+        pixel_values=torch.randn(B, 3, s, s, generator=g), input_ids=ids, attention_mask=mask,
+        patch_mask=torch.rand(B, n, generator=g) < 0.4, masked_input_ids=ids.masked_fill(labels != -100, 103),
+        mlm_labels=labels, codebook_pixels=torch.rand(B, 3, cfg.codebook_image_size, cfg.codebook_image_size,
+                                                       generator=g))
+
+
+@pytest.mark.parametrize("negatives", ["swap", "hard"])
+def test_pair_step_backpropagates_into_what_it_used(negatives):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, ObjectivesConfig(itm_negatives=negatives, itm_negative_probability=0.5),
+                          codebook=flava.FlavaImageCodebook(cfg.codebook))
+    out = pm(pair_batch(cfg), torch.Generator().manual_seed(1))
+    assert set(out.losses.named()) == {"global_contrastive", "itm", "mmm_image", "mmm_text"}
+    assert torch.isfinite(out.losses.total)
+    out.losses.total.backward()
+    assert pm.model.logit_scale.grad is not None and pm.heads.itm.classifier.weight.grad.abs().sum() > 0
+    assert pm.heads.mim.dense.weight.grad is None  # unimodal heads are not used by pairs
+    assert all(p.grad is None for p in pm.codebook.parameters())
+    assert 0 <= out.metrics["itm_accuracy"] <= 1
+
+
+def test_zero_weights_skip_their_computation(monkeypatch):
+    cfg = tiny_config()
+    pm = PretrainingModel(cfg, ObjectivesConfig(itm_weight=0, mmm_image_weight=0, mmm_text_weight=0))
+    calls = []
+    monkeypatch.setattr(pm.model.multimodal_encoder, "forward", lambda *a, **k: calls.append(1))
+    out = pm(pair_batch(cfg))  # no codebook needed either: nothing asks for image targets
+    assert set(out.losses.named()) == {"global_contrastive"} and not calls
+    pm.objectives.mim_weight = pm.objectives.mlm_weight = 0
+    b = pair_batch(cfg)
+    assert pm(ImageBatch(b.pixel_values, b.patch_mask)).losses.named() == {}
+    assert pm(TextBatch(b.masked_input_ids, b.attention_mask, b.mlm_labels)).losses.named() == {}
+
+
+def test_missing_codebook_is_a_clear_error():
+    cfg = tiny_config()
+    pm = PretrainingModel(cfg)
+    b = pair_batch(cfg)
+    with pytest.raises(flava.InputError, match="train-tokenizer"):
+        pm(ImageBatch(b.pixel_values, b.patch_mask, codebook_pixels=b.codebook_pixels))
+    with pytest.raises(flava.ConfigError, match="image.vocab_size"):
+        cfg2 = tiny_config()
+        cfg2.codebook.vocab_size = 32
+        PretrainingModel(cfg2, codebook=flava.FlavaImageCodebook(cfg2.codebook))
+
+
+def test_pretraining_checkpoint_roundtrip(tmp_path):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, ObjectivesConfig(mlm_weight=0.5), codebook=flava.FlavaImageCodebook(cfg.codebook))
+    pm.save_pretrained(tmp_path / "ckpt")
+    back = flava.load(tmp_path / "ckpt", pretraining=True)
+    assert back.objectives.mlm_weight == 0.5
+    b = pair_batch(cfg)
+    pm.objectives.itm_negative_probability = back.objectives.itm_negative_probability = 0.0
+    with torch.no_grad():
+        a, c = pm.eval()(b).losses, back.eval()(b).losses
+    for k, v in a.named().items():
+        torch.testing.assert_close(v, getattr(c, k), atol=0, rtol=0)
+    assert isinstance(flava.load(tmp_path / "ckpt"), flava.FlavaModel)
+    with pytest.warns(UserWarning, match="no image codebook"):
+        flava.FlavaModel(cfg).save_pretrained(tmp_path / "bare")
+        flava.load(tmp_path / "bare", pretraining=True, codebook=None)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _contrastive_worker(rank, world, port, img, txt, scale, results):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        B = img.shape[0] // world
+        i = img[rank * B:(rank + 1) * B].clone().requires_grad_()
+        t = txt[rank * B:(rank + 1) * B].clone().requires_grad_()
+        s = scale.clone().requires_grad_()
+        res = global_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s)
+        res.loss.backward()
+        # DDP averages gradients over processes: do the same for the shared logit scale.
+        s_grad = s.grad.clone()
+        dist.all_reduce(s_grad)
+        results[rank] = (res.loss.detach(), i.grad, t.grad, s_grad / world, res.labels)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_contrastive_two_processes_equal_one_process():
+    world, B, D = 2, 5, 16
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
+    scale = torch.tensor(2.0)
+    results = mp.Manager().dict()
+    mp.spawn(_contrastive_worker, args=(world, _free_port(), img, txt, scale, results), nprocs=world)
+
+    i, t, s = img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()
+    one = global_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s)
+    one.loss.backward()
+    losses = torch.stack([results[r][0] for r in range(world)])
+    torch.testing.assert_close(losses.mean(), one.loss, atol=1e-6, rtol=0)
+    # Each process's loss is the mean over its rows: the one-process gradient is their average.
+    torch.testing.assert_close(torch.cat([results[r][1] for r in range(world)]) / world, i.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.cat([results[r][2] for r in range(world)]) / world, t.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(results[0][3], s.grad, atol=1e-6, rtol=0)
+    assert torch.equal(results[1][4], torch.arange(B, 2 * B))
