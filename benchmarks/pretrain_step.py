@@ -1,0 +1,127 @@
+"""One whole pretraining step, flava against transformers' FlavaForPreTraining.
+
+Same config, weights and inputs, in one process: the pair losses (global contrastive, ITM with
+10 % swapped captions, MMM image and text), image targets computed by the codebook inside the
+step, backward, AdamW. Timings interleave the two and report medians; memory is the peak of
+tensor memory allocated during one step (torch.profiler events), optimizer state included.
+
+    python benchmarks/pretrain_step.py [--preset small] [--batch 16] [--steps 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import flava
+from flava.data.batch import PairBatch
+from flava.interop import hf as hf_interop
+from flava.masking import BlockMasking, TextMasking, mask_texts
+from flava.model.heads import PretrainingHeads
+from flava.pretraining import PretrainingModel, swap_negatives
+from flava.storage import load_weights
+from flava.train.optim import build_optimizer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from inference import peak_memory_mib  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = flava.preset(args.preset)
+    ref = transformers.FlavaForPreTraining(
+        transformers.FlavaConfig(**hf_interop.config_to_hf(cfg, with_codebook=True)))
+    ref.train()
+    model_sd, heads_sd, codebook_sd, unknown = hf_interop.state_dict_from_hf(ref.state_dict())
+    assert not unknown
+    ours = PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cfg.codebook))
+    load_weights(ours.model, model_sd, "model", Path("memory"))
+    load_weights(ours.heads, heads_sd, "heads", Path("memory"))
+    load_weights(ours.codebook, codebook_sd, "codebook", Path("memory"))
+    assert isinstance(ours.heads, PretrainingHeads)
+    ours.train()
+
+    # Inputs: captions of 8-32 tokens, BEiT block masks, BERT masking, 10 % swapped captions.
+    B, L = args.batch, 32
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    s, cs = cfg.image.image_size, cfg.codebook_image_size
+    pixels = torch.randn(B, 3, s, s, generator=g)
+    codebook_pixels = torch.rand(B, 3, cs, cs, generator=g)
+    lengths = torch.randint(8, L + 1, (B,), generator=g)
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    ids = torch.randint(1000, cfg.text.vocab_size, (B, L), generator=g) * mask
+    ids[:, 0] = 101
+    ids[torch.arange(B), lengths - 1] = 102
+    masked_ids, mlm_labels = mask_texts(TextMasking(vocab_size=cfg.text.vocab_size), ids, rng)
+    masking = BlockMasking.for_grid(cfg.image.grid_size)
+    patch_mask = torch.from_numpy(np.stack([masking(rng).reshape(-1) for _ in range(B)]))
+    batch = PairBatch(pixels, ids, mask, patch_mask, masked_ids, mlm_labels, codebook_pixels=codebook_pixels)
+
+    # transformers takes its negatives as input: give it the ones our step draws.
+    negatives = swap_negatives(ids, mask, 0.1, torch.Generator().manual_seed(1))
+    assert (negatives.labels == 0).any()
+    t_idx = negatives.text_index
+    hf_inputs = dict(
+        input_ids=ids[t_idx], input_ids_masked=masked_ids[t_idx], attention_mask=mask[t_idx],
+        pixel_values=pixels, bool_masked_pos=patch_mask, mlm_labels=mlm_labels[t_idx],
+        itm_labels=negatives.labels, codebook_pixel_values=codebook_pixels,
+    )
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1)
+    opt_ours = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
+
+    def step_ref():
+        loss = ref(**{k: v.clone() for k, v in hf_inputs.items()}).loss  # it writes into its labels
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def step_ours():
+        loss = ours(batch, torch.Generator().manual_seed(1)).losses.total
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    first_ref, first_ours = step_ref(), step_ours()  # also creates the optimizer state
+    print(f"preset {args.preset}, batch {B}, {args.threads} threads; first-step loss transformers "
+          f"{first_ref:.6f}, flava {first_ours:.6f}", flush=True)
+    times = {"ref": [], "ours": []}
+    for _ in range(args.steps):
+        for name, fn in (("ref", step_ref), ("ours", step_ours)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mem = {"ref": peak_memory_mib(step_ref), "ours": peak_memory_mib(step_ours)}
+    result = dict(preset=args.preset, batch=B, threads=args.threads, transformers_s=med["ref"],
+                  flava_s=med["ours"], speedup=med["ref"] / med["ours"], memory_mib=mem,
+                  first_loss_transformers=float(first_ref), first_loss_flava=float(first_ours))
+    print(f"transformers {med['ref']:.2f} s/step  peak mem {mem['ref']:.0f} MiB")
+    print(f"flava        {med['ours']:.2f} s/step  peak mem {mem['ours']:.0f} MiB  speedup {result['speedup']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

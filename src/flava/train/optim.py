@@ -1,0 +1,37 @@
+"""AdamW with FLAVA's decay rules, and the warmup-then-cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Parameters that are not weights of a matmul: decaying them only pulls them toward zero.
+NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "logit_scale")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """Norms, biases, CLS/position/mask tokens and the logit scale are not decayed."""
+    return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name.endswith(".bias")
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if no_weight_decay(name, p) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates every tensor in one pass; it exists for CPU and CUDA tensors.
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
+    """LambdaLR factor: linear warmup from 0 to 1, then cosine down to `min_ratio`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
