@@ -179,3 +179,13 @@ def test_int8_embeddings_stay_close(saved):
     assert any("quantized" in type(m).__module__ for m in int8.modules())
     with pytest.raises(ConfigError, match=r"int4"):
         flava.load(saved, quantize="int4")
+
+
+def test_saving_never_overwrites_a_directory_of_other_files(tiny, tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("years of work")
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        tiny.save_pretrained(tmp_path / "home")
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"
+    tiny.save_pretrained(tmp_path / "ckpt")
+    tiny.save_pretrained(tmp_path / "ckpt")  # replacing an earlier checkpoint is fine

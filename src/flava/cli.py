@@ -62,6 +62,22 @@ def _cmd_export_hf(args) -> None:
     console.print(f"wrote a transformers FlavaForPreTraining checkpoint to {args.output}")
 
 
+def _cmd_train_tokenizer(args) -> None:
+    import dataclasses
+
+    from .codebook import TokenizerTraining
+    from .config import apply_overrides, config_from, validate
+    from .tokenizer_cli import run_train_tokenizer
+
+    cfg = validate(apply_overrides(config_from(args.config), args.set or []))
+    settings = TokenizerTraining()
+    for field in dataclasses.fields(settings):
+        value = getattr(args, field.name, None)
+        if value is not None:
+            setattr(settings, field.name, value)
+    run_train_tokenizer(args.images, Path(args.output), cfg, settings, console)
+
+
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -82,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("train-tokenizer", help="train the dVAE image tokenizer that gives MIM/MMM targets")
+    p.add_argument("--images", nargs="+", required=True,
+                   help="image files, directories or globs; 'demo' for the packaged demo images")
+    p.add_argument("--output", required=True)
+    p.add_argument("--config", default="tiny", help="preset or JSON config; its codebook section is trained")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--diversity-weight", dest="diversity_weight", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_cmd_train_tokenizer)
 
     p = sub.add_parser("info", help="describe a checkpoint (ours or Hugging Face's)")
     p.add_argument("checkpoint")

@@ -61,9 +61,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def replace_dir(target: Path, fill) -> None:
+def check_replaceable(target: Path, also_ours: tuple[str, ...] = ()) -> None:
+    """Refuse to overwrite a directory that holds anything but a checkpoint of ours."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file; choose a directory to write to")
+    if target.is_dir():
+        names = {p.name for p in target.iterdir()}
+        if names and CONFIG not in names and not names <= set(also_ours):
+            raise CheckpointError(
+                f"{target} already holds other files and is not a checkpoint; choose another output directory"
+            )
+
+
+def replace_dir(target: Path, fill, also_ours: tuple[str, ...] = ()) -> None:
     """Call fill(tmpdir) then move tmpdir to `target`; on any failure `target` is untouched."""
     target = Path(target)
+    check_replaceable(target, also_ours)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
@@ -99,14 +113,20 @@ def save_model(
     parts: dict[str, nn.Module | dict[str, torch.Tensor]],
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a checkpoint directory of this project's format."""
+    """Write a checkpoint directory of this project's format (replacing the directory whole)."""
+    replace_dir(Path(directory), lambda tmp: write_checkpoint_files(tmp, config, parts, extra))
+
+
+def write_checkpoint_files(
+    directory: Path,
+    config: FlavaConfig,
+    parts: dict[str, nn.Module | dict[str, torch.Tensor]],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """config.json and model.safetensors into an existing (staging) directory."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(config), **(extra or {})}
-
-    def fill(tmp: Path) -> None:
-        save_file(_flat(parts), str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        write_json_atomic(tmp / CONFIG, meta)
-
-    replace_dir(Path(directory), fill)
+    save_file(_flat(parts), str(Path(directory) / WEIGHTS), metadata={"format": FORMAT})
+    write_json_atomic(Path(directory) / CONFIG, meta)
 
 
 # --------------------------------------------------------------------------- reading

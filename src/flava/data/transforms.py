@@ -44,3 +44,33 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 def eval_transform(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
     """The inference transform: RGB, resize + center crop, CLIP normalisation."""
     return normalize(to_tensor(resize_center_crop(to_rgb(image), size)))
+
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.9, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a crop covering `scale` of the area with aspect ratio in `ratio`
+    (torchvision's RandomResizedCrop rule, falling back to a central crop)."""
+    area = width * height
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(*log_ratio)))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
+                        scale: tuple[float, float] = (0.9, 1.0)) -> Image.Image:
+    left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale)
+    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))

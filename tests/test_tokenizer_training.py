@@ -1,0 +1,62 @@
+"""`flava train-tokenizer` end to end on a few generated images (some of them broken)."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+import flava
+from flava.cli import main as cli
+from flava.codebook import token_usage
+
+
+def make_images(directory, n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    directory.mkdir()
+    for i in range(n):
+        arr = np.full((48, 48, 3), rng.integers(0, 255, 3), dtype=np.uint8)
+        t, l = rng.integers(0, 30, 2)
+        arr[t: t + 16, l: l + 16] = rng.integers(0, 255, 3)
+        Image.fromarray(arr).save(directory / f"{i}.png")
+    (directory / "broken.png").write_bytes(b"\x89PNG\r\n not really")
+    (directory / "empty.jpg").write_bytes(b"")
+
+
+def test_train_tokenizer_command(tmp_path, capsys):
+    make_images(tmp_path / "imgs")
+    out = tmp_path / "tok"
+    code = cli(["train-tokenizer", "--images", str(tmp_path / "imgs"), "--output", str(out), "--steps", "40",
+                "--batch-size", "8", "--set", "codebook.vocab_size=64", "--set", "codebook.hidden_size=16"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1 (unreadable image), 1 (empty file)" in printed.replace("\n", " ") or (
+        "unreadable image" in printed and "empty file" in printed)
+    report = json.loads((out / "tokenizer_report.json").read_text())
+    assert report["images"] == 24
+    assert report["end"]["reconstruction_mse"] < 0.5 * report["start"]["reconstruction_mse"]
+    assert (out / "reconstructions.png").stat().st_size > 0
+    lines = (out / "tokenizer_metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 39
+
+    codebook = flava.load_codebook(out)
+    assert codebook.cfg.vocab_size == 64
+    ids = codebook.token_ids(torch.rand(2, 3, 64, 64))
+    assert ids.shape == (2, 64) and int(ids.max()) < 64
+
+
+def test_train_tokenizer_errors(tmp_path, capsys):
+    assert cli(["train-tokenizer", "--images", str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")]) == 2
+    assert "no image files match" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"junk")
+    assert cli(["train-tokenizer", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2
+    assert "could be read" in capsys.readouterr().err
+
+
+def test_token_usage_against_a_direct_count():
+    ids = torch.tensor([0, 0, 1, 3, 3, 3])
+    u = token_usage(ids, vocab_size=5)
+    p = np.array([2, 1, 0, 3, 0]) / 6
+    want = np.exp(-sum(x * np.log(x) for x in p if x > 0))
+    assert abs(u["perplexity"] - want) < 1e-9 and u["codes_used"] == 3 / 5 and u["codes_used_count"] == 3
