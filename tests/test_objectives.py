@@ -191,3 +191,34 @@ def test_global_contrastive_two_processes_equal_one_process():
     torch.testing.assert_close(torch.cat([results[r][2] for r in range(world)]) / world, t.grad, atol=1e-6, rtol=0)
     torch.testing.assert_close(results[0][3], s.grad, atol=1e-6, rtol=0)
     assert torch.equal(results[1][4], torch.arange(B, 2 * B))
+
+
+def _hard_negatives_worker(rank, world, port, results):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        cfg = tiny_config()
+        torch.manual_seed(0)  # the same weights on both ranks
+        pm = PretrainingModel(cfg, ObjectivesConfig(itm_negatives="hard"),
+                              codebook=flava.FlavaImageCodebook(cfg.codebook))
+        b = pair_batch(cfg, B=4, seed=rank)
+        if rank == 1:  # texts of another length on this rank
+            b = PairBatch(b.pixel_values, b.input_ids[:, :6], b.attention_mask[:, :6], b.patch_mask,
+                          b.masked_input_ids[:, :6], b.mlm_labels[:, :6], b.codebook_pixels)
+        out = pm(b, torch.Generator().manual_seed(rank))
+        out.losses.total.backward()
+        results[rank] = (set(out.losses.named()), bool(torch.isfinite(out.losses.total)),
+                         float(pm.model.text_encoder.word_embeddings.weight.grad.abs().sum()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hard_negatives_across_two_processes_with_different_text_lengths():
+    results = mp.Manager().dict()
+    mp.spawn(_hard_negatives_worker, args=(2, _free_port(), results), nprocs=2)
+    for rank in range(2):
+        names, finite, grad = results[rank]
+        assert names == {"global_contrastive", "itm", "mmm_image", "mmm_text"} and finite and grad > 0

@@ -73,6 +73,8 @@ class FlavaImageCodebook(nn.Module):
                 ("relu", nn.ReLU()), ("conv", nn.Conv2d(8 * h, cfg.vocab_size, 1)),
             ]))),
         ]))
+        # oneDNN runs these convolutions about twice as fast on NHWC tensors.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.cfg.input_channels:
@@ -82,7 +84,7 @@ class FlavaImageCodebook(nn.Module):
             )
         if pixel_values.shape[-1] % 8 or pixel_values.shape[-2] % 8:
             raise InputError(f"codebook input size {tuple(pixel_values.shape[-2:])} must be a multiple of 8")
-        return self.blocks(pixel_values)
+        return self.blocks(pixel_values.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()
     def token_ids(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -207,9 +209,7 @@ def train_codebook(
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     encoder, decoder = FlavaImageCodebook(cfg), CodebookDecoder(cfg)
-    # oneDNN's convolutions run about twice as fast on NHWC tensors at these narrow widths.
-    encoder.to(memory_format=torch.channels_last)
-    decoder.to(memory_format=torch.channels_last)
+    decoder.to(memory_format=torch.channels_last)  # as the encoder: faster convolutions
     params = list(encoder.parameters()) + list(decoder.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     warm = max(1, settings.steps // 20)

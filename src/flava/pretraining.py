@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .codebook import FlavaImageCodebook
@@ -22,6 +23,7 @@ from .config import FlavaConfig, ObjectivesConfig, from_dict, to_dict
 from .data.batch import ImageBatch, PairBatch, TextBatch
 from .errors import CheckpointError, ConfigError, InputError
 from .losses import (
+    IGNORE_INDEX,
     Losses,
     gather,
     gather_with_grad,
@@ -71,7 +73,7 @@ def same_text(ids_a: torch.Tensor, mask_a: torch.Tensor, ids_b: torch.Tensor, ma
 
     def key(ids, mask):
         k = ids.masked_fill(mask == 0, -1)
-        return torch.nn.functional.pad(k, (0, L - k.shape[1]), value=-1)
+        return F.pad(k, (0, L - k.shape[1]), value=-1)
 
     return (key(ids_a, mask_a)[:, None, :] == key(ids_b, mask_b)[None, :, :]).all(-1)
 
@@ -256,8 +258,11 @@ class PretrainingModel(nn.Module):
                 mm.image_patches[positive], labels[pairs.image_index[positive] - self._offset(hard, B)],
                 self.heads.mmm_image)
         if o.mmm_text_weight > 0:
+            # Hard negatives pad texts to the longest across processes: pad the labels alike.
+            mlm_labels = F.pad(b.mlm_labels, (0, mm.layout.num_text_tokens - b.mlm_labels.shape[1]),
+                               value=IGNORE_INDEX)
             parts["mmm_text"] = o.mmm_text_weight * masked_prediction_loss(
-                mm.text[positive], b.mlm_labels[pairs.text_index[positive] - self._offset(hard, B)],
+                mm.text[positive], mlm_labels[pairs.text_index[positive] - self._offset(hard, B)],
                 self.heads.mmm_text)
         return PretrainingOutput(Losses.from_parts(parts, b.pixel_values), metrics)
 
@@ -277,9 +282,9 @@ class PretrainingModel(nn.Module):
             pad = int(longest) - L
         else:
             pad = 0
-        ids = torch.nn.functional.pad(b.input_ids, (0, pad))
-        mask = torch.nn.functional.pad(b.attention_mask, (0, pad))
-        txt_mm = torch.nn.functional.pad(txt_mm, (0, 0, 0, pad))
+        ids = F.pad(b.input_ids, (0, pad))
+        mask = F.pad(b.attention_mask, (0, pad))
+        txt_mm = F.pad(txt_mm, (0, 0, 0, pad))
         with torch.no_grad():
             all_img_e, all_txt_e = gather(img_e), gather(txt_e)
             all_ids, all_mask = gather(ids), gather(mask)

@@ -97,7 +97,7 @@ def run_train_tokenizer(images_spec: list[str], output: Path, cfg: FlavaConfig, 
     replace_dir(output, fill, (METRICS,))
 
     s, e = summary["start"], summary["end"]
-    table = Table(title="image tokenizer: before and after training (held-out center crops)")
+    table = Table(title="image tokenizer before and after training (a fixed sample of 512 training images, center crops)")
     for col in ("", "reconstruction MSE", "perplexity", "codes used"):
         table.add_column(col, justify="right")
     for name, r in (("start", s), ("end", e)):
