@@ -150,9 +150,6 @@ class PretrainingModel(nn.Module):
             self.codebook.eval()
         return self
 
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
-
     # ------------------------------------------------------------------ targets
 
     def image_targets(self, batch: PairBatch | ImageBatch) -> torch.Tensor:
