@@ -62,6 +62,11 @@ def make_inputs(ref, B=4, L=10, seed=0):
                 patch_mask=patch_mask, mim_labels=mim_labels, codebook_pixels=codebook_pixels)
 
 
+def pair_kwargs(x, **extra):
+    return dict(input_ids=x["ids"], input_ids_masked=x["masked_ids"], attention_mask=x["mask"],
+                pixel_values=x["pixels"], bool_masked_pos=x["patch_mask"], mlm_labels=x["mlm_labels"], **extra)
+
+
 def reference(ref, **kw):
     with torch.no_grad():
         info = ref(**kw, return_loss=True).loss_info
@@ -85,26 +90,21 @@ def compare(ref, ours, **kw):
 def test_pair_losses_with_itm_negatives(pair):
     ref, ours = pair
     x = make_inputs(ref)
-    got = compare(ref, ours, input_ids=x["ids"], input_ids_masked=x["masked_ids"], attention_mask=x["mask"],
-                  pixel_values=x["pixels"], bool_masked_pos=x["patch_mask"], mlm_labels=x["mlm_labels"],
-                  mim_labels=x["mim_labels"], itm_labels=torch.tensor([1, 0, 1, 0]))
+    got = compare(ref, ours, **pair_kwargs(x, mim_labels=x["mim_labels"], itm_labels=torch.tensor([1, 0, 1, 0])))
     assert set(got) == {"itm", "global_contrastive", "mmm_image", "mmm_text"}
 
 
 def test_pair_losses_with_targets_from_the_codebook(pair):
     ref, ours = pair
     x = make_inputs(ref, seed=1)
-    compare(ref, ours, input_ids=x["ids"], input_ids_masked=x["masked_ids"], attention_mask=x["mask"],
-            pixel_values=x["pixels"], bool_masked_pos=x["patch_mask"], mlm_labels=x["mlm_labels"],
-            codebook_pixel_values=x["codebook_pixels"], itm_labels=torch.ones(4, dtype=torch.long))
+    compare(ref, ours, **pair_kwargs(x, codebook_pixel_values=x["codebook_pixels"],
+                                     itm_labels=torch.ones(4, dtype=torch.long)))
 
 
 def test_no_matching_pair_keeps_every_row(pair):
     ref, ours = pair
     x = make_inputs(ref, seed=2)
-    compare(ref, ours, input_ids=x["ids"], input_ids_masked=x["masked_ids"], attention_mask=x["mask"],
-            pixel_values=x["pixels"], bool_masked_pos=x["patch_mask"], mlm_labels=x["mlm_labels"],
-            mim_labels=x["mim_labels"], itm_labels=torch.zeros(4, dtype=torch.long))
+    compare(ref, ours, **pair_kwargs(x, mim_labels=x["mim_labels"], itm_labels=torch.zeros(4, dtype=torch.long)))
 
 
 def test_unimodal_losses(pair):
@@ -123,9 +123,8 @@ def test_native_batches_equal_transformers(pair):
     x = make_inputs(ref, seed=4)
     batch = PairBatch(x["pixels"], x["ids"], x["mask"], x["patch_mask"], x["masked_ids"], x["mlm_labels"],
                       image_targets=x["mim_labels"])
-    want = reference(ref, input_ids=x["ids"], input_ids_masked=x["masked_ids"], attention_mask=x["mask"],
-                     pixel_values=x["pixels"], bool_masked_pos=x["patch_mask"], mlm_labels=x["mlm_labels"],
-                     mim_labels=x["mim_labels"].clone(), itm_labels=torch.ones(4, dtype=torch.long))
+    want = reference(ref, **pair_kwargs(x, mim_labels=x["mim_labels"].clone(),
+                                        itm_labels=torch.ones(4, dtype=torch.long)))
     with torch.no_grad():
         got = ours(batch)
     assert set(got.losses.named()) == set(want)

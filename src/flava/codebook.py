@@ -29,29 +29,37 @@ def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
 
 
-class EncoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, post_gain: float):
+class ResBlock(nn.Module):
+    """DALL-E's residual block: identity (1x1 conv when widths differ) + gain * four convs on a
+    quarter-width path. The encoder's convs are 3-3-3-1 wide kernels, the decoder's 1-3-3-3."""
+
+    def __init__(self, n_in: int, n_out: int, post_gain: float, kernels: tuple[int, int, int, int]):
         super().__init__()
         n_hid = n_out // 4
         self.post_gain = post_gain
         self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 3, padding=1)),
-            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 1)),
-        ]))
+        widths = [n_in, n_hid, n_hid, n_hid, n_out]
+        layers = OrderedDict()
+        for i, k in enumerate(kernels):
+            layers[f"relu_{i + 1}"] = nn.ReLU()
+            layers[f"conv_{i + 1}"] = nn.Conv2d(widths[i], widths[i + 1], k, padding=k // 2)
+        self.res_path = nn.Sequential(layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
-def _group(n_blocks: int, n_in: int, n_out: int, post_gain: float, pool: bool) -> nn.Sequential:
+ENCODER_KERNELS = (3, 3, 3, 1)
+DECODER_KERNELS = (1, 3, 3, 3)
+
+
+def _group(n_blocks: int, n_in: int, n_out: int, post_gain: float, kernels, tail: tuple[str, nn.Module] | None
+           ) -> nn.Sequential:
     blocks = OrderedDict(
-        (f"block_{i + 1}", EncoderBlock(n_in if i == 0 else n_out, n_out, post_gain)) for i in range(n_blocks)
+        (f"block_{i + 1}", ResBlock(n_in if i == 0 else n_out, n_out, post_gain, kernels)) for i in range(n_blocks)
     )
-    if pool:
-        blocks["pool"] = nn.MaxPool2d(kernel_size=2)
+    if tail is not None:
+        blocks[tail[0]] = tail[1]
     return nn.Sequential(blocks)
 
 
@@ -65,10 +73,10 @@ class FlavaImageCodebook(nn.Module):
         gain = 1.0 / (cfg.num_groups * n) ** 2
         self.blocks = nn.Sequential(OrderedDict([
             ("input", nn.Conv2d(cfg.input_channels, h, 7, padding=3)),
-            ("group_1", _group(n, h, h, gain, pool=True)),
-            ("group_2", _group(n, h, 2 * h, gain, pool=True)),
-            ("group_3", _group(n, 2 * h, 4 * h, gain, pool=True)),
-            ("group_4", _group(n, 4 * h, 8 * h, gain, pool=False)),
+            ("group_1", _group(n, h, h, gain, ENCODER_KERNELS, ("pool", nn.MaxPool2d(2)))),
+            ("group_2", _group(n, h, 2 * h, gain, ENCODER_KERNELS, ("pool", nn.MaxPool2d(2)))),
+            ("group_3", _group(n, 2 * h, 4 * h, gain, ENCODER_KERNELS, ("pool", nn.MaxPool2d(2)))),
+            ("group_4", _group(n, 4 * h, 8 * h, gain, ENCODER_KERNELS, None)),
             ("output", nn.Sequential(OrderedDict([
                 ("relu", nn.ReLU()), ("conv", nn.Conv2d(8 * h, cfg.vocab_size, 1)),
             ]))),
@@ -95,32 +103,6 @@ class FlavaImageCodebook(nn.Module):
 # --------------------------------------------------------------------------- training (dVAE)
 
 
-class DecoderBlock(nn.Module):
-    def __init__(self, n_in: int, n_out: int, post_gain: float):
-        super().__init__()
-        n_hid = n_out // 4
-        self.post_gain = post_gain
-        self.id_path = nn.Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
-        self.res_path = nn.Sequential(OrderedDict([
-            ("relu_1", nn.ReLU()), ("conv_1", nn.Conv2d(n_in, n_hid, 1)),
-            ("relu_2", nn.ReLU()), ("conv_2", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_3", nn.ReLU()), ("conv_3", nn.Conv2d(n_hid, n_hid, 3, padding=1)),
-            ("relu_4", nn.ReLU()), ("conv_4", nn.Conv2d(n_hid, n_out, 3, padding=1)),
-        ]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.id_path(x) + self.post_gain * self.res_path(x)
-
-
-def _up_group(n_blocks: int, n_in: int, n_out: int, post_gain: float, upsample: bool) -> nn.Sequential:
-    blocks = OrderedDict(
-        (f"block_{i + 1}", DecoderBlock(n_in if i == 0 else n_out, n_out, post_gain)) for i in range(n_blocks)
-    )
-    if upsample:
-        blocks["upsample"] = nn.Upsample(scale_factor=2, mode="nearest")
-    return nn.Sequential(blocks)
-
-
 class CodebookDecoder(nn.Module):
     """DALL-E's dVAE decoder: (relaxed) one-hot tokens [B, vocab, h, w] -> pixels [B, C, 8h, 8w]."""
 
@@ -131,10 +113,10 @@ class CodebookDecoder(nn.Module):
         gain = 1.0 / (cfg.num_groups * n) ** 2
         self.blocks = nn.Sequential(OrderedDict([
             ("input", nn.Conv2d(cfg.vocab_size, n_init, 1)),
-            ("group_1", _up_group(n, n_init, 8 * h, gain, upsample=True)),
-            ("group_2", _up_group(n, 8 * h, 4 * h, gain, upsample=True)),
-            ("group_3", _up_group(n, 4 * h, 2 * h, gain, upsample=True)),
-            ("group_4", _up_group(n, 2 * h, h, gain, upsample=False)),
+            ("group_1", _group(n, n_init, 8 * h, gain, DECODER_KERNELS, ("upsample", nn.Upsample(scale_factor=2)))),
+            ("group_2", _group(n, 8 * h, 4 * h, gain, DECODER_KERNELS, ("upsample", nn.Upsample(scale_factor=2)))),
+            ("group_3", _group(n, 4 * h, 2 * h, gain, DECODER_KERNELS, ("upsample", nn.Upsample(scale_factor=2)))),
+            ("group_4", _group(n, 2 * h, h, gain, DECODER_KERNELS, None)),
             ("output", nn.Sequential(OrderedDict([
                 ("relu", nn.ReLU()), ("conv", nn.Conv2d(h, cfg.input_channels, 1)),
             ]))),
