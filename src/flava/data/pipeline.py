@@ -65,11 +65,11 @@ class SampleMaker:
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
         return {"pixel_values": pixels, "codebook_pixels": codebook, "patch_mask": patch_mask}
 
-    def _text(self, text: str, rng: np.random.Generator) -> dict:
+    def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:
         text = text.strip()
         if not text:
-            raise BadSample("empty caption")
-        if len(text) > self.spec.max_caption_chars:
+            raise BadSample("empty caption" if caption else "empty text")
+        if caption and len(text) > self.spec.max_caption_chars:
             raise BadSample("over-long caption")
         ids = np.asarray(self.tokenizer.encode([text])[0], dtype=np.int64)
         masked, labels = self.text_masking(ids, rng)
@@ -81,12 +81,12 @@ class SampleMaker:
         if kind == "pairs":
             assert isinstance(record, PairRecord)
             caption = read_caption(record.caption)
-            text = self._text(caption, rng)
+            text = self._text(caption, rng, caption=True)
             return {**self._image(record.image, rng), **text}
         if kind == "images":
             ref = record.image if isinstance(record, ImageRecord) else record
             return self._image(ref, rng)
-        return self._text(record, rng)
+        return self._text(record, rng, caption=False)
 
 
 def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
