@@ -1,0 +1,70 @@
+"""`flava pretrain` settings. Every field can be set with `--set section.field=value`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import FlavaConfig, ObjectivesConfig, preset
+
+
+@dataclass
+class DataConfig:
+    """Where the samples come from and how they are batched."""
+
+    pairs: list = field(default_factory=list)
+    """Image-text pair sources: .csv/.tsv files (columns image, caption) or WebDataset .tar
+    shards (a file, a directory of shards or a glob). Empty: the packaged demo pairs."""
+    images: list = field(default_factory=list)
+    """Image folders. Empty: the packaged demo images."""
+    text: list = field(default_factory=list)
+    """.txt (a text per line) or .jsonl ("text" field) files. Empty: the packaged demo text."""
+    mixing: list = field(default_factory=lambda: [0.70, 0.15, 0.15])
+    """Probability that a step trains on pairs, images, text (paper Table A.2)."""
+    batch_size: int = 32
+    """Samples per step on each process."""
+    num_workers: int = 1
+    """Loader worker processes per data kind."""
+    max_text_length: int = 64
+    """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
+    crop_scale_min: float = 0.9
+    """RandomResizedCrop keeps at least this share of the image."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW, linear warmup then cosine decay."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a share of `lr`."""
+    grad_clip: float = 1.0
+    """Largest global gradient norm; 0 turns clipping off."""
+    grad_accumulation: int = 1
+    """Batches whose gradients are summed before each optimizer step."""
+
+
+@dataclass
+class TrainConfig:
+    model: FlavaConfig = field(default_factory=lambda: preset("tiny"))
+    """The model (a preset's fields)."""
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    """Loss weights, ITM negatives, masking."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    stage: str = "joint"
+    """'text-mlm' (text encoder alone), 'image-mim' (image encoder alone) or 'joint'."""
+    max_steps: int = 600
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 200
+    keep_last: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
+    codebook: str = ""
+    """Directory of the image tokenizer (`flava train-tokenizer`); needed for MIM/MMM."""
+    init: str = ""
+    """Checkpoint to start from (ours or a transformers FLAVA directory)."""

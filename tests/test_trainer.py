@@ -1,0 +1,88 @@
+"""The pretraining loop: a run stopped after a checkpoint and resumed repeats the uninterrupted
+run step for step; mixing is seeded; bad data is counted in the metrics."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flava
+from flava.config import preset
+from flava.storage import save_model
+from flava.train.config import TrainConfig
+from flava.train.trainer import Trainer, step_kind
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    (root / "img" / "a").mkdir(parents=True)
+    rows = ["image,caption"]
+    for i in range(16):
+        arr = np.full((40, 40, 3), rng.integers(0, 255, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "img" / "a" / f"{i}.png")
+        rows.append(f"img/a/{i}.png,a square of colour {i}")
+    rows.append("img/a/missing.png,lost")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    (root / "text.txt").write_text("\n".join(f"sentence number {i} about things" for i in range(30)))
+    cfg = preset("tiny")
+    cfg.image.vocab_size = cfg.codebook.vocab_size = 64
+    cfg.codebook.hidden_size = 8
+    save_model(root / "codebook", cfg, {"codebook": flava.FlavaImageCodebook(cfg.codebook)})
+    return root
+
+
+def config(data, **over) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.model.codebook.hidden_size = 8
+    cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / "pairs.csv")], [str(data / "img")], [str(data / "text.txt")]
+    cfg.data.batch_size, cfg.data.num_workers = 4, 0
+    cfg.max_steps, cfg.save_every, cfg.log_every = 8, 3, 1
+    cfg.optim.warmup_steps = 2
+    cfg.codebook = str(data / "codebook")
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_resume_repeats_the_uninterrupted_run(data, tmp_path):
+    full = Trainer(config(data), tmp_path / "full").fit()
+    assert [r["step"] for r in full] == list(range(1, 9))
+    assert {r["kind"] for r in full} >= {"pairs"}
+
+    Trainer(config(data), tmp_path / "cut").fit(max_steps=5)  # stops after step 5; last checkpoint: 3
+    resumed = Trainer(config(data), tmp_path / "cut")
+    assert resumed.resume() and resumed.step == 3
+    rest = resumed.fit()
+    for a, b in zip(full[3:], rest):
+        assert a["kind"] == b["kind"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+        assert a["losses"].keys() == b["losses"].keys()
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))  # no step logged twice
+    assert lines[-1]["skipped"].get("missing image file", 0) >= 1
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000006", "step_00000008"]  # keep_last = 2
+    final = flava.load(tmp_path / "cut" / "checkpoints" / "step_00000008", pretraining=True)
+    assert isinstance(final.model, flava.FlavaModel) and final.codebook is not None
+
+
+def test_mixing_follows_the_probabilities_and_the_seed():
+    kinds = ("pairs", "images", "text")
+    probs = np.array([0.7, 0.15, 0.15])
+    draws = [step_kind(0, s, kinds, probs) for s in range(4000)]
+    assert abs(draws.count("pairs") / 4000 - 0.7) < 0.03
+    assert draws == [step_kind(0, s, kinds, probs) for s in range(4000)]
+    assert draws != [step_kind(1, s, kinds, probs) for s in range(4000)]
+
+
+def test_bad_settings_fail_before_training(data, tmp_path):
+    with pytest.raises(flava.ConfigError, match="stage"):
+        Trainer(config(data, stage="everything"), tmp_path)
+    cfg = config(data)
+    cfg.data.pairs = [str(tmp_path / "nothing.csv")]
+    with pytest.raises(flava.DataError, match="does not exist"):
+        Trainer(cfg, tmp_path)
