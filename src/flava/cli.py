@@ -78,6 +78,29 @@ def _cmd_train_tokenizer(args) -> None:
     run_train_tokenizer(args.images, Path(args.output), cfg, settings, console)
 
 
+def _cmd_pretrain(args) -> None:
+    from .config import apply_overrides, from_dict
+    from .train.config import TrainConfig
+    from .train.run import run_pretrain
+
+    cfg = TrainConfig()
+    if args.config:
+        import json
+
+        path = Path(args.config)
+        if not path.is_file():
+            from .errors import ConfigError
+
+            raise ConfigError(f"config file {path} does not exist")
+        cfg = from_dict(TrainConfig, json.loads(path.read_text()))
+    cfg = apply_overrides(cfg, args.set or [])
+    if args.max_steps is not None:
+        cfg.max_steps = args.max_steps
+    if args.save_every is not None:
+        cfg.save_every = args.save_every
+    run_pretrain(cfg, Path(args.output), resume=args.resume, console=console)
+
+
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -98,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("pretrain", help="pretrain FLAVA (with no data arguments: tiny preset on the demo data)")
+    p.add_argument("--config", help="JSON file of training settings (see flava.train.config.TrainConfig)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any setting, e.g. optim.lr=1e-4 or data.pairs='[\"shards/*.tar\"]'")
+    p.add_argument("--output", required=True)
+    p.add_argument("--max-steps", dest="max_steps", type=int)
+    p.add_argument("--save-every", dest="save_every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT")
+    p.set_defaults(func=_cmd_pretrain)
 
     p = sub.add_parser("train-tokenizer", help="train the dVAE image tokenizer that gives MIM/MMM targets")
     p.add_argument("--images", nargs="+", required=True,

@@ -1,0 +1,63 @@
+"""`flava pretrain`: the Trainer with a progress bar, a config record and a closing summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ..config import to_dict
+from ..errors import ConfigError
+from ..storage import write_json_atomic
+from .config import TrainConfig
+from .trainer import Trainer
+
+
+def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list[dict]:
+    output.mkdir(parents=True, exist_ok=True)
+    if not resume and (output / "checkpoints").exists():
+        raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+    if not cfg.codebook and (cfg.objectives.mim_weight > 0 or cfg.objectives.mmm_image_weight > 0) \
+            and cfg.stage != "text-mlm" and not cfg.init:
+        raise ConfigError(
+            "MIM/MMM need an image tokenizer: train one with `flava train-tokenizer --images ... --output TOK` "
+            "and pass --set codebook=TOK (or set objectives.mim_weight=0 and objectives.mmm_image_weight=0)"
+        )
+    trainer = Trainer(cfg, output)
+    if resume and trainer.resume():
+        console.print(f"resumed from step {trainer.step}")
+    write_json_atomic(output / "train_config.json", to_dict(cfg))
+    sizes = ", ".join(f"{k} {len(s)}" for k, s in trainer.sources.items())
+    console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps on {sizes} records; "
+                  f"batch {cfg.data.batch_size}; writing to {output}")
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("steps", total=cfg.max_steps, completed=trainer.step, info="")
+
+        def log(row: dict) -> None:
+            for name, v in row["losses"].items():
+                first.setdefault(name, v)
+                last[name] = v
+            info = "  ".join(f"{k} {v:.3f}" for k, v in row["losses"].items())
+            progress.update(task, completed=row["step"],
+                            info=f"loss {row['loss']:.3f} ({info})  {row['samples_per_s']:.0f} samples/s")
+
+        trainer.log = log
+        rows = trainer.fit()
+    table = Table(title="losses: first and last value seen in this run")
+    for col in ("loss", "first", "last"):
+        table.add_column(col, justify="right" if col != "loss" else "left")
+    for name in first:
+        table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
+    console.print(table)
+    skipped = trainer.skipped()
+    console.print("skipped records: " + (", ".join(f"{v} {k}" for k, v in skipped.items()) if skipped else "none"))
+    console.print(f"checkpoints in {trainer.checkpoint_dir}; metrics in {output / 'metrics.jsonl'}")
+    (output / "summary.json").write_text(json.dumps({"first": first, "last": last, "skipped": skipped}, indent=2))
+    return rows
