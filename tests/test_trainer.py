@@ -86,3 +86,27 @@ def test_bad_settings_fail_before_training(data, tmp_path):
     cfg.data.pairs = [str(tmp_path / "nothing.csv")]
     with pytest.raises(flava.DataError, match="does not exist"):
         Trainer(cfg, tmp_path)
+
+
+def test_pretrain_command_line(data, tmp_path, capsys):
+    from flava.cli import main as cli
+
+    base = ["pretrain", "--output", str(tmp_path / "run"), "--set", f"codebook={data / 'codebook'}",
+            "--set", "model.image.vocab_size=64", "--set", "model.codebook.vocab_size=64",
+            "--set", "model.codebook.hidden_size=8", "--set", f'data.pairs=["{data / "pairs.csv"}"]',
+            "--set", f'data.images=["{data / "img"}"]', "--set", f'data.text=["{data / "text.txt"}"]',
+            "--set", "data.batch_size=4", "--set", "data.num_workers=0", "--set", "log_every=1"]
+    assert cli(base + ["--set", "optim.learning_rate=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'optim.learning_rate'" in err and "lr, weight_decay" in err
+    assert cli(base + ["--set", "optim.weight_decy=1"]) == 2
+    assert "did you mean 'weight_decay'" in capsys.readouterr().err
+    assert cli(base + ["--max-steps", "4", "--save-every", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped records:" in out and (tmp_path / "run" / "summary.json").is_file()
+    assert cli(base + ["--max-steps", "4"]) == 2  # the output already holds a run
+    assert "--resume" in capsys.readouterr().err
+    assert cli(base + ["--max-steps", "6", "--resume"]) == 0
+    assert "resumed from step 4" in capsys.readouterr().out
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
