@@ -58,7 +58,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     stage: str = "joint"
     """'text-mlm' (text encoder alone), 'image-mim' (image encoder alone) or 'joint'."""
-    max_steps: int = 600
+    max_steps: int = 400
+    """Optimizer steps (the default fits the tiny demo run in under 10 minutes on 2 cores)."""
     seed: int = 0
     log_every: int = 10
     save_every: int = 200

@@ -15,17 +15,31 @@ from ..storage import write_json_atomic
 from .config import TrainConfig
 from .trainer import Trainer
 
+DEMO_TOKENIZER_STEPS = 200
+
 
 def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list[dict]:
     output.mkdir(parents=True, exist_ok=True)
     if not resume and (output / "checkpoints").exists():
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
-    if not cfg.codebook and (cfg.objectives.mim_weight > 0 or cfg.objectives.mmm_image_weight > 0) \
-            and cfg.stage != "text-mlm" and not cfg.init:
-        raise ConfigError(
-            "MIM/MMM need an image tokenizer: train one with `flava train-tokenizer --images ... --output TOK` "
-            "and pass --set codebook=TOK (or set objectives.mim_weight=0 and objectives.mmm_image_weight=0)"
-        )
+    needs_codebook = (cfg.objectives.mim_weight > 0 or cfg.objectives.mmm_image_weight > 0) \
+        and cfg.stage != "text-mlm" and not cfg.init
+    if needs_codebook and not cfg.codebook:
+        if cfg.data.pairs or cfg.data.images:
+            raise ConfigError(
+                "MIM/MMM need an image tokenizer: train one with `flava train-tokenizer --images ... --output TOK` "
+                "and pass --set codebook=TOK (or set objectives.mim_weight=0 and objectives.mmm_image_weight=0)"
+            )
+        # The embedded default: make the demo's tokenizer first (about a minute and a half).
+        from ..codebook import TokenizerTraining
+        from ..tokenizer_cli import run_train_tokenizer
+
+        tokenizer_dir = output / "tokenizer"
+        if not (tokenizer_dir / "model.safetensors").is_file():
+            console.print("no image tokenizer given: training one on the demo images first")
+            run_train_tokenizer(["demo"], tokenizer_dir, cfg.model, TokenizerTraining(steps=DEMO_TOKENIZER_STEPS),
+                                console)
+        cfg.codebook = str(tokenizer_dir)
     trainer = Trainer(cfg, output)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
