@@ -21,6 +21,7 @@ test: install
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/inference.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/pretrain_step.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/data.py
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/flava demo

@@ -60,8 +60,10 @@ class SampleMaker:
         box = (left, top, left + w, top + h)
         s, cs = self.spec.image_size, self.spec.codebook_image_size
         # One crop feeds both the model and the codebook, so the targets describe what the model sees.
-        pixels = normalize(to_tensor(image.resize((s, s), Image.BICUBIC, box=box)))
-        codebook = map_pixels(to_tensor(image.resize((cs, cs), Image.LANCZOS, box=box)))
+        crop = to_tensor(image.resize((s, s), Image.BICUBIC, box=box))
+        pixels = normalize(crop)
+        # When both inputs have one size (the tiny preset) the codebook reads the same pixels.
+        codebook = map_pixels(crop if cs == s else to_tensor(image.resize((cs, cs), Image.BICUBIC, box=box)))
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
         return {"pixel_values": pixels, "codebook_pixels": codebook, "patch_mask": patch_mask}
 
