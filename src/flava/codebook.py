@@ -25,10 +25,6 @@ def map_pixels(x: torch.Tensor) -> torch.Tensor:
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
 
 
-def unmap_pixels(x: torch.Tensor) -> torch.Tensor:
-    return torch.clamp((x - LOGIT_LAPLACE_EPS) / (1 - 2 * LOGIT_LAPLACE_EPS), 0, 1)
-
-
 class ResBlock(nn.Module):
     """DALL-E's residual block: identity (1x1 conv when widths differ) + gain * four convs on a
     quarter-width path. The encoder's convs are 3-3-3-1 wide kernels, the decoder's 1-3-3-3."""
@@ -125,6 +121,11 @@ class CodebookDecoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.blocks(z)
 
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Hard token ids [B, h, w] -> pixels [B, C, 8h, 8w]."""
+        vocab = self.blocks.input.in_channels
+        return self(torch.nn.functional.one_hot(tokens, vocab).permute(0, 3, 1, 2).float())
+
 
 @dataclass
 class TokenizerTraining:
@@ -185,6 +186,7 @@ def train_codebook(
     import torch.nn.functional as F
 
     from .data.transforms import random_resized_crop, resize_center_crop, to_tensor
+    from .train.optim import warmup_cosine
 
     if not images:
         raise InputError("no images to train the image tokenizer on")
@@ -194,13 +196,10 @@ def train_codebook(
     decoder.to(memory_format=torch.channels_last)  # as the encoder: faster convolutions
     params = list(encoder.parameters()) + list(decoder.parameters())
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    warm = max(1, settings.steps // 20)
+    schedule = warmup_cosine(max(1, settings.steps // 20), settings.steps, min_ratio=0.1)
 
     def lr_at(step: int) -> float:
-        if step < warm:
-            return settings.lr * (step + 1) / warm
-        t = (step - warm) / max(1, settings.steps - warm)
-        return settings.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        return settings.lr * schedule(step)
 
     if eval_images is None:  # a fixed sample, scored with center crops before and after
         pick = np.random.default_rng(settings.seed + 1).choice(len(images), min(512, len(images)), replace=False)
@@ -212,11 +211,9 @@ def train_codebook(
         encoder.eval(), decoder.eval()
         mse, ids = 0.0, []
         for chunk in eval_x.split(128):
-            logits = encoder(map_pixels(chunk).contiguous(memory_format=torch.channels_last))
-            tokens = logits.argmax(1)
+            tokens = encoder(map_pixels(chunk)).argmax(1)
             ids.append(tokens)
-            one_hot = F.one_hot(tokens, cfg.vocab_size).permute(0, 3, 1, 2).float()
-            mse += float(F.mse_loss(decoder(one_hot), chunk, reduction="sum"))
+            mse += float(F.mse_loss(decoder.decode_tokens(tokens), chunk, reduction="sum"))
         encoder.train(), decoder.train()
         return {"reconstruction_mse": mse / eval_x.numel(), **token_usage(torch.cat(ids), cfg.vocab_size)}
 
@@ -230,7 +227,6 @@ def train_codebook(
         ])
         if rng.random() < 0.5:
             x = x.flip(-1)
-        x = x.contiguous(memory_format=torch.channels_last)
         tau = settings.temperature_start * math.exp(log_ratio * step / max(1, settings.steps - 1))
         for group in opt.param_groups:
             group["lr"] = lr_at(step)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .config import preset
@@ -15,6 +14,7 @@ from .data.demo import skimage_photos
 from .data.tokenizer import TextTokenizer
 from .data.transforms import eval_transform
 from .model import FlavaModel
+from .progress import progress_bar
 from .storage import load
 
 
@@ -38,14 +38,12 @@ def run_demo(output: Path, console: Console) -> dict:
     tokenizer = TextTokenizer(max_length=cfg.text.max_position_embeddings)
     text = tokenizer(captions)
     images = []
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("preprocess", total=len(names), rate="")
+    with progress_bar(console) as progress:
+        task = progress.add_task("preprocess", total=len(names), info="")
         t0 = time.perf_counter()
         for i, n in enumerate(names, 1):
             images.append(eval_transform(photos[n][0], cfg.image.image_size))
-            progress.update(task, advance=1, rate=f"{i / (time.perf_counter() - t0):.0f} img/s")
+            progress.update(task, advance=1, info=f"{i / (time.perf_counter() - t0):.0f} img/s")
     pixels = torch.stack(images)
     with torch.inference_mode():
         t0 = time.perf_counter()

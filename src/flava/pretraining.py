@@ -304,21 +304,20 @@ class PretrainingModel(nn.Module):
 def pretraining_from_checkpoint(ckpt, objectives: ObjectivesConfig | None = None,
                                 codebook: FlavaImageCodebook | None = None) -> tuple[PretrainingModel, list[str]]:
     """Build from a read checkpoint; returns the model and notes on parts that were initialised."""
-    from .storage import load_weights
+    from .storage import build_loaded
 
     notes = []
     if objectives is None:
         objectives = from_dict(ObjectivesConfig, ckpt.extra.get("objectives", {}), "objectives")
-    model = FlavaModel(ckpt.config)
-    load_weights(model, ckpt.parts["model"], "model", ckpt.path)
-    heads = PretrainingHeads(ckpt.config)
-    if ckpt.parts.get("heads"):
-        load_weights(heads, ckpt.parts["heads"], "heads", ckpt.path)
+    cfg, parts = ckpt.config, ckpt.parts
+    model = build_loaded(lambda: FlavaModel(cfg), parts["model"], "model", ckpt.path)
+    if parts.get("heads"):
+        heads = build_loaded(lambda: PretrainingHeads(cfg), parts["heads"], "heads", ckpt.path)
     else:
+        heads = PretrainingHeads(cfg)
         notes.append("the checkpoint has no pretraining heads; they are newly initialised")
-    if codebook is None and ckpt.parts.get("codebook"):
-        codebook = FlavaImageCodebook(ckpt.config.codebook)
-        load_weights(codebook, ckpt.parts["codebook"], "codebook", ckpt.path)
+    if codebook is None and parts.get("codebook"):
+        codebook = build_loaded(lambda: FlavaImageCodebook(cfg.codebook), parts["codebook"], "codebook", ckpt.path)
     if codebook is None:
         notes.append("the checkpoint has no image codebook; MIM/MMM need one (flava train-tokenizer)")
     try:

@@ -258,6 +258,15 @@ def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, orig
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 
 
+def build_loaded(factory, sd: dict[str, torch.Tensor], what: str, origin: Path) -> nn.Module:
+    """`factory()` built on the meta device (no initialisation to throw away), then filled."""
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device="cpu")
+    load_weights(module, sd, what, origin)
+    return module
+
+
 def load(
     path: str | os.PathLike,
     quantize: str | None = None,
@@ -287,10 +296,7 @@ def load(
         for note in notes:
             warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
         return pm.to(device) if device is not None else pm
-    with torch.device("meta"):
-        model = FlavaModel(ckpt.config)
-    model = model.to_empty(device="cpu")
-    load_weights(model, ckpt.parts["model"], "model", ckpt.path)
+    model = build_loaded(lambda: FlavaModel(ckpt.config), ckpt.parts["model"], "model", ckpt.path)
     model.eval()
     if quantize == "int8":
         from .quantize import quantize_int8
@@ -320,6 +326,5 @@ def load_codebook(path: str | os.PathLike):
         cfg, sd = ckpt.config.codebook, ckpt.parts.get("codebook") or {}
         if not sd:
             raise CheckpointError(f"{path} holds no image codebook weights")
-    codebook = FlavaImageCodebook(cfg)
-    load_weights(codebook, sd, "codebook", path)
+    codebook = build_loaded(lambda: FlavaImageCodebook(cfg), sd, "codebook", path)
     return codebook.eval().requires_grad_(False)

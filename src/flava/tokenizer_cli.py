@@ -11,14 +11,16 @@ import numpy as np
 import torch
 from PIL import Image
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from safetensors.torch import save_file
 
 from .codebook import TokenizerTraining, map_pixels, train_codebook
 from .config import FlavaConfig
-from .data.images import decode_image, demo_images, find_images
+from .data.demo import demo_images
+from .data.images import find_images
+from .data.sources import BadSample, open_image
 from .data.transforms import resize_center_crop, to_tensor
+from .progress import progress_bar
 from .storage import check_replaceable, replace_dir, write_checkpoint_files, write_json_atomic
 
 METRICS = "tokenizer_metrics.jsonl"
@@ -31,7 +33,12 @@ def load_training_images(specs: list[str], console: Console) -> list[Image.Image
 
     skipped: Counter = Counter()
     paths = find_images(specs)
-    images = [im for im in (decode_image(p, skipped) for p in paths) if im is not None]
+    images = []
+    for path in paths:
+        try:
+            images.append(open_image(path))
+        except BadSample as e:
+            skipped[e.kind] += 1
     if skipped:
         console.print("skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
     if not images:
@@ -45,9 +52,7 @@ def reconstruction_grid(encoder, decoder, images: list[Image.Image], size: int, 
     """Originals (top row) over their reconstructions from the discrete tokens (bottom row)."""
     x = torch.stack([to_tensor(resize_center_crop(im, size)) for im in images])
     with torch.no_grad():
-        tokens = encoder(map_pixels(x)).argmax(1)
-        one_hot = torch.nn.functional.one_hot(tokens, encoder.cfg.vocab_size).permute(0, 3, 1, 2).float()
-        recon = decoder(one_hot).clamp(0, 1)
+        recon = decoder.decode_tokens(encoder(map_pixels(x)).argmax(1)).clamp(0, 1)
     rows = [torch.cat(list(t), dim=2) for t in (x, recon)]
     grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
@@ -66,10 +71,8 @@ def run_train_tokenizer(images_spec: list[str], output: Path, cfg: FlavaConfig, 
     output.mkdir(parents=True, exist_ok=True)
     metrics_path = output / METRICS
     metrics_path.write_text("")
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     start = time.perf_counter()
-    with Progress(*columns, console=console) as progress, metrics_path.open("a") as metrics:
+    with progress_bar(console) as progress, metrics_path.open("a") as metrics:
         task = progress.add_task("dVAE", total=settings.steps, info="")
         state = {"info": ""}
 

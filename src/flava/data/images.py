@@ -1,14 +1,10 @@
-"""Finding and decoding image files; unreadable ones are skipped and counted by kind."""
+"""Finding image files (decoding is `flava.data.sources.open_image`)."""
 
 from __future__ import annotations
 
 import glob
 import os
-from collections import Counter
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
@@ -31,37 +27,3 @@ def find_images(specs: list[str | os.PathLike]) -> list[Path]:
     if not found:
         raise DataError(f"no image files match {', '.join(map(str, specs))}")
     return found
-
-
-def decode_image(path: Path, skipped: Counter) -> Image.Image | None:
-    """An RGB image, or None (counted in `skipped` by reason) if it cannot be read."""
-    try:
-        if path.stat().st_size == 0:
-            skipped["empty file"] += 1
-            return None
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        skipped["missing file"] += 1
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        skipped["unreadable image"] += 1
-    return None
-
-
-def demo_images(max_easy_vqa: int | None = None) -> list[Image.Image]:
-    """The packaged demo images: easy-vqa's training images and the scikit-image photographs."""
-    from easy_vqa import get_train_image_paths
-
-    from .demo import skimage_photos
-    from .transforms import to_rgb
-
-    paths = [Path(p) for _, p in sorted(get_train_image_paths().items())][:max_easy_vqa]
-    skipped: Counter = Counter()
-    images = [im for im in (decode_image(p, skipped) for p in paths) if im is not None]
-    images += [to_rgb(arr) for arr, _ in skimage_photos().values()]
-    return images
-
-
-def as_uint8(image: Image.Image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)

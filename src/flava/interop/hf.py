@@ -334,11 +334,7 @@ def pretraining_losses(
     if input_ids_masked is not None:
         text_masked = m.text_encoder(input_ids_masked, attention_mask, skip_padding=attention_mask is not None)
     if image_masked is not None and text_masked is not None:
-        mm = m.multimodal_encoder(
-            m.image_to_mm_projection(image_masked.pre_norm_hidden_state),
-            m.text_to_mm_projection(text_masked.pre_norm_hidden_state),
-            attention_mask, skip_padding=True,
-        )
+        mm = m.fuse(image_masked, text_masked, skip_padding=True)
     if image_masked is not None and mim_labels is None:
         if pm.codebook is None:
             raise CheckpointError("no mim_labels given and the pretraining model has no image codebook")

@@ -121,14 +121,17 @@ class FlavaModel(nn.Module):
     # ------------------------------------------------------------------ multimodal
 
     def fuse(
-        self, image: EncoderOutput, text: EncoderOutput, output_hidden_states: bool = False
+        self, image: EncoderOutput, text: EncoderOutput, output_hidden_states: bool = False,
+        skip_padding: bool = False,
     ) -> MultimodalOutput:
-        """Run the multimodal encoder on already computed unimodal states (pre-final-norm)."""
+        """Run the multimodal encoder on already computed unimodal states (pre-final-norm).
+        `skip_padding`: for losses, which never read the states at text padding."""
         return self.multimodal_encoder(
             self.image_to_mm_projection(image.pre_norm_hidden_state),
             self.text_to_mm_projection(text.pre_norm_hidden_state),
             text.attention_mask,
             output_hidden_states,
+            skip_padding,
         )
 
     def encode_multimodal(

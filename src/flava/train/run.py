@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..config import to_dict
 from ..errors import ConfigError
+from ..progress import progress_bar
 from ..storage import write_json_atomic
 from .config import TrainConfig
 from .trainer import Trainer
@@ -47,11 +47,9 @@ def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console)
     sizes = ", ".join(f"{k} {len(s)}" for k, s in trainer.sources.items())
     console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps on {sizes} records; "
                   f"batch {cfg.data.batch_size}; writing to {output}")
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("steps", total=cfg.max_steps, completed=trainer.step, info="")
 
         def log(row: dict) -> None:
