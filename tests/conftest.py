@@ -3,8 +3,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import flava  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -38,3 +42,38 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def train_data(tmp_path_factory):
+    """Pairs (one row names a missing file; pairs_clean.csv has none), an image folder, text and a
+    small random image tokenizer for the training tests."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    (root / "img" / "a").mkdir(parents=True)
+    rows = ["image,caption"]
+    for i in range(16):
+        arr = np.full((40, 40, 3), rng.integers(0, 255, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "img" / "a" / f"{i}.png")
+        rows.append(f"img/a/{i}.png,a square of colour {i}")
+    (root / "pairs_clean.csv").write_text("\n".join(rows) + "\n")
+    rows.append("img/a/missing.png,lost")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    (root / "text.txt").write_text("\n".join(f"sentence number {i} about things" for i in range(30)))
+    from flava.config import preset
+    from flava.storage import save_model
+
+    cfg = preset("tiny")
+    cfg.image.vocab_size = cfg.codebook.vocab_size = 64
+    cfg.codebook.hidden_size = 8
+    save_model(root / "codebook", cfg, {"codebook": flava.FlavaImageCodebook(cfg.codebook)})
+    return root
+
+
+def pretrain_args(data, output, pairs="pairs.csv", batch_size=4) -> list[str]:
+    """`flava pretrain` arguments for a tiny run on `train_data`."""
+    return ["pretrain", "--output", str(output), "--set", f"codebook={data / 'codebook'}",
+            "--set", "model.image.vocab_size=64", "--set", "model.codebook.vocab_size=64",
+            "--set", "model.codebook.hidden_size=8", "--set", f'data.pairs=["{data / pairs}"]',
+            "--set", f'data.images=["{data / "img"}"]', "--set", f'data.text=["{data / "text.txt"}"]',
+            "--set", f"data.batch_size={batch_size}", "--set", "data.num_workers=0", "--set", "log_every=1"]

@@ -85,13 +85,19 @@ def test_loader_workers_do_not_change_the_batches(csv_dataset):
     assert plain.position == workers.position and plain.skipped == workers.skipped
 
 
-def test_processes_read_disjoint_records_each_epoch():
-    orders = [StreamOrder(10, seed=3, rank=r, world=2) for r in range(2)]
-    epoch0 = [[o.at(p)[0] for p in range(5)] for o in orders]
-    assert not set(epoch0[0]) & set(epoch0[1]) and len(set(epoch0[0]) | set(epoch0[1])) == 10
-    assert orders[0].at(5)[1] == 1  # position 5 starts the next epoch, in a new order
-    with pytest.raises(DataError, match="cannot be split"):
-        StreamOrder(1, seed=0, rank=0, world=2)
+def test_processes_split_the_global_stream_in_batch_blocks():
+    single = StreamOrder(10, seed=3, rank=0, world=1, block=4)
+    ranks = [StreamOrder(10, seed=3, rank=r, world=2, block=2) for r in range(2)]
+    stream = [single.at(p) for p in range(12)]
+    # Batch b of each rank, concatenated in rank order, is batch b of the single process.
+    for b in range(3):
+        joined = [ranks[r].at(2 * b + i) for r in range(2) for i in range(2)]
+        assert joined == stream[4 * b: 4 * b + 4]
+    first_epoch = [ranks[r].at(p)[0] for r in range(2) for p in range(4)] + [ranks[0].at(4)[0], ranks[0].at(5)[0]]
+    assert sorted(first_epoch) == list(range(10))  # one epoch: every record once, over both processes
+    assert stream[10][1] == 1  # the eleventh entry starts the next epoch, in a new order
+    with pytest.raises(DataError, match="cannot fill a batch"):
+        StreamOrder(3, seed=0, rank=0, world=2, block=2)
 
 
 def add(tar, name, data):

@@ -61,7 +61,7 @@ def test_hard_negatives_follow_similarity_and_skip_true_captions():
     B = ids.shape[0]
     sim = torch.randn(B, B) * 3
     sim[:, 4] += 20  # text 4 is the hardest negative for every image (when allowed)
-    p = hard_negatives(sim, sim.T.clone(), same, offset=0, generator=torch.Generator().manual_seed(0))
+    p = hard_negatives(sim, sim.T.clone(), same, generator=torch.Generator().manual_seed(0))
     assert p.labels[:B].eq(1).all() and p.labels[B:].eq(0).all()
     neg = p.labels == 0
     assert not same[p.image_index[neg], p.text_index[neg]].any()

@@ -5,34 +5,16 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import flava
-from flava.config import preset
-from flava.storage import save_model
+from conftest import pretrain_args
 from flava.train.config import TrainConfig
 from flava.train.trainer import Trainer, step_kind
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    (root / "img" / "a").mkdir(parents=True)
-    rows = ["image,caption"]
-    for i in range(16):
-        arr = np.full((40, 40, 3), rng.integers(0, 255, 3), dtype=np.uint8)
-        Image.fromarray(arr).save(root / "img" / "a" / f"{i}.png")
-        rows.append(f"img/a/{i}.png,a square of colour {i}")
-    rows.append("img/a/missing.png,lost")
-    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
-    (root / "text.txt").write_text("\n".join(f"sentence number {i} about things" for i in range(30)))
-    cfg = preset("tiny")
-    cfg.image.vocab_size = cfg.codebook.vocab_size = 64
-    cfg.codebook.hidden_size = 8
-    save_model(root / "codebook", cfg, {"codebook": flava.FlavaImageCodebook(cfg.codebook)})
-    return root
+@pytest.fixture
+def data(train_data):
+    return train_data
 
 
 def config(data, **over) -> TrainConfig:
@@ -91,11 +73,7 @@ def test_bad_settings_fail_before_training(data, tmp_path):
 def test_pretrain_command_line(data, tmp_path, capsys):
     from flava.cli import main as cli
 
-    base = ["pretrain", "--output", str(tmp_path / "run"), "--set", f"codebook={data / 'codebook'}",
-            "--set", "model.image.vocab_size=64", "--set", "model.codebook.vocab_size=64",
-            "--set", "model.codebook.hidden_size=8", "--set", f'data.pairs=["{data / "pairs.csv"}"]',
-            "--set", f'data.images=["{data / "img"}"]', "--set", f'data.text=["{data / "text.txt"}"]',
-            "--set", "data.batch_size=4", "--set", "data.num_workers=0", "--set", "log_every=1"]
+    base = pretrain_args(data, tmp_path / "run")
     assert cli(base + ["--set", "optim.learning_rate=1"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key 'optim.learning_rate'" in err and "lr, weight_decay" in err

@@ -125,23 +125,40 @@ def global_contrastive_loss(
     return ContrastiveResult(loss, logits_per_image, logits_per_text, labels)
 
 
+def mean_over_processes(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over every process's entries, in the form data-parallel training needs.
+
+    Each process returns sum_local * world / count_global: averaging these (as gradient
+    averaging does) gives sum_global / count_global, so processes holding different numbers of
+    masked tokens or ITM rows train exactly like one process with the whole batch. With no entry
+    anywhere the result is a zero that still reaches `like`'s graph (every parameter used).
+    Every process must call this the same number of times (it runs one all_reduce).
+    """
+    size = world()[1]
+    zero = like.sum() * 0.0
+    if size == 1:
+        return values.mean() + zero if values.numel() else zero
+    count = torch.tensor(float(values.numel()), device=values.device)
+    dist.all_reduce(count)
+    return values.sum() * size / count.clamp_min(1.0) + zero
+
+
 def masked_prediction_loss(states: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
-    """Cross-entropy of `head` at the positions whose label is not IGNORE_INDEX.
+    """Cross-entropy of `head` at the positions whose label is not IGNORE_INDEX, averaged over the
+    selected positions of all processes (see `mean_over_processes`).
 
     `states` [..., D] and `labels` [...] align position by position; the head runs on the
-    selected positions only. With nothing selected the loss is a zero that still reaches the
-    head's parameters (so data-parallel training sees every parameter used).
+    selected positions only.
     """
     selected = labels != IGNORE_INDEX
     logits = head(states[selected])
-    if logits.shape[0] == 0:
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, labels[selected])
+    return mean_over_processes(F.cross_entropy(logits.float(), labels[selected], reduction="none"), logits)
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Binary match (1) / mismatch (0) cross-entropy over [B, 2] logits."""
-    return F.cross_entropy(logits, labels)
+    """Binary match (1) / mismatch (0) cross-entropy over [R, 2] logits, averaged over the rows of
+    all processes."""
+    return mean_over_processes(F.cross_entropy(logits.float(), labels, reduction="none"), logits)
 
 
 def targets_at(mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,13 @@ class ItmPairs:
     """Which (image, text) pair each multimodal row holds, and whether it matches."""
 
     image_index: torch.Tensor
-    """[R] rows of the (global, for hard negatives) image states."""
+    """[R] rows of the image states the multimodal encoder reads."""
     text_index: torch.Tensor
     labels: torch.Tensor
     """[R] 1 for a matched pair, 0 for a negative."""
+    image_offset: int = 0
+    """Where this process's own images start in `image_index`'s numbering (global indices)."""
+    text_offset: int = 0
 
 
 @dataclass
@@ -95,28 +98,33 @@ def swap_negatives(input_ids: torch.Tensor, attention_mask: torch.Tensor, probab
     return ItmPairs(rows, text_index, (~flip).long())
 
 
-def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same: torch.Tensor, offset: int,
-                   generator: torch.Generator | None = None) -> ItmPairs:
-    """ALBEF: for every local image a negative text, for every local text a negative image, drawn
-    from the global batch with probability softmax(similarity), never one with the same text.
+def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same: torch.Tensor,
+                   generator: torch.Generator | None = None, own: slice | None = None) -> ItmPairs:
+    """ALBEF: for every image a negative text, for every text a negative image, drawn with
+    probability softmax(similarity), never one with the same text.
 
-    `sim_*` are [B_local, B_global]; `same` [B_local, B_global] marks identical captions. Rows are
-    positives first, then image->text negatives, then text->image negatives; indices are global.
+    `sim_*` and `same` are [G, G] over the global batch, drawn identically on every process;
+    `own` keeps the rows this process holds (its positives, its images' negative texts, its
+    texts' negative images). Rows are positives, then image->text, then text->image negatives.
     """
-    B = sim_i2t.shape[0]
-    rows = offset + torch.arange(B, device=sim_i2t.device)
-    pairs = [(rows, rows, torch.ones(B, dtype=torch.long, device=rows.device))]
+    G = sim_i2t.shape[0]
+    own = own or slice(0, G)
+    rows = torch.arange(G, device=sim_i2t.device)
+    mine = torch.zeros(G, dtype=torch.bool, device=rows.device)
+    mine[own] = True
+    pairs = [(rows[mine], rows[mine], torch.ones(int(mine.sum()), dtype=torch.long, device=rows.device))]
     for sim, image_side in ((sim_i2t, True), (sim_t2i, False)):
         weights = sim.float().softmax(dim=1).masked_fill(same, 0.0)
         ok = weights.sum(1) > 0
         if not ok.any():
             continue
         drawn = torch.multinomial(weights[ok], 1, generator=generator).squeeze(1)
-        own = rows[ok]
-        zeros = torch.zeros_like(own)
-        pairs.append((own, drawn, zeros) if image_side else (drawn, own, zeros))
+        anchor, keep = rows[ok], mine[ok]
+        anchor, drawn = anchor[keep], drawn[keep]
+        zeros = torch.zeros_like(anchor)
+        pairs.append((anchor, drawn, zeros) if image_side else (drawn, anchor, zeros))
     image_index, text_index, labels = (torch.cat(t) for t in zip(*pairs))
-    return ItmPairs(image_index, text_index, labels)
+    return ItmPairs(image_index, text_index, labels, own.start, own.start)
 
 
 class PretrainingModel(nn.Module):
@@ -235,7 +243,7 @@ class PretrainingModel(nn.Module):
         if hard:
             pairs, img_mm, txt_mm, text_mask = self._hard_pairs(b, img_e, txt_e, scale, img_mm, txt_mm, generator)
         elif o.itm_weight > 0:
-            pairs = swap_negatives(b.input_ids, b.attention_mask, o.itm_negative_probability, generator)
+            pairs, txt_mm, text_mask = self._swap_pairs(b, txt_mm, generator)
         else:
             rows = torch.arange(B, device=img_mm.device)
             pairs = ItmPairs(rows, rows, torch.ones_like(rows))
@@ -252,42 +260,51 @@ class PretrainingModel(nn.Module):
         if o.mmm_image_weight > 0:
             labels = targets_at(b.patch_mask, self.image_targets(b))
             parts["mmm_image"] = o.mmm_image_weight * masked_prediction_loss(
-                mm.image_patches[positive], labels[pairs.image_index[positive] - self._offset(hard, B)],
+                mm.image_patches[positive], labels[pairs.image_index[positive] - pairs.image_offset],
                 self.heads.mmm_image)
         if o.mmm_text_weight > 0:
-            # Hard negatives pad texts to the longest across processes: pad the labels alike.
+            # Texts are padded to the longest across processes: pad the labels alike.
             mlm_labels = F.pad(b.mlm_labels, (0, mm.layout.num_text_tokens - b.mlm_labels.shape[1]),
                                value=IGNORE_INDEX)
             parts["mmm_text"] = o.mmm_text_weight * masked_prediction_loss(
-                mm.text[positive], mlm_labels[pairs.text_index[positive] - self._offset(hard, B)],
+                mm.text[positive], mlm_labels[pairs.text_index[positive] - pairs.text_offset],
                 self.heads.mmm_text)
         return PretrainingOutput(Losses.from_parts(parts, b.pixel_values), metrics)
 
     @staticmethod
-    def _offset(hard: bool, batch: int) -> int:
-        """Hard-negative indices are global: this rank's rows start at rank * batch."""
-        return world()[0] * batch if hard else 0
-
-    def _hard_pairs(self, b, img_e, txt_e, scale, img_mm, txt_mm, generator):
-        rank, size = world()
-        B = img_mm.shape[0]
-        # Texts differ in length across processes: pad to the longest before gathering.
+    def _global_texts(b: PairBatch, txt_mm: torch.Tensor):
+        """Every process's texts, padded to the longest across processes: ids, mask, and this
+        process's multimodal-input text states padded alike."""
         L = b.input_ids.shape[1]
-        if size > 1:
+        pad = 0
+        if world()[1] > 1:
             longest = torch.tensor([L], device=b.input_ids.device)
             torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
             pad = int(longest) - L
-        else:
-            pad = 0
-        ids = F.pad(b.input_ids, (0, pad))
-        mask = F.pad(b.attention_mask, (0, pad))
-        txt_mm = F.pad(txt_mm, (0, 0, 0, pad))
+        ids, mask = F.pad(b.input_ids, (0, pad)), F.pad(b.attention_mask, (0, pad))
+        return ids, mask, gather(ids), gather(mask), F.pad(txt_mm, (0, 0, 0, pad))
+
+    def _swap_pairs(self, b, txt_mm, generator):
+        """Swapped captions drawn over the global batch with the same generator on every process,
+        so N processes pick exactly the negatives one process with the whole batch would."""
+        rank = world()[0]
+        B = b.input_ids.shape[0]
+        _, _, all_ids, all_mask, txt_mm = self._global_texts(b, txt_mm)
+        with torch.no_grad():
+            g = swap_negatives(all_ids, all_mask, self.objectives.itm_negative_probability, generator)
+        own = slice(rank * B, (rank + 1) * B)
+        pairs = ItmPairs(g.image_index[own] - rank * B, g.text_index[own], g.labels[own], 0, rank * B)
+        return pairs, gather_with_grad(txt_mm), all_mask
+
+    def _hard_pairs(self, b, img_e, txt_e, scale, img_mm, txt_mm, generator):
+        rank = world()[0]
+        B = img_mm.shape[0]
+        _, _, all_ids, all_mask, txt_mm = self._global_texts(b, txt_mm)
         with torch.no_grad():
             all_img_e, all_txt_e = gather(img_e), gather(txt_e)
-            all_ids, all_mask = gather(ids), gather(mask)
-            same = same_text(ids, mask, all_ids, all_mask)
-            pairs = hard_negatives(scale * img_e @ all_txt_e.T, scale * txt_e @ all_img_e.T, same,
-                                   rank * B, generator)
+            same = same_text(all_ids, all_mask, all_ids, all_mask)
+            sim = scale * all_img_e @ all_txt_e.T
+            pairs = hard_negatives(sim, sim.T, same, generator, own=slice(rank * B, (rank + 1) * B))
         return pairs, gather_with_grad(img_mm), gather_with_grad(txt_mm), all_mask
 
     # ------------------------------------------------------------------ io

@@ -116,26 +116,34 @@ def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatc
 
 @dataclass
 class StreamOrder:
-    """Which record a process reads at each of its positions."""
+    """Which record a process reads at each of its positions.
+
+    The records of all processes form one global stream: epoch permutations laid end to end.
+    Each process owns every `world`-th block of `block` consecutive entries, so with `block`
+    equal to the per-process batch the processes' batches, concatenated in rank order, are
+    exactly the batch one process with the global batch size would read.
+    """
 
     num_records: int
     seed: int
     rank: int = 0
     world: int = 1
+    block: int = 1
 
     def __post_init__(self) -> None:
-        self.per_rank = self.num_records // self.world
-        if self.per_rank == 0:
-            raise DataError(f"{self.num_records} records cannot be split over {self.world} processes")
+        if self.num_records < self.world * self.block:
+            raise DataError(f"{self.num_records} records cannot fill a batch of {self.block} on each of "
+                            f"{self.world} processes")
         self._perm_epoch, self._perm = -1, None
 
     def at(self, position: int) -> tuple[int, int]:
         """(record index, epoch) at this process's `position`."""
-        epoch, offset = divmod(position, self.per_rank)
+        blocks, offset = divmod(position, self.block)
+        epoch, index = divmod((blocks * self.world + self.rank) * self.block + offset, self.num_records)
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
             self._perm_epoch = epoch
-        return int(self._perm[self.rank + self.world * offset]), epoch
+        return int(self._perm[index]), epoch
 
 
 class _Decoded(IterableDataset):
@@ -174,7 +182,7 @@ class BatchStream:
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
-        self.order = StreamOrder(len(self.source), self.seed, self.rank, self.world)
+        self.order = StreamOrder(len(self.source), self.seed, self.rank, self.world, self.batch_size)
         self._it = None
 
     def _iterator(self):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from rich.console import Console
 from rich.table import Table
@@ -18,7 +22,29 @@ from .trainer import Trainer
 DEMO_TOKENIZER_STEPS = 200
 
 
+def init_distributed() -> bool:
+    """Join the process group torchrun describes in the environment; False when not under torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list[dict]:
+    started = init_distributed()
+    try:
+        return _run(cfg, output, resume, console)
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list[dict]:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        console = Console(quiet=True)  # one process reports
     output.mkdir(parents=True, exist_ok=True)
     if not resume and (output / "checkpoints").exists():
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
@@ -35,18 +61,22 @@ def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console)
         from ..tokenizer_cli import run_train_tokenizer
 
         tokenizer_dir = output / "tokenizer"
-        if not (tokenizer_dir / "model.safetensors").is_file():
+        if rank == 0 and not (tokenizer_dir / "model.safetensors").is_file():
             console.print("no image tokenizer given: training one on the demo images first")
             run_train_tokenizer(["demo"], tokenizer_dir, cfg.model, TokenizerTraining(steps=DEMO_TOKENIZER_STEPS),
                                 console)
+        if dist.is_initialized():
+            dist.barrier()
         cfg.codebook = str(tokenizer_dir)
     trainer = Trainer(cfg, output)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
-    write_json_atomic(output / "train_config.json", to_dict(cfg))
+    if rank == 0:
+        write_json_atomic(output / "train_config.json", to_dict(cfg))
     sizes = ", ".join(f"{k} {len(s)}" for k, s in trainer.sources.items())
+    procs = f" x {trainer.world} processes ({cfg.distributed})" if trainer.world > 1 else ""
     console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps on {sizes} records; "
-                  f"batch {cfg.data.batch_size}; writing to {output}")
+                  f"batch {cfg.data.batch_size}{procs}; {cfg.precision} on {trainer.device}; writing to {output}")
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     with progress_bar(console) as progress:
@@ -68,8 +98,10 @@ def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console)
     for name in first:
         table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
     console.print(table)
-    skipped = trainer.skipped()
+    skipped = trainer.skipped_everywhere()
     console.print("skipped records: " + (", ".join(f"{v} {k}" for k, v in skipped.items()) if skipped else "none"))
-    console.print(f"checkpoints in {trainer.checkpoint_dir}; metrics in {output / 'metrics.jsonl'}")
-    (output / "summary.json").write_text(json.dumps({"first": first, "last": last, "skipped": skipped}, indent=2))
+    console.print(f"checkpoints in {trainer.checkpoint_dir}; metrics in {output / 'metrics.jsonl'}, "
+                  f"{output / 'loss_curves.png'} and {output / 'tensorboard'}")
+    if rank == 0:
+        write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped})
     return rows

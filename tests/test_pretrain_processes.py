@@ -1,0 +1,145 @@
+"""`flava pretrain` as separate processes: two torchrun processes train like one process with
+the global batch; a run killed with SIGKILL and resumed repeats the uninterrupted run; a failed
+checkpoint write leaves the previous checkpoint usable; the precision and memory options."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flava
+from conftest import pretrain_args
+from flava.train.config import TrainConfig
+from flava.train.trainer import Trainer
+
+# Seed 5 trains pairs, images, text, pairs in its first four steps.
+OPTS = ["--set", "seed=5", "--set", "optim.warmup_steps=1"]
+
+
+def run(args: list[str], torchrun: int = 0, **kw) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    return subprocess.Popen(launcher + ["-m", "flava.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def finish(p: subprocess.Popen) -> str:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out
+    return out
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_like_one_process_with_the_global_batch(train_data, tmp_path):
+    # AdamW with eps 1e-8 is blind to the gradient's scale and turns rounding noise in near-zero
+    # gradients into whole steps of lr; eps 1e-4 makes small updates follow the gradient, so
+    # the parameters check the gradients the processes averaged.
+    steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4"]
+    two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps, torchrun=2)
+    one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
+    out = finish(two)
+    finish(one)
+    assert "x 2 processes (ddp)" in out
+    a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    assert [r["kind"] for r in a] == [r["kind"] for r in b] == ["pairs", "images", "text", "pairs"]
+    for x, y in zip(a, b):
+        assert x["samples"] == y["samples"] == 8
+        assert x["losses"].keys() == y["losses"].keys()
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5), (x, y)
+        for name in x["losses"]:
+            assert x["losses"][name] == pytest.approx(y["losses"][name], abs=1e-5), name
+    wa = load_file(tmp_path / "two" / "checkpoints" / "step_00000004" / "model.safetensors")
+    wb = load_file(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst < 1e-5, worst
+
+
+def test_a_run_killed_between_checkpoints_resumes_step_for_step(train_data, tmp_path):
+    steps = ["--max-steps", "8", "--save-every", "3", *OPTS]
+    whole = run(pretrain_args(train_data, tmp_path / "whole") + steps)
+    cut_args = pretrain_args(train_data, tmp_path / "cut") + steps
+    victim = run(cut_args)
+    log = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill it after step 5 (its last checkpoint is step 3)
+        if log.is_file() and any(json.loads(x)["step"] >= 5 for x in log.read_text().splitlines() if x.strip()):
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = max(json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip())
+    assert 5 <= killed_at < 8
+    out = finish(run(cut_args + ["--resume"]))
+    assert "resumed from step 3" in out or "resumed from step 6" in out, out
+    finish(whole)
+    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 9))  # no step logged twice
+    for x, y in zip(a, b):
+        assert x["kind"] == y["kind"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
+        # The same stream positions: no sample seen twice, none skipped.
+        assert x["data_position"] == y["data_position"]
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_one(train_data, tmp_path, monkeypatch):
+    cfg = TrainConfig()
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.model.codebook.hidden_size = 8
+    cfg.data.pairs, cfg.data.images = [str(train_data / "pairs.csv")], [str(train_data / "img")]
+    cfg.data.text = [str(train_data / "text.txt")]
+    cfg.data.batch_size, cfg.data.num_workers, cfg.save_every, cfg.max_steps = 4, 0, 2, 6
+    cfg.codebook, cfg.tensorboard = str(train_data / "codebook"), False
+    trainer = Trainer(cfg, tmp_path)
+    trainer.fit(max_steps=2)
+    real_save = torch.save
+
+    def disk_full(obj, path, *a, **k):
+        real_save(obj, path, *a, **k)  # part of the file reaches the disk, then the device is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(flava.CheckpointError, match="No space left on device.*step_00000002 is intact"):
+        trainer.fit(max_steps=4)
+    monkeypatch.undo()
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["latest.json", "step_00000002"]  # no half-written directory left behind
+    resumed = Trainer(cfg, tmp_path)
+    assert resumed.resume() and resumed.step == 2
+    assert flava.load(tmp_path / "checkpoints" / "step_00000002", pretraining=True).codebook is not None
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_activation_checkpointing_and_compile(train_data, tmp_path, precision):
+    def cfg_with(**over):
+        cfg = TrainConfig()
+        cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+        cfg.model.codebook.hidden_size = 8
+        cfg.data.pairs, cfg.data.images = [str(train_data / "pairs_clean.csv")], [str(train_data / "img")]
+        cfg.data.text = [str(train_data / "text.txt")]
+        cfg.data.batch_size, cfg.data.num_workers, cfg.max_steps, cfg.seed = 4, 0, 3, 5
+        cfg.codebook, cfg.tensorboard = str(train_data / "codebook"), False
+        for k, v in over.items():
+            setattr(cfg, k, v)
+        return cfg
+
+    plain = Trainer(cfg_with(), tmp_path / "plain").fit()
+    # Recomputing activations in the backward pass changes nothing numerically.
+    ckpt = Trainer(cfg_with(activation_checkpointing=True), tmp_path / "ckpt").fit()
+    assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in ckpt], abs=1e-6)
+    mixed = Trainer(cfg_with(precision=precision, compile=True, compile_backend="eager"), tmp_path / "mixed")
+    assert isinstance(mixed.model.model.image_encoder.norm, torch.nn.LayerNorm)
+    rows = mixed.fit()
+    for p, m in zip(plain, rows):  # close to float32, not equal
+        assert m["loss"] == pytest.approx(p["loss"], rel=0.05), (p, m)
+    assert (tmp_path / "mixed" / "loss_curves.png").stat().st_size > 1000
