@@ -69,3 +69,28 @@ class TrainConfig:
     """Directory of the image tokenizer (`flava train-tokenizer`); needed for MIM/MMM."""
     init: str = ""
     """Checkpoint to start from (ours or a transformers FLAVA directory)."""
+    init_image: str = ""
+    """Checkpoint to take the image encoder and image_projection from, after `init`: ours
+    (checkpoints/step_N or a run directory, e.g. an `image-mim` stage), a transformers FLAVA
+    directory, or a transformers ViT directory (the paper starts from DINO ViT-B/16)."""
+    init_text: str = ""
+    """Checkpoint to take the text encoder and text_projection from, after `init`: ours (e.g. a
+    `text-mlm` stage's run directory) or a transformers FLAVA directory."""
+    init_multimodal: str = ""
+    """Checkpoint to take the multimodal encoder and the image/text-to-multimodal projections from,
+    after `init`: ours or a transformers FLAVA directory."""
+    device: str = "auto"
+    """'auto' (this process's GPU under torchrun when CUDA is present, else the CPU), 'cpu', 'cuda'."""
+    precision: str = "fp32"
+    """'fp32', 'bf16' or 'fp16' autocast (LayerNorms and losses stay float32; fp16 adds loss scaling)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile each transformer block (the first steps are slow while it compiles)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend ('inductor'; 'aot_eager' or 'eager' to debug)."""
+    distributed: str = "ddp"
+    """Under torchrun: 'ddp' (replicated weights) or 'fsdp' (weights, gradients and optimizer state
+    sharded over the processes)."""
+    tensorboard: bool = True
+    """Also write the logged metrics as TensorBoard events to OUTPUT/tensorboard."""
