@@ -170,6 +170,7 @@ def test_f1_and_mcc_match_sklearn():
     assert M.matthews_corrcoef(p, y) == pytest.approx(skm.matthews_corrcoef(y, p))
 
 
+@pytest.mark.filterwarnings("ignore:A single label was found")
 def test_f1_and_mcc_degenerate_cases():
     zeros = np.zeros(6, dtype=int)
     assert M.f1_binary(zeros, zeros) == 0.0 == skm.f1_score(zeros, zeros, zero_division=0)
