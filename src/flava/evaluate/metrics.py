@@ -92,11 +92,14 @@ def retrieval_ranks(sim, text_to_image) -> tuple[np.ndarray, np.ndarray]:
     right = s[t2i, np.arange(n_texts)]  # [n_texts] similarity of each caption to its own image
     t2i_rank = (s >= right[None, :]).sum(axis=0) - 1  # minus the right image itself
 
-    own = t2i[None, :] == np.arange(n_images)[:, None]  # [n_images, n_texts]
-    has_caption = own.any(axis=1)
-    best = np.where(own, s, -np.inf).max(axis=1)
-    i2t_rank = ((s >= best[:, None]) & ~own).sum(axis=1)
-    i2t_rank[~has_caption] = -1
+    # Per image, its best own caption's score; then every caption scoring at least that, minus
+    # the own captions among them (those tied with the best). No [n_images, n_texts] masks
+    # beyond one comparison: COCO's 5k x 25k matrix is large enough as it is.
+    best = np.full(n_images, -np.inf)
+    np.maximum.at(best, t2i, right)
+    own_at_best = np.bincount(t2i, weights=right >= best[t2i], minlength=n_images).astype(np.int64)
+    i2t_rank = (s >= best[:, None]).sum(axis=1) - own_at_best
+    i2t_rank[np.isneginf(best)] = -1  # images without a caption
     return i2t_rank, t2i_rank
 
 
