@@ -1,0 +1,411 @@
+"""Fine-tuning: the task readers on hand-written files, pair encoding, VQA targets, and tiny
+fine-tuning runs that must learn, pick the best validation state and leave the caller's model alone."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flava import FlavaModel, preset
+from flava.data.tokenizer import TextTokenizer, default_tokenizer_file
+from flava.errors import ConfigError, DataError
+from flava.evaluate.finetune import FinetuneSettings, encode_pairs, finetune_multimodal, finetune_text
+from flava.evaluate.tasks import (
+    MultimodalExample,
+    MultimodalTask,
+    TextExample,
+    TextTask,
+    answer_vocabulary,
+    easy_vqa_task,
+    read_glue,
+    read_hateful_memes,
+    read_snli_ve,
+    read_text_classification,
+    read_vqa,
+    vqa_soft_scores,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer(max_length=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return FlavaModel(preset("tiny")).eval()
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- GLUE readers
+
+
+def tsv(*cells):
+    return "\t".join(cells)
+
+
+GLUE_FILES = {
+    # CoLA: no header; source, label, original annotation, sentence.
+    "CoLA": ("train.tsv", "dev.tsv", None, [
+        (tsv("gj04", "1", "", "Our friends won't buy this analysis."), "Our friends won't buy this analysis.", None, 1),
+        (tsv("gj04", "0", "*", "They drank the pub."), "They drank the pub.", None, 0),
+    ]),
+    "SST-2": ("train.tsv", "dev.tsv", tsv("sentence", "label"), [
+        (tsv("a gripping , \"funny\" film ", "1"), "a gripping , \"funny\" film ", None, 1),
+        (tsv("dull", "0"), "dull", None, 0),
+    ]),
+    "MRPC": ("train.tsv", "dev.tsv", tsv("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"), [
+        (tsv("1", "702876", "702977", "He said \"no\" .", "He refused ."), "He said \"no\" .", "He refused .", 1),
+        (tsv("0", "2108705", "2108831", "Yucaipa owned it .", "It sold ."), "Yucaipa owned it .", "It sold .", 0),
+    ]),
+    "QQP": ("train.tsv", "dev.tsv", tsv("id", "qid1", "qid2", "question1", "question2", "is_duplicate"), [
+        (tsv("1", "3", "4", "How do I learn?", "How can I learn?", "1"), "How do I learn?", "How can I learn?", 1),
+        (tsv("2", "5", "6", "Why is the sky blue?", "What is rain?", "0"), "Why is the sky blue?", "What is rain?", 0),
+    ]),
+    "STS-B": ("train.tsv", "dev.tsv", tsv("index", "genre", "filename", "year", "old_index", "source1", "source2",
+                                          "sentence1", "sentence2", "score"), [
+        (tsv("0", "main-captions", "MSRvid", "2012test", "0001", "none", "none", "A plane takes off.",
+             "An air plane is taking off.", "5.000"), "A plane takes off.", "An air plane is taking off.", 5.0),
+        (tsv("1", "main-captions", "MSRvid", "2012test", "0004", "none", "none", "A man plays a flute.",
+             "A man slices cheese.", "0.500"), "A man plays a flute.", "A man slices cheese.", 0.5),
+    ]),
+    "MNLI": ("train.tsv", "dev_matched.tsv", tsv("index", "promptID", "pairID", "genre", "sentence1_binary_parse",
+                                                 "sentence2_binary_parse", "sentence1_parse", "sentence2_parse",
+                                                 "sentence1", "sentence2", "label1", "gold_label"), [
+        (tsv("0", "31193", "31193n", "government", "( ( x ) )", "( y )", "(ROOT x)", "(ROOT y)", "Conceptually cream.",
+             "Product and geography.", "neutral", "neutral"), "Conceptually cream.", "Product and geography.", 2),
+        (tsv("1", "101457", "101457e", "telephone", "( a )", "( b )", "(ROOT a)", "(ROOT b)", "you know during",
+             "You lose the things.", "entailment", "entailment"), "you know during", "You lose the things.", 1),
+    ]),
+    "QNLI": ("train.tsv", "dev.tsv", tsv("index", "question", "sentence", "label"), [
+        (tsv("0", "When?", "In 1990.", "entailment"), "When?", "In 1990.", 0),
+        (tsv("1", "Who?", "Nobody knows why.", "not_entailment"), "Who?", "Nobody knows why.", 1),
+    ]),
+    "RTE": ("train.tsv", "dev.tsv", tsv("index", "sentence1", "sentence2", "label"), [
+        (tsv("0", "No weapons were found.", "Weapons were found.", "not_entailment"), "No weapons were found.",
+         "Weapons were found.", 1),
+        (tsv("1", "A cat sat.", "An animal sat.", "entailment"), "A cat sat.", "An animal sat.", 0),
+    ]),
+    "WNLI": ("train.tsv", "dev.tsv", tsv("index", "sentence1", "sentence2", "label"), [
+        (tsv("0", "I stuck a pin.", "The pin had a hole.", "1"), "I stuck a pin.", "The pin had a hole.", 1),
+        (tsv("1", "John lifted Tom.", "Tom was heavy.", "0"), "John lifted Tom.", "Tom was heavy.", 0),
+    ]),
+}
+
+
+@pytest.mark.parametrize("name", list(GLUE_FILES))
+def test_glue_readers_follow_each_task_layout(tmp_path, name):
+    train_file, dev_file, header, rows = GLUE_FILES[name]
+    head = [header] if header else []
+    # Train: 10 copies of the rows (to carve validation from); dev: the rows once.
+    write(tmp_path / train_file, head + [r[0] for r in rows] * 5)
+    write(tmp_path / dev_file, head + [r[0] for r in rows])
+    task = read_glue(name, tmp_path, val_fraction=0.2, seed=3)
+    assert task.name == name
+    assert (len(task.train), len(task.val), len(task.test)) == (8, 2, 2)
+    for ex, (_, text, text2, label) in zip(task.test, rows):
+        assert (ex.text, ex.text2, ex.label) == (text, text2, label)
+    assert task.regression == (name == "STS-B")
+    expected_metric = {"CoLA": "matthews_corrcoef", "MRPC": "f1", "QQP": "f1", "STS-B": "pearson"}.get(name, "accuracy")
+    assert task.metrics[0] == expected_metric
+
+
+def test_glue_split_is_seeded_and_bad_rows_are_named(tmp_path):
+    header = tsv("id", "qid1", "qid2", "question1", "question2", "is_duplicate")
+    good = [tsv(str(i), "1", "2", f"question {i}?", f"other {i}?", str(i % 2)) for i in range(20)]
+    write(tmp_path / "train.tsv", [header] + good + ["21\t1\t2\tbroken line"])  # QQP ships a few of these
+    write(tmp_path / "dev.tsv", [header] + good[:4])
+    a, b = read_glue("qqp", tmp_path, seed=1), read_glue("QQP", tmp_path, seed=1)
+    assert [e.text for e in a.val] == [e.text for e in b.val] and len(a.val) == 2 and len(a.train) == 18
+    assert a.notes == ["1 train row(s) with missing fields skipped"]
+    assert {e.text for e in read_glue("qqp", tmp_path, seed=2).val} != {e.text for e in a.val}
+
+    write(tmp_path / "dev.tsv", [header, tsv("9", "1", "2", "q?", "r?", "maybe")])
+    with pytest.raises(DataError, match=r"dev.tsv, line 2: label 'maybe'"):
+        read_glue("qqp", tmp_path)
+    write(tmp_path / "dev.tsv", [tsv("id", "question1", "is_duplicate")])
+    with pytest.raises(DataError, match="no column 'question2'"):
+        read_glue("qqp", tmp_path)
+    with pytest.raises(ConfigError, match="unknown GLUE task"):
+        read_glue("squad", tmp_path)
+    (tmp_path / "rte").mkdir()
+    with pytest.raises(DataError, match="train.tsv does not exist"):
+        read_glue("rte", tmp_path / "rte")
+
+
+def test_generic_text_reader(tmp_path):
+    write(tmp_path / "train.csv", ["text,text2,label", "a,b,sport", '"x, y",z,tech', "c,d,sport"])
+    write(tmp_path / "val.tsv", ["text\ttext2\tlabel", "e\tf\ttech"])
+    write(tmp_path / "test.csv", ["text,text2,label", "g,h,sport"])
+    task = read_text_classification(tmp_path / "train.csv", tmp_path / "val.tsv", tmp_path / "test.csv")
+    assert task.label_names == ["sport", "tech"] and task.metrics == ("accuracy",)
+    assert [(e.text, e.text2, e.label) for e in task.train] == [("a", "b", 0), ("x, y", "z", 1), ("c", "d", 0)]
+    assert (task.val[0].text2, task.val[0].label) == ("f", 1)
+    write(tmp_path / "test.csv", ["text,text2,label", "g,h,politics"])
+    with pytest.raises(DataError, match=r"test.csv, line 2: label 'politics' is not in the label set"):
+        read_text_classification(tmp_path / "train.csv", tmp_path / "val.tsv", tmp_path / "test.csv")
+    write(tmp_path / "num.csv", ["text,label"] + [f"t{i},{v}" for i, v in enumerate((10, 2, 1, 2, 10))])
+    task = read_text_classification(tmp_path / "num.csv", None, tmp_path / "num.csv", val_fraction=0.4)
+    assert task.label_names == ["1", "2", "10"] and len(task.val) == 2 and task.test[0].label == 2
+
+
+# --------------------------------------------------------------------------- pairs and VQA targets
+
+
+def test_pair_encoding_matches_bert(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(default_tokenizer_file()))
+    a = ["The cat sat on the mat.", "short", "word " * 40]
+    b = ["A cat is sitting.", "a much longer second sentence than the first one", "other " * 40]
+    enc = encode_pairs(tokenizer, a, b, max_length=24)
+    want = ref(a, b, truncation="longest_first", max_length=24, padding="longest", return_tensors="pt",
+               return_token_type_ids=True)
+    assert torch.equal(enc.input_ids, want["input_ids"])
+    assert torch.equal(enc.token_type_ids, want["token_type_ids"])
+    assert torch.equal(enc.attention_mask, want["attention_mask"])
+    ids = enc.input_ids[0][enc.attention_mask[0].bool()].tolist()
+    assert ids[0] == 101 and ids.count(102) == 2 and ids[-1] == 102
+    sep = ids.index(102)
+    assert enc.token_type_ids[0, : sep + 1].eq(0).all() and enc.token_type_ids[0, sep + 1: len(ids)].eq(1).all()
+    assert enc.input_ids.shape[1] == 24 and enc.input_ids[2].tolist().count(102) == 2  # truncation keeps both [SEP]
+    single = encode_pairs(tokenizer, ["The cat sat on the mat."])
+    assert torch.equal(single.input_ids, tokenizer(["The cat sat on the mat."]).input_ids)
+    assert single.token_type_ids.eq(0).all()
+    assert tokenizer.tok.truncation["max_length"] == 32  # the shared tokenizer is left as it was
+
+
+def test_vqa_soft_scores_and_vocabulary():
+    vocab = answer_vocabulary(["yes", "no", "2", "yes", "no", "yes", "red"], min_count=2)
+    assert vocab == ["yes", "no"]
+    vocab = answer_vocabulary(["b", "a", "c", "a", "b", "d"], max_answers=3)
+    assert vocab == ["a", "b", "c"]  # frequency, then alphabetical
+    index = {"a": 0, "b": 1, "c": 2}
+    humans = ["a"] * 2 + ["b"] * 4 + ["c"] + ["zzz"] * 3
+    assert vqa_soft_scores(humans, index) == {0: 2 / 3, 1: 1.0, 2: 1 / 3}
+    assert vqa_soft_scores(["a"], index) == {0: 1 / 3}  # one annotator of ten: VQAv2 rule
+    assert vqa_soft_scores(["zzz"], index) == {}
+
+
+def test_easy_vqa_task_splits_by_image():
+    task = easy_vqa_task(val_fraction=0.2, seed=0, limit=300)
+    assert (len(task.train), len(task.val), len(task.test)) == (300, 300, 300) and task.kind == "vqa"
+    assert not {e.image for e in task.train} & {e.image for e in task.val}
+    assert all(list(e.answers.values()) == [1.0] for e in task.train)
+    assert len(task.label_names) == 13 and task.label_names[0] in ("yes", "no")
+    again = easy_vqa_task(val_fraction=0.2, seed=0, limit=300)
+    assert [e.text for e in again.val] == [e.text for e in task.val]
+
+
+# --------------------------------------------------------------------------- multimodal readers
+
+
+def png(path, color=(255, 0, 0), size=20):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path)
+    return path
+
+
+def test_vqa_reader(tmp_path):
+    for split in ("train2014", "val2014"):
+        for i in range(4):
+            png(tmp_path / split / f"COCO_{split}_{i:012d}.jpg")
+        qs = [{"image_id": i, "question": f"q{i}?", "question_id": 10 * i + k} for i in range(4) for k in range(2)]
+        anns = [{"question_id": q["question_id"], "image_id": q["image_id"],
+                 "multiple_choice_answer": "yes" if q["question_id"] % 2 else "two",
+                 "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                             for j, a in enumerate(["yes"] * 5 + ["Two"] * 2 + ["no"] * 3)]} for q in qs]
+        (tmp_path / f"q_{split}.json").write_text(json.dumps({"data_subtype": split, "questions": qs}))
+        (tmp_path / f"a_{split}.json").write_text(json.dumps({"annotations": anns}))
+    args = [tmp_path / "q_train2014.json", tmp_path / "a_train2014.json", tmp_path / "train2014",
+            tmp_path / "q_val2014.json", tmp_path / "a_val2014.json", tmp_path / "val2014"]
+    task = read_vqa(*args, val_fraction=0.25, min_answer_count=1)
+    assert task.label_names == ["two", "yes"]  # 3 and 3 majority answers in train: ties alphabetical
+    assert (len(task.train), len(task.val), len(task.test)) == (6, 2, 8)
+    assert task.test[0].answers == {1: 1.0, 0: 2 / 3}  # "no" is not in the vocabulary
+    assert task.train[0].image.name.startswith("COCO_train2014_")
+    (tmp_path / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
+    with pytest.raises(DataError, match="2 image file"):  # two questions about the missing image
+        read_vqa(*args, val_fraction=0.25, min_answer_count=1)
+
+
+def test_snli_ve_and_hateful_memes_readers(tmp_path):
+    images = tmp_path / "flickr"
+    for i in range(3):
+        png(images / f"{100 + i}.jpg")
+    for name, labels in (("snli_ve_train.jsonl", ["entailment", "neutral", "-", "contradiction"]),
+                         ("snli_ve_dev.jsonl", ["neutral"]), ("snli_ve_test.jsonl", ["contradiction"])):
+        write(tmp_path / name, [json.dumps({"Flickr30K_ID": str(100 + i % 3), "sentence1": "premise",
+                                            "sentence2": f"hyp {i}", "gold_label": lab, "pairID": f"p{i}"})
+                                for i, lab in enumerate(labels)])
+    task = read_snli_ve(tmp_path, images)
+    assert [e.label for e in task.train] == [0, 1, 2] and task.train[2].text == "hyp 3"
+    assert task.train[0].image == images / "100.jpg" and task.notes == ["1 train row(s) without a gold label ('-') skipped"]
+    write(tmp_path / "snli_ve_dev.jsonl", [json.dumps({"Flickr30K_ID": "100", "sentence2": "h", "gold_label": "maybe"})])
+    with pytest.raises(DataError, match="snli_ve_dev.jsonl, line 1: gold_label 'maybe'"):
+        read_snli_ve(tmp_path, images)
+
+    hm = tmp_path / "hm"
+    for i in range(4):
+        png(hm / "img" / f"{i}.png")
+    rows = [json.dumps({"id": i, "img": f"img/{i}.png", "label": i % 2, "text": f"meme {i}"}) for i in range(4)]
+    for name in ("train.jsonl", "dev_seen.jsonl", "test_seen.jsonl"):
+        write(hm / name, rows)
+    task = read_hateful_memes(hm)
+    assert task.metrics == ("auroc", "accuracy") and task.test[3].label == 1 and task.test[3].text == "meme 3"
+    write(hm / "dev_seen.jsonl", rows[:1] + rows[2:3])  # only class 0: AUROC is undefined
+    with pytest.raises(DataError, match="AUROC needs both classes in the val split"):
+        read_hateful_memes(hm)
+    write(hm / "dev_seen.jsonl", rows)
+    (hm / "img" / "3.png").unlink()
+    with pytest.raises(DataError, match=r"3 image file\(s\) do not exist"):
+        read_hateful_memes(hm)
+
+
+# --------------------------------------------------------------------------- fine-tuning runs
+
+WORDS = "red green blue house tree river stone cloud paper window chair table music light road".split()
+
+
+def keyword_examples(n, seed, flip=False):
+    """Label 1 iff the text contains 'banana' (0 iff, with `flip`)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        words = list(rng.choice(WORDS, size=5))
+        label = i % 2
+        if label:
+            words[rng.integers(0, 5)] = "banana"
+        out.append(TextExample(" ".join(words), 1 - label if flip else label))
+    return out
+
+
+def keyword_task(n_train=128, flip_eval=False):
+    val = keyword_examples(64, 1, flip_eval)
+    return TextTask("keyword", keyword_examples(n_train, 0), val, val if flip_eval else keyword_examples(64, 2),
+                    ["absent", "present"], ("accuracy", "f1", "matthews_corrcoef"))
+
+
+def test_text_finetune_learns_and_leaves_the_model_alone(model, tokenizer):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng_before = torch.get_rng_state()
+    settings = FinetuneSettings(lr=1e-3, epochs=4, batch_size=16, seed=0)
+    seen = []
+    result = finetune_text(model, keyword_task(), settings, tokenizer, on_step=lambda *a: seen.append(a))
+    assert result.test_metrics["accuracy"] >= 0.9 and result.test_metrics["matthews_corrcoef"] > 0.8
+    assert result.steps == 32 == len(result.train_loss) and seen[-1][:2] == (32, 32)
+    assert result.eval_steps == [8, 16, 24, 32] and result.metric == "accuracy"
+    assert result.confusion.sum() == 64 and result.confusion.shape == (2, 2)
+    assert result.predictions.shape == (64,) and result.probabilities.shape == (64, 2)
+    assert np.trace(result.confusion) / 64 == pytest.approx(result.test_metrics["accuracy"])
+    # The caller's model, its mode and the global RNG are untouched.
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and not model.training
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    settings.max_steps = settings.eval_every = 3
+    once, again = (finetune_text(model, keyword_task(), settings, tokenizer) for _ in range(2))
+    assert once.train_loss == again.train_loss and once.eval_steps == [3]  # same seed, same run
+
+
+def test_best_validation_state_scores_the_test(model, tokenizer):
+    # Validation (= test) labels are the opposite of train's: the more the model learns, the
+    # worse validation gets, so the best state is an early one, not the final one.
+    settings = FinetuneSettings(lr=3e-3, epochs=4, batch_size=16, eval_every=2, warmup_fraction=0.0)
+    result = finetune_text(model, keyword_task(64, flip_eval=True), settings, tokenizer)
+    best = int(np.argmax(result.val_curve))
+    assert result.eval_steps == [2, 4, 6, 8, 10, 12, 14, 16]
+    assert result.best_step == result.eval_steps[best] and result.best_val == result.val_curve[best]
+    assert result.val_curve[-1] < result.best_val  # so restoring the best state matters
+    # Test data = validation data: scored with the restored state it gives the best value again.
+    assert result.test_metrics["accuracy"] == result.best_val
+    assert result.val_metrics[best]["accuracy"] == result.best_val
+
+
+def test_regression_head(model, tokenizer):
+    rng = np.random.default_rng(0)
+
+    def examples(n):
+        out = []
+        for _ in range(n):
+            k = int(rng.integers(0, 5))
+            out.append(TextExample(" ".join(["banana"] * k + list(rng.choice(WORDS, size=5 - k))), float(k)))
+        return out
+
+    task = TextTask("count", examples(96), examples(32), examples(32), [], ("pearson", "spearman"))
+    result = finetune_text(model, task, FinetuneSettings(lr=2e-3, epochs=4, batch_size=16), tokenizer)
+    assert result.test_metrics["pearson"] > 0.8 and result.confusion is None and result.probabilities is None
+    assert result.predictions.dtype == np.float64
+
+
+def colour_examples(n, seed, vqa=False):
+    """Label = the colour of a noisy image (red 0 / blue 1); the text says nothing about it."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        label = i % 2
+        arr = rng.integers(0, 60, (40, 40, 3)).astype(np.uint8)
+        arr[..., 0 if label == 0 else 2] += 180
+        image = Image.fromarray(arr)
+        text = f"what colour is the {rng.choice(WORDS)}?"
+        out.append(MultimodalExample(image, text, answers={label: 1.0}) if vqa else MultimodalExample(image, text, label))
+    return out
+
+
+def test_multimodal_frozen_and_full(model, tokenizer):
+    task = MultimodalTask("colour", colour_examples(64, 0), colour_examples(32, 1), colour_examples(32, 2),
+                          ["red", "blue"], ("auroc", "accuracy"))
+    frozen = finetune_multimodal(model, task, FinetuneSettings(lr=1e-3, epochs=3, batch_size=16,
+                                                                train_encoders=False), tokenizer)
+    assert frozen.test_metrics["auroc"] > 0.95 and frozen.test_metrics["accuracy"] > 0.85
+    assert frozen.feature_seconds > 0 and frozen.metric == "auroc"
+    # Frozen: the copied encoders kept the caller's weights.
+    sd = frozen.model.flava.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+    vqa = MultimodalTask("colour-vqa", colour_examples(64, 0, True), colour_examples(32, 1, True),
+                         colour_examples(32, 2, True), ["red", "blue", "green"], ("vqa_score",), "vqa")
+    full = finetune_multimodal(model, vqa, FinetuneSettings(lr=5e-4, epochs=3, batch_size=16), tokenizer)
+    assert full.test_metrics["vqa_score"] > 0.85 and full.confusion.shape == (3, 3)
+    assert full.train_loss[-1] < full.train_loss[0] and full.feature_seconds == 0
+    changed = full.model.flava.state_dict()
+    assert not torch.equal(changed["image_encoder.patch_embed.weight"], model.image_encoder.patch_embed.weight)
+    assert torch.equal(changed["image_projection.weight"], model.image_projection.weight)  # off the CLS_M path
+
+
+# --------------------------------------------------------------------------- errors before work
+
+
+def test_errors_before_training(model, tokenizer, tmp_path):
+    task = keyword_task(8)
+    s = FinetuneSettings(epochs=1)
+    for bad, match in ((FinetuneSettings(lr=0), "lr"), (FinetuneSettings(batch_size=0), "batch_size"),
+                       (FinetuneSettings(warmup_fraction=1.0), "warmup_fraction"),
+                       (FinetuneSettings(max_text_length=500), "max_text_length")):
+        with pytest.raises(ConfigError, match=match):
+            finetune_text(model, task, bad, tokenizer)
+    with pytest.raises(ConfigError, match="FlavaModel"):
+        finetune_text(model.text_encoder, task, s, tokenizer)
+    empty = TextTask("t", task.train, [], task.test, task.label_names, task.metrics)
+    with pytest.raises(DataError, match="empty val split"):
+        finetune_text(model, empty, s, tokenizer)
+    wrong = TextTask("t", task.train + [TextExample("x", 2)], task.val, task.test, task.label_names, task.metrics)
+    with pytest.raises(DataError, match=r"train example 8: label 2 is not a class index in \[0, 2\)"):
+        finetune_text(model, wrong, s, tokenizer)
+    with pytest.raises(ConfigError, match="a classification task but asks for pearson"):
+        finetune_text(model, TextTask("t", task.train, task.val, task.test, task.label_names, ("pearson",)), s,
+                      tokenizer)
+    examples = colour_examples(4, 0)
+    examples[1] = MultimodalExample(tmp_path / "nowhere.png", "q", 0)
+    mm = MultimodalTask("m", examples, examples, examples, ["red", "blue"], ("accuracy",))
+    with pytest.raises(DataError, match="nowhere.png"):
+        finetune_multimodal(model, mm, s, tokenizer)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    examples[1] = MultimodalExample(tmp_path / "broken.png", "q", 0)
+    with pytest.raises(DataError, match="broken.png: unreadable image"):
+        finetune_multimodal(model, mm, s, tokenizer)
