@@ -40,16 +40,18 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_like_one_process_with_the_global_batch(train_data, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_train_like_one_process_with_the_global_batch(train_data, tmp_path, mode):
     # AdamW with eps 1e-8 is blind to the gradient's scale and turns rounding noise in near-zero
     # gradients into whole steps of lr; eps 1e-4 makes small updates follow the gradient, so
     # the parameters check the gradients the processes averaged.
     steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4"]
-    two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps, torchrun=2)
+    two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
+              + ["--set", f"distributed={mode}"], torchrun=2)
     one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
     out = finish(two)
     finish(one)
-    assert "x 2 processes (ddp)" in out
+    assert f"x 2 processes ({mode})" in out
     a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
     assert [r["kind"] for r in a] == [r["kind"] for r in b] == ["pairs", "images", "text", "pairs"]
     for x, y in zip(a, b):

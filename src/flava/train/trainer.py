@@ -162,17 +162,33 @@ class Trainer:
         if self.cfg.distributed == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for block in self.model.modules():
-                if isinstance(block, Block):
-                    fully_shard(block)
-            fully_shard(self.model.model)
-            fully_shard(self.model.heads)
+            # Blocks, then what holds the rest; FlavaModel itself is not sharded because FSDP
+            # cannot shard the scalar logit scale, whose gradient `_sync_replicated` averages.
+            for m in list(self.model.modules()):
+                if isinstance(m, Block):
+                    fully_shard(m)
+            # Units must be modules whose forward is called (the heads are called one by one).
+            for m in [*self.model.model.children(), *self.model.heads.children()]:
+                fully_shard(m)
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
         # Each step trains one data kind, so every step leaves some parameters unused.
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+
+    def _sync_replicated(self) -> None:
+        """FSDP reduces the gradients of the parameters it shards; average the others'."""
+        if self.world == 1 or self.cfg.distributed != "fsdp":
+            return
+        from torch.distributed.tensor import DTensor
+
+        # A step trains one data kind on every process, so all agree on which grads are None
+        # (and None must stay None: AdamW skips such a parameter instead of applying momentum).
+        for p in self.model.parameters():
+            if p.grad is not None and not isinstance(p, DTensor):
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
 
     def _no_sync(self):
         """Skip the gradient all-reduce (accumulation micro-batches before the last)."""
@@ -352,6 +368,7 @@ class Trainer:
             names = list(named)
             values = torch.stack([out.losses.total.detach().float(), *(v.detach().float() for v in named.values())])
             sums = values / accum if sums is None else sums + values / accum
+        self._sync_replicated()
         if self.world > 1:
             dist.all_reduce(sums)
             sums /= self.world
