@@ -1,0 +1,118 @@
+"""Start encoders from other checkpoints: an earlier unimodal stage, a transformers FLAVA, a ViT.
+
+The paper starts the image encoder from DINO ViT-B/16; a staged run starts the joint stage
+from the `text-mlm` and `image-mim` stages. Each encoder comes with the projections that feed
+from it, so every FlavaModel weight belongs to one group (the logit scale to none):
+
+- image: `image_encoder.*` and `image_projection` (contrastive);
+- text: `text_encoder.*` and `text_projection` (contrastive);
+- multimodal: `multimodal_encoder.*`, `image_to_mm_projection` and `text_to_mm_projection`.
+
+A ViT checkpoint gives the image encoder alone (see `interop.vit` for what it leaves fresh).
+Heads are not taken: a stage's MLM or MIM head belongs to that stage's objective.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..interop import vit
+from ..storage import CONFIG, Checkpoint, _read_json, read_checkpoint
+
+GROUPS = {
+    "image": ("image_encoder.", "image_projection."),
+    "text": ("text_encoder.", "text_projection."),
+    "multimodal": ("multimodal_encoder.", "image_to_mm_projection.", "text_to_mm_projection."),
+}
+# The encoder each unimodal stage trains (the others stay as the stage started them).
+_STAGE_TRAINS = {"text-mlm": "text", "image-mim": "image"}
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or the one a run directory's checkpoints/latest.json points to."""
+    from .trainer import LATEST
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if (p / CONFIG).is_file():
+        return p
+    for pointer in (p / "checkpoints" / LATEST, p / LATEST):
+        if pointer.is_file():
+            try:
+                target = pointer.parent / json.loads(pointer.read_text())["path"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{pointer} is damaged; name a checkpoints/step_N directory instead") from None
+            if not (target / CONFIG).is_file():
+                raise CheckpointError(f"{pointer} points to {target}, which is not a checkpoint")
+            return target
+    raise CheckpointError(
+        f"{p} is neither a checkpoint (no {CONFIG}) nor a run directory (no checkpoints/{LATEST}); name a "
+        f"checkpoints/step_N directory, a run directory, a transformers FLAVA or ViT directory"
+    )
+
+
+def _group_state(model, ckpt: Checkpoint, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    prefixes = GROUPS[name]
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    theirs = {k: v for k, v in ckpt.parts.get("model", {}).items() if k.startswith(prefixes)}
+    if not any(k.startswith(prefixes[0]) for k in theirs):
+        raise CheckpointError(f"cannot initialise the {name} encoder from {ckpt.path}: it holds no {name} encoder")
+    notes = []
+    ours_cfg, their_cfg = getattr(model.config, name), getattr(ckpt.config, name)
+    if name == "image" and their_cfg.grid_size != ours_cfg.grid_size and their_cfg.patch_size == ours_cfg.patch_size:
+        key = "image_encoder.pos_embed"
+        if key in theirs:
+            theirs[key] = vit.resize_pos_embed(theirs[key], ours_cfg.grid_size)
+            notes.append(f"position embeddings resized from {their_cfg.grid_size}x{their_cfg.grid_size} to "
+                         f"{ours_cfg.grid_size}x{ours_cfg.grid_size} patches")
+    vit.check_fit(name, theirs, own, their_cfg, ours_cfg, ckpt.path)
+    stage = (ckpt.extra.get("train") or {}).get("stage")
+    if _STAGE_TRAINS.get(stage, name) != name:
+        notes.append(f"beware: it was written by a {stage} stage, which does not train the {name} encoder")
+    return theirs, notes
+
+
+def initialise_encoders(pretraining_model, image: str = "", text: str = "", multimodal: str = "") -> dict[str, str]:
+    """Replace the named encoders' weights (in place) by those of the given checkpoints.
+
+    Each source is one of our checkpoints (checkpoints/step_N, or a run directory whose
+    checkpoints/latest.json points to one), a transformers FLAVA directory, or, for the image
+    encoder only, a transformers ViT directory. Every source is read and checked before any
+    weight changes. Returns, per initialised encoder, what was loaded from where (for the log).
+    """
+    model = pretraining_model.model
+    wanted = {name: src for name, src in (("image", image), ("text", text), ("multimodal", multimodal)) if src}
+    read: dict[Path, Checkpoint | vit.VitCheckpoint] = {}
+    updates: dict[str, torch.Tensor] = {}
+    described = {}
+    for name, src in wanted.items():
+        path = resolve(src)
+        if path not in read:
+            is_vit = vit.is_vit_config(_read_json(path / CONFIG))
+            read[path] = vit.read_vit(path) if is_vit else read_checkpoint(path)
+        ckpt = read[path]
+        if isinstance(ckpt, vit.VitCheckpoint):
+            if name != "image":
+                raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a ViT checkpoint holds "
+                                      f"an image encoder only")
+            own = {k.removeprefix("image_encoder."): v for k, v in model.state_dict().items()
+                   if k.startswith("image_encoder.")}
+            sd, notes = vit.vit_image_state(ckpt, model.config.image, own)
+            updates.update({"image_encoder." + k: v for k, v in sd.items()})
+            what = f"image encoder from the ViT {path}"
+        else:
+            sd, notes = _group_state(model, ckpt, name)
+            updates.update(sd)
+            kind = "flava checkpoint" if ckpt.source == "flava" else "transformers FLAVA checkpoint"
+            what = f"{name} encoder and {', '.join(p.rstrip('.') for p in GROUPS[name][1:])} from the {kind} {path}"
+        described[name] = what + (f" ({'; '.join(notes)})" if notes else "")
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in updates.items():
+            own[key].copy_(value)
+    return described
