@@ -1,16 +1,26 @@
-"""Encoders started from other checkpoints (our stages, transformers FLAVA, transformers ViT)."""
+"""Encoders started from other checkpoints (our stages, transformers FLAVA, transformers ViT), and
+parquet / `datasets.save_to_disk` directories as data sources."""
 
 import dataclasses
+import io
 import json
+import pickle
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
 from conftest import hf_config, randomize_
+from PIL import Image
 
 import flava
 from flava.config import FlavaConfig
-from flava.errors import CheckpointError
+from flava.data.hf import hf_images, hf_pairs, hf_text, is_hf_spec
+from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+from flava.data.sources import BadSample, ImageRecord, PairRecord, open_image
+from flava.errors import CheckpointError, DataError
 from flava.interop.hf import config_from_hf
 from flava.interop.vit import image_config_from_vit, load_vit, read_vit
 from flava.model.encoders import ImageEncoder
@@ -203,3 +213,162 @@ def test_checkpoints_that_do_not_fit_are_refused_before_anything_changes(tmp_pat
         initialise_encoders(fresh, image=str(tmp_path / "nowhere"))
     # The good image checkpoint named beside the bad text one was not applied either.
     assert all(torch.equal(v, before[k]) for k, v in fresh.model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- parquet / save_to_disk data
+
+SPEC = SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+
+def png(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def pair_table(n: int = 10) -> tuple[pa.Table, list]:
+    """n good rows, then a corrupt image, an empty caption and a null caption."""
+    images = [{"bytes": png(i), "path": f"{i}.png"} for i in range(n)]
+    captions = [f"a picture number {i}" for i in range(n)]
+    images += [{"bytes": png(99)[:50], "path": "cut.png"}, {"bytes": png(100), "path": None},
+               {"bytes": png(101), "path": None}]
+    captions += ["truncated image", "   ", None]
+    return pa.table({"jpg": pa.array(images, IMAGE_TYPE), "txt": pa.array(captions, pa.string()),
+                     "id": list(range(len(captions)))}), images
+
+
+def test_parquet_pairs_records_decoding_and_bad_samples(tmp_path):
+    table, images = pair_table()
+    pq.write_table(table, tmp_path / "pairs.parquet", row_group_size=4)  # 4 row groups
+    src = hf_pairs(str(tmp_path / "pairs.parquet"))
+    assert src.kind == "pairs" and len(src) == 13 and not src.rejected
+    assert all(isinstance(r, PairRecord) for r in src.records)
+    assert [r.caption for r in src.records[9:]] == ["a picture number 9", "truncated image", "   ", ""]
+    for i in np.random.default_rng(0).permutation(10):  # random access across row groups
+        assert np.array_equal(np.asarray(open_image(src.records[i].image)), pixels(images[i]["bytes"])), i
+    with pytest.raises(BadSample, match="unreadable image"):
+        open_image(src.records[10].image)
+
+    records = pickle.loads(pickle.dumps(src.records))  # loader workers receive records this way
+    assert np.array_equal(np.asarray(open_image(records[3].image)), pixels(images[3]["bytes"]))
+
+    s = BatchStream("pairs", src, SampleMaker(SPEC, seed=0), batch_size=4, seed=1)
+    batches = [s.next_batch() for _ in range(5)]  # 20 samples: two epochs of 10 good records
+    assert all(len(b) == 4 for b in batches)
+    assert set(s.skipped) == {"unreadable image", "empty caption"}
+    assert s.skipped["unreadable image"] in (1, 2) and s.skipped["empty caption"] in (2, 3, 4)
+    assert sum(s.skipped.values()) == s.position - 20
+
+
+def test_parquet_directories_globs_column_options_and_errors(tmp_path):
+    table, _ = pair_table()
+    (tmp_path / "dir").mkdir()
+    pq.write_table(table.slice(0, 6), tmp_path / "dir" / "train-0.parquet")
+    pq.write_table(table.slice(6), tmp_path / "dir" / "train-1.parquet")
+    renamed = table.rename_columns(["picture", "words", "id"])
+    pq.write_table(renamed, tmp_path / "renamed.parquet")
+
+    assert len(hf_pairs(str(tmp_path / "dir"))) == 13
+    glob_src = hf_pairs(str(tmp_path / "dir" / "train-?.parquet"))
+    assert [r.caption for r in glob_src.records] == [r.caption for r in hf_pairs(str(tmp_path / "dir")).records]
+    by_query = hf_pairs(str(tmp_path / "renamed.parquet") + "?image=picture&caption=words")
+    by_keyword = hf_pairs(str(tmp_path / "renamed.parquet"), image_column="picture", caption_column="words")
+    assert [r.caption for r in by_query.records] == [r.caption for r in by_keyword.records] == \
+        [r.caption for r in glob_src.records]
+    texts = hf_text(str(tmp_path / "renamed.parquet?text=words"))
+    assert texts.records[:2] == ["a picture number 0", "a picture number 1"] and texts.records[-1] == ""
+
+    with pytest.raises(DataError, match=r"no image column \(image / img / jpg / png\); its columns are "
+                                        r"picture, words, id: name one with \?image=COLUMN"):
+        hf_pairs(str(tmp_path / "renamed.parquet"))
+    with pytest.raises(DataError, match="has no column 'photo'; its columns are picture, words, id"):
+        hf_pairs(str(tmp_path / "renamed.parquet?image=photo&caption=words"))
+    with pytest.raises(DataError, match="column 'id' holds int64; the caption must be a string"):
+        hf_pairs(str(tmp_path / "renamed.parquet?image=picture&caption=id"))
+    with pytest.raises(DataError, match="'label' is not a column option for pairs"):
+        hf_pairs(str(tmp_path / "renamed.parquet?label=id"))
+    with pytest.raises(DataError, match="no parquet files or datasets directory match"):
+        hf_pairs(str(tmp_path / "nothing-*.parquet"))
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    with pytest.raises(DataError, match="holds no rows"):
+        hf_pairs(str(tmp_path / "empty.parquet"))
+    (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="could not be read as a parquet file"):
+        hf_pairs(str(tmp_path / "fake.parquet"))
+
+
+def write_save_to_disk(directory, table: pa.Table, features: dict, files: int = 2, batch: int = 2) -> None:
+    """The layout `Dataset.save_to_disk` writes: Arrow stream shards, state.json, dataset_info.json."""
+    directory.mkdir(parents=True)
+    step = -(-table.num_rows // files)
+    names = []
+    for i in range(files):
+        name = f"data-{i:05d}-of-{files:05d}.arrow"
+        with pa.OSFile(str(directory / name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.slice(i * step, step), max_chunksize=batch)
+        names.append(name)
+    (directory / "state.json").write_text(json.dumps({
+        "_data_files": [{"filename": n} for n in names], "_fingerprint": "0123456789abcdef",
+        "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+        "_split": directory.name}))
+    (directory / "dataset_info.json").write_text(json.dumps({"citation": "", "description": "",
+                                                             "features": features, "homepage": "", "license": ""}))
+
+
+def test_save_to_disk_dataset_dict_images_paths_and_text(tmp_path):
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "0.png").write_bytes(png(0))
+    images = [{"bytes": png(i), "path": None} for i in range(7)]
+    images[2] = {"bytes": None, "path": "../../files/0.png"}  # relative to the split directory
+    images[3] = {"bytes": None, "path": "nowhere.png"}
+    images[4] = None
+    labels = [0, 1, 2, 0, 1, None, 2]
+    table = pa.table({"image": pa.array(images, IMAGE_TYPE), "label": pa.array(labels, pa.int64()),
+                      "text": [f"sentence {i}" for i in range(6)] + [None]})
+    features = {"image": {"_type": "Image"}, "label": {"names": ["cat", "dog", "fish"], "_type": "ClassLabel"},
+                "text": {"dtype": "string", "_type": "Value"}}
+    root = tmp_path / "ds"
+    write_save_to_disk(root / "train", table, features)
+    write_save_to_disk(root / "test", table.slice(0, 3), features, files=1)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+
+    assert all(is_hf_spec(s) for s in (str(root), f"{root}:train", f"{root}:train?image=image", str(root / "train"),
+                                       "x/*.parquet", "x.parquet?caption=txt"))
+    assert not any(is_hf_spec(s) for s in ("pairs.csv", "shards/*.tar", str(tmp_path / "files")))
+    with pytest.raises(DataError, match=r"holds the splits train, test; name one, e.g. .*ds:train"):
+        hf_images(str(root))
+    with pytest.raises(DataError, match="has no split 'valid'; it holds train, test"):
+        hf_images(f"{root}:valid")
+
+    src = hf_images(f"{root}:train")
+    assert len(src) == 7 and src.classes == ["cat", "dog", "fish"]
+    assert all(isinstance(r, ImageRecord) for r in src.records)
+    assert [r.label for r in src.records] == [0, 1, 2, 0, 1, -1, 2]
+    assert np.array_equal(np.asarray(open_image(src.records[6].image)), pixels(png(6)))
+    assert np.array_equal(np.asarray(open_image(src.records[2].image)), pixels(png(0)))
+    for bad in (3, 4):
+        with pytest.raises(BadSample, match="missing image file"):
+            open_image(src.records[bad].image)
+    assert len(hf_images(f"{root}:test")) == 3
+
+    s = BatchStream("images", src, SampleMaker(SPEC, seed=0), batch_size=2, seed=1)
+    for _ in range(5):
+        assert s.next_batch().pixel_values.shape == (2, 3, 32, 32)
+    assert set(s.skipped) == {"missing image file"}
+
+    text = hf_text(f"{root}:train")
+    assert text.records == [f"sentence {i}" for i in range(6)] + [""]
+    t = BatchStream("text", text, SampleMaker(SPEC, seed=0), batch_size=3, seed=1)
+    for _ in range(3):
+        t.next_batch()
+    assert set(t.skipped) == {"empty text"}
+
+    (root / "train" / "data-00001-of-00002.arrow").unlink()
+    with pytest.raises(DataError, match="data file 'data-00001-of-00002.arrow' listed in state.json is missing"):
+        hf_images(f"{root}:train")

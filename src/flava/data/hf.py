@@ -1,0 +1,340 @@
+"""Parquet files and Hugging Face `datasets` directories as data sources, read with pyarrow alone.
+
+A spec is `PATH[:SPLIT][?KEY=COLUMN&...]`:
+
+- PATH: a .parquet file, a directory of .parquet files (not searched recursively), a glob
+  ending in .parquet, or a directory written by `Dataset.save_to_disk` (state.json + Arrow
+  stream files) or `DatasetDict.save_to_disk` (dataset_dict.json + one sub-directory a split);
+- SPLIT: the split of a DatasetDict directory, needed when it holds more than one;
+- KEY=COLUMN: which column plays which part: `image` and `caption` (pairs), `image` and `label`
+  (images), `text` (text). Without them the first present of image/img/jpg/png and
+  caption/text/sentence/txt is taken, `label` when present, and `text`. The same names can be
+  given as keyword arguments. Example: `cc3m:train?image=jpg&caption=txt`.
+
+Image cells may be Hugging Face Image structs {bytes, path}, plain binary, or a path string;
+a path relative to the file that holds it is resolved against that file's directory. Captions,
+labels and texts are read when the source is built (one column each, small); images stay on
+disk as (file, row group or record batch, row) references and are read when used, through a
+small per-process cache of the last decoded batches. Parquet is decoded a whole row group at a
+time, so image parquet should be written with small row groups (`datasets` uses 100 rows).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import DataError
+from .sources import ImageRecord, PairRecord, Source
+
+IMAGE_COLUMNS = ("image", "img", "jpg", "png")
+CAPTION_COLUMNS = ("caption", "text", "sentence", "txt")
+_KEYS = {"pairs": ("image", "caption"), "images": ("image", "label"), "text": ("text",)}
+
+
+# --------------------------------------------------------------------------- the spec
+
+
+@dataclass(frozen=True)
+class _Spec:
+    text: str
+    path: str
+    split: str | None
+    columns: dict
+
+
+def _split_query(spec: str) -> tuple[str, str]:
+    # `?` is also a glob wildcard: a suffix counts as column options only when it holds a `=`.
+    head, sep, query = spec.rpartition("?")
+    return (head, query) if sep and "=" in query else (spec, "")
+
+
+def _split_split(path: str) -> tuple[str, str | None]:
+    if Path(path).exists() or ":" not in path:
+        return path, None
+    head, _, split = path.rpartition(":")
+    if split and "/" not in split and Path(head).is_dir():
+        return head, split
+    return path, None
+
+
+def _parse(spec: str, kind: str, overrides: dict[str, str | None]) -> _Spec:
+    rest, query = _split_query(spec)
+    path, split = _split_split(rest)
+    columns: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key or not value:
+            raise DataError(f"{spec}: column option {item!r} must look like key=column")
+        columns[key] = value
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if columns.get(key, value) != value:
+            raise DataError(f"{spec}: the {key} column is named twice ({columns[key]!r} and {value!r})")
+        columns[key] = value
+    unknown = [k for k in columns if k not in _KEYS[kind]]
+    if unknown:
+        raise DataError(f"{spec}: {unknown[0]!r} is not a column option for {kind}; "
+                        f"use {', '.join(_KEYS[kind])}")
+    return _Spec(spec, path, split, columns)
+
+
+def is_hf_spec(spec: str) -> bool:
+    """Whether `spec` names parquet data or a `save_to_disk` directory (so hf_* should read it)."""
+    path, _ = _split_split(_split_query(str(spec))[0])
+    if path.lower().endswith(".parquet"):
+        return True
+    p = Path(path)
+    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
+                           or any(p.glob("*.parquet")))
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One data file: parquet (read by row group) or an Arrow IPC stream (read by record batch)."""
+
+    path: str
+    format: str
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_batches(path: str) -> list[pa.RecordBatch]:
+    # Memory-mapped and zero-copy, as `datasets` reads them: only the pages used are loaded.
+    with pa.ipc.open_stream(pa.memory_map(path)) as reader:
+        return list(reader)
+
+
+@functools.lru_cache(maxsize=4)
+def _parquet_unit(path: str, unit: int, column: str) -> pa.Array:
+    return pq.ParquetFile(path).read_row_group(unit, columns=[column]).column(0).combine_chunks()
+
+
+def _unit(shard: _Shard, unit: int, column: str) -> pa.Array:
+    if shard.format == "arrow":
+        return _arrow_batches(shard.path)[unit].column(column)
+    return _parquet_unit(shard.path, unit, column)
+
+
+def _open(shard: _Shard) -> tuple[pa.Schema, list[int]]:
+    """Schema and rows per unit, read without decoding any data."""
+    try:
+        if shard.format == "arrow":
+            batches = _arrow_batches(shard.path)
+            if not batches:
+                with pa.ipc.open_stream(pa.memory_map(shard.path)) as reader:
+                    return reader.schema, []
+            return batches[0].schema, [b.num_rows for b in batches]
+        meta = pq.ParquetFile(shard.path).metadata
+        return meta.schema.to_arrow_schema(), [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    except (pa.ArrowException, OSError) as e:
+        what = "an Arrow stream file" if shard.format == "arrow" else "a parquet file"
+        raise DataError(f"{shard.path} could not be read as {what} ({e})") from None
+
+
+def _column(shard: _Shard, column: str) -> list:
+    """A whole (small) column as Python values."""
+    try:
+        if shard.format == "arrow":
+            return [v for b in _arrow_batches(shard.path) for v in b.column(column).to_pylist()]
+        return pq.read_table(shard.path, columns=[column]).column(0).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{shard.path}: column {column!r} could not be read ({e}); the file is damaged") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} could not be read ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _shards(spec: _Spec) -> tuple[list[_Shard], dict]:
+    """The data files of a spec, in order, and the `datasets` features when recorded."""
+    p = Path(spec.path)
+    if p.is_dir() and (p / "dataset_dict.json").is_file():
+        splits = [str(s) for s in _read_json(p / "dataset_dict.json").get("splits", [])]
+        split = spec.split
+        if split is None:
+            if len(splits) != 1:
+                raise DataError(f"{p} holds the splits {', '.join(splits) or '(none)'}; name one, e.g. "
+                                f"{p}:{splits[0] if splits else 'train'}")
+            split = splits[0]
+        elif split not in splits:
+            raise DataError(f"{p} has no split {split!r}; it holds {', '.join(splits)}")
+        p = p / split
+        if not (p / "state.json").is_file():
+            raise DataError(f"{p} (split {split!r}) has no state.json; the dataset directory is incomplete")
+    elif spec.split is not None:
+        raise DataError(f"{spec.text}: a split applies only to a DatasetDict directory (one with dataset_dict.json)")
+
+    if p.is_dir() and (p / "state.json").is_file():
+        state = _read_json(p / "state.json")
+        if state.get("_indices_data_files"):
+            raise DataError(f"{p} keeps an indices mapping (an old `datasets` layout); load it with `datasets` "
+                            f"and save it again after flatten_indices()")
+        names = [f.get("filename") for f in state.get("_data_files", []) if isinstance(f, dict)]
+        for name in names:
+            if not name or not (p / name).is_file():
+                raise DataError(f"{p}: data file {name!r} listed in state.json is missing")
+        info = p / "dataset_info.json"
+        features = (_read_json(info).get("features") or {}) if info.is_file() else {}
+        return [_Shard(str(p / n), "arrow") for n in names], features
+
+    if p.is_dir():
+        files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+    elif p.is_file():
+        files = [p]
+    else:
+        files = sorted(Path(m) for m in glob.glob(spec.path, recursive=True) if Path(m).is_file())
+    if not files:
+        raise DataError(f"no parquet files or datasets directory match {spec.path}")
+    return [_Shard(str(f), "parquet") for f in files], {}
+
+
+def _hf_features(schema: pa.Schema) -> dict:
+    raw = (schema.metadata or {}).get(b"huggingface")
+    try:
+        return (json.loads(raw).get("info", {}).get("features") or {}) if raw else {}
+    except (json.JSONDecodeError, AttributeError):
+        return {}
+
+
+# --------------------------------------------------------------------------- image cells
+
+
+@dataclass(frozen=True)
+class ArrowImage:
+    """One image cell, read when the image is used. It offers `exists` and `read_bytes` like a
+    Path, which is what `sources.open_image` asks of an image file."""
+
+    shard: _Shard
+    column: str
+    unit: int
+    row: int
+
+    def _cell(self) -> tuple[bytes | None, Path | None]:
+        value = _unit(self.shard, self.unit, self.column)[self.row].as_py()
+        if isinstance(value, dict):  # the `datasets` Image struct
+            data, path = value.get("bytes"), value.get("path")
+        elif isinstance(value, str):
+            data, path = None, value
+        else:
+            data, path = value, None
+        if data is not None:
+            return data, None
+        if path:
+            return None, Path(self.shard.path).parent / path  # an absolute path stays itself
+        return None, None
+
+    def exists(self) -> bool:
+        data, path = self._cell()
+        return data is not None or (path is not None and path.is_file())
+
+    def read_bytes(self) -> bytes:
+        data, path = self._cell()
+        return data if data is not None else path.read_bytes()
+
+
+def _is_image_type(t: pa.DataType) -> bool:
+    if pa.types.is_struct(t):
+        names = {t.field(i).name for i in range(t.num_fields)}
+        return bool(names & {"bytes", "path"})
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t) or \
+        pa.types.is_large_string(t)
+
+
+def _is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+_CHECKS = {
+    "image": (_is_image_type, "an image struct {bytes, path}, binary or a path string"),
+    "caption": (_is_text_type, "a string"),
+    "text": (_is_text_type, "a string"),
+    "label": (pa.types.is_integer, "an integer class index"),
+}
+
+
+def _resolve_columns(spec: _Spec, kind: str, schema: pa.Schema, where: str) -> dict[str, str]:
+    """Part -> column name, from the spec or the default names; each checked for its type."""
+    names = schema.names
+    defaults = {"image": IMAGE_COLUMNS, "caption": CAPTION_COLUMNS, "text": ("text",), "label": ("label",)}
+    out = {}
+    for part in _KEYS[kind]:
+        name = spec.columns.get(part) or next((c for c in defaults[part] if c in names), None)
+        if name is None:
+            if part == "label":
+                continue  # optional: unlabelled images
+            raise DataError(f"{where} has no {part} column ({' / '.join(defaults[part])}); its columns are "
+                            f"{', '.join(names)}: name one with ?{part}=COLUMN")
+        if name not in names:
+            raise DataError(f"{where} has no column {name!r}; its columns are {', '.join(names)}")
+        ok, wanted = _CHECKS[part]
+        if not ok(schema.field(name).type):
+            raise DataError(f"{where}: column {name!r} holds {schema.field(name).type}; the {part} must be {wanted}")
+        out[part] = name
+    return out
+
+
+def _build(spec: _Spec, kind: str) -> Source:
+    shards, features = _shards(spec)
+    columns: dict[str, str] | None = None
+    records: list = []
+    for shard in shards:
+        schema, unit_rows = _open(shard)
+        if columns is None:
+            columns = _resolve_columns(spec, kind, schema, shard.path)
+            features = features or _hf_features(schema)
+        else:
+            # Every file must hold the columns the first one was read by.
+            _resolve_columns(_Spec(spec.text, spec.path, spec.split, columns), kind, schema, shard.path)
+        if kind == "text":
+            records += [t or "" for t in _column(shard, columns["text"])]
+            continue
+        refs = [ArrowImage(shard, columns["image"], u, r) for u, n in enumerate(unit_rows) for r in range(n)]
+        if kind == "pairs":
+            # A missing caption becomes "", which the pipeline skips as "empty caption".
+            records += [PairRecord(ref, c or "") for ref, c in zip(refs, _column(shard, columns["caption"]))]
+        else:
+            labels = _column(shard, columns["label"]) if "label" in columns else [None] * len(refs)
+            records += [ImageRecord(ref, -1 if y is None else int(y)) for ref, y in zip(refs, labels)]
+    if not records:
+        raise DataError(f"{spec.text} holds no rows")
+    classes = []
+    if kind == "images" and columns and "label" in columns:
+        names = (features.get(columns["label"]) or {}).get("names") if isinstance(features, dict) else None
+        classes = [str(n) for n in names] if isinstance(names, list) else []
+    return Source(kind, records, spec.text, Counter(), classes=classes)
+
+
+def hf_pairs(spec: str, image_column: str | None = None, caption_column: str | None = None) -> Source:
+    """Image-text pairs from parquet or a `save_to_disk` directory (see the module docstring)."""
+    return _build(_parse(spec, "pairs", {"image": image_column, "caption": caption_column}), "pairs")
+
+
+def hf_images(spec: str, image_column: str | None = None, label_column: str | None = None) -> Source:
+    """Images (with integer labels when a label column exists; -1 where a label is null). The
+    class names come from the `datasets` ClassLabel feature when the files record it."""
+    return _build(_parse(spec, "images", {"image": image_column, "label": label_column}), "images")
+
+
+def hf_text(spec: str, text_column: str | None = None) -> Source:
+    """Texts, one per row; null texts become "" and are skipped by the pipeline as "empty text"."""
+    return _build(_parse(spec, "text", {"text": text_column}), "text")
