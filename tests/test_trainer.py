@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import flava
 from conftest import pretrain_args
@@ -88,3 +89,15 @@ def test_pretrain_command_line(data, tmp_path, capsys):
     assert "resumed from step 4" in capsys.readouterr().out
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 7))
+
+
+def test_stages_chain_through_encoder_initialisation(data, tmp_path):
+    text_stage = Trainer(config(data, stage="text-mlm", max_steps=2, save_every=2), tmp_path / "text")
+    text_stage.fit()
+    joint = Trainer(config(data, seed=1, init_text=str(tmp_path / "text")), tmp_path / "joint")
+    assert "text" in joint.initialised and "image" not in joint.initialised
+    trained = text_stage.model.model.text_encoder.state_dict()
+    for k, v in joint.model.model.text_encoder.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    assert not torch.equal(joint.model.model.image_encoder.patch_embed.weight,
+                           text_stage.model.model.image_encoder.patch_embed.weight)

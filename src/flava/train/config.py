@@ -12,12 +12,15 @@ class DataConfig:
     """Where the samples come from and how they are batched."""
 
     pairs: list = field(default_factory=list)
-    """Image-text pair sources: .csv/.tsv files (columns image, caption) or WebDataset .tar
-    shards (a file, a directory of shards or a glob). Empty: the packaged demo pairs."""
+    """Image-text pair sources: .csv/.tsv files (columns image, caption), WebDataset .tar shards
+    (a file, a directory of shards or a glob), parquet files, or a Hugging Face dataset saved to
+    disk (`DIR`, `DIR:train`, `DIR:train?image=jpg&caption=txt`). Empty: the packaged demo pairs."""
     images: list = field(default_factory=list)
-    """Image folders. Empty: the packaged demo images."""
+    """Image folders, parquet files or Hugging Face datasets on disk (`?image=col`). Empty: the
+    packaged demo images."""
     text: list = field(default_factory=list)
-    """.txt (a text per line) or .jsonl ("text" field) files. Empty: the packaged demo text."""
+    """.txt (a text per line) or .jsonl ("text" field) files, parquet files or Hugging Face
+    datasets on disk (`?text=col`). Empty: the packaged demo text."""
     mixing: list = field(default_factory=lambda: [0.70, 0.15, 0.15])
     """Probability that a step trains on pairs, images, text (paper Table A.2)."""
     batch_size: int = 32

@@ -71,6 +71,9 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list
     trainer = Trainer(cfg, output)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
+    else:
+        for what in trainer.initialised.values():
+            console.print(what)
     if rank == 0:
         write_json_atomic(output / "train_config.json", to_dict(cfg))
     sizes = ", ".join(f"{k} {len(s)}" for k, s in trainer.sources.items())

@@ -56,12 +56,20 @@ def step_kind(seed: int, step: int, kinds: tuple[str, ...], probs: np.ndarray) -
 
 
 def build_sources(cfg: TrainConfig, kinds: tuple[str, ...]):
-    from ..data import demo, sources
+    from ..data import demo, hf, sources
 
     def pairs(spec: str):
+        if hf.is_hf_spec(spec):
+            return hf.hf_pairs(spec)
         return sources.csv_pairs(spec) if spec.lower().endswith((".csv", ".tsv")) else sources.tar_pairs(spec)
 
-    makers = {"pairs": pairs, "images": sources.image_folder, "text": sources.text_file}
+    def images(spec: str):
+        return hf.hf_images(spec) if hf.is_hf_spec(spec) else sources.image_folder(spec)
+
+    def text(spec: str):
+        return hf.hf_text(spec) if hf.is_hf_spec(spec) else sources.text_file(spec)
+
+    makers = {"pairs": pairs, "images": images, "text": text}
     defaults = {"pairs": demo.easy_vqa_pairs, "images": demo.demo_image_source, "text": demo.bbc_news_text}
     out = {}
     for kind in kinds:
@@ -119,8 +127,15 @@ class Trainer:
             from ..pretraining import pretraining_from_checkpoint
 
             self.model, _ = pretraining_from_checkpoint(read_checkpoint(cfg.init), cfg.objectives, codebook)
+            cfg.model = self.model.config  # the data pipeline must match the checkpoint's model
         else:
             self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
+        self.initialised: dict[str, str] = {}
+        if cfg.init_image or cfg.init_text or cfg.init_multimodal:
+            from .init import initialise_encoders
+
+            self.initialised = initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
+                                                   multimodal=cfg.init_multimodal)
         if cfg.model.text.max_position_embeddings < cfg.data.max_text_length:
             raise ConfigError("data.max_text_length exceeds model.text.max_position_embeddings")
 
