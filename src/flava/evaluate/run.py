@@ -1,0 +1,93 @@
+"""`flava evaluate`: load a model, prepare a suite (every data error before any work), run it with
+progress bars, write the report and print the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..data.tokenizer import TextTokenizer
+from ..errors import CheckpointError
+from ..progress import progress_bar
+from .report import summary_rows, verdict, write_report
+from .suite import Suite, SuiteResult, load_suite, run_suite
+
+
+def untrained_like(model, seed: int = 0):
+    """A newly initialised model of the same configuration: the baseline pretraining must beat."""
+    from ..model import FlavaModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return FlavaModel(model.config).eval()
+
+
+def load_model(path: str | Path):
+    from ..storage import load
+
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"model {p} does not exist")
+    if p.is_dir() and (p / "checkpoints" / "latest.json").is_file():
+        import json
+
+        p = p / "checkpoints" / json.loads((p / "checkpoints" / "latest.json").read_text())["path"]
+    return load(p).eval(), p
+
+
+def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console: Console) -> list[SuiteResult]:
+    """Run `suite` on each (label, model, description) with one progress bar per task."""
+    first = models[0][1]
+    tokenizer = TextTokenizer(max_length=first.config.text.max_position_embeddings)
+    results = []
+    for label, model, description in models:
+        console.print(f"[bold]{label}[/]: {description}")
+        with progress_bar(console) as progress:
+            def on_task(task):
+                bar = progress.add_task(f"  {task.name}", total=None, info=task.size)
+
+                def update(done: int, total: int) -> None:
+                    progress.update(bar, completed=done, total=total)
+                return update
+
+            results.append(run_suite(suite, model, tokenizer, description, on_task))
+    return results
+
+
+def results_table(results: list[SuiteResult], labels: list[str], title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("score")
+    for label in labels:
+        table.add_column(label, justify="right")
+    if len(results) > 1:
+        table.add_column("pretraining", justify="center")
+    for task, key, values in summary_rows(results):
+        average = not key
+        cells = [f"[bold]{v:.2f}[/]" if average else f"{v:.2f}" for v in values]
+        v = verdict(values)
+        mark = {"better": "[green]better[/]", "worse": "[red]worse[/]", "same": "same"}.get(v, "")
+        table.add_row(f"[bold]{task}[/]" if average else task, key, *cells, *([mark] if len(results) > 1 else []),
+                      end_section=average and task.startswith("macro"))
+    return table
+
+
+def run_evaluate(model_path: str, suite_source: str, output: Path, console: Console,
+                 compare_untrained: bool = False) -> list[SuiteResult]:
+    model, resolved = load_model(model_path)
+    suite = load_suite(suite_source)
+    console.print(f"suite [bold]{suite.name}[/]: {len(suite.tasks)} tasks, data read and checked")
+    for task in suite.tasks:
+        console.print(f"  {task.kind:<20} {task.name:<34} {task.domain:<10} {task.size}")
+    models = [("model", model, str(resolved))]
+    if compare_untrained:
+        models.append(("untrained", untrained_like(model), "the same configuration, newly initialised"))
+    results = evaluate_models(models, suite, console)
+    labels = [m[0] for m in models]
+    md = write_report(results, output, labels)
+    console.print(results_table(results, labels, f"{suite.name} suite (percent, higher is better)"))
+    console.print(f"report: {md} and {output / 'report.json'}")
+    return results
