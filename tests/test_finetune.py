@@ -378,6 +378,21 @@ def test_multimodal_frozen_and_full(model, tokenizer):
     assert torch.equal(changed["image_projection.weight"], model.image_projection.weight)  # off the CLS_M path
 
 
+def test_image_cache_gives_the_eval_transform_exactly(tmp_path):
+    from flava.data.transforms import eval_transform
+    from flava.evaluate.finetune import _image_cache
+
+    examples = colour_examples(3, 0)
+    examples.append(MultimodalExample(png(tmp_path / "a.png", (10, 200, 30), size=50), "q", 0))
+    examples.append(MultimodalExample(tmp_path / "a.png", "same file again", 1))
+    images, (rows,) = _image_cache([examples], 32)
+    assert rows.tolist() == [0, 1, 2, 3, 3] and images.pixels.dtype == torch.uint8
+    pixels, inverse = images.batch(torch.tensor([3, 0, 3]))
+    assert inverse.tolist() == [1, 0, 1] and pixels.shape == (2, 3, 32, 32)
+    assert torch.equal(pixels[0], eval_transform(examples[0].image, 32))
+    assert torch.equal(pixels[1], eval_transform(Image.open(tmp_path / "a.png"), 32))
+
+
 # --------------------------------------------------------------------------- errors before work
 
 

@@ -3,7 +3,9 @@
 - Text tasks (GLUE and the like): a head on the text encoder's CLS state (after its final
   LayerNorm). The head is RoBERTa's classification head, since the paper fine-tunes GLUE "following
   the setup of RoBERTa": dropout → Linear(d, d) → tanh → dropout → Linear(d, classes), or one
-  output trained with MSE for regression (STS-B). Only the text encoder is copied and run.
+  output trained with MSE for regression (STS-B). Its dense + tanh is a BERT pooler of its own,
+  freshly initialised: no pretraining objective trains the encoder's `pooler`, so copying it would
+  only copy its initialisation. Only the text encoder is copied and run.
 - Image + text tasks (VQA, SNLI-VE, Hateful Memes): "a 2-layer classifier head with a hidden
   dimension of 1536 on top of h_CLS,M". The supplement names no layers beyond that; we follow
   ViLT's VQA head, whose hidden size is the same 2 × 768 = 1536 and which FLAVA's VQA loss also
@@ -342,7 +344,7 @@ def _image_cache(splits: list[list[MultimodalExample]], size: int) -> tuple[_Ima
     for examples in splits:
         idx = []
         for ex in examples:
-            key = id(ex.image) if isinstance(ex.image, Image.Image) else str(ex.image.resolve())
+            key = id(ex.image) if isinstance(ex.image, Image.Image) else ex.image
             if key not in keys:
                 keys[key] = len(refs)
                 refs.append(ex.image)
@@ -577,8 +579,8 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
         encoder = copy.deepcopy(model.text_encoder).eval()
-        encoder.pooler.requires_grad_(False)  # the head has its own dense layer
         encoder.requires_grad_(settings.train_encoders)
+        encoder.pooler.requires_grad_(False)  # unused: the head has its own dense + tanh
         head = TextHead(model.config.text.hidden_size, num_outputs, settings.head_dropout)
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),
