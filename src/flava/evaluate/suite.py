@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, FlavaError
 from . import metrics as M
 from .finetune import FinetuneResult, FinetuneSettings
 from .tasks import MultimodalTask, TextTask
@@ -518,7 +518,15 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     if not isinstance(tasks, list) or not tasks:
         raise ConfigError("the suite has no tasks (a non-empty list under 'tasks')")
     defaults = spec.get("settings", {})
-    prepared = [prepare_task(t, base, i, defaults) for i, t in enumerate(tasks)]
+    prepared = []
+    for i, t in enumerate(tasks):
+        try:
+            prepared.append(prepare_task(t, base, i, defaults))
+        except FlavaError as e:
+            if str(e).startswith(f"task {i + 1}"):
+                raise
+            name = f" ({t['name']})" if isinstance(t, dict) and isinstance(t.get("name"), str) else ""
+            raise type(e)(f"task {i + 1}{name}: {e}") from None
     names = [p.name for p in prepared]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:

@@ -1,0 +1,137 @@
+"""`flava evaluate`: suites are checked whole before any task runs; a small suite of every kind
+runs end to end into a report whose averages follow from its task scores."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import flava
+from flava.cli import main as cli
+from flava.config import preset
+from flava.evaluate.suite import load_suite
+
+
+@pytest.fixture(scope="module")
+def suite_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("suite")
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+    rows = ["image,caption"]
+    for split, n in (("train", 12), ("test", 6)):
+        for name, rgb in colours.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                arr = np.full((40, 40, 3), rgb, dtype=np.uint8)
+                arr[i % 30: i % 30 + 8, 5:13] = 255
+                Image.fromarray(arr).save(root / split / name / f"{i}.png")
+                if split == "test" and i < 3:
+                    rows.append(f"test/{name}/{i}.png,a {name} square number {i}")
+                    rows.append(f"test/{name}/{i}.png,{name} picture {i}")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    words = {"sport": "match goal team", "music": "song band album"}
+    for split, n in (("train", 20), ("val", 6), ("test", 8)):
+        lines = ["text,label"] + [f"the {words[c].split()[i % 3]} story {i},{c}" for c in words for i in range(n)]
+        (root / f"text_{split}.csv").write_text("\n".join(lines) + "\n")
+    cfg = preset("tiny")
+    flava.FlavaModel(cfg).save_pretrained(root / "model")
+    return root
+
+
+def write_suite(root, tasks, name="s.json"):
+    path = root / name
+    path.write_text(json.dumps({"name": "t", "tasks": tasks}))
+    return path
+
+
+TASKS = [
+    {"kind": "retrieval", "name": "pairs retrieval", "csv": "pairs.csv"},
+    {"kind": "zero-shot", "name": "colour zero-shot", "folder": "test", "templates": "short"},
+    {"kind": "linear-probe", "name": "colour probe", "modality": "image", "train": "train", "test": "test"},
+    {"kind": "linear-probe", "name": "topic probe", "modality": "text", "train": "text_train.csv",
+     "val": "text_val.csv", "test": "text_test.csv"},
+    {"kind": "finetune-text", "name": "topic fine-tune", "train": "text_train.csv", "val": "text_val.csv",
+     "test": "text_test.csv", "settings": {"epochs": 2, "batch_size": 8, "lr": 1e-3}},
+]
+
+
+def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
+    suite = write_suite(suite_dir, TASKS)
+    out = tmp_path / "report"
+    assert cli(["evaluate", "--model", str(suite_dir / "model"), "--suite", str(suite), "--output", str(out),
+                "--compare-untrained"]) == 0
+    printed = capsys.readouterr().out
+    assert "macro average" in printed and "colour probe" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"] == ["model", "untrained"]
+    res = report["results"][0]
+    assert [t["name"] for t in res["tasks"]] == [t["name"] for t in TASKS]
+    # Averages follow from the rows: domains over score rows, macro over domains.
+    for domain, avg in res["domain_averages"].items():
+        rows = [v for t in res["tasks"] if t["domain"] == domain for v in t["scores"].values()]
+        assert avg == pytest.approx(np.mean(rows))
+    assert res["macro_average"] == pytest.approx(np.mean(list(res["domain_averages"].values())))
+    retrieval = res["tasks"][0]
+    assert set(retrieval["scores"]) == {"TR R@1", "TR R@5", "IR R@1", "IR R@5"}
+    assert retrieval["scores"]["TR R@1"] == pytest.approx(100 * retrieval["metrics"]["image_to_text_R@1"])
+    probe = res["tasks"][2]
+    assert probe["scores"]["top-1"] > 90  # colour is linearly readable even from random features
+    for t in res["tasks"]:
+        for pic in t["pictures"]:
+            assert (out / pic).stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "| macro average |" in md and "![pairs retrieval]" in md
+
+
+@pytest.mark.parametrize("task, error", [
+    ({"kind": "retrieval", "data": "coco"}, "no packaged data set 'coco' for retrieval"),
+    ({"kind": "retrieval", "csv": "nowhere.csv"}, "does not exist"),
+    ({"kind": "linear-probe", "modality": "image", "data": "digits", "limt": 5}, "did you mean 'limit'"),
+    ({"kind": "linear-prob", "data": "digits"}, "did you mean 'linear-probe'"),
+    ({"kind": "linear-probe", "modality": "text", "train": "text_train.csv", "test": "bad_labels.csv"},
+     "labels \\['politics'\\] outside the training labels"),
+    ({"kind": "finetune-text", "train": "text_train.csv", "test": "empty.csv"}, "no rows|empty"),
+    ({"kind": "linear-probe", "modality": "image", "train": "train", "test": "extra_class"}, "outside the training"),
+    ({"kind": "finetune-text", "data": "bbc-news", "settings": {"epoch": 1}}, "epoch"),
+])
+def test_bad_suites_fail_before_any_work(suite_dir, tmp_path, capsys, task, error):
+    (suite_dir / "bad_labels.csv").write_text("text,label\na story,politics\n")
+    (suite_dir / "empty.csv").write_text("text,label\n")
+    if not (suite_dir / "extra_class" / "green").exists():
+        for name in ("red", "green"):
+            (suite_dir / "extra_class" / name).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(suite_dir / "extra_class" / name / "0.png")
+    # A good task first: the bad one must stop the suite before the good one runs.
+    suite = write_suite(suite_dir, [TASKS[2], task], name="bad.json")
+    out = tmp_path / "report"
+    assert cli(["evaluate", "--model", str(suite_dir / "model"), "--suite", str(suite), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flava evaluate: error: task 2") and len(err.strip().splitlines()) == 1, err
+    import re
+
+    assert re.search(error, err), err
+    assert not out.exists()
+
+
+def test_bad_model_or_suite_paths(suite_dir, tmp_path, capsys):
+    suite = write_suite(suite_dir, TASKS[:1])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    assert cli(["evaluate", "--model", str(tmp_path / "notes"), "--suite", str(suite), "--output",
+                str(tmp_path / "o")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert cli(["evaluate", "--model", str(suite_dir / "model"), "--suite", str(tmp_path / "none.json"),
+                "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text("{tasks: [")
+    with pytest.raises(flava.ConfigError, match="not valid JSON"):
+        load_suite(tmp_path / "broken.json")
+    with pytest.raises(flava.ConfigError, match="no tasks"):
+        load_suite({"name": "x", "tasks": []})
+
+
+def test_the_demo_suite_names_only_packaged_data():
+    suite = load_suite("demo")
+    kinds = {t.kind for t in suite.tasks}
+    assert kinds == {"retrieval", "zero-shot", "linear-probe", "finetune-text", "finetune-multimodal"}
+    assert {t.domain for t in suite.tasks} == {"vision", "language", "multimodal"}
