@@ -247,8 +247,10 @@ def test_snli_ve_and_hateful_memes_readers(tmp_path):
                                 for i, lab in enumerate(labels)])
     task = read_snli_ve(tmp_path, images)
     assert [e.label for e in task.train] == [0, 1, 2] and task.train[2].text == "hyp 3"
-    assert task.train[0].image == images / "100.jpg" and task.notes == ["1 train row(s) without a gold label ('-') skipped"]
-    write(tmp_path / "snli_ve_dev.jsonl", [json.dumps({"Flickr30K_ID": "100", "sentence2": "h", "gold_label": "maybe"})])
+    assert task.train[0].image == images / "100.jpg"
+    assert task.notes == ["1 train row(s) without a gold label ('-') skipped"]
+    bad = {"Flickr30K_ID": "100", "sentence2": "h", "gold_label": "maybe"}
+    write(tmp_path / "snli_ve_dev.jsonl", [json.dumps(bad)])
     with pytest.raises(DataError, match="snli_ve_dev.jsonl, line 1: gold_label 'maybe'"):
         read_snli_ve(tmp_path, images)
 
@@ -353,7 +355,8 @@ def colour_examples(n, seed, vqa=False):
         arr[..., 0 if label == 0 else 2] += 180
         image = Image.fromarray(arr)
         text = f"what colour is the {rng.choice(WORDS)}?"
-        out.append(MultimodalExample(image, text, answers={label: 1.0}) if vqa else MultimodalExample(image, text, label))
+        out.append(MultimodalExample(image, text, answers={label: 1.0}) if vqa
+                   else MultimodalExample(image, text, label))
     return out
 
 
@@ -412,6 +415,8 @@ def test_errors_before_training(model, tokenizer, tmp_path):
     wrong = TextTask("t", task.train + [TextExample("x", 2)], task.val, task.test, task.label_names, task.metrics)
     with pytest.raises(DataError, match=r"train example 8: label 2 is not a class index in \[0, 2\)"):
         finetune_text(model, wrong, s, tokenizer)
+    with pytest.raises(DataError, match="needs at least two"):
+        finetune_text(model, TextTask("t", task.train, task.val, task.test, ["only"], task.metrics), s, tokenizer)
     with pytest.raises(ConfigError, match="a classification task but asks for pearson"):
         finetune_text(model, TextTask("t", task.train, task.val, task.test, task.label_names, ("pearson",)), s,
                       tokenizer)

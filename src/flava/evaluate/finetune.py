@@ -49,7 +49,7 @@ from ..model.flava import FlavaModel, init_weights
 from ..model.layers import Activation
 from ..train.optim import build_optimizer, warmup_cosine
 from . import metrics as M
-from .tasks import MultimodalExample, MultimodalTask, TextExample, TextTask, check_multimodal_task, check_text_task
+from .tasks import MultimodalExample, MultimodalTask, TextTask, check_multimodal_task, check_text_task
 
 # Confusion matrices of VQA tasks only for vocabularies small enough to read (easy-vqa's 13
 # answers, not VQAv2's 3,129).
@@ -109,7 +109,8 @@ class FinetuneSettings:
             v = getattr(self, name)
             ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (lo < v if lo_open else lo <= v) and v < hi
             if not ok:
-                raise ConfigError(f"finetune setting {name} must lie in {'(' if lo_open else '['}{lo}, {hi}); got {v!r}")
+                bracket = "(" if lo_open else "["
+                raise ConfigError(f"finetune setting {name} must lie in {bracket}{lo}, {hi}); got {v!r}")
 
         number("lr", 0, math.inf, lo_open=True)
         number("weight_decay", 0, math.inf)

@@ -121,6 +121,9 @@ def check_text_task(task: TextTask) -> None:
         kind = "a regression" if task.regression else "a classification"
         raise ConfigError(f"task {task.name!r} is {kind} task but asks for {', '.join(task.metrics)}")
     n = len(task.label_names)
+    if n == 1:
+        raise DataError(f"task {task.name!r} has one label ({task.label_names[0]}); a classifier needs at least two "
+                        f"(no label names at all make a regression task)")
     for split, rows in splits.items():
         for i, ex in enumerate(rows):
             if not isinstance(ex.text, str) or (ex.text2 is not None and not isinstance(ex.text2, str)):
@@ -497,7 +500,8 @@ def read_vqa(train_questions: str | Path, train_annotations: str | Path, train_i
     train = _vqa_split(Path(train_questions), Path(train_annotations), Path(train_images))
     test = _vqa_split(Path(test_questions), Path(test_annotations), Path(test_images))
     train, val = _carve(train, val_fraction, seed, group=lambda r: r[4])
-    train, val, test = _subsample(train, limit, seed), _subsample(val, limit, seed + 1), _subsample(test, limit, seed + 2)
+    train, val, test = (_subsample(train, limit, seed), _subsample(val, limit, seed + 1),
+                        _subsample(test, limit, seed + 2))
     vocab = answer_vocabulary([r[2] for r in train], min_answer_count)
     if len(vocab) < 2:
         raise DataError(f"fewer than two answers occur {min_answer_count}+ times in {train_annotations}; "
