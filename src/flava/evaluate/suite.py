@@ -560,7 +560,7 @@ DEMO_SUITE = {
          "data": "easy-vqa-colours"},
         {"kind": "linear-probe", "name": "BBC News linear probe", "modality": "text", "data": "bbc-news"},
         {"kind": "finetune-text", "name": "BBC News fine-tune", "data": "bbc-news",
-         "settings": {"lr": 1e-4, "epochs": 2, "batch_size": 32}},
+         "settings": {"lr": 1e-3, "epochs": 4, "batch_size": 32}},
         {"kind": "finetune-multimodal", "name": "easy-vqa VQA fine-tune", "data": "easy-vqa", "limit": 6000,
          "settings": {"lr": 1e-4, "epochs": 2, "batch_size": 64}},
     ],
