@@ -36,6 +36,18 @@ def finish(p: subprocess.Popen) -> str:
     return out
 
 
+def train_config(data, pairs: str, **over) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.model.codebook.hidden_size = 8
+    cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / pairs)], [str(data / "img")], [str(data / "text.txt")]
+    cfg.data.batch_size, cfg.data.num_workers = 4, 0
+    cfg.codebook, cfg.tensorboard = str(data / "codebook"), False
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
 def metrics(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -95,13 +107,7 @@ def test_a_run_killed_between_checkpoints_resumes_step_for_step(train_data, tmp_
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(train_data, tmp_path, monkeypatch):
-    cfg = TrainConfig()
-    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
-    cfg.model.codebook.hidden_size = 8
-    cfg.data.pairs, cfg.data.images = [str(train_data / "pairs.csv")], [str(train_data / "img")]
-    cfg.data.text = [str(train_data / "text.txt")]
-    cfg.data.batch_size, cfg.data.num_workers, cfg.save_every, cfg.max_steps = 4, 0, 2, 6
-    cfg.codebook, cfg.tensorboard = str(train_data / "codebook"), False
+    cfg = train_config(train_data, "pairs.csv", save_every=2, max_steps=6)
     trainer = Trainer(cfg, tmp_path)
     trainer.fit(max_steps=2)
     real_save = torch.save
@@ -124,24 +130,29 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(train_data, tmp_path, 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_activation_checkpointing_and_compile(train_data, tmp_path, precision):
     def cfg_with(**over):
-        cfg = TrainConfig()
-        cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
-        cfg.model.codebook.hidden_size = 8
-        cfg.data.pairs, cfg.data.images = [str(train_data / "pairs_clean.csv")], [str(train_data / "img")]
-        cfg.data.text = [str(train_data / "text.txt")]
-        cfg.data.batch_size, cfg.data.num_workers, cfg.max_steps, cfg.seed = 4, 0, 3, 5
-        cfg.codebook, cfg.tensorboard = str(train_data / "codebook"), False
-        for k, v in over.items():
-            setattr(cfg, k, v)
-        return cfg
+        return train_config(train_data, "pairs_clean.csv", max_steps=3, seed=5, **over)
 
     plain = Trainer(cfg_with(), tmp_path / "plain").fit()
     # Recomputing activations in the backward pass changes nothing numerically.
     ckpt = Trainer(cfg_with(activation_checkpointing=True), tmp_path / "ckpt").fit()
     assert [r["loss"] for r in plain] == pytest.approx([r["loss"] for r in ckpt], abs=1e-6)
     mixed = Trainer(cfg_with(precision=precision, compile=True, compile_backend="eager"), tmp_path / "mixed")
-    assert isinstance(mixed.model.model.image_encoder.norm, torch.nn.LayerNorm)
     rows = mixed.fit()
     for p, m in zip(plain, rows):  # close to float32, not equal
         assert m["loss"] == pytest.approx(p["loss"], rel=0.05), (p, m)
     assert (tmp_path / "mixed" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_the_encoders_layer_norms_run_in_float32_under_autocast(train_data, tmp_path):
+    trainer = Trainer(train_config(train_data, "pairs_clean.csv", precision="bf16"), tmp_path)
+    seen = []
+    for name, m in trainer.model.model.named_modules():
+        if isinstance(m, torch.nn.LayerNorm):
+            m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, inp[0].dtype, out.dtype)))
+    batch = trainer.streams["pairs"].next_batch()
+    with trainer._autocast():
+        out = trainer.model(batch, torch.Generator().manual_seed(0))
+    # The residual stream stays float32 (float32 + bfloat16 sums), so every norm reads and writes float32.
+    assert seen and all(i == o == torch.float32 for _, i, o in seen), [x for x in seen if x[1] != torch.float32]
+    assert {n.split(".")[0] for n, _, _ in seen} == {"image_encoder", "text_encoder", "multimodal_encoder"}
+    assert out.losses.total.dtype == torch.float32

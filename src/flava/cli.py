@@ -85,14 +85,9 @@ def _cmd_pretrain(args) -> None:
 
     cfg = TrainConfig()
     if args.config:
-        import json
+        from .config import read_json
 
-        path = Path(args.config)
-        if not path.is_file():
-            from .errors import ConfigError
-
-            raise ConfigError(f"config file {path} does not exist")
-        cfg = from_dict(TrainConfig, json.loads(path.read_text()))
+        cfg = from_dict(TrainConfig, read_json(args.config))
     cfg = apply_overrides(cfg, args.set or [])
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps

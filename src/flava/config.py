@@ -325,15 +325,20 @@ def validate(cfg: FlavaConfig) -> FlavaConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike) -> FlavaConfig:
-    """Read a FlavaConfig from JSON; a checkpoint's config.json is accepted too."""
+def read_json(path: str | os.PathLike, what: str = "config file") -> Any:
+    """A user's JSON file, or one ConfigError saying it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        raise ConfigError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def load_config(path: str | os.PathLike) -> FlavaConfig:
+    """Read a FlavaConfig from JSON; a checkpoint's config.json is accepted too."""
+    data = read_json(path)
     if isinstance(data, dict) and data.get("format") == "flava":
         data = data.get("model", {})
     return validate(from_dict(FlavaConfig, data))

@@ -19,7 +19,6 @@ data set (see DATASETS); the demo suite uses only those.
 from __future__ import annotations
 
 import difflib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,14 +502,10 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     elif str(source) == "demo":
         spec, base = DEMO_SUITE, Path.cwd()
     else:
+        from ..config import read_json
+
         path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"suite file {path} does not exist (or pass --suite demo)")
-        try:
-            spec = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"suite file {path} is not valid JSON: {e}") from None
-        base = path.parent
+        spec, base = read_json(path, "suite file"), path.parent
     if not isinstance(spec, dict):
         raise ConfigError("a suite is a JSON object with a list of tasks")
     _check_keys(spec, {"name", "tasks", "settings"}, "suite")

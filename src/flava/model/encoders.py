@@ -10,7 +10,7 @@ from torch import nn
 
 from ..config import ImageEncoderConfig, MultimodalEncoderConfig, TextEncoderConfig
 from ..errors import InputError
-from .layers import LayerNorm, Packing, Pooler, Transformer, padding_mask
+from .layers import Packing, Pooler, Transformer, padding_mask
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ImageEncoder(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg)
-        self.norm = LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.pooler = Pooler(d)
 
     def _check(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
@@ -180,10 +180,10 @@ class TextEncoder(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
-        self.embed_norm = LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg)
-        self.norm = LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.pooler = Pooler(d)
 
     def _check(self, input_ids: torch.Tensor, attention_mask, token_type_ids) -> None:
@@ -258,7 +258,7 @@ class MultimodalEncoder(nn.Module):
         d = cfg.hidden_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_cls_token else None
         self.transformer = Transformer(cfg)
-        self.norm = LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.pooler = Pooler(d)
 
     def forward(
@@ -277,9 +277,12 @@ class MultimodalEncoder(nn.Module):
             )
         B = image_tokens.shape[0]
         layout = MultimodalLayout(image_tokens.shape[1], text_tokens.shape[1], self.cls_token is not None)
-        parts = [image_tokens, text_tokens]
+        # The residual stream keeps the weights' dtype: under autocast the projections hand over
+        # bfloat16/float16 tokens, and the sums and LayerNorms must stay float32.
+        dtype = self.norm.weight.dtype
+        parts = [image_tokens.to(dtype), text_tokens.to(dtype)]
         if self.cls_token is not None:
-            parts.insert(0, self.cls_token.expand(B, -1, -1).to(image_tokens.dtype))
+            parts.insert(0, self.cls_token.expand(B, -1, -1).to(dtype))
         x = torch.cat(parts, dim=1)
         mask = packing = None
         if text_attention_mask is not None:

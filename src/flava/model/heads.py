@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import FlavaConfig
-from .layers import Activation, LayerNorm
+from .layers import Activation
 
 
 class MaskedPredictionHead(nn.Module):
@@ -16,7 +16,7 @@ class MaskedPredictionHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_dim, in_dim)
         self.act = Activation(activation)
-        self.norm = LayerNorm(in_dim, eps=eps)
+        self.norm = nn.LayerNorm(in_dim, eps=eps)
         self.decoder = nn.Linear(in_dim, vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -123,26 +123,15 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
-class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm that normalises in float32 under autocast (CPU autocast would run it in
-    bfloat16) and returns the input's dtype; outside autocast it is nn.LayerNorm."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x)
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
-
-
 class Block(nn.Module):
     """x + attn(LN(x)), then x + mlp(LN(x))."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
         d = cfg.hidden_size
-        self.norm1 = LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attention_dropout, cfg.dropout)
-        self.norm2 = LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(d, cfg.mlp_size, cfg.activation, cfg.dropout)
 
     def forward(
