@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 from collections import Counter
@@ -94,8 +95,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device 'cuda' was asked for but CUDA is not available")
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if name != "cpu":
         raise ConfigError(f"device {name!r} must be 'auto', 'cpu' or 'cuda'")
