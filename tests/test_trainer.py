@@ -47,6 +47,13 @@ def test_resume_repeats_the_uninterrupted_run(data, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 9))  # no step logged twice
     assert lines[-1]["skipped"].get("missing image file", 0) >= 1
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "cut" / "tensorboard")).Reload()
+    # The resumed writer purges what the first run logged after its checkpoint: each step once.
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 9))
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([x["loss"] for x in lines])
+    assert (tmp_path / "cut" / "loss_curves.png").stat().st_size > 1000
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000006", "step_00000008"]  # keep_last = 2
     final = flava.load(tmp_path / "cut" / "checkpoints" / "step_00000008", pretraining=True)
