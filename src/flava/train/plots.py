@@ -17,10 +17,13 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
     if not rows:
         return None
+    # Steps of different data kinds sum different objectives: one total line per kind.
+    totals: dict[str, tuple[list[int], list[float]]] = {}
     series: dict[str, tuple[list[int], list[float]]] = {"total": ([], [])}
     for row in rows:
-        series["total"][0].append(row["step"])
-        series["total"][1].append(row["loss"])
+        steps, values = totals.setdefault(row.get("kind", "all"), ([], []))
+        steps.append(row["step"])
+        values.append(row["loss"])
         for name, value in row.get("losses", {}).items():
             steps, values = series.setdefault(name, ([], []))
             steps.append(row["step"])
@@ -29,7 +32,11 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     rows_n = -(-len(series) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.0 * rows_n), squeeze=False)
     for ax, (name, (steps, values)) in zip(axes.flat, series.items()):
-        ax.plot(steps, values, marker="." if len(steps) < 30 else None, linewidth=1.2)
+        lines = totals if name == "total" else {name: (steps, values)}
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker="." if len(xs) < 30 else None, linewidth=1.2, label=label)
+        if name == "total":
+            ax.legend(fontsize=8, title="step kind", title_fontsize=8)
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
