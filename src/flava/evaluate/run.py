@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 
 from ..data.tokenizer import TextTokenizer
-from ..errors import CheckpointError
 from ..progress import progress_bar
 from .report import summary_rows, verdict, write_report
 from .suite import Suite, SuiteResult, load_suite, run_suite
@@ -26,15 +25,11 @@ def untrained_like(model, seed: int = 0):
 
 
 def load_model(path: str | Path):
+    """A checkpoint directory, or a run directory's newest checkpoint, loaded for evaluation."""
     from ..storage import load
+    from ..train.init import resolve
 
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"model {p} does not exist")
-    if p.is_dir() and (p / "checkpoints" / "latest.json").is_file():
-        import json
-
-        p = p / "checkpoints" / json.loads((p / "checkpoints" / "latest.json").read_text())["path"]
+    p = resolve(path)
     return load(p).eval(), p
 
 
