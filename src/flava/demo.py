@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .evaluate.run import evaluate_models, results_table, untrained_like
+from .evaluate.run import evaluate_models, print_plan, results_table, untrained_like
 from .evaluate.report import write_report
 from .evaluate.suite import load_suite
 from .storage import load
@@ -30,10 +30,9 @@ def run_demo(output: Path, console: Console) -> dict:
     model = load(checkpoint).eval()
     pretrain_minutes = (time.perf_counter() - start) / 60
 
-    console.print(f"[bold]3/3[/] evaluating on the demo suite, then the same suite on the untrained model")
+    console.print("[bold]3/3[/] evaluating on the demo suite, then the same suite on the untrained model")
     suite = load_suite("demo")
-    for task in suite.tasks:
-        console.print(f"  {task.kind:<20} {task.name:<32} {task.domain:<10} {task.size}")
+    print_plan(suite, console)
     models = [("pretrained", model, str(checkpoint)),
               ("untrained", untrained_like(model, seed=cfg.seed), "the tiny preset, newly initialised")]
     results = evaluate_models(models, suite, console)

@@ -273,8 +273,8 @@ class PretrainingModel(nn.Module):
 
     @staticmethod
     def _global_texts(b: PairBatch, txt_mm: torch.Tensor):
-        """Every process's texts, padded to the longest across processes: ids, mask, and this
-        process's multimodal-input text states padded alike."""
+        """Every process's token ids and mask, padded to the longest text across processes, and
+        this process's multimodal-input text states padded alike."""
         L = b.input_ids.shape[1]
         pad = 0
         if world()[1] > 1:
@@ -282,14 +282,14 @@ class PretrainingModel(nn.Module):
             torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
             pad = int(longest) - L
         ids, mask = F.pad(b.input_ids, (0, pad)), F.pad(b.attention_mask, (0, pad))
-        return ids, mask, gather(ids), gather(mask), F.pad(txt_mm, (0, 0, 0, pad))
+        return gather(ids), gather(mask), F.pad(txt_mm, (0, 0, 0, pad))
 
     def _swap_pairs(self, b, txt_mm, generator):
         """Swapped captions drawn over the global batch with the same generator on every process,
         so N processes pick exactly the negatives one process with the whole batch would."""
         rank = world()[0]
         B = b.input_ids.shape[0]
-        _, _, all_ids, all_mask, txt_mm = self._global_texts(b, txt_mm)
+        all_ids, all_mask, txt_mm = self._global_texts(b, txt_mm)
         with torch.no_grad():
             g = swap_negatives(all_ids, all_mask, self.objectives.itm_negative_probability, generator)
         own = slice(rank * B, (rank + 1) * B)
@@ -299,7 +299,7 @@ class PretrainingModel(nn.Module):
     def _hard_pairs(self, b, img_e, txt_e, scale, img_mm, txt_mm, generator):
         rank = world()[0]
         B = img_mm.shape[0]
-        _, _, all_ids, all_mask, txt_mm = self._global_texts(b, txt_mm)
+        all_ids, all_mask, txt_mm = self._global_texts(b, txt_mm)
         with torch.no_grad():
             all_img_e, all_txt_e = gather(img_e), gather(txt_e)
             same = same_text(all_ids, all_mask, all_ids, all_mask)

@@ -3,7 +3,6 @@ models (the demo compares the pretrained model with the untrained one)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -112,7 +111,8 @@ def draw(task: TaskResult, directory: Path, prefix: str) -> list[str]:
     else:
         out.append(curve_picture(task, base.with_name(base.name + "-training.png")))
         if r.confusion is not None:
-            names = r.label_names if len(r.label_names) == len(r.confusion) else [str(i) for i in range(len(r.confusion))]
+            names = r.label_names if len(r.label_names) == len(r.confusion) \
+                else [str(i) for i in range(len(r.confusion))]
             out.append(confusion_picture(task, r.confusion, names, base.with_name(base.name + "-confusion.png")))
     return [p for p in out if p]
 
@@ -193,6 +193,3 @@ def write_report(results: list[SuiteResult], directory: Path, labels: list[str] 
     tmp.replace(md)
     return md
 
-
-def load_report(path: Path) -> dict:
-    return json.loads((path / "report.json").read_text())

@@ -33,6 +33,12 @@ def load_model(path: str | Path):
     return load(p).eval(), p
 
 
+def print_plan(suite: Suite, console: Console) -> None:
+    console.print(f"suite [bold]{suite.name}[/]: {len(suite.tasks)} tasks, data read and checked")
+    for task in suite.tasks:
+        console.print(f"  {task.kind:<20} {task.name:<34} {task.domain:<10} {task.size}")
+
+
 def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console: Console) -> list[SuiteResult]:
     """Run `suite` on each (label, model, description) with one progress bar per task."""
     first = models[0][1]
@@ -74,9 +80,7 @@ def run_evaluate(model_path: str, suite_source: str, output: Path, console: Cons
                  compare_untrained: bool = False) -> list[SuiteResult]:
     model, resolved = load_model(model_path)
     suite = load_suite(suite_source)
-    console.print(f"suite [bold]{suite.name}[/]: {len(suite.tasks)} tasks, data read and checked")
-    for task in suite.tasks:
-        console.print(f"  {task.kind:<20} {task.name:<34} {task.domain:<10} {task.size}")
+    print_plan(suite, console)
     models = [("model", model, str(resolved))]
     if compare_untrained:
         models.append(("untrained", untrained_like(model), "the same configuration, newly initialised"))

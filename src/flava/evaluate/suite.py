@@ -179,7 +179,7 @@ def _percent(d: dict[str, float]) -> dict[str, float]:
     return {k: 100.0 * v for k, v in d.items()}
 
 
-def _retrieval(name, domain, galleries, seed) -> Prepared:
+def _retrieval(name, domain, galleries) -> Prepared:
     from .zero_shot import retrieval
 
     def run(model, tokenizer, progress) -> TaskResult:
@@ -237,7 +237,7 @@ def _probe(name, domain, modality, train, val, test, classes) -> Prepared:
     return Prepared(name, "linear-probe", domain, run, f"{modality} {sizes} examples, {len(classes)} classes")
 
 
-def _headline(metrics_: dict[str, float], task_metrics: tuple[str, ...], name: str) -> dict[str, float]:
+def _headline(metrics_: dict[str, float], task_metrics: tuple[str, ...]) -> dict[str, float]:
     """The paper's per-task score: accuracy and F1 averaged for MRPC/QQP, else the first metric."""
     if {"accuracy", "f1"} <= set(task_metrics):
         return {"acc/F1": (metrics_["accuracy"] + metrics_["f1"]) / 2}
@@ -255,12 +255,14 @@ def _finetune(name, domain, task: TextTask | MultimodalTask, settings: FinetuneS
         if not settings.train_encoders:
             notes.append("encoders frozen: the head alone was trained")
         return TaskResult(name, "finetune-text" if text else "finetune-multimodal", domain,
-                          _percent(_headline(r.test_metrics, tuple(task.metrics), name)), r.test_metrics, notes,
+                          _percent(_headline(r.test_metrics, tuple(task.metrics))), r.test_metrics, notes,
                           detail={"result": r})
 
     kind = "finetune-text" if text else "finetune-multimodal"
-    return Prepared(name, kind, domain, run, f"{len(task.train)}/{len(task.val)}/{len(task.test)} examples, "
-                                             f"{len(task.label_names) or 'regression'} {'answers' if getattr(task, 'kind', '') == 'vqa' else 'classes'}")
+    outputs = f"{len(task.label_names)} {'answers' if getattr(task, 'kind', '') == 'vqa' else 'classes'}" \
+        if task.label_names else "regression"
+    return Prepared(name, kind, domain, run,
+                    f"{len(task.train)}/{len(task.val)}/{len(task.test)} examples, {outputs}")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -356,7 +358,7 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
         from .zero_shot import read_karpathy_json, read_retrieval_csv
 
         if data == "easy-vqa":
-            return _retrieval(name, domain, easy_vqa_galleries(int(spec.get("galleries", 1))), seed)
+            return _retrieval(name, domain, easy_vqa_galleries(int(spec.get("galleries", 1))))
         if "karpathy" in spec:
             rs = read_karpathy_json(_path(base, spec["karpathy"], where), spec.get("split", "test"),
                                     _path(base, spec.get("image_root", "."), where))
@@ -364,7 +366,7 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
             rs = read_retrieval_csv(_path(base, spec["csv"], where))
         else:
             raise ConfigError(f"{where}: a retrieval task needs data, karpathy or csv")
-        return _retrieval(name, domain, [(rs.images, rs.captions)], seed)
+        return _retrieval(name, domain, [(rs.images, rs.captions)])
 
     if kind == "zero-shot":
         from .zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES

@@ -101,7 +101,7 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list
     for name in first:
         table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
     console.print(table)
-    skipped = trainer.skipped_everywhere()
+    skipped = trainer.skipped(everywhere=True)
     console.print("skipped records: " + (", ".join(f"{v} {k}" for k, v in skipped.items()) if skipped else "none"))
     console.print(f"checkpoints in {trainer.checkpoint_dir}; metrics in {output / 'metrics.jsonl'}, "
                   f"{output / 'loss_curves.png'} and {output / 'tensorboard'}")

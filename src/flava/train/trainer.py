@@ -306,17 +306,13 @@ class Trainer:
                 "split depends on the process count, so resume with the same number of processes")
         from ..storage import load_weights
 
-        # Checked loads first (clear errors), then the distributed-aware setters.
-        flat = {}
-        for part in ("model", "heads", "codebook"):
-            module = getattr(self.model, part, None)
-            if module is None:
-                continue
-            sd = ckpt.parts.get(part) or {}
-            if self.world == 1:
-                load_weights(module, sd, part, target)
-            flat.update({f"{part}.{k}": v for k, v in sd.items()})
-        if self.world > 1:
+        parts = {p: ckpt.parts.get(p) or {} for p in ("model", "heads", "codebook")
+                 if getattr(self.model, p) is not None}
+        if self.world == 1:  # checked loads: one clear error for any mismatch
+            for part, sd in parts.items():
+                load_weights(getattr(self.model, part), sd, part, target)
+        else:  # weights may be sharded: the distributed-aware setter
+            flat = {f"{part}.{k}": v for part, sd in parts.items() for k, v in sd.items()}
             set_model_state_dict(self.model, flat, options=FULL)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=FULL_OPTIM)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -340,28 +336,23 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def skipped(self) -> dict[str, int]:
-        """Records rejected by kind: at indexing, and by this process's streams."""
-        total: Counter = Counter()
-        for src in self.sources.values():
-            total.update(src.rejected)
-        for s in self.streams.values():
-            total.update(s.skipped)
-        return dict(total)
-
-    def skipped_everywhere(self) -> dict[str, int]:
-        """`skipped` summed over the processes' streams (a collective: every process calls it)."""
-        if self.world == 1:
-            return self.skipped()
-        streams = [None] * self.world
+    def _stream_skips(self) -> Counter:
         mine: Counter = Counter()
         for s in self.streams.values():
             mine.update(s.skipped)
-        dist.all_gather_object(streams, dict(mine))
+        return mine
+
+    def skipped(self, everywhere: bool = False) -> dict[str, int]:
+        """Records rejected by kind: at indexing, and by this process's streams — or, with
+        `everywhere`, by every process's (a collective: every process must call it)."""
+        per_process = [dict(self._stream_skips())]
+        if everywhere and self.world > 1:
+            per_process = [None] * self.world
+            dist.all_gather_object(per_process, dict(self._stream_skips()))
         total: Counter = Counter()
         for src in self.sources.values():
             total.update(src.rejected)
-        for counts in streams:
+        for counts in per_process:
             total.update(counts)
         return dict(total)
 
