@@ -20,8 +20,8 @@ import torch
 import flava
 from flava.data import demo
 from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
-from flava.pretraining import PretrainingModel
-from flava.train.optim import build_optimizer
+from flava.objectives.pretraining import PretrainingModel
+from flava.optim import build_optimizer
 
 
 def main() -> int:

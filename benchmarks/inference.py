@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import flava
-from flava.interop import hf as hf_interop
+from flava.interop import transformers as hf_interop
 from flava.model.flops import image_flops, multimodal_flops, text_flops
-from flava.quantize import quantize_int8
-from flava.storage import load_weights
+from flava.model.quantize import quantize_int8
+from flava.hub import load_weights
 
 
 def peak_memory_mib(fn) -> float:

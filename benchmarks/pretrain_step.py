@@ -22,12 +22,13 @@ import torch
 
 import flava
 from flava.data.batch import PairBatch
-from flava.interop import hf as hf_interop
-from flava.masking import BlockMasking, TextMasking, mask_texts
-from flava.model.heads import PretrainingHeads
-from flava.pretraining import PretrainingModel, swap_negatives
-from flava.storage import load_weights
-from flava.train.optim import build_optimizer
+from flava.interop import transformers as hf_interop
+from flava.data.masking import BlockMasking, TextMasking, mask_texts
+from flava.objectives.pretraining import PretrainingHeads
+from flava.objectives.negatives import swap_negatives
+from flava.objectives.pretraining import PretrainingModel
+from flava.hub import load_weights
+from flava.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from inference import peak_memory_mib  # noqa: E402

@@ -61,12 +61,13 @@ def train_data(tmp_path_factory):
     (root / "pairs.csv").write_text("\n".join(rows) + "\n")
     (root / "text.txt").write_text("\n".join(f"sentence number {i} about things" for i in range(30)))
     from flava.config import preset
-    from flava.storage import save_model
+    from flava.config import to_dict
+    from flava.io.checkpoint import save_checkpoint
 
     cfg = preset("tiny")
     cfg.image.vocab_size = cfg.codebook.vocab_size = 64
     cfg.codebook.hidden_size = 8
-    save_model(root / "codebook", cfg, {"codebook": flava.FlavaImageCodebook(cfg.codebook)})
+    save_checkpoint(root / "codebook", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
     return root
 
 

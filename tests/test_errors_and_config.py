@@ -118,7 +118,7 @@ def test_truncated_weights_file(saved):
 def test_truncated_bin_file(tiny, tmp_path):
     import transformers
 
-    from flava.interop.hf import config_to_hf, state_dict_to_hf
+    from flava.interop.transformers import config_to_hf, state_dict_to_hf
 
     cfg = config_to_hf(tiny.config, with_codebook=False)
     transformers.FlavaConfig(**cfg).save_pretrained(tmp_path)
@@ -153,7 +153,7 @@ def test_cli_reports_one_line_not_a_traceback(tmp_path, capsys):
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tiny, saved, monkeypatch):
-    import flava.storage as storage
+    import flava.io.checkpoint as storage
 
     before = (saved / "model.safetensors").read_bytes()
 

@@ -17,15 +17,17 @@ from PIL import Image
 
 import flava
 from flava.config import FlavaConfig
-from flava.data.hf import hf_images, hf_pairs, hf_text, is_hf_spec
+from flava.data.arrow import arrow_images, arrow_pairs, arrow_text, is_arrow_spec
 from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
 from flava.data.sources import BadSample, ImageRecord, PairRecord, open_image
 from flava.errors import CheckpointError, DataError
-from flava.interop.hf import config_from_hf
+from flava.interop.transformers import config_from_hf
 from flava.interop.vit import image_config_from_vit, load_vit, read_vit
 from flava.model.encoders import ImageEncoder
-from flava.pretraining import PretrainingModel
-from flava.storage import read_checkpoint, save_model
+from flava.objectives.pretraining import PretrainingModel
+from flava.config import to_dict
+from flava.hub import read_checkpoint
+from flava.io.checkpoint import save_checkpoint
 from flava.train.init import GROUPS, initialise_encoders
 
 VIT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
@@ -130,8 +132,9 @@ def test_a_text_stage_checkpoint_initialises_the_text_encoder_only(tmp_path):
     stage = randomize_(tiny_pretraining(0), seed=1)
     run = tmp_path / "text-run"
     # As the trainer writes it: the whole model, with the run's settings beside it.
-    save_model(run / "checkpoints" / "step_00000010", stage.config, {"model": stage.model, "heads": stage.heads},
-               extra={"train": {"stage": "text-mlm"}})
+    save_checkpoint(run / "checkpoints" / "step_00000010", to_dict(stage.config),
+                    {"model": stage.model.state_dict(), "heads": stage.heads.state_dict()},
+                    extra={"train": {"stage": "text-mlm"}})
     (run / "checkpoints" / "latest.json").write_text(json.dumps({"step": 10, "path": "step_00000010"}))
 
     for source in (run, run / "checkpoints" / "step_00000010"):
@@ -246,7 +249,7 @@ def pair_table(n: int = 10) -> tuple[pa.Table, list]:
 def test_parquet_pairs_records_decoding_and_bad_samples(tmp_path):
     table, images = pair_table()
     pq.write_table(table, tmp_path / "pairs.parquet", row_group_size=4)  # 4 row groups
-    src = hf_pairs(str(tmp_path / "pairs.parquet"))
+    src = arrow_pairs(str(tmp_path / "pairs.parquet"))
     assert src.kind == "pairs" and len(src) == 13 and not src.rejected
     assert all(isinstance(r, PairRecord) for r in src.records)
     assert [r.caption for r in src.records[9:]] == ["a picture number 9", "truncated image", "   ", ""]
@@ -274,33 +277,33 @@ def test_parquet_directories_globs_column_options_and_errors(tmp_path):
     renamed = table.rename_columns(["picture", "words", "id"])
     pq.write_table(renamed, tmp_path / "renamed.parquet")
 
-    assert len(hf_pairs(str(tmp_path / "dir"))) == 13
-    glob_src = hf_pairs(str(tmp_path / "dir" / "train-?.parquet"))
-    assert [r.caption for r in glob_src.records] == [r.caption for r in hf_pairs(str(tmp_path / "dir")).records]
-    by_query = hf_pairs(str(tmp_path / "renamed.parquet") + "?image=picture&caption=words")
-    by_keyword = hf_pairs(str(tmp_path / "renamed.parquet"), image_column="picture", caption_column="words")
+    assert len(arrow_pairs(str(tmp_path / "dir"))) == 13
+    glob_src = arrow_pairs(str(tmp_path / "dir" / "train-?.parquet"))
+    assert [r.caption for r in glob_src.records] == [r.caption for r in arrow_pairs(str(tmp_path / "dir")).records]
+    by_query = arrow_pairs(str(tmp_path / "renamed.parquet") + "?image=picture&caption=words")
+    by_keyword = arrow_pairs(str(tmp_path / "renamed.parquet"), image_column="picture", caption_column="words")
     assert [r.caption for r in by_query.records] == [r.caption for r in by_keyword.records] == \
         [r.caption for r in glob_src.records]
-    texts = hf_text(str(tmp_path / "renamed.parquet?text=words"))
+    texts = arrow_text(str(tmp_path / "renamed.parquet?text=words"))
     assert texts.records[:2] == ["a picture number 0", "a picture number 1"] and texts.records[-1] == ""
 
     with pytest.raises(DataError, match=r"no image column \(image / img / jpg / png\); its columns are "
                                         r"picture, words, id: name one with \?image=COLUMN"):
-        hf_pairs(str(tmp_path / "renamed.parquet"))
+        arrow_pairs(str(tmp_path / "renamed.parquet"))
     with pytest.raises(DataError, match="has no column 'photo'; its columns are picture, words, id"):
-        hf_pairs(str(tmp_path / "renamed.parquet?image=photo&caption=words"))
+        arrow_pairs(str(tmp_path / "renamed.parquet?image=photo&caption=words"))
     with pytest.raises(DataError, match="column 'id' holds int64; the caption must be a string"):
-        hf_pairs(str(tmp_path / "renamed.parquet?image=picture&caption=id"))
+        arrow_pairs(str(tmp_path / "renamed.parquet?image=picture&caption=id"))
     with pytest.raises(DataError, match="'label' is not a column option for pairs"):
-        hf_pairs(str(tmp_path / "renamed.parquet?label=id"))
+        arrow_pairs(str(tmp_path / "renamed.parquet?label=id"))
     with pytest.raises(DataError, match="no parquet files or datasets directory match"):
-        hf_pairs(str(tmp_path / "nothing-*.parquet"))
+        arrow_pairs(str(tmp_path / "nothing-*.parquet"))
     pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
     with pytest.raises(DataError, match="holds no rows"):
-        hf_pairs(str(tmp_path / "empty.parquet"))
+        arrow_pairs(str(tmp_path / "empty.parquet"))
     (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="could not be read as a parquet file"):
-        hf_pairs(str(tmp_path / "fake.parquet"))
+        arrow_pairs(str(tmp_path / "fake.parquet"))
 
 
 def write_save_to_disk(directory, table: pa.Table, features: dict, files: int = 2, batch: int = 2) -> None:
@@ -338,15 +341,15 @@ def test_save_to_disk_dataset_dict_images_paths_and_text(tmp_path):
     write_save_to_disk(root / "test", table.slice(0, 3), features, files=1)
     (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
 
-    assert all(is_hf_spec(s) for s in (str(root), f"{root}:train", f"{root}:train?image=image", str(root / "train"),
+    assert all(is_arrow_spec(s) for s in (str(root), f"{root}:train", f"{root}:train?image=image", str(root / "train"),
                                        "x/*.parquet", "x.parquet?caption=txt"))
-    assert not any(is_hf_spec(s) for s in ("pairs.csv", "shards/*.tar", str(tmp_path / "files")))
+    assert not any(is_arrow_spec(s) for s in ("pairs.csv", "shards/*.tar", str(tmp_path / "files")))
     with pytest.raises(DataError, match=r"holds the splits train, test; name one, e.g. .*ds:train"):
-        hf_images(str(root))
+        arrow_images(str(root))
     with pytest.raises(DataError, match="has no split 'valid'; it holds train, test"):
-        hf_images(f"{root}:valid")
+        arrow_images(f"{root}:valid")
 
-    src = hf_images(f"{root}:train")
+    src = arrow_images(f"{root}:train")
     assert len(src) == 7 and src.classes == ["cat", "dog", "fish"]
     assert all(isinstance(r, ImageRecord) for r in src.records)
     assert [r.label for r in src.records] == [0, 1, 2, 0, 1, -1, 2]
@@ -355,14 +358,14 @@ def test_save_to_disk_dataset_dict_images_paths_and_text(tmp_path):
     for bad in (3, 4):
         with pytest.raises(BadSample, match="missing image file"):
             open_image(src.records[bad].image)
-    assert len(hf_images(f"{root}:test")) == 3
+    assert len(arrow_images(f"{root}:test")) == 3
 
     s = BatchStream("images", src, SampleMaker(SPEC, seed=0), batch_size=2, seed=1)
     for _ in range(5):
         assert s.next_batch().pixel_values.shape == (2, 3, 32, 32)
     assert set(s.skipped) == {"missing image file"}
 
-    text = hf_text(f"{root}:train")
+    text = arrow_text(f"{root}:train")
     assert text.records == [f"sentence {i}" for i in range(6)] + [""]
     t = BatchStream("text", text, SampleMaker(SPEC, seed=0), batch_size=3, seed=1)
     for _ in range(3):
@@ -371,4 +374,4 @@ def test_save_to_disk_dataset_dict_images_paths_and_text(tmp_path):
 
     (root / "train" / "data-00001-of-00002.arrow").unlink()
     with pytest.raises(DataError, match="data file 'data-00001-of-00002.arrow' listed in state.json is missing"):
-        hf_images(f"{root}:train")
+        arrow_images(f"{root}:train")

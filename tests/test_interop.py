@@ -7,8 +7,10 @@ from conftest import hf_config, randomize_
 
 import flava
 from flava.cli import main as cli
-from flava.model.heads import PretrainingHeads
-from flava.storage import read_checkpoint, save_model
+from flava.objectives.pretraining import PretrainingHeads
+from flava.config import to_dict
+from flava.hub import read_checkpoint
+from flava.io.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -62,7 +64,8 @@ def test_export_roundtrip_loads_in_transformers_with_no_missing_keys(tmp_path):
     model = randomize_(flava.FlavaModel(cfg), seed=5)
     heads = randomize_(PretrainingHeads(cfg), seed=6)
     codebook = randomize_(flava.FlavaImageCodebook(cfg.codebook), seed=7)
-    save_model(tmp_path / "ours", cfg, {"model": model, "heads": heads, "codebook": codebook})
+    save_checkpoint(tmp_path / "ours", to_dict(cfg),
+                    {"model": model.state_dict(), "heads": heads.state_dict(), "codebook": codebook.state_dict()})
     assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
 
     ref, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)

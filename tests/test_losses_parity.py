@@ -9,8 +9,8 @@ from conftest import hf_config, randomize_
 
 import flava
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
-from flava.interop.hf import pretraining_losses
-from flava.masking import BlockMasking
+from flava.interop.bridge import pretraining_losses
+from flava.data.masking import BlockMasking
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flava.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, TextTokenizer
-from flava.masking import IGNORE_INDEX, BlockMasking, TextMasking, mask_images, mask_texts
+from flava.data.masking import IGNORE_INDEX, BlockMasking, TextMasking, mask_images, mask_texts
 
 
 def test_block_masking_on_the_paper_grid():

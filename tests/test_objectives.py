@@ -12,8 +12,9 @@ import torch.nn.functional as F
 import flava
 from flava.config import ObjectivesConfig, preset
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
-from flava.losses import global_contrastive_loss
-from flava.pretraining import PretrainingModel, hard_negatives, same_text, swap_negatives
+from flava.objectives.losses import global_contrastive_loss
+from flava.objectives.negatives import hard_negatives, same_text, swap_negatives
+from flava.objectives.pretraining import PretrainingModel
 
 
 def tiny_config():
@@ -116,7 +117,7 @@ def test_missing_codebook_is_a_clear_error():
     cfg = tiny_config()
     pm = PretrainingModel(cfg)
     b = pair_batch(cfg)
-    with pytest.raises(flava.InputError, match="train-tokenizer"):
+    with pytest.raises(flava.InputError, match="train-codebook"):
         pm(ImageBatch(b.pixel_values, b.patch_mask, codebook_pixels=b.codebook_pixels))
     with pytest.raises(flava.ConfigError, match="image.vocab_size"):
         cfg2 = tiny_config()

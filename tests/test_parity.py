@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from conftest import hf_config, randomize_
 
 import flava
-from flava.codebook import FlavaImageCodebook
-from flava.interop import hf as hf_interop
-from flava.storage import load_weights
+from flava.model.codebook import FlavaImageCodebook
+from flava.interop import transformers as hf_interop
+from flava.hub import load_weights
 
 transformers = pytest.importorskip("transformers")
 

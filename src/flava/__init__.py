@@ -1,6 +1,5 @@
 """FLAVA: one model for vision, language and vision-and-language tasks."""
 
-from .codebook import FlavaImageCodebook
 from .config import (
     CodebookConfig,
     FlavaConfig,
@@ -11,8 +10,8 @@ from .config import (
     preset,
 )
 from .errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
-from .model import FlavaModel
-from .storage import load, load_codebook
+from .hub import load, load_codebook
+from .model import FlavaImageCodebook, FlavaModel
 
 __version__ = "0.1.0"
 

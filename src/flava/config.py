@@ -9,36 +9,71 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
+from .io.files import read_json
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds of a number field, checked when a config is read: `Annotated[float, Range(0, 1)]`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    """The low bound itself is not allowed."""
+    high_open: bool = False
+
+    def check(self, path: str, value: float) -> None:
+        ok = not (isinstance(value, float) and math.isnan(value))
+        if ok and self.low is not None:
+            ok = value > self.low if self.low_open else value >= self.low
+        if ok and self.high is not None:
+            ok = value < self.high if self.high_open else value <= self.high
+        if not ok:
+            raise ConfigError(f"{path} must lie in {self}; got {value!r}")
+
+    def __str__(self) -> str:
+        low = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        high = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{low}, {high}"
+
+
+PositiveInt = Annotated[int, Range(1)]
+NonNegativeInt = Annotated[int, Range(0)]
+NonNegative = Annotated[float, Range(0)]
+Positive = Annotated[float, Range(0, low_open=True)]
+Probability = Annotated[float, Range(0, 1)]
+Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"]
 
 
 @dataclass
 class TransformerConfig:
     """Fields shared by the three encoders (pre-norm transformer blocks)."""
 
-    hidden_size: int = 768
+    hidden_size: PositiveInt = 768
     """Width of the residual stream."""
-    num_layers: int = 12
+    num_layers: NonNegativeInt = 12
     """Number of transformer blocks."""
-    num_heads: int = 12
+    num_heads: PositiveInt = 12
     """Attention heads; must divide `hidden_size`."""
-    mlp_size: int = 3072
+    mlp_size: PositiveInt = 3072
     """Hidden width of each block's MLP."""
-    activation: str = "gelu"
+    activation: Activation = "gelu"
     """MLP activation: gelu (exact), gelu_tanh, relu, silu or quick_gelu."""
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: Positive = 1e-12
     """Epsilon of every LayerNorm in the encoder."""
     qkv_bias: bool = True
     """Whether the query/key/value projections have a bias."""
-    dropout: float = 0.0
+    dropout: Probability = 0.0
     """Dropout after the attention output and MLP projections (and on embeddings)."""
-    attention_dropout: float = 0.0
+    attention_dropout: Probability = 0.0
     """Dropout on attention probabilities."""
 
 
@@ -46,15 +81,15 @@ class TransformerConfig:
 class ImageEncoderConfig(TransformerConfig):
     """ViT image encoder."""
 
-    image_size: int = 224
+    image_size: PositiveInt = 224
     """Side of the square input image, in pixels."""
-    patch_size: int = 16
+    patch_size: PositiveInt = 16
     """Side of a square patch, in pixels; a remainder of `image_size` is cropped away."""
-    num_channels: int = 3
+    num_channels: PositiveInt = 3
     """Input channels."""
     use_mask_token: bool = True
     """Learn a mask token that replaces masked patch embeddings (needed for MIM/MMM)."""
-    vocab_size: int = 8192
+    vocab_size: PositiveInt = 8192
     """Number of image tokens (the dVAE codebook size) the masked-image heads predict."""
 
     @property
@@ -70,13 +105,13 @@ class ImageEncoderConfig(TransformerConfig):
 class TextEncoderConfig(TransformerConfig):
     """BERT-style text encoder."""
 
-    vocab_size: int = 30522
+    vocab_size: PositiveInt = 30522
     """WordPiece vocabulary size (BERT uncased: 30,522)."""
-    max_position_embeddings: int = 512
+    max_position_embeddings: PositiveInt = 512
     """Longest text, in tokens, including [CLS] and [SEP]."""
-    type_vocab_size: int = 2
+    type_vocab_size: PositiveInt = 2
     """Number of token types (segments)."""
-    pad_token_id: int = 0
+    pad_token_id: NonNegativeInt = 0
     """Id of the [PAD] token."""
 
 
@@ -84,7 +119,7 @@ class TextEncoderConfig(TransformerConfig):
 class MultimodalEncoderConfig(TransformerConfig):
     """Multimodal encoder over [CLS_M | image tokens | text tokens]."""
 
-    num_layers: int = 6
+    num_layers: NonNegativeInt = 6
     """Number of transformer blocks."""
     use_cls_token: bool = True
     """Prepend a learned CLS_M token (its output feeds ITM and multimodal tasks)."""
@@ -94,16 +129,16 @@ class MultimodalEncoderConfig(TransformerConfig):
 class CodebookConfig:
     """DALL-E dVAE encoder that turns an image into a grid of discrete tokens (8x downsampling)."""
 
-    hidden_size: int = 256
+    hidden_size: PositiveInt = 256
     """Width of the first group; the groups are 1x, 2x, 4x and 8x this."""
-    num_blocks_per_group: int = 2
+    num_blocks_per_group: PositiveInt = 2
     """Residual blocks in each of the four groups."""
-    num_groups: int = 4
+    num_groups: PositiveInt = 4
     """Counted into the residual gain 1/(num_groups * num_blocks_per_group)^2; the network always
     has DALL-E's four groups."""
-    vocab_size: int = 8192
+    vocab_size: PositiveInt = 8192
     """Number of discrete image tokens."""
-    input_channels: int = 3
+    input_channels: PositiveInt = 3
     """Input channels."""
 
 
@@ -119,11 +154,11 @@ class FlavaConfig:
     """Multimodal encoder."""
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
     """Image tokenizer giving MIM/MMM targets."""
-    projection_dim: int = 768
+    projection_dim: PositiveInt = 768
     """Size of the contrastive embeddings."""
     logit_scale_init: float = 2.6592
     """Initial contrastive logit scale, ln(1/0.07)."""
-    init_std: float = 0.02
+    init_std: NonNegative = 0.02
     """Standard deviation of the (truncated) normal weight initialisation."""
 
     @property
@@ -136,29 +171,29 @@ class FlavaConfig:
 class ObjectivesConfig:
     """Which pretraining losses run, how much each counts, and how their inputs are made."""
 
-    global_contrastive_weight: float = 1.0
+    global_contrastive_weight: NonNegative = 1.0
     """Image-text InfoNCE over the global batch (pairs). 0 skips it."""
-    itm_weight: float = 1.0
+    itm_weight: NonNegative = 1.0
     """Image-text matching on CLS_M (pairs). 0 skips it."""
-    mmm_image_weight: float = 1.0
+    mmm_image_weight: NonNegative = 1.0
     """Masked image tokens predicted from the multimodal encoder (pairs). 0 skips it."""
-    mmm_text_weight: float = 1.0
+    mmm_text_weight: NonNegative = 1.0
     """Masked text tokens predicted from the multimodal encoder (pairs). 0 skips it."""
-    mim_weight: float = 1.0
+    mim_weight: NonNegative = 1.0
     """Masked image tokens predicted from the image encoder (images). 0 skips it."""
-    mlm_weight: float = 1.0
+    mlm_weight: NonNegative = 1.0
     """Masked text tokens predicted from the text encoder (text). 0 skips it."""
     gather_with_grad: bool = True
     """Contrastive features are gathered from every process with gradient (else locally only)."""
-    itm_negatives: str = "swap"
+    itm_negatives: Literal["swap", "hard"] = "swap"
     """'swap': the original recipe, a pair's caption replaced by another one with probability
     `itm_negative_probability`; 'hard': ALBEF-style, one negative text per image and one
     negative image per text drawn by contrastive similarity over the global batch."""
-    itm_negative_probability: float = 0.1
+    itm_negative_probability: Probability = 0.1
     """Share of pairs turned into negatives by the 'swap' recipe."""
-    image_mask_ratio: float = 75 / 196
+    image_mask_ratio: Probability = 75 / 196
     """Share of patches block-masked for MIM/MMM (the paper: 75 of 196)."""
-    text_mask_probability: float = 0.15
+    text_mask_probability: Probability = 0.15
     """Share of text tokens chosen for MLM/MMM."""
     whole_word_masking: bool = False
     """Choose whole words (all their WordPieces) rather than single pieces."""
@@ -212,10 +247,58 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, include_extras=True)
 
 
-def _check_value(path: str, value: Any, tp: Any) -> Any:
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _describe(typing.get_args(tp)[0])
+    if origin is list:
+        return f"a list of {_describe((typing.get_args(tp) or (Any,))[0])}s"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def check_value(path: str, value: Any, tp: Any) -> Any:
+    """`value` checked against the field type `tp` (and converted where JSON is looser: an integer
+    for a float); a ConfigError naming `path` when it does not fit."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = check_value(path, value, base)
+        for extra in extras:
+            if isinstance(extra, Range):
+                extra.check(path, value)
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            raise ConfigError(f"{path} {value!r} is not valid; choose one of {', '.join(map(repr, choices))}"
+                              + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return value
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        rest = [o for o in options if o is not type(None)]
+        if len(rest) == 1:
+            return check_value(path, value, rest[0])
+        for option in rest:
+            try:
+                return check_value(path, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} fits none of {', '.join(_describe(o) for o in rest)}")
+    if origin is list or tp is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        return [check_value(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else value
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return check(value, path)
+        return from_dict(tp, value, path)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
@@ -232,32 +315,32 @@ def _check_value(path: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
-    if tp is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return value
     return value
 
 
+def check(cfg: Any, path: str = "") -> Any:
+    """Check every field of a config object (and its sections) against its type, in place; for
+    configs built in Python rather than read from a file. Returns `cfg`."""
+    types_ = _field_types(type(cfg))
+    for f in dataclasses.fields(cfg):
+        where = f"{path}.{f.name}" if path else f.name
+        setattr(cfg, f.name, check_value(where, getattr(cfg, f.name), types_[f.name]))
+    return cfg
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types by name."""
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong values by name."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected an object, got {data!r}")
-    types = _field_types(cls)
+    types_ = _field_types(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {where!r}{hint}")
-        tp = types[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value, where)
-        else:
-            kwargs[key] = _check_value(where, value, tp)
-    return cls(**kwargs)
+            raise ConfigError(f"unknown config key {where!r}{did_you_mean(key, names)}")
+        kwargs[key] = check_value(where, value, types_[key])
+    return check(cls(**kwargs), path)
 
 
 def set_value(cfg: Any, dotted: str, raw: str) -> None:
@@ -267,10 +350,7 @@ def set_value(cfg: Any, dotted: str, raw: str) -> None:
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]
         if part not in names:
-            where = ".".join(parts[: i + 1])
-            close = difflib.get_close_matches(part, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {where!r}{hint}")
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}{did_you_mean(part, names)}")
         if i < len(parts) - 1:
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
@@ -279,12 +359,7 @@ def set_value(cfg: Any, dotted: str, raw: str) -> None:
         value = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
-    tp = _field_types(type(target))[parts[-1]]
-    if dataclasses.is_dataclass(tp):
-        value = from_dict(tp, value, dotted)
-    else:
-        value = _check_value(dotted, value, tp)
-    setattr(target, parts[-1], value)
+    setattr(target, parts[-1], check_value(dotted, value, _field_types(type(target))[parts[-1]]))
 
 
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
@@ -297,7 +372,8 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 
 
 def validate(cfg: FlavaConfig) -> FlavaConfig:
-    """Check the relations between fields that a single type check cannot see."""
+    """Check every field, then the relations between fields that a single type cannot express."""
+    check(cfg)
     for name in ("image", "text", "multimodal"):
         enc = getattr(cfg, name)
         if enc.hidden_size % enc.num_heads:
@@ -305,35 +381,11 @@ def validate(cfg: FlavaConfig) -> FlavaConfig:
                 f"{name}.hidden_size ({enc.hidden_size}) must be divisible by "
                 f"{name}.num_heads ({enc.num_heads})"
             )
-        for k in ("hidden_size", "num_heads", "mlp_size"):
-            if getattr(enc, k) <= 0:
-                raise ConfigError(f"{name}.{k} must be positive")
-        if enc.num_layers < 0:
-            raise ConfigError(f"{name}.num_layers must not be negative")
-        from .model.layers import ACTIVATIONS  # local: config must not import torch eagerly
-
-        if enc.activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"{name}.activation {enc.activation!r} is not supported; "
-                f"choose one of {', '.join(sorted(ACTIVATIONS))}"
-            )
-    if not 0 < cfg.image.patch_size <= cfg.image.image_size:
+    if cfg.image.patch_size > cfg.image.image_size:
         raise ConfigError(
-            f"image.patch_size ({cfg.image.patch_size}) must be positive and at most "
-            f"image.image_size ({cfg.image.image_size})"
+            f"image.patch_size ({cfg.image.patch_size}) must be at most image.image_size ({cfg.image.image_size})"
         )
     return cfg
-
-
-def read_json(path: str | os.PathLike, what: str = "config file") -> Any:
-    """A user's JSON file, or one ConfigError saying it is missing or malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what} {path} is not valid JSON ({e})") from None
 
 
 def load_config(path: str | os.PathLike) -> FlavaConfig:

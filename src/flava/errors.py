@@ -1,5 +1,10 @@
 """Errors a user can cause. The CLI prints their message alone, without a traceback."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class FlavaError(Exception):
     """Base of every error whose message tells the user what to fix."""
@@ -19,3 +24,10 @@ class InputError(FlavaError, ValueError):
 
 class DataError(FlavaError, ValueError):
     """A data path matches nothing or a data set has no usable sample."""
+
+
+def did_you_mean(name: str, choices: Iterable[str], known: str = "known keys") -> str:
+    """'; did you mean X?' naming the nearest choice, else '; {known}: a, b, ...'."""
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; {known}: {', '.join(choices)}"

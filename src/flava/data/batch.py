@@ -1,10 +1,32 @@
-"""The three kinds of training batch. Masks and labels are made by the data pipeline."""
+"""The three kinds of training batch, and the conventions their tensors share.
+
+Masks and labels are made by the data pipeline; losses read them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+IGNORE_INDEX = -100
+"""Label of a position no loss reads (PyTorch's cross-entropy default)."""
+
+
+def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], value: int) -> torch.Tensor:
+    """[len(rows), longest] long tensor: each row left-aligned, the rest `value`."""
+    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+    return out
+
+
+def attention_mask(rows: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
+    """[len(rows), longest] 1 for each row's tokens, 0 for the padding `pad_rows` adds."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    longest = int(lengths.max()) if len(rows) else 0
+    return (torch.arange(longest)[None, :] < lengths[:, None]).long()
 
 
 class _Batch:
@@ -31,7 +53,7 @@ class PairBatch(_Batch):
     masked_input_ids: torch.Tensor
     """[B, L] token ids after text masking (ITM, MMM)."""
     mlm_labels: torch.Tensor
-    """[B, L] original ids at chosen positions, -100 elsewhere."""
+    """[B, L] original ids at chosen positions, IGNORE_INDEX elsewhere."""
     codebook_pixels: torch.Tensor | None = None
     """[B, C, 8g, 8g] the same crop for the image tokenizer, in its input range."""
     image_targets: torch.Tensor | None = None
@@ -55,6 +77,3 @@ class TextBatch(_Batch):
     masked_input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mlm_labels: torch.Tensor
-
-
-Batch = PairBatch | ImageBatch | TextBatch

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..codebook import map_pixels
+from ..config import FlavaConfig, ObjectivesConfig
 from ..errors import DataError
-from ..masking import BlockMasking, TextMasking
-from .batch import ImageBatch, PairBatch, TextBatch
+from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
+from .masking import BlockMasking, TextMasking
 from .sources import BadSample, ImageRecord, PairRecord, Source, open_image, read_caption
 from .tokenizer import PAD_ID, TextTokenizer
-from .transforms import normalize, random_resized_crop_box, to_tensor
+from .transforms import map_pixels, normalize, random_resized_crop_box, to_tensor
 
 
 @dataclass
@@ -40,6 +40,16 @@ class SampleSpec:
     max_caption_chars: int = 2000
     """Captions longer than this are treated as broken data (a page pasted into a caption)."""
     tokenizer_file: str | None = None
+
+    @classmethod
+    def for_model(cls, model: FlavaConfig, objectives: ObjectivesConfig, max_text_length: int,
+                  crop_scale_min: float) -> "SampleSpec":
+        """What a model of config `model` trains on under `objectives`."""
+        return cls(image_size=model.image.image_size, codebook_image_size=model.codebook_image_size,
+                   grid=model.image.grid_size, max_text_length=max_text_length,
+                   image_mask_ratio=objectives.image_mask_ratio,
+                   text_mask_probability=objectives.text_mask_probability,
+                   whole_word=objectives.whole_word_masking, crop_scale=(crop_scale_min, 1.0))
 
 
 class SampleMaker:
@@ -91,19 +101,12 @@ class SampleMaker:
         return self._text(record, rng, caption=False)
 
 
-def _pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
-    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
-
-
 def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
     if kind in ("pairs", "text"):
         ids = [s["input_ids"] for s in samples]
-        mask = _pad([torch.ones(len(r), dtype=torch.long) for r in ids], 0)
-        masked, labels = _pad([s["masked_input_ids"] for s in samples], PAD_ID), _pad(
-            [s["mlm_labels"] for s in samples], -100)
+        mask = attention_mask(ids)
+        masked = pad_rows([s["masked_input_ids"] for s in samples], PAD_ID)
+        labels = pad_rows([s["mlm_labels"] for s in samples], IGNORE_INDEX)
     if kind == "text":
         return TextBatch(masked, mask, labels)
     pixels = torch.stack([s["pixel_values"] for s in samples])
@@ -111,7 +114,7 @@ def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatc
     patch_mask = torch.stack([s["patch_mask"] for s in samples])
     if kind == "images":
         return ImageBatch(pixels, patch_mask, codebook_pixels=codebook)
-    return PairBatch(pixels, _pad(ids, PAD_ID), mask, patch_mask, masked, labels, codebook_pixels=codebook)
+    return PairBatch(pixels, pad_rows(ids, PAD_ID), mask, patch_mask, masked, labels, codebook_pixels=codebook)
 
 
 @dataclass

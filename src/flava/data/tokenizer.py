@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..errors import DataError
+from .batch import attention_mask, pad_rows
 
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = 0, 100, 101, 102, 103
 
@@ -56,10 +57,4 @@ class TextTokenizer:
 
     def __call__(self, texts: list[str]) -> TokenizedText:
         ids = self.encode(texts)
-        L = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), L), PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(ids), L), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return TokenizedText(input_ids, mask)
+        return TokenizedText(pad_rows(ids, PAD_ID), attention_mask(ids))

@@ -9,6 +9,8 @@ from PIL import Image
 # CLIP's statistics, which FLAVA's image processor uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The dVAE codebook reads pixels squeezed into [eps, 1 - eps] (DALL-E's `map_pixels`).
+LOGIT_LAPLACE_EPS = 0.1
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
@@ -39,6 +41,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
     std = torch.tensor(CLIP_STD).view(3, 1, 1)
     return (x - mean) / std
+
+
+def map_pixels(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> the image codebook's input range."""
+    return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
 
 
 def eval_transform(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:

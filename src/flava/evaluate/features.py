@@ -79,13 +79,13 @@ def pixel_batches(images: Sequence[ImageLike], size: int, batch_size: int) -> It
 def _run_images(model: FlavaModel, images: Sequence[ImageLike], batch_size: int,
                 progress: Progress | None, embed: bool) -> np.ndarray:
     check_image_files(images)
-    device = model.image_encoder.patch_embed.weight.device
+    device = model.device
     width = model.config.projection_dim if embed else model.config.image.hidden_size
     out = [np.zeros((0, width), dtype=np.float32)]
     done = 0
     with evaluating(model):
         for pixels in pixel_batches(images, model.config.image.image_size, batch_size):
-            state = model.image_encoder(pixels.to(device), cls_only=True)
+            state = model.encode_image_tokens(pixels.to(device), cls_only=True)
             feats = model.image_embedding(state) if embed else state.last_hidden_state[:, 0]
             out.append(feats.float().cpu().numpy())
             done += len(pixels)
@@ -101,13 +101,13 @@ def _run_texts(model: FlavaModel, texts: Sequence[str], tokenizer: TextTokenizer
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise InputError(f"texts must be strings; item {bad} is a {type(texts[bad]).__name__}")
-    device = model.text_encoder.word_embeddings.weight.device
+    device = model.device
     width = model.config.projection_dim if embed else model.config.text.hidden_size
     out = [np.zeros((0, width), dtype=np.float32)]
     with evaluating(model):
         for start in range(0, len(texts), batch_size):
             tok = tokenizer(list(texts[start:start + batch_size]))
-            state = model.text_encoder(tok.input_ids.to(device), tok.attention_mask.to(device), cls_only=True)
+            state = model.encode_text_tokens(tok.input_ids.to(device), tok.attention_mask.to(device), cls_only=True)
             feats = model.text_embedding(state) if embed else state.last_hidden_state[:, 0]
             out.append(feats.float().cpu().numpy())
             if progress is not None:

@@ -31,7 +31,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Annotated, Callable
 
 import numpy as np
 import torch
@@ -40,14 +40,15 @@ from tokenizers import Tokenizer
 from PIL import Image
 from torch import nn
 
+from ..config import NonNegative, PositiveInt, Probability, Range, check
+from ..data.batch import attention_mask, pad_rows
 from ..data.sources import BadSample, open_image
 from ..data.tokenizer import PAD_ID, TextTokenizer
 from ..data.transforms import normalize, resize_center_crop
 from ..errors import ConfigError, DataError
-from ..model.encoders import EncoderOutput
-from ..model.flava import FlavaModel, init_weights
+from ..model.flava import FlavaModel, TextTower, init_weights
 from ..model.layers import Activation
-from ..train.optim import build_optimizer, warmup_cosine
+from ..optim import build_optimizer, warmup_cosine
 from . import metrics as M
 from .tasks import MultimodalExample, MultimodalTask, TextTask, check_multimodal_task, check_text_task
 
@@ -64,62 +65,34 @@ class FinetuneSettings:
     with weight decay 0.01, batch 256, 2,000 warmup steps then cosine; GLUE follows RoBERTa
     (lr 1e-5 to 3e-5, batch 16 or 32, 6 % warmup, 10 epochs)."""
 
-    lr: float = 1e-4
+    lr: Annotated[float, Range(0, low_open=True)] = 1e-4
     """Peak learning rate. A frozen encoder's head trains well with about 1e-3."""
-    epochs: int = 3
+    epochs: PositiveInt = 3
     """Passes over the training split (fewer if `max_steps` stops earlier)."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Training examples per step."""
-    weight_decay: float = 0.01
+    weight_decay: NonNegative = 0.01
     """AdamW weight decay (not applied to norms, biases and tokens)."""
-    warmup_fraction: float = 0.06
+    warmup_fraction: Annotated[float, Range(0, 1, high_open=True)] = 0.06
     """Share of the steps spent warming the learning rate up linearly; cosine decay to 0 after."""
-    max_steps: int | None = None
+    max_steps: PositiveInt | None = None
     """Stop after this many steps even within an epoch."""
-    eval_every: int | None = None
+    eval_every: PositiveInt | None = None
     """Evaluate on validation every this many steps; None: at the end of every epoch."""
     train_encoders: bool = True
     """Full fine-tuning; False trains the head alone on features computed once."""
-    head_hidden: int = 1536
+    head_hidden: PositiveInt = 1536
     """Hidden width of the image + text head (the paper: 1536)."""
-    head_dropout: float = 0.1
+    head_dropout: Annotated[float, Range(0, 1, high_open=True)] = 0.1
     """Dropout inside the heads (RoBERTa's head uses 0.1)."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: NonNegative = 1.0
     """Clip the gradient norm to this; 0 turns clipping off."""
-    eval_batch_size: int = 128
+    eval_batch_size: PositiveInt = 128
     """Examples per forward pass when computing features and evaluating."""
-    max_text_length: int | None = None
+    max_text_length: PositiveInt | None = None
     """Tokens per text (pair) including [CLS]/[SEP]; default: the tokenizer's, capped by the model."""
     seed: int = 0
     """Seeds the head's initialisation, dropout and the order of training examples."""
-
-    def check(self) -> "FinetuneSettings":
-        def positive_int(name, allow_none=False):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"finetune setting {name} must be a positive integer; got {v!r}")
-
-        for name in ("epochs", "batch_size", "head_hidden", "eval_batch_size"):
-            positive_int(name)
-        for name in ("max_steps", "eval_every", "max_text_length"):
-            positive_int(name, allow_none=True)
-        def number(name, lo, hi, lo_open=False):
-            v = getattr(self, name)
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and (lo < v if lo_open else lo <= v) and v < hi
-            if not ok:
-                bracket = "(" if lo_open else "["
-                raise ConfigError(f"finetune setting {name} must lie in {bracket}{lo}, {hi}); got {v!r}")
-
-        number("lr", 0, math.inf, lo_open=True)
-        number("weight_decay", 0, math.inf)
-        number("warmup_fraction", 0, 1)
-        number("head_dropout", 0, 1)
-        number("max_grad_norm", 0, math.inf)
-        if not isinstance(self.train_encoders, bool) or isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError("finetune settings train_encoders must be true/false and seed an integer")
-        return self
 
 
 @dataclass
@@ -192,15 +165,14 @@ class MultimodalHead(nn.Module):
 class TextClassifier(nn.Module):
     """A copy of FLAVA's text encoder and a head on its CLS state."""
 
-    def __init__(self, text_encoder: nn.Module, head: nn.Module):
+    def __init__(self, tower: TextTower, head: nn.Module):
         super().__init__()
-        self.text_encoder = text_encoder
+        self.tower = tower
         self.head = head
 
     def features(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
         # cls_only: the last block updates token 0 alone, the only state the head reads.
-        out = self.text_encoder(input_ids, attention_mask, token_type_ids, cls_only=True)
-        return out.last_hidden_state[:, 0]
+        return self.tower(input_ids, attention_mask, token_type_ids, cls_only=True).last_hidden_state[:, 0]
 
     def forward(self, **inputs) -> torch.Tensor:
         return self.head(self.features(**inputs))
@@ -218,26 +190,20 @@ class MultimodalClassifier(nn.Module):
         """`pixel_values` holds each distinct image of the batch once; `image_index[i]` is row i's
         image. Questions about one image share its image-encoder pass (exact: the rows are copies)."""
         f = self.flava
-        image = f.encode_image_tokens(pixel_values)
-        image = EncoderOutput(image.last_hidden_state[image_index], image.pre_norm_hidden_state[image_index])
+        image = f.image_to_multimodal(f.encode_image_tokens(pixel_values))[image_index]
         # skip_padding: zeros at text padding, which the multimodal encoder masks out anyway.
-        text = f.text_encoder(input_ids, attention_mask, token_type_ids, skip_padding=True)
-        return f.fuse(image, text, skip_padding=True).cls
+        text = f.text_to_multimodal(f.encode_text_tokens(input_ids, attention_mask, token_type_ids, skip_padding=True))
+        return f.fuse_tokens(image, text, attention_mask, skip_padding=True).cls
 
     def forward(self, **inputs) -> torch.Tensor:
         return self.head(self.features(**inputs))
 
 
 def _freeze_unused(flava: FlavaModel) -> None:
-    """Parameters off the CLS_M path (contrastive projections, poolers, the mask token) get no
-    gradient; leaving them out keeps them out of the optimizer."""
-    unused = [flava.image_projection, flava.text_projection, flava.image_encoder.pooler,
-              flava.text_encoder.pooler, flava.multimodal_encoder.pooler]
-    for module in unused:
-        module.requires_grad_(False)
-    flava.logit_scale.requires_grad_(False)
-    if flava.image_encoder.mask_token is not None:
-        flava.image_encoder.mask_token.requires_grad_(False)
+    """Parameters off the CLS_M path get no gradient; leaving them out keeps them out of the
+    optimizer."""
+    for p in flava.unused_by_fusion():
+        p.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------- text encoding
@@ -274,15 +240,8 @@ def _encode(tok: Tokenizer, texts: list[str], texts2: list[str | None] | None) -
 
 
 def _pad(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    L = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), L), PAD_ID, dtype=torch.long)
-    mask = torch.zeros((len(rows), L), dtype=torch.long)
-    types = torch.zeros((len(rows), L), dtype=torch.long)
-    for i, (ids, tt) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        types[i, : len(tt)] = torch.tensor(tt)
-    return input_ids, mask, types
+    ids = [r[0] for r in rows]
+    return pad_rows(ids, PAD_ID), attention_mask(ids), pad_rows([r[1] for r in rows], 0)
 
 
 def encode_pairs(tokenizer: TextTokenizer, texts: list[str], texts2: list[str] | None = None,
@@ -547,7 +506,7 @@ def _check_common(model, tokenizer, settings) -> int:
         raise ConfigError(f"tokenizer must be a flava TextTokenizer, not {type(tokenizer).__name__}")
     if not isinstance(settings, FinetuneSettings):
         raise ConfigError(f"settings must be FinetuneSettings, not {type(settings).__name__}")
-    settings.check()
+    check(settings)
     tc = model.config.text
     if tokenizer.vocab_size > tc.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder only "
@@ -579,13 +538,13 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
     num_outputs = 1 if regression else len(task.label_names)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        encoder = copy.deepcopy(model.text_encoder).eval()
-        encoder.requires_grad_(settings.train_encoders)
-        encoder.pooler.requires_grad_(False)  # unused: the head has its own dense + tanh
+        tower = model.text_tower().eval()
+        if not settings.train_encoders:
+            tower.requires_grad_(False)
         head = TextHead(model.config.text.hidden_size, num_outputs, settings.head_dropout)
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),
-                   list(task.label_names), num_outputs, TextClassifier(encoder, head), splits, _text_inputs)
+                   list(task.label_names), num_outputs, TextClassifier(tower, head), splits, _text_inputs)
         return _run(job, settings, on_step)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..storage import write_json_atomic
+from ..io.files import write_json_atomic, write_text_atomic
 from .suite import DOMAINS, SuiteResult, TaskResult
 
 MAX_CONFUSION_CLASSES = 30
@@ -188,8 +188,6 @@ def write_report(results: list[SuiteResult], directory: Path, labels: list[str] 
                 lines.append(f"\n![{task.name}]({pic})")
             lines.append("")
     md = directory / "report.md"
-    tmp = md.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(md)
+    write_text_atomic(md, "\n".join(lines) + "\n")
     return md
 

@@ -26,8 +26,8 @@ def untrained_like(model, seed: int = 0):
 
 def load_model(path: str | Path):
     """A checkpoint directory, or a run directory's newest checkpoint, loaded for evaluation."""
-    from ..storage import load
-    from ..train.init import resolve
+    from ..hub import load
+    from ..io.runs import resolve
 
     p = resolve(path)
     return load(p).eval(), p

@@ -18,7 +18,6 @@ data set (see DATASETS); the demo suite uses only those.
 
 from __future__ import annotations
 
-import difflib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, FlavaError
+from ..errors import ConfigError, DataError, FlavaError, did_you_mean
 from . import metrics as M
 from .finetune import FinetuneResult, FinetuneSettings
 from .tasks import MultimodalTask, TextTask
@@ -271,9 +270,7 @@ def _finetune(name, domain, task: TextTask | MultimodalTask, settings: FinetuneS
 def _check_keys(spec: dict, allowed: set[str], where: str) -> None:
     for key in spec:
         if key not in allowed:
-            close = difflib.get_close_matches(key, sorted(allowed), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(allowed))}"
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, sorted(allowed))}")
 
 
 def _path(base: Path, value: Any, where: str, must_exist: bool = True) -> Path:
@@ -287,9 +284,9 @@ def _path(base: Path, value: Any, where: str, must_exist: bool = True) -> Path:
 
 
 def _image_folder(path: Path, where: str, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
-    from ..data.sources import image_folder
+    from ..data.registry import open_source
 
-    src = image_folder(str(path))
+    src = open_source("images", str(path))
     if not src.classes:
         raise DataError(f"{where}: {path} has no class sub-folders (one folder of images per class)")
     if classes is not None and src.classes != classes:
@@ -323,7 +320,7 @@ def _settings(spec: dict, defaults: dict, where: str) -> FinetuneSettings:
 
     merged = {**defaults, **spec.get("settings", {})}
     try:
-        return from_dict(FinetuneSettings, merged, f"{where}.settings").check()
+        return from_dict(FinetuneSettings, merged, f"{where}.settings")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -335,9 +332,7 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
         raise ConfigError(f"{where}: a task is a JSON object, got {type(spec).__name__}")
     kind = spec.get("kind")
     if kind not in KINDS:
-        close = difflib.get_close_matches(str(kind), KINDS, n=1)
-        raise ConfigError(f"{where}: kind {kind!r} must be one of {', '.join(KINDS)}"
-                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ConfigError(f"{where}: kind {kind!r} is not a task kind{did_you_mean(str(kind), KINDS, 'choose one of')}")
     _check_keys(spec, KEYS[kind] | COMMON, where)
     data = spec.get("data")
     if data is not None and data not in DATASETS[kind]:
@@ -504,7 +499,7 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     elif str(source) == "demo":
         spec, base = DEMO_SUITE, Path.cwd()
     else:
-        from ..config import read_json
+        from ..io.files import read_json
 
         path = Path(source)
         spec, base = read_json(path, "suite file"), path.parent

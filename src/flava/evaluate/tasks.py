@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ConfigError, DataError
+from ..io.files import read_json
 
 # Metric names the fine-tuner knows (functions of flava.evaluate.metrics).
 METRICS = ("accuracy", "f1", "matthews_corrcoef", "pearson", "spearman", "auroc", "vqa_score")
@@ -454,12 +455,7 @@ def easy_vqa_task(val_fraction: float = 0.1, seed: int = 0, limit: int | None = 
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, "annotation file", DataError, expect=dict)
 
 
 def _vqa_split(questions_file: Path, annotations_file: Path, image_dir: Path) -> list[tuple]:

@@ -3,7 +3,6 @@ classification by prompts, plus readers for the usual retrieval annotation files
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,9 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import csv_pairs
+from ..data.registry import open_source
 from ..data.tokenizer import TextTokenizer
 from ..errors import DataError, InputError
+from ..io.files import read_json
 from ..model.flava import FlavaModel
 from . import metrics
 from .features import ImageLike, Progress, check_image_files, image_embeddings, text_embeddings
@@ -109,12 +109,7 @@ def read_karpathy_json(path: str | os.PathLike, split: str, image_root: str | os
     its sentences' `raw` strings, in file order. Every image file must exist.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"annotation file {p} does not exist")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{p} is not valid JSON: {e}") from None
+    data = read_json(p, "annotation file", DataError)
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise DataError(f'{p} is not in the Karpathy format: no top-level "images" list')
@@ -139,7 +134,7 @@ def read_retrieval_csv(path: str | os.PathLike) -> RetrievalSet:
     """A CSV (TSV by suffix) with columns `image` and `caption`, one row per caption; rows naming
     the same image (after path normalisation) are that image's captions, images in order of
     first appearance. Relative image paths are relative to the file. Every image must exist."""
-    source = csv_pairs(str(path))
+    source = open_source("pairs", str(path))
     groups: dict[Path, list[str]] = {}
     for record in source.records:
         groups.setdefault(Path(os.path.normpath(record.image)), []).append(record.caption)

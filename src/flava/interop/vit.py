@@ -1,7 +1,7 @@
 """Hugging Face ViT checkpoints (e.g. DINO ViT-B/16, as the paper uses) for the image encoder.
 
 A transformers `ViTModel` is FLAVA's image encoder under the same weight names as transformers'
-FLAVA image model, so its names are translated by `interop.hf`'s templates. What is dropped:
+FLAVA image model, so its names are translated by `interop.transformers`' templates. What is dropped:
 the ViT pooler (FLAVA never reads the image pooler, and ViT's has its own activation and width
 settings; ours keeps its initialisation), the classifier of `ViTForImageClassification` and the
 decoder of `ViTForMaskedImageModeling`.
@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ImageEncoderConfig, TransformerConfig
-from ..errors import CheckpointError
-from ..model.encoders import ImageEncoder
-from . import hf
+from ..errors import CheckpointError, InputError
+from ..io.checkpoint import CONFIG, read_config, read_weights
+from ..model.encoders import ImageEncoder, resize_position_table
+from . import transformers as hf
 
 _VIT_DEFAULTS = dict(hf._HF_TRANSFORMER_DEFAULTS, image_size=224, patch_size=16, num_channels=3)
 
@@ -93,17 +93,11 @@ def check_fit(what: str, theirs: dict[str, torch.Tensor], own: dict[str, torch.T
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """[1, 1 + g*g, D] -> [1, 1 + grid*grid, D], as `ImageEncoder.position_embeddings` does at run time."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
-    g = int(round(patch_pos.shape[1] ** 0.5))
-    if g * g != patch_pos.shape[1]:
-        raise CheckpointError(f"a position table of {patch_pos.shape[1]} patches is not a square grid")
-    if g == grid:
-        return pos_embed
-    d = patch_pos.shape[-1]
-    patch_pos = patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, grid * grid, d)], dim=1)
+    """A checkpoint's position table re-gridded to grid x grid patches."""
+    try:
+        return resize_position_table(pos_embed, grid, grid)
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def state_dict_from_vit(tensors: dict[str, torch.Tensor], origin: Path | str) -> tuple[dict, list[str]]:
@@ -134,12 +128,10 @@ class VitCheckpoint:
 
 def read_vit(path: str | os.PathLike) -> VitCheckpoint:
     """A transformers ViT checkpoint directory (config.json + weights), in our names."""
-    from ..storage import CONFIG, _read_json, read_weights
-
     path = Path(path)
     if not (path / CONFIG).is_file():
         raise CheckpointError(f"{path} is not a ViT checkpoint: it has no {CONFIG}")
-    data = _read_json(path / CONFIG)
+    data = read_config(path)
     if not is_vit_config(data):
         raise CheckpointError(f"{path} is not a Hugging Face ViT checkpoint (model_type {data.get('model_type')!r})")
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +85,21 @@ class MultimodalOutput:
         return self.last_hidden_state[:, self.layout.text]
 
 
+def resize_position_table(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[1, 1 + g*g, D] (CLS first, then a square grid of patches) -> [1, 1 + grid_h*grid_w, D], the
+    patch positions resized bicubically as transformers' `interpolate_pos_encoding` does."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    g = math.isqrt(patch_pos.shape[1])
+    if g * g != patch_pos.shape[1]:
+        raise InputError(f"a position table of {patch_pos.shape[1]} patches is not a square grid")
+    if (grid_h, grid_w) == (g, g):
+        return pos_embed
+    d = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d)], dim=1)
+
+
 class ImageEncoder(nn.Module):
     """ViT: patch embedding, a learned mask token, CLS, learned positions, pre-norm blocks."""
 
@@ -122,15 +138,7 @@ class ImageEncoder(nn.Module):
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """[1, 1 + grid_h*grid_w, D], bicubically resized when the grid differs from the trained one."""
-        g = self.cfg.grid_size
-        if (grid_h, grid_w) == (g, g):
-            return self.pos_embed
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
-        d = patch_pos.shape[-1]
-        patch_pos = patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
-        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d)
-        return torch.cat([cls_pos, patch_pos], dim=1)
+        return resize_position_table(self.pos_embed, grid_h, grid_w)
 
     def resize(self, image_size: int) -> None:
         """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""

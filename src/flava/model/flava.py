@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -10,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FlavaConfig, validate
+from ..config import FlavaConfig, to_dict, validate
 from ..errors import InputError
+from ..io.checkpoint import save_checkpoint
 from .encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, MultimodalOutput, TextEncoder
+from .layers import Transformer
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -46,7 +49,7 @@ def init_weights(module: nn.Module, std: float) -> None:
 
 
 class FlavaModel(nn.Module):
-    """FLAVA's encoders. Heads and losses live elsewhere (`flava.model.heads`, `flava.losses`)."""
+    """FLAVA's encoders. Heads and losses live elsewhere (`flava.model.heads`, `flava.objectives`)."""
 
     def __init__(self, config: FlavaConfig):
         super().__init__()
@@ -75,15 +78,22 @@ class FlavaModel(nn.Module):
 
     # ------------------------------------------------------------------ unimodal
 
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
     def encode_image_tokens(
         self,
         pixel_values: torch.Tensor,
         patch_mask: torch.Tensor | None = None,
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
+        cls_only: bool = False,
     ) -> EncoderOutput:
-        """Per-token image states (see `EncoderOutput`)."""
-        return self.image_encoder(pixel_values, patch_mask, interpolate_pos_encoding, output_hidden_states)
+        """Per-token image states (see `EncoderOutput`). `patch_mask` [B, num_patches] marks patches
+        replaced by the mask token; `cls_only` returns the CLS state alone and skips the work only
+        the other tokens need."""
+        return self.image_encoder(pixel_values, patch_mask, interpolate_pos_encoding, output_hidden_states, cls_only)
 
     def encode_text_tokens(
         self,
@@ -91,9 +101,13 @@ class FlavaModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
+        cls_only: bool = False,
+        skip_padding: bool = False,
     ) -> EncoderOutput:
-        """Per-token text states (see `EncoderOutput`)."""
-        return self.text_encoder(input_ids, attention_mask, token_type_ids, output_hidden_states)
+        """Per-token text states (see `EncoderOutput`). `cls_only` returns the CLS state alone;
+        `skip_padding` leaves zeros at padding (for losses and fusion, which never read them)."""
+        return self.text_encoder(input_ids, attention_mask, token_type_ids, output_hidden_states, cls_only,
+                                 skip_padding)
 
     def image_embedding(self, image: EncoderOutput) -> torch.Tensor:
         """normalize(image_projection(LN(H_I)[:, 0])): one [D] vector per image."""
@@ -106,7 +120,7 @@ class FlavaModel(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """[B, projection_dim] L2-normalised contrastive image embeddings."""
         return self.image_embedding(
-            self.image_encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, cls_only=True)
+            self.encode_image_tokens(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, cls_only=True)
         )
 
     def encode_text(
@@ -116,9 +130,27 @@ class FlavaModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, projection_dim] L2-normalised contrastive text embeddings."""
-        return self.text_embedding(self.text_encoder(input_ids, attention_mask, token_type_ids, cls_only=True))
+        return self.text_embedding(self.encode_text_tokens(input_ids, attention_mask, token_type_ids, cls_only=True))
 
     # ------------------------------------------------------------------ multimodal
+
+    def image_to_multimodal(self, image: EncoderOutput) -> torch.Tensor:
+        """[B, N, D_mm] image states (before the final LayerNorm) projected to the multimodal width."""
+        return self.image_to_mm_projection(image.pre_norm_hidden_state)
+
+    def text_to_multimodal(self, text: EncoderOutput) -> torch.Tensor:
+        """[B, L, D_mm] text states (before the final LayerNorm) projected to the multimodal width."""
+        return self.text_to_mm_projection(text.pre_norm_hidden_state)
+
+    def fuse_tokens(
+        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_attention_mask: torch.Tensor | None = None,
+        output_hidden_states: bool = False, skip_padding: bool = False,
+    ) -> MultimodalOutput:
+        """The multimodal encoder over already projected tokens (`image_to_multimodal`,
+        `text_to_multimodal`), row i of each forming pair i; rows may be selected or repeated
+        between projection and fusion (ITM negatives, several questions per image)."""
+        return self.multimodal_encoder(image_tokens, text_tokens, text_attention_mask, output_hidden_states,
+                                       skip_padding)
 
     def fuse(
         self, image: EncoderOutput, text: EncoderOutput, output_hidden_states: bool = False,
@@ -126,13 +158,8 @@ class FlavaModel(nn.Module):
     ) -> MultimodalOutput:
         """Run the multimodal encoder on already computed unimodal states (pre-final-norm).
         `skip_padding`: for losses, which never read the states at text padding."""
-        return self.multimodal_encoder(
-            self.image_to_mm_projection(image.pre_norm_hidden_state),
-            self.text_to_mm_projection(text.pre_norm_hidden_state),
-            text.attention_mask,
-            output_hidden_states,
-            skip_padding,
-        )
+        return self.fuse_tokens(self.image_to_multimodal(image), self.text_to_multimodal(text), text.attention_mask,
+                                output_hidden_states, skip_padding)
 
     def encode_multimodal(
         self,
@@ -179,13 +206,46 @@ class FlavaModel(nn.Module):
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
 
+    def unused_by_fusion(self) -> list[nn.Parameter]:
+        """Parameters the CLS_M path (unmasked images and texts fused) never reads: the contrastive
+        projections and logit scale, the poolers and the mask token."""
+        modules = [self.image_projection, self.text_projection, self.image_encoder.pooler,
+                   self.text_encoder.pooler, self.multimodal_encoder.pooler]
+        params = [p for m in modules for p in m.parameters()] + [self.logit_scale]
+        return params + ([self.image_encoder.mask_token] if self.image_encoder.mask_token is not None else [])
+
+    def text_tower(self) -> TextTower:
+        """A copy of the text encoder alone, to train a text task without the other encoders."""
+        return TextTower(copy.deepcopy(self.text_encoder))
+
+    def resize_image(self, image_size: int) -> None:
+        """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""
+        self.image_encoder.resize(image_size)
+
+    def block_stacks(self) -> list[Transformer]:
+        """The three encoders' block stacks (for activation checkpointing, compiling, sharding)."""
+        return [self.image_encoder.transformer, self.text_encoder.transformer, self.multimodal_encoder.transformer]
+
     # ------------------------------------------------------------------ io
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors (this project's format) atomically."""
-        from ..storage import save_model
-
-        save_model(directory, self.config, {"model": self})
+        save_checkpoint(directory, to_dict(self.config), {"model": self.state_dict()})
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class TextTower(nn.Module):
+    """The text encoder without the rest of FLAVA. Its pooler, which no objective trains and
+    classification heads replace with their own, is frozen."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        self.encoder = encoder
+        encoder.pooler.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, cls_only: bool = False,
+                skip_padding: bool = False) -> EncoderOutput:
+        return self.encoder(input_ids, attention_mask, token_type_ids, cls_only=cls_only, skip_padding=skip_padding)

@@ -1,11 +1,11 @@
-"""Pretraining heads, kept apart from the encoders: MIM, MLM, MMM-image, MMM-text, ITM."""
+"""Pretraining head modules, kept apart from the encoders; which objective uses which is
+`flava.objectives.registry`."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..config import FlavaConfig
 from .layers import Activation
 
 
@@ -33,20 +33,3 @@ class ITMHead(nn.Module):
 
     def forward(self, cls_state: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.tanh(self.pooler(cls_state)))
-
-
-class PretrainingHeads(nn.Module):
-    """The five prediction heads. Each MMM head reads the multimodal encoder's width; its
-    activation and LayerNorm epsilon follow the modality it predicts."""
-
-    def __init__(self, config: FlavaConfig):
-        super().__init__()
-        ic, tc, mc = config.image, config.text, config.multimodal
-        self.mim = MaskedPredictionHead(ic.hidden_size, ic.vocab_size, ic.activation, ic.layer_norm_eps)
-        self.mlm = MaskedPredictionHead(tc.hidden_size, tc.vocab_size, tc.activation, tc.layer_norm_eps)
-        self.mmm_image = MaskedPredictionHead(mc.hidden_size, ic.vocab_size, ic.activation, ic.layer_norm_eps)
-        self.mmm_text = MaskedPredictionHead(mc.hidden_size, tc.vocab_size, tc.activation, tc.layer_norm_eps)
-        self.itm = ITMHead(mc.hidden_size)
-        from .flava import init_weights
-
-        init_weights(self, config.init_std)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import Activation as ActivationName
 from ..config import TransformerConfig
 
 
@@ -23,6 +25,7 @@ ACTIVATIONS = {
     "silu": F.silu,
     "quick_gelu": _quick_gelu,
 }
+assert set(ACTIVATIONS) == set(typing.get_args(ActivationName)), "config.Activation and ACTIVATIONS disagree"
 
 
 # In-place versions save a large allocation per MLP when no gradient needs the input.

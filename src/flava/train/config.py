@@ -3,33 +3,44 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-from ..config import FlavaConfig, ObjectivesConfig, preset
+from ..config import (
+    FlavaConfig,
+    NonNegative,
+    NonNegativeInt,
+    ObjectivesConfig,
+    Positive,
+    PositiveInt,
+    Probability,
+    Range,
+    preset,
+)
 
 
 @dataclass
 class DataConfig:
     """Where the samples come from and how they are batched."""
 
-    pairs: list = field(default_factory=list)
+    pairs: list[str] = field(default_factory=list)
     """Image-text pair sources: .csv/.tsv files (columns image, caption), WebDataset .tar shards
     (a file, a directory of shards or a glob), parquet files, or a Hugging Face dataset saved to
     disk (`DIR`, `DIR:train`, `DIR:train?image=jpg&caption=txt`). Empty: the packaged demo pairs."""
-    images: list = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
     """Image folders, parquet files or Hugging Face datasets on disk (`?image=col`). Empty: the
     packaged demo images."""
-    text: list = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
     """.txt (a text per line) or .jsonl ("text" field) files, parquet files or Hugging Face
     datasets on disk (`?text=col`). Empty: the packaged demo text."""
-    mixing: list = field(default_factory=lambda: [0.70, 0.15, 0.15])
+    mixing: list[NonNegative] = field(default_factory=lambda: [0.70, 0.15, 0.15])
     """Probability that a step trains on pairs, images, text (paper Table A.2)."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Samples per step on each process."""
-    num_workers: int = 1
+    num_workers: NonNegativeInt = 1
     """Loader worker processes per data kind."""
-    max_text_length: int = 64
+    max_text_length: Annotated[int, Range(3)] = 64
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
-    crop_scale_min: float = 0.9
+    crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.9
     """RandomResizedCrop keeps at least this share of the image."""
 
 
@@ -37,17 +48,17 @@ class DataConfig:
 class OptimConfig:
     """AdamW, linear warmup then cosine decay."""
 
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.0
+    lr: Positive = 5e-4
+    weight_decay: NonNegative = 0.1
+    beta1: Annotated[float, Range(0, 1, high_open=True)] = 0.9
+    beta2: Annotated[float, Range(0, 1, high_open=True)] = 0.999
+    eps: Positive = 1e-8
+    warmup_steps: NonNegativeInt = 50
+    min_lr_ratio: Probability = 0.0
     """Final learning rate as a share of `lr`."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Largest global gradient norm; 0 turns clipping off."""
-    grad_accumulation: int = 1
+    grad_accumulation: PositiveInt = 1
     """Batches whose gradients are summed before each optimizer step."""
 
 
@@ -59,17 +70,17 @@ class TrainConfig:
     """Loss weights, ITM negatives, masking."""
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    stage: str = "joint"
+    stage: Literal["joint", "text-mlm", "image-mim"] = "joint"
     """'text-mlm' (text encoder alone), 'image-mim' (image encoder alone) or 'joint'."""
-    max_steps: int = 400
+    max_steps: PositiveInt = 400
     """Optimizer steps (the default fits the tiny demo run in under 10 minutes on 2 cores)."""
     seed: int = 0
-    log_every: int = 10
-    save_every: int = 200
-    keep_last: int = 2
+    log_every: PositiveInt = 10
+    save_every: PositiveInt = 200
+    keep_last: PositiveInt = 2
     """Checkpoints kept on disk (the newest ones)."""
     codebook: str = ""
-    """Directory of the image tokenizer (`flava train-tokenizer`); needed for MIM/MMM."""
+    """Directory of the image codebook (`flava train-codebook`); needed for MIM/MMM."""
     init: str = ""
     """Checkpoint to start from (ours or a transformers FLAVA directory)."""
     init_image: str = ""
@@ -82,9 +93,9 @@ class TrainConfig:
     init_multimodal: str = ""
     """Checkpoint to take the multimodal encoder and the image/text-to-multimodal projections from,
     after `init`: ours or a transformers FLAVA directory."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """'auto' (this process's GPU under torchrun when CUDA is present, else the CPU), 'cpu', 'cuda'."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """'fp32', 'bf16' or 'fp16' autocast (LayerNorms and losses stay float32; fp16 adds loss scaling)."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass: less memory, about a third more compute."""
@@ -92,7 +103,7 @@ class TrainConfig:
     """torch.compile each transformer block (the first steps are slow while it compiles)."""
     compile_backend: str = "inductor"
     """torch.compile backend ('inductor'; 'aot_eager' or 'eager' to debug)."""
-    distributed: str = "ddp"
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: 'ddp' (replicated weights) or 'fsdp' (weights, gradients and optimizer state
     sharded over the processes)."""
     tensorboard: bool = True

@@ -14,14 +14,15 @@ Heads are not taken: a stage's MLM or MIM head belongs to that stage's objective
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
+from ..hub import Checkpoint, read_checkpoint
 from ..interop import vit
-from ..storage import CONFIG, Checkpoint, _read_json, read_checkpoint
+from ..io.checkpoint import read_config
+from ..io.runs import resolve
 
 GROUPS = {
     "image": ("image_encoder.", "image_projection."),
@@ -30,30 +31,6 @@ GROUPS = {
 }
 # The encoder each unimodal stage trains (the others stay as the stage started them).
 _STAGE_TRAINS = {"text-mlm": "text", "image-mim": "image"}
-
-
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or the one a run directory's checkpoints/latest.json points to."""
-    from .trainer import LATEST
-
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    if (p / CONFIG).is_file():
-        return p
-    for pointer in (p / "checkpoints" / LATEST, p / LATEST):
-        if pointer.is_file():
-            try:
-                target = pointer.parent / json.loads(pointer.read_text())["path"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{pointer} is damaged; name a checkpoints/step_N directory instead") from None
-            if not (target / CONFIG).is_file():
-                raise CheckpointError(f"{pointer} points to {target}, which is not a checkpoint")
-            return target
-    raise CheckpointError(
-        f"{p} is neither a checkpoint (no {CONFIG}) nor a run directory (no checkpoints/{LATEST}); name a "
-        f"checkpoints/step_N directory, a run directory, a transformers FLAVA or ViT directory"
-    )
 
 
 def _group_state(model, ckpt: Checkpoint, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -93,7 +70,7 @@ def initialise_encoders(pretraining_model, image: str = "", text: str = "", mult
     for name, src in wanted.items():
         path = resolve(src)
         if path not in read:
-            is_vit = vit.is_vit_config(_read_json(path / CONFIG))
+            is_vit = vit.is_vit_config(read_config(path))
             read[path] = vit.read_vit(path) if is_vit else read_checkpoint(path)
         ckpt = read[path]
         if isinstance(ckpt, vit.VitCheckpoint):

@@ -14,12 +14,14 @@ from rich.table import Table
 
 from ..config import to_dict
 from ..errors import ConfigError
+from ..io.files import write_json_atomic
+from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
-from ..storage import write_json_atomic
+from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig
-from .trainer import Trainer
+from .trainer import STAGE_KINDS, Trainer
 
-DEMO_TOKENIZER_STEPS = 200
+DEMO_CODEBOOK_STEPS = 200
 
 
 def init_distributed() -> bool:
@@ -48,26 +50,21 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list
     output.mkdir(parents=True, exist_ok=True)
     if not resume and (output / "checkpoints").exists():
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
-    needs_codebook = (cfg.objectives.mim_weight > 0 or cfg.objectives.mmm_image_weight > 0) \
-        and cfg.stage != "text-mlm" and not cfg.init
+    needs_codebook = needs_image_tokens(cfg.objectives, STAGE_KINDS.get(cfg.stage, ())) and not cfg.init
     if needs_codebook and not cfg.codebook:
         if cfg.data.pairs or cfg.data.images:
             raise ConfigError(
-                "MIM/MMM need an image tokenizer: train one with `flava train-tokenizer --images ... --output TOK` "
-                "and pass --set codebook=TOK (or set objectives.mim_weight=0 and objectives.mmm_image_weight=0)"
+                "MIM/MMM need an image codebook: train one with `flava train-codebook --images ... --output CB` "
+                "and pass --set codebook=CB (or set objectives.mim_weight=0 and objectives.mmm_image_weight=0)"
             )
-        # The embedded default: make the demo's tokenizer first (about a minute and a half).
-        from ..codebook import TokenizerTraining
-        from ..tokenizer_cli import run_train_tokenizer
-
-        tokenizer_dir = output / "tokenizer"
-        if rank == 0 and not (tokenizer_dir / "model.safetensors").is_file():
-            console.print("no image tokenizer given: training one on the demo images first")
-            run_train_tokenizer(["demo"], tokenizer_dir, cfg.model, TokenizerTraining(steps=DEMO_TOKENIZER_STEPS),
-                                console)
+        # The embedded default: make the demo's codebook first (about a minute and a half).
+        codebook_dir = output / "codebook"
+        if rank == 0 and not (codebook_dir / "model.safetensors").is_file():
+            console.print("no image codebook given: training one on the demo images first")
+            run_train_codebook(["demo"], codebook_dir, cfg.model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console)
         if dist.is_initialized():
             dist.barrier()
-        cfg.codebook = str(tokenizer_dir)
+        cfg.codebook = str(codebook_dir)
     trainer = Trainer(cfg, output)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
@@ -103,7 +100,7 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list
     console.print(table)
     skipped = trainer.skipped(everywhere=True)
     console.print("skipped records: " + (", ".join(f"{v} {k}" for k, v in skipped.items()) if skipped else "none"))
-    console.print(f"checkpoints in {trainer.checkpoint_dir}; metrics in {output / 'metrics.jsonl'}, "
+    console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
                   f"{output / 'loss_curves.png'} and {output / 'tensorboard'}")
     if rank == 0:
         write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped})

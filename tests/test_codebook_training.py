@@ -1,4 +1,4 @@
-"""`flava train-tokenizer` end to end on a few generated images (some of them broken)."""
+"""`flava train-codebook` end to end on a few generated images (some of them broken)."""
 
 import json
 
@@ -8,7 +8,7 @@ from PIL import Image
 
 import flava
 from flava.cli import main as cli
-from flava.codebook import token_usage
+from flava.train.codebook import token_usage
 
 
 def make_images(directory, n=24, seed=0):
@@ -26,16 +26,16 @@ def make_images(directory, n=24, seed=0):
 def test_train_tokenizer_command(tmp_path, capsys):
     make_images(tmp_path / "imgs")
     out = tmp_path / "tok"
-    code = cli(["train-tokenizer", "--images", str(tmp_path / "imgs"), "--output", str(out), "--steps", "40",
+    code = cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(out), "--steps", "40",
                 "--batch-size", "8", "--set", "codebook.vocab_size=64", "--set", "codebook.hidden_size=16"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "skipped 1 (unreadable image), 1 (empty image file)" in printed
-    report = json.loads((out / "tokenizer_report.json").read_text())
+    report = json.loads((out / "codebook_report.json").read_text())
     assert report["images"] == 24
     assert report["end"]["reconstruction_mse"] < 0.5 * report["start"]["reconstruction_mse"]
     assert (out / "reconstructions.png").stat().st_size > 0
-    lines = (out / "tokenizer_metrics.jsonl").read_text().splitlines()
+    lines = (out / "codebook_metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 39
 
     codebook = flava.load_codebook(out)
@@ -45,11 +45,11 @@ def test_train_tokenizer_command(tmp_path, capsys):
 
 
 def test_train_tokenizer_errors(tmp_path, capsys):
-    assert cli(["train-tokenizer", "--images", str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")]) == 2
+    assert cli(["train-codebook", "--images", str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")]) == 2
     assert "no image files match" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
-    assert cli(["train-tokenizer", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2
+    assert cli(["train-codebook", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2
     assert "could be read" in capsys.readouterr().err
 
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
-
-IGNORE_INDEX = -100
+from .batch import IGNORE_INDEX
+from .tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 
 # The paper's setting for a 14 x 14 grid (BEiT's): 75 patches in blocks of at least 16.
 BASE_GRID = 14

@@ -1,4 +1,4 @@
-"""Parquet files and Hugging Face `datasets` directories as data sources, read with pyarrow alone.
+"""Parquet files and Hugging Face `datasets` directories (Arrow) as data sources, read with pyarrow alone.
 
 A spec is `PATH[:SPLIT][?KEY=COLUMN&...]`:
 
@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import DataError
+from ..io.files import read_json
 from .sources import ImageRecord, PairRecord, Source
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
@@ -87,7 +88,7 @@ def _parse(spec: str, kind: str, overrides: dict[str, str | None]) -> _Spec:
     return _Spec(spec, path, split, columns)
 
 
-def is_hf_spec(spec: str) -> bool:
+def is_arrow_spec(spec: str) -> bool:
     """Whether `spec` names parquet data or a `save_to_disk` directory (so hf_* should read it)."""
     path, _ = _split_split(_split_query(str(spec))[0])
     if path.lower().endswith(".parquet"):
@@ -153,13 +154,7 @@ def _column(shard: _Shard, column: str) -> list:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path} could not be read ({e})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path} does not hold a JSON object")
-    return data
+    return read_json(path, "dataset file", DataError, expect=dict)
 
 
 def _shards(spec: _Spec) -> tuple[list[_Shard], dict]:
@@ -324,17 +319,17 @@ def _build(spec: _Spec, kind: str) -> Source:
     return Source(kind, records, spec.text, Counter(), classes=classes)
 
 
-def hf_pairs(spec: str, image_column: str | None = None, caption_column: str | None = None) -> Source:
+def arrow_pairs(spec: str, image_column: str | None = None, caption_column: str | None = None) -> Source:
     """Image-text pairs from parquet or a `save_to_disk` directory (see the module docstring)."""
     return _build(_parse(spec, "pairs", {"image": image_column, "caption": caption_column}), "pairs")
 
 
-def hf_images(spec: str, image_column: str | None = None, label_column: str | None = None) -> Source:
+def arrow_images(spec: str, image_column: str | None = None, label_column: str | None = None) -> Source:
     """Images (with integer labels when a label column exists; -1 where a label is null). The
     class names come from the `datasets` ClassLabel feature when the files record it."""
     return _build(_parse(spec, "images", {"image": image_column, "label": label_column}), "images")
 
 
-def hf_text(spec: str, text_column: str | None = None) -> Source:
+def arrow_text(spec: str, text_column: str | None = None) -> Source:
     """Texts, one per row; null texts become "" and are skipped by the pipeline as "empty text"."""
     return _build(_parse(spec, "text", {"text": text_column}), "text")

@@ -1,4 +1,4 @@
-"""FLAVA's five objectives as functions of model outputs and labels.
+"""FLAVA's losses as functions of model outputs and labels.
 
 Nothing here knows the model's structure: a masked-prediction loss is given the states and a
 head to apply; a contrastive loss is given embeddings. Nothing here modifies its inputs.
@@ -6,82 +6,36 @@ head to apply; a contrastive loss is given embeddings. Nothing here modifies its
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
+from ..data.batch import IGNORE_INDEX
+from ..distributed import gather_with_grad, mean_over_processes, world
 
 
 @dataclass
 class Losses:
-    """Weighted losses by name (None when an objective did not apply) and their sum."""
+    """Weighted losses by objective name (only those that applied) and their sum."""
 
     total: torch.Tensor
-    mim: torch.Tensor | None = None
-    mlm: torch.Tensor | None = None
-    itm: torch.Tensor | None = None
-    global_contrastive: torch.Tensor | None = None
-    mmm_image: torch.Tensor | None = None
-    mmm_text: torch.Tensor | None = None
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_parts(cls, parts: dict[str, torch.Tensor], like: torch.Tensor) -> "Losses":
         total = sum(parts.values()) if parts else like.new_zeros(())
-        return cls(total=total, **parts)
+        return cls(total=total, parts=dict(parts))
 
     def named(self) -> dict[str, torch.Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.name != "total" and getattr(self, f.name) is not None}
+        return dict(self.parts)
 
-
-# --------------------------------------------------------------------------- distributed
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends every rank's gradient back to the rank that owns the rows."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, size = world()
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(size)]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows: (ctx.rank + 1) * ctx.rows]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Rows of every rank, concatenated in rank order (every rank must pass the same shape)."""
-    return x if world()[1] == 1 else _GatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Like `gather_with_grad` without gradient."""
-    if world()[1] == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world()[1])]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-# --------------------------------------------------------------------------- objectives
+    def __getattr__(self, name: str) -> torch.Tensor:
+        """`losses.mim` for `losses.parts["mim"]`."""
+        parts = self.__dict__.get("parts", {})
+        if name in parts:
+            return parts[name]
+        raise AttributeError(f"no {name!r} loss in this step (it has {', '.join(parts) or 'none'})")
 
 
 @dataclass
@@ -123,24 +77,6 @@ def global_contrastive_loss(
         li, lt, lab = li[rows], lt[rows], lab[rows]
     loss = (F.cross_entropy(li, lab) + F.cross_entropy(lt, lab)) / 2
     return ContrastiveResult(loss, logits_per_image, logits_per_text, labels)
-
-
-def mean_over_processes(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The mean of `values` over every process's entries, in the form data-parallel training needs.
-
-    Each process returns sum_local * world / count_global: averaging these (as gradient
-    averaging does) gives sum_global / count_global, so processes holding different numbers of
-    masked tokens or ITM rows train exactly like one process with the whole batch. With no entry
-    anywhere the result is a zero that still reaches `like`'s graph (every parameter used).
-    Every process must call this the same number of times (it runs one all_reduce).
-    """
-    size = world()[1]
-    zero = like.sum() * 0.0
-    if size == 1:
-        return values.mean() + zero if values.numel() else zero
-    count = torch.tensor(float(values.numel()), device=values.device)
-    dist.all_reduce(count)
-    return values.sum() * size / count.clamp_min(1.0) + zero
 
 
 def masked_prediction_loss(states: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:

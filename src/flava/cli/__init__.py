@@ -1,0 +1,39 @@
+"""`flava <command>`: the command-line entry point; one module per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+
+from ..errors import FlavaError
+from . import codebook, demo, evaluate, export, info, init, pretrain
+
+# Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
+
+COMMANDS = (demo, init, pretrain, evaluate, codebook, info, export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flava", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        args.run(args, console)
+    except FlavaError as e:
+        print(f"flava {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flava {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,38 @@
+"""`flava info`: describe a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint (ours or Hugging Face's)")
+    p.add_argument("checkpoint")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..hub import read_checkpoint
+
+    ckpt = read_checkpoint(args.checkpoint)
+    cfg = ckpt.config
+    table = Table(title=f"{ckpt.path} ({ckpt.source} format)")
+    for col in ("part", "layers", "hidden", "heads", "mlp", "tensors", "parameters"):
+        table.add_column(col, justify="right" if col != "part" else "left")
+    prefixes = {"image": "image_encoder.", "text": "text_encoder.", "multimodal": "multimodal_encoder."}
+    model = ckpt.parts["model"]
+    for name, prefix in prefixes.items():
+        enc = getattr(cfg, name)
+        keys = [k for k in model if k.startswith(prefix)]
+        table.add_row(name, str(enc.num_layers), str(enc.hidden_size), str(enc.num_heads), str(enc.mlp_size),
+                      str(len(keys)), f"{sum(model[k].numel() for k in keys) / 1e6:.2f} M")
+    for part in ("heads", "codebook"):
+        sd = ckpt.parts.get(part) or {}
+        table.add_row(part, "", "", "", "", str(len(sd)),
+                      f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M" if sd else "absent")
+    console.print(table)
+    console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "
+                  f"{cfg.text.max_position_embeddings} tokens; projection {cfg.projection_dim}")

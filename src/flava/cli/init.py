@@ -1,0 +1,29 @@
+"""`flava init`: write a newly initialised model."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+
+def add(sub) -> None:
+    p = sub.add_parser("init", help="write a newly initialised model")
+    p.add_argument("--config", default="tiny", help="preset name (tiny, small, base) or a JSON config file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    import torch
+
+    from ..config import apply_overrides, config_from, validate
+    from ..model import FlavaModel
+
+    cfg = validate(apply_overrides(config_from(args.config), args.set or []))
+    torch.manual_seed(args.seed)
+    model = FlavaModel(cfg)
+    model.save_pretrained(args.output)
+    console.print(f"wrote a newly initialised model ({model.num_parameters() / 1e6:.1f} M parameters) to {args.output}")

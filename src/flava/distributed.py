@@ -1,0 +1,81 @@
+"""Several processes as one: the world, gathers with gradient, means over every process's entries."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class World(NamedTuple):
+    rank: int
+    size: int
+
+
+def world() -> World:
+    """This process's rank and the number of processes; (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World(0, 1)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends every rank's gradient back to the rank that owns the rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        rank, size = world()
+        ctx.rank, ctx.rows = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows: (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank, concatenated in rank order (every rank must pass the same shape)."""
+    return x if world().size == 1 else _GatherWithGrad.apply(x)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Like `gather_with_grad` without gradient."""
+    size = world().size
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def max_over_processes(value: int, device: torch.device) -> int:
+    """The largest `value` any process holds (one all_reduce; every process must call it)."""
+    if world().size == 1:
+        return value
+    t = torch.tensor([value], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def mean_over_processes(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over every process's entries, in the form data-parallel training needs.
+
+    Each process returns sum_local * world / count_global: averaging these (as gradient
+    averaging does) gives sum_global / count_global, so processes holding different numbers of
+    masked tokens or ITM rows train exactly like one process with the whole batch. With no entry
+    anywhere the result is a zero that still reaches `like`'s graph (every parameter used).
+    Every process must call this the same number of times (it runs one all_reduce).
+    """
+    size = world().size
+    zero = like.sum() * 0.0
+    if size == 1:
+        return values.mean() + zero if values.numel() else zero
+    count = torch.tensor(float(values.numel()), device=values.device)
+    dist.all_reduce(count)
+    return values.sum() * size / count.clamp_min(1.0) + zero

@@ -1,0 +1,188 @@
+"""From a checkpoint on disk to models: the factories.
+
+`read_checkpoint` reads this project's format or a transformers FLAVA directory into one
+`Checkpoint` (weights in this project's names, split by part); `load`, `load_codebook` and
+`pretraining_from_checkpoint` build models from it, on the meta device first so no weight is
+initialised only to be overwritten.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import FlavaConfig, ObjectivesConfig, from_dict, validate
+from .errors import CheckpointError, ConfigError
+from .interop import transformers as hf
+from .io.checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, is_ours, read_config, read_weights, split_parts
+from .model.codebook import FlavaImageCodebook
+from .model.flava import FlavaModel
+from .objectives.pretraining import PretrainingHeads, PretrainingModel
+from .objectives.registry import OBJECTIVES
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read from disk, weights already in this project's names."""
+
+    path: Path
+    config: FlavaConfig
+    parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    source: str = FORMAT
+    """'flava' or 'transformers'."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Other sections of our config.json (e.g. training settings), kept as read."""
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read either format; weights come back in this project's names, split by part."""
+    path = checkpoint_dir(path)
+    data = read_config(path)
+    tensors = read_weights(path)
+    if is_ours(data):
+        version = data.get("format_version", 1)
+        if version > FORMAT_VERSION:
+            raise CheckpointError(f"{path} was written by a newer flava (format {version}); upgrade flava")
+        try:
+            config = validate(from_dict(FlavaConfig, data.get("model", {}), "model"))
+        except ConfigError as e:
+            raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        extra = {k: v for k, v in data.items() if k not in ("format", "format_version", "model")}
+        return Checkpoint(path, config, split_parts(tensors, path), FORMAT, extra)
+    if hf.is_hf_config(data):
+        try:
+            config = validate(hf.config_from_hf(data))
+        except (ConfigError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: not a usable FLAVA config ({e})") from None
+        model, heads, codebook, unknown = hf.state_dict_from_hf(tensors)
+        if unknown:
+            raise CheckpointError(
+                f"{path} holds {len(unknown)} weight(s) that are not part of FLAVA, e.g. {unknown[0]!r}"
+            )
+        objectives = {r.weight: float(data[f"{r.transformers_name}_weight"]) for r in OBJECTIVES
+                      if r.transformers_name and f"{r.transformers_name}_weight" in data}
+        if "global_backprop_contrastive" in data:
+            objectives["gather_with_grad"] = bool(data["global_backprop_contrastive"])
+        return Checkpoint(path, config, {"model": model, "heads": heads, "codebook": codebook}, "transformers",
+                          {"objectives": objectives})
+    raise CheckpointError(f"{path / 'config.json'} is neither a flava nor a Hugging Face FLAVA config")
+
+
+def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, origin: Path) -> None:
+    """Strict load with one readable message for missing, unexpected or mis-shaped weights."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
+    problems = []
+    if wrong:
+        k, got, want = wrong[0]
+        problems.append(
+            f"{len(wrong)} weight(s) have the wrong shape, e.g. {k}: checkpoint {list(got)}, config needs "
+            f"{list(want)}"
+        )
+    if missing:
+        problems.append(f"{len(missing)} weight(s) are missing, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} weight(s) are not expected, e.g. {unexpected[0]}")
+    if problems:
+        raise CheckpointError(
+            f"{origin}: the {what} weights do not match the config: " + "; ".join(problems)
+            + ". The weights and config.json come from different models, or the file is damaged."
+        )
+    with torch.no_grad():
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def build_loaded(factory: Callable[[], nn.Module], sd: dict[str, torch.Tensor], what: str, origin: Path) -> nn.Module:
+    """`factory()` built on the meta device (no initialisation to throw away), then filled."""
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device="cpu")
+    load_weights(module, sd, what, origin)
+    return module
+
+
+def pretraining_from_checkpoint(ckpt: Checkpoint, objectives: ObjectivesConfig | None = None,
+                                codebook: FlavaImageCodebook | None = None) -> tuple[PretrainingModel, list[str]]:
+    """Build from a read checkpoint; returns the model and notes on parts that were initialised."""
+    notes = []
+    if objectives is None:
+        objectives = from_dict(ObjectivesConfig, ckpt.extra.get("objectives", {}), "objectives")
+    cfg, parts = ckpt.config, ckpt.parts
+    model = build_loaded(lambda: FlavaModel(cfg), parts["model"], "model", ckpt.path)
+    if parts.get("heads"):
+        heads = build_loaded(lambda: PretrainingHeads(cfg, objectives), parts["heads"], "heads", ckpt.path)
+    else:
+        heads = PretrainingHeads(cfg, objectives)
+        notes.append("the checkpoint has no pretraining heads; they are newly initialised")
+    if codebook is None and parts.get("codebook"):
+        codebook = build_loaded(lambda: FlavaImageCodebook(cfg.codebook), parts["codebook"], "codebook", ckpt.path)
+    if codebook is None:
+        notes.append("the checkpoint has no image codebook; MIM/MMM need one (flava train-codebook)")
+    try:
+        pm = PretrainingModel(ckpt.config, objectives, model, heads, codebook)
+    except ConfigError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+    return pm, notes
+
+
+def load(
+    path: str | os.PathLike,
+    quantize: str | None = None,
+    device: str | torch.device | None = None,
+    pretraining: bool = False,
+    codebook: str | os.PathLike | None = None,
+):
+    """A `FlavaModel` from a checkpoint directory (this project's or Hugging Face's), in eval mode.
+
+    quantize="int8" swaps every linear layer for a dynamically quantized one (CPU inference).
+    pretraining=True returns a `PretrainingModel` (model, heads, frozen image codebook, losses);
+    `codebook` names a directory to take the image codebook from instead of the checkpoint.
+    """
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"quantize={quantize!r} is not supported; use None or 'int8'")
+    ckpt = read_checkpoint(path)
+    if pretraining:
+        if quantize is not None:
+            raise ConfigError("quantize is for inference; it cannot be combined with pretraining=True")
+        pm, notes = pretraining_from_checkpoint(ckpt, codebook=load_codebook(codebook) if codebook else None)
+        for note in notes:
+            warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
+        return pm.to(device) if device is not None else pm
+    model = build_loaded(lambda: FlavaModel(ckpt.config), ckpt.parts["model"], "model", ckpt.path)
+    model.eval()
+    if quantize == "int8":
+        from .model.quantize import quantize_int8
+
+        model = quantize_int8(model)
+    elif device is not None:
+        model = model.to(device)
+    return model
+
+
+def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
+    """The dVAE image codebook from a checkpoint directory: this project's, a transformers
+    FlavaForPreTraining (its `image_codebook.*`), or a standalone transformers FlavaImageCodebook."""
+    path = checkpoint_dir(path)
+    data = read_config(path)
+    if data.get("model_type") == "flava_image_codebook":
+        try:
+            cfg = hf.codebook_config_from_hf(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path / 'config.json'}: not a usable codebook config ({e})") from None
+        sd = {hf.codebook_key_from_hf(k): v for k, v in read_weights(path).items()}
+    else:
+        ckpt = read_checkpoint(path)
+        cfg, sd = ckpt.config.codebook, ckpt.parts.get("codebook") or {}
+        if not sd:
+            raise CheckpointError(f"{path} holds no image codebook weights")
+    codebook = build_loaded(lambda: FlavaImageCodebook(cfg), sd, "codebook", path)
+    return codebook.eval().requires_grad_(False)

@@ -1,0 +1,151 @@
+"""Checkpoint directories on disk, as dicts and tensors; building models from them is `flava.hub`.
+
+This project's format is a directory with `config.json` ({"format": "flava", "model": {...}})
+and `model.safetensors`, whose keys are prefixed by part: `model.`, `heads.`, `codebook.`.
+A directory is replaced atomically: it is written beside the target and renamed into place.
+Foreign directories (transformers FLAVA, ViT) are read here too, as their config dict and
+tensors under their own names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+from .files import read_json, replace_dir, write_json_atomic
+
+FORMAT = "flava"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+PARTS = ("model", "heads", "codebook")
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """A checkpoint's config.json as a dict (CheckpointError when missing or damaged)."""
+    return read_json(Path(directory) / CONFIG, "checkpoint config", CheckpointError, expect=dict)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def check_replaceable(target: Path, also_ours: tuple[str, ...] = ()) -> None:
+    """Refuse to overwrite a directory that holds anything but a checkpoint of ours."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file; choose a directory to write to")
+    if target.is_dir():
+        names = {p.name for p in target.iterdir()}
+        if names and CONFIG not in names and not names <= set(also_ours):
+            raise CheckpointError(
+                f"{target} already holds other files and is not a checkpoint; choose another output directory"
+            )
+
+
+def write_checkpoint_dir(target: str | os.PathLike, fill: Callable[[Path], None],
+                         also_ours: tuple[str, ...] = ()) -> None:
+    """`fill(staging_dir)`, then the staging directory replaces `target` whole; refuses a target
+    that holds anything but one of our checkpoints (or only the files named in `also_ours`)."""
+    check_replaceable(Path(target), also_ours)
+    replace_dir(target, fill)
+
+
+def _flat(parts: Mapping[str, Tensors]) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.detach().to("cpu").contiguous() for name, sd in parts.items() for k, v in sd.items()}
+
+
+def write_checkpoint_files(directory: Path, model_config: dict[str, Any], parts: Mapping[str, Tensors],
+                           extra: dict[str, Any] | None = None) -> None:
+    """config.json and model.safetensors into an existing (staging) directory."""
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_config, **(extra or {})}
+    save_file(_flat(parts), str(Path(directory) / WEIGHTS), metadata={"format": FORMAT})
+    write_json_atomic(Path(directory) / CONFIG, meta)
+
+
+def save_checkpoint(directory: str | os.PathLike, model_config: dict[str, Any], parts: Mapping[str, Tensors],
+                    extra: dict[str, Any] | None = None) -> None:
+    """Write a checkpoint directory of this project's format (replacing the directory whole)."""
+    write_checkpoint_dir(directory, lambda tmp: write_checkpoint_files(tmp, model_config, parts, extra))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path} could not be read ({e}); the file is truncated or corrupt: copy or save it again"
+        ) from None
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory: one safetensors file, a sharded set, or a .bin."""
+    directory = Path(directory)
+    single = directory / WEIGHTS
+    index = directory / "model.safetensors.index.json"
+    legacy = directory / "pytorch_model.bin"
+    if single.is_file():
+        return _load_safetensors(single)
+    if index.is_file():
+        weight_map = read_json(index, "shard index", CheckpointError, expect=dict).get("weight_map", {})
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (directory / shard).is_file():
+                raise CheckpointError(f"shard {directory / shard} listed in {index.name} is missing")
+            tensors.update(_load_safetensors(directory / shard))
+        return tensors
+    if legacy.is_file():
+        try:
+            sd = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several unrelated types for damaged zip/pickle files
+            raise CheckpointError(
+                f"{legacy} could not be read ({type(e).__name__}: {e}); the file is truncated or corrupt"
+            ) from None
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{legacy} does not hold a state dict")
+        return sd
+    raise CheckpointError(
+        f"{directory} has a {CONFIG} but no weights: expected {WEIGHTS}, "
+        f"model.safetensors.index.json or pytorch_model.bin"
+    )
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The directory of a checkpoint given as the directory or a file in it (e.g. its weights)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_file():
+        path = path.parent
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(
+            f"{path} is not a checkpoint: it has no {CONFIG} (expected a directory written by "
+            f"`save_pretrained` or a Hugging Face FLAVA checkpoint)"
+        )
+    return path
+
+
+def is_ours(meta: dict[str, Any]) -> bool:
+    return meta.get("format") == FORMAT
+
+
+def split_parts(tensors: Tensors, origin: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Our flat `part.name` tensors split by part."""
+    parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
+    for key, value in tensors.items():
+        part, _, rest = key.partition(".")
+        if part not in parts:
+            raise CheckpointError(f"{origin / WEIGHTS} holds an unexpected weight {key!r}")
+        parts[part][rest] = value
+    return parts

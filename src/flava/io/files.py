@@ -1,0 +1,88 @@
+"""Files that matter: JSON read with one clear error, and writes that land whole or not at all.
+
+A write goes to a temporary name beside its target, is flushed to disk, then renamed over the
+target, so a crash or a full disk never leaves a half-written file under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, FlavaError
+
+
+def read_json(path: str | os.PathLike, what: str = "config file", error: type[FlavaError] = ConfigError,
+              expect: type | None = None) -> Any:
+    """A JSON file, or one `error` naming the file: missing, malformed, or not of type `expect`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON ({e})") from None
+    if expect is not None and not isinstance(data, expect):
+        raise error(f"{what} {path} does not hold a JSON {'object' if expect is dict else expect.__name__}")
+    return data
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside `path` to write to; renamed onto `path` if the block succeeds,
+    removed if it fails. The suffix is kept, so writers that pick a format by name still work."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Call fill(tmpdir) then move tmpdir to `target` (replacing it whole); on any failure
+    `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                _fsync(f)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

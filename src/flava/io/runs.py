@@ -1,0 +1,83 @@
+"""The layout of a run directory, and resolving a run to its newest checkpoint.
+
+```
+OUTPUT/
+  train_config.json  metrics.jsonl  summary.json  loss_curves.png  tensorboard/
+  checkpoints/
+    latest.json       {"step": N, "path": "step_0000000N"}
+    step_0000000N/    a checkpoint directory (config.json, model.safetensors, trainer state)
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from .checkpoint import CONFIG
+from .files import write_json_atomic
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Where a run keeps what it writes."""
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def pointer(self) -> Path:
+        return self.checkpoints / LATEST
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    def step(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:08d}"
+
+    def step_dirs(self) -> list[Path]:
+        """Checkpoint directories, oldest first."""
+        return sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir())
+
+    def latest(self) -> Path | None:
+        """The checkpoint latest.json names, or None when the run has none yet."""
+        return _follow(self.pointer) if self.pointer.is_file() else None
+
+    def point_latest(self, step: int, target: Path) -> None:
+        write_json_atomic(self.pointer, {"step": step, "path": target.name})
+
+
+def _follow(pointer: Path) -> Path:
+    try:
+        target = pointer.parent / json.loads(pointer.read_text())["path"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"{pointer} is damaged; name a checkpoints/step_N directory instead") from None
+    if not (target / CONFIG).is_file():
+        raise CheckpointError(f"{pointer} points to {target}, which is not a checkpoint")
+    return target
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or the one a run directory's checkpoints/latest.json points to."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if (p / CONFIG).is_file():
+        return p
+    for pointer in (RunDir(p).pointer, p / LATEST):
+        if pointer.is_file():
+            return _follow(pointer)
+    raise CheckpointError(
+        f"{p} is neither a checkpoint (no {CONFIG}) nor a run directory (no {CHECKPOINTS}/{LATEST}); name a "
+        f"checkpoints/step_N directory, a run directory, a transformers FLAVA or ViT directory"
+    )

@@ -1,0 +1,262 @@
+"""PretrainingModel: FlavaModel + heads + frozen image codebook + the objectives' losses.
+
+One `forward(batch)` for each batch kind. Each kind has a states object whose parts are
+computed on first use, so only the encoders some active objective reads run, each once:
+
+- pairs: the unmasked pair's CLS embeddings (contrastive, hard ITM negatives), then one
+  multimodal pass over the masked pair for ITM and MMM; ITM negatives reuse the masked states of
+  other pairs, so they cost no extra unimodal pass;
+- images: the masked image encoder pass (MIM);
+- text: the masked text encoder pass (MLM).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import FlavaConfig, ObjectivesConfig, check, to_dict
+from ..data.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
+from ..distributed import gather, gather_with_grad, max_over_processes, world
+from ..errors import ConfigError, InputError
+from ..io.checkpoint import save_checkpoint
+from ..model.codebook import FlavaImageCodebook
+from ..model.encoders import EncoderOutput, MultimodalOutput
+from ..model.flava import LOGIT_SCALE_MAX, FlavaModel, init_weights
+from .losses import Losses, targets_at
+from .negatives import ItmPairs, hard_negatives, same_text, swap_negatives
+from .registry import active, chosen
+
+
+@dataclass
+class PretrainingOutput:
+    losses: Losses
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Detached diagnostics, e.g. ITM accuracy, contrastive top-1."""
+
+
+class PretrainingHeads(nn.Module):
+    """The heads of the objectives a config chose, each under its objective's name."""
+
+    def __init__(self, config: FlavaConfig, objectives: ObjectivesConfig | None = None):
+        super().__init__()
+        for record in chosen(objectives or ObjectivesConfig()):
+            if record.head is not None:
+                self.add_module(record.name, record.head(config))
+        init_weights(self, config.init_std)
+
+
+# --------------------------------------------------------------------------- states by batch kind
+
+
+class _States:
+    def __init__(self, pm: "PretrainingModel", batch):
+        self.pm, self.batch = pm, batch
+        self.model, self.objectives = pm.model, pm.objectives
+        self.metrics: dict[str, torch.Tensor] = {}
+
+
+class ImageStates(_States):
+    @cached_property
+    def masked(self) -> EncoderOutput:
+        return self.model.encode_image_tokens(self.batch.pixel_values, self.batch.patch_mask)
+
+    @cached_property
+    def image_labels(self) -> torch.Tensor:
+        """[B, num_patches] image token ids at masked patches, IGNORE_INDEX elsewhere."""
+        return targets_at(self.batch.patch_mask, self.pm.image_targets(self.batch))
+
+
+class TextStates(_States):
+    @cached_property
+    def masked(self) -> EncoderOutput:
+        b = self.batch
+        return self.model.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.batch.mlm_labels
+
+
+@dataclass
+class Fused:
+    """The multimodal pass over masked pairs and ITM negatives."""
+
+    multimodal: MultimodalOutput
+    pairs: ItmPairs
+    positive: torch.Tensor
+    """[R] rows holding a matched pair; they hold pair i in row i for both negative recipes."""
+    image_labels: torch.Tensor
+    """MMM image labels of the positive rows."""
+    text_labels: torch.Tensor
+    """MMM text labels of the positive rows."""
+
+
+class PairStates(_States):
+    def __init__(self, pm: "PretrainingModel", batch: PairBatch, generator: torch.Generator | None):
+        super().__init__(pm, batch)
+        self.generator = generator
+
+    @cached_property
+    def logit_scale(self) -> torch.Tensor:
+        return self.pm.logit_scale()
+
+    @cached_property
+    def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Contrastive image and text embeddings of the unmasked pairs."""
+        m, b = self.model, self.batch
+        image = m.image_embedding(m.encode_image_tokens(b.pixel_values, cls_only=True))
+        text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True))
+        return image, text
+
+    @cached_property
+    def fused(self) -> Fused:
+        o, m, b = self.objectives, self.model, self.batch
+        img_mm = m.image_to_multimodal(m.encode_image_tokens(b.pixel_values, b.patch_mask))
+        txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True))
+        text_mask = b.attention_mask
+        if o.itm_weight > 0 and o.itm_negatives == "hard":
+            pairs, img_mm, txt_mm, text_mask = self._hard_pairs(img_mm, txt_mm)
+        elif o.itm_weight > 0:
+            pairs, txt_mm, text_mask = self._swap_pairs(txt_mm)
+        else:
+            rows = torch.arange(img_mm.shape[0], device=img_mm.device)
+            pairs = ItmPairs(rows, rows, torch.ones_like(rows))
+        mm = m.fuse_tokens(img_mm[pairs.image_index], txt_mm[pairs.text_index], text_mask[pairs.text_index],
+                           skip_padding=True)
+        positive = pairs.labels == 1
+        image_labels = text_labels = None
+        if o.mmm_image_weight > 0:
+            labels = targets_at(b.patch_mask, self.pm.image_targets(b))
+            image_labels = labels[pairs.image_index[positive] - pairs.image_offset]
+        if o.mmm_text_weight > 0:
+            # Texts are padded to the longest across processes: pad the labels alike.
+            mlm_labels = F.pad(b.mlm_labels, (0, mm.layout.num_text_tokens - b.mlm_labels.shape[1]),
+                               value=IGNORE_INDEX)
+            text_labels = mlm_labels[pairs.text_index[positive] - pairs.text_offset]
+        return Fused(mm, pairs, positive, image_labels, text_labels)
+
+    def _global_texts(self, txt_mm: torch.Tensor):
+        """Every process's token ids and mask, padded to the longest text across processes, and
+        this process's multimodal-input text states padded alike."""
+        b = self.batch
+        L = b.input_ids.shape[1]
+        pad = max_over_processes(L, b.input_ids.device) - L
+        ids, mask = F.pad(b.input_ids, (0, pad)), F.pad(b.attention_mask, (0, pad))
+        return gather(ids), gather(mask), F.pad(txt_mm, (0, 0, 0, pad))
+
+    def _swap_pairs(self, txt_mm):
+        """Swapped captions drawn over the global batch with the same generator on every process,
+        so N processes pick exactly the negatives one process with the whole batch would."""
+        rank = world().rank
+        B = self.batch.input_ids.shape[0]
+        all_ids, all_mask, txt_mm = self._global_texts(txt_mm)
+        with torch.no_grad():
+            g = swap_negatives(all_ids, all_mask, self.objectives.itm_negative_probability, self.generator)
+        own = slice(rank * B, (rank + 1) * B)
+        pairs = ItmPairs(g.image_index[own] - rank * B, g.text_index[own], g.labels[own], 0, rank * B)
+        return pairs, gather_with_grad(txt_mm), all_mask
+
+    def _hard_pairs(self, img_mm, txt_mm):
+        rank = world().rank
+        B = img_mm.shape[0]
+        img_e, txt_e = self.embeddings
+        all_ids, all_mask, txt_mm = self._global_texts(txt_mm)
+        with torch.no_grad():
+            all_img_e, all_txt_e = gather(img_e), gather(txt_e)
+            same = same_text(all_ids, all_mask, all_ids, all_mask)
+            sim = self.logit_scale * all_img_e @ all_txt_e.T
+            pairs = hard_negatives(sim, sim.T, same, self.generator, own=slice(rank * B, (rank + 1) * B))
+        return pairs, gather_with_grad(img_mm), gather_with_grad(txt_mm), all_mask
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class PretrainingModel(nn.Module):
+    """Everything one pretraining step needs; the codebook is frozen and never trained here."""
+
+    def __init__(
+        self,
+        config: FlavaConfig,
+        objectives: ObjectivesConfig | None = None,
+        model: FlavaModel | None = None,
+        heads: PretrainingHeads | None = None,
+        codebook: FlavaImageCodebook | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.objectives = check(objectives or ObjectivesConfig(), "objectives")
+        self.model = model if model is not None else FlavaModel(config)
+        self.heads = heads if heads is not None else PretrainingHeads(config, self.objectives)
+        self.codebook = codebook
+        if codebook is not None:
+            if codebook.cfg.vocab_size != config.image.vocab_size:
+                raise ConfigError(
+                    f"the image codebook has {codebook.cfg.vocab_size} tokens but the MIM/MMM heads predict "
+                    f"image.vocab_size={config.image.vocab_size}; make them equal"
+                )
+            codebook.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.codebook is not None:
+            self.codebook.eval()
+        return self
+
+    # ------------------------------------------------------------------ targets
+
+    def image_targets(self, batch: PairBatch | ImageBatch) -> torch.Tensor:
+        """[B, num_patches] token ids: given in the batch, or computed by the frozen codebook."""
+        if batch.image_targets is not None:
+            return batch.image_targets
+        if self.codebook is None:
+            raise InputError(
+                "MIM/MMM need image targets but this model has no image codebook and the batch has no "
+                "image_targets: load one (flava.load_codebook) or train one with `flava train-codebook`"
+            )
+        if batch.codebook_pixels is None:
+            raise InputError("the batch has neither image_targets nor codebook_pixels for the image codebook")
+        with torch.no_grad():
+            ids = self.codebook.token_ids(batch.codebook_pixels)
+        n = batch.patch_mask.shape[1]
+        if ids.shape[1] != n:
+            raise InputError(
+                f"the codebook gives {ids.shape[1]} tokens per image but the image has {n} patches; the codebook "
+                f"input must be {8 * int(n ** 0.5)} px for this patch grid"
+            )
+        return ids
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.clamp(0.0, LOGIT_SCALE_MAX)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: PairBatch | ImageBatch | TextBatch,
+                generator: torch.Generator | None = None) -> PretrainingOutput:
+        if isinstance(batch, PairBatch):
+            states, kind, like = PairStates(self, batch, generator), "pairs", batch.pixel_values
+        elif isinstance(batch, ImageBatch):
+            states, kind, like = ImageStates(self, batch), "images", batch.pixel_values
+        elif isinstance(batch, TextBatch):
+            states, kind, like = TextStates(self, batch), "text", batch.attention_mask.float()
+        else:
+            raise InputError(f"unknown batch type {type(batch).__name__}; expected PairBatch, ImageBatch or TextBatch")
+        parts = {}
+        for record in active(self.objectives, (kind,)):
+            head = getattr(self.heads, record.name) if record.head is not None else None
+            parts[record.name] = getattr(self.objectives, record.weight) * record.loss(states, head)
+        return PretrainingOutput(Losses.from_parts(parts, like), states.metrics)
+
+    # ------------------------------------------------------------------ io
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        parts = {"model": self.model.state_dict(), "heads": self.heads.state_dict()}
+        if self.codebook is not None:
+            parts["codebook"] = self.codebook.state_dict()
+        save_checkpoint(directory, to_dict(self.config), parts, extra={"objectives": to_dict(self.objectives)})

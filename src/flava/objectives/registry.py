@@ -1,0 +1,131 @@
+"""One record per pretraining objective; everything else about objectives derives from these.
+
+A record names the objective, the batch kind it trains on, the config field of its weight,
+its head (if it has one), its loss, whether it needs image-token targets (the dVAE codebook),
+and its name in `transformers`' FlavaForPreTraining (None when transformers has no such loss).
+Config validation, `Losses`, the heads a model carries, the loss bridge, the export and the
+codebook check all read this table.
+
+A loss is `loss(states, head) -> tensor`, unweighted; `states` is the batch kind's lazily
+computed model states (`objectives.pretraining`), so encoders run only for objectives that
+read them, and at most once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import FlavaConfig, ObjectivesConfig
+from ..model.heads import ITMHead, MaskedPredictionHead
+from .losses import global_contrastive_loss, itm_loss, masked_prediction_loss
+
+Kind = Literal["pairs", "images", "text"]
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    """Its key in `Losses`, metrics and the heads' state dict."""
+    kind: Kind
+    """The batch kind it trains on."""
+    weight: str
+    """The `ObjectivesConfig` field that weights it; 0 skips its computation."""
+    loss: Callable[[Any, nn.Module | None], torch.Tensor]
+    head: Callable[[FlavaConfig], nn.Module] | None = None
+    image_tokens: bool = False
+    """Whether it predicts image tokens (needs the codebook or precomputed targets)."""
+    transformers_name: str | None = None
+    """Its `loss_info` name (and `{name}_weight` config key) in transformers' FlavaForPreTraining."""
+    applies: Callable[[ObjectivesConfig], bool] = lambda o: True
+    """Whether this record is the one the config chose (alternatives share a weight field)."""
+
+
+def _mim(s, head) -> torch.Tensor:
+    return masked_prediction_loss(s.masked.last_hidden_state[:, 1:], s.image_labels, head)
+
+
+def _mlm(s, head) -> torch.Tensor:
+    return masked_prediction_loss(s.masked.last_hidden_state, s.labels, head)
+
+
+def _softmax_contrastive(s, head) -> torch.Tensor:
+    image, text = s.embeddings
+    c = global_contrastive_loss(image, text, s.logit_scale, s.objectives.gather_with_grad)
+    with torch.no_grad():
+        s.metrics["contrastive_top1"] = (c.logits_per_image.argmax(1) == c.labels).float().mean()
+    return c.loss
+
+
+def _itm(s, head) -> torch.Tensor:
+    f = s.fused
+    logits = head(f.multimodal.cls)
+    with torch.no_grad():
+        s.metrics["itm_accuracy"] = (logits.argmax(1) == f.pairs.labels).float().mean()
+    return itm_loss(logits, f.pairs.labels)
+
+
+def _mmm_image(s, head) -> torch.Tensor:
+    f = s.fused
+    return masked_prediction_loss(f.multimodal.image_patches[f.positive], f.image_labels, head)
+
+
+def _mmm_text(s, head) -> torch.Tensor:
+    f = s.fused
+    return masked_prediction_loss(f.multimodal.text[f.positive], f.text_labels, head)
+
+
+def _mim_head(c: FlavaConfig) -> nn.Module:
+    return MaskedPredictionHead(c.image.hidden_size, c.image.vocab_size, c.image.activation, c.image.layer_norm_eps)
+
+
+def _mlm_head(c: FlavaConfig) -> nn.Module:
+    return MaskedPredictionHead(c.text.hidden_size, c.text.vocab_size, c.text.activation, c.text.layer_norm_eps)
+
+
+# MMM heads read the multimodal width; activation and epsilon follow the modality they predict.
+def _mmm_image_head(c: FlavaConfig) -> nn.Module:
+    return MaskedPredictionHead(c.multimodal.hidden_size, c.image.vocab_size, c.image.activation,
+                                c.image.layer_norm_eps)
+
+
+def _mmm_text_head(c: FlavaConfig) -> nn.Module:
+    return MaskedPredictionHead(c.multimodal.hidden_size, c.text.vocab_size, c.text.activation, c.text.layer_norm_eps)
+
+
+OBJECTIVES: tuple[Objective, ...] = (
+    Objective("mim", "images", "mim_weight", _mim, _mim_head, image_tokens=True, transformers_name="mim"),
+    Objective("mlm", "text", "mlm_weight", _mlm, _mlm_head, transformers_name="mlm"),
+    Objective("global_contrastive", "pairs", "global_contrastive_weight", _softmax_contrastive,
+              transformers_name="global_contrastive"),
+    Objective("itm", "pairs", "itm_weight", _itm, lambda c: ITMHead(c.multimodal.hidden_size),
+              transformers_name="itm"),
+    Objective("mmm_image", "pairs", "mmm_image_weight", _mmm_image, _mmm_image_head, image_tokens=True,
+              transformers_name="mmm_image"),
+    Objective("mmm_text", "pairs", "mmm_text_weight", _mmm_text, _mmm_text_head, transformers_name="mmm_text"),
+)
+
+
+def chosen(o: ObjectivesConfig) -> list[Objective]:
+    """The records this config chose (whatever their weights): they define the heads a model has."""
+    return [r for r in OBJECTIVES if r.applies(o)]
+
+
+def active(o: ObjectivesConfig, kinds: Iterable[str] | None = None) -> list[Objective]:
+    """The chosen records with a positive weight, of the given batch kinds (all when None)."""
+    kinds = None if kinds is None else set(kinds)
+    return [r for r in chosen(o) if getattr(o, r.weight) > 0 and (kinds is None or r.kind in kinds)]
+
+
+def needs_image_tokens(o: ObjectivesConfig, kinds: Iterable[str] | None = None) -> bool:
+    """Whether training these kinds needs image-token targets (a codebook or prepared tokens)."""
+    return any(r.image_tokens for r in active(o, kinds))
+
+
+def weight_fields() -> list[str]:
+    """Every objective weight field, once."""
+    return list(dict.fromkeys(r.weight for r in OBJECTIVES))

@@ -1,0 +1,130 @@
+"""Saving a training run and resuming it exactly.
+
+A checkpoint stores the model, heads, optimizer, scheduler, loss scaler, every process's RNG
+and stream positions, so a run resumed from it repeats the uninterrupted run step for step.
+Every process takes part (weights may be sharded); process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..config import to_dict
+from ..errors import CheckpointError
+from ..hub import load_weights, read_checkpoint
+from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
+from ..io.files import read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+STATE = "trainer_state.pt"
+STREAMS = "streams.json"
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Parameters no step has used yet (e.g. poolers) have no AdamW state to restore.
+FULL_OPTIM = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
+
+
+def _rng_state(trainer: Trainer) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if trainer.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(trainer.device)
+    return state
+
+
+def save(trainer: Trainer) -> Path:
+    """Write checkpoints/step_N atomically, point latest.json at it, keep the newest k.
+
+    A failed write leaves the previous checkpoint and latest.json as they were and stops the run
+    with a CheckpointError on every process.
+    """
+    run, step = trainer.run, trainer.step
+    target = run.step(step)
+    flat = get_model_state_dict(trainer.model, options=FULL)
+    optimizer = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=FULL)
+    streams = [{k: s.state() for k, s in trainer.streams.items()}]
+    rng = [_rng_state(trainer)]
+    if trainer.world > 1:
+        streams, rng = [None] * trainer.world, [None] * trainer.world
+        dist.all_gather_object(streams, {k: s.state() for k, s in trainer.streams.items()})
+        dist.all_gather_object(rng, _rng_state(trainer))
+    error = ""
+    if trainer.rank == 0:
+        parts: dict[str, dict] = {}
+        for key, value in flat.items():
+            part, name = key.split(".", 1)
+            parts.setdefault(part, {})[name] = value
+        state = {"step": step, "world": trainer.world, "optimizer": optimizer,
+                 "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rng}
+        model = trainer.model
+
+        def fill(tmp: Path) -> None:
+            write_checkpoint_files(tmp, to_dict(model.config), parts,
+                                   extra={"objectives": to_dict(model.objectives), "train": to_dict(trainer.cfg)})
+            torch.save(state, tmp / STATE)
+            write_json_atomic(tmp / STREAMS, streams)
+
+        try:
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            write_checkpoint_dir(target, fill)
+            run.point_latest(step, target)
+        except OSError as e:
+            error = f"could not write the checkpoint of step {step} to {target} ({e.strerror or e})"
+        else:
+            for old in run.step_dirs()[: -trainer.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+    if trainer.world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        previous = run.pointer
+        kept = json.loads(previous.read_text())["path"] if previous.is_file() else None
+        raise CheckpointError(error + (f"; the previous checkpoint {kept} is intact: free space and resume with "
+                                       "--resume" if kept else "; no earlier checkpoint exists"))
+    return target
+
+
+def resume(trainer: Trainer) -> bool:
+    """Load the run's newest checkpoint into `trainer`, if any; returns whether one was found."""
+    target = trainer.run.latest()
+    if target is None:
+        return False
+    ckpt = read_checkpoint(target)
+    state = torch.load(target / STATE, map_location="cpu", weights_only=True)
+    if int(state["world"]) != trainer.world:
+        raise CheckpointError(
+            f"{target} was written by {state['world']} processes and this run has {trainer.world}: the data "
+            "split depends on the process count, so resume with the same number of processes")
+    model = trainer.model
+    parts = {p: ckpt.parts.get(p) or {} for p in ("model", "heads", "codebook") if getattr(model, p) is not None}
+    if trainer.world == 1:  # checked loads: one clear error for any mismatch
+        for part, sd in parts.items():
+            load_weights(getattr(model, part), sd, part, target)
+    else:  # weights may be sharded: the distributed-aware setter
+        flat = {f"{part}.{k}": v for part, sd in parts.items() for k, v in sd.items()}
+        set_model_state_dict(model, flat, options=FULL)
+    set_optimizer_state_dict(model, trainer.optimizer, state["optimizer"], options=FULL_OPTIM)
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"][trainer.rank]
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and trainer.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], trainer.device)
+    for k, s in read_json(target / STREAMS, "stream positions", CheckpointError)[trainer.rank].items():
+        trainer.streams[k].load_state(s)
+    trainer.step = int(state["step"])
+    return True
