@@ -52,12 +52,12 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_train_like_one_process_with_the_global_batch(train_data, tmp_path, mode):
+@pytest.mark.parametrize("mode,contrastive", [("ddp", "softmax"), ("fsdp", "softmax"), ("ddp", "sigmoid")])
+def test_two_processes_train_like_one_process_with_the_global_batch(train_data, tmp_path, mode, contrastive):
     # AdamW with eps 1e-8 is blind to the gradient's scale and turns rounding noise in near-zero
     # gradients into whole steps of lr; eps 1e-4 makes small updates follow the gradient, so
     # the parameters check the gradients the processes averaged.
-    steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4"]
+    steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.contrastive={contrastive}"]
     two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
               + ["--set", f"distributed={mode}"], torchrun=2)
     one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
@@ -75,6 +75,7 @@ def test_two_processes_train_like_one_process_with_the_global_batch(train_data, 
     wa = load_file(tmp_path / "two" / "checkpoints" / "step_00000004" / "model.safetensors")
     wb = load_file(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors")
     assert wa.keys() == wb.keys()
+    assert ("heads.sigmoid_contrastive.logit_bias" in wa) == (contrastive == "sigmoid")
     worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert worst < 1e-5, worst
 

@@ -183,6 +183,10 @@ class ObjectivesConfig:
     """Masked image tokens predicted from the image encoder (images). 0 skips it."""
     mlm_weight: NonNegative = 1.0
     """Masked text tokens predicted from the text encoder (text). 0 skips it."""
+    contrastive: Literal["softmax", "sigmoid"] = "softmax"
+    """The image-text loss: 'softmax', FLAVA's (and CLIP's) InfoNCE with a learned temperature;
+    'sigmoid', SigLIP's pairwise sigmoid loss with its own learned temperature and bias. Either
+    is weighted by `global_contrastive_weight` and runs over the global batch."""
     gather_with_grad: bool = True
     """Contrastive features are gathered from every process with gradient (else locally only)."""
     itm_negatives: Literal["swap", "hard"] = "swap"

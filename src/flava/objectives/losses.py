@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..data.batch import IGNORE_INDEX
 from ..distributed import gather_with_grad, mean_over_processes, world
@@ -77,6 +80,41 @@ def global_contrastive_loss(
         li, lt, lab = li[rows], lt[rows], lab[rows]
     loss = (F.cross_entropy(li, lab) + F.cross_entropy(lt, lab)) / 2
     return ContrastiveResult(loss, logits_per_image, logits_per_text, labels)
+
+
+class SigmoidContrastiveHead(nn.Module):
+    """SigLIP's learned temperature t = exp(logit_scale) and bias, initialised as the paper does
+    (t = 10, b = -10) so the many negative pairs start near their target. Shaped [1], not
+    scalars, so FSDP can shard them like any other parameter."""
+
+    def __init__(self, scale: float = math.log(10.0), bias: float = -10.0):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.tensor([scale]))
+        self.logit_bias = nn.Parameter(torch.tensor([bias]))
+
+
+def sigmoid_contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor,
+                             head: SigmoidContrastiveHead, gather_features: bool = True) -> ContrastiveResult:
+    """SigLIP (Zhai et al., 2023): every image-text pair of the global batch is a binary
+    match/mismatch problem, -log sigmoid(z_ij (t x_i . y_j + b)) with z_ij = 1 on the diagonal
+    and -1 elsewhere, summed over texts and averaged over images.
+
+    Each process scores its own images against every process's texts (gathered with gradient
+    unless `gather_features` is false) and divides by its own image count: with gradients
+    averaged over processes this is exactly the one-process loss over the whole batch.
+    """
+    rank, size = world()
+    B = image_embeddings.shape[0]
+    if gather_features and size > 1:
+        all_texts, offset = gather_with_grad(text_embeddings), rank * B
+    else:
+        all_texts, offset = text_embeddings, 0
+    logits = head.logit_scale.exp() * image_embeddings @ all_texts.T + head.logit_bias
+    labels = offset + torch.arange(B, device=image_embeddings.device)
+    signs = -torch.ones_like(logits)
+    signs[torch.arange(B, device=logits.device), labels] = 1.0
+    loss = -F.logsigmoid(signs * logits.float()).sum() / B
+    return ContrastiveResult(loss, logits, logits.T, labels)
 
 
 def masked_prediction_loss(states: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:

@@ -22,7 +22,13 @@ from torch import nn
 
 from ..config import FlavaConfig, ObjectivesConfig
 from ..model.heads import ITMHead, MaskedPredictionHead
-from .losses import global_contrastive_loss, itm_loss, masked_prediction_loss
+from .losses import (
+    SigmoidContrastiveHead,
+    global_contrastive_loss,
+    itm_loss,
+    masked_prediction_loss,
+    sigmoid_contrastive_loss,
+)
 
 Kind = Literal["pairs", "images", "text"]
 
@@ -56,6 +62,14 @@ def _mlm(s, head) -> torch.Tensor:
 def _softmax_contrastive(s, head) -> torch.Tensor:
     image, text = s.embeddings
     c = global_contrastive_loss(image, text, s.logit_scale, s.objectives.gather_with_grad)
+    with torch.no_grad():
+        s.metrics["contrastive_top1"] = (c.logits_per_image.argmax(1) == c.labels).float().mean()
+    return c.loss
+
+
+def _sigmoid_contrastive(s, head) -> torch.Tensor:
+    image, text = s.embeddings
+    c = sigmoid_contrastive_loss(image, text, head, s.objectives.gather_with_grad)
     with torch.no_grad():
         s.metrics["contrastive_top1"] = (c.logits_per_image.argmax(1) == c.labels).float().mean()
     return c.loss
@@ -101,7 +115,9 @@ OBJECTIVES: tuple[Objective, ...] = (
     Objective("mim", "images", "mim_weight", _mim, _mim_head, image_tokens=True, transformers_name="mim"),
     Objective("mlm", "text", "mlm_weight", _mlm, _mlm_head, transformers_name="mlm"),
     Objective("global_contrastive", "pairs", "global_contrastive_weight", _softmax_contrastive,
-              transformers_name="global_contrastive"),
+              transformers_name="global_contrastive", applies=lambda o: o.contrastive == "softmax"),
+    Objective("sigmoid_contrastive", "pairs", "global_contrastive_weight", _sigmoid_contrastive,
+              lambda c: SigmoidContrastiveHead(), applies=lambda o: o.contrastive == "sigmoid"),
     Objective("itm", "pairs", "itm_weight", _itm, lambda c: ITMHead(c.multimodal.hidden_size),
               transformers_name="itm"),
     Objective("mmm_image", "pairs", "mmm_image_weight", _mmm_image, _mmm_image_head, image_tokens=True,
