@@ -47,7 +47,7 @@ def tmp(tmp_path):
 @pytest.fixture(scope="module")
 def train_data(tmp_path_factory):
     """Pairs (one row names a missing file; pairs_clean.csv has none), an image folder, text and a
-    small random image tokenizer for the training tests."""
+    small random image codebook for the training tests."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     (root / "img" / "a").mkdir(parents=True)

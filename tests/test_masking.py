@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from flava.data.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, TextTokenizer
-from flava.data.masking import IGNORE_INDEX, BlockMasking, TextMasking, mask_images, mask_texts
+from flava.data.masking import IGNORE_INDEX, BlockMasking, TextMasking, mask_texts
 
 
 def test_block_masking_on_the_paper_grid():
@@ -26,6 +26,10 @@ def test_block_masking_on_the_paper_grid():
     assert counts.max() == 75
     assert counts.mean() > 74.5  # the target ratio 75/196, met exactly in most draws
     assert (counts == 75).mean() > 0.8
+
+
+def mask_images(masking: BlockMasking, batch: int, rng: np.random.Generator) -> torch.Tensor:
+    return torch.from_numpy(np.stack([masking(rng).reshape(-1) for _ in range(batch)]))
 
 
 def test_block_masking_scales_with_the_grid_and_is_seeded():

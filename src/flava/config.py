@@ -153,7 +153,7 @@ class FlavaConfig:
     multimodal: MultimodalEncoderConfig = field(default_factory=MultimodalEncoderConfig)
     """Multimodal encoder."""
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
-    """Image tokenizer giving MIM/MMM targets."""
+    """Image codebook (dVAE) giving MIM/MMM targets."""
     projection_dim: PositiveInt = 768
     """Size of the contrastive embeddings."""
     logit_scale_init: float = 2.6592

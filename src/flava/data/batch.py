@@ -55,7 +55,7 @@ class PairBatch(_Batch):
     mlm_labels: torch.Tensor
     """[B, L] original ids at chosen positions, IGNORE_INDEX elsewhere."""
     codebook_pixels: torch.Tensor | None = None
-    """[B, C, 8g, 8g] the same crop for the image tokenizer, in its input range."""
+    """[B, C, 8g, 8g] the same crop for the image codebook, in its input range."""
     image_targets: torch.Tensor | None = None
     """[B, num_patches] image token ids, if already computed (else the codebook makes them)."""
 

@@ -101,7 +101,7 @@ def demo_image_source():
 
 
 def demo_images() -> list:
-    """The demo image source decoded to RGB PIL images (for the tokenizer trainer)."""
+    """The demo image source decoded to RGB PIL images (for the codebook trainer)."""
     from .sources import BadSample, open_image
 
     images = []

@@ -139,11 +139,6 @@ class TextMasking:
         return masked, labels
 
 
-def mask_images(masking: BlockMasking, batch: int, rng: np.random.Generator) -> torch.Tensor:
-    """[batch, grid * grid] boolean patch masks."""
-    return torch.from_numpy(np.stack([masking(rng).reshape(-1) for _ in range(batch)]))
-
-
 def mask_texts(masking: TextMasking, input_ids: torch.Tensor, rng: np.random.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Row by row over a padded [B, L] batch -> (masked ids, labels)."""

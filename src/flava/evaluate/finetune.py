@@ -40,7 +40,7 @@ from tokenizers import Tokenizer
 from PIL import Image
 from torch import nn
 
-from ..config import NonNegative, PositiveInt, Probability, Range, check
+from ..config import NonNegative, PositiveInt, Range, check
 from ..data.batch import attention_mask, pad_rows
 from ..data.sources import BadSample, open_image
 from ..data.tokenizer import PAD_ID, TextTokenizer

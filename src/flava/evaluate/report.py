@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io.files import write_json_atomic, write_text_atomic
+from ..io.files import atomic_path, write_json_atomic, write_text_atomic
 from .suite import DOMAINS, SuiteResult, TaskResult
 
 MAX_CONFUSION_CLASSES = 30
@@ -29,7 +29,8 @@ def _plt():
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     _plt().close(fig)
     return path.name
 

@@ -26,7 +26,6 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ConfigError, DataError, FlavaError, did_you_mean
-from . import metrics as M
 from .finetune import FinetuneResult, FinetuneSettings
 from .tasks import MultimodalTask, TextTask
 

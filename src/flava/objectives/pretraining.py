@@ -91,10 +91,10 @@ class Fused:
     pairs: ItmPairs
     positive: torch.Tensor
     """[R] rows holding a matched pair; they hold pair i in row i for both negative recipes."""
-    image_labels: torch.Tensor
-    """MMM image labels of the positive rows."""
-    text_labels: torch.Tensor
-    """MMM text labels of the positive rows."""
+    image_labels: torch.Tensor | None
+    """MMM image labels of the positive rows (None when MMM-image is off)."""
+    text_labels: torch.Tensor | None
+    """MMM text labels of the positive rows (None when MMM-text is off)."""
 
 
 class PairStates(_States):

@@ -140,8 +140,3 @@ def active(o: ObjectivesConfig, kinds: Iterable[str] | None = None) -> list[Obje
 def needs_image_tokens(o: ObjectivesConfig, kinds: Iterable[str] | None = None) -> bool:
     """Whether training these kinds needs image-token targets (a codebook or prepared tokens)."""
     return any(r.image_tokens for r in active(o, kinds))
-
-
-def weight_fields() -> list[str]:
-    """Every objective weight field, once."""
-    return list(dict.fromkeys(r.weight for r in OBJECTIVES))

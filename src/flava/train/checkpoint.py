@@ -7,7 +7,6 @@ Every process takes part (weights may be sharded); process 0 writes.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -91,9 +90,8 @@ def save(trainer: Trainer) -> Path:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
-        previous = run.pointer
-        kept = json.loads(previous.read_text())["path"] if previous.is_file() else None
-        raise CheckpointError(error + (f"; the previous checkpoint {kept} is intact: free space and resume with "
+        kept = run.latest()
+        raise CheckpointError(error + (f"; the previous checkpoint {kept.name} is intact: free space and resume with "
                                        "--resume" if kept else "; no earlier checkpoint exists"))
     return target
 

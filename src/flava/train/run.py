@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from rich.table import Table
 from ..config import to_dict
 from ..errors import ConfigError
 from ..io.files import write_json_atomic
+from ..io.runs import RunDir
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
 from .codebook import CodebookTraining, run_train_codebook
@@ -48,7 +48,7 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list
     if rank != 0:
         console = Console(quiet=True)  # one process reports
     output.mkdir(parents=True, exist_ok=True)
-    if not resume and (output / "checkpoints").exists():
+    if not resume and RunDir(output).checkpoints.exists():
         raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
     needs_codebook = needs_image_tokens(cfg.objectives, STAGE_KINDS.get(cfg.stage, ())) and not cfg.init
     if needs_codebook and not cfg.codebook:
