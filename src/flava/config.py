@@ -6,11 +6,14 @@ key), and a value of the wrong type is an error that names the field.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
 import json
 import math
 import os
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -375,6 +378,34 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     return cfg
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body), base classes included."""
+    docs: dict[str, str] = {}
+    for klass in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        except (OSError, TypeError):
+            continue
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, docstring) of every setting, sections expanded: what `--set` accepts."""
+    docs = field_docs(type(cfg))
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
+    return rows
+
+
 def validate(cfg: FlavaConfig) -> FlavaConfig:
     """Check every field, then the relations between fields that a single type cannot express."""
     check(cfg)
@@ -389,7 +420,36 @@ def validate(cfg: FlavaConfig) -> FlavaConfig:
         raise ConfigError(
             f"image.patch_size ({cfg.image.patch_size}) must be at most image.image_size ({cfg.image.image_size})"
         )
+    need, have = 4 * parameter_count(cfg), _memory_bytes()
+    if have and need > have:
+        raise ConfigError(
+            f"this model would need {need / 2**30:,.0f} GiB for its float32 weights alone, more than this machine's "
+            f"{have / 2**30:,.0f} GiB of memory (hidden sizes {cfg.image.hidden_size}/{cfg.text.hidden_size}/"
+            f"{cfg.multimodal.hidden_size}, layers {cfg.image.num_layers}/{cfg.text.num_layers}/"
+            f"{cfg.multimodal.num_layers}); check the model sizes (presets: {', '.join(PRESETS)})")
     return cfg
+
+
+def parameter_count(cfg: FlavaConfig) -> int:
+    """About how many parameters a FlavaModel of this config has (the pretraining heads and codebook
+    included), from the sizes alone: to refuse impossible configs before allocating anything."""
+    def blocks(e: TransformerConfig) -> int:
+        d, m = e.hidden_size, e.mlp_size
+        return e.num_layers * (4 * d * d + 2 * d * m + 9 * d + m) + 4 * d + d * d
+
+    i, t, mm = cfg.image, cfg.text, cfg.multimodal
+    image = blocks(i) + i.num_channels * i.patch_size**2 * i.hidden_size + (i.num_patches + 3) * i.hidden_size
+    text = blocks(t) + (t.vocab_size + t.max_position_embeddings + t.type_vocab_size) * t.hidden_size
+    projections = (i.hidden_size + t.hidden_size) * (cfg.projection_dim + mm.hidden_size)
+    heads = (i.hidden_size + mm.hidden_size) * i.vocab_size + (t.hidden_size + mm.hidden_size) * t.vocab_size
+    return image + text + blocks(mm) + projections + heads
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def load_config(path: str | os.PathLike) -> FlavaConfig:

@@ -26,6 +26,10 @@ class DataError(FlavaError, ValueError):
     """A data path matches nothing or a data set has no usable sample."""
 
 
+class DivergedError(FlavaError, RuntimeError):
+    """Training stopped because its loss or gradients stayed non-finite."""
+
+
 def did_you_mean(name: str, choices: Iterable[str], known: str = "known keys") -> str:
     """'; did you mean X?' naming the nearest choice, else '; {known}: a, b, ...'."""
     choices = [str(c) for c in choices]

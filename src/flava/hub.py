@@ -45,7 +45,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read either format; weights come back in this project's names, split by part."""
     path = checkpoint_dir(path)
     data = read_config(path)
-    tensors = read_weights(path)
+    # The config first: an impossible one is refused before any weight is read.
     if is_ours(data):
         version = data.get("format_version", 1)
         if version > FORMAT_VERSION:
@@ -55,13 +55,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         except ConfigError as e:
             raise CheckpointError(f"{path / 'config.json'}: {e}") from None
         extra = {k: v for k, v in data.items() if k not in ("format", "format_version", "model")}
-        return Checkpoint(path, config, split_parts(tensors, path), FORMAT, extra)
+        return Checkpoint(path, config, split_parts(read_weights(path), path), FORMAT, extra)
     if hf.is_hf_config(data):
         try:
             config = validate(hf.config_from_hf(data))
         except (ConfigError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path / 'config.json'}: not a usable FLAVA config ({e})") from None
-        model, heads, codebook, unknown = hf.state_dict_from_hf(tensors)
+        model, heads, codebook, unknown = hf.state_dict_from_hf(read_weights(path))
         if unknown:
             raise CheckpointError(
                 f"{path} holds {len(unknown)} weight(s) that are not part of FLAVA, e.g. {unknown[0]!r}"

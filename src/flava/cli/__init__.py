@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from rich.console import Console
 
 from ..errors import FlavaError
-from . import codebook, demo, evaluate, export, info, init, pretrain
+from . import codebook, config, demo, evaluate, export, info, init, pretrain
 
 # Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
-COMMANDS = (demo, init, pretrain, evaluate, codebook, info, export)
+COMMANDS = (demo, init, pretrain, config, evaluate, codebook, info, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args, console)
     except FlavaError as e:
+        if os.environ.get("FLAVA_DEBUG"):
+            raise
         print(f"flava {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -34,7 +34,7 @@ def run_demo(output: Path, console: Console) -> dict:
     console.rule("[bold]flava demo: image codebook, pretraining, evaluation")
     run_dir = output / "pretrain"
     report_dir = output / "report"
-    resume = RunDir(run_dir).checkpoints.exists()
+    resume = RunDir(run_dir).checkpoints.exists() or (run_dir / "train_config.json").exists()
     cfg = TrainConfig()
     console.print(f"[bold]1-2/3[/] image codebook, then pretraining the tiny preset for {cfg.max_steps} steps "
                   f"on the demo data ({run_dir})" + (" — resuming the earlier run" if resume else ""))

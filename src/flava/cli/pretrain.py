@@ -10,28 +10,43 @@ from rich.console import Console
 
 def add(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain FLAVA (with no data arguments: tiny preset on the demo data)")
-    p.add_argument("--config", help="JSON file of training settings (see flava.train.config.TrainConfig)")
+    p.add_argument("--config", help="a preset (tiny, small, base) or a JSON file of training settings; "
+                                    "`flava config show` lists every setting")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any setting, e.g. optim.lr=1e-4 or data.pairs='[\"shards/*.tar\"]'")
     p.add_argument("--output", required=True)
     p.add_argument("--max-steps", dest="max_steps", type=int)
     p.add_argument("--save-every", dest="save_every", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUTPUT")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUTPUT with its own settings (only how long to run, how often to "
+                        "save and log may change)")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume: allow other settings to change; the change is recorded in the run")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace, console: Console) -> None:
-    from ..config import apply_overrides, from_dict
-    from ..io.files import read_json
-    from ..train.config import TrainConfig
-    from ..train.run import run_pretrain
+def settings(args: argparse.Namespace):
+    """The settings the command asks for: a resumed run's own (with the given changes), else
+    the defaults, a preset or a file, then every --set."""
+    from ..config import apply_overrides, check
+    from ..errors import ConfigError
+    from ..train.config import TrainConfig, train_config
+    from ..train.run import saved_settings
 
-    cfg = TrainConfig()
-    if args.config:
-        cfg = from_dict(TrainConfig, read_json(args.config))
+    cfg = saved_settings(Path(args.output)) if args.resume and not args.config else None
+    if cfg is None:
+        cfg = train_config(args.config) if args.config else TrainConfig()
     cfg = apply_overrides(cfg, args.set or [])
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps
     if args.save_every is not None:
         cfg.save_every = args.save_every
-    run_pretrain(cfg, Path(args.output), resume=args.resume, console=console)
+    if args.override and not args.resume:
+        raise ConfigError("--override only applies with --resume (a new run takes any settings)")
+    return check(cfg)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..train.run import run_pretrain
+
+    run_pretrain(settings(args), Path(args.output), resume=args.resume, console=console, override=args.override)

@@ -78,6 +78,8 @@ class SampleMaker:
         return {"pixel_values": pixels, "codebook_pixels": codebook, "patch_mask": patch_mask}
 
     def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:
+        if not isinstance(text, str):
+            raise BadSample("caption is not text" if caption else "text is not a string")
         text = text.strip()
         if not text:
             raise BadSample("empty caption" if caption else "empty text")
@@ -150,7 +152,7 @@ class StreamOrder:
 
 
 class _Decoded(IterableDataset):
-    """(position, sample or failure kind) from `start` on; loader workers take turns."""
+    """(position, record index, sample or failure kind) from `start` on; loader workers take turns."""
 
     def __init__(self, kind: str, source: Source, order: StreamOrder, maker: SampleMaker, start: int):
         self.kind, self.source, self.order, self.maker, self.start = kind, source, order, maker, start
@@ -165,7 +167,7 @@ class _Decoded(IterableDataset):
                 out = self.maker(self.kind, self.source.records[index], (index, epoch))
             except BadSample as e:
                 out = e.kind
-            yield position, out
+            yield position, index, out
             position += n
 
 
@@ -183,6 +185,9 @@ class BatchStream:
     num_workers: int = 0
     position: int = 0
     skipped: Counter = field(default_factory=Counter)
+    """Draws skipped, by reason (a bad record drawn in three epochs counts three times)."""
+    bad: dict[str, set[int]] = field(default_factory=dict)
+    """The bad records themselves, by reason (each counted once)."""
 
     def __post_init__(self) -> None:
         self.order = StreamOrder(len(self.source), self.seed, self.rank, self.world, self.batch_size)
@@ -201,10 +206,11 @@ class BatchStream:
             self._it = self._iterator()
         samples, misses = [], 0
         while len(samples) < self.batch_size:
-            position, out = next(self._it)
+            position, index, out = next(self._it)
             self.position = position + 1
             if isinstance(out, str):
                 self.skipped[out] += 1
+                self.bad.setdefault(out, set()).add(index)
                 misses += 1
                 if misses > 100 * self.batch_size and not samples:
                     raise DataError(f"{self.source.name}: no usable sample in the last {misses} records")
@@ -213,9 +219,11 @@ class BatchStream:
         return collate(self.kind, samples)
 
     def state(self) -> dict:
-        return {"position": self.position, "skipped": dict(self.skipped)}
+        return {"position": self.position, "skipped": dict(self.skipped),
+                "bad": {k: sorted(v) for k, v in self.bad.items()}}
 
     def load_state(self, state: dict) -> None:
         self.position = int(state["position"])
         self.skipped = Counter(state.get("skipped", {}))
+        self.bad = {k: set(v) for k, v in state.get("bad", {}).items()}
         self._it = None

@@ -12,17 +12,25 @@ import csv
 import glob
 import io
 import json
+import sys
 import tarfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import IMAGE_SUFFIXES, find_images
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
+MAX_IMAGE_PIXELS = 40_000_000
+"""Images with more pixels are refused before decoding (a 13000x13000 PNG decodes to 1 GB)."""
+# One caption or text may be long (a paragraph); csv's default 128 KiB field limit would make
+# one such row abort the whole file, so the limit is lifted and length is judged per sample.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 class BadSample(Exception):
@@ -52,10 +60,23 @@ class TarMember:
 ImageRef = Path | TarMember | Image.Image
 
 
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with the full range kept: PIL's convert clips 16- and 32-bit greyscale at 255."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if im.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+        arr = np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
 def open_image(ref: ImageRef) -> Image.Image:
     """Decode to RGB or raise BadSample with the reason."""
     if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
+        return _to_rgb(ref)
     try:
         if isinstance(ref, TarMember):
             data = ref.read()
@@ -65,12 +86,18 @@ def open_image(ref: ImageRef) -> Image.Image:
             data = ref.read_bytes()
         if not data:
             raise BadSample("empty image file")
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise BadSample("image too large")
+                im.load()
+                return _to_rgb(im)
     except BadSample:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise BadSample("image too large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError):
         raise BadSample("unreadable image") from None
 
 
@@ -112,9 +139,15 @@ def read_caption(value: str | TarMember) -> str:
     if value.ext == ".json":
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise BadSample("unreadable caption json") from None
-        text = (obj.get("caption") or obj.get("text") or "") if isinstance(obj, dict) else ""
+        if not isinstance(obj, dict):
+            raise BadSample("caption json is not an object")
+        text = obj.get("caption", obj.get("text", ""))
+        if text is None:
+            text = ""
+        if not isinstance(text, str):
+            raise BadSample("caption is not text")
     return text
 
 
@@ -127,8 +160,19 @@ def _expand(pattern: str) -> list[Path]:
     return sorted(Path(m) for m in glob.glob(pattern, recursive=True))
 
 
+def _end_marker_present(f, end: int, size: int) -> bool:
+    """A complete tar ends with two zero blocks after its last member."""
+    if size - end < 1024:
+        return False
+    f.seek(end)
+    return not any(f.read(1024))
+
+
 def tar_pairs(pattern: str) -> Source:
-    """WebDataset shards: members sharing a key (name up to the first dot) form one sample."""
+    """WebDataset shards: members sharing a key (name up to the first dot) form one sample.
+
+    A shard cut short (a failed upload or copy) keeps the samples before the cut and is counted
+    as truncated; a member whose header claims more bytes than the file holds is not used."""
     shards = _expand(pattern)
     if not shards:
         raise DataError(f"no tar shards match {pattern}")
@@ -136,14 +180,23 @@ def tar_pairs(pattern: str) -> Source:
     for shard in shards:
         groups: dict[str, dict[str, TarMember]] = {}
         try:
-            with tarfile.open(shard, "r:") as tar:
+            size = shard.stat().st_size
+            with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                end = 0
                 for info in tar:
+                    end = info.offset_data + info.size
                     if not info.isfile():
+                        continue
+                    if end > size:
+                        rejected["tar member past the end of its shard"] += 1
                         continue
                     name = Path(info.name)
                     key = str(name.parent / name.name.split(".", 1)[0])
                     ext = "." + name.name.split(".", 1)[1].lower() if "." in name.name else ""
                     groups.setdefault(key, {})[ext] = TarMember(shard, info.offset_data, info.size, ext)
+                end = -(-end // 512) * 512
+                if not _end_marker_present(f, end, size):
+                    rejected["truncated tar shard"] += 1
         except (tarfile.TarError, OSError):
             rejected["corrupt tar shard (read up to the damage)"] += 1
         for key, members in groups.items():
@@ -156,13 +209,19 @@ def tar_pairs(pattern: str) -> Source:
     return Source("pairs", records, pattern, rejected)
 
 
+def _undecodable(value: str | None) -> bool:
+    return value is not None and any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
 def csv_pairs(path: str, image_column: str = "image", caption_column: str = "caption") -> Source:
     """CSV (or TSV by suffix) with a header; relative image paths are relative to the file."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"pair file {p} does not exist")
     delimiter = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
-    with p.open(newline="", encoding="utf-8") as f:
+    records, rejected = [], Counter()
+    # Bytes that are not UTF-8 survive as surrogates, so one bad row is counted, not fatal.
+    with p.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
         if missing:
@@ -170,8 +229,22 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
                 f"{p} has no column {missing[0]!r} (columns: {', '.join(reader.fieldnames or [])}); "
                 f"name the columns with image_column / caption_column"
             )
-        records = [PairRecord(p.parent / row[image_column], row[caption_column] or "") for row in reader]
-    return Source("pairs", records, str(p))
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error:
+                rejected["malformed csv row"] += 1
+                continue
+            image, caption = row.get(image_column), row.get(caption_column)
+            if _undecodable(image) or _undecodable(caption):
+                rejected["undecodable csv row"] += 1
+            elif not image:
+                rejected["csv row without an image"] += 1
+            else:
+                records.append(PairRecord(p.parent / image, caption or ""))
+    return Source("pairs", records, str(p), rejected)
 
 
 def image_folder(path: str) -> Source:
@@ -193,14 +266,24 @@ def text_file(path: str, field_name: str = "text") -> Source:
         raise DataError(f"no .txt or .jsonl files match {path}")
     records, rejected = [], Counter()
     for f in files:
-        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+        jsonl = f.suffix.lower() == ".jsonl"
+        for raw in f.read_bytes().splitlines():
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                rejected["undecodable text line"] += 1
+                continue
             if not line.strip():
                 continue
-            if f.suffix.lower() == ".jsonl":
+            if jsonl:
                 try:
-                    line = json.loads(line).get(field_name, "")
-                except (json.JSONDecodeError, AttributeError):
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
                     rejected["unreadable json line"] += 1
+                    continue
+                line = obj.get(field_name) if isinstance(obj, dict) else None
+                if not isinstance(line, str):
+                    rejected["json line without a text string"] += 1
                     continue
             records.append(line)
     return Source("text", records, path, rejected)

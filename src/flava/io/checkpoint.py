@@ -9,6 +9,7 @@ tensors under their own names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ FORMAT = "flava"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+CHECKSUMS = "checksums.json"
 PARTS = ("model", "heads", "codebook")
 
 Tensors = Mapping[str, torch.Tensor]
@@ -75,6 +77,40 @@ def save_checkpoint(directory: str | os.PathLike, model_config: dict[str, Any], 
                     extra: dict[str, Any] | None = None) -> None:
     """Write a checkpoint directory of this project's format (replacing the directory whole)."""
     write_checkpoint_dir(directory, lambda tmp: write_checkpoint_files(tmp, model_config, parts, extra))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(directory: Path) -> None:
+    """checksums.json: the SHA-256 of every other file, to tell an intact checkpoint from a damaged one."""
+    directory = Path(directory)
+    sums = {f.name: _sha256(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    write_json_atomic(directory / CHECKSUMS, sums)
+
+
+def damage(directory: Path) -> str | None:
+    """Why a checkpoint directory is not intact (a file missing, or not what was written), or None.
+    A directory without checksums.json (written before checksums) is judged by reading it."""
+    directory = Path(directory)
+    if not (directory / CHECKSUMS).is_file():
+        return None
+    try:
+        sums = read_json(directory / CHECKSUMS, "checksum file", CheckpointError, expect=dict)
+    except CheckpointError as e:
+        return str(e)
+    for name, digest in sums.items():
+        f = directory / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if _sha256(f) != digest:
+            return f"{name} is not the file that was written (truncated or corrupted)"
+    return None
 
 
 # --------------------------------------------------------------------------- reading

@@ -33,6 +33,17 @@ def read_json(path: str | os.PathLike, what: str = "config file", error: type[Fl
     return data
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp make private files (0600/0700); give what open()/mkdir() would."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -47,6 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        _as_if_created(tmp)
         yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
@@ -71,9 +83,11 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
+        _as_if_created(tmp, directory=True)
         fill(tmp)
         for f in tmp.iterdir():
             if f.is_file():
+                _as_if_created(f)  # some writers (safetensors) create private files
                 _fsync(f)
         if target.exists():
             old = target.with_name(f".{target.name}.old")

@@ -11,17 +11,23 @@ OUTPUT/
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from .checkpoint import CONFIG
 from .files import write_json_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
+LOCK = ".lock"
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,61 @@ class RunDir:
     def latest(self) -> Path | None:
         """The checkpoint latest.json names, or None when the run has none yet."""
         return _follow(self.pointer) if self.pointer.is_file() else None
+
+    def intact_pointer(self) -> Path | None:
+        """`latest()`, or None when latest.json is missing or damaged (for messages)."""
+        try:
+            return self.latest()
+        except CheckpointError:
+            return None
+
+    def candidates(self) -> tuple[list[Path], list[str]]:
+        """Checkpoints to resume from, best first: the one latest.json names, then every step
+        directory newest first; and notes on a pointer that could not be followed."""
+        notes, found = [], []
+        try:
+            latest = self.latest()
+        except CheckpointError as e:
+            latest = None
+            notes.append(str(e))
+        if latest is not None:
+            found.append(latest)
+        found += [p for p in reversed(self.step_dirs()) if p not in found]
+        return found, notes
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run's lock for the block: one writer per run directory. The OS releases it
+        when the holder dies, so a crashed run never leaves its directory locked."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        f = open(path, "a+")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise ConfigError(f"{self.root} is in use by another flava run ({holder}); wait for it to end "
+                                  "or choose another --output") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+            yield
+        finally:
+            f.close()
+
+    def remove_orphans(self) -> list[Path]:
+        """Delete what killed writes left behind (staging and replaced copies beside checkpoints,
+        temporary pointer files); only a run's one writer may call this."""
+        removed = []
+        if self.checkpoints.is_dir():
+            for p in self.checkpoints.iterdir():
+                if p.name.startswith(".") and (".tmp" in p.name or p.name.endswith(".old")):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                    removed.append(p)
+        return removed
 
     def point_latest(self, step: int, target: Path) -> None:
         write_json_atomic(self.pointer, {"step": step, "path": target.name})

@@ -21,10 +21,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from safetensors import SafetensorError
+
 from ..config import to_dict
 from ..errors import CheckpointError
-from ..hub import load_weights, read_checkpoint
-from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
+from ..hub import Checkpoint, load_weights, read_checkpoint
+from ..io.checkpoint import damage, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -66,7 +68,8 @@ def save(trainer: Trainer) -> Path:
         for key, value in flat.items():
             part, name = key.split(".", 1)
             parts.setdefault(part, {})[name] = value
-        state = {"step": step, "world": trainer.world, "optimizer": optimizer,
+        bad = next((k for k, v in flat.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        state = {"step": step, "world": trainer.world, "optimizer": optimizer, "nonfinite_steps": trainer.nonfinite_steps,
                  "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rng}
         model = trainer.model
 
@@ -75,13 +78,18 @@ def save(trainer: Trainer) -> Path:
                                    extra={"objectives": to_dict(model.objectives), "train": to_dict(trainer.cfg)})
             torch.save(state, tmp / STATE)
             write_json_atomic(tmp / STREAMS, streams)
+            write_checksums(tmp)
 
         try:
+            if bad is not None:
+                raise ValueError(f"weight {bad} is not finite; a checkpoint is never written with such weights")
             run.checkpoints.mkdir(parents=True, exist_ok=True)
             write_checkpoint_dir(target, fill)
             run.point_latest(step, target)
-        except OSError as e:
-            error = f"could not write the checkpoint of step {step} to {target} ({e.strerror or e})"
+        except (OSError, RuntimeError, SafetensorError, ValueError) as e:
+            # torch.save and safetensors report a full disk as RuntimeError / SafetensorError.
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            error = f"could not write the checkpoint of step {step} to {target} ({reason})"
         else:
             for old in run.step_dirs()[: -trainer.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -90,19 +98,51 @@ def save(trainer: Trainer) -> Path:
         dist.broadcast_object_list(box, src=0)
         error = box[0]
     if error:
-        kept = run.latest()
+        kept = run.intact_pointer()
         raise CheckpointError(error + (f"; the previous checkpoint {kept.name} is intact: free space and resume with "
                                        "--resume" if kept else "; no earlier checkpoint exists"))
     return target
 
 
-def resume(trainer: Trainer) -> bool:
-    """Load the run's newest checkpoint into `trainer`, if any; returns whether one was found."""
-    target = trainer.run.latest()
-    if target is None:
-        return False
+def _read(target: Path, rank: int) -> tuple[Checkpoint, dict, dict]:
+    """A checkpoint's weights, trainer state and this process's stream positions, or a
+    CheckpointError saying what is damaged."""
+    why = damage(target)
+    if why:
+        raise CheckpointError(why)
     ckpt = read_checkpoint(target)
-    state = torch.load(target / STATE, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(target / STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{STATE} is missing") from None
+    except Exception as e:  # torch raises several unrelated types for damaged zip/pickle files
+        raise CheckpointError(f"{STATE} could not be read ({type(e).__name__})") from None
+    streams = read_json(target / STREAMS, "stream positions", CheckpointError, expect=list)
+    if len(streams) <= rank:
+        raise CheckpointError(f"{STREAMS} holds no positions for process {rank}")
+    return ckpt, state, streams[rank]
+
+
+def resume(trainer: Trainer) -> list[str] | None:
+    """Load the run's newest intact checkpoint into `trainer` and return notes on what was passed
+    over (damaged checkpoints, leftovers of killed writes); None when the run has no checkpoint
+    yet; a CheckpointError when none is intact."""
+    run = trainer.run
+    notes = []
+    if trainer.rank == 0:
+        notes += [f"removed {p.name}, left by a write that was killed" for p in run.remove_orphans()]
+    candidates, pointer_notes = run.candidates()
+    notes += pointer_notes
+    if not candidates:
+        return None
+    for target in candidates:
+        try:
+            ckpt, state, streams = _read(target, trainer.rank)
+            break
+        except CheckpointError as e:
+            notes.append(f"{target.name} is damaged ({e}); trying an older checkpoint")
+    else:
+        raise CheckpointError(f"no intact checkpoint in {run.checkpoints}: " + "; ".join(notes))
     if int(state["world"]) != trainer.world:
         raise CheckpointError(
             f"{target} was written by {state['world']} processes and this run has {trainer.world}: the data "
@@ -116,13 +156,24 @@ def resume(trainer: Trainer) -> bool:
         flat = {f"{part}.{k}": v for part, sd in parts.items() for k, v in sd.items()}
         set_model_state_dict(model, flat, options=FULL)
     set_optimizer_state_dict(model, trainer.optimizer, state["optimizer"], options=FULL_OPTIM)
+    # Loading first gives every parameter AdamW state (one zero-gradient step); a parameter that
+    # had none when the checkpoint was written (not yet trained by any step) must start fresh, as
+    # in the uninterrupted run, or its bias correction would count one step too many.
+    saved = state["optimizer"].get("state", {})
+    for name, p in model.named_parameters():
+        if name not in saved:
+            trainer.optimizer.state.pop(p, None)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
     rng = state["rng"][trainer.rank]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], trainer.device)
-    for k, s in read_json(target / STREAMS, "stream positions", CheckpointError)[trainer.rank].items():
-        trainer.streams[k].load_state(s)
+    for k, s in streams.items():
+        if k in trainer.streams:
+            trainer.streams[k].load_state(s)
     trainer.step = int(state["step"])
-    return True
+    trainer.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+    if trainer.rank == 0 and (target != candidates[0] or pointer_notes):
+        run.point_latest(trainer.step, target)
+    return notes

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from ..config import (
+    PRESETS,
     FlavaConfig,
     NonNegative,
     NonNegativeInt,
@@ -14,8 +15,10 @@ from ..config import (
     PositiveInt,
     Probability,
     Range,
+    from_dict,
     preset,
 )
+from ..io.files import read_json
 
 
 @dataclass
@@ -49,11 +52,17 @@ class OptimConfig:
     """AdamW, linear warmup then cosine decay."""
 
     lr: Positive = 5e-4
+    """Peak learning rate."""
     weight_decay: NonNegative = 0.1
+    """AdamW weight decay (not applied to norms, biases, tokens and the logit scale)."""
     beta1: Annotated[float, Range(0, 1, high_open=True)] = 0.9
+    """AdamW's first-moment decay."""
     beta2: Annotated[float, Range(0, 1, high_open=True)] = 0.999
+    """AdamW's second-moment decay."""
     eps: Positive = 1e-8
+    """AdamW's epsilon."""
     warmup_steps: NonNegativeInt = 50
+    """Steps of linear warmup from 0 to `lr`; cosine decay after."""
     min_lr_ratio: Probability = 0.0
     """Final learning rate as a share of `lr`."""
     grad_clip: NonNegative = 1.0
@@ -69,14 +78,19 @@ class TrainConfig:
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     """Loss weights, ITM negatives, masking."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Data sources, mixing and batching."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
     stage: Literal["joint", "text-mlm", "image-mim"] = "joint"
     """'text-mlm' (text encoder alone), 'image-mim' (image encoder alone) or 'joint'."""
     max_steps: PositiveInt = 400
     """Optimizer steps (the default fits the tiny demo run in under 10 minutes on 2 cores)."""
     seed: int = 0
+    """Seeds initialisation, the data order, crops, masks and ITM negatives."""
     log_every: PositiveInt = 10
+    """Write metrics every this many steps."""
     save_every: PositiveInt = 200
+    """Write a checkpoint every this many steps (and at the last)."""
     keep_last: PositiveInt = 2
     """Checkpoints kept on disk (the newest ones)."""
     codebook: str = ""
@@ -106,5 +120,16 @@ class TrainConfig:
     distributed: Literal["ddp", "fsdp"] = "ddp"
     """Under torchrun: 'ddp' (replicated weights) or 'fsdp' (weights, gradients and optimizer state
     sharded over the processes)."""
+    max_nonfinite_steps: PositiveInt = 5
+    """Steps in a row whose loss or gradients are not finite (their updates are skipped and
+    counted) before the run stops as diverged."""
     tensorboard: bool = True
     """Also write the logged metrics as TensorBoard events to OUTPUT/tensorboard."""
+
+
+def train_config(spec: str) -> TrainConfig:
+    """Training settings from a model preset name (tiny, small, base; the rest default) or a
+    JSON file of settings."""
+    if spec in PRESETS:
+        return TrainConfig(model=preset(spec))
+    return from_dict(TrainConfig, read_json(spec, "settings file"))

@@ -51,11 +51,24 @@ class MetricsLog:
         w.add_scalar("samples_per_s", row["samples_per_s"], step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop the lines of steps after `step` (a resumed run logs them again)."""
+        """Drop the lines of steps after `step` (a resumed run logs them again), and a partial
+        line a killed write left."""
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
+            kept = [line for line, row in _rows(self.path) if row["step"] <= step]
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of every complete JSON line; a line cut short by a crash is passed over."""
+    out = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            out.append((line, row))
+    return out
 
 
 def plot_losses(metrics: Path, png: Path) -> Path | None:
@@ -66,7 +79,7 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    rows = [row for _, row in _rows(metrics)]
     if not rows:
         return None
     # Steps of different data kinds sum different objectives: one total line per kind.

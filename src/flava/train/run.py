@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -11,15 +14,17 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from ..config import to_dict
-from ..errors import ConfigError
-from ..io.files import write_json_atomic
+from ..config import check, from_dict, to_dict
+from ..data.registry import KINDS
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import read_config
+from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig
-from .trainer import STAGE_KINDS, Trainer
+from .trainer import Trainer, trained_kinds
 
 DEMO_CODEBOOK_STEPS = 200
 
@@ -34,25 +39,87 @@ def init_distributed() -> bool:
     return True
 
 
-def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list[dict]:
+def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool = False) -> list[dict]:
+    """Train `cfg` into `output`. With `resume`, `cfg` must be the run's own settings (see
+    `settings_for_resume`) apart from what may change on resume, unless `override`."""
     started = init_distributed()
     try:
-        return _run(cfg, output, resume, console)
+        return _run(cfg, output, resume, console, override)
     finally:
         if started:
             dist.destroy_process_group()
 
 
-def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list[dict]:
+# Settings a resumed run may change without --override: how long to run, how often to save and
+# log, how many loader workers (the data order does not depend on them).
+RESUMABLE = frozenset({"max_steps", "save_every", "log_every", "keep_last", "tensorboard", "data.num_workers",
+                       "max_nonfinite_steps"})
+SETTINGS = "train_config.json"
+HISTORY = "config_history.jsonl"
+
+
+def saved_settings(output: Path) -> TrainConfig | None:
+    """The settings a run in `output` was started with: its train_config.json, else those its
+    newest checkpoint carries; None when it has neither."""
+    path = Path(output) / SETTINGS
+    try:
+        if path.is_file():
+            return from_dict(TrainConfig, read_json(path, "run settings"))
+        latest = RunDir(Path(output)).intact_pointer()
+        if latest is not None and "train" in (meta := read_config(latest)):
+            return from_dict(TrainConfig, meta["train"], "train")
+    except (ConfigError, CheckpointError) as e:
+        raise ConfigError(f"the settings of the run in {output} are damaged ({e}); restore {path} or start a "
+                          "new run") from None
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
+    """{setting: (old value, new value)} for every setting that differs."""
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override: bool, rank: int) -> None:
+    diff = changes(saved, cfg)
+    refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
+    if refused and not override:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
+        raise ConfigError(
+            f"--resume would change the run's settings ({shown}); a run keeps the settings it was started with. "
+            f"Drop those --set flags, or pass --override to change them (recorded in {output / HISTORY})")
+    if diff and rank == 0:
+        with open(output / HISTORY, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "override": bool(refused),
+                                "changes": {k: list(v) for k, v in diff.items()}}) + "\n")
+
+
+def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank != 0:
         console = Console(quiet=True)  # one process reports
+    check(cfg)
     output.mkdir(parents=True, exist_ok=True)
-    if not resume and RunDir(output).checkpoints.exists():
-        raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
-    needs_codebook = needs_image_tokens(cfg.objectives, STAGE_KINDS.get(cfg.stage, ())) and not cfg.init
-    if needs_codebook and not cfg.codebook:
-        if cfg.data.pairs or cfg.data.images:
+    run = RunDir(output)
+    with run.lock() if rank == 0 else contextlib.nullcontext():
+        if not resume and (run.checkpoints.exists() or (output / SETTINGS).exists()):
+            raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+        return _train(cfg, run, resume, console, override, rank)
+
+
+def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
+    output = run.root
+    kinds, _ = trained_kinds(cfg)
+    if needs_image_tokens(cfg.objectives, kinds) and not cfg.init and not cfg.codebook:
+        if any(getattr(cfg.data, k) for k in KINDS):
             raise ConfigError(
                 "MIM/MMM need an image codebook: train one with `flava train-codebook --images ... --output CB` "
                 "and pass --set codebook=CB (or set objectives.mim_weight=0 and objectives.mmm_image_weight=0)"
@@ -65,17 +132,27 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list
         if dist.is_initialized():
             dist.barrier()
         cfg.codebook = str(codebook_dir)
+    saved = saved_settings(output) if resume else None
+    if saved is not None:
+        _accept_changes(saved, cfg, output, override, rank)
     trainer = Trainer(cfg, output)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
     else:
         for what in trainer.initialised.values():
             console.print(what)
+    for note in trainer.notes:
+        console.print(f"note: {note}")
+    if trainer.step >= cfg.max_steps:
+        console.print(f"the run already finished at step {trainer.step} (max_steps {cfg.max_steps}); nothing to "
+                      f"do: raise --max-steps to train it further")
+        return []
     if rank == 0:
-        write_json_atomic(output / "train_config.json", to_dict(cfg))
-    sizes = ", ".join(f"{k} {len(s)}" for k, s in trainer.sources.items())
+        write_json_atomic(output / SETTINGS, to_dict(cfg))
+    data = "; ".join(f"{k}: {', '.join(getattr(cfg.data, k)) or 'the packaged demo data'} ({len(s)} records)"
+                     for k, s in trainer.sources.items())
     procs = f" x {trainer.world} processes ({cfg.distributed})" if trainer.world > 1 else ""
-    console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps on {sizes} records; "
+    console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps on {data}; "
                   f"batch {cfg.data.batch_size}{procs}; {cfg.precision} on {trainer.device}; writing to {output}")
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -99,9 +176,17 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console) -> list
         table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
     console.print(table)
     skipped = trainer.skipped(everywhere=True)
-    console.print("skipped records: " + (", ".join(f"{v} {k}" for k, v in skipped.items()) if skipped else "none"))
+    bad = trainer.bad_records(everywhere=True)
+
+    def counts(c: dict) -> str:
+        return f"{sum(c.values())} (" + ", ".join(f"{v} {k}" for k, v in c.items()) + ")" if c else "none"
+
+    console.print(f"skipped records: {counts(bad)} bad records; {counts(skipped)} draws skipped")
+    if trainer.nonfinite_steps:
+        console.print(f"updates skipped for a non-finite loss or gradient: {trainer.nonfinite_steps}")
     console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
                   f"{output / 'loss_curves.png'} and {output / 'tensorboard'}")
     if rank == 0:
-        write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped})
+        write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped,
+                                                    "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps})
     return rows

@@ -13,6 +13,7 @@ processes train exactly like one process with N times the batch.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections import Counter
@@ -26,11 +27,12 @@ from ..config import check
 from ..data.pipeline import BatchStream, SampleMaker, SampleSpec
 from ..data.registry import KINDS, open_sources
 from ..distributed import world
-from ..errors import ConfigError
+from ..errors import ConfigError, DivergedError
 from ..hub import load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..io.runs import RunDir
 from ..model.layers import Block
 from ..objectives.pretraining import PretrainingModel
+from ..objectives.registry import active
 from ..optim import build_optimizer, warmup_cosine
 from . import checkpoint
 from .config import TrainConfig
@@ -56,6 +58,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def trained_kinds(cfg: TrainConfig) -> tuple[tuple[str, ...], list[str]]:
+    """The data kinds a run trains on: its stage's, less those without data (the demo data
+    stands in only when no data is named at all) or without an objective to train; and notes
+    saying what was left out and why."""
+    if len(cfg.data.mixing) != len(KINDS):
+        raise ConfigError("data.mixing needs three non-negative probabilities (pairs, images, text); "
+                          f"got {len(cfg.data.mixing)}")
+    kinds, notes = list(STAGE_KINDS[cfg.stage]), []
+    given = [k for k in KINDS if getattr(cfg.data, k)]
+    if given:
+        for k in [k for k in kinds if k not in given]:
+            notes.append(f"no {k} data given (data.{k}): {k} steps are left out")
+        kinds = [k for k in kinds if k in given]
+    trained = {r.kind for r in active(cfg.objectives)}
+    for k in [k for k in kinds if k not in trained]:
+        notes.append(f"every objective on {k} has weight 0: {k} steps are left out")
+    kinds = [k for k in kinds if k in trained]
+    if not kinds:
+        raise ConfigError(
+            f"stage {cfg.stage} has nothing to train: it trains on {', '.join(STAGE_KINDS[cfg.stage])}, but "
+            + ("; ".join(notes) or "no data is given") + ". Name data for it (data.pairs, data.images, "
+            "data.text) or give its objectives a positive weight")
+    return tuple(kinds), notes
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, output: Path, log=None):
         check(cfg)
@@ -63,13 +90,15 @@ class Trainer:
         self.rank, self.world = world()
         self.device = resolve_device(cfg.device)
         self.log = log or (lambda row: None)
-        self.kinds = STAGE_KINDS[cfg.stage]
-        if len(cfg.data.mixing) != len(KINDS):
-            raise ConfigError("data.mixing needs three non-negative probabilities (pairs, images, text)")
+        # notes: what the run decided that the user should read at the start (kinds left out).
+        self.kinds, self.notes = trained_kinds(cfg)
         probs = np.array([cfg.data.mixing[KINDS.index(k)] for k in self.kinds], dtype=float)
         if probs.sum() <= 0:
-            raise ConfigError(f"data.mixing gives the {', '.join(self.kinds)} data of stage {cfg.stage} no weight")
+            raise ConfigError(f"data.mixing gives the {', '.join(self.kinds)} data of stage {cfg.stage} no weight; "
+                              "set data.mixing=[pairs, images, text] probabilities")
         self.probs = probs / probs.sum()
+        self.nonfinite_steps = 0
+        self._nonfinite_run: list[int] = []
         torch.manual_seed(cfg.seed)
 
         codebook = load_codebook(cfg.codebook) if cfg.codebook else None
@@ -176,12 +205,14 @@ class Trainer:
         return checkpoint.save(self)
 
     def resume(self) -> bool:
-        """Load the newest checkpoint, if any; returns whether one was found."""
-        if not checkpoint.resume(self):
-            return False
-        if self.rank == 0:
+        """Load the newest intact checkpoint, if any; returns whether one was found. What was
+        passed over on the way (damaged checkpoints, leftovers) is added to `notes`."""
+        notes = checkpoint.resume(self)
+        if notes is not None:
+            self.notes += notes
+        if self.rank == 0:  # steps logged after the checkpoint (or before any) will run again
             MetricsLog(self.output, self.cfg.tensorboard).truncate_after(self.step)
-        return True
+        return notes is not None
 
     # ------------------------------------------------------------------ loop
 
@@ -205,6 +236,26 @@ class Trainer:
             total.update(counts)
         return dict(total)
 
+    def bad_records(self, everywhere: bool = False) -> dict[str, int]:
+        """Bad records by reason, each counted once however often it was drawn: rejected at
+        indexing, and found bad by this process's streams (or, with `everywhere`, by any
+        process's; a collective then)."""
+        mine = {(k, reason): indices for k, s in self.streams.items() for reason, indices in s.bad.items()}
+        per_process = [mine]
+        if everywhere and self.world > 1:
+            per_process = [None] * self.world
+            dist.all_gather_object(per_process, mine)
+        union: dict[tuple[str, str], set[int]] = {}
+        for part in per_process:
+            for key, indices in part.items():
+                union.setdefault(key, set()).update(indices)
+        total: Counter = Counter()
+        for src in self.sources.values():
+            total.update(src.rejected)
+        for (_, reason), indices in union.items():
+            total[reason] += len(indices)
+        return dict(total)
+
     def train_step(self) -> dict:
         cfg = self.cfg
         kind = step_kind(cfg.seed, self.step, self.kinds, self.probs)
@@ -226,22 +277,48 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(sums)
             sums /= self.world
-        if cfg.optim.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.scaler.step(self.optimizer)
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        values = torch.cat([sums, norm.detach().float().reshape(1).to(sums.device)]).tolist()  # one sync a step
+        # fp16's loss scaler skips overflowing steps itself; anything else non-finite is divergence.
+        finite = math.isfinite(values[0]) and (math.isfinite(values[-1]) or self.scaler.is_enabled())
+        if finite:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.model.clamp_logit_scale()
+        if finite:
+            self.model.model.clamp_logit_scale()
         self.step += 1
-        values = sums.tolist()  # one device sync per step
-        named = dict(zip(names, values[1:]))
+        self._guard(finite)
+        named = dict(zip(names, values[1:-1]))
         return {"step": self.step, "kind": kind, "loss": values[0],
                 "losses": {k: v for k, v in named.items() if not k.startswith("metric/")},
                 "metrics": {k[7:]: v for k, v in named.items() if k.startswith("metric/")},
+                "grad_norm": values[-1], "update_skipped": not finite, "nonfinite_steps": self.nonfinite_steps,
                 "samples": samples * self.world, "lr": self.scheduler.get_last_lr()[0],
                 "data_position": {k: st.position for k, st in self.streams.items()}}
+
+    def _guard(self, finite: bool) -> None:
+        """Count steps whose update was skipped for a non-finite loss or gradient."""
+        if finite:
+            self._nonfinite_run = []
+        else:
+            self.nonfinite_steps += 1
+            self._nonfinite_run.append(self.step)
+
+    def _check_divergence(self) -> None:
+        """Stop the run when `max_nonfinite_steps` updates in a row were skipped."""
+        if len(self._nonfinite_run) >= self.cfg.max_nonfinite_steps:
+            latest = self.run.intact_pointer()
+            raise DivergedError(
+                f"the loss or its gradients were not finite at steps {self._nonfinite_run[0]}-{self._nonfinite_run[-1]} "
+                f"({len(self._nonfinite_run)} in a row; their updates were skipped), so the run stopped. "
+                + (f"The newest checkpoint, {latest}, holds finite weights: " if latest else "")
+                + f"lower optim.lr (now {self.cfg.optim.lr:g}) or clip harder (optim.grad_clip) and "
+                + ("resume with --resume --override" if latest else "start again"))
 
     def fit(self, max_steps: int | None = None) -> list[dict]:
         end = min(self.cfg.max_steps, max_steps if max_steps is not None else self.cfg.max_steps)
@@ -258,6 +335,7 @@ class Trainer:
                     row["skipped"] = self.skipped()
                     log.write(row)
                 self.log(row)
+                self._check_divergence()
                 if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
                     self.save()
         if self.rank == 0 and log.path.is_file():

@@ -1,0 +1,31 @@
+"""`flava config show`: every training setting with its value and what it means."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("config", help="show every `flava pretrain` setting, its value and what it does")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--config", help="a preset (tiny, small, base) or a JSON file of training settings")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..config import apply_overrides, check, describe
+    from ..train.config import TrainConfig, train_config
+
+    cfg = check(apply_overrides(train_config(args.config) if args.config else TrainConfig(), args.set or []))
+    table = Table(title="flava pretrain settings (set any with --set KEY=VALUE)", show_lines=False)
+    table.add_column("setting", no_wrap=True)
+    table.add_column("value", overflow="fold", max_width=30)
+    table.add_column("what it does", overflow="fold")
+    for key, value, doc in describe(cfg):
+        table.add_row(key, json.dumps(value), doc)
+    console.print(table)

@@ -1,0 +1,236 @@
+"""Fault injection: runs killed with SIGKILL at seeded points (mid-step, mid-way through writing a
+checkpoint's weights, before its checksums, between its rename and latest.json) resume exactly; a
+disk that fills mid-write stops the run in one line and loses nothing; fuzzed shards, CSV, JSONL
+and images are either trained on or counted, never fatal."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import pretrain_args
+from flava.cli import main as cli
+from flava.data.pipeline import SampleMaker, SampleSpec
+from flava.data.registry import open_source
+from flava.data.sources import BadSample, open_image
+from flava.errors import DataError
+from flava.io.runs import RunDir
+
+STEPS = ["--max-steps", "8", "--set", "save_every=2", "--set", "seed=5"]
+
+# Kills this process at the n-th call of one function, then runs `flava`: the fault is in the
+# test, the code under test is the real CLI.
+DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    event, n = sys.argv[1], int(sys.argv[2])
+    import flava.io.checkpoint as io_checkpoint
+    import flava.io.runs as runs
+    import flava.objectives.pretraining as pretraining
+    import flava.train.checkpoint as train_checkpoint
+    calls = [0]
+
+    def hit():
+        calls[0] += 1
+        return calls[0] == n
+
+    def kill():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if event == "step":  # mid-step: after the forward of the n-th batch, before its update
+        forward = pretraining.PretrainingModel.forward
+        def patched(self, *a, **k):
+            out = forward(self, *a, **k)
+            if hit():
+                kill()
+            return out
+        pretraining.PretrainingModel.forward = patched
+    elif event == "weights":  # half of model.safetensors written
+        save_file = io_checkpoint.save_file
+        def patched(tensors, path, **k):
+            save_file(tensors, path, **k)
+            if hit():
+                data = open(path, "rb").read()
+                open(path, "wb").write(data[: len(data) // 2])
+                kill()
+        io_checkpoint.save_file = patched
+    elif event == "checksums":  # every file staged, the checksums not yet
+        write_checksums = train_checkpoint.write_checksums
+        def patched(directory):
+            if hit():
+                kill()
+            write_checksums(directory)
+        train_checkpoint.write_checksums = patched
+    elif event == "pointer":  # the checkpoint renamed into place, latest.json not yet updated
+        point = runs.RunDir.point_latest
+        def patched(self, *a, **k):
+            if hit():
+                kill()
+            point(self, *a, **k)
+        runs.RunDir.point_latest = patched
+    from flava.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _flava(args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flava.cli", *args], env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _rows(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigkill_at_seeded_points_resumes_exactly(train_data, tmp_path):
+    ref = tmp_path / "ref"
+    done = _flava(pretrain_args(train_data, ref) + STEPS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reference = _rows(ref)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    rng = np.random.default_rng(2026)
+    trials = [("step", int(rng.integers(2, 8))), ("weights", int(rng.integers(1, 4))),
+              ("checksums", int(rng.integers(1, 4))), ("pointer", int(rng.integers(1, 4)))]
+    for event, n in trials:
+        run = tmp_path / f"{event}{n}"
+        killed = subprocess.run([sys.executable, str(driver), event, str(n), *pretrain_args(train_data, run), *STEPS],
+                                env=_env(), capture_output=True, text=True, timeout=300)
+        assert killed.returncode == -signal.SIGKILL, (event, n, killed.stdout + killed.stderr)
+        resumed = _flava(["pretrain", "--output", str(run), "--resume"])
+        assert resumed.returncode == 0, (event, n, resumed.stdout + resumed.stderr)
+        rows = _rows(run)
+        assert [r["step"] for r in rows] == list(range(1, 9)), (event, n)  # each step logged once
+        for got, want in zip(rows, reference):
+            assert got["kind"] == want["kind"] and got["data_position"] == want["data_position"], (event, n)
+            assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), (event, n, got["step"])
+        assert not [p for p in RunDir(run).checkpoints.iterdir() if p.name.startswith(".")], (event, n)
+
+
+def test_a_disk_that_fills_mid_write_stops_in_one_line_and_loses_nothing(train_data, tmp_path, capsys,
+                                                                          monkeypatch):
+    import flava.io.checkpoint as io_checkpoint
+
+    save_file = io_checkpoint.save_file
+    calls = []
+
+    def fills(tensors, path, **k):
+        calls.append(path)
+        save_file(tensors, path, **k)
+        if len(calls) == 2:  # the second checkpoint: half its weights reach the disk, then ENOSPC
+            data = open(path, "rb").read()
+            open(path, "wb").write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io_checkpoint, "save_file", fills)
+    run = tmp_path / "run"
+    code = cli(pretrain_args(train_data, run) + STEPS)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "No space left on device" in err
+    assert "step_00000002 is intact" in err
+    assert [p.name for p in RunDir(run).step_dirs()] == ["step_00000002"]
+    assert not [p for p in RunDir(run).checkpoints.iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(io_checkpoint, "save_file", save_file)
+    assert cli(["pretrain", "--output", str(run), "--resume"]) == 0
+    assert [r["step"] for r in _rows(run)] == list(range(1, 9))
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+
+def _mutate(data: bytes, rng: np.random.Generator, keep: bytes = b"") -> bytes:
+    """Flipped bytes, a cut, or inserted garbage; bytes in `keep` are neither made nor unmade."""
+    b = bytearray(data)
+    kind = rng.integers(3)
+    if kind == 0 or not b:
+        for _ in range(int(rng.integers(1, 8))):
+            i = int(rng.integers(len(b))) if b else 0
+            if b and b[i] not in keep:
+                new = int(rng.integers(256))
+                b[i] = new if new not in keep else 0xFF
+    elif kind == 1:
+        b = b[: int(rng.integers(len(b)))]
+    else:
+        i = int(rng.integers(len(b)))
+        junk = bytes(x if x not in keep else 0xFE for x in rng.integers(0, 256, int(rng.integers(1, 40))).tolist())
+        b[i:i] = junk
+    return bytes(b)
+
+
+def _drain(kind: str, spec: str, maker: SampleMaker) -> tuple[int, int, int]:
+    """(records, trained, counted) of a source, every record run through the sample maker."""
+    src = open_source(kind, spec)
+    trained = counted = 0
+    for i, record in enumerate(src.records):
+        try:
+            maker(kind, record, (i, 0))
+            trained += 1
+        except BadSample:
+            counted += 1
+    return len(src.records), trained, counted + sum(src.rejected.values())
+
+
+def test_fuzzed_inputs_are_trained_on_or_counted(tmp_path):
+    rng = np.random.default_rng(7)
+    maker = SampleMaker(SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16), 0)
+    good = io.BytesIO()
+    Image.new("RGB", (20, 16), (9, 99, 199)).save(good, format="PNG")
+    png = good.getvalue()
+    Image.new("RGB", (20, 16)).save(tmp_path / "ok.png")
+    fuzzed = {"csv": 0, "jsonl": 0, "tar": 0, "image": 0}
+
+    csv = ("image,caption\n" + "".join(f"ok.png,a caption number {i}\n" for i in range(20))).encode()
+    header, body = csv.split(b"\n", 1)
+    for t in range(40):
+        (tmp_path / f"f{t}.csv").write_bytes(header + b"\n" + _mutate(body, rng, keep=b'",\n\r'))
+        n_rows = (tmp_path / f"f{t}.csv").read_bytes().count(b"\n")
+        records, trained, counted = _drain("pairs", str(tmp_path / f"f{t}.csv"), maker)
+        assert trained + counted >= records and records + counted >= n_rows - 1 - 1, t  # a cut row may vanish
+        fuzzed["csv"] += 1
+
+    jsonl = "".join(json.dumps({"text": f"text number {i}"}) + "\n" for i in range(20)).encode()
+    for t in range(40):
+        (tmp_path / f"f{t}.jsonl").write_bytes(_mutate(jsonl, rng, keep=b"\n"))
+        lines = [x for x in (tmp_path / f"f{t}.jsonl").read_bytes().splitlines() if x.strip()]
+        records, trained, counted = _drain("text", str(tmp_path / f"f{t}.jsonl"), maker)
+        assert records + sum(open_source("text", str(tmp_path / f"f{t}.jsonl")).rejected.values()) == len(lines), t
+        assert trained + counted >= records, t
+        fuzzed["jsonl"] += 1
+
+    shard = io.BytesIO()
+    with tarfile.open(fileobj=shard, mode="w") as tar:
+        for i in range(10):
+            for name, data in ((f"{i:03d}.png", png), (f"{i:03d}.txt", f"caption {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    for t in range(60):
+        (tmp_path / f"f{t}.tar").write_bytes(_mutate(shard.getvalue(), rng))
+        try:
+            records, trained, counted = _drain("pairs", str(tmp_path / f"f{t}.tar"), maker)
+        except DataError as e:  # a shard damaged beyond reading is a one-line error, never a crash
+            assert "tar" in str(e), t
+            continue
+        assert trained + counted >= records, t
+        fuzzed["tar"] += 1
+
+    for t in range(60):
+        path = tmp_path / f"f{t}.png"
+        path.write_bytes(_mutate(png, rng))
+        try:
+            assert open_image(path).mode == "RGB"
+        except BadSample:
+            pass
+        fuzzed["image"] += 1
+    assert sum(fuzzed.values()) >= 190, fuzzed

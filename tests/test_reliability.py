@@ -1,0 +1,329 @@
+"""Bad inputs and damaged runs, each reproduced first: bad records are counted and trained around,
+user errors end in one line, a run owns its directory and its settings, divergence is caught,
+and a resume survives damage."""
+
+import argparse
+import io
+import json
+import os
+import stat
+import struct
+import tarfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flava
+from conftest import pretrain_args
+from flava.cli import main as cli
+from flava.config import preset, to_dict
+from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+from flava.data.sources import csv_pairs, open_image, read_caption, tar_pairs, text_file
+from flava.errors import CheckpointError, ConfigError
+from flava.io.runs import RunDir
+
+
+def spec():
+    return SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)
+
+
+def png(color=(200, 10, 10), size=(24, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def raw_members(members: list[tuple[str, bytes]]) -> bytes:
+    """Tar members without the end-of-archive blocks, to splice damage after them."""
+    out = b""
+    for name, data in members:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        out += info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+    return out
+
+
+def one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_non_string_texts_and_captions_are_counted_not_fatal(tmp_path):
+    (tmp_path / "t.jsonl").write_text('{"text": 5}\n{"text": null}\n{"text": "fine"}\n[1, 2]\n{"text": "also"}\n')
+    src = text_file(str(tmp_path / "t.jsonl"))
+    assert src.records == ["fine", "also"]
+    assert src.rejected == {"json line without a text string": 3}
+    members = [("a.png", png()), ("a.json", b'{"caption": 5}'), ("b.png", png()), ("b.json", b'{"caption": "ok"}')]
+    write_tar(tmp_path / "s.tar", members)
+    records = tar_pairs(str(tmp_path / "s.tar")).records
+    with pytest.raises(flava.data.sources.BadSample, match="caption is not text"):
+        read_caption(records[0].caption)
+    stream = BatchStream("pairs", tar_pairs(str(tmp_path / "s.tar")), SampleMaker(spec(), 0), 1, seed=0)
+    for _ in range(3):
+        stream.next_batch()
+    assert set(stream.skipped) == {"caption is not text"}
+
+
+def test_one_bad_csv_row_or_a_huge_caption_spoils_nothing_else(tmp_path):
+    Image.new("RGB", (24, 24)).save(tmp_path / "a.png")
+    rows = b"image,caption\na.png,good one\na.png,bad \xff\xfe bytes\na.png," + b"x" * 200_000 + b"\na.png,fine\n"
+    (tmp_path / "p.csv").write_bytes(rows)
+    src = csv_pairs(str(tmp_path / "p.csv"))
+    assert [r.caption[:4] for r in src.records] == ["good", "xxxx", "fine"]
+    assert src.rejected == {"undecodable csv row": 1}
+    maker = SampleMaker(spec(), 0)
+    with pytest.raises(flava.data.sources.BadSample, match="over-long caption"):
+        maker("pairs", src.records[1], (1, 0))
+
+
+def test_a_cut_shard_is_counted_and_a_giant_member_is_refused(tmp_path):
+    members = [(f"{i:03d}.{ext}", data) for i in range(20) for ext, data in (("png", png()), ("txt", b"cap"))]
+    write_tar(tmp_path / "full.tar", members)
+    data = (tmp_path / "full.tar").read_bytes()
+    # Cut at a header boundary: the start of sample 12's first member.
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        cut = next(m.offset for m in tar.getmembers() if m.name == "012.png")
+    (tmp_path / "cut.tar").write_bytes(data[:cut])
+    src = tar_pairs(str(tmp_path / "cut.tar"))
+    assert len(src.records) == 12 and src.rejected == {"truncated tar shard": 1}
+    assert tar_pairs(str(tmp_path / "full.tar")).rejected == {}
+
+    header = tarfile.TarInfo("big.png")
+    header.size = 1 << 40  # a header claiming a 1 TiB member
+    (tmp_path / "giant.tar").write_bytes(raw_members(members[:4]) + header.tobuf(format=tarfile.GNU_FORMAT)
+                                         + b"\0" * 4096)
+    src = tar_pairs(str(tmp_path / "giant.tar"))
+    assert len(src.records) == 2
+    assert src.rejected["tar member past the end of its shard"] == 1
+
+
+def test_sixteen_bit_greys_keep_their_range_and_bombs_are_refused_before_decoding(tmp_path):
+    grey = np.full((8, 8), 32768, dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    rgb = np.asarray(open_image(tmp_path / "g16.png"))
+    assert rgb.shape == (8, 8, 3) and abs(int(rgb[0, 0, 0]) - 128) <= 1  # was clipped to 255
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 1, 0, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    with pytest.raises(flava.data.sources.BadSample, match="image too large"):
+        open_image(tmp_path / "bomb.png")
+
+    (tmp_path / "c.txt").write_bytes(b"first line\nbroken \xff line\nthird line\n")
+    src = text_file(str(tmp_path / "c.txt"))
+    assert src.records == ["first line", "third line"] and src.rejected == {"undecodable text line": 1}
+
+
+def test_a_bad_record_is_counted_once_however_often_it_is_drawn(tmp_path):
+    Image.new("RGB", (24, 24)).save(tmp_path / "a.png")
+    rows = ["image,caption"] + [f"a.png,caption {i}" if i not in (2, 5) else "a.png," for i in range(8)]
+    (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
+    stream = BatchStream("pairs", csv_pairs(str(tmp_path / "p.csv")), SampleMaker(spec(), 0), 2, seed=0)
+    while stream.position < 24:  # three epochs
+        stream.next_batch()
+    assert stream.skipped["empty caption"] == 6
+    assert {k: len(v) for k, v in stream.bad.items()} == {"empty caption": 2}
+
+
+def test_naming_only_pairs_trains_only_pairs_and_says_so(train_data, tmp_path, capsys):
+    args = pretrain_args(train_data, tmp_path / "run", "pairs_clean.csv")
+    for kind in ("images", "text"):
+        i = next(i for i, a in enumerate(args) if a.startswith(f"data.{kind}="))
+        del args[i - 1:i + 1]
+    assert cli(args + ["--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "no images data given" in out and "no text data given" in out and "demo" not in out
+    kinds = {json.loads(line)["kind"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
+    assert kinds == {"pairs"}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_a_second_writer_is_refused(train_data, tmp_path, capsys):
+    with RunDir(tmp_path / "run").lock():
+        code = cli(pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "1"])
+    err = one_line_error(capsys, code)
+    assert "in use by another flava run (pid" in err
+
+
+def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(pretrain_args(train_data, run, batch_size=4) + ["--max-steps", "2", "--set", "save_every=1"]) == 0
+    # No flags but the output: the run's own data, batch and codebook, not the demo defaults.
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3"]) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["samples"] == 4
+    capsys.readouterr()
+    code = cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "4", "--set", "data.batch_size=8"])
+    err = one_line_error(capsys, code)
+    assert "data.batch_size: 4 -> 8" in err and "--override" in err
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "4", "--set", "data.batch_size=8",
+                "--override"]) == 0
+    history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["override"] and history[-1]["changes"]["data.batch_size"] == [4, 8]
+    assert json.loads((run / "train_config.json").read_text())["data"]["batch_size"] == 8
+
+
+def test_finished_runs_and_impossible_settings(train_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(pretrain_args(train_data, run) + ["--max-steps", "1"]) == 0
+    summary = (run / "summary.json").read_text()
+    capsys.readouterr()
+    assert cli(["pretrain", "--output", str(run), "--resume"]) == 0
+    assert "already finished at step 1" in capsys.readouterr().out
+    assert (run / "summary.json").read_text() == summary
+    for bad, name in (("keep_last=-1", "keep_last"), ("keep_last=0", "keep_last"), ("data.batch_size=0", "batch_size"),
+                      ("save_every=0", "save_every"), ("log_every=0", "log_every"),
+                      ("optim.grad_accumulation=0", "grad_accumulation"), ("data.mixing=[0.5,0.5]", "mixing"),
+                      ("data.num_workers=-1", "num_workers"), ("optim.lr=-1", "optim.lr"),
+                      ("optim.lr=NaN", "optim.lr")):
+        code = cli(pretrain_args(train_data, tmp_path / name) + ["--set", bad])
+        assert name in one_line_error(capsys, code), bad
+    code = cli(pretrain_args(train_data, tmp_path / "neg") + ["--max-steps", "-5"])
+    assert "max_steps" in one_line_error(capsys, code)
+
+
+def test_a_zero_weight_leaves_its_kind_out(train_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(pretrain_args(train_data, run) + ["--max-steps", "6", "--set", "objectives.mim_weight=0"]) == 0
+    assert "every objective on images has weight 0" in capsys.readouterr().out
+    kinds = {json.loads(x)["kind"] for x in (run / "metrics.jsonl").read_text().splitlines()}
+    assert "images" not in kinds
+
+
+def test_divergence_stops_the_run_and_no_checkpoint_holds_non_finite_weights(train_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    code = cli(pretrain_args(train_data, run) + ["--max-steps", "20", "--set", "optim.lr=1e30",
+                                                  "--set", "optim.warmup_steps=0", "--set", "save_every=1",
+                                                  "--set", "max_nonfinite_steps=2", "--set", "optim.grad_clip=0"])
+    err = one_line_error(capsys, code)
+    assert "not finite" in err and "2 in a row" in err
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["update_skipped"] and rows[-1]["nonfinite_steps"] >= 2
+    for ckpt in RunDir(run).step_dirs():
+        weights = flava.hub.read_checkpoint(ckpt).parts["model"]
+        assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_non_finite_weights_are_never_saved(train_data, tmp_path):
+    from test_pretrain_processes import train_config
+
+    from flava.train.trainer import Trainer
+
+    t = Trainer(train_config(train_data, "pairs_clean.csv"), tmp_path / "run")
+    t.step = 1
+    t.save()
+    with torch.no_grad():
+        t.model.model.logit_scale.fill_(float("nan"))
+    t.step = 2
+    with pytest.raises(CheckpointError, match="logit_scale is not finite.*step_00000001 is intact"):
+        t.save()
+    assert [p.name for p in RunDir(tmp_path / "run").step_dirs()] == ["step_00000001"]
+
+
+def test_a_full_disk_inside_torch_or_safetensors_is_one_line(train_data, tmp_path, capsys, monkeypatch):
+    import flava.train.checkpoint as ckpt
+
+    calls = []
+
+    def full(*a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\nmore lines")
+        return torch_save(*a, **k)
+
+    torch_save = torch.save
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    code = cli(pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "4", "--set", "save_every=2"])
+    err = one_line_error(capsys, code)
+    assert "unexpected pos" in err and "step_00000002 is intact" in err
+
+
+def test_resume_survives_damage(train_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli(pretrain_args(train_data, run) + ["--max-steps", "4", "--set", "save_every=1",
+                                                  "--set", "keep_last=4"]) == 0
+    reference = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    layout = RunDir(run)
+
+    def resume_to(step: int) -> list[dict]:
+        assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", str(step)]) == 0, capsys.readouterr()
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    # A partial trailing metrics line, a truncated newest trainer state, a leftover staging directory.
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    state = layout.step(4) / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    (layout.checkpoints / ".step_00000005.abc.tmp").mkdir()
+    rows = resume_to(5)
+    out = capsys.readouterr().out
+    assert "step_00000004 is damaged" in out and "resumed from step 3" in out
+    assert not (layout.checkpoints / ".step_00000005.abc.tmp").exists()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[3]["loss"] == pytest.approx(reference[3]["loss"], abs=1e-6)
+
+    # A missing streams.json and a damaged latest.json.
+    (layout.step(5) / "streams.json").unlink()
+    layout.pointer.write_text("{not json")
+    rows = resume_to(6)
+    out = capsys.readouterr().out
+    assert "latest.json is damaged" in out and "step_00000005 is damaged" in out
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_absurd_model_sizes_are_refused_before_allocating(tmp_path):
+    cfg = to_dict(preset("tiny"))
+    cfg["text"]["num_layers"] = 10_000_000
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"format": "flava", "model": cfg}))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="GiB for its float32 weights"):
+        flava.load(tmp_path / "m")
+    big = preset("tiny")
+    big.image.hidden_size = 10**9
+    big.image.num_heads = 1
+    with pytest.raises(ConfigError, match="more than this machine"):
+        flava.FlavaModel(big)
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        flava.FlavaModel(preset("tiny")).save_pretrained(tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "m" / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_presets_and_the_settings_are_discoverable(capsys):
+    from flava.cli.pretrain import settings
+
+    args = argparse.Namespace(output="x", resume=False, override=False, config="small", set=None, max_steps=None,
+                              save_every=None)
+    assert settings(args).model.image.hidden_size == 384
+    assert cli(["config", "show", "--config", "small"]) == 0
+    out = capsys.readouterr().out
+    for key in ("optim.lr", "model.image.hidden_size", "objectives.contrastive", "max_nonfinite_steps"):
+        assert key in out, key
+    assert "Peak learning rate" in out and "384" in out
