@@ -23,7 +23,7 @@ def make_images(directory, n=24, seed=0):
     (directory / "empty.jpg").write_bytes(b"")
 
 
-def test_train_tokenizer_command(tmp_path, capsys):
+def test_train_codebook_command(tmp_path, capsys):
     make_images(tmp_path / "imgs")
     out = tmp_path / "tok"
     code = cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(out), "--steps", "40",
@@ -44,7 +44,7 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert ids.shape == (2, 64) and int(ids.max()) < 64
 
 
-def test_train_tokenizer_errors(tmp_path, capsys):
+def test_train_codebook_errors(tmp_path, capsys):
     assert cli(["train-codebook", "--images", str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")]) == 2
     assert "no image files match" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()

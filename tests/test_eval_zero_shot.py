@@ -370,3 +370,12 @@ def test_linear_probe_on_model_cls_features(model):
     y = digits.target[:400]
     r = probe.linear_probe(feats[:300], y[:300], feats[300:], y[300:])
     assert r.accuracy > 0.5  # chance is 0.1; random ViT features still separate digits
+
+
+def test_a_retrieval_file_with_unusable_rows_is_refused_not_shrunk(tmp_path):
+    write_pngs(tmp_path, ["img/a.png"])
+    (tmp_path / "pairs.tab").write_bytes(b"image\tcaption\nimg/a.png\tan a\nimg/a.png\tbad \xff\n")
+    with pytest.raises(DataError, match=r"unusable rows \(1 undecodable csv row\)"):
+        zero_shot.read_retrieval_csv(tmp_path / "pairs.tab")
+    (tmp_path / "good.tab").write_text("image\tcaption\nimg/a.png\tan a\n")
+    assert zero_shot.read_retrieval_csv(tmp_path / "good.tab").captions == [["an a"]]

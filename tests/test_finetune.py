@@ -429,3 +429,10 @@ def test_errors_before_training(model, tokenizer, tmp_path):
     examples[1] = MultimodalExample(tmp_path / "broken.png", "q", 0)
     with pytest.raises(DataError, match="broken.png: unreadable image"):
         finetune_multimodal(model, mm, s, tokenizer)
+
+
+def test_the_text_tower_trains_whatever_the_source_model_froze():
+    frozen = FlavaModel(preset("tiny")).requires_grad_(False)
+    tower = frozen.text_tower().requires_grad_(True)
+    assert all(p.requires_grad for n, p in tower.named_parameters() if ".pooler." not in n)
+    assert not any(p.requires_grad for n, p in tower.named_parameters() if ".pooler." in n)

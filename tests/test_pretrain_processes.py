@@ -52,7 +52,8 @@ def metrics(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("mode,contrastive", [("ddp", "softmax"), ("fsdp", "softmax"), ("ddp", "sigmoid")])
+@pytest.mark.parametrize("mode,contrastive", [("ddp", "softmax"), ("fsdp", "softmax"), ("ddp", "sigmoid"),
+                                              ("fsdp", "sigmoid")])
 def test_two_processes_train_like_one_process_with_the_global_batch(train_data, tmp_path, mode, contrastive):
     # AdamW with eps 1e-8 is blind to the gradient's scale and turns rounding noise in near-zero
     # gradients into whole steps of lr; eps 1e-4 makes small updates follow the gradient, so

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import flava
 from flava.config import ObjectivesConfig, from_dict, to_dict
 from flava.errors import ConfigError
-from flava.hub import read_checkpoint
+from flava.hub import pretraining_from_checkpoint, read_checkpoint
 from flava.interop.bridge import pretraining_losses
 from flava.interop.export import export_hf
 from flava.objectives.losses import SigmoidContrastiveHead, sigmoid_contrastive_loss
@@ -119,3 +119,17 @@ def test_a_bad_choice_is_named_with_the_choices():
         assert "did you mean 'sigmoid'" in str(e)
     else:
         raise AssertionError("an unknown contrastive kind was accepted")
+
+
+def test_a_checkpoint_of_the_other_kind_initialises_what_it_can(tmp_path):
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    softmax = PretrainingModel(cfg, ObjectivesConfig())
+    softmax.save_pretrained(tmp_path / "softmax")
+    pm, notes = pretraining_from_checkpoint(read_checkpoint(tmp_path / "softmax"), ObjectivesConfig(contrastive="sigmoid"))
+    assert any("no sigmoid_contrastive head" in n for n in notes)
+    assert torch.equal(pm.heads.itm.classifier.weight, softmax.heads.itm.classifier.weight)
+    pm.save_pretrained(tmp_path / "sigmoid")
+    back, notes = pretraining_from_checkpoint(read_checkpoint(tmp_path / "sigmoid"), ObjectivesConfig())
+    assert any("sigmoid_contrastive head(s) are not used" in n for n in notes)
+    assert torch.equal(back.heads.mim.decoder.weight, softmax.heads.mim.decoder.weight)

@@ -118,11 +118,20 @@ def pretraining_from_checkpoint(ckpt: Checkpoint, objectives: ObjectivesConfig |
         objectives = from_dict(ObjectivesConfig, ckpt.extra.get("objectives", {}), "objectives")
     cfg, parts = ckpt.config, ckpt.parts
     model = build_loaded(lambda: FlavaModel(cfg), parts["model"], "model", ckpt.path)
-    if parts.get("heads"):
-        heads = build_loaded(lambda: PretrainingHeads(cfg, objectives), parts["heads"], "heads", ckpt.path)
-    else:
-        heads = PretrainingHeads(cfg, objectives)
+    heads = PretrainingHeads(cfg, objectives)
+    saved = parts.get("heads") or {}
+    if not saved:
         notes.append("the checkpoint has no pretraining heads; they are newly initialised")
+    else:  # heads of objectives this config did not choose are dropped; missing ones start fresh
+        for name, head in heads.named_children():
+            own = {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")}
+            if own:
+                load_weights(head, own, f"{name} head", ckpt.path)
+            else:
+                notes.append(f"the checkpoint has no {name} head; it is newly initialised")
+        dropped = sorted({k.split(".")[0] for k in saved} - {n for n, _ in heads.named_children()})
+        if dropped:
+            notes.append(f"the checkpoint's {', '.join(dropped)} head(s) are not used by these objectives")
     if codebook is None and parts.get("codebook"):
         codebook = build_loaded(lambda: FlavaImageCodebook(cfg.codebook), parts["codebook"], "codebook", ckpt.path)
     if codebook is None:

@@ -89,7 +89,7 @@ def _parse(spec: str, kind: str, overrides: dict[str, str | None]) -> _Spec:
 
 
 def is_arrow_spec(spec: str) -> bool:
-    """Whether `spec` names parquet data or a `save_to_disk` directory (so hf_* should read it)."""
+    """Whether `spec` names parquet data or a `save_to_disk` directory (so the arrow_* readers should read it)."""
     path, _ = _split_split(_split_query(str(spec))[0])
     if path.lower().endswith(".parquet"):
         return True

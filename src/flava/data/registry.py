@@ -25,7 +25,7 @@ def open_source(kind: Kind, spec: str) -> Source:
     if arrow.is_arrow_spec(spec):
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     if kind == "pairs":
-        return sources.csv_pairs(spec) if spec.lower().endswith((".csv", ".tsv")) else sources.tar_pairs(spec)
+        return sources.csv_pairs(spec) if spec.lower().endswith(sources.TABLE_SUFFIXES) else sources.tar_pairs(spec)
     if kind == "images":
         return sources.image_folder(spec)
     if kind == "text":

@@ -19,13 +19,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import IMAGE_SUFFIXES, find_images
+from .transforms import to_rgb
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab")
 MAX_IMAGE_PIXELS = 40_000_000
 """Images with more pixels are refused before decoding (a 13000x13000 PNG decodes to 1 GB)."""
 # One caption or text may be long (a paragraph); csv's default 128 KiB field limit would make
@@ -60,23 +61,10 @@ class TarMember:
 ImageRef = Path | TarMember | Image.Image
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB with the full range kept: PIL's convert clips 16- and 32-bit greyscale at 255."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode == "F":
-            top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
-        else:
-            top = 65535.0 if im.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
-        arr = np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    return im.convert("RGB")
-
-
 def open_image(ref: ImageRef) -> Image.Image:
     """Decode to RGB or raise BadSample with the reason."""
     if isinstance(ref, Image.Image):
-        return _to_rgb(ref)
+        return to_rgb(ref)
     try:
         if isinstance(ref, TarMember):
             data = ref.read()
@@ -92,7 +80,7 @@ def open_image(ref: ImageRef) -> Image.Image:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise BadSample("image too large")
                 im.load()
-                return _to_rgb(im)
+                return to_rgb(im)
     except BadSample:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):

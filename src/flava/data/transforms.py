@@ -14,11 +14,20 @@ LOGIT_LAPLACE_EPS = 0.1
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """RGB with the full range kept: PIL's convert clips 16- and 32-bit greyscale at 255."""
     if isinstance(image, np.ndarray):
         arr = image
         if arr.dtype != np.uint8:
             arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
         image = Image.fromarray(arr)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if image.mode == "F":
+            top = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or (arr.size and arr.max() > 255) else 255.0
+        arr = np.clip(np.nan_to_num(arr) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
     return image.convert("RGB")
 
 

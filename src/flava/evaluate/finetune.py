@@ -538,9 +538,7 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
     num_outputs = 1 if regression else len(task.label_names)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.seed)
-        tower = model.text_tower().eval()
-        if not settings.train_encoders:
-            tower.requires_grad_(False)
+        tower = model.text_tower().eval().requires_grad_(settings.train_encoders)
         head = TextHead(model.config.text.hidden_size, num_outputs, settings.head_dropout)
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.registry import open_source
+from ..data.sources import TABLE_SUFFIXES
 from ..data.tokenizer import TextTokenizer
 from ..errors import DataError, InputError
 from ..io.files import read_json
@@ -134,7 +135,12 @@ def read_retrieval_csv(path: str | os.PathLike) -> RetrievalSet:
     """A CSV (TSV by suffix) with columns `image` and `caption`, one row per caption; rows naming
     the same image (after path normalisation) are that image's captions, images in order of
     first appearance. Relative image paths are relative to the file. Every image must exist."""
+    if not str(path).lower().endswith(TABLE_SUFFIXES):
+        raise DataError(f"retrieval file {path} must be a .csv, .tsv or .tab file")
     source = open_source("pairs", str(path))
+    if source.rejected:  # an evaluation set must not shrink silently
+        reasons = ", ".join(f"{n} {why}" for why, n in source.rejected.items())
+        raise DataError(f"retrieval file {path} has unusable rows ({reasons}); fix or remove them")
     groups: dict[Path, list[str]] = {}
     for record in source.records:
         groups.setdefault(Path(os.path.normpath(record.image)), []).append(record.caption)

@@ -245,6 +245,11 @@ class TextTower(nn.Module):
         self.encoder = encoder
         encoder.pooler.requires_grad_(False)
 
+    def requires_grad_(self, requires_grad: bool = True) -> "TextTower":
+        super().requires_grad_(requires_grad)
+        self.encoder.pooler.requires_grad_(False)
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, cls_only: bool = False,
                 skip_padding: bool = False) -> EncoderOutput:

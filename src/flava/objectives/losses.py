@@ -84,8 +84,8 @@ def global_contrastive_loss(
 
 class SigmoidContrastiveHead(nn.Module):
     """SigLIP's learned temperature t = exp(logit_scale) and bias, initialised as the paper does
-    (t = 10, b = -10) so the many negative pairs start near their target. Shaped [1], not
-    scalars, so FSDP can shard them like any other parameter."""
+    (t = 10, b = -10) so the many negative pairs start near their target. A holder of parameters
+    the loss reads, with no forward of its own (FSDP leaves it replicated)."""
 
     def __init__(self, scale: float = math.log(10.0), bias: float = -10.0):
         super().__init__()

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from ..config import to_dict
 from ..errors import CheckpointError
 from ..hub import Checkpoint, load_weights, read_checkpoint
-from ..io.checkpoint import damage, write_checkpoint_dir, write_checkpoint_files, write_checksums
+from ..io.checkpoint import damage, split_parts, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -64,10 +64,7 @@ def save(trainer: Trainer) -> Path:
         dist.all_gather_object(rng, _rng_state(trainer))
     error = ""
     if trainer.rank == 0:
-        parts: dict[str, dict] = {}
-        for key, value in flat.items():
-            part, name = key.split(".", 1)
-            parts.setdefault(part, {})[name] = value
+        parts = split_parts(flat, target)
         bad = next((k for k, v in flat.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         state = {"step": step, "world": trainer.world, "optimizer": optimizer, "nonfinite_steps": trainer.nonfinite_steps,
                  "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rng}
@@ -91,7 +88,11 @@ def save(trainer: Trainer) -> Path:
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
             error = f"could not write the checkpoint of step {step} to {target} ({reason})"
         else:
-            for old in run.step_dirs()[: -trainer.cfg.keep_last]:
+            # Checkpoints past this one belong to a future a resumed run abandoned.
+            dirs = run.step_dirs()
+            newer = [p for p in dirs if p.name > target.name]
+            older = [p for p in dirs if p.name <= target.name]
+            for old in newer + older[: -trainer.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     if trainer.world > 1:
         box = [error]
@@ -104,8 +105,8 @@ def save(trainer: Trainer) -> Path:
     return target
 
 
-def _read(target: Path, rank: int) -> tuple[Checkpoint, dict, dict]:
-    """A checkpoint's weights, trainer state and this process's stream positions, or a
+def _read(target: Path) -> tuple[Checkpoint, dict, list]:
+    """A checkpoint's weights, trainer state and every process's stream positions, or a
     CheckpointError saying what is damaged."""
     why = damage(target)
     if why:
@@ -118,35 +119,56 @@ def _read(target: Path, rank: int) -> tuple[Checkpoint, dict, dict]:
     except Exception as e:  # torch raises several unrelated types for damaged zip/pickle files
         raise CheckpointError(f"{STATE} could not be read ({type(e).__name__})") from None
     streams = read_json(target / STREAMS, "stream positions", CheckpointError, expect=list)
-    if len(streams) <= rank:
-        raise CheckpointError(f"{STREAMS} holds no positions for process {rank}")
-    return ckpt, state, streams[rank]
+    if len(streams) != int(state.get("world", len(streams))):
+        raise CheckpointError(f"{STREAMS} holds positions for {len(streams)} processes, the state for {state['world']}")
+    return ckpt, state, streams
 
 
-def resume(trainer: Trainer) -> list[str] | None:
-    """Load the run's newest intact checkpoint into `trainer` and return notes on what was passed
-    over (damaged checkpoints, leftovers of killed writes); None when the run has no checkpoint
-    yet; a CheckpointError when none is intact."""
-    run = trainer.run
-    notes = []
-    if trainer.rank == 0:
-        notes += [f"removed {p.name}, left by a write that was killed" for p in run.remove_orphans()]
+def _choose(run, notes: list[str]) -> tuple[Path, tuple] | None:
+    """The newest intact checkpoint and what was read of it; notes on those passed over."""
     candidates, pointer_notes = run.candidates()
     notes += pointer_notes
     if not candidates:
         return None
     for target in candidates:
         try:
-            ckpt, state, streams = _read(target, trainer.rank)
-            break
+            return target, _read(target)
         except CheckpointError as e:
             notes.append(f"{target.name} is damaged ({e}); trying an older checkpoint")
-    else:
-        raise CheckpointError(f"no intact checkpoint in {run.checkpoints}: " + "; ".join(notes))
+    raise CheckpointError(f"no intact checkpoint in {run.checkpoints}: " + "; ".join(notes))
+
+
+def resume(trainer: Trainer) -> list[str] | None:
+    """Load the run's newest intact checkpoint into `trainer` and return notes on what was passed
+    over (damaged checkpoints, leftovers of killed writes); None when the run has no checkpoint
+    yet; a CheckpointError when none is intact. Process 0 chooses; every process loads its choice."""
+    run = trainer.run
+    notes: list[str] = []
+    choice, error = None, ""
+    if trainer.rank == 0:
+        notes += [f"removed {p.name}, left by a write that was killed" for p in run.remove_orphans()]
+        try:
+            choice = _choose(run, notes)
+        except CheckpointError as e:
+            error = str(e)
+    if trainer.world > 1:
+        box = [(choice[0].name if choice else None, error)]
+        dist.broadcast_object_list(box, src=0)
+        name, error = box[0]
+        if trainer.rank != 0 and name is not None and not error:
+            target = run.checkpoints / name
+            choice = target, _read(target)
+    if error:
+        raise CheckpointError(error)
+    if choice is None:
+        return None
+    target, (ckpt, state, all_streams) = choice
     if int(state["world"]) != trainer.world:
         raise CheckpointError(
             f"{target} was written by {state['world']} processes and this run has {trainer.world}: the data "
             "split depends on the process count, so resume with the same number of processes")
+    streams = all_streams[trainer.rank]
+    pointed = run.intact_pointer()
     model = trainer.model
     parts = {p: ckpt.parts.get(p) or {} for p in ("model", "heads", "codebook") if getattr(model, p) is not None}
     if trainer.world == 1:  # checked loads: one clear error for any mismatch
@@ -174,6 +196,6 @@ def resume(trainer: Trainer) -> list[str] | None:
             trainer.streams[k].load_state(s)
     trainer.step = int(state["step"])
     trainer.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-    if trainer.rank == 0 and (target != candidates[0] or pointer_notes):
+    if trainer.rank == 0 and pointed != target:
         run.point_latest(trainer.step, target)
     return notes

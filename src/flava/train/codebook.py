@@ -13,6 +13,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Annotated
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
 
-from ..config import CodebookConfig, FlavaConfig, to_dict
+from ..config import CodebookConfig, FlavaConfig, NonNegative, Positive, PositiveInt, Range, to_dict
 from ..data.demo import demo_images
 from ..data.images import find_images
 from ..data.sources import BadSample, open_image
@@ -39,30 +40,30 @@ from ..progress import progress_bar
 class CodebookTraining:
     """How `flava train-codebook` trains the dVAE."""
 
-    steps: int = 300
+    steps: PositiveInt = 300
     """Optimizer steps (enough for the tiny demo codebook; real data wants thousands)."""
-    batch_size: int = 32
+    batch_size: PositiveInt = 32
     """Images per step."""
-    lr: float = 2e-3
+    lr: Positive = 2e-3
     """Peak AdamW learning rate (cosine decay to a tenth after a 5 % warmup)."""
-    temperature_start: float = 1.0
+    temperature_start: Positive = 1.0
     """Gumbel-softmax temperature at the start..."""
-    temperature_end: float = 1 / 16
+    temperature_end: Positive = 1 / 16
     """...annealed exponentially to this (DALL-E's final value)."""
-    kl_weight: float = 0.0
+    kl_weight: NonNegative = 0.0
     """Weight of the ELBO's per-position KL(q || uniform), ramped in over the first half."""
-    diversity_weight: float = 0.3
+    diversity_weight: NonNegative = 0.3
     """Weight of KL(mean q over the batch || uniform): penalises a batch that uses few codes
     (wav2vec 2.0's diversity loss), the usual cure for a collapsing codebook."""
-    entropy_weight: float = 0.05
+    entropy_weight: NonNegative = 0.05
     """Weight of the mean per-position entropy H(q): with the diversity term this maximises the
     mutual information between images and codes (sharp per position, spread over the batch)."""
     straight_through: bool = False
     """Decode hard one-hot samples with straight-through gradients instead of soft ones."""
-    crop_scale_min: float = 0.35
+    crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.35
     """Random crops cover this much of an image at least (augmentation)."""
     seed: int = 0
-    log_every: int = 50
+    log_every: PositiveInt = 50
 
 
 def token_usage(token_ids: torch.Tensor, vocab_size: int) -> dict[str, float]:

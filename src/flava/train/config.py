@@ -28,13 +28,14 @@ class DataConfig:
     pairs: list[str] = field(default_factory=list)
     """Image-text pair sources: .csv/.tsv files (columns image, caption), WebDataset .tar shards
     (a file, a directory of shards or a glob), parquet files, or a Hugging Face dataset saved to
-    disk (`DIR`, `DIR:train`, `DIR:train?image=jpg&caption=txt`). Empty: the packaged demo pairs."""
+    disk (`DIR`, `DIR:train`, `DIR:train?image=jpg&caption=txt`). With no data of any kind named, the
+    packaged demo data; otherwise an empty kind is left out."""
     images: list[str] = field(default_factory=list)
     """Image folders, parquet files or Hugging Face datasets on disk (`?image=col`). Empty: the
-    packaged demo images."""
+    packaged demo images when no data of any kind is named."""
     text: list[str] = field(default_factory=list)
     """.txt (a text per line) or .jsonl ("text" field) files, parquet files or Hugging Face
-    datasets on disk (`?text=col`). Empty: the packaged demo text."""
+    datasets on disk (`?text=col`). Empty: the packaged demo text when no data of any kind is named."""
     mixing: list[NonNegative] = field(default_factory=lambda: [0.70, 0.15, 0.15])
     """Probability that a step trains on pairs, images, text (paper Table A.2)."""
     batch_size: PositiveInt = 32

@@ -44,7 +44,7 @@ class MetricsLog:
             self._writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=row["step"])
         w, step = self._writer, row["step"]
         w.add_scalar("loss", row["loss"], step)
-        for group in ("losses", "metrics", "skipped"):
+        for group in ("losses", "metrics", "skipped", "bad_records"):
             for k, v in row.get(group, {}).items():
                 w.add_scalar(f"{group}/{k}", v, step)
         w.add_scalar("lr", row["lr"], step)

@@ -41,7 +41,7 @@ def init_distributed() -> bool:
 
 def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool = False) -> list[dict]:
     """Train `cfg` into `output`. With `resume`, `cfg` must be the run's own settings (see
-    `settings_for_resume`) apart from what may change on resume, unless `override`."""
+    `saved_settings`) apart from the RESUMABLE ones, unless `override`."""
     started = init_distributed()
     try:
         return _run(cfg, output, resume, console, override)
@@ -51,7 +51,8 @@ def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console,
 
 
 # Settings a resumed run may change without --override: how long to run, how often to save and
-# log, how many loader workers (the data order does not depend on them).
+# log, how many checkpoints to keep, TensorBoard, loader workers (the data order does not depend
+# on them) and the divergence patience.
 RESUMABLE = frozenset({"max_steps", "save_every", "log_every", "keep_last", "tensorboard", "data.num_workers",
                        "max_nonfinite_steps"})
 SETTINGS = "train_config.json"
@@ -109,9 +110,22 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
     check(cfg)
     output.mkdir(parents=True, exist_ok=True)
     run = RunDir(output)
-    with run.lock() if rank == 0 else contextlib.nullcontext():
-        if not resume and (run.checkpoints.exists() or (output / SETTINGS).exists()):
-            raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose another --output")
+    with contextlib.ExitStack() as held:
+        refusal = ""
+        if rank == 0:  # one lock for the run; every process learns whether it was had
+            try:
+                held.enter_context(run.lock())
+                if not resume and (run.checkpoints.exists() or (output / SETTINGS).exists()):
+                    raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose "
+                                      "another --output")
+            except ConfigError as e:
+                refusal = str(e)
+        if dist.is_initialized():
+            box = [refusal]
+            dist.broadcast_object_list(box, src=0)
+            refusal = box[0]
+        if refusal:
+            raise ConfigError(refusal)
         return _train(cfg, run, resume, console, override, rank)
 
 

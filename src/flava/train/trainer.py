@@ -152,9 +152,12 @@ class Trainer:
             for m in list(self.model.modules()):
                 if isinstance(m, Block):
                     fully_shard(m)
-            # Units must be modules whose forward is called (the heads are called one by one).
+            # Units must be modules whose forward is called (the heads are called one by one);
+            # parameter holders without a forward (the sigmoid loss's temperature and bias) stay
+            # replicated like the logit scale.
             for m in [*self.model.model.children(), *self.model.heads.children()]:
-                fully_shard(m)
+                if type(m).forward is not torch.nn.Module.forward:
+                    fully_shard(m)
             return self.model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -216,37 +219,31 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _stream_skips(self) -> Counter:
+    def _from_processes(self, mine, everywhere: bool) -> list:
+        """[mine], or every process's value when `everywhere` (a collective then)."""
+        if not everywhere or self.world == 1:
+            return [mine]
+        values = [None] * self.world
+        dist.all_gather_object(values, mine)
+        return values
+
+    def skipped(self, everywhere: bool = False) -> dict[str, int]:
+        """Draws skipped by reason (a bad record drawn in three epochs counts three times), by this
+        process's streams or, with `everywhere`, by every process's."""
         mine: Counter = Counter()
         for s in self.streams.values():
             mine.update(s.skipped)
-        return mine
-
-    def skipped(self, everywhere: bool = False) -> dict[str, int]:
-        """Records rejected by kind: at indexing, and by this process's streams — or, with
-        `everywhere`, by every process's (a collective: every process must call it)."""
-        per_process = [dict(self._stream_skips())]
-        if everywhere and self.world > 1:
-            per_process = [None] * self.world
-            dist.all_gather_object(per_process, dict(self._stream_skips()))
         total: Counter = Counter()
-        for src in self.sources.values():
-            total.update(src.rejected)
-        for counts in per_process:
+        for counts in self._from_processes(dict(mine), everywhere):
             total.update(counts)
         return dict(total)
 
     def bad_records(self, everywhere: bool = False) -> dict[str, int]:
-        """Bad records by reason, each counted once however often it was drawn: rejected at
-        indexing, and found bad by this process's streams (or, with `everywhere`, by any
-        process's; a collective then)."""
+        """Bad records by reason, each counted once however often it was drawn: those rejected at
+        indexing, and those this process's streams (or, with `everywhere`, any process's) found."""
         mine = {(k, reason): indices for k, s in self.streams.items() for reason, indices in s.bad.items()}
-        per_process = [mine]
-        if everywhere and self.world > 1:
-            per_process = [None] * self.world
-            dist.all_gather_object(per_process, mine)
         union: dict[tuple[str, str], set[int]] = {}
-        for part in per_process:
+        for part in self._from_processes(mine, everywhere):
             for key, indices in part.items():
                 union.setdefault(key, set()).update(indices)
         total: Counter = Counter()
@@ -332,7 +329,7 @@ class Trainer:
                 start = time.perf_counter()
                 rows.append(row)
                 if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == end):
-                    row["skipped"] = self.skipped()
+                    row["skipped"], row["bad_records"] = self.skipped(), self.bad_records()
                     log.write(row)
                 self.log(row)
                 self._check_divergence()
