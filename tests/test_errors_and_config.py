@@ -189,3 +189,14 @@ def test_saving_never_overwrites_a_directory_of_other_files(tiny, tmp_path):
     assert (tmp_path / "home" / "thesis.tex").read_text() == "years of work"
     tiny.save_pretrained(tmp_path / "ckpt")
     tiny.save_pretrained(tmp_path / "ckpt")  # replacing an earlier checkpoint is fine
+
+
+def test_an_int8_model_says_it_cannot_be_saved(tmp_path, capsys):
+    from flava.model.quantize import quantize_int8
+
+    with pytest.raises(InputError, match="quantized to int8, which is for inference and cannot be saved"):
+        quantize_int8(flava.FlavaModel(preset("tiny"))).save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()
+    with pytest.raises(SystemExit) as done:
+        cli(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"flava {flava.__version__}"

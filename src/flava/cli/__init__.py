@@ -9,6 +9,7 @@ import time
 
 from rich.console import Console
 
+from .. import __version__
 from ..errors import FlavaError
 from . import codebook, config, demo, evaluate, export, info, init, pretrain
 
@@ -19,7 +20,10 @@ COMMANDS = (demo, init, pretrain, config, evaluate, codebook, info, export)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flava", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="flava", description="FLAVA, the vision-and-language foundation model: pretrain it (with its image "
+        "codebook), evaluate it on a suite of tasks, and move checkpoints to and from transformers.")
+    parser.add_argument("--version", action="version", version=f"flava {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.add(sub)

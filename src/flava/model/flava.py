@@ -230,6 +230,9 @@ class FlavaModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write config.json and model.safetensors (this project's format) atomically."""
+        if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in self.modules()):
+            raise InputError("this model is quantized to int8, which is for inference and cannot be saved; save the "
+                             "float model (flava.load(path) without quantize) and quantize it when loading")
         save_checkpoint(directory, to_dict(self.config), {"model": self.state_dict()})
 
     def num_parameters(self) -> int:
