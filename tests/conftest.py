@@ -1,4 +1,6 @@
+import contextlib
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -78,3 +80,23 @@ def pretrain_args(data, output, pairs="pairs.csv", batch_size=4) -> list[str]:
             "--set", "model.codebook.hidden_size=8", "--set", f'data.pairs=["{data / pairs}"]',
             "--set", f'data.images=["{data / "img"}"]', "--set", f'data.text=["{data / "text.txt"}"]',
             "--set", f"data.batch_size={batch_size}", "--set", "data.num_workers=0", "--set", "log_every=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """A real gloo process group on 127.0.0.1 for one spawned worker, destroyed after the block."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        yield
+    finally:
+        dist.destroy_process_group()

@@ -1,15 +1,13 @@
 """ITM negatives, zero weights, saving/loading a pretraining model, and the global contrastive
 loss across two gloo processes."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import flava
+from conftest import free_port, gloo_group
 from flava.config import ObjectivesConfig, preset
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
 from flava.objectives.losses import global_contrastive_loss
@@ -147,19 +145,10 @@ def test_pretraining_checkpoint_roundtrip(tmp_path):
 # --------------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _contrastive_worker(rank, world, port, img, txt, scale, results):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, world, port):
         B = img.shape[0] // world
         i = img[rank * B:(rank + 1) * B].clone().requires_grad_()
         t = txt[rank * B:(rank + 1) * B].clone().requires_grad_()
@@ -170,8 +159,6 @@ def _contrastive_worker(rank, world, port, img, txt, scale, results):
         s_grad = s.grad.clone()
         dist.all_reduce(s_grad)
         results[rank] = (res.loss.detach(), i.grad, t.grad, s_grad / world, res.labels)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_global_contrastive_two_processes_equal_one_process():
@@ -180,7 +167,7 @@ def test_global_contrastive_two_processes_equal_one_process():
     img, txt = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
     scale = torch.tensor(2.0)
     results = mp.Manager().dict()
-    mp.spawn(_contrastive_worker, args=(world, _free_port(), img, txt, scale, results), nprocs=world)
+    mp.spawn(_contrastive_worker, args=(world, free_port(), img, txt, scale, results), nprocs=world)
 
     i, t, s = img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()
     one = global_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s)
@@ -195,12 +182,7 @@ def test_global_contrastive_two_processes_equal_one_process():
 
 
 def _hard_negatives_worker(rank, world, port, results):
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, world, port):
         cfg = tiny_config()
         torch.manual_seed(0)  # the same weights on both ranks
         pm = PretrainingModel(cfg, ObjectivesConfig(itm_negatives="hard"),
@@ -213,13 +195,11 @@ def _hard_negatives_worker(rank, world, port, results):
         out.losses.total.backward()
         results[rank] = (set(out.losses.named()), bool(torch.isfinite(out.losses.total)),
                          float(pm.model.text_encoder.word_embeddings.weight.grad.abs().sum()))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_hard_negatives_across_two_processes_with_different_text_lengths():
     results = mp.Manager().dict()
-    mp.spawn(_hard_negatives_worker, args=(2, _free_port(), results), nprocs=2)
+    mp.spawn(_hard_negatives_worker, args=(2, free_port(), results), nprocs=2)
     for rank in range(2):
         names, finite, grad = results[rank]
         assert names == {"global_contrastive", "itm", "mmm_image", "mmm_text"} and finite and grad > 0

@@ -3,7 +3,6 @@ its initialisation, two gloo processes equal to one process with the whole batch
 sits beside the transformers bridge and export."""
 
 import math
-import os
 
 import torch
 import torch.multiprocessing as mp
@@ -17,7 +16,8 @@ from flava.interop.bridge import pretraining_losses
 from flava.interop.export import export_hf
 from flava.objectives.losses import SigmoidContrastiveHead, sigmoid_contrastive_loss
 from flava.objectives.pretraining import PretrainingModel
-from test_objectives import _free_port, pair_batch, tiny_config
+from conftest import free_port, gloo_group
+from test_objectives import pair_batch, tiny_config
 
 
 def brute_force(img, txt, t, b):
@@ -46,10 +46,7 @@ def test_loss_is_siglip_and_starts_as_the_paper_does():
 def _worker(rank, world, port, img, txt, results):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
+    with gloo_group(rank, world, port):
         B = img.shape[0] // world
         i = img[rank * B:(rank + 1) * B].clone().requires_grad_()
         t = txt[rank * B:(rank + 1) * B].clone().requires_grad_()
@@ -60,8 +57,6 @@ def _worker(rank, world, port, img, txt, results):
         shared = torch.cat([head.logit_scale.grad, head.logit_bias.grad])
         dist.all_reduce(shared)
         results[rank] = (res.loss.detach(), i.grad, t.grad, shared / world, res.labels)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_process_with_the_whole_batch():
@@ -69,7 +64,7 @@ def test_two_processes_equal_one_process_with_the_whole_batch():
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, _free_port(), img, txt, results), nprocs=world)
+    mp.spawn(_worker, args=(world, free_port(), img, txt, results), nprocs=world)
 
     i, t, head = img.clone().requires_grad_(), txt.clone().requires_grad_(), SigmoidContrastiveHead()
     one = sigmoid_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), head)

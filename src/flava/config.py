@@ -393,17 +393,30 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, value, docstring) of every setting, sections expanded: what `--set` accepts."""
-    docs = field_docs(type(cfg))
-    rows = []
+def settings(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of every setting, sections expanded: what `--set` accepts."""
+    out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            rows += describe(value, f"{prefix}{f.name}.")
+            out.update(settings(value, f"{prefix}{f.name}."))
         else:
-            rows.append((f"{prefix}{f.name}", value, docs.get(f.name, "")))
-    return rows
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def describe(cfg: Any) -> list[tuple[str, Any, str]]:
+    """(dotted key, value, docstring) of every setting."""
+    docs: dict[str, str] = {}
+
+    def collect(obj: Any, prefix: str) -> None:
+        docs.update({prefix + k: v for k, v in field_docs(type(obj)).items()})
+        for f in dataclasses.fields(obj):
+            if dataclasses.is_dataclass(getattr(obj, f.name)):
+                collect(getattr(obj, f.name), f"{prefix}{f.name}.")
+
+    collect(cfg, "")
+    return [(key, value, docs.get(key, "")) for key, value in settings(cfg).items()]
 
 
 def validate(cfg: FlavaConfig) -> FlavaConfig:

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from ..config import check, from_dict, to_dict
+from ..config import check, from_dict, settings, to_dict
 from ..data.registry import KINDS
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import read_config
@@ -75,17 +75,9 @@ def saved_settings(output: Path) -> TrainConfig | None:
     return None
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.update(_flat(v, key + ".") if isinstance(v, dict) else {key: v})
-    return out
-
-
 def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
     """{setting: (old value, new value)} for every setting that differs."""
-    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    a, b = settings(old), settings(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
