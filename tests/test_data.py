@@ -1,5 +1,6 @@
 """Data sources and the batch pipeline: bad records skipped and counted, exact resumption,
-the same batches with and without loader workers, disjoint process shards."""
+the same batches with and without loader workers, the global batch the same on any number of
+processes."""
 
 import io
 import json
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
-from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec, StreamOrder
+from flava.data.pipeline import BatchStream, Layout, SampleMaker, SampleSpec, choose_lanes
 from flava.data.sources import csv_pairs, image_folder, tar_pairs, text_file
 from flava.errors import DataError
 
@@ -46,18 +47,18 @@ def stream(source, kind="pairs", **kw):
 
 def test_bad_records_are_skipped_and_counted(csv_dataset):
     s = stream(csv_pairs(str(csv_dataset)))
-    batches = [s.next_batch() for _ in range(6)]  # 24 samples: more than an epoch of 12 good ones
+    batches = [s.next_batch() for _ in range(6)]  # 24 samples: more than an epoch of 17 records
     assert all(isinstance(b, PairBatch) and len(b) == 4 for b in batches)
     b = batches[0]
     assert b.pixel_values.shape == (4, 3, 32, 32) and b.codebook_pixels.shape == (4, 3, 32, 32)
     assert b.patch_mask.shape == (4, 16) and b.patch_mask.sum(1).eq(6).all()
     assert b.input_ids[:, 0].eq(101).all() and (b.attention_mask.sum(1) <= 16).all()
     assert (b.codebook_pixels >= 0.1 - 1e-6).all() and (b.codebook_pixels <= 0.9 + 1e-6).all()
-    # Two epochs of 17 records hold 24 good ones: every bad record was met once or twice.
-    assert set(s.skipped) == {"missing image file", "empty image file", "unreadable image", "empty caption",
-                              "over-long caption"}
-    assert all(n in (1, 2) for n in s.skipped.values())
-    assert sum(s.skipped.values()) == s.position - 24 and 17 < s.position <= 34
+    # The first epoch visits every record: each bad one was met, counted once as a record, and
+    # replaced by a good record of the same shard, so every batch is full.
+    reasons = {"missing image file", "empty image file", "unreadable image", "empty caption", "over-long caption"}
+    assert set(s.skipped) == reasons and all(len(s.bad[r]) == 1 for r in reasons)
+    assert sum(s.skipped.values()) >= 5 and s.draws == 6 and s.samples == 24
 
 
 def test_resume_from_a_position_gives_the_same_batches(csv_dataset):
@@ -82,22 +83,55 @@ def test_loader_workers_do_not_change_the_batches(csv_dataset):
     for _ in range(4):
         x, y = plain.next_batch(), workers.next_batch()
         assert torch.equal(x.pixel_values, y.pixel_values) and torch.equal(x.mlm_labels, y.mlm_labels)
-    assert plain.position == workers.position and plain.skipped == workers.skipped
+    assert plain.draws == workers.draws and plain.skipped == workers.skipped
 
 
-def test_processes_split_the_global_stream_in_batch_blocks():
-    single = StreamOrder(10, seed=3, rank=0, world=1, block=4)
-    ranks = [StreamOrder(10, seed=3, rank=r, world=2, block=2) for r in range(2)]
-    stream = [single.at(p) for p in range(12)]
-    # Batch b of each rank, concatenated in rank order, is batch b of the single process.
-    for b in range(3):
-        joined = [ranks[r].at(2 * b + i) for r in range(2) for i in range(2)]
-        assert joined == stream[4 * b: 4 * b + 4]
-    first_epoch = [ranks[r].at(p)[0] for r in range(2) for p in range(4)] + [ranks[0].at(4)[0], ranks[0].at(5)[0]]
-    assert sorted(first_epoch) == list(range(10))  # one epoch: every record once, over both processes
-    assert stream[10][1] == 1  # the eleventh entry starts the next epoch, in a new order
-    with pytest.raises(DataError, match="cannot fill a batch"):
-        StreamOrder(3, seed=0, rank=0, world=2, block=2)
+def shard_set(tmp_path, shards=4, per=5):
+    for k in range(shards):
+        with tarfile.open(tmp_path / f"s{k}.tar", "w") as tar:
+            for i in range(per):
+                add(tar, f"k{k}_{i}.png", png_bytes(10 * k + i, size=12))
+                add(tar, f"k{k}_{i}.txt", f"shard {k} sample {i}".encode())
+    return tar_pairs(str(tmp_path) + "/s{0..%d}.tar" % (shards - 1))
+
+
+def test_the_global_batch_is_the_same_on_any_number_of_processes(tmp_path):
+    src = shard_set(tmp_path)
+    assert len(src.shards) == 4 and choose_lanes(4, 4) == 4 and choose_lanes(6, 4) == 3
+    one = stream(src, batch_size=4, lanes=4)
+    two = [stream(src, batch_size=2, rank=r, world=2, lanes=4) for r in range(2)]
+    assert Layout(4, 4, 1, 2).slots == range(2, 4) and {two[1].layout.lane(s) for s in two[1].layout.slots} == {2, 3}
+    seen = []
+    for _ in range(10):  # two epochs of 20 samples
+        whole, parts = one.next_batch(), [t.next_batch() for t in two]
+        assert torch.equal(whole.input_ids, pad_to(torch.cat([pad_to(p.input_ids, whole.input_ids.shape[1])
+                                                              for p in parts]), whole.input_ids.shape[1]))
+        assert torch.equal(whole.pixel_values, torch.cat([p.pixel_values for p in parts]))
+        assert torch.equal(whole.patch_mask, torch.cat([p.patch_mask for p in parts]))
+        seen += [tuple(row.tolist()) for row in whole.input_ids]
+    assert len(set(seen[:20])) == 20 and len(set(seen[20:])) == 20  # each epoch: every sample once
+    # Two processes' saved states continue on one process, and one process's on two.
+    more = [one.next_batch() for _ in range(3)]
+    again = stream(src, batch_size=4, lanes=4)
+    saved = [t.state() for t in two]
+    again.load_states(saved)
+    assert again.draws == 10
+    for want in more:
+        assert torch.equal(again.next_batch().pixel_values, want.pixel_values)
+    split = [stream(src, batch_size=2, rank=r, world=2, lanes=4) for r in range(2)]
+    for t in split:
+        t.load_states([again.state()])
+    want = one.next_batch()
+    assert torch.equal(torch.cat([t.next_batch().pixel_values for t in split]), want.pixel_values)
+    with pytest.raises(DataError, match="resume with data.batch_size=2"):  # 2 processes x 4 is not 4
+        stream(src, batch_size=4, rank=0, world=2, lanes=4).load_states([one.state()])
+    changed = stream(src, batch_size=2, lanes=2)  # a batch size changed on purpose: a new pass, said so
+    changed.load_states([one.state()])
+    assert changed.draws == 0 and "starts a new pass" in changed.notes[0] and len(changed.next_batch()) == 2
+
+
+def pad_to(t, width):
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]))
 
 
 def add(tar, name, data):
@@ -119,11 +153,13 @@ def test_webdataset_shards(tmp_path):
     full = (tmp_path / "shard-000.tar").read_bytes()
     (tmp_path / "shard-001.tar").write_bytes(full[: len(full) // 2])  # cut mid-shard
     src = tar_pairs(str(tmp_path / "shard-*.tar"))
-    assert src.rejected["incomplete tar sample"] >= 1
-    s = stream(src, batch_size=3)
+    assert src.rejected["incomplete tar sample"] >= 1 and src.rejected["truncated tar shard"] == 1
+    s = stream(src, batch_size=3, lanes=1)
     for _ in range(4):
         assert len(s.next_batch()) == 3
     assert s.skipped["unreadable image"] >= 1
+    # What indexing rejected is reported per shard as the stream reaches it.
+    assert {"incomplete tar sample", "truncated tar shard"} <= {r for c in s.rejected.values() for r in c}
 
 
 def test_image_folders_and_text_files(tmp_path):

@@ -113,7 +113,7 @@ def test_sigkill_at_seeded_points_resumes_exactly(train_data, tmp_path):
         rows = _rows(run)
         assert [r["step"] for r in rows] == list(range(1, 9)), (event, n)  # each step logged once
         for got, want in zip(rows, reference):
-            assert got["kind"] == want["kind"] and got["data_position"] == want["data_position"], (event, n)
+            assert got["kind"] == want["kind"] and got["data_draws"] == want["data_draws"], (event, n)
             assert got["loss"] == pytest.approx(want["loss"], abs=1e-6), (event, n, got["step"])
         assert not [p for p in RunDir(run).checkpoints.iterdir() if p.name.startswith(".")], (event, n)
 

@@ -105,7 +105,7 @@ def test_a_run_killed_between_checkpoints_resumes_step_for_step(train_data, tmp_
     for x, y in zip(a, b):
         assert x["kind"] == y["kind"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
         # The same stream positions: no sample seen twice, none skipped.
-        assert x["data_position"] == y["data_position"]
+        assert x["data_draws"] == y["data_draws"]
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_one(train_data, tmp_path, monkeypatch):

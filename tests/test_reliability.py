@@ -137,9 +137,10 @@ def test_a_bad_record_is_counted_once_however_often_it_is_drawn(tmp_path):
     rows = ["image,caption"] + [f"a.png,caption {i}" if i not in (2, 5) else "a.png," for i in range(8)]
     (tmp_path / "p.csv").write_text("\n".join(rows) + "\n")
     stream = BatchStream("pairs", csv_pairs(str(tmp_path / "p.csv")), SampleMaker(spec(), 0), 2, seed=0)
-    while stream.position < 24:  # three epochs
+    for _ in range(12):  # three epochs
         stream.next_batch()
-    assert stream.skipped["empty caption"] == 6
+    # Each epoch meets both at their places (a replacement may draw one again): six draws or more.
+    assert stream.skipped["empty caption"] >= 6
     assert {k: len(v) for k, v in stream.bad.items()} == {"empty caption": 2}
 
 

@@ -195,3 +195,22 @@ def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
             raise CheckpointError(f"{path} holds no image codebook weights")
     codebook = build_loaded(lambda: FlavaImageCodebook(cfg), sd, "codebook", path)
     return codebook.eval().requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class CodebookTokenizer:
+    """Makes (in any process; it pickles as a path) a function from codebook-range pixels
+    [B, C, H, W] to image-token ids [B, (H/8)*(W/8)], for `flava prepare`."""
+
+    path: str
+
+    def __call__(self):
+        codebook = load_codebook(self.path).eval()
+
+        def tokenize(pixels: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                return codebook.token_ids(pixels)
+        return tokenize
+
+    def fingerprint(self) -> str:
+        return load_codebook(self.path).fingerprint()

@@ -11,12 +11,12 @@ from rich.console import Console
 
 from .. import __version__
 from ..errors import FlavaError
-from . import codebook, config, demo, evaluate, export, info, init, pretrain
+from . import codebook, config, demo, evaluate, export, info, init, prepare, pretrain
 
 # Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
-COMMANDS = (demo, init, pretrain, config, evaluate, codebook, info, export)
+COMMANDS = (demo, init, prepare, pretrain, config, evaluate, codebook, info, export)
 
 
 def build_parser() -> argparse.ArgumentParser:

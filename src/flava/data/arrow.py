@@ -12,10 +12,10 @@ A spec is `PATH[:SPLIT][?KEY=COLUMN&...]`:
   given as keyword arguments. Example: `cc3m:train?image=jpg&caption=txt`.
 
 Image cells may be Hugging Face Image structs {bytes, path}, plain binary, or a path string;
-a path relative to the file that holds it is resolved against that file's directory. Captions,
-labels and texts are read when the source is built (one column each, small); images stay on
-disk as (file, row group or record batch, row) references and are read when used, through a
-small per-process cache of the last decoded batches. Parquet is decoded a whole row group at a
+a path relative to the file that holds it is resolved against that file's directory. Each row
+group (parquet) or record batch (Arrow) is a shard: only file metadata is read when the source is
+built; captions, labels and texts when a stream reaches the shard; images as (file, unit, row)
+references when used, through a small per-process cache of the last decoded units. Parquet is decoded a whole row group at a
 time, so image parquet should be written with small row groups (`datasets` uses 100 rows).
 """
 
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError
 from ..io.files import read_json
-from .sources import ImageRecord, PairRecord, Source
+from .sources import ImageRecord, Opened, PairRecord, Source
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
 CAPTION_COLUMNS = ("caption", "text", "sentence", "txt")
@@ -141,16 +141,6 @@ def _open(shard: _Shard) -> tuple[pa.Schema, list[int]]:
     except (pa.ArrowException, OSError) as e:
         what = "an Arrow stream file" if shard.format == "arrow" else "a parquet file"
         raise DataError(f"{shard.path} could not be read as {what} ({e})") from None
-
-
-def _column(shard: _Shard, column: str) -> list:
-    """A whole (small) column as Python values."""
-    try:
-        if shard.format == "arrow":
-            return [v for b in _arrow_batches(shard.path) for v in b.column(column).to_pylist()]
-        return pq.read_table(shard.path, columns=[column]).column(0).to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"{shard.path}: column {column!r} could not be read ({e}); the file is damaged") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -288,35 +278,58 @@ def _resolve_columns(spec: _Spec, kind: str, schema: pa.Schema, where: str) -> d
     return out
 
 
+@dataclass(frozen=True)
+class _UnitShard:
+    """One parquet row group or Arrow record batch: the unit a stream reads at a time."""
+
+    file: _Shard
+    unit: int
+    rows: int
+    kind: str
+    columns: tuple[tuple[str, str], ...]
+
+    @property
+    def name(self) -> str:
+        return f"{self.file.path}#{self.unit}"
+
+    def _values(self, column: str) -> list:
+        try:
+            return _unit(self.file, self.unit, column).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{self.name}: column {column!r} could not be read ({e})") from None
+
+    def open(self) -> Opened:
+        cols = dict(self.columns)
+        if self.kind == "text":
+            return Opened([t or "" for t in self._values(cols["text"])])
+        refs = [ArrowImage(self.file, cols["image"], self.unit, r) for r in range(self.rows)]
+        if self.kind == "pairs":
+            # A missing caption becomes "", which the pipeline skips as "empty caption".
+            return Opened([PairRecord(ref, c or "") for ref, c in zip(refs, self._values(cols["caption"]))])
+        labels = self._values(cols["label"]) if "label" in cols else [None] * len(refs)
+        return Opened([ImageRecord(ref, -1 if y is None else int(y)) for ref, y in zip(refs, labels)])
+
+
 def _build(spec: _Spec, kind: str) -> Source:
-    shards, features = _shards(spec)
+    files, features = _shards(spec)
     columns: dict[str, str] | None = None
-    records: list = []
-    for shard in shards:
-        schema, unit_rows = _open(shard)
+    shards: list[_UnitShard] = []
+    for file in files:
+        schema, unit_rows = _open(file)
         if columns is None:
-            columns = _resolve_columns(spec, kind, schema, shard.path)
+            columns = _resolve_columns(spec, kind, schema, file.path)
             features = features or _hf_features(schema)
         else:
             # Every file must hold the columns the first one was read by.
-            _resolve_columns(_Spec(spec.text, spec.path, spec.split, columns), kind, schema, shard.path)
-        if kind == "text":
-            records += [t or "" for t in _column(shard, columns["text"])]
-            continue
-        refs = [ArrowImage(shard, columns["image"], u, r) for u, n in enumerate(unit_rows) for r in range(n)]
-        if kind == "pairs":
-            # A missing caption becomes "", which the pipeline skips as "empty caption".
-            records += [PairRecord(ref, c or "") for ref, c in zip(refs, _column(shard, columns["caption"]))]
-        else:
-            labels = _column(shard, columns["label"]) if "label" in columns else [None] * len(refs)
-            records += [ImageRecord(ref, -1 if y is None else int(y)) for ref, y in zip(refs, labels)]
-    if not records:
+            _resolve_columns(_Spec(spec.text, spec.path, spec.split, columns), kind, schema, file.path)
+        shards += [_UnitShard(file, u, n, kind, tuple(columns.items())) for u, n in enumerate(unit_rows) if n]
+    if not shards:
         raise DataError(f"{spec.text} holds no rows")
     classes = []
     if kind == "images" and columns and "label" in columns:
         names = (features.get(columns["label"]) or {}).get("names") if isinstance(features, dict) else None
         classes = [str(n) for n in names] if isinstance(names, list) else []
-    return Source(kind, records, spec.text, Counter(), classes=classes)
+    return Source(kind, name=spec.text, classes=classes, shards=shards, size=sum(s.rows for s in shards))
 
 
 def arrow_pairs(spec: str, image_column: str | None = None, caption_column: str | None = None) -> Source:

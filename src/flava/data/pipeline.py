@@ -1,10 +1,16 @@
-"""From records to typed batches: decoding, the training transforms, tokenization, masking.
+"""From shards to typed batches: the order, decoding, the training transforms, tokenization, masking.
 
-Order is a pure function of (seed, epoch, position): each process walks its own stride of a
-seeded per-epoch permutation, and every sample's random crop and masks come from a generator
-seeded by (seed, record index, epoch). A stream is resumed by its position alone. Records that
-fail are skipped and counted by kind; the batch is filled from the following records, which is
-deterministic too because a record fails the same way every time.
+The order is a pure function of the seed and the draw number, whatever the number of processes.
+A source's shards are dealt, in a seeded order per epoch, to `lanes` (a fixed number that divides
+the global batch); each draw of a global batch takes the same number of consecutive positions
+from every lane, and a lane walks its shards one at a time, each in a seeded order of its own. So
+only the shards being read are in memory, start-up reads one shard per lane, and the global
+batch of a draw is the same on 1 or N processes: process r reads the r-th block of slots, which
+covers its own lanes when N divides the lane count. Every sample's crop and masks come from a
+generator seeded by (seed, shard, record, epoch). A record that fails to decode is counted and
+replaced by a seeded draw from the same shard, so it shifts nothing else. A stream is resumed
+from its draw count and each lane's cursor (the shard it is in), which any number of processes
+can take over.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from ..config import FlavaConfig, ObjectivesConfig
 from ..errors import DataError
 from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
 from .masking import BlockMasking, TextMasking
-from .sources import BadSample, ImageRecord, PairRecord, Source, open_image, read_caption
+from .sources import BadSample, ImageRecord, PairRecord, Source, open_image, open_shard, read_caption
 from .tokenizer import PAD_ID, TextTokenizer
 from .transforms import map_pixels, normalize, random_resized_crop_box, to_tensor
 
@@ -62,13 +68,15 @@ class SampleMaker:
         self.text_masking = TextMasking.from_tokenizer(
             self.tokenizer, probability=spec.text_mask_probability, whole_word=spec.whole_word)
 
-    def _image(self, ref, rng: np.random.Generator) -> dict:
+    def _image(self, ref, rng: np.random.Generator, prepared=None) -> dict:
         from PIL import Image
 
         image = open_image(ref)
+        s, cs = self.spec.image_size, self.spec.codebook_image_size
+        if prepared is not None:
+            return self._prepared(image, prepared, rng)
         left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.spec.crop_scale)
         box = (left, top, left + w, top + h)
-        s, cs = self.spec.image_size, self.spec.codebook_image_size
         # One crop feeds both the model and the codebook, so the targets describe what the model sees.
         crop = to_tensor(image.resize((s, s), Image.BICUBIC, box=box))
         pixels = normalize(crop)
@@ -76,6 +84,21 @@ class SampleMaker:
         codebook = map_pixels(crop if cs == s else to_tensor(image.resize((cs, cs), Image.BICUBIC, box=box)))
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
         return {"pixel_values": pixels, "codebook_pixels": codebook, "patch_mask": patch_mask}
+
+    def _prepared(self, image, prepared, rng: np.random.Generator) -> dict:
+        """One of the crops `flava prepare` tokenized, with its stored image-token ids as targets."""
+        from PIL import Image
+
+        crops, tokens = read_npy(prepared.crops), read_npy(prepared.tokens)
+        if crops.ndim != 2 or crops.shape[1] != 4 or tokens.shape != (len(crops), self.spec.grid ** 2):
+            raise BadSample("prepared tokens do not fit the model's patch grid")
+        k = int(rng.integers(len(crops)))
+        box = tuple(float(v) for v in crops[k] * np.array([image.width, image.height] * 2))
+        s = self.spec.image_size
+        pixels = normalize(to_tensor(image.resize((s, s), Image.BICUBIC, box=box)))
+        patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
+        return {"pixel_values": pixels, "image_targets": torch.from_numpy(tokens[k].astype(np.int64)),
+                "patch_mask": patch_mask}
 
     def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:
         if not isinstance(text, str):
@@ -90,16 +113,17 @@ class SampleMaker:
         return {"input_ids": torch.from_numpy(ids), "masked_input_ids": torch.from_numpy(masked),
                 "mlm_labels": torch.from_numpy(labels)}
 
-    def __call__(self, kind: str, record, key: tuple[int, int]) -> dict:
+    def __call__(self, kind: str, record, key: tuple[int, ...]) -> dict:
         rng = np.random.default_rng([self.seed, *key])
         if kind == "pairs":
             assert isinstance(record, PairRecord)
             caption = read_caption(record.caption)
             text = self._text(caption, rng, caption=True)
-            return {**self._image(record.image, rng), **text}
+            return {**self._image(record.image, rng, record.prepared), **text}
         if kind == "images":
-            ref = record.image if isinstance(record, ImageRecord) else record
-            return self._image(ref, rng)
+            if isinstance(record, ImageRecord):
+                return self._image(record.image, rng, record.prepared)
+            return self._image(record, rng)
         return self._text(record, rng, caption=False)
 
 
@@ -112,68 +136,185 @@ def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatc
     if kind == "text":
         return TextBatch(masked, mask, labels)
     pixels = torch.stack([s["pixel_values"] for s in samples])
-    codebook = torch.stack([s["codebook_pixels"] for s in samples])
     patch_mask = torch.stack([s["patch_mask"] for s in samples])
+    # A draw comes from one source, so its samples are all prepared (targets) or all raw (codebook input).
+    targets = {"image_targets": torch.stack([s["image_targets"] for s in samples])} \
+        if "image_targets" in samples[0] else {"codebook_pixels": torch.stack([s["codebook_pixels"] for s in samples])}
     if kind == "images":
-        return ImageBatch(pixels, patch_mask, codebook_pixels=codebook)
-    return PairBatch(pixels, pad_rows(ids, PAD_ID), mask, patch_mask, masked, labels, codebook_pixels=codebook)
+        return ImageBatch(pixels, patch_mask, **targets)
+    return PairBatch(pixels, pad_rows(ids, PAD_ID), mask, patch_mask, masked, labels, **targets)
 
 
-@dataclass
-class StreamOrder:
-    """Which record a process reads at each of its positions.
+def read_npy(member) -> np.ndarray:
+    import io
 
-    The records of all processes form one global stream: epoch permutations laid end to end.
-    Each process owns every `world`-th block of `block` consecutive entries, so with `block`
-    equal to the per-process batch the processes' batches, concatenated in rank order, are
-    exactly the batch one process with the global batch size would read.
-    """
+    try:
+        return np.load(io.BytesIO(member.read()), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise BadSample("unreadable prepared tokens") from None
 
-    num_records: int
-    seed: int
+
+
+
+MAX_LANES = 64
+SUBSTITUTE_TRIES = 100
+
+
+def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
+    """Lanes of a stream: the largest divisor of the global batch that is at most the shard count
+    and `most` (MAX_LANES when 0). A lane holds one open shard at a time; several lanes put several
+    shards into every batch and let processes read disjoint shards."""
+    cap = min(global_batch, max(1, shards), most or MAX_LANES)
+    return max(d for d in range(1, cap + 1) if global_batch % d == 0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which slots of each global draw a process fills, and where each slot reads from."""
+
+    global_batch: int
+    lanes: int
     rank: int = 0
     world: int = 1
-    block: int = 1
 
-    def __post_init__(self) -> None:
-        if self.num_records < self.world * self.block:
-            raise DataError(f"{self.num_records} records cannot fill a batch of {self.block} on each of "
-                            f"{self.world} processes")
-        self._perm_epoch, self._perm = -1, None
+    @property
+    def per_lane(self) -> int:
+        return self.global_batch // self.lanes
 
-    def at(self, position: int) -> tuple[int, int]:
-        """(record index, epoch) at this process's `position`."""
-        blocks, offset = divmod(position, self.block)
-        epoch, index = divmod((blocks * self.world + self.rank) * self.block + offset, self.num_records)
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
-            self._perm_epoch = epoch
-        return int(self._perm[index]), epoch
+    @property
+    def slots(self) -> range:
+        local = self.global_batch // self.world
+        return range(self.rank * local, (self.rank + 1) * local)
+
+    def lane(self, slot: int) -> int:
+        return slot // self.per_lane
+
+    def lane_position(self, draw: int, slot: int) -> int:
+        return draw * self.per_lane + slot % self.per_lane
+
+    def owners(self, workers: int) -> dict[int, int]:
+        """Slot -> loader worker: whole lanes per worker when there are enough lanes (each shard is
+        read by one worker), else slots dealt in turn."""
+        n = max(1, workers)
+        mine = sorted({self.lane(s) for s in self.slots})
+        if len(mine) >= n:
+            return {s: mine.index(self.lane(s)) % n for s in self.slots}
+        return {s: i % n for i, s in enumerate(self.slots)}
 
 
-class _Decoded(IterableDataset):
-    """(position, record index, sample or failure kind) from `start` on; loader workers take turns."""
+@dataclass(frozen=True)
+class Cursor:
+    """Where a lane is: the shard (`ordinal` in its list for `epoch`) that starts at lane position `start`."""
 
-    def __init__(self, kind: str, source: Source, order: StreamOrder, maker: SampleMaker, start: int):
-        self.kind, self.source, self.order, self.maker, self.start = kind, source, order, maker, start
+    epoch: int = 0
+    ordinal: int = 0
+    start: int = 0
+
+
+class Lane:
+    """One lane of a source: its shards in the seeded order of each epoch, one open at a time."""
+
+    def __init__(self, source: Source, lane: int, lanes: int, seed: int, cursor: Cursor | None = None):
+        self.source, self.lane, self.lanes, self.seed = source, lane, lanes, seed
+        self.cursor = cursor or Cursor()
+        self._order: tuple[int, np.ndarray] | None = None
+        self._open: tuple[Cursor, int, list, np.ndarray] | None = None
+        self.opened: dict[int, dict] = {}
+        """Shard -> what was rejected when it was indexed, for shards opened and not yet reported."""
+
+    def _shards(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.source.shards))
+            self._order = epoch, perm[self.lane::self.lanes]
+        return self._order[1]
+
+    def at(self, position: int) -> tuple[int, list, int, int]:
+        """(shard index, its records, record index, epoch) at lane `position` (never before the cursor)."""
+        empty = 0
+        while True:
+            c = self.cursor
+            if self._open is None or self._open[0] != c:
+                shard = int(self._shards(c.epoch)[c.ordinal])
+                opened = open_shard(self.source.shards[shard])
+                if opened.rejected:
+                    self.opened[shard] = dict(opened.rejected)
+                perm = np.random.default_rng([self.seed, c.epoch, shard, 1]).permutation(len(opened.records))
+                self._open = c, shard, opened.records, perm
+            _, shard, records, perm = self._open
+            if position < c.start + len(records):
+                return shard, records, int(perm[position - c.start]), c.epoch
+            empty = empty + 1 if not records else 0
+            if empty > 2 * len(self.source.shards):
+                raise DataError(f"{self.source.name}: no shard holds a usable record")
+            last = c.ordinal + 1 == len(self._shards(c.epoch))
+            self.cursor = Cursor(c.epoch + last, 0 if last else c.ordinal + 1, c.start + len(records))
+
+
+def record_id(shard: int, index: int) -> int:
+    return shard << 32 | index
+
+
+class _Draws(IterableDataset):
+    """One item per global draw from each loader worker: the samples of the slots it owns, the
+    failures met, its lanes' cursors and the shards it indexed."""
+
+    def __init__(self, kind: str, source: Source, maker: SampleMaker, layout: Layout, seed: int, draw: int,
+                 cursors: dict[int, Cursor]):
+        self.kind, self.source, self.maker, self.layout, self.seed = kind, source, maker, layout, seed
+        self.draw, self.cursors = draw, cursors
+
+    def _sample(self, lane: Lane, position: int, bad: list):
+        shard, records, k, epoch = lane.at(position)
+        try:
+            return self.maker(self.kind, records[k], (self.seed, shard, k, epoch))
+        except BadSample as e:
+            bad.append((e.kind, record_id(shard, k)))
+        rng = np.random.default_rng([self.seed, shard, k, epoch, 5])
+        for attempt in range(1, SUBSTITUTE_TRIES + 1):
+            # A replacement from the same shard (already open); from any shard of the source when
+            # that one seems to hold nothing usable.
+            where, pool = (shard, records) if attempt <= SUBSTITUTE_TRIES // 5 else \
+                self._other(int(rng.integers(len(self.source.shards))))
+            if not pool:
+                continue
+            j = int(rng.integers(len(pool)))
+            try:
+                return self.maker(self.kind, pool[j], (self.seed, where, j, epoch, attempt))
+            except BadSample as e:
+                bad.append((e.kind, record_id(where, j)))
+        raise DataError(f"{self.source.name}: no usable sample in {SUBSTITUTE_TRIES} records drawn to replace a "
+                        f"bad one of shard {self.source.shards[shard].name}")
+
+    def _other(self, shard: int) -> tuple[int, list]:
+        cache = self.__dict__.setdefault("_others", {})
+        if shard not in cache:
+            if len(cache) >= 4:
+                cache.pop(next(iter(cache)))
+            cache[shard] = open_shard(self.source.shards[shard]).records
+        return shard, cache[shard]
 
     def __iter__(self):
         info = get_worker_info()
-        k, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        position = self.start + k
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        layout = self.layout
+        mine = [s for s, w in layout.owners(workers).items() if w == worker]
+        lanes = {j: Lane(self.source, j, layout.lanes, self.seed, self.cursors.get(j))
+                 for j in sorted({layout.lane(s) for s in mine})}
+        draw = self.draw
         while True:
-            index, epoch = self.order.at(position)
-            try:
-                out = self.maker(self.kind, self.source.records[index], (index, epoch))
-            except BadSample as e:
-                out = e.kind
-            yield position, index, out
-            position += n
+            bad: list = []
+            out = {s: self._sample(lanes[layout.lane(s)], layout.lane_position(draw, s), bad) for s in mine}
+            opened = {}
+            for lane in lanes.values():
+                opened.update(lane.opened)
+                lane.opened = {}
+            yield draw, out, {j: lane.cursor for j, lane in lanes.items()}, bad, opened
+            draw += 1
 
 
 @dataclass
 class BatchStream:
-    """Batches of one kind for one process, resumable from `position`."""
+    """Batches of one source for one process: draw after draw of the global stream."""
 
     kind: str
     source: Source
@@ -183,47 +324,132 @@ class BatchStream:
     rank: int = 0
     world: int = 1
     num_workers: int = 0
-    position: int = 0
+    lanes: int = 0
+    """The most lanes (see `choose_lanes`); 0: up to MAX_LANES."""
+    draws: int = 0
     skipped: Counter = field(default_factory=Counter)
     """Draws skipped, by reason (a bad record drawn in three epochs counts three times)."""
     bad: dict[str, set[int]] = field(default_factory=dict)
-    """The bad records themselves, by reason (each counted once)."""
+    """The bad records themselves (`record_id`), by reason (each counted once)."""
+    rejected: dict[int, dict] = field(default_factory=dict)
+    """Shard -> what its indexing rejected (truncated shards, incomplete samples)."""
 
     def __post_init__(self) -> None:
-        self.order = StreamOrder(len(self.source), self.seed, self.rank, self.world, self.batch_size)
+        g = self.batch_size * self.world
+        self.layout = Layout(g, choose_lanes(g, len(self.source.shards), self.lanes), self.rank, self.world)
+        self.cursors: dict[int, Cursor] = {}
+        self.notes: list[str] = []
         self._it = None
 
+    @property
+    def samples(self) -> int:
+        """Samples the global stream has given (all processes)."""
+        return self.draws * self.layout.global_batch
+
     def _iterator(self):
-        dataset = _Decoded(self.kind, self.source, self.order, self.maker, self.position)
+        dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None,
-                            persistent_workers=False)
+                            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
         return iter(loader)
 
     def next_batch(self):
-        """The next full batch; failures are skipped, counted, and replaced by later records."""
+        """The next draw's batch for this process."""
         if self._it is None:
             self._it = self._iterator()
-        samples, misses = [], 0
-        while len(samples) < self.batch_size:
-            position, index, out = next(self._it)
-            self.position = position + 1
-            if isinstance(out, str):
-                self.skipped[out] += 1
-                self.bad.setdefault(out, set()).add(index)
-                misses += 1
-                if misses > 100 * self.batch_size and not samples:
-                    raise DataError(f"{self.source.name}: no usable sample in the last {misses} records")
-                continue
-            samples.append(out)
-        return collate(self.kind, samples)
+        out: dict = {}
+        for _ in range(max(1, self.num_workers)):
+            draw, samples, cursors, bad, opened = next(self._it)
+            assert draw == self.draws, (draw, self.draws)
+            out.update(samples)
+            for j, c in cursors.items():
+                if j not in self.cursors or c.start > self.cursors[j].start:
+                    self.cursors[j] = c
+            for reason, rid in bad:
+                self.skipped[reason] += 1
+                self.bad.setdefault(reason, set()).add(rid)
+            self.rejected.update(opened)
+        self.draws += 1
+        return collate(self.kind, [out[s] for s in self.layout.slots])
 
     def state(self) -> dict:
-        return {"position": self.position, "skipped": dict(self.skipped),
-                "bad": {k: sorted(v) for k, v in self.bad.items()}}
+        return {"draws": self.draws, "global_batch": self.layout.global_batch, "batch_size": self.batch_size,
+                "lanes": self.layout.lanes, "shards": len(self.source.shards), "seed": self.seed,
+                "cursors": {str(j): [c.epoch, c.ordinal, c.start] for j, c in sorted(self.cursors.items())},
+                "skipped": dict(self.skipped), "bad": {k: sorted(v) for k, v in self.bad.items()},
+                "rejected": {str(k): v for k, v in self.rejected.items()}}
+
+    def load_states(self, states: list[dict]) -> None:
+        """Continue from the states every process of a run saved, on this run's processes (any
+        number, the same global batch)."""
+        first = states[0]
+        restart = False
+        if int(first["global_batch"]) != self.layout.global_batch:
+            if int(first.get("batch_size", self.batch_size)) == self.batch_size:
+                per = int(first["global_batch"]) / self.world
+                raise DataError(
+                    f"the {self.kind} stream was saved with a global batch of {first['global_batch']} samples and "
+                    f"this run draws {self.layout.global_batch} ({self.world} processes x data.batch_size "
+                    f"{self.batch_size}); " + (f"resume with data.batch_size={int(per)}" if per == int(per) else
+                                               "resume on a number of processes that divides it"))
+            restart = True  # the batch size itself was changed (resume --override): a new order
+        elif int(first["shards"]) != len(self.source.shards) or int(first["lanes"]) != self.layout.lanes:
+            raise DataError(f"the {self.kind} data ({self.source.name}) has {len(self.source.shards)} shards and "
+                            f"{self.layout.lanes} lanes but the run was saved with {first['shards']} and "
+                            f"{first['lanes']}: the data changed; resume with the same data")
+        self.seed = int(first.get("seed", self.seed))
+        self.draws = int(first["draws"])
+        self.cursors, self.bad, self.rejected, self.skipped = {}, {}, {}, Counter()
+        for r, st in enumerate(states):
+            for j, (e, o, s) in st.get("cursors", {}).items():
+                if int(j) not in self.cursors or s > self.cursors[int(j)].start:
+                    self.cursors[int(j)] = Cursor(int(e), int(o), int(s))
+            for reason, ids in st.get("bad", {}).items():
+                self.bad.setdefault(reason, set()).update(ids)
+            self.rejected.update({int(k): v for k, v in st.get("rejected", {}).items()})
+            if r % self.world == self.rank:  # each saved process's draw counts go to exactly one process
+                self.skipped.update(st.get("skipped", {}))
+        if restart:
+            self.notes.append(f"data.batch_size changed from {first['batch_size']} to {self.batch_size}: the "
+                              f"{self.kind} data ({self.source.name}) starts a new pass in a new order")
+            self.seed += 1_000_003 * (self.draws + 1)
+            self.draws, self.cursors = 0, {}
+        self._it = None
 
     def load_state(self, state: dict) -> None:
-        self.position = int(state["position"])
-        self.skipped = Counter(state.get("skipped", {}))
-        self.bad = {k: set(v) for k, v in state.get("bad", {}).items()}
-        self._it = None
+        self.load_states([state])
+
+
+class KindStream:
+    """The batches of one data kind: a source chosen per draw by weight (seeded by the draw), then
+    that source's next batch."""
+
+    def __init__(self, kind: str, streams: list[BatchStream], weights: list[float], seed: int):
+        if len(streams) != len(weights) or not streams:
+            raise DataError(f"the {kind} data needs one weight per source")
+        total = float(sum(weights))
+        if total <= 0:
+            raise DataError(f"the {kind} sources' weights sum to {total}; give at least one a positive weight")
+        self.kind, self.streams, self.seed = kind, streams, seed
+        self.weights = np.array(weights, dtype=float) / total
+        self.draws = 0
+
+    def next_batch(self):
+        i = 0 if len(self.streams) == 1 else \
+            int(np.random.default_rng([self.seed, self.draws, 13]).choice(len(self.streams), p=self.weights))
+        self.draws += 1
+        return self.streams[i].next_batch()
+
+    @property
+    def samples_by_source(self) -> dict[str, int]:
+        return {s.source.name: s.samples for s in self.streams}
+
+    def state(self) -> dict:
+        return {"draws": self.draws, "sources": [s.state() for s in self.streams]}
+
+    def load_states(self, states: list[dict]) -> None:
+        if any(len(st["sources"]) != len(self.streams) for st in states):
+            raise DataError(f"the run was saved with {len(states[0]['sources'])} {self.kind} sources and has "
+                            f"{len(self.streams)} now: resume with the same data")
+        self.draws = int(states[0]["draws"])
+        for i, s in enumerate(self.streams):
+            s.load_states([st["sources"][i] for st in states])

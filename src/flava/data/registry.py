@@ -1,51 +1,97 @@
 """Open any data spec as a source of one kind: the one function training and evaluation share.
 
-Pairs: WebDataset `.tar` shards (a file, a directory of shards or a glob), `.csv`/`.tsv` files of
-image path + caption, parquet files or Hugging Face datasets saved to disk. Images: folders
-(class sub-folders give labels), parquet, datasets. Text: `.txt`/`.jsonl`, parquet, datasets.
-An empty spec list means the packaged demo data of that kind.
+Pairs: WebDataset `.tar` shards (files, directories, globs, brace ranges, URLs, `pipe:` commands,
+or a shard index written by `flava prepare`), `.csv`/`.tsv` files of image path + caption, parquet
+files or Hugging Face datasets saved to disk. Images: folders (class sub-folders give labels), tar
+shards, parquet, datasets. Text: `.txt`/`.jsonl` (optionally compressed; local, remote), parquet,
+datasets. An empty spec list means the packaged demo data of that kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 from ..errors import DataError
 from . import arrow, demo, sources
+from .shards import ShardCache, is_remote
 from .sources import Source
 
 Kind = Literal["pairs", "images", "text"]
 KINDS: tuple[Kind, ...] = ("pairs", "images", "text")
 
 
-def open_source(kind: Kind, spec: str) -> Source:
-    """One data spec read as a source of `kind`."""
+def _is_tar_spec(spec: str) -> bool:
+    low = spec.lower().rstrip("/")
+    if low.endswith((".tar", ".json", "}")) or low.startswith("pipe:") or ".tar" in low:
+        return True
+    p = Path(spec)
+    return not is_remote(spec) and p.is_dir() and (
+        (p / sources.INDEX).is_file() or any(q.suffix == ".tar" for q in p.iterdir()))
+
+
+def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Source:
+    """One data spec read as a source of `kind`; remote shards go through `cache` when given."""
     spec = str(spec)
+    if kind not in KINDS:
+        raise DataError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
     if arrow.is_arrow_spec(spec):
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
-    if kind == "pairs":
-        return sources.csv_pairs(spec) if spec.lower().endswith(sources.TABLE_SUFFIXES) else sources.tar_pairs(spec)
-    if kind == "images":
-        return sources.image_folder(spec)
     if kind == "text":
-        return sources.text_file(spec)
-    raise DataError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
+        return sources.text_file(spec, cache=cache)
+    if kind == "pairs" and spec.lower().endswith(sources.TABLE_SUFFIXES):
+        return sources.csv_pairs(spec)
+    if kind == "pairs" or _is_tar_spec(spec):
+        return sources.tar_source(kind, spec, cache)
+    return sources.image_folder(spec)
 
 
 _DEMO = {"pairs": demo.easy_vqa_pairs, "images": demo.demo_image_source, "text": demo.bbc_news_text}
 
 
+def demo_source(kind: Kind) -> Source:
+    return _DEMO[kind]()
+
+
 def open_sources(kind: Kind, specs: Sequence[str]) -> Source:
-    """Several specs of one kind as one source (their records in order); none: the demo data."""
+    """Several specs of one kind as one source (their shards in order); none: the demo data.
+    Reads every shard: for evaluation sets and inspection, not for training streams."""
     if not specs:
         src = _DEMO[kind]()
     else:
-        parts = [open_source(kind, s) for s in specs]
-        src = parts[0]
-        for extra in parts[1:]:
-            src.records += extra.records
-            src.rejected += extra.rejected
+        src = open_source(kind, specs[0])
+        for extra in specs[1:]:
+            src.extend(open_source(kind, extra))
     if len(src) == 0:
         raise DataError(f"the {kind} data ({', '.join(map(str, specs)) or 'demo'}) holds no usable record")
     return src
+
+
+def estimated_size(source: Source) -> int:
+    """Samples in a source: known from an index or a table, else its shard count times the
+    records of its first shard."""
+    if source.known_size is not None:
+        return source.known_size
+    from .sources import open_shard
+
+    return max(1, len(open_shard(source.shards[0]).records)) * len(source.shards)
+
+
+def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                num_workers: int = 0, lanes: int = 0, cache: ShardCache | None = None):
+    """The training stream of one kind: each spec (a path, or an object with `path` and `weight`)
+    opened as a source; a draw picks a source by weight (plain paths weigh by their size); no
+    specs: the packaged demo data."""
+    from .pipeline import BatchStream, KindStream
+
+    paths = [getattr(s, "path", s) for s in specs]
+    weights = [getattr(s, "weight", None) for s in specs]
+    if any(w is None for w in weights) and any(w is not None for w in weights):
+        raise DataError(f"give every data.{kind} source a weight, or none (then each weighs by its size)")
+    srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
+    if len(srcs) > 1 and weights[0] is None:
+        weights = [float(estimated_size(s)) for s in srcs]
+    streams = [BatchStream(kind, src, maker, batch_size, seed=seed + 7919 * i, rank=rank, world=world,
+                           num_workers=num_workers, lanes=lanes) for i, src in enumerate(srcs)]
+    return KindStream(kind, streams, [w if w is not None else 1.0 for w in weights], seed)

@@ -1,15 +1,16 @@
-"""Data sources as indexable record lists, so any position can be resumed exactly.
+"""Data sources: lists of shards, each read whole when a stream reaches it.
 
-Pairs: WebDataset tar shards (image + .txt/.json caption per key), CSV/TSV of image path +
-caption. Images: folders (class sub-folders give labels). Text: .txt (a line each) and .jsonl.
-Tar shards are indexed once (member offsets), then read by seeking; nothing is decoded until a
-record is used, and a record that fails then is skipped and counted by the pipeline.
+Pairs: WebDataset tar shards (image + .txt/.json caption per key; `flava prepare` adds image-token
+ids and crops), CSV/TSV of image path + caption. Images: folders (class sub-folders give labels),
+tar shards. Text: .txt (a line each) and .jsonl, split into byte ranges, or whole when compressed
+or remote. Nothing is read when a source is opened beyond the shard list (and a shard index when
+one exists); a shard is indexed when a stream first needs it, and a record is decoded when used:
+one that fails then is skipped and counted by the pipeline.
 """
 
 from __future__ import annotations
 
 import csv
-import glob
 import io
 import json
 import sys
@@ -44,6 +45,8 @@ class BadSample(Exception):
 
 @dataclass(frozen=True)
 class TarMember:
+    """A tar member of a local shard, read by seeking."""
+
     shard: Path
     offset: int
     size: int
@@ -58,7 +61,19 @@ class TarMember:
         return data
 
 
-ImageRef = Path | TarMember | Image.Image
+@dataclass(frozen=True)
+class Blob:
+    """A tar member of a shard held in memory (a remote shard read whole)."""
+
+    data: bytes | memoryview
+    ext: str = ""
+
+    def read(self) -> bytes:
+        return bytes(self.data)
+
+
+Member = TarMember | Blob
+ImageRef = Path | Member | Image.Image
 
 
 def open_image(ref: ImageRef) -> Image.Image:
@@ -66,7 +81,7 @@ def open_image(ref: ImageRef) -> Image.Image:
     if isinstance(ref, Image.Image):
         return to_rgb(ref)
     try:
-        if isinstance(ref, TarMember):
+        if isinstance(ref, (TarMember, Blob)):
             data = ref.read()
         else:
             if not ref.exists():
@@ -90,30 +105,110 @@ def open_image(ref: ImageRef) -> Image.Image:
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """What `flava prepare` stored beside an image: crop boxes (fractions of the stored image,
+    left, top, right, bottom) and the image codebook's token ids for each crop."""
+
+    crops: Member
+    tokens: Member
+
+
+@dataclass(frozen=True)
 class PairRecord:
     image: ImageRef
-    caption: str | TarMember
+    caption: str | Member
+    prepared: Prepared | None = None
 
 
 @dataclass(frozen=True)
 class ImageRecord:
     image: ImageRef
     label: int = -1
+    prepared: Prepared | None = None
 
 
 @dataclass
-class Source:
-    """Records of one kind plus what was rejected while indexing them."""
+class Opened:
+    """A shard's records, and what was rejected while indexing it."""
 
-    kind: str
-    """'pairs', 'images' or 'text'."""
     records: list
-    name: str
     rejected: Counter = field(default_factory=Counter)
-    classes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RecordShard:
+    """Records already in memory (CSV rows, folder listings, the demo data)."""
+
+    name: str
+    records: tuple
+
+    def open(self) -> Opened:
+        return Opened(list(self.records))
+
+    @property
+    def size(self) -> int:
+        return len(self.records)
+
+
+class Source:
+    """Shards of one kind. `records` and `rejected` read every shard (for evaluation sets and
+    inspection); training streams read shards one at a time through `shards`."""
+
+    def __init__(self, kind: str, records: list | None = None, name: str = "", rejected: Counter | None = None,
+                 classes: list[str] | None = None, shards: list | None = None, size: int | None = None):
+        self.kind, self.name = kind, name
+        """'pairs', 'images' or 'text'."""
+        self.shards = list(shards) if shards is not None else [RecordShard(name, tuple(records or ()))]
+        self.listing_rejected = Counter(rejected or {})
+        """Rejected before any shard was read (rows of a table, lines of a file read up front)."""
+        self.classes = list(classes or [])
+        self.known_size = size if size is not None else (len(records) if records is not None else None)
+        """Samples in all shards when known without reading them (an index, a table), else None."""
+        self.prepared: dict | None = None
+        """What `flava prepare` recorded (codebook, crops), when the shards are prepared ones."""
+        self._opened: tuple[list, Counter] | None = None
+
+    def _read_all(self) -> tuple[list, Counter]:
+        if self._opened is None:
+            records, rejected = [], Counter(self.listing_rejected)
+            for shard in self.shards:
+                opened = open_shard(shard)
+                records += opened.records
+                rejected += opened.rejected
+            self._opened = records, rejected
+        return self._opened
+
+    @property
+    def records(self) -> list:
+        return self._read_all()[0]
+
+    @property
+    def rejected(self) -> Counter:
+        return self._read_all()[1]
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def extend(self, other: "Source") -> None:
+        self.shards += other.shards
+        self.listing_rejected += other.listing_rejected
+        self.known_size = None if self.known_size is None or other.known_size is None else \
+            self.known_size + other.known_size
+        self._opened = None
+
+
+def open_shard(shard) -> Opened:
+    """A shard's records; a shard that cannot be read at all yields none and one rejection."""
+    try:
+        return shard.open()
+    except FileNotFoundError:
+        return Opened([], Counter({"missing shard": 1}))
+    except (OSError, DataError, tarfile.TarError, EOFError):
+        return Opened([], Counter({"unreadable shard": 1}))
+    except Exception as e:  # remote stores raise their own error types (timeouts, refusals)
+        if type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "fsspec", "s3fs", "requests", "urllib3"):
+            return Opened([], Counter({"unreadable shard": 1}))
+        raise
 
 
 def read_caption(value: str | TarMember) -> str:
@@ -139,15 +234,6 @@ def read_caption(value: str | TarMember) -> str:
     return text
 
 
-def _expand(pattern: str) -> list[Path]:
-    p = Path(pattern)
-    if p.is_dir():
-        return sorted(q for q in p.iterdir() if q.suffix == ".tar")
-    if p.is_file():
-        return [p]
-    return sorted(Path(m) for m in glob.glob(pattern, recursive=True))
-
-
 def _end_marker_present(f, end: int, size: int) -> bool:
     """A complete tar ends with two zero blocks after its last member."""
     if size - end < 1024:
@@ -156,45 +242,141 @@ def _end_marker_present(f, end: int, size: int) -> bool:
     return not any(f.read(1024))
 
 
-def tar_pairs(pattern: str) -> Source:
-    """WebDataset shards: members sharing a key (name up to the first dot) form one sample.
+TOKENS_EXT, CROPS_EXT = ".tokens.npy", ".crops.npy"
+
+
+@dataclass(frozen=True)
+class TarShard:
+    """A WebDataset tar: members sharing a key (the name up to its first dot) form one sample.
 
     A shard cut short (a failed upload or copy) keeps the samples before the cut and is counted
     as truncated; a member whose header claims more bytes than the file holds is not used."""
-    shards = _expand(pattern)
-    if not shards:
-        raise DataError(f"no tar shards match {pattern}")
-    records, rejected = [], Counter()
-    for shard in shards:
-        groups: dict[str, dict[str, TarMember]] = {}
+
+    url: str
+    kind: str
+    cache: object = None
+    size: int | None = None
+    """Samples, when an index says so."""
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def _members(self, rejected: Counter) -> dict[str, dict[str, Member]]:
+        from webdataset.tariterators import base_plus_ext
+
+        from .shards import read
+
+        where = read(self.url, self.cache)
+        data = None
+        if isinstance(where, Path):
+            f = open(where, "rb")
+            total = where.stat().st_size
+        else:
+            data, total = memoryview(where), len(where)
+            f = io.BytesIO(where)
+        groups: dict[str, dict[str, Member]] = {}
         try:
-            size = shard.stat().st_size
-            with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            with f, tarfile.open(fileobj=f, mode="r:") as tar:
                 end = 0
                 for info in tar:
                     end = info.offset_data + info.size
                     if not info.isfile():
                         continue
-                    if end > size:
+                    if end > total:
                         rejected["tar member past the end of its shard"] += 1
                         continue
-                    name = Path(info.name)
-                    key = str(name.parent / name.name.split(".", 1)[0])
-                    ext = "." + name.name.split(".", 1)[1].lower() if "." in name.name else ""
-                    groups.setdefault(key, {})[ext] = TarMember(shard, info.offset_data, info.size, ext)
-                end = -(-end // 512) * 512
-                if not _end_marker_present(f, end, size):
+                    split = base_plus_ext(info.name)
+                    key, ext = (split[0], "." + split[1].lower()) if split[0] else (info.name, "")
+                    groups.setdefault(key, {})[ext] = (
+                        TarMember(where, info.offset_data, info.size, ext) if data is None
+                        else Blob(data[info.offset_data:end], ext))
+                if not _end_marker_present(f, -(-end // 512) * 512, total):
                     rejected["truncated tar shard"] += 1
         except (tarfile.TarError, OSError):
             rejected["corrupt tar shard (read up to the damage)"] += 1
-        for key, members in groups.items():
+        return groups
+
+    def open(self) -> Opened:
+        rejected: Counter = Counter()
+        records = []
+        for members in self._members(rejected).values():
             image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
+            prepared = Prepared(members[CROPS_EXT], members[TOKENS_EXT]) \
+                if CROPS_EXT in members and TOKENS_EXT in members else None
+            if self.kind == "images":
+                if image is None:
+                    rejected["incomplete tar sample"] += 1
+                    continue
+                label = members.get(".cls")
+                records.append(ImageRecord(image, _label(label), prepared))
+                continue
             caption = next((members[e] for e in CAPTION_SUFFIXES if e in members), None)
             if image is None or caption is None:
                 rejected["incomplete tar sample"] += 1
                 continue
-            records.append(PairRecord(image, caption))
-    return Source("pairs", records, pattern, rejected)
+            records.append(PairRecord(image, caption, prepared))
+        return Opened(records, rejected)
+
+
+def _label(member: Member | None) -> int:
+    if member is None:
+        return -1
+    try:
+        return int(member.read().decode().strip())
+    except (ValueError, UnicodeDecodeError, BadSample):
+        return -1
+
+
+INDEX = "index.json"
+"""The shard index `flava prepare` writes beside its shards (wids' shard-list layout)."""
+
+
+def read_index(url: str) -> dict:
+    """A shard index: {"shardlist": [{"url", "nsamples"}], "flava": {...}}; shard URLs relative
+    to the index."""
+    from .shards import is_remote, read
+
+    try:
+        raw = read(url)
+        text = raw.read_text() if isinstance(raw, Path) else raw.decode()
+        index = json.loads(text)
+        shards = index["shardlist"]
+        base = url.rsplit("/", 1)[0] if "/" in url else "."
+        for s in shards:
+            if not (is_remote(s["url"]) or s["url"].startswith("/")):
+                s["url"] = f"{base}/{s['url']}"
+            s["nsamples"] = int(s["nsamples"])
+        return index
+    except FileNotFoundError:
+        raise DataError(f"shard index {url} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(f"shard index {url} could not be read ({type(e).__name__}); write it again with "
+                        "`flava prepare`") from None
+
+
+def tar_source(kind: str, spec: str, cache=None) -> Source:
+    """Tar shards named by a spec (see `data.shards`), or by a shard index (`index.json`, or a
+    directory holding one)."""
+    from .shards import expand, is_remote
+
+    index_url = spec if spec.endswith(".json") else None
+    if index_url is None and not is_remote(spec) and (Path(spec) / INDEX).is_file():
+        index_url = str(Path(spec) / INDEX)
+    if index_url is not None:
+        index = read_index(index_url)
+        shards = [TarShard(s["url"], kind, cache, s["nsamples"]) for s in index["shardlist"]]
+        source = Source(kind, name=spec, shards=shards, size=sum(s.size for s in shards))
+        source.prepared = index.get("flava")
+        return source
+    urls = expand(spec, (".tar",))
+    if not urls:
+        raise DataError(f"no tar shards match {spec}")
+    return Source(kind, name=spec, shards=[TarShard(u, kind, cache) for u in urls])
+
+
+def tar_pairs(pattern: str, cache=None) -> Source:
+    return tar_source("pairs", pattern, cache)
 
 
 def _undecodable(value: str | None) -> bool:
@@ -245,19 +427,65 @@ def image_folder(path: str) -> Source:
     return Source("images", records, str(root), classes=classes)
 
 
-def text_file(path: str, field_name: str = "text") -> Source:
-    """A .txt file (one text per non-empty line) or .jsonl (the `field_name` of each object)."""
-    p = Path(path)
-    files = sorted(p.rglob("*")) if p.is_dir() else _expand(path)
-    files = [f for f in files if f.is_file() and f.suffix.lower() in (".txt", ".jsonl")]
-    if not files:
-        raise DataError(f"no .txt or .jsonl files match {path}")
-    records, rejected = [], Counter()
-    for f in files:
-        jsonl = f.suffix.lower() == ".jsonl"
-        for raw in f.read_bytes().splitlines():
+TEXT_SUFFIXES = (".txt", ".jsonl")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+TEXT_RANGE_BYTES = 8 << 20
+"""Uncompressed local text is read in byte ranges of this size, so no corpus is ever whole in memory."""
+
+
+@dataclass(frozen=True)
+class TextShard:
+    """Lines of a text file: those that start within [start, end) of a local uncompressed file, or
+    every line of a compressed or remote one (a shard of its own)."""
+
+    url: str
+    start: int = 0
+    end: int | None = None
+    field: str = "text"
+    cache: object = None
+
+    @property
+    def name(self) -> str:
+        return self.url if self.end is None else f"{self.url}@{self.start}"
+
+    def _lines(self) -> list[bytes]:
+        from .shards import is_remote
+
+        if self.end is not None:
+            with open(self.url, "rb") as f:
+                if self.start > 0:
+                    f.seek(self.start - 1)
+                    if f.read(1) != b"\n":
+                        f.readline()  # the line that started before this range belongs to the one before
+                lines = []
+                while f.tell() < self.end:
+                    line = f.readline()
+                    if not line:
+                        break
+                    lines.append(line)
+                return lines
+        import fsspec
+
+        if is_remote(self.url):
+            from .shards import read
+
+            raw = read(self.url, self.cache)
+            raw = raw.read_bytes() if isinstance(raw, Path) else raw
+            compression = fsspec.utils.infer_compression(self.url)
+            if compression:
+                with fsspec.compression.compr[compression](io.BytesIO(raw), mode="rb") as f:
+                    return f.read().splitlines()
+            return raw.splitlines()
+        with fsspec.open(self.url, "rb", compression="infer") as f:
+            return f.read().splitlines()
+
+    def open(self) -> Opened:
+        rejected: Counter = Counter()
+        jsonl = self.url.lower().removesuffix(_compression_suffix(self.url)).endswith(".jsonl")
+        records = []
+        for raw in self._lines():
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
                 rejected["undecodable text line"] += 1
                 continue
@@ -269,9 +497,37 @@ def text_file(path: str, field_name: str = "text") -> Source:
                 except (json.JSONDecodeError, RecursionError):
                     rejected["unreadable json line"] += 1
                     continue
-                line = obj.get(field_name) if isinstance(obj, dict) else None
+                line = obj.get(self.field) if isinstance(obj, dict) else None
                 if not isinstance(line, str):
                     rejected["json line without a text string"] += 1
                     continue
             records.append(line)
-    return Source("text", records, path, rejected)
+        return Opened(records, rejected)
+
+
+def _compression_suffix(url: str) -> str:
+    return next((c for c in COMPRESSED if url.lower().endswith(c)), "")
+
+
+def text_file(path: str, field_name: str = "text", cache=None) -> Source:
+    """Text from .txt files (one text per non-empty line) or .jsonl (the `field_name` of each
+    object), optionally compressed (.gz, .bz2, .xz, .zst): a file, directory, glob or URL."""
+    from .shards import expand, is_remote, size_of
+
+    p = Path(path)
+    if not is_remote(path) and p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file())
+    else:
+        files = expand(path, tuple(s + c for s in TEXT_SUFFIXES for c in ("", *COMPRESSED)))
+    files = [f for f in files if f.lower().removesuffix(_compression_suffix(f)).endswith(TEXT_SUFFIXES)]
+    if not files:
+        raise DataError(f"no .txt or .jsonl files match {path}")
+    shards: list[TextShard] = []
+    for f in files:
+        size = None if _compression_suffix(f) else size_of(f)
+        if size is None:
+            shards.append(TextShard(f, field=field_name, cache=cache))
+        else:
+            shards += [TextShard(f, a, min(a + TEXT_RANGE_BYTES, size), field_name)
+                       for a in range(0, max(size, 1), TEXT_RANGE_BYTES)]
+    return Source("text", name=path, shards=shards)

@@ -71,6 +71,16 @@ class FlavaImageCodebook(nn.Module):
         # oneDNN runs these convolutions about twice as fast on NHWC tensors.
         self.to(memory_format=torch.channels_last)
 
+    def fingerprint(self) -> str:
+        """A short hash of the weights: prepared image tokens name the codebook that made them."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.cfg.input_channels:
             raise InputError(

@@ -163,11 +163,11 @@ def resume(trainer: Trainer) -> list[str] | None:
     if choice is None:
         return None
     target, (ckpt, state, all_streams) = choice
-    if int(state["world"]) != trainer.world:
-        raise CheckpointError(
-            f"{target} was written by {state['world']} processes and this run has {trainer.world}: the data "
-            "split depends on the process count, so resume with the same number of processes")
-    streams = all_streams[trainer.rank]
+    for k, stream in trainer.streams.items():
+        saved = [s.get(k) for s in all_streams]
+        if any(s is None for s in saved):
+            raise CheckpointError(f"{target} holds no {k} stream state: resume with the data the run was started with")
+        stream.load_states(saved)
     pointed = run.intact_pointer()
     model = trainer.model
     parts = {p: ckpt.parts.get(p) or {} for p in ("model", "heads", "codebook") if getattr(model, p) is not None}
@@ -187,13 +187,10 @@ def resume(trainer: Trainer) -> list[str] | None:
             trainer.optimizer.state.pop(p, None)
     trainer.scheduler.load_state_dict(state["scheduler"])
     trainer.scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][trainer.rank]
+    rng = state["rng"][min(trainer.rank, len(state["rng"]) - 1)]
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and trainer.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], trainer.device)
-    for k, s in streams.items():
-        if k in trainer.streams:
-            trainer.streams[k].load_state(s)
     trainer.step = int(state["step"])
     trainer.nonfinite_steps = int(state.get("nonfinite_steps", 0))
     if trainer.rank == 0 and pointed != target:

@@ -22,26 +22,53 @@ from ..io.files import read_json
 
 
 @dataclass
+class SourceSpec:
+    """A data source with the share of its kind's draws it gets."""
+
+    path: str
+    """Any data spec (see `data.pairs`)."""
+    weight: Positive = 1.0
+    """Relative weight among the sources of its kind."""
+
+
+DataSpec = str | SourceSpec
+
+
+@dataclass
 class DataConfig:
     """Where the samples come from and how they are batched."""
 
-    pairs: list[str] = field(default_factory=list)
-    """Image-text pair sources: .csv/.tsv files (columns image, caption), WebDataset .tar shards
-    (a file, a directory of shards or a glob), parquet files, or a Hugging Face dataset saved to
-    disk (`DIR`, `DIR:train`, `DIR:train?image=jpg&caption=txt`). With no data of any kind named, the
-    packaged demo data; otherwise an empty kind is left out."""
-    images: list[str] = field(default_factory=list)
-    """Image folders, parquet files or Hugging Face datasets on disk (`?image=col`). Empty: the
-    packaged demo images when no data of any kind is named."""
-    text: list[str] = field(default_factory=list)
-    """.txt (a text per line) or .jsonl ("text" field) files, parquet files or Hugging Face
-    datasets on disk (`?text=col`). Empty: the packaged demo text when no data of any kind is named."""
+    pairs: list[DataSpec] = field(default_factory=list)
+    """Image-text pair sources: WebDataset .tar shards (a file, directory, glob or brace range
+    `shards/{00000..06999}.tar`; local, http(s)://, s3:// or `pipe:CMD`; or the index.json of
+    `flava prepare`), .csv/.tsv files (columns image, caption), parquet files, or a Hugging Face
+    dataset saved to disk (`DIR`, `DIR:train`, `DIR:train?image=jpg&caption=txt`). Each item a
+    spec (sources then weigh by their size) or {"path": spec, "weight": w}. With no data of any
+    kind named, the packaged demo data; otherwise an empty kind is left out."""
+    images: list[DataSpec] = field(default_factory=list)
+    """Image folders, tar shards (`.jpg` + optional `.cls`), parquet files or Hugging Face datasets on
+    disk (`?image=col`); items as in `pairs`. Empty: the packaged demo images when no data of any
+    kind is named."""
+    text: list[DataSpec] = field(default_factory=list)
+    """.txt (a text per line) or .jsonl ("text" field) files, optionally compressed (.gz, .bz2, .xz,
+    .zst), local or remote; parquet files or Hugging Face datasets on disk (`?text=col`); items as
+    in `pairs`. Empty: the packaged demo text when no data of any kind is named."""
     mixing: list[NonNegative] = field(default_factory=lambda: [0.70, 0.15, 0.15])
     """Probability that a step trains on pairs, images, text (paper Table A.2)."""
     batch_size: PositiveInt = 32
     """Samples per step on each process."""
     num_workers: NonNegativeInt = 1
-    """Loader worker processes per data kind."""
+    """Loader worker processes per data source."""
+    lanes: NonNegativeInt = 0
+    """The most shards each source's stream reads side by side (0: 64). A stream uses the largest
+    divisor of the global batch (processes x batch_size) up to this and its shard count, and keeps
+    it when resumed. With many processes, a multiple of the process count lets each read only its
+    own shards."""
+    cache_dir: str = ""
+    """Keep remote shards in this directory (read from there after the first epoch); empty: remote
+    shards are read into memory each time a stream reaches them."""
+    cache_limit_gb: Positive = 50.0
+    """Largest size of `cache_dir`; the least recently used shards are removed beyond it."""
     max_text_length: Annotated[int, Range(3)] = 64
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
     crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.9

@@ -121,15 +121,20 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
         return _train(cfg, run, resume, console, override, rank)
 
 
+def _described(stream, weight: float) -> str:
+    src = stream.source
+    size = f"{src.known_size:,} samples" if src.known_size is not None else "size read as it streams"
+    return (f"{src.name} ({len(src.shards):,} shards, {size}, {stream.layout.lanes} lanes"
+            + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
+
+
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
     output = run.root
     kinds, _ = trained_kinds(cfg)
-    if needs_image_tokens(cfg.objectives, kinds) and not cfg.init and not cfg.codebook:
-        if any(getattr(cfg.data, k) for k in KINDS):
-            raise ConfigError(
-                "MIM/MMM need an image codebook: train one with `flava train-codebook --images ... --output CB` "
-                "and pass --set codebook=CB (or set objectives.mim_weight=0 and objectives.mmm_image_weight=0)"
-            )
+    # With data named, the trainer checks that each source needing image tokens has them (prepared
+    # shards) or a codebook to make them.
+    if needs_image_tokens(cfg.objectives, kinds) and not cfg.init and not cfg.codebook and \
+            not any(getattr(cfg.data, k) for k in KINDS):
         # The embedded default: make the demo's codebook first (about a minute and a half).
         codebook_dir = output / "codebook"
         if rank == 0 and not (codebook_dir / "model.safetensors").is_file():
@@ -155,11 +160,12 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         return []
     if rank == 0:
         write_json_atomic(output / SETTINGS, to_dict(cfg))
-    data = "; ".join(f"{k}: {', '.join(getattr(cfg.data, k)) or 'the packaged demo data'} ({len(s)} records)"
-                     for k, s in trainer.sources.items())
+    data = "; ".join(f"{k}: " + ", ".join(_described(s, w) for s, w in zip(ks.streams, ks.weights))
+                     for k, ks in trainer.streams.items())
     procs = f" x {trainer.world} processes ({cfg.distributed})" if trainer.world > 1 else ""
-    console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps on {data}; "
-                  f"batch {cfg.data.batch_size}{procs}; {cfg.precision} on {trainer.device}; writing to {output}")
+    console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps; batch {cfg.data.batch_size}{procs}; "
+                  f"{cfg.precision} on {trainer.device}; writing to {output}")
+    console.print(f"data: {data}")
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     with progress_bar(console) as progress:
@@ -188,11 +194,15 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         return f"{sum(c.values())} (" + ", ".join(f"{v} {k}" for k, v in c.items()) + ")" if c else "none"
 
     console.print(f"skipped records: {counts(bad)} bad records; {counts(skipped)} draws skipped")
+    seen = trainer.samples_by_source()
+    console.print("samples seen: " + "; ".join(f"{k}: " + ", ".join(f"{n:,} from {name}" for name, n in by.items())
+                                               for k, by in seen.items()))
     if trainer.nonfinite_steps:
         console.print(f"updates skipped for a non-finite loss or gradient: {trainer.nonfinite_steps}")
     console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
                   f"{output / 'loss_curves.png'} and {output / 'tensorboard'}")
     if rank == 0:
         write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped,
-                                                    "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps})
+                                                    "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps,
+                                                    "samples_by_source": seen})
     return rows

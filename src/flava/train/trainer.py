@@ -2,8 +2,9 @@
 
 Everything random is a function of (seed, step): which data kind a step trains on, each
 sample's crop and masks (through the stream position), and the ITM negatives. Checkpoints
-(`train.checkpoint`) store every process's stream positions with the weights, so a resumed run
-repeats the uninterrupted run step for step; metrics go through `train.metrics`.
+(`train.checkpoint`) store every process's stream state with the weights, so a resumed run
+repeats the uninterrupted run step for step, also on another number of processes with the same
+global batch; metrics go through `train.metrics`.
 
 Under torchrun the processes split each global batch into consecutive blocks, draw ITM
 negatives over the global batch and average every loss over all processes' entries, so N
@@ -24,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from ..config import check
-from ..data.pipeline import BatchStream, SampleMaker, SampleSpec
-from ..data.registry import KINDS, open_sources
+from ..data.pipeline import SampleMaker, SampleSpec
+from ..data.registry import KINDS, open_stream
+from ..data.shards import ShardCache
 from ..distributed import world
 from ..errors import ConfigError, DivergedError
 from ..hub import load_codebook, pretraining_from_checkpoint, read_checkpoint
@@ -116,14 +118,16 @@ class Trainer:
         if cfg.model.text.max_position_embeddings < cfg.data.max_text_length:
             raise ConfigError("data.max_text_length exceeds model.text.max_position_embeddings")
 
-        self.sources = {kind: open_sources(kind, [str(s) for s in getattr(cfg.data, kind)]) for kind in self.kinds}
         spec = SampleSpec.for_model(cfg.model, cfg.objectives, cfg.data.max_text_length, cfg.data.crop_scale_min)
         maker = SampleMaker(spec, cfg.seed)
+        d = cfg.data
+        cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
         self.streams = {
-            k: BatchStream(k, src, maker, cfg.data.batch_size, seed=cfg.seed + 1000 * i, rank=self.rank,
-                           world=self.world, num_workers=cfg.data.num_workers)
-            for i, (k, src) in enumerate(self.sources.items())
+            k: open_stream(k, getattr(d, k), maker, d.batch_size, seed=cfg.seed + 1000 * KINDS.index(k),
+                           rank=self.rank, world=self.world, num_workers=d.num_workers, lanes=d.lanes, cache=cache)
+            for k in self.kinds
         }
+        self._check_prepared(self.model.codebook)
 
         self.model.to(self.device).train()
         for stack in self.model.model.block_stacks():
@@ -139,6 +143,31 @@ class Trainer:
             self.optimizer, warmup_cosine(o.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
+
+    def _check_prepared(self, codebook) -> None:
+        """Prepared shards carry image-token ids from one codebook: the run's must be that one
+        (or none, when every source that needs targets is prepared)."""
+        from ..objectives.registry import needs_image_tokens
+
+        for kind, stream in self.streams.items():
+            for s in stream.streams:
+                info = s.source.prepared
+                if info is None:
+                    if codebook is None and needs_image_tokens(self.cfg.objectives, (kind,)):
+                        raise ConfigError(
+                            f"MIM/MMM need image tokens, but the {kind} data {s.source.name} has none precomputed and "
+                            "no codebook is given: train one with `flava train-codebook --images ... --output CB` and "
+                            "pass --set codebook=CB, make the shards with `flava prepare --codebook CB`, or set "
+                            "objectives.mim_weight=0 and objectives.mmm_image_weight=0")
+                    continue
+                if codebook is not None and info.get("codebook") != codebook.fingerprint():
+                    raise ConfigError(
+                        f"{s.source.name} holds image tokens of another codebook ({info.get('codebook')}) than "
+                        f"{self.cfg.codebook} ({codebook.fingerprint()}): train with that codebook or none")
+                grid = int(info.get("grid", -1))
+                if grid != self.cfg.model.image.grid_size:
+                    raise ConfigError(f"{s.source.name} was prepared for a {grid}x{grid} patch grid; the model has "
+                                      f"{self.cfg.model.image.grid_size}x{self.cfg.model.image.grid_size}")
 
     def _wrap(self) -> torch.nn.Module:
         """The module the steps run through: the model itself, or its DDP/FSDP form."""
@@ -212,7 +241,7 @@ class Trainer:
         passed over on the way (damaged checkpoints, leftovers) is added to `notes`."""
         notes = checkpoint.resume(self)
         if notes is not None:
-            self.notes += notes
+            self.notes += notes + [n for _, _, s in self._batch_streams() for n in s.notes]
         if self.rank == 0:  # steps logged after the checkpoint (or before any) will run again
             MetricsLog(self.output, self.cfg.tensorboard).truncate_after(self.step)
         return notes is not None
@@ -227,11 +256,14 @@ class Trainer:
         dist.all_gather_object(values, mine)
         return values
 
+    def _batch_streams(self):
+        return [(k, i, s) for k, ks in self.streams.items() for i, s in enumerate(ks.streams)]
+
     def skipped(self, everywhere: bool = False) -> dict[str, int]:
         """Draws skipped by reason (a bad record drawn in three epochs counts three times), by this
         process's streams or, with `everywhere`, by every process's."""
         mine: Counter = Counter()
-        for s in self.streams.values():
+        for _, _, s in self._batch_streams():
             mine.update(s.skipped)
         total: Counter = Counter()
         for counts in self._from_processes(dict(mine), everywhere):
@@ -239,19 +271,29 @@ class Trainer:
         return dict(total)
 
     def bad_records(self, everywhere: bool = False) -> dict[str, int]:
-        """Bad records by reason, each counted once however often it was drawn: those rejected at
-        indexing, and those this process's streams (or, with `everywhere`, any process's) found."""
-        mine = {(k, reason): indices for k, s in self.streams.items() for reason, indices in s.bad.items()}
-        union: dict[tuple[str, str], set[int]] = {}
-        for part in self._from_processes(mine, everywhere):
-            for key, indices in part.items():
+        """Bad records by reason, each counted once however often it was drawn: those rejected when
+        a source was listed or a shard indexed, and those this process's streams (or, with
+        `everywhere`, any process's) found."""
+        mine = ({(k, i, reason): indices for k, i, s in self._batch_streams() for reason, indices in s.bad.items()},
+                {(k, i, shard): counts for k, i, s in self._batch_streams() for shard, counts in s.rejected.items()})
+        union: dict[tuple, set[int]] = {}
+        shards: dict[tuple, dict] = {}
+        for bad, rejected in self._from_processes(mine, everywhere):
+            for key, indices in bad.items():
                 union.setdefault(key, set()).update(indices)
+            shards.update(rejected)
         total: Counter = Counter()
-        for src in self.sources.values():
-            total.update(src.rejected)
-        for (_, reason), indices in union.items():
+        for _, _, s in self._batch_streams():
+            total.update(s.source.listing_rejected)
+        for counts in shards.values():
+            total.update(counts)
+        for (_, _, reason), indices in union.items():
             total[reason] += len(indices)
         return dict(total)
+
+    def samples_by_source(self) -> dict[str, dict[str, int]]:
+        """Samples drawn so far from each source, by kind (all processes)."""
+        return {k: ks.samples_by_source for k, ks in self.streams.items()}
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -296,7 +338,7 @@ class Trainer:
                 "metrics": {k[7:]: v for k, v in named.items() if k.startswith("metric/")},
                 "grad_norm": values[-1], "update_skipped": not finite, "nonfinite_steps": self.nonfinite_steps,
                 "samples": samples * self.world, "lr": self.scheduler.get_last_lr()[0],
-                "data_position": {k: st.position for k, st in self.streams.items()}}
+                "data_draws": {k: st.draws for k, st in self.streams.items()}}
 
     def _guard(self, finite: bool) -> None:
         """Count steps whose update was skipped for a non-finite loss or gradient."""
@@ -330,6 +372,7 @@ class Trainer:
                 rows.append(row)
                 if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == end):
                     row["skipped"], row["bad_records"] = self.skipped(), self.bad_records()
+                    row["samples_by_source"] = self.samples_by_source()
                     log.write(row)
                 self.log(row)
                 self._check_divergence()

@@ -1,0 +1,81 @@
+"""`flava prepare`: write training shards once (resized images, cleaned captions, image tokens)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("prepare", help="write training shards once: resized images, cleaned captions, bad samples "
+                       "dropped and counted, and the image codebook's tokens precomputed")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--pairs", nargs="+", metavar="SPEC",
+                      help="pair sources: CSV/TSV, WebDataset shards, parquet, datasets directories")
+    what.add_argument("--images", nargs="+", metavar="SPEC",
+                      help="image sources: folders (sub-folders are classes), shards, parquet, datasets")
+    p.add_argument("--output", required=True, help="directory for the shards, index.json and prepare_report.json")
+    p.add_argument("--codebook", help="image codebook directory: its token ids are stored with each image "
+                   "(training on the shards then never runs it)")
+    p.add_argument("--config", default="tiny", help="model preset or JSON config the tokens are for (image and "
+                   "codebook input sizes)")
+    p.add_argument("--size", type=int, default=256, help="shorter image side after resizing (default 256)")
+    p.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
+                   help="samples per shard for tables and folders (default 1000)")
+    p.add_argument("--crops", type=int, default=4, help="crop boxes tokenized per image (default 4)")
+    p.add_argument("--crop-scale-min", dest="crop_scale_min", type=float, default=0.9,
+                   help="smallest share of the image a crop keeps (default 0.9, as training)")
+    p.add_argument("--workers", type=int, help="processes (default: the CPU cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..config import check_value, config_from
+    from ..data.prepare import PrepareSettings, default_workers, prepare
+    from ..data.registry import open_source
+    from ..errors import ConfigError
+    from ..hub import CodebookTokenizer
+    from ..progress import progress_bar
+
+    model = config_from(args.config)
+    for name, low in (("size", 8), ("shard_size", 1), ("crops", 1)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
+    check_value("--crop-scale-min", args.crop_scale_min, float)
+    if not 0 < args.crop_scale_min <= 1:
+        raise ConfigError("--crop-scale-min must be in (0, 1]")
+    kind = "pairs" if args.pairs else "images"
+    sources = [open_source(kind, s) for s in (args.pairs or args.images)]
+    settings = PrepareSettings(size=args.size, shard_size=args.shard_size, crops=args.crops,
+                               crop_scale_min=args.crop_scale_min, codebook_image_size=model.codebook_image_size,
+                               seed=args.seed)
+    tokenizer = CodebookTokenizer(args.codebook) if args.codebook else None
+    fingerprint = tokenizer.fingerprint() if tokenizer else None
+    workers = args.workers or default_workers()
+    output = Path(args.output)
+    console.print(f"preparing {kind} from {', '.join(s.name for s in sources)} into {output} with {workers} "
+                  f"process{'es' if workers > 1 else ''}" + (f"; image tokens from {args.codebook}" if tokenizer else ""))
+    with progress_bar(console) as bar:
+        task = bar.add_task("shards", total=None, info="")
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = prepare(kind, sources, output, settings, tokenizer, fingerprint, grid=model.image.grid_size,
+                         image_size=model.image.image_size, workers=workers, progress=progress)
+    table = Table(title=f"prepared {kind}")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row("samples written", f"{report['samples']:,}")
+    table.add_row("shards", f"{report['shards']:,}")
+    table.add_row("bytes per sample", f"{report['bytes_per_sample']:,.0f}")
+    table.add_row("image tokens", "yes" if report["image_tokens"] else "no")
+    for reason, n in sorted(report["dropped"].items()):
+        table.add_row(f"dropped: {reason}", f"{n:,}")
+    console.print(table)
+    console.print(f"train on it with --set 'data.{kind}=[\"{output}\"]'"
+                  + (" (no codebook needed)" if report["image_tokens"] else ""))

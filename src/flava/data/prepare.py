@@ -1,0 +1,257 @@
+"""`flava prepare`: training shards made once.
+
+Any pair or image source (folders, CSV/TSV, parquet, Hugging Face datasets on disk, WebDataset
+shards) is written as WebDataset shards: images re-encoded as JPEG with the shorter side resized,
+captions cleaned, unusable samples dropped and counted, and — given an image tokenizer — the token
+ids of `crops` crop boxes per image. Training then picks one of those boxes per sample and epoch,
+crops the stored image with it and reads the stored ids as the MIM/MMM targets: the targets
+describe exactly the pixels the model sees, and the frozen codebook never runs in a step.
+
+The work is split into units (an input shard, or a slice of an in-memory source), one output
+shard each, done by a pool of processes. A unit's shard and its sidecar (`NNNNN.json`, its counts)
+are renamed into place when complete, so an interrupted run resumes where it stopped; the shard
+index (`index.json`) and the report are written last.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import re
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from ..io.files import atomic_path, write_json_atomic
+from .sources import INDEX, BadSample, ImageRecord, PairRecord, RecordShard, Source, open_image, open_shard, \
+    read_caption
+
+REPORT = "prepare_report.json"
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    size: int = 256
+    """Shorter image side after resizing (images already smaller are kept as they are)."""
+    shard_size: int = 1000
+    """Samples per output shard for sources held in memory (tables, folders); input shards map one to one."""
+    crops: int = 4
+    """Crop boxes tokenized per image (training picks one per epoch)."""
+    crop_scale_min: float = 0.9
+    """Each box keeps at least this share of the image (as training's `data.crop_scale_min`)."""
+    codebook_image_size: int = 112
+    """The image tokenizer's input size."""
+    quality: int = 95
+    """JPEG quality of the stored images."""
+    max_caption_chars: int = 2000
+    seed: int = 0
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def clean_caption(text: str) -> str:
+    """HTML entities decoded, whitespace runs collapsed to one space, ends stripped."""
+    return _SPACE.sub(" ", html.unescape(text)).strip()
+
+
+def _units(sources: list[Source], shard_size: int) -> list:
+    """Work units: each input shard, with in-memory ones cut into slices of `shard_size`."""
+    units = []
+    for src in sources:
+        for shard in src.shards:
+            if isinstance(shard, RecordShard):
+                units += [RecordShard(f"{shard.name}[{a}:]", shard.records[a:a + shard_size])
+                          for a in range(0, len(shard.records), shard_size)]
+            else:
+                units.append(shard)
+    return units
+
+
+def _crop_boxes(w: int, h: int, n: int, scale_min: float, rng: np.random.Generator) -> np.ndarray:
+    """[n, 4] boxes (left, top, right, bottom as fractions): random area share in [scale_min, 1] at
+    the image's aspect ratio, the first one the whole image."""
+    from .transforms import random_resized_crop_box
+
+    boxes = [(0.0, 0.0, 1.0, 1.0)]
+    for _ in range(n - 1):
+        left, top, cw, ch = random_resized_crop_box(w, h, rng, (scale_min, 1.0))
+        boxes.append((left / w, top / h, (left + cw) / w, (top + ch) / h))
+    return np.asarray(boxes, dtype=np.float32)
+
+
+def _resized(image, size: int):
+    from PIL import Image
+
+    short = min(image.width, image.height)
+    if short <= size:
+        return image
+    f = size / short
+    return image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))), Image.BICUBIC)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettings,
+                 tokenizer: Callable | None) -> dict:
+    """Write unit `number` as NNNNN.tar + NNNNN.json; returns its counts. Runs in a pool process."""
+    from PIL import Image
+
+    from .transforms import map_pixels, to_tensor
+
+    import torch
+
+    torch.set_num_threads(1)
+    out_dir = Path(out)
+    opened = open_shard(unit)
+    dropped: Counter = Counter(opened.rejected)
+    kept: list[tuple[str, dict, object]] = []
+    for i, record in enumerate(opened.records):
+        try:
+            parts: dict[str, bytes] = {}
+            if kind == "pairs":
+                assert isinstance(record, PairRecord)
+                caption = read_caption(record.caption)
+                caption = clean_caption(caption) if isinstance(caption, str) else ""
+                if not caption:
+                    raise BadSample("empty caption")
+                if len(caption) > settings.max_caption_chars:
+                    raise BadSample("over-long caption")
+                parts["txt"] = caption.encode()
+                ref = record.image
+            else:
+                ref = record.image if isinstance(record, ImageRecord) else record
+                if isinstance(record, ImageRecord) and record.label >= 0:
+                    parts["cls"] = str(record.label).encode()
+            image = _resized(open_image(ref), settings.size)
+        except BadSample as e:
+            dropped[e.kind] += 1
+            continue
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=settings.quality)
+        parts["jpg"] = buf.getvalue()
+        kept.append((f"{number:05d}{i:06d}", parts, image))
+
+    if tokenizer is not None and kept:
+        cs = settings.codebook_image_size
+        boxes, pixels = [], []
+        for key, _, image in kept:
+            rng = np.random.default_rng([settings.seed, number, int(key[5:])])
+            b = _crop_boxes(image.width, image.height, settings.crops, settings.crop_scale_min, rng)
+            boxes.append(b)
+            scale = np.array([image.width, image.height] * 2, dtype=np.float64)
+            for box in b:
+                crop = image.resize((cs, cs), Image.BICUBIC, box=tuple(float(v) for v in box * scale))
+                pixels.append(map_pixels(to_tensor(crop)))
+        ids = []
+        for a in range(0, len(pixels), 64):
+            ids.append(tokenizer(torch.stack(pixels[a:a + 64])))
+        tokens = torch.cat(ids).cpu().numpy().astype(np.uint16).reshape(len(kept), settings.crops, -1)
+        for (key, parts, _), b, t in zip(kept, boxes, tokens):
+            parts["crops.npy"], parts["tokens.npy"] = _npy(b), _npy(t)
+
+    with atomic_path(out_dir / f"{number:05d}.tar") as tmp, tarfile.open(tmp, "w") as tar:
+        for key, parts, _ in kept:
+            for ext, data in parts.items():
+                _add(tar, f"{key}.{ext}", data)
+    stats = {"url": f"{number:05d}.tar", "nsamples": len(kept), "dropped": dict(dropped), "input": unit.name,
+             "bytes": (out_dir / f"{number:05d}.tar").stat().st_size}
+    write_json_atomic(out_dir / f"{number:05d}.json", stats)
+    return stats
+
+
+def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
+            tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
+            grid: int | None = None, image_size: int | None = None, workers: int = 1,
+            progress: Callable[[int, int], None] | None = None) -> dict:
+    """Write `sources` as prepared shards in `output` (see the module docstring); returns the report."""
+    if kind not in ("pairs", "images"):
+        raise DataError(f"flava prepare makes pair or image shards, not {kind}")
+    output.mkdir(parents=True, exist_ok=True)
+    manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
+                "inputs": [s.name for s in sources]}
+    mark = output / "prepare_settings.json"
+    if mark.is_file():
+        before = json.loads(mark.read_text())
+        if before != manifest:
+            raise DataError(f"{output} holds shards prepared from other inputs or settings ({mark}); "
+                            "prepare into a new directory")
+    else:
+        write_json_atomic(mark, manifest)
+    units = _units(sources, settings.shard_size)
+    todo = [n for n in range(len(units)) if not (output / f"{n:05d}.json").is_file()]
+    start = time.perf_counter()
+    done = len(units) - len(todo)
+    if progress:
+        progress(done, len(units))
+    tokenizer = tokenizer_factory() if tokenizer_factory is not None and workers <= 1 else None
+    if workers <= 1:
+        for n in todo:
+            prepare_unit(n, units[n], kind, str(output), settings, tokenizer)
+            done += 1
+            if progress:
+                progress(done, len(units))
+    else:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(tokenizer_factory,)) as pool:
+            futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo]
+            for f in futures:
+                f.result()
+                done += 1
+                if progress:
+                    progress(done, len(units))
+    stats = [json.loads((output / f"{n:05d}.json").read_text()) for n in range(len(units))]
+    shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
+    info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,
+            "crops": settings.crops if tokenizer_factory else 0, "size": settings.size}
+    write_json_atomic(output / INDEX, {"shardlist": shardlist, "flava": info if tokenizer_factory else None})
+    dropped: Counter = Counter()
+    for s in stats:
+        dropped.update(s["dropped"])
+    written = sum(s["nsamples"] for s in stats)
+    report = {"kind": kind, "samples": written, "shards": len(shardlist), "dropped": dict(dropped),
+              "bytes": sum(s["bytes"] for s in stats), "bytes_per_sample": sum(s["bytes"] for s in stats) / max(1, written),
+              "seconds_this_run": time.perf_counter() - start, "units_done_before": len(units) - len(todo),
+              "image_tokens": bool(tokenizer_factory)}
+    write_json_atomic(output / REPORT, report)
+    return report
+
+
+_worker_tokenizer = None
+
+
+def _init_worker(factory) -> None:
+    global _worker_tokenizer
+    import torch
+
+    torch.set_num_threads(1)
+    _worker_tokenizer = factory() if factory is not None else None
+
+
+def _pooled_unit(n, unit, kind, out, settings) -> dict:
+    return prepare_unit(n, unit, kind, out, settings, _worker_tokenizer)
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)

@@ -1,0 +1,169 @@
+"""Where shards are and how their bytes are read.
+
+A data spec names shards: local files, directories and globs; brace ranges
+(`shards/{00000..06999}.tar`, expanded by webdataset's `expand_urls`, `::` joining lists);
+`http(s)://`, `s3://` and any other object store `fsspec` knows; and `pipe:` commands (open_clip's
+convention, opened by webdataset's `gopen`). Remote shards are read whole into memory, or through
+a local cache bounded in size when one is configured, so that a shard can be read at any offset:
+positions within a shard are what make a stream resumable exactly.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+
+GLOB_CHARS = "*?["
+RETRIES = 3
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url and not url.startswith("file://")
+
+
+def _local(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def check_protocol(url: str) -> None:
+    """A DataError naming the package to install when no fsspec backend reads `url`."""
+    import fsspec
+
+    protocol = url.split("://", 1)[0]
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"cannot read {url}: {e}") from None
+
+
+def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The shards a spec names, in order. Directories yield their files ending in `suffixes`."""
+    from webdataset.shardlists import expand_urls
+
+    urls: list[str] = []
+    for part in expand_urls(str(spec)):
+        if part.startswith("pipe:"):
+            urls.append(part)
+        elif is_remote(part):
+            check_protocol(part)
+            urls += _expand_remote(part, suffixes)
+        else:
+            p = Path(_local(part))
+            if p.is_dir():
+                urls += sorted(str(q) for q in p.iterdir() if q.is_file() and q.name.lower().endswith(suffixes))
+            elif p.is_file():
+                urls.append(str(p))
+            elif any(c in part for c in GLOB_CHARS):
+                urls += sorted(m for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
+            else:
+                urls.append(str(p))  # a missing shard is counted when it is read, not fatal here
+    return urls
+
+
+def _expand_remote(url: str, suffixes: tuple[str, ...]) -> list[str]:
+    import fsspec
+
+    if not (url.endswith("/") or any(c in url.split("://", 1)[1] for c in GLOB_CHARS)):
+        return [url]
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        found = fs.glob(path) if not url.endswith("/") else fs.ls(path, detail=False)
+    except Exception as e:  # each backend raises its own types for refused or missing listings
+        raise DataError(f"could not list {url} ({type(e).__name__}: {e}); name the shards one by one or "
+                        "with a brace range such as shards/{00000..00099}.tar") from None
+    protocol = url.split("://", 1)[0]
+    out = sorted(f if "://" in f else f"{protocol}://{f}" for f in found)
+    return [f for f in out if f.lower().endswith(suffixes)]
+
+
+@dataclass(frozen=True)
+class ShardCache:
+    """Remote shards kept on local disk, the least recently used removed beyond `max_bytes`."""
+
+    root: str
+    max_bytes: int
+
+    def path(self, url: str) -> Path:
+        name = hashlib.sha256(url.encode()).hexdigest()[:24] + "-" + url.rstrip("/").rsplit("/", 1)[-1][-40:]
+        return Path(self.root) / name
+
+    def get(self, url: str) -> Path:
+        target = self.path(url)
+        if target.is_file():
+            os.utime(target)  # recency for eviction
+            return target
+        data = _fetch(url)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)  # other processes see a whole shard or none
+        self._evict(keep=target)
+        return target
+
+    def _evict(self, keep: Path) -> None:
+        files = []
+        for f in Path(self.root).iterdir():
+            try:
+                if f.is_file() and not f.name.startswith("."):
+                    st = f.stat()
+                    files.append((st.st_mtime, st.st_size, f))
+            except FileNotFoundError:  # removed by another process meanwhile
+                continue
+        total = sum(s for _, s, _ in files)
+        for _, size, f in sorted(files):
+            if total <= self.max_bytes:
+                break
+            if f != keep:
+                f.unlink(missing_ok=True)
+                total -= size
+
+
+def _fetch(url: str) -> bytes:
+    """A remote shard's bytes; transient failures are retried."""
+    for attempt in range(RETRIES):
+        try:
+            if url.startswith("pipe:"):
+                from webdataset.gopen import gopen
+
+                with gopen(url, "rb") as f:
+                    return f.read()
+            import fsspec
+
+            with fsspec.open(url, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise
+        except Exception:  # network errors come in many types; the last one is reported
+            if attempt == RETRIES - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def read(url: str, cache: ShardCache | None = None) -> bytes | Path:
+    """A shard as a local path (local files, cached remote ones) or its bytes (remote, uncached).
+    Raises OSError (or the backend's error) when it cannot be read."""
+    if not is_remote(url):
+        p = Path(_local(url))
+        if not p.is_file():
+            raise FileNotFoundError(url)
+        return p
+    if cache is not None:
+        return cache.get(url)
+    return _fetch(url)
+
+
+def size_of(url: str) -> int | None:
+    """A shard's size in bytes where it is cheap to learn (local files), else None."""
+    if is_remote(url):
+        return None
+    try:
+        return Path(_local(url)).stat().st_size
+    except OSError:
+        return None

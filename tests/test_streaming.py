@@ -1,0 +1,321 @@
+"""Data at scale: shards streamed from an HTTP server and an S3 server (moto) on 127.0.0.1, text
+read by byte ranges, weighted mixing, `flava prepare` and training that never runs the codebook,
+and a 2-process run killed and resumed on 1 process."""
+
+import gzip
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import free_port, pretrain_args
+from flava.data import sources
+from flava.data.pipeline import BatchStream, KindStream, SampleMaker, SampleSpec
+from flava.data.registry import open_source, open_stream
+from flava.data.shards import ShardCache
+from flava.errors import DataError
+
+SPEC = SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)
+
+
+def png(seed: int, size=20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shards(root, shards=4, per=6):
+    root.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        with tarfile.open(root / f"shard-{k:03d}.tar", "w") as tar:
+            for i in range(per):
+                for ext, data in (("png", png(100 * k + i)), ("txt", f"shard {k} picture {i}".encode())):
+                    info = tarfile.TarInfo(f"{k:03d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+def batches(source, n=4, **kw):
+    s = BatchStream("pairs", source, SampleMaker(SPEC, 0), batch_size=4, seed=3, lanes=2, **kw)
+    return [s.next_batch() for _ in range(n)], s
+
+
+def same(a, b):
+    return all(torch.equal(x.pixel_values, y.pixel_values) and torch.equal(x.input_ids, y.input_ids)
+               for x, y in zip(a, b))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = write_shards(tmp_path / "www")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 20
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("the HTTP server on 127.0.0.1 did not start")
+            time.sleep(0.1)
+    yield url, root
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path):
+    url, root = http_server
+    local, _ = batches(open_source("pairs", str(root)))
+    remote, s = batches(open_source("pairs", url + "/shard-{000..003}.tar"))
+    assert same(local, remote) and not s.rejected
+    one_shard = (root / "shard-000.tar").stat().st_size
+    cache = ShardCache(str(tmp_path / "cache"), max_bytes=2 * one_shard)
+    cached, _ = batches(open_source("pairs", url + "/shard-{000..003}.tar", cache=cache), n=8)
+    assert same(local, cached[:4])
+    kept = list((tmp_path / "cache").iterdir())
+    assert 1 <= len(kept) <= 2 and sum(f.stat().st_size for f in kept) <= 2 * one_shard  # bounded
+    # A shard the server does not have is counted and passed over, not fatal.
+    gone, g = batches(open_source("pairs", url + "/shard-{000..004}.tar"), n=6)
+    assert all(len(b) == 4 for b in gone) and any("missing shard" in c or "unreadable shard" in c
+                                                  for c in g.rejected.values())
+
+
+def test_pipe_commands_read_shards(tmp_path):
+    root = write_shards(tmp_path / "d", shards=2)
+    local, _ = batches(open_source("pairs", str(root)))
+    piped, _ = batches(open_source("pairs", f"pipe:cat {root}/shard-{{000..001}}.tar"))
+    assert same(local, piped)
+
+
+def test_training_from_an_s3_server(tmp_path):
+    import boto3  # with moto[server], from the test extra
+    from moto.server import ThreadedMotoServer
+
+    root = write_shards(tmp_path / "d")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    try:
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket="data")
+        for f in sorted(root.iterdir()):
+            s3.upload_file(str(f), "data", f"pairs/{f.name}")
+        import fsspec.config
+
+        old = dict(os.environ)
+        os.environ.update(env)
+        fsspec.config.conf["s3"] = {"endpoint_url": endpoint}
+        try:
+            local, _ = batches(open_source("pairs", str(root)))
+            listed = open_source("pairs", "s3://data/pairs/")  # a listing of the bucket's prefix
+            assert [s.url for s in listed.shards] == [f"s3://data/pairs/shard-{k:03d}.tar" for k in range(4)]
+            remote, _ = batches(listed)
+            assert same(local, remote)
+        finally:
+            fsspec.config.conf.pop("s3", None)
+            os.environ.clear()
+            os.environ.update(old)
+        # The real command, reading the bucket through a brace range.
+        run = tmp_path / "run"
+        args = ["pretrain", "--output", str(run), "--max-steps", "2", "--set", "data.batch_size=4",
+                "--set", 'data.pairs=["s3://data/pairs/shard-{000..003}.tar"]', "--set", "data.num_workers=1",
+                "--set", "objectives.mmm_image_weight=0", "--set", "objectives.mim_weight=0",
+                "--set", "tensorboard=false", "--set", "log_every=1"]
+        out = subprocess.run([sys.executable, "-m", "flava.cli", *args], env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["samples_by_source"]["pairs"] == {"s3://data/pairs/shard-{000..003}.tar": 8}
+    finally:
+        server.stop()
+
+
+def test_text_is_read_by_byte_ranges_without_losing_or_repeating_a_line(tmp_path, monkeypatch):
+    lines = [f"line {i} " + "word " * (i % 7) for i in range(200)]
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(sources, "TEXT_RANGE_BYTES", 97)  # ranges that cut lines in the middle
+    src = open_source("text", str(tmp_path / "t.txt"))
+    assert len(src.shards) > 20 and [r.strip() for r in src.records] == [x.strip() for x in lines]
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": x}) + "\n" for x in lines[:10]))
+    z = open_source("text", str(tmp_path / "z.jsonl.gz"))
+    assert len(z.shards) == 1 and z.records == lines[:10]
+
+
+def test_weighted_mixing_is_seeded_resumable_and_counted(tmp_path):
+    a, b = write_shards(tmp_path / "a", shards=2), write_shards(tmp_path / "b", shards=2)
+    maker = SampleMaker(SPEC, 0)
+
+    class Weighted:
+        def __init__(self, path, weight):
+            self.path, self.weight = path, weight
+
+    def make():
+        return open_stream("pairs", [Weighted(str(a), 3.0), Weighted(str(b), 1.0)], maker, batch_size=2, seed=1)
+
+    s = make()
+    assert isinstance(s, KindStream)
+    for _ in range(40):
+        s.next_batch()
+    seen = s.samples_by_source
+    assert sum(seen.values()) == 80 and 0.6 < seen[str(a)] / 80 < 0.9  # about three quarters
+    state = s.state()
+    more = [s.next_batch().input_ids for _ in range(5)]
+    t = make()
+    t.load_states([state])
+    assert all(torch.equal(t.next_batch().input_ids, x) for x in more)
+    with pytest.raises(DataError, match="a weight, or none"):
+        open_stream("pairs", [Weighted(str(a), 1.0), str(b)], maker, batch_size=2, seed=1)
+
+
+def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
+    from flava.cli import main as cli
+    from flava.config import preset
+    from flava.data.pipeline import read_npy
+    from flava.data.transforms import map_pixels, to_tensor
+    from flava.hub import load_codebook
+    from flava.train.config import TrainConfig
+    from flava.train.trainer import Trainer
+
+    codebook = train_data / "codebook"
+    out = tmp_path / "prepared"
+    args = ["prepare", "--pairs", str(train_data / "pairs.csv"), "--output", str(out), "--codebook", str(codebook),
+            "--shard-size", "5", "--size", "24", "--workers", "2"]
+    assert cli(args) == 0
+    report = json.loads((out / "prepare_report.json").read_text())
+    assert report["samples"] == 16 and report["dropped"] == {"missing image file": 1} and report["shards"] == 4
+    index = json.loads((out / "index.json").read_text())
+    assert [s["nsamples"] for s in index["shardlist"]] == [5, 5, 5, 1]
+    assert index["flava"]["codebook"] == load_codebook(codebook).fingerprint()
+
+    # Interrupted work resumes: a shard removed is made again, the same bytes.
+    before = (out / "00001.tar").read_bytes()
+    (out / "00001.tar").unlink()
+    (out / "00001.json").unlink()
+    assert cli(args) == 0 and (out / "00001.tar").read_bytes() == before
+
+    # The stored tokens are the codebook's for the stored image cropped by the stored box.
+    cb = load_codebook(codebook)
+    record = open_source("pairs", str(out)).records[3]
+    image = sources.open_image(record.image)
+    boxes, tokens = read_npy(record.prepared.crops), read_npy(record.prepared.tokens)
+    tiny = preset("tiny")
+    assert boxes.shape == (4, 4) and tokens.shape == (4, tiny.image.grid_size ** 2)
+    assert np.array_equal(boxes[0], [0, 0, 1, 1]) and not np.array_equal(boxes[1], boxes[2])
+    for k in range(4):
+        box = tuple(float(v) for v in boxes[k] * np.array([image.width, image.height] * 2))
+        size = tiny.codebook_image_size
+        crop = map_pixels(to_tensor(image.resize((size, size), Image.BICUBIC, box=box)))
+        assert torch.equal(cb.token_ids(crop[None])[0].to(torch.int64), torch.from_numpy(tokens[k].astype(np.int64)))
+
+    # Images from a folder, labels kept.
+    assert cli(["prepare", "--images", str(train_data / "img"), "--output", str(tmp_path / "imgs"),
+                "--codebook", str(codebook), "--workers", "1"]) == 0
+    labels = [r.label for r in open_source("images", str(tmp_path / "imgs")).records]
+    assert len(labels) == 16 and set(labels) == {0}
+
+    cfg = TrainConfig()
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.data.pairs, cfg.data.images, cfg.data.batch_size, cfg.data.num_workers = [str(out)], [str(tmp_path / "imgs")], 4, 0
+    cfg.data.mixing, cfg.tensorboard, cfg.seed = [0.5, 0.5, 0], False, 5
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.model.codebook is None  # never loaded, never run
+    rows = trainer.fit(max_steps=4)
+    trained = {name for r in rows for name in r["losses"]}
+    assert {"mim", "mmm_image"} <= trained and all(np.isfinite(r["loss"]) for r in rows)
+    cfg.data.pairs = [str(train_data / "pairs.csv")]  # raw pairs need a codebook
+    with pytest.raises(Exception, match="no codebook is given"):
+        Trainer(cfg, tmp_path / "run2")
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
+    shards = write_shards(tmp_path / "shards", shards=4, per=6)
+    opts = ["--max-steps", "30", "--save-every", "2", "--set", "seed=5", "--set", "optim.warmup_steps=1",
+            "--set", f'data.pairs=["{shards}"]', "--set", "data.lanes=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    flava = [sys.executable, "-m", "flava.cli"]
+    whole = subprocess.Popen(flava + pretrain_args(train_data, tmp_path / "whole", batch_size=8) + opts, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cut = tmp_path / "cut"
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "flava.cli", *pretrain_args(train_data, cut, batch_size=4), *opts], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = cut / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and two.poll() is None:  # kill every process after step 3 (checkpoint: 2)
+        if log.is_file() and any(json.loads(x)["step"] >= 3 for x in log.read_text().splitlines() if x.strip()):
+            break
+        time.sleep(0.05)
+    workers = descendants(two.pid)
+    assert two.poll() is None, two.communicate()[0]
+    for pid in [two.pid, *descendants(two.pid)]:  # torchrun and its workers, as a node failure would
+        os.kill(pid, signal.SIGKILL)
+    two.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in workers):
+        time.sleep(0.05)
+    steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip()]
+    assert 3 <= max(steps) < 30, steps
+    resumed = subprocess.run(flava + ["pretrain", "--output", str(cut), "--resume", "--set", "data.batch_size=8",
+                                      "--override"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    import re
+
+    at = re.search(r"resumed from step (\d+)", resumed.stdout)
+    assert at and int(at.group(1)) < 30, resumed.stdout
+    out, _ = whole.communicate(timeout=300)
+    assert whole.returncode == 0, out
+    a = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in b] == list(range(1, 31))
+    for x, y in zip(a, b):
+        assert x["kind"] == y["kind"] and x["data_draws"] == y["data_draws"] and x["samples"] == y["samples"] == 8
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-4), (x, y)
+        for name in x["losses"]:
+            assert x["losses"][name] == pytest.approx(y["losses"][name], abs=1e-4), name
