@@ -47,22 +47,22 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
     from webdataset.shardlists import expand_urls
 
     urls: list[str] = []
-    for part in expand_urls(str(spec)):
+    parts = expand_urls(str(spec))
+    for part in parts:
         if part.startswith("pipe:"):
             urls.append(part)
         elif is_remote(part):
             check_protocol(part)
             urls += _expand_remote(part, suffixes)
-        else:
+        elif any(c in part for c in GLOB_CHARS):
+            urls += sorted(m for m in glob.glob(_local(part), recursive=True) if Path(m).is_file())
+        elif len(parts) == 1 and Path(_local(part)).is_dir():
             p = Path(_local(part))
-            if p.is_dir():
-                urls += sorted(str(q) for q in p.iterdir() if q.is_file() and q.name.lower().endswith(suffixes))
-            elif p.is_file():
-                urls.append(str(p))
-            elif any(c in part for c in GLOB_CHARS):
-                urls += sorted(m for m in glob.glob(str(p), recursive=True) if Path(m).is_file())
-            else:
-                urls.append(str(p))  # a missing shard is counted when it is read, not fatal here
+            urls += sorted(str(q) for q in p.iterdir() if q.is_file() and q.name.lower().endswith(suffixes))
+        else:
+            # Named shards are not checked here (millions of stat calls at start-up on a network
+            # file system); a missing one is counted when a stream reaches it.
+            urls.append(_local(part))
     return urls
 
 
