@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import glob
 import json
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 

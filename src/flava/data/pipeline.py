@@ -262,6 +262,8 @@ class _Draws(IterableDataset):
                  cursors: dict[int, Cursor]):
         self.kind, self.source, self.maker, self.layout, self.seed = kind, source, maker, layout, seed
         self.draw, self.cursors = draw, cursors
+        self._others: dict[int, list] = {}
+        """Shards opened for replacements of bad records (a few, most recent)."""
 
     def _sample(self, lane: Lane, position: int, bad: list):
         shard, records, k, epoch = lane.at(position)
@@ -286,7 +288,7 @@ class _Draws(IterableDataset):
                         f"bad one of shard {self.source.shards[shard].name}")
 
     def _other(self, shard: int) -> tuple[int, list]:
-        cache = self.__dict__.setdefault("_others", {})
+        cache = self._others
         if shard not in cache:
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))

@@ -54,20 +54,6 @@ def demo_source(kind: Kind) -> Source:
     return _DEMO[kind]()
 
 
-def open_sources(kind: Kind, specs: Sequence[str]) -> Source:
-    """Several specs of one kind as one source (their shards in order); none: the demo data.
-    Reads every shard: for evaluation sets and inspection, not for training streams."""
-    if not specs:
-        src = _DEMO[kind]()
-    else:
-        src = open_source(kind, specs[0])
-        for extra in specs[1:]:
-            src.extend(open_source(kind, extra))
-    if len(src) == 0:
-        raise DataError(f"the {kind} data ({', '.join(map(str, specs)) or 'demo'}) holds no usable record")
-    return src
-
-
 def estimated_size(source: Source) -> int:
     """Samples in a source: known from an index or a table, else its shard count times the
     records of its first shard."""
