@@ -1,9 +1,11 @@
 """Loading every transformers FLAVA layout, and our export loading back into transformers."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import hf_config, randomize_
+from PIL import Image
 
 import flava
 from flava.cli import main as cli
@@ -94,10 +96,46 @@ def test_export_without_heads_or_codebook(tmp_path, capsys):
     cfg = flava.preset("tiny")
     cfg.text.vocab_size = 120
     flava.FlavaModel(cfg).save_pretrained(tmp_path / "ours")
-    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--as", "pretraining"]) == 0
     assert "newly initialised" in capsys.readouterr().out
     _, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_export_of_encoders_loads_as_flava_model_with_its_processor(tmp_path, capsys):
+    """Without heads the export is a FlavaModel: no report of unused weights, and transformers'
+    FlavaProcessor reads its processor and tokenizer files and gives the same embeddings."""
+    import logging
+
+    cfg = flava.preset("tiny")
+    ours = randomize_(flava.FlavaModel(cfg), seed=3)
+    ours.save_pretrained(tmp_path / "ours")
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert "FlavaModel" in capsys.readouterr().out
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        ref, info = transformers.FlavaModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not any(info.values()), info
+    assert not [r for r in records if "LOAD REPORT" in r.getMessage()]
+    proc = transformers.FlavaProcessor.from_pretrained(tmp_path / "hf")
+    texts = ["a red square", "two small dogs on the grass"]
+    inputs = proc(text=texts, return_tensors="pt", padding=True)
+    ref.eval()
+    with torch.no_grad():
+        theirs = F.normalize(ref.get_text_features(input_ids=inputs["input_ids"],
+                                                   attention_mask=inputs["attention_mask"]).pooler_output[:, 0], dim=-1)
+    mine = flava.load(tmp_path / "hf").encode_text(texts)
+    close(mine, theirs)
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    pixels = proc(images=[square], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        theirs = F.normalize(ref.get_image_features(pixel_values=pixels).pooler_output[:, 0], dim=-1)
+    close(flava.load(tmp_path / "hf").encode_image(square), theirs)
 
 
 def test_export_refuses_shapes_transformers_cannot_hold(tmp_path, capsys):

@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from .config import FlavaConfig, ObjectivesConfig, from_dict, validate
+from .data.processor import Processor
 from .errors import CheckpointError, ConfigError
 from .interop import transformers as hf
 from .io.checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, is_ours, read_config, read_weights, split_parts
+from .io.runs import resolve
 from .model.codebook import FlavaImageCodebook
 from .model.flava import FlavaModel
 from .objectives.pretraining import PretrainingHeads, PretrainingModel
@@ -150,7 +152,10 @@ def load(
     pretraining: bool = False,
     codebook: str | os.PathLike | None = None,
 ):
-    """A `FlavaModel` from a checkpoint directory (this project's or Hugging Face's), in eval mode.
+    """A `FlavaModel` in eval mode from a checkpoint directory (this project's or Hugging Face's), a
+    run directory (its newest checkpoint) or a Hugging Face hub id ("facebook/flava-full", through
+    huggingface_hub's cache; HF_HUB_OFFLINE=1 reads the cache only). `model.processor` turns raw
+    images and strings into its inputs.
 
     quantize="int8" swaps every linear layer for a dynamically quantized one (CPU inference).
     pretraining=True returns a `PretrainingModel` (model, heads, frozen image codebook, losses);
@@ -158,7 +163,7 @@ def load(
     """
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; use None or 'int8'")
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(resolve(path) if not Path(path).is_file() else path)
     if pretraining:
         if quantize is not None:
             raise ConfigError("quantize is for inference; it cannot be combined with pretraining=True")
@@ -168,6 +173,7 @@ def load(
         return pm.to(device) if device is not None else pm
     model = build_loaded(lambda: FlavaModel(ckpt.config), ckpt.parts["model"], "model", ckpt.path)
     model.eval()
+    model.processor = Processor.from_directory(ckpt.path)
     if quantize == "int8":
         from .model.quantize import quantize_int8
 

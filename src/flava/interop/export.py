@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import ObjectivesConfig
+from ..data.processor import Processor
 from ..errors import CheckpointError
 from ..io.checkpoint import write_checkpoint_dir
 from ..io.files import write_json_atomic
@@ -21,18 +23,27 @@ if TYPE_CHECKING:
     from ..hub import Checkpoint
 
 
-def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0) -> list[str]:
-    """Write `ckpt` (read by `flava.hub.read_checkpoint`) in transformers' format; returns notes for
-    the user (e.g. parts that had to be initialised or could not be expressed)."""
+def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model_only: bool | None = None) -> list[str]:
+    """Write `ckpt` (read by `flava.hub.read_checkpoint`) in transformers' format, with the
+    processor and tokenizer files; returns notes for the user (e.g. parts that had to be
+    initialised or could not be expressed).
+
+    model_only=True writes the encoders alone as a `FlavaModel` (which then loads without a report
+    of unused head weights); False writes a `FlavaForPreTraining` (heads and codebook); None picks
+    the pretraining layout when the checkpoint has pretraining heads."""
     cfg = ckpt.config
     notes = []
     mm = cfg.multimodal.hidden_size
     if cfg.image.hidden_size != mm or cfg.text.hidden_size != mm:
         raise CheckpointError(
-            "transformers' FlavaForPreTraining sizes its MMM heads by the unimodal encoders, so it needs "
+            "transformers' FLAVA sizes its MMM heads and projections by the unimodal encoders, so it needs "
             f"image, text and multimodal hidden sizes to be equal (here {cfg.image.hidden_size}, "
             f"{cfg.text.hidden_size}, {mm}); this model cannot be expressed in its format"
         )
+    if model_only is None:
+        model_only = not ckpt.parts.get("heads")
+    if model_only:
+        return _export_model(ckpt, out_dir)
     heads = ckpt.parts.get("heads") or {}
     if not heads:
         torch.manual_seed(seed)
@@ -49,9 +60,53 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0) -> li
     tensors = {k: v.contiguous() for k, v in hf.state_dict_to_hf(ckpt.parts["model"], heads, codebook).items()}
     config = hf.config_to_hf(cfg, with_codebook=codebook is not None)
 
+    processor = Processor.from_directory(ckpt.path)
+
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json_atomic(tmp / "config.json", config)
+        write_processor_files(processor, tmp)
 
     write_checkpoint_dir(out_dir, fill)
     return notes
+
+
+def _export_model(ckpt: Checkpoint, out_dir: str | os.PathLike) -> list[str]:
+    prefix = "flava."
+    tensors = {k[len(prefix):]: v.contiguous()
+               for k, v in hf.state_dict_to_hf(ckpt.parts["model"], {}, None).items()}
+    config = {**hf.config_to_hf(ckpt.config, with_codebook=False), "architectures": ["FlavaModel"]}
+    processor = Processor.from_directory(ckpt.path)
+
+    def fill(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json_atomic(tmp / "config.json", config)
+        write_processor_files(processor, tmp)
+
+    write_checkpoint_dir(out_dir, fill)
+    return []
+
+
+def write_processor_files(processor: Processor, directory: Path) -> None:
+    """What `transformers.FlavaProcessor.from_pretrained` reads (the image processor's settings and
+    a BERT tokenizer: tokenizer.json, vocab.txt and their configs), and flava's own processor file.
+    transformers' image processor resizes straight to the square before cropping where flava keeps
+    the aspect ratio; the two agree exactly on square images."""
+    size = {"height": processor.image_size, "width": processor.image_size}
+    write_json_atomic(directory / "preprocessor_config.json", {
+        "image_processor_type": "FlavaImageProcessor", "processor_class": "FlavaProcessor",
+        "do_resize": True, "size": size, "resample": 3, "do_center_crop": True, "crop_size": size,
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(processor.image_mean), "image_std": list(processor.image_std),
+    })
+    processor.save_pretrained(directory)
+    vocab = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
+    (directory / "vocab.txt").write_text("".join(f"{tok}\n" for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])),
+                                         encoding="utf-8")
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}
+    write_json_atomic(directory / "special_tokens_map.json", special)
+    write_json_atomic(directory / "tokenizer_config.json", {
+        "tokenizer_class": "BertTokenizer", "processor_class": "FlavaProcessor", "do_lower_case": True,
+        "model_max_length": processor.max_length, **special,
+    })

