@@ -9,14 +9,24 @@ from .config import (
     load_config,
     preset,
 )
+from .data.processor import Processor
 from .errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
 from .hub import load, load_codebook
 from .model import FlavaImageCodebook, FlavaModel
 
 __version__ = "0.1.0"
 
+
+def load_task(directory, device=None):
+    """A fine-tuned task model (written by `flava finetune`) ready to `.predict(texts=..., images=...)`;
+    see `flava.evaluate.taskmodel.TaskModel`. Imported on first use: the package root stays light."""
+    from .evaluate.taskmodel import load_task as _load_task
+
+    return _load_task(directory, device=device)
+
+
 __all__ = [
     "CheckpointError", "CodebookConfig", "ConfigError", "DataError", "FlavaConfig", "FlavaError",
     "FlavaImageCodebook", "FlavaModel", "ImageEncoderConfig", "InputError", "MultimodalEncoderConfig",
-    "TextEncoderConfig", "load", "load_codebook", "load_config", "preset",
+    "Processor", "TextEncoderConfig", "load", "load_codebook", "load_config", "load_task", "preset",
 ]

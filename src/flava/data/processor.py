@@ -24,6 +24,14 @@ PROCESSOR_FILE = "flava_processor.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | TarMember | Blob
 
 
+class ImageError(DataError):
+    """An image that cannot be used; `kind` names why (missing, unreadable, too large...)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
 def load_image(image: ImageInput) -> Image.Image:
     """RGB PIL image from a PIL image, an array or a path; DataError names a bad one."""
     if isinstance(image, np.ndarray):
@@ -35,7 +43,7 @@ def load_image(image: ImageInput) -> Image.Image:
     try:
         return open_image(image)
     except BadSample as e:
-        raise DataError(f"cannot use image {image}: {e.kind}") from None
+        raise ImageError(f"cannot use image {image}: {e.kind}", e.kind) from None
 
 
 @dataclass

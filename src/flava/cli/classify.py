@@ -1,0 +1,114 @@
+"""`flava classify`: zero-shot image classification with prompt ensembles."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("classify", help="zero-shot classify images by class names (prompt ensembles)")
+    p.add_argument("--model", required=True, help="checkpoint or run directory, or a Hugging Face hub id")
+    p.add_argument("--images", required=True, nargs="+", help="image files, folders (recursive) or globs")
+    p.add_argument("--classes", help="class names, comma-separated, or a file with one per line (default with "
+                   "--labels: the sub-folder names)")
+    p.add_argument("--templates", help="prompt templates: clip (CLIP's 18, default), short ('a photo of a {}.'), "
+                   "none, a file with one template per line, or templates separated by '|'; each has one {}")
+    p.add_argument("--labels", action="store_true", help="the images' sub-folder names are their true classes: "
+                   "print accuracy and write a confusion matrix picture")
+    p.add_argument("--top-k", dest="top_k", type=int, default=3, help="classes kept per image (default 3)")
+    p.add_argument("--output", default="predictions.csv", help="CSV of predictions (default predictions.csv)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.add_argument("--device")
+    p.add_argument("--int8", action="store_true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    import numpy as np
+
+    from ..errors import InputError
+    from ..serve.classify import ZeroShotClassifier, read_list, templates_from
+    from ..serve.embed import image_inputs
+    from .embed import load_for_inference
+
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be at least 1; got {args.top_k}")
+    inputs = image_inputs(args.images)
+    truth = [row.get("label") for row in inputs.metadata]
+    if args.classes:
+        classes = read_list(args.classes, "classes")
+    elif args.labels:
+        classes = sorted({t for t in truth if t is not None})
+        if not classes:
+            raise InputError("--labels needs images in class sub-folders (FOLDER/CLASS/image.jpg)")
+    else:
+        raise InputError("name the classes with --classes (or use --labels with class sub-folders)")
+    if args.labels:
+        unknown = sorted({t for t in truth if t is not None} - set(classes))
+        if unknown or None in truth:
+            what = f"sub-folder {unknown[0]!r} is not among the classes" if unknown else "some images are in no sub-folder"
+            raise InputError(f"--labels: {what}; name every class with --classes or drop --labels")
+    templates = templates_from(args.templates)
+    model = load_for_inference(args.model, args.device, args.int8)
+    console.print(f"classifying {len(inputs)} image(s) into {len(classes)} classes with {len(templates)} "
+                  f"prompt template(s)")
+    clf = ZeroShotClassifier(model, classes, templates, args.batch_size)
+    predictions = clf.predict(inputs.images, args.top_k)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label", "score", "top_k", "error"] + (["true_label"] if args.labels else []))
+        for pred, t in zip(predictions, truth):
+            top = ";".join(f"{c}:{p:.4f}" for c, p in pred.top)
+            w.writerow([pred.image, pred.top[0][0] if pred.top else "", f"{pred.top[0][1]:.6f}" if pred.top else "",
+                        top, pred.error or ""] + ([t] if args.labels else []))
+    failed = [p for p in predictions if p.error]
+    table = Table(title=f"predictions (all in {out})")
+    for col in ("image", "label", "probability"):
+        table.add_column(col)
+    for pred in predictions[:10]:
+        table.add_row(Path(pred.image).name, pred.top[0][0] if pred.top else f"[red]{pred.error}[/]",
+                      f"{pred.top[0][1]:.3f}" if pred.top else "")
+    console.print(table)
+    if failed:
+        console.print(f"{len(failed)} image(s) could not be read, e.g. {failed[0].image}: {failed[0].error}")
+    if args.labels:
+        from ..evaluate.metrics import confusion_matrix
+
+        ok = [(p, t) for p, t in zip(predictions, truth) if not p.error]
+        pred_idx = np.array([classes.index(p.top[0][0]) for p, _ in ok])
+        true_idx = np.array([classes.index(t) for _, t in ok])
+        acc = float((pred_idx == true_idx).mean()) if len(ok) else float("nan")
+        console.print(f"accuracy {100 * acc:.1f} % on {len(ok)} labelled image(s) (chance {100 / len(classes):.1f} %)")
+        cm = confusion_matrix(pred_idx, true_idx, len(classes))
+        picture = out.with_name(out.stem + "_confusion.png")
+        _confusion_png(cm, classes, picture, acc)
+        console.print(f"confusion matrix: {picture}")
+
+
+def _confusion_png(cm, classes: list[str], path: Path, accuracy: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"zero-shot, accuracy {100 * accuracy:.1f} %")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

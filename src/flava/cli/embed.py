@@ -1,0 +1,81 @@
+"""`flava embed`: embeddings of images, texts or pairs, written as .npy + parquet (resumable)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+
+def add(sub) -> None:
+    p = sub.add_parser("embed", help="embed images, texts or image-caption pairs into .npy files with a parquet of "
+                       "metadata (clip-retrieval's layout); a rerun resumes")
+    p.add_argument("--model", required=True, help="checkpoint or run directory, or a Hugging Face hub id")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    what.add_argument("--texts", metavar="FILE", help="a .txt file (one text per line), or a CSV/TSV/JSONL with a "
+                      "text or caption column")
+    what.add_argument("--pairs", metavar="CSV|SHARDS", help="a CSV/TSV/JSONL with image and caption columns, or "
+                      "WebDataset shards")
+    p.add_argument("--output", required=True, help="directory for img_emb/, text_emb/, metadata/ and embed.json")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.add_argument("--part-size", dest="part_size", type=int, default=10_000,
+                   help="inputs per part; a part is the unit a rerun skips (default 10000)")
+    p.add_argument("--float16", action="store_true", help="store embeddings as float16 (half the disk)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
+    p.add_argument("--int8", action="store_true", help="int8 linear layers (CPU inference)")
+    p.set_defaults(run=run)
+
+
+def load_for_inference(name: str, device: str | None, int8: bool):
+    """The model, on the device asked for (int8 runs on the CPU)."""
+    import torch
+
+    from .. import load
+    from ..errors import ConfigError
+
+    if int8:
+        if device not in (None, "cpu"):
+            raise ConfigError(f"--int8 runs on the CPU; drop --device {device}")
+        return load(name, quantize="int8")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise ConfigError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); use --device cpu") from None
+    return load(name, device=device)
+
+
+def model_name(name: str) -> str:
+    """How an index records the model: a hub id as is, a local path absolute."""
+    from pathlib import Path
+
+    from ..io.hubcache import looks_like_hub_id
+
+    return name if looks_like_hub_id(name) else str(Path(name).resolve())
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..progress import progress_bar
+    from ..serve.embed import embed_run, image_inputs, pair_inputs, text_inputs
+
+    if args.images:
+        inputs = image_inputs(args.images)
+    elif args.texts:
+        inputs = text_inputs(args.texts)
+    else:
+        inputs = pair_inputs(args.pairs)
+    console.print(f"embedding {len(inputs)} {inputs.modality} input(s) with {args.model}")
+    model = load_for_inference(args.model, args.device, args.int8)
+    with progress_bar(console) as bar:
+        task = bar.add_task("embed", total=len(inputs), info="")
+        summary = embed_run(model, model_name(args.model), inputs, args.output, batch_size=args.batch_size,
+                            part_size=args.part_size, float16=args.float16,
+                            progress=lambda done, total: bar.update(task, completed=done))
+    if summary.skipped_parts:
+        console.print(f"{summary.skipped_parts} of {summary.parts} part(s) were already done and kept")
+    console.print(f"wrote {summary.count} embedding(s) to {summary.output}")
+    if summary.failed:
+        console.print("left out: " + ", ".join(f"{n} {why}" for why, n in summary.failed.most_common())
+                      + f" (named in {summary.output / 'embed.json'})")

@@ -1,0 +1,31 @@
+"""`flava index`: a FAISS index over `flava embed` output (or more embeddings added to one)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+
+def add(sub) -> None:
+    p = sub.add_parser("index", help="build a FAISS vector index from `flava embed` output, or add to one")
+    p.add_argument("--embeddings", required=True, help="a `flava embed` output directory")
+    p.add_argument("--output", required=True, help="the index directory")
+    p.add_argument("--add", action="store_true", help="add these embeddings to the existing index at --output")
+    p.add_argument("--memory", help="memory budget for the index, e.g. 4GB (default 16GB); above 100k vectors an "
+                   "approximate index is chosen to fit it")
+    p.add_argument("--which", choices=("image", "text"), help="for pair embeddings: index the image vectors "
+                   "(default) or the text vectors")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..serve.index import add_embeddings, build_index
+
+    if args.add:
+        index = add_embeddings(args.output, args.embeddings, args.which)
+        console.print(f"added {args.embeddings} to {args.output}: {len(index)} vectors ({index.factory})")
+        return
+    index = build_index(args.embeddings, args.output, args.memory, args.which)
+    console.print(f"indexed {len(index)} {index.modality} vectors of {index.dim} dimensions in {args.output} "
+                  f"({index.factory}; model {index.model})")

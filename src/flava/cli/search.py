@@ -1,0 +1,53 @@
+"""`flava search`: the nearest items of an index to a text or an image."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+
+def add(sub) -> None:
+    p = sub.add_parser("search", help="search a vector index by text or by image")
+    p.add_argument("--index", required=True, help="an index directory (`flava index`)")
+    p.add_argument("--model", help="the model that embeds the query (default: the one that made the index)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="a text query")
+    what.add_argument("--image", help="an image file as the query")
+    p.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {position, item, score, metadata}")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..errors import ConfigError, InputError
+    from ..serve.embed import Embedder
+    from ..serve.index import VectorIndex
+    from .embed import load_for_inference
+
+    if args.k < 1:
+        raise InputError(f"-k must be at least 1; got {args.k}")
+    if args.text is not None and not args.text.strip():
+        raise InputError("the --text query is empty")
+    index = VectorIndex.open(args.index)
+    name = args.model or index.model
+    if not name:
+        raise ConfigError(f"the index {args.index} does not record its model; name one with --model")
+    embedder = Embedder(load_for_inference(name, None, False))
+    query = embedder.texts([args.text]) if args.text is not None else embedder.images([args.image])
+    hits = index.search(query, args.k)[0]
+    if args.json:
+        print(json.dumps([{"position": h.position, "item": h.item, "score": round(h.score, 6),
+                           "metadata": h.metadata} for h in hits], ensure_ascii=False))
+        return
+    table = Table(title=f"{len(hits)} nearest of {len(index)} in {args.index}")
+    for col in ("#", "score", "item"):
+        table.add_column(col)
+    extra = sorted({k for h in hits for k in h.metadata} - {"image_path", "caption"})
+    for col in extra:
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), f"{h.score:.4f}", h.item, *[str(h.metadata.get(c, "")) for c in extra])
+    console.print(table)

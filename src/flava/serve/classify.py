@@ -1,0 +1,99 @@
+"""Zero-shot classification of raw images by prompt ensembles (CLIP's recipe)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, InputError
+from ..evaluate.zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES, class_embeddings
+from ..model.flava import FlavaModel
+from .embed import Embedder
+
+TEMPLATE_SETS = {"clip": CLIP_TEMPLATES, "short": SHORT_TEMPLATES, "none": ("{}",)}
+
+
+def read_list(value: str, what: str) -> list[str]:
+    """A comma-separated list, or a file with one entry per line."""
+    p = Path(value)
+    if p.is_file():
+        items = [line.strip() for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+    else:
+        items = [v.strip() for v in value.split(",")]
+    items = [i for i in items if i]
+    if not items:
+        raise InputError(f"no {what} given in {value!r}; write them comma-separated or one per line in a file")
+    return items
+
+
+def templates_from(value: str | None) -> tuple[str, ...]:
+    """'clip' (CLIP's 18 ImageNet prompts), 'short' ('a photo of a {}.'), 'none', a file of templates
+    (one per line, each with one {}), or templates separated by '|'."""
+    if value is None:
+        return CLIP_TEMPLATES
+    if value in TEMPLATE_SETS:
+        return TEMPLATE_SETS[value]
+    items = read_list(value, "templates") if Path(value).is_file() else [t.strip() for t in value.split("|")]
+    bad = next((t for t in items if t.count("{}") != 1), None)
+    if bad is not None:
+        raise InputError(f"template {bad!r} must contain exactly one {{}} for the class name (or use clip, short, none)")
+    return tuple(items)
+
+
+@dataclass
+class Prediction:
+    image: str
+    top: list[tuple[str, float]]
+    """(class, probability), best first."""
+    error: str | None = None
+
+
+class ZeroShotClassifier:
+    """Images against the prompt-ensemble embedding of each class; probabilities are the softmax
+    of the cosine similarities times the model's learned logit scale."""
+
+    def __init__(self, model: FlavaModel, classes: list[str], templates: tuple[str, ...] = CLIP_TEMPLATES,
+                 batch_size: int = 32):
+        if len(set(classes)) != len(classes):
+            dup = next(c for c in classes if classes.count(c) > 1)
+            raise InputError(f"class {dup!r} is named twice")
+        self.classes = list(classes)
+        self.embedder = Embedder(model, batch_size)
+        self.class_vectors = class_embeddings(model, classes, model.processor.tokenizer, templates).astype(np.float32)
+        self.scale = float(model.logit_scale.detach().float().exp())
+
+    def probabilities(self, image_vectors: np.ndarray) -> np.ndarray:
+        logits = self.scale * (image_vectors.astype(np.float64) @ self.class_vectors.T)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, images: list, top_k: int = 5) -> list[Prediction]:
+        """One prediction per image; an unusable image gets its error and the others go on."""
+        out = []
+        for start in range(0, len(images), self.embedder.batch_size):
+            chunk = images[start:start + self.embedder.batch_size]
+            good, tensors, errors = [], [], {}
+            for i, im in enumerate(chunk):
+                try:
+                    tensors.append(self.embedder.processor.image(im))
+                    good.append(i)
+                except DataError as e:
+                    errors[i] = str(e)
+            probs = {}
+            if tensors:
+                import torch
+
+                p = self.probabilities(self.embedder.pixels(torch.stack(tensors)))
+                probs = dict(zip(good, p))
+            for i, im in enumerate(chunk):
+                name = str(im) if isinstance(im, (str, os.PathLike)) else f"image {start + i}"
+                if i in errors:
+                    out.append(Prediction(name, [], errors[i]))
+                    continue
+                order = np.argsort(-probs[i], kind="stable")[:top_k]
+                out.append(Prediction(name, [(self.classes[j], float(probs[i][j])) for j in order]))
+        return out

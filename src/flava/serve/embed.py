@@ -1,0 +1,395 @@
+"""Embeddings of images and texts, in batches, and `flava embed`'s resumable runs.
+
+A run writes clip-retrieval's layout, one part per `part_size` inputs:
+
+```
+OUTPUT/
+  embed.json                   model, modality, dimension, dtype, counts, failures (when done)
+  img_emb/img_emb_00000.npy    [n, D] image embeddings of part 0 (pairs and images)
+  text_emb/text_emb_00000.npy  [n, D] text embeddings of part 0 (pairs and texts)
+  metadata/metadata_00000.parquet  one row per embedding: image_path and/or caption, other columns
+  parts/00000.json             written last: the part is complete (a rerun skips it)
+```
+
+Row i of a part's arrays and its metadata describe the same input; inputs that cannot be used
+(an unreadable image, an empty text) are left out, counted and named in embed.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.images import find_images
+from ..data.processor import ImageInput
+from ..data.sources import BadSample, read_caption
+from ..errors import DataError, InputError
+from ..io.files import read_json, write_json_atomic
+from ..model.flava import FlavaModel
+
+SETTINGS = "embed_settings.json"
+SUMMARY = "embed.json"
+MODALITIES = ("image", "text", "pair")
+# Failures named one by one in embed.json; beyond this they are only counted.
+MAX_NAMED_FAILURES = 1000
+
+
+class Embedder:
+    """A model's contrastive embeddings of raw images and texts: L2-normalised float32 [N, D]."""
+
+    def __init__(self, model: FlavaModel, batch_size: int = 32):
+        if batch_size < 1:
+            raise InputError(f"batch_size must be at least 1; got {batch_size}")
+        self.model = model.eval()
+        self.processor = model.processor
+        self.batch_size = batch_size
+        self.dim = model.config.projection_dim
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model.encode_image(pixels.to(self.device)).float().cpu().numpy()
+
+    def images(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """[N, D]; a bad image raises DataError naming it."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(images), self.batch_size):
+            out.append(self.pixels(self.processor.images(list(images[start:start + self.batch_size]))))
+        return np.concatenate(out)
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, D] for strings (truncated to the processor's max_length tokens)."""
+        out = [np.zeros((0, self.dim), np.float32)]
+        for start in range(0, len(texts), self.batch_size):
+            tok = self.processor.texts(list(texts[start:start + self.batch_size]))
+            with torch.inference_mode():
+                out.append(self.model.encode_text(tok.input_ids.to(self.device),
+                                                  tok.attention_mask.to(self.device)).float().cpu().numpy())
+        return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    """What to embed: per input an image and/or a text, and its metadata row."""
+
+    modality: str
+    images: list | None = None
+    texts: list | None = None
+    metadata: list[dict] = field(default_factory=list)
+    listing_rejected: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(self.modality.encode())
+        for row in self.metadata:
+            h.update(json.dumps(row, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
+
+
+def image_inputs(specs: Sequence[str]) -> Inputs:
+    """Image files named by paths, folders (recursively) or globs; a file under a folder's
+    sub-folder gets that sub-folder's name as its `label`."""
+    rows, images = [], []
+    for spec in specs:
+        root = Path(spec)
+        for path in find_images([spec]):
+            row = {"image_path": str(path.resolve())}
+            if root.is_dir() and len(path.relative_to(root).parts) > 1:
+                row["label"] = path.relative_to(root).parts[0]
+            rows.append(row)
+            images.append(path)
+    return Inputs("image", images=images, metadata=rows)
+
+
+def _table_rows(path: Path) -> list[dict]:
+    if path.suffix.lower() == ".jsonl":
+        rows = []
+        with path.open(encoding="utf-8", errors="surrogateescape") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise DataError(f"{path}:{n} is not a JSON object") from None
+                    rows.append(obj if isinstance(obj, dict) else {"text": obj})
+        return rows
+    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        return list(csv.DictReader(f, delimiter=delimiter))
+
+
+def _pick(columns: Sequence[str], wanted: Sequence[str], path: Path, what: str) -> str:
+    for name in wanted:
+        if name in columns:
+            return name
+    raise DataError(f"{path} has no {what} column (looked for {', '.join(wanted)}; it has {', '.join(columns)}); "
+                    f"rename the column")
+
+
+def text_inputs(path: str) -> Inputs:
+    """One text per line of a .txt file, or the `text`/`caption` column of a CSV, TSV or JSONL
+    (its other columns become metadata)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"text file {p} does not exist")
+    if p.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl"):
+        table = _table_rows(p)
+        if not table:
+            raise DataError(f"{p} has no rows")
+        column = _pick(list(table[0]), ("text", "caption", "sentence"), p, "text")
+        texts = [row.get(column) for row in table]
+        meta = [{"caption": t, **{k: str(v) for k, v in row.items() if k != column}} for t, row in zip(texts, table)]
+        return Inputs("text", texts=texts, metadata=meta)
+    with p.open(encoding="utf-8", errors="replace") as f:
+        texts = [line.rstrip("\n") for line in f]
+    return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts])
+
+
+def pair_inputs(spec: str) -> Inputs:
+    """Image-caption pairs: a CSV/TSV/JSONL with image and caption columns (relative image paths
+    are relative to the file; other columns become metadata), or WebDataset shards."""
+    p = Path(spec)
+    if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl"):
+        table = _table_rows(p)
+        if not table:
+            raise DataError(f"{p} has no rows")
+        image_col = _pick(list(table[0]), ("image", "image_path", "filepath", "url"), p, "image")
+        text_col = _pick(list(table[0]), ("caption", "text"), p, "caption")
+        images, texts, meta = [], [], []
+        for row in table:
+            image = (p.parent / str(row.get(image_col) or "")).resolve()
+            images.append(image)
+            texts.append(row.get(text_col))
+            meta.append({"image_path": str(image), "caption": row.get(text_col),
+                         **{k: str(v) for k, v in row.items() if k not in (image_col, text_col)}})
+        return Inputs("pair", images=images, texts=texts, metadata=meta)
+    from ..data.registry import open_source
+
+    source = open_source("pairs", spec)
+    images, texts, meta = [], [], []
+    for record in source.records:
+        ref = record.image
+        name = f"{ref.shard}#{ref.offset}" if hasattr(ref, "shard") else str(ref)
+        images.append(ref)
+        texts.append(record.caption)
+        meta.append({"image_path": name})
+    return Inputs("pair", images=images, texts=texts, metadata=meta, listing_rejected=Counter(source.rejected))
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class EmbedSummary:
+    output: Path
+    modality: str
+    count: int
+    """Embeddings written (inputs minus failures)."""
+    failed: Counter
+    parts: int
+    skipped_parts: int
+    """Parts found complete from an earlier run."""
+
+
+def _check_text(text) -> str:
+    if not isinstance(text, str):
+        try:
+            text = read_caption(text)
+        except BadSample as e:
+            raise DataError(e.kind) from None
+    if not text or not text.strip():
+        raise DataError("empty text")
+    return text
+
+
+def _prepare_part(embedder: Embedder, inputs: Inputs, lo: int, hi: int) -> Iterator[tuple[list[int], dict, list]]:
+    """Batches of usable rows: (row numbers, {"pixels": ..., "texts": ...}, failures)."""
+    proc = embedder.processor
+    for start in range(lo, hi, embedder.batch_size):
+        rows, pixels, texts, failures = [], [], [], []
+        for i in range(start, min(start + embedder.batch_size, hi)):
+            try:
+                text = _check_text(inputs.texts[i]) if inputs.texts is not None else None
+                image = proc.image(inputs.images[i]) if inputs.images is not None else None
+            except DataError as e:
+                failures.append((i, getattr(e, "kind", str(e))))
+                continue
+            rows.append(i)
+            if image is not None:
+                pixels.append(image)
+            if text is not None:
+                texts.append(text)
+        batch = {"pixels": torch.stack(pixels) if pixels else None, "texts": texts if inputs.texts is not None else None}
+        yield rows, batch, failures
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def save_parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("image_path", "caption"), k))
+    table = pa.table({c: [None if row.get(c) is None else str(row.get(c)) for row in rows] for c in columns}) \
+        if rows else pa.table({"image_path": pa.array([], pa.string())})
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def part_name(i: int) -> str:
+    return f"{i:05d}"
+
+
+def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | os.PathLike, *,
+              batch_size: int = 32, part_size: int = 10_000, float16: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> EmbedSummary:
+    """Embed `inputs` into `output` part by part; parts a previous run finished are kept."""
+    if len(inputs) == 0:
+        raise DataError("nothing to embed: the inputs are empty")
+    if part_size < 1:
+        raise InputError(f"part_size must be at least 1; got {part_size}")
+    out = Path(output)
+    settings = {"model": model_name, "modality": inputs.modality, "inputs": inputs.fingerprint(),
+                "count": len(inputs), "part_size": part_size, "dtype": "float16" if float16 else "float32",
+                "dim": model.config.projection_dim}
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file; choose a directory for the embeddings")
+    if (out / SETTINGS).is_file():
+        old = read_json(out / SETTINGS, "embedding settings", DataError, expect=dict)
+        if old != settings:
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+            raise DataError(f"{out} holds embeddings of other inputs or settings ({diff}); choose another "
+                            f"output directory, or delete it to start over")
+    elif out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out} already holds other files; choose an empty or new output directory")
+    for sub in ("img_emb", "text_emb", "metadata", "parts"):
+        out.joinpath(sub).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / SETTINGS, settings)
+
+    embedder = Embedder(model, batch_size)
+    dtype = np.float16 if float16 else np.float32
+    n_parts = -(-len(inputs) // part_size)
+    failed: Counter = Counter(inputs.listing_rejected)
+    named: list[dict] = []
+    count = skipped = done = 0
+    for part in range(n_parts):
+        lo, hi = part * part_size, min((part + 1) * part_size, len(inputs))
+        marker = out / "parts" / f"{part_name(part)}.json"
+        if marker.is_file():
+            info = read_json(marker, "part record", DataError, expect=dict)
+            count += info["count"]
+            failed.update(info["failed"])
+            named += info["named"]
+            skipped += 1
+            done += hi - lo
+            if progress:
+                progress(done, len(inputs))
+            continue
+        images, texts, rows, part_failed, part_named = [], [], [], Counter(), []
+        # Decoding the next batch overlaps the model's work on this one.
+        with ThreadPoolExecutor(1) as pool:
+            batches = _prepare_part(embedder, inputs, lo, hi)
+            pending = pool.submit(next, batches, None)
+            while (item := pending.result()) is not None:
+                pending = pool.submit(next, batches, None)
+                ids, batch, failures = item
+                for i, why in failures:
+                    part_failed[why] += 1
+                    if len(named) + len(part_named) < MAX_NAMED_FAILURES:
+                        part_named.append({"row": i, **inputs.metadata[i], "error": why})
+                if ids:
+                    if batch["pixels"] is not None:
+                        images.append(embedder.pixels(batch["pixels"]))
+                    if batch["texts"] is not None:
+                        texts.append(embedder.texts(batch["texts"]))
+                    rows += ids
+                done += len(ids) + len(failures)
+                if progress:
+                    progress(done, len(inputs))
+        name = part_name(part)
+        if inputs.images is not None:
+            _save_npy(out / "img_emb" / f"img_emb_{name}.npy",
+                      np.concatenate([np.zeros((0, embedder.dim), np.float32)] + images).astype(dtype))
+        if inputs.texts is not None:
+            _save_npy(out / "text_emb" / f"text_emb_{name}.npy",
+                      np.concatenate([np.zeros((0, embedder.dim), np.float32)] + texts).astype(dtype))
+        save_parquet(out / "metadata" / f"metadata_{name}.parquet", [inputs.metadata[i] for i in rows])
+        write_json_atomic(marker, {"count": len(rows), "failed": dict(part_failed), "named": part_named})
+        count += len(rows)
+        failed.update(part_failed)
+        named += part_named
+    write_json_atomic(out / SUMMARY, {**settings, "embedded": count, "failed": dict(failed),
+                                      "failures": named, "parts": n_parts})
+    return EmbedSummary(out, inputs.modality, count, failed, n_parts, skipped)
+
+
+# --------------------------------------------------------------------------- reading runs back
+
+
+@dataclass
+class Embeddings:
+    """An embed run read back: vectors of one modality and their metadata rows."""
+
+    vectors: np.ndarray
+    metadata: list[dict]
+    model: str | None
+    modality: str
+    """'image' or 'text': which vectors these are."""
+
+
+def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> Embeddings:
+    """The vectors of a finished embed run (`which`: 'image' or 'text'; default: the images of an
+    image or pair run, the texts of a text run)."""
+    import pyarrow.parquet as pq
+
+    d = Path(directory)
+    if not (d / SETTINGS).is_file():
+        raise DataError(f"{d} is not an embedding directory (no {SETTINGS}); make one with `flava embed`")
+    settings = read_json(d / SETTINGS, "embedding settings", DataError, expect=dict)
+    if not (d / SUMMARY).is_file():
+        raise DataError(f"the embed run in {d} has not finished; run the same `flava embed` command again to "
+                        f"complete it")
+    which = which or ("text" if settings["modality"] == "text" else "image")
+    if which not in ("image", "text"):
+        raise InputError(f"which must be 'image' or 'text'; got {which!r}")
+    if (which == "image" and settings["modality"] == "text") or (which == "text" and settings["modality"] == "image"):
+        raise DataError(f"{d} holds {settings['modality']} embeddings only; it has no {which} embeddings")
+    folder, prefix = ("img_emb", "img_emb") if which == "image" else ("text_emb", "text_emb")
+    vectors, meta = [], []
+    n_parts = -(-settings["count"] // settings["part_size"])
+    for part in range(n_parts):
+        name = part_name(part)
+        try:
+            vectors.append(np.load(d / folder / f"{prefix}_{name}.npy"))
+            meta += pq.read_table(d / "metadata" / f"metadata_{name}.parquet").to_pylist()
+        except (OSError, ValueError) as e:
+            raise DataError(f"{d}: part {name} is missing or damaged ({e}); delete parts/{name}.json and run "
+                            f"`flava embed` again to redo it") from None
+    array = np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, settings["dim"]), np.float32)
+    if len(array) != len(meta):
+        raise DataError(f"{d}: {len(array)} embeddings but {len(meta)} metadata rows; the directory is damaged")
+    return Embeddings(array, meta, settings.get("model"), which)

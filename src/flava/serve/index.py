@@ -1,0 +1,278 @@
+"""Vector indexes over `flava embed` runs, with FAISS.
+
+An index directory:
+
+```
+IDX/
+  index.faiss                     the FAISS index (inner product over L2-normalised vectors = cosine)
+  index.json                      model, modality, dimension, size, FAISS factory string, nprobe, sources
+  metadata/metadata_00000.parquet one row per vector, in index order; one file per `add`
+```
+
+Small collections get an exact index; above `EXACT_MAX` vectors an inverted-file index whose
+lists hold the vectors themselves when they fit the memory budget, else product-quantized codes
+sized to fit it. `add` extends an index with new embeddings without rebuilding it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError, InputError
+from ..io.files import read_json, write_json_atomic
+from .embed import read_embeddings
+
+INDEX_FILE = "index.faiss"
+INFO_FILE = "index.json"
+EXACT_MAX = 100_000
+"""Up to this many vectors the index is exact (a flat scan of 100k x 768 takes ~10 ms)."""
+DEFAULT_MEMORY = 16 * 2**30
+TRAIN_PER_LIST = 64
+"""Training vectors per inverted list (FAISS warns below 39)."""
+
+
+def parse_memory(text: str | int | None) -> int:
+    """'4GB', '512MiB', '2e9' or bytes -> bytes."""
+    if text is None:
+        return DEFAULT_MEMORY
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([kmgt]?i?b?)?\s*", str(text).lower())
+    if not m:
+        raise InputError(f"memory budget {text!r} is not a size; write e.g. 4GB or 512MB")
+    unit = (m.group(2) or "b").rstrip("b").rstrip("i")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def choose_factory(n: int, dim: int, memory: int) -> tuple[str, int]:
+    """(FAISS factory string, nprobe) for `n` vectors of `dim` floats within `memory` bytes."""
+    flat_bytes = n * dim * 4
+    if n <= EXACT_MAX:
+        if flat_bytes > memory:
+            raise InputError(f"{n} vectors of {dim} floats need {flat_bytes / 2**20:.0f} MiB exactly; raise --memory")
+        return "Flat", 1
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    nprobe = max(1, min(nlist, nlist // 16))
+    if flat_bytes * 1.1 <= memory:
+        return f"IVF{nlist},Flat", nprobe
+    for m in sorted((d for d in range(1, dim + 1) if dim % d == 0 and d <= 256), reverse=True):
+        if n * (m + 8) * 1.1 <= memory:
+            return f"IVF{nlist},PQ{m}", nprobe
+    raise InputError(f"{n} vectors cannot be indexed in {memory / 2**20:.0f} MiB (the smallest codes take "
+                     f"{n * 9 / 2**20:.0f} MiB); raise --memory")
+
+
+@dataclass
+class Hit:
+    position: int
+    """The vector's row in the index (`VectorIndex.metadata(position)`)."""
+    score: float
+    """Cosine similarity to the query."""
+    item: str
+    """The image path or the text."""
+    metadata: dict
+
+
+class VectorIndex:
+    """A FAISS index and one metadata row per vector."""
+
+    def __init__(self, path: Path, index, info: dict, table):
+        self.path = Path(path)
+        self.faiss_index = index
+        self.info = info
+        self._table = table
+        # FAISS searches are thread-safe, but `add` is not safe beside them.
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> VectorIndex:
+        import faiss
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        p = Path(path)
+        if not (p / INFO_FILE).is_file() or not (p / INDEX_FILE).is_file():
+            raise DataError(f"{p} is not a vector index (no {INFO_FILE} / {INDEX_FILE}); build one with "
+                            f"`flava index --embeddings DIR --output {p}`")
+        info = read_json(p / INFO_FILE, "index description", DataError, expect=dict)
+        try:
+            index = faiss.read_index(str(p / INDEX_FILE))
+            tables = [pq.read_table(p / "metadata" / name) for name in info["metadata_files"]]
+        except (RuntimeError, OSError, KeyError, pa.ArrowException) as e:
+            raise DataError(f"the index in {p} is damaged ({type(e).__name__}: {e}); build it again") from None
+        table = pa.concat_tables(tables, promote_options="default") if tables else None
+        if index.ntotal != info["size"] or (table is not None and table.num_rows != index.ntotal):
+            raise DataError(f"the index in {p} holds {index.ntotal} vectors but its description says {info['size']}; "
+                            f"build it again")
+        if hasattr(index, "nprobe"):
+            index.nprobe = info.get("nprobe", 1)
+        return cls(p, index, info, table)
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def model(self) -> str | None:
+        return self.info.get("model")
+
+    @property
+    def modality(self) -> str:
+        return self.info["modality"]
+
+    @property
+    def dim(self) -> int:
+        return self.info["dim"]
+
+    @property
+    def factory(self) -> str:
+        return self.info["factory"]
+
+    def __len__(self) -> int:
+        return self.faiss_index.ntotal
+
+    def metadata(self, position: int) -> dict:
+        if not 0 <= position < len(self):
+            raise InputError(f"position {position} is outside the index (0..{len(self) - 1})")
+        return self._table.slice(position, 1).to_pylist()[0]
+
+    def item(self, position: int) -> str:
+        row = self.metadata(position)
+        return str(row.get("image_path") if self.modality == "image" else row.get("caption"))
+
+    def vector(self, position: int) -> np.ndarray:
+        """The stored vector (decoded: approximate for quantized indexes)."""
+        if not 0 <= position < len(self):
+            raise InputError(f"position {position} is outside the index (0..{len(self) - 1})")
+        with self._lock:
+            return self.faiss_index.reconstruct(int(position))
+
+    # ------------------------------------------------------------------ searching
+
+    def search(self, queries: np.ndarray, k: int = 10) -> list[list[Hit]]:
+        """The `k` nearest vectors of each query row, best first."""
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.dim:
+            raise InputError(f"queries have {q.shape[1]} dimensions but the index holds {self.dim}; embed them with "
+                             f"the index's model ({self.model})")
+        if k < 1:
+            raise InputError(f"k must be at least 1; got {k}")
+        if len(self) == 0:
+            return [[] for _ in q]
+        with self._lock:
+            scores, ids = self.faiss_index.search(q, min(k, len(self)))
+        out = []
+        for row_scores, row_ids in zip(scores, ids):
+            valid = [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
+            rows = self._table.take([i for i, _ in valid]).to_pylist() if valid else []
+            field = "image_path" if self.modality == "image" else "caption"
+            out.append([Hit(i, s, str(row.get(field)), row) for (i, s), row in zip(valid, rows)])
+        return out
+
+    # ------------------------------------------------------------------ growing
+
+    def add(self, vectors: np.ndarray, metadata: list[dict], source: str | None = None) -> int:
+        """Append vectors and their metadata rows (one parquet file per call); returns the new size."""
+        import faiss
+
+        from .embed import save_parquet
+
+        v = np.ascontiguousarray(vectors, dtype=np.float32)
+        if v.ndim != 2 or v.shape[1] != self.dim:
+            raise DataError(f"the new embeddings have shape {list(v.shape)}; the index holds {self.dim}-dimensional "
+                            f"vectors")
+        if len(v) != len(metadata):
+            raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
+        with self._lock:
+            name = f"metadata_{len(self.info['metadata_files']):05d}.parquet"
+            save_parquet(self.path / "metadata" / name, metadata)
+            self.faiss_index.add(v)
+            tmp = self.path / f".{INDEX_FILE}.tmp"
+            faiss.write_index(self.faiss_index, str(tmp))
+            os.replace(tmp, self.path / INDEX_FILE)
+            self.info["metadata_files"].append(name)
+            self.info["size"] = int(self.faiss_index.ntotal)
+            if source:
+                self.info["sources"].append(source)
+            write_json_atomic(self.path / INFO_FILE, self.info)
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            added = pq.read_table(self.path / "metadata" / name)
+            self._table = added if self._table is None else pa.concat_tables([self._table, added],
+                                                                                promote_options="default")
+        return len(self)
+
+
+def _train_sample(vectors: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
+    n = min(len(vectors), nlist * TRAIN_PER_LIST)
+    if n == len(vectors):
+        return vectors
+    return vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), n, replace=False))]
+
+
+def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str | os.PathLike, *,
+                      model: str | None = None, modality: str = "image", metadata: list[dict] | None = None,
+                      memory: str | int | None = None, source: str | None = None) -> VectorIndex:
+    """Build an index directory from vectors in memory (`items` become image_path or caption)."""
+    import faiss
+
+
+    if modality not in ("image", "text"):
+        raise InputError(f"modality must be 'image' or 'text'; got {modality!r}")
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    if v.ndim != 2 or len(v) == 0:
+        raise DataError(f"no vectors to index (shape {list(v.shape)})")
+    if metadata is None:
+        field = "image_path" if modality == "image" else "caption"
+        metadata = [{field: item} for item in (items or [str(i) for i in range(len(v))])]
+    if len(metadata) != len(v):
+        raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out} already exists; choose a new directory, or add to it with `flava index --add`")
+    factory, nprobe = choose_factory(len(v), v.shape[1], parse_memory(memory))
+    index = faiss.index_factory(v.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        nlist = int(factory.split(",")[0][3:])
+        index.train(_train_sample(v, nlist))
+    (out / "metadata").mkdir(parents=True, exist_ok=True)
+    info = {"model": model, "modality": modality, "dim": int(v.shape[1]), "size": 0, "factory": factory,
+            "nprobe": nprobe, "metric": "inner product (cosine)", "metadata_files": [], "sources": []}
+    faiss.write_index(index, str(out / INDEX_FILE))
+    write_json_atomic(out / INFO_FILE, info)
+    built = VectorIndex(out, index, info, None)
+    if hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+    built.add(v, metadata, source)
+    return built
+
+
+def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory: str | int | None = None,
+                which: str | None = None) -> VectorIndex:
+    """An index of a finished `flava embed` directory (its image vectors, or its texts for a text run)."""
+    e = read_embeddings(embeddings, which)
+    return index_from_arrays(e.vectors, None, output, model=e.model, modality=e.modality, metadata=e.metadata,
+                             memory=memory, source=str(Path(embeddings).resolve()))
+
+
+def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
+                   ) -> VectorIndex:
+    """Extend an index with another embed run of the same model and modality."""
+    index = VectorIndex.open(index_dir)
+    e = read_embeddings(embeddings, which or index.modality)
+    if e.model != index.model:
+        raise DataError(f"{embeddings} was embedded with {e.model} but the index holds {index.model}'s vectors; "
+                        f"embed with the same model")
+    if str(Path(embeddings).resolve()) in index.info["sources"]:
+        raise DataError(f"{embeddings} is already in the index {index_dir}")
+    index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()))
+    return index

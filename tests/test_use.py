@@ -1,0 +1,243 @@
+"""Using a model: hub ids through a laid-out cache, the processor, embed / index / search /
+classify, as a user runs them."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flava
+from flava.cli import main as cli
+from flava.io.runs import RunDir
+from flava.serve.embed import read_embeddings
+from flava.serve.index import VectorIndex, choose_factory, index_from_arrays
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    model = flava.FlavaModel(flava.preset("tiny"))
+    model.save_pretrained(root / "ckpt")
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """FOLDER/<colour>/<i>.png: 4 noisy squares per colour."""
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir()
+        for i in range(4):
+            arr = np.clip(np.array(rgb) + rng.normal(0, 20, (48, 56, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root
+
+
+def lay_out_hub_cache(cache, repo_id, files_from):
+    """huggingface_hub's cache layout: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files_from, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+def test_a_hub_id_loads_offline_from_a_laid_out_cache(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert cli(["export-hf", str(tiny_model), str(tmp_path / "hf")]) == 0
+    lay_out_hub_cache(tmp_path / "hub", "acme/flava-tiny", tmp_path / "hf")
+    model = flava.load("acme/flava-tiny")
+    ours = flava.load(tiny_model)
+    for (k, a), b in zip(ours.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    proc = flava.Processor.from_pretrained("acme/flava-tiny")
+    assert proc.image_size == ours.config.image.image_size
+    assert proc.tokenizer_path.parent.name.startswith("0123456789")  # the snapshot's own tokenizer.json
+    # ...and through a command's --model.
+    (tmp_path / "t.txt").write_text("a red square\na blue square\n")
+    assert cli(["embed", "--model", "acme/flava-tiny", "--texts", str(tmp_path / "t.txt"),
+                "--output", str(tmp_path / "emb")]) == 0
+    e = read_embeddings(tmp_path / "emb")
+    assert e.model == "acme/flava-tiny"
+    np.testing.assert_allclose(e.vectors, ours.encode_text(["a red square", "a blue square"]).numpy(), atol=1e-5)
+
+    capsys.readouterr()
+    assert cli(["embed", "--model", "acme/not-there", "--texts", str(tmp_path / "t.txt"),
+                "--output", str(tmp_path / "emb2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'acme/not-there' is not in" in err and "HF_HUB_OFFLINE" in err and "huggingface-cli download" in err
+
+
+def test_processor_and_raw_inputs_match_the_tensor_path(tiny_model, photos):
+    model = flava.load(tiny_model)
+    files = sorted(photos.rglob("*.png"))[:3]
+    pixels = model.processor.images(files)
+    assert pixels.shape == (3, 3, 64, 64)
+    from flava.data.transforms import eval_transform
+    assert torch.equal(pixels[0], eval_transform(Image.open(files[0]), 64))
+    with torch.no_grad():
+        want = model.encode_image(pixels)
+    got = model.encode_image([Image.open(f) for f in files])
+    assert not got.requires_grad and torch.allclose(got, want, atol=1e-6)
+    assert torch.allclose(model.encode_image(str(files[0])), want[:1], atol=1e-6)
+    tok = model.processor.texts(["a cat", "a much longer sentence about a dog"])
+    assert tok.input_ids.shape[0] == 2 and tok.attention_mask[0].sum() < tok.attention_mask[1].sum()
+    with torch.no_grad():
+        want = model.encode_text(tok.input_ids, tok.attention_mask)
+    assert torch.allclose(model.encode_text(["a cat", "a much longer sentence about a dog"]), want, atol=1e-6)
+    batch = model.processor(images=files[:2], text=["x", "y"])
+    assert set(batch) == {"pixel_values", "input_ids", "attention_mask"}
+    with pytest.raises(flava.DataError, match="cannot use image .*missing"):
+        model.processor.images([files[0], files[0].parent / "nope.png"])
+
+
+def test_load_takes_a_run_directory(tiny_model, tmp_path):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(tiny_model, run.step(7))
+    run.point_latest(7, run.step(7))
+    assert torch.equal(flava.load(tmp_path / "run").logit_scale, flava.load(tiny_model).logit_scale)
+
+
+def test_embed_is_resumable_and_reports_bad_images(tiny_model, photos, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    shutil.copytree(photos, images)
+    (images / "red" / "broken.png").write_bytes(b"not a png at all")
+    out = tmp_path / "emb"
+    args = ["embed", "--model", str(tiny_model), "--images", str(images), "--output", str(out), "--part-size", "5",
+            "--batch-size", "3"]
+    assert cli(args) == 0
+    text = capsys.readouterr().out
+    assert "wrote 12 embedding(s)" in text and "1 unreadable image" in text
+    summary = json.loads((out / "embed.json").read_text())
+    assert summary["embedded"] == 12 and summary["failed"] == {"unreadable image": 1}
+    assert summary["failures"][0]["image_path"].endswith("broken.png")
+    full = read_embeddings(out)
+    assert full.vectors.shape == (12, 128) and len(full.metadata) == 12
+    model = flava.load(tiny_model)
+    for vec, row in zip(full.vectors, full.metadata):
+        assert row["label"] == row["image_path"].split("/")[-2]
+        np.testing.assert_allclose(vec, model.encode_image(row["image_path"])[0].numpy(), atol=1e-5)
+
+    # An interrupted run: the last part never finished. The rerun keeps the others and redoes it.
+    marker = sorted((out / "parts").glob("*.json"))[-1]
+    marker.unlink()
+    (out / "embed.json").unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (out / "img_emb").glob("*.npy") if p.stem[-5:] != marker.stem}
+    assert cli(args) == 0
+    assert "2 of 3 part(s) were already done" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+    again = read_embeddings(out)
+    np.testing.assert_array_equal(again.vectors, full.vectors)
+    assert again.metadata == full.metadata
+
+    # Other inputs into the same directory are refused, naming what differs.
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(photos / "red"), "--output", str(out)]) == 2
+    assert "holds embeddings of other inputs" in capsys.readouterr().err
+
+
+def test_pairs_give_comparable_image_and_text_embeddings(tiny_model, photos, tmp_path):
+    rows = ["image,caption,source"] + [f"{p},a {p.parent.name} square,test" for p in sorted(photos.rglob("*.png"))]
+    rows.append(f"{photos / 'red' / '0.png'},,test")  # empty caption: left out and counted
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "pairs.csv"), "--output",
+                str(tmp_path / "emb"), "--float16"]) == 0
+    img, txt = read_embeddings(tmp_path / "emb", "image"), read_embeddings(tmp_path / "emb", "text")
+    assert len(img.vectors) == len(txt.vectors) == 12
+    assert np.load(tmp_path / "emb" / "img_emb" / "img_emb_00000.npy").dtype == np.float16
+    assert img.metadata[0]["caption"] == "a blue square" and img.metadata[0]["source"] == "test"
+    assert json.loads((tmp_path / "emb" / "embed.json").read_text())["failed"] == {"empty text": 1}
+    model = flava.load(tiny_model)
+    np.testing.assert_allclose(txt.vectors[0], model.encode_text("a blue square")[0].numpy(), atol=2e-3)
+    # Same space: the cosine of an image with a text is the dot product of the two stored vectors.
+    cos = float(model.encode_image(img.metadata[0]["image_path"])[0] @ model.encode_text("a blue square")[0])
+    assert abs(float(img.vectors[0] @ txt.vectors[0]) - cos) < 2e-3
+
+
+def test_index_search_and_add_through_the_commands(tiny_model, photos, tmp_path, capsys):
+    for name in ("red", "green"):
+        assert cli(["embed", "--model", str(tiny_model), "--images", str(photos / name),
+                    "--output", str(tmp_path / f"emb_{name}")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "emb_red"), "--output", str(tmp_path / "idx")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "emb_green"), "--output", str(tmp_path / "idx"), "--add"]) == 0
+    index = VectorIndex.open(tmp_path / "idx")
+    assert len(index) == 8 and index.factory == "Flat" and index.model == str(tiny_model.resolve())
+    capsys.readouterr()
+    assert cli(["index", "--embeddings", str(tmp_path / "emb_green"), "--output", str(tmp_path / "idx"), "--add"]) == 2
+    assert "already in the index" in capsys.readouterr().err
+
+    query = photos / "green" / "2.png"
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--image", str(query), "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 3 and hits[0]["item"] == str(query.resolve()) and hits[0]["score"] > 0.999
+    assert hits[0]["metadata"] == {"image_path": str(query.resolve())} and hits[0]["position"] == 4 + 2
+    # Scores are the exact cosines, best first.
+    model = flava.load(tiny_model)
+    everything = np.concatenate([read_embeddings(tmp_path / f"emb_{n}").vectors for n in ("red", "green")])
+    cos = everything @ model.encode_image(query)[0].numpy()
+    assert [h["position"] for h in hits] == list(np.argsort(-cos)[:3])
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(cos)[::-1][:3], atol=1e-5)
+
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "a green square", "-k", "2"]) == 0
+    assert "2 nearest of 8" in capsys.readouterr().out
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", " ", "-k", "2"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_large_collections_get_an_approximate_index_within_the_budget(tmp_path):
+    assert choose_factory(1000, 64, 2**30) == ("Flat", 1)
+    factory, nprobe = choose_factory(1_000_000, 768, 2**34)
+    assert factory == "IVF4096,Flat" and nprobe == 256
+    factory, _ = choose_factory(1_000_000, 768, 2**28)  # 256 MiB: product-quantized codes
+    assert factory.startswith("IVF4096,PQ") and 1_000_000 * (int(factory.split("PQ")[1]) + 8) * 1.1 <= 2**28
+    with pytest.raises(flava.InputError, match="raise --memory"):
+        choose_factory(1_000_000, 768, 2**20)
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(50, 32))
+    vectors = centers[rng.integers(0, 50, 120_000)] + 0.05 * rng.normal(size=(120_000, 32))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = index_from_arrays(vectors, None, tmp_path / "ivf", memory="1GB")
+    assert index.factory.startswith("IVF") and len(index) == 120_000
+    queries = vectors[:50] + 0.01 * rng.normal(size=(50, 32))
+    exact = np.argmax(queries @ vectors.T, axis=1)
+    found = [hits[0].position for hits in index.search(queries.astype(np.float32), 1)]
+    assert np.mean(np.array(found) == exact) >= 0.9
+    reopened = VectorIndex.open(tmp_path / "ivf")
+    assert [h.position for h in reopened.search(queries[:5].astype(np.float32), 3)[0]] == \
+        [h.position for h in index.search(queries[:5].astype(np.float32), 3)[0]]
+
+
+def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--labels", "--templates",
+                "a {} square.|a square of {}.", "--top-k", "2", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "on 12 labelled image(s) (chance 33.3 %)" in text
+    assert (tmp_path / "preds_confusion.png").stat().st_size > 1000
+    import csv
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 12 and {r["true_label"] for r in rows} == set(COLOURS)
+    # The probabilities are the softmax of scale x cosine against the templates' mean embedding.
+    model = flava.load(tiny_model)
+    classes = sorted(COLOURS)
+    t = torch.stack([model.encode_text([f"a {c} square.", f"a square of {c}."]).mean(0) for c in classes])
+    t = torch.nn.functional.normalize(t, dim=-1)
+    first = rows[0]
+    with torch.no_grad():
+        p = torch.softmax(model.logit_scale.exp() * model.encode_image(first["image"])[0] @ t.T, dim=0)
+    assert first["label"] == classes[int(p.argmax())]
+    assert abs(float(first["score"]) - float(p.max())) < 1e-4
+    assert len(first["top_k"].split(";")) == 2
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
+                "--templates", "no braces"]) == 2
+    assert "exactly one {}" in capsys.readouterr().err
