@@ -212,7 +212,9 @@ def test_large_collections_get_an_approximate_index_within_the_budget(tmp_path):
     exact = np.argmax(queries @ vectors.T, axis=1)
     found = [hits[0].position for hits in index.search(queries.astype(np.float32), 1)]
     assert np.mean(np.array(found) == exact) >= 0.9
+    np.testing.assert_allclose(index.vector(7), vectors[7], atol=1e-6)  # IVF,Flat stores vectors whole
     reopened = VectorIndex.open(tmp_path / "ivf")
+    np.testing.assert_allclose(reopened.vector(119_999), vectors[119_999], atol=1e-6)
     assert [h.position for h in reopened.search(queries[:5].astype(np.float32), 3)[0]] == \
         [h.position for h in index.search(queries[:5].astype(np.float32), 3)[0]]
 

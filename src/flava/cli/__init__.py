@@ -11,18 +11,22 @@ from rich.console import Console
 
 from .. import __version__
 from ..errors import FlavaError
-from . import codebook, config, demo, evaluate, export, info, init, prepare, pretrain
+from . import (classify, codebook, config, demo, embed, evaluate, export, finetune, index, info, init, predict,
+               prepare, pretrain, search, serve)
 
 # Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
-COMMANDS = (demo, init, prepare, pretrain, config, evaluate, codebook, info, export)
+COMMANDS = (demo, init, prepare, pretrain, evaluate, embed, index, search, classify, finetune, predict, serve,
+            export, codebook, config, info)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flava", description="FLAVA, the vision-and-language foundation model: pretrain it (with its image "
-        "codebook), evaluate it on a suite of tasks, and move checkpoints to and from transformers.")
+        "codebook), evaluate it on a suite of tasks, embed, index, search and classify with it, fine-tune it into "
+        "task models that predict, serve it over HTTP with a web page, and move checkpoints to and from "
+        "transformers.")
     parser.add_argument("--version", action="version", version=f"flava {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:

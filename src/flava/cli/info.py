@@ -10,14 +10,15 @@ from rich.table import Table
 
 def add(sub) -> None:
     p = sub.add_parser("info", help="describe a checkpoint (ours or Hugging Face's)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a checkpoint directory, run directory or Hugging Face hub id")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..hub import read_checkpoint
+    from ..io.runs import resolve
 
-    ckpt = read_checkpoint(args.checkpoint)
+    ckpt = read_checkpoint(resolve(args.checkpoint))
     cfg = ckpt.config
     table = Table(title=f"{ckpt.path} ({ckpt.source} format)")
     for col in ("part", "layers", "hidden", "heads", "mlp", "tensors", "parameters"):

@@ -397,7 +397,8 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
         if missing:
             raise DataError(
                 f"{p} has no column {missing[0]!r} (columns: {', '.join(reader.fieldnames or [])}); "
-                f"name the columns with image_column / caption_column"
+                f"rename the columns to {image_column!r} and {caption_column!r} (a parquet or datasets source "
+                f"names its own: data.parquet?image=COL&caption=COL)"
             )
         while True:
             try:

@@ -14,7 +14,12 @@
   VQA is multi-label: BCE-with-logits on the soft scores, times the number of answers (ViLT);
   the others are single-label cross-entropy.
 
-Both modes: `train_encoders=True` fine-tunes everything on the path (full fine-tuning);
+- Image classification: a copy of the image encoder and a linear head (after dropout) on its CLS
+  state after the final LayerNorm, the feature the paper's linear probes read; ViT and BEiT
+  fine-tune with a linear head on this state too. Images get the eval transform (resize +
+  center crop), computed once: no augmentation.
+
+All modes: `train_encoders=True` fine-tunes everything on the path (full fine-tuning);
 `train_encoders=False` freezes the encoders, computes every example's feature once, then trains
 the head alone on those vectors (orders of magnitude faster on a CPU).
 
@@ -46,11 +51,21 @@ from ..data.sources import BadSample, open_image
 from ..data.tokenizer import PAD_ID, TextTokenizer
 from ..data.transforms import normalize, resize_center_crop
 from ..errors import ConfigError, DataError
+from ..model.encoders import ImageEncoder
 from ..model.flava import FlavaModel, TextTower, init_weights
 from ..model.layers import Activation
 from ..optim import build_optimizer, warmup_cosine
 from . import metrics as M
-from .tasks import MultimodalExample, MultimodalTask, TextTask, check_multimodal_task, check_text_task
+from .tasks import (
+    ImageExample,
+    ImageTask,
+    MultimodalExample,
+    MultimodalTask,
+    TextTask,
+    check_image_task,
+    check_multimodal_task,
+    check_text_task,
+)
 
 # Confusion matrices of VQA tasks only for vocabularies small enough to read (easy-vqa's 13
 # answers, not VQAv2's 3,129).
@@ -129,6 +144,12 @@ class FinetuneResult:
     """Of which: computing frozen features (0 in full fine-tuning)."""
     model: nn.Module = field(repr=False)
     """The fine-tuned classifier (encoder copy + head) in the best state, in eval mode."""
+    kind: str = "classification"
+    """'classification', 'regression' or 'vqa'."""
+    max_text_length: int | None = None
+    """Tokens per text (pair) the model was trained with; None for image classification."""
+    pairs: bool = False
+    """Whether the text task's examples were sentence pairs."""
 
 
 # --------------------------------------------------------------------------- heads and classifiers
@@ -160,6 +181,33 @@ class MultimodalHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.drop(self.act(self.norm(self.dense(x)))))
+
+
+class ImageHead(nn.Module):
+    """A linear layer on the image CLS state (after dropout)."""
+
+    def __init__(self, dim: int, num_outputs: int, dropout: float):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(dim, num_outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.drop(x))
+
+
+class ImageClassifier(nn.Module):
+    """A copy of FLAVA's image encoder and a head on its CLS state after the final LayerNorm."""
+
+    def __init__(self, encoder: ImageEncoder, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values, cls_only=True).last_hidden_state[:, 0]
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixel_values))
 
 
 class TextClassifier(nn.Module):
@@ -274,7 +322,7 @@ class _Split:
     """[N, D] frozen-encoder features, once computed."""
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return len(self.targets)
 
     def eval_order(self) -> list[int]:
         """An order that batches alike examples: by image (shared image passes), else by length."""
@@ -297,7 +345,8 @@ class _Images:
         return normalize(self.pixels[unique].float().div_(255.0)), inverse
 
 
-def _image_cache(splits: list[list[MultimodalExample]], size: int) -> tuple[_Images, list[torch.Tensor]]:
+def _image_cache(splits: list[list[MultimodalExample]] | list[list[ImageExample]], size: int,
+                 ) -> tuple[_Images, list[torch.Tensor]]:
     keys: dict = {}
     refs = []
     rows = []
@@ -491,7 +540,7 @@ def _run(job: _Job, settings: FinetuneSettings, on_step) -> FinetuneResult:
         task=job.name, metric=select, label_names=list(job.label_names), train_loss=losses, eval_steps=eval_steps,
         val_curve=curve, val_metrics=val_metrics, best_step=best_step, best_val=best_val, test_metrics=test_metrics,
         predictions=preds, probabilities=probs, confusion=confusion, train_encoders=s.train_encoders, steps=step,
-        seconds=time.perf_counter() - started, feature_seconds=feature_seconds, model=clf,
+        seconds=time.perf_counter() - started, feature_seconds=feature_seconds, model=clf, kind=job.kind,
     )
 
 
@@ -543,7 +592,10 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),
                    list(task.label_names), num_outputs, TextClassifier(tower, head), splits, _text_inputs)
-        return _run(job, settings, on_step)
+        result = _run(job, settings, on_step)
+    result.max_text_length = max_length
+    result.pairs = any(e.text2 is not None for e in task.train)
+    return result
 
 
 def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: FinetuneSettings,
@@ -582,10 +634,49 @@ def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: Finet
         init_weights(head, model.config.init_std)
         job = _Job(task.name, task.kind, tuple(task.metrics), list(task.label_names), num_outputs,
                    MultimodalClassifier(flava, head), splits, inputs)
+        result = _run(job, settings, on_step)
+    result.max_text_length = max_length
+    return result
+
+
+def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSettings,
+                   on_step: Callable[[int, int, float], None] | None = None) -> FinetuneResult:
+    """Fine-tune a copy of `model`'s image encoder with a linear head on its CLS state; score
+    `task.test` with the state that was best on `task.val` by `task.metrics[0]`. Images are
+    decoded, resized and center-cropped once, before training."""
+    if not isinstance(model, FlavaModel):
+        raise ConfigError(f"fine-tuning needs a flava FlavaModel, not {type(model).__name__} "
+                          f"(flava.load gives one)")
+    if not isinstance(settings, FinetuneSettings):
+        raise ConfigError(f"settings must be FinetuneSettings, not {type(settings).__name__}")
+    check(settings)
+    check_image_task(task)
+    parts = (task.train, task.val, task.test)
+    images, image_rows = _image_cache(list(parts), model.config.image.image_size)
+    splits = {name: _Split([], torch.tensor([e.label for e in examples], dtype=torch.long), None, rows)
+              for name, examples, rows in zip(("train", "val", "test"), parts, image_rows)}
+
+    def inputs(split: _Split, idx: torch.Tensor) -> dict:
+        pixels, inverse = images.batch(split.image_index[idx])
+        return {"pixel_values": pixels[inverse]}
+
+    num_outputs = len(task.label_names)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        encoder = copy.deepcopy(model.image_encoder).eval().requires_grad_(settings.train_encoders)
+        # Off the CLS path: the pooler (heads bring their own) and the mask token (no masking here).
+        encoder.pooler.requires_grad_(False)
+        if encoder.mask_token is not None:
+            encoder.mask_token.requires_grad_(False)
+        head = ImageHead(model.config.image.hidden_size, num_outputs, settings.head_dropout)
+        init_weights(head, model.config.init_std)
+        job = _Job(task.name, "classification", tuple(task.metrics), list(task.label_names), num_outputs,
+                   ImageClassifier(encoder, head), splits, inputs)
         return _run(job, settings, on_step)
 
 
 __all__ = [
-    "FinetuneResult", "FinetuneSettings", "MultimodalClassifier", "MultimodalHead", "TextClassifier", "TextHead",
-    "TokenizedPairs", "encode_pairs", "finetune_multimodal", "finetune_text",
+    "FinetuneResult", "FinetuneSettings", "ImageClassifier", "ImageHead", "MultimodalClassifier", "MultimodalHead",
+    "TextClassifier", "TextHead", "TokenizedPairs", "encode_pairs", "finetune_image", "finetune_multimodal",
+    "finetune_text",
 ]

@@ -86,6 +86,26 @@ class MultimodalTask:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class ImageExample:
+    image: Path | Image.Image
+    label: int
+    """Class index into the task's `label_names`."""
+
+
+@dataclass
+class ImageTask:
+    """An image classification task, classified from the image encoder's CLS state."""
+
+    name: str
+    train: list[ImageExample]
+    val: list[ImageExample]
+    test: list[ImageExample]
+    label_names: list[str]
+    metrics: tuple[str, ...] = ("accuracy",)
+    notes: list[str] = field(default_factory=list)
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -175,6 +195,36 @@ def check_multimodal_task(task: MultimodalTask) -> None:
                     if not 0 <= a < n or not 0 < s <= 1:
                         raise DataError(f"{where}: answer {a} with score {s} is outside the {n} answers or (0, 1]")
             elif isinstance(ex.label, bool) or not isinstance(ex.label, (int, np.integer)) or not 0 <= ex.label < n:
+                raise DataError(f"{where}: label {ex.label!r} is not a class index in [0, {n})")
+    if missing:
+        raise DataError(f"task {task.name!r}: {len(missing)} image file(s) do not exist, e.g. {missing[0]}; "
+                        f"check the image directory")
+    if "auroc" in task.metrics:
+        _check_both_classes(task.name, splits, lambda rows: [ex.label for ex in rows])
+
+
+def check_image_task(task: ImageTask) -> None:
+    """Like `check_multimodal_task` for image classification: splits, labels, metrics, files."""
+    splits = {"train": task.train, "val": task.val, "test": task.test}
+    _check_nonempty(task.name, splits)
+    _check_metrics(task.name, task.metrics)
+    n = len(task.label_names)
+    if n < 2:
+        raise DataError(f"task {task.name!r} has {n} class(es); a classifier needs at least two")
+    if not set(task.metrics) <= {"accuracy", "f1", "matthews_corrcoef", "auroc"}:
+        raise ConfigError(f"task {task.name!r} (image classification) cannot report {', '.join(task.metrics)}")
+    if n != 2 and ("f1" in task.metrics or "auroc" in task.metrics):
+        raise ConfigError(f"task {task.name!r}: f1 and auroc are binary metrics but the task has {n} classes")
+    missing = []
+    for split, rows in splits.items():
+        for i, ex in enumerate(rows):
+            where = f"task {task.name!r}, {split} example {i}"
+            if isinstance(ex.image, Path):
+                if not ex.image.is_file():
+                    missing.append(ex.image)
+            elif not isinstance(ex.image, Image.Image):
+                raise DataError(f"{where}: the image must be a path or a PIL image, not {type(ex.image).__name__}")
+            if isinstance(ex.label, bool) or not isinstance(ex.label, (int, np.integer)) or not 0 <= ex.label < n:
                 raise DataError(f"{where}: label {ex.label!r} is not a class index in [0, {n})")
     if missing:
         raise DataError(f"task {task.name!r}: {len(missing)} image file(s) do not exist, e.g. {missing[0]}; "
@@ -340,18 +390,19 @@ def _table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames or []), rows
 
 
-def read_text_classification(path_train: str | Path, path_val: str | Path | None, path_test: str | Path, *,
+def read_text_classification(path_train: str | Path, path_val: str | Path | None, path_test: str | Path | None, *,
                              label_names: Sequence[str] | None = None, regression: bool = False,
                              metrics: Sequence[str] | None = None, val_fraction: float = 0.1, seed: int = 0,
                              name: str | None = None, limit: int | None = None) -> TextTask:
     """CSV (or TSV by suffix) files with a header and columns `text`, `label` and optionally
     `text2` (sentence pairs). Labels are class names: `label_names` fixes their order, else the
     sorted train labels (numerically when they are all integers). `regression` reads numbers.
-    Without `path_val`, validation is a seeded `val_fraction` of train. Default metrics:
-    accuracy (classification), Pearson and Spearman (regression)."""
+    Without `path_val`, validation is a seeded `val_fraction` of train; without `path_test`, the
+    validation split is the test split too. Default metrics: accuracy (classification), Pearson
+    and Spearman (regression)."""
     _check_limit(limit)
     paths = {"train": Path(path_train), "val": Path(path_val) if path_val is not None else None,
-             "test": Path(path_test)}
+             "test": Path(path_test) if path_test is not None else None}
     tables = {}
     for split, p in paths.items():
         if p is None:
@@ -393,6 +444,7 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         splits[split] = out
     if "val" not in splits:
         splits["train"], splits["val"] = _carve(splits["train"], val_fraction, seed)
+    splits.setdefault("test", splits["val"])
     if metrics is None:
         metrics = ("pearson", "spearman") if regression else ("accuracy",)
     task = TextTask(name or paths["train"].stem, _subsample(splits["train"], limit, seed),
@@ -591,5 +643,159 @@ def read_hateful_memes(directory: str | Path, val_file: str = "dev_seen.jsonl", 
                                          str(_field(path, line, obj, "text")), int(label)))
         splits.append(_subsample(out, limit, seed + len(splits)))
     task = MultimodalTask("Hateful Memes", *splits, ["not_hateful", "hateful"], ("auroc", "accuracy"))
+    check_multimodal_task(task)
+    return task
+
+
+# --------------------------------------------------------------------------- user files (flava finetune)
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl")
+
+
+def table_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) of a CSV/TSV file with a header, or of a JSONL file of objects."""
+    suffix = path.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise DataError(f"{path}: expected a .csv, .tsv or .jsonl file, not {suffix or 'a file without suffix'}")
+    if suffix == ".jsonl":
+        return _jsonl(path)
+    return list(enumerate(_table(path)[1], start=2))
+
+
+def _cell(path: Path, line: int, row: dict, keys: tuple[str, ...]):
+    """The first of `keys` that the row has and fills."""
+    for key in keys:
+        value = row.get(key)
+        if value is not None and value != "":
+            return value
+    present = ", ".join(k for k in row if k is not None)
+    raise DataError(f"{path}, line {line} has no (or an empty) {' or '.join(map(repr, keys))} "
+                    f"(fields: {present or 'none'})")
+
+
+def _image_path(base: Path, value) -> Path:
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _class_names(labels: Sequence[str]) -> list[str]:
+    """Sorted label names, numerically when they all are integers."""
+    seen = set(labels)
+    return sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
+
+
+def _index_labels(raw: dict[str, list], names: list[str], make: Callable) -> dict[str, list]:
+    """Rows (where, *fields, label name) turned into examples by `make(fields, index)`; a label
+    outside `names` is named with its file and line."""
+    index = {n: i for i, n in enumerate(names)}
+    out = {}
+    for split, rows in raw.items():
+        examples = []
+        for where, *fields, label in rows:
+            if label not in index:
+                raise DataError(f"{where}: label {label!r} is not a class of the training data "
+                                f"({', '.join(names)})")
+            examples.append(make(fields, index[label]))
+        out[split] = examples
+    return out
+
+
+def _val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes: list[str],
+                  group: Callable | None = None) -> None:
+    """Carve validation out of train when it is absent; without a test split, validation is it."""
+    if "val" not in splits:
+        splits["train"], splits["val"] = _carve(splits["train"], val_fraction, seed, group)
+        notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
+    if "test" not in splits:
+        splits["test"] = splits["val"]
+        notes.append("no test split: the validation split is scored as the test")
+
+
+def _optional_paths(train, val, test) -> dict[str, Path]:
+    return {split: Path(p) for split, p in (("train", train), ("val", val), ("test", test)) if p is not None}
+
+
+def read_image_classification(path_train: str | Path, path_val: str | Path | None = None,
+                              path_test: str | Path | None = None, *, val_fraction: float = 0.1, seed: int = 0,
+                              name: str | None = None) -> ImageTask:
+    """Each split a folder with one sub-folder of images per class (the folder name is the
+    label), or a CSV/TSV/JSONL file with `image` (a path, relative to the file's folder) and
+    `label`. Classes are train's, sorted; without `path_val` validation is a seeded
+    `val_fraction` of train, without `path_test` validation is scored as the test."""
+    from ..data.sources import image_folder
+
+    raw: dict[str, list] = {}
+    notes: list[str] = []
+    for split, p in _optional_paths(path_train, path_val, path_test).items():
+        if p.is_dir():
+            src = image_folder(str(p))
+            if not src.classes:
+                raise DataError(f"{p} has no class sub-folders; put each class's images in a folder named after it")
+            loose = sum(r.label < 0 for r in src.records)
+            if loose:
+                notes.append(f"{loose} image(s) directly in {p}, outside any class folder, skipped")
+            raw[split] = [(r.image, r.image, src.classes[r.label]) for r in src.records if r.label >= 0]
+        elif p.is_file():
+            raw[split] = [(f"{p}, line {line}", _image_path(p.parent, _cell(p, line, row, ("image",))),
+                           str(_cell(p, line, row, ("label",))).strip()) for line, row in table_rows(p)]
+        else:
+            raise DataError(f"{p} does not exist (expected a folder of class folders or a CSV/JSONL file)")
+        if not raw[split]:
+            raise DataError(f"{p} holds no labelled images")
+    names = _class_names([r[-1] for r in raw["train"]])
+    splits = _index_labels(raw, names, lambda f, label: ImageExample(f[0], label))
+    _val_and_test(splits, val_fraction, seed, notes)
+    task = ImageTask(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
+                     ("accuracy",), notes)
+    check_image_task(task)
+    return task
+
+
+def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = None,
+                          path_test: str | Path | None = None, *, kind: str = "classification",
+                          val_fraction: float = 0.1, seed: int = 0, name: str | None = None) -> MultimodalTask:
+    """CSV/TSV/JSONL files with `image` (a path, relative to the file's folder), `text` (or
+    `question`) and, for classification, `label`; for VQA, `answer`, or in JSONL `answers`: a
+    list of annotators' answers, each scoring min(1, n/3) as in VQAv2 (one answer scores 1).
+    Classes are train's labels sorted; VQA's answers are train's (majority) answers by
+    frequency. Validation, when not given, is a seeded share of train's images (questions about
+    one image stay together); without `path_test` validation is scored as the test."""
+    if kind not in ("classification", "vqa"):
+        raise ConfigError(f"kind {kind!r} is neither 'classification' nor 'vqa'")
+    raw: dict[str, list] = {}
+    for split, p in _optional_paths(path_train, path_val, path_test).items():
+        rows = []
+        for line, row in table_rows(p):
+            image = _image_path(p.parent, _cell(p, line, row, ("image",)))
+            text = str(_cell(p, line, row, ("text", "question")))
+            if kind == "vqa":
+                answers = row.get("answers") if isinstance(row.get("answers"), list) else None
+                if answers is None:
+                    answers = [_cell(p, line, row, ("answer", "answers"))]
+                rows.append((image, text, [_normalize_answer(str(a)) for a in answers]))
+            else:
+                rows.append((f"{p}, line {line}", image, text, str(_cell(p, line, row, ("label",))).strip()))
+        if not rows:
+            raise DataError(f"{p} holds no examples")
+        raw[split] = rows
+    notes: list[str] = []
+    if kind == "vqa":
+        def majority(humans: list[str]) -> str:
+            counts = Counter(humans)
+            return min(counts, key=lambda a: (-counts[a], a))
+
+        names = answer_vocabulary([majority(r[2]) for r in raw["train"]])
+        index = {a: i for i, a in enumerate(names)}
+        splits = {split: [MultimodalExample(image, text, answers={index[h[0]]: 1.0} if len(h) == 1 and h[0] in index
+                                            else vqa_soft_scores(h, index)) for image, text, h in rows]
+                  for split, rows in raw.items()}
+        metrics: tuple[str, ...] = ("vqa_score",)
+    else:
+        names = _class_names([r[-1] for r in raw["train"]])
+        splits = _index_labels(raw, names, lambda f, label: MultimodalExample(f[0], f[1], label))
+        metrics = ("accuracy",)
+    _val_and_test(splits, val_fraction, seed, notes, group=lambda ex: str(ex.image))
+    task = MultimodalTask(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
+                          metrics, kind, notes)
     check_multimodal_task(task)
     return task

@@ -89,8 +89,8 @@ class VectorIndex:
         self.faiss_index = index
         self.info = info
         self._table = table
-        # FAISS searches are thread-safe, but `add` is not safe beside them.
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # serialises `add`
+        _direct_map(index)
 
     # ------------------------------------------------------------------ opening
 
@@ -152,8 +152,7 @@ class VectorIndex:
         """The stored vector (decoded: approximate for quantized indexes)."""
         if not 0 <= position < len(self):
             raise InputError(f"position {position} is outside the index (0..{len(self) - 1})")
-        with self._lock:
-            return self.faiss_index.reconstruct(int(position))
+        return self.faiss_index.reconstruct(int(position))
 
     # ------------------------------------------------------------------ searching
 
@@ -167,8 +166,8 @@ class VectorIndex:
             raise InputError(f"k must be at least 1; got {k}")
         if len(self) == 0:
             return [[] for _ in q]
-        with self._lock:
-            scores, ids = self.faiss_index.search(q, min(k, len(self)))
+        # FAISS searches run concurrently; only `add` changes the index (no server adds).
+        scores, ids = self.faiss_index.search(q, min(k, len(self)))
         out = []
         for row_scores, row_ids in zip(scores, ids):
             valid = [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
@@ -210,6 +209,19 @@ class VectorIndex:
             self._table = added if self._table is None else pa.concat_tables([self._table, added],
                                                                                 promote_options="default")
         return len(self)
+
+
+def _direct_map(index) -> None:
+    """Inverted-file indexes find a stored vector by position only through a direct map, which
+    FAISS keeps up to date on `add` once made."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an inverted-file index
+        return
+    if ivf.direct_map.type == faiss.DirectMap.NoMap:
+        ivf.make_direct_map()
 
 
 def _train_sample(vectors: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:

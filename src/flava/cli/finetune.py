@@ -1,0 +1,151 @@
+"""`flava finetune`: fine-tune a pretrained model on a task given as plain files, report its
+validation (and test) metrics and save a task model for `flava predict` and `flava.load_task`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+INPUTS = {
+    "text-classification": "CSV/TSV with text,label (and text2 for sentence pairs)",
+    "text-regression": "CSV/TSV with text,label (a number; text2 for pairs)",
+    "image-classification": "a folder with one sub-folder of images per class, or CSV/JSONL with image,label",
+    "vqa": "CSV/JSONL with image,question,answer (JSONL: answers may be a list)",
+    "visual-entailment": "CSV/JSONL with image,text,label",
+    "image-text-classification": "CSV/JSONL with image,text,label",
+}
+
+
+def add(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune on a task from CSV/JSONL files or image folders and save a "
+                                        "task model for `flava predict`")
+    p.add_argument("--model", required=True, help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--task", required=True, metavar="KIND",
+                   help="; ".join(f"{k}: {v}" for k, v in INPUTS.items()))
+    p.add_argument("--train", required=True, help="the training data (file or folder, as --task describes)")
+    p.add_argument("--val", help="validation data; default: a seeded --val-fraction of --train")
+    p.add_argument("--test", help="test data, scored once with the best validation state")
+    p.add_argument("--output", required=True, help="the task model directory to write")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, help="peak learning rate; default 1e-4, or 1e-3 with --head-only")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.add_argument("--max-steps", dest="max_steps", type=int, help="stop after this many steps")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--train-encoders", dest="train_encoders", action="store_true", default=True,
+                      help="fine-tune the encoders with the head (the default)")
+    mode.add_argument("--head-only", dest="train_encoders", action="store_false",
+                      help="freeze the encoders and train the head alone (much faster on a CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", dest="val_fraction", type=float, default=0.1,
+                   help="share of --train held out for validation when --val is not given")
+    p.add_argument("--max-text-length", dest="max_text_length", type=int,
+                   help="tokens per text; default: the model's positions")
+    p.set_defaults(run=run)
+
+
+def read_task(kind: str, train: str, val: str | None, test: str | None, val_fraction: float, seed: int):
+    """The task's examples from the files a user gives (every data error before any training)."""
+    from ..errors import DataError
+    from ..evaluate.tasks import (
+        read_image_classification,
+        read_multimodal_table,
+        read_text_classification,
+    )
+
+    name = Path(train).stem
+    if kind in ("text-classification", "text-regression"):
+        for p in (train, val, test):
+            if p is not None and Path(p).suffix.lower() not in (".csv", ".tsv", ".tab"):
+                raise DataError(f"{p}: a {kind} task reads CSV/TSV files with a header and text,label columns")
+        return read_text_classification(train, val, test, regression=kind == "text-regression",
+                                        val_fraction=val_fraction, seed=seed, name=name)
+    if kind == "image-classification":
+        return read_image_classification(train, val, test, val_fraction=val_fraction, seed=seed, name=name)
+    return read_multimodal_table(train, val, test, kind="vqa" if kind == "vqa" else "classification",
+                                 val_fraction=val_fraction, seed=seed, name=name)
+
+
+def _tokenizer(checkpoint: Path, model):
+    from ..data.tokenizer import TextTokenizer
+
+    # A checkpoint that ships its own tokenizer.json was trained with it.
+    own = checkpoint / "tokenizer.json"
+    return TextTokenizer(own if own.is_file() else None, max_length=model.config.text.max_position_embeddings)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from rich.table import Table
+
+    from ..config import check, to_dict
+    from ..errors import ConfigError, did_you_mean
+    from ..evaluate.finetune import (
+        FinetuneSettings,
+        finetune_image,
+        finetune_multimodal,
+        finetune_text,
+    )
+    from ..evaluate.run import load_model
+    from ..evaluate.taskmodel import TASKS, check_output, save_task_model
+    from ..progress import progress_bar
+
+    if args.task not in TASKS:
+        raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS, 'tasks')}")
+    output = Path(args.output)
+    check_output(output)
+    settings = check(FinetuneSettings(
+        lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
+        batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,
+        max_text_length=args.max_text_length))
+    task = read_task(args.task, args.train, args.val, args.test, args.val_fraction, args.seed)
+    outputs = "regression" if not task.label_names else \
+        f"{len(task.label_names)} {'answers' if args.task == 'vqa' else 'labels'}"
+    console.print(f"task [bold]{task.name}[/] ({args.task}): {len(task.train)}/{len(task.val)}/"
+                  f"{len(task.test) if args.test else 0} train/val/test examples, {outputs}")
+    for note in task.notes:
+        console.print(f"  {note}")
+    model, resolved = load_model(args.model)
+    tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
+    console.print(f"model: {resolved}; {'full fine-tuning' if settings.train_encoders else 'head only'}, "
+                  f"lr {settings.lr:g}, {settings.epochs} epoch(s), batch {settings.batch_size}")
+
+    with progress_bar(console) as progress:
+        bar = progress.add_task(f"fine-tuning {task.name}", total=None,
+                                info="" if settings.train_encoders else "computing features")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(bar, completed=step, total=total, info=f"loss {loss:.4f}")
+
+        if args.task == "image-classification":
+            result = finetune_image(model, task, settings, on_step)
+        elif args.task in ("text-classification", "text-regression"):
+            result = finetune_text(model, task, settings, tokenizer, on_step)
+        else:
+            result = finetune_multimodal(model, task, settings, tokenizer, on_step)
+
+    best = result.val_metrics[result.eval_steps.index(result.best_step)]
+    console.print(f"best validation {result.metric} at step {result.best_step} of {result.steps}")
+    table = Table(title=task.name)
+    table.add_column("metric")
+    table.add_column("validation", justify="right")
+    if args.test:
+        table.add_column("test", justify="right")
+    for name in task.metrics:
+        table.add_row(name, f"{best[name]:.4f}", *([f"{result.test_metrics[name]:.4f}"] if args.test else []))
+    console.print(table)
+
+    info = {"source_model": str(resolved), "settings": to_dict(settings),
+            "data": {"train": args.train, "val": args.val, "test": args.test, "val_fraction": args.val_fraction}}
+    if not args.test:  # the "test" scores were validation's again
+        info["test_metrics"] = {}
+    tm = save_task_model(result, output, task=args.task, tokenizer=tokenizer, info=info)
+    example = {"image-classification": "IMAGE_DIR|IMAGE...", "text-classification": "FILE.csv|FILE.txt",
+               "text-regression": "FILE.csv|FILE.txt"}.get(args.task, "FILE.csv|FILE.jsonl")
+    call = {"image-classification": "images=[...]", "text-classification": "texts=[...]",
+            "text-regression": "texts=[...]"}.get(args.task, "images=[...], texts=[...]")
+    if tm.pairs:
+        call = "texts=[...], texts2=[...]"
+    console.print(f"task model: [bold]{output}[/] ({args.task}, {outputs})")
+    console.print(f"predict with: flava predict --model {output} --input {example} [--output preds.csv]")
+    console.print(f"in Python:    flava.load_task({str(output)!r}).predict({call})")

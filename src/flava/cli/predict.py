@@ -1,0 +1,251 @@
+"""`flava predict`: run a task model (from `flava finetune`) on a file, an image folder or images;
+write one row per input, print a short table, count what could not be used."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+OUTPUT_SUFFIXES = (".csv", ".tsv", ".jsonl")
+SHOWN_ROWS = 20
+SHOWN_ERRORS = 5
+
+
+def add(sub) -> None:
+    p = sub.add_parser("predict", help="predict with a task model from `flava finetune` on a file, an image folder "
+                                       "or images")
+    p.add_argument("--model", required=True, help="a task model directory written by `flava finetune`")
+    p.add_argument("--input", required=True, nargs="+",
+                   help="FILE.csv/.tsv/.jsonl (columns as in training: text, text2, image, question; a label "
+                        "column is scored), FILE.txt (one text per line), an image folder (class sub-folders are "
+                        "scored as labels), or image files")
+    p.add_argument("--output", help="write the predictions to this .csv, .tsv or .jsonl file")
+    p.add_argument("--top-k", dest="top_k", type=int, default=3, help="best labels kept per input")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.set_defaults(run=run)
+
+
+@dataclass
+class Inputs:
+    """What to predict on: per item its input fields (for the output), the model's inputs, and a
+    given label or an error found while reading."""
+
+    fields: list[dict[str, Any]] = field(default_factory=list)
+    texts: list[str | None] = field(default_factory=list)
+    texts2: list[str | None] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    labels: list[str | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+
+    def add(self, fields: dict, text=None, text2=None, image=None, label=None, error=None) -> None:
+        self.fields.append(fields)
+        self.texts.append(text)
+        self.texts2.append(text2)
+        self.images.append(image)
+        self.labels.append(label)
+        self.errors.append(error)
+
+
+def _table_inputs(path: Path, tm) -> Inputs:
+    from ..errors import DataError
+    from ..evaluate.tasks import table_rows
+
+    rows = table_rows(path)
+    if not rows:
+        raise DataError(f"{path} holds no rows")
+    text_keys = ("text", "question") if tm.task == "vqa" else ("text",)
+    label_keys = ("label", "answer") if tm.task == "vqa" else ("label",)
+    needed = ([text_keys] if tm.uses_text else []) + ([("image",)] if tm.uses_images else []) + \
+        ([("text2",)] if tm.pairs else [])
+    keys = {k for _, row in rows for k in row}
+    for options in needed:
+        if not keys & set(options):
+            raise DataError(f"{path} has no {' or '.join(map(repr, options))} column (columns: "
+                            f"{', '.join(sorted(k for k in keys if k))}); a {tm.task} model needs it")
+    out = Inputs()
+
+    def cell(row, options):
+        return next((row[k] for k in options if row.get(k) not in (None, "")), None)
+
+    for line, row in rows:
+        text, text2, image = cell(row, text_keys), cell(row, ("text2",)), cell(row, ("image",))
+        label = cell(row, label_keys)
+        if label is None and tm.task == "vqa" and isinstance(row.get("answers"), list) and row["answers"]:
+            # Annotators' answers: the most common one (ties alphabetically) is the one to match.
+            answers = [str(a).strip().lower() for a in row["answers"]]
+            label = min(set(answers), key=lambda a: (-answers.count(a), a))
+        shown = {k: row[k] for k in ("image", *text_keys, "text2") if k in row}
+        missing = [opts[0] for opts in needed if cell(row, opts) is None]
+        if missing:
+            out.add(shown, error=f"{path}, line {line}: no {' or '.join(missing)}")
+            continue
+        if image is not None:
+            p = Path(str(image)).expanduser()
+            image = p if p.is_absolute() else path.parent / p
+        label = None if label is None else (str(label).strip().lower() if tm.task == "vqa" else str(label).strip())
+        out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label)
+    return out
+
+
+def read_inputs(specs: list[str], tm) -> Inputs:
+    """Inputs from one table or text file, one image folder, or image files."""
+    from ..data.images import IMAGE_SUFFIXES, find_images
+    from ..errors import DataError
+    from ..evaluate.tasks import TABLE_SUFFIXES
+
+    paths = [Path(s) for s in specs]
+    first = paths[0]
+    listed = first.suffix.lower() in (*TABLE_SUFFIXES, ".txt")
+    if listed or first.is_dir():
+        if len(paths) > 1:
+            raise DataError(f"give one CSV/JSONL/TXT file or one folder as --input, or image files; got {len(paths)} "
+                            f"inputs starting with {first}")
+        if not first.exists():
+            raise DataError(f"input {first} does not exist")
+    if listed and first.suffix.lower() != ".txt":
+        return _table_inputs(first, tm)
+    out = Inputs()
+    if listed:
+        if tm.uses_images or tm.pairs:
+            raise DataError(f"{first}: a .txt input holds one text per line, but this {tm.task} model needs "
+                            f"{'images' if tm.uses_images else 'sentence pairs'}; give a CSV/JSONL file")
+        for line in first.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                out.add({"text": line}, text=line)
+        if not out.fields:
+            raise DataError(f"{first} holds no text")
+        return out
+    if tm.uses_text:
+        raise DataError(f"a {tm.task} model needs texts; give a CSV/JSONL file with "
+                        f"{'image and text' if tm.uses_images else 'text'} columns")
+    if first.is_dir():
+        root = first
+        for image in find_images([root]):
+            parts = image.relative_to(root).parts
+            # Images inside class sub-folders carry the folder's name as their label.
+            out.add({"image": str(image)}, image=image, label=parts[0] if len(parts) > 1 else None)
+        return out
+    for p in paths:
+        if p.suffix.lower() not in IMAGE_SUFFIXES and not p.is_file():
+            raise DataError(f"input {p} is neither an image file nor a CSV/JSONL/TXT file or folder")
+        out.add({"image": str(p)}, image=p)
+    return out
+
+
+def _rows(inputs: Inputs, preds: list[dict]) -> list[dict[str, Any]]:
+    rows = []
+    for fields, label, pred in zip(inputs.fields, inputs.labels, preds):
+        row = {k: str(v) for k, v in fields.items()}
+        if label is not None:
+            row["true_label"] = label
+        if "error" in pred:
+            row["error"] = pred["error"]
+        elif "value" in pred:
+            row["value"] = pred["value"]
+        else:
+            row.update(prediction=pred["label"], score=pred["score"], top=pred["top"])
+        rows.append(row)
+    return rows
+
+
+def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+    from ..io.files import write_text_atomic
+
+    if path.suffix.lower() == ".jsonl":
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
+                            lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        flat = dict(r)
+        if "top" in flat:
+            flat["top"] = "|".join(f"{t['label']}:{t['score']:.4f}" for t in r["top"])
+        writer.writerow(flat)
+    write_text_atomic(path, buf.getvalue())
+
+
+def _shown(fields: dict[str, Any], width: int = 60) -> str:
+    text = " | ".join(str(v) for v in fields.values())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..errors import ConfigError, DataError
+    from ..evaluate import metrics as M
+    from ..evaluate.taskmodel import load_task
+    from ..progress import progress_bar
+
+    output = Path(args.output) if args.output else None
+    if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"--output {output}: choose a .csv, .tsv or .jsonl file")
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ConfigError("--top-k and --batch-size must be at least 1")
+    tm = load_task(args.model)
+    inputs = read_inputs(args.input, tm)
+    usable = [i for i, e in enumerate(inputs.errors) if e is None]
+    preds: list[dict] = [{"error": e} if e is not None else {} for e in inputs.errors]
+    with progress_bar(console) as progress:
+        bar = progress.add_task("predicting", total=len(usable), info=f"{tm.task}")
+        got = tm.predict(texts=[inputs.texts[i] for i in usable] if tm.uses_text else None,
+                         texts2=[inputs.texts2[i] for i in usable] if tm.pairs else None,
+                         images=[inputs.images[i] for i in usable] if tm.uses_images else None,
+                         top_k=args.top_k, batch_size=args.batch_size,
+                         progress=lambda done, total: progress.update(bar, completed=done, total=total))
+    for i, pred in zip(usable, got):
+        preds[i] = pred
+    errors = [(i, p["error"]) for i, p in enumerate(preds) if "error" in p]
+    if len(errors) == len(preds):
+        raise DataError(f"none of the {len(preds)} inputs could be used; the first: {errors[0][1]}")
+
+    table = Table(title=f"{tm.task} predictions ({len(preds) - len(errors)} of {len(preds)} inputs)")
+    table.add_column("#", justify="right")
+    table.add_column("input")
+    table.add_column("prediction")
+    table.add_column("score" if tm.task != "text-regression" else "", justify="right")
+    for i, (fields, pred) in enumerate(zip(inputs.fields[:SHOWN_ROWS], preds[:SHOWN_ROWS])):
+        if "error" in pred:
+            table.add_row(str(i), escape(_shown(fields)), "[red]error[/]", "")
+        elif "value" in pred:
+            table.add_row(str(i), escape(_shown(fields)), f"{pred['value']:.4f}", "")
+        else:
+            table.add_row(str(i), escape(_shown(fields)), escape(pred["label"]), f"{pred['score']:.3f}")
+    console.print(table)
+    if len(preds) > SHOWN_ROWS:
+        console.print(f"… and {len(preds) - SHOWN_ROWS} more")
+    if errors:
+        console.print(f"[red]{len(errors)} input(s) could not be used[/]; predicted the other {len(preds) - len(errors)}:")
+        for i, e in errors[:SHOWN_ERRORS]:
+            console.print(f"  #{i}: {escape(e)}")
+
+    labelled = [(inputs.labels[i], p) for i, p in enumerate(preds) if inputs.labels[i] is not None and "error" not in p]
+    if labelled and tm.task == "text-regression":
+        try:
+            truth = [float(t) for t, _ in labelled]
+        except ValueError:
+            raise DataError("the input's label column holds values that are not numbers") from None
+        values = [p["value"] for _, p in labelled]
+        mae = sum(abs(a - b) for a, b in zip(values, truth)) / len(truth)
+        pearson = M.pearson(values, truth) if len(truth) > 1 else math.nan
+        console.print(f"mean absolute error [bold]{mae:.4f}[/], Pearson {pearson:.4f} on {len(truth)} labelled inputs")
+    elif labelled:
+        right = sum(p["label"] == t for t, p in labelled)
+        console.print(f"accuracy [bold]{right / len(labelled):.4f}[/] ({right} of {len(labelled)} labelled inputs)")
+    if output is not None:
+        write_predictions(output, _rows(inputs, preds))
+        console.print(f"predictions: {output}")

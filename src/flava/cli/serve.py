@@ -1,0 +1,100 @@
+"""`flava serve`: the HTTP API and search page over a model, an index and a task model."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+from rich.console import Console
+
+
+def add(sub) -> None:
+    p = sub.add_parser("serve", help="serve search, embeddings and classification over HTTP, with a web page")
+    p.add_argument("--model", help="a checkpoint directory, run directory or hub id (default: the model the "
+                   "index was built with)")
+    p.add_argument("--index", help="a vector index made by `flava index`, to search")
+    p.add_argument("--task", help="a fine-tuned task model directory, for /predict")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
+    p.add_argument("--int8", action="store_true", help="quantize the model's linear layers to int8 (CPU)")
+    p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float, default=10.0,
+                   help="largest image upload accepted, in MiB (default 10)")
+    p.add_argument("--max-k", dest="max_k", type=int, default=1000, help="most results one search may ask for")
+    p.add_argument("--threads", type=int, help="CPU threads per model call or search (default: torch's, one per "
+                   "core); fewer leave cores to concurrent requests and other processes")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    import uvicorn
+
+    from ..errors import ConfigError
+
+    if not (args.model or args.index or args.task):
+        raise ConfigError("nothing to serve; give --model, --index or --task")
+    if args.max_upload_mb <= 0 or args.max_k < 1:
+        raise ConfigError("--max-upload-mb must be positive and --max-k at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1; got {args.threads}")
+    if not 0 <= args.port < 65536:
+        raise ConfigError(f"--port {args.port} is not a port number; use 1 to 65535, or 0 for a free one")
+    # Bound here, before loading, not by uvicorn: a busy port is one clear message at once, and
+    # --port 0 prints the port it got.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    # proto=IPPROTO_TCP: accepted connections inherit it, and asyncio sets TCP_NODELAY only on
+    # sockets that say they are TCP; without it every response waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
+    try:
+        app = build_app(args, console)
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    console.print(f"flava serve: listening on http://{shown}:{port}/  (Ctrl-C stops)", soft_wrap=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass  # uvicorn has already shut down; it re-raises the signal once it is done
+    finally:
+        sock.close()
+    console.print("flava serve: stopped")
+
+
+def build_app(args: argparse.Namespace, console: Console):
+    import torch
+
+    from .. import load
+    from ..errors import ConfigError
+    from ..serve.app import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    index = task = model = None
+    model_name = args.model
+    if args.index:
+        from ..serve.index import VectorIndex
+
+        index = VectorIndex.open(args.index)
+        model_name = model_name or index.model
+        if model_name is None:
+            raise ConfigError(f"the index {args.index} does not record which model made it; pass --model")
+        console.print(f"index: {args.index} ({len(index):,} {index.modality}s, {index.dim} dimensions)")
+    if args.task:
+        from .. import load_task
+
+        task = load_task(args.task)
+        console.print(f"task model: {args.task} ({task.task})")
+    if model_name:
+        device = "cuda" if torch.cuda.is_available() and not args.int8 else None
+        model = load(model_name, quantize="int8" if args.int8 else None, device=device)
+        console.print(f"model: {model_name}{' (int8)' if args.int8 else ''}")
+    return create_app(model, index, task, model_name=model_name,
+                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k)

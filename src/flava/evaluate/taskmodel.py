@@ -1,0 +1,481 @@
+"""Task models: a fine-tuned classifier kept with everything needed to use it on raw inputs.
+
+A task model is a directory:
+
+- `task.json`: {"format": "flava-task", "format_version": 1, "task": one of TASKS,
+  "label_names": [...], "head": {"type", "dim", "hidden", "num_outputs", "dropout"},
+  "model": the config sections of the encoders it runs ({"text": {...}}, {"image": {...}} or a
+  whole FlavaConfig), "preprocessing": {"image_size", "max_text_length", "pairs"}, "finetune":
+  what the fine-tuning run measured};
+- `model.safetensors`: the classifier's state dict: the encoder copy it runs (the text encoder
+  alone for text tasks, the image encoder alone for image classification, the whole FlavaModel
+  for image + text tasks) and the head;
+- `tokenizer.json`: the tokenizer it was trained with (tasks with text);
+- `checksums.json`: the SHA-256 of the other files, so a damaged copy is told apart on loading.
+
+The directory is written beside its target and renamed into place, so it is whole or absent.
+`TaskModel.predict` runs raw texts and images through the same preprocessing as fine-tuning
+(the tokenizer truncating to the trained length; the eval transform at the trained image size)
+and gives the same logits as the in-memory classifier.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..config import (
+    FlavaConfig,
+    ImageEncoderConfig,
+    TextEncoderConfig,
+    from_dict,
+    to_dict,
+    validate,
+)
+from ..data.tokenizer import TextTokenizer
+from ..data.transforms import eval_transform
+from ..errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
+from ..hub import build_loaded
+from ..io.checkpoint import CHECKSUMS, damage, read_weights, write_checksums
+from ..io.files import read_json, replace_dir, write_json_atomic
+from ..model.encoders import ImageEncoder, TextEncoder
+from ..model.flava import FlavaModel, TextTower
+from .features import load_image
+from .finetune import (
+    FinetuneResult,
+    ImageClassifier,
+    ImageHead,
+    MultimodalClassifier,
+    MultimodalHead,
+    TextClassifier,
+    TextHead,
+    _encode,
+    _pad,
+    _truncating_copy,
+)
+
+FORMAT = "flava-task"
+FORMAT_VERSION = 1
+TASK_FILE = "task.json"
+WEIGHTS = "model.safetensors"
+TOKENIZER = "tokenizer.json"
+FILES = (TASK_FILE, WEIGHTS, TOKENIZER, CHECKSUMS)
+
+TEXT_TASKS = ("text-classification", "text-regression")
+MULTIMODAL_TASKS = ("vqa", "visual-entailment", "image-text-classification")
+TASKS = ("image-classification", *TEXT_TASKS, *MULTIMODAL_TASKS)
+
+Progress = Callable[[int, int], None]
+"""Called after every batch with (items done, items in total)."""
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class TaskModel:
+    """A fine-tuned classifier with its labels and preprocessing. `predict` takes raw inputs."""
+
+    def __init__(self, task: str, classifier: nn.Module, label_names: Sequence[str], *,
+                 tokenizer: TextTokenizer | None = None, max_text_length: int | None = None,
+                 image_size: int | None = None, pairs: bool = False, info: dict[str, Any] | None = None,
+                 path: Path | None = None):
+        self.task = task
+        self.classifier = classifier.eval()
+        self.label_names = list(label_names)
+        self.tokenizer = tokenizer
+        self.max_text_length = max_text_length
+        self.image_size = image_size
+        self.pairs = pairs
+        self.info = dict(info or {})
+        """What the fine-tuning run measured (validation and test metrics, steps, settings)."""
+        self.path = path
+        # A private truncating copy, made once: the shared tokenizer's settings stay untouched.
+        self._tok = _truncating_copy(tokenizer, max_text_length) if tokenizer is not None else None
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path else ""
+        outputs = "regression" if self.task == "text-regression" else f"{len(self.label_names)} labels"
+        return f"TaskModel(task={self.task!r}, {outputs}{where})"
+
+    @property
+    def uses_text(self) -> bool:
+        return self.task != "image-classification"
+
+    @property
+    def uses_images(self) -> bool:
+        return self.task not in TEXT_TASKS
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.classifier.parameters()).device
+
+    def to(self, device: str | torch.device) -> TaskModel:
+        self.classifier.to(device)
+        return self
+
+    # ------------------------------------------------------------------ prediction
+
+    def _check_inputs(self, texts, images, texts2) -> tuple[int, list | None, list | None, list | None]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(texts2, str):
+            texts2 = [texts2]
+        single = isinstance(images, (Image.Image, str, os.PathLike)) or (
+            isinstance(images, np.ndarray) and images.ndim in (2, 3))
+        images = [images] if single else (list(images) if images is not None else None)
+        texts = list(texts) if texts is not None else None
+        texts2 = list(texts2) if texts2 is not None else None
+        kind = self.task
+        if self.uses_images and images is None:
+            raise InputError(f"a {kind} model needs images")
+        if not self.uses_images and images is not None:
+            raise InputError(f"a {kind} model takes texts, not images")
+        if self.uses_text and texts is None:
+            raise InputError(f"a {kind} model needs texts")
+        if not self.uses_text and texts is not None:
+            raise InputError(f"a {kind} model takes images, not texts")
+        if self.pairs and texts2 is None:
+            raise InputError(f"this {kind} model was trained on sentence pairs; give texts2 too")
+        if not self.pairs and texts2 is not None:
+            raise InputError(f"this {kind} model was trained on single texts; leave texts2 out")
+        lengths = {name: len(v) for name, v in (("texts", texts), ("images", images), ("texts2", texts2))
+                   if v is not None}
+        if len(set(lengths.values())) > 1:
+            raise InputError("inputs differ in length: " + ", ".join(f"{k} {n}" for k, n in lengths.items()))
+        for name, values in (("texts", texts), ("texts2", texts2)):
+            bad = next((i for i, t in enumerate(values or []) if not isinstance(t, str)), None)
+            if bad is not None:
+                raise InputError(f"{name} must be strings; item {bad} is a {type(values[bad]).__name__}")
+        return next(iter(lengths.values())), texts, images, texts2
+
+    def _pixels(self, image, i: int) -> torch.Tensor:
+        try:
+            return eval_transform(load_image(image), self.image_size)
+        except FlavaError as e:
+            raise DataError(str(e)) from None
+        except (TypeError, ValueError, OSError) as e:  # arrays PIL cannot take (dtype, shape)
+            raise DataError(f"cannot use image {i} ({type(image).__name__}): {e}") from None
+
+    def _decode(self, logits: torch.Tensor, top_k: int) -> dict[str, Any]:
+        if self.task == "text-regression":
+            return {"value": float(logits[0])}
+        # As in fine-tuning's scoring: softmax over classes; VQA is multi-label, so a sigmoid per answer.
+        probs = torch.sigmoid(logits.double()) if self.task == "vqa" else torch.softmax(logits.double(), dim=0)
+        best = int(logits.argmax())
+        order = [best] + [int(j) for j in torch.argsort(-probs, stable=True) if int(j) != best][:top_k - 1]
+        top = [{"label": self.label_names[j], "score": float(probs[j])} for j in order]
+        return {"label": top[0]["label"], "score": top[0]["score"], "top": top}
+
+    def predict(self, texts: str | Sequence[str] | None = None, images: Any = None,
+                texts2: str | Sequence[str] | None = None, top_k: int = 5, batch_size: int = 32,
+                progress: Progress | None = None) -> list[dict[str, Any]]:
+        """One dict per input, in input order:
+
+        - classification tasks (text, image, visual entailment, image + text):
+          {"label": str, "score": float, "top": [{"label": str, "score": float}, ...]}, scores
+          being softmax probabilities, `top` the `top_k` best (at most the number of labels);
+        - vqa: the same keys, the labels being answers and the scores each answer's sigmoid;
+        - text-regression: {"value": float};
+        - an image that cannot be used: {"error": "..."}; the other inputs are predicted.
+
+        `texts` (and `texts2`, for models trained on sentence pairs) are strings; `images` are
+        paths, PIL images or numpy arrays ([H, W] or [H, W, C]; a [N, H, W, C] array is N images).
+        A single string or image gives a list of one. Runs in eval mode without autograd, in
+        batches of `batch_size`; `progress(done, total)` is called after each batch."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise InputError(f"top_k must be a positive integer; got {top_k!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer; got {batch_size!r}")
+        n, texts, images, texts2 = self._check_inputs(texts, images, texts2)
+        top_k = min(top_k, max(1, len(self.label_names)))
+        out: list[dict[str, Any] | None] = [None] * n
+        device = self.device
+        self.classifier.eval()
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                rows, pixels = [], []
+                for i in range(start, min(n, start + batch_size)):
+                    if images is not None:
+                        try:
+                            pixels.append(self._pixels(images[i], i))
+                        except DataError as e:
+                            out[i] = {"error": str(e)}
+                            continue
+                    rows.append(i)
+                if rows:
+                    logits = self.classifier(**self._batch(rows, texts, texts2, pixels, device)).float().cpu()
+                    for i, row in zip(rows, logits):
+                        out[i] = self._decode(row, top_k)
+                if progress is not None:
+                    progress(min(n, start + batch_size), n)
+        return out
+
+    def _batch(self, rows: list[int], texts, texts2, pixels: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
+        inputs: dict[str, torch.Tensor] = {}
+        if texts is not None:
+            tokens = _encode(self._tok, [texts[i] for i in rows], [texts2[i] for i in rows] if texts2 is not None else None)
+            ids, mask, types = _pad(tokens)
+            inputs.update(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        if pixels:
+            inputs["pixel_values"] = torch.stack(pixels)
+            if self.task in MULTIMODAL_TASKS:
+                inputs["image_index"] = torch.arange(len(pixels))
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    # ------------------------------------------------------------------ saving
+
+    def _head_settings(self) -> dict[str, Any]:
+        head = self.classifier.head
+        kind = {TextHead: "text", ImageHead: "image", MultimodalHead: "multimodal"}[type(head)]
+        return {"type": kind, "dim": head.dense.in_features if kind != "image" else head.out.in_features,
+                "hidden": head.dense.out_features if kind == "multimodal" else None,
+                "num_outputs": head.out.out_features, "dropout": head.drop.p}
+
+    def _model_config(self) -> dict[str, Any]:
+        clf = self.classifier
+        if isinstance(clf, TextClassifier):
+            return {"text": to_dict(clf.tower.encoder.cfg)}
+        if isinstance(clf, ImageClassifier):
+            return {"image": to_dict(clf.encoder.cfg)}
+        return to_dict(clf.flava.config)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the task model directory (replacing an earlier task model there, whole)."""
+        target = Path(directory)
+        check_output(target)
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "task": self.task, "label_names": self.label_names,
+            "head": self._head_settings(), "model": self._model_config(),
+            "preprocessing": {"image_size": self.image_size, "max_text_length": self.max_text_length,
+                              "pairs": self.pairs},
+            "finetune": self.info,
+        }
+        from safetensors.torch import save_file
+
+        def fill(tmp: Path) -> None:
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.classifier.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+            write_json_atomic(tmp / TASK_FILE, meta)
+            if self.tokenizer is not None:
+                self.tokenizer.tok.save(str(tmp / TOKENIZER))
+            write_checksums(tmp)
+
+        replace_dir(target, fill)
+        self.path = target
+        return target
+
+
+def check_output(directory: str | os.PathLike) -> None:
+    """CheckpointError unless `directory` is absent, empty or an earlier task model: a task model
+    replaces its directory whole, which must never take a checkpoint or other files with it."""
+    target = Path(directory)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target} is a file; choose a directory for the task model")
+    if target.is_dir():
+        names = {p.name for p in target.iterdir()}
+        if names and not names <= set(FILES):
+            raise CheckpointError(f"{target} already holds other files and is not a task model; "
+                                  f"choose another output directory")
+
+
+# --------------------------------------------------------------------------- from a fine-tuning run
+
+
+def _summary(result: FinetuneResult) -> dict[str, Any]:
+    best = result.eval_steps.index(result.best_step) if result.best_step in result.eval_steps else -1
+    return {"name": result.task, "metric": result.metric, "best_step": result.best_step, "steps": result.steps,
+            "best_val": result.best_val, "val_metrics": result.val_metrics[best] if result.val_metrics else {},
+            "test_metrics": result.test_metrics, "train_encoders": result.train_encoders}
+
+
+def _task_kind(clf: nn.Module, task: str | None, kind: str) -> str:
+    """The task kind a classifier serves: stated by `task` or read off the classifier."""
+    if isinstance(clf, TextClassifier):
+        allowed = ("text-regression",) if kind == "regression" else ("text-classification",)
+    elif isinstance(clf, ImageClassifier):
+        allowed = ("image-classification",)
+    elif isinstance(clf, MultimodalClassifier):
+        allowed = ("vqa",) if kind == "vqa" else ("image-text-classification", "visual-entailment")
+    else:
+        raise ConfigError(f"cannot save a {type(clf).__name__} as a task model; give a FinetuneResult or a "
+                          f"TextClassifier, ImageClassifier or MultimodalClassifier")
+    if task is None:
+        return allowed[0]
+    if task not in allowed:
+        raise ConfigError(f"task {task!r} does not fit this {type(clf).__name__} ({kind}); use "
+                          f"{' or '.join(allowed)}")
+    return task
+
+
+def as_task_model(model: FinetuneResult | nn.Module, *, task: str | None = None,
+                  tokenizer: TextTokenizer | None = None, label_names: Sequence[str] | None = None,
+                  max_text_length: int | None = None, pairs: bool | None = None, vqa: bool = False,
+                  info: dict[str, Any] | None = None) -> TaskModel:
+    """A `TaskModel` around a fine-tuning result (or a bare classifier), sharing its weights.
+
+    From a result, the label names, the text length and pairing come with it; a bare classifier
+    needs `label_names` (none for a one-output text regressor), and `vqa=True` for a VQA head.
+    `task` picks between the kinds one classifier can serve: image-text-classification
+    (default) or visual-entailment. Tasks with text need the `tokenizer` they were trained with."""
+    if isinstance(model, FinetuneResult):
+        clf, kind = model.model, model.kind
+        label_names = model.label_names if label_names is None else label_names
+        max_text_length = model.max_text_length if max_text_length is None else max_text_length
+        pairs = model.pairs if pairs is None else pairs
+        info = {**_summary(model), **(info or {})}
+    else:
+        clf = model
+        outputs = getattr(getattr(getattr(clf, "head", None), "out", None), "out_features", None)
+        kind = "vqa" if vqa else ("regression" if isinstance(clf, TextClassifier) and outputs == 1
+                                  and not label_names else "classification")
+        label_names = list(label_names or [])
+    kind_name = _task_kind(clf, task, kind)
+    head_outputs = clf.head.out.out_features
+    if kind_name == "text-regression":
+        if label_names or head_outputs != 1:
+            raise ConfigError(f"a text regressor has one output and no label names; this one has {head_outputs} "
+                              f"outputs and {len(label_names)} label names")
+    elif len(label_names) != head_outputs:
+        raise ConfigError(f"the head has {head_outputs} outputs but {len(label_names)} label names were given")
+    image_size = None
+    if isinstance(clf, ImageClassifier):
+        image_size = clf.encoder.cfg.image_size
+    elif isinstance(clf, MultimodalClassifier):
+        image_size = clf.flava.config.image.image_size
+    if kind_name != "image-classification":
+        if not isinstance(tokenizer, TextTokenizer):
+            raise ConfigError(f"a {kind_name} task model needs the TextTokenizer it was trained with")
+        text_cfg = clf.tower.encoder.cfg if isinstance(clf, TextClassifier) else clf.flava.config.text
+        if tokenizer.vocab_size > text_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder only "
+                              f"{text_cfg.vocab_size}; use the model's tokenizer")
+        # Fine-tuning's default: the tokenizer's length capped by the encoder's positions.
+        max_text_length = max_text_length or min(tokenizer.max_length, text_cfg.max_position_embeddings)
+    else:
+        tokenizer, max_text_length, pairs = None, None, False
+    return TaskModel(kind_name, clf, label_names, tokenizer=tokenizer, max_text_length=max_text_length,
+                     image_size=image_size, pairs=bool(pairs), info=info)
+
+
+def save_task_model(model: FinetuneResult | nn.Module, directory: str | os.PathLike, *, task: str | None = None,
+                    tokenizer: TextTokenizer | None = None, label_names: Sequence[str] | None = None,
+                    max_text_length: int | None = None, pairs: bool | None = None, vqa: bool = False,
+                    info: dict[str, Any] | None = None) -> TaskModel:
+    """Save a fine-tuning result (or a bare classifier) as a task model directory; returns the
+    `TaskModel`. Arguments as `as_task_model`."""
+    tm = as_task_model(model, task=task, tokenizer=tokenizer, label_names=label_names,
+                       max_text_length=max_text_length, pairs=pairs, vqa=vqa, info=info)
+    tm.save(directory)
+    return tm
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _get(meta: dict, key: str, kind: type, where: Path):
+    value = meta.get(key)
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{where} has no valid {key!r}; the task model is damaged: save it again")
+    return value
+
+
+def _encoder_config(cls: type, data: Any, where: str):
+    cfg = from_dict(cls, data, where)
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(f"{where}.hidden_size ({cfg.hidden_size}) must be divisible by {where}.num_heads "
+                          f"({cfg.num_heads})")
+    return cfg
+
+
+def _factory(meta: dict, where: Path) -> Callable[[], nn.Module]:
+    """A function building the (empty) classifier that task.json describes."""
+    head = _get(meta, "head", dict, where)
+    model = _get(meta, "model", dict, where)
+    try:
+        n, dropout, dim = int(head["num_outputs"]), float(head["dropout"]), int(head["dim"])
+        kind = head["type"]
+        hidden = int(head["hidden"]) if kind == "multimodal" else None
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{where}: the head settings are incomplete; the task model is damaged") from None
+    try:
+        if kind == "text":
+            tc = _encoder_config(TextEncoderConfig, model.get("text"), "model.text")
+            return lambda: TextClassifier(TextTower(TextEncoder(tc)), TextHead(dim, n, dropout))
+        if kind == "image":
+            ic = _encoder_config(ImageEncoderConfig, model.get("image"), "model.image")
+            return lambda: ImageClassifier(ImageEncoder(ic), ImageHead(dim, n, dropout))
+        if kind == "multimodal":
+            cfg = validate(from_dict(FlavaConfig, model, "model"))
+            return lambda: MultimodalClassifier(FlavaModel(cfg), MultimodalHead(dim, hidden, n, dropout))
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    raise CheckpointError(f"{where}: unknown head type {kind!r}; the task model is damaged")
+
+
+def _tokenizer(path: Path, max_length: int) -> TextTokenizer:
+    file = path / TOKENIZER
+    if not file.is_file():
+        raise CheckpointError(f"task model {path} has no {TOKENIZER}; it is incomplete: save it again")
+    try:
+        return TextTokenizer(file, max_length)
+    except DataError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    except Exception as e:  # the tokenizers library raises a bare Exception for unreadable files
+        raise CheckpointError(f"{file} could not be read ({e}); copy or save the task model again") from None
+
+
+def load_task(directory: str | os.PathLike, device: str | torch.device | None = None) -> TaskModel:
+    """A task model saved by `save_task_model` (or `flava finetune`), in eval mode, ready to
+    `predict`. CheckpointError, in one line, for a missing, incomplete or damaged directory."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"task model {path} does not exist (expected a directory written by `flava finetune`)")
+    if not (path / TASK_FILE).is_file():
+        hint = ("; it is a pretrained checkpoint: fine-tune it with `flava finetune` first"
+                if (path / "config.json").is_file() else "")
+        raise CheckpointError(f"{path} is not a task model: it has no {TASK_FILE}{hint}")
+    why = damage(path)
+    if why:
+        raise CheckpointError(f"task model {path} is damaged: {why}; copy or save it again")
+    where = path / TASK_FILE
+    meta = read_json(where, "task model settings", CheckpointError, expect=dict)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where} is not a flava task model file (format {meta.get('format')!r})")
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} was written by a newer flava (task format {version}); upgrade flava")
+    task = _get(meta, "task", str, where)
+    if task not in TASKS:
+        raise CheckpointError(f"{where}: unknown task {task!r}; known: {', '.join(TASKS)}")
+    labels = _get(meta, "label_names", list, where)
+    prep = _get(meta, "preprocessing", dict, where)
+    info = meta.get("finetune") if isinstance(meta.get("finetune"), dict) else {}
+    factory = _factory(meta, where)
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"task model {path} has no {WEIGHTS}; it is incomplete: save it again")
+    classifier = build_loaded(factory, read_weights(path), "task model", path)
+    tokenizer = None
+    max_length = prep.get("max_text_length")
+    if task != "image-classification":
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise CheckpointError(f"{where}: preprocessing.max_text_length is missing or invalid; save it again")
+        tokenizer = _tokenizer(path, max_length)
+    image_size = prep.get("image_size")
+    if task not in TEXT_TASKS and (isinstance(image_size, bool) or not isinstance(image_size, int)):
+        raise CheckpointError(f"{where}: preprocessing.image_size is missing or invalid; save it again")
+    tm = TaskModel(task, classifier, [str(x) for x in labels], tokenizer=tokenizer, max_text_length=max_length,
+                   image_size=image_size, pairs=bool(prep.get("pairs", False)), info=info, path=path)
+    if task != "text-regression" and len(tm.label_names) != classifier.head.out.out_features:
+        raise CheckpointError(f"{where} names {len(tm.label_names)} labels but the head has "
+                              f"{classifier.head.out.out_features} outputs; the task model is damaged")
+    return tm.to(device) if device is not None else tm
+
+
+__all__ = ["FILES", "TASKS", "TaskModel", "as_task_model", "check_output", "load_task", "save_task_model"]

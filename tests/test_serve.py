@@ -1,0 +1,409 @@
+"""`flava serve`: the real command on 127.0.0.1 over a tiny random model and an index of 12 small
+PNGs. Answers are checked against a direct `VectorIndex.search` / `Embedder` on the same inputs,
+refusals for their status and message, and the search page in real headless Chromium."""
+
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flava
+from flava.evaluate.finetune import TextClassifier, TextHead
+from flava.evaluate.taskmodel import save_task_model
+from flava.serve.app import create_app
+from flava.serve.embed import Embedder
+from flava.serve.index import VectorIndex, index_from_arrays
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MAX_UPLOAD = 40_000  # bytes: --max-upload-mb below, small enough to test both 413 paths cheaply
+TOPICS = ["sport", "politics", "tech"]
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 50, 220), "yellow": (230, 220, 30)}
+
+
+class Server:
+    def __init__(self, root: Path, proc: subprocess.Popen, url: str):
+        self.root, self.proc, self.url = root, proc, url
+        self.model = flava.load(root / "model")
+        self.embedder = Embedder(self.model)
+        self.index = VectorIndex.open(root / "index")
+        self.images = sorted((root / "images").glob("*.png"), key=lambda p: int(p.stem))
+
+    def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
+                headers: dict | None = None):
+        """(status, parsed JSON or raw bytes, headers) of one request."""
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=dict(headers or {}))
+        if ctype:
+            req.add_header("Content-Type", ctype)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                status, data, hdrs = r.status, r.read(), r.headers
+        except urllib.error.HTTPError as e:
+            status, data, hdrs = e.code, e.read(), e.headers
+        if hdrs.get("content-type", "").startswith("application/json"):
+            data = json.loads(data)
+        return status, data, hdrs
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def post_json(self, path: str, obj):
+        return self.request("POST", path, json.dumps(obj).encode(), "application/json")
+
+    def post_form(self, path: str, fields: dict | None = None, files: list | None = None):
+        return self.request("POST", path, *multipart(fields or {}, files or []))
+
+
+def multipart(fields: dict, files: list) -> tuple[bytes, str]:
+    """A multipart/form-data body of text fields and (field, filename, bytes) files."""
+    boundary = uuid.uuid4().hex
+    out = b""
+    for name, value in fields.items():
+        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+    for name, filename, data in files:
+        out += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def make_images(folder: Path) -> list[Path]:
+    """12 PNGs: a square of one of four colours on one of three backgrounds, with a little noise."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        colour = list(COLOURS.values())[i % 4]
+        arr = np.full((48, 48, 3), (40 + 80 * (i // 4),) * 3, dtype=np.int16)
+        arr[8 + i % 3 * 4:36, 10:38 - i % 2 * 6] = colour
+        arr += rng.integers(-12, 13, arr.shape, dtype=np.int16)
+        paths.append(folder / f"{i}.png")
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(root / "model")
+    paths = make_images(root / "images")
+    vectors = Embedder(flava.load(root / "model")).images(paths)
+    rows = [{"image_path": str(p.resolve()), "colour": list(COLOURS)[i % 4]} for i, p in enumerate(paths)]
+    index_from_arrays(vectors, None, root / "index", model=str(root / "model"), modality="image", metadata=rows)
+    model = flava.FlavaModel(flava.preset("tiny"))
+    classifier = TextClassifier(model.text_tower(), TextHead(model.config.text.hidden_size, len(TOPICS), 0.0))
+    save_task_model(classifier, root / "task", tokenizer=model.processor.tokenizer, label_names=TOPICS,
+                    max_text_length=32)
+    # The real command, with the model the index records (no --model).
+    cmd = [sys.executable, "-m", "flava.cli", "serve", "--index", str(root / "index"), "--task", str(root / "task"),
+           "--port", "0", "--max-upload-mb", str(MAX_UPLOAD / 2**20), "--max-k", "50"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines, url, deadline = [], None, time.monotonic() + 90
+    while url is None and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "listening on " in line:
+            url = line.split("listening on ")[1].split()[0].rstrip("/")
+    if url is None:
+        proc.kill()
+        pytest.fail("flava serve did not start:\n" + "".join(lines) + proc.stdout.read())
+    srv = Server(root, proc, url)
+    srv.startup_output = "".join(lines)
+    yield srv
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def assert_same_hits(results: list[dict], hits) -> None:
+    assert [r["position"] for r in results] == [h.position for h in hits]
+    assert [r["item"] for r in results] == [h.item for h in hits]
+    np.testing.assert_allclose([r["score"] for r in results], [h.score for h in hits], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def test_health(server):
+    status, body, _ = server.get("/health")
+    assert status == 200 and body["status"] == "ok"
+    assert body["model"] == str(server.root / "model")
+    assert body["index"] == {"size": 12, "dim": server.embedder.dim, "modality": "image",
+                             "model": str(server.root / "model")}
+    assert body["task"] == {"task": "text-classification", "labels": 3} and body["max_k"] == 50
+
+
+def test_text_search_equals_index_search(server):
+    q = "a red square on a dark background"
+    status, body, _ = server.get("/search?q=" + urllib.request.quote(q) + "&k=5")
+    assert status == 200, body
+    want = server.index.search(server.embedder.texts([q]), 5)[0]
+    assert len(body["results"]) == 5 and body["took_ms"] > 0
+    assert_same_hits(body["results"], want)
+    assert body["results"][0]["metadata"] == want[0].metadata
+
+
+def test_image_upload_search(server):
+    path = server.images[5]
+    status, body, _ = server.post_form("/search", {"k": 4}, [("image", path.name, path.read_bytes())])
+    assert status == 200, body
+    assert_same_hits(body["results"], server.index.search(server.embedder.images([path]), 4)[0])
+    assert body["results"][0]["position"] == 5 and body["results"][0]["score"] == pytest.approx(1, abs=1e-4)
+
+
+def test_embedding_search(server):
+    vec = np.random.default_rng(1).standard_normal(server.index.dim).astype(np.float32)
+    vec /= np.linalg.norm(vec)
+    status, body, _ = server.post_json("/search", {"embedding": vec.tolist(), "k": 12})
+    assert status == 200, body
+    assert_same_hits(body["results"], server.index.search(vec[None], 12)[0])
+
+
+def test_search_by_position(server):
+    status, body, _ = server.post_json("/search", {"position": 7, "k": 3})
+    assert status == 200, body
+    first = body["results"][0]
+    assert first["position"] == 7 and first["item"] == server.index.item(7)
+    assert first["score"] == pytest.approx(1, abs=1e-4)
+    want = server.index.search(server.embedder.images([server.images[7]]), 3)[0]
+    assert_same_hits(body["results"], want)
+
+
+def test_embed_texts_and_images(server):
+    texts = ["a blue square", "yellow"]
+    status, body, _ = server.post_json("/embed", {"texts": texts})
+    assert status == 200 and body["dim"] == server.embedder.dim and body["modality"] == "text"
+    np.testing.assert_allclose(body["embeddings"], server.embedder.texts(texts), atol=1e-5)
+    files = [("image", p.name, p.read_bytes()) for p in server.images[:3]]
+    status, body, _ = server.post_form("/embed", files=files)
+    assert status == 200 and body["modality"] == "image"
+    np.testing.assert_allclose(body["embeddings"], server.embedder.images(server.images[:3]), atol=1e-5)
+
+
+def test_classify(server):
+    from flava.evaluate.zero_shot import class_embeddings
+
+    classes = ["red", "green", "blue"]
+    files = [("image", p.name, p.read_bytes()) for p in server.images[:2]]
+    status, body, _ = server.post_form("/classify", {"classes": ", ".join(classes), "templates": "short"}, files)
+    assert status == 200, body
+    emb = class_embeddings(server.model, classes, server.model.processor.tokenizer, ("a photo of a {}.",))
+    scores = server.embedder.images(server.images[:2]) @ emb.T
+    logits = np.exp(float(server.model.logit_scale.detach())) * scores
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert len(body["results"]) == 2
+    for row, want_p in zip(body["results"], probs):
+        got = {c["label"]: c["probability"] for c in row["classes"]}
+        assert list(got) == [classes[j] for j in np.argsort(-want_p, kind="stable")]
+        np.testing.assert_allclose([got[c] for c in classes], want_p, atol=1e-5)
+
+
+def test_items_serves_only_indexed_files(server):
+    status, data, headers = server.get("/items/2")
+    assert status == 200 and headers["content-type"] == "image/png"
+    assert data == server.images[2].read_bytes()
+    for bad in ("12", "-1", "99999"):
+        status, body, _ = server.get("/items/" + bad)
+        assert status == 404 and "no item at position" in body["error"]
+    status, body, _ = server.get("/items/..%2F..%2Fetc%2Fpasswd")
+    assert status in (404, 422) and "error" in body
+
+
+def test_metrics_count_requests(server):
+    def count(snapshot, endpoint, method, status):
+        return sum(r["count"] for r in snapshot["requests"]
+                   if (r["endpoint"], r["method"], r["status"]) == (endpoint, method, status))
+
+    _, before, _ = server.get("/metrics?format=json")
+    for _ in range(3):
+        assert server.get("/search?q=green&k=2")[0] == 200
+    assert server.get("/search?q=&k=2")[0] == 400
+    _, after, _ = server.get("/metrics?format=json")
+    assert count(after, "/search", "GET", 200) == count(before, "/search", "GET", 200) + 3
+    assert count(after, "/search", "GET", 400) == count(before, "/search", "GET", 400) + 1
+    lat = next(r for r in after["latency_ms"] if (r["endpoint"], r["method"]) == ("/search", "GET"))
+    assert 0 < lat["p50"] <= lat["p99"] and lat["mean"] > 0 and lat["count"] >= 4
+    status, text, headers = server.get("/metrics")
+    text = text.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    assert 'flava_requests_total{endpoint="/search",method="GET",status="200"}' in text
+    assert 'flava_request_latency_ms{endpoint="/search",method="GET",quantile="0.99"}' in text
+
+
+def test_predict_equals_task_model(server):
+    task = flava.load_task(server.root / "task")
+    texts = ["the match ended in a draw", "parliament votes today"]
+    status, body, _ = server.post_json("/predict", {"texts": texts, "top_k": 2})
+    assert status == 200 and body["task"] == "text-classification", body
+    want = task.predict(texts=texts, top_k=2)
+    for got, exp in zip(body["predictions"], want):
+        assert got["label"] == exp["label"] and [t["label"] for t in got["top"]] == [t["label"] for t in exp["top"]]
+        np.testing.assert_allclose([t["score"] for t in got["top"]], [t["score"] for t in exp["top"]], atol=1e-5)
+    status, body, _ = server.post_form("/predict", {"text": texts[0]})
+    assert status == 200 and body["predictions"][0]["label"] == want[0]["label"]
+
+
+def test_responses_are_not_held_back_by_nagle(server):
+    """The server's connections have TCP_NODELAY: a small keep-alive request takes about a
+    millisecond, not the ~40 ms of a delayed ACK when the response body waits behind its headers."""
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    times = []
+    for _ in range(15):
+        start = time.perf_counter()
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+        times.append(time.perf_counter() - start)
+    conn.close()
+    assert statistics.median(times) < 0.02, times
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_nothing_loaded_answers_409():
+    """An app with no model, index or task (uvicorn in a thread): each endpoint says what to load."""
+    import threading
+
+    import uvicorn
+    from conftest import free_port
+
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not srv.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        client = Server.__new__(Server)
+        client.url = f"http://127.0.0.1:{port}"
+        assert client.get("/health")[1]["index"] is None
+        for (status, body, _), flag in [
+            (client.get("/search?q=dog"), "--index"),
+            (client.post_json("/search", {"position": 0}), "--index"),
+            (client.post_json("/embed", {"texts": ["a"]}), "--model"),
+            (client.post_json("/predict", {"texts": ["a"]}), "--task"),
+            (client.get("/items/0"), "--index"),
+        ]:
+            assert status == 409 and flag in body["error"], body
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+
+def test_bad_requests(server):
+    png = server.images[0].read_bytes()
+    cases = [
+        (server.get("/search?q=&k=3"), 400, "empty"),
+        (server.get("/search?q=%20%20"), 400, "empty"),
+        (server.get("/search?q=dog&k=0"), 422, "k must"),
+        (server.get("/search?q=dog&k=51"), 422, "k must"),
+        (server.get("/search?q=dog&k=ten"), 422, "k"),
+        (server.post_json("/search", {"embedding": [0.1] * server.index.dim, "k": 500}), 422, "k must"),
+        (server.post_json("/search", {"embedding": [0.1, 0.2]}), 400, "numbers"),
+        (server.post_json("/search", {"position": 12}), 404, "no item at position 12"),
+        (server.post_json("/search", {"position": -3}), 404, "no item at position"),
+        (server.post_json("/search", {}), 400, "embedding"),
+        (server.post_form("/search", files=[("image", "notes.txt", b"not an image at all")]), 415, "notes.txt"),
+        (server.post_form("/embed", files=[("image", "big.png", png + b"\0" * MAX_UPLOAD)]), 413, "big.png"),
+        (server.post_form("/search", files=[("image", "huge.png", b"\0" * 200_000)]), 413, "larger than"),
+        (server.request("POST", "/search", b"k=3", "application/x-www-form-urlencoded"), 415, "multipart"),
+        (server.request("POST", "/embed", b"{not json", "application/json"), 400, "JSON"),
+        (server.post_json("/embed", {"texts": []}), 400, "texts"),
+        (server.post_form("/classify", {"classes": "red"}, [("image", "a.png", png)]), 400, "two class"),
+        (server.post_form("/classify", {"classes": "a, b", "templates": "no slot"}, [("image", "a.png", png)]),
+         400, "{}"),
+        (server.post_json("/predict", {"texts": []}), 400, "texts"),
+        (server.post_json("/predict", {"texts": ["a"], "top_k": 0}), 400, "top_k"),
+        (server.get("/no/such/thing"), 404, "no endpoint"),
+    ]
+    for (status, body, _), want, phrase in cases:
+        assert status == want, (want, body)
+        assert isinstance(body, dict) and phrase in body["error"], (phrase, body)
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_page_in_headless_chromium(server):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright (python) is not installed: pip install playwright (it is in the test extras)")
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does")
+    q = "a yellow square"
+    status, want, _ = server.get("/search?q=" + urllib.request.quote(q) + "&k=6")
+    assert status == 200
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, timeout=30_000)
+        try:
+            page = browser.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/", timeout=20_000)
+            page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+            assert "12 images indexed" in page.inner_text("#info")
+            page.select_option("#k", "6")
+            page.fill("#q", q)
+            page.press("#q", "Enter")
+            page.wait_for_selector("body[data-state='done']", timeout=10_000)
+            cards = page.locator("#grid .card")
+            assert cards.count() == 6
+            first = cards.nth(0)
+            assert first.get_attribute("data-item") == want["results"][0]["item"]
+            assert float(first.get_attribute("data-score")) == pytest.approx(want["results"][0]["score"], abs=1e-6)
+            assert first.locator(".score").inner_text() == f"{want['results'][0]['score']:.3f}"
+            # Every card's picture loaded from /items.
+            page.wait_for_function("[...document.querySelectorAll('#grid img')].every(i => i.complete)",
+                                   timeout=10_000)
+            widths = page.evaluate("[...document.querySelectorAll('#grid img')].map(i => i.naturalWidth)")
+            assert widths == [48] * 6
+            # A click searches by the clicked item: it comes first, with score ~1.
+            clicked = cards.nth(2).get_attribute("data-position")
+            page.evaluate("document.body.dataset.state = ''")
+            cards.nth(2).click()
+            page.wait_for_selector("body[data-state='done']", timeout=10_000)
+            cards = page.locator("#grid .card")
+            assert cards.count() == 6
+            assert cards.nth(0).get_attribute("data-position") == clicked
+            assert float(cards.nth(0).get_attribute("data-score")) == pytest.approx(1, abs=1e-4)
+            _, by_item, _ = server.post_json("/search", {"position": int(clicked), "k": 6})
+            assert [cards.nth(i).get_attribute("data-position") for i in range(6)] == \
+                [str(r["position"]) for r in by_item["results"]]
+            # An uploaded image (the file input behind the drop zone) searches by image.
+            page.evaluate("document.body.dataset.state = ''")
+            page.set_input_files("#file", str(server.images[9]))
+            page.wait_for_selector("body[data-state='done']", timeout=10_000)
+            assert page.locator("#grid .card").nth(0).get_attribute("data-position") == "9"
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def test_ctrl_c_stops_the_server(server):
+    """Last: SIGINT (Ctrl-C) ends `flava serve` cleanly, with exit status 0."""
+    server.proc.send_signal(signal.SIGINT)
+    out, _ = server.proc.communicate(timeout=20)
+    assert server.proc.returncode == 0, out
+    assert "stopped" in out and "Traceback" not in out, out
