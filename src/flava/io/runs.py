@@ -143,6 +143,7 @@ def resolve(path: str | os.PathLike) -> Path:
         if pointer.is_file():
             return _follow(pointer)
     raise CheckpointError(
-        f"{p} is not a checkpoint (no {CONFIG}) nor a run directory (no {CHECKPOINTS}/{LATEST}); name a "
+        f"{p} is not a checkpoint: it is neither a checkpoint directory (no {CONFIG}) nor a run directory (no "
+        f"{CHECKPOINTS}/{LATEST}); name a "
         f"checkpoints/step_N directory, a run directory, a transformers FLAVA or ViT directory, or a hub id"
     )
