@@ -72,8 +72,44 @@ def easy_vqa_captions(split: str = "train") -> dict[int, str]:
             for i, (c, s) in easy_vqa_attributes(split).items()}
 
 
+# --------------------------------------------------------------------------- held-out examples
+#
+# The packaged data's evaluation splits are fixed here, once, so the demo's pretraining sources can
+# leave out every example an evaluation task validates or tests on: easy-vqa's test images and a
+# seeded share of its training images (the validation images of the VQA fine-tune and the image
+# probes), and BBC News's test articles and a seeded share of its training articles.
+
+HELD_OUT_SEED = 0
+VALIDATION_FRACTION = 0.1
+BBC_TEST_FRACTION = 0.25
+
+
+def easy_vqa_validation_ids() -> frozenset[int]:
+    """easy-vqa training image ids held out for validation (never in pretraining)."""
+    import easy_vqa
+
+    ids = np.array(sorted(easy_vqa.get_train_image_paths()))
+    rng = np.random.default_rng(HELD_OUT_SEED)
+    chosen = rng.choice(len(ids), round(VALIDATION_FRACTION * len(ids)), replace=False)
+    return frozenset(int(i) for i in ids[chosen])
+
+
+def bbc_news_split_ids() -> dict[str, np.ndarray]:
+    """BBC News article indices (into `bbc_news_articles()`) of train, val and test: test 25 %
+    and val 10 % of the rest, both stratified by class and seeded. Only train is pretrained on."""
+    from sklearn.model_selection import train_test_split
+
+    _, labels = bbc_news_articles()
+    y = np.asarray(labels)
+    tr, te = train_test_split(np.arange(len(y)), test_size=BBC_TEST_FRACTION, random_state=HELD_OUT_SEED,
+                              stratify=y)
+    tr, va = train_test_split(tr, test_size=VALIDATION_FRACTION, random_state=HELD_OUT_SEED, stratify=y[tr])
+    return {"train": np.sort(tr), "val": np.sort(va), "test": np.sort(te)}
+
+
 def easy_vqa_pairs(split: str = "train"):
-    """easy-vqa images with annotation captions, as a pair source."""
+    """easy-vqa images with annotation captions, as a pair source; the training split leaves out
+    the validation images (`easy_vqa_validation_ids`)."""
     from pathlib import Path
 
     import easy_vqa
@@ -82,12 +118,14 @@ def easy_vqa_pairs(split: str = "train"):
 
     paths = getattr(easy_vqa, f"get_{split}_image_paths")()
     captions = easy_vqa_captions(split)
-    records = [PairRecord(Path(paths[i]), captions[i]) for i in sorted(captions) if i in paths]
+    held_out = easy_vqa_validation_ids() if split == "train" else frozenset()
+    records = [PairRecord(Path(paths[i]), captions[i]) for i in sorted(captions) if i in paths and i not in held_out]
     return Source("pairs", records, f"easy-vqa {split} pairs")
 
 
 def demo_image_source():
-    """easy-vqa training images and the scikit-image photographs, as an image source."""
+    """easy-vqa training images (less the validation images) and the scikit-image photographs,
+    as an image source."""
     from pathlib import Path
 
     import easy_vqa
@@ -95,7 +133,8 @@ def demo_image_source():
     from .sources import ImageRecord, Source
     from .transforms import to_rgb
 
-    records = [ImageRecord(Path(p)) for _, p in sorted(easy_vqa.get_train_image_paths().items())]
+    held_out = easy_vqa_validation_ids()
+    records = [ImageRecord(Path(p)) for i, p in sorted(easy_vqa.get_train_image_paths().items()) if i not in held_out]
     records += [ImageRecord(to_rgb(arr)) for arr, _ in skimage_photos().values()]
     return Source("images", records, "easy-vqa + scikit-image images")
 
@@ -134,9 +173,18 @@ def bbc_news_articles() -> tuple[list[str], list[int]]:
 
 
 def bbc_news_text(min_chars: int = 40):
-    """BBC News paragraphs (articles split at blank lines), as a text source."""
+    """Paragraphs (articles split at blank lines) of BBC News's training articles, as a text
+    source: the validation and test articles are never pretrained on."""
     from .sources import Source
 
     articles, _ = bbc_news_articles()
-    records = [p.strip() for a in articles for p in a.split("\n\n") if len(p.strip()) >= min_chars]
-    return Source("text", records, "BBC News paragraphs")
+    ids = bbc_news_split_ids()
+
+    def paragraphs(i):
+        return [p.strip() for p in articles[i].split("\n\n") if len(p.strip()) >= min_chars]
+
+    # The corpus repeats some articles and paragraphs: a training paragraph that also occurs in a
+    # held-out article is held out too.
+    held_out = {p for i in np.concatenate([ids["val"], ids["test"]]) for p in paragraphs(i)}
+    records = [p for i in ids["train"] for p in paragraphs(i) if p not in held_out]
+    return Source("text", records, "BBC News paragraphs (training articles)")

@@ -104,10 +104,21 @@ def _easy_vqa_labels(split: str) -> tuple[list[Path], list[str], list[str]]:
 
 
 def _easy_vqa_classes(what: str, split: str) -> tuple[list[Path], np.ndarray, list[str]]:
-    images, colours, shapes = _easy_vqa_labels(split)
+    """Images and class indices of easy-vqa's "test" split, or of "train" / "val": its training
+    images without / with the held-out validation images (which pretraining never sees)."""
+    import easy_vqa
+
+    from ..data.demo import easy_vqa_validation_ids
+
+    images, colours, shapes = _easy_vqa_labels("test" if split == "test" else "train")
     names = colours if what == "easy-vqa-colours" else shapes
     classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
+    if split != "test":
+        held_out = {Path(easy_vqa.get_train_image_paths()[i]) for i in easy_vqa_validation_ids()}
+        keep = [(p in held_out) == (split == "val") for p in images]
+        images = [p for p, k in zip(images, keep) if k]
+        names = [n for n, k in zip(names, keep) if k]
     return images, np.array([index[n] for n in names]), classes
 
 
@@ -146,16 +157,16 @@ def _digits() -> tuple[list, np.ndarray, list, np.ndarray]:
     return [images[i] for i in tr], d.target[tr], [images[i] for i in te], d.target[te]
 
 
-def bbc_news_splits(seed: int = 0) -> tuple[list[str], np.ndarray, list[str], np.ndarray, list[str]]:
-    """The 2,225 BBC News articles, seeded stratified 75/25 train/test, and the class names."""
-    from sklearn.model_selection import train_test_split
-
-    from ..data.demo import BBC_NEWS_CLASSES, bbc_news_articles
+def bbc_news_splits() -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
+    """The 2,225 BBC News articles as {"train", "val", "test": (texts, labels)} (the fixed,
+    stratified splits of `flava.data.demo.bbc_news_split_ids`, whose val and test the demo's
+    pretraining never sees) and the class names."""
+    from ..data.demo import BBC_NEWS_CLASSES, bbc_news_articles, bbc_news_split_ids
 
     texts, labels = bbc_news_articles()
     y = np.asarray(labels)
-    tr, te = train_test_split(np.arange(len(texts)), test_size=0.25, random_state=seed, stratify=y)
-    return [texts[i] for i in tr], y[tr], [texts[i] for i in te], y[te], list(BBC_NEWS_CLASSES)
+    splits = {name: ([texts[i] for i in ids], y[ids]) for name, ids in bbc_news_split_ids().items()}
+    return splits, list(BBC_NEWS_CLASSES)
 
 
 # --------------------------------------------------------------------------- prepared tasks
@@ -392,9 +403,11 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
             classes = [str(i) for i in range(10)]
         elif data in ("easy-vqa-shapes", "easy-vqa-colours"):
             xtr, ytr, classes = _easy_vqa_classes(data, "train")
+            val = _easy_vqa_classes(data, "val")[:2]
             xte, yte, _ = _easy_vqa_classes(data, "test")
         elif data == "bbc-news":
-            xtr, ytr, xte, yte, classes = bbc_news_splits(seed)
+            splits, classes = bbc_news_splits()
+            (xtr, ytr), val, (xte, yte) = splits["train"], splits["val"], splits["test"]
         elif "train" in spec and "test" in spec:
             if modality == "image":
                 xtr, ytr, classes = _image_folder(_path(base, spec["train"], where), where)
@@ -434,13 +447,8 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
         from .tasks import TextExample, read_glue, read_text_classification
 
         if data == "bbc-news":
-            xtr, ytr, xte, yte, classes = bbc_news_splits(seed)
-            rng = np.random.default_rng(seed)
-            order = rng.permutation(len(xtr))
-            n_val = len(xtr) // 10
-            tr = [TextExample(xtr[i], int(ytr[i])) for i in order[n_val:]]
-            va = [TextExample(xtr[i], int(ytr[i])) for i in order[:n_val]]
-            te = [TextExample(t, int(y)) for t, y in zip(xte, yte)]
+            splits, classes = bbc_news_splits()
+            tr, va, te = ([TextExample(t, int(y)) for t, y in zip(*splits[k])] for k in ("train", "val", "test"))
             task = TextTask(name, tr[:limit] if limit else tr, va, te, classes, ("accuracy",))
         elif "glue" in spec:
             task = read_glue(spec["glue"], _path(base, spec.get("dir", "."), where), seed=seed, limit=limit)

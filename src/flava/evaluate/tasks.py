@@ -478,9 +478,10 @@ def _normalize_answer(answer: str) -> str:
     return answer.strip().lower()
 
 
-def easy_vqa_task(val_fraction: float = 0.1, seed: int = 0, limit: int | None = None) -> MultimodalTask:
-    """easy-vqa (packaged): its train questions split by image into train and a seeded
-    validation share, its test questions as test. Each question has one answer, which is a soft
+def easy_vqa_task(val_fraction: float | None = None, seed: int = 0, limit: int | None = None) -> MultimodalTask:
+    """easy-vqa (packaged): its train questions split by image into train and validation (by
+    default the fixed held-out images of `flava.data.demo.easy_vqa_validation_ids`, else a seeded
+    `val_fraction`), its test questions as test. Each question has one answer, which is a soft
     target of 1.0. The answer vocabulary is train's answers by frequency. `limit` caps the
     questions of each split (a seeded choice)."""
     import easy_vqa
@@ -491,7 +492,14 @@ def easy_vqa_task(val_fraction: float = 0.1, seed: int = 0, limit: int | None = 
         questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
         paths = getattr(easy_vqa, f"get_{split}_image_paths")()
         rows[split] = [(Path(paths[i]), q, _normalize_answer(a), i) for q, a, i in zip(questions, answers, image_ids)]
-    train, val = _carve(rows["train"], val_fraction, seed, group=lambda r: r[3])
+    if val_fraction is None:  # the held-out images the demo's pretraining never sees
+        from ..data.demo import easy_vqa_validation_ids
+
+        held_out = easy_vqa_validation_ids()
+        train = [r for r in rows["train"] if r[3] not in held_out]
+        val = [r for r in rows["train"] if r[3] in held_out]
+    else:
+        train, val = _carve(rows["train"], val_fraction, seed, group=lambda r: r[3])
     train, val, test = (_subsample(train, limit, seed), _subsample(val, limit, seed + 1),
                         _subsample(rows["test"], limit, seed + 2))
     vocab = answer_vocabulary([r[2] for r in train])

@@ -1,0 +1,49 @@
+"""The demo's pretraining data holds no example that the demo suite validates or tests on."""
+
+from pathlib import Path
+
+from flava.data.registry import demo_source
+from flava.evaluate.suite import DEMO_SUITE, _easy_vqa_classes, bbc_news_splits, easy_vqa_galleries
+from flava.evaluate.tasks import easy_vqa_task
+
+
+def _paragraphs(text):
+    return {p.strip() for p in text.split("\n\n") if p.strip()}
+
+
+def test_demo_pretraining_data_excludes_every_evaluation_example():
+    # Every task of the demo suite is covered below; a new task must be added here too.
+    covered = {("retrieval", "easy-vqa"), ("zero-shot", "easy-vqa-shapes"), ("linear-probe", "digits"),
+               ("linear-probe", "easy-vqa-shapes"), ("linear-probe", "easy-vqa-colours"),
+               ("linear-probe", "bbc-news"), ("finetune-text", "bbc-news"), ("finetune-multimodal", "easy-vqa")}
+    assert {(t["kind"], t["data"]) for t in DEMO_SUITE["tasks"]} <= covered
+
+    pretrain_images = {Path(r.image).resolve() for kind in ("pairs", "images") for r in demo_source(kind).records
+                       if isinstance(r.image, (str, Path))}
+    pretrain_captions = {r.caption for r in demo_source("pairs").records}
+    pretrain_text = set(demo_source("text").records)
+    assert len(pretrain_images) > 3000 and len(pretrain_text) > 6000
+
+    evaluated = set()  # images some task validates or tests on
+    gallery = next(t for t in DEMO_SUITE["tasks"] if t["kind"] == "retrieval")["galleries"]
+    for images, _ in easy_vqa_galleries(gallery):
+        evaluated |= {Path(p).resolve() for p in images}
+    for what in ("easy-vqa-shapes", "easy-vqa-colours"):
+        for split in ("val", "test"):
+            evaluated |= {Path(p).resolve() for p in _easy_vqa_classes(what, split)[0]}
+    vqa = easy_vqa_task(seed=0)
+    evaluated |= {Path(ex.image).resolve() for ex in vqa.val + vqa.test}
+    assert len(evaluated) > 1000
+    assert not pretrain_images & evaluated, sorted(pretrain_images & evaluated)[:3]
+    # Training images are pretrained on, apart from the held-out validation images.
+    train_probe = {Path(p).resolve() for p in _easy_vqa_classes("easy-vqa-shapes", "train")[0]}
+    assert train_probe <= pretrain_images
+
+    splits, _ = bbc_news_splits()
+    held_out = {p for split in ("val", "test") for text in splits[split][0] for p in _paragraphs(text)}
+    assert len(held_out) > 4000
+    assert not pretrain_text & held_out, sorted(pretrain_text & held_out)[:2]
+    assert not pretrain_captions & held_out
+    # The splits are disjoint article sets, and pretraining keeps most of the training articles.
+    train_paragraphs = {p for text in splits["train"][0] for p in _paragraphs(text)}
+    assert len(pretrain_text & train_paragraphs) > 0.9 * len(pretrain_text)
