@@ -26,6 +26,7 @@ from ..config import FlavaConfig, ObjectivesConfig
 from ..errors import DataError
 from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
 from .masking import BlockMasking, TextMasking
+from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
 from .sources import BadSample, ImageRecord, PairRecord, Source, open_image, open_shard, read_caption
 from .tokenizer import PAD_ID, TextTokenizer
 from .transforms import map_pixels, normalize, random_resized_crop_box, to_tensor
@@ -125,6 +126,27 @@ class SampleMaker:
                 return self._image(record.image, rng, record.prepared)
             return self._image(record, rng)
         return self._text(record, rng, caption=False)
+
+    def collate(self, kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
+        return collate(kind, samples)
+
+
+class MultiCropMaker:
+    """Turns an image record into DINO's multi-crop views (`multi_crop`), every choice drawn from
+    a generator seeded by (seed, position) as `SampleMaker` does, so a resumed run sees the same
+    crops. Prepared shards' image tokens are not read: DINO needs none."""
+
+    def __init__(self, spec: MultiCropSpec, seed: int):
+        self.spec, self.seed = spec, seed
+
+    def __call__(self, kind: str, record, key: tuple[int, ...]):
+        if kind != "images":
+            raise DataError(f"DINO trains on images; it got a {kind} source")
+        rng = np.random.default_rng([self.seed, *key])
+        return multi_crop(open_image(record.image if isinstance(record, ImageRecord) else record), self.spec, rng)
+
+    def collate(self, kind: str, samples: list) -> MultiCropBatch:
+        return collate_multicrop(samples)
 
 
 def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
@@ -371,7 +393,7 @@ class BatchStream:
                 self.bad.setdefault(reason, set()).add(rid)
             self.rejected.update(opened)
         self.draws += 1
-        return collate(self.kind, [out[s] for s in self.layout.slots])
+        return self.maker.collate(self.kind, [out[s] for s in self.layout.slots])
 
     def state(self) -> dict:
         return {"draws": self.draws, "global_batch": self.layout.global_batch, "batch_size": self.batch_size,

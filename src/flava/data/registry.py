@@ -76,6 +76,7 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise DataError(f"give every data.{kind} source a weight, or none (then each weighs by its size)")
     srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
+    weights = weights or [None]  # the demo source stands alone
     if len(srcs) > 1 and weights[0] is None:
         weights = [float(estimated_size(s)) for s in srcs]
     streams = [BatchStream(kind, src, maker, batch_size, seed=seed + 7919 * i, rank=rank, world=world,

@@ -1,7 +1,8 @@
 """Checkpoint directories on disk, as dicts and tensors; building models from them is `flava.hub`.
 
 This project's format is a directory with `config.json` ({"format": "flava", "model": {...}})
-and `model.safetensors`, whose keys are prefixed by part: `model.`, `heads.`, `codebook.`.
+and `model.safetensors`, whose keys are prefixed by part: `model.`, `heads.`, `codebook.`
+(`dino.` for a DINO stage).
 A directory is replaced atomically: it is written beside the target and renamed into place.
 Foreign directories (transformers FLAVA, ViT) are read here too, as their config dict and
 tensors under their own names.
@@ -27,7 +28,8 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CHECKSUMS = "checksums.json"
-PARTS = ("model", "heads", "codebook")
+# `dino`: a DINO stage's student, teacher and loss center (train.dino).
+PARTS = ("model", "heads", "codebook", "dino")
 
 Tensors = Mapping[str, torch.Tensor]
 

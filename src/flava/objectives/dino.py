@@ -83,6 +83,9 @@ class DinoConfig:
     size rounded to a patch multiple (96 px at 224)."""
     freeze_last_layer: NonNegativeInt = 1
     """Epochs during which the head's last layer gets no update (its gradient is dropped)."""
+    steps_per_epoch: NonNegativeInt = 0
+    """Optimizer steps that make one epoch of the epoch-based schedules (teacher temperature
+    warm-up, `freeze_last_layer`) in a training run; 0: the image data's size over the global batch."""
 
     def local_size(self, image: ImageEncoderConfig) -> int:
         """Side of the local crops for an image encoder of config `image`."""
@@ -345,15 +348,17 @@ class DinoModel(nn.Module):
         return self
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None, *,
-                epoch: float) -> DinoOutput:
+                epoch: float, student: nn.Module | None = None) -> DinoOutput:
         """The teacher sees the two global crops of each image, the student every crop; `epoch`
-        (may be fractional) sets the teacher temperature. Updates the loss's center."""
+        (may be fractional) sets the teacher temperature. Updates the loss's center. `student`:
+        what to run the student through instead of `self.student` (its data-parallel wrapper;
+        the teacher is never wrapped)."""
         if global_crops.dim() != 4 or global_crops.shape[0] % 2:
             raise InputError(f"global_crops must be [2*B, 3, H, W] (two crops per image, crop-major); got "
                              f"{tuple(global_crops.shape)}")
         with torch.no_grad():
             teacher_out = self.teacher(global_crops)
-        student_out = self.student(global_crops, local_crops)
+        student_out = (student or self.student)(global_crops, local_crops)
         temperature = self.loss.teacher_temperature(epoch)
         # Measured against the center the loss is about to use, before it moves.
         metrics = collapse_metrics(teacher_out, student_out, self.loss.center, temperature, self.config.student_temp)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from ..config import to_dict
 from ..errors import CheckpointError
 from ..hub import Checkpoint, load_weights, read_checkpoint
-from ..io.checkpoint import damage, split_parts, write_checkpoint_dir, write_checkpoint_files, write_checksums
+from ..io.checkpoint import PARTS, damage, split_parts, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -170,7 +170,8 @@ def resume(trainer: Trainer) -> list[str] | None:
         stream.load_states(saved)
     pointed = run.intact_pointer()
     model = trainer.model
-    parts = {p: ckpt.parts.get(p) or {} for p in ("model", "heads", "codebook") if getattr(model, p) is not None}
+    # A joint or unimodal stage holds model, heads (and a codebook); a DINO stage holds dino.
+    parts = {p: ckpt.parts.get(p) or {} for p in PARTS if getattr(model, p, None) is not None}
     if trainer.world == 1:  # checked loads: one clear error for any mismatch
         for part, sd in parts.items():
             load_weights(getattr(model, part), sd, part, target)

@@ -19,6 +19,7 @@ from ..config import (
     preset,
 )
 from ..io.files import read_json
+from ..objectives.dino import DinoConfig
 
 
 @dataclass
@@ -109,8 +110,12 @@ class TrainConfig:
     """Data sources, mixing and batching."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
-    stage: Literal["joint", "text-mlm", "image-mim"] = "joint"
-    """'text-mlm' (text encoder alone), 'image-mim' (image encoder alone) or 'joint'."""
+    stage: Literal["joint", "text-mlm", "image-mim", "image-dino"] = "joint"
+    """'text-mlm' (text encoder alone), 'image-mim' (image encoder alone), 'image-dino' (the image
+    encoder by DINO self-distillation on the image data; its teacher's encoder is what a joint run's
+    `init_image` takes from it) or 'joint'."""
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    """DINO's head, loss, schedules and multi-crop views (stage 'image-dino' only)."""
     max_steps: PositiveInt = 400
     """Optimizer steps (the default fits the tiny demo run in under 10 minutes on 2 cores)."""
     seed: int = 0
@@ -127,8 +132,10 @@ class TrainConfig:
     """Checkpoint to start from (ours or a transformers FLAVA directory)."""
     init_image: str = ""
     """Checkpoint to take the image encoder and image_projection from, after `init`: ours
-    (checkpoints/step_N or a run directory, e.g. an `image-mim` stage), a transformers FLAVA
-    directory, or a transformers ViT directory (the paper starts from DINO ViT-B/16)."""
+    (checkpoints/step_N or a run directory, e.g. an `image-mim` stage, or an `image-dino` stage,
+    whose teacher's encoder is taken), a transformers FLAVA directory, or a transformers ViT
+    directory (the paper starts from DINO ViT-B/16). In stage 'image-dino' it starts the student's
+    and teacher's encoder (e.g. from facebook/dino-vitb16) and the DINO head is fresh."""
     init_text: str = ""
     """Checkpoint to take the text encoder and text_projection from, after `init`: ours (e.g. a
     `text-mlm` stage's run directory) or a transformers FLAVA directory."""

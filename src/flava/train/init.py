@@ -8,8 +8,10 @@ from it, so every FlavaModel weight belongs to one group (the logit scale to non
 - text: `text_encoder.*` and `text_projection` (contrastive);
 - multimodal: `multimodal_encoder.*`, `image_to_mm_projection` and `text_to_mm_projection`.
 
-A ViT checkpoint gives the image encoder alone (see `interop.vit` for what it leaves fresh).
-Heads are not taken: a stage's MLM or MIM head belongs to that stage's objective.
+A ViT checkpoint gives the image encoder alone (see `interop.vit` for what it leaves fresh), and so
+does an `image-dino` stage: its teacher's encoder (DINO releases the teacher; there is no
+image_projection to take). Heads are not taken: a stage's MLM, MIM or DINO head belongs to that
+stage's objective.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..hub import Checkpoint, read_checkpoint
 from ..interop import vit
 from ..io.checkpoint import read_config
 from ..io.runs import resolve
+from ..model.encoders import ImageEncoder
 
 GROUPS = {
     "image": ("image_encoder.", "image_projection."),
@@ -30,17 +33,35 @@ GROUPS = {
     "multimodal": ("multimodal_encoder.", "image_to_mm_projection.", "text_to_mm_projection."),
 }
 # The encoder each unimodal stage trains (the others stay as the stage started them).
-_STAGE_TRAINS = {"text-mlm": "text", "image-mim": "image"}
+_STAGE_TRAINS = {"text-mlm": "text", "image-mim": "image", "image-dino": "image"}
+# Where a DINO stage's checkpoint (its `dino` part) keeps the teacher's image encoder.
+DINO_TEACHER = "teacher.backbone."
 
 
-def _group_state(model, ckpt: Checkpoint, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    prefixes = GROUPS[name]
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
-    theirs = {k: v for k, v in ckpt.parts.get("model", {}).items() if k.startswith(prefixes)}
+def _their_group(ckpt: Checkpoint, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    if ckpt.parts.get("dino"):
+        if prefixes[0] != "image_encoder.":
+            return {}
+        return {"image_encoder." + k.removeprefix(DINO_TEACHER): v for k, v in ckpt.parts["dino"].items()
+                if k.startswith(DINO_TEACHER)}
+    return {k: v for k, v in ckpt.parts.get("model", {}).items() if k.startswith(prefixes)}
+
+
+def _group_state(own_state: dict[str, torch.Tensor], ours, ckpt: Checkpoint, name: str,
+                 prefixes: tuple[str, ...] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights of group `name` (or of `prefixes` alone) to copy from `ckpt` into a model whose
+    state dict is `own_state` and FlavaConfig `ours`, and notes on what differs."""
+    prefixes = prefixes or GROUPS[name]
+    own = {k: v for k, v in own_state.items() if k.startswith(prefixes)}
+    theirs = _their_group(ckpt, prefixes)
     if not any(k.startswith(prefixes[0]) for k in theirs):
         raise CheckpointError(f"cannot initialise the {name} encoder from {ckpt.path}: it holds no {name} encoder")
     notes = []
-    ours_cfg, their_cfg = getattr(model.config, name), getattr(ckpt.config, name)
+    if ckpt.parts.get("dino") and len(prefixes) > 1:
+        own = {k: v for k, v in own.items() if k.startswith(prefixes[0])}
+        notes.append("the image encoder of its DINO teacher; image_projection keeps its initialisation (a DINO "
+                     "stage trains none)")
+    ours_cfg, their_cfg = getattr(ours, name), getattr(ckpt.config, name)
     if name == "image" and their_cfg.grid_size != ours_cfg.grid_size and their_cfg.patch_size == ours_cfg.patch_size:
         key = "image_encoder.pos_embed"
         if key in theirs:
@@ -83,7 +104,7 @@ def initialise_encoders(pretraining_model, image: str = "", text: str = "", mult
             updates.update({"image_encoder." + k: v for k, v in sd.items()})
             what = f"image encoder from the ViT {path}"
         else:
-            sd, notes = _group_state(model, ckpt, name)
+            sd, notes = _group_state(model.state_dict(), model.config, ckpt, name)
             updates.update(sd)
             kind = "flava checkpoint" if ckpt.source == "flava" else "transformers FLAVA checkpoint"
             what = f"{name} encoder and {', '.join(p.rstrip('.') for p in GROUPS[name][1:])} from the {kind} {path}"
@@ -93,3 +114,25 @@ def initialise_encoders(pretraining_model, image: str = "", text: str = "", mult
         for key, value in updates.items():
             own[key].copy_(value)
     return described
+
+
+def initialise_image_encoder(encoder: ImageEncoder, model_config, src: str) -> str:
+    """Replace a bare image encoder's weights (in place) by those of `src`: a transformers ViT
+    directory (e.g. facebook/dino-vitb16) or one of our checkpoints (its image encoder; a DINO
+    stage's teacher encoder). `model_config` is the FlavaConfig the encoder belongs to. Returns what
+    was loaded from where (for the log)."""
+    path = resolve(src)
+    own = encoder.state_dict()
+    if vit.is_vit_config(read_config(path)):
+        sd, notes = vit.vit_image_state(vit.read_vit(path), encoder.cfg, own)
+        what = f"image encoder from the ViT {path}"
+    else:
+        ckpt = read_checkpoint(path)
+        prefixed, notes = _group_state({"image_encoder." + k: v for k, v in own.items()}, model_config, ckpt,
+                                       "image", ("image_encoder.",))
+        sd = {k.removeprefix("image_encoder."): v for k, v in prefixed.items()}
+        what = f"image encoder from the {'flava' if ckpt.source == 'flava' else 'transformers FLAVA'} checkpoint {path}"
+    with torch.no_grad():
+        for key, value in sd.items():
+            own[key].copy_(value)
+    return what + (f" ({'; '.join(notes)})" if notes else "")

@@ -133,7 +133,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     kinds, _ = trained_kinds(cfg)
     # With data named, the trainer checks that each source needing image tokens has them (prepared
     # shards) or a codebook to make them.
-    if needs_image_tokens(cfg.objectives, kinds) and not cfg.init and not cfg.codebook and \
+    if cfg.stage != "image-dino" and needs_image_tokens(cfg.objectives, kinds) and not cfg.init and not cfg.codebook and \
             not any(getattr(cfg.data, k) for k in KINDS):
         # The embedded default: make the demo's codebook first (about a minute and a half).
         codebook_dir = output / "codebook"

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import check
-from ..data.pipeline import SampleMaker, SampleSpec
+from ..data.pipeline import MultiCropMaker, SampleMaker, SampleSpec
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
 from ..distributed import world
@@ -34,13 +34,14 @@ from ..hub import load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..io.runs import RunDir
 from ..model.layers import Block
 from ..objectives.pretraining import PretrainingModel
+from ..objectives.dino import momentum_schedule
 from ..objectives.registry import active
 from ..optim import build_optimizer, warmup_cosine
-from . import checkpoint
+from . import checkpoint, dino
 from .config import TrainConfig
 from .metrics import MetricsLog, plot_losses
 
-STAGE_KINDS = {"joint": KINDS, "text-mlm": ("text",), "image-mim": ("images",)}
+STAGE_KINDS = {"joint": KINDS, "text-mlm": ("text",), "image-mim": ("images",), "image-dino": ("images",)}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -73,7 +74,8 @@ def trained_kinds(cfg: TrainConfig) -> tuple[tuple[str, ...], list[str]]:
         for k in [k for k in kinds if k not in given]:
             notes.append(f"no {k} data given (data.{k}): {k} steps are left out")
         kinds = [k for k in kinds if k in given]
-    trained = {r.kind for r in active(cfg.objectives)}
+    # DINO is the image-dino stage's one objective; the objectives' weights are the joint stages'.
+    trained = {"images"} if cfg.stage == "image-dino" else {r.kind for r in active(cfg.objectives)}
     for k in [k for k in kinds if k not in trained]:
         notes.append(f"every objective on {k} has weight 0: {k} steps are left out")
     kinds = [k for k in kinds if k in trained]
@@ -103,14 +105,19 @@ class Trainer:
         self._nonfinite_run: list[int] = []
         torch.manual_seed(cfg.seed)
 
-        codebook = load_codebook(cfg.codebook) if cfg.codebook else None
-        if cfg.init:
+        self.is_dino = cfg.stage == "image-dino"
+        if self.is_dino:
+            dino.check_stage(cfg)
+        codebook = load_codebook(cfg.codebook) if cfg.codebook and not self.is_dino else None
+        self.initialised: dict[str, str] = {}
+        if self.is_dino:
+            self.model, self.initialised = dino.build_stage(cfg)
+        elif cfg.init:
             self.model, _ = pretraining_from_checkpoint(read_checkpoint(cfg.init), cfg.objectives, codebook)
             cfg.model = self.model.config  # the data pipeline must match the checkpoint's model
         else:
             self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
-        self.initialised: dict[str, str] = {}
-        if cfg.init_image or cfg.init_text or cfg.init_multimodal:
+        if not self.is_dino and (cfg.init_image or cfg.init_text or cfg.init_multimodal):
             from .init import initialise_encoders
 
             self.initialised = initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
@@ -119,7 +126,8 @@ class Trainer:
             raise ConfigError("data.max_text_length exceeds model.text.max_position_embeddings")
 
         spec = SampleSpec.for_model(cfg.model, cfg.objectives, cfg.data.max_text_length, cfg.data.crop_scale_min)
-        maker = SampleMaker(spec, cfg.seed)
+        maker = MultiCropMaker(cfg.dino.crop_spec(cfg.model.image), cfg.seed) if self.is_dino else \
+            SampleMaker(spec, cfg.seed)
         d = cfg.data
         cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
         self.streams = {
@@ -127,10 +135,12 @@ class Trainer:
                            rank=self.rank, world=self.world, num_workers=d.num_workers, lanes=d.lanes, cache=cache)
             for k in self.kinds
         }
-        self._check_prepared(self.model.codebook)
+        if not self.is_dino:
+            self._check_prepared(self.model.codebook)
 
         self.model.to(self.device).train()
-        for stack in self.model.model.block_stacks():
+        stacks = [self.model.dino.student.backbone.transformer] if self.is_dino else self.model.model.block_stacks()
+        for stack in stacks:
             stack.grad_checkpointing = cfg.activation_checkpointing
         if cfg.compile:
             for block in self.model.modules():
@@ -138,11 +148,16 @@ class Trainer:
                     block.compile(backend=cfg.compile_backend, dynamic=True)
         self.module = self._wrap()
         o = cfg.optim
-        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        # A DINO stage trains its student alone: the teacher follows it by EMA.
+        trained_module = self.model.dino.student if self.is_dino else self.model
+        self.optimizer = build_optimizer(trained_module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(o.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
+        if self.is_dino:
+            self.steps_per_epoch = dino.steps_per_epoch(cfg.dino, self)
+            self.teacher_momentum = momentum_schedule(cfg.dino.momentum_teacher, 1.0, cfg.max_steps)
 
     def _check_prepared(self, codebook) -> None:
         """Prepared shards carry image-token ids from one codebook: the run's must be that one
@@ -171,6 +186,8 @@ class Trainer:
 
     def _wrap(self) -> torch.nn.Module:
         """The module the steps run through: the model itself, or its DDP/FSDP form."""
+        if self.is_dino:
+            return dino.wrap_student(self)
         if self.world == 1:
             return self.model
         if self.cfg.distributed == "fsdp":
@@ -296,6 +313,8 @@ class Trainer:
         return {k: ks.samples_by_source for k, ks in self.streams.items()}
 
     def train_step(self) -> dict:
+        if self.is_dino:
+            return dino.train_step(self)
         cfg = self.cfg
         kind = step_kind(cfg.seed, self.step, self.kinds, self.probs)
         accum = cfg.optim.grad_accumulation
