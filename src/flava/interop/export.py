@@ -58,16 +58,7 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
     if codebook is None:
         notes.append("the checkpoint has no image codebook; the export sets init_codebook=false")
     tensors = {k: v.contiguous() for k, v in hf.state_dict_to_hf(ckpt.parts["model"], heads, codebook).items()}
-    config = hf.config_to_hf(cfg, with_codebook=codebook is not None)
-
-    processor = Processor.from_directory(ckpt.path)
-
-    def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json_atomic(tmp / "config.json", config)
-        write_processor_files(processor, tmp)
-
-    write_checkpoint_dir(out_dir, fill)
+    _write(ckpt, out_dir, tensors, hf.config_to_hf(cfg, with_codebook=codebook is not None))
     return notes
 
 
@@ -75,7 +66,12 @@ def _export_model(ckpt: Checkpoint, out_dir: str | os.PathLike) -> list[str]:
     prefix = "flava."
     tensors = {k[len(prefix):]: v.contiguous()
                for k, v in hf.state_dict_to_hf(ckpt.parts["model"], {}, None).items()}
-    config = {**hf.config_to_hf(ckpt.config, with_codebook=False), "architectures": ["FlavaModel"]}
+    _write(ckpt, out_dir, tensors,
+           {**hf.config_to_hf(ckpt.config, with_codebook=False), "architectures": ["FlavaModel"]})
+    return []
+
+
+def _write(ckpt: Checkpoint, out_dir: str | os.PathLike, tensors: dict, config: dict) -> None:
     processor = Processor.from_directory(ckpt.path)
 
     def fill(tmp: Path) -> None:
@@ -84,7 +80,6 @@ def _export_model(ckpt: Checkpoint, out_dir: str | os.PathLike) -> list[str]:
         write_processor_files(processor, tmp)
 
     write_checkpoint_dir(out_dir, fill)
-    return []
 
 
 def write_processor_files(processor: Processor, directory: Path) -> None:

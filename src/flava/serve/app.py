@@ -19,7 +19,7 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
 
 The model and the index are called from Starlette's threadpool, never on the event loop. The
 model runs behind a lock: one forward pass at a time uses every core torch has, and concurrent
-passes would only fight over them (the index locks its own searches).
+passes would only fight over them; FAISS searches run concurrently.
 """
 
 from __future__ import annotations
