@@ -22,6 +22,11 @@ def add(sub) -> None:
                         "log_every, keep_last, tensorboard, data.num_workers, max_nonfinite_steps may change)")
     p.add_argument("--override", action="store_true",
                    help="with --resume: allow other settings to change; the change is recorded in the run")
+    p.add_argument("--recipe", choices=("paper",),
+                   help="run stages in OUTPUT: 'paper' = text-mlm, image-dino, then joint from both; the settings are "
+                        "the joint stage's; running the command again continues where it stopped")
+    p.add_argument("--stage-steps", dest="stage_steps", action="append", metavar="STAGE=N",
+                   help="with --recipe: steps of one stage, e.g. text-mlm=200 (default: --max-steps)")
     p.set_defaults(run=run)
 
 
@@ -47,6 +52,22 @@ def settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    from ..errors import ConfigError
     from ..train.run import run_pretrain
 
+    if args.recipe:
+        from ..train.recipe import run_recipe
+
+        if args.resume or args.override:
+            raise ConfigError("a recipe continues by itself: run the same command again, without --resume")
+        steps = {}
+        for item in args.stage_steps or []:
+            stage, eq, n = item.partition("=")
+            if not eq or not n.strip().isdigit() or int(n) < 1:
+                raise ConfigError(f"--stage-steps {item!r} must look like STAGE=N with N a positive number")
+            steps[stage.strip()] = int(n)
+        run_recipe(args.recipe, settings(args), Path(args.output), console, steps)
+        return
+    if args.stage_steps:
+        raise ConfigError("--stage-steps only applies with --recipe")
     run_pretrain(settings(args), Path(args.output), resume=args.resume, console=console, override=args.override)

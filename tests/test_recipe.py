@@ -1,0 +1,45 @@
+"""`flava pretrain --recipe paper`: text-mlm, image-dino, then joint from both, in one directory."""
+
+import json
+
+from conftest import pretrain_args
+
+from flava.cli import main as cli
+
+
+def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_data, tmp_path, capsys):
+    out = tmp_path / "recipe"
+    args = pretrain_args(train_data, out, pairs="pairs_clean.csv") + [
+        "--recipe", "paper", "--max-steps", "2", "--stage-steps", "text-mlm=3", "--stage-steps", "image-dino=2",
+        "--set", "dino.out_dim=64", "--set", "dino.head_hidden_dim=32", "--set", "dino.head_bottleneck_dim=16",
+        "--set", "dino.local_crops=2"]
+    assert cli(args) == 0
+    text = capsys.readouterr().out
+    steps = {}
+    for stage in ("text-mlm", "image-dino", "joint"):
+        pointer = json.loads((out / stage / "checkpoints" / "latest.json").read_text())
+        steps[stage] = pointer["step"]
+        settings = json.loads((out / stage / "train_config.json").read_text())
+        assert settings["stage"] == stage
+    assert steps == {"text-mlm": 3, "image-dino": 2, "joint": 2}
+    joint = json.loads((out / "joint" / "train_config.json").read_text())
+    assert joint["init_text"] == str(out / "text-mlm") and joint["init_image"] == str(out / "image-dino")
+    assert "image encoder of its DINO teacher" in text  # the joint stage names where its encoders come from
+    rows = [json.loads(line) for line in (out / "image-dino" / "metrics.jsonl").read_text().splitlines()]
+    assert set(rows[-1]["losses"]) == {"dino"}
+    assert {"teacher_entropy", "kl_teacher_student", "dims_in_use", "teacher_temp"} <= set(rows[-1]["metrics"])
+    record = json.loads((out / "recipe.json").read_text())
+    assert [s["stage"] for s in record["finished"]] == ["text-mlm", "image-dino", "joint"]
+
+    # The same command again: every stage is done, nothing is trained or rewritten.
+    stamp = {s: (out / s / "checkpoints" / "latest.json").stat().st_mtime_ns for s in steps}
+    assert cli(args) == 0
+    assert capsys.readouterr().out.count("already finished") == 3
+    assert stamp == {s: (out / s / "checkpoints" / "latest.json").stat().st_mtime_ns for s in steps}
+
+    # Other step budgets in the same directory are refused: its stages were trained with these.
+    longer = [a if a != "2" or args[i - 1] != "--max-steps" else "3" for i, a in enumerate(args)]
+    assert cli(longer) == 2
+    assert "other stages or steps" in capsys.readouterr().err
+    assert cli(args[:-2] + ["--stage-steps", "video=2"]) == 2
+    assert "has no stage 'video'" in capsys.readouterr().err
