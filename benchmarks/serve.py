@@ -48,22 +48,13 @@ from flava.interop import transformers as hf_interop
 from flava.serve.embed import Embedder
 from flava.serve.index import VectorIndex, index_from_arrays
 
+sys.path.insert(0, str(Path(__file__).parent))
+from inference import matmul_gflops  # noqa: E402
+
 QUERIES = ["a dog running on the beach", "two people riding bicycles", "a red car parked on a street",
            "a plate of food with vegetables", "a cat sleeping on a sofa", "mountains under a cloudy sky",
            "a man playing guitar on stage", "children playing football in a park", "a bowl of fruit",
            "an airplane flying over the city", "a boat on a lake at sunset", "a kitchen with wooden cabinets"]
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def photo_like(rng: np.random.Generator, h: int = 256, w: int = 320) -> Image.Image:

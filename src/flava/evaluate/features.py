@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..data.sources import BadSample, TarMember, open_image
+from ..data.processor import load_image
+from ..data.sources import TarMember
 from ..data.tokenizer import TextTokenizer
-from ..data.transforms import eval_transform, to_rgb
+from ..data.transforms import eval_transform
 from ..errors import DataError, InputError
 from ..model.flava import FlavaModel
 
@@ -52,20 +53,6 @@ def check_image_files(images: Sequence[ImageLike]) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{len(missing)} of {len(paths)} image files are missing; the first is {missing[0]}")
-
-
-def load_image(image: ImageLike) -> Image.Image:
-    """An RGB PIL image from a PIL image, an array, a path or a tar member."""
-    if isinstance(image, np.ndarray):
-        return to_rgb(image)
-    if isinstance(image, (str, os.PathLike)):
-        image = Path(image)
-    if not isinstance(image, (Image.Image, Path, TarMember)):
-        raise InputError(f"an image must be a PIL image, a numpy array or a path; got {type(image).__name__}")
-    try:
-        return open_image(image)
-    except BadSample as e:
-        raise DataError(f"cannot use image {image}: {e.kind}") from None
 
 
 def pixel_batches(images: Sequence[ImageLike], size: int, batch_size: int) -> Iterator[torch.Tensor]:

@@ -162,33 +162,33 @@ def check_text_task(task: TextTask) -> None:
         _check_both_classes(task.name, splits, lambda rows: [ex.label for ex in rows])
 
 
-def check_multimodal_task(task: MultimodalTask) -> None:
-    """Like `check_text_task`, plus: every image file exists, VQA soft scores lie in (0, 1]."""
+def _check_image_classifier(task, kind: str, texts: bool) -> None:
+    """What image and image + text tasks share: splits, labels (or VQA soft scores), metrics, and
+    every image a path that exists or a PIL image."""
     splits = {"train": task.train, "val": task.val, "test": task.test}
     _check_nonempty(task.name, splits)
     _check_metrics(task.name, task.metrics)
-    if task.kind not in ("classification", "vqa"):
-        raise ConfigError(f"task {task.name!r}: kind {task.kind!r} is neither 'classification' nor 'vqa'")
     n = len(task.label_names)
     if n < 2:
         raise DataError(f"task {task.name!r} has {n} label(s); a classifier needs at least two")
-    allowed = {"vqa_score"} if task.kind == "vqa" else {"accuracy", "f1", "matthews_corrcoef", "auroc"}
+    allowed = {"vqa_score"} if kind == "vqa" else {"accuracy", "f1", "matthews_corrcoef", "auroc"}
     if not set(task.metrics) <= allowed:
-        raise ConfigError(f"task {task.name!r} ({task.kind}) cannot report {', '.join(task.metrics)}")
+        what = "image classification" if not texts else kind
+        raise ConfigError(f"task {task.name!r} ({what}) cannot report {', '.join(task.metrics)}")
     if n != 2 and ("f1" in task.metrics or "auroc" in task.metrics):
         raise ConfigError(f"task {task.name!r}: f1 and auroc are binary metrics but the task has {n} classes")
     missing = []
     for split, rows in splits.items():
         for i, ex in enumerate(rows):
             where = f"task {task.name!r}, {split} example {i}"
-            if not isinstance(ex.text, str):
+            if texts and not isinstance(ex.text, str):
                 raise DataError(f"{where}: the text must be a string")
             if isinstance(ex.image, Path):
                 if not ex.image.is_file():
                     missing.append(ex.image)
             elif not isinstance(ex.image, Image.Image):
                 raise DataError(f"{where}: the image must be a path or a PIL image, not {type(ex.image).__name__}")
-            if task.kind == "vqa":
+            if kind == "vqa":
                 if ex.answers is None:
                     raise DataError(f"{where}: a VQA example needs `answers` (answer index -> soft score)")
                 for a, s in ex.answers.items():
@@ -203,34 +203,16 @@ def check_multimodal_task(task: MultimodalTask) -> None:
         _check_both_classes(task.name, splits, lambda rows: [ex.label for ex in rows])
 
 
+def check_multimodal_task(task: MultimodalTask) -> None:
+    """Like `check_text_task`, plus: every image file exists, VQA soft scores lie in (0, 1]."""
+    if task.kind not in ("classification", "vqa"):
+        raise ConfigError(f"task {task.name!r}: kind {task.kind!r} is neither 'classification' nor 'vqa'")
+    _check_image_classifier(task, task.kind, texts=True)
+
+
 def check_image_task(task: ImageTask) -> None:
     """Like `check_multimodal_task` for image classification: splits, labels, metrics, files."""
-    splits = {"train": task.train, "val": task.val, "test": task.test}
-    _check_nonempty(task.name, splits)
-    _check_metrics(task.name, task.metrics)
-    n = len(task.label_names)
-    if n < 2:
-        raise DataError(f"task {task.name!r} has {n} class(es); a classifier needs at least two")
-    if not set(task.metrics) <= {"accuracy", "f1", "matthews_corrcoef", "auroc"}:
-        raise ConfigError(f"task {task.name!r} (image classification) cannot report {', '.join(task.metrics)}")
-    if n != 2 and ("f1" in task.metrics or "auroc" in task.metrics):
-        raise ConfigError(f"task {task.name!r}: f1 and auroc are binary metrics but the task has {n} classes")
-    missing = []
-    for split, rows in splits.items():
-        for i, ex in enumerate(rows):
-            where = f"task {task.name!r}, {split} example {i}"
-            if isinstance(ex.image, Path):
-                if not ex.image.is_file():
-                    missing.append(ex.image)
-            elif not isinstance(ex.image, Image.Image):
-                raise DataError(f"{where}: the image must be a path or a PIL image, not {type(ex.image).__name__}")
-            if isinstance(ex.label, bool) or not isinstance(ex.label, (int, np.integer)) or not 0 <= ex.label < n:
-                raise DataError(f"{where}: label {ex.label!r} is not a class index in [0, {n})")
-    if missing:
-        raise DataError(f"task {task.name!r}: {len(missing)} image file(s) do not exist, e.g. {missing[0]}; "
-                        f"check the image directory")
-    if "auroc" in task.metrics:
-        _check_both_classes(task.name, splits, lambda rows: [ex.label for ex in rows])
+    _check_image_classifier(task, "classification", texts=False)
 
 
 # --------------------------------------------------------------------------- splitting helpers

@@ -17,7 +17,6 @@ Row i of a part's arrays and its metadata describe the same input; inputs that c
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -34,6 +33,7 @@ from ..data.images import find_images
 from ..data.processor import ImageInput
 from ..data.sources import BadSample, read_caption
 from ..errors import DataError, InputError
+from ..evaluate.tasks import TABLE_SUFFIXES, table_rows
 from ..io.files import read_json, write_json_atomic
 from ..model.flava import FlavaModel
 
@@ -120,20 +120,7 @@ def image_inputs(specs: Sequence[str]) -> Inputs:
 
 
 def _table_rows(path: Path) -> list[dict]:
-    if path.suffix.lower() == ".jsonl":
-        rows = []
-        with path.open(encoding="utf-8", errors="surrogateescape") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise DataError(f"{path}:{n} is not a JSON object") from None
-                    rows.append(obj if isinstance(obj, dict) else {"text": obj})
-        return rows
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-        return list(csv.DictReader(f, delimiter=delimiter))
+    return [row for _, row in table_rows(path)]
 
 
 def _pick(columns: Sequence[str], wanted: Sequence[str], path: Path, what: str) -> str:
@@ -150,7 +137,7 @@ def text_inputs(path: str) -> Inputs:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"text file {p} does not exist")
-    if p.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl"):
+    if p.suffix.lower() in TABLE_SUFFIXES:
         table = _table_rows(p)
         if not table:
             raise DataError(f"{p} has no rows")
@@ -167,7 +154,7 @@ def pair_inputs(spec: str) -> Inputs:
     """Image-caption pairs: a CSV/TSV/JSONL with image and caption columns (relative image paths
     are relative to the file; other columns become metadata), or WebDataset shards."""
     p = Path(spec)
-    if p.is_file() and p.suffix.lower() in (".csv", ".tsv", ".tab", ".jsonl"):
+    if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES:
         table = _table_rows(p)
         if not table:
             raise DataError(f"{p} has no rows")
