@@ -145,7 +145,7 @@ def test_pretraining_checkpoint_roundtrip(tmp_path):
 # --------------------------------------------------------------------------- two processes
 
 
-def _contrastive_worker(rank, world, port, img, txt, scale, results):
+def _contrastive_worker(rank, world, port, img, txt, scale, results, gather_features=True):
     import torch.distributed as dist
 
     with gloo_group(rank, world, port):
@@ -153,7 +153,7 @@ def _contrastive_worker(rank, world, port, img, txt, scale, results):
         i = img[rank * B:(rank + 1) * B].clone().requires_grad_()
         t = txt[rank * B:(rank + 1) * B].clone().requires_grad_()
         s = scale.clone().requires_grad_()
-        res = global_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s)
+        res = global_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s, gather_features)
         res.loss.backward()
         # DDP averages gradients over processes: do the same for the shared logit scale.
         s_grad = s.grad.clone()
@@ -179,6 +179,34 @@ def test_global_contrastive_two_processes_equal_one_process():
     torch.testing.assert_close(torch.cat([results[r][2] for r in range(world)]) / world, t.grad, atol=1e-6, rtol=0)
     torch.testing.assert_close(results[0][3], s.grad, atol=1e-6, rtol=0)
     assert torch.equal(results[1][4], torch.arange(B, 2 * B))
+
+
+def test_local_contrastive_scores_every_column_but_back_propagates_to_its_own_rows():
+    """gather_features=False (the paper's local contrastive loss): the same loss values as the
+    global one, but each process's gradient is its own loss's gradient with the other processes'
+    features held constant."""
+    world, B, D = 2, 4, 8
+    g = torch.Generator().manual_seed(1)
+    img, txt = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
+    scale = torch.tensor(2.0)
+    results = mp.Manager().dict()
+    mp.spawn(_contrastive_worker, args=(world, free_port(), img, txt, scale, results, False), nprocs=world)
+    for r in range(world):
+        own = torch.zeros(world * B, dtype=torch.bool)
+        own[r * B:(r + 1) * B] = True
+        i, t = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        # Other processes' rows as constants; the rows of process r alone in the loss.
+        ii, tt = torch.where(own[:, None], i, i.detach()), torch.where(own[:, None], t, t.detach())
+        ref = global_contrastive_loss(F.normalize(ii, dim=-1), F.normalize(tt, dim=-1), scale, rows=own)
+        ref.loss.backward()
+        torch.testing.assert_close(results[r][0], ref.loss.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(results[r][1], i.grad[own], atol=1e-6, rtol=0)
+        torch.testing.assert_close(results[r][2], t.grad[own], atol=1e-6, rtol=0)
+        assert not i.grad[~own].any()
+    # The global loss would also move the other process's rows: the two differ.
+    glob = mp.Manager().dict()
+    mp.spawn(_contrastive_worker, args=(world, free_port(), img, txt, scale, glob, True), nprocs=world)
+    assert not torch.allclose(glob[0][1], results[0][1], atol=1e-6)
 
 
 def _hard_negatives_worker(rank, world, port, results):

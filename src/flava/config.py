@@ -191,7 +191,9 @@ class ObjectivesConfig:
     'sigmoid', SigLIP's pairwise sigmoid loss with its own learned temperature and bias. Either
     is weighted by `global_contrastive_weight` and runs over the global batch."""
     gather_with_grad: bool = True
-    """Contrastive features are gathered from every process with gradient (else locally only)."""
+    """Contrastive features are gathered from every process with gradient (FLAVA's global
+    contrastive loss); false: gathered without, so each process's loss back-propagates to its own
+    features only (the 'local' contrastive loss of OpenCLIP, the paper's Table C.1 column 3)."""
     itm_negatives: Literal["swap", "hard"] = "swap"
     """'swap': the original recipe, a pair's caption replaced by another one with probability
     `itm_negative_probability`; 'hard': ALBEF-style, one negative text per image and one

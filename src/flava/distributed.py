@@ -43,6 +43,17 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return x if world().size == 1 else _GatherWithGrad.apply(x)
 
 
+def gather_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of every rank in rank order, where only this rank's own rows carry gradient (the
+    'local' contrastive loss of OpenCLIP and of the paper's Table C.1)."""
+    size = world().size
+    if size == 1:
+        return x
+    rank, rows = world().rank, x.shape[0]
+    others = gather(x.detach())
+    return torch.cat([others[:rank * rows], x, others[(rank + 1) * rows:]])
+
+
 @torch.no_grad()
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Like `gather_with_grad` without gradient."""

@@ -11,13 +11,13 @@ from rich.console import Console
 
 from .. import __version__
 from ..errors import FlavaError
-from . import (classify, codebook, config, demo, embed, evaluate, export, finetune, index, info, init, predict,
+from . import (ablate, classify, codebook, config, demo, embed, evaluate, export, finetune, index, info, init, predict,
                prepare, pretrain, search, serve)
 
 # Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
-COMMANDS = (demo, init, prepare, pretrain, evaluate, embed, index, search, classify, finetune, predict, serve,
+COMMANDS = (demo, init, prepare, pretrain, ablate, evaluate, embed, index, search, classify, finetune, predict, serve,
             export, codebook, config, info)
 
 

@@ -22,11 +22,14 @@ def add(sub) -> None:
                         "log_every, keep_last, tensorboard, data.num_workers, max_nonfinite_steps may change)")
     p.add_argument("--override", action="store_true",
                    help="with --resume: allow other settings to change; the change is recorded in the run")
-    p.add_argument("--recipe", choices=("paper",),
-                   help="run stages in OUTPUT: 'paper' = text-mlm, image-dino, then joint from both; the settings are "
-                        "the joint stage's; running the command again continues where it stopped")
+    p.add_argument("--recipe", choices=("paper", "paper-mim"),
+                   help="run stages in OUTPUT: 'paper' = text-mlm, image-dino, then joint from both ('paper-mim': "
+                        "image-mim instead of image-dino); the settings are the joint stage's; running the command "
+                        "again continues where it stopped")
     p.add_argument("--stage-steps", dest="stage_steps", action="append", metavar="STAGE=N",
                    help="with --recipe: steps of one stage, e.g. text-mlm=200 (default: --max-steps)")
+    p.add_argument("--stage-set", dest="stage_set", action="append", metavar="STAGE:KEY=VALUE",
+                   help="with --recipe: a setting of one stage alone, e.g. text-mlm:optim.lr=1e-3")
     p.set_defaults(run=run)
 
 
@@ -66,8 +69,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
             if not eq or not n.strip().isdigit() or int(n) < 1:
                 raise ConfigError(f"--stage-steps {item!r} must look like STAGE=N with N a positive number")
             steps[stage.strip()] = int(n)
-        run_recipe(args.recipe, settings(args), Path(args.output), console, steps)
+        overrides: dict[str, list[str]] = {}
+        for item in args.stage_set or []:
+            stage, colon, setting = item.partition(":")
+            if not colon or "=" not in setting:
+                raise ConfigError(f"--stage-set {item!r} must look like STAGE:KEY=VALUE, e.g. text-mlm:optim.lr=1e-3")
+            overrides.setdefault(stage.strip(), []).append(setting.strip())
+        run_recipe(args.recipe, settings(args), Path(args.output), console, steps, overrides)
         return
-    if args.stage_steps:
-        raise ConfigError("--stage-steps only applies with --recipe")
+    if args.stage_steps or args.stage_set:
+        raise ConfigError("--stage-steps and --stage-set only apply with --recipe")
     run_pretrain(settings(args), Path(args.output), resume=args.resume, console=console, override=args.override)

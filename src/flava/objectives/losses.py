@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batch import IGNORE_INDEX
-from ..distributed import gather_with_grad, mean_over_processes, world
+from ..distributed import gather_local_grad, gather_with_grad, mean_over_processes, world
 
 
 @dataclass
@@ -61,16 +61,14 @@ def global_contrastive_loss(
     """Symmetric InfoNCE of normalised embeddings against the global batch.
 
     With several processes, each scores its own rows against all processes' columns; features
-    are gathered with gradient unless `gather_features` is false (then only locally). `rows`
+    are gathered with gradient, or, with `gather_features` false, without (only the process's own
+    columns get gradient: the paper's "local" contrastive loss, Table C.1). `rows`
     (boolean, local) keeps a subset of rows in the loss, every column stays a candidate.
     """
-    rank, size = world()
+    rank = world().rank
     B = image_embeddings.shape[0]
-    if gather_features and size > 1:
-        all_images, all_texts = gather_with_grad(image_embeddings), gather_with_grad(text_embeddings)
-        offset = rank * B
-    else:
-        all_images, all_texts, offset = image_embeddings, text_embeddings, 0
+    gathered = gather_with_grad if gather_features else gather_local_grad
+    all_images, all_texts, offset = gathered(image_embeddings), gathered(text_embeddings), rank * B
     scale = logit_scale.exp()
     logits_per_image = scale * image_embeddings @ all_texts.T
     logits_per_text = scale * text_embeddings @ all_images.T
@@ -99,16 +97,14 @@ def sigmoid_contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: to
     match/mismatch problem, -log sigmoid(z_ij (t x_i . y_j + b)) with z_ij = 1 on the diagonal
     and -1 elsewhere, summed over texts and averaged over images.
 
-    Each process scores its own images against every process's texts (gathered with gradient
-    unless `gather_features` is false) and divides by its own image count: with gradients
-    averaged over processes this is exactly the one-process loss over the whole batch.
+    Each process scores its own images against every process's texts (gathered with gradient, or
+    without for all but its own with `gather_features` false) and divides by its own image count:
+    with gradients averaged over processes this is exactly the one-process loss over the whole batch.
     """
-    rank, size = world()
+    rank = world().rank
     B = image_embeddings.shape[0]
-    if gather_features and size > 1:
-        all_texts, offset = gather_with_grad(text_embeddings), rank * B
-    else:
-        all_texts, offset = text_embeddings, 0
+    all_texts = (gather_with_grad if gather_features else gather_local_grad)(text_embeddings)
+    offset = rank * B
     logits = head.logit_scale.exp() * image_embeddings @ all_texts.T + head.logit_bias
     labels = offset + torch.arange(B, device=image_embeddings.device)
     signs = -torch.ones_like(logits)

@@ -2,13 +2,16 @@
 
 The paper's recipe (`paper`): the text encoder by masked language modelling, the image encoder by
 DINO self-distillation, then joint training with both encoders initialised from those stages and
-the multimodal encoder newly initialised.
+the multimodal encoder newly initialised. `paper-mim` pretrains the image encoder by masked image
+modelling instead (the paper's BEiT-style alternative, Table C.1), which is what the CPU demo uses:
+at its scale DINO collapses (BENCHMARKS.md).
 
 ```
 OUTPUT/
-  recipe.json        the recipe, its stages, their directories and step budgets, and how each ended
+  recipe.json        the recipe, its stages, their directories, step budgets and settings, and how each ended
+  codebook/          the image codebook the stages share (demo data with no codebook named)
   text-mlm/          a run directory (stage text-mlm)
-  image-dino/        a run directory (stage image-dino)
+  image-dino/        a run directory (stage image-dino; image-mim/ in `paper-mim`)
   joint/             a run directory (stage joint, init_text / init_image from the two above)
 ```
 
@@ -21,16 +24,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
-from ..config import check, from_dict, to_dict
+from ..config import apply_overrides, check, from_dict, to_dict
 from ..errors import ConfigError
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
 from .config import TrainConfig
 
-RECIPES = {"paper": ("text-mlm", "image-dino", "joint")}
+RECIPES = {"paper": ("text-mlm", "image-dino", "joint"), "paper-mim": ("text-mlm", "image-mim", "joint")}
 RECIPE_FILE = "recipe.json"
 
 
@@ -45,9 +49,11 @@ def _copy(cfg: TrainConfig) -> TrainConfig:
     return from_dict(TrainConfig, to_dict(cfg))
 
 
-def plan(name: str, cfg: TrainConfig, output: Path, steps: dict[str, int]) -> list[Stage]:
+def plan(name: str, cfg: TrainConfig, output: Path, steps: dict[str, int],
+         overrides: dict[str, list[str]] | None = None) -> list[Stage]:
     """The stages of recipe `name`: `cfg` is the joint stage's settings (its data, model and
-    optimizer serve every stage); `steps` maps a stage to its steps (default: cfg.max_steps)."""
+    optimizer serve every stage); `steps` maps a stage to its steps (default: cfg.max_steps);
+    `overrides` maps a stage to KEY=VALUE settings of that stage alone (e.g. its learning rate)."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     if cfg.stage != "joint":
@@ -55,17 +61,24 @@ def plan(name: str, cfg: TrainConfig, output: Path, steps: dict[str, int]) -> li
     if cfg.init or cfg.init_text or cfg.init_image:
         raise ConfigError("a recipe initialises the joint stage from its own stages; drop init, init_text and "
                           "init_image (init_multimodal may stay)")
-    unknown = sorted(set(steps) - set(RECIPES[name]))
-    if unknown:
-        raise ConfigError(f"recipe {name!r} has no stage {unknown[0]!r}; its stages: {', '.join(RECIPES[name])}")
+    overrides = overrides or {}
+    for given in (steps, overrides):
+        unknown = sorted(set(given) - set(RECIPES[name]))
+        if unknown:
+            raise ConfigError(f"recipe {name!r} has no stage {unknown[0]!r}; its stages: {', '.join(RECIPES[name])}")
     stages = []
+    image_stage = RECIPES[name][1]
     for stage in RECIPES[name]:
         c = _copy(cfg)
         c.stage = stage
         c.max_steps = steps.get(stage, cfg.max_steps)
+        for key in ("stage", "max_steps", "init", "init_text", "init_image"):
+            if any(o.split("=", 1)[0].strip() == key for o in overrides.get(stage, [])):
+                raise ConfigError(f"the recipe sets {key} of stage {stage} itself; drop it from that stage's settings")
+        c = apply_overrides(c, overrides.get(stage, []))
         if stage == "joint":
             c.init_text = str(output / "text-mlm")
-            c.init_image = str(output / "image-dino")
+            c.init_image = str(output / image_stage)
         stages.append(Stage(stage, output / stage, check(c)))
     return stages
 
@@ -78,21 +91,39 @@ def _finished_step(directory: Path) -> int:
 
 
 def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
-               steps: dict[str, int] | None = None) -> list[dict]:
+               steps: dict[str, int] | None = None, overrides: dict[str, list[str]] | None = None) -> list[dict]:
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
-    from .run import SETTINGS, run_pretrain
+    from .run import init_distributed
 
-    stages = plan(name, cfg, output, steps or {})
+    started = init_distributed()  # one process group for every stage under torchrun
+    try:
+        return _run_recipe(name, cfg, output, console, steps or {}, overrides or {})
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, steps: dict[str, int],
+                overrides: dict[str, list[str]]) -> list[dict]:
+    from .run import SETTINGS, ensure_demo_codebook, run_pretrain
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    stages = plan(name, cfg, output, steps, overrides)
     output.mkdir(parents=True, exist_ok=True)
     record = output / RECIPE_FILE
-    wanted = {"recipe": name, "stages": [{"stage": s.name, "directory": s.name, "steps": s.config.max_steps}
-                                         for s in stages]}
+    wanted = {"recipe": name, "stages": [{"stage": s.name, "directory": s.name, "steps": s.config.max_steps,
+                                          "settings": sorted(overrides.get(s.name, []))} for s in stages]}
     if record.is_file():
         old = read_json(record, "recipe record", ConfigError, expect=dict)
-        if [(s["stage"], s["steps"]) for s in old.get("stages", [])] != [(s.name, s.config.max_steps) for s in stages]:
-            raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} with other stages or steps; continue it "
-                              f"with the same command, or choose another --output")
-    write_json_atomic(record, wanted)
+        if [(s.get("stage"), s.get("steps"), s.get("settings", [])) for s in old.get("stages", [])] != \
+                [(s["stage"], s["steps"], s["settings"]) for s in wanted["stages"]]:
+            raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} with other stages, steps or stage settings; "
+                              f"continue it with the same command, or choose another --output")
+    if rank == 0:
+        write_json_atomic(record, wanted)
+    # One codebook for every stage that needs image tokens, trained once.
+    for stage in stages:
+        ensure_demo_codebook(stage.config, output / "codebook", console, rank)
     done = []
     for i, stage in enumerate(stages, 1):
         console.rule(f"stage {i} of {len(stages)}: {stage.name}")
@@ -104,7 +135,8 @@ def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
         resume = (stage.directory / SETTINGS).is_file()
         run_pretrain(stage.config, stage.directory, resume=resume, console=console)
         done.append({"stage": stage.name, "steps": _finished_step(stage.directory), "ran": True})
-    write_json_atomic(record, {**wanted, "finished": done})
+    if rank == 0:
+        write_json_atomic(record, {**wanted, "finished": done})
     table = Table(title=f"recipe {name} in {output}")
     for col in ("stage", "steps", "directory", "this time"):
         table.add_column(col)

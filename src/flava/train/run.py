@@ -128,21 +128,32 @@ def _described(stream, weight: float) -> str:
             + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
 
 
+def needs_demo_codebook(cfg: TrainConfig) -> bool:
+    """Whether `cfg` trains on the packaged demo data with objectives that need image tokens and
+    names no codebook (nor a checkpoint that would bring one)."""
+    kinds, _ = trained_kinds(cfg)
+    return cfg.stage != "image-dino" and needs_image_tokens(cfg.objectives, kinds) and not cfg.init and \
+        not cfg.codebook and not any(getattr(cfg.data, k) for k in KINDS)
+
+
+def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, rank: int = 0) -> None:
+    """The embedded default: with the demo data and no codebook named, train one on the demo images
+    into `directory` (about a minute and a half; once) and point `cfg.codebook` at it. With data
+    named, the trainer checks that each source needing image tokens has them (prepared shards) or a
+    codebook to make them."""
+    if not needs_demo_codebook(cfg):
+        return
+    if rank == 0 and not (directory / "model.safetensors").is_file():
+        console.print("no image codebook given: training one on the demo images first")
+        run_train_codebook(["demo"], directory, cfg.model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console)
+    if dist.is_initialized():
+        dist.barrier()
+    cfg.codebook = str(directory)
+
+
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
     output = run.root
-    kinds, _ = trained_kinds(cfg)
-    # With data named, the trainer checks that each source needing image tokens has them (prepared
-    # shards) or a codebook to make them.
-    if cfg.stage != "image-dino" and needs_image_tokens(cfg.objectives, kinds) and not cfg.init and not cfg.codebook and \
-            not any(getattr(cfg.data, k) for k in KINDS):
-        # The embedded default: make the demo's codebook first (about a minute and a half).
-        codebook_dir = output / "codebook"
-        if rank == 0 and not (codebook_dir / "model.safetensors").is_file():
-            console.print("no image codebook given: training one on the demo images first")
-            run_train_codebook(["demo"], codebook_dir, cfg.model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console)
-        if dist.is_initialized():
-            dist.barrier()
-        cfg.codebook = str(codebook_dir)
+    ensure_demo_codebook(cfg, output / "codebook", console, rank)
     saved = saved_settings(output) if resume else None
     if saved is not None:
         _accept_changes(saved, cfg, output, override, rank)

@@ -1,0 +1,41 @@
+"""`flava ablate`: the rows of the paper's Table 3 (and C.1's local vs global contrastive) trained
+and evaluated at a chosen budget, in one report beside the paper's numbers."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+
+def add(sub) -> None:
+    p = sub.add_parser("ablate", help="train and evaluate the rows of the paper's Table 3 and report them beside "
+                                      "the paper's numbers")
+    p.add_argument("--output", required=True, help="the ablation's directory (running again continues it)")
+    p.add_argument("--config", help="a preset (tiny, small, base) or a JSON file of training settings (a joint "
+                                    "run's: data, model, optimizer); default: the tiny preset on the demo data")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any training setting")
+    p.add_argument("--steps", type=int, help="optimizer steps of every trained row (default: max_steps)")
+    p.add_argument("--unimodal-steps", dest="unimodal_steps", type=int,
+                   help="steps of each unimodal stage of the full FLAVA row (default: --steps)")
+    p.add_argument("--image-stage", dest="image_stage", choices=("dino", "mim"), default="dino",
+                   help="how the full FLAVA row pretrains its image encoder (the paper: dino)")
+    p.add_argument("--rows", help="comma-separated rows to run (default: all; flava-c-local needs --processes 2+): "
+                                  "mim, mlm, flava-c-local, flava-c, flava-mm, flava-no-init, flava, untrained")
+    p.add_argument("--processes", type=int, default=1, help="train each row under torchrun with this many processes")
+    p.add_argument("--suite", default="demo", help="a suite JSON file, or 'demo' (default)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace, console: Console) -> None:
+    from ..ablate import Plan, default_rows, run_ablation
+    from ..config import apply_overrides, check
+    from ..train.config import TrainConfig, train_config
+
+    cfg = check(apply_overrides(train_config(args.config) if args.config else TrainConfig(), args.set or []))
+    steps = args.steps if args.steps is not None else cfg.max_steps
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else default_rows(args.processes)
+    plan = Plan(rows=rows, steps=steps, unimodal_steps=steps if args.unimodal_steps is None else args.unimodal_steps, image_stage=args.image_stage,
+                processes=args.processes, suite=args.suite)
+    run_ablation(cfg, plan, Path(args.output), console)

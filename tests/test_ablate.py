@@ -1,0 +1,132 @@
+"""`flava ablate`: every row of the paper's Table 3 trained and evaluated at a tiny budget into one
+report; finished rows are not run again; C.1's local contrastive row under torchrun."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import pretrain_args
+
+from flava.ablate import PAPER, ROWS, averages, row_config
+from flava.cli import main as cli
+from flava.train.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """One small task per domain."""
+    root = tmp_path_factory.mktemp("ablate-suite")
+    rows = ["image,caption"]
+    for split, n in (("train", 8), ("test", 4)):
+        for name, rgb in {"red": (220, 30, 30), "blue": (30, 30, 220)}.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                arr = np.full((40, 40, 3), rgb, dtype=np.uint8)
+                arr[i: i + 8, 5:13] = 255
+                Image.fromarray(arr).save(root / split / name / f"{i}.png")
+                if split == "test":
+                    rows.append(f"test/{name}/{i}.png,a {name} square number {i}")
+    (root / "pairs.csv").write_text("\n".join(rows) + "\n")
+    words = {"sport": "match goal team", "music": "song band album"}
+    for split, n in (("train", 10), ("test", 6)):
+        lines = ["text,label"] + [f"the {words[c].split()[i % 3]} story {i},{c}" for c in words for i in range(n)]
+        (root / f"text_{split}.csv").write_text("\n".join(lines) + "\n")
+    tasks = [
+        {"kind": "linear-probe", "name": "colour probe", "modality": "image", "train": "train", "test": "test"},
+        {"kind": "linear-probe", "name": "topic probe", "modality": "text", "train": "text_train.csv",
+         "test": "text_test.csv"},
+        {"kind": "retrieval", "name": "pairs retrieval", "csv": "pairs.csv"},
+    ]
+    (root / "suite.json").write_text(json.dumps({"name": "small", "tasks": tasks}))
+    return root / "suite.json"
+
+
+def ablate_args(train_data, suite, out, *extra):
+    # pretrain_args' settings (tiny data, the test codebook), less the subcommand and its --output.
+    settings = pretrain_args(train_data, out, pairs="pairs_clean.csv")[3:]
+    return ["ablate", "--output", str(out), "--suite", str(suite), "--steps", "2", "--unimodal-steps", "2",
+            "--image-stage", "mim", *settings, *extra]
+
+
+def test_every_row_is_trained_evaluated_and_reported_once(train_data, suite, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    args = ablate_args(train_data, suite, out)
+    assert cli(args) == 0
+    text = capsys.readouterr().out
+    record = json.loads((out / "ablation.json").read_text())
+    rows = record["rows"]
+    # One process: the local contrastive row (the same loss as the global one there) is left out.
+    assert list(rows) == ["mim", "mlm", "flava-c", "flava-mm", "flava-no-init", "flava", "untrained"]
+    for key, scores in rows.items():
+        domains = {t["domain"] for t in scores["tasks"].values()}
+        assert domains == set(ROWS[key].domains)
+        for domain, value in scores["domain_averages"].items():
+            expected = np.mean([v for t in scores["tasks"].values() if t["domain"] == domain
+                                for v in t["scores"].values()])
+            assert value == pytest.approx(expected)
+        if key != "untrained":
+            pointer = json.loads(((out / "rows" / key / ("joint" if key == "flava" else "")) / "checkpoints" /
+                                  "latest.json").read_text())
+            assert pointer["step"] == 2
+    assert averages(rows["mim"])[3] == pytest.approx(rows["mim"]["domain_averages"]["vision"] / 3)
+
+    # The rows train what the paper's rows train.
+    settings = {k: json.loads((out / "rows" / k / ("joint" if k == "flava" else "") / "train_config.json").read_text())
+                for k in ("mim", "mlm", "flava-c", "flava-mm", "flava-no-init", "flava")}
+    assert settings["mim"]["stage"] == "image-mim" and settings["mlm"]["stage"] == "text-mlm"
+    weights = lambda s: {k: v for k, v in s["objectives"].items() if k.endswith("_weight") and v > 0}  # noqa: E731
+    assert weights(settings["flava-c"]) == {"global_contrastive_weight": 1.0}
+    assert set(weights(settings["flava-mm"])) == {"global_contrastive_weight", "itm_weight", "mmm_image_weight",
+                                                  "mmm_text_weight"}
+    assert settings["flava-c"]["data"]["mixing"] == [1.0, 0.0, 0.0]
+    assert len(weights(settings["flava-no-init"])) == 6 and not settings["flava-no-init"]["init_text"]
+    assert settings["flava"]["init_text"] == str(out / "rows" / "flava" / "text-mlm")
+    assert settings["flava"]["init_image"] == str(out / "rows" / "flava" / "image-mim")
+
+    report = (out / "ablation.md").read_text()
+    for key in ("flava-c", "flava"):
+        assert f"| {ROWS[key].label} | {ROWS[key].paper_row} |" in report
+        assert " | ".join(f"{v:.2f}" for v in PAPER[key]) in report
+    assert "The paper's claims, checked here" in report and "full FLAVA has the best macro average" in report
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ablation: averages" in text
+
+    # Again: nothing is trained or evaluated; the report is rewritten from the saved scores.
+    stamps = {k: (out / "rows" / k / "scores.json").stat().st_mtime_ns for k in rows}
+    assert cli(args) == 0
+    assert capsys.readouterr().out.count("already trained and evaluated") == len(rows)
+    assert stamps == {k: (out / "rows" / k / "scores.json").stat().st_mtime_ns for k in rows}
+
+    # Another budget in the same directory is refused; the local row needs processes.
+    other = [a if a != "2" or args[i - 1] != "--steps" else "3" for i, a in enumerate(args)]
+    assert cli(other) == 2
+    assert "other steps" in capsys.readouterr().err
+    assert cli(ablate_args(train_data, suite, tmp_path / "b", "--rows", "flava-c-local")) == 2
+    assert "needs --processes 2" in capsys.readouterr().err
+    assert cli(ablate_args(train_data, suite, tmp_path / "c", "--rows", "flava-x")) == 2
+    assert "has no row 'flava-x'" in capsys.readouterr().err
+
+
+def test_local_and_global_contrastive_rows_under_torchrun(train_data, suite, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert cli(ablate_args(train_data, suite, out, "--rows", "flava-c-local,flava-c", "--processes", "2")) == 0
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert list(rows) == ["flava-c-local", "flava-c"]
+    local = json.loads((out / "rows" / "flava-c-local" / "train_config.json").read_text())
+    assert local["objectives"]["gather_with_grad"] is False
+    for key in rows:
+        metrics = [json.loads(line) for line in (out / "rows" / key / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["step"] == 2 and metrics[-1]["samples"] == 2 * 4  # two processes of batch 4
+    # The two losses differ in their gradients only: the first step's loss is the same.
+    first = {k: json.loads((out / "rows" / k / "metrics.jsonl").read_text().splitlines()[0])["loss"] for k in rows}
+    assert first["flava-c-local"] == pytest.approx(first["flava-c"], rel=1e-5)
+    assert "global contrastive beats local" in (out / "ablation.md").read_text()
+
+
+def test_row_settings_leave_the_base_settings_alone():
+    cfg = TrainConfig()
+    c = row_config("flava-c-local", cfg, 5)
+    assert c.max_steps == 5 and c.objectives.gather_with_grad is False and c.objectives.itm_weight == 0
+    assert cfg.objectives.gather_with_grad is True and cfg.objectives.itm_weight == 1.0
