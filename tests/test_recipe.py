@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import pretrain_args
 
 from flava.cli import main as cli
@@ -40,6 +42,24 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
     # Other step budgets in the same directory are refused: its stages were trained with these.
     longer = [a if a != "2" or args[i - 1] != "--max-steps" else "3" for i, a in enumerate(args)]
     assert cli(longer) == 2
-    assert "other stages or steps" in capsys.readouterr().err
+    assert "other stages, steps or stage settings" in capsys.readouterr().err
+    assert cli(args + ["--stage-set", "text-mlm:optim.lr=1e-3"]) == 2
+    assert "other stages, steps or stage settings" in capsys.readouterr().err
     assert cli(args[:-2] + ["--stage-steps", "video=2"]) == 2
     assert "has no stage 'video'" in capsys.readouterr().err
+
+
+def test_paper_mim_and_stage_settings(tmp_path):
+    from flava.errors import ConfigError
+    from flava.train.config import TrainConfig
+    from flava.train.recipe import plan
+
+    stages = plan("paper-mim", TrainConfig(), tmp_path, {"image-mim": 7}, {"text-mlm": ["optim.lr=1e-3"]})
+    assert [s.name for s in stages] == ["text-mlm", "image-mim", "joint"]
+    text, image, joint = (s.config for s in stages)
+    assert text.optim.lr == 1e-3 and image.optim.lr == joint.optim.lr == TrainConfig().optim.lr
+    assert image.max_steps == 7 and joint.init_image == str(tmp_path / "image-mim")
+    with pytest.raises(ConfigError, match="sets init_text of stage joint itself"):
+        plan("paper", TrainConfig(), tmp_path, {}, {"joint": ["init_text=x"]})
+    with pytest.raises(ConfigError, match="has no stage 'image-dino'"):
+        plan("paper-mim", TrainConfig(), tmp_path, {}, {"image-dino": ["optim.lr=1"]})
