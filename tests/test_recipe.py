@@ -30,6 +30,10 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
     rows = [json.loads(line) for line in (out / "image-dino" / "metrics.jsonl").read_text().splitlines()]
     assert set(rows[-1]["losses"]) == {"dino"}
     assert {"teacher_entropy", "kl_teacher_student", "dims_in_use", "teacher_temp"} <= set(rows[-1]["metrics"])
+    # The recipe's directory names its model: the last stage's newest checkpoint.
+    from flava.io.runs import resolve
+
+    assert resolve(out) == resolve(out / "joint") == out / "joint" / "checkpoints" / "step_00000002"
     record = json.loads((out / "recipe.json").read_text())
     assert [s["stage"] for s in record["finished"]] == ["text-mlm", "image-dino", "joint"]
 

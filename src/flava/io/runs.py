@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import CONFIG
-from .files import write_json_atomic
+from .files import read_json, write_json_atomic
 from .hubcache import looks_like_hub_id, snapshot
 
 CHECKPOINTS = "checkpoints"
@@ -130,8 +130,9 @@ def _follow(pointer: Path) -> Path:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """A checkpoint directory, the one a run directory's checkpoints/latest.json points to, or a
-    Hugging Face hub id's snapshot in the local cache (downloaded unless HF_HUB_OFFLINE is set)."""
+    """A checkpoint directory, the one a run directory's checkpoints/latest.json points to, the
+    newest checkpoint of a recipe directory's last stage, or a Hugging Face hub id's snapshot in
+    the local cache (downloaded unless HF_HUB_OFFLINE is set)."""
     if looks_like_hub_id(path):
         return snapshot(str(path))
     p = Path(path)
@@ -139,6 +140,15 @@ def resolve(path: str | os.PathLike) -> Path:
         raise CheckpointError(f"checkpoint {p} does not exist")
     if (p / CONFIG).is_file():
         return p
+    recipe = p / "recipe.json"
+    if recipe.is_file():
+        # A recipe's directory (`flava pretrain --recipe`): its model is its last stage's.
+        stages = read_json(recipe, "recipe record", CheckpointError, expect=dict).get("stages") or [{}]
+        last = p / str(stages[-1].get("directory", ""))
+        if last != p and RunDir(last).pointer.is_file():
+            return _follow(RunDir(last).pointer)
+        raise CheckpointError(f"{p} is a recipe whose last stage ({last.name}) has no checkpoint yet; run the recipe "
+                              "to its end, or name one of its stages' directories")
     for pointer in (RunDir(p).pointer, p / LATEST):
         if pointer.is_file():
             return _follow(pointer)
