@@ -108,3 +108,15 @@ def test_stages_chain_through_encoder_initialisation(data, tmp_path):
         assert torch.equal(v, trained[k]), k
     assert not torch.equal(joint.model.model.image_encoder.patch_embed.weight,
                            text_stage.model.model.image_encoder.patch_embed.weight)
+    # One learning rate for all by default; init_lr_scale slows the initialised encoder alone.
+    assert {g["initial_lr"] for g in joint.optimizer.param_groups} == {joint.cfg.optim.lr}
+    cfg = config(data, seed=1, init_text=str(tmp_path / "text"))
+    cfg.optim.init_lr_scale = 0.25
+    slow = Trainer(cfg, tmp_path / "slow")
+    lr = {id(p): g["initial_lr"] for g in slow.optimizer.param_groups for p in g["params"]}
+    base = slow.cfg.optim.lr
+    for name, p in slow.model.named_parameters():
+        if p.requires_grad:
+            assert lr[id(p)] == (base * 0.25 if name.startswith("model.text_encoder.") else base), name
+    slow.scheduler.step()  # the schedule scales every group alike
+    assert [g["lr"] / slow.optimizer.param_groups[0]["lr"] for g in slow.optimizer.param_groups] == [1, 1, 0.25, 0.25]

@@ -17,14 +17,20 @@ def no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
-    decay, no_decay = [], []
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    scaled: tuple[str, ...] = (), scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the trained parameters; those whose names start with one of `scaled` learn at
+    `scale` x `lr` (the schedule scales every group alike). The first group is always the
+    full-rate decayed one, the rate a run logs."""
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {(d, s): [] for s in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if no_weight_decay(name, p) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            slow = scale != 1.0 and name.startswith(scaled) if scaled else False
+            groups[(not no_weight_decay(name, p), slow)].append(p)
+    params = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (scale if slow else 1.0)}
+              for (decay, slow), ps in groups.items() if ps or not slow]
     # The fused kernel updates every tensor in one pass; it exists for CPU and CUDA tensors.
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):

@@ -94,6 +94,11 @@ class OptimConfig:
     """Steps of linear warmup from 0 to `lr`; cosine decay after."""
     min_lr_ratio: Probability = 0.0
     """Final learning rate as a share of `lr`."""
+    init_lr_scale: Probability = 1.0
+    """Learning-rate multiplier of the encoders a joint run initialises with init_image, init_text or
+    init_multimodal (their embeddings and transformer blocks; projections and heads keep `lr`). 1:
+    one rate for everything, as the paper trains; below 1 keeps more of what the unimodal stages
+    learned (the CPU demo uses 0.1: BENCHMARKS.md)."""
     grad_clip: NonNegative = 1.0
     """Largest global gradient norm; 0 turns clipping off."""
     grad_accumulation: PositiveInt = 1

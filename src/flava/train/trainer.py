@@ -150,7 +150,10 @@ class Trainer:
         o = cfg.optim
         # A DINO stage trains its student alone: the teacher follows it by EMA.
         trained_module = self.model.dino.student if self.is_dino else self.model
-        self.optimizer = build_optimizer(trained_module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps)
+        # Encoders initialised from unimodal stages may learn more slowly (optim.init_lr_scale).
+        slow = tuple(f"model.{name}_encoder." for name in self.initialised) if not self.is_dino else ()
+        self.optimizer = build_optimizer(trained_module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
+                                         scaled=slow, scale=o.init_lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(o.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
