@@ -13,7 +13,8 @@ def _paragraphs(text):
 
 def test_demo_pretraining_data_excludes_every_evaluation_example():
     # Every task of the demo suite is covered below; a new task must be added here too.
-    covered = {("retrieval", "easy-vqa"), ("zero-shot", "easy-vqa-shapes"), ("linear-probe", "digits"),
+    covered = {("retrieval", "easy-vqa"), ("zero-shot", "easy-vqa-shapes"), ("zero-shot", "easy-vqa-colours"),
+               ("linear-probe", "digits"),
                ("linear-probe", "easy-vqa-shapes"), ("linear-probe", "easy-vqa-colours"),
                ("linear-probe", "bbc-news"), ("finetune-text", "bbc-news"), ("finetune-multimodal", "easy-vqa")}
     assert {(t["kind"], t["data"]) for t in DEMO_SUITE["tasks"]} <= covered

@@ -552,6 +552,8 @@ DEMO_SUITE = {
     "tasks": [
         {"kind": "retrieval", "name": "easy-vqa retrieval", "data": "easy-vqa", "galleries": 10},
         {"kind": "zero-shot", "name": "easy-vqa shapes zero-shot", "data": "easy-vqa-shapes"},
+        {"kind": "zero-shot", "name": "easy-vqa colours zero-shot", "data": "easy-vqa-colours",
+         "templates": ["a {} shape.", "a photo of a {} shape.", "a drawing of a {} shape."]},
         {"kind": "linear-probe", "name": "digits linear probe", "modality": "image", "data": "digits"},
         {"kind": "linear-probe", "name": "easy-vqa shapes linear probe", "modality": "image",
          "data": "easy-vqa-shapes"},
