@@ -7,6 +7,7 @@ OUTPUT/
   ablation.json       the plan (rows, steps, settings) and every finished row's scores
   ablation.md         the Table-3-shaped table, ours beside the paper's, the paper's claims checked
   ablation.png        the domain averages of every row, ours and the paper's
+  codebook/           the image codebook every row shares (demo data with no codebook named)
   settings/ROW.json   the training settings of each row
   rows/ROW/           a normal run directory (the full row: a recipe directory), and
   rows/ROW/scores.json  its evaluation (written last: a row with it is not run again)
@@ -171,17 +172,6 @@ def row_model_dir(key: str, output: Path) -> Path:
     return directory / "joint" if key == "flava" else directory
 
 
-def _pretrain_args(key: str, plan: Plan, settings: Path, directory: Path) -> list[str]:
-    args = ["pretrain", "--config", str(settings), "--output", str(directory)]
-    if key == "flava":
-        image = RECIPES[_recipe(plan)][1]
-        args += ["--recipe", _recipe(plan), "--stage-steps", f"text-mlm={plan.unimodal_steps}",
-                 "--stage-steps", f"{image}={plan.unimodal_steps}"]
-    elif (directory / "train_config.json").is_file():
-        args.append("--resume")
-    return args
-
-
 def train_row(key: str, cfg: TrainConfig, plan: Plan, output: Path, console: Console) -> None:
     """Train row `key` (or continue it) into OUTPUT/rows/KEY, in this process or under torchrun."""
     from .train.recipe import run_recipe
@@ -241,8 +231,12 @@ def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console
 def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -> dict:
     """Train and evaluate every row not yet finished, then write the report."""
     check_plan(cfg, plan)
+    from .train.run import ensure_demo_codebook
+
     suite = load_suite(plan.suite)  # every data error before any training
     output.mkdir(parents=True, exist_ok=True)
+    cfg = _copy(cfg)
+    ensure_demo_codebook(cfg, output / "codebook", console)  # one codebook for every row (demo data)
     record = output / "ablation.json"
     wanted = {"rows": plan.rows, "steps": plan.steps, "unimodal_steps": plan.unimodal_steps,
               "image_stage": plan.image_stage, "processes": plan.processes, "suite": plan.suite,

@@ -25,7 +25,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
     groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {(d, s): [] for s in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            slow = scale != 1.0 and name.startswith(scaled) if scaled else False
+            slow = bool(scaled) and scale != 1.0 and name.startswith(scaled)
             groups[(not no_weight_decay(name, p), slow)].append(p)
     params = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (scale if slow else 1.0)}
               for (decay, slow), ps in groups.items() if ps or not slow]

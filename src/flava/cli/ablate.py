@@ -23,7 +23,9 @@ def add(sub) -> None:
                    help="how the full FLAVA row pretrains its image encoder (the paper: dino)")
     p.add_argument("--rows", help="comma-separated rows to run (default: all; flava-c-local needs --processes 2+): "
                                   "mim, mlm, flava-c-local, flava-c, flava-mm, flava-no-init, flava, untrained")
-    p.add_argument("--processes", type=int, default=1, help="train each row under torchrun with this many processes")
+    p.add_argument("--processes", type=int, default=1,
+                   help="train each row under torchrun with this many processes (each takes data.batch_size: "
+                        "halve it for 2 to keep the global batch)")
     p.add_argument("--suite", default="demo", help="a suite JSON file, or 'demo' (default)")
     p.set_defaults(run=run)
 
