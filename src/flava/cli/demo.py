@@ -2,7 +2,7 @@
 preset (the image codebook, text MLM, image MIM, then joint training from both encoders), the demo
 suite on the result beside the untrained model, and the table.
 
-The image stage is MIM, not DINO: at this scale (2,000 simple images, a few hundred steps) DINO's
+The image stage is MIM, not DINO: at this scale (3,608 simple images, a few hundred steps) DINO's
 teacher collapses to the uniform distribution (BENCHMARKS.md); `flava pretrain --recipe paper`
 runs DINO where there is the data and compute for it."""
 
@@ -35,7 +35,8 @@ DEMO_RECIPE = "paper-mim"
 DEMO_STAGE_STEPS = {"text-mlm": 300, "image-mim": 150}
 DEMO_STAGE_SETTINGS = {"text-mlm": ["optim.lr=1e-3"], "image-mim": ["optim.lr=1e-3"]}
 # The joint stage's encoders learn at a tenth of the rate: at full rate, contrastive training on the
-# demo's narrow captions undoes what text MLM taught the text encoder's CLS (BENCHMARKS.md).
+# demo's narrow captions undoes what text MLM taught the text encoder's CLS; the slower rate also
+# slows image-text alignment (both measured in BENCHMARKS.md).
 DEMO_INIT_LR_SCALE = 0.1
 
 
