@@ -47,9 +47,8 @@ from .config import check, from_dict, to_dict
 from .errors import ConfigError, FlavaError
 from .evaluate.suite import DOMAINS, Suite, load_suite
 from .io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
-from .io.runs import RunDir
 from .train.config import TrainConfig
-from .train.recipe import RECIPES
+from .train.recipe import RECIPES, finished_step
 
 # The paper's numbers: (vision, language, multimodal, macro) average. Rows from Table 3; its
 # vision and language columns are read as Table C.1 labels them (MIM's 57.46 is a vision average,
@@ -160,12 +159,6 @@ def _recipe(plan: Plan) -> str:
     return "paper" if plan.image_stage == "dino" else "paper-mim"
 
 
-def _trained_to(directory: Path) -> int:
-    if RunDir(directory).intact_pointer() is None:
-        return 0
-    return int(read_json(RunDir(directory).pointer, "checkpoint pointer").get("step", 0))
-
-
 def row_model_dir(key: str, output: Path) -> Path:
     """The run directory whose newest checkpoint is the row's model."""
     directory = output / "rows" / key
@@ -259,7 +252,7 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
             results[key] = read_json(scores_path, "row scores", expect=dict)
             continue
         start = time.perf_counter()
-        if key != "untrained" and _trained_to(row_model_dir(key, output)) < plan.steps:
+        if key != "untrained" and finished_step(row_model_dir(key, output)) < plan.steps:
             train_row(key, cfg, plan, output, console)
         trained = time.perf_counter() - start
         results[key] = evaluate_row(key, cfg, suite, output, console)

@@ -83,7 +83,8 @@ def plan(name: str, cfg: TrainConfig, output: Path, steps: dict[str, int],
     return stages
 
 
-def _finished_step(directory: Path) -> int:
+def finished_step(directory: Path) -> int:
+    """The step of a run directory's newest intact checkpoint (0 without one)."""
     pointer = RunDir(directory).intact_pointer()
     if pointer is None:
         return 0
@@ -127,14 +128,14 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
     done = []
     for i, stage in enumerate(stages, 1):
         console.rule(f"stage {i} of {len(stages)}: {stage.name}")
-        reached = _finished_step(stage.directory)
+        reached = finished_step(stage.directory)
         if reached >= stage.config.max_steps:
             console.print(f"{stage.name}: already finished ({reached} steps in {stage.directory})")
             done.append({"stage": stage.name, "steps": reached, "ran": False})
             continue
         resume = (stage.directory / SETTINGS).is_file()
         run_pretrain(stage.config, stage.directory, resume=resume, console=console)
-        done.append({"stage": stage.name, "steps": _finished_step(stage.directory), "ran": True})
+        done.append({"stage": stage.name, "steps": finished_step(stage.directory), "ran": True})
     if rank == 0:
         write_json_atomic(record, {**wanted, "finished": done})
     table = Table(title=f"recipe {name} in {output}")
