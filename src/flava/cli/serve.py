@@ -47,6 +47,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((args.host, args.port))
+        # Listening before "listening on" is printed: a client that connects between the message and
+        # uvicorn's start waits in the backlog instead of being refused.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
