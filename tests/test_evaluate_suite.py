@@ -93,6 +93,10 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
     ({"kind": "finetune-text", "train": "text_train.csv", "test": "empty.csv"}, "no rows|empty"),
     ({"kind": "linear-probe", "modality": "image", "train": "train", "test": "extra_class"}, "outside the training"),
     ({"kind": "finetune-text", "data": "bbc-news", "settings": {"epoch": 1}}, "epoch"),
+    ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": []}, "lr_sweep takes a list of positive"),
+    ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4, "3e-4"]}, "lr_sweep takes a list"),
+    ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4], "settings": {"lr": 1e-3}},
+     "either settings.lr or lr_sweep"),
 ])
 def test_bad_suites_fail_before_any_work(suite_dir, tmp_path, capsys, task, error):
     (suite_dir / "bad_labels.csv").write_text("text,label\na story,politics\n")
@@ -135,3 +139,33 @@ def test_the_demo_suite_names_only_packaged_data():
     kinds = {t.kind for t in suite.tasks}
     assert kinds == {"retrieval", "zero-shot", "linear-probe", "finetune-text", "finetune-multimodal"}
     assert {t.domain for t in suite.tasks} == {"vision", "language", "multimodal"}
+
+
+def test_an_lr_sweep_scores_the_rate_best_on_validation(suite_dir):
+    from flava.evaluate.finetune import FinetuneSettings, finetune_text
+
+    from flava.data.tokenizer import TextTokenizer
+
+    model = flava.load(suite_dir / "model")
+    tokenizer = TextTokenizer(max_length=model.config.text.max_position_embeddings)
+    spec = {k: v for k, v in TASKS[4].items() if k != "settings"}
+    spec.update(settings={"epochs": 6, "batch_size": 8}, lr_sweep=[1e-6, 3e-3])
+    (prepared,) = load_suite({"name": "t", "tasks": [spec]}, base=suite_dir).tasks
+    assert "learning rates 1e-06, 0.003" in prepared.size
+    seen = []
+    result = prepared.run(model, tokenizer, lambda done, total: seen.append((done, total)))
+    # Progress runs over both fine-tunes as one task.
+    assert seen[-1][0] == seen[-1][1] and len({t for _, t in seen}) == 1
+    # The same fine-tunes one by one: the suite scores the one best on validation, whichever it is.
+    from flava.evaluate.tasks import read_text_classification
+
+    task = read_text_classification(suite_dir / "text_train.csv", suite_dir / "text_val.csv",
+                                    suite_dir / "text_test.csv", name="topic fine-tune")
+    alone = {lr: finetune_text(model, task, FinetuneSettings(lr=lr, epochs=6, batch_size=8), tokenizer)
+             for lr in (1e-6, 3e-3)}
+    best = max(alone, key=lambda lr: alone[lr].best_val)
+    assert alone[3e-3].best_val != alone[1e-6].best_val
+    assert result.metrics == pytest.approx(alone[best].test_metrics)
+    note = next(n for n in result.notes if n.startswith("learning rate"))
+    assert note.startswith(f"learning rate {best:g} chosen on validation accuracy")
+    assert f"1e-06: {alone[1e-6].best_val:.4f}" in note and f"0.003: {alone[3e-3].best_val:.4f}" in note

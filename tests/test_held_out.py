@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import numpy as np
+
 from flava.data.registry import demo_source
-from flava.evaluate.suite import DEMO_SUITE, _easy_vqa_classes, bbc_news_splits, easy_vqa_galleries
+from flava.evaluate.suite import DEMO_SUITE, _digits, _easy_vqa_classes, bbc_news_splits, easy_vqa_galleries
 from flava.evaluate.tasks import easy_vqa_task
 
 
@@ -39,6 +41,17 @@ def test_demo_pretraining_data_excludes_every_evaluation_example():
     # Training images are pretrained on, apart from the held-out validation images.
     train_probe = {Path(p).resolve() for p in _easy_vqa_classes("easy-vqa-shapes", "train")[0]}
     assert train_probe <= pretrain_images
+
+    # Digits: the pretraining images that are not files are the digits' training images and the
+    # scikit-image photographs; no test digit is among them, pixel for pixel.
+    in_memory = {np.asarray(r.image.convert("L")).tobytes() for r in demo_source("images").records
+                 if not isinstance(r.image, (str, Path))}
+    _, _, digits_test, _ = _digits()
+    tested = {np.asarray(im.convert("L")).tobytes() for im in digits_test}
+    assert len(tested) == 450
+    assert not in_memory & tested
+    digits_train = {np.asarray(im.convert("L")).tobytes() for im in _digits()[0]}
+    assert digits_train <= in_memory
 
     splits, _ = bbc_news_splits()
     held_out = {p for split in ("val", "test") for text in splits[split][0] for p in _paragraphs(text)}

@@ -107,6 +107,29 @@ def bbc_news_split_ids() -> dict[str, np.ndarray]:
     return {"train": np.sort(tr), "val": np.sort(va), "test": np.sort(te)}
 
 
+DIGITS_TEST_FRACTION = 0.25
+
+
+def digits_images() -> tuple[list[np.ndarray], np.ndarray]:
+    """scikit-learn's 1,797 handwritten digits (8x8, 16 grey levels) as dark-on-white uint8
+    greyscale arrays, and their labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return [(255 - x * 255 / 16).astype(np.uint8) for x in d.images], d.target
+
+
+def digits_split_ids() -> dict[str, np.ndarray]:
+    """Digit indices of train and test: test 25 %, stratified and seeded. Only train is
+    pretrained on (unlabelled, as the paper's image data holds ImageNet-1k's training images)."""
+    from sklearn.model_selection import train_test_split
+
+    _, labels = digits_images()
+    tr, te = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, random_state=HELD_OUT_SEED,
+                              stratify=labels)
+    return {"train": tr, "test": te}
+
+
 def easy_vqa_pairs(split: str = "train"):
     """easy-vqa images with annotation captions, as a pair source; the training split leaves out
     the validation images (`easy_vqa_validation_ids`)."""
@@ -124,8 +147,8 @@ def easy_vqa_pairs(split: str = "train"):
 
 
 def demo_image_source():
-    """easy-vqa training images (less the validation images) and the scikit-image photographs,
-    as an image source."""
+    """easy-vqa training images (less the validation images), the digits' training images and the
+    scikit-image photographs, as an image source."""
     from pathlib import Path
 
     import easy_vqa
@@ -135,8 +158,10 @@ def demo_image_source():
 
     held_out = easy_vqa_validation_ids()
     records = [ImageRecord(Path(p)) for i, p in sorted(easy_vqa.get_train_image_paths().items()) if i not in held_out]
+    digits, _ = digits_images()
+    records += [ImageRecord(to_rgb(digits[i])) for i in digits_split_ids()["train"]]
     records += [ImageRecord(to_rgb(arr)) for arr, _ in skimage_photos().values()]
-    return Source("images", records, "easy-vqa + scikit-image images")
+    return Source("images", records, "easy-vqa + digits + scikit-image images")
 
 
 def demo_images() -> list:
