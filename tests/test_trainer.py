@@ -120,3 +120,17 @@ def test_stages_chain_through_encoder_initialisation(data, tmp_path):
             assert lr[id(p)] == (base * 0.25 if name.startswith("model.text_encoder.") else base), name
     slow.scheduler.step()  # the schedule scales every group alike
     assert [g["lr"] / slow.optimizer.param_groups[0]["lr"] for g in slow.optimizer.param_groups] == [1, 1, 0.25, 0.25]
+
+
+def test_init_lr_scaled_names_the_encoders_the_scale_applies_to(data, tmp_path):
+    for stage, name in (("text-mlm", "text"), ("image-mim", "image")):
+        Trainer(config(data, stage=stage, max_steps=2, save_every=2), tmp_path / name).fit()
+    cfg = config(data, seed=1, init_text=str(tmp_path / "text"), init_image=str(tmp_path / "image"))
+    cfg.optim.init_lr_scale, cfg.optim.init_lr_scaled = 0.1, ["text"]
+    joint = Trainer(cfg, tmp_path / "joint")
+    assert {"text", "image"} <= set(joint.initialised)
+    lr = {id(p): g["initial_lr"] for g in joint.optimizer.param_groups for p in g["params"]}
+    base = joint.cfg.optim.lr
+    for name, p in joint.model.named_parameters():
+        if p.requires_grad:
+            assert lr[id(p)] == pytest.approx(base * 0.1 if name.startswith("model.text_encoder.") else base), name

@@ -98,7 +98,10 @@ class OptimConfig:
     """Learning-rate multiplier of the encoders a joint run initialises with init_image, init_text or
     init_multimodal (their embeddings and transformer blocks; projections and heads keep `lr`). 1:
     one rate for everything, as the paper trains; below 1 keeps more of what the unimodal stages
-    learned (the CPU demo uses 0.1: BENCHMARKS.md)."""
+    learned (the CPU demo uses 0.1 for its text encoder: BENCHMARKS.md)."""
+    init_lr_scaled: list[Literal["text", "image", "multimodal"]] = field(
+        default_factory=lambda: ["text", "image", "multimodal"])
+    """Which initialised encoders learn at init_lr_scale x lr (the others at lr), e.g. ["text"]."""
     grad_clip: NonNegative = 1.0
     """Largest global gradient norm; 0 turns clipping off."""
     grad_accumulation: PositiveInt = 1

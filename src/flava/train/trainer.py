@@ -151,7 +151,8 @@ class Trainer:
         # A DINO stage trains its student alone: the teacher follows it by EMA.
         trained_module = self.model.dino.student if self.is_dino else self.model
         # Encoders initialised from unimodal stages may learn more slowly (optim.init_lr_scale).
-        slow = tuple(f"model.{name}_encoder." for name in self.initialised) if not self.is_dino else ()
+        slow = () if self.is_dino else tuple(f"model.{name}_encoder." for name in self.initialised
+                                               if name in o.init_lr_scaled)
         self.optimizer = build_optimizer(trained_module, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
                                          scaled=slow, scale=o.init_lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
