@@ -142,9 +142,9 @@ def test_the_demo_suite_names_only_packaged_data():
 
 
 def test_an_lr_sweep_scores_the_rate_best_on_validation(suite_dir):
-    from flava.evaluate.finetune import FinetuneSettings, finetune_text
-
     from flava.data.tokenizer import TextTokenizer
+    from flava.evaluate.finetune import FinetuneSettings, finetune_text
+    from flava.evaluate.tasks import read_text_classification
 
     model = flava.load(suite_dir / "model")
     tokenizer = TextTokenizer(max_length=model.config.text.max_position_embeddings)
@@ -157,8 +157,6 @@ def test_an_lr_sweep_scores_the_rate_best_on_validation(suite_dir):
     # Progress runs over both fine-tunes as one task.
     assert seen[-1][0] == seen[-1][1] and len({t for _, t in seen}) == 1
     # The same fine-tunes one by one: the suite scores the one best on validation, whichever it is.
-    from flava.evaluate.tasks import read_text_classification
-
     task = read_text_classification(suite_dir / "text_train.csv", suite_dir / "text_val.csv",
                                     suite_dir / "text_test.csv", name="topic fine-tune")
     alone = {lr: finetune_text(model, task, FinetuneSettings(lr=lr, epochs=6, batch_size=8), tokenizer)

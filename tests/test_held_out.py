@@ -46,11 +46,11 @@ def test_demo_pretraining_data_excludes_every_evaluation_example():
     # scikit-image photographs; no test digit is among them, pixel for pixel.
     in_memory = {np.asarray(r.image.convert("L")).tobytes() for r in demo_source("images").records
                  if not isinstance(r.image, (str, Path))}
-    _, _, digits_test, _ = _digits()
+    digits_train, _, digits_test, _ = _digits()
     tested = {np.asarray(im.convert("L")).tobytes() for im in digits_test}
     assert len(tested) == 450
     assert not in_memory & tested
-    digits_train = {np.asarray(im.convert("L")).tobytes() for im in _digits()[0]}
+    digits_train = {np.asarray(im.convert("L")).tobytes() for im in digits_train}
     assert digits_train <= in_memory
 
     splits, _ = bbc_news_splits()

@@ -119,12 +119,12 @@ def digits_images() -> tuple[list[np.ndarray], np.ndarray]:
     return [(255 - x * 255 / 16).astype(np.uint8) for x in d.images], d.target
 
 
-def digits_split_ids() -> dict[str, np.ndarray]:
-    """Digit indices of train and test: test 25 %, stratified and seeded. Only train is
-    pretrained on (unlabelled, as the paper's image data holds ImageNet-1k's training images)."""
+def digits_split_ids(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Indices of train and test among the digits of `labels` (`digits_images()`'s): test 25 %,
+    stratified and seeded. Only train is pretrained on (unlabelled, as the paper's image data holds
+    ImageNet-1k's training images)."""
     from sklearn.model_selection import train_test_split
 
-    _, labels = digits_images()
     tr, te = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION, random_state=HELD_OUT_SEED,
                               stratify=labels)
     return {"train": tr, "test": te}
@@ -158,8 +158,8 @@ def demo_image_source():
 
     held_out = easy_vqa_validation_ids()
     records = [ImageRecord(Path(p)) for i, p in sorted(easy_vqa.get_train_image_paths().items()) if i not in held_out]
-    digits, _ = digits_images()
-    records += [ImageRecord(to_rgb(digits[i])) for i in digits_split_ids()["train"]]
+    digits, labels = digits_images()
+    records += [ImageRecord(to_rgb(digits[i])) for i in digits_split_ids(labels)["train"]]
     records += [ImageRecord(to_rgb(arr)) for arr, _ in skimage_photos().values()]
     return Source("images", records, "easy-vqa + digits + scikit-image images")
 

@@ -154,7 +154,7 @@ def _digits() -> tuple[list, np.ndarray, list, np.ndarray]:
 
     arrays, labels = digits_images()
     images = [Image.fromarray(a).convert("RGB") for a in arrays]
-    ids = digits_split_ids()
+    ids = digits_split_ids(labels)
     return ([images[i] for i in ids["train"]], labels[ids["train"]], [images[i] for i in ids["test"]],
             labels[ids["test"]])
 
