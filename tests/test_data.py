@@ -53,7 +53,11 @@ def test_bad_records_are_skipped_and_counted(csv_dataset):
     assert b.pixel_values.shape == (4, 3, 32, 32) and b.codebook_pixels.shape == (4, 3, 32, 32)
     assert b.patch_mask.shape == (4, 16) and b.patch_mask.sum(1).eq(6).all()
     assert b.input_ids[:, 0].eq(101).all() and (b.attention_mask.sum(1) <= 16).all()
-    assert (b.codebook_pixels >= 0.1 - 1e-6).all() and (b.codebook_pixels <= 0.9 + 1e-6).all()
+    # Pixels cross processes as uint8; on the device they are the codebook's input range.
+    assert b.pixel_values.dtype == b.codebook_pixels.dtype == torch.uint8
+    on_device = b.to("cpu")
+    assert on_device.codebook_pixels.dtype == torch.float32 and on_device.pixel_values.dtype == torch.float32
+    assert (on_device.codebook_pixels >= 0.1 - 1e-6).all() and (on_device.codebook_pixels <= 0.9 + 1e-6).all()
     # The first epoch visits every record: each bad one was met, counted once as a record, and
     # replaced by a good record of the same shard, so every batch is full.
     reasons = {"missing image file", "empty image file", "unreadable image", "empty caption", "over-long caption"}
@@ -207,3 +211,51 @@ def test_demo_sources():
     assert len(demo_image_source()) > 3500  # 4,000 training images less the 400 held out, + photographs
     text = bbc_news_text()
     assert len(text) > 5000 and min(len(t) for t in text.records) >= 40
+
+
+def test_multicrop_batches_are_the_same_with_workers(tmp_path):
+    from flava.data.multicrop import MultiCropSpec
+    from flava.data.pipeline import MultiCropMaker
+    from flava.data.sources import tar_source
+
+    shard_set(tmp_path)
+    src = tar_source("images", str(tmp_path) + "/s{0..3}.tar")
+    maker = MultiCropMaker(MultiCropSpec(global_size=16, local_size=8, local_crops=2), seed=0)
+    # One lane: the workers' slots interleave, so their crop-major parts must be re-joined image by image.
+    plain, workers = (BatchStream("images", src, maker, batch_size=3, seed=1, lanes=1, num_workers=n) for n in (0, 2))
+    for _ in range(3):
+        x, y = plain.next_batch(), workers.next_batch()
+        assert x.global_crops.shape == (6, 3, 16, 16) and x.local_crops.shape == (6, 3, 8, 8)
+        assert torch.equal(x.global_crops, y.global_crops) and torch.equal(x.local_crops, y.local_crops)
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_with_the_same_crop(tmp_path):
+    from flava.data.sources import open_image
+    from flava.data.transforms import crop_resize
+
+    y, x = np.mgrid[0:768, 0:1024]
+    arr = np.stack([np.sin(x / 37.0), np.cos(y / 23.0), np.sin((x + y) / 51.0)], -1) * 100 + 128
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, "JPEG", quality=95)
+    (tmp_path / "big.jpg").write_bytes(buf.getvalue())
+    full = open_image(tmp_path / "big.jpg")
+    asked = []
+    small = open_image(tmp_path / "big.jpg", draft=lambda w, h: asked.append((w, h)) or (w // 3, h // 3))
+    assert asked == [(1024, 768)] and small.size == (512, 384)  # the largest DCT scale that still covers
+    box = (100, 50, 900, 700)
+    want = crop_resize(full, box, 64).float()
+    got = crop_resize(small, tuple(v / 2 for v in box), 64).float()
+    assert want.dtype == torch.float32 and got.shape == (3, 64, 64)
+    assert (want - got).abs().mean() < 2.0  # the same picture, within JPEG's own error
+
+
+def test_crop_resize_is_pils_bicubic():
+    import skimage.data
+
+    from flava.data.transforms import crop_resize
+
+    im = Image.fromarray(skimage.data.astronaut())
+    for box, size in [((10, 20, 400, 410), 224), ((0, 0, 512, 512), 56), ((100, 100, 300, 260), 224)]:
+        want = np.asarray(im.resize((size, size), Image.BICUBIC, box=box)).astype(float)
+        got = crop_resize(im, box, size).permute(1, 2, 0).numpy().astype(float)
+        assert np.abs(want - got).mean() < 0.1, box  # rounding differences in a few pixels

@@ -8,7 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
+import numpy as np
 import torch
+
+from .transforms import map_uint8, normalize_uint8
 
 IGNORE_INDEX = -100
 """Label of a position no loss reads (PyTorch's cross-entropy default)."""
@@ -16,10 +19,10 @@ IGNORE_INDEX = -100
 
 def pad_rows(rows: Sequence[Sequence[int] | torch.Tensor], value: int) -> torch.Tensor:
     """[len(rows), longest] long tensor: each row left-aligned, the rest `value`."""
-    out = torch.full((len(rows), max((len(r) for r in rows), default=0)), value, dtype=torch.long)
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), value, dtype=np.int64)
     for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
-    return out
+        out[i, : len(r)] = r
+    return torch.from_numpy(out)
 
 
 def attention_mask(rows: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor:
@@ -29,9 +32,38 @@ def attention_mask(rows: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor
     return (torch.arange(longest)[None, :] < lengths[:, None]).long()
 
 
+PIXEL_INPUTS = {"pixel_values": normalize_uint8, "codebook_pixels": map_uint8}
+"""Fields that the loader fills with uint8 pixels (4x smaller than floats, to the device and
+across processes) and how `to` turns them into the model's inputs there."""
+
+
 class _Batch:
-    def to(self, device: torch.device | str):
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+    def to(self, device: torch.device | str, non_blocking: bool = False):
+        """The batch on `device`, uint8 pixels turned into model inputs there. Fields holding one
+        host tensor (the codebook reading the model's own pixels) are copied once."""
+        moved: dict[int, torch.Tensor] = {}
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, torch.Tensor):
+                continue
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device, non_blocking=non_blocking)
+            value = moved[id(value)]
+            if value.dtype == torch.uint8 and f.name in PIXEL_INPUTS:
+                value = PIXEL_INPUTS[f.name](value)
+            out[f.name] = value
+        return replace(self, **out)
+
+    def pin_memory(self):
+        """The batch with its tensors in page-locked memory (for asynchronous copies to a GPU);
+        shared tensors stay shared."""
+        pinned: dict[int, torch.Tensor] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor) and id(value) not in pinned:
+                pinned[id(value)] = value.pin_memory()
+        return replace(self, **{f.name: pinned[id(getattr(self, f.name))] for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def __len__(self) -> int:
@@ -43,7 +75,7 @@ class PairBatch(_Batch):
     """Image-text pairs: contrastive, ITM and MMM."""
 
     pixel_values: torch.Tensor
-    """[B, C, H, W] normalised images."""
+    """[B, C, H, W] normalised images (uint8 pixels on the host, normalised by `to`)."""
     input_ids: torch.Tensor
     """[B, L] unmasked token ids (contrastive)."""
     attention_mask: torch.Tensor
@@ -55,7 +87,8 @@ class PairBatch(_Batch):
     mlm_labels: torch.Tensor
     """[B, L] original ids at chosen positions, IGNORE_INDEX elsewhere."""
     codebook_pixels: torch.Tensor | None = None
-    """[B, C, 8g, 8g] the same crop for the image codebook, in its input range."""
+    """[B, C, 8g, 8g] the same crop for the image codebook, in its input range (uint8 on the
+    host, mapped by `to`)."""
     image_targets: torch.Tensor | None = None
     """[B, num_patches] image token ids, if already computed (else the codebook makes them)."""
 

@@ -19,6 +19,8 @@ from .tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID
 BASE_GRID = 14
 BASE_MASKED = 75
 BASE_MIN_BLOCK = 16
+CHUNK = 16
+"""Block candidates drawn per generator call."""
 
 
 @dataclass
@@ -58,23 +60,28 @@ class BlockMasking:
                    blocks: list | None) -> int:
         g = self.grid
         lo_aspect, hi_aspect = (math.exp(x) for x in self._log_aspect)
-        for _ in range(self.tries):
-            area = rng.uniform(self.min_block, max(self.min_block, budget))
-            aspect = math.exp(rng.uniform(*self._log_aspect))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
-            # Rounding must not break the shape rules: every block keeps >= min_block patches
-            # and its aspect ratio in range (small blocks would otherwise round to 1x5 and such).
-            if h * w < self.min_block or not lo_aspect - 1e-9 <= h / w <= hi_aspect + 1e-9 or h > g or w > g:
-                continue
-            top, left = int(rng.integers(0, g - h + 1)), int(rng.integers(0, g - w + 1))
-            window = mask[top: top + h, left: left + w]
-            new = h * w - int(window.sum())
-            if 0 < new <= budget:
-                window[...] = True
-                if blocks is not None:
-                    blocks.append((top, left, h, w))
-                return new
+        lo, span = self._log_aspect[0], self._log_aspect[1] - self._log_aspect[0]
+        extra = max(0, budget - self.min_block)
+        # Candidates come from one generator call per chunk and are judged in plain Python: a
+        # mask costs tens of microseconds, which matters at a thousand samples per second.
+        for first in range(0, self.tries, CHUNK):
+            u = rng.random(4 * min(CHUNK, self.tries - first)).tolist()
+            for i in range(0, len(u), 4):
+                area = self.min_block + u[i] * extra
+                aspect = math.exp(lo + u[i + 1] * span)
+                h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+                # Rounding must not break the shape rules: every block keeps >= min_block patches
+                # and its aspect ratio in range (small blocks would otherwise round to 1x5 and such).
+                if h * w < self.min_block or h > g or w > g or not lo_aspect - 1e-9 <= h / w <= hi_aspect + 1e-9:
+                    continue
+                top, left = int(u[i + 2] * (g - h + 1)), int(u[i + 3] * (g - w + 1))
+                window = mask[top: top + h, left: left + w]
+                new = h * w - int(window.sum())
+                if 0 < new <= budget:
+                    window[...] = True
+                    if blocks is not None:
+                        blocks.append((top, left, h, w))
+                    return new
         return 0
 
     def __call__(self, rng: np.random.Generator, blocks: list | None = None) -> np.ndarray:
@@ -109,6 +116,12 @@ class TextMasking:
     continuation: np.ndarray | None = field(default=None, repr=False)
     """[vocab] True for WordPiece continuation pieces; needed for `whole_word`."""
 
+    def __post_init__(self) -> None:
+        # A lookup table (np.isin costs more than the rest of masking a caption); ids past the
+        # last special one read its final, ordinary entry.
+        self._special = np.zeros(max(self.special_ids) + 2, dtype=bool)
+        self._special[list(self.special_ids)] = True
+
     @classmethod
     def from_tokenizer(cls, tokenizer, **kwargs) -> "TextMasking":
         vocab = tokenizer.tok.get_vocab()
@@ -120,7 +133,7 @@ class TextMasking:
     def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One text's ids (unpadded or padded) -> (masked ids, labels with -100 where unchosen)."""
         ids = np.asarray(ids, dtype=np.int64)
-        ordinary = ~np.isin(ids, self.special_ids)
+        ordinary = ~self._special[np.minimum(ids, len(self._special) - 1)]
         if self.whole_word:
             if self.continuation is None:
                 raise ValueError("whole-word masking needs the vocabulary's continuation table")

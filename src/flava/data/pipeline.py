@@ -15,8 +15,9 @@ can take over.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from .masking import BlockMasking, TextMasking
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
 from .sources import BadSample, ImageRecord, PairRecord, Source, open_image, open_shard, read_caption
 from .tokenizer import PAD_ID, TextTokenizer
-from .transforms import map_pixels, normalize, random_resized_crop_box, to_tensor
+from .transforms import crop_resize, random_resized_crop_box, resize_uint8
 
 
 @dataclass
@@ -60,7 +61,8 @@ class SampleSpec:
 
 
 class SampleMaker:
-    """Turns one record into tensors (picklable: it runs in loader workers)."""
+    """Turns records into batches (picklable: it runs in loader workers, which hand over whole
+    batches). Pixels stay uint8 until the device: a batch's `to` normalises them there."""
 
     def __init__(self, spec: SampleSpec, seed: int):
         self.spec, self.seed = spec, seed
@@ -70,35 +72,39 @@ class SampleMaker:
             self.tokenizer, probability=spec.text_mask_probability, whole_word=spec.whole_word)
 
     def _image(self, ref, rng: np.random.Generator, prepared=None) -> dict:
-        from PIL import Image
-
-        image = open_image(ref)
         s, cs = self.spec.image_size, self.spec.codebook_image_size
-        if prepared is not None:
-            return self._prepared(image, prepared, rng)
-        left, top, w, h = random_resized_crop_box(image.width, image.height, rng, self.spec.crop_scale)
-        box = (left, top, left + w, top + h)
-        # One crop feeds both the model and the codebook, so the targets describe what the model sees.
-        crop = to_tensor(image.resize((s, s), Image.BICUBIC, box=box))
-        pixels = normalize(crop)
-        # When both inputs have one size (the tiny preset) the codebook reads the same pixels.
-        codebook = map_pixels(crop if cs == s else to_tensor(image.resize((cs, cs), Image.BICUBIC, box=box)))
-        patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
-        return {"pixel_values": pixels, "codebook_pixels": codebook, "patch_mask": patch_mask}
+        chosen: dict = {}
 
-    def _prepared(self, image, prepared, rng: np.random.Generator) -> dict:
-        """One of the crops `flava prepare` tokenized, with its stored image-token ids as targets."""
-        from PIL import Image
+        def crop_box(width: int, height: int) -> tuple[int, int]:
+            # Drawn from the stored size before decoding, so the draw is the same at any decode scale.
+            if prepared is None:
+                left, top, w, h = random_resized_crop_box(width, height, rng, self.spec.crop_scale)
+                chosen["box"] = (left, top, left + w, top + h)
+            else:
+                crops, tokens = read_npy(prepared.crops), read_npy(prepared.tokens)
+                if crops.ndim != 2 or crops.shape[1] != 4 or tokens.shape != (len(crops), self.spec.grid ** 2):
+                    raise BadSample("prepared tokens do not fit the model's patch grid")
+                k = int(rng.integers(len(crops)))
+                chosen["box"] = tuple(float(v) for v in crops[k] * np.array([width, height] * 2))
+                chosen["targets"] = torch.from_numpy(tokens[k].astype(np.int64))
+            chosen["size"] = width, height
+            left, top, right, bottom = chosen["box"]
+            # The smallest decode that still gives the crop at least s pixels each way.
+            return (max(1, math.ceil(width * s / max(right - left, 1e-6))),
+                    max(1, math.ceil(height * s / max(bottom - top, 1e-6))))
 
-        crops, tokens = read_npy(prepared.crops), read_npy(prepared.tokens)
-        if crops.ndim != 2 or crops.shape[1] != 4 or tokens.shape != (len(crops), self.spec.grid ** 2):
-            raise BadSample("prepared tokens do not fit the model's patch grid")
-        k = int(rng.integers(len(crops)))
-        box = tuple(float(v) for v in crops[k] * np.array([image.width, image.height] * 2))
-        s = self.spec.image_size
-        pixels = normalize(to_tensor(image.resize((s, s), Image.BICUBIC, box=box)))
+        image = open_image(ref, draft=crop_box)
+        if "box" not in chosen:  # not decoded from bytes (an in-memory image): no draft was asked
+            crop_box(image.width, image.height)
+        fx, fy = image.width / chosen["size"][0], image.height / chosen["size"][1]
+        left, top, right, bottom = chosen["box"]
+        pixels = crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), s)
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
-        return {"pixel_values": pixels, "image_targets": torch.from_numpy(tokens[k].astype(np.int64)),
+        if "targets" in chosen:
+            return {"pixel_values": pixels, "image_targets": chosen["targets"], "patch_mask": patch_mask}
+        # One crop feeds both the model and the codebook, so the targets describe what the model
+        # sees; with one size for both (the tiny preset) the codebook reads the same pixels.
+        return {"pixel_values": pixels, "codebook_pixels": pixels if cs == s else resize_uint8(pixels, cs),
                 "patch_mask": patch_mask}
 
     def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:
@@ -111,8 +117,7 @@ class SampleMaker:
             raise BadSample("over-long caption")
         ids = np.asarray(self.tokenizer.encode([text])[0], dtype=np.int64)
         masked, labels = self.text_masking(ids, rng)
-        return {"input_ids": torch.from_numpy(ids), "masked_input_ids": torch.from_numpy(masked),
-                "mlm_labels": torch.from_numpy(labels)}
+        return {"input_ids": ids, "masked_input_ids": masked, "mlm_labels": labels}
 
     def __call__(self, kind: str, record, key: tuple[int, ...]) -> dict:
         rng = np.random.default_rng([self.seed, *key])
@@ -129,6 +134,11 @@ class SampleMaker:
 
     def collate(self, kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
         return collate(kind, samples)
+
+    def merge(self, parts: list[tuple[list[int], object]]) -> PairBatch | ImageBatch | TextBatch:
+        """One batch from the parts loader workers made ((slots, batch) each), in slot order."""
+        return merge_batches(parts, {"input_ids": PAD_ID, "masked_input_ids": PAD_ID, "attention_mask": 0,
+                                     "mlm_labels": IGNORE_INDEX})
 
 
 class MultiCropMaker:
@@ -148,6 +158,57 @@ class MultiCropMaker:
     def collate(self, kind: str, samples: list) -> MultiCropBatch:
         return collate_multicrop(samples)
 
+    def merge(self, parts: list[tuple[list[int], MultiCropBatch]]) -> MultiCropBatch:
+        """Crop-major parts joined image by image, in slot order."""
+        parts = [(slots, b) for slots, b in parts if b is not None]
+        if len(parts) == 1:
+            return parts[0][1]
+        order = _slot_order([s for slots, _ in parts for s in slots])
+
+        def join(name: str) -> torch.Tensor | None:
+            views = [getattr(b, name) for _, b in parts]
+            if views[0] is None:
+                return None
+            per = [v.unflatten(0, (-1, len(slots))) for v, (slots, _) in zip(views, parts)]
+            whole = torch.cat(per, dim=1)
+            return (whole if order is None else whole[:, order]).flatten(0, 1)
+        return MultiCropBatch(join("global_crops"), join("local_crops"))
+
+
+def _slot_order(slots: list[int]) -> torch.Tensor | None:
+    """The permutation that sorts `slots`, or None when they are in order already."""
+    if all(a < b for a, b in zip(slots, slots[1:])):
+        return None
+    return torch.from_numpy(np.argsort(np.asarray(slots), kind="stable"))
+
+
+def merge_batches(parts: list[tuple[list[int], object]], pad: dict[str, int]):
+    """Workers' parts of one batch -> the batch in slot order: each field concatenated (fields
+    padded on their last dimension with `pad[name]` where lengths differ), then reordered by slot.
+    A few whole-tensor operations whatever the batch size: the training process does no
+    per-sample work."""
+    parts = [(slots, b) for slots, b in parts if b is not None]
+    if len(parts) == 1:
+        return parts[0][1]
+    order = _slot_order([s for slots, _ in parts for s in slots])
+    first = parts[0][1]
+    out: dict = {}
+    merged: dict[int, torch.Tensor] = {}
+    for f in fields(first):
+        values = [getattr(b, f.name) for _, b in parts]
+        if values[0] is None:
+            out[f.name] = None
+            continue
+        if id(values[0]) in merged:  # a field sharing another's tensor (the codebook's pixels) still does
+            out[f.name] = merged[id(values[0])]
+            continue
+        if f.name in pad:
+            longest = max(v.shape[-1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, longest - v.shape[-1]), value=pad[f.name]) for v in values]
+        whole = torch.cat(values)
+        out[f.name] = merged[id(getattr(first, f.name))] = whole if order is None else whole[order]
+    return type(first)(**out)
+
 
 def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
     if kind in ("pairs", "text"):
@@ -160,8 +221,11 @@ def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatc
     pixels = torch.stack([s["pixel_values"] for s in samples])
     patch_mask = torch.stack([s["patch_mask"] for s in samples])
     # A draw comes from one source, so its samples are all prepared (targets) or all raw (codebook input).
-    targets = {"image_targets": torch.stack([s["image_targets"] for s in samples])} \
-        if "image_targets" in samples[0] else {"codebook_pixels": torch.stack([s["codebook_pixels"] for s in samples])}
+    if "image_targets" in samples[0]:
+        targets = {"image_targets": torch.stack([s["image_targets"] for s in samples])}
+    else:
+        same = samples[0]["codebook_pixels"] is samples[0]["pixel_values"]
+        targets = {"codebook_pixels": pixels if same else torch.stack([s["codebook_pixels"] for s in samples])}
     if kind == "images":
         return ImageBatch(pixels, patch_mask, **targets)
     return PairBatch(pixels, pad_rows(ids, PAD_ID), mask, patch_mask, masked, labels, **targets)
@@ -277,8 +341,9 @@ def record_id(shard: int, index: int) -> int:
 
 
 class _Draws(IterableDataset):
-    """One item per global draw from each loader worker: the samples of the slots it owns, the
-    failures met, its lanes' cursors and the shards it indexed."""
+    """One item per global draw from each loader worker: the slots it owns and their samples
+    collated into one batch (a few large tensors cross the process boundary, not one per
+    sample), the failures met, its lanes' cursors and the shards it indexed."""
 
     def __init__(self, kind: str, source: Source, maker: SampleMaker, layout: Layout, seed: int, draw: int,
                  cursors: dict[int, Cursor]):
@@ -332,7 +397,8 @@ class _Draws(IterableDataset):
             for lane in lanes.values():
                 opened.update(lane.opened)
                 lane.opened = {}
-            yield draw, out, {j: lane.cursor for j, lane in lanes.items()}, bad, opened
+            part = self.maker.collate(self.kind, [out[s] for s in mine]) if mine else None
+            yield draw, mine, part, {j: lane.cursor for j, lane in lanes.items()}, bad, opened
             draw += 1
 
 
@@ -380,11 +446,11 @@ class BatchStream:
         """The next draw's batch for this process."""
         if self._it is None:
             self._it = self._iterator()
-        out: dict = {}
+        parts = []
         for _ in range(max(1, self.num_workers)):
-            draw, samples, cursors, bad, opened = next(self._it)
+            draw, slots, part, cursors, bad, opened = next(self._it)
             assert draw == self.draws, (draw, self.draws)
-            out.update(samples)
+            parts.append((slots, part))
             for j, c in cursors.items():
                 if j not in self.cursors or c.start > self.cursors[j].start:
                     self.cursors[j] = c
@@ -393,7 +459,7 @@ class BatchStream:
                 self.bad.setdefault(reason, set()).add(rid)
             self.rejected.update(opened)
         self.draws += 1
-        return self.maker.collate(self.kind, [out[s] for s in self.layout.slots])
+        return self.maker.merge(parts)
 
     def state(self) -> dict:
         return {"draws": self.draws, "global_batch": self.layout.global_batch, "batch_size": self.batch_size,

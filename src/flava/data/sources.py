@@ -17,6 +17,7 @@ import sys
 import tarfile
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,8 +77,10 @@ Member = TarMember | Blob
 ImageRef = Path | Member | Image.Image
 
 
-def open_image(ref: ImageRef) -> Image.Image:
-    """Decode to RGB or raise BadSample with the reason."""
+def open_image(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+    """Decode to RGB or raise BadSample with the reason. `draft` maps the stored (width, height)
+    to the smallest size worth decoding: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the
+    DCT domain where that still covers it (libjpeg's scaled decoding, through PIL's draft mode)."""
     if isinstance(ref, Image.Image):
         return to_rgb(ref)
     try:
@@ -94,6 +97,8 @@ def open_image(ref: ImageRef) -> Image.Image:
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise BadSample("image too large")
+                if draft is not None:
+                    im.draft("RGB", draft(im.width, im.height))
                 im.load()
                 return to_rgb(im)
     except BadSample:

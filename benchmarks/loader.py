@@ -1,0 +1,258 @@
+"""Is the loader fast enough to feed the step? The streamed data path against the loader of an
+earlier commit, in one process on the same shards, and the training step fed by the loader
+against the same step on cached batches (SPDL's head-room method).
+
+The shards are what img2dataset writes: WebDataset tars of 256-px JPEG photographs (random crops
+and scales of scikit-image's colour photographs, shorter side 256) with captions. Each sample
+becomes a 224-px random crop, the codebook's view of it (56 px: the `tiny` preset at patch 32),
+block masks, and tokenised, masked captions.
+
+Figures (per loader worker count):
+- samples/s: batches drawn one after another, as a training loop that waits for nothing else;
+- samples/s per core: samples over the CPU seconds every process of the loader used (the
+  training process and its workers), so 2 workers on 2 cores are not counted as one core;
+- main ms/batch: CPU milliseconds the training process spends per batch (receiving, merging).
+
+    python benchmarks/loader.py [--baseline 699a62c] [--workers 0,1,2] [--batch 64]
+    python benchmarks/loader.py --pretrain   # also `flava pretrain` itself, baseline and ours
+
+The baseline is the `src/flava` tree of `--baseline` (a git revision of this repository),
+imported under another name; `--baseline none` measures ours alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
+          "stereo_motorcycle")
+WORDS = ("a photograph of the red cat sitting on a wooden table near the window in the morning light with "
+         "two people walking past an old building under a cloudy sky").split()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_shards(root: Path, shards: int, per: int) -> str:
+    """WebDataset shards of 256-px photo JPEGs (~20-40 KB, as img2dataset writes them) + captions."""
+    import skimage.data
+
+    if (root / "done").is_file():
+        return str(root) + "/{00000..%05d}.tar" % (shards - 1)
+    root.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for name in PHOTOS:
+        x = getattr(skimage.data, name)()
+        photos.append(Image.fromarray(x[0] if isinstance(x, tuple) else x).convert("RGB"))
+    rng = np.random.default_rng(0)
+    for k in range(shards):
+        with tarfile.open(root / f"{k:05d}.tar", "w") as tar:
+            for i in range(per):
+                photo = photos[int(rng.integers(len(photos)))]
+                # A random window of a random scale, stored with its shorter side at 256 px.
+                side = int(rng.integers(min(photo.size) // 2, min(photo.size) + 1))
+                aspect = float(rng.uniform(1.0, 1.5))
+                w, h = (int(side * aspect), side) if rng.random() < 0.5 else (side, int(side * aspect))
+                w, h = min(w, photo.width), min(h, photo.height)
+                x0, y0 = int(rng.integers(photo.width - w + 1)), int(rng.integers(photo.height - h + 1))
+                crop = photo.crop((x0, y0, x0 + w, y0 + h))
+                f = 256 / min(w, h)
+                crop = crop.resize((round(w * f), round(h * f)), Image.BICUBIC)
+                buf = io.BytesIO()
+                crop.save(buf, "JPEG", quality=90)
+                key = f"{k:05d}{i:05d}"
+                _add(tar, f"{key}.jpg", buf.getvalue())
+                caption = " ".join(rng.choice(WORDS, int(rng.integers(6, 24))))
+                _add(tar, f"{key}.txt", caption.encode())
+    (root / "done").write_text("")
+    return str(root) + "/{00000..%05d}.tar" % (shards - 1)
+
+
+def baseline_package(rev: str, where: Path) -> str:
+    """`src/flava` at git revision `rev`, importable as `flava_baseline`."""
+    target = where / "flava_baseline"
+    if not target.is_dir():
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src/flava"], check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(where / "tree", filter="data")
+        (where / "tree" / "src" / "flava").rename(target)
+    sys.path.insert(0, str(where))
+    return "flava_baseline"
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of live processes (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def tiny_224(flava):
+    cfg = flava.preset("tiny")
+    cfg.image.image_size, cfg.image.patch_size = 224, 32
+    return cfg
+
+
+def measure_loader(package: str, shards: str, workers: int, batch: int, draws: int) -> dict:
+    flava = importlib.import_module(package)
+    pipeline = importlib.import_module(f"{package}.data.pipeline")
+    registry = importlib.import_module(f"{package}.data.registry")
+    cfg = tiny_224(flava)
+    spec = pipeline.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
+    stream = pipeline.BatchStream("pairs", registry.open_source("pairs", shards), pipeline.SampleMaker(spec, 0),
+                                  batch, seed=0, num_workers=workers)
+    for _ in range(2):  # worker start-up and the first shards' indexing
+        stream.next_batch()
+    pids = [os.getpid(), *(p.pid for p in multiprocessing.active_children())]
+    cpu0, main0, t0 = _cpu_seconds(pids), time.process_time(), time.perf_counter()
+    for _ in range(draws):
+        stream.next_batch()
+    wall, main = time.perf_counter() - t0, time.process_time() - main0
+    cpu = _cpu_seconds(pids) - cpu0
+    stream._it = None  # ends the workers
+    return {"samples_per_s": draws * batch / wall, "samples_per_core_s": draws * batch / max(cpu, 1e-9),
+            "main_ms_per_batch": 1e3 * main / draws}
+
+
+def measure_headroom(shards: str, batch: int, steps: int) -> dict:
+    """The `tiny` step at 224 px (patch 32, pairs: contrastive, ITM, MMM with a codebook) on cached
+    batches, and the same step fed by the loader with 1 worker."""
+    import flava
+    from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+    from flava.data.registry import open_source
+    from flava.objectives.pretraining import PretrainingModel
+    from flava.optim import build_optimizer
+
+    cfg = tiny_224(flava)
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, flava.config.ObjectivesConfig(mim_weight=0, mlm_weight=0),
+                          codebook=flava.FlavaImageCodebook(cfg.codebook).eval())
+    opt = build_optimizer(pm, 1e-4, 0.01, (0.9, 0.98), 1e-6)
+    spec = SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
+    stream = BatchStream("pairs", open_source("pairs", shards), SampleMaker(spec, 0), batch, seed=0, num_workers=1)
+
+    def step(host_batch, i):
+        out = pm(host_batch.to("cpu"), torch.Generator().manual_seed(i))
+        out.losses.total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    cached = [stream.next_batch() for _ in range(4)]
+    for i in range(2):
+        step(cached[i], i)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(cached[i % len(cached)], i)
+    cached_rate = steps * batch / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for i in range(steps):
+        step(stream.next_batch(), i)
+    fed_rate = steps * batch / (time.perf_counter() - t)
+    stream._it = None
+    return {"cached_samples_per_s": cached_rate, "fed_samples_per_s": fed_rate, "fed_over_cached": fed_rate / cached_rate}
+
+
+def pretrain_rate(pythonpath: str, shards: str, codebook: Path, out: Path, batch: int, steps: int) -> float:
+    """samples/s of `flava pretrain` (median of its logged steps after the first two)."""
+    args = [sys.executable, "-m", "flava.cli", "pretrain", "--output", str(out), "--config", "tiny",
+            "--max-steps", str(steps), "--set", "model.image.image_size=224", "--set", "model.image.patch_size=32",
+            "--set", f"codebook={codebook}", "--set", f'data.pairs=["{shards}"]', "--set", f"data.batch_size={batch}",
+            "--set", "data.num_workers=1", "--set", "log_every=1", "--set", f"save_every={steps}",
+            "--set", "tensorboard=false"]
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(f"flava pretrain failed ({pythonpath}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return float(np.median([r["samples_per_s"] for r in rows[2:]]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="/tmp/flava_loader_bench")
+    ap.add_argument("--baseline", default="699a62c", help="git revision of the loader to compare with, or none")
+    ap.add_argument("--workers", default="0,1,2")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--draws", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--pretrain", action="store_true", help="also time `flava pretrain`, baseline and ours")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # the training process gets one core; workers take the other
+    root = Path(args.root)
+    shards = make_shards(root / "shards", shards=8, per=256)
+    work = Path(tempfile.mkdtemp(prefix="flava-loader-"))
+    impls = {"ours": "flava"}
+    if args.baseline != "none":
+        impls[f"baseline {args.baseline}"] = baseline_package(args.baseline, work)
+    result: dict = {"loader": {}}
+    print(f"loader: 256-px photo JPEG shards -> 224-px crops + 56-px codebook views, masks, captions; "
+          f"batch {args.batch}, {os.cpu_count()} cores")
+    print(f"  {'loader':22s} {'workers':>7s} {'samples/s':>10s} {'per core':>9s} {'main ms/batch':>14s}")
+    for workers in (int(w) for w in args.workers.split(",")):
+        for name, package in impls.items():
+            r = measure_loader(package, shards, workers, args.batch, args.draws)
+            result["loader"][f"{name}/{workers}"] = r
+            print(f"  {name:22s} {workers:7d} {r['samples_per_s']:10.1f} {r['samples_per_core_s']:9.1f} "
+                  f"{r['main_ms_per_batch']:14.1f}", flush=True)
+        if len(impls) > 1:
+            ours, base = result["loader"][f"ours/{workers}"], result["loader"][f"baseline {args.baseline}/{workers}"]
+            print(f"  {'ratio ours/baseline':22s} {workers:7d} {ours['samples_per_s'] / base['samples_per_s']:9.2f}x "
+                  f"{ours['samples_per_core_s'] / base['samples_per_core_s']:8.2f}x "
+                  f"{ours['main_ms_per_batch'] / max(base['main_ms_per_batch'], 1e-9):13.2f}x", flush=True)
+    h = measure_headroom(shards, args.batch, args.steps)
+    result["headroom"] = h
+    print(f"step (tiny, 224 px, patch 32, pairs, batch {args.batch}): cached batches {h['cached_samples_per_s']:.1f} "
+          f"samples/s, fed by the loader (1 worker) {h['fed_samples_per_s']:.1f}: {h['fed_over_cached']:.2f} of cached")
+    if args.pretrain:
+        import flava
+        from flava.config import to_dict
+        from flava.io.checkpoint import save_checkpoint
+
+        cfg = tiny_224(flava)
+        codebook = work / "codebook"
+        torch.manual_seed(0)
+        save_checkpoint(codebook, to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+        trees = {"ours": str(REPO / "src")}
+        if args.baseline != "none":
+            trees[f"baseline {args.baseline}"] = str(work / "tree" / "src")
+            (work / "tree" / "src" / "flava").symlink_to(work / "flava_baseline")
+        rates = {name: pretrain_rate(path, shards, codebook, work / f"run-{i}", args.batch, args.steps + 4)
+                 for i, (name, path) in enumerate(trees.items())}
+        result["pretrain"] = rates
+        print("flava pretrain (tiny, 224 px, patch 32, pairs, batch %d, 1 worker): " % args.batch
+              + ", ".join(f"{k} {v:.1f} samples/s" for k, v in rates.items())
+              + (f"; ours/baseline {rates['ours'] / rates[f'baseline {args.baseline}']:.2f}x" if len(rates) > 1 else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
