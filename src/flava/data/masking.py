@@ -55,9 +55,13 @@ class BlockMasking:
         self._log_aspect = (math.log(self.min_aspect), math.log(hi))
         if not 0 < self.num_masked <= self.grid**2:
             raise ValueError(f"num_masked must be in [1, {self.grid ** 2}], got {self.num_masked}")
+        # _rows[h]: one bit at the start of each of h consecutive rows.
+        self._rows = [sum(1 << (r * self.grid) for r in range(h)) for h in range(self.grid + 1)]
 
-    def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator,
-                   blocks: list | None) -> int:
+    def _add_block(self, mask: int, budget: int, rng: np.random.Generator,
+                   blocks: list | None) -> tuple[int, int]:
+        """(the mask with one more block, patches it added); the mask is an integer with one bit
+        per patch (row-major), so a block's overlap is one popcount."""
         g = self.grid
         lo_aspect, hi_aspect = (math.exp(x) for x in self._log_aspect)
         lo, span = self._log_aspect[0], self._log_aspect[1] - self._log_aspect[0]
@@ -75,25 +79,26 @@ class BlockMasking:
                 if h * w < self.min_block or h > g or w > g or not lo_aspect - 1e-9 <= h / w <= hi_aspect + 1e-9:
                     continue
                 top, left = int(u[i + 2] * (g - h + 1)), int(u[i + 3] * (g - w + 1))
-                window = mask[top: top + h, left: left + w]
-                new = h * w - int(window.sum())
+                # w bits at `left`, repeated on h rows from `top` (rows do not overlap: left + w <= g).
+                block = (((1 << w) - 1) << left) * self._rows[h] << (top * g)
+                new = h * w - (mask & block).bit_count()
                 if 0 < new <= budget:
-                    window[...] = True
                     if blocks is not None:
                         blocks.append((top, left, h, w))
-                    return new
-        return 0
+                    return mask | block, new
+        return mask, 0
 
     def __call__(self, rng: np.random.Generator, blocks: list | None = None) -> np.ndarray:
         """A [grid, grid] boolean mask; `blocks` (if a list) receives each (top, left, h, w)."""
-        mask = np.zeros((self.grid, self.grid), dtype=bool)
-        count = 0
+        mask, count = 0, 0
         while count < self.num_masked:
-            added = self._add_block(mask, self.num_masked - count, rng, blocks)
+            mask, added = self._add_block(mask, self.num_masked - count, rng, blocks)
             if added == 0:
                 break
             count += added
-        return mask
+        n = self.grid * self.grid
+        bits = np.frombuffer(mask.to_bytes((n + 7) // 8, "little"), dtype=np.uint8)
+        return np.unpackbits(bits, count=n, bitorder="little").astype(bool).reshape(self.grid, self.grid)
 
 
 @dataclass

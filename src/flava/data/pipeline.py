@@ -30,7 +30,7 @@ from .masking import BlockMasking, TextMasking
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
 from .sources import BadSample, ImageRecord, PairRecord, Source, open_image, open_shard, read_caption
 from .tokenizer import PAD_ID, TextTokenizer
-from .transforms import crop_resize, random_resized_crop_box, resize_uint8
+from .transforms import crop_resize, random_resized_crop_box
 
 
 @dataclass
@@ -98,13 +98,15 @@ class SampleMaker:
             crop_box(image.width, image.height)
         fx, fy = image.width / chosen["size"][0], image.height / chosen["size"][1]
         left, top, right, bottom = chosen["box"]
-        pixels = crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), s)
+        box = (left * fx, top * fy, right * fx, bottom * fy)
+        # One crop feeds both the model and the codebook, so the targets describe what the model
+        # sees; with one size for both (the tiny preset) the codebook reads the same pixels.
+        sizes = (s,) if "targets" in chosen or cs == s else (s, cs)
+        pixels, *codebook = crop_resize(image, box, *sizes)
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
         if "targets" in chosen:
             return {"pixel_values": pixels, "image_targets": chosen["targets"], "patch_mask": patch_mask}
-        # One crop feeds both the model and the codebook, so the targets describe what the model
-        # sees; with one size for both (the tiny preset) the codebook reads the same pixels.
-        return {"pixel_values": pixels, "codebook_pixels": pixels if cs == s else resize_uint8(pixels, cs),
+        return {"pixel_values": pixels, "codebook_pixels": codebook[0] if codebook else pixels,
                 "patch_mask": patch_mask}
 
     def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:

@@ -57,30 +57,24 @@ def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
     """[..., 3, H, W] uint8 pixels -> float32 CLIP-normalised, on x's device, contiguous."""
     mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1) * 255.0
     inv_std = 1.0 / (torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1) * 255.0)
-    return ((x.float() - mean) * inv_std).contiguous()
+    return x.float().contiguous().sub_(mean).mul_(inv_std)
 
 
 def map_uint8(x: torch.Tensor) -> torch.Tensor:
     """[..., 3, H, W] uint8 pixels -> float32 in the image codebook's input range, contiguous."""
-    return (x.float() * ((1 - 2 * LOGIT_LAPLACE_EPS) / 255.0) + LOGIT_LAPLACE_EPS).contiguous()
+    return x.float().contiguous().mul_((1 - 2 * LOGIT_LAPLACE_EPS) / 255.0).add_(LOGIT_LAPLACE_EPS)
 
 
-def crop_resize(image: Image.Image, box: tuple[float, float, float, float], size: int) -> torch.Tensor:
-    """[3, size, size] uint8: `box` (left, top, right, bottom in pixels, rounded to whole ones)
-    resized with PIL's antialiased bicubic kernel, computed by torch's uint8 kernel, which is
-    about three times faster than PIL's own resize (a channels-last view takes that path)."""
+def crop_resize(image: Image.Image, box: tuple[float, float, float, float], *sizes: int) -> list[torch.Tensor]:
+    """[3, size, size] uint8 for each size: `box` (left, top, right, bottom in pixels, rounded to
+    whole ones) resized with PIL's antialiased bicubic kernel, computed by torch's uint8 kernel,
+    about three times faster than PIL's own resize. The crop is read as a channels-last view of
+    the decoded image, the layout that kernel takes without a copy."""
     arr = np.array(image.convert("RGB") if image.mode != "RGB" else image)
     left, top = min(int(round(box[0])), arr.shape[1] - 1), min(int(round(box[1])), arr.shape[0] - 1)
     right, bottom = max(left + 1, int(round(box[2]))), max(top + 1, int(round(box[3])))
     x = torch.from_numpy(arr[top:bottom, left:right]).permute(2, 0, 1)[None]
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]
-
-
-def resize_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
-    """[3, H, W] uint8 -> [3, size, size] uint8, antialiased bicubic."""
-    # A channels-last view of the crop takes torch's fast uint8 path without a copy.
-    x = x.permute(1, 2, 0).contiguous()[None].permute(0, 3, 1, 2)
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0]
+    return [F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0] for size in sizes]
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
