@@ -59,3 +59,43 @@ def test_token_usage_against_a_direct_count():
     p = np.array([2, 1, 0, 3, 0]) / 6
     want = np.exp(-sum(x * np.log(x) for x in p if x > 0))
     assert abs(u["perplexity"] - want) < 1e-9 and u["codes_used"] == 3 / 5 and u["codes_used_count"] == 3
+
+
+def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from flava.train import codebook
+
+    make_images(tmp_path / "imgs")
+    args = ["train-codebook", "--images", str(tmp_path / "imgs"), "--steps", "12", "--batch-size", "4",
+            "--save-every", "4", "--set", "codebook.vocab_size=32", "--set", "codebook.hidden_size=8"]
+    assert cli([*args, "--output", str(tmp_path / "whole")]) == 0
+
+    real = codebook.CodebookRun.train_step
+
+    def crash_at_step_6(self):
+        if self.step == 6:
+            raise RuntimeError("killed")
+        return real(self)
+
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", crash_at_step_6)
+    try:
+        cli([*args, "--output", str(tmp_path / "cut")])
+    except RuntimeError:
+        pass
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", real)
+    state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
+    assert state["step"] == 4
+    # Not asked to resume: refused, nothing lost.
+    assert cli([*args, "--output", str(tmp_path / "cut")]) == 2
+    assert "--resume" in capsys.readouterr().err and (tmp_path / "cut" / "training" / "state.json").is_file()
+    assert cli([*args, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    assert "resuming the codebook training" in capsys.readouterr().out
+    want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert not (tmp_path / "cut" / "training").exists()  # the finished codebook replaced the state
+    lines = [json.loads(x)["step"] for x in (tmp_path / "cut" / "codebook_metrics.jsonl").read_text().splitlines()]
+    assert lines == sorted(set(lines))  # rows after the save were not logged twice
+    # A resume of nothing names the path.
+    assert cli([*args, "--output", str(tmp_path / "typo"), "--resume"]) == 2
+    assert "holds no codebook training to resume" in capsys.readouterr().err

@@ -11,8 +11,9 @@ from rich.console import Console
 
 def add(sub) -> None:
     p = sub.add_parser("train-codebook", help="train the dVAE image codebook that gives MIM/MMM targets")
-    p.add_argument("--images", nargs="+", required=True,
-                   help="image files, directories or globs; 'demo' for the packaged demo images")
+    p.add_argument("--images", nargs="+", default=[],
+                   help="image files, directories, globs, shards, parquet; 'demo' for the packaged demo images")
+    p.add_argument("--pairs", nargs="+", default=[], help="pair data whose images to train on (shards, tables)")
     p.add_argument("--output", required=True)
     p.add_argument("--config", default="tiny", help="preset or JSON config; its codebook section is trained")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
@@ -21,11 +22,17 @@ def add(sub) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--diversity-weight", dest="diversity_weight", type=float)
     p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the GPU when there is one")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--num-workers", dest="num_workers", type=int, help="loader workers (default: none on the CPU)")
+    p.add_argument("--save-every", dest="save_every", type=int, help="steps between resumable saves")
+    p.add_argument("--resume", action="store_true", help="continue the unfinished training in --output")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import apply_overrides, check, config_from, validate
+    from ..errors import InputError
     from ..train.codebook import CodebookTraining, run_train_codebook
 
     cfg = validate(apply_overrides(config_from(args.config), args.set or []))
@@ -34,4 +41,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         value = getattr(args, field.name, None)
         if value is not None:
             setattr(settings, field.name, value)
-    run_train_codebook(args.images, Path(args.output), cfg, check(settings), console)
+    if not (args.images or args.pairs or args.resume):
+        raise InputError("name the images to train on: --images (files, folders, shards; 'demo') or --pairs")
+    run_train_codebook(args.images, Path(args.output), cfg, check(settings), console, pairs_spec=args.pairs,
+                       resume=args.resume)

@@ -1,7 +1,10 @@
 """Training the dVAE image codebook that gives MIM/MMM targets, and `flava train-codebook`.
 
 DALL-E's encoder is trained with a decoder through the Gumbel-softmax relaxation, with
-batch-level diversity and per-position sharpness terms that keep codes in use.
+batch-level diversity and per-position sharpness terms that keep codes in use. Images stream
+from any source `flava pretrain` reads (loader workers crop them; uint8 batches go to the
+device), the step runs on the GPU when there is one (bf16 autocast), and the run saves itself
+every `save_every` steps into `OUTPUT/training/`, so `--resume` continues it exactly.
 """
 
 from __future__ import annotations
@@ -9,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Annotated
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -22,19 +25,24 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from ..config import CodebookConfig, FlavaConfig, NonNegative, Positive, PositiveInt, Range, to_dict
-from ..data.demo import demo_images
-from ..data.images import find_images
-from ..data.sources import BadSample, open_image
-from ..data.transforms import map_pixels, random_resized_crop, resize_center_crop, to_tensor
-from ..errors import DataError, InputError
+from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
+    check, from_dict, to_dict
+from ..data.codebook_crops import CodebookCrops
+from ..data.images import IMAGE_SUFFIXES, find_images
+from ..data.pipeline import BatchStream, KindStream
+from ..data.registry import demo_source, estimated_size, open_source
+from ..data.sources import ImageRecord, Source
+from ..data.transforms import map_pixels
+from ..errors import ConfigError, DataError, InputError
 from ..io.checkpoint import check_replaceable, write_checkpoint_dir, write_checkpoint_files
-from ..io.files import write_json_atomic
+from ..io.files import read_json, replace_dir, write_json_atomic
+from ..io.runs import RunDir
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
 from ..progress import progress_bar
+
 
 @dataclass
 class CodebookTraining:
@@ -64,6 +72,16 @@ class CodebookTraining:
     """Random crops cover this much of an image at least (augmentation)."""
     seed: int = 0
     log_every: PositiveInt = 50
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the step runs: 'auto' takes the GPU when there is one."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """'auto': bf16 autocast on CUDA, fp32 on the CPU."""
+    num_workers: NonNegativeInt | None = None
+    """Loader worker processes; None: none on the CPU, up to 8 beside a GPU."""
+    save_every: PositiveInt = 100
+    """Steps between the resumable saves in OUTPUT/training/."""
+    eval_images: PositiveInt = 512
+    """Images (center crops) in the fixed sample scored before and after."""
 
 
 def token_usage(token_ids: torch.Tensor, vocab_size: int) -> dict[str, float]:
@@ -75,173 +93,301 @@ def token_usage(token_ids: torch.Tensor, vocab_size: int) -> dict[str, float]:
             "codes_used_count": int((counts > 0).sum())}
 
 
-def train_codebook(
-    images: list,
-    cfg: CodebookConfig,
-    image_size: int,
-    settings: CodebookTraining,
-    on_step=None,
-    eval_images: list | None = None,
-) -> tuple[FlavaImageCodebook, CodebookDecoder, dict]:
-    """Train encoder + decoder with the Gumbel-softmax relaxation on PIL images; `on_step(step,
-    row)` is called after every step, with the logged metrics every `log_every` steps (else None).
+def _device(settings: CodebookTraining) -> torch.device:
+    name = settings.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device("cpu")
 
-    Returns the encoder (the codebook), the decoder, and a summary: reconstruction MSE at the
-    start and end (on `eval_images`, center crops), codebook perplexity and share of codes used.
-    """
-    if not images:
-        raise InputError("no images to train the image codebook on")
-    torch.manual_seed(settings.seed)
-    rng = np.random.default_rng(settings.seed)
-    encoder, decoder = FlavaImageCodebook(cfg), CodebookDecoder(cfg)
-    decoder.to(memory_format=torch.channels_last)  # as the encoder: faster convolutions
-    params = list(encoder.parameters()) + list(decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    schedule = warmup_cosine(max(1, settings.steps // 20), settings.steps, min_ratio=0.1)
 
-    def lr_at(step: int) -> float:
-        return settings.lr * schedule(step)
+def _pixels(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 host pixels -> [0, 1] floats on the device, channels-last (faster convolutions)."""
+    x = x.pin_memory() if device.type == "cuda" else x
+    x = x.to(device, non_blocking=True).float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last)
 
-    if eval_images is None:  # a fixed sample, scored with center crops before and after
-        pick = np.random.default_rng(settings.seed + 1).choice(len(images), min(512, len(images)), replace=False)
-        eval_images = [images[i] for i in sorted(pick)]
-    eval_x = torch.stack([to_tensor(resize_center_crop(im, image_size)) for im in eval_images])
+
+def _gumbel_softmax(logits: torch.Tensor, tau: float, hard: bool, generator: torch.Generator) -> torch.Tensor:
+    """F.gumbel_softmax with its noise from `generator`, so a resumed run draws the same noise."""
+    noise = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_(
+        generator=generator).log()
+    y = ((logits + noise) / tau).softmax(dim=1)
+    if not hard:
+        return y
+    one_hot = torch.zeros_like(y).scatter_(1, y.argmax(1, keepdim=True), 1.0)
+    return one_hot - y.detach() + y
+
+
+class CodebookRun:
+    """One codebook training: encoder, decoder, optimiser, image stream and step, saved and
+    resumed whole (`save`, `load`)."""
+
+    def __init__(self, cfg: CodebookConfig, image_size: int, settings: CodebookTraining, stream: KindStream,
+                 eval_pixels: torch.Tensor, device: torch.device):
+        self.cfg, self.size, self.settings, self.stream, self.device = cfg, image_size, settings, stream, device
+        torch.manual_seed(settings.seed)
+        self.encoder = FlavaImageCodebook(cfg).to(device)
+        self.decoder = CodebookDecoder(cfg).to(device).to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.decoder.parameters()),
+                                     lr=settings.lr, weight_decay=0.0)
+        self.schedule = warmup_cosine(max(1, settings.steps // 20), settings.steps, min_ratio=0.1)
+        self.eval_pixels = eval_pixels
+        bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
+        self.dtype = torch.bfloat16 if bf16 else None
+        self.step, self.history, self.start_metrics = 0, [], None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        encoder.eval(), decoder.eval()
+    def evaluate(self) -> dict:
+        """Reconstruction MSE, perplexity and codes used on the fixed evaluation sample."""
+        self.encoder.eval(), self.decoder.eval()
         mse, ids = 0.0, []
-        for chunk in eval_x.split(128):
-            tokens = encoder(map_pixels(chunk)).argmax(1)
-            ids.append(tokens)
-            mse += float(F.mse_loss(decoder.decode_tokens(tokens), chunk, reduction="sum"))
-        encoder.train(), decoder.train()
-        return {"reconstruction_mse": mse / eval_x.numel(), **token_usage(torch.cat(ids), cfg.vocab_size)}
+        for chunk in self.eval_pixels.split(128):
+            x = _pixels(chunk, self.device)
+            with self._autocast():
+                tokens = self.encoder(map_pixels(x)).argmax(1)
+                recon = self.decoder.decode_tokens(tokens).float()
+            ids.append(tokens.cpu())
+            mse += float(F.mse_loss(recon, x, reduction="sum"))
+        self.encoder.train(), self.decoder.train()
+        return {"reconstruction_mse": mse / self.eval_pixels.numel(),
+                **token_usage(torch.cat(ids), self.cfg.vocab_size)}
 
-    start = evaluate()
-    history = []
-    log_ratio = math.log(settings.temperature_end / settings.temperature_start)
-    for step in range(settings.steps):
-        pick = rng.integers(0, len(images), settings.batch_size)
-        x = torch.stack([
-            to_tensor(random_resized_crop(images[i], image_size, rng, (settings.crop_scale_min, 1.0))) for i in pick
-        ])
-        if rng.random() < 0.5:
-            x = x.flip(-1)
-        tau = settings.temperature_start * math.exp(log_ratio * step / max(1, settings.steps - 1))
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
-        logits = encoder(map_pixels(x))
-        z = F.gumbel_softmax(logits, tau=tau, hard=settings.straight_through, dim=1)
-        recon = F.mse_loss(decoder(z), x)
+    def train_step(self) -> dict | None:
+        """One step; the logged metrics every `log_every` steps (the only host syncs), else None."""
+        st, step, vocab = self.settings, self.step, self.cfg.vocab_size
+        x = _pixels(self.stream.next_batch().pixels, self.device)
+        tau = st.temperature_start * math.exp(
+            math.log(st.temperature_end / st.temperature_start) * step / max(1, st.steps - 1))
+        lr = st.lr * self.schedule(step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        generator = torch.Generator(self.device).manual_seed(st.seed * 1_000_003 + step)
+        with self._autocast():
+            logits = self.encoder(map_pixels(x)).float()
+            z = _gumbel_softmax(logits, tau, st.straight_through, generator)
+            recon = F.mse_loss(self.decoder(z).float(), x)
         log_q = logits.log_softmax(dim=1)
         q = log_q.exp()
-        kl = (q * log_q).sum(1).mean() + math.log(cfg.vocab_size)
+        kl = (q * log_q).sum(1).mean() + math.log(vocab)
         q_mean = q.mean(dim=(0, 2, 3))
-        diversity = (q_mean * q_mean.clamp_min(1e-12).log()).sum() + math.log(cfg.vocab_size)
-        beta = settings.kl_weight * min(1.0, step / max(1, settings.steps // 2))
-        entropy = math.log(cfg.vocab_size) - kl
-        loss = recon + beta * kl + settings.diversity_weight * diversity + settings.entropy_weight * entropy
-        opt.zero_grad(set_to_none=True)
+        diversity = (q_mean * q_mean.clamp_min(1e-12).log()).sum() + math.log(vocab)
+        beta = st.kl_weight * min(1.0, step / max(1, st.steps // 2))
+        entropy = math.log(vocab) - kl
+        loss = recon + beta * kl + st.diversity_weight * diversity + st.entropy_weight * entropy
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        row = None
-        if step % settings.log_every == 0 or step == settings.steps - 1:
-            row = {"step": step, "loss": loss.item(), "reconstruction_mse": recon.item(), "kl": kl.item(),
-                   "diversity": diversity.item(), "temperature": tau, "lr": lr_at(step)}
-            history.append(row)
-        if on_step is not None:
-            on_step(step, row)
-    end = evaluate()
-    summary = {"start": start, "end": end, "history": history, "images": len(images),
-               "image_size": image_size, "settings": dataclasses.asdict(settings)}
-    return encoder.eval().requires_grad_(False), decoder.eval(), summary
+        self.opt.step()
+        self.step += 1
+        if step % st.log_every and step != st.steps - 1:
+            return None
+        values = torch.stack([loss, recon, kl, diversity]).detach().float().tolist()
+        row = {"step": step, **dict(zip(("loss", "reconstruction_mse", "kl", "diversity"), values)),
+               "temperature": tau, "lr": lr}
+        self.history.append(row)
+        return row
+
+    # ------------------------------------------------------------------ saving and resuming
+
+    def save(self, directory: Path, meta: dict) -> None:
+        """Everything a resumed run needs, replacing `directory` whole."""
+        def fill(tmp: Path) -> None:
+            weights = {**{f"encoder.{k}": v for k, v in self.encoder.state_dict().items()},
+                       **{f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}}
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            write_json_atomic(tmp / "state.json", {**meta, "step": self.step, "history": self.history,
+                                                   "start": self.start_metrics, "stream": self.stream.state()})
+        replace_dir(directory, fill)
+
+    def load(self, directory: Path) -> dict:
+        state = read_json(directory / "state.json", "codebook training state", expect=dict)
+        weights = load_file(str(directory / "weights.safetensors"))
+        self.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
+        self.decoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("decoder.")})
+        self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.stream.load_states([state["stream"]])
+        self.step, self.history, self.start_metrics = int(state["step"]), state["history"], state["start"]
+        return state
 
 
 # --------------------------------------------------------------------------- the command
 
 
 METRICS = "codebook_metrics.jsonl"
+STATE = "training"
+"""OUTPUT/training/: the resumable state of an unfinished codebook run."""
 
 
-def load_training_images(specs: list[str], console: Console) -> list[Image.Image]:
-    if specs == ["demo"]:
-        return demo_images()
-    skipped: Counter = Counter()
-    paths = find_images(specs)
-    images = []
-    for path in paths:
-        try:
-            images.append(open_image(path))
-        except BadSample as e:
-            skipped[e.kind] += 1
-    if skipped:
-        console.print("skipped " + ", ".join(f"{n} ({why})" for why, n in skipped.items()))
-    if not images:
-        raise DataError(f"none of the {len(paths)} image files could be read")
-    return images
+def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
+    """The sources named: 'demo' (the packaged demo images); image files and globs gathered into
+    one source; folders, shards, tables and parquet as `flava pretrain` opens them (the images
+    of pairs)."""
+    sources, loose = [], []
+    for spec in images:
+        if spec == "demo":
+            sources.append(demo_source("images"))
+        elif Path(spec).is_file() and Path(spec).suffix.lower() in IMAGE_SUFFIXES or \
+                any(c in spec for c in "*?[") and "://" not in spec:
+            loose.append(spec)
+        else:
+            sources.append(open_source("images", spec))
+    if loose:
+        sources.append(Source("images", [ImageRecord(p) for p in find_images(loose)], ", ".join(loose)))
+    return sources + [open_source("pairs", spec) for spec in pairs]
 
 
-def reconstruction_grid(encoder, decoder, images: list[Image.Image], size: int, path: Path) -> None:
+def _stream(sources: list[Source], maker: CodebookCrops, batch: int, seed: int, workers: int) -> KindStream:
+    streams = [BatchStream("images", src, maker, batch, seed=seed + 7919 * i, num_workers=workers)
+               for i, src in enumerate(sources)]
+    weights = [float(estimated_size(src)) for src in sources] if len(sources) > 1 else [1.0]
+    return KindStream("images", streams, weights, seed)
+
+
+def _no_images(e: DataError, sources: list[Source]) -> DataError:
+    names = ", ".join(s.name for s in sources)
+    return DataError(f"no image of {names} could be read ({e})")
+
+
+def reconstruction_grid(run: CodebookRun, path: Path) -> None:
     """Originals (top row) over their reconstructions from the discrete tokens (bottom row)."""
-    x = torch.stack([to_tensor(resize_center_crop(im, size)) for im in images])
-    with torch.no_grad():
-        recon = decoder.decode_tokens(encoder(map_pixels(x)).argmax(1)).clamp(0, 1)
-    rows = [torch.cat(list(t), dim=2) for t in (x, recon)]
+    x = _pixels(run.eval_pixels[:8], run.device)
+    with torch.no_grad(), run._autocast():
+        recon = run.decoder.decode_tokens(run.encoder(map_pixels(x)).argmax(1)).float().clamp(0, 1)
+    rows = [torch.cat(list(t.float().cpu()), dim=2) for t in (x, recon)]
     grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
 
 
+def _check_start(output: Path, resume: bool) -> dict | None:
+    """The saved state to resume from, or None for a new run; refuses what was not asked for."""
+    state = output / STATE / "state.json"
+    if resume:
+        if state.is_file():
+            return read_json(state, "codebook training state", expect=dict)
+        if (output / "model.safetensors").is_file():
+            raise ConfigError(f"{output} holds a finished codebook; there is nothing to resume")
+        raise ConfigError(f"--resume: {output} holds no codebook training to resume; check the path, or leave out "
+                          "--resume to start one")
+    if state.is_file():
+        saved = read_json(state, "codebook training state", expect=dict)
+        raise ConfigError(f"{output} holds an unfinished codebook training (step {saved.get('step')} of "
+                          f"{saved.get('settings', {}).get('steps')}): add --resume to continue it, or choose "
+                          "another --output")
+    check_replaceable(output, (METRICS, STATE, ".lock"))
+    return None
+
+
 def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, settings: CodebookTraining,
-                        console: Console) -> dict:
+                       console: Console, pairs_spec: list[str] | None = None, resume: bool = False) -> dict:
+    output = Path(output)
+    saved = _check_start(output, resume)
+    if saved is not None:
+        asked = dataclasses.asdict(settings)
+        cfg = from_dict(FlavaConfig, saved["model"])
+        settings = from_dict(CodebookTraining, {**saved["settings"], "device": settings.device,
+                                                "num_workers": settings.num_workers})
+        images_spec, pairs_spec = saved["images"], saved["pairs"]
+        differ = [k for k, v in saved["settings"].items() if k not in ("device", "num_workers") and asked.get(k) != v
+                  and asked.get(k) != getattr(CodebookTraining(), k)]
+        if differ:
+            console.print(f"note: resuming with the run's own settings; ignored: {', '.join(differ)}")
     if cfg.image.vocab_size != cfg.codebook.vocab_size:
         console.print(f"note: image.vocab_size set to the codebook's {cfg.codebook.vocab_size} tokens")
         cfg.image.vocab_size = cfg.codebook.vocab_size
     size = cfg.codebook_image_size
-    check_replaceable(output, (METRICS,))  # before the training, not after it
-    images = load_training_images(images_spec, console)
-    console.print(f"training a {cfg.codebook.vocab_size}-token image codebook on {len(images)} images "
-                  f"at {size} px ({cfg.image.grid_size}x{cfg.image.grid_size} tokens each), {settings.steps} steps")
-    output.mkdir(parents=True, exist_ok=True)
-    metrics_path = output / METRICS
-    metrics_path.write_text("")
-    start = time.perf_counter()
-    with progress_bar(console) as progress, metrics_path.open("a") as metrics:
-        task = progress.add_task("dVAE", total=settings.steps, info="")
-        state = {"info": ""}
+    device = _device(settings)
+    workers = settings.num_workers if settings.num_workers is not None else \
+        (min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0)
+    pairs_spec = list(pairs_spec or [])
+    sources = image_sources(images_spec, pairs_spec)
+    evaluation = _stream(sources, CodebookCrops(size, settings.seed + 1, train=False), settings.eval_images,
+                         settings.seed + 1, 0)
+    try:
+        eval_pixels = evaluation.next_batch().pixels
+    except DataError as e:
+        raise _no_images(e, sources) from None
+    stream = _stream(sources, CodebookCrops(size, settings.seed, settings.crop_scale_min), settings.batch_size,
+                     settings.seed, workers)
+    run = CodebookRun(cfg.codebook, size, settings, stream, eval_pixels, device)
+    meta = {"model": to_dict(cfg), "settings": dataclasses.asdict(settings), "images": images_spec,
+            "pairs": pairs_spec}
+    with RunDir(output).lock():
+        if saved is not None:
+            run.load(output / STATE)
+            console.print(f"resuming the codebook training in {output} at step {run.step} of {settings.steps}")
+        else:
+            console.print(f"training a {cfg.codebook.vocab_size}-token image codebook on "
+                          f"{', '.join(s.name for s in sources)} at {size} px ({cfg.image.grid_size}x"
+                          f"{cfg.image.grid_size} tokens each), {settings.steps} steps on {device.type}"
+                          + (" (bf16)" if run.dtype is not None else ""))
+            run.start_metrics = run.evaluate()
+        summary = _train(run, output, meta, console)
+    return summary
 
-        def on_step(step: int, row: dict | None) -> None:
+
+def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict:
+    settings, cfg = run.settings, run.cfg
+    metrics_path = output / METRICS
+    if run.step == 0:
+        metrics_path.write_text("")
+    else:  # rows logged after the saved step will be logged again
+        kept = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] < run.step] \
+            if metrics_path.is_file() else []
+        metrics_path.write_text("".join(r + "\n" for r in kept))
+    start, first = time.perf_counter(), run.step
+    with progress_bar(console) as progress, metrics_path.open("a") as metrics:
+        task = progress.add_task("dVAE", total=settings.steps, completed=run.step, info="")
+        info = ""
+        while run.step < settings.steps:
+            try:
+                row = run.train_step()
+            except DataError as e:
+                raise _no_images(e, [s.source for s in run.stream.streams]) from None
             if row is not None:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                state["info"] = f"mse {row['reconstruction_mse']:.4f}"
-            rate = (step + 1) * settings.batch_size / (time.perf_counter() - start)
-            progress.update(task, completed=step + 1, info=f"{state['info']}  {rate:.0f} img/s")
-
-        encoder, decoder, summary = train_codebook(images, cfg.codebook, size, settings, on_step=on_step)
-
-    rng = np.random.default_rng(0)
-    sample = [images[i] for i in rng.choice(len(images), size=min(8, len(images)), replace=False)]
+                info = f"mse {row['reconstruction_mse']:.4f}"
+            rate = (run.step - first) * settings.batch_size / (time.perf_counter() - start)
+            progress.update(task, completed=run.step, info=f"{info}  {rate:.0f} img/s")
+            if run.step % settings.save_every == 0 and run.step < settings.steps:
+                run.save(output / STATE, meta)
+    end = run.evaluate()
+    bad: dict[str, set] = {}
+    for s in run.stream.streams:
+        for reason, ids in s.bad.items():
+            bad.setdefault(reason, set()).update(ids)
+    listed = sum(s.source.known_size or estimated_size(s.source) for s in run.stream.streams)
+    if bad:  # in the order their first bad record comes in the data
+        order = sorted(bad, key=lambda r: min(bad[r]))
+        console.print("skipped " + ", ".join(f"{len(bad[r])} ({r})" for r in order))
+    summary = {"start": run.start_metrics, "end": end, "history": run.history,
+               "images": listed - sum(len(v) for v in bad.values()), "image_size": run.size,
+               "device": run.device.type, "settings": dataclasses.asdict(settings)}
 
     def fill(tmp: Path) -> None:
-        write_checkpoint_files(tmp, to_dict(cfg), {"codebook": encoder.state_dict()}, extra={"codebook_training": {
-            k: v for k, v in summary.items() if k != "history"}})
-        save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(tmp / "decoder.safetensors"))
+        write_checkpoint_files(tmp, meta["model"], {"codebook": run.encoder.state_dict()},
+                               extra={"codebook_training": {k: v for k, v in summary.items() if k != "history"}})
+        save_file({k: v.detach().cpu().contiguous() for k, v in run.decoder.state_dict().items()},
+                  str(tmp / "decoder.safetensors"))
         write_json_atomic(tmp / "codebook_report.json", summary)
-        shutil.copy(metrics_path, tmp / metrics_path.name)
-        reconstruction_grid(encoder, decoder, sample, size, tmp / "reconstructions.png")
+        (tmp / METRICS).write_bytes(metrics_path.read_bytes())
+        reconstruction_grid(run, tmp / "reconstructions.png")
 
-    write_checkpoint_dir(output, fill, (METRICS,))
-
+    write_checkpoint_dir(output, fill, (METRICS, STATE, ".lock"))
     s, e = summary["start"], summary["end"]
-    table = Table(title="image codebook before and after training (a fixed sample of 512 training images, center crops)")
+    table = Table(title=f"image codebook before and after training (a fixed sample of {len(run.eval_pixels)} "
+                        "training images, center crops)")
     for col in ("", "reconstruction MSE", "perplexity", "codes used"):
         table.add_column(col, justify="right")
     for name, r in (("start", s), ("end", e)):
         table.add_row(name, f"{r['reconstruction_mse']:.4f}", f"{r['perplexity']:.1f}",
-                      f"{r['codes_used_count']}/{cfg.codebook.vocab_size} ({r['codes_used']:.0%})")
+                      f"{r['codes_used_count']}/{cfg.vocab_size} ({r['codes_used']:.0%})")
     console.print(table)
     console.print(f"saved to {output} (load with flava.load_codebook); reconstructions in "
                   f"{output / 'reconstructions.png'}")
     return summary
-

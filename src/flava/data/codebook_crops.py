@@ -1,0 +1,62 @@
+"""What the image codebook trains on: random resized crops at the codebook's input size, flipped
+at random, as uint8 batches from the same streams `flava pretrain` reads (shards, folders,
+tables, parquet, prepared shards), and center crops for its fixed evaluation sample.
+
+Every choice is drawn from a generator seeded by (seed, position), as `pipeline.SampleMaker`
+does, so a resumed codebook run sees the same crops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch import _Batch
+from .pipeline import merge_batches
+from .sources import ImageRecord, PairRecord, open_image
+from .transforms import crop_resize, random_resized_crop_box
+
+
+@dataclass
+class PixelBatch(_Batch):
+    """Images alone, as the codebook reads them."""
+
+    pixels: torch.Tensor
+    """[B, 3, S, S] uint8 (turn into [0, 1] floats on the device)."""
+
+
+class CodebookCrops:
+    """Records -> crops for the codebook (picklable: it runs in loader workers)."""
+
+    def __init__(self, size: int, seed: int, crop_scale_min: float = 0.35, train: bool = True):
+        self.size, self.seed, self.crop_scale_min, self.train = size, seed, crop_scale_min, train
+
+    def __call__(self, kind: str, record, key: tuple[int, ...]) -> torch.Tensor:
+        ref = record.image if isinstance(record, (ImageRecord, PairRecord)) else record
+        rng = np.random.default_rng([self.seed, *key])
+        chosen: dict = {}
+
+        def box(width: int, height: int) -> tuple[int, int]:
+            if self.train:
+                left, top, w, h = random_resized_crop_box(width, height, rng, (self.crop_scale_min, 1.0))
+            else:  # the central square
+                w = h = min(width, height)
+                left, top = (width - w) // 2, (height - h) // 2
+            chosen["box"], chosen["size"] = (left, top, left + w, top + h), (width, height)
+            return max(1, -(-width * self.size // w)), max(1, -(-height * self.size // h))
+
+        image = open_image(ref, draft=box)
+        if "box" not in chosen:
+            box(image.width, image.height)
+        fx, fy = image.width / chosen["size"][0], image.height / chosen["size"][1]
+        left, top, right, bottom = chosen["box"]
+        (pixels,) = crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), self.size)
+        return pixels.flip(-1) if self.train and rng.random() < 0.5 else pixels
+
+    def collate(self, kind: str, samples: list[torch.Tensor]) -> PixelBatch:
+        return PixelBatch(torch.stack(samples))
+
+    def merge(self, parts: list[tuple[list[int], PixelBatch]]) -> PixelBatch:
+        return merge_batches(parts, {})
