@@ -205,17 +205,21 @@ def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
 
 @dataclass(frozen=True)
 class CodebookTokenizer:
-    """Makes (in any process; it pickles as a path) a function from codebook-range pixels
-    [B, C, H, W] to image-token ids [B, (H/8)*(W/8)], for `flava prepare`."""
+    """Makes (in any process; it pickles as a path) a function from uint8 pixels [B, C, H, W] to
+    image-token ids [B, (H/8)*(W/8)] on the CPU, computed on `device`, for `flava prepare`."""
 
     path: str
+    device: str = "cpu"
 
     def __call__(self):
-        codebook = load_codebook(self.path).eval()
+        from .data.transforms import map_uint8
+
+        device = torch.device(self.device)
+        codebook = load_codebook(self.path).eval().to(device)
 
         def tokenize(pixels: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return codebook.token_ids(pixels)
+                return codebook.token_ids(map_uint8(pixels.to(device))).cpu()
         return tokenize
 
     def fingerprint(self) -> str:

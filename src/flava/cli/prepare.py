@@ -29,11 +29,15 @@ def add(sub) -> None:
     p.add_argument("--crop-scale-min", dest="crop_scale_min", type=float, default=0.9,
                    help="smallest share of the image a crop keeps (default 0.9, as training)")
     p.add_argument("--workers", type=int, help="processes (default: the CPU cores)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the codebook tokenises (default: the GPU when there is one)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    import torch
+
     from ..config import check_value, config_from
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import open_source
@@ -53,12 +57,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
     settings = PrepareSettings(size=args.size, shard_size=args.shard_size, crops=args.crops,
                                crop_scale_min=args.crop_scale_min, codebook_image_size=model.codebook_image_size,
                                seed=args.seed)
-    tokenizer = CodebookTokenizer(args.codebook) if args.codebook else None
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    # Every worker process tokenises its shards' crops on the device, in batches.
+    tokenizer = CodebookTokenizer(args.codebook, device) if args.codebook else None
     fingerprint = tokenizer.fingerprint() if tokenizer else None
     workers = args.workers or default_workers()
     output = Path(args.output)
     console.print(f"preparing {kind} from {', '.join(s.name for s in sources)} into {output} with {workers} "
-                  f"process{'es' if workers > 1 else ''}" + (f"; image tokens from {args.codebook}" if tokenizer else ""))
+                  f"process{'es' if workers > 1 else ''}" + (f"; image tokens from {args.codebook} on {device}" if tokenizer else ""))
     with progress_bar(console) as bar:
         task = bar.add_task("shards", total=None, info="")
 

@@ -36,6 +36,8 @@ from .sources import INDEX, BadSample, ImageRecord, PairRecord, RecordShard, Sou
     read_caption
 
 REPORT = "prepare_report.json"
+TOKENIZE_BATCH = 256
+"""Crops per codebook call."""
 
 
 @dataclass(frozen=True)
@@ -114,11 +116,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettings,
                  tokenizer: Callable | None) -> dict:
     """Write unit `number` as NNNNN.tar + NNNNN.json; returns its counts. Runs in a pool process."""
-    from PIL import Image
-
-    from .transforms import map_pixels, to_tensor
-
     import torch
+
+    from .transforms import crop_resize
 
     torch.set_num_threads(1)
     out_dir = Path(out)
@@ -159,12 +159,10 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
             b = _crop_boxes(image.width, image.height, settings.crops, settings.crop_scale_min, rng)
             boxes.append(b)
             scale = np.array([image.width, image.height] * 2, dtype=np.float64)
-            for box in b:
-                crop = image.resize((cs, cs), Image.BICUBIC, box=tuple(float(v) for v in box * scale))
-                pixels.append(map_pixels(to_tensor(crop)))
+            pixels += [crop_resize(image, tuple(float(v) for v in box * scale), cs)[0] for box in b]
         ids = []
-        for a in range(0, len(pixels), 64):
-            ids.append(tokenizer(torch.stack(pixels[a:a + 64])))
+        for a in range(0, len(pixels), TOKENIZE_BATCH):  # uint8 crops: the device converts them
+            ids.append(tokenizer(torch.stack(pixels[a:a + TOKENIZE_BATCH])))
         tokens = torch.cat(ids).cpu().numpy().astype(np.uint16).reshape(len(kept), settings.crops, -1)
         for (key, parts, _), b, t in zip(kept, boxes, tokens):
             parts["crops.npy"], parts["tokens.npy"] = _npy(b), _npy(t)
