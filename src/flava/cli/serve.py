@@ -13,6 +13,9 @@ def add(sub) -> None:
     p.add_argument("--model", help="a checkpoint directory, run directory or hub id (default: the model the "
                    "index was built with)")
     p.add_argument("--index", help="a vector index made by `flava index`, to search")
+    p.add_argument("--allow-other-model", dest="allow_other_model", action="store_true",
+                   help="serve --index with a --model that is not the checkpoint that made it (searches then "
+                        "compare two models; a warning says so)")
     p.add_argument("--task", help="a fine-tuned task model directory, for /predict")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
@@ -81,14 +84,17 @@ def build_app(args: argparse.Namespace, console: Console):
     if args.threads:
         torch.set_num_threads(args.threads)
     index = task = model = None
-    model_name = args.model
+    model_name = load_from = args.model
     if args.index:
-        from ..serve.index import VectorIndex
+        from ..serve.index import VectorIndex, query_model
 
         index = VectorIndex.open(args.index)
-        model_name = model_name or index.model
-        if model_name is None:
+        if not (model_name or index.model or index.checkpoint):
             raise ConfigError(f"the index {args.index} does not record which model made it; pass --model")
+        load_from, warning = query_model(index, args.model, args.allow_other_model)
+        model_name = model_name or index.model
+        if warning:
+            console.print(warning, style="bold red")
         console.print(f"index: {args.index} ({len(index):,} {index.modality}s, {index.dim} dimensions)")
     if args.task:
         from .. import load_task
@@ -97,7 +103,7 @@ def build_app(args: argparse.Namespace, console: Console):
         console.print(f"task model: {args.task} ({task.task})")
     if model_name:
         device = "cuda" if torch.cuda.is_available() and not args.int8 else None
-        model = load(model_name, quantize="int8" if args.int8 else None, device=device)
+        model = load(load_from, quantize="int8" if args.int8 else None, device=device)
         console.print(f"model: {model_name}{' (int8)' if args.int8 else ''}")
     return create_app(model, index, task, model_name=model_name,
                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k)

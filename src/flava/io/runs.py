@@ -11,11 +11,9 @@ OUTPUT/
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from ..errors import CheckpointError, ConfigError
 from .checkpoint import CONFIG
 from .files import read_json, write_json_atomic
 from .hubcache import looks_like_hub_id, snapshot
+from .locks import hold
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -84,25 +83,11 @@ class RunDir:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run's lock for the block: one writer per run directory. The OS releases it
-        when the holder dies, so a crashed run never leaves its directory locked."""
+        when the holder dies (forked loader workers do not hold it: `io.locks`), so a killed run
+        never leaves its directory locked."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / LOCK
-        f = open(path, "a+")
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise ConfigError(f"{self.root} is in use by another flava run ({holder}); wait for it to end "
-                                  "or choose another --output") from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            f.flush()
+        with hold(self.root / LOCK, str(self.root), "wait for it to end or choose another --output"):
             yield
-        finally:
-            f.close()
 
     def remove_orphans(self) -> list[Path]:
         """Delete what killed writes left behind (staging and replaced copies beside checkpoints,

@@ -1,0 +1,198 @@
+"""Trust, wave 2: vectors know their model, index updates and run locks survive kills, user
+mistakes end in one line. Real parts throughout: the CLI, FAISS, forked and killed processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flava
+from flava.cli import main as cli
+from flava.io.runs import RunDir
+from flava.serve.embed import read_embeddings
+from flava.serve.index import VectorIndex
+
+SRC = str(Path(flava.__file__).resolve().parents[1])
+
+
+def one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def tiny(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def run_with_two_checkpoints(tmp_path):
+    """A run directory whose latest.json names step 40; step 50 (other weights) is beside it."""
+    run = RunDir(tmp_path / "run")
+    tiny(run.step(40), 1)
+    tiny(run.step(50), 2)
+    run.point_latest(40, run.step(40))
+    (tmp_path / "t.txt").write_text("a red circle\na blue square\na green triangle\n")
+    return run
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1")
+
+
+# --------------------------------------------------------------------------- vectors know their model
+
+
+def test_vectors_record_their_checkpoint_and_refuse_another(run_with_two_checkpoints, tmp_path, capsys):
+    run, texts = run_with_two_checkpoints, str(tmp_path / "t.txt")
+    assert cli(["embed", "--model", str(run.root), "--texts", texts, "--output", str(tmp_path / "emb")]) == 0
+    e = read_embeddings(tmp_path / "emb")
+    assert e.checkpoint["path"] == str(run.step(40).resolve()) and e.checkpoint["step"] == 40
+    assert e.checkpoint["fingerprint"].startswith("sha256:")
+    assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
+    assert VectorIndex.open(tmp_path / "idx").checkpoint["fingerprint"] == e.checkpoint["fingerprint"]
+
+    # The run trains on: its newest checkpoint is now step 50.
+    run.point_latest(50, run.step(50))
+    capsys.readouterr()
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "a red circle", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    step40 = flava.load(run.step(40))
+    want = (e.vectors @ step40.encode_text(["a red circle"]).numpy().T)[:, 0]
+    assert hits[0]["item"] == "a red circle"
+    np.testing.assert_allclose(sorted(h["score"] for h in hits), sorted(want), atol=1e-5)  # step 40's queries
+
+    # Re-embedding into the same output with the run (now step 50) never mixes the two.
+    code = cli(["embed", "--model", str(run.root), "--texts", texts, "--output", str(tmp_path / "emb")])
+    err = one_line_error(capsys, code)
+    assert "step 40" in err and "step 50" in err and "never mixes" in err
+    # Step 50's vectors are not added to step 40's index.
+    assert cli(["embed", "--model", str(run.root), "--texts", texts, "--output", str(tmp_path / "emb50")]) == 0
+    capsys.readouterr()
+    code = cli(["index", "--add", "--embeddings", str(tmp_path / "emb50"), "--output", str(tmp_path / "idx")])
+    assert "embed with the same checkpoint" in one_line_error(capsys, code)
+
+    # Another model of the same dimension, named explicitly: refused, or allowed loudly.
+    code = cli(["search", "--index", str(tmp_path / "idx"), "--model", str(run.step(50)), "--text", "a red circle"])
+    err = one_line_error(capsys, code)
+    assert "step 50" in err and "--allow-other-model" in err
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--model", str(run.step(50)), "--text", "a red circle",
+                "--allow-other-model", "--json"]) == 0
+    assert "WARNING" in capsys.readouterr().err
+
+    # The index's own checkpoint rotated away: the run directory now means step 50, refused.
+    import shutil
+    shutil.rmtree(run.step(40))
+    code = cli(["search", "--index", str(tmp_path / "idx"), "--text", "a red circle"])
+    err = one_line_error(capsys, code)
+    assert "gone or changed" in err and "step 50" in err
+
+    # The same weights under another name (a copy) are the same model.
+    shutil.copytree(run.step(50), tmp_path / "copy")
+    assert cli(["index", "--embeddings", str(tmp_path / "emb50"), "--output", str(tmp_path / "idx50")]) == 0
+    assert cli(["search", "--index", str(tmp_path / "idx50"), "--model", str(tmp_path / "copy"),
+                "--text", "a red circle"]) == 0
+
+
+# --------------------------------------------------------------------------- atomic index updates
+
+# Kills `flava index --add` at one point of the update, from inside the real CLI.
+KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    point = sys.argv[1]
+    import flava.serve.index as si
+
+    def killer(original, when):
+        def call(*args, **kwargs):
+            if when(*args):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+        return call
+
+    if point == "before-index-json":  # the new FAISS file is in place, index.json not yet replaced
+        si.write_json_atomic = killer(si.write_json_atomic, lambda path, data: path.name == "index.json")
+    elif point == "mid-faiss-write":  # half of the new FAISS file on disk
+        import faiss
+        write = faiss.write_index
+
+        def half(index, path):
+            write(index, path)
+            os.truncate(path, os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        faiss.write_index = half
+    from flava.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("point", ["before-index-json", "mid-faiss-write"])
+def test_an_index_add_killed_midway_leaves_the_index_whole(tmp_path, point):
+    model = tiny(tmp_path / "m", 0)
+    for name, words in (("a", ["a red circle", "a blue square"]), ("b", ["a green triangle"])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(words) + "\n")
+        assert cli(["embed", "--model", str(model), "--texts", str(tmp_path / f"{name}.txt"),
+                    "--output", str(tmp_path / f"emb_{name}")]) == 0
+    idx = tmp_path / "idx"
+    assert cli(["index", "--embeddings", str(tmp_path / "emb_a"), "--output", str(idx)]) == 0
+    add = ["index", "--add", "--embeddings", str(tmp_path / "emb_b"), "--output", str(idx)]
+    proc = subprocess.run([sys.executable, "-c", KILL_DRIVER, point, *add], env=env(), capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    index = VectorIndex.open(idx)  # the index as it was before the add
+    assert len(index) == 2 and index.search(index.vector(0), 2)[0][0].item == "a red circle"
+    assert cli(add) == 0  # ...and the add can simply be run again
+    index = VectorIndex.open(idx)
+    assert len(index) == 3 and [h.item for h in index.search(index.vector(2), 1)[0]] == ["a green triangle"]
+    assert sorted(p.name for p in idx.glob("*.faiss*")) == [index.info["index_file"]]
+
+
+# --------------------------------------------------------------------------- the run lock and forked children
+
+HOLDER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from pathlib import Path
+    from flava.io.runs import RunDir
+    with RunDir(Path(sys.argv[1])).lock():
+        child = os.fork()  # as a loader worker is forked
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        # An exec'd child that could inherit every descriptor it is allowed to.
+        spawned = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=False)
+        print(child, spawned.pid, flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_killed_runs_lock_is_free_while_its_forked_children_live(tmp_path, capsys):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], env=env(), stdout=subprocess.PIPE,
+                            text=True)
+    children = [int(p) for p in proc.stdout.readline().split()]
+    try:
+        assert len(children) == 2
+        with pytest.raises(flava.errors.ConfigError, match=f"pid {proc.pid} on"):
+            with RunDir(tmp_path / "run").lock():
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        for pid in children:
+            os.kill(pid, 0)  # both still alive
+        with RunDir(tmp_path / "run").lock():  # ...and the lock is free
+            pass
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
