@@ -196,3 +196,88 @@ def test_a_killed_runs_lock_is_free_while_its_forked_children_live(tmp_path, cap
                 pass
         if proc.poll() is None:
             proc.kill()
+
+
+# --------------------------------------------------------------------------- one clear line, nothing left behind
+
+
+def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
+    code = cli(["pretrain", "--output", str(tmp_path / "nothere"), "--resume", "--max-steps", "5"])
+    assert "holds no run to continue" in one_line_error(capsys, code)
+    assert not (tmp_path / "nothere").exists()
+
+
+def test_a_plain_path_is_a_list_of_sources_and_a_failed_start_leaves_nothing(train_data, tmp_path, capsys):
+    from conftest import pretrain_args
+
+    args = pretrain_args(train_data, tmp_path / "run")
+    args[args.index(f'data.pairs=["{train_data / "pairs.csv"}"]')] = f"data.pairs={train_data / 'pairs.csv'}"
+    assert cli(args + ["--max-steps", "1"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"]["pairs"] == [
+        str(train_data / "pairs.csv")]
+    capsys.readouterr()
+    args = pretrain_args(train_data, tmp_path / "failed")
+    args[args.index(f'data.pairs=["{train_data / "pairs.csv"}"]')] = f"data.pairs={tmp_path / 'nope.csv'}"
+    code = cli(args + ["--max-steps", "1"])
+    assert "nope.csv" in one_line_error(capsys, code)
+    assert not (tmp_path / "failed").exists()
+
+
+def test_config_show_piped_prints_every_description_whole():
+    from flava.config import describe
+    from flava.train.config import TrainConfig
+
+    out = subprocess.run([sys.executable, "-m", "flava.cli", "config", "show"], env=env(), capture_output=True,
+                         text=True, timeout=60, check=True).stdout.splitlines()
+    for key, value, doc in describe(TrainConfig()):
+        assert f"{key} = {json.dumps(value)}  # {doc}" in out, key
+
+
+def test_a_mistyped_relative_model_path_is_named_as_a_missing_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "runs" / "pretrain").mkdir(parents=True)
+    (tmp_path / "t.txt").write_text("a text\n")
+    monkeypatch.chdir(tmp_path)
+    code = cli(["embed", "--model", "runs/pretrian", "--texts", "t.txt", "--output", "emb"])
+    err = one_line_error(capsys, code)
+    assert "checkpoint directory runs/pretrian does not exist; did you mean runs/pretrain?" in err
+    assert "hub" not in err.lower()
+
+
+def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, capsys):
+    from flava.evaluate.finetune import TextClassifier, TextHead
+    from flava.evaluate.taskmodel import save_task_model
+
+    model = flava.FlavaModel(flava.preset("tiny"))
+    clf = TextClassifier(model.text_tower(), TextHead(model.config.text.hidden_size, 2, 0.0))
+    save_task_model(clf, tmp_path / "t1", tokenizer=model.processor.tokenizer, label_names=["a", "b"],
+                    max_text_length=16)
+    before = (tmp_path / "t1" / "model.safetensors").read_bytes()
+    code = cli(["finetune", "--model", str(tmp_path / "none"), "--task", "image-classification",
+                "--train", str(tmp_path), "--output", str(tmp_path / "t1")])
+    err = one_line_error(capsys, code)
+    assert "holds a text-classification task model" in err and "--replace" in err
+    assert (tmp_path / "t1" / "model.safetensors").read_bytes() == before
+
+
+def test_prepare_of_input_with_no_usable_sample_is_an_error(tmp_path, capsys):
+    (tmp_path / "fake.tar").write_text("this is a text file, not a tar\n" * 40)
+    code = cli(["prepare", "--pairs", str(tmp_path / "fake.tar"), "--output", str(tmp_path / "prep"),
+                "--workers", "1"])
+    err = one_line_error(capsys, code)
+    assert "no usable sample" in err and "corrupt tar shard" in err
+    assert not (tmp_path / "prep").exists()
+
+
+def test_a_thirty_million_pixel_strip_is_counted_not_fatal(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (30_000_000, 1), (200, 10, 10)).save(folder / "strip.png")
+    assert (folder / "strip.png").stat().st_size < 200_000
+    for i in range(2):
+        Image.new("RGB", (40, 30), (10, 200 - 50 * i, 10)).save(folder / f"ok{i}.png")
+    model = tiny(tmp_path / "m", 0)
+    assert cli(["embed", "--model", str(model), "--images", str(folder), "--output", str(tmp_path / "emb")]) == 0
+    summary = json.loads((tmp_path / "emb" / "embed.json").read_text())
+    assert summary["embedded"] == 2 and summary["failed"] == {"extreme aspect ratio": 1}

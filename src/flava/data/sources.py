@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import IMAGE_SUFFIXES, find_images
-from .transforms import to_rgb
+from .transforms import extreme_aspect, to_rgb
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
 TABLE_SUFFIXES = (".csv", ".tsv", ".tab")
@@ -79,6 +79,8 @@ ImageRef = Path | Member | Image.Image
 def open_image(ref: ImageRef) -> Image.Image:
     """Decode to RGB or raise BadSample with the reason."""
     if isinstance(ref, Image.Image):
+        if extreme_aspect(*ref.size):
+            raise BadSample("extreme aspect ratio")
         return to_rgb(ref)
     try:
         if isinstance(ref, (TarMember, Blob)):
@@ -94,6 +96,8 @@ def open_image(ref: ImageRef) -> Image.Image:
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise BadSample("image too large")
+                if extreme_aspect(im.width, im.height):
+                    raise BadSample("extreme aspect ratio")
                 im.load()
                 return to_rgb(im)
     except BadSample:
