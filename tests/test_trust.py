@@ -281,3 +281,144 @@ def test_a_thirty_million_pixel_strip_is_counted_not_fatal(tmp_path, capsys):
     assert cli(["embed", "--model", str(model), "--images", str(folder), "--output", str(tmp_path / "emb")]) == 0
     summary = json.loads((tmp_path / "emb" / "embed.json").read_text())
     assert summary["embedded"] == 2 and summary["failed"] == {"extreme aspect ratio": 1}
+
+
+# --------------------------------------------------------------------------- server bounds
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real `flava serve` on 127.0.0.1 over a tiny model, with short timeouts; its log in a file."""
+    import socket  # noqa: F401  (used by the tests through this fixture's url)
+
+    root = tmp_path_factory.mktemp("serve")
+    model = tiny(root / "model", 0)
+    words = [f"a text about thing {i}" for i in range(8)]
+    (root / "t.txt").write_text("\n".join(words) + "\n")
+    assert cli(["embed", "--model", str(model), "--texts", str(root / "t.txt"), "--output", str(root / "emb")]) == 0
+    assert cli(["index", "--embeddings", str(root / "emb"), "--output", str(root / "idx")]) == 0
+    log = open(root / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "flava.cli", "serve", "--index", str(root / "idx"), "--port", "0",
+                             "--max-classes", "400", "--header-timeout", "1", "--body-timeout", "1",
+                             "--threads", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(env(), PYTHONUNBUFFERED="1"))
+    deadline, url = time.monotonic() + 90, None
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        text = (root / "log.txt").read_text()
+        if "listening on " in text:
+            url = text.split("listening on ")[1].split()[0].rstrip("/")
+        time.sleep(0.1)
+    if url is None:
+        proc.kill()
+        pytest.fail("flava serve did not start:\n" + (root / "log.txt").read_text())
+    host, port = url.split("//")[1].split(":")
+    yield {"url": url, "host": host, "port": int(port), "log": root / "log.txt", "proc": proc}
+    proc.kill()
+    proc.wait(10)
+    log.close()
+
+
+def http(server, method: str, path: str, body: bytes = b"", ctype: str | None = None, timeout: float = 60):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server["url"] + path, data=body or None, method=method)
+    if ctype:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def classify_form(classes: list[str]) -> tuple[bytes, str]:
+    import io
+
+    from PIL import Image
+    from test_serve import multipart
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    return multipart({"classes": ",".join(classes), "templates": "clip"}, [("image", "x.png", buf.getvalue())])
+
+
+def test_a_slow_classify_does_not_hold_search_and_class_names_are_bounded_and_cached(server):
+    import threading
+
+    body, ctype = classify_form([f"class {i}" for i in range(401)])
+    status, answer = http(server, "POST", "/classify", body, ctype)
+    assert status == 400 and "at most 400" in answer["error"]
+
+    classes = [f"thing number {i}" for i in range(300)]  # 5,400 prompts, 3 classes per model call
+    body, ctype = classify_form(classes)
+    done = {}
+
+    def slow():
+        start = time.perf_counter()
+        done["status"], done["answer"] = http(server, "POST", "/classify", body, ctype)
+        done["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.3)
+    waits = []
+    while thread.is_alive():
+        start = time.perf_counter()
+        status, _ = http(server, "GET", "/search?q=a+text&k=3")
+        assert status == 200
+        waits.append(time.perf_counter() - start)
+    thread.join()
+    assert done["status"] == 200 and len(done["answer"]["results"][0]["classes"]) == 5, done
+    # Each search waited for one short model call, not for the whole classification.
+    assert len(waits) >= 5 and max(waits) < done["seconds"] / 4, (waits, done["seconds"])
+    start = time.perf_counter()
+    assert http(server, "POST", "/classify", body, ctype)[0] == 200
+    assert time.perf_counter() - start < done["seconds"] / 3  # the class names' embeddings were cached
+
+
+def raw_socket(server):
+    import socket
+
+    s = socket.create_connection((server["host"], server["port"]), timeout=10)
+    return s
+
+
+def test_half_a_header_is_closed_and_a_stalled_body_is_answered_408(server):
+    s = raw_socket(server)
+    start = time.monotonic()
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # never finished
+    assert s.recv(1024) == b""  # closed by the server
+    assert 0.8 < time.monotonic() - start < 5
+    s.close()
+
+    s = raw_socket(server)
+    s.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 200\r\n\r\n{\"texts\": [")
+    start = time.monotonic()
+    answer = b""
+    while chunk := s.recv(4096):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer, answer
+    assert time.monotonic() - start < 5
+    s.close()
+
+
+def test_a_client_that_disconnects_mid_upload_is_counted_without_a_traceback(server):
+    body, ctype = classify_form(["cat", "dog"])
+    s = raw_socket(server)
+    s.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+    time.sleep(0.2)
+    s.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = http(server, "GET", "/metrics?format=json")[1]["requests"]
+        gone = [r for r in counts if r["endpoint"] == "/classify" and r["status"] == 499]
+        if gone:
+            break
+        time.sleep(0.1)
+    assert gone and gone[0]["count"] == 1, counts
+    assert not any(r["status"] == 500 for r in counts), counts
+    log = server["log"].read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log
