@@ -300,6 +300,8 @@ def check_value(path: str, value: Any, tp: Any) -> Any:
                 continue
         raise ConfigError(f"{path}: {value!r} fits none of {', '.join(_describe(o) for o in rest)}")
     if origin is list or tp is list:
+        if isinstance(value, (str, dict)) and typing.get_args(tp):
+            value = [value]  # one plain path (or source) where a list of them is taken
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         args = typing.get_args(tp)

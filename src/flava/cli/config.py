@@ -22,6 +22,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..train.config import TrainConfig, train_config
 
     cfg = check(apply_overrides(train_config(args.config) if args.config else TrainConfig(), args.set or []))
+    if not console.is_terminal:
+        # Piped (grep, less, a file): one whole line per setting instead of a table whose
+        # descriptions fold at the console's width.
+        for key, value, doc in describe(cfg):
+            console.print(f"{key} = {json.dumps(value)}  # {doc}", soft_wrap=True, markup=False, highlight=False)
+        return
     table = Table(title="flava pretrain settings (set any with --set KEY=VALUE)", show_lines=False)
     table.add_column("setting", no_wrap=True)
     table.add_column("value", overflow="fold", max_width=30)

@@ -56,7 +56,19 @@ def model_name(name: str) -> str:
     return name if looks_like_hub_id(name) else str(Path(name).resolve())
 
 
+def resolve_model(name: str) -> dict:
+    """The checkpoint `name` names now (a run directory: its newest), as `checkpoint_identity`."""
+    from pathlib import Path
+
+    from ..io.checkpoint import checkpoint_dir
+    from ..io.fingerprint import checkpoint_identity
+    from ..io.runs import resolve
+
+    return checkpoint_identity(checkpoint_dir(name) if Path(name).is_file() else resolve(name))
+
+
 def run(args: argparse.Namespace, console: Console) -> None:
+    from ..io.fingerprint import describe_checkpoint
     from ..progress import progress_bar
     from ..serve.embed import embed_run, image_inputs, pair_inputs, text_inputs
 
@@ -66,12 +78,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
         inputs = text_inputs(args.texts)
     else:
         inputs = pair_inputs(args.pairs)
-    console.print(f"embedding {len(inputs)} {inputs.modality} input(s) with {args.model}")
-    model = load_for_inference(args.model, args.device, args.int8)
+    # Resolved once: a run directory's newest checkpoint may move on while this runs.
+    checkpoint = resolve_model(args.model)
+    console.print(f"embedding {len(inputs)} {inputs.modality} input(s) with {args.model}"
+                  + (f" ({describe_checkpoint(checkpoint)})" if checkpoint["path"] != model_name(args.model) else ""))
+    model = load_for_inference(checkpoint["path"], args.device, args.int8)
     with progress_bar(console) as bar:
         task = bar.add_task("embed", total=len(inputs), info="")
         summary = embed_run(model, model_name(args.model), inputs, args.output, batch_size=args.batch_size,
-                            part_size=args.part_size, float16=args.float16,
+                            part_size=args.part_size, float16=args.float16, checkpoint=checkpoint,
                             progress=lambda done, total: bar.update(task, completed=done))
     if summary.skipped_parts:
         console.print(f"{summary.skipped_parts} of {summary.parts} part(s) were already done and kept")

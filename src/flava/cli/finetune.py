@@ -28,6 +28,8 @@ def add(sub) -> None:
     p.add_argument("--val", help="validation data; default: a seeded --val-fraction of --train")
     p.add_argument("--test", help="test data, scored once with the best validation state")
     p.add_argument("--output", required=True, help="the task model directory to write")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a task model of another kind that --output already holds")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, help="peak learning rate; default 1e-4, or 1e-3 with --head-only")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
@@ -93,7 +95,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS, 'tasks')}")
     output = Path(args.output)
-    check_output(output)
+    replaced = check_output(output, args.task, args.replace)
+    if replaced:
+        console.print(f"note: the {replaced} task model in {output} will be replaced")
     settings = check(FinetuneSettings(
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import check_value, config_from
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import open_source
-    from ..errors import ConfigError
+    from ..errors import ConfigError, DataError
     from ..hub import CodebookTokenizer
     from ..progress import progress_bar
 
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     fingerprint = tokenizer.fingerprint() if tokenizer else None
     workers = args.workers or default_workers()
     output = Path(args.output)
+    created = not output.exists()
     console.print(f"preparing {kind} from {', '.join(s.name for s in sources)} into {output} with {workers} "
                   f"process{'es' if workers > 1 else ''}" + (f"; image tokens from {args.codebook} on {device}" if tokenizer else ""))
     with progress_bar(console) as bar:
@@ -75,6 +77,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
         report = prepare(kind, sources, output, settings, tokenizer, fingerprint, grid=model.image.grid_size,
                          image_size=model.image.image_size, workers=workers, progress=progress)
+    if report["samples"] == 0:
+        # Nothing to train on: an error, not a recipe for an empty run (and no empty shards left behind).
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        why = ", ".join(f"{n:,} {reason}" for reason, n in sorted(report["dropped"].items())) or "no samples found"
+        raise DataError(f"no usable sample in {', '.join(s.name for s in sources)} ({why}); check that --{kind} "
+                        f"names {'WebDataset tar shards or a CSV of image,caption' if kind == 'pairs' else 'images'}")
     table = Table(title=f"prepared {kind}")
     table.add_column("what")
     table.add_column("value", justify="right")

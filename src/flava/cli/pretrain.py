@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 from rich.console import Console
@@ -79,4 +81,25 @@ def run(args: argparse.Namespace, console: Console) -> None:
         return
     if args.stage_steps or args.stage_set:
         raise ConfigError("--stage-steps and --stage-set only apply with --recipe")
-    run_pretrain(settings(args), Path(args.output), resume=args.resume, console=console, override=args.override)
+    output = Path(args.output)
+    if args.resume and not holds_run(output):
+        # Else a mistyped path would start a new run on the demo data (minutes of codebook first).
+        raise ConfigError(f"--resume: {output} holds no run to continue (no train_config.json, no checkpoints); "
+                          "check the path, or drop --resume to start a new run there")
+    created = not output.exists()
+    try:
+        run_pretrain(settings(args), output, resume=args.resume, console=console, override=args.override)
+    except BaseException:
+        # A start that failed before the run began leaves no directory behind (only its lock, a
+        # demo codebook) for the next attempt to trip over; one process cleans up.
+        if created and not holds_run(output) and os.environ.get("RANK", "0") == "0":
+            shutil.rmtree(output, ignore_errors=True)
+        raise
+
+
+def holds_run(output: Path) -> bool:
+    """Whether `output` holds a run that --resume can continue: its settings or a checkpoint."""
+    from ..io.runs import RunDir
+    from ..train.run import SETTINGS
+
+    return (output / SETTINGS).is_file() or bool(RunDir(output).step_dirs()) or RunDir(output).pointer.is_file()

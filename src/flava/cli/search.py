@@ -12,7 +12,11 @@ from rich.table import Table
 def add(sub) -> None:
     p = sub.add_parser("search", help="search a vector index by text or by image")
     p.add_argument("--index", required=True, help="an index directory (`flava index`)")
-    p.add_argument("--model", help="the model that embeds the query (default: the one that made the index)")
+    p.add_argument("--model", help="the model that embeds the query (default: the checkpoint that made the index; "
+                   "another checkpoint is refused)")
+    p.add_argument("--allow-other-model", dest="allow_other_model", action="store_true",
+                   help="rank with --model's queries although it is not the checkpoint that made the index "
+                        "(the scores then compare two models; a warning says so)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="a text query")
     what.add_argument("--image", help="an image file as the query")
@@ -22,9 +26,11 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..errors import ConfigError, InputError
+    import sys
+
+    from ..errors import InputError
     from ..serve.embed import Embedder
-    from ..serve.index import VectorIndex
+    from ..serve.index import VectorIndex, query_model
     from .embed import load_for_inference
 
     if args.k < 1:
@@ -32,9 +38,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.text is not None and not args.text.strip():
         raise InputError("the --text query is empty")
     index = VectorIndex.open(args.index)
-    name = args.model or index.model
-    if not name:
-        raise ConfigError(f"the index {args.index} does not record its model; name one with --model")
+    name, warning = query_model(index, args.model, args.allow_other_model)
+    if warning:
+        print(warning, file=sys.stderr)
     embedder = Embedder(load_for_inference(name, None, False))
     query = embedder.texts([args.text]) if args.text is not None else embedder.images([args.image])
     hits = index.search(query, args.k)[0]

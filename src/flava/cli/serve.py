@@ -13,6 +13,9 @@ def add(sub) -> None:
     p.add_argument("--model", help="a checkpoint directory, run directory or hub id (default: the model the "
                    "index was built with)")
     p.add_argument("--index", help="a vector index made by `flava index`, to search")
+    p.add_argument("--allow-other-model", dest="allow_other_model", action="store_true",
+                   help="serve --index with a --model that is not the checkpoint that made it (searches then "
+                        "compare two models; a warning says so)")
     p.add_argument("--task", help="a fine-tuned task model directory, for /predict")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one (default 8000)")
@@ -20,6 +23,14 @@ def add(sub) -> None:
     p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float, default=10.0,
                    help="largest image upload accepted, in MiB (default 10)")
     p.add_argument("--max-k", dest="max_k", type=int, default=1000, help="most results one search may ask for")
+    p.add_argument("--max-classes", dest="max_classes", type=int, default=1000,
+                   help="most class names one /classify may send (default 1000)")
+    p.add_argument("--queue-timeout", dest="queue_timeout", type=float, default=30.0,
+                   help="seconds a request may wait for the model before it is answered 503 (default 30)")
+    p.add_argument("--header-timeout", dest="header_timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers before it is closed (default 10)")
+    p.add_argument("--body-timeout", dest="body_timeout", type=float, default=30.0,
+                   help="seconds a request body may stall before it is answered 408 (default 30)")
     p.add_argument("--threads", type=int, help="CPU threads per model call or search (default: torch's, one per "
                    "core); fewer leave cores to concurrent requests and other processes")
     p.set_defaults(run=run)
@@ -34,6 +45,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise ConfigError("nothing to serve; give --model, --index or --task")
     if args.max_upload_mb <= 0 or args.max_k < 1:
         raise ConfigError("--max-upload-mb must be positive and --max-k at least 1")
+    if args.max_classes < 2:
+        raise ConfigError(f"--max-classes must be at least 2; got {args.max_classes}")
+    for name in ("queue_timeout", "header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1; got {args.threads}")
     if not 0 <= args.port < 65536:
@@ -61,7 +77,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     console.print(f"flava serve: listening on http://{shown}:{port}/  (Ctrl-C stops)", soft_wrap=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    from ..serve.http import timed_protocol
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                                           http=timed_protocol(args.header_timeout)))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
@@ -81,14 +100,17 @@ def build_app(args: argparse.Namespace, console: Console):
     if args.threads:
         torch.set_num_threads(args.threads)
     index = task = model = None
-    model_name = args.model
+    model_name = load_from = args.model
     if args.index:
-        from ..serve.index import VectorIndex
+        from ..serve.index import VectorIndex, query_model
 
         index = VectorIndex.open(args.index)
-        model_name = model_name or index.model
-        if model_name is None:
+        if not (model_name or index.model or index.checkpoint):
             raise ConfigError(f"the index {args.index} does not record which model made it; pass --model")
+        load_from, warning = query_model(index, args.model, args.allow_other_model)
+        model_name = model_name or index.model
+        if warning:
+            console.print(warning, style="bold red")
         console.print(f"index: {args.index} ({len(index):,} {index.modality}s, {index.dim} dimensions)")
     if args.task:
         from .. import load_task
@@ -97,7 +119,8 @@ def build_app(args: argparse.Namespace, console: Console):
         console.print(f"task model: {args.task} ({task.task})")
     if model_name:
         device = "cuda" if torch.cuda.is_available() and not args.int8 else None
-        model = load(model_name, quantize="int8" if args.int8 else None, device=device)
+        model = load(load_from, quantize="int8" if args.int8 else None, device=device)
         console.print(f"model: {model_name}{' (int8)' if args.int8 else ''}")
     return create_app(model, index, task, model_name=model_name,
-                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k)
+                      max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
+                      max_classes=args.max_classes, queue_timeout=args.queue_timeout, body_timeout=args.body_timeout)

@@ -18,7 +18,7 @@ from ..errors import DataError, InputError
 from ..io.files import read_json, write_json_atomic
 from .sources import BadSample, Blob, TarMember, open_image
 from .tokenizer import TextTokenizer, TokenizedText, default_tokenizer_file
-from .transforms import CLIP_MEAN, CLIP_STD, resize_center_crop, to_rgb, to_tensor
+from .transforms import CLIP_MEAN, CLIP_STD, extreme_aspect, resize_center_crop, to_rgb, to_tensor
 
 PROCESSOR_FILE = "flava_processor.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | TarMember | Blob
@@ -35,6 +35,9 @@ class ImageError(DataError):
 def load_image(image: ImageInput) -> Image.Image:
     """RGB PIL image from a PIL image, an array or a path; DataError names a bad one."""
     if isinstance(image, np.ndarray):
+        if image.ndim >= 2 and extreme_aspect(image.shape[1], image.shape[0]):
+            raise ImageError(f"cannot use image of shape {list(image.shape)}: extreme aspect ratio",
+                             "extreme aspect ratio")
         return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         image = Path(image)

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import IMAGE_SUFFIXES, find_images
-from .transforms import to_rgb
+from .transforms import extreme_aspect, to_rgb
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
 TABLE_SUFFIXES = (".csv", ".tsv", ".tab")
@@ -82,6 +82,8 @@ def open_image(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
     to the smallest size worth decoding: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the
     DCT domain where that still covers it (libjpeg's scaled decoding, through PIL's draft mode)."""
     if isinstance(ref, Image.Image):
+        if extreme_aspect(*ref.size):
+            raise BadSample("extreme aspect ratio")
         return to_rgb(ref)
     try:
         if isinstance(ref, (TarMember, Blob)):
@@ -97,6 +99,8 @@ def open_image(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
             with Image.open(io.BytesIO(data)) as im:
                 if im.width * im.height > MAX_IMAGE_PIXELS:
                     raise BadSample("image too large")
+                if extreme_aspect(im.width, im.height):
+                    raise BadSample("extreme aspect ratio")
                 if draft is not None:
                     im.draft("RGB", draft(im.width, im.height))
                 im.load()

@@ -12,6 +12,13 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The dVAE codebook reads pixels squeezed into [eps, 1 - eps] (DALL-E's `map_pixels`).
 LOGIT_LAPLACE_EPS = 0.1
+# Longer over shorter side beyond which an image is refused: resizing the shorter side of a
+# 30,000,000 x 1 strip (88 KB as a PNG, under the pixel guard) to 224 px would allocate 20 GB.
+MAX_ASPECT_RATIO = 100
+
+
+def extreme_aspect(width: int, height: int) -> bool:
+    return max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height))
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
@@ -35,6 +42,8 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     """Shorter side to `size` (bicubic), then the central size x size square."""
     w, h = image.size
+    if extreme_aspect(w, h):  # callers that open images themselves count this earlier (open_image)
+        raise ValueError(f"a {w} x {h} image is beyond the aspect ratio of {MAX_ASPECT_RATIO}:1 that can be resized")
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     image = image.resize((nw, nh), Image.BICUBIC)

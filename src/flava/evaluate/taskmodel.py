@@ -272,17 +272,28 @@ class TaskModel:
         return target
 
 
-def check_output(directory: str | os.PathLike) -> None:
+def check_output(directory: str | os.PathLike, task: str | None = None, replace: bool = False) -> str | None:
     """CheckpointError unless `directory` is absent, empty or an earlier task model: a task model
-    replaces its directory whole, which must never take a checkpoint or other files with it."""
+    replaces its directory whole, which must never take a checkpoint or other files with it. With
+    `task`, an earlier task model of another kind is refused too unless `replace`. Returns the kind
+    of the task model that will be replaced, if any."""
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} is a file; choose a directory for the task model")
-    if target.is_dir():
-        names = {p.name for p in target.iterdir()}
-        if names and not names <= set(FILES):
-            raise CheckpointError(f"{target} already holds other files and is not a task model; "
-                                  f"choose another output directory")
+    if not target.is_dir():
+        return None
+    names = {p.name for p in target.iterdir()}
+    if names and not names <= set(FILES):
+        raise CheckpointError(f"{target} already holds other files and is not a task model; "
+                              f"choose another output directory")
+    try:
+        old = read_json(target / TASK_FILE, "task model", CheckpointError, expect=dict).get("task")
+    except CheckpointError:
+        return None
+    if task is not None and old != task and not replace:
+        raise CheckpointError(f"{target} holds a {old} task model; fine-tuning {task} would replace it: choose "
+                              f"another --output, or pass --replace")
+    return str(old)
 
 
 # --------------------------------------------------------------------------- from a fine-tuning run

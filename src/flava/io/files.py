@@ -44,7 +44,7 @@ def _as_if_created(path: Path, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -60,7 +60,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         _as_if_created(tmp)
         yield tmp
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -88,7 +88,7 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
         for f in tmp.iterdir():
             if f.is_file():
                 _as_if_created(f)  # some writers (safetensors) create private files
-                _fsync(f)
+                fsync_file(f)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

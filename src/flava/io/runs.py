@@ -11,20 +11,20 @@ OUTPUT/
 
 from __future__ import annotations
 
-import fcntl
+import difflib
 import json
 import os
 import shutil
-import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError
 from .checkpoint import CONFIG
 from .files import read_json, write_json_atomic
 from .hubcache import looks_like_hub_id, snapshot
+from .locks import hold
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
@@ -84,25 +84,11 @@ class RunDir:
     @contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the run's lock for the block: one writer per run directory. The OS releases it
-        when the holder dies, so a crashed run never leaves its directory locked."""
+        when the holder dies (forked loader workers do not hold it: `io.locks`), so a killed run
+        never leaves its directory locked."""
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / LOCK
-        f = open(path, "a+")
-        try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise ConfigError(f"{self.root} is in use by another flava run ({holder}); wait for it to end "
-                                  "or choose another --output") from None
-            f.seek(0)
-            f.truncate()
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
-            f.flush()
+        with hold(self.root / LOCK, str(self.root), "wait for it to end or choose another --output"):
             yield
-        finally:
-            f.close()
 
     def remove_orphans(self) -> list[Path]:
         """Delete what killed writes left behind (staging and replaced copies beside checkpoints,
@@ -133,11 +119,19 @@ def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint directory, the one a run directory's checkpoints/latest.json points to, the
     newest checkpoint of a recipe directory's last stage, or a Hugging Face hub id's snapshot in
     the local cache (downloaded unless HF_HUB_OFFLINE is set)."""
-    if looks_like_hub_id(path):
-        return snapshot(str(path))
     p = Path(path)
+    if looks_like_hub_id(path) and not Path(p.parts[0]).is_dir():
+        try:
+            return snapshot(str(path))
+        except CheckpointError as e:
+            raise CheckpointError(f"{path} is not a local directory, and as a hub id: {e}") from None
     if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
+        # runs/nope under an existing runs/ is a mistyped path, not a hub id: say what is near.
+        where = f"; {p.parent} does not exist either" if not p.parent.is_dir() else ""
+        close = difflib.get_close_matches(p.name, [c.name for c in p.parent.iterdir() if c.is_dir()], n=1) \
+            if p.parent.is_dir() else []
+        raise CheckpointError(f"checkpoint directory {p} does not exist{where}"
+                              + (f"; did you mean {p.parent / close[0]}?" if close else ""))
     if (p / CONFIG).is_file():
         return p
     recipe = p / "recipe.json"

@@ -17,13 +17,22 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
   summary `flava_request_latency_ms{endpoint,quantile="0.5"|"0.99"}` with `_sum`, `_count` and
   `flava_request_latency_mean_ms`; `GET /metrics?format=json` the same figures as JSON.
 
-The model and the index are called from Starlette's threadpool, never on the event loop. The
-model runs behind a lock: one forward pass at a time uses every core torch has, and concurrent
-passes would only fight over them; FAISS searches run concurrently.
+The model and the index are called from Starlette's threadpool, never on the event loop. Model
+calls run one at a time (one forward pass uses every core torch has; concurrent passes would only
+fight over them) in arrival order, and long jobs are cut into short calls (a few class names'
+prompts, one batch of images) that queue again after each, so a /classify of a thousand new
+classes delays a /search by one short call, not by the whole job. A request that waits longer
+than `queue_timeout` for the model is answered 503. Class-name embeddings are cached per
+(templates, class name). FAISS searches run concurrently.
+
+A client that disconnects before its request is read is counted with status 499 (no traceback);
+a body that stalls for `body_timeout` seconds is answered 408 (headers have their own timeout:
+`serve.http`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import math
 import threading
@@ -46,6 +55,7 @@ from fastapi.responses import (
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
@@ -62,6 +72,12 @@ FORM_OVERHEAD = 64 * 1024
 """Bytes a multipart body may hold beyond its uploads (boundaries, headers, form fields)."""
 LATENCY_WINDOW = 10_000
 """Latest requests per endpoint the latency quantiles are taken over."""
+PROMPTS_PER_CALL = 64
+"""Class-name prompts embedded per model call: the most another request waits behind /classify."""
+CLASS_CACHE = 16_384
+"""Class-name embeddings kept (per templates and name; a few KB each)."""
+CLIENT_CLOSED = 499
+"""The status counted for a request whose client went away before it was read (nginx's)."""
 
 
 class ApiError(Exception):
@@ -74,6 +90,43 @@ class ApiError(Exception):
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+class ModelQueue:
+    """Model calls one at a time, first come first served; a caller that waits longer than
+    `timeout` seconds gets 503 instead of waiting on."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self._cond = threading.Condition()
+        self._waiting: deque[object] = deque()
+        self._busy = False
+
+    def call(self, fn: Callable[..., T], *args) -> T:
+        ticket = object()
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            self._waiting.append(ticket)
+            while self._busy or self._waiting[0] is not ticket:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._waiting.remove(ticket)
+                    self._cond.notify_all()
+                    raise ApiError(503, f"the model is busy: this request waited {self.timeout:g} s for it; retry "
+                                        "later")
+                self._cond.wait(left)
+            self._waiting.popleft()
+            self._busy = True
+        try:
+            return fn(*args)
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
 
 
 class Metrics:
@@ -135,8 +188,9 @@ class _Guard:
     """Outermost ASGI layer: refuses bodies over the limit (by Content-Length before reading, and
     by counting what arrives when there is none) and times every request for `Metrics`."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics, router):
+    def __init__(self, app, max_body: int, metrics: Metrics, router, body_timeout: float):
         self.app, self.max_body, self.metrics, self.router = app, max_body, metrics, router
+        self.body_timeout = body_timeout
 
     def endpoint(self, scope) -> str:
         route = scope.get("route")
@@ -158,11 +212,17 @@ class _Guard:
             await send(message)
 
         async def receive_():
-            message = await receive()
+            if state.get("body_done"):  # later receives wait for a disconnect: no timeout
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout)
+            except asyncio.TimeoutError:
+                raise _BodyTimeout from None
             if message["type"] == "http.request":
                 state["received"] += len(message.get("body", b""))
                 if state["received"] > self.max_body:
                     raise _BodyTooLarge
+                state["body_done"] = not message.get("more_body", False)
             return message
 
         too_large = _too_large(self.max_body)
@@ -177,9 +237,18 @@ class _Guard:
                     if state["started"]:
                         raise
                     await too_large(scope, receive, send_)
+                except _BodyTimeout:
+                    if state["started"]:
+                        raise
+                    await _body_timed_out(self.body_timeout)(scope, receive, send_)
         finally:
             self.metrics.observe(self.endpoint(scope), scope["method"], state["status"],
                                  (time.perf_counter() - start) * 1e3)
+
+
+def _body_timed_out(seconds: float) -> JSONResponse:
+    return JSONResponse({"error": f"the request body stalled for {seconds:g} s; send it at once"}, status_code=408,
+                        headers={"Connection": "close"})
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -229,15 +298,22 @@ def create_app(
     max_batch: int = 64,
     default_k: int = 12,
     batch_size: int = 32,
+    max_classes: int = 1000,
+    queue_timeout: float = 30.0,
+    body_timeout: float = 30.0,
 ) -> FastAPI:
     """The API over a loaded model (`flava.load`), vector index (`VectorIndex.open`) and task
     model (`flava.load_task`); any may be None and the endpoints that need it answer 409.
 
     max_upload_bytes bounds each uploaded file and (with 64 KiB for the form around them) each
-    request body; max_k bounds k; max_batch bounds the texts or images of one request.
+    request body; max_k bounds k; max_batch bounds the texts or images of one request; max_classes
+    the class names of one /classify. A request waits at most queue_timeout seconds for the model
+    (then 503), and a body that stalls for body_timeout seconds is answered 408.
     """
-    if max_upload_bytes < 1 or max_k < 1 or max_batch < 1:
-        raise FlavaError("max_upload_bytes, max_k and max_batch must be at least 1")
+    if max_upload_bytes < 1 or max_k < 1 or max_batch < 1 or max_classes < 2:
+        raise FlavaError("max_upload_bytes, max_k and max_batch must be at least 1, max_classes at least 2")
+    if not (queue_timeout > 0 and body_timeout > 0):
+        raise FlavaError("queue_timeout and body_timeout must be positive")
     embedder = Embedder(model, batch_size=batch_size) if model is not None else None
     if embedder is not None and index is not None and embedder.dim != index.dim:
         raise FlavaError(f"the model makes {embedder.dim}-dimensional embeddings but the index holds "
@@ -245,8 +321,8 @@ def create_app(
                          f"({index.model or 'not recorded'})")
     if model_name is None and model is not None:
         model_name = index.model if index is not None and index.model else type(model).__name__
-    model_lock = threading.Lock()
-    class_cache = _LRU(64)
+    queue = ModelQueue(queue_timeout)
+    class_cache = _LRU(max(CLASS_CACHE, max_classes))
     metrics = Metrics()
 
     app = FastAPI(title="flava serve", version=__version__,
@@ -254,10 +330,25 @@ def create_app(
     app.state.metrics = metrics
 
     async def with_model(fn: Callable[..., T], *args) -> T:
-        def locked():
-            with model_lock:
-                return fn(*args)
-        return await run_in_threadpool(locked)
+        return await run_in_threadpool(queue.call, fn, *args)
+
+    async def images_of(images: list) -> np.ndarray:
+        """Image embeddings, one model call per batch (others may run between)."""
+        parts = [await with_model(embedder.images, images[i:i + batch_size])
+                 for i in range(0, len(images), batch_size)]
+        return np.concatenate(parts)
+
+    async def class_vectors(classes: list[str], templates: tuple[str, ...]) -> np.ndarray:
+        """[C, D] from the cache, the missing ones a few prompts per model call."""
+        found = {c: class_cache.get((templates, c)) for c in classes}
+        missing = [c for c, v in found.items() if v is None]
+        step = max(1, PROMPTS_PER_CALL // len(templates))
+        for i in range(0, len(missing), step):
+            part = missing[i:i + step]
+            for c, v in zip(part, await with_model(_class_embeddings, model, part, templates)):
+                found[c] = v
+                class_cache.put((templates, c), v)
+        return np.stack([found[c] for c in classes])
 
     # ------------------------------------------------------------------ errors
 
@@ -268,6 +359,16 @@ def create_app(
     @app.exception_handler(_BodyTooLarge)
     async def body_too_large(request: Request, e: _BodyTooLarge):
         return _too_large(max_upload_bytes + FORM_OVERHEAD)
+
+    @app.exception_handler(_BodyTimeout)
+    async def body_timed_out(request: Request, e: _BodyTimeout):
+        return _body_timed_out(body_timeout)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, e: ClientDisconnect):
+        # Nobody is there to read it; the status is what /metrics counts.
+        return JSONResponse({"error": "the client disconnected before sending the whole request"},
+                            status_code=CLIENT_CLOSED)
 
     @app.exception_handler(FlavaError)
     async def flava_error(request: Request, e: FlavaError):
@@ -337,7 +438,7 @@ def create_app(
     async def read_form(request: Request):
         try:
             return await request.form(max_files=max_batch, max_fields=64)
-        except _BodyTooLarge:
+        except (_BodyTooLarge, _BodyTimeout, ClientDisconnect):
             raise
         except StarletteHTTPException as e:
             raise ApiError(400, f"the multipart form cannot be read: {e.detail}") from None
@@ -415,6 +516,7 @@ def create_app(
                                                  "modality": index.modality, "model": index.model},
             "task": None if task is None else {"task": task.task, "labels": len(task.label_names or [])},
             "max_k": max_k, "default_k": default_k, "max_upload_bytes": max_upload_bytes,
+            "max_classes": max_classes,
         }
 
     @app.get("/search")
@@ -434,11 +536,11 @@ def create_app(
             form = await read_form(request)
             k = form_k(form)
             need_index()
-            emb = need_model()
+            need_model()
             images = await form_images(form)
             if len(images) != 1:
                 raise ApiError(400, f"{len(images)} images uploaded; search with one image at a time")
-            vectors = await with_model(emb.images, images)
+            vectors = await images_of(images)
             return await search(vectors, k, {"type": "image"}, start)
         body = await read_json(request)
         k = check_k(body.get("k", default_k))
@@ -467,7 +569,7 @@ def create_app(
         emb = need_model()
         if kind(request) == "form":
             images = await form_images(await read_form(request))
-            vectors, what = await with_model(emb.images, images), "image"
+            vectors, what = await images_of(images), "image"
         else:
             texts = string_list(await read_json(request), "texts")
             vectors, what = await with_model(emb.texts, texts), "text"
@@ -477,7 +579,7 @@ def create_app(
     @app.post("/classify")
     async def classify(request: Request):
         start = time.perf_counter()
-        emb = need_model()
+        need_model()
         if kind(request) != "form":
             raise ApiError(415, "send the image(s) and 'classes' as multipart/form-data")
         form = await read_form(request)
@@ -486,6 +588,9 @@ def create_app(
             raise ApiError(400, "give at least two class names in the form field 'classes', comma-separated")
         if len(set(classes)) != len(classes):
             raise ApiError(400, "the class names in 'classes' repeat; give each once")
+        if len(classes) > max_classes:
+            raise ApiError(400, f"{len(classes)} class names in one request; send at most {max_classes} (the "
+                                "server's --max-classes)")
         templates = _templates(str(form.get("templates") or "clip"))
         top_k = form.get("top_k")
         try:
@@ -495,11 +600,8 @@ def create_app(
         if top_k < 1:
             raise ApiError(422, "top_k must be at least 1")
         images = await form_images(form)
-        key = (tuple(classes), templates)
-        if key not in class_cache:
-            class_cache.put(key, await with_model(_class_embeddings, model, classes, templates))
-        class_emb = class_cache[key]
-        image_emb = await with_model(emb.images, images)
+        class_emb = await class_vectors(classes, templates)
+        image_emb = await images_of(images)
         scale = math.exp(float(model.logit_scale.detach()))
         scores = image_emb.astype(np.float64) @ class_emb.T
         logits = scale * scores
@@ -558,7 +660,8 @@ def create_app(
             raise ApiError(400, f"format must be 'prometheus' or 'json'; got {format!r}")
         return PlainTextResponse(metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(_Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router)
+    app.add_middleware(_Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router,
+                       body_timeout=body_timeout)
     return app
 
 

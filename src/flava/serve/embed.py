@@ -35,6 +35,7 @@ from ..data.sources import BadSample, read_caption
 from ..errors import DataError, InputError
 from ..evaluate.tasks import TABLE_SUFFIXES, table_rows
 from ..io.files import read_json, write_json_atomic
+from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..model.flava import FlavaModel
 
 SETTINGS = "embed_settings.json"
@@ -253,8 +254,10 @@ def part_name(i: int) -> str:
 
 def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | os.PathLike, *,
               batch_size: int = 32, part_size: int = 10_000, float16: bool = False,
-              progress: Callable[[int, int], None] | None = None) -> EmbedSummary:
-    """Embed `inputs` into `output` part by part; parts a previous run finished are kept."""
+              progress: Callable[[int, int], None] | None = None, checkpoint: dict | None = None) -> EmbedSummary:
+    """Embed `inputs` into `output` part by part; parts a previous run finished are kept.
+    `checkpoint` (`io.fingerprint.checkpoint_identity`) is recorded, and a rerun with another
+    checkpoint is refused: one output never mixes the vectors of two models."""
     if len(inputs) == 0:
         raise DataError("nothing to embed: the inputs are empty")
     if part_size < 1:
@@ -262,11 +265,17 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
     out = Path(output)
     settings = {"model": model_name, "modality": inputs.modality, "inputs": inputs.fingerprint(),
                 "count": len(inputs), "part_size": part_size, "dtype": "float16" if float16 else "float32",
-                "dim": model.config.projection_dim}
+                "dim": model.config.projection_dim, "checkpoint": checkpoint}
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; choose a directory for the embeddings")
     if (out / SETTINGS).is_file():
         old = read_json(out / SETTINGS, "embedding settings", DataError, expect=dict)
+        if checkpoint is not None and not same_checkpoint(old.get("checkpoint"), checkpoint):
+            raise DataError(f"{out} holds embeddings made with {describe_checkpoint(old.get('checkpoint'))}, but "
+                            f"{model_name} is now {describe_checkpoint(checkpoint)}; one output never mixes two "
+                            f"models' vectors: choose another --output, or delete {out} to embed again")
+        if checkpoint is not None:  # the same weights, however they were named
+            old = {**old, "model": model_name, "checkpoint": checkpoint}
         if old != settings:
             diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
             raise DataError(f"{out} holds embeddings of other inputs or settings ({diff}); choose another "
@@ -346,6 +355,8 @@ class Embeddings:
     model: str | None
     modality: str
     """'image' or 'text': which vectors these are."""
+    checkpoint: dict | None = None
+    """The checkpoint that made them (`io.fingerprint`); None for runs of older versions."""
 
 
 def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> Embeddings:
@@ -379,4 +390,4 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
     array = np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, settings["dim"]), np.float32)
     if len(array) != len(meta):
         raise DataError(f"{d}: {len(array)} embeddings but {len(meta)} metadata rows; the directory is damaged")
-    return Embeddings(array, meta, settings.get("model"), which)
+    return Embeddings(array, meta, settings.get("model"), which, settings.get("checkpoint"))

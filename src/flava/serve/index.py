@@ -4,10 +4,16 @@ An index directory:
 
 ```
 IDX/
-  index.faiss                     the FAISS index (inner product over L2-normalised vectors = cosine)
-  index.json                      model, modality, dimension, size, FAISS factory string, nprobe, sources
+  index-00001.faiss               the FAISS index (inner product over L2-normalised vectors = cosine);
+                                  one file per `add`, named by index.json
+  index.json                      model, checkpoint, modality, dimension, size, FAISS factory string,
+                                  nprobe, sources, the index file and the metadata files
   metadata/metadata_00000.parquet one row per vector, in index order; one file per `add`
+  .lock                           held by `flava index --add`
 ```
+
+An `add` writes its new files beside the old ones and commits by renaming index.json over the
+old one, so a kill at any point leaves the index as it was before or after, never between.
 
 Small collections get an exact index; above `EXACT_MAX` vectors an inverted-file index whose
 lists hold the vectors themselves when they fit the memory budget, else product-quantized codes
@@ -26,11 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io.files import read_json, write_json_atomic
+from ..io.files import fsync_file, read_json, write_json_atomic
+from ..io.fingerprint import describe_checkpoint, same_checkpoint
+from ..io.locks import hold
 from .embed import read_embeddings
 
 INDEX_FILE = "index.faiss"
+"""The FAISS file of indexes written before index.json named it."""
 INFO_FILE = "index.json"
+LOCK = ".lock"
 EXACT_MAX = 100_000
 """Up to this many vectors the index is exact (a flat scan of 100k x 768 takes ~10 ms)."""
 DEFAULT_MEMORY = 16 * 2**30
@@ -101,12 +111,12 @@ class VectorIndex:
         import pyarrow.parquet as pq
 
         p = Path(path)
-        if not (p / INFO_FILE).is_file() or not (p / INDEX_FILE).is_file():
-            raise DataError(f"{p} is not a vector index (no {INFO_FILE} / {INDEX_FILE}); build one with "
+        if not (p / INFO_FILE).is_file():
+            raise DataError(f"{p} is not a vector index (no {INFO_FILE}); build one with "
                             f"`flava index --embeddings DIR --output {p}`")
         info = read_json(p / INFO_FILE, "index description", DataError, expect=dict)
         try:
-            index = faiss.read_index(str(p / INDEX_FILE))
+            index = faiss.read_index(str(p / info.get("index_file", INDEX_FILE)))
             tables = [pq.read_table(p / "metadata" / name) for name in info["metadata_files"]]
         except (RuntimeError, OSError, KeyError, pa.ArrowException) as e:
             raise DataError(f"the index in {p} is damaged ({type(e).__name__}: {e}); build it again") from None
@@ -123,6 +133,11 @@ class VectorIndex:
     @property
     def model(self) -> str | None:
         return self.info.get("model")
+
+    @property
+    def checkpoint(self) -> dict | None:
+        """The checkpoint that made the vectors (`io.fingerprint`); None for older indexes."""
+        return self.info.get("checkpoint")
 
     @property
     def modality(self) -> str:
@@ -191,17 +206,28 @@ class VectorIndex:
         if len(v) != len(metadata):
             raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
         with self._lock:
-            name = f"metadata_{len(self.info['metadata_files']):05d}.parquet"
+            n = len(self.info["metadata_files"])
+            name, index_file = f"metadata_{n:05d}.parquet", f"index-{n + 1:05d}.faiss"
+            # New files beside the old: nothing index.json names is touched until it is replaced.
             save_parquet(self.path / "metadata" / name, metadata)
-            self.faiss_index.add(v)
-            tmp = self.path / f".{INDEX_FILE}.tmp"
-            faiss.write_index(self.faiss_index, str(tmp))
-            os.replace(tmp, self.path / INDEX_FILE)
-            self.info["metadata_files"].append(name)
-            self.info["size"] = int(self.faiss_index.ntotal)
-            if source:
-                self.info["sources"].append(source)
-            write_json_atomic(self.path / INFO_FILE, self.info)
+            before = self.faiss_index.ntotal
+            try:
+                self.faiss_index.add(v)
+                tmp = self.path / f".{index_file}.tmp"
+                faiss.write_index(self.faiss_index, str(tmp))
+                fsync_file(tmp)
+                os.replace(tmp, self.path / index_file)
+                info = {**self.info, "index_file": index_file, "metadata_files": self.info["metadata_files"] + [name],
+                        "size": int(self.faiss_index.ntotal),
+                        "sources": self.info["sources"] + ([source] if source else [])}
+                write_json_atomic(self.path / INFO_FILE, info)  # the commit
+            except BaseException:
+                if self.faiss_index.ntotal != before:  # back to what the directory still holds
+                    self.faiss_index = faiss.read_index(str(self.path / self.info.get("index_file", INDEX_FILE)))
+                    _direct_map(self.faiss_index)
+                raise
+            self.info = info
+            remove_leftovers(self.path, keep=index_file)
             import pyarrow as pa
             import pyarrow.parquet as pq
 
@@ -209,6 +235,13 @@ class VectorIndex:
             self._table = added if self._table is None else pa.concat_tables([self._table, added],
                                                                                 promote_options="default")
         return len(self)
+
+
+def remove_leftovers(directory: Path, keep: str) -> None:
+    """Delete FAISS files index.json does not name (replaced ones, and those of killed adds)."""
+    for p in directory.iterdir():
+        if p.name != keep and p.is_file() and (p.name.endswith(".faiss") or p.name.endswith(".faiss.tmp")):
+            p.unlink(missing_ok=True)
 
 
 def _direct_map(index) -> None:
@@ -233,7 +266,8 @@ def _train_sample(vectors: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
 
 def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str | os.PathLike, *,
                       model: str | None = None, modality: str = "image", metadata: list[dict] | None = None,
-                      memory: str | int | None = None, source: str | None = None) -> VectorIndex:
+                      memory: str | int | None = None, source: str | None = None,
+                      checkpoint: dict | None = None) -> VectorIndex:
     """Build an index directory from vectors in memory (`items` become image_path or caption)."""
     import faiss
 
@@ -257,8 +291,9 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
         nlist = int(factory.split(",")[0][3:])
         index.train(_train_sample(v, nlist))
     (out / "metadata").mkdir(parents=True, exist_ok=True)
-    info = {"model": model, "modality": modality, "dim": int(v.shape[1]), "size": 0, "factory": factory,
-            "nprobe": nprobe, "metric": "inner product (cosine)", "metadata_files": [], "sources": []}
+    info = {"model": model, "checkpoint": checkpoint, "modality": modality, "dim": int(v.shape[1]), "size": 0,
+            "factory": factory, "nprobe": nprobe, "metric": "inner product (cosine)", "index_file": INDEX_FILE,
+            "metadata_files": [], "sources": []}
     faiss.write_index(index, str(out / INDEX_FILE))
     write_json_atomic(out / INFO_FILE, info)
     built = VectorIndex(out, index, info, None)
@@ -273,18 +308,59 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory
     """An index of a finished `flava embed` directory (its image vectors, or its texts for a text run)."""
     e = read_embeddings(embeddings, which)
     return index_from_arrays(e.vectors, None, output, model=e.model, modality=e.modality, metadata=e.metadata,
-                             memory=memory, source=str(Path(embeddings).resolve()))
+                             memory=memory, source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint)
 
 
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
                    ) -> VectorIndex:
-    """Extend an index with another embed run of the same model and modality."""
-    index = VectorIndex.open(index_dir)
-    e = read_embeddings(embeddings, which or index.modality)
-    if e.model != index.model:
-        raise DataError(f"{embeddings} was embedded with {e.model} but the index holds {index.model}'s vectors; "
-                        f"embed with the same model")
-    if str(Path(embeddings).resolve()) in index.info["sources"]:
-        raise DataError(f"{embeddings} is already in the index {index_dir}")
-    index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()))
-    return index
+    """Extend an index with another embed run of the same model and modality (one writer at a
+    time: the index directory's lock)."""
+    with hold(Path(index_dir) / LOCK, str(index_dir), "wait for the other `flava index --add` to end"):
+        index = VectorIndex.open(index_dir)
+        e = read_embeddings(embeddings, which or index.modality)
+        if e.checkpoint and index.checkpoint:
+            if not same_checkpoint(e.checkpoint, index.checkpoint):
+                raise DataError(f"{embeddings} was embedded with {describe_checkpoint(e.checkpoint)} but the index "
+                                f"holds vectors of {describe_checkpoint(index.checkpoint)}; embed with the same "
+                                f"checkpoint")
+        elif e.model != index.model:
+            raise DataError(f"{embeddings} was embedded with {e.model} but the index holds {index.model}'s vectors; "
+                            f"embed with the same model")
+        if str(Path(embeddings).resolve()) in index.info["sources"]:
+            raise DataError(f"{embeddings} is already in the index {index_dir}")
+        index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()))
+        return index
+
+
+def query_model(index: VectorIndex, name: str | None = None, allow_other: bool = False) -> tuple[str, str | None]:
+    """(what to load, a warning or None): the model that embeds queries against `index`. Without
+    `name`, the very checkpoint that made the vectors while it is there unchanged; a named model
+    (or a run directory whose newest checkpoint has moved on) must have the same weights, or is
+    refused unless `allow_other`, which returns the loud warning to show."""
+    from ..errors import ConfigError
+    from ..io.checkpoint import checkpoint_dir
+    from ..io.fingerprint import checkpoint_identity
+    from ..io.runs import resolve
+
+    recorded = index.checkpoint
+    if recorded is None:  # an index of an older version: nothing to compare with
+        if not (name or index.model):
+            raise ConfigError(f"the index {index.path} does not record its model; name one with --model")
+        return str(name or index.model), None
+    gone = ""
+    if name is None:
+        own = Path(recorded["path"])
+        if (own / "config.json").is_file() and same_checkpoint(checkpoint_identity(own, recorded), recorded):
+            return str(own), None
+        gone = f" ({own} is gone or changed)"
+        name = index.model or str(own)
+    path = checkpoint_dir(name) if Path(name).is_file() else resolve(name)
+    identity = checkpoint_identity(path)
+    if same_checkpoint(identity, recorded):
+        return str(path), None
+    message = (f"the index {index.path} holds vectors of {describe_checkpoint(recorded)}{gone}, but {name} is "
+               f"{describe_checkpoint(identity)}: its queries rank meaninglessly against them")
+    if not allow_other:
+        raise DataError(f"{message}; search with the index's own checkpoint, rebuild the index with this model, "
+                        f"or pass --allow-other-model")
+    return str(path), f"WARNING: {message} (--allow-other-model)"

@@ -1,0 +1,60 @@
+"""One writer per directory: an OS lock that only the process that took it holds.
+
+`flock` locks belong to an open file description, which `fork` shares with the child: a loader
+worker forked while the lock is held would keep it after its parent was killed, and the next
+run would be refused, naming a dead process. So the descriptor is opened with O_CLOEXEC (an
+exec'd child never sees it) and every forked child closes its copy at once
+(`os.register_at_fork`); closing a copy drops that reference only, the parent keeps its lock.
+POSIX `fcntl` record locks would not be inherited, but any close of the file by the holder drops
+them, and a second lock in the same process would be granted silently.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import ConfigError
+
+# Descriptors of the locks this process holds; forked children close theirs.
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+@contextmanager
+def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
+    """Hold the lock file `path` for the block, or raise ConfigError: '`what` is in use by
+    another flava run (pid N on HOST); `fix`'. The OS releases it when the holder dies."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    owner = os.getpid()
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ConfigError(f"{what} is in use by another flava run ({holder}); {fix}") from None
+        _HELD.add(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {owner} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        # A forked child that runs this block's exit has already closed its copy.
+        if os.getpid() == owner:
+            _HELD.discard(fd)
+            os.close(fd)

@@ -1,0 +1,424 @@
+"""Trust, wave 2: vectors know their model, index updates and run locks survive kills, user
+mistakes end in one line. Real parts throughout: the CLI, FAISS, forked and killed processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flava
+from flava.cli import main as cli
+from flava.io.runs import RunDir
+from flava.serve.embed import read_embeddings
+from flava.serve.index import VectorIndex
+
+SRC = str(Path(flava.__file__).resolve().parents[1])
+
+
+def one_line_error(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def tiny(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def run_with_two_checkpoints(tmp_path):
+    """A run directory whose latest.json names step 40; step 50 (other weights) is beside it."""
+    run = RunDir(tmp_path / "run")
+    tiny(run.step(40), 1)
+    tiny(run.step(50), 2)
+    run.point_latest(40, run.step(40))
+    (tmp_path / "t.txt").write_text("a red circle\na blue square\na green triangle\n")
+    return run
+
+
+def env() -> dict:
+    return dict(os.environ, PYTHONPATH=SRC, HF_HUB_OFFLINE="1")
+
+
+# --------------------------------------------------------------------------- vectors know their model
+
+
+def test_vectors_record_their_checkpoint_and_refuse_another(run_with_two_checkpoints, tmp_path, capsys):
+    run, texts = run_with_two_checkpoints, str(tmp_path / "t.txt")
+    assert cli(["embed", "--model", str(run.root), "--texts", texts, "--output", str(tmp_path / "emb")]) == 0
+    e = read_embeddings(tmp_path / "emb")
+    assert e.checkpoint["path"] == str(run.step(40).resolve()) and e.checkpoint["step"] == 40
+    assert e.checkpoint["fingerprint"].startswith("sha256:")
+    assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
+    assert VectorIndex.open(tmp_path / "idx").checkpoint["fingerprint"] == e.checkpoint["fingerprint"]
+
+    # The run trains on: its newest checkpoint is now step 50.
+    run.point_latest(50, run.step(50))
+    capsys.readouterr()
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "a red circle", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    step40 = flava.load(run.step(40))
+    want = (e.vectors @ step40.encode_text(["a red circle"]).numpy().T)[:, 0]
+    assert hits[0]["item"] == "a red circle"
+    np.testing.assert_allclose(sorted(h["score"] for h in hits), sorted(want), atol=1e-5)  # step 40's queries
+
+    # Re-embedding into the same output with the run (now step 50) never mixes the two.
+    code = cli(["embed", "--model", str(run.root), "--texts", texts, "--output", str(tmp_path / "emb")])
+    err = one_line_error(capsys, code)
+    assert "step 40" in err and "step 50" in err and "never mixes" in err
+    # Step 50's vectors are not added to step 40's index.
+    assert cli(["embed", "--model", str(run.root), "--texts", texts, "--output", str(tmp_path / "emb50")]) == 0
+    capsys.readouterr()
+    code = cli(["index", "--add", "--embeddings", str(tmp_path / "emb50"), "--output", str(tmp_path / "idx")])
+    assert "embed with the same checkpoint" in one_line_error(capsys, code)
+
+    # Another model of the same dimension, named explicitly: refused, or allowed loudly.
+    code = cli(["search", "--index", str(tmp_path / "idx"), "--model", str(run.step(50)), "--text", "a red circle"])
+    err = one_line_error(capsys, code)
+    assert "step 50" in err and "--allow-other-model" in err
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--model", str(run.step(50)), "--text", "a red circle",
+                "--allow-other-model", "--json"]) == 0
+    assert "WARNING" in capsys.readouterr().err
+
+    # The index's own checkpoint rotated away: the run directory now means step 50, refused.
+    import shutil
+    shutil.rmtree(run.step(40))
+    code = cli(["search", "--index", str(tmp_path / "idx"), "--text", "a red circle"])
+    err = one_line_error(capsys, code)
+    assert "gone or changed" in err and "step 50" in err
+
+    # The same weights under another name (a copy) are the same model.
+    shutil.copytree(run.step(50), tmp_path / "copy")
+    assert cli(["index", "--embeddings", str(tmp_path / "emb50"), "--output", str(tmp_path / "idx50")]) == 0
+    assert cli(["search", "--index", str(tmp_path / "idx50"), "--model", str(tmp_path / "copy"),
+                "--text", "a red circle"]) == 0
+
+
+# --------------------------------------------------------------------------- atomic index updates
+
+# Kills `flava index --add` at one point of the update, from inside the real CLI.
+KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    point = sys.argv[1]
+    import flava.serve.index as si
+
+    def killer(original, when):
+        def call(*args, **kwargs):
+            if when(*args):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(*args, **kwargs)
+        return call
+
+    if point == "before-index-json":  # the new FAISS file is in place, index.json not yet replaced
+        si.write_json_atomic = killer(si.write_json_atomic, lambda path, data: path.name == "index.json")
+    elif point == "mid-faiss-write":  # half of the new FAISS file on disk
+        import faiss
+        write = faiss.write_index
+
+        def half(index, path):
+            write(index, path)
+            os.truncate(path, os.path.getsize(path) // 2)
+            os.kill(os.getpid(), signal.SIGKILL)
+        faiss.write_index = half
+    from flava.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("point", ["before-index-json", "mid-faiss-write"])
+def test_an_index_add_killed_midway_leaves_the_index_whole(tmp_path, point):
+    model = tiny(tmp_path / "m", 0)
+    for name, words in (("a", ["a red circle", "a blue square"]), ("b", ["a green triangle"])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(words) + "\n")
+        assert cli(["embed", "--model", str(model), "--texts", str(tmp_path / f"{name}.txt"),
+                    "--output", str(tmp_path / f"emb_{name}")]) == 0
+    idx = tmp_path / "idx"
+    assert cli(["index", "--embeddings", str(tmp_path / "emb_a"), "--output", str(idx)]) == 0
+    add = ["index", "--add", "--embeddings", str(tmp_path / "emb_b"), "--output", str(idx)]
+    proc = subprocess.run([sys.executable, "-c", KILL_DRIVER, point, *add], env=env(), capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
+    index = VectorIndex.open(idx)  # the index as it was before the add
+    assert len(index) == 2 and index.search(index.vector(0), 2)[0][0].item == "a red circle"
+    assert cli(add) == 0  # ...and the add can simply be run again
+    index = VectorIndex.open(idx)
+    assert len(index) == 3 and [h.item for h in index.search(index.vector(2), 1)[0]] == ["a green triangle"]
+    assert sorted(p.name for p in idx.glob("*.faiss*")) == [index.info["index_file"]]
+
+
+# --------------------------------------------------------------------------- the run lock and forked children
+
+HOLDER = textwrap.dedent("""
+    import os, subprocess, sys, time
+    from pathlib import Path
+    from flava.io.runs import RunDir
+    with RunDir(Path(sys.argv[1])).lock():
+        child = os.fork()  # as a loader worker is forked
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        # An exec'd child that could inherit every descriptor it is allowed to.
+        spawned = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], close_fds=False)
+        print(child, spawned.pid, flush=True)
+        time.sleep(60)
+""")
+
+
+def test_a_killed_runs_lock_is_free_while_its_forked_children_live(tmp_path, capsys):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], env=env(), stdout=subprocess.PIPE,
+                            text=True)
+    children = [int(p) for p in proc.stdout.readline().split()]
+    try:
+        assert len(children) == 2
+        with pytest.raises(flava.errors.ConfigError, match=f"pid {proc.pid} on"):
+            with RunDir(tmp_path / "run").lock():
+                pass
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        for pid in children:
+            os.kill(pid, 0)  # both still alive
+        with RunDir(tmp_path / "run").lock():  # ...and the lock is free
+            pass
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+
+
+# --------------------------------------------------------------------------- one clear line, nothing left behind
+
+
+def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
+    code = cli(["pretrain", "--output", str(tmp_path / "nothere"), "--resume", "--max-steps", "5"])
+    assert "holds no run to continue" in one_line_error(capsys, code)
+    assert not (tmp_path / "nothere").exists()
+
+
+def test_a_plain_path_is_a_list_of_sources_and_a_failed_start_leaves_nothing(train_data, tmp_path, capsys):
+    from conftest import pretrain_args
+
+    args = pretrain_args(train_data, tmp_path / "run")
+    args[args.index(f'data.pairs=["{train_data / "pairs.csv"}"]')] = f"data.pairs={train_data / 'pairs.csv'}"
+    assert cli(args + ["--max-steps", "1"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"]["pairs"] == [
+        str(train_data / "pairs.csv")]
+    capsys.readouterr()
+    args = pretrain_args(train_data, tmp_path / "failed")
+    args[args.index(f'data.pairs=["{train_data / "pairs.csv"}"]')] = f"data.pairs={tmp_path / 'nope.csv'}"
+    code = cli(args + ["--max-steps", "1"])
+    assert "nope.csv" in one_line_error(capsys, code)
+    assert not (tmp_path / "failed").exists()
+
+
+def test_config_show_piped_prints_every_description_whole():
+    from flava.config import describe
+    from flava.train.config import TrainConfig
+
+    out = subprocess.run([sys.executable, "-m", "flava.cli", "config", "show"], env=env(), capture_output=True,
+                         text=True, timeout=60, check=True).stdout.splitlines()
+    for key, value, doc in describe(TrainConfig()):
+        assert f"{key} = {json.dumps(value)}  # {doc}" in out, key
+
+
+def test_a_mistyped_relative_model_path_is_named_as_a_missing_directory(tmp_path, capsys, monkeypatch):
+    (tmp_path / "runs" / "pretrain").mkdir(parents=True)
+    (tmp_path / "t.txt").write_text("a text\n")
+    monkeypatch.chdir(tmp_path)
+    code = cli(["embed", "--model", "runs/pretrian", "--texts", "t.txt", "--output", "emb"])
+    err = one_line_error(capsys, code)
+    assert "checkpoint directory runs/pretrian does not exist; did you mean runs/pretrain?" in err
+    assert "hub" not in err.lower()
+
+
+def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, capsys):
+    from flava.evaluate.finetune import TextClassifier, TextHead
+    from flava.evaluate.taskmodel import save_task_model
+
+    model = flava.FlavaModel(flava.preset("tiny"))
+    clf = TextClassifier(model.text_tower(), TextHead(model.config.text.hidden_size, 2, 0.0))
+    save_task_model(clf, tmp_path / "t1", tokenizer=model.processor.tokenizer, label_names=["a", "b"],
+                    max_text_length=16)
+    before = (tmp_path / "t1" / "model.safetensors").read_bytes()
+    code = cli(["finetune", "--model", str(tmp_path / "none"), "--task", "image-classification",
+                "--train", str(tmp_path), "--output", str(tmp_path / "t1")])
+    err = one_line_error(capsys, code)
+    assert "holds a text-classification task model" in err and "--replace" in err
+    assert (tmp_path / "t1" / "model.safetensors").read_bytes() == before
+
+
+def test_prepare_of_input_with_no_usable_sample_is_an_error(tmp_path, capsys):
+    (tmp_path / "fake.tar").write_text("this is a text file, not a tar\n" * 40)
+    code = cli(["prepare", "--pairs", str(tmp_path / "fake.tar"), "--output", str(tmp_path / "prep"),
+                "--workers", "1"])
+    err = one_line_error(capsys, code)
+    assert "no usable sample" in err and "corrupt tar shard" in err
+    assert not (tmp_path / "prep").exists()
+
+
+def test_a_thirty_million_pixel_strip_is_counted_not_fatal(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (30_000_000, 1), (200, 10, 10)).save(folder / "strip.png")
+    assert (folder / "strip.png").stat().st_size < 200_000
+    for i in range(2):
+        Image.new("RGB", (40, 30), (10, 200 - 50 * i, 10)).save(folder / f"ok{i}.png")
+    model = tiny(tmp_path / "m", 0)
+    assert cli(["embed", "--model", str(model), "--images", str(folder), "--output", str(tmp_path / "emb")]) == 0
+    summary = json.loads((tmp_path / "emb" / "embed.json").read_text())
+    assert summary["embedded"] == 2 and summary["failed"] == {"extreme aspect ratio": 1}
+
+
+# --------------------------------------------------------------------------- server bounds
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The real `flava serve` on 127.0.0.1 over a tiny model, with short timeouts; its log in a file."""
+    import socket  # noqa: F401  (used by the tests through this fixture's url)
+
+    root = tmp_path_factory.mktemp("serve")
+    model = tiny(root / "model", 0)
+    words = [f"a text about thing {i}" for i in range(8)]
+    (root / "t.txt").write_text("\n".join(words) + "\n")
+    assert cli(["embed", "--model", str(model), "--texts", str(root / "t.txt"), "--output", str(root / "emb")]) == 0
+    assert cli(["index", "--embeddings", str(root / "emb"), "--output", str(root / "idx")]) == 0
+    log = open(root / "log.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "flava.cli", "serve", "--index", str(root / "idx"), "--port", "0",
+                             "--max-classes", "400", "--header-timeout", "1", "--body-timeout", "1",
+                             "--threads", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(env(), PYTHONUNBUFFERED="1"))
+    deadline, url = time.monotonic() + 90, None
+    while url is None and time.monotonic() < deadline and proc.poll() is None:
+        text = (root / "log.txt").read_text()
+        if "listening on " in text:
+            url = text.split("listening on ")[1].split()[0].rstrip("/")
+        time.sleep(0.1)
+    if url is None:
+        proc.kill()
+        pytest.fail("flava serve did not start:\n" + (root / "log.txt").read_text())
+    host, port = url.split("//")[1].split(":")
+    yield {"url": url, "host": host, "port": int(port), "log": root / "log.txt", "proc": proc}
+    proc.kill()
+    proc.wait(10)
+    log.close()
+
+
+def http(server, method: str, path: str, body: bytes = b"", ctype: str | None = None, timeout: float = 60):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(server["url"] + path, data=body or None, method=method)
+    if ctype:
+        req.add_header("Content-Type", ctype)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def classify_form(classes: list[str]) -> tuple[bytes, str]:
+    import io
+
+    from PIL import Image
+    from test_serve import multipart
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buf, format="PNG")
+    return multipart({"classes": ",".join(classes), "templates": "clip"}, [("image", "x.png", buf.getvalue())])
+
+
+def test_a_slow_classify_does_not_hold_search_and_class_names_are_bounded_and_cached(server):
+    import threading
+
+    body, ctype = classify_form([f"class {i}" for i in range(401)])
+    status, answer = http(server, "POST", "/classify", body, ctype)
+    assert status == 400 and "at most 400" in answer["error"]
+
+    classes = [f"thing number {i}" for i in range(300)]  # 5,400 prompts, 3 classes per model call
+    body, ctype = classify_form(classes)
+    done = {}
+
+    def slow():
+        start = time.perf_counter()
+        done["status"], done["answer"] = http(server, "POST", "/classify", body, ctype)
+        done["seconds"] = time.perf_counter() - start
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    time.sleep(0.3)
+    waits = []
+    while thread.is_alive():
+        start = time.perf_counter()
+        status, _ = http(server, "GET", "/search?q=a+text&k=3")
+        assert status == 200
+        waits.append(time.perf_counter() - start)
+    thread.join()
+    assert done["status"] == 200 and len(done["answer"]["results"][0]["classes"]) == 5, done
+    # Each search waited for one short model call, not for the whole classification.
+    assert len(waits) >= 5 and max(waits) < done["seconds"] / 4, (waits, done["seconds"])
+    start = time.perf_counter()
+    assert http(server, "POST", "/classify", body, ctype)[0] == 200
+    assert time.perf_counter() - start < done["seconds"] / 3  # the class names' embeddings were cached
+
+
+def raw_socket(server):
+    import socket
+
+    s = socket.create_connection((server["host"], server["port"]), timeout=10)
+    return s
+
+
+def test_half_a_header_is_closed_and_a_stalled_body_is_answered_408(server):
+    s = raw_socket(server)
+    start = time.monotonic()
+    s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # never finished
+    assert s.recv(1024) == b""  # closed by the server
+    assert 0.8 < time.monotonic() - start < 5
+    s.close()
+
+    s = raw_socket(server)
+    s.sendall(b"POST /embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              b"Content-Length: 200\r\n\r\n{\"texts\": [")
+    start = time.monotonic()
+    answer = b""
+    while chunk := s.recv(4096):
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"stalled" in answer, answer
+    assert time.monotonic() - start < 5
+    s.close()
+
+
+def test_a_client_that_disconnects_mid_upload_is_counted_without_a_traceback(server):
+    body, ctype = classify_form(["cat", "dog"])
+    s = raw_socket(server)
+    s.sendall(f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+              f"Content-Length: {len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+    time.sleep(0.2)
+    s.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        counts = http(server, "GET", "/metrics?format=json")[1]["requests"]
+        gone = [r for r in counts if r["endpoint"] == "/classify" and r["status"] == 499]
+        if gone:
+            break
+        time.sleep(0.1)
+    assert gone and gone[0]["count"] == 1, counts
+    assert not any(r["status"] == 500 for r in counts), counts
+    log = server["log"].read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log
