@@ -26,6 +26,7 @@ def add(sub) -> None:
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), help="default: bf16 on CUDA, fp32 on the CPU")
     p.add_argument("--num-workers", dest="num_workers", type=int, help="loader workers (default: none on the CPU)")
     p.add_argument("--save-every", dest="save_every", type=int, help="steps between resumable saves")
+    p.add_argument("--log-every", dest="log_every", type=int, help="steps between logged metrics")
     p.add_argument("--resume", action="store_true", help="continue the unfinished training in --output")
     p.set_defaults(run=run)
 

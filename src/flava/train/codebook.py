@@ -340,6 +340,7 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
             if metrics_path.is_file() else []
         metrics_path.write_text("".join(r + "\n" for r in kept))
     start, first = time.perf_counter(), run.step
+    logged = first, start
     with progress_bar(console) as progress, metrics_path.open("a") as metrics:
         task = progress.add_task("dVAE", total=settings.steps, completed=run.step, info="")
         info = ""
@@ -349,6 +350,9 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
             except DataError as e:
                 raise _no_images(e, [s.source for s in run.stream.streams]) from None
             if row is not None:
+                now = time.perf_counter()
+                row["images_per_s"] = (run.step - logged[0]) * settings.batch_size / (now - logged[1])
+                logged = run.step, now
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 info = f"mse {row['reconstruction_mse']:.4f}"

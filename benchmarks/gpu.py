@@ -1,0 +1,395 @@
+"""The GPU figures, measured by the project on one CUDA host in one run.
+
+Sections (each written to OUT/gpu.json as it finishes; a failed one is recorded and the rest run):
+  env      torch, transformers, the GPU, and a bf16 matmul peak measured now (8192^3)
+  step     the base pretraining step (pairs: contrastive, ITM, MMM image + text; backward;
+           AdamW), bf16 autocast, batch 64 and 256: transformers vs flava (codebook in the step)
+           vs flava with prepared image tokens; samples/s, peak GiB, MFU from
+           torch.utils.flop_counter against the peak above; a torch.profiler summary of the
+           prepared step at the larger batch (OUT/profile_step.txt)
+  clip     contrastive-only step, batch 256: flava's encoders vs open_clip ViT-B-16 (when installed)
+  embed    image embedding, bf16, batch 512: flava vs transformers get_image_features
+  loader   loader-only samples/s at the host's core count (benchmarks/loader.py's shards and figures)
+  command  the real `flava pretrain` on WebDataset shards of 256-px photo JPEGs at batch 128 and
+           256 (its own metrics.jsonl) beside the bare step's samples/s; `flava train-codebook`
+           on the GPU against the same steps on the CPU
+
+    python benchmarks/gpu.py OUT [--quick] [--skip=step,clip]
+
+`--quick` runs every section at the tiny preset on whatever device there is (a check of the
+script itself, minutes on a CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from loader import make_shards, measure_loader  # noqa: E402
+
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else Path("gpu-out")
+QUICK = "--quick" in sys.argv
+SKIP = {s for a in sys.argv if a.startswith("--skip=") for s in a.split("=", 1)[1].split(",")}
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PRESET = "tiny" if QUICK else "base"
+RESULT: dict = {}
+T0 = time.time()
+
+
+def save() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "gpu.json").write_text(json.dumps(RESULT, indent=2, default=str))
+
+
+def section(name):
+    def run(fn):
+        if name in SKIP:
+            return fn
+        t = time.time()
+        print(f"== {name} at {t - T0:.0f} s", flush=True)
+        try:
+            RESULT[name] = fn()
+        except Exception as e:  # recorded; the next section runs
+            RESULT[name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+        RESULT[name + "_s"] = round(time.time() - t, 1)
+        print(json.dumps(RESULT[name], default=str)[:3000], flush=True)
+        save()
+        if DEV.type == "cuda":
+            torch.cuda.empty_cache()
+        return fn
+    return run
+
+
+def sync() -> None:
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, warm: int = 3, reps: int = 10) -> float:
+    for _ in range(warm):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
+def peak_gib(fn) -> float | None:
+    if DEV.type != "cuda":
+        return None
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    sync()
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def flops_of(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def figures(fn, batch: int, reps: int) -> dict:
+    fn()  # optimizer state
+    f = flops_of(fn)
+    s = timed(fn, 2, reps)
+    return {"step_s": round(s, 4), "samples_s": round(batch / s, 1), "peak_gib": peak_gib(fn),
+            "tflop_per_step": round(f / 1e12, 3), "mfu": round(f / s / RESULT["env"]["peak_flops"], 3)}
+
+
+@section("env")
+def _env():
+    import transformers
+
+    d = {"torch": torch.__version__, "transformers": transformers.__version__, "device": str(DEV),
+         "cores": os.cpu_count()}
+    n = 1024 if QUICK else 8192
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=DEV, dtype=dtype) for _ in range(2))
+    s = timed(lambda: a @ b, 3, 10)
+    d["matmul_tflops"] = round(2 * n**3 / s / 1e12, 2)
+    d["peak_flops"] = 2 * n**3 / s
+    if DEV.type == "cuda":
+        d["gpu"] = torch.cuda.get_device_name()
+    return d
+
+
+def build(B: int, L: int = 32):
+    """transformers and flava pretraining models with the same weights, one batch of inputs."""
+    import transformers
+
+    import flava
+    from flava.data.batch import PairBatch
+    from flava.data.masking import BlockMasking, TextMasking, mask_texts
+    from flava.hub import load_weights
+    from flava.interop import transformers as hf_interop
+    from flava.objectives.negatives import swap_negatives
+    from flava.objectives.pretraining import PretrainingModel
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = flava.preset(PRESET)
+    with torch.device(DEV):  # random initialisation on the GPU: minutes less than on the host
+        ref = transformers.FlavaForPreTraining(transformers.FlavaConfig(**hf_interop.config_to_hf(cfg, True)))
+        model_sd, heads_sd, codebook_sd, _ = hf_interop.state_dict_from_hf(ref.state_dict())
+        ours = PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cfg.codebook))
+    for module, sd, what in ((ours.model, model_sd, "model"), (ours.heads, heads_sd, "heads"),
+                             (ours.codebook, codebook_sd, "codebook")):
+        load_weights(module, sd, what, Path("memory"))
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    s, cs = cfg.image.image_size, cfg.codebook_image_size
+    pixels, cpix = torch.randn(B, 3, s, s, generator=g), torch.rand(B, 3, cs, cs, generator=g)
+    lengths = torch.randint(8, L + 1, (B,), generator=g)
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    ids = torch.randint(1000, cfg.text.vocab_size, (B, L), generator=g) * mask
+    ids[:, 0], ids[torch.arange(B), lengths - 1] = 101, 102
+    masked, labels = mask_texts(TextMasking(vocab_size=cfg.text.vocab_size), ids, rng)
+    blocks = BlockMasking.for_grid(cfg.image.grid_size)
+    pmask = torch.from_numpy(np.stack([blocks(rng).reshape(-1) for _ in range(B)]))
+    batch = PairBatch(pixels, ids, mask, pmask, masked, labels, codebook_pixels=cpix)
+    neg = swap_negatives(ids, mask, 0.1, torch.Generator().manual_seed(1))
+    t = neg.text_index
+    hf_in = dict(input_ids=ids[t], input_ids_masked=masked[t], attention_mask=mask[t], pixel_values=pixels,
+                 bool_masked_pos=pmask, mlm_labels=labels[t], itm_labels=neg.labels, codebook_pixel_values=cpix)
+    return ref, ours, batch, hf_in
+
+
+def steps(ref, ours, batch, hf):
+    from dataclasses import replace
+
+    from flava.optim import build_optimizer
+
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    opt_ours = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
+    with torch.no_grad():
+        targets = ours.codebook.token_ids(batch.codebook_pixels)
+    prepared = replace(batch, codebook_pixels=None, image_targets=targets)
+
+    def autocast():
+        return torch.autocast(DEV.type, dtype=torch.bfloat16)
+
+    def step_ref():
+        with autocast():
+            loss = ref(**{k: v.clone() for k, v in hf.items()}).loss
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+
+    def step_ours(b=batch):
+        with autocast():
+            loss = ours(b, torch.Generator(device=DEV).manual_seed(1)).losses.total
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    return {"transformers": step_ref, "flava": step_ours, "flava_prepared": lambda: step_ours(prepared)}
+
+
+@section("step")
+def _step():
+    out = {}
+    torch.backends.cuda.matmul.allow_tf32 = True
+    for B in ([4] if QUICK else [64, 256]):
+        ref, ours, batch, hf_in = build(B)
+        ref.to(DEV).train(), ours.to(DEV).train()
+        fns = steps(ref, ours, batch.to(DEV), {k: v.to(DEV) for k, v in hf_in.items()})
+        row = {}
+        for name, fn in fns.items():
+            try:
+                row[name] = figures(fn, B, 3 if QUICK else 8)
+            except Exception as e:
+                row[name] = {"error": f"{type(e).__name__}: {e}"[:400]}
+            print(B, name, row[name], flush=True)
+        if B == (4 if QUICK else 256):  # where the time of the prepared step goes
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    fns["flava_prepared"]()
+                sync()
+            key = "cuda_time_total" if DEV.type == "cuda" else "cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=30)
+            (OUT / "profile_step.txt").write_text(table)
+            row["profile"] = str(OUT / "profile_step.txt")
+        out[f"batch_{B}"] = row
+        del ref, ours, fns
+        if DEV.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+@section("clip")
+def _clip():
+    import torch.nn.functional as F
+
+    import flava
+    from flava.config import ObjectivesConfig
+    from flava.data.batch import PairBatch
+    from flava.objectives.pretraining import PretrainingModel
+    from flava.optim import build_optimizer
+
+    B, L = (8 if QUICK else 256), 32
+    cfg = flava.preset(PRESET)
+    only = ObjectivesConfig(itm_weight=0, mmm_image_weight=0, mmm_text_weight=0, mim_weight=0, mlm_weight=0)
+    ours = PretrainingModel(cfg, only).to(DEV).train()
+    ids = torch.randint(1000, 30000, (B, L), device=DEV)
+    batch = PairBatch(torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV), ids,
+                      torch.ones_like(ids), torch.zeros(B, cfg.image.num_patches, dtype=torch.bool, device=DEV),
+                      ids, torch.full_like(ids, -100))
+    opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
+
+    def step_ours():
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            loss = ours(batch, torch.Generator(device=DEV).manual_seed(1)).losses.total
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    res = {"flava": figures(step_ours, B, 8)}
+    del ours, opt
+    try:
+        import open_clip
+    except ImportError:
+        res["open_clip_vit_b16"] = {"error": "open_clip is not installed here"}
+        return res
+    model = open_clip.create_model("ViT-B-16", pretrained=None, output_dict=True).to(DEV).train()
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    tokens, pixels = torch.randint(1000, 30000, (B, 77), device=DEV), torch.randn(B, 3, 224, 224, device=DEV)
+
+    def step_open_clip():
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            out = model(pixels, tokens)
+            logits = out["logit_scale"] * out["image_features"] @ out["text_features"].t()
+            labels = torch.arange(B, device=DEV)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        loss.backward()
+        opt2.step()
+        opt2.zero_grad(set_to_none=True)
+
+    res["open_clip_vit_b16"] = figures(step_open_clip, B, 8)
+    return res
+
+
+@section("embed")
+def _embed():
+    import transformers
+
+    import flava
+    from flava.interop import transformers as hf_interop
+    from flava.model.flava import FlavaModel
+
+    B = 8 if QUICK else 512
+    cfg = flava.preset(PRESET)
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    ref = transformers.FlavaModel(transformers.FlavaConfig(**hf_interop.config_to_hf(cfg, False))).to(DEV, dtype).eval()
+    ours = FlavaModel(cfg).to(DEV, dtype).eval()
+    pixels = torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV, dtype=dtype)
+    res = {}
+    with torch.inference_mode():
+        for name, fn in (("transformers", lambda: ref.get_image_features(pixel_values=pixels)),
+                         ("flava", lambda: ours.encode_image(pixels))):
+            res[name] = {"images_s": round(B / timed(fn, 2, 6), 1)}
+    return res
+
+
+def shards() -> str:
+    return make_shards(OUT / "shards", shards=4 if QUICK else 16, per=64 if QUICK else 512)
+
+
+@section("loader")
+def _loader():
+    """Loader-only samples/s at the base sizes (224-px crops, 112-px codebook views), per worker count."""
+    import flava
+    import flava.data.pipeline as pipeline
+    from flava.data.registry import open_source
+
+    cores = os.cpu_count() or 2
+    res = {}
+    cfg = flava.preset(PRESET)
+    spec = pipeline.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
+    for workers in sorted({0, 1, max(1, cores // 2), max(1, cores - 1)}):
+        stream = pipeline.BatchStream("pairs", open_source("pairs", shards()), pipeline.SampleMaker(spec, 0),
+                                      128, seed=0, num_workers=workers)
+        for _ in range(2):
+            stream.next_batch()
+        t = time.perf_counter()
+        draws = 4 if QUICK else 16
+        for _ in range(draws):
+            stream.next_batch()
+        res[f"workers_{workers}"] = round(draws * 128 / (time.perf_counter() - t), 1)
+        stream._it = None
+    res["tiny_224_figures"] = {f"workers_{w}": measure_loader("flava", shards(), w, 64, 6)
+                               for w in (0, 1, 2)}
+    return res
+
+
+def _flava(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t = time.time()
+    done = subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    return done, time.time() - t
+
+
+@section("command")
+def _command():
+    res = {}
+    work = OUT / "command"
+    device = "cuda" if DEV.type == "cuda" else "cpu"
+    cb_steps, cb_batch = (4, 8) if QUICK else (20, 64)
+    codebook = work / "cb"
+    for where in ([device, "cpu"] if device == "cuda" else ["cpu"]):
+        steps = cb_steps if where == device else max(2, cb_steps // 10)  # the CPU is slow: fewer steps
+        out = codebook if where == device else work / "cb-cpu"
+        done, wall = _flava(["train-codebook", "--pairs", shards(), "--config", PRESET, "--steps", str(steps),
+                             "--batch-size", str(cb_batch), "--device", where, "--output", str(out),
+                             "--set", "codebook.vocab_size=8192" if not QUICK else "codebook.vocab_size=512"], 1200)
+        res[f"codebook_{where}"] = {"rc": done.returncode, "wall_s": round(wall, 1), "steps": steps,
+                                    "tail": (done.stdout + done.stderr)[-800:]}
+        rows = [json.loads(x) for x in (out / "codebook_metrics.jsonl").read_text().splitlines()] \
+            if (out / "codebook_metrics.jsonl").is_file() else []
+        res[f"codebook_{where}"]["rows"] = rows[-2:]
+    for batch in ([8] if QUICK else [128, 256]):
+        run = work / f"run{batch}"
+        steps = 12 if QUICK else 50
+        args = ["pretrain", "--output", str(run), "--config", PRESET, "--max-steps", str(steps),
+                "--set", f'data.pairs=["{shards()}"]', "--set", f"data.batch_size={batch}",
+                "--set", f"data.num_workers={max(1, (os.cpu_count() or 2) - 2)}", "--set", f"device={device}",
+                "--set", "precision=bf16" if device == "cuda" else "precision=fp32", "--set", "log_every=5",
+                "--set", f"save_every={steps}", "--set", "data.mixing=[1,0,0]"]
+        args += ["--set", f"codebook={codebook}"] if (codebook / "model.safetensors").is_file() else \
+            ["--set", "objectives.mim_weight=0", "--set", "objectives.mmm_image_weight=0"]
+        done, wall = _flava(args, 600)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+            if (run / "metrics.jsonl").is_file() else []
+        rates = [r["samples_per_s"] for r in rows[1:]]
+        res[f"pretrain_b{batch}"] = {"rc": done.returncode, "wall_s": round(wall, 1),
+                                     "samples_s_median": round(float(np.median(rates)), 1) if rates else None,
+                                     "tail": (done.stdout + done.stderr)[-1200:]}
+        bare = RESULT.get("step", {}).get(f"batch_{batch}", {}).get("flava", {}).get("samples_s")
+        if bare and rates:
+            res[f"pretrain_b{batch}"]["of_bare_step"] = round(float(np.median(rates)) / bare, 3)
+    if "codebook_cpu" in res and f"codebook_{device}" in res and device == "cuda":
+        per_step = {w: res[f"codebook_{w}"]["wall_s"] / res[f"codebook_{w}"]["steps"] for w in ("cpu", device)}
+        res["codebook_speedup_per_step"] = round(per_step["cpu"] / per_step[device], 1)
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps({k: v for k, v in RESULT.items() if not isinstance(v, dict) or "trace" not in v},
+                     indent=1, default=str)[:10000])

@@ -1,0 +1,116 @@
+"""The CUDA lane: what must hold on a GPU host. Each test is skipped, with the reason, where CUDA
+is absent (the CPU machines this project is built on); `benchmarks/gpu.py` measures the speed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import flava
+from conftest import free_port, pretrain_args
+from flava.cli import main as cli
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA lane needs a CUDA device")]
+
+
+def small_pairs(batch: int = 4):
+    from flava.data.batch import PairBatch
+    from flava.data.masking import BlockMasking, TextMasking, mask_texts
+
+    cfg = flava.preset("tiny")
+    g, rng = torch.Generator().manual_seed(0), np.random.default_rng(0)
+    ids = torch.randint(1000, 30000, (batch, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids)
+    masked, labels = mask_texts(TextMasking(), ids, rng)
+    blocks = BlockMasking.for_grid(cfg.image.grid_size)
+    patch_mask = torch.from_numpy(np.stack([blocks(rng).reshape(-1) for _ in range(batch)]))
+    pixels = torch.randint(0, 256, (batch, 3, cfg.image.image_size, cfg.image.image_size), dtype=torch.uint8)
+    return cfg, PairBatch(pixels, ids, mask, patch_mask, masked, labels, codebook_pixels=pixels)
+
+
+def test_a_bf16_step_on_cuda_is_close_to_fp32():
+    from flava.objectives.pretraining import PretrainingModel
+
+    cfg, host = small_pairs()
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cfg.codebook)).cuda().train()
+    batch = host.to("cuda")
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = pm(batch, torch.Generator("cuda").manual_seed(1))
+        out.losses.total.backward()
+        grad = torch.cat([p.grad.flatten().float() for p in pm.parameters() if p.grad is not None])
+        losses[precision] = ({k: float(v.detach()) for k, v in out.losses.named().items()}, grad)
+        pm.zero_grad(set_to_none=True)
+    (fp32, g32), (bf16, g16) = losses["fp32"], losses["bf16"]
+    assert fp32.keys() == bf16.keys() and len(fp32) >= 4
+    for name in fp32:
+        assert abs(fp32[name] - bf16[name]) <= 0.03 * abs(fp32[name]) + 0.02, (name, fp32[name], bf16[name])
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.98
+
+
+def test_the_loader_feeds_cuda_through_pinned_memory(train_data):
+    from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+    from flava.data.sources import csv_pairs
+
+    spec = SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)
+    stream = BatchStream("pairs", csv_pairs(str(train_data / "pairs_clean.csv")), SampleMaker(spec, 0), 4, seed=0,
+                         num_workers=1)
+    host = stream.next_batch()
+    pinned = host.pin_memory()
+    assert pinned.pixel_values.is_pinned() and pinned.codebook_pixels is pinned.pixel_values  # one copy
+    on_gpu, on_cpu = pinned.to("cuda", non_blocking=True), host.to("cpu")
+    torch.cuda.synchronize()
+    for name in ("pixel_values", "codebook_pixels", "input_ids", "mlm_labels", "patch_mask"):
+        got, want = getattr(on_gpu, name), getattr(on_cpu, name)
+        assert got.is_cuda and got.dtype == want.dtype and torch.allclose(got.cpu(), want, atol=1e-6), name
+
+
+def test_pretraining_resumes_exactly_on_cuda(train_data, tmp_path):
+    def run(out, steps, resume=False):
+        args = pretrain_args(train_data, out, "pairs_clean.csv") + ["--max-steps", str(steps), "--set", "device=cuda",
+                                                                    "--set", "save_every=2"]
+        assert cli(args + (["--resume"] if resume else [])) == 0
+        return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "cut", 2)
+    resumed = run(tmp_path / "cut", 4, resume=True)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(whole[2:], resumed[2:]):
+        assert a["kind"] == b["kind"] and abs(a["loss"] - b["loss"]) <= 1e-5 * max(1.0, abs(a["loss"])), (a, b)
+
+
+def test_ddp_with_nccl_on_one_process(train_data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           "-m", "flava.cli", *pretrain_args(train_data, out, "pairs_clean.csv"), "--max-steps", "2",
+           "--set", "device=cuda", "--set", "distributed=ddp"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MASTER_PORT": str(free_port())})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_train_codebook_and_embed_on_cuda(train_data, tmp_path, capsys):
+    out = tmp_path / "cb"
+    assert cli(["train-codebook", "--images", str(train_data / "img"), "--output", str(out), "--steps", "6",
+                "--batch-size", "8", "--device", "cuda", "--set", "codebook.vocab_size=64",
+                "--set", "codebook.hidden_size=8"]) == 0
+    report = json.loads((out / "codebook_report.json").read_text())
+    assert report["device"] == "cuda" and np.isfinite(report["end"]["reconstruction_mse"])
+    model = tmp_path / "model"
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(model)
+    emb = tmp_path / "emb"
+    assert cli(["embed", "--model", str(model), "--images", str(train_data / "img"), "--output", str(emb),
+                "--device", "cuda"]) == 0
+    vectors = np.load(next((emb / "img_emb").glob("*.npy")))
+    assert vectors.shape == (16, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
