@@ -260,3 +260,23 @@ def test_crop_resize_is_pils_bicubic():
         want = np.asarray(im.resize((size, size), Image.BICUBIC, box=box)).astype(float)
         got = crop_resize(im, box, size)[0].permute(1, 2, 0).numpy().astype(float)
         assert np.abs(want - got).mean() < 0.1, box  # rounding differences in a few pixels
+
+
+def test_jpegs_decode_to_pils_pixels_and_others_through_pil(tmp_path):
+    import skimage.data
+
+    from flava.data.sources import BadSample, decode_rgb, open_image
+
+    photo = Image.fromarray(skimage.data.astronaut())
+    for name, image in (("rgb.jpg", photo), ("grey.jpg", photo.convert("L")), ("cmyk.jpg", photo.convert("CMYK")),
+                        ("photo.png", photo)):
+        image.save(tmp_path / name)
+        got = decode_rgb(tmp_path / name)
+        assert got.shape == (512, 512, 3) and got.dtype == np.uint8 and got.flags.writeable
+        assert np.array_equal(got, np.asarray(open_image(tmp_path / name))), name
+    # A reduced decode covers what was asked for, at a smaller size.
+    small = decode_rgb(tmp_path / "rgb.jpg", draft=lambda w, h: (w // 3, h // 3))
+    assert 512 // 3 <= small.shape[1] < 512 and 512 // 3 <= small.shape[0] < 512
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:3000])
+    with pytest.raises(BadSample, match="unreadable image"):
+        decode_rgb(tmp_path / "cut.jpg")

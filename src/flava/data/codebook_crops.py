@@ -15,7 +15,7 @@ import torch
 
 from .batch import _Batch
 from .pipeline import merge_batches
-from .sources import ImageRecord, PairRecord, open_image
+from .sources import ImageRecord, PairRecord, decode_rgb
 from .transforms import crop_resize, random_resized_crop_box
 
 
@@ -47,10 +47,10 @@ class CodebookCrops:
             chosen["box"], chosen["size"] = (left, top, left + w, top + h), (width, height)
             return max(1, -(-width * self.size // w)), max(1, -(-height * self.size // h))
 
-        image = open_image(ref, draft=box)
+        image = decode_rgb(ref, draft=box)
         if "box" not in chosen:
-            box(image.width, image.height)
-        fx, fy = image.width / chosen["size"][0], image.height / chosen["size"][1]
+            box(image.shape[1], image.shape[0])
+        fx, fy = image.shape[1] / chosen["size"][0], image.shape[0] / chosen["size"][1]
         left, top, right, bottom = chosen["box"]
         (pixels,) = crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), self.size)
         return pixels.flip(-1) if self.train and rng.random() < 0.5 else pixels

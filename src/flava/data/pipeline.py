@@ -28,7 +28,7 @@ from ..errors import DataError
 from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
 from .masking import BlockMasking, TextMasking
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
-from .sources import BadSample, ImageRecord, PairRecord, Source, open_image, open_shard, read_caption
+from .sources import BadSample, ImageRecord, PairRecord, Source, decode_rgb, open_image, open_shard, read_caption
 from .tokenizer import PAD_ID, TextTokenizer
 from .transforms import crop_resize, random_resized_crop_box
 
@@ -93,10 +93,10 @@ class SampleMaker:
             return (max(1, math.ceil(width * s / max(right - left, 1e-6))),
                     max(1, math.ceil(height * s / max(bottom - top, 1e-6))))
 
-        image = open_image(ref, draft=crop_box)
+        image = decode_rgb(ref, draft=crop_box)
         if "box" not in chosen:  # not decoded from bytes (an in-memory image): no draft was asked
-            crop_box(image.width, image.height)
-        fx, fy = image.width / chosen["size"][0], image.height / chosen["size"][1]
+            crop_box(image.shape[1], image.shape[0])
+        fx, fy = image.shape[1] / chosen["size"][0], image.shape[0] / chosen["size"][1]
         left, top, right, bottom = chosen["box"]
         box = (left * fx, top * fy, right * fx, bottom * fy)
         # One crop feeds both the model and the codebook, so the targets describe what the model
