@@ -152,7 +152,7 @@ def test_the_encoders_layer_norms_run_in_float32_under_autocast(train_data, tmp_
         if isinstance(m, torch.nn.LayerNorm):
             m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, inp[0].dtype, out.dtype)))
     batch = trainer.streams["pairs"].next_batch()
-    with trainer._autocast():
+    with trainer.autocast():
         out = trainer.model(batch, torch.Generator().manual_seed(0))
     # The residual stream stays float32 (float32 + bfloat16 sums), so every norm reads and writes float32.
     assert seen and all(i == o == torch.float32 for _, i, o in seen), [x for x in seen if x[1] != torch.float32]
