@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import flava
 from conftest import pretrain_args
 from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
 from flava.train.trainer import Trainer
 
 # Seed 5 trains pairs, images, text, pairs in its first four steps.
@@ -37,7 +38,7 @@ def finish(p: subprocess.Popen) -> str:
 
 
 def train_config(data, pairs: str, **over) -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = demo_config()
     cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
     cfg.model.codebook.hidden_size = 8
     cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / pairs)], [str(data / "img")], [str(data / "text.txt")]

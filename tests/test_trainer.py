@@ -10,6 +10,7 @@ import torch
 import flava
 from conftest import pretrain_args
 from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
 from flava.train.trainer import Trainer, step_kind
 
 
@@ -19,7 +20,7 @@ def data(train_data):
 
 
 def config(data, **over) -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = demo_config()
     cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
     cfg.model.codebook.hidden_size = 8
     cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / "pairs.csv")], [str(data / "img")], [str(data / "text.txt")]

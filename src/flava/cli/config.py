@@ -19,9 +19,9 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import apply_overrides, check, describe
-    from ..train.config import TrainConfig, train_config
+    from ..train.presets import train_config
 
-    cfg = check(apply_overrides(train_config(args.config) if args.config else TrainConfig(), args.set or []))
+    cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
     table = Table(title="flava pretrain settings (set any with --set KEY=VALUE)", show_lines=False)
     table.add_column("setting", no_wrap=True)
     table.add_column("value", overflow="fold", max_width=30)

@@ -39,6 +39,7 @@ from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
 from .dino import DinoStage
 from .metrics import MetricsLog, plot_losses
+from .presets import scaled_optimisation
 from .pretraining import PretrainingStage
 from .stage import Stage
 
@@ -134,11 +135,13 @@ class Trainer:
                     block.compile(backend=cfg.compile_backend, dynamic=True)
         self.module = self.stage.wrap(self.world, self.device)
         o = cfg.optim
+        # The rate and warm-up the run trains with: as set, or scaled to its global batch.
+        self.optimisation = scaled_optimisation(o, self.global_batch, cfg.max_steps)
         trained, slow = self.stage.optimized()
-        self.optimizer = build_optimizer(trained, o.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
+        self.optimizer = build_optimizer(trained, self.optimisation.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
                                          scaled=slow, scale=o.init_lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(o.warmup_steps, cfg.max_steps, o.min_lr_ratio))
+            self.optimizer, warmup_cosine(self.optimisation.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device)
 
