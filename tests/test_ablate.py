@@ -11,7 +11,7 @@ from conftest import pretrain_args
 
 from flava.ablate import PAPER, ROWS, averages, row_config
 from flava.cli import main as cli
-from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_local_and_global_contrastive_rows_under_torchrun(train_data, suite, tmp
 
 
 def test_row_settings_train_what_the_paper_trains():
-    cfg = TrainConfig()
+    cfg = demo_config()
     rows = {k: row_config(k, cfg, 5) for k in ("mim", "mlm", "flava-c-local", "flava-c", "flava-mm", "flava-no-init")}
     assert rows["mim"].stage == "image-mim" and rows["mlm"].stage == "text-mlm"
     weights = lambda c: {k for k, v in vars(c.objectives).items() if k.endswith("_weight") and v > 0}  # noqa: E731

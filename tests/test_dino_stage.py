@@ -13,6 +13,7 @@ from conftest import randomize_
 
 from flava.cli import main as cli
 from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
 from flava.train.trainer import Trainer
 
 
@@ -27,7 +28,7 @@ def one_thread():
 
 def dino_config(**over) -> TrainConfig:
     """A tiny DINO stage on the packaged demo images (no data named), 32 px."""
-    cfg = TrainConfig(stage="image-dino")
+    cfg = demo_config(stage="image-dino")
     cfg.model.image.image_size = 32
     d = cfg.dino
     d.out_dim, d.head_hidden_dim, d.head_bottleneck_dim, d.local_crops = 128, 64, 16, 2
@@ -107,7 +108,7 @@ def test_a_joint_run_takes_the_teachers_encoder(train_data, tmp_path):
     teacher = stage.model.dino.teacher.backbone.state_dict()
     assert any(not torch.equal(v, stage.model.dino.student.backbone.state_dict()[k]) for k, v in teacher.items())
 
-    cfg = TrainConfig(seed=1, init_image=str(tmp_path / "dino"), codebook=str(train_data / "codebook"))
+    cfg = demo_config(seed=1, init_image=str(tmp_path / "dino"), codebook=str(train_data / "codebook"))
     cfg.model.image.image_size = 32
     cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
     cfg.model.codebook.hidden_size = 8

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import flava
 from conftest import pretrain_args
 from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
 from flava.train.trainer import Trainer
 
 # Seed 5 trains pairs, images, text, pairs in its first four steps.
@@ -37,7 +38,7 @@ def finish(p: subprocess.Popen) -> str:
 
 
 def train_config(data, pairs: str, **over) -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = demo_config()
     cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
     cfg.model.codebook.hidden_size = 8
     cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / pairs)], [str(data / "img")], [str(data / "text.txt")]
@@ -152,7 +153,7 @@ def test_the_encoders_layer_norms_run_in_float32_under_autocast(train_data, tmp_
         if isinstance(m, torch.nn.LayerNorm):
             m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, inp[0].dtype, out.dtype)))
     batch = trainer.streams["pairs"].next_batch()
-    with trainer._autocast():
+    with trainer.autocast():
         out = trainer.model(batch, torch.Generator().manual_seed(0))
     # The residual stream stays float32 (float32 + bfloat16 sums), so every norm reads and writes float32.
     assert seen and all(i == o == torch.float32 for _, i, o in seen), [x for x in seen if x[1] != torch.float32]

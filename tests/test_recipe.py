@@ -55,15 +55,15 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
 
 def test_paper_mim_and_stage_settings(tmp_path):
     from flava.errors import ConfigError
-    from flava.train.config import TrainConfig
+    from flava.train.presets import demo_config
     from flava.train.recipe import plan
 
-    stages = plan("paper-mim", TrainConfig(), tmp_path, {"image-mim": 7}, {"text-mlm": ["optim.lr=1e-3"]})
+    stages = plan("paper-mim", demo_config(), tmp_path, {"image-mim": 7}, {"text-mlm": ["optim.lr=1e-3"]})
     assert [s.name for s in stages] == ["text-mlm", "image-mim", "joint"]
     text, image, joint = (s.config for s in stages)
-    assert text.optim.lr == 1e-3 and image.optim.lr == joint.optim.lr == TrainConfig().optim.lr
+    assert text.optim.lr == 1e-3 and image.optim.lr == joint.optim.lr == demo_config().optim.lr
     assert image.max_steps == 7 and joint.init_image == str(tmp_path / "image-mim")
     with pytest.raises(ConfigError, match="sets init_text of stage joint itself"):
-        plan("paper", TrainConfig(), tmp_path, {}, {"joint": ["init_text=x"]})
+        plan("paper", demo_config(), tmp_path, {}, {"joint": ["init_text=x"]})
     with pytest.raises(ConfigError, match="has no stage 'image-dino'"):
-        plan("paper-mim", TrainConfig(), tmp_path, {}, {"image-dino": ["optim.lr=1"]})
+        plan("paper-mim", demo_config(), tmp_path, {}, {"image-dino": ["optim.lr=1"]})

@@ -194,7 +194,7 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     from flava.data.pipeline import read_npy
     from flava.data.transforms import map_pixels, to_tensor
     from flava.hub import load_codebook
-    from flava.train.config import TrainConfig
+    from flava.train.presets import demo_config
     from flava.train.trainer import Trainer
 
     codebook = train_data / "codebook"
@@ -234,7 +234,7 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     labels = [r.label for r in open_source("images", str(tmp_path / "imgs")).records]
     assert len(labels) == 16 and set(labels) == {0}
 
-    cfg = TrainConfig()
+    cfg = demo_config()
     cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
     cfg.data.pairs, cfg.data.images, cfg.data.batch_size, cfg.data.num_workers = [str(out)], [str(tmp_path / "imgs")], 4, 0
     cfg.data.mixing, cfg.tensorboard, cfg.seed = [0.5, 0.5, 0], False, 5

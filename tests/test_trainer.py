@@ -10,6 +10,7 @@ import torch
 import flava
 from conftest import pretrain_args
 from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
 from flava.train.trainer import Trainer, step_kind
 
 
@@ -19,7 +20,7 @@ def data(train_data):
 
 
 def config(data, **over) -> TrainConfig:
-    cfg = TrainConfig()
+    cfg = demo_config()
     cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
     cfg.model.codebook.hidden_size = 8
     cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / "pairs.csv")], [str(data / "img")], [str(data / "text.txt")]
@@ -134,3 +135,31 @@ def test_init_lr_scaled_names_the_encoders_the_scale_applies_to(data, tmp_path):
     for name, p in joint.model.named_parameters():
         if p.requires_grad:
             assert lr[id(p)] == pytest.approx(base * 0.1 if name.startswith("model.text_encoder.") else base), name
+
+
+def test_a_stage_is_pluggable_and_its_state_resumes(data, tmp_path):
+    from flava.train.pretraining import PretrainingStage
+
+    class Counting(PretrainingStage):
+        """The text stage, counting its updates in state that lives beside the weights."""
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.updates = 0
+
+        def after_update(self, step, finite):
+            self.updates += 1
+            return {**super().after_update(step, finite), "updates": float(self.updates)}
+
+        def state_dict(self):
+            return {"updates": self.updates}
+
+        def load_state_dict(self, state):
+            self.updates = state["updates"]
+
+    cfg = config(data, stage="text-mlm", max_steps=4, save_every=2)
+    first = Trainer(cfg, tmp_path, stage=Counting(cfg))
+    assert [r["metrics"]["updates"] for r in first.fit(max_steps=3)] == [1, 2, 3]
+    again = Trainer(cfg, tmp_path, stage=Counting(cfg))
+    assert again.resume() and again.step == 2 and again.stage.updates == 2
+    assert [r["metrics"]["updates"] for r in again.fit()] == [3, 4]

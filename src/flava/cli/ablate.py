@@ -33,9 +33,9 @@ def add(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..ablate import Plan, default_rows, run_ablation
     from ..config import apply_overrides, check
-    from ..train.config import TrainConfig, train_config
+    from ..train.presets import train_config
 
-    cfg = check(apply_overrides(train_config(args.config) if args.config else TrainConfig(), args.set or []))
+    cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
     steps = args.steps if args.steps is not None else cfg.max_steps
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else default_rows(args.processes)
     plan = Plan(rows=rows, steps=steps, unimodal_steps=steps if args.unimodal_steps is None else args.unimodal_steps, image_stage=args.image_stage,

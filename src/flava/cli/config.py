@@ -19,9 +19,9 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import apply_overrides, check, describe
-    from ..train.config import TrainConfig, train_config
+    from ..train.presets import train_config
 
-    cfg = check(apply_overrides(train_config(args.config) if args.config else TrainConfig(), args.set or []))
+    cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
     if not console.is_terminal:
         # Piped (grep, less, a file): one whole line per setting instead of a table whose
         # descriptions fold at the console's width.

@@ -46,7 +46,7 @@ def run_demo(output: Path, console: Console, seed: int = 0) -> dict:
     from ..evaluate.run import evaluate_models, print_plan, results_table, untrained_like
     from ..evaluate.suite import load_suite
     from ..hub import load
-    from ..train.config import TrainConfig
+    from ..train.presets import demo_config
     from ..train.recipe import run_recipe
 
     start = time.perf_counter()
@@ -54,7 +54,7 @@ def run_demo(output: Path, console: Console, seed: int = 0) -> dict:
     run_dir = output / "pretrain"
     report_dir = output / "report"
     resume = (run_dir / "recipe.json").is_file()
-    cfg = TrainConfig(seed=seed)
+    cfg = demo_config(seed=seed)
     cfg.optim.init_lr_scale, cfg.optim.init_lr_scaled = DEMO_INIT_LR_SCALE, list(DEMO_INIT_LR_SCALED)
     steps = ", ".join(f"{k} {v}" for k, v in DEMO_STAGE_STEPS.items())
     console.print(f"[bold]1/2[/] pretraining ({run_dir}): the image codebook, then text MLM and image MIM "

@@ -12,7 +12,8 @@ from rich.console import Console
 
 def add(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain FLAVA (with no data arguments: tiny preset on the demo data)")
-    p.add_argument("--config", help="a preset (tiny, small, base) or a JSON file of training settings; "
+    p.add_argument("--config", help="a preset (tiny: the CPU demo's settings, the default; small, base: the paper's "
+                                    "optimisation scaled to your global batch) or a JSON file of training settings; "
                                     "`flava config show` lists every setting")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any setting, e.g. optim.lr=1e-4 or data.pairs='[\"shards/*.tar\"]'")
@@ -40,12 +41,12 @@ def settings(args: argparse.Namespace):
     the defaults, a preset or a file, then every --set."""
     from ..config import apply_overrides, check
     from ..errors import ConfigError
-    from ..train.config import TrainConfig, train_config
+    from ..train.presets import train_config
     from ..train.run import saved_settings
 
     cfg = saved_settings(Path(args.output)) if args.resume and not args.config else None
     if cfg is None:
-        cfg = train_config(args.config) if args.config else TrainConfig()
+        cfg = train_config(args.config or "tiny")
     cfg = apply_overrides(cfg, args.set or [])
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps

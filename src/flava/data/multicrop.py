@@ -74,6 +74,14 @@ class MultiCropBatch:
     local_crops: torch.Tensor | None
     """[N*B, 3, L, L], or None with no local crops."""
 
+    def to(self, device: torch.device | str) -> MultiCropBatch:
+        local = self.local_crops.to(device) if self.local_crops is not None else None
+        return MultiCropBatch(self.global_crops.to(device), local)
+
+    def __len__(self) -> int:
+        """Images, not crops."""
+        return self.global_crops.shape[0] // 2
+
 
 def _adjust_hue(image: Image.Image, factor: float) -> Image.Image:
     """Rotate the hue by `factor` of a full turn (factor in [-0.5, 0.5]), in PIL's HSV space."""

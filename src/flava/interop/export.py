@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors.torch import save_file
 
-from ..config import ObjectivesConfig
+from ..config import FlavaConfig, ObjectivesConfig
 from ..data.processor import Processor
 from ..errors import CheckpointError
 from ..io.checkpoint import write_checkpoint_dir
@@ -19,8 +19,13 @@ from ..objectives.pretraining import PretrainingHeads
 from ..objectives.registry import OBJECTIVES
 from . import transformers as hf
 
-if TYPE_CHECKING:
-    from ..hub import Checkpoint
+
+class Checkpoint(Protocol):
+    """What export reads of `flava.hub.Checkpoint` (hub sits above interop: it cannot be imported)."""
+
+    path: Path
+    config: FlavaConfig
+    parts: dict[str, dict[str, torch.Tensor]]
 
 
 def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model_only: bool | None = None) -> list[str]:

@@ -1,18 +1,22 @@
-"""Saving a training run and resuming it exactly.
+"""Saving a training run's stateful parts and resuming them exactly (torchtitan's shape: the
+manager is handed what has state and knows no trainer).
 
-A checkpoint stores the model, heads, optimizer, scheduler, loss scaler, every process's RNG
-and stream positions, so a run resumed from it repeats the uninterrupted run step for step.
-Every process takes part (weights may be sharded); process 0 writes.
+A checkpoint stores the model's weights, the optimizer, scheduler and loss scaler, the loop's
+counters, the stage's own state, every process's RNG and stream positions, so a run resumed
+from it repeats the uninterrupted run step for step. Every process takes part (weights may be
+sharded); process 0 writes.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,9 +32,7 @@ from ..errors import CheckpointError
 from ..hub import Checkpoint, load_weights, read_checkpoint
 from ..io.checkpoint import PARTS, damage, split_parts, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, write_json_atomic
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
+from ..io.runs import RunDir
 
 STATE = "trainer_state.pt"
 STREAMS = "streams.json"
@@ -39,70 +41,37 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 FULL_OPTIM = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
 
 
-def _rng_state(trainer: Trainer) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if trainer.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(trainer.device)
-    return state
+@dataclass
+class TrainState:
+    """The loop's counters: steps taken and updates skipped for a non-finite loss or gradient."""
+
+    step: int = 0
+    nonfinite_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
 
 
-def save(trainer: Trainer) -> Path:
-    """Write checkpoints/step_N atomically, point latest.json at it, keep the newest k.
+@dataclass
+class Stateful:
+    """Everything a checkpoint saves and a resume restores."""
 
-    A failed write leaves the previous checkpoint and latest.json as they were and stops the run
-    with a CheckpointError on every process.
-    """
-    run, step = trainer.run, trainer.step
-    target = run.step(step)
-    flat = get_model_state_dict(trainer.model, options=FULL)
-    optimizer = get_optimizer_state_dict(trainer.model, trainer.optimizer, options=FULL)
-    streams = [{k: s.state() for k, s in trainer.streams.items()}]
-    rng = [_rng_state(trainer)]
-    if trainer.world > 1:
-        streams, rng = [None] * trainer.world, [None] * trainer.world
-        dist.all_gather_object(streams, {k: s.state() for k, s in trainer.streams.items()})
-        dist.all_gather_object(rng, _rng_state(trainer))
-    error = ""
-    if trainer.rank == 0:
-        parts = split_parts(flat, target)
-        bad = next((k for k, v in flat.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
-        state = {"step": step, "world": trainer.world, "optimizer": optimizer, "nonfinite_steps": trainer.nonfinite_steps,
-                 "scheduler": trainer.scheduler.state_dict(), "scaler": trainer.scaler.state_dict(), "rng": rng}
-        model = trainer.model
-
-        def fill(tmp: Path) -> None:
-            write_checkpoint_files(tmp, to_dict(model.config), parts,
-                                   extra={"objectives": to_dict(model.objectives), "train": to_dict(trainer.cfg)})
-            torch.save(state, tmp / STATE)
-            write_json_atomic(tmp / STREAMS, streams)
-            write_checksums(tmp)
-
-        try:
-            if bad is not None:
-                raise ValueError(f"weight {bad} is not finite; a checkpoint is never written with such weights")
-            run.checkpoints.mkdir(parents=True, exist_ok=True)
-            write_checkpoint_dir(target, fill)
-            run.point_latest(step, target)
-        except (OSError, RuntimeError, SafetensorError, ValueError) as e:
-            # torch.save and safetensors report a full disk as RuntimeError / SafetensorError.
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-            error = f"could not write the checkpoint of step {step} to {target} ({reason})"
-        else:
-            # Checkpoints past this one belong to a future a resumed run abandoned.
-            dirs = run.step_dirs()
-            newer = [p for p in dirs if p.name > target.name]
-            older = [p for p in dirs if p.name <= target.name]
-            for old in newer + older[: -trainer.cfg.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
-    if trainer.world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        kept = run.intact_pointer()
-        raise CheckpointError(error + (f"; the previous checkpoint {kept.name} is intact: free space and resume with "
-                                       "--resume" if kept else "; no earlier checkpoint exists"))
-    return target
+    model: nn.Module
+    """The saved module: its parts are io.checkpoint.PARTS; it carries `config` and `objectives`."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    streams: dict
+    """Data streams by kind (`state()` / `load_states(every process's)`)."""
+    progress: TrainState
+    stage: Any
+    """The stage's own state (`state_dict()` / `load_state_dict()`), beside the weights."""
+    settings: Any
+    """The run's settings, recorded with the weights (a resume can read them from there)."""
 
 
 def _read(target: Path) -> tuple[Checkpoint, dict, list]:
@@ -138,62 +107,145 @@ def _choose(run, notes: list[str]) -> tuple[Path, tuple] | None:
     raise CheckpointError(f"no intact checkpoint in {run.checkpoints}: " + "; ".join(notes))
 
 
-def resume(trainer: Trainer) -> list[str] | None:
-    """Load the run's newest intact checkpoint into `trainer` and return notes on what was passed
-    over (damaged checkpoints, leftovers of killed writes); None when the run has no checkpoint
-    yet; a CheckpointError when none is intact. Process 0 chooses; every process loads its choice."""
-    run = trainer.run
-    notes: list[str] = []
-    choice, error = None, ""
-    if trainer.rank == 0:
-        notes += [f"removed {p.name}, left by a write that was killed" for p in run.remove_orphans()]
+
+class CheckpointManager:
+    """`OUTPUT/checkpoints/step_N` directories, `latest.json` and the newest `keep_last` of them."""
+
+    def __init__(self, run: RunDir, keep_last: int, rank: int, world: int, device: torch.device):
+        self.run, self.keep_last, self.rank, self.world, self.device = run, keep_last, rank, world, device
+
+    def _rng_state(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _gathered(self, mine) -> list:
+        if self.world == 1:
+            return [mine]
+        values = [None] * self.world
+        dist.all_gather_object(values, mine)
+        return values
+
+    def save(self, parts: Stateful) -> Path:
+        """Write checkpoints/step_N atomically, point latest.json at it, keep the newest k.
+
+        A failed write leaves the previous checkpoint and latest.json as they were and stops the run
+        with a CheckpointError on every process.
+        """
+        run, step = self.run, parts.progress.step
+        target = run.step(step)
+        flat = get_model_state_dict(parts.model, options=FULL)
+        optimizer = get_optimizer_state_dict(parts.model, parts.optimizer, options=FULL)
+        streams = self._gathered({k: s.state() for k, s in parts.streams.items()})
+        rng = self._gathered(self._rng_state())
+        error = ""
+        if self.rank == 0:
+            error = self._write(parts, target, flat, optimizer, streams, rng)
+        if self.world > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            kept = run.intact_pointer()
+            raise CheckpointError(error + (f"; the previous checkpoint {kept.name} is intact: free space and resume "
+                                           "with --resume" if kept else "; no earlier checkpoint exists"))
+        return target
+
+    def _write(self, parts: Stateful, target: Path, flat: dict, optimizer: dict, streams: list, rng: list) -> str:
+        """Process 0's write; returns what went wrong, or ''."""
+        run, step, model = self.run, parts.progress.step, parts.model
+        split = split_parts(flat, target)
+        bad = next((k for k, v in flat.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        state = {**parts.progress.state_dict(), "world": self.world, "optimizer": optimizer,
+                 "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
+                 "stage": parts.stage.state_dict()}
+
+        def fill(tmp: Path) -> None:
+            write_checkpoint_files(tmp, to_dict(model.config), split,
+                                   extra={"objectives": to_dict(model.objectives), "train": to_dict(parts.settings)})
+            torch.save(state, tmp / STATE)
+            write_json_atomic(tmp / STREAMS, streams)
+            write_checksums(tmp)
+
         try:
-            choice = _choose(run, notes)
-        except CheckpointError as e:
-            error = str(e)
-    if trainer.world > 1:
-        box = [(choice[0].name if choice else None, error)]
-        dist.broadcast_object_list(box, src=0)
-        name, error = box[0]
-        if trainer.rank != 0 and name is not None and not error:
-            target = run.checkpoints / name
-            choice = target, _read(target)
-    if error:
-        raise CheckpointError(error)
-    if choice is None:
-        return None
-    target, (ckpt, state, all_streams) = choice
-    for k, stream in trainer.streams.items():
-        saved = [s.get(k) for s in all_streams]
-        if any(s is None for s in saved):
-            raise CheckpointError(f"{target} holds no {k} stream state: resume with the data the run was started with")
-        stream.load_states(saved)
-    pointed = run.intact_pointer()
-    model = trainer.model
-    # A joint or unimodal stage holds model, heads (and a codebook); a DINO stage holds dino.
-    parts = {p: ckpt.parts.get(p) or {} for p in PARTS if getattr(model, p, None) is not None}
-    if trainer.world == 1:  # checked loads: one clear error for any mismatch
-        for part, sd in parts.items():
-            load_weights(getattr(model, part), sd, part, target)
-    else:  # weights may be sharded: the distributed-aware setter
-        flat = {f"{part}.{k}": v for part, sd in parts.items() for k, v in sd.items()}
-        set_model_state_dict(model, flat, options=FULL)
-    set_optimizer_state_dict(model, trainer.optimizer, state["optimizer"], options=FULL_OPTIM)
-    # Loading first gives every parameter AdamW state (one zero-gradient step); a parameter that
-    # had none when the checkpoint was written (not yet trained by any step) must start fresh, as
-    # in the uninterrupted run, or its bias correction would count one step too many.
-    saved = state["optimizer"].get("state", {})
-    for name, p in model.named_parameters():
-        if name not in saved:
-            trainer.optimizer.state.pop(p, None)
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    rng = state["rng"][min(trainer.rank, len(state["rng"]) - 1)]
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and trainer.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], trainer.device)
-    trainer.step = int(state["step"])
-    trainer.nonfinite_steps = int(state.get("nonfinite_steps", 0))
-    if trainer.rank == 0 and pointed != target:
-        run.point_latest(trainer.step, target)
-    return notes
+            if bad is not None:
+                raise ValueError(f"weight {bad} is not finite; a checkpoint is never written with such weights")
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            write_checkpoint_dir(target, fill)
+            run.point_latest(step, target)
+        except (OSError, RuntimeError, SafetensorError, ValueError) as e:
+            # torch.save and safetensors report a full disk as RuntimeError / SafetensorError.
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+            return f"could not write the checkpoint of step {step} to {target} ({reason})"
+        # Checkpoints past this one belong to a future a resumed run abandoned.
+        dirs = run.step_dirs()
+        newer = [p for p in dirs if p.name > target.name]
+        older = [p for p in dirs if p.name <= target.name]
+        for old in newer + older[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return ""
+
+    def resume(self, parts: Stateful) -> list[str] | None:
+        """Load the run's newest intact checkpoint into `parts` and return notes on what was passed
+        over (damaged checkpoints, leftovers of killed writes); None when the run has no checkpoint
+        yet; a CheckpointError when none is intact. Process 0 chooses; every process loads its choice."""
+        run = self.run
+        notes: list[str] = []
+        choice, error = None, ""
+        if self.rank == 0:
+            notes += [f"removed {p.name}, left by a write that was killed" for p in run.remove_orphans()]
+            try:
+                choice = _choose(run, notes)
+            except CheckpointError as e:
+                error = str(e)
+        if self.world > 1:
+            box = [(choice[0].name if choice else None, error)]
+            dist.broadcast_object_list(box, src=0)
+            name, error = box[0]
+            if self.rank != 0 and name is not None and not error:
+                target = run.checkpoints / name
+                choice = target, _read(target)
+        if error:
+            raise CheckpointError(error)
+        if choice is None:
+            return None
+        target, (ckpt, state, all_streams) = choice
+        for k, stream in parts.streams.items():
+            saved = [s.get(k) for s in all_streams]
+            if any(s is None for s in saved):
+                raise CheckpointError(f"{target} holds no {k} stream state: resume with the data the run was started "
+                                      "with")
+            stream.load_states(saved)
+        pointed = run.intact_pointer()
+        self._load_weights(parts, ckpt, state, target)
+        parts.scheduler.load_state_dict(state["scheduler"])
+        parts.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"][min(self.rank, len(state["rng"]) - 1)]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        parts.progress.load_state_dict(state)
+        parts.stage.load_state_dict(state.get("stage", {}))  # checkpoints before stages had state: none
+        if self.rank == 0 and pointed != target:
+            run.point_latest(parts.progress.step, target)
+        return notes
+
+    def _load_weights(self, parts: Stateful, ckpt: Checkpoint, state: dict, target: Path) -> None:
+        model, optimizer = parts.model, parts.optimizer
+        # A joint or unimodal stage holds model, heads (and a codebook); a DINO stage holds dino.
+        weights = {p: ckpt.parts.get(p) or {} for p in PARTS if getattr(model, p, None) is not None}
+        if self.world == 1:  # checked loads: one clear error for any mismatch
+            for part, sd in weights.items():
+                load_weights(getattr(model, part), sd, part, target)
+        else:  # weights may be sharded: the distributed-aware setter
+            flat = {f"{part}.{k}": v for part, sd in weights.items() for k, v in sd.items()}
+            set_model_state_dict(model, flat, options=FULL)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL_OPTIM)
+        # Loading first gives every parameter AdamW state (one zero-gradient step); a parameter that
+        # had none when the checkpoint was written (not yet trained by any step) must start fresh, as
+        # in the uninterrupted run, or its bias correction would count one step too many.
+        saved = state["optimizer"].get("state", {})
+        for name, p in model.named_parameters():
+            if name not in saved:
+                optimizer.state.pop(p, None)

@@ -1,4 +1,7 @@
-"""`flava pretrain` settings. Every field can be set with `--set section.field=value`."""
+"""`flava pretrain` settings. Every field can be set with `--set section.field=value`.
+
+The defaults are the paper's (base model, Table A.1's optimisation scaled to the run's batch);
+the presets, the CPU demo's settings and the scaling are in `train.presets`."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from ..config import (
-    PRESETS,
     FlavaConfig,
     NonNegative,
     NonNegativeInt,
@@ -15,10 +17,8 @@ from ..config import (
     PositiveInt,
     Probability,
     Range,
-    from_dict,
     preset,
 )
-from ..io.files import read_json
 from ..objectives.dino import DinoConfig
 
 
@@ -78,10 +78,10 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW, linear warmup then cosine decay."""
+    """AdamW, linear warmup then cosine decay (defaults: the paper's, Table A.1)."""
 
-    lr: Positive = 5e-4
-    """Peak learning rate."""
+    lr: Positive = 1e-3
+    """Peak learning rate at `reference_batch` (when that is set; else as given)."""
     weight_decay: NonNegative = 0.1
     """AdamW weight decay (not applied to norms, biases, tokens and the logit scale)."""
     beta1: Annotated[float, Range(0, 1, high_open=True)] = 0.9
@@ -90,8 +90,14 @@ class OptimConfig:
     """AdamW's second-moment decay."""
     eps: Positive = 1e-8
     """AdamW's epsilon."""
-    warmup_steps: NonNegativeInt = 50
-    """Steps of linear warmup from 0 to `lr`; cosine decay after."""
+    warmup_steps: NonNegativeInt = 10_000
+    """Steps of linear warmup from 0 to `lr` at `reference_batch` (when that is set; else as given);
+    cosine decay after."""
+    reference_batch: NonNegativeInt = 8192
+    """The global batch `lr` and `warmup_steps` are given for (the paper's 8,192). A run with another
+    global batch (processes x data.batch_size x grad_accumulation) scales lr by the square root of
+    the ratio (never above lr) and keeps the warm-up's samples, up to the paper's share of the run
+    (train/presets.py says why) and prints what it chose. 0: lr and warmup_steps as given."""
     min_lr_ratio: Probability = 0.0
     """Final learning rate as a share of `lr`."""
     init_lr_scale: Probability = 1.0
@@ -110,7 +116,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    model: FlavaConfig = field(default_factory=lambda: preset("tiny"))
+    model: FlavaConfig = field(default_factory=lambda: preset("base"))
     """The model (a preset's fields)."""
     objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     """Loss weights, ITM negatives, masking."""
@@ -124,8 +130,9 @@ class TrainConfig:
     `init_image` takes from it) or 'joint'."""
     dino: DinoConfig = field(default_factory=DinoConfig)
     """DINO's head, loss, schedules and multi-crop views (stage 'image-dino' only)."""
-    max_steps: PositiveInt = 400
-    """Optimizer steps (the default fits the tiny demo run in under 10 minutes on 2 cores)."""
+    max_steps: PositiveInt = 214_286
+    """Optimizer steps (the paper's: PMD drawn for 150k updates at probability 0.70); the cosine
+    decays over them."""
     seed: int = 0
     """Seeds initialisation, the data order, crops, masks and ITM negatives."""
     log_every: PositiveInt = 10
@@ -168,11 +175,3 @@ class TrainConfig:
     counted) before the run stops as diverged."""
     tensorboard: bool = True
     """Also write the logged metrics as TensorBoard events to OUTPUT/tensorboard."""
-
-
-def train_config(spec: str) -> TrainConfig:
-    """Training settings from a model preset name (tiny, small, base; the rest default) or a
-    JSON file of settings."""
-    if spec in PRESETS:
-        return TrainConfig(model=preset(spec))
-    return from_dict(TrainConfig, read_json(spec, "settings file"))

@@ -65,14 +65,21 @@ def saved_settings(output: Path) -> TrainConfig | None:
     path = Path(output) / SETTINGS
     try:
         if path.is_file():
-            return from_dict(TrainConfig, read_json(path, "run settings"))
+            return from_dict(TrainConfig, _written_before_scaling(read_json(path, "run settings")))
         latest = RunDir(Path(output)).intact_pointer()
         if latest is not None and "train" in (meta := read_config(latest)):
-            return from_dict(TrainConfig, meta["train"], "train")
+            return from_dict(TrainConfig, _written_before_scaling(meta["train"]), "train")
     except (ConfigError, CheckpointError) as e:
         raise ConfigError(f"the settings of the run in {output} are damaged ({e}); restore {path} or start a "
                           "new run") from None
     return None
+
+
+def _written_before_scaling(settings: dict) -> dict:
+    """Settings saved before optim.reference_batch existed meant lr and warmup_steps as given."""
+    if isinstance(settings.get("optim"), dict):
+        settings["optim"].setdefault("reference_batch", 0)
+    return settings
 
 
 def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
@@ -177,6 +184,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps; batch {cfg.data.batch_size}{procs}; "
                   f"{cfg.precision} on {trainer.device}; writing to {output}")
     console.print(f"data: {data}")
+    if trainer.optimisation.note:
+        console.print(trainer.optimisation.note)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     with progress_bar(console) as progress:

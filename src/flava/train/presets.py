@@ -1,0 +1,100 @@
+"""Training presets and the scaling of the paper's optimisation to the batch a run trains with.
+
+`--config small` and `--config base` train with the paper's optimisation (Table A.1: AdamW, lr
+1e-3, weight decay 0.1, betas (0.9, 0.999), 10,000 warm-up updates, warm-up then cosine, global
+batch 8,192; B.1: PMD drawn 150k times at p = 0.70, so about 214k updates), which are
+`OptimConfig`'s and `TrainConfig`'s defaults. `--config tiny` (and `flava pretrain` with no
+`--config`) is the CPU demo's: its own rate, warm-up and length, tuned on the demo data
+(BENCHMARKS.md), used as given.
+
+How a run's global batch B (processes x data.batch_size x optim.grad_accumulation) changes the
+paper's numbers, when `optim.reference_batch` is set (the paper's 8,192):
+
+- the learning rate follows the square root of B / 8,192 (never above the paper's rate). Adam's
+  update is normalised per coordinate, so the noise in a step shrinks with the square root of the
+  batch, not linearly: the square-root rule keeps the training dynamics alike across batches
+  (Malladi et al., 2022, "On the SDEs and scaling rules for adaptive gradient algorithms"; Hoffer
+  et al., 2017), whereas the linear rule (Goyal et al., 2017) is SGD's and, at the 32-256 sample
+  batches of one machine, would cut the rate 32-256 fold where sqrt cuts it 6-16 fold. Above
+  8,192 the paper's rate is kept: it reports 1e-3 as already the large rate that needs the long
+  warm-up and weight decay to not diverge.
+- the warm-up spans the paper's number of warm-up samples (10,000 x 8,192), now ceil(81.92M / B)
+  steps, but at most the share of the run the paper warms up for (10,000 of its ~214k updates):
+  at small batches the sample rule alone would warm up for longer than any run a machine makes,
+  and the rate would never reach its peak.
+- max_steps is the run's own (`--max-steps`); the cosine decays over it.
+
+The run prints what it trains with at the start (`Optimisation.note`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..config import PRESETS, from_dict, preset
+from ..io.files import read_json
+from .config import OptimConfig, TrainConfig
+
+PAPER_BATCH = 8192
+PAPER_WARMUP = 10_000
+PAPER_STEPS = round(150_000 / 0.70)
+"""The paper's updates: PMD drawn for 150k of them at sampling probability 0.70 (B.1, Table A.2)."""
+WARMUP_SHARE = PAPER_WARMUP / PAPER_STEPS
+
+# The CPU demo's settings (tiny preset, demo data): measured in BENCHMARKS.md; the demo and its
+# figures depend on them, so they change only with a new measurement.
+DEMO_LR = 5e-4
+DEMO_WARMUP_STEPS = 50
+DEMO_MAX_STEPS = 400
+DEMO_BATCH_SIZE = 32
+
+
+def demo_config(**fields) -> TrainConfig:
+    """The CPU demo's training settings (the tiny preset): `fields` set top-level fields."""
+    cfg = TrainConfig(model=preset("tiny"), max_steps=DEMO_MAX_STEPS)
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.reference_batch = DEMO_LR, DEMO_WARMUP_STEPS, 0
+    cfg.data.batch_size = DEMO_BATCH_SIZE
+    for k, v in fields.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def train_config(spec: str) -> TrainConfig:
+    """Training settings from a preset name (tiny: the demo's; small, base: the paper's
+    optimisation with that model) or a JSON file of settings (the rest: the paper's defaults)."""
+    if spec == "tiny":
+        return demo_config()
+    if spec in PRESETS:
+        return TrainConfig(model=preset(spec))
+    return from_dict(TrainConfig, read_json(spec, "settings file"))
+
+
+@dataclass
+class Optimisation:
+    """The rate and warm-up a run trains with, and a sentence saying how they were chosen."""
+
+    lr: float
+    warmup_steps: int
+    note: str
+
+
+def scaled_optimisation(optim: OptimConfig, global_batch: int, max_steps: int) -> Optimisation:
+    """`optim`'s lr and warm-up as given (reference_batch 0), or scaled from its reference batch
+    to `global_batch` as the module docstring says."""
+    if not optim.reference_batch:
+        return Optimisation(optim.lr, optim.warmup_steps, "")
+    ref = optim.reference_batch
+    lr = optim.lr * min(1.0, math.sqrt(global_batch / ref))
+    by_samples = math.ceil(optim.warmup_steps * ref / global_batch)
+    cap = math.ceil(WARMUP_SHARE * max_steps)
+    warmup = min(by_samples, cap)
+    why = (f"the same {optim.warmup_steps * ref:,} warm-up samples" if warmup == by_samples else
+           f"{WARMUP_SHARE:.1%} of the {max_steps:,}-step run, the paper's share; its {optim.warmup_steps * ref:,} "
+           f"warm-up samples would take {by_samples:,} steps")
+    note = (f"optimisation: AdamW with lr {optim.lr:g} and {optim.warmup_steps:,} warm-up steps given for a global "
+            f"batch of {ref:,}, scaled to this run's {global_batch:,}: lr {lr:.3g} (x sqrt({global_batch:,}/{ref:,})"
+            + (", capped at the given rate" if global_batch > ref else "") + f"), warm-up {warmup:,} steps ({why}), "
+            f"then cosine to {optim.min_lr_ratio:g} x lr over {max_steps:,} steps; weight decay {optim.weight_decay:g}, "
+            f"betas ({optim.beta1:g}, {optim.beta2:g}). Set optim.reference_batch=0 to use lr and warmup_steps as given")
+    return Optimisation(lr, warmup, note)

@@ -1,0 +1,116 @@
+"""Stages `joint`, `text-mlm` and `image-mim`: the FLAVA model and its heads (`PretrainingModel`)
+trained by the objectives of the data kind each step draws.
+
+What is theirs: the model (fresh, from `init`, with encoders from `init_image` / `init_text` /
+`init_multimodal`), the codebook check of prepared shards, DDP with unused parameters (a step
+trains one data kind) or FSDP by blocks, the slower rate of initialised encoders, and the
+contrastive logit scale's clamp after each update.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.pipeline import SampleMaker, SampleSpec
+from ..errors import ConfigError
+from ..hub import load_codebook, pretraining_from_checkpoint, read_checkpoint
+from ..model.layers import Block
+from ..objectives.pretraining import PretrainingModel
+from ..objectives.registry import active, needs_image_tokens
+from .stage import Stage, StageOutput
+
+
+class PretrainingStage(Stage):
+    """The joint stage and the unimodal ones: which encoders train follows from the data kinds."""
+
+    name = "pretraining"
+
+    def trained_kinds(self) -> set[str]:
+        return {r.kind for r in active(self.cfg.objectives)}
+
+    def sample_maker(self):
+        cfg = self.cfg
+        spec = SampleSpec.for_model(cfg.model, cfg.objectives, cfg.data.max_text_length, cfg.data.crop_scale_min)
+        return SampleMaker(spec, cfg.seed)
+
+    def build(self) -> dict[str, str]:
+        cfg = self.cfg
+        codebook = load_codebook(cfg.codebook) if cfg.codebook else None
+        if cfg.init:
+            self.model, _ = pretraining_from_checkpoint(read_checkpoint(cfg.init), cfg.objectives, codebook)
+            cfg.model = self.model.config  # the data pipeline must match the checkpoint's model
+        else:
+            self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
+        self.initialised: dict[str, str] = {}
+        if cfg.init_image or cfg.init_text or cfg.init_multimodal:
+            from .init import initialise_encoders
+
+            self.initialised = initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
+                                                   multimodal=cfg.init_multimodal)
+        return self.initialised
+
+    def open_data(self, streams: dict, world: int) -> None:
+        """Prepared shards carry image-token ids from one codebook: the run's must be that one
+        (or none, when every source that needs targets is prepared)."""
+        codebook, cfg = self.model.codebook, self.cfg
+        for kind, stream in streams.items():
+            for s in stream.streams:
+                info = s.source.prepared
+                if info is None:
+                    if codebook is None and needs_image_tokens(cfg.objectives, (kind,)):
+                        raise ConfigError(
+                            f"MIM/MMM need image tokens, but the {kind} data {s.source.name} has none precomputed and "
+                            "no codebook is given: train one with `flava train-codebook --images ... --output CB` and "
+                            "pass --set codebook=CB, make the shards with `flava prepare --codebook CB`, or set "
+                            "objectives.mim_weight=0 and objectives.mmm_image_weight=0")
+                    continue
+                if codebook is not None and info.get("codebook") != codebook.fingerprint():
+                    raise ConfigError(
+                        f"{s.source.name} holds image tokens of another codebook ({info.get('codebook')}) than "
+                        f"{cfg.codebook} ({codebook.fingerprint()}): train with that codebook or none")
+                grid = int(info.get("grid", -1))
+                if grid != cfg.model.image.grid_size:
+                    raise ConfigError(f"{s.source.name} was prepared for a {grid}x{grid} patch grid; the model has "
+                                      f"{cfg.model.image.grid_size}x{cfg.model.image.grid_size}")
+
+    def block_stacks(self) -> list[nn.Module]:
+        return self.model.model.block_stacks()
+
+    def wrap(self, world: int, device: torch.device) -> nn.Module:
+        if world == 1:
+            return self.model
+        if self.cfg.distributed == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            # Blocks, then what holds the rest; FlavaModel itself is not sharded because FSDP
+            # cannot shard the scalar logit scale, whose gradient the loop averages itself.
+            for m in list(self.model.modules()):
+                if isinstance(m, Block):
+                    fully_shard(m)
+            # Units must be modules whose forward is called (the heads are called one by one);
+            # parameter holders without a forward (the sigmoid loss's temperature and bias) stay
+            # replicated like the logit scale.
+            for m in [*self.model.model.children(), *self.model.heads.children()]:
+                if type(m).forward is not torch.nn.Module.forward:
+                    fully_shard(m)
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Each step trains one data kind, so every step leaves some parameters unused.
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+
+    def optimized(self) -> tuple[nn.Module, tuple[str, ...]]:
+        # Encoders initialised from unimodal stages may learn more slowly (optim.init_lr_scale).
+        scaled = self.cfg.optim.init_lr_scaled
+        return self.model, tuple(f"model.{name}_encoder." for name in self.initialised if name in scaled)
+
+    def forward(self, module: nn.Module, batch, generator: torch.Generator, step: int) -> StageOutput:
+        out = module(batch, generator)
+        return StageOutput(out.losses.total, out.losses.named(), dict(out.metrics))
+
+    def after_update(self, step: int, finite: bool) -> dict[str, float]:
+        if finite:
+            self.model.model.clamp_logit_scale()
+        return {}

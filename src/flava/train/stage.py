@@ -1,0 +1,123 @@
+"""The contract between the training loop and a stage: what a stage supplies.
+
+A stage (joint, text-mlm, image-mim, image-dino, or one of yours) owns what differs between
+them: the modules it trains and saves, how they are wrapped for DDP/FSDP, which parameters the
+optimizer steps and clips, the forward that returns losses, what follows the optimizer step
+(DINO's EMA teacher, the contrastive logit scale's clamp) and any state its checkpoints must
+carry beyond the weights. The loop (`train.trainer`) owns the rest once: data, autocast,
+accumulation, clipping, the non-finite guard, logging and checkpointing.
+
+Pass an instance as `Trainer(cfg, output, stage=...)` to train a stage the registry does not
+know; `cfg.stage` then only names the data kinds it draws, unless the stage says otherwise.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+# The data kinds each built-in stage draws from.
+STAGE_KINDS = {"joint": ("pairs", "images", "text"), "text-mlm": ("text",), "image-mim": ("images",),
+               "image-dino": ("images",)}
+
+
+@dataclass
+class StageOutput:
+    """One micro-batch's result: the loss to back-propagate, and what to log of it."""
+
+    total: torch.Tensor
+    """The scalar the loop scales, divides by the accumulation count and back-propagates."""
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named losses (logged under `losses`)."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Other scalars averaged like the losses (logged under `metrics`)."""
+
+
+class Stage(ABC):
+    """A stage's defaults: one module trained whole, not wrapped on one process, no extra state.
+
+    `model` (set by `build`) is the module checkpoints save; it carries `config` and `objectives`
+    (the run's, recorded with the weights) and its parts are those of `io.checkpoint.PARTS`.
+    """
+
+    name = "stage"
+    model: nn.Module
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ---- what it trains on
+
+    def kinds(self) -> tuple[str, ...]:
+        """The data kinds the stage draws from, before those without data are left out."""
+        if self.cfg.stage not in STAGE_KINDS:
+            raise ConfigError(f"unknown stage {self.cfg.stage!r}; choose one of {', '.join(STAGE_KINDS)}")
+        return STAGE_KINDS[self.cfg.stage]
+
+    def trained_kinds(self) -> set[str]:
+        """The kinds some objective of this stage has a positive weight on."""
+        return set(self.kinds())
+
+    @abstractmethod
+    def sample_maker(self):
+        """What turns a record into a sample (crops, masks, tokens) for the data streams."""
+
+    # ---- what it builds
+
+    @abstractmethod
+    def build(self) -> dict[str, str]:
+        """Create `self.model` (on the CPU) and return what was initialised from elsewhere, by
+        encoder, as sentences the run prints."""
+
+    def open_data(self, streams: dict, world: int) -> None:
+        """Once the streams are open: refuse data the stage cannot train on, or read what it
+        needs to know of it."""
+
+    def block_stacks(self) -> list[nn.Module]:
+        """The transformer stacks activation checkpointing applies to."""
+        return []
+
+    def wrap(self, world: int, device: torch.device) -> nn.Module:
+        """The module the forward runs through: `self.model`, or its DDP/FSDP form."""
+        if world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def optimized(self) -> tuple[nn.Module, tuple[str, ...]]:
+        """The module whose parameters the optimizer steps, and the name prefixes of those that
+        learn at `optim.init_lr_scale` x lr."""
+        return self.model, ()
+
+    def clipped(self):
+        """The parameters whose gradient norm is clipped (and logged)."""
+        return self.model.parameters()
+
+    # ---- the step
+
+    @abstractmethod
+    def forward(self, module: nn.Module, batch, generator: torch.Generator, step: int) -> StageOutput:
+        """The losses of one micro-batch of step `step` (0-based), run through `module`."""
+
+    def before_update(self, step: int) -> None:
+        """After clipping, before the optimizer step (e.g. gradients a schedule cancels)."""
+
+    def after_update(self, step: int, finite: bool) -> dict[str, float]:
+        """After the optimizer step (`finite`: whether it updated); extra metrics to log."""
+        return {}
+
+    # ---- checkpoints
+
+    def state_dict(self) -> dict:
+        """State the stage keeps outside `model` that a resumed run needs."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s result."""
