@@ -225,11 +225,11 @@ def test_a_plain_path_is_a_list_of_sources_and_a_failed_start_leaves_nothing(tra
 
 def test_config_show_piped_prints_every_description_whole():
     from flava.config import describe
-    from flava.train.config import TrainConfig
+    from flava.train.presets import demo_config
 
     out = subprocess.run([sys.executable, "-m", "flava.cli", "config", "show"], env=env(), capture_output=True,
                          text=True, timeout=60, check=True).stdout.splitlines()
-    for key, value, doc in describe(TrainConfig()):
+    for key, value, doc in describe(demo_config()):  # what `config show` shows without --config
         assert f"{key} = {json.dumps(value)}  # {doc}" in out, key
 
 
