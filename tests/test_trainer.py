@@ -163,3 +163,35 @@ def test_a_stage_is_pluggable_and_its_state_resumes(data, tmp_path):
     again = Trainer(cfg, tmp_path, stage=Counting(cfg))
     assert again.resume() and again.step == 2 and again.stage.updates == 2
     assert [r["metrics"]["updates"] for r in again.fit()] == [3, 4]
+
+
+def test_steps_between_logs_wait_for_nothing_and_train_the_same(data, tmp_path, monkeypatch):
+    every = Trainer(config(data), tmp_path / "every").fit()
+    synced_at = []
+    settle = Trainer._settle
+
+    def counted(self):
+        synced_at.append(self.step)
+        return settle(self)
+
+    monkeypatch.setattr(Trainer, "_settle", counted)
+    sparse = Trainer(config(data, log_every=4, save_every=8), tmp_path / "sparse").fit()
+    # The host read the device only on the first, logged and saved steps; every row was filled in.
+    assert synced_at == [1, 4, 8]
+    assert [(r["step"], r["loss"], r["grad_norm"]) for r in sparse] == [(r["step"], r["loss"], r["grad_norm"])
+                                                                     for r in every]
+    logged = [json.loads(x)["step"] for x in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [4, 8] and all(r["samples_per_s"] > 0 for r in sparse)
+
+
+def test_a_non_finite_update_is_skipped_on_the_device(data, tmp_path):
+    from flava.errors import DivergedError
+
+    cfg = config(data, log_every=4, save_every=100, max_nonfinite_steps=2)
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 1e30, 0, 0.0
+    t = Trainer(cfg, tmp_path / "run")
+    with pytest.raises(DivergedError, match="in a row"):
+        t.fit()
+    # The stop came at a sync point, after steps whose updates the optimizer skipped by itself.
+    assert t.step in (4, 8) and t.nonfinite_steps >= 2
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())

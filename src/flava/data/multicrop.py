@@ -74,9 +74,13 @@ class MultiCropBatch:
     local_crops: torch.Tensor | None
     """[N*B, 3, L, L], or None with no local crops."""
 
-    def to(self, device: torch.device | str) -> MultiCropBatch:
-        local = self.local_crops.to(device) if self.local_crops is not None else None
-        return MultiCropBatch(self.global_crops.to(device), local)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiCropBatch:
+        local = self.local_crops.to(device, non_blocking=non_blocking) if self.local_crops is not None else None
+        return MultiCropBatch(self.global_crops.to(device, non_blocking=non_blocking), local)
+
+    def pin_memory(self) -> MultiCropBatch:
+        local = self.local_crops.pin_memory() if self.local_crops is not None else None
+        return MultiCropBatch(self.global_crops.pin_memory(), local)
 
     def __len__(self) -> int:
         """Images, not crops."""

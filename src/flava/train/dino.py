@@ -114,8 +114,9 @@ class DinoStage(Stage):
     def before_update(self, step: int) -> None:
         self.model.dino.cancel_last_layer_grad(self.epoch(step))
 
-    def after_update(self, step: int, finite: bool) -> dict[str, float]:
+    def after_update(self, step: int, finite: torch.Tensor) -> dict[str, float]:
         momentum = float(self.teacher_momentum[min(step, len(self.teacher_momentum) - 1)])
-        if finite:  # a skipped update leaves the student as it was; so does the teacher
+        # A skipped update leaves the student as it was; so does the teacher (a host sync a step).
+        if bool(finite):
             self.model.dino.step_teacher(momentum)
         return {"teacher_momentum": momentum, "epoch": self.epoch(step)}

@@ -110,7 +110,7 @@ class PretrainingStage(Stage):
         out = module(batch, generator)
         return StageOutput(out.losses.total, out.losses.named(), dict(out.metrics))
 
-    def after_update(self, step: int, finite: bool) -> dict[str, float]:
-        if finite:
-            self.model.model.clamp_logit_scale()
+    def after_update(self, step: int, finite: torch.Tensor) -> dict[str, float]:
+        # A skipped update left the scale as it was (clamped already): clamping needs no sync.
+        self.model.model.clamp_logit_scale()
         return {}

@@ -109,8 +109,10 @@ class Stage(ABC):
     def before_update(self, step: int) -> None:
         """After clipping, before the optimizer step (e.g. gradients a schedule cancels)."""
 
-    def after_update(self, step: int, finite: bool) -> dict[str, float]:
-        """After the optimizer step (`finite`: whether it updated); extra metrics to log."""
+    def after_update(self, step: int, finite: torch.Tensor) -> dict[str, float]:
+        """After the optimizer step; extra metrics to log. `finite` (a bool tensor on the device)
+        says whether it updated: reading it on the host syncs with the device, which the loop
+        otherwise does only on logged steps."""
         return {}
 
     # ---- checkpoints

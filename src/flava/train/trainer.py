@@ -17,7 +17,6 @@ processes train exactly like one process with N times the batch.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from pathlib import Path
@@ -109,6 +108,11 @@ class Trainer:
         self.probs = probs / probs.sum()
         self.progress = TrainState()
         self._nonfinite_run: list[int] = []
+        self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
+        """Steps whose numbers are still on the device: (row, values, names)."""
+        self._extra: list[dict] = []
+        self.synced: list[dict] = []
+        """The rows the latest synced step filled in."""
         torch.manual_seed(cfg.seed)
 
         self.initialised = self.stage.build()
@@ -233,14 +237,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self) -> dict:
-        """Forward and backward of each micro-batch of one data kind, then the update."""
+    def train_step(self, sync: bool = True) -> dict:
+        """Forward and backward of each micro-batch of one data kind, then the update. With
+        `sync` the row holds its numbers (and those of the steps before it that had none); without,
+        the step leaves the host free to run ahead of the device and its numbers come later."""
         cfg, step = self.cfg, self.step
         kind = step_kind(cfg.seed, step, self.kinds, self.probs)
         accum = cfg.optim.grad_accumulation
         sums, names, samples = None, ([], []), 0
         for micro in range(accum):
-            batch = self.streams[kind].next_batch().to(self.device)
+            batch = self._to_device(self.streams[kind].next_batch())
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
             with self._no_sync() if micro < accum - 1 else contextlib.nullcontext():
@@ -251,13 +257,26 @@ class Trainer:
             values = torch.stack([out.total.detach().float(),
                                   *(v.detach().float() for v in (*out.losses.values(), *out.metrics.values()))])
             sums = values / accum if sums is None else sums + values / accum
-        return {"step": step + 1, "kind": kind, **self._update(sums, *names), "samples": samples * self.world,
-                "lr": self.scheduler.get_last_lr()[0], "data_draws": {k: st.draws for k, st in self.streams.items()}}
+        row = {"step": step + 1, "kind": kind, "samples": samples * self.world,
+               "lr": self.scheduler.get_last_lr()[0], "data_draws": {k: st.draws for k, st in self.streams.items()}}
+        self._pending.append((row, self._update(sums), names))
+        if sync:
+            self.synced = self._settle()
+        return row
 
-    def _update(self, sums: torch.Tensor, losses: list[str], metrics: list[str]) -> dict:
+    def _to_device(self, batch):
+        """A host batch on the device: pinned and copied without blocking on CUDA (the copy
+        overlaps the host's next work), uint8 pixels normalised there."""
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def _update(self, sums: torch.Tensor) -> torch.Tensor:
         """The step's tail: average over processes, clip, the update unless something is not
-        finite, the stage's after-update, and the row's numbers. `.tolist()` is the step's one
-        host-device sync."""
+        finite, the stage's after-update. Returns the step's numbers on the device: [total,
+        losses..., metrics..., grad norm, finite]. The fused AdamW skips a non-finite update on
+        the device itself (its `found_inf`), so the step needs no host-device sync; fp16's
+        loss scaler, which decides on the host, and stages that must know (DINO's EMA) sync."""
         step = self.step
         self._sync_replicated()
         if self.world > 1:
@@ -267,30 +286,49 @@ class Trainer:
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.stage.clipped(), clip)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        norm = norm.detach().float().reshape(1).to(sums.device)
         self.stage.before_update(step)
-        values = torch.cat([sums, norm.detach().float().reshape(1).to(sums.device)]).tolist()  # one sync a step
         # fp16's loss scaler skips overflowing steps itself; anything else non-finite is divergence.
-        finite = math.isfinite(values[0]) and (math.isfinite(values[-1]) or self.scaler.is_enabled())
-        if finite:
-            self.scaler.step(self.optimizer)
+        finite = torch.isfinite(sums[0]) & (torch.isfinite(norm[0]) | self.scaler.is_enabled())
+        if self.scaler.is_enabled() or not self.optimizer.defaults.get("fused"):
+            if bool(finite):
+                self.scaler.step(self.optimizer)
+        else:
+            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        extra = self.stage.after_update(step, finite)
+        self._extra.append(self.stage.after_update(step, finite))
         self.progress.step += 1
-        self._guard(finite)
-        n = len(losses)
-        return {"loss": values[0], "losses": dict(zip(losses, values[1:1 + n])),
-                "metrics": {**dict(zip(metrics, values[1 + n:-1])), **extra}, "grad_norm": values[-1],
-                "update_skipped": not finite, "nonfinite_steps": self.nonfinite_steps}
+        return torch.cat([sums, norm, finite.float().reshape(1)])
 
-    def _guard(self, finite: bool) -> None:
+    def _settle(self) -> list[dict]:
+        """Fill in the rows of the steps that have not synced (one host-device sync for all of
+        them) and count their skipped updates; returns those rows, oldest first."""
+        pending, extras = self._pending, self._extra
+        self._pending, self._extra = [], []
+        # One read for every pending step; steps of different kinds hold different numbers of values.
+        flat = torch.cat([v for _, v, _ in pending]).tolist() if pending else []
+        bounds = np.cumsum([0] + [len(v) for _, v, _ in pending])
+        values = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        for (row, _, (losses, metrics)), v, extra in zip(pending, values, extras):
+            n = len(losses)
+            finite = v[-1] > 0
+            row.update({"loss": v[0], "losses": dict(zip(losses, v[1:1 + n])),
+                        "metrics": {**dict(zip(metrics, v[1 + n:-2])), **extra}, "grad_norm": v[-2],
+                        "update_skipped": not finite})
+            self._guard(finite, row["step"])
+            row["nonfinite_steps"] = self.nonfinite_steps
+        return [row for row, _, _ in pending]
+
+    def _guard(self, finite: bool, step: int) -> None:
         """Count steps whose update was skipped for a non-finite loss or gradient."""
         if finite:
             self._nonfinite_run = []
         else:
             self.progress.nonfinite_steps += 1
-            self._nonfinite_run.append(self.step)
+            self._nonfinite_run.append(step)
 
     def _check_divergence(self) -> None:
         """Stop the run when `max_nonfinite_steps` updates in a row were skipped."""
@@ -304,23 +342,34 @@ class Trainer:
                 + ("resume with --resume --override" if latest else "start again"))
 
     def fit(self, max_steps: int | None = None) -> list[dict]:
+        """Train to `max_steps` (default: the config's). The host syncs with the device only on
+        the first step, logged steps, saves and the last step; rows between them are filled in
+        then, and samples/s is measured over each such interval."""
         end = min(self.cfg.max_steps, max_steps if max_steps is not None else self.cfg.max_steps)
         rows = []
         log = MetricsLog(self.output, self.cfg.tensorboard)
-        start = time.perf_counter()
+        first, start, samples = self.step, time.perf_counter(), 0
         with log if self.rank == 0 else contextlib.nullcontext():
             while self.step < end:
-                row = self.train_step()
-                row["samples_per_s"] = row["samples"] / max(1e-9, time.perf_counter() - start)
-                start = time.perf_counter()
+                n = self.step + 1
+                save = n % self.cfg.save_every == 0 or n == self.cfg.max_steps
+                logged = n % self.cfg.log_every == 0 or n == end
+                row = self.train_step(sync=save or logged or n == first + 1)
                 rows.append(row)
-                if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == end):
-                    row["skipped"], row["bad_records"] = self.skipped(), self.bad_records()
-                    row["samples_by_source"] = self.samples_by_source()
-                    log.write(row)
-                self.log(row)
+                samples += row["samples"]
+                if "loss" not in row:
+                    continue
+                rate = samples / max(1e-9, time.perf_counter() - start)
+                start, samples = time.perf_counter(), 0
+                for settled in self.synced:
+                    settled["samples_per_s"] = rate
+                    if self.rank == 0 and (settled["step"] % self.cfg.log_every == 0 or settled["step"] == end):
+                        settled["skipped"], settled["bad_records"] = self.skipped(), self.bad_records()
+                        settled["samples_by_source"] = self.samples_by_source()
+                        log.write(settled)
+                    self.log(settled)
                 self._check_divergence()
-                if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+                if save:
                     self.save()
         if self.rank == 0 and log.path.is_file():
             plot_losses(log.path, self.output / "loss_curves.png")
