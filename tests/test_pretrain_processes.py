@@ -152,7 +152,7 @@ def test_the_encoders_layer_norms_run_in_float32_under_autocast(train_data, tmp_
     for name, m in trainer.model.model.named_modules():
         if isinstance(m, torch.nn.LayerNorm):
             m.register_forward_hook(lambda mod, inp, out, name=name: seen.append((name, inp[0].dtype, out.dtype)))
-    batch = trainer.streams["pairs"].next_batch()
+    batch = trainer.streams["pairs"].next_batch().to(trainer.device)  # uint8 pixels become the model's inputs
     with trainer.autocast():
         out = trainer.model(batch, torch.Generator().manual_seed(0))
     # The residual stream stays float32 (float32 + bfloat16 sums), so every norm reads and writes float32.
