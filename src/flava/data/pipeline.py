@@ -117,7 +117,7 @@ class SampleMaker:
             raise BadSample("empty caption" if caption else "empty text")
         if caption and len(text) > self.spec.max_caption_chars:
             raise BadSample("over-long caption")
-        ids = np.asarray(self.tokenizer.encode([text])[0], dtype=np.int64)
+        ids = np.asarray(self.tokenizer.encode_one(text), dtype=np.int64)
         masked, labels = self.text_masking(ids, rng)
         return {"input_ids": ids, "masked_input_ids": masked, "mlm_labels": labels}
 

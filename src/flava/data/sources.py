@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import tarfile
 import warnings
@@ -45,6 +46,29 @@ class BadSample(Exception):
         self.kind = kind
 
 
+_FDS: dict[Path, tuple[tuple[int, int, int], int]] = {}
+"""Open shards of this process: path -> ((inode, size, mtime), descriptor)."""
+MAX_OPEN_SHARDS = 32
+
+
+def _shard_fd(path: Path) -> int:
+    """A read-only descriptor of a local shard, kept open across its members (an open per member
+    costs as much as reading it). pread needs no shared offset, so forked loader workers may use
+    an inherited one; a file replaced on disk (another inode, size or time) is opened again."""
+    st = os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    held = _FDS.get(path)
+    if held is not None and held[0] == key:
+        return held[1]
+    if held is not None:
+        os.close(_FDS.pop(path)[1])
+    while len(_FDS) >= MAX_OPEN_SHARDS:
+        os.close(_FDS.pop(next(iter(_FDS)))[1])
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    _FDS[path] = key, fd
+    return fd
+
+
 @dataclass(frozen=True)
 class TarMember:
     """A tar member of a local shard, read by seeking."""
@@ -55,9 +79,7 @@ class TarMember:
     ext: str = ""
 
     def read(self) -> bytes:
-        with open(self.shard, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
+        data = os.pread(_shard_fd(self.shard), self.size, self.offset)
         if len(data) != self.size:
             raise BadSample("truncated tar member")
         return data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -103,12 +105,13 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     """(left, top, w, h) of a crop covering `scale` of the area with aspect ratio in `ratio`
     (torchvision's RandomResizedCrop rule, falling back to a central crop)."""
     area = width * height
-    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
+        # Scalar math (numpy's per-call overhead is most of the cost at this size).
         target = area * rng.uniform(*scale)
-        aspect = float(np.exp(rng.uniform(*log_ratio)))
-        w = int(round(np.sqrt(target * aspect)))
-        h = int(round(np.sqrt(target / aspect)))
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
     in_ratio = width / height
