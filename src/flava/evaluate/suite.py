@@ -328,14 +328,16 @@ def _image_folder(path: Path, where: str, classes: list[str] | None = None) -> t
 
 
 def _labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
-    """CSV/TSV with `text` and `label` columns."""
-    import csv
+    """A table (`flava.data.tables`) with `text` and `label` columns."""
+    from ..data.tables import read_table
 
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{where}: {path} needs a header with columns text and label; found {reader.fieldnames}")
-        rows = [(r["text"] or "", r["label"] or "") for r in reader]
+    try:
+        table = read_table(path)
+        text, label = (table.column(c, fix="the file needs a header with columns text and label")
+                       for c in ("text", "label"))
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    rows = [tuple("" if r.get(c) is None else str(r.get(c)) for c in (text, label)) for r in table.rows]
     empty = sum(1 for t, lab in rows if not t.strip() or not lab.strip())
     if empty:
         raise DataError(f"{where}: {path} has {empty} row(s) with an empty text or label")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.registry import open_source
-from ..data.sources import TABLE_SUFFIXES
+from ..data.sources import csv_pairs
+from ..data.tables import table_format
 from ..data.tokenizer import TextTokenizer
 from ..errors import DataError, InputError
 from ..io.files import read_json
@@ -132,12 +132,12 @@ def read_karpathy_json(path: str | os.PathLike, split: str, image_root: str | os
 
 
 def read_retrieval_csv(path: str | os.PathLike) -> RetrievalSet:
-    """A CSV (TSV by suffix) with columns `image` and `caption`, one row per caption; rows naming
-    the same image (after path normalisation) are that image's captions, images in order of
-    first appearance. Relative image paths are relative to the file. Every image must exist."""
-    if not str(path).lower().endswith(TABLE_SUFFIXES):
-        raise DataError(f"retrieval file {path} must be a .csv, .tsv or .tab file")
-    source = open_source("pairs", str(path))
+    """A table (`flava.data.tables`: CSV, TSV, JSONL, parquet) with columns `image` and
+    `caption`, one row per caption; rows naming the same image (after path normalisation) are that
+    image's captions, images in order of first appearance. Relative image paths are relative to
+    the file. Every image must exist."""
+    table_format(path)
+    source = csv_pairs(str(path))
     if source.rejected:  # an evaluation set must not shrink silently
         reasons = ", ".join(f"{n} {why}" for why, n in source.rejected.items())
         raise DataError(f"retrieval file {path} has unusable rows ({reasons}); fix or remove them")
