@@ -1,5 +1,5 @@
 """`flava.data.tables`: the one reader of users' tables (CSV, TSV, JSONL, parquet) and its rules:
-suffixes, BOM, encodings, bad rows, column lookup, empty files."""
+suffixes, BOM, encodings, bad rows, column lookup, empty files; and the one prompt-template parser."""
 
 import json
 
@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flava.data.tables import SUFFIXES, read_table, table_format
-from flava.errors import DataError
+from flava.errors import ConfigError, DataError
 
 ROWS = [{"image": "a.png", "caption": "a red, round thing"}, {"image": "b.png", "caption": 'say "hi"'}]
 
@@ -130,3 +130,15 @@ def test_every_user_of_tables_reads_jsonl_and_parquet_too(tmp_path):
     src = csv_pairs(str(write(tmp_path / "p.jsonl", "jsonl")))
     assert [(r.image.name, r.caption) for r in src.records] == [("a.png", ROWS[0]["caption"]),
                                                                 ("b.png", ROWS[1]["caption"])]
+
+
+def test_one_prompt_template_parser():
+    from flava.evaluate.zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES, parse_templates
+
+    assert parse_templates(None) == CLIP_TEMPLATES and parse_templates(" Short ") == SHORT_TEMPLATES
+    assert parse_templates("none") == ("{}",)
+    assert parse_templates("a {} square.| a square of {}. |") == ("a {} square.", "a square of {}.")
+    assert parse_templates(["a {}"]) == ("a {}",)
+    for bad in ("no slot", "two {} {}", ["a {}", 3], "|", []):
+        with pytest.raises(ConfigError, match="exactly one {}|no prompt templates|templates must be"):
+            parse_templates(bad)

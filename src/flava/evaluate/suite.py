@@ -408,7 +408,7 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
         return _retrieval(name, domain, [(rs.images, rs.captions)])
 
     if kind == "zero-shot":
-        from .zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES
+        from .zero_shot import parse_templates
 
         if data:
             images, labels, classes = _easy_vqa_classes(data, "test")
@@ -422,12 +422,10 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
             if not isinstance(names, list) or len(names) != len(classes):
                 raise ConfigError(f"{where}: class_names must list {len(classes)} names (one per class folder)")
             classes = [str(n) for n in names]
-        templates = spec.get("templates", "clip")
-        templates = {"clip": CLIP_TEMPLATES, "short": SHORT_TEMPLATES}.get(templates, templates) \
-            if isinstance(templates, str) else templates
-        if not isinstance(templates, (list, tuple)) or not all(isinstance(t, str) and t.count("{}") == 1
-                                                               for t in templates):
-            raise ConfigError(f"{where}: templates must be 'clip', 'short' or a list of strings with one {{}}")
+        try:
+            templates = parse_templates(spec.get("templates", "clip"))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         return _zero_shot(name, domain, images, labels, classes, list(templates))
 
     if kind == "linear-probe":

@@ -13,7 +13,7 @@ import numpy as np
 from ..data.sources import csv_pairs
 from ..data.tables import table_format
 from ..data.tokenizer import TextTokenizer
-from ..errors import DataError, InputError
+from ..errors import ConfigError, DataError, InputError
 from ..io.files import read_json
 from ..model.flava import FlavaModel
 from . import metrics
@@ -178,6 +178,30 @@ CLIP_TEMPLATES: tuple[str, ...] = (
 )
 SHORT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 """One prompt: cheaper, usually a little worse."""
+TEMPLATE_SETS = {"clip": CLIP_TEMPLATES, "short": SHORT_TEMPLATES, "none": ("{}",)}
+
+
+def parse_templates(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Prompt templates as `flava classify`, the server's `/classify` and suites take them: None
+    (CLIP's), a set's name ('clip', 'short', 'none'; any case), templates separated by '|', or a
+    list; each template holds exactly one {} for the class name."""
+    if value is None:
+        return CLIP_TEMPLATES
+    if isinstance(value, str):
+        if value.strip().lower() in TEMPLATE_SETS:
+            return TEMPLATE_SETS[value.strip().lower()]
+        value = value.split("|")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise ConfigError(f"templates must be {', '.join(TEMPLATE_SETS)}, or strings each with one {{}}; "
+                          f"got {value!r}")
+    templates = tuple(t.strip() for t in value if t.strip())
+    if not templates:
+        raise ConfigError(f"no prompt templates given; use {', '.join(TEMPLATE_SETS)} or strings each with one {{}}")
+    bad = next((t for t in templates if t.count("{}") != 1), None)
+    if bad is not None:
+        raise ConfigError(f"template {bad!r} must contain exactly one {{}} for the class name (or use "
+                          f"{', '.join(TEMPLATE_SETS)})")
+    return templates
 
 
 @dataclass

@@ -29,7 +29,7 @@ import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -50,6 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import FlavaError
+from ..evaluate.zero_shot import parse_templates
+from .classify import ZeroShotClassifier
 from .embed import Embedder
 
 if TYPE_CHECKING:
@@ -486,7 +488,7 @@ def create_app(
             raise ApiError(400, "give at least two class names in the form field 'classes', comma-separated")
         if len(set(classes)) != len(classes):
             raise ApiError(400, "the class names in 'classes' repeat; give each once")
-        templates = _templates(str(form.get("templates") or "clip"))
+        templates = parse_templates(str(form.get("templates") or "clip"))
         top_k = form.get("top_k")
         try:
             top_k = min(len(classes), int(str(top_k))) if top_k not in (None, "") else min(5, len(classes))
@@ -497,14 +499,11 @@ def create_app(
         images = await form_images(form)
         key = (tuple(classes), templates)
         if key not in class_cache:
-            class_cache.put(key, await with_model(_class_embeddings, model, classes, templates))
-        class_emb = class_cache[key]
+            class_cache.put(key, await with_model(ZeroShotClassifier, model, classes, templates, emb.batch_size))
+        classifier = class_cache[key]
         image_emb = await with_model(emb.images, images)
-        scale = math.exp(float(model.logit_scale.detach()))
-        scores = image_emb.astype(np.float64) @ class_emb.T
-        logits = scale * scores
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        scores = classifier.scores(image_emb)
+        probs = classifier.probabilities(image_emb, scores)
         results = []
         for row_p, row_s in zip(probs, scores):
             order = np.argsort(-row_p, kind="stable")[:top_k]
@@ -560,27 +559,6 @@ def create_app(
 
     app.add_middleware(_Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router)
     return app
-
-
-def _templates(spec: str) -> tuple[str, ...]:
-    from ..evaluate.zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES
-
-    if spec.strip().lower() == "clip":
-        return CLIP_TEMPLATES
-    if spec.strip().lower() == "short":
-        return SHORT_TEMPLATES
-    templates = tuple(t.strip() for t in spec.split("|") if t.strip())
-    bad = next((t for t in templates if t.count("{}") != 1), None)
-    if not templates or bad is not None:
-        raise ApiError(400, f"prompt template {bad!r} needs exactly one {{}} for the class name; or use "
-                            "templates=clip or templates=short")
-    return templates
-
-
-def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    from ..evaluate.zero_shot import class_embeddings
-
-    return class_embeddings(model, classes, model.processor.tokenizer, templates)
 
 
 def _decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:
