@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import hf_config, randomize_
+from conftest import hf_config, randomize_, require
 from PIL import Image
 
 import flava
@@ -14,7 +14,7 @@ from flava.config import to_dict
 from flava.hub import read_checkpoint
 from flava.io.checkpoint import save_checkpoint
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 
 def close(a, b):

@@ -351,7 +351,7 @@ def test_page_in_headless_chromium(server):
     except ImportError:
         pytest.fail("playwright (python) is not installed: pip install playwright (it is in the test extras)")
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does")
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); make test does")
     q = "a yellow square"
     status, want, _ = server.get("/search?q=" + urllib.request.quote(q) + "&k=6")
     assert status == 200
