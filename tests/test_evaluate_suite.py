@@ -134,6 +134,7 @@ def test_bad_model_or_suite_paths(suite_dir, tmp_path, capsys):
         load_suite({"name": "x", "tasks": []})
 
 
+@pytest.mark.slow
 def test_the_demo_suite_names_only_packaged_data():
     suite = load_suite("demo")
     kinds = {t.kind for t in suite.tasks}

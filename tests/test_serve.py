@@ -27,6 +27,9 @@ from flava.serve.app import create_app
 from flava.serve.embed import Embedder
 from flava.serve.index import VectorIndex, index_from_arrays
 
+# The real `flava serve` runs as a subprocess: the whole module is the slow lane.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -345,6 +348,7 @@ def test_bad_requests(server):
 # --------------------------------------------------------------------------- the page
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium(server):
     try:
         from playwright.sync_api import sync_playwright
