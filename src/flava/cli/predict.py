@@ -24,9 +24,9 @@ def add(sub) -> None:
                                        "or images")
     p.add_argument("--model", required=True, help="a task model directory written by `flava finetune`")
     p.add_argument("--input", required=True, nargs="+",
-                   help="a table: FILE.csv/.tsv/.jsonl/.parquet (columns as in training: text, text2, image, question; a label "
-                        "column is scored), FILE.txt (one text per line), an image folder (class sub-folders are "
-                        "scored as labels), or image files")
+                   help="a table: FILE.csv/.tsv/.jsonl/.parquet (columns as in training: text, text2, image, "
+                        "question; a label column is scored), FILE.txt (one text per line), an image folder "
+                        "(class sub-folders are scored as labels), or image files")
     p.add_argument("--output", help="write the predictions to this .csv, .tsv or .jsonl file")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="best labels kept per input")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)

@@ -3,8 +3,8 @@
 Pairs: WebDataset `.tar` shards (files, directories, globs, brace ranges, URLs, `pipe:` commands,
 or a shard index written by `flava prepare`), CSV/TSV/JSONL tables of image path + caption (read
 by `data.tables`), parquet files or Hugging Face datasets saved to disk. Images: folders (class
-sub-folders give labels), tar shards, parquet, datasets. Text: `.txt`/`.jsonl` (optionally compressed; local, remote), parquet,
-datasets. An empty spec list means the packaged demo data of that kind.
+sub-folders give labels), tar shards, parquet, datasets. Text: `.txt`/`.jsonl` (optionally
+compressed; local, remote), parquet, datasets. An empty spec list means the packaged demo data of that kind.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..evaluate.zero_shot import CLIP_TEMPLATES, class_embeddings, parse_templates
+from ..evaluate.zero_shot import CLIP_TEMPLATES, TEMPLATE_SETS, class_embeddings, parse_templates
 from ..model.flava import FlavaModel
 from .embed import Embedder
 
@@ -30,7 +30,7 @@ def read_list(value: str, what: str) -> list[str]:
 
 def templates_from(value: str | None) -> tuple[str, ...]:
     """`--templates`: what `parse_templates` takes, or a file with one template per line."""
-    if value is not None and Path(value).is_file():
+    if value is not None and value.strip().lower() not in TEMPLATE_SETS and Path(value).is_file():
         return parse_templates(read_list(value, "templates"))
     return parse_templates(value)
 
