@@ -1,10 +1,15 @@
-# Every target sets itself up: a fresh machine needs only Python 3 and git.
+# Every target sets itself up: a fresh machine needs only Python 3 and git (and, for `make test`,
+# apt for Debian's chromium).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+# The inner loop: every lane but those that start processes or a browser (see tests/conftest.py).
+FAST := not slow and not distributed and not browser
 
-.PHONY: install test bench demo clean
+.PHONY: install chromium test test-fast bench demo clean
 
 install: $(STAMP)
 
@@ -15,9 +20,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-test: install
+# The browser lane drives the search page in Debian's headless Chromium, which pip cannot install.
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	    sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	    $$sudo apt-get update && $$sudo apt-get install -y --no-install-recommends chromium; \
+	fi
+
+test: install chromium
 	$(VENV)/bin/lint-imports
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	$(PYTEST)
+
+test-fast: install
+	$(VENV)/bin/lint-imports
+	$(PYTEST) -m "$(FAST)"
 
 bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/inference.py

@@ -1,3 +1,12 @@
+"""Shared fixtures and the test lanes.
+
+Lanes are pytest markers, registered in pyproject.toml (`--strict-markers` refuses others):
+`slow` (subprocess CLI runs, end-to-end runs), `distributed` (several processes: gloo, torchrun),
+`browser` (the search page in Debian's Chromium), `cuda` (needs a GPU). Unmarked tests are the
+fast lane (`make test-fast`). A test whose tool is missing fails saying what to install, except
+the `cuda` lane, which skips with its reason where CUDA is absent.
+"""
+
 import contextlib
 import os
 import socket
@@ -13,6 +22,27 @@ from PIL import Image  # noqa: E402
 import flava  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def require(module: str):
+    """`module` imported, or a failure (not a skip) naming what installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        pass  # failed outside the handler, so the message stands alone
+    pytest.fail(f"{module} is not installed: it is in the test extras (make install, or pip install -e '.[test]')",
+                pytrace=False)
 
 
 def hf_config(image=None, text=None, multimodal=None, codebook=None, **top):

@@ -50,6 +50,7 @@ def ablate_args(train_data, suite, out, *extra):
             "--image-stage", "mim", *settings, *extra]
 
 
+@pytest.mark.slow
 def test_rows_are_trained_evaluated_and_reported_once(train_data, suite, tmp_path, capsys):
     out = tmp_path / "ablation"
     # The other rows differ only in their settings (test_row_settings_train_what_the_paper_trains).
@@ -108,6 +109,7 @@ def test_rows_are_trained_evaluated_and_reported_once(train_data, suite, tmp_pat
     assert "has no row 'flava-x'" in capsys.readouterr().err
 
 
+@pytest.mark.distributed
 def test_local_and_global_contrastive_rows_under_torchrun(train_data, suite, tmp_path, capsys):
     out = tmp_path / "ablation"
     assert cli(ablate_args(train_data, suite, out, "--rows", "flava-c-local,flava-c", "--processes", "2")) == 0

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -23,6 +24,7 @@ def make_images(directory, n=24, seed=0):
     (directory / "empty.jpg").write_bytes(b"")
 
 
+@pytest.mark.slow
 def test_train_codebook_command(tmp_path, capsys):
     make_images(tmp_path / "imgs")
     out = tmp_path / "tok"

@@ -121,6 +121,7 @@ def _center_worker(rank, world, port, teacher, results):
         results[rank] = loss.center.clone()
 
 
+@pytest.mark.distributed
 def test_center_is_the_mean_over_every_process():
     world = 2
     teacher = torch.randn(world * 4, 5, generator=torch.Generator().manual_seed(5))

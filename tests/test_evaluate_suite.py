@@ -55,6 +55,7 @@ TASKS = [
 ]
 
 
+@pytest.mark.slow
 def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
     suite = write_suite(suite_dir, TASKS)
     out = tmp_path / "report"
@@ -134,6 +135,7 @@ def test_bad_model_or_suite_paths(suite_dir, tmp_path, capsys):
         load_suite({"name": "x", "tasks": []})
 
 
+@pytest.mark.slow
 def test_the_demo_suite_names_only_packaged_data():
     suite = load_suite("demo")
     kinds = {t.kind for t in suite.tasks}
@@ -141,6 +143,7 @@ def test_the_demo_suite_names_only_packaged_data():
     assert {t.domain for t in suite.tasks} == {"vision", "language", "multimodal"}
 
 
+@pytest.mark.slow
 def test_an_lr_sweep_scores_the_rate_best_on_validation(suite_dir):
     from flava.data.tokenizer import TextTokenizer
     from flava.evaluate.finetune import FinetuneSettings, finetune_text

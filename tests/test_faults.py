@@ -93,6 +93,7 @@ def _rows(run) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigkill_at_seeded_points_resumes_exactly(train_data, tmp_path):
     ref = tmp_path / "ref"
     done = _flava(pretrain_args(train_data, ref) + STEPS)
@@ -118,6 +119,7 @@ def test_sigkill_at_seeded_points_resumes_exactly(train_data, tmp_path):
         assert not [p for p in RunDir(run).checkpoints.iterdir() if p.name.startswith(".")], (event, n)
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_mid_write_stops_in_one_line_and_loses_nothing(train_data, tmp_path, capsys,
                                                                           monkeypatch):
     import flava.io.checkpoint as io_checkpoint

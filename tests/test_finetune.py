@@ -295,6 +295,7 @@ def keyword_task(n_train=128, flip_eval=False):
                     ["absent", "present"], ("accuracy", "f1", "matthews_corrcoef"))
 
 
+@pytest.mark.slow
 def test_text_finetune_learns_and_leaves_the_model_alone(model, tokenizer):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng_before = torch.get_rng_state()
@@ -315,6 +316,7 @@ def test_text_finetune_learns_and_leaves_the_model_alone(model, tokenizer):
     assert once.train_loss == again.train_loss and once.eval_steps == [3]  # same seed, same run
 
 
+@pytest.mark.slow
 def test_best_validation_state_scores_the_test(model, tokenizer):
     # Validation (= test) labels are the opposite of train's: the more the model learns, the
     # worse validation gets, so the best state is an early one, not the final one.
@@ -329,6 +331,7 @@ def test_best_validation_state_scores_the_test(model, tokenizer):
     assert result.val_metrics[best]["accuracy"] == result.best_val
 
 
+@pytest.mark.slow
 def test_regression_head(model, tokenizer):
     rng = np.random.default_rng(0)
 
@@ -360,6 +363,7 @@ def colour_examples(n, seed, vqa=False):
     return out
 
 
+@pytest.mark.slow
 def test_multimodal_frozen_and_full(model, tokenizer):
     task = MultimodalTask("colour", colour_examples(64, 0), colour_examples(32, 1), colour_examples(32, 2),
                           ["red", "blue"], ("auroc", "accuracy"))
@@ -431,6 +435,7 @@ def test_errors_before_training(model, tokenizer, tmp_path):
         finetune_multimodal(model, mm, s, tokenizer)
 
 
+@pytest.mark.slow
 def test_the_text_tower_trains_whatever_the_source_model_froze():
     frozen = FlavaModel(preset("tiny")).requires_grad_(False)
     tower = frozen.text_tower().requires_grad_(True)

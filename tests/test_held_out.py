@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from flava.data.registry import demo_source
 from flava.evaluate.suite import DEMO_SUITE, _digits, _easy_vqa_classes, bbc_news_splits, easy_vqa_galleries
@@ -13,6 +14,7 @@ def _paragraphs(text):
     return {p.strip() for p in text.split("\n\n") if p.strip()}
 
 
+@pytest.mark.slow
 def test_demo_pretraining_data_excludes_every_evaluation_example():
     # Every task of the demo suite is covered below; a new task must be added here too.
     covered = {("retrieval", "easy-vqa"), ("zero-shot", "easy-vqa-shapes"), ("zero-shot", "easy-vqa-colours"),

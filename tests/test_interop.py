@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import hf_config, randomize_
+from conftest import hf_config, randomize_, require
 from PIL import Image
 
 import flava
@@ -14,7 +14,7 @@ from flava.config import to_dict
 from flava.hub import read_checkpoint
 from flava.io.checkpoint import save_checkpoint
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 
 def close(a, b):
@@ -58,6 +58,7 @@ def test_load_every_transformers_layout(layout, tmp_path):
         assert ckpt.parts["codebook"]
 
 
+@pytest.mark.slow
 def test_export_roundtrip_loads_in_transformers_with_no_missing_keys(tmp_path):
     cfg = flava.preset("tiny")
     cfg.text.vocab_size = 200
@@ -102,6 +103,7 @@ def test_export_without_heads_or_codebook(tmp_path, capsys):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
 
+@pytest.mark.slow
 def test_export_of_encoders_loads_as_flava_model_with_its_processor(tmp_path, capsys):
     """Without heads the export is a FlavaModel: no report of unused weights, and transformers'
     FlavaProcessor reads its processor and tokenizer files and gives the same embeddings."""

@@ -5,14 +5,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import hf_config, randomize_
+from conftest import hf_config, randomize_, require
 
 import flava
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
 from flava.interop.bridge import pretraining_losses
 from flava.data.masking import BlockMasking
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 CONFIGS = {
     "plain": hf_config(),

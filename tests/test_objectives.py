@@ -161,6 +161,7 @@ def _contrastive_worker(rank, world, port, img, txt, scale, results, gather_feat
         results[rank] = (res.loss.detach(), i.grad, t.grad, s_grad / world, res.labels)
 
 
+@pytest.mark.distributed
 def test_global_contrastive_two_processes_equal_one_process():
     world, B, D = 2, 5, 16
     g = torch.Generator().manual_seed(0)
@@ -181,6 +182,7 @@ def test_global_contrastive_two_processes_equal_one_process():
     assert torch.equal(results[1][4], torch.arange(B, 2 * B))
 
 
+@pytest.mark.distributed
 def test_local_contrastive_scores_every_column_but_back_propagates_to_its_own_rows():
     """gather_features=False (the paper's local contrastive loss): the same loss values as the
     global one, but each process's gradient is its own loss's gradient with the other processes'
@@ -225,6 +227,7 @@ def _hard_negatives_worker(rank, world, port, results):
                          float(pm.model.text_encoder.word_embeddings.weight.grad.abs().sum()))
 
 
+@pytest.mark.distributed
 def test_hard_negatives_across_two_processes_with_different_text_lengths():
     results = mp.Manager().dict()
     mp.spawn(_hard_negatives_worker, args=(2, free_port(), results), nprocs=2)

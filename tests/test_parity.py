@@ -3,14 +3,14 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import hf_config, randomize_
+from conftest import hf_config, randomize_, require
 
 import flava
 from flava.model.codebook import FlavaImageCodebook
 from flava.interop import transformers as hf_interop
 from flava.hub import load_weights
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 ATOL = 1e-5
 

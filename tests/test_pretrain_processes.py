@@ -55,6 +55,7 @@ def metrics(run_dir) -> list[dict]:
 
 @pytest.mark.parametrize("mode,contrastive", [("ddp", "softmax"), ("fsdp", "softmax"), ("ddp", "sigmoid"),
                                               ("fsdp", "sigmoid")])
+@pytest.mark.distributed
 def test_two_processes_train_like_one_process_with_the_global_batch(train_data, tmp_path, mode, contrastive):
     # AdamW with eps 1e-8 is blind to the gradient's scale and turns rounding noise in near-zero
     # gradients into whole steps of lr; eps 1e-4 makes small updates follow the gradient, so
@@ -82,6 +83,7 @@ def test_two_processes_train_like_one_process_with_the_global_batch(train_data, 
     assert worst < 1e-5, worst
 
 
+@pytest.mark.slow
 def test_a_run_killed_between_checkpoints_resumes_step_for_step(train_data, tmp_path):
     steps = ["--max-steps", "8", "--save-every", "3", *OPTS]
     whole = run(pretrain_args(train_data, tmp_path / "whole") + steps)
@@ -109,6 +111,7 @@ def test_a_run_killed_between_checkpoints_resumes_step_for_step(train_data, tmp_
         assert x["data_draws"] == y["data_draws"]
 
 
+@pytest.mark.slow
 def test_a_failed_checkpoint_write_keeps_the_previous_one(train_data, tmp_path, monkeypatch):
     cfg = train_config(train_data, "pairs.csv", save_every=2, max_steps=6)
     trainer = Trainer(cfg, tmp_path)
@@ -130,6 +133,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(train_data, tmp_path, 
     assert flava.load(tmp_path / "checkpoints" / "step_00000002", pretraining=True).codebook is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_activation_checkpointing_and_compile(train_data, tmp_path, precision):
     def cfg_with(**over):
@@ -146,6 +150,7 @@ def test_mixed_precision_activation_checkpointing_and_compile(train_data, tmp_pa
     assert (tmp_path / "mixed" / "loss_curves.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_the_encoders_layer_norms_run_in_float32_under_autocast(train_data, tmp_path):
     trainer = Trainer(train_config(train_data, "pairs_clean.csv", precision="bf16"), tmp_path)
     seen = []

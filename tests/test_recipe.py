@@ -9,6 +9,7 @@ from conftest import pretrain_args
 from flava.cli import main as cli
 
 
+@pytest.mark.slow
 def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_data, tmp_path, capsys):
     out = tmp_path / "recipe"
     args = pretrain_args(train_data, out, pairs="pairs_clean.csv") + [

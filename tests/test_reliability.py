@@ -144,6 +144,7 @@ def test_a_bad_record_is_counted_once_however_often_it_is_drawn(tmp_path):
     assert {k: len(v) for k, v in stream.bad.items()} == {"empty caption": 2}
 
 
+@pytest.mark.slow
 def test_naming_only_pairs_trains_only_pairs_and_says_so(train_data, tmp_path, capsys):
     args = pretrain_args(train_data, tmp_path / "run", "pairs_clean.csv")
     for kind in ("images", "text"):
@@ -166,6 +167,7 @@ def test_a_second_writer_is_refused(train_data, tmp_path, capsys):
     assert "in use by another flava run (pid" in err
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run, batch_size=4) + ["--max-steps", "2", "--set", "save_every=1"]) == 0
@@ -184,6 +186,7 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     assert json.loads((run / "train_config.json").read_text())["data"]["batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_finished_runs_and_impossible_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run) + ["--max-steps", "1"]) == 0
@@ -203,6 +206,7 @@ def test_finished_runs_and_impossible_settings(train_data, tmp_path, capsys):
     assert "max_steps" in one_line_error(capsys, code)
 
 
+@pytest.mark.slow
 def test_a_zero_weight_leaves_its_kind_out(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run) + ["--max-steps", "6", "--set", "objectives.mim_weight=0"]) == 0
@@ -211,6 +215,7 @@ def test_a_zero_weight_leaves_its_kind_out(train_data, tmp_path, capsys):
     assert "images" not in kinds
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_no_checkpoint_holds_non_finite_weights(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     code = cli(pretrain_args(train_data, run) + ["--max-steps", "20", "--set", "optim.lr=1e30",
@@ -225,6 +230,7 @@ def test_divergence_stops_the_run_and_no_checkpoint_holds_non_finite_weights(tra
         assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+@pytest.mark.slow
 def test_non_finite_weights_are_never_saved(train_data, tmp_path):
     from test_pretrain_processes import train_config
 
@@ -241,6 +247,7 @@ def test_non_finite_weights_are_never_saved(train_data, tmp_path):
     assert [p.name for p in RunDir(tmp_path / "run").step_dirs()] == ["step_00000001"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_inside_torch_or_safetensors_is_one_line(train_data, tmp_path, capsys, monkeypatch):
     import flava.train.checkpoint as ckpt
 
@@ -259,6 +266,7 @@ def test_a_full_disk_inside_torch_or_safetensors_is_one_line(train_data, tmp_pat
     assert "unexpected pos" in err and "step_00000002 is intact" in err
 
 
+@pytest.mark.slow
 def test_resume_survives_damage(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run) + ["--max-steps", "4", "--set", "save_every=1",

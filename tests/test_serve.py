@@ -27,6 +27,9 @@ from flava.serve.app import create_app
 from flava.serve.embed import Embedder
 from flava.serve.index import VectorIndex, index_from_arrays
 
+# The real `flava serve` runs as a subprocess: the whole module is the slow lane.
+pytestmark = pytest.mark.slow
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -345,13 +348,14 @@ def test_bad_requests(server):
 # --------------------------------------------------------------------------- the page
 
 
+@pytest.mark.browser
 def test_page_in_headless_chromium(server):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         pytest.fail("playwright (python) is not installed: pip install playwright (it is in the test extras)")
     if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); .ci/run does")
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium); make test does")
     q = "a yellow square"
     status, want, _ = server.get("/search?q=" + urllib.request.quote(q) + "&k=6")
     assert status == 200

@@ -4,6 +4,7 @@ sits beside the transformers bridge and export."""
 
 import math
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ def _worker(rank, world, port, img, txt, results):
         results[rank] = (res.loss.detach(), i.grad, t.grad, shared / world, res.labels)
 
 
+@pytest.mark.distributed
 def test_two_processes_equal_one_process_with_the_whole_batch():
     world, B, D = 2, 5, 16
     g = torch.Generator().manual_seed(0)

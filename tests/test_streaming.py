@@ -103,6 +103,7 @@ def test_pipe_commands_read_shards(tmp_path):
     assert same(local, piped)
 
 
+@pytest.mark.slow
 def test_training_from_an_s3_server(tmp_path):
     import boto3  # with moto[server], from the test extra
     from moto.server import ThreadedMotoServer
@@ -188,6 +189,7 @@ def test_weighted_mixing_is_seeded_resumable_and_counted(tmp_path):
         open_stream("pairs", [Weighted(str(a), 1.0), str(b)], maker, batch_size=2, seed=1)
 
 
+@pytest.mark.slow
 def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     from flava.cli import main as cli
     from flava.config import preset
@@ -274,6 +276,7 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.distributed
 def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
     shards = write_shards(tmp_path / "shards", shards=4, per=6)
     opts = ["--max-steps", "30", "--save-every", "2", "--set", "seed=5", "--set", "optim.warmup_steps=1",

@@ -33,6 +33,7 @@ def config(data, **over) -> TrainConfig:
     return cfg
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run(data, tmp_path):
     full = Trainer(config(data), tmp_path / "full").fit()
     assert [r["step"] for r in full] == list(range(1, 9))
@@ -79,6 +80,7 @@ def test_bad_settings_fail_before_training(data, tmp_path):
         Trainer(cfg, tmp_path)
 
 
+@pytest.mark.slow
 def test_pretrain_command_line(data, tmp_path, capsys):
     from flava.cli import main as cli
 

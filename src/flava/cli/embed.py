@@ -13,10 +13,10 @@ def add(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint or run directory, or a Hugging Face hub id")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
-    what.add_argument("--texts", metavar="FILE", help="a .txt file (one text per line), or a CSV/TSV/JSONL with a "
-                      "text or caption column")
-    what.add_argument("--pairs", metavar="CSV|SHARDS", help="a CSV/TSV/JSONL with image and caption columns, or "
-                      "WebDataset shards")
+    what.add_argument("--texts", metavar="FILE", help="a .txt file (one text per line), or a table (CSV, TSV, JSONL, "
+                      "parquet) with a text or caption column")
+    what.add_argument("--pairs", metavar="CSV|SHARDS", help="a CSV/TSV/JSONL table with image and caption "
+                      "columns, WebDataset shards or parquet")
     p.add_argument("--output", required=True, help="directory for img_emb/, text_emb/, metadata/ and embed.json")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--part-size", dest="part_size", type=int, default=10_000,

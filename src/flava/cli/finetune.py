@@ -9,18 +9,18 @@ from pathlib import Path
 from rich.console import Console
 
 INPUTS = {
-    "text-classification": "CSV/TSV with text,label (and text2 for sentence pairs)",
-    "text-regression": "CSV/TSV with text,label (a number; text2 for pairs)",
-    "image-classification": "a folder with one sub-folder of images per class, or CSV/JSONL with image,label",
-    "vqa": "CSV/JSONL with image,question,answer (JSONL: answers may be a list)",
-    "visual-entailment": "CSV/JSONL with image,text,label",
-    "image-text-classification": "CSV/JSONL with image,text,label",
+    "text-classification": "a table (CSV, TSV, JSONL, parquet) with text,label (and text2 for sentence pairs)",
+    "text-regression": "a table with text,label (a number; text2 for pairs)",
+    "image-classification": "a folder with one sub-folder of images per class, or a table with image,label",
+    "vqa": "a table with image,question,answer (JSONL: answers may be a list)",
+    "visual-entailment": "a table with image,text,label",
+    "image-text-classification": "a table with image,text,label",
 }
 
 
 def add(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune on a task from CSV/JSONL files or image folders and save a "
-                                        "task model for `flava predict`")
+    p = sub.add_parser("finetune", help="fine-tune on a task from tables (CSV, TSV, JSONL, parquet) or image "
+                                        "folders and save a task model for `flava predict`")
     p.add_argument("--model", required=True, help="a checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--task", required=True, metavar="KIND",
                    help="; ".join(f"{k}: {v}" for k, v in INPUTS.items()))
@@ -49,6 +49,7 @@ def add(sub) -> None:
 
 def read_task(kind: str, train: str, val: str | None, test: str | None, val_fraction: float, seed: int):
     """The task's examples from the files a user gives (every data error before any training)."""
+    from ..data.tables import SUFFIXES, is_table
     from ..errors import DataError
     from ..evaluate.tasks import (
         read_image_classification,
@@ -59,8 +60,9 @@ def read_task(kind: str, train: str, val: str | None, test: str | None, val_frac
     name = Path(train).stem
     if kind in ("text-classification", "text-regression"):
         for p in (train, val, test):
-            if p is not None and Path(p).suffix.lower() not in (".csv", ".tsv", ".tab"):
-                raise DataError(f"{p}: a {kind} task reads CSV/TSV files with a header and text,label columns")
+            if p is not None and not is_table(p):
+                raise DataError(f"{p}: a {kind} task reads tables ({', '.join(SUFFIXES)}) with text and label "
+                                f"columns")
         return read_text_classification(train, val, test, regression=kind == "text-regression",
                                         val_fraction=val_fraction, seed=seed, name=name)
     if kind == "image-classification":

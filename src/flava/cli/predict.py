@@ -24,9 +24,9 @@ def add(sub) -> None:
                                        "or images")
     p.add_argument("--model", required=True, help="a task model directory written by `flava finetune`")
     p.add_argument("--input", required=True, nargs="+",
-                   help="FILE.csv/.tsv/.jsonl (columns as in training: text, text2, image, question; a label "
-                        "column is scored), FILE.txt (one text per line), an image folder (class sub-folders are "
-                        "scored as labels), or image files")
+                   help="a table: FILE.csv/.tsv/.jsonl/.parquet (columns as in training: text, text2, image, "
+                        "question; a label column is scored), FILE.txt (one text per line), an image folder "
+                        "(class sub-folders are scored as labels), or image files")
     p.add_argument("--output", help="write the predictions to this .csv, .tsv or .jsonl file")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="best labels kept per input")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
@@ -55,17 +55,18 @@ class Inputs:
 
 
 def _table_inputs(path: Path, tm) -> Inputs:
+    from ..data.tables import read_table
     from ..errors import DataError
-    from ..evaluate.tasks import table_rows
 
-    rows = table_rows(path)
+    table = read_table(path)
+    rows = table.rows
     if not rows:
         raise DataError(f"{path} holds no rows")
     text_keys = ("text", "question") if tm.task == "vqa" else ("text",)
     label_keys = ("label", "answer") if tm.task == "vqa" else ("label",)
     needed = ([text_keys] if tm.uses_text else []) + ([("image",)] if tm.uses_images else []) + \
         ([("text2",)] if tm.pairs else [])
-    keys = {k for _, row in rows for k in row}
+    keys = set(table.columns)
     for options in needed:
         if not keys & set(options):
             raise DataError(f"{path} has no {' or '.join(map(repr, options))} column (columns: "
@@ -75,7 +76,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
     def cell(row, options):
         return next((row[k] for k in options if row.get(k) not in (None, "")), None)
 
-    for line, row in rows:
+    for r in rows:
+        row = r.values
         text, text2, image = cell(row, text_keys), cell(row, ("text2",)), cell(row, ("image",))
         label = cell(row, label_keys)
         if label is None and tm.task == "vqa" and isinstance(row.get("answers"), list) and row["answers"]:
@@ -85,7 +87,7 @@ def _table_inputs(path: Path, tm) -> Inputs:
         shown = {k: row[k] for k in ("image", *text_keys, "text2") if k in row}
         missing = [opts[0] for opts in needed if cell(row, opts) is None]
         if missing:
-            out.add(shown, error=f"{path}, line {line}: no {' or '.join(missing)}")
+            out.add(shown, error=f"{r.where}: no {' or '.join(missing)}")
             continue
         if image is not None:
             p = Path(str(image)).expanduser()
@@ -98,8 +100,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
 def read_inputs(specs: list[str], tm) -> Inputs:
     """Inputs from one table or text file, one image folder, or image files."""
     from ..data.images import IMAGE_SUFFIXES, find_images
+    from ..data.tables import SUFFIXES as TABLE_SUFFIXES
     from ..errors import DataError
-    from ..evaluate.tasks import TABLE_SUFFIXES
 
     paths = [Path(s) for s in specs]
     first = paths[0]

@@ -1,10 +1,10 @@
 """Open any data spec as a source of one kind: the one function training and evaluation share.
 
 Pairs: WebDataset `.tar` shards (files, directories, globs, brace ranges, URLs, `pipe:` commands,
-or a shard index written by `flava prepare`), `.csv`/`.tsv` files of image path + caption, parquet
-files or Hugging Face datasets saved to disk. Images: folders (class sub-folders give labels), tar
-shards, parquet, datasets. Text: `.txt`/`.jsonl` (optionally compressed; local, remote), parquet,
-datasets. An empty spec list means the packaged demo data of that kind.
+or a shard index written by `flava prepare`), CSV/TSV/JSONL tables of image path + caption (read
+by `data.tables`), parquet files or Hugging Face datasets saved to disk. Images: folders (class
+sub-folders give labels), tar shards, parquet, datasets. Text: `.txt`/`.jsonl` (optionally
+compressed; local, remote), parquet, datasets. An empty spec list means the packaged demo data of that kind.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import DataError
-from . import arrow, demo, sources
+from . import arrow, demo, sources, tables
 from .shards import ShardCache, is_remote
 from .sources import Source
 
@@ -40,7 +40,7 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     if kind == "text":
         return sources.text_file(spec, cache=cache)
-    if kind == "pairs" and spec.lower().endswith(sources.TABLE_SUFFIXES):
+    if kind == "pairs" and tables.is_table(spec):
         return sources.csv_pairs(spec)
     if kind == "pairs" or _is_tar_spec(spec):
         return sources.tar_source(kind, spec, cache)

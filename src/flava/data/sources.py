@@ -1,7 +1,7 @@
 """Data sources: lists of shards, each read whole when a stream reaches it.
 
 Pairs: WebDataset tar shards (image + .txt/.json caption per key; `flava prepare` adds image-token
-ids and crops), CSV/TSV of image path + caption. Images: folders (class sub-folders give labels),
+ids and crops), tables of image path + caption (`data.tables`). Images: folders (class sub-folders give labels),
 tar shards. Text: .txt (a line each) and .jsonl, split into byte ranges, or whole when compressed
 or remote. Nothing is read when a source is opened beyond the shard list (and a shard index when
 one exists); a shard is indexed when a stream first needs it, and a record is decoded when used:
@@ -10,11 +10,9 @@ one that fails then is skipped and counted by the pipeline.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
-import sys
 import tarfile
 import warnings
 from collections import Counter
@@ -27,15 +25,12 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import IMAGE_SUFFIXES, find_images
+from .tables import read_table
 from .transforms import extreme_aspect, to_rgb
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab")
 MAX_IMAGE_PIXELS = 40_000_000
 """Images with more pixels are refused before decoding (a 13000x13000 PNG decodes to 1 GB)."""
-# One caption or text may be long (a paragraph); csv's default 128 KiB field limit would make
-# one such row abort the whole file, so the limit is lifted and length is judged per sample.
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
 class BadSample(Exception):
@@ -447,42 +442,23 @@ def tar_pairs(pattern: str, cache=None) -> Source:
     return tar_source("pairs", pattern, cache)
 
 
-def _undecodable(value: str | None) -> bool:
-    return value is not None and any("\udc80" <= ch <= "\udcff" for ch in value)
-
-
 def csv_pairs(path: str, image_column: str = "image", caption_column: str = "caption") -> Source:
-    """CSV (or TSV by suffix) with a header; relative image paths are relative to the file."""
+    """A table (see `data.tables`: CSV, TSV, JSONL, parquet) of image path + caption; relative image
+    paths are relative to the file. Bad rows are counted, not fatal."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"pair file {p} does not exist")
-    delimiter = "\t" if p.suffix.lower() in (".tsv", ".tab") else ","
-    records, rejected = [], Counter()
-    # Bytes that are not UTF-8 survive as surrogates, so one bad row is counted, not fatal.
-    with p.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        missing = [c for c in (image_column, caption_column) if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(
-                f"{p} has no column {missing[0]!r} (columns: {', '.join(reader.fieldnames or [])}); "
-                f"rename the columns to {image_column!r} and {caption_column!r} (a parquet or datasets source "
-                f"names its own: data.parquet?image=COL&caption=COL)"
-            )
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error:
-                rejected["malformed csv row"] += 1
-                continue
-            image, caption = row.get(image_column), row.get(caption_column)
-            if _undecodable(image) or _undecodable(caption):
-                rejected["undecodable csv row"] += 1
-            elif not image:
-                rejected["csv row without an image"] += 1
-            else:
-                records.append(PairRecord(p.parent / image, caption or ""))
+    table = read_table(p, bad_rows="skip")
+    fix = (f"rename the columns to {image_column!r} and {caption_column!r} (a parquet or datasets source "
+           f"names its own: data.parquet?image=COL&caption=COL)")
+    image_key, caption_key = table.column(image_column, fix=fix), table.column(caption_column, fix=fix)
+    records, rejected = [], Counter(table.rejected)
+    for row in table.rows:
+        image, caption = row.get(image_key), row.get(caption_key)
+        if not image:
+            rejected["csv row without an image"] += 1
+        else:
+            records.append(PairRecord(p.parent / str(image), "" if caption is None else str(caption)))
     return Source("pairs", records, str(p), rejected)
 
 

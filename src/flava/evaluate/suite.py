@@ -328,14 +328,16 @@ def _image_folder(path: Path, where: str, classes: list[str] | None = None) -> t
 
 
 def _labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
-    """CSV/TSV with `text` and `label` columns."""
-    import csv
+    """A table (`flava.data.tables`) with `text` and `label` columns."""
+    from ..data.tables import read_table
 
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-        if not reader.fieldnames or not {"text", "label"} <= set(reader.fieldnames):
-            raise DataError(f"{where}: {path} needs a header with columns text and label; found {reader.fieldnames}")
-        rows = [(r["text"] or "", r["label"] or "") for r in reader]
+    try:
+        table = read_table(path)
+        text, label = (table.column(c, fix="the file needs a header with columns text and label")
+                       for c in ("text", "label"))
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    rows = [tuple("" if r.get(c) is None else str(r.get(c)) for c in (text, label)) for r in table.rows]
     empty = sum(1 for t, lab in rows if not t.strip() or not lab.strip())
     if empty:
         raise DataError(f"{where}: {path} has {empty} row(s) with an empty text or label")
@@ -406,7 +408,7 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
         return _retrieval(name, domain, [(rs.images, rs.captions)])
 
     if kind == "zero-shot":
-        from .zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES
+        from .zero_shot import parse_templates
 
         if data:
             images, labels, classes = _easy_vqa_classes(data, "test")
@@ -420,12 +422,10 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
             if not isinstance(names, list) or len(names) != len(classes):
                 raise ConfigError(f"{where}: class_names must list {len(classes)} names (one per class folder)")
             classes = [str(n) for n in names]
-        templates = spec.get("templates", "clip")
-        templates = {"clip": CLIP_TEMPLATES, "short": SHORT_TEMPLATES}.get(templates, templates) \
-            if isinstance(templates, str) else templates
-        if not isinstance(templates, (list, tuple)) or not all(isinstance(t, str) and t.count("{}") == 1
-                                                               for t in templates):
-            raise ConfigError(f"{where}: templates must be 'clip', 'short' or a list of strings with one {{}}")
+        try:
+            templates = parse_templates(spec.get("templates", "clip"))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
         return _zero_shot(name, domain, images, labels, classes, list(templates))
 
     if kind == "linear-probe":

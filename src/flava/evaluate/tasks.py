@@ -1,6 +1,6 @@
 """Fine-tuning tasks: examples split into train / val / test, and readers for the data sets
-FLAVA is evaluated on (GLUE, VQAv2, SNLI-VE, Hateful Memes), a generic CSV/TSV reader and the
-packaged easy-vqa.
+FLAVA is evaluated on (GLUE, VQAv2, SNLI-VE, Hateful Memes), for generic tables (read by
+`flava.data.tables`) and for the packaged easy-vqa.
 
 Every reader checks what it reads and raises `DataError` naming the file (and line) of the first
 problem; `check_text_task` / `check_multimodal_task` repeat the checks for tasks built by hand.
@@ -12,7 +12,6 @@ picks the checkpoint is carved out of train with a seed.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..data.tables import SUFFIXES, Row, read_table
 from ..errors import ConfigError, DataError
 from ..io.files import read_json
 
@@ -359,25 +359,15 @@ def read_glue(task_name: str, directory: str | Path, val_fraction: float = 0.1, 
     return task
 
 
-# --------------------------------------------------------------------------- generic CSV / TSV
-
-
-def _table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        rows = list(reader)
-        return list(reader.fieldnames or []), rows
+# --------------------------------------------------------------------------- generic tables
 
 
 def read_text_classification(path_train: str | Path, path_val: str | Path | None, path_test: str | Path | None, *,
                              label_names: Sequence[str] | None = None, regression: bool = False,
                              metrics: Sequence[str] | None = None, val_fraction: float = 0.1, seed: int = 0,
                              name: str | None = None, limit: int | None = None) -> TextTask:
-    """CSV (or TSV by suffix) files with a header and columns `text`, `label` and optionally
-    `text2` (sentence pairs). Labels are class names: `label_names` fixes their order, else the
+    """Tables (CSV, TSV, JSONL, parquet: `flava.data.tables`) with columns `text`, `label` and
+    optionally `text2` (sentence pairs). Labels are class names: `label_names` fixes their order, else the
     sorted train labels (numerically when they are all integers). `regression` reads numbers.
     Without `path_val`, validation is a seeded `val_fraction` of train; without `path_test`, the
     validation split is the test split too. Default metrics: accuracy (classification), Pearson
@@ -389,12 +379,10 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
     for split, p in paths.items():
         if p is None:
             continue
-        columns, rows = _table(p)
+        table = read_table(p)
         for c in ("text", "label"):
-            if c not in columns:
-                raise DataError(f"{p} has no column {c!r} (columns: {', '.join(columns)}); the file needs a "
-                                f"header with text, label and optionally text2")
-        tables[split] = (p, "text2" in columns, rows)
+            table.column(c, fix="the file needs a header with text, label and optionally text2")
+        tables[split] = (p, "text2" in table.columns, table.rows)
     if regression:
         names: list[str] = []
     elif label_names is not None:
@@ -402,27 +390,27 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         if len(set(names)) != len(names) or len(names) < 2:
             raise ConfigError(f"label_names must be at least two distinct names; got {names}")
     else:
-        seen = {r["label"].strip() for r in tables["train"][2]}
+        seen = {_text(r.get("label")).strip() for r in tables["train"][2]}
         names = sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[TextExample]] = {}
     for split, (p, has_pair, rows) in tables.items():
         out = []
-        for line, r in enumerate(rows, start=2):
-            raw = (r["label"] or "").strip()
+        for r in rows:
+            raw = _text(r.get("label")).strip()
             if regression:
                 try:
                     label: int | float = float(raw)
                 except ValueError:
-                    raise DataError(f"{p}, line {line}: target {raw!r} is not a number") from None
+                    raise DataError(f"{r.where}: target {raw!r} is not a number") from None
                 if not math.isfinite(label):
-                    raise DataError(f"{p}, line {line}: target {raw!r} is not finite")
+                    raise DataError(f"{r.where}: target {raw!r} is not finite")
             elif raw not in index:
-                raise DataError(f"{p}, line {line}: label {raw!r} is not in the label set ({', '.join(names)}); "
+                raise DataError(f"{r.where}: label {raw!r} is not in the label set ({', '.join(names)}); "
                                 f"labels of val and test must occur in train or in label_names")
             else:
                 label = index[raw]
-            out.append(TextExample(r["text"] or "", label, (r["text2"] or "") if has_pair else None))
+            out.append(TextExample(_text(r.get("text")), label, _text(r.get("text2")) if has_pair else None))
         splits[split] = out
     if "val" not in splits:
         splits["train"], splits["val"] = _carve(splits["train"], val_fraction, seed)
@@ -557,27 +545,10 @@ def read_vqa(train_questions: str | Path, train_annotations: str | Path, train_i
 # --------------------------------------------------------------------------- SNLI-VE, Hateful Memes
 
 
-def _jsonl(path: Path) -> list[tuple[int, dict]]:
-    if not path.is_file():
-        raise DataError(f"{path} does not exist")
-    rows = []
-    for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not text.strip():
-            continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {line} is not valid JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}, line {line} is not a JSON object")
-        rows.append((line, obj))
-    return rows
-
-
-def _field(path: Path, line: int, obj: dict, key: str):
-    if key not in obj:
-        raise DataError(f"{path}, line {line} has no field {key!r}")
-    return obj[key]
+def _field(row: Row, key: str):
+    if key not in row.values:
+        raise DataError(f"{row.where} has no field {key!r}")
+    return row.values[key]
 
 
 SNLI_VE_LABELS = ("entailment", "neutral", "contradiction")
@@ -597,16 +568,16 @@ def read_snli_ve(directory: str | Path, image_root: str | Path, limit: int | Non
     splits, notes = [], []
     for split, name in zip(("train", "val", "test"), files):
         path, out, skipped = directory / name, [], 0
-        for line, obj in _jsonl(path):
-            label = str(_field(path, line, obj, "gold_label"))
+        for row in read_table(path).rows:
+            label = str(_field(row, "gold_label"))
             if label == "-":
                 skipped += 1
                 continue
             if label not in index:
-                raise DataError(f"{path}, line {line}: gold_label {label!r} is not one of {', '.join(SNLI_VE_LABELS)}")
-            image_id = str(_field(path, line, obj, "Flickr30K_ID"))
+                raise DataError(f"{row.where}: gold_label {label!r} is not one of {', '.join(SNLI_VE_LABELS)}")
+            image_id = str(_field(row, "Flickr30K_ID"))
             image = image_root / (image_id if image_id.endswith(".jpg") else f"{image_id}.jpg")
-            out.append(MultimodalExample(image, str(_field(path, line, obj, "sentence2")), index[label]))
+            out.append(MultimodalExample(image, str(_field(row, "sentence2")), index[label]))
         if skipped:
             notes.append(f"{skipped} {split} row(s) without a gold label ('-') skipped")
         splits.append(_subsample(out, limit, seed + len(splits)))
@@ -624,13 +595,12 @@ def read_hateful_memes(directory: str | Path, val_file: str = "dev_seen.jsonl", 
     splits = []
     for name in ("train.jsonl", val_file, test_file):
         path, out = directory / name, []
-        for line, obj in _jsonl(path):
-            label = _field(path, line, obj, "label")
+        for row in read_table(path).rows:
+            label = _field(row, "label")
             if label not in (0, 1) or isinstance(label, bool):
-                raise DataError(f"{path}, line {line}: label {label!r} is not 0 or 1 (a test file without "
+                raise DataError(f"{row.where}: label {label!r} is not 0 or 1 (a test file without "
                                 f"labels cannot be scored; use one that has them)")
-            out.append(MultimodalExample(directory / str(_field(path, line, obj, "img")),
-                                         str(_field(path, line, obj, "text")), int(label)))
+            out.append(MultimodalExample(directory / str(_field(row, "img")), str(_field(row, "text")), int(label)))
         splits.append(_subsample(out, limit, seed + len(splits)))
     task = MultimodalTask("Hateful Memes", *splits, ["not_hateful", "hateful"], ("auroc", "accuracy"))
     check_multimodal_task(task)
@@ -639,27 +609,19 @@ def read_hateful_memes(directory: str | Path, val_file: str = "dev_seen.jsonl", 
 
 # --------------------------------------------------------------------------- user files (flava finetune)
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".tab", ".jsonl")
+def _text(value) -> str:
+    """A cell as text: CSV cells are strings already, JSONL and parquet ones may be numbers."""
+    return "" if value is None else str(value)
 
 
-def table_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) of a CSV/TSV file with a header, or of a JSONL file of objects."""
-    suffix = path.suffix.lower()
-    if suffix not in TABLE_SUFFIXES:
-        raise DataError(f"{path}: expected a .csv, .tsv or .jsonl file, not {suffix or 'a file without suffix'}")
-    if suffix == ".jsonl":
-        return _jsonl(path)
-    return list(enumerate(_table(path)[1], start=2))
-
-
-def _cell(path: Path, line: int, row: dict, keys: tuple[str, ...]):
+def _cell(row: Row, keys: tuple[str, ...]):
     """The first of `keys` that the row has and fills."""
     for key in keys:
         value = row.get(key)
         if value is not None and value != "":
             return value
-    present = ", ".join(k for k in row if k is not None)
-    raise DataError(f"{path}, line {line} has no (or an empty) {' or '.join(map(repr, keys))} "
+    present = ", ".join(k for k in row.values if k is not None)
+    raise DataError(f"{row.where} has no (or an empty) {' or '.join(map(repr, keys))} "
                     f"(fields: {present or 'none'})")
 
 
@@ -709,7 +671,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
                               path_test: str | Path | None = None, *, val_fraction: float = 0.1, seed: int = 0,
                               name: str | None = None) -> ImageTask:
     """Each split a folder with one sub-folder of images per class (the folder name is the
-    label), or a CSV/TSV/JSONL file with `image` (a path, relative to the file's folder) and
+    label), or a table (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder) and
     `label`. Classes are train's, sorted; without `path_val` validation is a seeded
     `val_fraction` of train, without `path_test` validation is scored as the test."""
     from ..data.sources import image_folder
@@ -726,10 +688,11 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
                 notes.append(f"{loose} image(s) directly in {p}, outside any class folder, skipped")
             raw[split] = [(r.image, r.image, src.classes[r.label]) for r in src.records if r.label >= 0]
         elif p.is_file():
-            raw[split] = [(f"{p}, line {line}", _image_path(p.parent, _cell(p, line, row, ("image",))),
-                           str(_cell(p, line, row, ("label",))).strip()) for line, row in table_rows(p)]
+            raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",))),
+                           str(_cell(row, ("label",))).strip()) for row in read_table(p).rows]
         else:
-            raise DataError(f"{p} does not exist (expected a folder of class folders or a CSV/JSONL file)")
+            raise DataError(f"{p} does not exist (expected a folder of class folders or a table: "
+                            f"{', '.join(SUFFIXES)})")
         if not raw[split]:
             raise DataError(f"{p} holds no labelled images")
     names = _class_names([r[-1] for r in raw["train"]])
@@ -744,7 +707,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
 def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = None,
                           path_test: str | Path | None = None, *, kind: str = "classification",
                           val_fraction: float = 0.1, seed: int = 0, name: str | None = None) -> MultimodalTask:
-    """CSV/TSV/JSONL files with `image` (a path, relative to the file's folder), `text` (or
+    """Tables (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder), `text` (or
     `question`) and, for classification, `label`; for VQA, `answer`, or in JSONL `answers`: a
     list of annotators' answers, each scoring min(1, n/3) as in VQAv2 (one answer scores 1).
     Classes are train's labels sorted; VQA's answers are train's (majority) answers by
@@ -755,16 +718,16 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
     raw: dict[str, list] = {}
     for split, p in _optional_paths(path_train, path_val, path_test).items():
         rows = []
-        for line, row in table_rows(p):
-            image = _image_path(p.parent, _cell(p, line, row, ("image",)))
-            text = str(_cell(p, line, row, ("text", "question")))
+        for row in read_table(p).rows:
+            image = _image_path(p.parent, _cell(row, ("image",)))
+            text = str(_cell(row, ("text", "question")))
             if kind == "vqa":
                 answers = row.get("answers") if isinstance(row.get("answers"), list) else None
                 if answers is None:
-                    answers = [_cell(p, line, row, ("answer", "answers"))]
+                    answers = [_cell(row, ("answer", "answers"))]
                 rows.append((image, text, [_normalize_answer(str(a)) for a in answers]))
             else:
-                rows.append((f"{p}, line {line}", image, text, str(_cell(p, line, row, ("label",))).strip()))
+                rows.append((row.where, image, text, str(_cell(row, ("label",))).strip()))
         if not rows:
             raise DataError(f"{p} holds no examples")
         raw[split] = rows

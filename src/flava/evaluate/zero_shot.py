@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.registry import open_source
-from ..data.sources import TABLE_SUFFIXES
+from ..data.sources import csv_pairs
+from ..data.tables import table_format
 from ..data.tokenizer import TextTokenizer
-from ..errors import DataError, InputError
+from ..errors import ConfigError, DataError, InputError
 from ..io.files import read_json
 from ..model.flava import FlavaModel
 from . import metrics
@@ -132,12 +132,12 @@ def read_karpathy_json(path: str | os.PathLike, split: str, image_root: str | os
 
 
 def read_retrieval_csv(path: str | os.PathLike) -> RetrievalSet:
-    """A CSV (TSV by suffix) with columns `image` and `caption`, one row per caption; rows naming
-    the same image (after path normalisation) are that image's captions, images in order of
-    first appearance. Relative image paths are relative to the file. Every image must exist."""
-    if not str(path).lower().endswith(TABLE_SUFFIXES):
-        raise DataError(f"retrieval file {path} must be a .csv, .tsv or .tab file")
-    source = open_source("pairs", str(path))
+    """A table (`flava.data.tables`: CSV, TSV, JSONL, parquet) with columns `image` and
+    `caption`, one row per caption; rows naming the same image (after path normalisation) are that
+    image's captions, images in order of first appearance. Relative image paths are relative to
+    the file. Every image must exist."""
+    table_format(path)
+    source = csv_pairs(str(path))
     if source.rejected:  # an evaluation set must not shrink silently
         reasons = ", ".join(f"{n} {why}" for why, n in source.rejected.items())
         raise DataError(f"retrieval file {path} has unusable rows ({reasons}); fix or remove them")
@@ -178,6 +178,30 @@ CLIP_TEMPLATES: tuple[str, ...] = (
 )
 SHORT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
 """One prompt: cheaper, usually a little worse."""
+TEMPLATE_SETS = {"clip": CLIP_TEMPLATES, "short": SHORT_TEMPLATES, "none": ("{}",)}
+
+
+def parse_templates(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """Prompt templates as `flava classify`, the server's `/classify` and suites take them: None
+    (CLIP's), a set's name ('clip', 'short', 'none'; any case), templates separated by '|', or a
+    list; each template holds exactly one {} for the class name."""
+    if value is None:
+        return CLIP_TEMPLATES
+    if isinstance(value, str):
+        if value.strip().lower() in TEMPLATE_SETS:
+            return TEMPLATE_SETS[value.strip().lower()]
+        value = value.split("|")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+        raise ConfigError(f"templates must be {', '.join(TEMPLATE_SETS)}, or strings each with one {{}}; "
+                          f"got {value!r}")
+    templates = tuple(t.strip() for t in value if t.strip())
+    if not templates:
+        raise ConfigError(f"no prompt templates given; use {', '.join(TEMPLATE_SETS)} or strings each with one {{}}")
+    bad = next((t for t in templates if t.count("{}") != 1), None)
+    if bad is not None:
+        raise ConfigError(f"template {bad!r} must contain exactly one {{}} for the class name (or use "
+                          f"{', '.join(TEMPLATE_SETS)})")
+    return templates
 
 
 @dataclass

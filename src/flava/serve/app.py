@@ -38,7 +38,7 @@ import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -60,6 +60,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import FlavaError
+from ..evaluate.zero_shot import parse_templates
+from .classify import ZeroShotClassifier
 from .embed import Embedder
 
 if TYPE_CHECKING:
@@ -591,7 +593,7 @@ def create_app(
         if len(classes) > max_classes:
             raise ApiError(400, f"{len(classes)} class names in one request; send at most {max_classes} (the "
                                 "server's --max-classes)")
-        templates = _templates(str(form.get("templates") or "clip"))
+        templates = parse_templates(str(form.get("templates") or "clip"))
         top_k = form.get("top_k")
         try:
             top_k = min(len(classes), int(str(top_k))) if top_k not in (None, "") else min(5, len(classes))
@@ -600,13 +602,12 @@ def create_app(
         if top_k < 1:
             raise ApiError(422, "top_k must be at least 1")
         images = await form_images(form)
-        class_emb = await class_vectors(classes, templates)
+        # Class embeddings a few prompts per model call (cached), so other requests interleave.
+        classifier = ZeroShotClassifier(model, classes, templates, emb.batch_size,
+                                        class_vectors=await class_vectors(classes, templates))
         image_emb = await images_of(images)
-        scale = math.exp(float(model.logit_scale.detach()))
-        scores = image_emb.astype(np.float64) @ class_emb.T
-        logits = scale * scores
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        scores = classifier.scores(image_emb)
+        probs = classifier.probabilities(image_emb, scores)
         results = []
         for row_p, row_s in zip(probs, scores):
             order = np.argsort(-row_p, kind="stable")[:top_k]
@@ -663,27 +664,6 @@ def create_app(
     app.add_middleware(_Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router,
                        body_timeout=body_timeout)
     return app
-
-
-def _templates(spec: str) -> tuple[str, ...]:
-    from ..evaluate.zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES
-
-    if spec.strip().lower() == "clip":
-        return CLIP_TEMPLATES
-    if spec.strip().lower() == "short":
-        return SHORT_TEMPLATES
-    templates = tuple(t.strip() for t in spec.split("|") if t.strip())
-    bad = next((t for t in templates if t.count("{}") != 1), None)
-    if not templates or bad is not None:
-        raise ApiError(400, f"prompt template {bad!r} needs exactly one {{}} for the class name; or use "
-                            "templates=clip or templates=short")
-    return templates
-
-
-def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    from ..evaluate.zero_shot import class_embeddings
-
-    return class_embeddings(model, classes, model.processor.tokenizer, templates)
 
 
 def _decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,11 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..evaluate.zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES, class_embeddings
+from ..evaluate.zero_shot import CLIP_TEMPLATES, TEMPLATE_SETS, class_embeddings, parse_templates
 from ..model.flava import FlavaModel
 from .embed import Embedder
-
-TEMPLATE_SETS = {"clip": CLIP_TEMPLATES, "short": SHORT_TEMPLATES, "none": ("{}",)}
 
 
 def read_list(value: str, what: str) -> list[str]:
@@ -30,17 +29,10 @@ def read_list(value: str, what: str) -> list[str]:
 
 
 def templates_from(value: str | None) -> tuple[str, ...]:
-    """'clip' (CLIP's 18 ImageNet prompts), 'short' ('a photo of a {}.'), 'none', a file of templates
-    (one per line, each with one {}), or templates separated by '|'."""
-    if value is None:
-        return CLIP_TEMPLATES
-    if value in TEMPLATE_SETS:
-        return TEMPLATE_SETS[value]
-    items = read_list(value, "templates") if Path(value).is_file() else [t.strip() for t in value.split("|")]
-    bad = next((t for t in items if t.count("{}") != 1), None)
-    if bad is not None:
-        raise InputError(f"template {bad!r} must contain exactly one {{}} for the class name (or use clip, short, none)")
-    return tuple(items)
+    """`--templates`: what `parse_templates` takes, or a file with one template per line."""
+    if value is not None and value.strip().lower() not in TEMPLATE_SETS and Path(value).is_file():
+        return parse_templates(read_list(value, "templates"))
+    return parse_templates(value)
 
 
 @dataclass
@@ -56,17 +48,26 @@ class ZeroShotClassifier:
     of the cosine similarities times the model's learned logit scale."""
 
     def __init__(self, model: FlavaModel, classes: list[str], templates: tuple[str, ...] = CLIP_TEMPLATES,
-                 batch_size: int = 32):
+                 batch_size: int = 32, class_vectors: np.ndarray | None = None):
+        """`class_vectors`: the classes' [C, D] prompt-ensemble embeddings when the caller made them
+        already (the server does, a few prompts per model call)."""
         if len(set(classes)) != len(classes):
             dup = next(c for c in classes if classes.count(c) > 1)
             raise InputError(f"class {dup!r} is named twice")
         self.classes = list(classes)
         self.embedder = Embedder(model, batch_size)
-        self.class_vectors = class_embeddings(model, classes, model.processor.tokenizer, templates).astype(np.float32)
-        self.scale = float(model.logit_scale.detach().float().exp())
+        if class_vectors is None:
+            class_vectors = class_embeddings(model, classes, model.processor.tokenizer, templates)
+        self.class_vectors = class_vectors.astype(np.float32)
+        self.scale = math.exp(float(model.logit_scale.detach()))
 
-    def probabilities(self, image_vectors: np.ndarray) -> np.ndarray:
-        logits = self.scale * (image_vectors.astype(np.float64) @ self.class_vectors.T)
+    def scores(self, image_vectors: np.ndarray) -> np.ndarray:
+        """[N, C] cosine of each image embedding to each class embedding."""
+        return image_vectors.astype(np.float64) @ self.class_vectors.T
+
+    def probabilities(self, image_vectors: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+        """[N, C] softmax of scale x cosine; `scores` when the caller has them already."""
+        logits = self.scale * (self.scores(image_vectors) if scores is None else scores)
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)

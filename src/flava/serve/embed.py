@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.arrow import is_arrow_spec
 from ..data.images import find_images
 from ..data.processor import ImageInput
 from ..data.sources import BadSample, read_caption
+from ..data.tables import is_table, read_table
 from ..errors import DataError, InputError
-from ..evaluate.tasks import TABLE_SUFFIXES, table_rows
 from ..io.files import read_json, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..model.flava import FlavaModel
@@ -120,31 +121,20 @@ def image_inputs(specs: Sequence[str]) -> Inputs:
     return Inputs("image", images=images, metadata=rows)
 
 
-def _table_rows(path: Path) -> list[dict]:
-    return [row for _, row in table_rows(path)]
-
-
-def _pick(columns: Sequence[str], wanted: Sequence[str], path: Path, what: str) -> str:
-    for name in wanted:
-        if name in columns:
-            return name
-    raise DataError(f"{path} has no {what} column (looked for {', '.join(wanted)}; it has {', '.join(columns)}); "
-                    f"rename the column")
-
-
 def text_inputs(path: str) -> Inputs:
-    """One text per line of a .txt file, or the `text`/`caption` column of a CSV, TSV or JSONL
-    (its other columns become metadata)."""
+    """One text per line of a .txt file, or the `text`/`caption` column of a table (CSV, TSV,
+    JSONL, parquet; its other columns become metadata)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"text file {p} does not exist")
-    if p.suffix.lower() in TABLE_SUFFIXES:
-        table = _table_rows(p)
-        if not table:
+    if is_table(p):
+        table = read_table(p)
+        if not table.rows:
             raise DataError(f"{p} has no rows")
-        column = _pick(list(table[0]), ("text", "caption", "sentence"), p, "text")
-        texts = [row.get(column) for row in table]
-        meta = [{"caption": t, **{k: str(v) for k, v in row.items() if k != column}} for t, row in zip(texts, table)]
+        column = table.column("text", "caption", "sentence")
+        texts = [row.get(column) for row in table.rows]
+        meta = [{"caption": t, **{k: str(v) for k, v in row.values.items() if k != column}}
+                for t, row in zip(texts, table.rows)]
         return Inputs("text", texts=texts, metadata=meta)
     with p.open(encoding="utf-8", errors="replace") as f:
         texts = [line.rstrip("\n") for line in f]
@@ -152,17 +142,19 @@ def text_inputs(path: str) -> Inputs:
 
 
 def pair_inputs(spec: str) -> Inputs:
-    """Image-caption pairs: a CSV/TSV/JSONL with image and caption columns (relative image paths
-    are relative to the file; other columns become metadata), or WebDataset shards."""
+    """Image-caption pairs: a CSV, TSV or JSONL table with image and caption columns (relative image
+    paths are relative to the file; other columns become metadata), or any pair source of
+    `flava.data.registry` (WebDataset shards, parquet, datasets)."""
     p = Path(spec)
-    if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES:
-        table = _table_rows(p)
-        if not table:
+    # Parquet pairs may hold the images themselves, which the data sources below decode.
+    if p.is_file() and is_table(p) and not is_arrow_spec(spec):
+        table = read_table(p)
+        if not table.rows:
             raise DataError(f"{p} has no rows")
-        image_col = _pick(list(table[0]), ("image", "image_path", "filepath", "url"), p, "image")
-        text_col = _pick(list(table[0]), ("caption", "text"), p, "caption")
+        image_col = table.column("image", "image_path", "filepath", "url")
+        text_col = table.column("caption", "text")
         images, texts, meta = [], [], []
-        for row in table:
+        for row in (r.values for r in table.rows):
             image = (p.parent / str(row.get(image_col) or "")).resolve()
             images.append(image)
             texts.append(row.get(text_col))

@@ -1,0 +1,195 @@
+"""Tables: CSV, TSV, JSONL and parquet files of rows with named columns, read with one set of rules.
+
+Every reader of a user's table (training pairs, evaluation tasks and suites, `flava embed`,
+`finetune`, `predict`) goes through `read_table`, so the rules below hold everywhere and a new
+format is a change to this file (and its test):
+
+- the suffix decides the format, in any case: `.csv` comma-separated, `.tsv` and `.tab`
+  tab-separated (both with a header row, quoted as Excel writes), `.jsonl` one JSON object a line
+  (its columns: every key, in order of first appearance), `.parquet` (read with pyarrow);
+- text is UTF-8; a leading byte-order mark is dropped; a row holding bytes that are not UTF-8, a
+  CSV row the csv module cannot parse and a JSONL line that is not an object are bad rows, which
+  end the read in a `DataError` naming file and line (`bad_rows="raise"`) or are counted by
+  reason and left out (`bad_rows="skip"`, for training, where one bad row must not stop a run);
+- CSV/TSV cells are strings, cells past the header are dropped and missing ones are None;
+  JSONL and parquet cells keep their JSON / Arrow types;
+- an empty file (not even a header) is an error; a header without rows is an empty table;
+- `Table.column` finds a column by its names and otherwise fails naming the columns there are
+  and the nearest one.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import DataError
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+SUFFIXES = tuple(FORMATS)
+"""Every suffix `read_table` reads."""
+# A caption or text may be long (a paragraph); csv's default 128 KiB field limit would make one
+# such row abort the whole file, so the limit is lifted and length is judged by whoever uses it.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+BadRows = Literal["raise", "skip"]
+
+
+@dataclass(slots=True)
+class Row:
+    """One row: its cells by column name and where it is (for messages)."""
+
+    values: dict[str, Any]
+    line: int
+    """Line of a text file (the row's last line) or 1-based row number of a parquet file."""
+    file: str
+    unit: str = "line"
+
+    @property
+    def where(self) -> str:
+        """'FILE, line N' (or 'FILE, row N' for parquet)."""
+        return f"{self.file}, {self.unit} {self.line}"
+
+    def get(self, key: str, default=None):
+        return self.values.get(key, default)
+
+
+@dataclass
+class Table:
+    path: Path
+    columns: list[str]
+    rows: list[Row]
+    rejected: Counter = field(default_factory=Counter)
+    """Bad rows left out under `bad_rows="skip"`, counted by reason."""
+
+    def column(self, *names: str, fix: str | None = None) -> str:
+        """The first of `names` that is a column; else a DataError naming the columns there are
+        and the nearest to `names[0]`, then `fix` (default: rename the column)."""
+        for name in names:
+            if name in self.columns:
+                return name
+        wanted = " or ".join(map(repr, names))
+        close = difflib.get_close_matches(names[0], self.columns, n=1, cutoff=0.5)
+        nearest = f"; the nearest is {close[0]!r}" if close else ""
+        raise DataError(f"{self.path} has no column {wanted} (columns: {', '.join(self.columns) or 'none'}"
+                        f"{nearest}); {fix or f'rename the column to {names[0]!r}'}")
+
+
+def is_table(path: str | Path) -> bool:
+    return str(path).lower().endswith(SUFFIXES)
+
+
+def table_format(path: str | Path) -> str:
+    """'csv', 'tsv', 'jsonl' or 'parquet' by suffix; other suffixes are refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise DataError(f"{path}: a table is a {', '.join(SUFFIXES)} file, not "
+                        f"{suffix or 'a file without suffix'}")
+    return FORMATS[suffix]
+
+
+def read_table(path: str | Path, bad_rows: BadRows = "raise") -> Table:
+    """The table at `path` (see the module docstring for the rules)."""
+    path = Path(path)
+    kind = table_format(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist")
+    table = Table(path, [], [])
+    reader = _read_parquet if kind == "parquet" else _read_jsonl if kind == "jsonl" else _read_delimited
+    for row in reader(path, kind, table):
+        if isinstance(row, Row):
+            table.rows.append(row)
+        elif bad_rows == "skip":
+            table.rejected[row[1]] += 1
+        else:
+            raise DataError(f"{path}, line {row[0]}: {row[2]}")
+    return table
+
+
+def _bad(line: int, reason: str, message: str) -> tuple[int, str, str]:
+    return line, reason, message
+
+
+def _undecodable(value: Any) -> bool:
+    return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
+
+
+_NOT_UTF8 = "holds bytes that are not UTF-8 text; save the file as UTF-8"
+
+
+def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:
+    # Bytes that are not UTF-8 survive as surrogates, so the row that holds them can be named.
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
+        reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",")
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"{path}, line 1: the header cannot be read as {kind.upper()} ({e})") from None
+        if not header:
+            raise DataError(f"{path} is empty; a table needs a header row naming its columns")
+        if any(map(_undecodable, header)):
+            raise DataError(f"{path}, line 1: the header {_NOT_UTF8}")
+        table.columns = header
+        file = str(path)
+        while True:
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield _bad(reader.line_num, "malformed csv row", f"not a well-formed {kind.upper()} row ({e})")
+                continue
+            if not cells:
+                continue
+            if any(map(_undecodable, cells)):
+                yield _bad(reader.line_num, "undecodable csv row", f"the row {_NOT_UTF8}")
+                continue
+            yield Row(dict(zip(header, cells + [None] * (len(header) - len(cells)))), reader.line_num, file)
+
+
+def _read_jsonl(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:
+    columns: dict[str, None] = {}
+    file = str(path)
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError:
+                yield _bad(line, "undecodable json line", f"the line {_NOT_UTF8}")
+                continue
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except (json.JSONDecodeError, RecursionError) as e:
+                yield _bad(line, "unreadable json line", f"not valid JSON ({e})")
+                continue
+            if not isinstance(obj, dict):
+                yield _bad(line, "json line that is not an object", "not a JSON object")
+                continue
+            columns.update(dict.fromkeys(obj))
+            table.columns = list(columns)
+            yield Row(obj, line, file)
+    if not columns and path.stat().st_size == 0:
+        raise DataError(f"{path} is empty; a JSONL table holds one JSON object a line")
+
+
+def _read_parquet(path: Path, kind: str, table: Table) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        data = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path} could not be read as parquet ({type(e).__name__}: {e}); write it again") from None
+    table.columns = list(data.column_names)
+    file = str(path)
+    for i, values in enumerate(data.to_pylist(), start=1):
+        yield Row(values, i, file, "row")

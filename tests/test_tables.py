@@ -1,0 +1,144 @@
+"""`flava.data.tables`: the one reader of users' tables (CSV, TSV, JSONL, parquet) and its rules:
+suffixes, BOM, encodings, bad rows, column lookup, empty files; and the one prompt-template parser."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flava.data.tables import SUFFIXES, read_table, table_format
+from flava.errors import ConfigError, DataError
+
+ROWS = [{"image": "a.png", "caption": "a red, round thing"}, {"image": "b.png", "caption": 'say "hi"'}]
+
+
+def write(path, fmt):
+    """ROWS written as `fmt` at `path`."""
+    if fmt in ("csv", "tsv"):
+        import csv
+
+        with path.open("w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, ["image", "caption"], delimiter="," if fmt == "csv" else "\t")
+            w.writeheader()
+            w.writerows(ROWS)
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    else:
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES + (".CSV", ".Tab"))
+def test_every_suffix_reads_the_same_rows(tmp_path, suffix):
+    path = write(tmp_path / f"t{suffix}", table_format(f"t{suffix}"))
+    table = read_table(path)
+    assert table.columns == ["image", "caption"]
+    assert [r.values for r in table.rows] == ROWS
+    unit = "row" if suffix == ".parquet" else "line"
+    first = 1 if suffix in (".jsonl", ".parquet") else 2
+    assert table.rows[1].where == f"{path}, {unit} {first + 1}"
+
+
+def test_tab_is_tab_separated_and_other_suffixes_are_refused(tmp_path):
+    (tmp_path / "t.tab").write_text("text\tlabel\na, b\tx\n")
+    assert read_table(tmp_path / "t.tab").rows[0].values == {"text": "a, b", "label": "x"}
+    (tmp_path / "t.txt").write_text("text,label\n")
+    with pytest.raises(DataError, match=r"t\.txt: a table is a \.csv, .*\.parquet file, not \.txt"):
+        read_table(tmp_path / "t.txt")
+    with pytest.raises(DataError, match="nowhere.csv does not exist"):
+        read_table(tmp_path / "nowhere.csv")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_a_byte_order_mark_is_dropped(tmp_path, suffix):
+    text = "text,label\nhello,1\n" if suffix == ".csv" else '{"text": "hello", "label": 1}\n'
+    (tmp_path / f"bom{suffix}").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    table = read_table(tmp_path / f"bom{suffix}")
+    assert table.columns == ["text", "label"] and table.rows[0].get("text") == "hello"
+
+
+def test_utf8_is_read_and_other_bytes_are_a_bad_row(tmp_path):
+    (tmp_path / "u.csv").write_bytes("text,label\ncafé 東京,1\n".encode() + b"bad \xff,2\nfine,3\n")
+    with pytest.raises(DataError, match=r"u\.csv, line 3: the row holds bytes that are not UTF-8 text; save the "
+                                        r"file as UTF-8"):
+        read_table(tmp_path / "u.csv")
+    table = read_table(tmp_path / "u.csv", bad_rows="skip")
+    assert [r.get("text") for r in table.rows] == ["café 東京", "fine"]
+    assert table.rejected == {"undecodable csv row": 1} and table.rows[1].line == 4
+    (tmp_path / "u.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n[1]\n{not json\n')
+    with pytest.raises(DataError, match=r"u\.jsonl, line 2: the line holds bytes that are not UTF-8"):
+        read_table(tmp_path / "u.jsonl")
+    table = read_table(tmp_path / "u.jsonl", bad_rows="skip")
+    assert [r.values for r in table.rows] == [{"text": "ok"}]
+    assert table.rejected == {"undecodable json line": 1, "json line that is not an object": 1,
+                              "unreadable json line": 1}
+
+
+def test_cells_past_the_header_are_dropped_and_missing_ones_are_none(tmp_path):
+    (tmp_path / "r.csv").write_text("a,b\n1,2,3\n4\n\n5,6\n")
+    table = read_table(tmp_path / "r.csv")
+    assert [r.values for r in table.rows] == [{"a": "1", "b": "2"}, {"a": "4", "b": None}, {"a": "5", "b": "6"}]
+    assert [r.line for r in table.rows] == [2, 3, 5]
+
+
+def test_jsonl_columns_are_every_key_in_order_and_cells_keep_their_types(tmp_path):
+    (tmp_path / "k.jsonl").write_text('{"image": "a.png", "answers": ["x", "y"]}\n\n{"label": 1, "image": "b"}\n')
+    table = read_table(tmp_path / "k.jsonl")
+    assert table.columns == ["image", "answers", "label"]
+    assert table.rows[0].get("answers") == ["x", "y"] and table.rows[1].get("label") == 1
+    assert table.rows[1].where.endswith("k.jsonl, line 3")
+
+
+def test_a_missing_column_names_the_columns_and_the_nearest(tmp_path):
+    (tmp_path / "c.csv").write_text("imagee,text\na.png,x\n")
+    table = read_table(tmp_path / "c.csv")
+    assert table.column("caption", "text") == "text"
+    with pytest.raises(DataError, match=r"c\.csv has no column 'image' \(columns: imagee, text; the nearest is "
+                                        r"'imagee'\); rename the column to 'image'"):
+        table.column("image")
+    with pytest.raises(DataError, match=r"has no column 'label' or 'y' \(columns: imagee, text\); add labels"):
+        table.column("label", "y", fix="add labels")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_an_empty_file_is_an_error_and_a_header_alone_is_an_empty_table(tmp_path, suffix):
+    (tmp_path / f"e{suffix}").write_bytes(b"")
+    with pytest.raises(DataError, match=rf"e\{suffix} is empty"):
+        read_table(tmp_path / f"e{suffix}")
+    if suffix != ".jsonl":
+        (tmp_path / f"h{suffix}").write_text("text\tlabel\n" if suffix == ".tsv" else "text,label\n")
+        table = read_table(tmp_path / f"h{suffix}")
+        assert table.columns == ["text", "label"] and table.rows == []
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), tmp_path / "h.parquet")
+    assert read_table(tmp_path / "h.parquet").rows == []
+
+
+def test_a_file_that_is_not_parquet_is_named(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"bad\.parquet could not be read as parquet"):
+        read_table(tmp_path / "bad.parquet")
+
+
+def test_every_user_of_tables_reads_jsonl_and_parquet_too(tmp_path):
+    from flava.data.sources import csv_pairs
+    from flava.evaluate.tasks import read_text_classification
+
+    pq.write_table(pa.Table.from_pylist([{"text": f"t{i}", "label": i % 2} for i in range(6)]), tmp_path / "t.parquet")
+    task = read_text_classification(tmp_path / "t.parquet", None, None, val_fraction=0.34)
+    assert task.label_names == ["0", "1"] and len(task.train) + len(task.val) == 6
+    src = csv_pairs(str(write(tmp_path / "p.jsonl", "jsonl")))
+    assert [(r.image.name, r.caption) for r in src.records] == [("a.png", ROWS[0]["caption"]),
+                                                                ("b.png", ROWS[1]["caption"])]
+
+
+def test_one_prompt_template_parser():
+    from flava.evaluate.zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES, parse_templates
+
+    assert parse_templates(None) == CLIP_TEMPLATES and parse_templates(" Short ") == SHORT_TEMPLATES
+    assert parse_templates("none") == ("{}",)
+    assert parse_templates("a {} square.| a square of {}. |") == ("a {} square.", "a square of {}.")
+    assert parse_templates(["a {}"]) == ("a {}",)
+    for bad in ("no slot", "two {} {}", ["a {}", 3], "|", []):
+        with pytest.raises(ConfigError, match="exactly one {}|no prompt templates|templates must be"):
+            parse_templates(bad)
