@@ -14,8 +14,7 @@ import flava
 from conftest import free_port, pretrain_args
 from flava.cli import main as cli
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA lane needs a CUDA device")]
+pytestmark = pytest.mark.cuda  # conftest skips the lane, with the reason, where CUDA is absent
 
 
 def small_pairs(batch: int = 4):

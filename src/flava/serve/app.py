@@ -38,7 +38,7 @@ import math
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -60,7 +60,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import FlavaError
-from ..evaluate.zero_shot import parse_templates
+from ..evaluate.zero_shot import class_embeddings, parse_templates
 from .classify import ZeroShotClassifier
 from .embed import Embedder
 
@@ -603,7 +603,7 @@ def create_app(
             raise ApiError(422, "top_k must be at least 1")
         images = await form_images(form)
         # Class embeddings a few prompts per model call (cached), so other requests interleave.
-        classifier = ZeroShotClassifier(model, classes, templates, emb.batch_size,
+        classifier = ZeroShotClassifier(model, classes, templates, batch_size,
                                         class_vectors=await class_vectors(classes, templates))
         image_emb = await images_of(images)
         scores = classifier.scores(image_emb)
@@ -664,6 +664,10 @@ def create_app(
     app.add_middleware(_Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router,
                        body_timeout=body_timeout)
     return app
+
+
+def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    return class_embeddings(model, classes, model.processor.tokenizer, templates)
 
 
 def _decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:
