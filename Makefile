@@ -39,6 +39,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/inference.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/pretrain_step.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/data.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/loader.py
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/flava demo
