@@ -15,8 +15,8 @@ import torch
 
 from .batch import _Batch
 from .pipeline import merge_batches
-from .sources import ImageRecord, PairRecord, decode_rgb
-from .transforms import crop_resize, random_resized_crop_box
+from .sources import ImageRecord, PairRecord, decode_crop
+from .transforms import random_resized_crop_box
 
 
 @dataclass
@@ -36,23 +36,16 @@ class CodebookCrops:
     def __call__(self, kind: str, record, key: tuple[int, ...]) -> torch.Tensor:
         ref = record.image if isinstance(record, (ImageRecord, PairRecord)) else record
         rng = np.random.default_rng([self.seed, *key])
-        chosen: dict = {}
 
-        def box(width: int, height: int) -> tuple[int, int]:
+        def choose(width: int, height: int) -> tuple[int, int, int, int]:
             if self.train:
                 left, top, w, h = random_resized_crop_box(width, height, rng, (self.crop_scale_min, 1.0))
             else:  # the central square
                 w = h = min(width, height)
                 left, top = (width - w) // 2, (height - h) // 2
-            chosen["box"], chosen["size"] = (left, top, left + w, top + h), (width, height)
-            return max(1, -(-width * self.size // w)), max(1, -(-height * self.size // h))
+            return left, top, left + w, top + h
 
-        image = decode_rgb(ref, draft=box)
-        if "box" not in chosen:
-            box(image.shape[1], image.shape[0])
-        fx, fy = image.shape[1] / chosen["size"][0], image.shape[0] / chosen["size"][1]
-        left, top, right, bottom = chosen["box"]
-        (pixels,) = crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), self.size)
+        (pixels,) = decode_crop(ref, choose, self.size)
         return pixels.flip(-1) if self.train and rng.random() < 0.5 else pixels
 
     def collate(self, kind: str, samples: list[torch.Tensor]) -> PixelBatch:

@@ -15,7 +15,6 @@ can take over.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -28,9 +27,9 @@ from ..errors import DataError
 from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
 from .masking import BlockMasking, TextMasking
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
-from .sources import BadSample, ImageRecord, PairRecord, Source, decode_rgb, open_image, open_shard, read_caption
+from .sources import BadSample, ImageRecord, PairRecord, Source, decode_crop, open_image, open_shard, read_caption
 from .tokenizer import PAD_ID, TextTokenizer
-from .transforms import crop_resize, random_resized_crop_box
+from .transforms import random_resized_crop_box
 
 
 @dataclass
@@ -73,39 +72,26 @@ class SampleMaker:
 
     def _image(self, ref, rng: np.random.Generator, prepared=None) -> dict:
         s, cs = self.spec.image_size, self.spec.codebook_image_size
-        chosen: dict = {}
+        targets: list[torch.Tensor] = []
 
-        def crop_box(width: int, height: int) -> tuple[int, int]:
-            # Drawn from the stored size before decoding, so the draw is the same at any decode scale.
+        def choose(width: int, height: int) -> tuple[float, float, float, float]:
             if prepared is None:
                 left, top, w, h = random_resized_crop_box(width, height, rng, self.spec.crop_scale)
-                chosen["box"] = (left, top, left + w, top + h)
-            else:
-                crops, tokens = read_npy(prepared.crops), read_npy(prepared.tokens)
-                if crops.ndim != 2 or crops.shape[1] != 4 or tokens.shape != (len(crops), self.spec.grid ** 2):
-                    raise BadSample("prepared tokens do not fit the model's patch grid")
-                k = int(rng.integers(len(crops)))
-                chosen["box"] = tuple(float(v) for v in crops[k] * np.array([width, height] * 2))
-                chosen["targets"] = torch.from_numpy(tokens[k].astype(np.int64))
-            chosen["size"] = width, height
-            left, top, right, bottom = chosen["box"]
-            # The smallest decode that still gives the crop at least s pixels each way.
-            return (max(1, math.ceil(width * s / max(right - left, 1e-6))),
-                    max(1, math.ceil(height * s / max(bottom - top, 1e-6))))
+                return left, top, left + w, top + h
+            # One of the crops `flava prepare` tokenised, with its stored image-token ids as targets.
+            crops, tokens = read_npy(prepared.crops), read_npy(prepared.tokens)
+            if crops.ndim != 2 or crops.shape[1] != 4 or tokens.shape != (len(crops), self.spec.grid ** 2):
+                raise BadSample("prepared tokens do not fit the model's patch grid")
+            k = int(rng.integers(len(crops)))
+            targets.append(torch.from_numpy(tokens[k].astype(np.int64)))
+            return tuple(float(v) for v in crops[k] * np.array([width, height] * 2))
 
-        image = decode_rgb(ref, draft=crop_box)
-        if "box" not in chosen:  # not decoded from bytes (an in-memory image): no draft was asked
-            crop_box(image.shape[1], image.shape[0])
-        fx, fy = image.shape[1] / chosen["size"][0], image.shape[0] / chosen["size"][1]
-        left, top, right, bottom = chosen["box"]
-        box = (left * fx, top * fy, right * fx, bottom * fy)
         # One crop feeds both the model and the codebook, so the targets describe what the model
         # sees; with one size for both (the tiny preset) the codebook reads the same pixels.
-        sizes = (s,) if "targets" in chosen or cs == s else (s, cs)
-        pixels, *codebook = crop_resize(image, box, *sizes)
+        pixels, *codebook = decode_crop(ref, choose, *((s,) if prepared is not None or cs == s else (s, cs)))
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
-        if "targets" in chosen:
-            return {"pixel_values": pixels, "image_targets": chosen["targets"], "patch_mask": patch_mask}
+        if prepared is not None:
+            return {"pixel_values": pixels, "image_targets": targets[0], "patch_mask": patch_mask}
         return {"pixel_values": pixels, "codebook_pixels": codebook[0] if codebook else pixels,
                 "patch_mask": patch_mask}
 

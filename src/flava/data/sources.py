@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import tarfile
 import warnings
@@ -21,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 from .images import IMAGE_SUFFIXES, find_images
 from .tables import read_table
-from .transforms import extreme_aspect, to_rgb
+from .transforms import crop_resize, extreme_aspect, to_rgb
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
 MAX_IMAGE_PIXELS = 40_000_000
@@ -165,6 +167,29 @@ def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
             except ValueError:
                 pass
     return np.array(open_image(data, draft))  # a writable copy: torch wraps it
+
+
+def decode_crop(ref: ImageRef, choose: Callable[[int, int], tuple[float, float, float, float]],
+                *sizes: int) -> list[torch.Tensor]:
+    """[3, size, size] uint8 for each size: the box `choose(width, height)` picks (left, top,
+    right, bottom, in pixels of the stored image) resized. The box is chosen from the stored size
+    before decoding, so the choice is the same whatever scale the JPEG is then decoded at: the
+    smallest that still gives the box `max(sizes)` pixels each way."""
+    chosen: list = []
+
+    def least(width: int, height: int) -> tuple[int, int]:
+        left, top, right, bottom = box = choose(width, height)
+        chosen[:] = [box, (width, height)]
+        side = max(sizes)
+        return (max(1, math.ceil(width * side / max(right - left, 1e-6))),
+                max(1, math.ceil(height * side / max(bottom - top, 1e-6))))
+
+    image = decode_rgb(ref, draft=least)
+    if not chosen:  # an in-memory image: decoded already, no draft was asked
+        least(image.shape[1], image.shape[0])
+    (left, top, right, bottom), (width, height) = chosen
+    fx, fy = image.shape[1] / width, image.shape[0] / height
+    return crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), *sizes)
 
 
 @dataclass(frozen=True)
