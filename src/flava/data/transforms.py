@@ -65,10 +65,12 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[..., 3, H, W] uint8 pixels -> float32 CLIP-normalised, on x's device, contiguous."""
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1) * 255.0)
-    return x.float().contiguous().sub_(mean).mul_(inv_std)
+    """[..., 3, H, W] uint8 pixels -> float32 CLIP-normalised, on x's device, contiguous. The
+    constants are Python numbers: a tensor of them made on a GPU would wait for the device."""
+    y = x.float().contiguous()
+    for c, (mean, std) in enumerate(zip(CLIP_MEAN, CLIP_STD)):
+        y[..., c, :, :].sub_(mean * 255.0).mul_(1.0 / (std * 255.0))
+    return y
 
 
 def map_uint8(x: torch.Tensor) -> torch.Tensor:
