@@ -44,7 +44,7 @@ def add(sub) -> None:
                    help="share of --train held out for validation when --val is not given")
     p.add_argument("--max-text-length", dest="max_text_length", type=int,
                    help="tokens per text; default: the model's positions")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def read_task(kind: str, train: str, val: str | None, test: str | None, val_fraction: float, seed: int):

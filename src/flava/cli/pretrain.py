@@ -32,7 +32,7 @@ def add(sub) -> None:
                    help="with --recipe: steps of one stage, e.g. text-mlm=200 (default: --max-steps)")
     p.add_argument("--stage-set", dest="stage_set", action="append", metavar="STAGE:KEY=VALUE",
                    help="with --recipe: a setting of one stage alone, e.g. text-mlm:optim.lr=1e-3")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def settings(args: argparse.Namespace):
