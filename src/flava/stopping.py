@@ -100,13 +100,14 @@ def requested() -> int:
     return _signum if os.getpid() == _owner else 0
 
 
-def agreed(device: torch.device | str = "cpu") -> int:
+def agreed() -> int:
     """The stop request as every process sees it: the largest signal number any process of the
     torch.distributed group received (one all_reduce: every process must call it at the same step
     boundaries), so all stop at the same step. This process's request without a group."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return requested()
-    t = torch.tensor([requested()], device=device)
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces device tensors only
+    t = torch.tensor([requested()], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
