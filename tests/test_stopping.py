@@ -253,7 +253,8 @@ def test_a_signal_stops_pretrain_at_a_step_with_a_checkpoint_and_resume_continue
 
 @pytest.mark.xfail(strict=True, reason="wired into the training loop after the loop refactor")
 def test_under_torchrun_every_process_stops_at_the_same_step(train_data, tmp_path):
-    cut = Command(pretrain_args(train_data, tmp_path / "cut") + ["--max-steps", "200", "--save-every", "1000"],
+    cut = Command(pretrain_args(train_data, tmp_path / "cut") + ["--max-steps", "200", "--save-every", "1000",
+                                                                 "--set", "data.num_workers=1"],
                   tmp_path / "c", torchrun=2)
     log = tmp_path / "cut" / "metrics.jsonl"
     cut.wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3)

@@ -5,9 +5,9 @@ part), save what it has and exit with one line; a second signal stops at once.
 The command's process installs the handlers (`handling`); loops poll `requested()` (this process)
 or `agreed()` (every process of a torch.distributed group, at step boundaries only), save, and
 raise `Stopped`, which the CLI prints as one line with exit code 128 + the signal number (143 for
-SIGTERM, 130 for SIGINT). Loader workers and pool processes ignore both signals
-(`ignore_in_worker`): the process that owns them finishes or abandons their work and shuts them
-down, so a signal sent to the whole process group prints no worker tracebacks.
+SIGTERM, 130 for SIGINT). Pool processes ignore both signals (`ignore_in_worker`); DataLoader
+workers ignore SIGINT and outlive SIGTERM long enough for their owner to stop
+(`quiet_loader_worker`): a signal sent to the whole process group prints no worker tracebacks.
 """
 
 from __future__ import annotations
@@ -113,8 +113,31 @@ def agreed() -> int:
 
 
 def ignore_in_worker(*_) -> None:
-    """A loader worker's or pool process's init: SIGTERM and SIGINT are for its owner, which
-    finishes or abandons the worker's work and shuts it down (a worker killed by a signal makes
-    its owner fail with a traceback instead)."""
+    """A pool process's init: SIGTERM and SIGINT are for its owner, which finishes or abandons the
+    worker's work and shuts it down (a worker killed by a signal makes its owner fail with a
+    traceback instead)."""
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+LOADER_GRACE_S = 10.0
+"""How long a DataLoader worker keeps serving after SIGTERM before it ends itself."""
+
+
+def _leave_soon(signum: int, frame) -> None:
+    import threading
+
+    timer = threading.Timer(LOADER_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def quiet_loader_worker(*_) -> None:
+    """A torch DataLoader worker's init: SIGINT (Ctrl-C reaches the whole process group) is for its
+    owner. SIGTERM reaches it from a launcher that signals the group (torchrun, schedulers) while
+    its owner may be taking a batch from it (dying then gives the owner a ConnectionResetError),
+    and from DataLoader itself, which ends a worker that did not stop in time with SIGTERM. So
+    the worker keeps serving for LOADER_GRACE_S (its owner stops at its step's end and shuts it
+    down as usual), then ends with status 0, which its owner does not take for a failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_soon)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import FlavaConfig, ObjectivesConfig
 from ..errors import DataError
-from ..stopping import ignore_in_worker
+from ..stopping import quiet_loader_worker
 from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
 from .masking import BlockMasking, TextMasking
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
@@ -452,10 +452,10 @@ class BatchStream:
 
     def _iterator(self):
         dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors))
-        # Workers leave SIGTERM/SIGINT to this process, which shuts them down when it stops.
+        # Workers leave SIGTERM/SIGINT to this process, which stops at its step's end (stopping.py).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
-                            worker_init_fn=ignore_in_worker if self.num_workers else None)
+                            worker_init_fn=quiet_loader_worker if self.num_workers else None)
         return iter(loader)
 
     def next_batch(self):
