@@ -127,8 +127,15 @@ def test_the_global_batch_is_the_same_on_any_number_of_processes(tmp_path):
         t.load_states([again.state()])
     want = one.next_batch()
     assert torch.equal(torch.cat([t.next_batch().pixel_values for t in split]), want.pixel_values)
-    with pytest.raises(DataError, match="resume with data.batch_size=2"):  # 2 processes x 4 is not 4
-        stream(src, batch_size=4, rank=0, world=2, lanes=4).load_states([one.state()])
+    # The same data.batch_size on 2 processes: the run keeps its global batch of 4, 2 per process, says so.
+    elastic = [stream(src, batch_size=4, rank=r, world=2, lanes=4) for r in range(2)]
+    for t in elastic:
+        t.load_states([one.state()])
+        assert t.batch_size == 2 and t.layout.global_batch == 4 and "global batch of 4: 2 per process" in t.notes[0]
+    want = one.next_batch()
+    assert torch.equal(torch.cat([t.next_batch().pixel_values for t in elastic]), want.pixel_values)
+    with pytest.raises(DataError, match="global batch of 4 samples, which 3 processes cannot share evenly"):
+        stream(src, batch_size=4, rank=0, world=3, lanes=4).load_states([one.state()])
     changed = stream(src, batch_size=2, lanes=2)  # a batch size changed on purpose: a new pass, said so
     changed.load_states([one.state()])
     assert changed.draws == 0 and "starts a new pass" in changed.notes[0] and len(changed.next_batch()) == 2

@@ -43,6 +43,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from . import stopping
 from .config import check, from_dict, to_dict
 from .errors import ConfigError, FlavaError
 from .evaluate.suite import DOMAINS, Suite, load_suite
@@ -194,6 +195,9 @@ def train_row(key: str, cfg: TrainConfig, plan: Plan, output: Path, console: Con
                 "-m", "flava.cli"]
     console.print(f"running: torchrun --nproc_per_node={plan.processes} -m flava.cli {' '.join(args)}")
     done = subprocess.run(launcher + args, env={**os.environ, "OMP_NUM_THREADS": threads})
+    if done.returncode != 0 and (signum := stopping.requested()):  # Ctrl-C reached torchrun too: it saved
+        at = f"at its step {finished_step(row_model_dir(key, output))}"
+        raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)}", at)
     if done.returncode != 0:
         raise FlavaError(f"row {key}: its training under torchrun exited with {done.returncode} (its output is "
                          f"above); run the same command again to continue it")
@@ -253,7 +257,11 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
             continue
         start = time.perf_counter()
         if key != "untrained" and finished_step(row_model_dir(key, output)) < plan.steps:
-            train_row(key, cfg, plan, output, console)
+            try:
+                train_row(key, cfg, plan, output, console)
+            except stopping.Stopped as e:
+                raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in row {key} {e.at} (saved): "
+                                                 "run the same command again to continue", e.at) from None
         trained = time.perf_counter() - start
         results[key] = evaluate_row(key, cfg, suite, output, console)
         results[key]["minutes"] = {"train": round(trained / 60, 2),
@@ -261,6 +269,10 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
         scores_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(scores_path, results[key])
         write_json_atomic(record, {"plan": wanted, "rows": results})
+        if (signum := stopping.requested()) and i < len(plan.rows):
+            at = f"after row {key} ({i} of {len(plan.rows)})"
+            raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; its scores are kept: run the "
+                                           "same command again to continue", at)
     write_json_atomic(record, {"plan": wanted, "rows": results})
     md = write_ablation_report(results, plan, output)
     console.print(ablation_table(results))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 from rich.console import Console
 
-from .. import __version__
+from .. import __version__, stopping
 from ..errors import FlavaError
 from . import (ablate, classify, codebook, config, demo, embed, evaluate, export, finetune, index, info, init, predict,
                prepare, pretrain, search, serve)
@@ -37,14 +38,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    # Commands that stop at their own boundaries on SIGTERM/SIGINT say so with `graceful`; the
+    # others keep Python's defaults (SIGINT interrupts at once).
+    handling = stopping.handling() if getattr(args, "graceful", False) else contextlib.nullcontext()
     try:
-        args.run(args, console)
+        with handling:
+            args.run(args, console)
     except FlavaError as e:
         if os.environ.get("FLAVA_DEBUG"):
             raise
         print(f"flava {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"flava {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    except stopping.Stopped as e:
+        print(f"flava {args.command}: {e.message}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt as e:
+        took = f"{time.perf_counter() - start:.0f} s"
+        if isinstance(e, stopping.Interrupted):
+            print(f"flava {args.command}: stopped at once by a second {stopping.name(e.signum)} after {took}; "
+                  "nothing was saved since the last save", file=sys.stderr)
+            return stopping.exit_code(e.signum)
+        print(f"flava {args.command}: interrupted after {took}", file=sys.stderr)
         return 130
     return 0

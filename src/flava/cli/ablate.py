@@ -27,7 +27,7 @@ def add(sub) -> None:
                    help="train each row under torchrun with this many processes (each takes data.batch_size: "
                         "halve it for 2 to keep the global batch)")
     p.add_argument("--suite", default="demo", help="a suite JSON file, or 'demo' (default)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

@@ -28,7 +28,7 @@ def add(sub) -> None:
     p.add_argument("--save-every", dest="save_every", type=int, help="steps between resumable saves")
     p.add_argument("--log-every", dest="log_every", type=int, help="steps between logged metrics")
     p.add_argument("--resume", action="store_true", help="continue the unfinished training in --output")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

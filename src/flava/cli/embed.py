@@ -24,7 +24,7 @@ def add(sub) -> None:
     p.add_argument("--float16", action="store_true", help="store embeddings as float16 (half the disk)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     p.add_argument("--int8", action="store_true", help="int8 linear layers (CPU inference)")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def load_for_inference(name: str, device: str | None, int8: bool):

@@ -44,7 +44,9 @@ def add(sub) -> None:
                    help="share of --train held out for validation when --val is not given")
     p.add_argument("--max-text-length", dest="max_text_length", type=int,
                    help="tokens per text; default: the model's positions")
-    p.set_defaults(run=run)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the fine-tuning in --output that SIGTERM or Ctrl-C stopped (same arguments)")
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def read_task(kind: str, train: str, val: str | None, test: str | None, val_fraction: float, seed: int):
@@ -85,7 +87,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import check, to_dict
     from ..errors import ConfigError, did_you_mean
     from ..evaluate.finetune import (
+        TRAINING,
         FinetuneSettings,
+        Resumable,
         finetune_image,
         finetune_multimodal,
         finetune_text,
@@ -104,7 +108,20 @@ def run(args: argparse.Namespace, console: Console) -> None:
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,
         max_text_length=args.max_text_length))
+    # A fine-tuning stopped on request keeps its state in OUTPUT/training until its task model is saved.
+    stopped = (output / TRAINING / "state.pt").is_file()
+    if stopped and not args.resume:
+        raise ConfigError(f"{output} holds a fine-tuning that was stopped before it finished: add --resume to "
+                          "continue it, or choose another --output")
+    if args.resume and not stopped:
+        raise ConfigError(f"--resume: {output} holds no stopped fine-tuning to continue; check the path, or leave "
+                          "out --resume")
+    resumable = Resumable(output / TRAINING, {
+        "model": args.model, "task": args.task, "train": args.train, "val": args.val, "test": args.test,
+        "val_fraction": args.val_fraction, "settings": to_dict(settings)})
     task = read_task(args.task, args.train, args.val, args.test, args.val_fraction, args.seed)
+    if stopped:
+        console.print(f"resuming the fine-tuning stopped in {output}")
     outputs = "regression" if not task.label_names else \
         f"{len(task.label_names)} {'answers' if args.task == 'vqa' else 'labels'}"
     console.print(f"task [bold]{task.name}[/] ({args.task}): {len(task.train)}/{len(task.val)}/"
@@ -124,11 +141,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
             progress.update(bar, completed=step, total=total, info=f"loss {loss:.4f}")
 
         if args.task == "image-classification":
-            result = finetune_image(model, task, settings, on_step)
+            result = finetune_image(model, task, settings, on_step, resumable)
         elif args.task in ("text-classification", "text-regression"):
-            result = finetune_text(model, task, settings, tokenizer, on_step)
+            result = finetune_text(model, task, settings, tokenizer, on_step, resumable)
         else:
-            result = finetune_multimodal(model, task, settings, tokenizer, on_step)
+            result = finetune_multimodal(model, task, settings, tokenizer, on_step, resumable)
 
     best = result.val_metrics[result.eval_steps.index(result.best_step)]
     console.print(f"best validation {result.metric} at step {result.best_step} of {result.steps}")

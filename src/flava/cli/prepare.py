@@ -33,7 +33,7 @@ def add(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the codebook tokenises (default: the GPU when there is one)")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

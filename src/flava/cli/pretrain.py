@@ -9,6 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .. import stopping
+
 
 def add(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain FLAVA (with no data arguments: tiny preset on the demo data)")
@@ -33,7 +35,7 @@ def add(sub) -> None:
                    help="with --recipe: steps of one stage, e.g. text-mlm=200 (default: --max-steps)")
     p.add_argument("--stage-set", dest="stage_set", action="append", metavar="STAGE:KEY=VALUE",
                    help="with --recipe: a setting of one stage alone, e.g. text-mlm:optim.lr=1e-3")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def settings(args: argparse.Namespace):
@@ -90,10 +92,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
     created = not output.exists()
     try:
         run_pretrain(settings(args), output, resume=args.resume, console=console, override=args.override)
-    except BaseException:
+    except BaseException as e:
         # A start that failed before the run began leaves no directory behind (only its lock, a
-        # demo codebook) for the next attempt to trip over; one process cleans up.
-        if created and not holds_run(output) and os.environ.get("RANK", "0") == "0":
+        # demo codebook) for the next attempt to trip over; one process cleans up. A stop on
+        # request keeps what it saved (a demo codebook half trained).
+        if created and not holds_run(output) and os.environ.get("RANK", "0") == "0" and \
+                not isinstance(e, stopping.Stopped):
             shutil.rmtree(output, ignore_errors=True)
         raise
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import FlavaConfig, ObjectivesConfig
 from ..errors import DataError
+from ..stopping import quiet_loader_worker
 from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
 from .masking import BlockMasking, TextMasking
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
@@ -242,6 +243,18 @@ def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
     return max(d for d in range(1, cap + 1) if global_batch % d == 0)
 
 
+def per_process_batch(global_batch: int, world: int, what: str) -> int:
+    """The batch each of `world` processes draws so that together they keep `global_batch`; a
+    DataError when they cannot share it evenly."""
+    if global_batch % world:
+        fits = [d for d in range(1, min(global_batch, 4 * world) + 1) if global_batch % d == 0]
+        raise DataError(f"{what} was saved with a global batch of {global_batch} samples, which {world} processes "
+                        f"cannot share evenly: resume on a number of processes that divides it (e.g. "
+                        f"{', '.join(map(str, fits[-4:]))}), or change data.batch_size with --override (a new data "
+                        "order)")
+    return global_batch // world
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which slots of each global draw a process fills, and where each slot reads from."""
@@ -413,8 +426,7 @@ class BatchStream:
     """Shard -> what its indexing rejected (truncated shards, incomplete samples)."""
 
     def __post_init__(self) -> None:
-        g = self.batch_size * self.world
-        self.layout = Layout(g, choose_lanes(g, len(self.source.shards), self.lanes), self.rank, self.world)
+        self._lay_out()
         self.cursors: dict[int, Cursor] = {}
         self.notes: list[str] = []
         self._it = None
@@ -426,8 +438,10 @@ class BatchStream:
 
     def _iterator(self):
         dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors))
+        # Workers leave SIGTERM/SIGINT to this process, which stops at its step's end (stopping.py).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+                            prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
+                            worker_init_fn=quiet_loader_worker if self.num_workers else None)
         return iter(loader)
 
     def next_batch(self):
@@ -449,6 +463,10 @@ class BatchStream:
         self.draws += 1
         return self.maker.merge(parts)
 
+    def _lay_out(self) -> None:
+        g = self.batch_size * self.world
+        self.layout = Layout(g, choose_lanes(g, len(self.source.shards), self.lanes), self.rank, self.world)
+
     def state(self) -> dict:
         return {"draws": self.draws, "global_batch": self.layout.global_batch, "batch_size": self.batch_size,
                 "lanes": self.layout.lanes, "shards": len(self.source.shards), "seed": self.seed,
@@ -461,16 +479,18 @@ class BatchStream:
         number, the same global batch)."""
         first = states[0]
         restart = False
-        if int(first["global_batch"]) != self.layout.global_batch:
-            if int(first.get("batch_size", self.batch_size)) == self.batch_size:
-                per = int(first["global_batch"]) / self.world
-                raise DataError(
-                    f"the {self.kind} stream was saved with a global batch of {first['global_batch']} samples and "
-                    f"this run draws {self.layout.global_batch} ({self.world} processes x data.batch_size "
-                    f"{self.batch_size}); " + (f"resume with data.batch_size={int(per)}" if per == int(per) else
-                                               "resume on a number of processes that divides it"))
-            restart = True  # the batch size itself was changed (resume --override): a new order
-        elif int(first["shards"]) != len(self.source.shards) or int(first["lanes"]) != self.layout.lanes:
+        saved = int(first["global_batch"])
+        if saved != self.layout.global_batch:
+            if int(first.get("batch_size", self.batch_size)) != self.batch_size:
+                restart = True  # the batch size itself was changed (resume --override): a new order
+            else:  # only the number of processes changed: the run keeps its global batch
+                was = self.batch_size
+                self.batch_size = per_process_batch(saved, self.world, f"the {self.kind} data ({self.source.name})")
+                self._lay_out()
+                self.notes.append(f"the {self.kind} data keeps the run's global batch of {saved}: "
+                                  f"{self.batch_size} per process on {self.world} (data.batch_size was {was})")
+        if not restart and (int(first["shards"]) != len(self.source.shards) or
+                            int(first["lanes"]) != self.layout.lanes):
             raise DataError(f"the {self.kind} data ({self.source.name}) has {len(self.source.shards)} shards and "
                             f"{self.layout.lanes} lanes but the run was saved with {first['shards']} and "
                             f"{first['lanes']}: the data changed; resume with the same data")

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import stopping
 from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
 from .sources import INDEX, BadSample, ImageRecord, PairRecord, RecordShard, Source, open_image, open_shard, \
@@ -202,23 +203,41 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     if progress:
         progress(done, len(units))
     tokenizer = tokenizer_factory() if tokenizer_factory is not None and workers <= 1 else None
+
+    def stopped(signum: int) -> stopping.Stopped:
+        finished = sum((output / f"{n:05d}.json").is_file() for n in range(len(units)))
+        at = f"after {finished} of {len(units)} units"
+        return stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at} (kept in {output}): run the same "
+                                        "command again to finish", at)
+
     if workers <= 1:
         for n in todo:
             prepare_unit(n, units[n], kind, str(output), settings, tokenizer)
             done += 1
             if progress:
                 progress(done, len(units))
+            if (signum := stopping.requested()) and done < len(units):
+                raise stopped(signum)
     else:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                  initializer=_init_worker, initargs=(tokenizer_factory,)) as pool:
             futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo]
-            for f in futures:
-                f.result()
-                done += 1
-                if progress:
-                    progress(done, len(units))
+            try:
+                for f in futures:
+                    f.result()
+                    done += 1
+                    if progress:
+                        progress(done, len(units))
+                    if (signum := stopping.requested()) and done < len(units):
+                        # Units being written finish (each is renamed into place whole); the rest wait.
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        raise stopped(signum)
+            except KeyboardInterrupt:  # a second signal: the workers ignore signals, so end them here
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.kill()
+                raise
     stats = [json.loads((output / f"{n:05d}.json").read_text()) for n in range(len(units))]
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
     info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,
@@ -243,6 +262,7 @@ def _init_worker(factory) -> None:
     global _worker_tokenizer
     import torch
 
+    stopping.ignore_in_worker()  # the parent finishes or cancels this worker's units on a stop
     torch.set_num_threads(1)
     _worker_tokenizer = factory() if factory is not None else None
 

@@ -33,9 +33,11 @@ deterministic (it forks the global RNG, so the caller's random state is untouche
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Callable
 
 import numpy as np
@@ -45,12 +47,14 @@ from tokenizers import Tokenizer
 from PIL import Image
 from torch import nn
 
+from .. import stopping
 from ..config import NonNegative, PositiveInt, Range, check
 from ..data.batch import attention_mask, pad_rows
 from ..data.sources import BadSample, open_image
 from ..data.tokenizer import PAD_ID, TextTokenizer
 from ..data.transforms import normalize, resize_center_crop
 from ..errors import ConfigError, DataError
+from ..io.files import replace_dir
 from ..model.encoders import ImageEncoder
 from ..model.flava import FlavaModel, TextTower, init_weights
 from ..model.layers import Activation
@@ -72,6 +76,19 @@ from .tasks import (
 MAX_CONFUSION_ANSWERS = 100
 # Rows of dense VQA targets built at a time when scoring (VQAv2 val is 214k × 3,129 answers).
 _VQA_SCORE_CHUNK = 8192
+
+
+TRAINING = "training"
+"""OUTPUT/training/: the state of a fine-tuning stopped on request, which --resume continues."""
+
+
+@dataclass
+class Resumable:
+    """Where a fine-tuning keeps its state when it stops on request (SIGTERM/SIGINT), and what it
+    was started with (a resumed run must match it)."""
+
+    directory: Path
+    started_with: dict
 
 
 @dataclass
@@ -444,7 +461,25 @@ def _loss(kind: str, logits: torch.Tensor, split: _Split, idx: torch.Tensor, num
     return F.binary_cross_entropy_with_logits(logits, target) * num_outputs
 
 
-def _run(job: _Job, settings: FinetuneSettings, on_step) -> FinetuneResult:
+def _save_state(resumable: Resumable, state: dict) -> None:
+    replace_dir(resumable.directory, lambda tmp: torch.save(state, tmp / "state.pt"))
+
+
+def _load_state(resumable: Resumable) -> dict | None:
+    path = resumable.directory / "state.pt"
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    started = json.loads(state["started_with"])
+    if started != json.loads(json.dumps(resumable.started_with)):
+        differ = ", ".join(k for k in sorted(started.keys() | resumable.started_with.keys())
+                           if started.get(k) != resumable.started_with.get(k))
+        raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started with other {differ}; resume "
+                          "it with the same arguments, or choose another --output")
+    return state
+
+
+def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | None = None) -> FinetuneResult:
     started = time.perf_counter()
     s = settings
     clf = job.classifier
@@ -500,9 +535,22 @@ def _run(job: _Job, settings: FinetuneSettings, on_step) -> FinetuneResult:
     val_metrics: list[dict[str, float]] = []
     best_state, best_val, best_step = None, -math.inf, 0
     step = 0
+    perm, first = None, 0
+    saved = _load_state(resumable) if resumable is not None else None
+    if saved is not None:  # everything the next step depends on, as it was when the run stopped
+        trainable.load_state_dict(saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        order_rng.set_state(saved["order_rng"])
+        torch.set_rng_state(saved["rng"])
+        step, perm, first, best_state = int(saved["step"]), saved["perm"], int(saved["next"]), saved["best_state"]
+        record = json.loads(saved["record"])
+        losses, eval_steps, curve, val_metrics = (record[k] for k in ("losses", "eval_steps", "curve", "val_metrics"))
+        best_val, best_step = record["best_val"], record["best_step"]
     while step < total:
-        perm = torch.randperm(n, generator=order_rng)
-        for start in range(0, n, s.batch_size):
+        if perm is None or first >= n:
+            perm, first = torch.randperm(n, generator=order_rng), 0
+        for start in range(first, n, s.batch_size):
             idx = perm[start:start + s.batch_size]
             trainable.train()
             loss = _loss(job.kind, forward(train, idx), train, idx, job.num_outputs)
@@ -531,6 +579,20 @@ def _run(job: _Job, settings: FinetuneSettings, on_step) -> FinetuneResult:
                     best_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
             if step == total:
                 break
+            if resumable is not None and (signum := stopping.requested()):
+                _save_state(resumable, {
+                    "started_with": json.dumps(resumable.started_with), "trainable": trainable.state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "order_rng": order_rng.get_state(), "rng": torch.get_rng_state(), "step": step, "perm": perm,
+                    "next": start + s.batch_size, "best_state": best_state,
+                    "record": json.dumps({"losses": losses, "eval_steps": eval_steps, "curve": curve,
+                                          "val_metrics": val_metrics, "best_val": best_val, "best_step": best_step},
+                                         default=float)})
+                at = f"at step {step} of {total}"
+                raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; saved in "
+                                               f"{resumable.directory}: continue with the same command and --resume",
+                                       at)
+        perm = None
     trainable.load_state_dict(best_state)
     test_metrics, preds, probs, confusion = _scores(job.kind, job.metrics, predict(test), test, job.num_outputs)
     clf.eval()
@@ -572,7 +634,8 @@ def _text_inputs(split: _Split, idx: torch.Tensor) -> dict:
 
 
 def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings, tokenizer: TextTokenizer,
-                  on_step: Callable[[int, int, float], None] | None = None) -> FinetuneResult:
+                  on_step: Callable[[int, int, float], None] | None = None,
+                  resumable: Resumable | None = None) -> FinetuneResult:
     """Fine-tune a copy of `model`'s text encoder with a head on its CLS state; score `task.test`
     with the state that was best on `task.val` by `task.metrics[0]`."""
     max_length = _check_common(model, tokenizer, settings)
@@ -592,7 +655,7 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),
                    list(task.label_names), num_outputs, TextClassifier(tower, head), splits, _text_inputs)
-        result = _run(job, settings, on_step)
+        result = _run(job, settings, on_step, resumable)
     result.max_text_length = max_length
     result.pairs = any(e.text2 is not None for e in task.train)
     return result
@@ -600,7 +663,7 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
 
 def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: FinetuneSettings,
                         tokenizer: TextTokenizer, on_step: Callable[[int, int, float], None] | None = None,
-                        ) -> FinetuneResult:
+                        resumable: Resumable | None = None) -> FinetuneResult:
     """Fine-tune a copy of `model` with the 2-layer head on CLS_M; score `task.test` with the state
     that was best on `task.val` by `task.metrics[0]`. Images are decoded, resized and
     center-cropped to the model's image size once, before training."""
@@ -634,13 +697,14 @@ def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: Finet
         init_weights(head, model.config.init_std)
         job = _Job(task.name, task.kind, tuple(task.metrics), list(task.label_names), num_outputs,
                    MultimodalClassifier(flava, head), splits, inputs)
-        result = _run(job, settings, on_step)
+        result = _run(job, settings, on_step, resumable)
     result.max_text_length = max_length
     return result
 
 
 def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSettings,
-                   on_step: Callable[[int, int, float], None] | None = None) -> FinetuneResult:
+                   on_step: Callable[[int, int, float], None] | None = None,
+                   resumable: Resumable | None = None) -> FinetuneResult:
     """Fine-tune a copy of `model`'s image encoder with a linear head on its CLS state; score
     `task.test` with the state that was best on `task.val` by `task.metrics[0]`. Images are
     decoded, resized and center-cropped once, before training."""
@@ -672,7 +736,7 @@ def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSetting
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "classification", tuple(task.metrics), list(task.label_names), num_outputs,
                    ImageClassifier(encoder, head), splits, inputs)
-        return _run(job, settings, on_step)
+        return _run(job, settings, on_step, resumable)
 
 
 __all__ = [

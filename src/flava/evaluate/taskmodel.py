@@ -49,6 +49,7 @@ from ..model.encoders import ImageEncoder, TextEncoder
 from ..model.flava import FlavaModel, TextTower
 from .features import load_image
 from .finetune import (
+    TRAINING,
     FinetuneResult,
     ImageClassifier,
     ImageHead,
@@ -283,7 +284,7 @@ def check_output(directory: str | os.PathLike, task: str | None = None, replace:
     if not target.is_dir():
         return None
     names = {p.name for p in target.iterdir()}
-    if names and not names <= set(FILES):
+    if names and not names <= {*FILES, TRAINING}:  # a stopped fine-tuning's state is ours too
         raise CheckpointError(f"{target} already holds other files and is not a task model; "
                               f"choose another output directory")
     try:

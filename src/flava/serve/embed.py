@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import stopping
 from ..data.arrow import is_arrow_spec
 from ..data.images import find_images
 from ..data.processor import ImageInput
@@ -298,11 +299,14 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
                 progress(done, len(inputs))
             continue
         images, texts, rows, part_failed, part_named = [], [], [], Counter(), []
+        signum = 0
         # Decoding the next batch overlaps the model's work on this one.
         with ThreadPoolExecutor(1) as pool:
             batches = _prepare_part(embedder, inputs, lo, hi)
             pending = pool.submit(next, batches, None)
             while (item := pending.result()) is not None:
+                if signum := stopping.requested():  # the part is abandoned: nothing of it is written
+                    break
                 pending = pool.submit(next, batches, None)
                 ids, batch, failures = item
                 for i, why in failures:
@@ -318,6 +322,10 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
                 done += len(ids) + len(failures)
                 if progress:
                     progress(done, len(inputs))
+        if signum:
+            at = f"after {part} of {n_parts} parts"
+            raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at} (kept in {out}; part {part} is "
+                                           "embedded again): run the same command again to finish", at)
         name = part_name(part)
         if inputs.images is not None:
             _save_npy(out / "img_emb" / f"img_emb_{name}.npy",

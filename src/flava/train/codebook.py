@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
+from .. import stopping
 from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
     check, from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
@@ -360,6 +361,11 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
             progress.update(task, completed=run.step, info=f"{info}  {rate:.0f} img/s")
             if run.step % settings.save_every == 0 and run.step < settings.steps:
                 run.save(output / STATE, meta)
+            if (signum := stopping.requested()) and run.step < settings.steps:
+                run.save(output / STATE, meta)
+                at = f"at step {run.step} of {settings.steps}"
+                raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; saved in {output / STATE}: "
+                                               "continue with the same command and --resume", at)
     end = run.evaluate()
     bad: dict[str, set] = {}
     for s in run.stream.streams:

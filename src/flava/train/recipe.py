@@ -28,6 +28,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
+from .. import stopping
 from ..config import apply_overrides, check, from_dict, to_dict
 from ..errors import ConfigError
 from ..io.files import read_json, write_json_atomic
@@ -134,8 +135,17 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
             done.append({"stage": stage.name, "steps": reached, "ran": False})
             continue
         resume = (stage.directory / SETTINGS).is_file()
-        run_pretrain(stage.config, stage.directory, resume=resume, console=console)
+        try:
+            run_pretrain(stage.config, stage.directory, resume=resume, console=console)
+        except stopping.Stopped as e:
+            raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in stage {stage.name} {e.at} "
+                                             f"(saved in {stage.directory}): run the same command again to continue",
+                                   e.at) from None
         done.append({"stage": stage.name, "steps": finished_step(stage.directory), "ran": True})
+        if (signum := stopping.agreed()) and i < len(stages):
+            at = f"after stage {stage.name} ({i} of {len(stages)})"
+            raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}: run the same command again to "
+                                           "continue", at)
     if rank == 0:
         write_json_atomic(record, {**wanted, "finished": done})
     table = Table(title=f"recipe {name} in {output}")

@@ -14,14 +14,18 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
+from .. import stopping
 from ..config import check, from_dict, settings, to_dict
+from ..data.pipeline import per_process_batch
 from ..data.registry import KINDS
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
+from .checkpoint import STREAMS
+from .codebook import STATE as CODEBOOK_STATE
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig
 from .trainer import Trainer, trained_kinds
@@ -135,6 +139,36 @@ def _described(stream, weight: float) -> str:
             + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
 
 
+def recorded_global_batch(run: RunDir) -> int | None:
+    """The global batch the run's newest checkpoint was drawing (its streams record it); None
+    without a readable one (resuming then reports what is wrong)."""
+    latest = run.intact_pointer()
+    try:
+        per_process = read_json(latest / STREAMS, "stream positions", expect=list) if latest else []
+        kind = next(iter(per_process[0].values()))
+        return int(kind["sources"][0]["global_batch"])
+    except (FlavaError, OSError, LookupError, StopIteration, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _keep_global_batch(cfg: TrainConfig, run: RunDir, console: Console, rank: int) -> None:
+    """On another number of processes, a resumed run keeps its global batch: data.batch_size
+    becomes the recorded global batch over the processes (refused when it does not divide)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    recorded = recorded_global_batch(run)
+    if recorded is None or recorded == cfg.data.batch_size * world:
+        return
+    was = cfg.data.batch_size
+    cfg.data.batch_size = per_process_batch(recorded, world, f"the run in {run.root}")
+    console.print(f"resuming on {world} process{'es' if world > 1 else ''}: data.batch_size {cfg.data.batch_size} per "
+                  f"process keeps the run's global batch of {recorded} (it was {was} on {recorded // was})")
+    if rank == 0:
+        with open(run.root / HISTORY, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "derived": "processes",
+                                "processes": world, "changes": {"data.batch_size": [was, cfg.data.batch_size]}})
+                    + "\n")
+
+
 def needs_demo_codebook(cfg: TrainConfig) -> bool:
     """Whether `cfg` trains on the packaged demo data with objectives that need image tokens and
     names no codebook (nor a checkpoint that would bring one)."""
@@ -152,7 +186,15 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
         return
     if rank == 0 and not (directory / "model.safetensors").is_file():
         console.print("no image codebook given: training one on the demo images first")
-        run_train_codebook(["demo"], directory, cfg.model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console)
+        # One stopped by SIGTERM/SIGINT continues when the command runs again.
+        unfinished = (directory / CODEBOOK_STATE / "state.json").is_file()
+        try:
+            run_train_codebook(["demo"], directory, cfg.model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console,
+                               resume=unfinished)
+        except stopping.Stopped as e:
+            raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} while training the demo image "
+                                             f"codebook, {e.at} (kept in {directory}): run the same command again "
+                                             "to continue", e.at) from None
     if dist.is_initialized():
         dist.barrier()
     cfg.codebook = str(directory)
@@ -164,6 +206,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     saved = saved_settings(output) if resume else None
     if saved is not None:
         _accept_changes(saved, cfg, output, override, rank)
+        if cfg.data.batch_size == saved.data.batch_size:
+            _keep_global_batch(cfg, run, console, rank)
     trainer = Trainer(cfg, output)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
@@ -200,7 +244,15 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
                             info=f"loss {row['loss']:.3f} ({info})  {row['samples_per_s']:.0f} samples/s")
 
         trainer.log = log
+        # The loop sets the signal number when every process agreed to stop on a request
+        # (stopping.agreed at a step boundary) and it saved the step it reached.
+        trainer.stopped = 0
         rows = trainer.fit()
+    if trainer.stopped:
+        at = f"at step {trainer.step} of {cfg.max_steps}"
+        raise stopping.Stopped(trainer.stopped, f"stopped by {stopping.name(trainer.stopped)} {at}; saved "
+                                                f"{run.step(trainer.step)}: continue with the same command and --resume",
+                               at)
     table = Table(title="losses: first and last value seen in this run")
     for col in ("loss", "first", "last"):
         table.add_column(col, justify="right" if col != "loss" else "left")

@@ -1,0 +1,143 @@
+"""Graceful stop: SIGTERM (what schedulers send before SIGKILL) and SIGINT (Ctrl-C) ask a long
+command to stop at its next natural boundary (a training step, a prepared unit, an embedded
+part), save what it has and exit with one line; a second signal stops at once.
+
+The command's process installs the handlers (`handling`); loops poll `requested()` (this process)
+or `agreed()` (every process of a torch.distributed group, at step boundaries only), save, and
+raise `Stopped`, which the CLI prints as one line with exit code 128 + the signal number (143 for
+SIGTERM, 130 for SIGINT). Pool processes ignore both signals (`ignore_in_worker`); DataLoader
+workers ignore SIGINT and outlive SIGTERM long enough for their owner to stop
+(`quiet_loader_worker`): a signal sent to the whole process group prints no worker tracebacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_WINDOW_S = 1.0
+"""A repeat within this time of the first signal is the same request: a launcher (torchrun) forwards
+the scheduler's SIGTERM to processes that the scheduler signals itself."""
+
+_owner: int | None = None  # the pid that installed the handlers: forked children defer to it
+_signum = 0
+_first = 0.0
+
+
+class Stopped(Exception):
+    """A command stopped on request after saving what it had; `message` says where and how to go on."""
+
+    def __init__(self, signum: int, message: str, at: str = ""):
+        super().__init__(message)
+        self.signum, self.message = signum, message
+        self.at = at
+        """Where it stopped, for a caller that words the message its own way (e.g. 'at step 7')."""
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code(self.signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second signal: the command stops at once, without saving."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def exit_code(signum: int) -> int:
+    """The shell's convention for a process ended by a signal: 128 + its number."""
+    return 128 + int(signum)
+
+
+def _handle(signum: int, frame) -> None:
+    global _signum, _first
+    if os.getpid() != _owner:  # a forked child before its worker_init: its owner decides
+        return
+    if not _signum:
+        _signum, _first = signum, time.monotonic()
+    elif time.monotonic() - _first > REPEAT_WINDOW_S:
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def handling() -> Iterator[None]:
+    """Stop requests are recorded (not fatal) inside the block, in the main thread of this process;
+    the previous handlers come back after it (the CLI runs inside tests' processes too)."""
+    global _owner, _signum, _first
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    owner = _owner
+    _owner, _signum, _first = os.getpid(), 0, 0.0
+    for s in SIGNALS:
+        signal.signal(s, _handle)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _owner, _signum = owner, 0
+
+
+def requested() -> int:
+    """The signal number of this process's stop request, 0 when there is none."""
+    return _signum if os.getpid() == _owner else 0
+
+
+def agreed() -> int:
+    """The stop request as every process sees it: the largest signal number any process of the
+    torch.distributed group received (one all_reduce: every process must call it at the same step
+    boundaries), so all stop at the same step. This process's request without a group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return requested()
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces device tensors only
+    t = torch.tensor([requested()], device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def ignore_in_worker(*_) -> None:
+    """A pool process's init: SIGTERM and SIGINT are for its owner, which finishes or abandons the
+    worker's work and shuts it down (a worker killed by a signal makes its owner fail with a
+    traceback instead)."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+LOADER_GRACE_S = 10.0
+"""How long a DataLoader worker keeps serving after SIGTERM before it ends itself."""
+
+
+def _leave_soon(signum: int, frame) -> None:
+    import threading
+
+    timer = threading.Timer(LOADER_GRACE_S, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def quiet_loader_worker(*_) -> None:
+    """A torch DataLoader worker's init: SIGINT (Ctrl-C reaches the whole process group) is for its
+    owner. SIGTERM reaches it from a launcher that signals the group (torchrun, schedulers) while
+    its owner may be taking a batch from it (dying then gives the owner a ConnectionResetError),
+    and from DataLoader itself, which ends a worker that did not stop in time with SIGTERM. So
+    the worker keeps serving for LOADER_GRACE_S (its owner stops at its step's end and shuts it
+    down as usual), then ends with status 0, which its owner does not take for a failure."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _leave_soon)
