@@ -227,7 +227,6 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-@pytest.mark.xfail(strict=True, reason="wired into the training loop after the loop refactor")
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_pretrain_at_a_step_with_a_checkpoint_and_resume_continues_it(train_data, tmp_path, sig):
     steps = ["--max-steps", "40", "--save-every", "1000", "--set", "seed=5", "--set", "data.num_workers=1"]
@@ -251,7 +250,6 @@ def test_a_signal_stops_pretrain_at_a_step_with_a_checkpoint_and_resume_continue
         assert x["kind"] == y["kind"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
 
 
-@pytest.mark.xfail(strict=True, reason="wired into the training loop after the loop refactor")
 def test_under_torchrun_every_process_stops_at_the_same_step(train_data, tmp_path):
     cut = Command(pretrain_args(train_data, tmp_path / "cut") + ["--max-steps", "200", "--save-every", "1000",
                                                                  "--set", "data.num_workers=1"],

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import stopping
 from ..config import check
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
@@ -113,6 +114,8 @@ class Trainer:
         self._extra: list[dict] = []
         self.synced: list[dict] = []
         """The rows the latest synced step filled in."""
+        self.stopped = 0
+        """The signal that stopped `fit` at a step boundary (after saving it), 0 if none did."""
         torch.manual_seed(cfg.seed)
 
         self.initialised = self.stage.build()
@@ -357,7 +360,12 @@ class Trainer:
                 row = self.train_step(sync=save or logged or n == first + 1)
                 rows.append(row)
                 samples += row["samples"]
-                if "loss" not in row:
+                # A stop request (SIGTERM/SIGINT): this process's own, free to read, when alone;
+                # under torchrun agreed by every process (a collective) at the steps that sync anyway.
+                stop = stopping.requested() if self.world == 1 else stopping.agreed() if "loss" in row else 0
+                if stop and "loss" not in row:
+                    self.synced = self._settle()
+                if "loss" not in row and not stop:
                     continue
                 rate = samples / max(1e-9, time.perf_counter() - start)
                 start, samples = time.perf_counter(), 0
@@ -369,8 +377,11 @@ class Trainer:
                         log.write(settled)
                     self.log(settled)
                 self._check_divergence()
-                if save:
+                if save or stop:
                     self.save()
+                if stop:
+                    self.stopped = stop
+                    break
         if self.rank == 0 and log.path.is_file():
             plot_losses(log.path, self.output / "loss_curves.png")
         return rows
