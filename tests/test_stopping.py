@@ -98,7 +98,10 @@ def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrup
     done(whole)
     same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
     same_tensors(tmp_path / "whole" / "decoder.safetensors", tmp_path / "cut" / "decoder.safetensors")
-    assert (tmp_path / "whole" / "codebook_metrics.jsonl").read_text() == metrics.read_text()
+
+    def rows(path):  # every logged number but the wall-clock rate
+        return [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in path.read_text().splitlines()]
+    assert rows(tmp_path / "whole" / "codebook_metrics.jsonl") == rows(metrics)
 
 
 def test_a_second_sigint_stops_at_once(train_data, tmp_path):
