@@ -23,6 +23,9 @@ from safetensors.torch import load_file
 import flava
 from conftest import pretrain_args
 
+# Every test here runs real CLI processes: the slow lane (those under torchrun: distributed too).
+pytestmark = pytest.mark.slow
+
 TINY_CODEBOOK = ["--set", "codebook.hidden_size=8", "--set", "codebook.vocab_size=64", "--set", "image.vocab_size=64"]
 
 
@@ -253,6 +256,7 @@ def test_a_signal_stops_pretrain_at_a_step_with_a_checkpoint_and_resume_continue
         assert x["kind"] == y["kind"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
 
 
+@pytest.mark.distributed
 def test_under_torchrun_every_process_stops_at_the_same_step(train_data, tmp_path):
     cut = Command(pretrain_args(train_data, tmp_path / "cut") + ["--max-steps", "200", "--save-every", "1000",
                                                                  "--set", "data.num_workers=1"],
@@ -272,6 +276,7 @@ def test_under_torchrun_every_process_stops_at_the_same_step(train_data, tmp_pat
 # --------------------------------------------------------------------------- elastic resume
 
 
+@pytest.mark.distributed
 def test_a_run_resumed_on_two_processes_keeps_its_global_batch_without_flags(train_data, tmp_path):
     # optim.eps as in test_pretrain_processes: AdamW's 1e-8 turns the processes' rounding noise in
     # near-zero gradients into whole steps of lr.
@@ -297,6 +302,7 @@ def test_a_run_resumed_on_two_processes_keeps_its_global_batch_without_flags(tra
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5), (x, y)
 
 
+@pytest.mark.distributed
 def test_a_global_batch_the_processes_cannot_share_is_refused_in_one_line(train_data, tmp_path):
     from flava.data.pipeline import per_process_batch
 
@@ -304,3 +310,20 @@ def test_a_global_batch_the_processes_cannot_share_is_refused_in_one_line(train_
     with pytest.raises(flava.DataError, match="global batch of 6 samples, which 4 processes cannot share evenly: "
                                               r"resume on a number of processes that divides it \(e.g. 1, 2, 3, 6\)"):
         per_process_batch(6, 4, "the run in R")
+
+
+def test_sigterm_stops_a_recipe_in_its_stage_and_the_same_command_finishes_it(train_data, tmp_path):
+    args = pretrain_args(train_data, tmp_path / "recipe", "pairs_clean.csv") + [
+        "--recipe", "paper-mim", "--max-steps", "2", "--stage-steps", "text-mlm=60", "--stage-steps", "image-mim=2",
+        "--set", "save_every=1000"]
+    cut = Command(args, tmp_path / "c")
+    log = tmp_path / "recipe" / "text-mlm" / "metrics.jsonl"
+    cut.wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3)
+    cut.p.send_signal(signal.SIGTERM)
+    line = assert_stopped(cut, signal.SIGTERM, "flava pretrain: stopped by SIGTERM in stage text-mlm at step ")
+    assert "run the same command again" in line
+    step = json.loads((tmp_path / "recipe" / "text-mlm" / "checkpoints" / "latest.json").read_text())["step"]
+    assert 3 <= step < 60 and not (tmp_path / "recipe" / "joint").exists()
+    done(Command(args, tmp_path / "again"))
+    finished = {r["stage"]: r["steps"] for r in json.loads((tmp_path / "recipe" / "recipe.json").read_text())["finished"]}
+    assert finished == {"text-mlm": 60, "image-mim": 2, "joint": 2}

@@ -53,6 +53,7 @@ def env() -> dict:
 # --------------------------------------------------------------------------- vectors know their model
 
 
+@pytest.mark.slow  # a real server or CLI process
 def test_vectors_record_their_checkpoint_and_refuse_another(run_with_two_checkpoints, tmp_path, capsys):
     run, texts = run_with_two_checkpoints, str(tmp_path / "t.txt")
     assert cli(["embed", "--model", str(run.root), "--texts", texts, "--output", str(tmp_path / "emb")]) == 0
@@ -135,6 +136,7 @@ KILL_DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a real server or CLI process
 @pytest.mark.parametrize("point", ["before-index-json", "mid-faiss-write"])
 def test_an_index_add_killed_midway_leaves_the_index_whole(tmp_path, point):
     model = tiny(tmp_path / "m", 0)
@@ -173,6 +175,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a real server or CLI process
 def test_a_killed_runs_lock_is_free_while_its_forked_children_live(tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")], env=env(), stdout=subprocess.PIPE,
                             text=True)
@@ -207,6 +210,7 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "nothere").exists()
 
 
+@pytest.mark.slow  # a real server or CLI process
 def test_a_plain_path_is_a_list_of_sources_and_a_failed_start_leaves_nothing(train_data, tmp_path, capsys):
     from conftest import pretrain_args
 
@@ -223,6 +227,7 @@ def test_a_plain_path_is_a_list_of_sources_and_a_failed_start_leaves_nothing(tra
     assert not (tmp_path / "failed").exists()
 
 
+@pytest.mark.slow  # a real server or CLI process
 def test_config_show_piped_prints_every_description_whole():
     from flava.config import describe
     from flava.train.presets import demo_config
@@ -343,6 +348,7 @@ def classify_form(classes: list[str]) -> tuple[bytes, str]:
     return multipart({"classes": ",".join(classes), "templates": "clip"}, [("image", "x.png", buf.getvalue())])
 
 
+@pytest.mark.slow  # a real server or CLI process
 def test_a_slow_classify_does_not_hold_search_and_class_names_are_bounded_and_cached(server):
     import threading
 
@@ -384,6 +390,7 @@ def raw_socket(server):
     return s
 
 
+@pytest.mark.slow  # a real server or CLI process
 def test_half_a_header_is_closed_and_a_stalled_body_is_answered_408(server):
     s = raw_socket(server)
     start = time.monotonic()
@@ -404,6 +411,7 @@ def test_half_a_header_is_closed_and_a_stalled_body_is_answered_408(server):
     s.close()
 
 
+@pytest.mark.slow  # a real server or CLI process
 def test_a_client_that_disconnects_mid_upload_is_counted_without_a_traceback(server):
     body, ctype = classify_form(["cat", "dog"])
     s = raw_socket(server)
