@@ -7,7 +7,7 @@ import pytest
 
 from flava.data.registry import demo_source
 from flava.evaluate.suite import DEMO_SUITE, _digits, _easy_vqa_classes, bbc_news_splits, easy_vqa_galleries
-from flava.evaluate.tasks import easy_vqa_task
+from flava.evaluate.readers.multimodal import easy_vqa_data
 
 
 def _paragraphs(text):
@@ -36,7 +36,7 @@ def test_demo_pretraining_data_excludes_every_evaluation_example():
     for what in ("easy-vqa-shapes", "easy-vqa-colours"):
         for split in ("val", "test"):
             evaluated |= {Path(p).resolve() for p in _easy_vqa_classes(what, split)[0]}
-    vqa = easy_vqa_task(seed=0)
+    vqa = easy_vqa_data(seed=0)
     evaluated |= {Path(ex.image).resolve() for ex in vqa.val + vqa.test}
     assert len(evaluated) > 1000
     assert not pretrain_images & evaluated, sorted(pretrain_images & evaluated)[:3]

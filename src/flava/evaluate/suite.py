@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, FlavaError, did_you_mean
 from .finetune import FinetuneResult, FinetuneSettings
-from .tasks import MultimodalTask, TextTask
+from .examples import MultimodalData, TextData
 
 KINDS = ("retrieval", "zero-shot", "linear-probe", "finetune-text", "finetune-multimodal")
 DOMAINS = ("vision", "language", "multimodal")
@@ -256,7 +256,7 @@ def _headline(metrics_: dict[str, float], task_metrics: tuple[str, ...]) -> dict
     return {first: metrics_[first]}
 
 
-def _finetune(name, domain, task: TextTask | MultimodalTask, settings: FinetuneSettings, text: bool,
+def _finetune(name, domain, task: TextData | MultimodalData, settings: FinetuneSettings, text: bool,
               lr_sweep: list[float] | None = None) -> Prepared:
     """`lr_sweep`: fine-tune once per learning rate and score the run best on validation, as the
     paper tunes each task; every model of a comparison then gets the rate that suits it."""
@@ -477,12 +477,13 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
     lr_sweep = _lr_sweep(spec, where)
     limit = spec.get("limit")
     if kind == "finetune-text":
-        from .tasks import TextExample, read_glue, read_text_classification
+        from .examples import TextExample
+        from .readers.text import read_glue, read_text_classification
 
         if data == "bbc-news":
             splits, classes = bbc_news_splits()
             tr, va, te = ([TextExample(t, int(y)) for t, y in zip(*splits[k])] for k in ("train", "val", "test"))
-            task = TextTask(name, tr[:limit] if limit else tr, va, te, classes, ("accuracy",))
+            task = TextData(name, tr[:limit] if limit else tr, va, te, classes, ("accuracy",))
         elif "glue" in spec:
             task = read_glue(spec["glue"], _path(base, spec.get("dir", "."), where), seed=seed, limit=limit)
         elif "train" in spec and "test" in spec:
@@ -492,15 +493,16 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
                 regression=bool(spec.get("regression", False)), seed=seed, name=name, limit=limit)
         else:
             raise ConfigError(f"{where}: a finetune-text task needs data, glue (+ dir), or train and test")
-        from .tasks import check_text_task
+        from .examples import check_text_data
 
-        check_text_task(task)
+        check_text_data(task)
         return _finetune(name, domain, task, settings, text=True, lr_sweep=lr_sweep)
 
-    from .tasks import check_multimodal_task, easy_vqa_task, read_hateful_memes, read_snli_ve, read_vqa
+    from .examples import check_multimodal_data
+    from .readers.multimodal import easy_vqa_data, read_hateful_memes, read_snli_ve, read_vqa
 
     if data == "easy-vqa":
-        task = easy_vqa_task(seed=seed, limit=limit)
+        task = easy_vqa_data(seed=seed, limit=limit)
     elif "vqa" in spec:
         v = spec["vqa"]
         if not isinstance(v, dict):
@@ -522,7 +524,7 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
         task = read_hateful_memes(_path(base, spec["hateful-memes"], where), limit=limit, seed=seed)
     else:
         raise ConfigError(f"{where}: a finetune-multimodal task needs data, vqa, snli-ve or hateful-memes")
-    check_multimodal_task(task)
+    check_multimodal_data(task)
     return _finetune(name, domain, task, settings, text=False, lr_sweep=lr_sweep)
 
 
