@@ -51,7 +51,7 @@ def easy_vqa_data(val_fraction: float | None = None, seed: int = 0, limit: int |
         paths = getattr(easy_vqa, f"get_{split}_image_paths")()
         rows[split] = [(Path(paths[i]), q, normalize_answer(a), i) for q, a, i in zip(questions, answers, image_ids)]
     if val_fraction is None:  # the held-out images the demo's pretraining never sees
-        from ..data.demo import easy_vqa_validation_ids
+        from ...data.demo import easy_vqa_validation_ids
 
         held_out = easy_vqa_validation_ids()
         train = [r for r in rows["train"] if r[3] not in held_out]
