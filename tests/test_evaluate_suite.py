@@ -147,7 +147,7 @@ def test_the_demo_suite_names_only_packaged_data():
 def test_an_lr_sweep_scores_the_rate_best_on_validation(suite_dir):
     from flava.data.tokenizer import TextTokenizer
     from flava.evaluate.finetune import FinetuneSettings, finetune_text
-    from flava.evaluate.tasks import read_text_classification
+    from flava.evaluate.readers.text import read_text_classification
 
     model = flava.load(suite_dir / "model")
     tokenizer = TextTokenizer(max_length=model.config.text.max_position_embeddings)

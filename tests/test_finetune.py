@@ -12,20 +12,16 @@ from flava import FlavaModel, preset
 from flava.data.tokenizer import TextTokenizer, default_tokenizer_file
 from flava.errors import ConfigError, DataError
 from flava.evaluate.finetune import FinetuneSettings, encode_pairs, finetune_multimodal, finetune_text
-from flava.evaluate.tasks import (
-    MultimodalExample,
-    MultimodalTask,
-    TextExample,
-    TextTask,
+from flava.evaluate.examples import MultimodalData, MultimodalExample, TextData, TextExample
+from flava.evaluate.readers.multimodal import (
     answer_vocabulary,
-    easy_vqa_task,
-    read_glue,
+    easy_vqa_data,
     read_hateful_memes,
     read_snli_ve,
-    read_text_classification,
     read_vqa,
     vqa_soft_scores,
 )
+from flava.evaluate.readers.text import read_glue, read_text_classification
 
 
 @pytest.fixture(scope="module")
@@ -195,12 +191,12 @@ def test_vqa_soft_scores_and_vocabulary():
 
 
 def test_easy_vqa_task_splits_by_image():
-    task = easy_vqa_task(val_fraction=0.2, seed=0, limit=300)
+    task = easy_vqa_data(val_fraction=0.2, seed=0, limit=300)
     assert (len(task.train), len(task.val), len(task.test)) == (300, 300, 300) and task.kind == "vqa"
     assert not {e.image for e in task.train} & {e.image for e in task.val}
     assert all(list(e.answers.values()) == [1.0] for e in task.train)
     assert len(task.label_names) == 13 and task.label_names[0] in ("yes", "no")
-    again = easy_vqa_task(val_fraction=0.2, seed=0, limit=300)
+    again = easy_vqa_data(val_fraction=0.2, seed=0, limit=300)
     assert [e.text for e in again.val] == [e.text for e in task.val]
 
 
@@ -291,7 +287,7 @@ def keyword_examples(n, seed, flip=False):
 
 def keyword_task(n_train=128, flip_eval=False):
     val = keyword_examples(64, 1, flip_eval)
-    return TextTask("keyword", keyword_examples(n_train, 0), val, val if flip_eval else keyword_examples(64, 2),
+    return TextData("keyword", keyword_examples(n_train, 0), val, val if flip_eval else keyword_examples(64, 2),
                     ["absent", "present"], ("accuracy", "f1", "matthews_corrcoef"))
 
 
@@ -342,7 +338,7 @@ def test_regression_head(model, tokenizer):
             out.append(TextExample(" ".join(["banana"] * k + list(rng.choice(WORDS, size=5 - k))), float(k)))
         return out
 
-    task = TextTask("count", examples(96), examples(32), examples(32), [], ("pearson", "spearman"))
+    task = TextData("count", examples(96), examples(32), examples(32), [], ("pearson", "spearman"))
     result = finetune_text(model, task, FinetuneSettings(lr=2e-3, epochs=4, batch_size=16), tokenizer)
     assert result.test_metrics["pearson"] > 0.8 and result.confusion is None and result.probabilities is None
     assert result.predictions.dtype == np.float64
@@ -365,7 +361,7 @@ def colour_examples(n, seed, vqa=False):
 
 @pytest.mark.slow
 def test_multimodal_frozen_and_full(model, tokenizer):
-    task = MultimodalTask("colour", colour_examples(64, 0), colour_examples(32, 1), colour_examples(32, 2),
+    task = MultimodalData("colour", colour_examples(64, 0), colour_examples(32, 1), colour_examples(32, 2),
                           ["red", "blue"], ("auroc", "accuracy"))
     frozen = finetune_multimodal(model, task, FinetuneSettings(lr=1e-3, epochs=3, batch_size=16,
                                                                 train_encoders=False), tokenizer)
@@ -375,7 +371,7 @@ def test_multimodal_frozen_and_full(model, tokenizer):
     sd = frozen.model.flava.state_dict()
     assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
-    vqa = MultimodalTask("colour-vqa", colour_examples(64, 0, True), colour_examples(32, 1, True),
+    vqa = MultimodalData("colour-vqa", colour_examples(64, 0, True), colour_examples(32, 1, True),
                          colour_examples(32, 2, True), ["red", "blue", "green"], ("vqa_score",), "vqa")
     full = finetune_multimodal(model, vqa, FinetuneSettings(lr=5e-4, epochs=3, batch_size=16), tokenizer)
     assert full.test_metrics["vqa_score"] > 0.85 and full.confusion.shape == (3, 3)
@@ -413,20 +409,20 @@ def test_errors_before_training(model, tokenizer, tmp_path):
             finetune_text(model, task, bad, tokenizer)
     with pytest.raises(ConfigError, match="FlavaModel"):
         finetune_text(model.text_encoder, task, s, tokenizer)
-    empty = TextTask("t", task.train, [], task.test, task.label_names, task.metrics)
+    empty = TextData("t", task.train, [], task.test, task.label_names, task.metrics)
     with pytest.raises(DataError, match="empty val split"):
         finetune_text(model, empty, s, tokenizer)
-    wrong = TextTask("t", task.train + [TextExample("x", 2)], task.val, task.test, task.label_names, task.metrics)
+    wrong = TextData("t", task.train + [TextExample("x", 2)], task.val, task.test, task.label_names, task.metrics)
     with pytest.raises(DataError, match=r"train example 8: label 2 is not a class index in \[0, 2\)"):
         finetune_text(model, wrong, s, tokenizer)
     with pytest.raises(DataError, match="needs at least two"):
-        finetune_text(model, TextTask("t", task.train, task.val, task.test, ["only"], task.metrics), s, tokenizer)
+        finetune_text(model, TextData("t", task.train, task.val, task.test, ["only"], task.metrics), s, tokenizer)
     with pytest.raises(ConfigError, match="a classification task but asks for pearson"):
-        finetune_text(model, TextTask("t", task.train, task.val, task.test, task.label_names, ("pearson",)), s,
+        finetune_text(model, TextData("t", task.train, task.val, task.test, task.label_names, ("pearson",)), s,
                       tokenizer)
     examples = colour_examples(4, 0)
     examples[1] = MultimodalExample(tmp_path / "nowhere.png", "q", 0)
-    mm = MultimodalTask("m", examples, examples, examples, ["red", "blue"], ("accuracy",))
+    mm = MultimodalData("m", examples, examples, examples, ["red", "blue"], ("accuracy",))
     with pytest.raises(DataError, match="nowhere.png"):
         finetune_multimodal(model, mm, s, tokenizer)
     (tmp_path / "broken.png").write_bytes(b"not a png")

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from flava.data.registry import demo_source
-from flava.evaluate.suite import DEMO_SUITE, _digits, _easy_vqa_classes, bbc_news_splits, easy_vqa_galleries
-from flava.evaluate.tasks import easy_vqa_task
+from flava.evaluate.packaged import bbc_news_splits, digits, easy_vqa_classes, easy_vqa_galleries
+from flava.evaluate.suite import DEMO_SUITE
+from flava.evaluate.readers.multimodal import easy_vqa_data
 
 
 def _paragraphs(text):
@@ -35,20 +36,20 @@ def test_demo_pretraining_data_excludes_every_evaluation_example():
         evaluated |= {Path(p).resolve() for p in images}
     for what in ("easy-vqa-shapes", "easy-vqa-colours"):
         for split in ("val", "test"):
-            evaluated |= {Path(p).resolve() for p in _easy_vqa_classes(what, split)[0]}
-    vqa = easy_vqa_task(seed=0)
+            evaluated |= {Path(p).resolve() for p in easy_vqa_classes(what, split)[0]}
+    vqa = easy_vqa_data(seed=0)
     evaluated |= {Path(ex.image).resolve() for ex in vqa.val + vqa.test}
     assert len(evaluated) > 1000
     assert not pretrain_images & evaluated, sorted(pretrain_images & evaluated)[:3]
     # Training images are pretrained on, apart from the held-out validation images.
-    train_probe = {Path(p).resolve() for p in _easy_vqa_classes("easy-vqa-shapes", "train")[0]}
+    train_probe = {Path(p).resolve() for p in easy_vqa_classes("easy-vqa-shapes", "train")[0]}
     assert train_probe <= pretrain_images
 
     # Digits: the pretraining images that are not files are the digits' training images and the
     # scikit-image photographs; no test digit is among them, pixel for pixel.
     in_memory = {np.asarray(r.image.convert("L")).tobytes() for r in demo_source("images").records
                  if not isinstance(r.image, (str, Path))}
-    digits_train, _, digits_test, _ = _digits()
+    digits_train, _, digits_test, _ = digits()
     tested = {np.asarray(im.convert("L")).tobytes() for im in digits_test}
     assert len(tested) == 450
     assert not in_memory & tested

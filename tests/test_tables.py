@@ -122,7 +122,7 @@ def test_a_file_that_is_not_parquet_is_named(tmp_path):
 
 def test_every_user_of_tables_reads_jsonl_and_parquet_too(tmp_path):
     from flava.data.sources import csv_pairs
-    from flava.evaluate.tasks import read_text_classification
+    from flava.evaluate.readers.text import read_text_classification
 
     pq.write_table(pa.Table.from_pylist([{"text": f"t{i}", "label": i % 2} for i in range(6)]), tmp_path / "t.parquet")
     task = read_text_classification(tmp_path / "t.parquet", None, None, val_fraction=0.34)

@@ -23,7 +23,8 @@ from flava.evaluate.finetune import (
     finetune_text,
 )
 from flava.evaluate.taskmodel import load_task, save_task_model
-from flava.evaluate.tasks import TextExample, TextTask, read_multimodal_table
+from flava.evaluate.examples import TextData, TextExample
+from flava.evaluate.readers.user_files import read_multimodal_table
 
 WORDS = ["red", "green", "blue", "house", "tree", "river", "stone", "cloud", "paper", "window", "chair", "table",
          "music", "light", "road"]
@@ -231,7 +232,7 @@ def test_text_regression(data, tmp_path, capsys, tokenizer):
         return [TextExample(" ".join(["banana"] * (k := int(rng.integers(0, 4))) + list(rng.choice(WORDS, 5 - k))),
                             float(k)) for _ in range(n)]
 
-    task = TextTask("count", examples(32), examples(8), examples(8), [], ("pearson", "spearman"))
+    task = TextData("count", examples(32), examples(8), examples(8), [], ("pearson", "spearman"))
     result = finetune_text(flava.load(data / "ckpt"), task, FinetuneSettings(lr=1e-3, epochs=1, batch_size=16),
                            tokenizer)
     for _ in range(2):  # an earlier task model is replaced whole
@@ -270,7 +271,7 @@ def test_vqa_table_reader_and_top_answers(data, tmp_path, tokenizer):
 
 
 def test_damaged_or_wrong_task_dirs(data, tmp_path, capsys, tokenizer):
-    task = TextTask("k", [TextExample("banana", 1), TextExample("tree", 0)] * 4, [TextExample("banana", 1)] * 2,
+    task = TextData("k", [TextExample("banana", 1), TextExample("tree", 0)] * 4, [TextExample("banana", 1)] * 2,
                     [TextExample("tree", 0)], ["absent", "present"], ("accuracy",))
     result = finetune_text(flava.load(data / "ckpt"), task, FinetuneSettings(max_steps=1, train_encoders=False),
                            tokenizer)

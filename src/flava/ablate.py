@@ -383,7 +383,7 @@ def write_ablation_report(results: dict[str, dict], plan: Plan, output: Path) ->
 
 def plot(results: dict[str, dict], path: Path) -> None:
     """Grouped bars: each row's four averages, ours solid and the paper's hatched beside them."""
-    from .evaluate.report import _plt
+    from .evaluate.pictures import pyplot as _plt
 
     plt = _plt()
     keys = list(results)

@@ -53,11 +53,8 @@ def read_task(kind: str, train: str, val: str | None, test: str | None, val_frac
     """The task's examples from the files a user gives (every data error before any training)."""
     from ..data.tables import SUFFIXES, is_table
     from ..errors import DataError
-    from ..evaluate.tasks import (
-        read_image_classification,
-        read_multimodal_table,
-        read_text_classification,
-    )
+    from ..evaluate.readers.text import read_text_classification
+    from ..evaluate.readers.user_files import read_image_classification, read_multimodal_table
 
     name = Path(train).stem
     if kind in ("text-classification", "text-regression"):

@@ -60,15 +60,15 @@ from ..model.flava import FlavaModel, TextTower, init_weights
 from ..model.layers import Activation
 from ..optim import build_optimizer, warmup_cosine
 from . import metrics as M
-from .tasks import (
+from .examples import (
+    ImageData as ImageTask,
     ImageExample,
-    ImageTask,
+    MultimodalData as MultimodalTask,
     MultimodalExample,
-    MultimodalTask,
-    TextTask,
-    check_image_task,
-    check_multimodal_task,
-    check_text_task,
+    TextData as TextTask,
+    check_image_data as check_image_task,
+    check_multimodal_data as check_multimodal_task,
+    check_text_data as check_text_task,
 )
 
 # Confusion matrices of VQA tasks only for vocabularies small enough to read (easy-vqa's 13

@@ -12,7 +12,8 @@ from rich.table import Table
 from ..data.tokenizer import TextTokenizer
 from ..progress import progress_bar
 from .report import summary_rows, verdict, write_report
-from .suite import Suite, SuiteResult, load_suite, run_suite
+from .results import SuiteResult
+from .suite import Suite, load_suite, run_suite
 
 
 def untrained_like(model, seed: int = 0):

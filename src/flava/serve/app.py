@@ -27,17 +27,14 @@ than `queue_timeout` for the model is answered 503. Class-name embeddings are ca
 
 A client that disconnects before its request is read is counted with status 499 (no traceback);
 a body that stalls for `body_timeout` seconds is answered 408 (headers have their own timeout:
-`serve.http`).
+`serve.http`). What stands around the endpoints (refusals, the model queue, metrics, the body
+guard, JSON errors) is `serve.guard`; reading requests is `serve.requests`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import io
-import math
-import threading
 import time
-from collections import Counter, OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -45,217 +42,27 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import (
-    FileResponse,
-    HTMLResponse,
-    JSONResponse,
-    PlainTextResponse,
-)
-from PIL import Image, UnidentifiedImageError
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
-from starlette.requests import ClientDisconnect
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..errors import FlavaError
 from ..evaluate.zero_shot import class_embeddings, parse_templates
 from .classify import ZeroShotClassifier
 from .embed import Embedder
+from .guard import FORM_OVERHEAD, ApiError, Guard, Metrics, MiB, ModelQueue, add_error_handlers
+from .requests import RequestParser
 
 if TYPE_CHECKING:
     from ..model.flava import FlavaModel
     from .index import VectorIndex
 
 T = TypeVar("T")
-MiB = 2**20
-FORM_OVERHEAD = 64 * 1024
-"""Bytes a multipart body may hold beyond its uploads (boundaries, headers, form fields)."""
-LATENCY_WINDOW = 10_000
-"""Latest requests per endpoint the latency quantiles are taken over."""
 PROMPTS_PER_CALL = 64
 """Class-name prompts embedded per model call: the most another request waits behind /classify."""
 CLASS_CACHE = 16_384
 """Class-name embeddings kept (per templates and name; a few KB each)."""
-CLIENT_CLOSED = 499
-"""The status counted for a request whose client went away before it was read (nginx's)."""
-
-
-class ApiError(Exception):
-    """A request the API refuses: its status and a one-line message naming the fix."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status, self.message = status, message
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class _BodyTimeout(Exception):
-    pass
-
-
-class ModelQueue:
-    """Model calls one at a time, first come first served; a caller that waits longer than
-    `timeout` seconds gets 503 instead of waiting on."""
-
-    def __init__(self, timeout: float):
-        self.timeout = timeout
-        self._cond = threading.Condition()
-        self._waiting: deque[object] = deque()
-        self._busy = False
-
-    def call(self, fn: Callable[..., T], *args) -> T:
-        ticket = object()
-        deadline = time.monotonic() + self.timeout
-        with self._cond:
-            self._waiting.append(ticket)
-            while self._busy or self._waiting[0] is not ticket:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._waiting.remove(ticket)
-                    self._cond.notify_all()
-                    raise ApiError(503, f"the model is busy: this request waited {self.timeout:g} s for it; retry "
-                                        "later")
-                self._cond.wait(left)
-            self._waiting.popleft()
-            self._busy = True
-        try:
-            return fn(*args)
-        finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-
-class Metrics:
-    """Request counts per (endpoint, method, status) and latencies per (endpoint, method)."""
-
-    def __init__(self, window: int = LATENCY_WINDOW):
-        self.lock = threading.Lock()
-        self.window = window
-        self.counts: Counter[tuple[str, str, int]] = Counter()
-        self.recent: dict[tuple[str, str], deque[float]] = {}
-        self.totals: dict[tuple[str, str], list[float]] = {}
-
-    def observe(self, endpoint: str, method: str, status: int, ms: float) -> None:
-        with self.lock:
-            self.counts[endpoint, method, status] += 1
-            key = (endpoint, method)
-            self.recent.setdefault(key, deque(maxlen=self.window)).append(ms)
-            total = self.totals.setdefault(key, [0, 0.0])
-            total[0] += 1
-            total[1] += ms
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            counts = sorted(self.counts.items())
-            latency = {k: (list(v), *self.totals[k]) for k, v in sorted(self.recent.items())}
-        out: dict[str, Any] = {"requests": [{"endpoint": e, "method": m, "status": s, "count": n}
-                                            for (e, m, s), n in counts], "latency_ms": []}
-        for (endpoint, method), (recent, count, total) in latency.items():
-            p50, p99 = np.percentile(np.asarray(recent), [50, 99]) if recent else (0.0, 0.0)
-            out["latency_ms"].append({"endpoint": endpoint, "method": method, "count": int(count),
-                                      "mean": total / count, "p50": float(p50), "p99": float(p99),
-                                      "sum": total})
-        return out
-
-    def prometheus(self) -> str:
-        snap = self.snapshot()
-        lines = ["# HELP flava_requests_total HTTP requests answered, by endpoint, method and status.",
-                 "# TYPE flava_requests_total counter"]
-        for r in snap["requests"]:
-            lines.append(f'flava_requests_total{{endpoint="{r["endpoint"]}",method="{r["method"]}",'
-                         f'status="{r["status"]}"}} {r["count"]}')
-        lines += [f"# HELP flava_request_latency_ms Request latency in ms (quantiles of the latest {self.window}).",
-                  "# TYPE flava_request_latency_ms summary"]
-        for r in snap["latency_ms"]:
-            labels = f'endpoint="{r["endpoint"]}",method="{r["method"]}"'
-            lines.append(f'flava_request_latency_ms{{{labels},quantile="0.5"}} {r["p50"]:.3f}')
-            lines.append(f'flava_request_latency_ms{{{labels},quantile="0.99"}} {r["p99"]:.3f}')
-            lines.append(f"flava_request_latency_ms_sum{{{labels}}} {r['sum']:.3f}")
-            lines.append(f"flava_request_latency_ms_count{{{labels}}} {r['count']}")
-        lines += ["# HELP flava_request_latency_mean_ms Mean request latency in milliseconds since start.",
-                  "# TYPE flava_request_latency_mean_ms gauge"]
-        for r in snap["latency_ms"]:
-            lines.append(f'flava_request_latency_mean_ms{{endpoint="{r["endpoint"]}",method="{r["method"]}"}} '
-                         f'{r["mean"]:.3f}')
-        return "\n".join(lines) + "\n"
-
-
-class _Guard:
-    """Outermost ASGI layer: refuses bodies over the limit (by Content-Length before reading, and
-    by counting what arrives when there is none) and times every request for `Metrics`."""
-
-    def __init__(self, app, max_body: int, metrics: Metrics, router, body_timeout: float):
-        self.app, self.max_body, self.metrics, self.router = app, max_body, metrics, router
-        self.body_timeout = body_timeout
-
-    def endpoint(self, scope) -> str:
-        route = scope.get("route")
-        if route is None:  # refused before routing: find the route it was meant for
-            from starlette.routing import Match
-
-            route = next((r for r in self.router.routes if r.matches(scope)[0] != Match.NONE), None)
-        return getattr(route, "path", None) or "unmatched"
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        state = {"status": 500, "started": False, "received": 0}
-
-        async def send_(message):
-            if message["type"] == "http.response.start":
-                state["status"], state["started"] = message["status"], True
-            await send(message)
-
-        async def receive_():
-            if state.get("body_done"):  # later receives wait for a disconnect: no timeout
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.body_timeout)
-            except asyncio.TimeoutError:
-                raise _BodyTimeout from None
-            if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                if state["received"] > self.max_body:
-                    raise _BodyTooLarge
-                state["body_done"] = not message.get("more_body", False)
-            return message
-
-        too_large = _too_large(self.max_body)
-        try:
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body:
-                await too_large(scope, receive, send_)
-            else:
-                try:
-                    await self.app(scope, receive_, send_)
-                except _BodyTooLarge:
-                    if state["started"]:
-                        raise
-                    await too_large(scope, receive, send_)
-                except _BodyTimeout:
-                    if state["started"]:
-                        raise
-                    await _body_timed_out(self.body_timeout)(scope, receive, send_)
-        finally:
-            self.metrics.observe(self.endpoint(scope), scope["method"], state["status"],
-                                 (time.perf_counter() - start) * 1e3)
-
-
-def _body_timed_out(seconds: float) -> JSONResponse:
-    return JSONResponse({"error": f"the request body stalled for {seconds:g} s; send it at once"}, status_code=408,
-                        headers={"Connection": "close"})
-
-
-def _too_large(limit: int) -> JSONResponse:
-    return JSONResponse({"error": f"the request body is larger than the limit of {limit / MiB:.2f} MiB; send a "
-                                  "smaller image or start the server with a larger --max-upload-mb"}, status_code=413)
 
 
 class _LRU(OrderedDict):
@@ -352,51 +159,13 @@ def create_app(
                 class_cache.put((templates, c), v)
         return np.stack([found[c] for c in classes])
 
-    # ------------------------------------------------------------------ errors
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError):
-        return JSONResponse({"error": e.message}, status_code=e.status)
-
-    @app.exception_handler(_BodyTooLarge)
-    async def body_too_large(request: Request, e: _BodyTooLarge):
-        return _too_large(max_upload_bytes + FORM_OVERHEAD)
-
-    @app.exception_handler(_BodyTimeout)
-    async def body_timed_out(request: Request, e: _BodyTimeout):
-        return _body_timed_out(body_timeout)
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, e: ClientDisconnect):
-        # Nobody is there to read it; the status is what /metrics counts.
-        return JSONResponse({"error": "the client disconnected before sending the whole request"},
-                            status_code=CLIENT_CLOSED)
-
-    @app.exception_handler(FlavaError)
-    async def flava_error(request: Request, e: FlavaError):
-        return JSONResponse({"error": str(e)}, status_code=400)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
-        parts = []
-        for err in e.errors():
-            where = " ".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path", "body"))
-            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", "invalid"))
-        return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        # Still JSON for the client; uvicorn logs the traceback.
-        return JSONResponse({"error": f"internal error ({type(e).__name__}); see the server's log"}, status_code=500)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        message = e.detail if isinstance(e.detail, str) else "request refused"
-        if e.status_code == 404 and message == "Not Found":
-            message = f"no endpoint {request.url.path}; see /docs for the API"
-        return JSONResponse({"error": message}, status_code=e.status_code, headers=getattr(e, "headers", None))
+    add_error_handlers(app, max_upload_bytes + FORM_OVERHEAD, body_timeout)
 
     # ------------------------------------------------------------------ request parsing
+
+    parser = RequestParser(max_k, max_batch, max_upload_bytes, default_k)
+    check_k, kind, read_json, read_form = parser.check_k, parser.kind, parser.read_json, parser.read_form
+    form_images, form_k, string_list = parser.form_images, parser.form_k, parser.string_list
 
     def need_model() -> Embedder:
         if embedder is None:
@@ -412,77 +181,6 @@ def create_app(
         if task is None:
             raise ApiError(409, "no task model is loaded; start flava serve with --task")
         return task
-
-    def check_k(k: Any) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or int(k) != k:
-            raise ApiError(422, f"k must be a whole number from 1 to {max_k}; got {k!r}")
-        if not 1 <= k <= max_k:
-            raise ApiError(422, f"k must lie between 1 and {max_k}; got {int(k)}")
-        return int(k)
-
-    def kind(request: Request) -> str:
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "application/json":
-            return "json"
-        if ctype == "multipart/form-data":
-            return "form"
-        raise ApiError(415, f"send application/json or multipart/form-data, not {ctype or 'no content type'}")
-
-    async def read_json(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:  # malformed JSON or not UTF-8
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "the JSON body must be an object, e.g. {\"texts\": [\"a dog\"]}")
-        return body
-
-    async def read_form(request: Request):
-        try:
-            return await request.form(max_files=max_batch, max_fields=64)
-        except (_BodyTooLarge, _BodyTimeout, ClientDisconnect):
-            raise
-        except StarletteHTTPException as e:
-            raise ApiError(400, f"the multipart form cannot be read: {e.detail}") from None
-
-    async def form_images(form, what: str = "image") -> list[Image.Image]:
-        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
-        if not uploads:
-            raise ApiError(400, f"no {what} in the form; upload one as a file field named 'image'")
-        if len(uploads) > max_batch:
-            raise ApiError(400, f"{len(uploads)} files in one request; send at most {max_batch}")
-        raw = []
-        for up in uploads:
-            if up.size is not None and up.size > max_upload_bytes:
-                raise ApiError(413, f"upload {up.filename!r} is {up.size / MiB:.2f} MiB, over the limit of "
-                                    f"{max_upload_bytes / MiB:.2f} MiB; send a smaller image")
-            data = await up.read(max_upload_bytes + 1)
-            if len(data) > max_upload_bytes:
-                raise ApiError(413, f"upload {up.filename!r} is over the limit of {max_upload_bytes / MiB:.2f} MiB; "
-                                    "send a smaller image")
-            raw.append((up.filename or "upload", data))
-        return await run_in_threadpool(_decode_images, raw)
-
-    def form_k(form) -> int:
-        value = form.get("k")
-        if value is None or value == "":
-            return default_k
-        try:
-            return check_k(int(str(value)))
-        except ValueError:
-            raise ApiError(422, f"k must be a whole number from 1 to {max_k}; got {value!r}") from None
-
-    def string_list(body: dict, key: str, required: bool = True) -> list[str] | None:
-        value = body.get(key)
-        if value is None and not required:
-            return None
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
-            raise ApiError(400, f'"{key}" must be a non-empty list of strings')
-        if len(value) > max_batch:
-            raise ApiError(400, f'{len(value)} items in "{key}"; send at most {max_batch} per request')
-        return value
 
     async def search(vectors: np.ndarray, k: int, query: dict, start: float) -> dict:
         idx = need_index()
@@ -661,7 +359,7 @@ def create_app(
             raise ApiError(400, f"format must be 'prometheus' or 'json'; got {format!r}")
         return PlainTextResponse(metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(_Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router,
+    app.add_middleware(Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router,
                        body_timeout=body_timeout)
     return app
 
@@ -669,17 +367,3 @@ def create_app(
 def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     return class_embeddings(model, classes, model.processor.tokenizer, templates)
 
-
-def _decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:
-    """Decoded RGB images; 415 names an upload that is not an image, 413 one with too many pixels."""
-    images = []
-    for name, data in raw:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                images.append(im.convert("RGB"))
-        except Image.DecompressionBombError:
-            raise ApiError(413, f"upload {name!r} has too many pixels to decode safely; send a smaller image") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise ApiError(415, f"upload {name!r} is not an image that can be read (PNG, JPEG, WebP, ...)") from None
-    return images

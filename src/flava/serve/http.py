@@ -4,7 +4,7 @@ h11 has no timeout of its own, and uvicorn's `timeout_keep_alive` is armed only 
 and disarmed by the first byte that arrives: a client that opens a connection and sends half a
 header (or nothing) holds it for ever, and enough of them exhaust the server. Here every request's
 headers must be complete within `header_timeout` seconds of the connection opening or of the
-previous response; the body has its own idle timeout (`serve.app`).
+previous response; the body has its own idle timeout (`serve.guard`).
 """
 
 from __future__ import annotations

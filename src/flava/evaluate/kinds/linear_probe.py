@@ -1,0 +1,113 @@
+"""Linear probes (the paper's vision and language rows): L-BFGS logistic regression on the image or
+text encoder's CLS features (`modality`), λ chosen on validation; data from folders of class folders
+or tables of text and label (`train`, `val`, `test`), or packaged digits, easy-vqa, BBC News."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import ConfigError, DataError
+from ..packaged import bbc_news_splits, digits, easy_vqa_classes
+from ..pictures import classifier_pictures
+from ..results import Measured, percent
+from ..task_spec import TaskSpec, image_folder, labelled_text
+from . import TaskKind, register
+
+Split = tuple[list, np.ndarray]
+"""Inputs (images or texts) and their class indices."""
+IMAGE_DATA = ("digits", "easy-vqa-shapes", "easy-vqa-colours")
+
+
+@dataclass
+class ProbeData:
+    modality: str
+    train: Split
+    val: Split | None
+    test: Split
+    classes: list[str]
+
+
+def _text_splits(t: TaskSpec) -> tuple[Split, Split | None, Split, list[str]]:
+    xtr, ltr = labelled_text(t.path(t.spec["train"]), t.where)
+    classes = sorted(set(ltr))
+    index = {c: i for i, c in enumerate(classes)}
+
+    def labelled(key: str) -> Split:
+        x, labels = labelled_text(t.path(t.spec[key]), t.where)
+        unknown = sorted(set(labels) - set(classes))
+        if unknown:
+            raise DataError(f"{t.where}: {t.spec[key]} has labels {unknown[:5]} outside the training labels "
+                            f"{classes[:10]}")
+        return x, np.array([index[c] for c in labels])
+
+    test = labelled("test")
+    return (xtr, np.array([index[c] for c in ltr])), labelled("val") if "val" in t.spec else None, test, classes
+
+
+def read(t: TaskSpec) -> ProbeData:
+    modality, data = t.spec.get("modality", "image"), t.data
+    if modality not in ("image", "text"):
+        raise ConfigError(f"{t.where}: modality {modality!r} must be 'image' or 'text'")
+    val = None
+    if data == "digits":
+        xtr, ytr, xte, yte = digits()
+        classes = [str(i) for i in range(10)]
+    elif data in ("easy-vqa-shapes", "easy-vqa-colours"):
+        xtr, ytr, classes = easy_vqa_classes(data, "train")
+        val = easy_vqa_classes(data, "val")[:2]
+        xte, yte, _ = easy_vqa_classes(data, "test")
+    elif data == "bbc-news":
+        splits, classes = bbc_news_splits()
+        (xtr, ytr), val, (xte, yte) = splits["train"], splits["val"], splits["test"]
+    elif "train" in t.spec and "test" in t.spec:
+        if modality == "image":
+            xtr, ytr, classes = image_folder(t.path(t.spec["train"]), t.where)
+            xte, yte, _ = image_folder(t.path(t.spec["test"]), t.where, classes)
+            if "val" in t.spec:
+                val = image_folder(t.path(t.spec["val"]), t.where, classes)[:2]
+        else:
+            (xtr, ytr), val, (xte, yte), classes = _text_splits(t)
+    else:
+        raise ConfigError(f"{t.where}: a linear-probe task needs data, or train and test")
+    limit = t.spec.get("limit")
+    if limit:
+        xtr, ytr = xtr[:limit], ytr[:limit]
+    if modality == "text" and data in IMAGE_DATA:
+        raise ConfigError(f"{t.where}: {data} holds images; use modality 'image'")
+    if modality == "image" and data == "bbc-news":
+        raise ConfigError(f"{t.where}: bbc-news holds text; use modality 'text'")
+    return ProbeData(modality, (xtr, ytr), val, (xte, yte), classes)
+
+
+def size(d: ProbeData) -> str:
+    sizes = "/".join(str(len(p[0])) for p in (d.train, d.val, d.test) if p is not None)
+    return f"{d.modality} {sizes} examples, {len(d.classes)} classes"
+
+
+def run(d: ProbeData, model, tokenizer, progress) -> Measured:
+    from ..features import image_cls_features, text_cls_features
+    from ..probe import linear_probe
+
+    parts = {k: p for k, p in (("train", d.train), ("val", d.val), ("test", d.test)) if p is not None}
+    total = sum(len(p[0]) for p in parts.values())
+    done = 0
+    features = {}
+    for key, (x, _) in parts.items():
+        step = lambda n, t, base=done: progress(base + n, total)  # noqa: E731
+        if d.modality == "image":
+            features[key] = image_cls_features(model, x, progress=step)
+        else:
+            features[key] = text_cls_features(model, x, tokenizer, progress=step)
+        done += len(x)
+    r = linear_probe(features["train"], d.train[1], features["test"], d.test[1],
+                     val=(features["val"], d.val[1]) if d.val is not None else None)
+    return Measured(percent({"top-1": r.accuracy}), r.metrics, [f"λ = {r.lam:.3g} chosen on validation"],
+                    detail={"result": r, "classes": d.classes})
+
+
+register(TaskKind("linear-probe", frozenset({"modality", "data", "train", "val", "test", "limit"}),
+                  lambda spec: "vision" if spec.get("modality", "image") == "image" else "language",
+                  read, size, run, classifier_pictures,
+                  datasets=("digits", "easy-vqa-shapes", "easy-vqa-colours", "bbc-news")))

@@ -1,0 +1,62 @@
+"""Zero-shot image classification by the contrastive cosine between an image and its class names
+in prompt templates: a folder of class folders (`folder`, optional `class_names`) or packaged
+easy-vqa shapes / colours; `templates` names a set or lists them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import ConfigError
+from ..packaged import easy_vqa_classes
+from ..pictures import classifier_pictures
+from ..results import Measured, percent
+from ..task_spec import TaskSpec, image_folder
+from . import TaskKind, register
+
+
+@dataclass
+class ZeroShotData:
+    images: list
+    labels: np.ndarray
+    classes: list[str]
+    templates: list[str]
+
+
+def read(t: TaskSpec) -> ZeroShotData:
+    from ..zero_shot import parse_templates
+
+    if t.data:
+        images, labels, classes = easy_vqa_classes(t.data, "test")
+    elif "folder" in t.spec:
+        images, labels, classes = image_folder(t.path(t.spec["folder"]), t.where)
+        classes = [c.replace("_", " ") for c in classes]
+    else:
+        raise ConfigError(f"{t.where}: a zero-shot task needs data or folder")
+    if "class_names" in t.spec:
+        names = t.spec["class_names"]
+        if not isinstance(names, list) or len(names) != len(classes):
+            raise ConfigError(f"{t.where}: class_names must list {len(classes)} names (one per class folder)")
+        classes = [str(n) for n in names]
+    try:
+        templates = parse_templates(t.spec.get("templates", "clip"))
+    except ConfigError as e:
+        raise ConfigError(f"{t.where}: {e}") from None
+    return ZeroShotData(images, labels, classes, list(templates))
+
+
+def size(d: ZeroShotData) -> str:
+    return f"{len(d.images)} images, {len(d.classes)} classes"
+
+
+def run(d: ZeroShotData, model, tokenizer, progress) -> Measured:
+    from ..zero_shot import zero_shot_classification
+
+    r = zero_shot_classification(model, d.images, d.labels, d.classes, tokenizer, d.templates, progress=progress)
+    return Measured(percent({"top-1": r.top1}), r.metrics, detail={"result": r, "classes": d.classes})
+
+
+register(TaskKind("zero-shot", frozenset({"data", "folder", "class_names", "templates", "limit"}),
+                  lambda spec: "vision", read, size, run, classifier_pictures,
+                  datasets=("easy-vqa-shapes", "easy-vqa-colours")))

@@ -1,0 +1,38 @@
+"""What every reader shares: seeded subsampling, carving validation out of train, the `limit` check."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ...errors import ConfigError, DataError
+
+
+def subsample(rows: list, limit: int | None, seed: int) -> list:
+    """At most `limit` rows, a seeded random choice kept in file order."""
+    if limit is None or len(rows) <= limit:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).permutation(len(rows))[:limit])
+    return [rows[i] for i in keep]
+
+
+def carve(rows: list, fraction: float, seed: int, group: Callable | None = None) -> tuple[list, list]:
+    """Split off a seeded `fraction` of rows as validation. With `group`, whole groups go one way
+    (questions about one image stay together, so validation images are unseen in training)."""
+    if not 0 < fraction < 1:
+        raise ConfigError(f"val_fraction must lie strictly between 0 and 1; got {fraction}")
+    keys = sorted({group(r) for r in rows}) if group else list(range(len(rows)))
+    if len(keys) < 2:
+        raise DataError("the training split is too small to carve a validation split from it")
+    n_val = min(len(keys) - 1, max(1, round(fraction * len(keys))))
+    val_keys = {keys[i] for i in np.random.default_rng(seed).permutation(len(keys))[:n_val]}
+    if group:
+        return [r for r in rows if group(r) not in val_keys], [r for r in rows if group(r) in val_keys]
+    return ([r for i, r in enumerate(rows) if i not in val_keys], [r for i, r in enumerate(rows) if i in val_keys])
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be a positive integer or None; got {limit!r}")
+

@@ -1,0 +1,198 @@
+"""Text data: GLUE tasks from their TSV files, and tables of text with labels or regression
+targets (CSV, TSV, JSONL, parquet: `flava.data.tables`)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ...data.tables import read_table
+from ...errors import ConfigError, DataError
+from ..examples import TextData, TextExample, check_text_data
+from .splits import carve, check_limit, subsample
+# --------------------------------------------------------------------------- GLUE
+
+
+@dataclass(frozen=True)
+class GlueSpec:
+    """Where a GLUE task's fields sit in its TSV files. Columns are header names, or positions
+    for CoLA, whose files have no header."""
+
+    name: str
+    text: str | int
+    text2: str | int | None
+    label: str | int
+    raw_labels: tuple[str, ...]
+    """Label values as written in the files, in class-index order; empty for regression."""
+    label_names: tuple[str, ...]
+    metrics: tuple[str, ...]
+    dev: str = "dev.tsv"
+    header: bool = True
+
+
+_NLI3 = ("contradiction", "entailment", "neutral")
+_NLI2 = ("entailment", "not_entailment")
+GLUE = {
+    "cola": GlueSpec("CoLA", 3, None, 1, ("0", "1"), ("unacceptable", "acceptable"),
+                     ("matthews_corrcoef", "accuracy"), header=False),
+    "sst2": GlueSpec("SST-2", "sentence", None, "label", ("0", "1"), ("negative", "positive"), ("accuracy",)),
+    "mrpc": GlueSpec("MRPC", "#1 String", "#2 String", "Quality", ("0", "1"), ("not_equivalent", "equivalent"),
+                     ("f1", "accuracy")),
+    "qqp": GlueSpec("QQP", "question1", "question2", "is_duplicate", ("0", "1"), ("not_duplicate", "duplicate"),
+                    ("f1", "accuracy")),
+    "stsb": GlueSpec("STS-B", "sentence1", "sentence2", "score", (), (), ("pearson", "spearman")),
+    "mnli": GlueSpec("MNLI", "sentence1", "sentence2", "gold_label", _NLI3, _NLI3, ("accuracy",),
+                     dev="dev_matched.tsv"),
+    "qnli": GlueSpec("QNLI", "question", "sentence", "label", _NLI2, _NLI2, ("accuracy",)),
+    "rte": GlueSpec("RTE", "sentence1", "sentence2", "label", _NLI2, _NLI2, ("accuracy",)),
+    "wnli": GlueSpec("WNLI", "sentence1", "sentence2", "label", ("0", "1"), ("not_entailment", "entailment"),
+                     ("accuracy",)),
+}
+
+
+def _glue_rows(path: Path, spec: GlueSpec) -> tuple[list[TextExample], int]:
+    """(examples, rows skipped for missing fields)."""
+    if not path.is_file():
+        raise DataError(f"{spec.name}: {path} does not exist (expected the GLUE task directory layout)")
+    index = {v: i for i, v in enumerate(spec.raw_labels)}
+    examples, skipped = [], 0
+    # GLUE's TSVs are not quoted: a quote character is part of the sentence (QUOTE_NONE).
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        columns = {}
+        if spec.header:
+            header = next(reader, None) or []
+            for key in (spec.text, spec.text2, spec.label):
+                if key is not None and key not in header:
+                    raise DataError(f"{path} has no column {key!r} (columns: {', '.join(header)}); "
+                                    f"is this the {spec.name} file?")
+            columns = {k: header.index(k) for k in (spec.text, spec.text2, spec.label) if k is not None}
+        col = (lambda k: columns[k]) if spec.header else (lambda k: k)
+        width = 1 + max(col(k) for k in (spec.text, spec.text2, spec.label) if k is not None)
+        for line, row in enumerate(reader, start=2 if spec.header else 1):
+            if not row or row == [""]:
+                continue
+            if len(row) < width:  # QQP's train file has a few broken lines; GLUE's own loaders skip them too
+                skipped += 1
+                continue
+            raw = row[col(spec.label)].strip()
+            if spec.raw_labels:
+                if raw not in index:
+                    raise DataError(f"{path}, line {line}: label {raw!r} is not one of "
+                                    f"{', '.join(spec.raw_labels)}")
+                label: int | float = index[raw]
+            else:
+                try:
+                    label = float(raw)
+                except ValueError:
+                    raise DataError(f"{path}, line {line}: score {raw!r} is not a number") from None
+                if not math.isfinite(label):
+                    raise DataError(f"{path}, line {line}: score {raw!r} is not finite")
+            text2 = row[col(spec.text2)] if spec.text2 is not None else None
+            examples.append(TextExample(row[col(spec.text)], label, text2))
+    return examples, skipped
+
+
+def glue_task_key(task_name: str) -> str:
+    key = task_name.lower().replace("-", "").replace("_", "")
+    if key not in GLUE:
+        raise ConfigError(f"unknown GLUE task {task_name!r}; choose one of "
+                          f"{', '.join(s.name for s in GLUE.values())}")
+    return key
+
+
+def read_glue(task_name: str, directory: str | Path, val_fraction: float = 0.1, seed: int = 0,
+              test_file: str | None = None, limit: int | None = None) -> TextData:
+    """A GLUE task from its directory as GLUE distributes it (train.tsv, dev.tsv; MNLI:
+    dev_matched.tsv). GLUE's test.tsv has no labels, so dev is the test split (the paper
+    reports dev) and validation is a seeded `val_fraction` of train. `test_file` picks another
+    labelled file (e.g. MNLI's dev_mismatched.tsv); `limit` caps each split (seeded)."""
+    spec = GLUE[glue_task_key(task_name)]
+    check_limit(limit)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{spec.name}: directory {directory} does not exist")
+    train, skipped_train = _glue_rows(directory / "train.tsv", spec)
+    test, skipped_test = _glue_rows(directory / (test_file or spec.dev), spec)
+    notes = [f"{n} {split} row(s) with missing fields skipped" for split, n in
+             (("train", skipped_train), ("test", skipped_test)) if n]
+    train, val = carve(train, val_fraction, seed)
+    data = TextData(spec.name, subsample(train, limit, seed), subsample(val, limit, seed + 1),
+                    subsample(test, limit, seed + 2), list(spec.label_names), spec.metrics, notes)
+    check_text_data(data)
+    return data
+
+
+# --------------------------------------------------------------------------- generic tables
+
+
+def read_text_classification(path_train: str | Path, path_val: str | Path | None, path_test: str | Path | None, *,
+                             label_names: Sequence[str] | None = None, regression: bool = False,
+                             metrics: Sequence[str] | None = None, val_fraction: float = 0.1, seed: int = 0,
+                             name: str | None = None, limit: int | None = None) -> TextData:
+    """Tables (CSV, TSV, JSONL, parquet: `flava.data.tables`) with columns `text`, `label` and
+    optionally `text2` (sentence pairs). Labels are class names: `label_names` fixes their order, else the
+    sorted train labels (numerically when they are all integers). `regression` reads numbers.
+    Without `path_val`, validation is a seeded `val_fraction` of train; without `path_test`, the
+    validation split is the test split too. Default metrics: accuracy (classification), Pearson
+    and Spearman (regression)."""
+    check_limit(limit)
+    paths = {"train": Path(path_train), "val": Path(path_val) if path_val is not None else None,
+             "test": Path(path_test) if path_test is not None else None}
+    tables = {}
+    for split, p in paths.items():
+        if p is None:
+            continue
+        table = read_table(p)
+        for c in ("text", "label"):
+            table.column(c, fix="the file needs a header with text, label and optionally text2")
+        tables[split] = (p, "text2" in table.columns, table.rows)
+    if regression:
+        names: list[str] = []
+    elif label_names is not None:
+        names = [str(n) for n in label_names]
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ConfigError(f"label_names must be at least two distinct names; got {names}")
+    else:
+        seen = {_text(r.get("label")).strip() for r in tables["train"][2]}
+        names = sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
+    index = {n: i for i, n in enumerate(names)}
+    splits: dict[str, list[TextExample]] = {}
+    for split, (p, has_pair, rows) in tables.items():
+        out = []
+        for r in rows:
+            raw = _text(r.get("label")).strip()
+            if regression:
+                try:
+                    label: int | float = float(raw)
+                except ValueError:
+                    raise DataError(f"{r.where}: target {raw!r} is not a number") from None
+                if not math.isfinite(label):
+                    raise DataError(f"{r.where}: target {raw!r} is not finite")
+            elif raw not in index:
+                raise DataError(f"{r.where}: label {raw!r} is not in the label set ({', '.join(names)}); "
+                                f"labels of val and test must occur in train or in label_names")
+            else:
+                label = index[raw]
+            out.append(TextExample(_text(r.get("text")), label, _text(r.get("text2")) if has_pair else None))
+        splits[split] = out
+    if "val" not in splits:
+        splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed)
+    splits.setdefault("test", splits["val"])
+    if metrics is None:
+        metrics = ("pearson", "spearman") if regression else ("accuracy",)
+    data = TextData(name or paths["train"].stem, subsample(splits["train"], limit, seed),
+                    subsample(splits["val"], limit, seed + 1), subsample(splits["test"], limit, seed + 2),
+                    names, tuple(metrics))
+    check_text_data(data)
+    return data
+
+
+
+def _text(value) -> str:
+    """A cell as text: CSV cells are strings already, JSONL and parquet ones may be numbers."""
+    return "" if value is None else str(value)
+

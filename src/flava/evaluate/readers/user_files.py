@@ -1,0 +1,160 @@
+"""A user's own data for `flava finetune`: folders of class folders and tables of images with
+labels, texts or VQA answers; validation carved from train when absent, and validation scored as
+the test when no test split is given."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ...data.tables import SUFFIXES, Row, read_table
+from ...errors import ConfigError, DataError
+from ..examples import (
+    ImageData,
+    ImageExample,
+    MultimodalData,
+    MultimodalExample,
+    check_image_data,
+    check_multimodal_data,
+)
+from .multimodal import answer_vocabulary, normalize_answer, vqa_soft_scores
+from .splits import carve
+def _cell(row: Row, keys: tuple[str, ...]):
+    """The first of `keys` that the row has and fills."""
+    for key in keys:
+        value = row.get(key)
+        if value is not None and value != "":
+            return value
+    present = ", ".join(k for k in row.values if k is not None)
+    raise DataError(f"{row.where} has no (or an empty) {' or '.join(map(repr, keys))} "
+                    f"(fields: {present or 'none'})")
+
+
+def _image_path(base: Path, value) -> Path:
+    p = Path(str(value)).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _class_names(labels: Sequence[str]) -> list[str]:
+    """Sorted label names, numerically when they all are integers."""
+    seen = set(labels)
+    return sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
+
+
+def _index_labels(raw: dict[str, list], names: list[str], make: Callable) -> dict[str, list]:
+    """Rows (where, *fields, label name) turned into examples by `make(fields, index)`; a label
+    outside `names` is named with its file and line."""
+    index = {n: i for i, n in enumerate(names)}
+    out = {}
+    for split, rows in raw.items():
+        examples = []
+        for where, *fields, label in rows:
+            if label not in index:
+                raise DataError(f"{where}: label {label!r} is not a class of the training data "
+                                f"({', '.join(names)})")
+            examples.append(make(fields, index[label]))
+        out[split] = examples
+    return out
+
+
+def _val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes: list[str],
+                  group: Callable | None = None) -> None:
+    """Carve validation out of train when it is absent; without a test split, validation is it."""
+    if "val" not in splits:
+        splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed, group)
+        notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
+    if "test" not in splits:
+        splits["test"] = splits["val"]
+        notes.append("no test split: the validation split is scored as the test")
+
+
+def _optional_paths(train, val, test) -> dict[str, Path]:
+    return {split: Path(p) for split, p in (("train", train), ("val", val), ("test", test)) if p is not None}
+
+
+def read_image_classification(path_train: str | Path, path_val: str | Path | None = None,
+                              path_test: str | Path | None = None, *, val_fraction: float = 0.1, seed: int = 0,
+                              name: str | None = None) -> ImageData:
+    """Each split a folder with one sub-folder of images per class (the folder name is the
+    label), or a table (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder) and
+    `label`. Classes are train's, sorted; without `path_val` validation is a seeded
+    `val_fraction` of train, without `path_test` validation is scored as the test."""
+    from ...data.sources import image_folder
+
+    raw: dict[str, list] = {}
+    notes: list[str] = []
+    for split, p in _optional_paths(path_train, path_val, path_test).items():
+        if p.is_dir():
+            src = image_folder(str(p))
+            if not src.classes:
+                raise DataError(f"{p} has no class sub-folders; put each class's images in a folder named after it")
+            loose = sum(r.label < 0 for r in src.records)
+            if loose:
+                notes.append(f"{loose} image(s) directly in {p}, outside any class folder, skipped")
+            raw[split] = [(r.image, r.image, src.classes[r.label]) for r in src.records if r.label >= 0]
+        elif p.is_file():
+            raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",))),
+                           str(_cell(row, ("label",))).strip()) for row in read_table(p).rows]
+        else:
+            raise DataError(f"{p} does not exist (expected a folder of class folders or a table: "
+                            f"{', '.join(SUFFIXES)})")
+        if not raw[split]:
+            raise DataError(f"{p} holds no labelled images")
+    names = _class_names([r[-1] for r in raw["train"]])
+    splits = _index_labels(raw, names, lambda f, label: ImageExample(f[0], label))
+    _val_and_test(splits, val_fraction, seed, notes)
+    data = ImageData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
+                     ("accuracy",), notes)
+    check_image_data(data)
+    return data
+
+
+def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = None,
+                          path_test: str | Path | None = None, *, kind: str = "classification",
+                          val_fraction: float = 0.1, seed: int = 0, name: str | None = None) -> MultimodalData:
+    """Tables (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder), `text` (or
+    `question`) and, for classification, `label`; for VQA, `answer`, or in JSONL `answers`: a
+    list of annotators' answers, each scoring min(1, n/3) as in VQAv2 (one answer scores 1).
+    Classes are train's labels sorted; VQA's answers are train's (majority) answers by
+    frequency. Validation, when not given, is a seeded share of train's images (questions about
+    one image stay together); without `path_test` validation is scored as the test."""
+    if kind not in ("classification", "vqa"):
+        raise ConfigError(f"kind {kind!r} is neither 'classification' nor 'vqa'")
+    raw: dict[str, list] = {}
+    for split, p in _optional_paths(path_train, path_val, path_test).items():
+        rows = []
+        for row in read_table(p).rows:
+            image = _image_path(p.parent, _cell(row, ("image",)))
+            text = str(_cell(row, ("text", "question")))
+            if kind == "vqa":
+                answers = row.get("answers") if isinstance(row.get("answers"), list) else None
+                if answers is None:
+                    answers = [_cell(row, ("answer", "answers"))]
+                rows.append((image, text, [normalize_answer(str(a)) for a in answers]))
+            else:
+                rows.append((row.where, image, text, str(_cell(row, ("label",))).strip()))
+        if not rows:
+            raise DataError(f"{p} holds no examples")
+        raw[split] = rows
+    notes: list[str] = []
+    if kind == "vqa":
+        def majority(humans: list[str]) -> str:
+            counts = Counter(humans)
+            return min(counts, key=lambda a: (-counts[a], a))
+
+        names = answer_vocabulary([majority(r[2]) for r in raw["train"]])
+        index = {a: i for i, a in enumerate(names)}
+        splits = {split: [MultimodalExample(image, text, answers={index[h[0]]: 1.0} if len(h) == 1 and h[0] in index
+                                            else vqa_soft_scores(h, index)) for image, text, h in rows]
+                  for split, rows in raw.items()}
+        metrics: tuple[str, ...] = ("vqa_score",)
+    else:
+        names = _class_names([r[-1] for r in raw["train"]])
+        splits = _index_labels(raw, names, lambda f, label: MultimodalExample(f[0], f[1], label))
+        metrics = ("accuracy",)
+    _val_and_test(splits, val_fraction, seed, notes, group=lambda ex: str(ex.image))
+    data = MultimodalData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
+                          metrics, kind, notes)
+    check_multimodal_data(data)
+    return data

@@ -1,0 +1,63 @@
+"""What running a suite yields: `Measured` (what a task kind's run returns), `TaskResult` (that,
+named and placed in a domain) and `SuiteResult` with the paper's domain and macro averages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DOMAINS = ("vision", "language", "multimodal")
+
+
+def percent(d: dict[str, float]) -> dict[str, float]:
+    return {k: 100.0 * v for k, v in d.items()}
+
+
+@dataclass
+class Measured:
+    """A task kind's outcome; the suite adds the task's name, kind and domain."""
+
+    scores: dict[str, float]
+    """Percent: the rows that enter the domain average."""
+    metrics: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    detail: Any = None
+
+
+@dataclass
+class TaskResult:
+    """One task's outcome. `scores` (percent) are the rows that enter the domain average, as in
+    the paper's Table 4 (e.g. TR R@1, TR R@5, IR R@1, IR R@5 for a retrieval task)."""
+
+    name: str
+    kind: str
+    domain: str
+    scores: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Every number measured (fractions as measured, not percent)."""
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    detail: Any = field(default=None, repr=False)
+    """What the report draws from (a RetrievalResult, ProbeResult, FinetuneResult, ...)."""
+
+
+@dataclass
+class SuiteResult:
+    name: str
+    model: str
+    tasks: list[TaskResult]
+
+    def domain_averages(self) -> dict[str, float]:
+        """Mean of the score rows of each domain's tasks (domains without a task are absent)."""
+        out = {}
+        for domain in DOMAINS:
+            rows = [v for t in self.tasks if t.domain == domain for v in t.scores.values()]
+            if rows:
+                out[domain] = float(np.mean(rows))
+        return out
+
+    def macro_average(self) -> float:
+        """Mean of the domain averages (the paper's macro average)."""
+        return float(np.mean(list(self.domain_averages().values())))

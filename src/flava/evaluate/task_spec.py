@@ -1,0 +1,85 @@
+"""A suite task as written (`TaskSpec`) and the checks task kinds share when reading one: keys,
+paths relative to the suite file, folders of class folders, tables of labelled text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DataError, did_you_mean
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One entry of a suite's task list, with what the suite worked out before its kind reads it."""
+
+    spec: dict
+    """The entry as written."""
+    base: Path
+    """Relative paths are read from here (the suite file's folder)."""
+    where: str
+    """How errors name the task ("task 3 (name)")."""
+    name: str
+    data: str | None
+    """The packaged data set the task names, if any (already checked against its kind's)."""
+    seed: int = 0
+    settings: dict = field(default_factory=dict)
+    """The suite's settings, which the task's own `settings` override."""
+
+    def path(self, value: Any, where: str | None = None, must_exist: bool = True) -> Path:
+        return resolve_path(self.base, value, where or self.where, must_exist)
+
+
+def check_keys(spec: dict, allowed: set[str], where: str) -> None:
+    for key in spec:
+        if key not in allowed:
+            raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, sorted(allowed))}")
+
+
+def resolve_path(base: Path, value: Any, where: str, must_exist: bool = True) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a path, got {value!r}")
+    p = Path(value).expanduser()
+    p = p if p.is_absolute() else base / p
+    if must_exist and not p.exists():
+        raise DataError(f"{where}: {p} does not exist")
+    return p
+
+
+def image_folder(path: Path, where: str, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """A folder of class folders: (images, class indices, class names); `classes` fixes the names
+    another split (train) found."""
+    from ..data.registry import open_source
+
+    src = open_source("images", str(path))
+    if not src.classes:
+        raise DataError(f"{where}: {path} has no class sub-folders (one folder of images per class)")
+    if classes is not None and src.classes != classes:
+        extra = sorted(set(src.classes) - set(classes))
+        raise DataError(f"{where}: {path} has classes {extra or src.classes} outside the training classes {classes}")
+    records = [r for r in src.records if r.label >= 0]
+    if not records:
+        raise DataError(f"{where}: {path} holds no images")
+    return [r.image for r in records], np.array([r.label for r in records]), src.classes
+
+
+def labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
+    """A table (`flava.data.tables`) with `text` and `label` columns."""
+    from ..data.tables import read_table
+
+    try:
+        table = read_table(path)
+        text, label = (table.column(c, fix="the file needs a header with columns text and label")
+                       for c in ("text", "label"))
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    rows = [tuple("" if r.get(c) is None else str(r.get(c)) for c in (text, label)) for r in table.rows]
+    empty = sum(1 for t, lab in rows if not t.strip() or not lab.strip())
+    if empty:
+        raise DataError(f"{where}: {path} has {empty} row(s) with an empty text or label")
+    if not rows:
+        raise DataError(f"{where}: {path} has no rows")
+    return [t for t, _ in rows], [lab for _, lab in rows]

@@ -1,0 +1,115 @@
+"""Reading requests for the API: the content type, JSON bodies, multipart forms and their uploaded
+images (decoded in a thread, refused by size and pixel count), k, and lists of strings; each
+refusal an `ApiError` that names the fix."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from .guard import ApiError, BodyTimeout, BodyTooLarge, MiB
+
+
+@dataclass(frozen=True)
+class RequestParser:
+    """The server's limits, applied while reading a request."""
+
+    max_k: int
+    max_batch: int
+    max_upload_bytes: int
+    default_k: int
+
+    def check_k(self, k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or int(k) != k:
+            raise ApiError(422, f"k must be a whole number from 1 to {self.max_k}; got {k!r}")
+        if not 1 <= k <= self.max_k:
+            raise ApiError(422, f"k must lie between 1 and {self.max_k}; got {int(k)}")
+        return int(k)
+
+    def kind(self, request: Request) -> str:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            return "json"
+        if ctype == "multipart/form-data":
+            return "form"
+        raise ApiError(415, f"send application/json or multipart/form-data, not {ctype or 'no content type'}")
+
+    async def read_json(self, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:  # malformed JSON or not UTF-8
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the JSON body must be an object, e.g. {\"texts\": [\"a dog\"]}")
+        return body
+
+    async def read_form(self, request: Request):
+        try:
+            return await request.form(max_files=self.max_batch, max_fields=64)
+        except (BodyTooLarge, BodyTimeout, ClientDisconnect):
+            raise
+        except StarletteHTTPException as e:
+            raise ApiError(400, f"the multipart form cannot be read: {e.detail}") from None
+
+    async def form_images(self, form, what: str = "image") -> list[Image.Image]:
+        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not uploads:
+            raise ApiError(400, f"no {what} in the form; upload one as a file field named 'image'")
+        if len(uploads) > self.max_batch:
+            raise ApiError(400, f"{len(uploads)} files in one request; send at most {self.max_batch}")
+        raw = []
+        for up in uploads:
+            if up.size is not None and up.size > self.max_upload_bytes:
+                raise ApiError(413, f"upload {up.filename!r} is {up.size / MiB:.2f} MiB, over the limit of "
+                                    f"{self.max_upload_bytes / MiB:.2f} MiB; send a smaller image")
+            data = await up.read(self.max_upload_bytes + 1)
+            if len(data) > self.max_upload_bytes:
+                raise ApiError(413, f"upload {up.filename!r} is over the limit of {self.max_upload_bytes / MiB:.2f} MiB; "
+                                    "send a smaller image")
+            raw.append((up.filename or "upload", data))
+        return await run_in_threadpool(decode_images, raw)
+
+    def form_k(self, form) -> int:
+        value = form.get("k")
+        if value is None or value == "":
+            return self.default_k
+        try:
+            return self.check_k(int(str(value)))
+        except ValueError:
+            raise ApiError(422, f"k must be a whole number from 1 to {self.max_k}; got {value!r}") from None
+
+    def string_list(self, body: dict, key: str, required: bool = True) -> list[str] | None:
+        value = body.get(key)
+        if value is None and not required:
+            return None
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+            raise ApiError(400, f'"{key}" must be a non-empty list of strings')
+        if len(value) > self.max_batch:
+            raise ApiError(400, f'{len(value)} items in "{key}"; send at most {self.max_batch} per request')
+        return value
+
+
+def decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:
+    """Decoded RGB images; 415 names an upload that is not an image, 413 one with too many pixels."""
+    images = []
+    for name, data in raw:
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                images.append(im.convert("RGB"))
+        except Image.DecompressionBombError:
+            raise ApiError(413, f"upload {name!r} has too many pixels to decode safely; send a smaller image") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            raise ApiError(415, f"upload {name!r} is not an image that can be read (PNG, JPEG, WebP, ...)") from None
+    return images
