@@ -119,3 +119,103 @@ def test_bad_balancing_settings_fail_in_one_line():
         check(TrainConfig(objectives=ObjectivesConfig(balancing="gradnorm")))
     with pytest.raises(ConfigError, match="objectives.dwa_temperature must lie in"):
         check(TrainConfig(objectives=ObjectivesConfig(dwa_temperature=0.0)))
+
+
+def config(data, **over) -> TrainConfig:
+    cfg = demo_config()
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.model.codebook.hidden_size = 8
+    cfg.data.pairs = [str(data / "pairs_clean.csv")]
+    cfg.data.images, cfg.data.text = [str(data / "img")], [str(data / "text.txt")]
+    cfg.data.batch_size, cfg.data.num_workers = 4, 0
+    cfg.max_steps, cfg.save_every, cfg.log_every, cfg.seed = 8, 4, 2, 5
+    cfg.optim.warmup_steps, cfg.tensorboard = 2, False
+    cfg.codebook = str(data / "codebook")
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_diagnostics_are_in_the_logged_rows_only(train_data, tmp_path):
+    rows = Trainer(config(train_data), tmp_path / "run").fit()
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
+    assert all("gradients" in r for r in logged)
+    assert not any("gradients" in r for r in rows if r["step"] % 2)
+    pair = next(r for r in logged if r["kind"] == "pairs")["gradients"]
+    # Contrastive reaches the unimodal encoders; ITM and MMM reach all three.
+    assert set(pair) == {"image", "text", "multimodal"}
+    assert "global_contrastive" not in pair["multimodal"]["norm"]
+    assert set(pair["image"]["norm"]) == {"global_contrastive", "itm", "mmm_image", "mmm_text"}
+    assert all(-1 <= c <= 1 for c in pair["image"]["cosine"].values())
+    assert len(pair["image"]["cosine"]) == 6
+    # The measurement leaves the update alone: the same run without diagnostics trains alike.
+    quiet = Trainer(config(train_data, log_every=100), tmp_path / "quiet").fit()
+    assert [r["loss"] for r in quiet] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uncertainty", "dwa", "pcgrad"])
+def test_an_adaptive_run_resumed_midway_repeats_the_uninterrupted_one(train_data, tmp_path, method):
+    over = ObjectivesConfig(balancing=method, dwa_window=2, uncertainty_lr=0.1)
+    full_t = Trainer(config(train_data, objectives=over), tmp_path / "full")
+    full = full_t.fit()
+    Trainer(config(train_data, objectives=over), tmp_path / "cut").fit(max_steps=5)  # saved at 4
+    resumed = Trainer(config(train_data, objectives=over), tmp_path / "cut")
+    assert resumed.resume() and resumed.step == 4
+    rest = resumed.fit()
+    for a, b in zip(full[4:], rest):
+        assert a["kind"] == b["kind"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-6)
+    for k, v in full_t.balancer.state_dict().items():
+        if k != "names":
+            assert torch.allclose(v, resumed.balancer.state_dict()[k], atol=1e-6), k
+    if method != "pcgrad":  # the weights moved and were logged
+        assert any(abs(v - 1) > 1e-4 for r in full for k, v in r["metrics"].items() if k.startswith("balancing_"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method,mode", [("pcgrad", "ddp"), ("uncertainty", "fsdp"), ("dwa", "ddp")])
+def test_two_processes_hold_the_balancing_state_of_one(train_data, tmp_path, method, mode):
+    from conftest import pretrain_args
+    from test_pretrain_processes import OPTS, finish, metrics, run
+
+    steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.balancing={method}",
+             "--set", "objectives.dwa_window=1", "--set", "objectives.uncertainty_lr=0.1"]
+    two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
+              + ["--set", f"distributed={mode}"], torchrun=2)
+    one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
+    finish(two)
+    finish(one)
+    a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5), (x, y)
+        assert x["metrics"] == pytest.approx(y["metrics"], abs=1e-5)
+        if mode == "ddp":  # FSDP shards the gradients the diagnostics measure
+            for enc, d in y["gradients"].items():
+                assert x["gradients"][enc]["norm"] == pytest.approx(d["norm"], rel=1e-3, abs=1e-6)
+                assert x["gradients"][enc]["cosine"] == pytest.approx(d["cosine"], abs=1e-3)
+    ckpt = "checkpoints/step_00000004/trainer_state.pt"
+    sa = torch.load(tmp_path / "two" / ckpt, weights_only=True)["balancing"]
+    sb = torch.load(tmp_path / "one" / ckpt, weights_only=True)["balancing"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if k != "names":
+            assert torch.allclose(sa[k], sb[k], atol=1e-5), k
+
+
+def test_a_linear_mixing_schedule_moves_from_mixing_to_mixing_end(train_data, tmp_path):
+    cfg = config(train_data, max_steps=1001)
+    cfg.data.mixing, cfg.data.mixing_end, cfg.data.mixing_schedule = [0.2, 0.4, 0.4], [0.8, 0.1, 0.1], "linear"
+    t = Trainer(cfg, tmp_path / "run")
+    assert t.probs_at(0) == pytest.approx([0.2, 0.4, 0.4])
+    assert t.probs_at(500) == pytest.approx([0.5, 0.25, 0.25])
+    assert t.probs_at(1000) == pytest.approx([0.8, 0.1, 0.1])
+    from flava.train.trainer import step_kind
+
+    early = [step_kind(0, s, t.kinds, t.probs_at(s)) for s in range(200)]
+    late = [step_kind(0, s, t.kinds, t.probs_at(s)) for s in range(800, 1000)]
+    assert early.count("pairs") < late.count("pairs")
+    cfg.data.mixing_end = []
+    with pytest.raises(ConfigError, match="needs data.mixing_end"):
+        Trainer(cfg, tmp_path / "bad")

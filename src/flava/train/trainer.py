@@ -104,11 +104,13 @@ class Trainer:
         self.stage = stage or STAGES[cfg.stage](cfg)
         # notes: what the run decided that the user should read at the start (kinds left out).
         self.kinds, self.notes = trained_kinds(cfg, self.stage)
-        probs = np.array([cfg.data.mixing[KINDS.index(k)] for k in self.kinds], dtype=float)
-        if probs.sum() <= 0:
-            raise ConfigError(f"data.mixing gives the {', '.join(self.kinds)} data of stage {cfg.stage} no weight; "
-                              "set data.mixing=[pairs, images, text] probabilities")
-        self.probs = probs / probs.sum()
+        self.probs = self._mixing("mixing", cfg.data.mixing)
+        self.probs_end = self.probs
+        if cfg.data.mixing_schedule == "linear":
+            if len(cfg.data.mixing_end) != len(KINDS):
+                raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
+                                  f"probabilities (pairs, images, text); got {len(cfg.data.mixing_end)}")
+            self.probs_end = self._mixing("mixing_end", cfg.data.mixing_end)
         self.progress = TrainState()
         self._nonfinite_run: list[int] = []
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
@@ -170,6 +172,22 @@ class Trainer:
                               "shared encoders, which FSDP shards: use distributed=ddp or another method")
         if names and not self.shared and self.world > 1:
             self.notes.append("the gradient diagnostics are off: FSDP shards the encoders' gradients")
+
+    def _mixing(self, key: str, mixing: list[float]) -> np.ndarray:
+        """The trained kinds' probabilities from a [pairs, images, text] setting, normalised."""
+        probs = np.array([mixing[KINDS.index(k)] for k in self.kinds], dtype=float)
+        if probs.sum() <= 0:
+            raise ConfigError(f"data.{key} gives the {', '.join(self.kinds)} data of stage {self.cfg.stage} no "
+                              f"weight; set data.{key}=[pairs, images, text] probabilities")
+        return probs / probs.sum()
+
+    def probs_at(self, step: int) -> np.ndarray:
+        """The kinds' probabilities at `step` (`data.mixing_schedule`)."""
+        if self.cfg.data.mixing_schedule == "constant":
+            return self.probs
+        f = min(1.0, step / max(1, self.cfg.max_steps - 1))
+        probs = (1 - f) * self.probs + f * self.probs_end
+        return probs / probs.sum()
 
     @property
     def global_batch(self) -> int:
@@ -266,7 +284,7 @@ class Trainer:
         `diagnose` (logged steps) the row also holds the objectives' gradient norms and cosines
         on the shared encoders, measured on the last micro-batch."""
         cfg, step = self.cfg, self.step
-        kind = step_kind(cfg.seed, step, self.kinds, self.probs)
+        kind = step_kind(cfg.seed, step, self.kinds, self.probs_at(step))
         accum = cfg.optim.grad_accumulation
         sums, names, samples, gradients = None, ([], []), 0, None
         plain = cfg.objectives.balancing == "fixed"
