@@ -193,6 +193,20 @@ class ObjectivesConfig:
     """Share of text tokens chosen for MLM/MMM."""
     whole_word_masking: bool = False
     """Choose whole words (all their WordPieces) rather than single pieces."""
+    # Balancing the objectives (train/balancing/; README "Balancing the objectives").
+    balancing: Literal["fixed", "uncertainty", "dwa", "pcgrad"] = "fixed"
+    """How the weighted losses combine: 'fixed' (their sum, the paper's); 'uncertainty' (each
+    scaled by exp(-s) with a learned log-variance s, Kendall et al. 2018); 'dwa' (dynamic weight
+    average by each loss's rate of descent, Liu et al. 2019); 'pcgrad' (the sum, with each
+    objective's gradient on the shared encoders projected off those it conflicts with, Yu et al.
+    2020). A step trains one data kind, so a step's objectives are that kind's."""
+    dwa_temperature: Positive = 2.0
+    """DWA's temperature T: larger evens the weights out (the paper's 2)."""
+    dwa_window: PositiveInt = 50
+    """Steps over which DWA averages each loss (the paper's "epoch"); weights change at each
+    window's end and stay 1 for the first two windows."""
+    uncertainty_lr: Positive = 0.01
+    """Adam's learning rate for the log-variances of 'uncertainty' (their own, constant)."""
 
 
 # --------------------------------------------------------------------------- presets

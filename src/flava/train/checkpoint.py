@@ -72,6 +72,8 @@ class Stateful:
     """The stage's own state (`state_dict()` / `load_state_dict()`), beside the weights."""
     settings: Any
     """The run's settings, recorded with the weights (a resume can read them from there)."""
+    balancing: Any = None
+    """The objectives' balancing method (`state_dict()` / `load_state_dict()`)."""
 
 
 def _read(target: Path) -> tuple[Checkpoint, dict, list]:
@@ -160,6 +162,8 @@ class CheckpointManager:
         state = {**parts.progress.state_dict(), "world": self.world, "optimizer": optimizer,
                  "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(), "rng": rng,
                  "stage": parts.stage.state_dict()}
+        if parts.balancing is not None:
+            state["balancing"] = parts.balancing.state_dict()
 
         def fill(tmp: Path) -> None:
             write_checkpoint_files(tmp, to_dict(model.config), split,
@@ -227,6 +231,8 @@ class CheckpointManager:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         parts.progress.load_state_dict(state)
         parts.stage.load_state_dict(state.get("stage", {}))  # checkpoints before stages had state: none
+        if parts.balancing is not None:  # checkpoints before balancing: the fixed sum, no state
+            parts.balancing.load_state_dict(state.get("balancing", {}))
         if self.rank == 0 and pointed != target:
             run.point_latest(parts.progress.step, target)
         return notes

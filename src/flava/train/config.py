@@ -74,6 +74,13 @@ class DataConfig:
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
     crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.9
     """RandomResizedCrop keeps at least this share of the image."""
+    mixing_schedule: Literal["constant", "linear"] = "constant"
+    """'constant': every step draws its kind by `mixing`; 'linear': the probabilities move in a
+    straight line from `mixing` at the first step to `mixing_end` at the last (e.g. from
+    unimodal-heavy [0.2, 0.4, 0.4] to pair-heavy [0.8, 0.1, 0.1]). A function of the step, so a
+    resumed run draws the same kinds."""
+    mixing_end: list[NonNegative] = field(default_factory=list)
+    """The [pairs, images, text] probabilities a 'linear' mixing_schedule reaches at the last step."""
 
 
 @dataclass

@@ -47,6 +47,10 @@ class MetricsLog:
         for group in ("losses", "metrics", "skipped", "bad_records"):
             for k, v in row.get(group, {}).items():
                 w.add_scalar(f"{group}/{k}", v, step)
+        for enc, d in row.get("gradients", {}).items():
+            for what in ("norm", "cosine"):
+                for k, v in d[what].items():
+                    w.add_scalar(f"gradients/{enc}/{what}/{k}", v, step)
         w.add_scalar("lr", row["lr"], step)
         w.add_scalar("samples_per_s", row["samples_per_s"], step)
 

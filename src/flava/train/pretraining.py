@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..data.pipeline import SampleMaker, SampleSpec
+from ..distributed import world
 from ..errors import ConfigError
 from ..hub import load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..model.layers import Block
@@ -105,6 +106,17 @@ class PretrainingStage(Stage):
         # Encoders initialised from unimodal stages may learn more slowly (optim.init_lr_scale).
         scaled = self.cfg.optim.init_lr_scaled
         return self.model, tuple(f"model.{name}_encoder." for name in self.initialised if name in scaled)
+
+    def objective_names(self) -> list[str]:
+        return [r.name for r in active(self.cfg.objectives)]
+
+    def shared_parameters(self) -> dict[str, list[nn.Parameter]]:
+        # FSDP shards the encoders' parameters: no process holds a whole gradient to measure.
+        if self.cfg.distributed == "fsdp" and world().size > 1:
+            return {}
+        m = self.model.model
+        encoders = {"image": m.image_encoder, "text": m.text_encoder, "multimodal": m.multimodal_encoder}
+        return {k: [p for p in e.parameters() if p.requires_grad] for k, e in encoders.items()}
 
     def forward(self, module: nn.Module, batch, generator: torch.Generator, step: int) -> StageOutput:
         out = module(batch, generator)

@@ -132,6 +132,20 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
         return _train(cfg, run, resume, console, override, rank)
 
 
+def gradient_table(gradients: dict[str, dict]) -> Table:
+    """The latest logged gradient norms on each shared encoder and the cosines between objectives'
+    gradients there; a negative cosine marks objectives that pull the encoder apart."""
+    table = Table(title="gradients on the shared encoders (latest logged; cosine < 0: the objectives conflict)")
+    for col in ("encoder", "objective(s)", "norm", "cosine"):
+        table.add_column(col, justify="left" if col in ("encoder", "objective(s)") else "right")
+    for enc, d in gradients.items():
+        for name, v in d["norm"].items():
+            table.add_row(enc, name, f"{v:.4g}", "")
+        for pair, v in d["cosine"].items():
+            table.add_row(enc, pair.replace("|", " / "), "", f"{v:+.3f}" + ("  conflict" if v < 0 else ""))
+    return table
+
+
 def _described(stream, weight: float) -> str:
     src = stream.source
     size = f"{src.known_size:,} samples" if src.known_size is not None else "size read as it streams"
@@ -232,6 +246,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         console.print(trainer.optimisation.note)
     first: dict[str, float] = {}
     last: dict[str, float] = {}
+    gradients: dict[str, dict] = {}
+    """The latest logged gradient norm and cosine of each objective (pair) on each shared encoder."""
     with progress_bar(console) as progress:
         task = progress.add_task("steps", total=cfg.max_steps, completed=trainer.step, info="")
 
@@ -239,6 +255,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
             for name, v in row["losses"].items():
                 first.setdefault(name, v)
                 last[name] = v
+            for enc, d in row.get("gradients", {}).items():
+                for what in ("norm", "cosine"):
+                    gradients.setdefault(enc, {"norm": {}, "cosine": {}})[what].update(d[what])
             info = "  ".join(f"{k} {v:.3f}" for k, v in row["losses"].items())
             progress.update(task, completed=row["step"],
                             info=f"loss {row['loss']:.3f} ({info})  {row['samples_per_s']:.0f} samples/s")
@@ -259,6 +278,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     for name in first:
         table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
     console.print(table)
+    if gradients:
+        console.print(gradient_table(gradients))
     skipped = trainer.skipped(everywhere=True)
     bad = trainer.bad_records(everywhere=True)
 
@@ -276,5 +297,5 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     if rank == 0:
         write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped,
                                                     "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps,
-                                                    "samples_by_source": seen})
+                                                    "samples_by_source": seen, "gradients": gradients})
     return rows

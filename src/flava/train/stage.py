@@ -100,6 +100,16 @@ class Stage(ABC):
         """The parameters whose gradient norm is clipped (and logged)."""
         return self.model.parameters()
 
+    def objective_names(self) -> list[str]:
+        """Every loss the stage may return (all kinds), in a fixed order: what a balancing
+        method (`objectives.balancing`) weights. Empty: only 'fixed' applies."""
+        return []
+
+    def shared_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The trained parameters several objectives meet in, by encoder: where the gradient
+        diagnostics and gradient surgery look. Empty: neither applies."""
+        return {}
+
     # ---- the step
 
     @abstractmethod

@@ -35,6 +35,8 @@ from ..io.runs import RunDir
 from ..model.layers import Block
 from ..optim import build_optimizer, warmup_cosine
 from .accounting import DataAccounting
+from .balancing import METHODS
+from .balancing.diagnostics import gradient_report
 from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
 from .dino import DinoStage
@@ -102,11 +104,13 @@ class Trainer:
         self.stage = stage or STAGES[cfg.stage](cfg)
         # notes: what the run decided that the user should read at the start (kinds left out).
         self.kinds, self.notes = trained_kinds(cfg, self.stage)
-        probs = np.array([cfg.data.mixing[KINDS.index(k)] for k in self.kinds], dtype=float)
-        if probs.sum() <= 0:
-            raise ConfigError(f"data.mixing gives the {', '.join(self.kinds)} data of stage {cfg.stage} no weight; "
-                              "set data.mixing=[pairs, images, text] probabilities")
-        self.probs = probs / probs.sum()
+        self.probs = self._mixing("mixing", cfg.data.mixing)
+        self.probs_end = self.probs
+        if cfg.data.mixing_schedule == "linear":
+            if len(cfg.data.mixing_end) != len(KINDS):
+                raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
+                                  f"probabilities (pairs, images, text); got {len(cfg.data.mixing_end)}")
+            self.probs_end = self._mixing("mixing_end", cfg.data.mixing_end)
         self.progress = TrainState()
         self._nonfinite_run: list[int] = []
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
@@ -141,6 +145,7 @@ class Trainer:
                 if isinstance(block, Block):
                     block.compile(backend=cfg.compile_backend, dynamic=True)
         self.module = self.stage.wrap(self.world, self.device)
+        self._balancing()
         o = cfg.optim
         # The rate and warm-up the run trains with: as set, or scaled to its global batch.
         self.optimisation = scaled_optimisation(o, self.global_batch, cfg.max_steps)
@@ -151,6 +156,38 @@ class Trainer:
             self.optimizer, warmup_cosine(self.optimisation.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device)
+
+    def _balancing(self) -> None:
+        """The balancing method (`objectives.balancing`) and the shared encoders the gradient
+        diagnostics and surgery look at."""
+        o = self.cfg.objectives
+        names = self.stage.objective_names()
+        if o.balancing != "fixed" and not names:
+            raise ConfigError(f"objectives.balancing={o.balancing!r} weights a stage's objectives, and stage "
+                              f"{self.cfg.stage} has none to balance: use 'fixed'")
+        self.balancer = METHODS[o.balancing](names, o, self.device)
+        self.shared = {k: ps for k, ps in self.stage.shared_parameters().items() if ps}
+        if self.balancer.surgery and not self.shared:
+            raise ConfigError(f"objectives.balancing={o.balancing!r} needs each objective's whole gradient on the "
+                              "shared encoders, which FSDP shards: use distributed=ddp or another method")
+        if names and not self.shared and self.world > 1:
+            self.notes.append("the gradient diagnostics are off: FSDP shards the encoders' gradients")
+
+    def _mixing(self, key: str, mixing: list[float]) -> np.ndarray:
+        """The trained kinds' probabilities from a [pairs, images, text] setting, normalised."""
+        probs = np.array([mixing[KINDS.index(k)] for k in self.kinds], dtype=float)
+        if probs.sum() <= 0:
+            raise ConfigError(f"data.{key} gives the {', '.join(self.kinds)} data of stage {self.cfg.stage} no "
+                              f"weight; set data.{key}=[pairs, images, text] probabilities")
+        return probs / probs.sum()
+
+    def probs_at(self, step: int) -> np.ndarray:
+        """The kinds' probabilities at `step` (`data.mixing_schedule`)."""
+        if self.cfg.data.mixing_schedule == "constant":
+            return self.probs
+        f = min(1.0, step / max(1, self.cfg.max_steps - 1))
+        probs = (1 - f) * self.probs + f * self.probs_end
+        return probs / probs.sum()
 
     @property
     def global_batch(self) -> int:
@@ -214,7 +251,7 @@ class Trainer:
 
     def _stateful(self) -> Stateful:
         return Stateful(self.model, self.optimizer, self.scheduler, self.scaler, self.streams, self.progress,
-                        self.stage, self.cfg)
+                        self.stage, self.cfg, self.balancer)
 
     def save(self) -> Path:
         return self.checkpoints.save(self._stateful())
@@ -240,14 +277,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, sync: bool = True) -> dict:
+    def train_step(self, sync: bool = True, diagnose: bool = False) -> dict:
         """Forward and backward of each micro-batch of one data kind, then the update. With
         `sync` the row holds its numbers (and those of the steps before it that had none); without,
-        the step leaves the host free to run ahead of the device and its numbers come later."""
+        the step leaves the host free to run ahead of the device and its numbers come later. With
+        `diagnose` (logged steps) the row also holds the objectives' gradient norms and cosines
+        on the shared encoders, measured on the last micro-batch."""
         cfg, step = self.cfg, self.step
-        kind = step_kind(cfg.seed, step, self.kinds, self.probs)
+        kind = step_kind(cfg.seed, step, self.kinds, self.probs_at(step))
         accum = cfg.optim.grad_accumulation
-        sums, names, samples = None, ([], []), 0
+        sums, names, samples, gradients = None, ([], []), 0, None
+        plain = cfg.objectives.balancing == "fixed"
         for micro in range(accum):
             batch = self._to_device(self.streams[kind].next_batch())
             samples += len(batch)
@@ -255,17 +295,75 @@ class Trainer:
             with self._no_sync() if micro < accum - 1 else contextlib.nullcontext():
                 with self.autocast():
                     out = self.stage.forward(self.module, batch, generator, step)
-                self.scaler.scale(out.total / accum).backward()
-            names = (list(out.losses), list(out.metrics))
-            values = torch.stack([out.total.detach().float(),
-                                  *(v.detach().float() for v in (*out.losses.values(), *out.metrics.values()))])
+                total = out.total if plain else self.balancer.total(out.losses)
+                measure = diagnose and micro == accum - 1
+                grads = self._objective_grads(out.losses, accum) \
+                    if self.shared and (measure or self.balancer.surgery) else None
+                if measure and grads:
+                    # In the loss's own units: the loss scale and the accumulation divided out.
+                    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+                    gradients = gradient_report(grads, scale / accum)
+                # Copies: the backward may accumulate into these tensors in place.
+                kept = [None if p.grad is None else p.grad.clone() for ps in self.shared.values() for p in ps] \
+                    if self.balancer.surgery else []
+                self.scaler.scale(total / accum).backward()
+                if self.balancer.surgery:
+                    self._combine_shared(grads, kept, torch.Generator().manual_seed(
+                        cfg.seed * 1_000_003 + step * 31 + micro))
+            factors = {} if plain else {f"balancing_{n}": f for n, f in self.balancer.factors(out.losses).items()}
+            names = (list(out.losses), [*out.metrics, *factors])
+            values = torch.stack([total.detach().float(), *(v.detach().float() for v in (
+                *out.losses.values(), *out.metrics.values(), *factors.values()))])
             sums = values / accum if sums is None else sums + values / accum
         row = {"step": step + 1, "kind": kind, "samples": samples * self.world,
                "lr": self.scheduler.get_last_lr()[0], "data_draws": {k: st.draws for k, st in self.streams.items()}}
-        self._pending.append((row, self._update(sums), names))
+        if gradients is not None:
+            row["gradients"] = gradients
+        numbers = self._update(sums)
+        # The losses averaged over micro-batches and processes: the same on every process.
+        self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), numbers[-1] > 0)
+        self._pending.append((row, numbers, names))
         if sync:
             self.synced = self._settle()
         return row
+
+    def _objective_grads(self, losses: dict[str, torch.Tensor], accum: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Each objective's gradient on each shared encoder it reaches, flat, as its term enters the
+        update (balanced, scaled, divided by the accumulation) and averaged over processes."""
+        factors = self.balancer.factors(losses)
+        params = [p for ps in self.shared.values() for p in ps]
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, loss in losses.items():
+            if not loss.requires_grad:
+                continue
+            term = self.scaler.scale(factors[name] * loss / accum)
+            gs = iter(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
+            by_encoder = {enc: [next(gs) for _ in ps] for enc, ps in self.shared.items()}
+            out[name] = {enc: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                         for g, p in zip(gs_, self.shared[enc])])
+                         for enc, gs_ in by_encoder.items() if any(g is not None for g in gs_)}
+        if self.world > 1 and out:
+            flat = torch.cat([g for by in out.values() for g in by.values()])
+            dist.all_reduce(flat)
+            flat /= self.world
+            parts = iter(flat.split([g.numel() for by in out.values() for g in by.values()]))
+            out = {n: {enc: next(parts) for enc in by} for n, by in out.items()}
+        return out
+
+    def _combine_shared(self, grads: dict[str, dict[str, torch.Tensor]], kept: list, order: torch.Generator) -> None:
+        """Replace the summed gradient the backward left on each shared encoder by the balancing
+        method's combination of the objectives' (plus what earlier micro-batches accumulated)."""
+        params = [(enc, p) for enc, ps in self.shared.items() for p in ps]
+        combined = {}
+        for enc in self.shared:
+            reaching = [by[enc] for by in grads.values() if enc in by]
+            if reaching:
+                combined[enc] = iter(self.balancer.combine_gradients(reaching, order).split(
+                    [p.numel() for p in self.shared[enc]]))
+        for (enc, p), before in zip(params, kept):
+            if enc in combined:
+                g = next(combined[enc]).view_as(p).to(p.dtype)
+                p.grad = g if before is None else before + g
 
     def _to_device(self, batch):
         """A host batch on the device: pinned and copied without blocking on CUDA (the copy
@@ -357,7 +455,7 @@ class Trainer:
                 n = self.step + 1
                 save = n % self.cfg.save_every == 0 or n == self.cfg.max_steps
                 logged = n % self.cfg.log_every == 0 or n == end
-                row = self.train_step(sync=save or logged or n == first + 1)
+                row = self.train_step(sync=save or logged or n == first + 1, diagnose=logged)
                 rows.append(row)
                 samples += row["samples"]
                 # A stop request (SIGTERM/SIGINT): this process's own, free to read, when alone;

@@ -1,0 +1,49 @@
+"""What a balancing method supplies to the loop."""
+
+from __future__ import annotations
+
+import torch
+
+
+class Balancer:
+    """One weight per objective (1 unless the method changes it); `names` are every objective
+    the run trains, of all kinds, in a fixed order."""
+
+    surgery = False
+    """Whether the loop hands the method each objective's gradient on the shared encoders
+    (`combine_gradients`) in place of their sum."""
+
+    def __init__(self, names: list[str], objectives, device: torch.device):
+        self.names, self.device = list(names), device
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.weights = torch.ones(len(self.names), device=device)
+
+    def factors(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The factor each of the step's losses is multiplied by (device scalars)."""
+        return {n: self.weights[self.index[n]] for n in losses}
+
+    def total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss the step back-propagates."""
+        f = self.factors(losses)
+        return sum(f[n] * v for n, v in losses.items())
+
+    def observe(self, step: int, losses: dict[str, torch.Tensor], finite: torch.Tensor) -> None:
+        """After the step: its losses (as given to `total`, averaged over micro-batches and
+        processes, detached) and whether it updated (a bool tensor; no host read)."""
+
+    def combine_gradients(self, grads: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The shared encoders' gradient from the objectives' (one flat vector each)."""
+        return torch.stack(grads).sum(0)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def _check_names(self, state: dict) -> None:
+        from ...errors import CheckpointError
+
+        if state.get("names", self.names) != self.names:
+            raise CheckpointError(f"the checkpoint balances the objectives {', '.join(state['names'])}, this run "
+                                  f"{', '.join(self.names)}: resume with the objectives it was started with")

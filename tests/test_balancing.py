@@ -1,0 +1,221 @@
+"""Balancing the objectives (`objectives.balancing`) and the gradient diagnostics: each method
+moves its weights as its paper says on hand-made losses; an adaptive run resumed midway repeats
+the uninterrupted one; two processes hold the state one process holds; diagnostics are in the
+logged rows only."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from flava.config import ObjectivesConfig
+from flava.errors import ConfigError
+from flava.train.balancing import METHODS, project_conflicting
+from flava.train.balancing.diagnostics import gradient_report
+from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
+from flava.train.trainer import Trainer
+
+CPU = torch.device("cpu")
+NAMES = ["global_contrastive", "itm", "mim", "mlm"]
+YES = torch.tensor(True)
+
+
+def balancer(method: str, **over):
+    o = ObjectivesConfig(balancing=method, **over)
+    return METHODS[method](NAMES, o, CPU)
+
+
+def losses(**values) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(float(v)) for k, v in values.items()}
+
+
+def test_fixed_sums_the_weighted_losses():
+    b = balancer("fixed")
+    assert b.total(losses(itm=2.0, global_contrastive=3.0)).item() == 5.0
+    b.observe(0, losses(itm=2.0), YES)
+    assert b.state_dict() == {}
+
+
+def test_uncertainty_weights_by_exp_minus_s_and_adds_s():
+    b = balancer("uncertainty", uncertainty_lr=0.1)
+    b.log_var[NAMES.index("itm")] = math.log(2.0)
+    ls = losses(itm=4.0, global_contrastive=3.0)
+    # exp(-s) L + s for each of the step's objectives.
+    assert b.total(ls).item() == pytest.approx(0.5 * 4.0 + math.log(2.0) + 3.0)
+    # d/ds = 1 - exp(-s) L: a loss above exp(s) raises s (less weight), below lowers it.
+    b.observe(0, losses(itm=4.0, global_contrastive=0.5), YES)
+    s = b.log_var
+    assert s[NAMES.index("itm")] > math.log(2.0) and s[NAMES.index("global_contrastive")] < 0
+    assert s[NAMES.index("mim")] == 0 and b.t[NAMES.index("mim")] == 0  # not on this step: untouched
+    # Adam's first step moves by lr.
+    assert s[NAMES.index("itm")].item() == pytest.approx(math.log(2.0) + 0.1, abs=1e-5)
+    before = b.state_dict()
+    b.observe(1, losses(itm=float("nan")), torch.tensor(False))  # a skipped update changes nothing
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items() if k != "names")
+    for _ in range(3000):  # the optimum: exp(s) = L
+        b.observe(0, losses(itm=4.0), YES)
+    assert b.log_var[NAMES.index("itm")].item() == pytest.approx(math.log(4.0), abs=0.02)
+
+
+def test_dwa_weights_follow_the_ratio_of_the_last_two_periods():
+    b = balancer("dwa", dwa_window=2, dwa_temperature=2.0)
+    period = lambda step, g, i, m, t: [b.observe(step + k, losses(global_contrastive=g, itm=i, mim=m, mlm=t), YES)
+                                       for k in range(2)]
+    period(0, 4.0, 4.0, 4.0, 4.0)
+    assert torch.equal(b.weights, torch.ones(4))  # the first two periods: 1
+    period(2, 2.0, 4.0, 1.0, 4.0)
+    r = torch.tensor([0.5, 1.0, 0.25, 1.0])
+    expected = 4 * torch.exp(r / 2) / torch.exp(r / 2).sum()
+    assert torch.allclose(b.weights, expected)
+    assert b.weights.sum().item() == pytest.approx(4.0)
+    # The slowest-falling objectives gain weight.
+    assert b.weights[1] > b.weights[0] > b.weights[2]
+    # A period in which an objective had no step keeps its average: ratio 1.
+    for k in range(2):
+        b.observe(4 + k, losses(global_contrastive=1.0), YES)
+    r = torch.tensor([0.5, 1.0, 1.0, 1.0])
+    assert torch.allclose(b.weights, 4 * torch.softmax(r / 2, 0))
+    fresh = balancer("dwa", dwa_window=2)
+    fresh.load_state_dict(b.state_dict())
+    assert torch.equal(fresh.weights, b.weights) and torch.equal(fresh.last, b.last)
+
+
+def test_pcgrad_removes_the_conflicting_component():
+    g1, g2, g3 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 2.0])
+    order = torch.Generator().manual_seed(0)
+    p1, p2, p3 = project_conflicting([g1, g2, g3], order)
+    # g1 and g2 conflict (cosine < 0): each loses its component along the other.
+    assert torch.allclose(p1, torch.tensor([0.5, 0.5]))
+    assert torch.allclose(p2, torch.tensor([0.0, 1.0]))
+    assert p1 @ g2 >= -1e-7 and p2 @ g1 >= -1e-7
+    assert torch.equal(p3, g3)  # g3 conflicts with none: unchanged
+    # Random pairs of conflicting gradients: after projection, cosine >= 0 with the other's.
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        a, b = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+        b = b - 2 * torch.clamp(a @ b, min=0) / (a @ a) * a  # make them conflict
+        assert a @ b < 0
+        pa, pb = project_conflicting([a, b], gen)
+        assert pa @ b >= -1e-5 and pb @ a >= -1e-5
+    b = balancer("pcgrad")
+    assert torch.allclose(b.combine_gradients([g1, g2], order), p1 + p2)
+
+
+def test_gradient_report_names_norms_and_cosines():
+    grads = {"a": {"image": torch.tensor([3.0, 4.0]), "text": torch.tensor([1.0])},
+             "b": {"image": torch.tensor([-3.0, -4.0])}}
+    r = gradient_report(grads, unit=0.5)
+    assert r["image"]["norm"] == {"a": pytest.approx(10.0), "b": pytest.approx(10.0)}
+    assert r["image"]["cosine"] == {"a|b": pytest.approx(-1.0)}
+    assert r["text"] == {"norm": {"a": pytest.approx(2.0)}, "cosine": {}}
+
+
+def test_bad_balancing_settings_fail_in_one_line():
+    from flava.config import check
+
+    with pytest.raises(ConfigError, match="objectives.balancing 'gradnorm' is not valid"):
+        check(TrainConfig(objectives=ObjectivesConfig(balancing="gradnorm")))
+    with pytest.raises(ConfigError, match="objectives.dwa_temperature must lie in"):
+        check(TrainConfig(objectives=ObjectivesConfig(dwa_temperature=0.0)))
+
+
+def config(data, **over) -> TrainConfig:
+    cfg = demo_config()
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.model.codebook.hidden_size = 8
+    cfg.data.pairs = [str(data / "pairs_clean.csv")]
+    cfg.data.images, cfg.data.text = [str(data / "img")], [str(data / "text.txt")]
+    cfg.data.batch_size, cfg.data.num_workers = 4, 0
+    cfg.max_steps, cfg.save_every, cfg.log_every, cfg.seed = 8, 4, 2, 5
+    cfg.optim.warmup_steps, cfg.tensorboard = 2, False
+    cfg.codebook = str(data / "codebook")
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def test_diagnostics_are_in_the_logged_rows_only(train_data, tmp_path):
+    rows = Trainer(config(train_data), tmp_path / "run").fit()
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
+    assert all("gradients" in r for r in logged)
+    assert not any("gradients" in r for r in rows if r["step"] % 2)
+    pair = next(r for r in logged if r["kind"] == "pairs")["gradients"]
+    # Contrastive reaches the unimodal encoders; ITM and MMM reach all three.
+    assert set(pair) == {"image", "text", "multimodal"}
+    assert "global_contrastive" not in pair["multimodal"]["norm"]
+    assert set(pair["image"]["norm"]) == {"global_contrastive", "itm", "mmm_image", "mmm_text"}
+    assert all(-1 <= c <= 1 for c in pair["image"]["cosine"].values())
+    assert len(pair["image"]["cosine"]) == 6
+    # The measurement leaves the update alone: the same run without diagnostics trains alike.
+    quiet = Trainer(config(train_data, log_every=100), tmp_path / "quiet").fit()
+    assert [r["loss"] for r in quiet] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uncertainty", "dwa", "pcgrad"])
+def test_an_adaptive_run_resumed_midway_repeats_the_uninterrupted_one(train_data, tmp_path, method):
+    over = ObjectivesConfig(balancing=method, dwa_window=2, uncertainty_lr=0.1)
+    full_t = Trainer(config(train_data, objectives=over), tmp_path / "full")
+    full = full_t.fit()
+    Trainer(config(train_data, objectives=over), tmp_path / "cut").fit(max_steps=5)  # saved at 4
+    resumed = Trainer(config(train_data, objectives=over), tmp_path / "cut")
+    assert resumed.resume() and resumed.step == 4
+    rest = resumed.fit()
+    for a, b in zip(full[4:], rest):
+        assert a["kind"] == b["kind"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
+        assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-6)
+    for k, v in full_t.balancer.state_dict().items():
+        if k != "names":
+            assert torch.allclose(v, resumed.balancer.state_dict()[k], atol=1e-6), k
+    if method != "pcgrad":  # the weights moved and were logged
+        assert any(abs(v - 1) > 1e-4 for r in full for k, v in r["metrics"].items() if k.startswith("balancing_"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method,mode", [("pcgrad", "ddp"), ("uncertainty", "fsdp"), ("dwa", "ddp")])
+def test_two_processes_hold_the_balancing_state_of_one(train_data, tmp_path, method, mode):
+    from conftest import pretrain_args
+    from test_pretrain_processes import OPTS, finish, metrics, run
+
+    steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.balancing={method}",
+             "--set", "objectives.dwa_window=1", "--set", "objectives.uncertainty_lr=0.1"]
+    two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
+              + ["--set", f"distributed={mode}"], torchrun=2)
+    one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
+    finish(two)
+    finish(one)
+    a, b = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5), (x, y)
+        assert x["metrics"] == pytest.approx(y["metrics"], abs=1e-5)
+        if mode == "ddp":  # FSDP shards the gradients the diagnostics measure
+            for enc, d in y["gradients"].items():
+                assert x["gradients"][enc]["norm"] == pytest.approx(d["norm"], rel=1e-3, abs=1e-6)
+                assert x["gradients"][enc]["cosine"] == pytest.approx(d["cosine"], abs=1e-3)
+    ckpt = "checkpoints/step_00000004/trainer_state.pt"
+    sa = torch.load(tmp_path / "two" / ckpt, weights_only=True)["balancing"]
+    sb = torch.load(tmp_path / "one" / ckpt, weights_only=True)["balancing"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        if k != "names":
+            assert torch.allclose(sa[k], sb[k], atol=1e-5), k
+
+
+def test_a_linear_mixing_schedule_moves_from_mixing_to_mixing_end(train_data, tmp_path):
+    cfg = config(train_data, max_steps=1001)
+    cfg.data.mixing, cfg.data.mixing_end, cfg.data.mixing_schedule = [0.2, 0.4, 0.4], [0.8, 0.1, 0.1], "linear"
+    t = Trainer(cfg, tmp_path / "run")
+    assert t.probs_at(0) == pytest.approx([0.2, 0.4, 0.4])
+    assert t.probs_at(500) == pytest.approx([0.5, 0.25, 0.25])
+    assert t.probs_at(1000) == pytest.approx([0.8, 0.1, 0.1])
+    from flava.train.trainer import step_kind
+
+    early = [step_kind(0, s, t.kinds, t.probs_at(s)) for s in range(200)]
+    late = [step_kind(0, s, t.kinds, t.probs_at(s)) for s in range(800, 1000)]
+    assert early.count("pairs") < late.count("pairs")
+    cfg.data.mixing_end = []
+    with pytest.raises(ConfigError, match="needs data.mixing_end"):
+        Trainer(cfg, tmp_path / "bad")
