@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 import flava
-from flava.evaluate.finetune import TextClassifier, TextHead
-from flava.evaluate.taskmodel import save_task_model
+from flava.finetune.heads import TextClassifier, TextHead
+from flava.finetune.taskmodel import save_task_model
 from flava.serve.app import create_app
 from flava.serve.embed import Embedder
 from flava.serve.index import VectorIndex, index_from_arrays

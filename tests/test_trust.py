@@ -249,8 +249,8 @@ def test_a_mistyped_relative_model_path_is_named_as_a_missing_directory(tmp_path
 
 
 def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, capsys):
-    from flava.evaluate.finetune import TextClassifier, TextHead
-    from flava.evaluate.taskmodel import save_task_model
+    from flava.finetune.heads import TextClassifier, TextHead
+    from flava.finetune.taskmodel import save_task_model
 
     model = flava.FlavaModel(flava.preset("tiny"))
     clf = TextClassifier(model.text_tower(), TextHead(model.config.text.hidden_size, 2, 0.0))

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if failed:
         console.print(f"{len(failed)} image(s) could not be read, e.g. {failed[0].image}: {failed[0].error}")
     if args.labels:
-        from ..evaluate.metrics import confusion_matrix
+        from ..scores import confusion_matrix
 
         ok = [(p, t) for p, t in zip(predictions, truth) if not p.error]
         pred_idx = np.array([classes.index(p.top[0][0]) for p, _ in ok])
