@@ -24,8 +24,8 @@ import flava
 from flava.finetune.heads import TextClassifier, TextHead
 from flava.finetune.taskmodel import save_task_model
 from flava.serve.app import create_app
-from flava.serve.embed import Embedder
-from flava.serve.index import VectorIndex, index_from_arrays
+from flava.retrieval.embed import Embedder
+from flava.retrieval.index import VectorIndex, index_from_arrays
 
 # The real `flava serve` runs as a subprocess: the whole module is the slow lane.
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ import torch
 import flava
 from flava.cli import main as cli
 from flava.io.runs import RunDir
-from flava.serve.embed import read_embeddings
-from flava.serve.index import VectorIndex
+from flava.retrieval.embed import read_embeddings
+from flava.retrieval.index import VectorIndex
 
 SRC = str(Path(flava.__file__).resolve().parents[1])
 
@@ -111,7 +111,7 @@ def test_vectors_record_their_checkpoint_and_refuse_another(run_with_two_checkpo
 KILL_DRIVER = textwrap.dedent("""
     import os, signal, sys
     point = sys.argv[1]
-    import flava.serve.index as si
+    import flava.retrieval.index as si
 
     def killer(original, when):
         def call(*args, **kwargs):

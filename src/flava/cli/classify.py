@@ -32,8 +32,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     import numpy as np
 
     from ..errors import InputError
-    from ..serve.classify import ZeroShotClassifier, read_list, templates_from
-    from ..serve.embed import image_inputs
+    from ..retrieval.classify import ZeroShotClassifier, read_list, templates_from
+    from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
 
     if args.top_k < 1:
