@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import flava
-from flava.hub import load_weights
+from flava.loading import load_weights
 from flava.interop import transformers as hf_interop
 from flava.retrieval.embed import Embedder
 from flava.retrieval.index import VectorIndex, index_from_arrays

@@ -11,7 +11,7 @@ from .config import (
 )
 from .data.processor import Processor
 from .errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
-from .hub import load, load_codebook
+from .loading import load, load_codebook
 from .model import FlavaImageCodebook, FlavaModel
 
 __version__ = "0.1.0"

@@ -45,7 +45,7 @@ def run_demo(output: Path, console: Console, seed: int = 0) -> dict:
     from ..evaluate.report import write_report
     from ..evaluate.run import evaluate_models, print_plan, results_table, untrained_like
     from ..evaluate.suite import load_suite
-    from ..hub import load
+    from ..loading import load
     from ..train.presets import demo_config
     from ..recipes.recipe import run_recipe
 

@@ -42,7 +42,7 @@ from ..config import (
 from ..data.tokenizer import TextTokenizer
 from ..data.transforms import eval_transform
 from ..errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
-from ..hub import build_loaded
+from ..loading import build_loaded
 from ..io.checkpoint import CHECKSUMS, damage, read_weights, write_checksums
 from ..io.files import read_json, replace_dir, write_json_atomic
 from ..model.encoders import ImageEncoder, TextEncoder
