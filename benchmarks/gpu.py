@@ -135,7 +135,7 @@ def build(B: int, L: int = 32):
     import flava
     from flava.data.batch import PairBatch
     from flava.data.masking import BlockMasking, TextMasking, mask_texts
-    from flava.hub import load_weights
+    from flava.loading import load_weights
     from flava.interop import transformers as hf_interop
     from flava.objectives.negatives import swap_negatives
     from flava.objectives.pretraining import PretrainingModel

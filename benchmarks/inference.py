@@ -23,7 +23,7 @@ import flava
 from flava.interop import transformers as hf_interop
 from flava.model.flops import image_flops, multimodal_flops, text_flops
 from flava.model.quantize import quantize_int8
-from flava.hub import load_weights
+from flava.loading import load_weights
 
 
 def peak_memory_mib(fn) -> float:

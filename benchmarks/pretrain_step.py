@@ -28,7 +28,7 @@ from flava.data.masking import BlockMasking, TextMasking, mask_texts
 from flava.objectives.pretraining import PretrainingHeads
 from flava.objectives.negatives import swap_negatives
 from flava.objectives.pretraining import PretrainingModel
-from flava.hub import load_weights
+from flava.loading import load_weights
 from flava.optim import build_optimizer
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import flava
-from flava.hub import load_weights
+from flava.loading import load_weights
 from flava.interop import transformers as hf_interop
-from flava.serve.embed import Embedder
-from flava.serve.index import VectorIndex, index_from_arrays
+from flava.retrieval.embed import Embedder
+from flava.retrieval.index import VectorIndex, index_from_arrays
 
 sys.path.insert(0, str(Path(__file__).parent))
 from inference import matmul_gflops  # noqa: E402

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import pretrain_args
 
-from flava.ablate import PAPER, ROWS, averages, row_config
+from flava.recipes.ablate import PAPER, ROWS, averages, row_config
 from flava.cli import main as cli
 from flava.train.presets import demo_config
 
@@ -150,7 +150,7 @@ def _scores(vision=None, language=None, multimodal=None):
 
 
 def test_the_paper_claims_are_checked_both_ways():
-    from flava.ablate import claims
+    from flava.recipes.ablate import claims
 
     results = {"mim": _scores(vision=50), "flava-c": _scores(60, 50, 40), "flava-mm": _scores(61, 52, 45),
                "flava-no-init": _scores(62, 55, 44), "flava": _scores(63, 54, 46), "untrained": _scores(55, 50, 10)}

@@ -6,7 +6,7 @@ import scipy.stats
 import sklearn.metrics as skm
 
 from flava.errors import InputError
-from flava.evaluate import metrics as M
+from flava import scores as M
 
 
 def tied_scores(rng, shape, levels=3):

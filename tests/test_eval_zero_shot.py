@@ -13,7 +13,8 @@ from flava.config import preset
 from flava.data.tokenizer import TextTokenizer
 from flava.data.transforms import eval_transform
 from flava.errors import DataError, InputError
-from flava.evaluate import features, metrics, probe, zero_shot
+from flava import scores as metrics
+from flava.evaluate import features, probe, zero_shot
 from flava.model.flava import FlavaModel
 
 CAPTIONS = [["a red square", "a square that is red"], ["a green circle"], ["a blue triangle", "blue", "a triangle"],

@@ -146,7 +146,8 @@ def test_the_demo_suite_names_only_packaged_data():
 @pytest.mark.slow
 def test_an_lr_sweep_scores_the_rate_best_on_validation(suite_dir):
     from flava.data.tokenizer import TextTokenizer
-    from flava.evaluate.finetune import FinetuneSettings, finetune_text
+    from flava.finetune.loop import finetune_text
+    from flava.finetune.settings import FinetuneSettings
     from flava.evaluate.readers.text import read_text_classification
 
     model = flava.load(suite_dir / "model")

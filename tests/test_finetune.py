@@ -11,8 +11,10 @@ from PIL import Image
 from flava import FlavaModel, preset
 from flava.data.tokenizer import TextTokenizer, default_tokenizer_file
 from flava.errors import ConfigError, DataError
-from flava.evaluate.finetune import FinetuneSettings, encode_pairs, finetune_multimodal, finetune_text
-from flava.evaluate.examples import MultimodalData, MultimodalExample, TextData, TextExample
+from flava.finetune.loop import finetune_multimodal, finetune_text
+from flava.finetune.settings import FinetuneSettings
+from flava.finetune.text import encode_pairs
+from flava.finetune.examples import MultimodalData, MultimodalExample, TextData, TextExample
 from flava.evaluate.readers.multimodal import (
     answer_vocabulary,
     easy_vqa_data,
@@ -383,12 +385,12 @@ def test_multimodal_frozen_and_full(model, tokenizer):
 
 def test_image_cache_gives_the_eval_transform_exactly(tmp_path):
     from flava.data.transforms import eval_transform
-    from flava.evaluate.finetune import _image_cache
+    from flava.finetune.splits import image_cache
 
     examples = colour_examples(3, 0)
     examples.append(MultimodalExample(png(tmp_path / "a.png", (10, 200, 30), size=50), "q", 0))
     examples.append(MultimodalExample(tmp_path / "a.png", "same file again", 1))
-    images, (rows,) = _image_cache([examples], 32)
+    images, (rows,) = image_cache([examples], 32)
     assert rows.tolist() == [0, 1, 2, 3, 3] and images.pixels.dtype == torch.uint8
     pixels, inverse = images.batch(torch.tensor([3, 0, 3]))
     assert inverse.tolist() == [1, 0, 1] and pixels.shape == (2, 3, 32, 32)

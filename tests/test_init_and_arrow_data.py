@@ -26,7 +26,7 @@ from flava.interop.vit import image_config_from_vit, load_vit, read_vit
 from flava.model.encoders import ImageEncoder
 from flava.objectives.pretraining import PretrainingModel
 from flava.config import to_dict
-from flava.hub import read_checkpoint
+from flava.loading import read_checkpoint
 from flava.io.checkpoint import save_checkpoint
 from flava.train.init import GROUPS, initialise_encoders
 

@@ -11,7 +11,7 @@ import flava
 from flava.cli import main as cli
 from flava.objectives.pretraining import PretrainingHeads
 from flava.config import to_dict
-from flava.hub import read_checkpoint
+from flava.loading import read_checkpoint
 from flava.io.checkpoint import save_checkpoint
 
 transformers = require("transformers")

@@ -8,7 +8,7 @@ from conftest import hf_config, randomize_, require
 import flava
 from flava.model.codebook import FlavaImageCodebook
 from flava.interop import transformers as hf_interop
-from flava.hub import load_weights
+from flava.loading import load_weights
 
 transformers = require("transformers")
 

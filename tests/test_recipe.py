@@ -58,7 +58,7 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
 def test_paper_mim_and_stage_settings(tmp_path):
     from flava.errors import ConfigError
     from flava.train.presets import demo_config
-    from flava.train.recipe import plan
+    from flava.recipes.recipe import plan
 
     stages = plan("paper-mim", demo_config(), tmp_path, {"image-mim": 7}, {"text-mlm": ["optim.lr=1e-3"]})
     assert [s.name for s in stages] == ["text-mlm", "image-mim", "joint"]

@@ -226,7 +226,7 @@ def test_divergence_stops_the_run_and_no_checkpoint_holds_non_finite_weights(tra
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["update_skipped"] and rows[-1]["nonfinite_steps"] >= 2
     for ckpt in RunDir(run).step_dirs():
-        weights = flava.hub.read_checkpoint(ckpt).parts["model"]
+        weights = flava.loading.read_checkpoint(ckpt).parts["model"]
         assert all(torch.isfinite(v).all() for v in weights.values())
 
 

@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 
 import flava
-from flava.evaluate.finetune import TextClassifier, TextHead
-from flava.evaluate.taskmodel import save_task_model
+from flava.finetune.heads import TextClassifier, TextHead
+from flava.finetune.taskmodel import save_task_model
 from flava.serve.app import create_app
-from flava.serve.embed import Embedder
-from flava.serve.index import VectorIndex, index_from_arrays
+from flava.retrieval.embed import Embedder
+from flava.retrieval.index import VectorIndex, index_from_arrays
 
 # The real `flava serve` runs as a subprocess: the whole module is the slow lane.
 pytestmark = pytest.mark.slow

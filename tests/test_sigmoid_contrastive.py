@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import flava
 from flava.config import ObjectivesConfig, from_dict, to_dict
 from flava.errors import ConfigError
-from flava.hub import pretraining_from_checkpoint, read_checkpoint
+from flava.loading import pretraining_from_checkpoint, read_checkpoint
 from flava.interop.bridge import pretraining_losses
 from flava.interop.export import export_hf
 from flava.objectives.losses import SigmoidContrastiveHead, sigmoid_contrastive_loss

@@ -195,7 +195,7 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     from flava.config import preset
     from flava.data.pipeline import read_npy
     from flava.data.transforms import map_pixels, to_tensor
-    from flava.hub import load_codebook
+    from flava.loading import load_codebook
     from flava.train.presets import demo_config
     from flava.train.trainer import Trainer
 

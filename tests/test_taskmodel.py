@@ -15,15 +15,11 @@ from flava.cli.finetune import read_task
 from flava.data.tokenizer import TextTokenizer
 from flava.data.transforms import eval_transform
 from flava.errors import CheckpointError, ConfigError, DataError, InputError
-from flava.evaluate.finetune import (
-    FinetuneSettings,
-    encode_pairs,
-    finetune_image,
-    finetune_multimodal,
-    finetune_text,
-)
-from flava.evaluate.taskmodel import load_task, save_task_model
-from flava.evaluate.examples import TextData, TextExample
+from flava.finetune.examples import TextData, TextExample
+from flava.finetune.loop import finetune_image, finetune_multimodal, finetune_text
+from flava.finetune.settings import FinetuneSettings
+from flava.finetune.taskmodel import load_task, save_task_model
+from flava.finetune.text import encode_pairs
 from flava.evaluate.readers.user_files import read_multimodal_table
 
 WORDS = ["red", "green", "blue", "house", "tree", "river", "stone", "cloud", "paper", "window", "chair", "table",

@@ -17,8 +17,8 @@ import torch
 import flava
 from flava.cli import main as cli
 from flava.io.runs import RunDir
-from flava.serve.embed import read_embeddings
-from flava.serve.index import VectorIndex
+from flava.retrieval.embed import read_embeddings
+from flava.retrieval.index import VectorIndex
 
 SRC = str(Path(flava.__file__).resolve().parents[1])
 
@@ -111,7 +111,7 @@ def test_vectors_record_their_checkpoint_and_refuse_another(run_with_two_checkpo
 KILL_DRIVER = textwrap.dedent("""
     import os, signal, sys
     point = sys.argv[1]
-    import flava.serve.index as si
+    import flava.retrieval.index as si
 
     def killer(original, when):
         def call(*args, **kwargs):
@@ -249,8 +249,8 @@ def test_a_mistyped_relative_model_path_is_named_as_a_missing_directory(tmp_path
 
 
 def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, capsys):
-    from flava.evaluate.finetune import TextClassifier, TextHead
-    from flava.evaluate.taskmodel import save_task_model
+    from flava.finetune.heads import TextClassifier, TextHead
+    from flava.finetune.taskmodel import save_task_model
 
     model = flava.FlavaModel(flava.preset("tiny"))
     clf = TextClassifier(model.text_tower(), TextHead(model.config.text.hidden_size, 2, 0.0))

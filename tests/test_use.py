@@ -12,8 +12,8 @@ from PIL import Image
 import flava
 from flava.cli import main as cli
 from flava.io.runs import RunDir
-from flava.serve.embed import read_embeddings
-from flava.serve.index import VectorIndex, choose_factory, index_from_arrays
+from flava.retrieval.embed import read_embeddings
+from flava.retrieval.index import VectorIndex, choose_factory, index_from_arrays
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 

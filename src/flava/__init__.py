@@ -11,7 +11,7 @@ from .config import (
 )
 from .data.processor import Processor
 from .errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
-from .hub import load, load_codebook
+from .loading import load, load_codebook
 from .model import FlavaImageCodebook, FlavaModel
 
 __version__ = "0.1.0"
@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 
 def load_task(directory, device=None):
     """A fine-tuned task model (written by `flava finetune`) ready to `.predict(texts=..., images=...)`;
-    see `flava.evaluate.taskmodel.TaskModel`. Imported on first use: the package root stays light."""
-    from .evaluate.taskmodel import load_task as _load_task
+    see `flava.finetune.taskmodel.TaskModel`. Imported on first use: the package root stays light."""
+    from .finetune.taskmodel import load_task as _load_task
 
     return _load_task(directory, device=device)
 

@@ -31,7 +31,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..ablate import Plan, default_rows, run_ablation
+    from ..recipes.ablate import Plan, default_rows, run_ablation
     from ..config import apply_overrides, check
     from ..train.presets import train_config
 

@@ -32,8 +32,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     import numpy as np
 
     from ..errors import InputError
-    from ..serve.classify import ZeroShotClassifier, read_list, templates_from
-    from ..serve.embed import image_inputs
+    from ..retrieval.classify import ZeroShotClassifier, read_list, templates_from
+    from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
 
     if args.top_k < 1:
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if failed:
         console.print(f"{len(failed)} image(s) could not be read, e.g. {failed[0].image}: {failed[0].error}")
     if args.labels:
-        from ..evaluate.metrics import confusion_matrix
+        from ..scores import confusion_matrix
 
         ok = [(p, t) for p, t in zip(predictions, truth) if not p.error]
         pred_idx = np.array([classes.index(p.top[0][0]) for p, _ in ok])

@@ -45,9 +45,9 @@ def run_demo(output: Path, console: Console, seed: int = 0) -> dict:
     from ..evaluate.report import write_report
     from ..evaluate.run import evaluate_models, print_plan, results_table, untrained_like
     from ..evaluate.suite import load_suite
-    from ..hub import load
+    from ..loading import load
     from ..train.presets import demo_config
-    from ..train.recipe import run_recipe
+    from ..recipes.recipe import run_recipe
 
     start = time.perf_counter()
     console.rule("[bold]flava demo: the paper's recipe on the tiny preset, then the evaluation")

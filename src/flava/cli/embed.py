@@ -70,7 +70,7 @@ def resolve_model(name: str) -> dict:
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..io.fingerprint import describe_checkpoint
     from ..progress import progress_bar
-    from ..serve.embed import embed_run, image_inputs, pair_inputs, text_inputs
+    from ..retrieval.embed import embed_run, image_inputs, pair_inputs, text_inputs
 
     if args.images:
         inputs = image_inputs(args.images)

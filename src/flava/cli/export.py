@@ -19,7 +19,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..hub import read_checkpoint
+    from ..loading import read_checkpoint
     from ..interop.export import export_hf
     from ..io.runs import resolve
 

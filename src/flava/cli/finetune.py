@@ -83,16 +83,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     from ..config import check, to_dict
     from ..errors import ConfigError, did_you_mean
-    from ..evaluate.finetune import (
-        TRAINING,
-        FinetuneSettings,
-        Resumable,
-        finetune_image,
-        finetune_multimodal,
-        finetune_text,
-    )
     from ..evaluate.run import load_model
-    from ..evaluate.taskmodel import TASKS, check_output, save_task_model
+    from ..finetune.loop import finetune_image, finetune_multimodal, finetune_text
+    from ..finetune.settings import TRAINING, FinetuneSettings, Resumable
+    from ..finetune.taskmodel import TASKS, check_output, save_task_model
     from ..progress import progress_bar
 
     if args.task not in TASKS:

@@ -20,7 +20,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..serve.index import add_embeddings, build_index
+    from ..retrieval.index import add_embeddings, build_index
 
     if args.add:
         index = add_embeddings(args.output, args.embeddings, args.which)

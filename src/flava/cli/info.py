@@ -15,7 +15,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..hub import read_checkpoint
+    from ..loading import read_checkpoint
     from ..io.runs import resolve
 
     ckpt = read_checkpoint(resolve(args.checkpoint))

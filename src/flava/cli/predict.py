@@ -189,8 +189,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from rich.table import Table
 
     from ..errors import ConfigError, DataError
-    from ..evaluate import metrics as M
-    from ..evaluate.taskmodel import load_task
+    from .. import scores as M
+    from ..finetune.taskmodel import load_task
     from ..progress import progress_bar
 
     output = Path(args.output) if args.output else None

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import open_source
     from ..errors import ConfigError, DataError
-    from ..hub import CodebookTokenizer
+    from ..loading import CodebookTokenizer
     from ..progress import progress_bar
 
     model = config_from(args.config)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..train.run import run_pretrain
 
     if args.recipe:
-        from ..train.recipe import run_recipe
+        from ..recipes.recipe import run_recipe
 
         if args.resume or args.override:
             raise ConfigError("a recipe continues by itself: run the same command again, without --resume")

@@ -29,8 +29,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     import sys
 
     from ..errors import InputError
-    from ..serve.embed import Embedder
-    from ..serve.index import VectorIndex, query_model
+    from ..retrieval.embed import Embedder
+    from ..retrieval.index import VectorIndex, query_model
     from .embed import load_for_inference
 
     if args.k < 1:

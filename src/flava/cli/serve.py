@@ -102,7 +102,7 @@ def build_app(args: argparse.Namespace, console: Console):
     index = task = model = None
     model_name = load_from = args.model
     if args.index:
-        from ..serve.index import VectorIndex, query_model
+        from ..retrieval.index import VectorIndex, query_model
 
         index = VectorIndex.open(args.index)
         if not (model_name or index.model or index.checkpoint):

@@ -193,7 +193,7 @@ def decode_crop(ref: ImageRef, choose: Callable[[int, int], tuple[float, float, 
 
 
 @dataclass(frozen=True)
-class Prepared:
+class PreparedCrops:
     """What `flava prepare` stored beside an image: crop boxes (fractions of the stored image,
     left, top, right, bottom) and the image codebook's token ids for each crop."""
 
@@ -205,14 +205,14 @@ class Prepared:
 class PairRecord:
     image: ImageRef
     caption: str | Member
-    prepared: Prepared | None = None
+    prepared: PreparedCrops | None = None
 
 
 @dataclass(frozen=True)
 class ImageRecord:
     image: ImageRef
     label: int = -1
-    prepared: Prepared | None = None
+    prepared: PreparedCrops | None = None
 
 
 @dataclass
@@ -390,7 +390,7 @@ class TarShard:
         records = []
         for members in self._members(rejected).values():
             image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
-            prepared = Prepared(members[CROPS_EXT], members[TOKENS_EXT]) \
+            prepared = PreparedCrops(members[CROPS_EXT], members[TOKENS_EXT]) \
                 if CROPS_EXT in members and TOKENS_EXT in members else None
             if self.kind == "images":
                 if image is None:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import ConfigError
-from .examples import MultimodalData, TextData
-from .finetune import FinetuneResult, FinetuneSettings, finetune_multimodal, finetune_text
+from ..finetune.examples import MultimodalData, TextData
+from ..finetune.loop import finetune_multimodal, finetune_text
+from ..finetune.settings import FinetuneResult, FinetuneSettings
 from .pictures import beside, confusion_picture, curve_picture
 from .results import Measured, TaskResult, percent
 from .task_spec import TaskSpec

@@ -29,7 +29,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from ..errors import DataError, InputError
-from . import metrics
+from .. import scores as metrics
 
 MAX_ITER = 1000
 COARSE_LAMBDAS = tuple(10.0 ** k for k in range(-6, 7))

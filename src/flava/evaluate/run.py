@@ -27,7 +27,7 @@ def untrained_like(model, seed: int = 0):
 
 def load_model(path: str | Path):
     """A checkpoint directory, or a run directory's newest checkpoint, loaded for evaluation."""
-    from ..hub import load
+    from ..loading import load
     from ..io.runs import resolve
 
     p = resolve(path)

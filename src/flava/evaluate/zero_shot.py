@@ -16,7 +16,7 @@ from ..data.tokenizer import TextTokenizer
 from ..errors import ConfigError, DataError, InputError
 from ..io.files import read_json
 from ..model.flava import FlavaModel
-from . import metrics
+from .. import scores as metrics
 from .features import ImageLike, Progress, check_image_files, image_embeddings, text_embeddings
 
 # --------------------------------------------------------------------------- retrieval

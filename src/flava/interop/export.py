@@ -21,7 +21,7 @@ from . import transformers as hf
 
 
 class Checkpoint(Protocol):
-    """What export reads of `flava.hub.Checkpoint` (hub sits above interop: it cannot be imported)."""
+    """What export reads of `flava.loading.Checkpoint` (loading sits above interop: it cannot be imported)."""
 
     path: Path
     config: FlavaConfig
@@ -29,7 +29,7 @@ class Checkpoint(Protocol):
 
 
 def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model_only: bool | None = None) -> list[str]:
-    """Write `ckpt` (read by `flava.hub.read_checkpoint`) in transformers' format, with the
+    """Write `ckpt` (read by `flava.loading.read_checkpoint`) in transformers' format, with the
     processor and tokenizer files; returns notes for the user (e.g. parts that had to be
     initialised or could not be expressed).
 

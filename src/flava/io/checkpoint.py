@@ -1,4 +1,4 @@
-"""Checkpoint directories on disk, as dicts and tensors; building models from them is `flava.hub`.
+"""Checkpoint directories on disk, as dicts and tensors; building models from them is `flava.loading`.
 
 This project's format is a directory with `config.json` ({"format": "flava", "model": {...}})
 and `model.safetensors`, whose keys are prefixed by part: `model.`, `heads.`, `codebook.`

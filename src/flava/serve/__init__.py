@@ -1,2 +1,3 @@
-"""Using a model: embeddings of image folders and texts, FAISS indexes and search, the HTTP API
-and its web page."""
+"""Using a model over HTTP: the FastAPI app (app), its guard (refusals, the model queue, request
+metrics, body limits, JSON errors), reading bodies and forms (requests), and its web page (static/).
+The offline jobs it calls are `flava.retrieval`."""

@@ -49,14 +49,14 @@ from starlette.datastructures import UploadFile
 from .. import __version__
 from ..errors import FlavaError
 from ..evaluate.zero_shot import class_embeddings, parse_templates
-from .classify import ZeroShotClassifier
-from .embed import Embedder
+from ..retrieval.classify import ZeroShotClassifier
+from ..retrieval.embed import Embedder
 from .guard import FORM_OVERHEAD, ApiError, Guard, Metrics, MiB, ModelQueue, add_error_handlers
 from .requests import RequestParser
 
 if TYPE_CHECKING:
     from ..model.flava import FlavaModel
-    from .index import VectorIndex
+    from ..retrieval.index import VectorIndex
 
 T = TypeVar("T")
 PROMPTS_PER_CALL = 64

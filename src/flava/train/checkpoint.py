@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 
 from ..config import to_dict
 from ..errors import CheckpointError
-from ..hub import Checkpoint, load_weights, read_checkpoint
+from ..loading import Checkpoint, load_weights, read_checkpoint
 from ..io.checkpoint import PARTS, damage, split_parts, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir

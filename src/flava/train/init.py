@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..hub import Checkpoint, read_checkpoint
+from ..loading import Checkpoint, read_checkpoint
 from ..interop import vit
 from ..io.checkpoint import read_config
 from ..io.runs import resolve

@@ -15,7 +15,7 @@ from torch import nn
 from ..data.pipeline import SampleMaker, SampleSpec
 from ..distributed import world
 from ..errors import ConfigError
-from ..hub import load_codebook, pretraining_from_checkpoint, read_checkpoint
+from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..model.layers import Block
 from ..objectives.pretraining import PretrainingModel
 from ..objectives.registry import active, needs_image_tokens

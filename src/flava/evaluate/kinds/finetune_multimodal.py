@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from .. import lr_sweep
-from ..examples import check_multimodal_data
+from ...finetune.examples import check_multimodal_data
 from ..readers.multimodal import easy_vqa_data, read_hateful_memes, read_snli_ve, read_vqa
 from ..task_spec import TaskSpec, check_keys
 from . import TaskKind, register

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from .. import lr_sweep
-from ..examples import TextData, TextExample, check_text_data
+from ...finetune.examples import TextData, TextExample, check_text_data
 from ..packaged import bbc_news_splits
 from ..readers.text import read_glue, read_text_classification
 from ..task_spec import TaskSpec

@@ -1,4 +1,4 @@
-"""Readers of the data sets FLAVA is fine-tuned on, each returning checked `flava.evaluate.examples`
+"""Readers of the data sets FLAVA is fine-tuned on, each returning checked `flava.finetune.examples`
 holders: `text` (GLUE, tables of text), `multimodal` (VQAv2, easy-vqa, SNLI-VE, Hateful Memes),
 `user_files` (a user's folders and tables for `flava finetune`); `splits` is what they share.
 

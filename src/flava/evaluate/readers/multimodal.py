@@ -10,7 +10,7 @@ from typing import Sequence
 from ...data.tables import Row, read_table
 from ...errors import DataError
 from ...io.files import read_json
-from ..examples import MultimodalData, MultimodalExample, check_multimodal_data
+from ...finetune.examples import MultimodalData, MultimodalExample, check_multimodal_data
 from .splits import carve, check_limit, subsample
 # --------------------------------------------------------------------------- VQA
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from ...data.tables import read_table
 from ...errors import ConfigError, DataError
-from ..examples import TextData, TextExample, check_text_data
+from ...finetune.examples import TextData, TextExample, check_text_data
 from .splits import carve, check_limit, subsample
 # --------------------------------------------------------------------------- GLUE
 

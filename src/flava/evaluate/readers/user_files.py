@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 
 from ...data.tables import SUFFIXES, Row, read_table
 from ...errors import ConfigError, DataError
-from ..examples import (
+from ...finetune.examples import (
     ImageData,
     ImageExample,
     MultimodalData,

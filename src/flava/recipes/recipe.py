@@ -33,7 +33,7 @@ from ..config import apply_overrides, check, from_dict, to_dict
 from ..errors import ConfigError
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
-from .config import TrainConfig
+from ..train.config import TrainConfig
 
 RECIPES = {"paper": ("text-mlm", "image-dino", "joint"), "paper-mim": ("text-mlm", "image-mim", "joint")}
 RECIPE_FILE = "recipe.json"
@@ -95,7 +95,7 @@ def finished_step(directory: Path) -> int:
 def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
                steps: dict[str, int] | None = None, overrides: dict[str, list[str]] | None = None) -> list[dict]:
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
-    from .run import init_distributed
+    from ..train.run import init_distributed
 
     started = init_distributed()  # one process group for every stage under torchrun
     try:
@@ -107,7 +107,7 @@ def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
 
 def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, steps: dict[str, int],
                 overrides: dict[str, list[str]]) -> list[dict]:
-    from .run import SETTINGS, ensure_demo_codebook, run_pretrain
+    from ..train.run import SETTINGS, ensure_demo_codebook, run_pretrain
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     stages = plan(name, cfg, output, steps, overrides)

@@ -42,25 +42,15 @@ from ..config import (
 from ..data.tokenizer import TextTokenizer
 from ..data.transforms import eval_transform
 from ..errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
-from ..hub import build_loaded
+from ..loading import build_loaded
 from ..io.checkpoint import CHECKSUMS, damage, read_weights, write_checksums
 from ..io.files import read_json, replace_dir, write_json_atomic
 from ..model.encoders import ImageEncoder, TextEncoder
 from ..model.flava import FlavaModel, TextTower
-from .features import load_image
-from .finetune import (
-    TRAINING,
-    FinetuneResult,
-    ImageClassifier,
-    ImageHead,
-    MultimodalClassifier,
-    MultimodalHead,
-    TextClassifier,
-    TextHead,
-    _encode,
-    _pad,
-    _truncating_copy,
-)
+from ..data.processor import load_image
+from .heads import ImageClassifier, ImageHead, MultimodalClassifier, MultimodalHead, TextClassifier, TextHead
+from .settings import TRAINING, FinetuneResult
+from .text import encode, pad, truncating_copy
 
 FORMAT = "flava-task"
 FORMAT_VERSION = 1
@@ -98,7 +88,7 @@ class TaskModel:
         """What the fine-tuning run measured (validation and test metrics, steps, settings)."""
         self.path = path
         # A private truncating copy, made once: the shared tokenizer's settings stay untouched.
-        self._tok = _truncating_copy(tokenizer, max_text_length) if tokenizer is not None else None
+        self._tok = truncating_copy(tokenizer, max_text_length) if tokenizer is not None else None
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
@@ -221,8 +211,8 @@ class TaskModel:
     def _batch(self, rows: list[int], texts, texts2, pixels: list[torch.Tensor], device) -> dict[str, torch.Tensor]:
         inputs: dict[str, torch.Tensor] = {}
         if texts is not None:
-            tokens = _encode(self._tok, [texts[i] for i in rows], [texts2[i] for i in rows] if texts2 is not None else None)
-            ids, mask, types = _pad(tokens)
+            tokens = encode(self._tok, [texts[i] for i in rows], [texts2[i] for i in rows] if texts2 is not None else None)
+            ids, mask, types = pad(tokens)
             inputs.update(input_ids=ids, attention_mask=mask, token_type_ids=types)
         if pixels:
             inputs["pixel_values"] = torch.stack(pixels)

@@ -43,13 +43,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from . import stopping
-from .config import check, from_dict, to_dict
-from .errors import ConfigError, FlavaError
-from .evaluate.suite import DOMAINS, Suite, load_suite
-from .io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
-from .train.config import TrainConfig
-from .train.recipe import RECIPES, finished_step
+from .. import stopping
+from ..config import check, from_dict, to_dict
+from ..errors import ConfigError, FlavaError
+from ..evaluate.suite import DOMAINS, Suite, load_suite
+from ..io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from ..train.config import TrainConfig
+from .recipe import RECIPES, finished_step
 
 # The paper's numbers: (vision, language, multimodal, macro) average. Rows from Table 3; its
 # vision and language columns are read as Table C.1 labels them (MIM's 57.46 is a vision average,
@@ -168,8 +168,8 @@ def row_model_dir(key: str, output: Path) -> Path:
 
 def train_row(key: str, cfg: TrainConfig, plan: Plan, output: Path, console: Console) -> None:
     """Train row `key` (or continue it) into OUTPUT/rows/KEY, in this process or under torchrun."""
-    from .train.recipe import run_recipe
-    from .train.run import SETTINGS, run_pretrain
+    from .recipe import run_recipe
+    from ..train.run import SETTINGS, run_pretrain
 
     c = row_config(key, cfg, plan.steps) if key != "flava" else _copy(cfg)
     c.max_steps = plan.steps
@@ -205,9 +205,9 @@ def train_row(key: str, cfg: TrainConfig, plan: Plan, output: Path, console: Con
 
 def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console: Console) -> dict:
     """Evaluate row `key` on the suite's tasks of its domains; its scores."""
-    from .evaluate.report import write_report
-    from .evaluate.run import evaluate_models, load_model, untrained_like
-    from .model import FlavaModel
+    from ..evaluate.report import write_report
+    from ..evaluate.run import evaluate_models, load_model, untrained_like
+    from ..model import FlavaModel
 
     row = ROWS[key]
     tasks = Suite(suite.name, [t for t in suite.tasks if t.domain in row.domains])
@@ -228,7 +228,7 @@ def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console
 def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -> dict:
     """Train and evaluate every row not yet finished, then write the report."""
     check_plan(cfg, plan)
-    from .train.run import ensure_demo_codebook
+    from ..train.run import ensure_demo_codebook
 
     suite = load_suite(plan.suite)  # every data error before any training
     output.mkdir(parents=True, exist_ok=True)
@@ -383,7 +383,7 @@ def write_ablation_report(results: dict[str, dict], plan: Plan, output: Path) ->
 
 def plot(results: dict[str, dict], path: Path) -> None:
     """Grouped bars: each row's four averages, ours solid and the paper's hatched beside them."""
-    from .evaluate.pictures import pyplot as _plt
+    from ..evaluate.pictures import pyplot as _plt
 
     plt = _plt()
     keys = list(results)

@@ -1,4 +1,5 @@
-"""Evaluation metrics: array-likes (numpy, lists, CPU tensors) in, Python floats out.
+"""Task metrics, shared by the evaluation suite, fine-tuning and the CLI: array-likes (numpy, lists,
+CPU tensors) in, Python floats out.
 
 Every ranking metric here breaks ties *against* the prediction: a wrong candidate whose score
 equals the right one's is ranked ahead of it. Exact float ties are rare for a trained model but
@@ -15,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from .errors import InputError
 
 
 # --------------------------------------------------------------------------- input checks

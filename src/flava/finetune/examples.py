@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 
-# Metric names the fine-tuner knows (functions of flava.evaluate.metrics).
+# Metric names the fine-tuner knows (functions of flava.scores).
 METRICS = ("accuracy", "f1", "matthews_corrcoef", "pearson", "spearman", "auroc", "vqa_score")
 
 @dataclass

@@ -1,0 +1,128 @@
+"""A task's splits turned into tensors once (tokens, image pixels cached at the model's size,
+targets) and the task's metrics scored on a split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import scores as M
+from ..data.sources import BadSample, open_image
+from ..data.transforms import normalize, resize_center_crop
+from ..errors import DataError
+from .examples import ImageExample, MultimodalExample
+from .settings import MAX_CONFUSION_ANSWERS
+
+# Rows of dense VQA targets built at a time when scoring (VQAv2 val is 214k × 3,129 answers).
+_VQA_SCORE_CHUNK = 8192
+
+
+@dataclass
+class Split:
+    """One split turned into tensors once: token lists, image rows, targets."""
+
+    tokens: list[tuple[list[int], list[int]]]
+    targets: torch.Tensor
+    """[N] class indices (long) or regression targets (float); unused for VQA."""
+    soft: list[dict[int, float]] | None = None
+    """VQA soft targets per example."""
+    image_index: torch.Tensor | None = None
+    """[N] rows of the shared image cache."""
+    features: torch.Tensor | None = None
+    """[N, D] frozen-encoder features, once computed."""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def eval_order(self) -> list[int]:
+        """An order that batches alike examples: by image (shared image passes), else by length."""
+        if self.image_index is not None:
+            return torch.argsort(self.image_index, stable=True).tolist()
+        return sorted(range(len(self)), key=lambda i: len(self.tokens[i][0]))
+
+
+@dataclass
+class Images:
+    """Every distinct image of a task, resized and center-cropped once, kept as uint8 (a quarter
+    of float32's memory); normalised per batch, which gives exactly `eval_transform`'s values."""
+
+    pixels: torch.Tensor
+    """[M, 3, S, S] uint8."""
+
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised pixels of the distinct images, each row's position among them)."""
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        return normalize(self.pixels[unique].float().div_(255.0)), inverse
+
+
+def image_cache(splits: list[list[MultimodalExample]] | list[list[ImageExample]], size: int,
+                 ) -> tuple[Images, list[torch.Tensor]]:
+    keys: dict = {}
+    refs = []
+    rows = []
+    for examples in splits:
+        idx = []
+        for ex in examples:
+            key = id(ex.image) if isinstance(ex.image, Image.Image) else ex.image
+            if key not in keys:
+                keys[key] = len(refs)
+                refs.append(ex.image)
+            idx.append(keys[key])
+        rows.append(torch.tensor(idx, dtype=torch.long))
+    pixels = torch.empty((len(refs), 3, size, size), dtype=torch.uint8)
+    for i, ref in enumerate(refs):
+        try:
+            image = open_image(ref)
+        except BadSample as e:
+            raise DataError(f"image {ref}: {e.kind}; fix or remove it from the task") from None
+        arr = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
+        pixels[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    return Images(pixels), rows
+
+
+def dense_soft(soft: list[dict[int, float]], num_answers: int) -> torch.Tensor:
+    t = torch.zeros((len(soft), num_answers))
+    for i, d in enumerate(soft):
+        for a, s in d.items():
+            t[i, a] = s
+    return t
+
+
+
+def split_scores(kind: str, names: tuple[str, ...], logits: torch.Tensor, split: Split, num_classes: int):
+    """(metrics dict, predictions, probabilities or None, confusion or None)."""
+    out: dict[str, float] = {}
+    if kind == "regression":
+        values = logits[:, 0].double().numpy()
+        y = split.targets.double().numpy()
+        for name in names:
+            out[name] = getattr(M, name)(values, y)
+        return out, values, None, None
+    preds = logits.argmax(dim=1).numpy()
+    if kind == "vqa":
+        total = 0.0
+        for start in range(0, len(preds), _VQA_SCORE_CHUNK):
+            chunk = split.soft[start:start + _VQA_SCORE_CHUNK]
+            total += M.vqa_score(preds[start:start + len(chunk)], dense_soft(chunk, num_classes).numpy()) * len(chunk)
+        out["vqa_score"] = total / len(preds)
+        confusion = None
+        if num_classes <= MAX_CONFUSION_ANSWERS:
+            answered = [i for i, d in enumerate(split.soft) if d]
+            if answered:
+                top = [min(split.soft[i], key=lambda a: (-split.soft[i][a], a)) for i in answered]
+                confusion = M.confusion_matrix(preds[answered], np.array(top), num_classes)
+        return out, preds, None, confusion
+    y = split.targets.numpy()
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    for name in names:
+        if name == "auroc":
+            out[name] = M.auroc(probs[:, 1], y)
+        elif name == "f1":
+            out[name] = M.f1_binary(preds, y)
+        else:
+            out[name] = getattr(M, name)(preds, y)
+    return out, preds, probs, M.confusion_matrix(preds, y, num_classes)
+
