@@ -19,7 +19,8 @@ import torch
 
 import flava
 from flava.data import demo
-from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+from flava.data.pipeline import BatchStream
+from flava.data.samples import SampleMaker, SampleSpec
 from flava.objectives.pretraining import PretrainingModel
 from flava.optim import build_optimizer
 

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 import flava
-from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+from flava.data.pipeline import BatchStream
+from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.registry import open_source
 
 

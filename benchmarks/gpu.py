@@ -316,14 +316,15 @@ def _loader():
     """Loader-only samples/s at the base sizes (224-px crops, 112-px codebook views), per worker count."""
     import flava
     import flava.data.pipeline as pipeline
+    import flava.data.samples as samples
     from flava.data.registry import open_source
 
     cores = os.cpu_count() or 2
     res = {}
     cfg = flava.preset(PRESET)
-    spec = pipeline.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
+    spec = samples.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
     for workers in sorted({0, 1, max(1, cores // 2), max(1, cores - 1)}):
-        stream = pipeline.BatchStream("pairs", open_source("pairs", shards()), pipeline.SampleMaker(spec, 0),
+        stream = pipeline.BatchStream("pairs", open_source("pairs", shards()), samples.SampleMaker(spec, 0),
                                       128, seed=0, num_workers=workers)
         for _ in range(2):
             stream.next_batch()

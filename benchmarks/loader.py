@@ -122,10 +122,14 @@ def tiny_224(flava):
 def measure_loader(package: str, shards: str, workers: int, batch: int, draws: int) -> dict:
     flava = importlib.import_module(package)
     pipeline = importlib.import_module(f"{package}.data.pipeline")
+    try:
+        samples = importlib.import_module(f"{package}.data.samples")
+    except ModuleNotFoundError:  # earlier commits kept the sample makers in the pipeline module
+        samples = pipeline
     registry = importlib.import_module(f"{package}.data.registry")
     cfg = tiny_224(flava)
-    spec = pipeline.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
-    stream = pipeline.BatchStream("pairs", registry.open_source("pairs", shards), pipeline.SampleMaker(spec, 0),
+    spec = samples.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
+    stream = pipeline.BatchStream("pairs", registry.open_source("pairs", shards), samples.SampleMaker(spec, 0),
                                   batch, seed=0, num_workers=workers)
     for _ in range(2):  # worker start-up and the first shards' indexing
         stream.next_batch()
@@ -144,7 +148,8 @@ def measure_headroom(shards: str, batch: int, steps: int) -> dict:
     """The `tiny` step at 224 px (patch 32, pairs: contrastive, ITM, MMM with a codebook) on cached
     batches, and the same step fed by the loader with 1 worker."""
     import flava
-    from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+    from flava.data.pipeline import BatchStream
+    from flava.data.samples import SampleMaker, SampleSpec
     from flava.data.registry import open_source
     from flava.objectives.pretraining import PretrainingModel
     from flava.optim import build_optimizer

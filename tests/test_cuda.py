@@ -56,7 +56,8 @@ def test_a_bf16_step_on_cuda_is_close_to_fp32():
 
 
 def test_the_loader_feeds_cuda_through_pinned_memory(train_data):
-    from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
+    from flava.data.pipeline import BatchStream
+    from flava.data.samples import SampleMaker, SampleSpec
     from flava.data.sources import csv_pairs
 
     spec = SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)

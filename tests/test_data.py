@@ -12,8 +12,11 @@ import torch
 from PIL import Image
 
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
-from flava.data.pipeline import BatchStream, Layout, SampleMaker, SampleSpec, choose_lanes
-from flava.data.sources import csv_pairs, image_folder, tar_pairs, text_file
+from flava.data.pipeline import BatchStream, Layout, choose_lanes
+from flava.data.samples import SampleMaker, SampleSpec
+from flava.data.sources import csv_pairs, image_folder
+from flava.data.tars import tar_pairs
+from flava.data.texts import text_file
 from flava.errors import DataError
 
 SPEC = SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)
@@ -222,8 +225,8 @@ def test_demo_sources():
 
 def test_multicrop_batches_are_the_same_with_workers(tmp_path):
     from flava.data.multicrop import MultiCropSpec
-    from flava.data.pipeline import MultiCropMaker
-    from flava.data.sources import tar_source
+    from flava.data.samples import MultiCropMaker
+    from flava.data.tars import tar_source
 
     shard_set(tmp_path)
     src = tar_source("images", str(tmp_path) + "/s{0..3}.tar")
@@ -237,7 +240,7 @@ def test_multicrop_batches_are_the_same_with_workers(tmp_path):
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_scale_with_the_same_crop(tmp_path):
-    from flava.data.sources import open_image
+    from flava.data.decode import open_image
     from flava.data.transforms import crop_resize
 
     y, x = np.mgrid[0:768, 0:1024]
@@ -272,7 +275,8 @@ def test_crop_resize_is_pils_bicubic():
 def test_jpegs_decode_to_pils_pixels_and_others_through_pil(tmp_path):
     import skimage.data
 
-    from flava.data.sources import BadSample, decode_rgb, open_image
+    from flava.data.decode import decode_rgb, open_image
+    from flava.data.members import BadSample
 
     photo = Image.fromarray(skimage.data.astronaut())
     for name, image in (("rgb.jpg", photo), ("grey.jpg", photo.convert("L")), ("cmyk.jpg", photo.convert("CMYK")),

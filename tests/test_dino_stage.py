@@ -49,7 +49,7 @@ def settle_center(trainer, batches=40, batch_size=8):
     learning-rate warm-up lets it settle before the student moves; otherwise a short run's loss
     measures the center leaving zero, not the student learning (see tests/test_dino.py)."""
     from flava.data.multicrop import collate_multicrop
-    from flava.data.pipeline import MultiCropMaker
+    from flava.data.samples import MultiCropMaker
     from flava.data.registry import demo_source
     from flava.data.sources import open_shard
 

@@ -18,9 +18,10 @@ from PIL import Image
 
 from conftest import pretrain_args
 from flava.cli import main as cli
-from flava.data.pipeline import SampleMaker, SampleSpec
+from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.registry import open_source
-from flava.data.sources import BadSample, open_image
+from flava.data.decode import open_image
+from flava.data.members import BadSample
 from flava.errors import DataError
 from flava.io.runs import RunDir
 

@@ -18,8 +18,11 @@ from PIL import Image
 import flava
 from flava.config import FlavaConfig
 from flava.data.arrow import arrow_images, arrow_pairs, arrow_text, is_arrow_spec
-from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
-from flava.data.sources import BadSample, ImageRecord, PairRecord, open_image
+from flava.data.pipeline import BatchStream
+from flava.data.samples import SampleMaker, SampleSpec
+from flava.data.decode import open_image
+from flava.data.members import BadSample
+from flava.data.sources import ImageRecord, PairRecord
 from flava.errors import CheckpointError, DataError
 from flava.interop.transformers import config_from_hf
 from flava.interop.vit import image_config_from_vit, load_vit, read_vit

@@ -20,8 +20,12 @@ import flava
 from conftest import pretrain_args
 from flava.cli import main as cli
 from flava.config import preset, to_dict
-from flava.data.pipeline import BatchStream, SampleMaker, SampleSpec
-from flava.data.sources import csv_pairs, open_image, read_caption, tar_pairs, text_file
+from flava.data.pipeline import BatchStream
+from flava.data.samples import SampleMaker, SampleSpec
+from flava.data.decode import open_image
+from flava.data.sources import csv_pairs, read_caption
+from flava.data.tars import tar_pairs
+from flava.data.texts import text_file
 from flava.errors import CheckpointError, ConfigError
 from flava.io.runs import RunDir
 
@@ -71,7 +75,7 @@ def test_non_string_texts_and_captions_are_counted_not_fatal(tmp_path):
     members = [("a.png", png()), ("a.json", b'{"caption": 5}'), ("b.png", png()), ("b.json", b'{"caption": "ok"}')]
     write_tar(tmp_path / "s.tar", members)
     records = tar_pairs(str(tmp_path / "s.tar")).records
-    with pytest.raises(flava.data.sources.BadSample, match="caption is not text"):
+    with pytest.raises(flava.data.members.BadSample, match="caption is not text"):
         read_caption(records[0].caption)
     stream = BatchStream("pairs", tar_pairs(str(tmp_path / "s.tar")), SampleMaker(spec(), 0), 1, seed=0)
     for _ in range(3):
@@ -87,7 +91,7 @@ def test_one_bad_csv_row_or_a_huge_caption_spoils_nothing_else(tmp_path):
     assert [r.caption[:4] for r in src.records] == ["good", "xxxx", "fine"]
     assert src.rejected == {"undecodable csv row": 1}
     maker = SampleMaker(spec(), 0)
-    with pytest.raises(flava.data.sources.BadSample, match="over-long caption"):
+    with pytest.raises(flava.data.members.BadSample, match="over-long caption"):
         maker("pairs", src.records[1], (1, 0))
 
 
@@ -124,7 +128,7 @@ def test_sixteen_bit_greys_keep_their_range_and_bombs_are_refused_before_decodin
     bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 1, 0, 0, 0, 0)) \
         + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
     (tmp_path / "bomb.png").write_bytes(bomb)
-    with pytest.raises(flava.data.sources.BadSample, match="image too large"):
+    with pytest.raises(flava.data.members.BadSample, match="image too large"):
         open_image(tmp_path / "bomb.png")
 
     (tmp_path / "c.txt").write_bytes(b"first line\nbroken \xff line\nthird line\n")

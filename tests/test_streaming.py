@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from conftest import free_port, pretrain_args
-from flava.data import sources
-from flava.data.pipeline import BatchStream, KindStream, SampleMaker, SampleSpec
+from flava.data import decode, texts
+from flava.data.pipeline import BatchStream, KindStream
+from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.registry import open_source, open_stream
 from flava.data.shards import ShardCache
 from flava.errors import DataError
@@ -154,7 +155,7 @@ def test_training_from_an_s3_server(tmp_path):
 def test_text_is_read_by_byte_ranges_without_losing_or_repeating_a_line(tmp_path, monkeypatch):
     lines = [f"line {i} " + "word " * (i % 7) for i in range(200)]
     (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(sources, "TEXT_RANGE_BYTES", 97)  # ranges that cut lines in the middle
+    monkeypatch.setattr(texts, "TEXT_RANGE_BYTES", 97)  # ranges that cut lines in the middle
     src = open_source("text", str(tmp_path / "t.txt"))
     assert len(src.shards) > 20 and [r.strip() for r in src.records] == [x.strip() for x in lines]
     with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:
@@ -193,7 +194,7 @@ def test_weighted_mixing_is_seeded_resumable_and_counted(tmp_path):
 def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     from flava.cli import main as cli
     from flava.config import preset
-    from flava.data.pipeline import read_npy
+    from flava.data.samples import read_npy
     from flava.data.transforms import map_pixels, to_tensor
     from flava.loading import load_codebook
     from flava.train.presets import demo_config
@@ -219,7 +220,7 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     # The stored tokens are the codebook's for the stored image cropped by the stored box.
     cb = load_codebook(codebook)
     record = open_source("pairs", str(out)).records[3]
-    image = sources.open_image(record.image)
+    image = decode.open_image(record.image)
     boxes, tokens = read_npy(record.prepared.crops), read_npy(record.prepared.tokens)
     tiny = preset("tiny")
     assert boxes.shape == (4, 4) and tokens.shape == (4, tiny.image.grid_size ** 2)

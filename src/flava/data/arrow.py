@@ -203,7 +203,7 @@ def _hf_features(schema: pa.Schema) -> dict:
 @dataclass(frozen=True)
 class ArrowImage:
     """One image cell, read when the image is used. It offers `exists` and `read_bytes` like a
-    Path, which is what `sources.open_image` asks of an image file."""
+    Path, which is what `decode.open_image` asks of an image file."""
 
     shard: _Shard
     column: str

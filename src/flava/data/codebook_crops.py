@@ -2,7 +2,7 @@
 at random, as uint8 batches from the same streams `flava pretrain` reads (shards, folders,
 tables, parquet, prepared shards), and center crops for its fixed evaluation sample.
 
-Every choice is drawn from a generator seeded by (seed, position), as `pipeline.SampleMaker`
+Every choice is drawn from a generator seeded by (seed, position), as `samples.SampleMaker`
 does, so a resumed codebook run sees the same crops.
 """
 
@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from .batch import _Batch
-from .pipeline import merge_batches
-from .sources import ImageRecord, PairRecord, decode_crop
+from .samples import merge_batches
+from .decode import decode_crop
+from .sources import ImageRecord, PairRecord
 from .transforms import random_resized_crop_box
 
 

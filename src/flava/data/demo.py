@@ -166,7 +166,8 @@ def demo_image_source():
 
 def demo_images() -> list:
     """The demo image source decoded to RGB PIL images (for the codebook trainer)."""
-    from .sources import BadSample, open_image
+    from .decode import open_image
+    from .members import BadSample
 
     images = []
     for record in demo_image_source().records:

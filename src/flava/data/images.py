@@ -1,4 +1,4 @@
-"""Finding image files (decoding is `flava.data.sources.open_image`)."""
+"""Finding image files (decoding is `flava.data.decode`)."""
 
 from __future__ import annotations
 

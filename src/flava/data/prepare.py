@@ -33,8 +33,10 @@ import numpy as np
 from .. import stopping
 from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
-from .sources import INDEX, BadSample, ImageRecord, PairRecord, RecordShard, Source, open_image, open_shard, \
-    read_caption
+from .decode import open_image
+from .members import BadSample
+from .sources import ImageRecord, PairRecord, RecordShard, Source, open_shard, read_caption
+from .tars import INDEX
 
 REPORT = "prepare_report.json"
 TOKENIZE_BATCH = 256

@@ -16,7 +16,8 @@ from PIL import Image
 from ..config import FlavaConfig
 from ..errors import DataError, InputError
 from ..io.files import read_json, write_json_atomic
-from .sources import BadSample, Blob, TarMember, open_image
+from .decode import open_image
+from .members import BadSample, Blob, TarMember
 from .tokenizer import TextTokenizer, TokenizedText, default_tokenizer_file
 from .transforms import CLIP_MEAN, CLIP_STD, extreme_aspect, resize_center_crop, to_rgb, to_tensor
 

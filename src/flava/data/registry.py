@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import DataError
-from . import arrow, demo, sources, tables
+from . import arrow, demo, sources, tables, tars, texts
 from .shards import ShardCache, is_remote
 from .sources import Source
 
@@ -28,7 +28,7 @@ def _is_tar_spec(spec: str) -> bool:
         return True
     p = Path(spec)
     return not is_remote(spec) and p.is_dir() and (
-        (p / sources.INDEX).is_file() or any(q.suffix == ".tar" for q in p.iterdir()))
+        (p / tars.INDEX).is_file() or any(q.suffix == ".tar" for q in p.iterdir()))
 
 
 def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Source:
@@ -39,11 +39,11 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     if arrow.is_arrow_spec(spec):
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     if kind == "text":
-        return sources.text_file(spec, cache=cache)
+        return texts.text_file(spec, cache=cache)
     if kind == "pairs" and tables.is_table(spec):
         return sources.csv_pairs(spec)
     if kind == "pairs" or _is_tar_spec(spec):
-        return sources.tar_source(kind, spec, cache)
+        return tars.tar_source(kind, spec, cache)
     return sources.image_folder(spec)
 
 

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from ..data.processor import load_image
-from ..data.sources import TarMember
+from ..data.members import TarMember
 from ..data.tokenizer import TextTokenizer
 from ..data.transforms import eval_transform
 from ..errors import DataError, InputError

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from .. import scores as M
-from ..data.sources import BadSample, open_image
+from ..data.decode import open_image
+from ..data.members import BadSample
 from ..data.transforms import normalize, resize_center_crop
 from ..errors import DataError
 from .examples import ImageExample, MultimodalExample

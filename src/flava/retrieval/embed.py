@@ -33,7 +33,8 @@ from .. import stopping
 from ..data.arrow import is_arrow_spec
 from ..data.images import find_images
 from ..data.processor import ImageInput
-from ..data.sources import BadSample, read_caption
+from ..data.members import BadSample
+from ..data.sources import read_caption
 from ..data.tables import is_table, read_table
 from ..errors import DataError, InputError
 from ..io.files import read_json, write_json_atomic

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import FlavaConfig, ObjectivesConfig
-from ..data.pipeline import MultiCropMaker
+from ..data.samples import MultiCropMaker
 from ..data.registry import estimated_size
 from ..errors import ConfigError
 from ..model.encoders import ImageEncoder

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..data.pipeline import SampleMaker, SampleSpec
+from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import world
 from ..errors import ConfigError
 from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint

@@ -1,0 +1,116 @@
+"""Decoding images for training and inference: JPEGs by libjpeg-turbo (through simplejpeg) at the
+smallest DCT scale a crop needs, other formats through Pillow; the guards against images too
+large or too thin to decode; a crop chosen from the stored size, cut and resized in one call."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .members import BadSample, Blob, ImageRef, Member, TarMember
+from .transforms import crop_resize, extreme_aspect, to_rgb
+
+MAX_IMAGE_PIXELS = 40_000_000
+"""Images with more pixels are refused before decoding (a 13000x13000 PNG decodes to 1 GB)."""
+
+
+def _image_bytes(ref: Path | Member) -> bytes:
+    if isinstance(ref, (TarMember, Blob)):
+        data = ref.read()
+    else:
+        if not ref.exists():
+            raise BadSample("missing image file")
+        try:
+            data = ref.read_bytes()
+        except OSError:
+            raise BadSample("unreadable image") from None
+    if not data:
+        raise BadSample("empty image file")
+    return data
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadSample("image too large")
+    if extreme_aspect(width, height):
+        raise BadSample("extreme aspect ratio")
+
+
+def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
+    """Decode to RGB or raise BadSample with the reason. `draft` maps the stored (width, height)
+    to the smallest size worth decoding: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the
+    DCT domain where that still covers it (libjpeg's scaled decoding, through PIL's draft mode)."""
+    if isinstance(ref, Image.Image):
+        _check_size(*ref.size)
+        return to_rgb(ref)
+    try:
+        data = ref if isinstance(ref, bytes) else _image_bytes(ref)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                _check_size(im.width, im.height)
+                if draft is not None:
+                    im.draft("RGB", draft(im.width, im.height))
+                im.load()
+                return to_rgb(im)
+    except BadSample:
+        raise
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise BadSample("image too large") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, MemoryError):
+        raise BadSample("unreadable image") from None
+
+
+def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray:
+    """[H, W, 3] uint8 RGB, as `open_image` gives, faster for JPEGs: libjpeg-turbo through
+    simplejpeg (the same pixels as PIL, without PIL's per-image overheads; with `draft`, the
+    smallest of its n/8 DCT scales that still covers the request). Other formats, and JPEGs it
+    does not read (CMYK), go through PIL."""
+    if isinstance(ref, Image.Image):
+        return np.array(open_image(ref))
+    data = _image_bytes(ref)
+    if data[:2] == b"\xff\xd8":
+        import simplejpeg
+
+        try:
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None  # PIL says what is wrong with it
+        if colorspace in ("YCbCr", "Gray", "RGB"):
+            _check_size(width, height)
+            least = draft(width, height) if draft is not None else (0, 0)
+            try:
+                return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
+            except ValueError:
+                pass
+    return np.array(open_image(data, draft))  # a writable copy: torch wraps it
+
+
+def decode_crop(ref: ImageRef, choose: Callable[[int, int], tuple[float, float, float, float]],
+                *sizes: int) -> list[torch.Tensor]:
+    """[3, size, size] uint8 for each size: the box `choose(width, height)` picks (left, top,
+    right, bottom, in pixels of the stored image) resized. The box is chosen from the stored size
+    before decoding, so the choice is the same whatever scale the JPEG is then decoded at: the
+    smallest that still gives the box `max(sizes)` pixels each way."""
+    chosen: list = []
+
+    def least(width: int, height: int) -> tuple[int, int]:
+        left, top, right, bottom = box = choose(width, height)
+        chosen[:] = [box, (width, height)]
+        side = max(sizes)
+        return (max(1, math.ceil(width * side / max(right - left, 1e-6))),
+                max(1, math.ceil(height * side / max(bottom - top, 1e-6))))
+
+    image = decode_rgb(ref, draft=least)
+    if not chosen:  # an in-memory image: decoded already, no draft was asked
+        least(image.shape[1], image.shape[0])
+    (left, top, right, bottom), (width, height) = chosen
+    fx, fy = image.shape[1] / width, image.shape[0] / height
+    return crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), *sizes)

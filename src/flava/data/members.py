@@ -1,0 +1,73 @@
+"""The members of shards as records point to them: a tar member on local disk (read with pread on a
+descriptor kept per shard), one held in memory (a remote shard read whole), and `BadSample`, the
+reason a record cannot be used (counted under that name by the pipeline)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+
+class BadSample(Exception):
+    """A record that cannot be used; `kind` names why (it is counted under that name)."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+_FDS: dict[Path, tuple[tuple[int, int, int], int]] = {}
+"""Open shards of this process: path -> ((inode, size, mtime), descriptor)."""
+MAX_OPEN_SHARDS = 32
+
+
+def _shard_fd(path: Path) -> int:
+    """A read-only descriptor of a local shard, kept open across its members (an open per member
+    costs as much as reading it). pread needs no shared offset, so forked loader workers may use
+    an inherited one; a file replaced on disk (another inode, size or time) is opened again."""
+    st = os.stat(path)
+    key = (st.st_ino, st.st_size, st.st_mtime_ns)
+    held = _FDS.get(path)
+    if held is not None and held[0] == key:
+        return held[1]
+    if held is not None:
+        os.close(_FDS.pop(path)[1])
+    while len(_FDS) >= MAX_OPEN_SHARDS:
+        os.close(_FDS.pop(next(iter(_FDS)))[1])
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    _FDS[path] = key, fd
+    return fd
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A tar member of a local shard, read by seeking."""
+
+    shard: Path
+    offset: int
+    size: int
+    ext: str = ""
+
+    def read(self) -> bytes:
+        data = os.pread(_shard_fd(self.shard), self.size, self.offset)
+        if len(data) != self.size:
+            raise BadSample("truncated tar member")
+        return data
+
+
+@dataclass(frozen=True)
+class Blob:
+    """A tar member of a shard held in memory (a remote shard read whole)."""
+
+    data: bytes | memoryview
+    ext: str = ""
+
+    def read(self) -> bytes:
+        return bytes(self.data)
+
+
+Member = TarMember | Blob
+ImageRef = Path | Member | Image.Image

@@ -1,0 +1,218 @@
+"""What one record becomes: the sample makers (pretraining's crops, codebook views, masks and
+tokenised, masked captions; DINO's multi-crop views), each drawing every choice from a generator
+seeded by (seed, position), and how loader workers collate their samples into batches and the
+training process joins the workers' parts (a few whole-tensor operations per batch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+from ..config import FlavaConfig, ObjectivesConfig
+from ..errors import DataError
+from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
+from .decode import decode_crop, open_image
+from .masking import BlockMasking, TextMasking
+from .members import BadSample
+from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
+from .sources import ImageRecord, PairRecord, read_caption
+from .tokenizer import PAD_ID, TextTokenizer
+from .transforms import random_resized_crop_box
+
+
+@dataclass
+class SampleSpec:
+    """What one sample becomes; built from the model and objectives configs."""
+
+    image_size: int
+    codebook_image_size: int
+    grid: int
+    max_text_length: int
+    image_mask_ratio: float = 75 / 196
+    text_mask_probability: float = 0.15
+    whole_word: bool = False
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    max_caption_chars: int = 2000
+    """Captions longer than this are treated as broken data (a page pasted into a caption)."""
+    tokenizer_file: str | None = None
+
+    @classmethod
+    def for_model(cls, model: FlavaConfig, objectives: ObjectivesConfig, max_text_length: int,
+                  crop_scale_min: float) -> "SampleSpec":
+        """What a model of config `model` trains on under `objectives`."""
+        return cls(image_size=model.image.image_size, codebook_image_size=model.codebook_image_size,
+                   grid=model.image.grid_size, max_text_length=max_text_length,
+                   image_mask_ratio=objectives.image_mask_ratio,
+                   text_mask_probability=objectives.text_mask_probability,
+                   whole_word=objectives.whole_word_masking, crop_scale=(crop_scale_min, 1.0))
+
+
+class SampleMaker:
+    """Turns records into batches (picklable: it runs in loader workers, which hand over whole
+    batches). Pixels stay uint8 until the device: a batch's `to` normalises them there."""
+
+    def __init__(self, spec: SampleSpec, seed: int):
+        self.spec, self.seed = spec, seed
+        self.tokenizer = TextTokenizer(spec.tokenizer_file, max_length=spec.max_text_length)
+        self.block_masking = BlockMasking.for_grid(spec.grid, spec.image_mask_ratio)
+        self.text_masking = TextMasking.from_tokenizer(
+            self.tokenizer, probability=spec.text_mask_probability, whole_word=spec.whole_word)
+
+    def _image(self, ref, rng: np.random.Generator, prepared=None) -> dict:
+        s, cs = self.spec.image_size, self.spec.codebook_image_size
+        targets: list[torch.Tensor] = []
+
+        def choose(width: int, height: int) -> tuple[float, float, float, float]:
+            if prepared is None:
+                left, top, w, h = random_resized_crop_box(width, height, rng, self.spec.crop_scale)
+                return left, top, left + w, top + h
+            # One of the crops `flava prepare` tokenised, with its stored image-token ids as targets.
+            crops, tokens = read_npy(prepared.crops), read_npy(prepared.tokens)
+            if crops.ndim != 2 or crops.shape[1] != 4 or tokens.shape != (len(crops), self.spec.grid ** 2):
+                raise BadSample("prepared tokens do not fit the model's patch grid")
+            k = int(rng.integers(len(crops)))
+            targets.append(torch.from_numpy(tokens[k].astype(np.int64)))
+            return tuple(float(v) for v in crops[k] * np.array([width, height] * 2))
+
+        # One crop feeds both the model and the codebook, so the targets describe what the model
+        # sees; with one size for both (the tiny preset) the codebook reads the same pixels.
+        pixels, *codebook = decode_crop(ref, choose, *((s,) if prepared is not None or cs == s else (s, cs)))
+        patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
+        if prepared is not None:
+            return {"pixel_values": pixels, "image_targets": targets[0], "patch_mask": patch_mask}
+        return {"pixel_values": pixels, "codebook_pixels": codebook[0] if codebook else pixels,
+                "patch_mask": patch_mask}
+
+    def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:
+        if not isinstance(text, str):
+            raise BadSample("caption is not text" if caption else "text is not a string")
+        text = text.strip()
+        if not text:
+            raise BadSample("empty caption" if caption else "empty text")
+        if caption and len(text) > self.spec.max_caption_chars:
+            raise BadSample("over-long caption")
+        ids = np.asarray(self.tokenizer.encode_one(text), dtype=np.int64)
+        masked, labels = self.text_masking(ids, rng)
+        return {"input_ids": ids, "masked_input_ids": masked, "mlm_labels": labels}
+
+    def __call__(self, kind: str, record, key: tuple[int, ...]) -> dict:
+        rng = np.random.default_rng([self.seed, *key])
+        if kind == "pairs":
+            assert isinstance(record, PairRecord)
+            caption = read_caption(record.caption)
+            text = self._text(caption, rng, caption=True)
+            return {**self._image(record.image, rng, record.prepared), **text}
+        if kind == "images":
+            if isinstance(record, ImageRecord):
+                return self._image(record.image, rng, record.prepared)
+            return self._image(record, rng)
+        return self._text(record, rng, caption=False)
+
+    def collate(self, kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
+        return collate(kind, samples)
+
+    def merge(self, parts: list[tuple[list[int], object]]) -> PairBatch | ImageBatch | TextBatch:
+        """One batch from the parts loader workers made ((slots, batch) each), in slot order."""
+        return merge_batches(parts, {"input_ids": PAD_ID, "masked_input_ids": PAD_ID, "attention_mask": 0,
+                                     "mlm_labels": IGNORE_INDEX})
+
+
+class MultiCropMaker:
+    """Turns an image record into DINO's multi-crop views (`multi_crop`), every choice drawn from
+    a generator seeded by (seed, position) as `SampleMaker` does, so a resumed run sees the same
+    crops. Prepared shards' image tokens are not read: DINO needs none."""
+
+    def __init__(self, spec: MultiCropSpec, seed: int):
+        self.spec, self.seed = spec, seed
+
+    def __call__(self, kind: str, record, key: tuple[int, ...]):
+        if kind != "images":
+            raise DataError(f"DINO trains on images; it got a {kind} source")
+        rng = np.random.default_rng([self.seed, *key])
+        return multi_crop(open_image(record.image if isinstance(record, ImageRecord) else record), self.spec, rng)
+
+    def collate(self, kind: str, samples: list) -> MultiCropBatch:
+        return collate_multicrop(samples)
+
+    def merge(self, parts: list[tuple[list[int], MultiCropBatch]]) -> MultiCropBatch:
+        """Crop-major parts joined image by image, in slot order."""
+        parts = [(slots, b) for slots, b in parts if b is not None]
+        if len(parts) == 1:
+            return parts[0][1]
+        order = _slot_order([s for slots, _ in parts for s in slots])
+
+        def join(name: str) -> torch.Tensor | None:
+            views = [getattr(b, name) for _, b in parts]
+            if views[0] is None:
+                return None
+            per = [v.unflatten(0, (-1, len(slots))) for v, (slots, _) in zip(views, parts)]
+            whole = torch.cat(per, dim=1)
+            return (whole if order is None else whole[:, order]).flatten(0, 1)
+        return MultiCropBatch(join("global_crops"), join("local_crops"))
+
+
+def _slot_order(slots: list[int]) -> torch.Tensor | None:
+    """The permutation that sorts `slots`, or None when they are in order already."""
+    if all(a < b for a, b in zip(slots, slots[1:])):
+        return None
+    return torch.from_numpy(np.argsort(np.asarray(slots), kind="stable"))
+
+
+def merge_batches(parts: list[tuple[list[int], object]], pad: dict[str, int]):
+    """Workers' parts of one batch -> the batch in slot order: each field concatenated (fields
+    padded on their last dimension with `pad[name]` where lengths differ), then reordered by slot.
+    A few whole-tensor operations whatever the batch size: the training process does no
+    per-sample work."""
+    parts = [(slots, b) for slots, b in parts if b is not None]
+    if len(parts) == 1:
+        return parts[0][1]
+    order = _slot_order([s for slots, _ in parts for s in slots])
+    first = parts[0][1]
+    out: dict = {}
+    merged: dict[int, torch.Tensor] = {}
+    for f in fields(first):
+        values = [getattr(b, f.name) for _, b in parts]
+        if values[0] is None:
+            out[f.name] = None
+            continue
+        if id(values[0]) in merged:  # a field sharing another's tensor (the codebook's pixels) still does
+            out[f.name] = merged[id(values[0])]
+            continue
+        if f.name in pad:
+            longest = max(v.shape[-1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, longest - v.shape[-1]), value=pad[f.name]) for v in values]
+        whole = torch.cat(values)
+        out[f.name] = merged[id(getattr(first, f.name))] = whole if order is None else whole[order]
+    return type(first)(**out)
+
+
+def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
+    if kind in ("pairs", "text"):
+        ids = [s["input_ids"] for s in samples]
+        mask = attention_mask(ids)
+        masked = pad_rows([s["masked_input_ids"] for s in samples], PAD_ID)
+        labels = pad_rows([s["mlm_labels"] for s in samples], IGNORE_INDEX)
+    if kind == "text":
+        return TextBatch(masked, mask, labels)
+    pixels = torch.stack([s["pixel_values"] for s in samples])
+    patch_mask = torch.stack([s["patch_mask"] for s in samples])
+    # A draw comes from one source, so its samples are all prepared (targets) or all raw (codebook input).
+    if "image_targets" in samples[0]:
+        targets = {"image_targets": torch.stack([s["image_targets"] for s in samples])}
+    else:
+        same = samples[0]["codebook_pixels"] is samples[0]["pixel_values"]
+        targets = {"codebook_pixels": pixels if same else torch.stack([s["codebook_pixels"] for s in samples])}
+    if kind == "images":
+        return ImageBatch(pixels, patch_mask, **targets)
+    return PairBatch(pixels, pad_rows(ids, PAD_ID), mask, patch_mask, masked, labels, **targets)
+
+
+def read_npy(member) -> np.ndarray:
+    import io
+
+    try:
+        return np.load(io.BytesIO(member.read()), allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        raise BadSample("unreadable prepared tokens") from None

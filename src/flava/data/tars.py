@@ -1,0 +1,162 @@
+"""WebDataset tar shards: members grouped by key into pair and image records (with the crops and
+image tokens `flava prepare` stored beside them); a shard cut short or damaged is read up to the
+damage and counted; shard indexes (`index.json`); tar sources from any shard spec."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from .images import IMAGE_SUFFIXES
+from .members import BadSample, Blob, Member, TarMember
+from .sources import CAPTION_SUFFIXES, ImageRecord, Opened, PairRecord, PreparedCrops, Source
+
+
+def _end_marker_present(f, end: int, size: int) -> bool:
+    """A complete tar ends with two zero blocks after its last member."""
+    if size - end < 1024:
+        return False
+    f.seek(end)
+    return not any(f.read(1024))
+
+
+TOKENS_EXT, CROPS_EXT = ".tokens.npy", ".crops.npy"
+
+
+@dataclass(frozen=True)
+class TarShard:
+    """A WebDataset tar: members sharing a key (the name up to its first dot) form one sample.
+
+    A shard cut short (a failed upload or copy) keeps the samples before the cut and is counted
+    as truncated; a member whose header claims more bytes than the file holds is not used."""
+
+    url: str
+    kind: str
+    cache: object = None
+    size: int | None = None
+    """Samples, when an index says so."""
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def _members(self, rejected: Counter) -> dict[str, dict[str, Member]]:
+        from webdataset.tariterators import base_plus_ext
+
+        from .shards import read
+
+        where = read(self.url, self.cache)
+        data = None
+        if isinstance(where, Path):
+            f = open(where, "rb")
+            total = where.stat().st_size
+        else:
+            data, total = memoryview(where), len(where)
+            f = io.BytesIO(where)
+        groups: dict[str, dict[str, Member]] = {}
+        try:
+            with f, tarfile.open(fileobj=f, mode="r:") as tar:
+                end = 0
+                for info in tar:
+                    end = info.offset_data + info.size
+                    if not info.isfile():
+                        continue
+                    if end > total:
+                        rejected["tar member past the end of its shard"] += 1
+                        continue
+                    split = base_plus_ext(info.name)
+                    key, ext = (split[0], "." + split[1].lower()) if split[0] else (info.name, "")
+                    groups.setdefault(key, {})[ext] = (
+                        TarMember(where, info.offset_data, info.size, ext) if data is None
+                        else Blob(data[info.offset_data:end], ext))
+                if not _end_marker_present(f, -(-end // 512) * 512, total):
+                    rejected["truncated tar shard"] += 1
+        except (tarfile.TarError, OSError):
+            rejected["corrupt tar shard (read up to the damage)"] += 1
+        return groups
+
+    def open(self) -> Opened:
+        rejected: Counter = Counter()
+        records = []
+        for members in self._members(rejected).values():
+            image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
+            prepared = PreparedCrops(members[CROPS_EXT], members[TOKENS_EXT]) \
+                if CROPS_EXT in members and TOKENS_EXT in members else None
+            if self.kind == "images":
+                if image is None:
+                    rejected["incomplete tar sample"] += 1
+                    continue
+                label = members.get(".cls")
+                records.append(ImageRecord(image, _label(label), prepared))
+                continue
+            caption = next((members[e] for e in CAPTION_SUFFIXES if e in members), None)
+            if image is None or caption is None:
+                rejected["incomplete tar sample"] += 1
+                continue
+            records.append(PairRecord(image, caption, prepared))
+        return Opened(records, rejected)
+
+
+def _label(member: Member | None) -> int:
+    if member is None:
+        return -1
+    try:
+        return int(member.read().decode().strip())
+    except (ValueError, UnicodeDecodeError, BadSample):
+        return -1
+
+
+INDEX = "index.json"
+"""The shard index `flava prepare` writes beside its shards (wids' shard-list layout)."""
+
+
+def read_index(url: str) -> dict:
+    """A shard index: {"shardlist": [{"url", "nsamples"}], "flava": {...}}; shard URLs relative
+    to the index."""
+    from .shards import is_remote, read
+
+    try:
+        raw = read(url)
+        text = raw.read_text() if isinstance(raw, Path) else raw.decode()
+        index = json.loads(text)
+        shards = index["shardlist"]
+        base = url.rsplit("/", 1)[0] if "/" in url else "."
+        for s in shards:
+            if not (is_remote(s["url"]) or s["url"].startswith("/")):
+                s["url"] = f"{base}/{s['url']}"
+            s["nsamples"] = int(s["nsamples"])
+        return index
+    except FileNotFoundError:
+        raise DataError(f"shard index {url} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(f"shard index {url} could not be read ({type(e).__name__}); write it again with "
+                        "`flava prepare`") from None
+
+
+def tar_source(kind: str, spec: str, cache=None) -> Source:
+    """Tar shards named by a spec (see `data.shards`), or by a shard index (`index.json`, or a
+    directory holding one)."""
+    from .shards import expand, is_remote
+
+    index_url = spec if spec.endswith(".json") else None
+    if index_url is None and not is_remote(spec) and (Path(spec) / INDEX).is_file():
+        index_url = str(Path(spec) / INDEX)
+    if index_url is not None:
+        index = read_index(index_url)
+        shards = [TarShard(s["url"], kind, cache, s["nsamples"]) for s in index["shardlist"]]
+        source = Source(kind, name=spec, shards=shards, size=sum(s.size for s in shards))
+        source.prepared = index.get("flava")
+        return source
+    urls = expand(spec, (".tar",))
+    if not urls:
+        raise DataError(f"no tar shards match {spec}")
+    return Source(kind, name=spec, shards=[TarShard(u, kind, cache) for u in urls])
+
+
+def tar_pairs(pattern: str, cache=None) -> Source:
+    return tar_source("pairs", pattern, cache)

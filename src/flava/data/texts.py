@@ -1,0 +1,119 @@
+"""Text files as sources: .txt (a line each) and .jsonl, local and uncompressed ones split into byte
+ranges (a shard each) so no corpus is ever whole in memory, compressed or remote ones whole."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DataError
+from .sources import Opened, Source
+
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+TEXT_RANGE_BYTES = 8 << 20
+"""Uncompressed local text is read in byte ranges of this size, so no corpus is ever whole in memory."""
+
+
+@dataclass(frozen=True)
+class TextShard:
+    """Lines of a text file: those that start within [start, end) of a local uncompressed file, or
+    every line of a compressed or remote one (a shard of its own)."""
+
+    url: str
+    start: int = 0
+    end: int | None = None
+    field: str = "text"
+    cache: object = None
+
+    @property
+    def name(self) -> str:
+        return self.url if self.end is None else f"{self.url}@{self.start}"
+
+    def _lines(self) -> list[bytes]:
+        from .shards import is_remote
+
+        if self.end is not None:
+            with open(self.url, "rb") as f:
+                if self.start > 0:
+                    f.seek(self.start - 1)
+                    if f.read(1) != b"\n":
+                        f.readline()  # the line that started before this range belongs to the one before
+                lines = []
+                while f.tell() < self.end:
+                    line = f.readline()
+                    if not line:
+                        break
+                    lines.append(line)
+                return lines
+        import fsspec
+
+        if is_remote(self.url):
+            from .shards import read
+
+            raw = read(self.url, self.cache)
+            raw = raw.read_bytes() if isinstance(raw, Path) else raw
+            compression = fsspec.utils.infer_compression(self.url)
+            if compression:
+                with fsspec.compression.compr[compression](io.BytesIO(raw), mode="rb") as f:
+                    return f.read().splitlines()
+            return raw.splitlines()
+        with fsspec.open(self.url, "rb", compression="infer") as f:
+            return f.read().splitlines()
+
+    def open(self) -> Opened:
+        rejected: Counter = Counter()
+        jsonl = self.url.lower().removesuffix(_compression_suffix(self.url)).endswith(".jsonl")
+        records = []
+        for raw in self._lines():
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                rejected["undecodable text line"] += 1
+                continue
+            if not line.strip():
+                continue
+            if jsonl:
+                try:
+                    obj = json.loads(line)
+                except (json.JSONDecodeError, RecursionError):
+                    rejected["unreadable json line"] += 1
+                    continue
+                line = obj.get(self.field) if isinstance(obj, dict) else None
+                if not isinstance(line, str):
+                    rejected["json line without a text string"] += 1
+                    continue
+            records.append(line)
+        return Opened(records, rejected)
+
+
+def _compression_suffix(url: str) -> str:
+    return next((c for c in COMPRESSED if url.lower().endswith(c)), "")
+
+
+def text_file(path: str, field_name: str = "text", cache=None) -> Source:
+    """Text from .txt files (one text per non-empty line) or .jsonl (the `field_name` of each
+    object), optionally compressed (.gz, .bz2, .xz, .zst): a file, directory, glob or URL."""
+    from .shards import expand, is_remote, size_of
+
+    p = Path(path)
+    if not is_remote(path) and p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file())
+    else:
+        files = expand(path, tuple(s + c for s in TEXT_SUFFIXES for c in ("", *COMPRESSED)))
+    files = [f for f in files if f.lower().removesuffix(_compression_suffix(f)).endswith(TEXT_SUFFIXES)]
+    if not files:
+        raise DataError(f"no .txt or .jsonl files match {path}")
+    shards: list[TextShard] = []
+    for f in files:
+        size = None if _compression_suffix(f) else size_of(f)
+        if size is None:
+            shards.append(TextShard(f, field=field_name, cache=cache))
+        else:
+            shards += [TextShard(f, a, min(a + TEXT_RANGE_BYTES, size), field_name)
+                       for a in range(0, max(size, 1), TEXT_RANGE_BYTES)]
+    return Source("text", name=path, shards=shards)
