@@ -211,7 +211,7 @@ def test_a_linear_mixing_schedule_moves_from_mixing_to_mixing_end(train_data, tm
     assert t.probs_at(0) == pytest.approx([0.2, 0.4, 0.4])
     assert t.probs_at(500) == pytest.approx([0.5, 0.25, 0.25])
     assert t.probs_at(1000) == pytest.approx([0.8, 0.1, 0.1])
-    from flava.train.trainer import step_kind
+    from flava.train.kinds import step_kind
 
     early = [step_kind(0, s, t.kinds, t.probs_at(s)) for s in range(200)]
     late = [step_kind(0, s, t.kinds, t.probs_at(s)) for s in range(800, 1000)]

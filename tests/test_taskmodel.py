@@ -18,7 +18,8 @@ from flava.errors import CheckpointError, ConfigError, DataError, InputError
 from flava.finetune.examples import TextData, TextExample
 from flava.finetune.loop import finetune_image, finetune_multimodal, finetune_text
 from flava.finetune.settings import FinetuneSettings
-from flava.finetune.taskmodel import load_task, save_task_model
+from flava.finetune.load import load_task
+from flava.finetune.taskmodel import save_task_model
 from flava.finetune.text import encode_pairs
 from flava.evaluate.readers.user_files import read_multimodal_table
 

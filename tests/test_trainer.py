@@ -11,7 +11,8 @@ import flava
 from conftest import pretrain_args
 from flava.train.config import TrainConfig
 from flava.train.presets import demo_config
-from flava.train.trainer import Trainer, step_kind
+from flava.train.kinds import step_kind
+from flava.train.trainer import Trainer
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 def load_task(directory, device=None):
     """A fine-tuned task model (written by `flava finetune`) ready to `.predict(texts=..., images=...)`;
     see `flava.finetune.taskmodel.TaskModel`. Imported on first use: the package root stays light."""
-    from .finetune.taskmodel import load_task as _load_task
+    from .finetune.load import load_task as _load_task
 
     return _load_task(directory, device=device)
 

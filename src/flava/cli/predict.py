@@ -190,7 +190,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     from ..errors import ConfigError, DataError
     from .. import scores as M
-    from ..finetune.taskmodel import load_task
+    from ..finetune.load import load_task
     from ..progress import progress_bar
 
     output = Path(args.output) if args.output else None

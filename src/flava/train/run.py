@@ -28,7 +28,8 @@ from .checkpoint import STREAMS
 from .codebook import STATE as CODEBOOK_STATE
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig
-from .trainer import Trainer, trained_kinds
+from .kinds import trained_kinds
+from .trainer import Trainer
 
 DEMO_CODEBOOK_STEPS = 200
 

@@ -2,7 +2,7 @@
 non-finite guard, logging and checkpoints.
 
 What differs between stages (their modules, wrapping, forward, what follows an update, their
-extra state) is a `train.stage.Stage`; `STAGES` names the built-in ones. Everything random is a
+extra state) is a `train.stage.Stage`; `train.kinds.STAGES` names the built-in ones. Everything random is a
 function of (seed, step): which data kind a step trains on, each sample's crop and masks
 (through the stream position), and the ITM negatives. Checkpoints (`train.checkpoint`) store
 every process's stream state with the weights, so a resumed run repeats the uninterrupted run
@@ -17,7 +17,6 @@ processes train exactly like one process with N times the batch.
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from pathlib import Path
 
@@ -37,59 +36,15 @@ from ..optim import build_optimizer, warmup_cosine
 from .accounting import DataAccounting
 from .balancing import METHODS
 from .balancing.diagnostics import gradient_report
+from .balancing.gradients import combine_shared, objective_gradients
 from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
-from .dino import DinoStage
+from .kinds import STAGES, resolve_device, step_kind, trained_kinds
 from .metrics import MetricsLog, plot_losses
 from .presets import scaled_optimisation
-from .pretraining import PretrainingStage
 from .stage import Stage
 
-STAGES: dict[str, type[Stage]] = {"joint": PretrainingStage, "text-mlm": PretrainingStage,
-                                  "image-mim": PretrainingStage, "image-dino": DinoStage}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def step_kind(seed: int, step: int, kinds: tuple[str, ...], probs: np.ndarray) -> str:
-    """The data kind of `step`: the same on every process and after any restart."""
-    return kinds[int(np.random.default_rng([seed, step, 7]).choice(len(kinds), p=probs))]
-
-
-def resolve_device(name: str) -> torch.device:
-    """This process's device for the `device` setting ('auto', 'cpu' or 'cuda')."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but CUDA is not available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[str, ...], list[str]]:
-    """The data kinds a run trains on: its stage's, less those without data (the demo data
-    stands in only when no data is named at all) or without an objective to train; and notes
-    saying what was left out and why."""
-    if len(cfg.data.mixing) != len(KINDS):
-        raise ConfigError("data.mixing needs three non-negative probabilities (pairs, images, text); "
-                          f"got {len(cfg.data.mixing)}")
-    stage = stage or STAGES[cfg.stage](cfg)
-    kinds, notes = list(stage.kinds()), []
-    given = [k for k in KINDS if getattr(cfg.data, k)]
-    if given:
-        for k in [k for k in kinds if k not in given]:
-            notes.append(f"no {k} data given (data.{k}): {k} steps are left out")
-        kinds = [k for k in kinds if k in given]
-    trained = stage.trained_kinds()
-    for k in [k for k in kinds if k not in trained]:
-        notes.append(f"every objective on {k} has weight 0: {k} steps are left out")
-    kinds = [k for k in kinds if k in trained]
-    if not kinds:
-        raise ConfigError(
-            f"stage {cfg.stage} has nothing to train: it trains on {', '.join(stage.kinds())}, but "
-            + ("; ".join(notes) or "no data is given") + ". Name data for it (data.pairs, data.images, "
-            "data.text) or give its objectives a positive weight")
-    return tuple(kinds), notes
 
 
 class Trainer:
@@ -297,7 +252,7 @@ class Trainer:
                     out = self.stage.forward(self.module, batch, generator, step)
                 total = out.total if plain else self.balancer.total(out.losses)
                 measure = diagnose and micro == accum - 1
-                grads = self._objective_grads(out.losses, accum) \
+                grads = objective_gradients(self, out.losses, accum) \
                     if self.shared and (measure or self.balancer.surgery) else None
                 if measure and grads:
                     # In the loss's own units: the loss scale and the accumulation divided out.
@@ -308,7 +263,7 @@ class Trainer:
                     if self.balancer.surgery else []
                 self.scaler.scale(total / accum).backward()
                 if self.balancer.surgery:
-                    self._combine_shared(grads, kept, torch.Generator().manual_seed(
+                    combine_shared(self, grads, kept, torch.Generator().manual_seed(
                         cfg.seed * 1_000_003 + step * 31 + micro))
             factors = {} if plain else {f"balancing_{n}": f for n, f in self.balancer.factors(out.losses).items()}
             names = (list(out.losses), [*out.metrics, *factors])
@@ -326,44 +281,6 @@ class Trainer:
         if sync:
             self.synced = self._settle()
         return row
-
-    def _objective_grads(self, losses: dict[str, torch.Tensor], accum: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Each objective's gradient on each shared encoder it reaches, flat, as its term enters the
-        update (balanced, scaled, divided by the accumulation) and averaged over processes."""
-        factors = self.balancer.factors(losses)
-        params = [p for ps in self.shared.values() for p in ps]
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for name, loss in losses.items():
-            if not loss.requires_grad:
-                continue
-            term = self.scaler.scale(factors[name] * loss / accum)
-            gs = iter(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
-            by_encoder = {enc: [next(gs) for _ in ps] for enc, ps in self.shared.items()}
-            out[name] = {enc: torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                         for g, p in zip(gs_, self.shared[enc])])
-                         for enc, gs_ in by_encoder.items() if any(g is not None for g in gs_)}
-        if self.world > 1 and out:
-            flat = torch.cat([g for by in out.values() for g in by.values()])
-            dist.all_reduce(flat)
-            flat /= self.world
-            parts = iter(flat.split([g.numel() for by in out.values() for g in by.values()]))
-            out = {n: {enc: next(parts) for enc in by} for n, by in out.items()}
-        return out
-
-    def _combine_shared(self, grads: dict[str, dict[str, torch.Tensor]], kept: list, order: torch.Generator) -> None:
-        """Replace the summed gradient the backward left on each shared encoder by the balancing
-        method's combination of the objectives' (plus what earlier micro-batches accumulated)."""
-        params = [(enc, p) for enc, ps in self.shared.items() for p in ps]
-        combined = {}
-        for enc in self.shared:
-            reaching = [by[enc] for by in grads.values() if enc in by]
-            if reaching:
-                combined[enc] = iter(self.balancer.combine_gradients(reaching, order).split(
-                    [p.numel() for p in self.shared[enc]]))
-        for (enc, p), before in zip(params, kept):
-            if enc in combined:
-                g = next(combined[enc]).view_as(p).to(p.dtype)
-                p.grad = g if before is None else before + g
 
     def _to_device(self, batch):
         """A host batch on the device: pinned and copied without blocking on CUDA (the copy

@@ -1,0 +1,62 @@
+"""Which stage a run is and which data kind each of its steps trains: the built-in stages, the
+kinds a run trains on (its stage's, less those without data or without a weighted objective),
+the seeded draw of a step's kind, and this process's device."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ..data.registry import KINDS
+from ..errors import ConfigError
+from .config import TrainConfig
+from .dino import DinoStage
+from .pretraining import PretrainingStage
+from .stage import Stage
+
+STAGES: dict[str, type[Stage]] = {"joint": PretrainingStage, "text-mlm": PretrainingStage,
+                                  "image-mim": PretrainingStage, "image-dino": DinoStage}
+
+
+def step_kind(seed: int, step: int, kinds: tuple[str, ...], probs: np.ndarray) -> str:
+    """The data kind of `step`: the same on every process and after any restart."""
+    return kinds[int(np.random.default_rng([seed, step, 7]).choice(len(kinds), p=probs))]
+
+
+def resolve_device(name: str) -> torch.device:
+    """This process's device for the `device` setting ('auto', 'cpu' or 'cuda')."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but CUDA is not available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[str, ...], list[str]]:
+    """The data kinds a run trains on: its stage's, less those without data (the demo data
+    stands in only when no data is named at all) or without an objective to train; and notes
+    saying what was left out and why."""
+    if len(cfg.data.mixing) != len(KINDS):
+        raise ConfigError("data.mixing needs three non-negative probabilities (pairs, images, text); "
+                          f"got {len(cfg.data.mixing)}")
+    stage = stage or STAGES[cfg.stage](cfg)
+    kinds, notes = list(stage.kinds()), []
+    given = [k for k in KINDS if getattr(cfg.data, k)]
+    if given:
+        for k in [k for k in kinds if k not in given]:
+            notes.append(f"no {k} data given (data.{k}): {k} steps are left out")
+        kinds = [k for k in kinds if k in given]
+    trained = stage.trained_kinds()
+    for k in [k for k in kinds if k not in trained]:
+        notes.append(f"every objective on {k} has weight 0: {k} steps are left out")
+    kinds = [k for k in kinds if k in trained]
+    if not kinds:
+        raise ConfigError(
+            f"stage {cfg.stage} has nothing to train: it trains on {', '.join(stage.kinds())}, but "
+            + ("; ".join(notes) or "no data is given") + ". Name data for it (data.pairs, data.images, "
+            "data.text) or give its objectives a positive weight")
+    return tuple(kinds), notes
