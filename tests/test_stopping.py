@@ -234,25 +234,34 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
+PRETRAIN_STEPS = ["--max-steps", "24", "--save-every", "1000", "--set", "seed=5", "--set", "data.num_workers=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_pretrain(train_data, tmp_path_factory):
+    """The metrics of the run the stopped ones must end as (one for both signals)."""
+    out = tmp_path_factory.mktemp("whole")
+    done(Command(pretrain_args(train_data, out / "run") + PRETRAIN_STEPS, out / "w"))
+    return metrics(out / "run")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_pretrain_at_a_step_with_a_checkpoint_and_resume_continues_it(train_data, tmp_path, sig):
-    steps = ["--max-steps", "40", "--save-every", "1000", "--set", "seed=5", "--set", "data.num_workers=1"]
-    cut_args = pretrain_args(train_data, tmp_path / "cut") + steps
+def test_a_signal_stops_pretrain_at_a_step_with_a_checkpoint_and_resume_continues_it(train_data, tmp_path, sig,
+                                                                                   uninterrupted_pretrain):
+    cut_args = pretrain_args(train_data, tmp_path / "cut") + PRETRAIN_STEPS
     cut = Command(cut_args, tmp_path / "c")
     log = tmp_path / "cut" / "metrics.jsonl"
     cut.wait_for(lambda: log.is_file() and len(log.read_text().splitlines()) >= 3)
     cut.p.send_signal(sig)
     line = assert_stopped(cut, sig, f"flava pretrain: stopped by {sig.name} at step ")
     step = int(line.split("at step ")[1].split()[0])
-    assert 3 <= step < 40 and "--resume" in line
+    assert 3 <= step < 24 and "--resume" in line
     assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == step
     assert max(r["step"] for r in metrics(tmp_path / "cut")) == step
     out = done(Command(cut_args + ["--resume"], tmp_path / "r"))
     assert f"resumed from step {step}" in out
-    whole = done(Command(pretrain_args(train_data, tmp_path / "whole") + steps, tmp_path / "w"))
-    assert whole
-    a, b = metrics(tmp_path / "whole"), metrics(tmp_path / "cut")
-    assert [r["step"] for r in b] == list(range(1, 41))
+    a, b = uninterrupted_pretrain, metrics(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 25)) and len(a) == 24
     for x, y in zip(a, b):
         assert x["kind"] == y["kind"] and x["loss"] == pytest.approx(y["loss"], abs=1e-6), (x, y)
 
@@ -315,7 +324,7 @@ def test_a_global_batch_the_processes_cannot_share_is_refused_in_one_line(train_
 
 def test_sigterm_stops_a_recipe_in_its_stage_and_the_same_command_finishes_it(train_data, tmp_path):
     args = pretrain_args(train_data, tmp_path / "recipe", "pairs_clean.csv") + [
-        "--recipe", "paper-mim", "--max-steps", "2", "--stage-steps", "text-mlm=60", "--stage-steps", "image-mim=2",
+        "--recipe", "paper-mim", "--max-steps", "2", "--stage-steps", "text-mlm=30", "--stage-steps", "image-mim=2",
         "--set", "save_every=1000"]
     cut = Command(args, tmp_path / "c")
     log = tmp_path / "recipe" / "text-mlm" / "metrics.jsonl"
@@ -324,7 +333,7 @@ def test_sigterm_stops_a_recipe_in_its_stage_and_the_same_command_finishes_it(tr
     line = assert_stopped(cut, signal.SIGTERM, "flava pretrain: stopped by SIGTERM in stage text-mlm at step ")
     assert "run the same command again" in line
     step = json.loads((tmp_path / "recipe" / "text-mlm" / "checkpoints" / "latest.json").read_text())["step"]
-    assert 3 <= step < 60 and not (tmp_path / "recipe" / "joint").exists()
+    assert 3 <= step < 30 and not (tmp_path / "recipe" / "joint").exists()
     done(Command(args, tmp_path / "again"))
     finished = {r["stage"]: r["steps"] for r in json.loads((tmp_path / "recipe" / "recipe.json").read_text())["finished"]}
-    assert finished == {"text-mlm": 60, "image-mim": 2, "joint": 2}
+    assert finished == {"text-mlm": 30, "image-mim": 2, "joint": 2}
