@@ -10,7 +10,6 @@ tensors under their own names.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from .files import read_json, replace_dir, write_json_atomic
+from .files import read_json, replace_dir, sha256_of, write_json_atomic
 
 FORMAT = "flava"
 FORMAT_VERSION = 1
@@ -81,18 +80,10 @@ def save_checkpoint(directory: str | os.PathLike, model_config: dict[str, Any], 
     write_checkpoint_dir(directory, lambda tmp: write_checkpoint_files(tmp, model_config, parts, extra))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_checksums(directory: Path) -> None:
     """checksums.json: the SHA-256 of every other file, to tell an intact checkpoint from a damaged one."""
     directory = Path(directory)
-    sums = {f.name: _sha256(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != CHECKSUMS}
+    sums = {f.name: sha256_of(f) for f in sorted(directory.iterdir()) if f.is_file() and f.name != CHECKSUMS}
     write_json_atomic(directory / CHECKSUMS, sums)
 
 
@@ -110,7 +101,7 @@ def damage(directory: Path) -> str | None:
         f = directory / name
         if not f.is_file():
             return f"{name} is missing"
-        if _sha256(f) != digest:
+        if sha256_of(f) != digest:
             return f"{name} is not the file that was written (truncated or corrupted)"
     return None
 

@@ -6,6 +6,7 @@ target, so a crash or a full disk never leaves a half-written file under the rea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -100,3 +101,12 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's contents, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHECKSUMS
+from .files import sha256_of
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -48,14 +49,6 @@ def _known_digest(f: Path, checksums: dict, earlier: dict | None) -> str | None:
     return None
 
 
-def _sha256(f: Path) -> str:
-    h = hashlib.sha256()
-    with open(f, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def checkpoint_identity(directory: str | os.PathLike, earlier: dict | None = None) -> dict[str, Any]:
     """{"path", "step", "fingerprint", "files"} of a resolved checkpoint directory; `earlier` (a
     previous identity of the same directory) lets unchanged files skip hashing."""
@@ -70,7 +63,7 @@ def checkpoint_identity(directory: str | os.PathLike, earlier: dict | None = Non
     before = (earlier or {}).get("files") or {}
     files = {}
     for f in _weight_files(d):
-        digest = _known_digest(f, checksums, before.get(f.name)) or _sha256(f)
+        digest = _known_digest(f, checksums, before.get(f.name)) or sha256_of(f)
         st = f.stat()
         files[f.name] = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     whole = hashlib.sha256("".join(f"{name}:{v['sha256']}\n" for name, v in files.items()).encode()).hexdigest()
