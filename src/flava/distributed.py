@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from .errors import ConfigError
 
 
 class World(NamedTuple):
@@ -90,3 +93,15 @@ def mean_over_processes(values: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     count = torch.tensor(float(values.numel()), device=values.device)
     dist.all_reduce(count)
     return values.sum() * size / count.clamp_min(1.0) + zero
+
+
+def resolve_device(name: str) -> torch.device:
+    """This process's device for a `device` setting ('auto': the GPU when there is one, 'cpu' or
+    'cuda'); under torchrun a process's GPU is its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'cuda' was asked for but CUDA is not available; use the CPU (device cpu)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")

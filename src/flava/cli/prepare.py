@@ -37,9 +37,8 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    import torch
-
     from ..config import check_value, config_from
+    from ..distributed import resolve_device
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import open_source
     from ..errors import ConfigError, DataError
@@ -58,9 +57,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     settings = PrepareSettings(size=args.size, shard_size=args.shard_size, crops=args.crops,
                                crop_scale_min=args.crop_scale_min, codebook_image_size=model.codebook_image_size,
                                seed=args.seed)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    device = resolve_device(args.device).type
     # Every worker process tokenises its shards' crops on the device, in batches.
     tokenizer = CodebookTokenizer(args.codebook, device) if args.codebook else None
     fingerprint = tokenizer.fingerprint() if tokenizer else None

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -29,14 +28,15 @@ from safetensors.torch import load_file, save_file
 
 from .. import stopping
 from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
-    check, from_dict, to_dict
+    from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
 from ..data.images import IMAGE_SUFFIXES, find_images
 from ..data.pipeline import BatchStream, KindStream
 from ..data.registry import demo_source, estimated_size, open_source
 from ..data.sources import ImageRecord, Source
 from ..data.transforms import map_pixels
-from ..errors import ConfigError, DataError, InputError
+from ..distributed import resolve_device
+from ..errors import ConfigError, DataError
 from ..io.checkpoint import check_replaceable, write_checkpoint_dir, write_checkpoint_files
 from ..io.files import read_json, replace_dir, write_json_atomic
 from ..io.runs import RunDir
@@ -92,15 +92,6 @@ def token_usage(token_ids: torch.Tensor, vocab_size: int) -> dict[str, float]:
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"perplexity": float(entropy.exp()), "codes_used": float((counts > 0).double().mean()),
             "codes_used_count": int((counts > 0).sum())}
-
-
-def _device(settings: CodebookTraining) -> torch.device:
-    name = settings.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device("cpu")
 
 
 def _pixels(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -301,7 +292,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         console.print(f"note: image.vocab_size set to the codebook's {cfg.codebook.vocab_size} tokens")
         cfg.image.vocab_size = cfg.codebook.vocab_size
     size = cfg.codebook_image_size
-    device = _device(settings)
+    device = resolve_device(settings.device)
     workers = settings.num_workers if settings.num_workers is not None else \
         (min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0)
     pairs_spec = list(pairs_spec or [])

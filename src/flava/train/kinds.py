@@ -1,13 +1,10 @@
 """Which stage a run is and which data kind each of its steps trains: the built-in stages, the
 kinds a run trains on (its stage's, less those without data or without a weighted objective),
-the seeded draw of a step's kind, and this process's device."""
+and the seeded draw of a step's kind."""
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
-import torch
 
 from ..data.registry import KINDS
 from ..errors import ConfigError
@@ -23,17 +20,6 @@ STAGES: dict[str, type[Stage]] = {"joint": PretrainingStage, "text-mlm": Pretrai
 def step_kind(seed: int, step: int, kinds: tuple[str, ...], probs: np.ndarray) -> str:
     """The data kind of `step`: the same on every process and after any restart."""
     return kinds[int(np.random.default_rng([seed, step, 7]).choice(len(kinds), p=probs))]
-
-
-def resolve_device(name: str) -> torch.device:
-    """This process's device for the `device` setting ('auto', 'cpu' or 'cuda')."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device 'cuda' was asked for but CUDA is not available")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
 
 def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[str, ...], list[str]]:

@@ -28,7 +28,7 @@ from .. import stopping
 from ..config import check
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
-from ..distributed import world
+from ..distributed import resolve_device, world
 from ..errors import ConfigError, DivergedError
 from ..io.runs import RunDir
 from ..model.layers import Block
@@ -39,7 +39,7 @@ from .balancing.diagnostics import gradient_report
 from .balancing.gradients import combine_shared, objective_gradients
 from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
-from .kinds import STAGES, resolve_device, step_kind, trained_kinds
+from .kinds import STAGES, step_kind, trained_kinds
 from .metrics import MetricsLog, plot_losses
 from .presets import scaled_optimisation
 from .stage import Stage
