@@ -337,8 +337,4 @@ def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSetting
         return _run(job, settings, on_step, resumable)
 
 
-__all__ = [
-    "FinetuneResult", "FinetuneSettings", "ImageClassifier", "ImageHead", "MultimodalClassifier", "MultimodalHead",
-    "TextClassifier", "TextHead", "TokenizedPairs", "encode_pairs", "finetune_image", "finetune_multimodal",
-    "finetune_text",
-]
+__all__ = ["finetune_image", "finetune_multimodal", "finetune_text"]
