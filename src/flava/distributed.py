@@ -77,17 +77,21 @@ def max_over_processes(value: int, device: torch.device) -> int:
     return int(t)
 
 
-def mean_over_processes(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def mean_over_processes(values: torch.Tensor, like: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
     """The mean of `values` over every process's entries, in the form data-parallel training needs.
 
     Each process returns sum_local * world / count_global: averaging these (as gradient
     averaging does) gives sum_global / count_global, so processes holding different numbers of
     masked tokens or ITM rows train exactly like one process with the whole batch. With no entry
     anywhere the result is a zero that still reaches `like`'s graph (every parameter used).
-    Every process must call this the same number of times (it runs one all_reduce).
+    Every process must call this the same number of times (it runs one all_reduce), unless
+    `count` gives count_global: then it runs none (a batch in chunks divides each chunk's sum by
+    the whole batch's count, so the chunks' results add up to the batch's mean).
     """
     size = world().size
     zero = like.sum() * 0.0
+    if count is not None:
+        return values.sum() * size / count.clamp_min(1.0) + zero
     if size == 1:
         return values.mean() + zero if values.numel() else zero
     count = torch.tensor(float(values.numel()), device=values.device)

@@ -69,6 +69,11 @@ class _Batch:
     def __len__(self) -> int:
         return next(getattr(self, f.name) for f in fields(self)).shape[0]
 
+    def rows(self, index: slice):
+        """The batch of rows `index` (views of every tensor field)."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
 
 @dataclass
 class PairBatch(_Batch):

@@ -113,22 +113,24 @@ def sigmoid_contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: to
     return ContrastiveResult(loss, logits, logits.T, labels)
 
 
-def masked_prediction_loss(states: torch.Tensor, labels: torch.Tensor, head) -> torch.Tensor:
+def masked_prediction_loss(states: torch.Tensor, labels: torch.Tensor, head,
+                           count: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of `head` at the positions whose label is not IGNORE_INDEX, averaged over the
-    selected positions of all processes (see `mean_over_processes`).
+    selected positions of all processes (see `mean_over_processes`; `count`: over that many).
 
     `states` [..., D] and `labels` [...] align position by position; the head runs on the
     selected positions only.
     """
     selected = labels != IGNORE_INDEX
     logits = head(states[selected])
-    return mean_over_processes(F.cross_entropy(logits.float(), labels[selected], reduction="none"), logits)
+    return mean_over_processes(F.cross_entropy(logits.float(), labels[selected], reduction="none"), logits,
+                               count)
 
 
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
     """Binary match (1) / mismatch (0) cross-entropy over [R, 2] logits, averaged over the rows of
-    all processes."""
-    return mean_over_processes(F.cross_entropy(logits.float(), labels, reduction="none"), logits)
+    all processes (`count`: over that many)."""
+    return mean_over_processes(F.cross_entropy(logits.float(), labels, reduction="none"), logits, count)
 
 
 def targets_at(mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

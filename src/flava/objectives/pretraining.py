@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from ..model.flava import LOGIT_SCALE_MAX, FlavaModel, init_weights
 from .losses import Losses, targets_at
 from .negatives import ItmPairs, hard_negatives, same_text, swap_negatives
 from .registry import active, chosen
+
+if TYPE_CHECKING:
+    from .chunks import Chunk
 
 
 @dataclass
@@ -55,10 +59,15 @@ class PretrainingHeads(nn.Module):
 
 
 class _States:
-    def __init__(self, pm: "PretrainingModel", batch):
-        self.pm, self.batch = pm, batch
+    def __init__(self, pm: "PretrainingModel", batch, chunk: Chunk | None = None):
+        self.pm, self.batch, self.chunk = pm, batch, chunk
         self.model, self.objectives = pm.model, pm.objectives
         self.metrics: dict[str, torch.Tensor] = {}
+
+    def batch_count(self, name: str) -> torch.Tensor | None:
+        """When these rows are a chunk of a batch: the batch's count of objective `name`'s entries
+        over every process (`Objective.count`), which its loss divides by; else None."""
+        return None if self.chunk is None else self.chunk.counts[name]
 
 
 class ImageStates(_States):
@@ -98,8 +107,9 @@ class Fused:
 
 
 class PairStates(_States):
-    def __init__(self, pm: "PretrainingModel", batch: PairBatch, generator: torch.Generator | None):
-        super().__init__(pm, batch)
+    def __init__(self, pm: "PretrainingModel", batch: PairBatch, generator: torch.Generator | None,
+                 chunk: Chunk | None = None):
+        super().__init__(pm, batch, chunk)
         self.generator = generator
 
     @cached_property
@@ -120,59 +130,72 @@ class PairStates(_States):
         img_mm = m.image_to_multimodal(m.encode_image_tokens(b.pixel_values, b.patch_mask))
         txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True))
         text_mask = b.attention_mask
-        if o.itm_weight > 0 and o.itm_negatives == "hard":
-            pairs, img_mm, txt_mm, text_mask = self._hard_pairs(img_mm, txt_mm)
-        elif o.itm_weight > 0:
-            pairs, txt_mm, text_mask = self._swap_pairs(txt_mm)
-        else:
-            rows = torch.arange(img_mm.shape[0], device=img_mm.device)
-            pairs = ItmPairs(rows, rows, torch.ones_like(rows))
+        pairs = self.itm_pairs
+        if o.itm_weight > 0:  # negatives read other processes' texts (and, hard, images)
+            _, text_mask, pad = self.global_texts
+            txt_mm = gather_with_grad(F.pad(txt_mm, (0, 0, 0, pad)))
+            if o.itm_negatives == "hard":
+                img_mm = gather_with_grad(img_mm)
         mm = m.fuse_tokens(img_mm[pairs.image_index], txt_mm[pairs.text_index], text_mask[pairs.text_index],
                            skip_padding=True)
-        positive = pairs.labels == 1
+        image_rows, text_rows = self.positive_rows
         image_labels = text_labels = None
         if o.mmm_image_weight > 0:
-            labels = targets_at(b.patch_mask, self.pm.image_targets(b))
-            image_labels = labels[pairs.image_index[positive] - pairs.image_offset]
+            image_labels = targets_at(b.patch_mask, self.pm.image_targets(b))[image_rows]
         if o.mmm_text_weight > 0:
             # Texts are padded to the longest across processes: pad the labels alike.
             mlm_labels = F.pad(b.mlm_labels, (0, mm.layout.num_text_tokens - b.mlm_labels.shape[1]),
                                value=IGNORE_INDEX)
-            text_labels = mlm_labels[pairs.text_index[positive] - pairs.text_offset]
-        return Fused(mm, pairs, positive, image_labels, text_labels)
+            text_labels = mlm_labels[text_rows]
+        return Fused(mm, pairs, pairs.labels == 1, image_labels, text_labels)
 
-    def _global_texts(self, txt_mm: torch.Tensor):
+    @cached_property
+    def itm_pairs(self) -> ItmPairs:
+        """Which (image, text) pair each multimodal row holds: ITM's negatives drawn (those a chunk's
+        plan drew, for a chunk), or each pair once without ITM."""
+        o = self.objectives
+        if self.chunk is not None and self.chunk.itm_pairs is not None:
+            return self.chunk.itm_pairs
+        if o.itm_weight > 0:
+            return self._hard_pairs() if o.itm_negatives == "hard" else self._swap_pairs()
+        rows = torch.arange(len(self.batch), device=self.batch.input_ids.device)
+        return ItmPairs(rows, rows, torch.ones_like(rows))
+
+    @property
+    def positive_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of the image and of the text of each matched multimodal row."""
+        p = self.itm_pairs
+        positive = p.labels == 1
+        return p.image_index[positive] - p.image_offset, p.text_index[positive] - p.text_offset
+
+    @cached_property
+    def global_texts(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Every process's token ids and mask, padded to the longest text across processes, and
-        this process's multimodal-input text states padded alike."""
+        the padding this process's texts need for that."""
         b = self.batch
         L = b.input_ids.shape[1]
         pad = max_over_processes(L, b.input_ids.device) - L
-        ids, mask = F.pad(b.input_ids, (0, pad)), F.pad(b.attention_mask, (0, pad))
-        return gather(ids), gather(mask), F.pad(txt_mm, (0, 0, 0, pad))
+        return gather(F.pad(b.input_ids, (0, pad))), gather(F.pad(b.attention_mask, (0, pad))), pad
 
-    def _swap_pairs(self, txt_mm):
+    def _swap_pairs(self) -> ItmPairs:
         """Swapped captions drawn over the global batch with the same generator on every process,
         so N processes pick exactly the negatives one process with the whole batch would."""
-        rank = world().rank
-        B = self.batch.input_ids.shape[0]
-        all_ids, all_mask, txt_mm = self._global_texts(txt_mm)
+        rank, B = world().rank, len(self.batch)
+        all_ids, all_mask, _ = self.global_texts
         with torch.no_grad():
             g = swap_negatives(all_ids, all_mask, self.objectives.itm_negative_probability, self.generator)
         own = slice(rank * B, (rank + 1) * B)
-        pairs = ItmPairs(g.image_index[own] - rank * B, g.text_index[own], g.labels[own], 0, rank * B)
-        return pairs, gather_with_grad(txt_mm), all_mask
+        return ItmPairs(g.image_index[own] - rank * B, g.text_index[own], g.labels[own], 0, rank * B)
 
-    def _hard_pairs(self, img_mm, txt_mm):
-        rank = world().rank
-        B = img_mm.shape[0]
+    def _hard_pairs(self) -> ItmPairs:
+        rank, B = world().rank, len(self.batch)
         img_e, txt_e = self.embeddings
-        all_ids, all_mask, txt_mm = self._global_texts(txt_mm)
+        all_ids, all_mask, _ = self.global_texts
         with torch.no_grad():
             all_img_e, all_txt_e = gather(img_e), gather(txt_e)
             same = same_text(all_ids, all_mask, all_ids, all_mask)
             sim = self.logit_scale * all_img_e @ all_txt_e.T
-            pairs = hard_negatives(sim, sim.T, same, self.generator, own=slice(rank * B, (rank + 1) * B))
-        return pairs, gather_with_grad(img_mm), gather_with_grad(txt_mm), all_mask
+            return hard_negatives(sim, sim.T, same, self.generator, own=slice(rank * B, (rank + 1) * B))
 
 
 # --------------------------------------------------------------------------- the model
@@ -237,21 +260,35 @@ class PretrainingModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: PairBatch | ImageBatch | TextBatch,
-                generator: torch.Generator | None = None) -> PretrainingOutput:
+    def states(self, batch: PairBatch | ImageBatch | TextBatch, generator: torch.Generator | None = None,
+               chunk: Chunk | None = None) -> tuple[_States, str]:
+        """The batch's lazily computed states and its kind."""
         if isinstance(batch, PairBatch):
-            states, kind, like = PairStates(self, batch, generator), "pairs", batch.pixel_values
-        elif isinstance(batch, ImageBatch):
-            states, kind, like = ImageStates(self, batch), "images", batch.pixel_values
-        elif isinstance(batch, TextBatch):
-            states, kind, like = TextStates(self, batch), "text", batch.attention_mask.float()
-        else:
-            raise InputError(f"unknown batch type {type(batch).__name__}; expected PairBatch, ImageBatch or TextBatch")
+            return PairStates(self, batch, generator, chunk), "pairs"
+        if isinstance(batch, ImageBatch):
+            return ImageStates(self, batch, chunk), "images"
+        if isinstance(batch, TextBatch):
+            return TextStates(self, batch, chunk), "text"
+        raise InputError(f"unknown batch type {type(batch).__name__}; expected PairBatch, ImageBatch or TextBatch")
+
+    def forward(self, batch: PairBatch | ImageBatch | TextBatch, generator: torch.Generator | None = None,
+                chunk: Chunk | None = None) -> PretrainingOutput:
+        """The batch's weighted losses. With `chunk` (`batch` is one part of a batch that
+        `objectives.chunks.plan_chunks` planned): each loss divides by the whole batch's count, and
+        the contrastive loss is the whole batch's, back-propagated through this part's embeddings."""
+        states, kind = self.states(batch, generator, chunk)
+        like = batch.attention_mask.float() if kind == "text" else batch.pixel_values
+        if chunk is not None:
+            chunk.replay(states)
         parts = {}
         for record in active(self.objectives, (kind,)):
             head = getattr(self.heads, record.name) if record.head is not None else None
-            parts[record.name] = getattr(self.objectives, record.weight) * record.loss(states, head)
-        return PretrainingOutput(Losses.from_parts(parts, like), states.metrics)
+            if chunk is not None and record.count is None:
+                parts[record.name] = chunk.contrastive_loss(states, head)
+            else:
+                parts[record.name] = getattr(self.objectives, record.weight) * record.loss(states, head)
+        metrics = states.metrics if chunk is None else {**states.metrics, **chunk.metrics}
+        return PretrainingOutput(Losses.from_parts(parts, like), metrics)
 
     # ------------------------------------------------------------------ io
 

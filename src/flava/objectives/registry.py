@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import FlavaConfig, ObjectivesConfig
+from ..data.batch import IGNORE_INDEX
 from ..model.heads import ITMHead, MaskedPredictionHead
 from .losses import (
     SigmoidContrastiveHead,
@@ -49,14 +50,20 @@ class Objective:
     """Its `loss_info` name (and `{name}_weight` config key) in transformers' FlavaForPreTraining."""
     applies: Callable[[ObjectivesConfig], bool] = lambda o: True
     """Whether this record is the one the config chose (alternatives share a weight field)."""
+    count: Callable[[Any], torch.Tensor] | None = None
+    """How many entries its loss averages over in this process's batch (masked positions, ITM
+    rows). A batch in chunks (`optim.contrastive_chunks`) divides each chunk's sum by the whole
+    batch's count, so the chunks' losses add up to the batch's. None: its loss couples every row
+    of the batch (the contrastive losses); a chunked step computes it once over the whole batch
+    from cached embeddings (`objectives.chunks`)."""
 
 
 def _mim(s, head) -> torch.Tensor:
-    return masked_prediction_loss(s.masked.last_hidden_state[:, 1:], s.image_labels, head)
+    return masked_prediction_loss(s.masked.last_hidden_state[:, 1:], s.image_labels, head, s.batch_count("mim"))
 
 
 def _mlm(s, head) -> torch.Tensor:
-    return masked_prediction_loss(s.masked.last_hidden_state, s.labels, head)
+    return masked_prediction_loss(s.masked.last_hidden_state, s.labels, head, s.batch_count("mlm"))
 
 
 def _softmax_contrastive(s, head) -> torch.Tensor:
@@ -80,17 +87,39 @@ def _itm(s, head) -> torch.Tensor:
     logits = head(f.multimodal.cls)
     with torch.no_grad():
         s.metrics["itm_accuracy"] = (logits.argmax(1) == f.pairs.labels).float().mean()
-    return itm_loss(logits, f.pairs.labels)
+    return itm_loss(logits, f.pairs.labels, s.batch_count("itm"))
 
 
 def _mmm_image(s, head) -> torch.Tensor:
     f = s.fused
-    return masked_prediction_loss(f.multimodal.image_patches[f.positive], f.image_labels, head)
+    return masked_prediction_loss(f.multimodal.image_patches[f.positive], f.image_labels, head,
+                                  s.batch_count("mmm_image"))
 
 
 def _mmm_text(s, head) -> torch.Tensor:
     f = s.fused
-    return masked_prediction_loss(f.multimodal.text[f.positive], f.text_labels, head)
+    return masked_prediction_loss(f.multimodal.text[f.positive], f.text_labels, head, s.batch_count("mmm_text"))
+
+
+# The entries each loss above averages over (see `Objective.count`).
+def _masked_patches(s) -> torch.Tensor:
+    return s.batch.patch_mask.sum()
+
+
+def _masked_tokens(s) -> torch.Tensor:
+    return (s.labels != IGNORE_INDEX).sum()
+
+
+def _itm_rows(s) -> torch.Tensor:
+    return torch.tensor(s.itm_pairs.labels.numel(), device=s.itm_pairs.labels.device)
+
+
+def _positive_masked_patches(s) -> torch.Tensor:
+    return s.batch.patch_mask[s.positive_rows[0]].sum()
+
+
+def _positive_masked_tokens(s) -> torch.Tensor:
+    return (s.batch.mlm_labels[s.positive_rows[1]] != IGNORE_INDEX).sum()
 
 
 def _mim_head(c: FlavaConfig) -> nn.Module:
@@ -112,17 +141,19 @@ def _mmm_text_head(c: FlavaConfig) -> nn.Module:
 
 
 OBJECTIVES: tuple[Objective, ...] = (
-    Objective("mim", "images", "mim_weight", _mim, _mim_head, image_tokens=True, transformers_name="mim"),
-    Objective("mlm", "text", "mlm_weight", _mlm, _mlm_head, transformers_name="mlm"),
+    Objective("mim", "images", "mim_weight", _mim, _mim_head, image_tokens=True, transformers_name="mim",
+              count=_masked_patches),
+    Objective("mlm", "text", "mlm_weight", _mlm, _mlm_head, transformers_name="mlm", count=_masked_tokens),
     Objective("global_contrastive", "pairs", "global_contrastive_weight", _softmax_contrastive,
               transformers_name="global_contrastive", applies=lambda o: o.contrastive == "softmax"),
     Objective("sigmoid_contrastive", "pairs", "global_contrastive_weight", _sigmoid_contrastive,
               lambda c: SigmoidContrastiveHead(), applies=lambda o: o.contrastive == "sigmoid"),
     Objective("itm", "pairs", "itm_weight", _itm, lambda c: ITMHead(c.multimodal.hidden_size),
-              transformers_name="itm"),
+              transformers_name="itm", count=_itm_rows),
     Objective("mmm_image", "pairs", "mmm_image_weight", _mmm_image, _mmm_image_head, image_tokens=True,
-              transformers_name="mmm_image"),
-    Objective("mmm_text", "pairs", "mmm_text_weight", _mmm_text, _mmm_text_head, transformers_name="mmm_text"),
+              transformers_name="mmm_image", count=_positive_masked_patches),
+    Objective("mmm_text", "pairs", "mmm_text_weight", _mmm_text, _mmm_text_head, transformers_name="mmm_text",
+              count=_positive_masked_tokens),
 )
 
 
