@@ -119,6 +119,15 @@ class OptimConfig:
     """Largest global gradient norm; 0 turns clipping off."""
     grad_accumulation: PositiveInt = 1
     """Batches whose gradients are summed before each optimizer step."""
+    contrastive_chunks: PositiveInt = 1
+    """Encode and back-propagate each batch in this many equal chunks, one after another: the
+    activations' memory falls about this many times while the global contrastive loss (softmax or
+    sigmoid) stays the whole batch's, by GradCache (the batch's embeddings cached without
+    autograd, the loss's gradient on them, then each chunk's backward from it: one more forward
+    of the contrastive encoders). The other objectives run per chunk, divided by the whole
+    batch's count of masked tokens or ITM rows, so they add up to the batch's loss; ITM draws its
+    negatives within a chunk. Image and text steps are split too. Must divide data.batch_size;
+    not for stage image-dino. Unlike grad_accumulation, the contrastive loss spans the batch."""
 
 
 @dataclass

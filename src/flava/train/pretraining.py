@@ -17,6 +17,7 @@ from ..distributed import world
 from ..errors import ConfigError
 from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..model.layers import Block
+from ..objectives.chunks import plan_chunks
 from ..objectives.pretraining import PretrainingModel
 from ..objectives.registry import active, needs_image_tokens
 from .stage import Stage, StageOutput
@@ -121,6 +122,15 @@ class PretrainingStage(Stage):
     def forward(self, module: nn.Module, batch, generator: torch.Generator, step: int) -> StageOutput:
         out = module(batch, generator)
         return StageOutput(out.losses.total, out.losses.named(), dict(out.metrics))
+
+    chunkable = True
+
+    def forward_chunks(self, module: nn.Module, batch, generator: torch.Generator, step: int, chunks: int):
+        # Every kind is split (the image and text steps' memory falls alike); GradCache keeps the
+        # contrastive loss the whole batch's (objectives.chunks).
+        for part, chunk in plan_chunks(self.model, batch, chunks, generator):
+            out = module(part, generator, chunk)
+            yield StageOutput(out.losses.total, out.losses.named(), dict(out.metrics))
 
     def after_update(self, step: int, finite: torch.Tensor) -> dict[str, float]:
         # A skipped update left the scale as it was (clamped already): clamping needs no sync.

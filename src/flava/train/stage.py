@@ -14,6 +14,7 @@ know; `cfg.stage` then only names the data kinds it draws, unless the stage says
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +48,8 @@ class Stage(ABC):
 
     name = "stage"
     model: nn.Module
+    chunkable = False
+    """Whether `forward_chunks` can split a micro-batch (`optim.contrastive_chunks`)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -115,6 +118,13 @@ class Stage(ABC):
     @abstractmethod
     def forward(self, module: nn.Module, batch, generator: torch.Generator, step: int) -> StageOutput:
         """The losses of one micro-batch of step `step` (0-based), run through `module`."""
+
+    def forward_chunks(self, module: nn.Module, batch, generator: torch.Generator, step: int,
+                       chunks: int) -> Iterator[StageOutput]:
+        """`forward` of a micro-batch in `chunks` equal parts, one output per part, each yielded
+        before the next part runs (the loop back-propagates it first); the parts' losses add up
+        to the micro-batch's. Only where `chunkable`."""
+        raise NotImplementedError
 
     def before_update(self, step: int) -> None:
         """After clipping, before the optimizer step (e.g. gradients a schedule cancels)."""

@@ -34,9 +34,8 @@ from ..io.runs import RunDir
 from ..model.layers import Block
 from ..optim import build_optimizer, warmup_cosine
 from .accounting import DataAccounting
+from .backward import check_chunks, micro_step
 from .balancing import METHODS
-from .balancing.diagnostics import gradient_report
-from .balancing.gradients import combine_shared, objective_gradients
 from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
 from .kinds import STAGES, step_kind, trained_kinds
@@ -59,6 +58,7 @@ class Trainer:
         self.stage = stage or STAGES[cfg.stage](cfg)
         # notes: what the run decided that the user should read at the start (kinds left out).
         self.kinds, self.notes = trained_kinds(cfg, self.stage)
+        check_chunks(cfg, self.stage)
         self.probs = self._mixing("mixing", cfg.data.mixing)
         self.probs_end = self.probs
         if cfg.data.mixing_schedule == "linear":
@@ -233,42 +233,22 @@ class Trainer:
     # ------------------------------------------------------------------ the step
 
     def train_step(self, sync: bool = True, diagnose: bool = False) -> dict:
-        """Forward and backward of each micro-batch of one data kind, then the update. With
-        `sync` the row holds its numbers (and those of the steps before it that had none); without,
-        the step leaves the host free to run ahead of the device and its numbers come later. With
-        `diagnose` (logged steps) the row also holds the objectives' gradient norms and cosines
-        on the shared encoders, measured on the last micro-batch."""
+        """Forward and backward of each micro-batch of one data kind (`train.backward`: whole or
+        in chunks), then the update. With `sync` the row holds its numbers (and those of the steps
+        before it that had none); without, the step leaves the host free to run ahead of the
+        device and its numbers come later. With `diagnose` (logged steps) the row also holds the
+        objectives' gradient norms and cosines on the shared encoders, measured on the last
+        micro-batch."""
         cfg, step = self.cfg, self.step
         kind = step_kind(cfg.seed, step, self.kinds, self.probs_at(step))
         accum = cfg.optim.grad_accumulation
         sums, names, samples, gradients = None, ([], []), 0, None
-        plain = cfg.objectives.balancing == "fixed"
         for micro in range(accum):
             batch = self._to_device(self.streams[kind].next_batch())
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
-            with self._no_sync() if micro < accum - 1 else contextlib.nullcontext():
-                with self.autocast():
-                    out = self.stage.forward(self.module, batch, generator, step)
-                total = out.total if plain else self.balancer.total(out.losses)
-                measure = diagnose and micro == accum - 1
-                grads = objective_gradients(self, out.losses, accum) \
-                    if self.shared and (measure or self.balancer.surgery) else None
-                if measure and grads:
-                    # In the loss's own units: the loss scale and the accumulation divided out.
-                    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-                    gradients = gradient_report(grads, scale / accum)
-                # Copies: the backward may accumulate into these tensors in place.
-                kept = [None if p.grad is None else p.grad.clone() for ps in self.shared.values() for p in ps] \
-                    if self.balancer.surgery else []
-                self.scaler.scale(total / accum).backward()
-                if self.balancer.surgery:
-                    combine_shared(self, grads, kept, torch.Generator().manual_seed(
-                        cfg.seed * 1_000_003 + step * 31 + micro))
-            factors = {} if plain else {f"balancing_{n}": f for n, f in self.balancer.factors(out.losses).items()}
-            names = (list(out.losses), [*out.metrics, *factors])
-            values = torch.stack([total.detach().float(), *(v.detach().float() for v in (
-                *out.losses.values(), *out.metrics.values(), *factors.values()))])
+            values, names, report = micro_step(self, batch, generator, step, micro, diagnose and micro == accum - 1)
+            gradients = report if report is not None else gradients
             sums = values / accum if sums is None else sums + values / accum
         row = {"step": step + 1, "kind": kind, "samples": samples * self.world,
                "lr": self.scheduler.get_last_lr()[0], "data_draws": {k: st.draws for k, st in self.streams.items()}}

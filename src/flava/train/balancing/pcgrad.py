@@ -9,7 +9,9 @@ among the objectives of the step's data kind; parameters one objective alone rea
 keep their ordinary gradient. Image and text steps train one objective each, so it changes only
 pair steps. The gradients are averaged over processes before projection and the order is drawn
 from the step's generator, so every process projects alike. With gradient accumulation each
-micro-batch is projected on its own. It costs one extra backward per objective of each pair step.
+micro-batch is projected on its own; in chunks (`optim.contrastive_chunks`) the projection acts on
+the sums of the chunks' gradients, the micro-batch's. It costs one extra backward per objective of
+each pair step (of each chunk).
 """
 
 from __future__ import annotations

@@ -1,0 +1,199 @@
+"""optim.contrastive_chunks (GradCache): a batch encoded and back-propagated in chunks gives the
+unchunked step's gradient and logged losses within 1e-5 where the objectives are
+chunk-separable, softmax and sigmoid, on one process and on two (DDP and FSDP); dropout replays
+alike; chunked runs train, resume step for step, and refuse what they cannot take in one line."""
+
+import copy
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import flava
+from conftest import free_port, gloo_group
+from flava.objectives.chunks import plan_chunks
+from flava.train.backward import micro_step
+from flava.train.config import TrainConfig
+from flava.train.presets import demo_config
+from flava.train.trainer import Trainer
+
+# (batch per process, chunks): any batch that is a multiple of its chunk count.
+CASES = [(6, 3), (8, 4), (8, 8)]
+TOL = 1e-5
+# Every pair objective, ITM without negatives (nothing couples a chunk's rows to another's).
+SEPARABLE = {"objectives__itm_negative_probability": 0.0}
+
+
+def config(data, batch: int, chunks: int, contrastive="softmax", **over) -> TrainConfig:
+    cfg = demo_config(seed=3, max_steps=8, save_every=3, log_every=1, tensorboard=False)
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.model.codebook.hidden_size = 8
+    cfg.data.pairs, cfg.data.images, cfg.data.text = ([str(data / "pairs_clean.csv")], [str(data / "img")],
+                                                     [str(data / "text.txt")])
+    cfg.data.batch_size, cfg.data.num_workers = batch, 0
+    cfg.codebook, cfg.optim.contrastive_chunks, cfg.optim.warmup_steps = str(data / "codebook"), chunks, 2
+    cfg.objectives.contrastive = contrastive
+    for k, v in over.items():
+        section, _, key = k.rpartition("__")
+        setattr(getattr(cfg, section) if section else cfg, key, v)
+    return cfg
+
+
+def one_step(trainer: Trainer, batch, chunks: int, measure: bool = False):
+    """One micro-batch's forward and backward as the loop runs it, in `chunks` chunks; its
+    numbers by name, every parameter's gradient (whole, averaged over processes) and the
+    gradient diagnostics."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.cfg.optim.contrastive_chunks = chunks
+    values, (losses, metrics), report = micro_step(trainer, batch, torch.Generator().manual_seed(11), 0, 0, measure)
+    trainer._sync_replicated()
+    grads = {}
+    for name, p in trainer.model.named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[name] = g.detach().clone()
+    return dict(zip(["loss", *losses, *metrics], values.tolist())), grads, report
+
+
+def both(trainer: Trainer, kind: str, chunks: int, measure: bool = False):
+    """The same batch's step in `chunks` chunks and whole, on the same weights."""
+    batch = trainer._to_device(trainer.streams[kind].next_batch())
+    return one_step(trainer, batch, chunks, measure), one_step(trainer, batch, 1, measure)
+
+
+def assert_same_step(chunked, whole, tol=TOL):
+    (va, ga, _), (vb, gb, _) = chunked, whole
+    assert va.keys() == vb.keys()
+    for k in vb:
+        assert va[k] == pytest.approx(vb[k], abs=tol), k
+    assert ga.keys() == gb.keys()
+    worst = max((ga[k] - gb[k]).abs().max().item() for k in gb)
+    assert worst < tol, worst
+    assert max(g.abs().max().item() for g in gb.values()) > 100 * tol  # the gradients are not all ~0
+
+
+@pytest.mark.parametrize("contrastive", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("batch,chunks", CASES)
+def test_a_chunked_step_has_the_whole_batch_gradient(train_data, tmp_path, contrastive, batch, chunks):
+    trainer = Trainer(config(train_data, batch, chunks, contrastive, **SEPARABLE), tmp_path)
+    a, b = both(trainer, "pairs", chunks)
+    name = "global_contrastive" if contrastive == "softmax" else "sigmoid_contrastive"
+    assert set(a[0]) >= {name, "itm", "mmm_image", "mmm_text"}
+    assert_same_step(a, b)
+
+
+@pytest.mark.parametrize("negatives", ["swap", "hard"])
+def test_the_contrastive_gradient_is_exact_beside_itm_negatives(train_data, tmp_path, negatives):
+    # With negatives drawn per chunk ITM and MMM differ from the unchunked step by design; the
+    # contrastive loss alone (the same weights, the others at 0) must not.
+    trainer = Trainer(config(train_data, 8, 4, objectives__itm_negatives=negatives,
+                             objectives__itm_negative_probability=0.5), tmp_path)
+    batch = trainer._to_device(trainer.streams["pairs"].next_batch())
+    values, grads, _ = one_step(trainer, batch, 4)
+    assert all(torch.isfinite(g).all() for g in grads.values()) and values["itm"] > 0
+    o = trainer.cfg.objectives
+    o.itm_weight = o.mmm_image_weight = o.mmm_text_weight = 0.0
+    a, b = one_step(trainer, batch, 4), one_step(trainer, batch, 1)
+    assert_same_step(a, b)
+    assert values["global_contrastive"] == pytest.approx(b[0]["global_contrastive"], abs=TOL)
+
+
+@pytest.mark.parametrize("kind", ["images", "text"])
+def test_image_and_text_steps_in_chunks_are_the_whole_steps(train_data, tmp_path, kind):
+    # MIM and MLM divide each chunk by the batch's count of masked positions: exact.
+    assert_same_step(*both(Trainer(config(train_data, 8, 4), tmp_path), kind, 4))
+
+
+@pytest.mark.parametrize("method", ["fixed", "pcgrad", "uncertainty", "dwa"])
+def test_balancing_and_diagnostics_see_the_whole_batch(train_data, tmp_path, method):
+    over = {"objectives__balancing": method, **SEPARABLE}
+    a, b = both(Trainer(config(train_data, 4, 2, **over), tmp_path), "pairs", 2, measure=method == "fixed")
+    assert_same_step(a, b)
+    # The diagnostics measure the whole micro-batch's gradients, chunked or not.
+    for enc, report in (b[2] or {}).items():
+        for name, norm in report["norm"].items():
+            assert a[2][enc]["norm"][name] == pytest.approx(norm, rel=1e-4, abs=1e-6), (enc, name)
+        for pair, cosine in report["cosine"].items():
+            assert a[2][enc]["cosine"][pair] == pytest.approx(cosine, abs=1e-4), (enc, pair)
+    assert (b[2] is not None) == (method == "fixed")
+
+
+def test_dropout_replays_the_cached_pass(train_data, tmp_path):
+    cfg = config(train_data, 6, 3)
+    for enc in (cfg.model.image, cfg.model.text):
+        enc.dropout = enc.attention_dropout = 0.2
+    trainer = Trainer(cfg, tmp_path)
+    pm = trainer.model
+    batch = trainer._to_device(trainer.streams["pairs"].next_batch())
+    seen = []
+    hook = pm.model.image_projection.register_forward_hook(
+        lambda m, i, out: seen.append((torch.is_grad_enabled(), out.detach().clone())))
+    for part, chunk in plan_chunks(pm, batch, 3, torch.Generator().manual_seed(0)):
+        pm(part, torch.Generator().manual_seed(0), chunk).losses.total.backward()
+    hook.remove()
+    cached = [o for grad, o in seen if not grad]
+    replayed = [o for grad, o in seen if grad]
+    assert len(cached) == len(replayed) == 3
+    for c, r in zip(cached, replayed):
+        assert torch.equal(c, r)
+    # Dropout is on: the same rows twice without the replay differ.
+    part = batch.rows(slice(0, 2))
+    with torch.no_grad():
+        one, two = (pm.model.encode_image_tokens(part.pixel_values, cls_only=True).last_hidden_state for _ in "ab")
+    assert not torch.equal(one, two)
+
+
+def test_settings_chunks_cannot_take_fail_in_one_line(train_data, tmp_path):
+    with pytest.raises(flava.ConfigError, match=r"contrastive_chunks=3 must divide data.batch_size=8 .*1, 2, 4, 8"):
+        Trainer(config(train_data, 8, 3), tmp_path / "a")
+    with pytest.raises(flava.ConfigError, match="stage image-dino .*contrastive_chunks=1"):
+        Trainer(config(train_data, 8, 2, stage="image-dino"), tmp_path / "b")
+
+
+@pytest.mark.slow
+def test_a_chunked_run_trains_and_resumes_step_for_step(train_data, tmp_path):
+    over = dict(objectives__itm_negatives="hard", max_steps=6, seed=5)  # pairs, images, text, pairs, ...
+    full = Trainer(config(train_data, 4, 2, **over), tmp_path / "full")
+    before = copy.deepcopy(full.model.state_dict())
+    rows = full.fit()
+    assert {r["kind"] for r in rows} == {"pairs", "images", "text"}
+    pairs = [r for r in rows if r["kind"] == "pairs"]
+    assert pairs and set(pairs[0]["losses"]) == {"global_contrastive", "itm", "mmm_image", "mmm_text"}
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"]])).all() and not r["update_skipped"]
+               for r in rows)
+    moved = [k for k, v in full.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("model.image_encoder.") for k in moved) and "model.logit_scale" in moved
+    Trainer(config(train_data, 4, 2, **over), tmp_path / "cut").fit(max_steps=4)  # last checkpoint: 3
+    resumed = Trainer(config(train_data, 4, 2, **over), tmp_path / "cut")
+    assert resumed.resume() and resumed.step == 3
+    # Within float32 rounding: the image encoder's backward differs in the last bit from run to
+    # run on this CPU, chunked or not.
+    for a, b in zip(rows[3:], resumed.fit()):
+        assert a["kind"] == b["kind"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6), (a, b)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _worker(rank, world, port, data, out, batch, chunks, contrastive, mode, results):
+    with gloo_group(rank, world, port):
+        cfg = config(data, batch, chunks, contrastive, distributed=mode, **SEPARABLE)
+        trainer = Trainer(cfg, out / f"rank{rank}")
+        results[rank] = one_step(trainer, trainer._to_device(trainer.streams["pairs"].next_batch()), chunks)[:2]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("contrastive,mode", [("softmax", "ddp"), ("sigmoid", "ddp"), ("softmax", "fsdp")])
+@pytest.mark.parametrize("batch,chunks", [(4, 2), (6, 3)])
+def test_two_processes_in_chunks_equal_one_process_with_the_whole_batch(train_data, tmp_path, contrastive, mode,
+                                                                       batch, chunks):
+    world = 2
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(world, free_port(), train_data, tmp_path, batch, chunks, contrastive, mode, results),
+             nprocs=world)
+    one = Trainer(config(train_data, world * batch, 1, contrastive, **SEPARABLE), tmp_path / "one")
+    whole = one_step(one, one._to_device(one.streams["pairs"].next_batch()), 1)
+    # Each process holds its own losses (their mean is the batch's) and the averaged gradient.
+    values = {k: sum(results[r][0][k] for r in range(world)) / world for k in whole[0]}
+    for r in range(world):
+        assert_same_step((values, results[r][1], None), whole)
