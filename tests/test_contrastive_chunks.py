@@ -3,6 +3,7 @@ unchunked step's gradient and logged losses within 1e-5 where the objectives are
 chunk-separable, softmax and sigmoid, on one process and on two (DDP and FSDP); dropout replays
 alike; chunked runs train, resume step for step, and refuse what they cannot take in one line."""
 
+import contextlib
 import copy
 
 import pytest
@@ -11,7 +12,10 @@ import torch.multiprocessing as mp
 
 import flava
 from conftest import free_port, gloo_group
+from test_objectives import pair_batch, tiny_config
+from flava.config import ObjectivesConfig
 from flava.objectives.chunks import plan_chunks
+from flava.objectives.pretraining import PretrainingModel
 from flava.train.backward import micro_step
 from flava.train.config import TrainConfig
 from flava.train.presets import demo_config
@@ -33,32 +37,63 @@ def config(data, batch: int, chunks: int, contrastive="softmax", **over) -> Trai
     cfg.data.batch_size, cfg.data.num_workers = batch, 0
     cfg.codebook, cfg.optim.contrastive_chunks, cfg.optim.warmup_steps = str(data / "codebook"), chunks, 2
     cfg.objectives.contrastive = contrastive
-    for k, v in over.items():
-        section, _, key = k.rpartition("__")
-        setattr(getattr(cfg, section) if section else cfg, key, v)
+    for k, v in over.items():  # "model__image__dropout": cfg.model.image.dropout
+        *path, key = k.split("__")
+        target = cfg
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, key, v)
     return cfg
 
 
-def one_step(trainer: Trainer, batch, chunks: int, measure: bool = False):
+@pytest.fixture(scope="module")
+def trainer(train_data, tmp_path_factory):
+    """Trainers by settings, built once for the module (the steps below never update them); each
+    holds the first batch of each kind its streams drew (16 rows) in `batches`."""
+    made = {}
+
+    def get(**over) -> Trainer:
+        key = tuple(sorted(over.items()))
+        if key not in made:
+            t = made[key] = Trainer(config(train_data, 16, 1, **over), tmp_path_factory.mktemp("run"))
+            t.batches = {kind: t._to_device(stream.next_batch()) for kind, stream in t.streams.items()}
+        return made[key]
+    return get
+
+
+@contextlib.contextmanager
+def objectives(t: Trainer, **settings):
+    """`t`'s objectives set so for the block (the model reads the same config)."""
+    before = {k: getattr(t.cfg.objectives, k) for k in settings}
+    for k, v in settings.items():
+        setattr(t.cfg.objectives, k, v)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            setattr(t.cfg.objectives, k, v)
+
+
+def one_step(t: Trainer, batch, chunks: int, measure: bool = False):
     """One micro-batch's forward and backward as the loop runs it, in `chunks` chunks; its
     numbers by name, every parameter's gradient (whole, averaged over processes) and the
     gradient diagnostics."""
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.cfg.optim.contrastive_chunks = chunks
-    values, (losses, metrics), report = micro_step(trainer, batch, torch.Generator().manual_seed(11), 0, 0, measure)
-    trainer._sync_replicated()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.cfg.optim.contrastive_chunks = chunks
+    values, (losses, metrics), report = micro_step(t, batch, torch.Generator().manual_seed(11), 0, 0, measure)
+    t._sync_replicated()
     grads = {}
-    for name, p in trainer.model.named_parameters():
+    for name, p in t.model.named_parameters():
         if p.grad is not None:
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name] = g.detach().clone()
     return dict(zip(["loss", *losses, *metrics], values.tolist())), grads, report
 
 
-def both(trainer: Trainer, kind: str, chunks: int, measure: bool = False):
-    """The same batch's step in `chunks` chunks and whole, on the same weights."""
-    batch = trainer._to_device(trainer.streams[kind].next_batch())
-    return one_step(trainer, batch, chunks, measure), one_step(trainer, batch, 1, measure)
+def both(t: Trainer, kind: str, rows: int, chunks: int, measure: bool = False):
+    """The first `rows` of `t`'s batch of `kind`: their step in `chunks` chunks, and whole."""
+    batch = t.batches[kind].rows(slice(0, rows))
+    return one_step(t, batch, chunks, measure), one_step(t, batch, 1, measure)
 
 
 def assert_same_step(chunked, whole, tol=TOL):
@@ -74,40 +109,39 @@ def assert_same_step(chunked, whole, tol=TOL):
 
 @pytest.mark.parametrize("contrastive", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("batch,chunks", CASES)
-def test_a_chunked_step_has_the_whole_batch_gradient(train_data, tmp_path, contrastive, batch, chunks):
-    trainer = Trainer(config(train_data, batch, chunks, contrastive, **SEPARABLE), tmp_path)
-    a, b = both(trainer, "pairs", chunks)
+def test_a_chunked_step_has_the_whole_batch_gradient(trainer, contrastive, batch, chunks):
+    t = trainer(contrastive=contrastive, **SEPARABLE)
+    a, b = both(t, "pairs", batch, chunks)
     name = "global_contrastive" if contrastive == "softmax" else "sigmoid_contrastive"
     assert set(a[0]) >= {name, "itm", "mmm_image", "mmm_text"}
     assert_same_step(a, b)
 
 
 @pytest.mark.parametrize("negatives", ["swap", "hard"])
-def test_the_contrastive_gradient_is_exact_beside_itm_negatives(train_data, tmp_path, negatives):
+def test_the_contrastive_gradient_is_exact_beside_itm_negatives(trainer, negatives):
     # With negatives drawn per chunk ITM and MMM differ from the unchunked step by design; the
-    # contrastive loss alone (the same weights, the others at 0) must not.
-    trainer = Trainer(config(train_data, 8, 4, objectives__itm_negatives=negatives,
-                             objectives__itm_negative_probability=0.5), tmp_path)
-    batch = trainer._to_device(trainer.streams["pairs"].next_batch())
-    values, grads, _ = one_step(trainer, batch, 4)
-    assert all(torch.isfinite(g).all() for g in grads.values()) and values["itm"] > 0
-    o = trainer.cfg.objectives
-    o.itm_weight = o.mmm_image_weight = o.mmm_text_weight = 0.0
-    a, b = one_step(trainer, batch, 4), one_step(trainer, batch, 1)
+    # contrastive loss alone (the others' weights at 0) must not.
+    t = trainer(**SEPARABLE)
+    with objectives(t, itm_negatives=negatives, itm_negative_probability=0.5):
+        values, grads, _ = one_step(t, t.batches["pairs"].rows(slice(0, 8)), 4)
+        assert all(torch.isfinite(g).all() for g in grads.values()) and values["itm"] > 0
+        with objectives(t, itm_weight=0.0, mmm_image_weight=0.0, mmm_text_weight=0.0):
+            a, b = both(t, "pairs", 8, 4)
     assert_same_step(a, b)
     assert values["global_contrastive"] == pytest.approx(b[0]["global_contrastive"], abs=TOL)
 
 
 @pytest.mark.parametrize("kind", ["images", "text"])
-def test_image_and_text_steps_in_chunks_are_the_whole_steps(train_data, tmp_path, kind):
+def test_image_and_text_steps_in_chunks_are_the_whole_steps(trainer, kind):
     # MIM and MLM divide each chunk by the batch's count of masked positions: exact.
-    assert_same_step(*both(Trainer(config(train_data, 8, 4), tmp_path), kind, 4))
+    assert_same_step(*both(trainer(**SEPARABLE), kind, 8, 4))
 
 
-@pytest.mark.parametrize("method", ["fixed", "pcgrad", "uncertainty", "dwa"])
-def test_balancing_and_diagnostics_see_the_whole_batch(train_data, tmp_path, method):
-    over = {"objectives__balancing": method, **SEPARABLE}
-    a, b = both(Trainer(config(train_data, 4, 2, **over), tmp_path), "pairs", 2, measure=method == "fixed")
+@pytest.mark.parametrize("method", ["fixed", "pcgrad", pytest.param("uncertainty", marks=pytest.mark.slow),
+                                    pytest.param("dwa", marks=pytest.mark.slow)])
+def test_balancing_and_diagnostics_see_the_whole_batch(trainer, method):
+    t = trainer(**SEPARABLE) if method == "fixed" else trainer(objectives__balancing=method, **SEPARABLE)
+    a, b = both(t, "pairs", 4, 2, measure=method == "fixed")
     assert_same_step(a, b)
     # The diagnostics measure the whole micro-batch's gradients, chunked or not.
     for enc, report in (b[2] or {}).items():
@@ -118,13 +152,13 @@ def test_balancing_and_diagnostics_see_the_whole_batch(train_data, tmp_path, met
     assert (b[2] is not None) == (method == "fixed")
 
 
-def test_dropout_replays_the_cached_pass(train_data, tmp_path):
-    cfg = config(train_data, 6, 3)
-    for enc in (cfg.model.image, cfg.model.text):
-        enc.dropout = enc.attention_dropout = 0.2
-    trainer = Trainer(cfg, tmp_path)
-    pm = trainer.model
-    batch = trainer._to_device(trainer.streams["pairs"].next_batch())
+def test_dropout_replays_the_cached_pass():
+    cfg = tiny_config()
+    cfg.image.dropout = cfg.image.attention_dropout = cfg.text.dropout = 0.2
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, ObjectivesConfig()).train()
+    batch = pair_batch(cfg, B=6)
+    batch.image_targets = torch.randint(0, cfg.image.vocab_size, batch.patch_mask.shape)
     seen = []
     hook = pm.model.image_projection.register_forward_hook(
         lambda m, i, out: seen.append((torch.is_grad_enabled(), out.detach().clone())))
