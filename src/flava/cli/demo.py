@@ -29,33 +29,19 @@ def run(args: argparse.Namespace, console: Console) -> None:
     run_demo(Path(args.output), console, args.seed)
 
 
-# Steps of the unimodal stages; the joint stage runs TrainConfig's max_steps. Sized so that the
-# whole demo, install included, stays under 20 minutes on 2 cores.
-DEMO_RECIPE = "paper-mim"
-DEMO_STAGE_STEPS = {"text-mlm": 300, "image-mim": 150}
-DEMO_STAGE_SETTINGS = {"text-mlm": ["optim.lr=1e-3"], "image-mim": ["optim.lr=1e-3"]}
-# The joint stage's text encoder learns at a tenth of the rate: at full rate, contrastive training on
-# the demo's narrow captions undoes what text MLM taught its CLS. The image encoder keeps the full
-# rate: slowed too, it aligns with the text more slowly (both measured in BENCHMARKS.md).
-DEMO_INIT_LR_SCALE = 0.1
-DEMO_INIT_LR_SCALED = ["text"]
-
-
 def run_demo(output: Path, console: Console, seed: int = 0) -> dict:
     from ..evaluate.report import write_report
     from ..evaluate.run import evaluate_models, print_plan, results_table, untrained_like
     from ..evaluate.suite import load_suite
     from ..loading import load
-    from ..train.presets import demo_config
-    from ..recipes.recipe import run_recipe
+    from ..recipes.recipe import DEMO_RECIPE, DEMO_STAGE_SETTINGS, DEMO_STAGE_STEPS, demo_recipe_config, run_recipe
 
     start = time.perf_counter()
     console.rule("[bold]flava demo: the paper's recipe on the tiny preset, then the evaluation")
     run_dir = output / "pretrain"
     report_dir = output / "report"
     resume = (run_dir / "recipe.json").is_file()
-    cfg = demo_config(seed=seed)
-    cfg.optim.init_lr_scale, cfg.optim.init_lr_scaled = DEMO_INIT_LR_SCALE, list(DEMO_INIT_LR_SCALED)
+    cfg = demo_recipe_config(seed)
     steps = ", ".join(f"{k} {v}" for k, v in DEMO_STAGE_STEPS.items())
     console.print(f"[bold]1/2[/] pretraining ({run_dir}): the image codebook, then text MLM and image MIM "
                   f"({steps} steps), then joint training of every objective from both encoders ({cfg.max_steps} "

@@ -74,13 +74,20 @@ class DataConfig:
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
     crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.9
     """RandomResizedCrop keeps at least this share of the image."""
-    mixing_schedule: Literal["constant", "linear"] = "constant"
+    mixing_schedule: Literal["constant", "linear", "adaptive"] = "constant"
     """'constant': every step draws its kind by `mixing`; 'linear': the probabilities move in a
     straight line from `mixing` at the first step to `mixing_end` at the last (e.g. from
-    unimodal-heavy [0.2, 0.4, 0.4] to pair-heavy [0.8, 0.1, 0.1]). A function of the step, so a
-    resumed run draws the same kinds."""
+    unimodal-heavy [0.2, 0.4, 0.4] to pair-heavy [0.8, 0.1, 0.1]); 'adaptive': every
+    `mixing_window` steps each kind's share is re-weighted by its loss progress (a kind whose loss
+    stops falling gets more steps; train/balancing/mixing.py). Either way the same on every process
+    and after a resume."""
     mixing_end: list[NonNegative] = field(default_factory=list)
     """The [pairs, images, text] probabilities a 'linear' mixing_schedule reaches at the last step."""
+    mixing_window: PositiveInt = 50
+    """Steps over which an 'adaptive' mixing_schedule averages each kind's loss; the mix changes at
+    each window's end and is `mixing` for the first two windows."""
+    mixing_temperature: Positive = 2.0
+    """The 'adaptive' mix's temperature T: larger keeps it nearer `mixing` (DWA's 2)."""
 
 
 @dataclass

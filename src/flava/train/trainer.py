@@ -37,6 +37,7 @@ from .accounting import DataAccounting
 from .balancing import METHODS
 from .balancing.diagnostics import gradient_report
 from .balancing.gradients import combine_shared, objective_gradients
+from .balancing.mixing import KindMixing
 from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
 from .kinds import STAGES, step_kind, trained_kinds
@@ -59,13 +60,12 @@ class Trainer:
         self.stage = stage or STAGES[cfg.stage](cfg)
         # notes: what the run decided that the user should read at the start (kinds left out).
         self.kinds, self.notes = trained_kinds(cfg, self.stage)
-        self.probs = self._mixing("mixing", cfg.data.mixing)
-        self.probs_end = self.probs
-        if cfg.data.mixing_schedule == "linear":
-            if len(cfg.data.mixing_end) != len(KINDS):
-                raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
-                                  f"probabilities (pairs, images, text); got {len(cfg.data.mixing_end)}")
-            self.probs_end = self._mixing("mixing_end", cfg.data.mixing_end)
+        end = cfg.data.mixing_end if cfg.data.mixing_schedule == "linear" else cfg.data.mixing
+        if len(end) != len(KINDS):
+            raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
+                              f"probabilities (pairs, images, text); got {len(end)}")
+        self.mixing = KindMixing(self.kinds, self._mixing("mixing", cfg.data.mixing), self._mixing("mixing_end", end),
+                                 cfg.data, cfg.max_steps, self.device)
         self.progress = TrainState()
         self._nonfinite_run: list[int] = []
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
@@ -138,11 +138,7 @@ class Trainer:
 
     def probs_at(self, step: int) -> np.ndarray:
         """The kinds' probabilities at `step` (`data.mixing_schedule`)."""
-        if self.cfg.data.mixing_schedule == "constant":
-            return self.probs
-        f = min(1.0, step / max(1, self.cfg.max_steps - 1))
-        probs = (1 - f) * self.probs + f * self.probs_end
-        return probs / probs.sum()
+        return self.mixing.probs_at(step)
 
     @property
     def global_batch(self) -> int:
@@ -206,7 +202,7 @@ class Trainer:
 
     def _stateful(self) -> Stateful:
         return Stateful(self.model, self.optimizer, self.scheduler, self.scaler, self.streams, self.progress,
-                        self.stage, self.cfg, self.balancer)
+                        self.stage, self.cfg, self.balancer, self.mixing)
 
     def save(self) -> Path:
         return self.checkpoints.save(self._stateful())
@@ -272,11 +268,15 @@ class Trainer:
             sums = values / accum if sums is None else sums + values / accum
         row = {"step": step + 1, "kind": kind, "samples": samples * self.world,
                "lr": self.scheduler.get_last_lr()[0], "data_draws": {k: st.draws for k, st in self.streams.items()}}
+        if cfg.data.mixing_schedule != "constant":
+            row["mixing"] = {k: round(float(p), 6) for k, p in zip(self.kinds, self.probs_at(step))}
         if gradients is not None:
             row["gradients"] = gradients
         numbers = self._update(sums)
         # The losses averaged over micro-batches and processes: the same on every process.
         self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), numbers[-1] > 0)
+        # The kind's progress: its configured losses' sum, whatever the balancing method scales.
+        self.mixing.observe(step, kind, numbers[1:1 + len(names[0])].sum(), numbers[-1] > 0)
         self._pending.append((row, numbers, names))
         if sync:
             self.synced = self._settle()
