@@ -283,7 +283,7 @@ class Tower:
                                   ("LayerScale", cfg.layer_scale), ("a LayerNorm before the blocks", cfg.embed_norm),
                                   ("no patch bias", not cfg.patch_bias)) if on]
         stats = "/".join("(" + ", ".join(f"{v:.4g}" for v in s) + ")" for s in (cfg.image_mean, cfg.image_std))
-        return (f"its config taken: {cfg.num_layers} layers, width {cfg.hidden_size}, {cfg.num_heads} heads, MLP "
+        return (f"its config taken: {cfg.num_layers} layer{'s' * (cfg.num_layers != 1)}, width {cfg.hidden_size}, {cfg.num_heads} heads, MLP "
                 f"{cfg.mlp_size}, {cfg.activation}, eps {cfg.layer_norm_eps:g}, patch {cfg.patch_size}, "
                 f"{cfg.image_size} px" + "".join(f", {e}" for e in extras)
                 + f"; pixel mean/std {stats} from {self.preprocessing.source}")
