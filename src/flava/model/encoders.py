@@ -167,7 +167,8 @@ class ImageEncoder(nn.Module):
             raise InputError(f"image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}")
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """[1, 1 + grid_h*grid_w, D], bicubically resized when the grid differs from the trained one."""
+        """[1, P + grid_h*grid_w, D] (P: CLS and a distillation token), bicubically resized when the
+        grid differs from the trained one."""
         return resize_position_table(self.pos_embed, grid_h, grid_w, self.positioned_prefix)
 
     def resize(self, image_size: int) -> None:
