@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 # Parameters that are not weights of a matmul: decaying them only pulls them toward zero.
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "logit_scale")
+NO_DECAY_NAMES = ("cls_token", "dist_token", "register_tokens", "pos_embed", "mask_token", "logit_scale")
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

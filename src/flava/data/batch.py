@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from .transforms import map_uint8, normalize_uint8
+from .transforms import CLIP_MEAN, CLIP_STD, Stats, map_uint8, normalize_uint8
 
 IGNORE_INDEX = -100
 """Label of a position no loss reads (PyTorch's cross-entropy default)."""
@@ -32,15 +32,18 @@ def attention_mask(rows: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor
     return (torch.arange(longest)[None, :] < lengths[:, None]).long()
 
 
-PIXEL_INPUTS = {"pixel_values": normalize_uint8, "codebook_pixels": map_uint8}
+PIXEL_INPUTS = {"pixel_values": normalize_uint8, "codebook_pixels": lambda x, mean, std: map_uint8(x)}
 """Fields that the loader fills with uint8 pixels (4x smaller than floats, to the device and
-across processes) and how `to` turns them into the model's inputs there."""
+across processes) and how `to` turns them into the model's inputs there (the model's pixel
+statistics given)."""
 
 
 class _Batch:
-    def to(self, device: torch.device | str, non_blocking: bool = False):
-        """The batch on `device`, uint8 pixels turned into model inputs there. Fields holding one
-        host tensor (the codebook reading the model's own pixels) are copied once."""
+    def to(self, device: torch.device | str, non_blocking: bool = False, mean: Stats = CLIP_MEAN,
+           std: Stats = CLIP_STD):
+        """The batch on `device`, uint8 pixels turned into model inputs there, normalised by the
+        model's `mean`/`std` (its config's image_mean/image_std). Fields holding one host tensor
+        (the codebook reading the model's own pixels) are copied once."""
         moved: dict[int, torch.Tensor] = {}
         out = {}
         for f in fields(self):
@@ -51,7 +54,7 @@ class _Batch:
                 moved[id(value)] = value.to(device, non_blocking=non_blocking)
             value = moved[id(value)]
             if value.dtype == torch.uint8 and f.name in PIXEL_INPUTS:
-                value = PIXEL_INPUTS[f.name](value)
+                value = PIXEL_INPUTS[f.name](value, mean, std)
             out[f.name] = value
         return replace(self, **out)
 

@@ -65,8 +65,10 @@ class Processor:
 
     @classmethod
     def from_config(cls, config: FlavaConfig, tokenizer_file: str | os.PathLike | None = None) -> Processor:
+        """The image size and pixel statistics of the config's image encoder, its text length."""
         return cls(config.image.image_size, config.text.max_position_embeddings,
-                   str(tokenizer_file) if tokenizer_file else None)
+                   str(tokenizer_file) if tokenizer_file else None, tuple(config.image.image_mean),
+                   tuple(config.image.image_std))
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike) -> Processor:
@@ -88,14 +90,18 @@ class Processor:
             kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
             return cls(**kw, tokenizer_file=tokenizer_file)
         config = read_json(path / "config.json", "model config", DataError, expect=dict)
+        proc = cls(tokenizer_file=tokenizer_file)
         if config.get("format") == "flava":
             model = config.get("model", {})
-            size = model.get("image", {}).get("image_size", 224)
-            length = model.get("text", {}).get("max_position_embeddings", 77)
+            image = model.get("image", {})
+            proc.image_size = int(image.get("image_size", 224))
+            proc.max_length = int(model.get("text", {}).get("max_position_embeddings", 77))
+            for key in ("image_mean", "image_std"):  # absent in checkpoints older than the setting
+                if isinstance(image.get(key), list) and len(image[key]) == 3:
+                    setattr(proc, key, tuple(float(v) for v in image[key]))
         else:  # a transformers FLAVA config
-            size = config.get("image_config", {}).get("image_size", 224)
-            length = config.get("text_config", {}).get("max_position_embeddings", 77)
-        proc = cls(int(size), int(length), tokenizer_file)
+            proc.image_size = int(config.get("image_config", {}).get("image_size", 224))
+            proc.max_length = int(config.get("text_config", {}).get("max_position_embeddings", 77))
         hf = path / "preprocessor_config.json"
         if hf.is_file():
             data = read_json(hf, "image processor config", DataError, expect=dict)

@@ -269,7 +269,8 @@ def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: Finet
     check_multimodal_task(task)
     tok = truncating_copy(tokenizer, max_length)
     parts = (task.train, task.val, task.test)
-    images, image_rows = image_cache(list(parts), model.config.image.image_size)
+    images, image_rows = image_cache(list(parts), model.config.image.image_size,
+                                      model.config.image.image_mean, model.config.image.image_std)
     splits = {}
     for name, examples, rows in zip(("train", "val", "test"), parts, image_rows):
         tokens = encode(tok, [e.text for e in examples], None)
@@ -314,7 +315,8 @@ def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSetting
     check(settings)
     check_image_task(task)
     parts = (task.train, task.val, task.test)
-    images, image_rows = image_cache(list(parts), model.config.image.image_size)
+    images, image_rows = image_cache(list(parts), model.config.image.image_size,
+                                      model.config.image.image_mean, model.config.image.image_std)
     splits = {name: Split([], torch.tensor([e.label for e in examples], dtype=torch.long), None, rows)
               for name, examples, rows in zip(("train", "val", "test"), parts, image_rows)}
 

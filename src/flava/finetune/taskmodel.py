@@ -138,7 +138,8 @@ class TaskModel:
 
     def _pixels(self, image, i: int) -> torch.Tensor:
         try:
-            return eval_transform(load_image(image), self.image_size)
+            ic = self._image_config()
+            return eval_transform(load_image(image), self.image_size, ic.image_mean, ic.image_std)
         except FlavaError as e:
             raise DataError(str(e)) from None
         except (TypeError, ValueError, OSError) as e:  # arrays PIL cannot take (dtype, shape)
@@ -218,6 +219,11 @@ class TaskModel:
         return {"type": kind, "dim": head.dense.in_features if kind != "image" else head.out.in_features,
                 "hidden": head.dense.out_features if kind == "multimodal" else None,
                 "num_outputs": head.out.out_features, "dropout": head.drop.p}
+
+    def _image_config(self):
+        """The image encoder's config: its pixel statistics are the ones inputs are normalised with."""
+        clf = self.classifier
+        return clf.encoder.cfg if isinstance(clf, ImageClassifier) else clf.flava.config.image
 
     def _model_config(self) -> dict[str, Any]:
         clf = self.classifier

@@ -38,6 +38,14 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
     the pretraining layout when the checkpoint has pretraining heads."""
     cfg = ckpt.config
     notes = []
+    ic = cfg.image
+    extras = [name for name, on in (("a distillation token", ic.distillation_token),
+                                    ("register tokens", ic.register_tokens), ("LayerScale", ic.layer_scale),
+                                    ("a LayerNorm before the blocks", ic.embed_norm),
+                                    ("no patch bias", not ic.patch_bias)) if on]
+    if extras:
+        raise CheckpointError(f"this model's image encoder (from a public image tower) has {', '.join(extras)}, which "
+                              "transformers' FLAVA image model cannot hold; it cannot be expressed in its format")
     mm = cfg.multimodal.hidden_size
     if cfg.image.hidden_size != mm or cfg.text.hidden_size != mm:
         raise CheckpointError(

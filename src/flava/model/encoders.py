@@ -26,6 +26,14 @@ class EncoderOutput:
     """[B, N] 1 for real tokens, 0 for padding (text only)."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
     """Embedding output and every block's output, when asked for."""
+    prefix_tokens: int = 1
+    """Tokens before the patches (images) or the text: CLS, then an image encoder's distillation
+    and register tokens when it has them (`ImageEncoderConfig.num_prefix_tokens`)."""
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """[B, N - prefix_tokens, D] the final states after the prefix tokens (an image's patches)."""
+        return self.last_hidden_state[:, self.prefix_tokens:]
 
 
 @dataclass(frozen=True)
@@ -85,10 +93,12 @@ class MultimodalOutput:
         return self.last_hidden_state[:, self.layout.text]
 
 
-def resize_position_table(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """[1, 1 + g*g, D] (CLS first, then a square grid of patches) -> [1, 1 + grid_h*grid_w, D], the
-    patch positions resized bicubically as transformers' `interpolate_pos_encoding` does."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+def resize_position_table(pos_embed: torch.Tensor, grid_h: int, grid_w: int, prefix: int = 1,
+                          antialias: bool = False) -> torch.Tensor:
+    """[1, prefix + g*g, D] (CLS, and DeiT's distillation token, first, then a square grid of
+    patches) -> [1, prefix + grid_h*grid_w, D], the patch positions resized bicubically as
+    transformers' `interpolate_pos_encoding` does (`antialias`: as DINOv2 with registers does)."""
+    cls_pos, patch_pos = pos_embed[:, :prefix], pos_embed[:, prefix:]
     g = math.isqrt(patch_pos.shape[1])
     if g * g != patch_pos.shape[1]:
         raise InputError(f"a position table of {patch_pos.shape[1]} patches is not a square grid")
@@ -96,25 +106,45 @@ def resize_position_table(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> 
         return pos_embed
     d = patch_pos.shape[-1]
     patch_pos = patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False,
+                              antialias=antialias)
     return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d)], dim=1)
 
 
 class ImageEncoder(nn.Module):
-    """ViT: patch embedding, a learned mask token, CLS, learned positions, pre-norm blocks."""
+    """ViT: patch embedding, a learned mask token, CLS, learned positions, pre-norm blocks.
+
+    What some public towers add (`interop.towers`), each off in FLAVA's own: DeiT's distillation
+    token after CLS (with a position), DINOv2's register tokens after those (without positions)
+    and LayerScale, CLIP's LayerNorm over the embeddings and bias-free patch projection. The
+    sequence is [CLS, distillation token, registers, patches]."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                     bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distillation_token else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.register_tokens, d)) if cfg.register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_mask_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + self.positioned_prefix, d))
         self.drop = nn.Dropout(cfg.dropout)
-        self.transformer = Transformer(cfg)
+        self.embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.embed_norm else None
+        self.transformer = Transformer(cfg, cfg.layer_scale)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.pooler = Pooler(d)
+
+    @property
+    def positioned_prefix(self) -> int:
+        """Tokens before the patches that have a position: CLS and the distillation token."""
+        return 1 + int(self.cfg.distillation_token)
+
+    def token_parameters(self) -> list[nn.Parameter]:
+        """The learned tokens and positions (initialised like weights, never weight-decayed)."""
+        return [p for p in (self.cls_token, self.dist_token, self.register_tokens, self.pos_embed, self.mask_token)
+                if p is not None]
 
     def _check(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
         cfg = self.cfg
@@ -137,8 +167,9 @@ class ImageEncoder(nn.Module):
             raise InputError(f"image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}")
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """[1, 1 + grid_h*grid_w, D], bicubically resized when the grid differs from the trained one."""
-        return resize_position_table(self.pos_embed, grid_h, grid_w)
+        """[1, P + grid_h*grid_w, D] (P: CLS and a distillation token), bicubically resized when the
+        grid differs from the trained one."""
+        return resize_position_table(self.pos_embed, grid_h, grid_w, self.positioned_prefix)
 
     def resize(self, image_size: int) -> None:
         """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""
@@ -172,10 +203,17 @@ class ImageEncoder(nn.Module):
             if tuple(patch_mask.shape) != (B, N):
                 raise InputError(f"patch_mask must be [{B}, {N}]; got {tuple(patch_mask.shape)}")
             x = torch.where(patch_mask.to(torch.bool).unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
-        x = self.drop(x + self.position_embeddings(grid_h, grid_w))
+        prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
+        x = torch.cat([p.expand(B, -1, -1).to(x.dtype) for p in prefix] + [x], dim=1)
+        x = x + self.position_embeddings(grid_h, grid_w)
+        if self.register_tokens is not None:
+            n = len(prefix)
+            x = torch.cat([x[:, :n], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, n:]], dim=1)
+        x = self.drop(x)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         h, states = self.transformer(x, keep_all=output_hidden_states, cls_only=cls_only)
-        return EncoderOutput(self.norm(h), h, hidden_states=states)
+        return EncoderOutput(self.norm(h), h, hidden_states=states, prefix_tokens=self.cfg.num_prefix_tokens)
 
 
 class TextEncoder(nn.Module):

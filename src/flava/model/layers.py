@@ -127,15 +127,18 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(LN(x)), then x + mlp(LN(x))."""
+    """x + attn(LN(x)), then x + mlp(LN(x)); with `layer_scale`, each branch is scaled by learned
+    per-channel factors `ls1`, `ls2` (DINOv2's LayerScale)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, layer_scale: bool = False):
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attention_dropout, cfg.dropout)
         self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(d, cfg.mlp_size, cfg.activation, cfg.dropout)
+        self.ls1 = nn.Parameter(torch.ones(d)) if layer_scale else None
+        self.ls2 = nn.Parameter(torch.ones(d)) if layer_scale else None
 
     def forward(
         self,
@@ -146,16 +149,19 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         """`num_queries` updates only the first tokens (all still serve as keys and values)."""
         a = self.attn(self.norm1(x), attn_mask, num_queries, packing)
+        if self.ls1 is not None:
+            a = a * self.ls1
         x = (x if num_queries is None else x[:, :num_queries]) + a
-        return x + self.mlp(self.norm2(x))
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.ls2 is None else m * self.ls2)
 
 
 class Transformer(nn.Module):
     """A stack of blocks; optionally keeps every block's input (and the final output)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, layer_scale: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer_scale) for _ in range(cfg.num_layers))
         self.grad_checkpointing = False
 
     def forward(

@@ -97,7 +97,8 @@ class DinoConfig:
         """The multi-crop augmentation for an image encoder of config `image`."""
         return MultiCropSpec(global_size=image.image_size, local_size=self.local_size(image),
                              local_crops=self.local_crops, global_scale=(self.global_crop_scale_min, 1.0),
-                             local_scale=(self.local_crop_scale_min, self.local_crop_scale_max))
+                             local_scale=(self.local_crop_scale_min, self.local_crop_scale_max),
+                             mean=tuple(image.image_mean), std=tuple(image.image_std))
 
     def validate(self, image: ImageEncoderConfig) -> DinoConfig:
         """Check every field, then the relations between fields and with the image encoder."""
@@ -303,9 +304,8 @@ class DinoOutput:
 def init_image_encoder(encoder: ImageEncoder, std: float) -> None:
     """FLAVA's initialisation of a fresh image encoder (truncated normal weights and tokens)."""
     init_weights(encoder, std)
-    for p in (encoder.cls_token, encoder.pos_embed, encoder.mask_token):
-        if p is not None:
-            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+    for p in encoder.token_parameters():
+        nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
 
 
 class DinoModel(nn.Module):

@@ -52,7 +52,7 @@ class Objective:
 
 
 def _mim(s, head) -> torch.Tensor:
-    return masked_prediction_loss(s.masked.last_hidden_state[:, 1:], s.image_labels, head)
+    return masked_prediction_loss(s.masked.patches, s.image_labels, head)
 
 
 def _mlm(s, head) -> torch.Tensor:

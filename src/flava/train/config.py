@@ -163,8 +163,16 @@ class TrainConfig:
     """Checkpoint to take the image encoder and image_projection from, after `init`: ours
     (checkpoints/step_N or a run directory, e.g. an `image-mim` stage, or an `image-dino` stage,
     whose teacher's encoder is taken), a transformers FLAVA directory, or a transformers ViT
-    directory (the paper starts from DINO ViT-B/16). In stage 'image-dino' it starts the student's
-    and teacher's encoder (e.g. from facebook/dino-vitb16) and the DINO head is fresh."""
+    directory (the paper starts from DINO ViT-B/16), or another public image tower: DeiT, DINOv2
+    (with or without registers), CLIP (vision or whole). A tower decides model.image: its
+    architecture, image size (see init_image_size) and pixel statistics; image_projection and
+    image_to_mm_projection follow its width. In stage 'image-dino' it starts the student's and
+    teacher's encoder (e.g. from facebook/dino-vitb16) and the DINO head is fresh."""
+    init_image_size: NonNegativeInt = 0
+    """When init_image is a public image tower (a transformers ViT, DeiT, DINOv2 or CLIP): the
+    image side to run it at, its position table resized to fit. 0: the tower's own (its
+    processor's crop size, else its config's image_size). The tower also decides the rest of
+    model.image (architecture, pixel statistics)."""
     init_text: str = ""
     """Checkpoint to take the text encoder and text_projection from, after `init`: ours (e.g. a
     `text-mlm` stage's run directory) or a transformers FLAVA directory."""

@@ -1,7 +1,8 @@
 """Stage `image-dino`: DINO self-distillation of the image encoder (`objectives.dino`) as a stage.
 
 What is DINO's: the module a checkpoint saves (`DinoParts`: student, teacher and loss center, as
-the `dino` part), the encoder's initialisation (`init_image`: a ViT such as facebook/dino-vitb16
+the `dino` part), the encoder's initialisation (`init_image`: a public image tower such as
+facebook/dino-vitb16, whose architecture, image size and pixel statistics the model then takes,
 or one of our checkpoints), multi-crop samples, how many steps make an epoch of DINO's
 epoch-based schedules, the forward on global and local crops, the last layer's frozen epochs and
 the teacher's EMA step after each update. Under torchrun only the student is wrapped in DDP: the
@@ -20,7 +21,7 @@ from ..data.registry import estimated_size
 from ..errors import ConfigError
 from ..model.encoders import ImageEncoder
 from ..objectives.dino import DinoModel, init_image_encoder, momentum_schedule
-from .init import initialise_image_encoder
+from .init import follow_image_tower, initialise_image_encoder
 from .stage import Stage, StageOutput
 
 # The collapse metrics a step reports (DinoOutput.metrics), in this order.
@@ -48,7 +49,7 @@ class DinoStage(Stage):
         for name in ("init", "init_text", "init_multimodal"):
             if getattr(cfg, name):
                 raise ConfigError(f"stage image-dino trains the image encoder alone and cannot use {name}; start its "
-                                  "encoder with init_image (a ViT directory or one of our checkpoints) instead")
+                                  "encoder with init_image (a public image tower or one of our checkpoints) instead")
         if cfg.distributed == "fsdp":
             raise ConfigError("stage image-dino runs with distributed=ddp (the teacher is an EMA copy of the whole "
                               "student); set distributed=ddp")
@@ -65,6 +66,9 @@ class DinoStage(Stage):
 
     def build(self) -> dict[str, str]:
         cfg = self.cfg
+        if cfg.init_image:  # a public image tower decides the image encoder (and so the crops)
+            cfg.model = follow_image_tower(cfg.model, cfg.init_image, cfg.init_image_size)
+            cfg.dino.validate(cfg.model.image)
         encoder = ImageEncoder(cfg.model.image)
         init_image_encoder(encoder, cfg.model.init_std)
         loaded = {}

@@ -40,15 +40,19 @@ class PretrainingStage(Stage):
         codebook = load_codebook(cfg.codebook) if cfg.codebook else None
         if cfg.init:
             self.model, _ = pretraining_from_checkpoint(read_checkpoint(cfg.init), cfg.objectives, codebook)
-            cfg.model = self.model.config  # the data pipeline must match the checkpoint's model
         else:
+            if cfg.init_image:  # a public image tower decides the image encoder: build it so once
+                from .init import follow_image_tower
+
+                cfg.model = follow_image_tower(cfg.model, cfg.init_image, cfg.init_image_size)
             self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
         self.initialised: dict[str, str] = {}
         if cfg.init_image or cfg.init_text or cfg.init_multimodal:
             from .init import initialise_encoders
 
             self.initialised = initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
-                                                   multimodal=cfg.init_multimodal)
+                                                   multimodal=cfg.init_multimodal, image_size=cfg.init_image_size)
+        cfg.model = self.model.config  # the data pipeline must match the model (a checkpoint's, a tower's)
         return self.initialised
 
     def open_data(self, streams: dict, world: int) -> None:

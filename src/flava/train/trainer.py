@@ -284,10 +284,11 @@ class Trainer:
 
     def _to_device(self, batch):
         """A host batch on the device: pinned and copied without blocking on CUDA (the copy
-        overlaps the host's next work), uint8 pixels normalised there."""
+        overlaps the host's next work), uint8 pixels normalised there by the model's statistics."""
+        stats = dict(mean=self.cfg.model.image.image_mean, std=self.cfg.model.image.image_std)
         if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
+            return batch.pin_memory().to(self.device, non_blocking=True, **stats)
+        return batch.to(self.device, **stats)
 
     def _update(self, sums: torch.Tensor) -> torch.Tensor:
         """The step's tail: average over processes, clip, the update unless something is not
