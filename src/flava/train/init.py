@@ -1,8 +1,10 @@
-"""Start encoders from other checkpoints: an earlier unimodal stage, a transformers FLAVA, a ViT.
+"""Start encoders from other checkpoints: an earlier unimodal stage, a transformers FLAVA, a ViT,
+a BERT-family text tower.
 
 The paper starts the image encoder from DINO ViT-B/16; a staged run starts the joint stage
-from the `text-mlm` and `image-mim` stages. Each encoder comes with the projections that feed
-from it, so every FlavaModel weight belongs to one group (the logit scale to none):
+from the `text-mlm` and `image-mim` stages; ALBEF and BLIP start from BERT. Each encoder comes with
+the projections that feed from it, so every FlavaModel weight belongs to one group (the logit
+scale to none):
 
 - image: `image_encoder.*` and `image_projection` (contrastive);
 - text: `text_encoder.*` and `text_projection` (contrastive);
@@ -10,20 +12,26 @@ from it, so every FlavaModel weight belongs to one group (the logit scale to non
 
 A ViT checkpoint gives the image encoder alone (see `interop.vit` for what it leaves fresh), and so
 does an `image-dino` stage: its teacher's encoder (DINO releases the teacher; there is no
-image_projection to take). Heads are not taken: a stage's MLM, MIM or DINO head belongs to that
-stage's objective.
+image_projection to take). A BERT-family checkpoint (BERT, MiniLM, RoBERTa, DistilBERT...; see
+`interop.text_towers`) gives the text encoder, and its MLM head to FLAVA's MLM head where that
+fits; its tokenizer becomes the model's (`text_source`). Other heads are not taken: a stage's MLM,
+MIM or DINO head belongs to that stage's objective.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..config import FlavaConfig, TextEncoderConfig, from_dict, validate
+from ..data.tokenizer import TOKENIZER_FILE
+from ..errors import CheckpointError, ConfigError
 from ..loading import Checkpoint, read_checkpoint
-from ..interop import vit
-from ..io.checkpoint import read_config
+from ..interop import text_towers, vit
+from ..interop import transformers as hf
+from ..io.checkpoint import is_ours, read_config
 from ..io.runs import resolve
 from ..model.encoders import ImageEncoder
 
@@ -36,6 +44,52 @@ GROUPS = {
 _STAGE_TRAINS = {"text-mlm": "text", "image-mim": "image", "image-dino": "image"}
 # Where a DINO stage's checkpoint (its `dino` part) keeps the teacher's image encoder.
 DINO_TEACHER = "teacher.backbone."
+
+
+def resolve_source(src: str) -> Path:
+    """A checkpoint, run or tower directory, a hub id, or a packaged tower's name (`minilm`)."""
+    if src in text_towers.SHORTCUTS and not Path(src).exists():
+        return text_towers.SHORTCUTS[src]()
+    return resolve(src)
+
+
+def checkpoint_tokenizer(directory: Path) -> str | None:
+    """The tokenizer a checkpoint directory records (its tokenizer.json), or None: BERT uncased."""
+    own = Path(directory) / TOKENIZER_FILE
+    return str(own) if own.is_file() else None
+
+
+@dataclass
+class TextSource:
+    """What `init_text` brings besides weights: its text encoder's settings and its tokenizer."""
+
+    path: Path
+    config: TextEncoderConfig
+    tokenizer: str | None
+    """A tokenizer.json or a directory holding the tokenizer; None: BERT uncased."""
+    tower: str = ""
+    """The model_type of a BERT-family tower; '' for a FLAVA checkpoint."""
+
+
+def text_source(src: str) -> TextSource:
+    """Read the settings (not the weights) of an `init_text` source."""
+    path = resolve_source(src)
+    data = read_config(path)
+    try:
+        if text_towers.is_text_tower_config(data):
+            return TextSource(path, text_towers.text_config_from_tower(data), str(path), data["model_type"])
+        if is_ours(data):
+            config = validate(from_dict(FlavaConfig, data.get("model", {}), "model"))
+        elif hf.is_hf_config(data):
+            config = validate(hf.config_from_hf(data))
+        elif vit.is_vit_config(data):
+            raise CheckpointError("a ViT checkpoint holds an image encoder only")
+        else:
+            raise CheckpointError(f"it is neither a FLAVA checkpoint nor a text tower (model_type "
+                                  f"{data.get('model_type')!r}; text towers: {', '.join(text_towers.FAMILIES)})")
+    except (CheckpointError, ConfigError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"cannot initialise the text encoder from {path}: {e}") from None
+    return TextSource(path, config.text, checkpoint_tokenizer(path))
 
 
 def _their_group(ckpt: Checkpoint, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -68,31 +122,77 @@ def _group_state(own_state: dict[str, torch.Tensor], ours, ckpt: Checkpoint, nam
             theirs[key] = vit.resize_pos_embed(theirs[key], ours_cfg.grid_size)
             notes.append(f"position embeddings resized from {their_cfg.grid_size}x{their_cfg.grid_size} to "
                          f"{ours_cfg.grid_size}x{ours_cfg.grid_size} patches")
-    vit.check_fit(name, theirs, own, their_cfg, ours_cfg, ckpt.path)
+    if name == "multimodal":
+        # A projection from an encoder of another width (a text tower's) cannot be taken.
+        for key in [k for k in own if k.startswith(prefixes[1:]) and k in theirs and k.endswith(".weight")
+                    and theirs[k].shape[1] != own[k].shape[1]]:
+            stem = key.removesuffix(".weight")
+            notes.append(f"{stem} keeps its initialisation (it reads {theirs[key].shape[1]} features there, "
+                         f"{own[key].shape[1]} here)")
+            for k in (key, stem + ".bias"):
+                own.pop(k, None)
+                theirs.pop(k, None)
+    if name == "text":
+        text_towers.check_text_fit(theirs, own, their_cfg, ours_cfg, ckpt.path)
+    else:
+        vit.check_fit(name, theirs, own, their_cfg, ours_cfg, ckpt.path)
     stage = (ckpt.extra.get("train") or {}).get("stage")
     if _STAGE_TRAINS.get(stage, name) != name:
         notes.append(f"beware: it was written by a {stage} stage, which does not train the {name} encoder")
     return theirs, notes
 
 
+def _tower_text(pretraining_model, tower: text_towers.TowerCheckpoint) -> tuple[dict, dict, str]:
+    """(model updates, MLM head updates, what was taken and what stays fresh) of a text tower."""
+    model = pretraining_model.model
+    own = {k.removeprefix("text_encoder."): v for k, v in model.state_dict().items() if k.startswith("text_encoder.")}
+    sd, notes = text_towers.tower_text_state(tower, model.config.text, own)
+    head = getattr(getattr(pretraining_model, "heads", None), "mlm", None)
+    head_sd = {}
+    if head is not None:
+        taken, note = text_towers.tower_mlm_head(tower, model.config.text, head.state_dict())
+        head_sd = {"mlm." + k: v for k, v in taken.items()}
+        notes.append(note)
+    notes.append("text_projection keeps its initialisation (a tower has none)")
+    if tower.dropped:
+        notes.append(f"its {', '.join(sorted({_head_name(k) for k in tower.dropped}))} not loaded")
+    c = tower.config
+    what = (f"text encoder from the {tower.kind} checkpoint {tower.path}: embeddings and {c.num_layers} post-norm "
+            f"blocks ({c.hidden_size} wide, {c.num_heads} heads, vocabulary {c.vocab_size}) taken, with its tokenizer")
+    return {"text_encoder." + k: v for k, v in sd.items()}, head_sd, what + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _head_name(key: str) -> str:
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("cls", "embeddings") else parts[0]
+
+
 def initialise_encoders(pretraining_model, image: str = "", text: str = "", multimodal: str = "") -> dict[str, str]:
     """Replace the named encoders' weights (in place) by those of the given checkpoints.
 
     Each source is one of our checkpoints (checkpoints/step_N, or a run directory whose
-    checkpoints/latest.json points to one), a transformers FLAVA directory, or, for the image
-    encoder only, a transformers ViT directory. Every source is read and checked before any
-    weight changes. Returns, per initialised encoder, what was loaded from where (for the log).
+    checkpoints/latest.json points to one), a transformers FLAVA directory, or a hub id; for the
+    image encoder also a transformers ViT directory, for the text encoder also a BERT-family one
+    (`minilm`: the packaged MiniLM), whose settings the model must have (`text_source`; the
+    pretraining stage builds its model so). Every source is read and checked before any weight
+    changes. Returns, per initialised encoder, what was loaded from where (for the log).
     """
     model = pretraining_model.model
     wanted = {name: src for name, src in (("image", image), ("text", text), ("multimodal", multimodal)) if src}
-    read: dict[Path, Checkpoint | vit.VitCheckpoint] = {}
+    read: dict[Path, Checkpoint | vit.VitCheckpoint | text_towers.TowerCheckpoint] = {}
     updates: dict[str, torch.Tensor] = {}
+    head_updates: dict[str, torch.Tensor] = {}
     described = {}
     for name, src in wanted.items():
-        path = resolve(src)
+        path = resolve_source(src)
         if path not in read:
-            is_vit = vit.is_vit_config(read_config(path))
-            read[path] = vit.read_vit(path) if is_vit else read_checkpoint(path)
+            data = read_config(path)
+            if vit.is_vit_config(data):
+                read[path] = vit.read_vit(path)
+            elif text_towers.is_text_tower_config(data):
+                read[path] = text_towers.read_tower(path)
+            else:
+                read[path] = read_checkpoint(path)
         ckpt = read[path]
         if isinstance(ckpt, vit.VitCheckpoint):
             if name != "image":
@@ -103,6 +203,14 @@ def initialise_encoders(pretraining_model, image: str = "", text: str = "", mult
             sd, notes = vit.vit_image_state(ckpt, model.config.image, own)
             updates.update({"image_encoder." + k: v for k, v in sd.items()})
             what = f"image encoder from the ViT {path}"
+        elif isinstance(ckpt, text_towers.TowerCheckpoint):
+            if name != "text":
+                raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a {ckpt.kind} checkpoint "
+                                      f"holds a text encoder only")
+            sd, head_sd, described[name] = _tower_text(pretraining_model, ckpt)
+            updates.update(sd)
+            head_updates.update(head_sd)
+            continue
         else:
             sd, notes = _group_state(model.state_dict(), model.config, ckpt, name)
             updates.update(sd)
@@ -110,9 +218,12 @@ def initialise_encoders(pretraining_model, image: str = "", text: str = "", mult
             what = f"{name} encoder and {', '.join(p.rstrip('.') for p in GROUPS[name][1:])} from the {kind} {path}"
         described[name] = what + (f" ({'; '.join(notes)})" if notes else "")
     own = model.state_dict()
+    heads = pretraining_model.heads.state_dict() if head_updates else {}
     with torch.no_grad():
         for key, value in updates.items():
             own[key].copy_(value)
+        for key, value in head_updates.items():
+            heads[key].copy_(value)
     return described
 
 
