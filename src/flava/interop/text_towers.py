@@ -86,7 +86,7 @@ class Family:
     """The MLM head's fixed activation (RoBERTa's gelu); None: the encoder's."""
     roberta_positions: bool = False
     dropped: str = r"(cls\.seq_relationship|classifier|qa_outputs|pre_classifier|discriminator_predictions|" \
-                   r"generator_predictions|generator_lm_head)\..*|.*embeddings\.(position_ids|token_type_ids)"
+                   r"generator_predictions|generator_lm_head)\..*"
 
 
 _BERT_QKV = "encoder.layer.{i}.attention.self.{which}.{p}"
@@ -101,6 +101,8 @@ FAMILIES = {
 _QKV_PARTS = {"bert": ("query", "key", "value"), "distilbert": ("q_lin", "k_lin", "v_lin")}
 _BERT_DEFAULTS = dict(hf._HF_TRANSFORMER_DEFAULTS, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
                       pad_token_id=0, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+# Buffers older transformers saved; they hold no learned state.
+_BUFFERS = re.compile(r".*embeddings\.(position_ids|token_type_ids)")
 # Settings that change what a text encoder computes beyond those `vit.check_fit` compares.
 TEXT_FIELDS = ("norm_placement", "position_offset")
 
@@ -200,6 +202,8 @@ def state_dicts_from_tower(tensors: dict[str, torch.Tensor], kind: str, config: 
     qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         k = _normalised(key.removeprefix(family.body))
+        if _BUFFERS.fullmatch(k):
+            continue
         if re.fullmatch(family.dropped, k):
             dropped.append(key)
         elif m := qkv_pattern.fullmatch(k):
@@ -282,21 +286,22 @@ def check_text_fit(theirs: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
 
 def tower_text_state(ckpt: TowerCheckpoint, ours: TextEncoderConfig,
                      own: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The tensors to copy into a text encoder whose state dict is `own`, and what stays fresh."""
+    """The tensors to copy into a text encoder whose state dict is `own`, and the parts the tower
+    lacks (they keep their initialisation). CheckpointError when it does not fit `ours`."""
     fresh = [k for k in own if k not in ckpt.state_dict and k.startswith("pooler.")]
     check_text_fit(ckpt.state_dict, {k: v for k, v in own.items() if k not in fresh}, ckpt.config, ours, ckpt.path)
-    notes = [f"its pooler ({ckpt.kind} has none here) keeps its initialisation"] if fresh else []
-    return dict(ckpt.state_dict), notes
+    return dict(ckpt.state_dict), ["pooler"] if fresh else []
 
 
 def tower_mlm_head(ckpt: TowerCheckpoint, ours: TextEncoderConfig,
                    own: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """The MLM head's tensors to copy (empty when none fits) and a note on it."""
+    """The MLM head's tensors to copy, or none and why (a head to leave fresh)."""
     if not ckpt.mlm_head:
-        return {}, "no MLM head there: the MLM head starts fresh"
+        return {}, "it has none"
     activation = FAMILIES[ckpt.kind].mlm_activation or ckpt.config.activation
+    if activation != ours.activation:
+        return {}, f"its activation is {activation}"
     wrong = next((k for k in own if k not in ckpt.mlm_head or ckpt.mlm_head[k].shape != own[k].shape), None)
-    if activation != ours.activation or wrong:
-        why = f"its activation is {activation}" if activation != ours.activation else f"its {wrong} does not fit"
-        return {}, f"its MLM head is not taken ({why}): the MLM head starts fresh"
-    return dict(ckpt.mlm_head), "its MLM head taken as FLAVA's"
+    if wrong:
+        return {}, f"its {wrong} does not fit"
+    return dict(ckpt.mlm_head), ""

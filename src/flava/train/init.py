@@ -143,28 +143,31 @@ def _group_state(own_state: dict[str, torch.Tensor], ours, ckpt: Checkpoint, nam
 
 
 def _tower_text(pretraining_model, tower: text_towers.TowerCheckpoint) -> tuple[dict, dict, str]:
-    """(model updates, MLM head updates, what was taken and what stays fresh) of a text tower."""
-    model = pretraining_model.model
+    """(model updates, MLM head updates, one line on what was taken and what stays fresh)."""
+    model, c = pretraining_model.model, tower.config
     own = {k.removeprefix("text_encoder."): v for k, v in model.state_dict().items() if k.startswith("text_encoder.")}
-    sd, notes = text_towers.tower_text_state(tower, model.config.text, own)
+    sd, fresh = text_towers.tower_text_state(tower, model.config.text, own)
+    taken = ["embeddings", f"{c.num_layers} post-norm blocks ({c.hidden_size} wide, {c.num_heads} heads, vocabulary "
+                           f"{c.vocab_size})"] + ([] if fresh else ["pooler"])
+    fresh.insert(0, "text_projection")
     head = getattr(getattr(pretraining_model, "heads", None), "mlm", None)
     head_sd = {}
     if head is not None:
-        taken, note = text_towers.tower_mlm_head(tower, model.config.text, head.state_dict())
-        head_sd = {"mlm." + k: v for k, v in taken.items()}
-        notes.append(note)
-    notes.append("text_projection keeps its initialisation (a tower has none)")
+        head_sd, why = text_towers.tower_mlm_head(tower, model.config.text, head.state_dict())
+        if head_sd:
+            taken.append("MLM head")
+        else:
+            fresh.append(f"MLM head ({why})")
+    what = (f"text encoder from the {tower.kind} checkpoint {tower.path}: {', '.join(taken[:-1])} and {taken[-1]} "
+            f"taken, with its tokenizer; fresh: {', '.join(fresh)}")
     if tower.dropped:
-        notes.append(f"its {', '.join(sorted({_head_name(k) for k in tower.dropped}))} not loaded")
-    c = tower.config
-    what = (f"text encoder from the {tower.kind} checkpoint {tower.path}: embeddings and {c.num_layers} post-norm "
-            f"blocks ({c.hidden_size} wide, {c.num_heads} heads, vocabulary {c.vocab_size}) taken, with its tokenizer")
-    return {"text_encoder." + k: v for k, v in sd.items()}, head_sd, what + (f" ({'; '.join(notes)})" if notes else "")
+        what += f"; not loaded: its {', '.join(sorted({_head_name(k) for k in tower.dropped}))}"
+    return ({"text_encoder." + k: v for k, v in sd.items()}, {"mlm." + k: v for k, v in head_sd.items()}, what)
 
 
 def _head_name(key: str) -> str:
     parts = key.split(".")
-    return ".".join(parts[:2]) if parts[0] in ("cls", "embeddings") else parts[0]
+    return ".".join(parts[:2]) if parts[0] == "cls" else parts[0]
 
 
 def initialise_encoders(pretraining_model, image: str = "", text: str = "", multimodal: str = "") -> dict[str, str]:
