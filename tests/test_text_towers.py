@@ -123,6 +123,11 @@ def test_a_tower_gives_the_text_encoder_transformers_computes(towers, family):
     assert (out.last_hidden_state[real] - theirs.last_hidden_state[real]).abs().max() < 1e-5
     # Post-norm: no final LayerNorm; fusion and the contrastive CLS read the last block's output.
     assert out.pre_norm_hidden_state is out.last_hidden_state
+    with torch.no_grad():  # the shortcuts (real tokens only; CLS only) compute the same
+        packed = model.encode_text_tokens(batch["input_ids"], batch["attention_mask"], skip_padding=True)
+        assert (packed.last_hidden_state[real] - out.last_hidden_state[real]).abs().max() < 1e-5
+        assert torch.allclose(model.encode_text(batch["input_ids"], batch["attention_mask"]),
+                              model.text_embedding(out), atol=1e-6)
     assert not any(k.startswith("text_encoder.norm.") for k in model.state_dict())
     described = stage.initialised["text"]
     assert str(path) in described and "fresh: text_projection" in described

@@ -243,12 +243,6 @@ class TextTokenizer:
                 table[i] = test(token)
         return table
 
-    def is_default(self) -> bool:
-        try:
-            return self.source.resolve() == default_tokenizer_file().resolve()
-        except DataError:
-            return False
-
     def save(self, directory: str | os.PathLike) -> None:
         """tokenizer.json and special_tokens_map.json (the roles) into an existing directory."""
         directory = Path(directory)

@@ -15,10 +15,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from ..config import to_dict
 from ..data.processor import Processor
 from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import world
-from ..config import to_dict
 from ..errors import ConfigError
 from ..interop.text_towers import following
 from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint
