@@ -35,13 +35,14 @@ from .typed import (
 __all__ = [
     "NonNegative", "NonNegativeInt", "Positive", "PositiveInt", "Probability", "Range", "apply_overrides", "check",
     "check_value", "describe", "field_docs", "from_dict", "set_value", "settings", "to_dict",
-    "Activation", "CLIP_MEAN", "CLIP_STD", "TransformerConfig", "ImageEncoderConfig", "TextEncoderConfig",
-    "MultimodalEncoderConfig",
+    "Activation", "CLIP_MEAN", "CLIP_STD", "NormPlacement", "TransformerConfig", "ImageEncoderConfig",
+    "TextEncoderConfig", "MultimodalEncoderConfig",
     "CodebookConfig", "FlavaConfig", "ObjectivesConfig", "PRESETS", "preset", "validate", "parameter_count",
     "load_config", "config_from",
 ]
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"]
+NormPlacement = Literal["pre", "post"]
 
 # CLIP's pixel statistics, which FLAVA's image processor uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -50,7 +51,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class TransformerConfig:
-    """Fields shared by the three encoders (pre-norm transformer blocks)."""
+    """Fields shared by the three encoders (transformer blocks, pre-norm unless said otherwise)."""
 
     hidden_size: PositiveInt = 768
     """Width of the residual stream."""
@@ -70,6 +71,10 @@ class TransformerConfig:
     """Dropout after the attention output and MLP projections (and on embeddings)."""
     attention_dropout: Probability = 0.0
     """Dropout on attention probabilities."""
+    norm_placement: NormPlacement = "pre"
+    """'pre': x + attn(LN(x)), then x + mlp(LN(x)), and a final LayerNorm (FLAVA's, ViT's); 'post':
+    LN(x + attn(x)), then LN(x + mlp(x)), and no final LayerNorm (BERT's, RoBERTa's: a text encoder
+    started from such a tower). Only the text encoder takes 'post'."""
 
 
 @dataclass
@@ -127,11 +132,20 @@ class TextEncoderConfig(TransformerConfig):
     vocab_size: PositiveInt = 30522
     """WordPiece vocabulary size (BERT uncased: 30,522)."""
     max_position_embeddings: PositiveInt = 512
-    """Longest text, in tokens, including [CLS] and [SEP]."""
+    """Rows of the position table; the longest text (including [CLS] and [SEP]) is this less
+    `position_offset` tokens (`max_length`)."""
     type_vocab_size: PositiveInt = 2
     """Number of token types (segments)."""
     pad_token_id: NonNegativeInt = 0
-    """Id of the [PAD] token."""
+    """Id of the padding token ([PAD]; RoBERTa's <pad> is 1)."""
+    position_offset: NonNegativeInt = 0
+    """Position id of a text's first token: 0 (BERT, FLAVA); RoBERTa's pad_token_id + 1 = 2, its
+    positions counting on from the padding id as fairseq numbered them."""
+
+    @property
+    def max_length(self) -> int:
+        """The longest text in tokens, special tokens included."""
+        return self.max_position_embeddings - self.position_offset
 
 
 @dataclass
@@ -297,6 +311,13 @@ def validate(cfg: FlavaConfig) -> FlavaConfig:
                           f"{img.image_mean} and {img.image_std}")
     if any(s <= 0 for s in img.image_std):
         raise ConfigError(f"image.image_std must be positive; got {img.image_std}")
+    for name in ("image", "multimodal"):
+        if getattr(cfg, name).norm_placement != "pre":
+            raise ConfigError(f"{name}.norm_placement must be 'pre'; only the text encoder takes 'post' (a BERT-family "
+                              f"text tower)")
+    if cfg.text.max_length < 1:
+        raise ConfigError(f"text.max_position_embeddings ({cfg.text.max_position_embeddings}) less "
+                          f"text.position_offset ({cfg.text.position_offset}) leaves no room for a text; raise it")
     if cfg.image.patch_size > cfg.image.image_size:
         raise ConfigError(
             f"image.patch_size ({cfg.image.patch_size}) must be at most image.image_size ({cfg.image.image_size})"

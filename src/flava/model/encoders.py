@@ -19,9 +19,11 @@ class EncoderOutput:
     """Per-token states of one encoder."""
 
     last_hidden_state: torch.Tensor
-    """[B, N, D] after the encoder's final LayerNorm (N = 1 when only CLS was asked for)."""
+    """[B, N, D] after the encoder's final LayerNorm (N = 1 when only CLS was asked for). A post-norm
+    text encoder (a BERT-family tower) has no final LayerNorm: its last block's output, as BERT's."""
     pre_norm_hidden_state: torch.Tensor
-    """[B, N, D] before the final LayerNorm: what the multimodal encoder consumes."""
+    """[B, N, D] before the final LayerNorm: what the multimodal encoder consumes. For a post-norm
+    text encoder the same tensor as `last_hidden_state` (whose CLS the contrastive embedding reads)."""
     attention_mask: torch.Tensor | None = None
     """[B, N] 1 for real tokens, 0 for padding (text only)."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -217,7 +219,9 @@ class ImageEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """BERT embeddings (word + position + token type, LayerNorm) and pre-norm blocks."""
+    """BERT embeddings (word + position + token type, LayerNorm) and blocks: pre-norm with a final
+    LayerNorm (FLAVA's), or post-norm without one (`norm_placement='post'`: BERT, RoBERTa and their
+    kin, whose positions may start at `position_offset`)."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
@@ -229,7 +233,8 @@ class TextEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg)
-        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        # Post-norm blocks end normalised: a final LayerNorm would be a second one BERT never had.
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.norm_placement == "pre" else nn.Identity()
         self.pooler = Pooler(d)
 
     def _check(self, input_ids: torch.Tensor, attention_mask, token_type_ids) -> None:
@@ -241,10 +246,10 @@ class TextEncoder(nn.Module):
         L = input_ids.shape[1]
         if L == 0:
             raise InputError("input_ids is empty: every text needs at least one token")
-        if L > cfg.max_position_embeddings:
+        if L > cfg.max_length:
             raise InputError(
                 f"texts are {L} tokens long but the text encoder takes at most "
-                f"{cfg.max_position_embeddings}; truncate them"
+                f"{cfg.max_length}; truncate them"
             )
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
@@ -277,7 +282,9 @@ class TextEncoder(nn.Module):
         which never read them. `cls_only` implies it."""
         self._check(input_ids, attention_mask, token_type_ids)
         L = input_ids.shape[1]
-        positions = torch.arange(L, device=input_ids.device)
+        # Right-padded rows: real tokens sit at 0..n-1, so RoBERTa's positions (counted over
+        # non-padding from pad_token_id + 1) are these plus the offset.
+        positions = torch.arange(self.cfg.position_offset, self.cfg.position_offset + L, device=input_ids.device)
         if token_type_ids is None:
             x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         else:

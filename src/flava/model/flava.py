@@ -15,7 +15,7 @@ from torch import nn
 from ..config import FlavaConfig, ImageEncoderConfig, to_dict, validate
 from ..data.processor import Processor
 from ..errors import InputError
-from ..io.checkpoint import save_checkpoint
+from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
 from .encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, MultimodalOutput, TextEncoder
 from .layers import Transformer
 
@@ -283,11 +283,24 @@ class FlavaModel(nn.Module):
     # ------------------------------------------------------------------ io
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors (this project's format) atomically."""
+        """Write config.json and model.safetensors (this project's format) atomically, and the
+        tokenizer when it is not BERT uncased (`save_tokenizer`)."""
         if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in self.modules()):
             raise InputError("this model is quantized to int8, which is for inference and cannot be saved; save the "
                              "float model (flava.load(path) without quantize) and quantize it when loading")
-        save_checkpoint(directory, to_dict(self.config), {"model": self.state_dict()})
+
+        def fill(tmp) -> None:
+            write_checkpoint_files(tmp, to_dict(self.config), {"model": self.state_dict()})
+            self.save_tokenizer(tmp)
+        write_checkpoint_dir(directory, fill)
+
+    def save_tokenizer(self, directory: str | os.PathLike) -> None:
+        """When this model's tokenizer is its own (a text tower's), write it with the processor
+        settings into a checkpoint directory being written, so whatever loads the checkpoint
+        tokenises as it was trained; a checkpoint without one reads as BERT uncased."""
+        processor = getattr(self, "_processor", None)
+        if processor is not None and processor.tokenizer_file:
+            processor.save_pretrained(directory)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

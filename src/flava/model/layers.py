@@ -1,4 +1,4 @@
-"""The pre-norm transformer block shared by the three encoders."""
+"""The transformer block shared by the three encoders (pre-norm; post-norm for BERT-family text towers)."""
 
 from __future__ import annotations
 
@@ -127,12 +127,15 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(LN(x)), then x + mlp(LN(x)); with `layer_scale`, each branch is scaled by learned
-    per-channel factors `ls1`, `ls2` (DINOv2's LayerScale)."""
+    """Pre-norm: x + attn(LN(x)), then x + mlp(LN(x)); with `layer_scale`, each branch is scaled by
+    learned per-channel factors `ls1`, `ls2` (DINOv2's LayerScale). Post-norm
+    (`norm_placement='post'`, BERT's): LN(x + attn(x)), then LN(x + mlp(x)), with norm1 and norm2
+    in those places."""
 
     def __init__(self, cfg: TransformerConfig, layer_scale: bool = False):
         super().__init__()
         d = cfg.hidden_size
+        self.post_norm = cfg.norm_placement == "post"
         self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attention_dropout, cfg.dropout)
         self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
@@ -148,6 +151,10 @@ class Block(nn.Module):
         packing: Packing | None = None,
     ) -> torch.Tensor:
         """`num_queries` updates only the first tokens (all still serve as keys and values)."""
+        if self.post_norm:
+            a = self.attn(x, attn_mask, num_queries, packing)
+            x = self.norm1((x if num_queries is None else x[:, :num_queries]) + a)
+            return self.norm2(x + self.mlp(x))
         a = self.attn(self.norm1(x), attn_mask, num_queries, packing)
         if self.ls1 is not None:
             a = a * self.ls1

@@ -24,7 +24,7 @@ from ..config import FlavaConfig, ObjectivesConfig, check, to_dict
 from ..data.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
 from ..distributed import gather, gather_with_grad, max_over_processes, world
 from ..errors import ConfigError, InputError
-from ..io.checkpoint import save_checkpoint
+from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
 from ..model.codebook import FlavaImageCodebook
 from ..model.encoders import EncoderOutput, MultimodalOutput
 from ..model.flava import LOGIT_SCALE_MAX, FlavaModel, init_weights
@@ -259,4 +259,7 @@ class PretrainingModel(nn.Module):
         parts = {"model": self.model.state_dict(), "heads": self.heads.state_dict()}
         if self.codebook is not None:
             parts["codebook"] = self.codebook.state_dict()
-        save_checkpoint(directory, to_dict(self.config), parts, extra={"objectives": to_dict(self.objectives)})
+        def fill(tmp) -> None:
+            write_checkpoint_files(tmp, to_dict(self.config), parts, extra={"objectives": to_dict(self.objectives)})
+            self.model.save_tokenizer(tmp)
+        write_checkpoint_dir(directory, fill)

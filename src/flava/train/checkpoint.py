@@ -174,6 +174,8 @@ class CheckpointManager:
                                    extra={"objectives": to_dict(model.objectives), "train": to_dict(parts.settings)})
             torch.save(state, tmp / STATE)
             write_json_atomic(tmp / STREAMS, streams)
+            if hasattr(parts.stage, "write_files"):
+                parts.stage.write_files(tmp)
             write_checksums(tmp)
 
         try:

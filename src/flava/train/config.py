@@ -175,7 +175,10 @@ class TrainConfig:
     model.image (architecture, pixel statistics)."""
     init_text: str = ""
     """Checkpoint to take the text encoder and text_projection from, after `init`: ours (e.g. a
-    `text-mlm` stage's run directory) or a transformers FLAVA directory."""
+    `text-mlm` stage's run directory), a transformers FLAVA directory, or a BERT-family text tower
+    (a transformers BERT, MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA or DistilBERT directory or hub
+    id; `minilm`: the packaged all-MiniLM-L6-v2), whose MLM head is taken too where it fits. The
+    model's text settings and its tokenizer follow it."""
     init_multimodal: str = ""
     """Checkpoint to take the multimodal encoder and the image/text-to-multimodal projections from,
     after `init`: ours or a transformers FLAVA directory."""

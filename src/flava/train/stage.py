@@ -131,5 +131,9 @@ class Stage(ABC):
         """State the stage keeps outside `model` that a resumed run needs."""
         return {}
 
+    def write_files(self, directory) -> None:
+        """Files a checkpoint carries beside the weights (the model's own tokenizer), written into
+        the checkpoint directory being made."""
+
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s result."""

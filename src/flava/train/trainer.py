@@ -79,8 +79,9 @@ class Trainer:
 
         self.initialised = self.stage.build()
         self.model = self.stage.model
-        if cfg.model.text.max_position_embeddings < cfg.data.max_text_length:
-            raise ConfigError("data.max_text_length exceeds model.text.max_position_embeddings")
+        if cfg.model.text.max_length < cfg.data.max_text_length:
+            raise ConfigError(f"data.max_text_length ({cfg.data.max_text_length}) exceeds the {cfg.model.text.max_length} "
+                              "tokens the text encoder takes (model.text.max_position_embeddings less position_offset)")
         maker = self.stage.sample_maker()
         d = cfg.data
         cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
