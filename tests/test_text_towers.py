@@ -315,3 +315,51 @@ def test_pretrain_from_the_packaged_minilm_then_evaluate_and_finetune(train_data
                 str(tmp_path / "text_train.csv"), "--output", str(tmp_path / "task"), "--epochs", "1"]) == 0
     task = flava.load_task(tmp_path / "task")
     assert task.tokenizer.vocab_size == 30522 and len(task.predict(texts=["a goal for the team"])) == 1
+
+
+@pytest.mark.slow
+def test_the_demo_towers_columns_are_the_joint_stage_from_minilm_and_the_same_towers_untrained(
+        train_data, tmp_path, monkeypatch):
+    import shutil
+
+    from rich.console import Console
+    from safetensors.torch import load_file
+
+    import flava.recipes.recipe as recipe
+    from flava.cli.demo import tower_models
+    from flava.train.presets import demo_config
+    from flava.train.run import run_pretrain
+
+    def tiny(seed=0):
+        c = demo_config(seed=seed)
+        c.model.image.vocab_size = c.model.codebook.vocab_size = 64
+        c.model.codebook.hidden_size = 8
+        c.data.pairs, c.data.images = [str(train_data / "pairs_clean.csv")], [str(train_data / "img")]
+        c.data.text = [str(train_data / "text.txt")]
+        c.data.batch_size, c.data.num_workers, c.max_steps, c.tensorboard = 4, 0, 2, False
+        c.optim.init_lr_scale, c.optim.init_lr_scaled = 0.1, ["text"]
+        return c
+
+    run_dir, console = tmp_path / "demo" / "pretrain", Console(file=open(tmp_path / "log.txt", "w"))
+    shutil.copytree(train_data / "codebook", run_dir / "codebook")
+    image = tiny()
+    image.stage, image.max_steps, image.codebook = "image-mim", 1, str(run_dir / "codebook")
+    run_pretrain(image, run_dir / "image-mim", resume=False, console=console)
+    monkeypatch.setattr(recipe, "demo_recipe_config", tiny)
+    (label_joint, joint, _), (label_alone, alone, _) = tower_models(tmp_path / "demo", run_dir, 0, console)
+    assert (label_joint, label_alone) == ("from MiniLM", "towers alone")
+    for m in (joint, alone):
+        assert (m.config.text.hidden_size, m.config.text.num_layers, m.config.text.norm_placement) == (384, 6, "post")
+    # The towers alone hold MiniLM's text encoder and the image stage's image encoder as they were
+    # taken; the joint stage trained them.
+    bert = transformers.BertModel.from_pretrained(packaged_minilm()).eval()
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    with torch.no_grad():
+        want = bert(input_ids=ids).last_hidden_state
+        got = alone.text_encoder(ids, torch.ones_like(ids)).last_hidden_state
+        trained = joint.text_encoder(ids, torch.ones_like(ids)).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(trained, want, atol=1e-5)
+    stage_weights = load_file(next((run_dir / "image-mim" / "checkpoints").glob("step_*")) / "model.safetensors")
+    key = "model.image_encoder.patch_embed.weight"
+    assert torch.equal(alone.state_dict()[key.removeprefix("model.")], stage_weights[key])
+    assert (tmp_path / "demo" / "pretrain-minilm" / "checkpoints" / "latest.json").is_file()
