@@ -19,7 +19,7 @@ from ..config import (
     Range,
     preset,
 )
-from ..objectives.dino import DinoConfig
+from ..objectives.dino_config import DinoConfig
 
 
 @dataclass
@@ -95,9 +95,11 @@ class OptimConfig:
     """AdamW, linear warmup then cosine decay (defaults: the paper's, Table A.1)."""
 
     lr: Positive = 1e-3
-    """Peak learning rate at `reference_batch` (when that is set; else as given)."""
+    """Peak learning rate at `reference_batch` (when that is set; else as given). Stage image-dino
+    uses `dino.lr` instead."""
     weight_decay: NonNegative = 0.1
-    """AdamW weight decay (not applied to norms, biases, tokens and the logit scale)."""
+    """AdamW weight decay (not applied to norms, biases, tokens and the logit scale). Stage
+    image-dino uses DINO's schedule (`dino.weight_decay` -> `dino.weight_decay_end`) instead."""
     beta1: Annotated[float, Range(0, 1, high_open=True)] = 0.9
     """AdamW's first-moment decay."""
     beta2: Annotated[float, Range(0, 1, high_open=True)] = 0.999
@@ -123,7 +125,8 @@ class OptimConfig:
         default_factory=lambda: ["text", "image", "multimodal"])
     """Which initialised encoders learn at init_lr_scale x lr (the others at lr), e.g. ["text"]."""
     grad_clip: NonNegative = 1.0
-    """Largest global gradient norm; 0 turns clipping off."""
+    """Largest global gradient norm; 0 turns clipping off. Stage image-dino clips each parameter's
+    gradient to `dino.clip_grad` instead."""
     grad_accumulation: PositiveInt = 1
     """Batches whose gradients are summed before each optimizer step."""
 

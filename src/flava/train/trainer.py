@@ -32,7 +32,7 @@ from ..distributed import resolve_device, world
 from ..errors import ConfigError, DivergedError
 from ..io.runs import RunDir
 from ..model.layers import Block
-from ..optim import build_optimizer, warmup_cosine
+from ..optim import build_optimizer, set_weight_decay, warmup_cosine
 from .accounting import DataAccounting
 from .balancing import METHODS
 from .balancing.diagnostics import gradient_report
@@ -42,7 +42,6 @@ from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
 from .kinds import STAGES, step_kind, trained_kinds
 from .metrics import MetricsLog, plot_losses
-from .presets import scaled_optimisation
 from .stage import Stage
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -104,10 +103,10 @@ class Trainer:
         self._balancing()
         o = cfg.optim
         # The rate and warm-up the run trains with: as set, or scaled to its global batch.
-        self.optimisation = scaled_optimisation(o, self.global_batch, cfg.max_steps)
+        self.optimisation = self.stage.optimisation(self.global_batch)
         trained, slow = self.stage.optimized()
-        self.optimizer = build_optimizer(trained, self.optimisation.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
-                                         scaled=slow, scale=o.init_lr_scale)
+        self.optimizer = build_optimizer(trained, self.optimisation.lr, self.stage.weight_decay(0), (o.beta1, o.beta2),
+                                         o.eps, scaled=slow, scale=o.init_lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.optimisation.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
@@ -303,11 +302,11 @@ class Trainer:
             dist.all_reduce(sums)
             sums /= self.world
         self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.stage.clipped(), clip)
+        norm = self.stage.clip()
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         norm = norm.detach().float().reshape(1).to(sums.device)
         self.stage.before_update(step)
+        set_weight_decay(self.optimizer, self.stage.weight_decay(step))
         # fp16's loss scaler skips overflowing steps itself; anything else non-finite is divergence.
         finite = torch.isfinite(sums[0]) & (torch.isfinite(norm[0]) | self.scaler.is_enabled())
         if self.scaler.is_enabled() or not self.optimizer.defaults.get("fused"):
