@@ -4,7 +4,8 @@ The paper's recipe (`paper`): the text encoder by masked language modelling, the
 DINO self-distillation, then joint training with both encoders initialised from those stages and
 the multimodal encoder newly initialised. `paper-mim` pretrains the image encoder by masked image
 modelling instead (the paper's BEiT-style alternative, Table C.1), which is what the CPU demo uses:
-at its scale DINO collapses (BENCHMARKS.md).
+it was chosen when DINO collapsed at the demo's scale; with the tiny preset's DINO settings DINO
+now learns there in 600 steps (BENCHMARKS.md).
 
 ```
 OUTPUT/
