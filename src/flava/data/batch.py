@@ -37,12 +37,21 @@ PIXEL_INPUTS = {"pixel_values": normalize_uint8, "codebook_pixels": map_uint8}
 across processes) and how `to` turns them into the model's inputs there."""
 
 
+COUNTS = {"masked_patches": ("patch_mask", lambda t: t.count_nonzero()),
+          "masked_tokens": ("mlm_labels", lambda t: (t != IGNORE_INDEX).sum())}
+"""Count fields, the field each counts in, and how: `to` reads them from the host tensors, so
+that the losses know their sizes on a device without reading it back (`flava.syncs`)."""
+
+
 class _Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False):
         """The batch on `device`, uint8 pixels turned into model inputs there. Fields holding one
-        host tensor (the codebook reading the model's own pixels) are copied once."""
+        host tensor (the codebook reading the model's own pixels) are copied once. Counts
+        (`COUNTS`) are read from the tensors while they are still on the host."""
+        names = {f.name for f in fields(self)}
+        out = {name: int(count(getattr(self, source))) for name, (source, count) in COUNTS.items()
+               if name in names and getattr(self, source).device.type == "cpu"}
         moved: dict[int, torch.Tensor] = {}
-        out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, torch.Tensor):
@@ -91,6 +100,10 @@ class PairBatch(_Batch):
     host, mapped by `to`)."""
     image_targets: torch.Tensor | None = None
     """[B, num_patches] image token ids, if already computed (else the codebook makes them)."""
+    masked_patches: int | None = None
+    """How many patches `patch_mask` masks in all (filled in by `to`)."""
+    masked_tokens: int | None = None
+    """How many positions `mlm_labels` labels in all (filled in by `to`)."""
 
 
 @dataclass
@@ -101,6 +114,7 @@ class ImageBatch(_Batch):
     patch_mask: torch.Tensor
     codebook_pixels: torch.Tensor | None = None
     image_targets: torch.Tensor | None = None
+    masked_patches: int | None = None
 
 
 @dataclass
@@ -110,3 +124,4 @@ class TextBatch(_Batch):
     masked_input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mlm_labels: torch.Tensor
+    masked_tokens: int | None = None
