@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import Activation as ActivationName
 from ..config import TransformerConfig
+from ..syncs import is_sync_free
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -206,10 +207,11 @@ class Pooler(nn.Module):
 
 
 def padding_mask(attention_mask: torch.Tensor | None, dtype_device: torch.Tensor) -> torch.Tensor | None:
-    """[B, L] 1/0 keep-mask -> boolean [B, 1, 1, L] SDPA mask, or None when nothing is padded."""
+    """[B, L] 1/0 keep-mask -> boolean [B, 1, 1, L] SDPA mask, or None when nothing is padded
+    (under `sync_free()`, which cannot look, always the mask)."""
     if attention_mask is None:
         return None
     keep = attention_mask.to(device=dtype_device.device, dtype=torch.bool)
-    if bool(keep.all()):
+    if not is_sync_free() and bool(keep.all()):
         return None
     return keep[:, None, None, :]

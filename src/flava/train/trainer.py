@@ -32,6 +32,7 @@ from ..distributed import resolve_device, world
 from ..errors import ConfigError, DivergedError
 from ..io.runs import RunDir
 from ..model.layers import Block
+from ..syncs import sync_free
 from ..optim import build_optimizer, warmup_cosine
 from .accounting import DataAccounting
 from .balancing import METHODS
@@ -248,7 +249,7 @@ class Trainer:
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
             with self._no_sync() if micro < accum - 1 else contextlib.nullcontext():
-                with self.autocast():
+                with self.autocast(), sync_free(self.device.type != "cpu"):
                     out = self.stage.forward(self.module, batch, generator, step)
                 total = out.total if plain else self.balancer.total(out.losses)
                 measure = diagnose and micro == accum - 1
