@@ -4,9 +4,11 @@ Reading a value an accelerator computed (`.item()`, `bool(t)`, or a shape that d
 data: boolean indexing, `nonzero`) makes the host wait until the device has finished everything
 queued before it; the host can then no longer run ahead, and the device idles while the next work
 is queued. Inside `sync_free()` the model and the losses take shape-static forms: sizes the host
-already knows (counts the batch read before it left the host), masked rather than skipped padding,
-no checks of values. Outside it they read where that is cheaper: on the CPU a read costs nothing
-and data-dependent shapes do less work, so the trainer turns it on for accelerators only.
+already knows (counts the batch read before it left the host: masked patches and tokens, real
+text tokens), padding masked where no such count exists (the multimodal encoder's, which depends
+on the ITM negatives), no checks of values. Outside it they read where that is cheaper: on the CPU
+a read costs nothing and data-dependent shapes do less work, so the trainer turns it on for
+accelerators only.
 """
 
 from __future__ import annotations

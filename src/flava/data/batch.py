@@ -38,7 +38,8 @@ across processes) and how `to` turns them into the model's inputs there."""
 
 
 COUNTS = {"masked_patches": ("patch_mask", lambda t: t.count_nonzero()),
-          "masked_tokens": ("mlm_labels", lambda t: (t != IGNORE_INDEX).sum())}
+          "masked_tokens": ("mlm_labels", lambda t: (t != IGNORE_INDEX).sum()),
+          "text_tokens": ("attention_mask", lambda t: t.count_nonzero())}
 """Count fields, the field each counts in, and how: `to` reads them from the host tensors, so
 that the losses know their sizes on a device without reading it back (`flava.syncs`)."""
 
@@ -104,6 +105,8 @@ class PairBatch(_Batch):
     """How many patches `patch_mask` masks in all (filled in by `to`)."""
     masked_tokens: int | None = None
     """How many positions `mlm_labels` labels in all (filled in by `to`)."""
+    text_tokens: int | None = None
+    """How many real tokens `attention_mask` holds in all (filled in by `to`)."""
 
 
 @dataclass
@@ -125,3 +128,4 @@ class TextBatch(_Batch):
     attention_mask: torch.Tensor
     mlm_labels: torch.Tensor
     masked_tokens: int | None = None
+    text_tokens: int | None = None

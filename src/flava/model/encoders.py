@@ -236,10 +236,13 @@ class TextEncoder(nn.Module):
         output_hidden_states: bool = False,
         cls_only: bool = False,
         skip_padding: bool = False,
+        real_tokens: int | None = None,
     ) -> EncoderOutput:
         """`cls_only` returns the CLS state alone. `skip_padding` runs the linear layers on real
         tokens only and leaves zeros (pre-norm) at padding positions: for losses and embeddings,
-        which never read them. `cls_only` implies it."""
+        which never read them. `cls_only` implies it. Under `sync_free()` padding is skipped only
+        when the host knows `real_tokens`, the number of 1s in `attention_mask` (and every row's
+        token 0 is taken to be real, as this project's tokenizer makes it); else it is masked."""
         self._check(input_ids, attention_mask, token_type_ids)
         L = input_ids.shape[1]
         positions = torch.arange(L, device=input_ids.device)
@@ -251,10 +254,10 @@ class TextEncoder(nn.Module):
         x = self.drop(self.embed_norm(x))
         mask = padding_mask(attention_mask, x)
         packing = None
-        # Packing's shape is the number of real tokens: under `sync_free()` padding is masked instead.
-        if mask is not None and (skip_padding or cls_only) and not output_hidden_states and not is_sync_free():
-            if not cls_only or bool(attention_mask[:, 0].all()):
-                packing = Packing.from_mask(attention_mask)
+        free = is_sync_free()  # then packing needs the host's count, and token 0 goes unchecked
+        if mask is not None and (skip_padding or cls_only) and not output_hidden_states:
+            if (not free or real_tokens is not None) and (not cls_only or free or bool(attention_mask[:, 0].all())):
+                packing = Packing.from_mask(attention_mask, real_tokens if free else None)
         h, states = self.transformer(x, mask, output_hidden_states, cls_only, packing)
         if cls_only:
             attention_mask = None if attention_mask is None else attention_mask[:, :1]
@@ -301,6 +304,8 @@ class MultimodalEncoder(nn.Module):
             keep_prefix = text_attention_mask.new_ones(B, layout.offset + layout.num_image_tokens)
             keep = torch.cat([keep_prefix, text_attention_mask], dim=1)
             mask = padding_mask(keep, x)
+            # Packing's size is the number of real tokens, which under `sync_free()` no one knows
+            # here (it depends on the ITM negatives drawn on the device): padding is masked instead.
             if mask is not None and skip_padding and not output_hidden_states and not is_sync_free():
                 packing = Packing.from_mask(keep)
         h, states = self.transformer(x, mask, keep_all=output_hidden_states, packing=packing)

@@ -66,10 +66,12 @@ class Packing:
     """[B, 1, 1, L] boolean SDPA keep-mask."""
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+    def from_mask(cls, attention_mask: torch.Tensor, size: int | None = None) -> "Packing":
+        """`size`: the number of real tokens, when the host knows it (then nothing is read back)."""
         keep = attention_mask.to(torch.bool)
         B, L = keep.shape
-        return cls(keep.flatten().nonzero().squeeze(1), B, L, keep[:, None, None, :])
+        index = keep.flatten().nonzero() if size is None else torch.nonzero_static(keep.flatten(), size=size)
+        return cls(index.squeeze(1), B, L, keep[:, None, None, :])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.batch * self.length, -1).index_select(0, self.index)

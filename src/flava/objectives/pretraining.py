@@ -76,7 +76,8 @@ class TextStates(_States):
     @cached_property
     def masked(self) -> EncoderOutput:
         b = self.batch
-        return self.model.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True)
+        return self.model.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True,
+                                             real_tokens=b.text_tokens)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -118,14 +119,16 @@ class PairStates(_States):
         """Contrastive image and text embeddings of the unmasked pairs."""
         m, b = self.model, self.batch
         image = m.image_embedding(m.encode_image_tokens(b.pixel_values, cls_only=True))
-        text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True))
+        text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True,
+                                                     real_tokens=b.text_tokens))
         return image, text
 
     @cached_property
     def fused(self) -> Fused:
         o, m, b = self.objectives, self.model, self.batch
         img_mm = m.image_to_multimodal(m.encode_image_tokens(b.pixel_values, b.patch_mask))
-        txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True))
+        txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True,
+                                                           real_tokens=b.text_tokens))
         text_mask = b.attention_mask
         if o.itm_weight > 0 and o.itm_negatives == "hard":
             pairs, img_mm, txt_mm, text_mask = self._hard_pairs(img_mm, txt_mm)
