@@ -38,14 +38,24 @@ across processes) and how `to` turns them into the model's inputs there (the mod
 statistics given)."""
 
 
+COUNTS = {"masked_patches": ("patch_mask", lambda t: t.count_nonzero()),
+          "masked_tokens": ("mlm_labels", lambda t: (t != IGNORE_INDEX).sum()),
+          "text_tokens": ("attention_mask", lambda t: t.count_nonzero())}
+"""Count fields, the field each counts in, and how: `to` reads them from the host tensors, so
+that the losses know their sizes on a device without reading it back (`flava.syncs`)."""
+
+
 class _Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False, mean: Stats = CLIP_MEAN,
            std: Stats = CLIP_STD):
         """The batch on `device`, uint8 pixels turned into model inputs there, normalised by the
         model's `mean`/`std` (its config's image_mean/image_std). Fields holding one host tensor
-        (the codebook reading the model's own pixels) are copied once."""
+        (the codebook reading the model's own pixels) are copied once. Counts (`COUNTS`) are read
+        from the tensors while they are still on the host."""
+        names = {f.name for f in fields(self)}
+        out = {name: int(count(getattr(self, source))) for name, (source, count) in COUNTS.items()
+               if name in names and getattr(self, source).device.type == "cpu"}
         moved: dict[int, torch.Tensor] = {}
-        out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, torch.Tensor):
@@ -94,6 +104,12 @@ class PairBatch(_Batch):
     host, mapped by `to`)."""
     image_targets: torch.Tensor | None = None
     """[B, num_patches] image token ids, if already computed (else the codebook makes them)."""
+    masked_patches: int | None = None
+    """How many patches `patch_mask` masks in all (filled in by `to`)."""
+    masked_tokens: int | None = None
+    """How many positions `mlm_labels` labels in all (filled in by `to`)."""
+    text_tokens: int | None = None
+    """How many real tokens `attention_mask` holds in all (filled in by `to`)."""
 
 
 @dataclass
@@ -104,6 +120,7 @@ class ImageBatch(_Batch):
     patch_mask: torch.Tensor
     codebook_pixels: torch.Tensor | None = None
     image_targets: torch.Tensor | None = None
+    masked_patches: int | None = None
 
 
 @dataclass
@@ -113,3 +130,5 @@ class TextBatch(_Batch):
     masked_input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mlm_labels: torch.Tensor
+    masked_tokens: int | None = None
+    text_tokens: int | None = None

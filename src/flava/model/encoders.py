@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import ImageEncoderConfig, MultimodalEncoderConfig, TextEncoderConfig
 from ..errors import InputError
+from ..syncs import is_sync_free
 from .layers import Packing, Pooler, Transformer, padding_mask
 
 
@@ -251,6 +252,14 @@ class TextEncoder(nn.Module):
                 f"texts are {L} tokens long but the text encoder takes at most "
                 f"{cfg.max_length}; truncate them"
             )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+            raise InputError("token_type_ids must have the shape of input_ids")
+        if is_sync_free():  # reading ids would wait for the device; the trainer checks its tokenizer instead
+            return
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
             bad = hi if hi >= cfg.vocab_size else lo
@@ -258,13 +267,7 @@ class TextEncoder(nn.Module):
                 f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
                 f"was the text tokenized with a different vocabulary?"
             )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise InputError(
-                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
-            )
         if token_type_ids is not None:
-            if token_type_ids.shape != input_ids.shape:
-                raise InputError("token_type_ids must have the shape of input_ids")
             if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size:
                 raise InputError(f"token_type_ids must lie in [0, {cfg.type_vocab_size})")
 
@@ -276,10 +279,13 @@ class TextEncoder(nn.Module):
         output_hidden_states: bool = False,
         cls_only: bool = False,
         skip_padding: bool = False,
+        real_tokens: int | None = None,
     ) -> EncoderOutput:
         """`cls_only` returns the CLS state alone. `skip_padding` runs the linear layers on real
         tokens only and leaves zeros (pre-norm) at padding positions: for losses and embeddings,
-        which never read them. `cls_only` implies it."""
+        which never read them. `cls_only` implies it. Under `sync_free()` padding is skipped only
+        when the host knows `real_tokens`, the number of 1s in `attention_mask` (and every row's
+        token 0 is taken to be real, as this project's tokenizer makes it); else it is masked."""
         self._check(input_ids, attention_mask, token_type_ids)
         L = input_ids.shape[1]
         # Right-padded rows: real tokens sit at 0..n-1, so RoBERTa's positions (counted over
@@ -293,9 +299,10 @@ class TextEncoder(nn.Module):
         x = self.drop(self.embed_norm(x))
         mask = padding_mask(attention_mask, x)
         packing = None
+        free = is_sync_free()  # then packing needs the host's count, and token 0 goes unchecked
         if mask is not None and (skip_padding or cls_only) and not output_hidden_states:
-            if not cls_only or bool(attention_mask[:, 0].all()):
-                packing = Packing.from_mask(attention_mask)
+            if (not free or real_tokens is not None) and (not cls_only or free or bool(attention_mask[:, 0].all())):
+                packing = Packing.from_mask(attention_mask, real_tokens if free else None)
         h, states = self.transformer(x, mask, output_hidden_states, cls_only, packing)
         if cls_only:
             attention_mask = None if attention_mask is None else attention_mask[:, :1]
@@ -342,7 +349,9 @@ class MultimodalEncoder(nn.Module):
             keep_prefix = text_attention_mask.new_ones(B, layout.offset + layout.num_image_tokens)
             keep = torch.cat([keep_prefix, text_attention_mask], dim=1)
             mask = padding_mask(keep, x)
-            if mask is not None and skip_padding and not output_hidden_states:
+            # Packing's size is the number of real tokens, which under `sync_free()` no one knows
+            # here (it depends on the ITM negatives drawn on the device): padding is masked instead.
+            if mask is not None and skip_padding and not output_hidden_states and not is_sync_free():
                 packing = Packing.from_mask(keep)
         h, states = self.transformer(x, mask, keep_all=output_hidden_states, packing=packing)
         return MultimodalOutput(self.norm(h), layout, hidden_states=states)

@@ -104,11 +104,13 @@ class FlavaModel(nn.Module):
         output_hidden_states: bool = False,
         cls_only: bool = False,
         skip_padding: bool = False,
+        real_tokens: int | None = None,
     ) -> EncoderOutput:
         """Per-token text states (see `EncoderOutput`). `cls_only` returns the CLS state alone;
-        `skip_padding` leaves zeros at padding (for losses and fusion, which never read them)."""
+        `skip_padding` leaves zeros at padding (for losses and fusion, which never read them);
+        `real_tokens` (the count of 1s in `attention_mask`) lets it do so under `sync_free()`."""
         return self.text_encoder(input_ids, attention_mask, token_type_ids, output_hidden_states, cls_only,
-                                 skip_padding)
+                                 skip_padding, real_tokens)
 
     def image_embedding(self, image: EncoderOutput) -> torch.Tensor:
         """normalize(image_projection(LN(H_I)[:, 0])): one [D] vector per image."""

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import Activation as ActivationName
 from ..config import TransformerConfig
+from ..syncs import is_sync_free
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -65,10 +66,12 @@ class Packing:
     """[B, 1, 1, L] boolean SDPA keep-mask."""
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+    def from_mask(cls, attention_mask: torch.Tensor, size: int | None = None) -> "Packing":
+        """`size`: the number of real tokens, when the host knows it (then nothing is read back)."""
         keep = attention_mask.to(torch.bool)
         B, L = keep.shape
-        return cls(keep.flatten().nonzero().squeeze(1), B, L, keep[:, None, None, :])
+        index = keep.flatten().nonzero() if size is None else torch.nonzero_static(keep.flatten(), size=size)
+        return cls(index.squeeze(1), B, L, keep[:, None, None, :])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
@@ -219,10 +222,11 @@ class Pooler(nn.Module):
 
 
 def padding_mask(attention_mask: torch.Tensor | None, dtype_device: torch.Tensor) -> torch.Tensor | None:
-    """[B, L] 1/0 keep-mask -> boolean [B, 1, 1, L] SDPA mask, or None when nothing is padded."""
+    """[B, L] 1/0 keep-mask -> boolean [B, 1, 1, L] SDPA mask, or None when nothing is padded
+    (under `sync_free()`, which cannot look, always the mask)."""
     if attention_mask is None:
         return None
     keep = attention_mask.to(device=dtype_device.device, dtype=torch.bool)
-    if bool(keep.all()):
+    if not is_sync_free() and bool(keep.all()):
         return None
     return keep[:, None, None, :]

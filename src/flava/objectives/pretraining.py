@@ -76,7 +76,8 @@ class TextStates(_States):
     @cached_property
     def masked(self) -> EncoderOutput:
         b = self.batch
-        return self.model.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True)
+        return self.model.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True,
+                                             real_tokens=b.text_tokens)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -89,12 +90,19 @@ class Fused:
 
     multimodal: MultimodalOutput
     pairs: ItmPairs
-    positive: torch.Tensor
-    """[R] rows holding a matched pair; they hold pair i in row i for both negative recipes."""
     image_labels: torch.Tensor | None
-    """MMM image labels of the positive rows (None when MMM-image is off)."""
+    """[R, num_patches] MMM image labels of every row, IGNORE_INDEX throughout a row that does not
+    hold a matched pair (None when MMM-image is off)."""
     text_labels: torch.Tensor | None
-    """MMM text labels of the positive rows (None when MMM-text is off)."""
+    """[R, num_text_tokens] MMM text labels alike (None when MMM-text is off)."""
+
+
+def _matched_rows(labels: torch.Tensor, index: torch.Tensor, offset: int, matched: torch.Tensor) -> torch.Tensor:
+    """[R, ...] this process's `labels` [B, ...] of the pair each matched row holds, IGNORE_INDEX in
+    the other rows: a shape the host knows, where selecting the matched rows would not be."""
+    own = (index - offset).clamp(0, labels.shape[0] - 1)  # other rows may point anywhere
+    keep = matched.view(-1, *(1,) * (labels.dim() - 1))
+    return torch.where(keep, labels[own], IGNORE_INDEX)
 
 
 class PairStates(_States):
@@ -111,14 +119,16 @@ class PairStates(_States):
         """Contrastive image and text embeddings of the unmasked pairs."""
         m, b = self.model, self.batch
         image = m.image_embedding(m.encode_image_tokens(b.pixel_values, cls_only=True))
-        text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True))
+        text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True,
+                                                     real_tokens=b.text_tokens))
         return image, text
 
     @cached_property
     def fused(self) -> Fused:
         o, m, b = self.objectives, self.model, self.batch
         img_mm = m.image_to_multimodal(m.encode_image_tokens(b.pixel_values, b.patch_mask))
-        txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True))
+        txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True,
+                                                           real_tokens=b.text_tokens))
         text_mask = b.attention_mask
         if o.itm_weight > 0 and o.itm_negatives == "hard":
             pairs, img_mm, txt_mm, text_mask = self._hard_pairs(img_mm, txt_mm)
@@ -129,17 +139,18 @@ class PairStates(_States):
             pairs = ItmPairs(rows, rows, torch.ones_like(rows))
         mm = m.fuse_tokens(img_mm[pairs.image_index], txt_mm[pairs.text_index], text_mask[pairs.text_index],
                            skip_padding=True)
-        positive = pairs.labels == 1
+        # Matched rows hold pair i in row i for both negative recipes.
+        matched = pairs.labels == 1
         image_labels = text_labels = None
         if o.mmm_image_weight > 0:
             labels = targets_at(b.patch_mask, self.pm.image_targets(b))
-            image_labels = labels[pairs.image_index[positive] - pairs.image_offset]
+            image_labels = _matched_rows(labels, pairs.image_index, pairs.image_offset, matched)
         if o.mmm_text_weight > 0:
             # Texts are padded to the longest across processes: pad the labels alike.
             mlm_labels = F.pad(b.mlm_labels, (0, mm.layout.num_text_tokens - b.mlm_labels.shape[1]),
                                value=IGNORE_INDEX)
-            text_labels = mlm_labels[pairs.text_index[positive] - pairs.text_offset]
-        return Fused(mm, pairs, positive, image_labels, text_labels)
+            text_labels = _matched_rows(mlm_labels, pairs.text_index, pairs.text_offset, matched)
+        return Fused(mm, pairs, image_labels, text_labels)
 
     def _global_texts(self, txt_mm: torch.Tensor):
         """Every process's token ids and mask, padded to the longest text across processes, and

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import FlavaConfig, ObjectivesConfig
+from ..data.batch import IGNORE_INDEX
 from ..model.heads import ITMHead, MaskedPredictionHead
 from .losses import (
     SigmoidContrastiveHead,
@@ -51,12 +52,14 @@ class Objective:
     """Whether this record is the one the config chose (alternatives share a weight field)."""
 
 
+# The batch's counts of masked patches and tokens, read on the host, bound the positions a
+# masked-prediction head runs on under `sync_free()`.
 def _mim(s, head) -> torch.Tensor:
-    return masked_prediction_loss(s.masked.patches, s.image_labels, head)
+    return masked_prediction_loss(s.masked.patches, s.image_labels, head, s.batch.masked_patches)
 
 
 def _mlm(s, head) -> torch.Tensor:
-    return masked_prediction_loss(s.masked.last_hidden_state, s.labels, head)
+    return masked_prediction_loss(s.masked.last_hidden_state, s.labels, head, s.batch.masked_tokens)
 
 
 def _softmax_contrastive(s, head) -> torch.Tensor:
@@ -79,18 +82,19 @@ def _itm(s, head) -> torch.Tensor:
     f = s.fused
     logits = head(f.multimodal.cls)
     with torch.no_grad():
-        s.metrics["itm_accuracy"] = (logits.argmax(1) == f.pairs.labels).float().mean()
+        rows = (f.pairs.labels != IGNORE_INDEX).sum().clamp_min(1)
+        s.metrics["itm_accuracy"] = (logits.argmax(1) == f.pairs.labels).sum() / rows
     return itm_loss(logits, f.pairs.labels)
 
 
 def _mmm_image(s, head) -> torch.Tensor:
     f = s.fused
-    return masked_prediction_loss(f.multimodal.image_patches[f.positive], f.image_labels, head)
+    return masked_prediction_loss(f.multimodal.image_patches, f.image_labels, head, s.batch.masked_patches)
 
 
 def _mmm_text(s, head) -> torch.Tensor:
     f = s.fused
-    return masked_prediction_loss(f.multimodal.text[f.positive], f.text_labels, head)
+    return masked_prediction_loss(f.multimodal.text, f.text_labels, head, s.batch.masked_tokens)
 
 
 def _mim_head(c: FlavaConfig) -> nn.Module:

@@ -40,7 +40,13 @@ class PretrainingStage(Stage):
         cfg = self.cfg
         spec = SampleSpec.for_model(cfg.model, cfg.objectives, cfg.data.max_text_length, cfg.data.crop_scale_min,
                                     self.tokenizer)
-        return SampleMaker(spec, cfg.seed)
+        maker = SampleMaker(spec, cfg.seed)
+        # Checked once here: on a GPU the text encoder does not read each batch's ids to check them.
+        vocab = maker.tokenizer.vocab_size
+        if self.trained_kinds() & {"pairs", "text"} and vocab > cfg.model.text.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab} tokens but the text encoder only "
+                              f"model.text.vocab_size={cfg.model.text.vocab_size}; set model.text.vocab_size={vocab}")
+        return maker
 
     def build(self) -> dict[str, str]:
         cfg = self.cfg

@@ -33,6 +33,7 @@ from ..errors import ConfigError, DivergedError
 from ..io.runs import RunDir
 from ..model.layers import Block
 from ..optim import build_optimizer, set_weight_decay, warmup_cosine
+from ..syncs import sync_free
 from .accounting import DataAccounting
 from .balancing import METHODS
 from .balancing.diagnostics import gradient_report
@@ -244,7 +245,7 @@ class Trainer:
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
             with self._no_sync() if micro < accum - 1 else contextlib.nullcontext():
-                with self.autocast():
+                with self.autocast(), sync_free(self.device.type != "cpu"):
                     out = self.stage.forward(self.module, batch, generator, step)
                 total = out.total if plain else self.balancer.total(out.losses)
                 measure = diagnose and micro == accum - 1
