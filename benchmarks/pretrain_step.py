@@ -167,13 +167,17 @@ def main() -> int:
 
 def baseline_steps(rev: str, preset: str, ours, batch, prepared) -> dict:
     """Steps of revision `rev`'s flava with `ours`'s weights on the same batches."""
+    import atexit
     import importlib
+    import shutil
     import tempfile
     from dataclasses import fields
 
     from loader import baseline_package
 
-    name = baseline_package(rev, Path(tempfile.mkdtemp()))
+    where = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    name = baseline_package(rev, where)
     old = importlib.import_module(name)
     pretraining, batches = (importlib.import_module(f"{name}.{m}") for m in ("objectives.pretraining", "data.batch"))
     cfg = old.preset(preset)
