@@ -85,7 +85,9 @@ def child(args) -> dict:
 
     def step(b, n):
         generator = torch.Generator().manual_seed(1)
-        outputs = [stage.forward(pm, b, generator, 0)] if n == 1 else stage.forward_chunks(pm, b, generator, 0, n)
+        size = len(b) // n
+        outputs = [stage.forward(pm, b, generator, 0)] if n == 1 else \
+            stage.forward_chunks(pm, [b.rows(slice(i * size, (i + 1) * size)) for i in range(n)], generator, 0)
         loss = 0.0
         for out in outputs:  # each chunk's backward before the next chunk's forward
             out.total.backward()

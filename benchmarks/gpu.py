@@ -4,7 +4,8 @@ Sections (each written to OUT/gpu.json as it finishes; a failed one is recorded 
   env      torch, transformers, the GPU, and a bf16 matmul peak measured now (8192^3)
   step     the base pretraining step (pairs: contrastive, ITM, MMM image + text; backward;
            AdamW), bf16 autocast, batch 64 and 256: transformers vs flava (codebook in the step)
-           vs flava with prepared image tokens; samples/s, peak GiB, MFU from
+           vs flava with prepared image tokens (also with the CPU's syncing forms, outside
+           `flava.syncs.sync_free`, to show what it gains); samples/s, peak GiB, MFU from
            torch.utils.flop_counter against the peak above; a torch.profiler summary of the
            prepared step at the larger batch (OUT/profile_step.txt)
   clip     contrastive-only step, batch 256: flava's encoders vs open_clip ViT-B-16 (when installed)
@@ -172,6 +173,7 @@ def steps(ref, ours, batch, hf):
     from dataclasses import replace
 
     from flava.optim import build_optimizer
+    from flava.syncs import sync_free
 
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     opt_ours = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
@@ -189,14 +191,16 @@ def steps(ref, ours, batch, hf):
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
-    def step_ours(b=batch):
-        with autocast():
+    def step_ours(b=batch, free=True):
+        # As the trainer runs it on a GPU: nothing read back (flava.syncs); free=False for the CPU's forms.
+        with autocast(), sync_free(free and DEV.type == "cuda"):
             loss = ours(b, torch.Generator(device=DEV).manual_seed(1)).losses.total
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
-    return {"transformers": step_ref, "flava": step_ours, "flava_prepared": lambda: step_ours(prepared)}
+    return {"transformers": step_ref, "flava": step_ours, "flava_prepared": lambda: step_ours(prepared),
+            "flava_prepared_syncing": lambda: step_ours(prepared, free=False)}
 
 
 @section("step")

@@ -6,7 +6,14 @@ targets with the codebook inside its step; flava is timed both ways: with the co
 step, and with the targets read from the batch as `flava prepare` stores them (the same ids). Timings interleave the two and report medians; memory is the peak of
 tensor memory allocated during one step (torch.profiler events), optimizer state included.
 
-    python benchmarks/pretrain_step.py [--preset small] [--batch 16] [--steps 5] [--threads 2]
+    python benchmarks/pretrain_step.py [--preset small] [--batch 16] [--steps 5] [--threads 2] [--sync-free]
+                                       [--baseline REV]
+
+`--sync-free` also times the prepared step in `flava.syncs.sync_free()`, the forms the trainer runs
+on a GPU (masked instead of skipped padding, losses over the host's counts), here on the CPU.
+`--baseline REV` also times both flava steps of the `src/flava` of git revision REV (imported
+under another name, the same weights and inputs), interleaved with ours: a before/after ratio that
+a shared machine's changing load does not skew.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from flava.objectives.negatives import swap_negatives
 from flava.objectives.pretraining import PretrainingModel
 from flava.loading import load_weights
 from flava.optim import build_optimizer
+from flava.syncs import sync_free
 
 sys.path.insert(0, str(Path(__file__).parent))
 from inference import peak_memory_mib  # noqa: E402
@@ -41,6 +49,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sync-free", action="store_true")
+    ap.add_argument("--baseline")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,6 +124,16 @@ def main() -> int:
     print(f"preset {args.preset}, batch {B}, {args.threads} threads; first-step loss transformers "
           f"{first_ref:.6f}, flava {first_ours:.6f}", flush=True)
     steps = {"ref": step_ref, "ours": step_ours, "prepared": step_prepared}
+    if args.sync_free:
+        counted = prepared.to("cpu")  # `to` reads the masked counts the sync-free losses are sized by
+
+        def step_sync_free():
+            with sync_free():
+                return step_ours(counted)
+
+        steps["sync_free"] = step_sync_free
+    if args.baseline:
+        steps.update(baseline_steps(args.baseline, args.preset, ours, batch, prepared))
     times = {k: [] for k in steps}
     for _ in range(args.steps):
         for name, fn in steps.items():
@@ -131,9 +151,55 @@ def main() -> int:
           f"speedup {result['speedup']:.2f}x")
     print(f"flava, prepared tokens  {med['prepared']:.2f} s/step  peak mem {mem['prepared']:.0f} MiB  "
           f"speedup {result['speedup_prepared']:.2f}x")
+    if args.sync_free:
+        result["flava_sync_free_s"] = med["sync_free"]
+        print(f"flava, prepared, sync_free {med['sync_free']:.2f} s/step  peak mem {mem['sync_free']:.0f} MiB  "
+              f"{med['sync_free'] / med['prepared']:.2f}x the prepared step's time")
+    if args.baseline:
+        for name in ("ours", "prepared"):
+            result[f"baseline_{name}_s"] = med[f"baseline_{name}"]
+            print(f"baseline {args.baseline}, {name:8s} {med[f'baseline_{name}']:.2f} s/step; ours/baseline time "
+                  f"{med[name] / med[f'baseline_{name}']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def baseline_steps(rev: str, preset: str, ours, batch, prepared) -> dict:
+    """Steps of revision `rev`'s flava with `ours`'s weights on the same batches."""
+    import atexit
+    import importlib
+    import shutil
+    import tempfile
+    from dataclasses import fields
+
+    from loader import baseline_package
+
+    where = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, where, ignore_errors=True)
+    name = baseline_package(rev, where)
+    old = importlib.import_module(name)
+    pretraining, batches = (importlib.import_module(f"{name}.{m}") for m in ("objectives.pretraining", "data.batch"))
+    cfg = old.preset(preset)
+    model = pretraining.PretrainingModel(cfg, codebook=old.FlavaImageCodebook(cfg.codebook))
+    model.load_state_dict(ours.state_dict())
+    model.train()
+    opt = importlib.import_module(f"{name}.optim").build_optimizer(model, lr=1e-4, weight_decay=0.1)
+
+    def as_old(b):  # the old batch type, with the fields it has
+        names = {f.name for f in fields(batches.PairBatch)}
+        return batches.PairBatch(**{f.name: getattr(b, f.name) for f in fields(b) if f.name in names})
+
+    def step(b):
+        loss = model(b, torch.Generator().manual_seed(1)).losses.total
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    old_batch, old_prepared = as_old(batch), as_old(prepared)
+    step(old_batch)  # the optimizer state
+    return {"baseline_ours": lambda: step(old_batch), "baseline_prepared": lambda: step(old_prepared)}
 
 
 if __name__ == "__main__":

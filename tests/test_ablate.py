@@ -167,3 +167,46 @@ def test_the_paper_claims_are_checked_both_ways():
     assert not any("global contrastive" in line for line in lines)  # no local row: not checked
     # MIM's macro counts the domains it was not evaluated on as 0, as the paper's Table 3 does.
     assert averages(results["mim"]) == (50, None, None, pytest.approx(50 / 3))
+
+
+@pytest.mark.slow
+def test_the_balancing_comparison_shares_unimodal_stages_and_reports_the_spread(train_data, suite, tmp_path,
+                                                                                 capsys):
+    from flava.recipes.balancing import summary, verdicts
+
+    out = tmp_path / "balancing"
+    settings = pretrain_args(train_data, out, pairs="pairs_clean.csv")[3:]
+    args = ["ablate", "--output", str(out), "--suite", str(suite), "--balancing", "fixed,mixing-adaptive",
+            "--seeds", "3,4", "--unimodal-steps", "2", "--set", "max_steps=2", "--set", "data.mixing_window=1",
+            *settings]
+    assert cli(args) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    record = json.loads((out / "balancing.json").read_text())
+    results = record["results"]
+    assert list(results) == ["fixed", "mixing-adaptive"] and all(list(r) == ["3", "4"] for r in results.values())
+    for seed in (3, 4):
+        run = out / f"seed-{seed}"
+        # One text MLM and one image MIM stage per seed; every method's joint stage starts from them.
+        assert sorted(p.name for p in run.iterdir()) == ["fixed", "image-mim", "mixing-adaptive", "text-mlm"]
+        for method in ("fixed", "mixing-adaptive"):
+            joint = json.loads((run / method / "train_config.json").read_text())
+            assert joint["seed"] == seed and joint["init_text"] == str(run / "text-mlm")
+            assert joint["objectives"]["balancing"] == "fixed"
+            assert joint["data"]["mixing_schedule"] == ("adaptive" if method == "mixing-adaptive" else "constant")
+            assert json.loads((run / method / "checkpoints" / "latest.json").read_text())["step"] == 2
+    # The summary is the mean and the spread of what each run scored.
+    by = {m: {int(s): v for s, v in r.items()} for m, r in results.items()}
+    s = summary(by)
+    macros = [averages(by["mixing-adaptive"][seed])[3] for seed in (3, 4)]
+    assert s["mixing-adaptive"]["macro"] == pytest.approx((np.mean(macros), max(macros) - min(macros)))
+    report = (out / "balancing.md").read_text()
+    assert "| mixing-adaptive |" in report and len(verdicts(by)) == 1
+    for line in verdicts(by):
+        assert line in report and " ".join(line.split()) in printed
+    # Run again: nothing is trained or evaluated twice.
+    scores = out / "seed-3" / "mixing-adaptive" / "scores.json"
+    mtime = scores.stat().st_mtime_ns
+    assert cli(args) == 0
+    assert scores.stat().st_mtime_ns == mtime
+    assert cli(args[:-len(settings)] + settings[:-2] + ["--set", "log_every=2"]) == 2  # other settings refused
+    assert "holds a comparison with other settings" in capsys.readouterr().err

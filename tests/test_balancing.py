@@ -219,3 +219,72 @@ def test_a_linear_mixing_schedule_moves_from_mixing_to_mixing_end(train_data, tm
     cfg.data.mixing_end = []
     with pytest.raises(ConfigError, match="needs data.mixing_end"):
         Trainer(cfg, tmp_path / "bad")
+
+
+KINDS3 = ("pairs", "images", "text")
+
+
+def mixing(temperature=0.5):
+    """An adaptive mix of three kinds over windows of 3 steps, starting from 0.5 / 0.25 / 0.25."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from flava.train.balancing.mixing import KindMixing
+
+    data = SimpleNamespace(mixing_schedule="adaptive", mixing_window=3, mixing_temperature=temperature)
+    start = np.array([0.5, 0.25, 0.25])
+    return KindMixing(KINDS3, start, start, data, 100, CPU)
+
+
+def feed(m, first_step: int, window: dict[str, float]) -> None:
+    """One window: a step of each kind, in order, with the given losses."""
+    for i, (kind, v) in enumerate(window.items()):
+        m.observe(first_step + i, kind, torch.tensor(v), YES)
+
+
+def test_an_adaptive_mix_follows_each_kinds_loss_progress():
+    m = mixing()
+    feed(m, 0, {"pairs": 4.0, "images": 2.0, "text": 8.0})
+    assert m.probs_at(0) == pytest.approx([0.5, 0.25, 0.25])  # one window behind: the start mix
+    feed(m, 3, {"pairs": 2.0, "images": 2.0, "text": 6.0})
+    r = {"pairs": 0.5, "images": 1.0, "text": 0.75}  # pairs' loss halved, images' stalled
+    want = [p * math.exp(r[k] / 0.5) for k, p in zip(KINDS3, (0.5, 0.25, 0.25))]
+    assert m.probs_at(0) == pytest.approx([w / sum(want) for w in want])
+    assert m.probs_at(0)[1] > 0.25 and m.probs_at(0)[0] < 0.5  # the stalled kind gained, the fast one lost
+    m.observe(6, "pairs", torch.tensor(1.0), torch.tensor(False))  # a skipped update counts for nothing
+    assert m.count.sum() == 0
+    state = m.state_dict()
+    again = mixing()
+    again.load_state_dict(state)
+    assert again.probs_at(7) == pytest.approx(m.probs_at(7))
+    other = mixing()
+    other.kinds = ("pairs", "text", "images")
+    with pytest.raises(Exception, match="resume with the data it was started with"):
+        other.load_state_dict(state)
+
+
+def test_every_kind_progressing_alike_keeps_the_mix():
+    m = mixing()
+    feed(m, 0, {"pairs": 3.0, "images": 6.0, "text": 9.0})
+    feed(m, 3, {"pairs": 1.5, "images": 3.0, "text": 4.5})
+    assert m.probs_at(0) == pytest.approx([0.5, 0.25, 0.25])
+
+
+@pytest.mark.slow
+def test_an_adaptive_mix_resumed_midway_repeats_the_uninterrupted_one(train_data, tmp_path):
+    def cfg():
+        c = config(train_data, max_steps=12)
+        c.data.mixing_schedule, c.data.mixing_window, c.data.mixing_temperature = "adaptive", 2, 0.05
+        return c
+
+    full_t = Trainer(cfg(), tmp_path / "full")
+    full = full_t.fit()
+    Trainer(cfg(), tmp_path / "cut").fit(max_steps=7)  # saved at 4: mid-way through the third window
+    resumed = Trainer(cfg(), tmp_path / "cut")
+    assert resumed.resume() and resumed.step == 4
+    rest = resumed.fit()
+    assert [r["kind"] for r in full[4:]] == [r["kind"] for r in rest]
+    assert [r["loss"] for r in full[4:]] == pytest.approx([r["loss"] for r in rest], abs=1e-6)
+    assert [r["mixing"] for r in full[4:]] == [r["mixing"] for r in rest]
+    assert full_t.mixing.probs_at(0) == pytest.approx(resumed.mixing.probs_at(0), abs=1e-9)
+    assert full[-1]["mixing"] != full[0]["mixing"]  # it adapted

@@ -1,7 +1,8 @@
 """optim.contrastive_chunks (GradCache): a batch encoded and back-propagated in chunks gives the
 unchunked step's gradient and logged losses within 1e-5 where the objectives are
-chunk-separable, softmax and sigmoid, on one process and on two (DDP and FSDP); dropout replays
-alike; chunked runs train, resume step for step, and refuse what they cannot take in one line."""
+chunk-separable, softmax and sigmoid, on one process and on two (DDP and FSDP); it reads nothing
+back under sync_free; dropout replays alike; chunked runs train, resume step for step, and refuse
+what they cannot take in one line."""
 
 import contextlib
 import copy
@@ -13,9 +14,13 @@ import torch.multiprocessing as mp
 import flava
 from conftest import free_port, gloo_group
 from test_objectives import pair_batch, tiny_config
+from test_syncs import HostReads
+from test_syncs import batches as syncs_batches
+from test_syncs import tiny_config as syncs_config
 from flava.config import ObjectivesConfig
 from flava.objectives.chunks import plan_chunks
 from flava.objectives.pretraining import PretrainingModel
+from flava.syncs import sync_free
 from flava.train.backward import micro_step
 from flava.train.config import TrainConfig
 from flava.train.presets import demo_config
@@ -162,7 +167,8 @@ def test_dropout_replays_the_cached_pass():
     seen = []
     hook = pm.model.image_projection.register_forward_hook(
         lambda m, i, out: seen.append((torch.is_grad_enabled(), out.detach().clone())))
-    for part, chunk in plan_chunks(pm, batch, 3, torch.Generator().manual_seed(0)):
+    parts = [batch.rows(slice(2 * i, 2 * i + 2)) for i in range(3)]
+    for part, chunk in zip(parts, plan_chunks(pm, parts, torch.Generator().manual_seed(0))):
         pm(part, torch.Generator().manual_seed(0), chunk).losses.total.backward()
     hook.remove()
     cached = [o for grad, o in seen if not grad]
@@ -175,6 +181,36 @@ def test_dropout_replays_the_cached_pass():
     with torch.no_grad():
         one, two = (pm.model.encode_image_tokens(part.pixel_values, cls_only=True).last_hidden_state for _ in "ab")
     assert not torch.equal(one, two)
+
+
+@pytest.mark.parametrize("negatives,contrastive", [("swap", "softmax"), ("hard", "sigmoid")])
+def test_a_chunked_step_reads_nothing_back_under_sync_free(negatives, contrastive):
+    # As tests/test_syncs.py checks the whole step: what a GPU runs sync_free, recorded on the CPU.
+    cfg = syncs_config()
+    torch.manual_seed(0)
+    o = ObjectivesConfig(itm_negatives=negatives, itm_negative_probability=0.5, contrastive=contrastive)
+    pm = PretrainingModel(cfg, o, codebook=flava.FlavaImageCodebook(cfg.codebook))
+    for kind, batch in syncs_batches(cfg).items():
+        parts = [batch.rows(slice(2 * i, 2 * i + 2)).to("cpu") for i in range(3)]  # counts read per part
+        results = {}
+        for free in (False, True):
+            pm.zero_grad(set_to_none=True)
+            losses = {}
+            with HostReads() as reads, sync_free(free):
+                generator = torch.Generator().manual_seed(1)
+                for part, chunk in zip(parts, plan_chunks(pm, parts, generator)):
+                    out = pm(part, generator, chunk)
+                    out.losses.total.backward()
+                    losses = {k: losses.get(k, 0) + v.detach() for k, v in out.losses.named().items()}
+            results[free] = losses, {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}, \
+                reads.reads
+        (losses, grads, _), (losses_f, grads_f, reads_f) = results[False], results[True]
+        assert reads_f == [], (kind, reads_f)
+        assert losses.keys() == losses_f.keys() and grads.keys() == grads_f.keys()
+        for name in losses:
+            torch.testing.assert_close(losses_f[name], losses[name], rtol=1e-6, atol=1e-6, msg=f"{kind} {name}")
+        for name in grads:
+            torch.testing.assert_close(grads_f[name], grads[name], rtol=1e-4, atol=1e-6, msg=f"{kind} {name}")
 
 
 def test_settings_chunks_cannot_take_fail_in_one_line(train_data, tmp_path):

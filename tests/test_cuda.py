@@ -114,3 +114,40 @@ def test_train_codebook_and_embed_on_cuda(train_data, tmp_path, capsys):
                 "--device", "cuda"]) == 0
     vectors = np.load(next((emb / "img_emb").glob("*.npy")))
     assert vectors.shape == (16, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+
+
+@pytest.mark.parametrize("negatives", ["swap", "hard"])
+def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, negatives):
+    """Once every kind has run a step (the first steps create the optimizer's state and sync by
+    design), a step of each kind runs with torch.cuda.set_sync_debug_mode("error"): anything that
+    makes the host wait for the device (a read of a device value, a data-dependent shape, a
+    blocking copy) raises."""
+    from flava.train.presets import demo_config
+    from flava.train.trainer import Trainer
+
+    cfg = demo_config(device="cuda", max_steps=100, log_every=100, save_every=100)
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.model.codebook.hidden_size = 8
+    cfg.data.pairs, cfg.data.images = [str(train_data / "pairs_clean.csv")], [str(train_data / "img")]
+    cfg.data.text, cfg.data.batch_size, cfg.data.num_workers = [str(train_data / "text.txt")], 4, 0
+    cfg.codebook, cfg.objectives.itm_negatives = str(train_data / "codebook"), negatives
+    trainer = Trainer(cfg, tmp_path / "run")
+    kinds = {"pairs", "images", "text"}
+
+    def steps(sync: bool) -> None:
+        seen = set()
+        for _ in range(60):
+            seen.add(trainer.train_step(sync=sync)["kind"])
+            if seen == kinds:
+                return
+        pytest.fail(f"60 steps drew only {sorted(seen)}")
+
+    steps(sync=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        steps(sync=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    rows = trainer._settle()
+    assert rows and all(np.isfinite(r["loss"]) and not r["update_skipped"] for r in rows)

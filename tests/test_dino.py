@@ -112,6 +112,34 @@ def test_center_follows_the_ema_of_the_teacher_batch_mean():
         torch.testing.assert_close(loss.center.double(), center, rtol=0, atol=1e-7)
 
 
+def test_a_warm_started_center_begins_at_the_first_batch_mean_and_a_set_one_is_kept():
+    torch.manual_seed(0)
+    cfg = small_dino(center_warm_start=True)
+    model = DinoModel(cfg, tiny_image(32))
+    crops = random_crops()
+    with torch.no_grad():
+        teacher, student = model.teacher(crops[0]), model.student(*crops)
+    out = model(*crops, epoch=0)
+    mean = teacher.mean(0, keepdim=True)
+    # The first loss is measured against the batch's own mean, which the update then keeps.
+    against_mean = DinoLoss(dataclasses.replace(cfg, center_warm_start=False))
+    against_mean.center.copy_(mean)
+    assert out.loss.item() == pytest.approx(against_mean(student, teacher, 0).item(), rel=1e-6)
+    torch.testing.assert_close(model.loss.center, mean)
+    # A resumed run's center is not replaced; the reference's (no warm start) starts at zero.
+    resumed = DinoModel(cfg, tiny_image(32))
+    resumed.load_state_dict(model.state_dict())
+    plain = DinoModel(small_dino(), tiny_image(32))
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "loss.center"}, strict=False)
+    crops = random_crops(seed=1)
+    with torch.no_grad():
+        teacher = resumed.teacher(crops[0])
+    resumed(*crops, epoch=0)
+    plain(*crops, epoch=0)
+    torch.testing.assert_close(resumed.loss.center, 0.9 * mean + 0.1 * teacher.mean(0, keepdim=True))
+    torch.testing.assert_close(plain.loss.center, 0.1 * teacher.mean(0, keepdim=True))
+
+
 def _center_worker(rank, world, port, teacher, results):
     with gloo_group(rank, world, port):
         loss = DinoLoss(DinoConfig(out_dim=teacher.shape[1], center_momentum=0.9))

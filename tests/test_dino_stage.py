@@ -64,8 +64,9 @@ def settle_center(trainer, batches=40, batch_size=8):
 
 def test_loss_falls_on_the_demo_images(tmp_path):
     cfg = dino_config(max_steps=10, save_every=10, log_every=5)
-    cfg.optim.lr, cfg.optim.warmup_steps = 1e-3, 0
+    cfg.optim.warmup_steps = 0
     d = cfg.dino
+    d.lr = 1e-3 * 256 / cfg.data.batch_size  # DINO's rule scales it back to 1e-3 at this batch
     d.out_dim, d.head_hidden_dim, d.head_bottleneck_dim, d.local_crops = 256, 128, 32, 4
     trainer = Trainer(cfg, tmp_path)
     settle_center(trainer)

@@ -35,17 +35,23 @@ from .typed import (
 __all__ = [
     "NonNegative", "NonNegativeInt", "Positive", "PositiveInt", "Probability", "Range", "apply_overrides", "check",
     "check_value", "describe", "field_docs", "from_dict", "set_value", "settings", "to_dict",
-    "Activation", "TransformerConfig", "ImageEncoderConfig", "TextEncoderConfig", "MultimodalEncoderConfig",
+    "Activation", "CLIP_MEAN", "CLIP_STD", "NormPlacement", "TransformerConfig", "ImageEncoderConfig",
+    "TextEncoderConfig", "MultimodalEncoderConfig",
     "CodebookConfig", "FlavaConfig", "ObjectivesConfig", "PRESETS", "preset", "validate", "parameter_count",
     "load_config", "config_from",
 ]
 
 Activation = Literal["gelu", "gelu_tanh", "relu", "silu", "quick_gelu"]
+NormPlacement = Literal["pre", "post"]
+
+# CLIP's pixel statistics, which FLAVA's image processor uses.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
 class TransformerConfig:
-    """Fields shared by the three encoders (pre-norm transformer blocks)."""
+    """Fields shared by the three encoders (transformer blocks, pre-norm unless said otherwise)."""
 
     hidden_size: PositiveInt = 768
     """Width of the residual stream."""
@@ -65,6 +71,10 @@ class TransformerConfig:
     """Dropout after the attention output and MLP projections (and on embeddings)."""
     attention_dropout: Probability = 0.0
     """Dropout on attention probabilities."""
+    norm_placement: NormPlacement = "pre"
+    """'pre': x + attn(LN(x)), then x + mlp(LN(x)), and a final LayerNorm (FLAVA's, ViT's); 'post':
+    LN(x + attn(x)), then LN(x + mlp(x)), and no final LayerNorm (BERT's, RoBERTa's: a text encoder
+    started from such a tower). Only the text encoder takes 'post'."""
 
 
 @dataclass
@@ -81,10 +91,34 @@ class ImageEncoderConfig(TransformerConfig):
     """Learn a mask token that replaces masked patch embeddings (needed for MIM/MMM)."""
     vocab_size: PositiveInt = 8192
     """Number of image tokens (the dVAE codebook size) the masked-image heads predict."""
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    """Per-channel mean pixels (in [0, 1]) are normalised with, everywhere images enter the model
+    (training data, processor, embed, serve); FLAVA's are CLIP's. A public image tower brings its
+    own (its preprocessor_config.json)."""
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    """Per-channel standard deviation pixels are normalised with (see `image_mean`)."""
+    # What some public image towers have beyond FLAVA's ViT (interop.towers).
+    distillation_token: bool = False
+    """A second learned token after CLS with its own position (DeiT's distillation token)."""
+    register_tokens: NonNegativeInt = 0
+    """Learned register tokens after CLS (and the distillation token), without positions
+    (DINOv2 with registers)."""
+    layer_scale: bool = False
+    """Each block scales its attention and MLP outputs by learned per-channel factors (DINOv2's
+    LayerScale)."""
+    embed_norm: bool = False
+    """A LayerNorm over the embeddings before the first block (CLIP's pre_layrnorm)."""
+    patch_bias: bool = True
+    """Whether the patch projection has a bias (CLIP's has none)."""
 
     @property
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: CLS, then the distillation and register tokens."""
+        return 1 + int(self.distillation_token) + self.register_tokens
 
     @property
     def num_patches(self) -> int:
@@ -98,11 +132,20 @@ class TextEncoderConfig(TransformerConfig):
     vocab_size: PositiveInt = 30522
     """WordPiece vocabulary size (BERT uncased: 30,522)."""
     max_position_embeddings: PositiveInt = 512
-    """Longest text, in tokens, including [CLS] and [SEP]."""
+    """Rows of the position table; the longest text (including [CLS] and [SEP]) is this less
+    `position_offset` tokens (`max_length`)."""
     type_vocab_size: PositiveInt = 2
     """Number of token types (segments)."""
     pad_token_id: NonNegativeInt = 0
-    """Id of the [PAD] token."""
+    """Id of the padding token ([PAD]; RoBERTa's <pad> is 1)."""
+    position_offset: NonNegativeInt = 0
+    """Position id of a text's first token: 0 (BERT, FLAVA); RoBERTa's pad_token_id + 1 = 2, its
+    positions counting on from the padding id as fairseq numbered them."""
+
+    @property
+    def max_length(self) -> int:
+        """The longest text in tokens, special tokens included."""
+        return self.max_position_embeddings - self.position_offset
 
 
 @dataclass
@@ -260,6 +303,21 @@ def validate(cfg: FlavaConfig) -> FlavaConfig:
                 f"{name}.hidden_size ({enc.hidden_size}) must be divisible by "
                 f"{name}.num_heads ({enc.num_heads})"
             )
+    img = cfg.image
+    # One value per channel of the RGB images the processor and the data make (a model of other
+    # channels takes pixel_values as given).
+    if len(img.image_mean) != len(img.image_std) or not img.image_mean:
+        raise ConfigError(f"image.image_mean and image.image_std need one value per channel each; got "
+                          f"{img.image_mean} and {img.image_std}")
+    if any(s <= 0 for s in img.image_std):
+        raise ConfigError(f"image.image_std must be positive; got {img.image_std}")
+    for name in ("image", "multimodal"):
+        if getattr(cfg, name).norm_placement != "pre":
+            raise ConfigError(f"{name}.norm_placement must be 'pre'; only the text encoder takes 'post' (a BERT-family "
+                              f"text tower)")
+    if cfg.text.max_length < 1:
+        raise ConfigError(f"text.max_position_embeddings ({cfg.text.max_position_embeddings}) less "
+                          f"text.position_offset ({cfg.text.position_offset}) leaves no room for a text; raise it")
     if cfg.image.patch_size > cfg.image.image_size:
         raise ConfigError(
             f"image.patch_size ({cfg.image.patch_size}) must be at most image.image_size ({cfg.image.image_size})"

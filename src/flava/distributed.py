@@ -77,25 +77,30 @@ def max_over_processes(value: int, device: torch.device) -> int:
     return int(t)
 
 
-def mean_over_processes(values: torch.Tensor, like: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+def mean_over_processes(values: torch.Tensor, like: torch.Tensor, count: torch.Tensor | None = None,
+                        total: torch.Tensor | None = None) -> torch.Tensor:
     """The mean of `values` over every process's entries, in the form data-parallel training needs.
 
     Each process returns sum_local * world / count_global: averaging these (as gradient
     averaging does) gives sum_global / count_global, so processes holding different numbers of
     masked tokens or ITM rows train exactly like one process with the whole batch. With no entry
     anywhere the result is a zero that still reaches `like`'s graph (every parameter used).
+    `count` (a device tensor) says how many of `values` are entries, the rest being zeros (a
+    selection of a size fixed in advance pads with them); by default all are.
     Every process must call this the same number of times (it runs one all_reduce), unless
-    `count` gives count_global: then it runs none (a batch in chunks divides each chunk's sum by
+    `total` gives count_global: then it runs none (a batch in chunks divides each chunk's sum by
     the whole batch's count, so the chunks' results add up to the batch's mean).
     """
     size = world().size
     zero = like.sum() * 0.0
-    if count is not None:
-        return values.sum() * size / count.clamp_min(1.0) + zero
-    if size == 1:
+    if total is not None:
+        return values.sum() * size / total.float().clamp_min(1.0) + zero
+    if count is None and size == 1:
         return values.mean() + zero if values.numel() else zero
-    count = torch.tensor(float(values.numel()), device=values.device)
-    dist.all_reduce(count)
+    # A fill, not torch.tensor(n, device=...): copying a host number to a GPU waits for it.
+    count = values.new_full((), float(values.numel()), dtype=torch.float32) if count is None else count.float()
+    if size > 1:
+        dist.all_reduce(count)
     return values.sum() * size / count.clamp_min(1.0) + zero
 
 

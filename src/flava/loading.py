@@ -168,6 +168,7 @@ def load(
         if quantize is not None:
             raise ConfigError("quantize is for inference; it cannot be combined with pretraining=True")
         pm, notes = pretraining_from_checkpoint(ckpt, codebook=load_codebook(codebook) if codebook else None)
+        pm.model.processor = Processor.from_directory(ckpt.path)
         for note in notes:
             warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
         return pm.to(device) if device is not None else pm

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 # Parameters that are not weights of a matmul: decaying them only pulls them toward zero.
-NO_DECAY_NAMES = ("cls_token", "pos_embed", "mask_token", "logit_scale")
+NO_DECAY_NAMES = ("cls_token", "dist_token", "register_tokens", "pos_embed", "mask_token", "logit_scale")
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -27,10 +27,19 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
         if p.requires_grad:
             slow = bool(scaled) and scale != 1.0 and name.startswith(scaled)
             groups[(not no_weight_decay(name, p), slow)].append(p)
-    params = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (scale if slow else 1.0)}
-              for (decay, slow), ps in groups.items() if ps or not slow]
+    params = [{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr": lr * (scale if slow else 1.0),
+               "decayed": decay} for (decay, slow), ps in groups.items() if ps or not slow]
     # The fused kernel updates every tensor in one pass; it exists for CPU and CUDA tensors.
     return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Give the decayed groups of a `build_optimizer` optimizer this weight decay (a schedule's
+    value); the others stay at 0."""
+    for group in optimizer.param_groups:
+        # Groups restored from checkpoints written before groups were marked: decayed ones decay.
+        if group.get("decayed", group["weight_decay"] > 0):
+            group["weight_decay"] = weight_decay
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float = 0.0):

@@ -27,6 +27,11 @@ def add(sub) -> None:
                    help="train each row under torchrun with this many processes (each takes data.batch_size: "
                         "halve it for 2 to keep the global batch)")
     p.add_argument("--suite", default="demo", help="a suite JSON file, or 'demo' (default)")
+    p.add_argument("--balancing", metavar="METHODS",
+                   help="instead of Table 3's rows: the full FLAVA row (the demo's recipe) under each of these ways of "
+                        "balancing the objectives, comma-separated, fixed among them: fixed, uncertainty, dwa, pcgrad, "
+                        "mixing-adaptive (fixed, with the data kinds' mix adapted to their loss progress)")
+    p.add_argument("--seeds", default="0,1", help="with --balancing: the seeds each method runs (default 0,1)")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
@@ -35,9 +40,34 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import apply_overrides, check
     from ..train.presets import train_config
 
+    if args.balancing:
+        return run_balancing_comparison(args, console)
     cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
     steps = args.steps if args.steps is not None else cfg.max_steps
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else default_rows(args.processes)
     plan = Plan(rows=rows, steps=steps, unimodal_steps=steps if args.unimodal_steps is None else args.unimodal_steps, image_stage=args.image_stage,
                 processes=args.processes, suite=args.suite)
     run_ablation(cfg, plan, Path(args.output), console)
+
+
+def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None:
+    from ..config import apply_overrides, check
+    from ..errors import ConfigError
+    from ..recipes.balancing import BalancingPlan, run_balancing
+    from ..recipes.recipe import demo_recipe_config
+    from ..train.presets import train_config
+
+    for flag, given in (("--rows", args.rows), ("--steps", args.steps), ("--processes", args.processes != 1),
+                        ("--image-stage", args.image_stage != "dino")):
+        if given:
+            raise ConfigError(f"--balancing runs the demo's recipe (text MLM, image MIM, joint) in this process; drop "
+                              f"{flag} (the joint stage's steps: --set max_steps=N; the unimodal stages': "
+                              "--unimodal-steps N)")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1; got {args.seeds!r}") from None
+    cfg = demo_recipe_config() if args.config in (None, "tiny") else train_config(args.config)
+    cfg = check(apply_overrides(cfg, args.set or []))
+    methods = [m.strip() for m in args.balancing.split(",") if m.strip()]
+    run_balancing(cfg, BalancingPlan(methods, seeds, args.suite, args.unimodal_steps), Path(args.output), console)

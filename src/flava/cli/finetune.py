@@ -75,7 +75,7 @@ def _tokenizer(checkpoint: Path, model):
 
     # A checkpoint that ships its own tokenizer.json was trained with it.
     own = checkpoint / "tokenizer.json"
-    return TextTokenizer(own if own.is_file() else None, max_length=model.config.text.max_position_embeddings)
+    return TextTokenizer(own if own.is_file() else None, max_length=model.config.text.max_length)
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

@@ -35,5 +35,6 @@ def run(args: argparse.Namespace, console: Console) -> None:
         table.add_row(part, "", "", "", "", str(len(sd)),
                       f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M" if sd else "absent")
     console.print(table)
+    post = "; a post-norm text encoder (from a BERT-family tower)" if cfg.text.norm_placement == "post" else ""
     console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "
-                  f"{cfg.text.max_position_embeddings} tokens; projection {cfg.projection_dim}")
+                  f"{cfg.text.max_length} tokens; projection {cfg.projection_dim}{post}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from .transforms import map_uint8, normalize_uint8
+from .transforms import CLIP_MEAN, CLIP_STD, Stats, map_uint8, normalize_uint8
 
 IGNORE_INDEX = -100
 """Label of a position no loss reads (PyTorch's cross-entropy default)."""
@@ -32,17 +32,30 @@ def attention_mask(rows: Sequence[Sequence[int] | torch.Tensor]) -> torch.Tensor
     return (torch.arange(longest)[None, :] < lengths[:, None]).long()
 
 
-PIXEL_INPUTS = {"pixel_values": normalize_uint8, "codebook_pixels": map_uint8}
+PIXEL_INPUTS = {"pixel_values": normalize_uint8, "codebook_pixels": lambda x, mean, std: map_uint8(x)}
 """Fields that the loader fills with uint8 pixels (4x smaller than floats, to the device and
-across processes) and how `to` turns them into the model's inputs there."""
+across processes) and how `to` turns them into the model's inputs there (the model's pixel
+statistics given)."""
+
+
+COUNTS = {"masked_patches": ("patch_mask", lambda t: t.count_nonzero()),
+          "masked_tokens": ("mlm_labels", lambda t: (t != IGNORE_INDEX).sum()),
+          "text_tokens": ("attention_mask", lambda t: t.count_nonzero())}
+"""Count fields, the field each counts in, and how: `to` reads them from the host tensors, so
+that the losses know their sizes on a device without reading it back (`flava.syncs`)."""
 
 
 class _Batch:
-    def to(self, device: torch.device | str, non_blocking: bool = False):
-        """The batch on `device`, uint8 pixels turned into model inputs there. Fields holding one
-        host tensor (the codebook reading the model's own pixels) are copied once."""
+    def to(self, device: torch.device | str, non_blocking: bool = False, mean: Stats = CLIP_MEAN,
+           std: Stats = CLIP_STD):
+        """The batch on `device`, uint8 pixels turned into model inputs there, normalised by the
+        model's `mean`/`std` (its config's image_mean/image_std). Fields holding one host tensor
+        (the codebook reading the model's own pixels) are copied once. Counts (`COUNTS`) are read
+        from the tensors while they are still on the host."""
+        names = {f.name for f in fields(self)}
+        out = {name: int(count(getattr(self, source))) for name, (source, count) in COUNTS.items()
+               if name in names and getattr(self, source).device.type == "cpu"}
         moved: dict[int, torch.Tensor] = {}
-        out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, torch.Tensor):
@@ -51,7 +64,7 @@ class _Batch:
                 moved[id(value)] = value.to(device, non_blocking=non_blocking)
             value = moved[id(value)]
             if value.dtype == torch.uint8 and f.name in PIXEL_INPUTS:
-                value = PIXEL_INPUTS[f.name](value)
+                value = PIXEL_INPUTS[f.name](value, mean, std)
             out[f.name] = value
         return replace(self, **out)
 
@@ -70,9 +83,11 @@ class _Batch:
         return next(getattr(self, f.name) for f in fields(self)).shape[0]
 
     def rows(self, index: slice):
-        """The batch of rows `index` (views of every tensor field)."""
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        """The batch of rows `index`: views of every tensor field, and no counts (`COUNTS`; the
+        whole batch's would be wrong: `to` reads the part's from host tensors)."""
+        names = {f.name for f in fields(self)}
+        return replace(self, **{n: getattr(self, n)[index] for n in names if isinstance(getattr(self, n), torch.Tensor)},
+                       **{n: None for n in COUNTS if n in names})
 
 
 @dataclass
@@ -96,6 +111,12 @@ class PairBatch(_Batch):
     host, mapped by `to`)."""
     image_targets: torch.Tensor | None = None
     """[B, num_patches] image token ids, if already computed (else the codebook makes them)."""
+    masked_patches: int | None = None
+    """How many patches `patch_mask` masks in all (filled in by `to`)."""
+    masked_tokens: int | None = None
+    """How many positions `mlm_labels` labels in all (filled in by `to`)."""
+    text_tokens: int | None = None
+    """How many real tokens `attention_mask` holds in all (filled in by `to`)."""
 
 
 @dataclass
@@ -106,6 +127,7 @@ class ImageBatch(_Batch):
     patch_mask: torch.Tensor
     codebook_pixels: torch.Tensor | None = None
     image_targets: torch.Tensor | None = None
+    masked_patches: int | None = None
 
 
 @dataclass
@@ -115,3 +137,5 @@ class TextBatch(_Batch):
     masked_input_ids: torch.Tensor
     attention_mask: torch.Tensor
     mlm_labels: torch.Tensor
+    masked_tokens: int | None = None
+    text_tokens: int | None = None

@@ -104,10 +104,11 @@ class BlockMasking:
 @dataclass
 class TextMasking:
     """BERT masking: each ordinary token is chosen with `probability`; a chosen token becomes
-    [MASK] 80 % of the time, a random ordinary token 10 %, and stays itself 10 %.
+    the mask token 80 % of the time, a random ordinary token 10 %, and stays itself 10 %.
 
-    Special tokens and padding are never chosen. With `whole_word`, a word's WordPiece
-    continuations (`##...`) are chosen together with its first piece.
+    Special tokens and padding are never chosen. With `whole_word`, a word's continuation pieces
+    (WordPiece `##...`; see `TextTokenizer.continuation`) are chosen together with its first piece.
+    The defaults are BERT uncased's; `from_tokenizer` takes a tokenizer's own ids.
     """
 
     probability: float = 0.15
@@ -116,24 +117,30 @@ class TextMasking:
     whole_word: bool = False
     vocab_size: int = 30522
     random_low: int = 999
-    """Random replacements are drawn from [random_low, vocab_size): BERT's ordinary tokens."""
+    """Without `random_ids`, random replacements are drawn from [random_low, vocab_size): BERT's ordinary tokens."""
     special_ids: tuple[int, ...] = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
+    mask_id: int = MASK_ID
+    """The id a chosen token becomes 80 % of the time."""
+    random_ids: np.ndarray | None = field(default=None, repr=False)
+    """The ids random replacements are drawn from (the tokenizer's ordinary tokens), or None."""
     continuation: np.ndarray | None = field(default=None, repr=False)
-    """[vocab] True for WordPiece continuation pieces; needed for `whole_word`."""
+    """[vocab] True for pieces that continue a word; needed for `whole_word`."""
 
     def __post_init__(self) -> None:
         # A lookup table (np.isin costs more than the rest of masking a caption); ids past the
         # last special one read its final, ordinary entry.
         self._special = np.zeros(max(self.special_ids) + 2, dtype=bool)
         self._special[list(self.special_ids)] = True
+        ids = self.random_ids
+        # A contiguous range draws as [random_low, vocab_size) always did: BERT runs keep their masks.
+        if ids is not None and len(ids) and ids[-1] - ids[0] + 1 == len(ids):
+            self.random_low, self.vocab_size, self.random_ids = int(ids[0]), int(ids[-1]) + 1, None
 
     @classmethod
     def from_tokenizer(cls, tokenizer, **kwargs) -> "TextMasking":
-        vocab = tokenizer.tok.get_vocab()
-        continuation = np.zeros(tokenizer.vocab_size, dtype=bool)
-        for token, i in vocab.items():
-            continuation[i] = token.startswith("##")
-        return cls(vocab_size=tokenizer.vocab_size, continuation=continuation, **kwargs)
+        """Masking with `tokenizer`'s (a `TextTokenizer`) mask id, special ids and vocabulary."""
+        return cls(vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special.all, mask_id=tokenizer.mask_id,
+                   random_ids=tokenizer.ordinary_ids(), continuation=tokenizer.continuation(), **kwargs)
 
     def __call__(self, ids: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One text's ids (unpadded or padded) -> (masked ids, labels with -100 where unchosen)."""
@@ -141,7 +148,8 @@ class TextMasking:
         ordinary = ~self._special[np.minimum(ids, len(self._special) - 1)]
         if self.whole_word:
             if self.continuation is None:
-                raise ValueError("whole-word masking needs the vocabulary's continuation table")
+                raise ValueError("whole-word masking needs the vocabulary's continuation table (a WordPiece, "
+                                 "byte-level BPE or SentencePiece tokenizer)")
             cont = self.continuation[ids] & ordinary
             word = np.cumsum(~cont) - 1  # word index of every token
             chosen_words = rng.random(word[-1] + 1 if len(ids) else 0) < self.probability
@@ -151,9 +159,12 @@ class TextMasking:
         labels = np.where(chosen, ids, IGNORE_INDEX)
         r = rng.random(len(ids))
         masked = ids.copy()
-        masked[chosen & (r < self.mask_fraction)] = MASK_ID
+        masked[chosen & (r < self.mask_fraction)] = self.mask_id
         randomize = chosen & (r >= self.mask_fraction) & (r < self.mask_fraction + self.random_fraction)
-        masked[randomize] = rng.integers(self.random_low, self.vocab_size, int(randomize.sum()))
+        if self.random_ids is None:
+            masked[randomize] = rng.integers(self.random_low, self.vocab_size, int(randomize.sum()))
+        else:
+            masked[randomize] = self.random_ids[rng.integers(0, len(self.random_ids), int(randomize.sum()))]
         return masked, labels
 
 

@@ -6,7 +6,7 @@ crops (5-40 %, at a smaller size). Every crop is flipped with p = 0.5, colour-ji
 p = 0.8 (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, in a random order), turned grey
 with p = 0.2 and Gaussian-blurred (p = 1.0 for the first global crop, 0.1 for the second, 0.5
 for local crops); the second global crop is also solarized with p = 0.2. The crops are then
-CLIP-normalised, as FLAVA's other image inputs are.
+normalised by the model's pixel statistics (FLAVA's: CLIP's), as its other image inputs are.
 
 Every random choice is drawn from the `numpy.random.Generator` passed in, so with the
 pipeline's `default_rng([seed, *position])` a sample's crops are a pure function of
@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from ..errors import DataError
-from .transforms import normalize, random_resized_crop_box, to_rgb, to_tensor
+from .transforms import CLIP_MEAN, CLIP_STD, normalize, random_resized_crop_box, to_rgb, to_tensor
 
 # The reference recipe is written for 224 px global crops; blur radii scale from there.
 REFERENCE_SIZE = 224
@@ -45,6 +45,10 @@ class MultiCropSpec:
     """Share of the image area a global crop covers."""
     local_scale: tuple[float, float] = (0.05, 0.4)
     """Share of the image area a local crop covers."""
+    mean: tuple[float, ...] = CLIP_MEAN
+    """Per-channel mean the crops are normalised with (the model's image_mean)."""
+    std: tuple[float, ...] = CLIP_STD
+    """Per-channel standard deviation the crops are normalised with (the model's image_std)."""
 
     @property
     def blur_radius(self) -> tuple[float, float]:
@@ -59,9 +63,9 @@ class MultiCropSample:
     """The crops of one image."""
 
     global_crops: torch.Tensor
-    """[2, 3, global_size, global_size] float32, CLIP-normalised."""
+    """[2, 3, global_size, global_size] float32, normalised."""
     local_crops: torch.Tensor
-    """[local_crops, 3, local_size, local_size] float32, CLIP-normalised."""
+    """[local_crops, 3, local_size, local_size] float32, normalised."""
 
 
 @dataclass
@@ -74,7 +78,8 @@ class MultiCropBatch:
     local_crops: torch.Tensor | None
     """[N*B, 3, L, L], or None with no local crops."""
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiCropBatch:
+    def to(self, device: torch.device | str, non_blocking: bool = False, mean=None, std=None) -> MultiCropBatch:
+        """The crops on `device` (normalised already, in the workers: `mean`/`std` are not used)."""
         local = self.local_crops.to(device, non_blocking=non_blocking) if self.local_crops is not None else None
         return MultiCropBatch(self.global_crops.to(device, non_blocking=non_blocking), local)
 
@@ -130,7 +135,7 @@ def _crop(image: Image.Image, size: int, scale: tuple[float, float], blur_p: flo
         crop = crop.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*spec.blur_radius))))
     if solarize_p and rng.random() < solarize_p:
         crop = ImageOps.solarize(crop, threshold=SOLARIZE_THRESHOLD)
-    return normalize(to_tensor(crop))
+    return normalize(to_tensor(crop), spec.mean, spec.std)
 
 
 def multi_crop(image: Image.Image | np.ndarray, spec: MultiCropSpec, rng: np.random.Generator) -> MultiCropSample:

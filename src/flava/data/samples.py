@@ -18,7 +18,7 @@ from .masking import BlockMasking, TextMasking
 from .members import BadSample
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
 from .sources import ImageRecord, PairRecord, read_caption
-from .tokenizer import PAD_ID, TextTokenizer
+from .tokenizer import TextTokenizer
 from .transforms import random_resized_crop_box
 
 
@@ -37,16 +37,18 @@ class SampleSpec:
     max_caption_chars: int = 2000
     """Captions longer than this are treated as broken data (a page pasted into a caption)."""
     tokenizer_file: str | None = None
+    """The model's tokenizer (a tokenizer.json or a directory holding one); None: BERT uncased."""
 
     @classmethod
     def for_model(cls, model: FlavaConfig, objectives: ObjectivesConfig, max_text_length: int,
-                  crop_scale_min: float) -> "SampleSpec":
-        """What a model of config `model` trains on under `objectives`."""
+                  crop_scale_min: float, tokenizer_file: str | None = None) -> "SampleSpec":
+        """What a model of config `model` (whose tokenizer is `tokenizer_file`) trains on under `objectives`."""
         return cls(image_size=model.image.image_size, codebook_image_size=model.codebook_image_size,
                    grid=model.image.grid_size, max_text_length=max_text_length,
                    image_mask_ratio=objectives.image_mask_ratio,
                    text_mask_probability=objectives.text_mask_probability,
-                   whole_word=objectives.whole_word_masking, crop_scale=(crop_scale_min, 1.0))
+                   whole_word=objectives.whole_word_masking, crop_scale=(crop_scale_min, 1.0),
+                   tokenizer_file=tokenizer_file)
 
 
 class SampleMaker:
@@ -111,11 +113,12 @@ class SampleMaker:
         return self._text(record, rng, caption=False)
 
     def collate(self, kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
-        return collate(kind, samples)
+        return collate(kind, samples, self.tokenizer.pad_id)
 
     def merge(self, parts: list[tuple[list[int], object]]) -> PairBatch | ImageBatch | TextBatch:
         """One batch from the parts loader workers made ((slots, batch) each), in slot order."""
-        return merge_batches(parts, {"input_ids": PAD_ID, "masked_input_ids": PAD_ID, "attention_mask": 0,
+        pad = self.tokenizer.pad_id
+        return merge_batches(parts, {"input_ids": pad, "masked_input_ids": pad, "attention_mask": 0,
                                      "mlm_labels": IGNORE_INDEX})
 
 
@@ -188,11 +191,12 @@ def merge_batches(parts: list[tuple[list[int], object]], pad: dict[str, int]):
     return type(first)(**out)
 
 
-def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
+def collate(kind: str, samples: list[dict], pad_id: int = 0) -> PairBatch | ImageBatch | TextBatch:
+    """Samples of one kind into a batch, texts padded with `pad_id` (the tokenizer's)."""
     if kind in ("pairs", "text"):
         ids = [s["input_ids"] for s in samples]
         mask = attention_mask(ids)
-        masked = pad_rows([s["masked_input_ids"] for s in samples], PAD_ID)
+        masked = pad_rows([s["masked_input_ids"] for s in samples], pad_id)
         labels = pad_rows([s["mlm_labels"] for s in samples], IGNORE_INDEX)
     if kind == "text":
         return TextBatch(masked, mask, labels)
@@ -206,7 +210,7 @@ def collate(kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatc
         targets = {"codebook_pixels": pixels if same else torch.stack([s["codebook_pixels"] for s in samples])}
     if kind == "images":
         return ImageBatch(pixels, patch_mask, **targets)
-    return PairBatch(pixels, pad_rows(ids, PAD_ID), mask, patch_mask, masked, labels, **targets)
+    return PairBatch(pixels, pad_rows(ids, pad_id), mask, patch_mask, masked, labels, **targets)
 
 
 def read_npy(member) -> np.ndarray:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-# CLIP's statistics, which FLAVA's image processor uses.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from ..config import CLIP_MEAN, CLIP_STD  # FLAVA's image processor's statistics (a model's own: its config)
+
+Stats = tuple[float, ...] | list[float]
 # The dVAE codebook reads pixels squeezed into [eps, 1 - eps] (DALL-E's `map_pixels`).
 LOGIT_LAPLACE_EPS = 0.1
 # Longer over shorter side beyond which an image is refused: resizing the shorter side of a
@@ -58,18 +58,20 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x - mean) / std
+def normalize(x: torch.Tensor, mean: Stats = CLIP_MEAN, std: Stats = CLIP_STD) -> torch.Tensor:
+    """[..., C, H, W] pixels in [0, 1] -> (x - mean) / std per channel."""
+    mean_t = torch.tensor(mean, dtype=x.dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=x.dtype).view(-1, 1, 1)
+    return (x - mean_t) / std_t
 
 
-def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[..., 3, H, W] uint8 pixels -> float32 CLIP-normalised, on x's device, contiguous. The
-    constants are Python numbers: a tensor of them made on a GPU would wait for the device."""
+def normalize_uint8(x: torch.Tensor, mean: Stats = CLIP_MEAN, std: Stats = CLIP_STD) -> torch.Tensor:
+    """[..., C, H, W] uint8 pixels -> float32 normalised by `mean`/`std` (of [0, 1] pixels), on x's
+    device, contiguous. The constants are Python numbers: a tensor of them made on a GPU would
+    wait for the device."""
     y = x.float().contiguous()
-    for c, (mean, std) in enumerate(zip(CLIP_MEAN, CLIP_STD)):
-        y[..., c, :, :].sub_(mean * 255.0).mul_(1.0 / (std * 255.0))
+    for c, (m, s) in enumerate(zip(mean, std)):
+        y[..., c, :, :].sub_(m * 255.0).mul_(1.0 / (s * 255.0))
     return y
 
 
@@ -96,9 +98,10 @@ def map_pixels(x: torch.Tensor) -> torch.Tensor:
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
 
 
-def eval_transform(image: Image.Image | np.ndarray, size: int) -> torch.Tensor:
-    """The inference transform: RGB, resize + center crop, CLIP normalisation."""
-    return normalize(to_tensor(resize_center_crop(to_rgb(image), size)))
+def eval_transform(image: Image.Image | np.ndarray, size: int, mean: Stats = CLIP_MEAN,
+                   std: Stats = CLIP_STD) -> torch.Tensor:
+    """The inference transform: RGB, resize + center crop, normalisation (FLAVA's: CLIP's statistics)."""
+    return normalize(to_tensor(resize_center_crop(to_rgb(image), size)), mean, std)
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,

@@ -26,7 +26,7 @@ from PIL import Image
 from ..data.processor import load_image
 from ..data.members import TarMember
 from ..data.tokenizer import TextTokenizer
-from ..data.transforms import eval_transform
+from ..data.transforms import CLIP_MEAN, CLIP_STD, Stats, eval_transform
 from ..errors import DataError, InputError
 from ..model.flava import FlavaModel
 
@@ -55,12 +55,14 @@ def check_image_files(images: Sequence[ImageLike]) -> None:
         raise DataError(f"{len(missing)} of {len(paths)} image files are missing; the first is {missing[0]}")
 
 
-def pixel_batches(images: Sequence[ImageLike], size: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """[b, 3, size, size] eval-transformed tensors, decoded batch by batch."""
+def pixel_batches(images: Sequence[ImageLike], size: int, batch_size: int, mean: Stats = CLIP_MEAN,
+                  std: Stats = CLIP_STD) -> Iterator[torch.Tensor]:
+    """[b, 3, size, size] eval-transformed tensors (normalised by `mean`/`std`), decoded batch by batch."""
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1; got {batch_size}")
     for start in range(0, len(images), batch_size):
-        yield torch.stack([eval_transform(load_image(im), size) for im in images[start:start + batch_size]])
+        yield torch.stack([eval_transform(load_image(im), size, mean, std)
+                           for im in images[start:start + batch_size]])
 
 
 def _run_images(model: FlavaModel, images: Sequence[ImageLike], batch_size: int,
@@ -71,7 +73,8 @@ def _run_images(model: FlavaModel, images: Sequence[ImageLike], batch_size: int,
     out = [np.zeros((0, width), dtype=np.float32)]
     done = 0
     with evaluating(model):
-        for pixels in pixel_batches(images, model.config.image.image_size, batch_size):
+        ic = model.config.image
+        for pixels in pixel_batches(images, ic.image_size, batch_size, ic.image_mean, ic.image_std):
             state = model.encode_image_tokens(pixels.to(device), cls_only=True)
             feats = model.image_embedding(state) if embed else state.last_hidden_state[:, 0]
             out.append(feats.float().cpu().numpy())

@@ -42,10 +42,10 @@ def print_plan(suite: Suite, console: Console) -> None:
 
 def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console: Console) -> list[SuiteResult]:
     """Run `suite` on each (label, model, description) with one progress bar per task."""
-    first = models[0][1]
-    tokenizer = TextTokenizer(max_length=first.config.text.max_position_embeddings)
     results = []
     for label, model, description in models:
+        # Each model's own tokenizer (a checkpoint records it when it is not BERT uncased).
+        tokenizer = TextTokenizer(model.processor.tokenizer_file, max_length=model.config.text.max_length)
         console.print(f"[bold]{label}[/]: {description}")
         with progress_bar(console) as progress:
             def on_task(task):

@@ -220,15 +220,18 @@ def _check_common(model, tokenizer, settings) -> int:
     if tokenizer.vocab_size > tc.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder only "
                           f"{tc.vocab_size}; use the model's tokenizer")
-    if settings.max_text_length is not None and settings.max_text_length > tc.max_position_embeddings:
-        raise ConfigError(f"max_text_length {settings.max_text_length} exceeds the text encoder's "
-                          f"{tc.max_position_embeddings} positions")
-    return settings.max_text_length or min(tokenizer.max_length, tc.max_position_embeddings)
+    if settings.max_text_length is not None and settings.max_text_length > tc.max_length:
+        raise ConfigError(f"max_text_length {settings.max_text_length} exceeds the {tc.max_length} tokens the text "
+                          f"encoder takes")
+    return settings.max_text_length or min(tokenizer.max_length, tc.max_length)
 
 
-def _text_inputs(split: Split, idx: torch.Tensor) -> dict:
-    ids, mask, types = pad([split.tokens[i] for i in idx.tolist()])
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+def _text_inputs(pad_id: int) -> Callable[[Split, torch.Tensor], dict]:
+    """A split's rows `idx` as padded text inputs (ids padded with the tokenizer's `pad_id`)."""
+    def inputs(split: Split, idx: torch.Tensor) -> dict:
+        ids, mask, types = pad([split.tokens[i] for i in idx.tolist()], pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return inputs
 
 
 def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings, tokenizer: TextTokenizer,
@@ -252,7 +255,8 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
         head = TextHead(model.config.text.hidden_size, num_outputs, settings.head_dropout)
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),
-                   list(task.label_names), num_outputs, TextClassifier(tower, head), splits, _text_inputs)
+                   list(task.label_names), num_outputs, TextClassifier(tower, head), splits,
+                   _text_inputs(tokenizer.pad_id))
         result = _run(job, settings, on_step, resumable)
     result.max_text_length = max_length
     result.pairs = any(e.text2 is not None for e in task.train)
@@ -269,7 +273,8 @@ def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: Finet
     check_multimodal_task(task)
     tok = truncating_copy(tokenizer, max_length)
     parts = (task.train, task.val, task.test)
-    images, image_rows = image_cache(list(parts), model.config.image.image_size)
+    images, image_rows = image_cache(list(parts), model.config.image.image_size,
+                                      model.config.image.image_mean, model.config.image.image_std)
     splits = {}
     for name, examples, rows in zip(("train", "val", "test"), parts, image_rows):
         tokens = encode(tok, [e.text for e in examples], None)
@@ -279,9 +284,11 @@ def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: Finet
         else:
             splits[name] = Split(tokens, torch.tensor([e.label for e in examples], dtype=torch.long), None, rows)
 
+    text_inputs = _text_inputs(tokenizer.pad_id)
+
     def inputs(split: Split, idx: torch.Tensor) -> dict:
         pixels, image_index = images.batch(split.image_index[idx])
-        return {"pixel_values": pixels, "image_index": image_index, **_text_inputs(split, idx)}
+        return {"pixel_values": pixels, "image_index": image_index, **text_inputs(split, idx)}
 
     num_outputs = len(task.label_names)
     with torch.random.fork_rng(devices=[]):
@@ -314,7 +321,8 @@ def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSetting
     check(settings)
     check_image_task(task)
     parts = (task.train, task.val, task.test)
-    images, image_rows = image_cache(list(parts), model.config.image.image_size)
+    images, image_rows = image_cache(list(parts), model.config.image.image_size,
+                                      model.config.image.image_mean, model.config.image.image_std)
     splits = {name: Split([], torch.tensor([e.label for e in examples], dtype=torch.long), None, rows)
               for name, examples, rows in zip(("train", "val", "test"), parts, image_rows)}
 

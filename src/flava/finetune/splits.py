@@ -12,7 +12,7 @@ from PIL import Image
 from .. import scores as M
 from ..data.decode import open_image
 from ..data.members import BadSample
-from ..data.transforms import normalize, resize_center_crop
+from ..data.transforms import CLIP_MEAN, CLIP_STD, normalize, resize_center_crop
 from ..errors import DataError
 from .examples import ImageExample, MultimodalExample
 from .settings import MAX_CONFUSION_ANSWERS
@@ -52,15 +52,20 @@ class Images:
 
     pixels: torch.Tensor
     """[M, 3, S, S] uint8."""
+    mean: tuple[float, ...] = CLIP_MEAN
+    """The model's per-channel pixel mean (its config's image_mean)."""
+    std: tuple[float, ...] = CLIP_STD
+    """The model's per-channel pixel standard deviation."""
 
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised pixels of the distinct images, each row's position among them)."""
         unique, inverse = torch.unique(rows, return_inverse=True)
-        return normalize(self.pixels[unique].float().div_(255.0)), inverse
+        return normalize(self.pixels[unique].float().div_(255.0), self.mean, self.std), inverse
 
 
 def image_cache(splits: list[list[MultimodalExample]] | list[list[ImageExample]], size: int,
-                 ) -> tuple[Images, list[torch.Tensor]]:
+                mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD,
+                ) -> tuple[Images, list[torch.Tensor]]:
     keys: dict = {}
     refs = []
     rows = []
@@ -81,7 +86,7 @@ def image_cache(splits: list[list[MultimodalExample]] | list[list[ImageExample]]
             raise DataError(f"image {ref}: {e.kind}; fix or remove it from the task") from None
         arr = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
         pixels[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
-    return Images(pixels), rows
+    return Images(pixels, tuple(mean), tuple(std)), rows
 
 
 def dense_soft(soft: list[dict[int, float]], num_answers: int) -> torch.Tensor:

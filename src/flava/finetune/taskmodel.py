@@ -138,7 +138,8 @@ class TaskModel:
 
     def _pixels(self, image, i: int) -> torch.Tensor:
         try:
-            return eval_transform(load_image(image), self.image_size)
+            ic = self._image_config()
+            return eval_transform(load_image(image), self.image_size, ic.image_mean, ic.image_std)
         except FlavaError as e:
             raise DataError(str(e)) from None
         except (TypeError, ValueError, OSError) as e:  # arrays PIL cannot take (dtype, shape)
@@ -202,7 +203,7 @@ class TaskModel:
         inputs: dict[str, torch.Tensor] = {}
         if texts is not None:
             tokens = encode(self._tok, [texts[i] for i in rows], [texts2[i] for i in rows] if texts2 is not None else None)
-            ids, mask, types = pad(tokens)
+            ids, mask, types = pad(tokens, self.tokenizer.pad_id)
             inputs.update(input_ids=ids, attention_mask=mask, token_type_ids=types)
         if pixels:
             inputs["pixel_values"] = torch.stack(pixels)
@@ -218,6 +219,11 @@ class TaskModel:
         return {"type": kind, "dim": head.dense.in_features if kind != "image" else head.out.in_features,
                 "hidden": head.dense.out_features if kind == "multimodal" else None,
                 "num_outputs": head.out.out_features, "dropout": head.drop.p}
+
+    def _image_config(self):
+        """The image encoder's config: its pixel statistics are the ones inputs are normalised with."""
+        clf = self.classifier
+        return clf.encoder.cfg if isinstance(clf, ImageClassifier) else clf.flava.config.image
 
     def _model_config(self) -> dict[str, Any]:
         clf = self.classifier
@@ -349,7 +355,7 @@ def as_task_model(model: FinetuneResult | nn.Module, *, task: str | None = None,
             raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder only "
                               f"{text_cfg.vocab_size}; use the model's tokenizer")
         # Fine-tuning's default: the tokenizer's length capped by the encoder's positions.
-        max_text_length = max_text_length or min(tokenizer.max_length, text_cfg.max_position_embeddings)
+        max_text_length = max_text_length or min(tokenizer.max_length, text_cfg.max_length)
     else:
         tokenizer, max_text_length, pairs = None, None, False
     return TaskModel(kind_name, clf, label_names, tokenizer=tokenizer, max_text_length=max_text_length,

@@ -9,14 +9,14 @@ import torch
 from tokenizers import Tokenizer
 
 from ..data.batch import attention_mask, pad_rows
-from ..data.tokenizer import PAD_ID, TextTokenizer
+from ..data.tokenizer import TextTokenizer
 from ..errors import DataError
 
 
 @dataclass
 class TokenizedPairs:
     input_ids: torch.Tensor
-    """[B, L] [CLS] a [SEP] (b [SEP]) then [PAD]."""
+    """[B, L] [CLS] a [SEP] (b [SEP]) then [PAD] (or the tokenizer's own special tokens)."""
     attention_mask: torch.Tensor
     """[B, L] 1 for real tokens."""
     token_type_ids: torch.Tensor
@@ -32,8 +32,8 @@ def truncating_copy(tokenizer: TextTokenizer, max_length: int) -> Tokenizer:
 
 
 def encode(tok: Tokenizer, texts: list[str], texts2: list[str | None] | None) -> list[tuple[list[int], list[int]]]:
-    """(ids, type ids) per text. Pairs use the tokenizer's BERT template, [CLS] a [SEP] b [SEP],
-    truncated longest-first so both keep their [SEP]."""
+    """(ids, type ids) per text. Pairs use the tokenizer's template (BERT's [CLS] a [SEP] b [SEP];
+    RoBERTa's <s> a </s></s> b </s>), truncated longest-first so both keep their separators."""
     if texts2 is None or all(t is None for t in texts2):
         encodings = tok.encode_batch(list(texts))
     else:
@@ -43,9 +43,10 @@ def encode(tok: Tokenizer, texts: list[str], texts2: list[str | None] | None) ->
     return [(e.ids, e.type_ids) for e in encodings]
 
 
-def pad(rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows into tensors, ids padded with `pad_id` (the tokenizer's)."""
     ids = [r[0] for r in rows]
-    return pad_rows(ids, PAD_ID), attention_mask(ids), pad_rows([r[1] for r in rows], 0)
+    return pad_rows(ids, pad_id), attention_mask(ids), pad_rows([r[1] for r in rows], 0)
 
 
 def encode_pairs(tokenizer: TextTokenizer, texts: list[str], texts2: list[str] | None = None,
@@ -57,4 +58,4 @@ def encode_pairs(tokenizer: TextTokenizer, texts: list[str], texts2: list[str] |
     if texts2 is not None and len(texts2) != len(texts):
         raise DataError(f"{len(texts)} first texts but {len(texts2)} second texts")
     tok = truncating_copy(tokenizer, max_length or tokenizer.max_length)
-    return TokenizedPairs(*pad(encode(tok, texts, texts2)))
+    return TokenizedPairs(*pad(encode(tok, texts, texts2), tokenizer.pad_id))

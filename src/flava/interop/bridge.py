@@ -62,7 +62,7 @@ def pretraining_losses(
     if "mim" in w and image_masked is not None and mm is None and mim_labels is not None:
         labels = targets_at(patch_mask, mim_labels)
         out["mim"] = w["mim"] * masked_prediction_loss(
-            image_masked.last_hidden_state[:, 1:], labels, heads.mim)
+            image_masked.patches, labels, heads.mim)
     if "mlm" in w and text_masked is not None and mm is None and mlm_labels is not None:
         out["mlm"] = w["mlm"] * masked_prediction_loss(text_masked.last_hidden_state, mlm_labels, heads.mlm)
 

@@ -38,6 +38,19 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
     the pretraining layout when the checkpoint has pretraining heads."""
     cfg = ckpt.config
     notes = []
+    ic = cfg.image
+    extras = [name for name, on in (("a distillation token", ic.distillation_token),
+                                    ("register tokens", ic.register_tokens), ("LayerScale", ic.layer_scale),
+                                    ("a LayerNorm before the blocks", ic.embed_norm),
+                                    ("no patch bias", not ic.patch_bias)) if on]
+    if extras:
+        raise CheckpointError(f"this model's image encoder (from a public image tower) has {', '.join(extras)}, which "
+                              "transformers' FLAVA image model cannot hold; it cannot be expressed in its format")
+    if cfg.text.norm_placement != "pre" or cfg.text.position_offset:
+        raise CheckpointError(
+            "this model's text encoder is post-norm (started from a BERT-family tower), with positions from "
+            f"{cfg.text.position_offset}; transformers' FLAVA text model is pre-norm with positions from 0, so it cannot "
+            "be expressed in its format")
     mm = cfg.multimodal.hidden_size
     if cfg.image.hidden_size != mm or cfg.text.hidden_size != mm:
         raise CheckpointError(
@@ -78,6 +91,10 @@ def _export_model(ckpt: Checkpoint, out_dir: str | os.PathLike) -> list[str]:
 
 def _write(ckpt: Checkpoint, out_dir: str | os.PathLike, tensors: dict, config: dict) -> None:
     processor = Processor.from_directory(ckpt.path)
+    if processor.tokenizer.model_type() != "WordPiece":
+        raise CheckpointError(f"{ckpt.path} records a {processor.tokenizer.model_type()} tokenizer; transformers' "
+                              "FlavaProcessor takes a BERT (WordPiece) tokenizer, so the export would tokenise "
+                              "differently")
 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -103,8 +120,7 @@ def write_processor_files(processor: Processor, directory: Path) -> None:
     vocab = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
     (directory / "vocab.txt").write_text("".join(f"{tok}\n" for tok, _ in sorted(vocab.items(), key=lambda kv: kv[1])),
                                          encoding="utf-8")
-    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-               "mask_token": "[MASK]"}
+    special = {f"{role}_token": name for role, name in processor.tokenizer.names.items()}
     write_json_atomic(directory / "special_tokens_map.json", special)
     write_json_atomic(directory / "tokenizer_config.json", {
         "tokenizer_class": "BertTokenizer", "processor_class": "FlavaProcessor", "do_lower_case": True,

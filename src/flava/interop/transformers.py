@@ -292,6 +292,7 @@ def state_dict_to_hf(
 def is_hf_config(data: dict[str, Any]) -> bool:
     if data.get("format") == "flava":
         return False
-    return data.get("model_type") == "flava" or any(
-        k in data for k in ("image_config", "text_config", "multimodal_config")
-    )
+    # Other composite models (CLIP) have text_config too: a model_type other than FLAVA's decides.
+    model_type = data.get("model_type")
+    return model_type == "flava" or (model_type is None and any(
+        k in data for k in ("image_config", "text_config", "multimodal_config")))

@@ -148,6 +148,6 @@ def resolve(path: str | os.PathLike) -> Path:
             return _follow(pointer)
     raise CheckpointError(
         f"{p} is not a checkpoint: it is neither a checkpoint directory (no {CONFIG}) nor a run directory (no "
-        f"{CHECKPOINTS}/{LATEST}); name a "
-        f"checkpoints/step_N directory, a run directory, a transformers FLAVA or ViT directory, or a hub id"
+        f"{CHECKPOINTS}/{LATEST}); name a checkpoints/step_N directory, a run directory, a transformers FLAVA or "
+        "image tower (ViT, DeiT, DINOv2, CLIP) directory, or a hub id"
     )

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import ImageEncoderConfig, MultimodalEncoderConfig, TextEncoderConfig
 from ..errors import InputError
+from ..syncs import is_sync_free
 from .layers import Packing, Pooler, Transformer, padding_mask
 
 
@@ -19,13 +20,23 @@ class EncoderOutput:
     """Per-token states of one encoder."""
 
     last_hidden_state: torch.Tensor
-    """[B, N, D] after the encoder's final LayerNorm (N = 1 when only CLS was asked for)."""
+    """[B, N, D] after the encoder's final LayerNorm (N = 1 when only CLS was asked for). A post-norm
+    text encoder (a BERT-family tower) has no final LayerNorm: its last block's output, as BERT's."""
     pre_norm_hidden_state: torch.Tensor
-    """[B, N, D] before the final LayerNorm: what the multimodal encoder consumes."""
+    """[B, N, D] before the final LayerNorm: what the multimodal encoder consumes. For a post-norm
+    text encoder the same tensor as `last_hidden_state` (whose CLS the contrastive embedding reads)."""
     attention_mask: torch.Tensor | None = None
     """[B, N] 1 for real tokens, 0 for padding (text only)."""
     hidden_states: tuple[torch.Tensor, ...] | None = None
     """Embedding output and every block's output, when asked for."""
+    prefix_tokens: int = 1
+    """Tokens before the patches (images) or the text: CLS, then an image encoder's distillation
+    and register tokens when it has them (`ImageEncoderConfig.num_prefix_tokens`)."""
+
+    @property
+    def patches(self) -> torch.Tensor:
+        """[B, N - prefix_tokens, D] the final states after the prefix tokens (an image's patches)."""
+        return self.last_hidden_state[:, self.prefix_tokens:]
 
 
 @dataclass(frozen=True)
@@ -85,10 +96,12 @@ class MultimodalOutput:
         return self.last_hidden_state[:, self.layout.text]
 
 
-def resize_position_table(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """[1, 1 + g*g, D] (CLS first, then a square grid of patches) -> [1, 1 + grid_h*grid_w, D], the
-    patch positions resized bicubically as transformers' `interpolate_pos_encoding` does."""
-    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+def resize_position_table(pos_embed: torch.Tensor, grid_h: int, grid_w: int, prefix: int = 1,
+                          antialias: bool = False) -> torch.Tensor:
+    """[1, prefix + g*g, D] (CLS, and DeiT's distillation token, first, then a square grid of
+    patches) -> [1, prefix + grid_h*grid_w, D], the patch positions resized bicubically as
+    transformers' `interpolate_pos_encoding` does (`antialias`: as DINOv2 with registers does)."""
+    cls_pos, patch_pos = pos_embed[:, :prefix], pos_embed[:, prefix:]
     g = math.isqrt(patch_pos.shape[1])
     if g * g != patch_pos.shape[1]:
         raise InputError(f"a position table of {patch_pos.shape[1]} patches is not a square grid")
@@ -96,25 +109,45 @@ def resize_position_table(pos_embed: torch.Tensor, grid_h: int, grid_w: int) -> 
         return pos_embed
     d = patch_pos.shape[-1]
     patch_pos = patch_pos.reshape(1, g, g, d).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False,
+                              antialias=antialias)
     return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d)], dim=1)
 
 
 class ImageEncoder(nn.Module):
-    """ViT: patch embedding, a learned mask token, CLS, learned positions, pre-norm blocks."""
+    """ViT: patch embedding, a learned mask token, CLS, learned positions, pre-norm blocks.
+
+    What some public towers add (`interop.towers`), each off in FLAVA's own: DeiT's distillation
+    token after CLS (with a position), DINOv2's register tokens after those (without positions)
+    and LayerScale, CLIP's LayerNorm over the embeddings and bias-free patch projection. The
+    sequence is [CLS, distillation token, registers, patches]."""
 
     def __init__(self, cfg: ImageEncoderConfig):
         super().__init__()
         self.cfg = cfg
         d = cfg.hidden_size
-        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv2d(cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                     bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.distillation_token else None
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.register_tokens, d)) if cfg.register_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_mask_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + self.positioned_prefix, d))
         self.drop = nn.Dropout(cfg.dropout)
-        self.transformer = Transformer(cfg)
+        self.embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.embed_norm else None
+        self.transformer = Transformer(cfg, cfg.layer_scale)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.pooler = Pooler(d)
+
+    @property
+    def positioned_prefix(self) -> int:
+        """Tokens before the patches that have a position: CLS and the distillation token."""
+        return 1 + int(self.cfg.distillation_token)
+
+    def token_parameters(self) -> list[nn.Parameter]:
+        """The learned tokens and positions (initialised like weights, never weight-decayed)."""
+        return [p for p in (self.cls_token, self.dist_token, self.register_tokens, self.pos_embed, self.mask_token)
+                if p is not None]
 
     def _check(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
         cfg = self.cfg
@@ -137,8 +170,9 @@ class ImageEncoder(nn.Module):
             raise InputError(f"image size {h}x{w} is not a multiple of the patch size {cfg.patch_size}")
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
-        """[1, 1 + grid_h*grid_w, D], bicubically resized when the grid differs from the trained one."""
-        return resize_position_table(self.pos_embed, grid_h, grid_w)
+        """[1, P + grid_h*grid_w, D] (P: CLS and a distillation token), bicubically resized when the
+        grid differs from the trained one."""
+        return resize_position_table(self.pos_embed, grid_h, grid_w, self.positioned_prefix)
 
     def resize(self, image_size: int) -> None:
         """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""
@@ -172,14 +206,23 @@ class ImageEncoder(nn.Module):
             if tuple(patch_mask.shape) != (B, N):
                 raise InputError(f"patch_mask must be [{B}, {N}]; got {tuple(patch_mask.shape)}")
             x = torch.where(patch_mask.to(torch.bool).unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
-        x = self.drop(x + self.position_embeddings(grid_h, grid_w))
+        prefix = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
+        x = torch.cat([p.expand(B, -1, -1).to(x.dtype) for p in prefix] + [x], dim=1)
+        x = x + self.position_embeddings(grid_h, grid_w)
+        if self.register_tokens is not None:
+            n = len(prefix)
+            x = torch.cat([x[:, :n], self.register_tokens.expand(B, -1, -1).to(x.dtype), x[:, n:]], dim=1)
+        x = self.drop(x)
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         h, states = self.transformer(x, keep_all=output_hidden_states, cls_only=cls_only)
-        return EncoderOutput(self.norm(h), h, hidden_states=states)
+        return EncoderOutput(self.norm(h), h, hidden_states=states, prefix_tokens=self.cfg.num_prefix_tokens)
 
 
 class TextEncoder(nn.Module):
-    """BERT embeddings (word + position + token type, LayerNorm) and pre-norm blocks."""
+    """BERT embeddings (word + position + token type, LayerNorm) and blocks: pre-norm with a final
+    LayerNorm (FLAVA's), or post-norm without one (`norm_placement='post'`: BERT, RoBERTa and their
+    kin, whose positions may start at `position_offset`)."""
 
     def __init__(self, cfg: TextEncoderConfig):
         super().__init__()
@@ -191,7 +234,8 @@ class TextEncoder(nn.Module):
         self.embed_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg)
-        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        # Post-norm blocks end normalised: a final LayerNorm would be a second one BERT never had.
+        self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if cfg.norm_placement == "pre" else nn.Identity()
         self.pooler = Pooler(d)
 
     def _check(self, input_ids: torch.Tensor, attention_mask, token_type_ids) -> None:
@@ -203,11 +247,19 @@ class TextEncoder(nn.Module):
         L = input_ids.shape[1]
         if L == 0:
             raise InputError("input_ids is empty: every text needs at least one token")
-        if L > cfg.max_position_embeddings:
+        if L > cfg.max_length:
             raise InputError(
                 f"texts are {L} tokens long but the text encoder takes at most "
-                f"{cfg.max_position_embeddings}; truncate them"
+                f"{cfg.max_length}; truncate them"
             )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise InputError(
+                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
+            )
+        if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+            raise InputError("token_type_ids must have the shape of input_ids")
+        if is_sync_free():  # reading ids would wait for the device; the trainer checks its tokenizer instead
+            return
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= cfg.vocab_size:
             bad = hi if hi >= cfg.vocab_size else lo
@@ -215,13 +267,7 @@ class TextEncoder(nn.Module):
                 f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size}); "
                 f"was the text tokenized with a different vocabulary?"
             )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise InputError(
-                f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
-            )
         if token_type_ids is not None:
-            if token_type_ids.shape != input_ids.shape:
-                raise InputError("token_type_ids must have the shape of input_ids")
             if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= cfg.type_vocab_size:
                 raise InputError(f"token_type_ids must lie in [0, {cfg.type_vocab_size})")
 
@@ -233,13 +279,18 @@ class TextEncoder(nn.Module):
         output_hidden_states: bool = False,
         cls_only: bool = False,
         skip_padding: bool = False,
+        real_tokens: int | None = None,
     ) -> EncoderOutput:
         """`cls_only` returns the CLS state alone. `skip_padding` runs the linear layers on real
         tokens only and leaves zeros (pre-norm) at padding positions: for losses and embeddings,
-        which never read them. `cls_only` implies it."""
+        which never read them. `cls_only` implies it. Under `sync_free()` padding is skipped only
+        when the host knows `real_tokens`, the number of 1s in `attention_mask` (and every row's
+        token 0 is taken to be real, as this project's tokenizer makes it); else it is masked."""
         self._check(input_ids, attention_mask, token_type_ids)
         L = input_ids.shape[1]
-        positions = torch.arange(L, device=input_ids.device)
+        # Right-padded rows: real tokens sit at 0..n-1, so RoBERTa's positions (counted over
+        # non-padding from pad_token_id + 1) are these plus the offset.
+        positions = torch.arange(self.cfg.position_offset, self.cfg.position_offset + L, device=input_ids.device)
         if token_type_ids is None:
             x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
         else:
@@ -248,9 +299,10 @@ class TextEncoder(nn.Module):
         x = self.drop(self.embed_norm(x))
         mask = padding_mask(attention_mask, x)
         packing = None
+        free = is_sync_free()  # then packing needs the host's count, and token 0 goes unchecked
         if mask is not None and (skip_padding or cls_only) and not output_hidden_states:
-            if not cls_only or bool(attention_mask[:, 0].all()):
-                packing = Packing.from_mask(attention_mask)
+            if (not free or real_tokens is not None) and (not cls_only or free or bool(attention_mask[:, 0].all())):
+                packing = Packing.from_mask(attention_mask, real_tokens if free else None)
         h, states = self.transformer(x, mask, output_hidden_states, cls_only, packing)
         if cls_only:
             attention_mask = None if attention_mask is None else attention_mask[:, :1]
@@ -297,7 +349,9 @@ class MultimodalEncoder(nn.Module):
             keep_prefix = text_attention_mask.new_ones(B, layout.offset + layout.num_image_tokens)
             keep = torch.cat([keep_prefix, text_attention_mask], dim=1)
             mask = padding_mask(keep, x)
-            if mask is not None and skip_padding and not output_hidden_states:
+            # Packing's size is the number of real tokens, which under `sync_free()` no one knows
+            # here (it depends on the ITM negatives drawn on the device): padding is masked instead.
+            if mask is not None and skip_padding and not output_hidden_states and not is_sync_free():
                 packing = Packing.from_mask(keep)
         h, states = self.transformer(x, mask, keep_all=output_hidden_states, packing=packing)
         return MultimodalOutput(self.norm(h), layout, hidden_states=states)

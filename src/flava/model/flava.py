@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -11,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FlavaConfig, to_dict, validate
+from ..config import FlavaConfig, ImageEncoderConfig, to_dict, validate
 from ..data.processor import Processor
 from ..errors import InputError
-from ..io.checkpoint import save_checkpoint
+from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
 from .encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, MultimodalOutput, TextEncoder
 from .layers import Transformer
 
@@ -69,8 +70,7 @@ class FlavaModel(nn.Module):
     def reset_parameters(self) -> None:
         std = self.config.init_std
         init_weights(self, std)
-        tokens = [self.image_encoder.cls_token, self.image_encoder.pos_embed, self.image_encoder.mask_token,
-                  self.multimodal_encoder.cls_token]
+        tokens = [*self.image_encoder.token_parameters(), self.multimodal_encoder.cls_token]
         for p in tokens:
             if p is not None:
                 nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
@@ -104,11 +104,13 @@ class FlavaModel(nn.Module):
         output_hidden_states: bool = False,
         cls_only: bool = False,
         skip_padding: bool = False,
+        real_tokens: int | None = None,
     ) -> EncoderOutput:
         """Per-token text states (see `EncoderOutput`). `cls_only` returns the CLS state alone;
-        `skip_padding` leaves zeros at padding (for losses and fusion, which never read them)."""
+        `skip_padding` leaves zeros at padding (for losses and fusion, which never read them);
+        `real_tokens` (the count of 1s in `attention_mask`) lets it do so under `sync_free()`."""
         return self.text_encoder(input_ids, attention_mask, token_type_ids, output_hidden_states, cls_only,
-                                 skip_padding)
+                                 skip_padding, real_tokens)
 
     def image_embedding(self, image: EncoderOutput) -> torch.Tensor:
         """normalize(image_projection(LN(H_I)[:, 0])): one [D] vector per image."""
@@ -159,8 +161,13 @@ class FlavaModel(nn.Module):
     # ------------------------------------------------------------------ multimodal
 
     def image_to_multimodal(self, image: EncoderOutput) -> torch.Tensor:
-        """[B, N, D_mm] image states (before the final LayerNorm) projected to the multimodal width."""
-        return self.image_to_mm_projection(image.pre_norm_hidden_state)
+        """[B, 1 + P, D_mm] the CLS and patch states (before the final LayerNorm) projected to the
+        multimodal width. A tower's distillation and register tokens serve inside the image encoder
+        only: the multimodal sequence keeps FLAVA's layout (`MultimodalLayout`)."""
+        h = image.pre_norm_hidden_state
+        if image.prefix_tokens > 1:
+            h = torch.cat([h[:, :1], h[:, image.prefix_tokens:]], dim=1)
+        return self.image_to_mm_projection(h)
 
     def text_to_multimodal(self, text: EncoderOutput) -> torch.Tensor:
         """[B, L, D_mm] text states (before the final LayerNorm) projected to the multimodal width."""
@@ -242,6 +249,31 @@ class FlavaModel(nn.Module):
         """A copy of the text encoder alone, to train a text task without the other encoders."""
         return TextTower(copy.deepcopy(self.text_encoder))
 
+    def replace_image_encoder(self, cfg: ImageEncoderConfig) -> list[str]:
+        """Make the image encoder one of config `cfg` (e.g. to take a public tower of another
+        architecture); the config follows. When only the pixel statistics differ nothing changes but
+        the config; otherwise a freshly initialised encoder takes its place, with fresh projections
+        from it when its width changes. Returns the names of the modules made fresh."""
+        old = self.config.image
+        config = validate(dataclasses.replace(self.config, image=cfg))
+        self.config, self._processor = config, None  # the processor follows the config
+        if dataclasses.replace(cfg, image_mean=old.image_mean, image_std=old.image_std) == old:
+            self.image_encoder.cfg = cfg
+            return []
+        std, fresh = config.init_std, ["image_encoder"]
+        encoder = ImageEncoder(cfg).to(self.device)
+        init_weights(encoder, std)
+        for p in encoder.token_parameters():
+            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        self.image_encoder = encoder
+        if cfg.hidden_size != old.hidden_size:
+            for name in ("image_projection", "image_to_mm_projection"):
+                new = nn.Linear(cfg.hidden_size, getattr(self, name).out_features).to(self.device)
+                init_weights(new, std)
+                setattr(self, name, new)
+                fresh.append(name)
+        return fresh
+
     def resize_image(self, image_size: int) -> None:
         """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""
         self.image_encoder.resize(image_size)
@@ -253,11 +285,24 @@ class FlavaModel(nn.Module):
     # ------------------------------------------------------------------ io
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write config.json and model.safetensors (this project's format) atomically."""
+        """Write config.json and model.safetensors (this project's format) atomically, and the
+        tokenizer when it is not BERT uncased (`save_tokenizer`)."""
         if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in self.modules()):
             raise InputError("this model is quantized to int8, which is for inference and cannot be saved; save the "
                              "float model (flava.load(path) without quantize) and quantize it when loading")
-        save_checkpoint(directory, to_dict(self.config), {"model": self.state_dict()})
+
+        def fill(tmp) -> None:
+            write_checkpoint_files(tmp, to_dict(self.config), {"model": self.state_dict()})
+            self.save_tokenizer(tmp)
+        write_checkpoint_dir(directory, fill)
+
+    def save_tokenizer(self, directory: str | os.PathLike) -> None:
+        """When this model's tokenizer is its own (a text tower's), write it with the processor
+        settings into a checkpoint directory being written, so whatever loads the checkpoint
+        tokenises as it was trained; a checkpoint without one reads as BERT uncased."""
+        processor = getattr(self, "_processor", None)
+        if processor is not None and processor.tokenizer_file:
+            processor.save_pretrained(directory)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -16,7 +16,7 @@ def image_flops(cfg: FlavaConfig) -> float:
     """One image through the image encoder, patch embedding included (ViT-B/16 @ 224: 35.1 G)."""
     ic = cfg.image
     patch = 2 * ic.num_patches * ic.hidden_size * ic.num_channels * ic.patch_size**2
-    return patch + transformer_flops(ic, ic.num_patches + 1)
+    return patch + transformer_flops(ic, ic.num_patches + ic.num_prefix_tokens)
 
 
 def text_flops(cfg: FlavaConfig, length: int) -> float:

@@ -1,4 +1,4 @@
-"""The pre-norm transformer block shared by the three encoders."""
+"""The transformer block shared by the three encoders (pre-norm; post-norm for BERT-family text towers)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import Activation as ActivationName
 from ..config import TransformerConfig
+from ..syncs import is_sync_free
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -65,10 +66,12 @@ class Packing:
     """[B, 1, 1, L] boolean SDPA keep-mask."""
 
     @classmethod
-    def from_mask(cls, attention_mask: torch.Tensor) -> "Packing":
+    def from_mask(cls, attention_mask: torch.Tensor, size: int | None = None) -> "Packing":
+        """`size`: the number of real tokens, when the host knows it (then nothing is read back)."""
         keep = attention_mask.to(torch.bool)
         B, L = keep.shape
-        return cls(keep.flatten().nonzero().squeeze(1), B, L, keep[:, None, None, :])
+        index = keep.flatten().nonzero() if size is None else torch.nonzero_static(keep.flatten(), size=size)
+        return cls(index.squeeze(1), B, L, keep[:, None, None, :])
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(self.batch * self.length, -1).index_select(0, self.index)
@@ -127,15 +130,21 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-norm: x + attn(LN(x)), then x + mlp(LN(x)); with `layer_scale`, each branch is scaled by
+    learned per-channel factors `ls1`, `ls2` (DINOv2's LayerScale). Post-norm
+    (`norm_placement='post'`, BERT's): LN(x + attn(x)), then LN(x + mlp(x)), with norm1 and norm2
+    in those places."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, layer_scale: bool = False):
         super().__init__()
         d = cfg.hidden_size
+        self.post_norm = cfg.norm_placement == "post"
         self.norm1 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.attn = Attention(d, cfg.num_heads, cfg.qkv_bias, cfg.attention_dropout, cfg.dropout)
         self.norm2 = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.mlp = Mlp(d, cfg.mlp_size, cfg.activation, cfg.dropout)
+        self.ls1 = nn.Parameter(torch.ones(d)) if layer_scale else None
+        self.ls2 = nn.Parameter(torch.ones(d)) if layer_scale else None
 
     def forward(
         self,
@@ -145,17 +154,24 @@ class Block(nn.Module):
         packing: Packing | None = None,
     ) -> torch.Tensor:
         """`num_queries` updates only the first tokens (all still serve as keys and values)."""
+        if self.post_norm:
+            a = self.attn(x, attn_mask, num_queries, packing)
+            x = self.norm1((x if num_queries is None else x[:, :num_queries]) + a)
+            return self.norm2(x + self.mlp(x))
         a = self.attn(self.norm1(x), attn_mask, num_queries, packing)
+        if self.ls1 is not None:
+            a = a * self.ls1
         x = (x if num_queries is None else x[:, :num_queries]) + a
-        return x + self.mlp(self.norm2(x))
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.ls2 is None else m * self.ls2)
 
 
 class Transformer(nn.Module):
     """A stack of blocks; optionally keeps every block's input (and the final output)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, layer_scale: bool = False):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer_scale) for _ in range(cfg.num_layers))
         self.grad_checkpointing = False
 
     def forward(
@@ -206,10 +222,11 @@ class Pooler(nn.Module):
 
 
 def padding_mask(attention_mask: torch.Tensor | None, dtype_device: torch.Tensor) -> torch.Tensor | None:
-    """[B, L] 1/0 keep-mask -> boolean [B, 1, 1, L] SDPA mask, or None when nothing is padded."""
+    """[B, L] 1/0 keep-mask -> boolean [B, 1, 1, L] SDPA mask, or None when nothing is padded
+    (under `sync_free()`, which cannot look, always the mask)."""
     if attention_mask is None:
         return None
     keep = attention_mask.to(device=dtype_device.device, dtype=torch.bool)
-    if bool(keep.all()):
+    if not is_sync_free() and bool(keep.all()):
         return None
     return keep[:, None, None, :]

@@ -109,14 +109,12 @@ class _Leaves:
             raise AttributeError(name) from None
 
 
-def plan_chunks(pm, batch, chunks: int, generator: torch.Generator | None = None) -> list[tuple[object, Chunk]]:
-    """Steps 1 and 2 for `batch` in `chunks` equal parts: each part with its `Chunk`, in order.
-    Every process must call this alike (it gathers and reduces over processes)."""
-    size, rest = divmod(len(batch), chunks)
-    if rest:
-        raise InputError(f"a batch of {len(batch)} cannot be cut into {chunks} equal chunks; make the batch size a "
-                         f"multiple of {chunks}")
-    parts = [batch.rows(slice(i * size, (i + 1) * size)) for i in range(chunks)]
+def plan_chunks(pm, parts: list, generator: torch.Generator | None = None) -> list[Chunk]:
+    """Steps 1 and 2 for a batch given as equal `parts` (`batch.rows`, each moved on its own so
+    that its counts are its own): each part's `Chunk`, in order. Every process must call this
+    alike (it gathers and reduces over processes)."""
+    if len({len(p) for p in parts}) > 1:
+        raise InputError(f"a batch's chunks must hold as many rows each; got {', '.join(str(len(p)) for p in parts)}")
     made = [pm.states(part, generator) for part in parts]
     states, records = [s for s, _ in made], active(pm.objectives, (made[0][1],))
     device = pm.model.device
@@ -137,7 +135,7 @@ def plan_chunks(pm, batch, chunks: int, generator: torch.Generator | None = None
                   itm_pairs=s.__dict__.get("itm_pairs")) for i, s in enumerate(states)]
     if contrastive:
         _cache_gradients(pm, contrastive[0], states, plan)
-    return list(zip(parts, plan))
+    return plan
 
 
 def _cache_gradients(pm, record, states, plan: list[Chunk]) -> None:

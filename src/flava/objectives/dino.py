@@ -25,94 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from ..config import (
-    ImageEncoderConfig,
-    NonNegativeInt,
-    Positive,
-    PositiveInt,
-    Probability,
-    check,
-)
-from ..data.multicrop import MultiCropSpec
+from ..config import ImageEncoderConfig
 from ..distributed import world
 from ..errors import ConfigError, InputError
 from ..model.encoders import ImageEncoder
 from ..model.flava import init_weights
-
-# DINO's local crops are 96 px for a 224 px model; other sizes keep the ratio.
-LOCAL_TO_GLOBAL = 96 / 224
-
-
-@dataclass
-class DinoConfig:
-    """DINO's settings, defaulting to the reference code's (`main_dino.py`)."""
-
-    out_dim: PositiveInt = 65536
-    """K, the number of output dimensions of the head (the prototypes); the paper uses 65,536."""
-    head_hidden_dim: PositiveInt = 2048
-    """Hidden width of the head's MLP."""
-    head_bottleneck_dim: PositiveInt = 256
-    """Width the head's MLP ends in, L2-normalised before the last layer."""
-    head_layers: PositiveInt = 3
-    """Linear layers in the head's MLP (GELU between them); 1 is a single linear map."""
-    norm_last_layer: bool = True
-    """Fix the norm of each row of the weight-normalised last layer to 1 (not trained): steadier
-    training, the reference default."""
-    warmup_teacher_temp: Positive = 0.04
-    """Teacher temperature at epoch 0, raised linearly to `teacher_temp` during warm-up."""
-    teacher_temp: Positive = 0.04
-    """Teacher temperature after warm-up (the paper's ViT-B/16 runs use 0.07 after 30 epochs)."""
-    warmup_teacher_temp_epochs: NonNegativeInt = 0
-    """Epochs of the teacher temperature's linear warm-up; 0 starts at `teacher_temp`."""
-    student_temp: Positive = 0.1
-    """Student temperature."""
-    center_momentum: Probability = 0.9
-    """EMA momentum of the center subtracted from teacher outputs."""
-    momentum_teacher: Probability = 0.996
-    """Teacher EMA momentum at step 0, raised to 1 on a cosine by the end of training."""
-    global_crop_scale_min: Probability = 0.4
-    """Smallest share of the image area a global crop covers (the largest is 1)."""
-    local_crops: NonNegativeInt = 8
-    """Local crops per image (the reference default: 8); 0 trains on the two global crops only."""
-    local_crop_scale_min: Probability = 0.05
-    """Smallest share of the image area a local crop covers."""
-    local_crop_scale_max: Probability = 0.4
-    """Largest share of the image area a local crop covers."""
-    local_crop_size: PositiveInt | None = None
-    """Side of local crops in pixels, a multiple of the patch size; None: 96/224 of the model's image
-    size rounded to a patch multiple (96 px at 224)."""
-    freeze_last_layer: NonNegativeInt = 1
-    """Epochs during which the head's last layer gets no update (its gradient is dropped)."""
-    steps_per_epoch: NonNegativeInt = 0
-    """Optimizer steps that make one epoch of the epoch-based schedules (teacher temperature
-    warm-up, `freeze_last_layer`) in a training run; 0: the image data's size over the global batch."""
-
-    def local_size(self, image: ImageEncoderConfig) -> int:
-        """Side of the local crops for an image encoder of config `image`."""
-        if self.local_crop_size is not None:
-            return self.local_crop_size
-        return max(1, round(LOCAL_TO_GLOBAL * image.image_size / image.patch_size)) * image.patch_size
-
-    def crop_spec(self, image: ImageEncoderConfig) -> MultiCropSpec:
-        """The multi-crop augmentation for an image encoder of config `image`."""
-        return MultiCropSpec(global_size=image.image_size, local_size=self.local_size(image),
-                             local_crops=self.local_crops, global_scale=(self.global_crop_scale_min, 1.0),
-                             local_scale=(self.local_crop_scale_min, self.local_crop_scale_max))
-
-    def validate(self, image: ImageEncoderConfig) -> DinoConfig:
-        """Check every field, then the relations between fields and with the image encoder."""
-        check(self)
-        if not self.local_crop_scale_min < self.local_crop_scale_max:
-            raise ConfigError(f"dino.local_crop_scale_min ({self.local_crop_scale_min}) must be below "
-                              f"dino.local_crop_scale_max ({self.local_crop_scale_max})")
-        if self.global_crop_scale_min <= 0:
-            raise ConfigError("dino.global_crop_scale_min must be above 0")
-        size = self.local_size(image)
-        if size % image.patch_size:
-            raise ConfigError(f"dino.local_crop_size ({size}) must be a multiple of the patch size "
-                              f"{image.patch_size}; try {max(1, round(size / image.patch_size)) * image.patch_size}")
-        return self
-
+from .dino_config import DinoConfig
 
 # --------------------------------------------------------------------------- head
 
@@ -161,6 +79,8 @@ class DinoLoss(nn.Module):
         super().__init__()
         self.config = config
         self.register_buffer("center", torch.zeros(1, config.out_dim))
+        self._started: bool | None = None
+        """Whether the center has been set (read from it once: a resumed run's is)."""
 
     def teacher_temperature(self, epoch: float) -> float:
         """The reference schedule: linear from `warmup_teacher_temp` at epoch 0 to `teacher_temp` at
@@ -199,17 +119,36 @@ class DinoLoss(nn.Module):
         return loss
 
     @torch.no_grad()
+    def start_center(self, teacher_out: torch.Tensor) -> None:
+        """With `center_warm_start`, a center never set (a new run's zeros) becomes the mean of
+        these teacher outputs over every process; otherwise nothing."""
+        if not self.config.center_warm_start:
+            return
+        if self._started is None:
+            self._started = bool(self.center.any())  # one host-device sync, at the first step
+        if not self._started:
+            self.center.copy_(batch_center(teacher_out))
+            self._started = True
+
+    @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
         """center <- m * center + (1 - m) * mean of the teacher outputs of every process."""
-        total = teacher_out.detach().float().sum(dim=0, keepdim=True)
-        count = teacher_out.shape[0]
-        size = world().size
-        if size > 1:
-            # Every process holds a batch of the same size, so the global mean is sum / (count * size).
-            dist.all_reduce(total)
-            count *= size
         m = self.config.center_momentum
-        self.center.copy_(self.center * m + (total / count) * (1 - m))
+        self.center.copy_(self.center * m + batch_center(teacher_out) * (1 - m))
+        self._started = True
+
+
+@torch.no_grad()
+def batch_center(teacher_out: torch.Tensor) -> torch.Tensor:
+    """[1, K]: the mean of the teacher outputs of every process."""
+    total = teacher_out.detach().float().sum(dim=0, keepdim=True)
+    count = teacher_out.shape[0]
+    size = world().size
+    if size > 1:
+        # Every process holds a batch of the same size, so the global mean is sum / (count * size).
+        dist.all_reduce(total)
+        count *= size
+    return total / count
 
 
 @torch.no_grad()
@@ -257,9 +196,9 @@ def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> N
 def momentum_schedule(base: float, final: float, total_steps: int) -> np.ndarray:
     """Teacher momentum for each step: a cosine from `base` at step 0 to `final` (DINO: 1) at the
     last step. (The reference's `cosine_scheduler` divides by the step count and so stops just
-    short of `final`; this one ends on it.)"""
+    short of `final`; this one ends on it.) DINO's weight decay follows the same cosine."""
     if total_steps < 1:
-        raise ConfigError(f"the momentum schedule needs at least one step; got {total_steps}")
+        raise ConfigError(f"a cosine schedule needs at least one step; got {total_steps}")
     if total_steps == 1:
         return np.array([base], dtype=np.float64)
     progress = np.arange(total_steps, dtype=np.float64) / (total_steps - 1)
@@ -303,9 +242,8 @@ class DinoOutput:
 def init_image_encoder(encoder: ImageEncoder, std: float) -> None:
     """FLAVA's initialisation of a fresh image encoder (truncated normal weights and tokens)."""
     init_weights(encoder, std)
-    for p in (encoder.cls_token, encoder.pos_embed, encoder.mask_token):
-        if p is not None:
-            nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+    for p in encoder.token_parameters():
+        nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
 
 
 class DinoModel(nn.Module):
@@ -358,6 +296,7 @@ class DinoModel(nn.Module):
                              f"{tuple(global_crops.shape)}")
         with torch.no_grad():
             teacher_out = self.teacher(global_crops)
+        self.loss.start_center(teacher_out)
         student_out = (student or self.student)(global_crops, local_crops)
         temperature = self.loss.teacher_temperature(epoch)
         # Measured against the center the loss is about to use, before it moves.

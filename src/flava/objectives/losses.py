@@ -16,6 +16,7 @@ from torch import nn
 
 from ..data.batch import IGNORE_INDEX
 from ..distributed import gather_local_grad, gather_with_grad, mean_over_processes, world
+from ..syncs import select_positions
 
 
 @dataclass
@@ -107,30 +108,34 @@ def sigmoid_contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: to
     offset = rank * B
     logits = head.logit_scale.exp() * image_embeddings @ all_texts.T + head.logit_bias
     labels = offset + torch.arange(B, device=image_embeddings.device)
-    signs = -torch.ones_like(logits)
-    signs[torch.arange(B, device=logits.device), labels] = 1.0
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    signs = torch.where(columns[None, :] == labels[:, None], 1.0, -1.0)
     loss = -F.logsigmoid(signs * logits.float()).sum() / B
     return ContrastiveResult(loss, logits, logits.T, labels)
 
 
-def masked_prediction_loss(states: torch.Tensor, labels: torch.Tensor, head,
-                           count: torch.Tensor | None = None) -> torch.Tensor:
+def masked_prediction_loss(states: torch.Tensor, labels: torch.Tensor, head, bound: int | None = None,
+                           total: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of `head` at the positions whose label is not IGNORE_INDEX, averaged over the
-    selected positions of all processes (see `mean_over_processes`; `count`: over that many).
+    selected positions of all processes (see `mean_over_processes`; `total`: over that many).
 
     `states` [..., D] and `labels` [...] align position by position; the head runs on the
-    selected positions only.
+    selected positions only. Under `sync_free()` it runs on `bound` positions (at least the
+    selected ones, a number the host knows; all when None), the extra ones left out of the mean.
     """
-    selected = labels != IGNORE_INDEX
-    logits = head(states[selected])
-    return mean_over_processes(F.cross_entropy(logits.float(), labels[selected], reduction="none"), logits,
-                               count)
+    index, valid = select_positions(labels != IGNORE_INDEX, bound)
+    logits = head(states[index])
+    targets = labels[index] if valid is None else labels[index].masked_fill(~valid, IGNORE_INDEX)
+    values = F.cross_entropy(logits.float(), targets, reduction="none")
+    return mean_over_processes(values, logits, None if valid is None else valid.sum(), total)
 
 
-def itm_loss(logits: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
     """Binary match (1) / mismatch (0) cross-entropy over [R, 2] logits, averaged over the rows of
-    all processes (`count`: over that many)."""
-    return mean_over_processes(F.cross_entropy(logits.float(), labels, reduction="none"), logits, count)
+    all processes (`total`: over that many); rows labelled IGNORE_INDEX (no negative to draw) are
+    left out."""
+    values = F.cross_entropy(logits.float(), labels, reduction="none")
+    return mean_over_processes(values, logits, (labels != IGNORE_INDEX).sum(), total)
 
 
 def targets_at(mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

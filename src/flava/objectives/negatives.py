@@ -2,7 +2,8 @@
 
 Drawn over the global batch with a generator that is the same on every process, so N processes
 pick exactly the negatives one process with the whole batch would; a negative never has the
-same caption text as its image's own.
+same caption text as its image's own. Every shape here is fixed by the batch size, and nothing is
+read back from the device.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..data.batch import IGNORE_INDEX
 
 
 @dataclass
@@ -21,7 +24,8 @@ class ItmPairs:
     """[R] rows of the image states the multimodal encoder reads."""
     text_index: torch.Tensor
     labels: torch.Tensor
-    """[R] 1 for a matched pair, 0 for a negative."""
+    """[R] 1 for a matched pair, 0 for a negative, IGNORE_INDEX for a row that found no negative
+    (it still runs; no loss reads it)."""
     image_offset: int = 0
     """Where this process's own images start in `image_index`'s numbering (global indices)."""
     text_offset: int = 0
@@ -38,6 +42,15 @@ def same_text(ids_a: torch.Tensor, mask_a: torch.Tensor, ids_b: torch.Tensor, ma
     return (key(ids_a, mask_a)[:, None, :] == key(ids_b, mask_b)[None, :, :]).all(-1)
 
 
+def draw(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """[N] one column per row of [N, M] `weights`, with probability proportional to them (every
+    row needs a positive sum). This is `torch.multinomial(weights, 1)`'s own method (the argmax of
+    weights over exponential noise), with its draws for the same generator, but without its checks
+    of the weights, which read them on the host."""
+    noise = torch.empty_like(weights).exponential_(1, generator=generator)
+    return (weights / noise).argmax(-1)
+
+
 def swap_negatives(input_ids: torch.Tensor, attention_mask: torch.Tensor, probability: float,
                    generator: torch.Generator | None = None) -> ItmPairs:
     """The original recipe: with `probability` a pair's caption becomes another pair's caption
@@ -47,9 +60,8 @@ def swap_negatives(input_ids: torch.Tensor, attention_mask: torch.Tensor, probab
     candidates = ~same_text(input_ids, attention_mask, input_ids, attention_mask)
     flip = torch.rand(B, generator=generator, device=device) < probability
     flip &= candidates.any(1)
-    weights = candidates.float()
-    weights[~flip] = 1.0  # rows that stay matched draw a dummy sample
-    drawn = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    # Rows that stay matched draw a dummy sample.
+    drawn = draw(torch.where(flip[:, None], candidates.float(), 1.0), generator)
     rows = torch.arange(B, device=device)
     text_index = torch.where(flip, drawn, rows)
     return ItmPairs(rows, text_index, (~flip).long())
@@ -67,18 +79,15 @@ def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same: torch.Ten
     G = sim_i2t.shape[0]
     own = own or slice(0, G)
     rows = torch.arange(G, device=sim_i2t.device)
-    mine = torch.zeros(G, dtype=torch.bool, device=rows.device)
-    mine[own] = True
-    pairs = [(rows[mine], rows[mine], torch.ones(int(mine.sum()), dtype=torch.long, device=rows.device))]
+    mine = rows[own]
+    pairs = [(mine, mine, torch.ones_like(mine))]
     for sim, image_side in ((sim_i2t, True), (sim_t2i, False)):
         weights = sim.float().softmax(dim=1).masked_fill(same, 0.0)
-        ok = weights.sum(1) > 0
-        if not ok.any():
-            continue
-        drawn = torch.multinomial(weights[ok], 1, generator=generator).squeeze(1)
-        anchor, keep = rows[ok], mine[ok]
-        anchor, drawn = anchor[keep], drawn[keep]
-        zeros = torch.zeros_like(anchor)
-        pairs.append((anchor, drawn, zeros) if image_side else (drawn, anchor, zeros))
+        found = weights.sum(1) > 0
+        # A row with nothing to draw (every other text the same, or all weights underflowed)
+        # draws a dummy and is labelled to be ignored, so the rows keep their number.
+        drawn = draw(torch.where(found[:, None], weights, 1.0), generator)[own]
+        labels = torch.where(found[own], 0, IGNORE_INDEX)
+        pairs.append((mine, drawn, labels) if image_side else (drawn, mine, labels))
     image_index, text_index, labels = (torch.cat(t) for t in zip(*pairs))
     return ItmPairs(image_index, text_index, labels, own.start, own.start)

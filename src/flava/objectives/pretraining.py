@@ -25,7 +25,7 @@ from ..config import FlavaConfig, ObjectivesConfig, check, to_dict
 from ..data.batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch
 from ..distributed import gather, gather_with_grad, max_over_processes, world
 from ..errors import ConfigError, InputError
-from ..io.checkpoint import save_checkpoint
+from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
 from ..model.codebook import FlavaImageCodebook
 from ..model.encoders import EncoderOutput, MultimodalOutput
 from ..model.flava import LOGIT_SCALE_MAX, FlavaModel, init_weights
@@ -85,7 +85,8 @@ class TextStates(_States):
     @cached_property
     def masked(self) -> EncoderOutput:
         b = self.batch
-        return self.model.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True)
+        return self.model.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True,
+                                             real_tokens=b.text_tokens)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -98,12 +99,19 @@ class Fused:
 
     multimodal: MultimodalOutput
     pairs: ItmPairs
-    positive: torch.Tensor
-    """[R] rows holding a matched pair; they hold pair i in row i for both negative recipes."""
     image_labels: torch.Tensor | None
-    """MMM image labels of the positive rows (None when MMM-image is off)."""
+    """[R, num_patches] MMM image labels of every row, IGNORE_INDEX throughout a row that does not
+    hold a matched pair (None when MMM-image is off)."""
     text_labels: torch.Tensor | None
-    """MMM text labels of the positive rows (None when MMM-text is off)."""
+    """[R, num_text_tokens] MMM text labels alike (None when MMM-text is off)."""
+
+
+def _matched_rows(labels: torch.Tensor, index: torch.Tensor, offset: int, matched: torch.Tensor) -> torch.Tensor:
+    """[R, ...] this process's `labels` [B, ...] of the pair each matched row holds, IGNORE_INDEX in
+    the other rows: a shape the host knows, where selecting the matched rows would not be."""
+    own = (index - offset).clamp(0, labels.shape[0] - 1)  # other rows may point anywhere
+    keep = matched.view(-1, *(1,) * (labels.dim() - 1))
+    return torch.where(keep, labels[own], IGNORE_INDEX)
 
 
 class PairStates(_States):
@@ -121,14 +129,16 @@ class PairStates(_States):
         """Contrastive image and text embeddings of the unmasked pairs."""
         m, b = self.model, self.batch
         image = m.image_embedding(m.encode_image_tokens(b.pixel_values, cls_only=True))
-        text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True))
+        text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True,
+                                                     real_tokens=b.text_tokens))
         return image, text
 
     @cached_property
     def fused(self) -> Fused:
         o, m, b = self.objectives, self.model, self.batch
         img_mm = m.image_to_multimodal(m.encode_image_tokens(b.pixel_values, b.patch_mask))
-        txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True))
+        txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True,
+                                                           real_tokens=b.text_tokens))
         text_mask = b.attention_mask
         pairs = self.itm_pairs
         if o.itm_weight > 0:  # negatives read other processes' texts (and, hard, images)
@@ -138,16 +148,18 @@ class PairStates(_States):
                 img_mm = gather_with_grad(img_mm)
         mm = m.fuse_tokens(img_mm[pairs.image_index], txt_mm[pairs.text_index], text_mask[pairs.text_index],
                            skip_padding=True)
-        image_rows, text_rows = self.positive_rows
+        # Matched rows hold pair i in row i for both negative recipes.
+        matched = pairs.labels == 1
         image_labels = text_labels = None
         if o.mmm_image_weight > 0:
-            image_labels = targets_at(b.patch_mask, self.pm.image_targets(b))[image_rows]
+            labels = targets_at(b.patch_mask, self.pm.image_targets(b))
+            image_labels = _matched_rows(labels, pairs.image_index, pairs.image_offset, matched)
         if o.mmm_text_weight > 0:
             # Texts are padded to the longest across processes: pad the labels alike.
             mlm_labels = F.pad(b.mlm_labels, (0, mm.layout.num_text_tokens - b.mlm_labels.shape[1]),
                                value=IGNORE_INDEX)
-            text_labels = mlm_labels[text_rows]
-        return Fused(mm, pairs, pairs.labels == 1, image_labels, text_labels)
+            text_labels = _matched_rows(mlm_labels, pairs.text_index, pairs.text_offset, matched)
+        return Fused(mm, pairs, image_labels, text_labels)
 
     @cached_property
     def itm_pairs(self) -> ItmPairs:
@@ -161,12 +173,13 @@ class PairStates(_States):
         rows = torch.arange(len(self.batch), device=self.batch.input_ids.device)
         return ItmPairs(rows, rows, torch.ones_like(rows))
 
-    @property
-    def positive_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's rows of the image and of the text of each matched multimodal row."""
+    def matched_count(self, per_row: torch.Tensor, image: bool) -> torch.Tensor:
+        """The sum of `per_row` [B] (a count for each of this process's pairs) over the pairs whose
+        image (or text) the matched multimodal rows hold; read nowhere on the host."""
         p = self.itm_pairs
-        positive = p.labels == 1
-        return p.image_index[positive] - p.image_offset, p.text_index[positive] - p.text_offset
+        index, offset = (p.image_index, p.image_offset) if image else (p.text_index, p.text_offset)
+        own = (index - offset).clamp(0, per_row.shape[0] - 1)  # other rows may point anywhere
+        return (per_row[own] * (p.labels == 1)).sum()
 
     @cached_property
     def global_texts(self) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -296,4 +309,7 @@ class PretrainingModel(nn.Module):
         parts = {"model": self.model.state_dict(), "heads": self.heads.state_dict()}
         if self.codebook is not None:
             parts["codebook"] = self.codebook.state_dict()
-        save_checkpoint(directory, to_dict(self.config), parts, extra={"objectives": to_dict(self.objectives)})
+        def fill(tmp) -> None:
+            write_checkpoint_files(tmp, to_dict(self.config), parts, extra={"objectives": to_dict(self.objectives)})
+            self.model.save_tokenizer(tmp)
+        write_checkpoint_dir(directory, fill)

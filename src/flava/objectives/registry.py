@@ -58,12 +58,16 @@ class Objective:
     from cached embeddings (`objectives.chunks`)."""
 
 
+# The batch's counts of masked patches and tokens, read on the host, bound the positions a
+# masked-prediction head runs on under `sync_free()`.
 def _mim(s, head) -> torch.Tensor:
-    return masked_prediction_loss(s.masked.last_hidden_state[:, 1:], s.image_labels, head, s.batch_count("mim"))
+    return masked_prediction_loss(s.masked.patches, s.image_labels, head, s.batch.masked_patches,
+                                  s.batch_count("mim"))
 
 
 def _mlm(s, head) -> torch.Tensor:
-    return masked_prediction_loss(s.masked.last_hidden_state, s.labels, head, s.batch_count("mlm"))
+    return masked_prediction_loss(s.masked.last_hidden_state, s.labels, head, s.batch.masked_tokens,
+                                  s.batch_count("mlm"))
 
 
 def _softmax_contrastive(s, head) -> torch.Tensor:
@@ -86,22 +90,24 @@ def _itm(s, head) -> torch.Tensor:
     f = s.fused
     logits = head(f.multimodal.cls)
     with torch.no_grad():
-        s.metrics["itm_accuracy"] = (logits.argmax(1) == f.pairs.labels).float().mean()
+        rows = (f.pairs.labels != IGNORE_INDEX).sum().clamp_min(1)
+        s.metrics["itm_accuracy"] = (logits.argmax(1) == f.pairs.labels).sum() / rows
     return itm_loss(logits, f.pairs.labels, s.batch_count("itm"))
 
 
 def _mmm_image(s, head) -> torch.Tensor:
     f = s.fused
-    return masked_prediction_loss(f.multimodal.image_patches[f.positive], f.image_labels, head,
+    return masked_prediction_loss(f.multimodal.image_patches, f.image_labels, head, s.batch.masked_patches,
                                   s.batch_count("mmm_image"))
 
 
 def _mmm_text(s, head) -> torch.Tensor:
     f = s.fused
-    return masked_prediction_loss(f.multimodal.text[f.positive], f.text_labels, head, s.batch_count("mmm_text"))
+    return masked_prediction_loss(f.multimodal.text, f.text_labels, head, s.batch.masked_tokens,
+                                  s.batch_count("mmm_text"))
 
 
-# The entries each loss above averages over (see `Objective.count`).
+# The entries each loss above averages over (see `Objective.count`), counted on the device.
 def _masked_patches(s) -> torch.Tensor:
     return s.batch.patch_mask.sum()
 
@@ -111,15 +117,15 @@ def _masked_tokens(s) -> torch.Tensor:
 
 
 def _itm_rows(s) -> torch.Tensor:
-    return torch.tensor(s.itm_pairs.labels.numel(), device=s.itm_pairs.labels.device)
+    return (s.itm_pairs.labels != IGNORE_INDEX).sum()
 
 
-def _positive_masked_patches(s) -> torch.Tensor:
-    return s.batch.patch_mask[s.positive_rows[0]].sum()
+def _matched_masked_patches(s) -> torch.Tensor:
+    return s.matched_count(s.batch.patch_mask.sum(1), image=True)
 
 
-def _positive_masked_tokens(s) -> torch.Tensor:
-    return (s.batch.mlm_labels[s.positive_rows[1]] != IGNORE_INDEX).sum()
+def _matched_masked_tokens(s) -> torch.Tensor:
+    return s.matched_count((s.batch.mlm_labels != IGNORE_INDEX).sum(1), image=False)
 
 
 def _mim_head(c: FlavaConfig) -> nn.Module:
@@ -151,9 +157,9 @@ OBJECTIVES: tuple[Objective, ...] = (
     Objective("itm", "pairs", "itm_weight", _itm, lambda c: ITMHead(c.multimodal.hidden_size),
               transformers_name="itm", count=_itm_rows),
     Objective("mmm_image", "pairs", "mmm_image_weight", _mmm_image, _mmm_image_head, image_tokens=True,
-              transformers_name="mmm_image", count=_positive_masked_patches),
+              transformers_name="mmm_image", count=_matched_masked_patches),
     Objective("mmm_text", "pairs", "mmm_text_weight", _mmm_text, _mmm_text_head, transformers_name="mmm_text",
-              count=_positive_masked_tokens),
+              count=_matched_masked_tokens),
 )
 
 

@@ -4,7 +4,8 @@ The paper's recipe (`paper`): the text encoder by masked language modelling, the
 DINO self-distillation, then joint training with both encoders initialised from those stages and
 the multimodal encoder newly initialised. `paper-mim` pretrains the image encoder by masked image
 modelling instead (the paper's BEiT-style alternative, Table C.1), which is what the CPU demo uses:
-at its scale DINO collapses (BENCHMARKS.md).
+it was chosen when DINO collapsed at the demo's scale; with the tiny preset's DINO settings DINO
+now learns there in 600 steps (BENCHMARKS.md).
 
 ```
 OUTPUT/
@@ -34,9 +35,29 @@ from ..errors import ConfigError
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
 from ..train.config import TrainConfig
+from ..train.presets import demo_config
 
 RECIPES = {"paper": ("text-mlm", "image-dino", "joint"), "paper-mim": ("text-mlm", "image-mim", "joint")}
 RECIPE_FILE = "recipe.json"
+
+# The demo's recipe (`flava demo`, and the runs `flava ablate --balancing` compares): steps of the
+# unimodal stages (the joint stage runs the demo settings' max_steps), sized so that the whole demo,
+# install included, stays under 20 minutes on 2 cores.
+DEMO_RECIPE = "paper-mim"
+DEMO_STAGE_STEPS = {"text-mlm": 300, "image-mim": 150}
+DEMO_STAGE_SETTINGS = {"text-mlm": ["optim.lr=1e-3"], "image-mim": ["optim.lr=1e-3"]}
+# The joint stage's text encoder learns at a tenth of the rate: at full rate, contrastive training on
+# the demo's narrow captions undoes what text MLM taught its CLS. The image encoder keeps the full
+# rate: slowed too, it aligns with the text more slowly (both measured in BENCHMARKS.md).
+DEMO_INIT_LR_SCALE = 0.1
+DEMO_INIT_LR_SCALED = ["text"]
+
+
+def demo_recipe_config(seed: int = 0) -> TrainConfig:
+    """The joint stage's settings of the demo's recipe (its data, model and optimizer serve every stage)."""
+    cfg = demo_config(seed=seed)
+    cfg.optim.init_lr_scale, cfg.optim.init_lr_scaled = DEMO_INIT_LR_SCALE, list(DEMO_INIT_LR_SCALED)
+    return cfg
 
 
 @dataclass

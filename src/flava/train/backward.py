@@ -17,6 +17,7 @@ import contextlib
 import torch
 
 from ..errors import ConfigError
+from ..syncs import sync_free
 from .balancing.diagnostics import gradient_report
 from .balancing.gradients import combine_shared, objective_gradients
 
@@ -36,21 +37,26 @@ def check_chunks(cfg, stage) -> None:
 
 
 def micro_step(t, batch, generator: torch.Generator, step: int, micro: int, measure: bool):
-    """Forward and backward of micro-batch `micro` of `step`. Returns its numbers (detached: total,
-    losses..., metrics..., balancing factors...), their names ((losses, metrics and factors)) and,
-    when `measure`, the gradient diagnostics (else None)."""
+    """Forward and backward of micro-batch `micro` of `step` (`batch` on the host: it is moved to
+    the device whole or chunk by chunk, each part's counts read on the host). Returns its numbers
+    (detached: total, losses..., metrics..., balancing factors...), their names ((losses, metrics
+    and factors)) and, when `measure`, the gradient diagnostics (else None)."""
     cfg = t.cfg
     accum, n = cfg.optim.grad_accumulation, cfg.optim.contrastive_chunks
     plain = cfg.objectives.balancing == "fixed"
     surgery = t.balancer.surgery
     # Copies: the backward may accumulate into these tensors in place.
     kept = [None if p.grad is None else p.grad.clone() for ps in t.shared.values() for p in ps] if surgery else []
-    outputs = _outputs(t, batch, generator, step, n)
+    size = len(batch) // n
+    parts = [t._to_device(batch)] if n == 1 else [t._to_device(batch.rows(slice(i * size, (i + 1) * size)))
+                                                  for i in range(n)]
+    outputs = _outputs(t, parts, generator, step)
     grads, total, losses, metrics = None, 0.0, {}, {}
     for i in range(n):
         last = micro == accum - 1 and i == n - 1
         with contextlib.nullcontext() if last else t._no_sync():
-            with t.autocast():
+            # Accelerators: no host reads in the forward (flava.syncs); on the CPU they cost nothing.
+            with t.autocast(), sync_free(t.device.type != "cpu"):
                 out = next(outputs)
             part = out.total if plain else t.balancer.total(out.losses)
             if t.shared and (measure or surgery):
@@ -75,12 +81,12 @@ def micro_step(t, batch, generator: torch.Generator, step: int, micro: int, meas
     return values, (list(losses), [*metrics, *factors]), report
 
 
-def _outputs(t, batch, generator: torch.Generator, step: int, n: int):
-    """The stage's outputs for the micro-batch, one per chunk, each computed when asked for."""
-    if n == 1:
-        yield t.stage.forward(t.module, batch, generator, step)
+def _outputs(t, parts: list, generator: torch.Generator, step: int):
+    """The stage's outputs for the micro-batch, one per part, each computed when asked for."""
+    if len(parts) == 1:
+        yield t.stage.forward(t.module, parts[0], generator, step)
     else:
-        yield from t.stage.forward_chunks(t.module, batch, generator, step, n)
+        yield from t.stage.forward_chunks(t.module, parts, generator, step)
 
 
 def _summed(a: dict | None, b: dict) -> dict:

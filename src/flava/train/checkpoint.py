@@ -74,6 +74,8 @@ class Stateful:
     """The run's settings, recorded with the weights (a resume can read them from there)."""
     balancing: Any = None
     """The objectives' balancing method (`state_dict()` / `load_state_dict()`)."""
+    mixing: Any = None
+    """The data kinds' mix (`state_dict()` / `load_state_dict()`; state only when it adapts)."""
 
 
 def _read(target: Path) -> tuple[Checkpoint, dict, list]:
@@ -164,12 +166,16 @@ class CheckpointManager:
                  "stage": parts.stage.state_dict()}
         if parts.balancing is not None:
             state["balancing"] = parts.balancing.state_dict()
+        if parts.mixing is not None:
+            state["mixing"] = parts.mixing.state_dict()
 
         def fill(tmp: Path) -> None:
             write_checkpoint_files(tmp, to_dict(model.config), split,
                                    extra={"objectives": to_dict(model.objectives), "train": to_dict(parts.settings)})
             torch.save(state, tmp / STATE)
             write_json_atomic(tmp / STREAMS, streams)
+            if hasattr(parts.stage, "write_files"):
+                parts.stage.write_files(tmp)
             write_checksums(tmp)
 
         try:
@@ -233,6 +239,8 @@ class CheckpointManager:
         parts.stage.load_state_dict(state.get("stage", {}))  # checkpoints before stages had state: none
         if parts.balancing is not None:  # checkpoints before balancing: the fixed sum, no state
             parts.balancing.load_state_dict(state.get("balancing", {}))
+        if parts.mixing is not None:
+            parts.mixing.load_state_dict(state.get("mixing", {}))
         if self.rank == 0 and pointed != target:
             run.point_latest(parts.progress.step, target)
         return notes

@@ -19,7 +19,7 @@ from ..config import (
     Range,
     preset,
 )
-from ..objectives.dino import DinoConfig
+from ..objectives.dino_config import DinoConfig
 
 
 @dataclass
@@ -74,13 +74,20 @@ class DataConfig:
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
     crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.9
     """RandomResizedCrop keeps at least this share of the image."""
-    mixing_schedule: Literal["constant", "linear"] = "constant"
+    mixing_schedule: Literal["constant", "linear", "adaptive"] = "constant"
     """'constant': every step draws its kind by `mixing`; 'linear': the probabilities move in a
     straight line from `mixing` at the first step to `mixing_end` at the last (e.g. from
-    unimodal-heavy [0.2, 0.4, 0.4] to pair-heavy [0.8, 0.1, 0.1]). A function of the step, so a
-    resumed run draws the same kinds."""
+    unimodal-heavy [0.2, 0.4, 0.4] to pair-heavy [0.8, 0.1, 0.1]); 'adaptive': every
+    `mixing_window` steps each kind's share is re-weighted by its loss progress (a kind whose loss
+    stops falling gets more steps; train/balancing/mixing.py). Either way the same on every process
+    and after a resume."""
     mixing_end: list[NonNegative] = field(default_factory=list)
     """The [pairs, images, text] probabilities a 'linear' mixing_schedule reaches at the last step."""
+    mixing_window: PositiveInt = 50
+    """Steps over which an 'adaptive' mixing_schedule averages each kind's loss; the mix changes at
+    each window's end and is `mixing` for the first two windows."""
+    mixing_temperature: Positive = 2.0
+    """The 'adaptive' mix's temperature T: larger keeps it nearer `mixing` (DWA's 2)."""
 
 
 @dataclass
@@ -88,9 +95,11 @@ class OptimConfig:
     """AdamW, linear warmup then cosine decay (defaults: the paper's, Table A.1)."""
 
     lr: Positive = 1e-3
-    """Peak learning rate at `reference_batch` (when that is set; else as given)."""
+    """Peak learning rate at `reference_batch` (when that is set; else as given). Stage image-dino
+    uses `dino.lr` instead."""
     weight_decay: NonNegative = 0.1
-    """AdamW weight decay (not applied to norms, biases, tokens and the logit scale)."""
+    """AdamW weight decay (not applied to norms, biases, tokens and the logit scale). Stage
+    image-dino uses DINO's schedule (`dino.weight_decay` -> `dino.weight_decay_end`) instead."""
     beta1: Annotated[float, Range(0, 1, high_open=True)] = 0.9
     """AdamW's first-moment decay."""
     beta2: Annotated[float, Range(0, 1, high_open=True)] = 0.999
@@ -116,7 +125,8 @@ class OptimConfig:
         default_factory=lambda: ["text", "image", "multimodal"])
     """Which initialised encoders learn at init_lr_scale x lr (the others at lr), e.g. ["text"]."""
     grad_clip: NonNegative = 1.0
-    """Largest global gradient norm; 0 turns clipping off."""
+    """Largest global gradient norm; 0 turns clipping off. Stage image-dino clips each parameter's
+    gradient to `dino.clip_grad` instead."""
     grad_accumulation: PositiveInt = 1
     """Batches whose gradients are summed before each optimizer step."""
     contrastive_chunks: PositiveInt = 1
@@ -165,11 +175,22 @@ class TrainConfig:
     """Checkpoint to take the image encoder and image_projection from, after `init`: ours
     (checkpoints/step_N or a run directory, e.g. an `image-mim` stage, or an `image-dino` stage,
     whose teacher's encoder is taken), a transformers FLAVA directory, or a transformers ViT
-    directory (the paper starts from DINO ViT-B/16). In stage 'image-dino' it starts the student's
-    and teacher's encoder (e.g. from facebook/dino-vitb16) and the DINO head is fresh."""
+    directory (the paper starts from DINO ViT-B/16), or another public image tower: DeiT, DINOv2
+    (with or without registers), CLIP (vision or whole). A tower decides model.image: its
+    architecture, image size (see init_image_size) and pixel statistics; image_projection and
+    image_to_mm_projection follow its width. In stage 'image-dino' it starts the student's and
+    teacher's encoder (e.g. from facebook/dino-vitb16) and the DINO head is fresh."""
+    init_image_size: NonNegativeInt = 0
+    """When init_image is a public image tower (a transformers ViT, DeiT, DINOv2 or CLIP): the
+    image side to run it at, its position table resized to fit. 0: the tower's own (its
+    processor's crop size, else its config's image_size). The tower also decides the rest of
+    model.image (architecture, pixel statistics)."""
     init_text: str = ""
     """Checkpoint to take the text encoder and text_projection from, after `init`: ours (e.g. a
-    `text-mlm` stage's run directory) or a transformers FLAVA directory."""
+    `text-mlm` stage's run directory), a transformers FLAVA directory, or a BERT-family text tower
+    (a transformers BERT, MiniLM, RoBERTa, XLM-R, CamemBERT, ELECTRA or DistilBERT directory or hub
+    id; `minilm`: the packaged all-MiniLM-L6-v2), whose MLM head is taken too where it fits. The
+    model's text settings and its tokenizer follow it."""
     init_multimodal: str = ""
     """Checkpoint to take the multimodal encoder and the image/text-to-multimodal projections from,
     after `init`: ours or a transformers FLAVA directory."""

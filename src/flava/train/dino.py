@@ -1,12 +1,14 @@
 """Stage `image-dino`: DINO self-distillation of the image encoder (`objectives.dino`) as a stage.
 
 What is DINO's: the module a checkpoint saves (`DinoParts`: student, teacher and loss center, as
-the `dino` part), the encoder's initialisation (`init_image`: a ViT such as facebook/dino-vitb16
+the `dino` part), the encoder's initialisation (`init_image`: a public image tower such as
+facebook/dino-vitb16, whose architecture, image size and pixel statistics the model then takes,
 or one of our checkpoints), multi-crop samples, how many steps make an epoch of DINO's
-epoch-based schedules, the forward on global and local crops, the last layer's frozen epochs and
-the teacher's EMA step after each update. Under torchrun only the student is wrapped in DDP: the
-teacher follows it by EMA on every process alike and the loss's center is averaged over
-processes by `DinoLoss.update_center`.
+epoch-based schedules, DINO's optimisation (its learning rate scaled linearly from a batch of
+256, a cosine weight-decay schedule, each parameter's gradient clipped on its own), the forward
+on global and local crops, the last layer's frozen epochs and the teacher's EMA step after each
+update. Under torchrun only the student is wrapped in DDP: the teacher follows it by EMA on every
+process alike and the loss's center is averaged over processes by `DinoLoss.update_center`.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ from ..data.registry import estimated_size
 from ..errors import ConfigError
 from ..model.encoders import ImageEncoder
 from ..objectives.dino import DinoModel, init_image_encoder, momentum_schedule
-from .init import initialise_image_encoder
+from .init import follow_image_tower, initialise_image_encoder
+from .presets import Optimisation
 from .stage import Stage, StageOutput
 
+# DINO's learning rate is given for this global batch and scaled linearly (main_dino.py).
+DINO_BATCH = 256
 # The collapse metrics a step reports (DinoOutput.metrics), in this order.
 METRICS = ("teacher_entropy", "kl_teacher_student", "dims_in_use", "teacher_temp")
 
@@ -48,11 +53,12 @@ class DinoStage(Stage):
         for name in ("init", "init_text", "init_multimodal"):
             if getattr(cfg, name):
                 raise ConfigError(f"stage image-dino trains the image encoder alone and cannot use {name}; start its "
-                                  "encoder with init_image (a ViT directory or one of our checkpoints) instead")
+                                  "encoder with init_image (a public image tower or one of our checkpoints) instead")
         if cfg.distributed == "fsdp":
             raise ConfigError("stage image-dino runs with distributed=ddp (the teacher is an EMA copy of the whole "
                               "student); set distributed=ddp")
         self.teacher_momentum = momentum_schedule(cfg.dino.momentum_teacher, 1.0, cfg.max_steps)
+        self.decay = momentum_schedule(cfg.dino.weight_decay, cfg.dino.weight_decay_end, cfg.max_steps)
 
     def kinds(self) -> tuple[str, ...]:
         return ("images",)
@@ -65,6 +71,9 @@ class DinoStage(Stage):
 
     def build(self) -> dict[str, str]:
         cfg = self.cfg
+        if cfg.init_image:  # a public image tower decides the image encoder (and so the crops)
+            cfg.model = follow_image_tower(cfg.model, cfg.init_image, cfg.init_image_size)
+            cfg.dino.validate(cfg.model.image)
         encoder = ImageEncoder(cfg.model.image)
         init_image_encoder(encoder, cfg.model.init_std)
         loaded = {}
@@ -101,8 +110,31 @@ class DinoStage(Stage):
     def optimized(self) -> tuple[nn.Module, tuple[str, ...]]:
         return self.model.dino.student, ()
 
-    def clipped(self):
-        return [p for p in self.model.dino.student.parameters() if p.requires_grad]
+    def optimisation(self, global_batch: int) -> Optimisation:
+        """DINO's linear rule: `dino.lr` per 256 images; `optim`'s warm-up and cosine."""
+        o, d = self.cfg.optim, self.cfg.dino
+        warmup = super().optimisation(global_batch).warmup_steps
+        lr = d.lr * global_batch / DINO_BATCH
+        return Optimisation(lr, warmup, (
+            f"optimisation (DINO's): AdamW, lr {d.lr:g} per {DINO_BATCH} images x {global_batch:,}/{DINO_BATCH} = "
+            f"{lr:.3g} (dino.lr; optim.lr is not used), {warmup:,} warm-up steps, then cosine to {o.min_lr_ratio:g} x "
+            f"lr over {self.cfg.max_steps:,} steps; weight decay {d.weight_decay:g} -> {d.weight_decay_end:g} on a "
+            f"cosine; each parameter's gradient clipped to norm {d.clip_grad:g}"))
+
+    def weight_decay(self, step: int) -> float:
+        return float(self.decay[min(step, len(self.decay) - 1)])
+
+    def clip(self) -> torch.Tensor:
+        """DINO's rule (`clip_gradients`): each parameter's gradient to norm `dino.clip_grad` on
+        its own. Returns the global norm before clipping, for the log."""
+        grads = [p.grad for p in self.model.dino.student.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.model.dino.loss.center.device)
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if self.cfg.dino.clip_grad > 0:
+            torch._foreach_mul_(grads, [(self.cfg.dino.clip_grad / (n + 1e-6)).clamp(max=1.0) for n in norms])
+        return total
 
     def epoch(self, step: int) -> float:
         return step / self.steps_per_epoch

@@ -48,6 +48,23 @@ DEMO_LR = 5e-4
 DEMO_WARMUP_STEPS = 50
 DEMO_MAX_STEPS = 400
 DEMO_BATCH_SIZE = 32
+DEMO_DINO = {
+    # K near the teacher rows a step sees (64) rather than 65,536, and a teacher that follows the
+    # student within a few hundred steps (0.996 -> 1 moves it a third of the way in 200 steps).
+    "out_dim": 1024, "momentum_teacher": 0.99,
+    # Sharper teacher targets than 0.04: at 0.04 the untrained teacher's centred outputs are nearly
+    # uniform and stay so (log K).
+    "teacher_temp": 0.02, "warmup_teacher_temp": 0.02,
+    # One epoch here (155 steps) is a quarter of the run: the last layer learns from the start; the
+    # center starts at the first batch's mean instead of learning it while the student moves.
+    "freeze_last_layer": 0, "center_warm_start": True,
+    # The demo's 64 px images have no detail a 24 px local crop of 5-40 % could match across views:
+    # two global crops, over a wider range of scales (as DINO advises without local crops).
+    "local_crops": 0, "global_crop_scale_min": 0.3,
+}
+"""DINO at the demo's scale (tiny preset, demo images, batch 32; measured in BENCHMARKS.md)."""
+DEMO_DINO_STEPS = 600
+"""Steps of the DINO stage at the demo's scale that learn (BENCHMARKS.md: 300 do not yet)."""
 
 
 def demo_config(**fields) -> TrainConfig:
@@ -55,6 +72,8 @@ def demo_config(**fields) -> TrainConfig:
     cfg = TrainConfig(model=preset("tiny"), max_steps=DEMO_MAX_STEPS)
     cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.reference_batch = DEMO_LR, DEMO_WARMUP_STEPS, 0
     cfg.data.batch_size = DEMO_BATCH_SIZE
+    for k, v in DEMO_DINO.items():
+        setattr(cfg.dino, k, v)
     for k, v in fields.items():
         setattr(cfg, k, v)
     return cfg

@@ -2,19 +2,25 @@
 trained by the objectives of the data kind each step draws.
 
 What is theirs: the model (fresh, from `init`, with encoders from `init_image` / `init_text` /
-`init_multimodal`), the codebook check of prepared shards, DDP with unused parameters (a step
-trains one data kind) or FSDP by blocks, the slower rate of initialised encoders, and the
+`init_multimodal`; the text encoder's settings and the tokenizer follow `init_text`), the codebook
+check of prepared shards, DDP with unused parameters (a step trains one data kind) or FSDP by
+blocks, the slower rate of initialised encoders, the tokenizer its checkpoints carry, and the
 contrastive logit scale's clamp after each update.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
+from ..config import to_dict
+from ..data.processor import Processor
 from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import world
 from ..errors import ConfigError
+from ..interop.text_towers import following
 from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..model.layers import Block
 from ..objectives.chunks import plan_chunks
@@ -33,24 +39,61 @@ class PretrainingStage(Stage):
 
     def sample_maker(self):
         cfg = self.cfg
-        spec = SampleSpec.for_model(cfg.model, cfg.objectives, cfg.data.max_text_length, cfg.data.crop_scale_min)
-        return SampleMaker(spec, cfg.seed)
+        spec = SampleSpec.for_model(cfg.model, cfg.objectives, cfg.data.max_text_length, cfg.data.crop_scale_min,
+                                    self.tokenizer)
+        maker = SampleMaker(spec, cfg.seed)
+        # Checked once here: on a GPU the text encoder does not read each batch's ids to check them.
+        vocab = maker.tokenizer.vocab_size
+        if self.trained_kinds() & {"pairs", "text"} and vocab > cfg.model.text.vocab_size:
+            raise ConfigError(f"the tokenizer has {vocab} tokens but the text encoder only "
+                              f"model.text.vocab_size={cfg.model.text.vocab_size}; set model.text.vocab_size={vocab}")
+        return maker
 
     def build(self) -> dict[str, str]:
         cfg = self.cfg
         codebook = load_codebook(cfg.codebook) if cfg.codebook else None
-        if cfg.init:
-            self.model, _ = pretraining_from_checkpoint(read_checkpoint(cfg.init), cfg.objectives, codebook)
-            cfg.model = self.model.config  # the data pipeline must match the checkpoint's model
+        from .init import checkpoint_tokenizer, text_source
+
+        base = read_checkpoint(cfg.init) if cfg.init else None
+        model_cfg = base.config if base is not None else cfg.model
+        self.tokenizer: str | None = checkpoint_tokenizer(base.path) if base is not None else None
+        followed = ""
+        if cfg.init_text:
+            source = text_source(cfg.init_text)
+            text = following(model_cfg.text, source.config)
+            if text != model_cfg.text:
+                changed = [k for k, v in to_dict(text).items() if to_dict(model_cfg.text)[k] != v]
+                if base is not None:
+                    raise ConfigError(
+                        f"init_text={cfg.init_text} has another text encoder ({', '.join(changed)}) than init="
+                        f"{cfg.init}; start without init, taking that model's other encoders with init_image="
+                        f"{cfg.init} and init_multimodal={cfg.init}")
+                model_cfg = dataclasses.replace(model_cfg, text=text)
+                followed = "; model.text follows it (" + ", ".join(f"{k} {getattr(text, k)}" for k in changed) + ")"
+            self.tokenizer = source.tokenizer
+        if base is None and cfg.init_image:  # a public image tower decides the image encoder: build it so once
+            from .init import follow_image_tower
+
+            model_cfg = follow_image_tower(model_cfg, cfg.init_image, cfg.init_image_size)
+        cfg.model = model_cfg  # the data pipeline and the saved settings must match the model built
+        if base is not None:
+            self.model, _ = pretraining_from_checkpoint(base, cfg.objectives, codebook)
         else:
-            self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
+            self.model = PretrainingModel(model_cfg, cfg.objectives, codebook=codebook)
         self.initialised: dict[str, str] = {}
         if cfg.init_image or cfg.init_text or cfg.init_multimodal:
             from .init import initialise_encoders
 
             self.initialised = initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
-                                                   multimodal=cfg.init_multimodal)
+                                                   multimodal=cfg.init_multimodal, image_size=cfg.init_image_size)
+            if followed:
+                self.initialised["text"] += followed
+        cfg.model = self.model.config  # the data pipeline must match the model (a checkpoint's, a tower's)
+        self.model.model.processor = Processor.from_config(self.model.config, self.tokenizer)
         return self.initialised
+
+    def write_files(self, directory) -> None:
+        self.model.model.save_tokenizer(directory)
 
     def open_data(self, streams: dict, world: int) -> None:
         """Prepared shards carry image-token ids from one codebook: the run's must be that one
@@ -125,10 +168,10 @@ class PretrainingStage(Stage):
 
     chunkable = True
 
-    def forward_chunks(self, module: nn.Module, batch, generator: torch.Generator, step: int, chunks: int):
+    def forward_chunks(self, module: nn.Module, parts: list, generator: torch.Generator, step: int):
         # Every kind is split (the image and text steps' memory falls alike); GradCache keeps the
         # contrastive loss the whole batch's (objectives.chunks).
-        for part, chunk in plan_chunks(self.model, batch, chunks, generator):
+        for part, chunk in zip(parts, plan_chunks(self.model, parts, generator)):
             out = module(part, generator, chunk)
             yield StageOutput(out.losses.total, out.losses.named(), dict(out.metrics))
 

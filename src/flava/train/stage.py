@@ -2,10 +2,11 @@
 
 A stage (joint, text-mlm, image-mim, image-dino, or one of yours) owns what differs between
 them: the modules it trains and saves, how they are wrapped for DDP/FSDP, which parameters the
-optimizer steps and clips, the forward that returns losses, what follows the optimizer step
-(DINO's EMA teacher, the contrastive logit scale's clamp) and any state its checkpoints must
-carry beyond the weights. The loop (`train.trainer`) owns the rest once: data, autocast,
-accumulation, clipping, the non-finite guard, logging and checkpointing.
+optimizer steps at what rate and weight decay, how their gradients are clipped, the forward that
+returns losses, what follows the optimizer step (DINO's EMA teacher, the contrastive logit
+scale's clamp) and any state its checkpoints must carry beyond the weights. The loop
+(`train.trainer`) owns the rest once: data, autocast, accumulation, the non-finite guard,
+logging and checkpointing.
 
 Pass an instance as `Trainer(cfg, output, stage=...)` to train a stage the registry does not
 know; `cfg.stage` then only names the data kinds it draws, unless the stage says otherwise.
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .presets import Optimisation, scaled_optimisation
 
 # The data kinds each built-in stage draws from.
 STAGE_KINDS = {"joint": ("pairs", "images", "text"), "text-mlm": ("text",), "image-mim": ("images",),
@@ -99,9 +101,14 @@ class Stage(ABC):
         learn at `optim.init_lr_scale` x lr."""
         return self.model, ()
 
-    def clipped(self):
-        """The parameters whose gradient norm is clipped (and logged)."""
-        return self.model.parameters()
+    def optimisation(self, global_batch: int) -> Optimisation:
+        """The peak rate and warm-up the run trains with: `optim`'s, scaled to the global batch
+        as `train.presets` says."""
+        return scaled_optimisation(self.cfg.optim, global_batch, self.cfg.max_steps)
+
+    def weight_decay(self, step: int) -> float:
+        """The weight decay of the decayed parameters at step `step`: `optim.weight_decay`."""
+        return self.cfg.optim.weight_decay
 
     def objective_names(self) -> list[str]:
         """Every loss the stage may return (all kinds), in a fixed order: what a balancing
@@ -119,12 +126,18 @@ class Stage(ABC):
     def forward(self, module: nn.Module, batch, generator: torch.Generator, step: int) -> StageOutput:
         """The losses of one micro-batch of step `step` (0-based), run through `module`."""
 
-    def forward_chunks(self, module: nn.Module, batch, generator: torch.Generator, step: int,
-                       chunks: int) -> Iterator[StageOutput]:
-        """`forward` of a micro-batch in `chunks` equal parts, one output per part, each yielded
-        before the next part runs (the loop back-propagates it first); the parts' losses add up
-        to the micro-batch's. Only where `chunkable`."""
+    def forward_chunks(self, module: nn.Module, parts: list, generator: torch.Generator,
+                       step: int) -> Iterator[StageOutput]:
+        """`forward` of a micro-batch given as equal parts (`optim.contrastive_chunks`), one output
+        per part, each yielded before the next part runs (the loop back-propagates it first); the
+        parts' losses add up to the micro-batch's. Only where `chunkable`."""
         raise NotImplementedError
+
+    def clip(self) -> torch.Tensor:
+        """Clip the (unscaled) gradients; returns their global norm before clipping, which is
+        logged. Here: the global norm of every parameter's gradient, to `optim.grad_clip`."""
+        c = self.cfg.optim.grad_clip
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), c if c > 0 else float("inf"))
 
     def before_update(self, step: int) -> None:
         """After clipping, before the optimizer step (e.g. gradients a schedule cancels)."""
@@ -140,6 +153,10 @@ class Stage(ABC):
     def state_dict(self) -> dict:
         """State the stage keeps outside `model` that a resumed run needs."""
         return {}
+
+    def write_files(self, directory) -> None:
+        """Files a checkpoint carries beside the weights (the model's own tokenizer), written into
+        the checkpoint directory being made."""
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()`'s result."""

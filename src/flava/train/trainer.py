@@ -32,15 +32,15 @@ from ..distributed import resolve_device, world
 from ..errors import ConfigError, DivergedError
 from ..io.runs import RunDir
 from ..model.layers import Block
-from ..optim import build_optimizer, warmup_cosine
+from ..optim import build_optimizer, set_weight_decay, warmup_cosine
 from .accounting import DataAccounting
 from .backward import check_chunks, micro_step
 from .balancing import METHODS
+from .balancing.mixing import KindMixing
 from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
 from .kinds import STAGES, step_kind, trained_kinds
 from .metrics import MetricsLog, plot_losses
-from .presets import scaled_optimisation
 from .stage import Stage
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,13 +59,12 @@ class Trainer:
         # notes: what the run decided that the user should read at the start (kinds left out).
         self.kinds, self.notes = trained_kinds(cfg, self.stage)
         check_chunks(cfg, self.stage)
-        self.probs = self._mixing("mixing", cfg.data.mixing)
-        self.probs_end = self.probs
-        if cfg.data.mixing_schedule == "linear":
-            if len(cfg.data.mixing_end) != len(KINDS):
-                raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
-                                  f"probabilities (pairs, images, text); got {len(cfg.data.mixing_end)}")
-            self.probs_end = self._mixing("mixing_end", cfg.data.mixing_end)
+        end = cfg.data.mixing_end if cfg.data.mixing_schedule == "linear" else cfg.data.mixing
+        if len(end) != len(KINDS):
+            raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
+                              f"probabilities (pairs, images, text); got {len(end)}")
+        self.mixing = KindMixing(self.kinds, self._mixing("mixing", cfg.data.mixing), self._mixing("mixing_end", end),
+                                 cfg.data, cfg.max_steps, self.device)
         self.progress = TrainState()
         self._nonfinite_run: list[int] = []
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
@@ -79,8 +78,9 @@ class Trainer:
 
         self.initialised = self.stage.build()
         self.model = self.stage.model
-        if cfg.model.text.max_position_embeddings < cfg.data.max_text_length:
-            raise ConfigError("data.max_text_length exceeds model.text.max_position_embeddings")
+        if cfg.model.text.max_length < cfg.data.max_text_length:
+            raise ConfigError(f"data.max_text_length ({cfg.data.max_text_length}) exceeds the {cfg.model.text.max_length} "
+                              "tokens the text encoder takes (model.text.max_position_embeddings less position_offset)")
         maker = self.stage.sample_maker()
         d = cfg.data
         cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
@@ -103,10 +103,10 @@ class Trainer:
         self._balancing()
         o = cfg.optim
         # The rate and warm-up the run trains with: as set, or scaled to its global batch.
-        self.optimisation = scaled_optimisation(o, self.global_batch, cfg.max_steps)
+        self.optimisation = self.stage.optimisation(self.global_batch)
         trained, slow = self.stage.optimized()
-        self.optimizer = build_optimizer(trained, self.optimisation.lr, o.weight_decay, (o.beta1, o.beta2), o.eps,
-                                         scaled=slow, scale=o.init_lr_scale)
+        self.optimizer = build_optimizer(trained, self.optimisation.lr, self.stage.weight_decay(0), (o.beta1, o.beta2),
+                                         o.eps, scaled=slow, scale=o.init_lr_scale)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.optimisation.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
@@ -138,11 +138,7 @@ class Trainer:
 
     def probs_at(self, step: int) -> np.ndarray:
         """The kinds' probabilities at `step` (`data.mixing_schedule`)."""
-        if self.cfg.data.mixing_schedule == "constant":
-            return self.probs
-        f = min(1.0, step / max(1, self.cfg.max_steps - 1))
-        probs = (1 - f) * self.probs + f * self.probs_end
-        return probs / probs.sum()
+        return self.mixing.probs_at(step)
 
     @property
     def global_batch(self) -> int:
@@ -206,7 +202,7 @@ class Trainer:
 
     def _stateful(self) -> Stateful:
         return Stateful(self.model, self.optimizer, self.scheduler, self.scaler, self.streams, self.progress,
-                        self.stage, self.cfg, self.balancer)
+                        self.stage, self.cfg, self.balancer, self.mixing)
 
     def save(self) -> Path:
         return self.checkpoints.save(self._stateful())
@@ -244,7 +240,7 @@ class Trainer:
         accum = cfg.optim.grad_accumulation
         sums, names, samples, gradients = None, ([], []), 0, None
         for micro in range(accum):
-            batch = self._to_device(self.streams[kind].next_batch())
+            batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
             values, names, report = micro_step(self, batch, generator, step, micro, diagnose and micro == accum - 1)
@@ -252,11 +248,15 @@ class Trainer:
             sums = values / accum if sums is None else sums + values / accum
         row = {"step": step + 1, "kind": kind, "samples": samples * self.world,
                "lr": self.scheduler.get_last_lr()[0], "data_draws": {k: st.draws for k, st in self.streams.items()}}
+        if cfg.data.mixing_schedule != "constant":
+            row["mixing"] = {k: round(float(p), 6) for k, p in zip(self.kinds, self.probs_at(step))}
         if gradients is not None:
             row["gradients"] = gradients
         numbers = self._update(sums)
         # The losses averaged over micro-batches and processes: the same on every process.
         self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), numbers[-1] > 0)
+        # The kind's progress: its configured losses' sum, whatever the balancing method scales.
+        self.mixing.observe(step, kind, numbers[1:1 + len(names[0])].sum(), numbers[-1] > 0)
         self._pending.append((row, numbers, names))
         if sync:
             self.synced = self._settle()
@@ -264,10 +264,11 @@ class Trainer:
 
     def _to_device(self, batch):
         """A host batch on the device: pinned and copied without blocking on CUDA (the copy
-        overlaps the host's next work), uint8 pixels normalised there."""
+        overlaps the host's next work), uint8 pixels normalised there by the model's statistics."""
+        stats = dict(mean=self.cfg.model.image.image_mean, std=self.cfg.model.image.image_std)
         if self.device.type == "cuda":
-            return batch.pin_memory().to(self.device, non_blocking=True)
-        return batch.to(self.device)
+            return batch.pin_memory().to(self.device, non_blocking=True, **stats)
+        return batch.to(self.device, **stats)
 
     def _update(self, sums: torch.Tensor) -> torch.Tensor:
         """The step's tail: average over processes, clip, the update unless something is not
@@ -281,11 +282,11 @@ class Trainer:
             dist.all_reduce(sums)
             sums /= self.world
         self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.stage.clipped(), clip)
+        norm = self.stage.clip()
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         norm = norm.detach().float().reshape(1).to(sums.device)
         self.stage.before_update(step)
+        set_weight_decay(self.optimizer, self.stage.weight_decay(step))
         # fp16's loss scaler skips overflowing steps itself; anything else non-finite is divergence.
         finite = torch.isfinite(sums[0]) & (torch.isfinite(norm[0]) | self.scaler.is_enabled())
         if self.scaler.is_enabled() or not self.optimizer.defaults.get("fused"):

@@ -1,0 +1,230 @@
+"""`flava ablate --balancing`: the full FLAVA row — the demo's recipe — under several ways of
+balancing its objectives, over several seeds, in one table with the spread between seeds.
+
+The balancing methods are `objectives.balancing`'s (fixed, uncertainty, dwa, pcgrad) and
+`mixing-adaptive`: fixed balancing with the data kinds' mix adapted to their loss progress
+(`data.mixing_schedule=adaptive`). The method changes only the joint stage, so each seed's text MLM
+and image MIM stages are trained once and every method's joint stage starts from them.
+
+```
+OUTPUT/
+  balancing.json                  the plan and every finished run's scores
+  balancing.md                    the table: each method's domain averages over the seeds, their spread,
+                                  and which methods beat fixed by more than the spread on which domains
+  codebook/                       the image codebook every stage shares (demo data with no codebook named)
+  seed-S/text-mlm, seed-S/image-mim   the unimodal stages of seed S
+  seed-S/METHOD/                  the joint stage under METHOD (a run directory) and its scores.json
+```
+
+Running the same command again continues where it stopped: a finished run is not run again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .. import stopping
+from ..config import apply_overrides, check, from_dict, to_dict
+from ..errors import ConfigError
+from ..evaluate.suite import DOMAINS, Suite, load_suite
+from ..io.files import read_json, write_json_atomic, write_text_atomic
+from ..train.balancing import METHODS
+from ..train.config import TrainConfig
+from .ablate import averages
+from .recipe import DEMO_RECIPE, DEMO_STAGE_SETTINGS, DEMO_STAGE_STEPS, finished_step, plan
+
+ADAPTIVE_MIXING = "mixing-adaptive"
+CHOICES = (*METHODS, ADAPTIVE_MIXING)
+SCORES = "scores.json"
+GROUPS = (*DOMAINS, "macro")
+
+
+@dataclass
+class BalancingPlan:
+    methods: list[str]
+    seeds: list[int]
+    suite: str
+    unimodal_steps: int | None = None
+    """Steps of each unimodal stage (default: the demo's)."""
+
+    @property
+    def stage_steps(self) -> dict[str, int]:
+        if self.unimodal_steps is None:
+            return dict(DEMO_STAGE_STEPS)
+        return {stage: self.unimodal_steps for stage in DEMO_STAGE_STEPS}
+
+
+def check_plan(cfg: TrainConfig, p: BalancingPlan) -> None:
+    if cfg.stage != "joint":
+        raise ConfigError(f"flava ablate --balancing trains the demo's recipe, whose stages it sets itself; drop "
+                          f"stage={cfg.stage}")
+    unknown = [m for m in p.methods if m not in CHOICES]
+    if unknown:
+        raise ConfigError(f"--balancing has no method {unknown[0]!r}; choose from {', '.join(CHOICES)}")
+    if "fixed" not in p.methods:
+        raise ConfigError("--balancing compares methods with fixed: include fixed in the list")
+    if len(p.seeds) < 2 or len(set(p.seeds)) != len(p.seeds):
+        raise ConfigError(f"--seeds needs two or more different seeds to measure the spread; got {p.seeds}")
+    if p.unimodal_steps is not None and p.unimodal_steps < 1:
+        raise ConfigError("--unimodal-steps must be at least 1")
+
+
+def method_config(joint: TrainConfig, method: str) -> TrainConfig:
+    c = from_dict(TrainConfig, to_dict(joint))
+    if method == ADAPTIVE_MIXING:
+        c.objectives.balancing, c.data.mixing_schedule = "fixed", "adaptive"
+    else:
+        c.objectives.balancing = method
+    return check(c)
+
+
+def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Console) -> dict:
+    """Train and evaluate every (seed, method) not yet finished, then write the report. `cfg` is
+    the joint stage's settings (the demo recipe's, with the user's overrides)."""
+    from ..train.run import SETTINGS, ensure_demo_codebook, run_pretrain
+
+    check_plan(cfg, p)
+    suite = load_suite(p.suite)  # every data error before any training
+    output.mkdir(parents=True, exist_ok=True)
+    record = output / "balancing.json"
+    wanted = {"methods": p.methods, "seeds": p.seeds, "suite": p.suite, "stage_steps": p.stage_steps,
+              "settings": to_dict(cfg)}
+    if record.is_file():
+        old = read_json(record, "balancing record", ConfigError, expect=dict).get("plan", {})
+        if any(old.get(k) != wanted[k] for k in ("settings", "suite", "stage_steps")):
+            raise ConfigError(f"{output} holds a comparison with other settings; continue it with the same command "
+                              "(other --balancing methods and --seeds are fine), or choose another --output")
+    results: dict[str, dict[int, dict]] = {}
+    total, done = len(p.methods) * len(p.seeds), 0
+    for seed in p.seeds:
+        seeded = apply_overrides(cfg, [f"seed={seed}"])
+        stages = plan(DEMO_RECIPE, seeded, output / f"seed-{seed}", p.stage_steps, DEMO_STAGE_SETTINGS)
+        for stage in stages:
+            ensure_demo_codebook(stage.config, output / "codebook", console)
+        runs = [(stage.name, stage.config, stage.directory) for stage in stages[:-1]]
+        runs += [(m, method_config(stages[-1].config, m), output / f"seed-{seed}" / m) for m in p.methods]
+        for name, c, directory in runs:
+            if finished_step(directory) < c.max_steps:
+                console.rule(f"seed {seed}: {name}" + (" (joint stage)" if name in CHOICES else ""))
+                try:
+                    run_pretrain(c, directory, resume=(directory / SETTINGS).is_file(), console=console)
+                except stopping.Stopped as e:
+                    raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in seed {seed}, {name} "
+                                                     f"{e.at} (saved): run the same command again to continue",
+                                           e.at) from None
+            if name not in CHOICES:
+                continue
+            results.setdefault(name, {})[seed] = _scores(name, seed, directory, suite, console)
+            done += 1
+            write_json_atomic(record, {"plan": wanted, "results": _jsonable(results)})
+            if (signum := stopping.requested()) and done < total:
+                at = f"after seed {seed}, {name}"
+                raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; its scores are kept: run "
+                                               "the same command again to continue", at)
+    md = write_report(results, p, output)
+    console.print(table(results))
+    for line in verdicts(results):
+        console.print(f"- {line}")
+    console.print(f"report: {md}")
+    return results
+
+
+def _scores(method: str, seed: int, directory: Path, suite: Suite, console: Console) -> dict:
+    """The run's evaluation on the suite (kept in DIRECTORY/scores.json: not evaluated twice)."""
+    path = directory / SCORES
+    if path.is_file():
+        return read_json(path, "run scores", expect=dict)
+    from ..evaluate.run import evaluate_models, load_model
+
+    model, where = load_model(directory)
+    result = evaluate_models([(f"{method}, seed {seed}", model, str(where))], suite, console)[0]
+    scores = {"method": method, "seed": seed, "model": str(where),
+              "tasks": {t.name: {"domain": t.domain, "scores": t.scores} for t in result.tasks},
+              "domain_averages": result.domain_averages()}
+    write_json_atomic(path, scores)
+    return scores
+
+
+def _jsonable(results: dict[str, dict[int, dict]]) -> dict:
+    return {m: {str(s): v for s, v in by_seed.items()} for m, by_seed in results.items()}
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def summary(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Per method and group (the domains and the macro average): (mean over seeds, spread = max - min)."""
+    out = {}
+    for method, by_seed in results.items():
+        values = np.array([averages(s) for s in by_seed.values()], dtype=float)  # [seeds, 4]
+        out[method] = {g: (float(values[:, i].mean()), float(values[:, i].max() - values[:, i].min()))
+                       for i, g in enumerate(GROUPS)}
+    return out
+
+
+def verdicts(results: dict[str, dict[int, dict]]) -> list[str]:
+    """For each method but fixed: the groups where it beats or trails fixed by more than the spread
+    (the larger of the two methods' spreads over seeds); the rest are within it."""
+    s = summary(results)
+    if "fixed" not in s:
+        return []
+    lines = []
+    for method in [m for m in s if m != "fixed"]:
+        beats, trails, within = [], [], []
+        for g in GROUPS:
+            (a, sa), (b, sb) = s[method][g], s["fixed"][g]
+            margin, spread = a - b, max(sa, sb)
+            (beats if margin > spread else trails if -margin > spread else within).append(
+                f"{g} {margin:+.2f} (spread {spread:.2f})")
+        lines.append(f"{method} vs fixed: " + "; ".join(
+            f"{label}: {', '.join(v)}" for label, v in (("beats beyond the spread", beats),
+                                                        ("trails beyond the spread", trails),
+                                                        ("within the spread", within)) if v))
+    return lines
+
+
+def _cell(mean_spread: tuple[float, float]) -> str:
+    mean, spread = mean_spread
+    return f"{mean:.2f} ± {spread / 2:.2f}"
+
+
+def table(results: dict[str, dict[int, dict]]) -> Table:
+    s = summary(results)
+    t = Table(title="Balancing the objectives: the full FLAVA row (the demo's recipe), mean ± half the seed spread")
+    t.add_column("method")
+    t.add_column("seeds", justify="right")
+    for g in GROUPS:
+        t.add_column(g, justify="right")
+    for method, groups in s.items():
+        t.add_row(method, str(len(results[method])), *(_cell(groups[g]) for g in GROUPS))
+    return t
+
+
+def write_report(results: dict[str, dict[int, dict]], p: BalancingPlan, output: Path) -> Path:
+    s = summary(results)
+    seeds = ", ".join(str(x) for x in p.seeds)
+    steps = p.stage_steps
+    lines = ["# Balancing the objectives: the full FLAVA row under each method", "",
+             f"The demo's recipe (text MLM {steps['text-mlm']} steps, image MIM {steps['image-mim']} steps, then "
+             f"the joint stage of every objective) on suite `{p.suite}`, "
+             f"seeds {seeds}; the method changes the joint stage only, and each seed's unimodal stages are shared by "
+             "every method. Percent; mean over the seeds ± half their spread (max - min).", "",
+             "| method | " + " | ".join(GROUPS) + " |", "|" + "---|" * (len(GROUPS) + 1)]
+    for method, groups in s.items():
+        lines.append(f"| {method} | " + " | ".join(_cell(groups[g]) for g in GROUPS) + " |")
+    lines += ["", "## Against fixed", "", "A margin counts only beyond the larger of the two methods' seed spreads.",
+              ""]
+    lines += [f"- {line}" for line in verdicts(results)]
+    lines += ["", "## Every run", "", "| method | seed | " + " | ".join(GROUPS) + " |", "|" + "---|" * (len(GROUPS) + 2)]
+    for method, by_seed in results.items():
+        for seed, scores in by_seed.items():
+            lines.append(f"| {method} | {seed} | " + " | ".join(f"{v:.2f}" if v is not None else "–"
+                                                               for v in averages(scores)) + " |")
+    md = output / "balancing.md"
+    write_text_atomic(md, "\n".join(lines) + "\n")
+    return md
