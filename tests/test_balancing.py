@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_run
 
 from flava.config import ObjectivesConfig
 from flava.errors import ConfigError
 from flava.train.balancing import METHODS, project_conflicting
 from flava.train.balancing.diagnostics import gradient_report
 from flava.train.config import TrainConfig
-from flava.train.presets import demo_config
 from flava.train.trainer import Trainer
 
 CPU = torch.device("cpu")
@@ -122,15 +122,8 @@ def test_bad_balancing_settings_fail_in_one_line():
 
 
 def config(data, **over) -> TrainConfig:
-    cfg = demo_config()
-    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
-    cfg.model.codebook.hidden_size = 8
-    cfg.data.pairs = [str(data / "pairs_clean.csv")]
-    cfg.data.images, cfg.data.text = [str(data / "img")], [str(data / "text.txt")]
-    cfg.data.batch_size, cfg.data.num_workers = 4, 0
-    cfg.max_steps, cfg.save_every, cfg.log_every, cfg.seed = 8, 4, 2, 5
-    cfg.optim.warmup_steps, cfg.tensorboard = 2, False
-    cfg.codebook = str(data / "codebook")
+    cfg = tiny_run(data, "pairs_clean.csv", max_steps=8, save_every=4, log_every=2, seed=5, tensorboard=False)
+    cfg.optim.warmup_steps = 2
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg

@@ -31,14 +31,7 @@ from flava.objectives.dino import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread gains nothing, and on a busy machine its
-    spin-waits made the training run ten times slower (measured: 3.6 s vs 39-50 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_image(image_size=32):

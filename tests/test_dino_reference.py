@@ -37,12 +37,7 @@ B, STEPS, LOCAL = 4, 4, 2
 LR, EPS = 1e-3, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stage_config():

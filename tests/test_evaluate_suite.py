@@ -171,3 +171,24 @@ def test_an_lr_sweep_scores_the_rate_best_on_validation(suite_dir):
     note = next(n for n in result.notes if n.startswith("learning rate"))
     assert note.startswith(f"learning rate {best:g} chosen on validation accuracy")
     assert f"1e-06: {alone[1e-6].best_val:.4f}" in note and f"0.003: {alone[3e-3].best_val:.4f}" in note
+
+
+def test_a_suites_text_limit_cuts_every_models_texts(suite_dir):
+    from rich.console import Console
+
+    from flava.errors import ConfigError
+    from flava.evaluate.run import evaluate_models
+
+    model = flava.load(suite_dir / "model")  # 64 positions
+    probe = TASKS[3]
+    for limit, want in ((5, 5), (1000, 64), (None, 64)):
+        spec = {"name": "t", "tasks": [probe], **({} if limit is None else {"max_text_length": limit})}
+        suite = load_suite(spec, base=suite_dir)
+        (task,) = suite.tasks
+        seen, run = [], task.run
+        task.run = lambda m, tokenizer, progress: (seen.append(tokenizer(["a " * 100]).input_ids.shape[1]),
+                                                   run(m, tokenizer, progress))[1]
+        (result,) = evaluate_models([("m", model, "tiny")], suite, Console(quiet=True))
+        assert seen == [want] and result.tasks[0].scores
+    with pytest.raises(ConfigError, match="max_text_length must be a whole number"):
+        load_suite({"name": "t", "max_text_length": "long", "tasks": [probe]}, base=suite_dir)

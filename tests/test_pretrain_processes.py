@@ -14,9 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import flava
-from conftest import pretrain_args
+from conftest import pretrain_args, tiny_run
 from flava.train.config import TrainConfig
-from flava.train.presets import demo_config
 from flava.train.trainer import Trainer
 
 # Seed 5 trains pairs, images, text, pairs in its first four steps.
@@ -38,15 +37,7 @@ def finish(p: subprocess.Popen) -> str:
 
 
 def train_config(data, pairs: str, **over) -> TrainConfig:
-    cfg = demo_config()
-    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
-    cfg.model.codebook.hidden_size = 8
-    cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / pairs)], [str(data / "img")], [str(data / "text.txt")]
-    cfg.data.batch_size, cfg.data.num_workers = 4, 0
-    cfg.codebook, cfg.tensorboard = str(data / "codebook"), False
-    for k, v in over.items():
-        setattr(cfg, k, v)
-    return cfg
+    return tiny_run(data, pairs, tensorboard=False, **over)
 
 
 def metrics(run_dir) -> list[dict]:

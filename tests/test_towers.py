@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import randomize_
+from conftest import randomize_, tiny_run
 from PIL import Image
 
 import flava
@@ -28,12 +28,7 @@ from flava.train.init import follow_image_tower, initialise_encoders
 ENC = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def flava_config() -> FlavaConfig:
@@ -302,16 +297,8 @@ def test_weights_under_transformers_in_memory_names_load_too(tmp_path):
 
 
 def joint_config(data, tower, **over):
-    from flava.train.presets import demo_config
-
-    cfg = demo_config(init_image=str(tower))
-    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
-    cfg.model.codebook.hidden_size = 8
-    cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / "pairs.csv")], [str(data / "img")], [str(data / "text.txt")]
-    cfg.data.batch_size, cfg.data.num_workers = 4, 0
-    cfg.max_steps, cfg.save_every, cfg.log_every = 3, 3, 1
+    cfg = tiny_run(data, init_image=str(tower), max_steps=3, save_every=3, log_every=1)
     cfg.optim.warmup_steps = 1
-    cfg.codebook = str(data / "codebook")
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import flava
-from conftest import pretrain_args
+from conftest import pretrain_args, tiny_run
 from flava.train.config import TrainConfig
-from flava.train.presets import demo_config
 from flava.train.kinds import step_kind
 from flava.train.trainer import Trainer
 
@@ -21,14 +20,8 @@ def data(train_data):
 
 
 def config(data, **over) -> TrainConfig:
-    cfg = demo_config()
-    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
-    cfg.model.codebook.hidden_size = 8
-    cfg.data.pairs, cfg.data.images, cfg.data.text = [str(data / "pairs.csv")], [str(data / "img")], [str(data / "text.txt")]
-    cfg.data.batch_size, cfg.data.num_workers = 4, 0
-    cfg.max_steps, cfg.save_every, cfg.log_every = 8, 3, 1
+    cfg = tiny_run(data, max_steps=8, save_every=3, log_every=1)
     cfg.optim.warmup_steps = 2
-    cfg.codebook = str(data / "codebook")
     for k, v in over.items():
         setattr(cfg, k, v)
     return cfg

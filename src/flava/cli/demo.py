@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 def run_demo(output: Path, console: Console, seed: int = 0, towers: bool = False) -> dict:
     from ..evaluate.report import write_report
     from ..evaluate.run import evaluate_models, print_plan, results_table, untrained_like
-    from ..evaluate.suite import load_suite
+    from ..evaluate.suite import Suite, load_suite
     from ..loading import load
     from ..recipes.recipe import DEMO_RECIPE, DEMO_STAGE_SETTINGS, DEMO_STAGE_STEPS, demo_recipe_config, run_recipe
 
@@ -57,27 +57,35 @@ def run_demo(output: Path, console: Console, seed: int = 0, towers: bool = False
 
     models = [("pretrained", model, str(checkpoint)),
               ("untrained", untrained_like(model, seed=cfg.seed), "the tiny preset, newly initialised")]
-    if towers:
-        models += tower_models(output, run_dir, seed, console)
+    tower_pair = tower_models(output, run_dir, seed, console) if towers else []
     pretrain_minutes = (time.perf_counter() - start) / 60
-    console.print("[bold]2/2[/] evaluating on the demo suite: " + ", then ".join(m[0] for m in models))
+    console.print("[bold]2/2[/] evaluating on the demo suite: " + ", then ".join(m[0] for m in models + tower_pair))
     suite = load_suite("demo")
     print_plan(suite, console)
     results = evaluate_models(models, suite, console)
     md = write_report(results, report_dir, [m[0] for m in models])
+    if towers:
+        kept = Suite(suite.name, [t for t in suite.tasks if t.name not in TOWERS_LEAVE_OUT], suite.max_text_length)
+        console.print(f"the towers, on every task but the {', '.join(TOWERS_LEAVE_OUT)}")
+        tower_results = evaluate_models(tower_pair, kept, console)
+        write_report(tower_results, report_dir / "towers", [m[0] for m in tower_pair])
     minutes = (time.perf_counter() - start) / 60
     console.rule("[bold]results")
-    console.print(results_table(results[:2], [m[0] for m in models[:2]],
+    console.print(results_table(results, [m[0] for m in models],
                                 "demo suite: pretrained vs untrained (percent, higher is better)"))
     if towers:
-        console.print(results_table(results[2:], [m[0] for m in models[2:]],
+        console.print(results_table(tower_results, [m[0] for m in tower_pair],
                                     "demo suite: what joint training adds to public towers (percent)"))
     console.print(f"pretraining took {pretrain_minutes:.1f} min, the demo {minutes:.1f} min in all. "
                   f"Report with pictures: {md}; loss curves: {run_dir / 'joint' / 'loss_curves.png'}")
-    return {"results": results, "minutes": minutes}
+    return {"results": results, "towers": tower_results if towers else [], "minutes": minutes}
 
 
 TOWERS_RUN = "pretrain-minilm"
+# The suite's BBC News fine-tune trains the text encoder for 12 epochs (6 at each of two rates): on
+# MiniLM's 6 layers of width 384 that is about 20x the tiny preset's cost per model, more than
+# the demo's whole budget on 2 cores. The towers keep the BBC News probe for language.
+TOWERS_LEAVE_OUT = ("BBC News fine-tune",)
 
 
 def tower_models(output: Path, run_dir: Path, seed: int, console: Console) -> list[tuple[str, object, str]]:

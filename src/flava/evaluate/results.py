@@ -58,6 +58,12 @@ class SuiteResult:
                 out[domain] = float(np.mean(rows))
         return out
 
+    def scores(self) -> dict:
+        """The scores alone, as ablation rows keep them: per task its domain and score rows, and the
+        domain averages."""
+        return {"tasks": {t.name: {"domain": t.domain, "scores": t.scores} for t in self.tasks},
+                "domain_averages": self.domain_averages()}
+
     def macro_average(self) -> float:
         """Mean of the domain averages (the paper's macro average)."""
         return float(np.mean(list(self.domain_averages().values())))

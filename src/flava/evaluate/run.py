@@ -45,7 +45,8 @@ def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console
     results = []
     for label, model, description in models:
         # Each model's own tokenizer (a checkpoint records it when it is not BERT uncased).
-        tokenizer = TextTokenizer(model.processor.tokenizer_file, max_length=model.config.text.max_length)
+        limit = model.config.text.max_length
+        tokenizer = TextTokenizer(model.processor.tokenizer_file, max_length=min(limit, suite.max_text_length or limit))
         console.print(f"[bold]{label}[/]: {description}")
         with progress_bar(console) as progress:
             def on_task(task):

@@ -74,6 +74,9 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
 class Suite:
     name: str
     tasks: list[PreparedTask]
+    max_text_length: int | None = None
+    """Texts are cut to this many tokens for every model (and to the model's own limit), so models
+    with longer position tables are compared on the same texts; None: each model's limit."""
 
 
 def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
@@ -89,7 +92,12 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
         spec, base = read_json(path, "suite file"), path.parent
     if not isinstance(spec, dict):
         raise ConfigError("a suite is a JSON object with a list of tasks")
-    check_keys(spec, {"name", "tasks", "settings"}, "suite")
+    check_keys(spec, {"name", "tasks", "settings", "max_text_length"}, "suite")
+    max_text_length = spec.get("max_text_length")
+    if max_text_length is not None and (isinstance(max_text_length, bool) or not isinstance(max_text_length, int)
+                                        or max_text_length < 3):
+        raise ConfigError(f"the suite's max_text_length must be a whole number of tokens of at least 3, got "
+                          f"{max_text_length!r}")
     tasks = spec.get("tasks")
     if not isinstance(tasks, list) or not tasks:
         raise ConfigError("the suite has no tasks (a non-empty list under 'tasks')")
@@ -107,7 +115,7 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise ConfigError(f"two tasks are named {dup!r}; give them distinct names")
-    return Suite(str(spec.get("name", "suite")), prepared)
+    return Suite(str(spec.get("name", "suite")), prepared, max_text_length)
 
 
 def run_suite(suite: Suite, model, tokenizer, model_name: str,
@@ -126,6 +134,8 @@ def run_suite(suite: Suite, model, tokenizer, model_name: str,
 # The suite `make demo` runs: packaged data only, sized for a few minutes per model on 2 cores.
 DEMO_SUITE = {
     "name": "demo",
+    # The tiny preset's texts; a public text tower (512 positions) is compared on the same texts.
+    "max_text_length": 64,
     "tasks": [
         {"kind": "retrieval", "name": "easy-vqa retrieval", "data": "easy-vqa", "galleries": 10},
         {"kind": "zero-shot", "name": "easy-vqa shapes zero-shot", "data": "easy-vqa-shapes"},

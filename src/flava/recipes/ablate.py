@@ -210,7 +210,7 @@ def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console
     from ..model import FlavaModel
 
     row = ROWS[key]
-    tasks = Suite(suite.name, [t for t in suite.tasks if t.domain in row.domains])
+    tasks = Suite(suite.name, [t for t in suite.tasks if t.domain in row.domains], suite.max_text_length)
     if not tasks.tasks:
         raise ConfigError(f"the suite has no {'/'.join(row.domains)} task for row {key}")
     if key == "untrained":
@@ -220,9 +220,7 @@ def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console
         description = str(path)
     result = evaluate_models([(row.label, model, description)], tasks, console)[0]
     write_report([result], output / "rows" / key / "evaluation", [row.label])
-    return {"row": key, "model": description,
-            "tasks": {t.name: {"domain": t.domain, "scores": t.scores} for t in result.tasks},
-            "domain_averages": result.domain_averages()}
+    return {"row": key, "model": description, **result.scores()}
 
 
 def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -> dict:

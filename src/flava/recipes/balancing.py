@@ -143,9 +143,7 @@ def _scores(method: str, seed: int, directory: Path, suite: Suite, console: Cons
 
     model, where = load_model(directory)
     result = evaluate_models([(f"{method}, seed {seed}", model, str(where))], suite, console)[0]
-    scores = {"method": method, "seed": seed, "model": str(where),
-              "tasks": {t.name: {"domain": t.domain, "scores": t.scores} for t in result.tasks},
-              "domain_averages": result.domain_averages()}
+    scores = {"method": method, "seed": seed, "model": str(where), **result.scores()}
     write_json_atomic(path, scores)
     return scores
 
