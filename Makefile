@@ -5,7 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CHROMIUM := /usr/bin/chromium
-PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+# One pytest-xdist worker per core, at most 4: most tests are single-threaded or wait on the
+# processes and servers they start (tests/conftest.py gives each worker its share of threads).
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(WORKERS)
 # The inner loop: every lane but those that start processes or a browser (see tests/conftest.py).
 FAST := not slow and not distributed and not browser
 

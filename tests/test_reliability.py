@@ -289,7 +289,7 @@ def test_resume_survives_damage(train_data, tmp_path, capsys):
     state.write_bytes(state.read_bytes()[:100])
     (layout.checkpoints / ".step_00000005.abc.tmp").mkdir()
     rows = resume_to(5)
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
     assert "step_00000004 is damaged" in out and "resumed from step 3" in out
     assert not (layout.checkpoints / ".step_00000005.abc.tmp").exists()
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
@@ -299,7 +299,7 @@ def test_resume_survives_damage(train_data, tmp_path, capsys):
     (layout.step(5) / "streams.json").unlink()
     layout.pointer.write_text("{not json")
     rows = resume_to(6)
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # lines wrap at 110 columns wherever the path ends
     assert "latest.json is damaged" in out and "step_00000005 is damaged" in out
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
