@@ -26,7 +26,8 @@ def add(sub) -> None:
     p.add_argument("--towers", action="store_true",
                    help="also what joint training adds to public towers: the joint stage started from the packaged "
                         "MiniLM text tower (and the recipe's image stage) beside the same towers without joint "
-                        "training; about four times the demo's evaluation time on 2 cores")
+                        "training, on every task but the BBC News fine-tune; adds about 17 minutes of one core's "
+                        "time (measured), which takes the demo past 20 minutes on 2 cores")
     p.set_defaults(run=run)
 
 
@@ -83,8 +84,8 @@ def run_demo(output: Path, console: Console, seed: int = 0, towers: bool = False
 
 TOWERS_RUN = "pretrain-minilm"
 # The suite's BBC News fine-tune trains the text encoder for 12 epochs (6 at each of two rates): on
-# MiniLM's 6 layers of width 384 that is about 20x the tiny preset's cost per model, more than
-# the demo's whole budget on 2 cores. The towers keep the BBC News probe for language.
+# MiniLM's 6 layers of width 384 that is about 25x the tiny encoder's arithmetic per token: a
+# quarter of an hour or more per model on 2 cores. The towers keep the BBC News probe for language.
 TOWERS_LEAVE_OUT = ("BBC News fine-tune",)
 
 
