@@ -26,8 +26,8 @@ def add(sub) -> None:
     p.add_argument("--towers", action="store_true",
                    help="also what joint training adds to public towers: the joint stage started from the packaged "
                         "MiniLM text tower (and the recipe's image stage) beside the same towers without joint "
-                        "training, on every task but the BBC News fine-tune; adds about 17 minutes of one core's "
-                        "time (measured), which takes the demo past 20 minutes on 2 cores")
+                        "training, on every task but the BBC News fine-tune; adds about 12 minutes on 2 cores "
+                        "(measured), which takes the demo past 20")
     p.set_defaults(run=run)
 
 
