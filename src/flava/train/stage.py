@@ -130,8 +130,9 @@ class Stage(ABC):
                        step: int) -> Iterator[StageOutput]:
         """`forward` of a micro-batch given as equal parts (`optim.contrastive_chunks`), one output
         per part, each yielded before the next part runs (the loop back-propagates it first); the
-        parts' losses add up to the micro-batch's. Only where `chunkable`."""
-        raise NotImplementedError
+        parts' losses add up to the micro-batch's. Only where `chunkable`: a run of any other stage
+        with chunks is refused at start (`train.backward`), so this is never reached from a run."""
+        raise TypeError(f"stage {type(self).__name__} is not chunkable: it computes its losses over the whole batch")
 
     def clip(self) -> torch.Tensor:
         """Clip the (unscaled) gradients; returns their global norm before clipping, which is
