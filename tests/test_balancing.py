@@ -130,7 +130,7 @@ def config(data, **over) -> TrainConfig:
 
 
 def test_diagnostics_are_in_the_logged_rows_only(train_data, tmp_path):
-    rows = Trainer(config(train_data), tmp_path / "run").fit()
+    rows = Trainer(config(train_data, diagnose_every=2), tmp_path / "run").fit()
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [2, 4, 6, 8]
     assert all("gradients" in r for r in logged)
@@ -143,8 +143,17 @@ def test_diagnostics_are_in_the_logged_rows_only(train_data, tmp_path):
     assert all(-1 <= c <= 1 for c in pair["image"]["cosine"].values())
     assert len(pair["image"]["cosine"]) == 6
     # The measurement leaves the update alone: the same run without diagnostics trains alike.
-    quiet = Trainer(config(train_data, log_every=100), tmp_path / "quiet").fit()
+    quiet = Trainer(config(train_data, diagnose_every=0), tmp_path / "quiet").fit()
     assert [r["loss"] for r in quiet] == pytest.approx([r["loss"] for r in rows], abs=1e-6)
+    assert not any("gradients" in r for r in quiet)
+
+
+def test_diagnostics_keep_their_own_cadence(train_data, tmp_path):
+    # Logged every 2 steps, measured at or after every 3rd and at the last: steps 4 (past 3), 6, 8.
+    Trainer(config(train_data, diagnose_every=3), tmp_path / "run").fit()
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "gradients" in r] == [4, 6, 8]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8]
 
 
 @pytest.mark.slow
@@ -174,7 +183,8 @@ def test_two_processes_hold_the_balancing_state_of_one(train_data, tmp_path, met
     from test_pretrain_processes import OPTS, finish, metrics, run
 
     steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.balancing={method}",
-             "--set", "objectives.dwa_window=1", "--set", "objectives.uncertainty_lr=0.1"]
+             "--set", "objectives.dwa_window=1", "--set", "objectives.uncertainty_lr=0.1",
+             "--set", "diagnose_every=1"]
     two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
               + ["--set", f"distributed={mode}"], torchrun=2)
     one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)

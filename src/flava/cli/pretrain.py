@@ -24,7 +24,8 @@ def add(sub) -> None:
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUTPUT with its own settings (only max_steps, save_every, "
-                        "log_every, keep_last, tensorboard, data.num_workers, max_nonfinite_steps may change)")
+                        "log_every, diagnose_every, keep_last, tensorboard, data.num_workers, "
+                        "max_nonfinite_steps may change)")
     p.add_argument("--override", action="store_true",
                    help="with --resume: allow other settings to change; the change is recorded in the run")
     p.add_argument("--recipe", choices=("paper", "paper-mim"),

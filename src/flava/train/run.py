@@ -55,11 +55,11 @@ def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console,
             dist.destroy_process_group()
 
 
-# Settings a resumed run may change without --override: how long to run, how often to save and
-# log, how many checkpoints to keep, TensorBoard, loader workers (the data order does not depend
-# on them) and the divergence patience.
-RESUMABLE = frozenset({"max_steps", "save_every", "log_every", "keep_last", "tensorboard", "data.num_workers",
-                       "max_nonfinite_steps"})
+# Settings a resumed run may change without --override: how long to run, how often to save, log
+# and diagnose, how many checkpoints to keep, TensorBoard, loader workers (the data order does not
+# depend on them) and the divergence patience.
+RESUMABLE = frozenset({"max_steps", "save_every", "log_every", "diagnose_every", "keep_last", "tensorboard",
+                       "data.num_workers", "max_nonfinite_steps"})
 SETTINGS = "train_config.json"
 HISTORY = "config_history.jsonl"
 
@@ -134,9 +134,9 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
 
 
 def gradient_table(gradients: dict[str, dict]) -> Table:
-    """The latest logged gradient norms on each shared encoder and the cosines between objectives'
+    """The latest measured gradient norms on each shared encoder and the cosines between objectives'
     gradients there; a negative cosine marks objectives that pull the encoder apart."""
-    table = Table(title="gradients on the shared encoders (latest logged; cosine < 0: the objectives conflict)")
+    table = Table(title="gradients on the shared encoders (latest measured; cosine < 0: the objectives conflict)")
     for col in ("encoder", "objective(s)", "norm", "cosine"):
         table.add_column(col, justify="left" if col in ("encoder", "objective(s)") else "right")
     for enc, d in gradients.items():
@@ -248,7 +248,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     first: dict[str, float] = {}
     last: dict[str, float] = {}
     gradients: dict[str, dict] = {}
-    """The latest logged gradient norm and cosine of each objective (pair) on each shared encoder."""
+    """The latest measured gradient norm and cosine of each objective (pair) on each shared encoder."""
     with progress_bar(console) as progress:
         task = progress.add_task("steps", total=cfg.max_steps, completed=trainer.step, info="")
 

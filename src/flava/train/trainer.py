@@ -232,9 +232,9 @@ class Trainer:
         """Forward and backward of each micro-batch of one data kind (`train.backward`: whole or
         in chunks), then the update. With `sync` the row holds its numbers (and those of the steps
         before it that had none); without, the step leaves the host free to run ahead of the
-        device and its numbers come later. With `diagnose` (logged steps) the row also holds the
-        objectives' gradient norms and cosines on the shared encoders, measured on the last
-        micro-batch."""
+        device and its numbers come later. With `diagnose` (a logged step, every `diagnose_every`)
+        the row also holds the objectives' gradient norms and cosines on the shared encoders,
+        measured on the last micro-batch."""
         cfg, step = self.cfg, self.step
         kind = step_kind(cfg.seed, step, self.kinds, self.probs_at(step))
         accum = cfg.optim.grad_accumulation
@@ -340,6 +340,12 @@ class Trainer:
                 + f"lower optim.lr (now {self.cfg.optim.lr:g}) or clip harder (optim.grad_clip) and "
                 + ("resume with --resume --override" if latest else "start again"))
 
+    def _diagnosed(self, n: int, end: int) -> bool:
+        """Whether logged step `n` measures the gradient diagnostics: the first logged step at or
+        after each multiple of `diagnose_every`, and the run's last."""
+        k = self.cfg.diagnose_every
+        return k > 0 and (n == end or n // k != (n - self.cfg.log_every) // k)
+
     def fit(self, max_steps: int | None = None) -> list[dict]:
         """Train to `max_steps` (default: the config's). The host syncs with the device only on
         the first step, logged steps, saves and the last step; rows between them are filled in
@@ -353,7 +359,7 @@ class Trainer:
                 n = self.step + 1
                 save = n % self.cfg.save_every == 0 or n == self.cfg.max_steps
                 logged = n % self.cfg.log_every == 0 or n == end
-                row = self.train_step(sync=save or logged or n == first + 1, diagnose=logged)
+                row = self.train_step(sync=save or logged or n == first + 1, diagnose=logged and self._diagnosed(n, end))
                 rows.append(row)
                 samples += row["samples"]
                 # A stop request (SIGTERM/SIGINT): this process's own, free to read, when alone;
