@@ -15,10 +15,12 @@ Sections (each written to OUT/gpu.json as it finishes; a failed one is recorded 
            256 (its own metrics.jsonl) beside the bare step's samples/s; `flava train-codebook`
            on the GPU against the same steps on the CPU
 
-    python benchmarks/gpu.py OUT [--quick] [--skip=step,clip]
+    python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh]
 
 `--quick` runs every section at the tiny preset on whatever device there is (a check of the
-script itself, minutes on a CPU).
+script itself, minutes on a CPU). A run keeps the sections an earlier run finished into the same
+OUT (a device call cut off at its time limit is continued by the next), unless `--fresh`;
+`benchmarks/gpu_session.sh` is the device machine's whole call.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ SKIP = {s for a in sys.argv if a.startswith("--skip=") for s in a.split("=", 1)[
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "tiny" if QUICK else "base"
 RESULT: dict = {}
+if "--fresh" not in sys.argv and (OUT / "gpu.json").is_file():
+    RESULT.update(json.loads((OUT / "gpu.json").read_text()))
 T0 = time.time()
 
 
@@ -54,6 +58,9 @@ def save() -> None:
 def section(name):
     def run(fn):
         if name in SKIP:
+            return fn
+        if isinstance(RESULT.get(name), dict) and "error" not in RESULT[name]:
+            print(f"== {name}: kept from an earlier run into {OUT}", flush=True)
             return fn
         t = time.time()
         print(f"== {name} at {t - T0:.0f} s", flush=True)
@@ -268,8 +275,8 @@ def _clip():
     del ours, opt
     try:
         import open_clip
-    except ImportError:
-        res["open_clip_vit_b16"] = {"error": "open_clip is not installed here"}
+    except ImportError as e:  # open_clip needs torchvision and timm, which the GPU host has
+        res["open_clip_vit_b16"] = {"error": f"open_clip could not be imported: {e}"}
         return res
     model = open_clip.create_model("ViT-B-16", pretrained=None, output_dict=True).to(DEV).train()
     opt2 = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
