@@ -27,19 +27,21 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import flava
 from flava.config import ObjectivesConfig
 from flava.data.batch import PairBatch
-from flava.data.masking import BlockMasking, TextMasking, mask_texts
 from flava.objectives.pretraining import PretrainingModel
 from flava.optim import build_optimizer
 from flava.train.config import TrainConfig
 from flava.train.pretraining import PretrainingStage
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synthetic import pair_batch  # noqa: E402
 
 CALIBRATION_BATCH = 16
 
@@ -51,19 +53,11 @@ def memory_kib(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status (this benchmark needs Linux)")
 
 
-def pair_batch(cfg, B: int, seed: int = 0) -> PairBatch:
-    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
-    L, s = 32, cfg.image.image_size
-    lengths = torch.randint(8, L + 1, (B,), generator=g)
-    mask = (torch.arange(L)[None] < lengths[:, None]).long()
-    ids = torch.randint(1000, cfg.text.vocab_size, (B, L), generator=g) * mask
-    ids[:, 0], ids[torch.arange(B), lengths - 1] = 101, 102
-    masked_ids, mlm_labels = mask_texts(TextMasking(vocab_size=cfg.text.vocab_size), ids, rng)
-    masking = BlockMasking.for_grid(cfg.image.grid_size)
-    patch_mask = torch.from_numpy(np.stack([masking(rng).reshape(-1) for _ in range(B)]))
-    targets = torch.randint(0, cfg.image.vocab_size, patch_mask.shape, generator=g)
-    return PairBatch(torch.randn(B, 3, s, s, generator=g), ids, mask, patch_mask, masked_ids, mlm_labels,
-                     image_targets=targets)
+def prepared_pair_batch(cfg, B: int, seed: int = 0) -> PairBatch:
+    """The shared synthetic pair batch with random image tokens instead of codebook pixels."""
+    b = pair_batch(cfg, B, seed=seed)
+    targets = torch.randint(0, cfg.image.vocab_size, b.patch_mask.shape, generator=torch.Generator().manual_seed(seed))
+    return replace(b, codebook_pixels=None, image_targets=targets)
 
 
 def objectives(which: str) -> ObjectivesConfig:
@@ -81,7 +75,7 @@ def child(args) -> dict:
     stage = PretrainingStage(TrainConfig(model=cfg))
     stage.model = pm
     opt = build_optimizer(pm, lr=1e-4, weight_decay=0.1)
-    batch, chunks = pair_batch(cfg, args.batch), args.chunks
+    batch, chunks = prepared_pair_batch(cfg, args.batch), args.chunks
 
     def step(b, n):
         generator = torch.Generator().manual_seed(1)

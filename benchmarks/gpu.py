@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from loader import make_shards, measure_loader  # noqa: E402
+from synthetic import pair_batch  # noqa: E402
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else Path("gpu-out")
 QUICK = "--quick" in sys.argv
@@ -141,8 +142,6 @@ def build(B: int, L: int = 32):
     import transformers
 
     import flava
-    from flava.data.batch import PairBatch
-    from flava.data.masking import BlockMasking, TextMasking, mask_texts
     from flava.loading import load_weights
     from flava.interop import transformers as hf_interop
     from flava.objectives.negatives import swap_negatives
@@ -158,17 +157,9 @@ def build(B: int, L: int = 32):
     for module, sd, what in ((ours.model, model_sd, "model"), (ours.heads, heads_sd, "heads"),
                              (ours.codebook, codebook_sd, "codebook")):
         load_weights(module, sd, what, Path("memory"))
-    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    s, cs = cfg.image.image_size, cfg.codebook_image_size
-    pixels, cpix = torch.randn(B, 3, s, s, generator=g), torch.rand(B, 3, cs, cs, generator=g)
-    lengths = torch.randint(8, L + 1, (B,), generator=g)
-    mask = (torch.arange(L)[None] < lengths[:, None]).long()
-    ids = torch.randint(1000, cfg.text.vocab_size, (B, L), generator=g) * mask
-    ids[:, 0], ids[torch.arange(B), lengths - 1] = 101, 102
-    masked, labels = mask_texts(TextMasking(vocab_size=cfg.text.vocab_size), ids, rng)
-    blocks = BlockMasking.for_grid(cfg.image.grid_size)
-    pmask = torch.from_numpy(np.stack([blocks(rng).reshape(-1) for _ in range(B)]))
-    batch = PairBatch(pixels, ids, mask, pmask, masked, labels, codebook_pixels=cpix)
+    batch = pair_batch(cfg, B, L)
+    ids, mask, masked, labels = batch.input_ids, batch.attention_mask, batch.masked_input_ids, batch.mlm_labels
+    pixels, pmask, cpix = batch.pixel_values, batch.patch_mask, batch.codebook_pixels
     neg = swap_negatives(ids, mask, 0.1, torch.Generator().manual_seed(1))
     t = neg.text_index
     hf_in = dict(input_ids=ids[t], input_ids_masked=masked[t], attention_mask=mask[t], pixel_values=pixels,

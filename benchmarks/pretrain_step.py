@@ -25,13 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import flava
 from flava.data.batch import PairBatch
 from flava.interop import transformers as hf_interop
-from flava.data.masking import BlockMasking, TextMasking, mask_texts
 from flava.objectives.pretraining import PretrainingHeads
 from flava.objectives.negatives import swap_negatives
 from flava.objectives.pretraining import PretrainingModel
@@ -41,6 +39,7 @@ from flava.syncs import sync_free
 
 sys.path.insert(0, str(Path(__file__).parent))
 from inference import peak_memory_mib  # noqa: E402
+from synthetic import pair_batch  # noqa: E402
 
 
 def main() -> int:
@@ -72,21 +71,10 @@ def main() -> int:
     ours.train()
 
     # Inputs: captions of 8-32 tokens, BEiT block masks, BERT masking, 10 % swapped captions.
-    B, L = args.batch, 32
-    rng = np.random.default_rng(0)
-    g = torch.Generator().manual_seed(0)
-    s, cs = cfg.image.image_size, cfg.codebook_image_size
-    pixels = torch.randn(B, 3, s, s, generator=g)
-    codebook_pixels = torch.rand(B, 3, cs, cs, generator=g)
-    lengths = torch.randint(8, L + 1, (B,), generator=g)
-    mask = (torch.arange(L)[None] < lengths[:, None]).long()
-    ids = torch.randint(1000, cfg.text.vocab_size, (B, L), generator=g) * mask
-    ids[:, 0] = 101
-    ids[torch.arange(B), lengths - 1] = 102
-    masked_ids, mlm_labels = mask_texts(TextMasking(vocab_size=cfg.text.vocab_size), ids, rng)
-    masking = BlockMasking.for_grid(cfg.image.grid_size)
-    patch_mask = torch.from_numpy(np.stack([masking(rng).reshape(-1) for _ in range(B)]))
-    batch = PairBatch(pixels, ids, mask, patch_mask, masked_ids, mlm_labels, codebook_pixels=codebook_pixels)
+    B = args.batch
+    batch = pair_batch(cfg, B)
+    pixels, ids, mask, patch_mask = batch.pixel_values, batch.input_ids, batch.attention_mask, batch.patch_mask
+    masked_ids, mlm_labels, codebook_pixels = batch.masked_input_ids, batch.mlm_labels, batch.codebook_pixels
     with torch.no_grad():
         targets = ours.codebook.token_ids(codebook_pixels)
     prepared = PairBatch(pixels, ids, mask, patch_mask, masked_ids, mlm_labels, image_targets=targets)
