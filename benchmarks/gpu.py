@@ -246,24 +246,28 @@ def _clip():
     from flava.optim import build_optimizer
 
     B, L = (8 if QUICK else 256), 32
-    cfg = flava.preset(PRESET)
-    only = ObjectivesConfig(itm_weight=0, mmm_image_weight=0, mmm_text_weight=0, mim_weight=0, mlm_weight=0)
-    ours = PretrainingModel(cfg, only).to(DEV).train()
-    ids = torch.randint(1000, 30000, (B, L), device=DEV)
-    batch = PairBatch(torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV), ids,
-                      torch.ones_like(ids), torch.zeros(B, cfg.image.num_patches, dtype=torch.bool, device=DEV),
-                      ids, torch.full_like(ids, -100))
-    opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
 
-    def step_ours():
-        with torch.autocast(DEV.type, dtype=torch.bfloat16):
-            loss = ours(batch, torch.Generator(device=DEV).manual_seed(1)).losses.total
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def flava_figures() -> dict:  # its model and optimizer state are freed on return, before open_clip's
+        cfg = flava.preset(PRESET)
+        only = ObjectivesConfig(itm_weight=0, mmm_image_weight=0, mmm_text_weight=0, mim_weight=0, mlm_weight=0)
+        ours = PretrainingModel(cfg, only).to(DEV).train()
+        ids = torch.randint(1000, 30000, (B, L), device=DEV)
+        batch = PairBatch(torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV), ids,
+                          torch.ones_like(ids), torch.zeros(B, cfg.image.num_patches, dtype=torch.bool, device=DEV),
+                          ids, torch.full_like(ids, -100))
+        opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
 
-    res = {"flava": figures(step_ours, B, 8)}
-    del ours, opt
+        def step_ours():
+            with torch.autocast(DEV.type, dtype=torch.bfloat16):
+                loss = ours(batch, torch.Generator(device=DEV).manual_seed(1)).losses.total
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return figures(step_ours, B, 8)
+
+    res = {"flava": flava_figures()}
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
     try:
         import open_clip
     except ImportError as e:  # open_clip needs torchvision and timm, which the GPU host has

@@ -294,8 +294,6 @@ def test_a_thirty_million_pixel_strip_is_counted_not_fatal(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The real `flava serve` on 127.0.0.1 over a tiny model, with short timeouts; its log in a file."""
-    import socket  # noqa: F401  (used by the tests through this fixture's url)
-
     root = tmp_path_factory.mktemp("serve")
     model = tiny(root / "model", 0)
     words = [f"a text about thing {i}" for i in range(8)]

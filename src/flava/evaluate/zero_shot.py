@@ -81,15 +81,14 @@ def retrieval(
         raise InputError("no captions: every image's caption list is empty")
     check_image_files(images)
     total = len(images) + len(captions)
-    image_progress = text_progress = None
-    if progress is not None:
-        def image_progress(done, _):
-            progress(done, total)
 
-        def text_progress(done, _):
-            progress(len(images) + done, total)
-    img = image_embeddings(model, images, image_batch_size, image_progress)
-    txt = text_embeddings(model, captions, tokenizer, text_batch_size, text_progress)
+    def image_progress(done, _):
+        progress(done, total)
+
+    def text_progress(done, _):
+        progress(len(images) + done, total)
+    img = image_embeddings(model, images, image_batch_size, image_progress if progress else None)
+    txt = text_embeddings(model, captions, tokenizer, text_batch_size, text_progress if progress else None)
     sim = img.astype(np.float64) @ txt.astype(np.float64).T
     i2t_rank, t2i_rank = metrics.retrieval_ranks(sim, t2i)
     return RetrievalResult(metrics.retrieval_recall(sim, t2i, ks), sim, t2i, captions, i2t_rank, t2i_rank)
