@@ -97,6 +97,21 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
                                                   for c in g.rejected.values())
 
 
+def test_a_cache_smaller_than_the_shards_in_use_loses_none_of_them(tmp_path):
+    # Two lanes read two shards at once from a cache that holds one: each fetch evicts the other
+    # lane's shard, which it goes on reading through the descriptor it opened.
+    root = write_shards(tmp_path / "d", shards=4)
+    local, _ = batches(open_source("pairs", str(root)), n=8)
+    cache = ShardCache(str(tmp_path / "cache"), max_bytes=(root / "shard-000.tar").stat().st_size)
+    (tmp_path / "cache").mkdir()
+    stale = tmp_path / "cache" / ".dead-writer.tar.123.part"
+    stale.write_bytes(b"half a shard")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    cached, s = batches(open_source("pairs", f"pipe:cat {root}/shard-{{000..003}}.tar", cache=cache), n=8)
+    assert same(local, cached) and not s.rejected
+    assert len(list((tmp_path / "cache").iterdir())) == 1 and not stale.exists()
+
+
 def test_pipe_commands_read_shards(tmp_path):
     root = write_shards(tmp_path / "d", shards=2)
     local, _ = batches(open_source("pairs", str(root)))
@@ -150,6 +165,78 @@ def test_training_from_an_s3_server(tmp_path):
         assert summary["samples_by_source"]["pairs"] == {"s3://data/pairs/shard-{000..003}.tar": 8}
     finally:
         server.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_a_loader_worker_told_to_end_serves_its_owner_until_shut_down(tmp_path):
+    # SIGTERM to the whole process group reaches the workers while their owner runs on to the step
+    # where it stops (under torchrun, up to log_every steps later, which may be minutes): they
+    # serve until then, here 12 s and 12 draws later.
+    import multiprocessing
+
+    root = write_shards(tmp_path / "d", shards=2)
+    s = BatchStream("pairs", open_source("pairs", str(root)), SampleMaker(SPEC, 0), batch_size=4, seed=3,
+                    num_workers=1)
+    first = [s.next_batch()]
+    (worker,) = multiprocessing.active_children()
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(12)
+    more = [s.next_batch() for _ in range(12)]  # past the 4 draws prefetched before the signal
+    whole, _ = batches(open_source("pairs", str(root)), n=13)
+    assert len(more) == 12 and all(torch.equal(a.pixel_values, b.pixel_values)
+                                   for a, b in zip(whole[1:], more)) and torch.equal(whole[0].input_ids, first[0].input_ids)
+    s._it = None  # shut down as a finished stream is
+    deadline = time.time() + 20
+    while _alive(worker.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker.pid)
+
+
+@pytest.mark.slow
+def test_a_loader_worker_told_to_end_goes_when_its_owner_is_gone(tmp_path):
+    root = write_shards(tmp_path / "d", shards=2)
+    owner = subprocess.run([sys.executable, "-c", f"""
+import multiprocessing, os, signal, sys, time
+from flava.data.pipeline import BatchStream
+from flava.data.registry import open_source
+from flava.data.samples import SampleMaker, SampleSpec
+s = BatchStream("pairs", open_source("pairs", {str(root)!r}), SampleMaker(SampleSpec(32, 32, 4, 16), 0), 4, seed=3,
+                num_workers=1)
+s.next_batch()
+(w,) = multiprocessing.active_children()
+os.kill(w.pid, signal.SIGTERM)
+time.sleep(0.5)
+print(w.pid, flush=True)
+os._exit(0)  # gone without shutting its worker down
+"""], capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert owner.returncode == 0, owner.stderr
+    pid = int(owner.stdout.split()[-1])
+    deadline = time.time() + 5  # it looks every OWNER_POLL_S
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the worker outlived its owner"
+
+
+def test_a_stream_draws_nothing_from_the_global_generator(tmp_path):
+    # A checkpoint restores torch's global generator for dropout; a stream rebuilt on resume must
+    # not move it, or the resumed run's dropout would differ from the uninterrupted run's.
+    root = write_shards(tmp_path / "d", shards=2)
+    for workers in (0, 1):
+        s = BatchStream("pairs", open_source("pairs", str(root)), SampleMaker(SPEC, 0), batch_size=4, seed=3,
+                        num_workers=workers)
+        before = torch.get_rng_state()
+        s.next_batch()
+        s.load_state(s.state())  # as a resume does: the next draw builds the iterator again
+        s.next_batch()
+        assert torch.equal(before, torch.get_rng_state()), workers
+        s._it = None
 
 
 def test_text_is_read_by_byte_ranges_without_losing_or_repeating_a_line(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ The command's process installs the handlers (`handling`); loops poll `requested(
 or `agreed()` (every process of a torch.distributed group, at step boundaries only), save, and
 raise `Stopped`, which the CLI prints as one line with exit code 128 + the signal number (143 for
 SIGTERM, 130 for SIGINT). Pool processes ignore both signals (`ignore_in_worker`); DataLoader
-workers ignore SIGINT and outlive SIGTERM long enough for their owner to stop
+workers ignore SIGINT and, after SIGTERM, serve until their owner shuts them down or is gone
 (`quiet_loader_worker`): a signal sent to the whole process group prints no worker tracebacks.
 """
 
@@ -120,24 +120,35 @@ def ignore_in_worker(*_) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-LOADER_GRACE_S = 10.0
-"""How long a DataLoader worker keeps serving after SIGTERM before it ends itself."""
+OWNER_POLL_S = 0.5
+"""How often a loader worker told to end (SIGTERM) looks whether its owner is still there."""
+_loader_owner = 0  # the pid of the process a loader worker serves
 
 
-def _leave_soon(signum: int, frame) -> None:
+def _serve_while_owner_lives(signum: int, frame) -> None:
     import threading
 
-    timer = threading.Timer(LOADER_GRACE_S, os._exit, args=(0,))
-    timer.daemon = True
-    timer.start()
+    if any(t.name == "flava-owner-watch" for t in threading.enumerate()):
+        return
+
+    def watch() -> None:
+        while os.getppid() == _loader_owner:
+            time.sleep(OWNER_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="flava-owner-watch", daemon=True).start()
 
 
 def quiet_loader_worker(*_) -> None:
     """A torch DataLoader worker's init: SIGINT (Ctrl-C reaches the whole process group) is for its
-    owner. SIGTERM reaches it from a launcher that signals the group (torchrun, schedulers) while
-    its owner may be taking a batch from it (dying then gives the owner a ConnectionResetError),
-    and from DataLoader itself, which ends a worker that did not stop in time with SIGTERM. So
-    the worker keeps serving for LOADER_GRACE_S (its owner stops at its step's end and shuts it
-    down as usual), then ends with status 0, which its owner does not take for a failure."""
+    owner. SIGTERM reaches it from a launcher or scheduler that signals the group while its owner
+    runs on to the step where it stops: under torchrun that is the next step every process syncs
+    at, up to `log_every` steps later, and the owner draws batches until then (a worker gone
+    sooner fails the run without a checkpoint). So the worker keeps serving; its owner shuts it
+    down as usual when it stops, and it ends by itself (status 0, which no owner takes for a
+    failure) once its owner is gone. A worker stuck past DataLoader's own shutdown, which sends
+    SIGTERM too, ends when it frees itself or its owner exits."""
+    global _loader_owner
+    _loader_owner = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _leave_soon)
+    signal.signal(signal.SIGTERM, _serve_while_owner_lives)

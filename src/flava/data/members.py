@@ -20,26 +20,40 @@ class BadSample(Exception):
 
 
 _FDS: dict[Path, tuple[tuple[int, int, int], int]] = {}
-"""Open shards of this process: path -> ((inode, size, mtime), descriptor)."""
-MAX_OPEN_SHARDS = 32
+"""Open shards of this process, least recently used first: path -> ((inode, size, mtime), descriptor)."""
+MAX_OPEN_SHARDS = 128
 
 
 def _shard_fd(path: Path) -> int:
     """A read-only descriptor of a local shard, kept open across its members (an open per member
-    costs as much as reading it). pread needs no shared offset, so forked loader workers may use
-    an inherited one; a file replaced on disk (another inode, size or time) is opened again."""
-    st = os.stat(path)
+    costs as much as reading it) and opened when the shard is indexed: a shard cache that removes
+    the file meanwhile (for another lane or process) leaves it readable here. pread needs no shared
+    offset, so forked loader workers may use an inherited one; a file replaced on disk (another
+    inode, size or time) is opened again."""
+    held = _FDS.pop(path, None)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if held is None:
+            raise
+        _FDS[path] = held  # removed from disk since it was opened: the descriptor still reads it
+        return held[1]
     key = (st.st_ino, st.st_size, st.st_mtime_ns)
-    held = _FDS.get(path)
     if held is not None and held[0] == key:
+        _FDS[path] = held
         return held[1]
     if held is not None:
-        os.close(_FDS.pop(path)[1])
+        os.close(held[1])
     while len(_FDS) >= MAX_OPEN_SHARDS:
         os.close(_FDS.pop(next(iter(_FDS)))[1])
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     _FDS[path] = key, fd
     return fd
+
+
+def hold_shard(path: Path) -> None:
+    """Open a local shard's descriptor now (see `_shard_fd`); FileNotFoundError if it is gone."""
+    _shard_fd(path)
 
 
 @dataclass(frozen=True)

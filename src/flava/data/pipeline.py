@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
@@ -236,9 +237,12 @@ class BatchStream:
     def _iterator(self):
         dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors))
         # Workers leave SIGTERM/SIGINT to this process, which stops at its step's end (stopping.py).
+        # The loader's own generator: an iterator (re)built on resume must not draw from the global
+        # one, which the checkpoint restored for the model's dropout (samples seed themselves).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
-                            worker_init_fn=quiet_loader_worker if self.num_workers else None)
+                            worker_init_fn=quiet_loader_worker if self.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def next_batch(self):

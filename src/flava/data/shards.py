@@ -18,9 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from .members import hold_shard
 
 GLOB_CHARS = "*?["
 RETRIES = 3
+STALE_PART_S = 3600
+"""A partial download older than this is a dead writer's: the cache removes it."""
 
 
 def is_remote(url: str) -> bool:
@@ -94,23 +97,34 @@ class ShardCache:
         return Path(self.root) / name
 
     def get(self, url: str) -> Path:
+        """The shard's local copy, opened by this process (`hold_shard`): evicting it later, here
+        or in another process, removes the file but not this reader's descriptor."""
         target = self.path(url)
-        if target.is_file():
-            os.utime(target)  # recency for eviction
+        for _ in range(3):
+            if not target.is_file():
+                data = _fetch(url)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+                tmp.write_bytes(data)
+                os.replace(tmp, target)  # other processes see a whole shard or none
+            try:
+                hold_shard(target)
+                os.utime(target)  # recency for eviction
+            except FileNotFoundError:  # evicted by another process since: fetch it again
+                continue
+            self._evict(keep=target)
             return target
-        data = _fetch(url)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # other processes see a whole shard or none
-        self._evict(keep=target)
-        return target
+        raise OSError(f"{url}: the shard cache in {self.root} removed it as soon as it was fetched, three times; "
+                      "raise data.cache_limit_gb")
 
     def _evict(self, keep: Path) -> None:
         files = []
+        now = time.time()
         for f in Path(self.root).iterdir():
             try:
-                if f.is_file() and not f.name.startswith("."):
+                if f.name.endswith(".part") and now - f.stat().st_mtime > STALE_PART_S:
+                    f.unlink(missing_ok=True)  # a download whose writer died
+                elif f.is_file() and not f.name.startswith("."):
                     st = f.stat()
                     files.append((st.st_mtime, st.st_size, f))
             except FileNotFoundError:  # removed by another process meanwhile
