@@ -116,8 +116,9 @@ def test_train_codebook_and_embed_on_cuda(train_data, tmp_path, capsys):
     assert vectors.shape == (16, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
 
 
-@pytest.mark.parametrize("negatives", ["swap", "hard"])
-def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, negatives):
+@pytest.mark.parametrize("negatives,balancing", [("swap", "fixed"), ("hard", "fixed"), ("swap", "dwa"),
+                                                ("swap", "uncertainty")])
+def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, negatives, balancing):
     """Once every kind has run a step (the first steps create the optimizer's state and sync by
     design), a step of each kind runs with torch.cuda.set_sync_debug_mode("error"): anything that
     makes the host wait for the device (a read of a device value, a data-dependent shape, a
@@ -131,6 +132,7 @@ def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, nega
     cfg.data.pairs, cfg.data.images = [str(train_data / "pairs_clean.csv")], [str(train_data / "img")]
     cfg.data.text, cfg.data.batch_size, cfg.data.num_workers = [str(train_data / "text.txt")], 4, 0
     cfg.codebook, cfg.objectives.itm_negatives = str(train_data / "codebook"), negatives
+    cfg.objectives.balancing, cfg.objectives.dwa_window = balancing, 2
     trainer = Trainer(cfg, tmp_path / "run")
     kinds = {"pairs", "images", "text"}
 

@@ -272,6 +272,33 @@ def test_crop_resize_is_pils_bicubic():
         assert np.abs(want - got).mean() < 0.1, box  # rounding differences in a few pixels
 
 
+def test_a_jpeg_only_pil_reads_is_cut_where_the_crop_was_chosen_once(tmp_path):
+    # Junk before a marker: libjpeg-turbo (strict) refuses it, PIL decodes it. The crop is chosen
+    # once; choosing again would draw another box (and another prepared crop's targets).
+    import skimage.data
+
+    from flava.data.decode import decode_crop
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    at = data.index(b"\xff\xdb")  # the first quantisation table
+    (tmp_path / "junk.jpg").write_bytes(data[:at] + b"\x12\x34\x56" + data[at:])
+    rng, calls = np.random.default_rng(0), []
+
+    def choose(width, height):
+        calls.append((width, height))
+        left, top = (int(v) for v in rng.integers(0, 200, 2))
+        return left, top, left + 300, top + 300
+
+    got = decode_crop(tmp_path / "junk.jpg", choose, 64)[0]
+    assert calls == [(512, 512)]
+    # The same box of the same picture decoded by libjpeg-turbo from the intact file.
+    (tmp_path / "intact.jpg").write_bytes(data)
+    rng = np.random.default_rng(0)
+    assert torch.equal(got, decode_crop(tmp_path / "intact.jpg", choose, 64)[0])
+
+
 def test_jpegs_decode_to_pils_pixels_and_others_through_pil(tmp_path):
     import skimage.data
 

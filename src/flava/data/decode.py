@@ -102,8 +102,11 @@ def decode_crop(ref: ImageRef, choose: Callable[[int, int], tuple[float, float, 
     chosen: list = []
 
     def least(width: int, height: int) -> tuple[int, int]:
-        left, top, right, bottom = box = choose(width, height)
-        chosen[:] = [box, (width, height)]
+        # Asked again when libjpeg-turbo refuses a JPEG that PIL then decodes: the same box, since
+        # `choose` draws from the sample's generator (and picks prepared crops' targets).
+        if not chosen:
+            chosen[:] = [choose(width, height), (width, height)]
+        left, top, right, bottom = chosen[0]
         side = max(sizes)
         return (max(1, math.ceil(width * side / max(right - left, 1e-6))),
                 max(1, math.ceil(height * side / max(bottom - top, 1e-6))))

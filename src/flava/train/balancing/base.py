@@ -17,6 +17,15 @@ class Balancer:
         self.names, self.device = list(names), device
         self.index = {n: i for i, n in enumerate(self.names)}
         self.weights = torch.ones(len(self.names), device=device)
+        self._positions: dict[tuple[str, ...], torch.Tensor] = {}
+
+    def positions(self, names) -> torch.Tensor:
+        """The device tensor of `names`' indices, made once per data kind: making one from a host
+        list each step would be a blocking copy, a host-device sync."""
+        key = tuple(names)
+        if key not in self._positions:
+            self._positions[key] = torch.tensor([self.index[n] for n in key], device=self.device)
+        return self._positions[key]
 
     def factors(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The factor each of the step's losses is multiplied by (device scalars)."""

@@ -29,7 +29,7 @@ class DynamicWeightAverage(Balancer):
         """The average loss of the last period and of the one before (0: none yet)."""
 
     def observe(self, step, losses, finite):
-        idx = torch.tensor([self.index[n] for n in losses], device=self.device)
+        idx = self.positions(losses)
         values = torch.stack([v.detach().float() for v in losses.values()])
         ok = (finite & torch.isfinite(values).all()).float()
         self.sum[idx] += torch.nan_to_num(values) * ok

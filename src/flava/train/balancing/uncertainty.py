@@ -39,7 +39,7 @@ class UncertaintyWeighting(Balancer):
         return super().total(losses) + sum(self.log_var[self.index[n]] for n in losses)
 
     def observe(self, step, losses, finite):
-        idx = torch.tensor([self.index[n] for n in losses], device=self.device)
+        idx = self.positions(losses)
         values = torch.stack([v.detach().float() for v in losses.values()])
         s = self.log_var[idx]
         grad = 1 - torch.exp(-s) * values
