@@ -291,3 +291,14 @@ def test_an_adaptive_mix_resumed_midway_repeats_the_uninterrupted_one(train_data
     assert [r["mixing"] for r in full[4:]] == [r["mixing"] for r in rest]
     assert full_t.mixing.probs_at(0) == pytest.approx(resumed.mixing.probs_at(0), abs=1e-9)
     assert full[-1]["mixing"] != full[0]["mixing"]  # it adapted
+
+
+def test_micro_batch_seeds_are_distinct_for_any_accumulation():
+    # ITM negatives and PCGrad's order are seeded per (step, micro-batch): with 32 or more
+    # micro-batches, step * 31 + micro made step s's micro 31 repeat step s + 1's micro 0.
+    from flava.train.backward import micro_seed
+
+    for accum in (1, 8, 31, 32, 100):
+        seeds = [micro_seed(5, step, m, accum) for step in range(50) for m in range(accum)]
+        assert len(set(seeds)) == len(seeds), accum
+    assert micro_seed(5, 7, 3, 8) == 5 * 1_000_003 + 7 * 31 + 3  # what runs of up to 31 always drew

@@ -36,6 +36,12 @@ def check_chunks(cfg, stage) -> None:
                           f"into equal chunks: choose one of {fits}, or another data.batch_size")
 
 
+def micro_seed(seed: int, step: int, micro: int, accum: int) -> int:
+    """The seed of micro-batch `micro` of `step` (its ITM negatives, PCGrad's order): distinct for
+    every (step, micro) of a run, and for up to 31 micro-batches the seeds runs always had."""
+    return seed * 1_000_003 + step * max(31, accum) + micro
+
+
 def micro_step(t, batch, generator: torch.Generator, step: int, micro: int, measure: bool):
     """Forward and backward of micro-batch `micro` of `step` (`batch` on the host: it is moved to
     the device whole or chunk by chunk, each part's counts read on the host). Returns its numbers
@@ -68,7 +74,7 @@ def micro_step(t, batch, generator: torch.Generator, step: int, micro: int, meas
         for name, v in out.metrics.items():
             metrics[name] = metrics.get(name, 0.0) + v.detach().float() / n
     if surgery:
-        combine_shared(t, grads, kept, torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 31 + micro))
+        combine_shared(t, grads, kept, torch.Generator().manual_seed(micro_seed(cfg.seed, step, micro, accum)))
     report = None
     if measure and grads:
         # In the loss's own units: the loss scale and the accumulation divided out.

@@ -34,7 +34,7 @@ from ..io.runs import RunDir
 from ..model.layers import Block
 from ..optim import build_optimizer, set_weight_decay, warmup_cosine
 from .accounting import DataAccounting
-from .backward import check_chunks, micro_step
+from .backward import check_chunks, micro_seed, micro_step
 from .balancing import METHODS
 from .balancing.mixing import KindMixing
 from .checkpoint import CheckpointManager, Stateful, TrainState
@@ -242,7 +242,7 @@ class Trainer:
         for micro in range(accum):
             batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
             samples += len(batch)
-            generator = torch.Generator(self.device).manual_seed(cfg.seed * 1_000_003 + step * 31 + micro)
+            generator = torch.Generator(self.device).manual_seed(micro_seed(cfg.seed, step, micro, accum))
             values, names, report = micro_step(self, batch, generator, step, micro, diagnose and micro == accum - 1)
             gradients = report if report is not None else gradients
             sums = values / accum if sums is None else sums + values / accum
