@@ -191,3 +191,17 @@ def test_a_non_finite_update_is_skipped_on_the_device(data, tmp_path):
     # The stop came at a sync point, after steps whose updates the optimizer skipped by itself.
     assert t.step in (4, 8) and t.nonfinite_steps >= 2
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def test_an_update_fp16s_scaler_skips_is_reported_skipped_but_is_no_divergence(data, tmp_path):
+    # A loss scale far past fp16's range: the first steps' gradients overflow, the scaler skips
+    # their updates and halves the scale until they fit. Those steps updated nothing (the row says
+    # so; DWA, uncertainty and adaptive mixing do not count them) and are no divergence.
+    cfg = config(data, precision="fp16", max_steps=3, log_every=1, max_nonfinite_steps=1)
+    t = Trainer(cfg, tmp_path / "run")
+    t.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120, backoff_factor=2.0 ** -60)
+    before = [p.detach().clone() for p in t.model.parameters()]
+    rows = t.fit()
+    assert [r["update_skipped"] for r in rows[:2]] == [True, True] and t.nonfinite_steps == 0
+    assert not rows[2]["update_skipped"] and np.isfinite(rows[2]["loss"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))

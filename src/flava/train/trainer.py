@@ -273,7 +273,8 @@ class Trainer:
     def _update(self, sums: torch.Tensor) -> torch.Tensor:
         """The step's tail: average over processes, clip, the update unless something is not
         finite, the stage's after-update. Returns the step's numbers on the device: [total,
-        losses..., metrics..., grad norm, finite]. The fused AdamW skips a non-finite update on
+        losses..., metrics..., grad norm, finite, updated] (fp16's scaler may skip a finite
+        step's update on an overflow). The fused AdamW skips a non-finite update on
         the device itself (its `found_inf`), so the step needs no host-device sync; fp16's
         loss scaler, which decides on the host, and stages that must know (DINO's EMA) sync."""
         step = self.step
@@ -295,12 +296,17 @@ class Trainer:
         else:
             self.optimizer.found_inf = (~finite).float()
             self.optimizer.step()
-        self.scaler.update()
+        updated = finite
+        if self.scaler.is_enabled():  # fp16 syncs here anyway
+            scale = self.scaler.get_scale()
+            self.scaler.update()
+            # An overflow the scaler skipped is no update, though no divergence either: the scale adapts.
+            updated = finite & (self.scaler.get_scale() >= scale)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._extra.append(self.stage.after_update(step, finite))
+        self._extra.append(self.stage.after_update(step, updated))
         self.progress.step += 1
-        return torch.cat([sums, norm, finite.float().reshape(1)])
+        return torch.cat([sums, norm, finite.float().reshape(1), updated.float().reshape(1)])
 
     def _settle(self) -> list[dict]:
         """Fill in the rows of the steps that have not synced (one host-device sync for all of
@@ -313,11 +319,10 @@ class Trainer:
         values = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         for (row, _, (losses, metrics)), v, extra in zip(pending, values, extras):
             n = len(losses)
-            finite = v[-1] > 0
             row.update({"loss": v[0], "losses": dict(zip(losses, v[1:1 + n])),
-                        "metrics": {**dict(zip(metrics, v[1 + n:-2])), **extra}, "grad_norm": v[-2],
-                        "update_skipped": not finite})
-            self._guard(finite, row["step"])
+                        "metrics": {**dict(zip(metrics, v[1 + n:-3])), **extra}, "grad_norm": v[-3],
+                        "update_skipped": not v[-1] > 0})
+            self._guard(v[-2] > 0, row["step"])
             row["nonfinite_steps"] = self.nonfinite_steps
         return [row for row, _, _ in pending]
 
