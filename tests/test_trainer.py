@@ -205,3 +205,13 @@ def test_an_update_fp16s_scaler_skips_is_reported_skipped_but_is_no_divergence(d
     assert [r["update_skipped"] for r in rows[:2]] == [True, True] and t.nonfinite_steps == 0
     assert not rows[2]["update_skipped"] and np.isfinite(rows[2]["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_the_divergence_patience_goes_on_after_a_resume(data, tmp_path):
+    # Steps 3 and 4 skipped, saved at 4: the resumed run has two of its max_nonfinite_steps used.
+    t = Trainer(config(data, max_steps=4, save_every=100), tmp_path / "run")
+    t.fit()
+    t.progress.nonfinite_run = [3, 4]
+    t.save()
+    resumed = Trainer(config(data, max_steps=4, save_every=100), tmp_path / "run")
+    assert resumed.resume() and resumed.progress.nonfinite_run == [3, 4]

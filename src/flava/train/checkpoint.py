@@ -10,7 +10,7 @@ sharded); process 0 writes.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +43,20 @@ FULL_OPTIM = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=Fal
 
 @dataclass
 class TrainState:
-    """The loop's counters: steps taken and updates skipped for a non-finite loss or gradient."""
+    """The loop's counters: steps taken, updates skipped for a non-finite loss or gradient, and the
+    latest such steps in a row (a resumed run's divergence patience goes on from them)."""
 
     step: int = 0
     nonfinite_steps: int = 0
+    nonfinite_run: list[int] = field(default_factory=list)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps}
+        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps, "nonfinite_run": list(self.nonfinite_run)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_run = [int(s) for s in state.get("nonfinite_run", [])]
 
 
 @dataclass

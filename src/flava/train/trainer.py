@@ -66,7 +66,6 @@ class Trainer:
         self.mixing = KindMixing(self.kinds, self._mixing("mixing", cfg.data.mixing), self._mixing("mixing_end", end),
                                  cfg.data, cfg.max_steps, self.device)
         self.progress = TrainState()
-        self._nonfinite_run: list[int] = []
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
         """Steps whose numbers are still on the device: (row, values, names)."""
         self._extra: list[dict] = []
@@ -329,18 +328,19 @@ class Trainer:
     def _guard(self, finite: bool, step: int) -> None:
         """Count steps whose update was skipped for a non-finite loss or gradient."""
         if finite:
-            self._nonfinite_run = []
+            self.progress.nonfinite_run = []
         else:
             self.progress.nonfinite_steps += 1
-            self._nonfinite_run.append(step)
+            self.progress.nonfinite_run.append(step)
 
     def _check_divergence(self) -> None:
         """Stop the run when `max_nonfinite_steps` updates in a row were skipped."""
-        if len(self._nonfinite_run) >= self.cfg.max_nonfinite_steps:
+        streak = self.progress.nonfinite_run
+        if len(streak) >= self.cfg.max_nonfinite_steps:
             latest = self.run.intact_pointer()
             raise DivergedError(
-                f"the loss or its gradients were not finite at steps {self._nonfinite_run[0]}-{self._nonfinite_run[-1]} "
-                f"({len(self._nonfinite_run)} in a row; their updates were skipped), so the run stopped. "
+                f"the loss or its gradients were not finite at steps {streak[0]}-{streak[-1]} "
+                f"({len(streak)} in a row; their updates were skipped), so the run stopped. "
                 + (f"The newest checkpoint, {latest}, holds finite weights: " if latest else "")
                 + f"lower optim.lr (now {self.cfg.optim.lr:g}) or clip harder (optim.grad_clip) and "
                 + ("resume with --resume --override" if latest else "start again"))
@@ -353,8 +353,10 @@ class Trainer:
 
     def fit(self, max_steps: int | None = None) -> list[dict]:
         """Train to `max_steps` (default: the config's). The host syncs with the device only on
-        the first step, logged steps, saves and the last step; rows between them are filled in
-        then, and samples/s is measured over each such interval."""
+        the first step, logged steps, saves and the last step (and on every step under fp16 or
+        DINO, whose updates are decided on the host, and once a window under adaptive mixing);
+        rows between them are filled in then, and samples/s is measured over each such interval.
+        Under torchrun a stop request is agreed on at those steps."""
         end = min(self.cfg.max_steps, max_steps if max_steps is not None else self.cfg.max_steps)
         rows = []
         log = MetricsLog(self.output, self.cfg.tensorboard)
