@@ -40,6 +40,12 @@ def test_train_codebook_command(tmp_path, capsys):
     lines = (out / "codebook_metrics.jsonl").read_text().splitlines()
     assert json.loads(lines[-1])["step"] == 39
 
+    # The same command again would train over the finished codebook: refused, nothing touched.
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    code = cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(out), "--steps", "40"])
+    assert code == 2 and "already holds a trained codebook" in capsys.readouterr().err
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+
     codebook = flava.load_codebook(out)
     assert codebook.cfg.vocab_size == 64
     ids = codebook.token_ids(torch.rand(2, 3, 64, 64))
@@ -101,3 +107,13 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
     # A resume of nothing names the path.
     assert cli([*args, "--output", str(tmp_path / "typo"), "--resume"]) == 2
     assert "holds no codebook training to resume" in capsys.readouterr().err
+    # A resume may change how long the run is: stopped at 4 of 12, it finishes at 6.
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", crash_at_step_6)
+    with pytest.raises(RuntimeError):
+        cli([*args, "--output", str(tmp_path / "short")])
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", real)
+    capsys.readouterr()
+    assert cli([*args[:3], "--output", str(tmp_path / "short"), "--resume", "--steps", "6"]) == 0
+    assert "steps 12 -> 6" in capsys.readouterr().out
+    lines = [json.loads(x)["step"] for x in (tmp_path / "short" / "codebook_metrics.jsonl").read_text().splitlines()]
+    assert lines[-1] == 5 and (tmp_path / "short" / "model.safetensors").is_file()

@@ -270,6 +270,9 @@ def _check_start(output: Path, resume: bool) -> dict | None:
         raise ConfigError(f"{output} holds an unfinished codebook training (step {saved.get('step')} of "
                           f"{saved.get('settings', {}).get('steps')}): add --resume to continue it, or choose "
                           "another --output")
+    if (output / "model.safetensors").is_file():
+        raise ConfigError(f"{output} already holds a trained codebook; choose another --output (or remove it to "
+                          "train again there)")
     check_replaceable(output, (METRICS, STATE, ".lock"))
     return None
 
@@ -281,13 +284,19 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     if saved is not None:
         asked = dataclasses.asdict(settings)
         cfg = from_dict(FlavaConfig, saved["model"])
+        # Set explicitly (not the default) and unlike the run's: where it runs, and how long.
+        changed = [k for k, v in saved["settings"].items() if asked.get(k) != v
+                   and asked.get(k) != getattr(CodebookTraining(), k)]
+        steps = asked["steps"] if "steps" in changed else saved["settings"]["steps"]
         settings = from_dict(CodebookTraining, {**saved["settings"], "device": settings.device,
-                                                "num_workers": settings.num_workers})
+                                                "num_workers": settings.num_workers, "steps": steps})
         images_spec, pairs_spec = saved["images"], saved["pairs"]
-        differ = [k for k, v in saved["settings"].items() if k not in ("device", "num_workers") and asked.get(k) != v
-                  and asked.get(k) != getattr(CodebookTraining(), k)]
-        if differ:
-            console.print(f"note: resuming with the run's own settings; ignored: {', '.join(differ)}")
+        if "steps" in changed:
+            console.print(f"note: steps {saved['settings']['steps']} -> {steps} (the learning-rate and temperature "
+                          "schedules now run to that)")
+        ignored = [k for k in changed if k not in ("device", "num_workers", "steps")]
+        if ignored:
+            console.print(f"note: resuming with the run's own settings; ignored: {', '.join(ignored)}")
     if cfg.image.vocab_size != cfg.codebook.vocab_size:
         console.print(f"note: image.vocab_size set to the codebook's {cfg.codebook.vocab_size} tokens")
         cfg.image.vocab_size = cfg.codebook.vocab_size
