@@ -192,3 +192,17 @@ def test_a_suites_text_limit_cuts_every_models_texts(suite_dir):
         assert seen == [want] and result.tasks[0].scores
     with pytest.raises(ConfigError, match="max_text_length must be a whole number"):
         load_suite({"name": "t", "max_text_length": "long", "tasks": [probe]}, base=suite_dir)
+
+
+@pytest.mark.parametrize("models", [1, 2])
+def test_the_report_summary_is_one_markdown_table(tmp_path, models):
+    from flava.evaluate.report import write_report
+    from flava.evaluate.results import SuiteResult, TaskResult
+
+    results = [SuiteResult("demo", f"m{j}", [TaskResult("digits probe", "linear-probe", "vision", {"top-1": 90.0 - j})])
+               for j in range(models)]
+    md = write_report(results, tmp_path / "r").read_text().splitlines()
+    start = md.index(next(x for x in md if x.startswith("| task |")))
+    table = md[start:md.index("", start)]
+    assert table[1] == "|" + "---|" * (table[0].count("|") - 1)
+    assert len({row.count("|") for row in table}) == 1, table  # every row has the header's cells

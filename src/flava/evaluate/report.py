@@ -75,8 +75,8 @@ def write_report(results: list[SuiteResult], directory: Path, labels: list[str] 
     for label, r in zip(labels, results):
         lines.append(f"- **{label}**: `{r.model}`")
     lines += ["", "## Summary (the shape of the paper's Table 3)", ""]
-    head = "| task | score | " + " | ".join(labels) + (" | pretraining |" if len(results) > 1 else "")
-    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    columns = ["task", "score", *labels, *(["pretraining"] if len(results) > 1 else [])]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for task, key, values in summary_rows(results):
         cells = " | ".join(f"{v:.2f}" for v in values)
         lines.append(f"| {task} | {key} | {cells} |" + (f" {verdict(values)} |" if len(results) > 1 else ""))
