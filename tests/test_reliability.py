@@ -340,3 +340,23 @@ def test_presets_and_the_settings_are_discoverable(capsys):
     for key in ("optim.lr", "model.image.hidden_size", "objectives.contrastive", "max_nonfinite_steps"):
         assert key in out, key
     assert "Peak learning rate" in out and "384" in out
+
+
+def test_an_output_that_cannot_be_written_is_refused_in_one_line_before_any_work(train_data, tmp_path, capsys):
+    # A file where the output folder (or a folder on its path) should be: refused before the model
+    # is even read (the model path here does not exist), so no work is done and lost.
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine\n")
+    nowhere = str(tmp_path / "no-model")
+    for args in (["pretrain", "--output", str(blocker), "--config", "tiny"],
+                 ["pretrain", "--output", str(blocker / "run"), "--config", "tiny"],
+                 ["evaluate", "--model", nowhere, "--suite", "demo", "--output", str(blocker)],
+                 ["finetune", "--model", nowhere, "--task", "text-classification", "--train", nowhere,
+                  "--output", str(blocker / "task")],
+                 ["classify", "--model", nowhere, "--images", str(train_data / "img"), "--classes", "a,b",
+                  "--output", str(blocker / "p.csv")],
+                 ["predict", "--model", nowhere, "--input", str(train_data / "text.txt"),
+                  "--output", str(blocker / "p.csv")]):
+        err = one_line_error(capsys, cli(args))
+        assert str(blocker) in err and ("in the way" in err or "is a file" in err), (args, err)
+    assert blocker.read_text() == "mine\n"

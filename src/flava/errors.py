@@ -35,3 +35,7 @@ def did_you_mean(name: str, choices: Iterable[str], known: str = "known keys") -
     choices = [str(c) for c in choices]
     close = difflib.get_close_matches(str(name), choices, n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; {known}: {', '.join(choices)}"
+
+
+class OutputError(FlavaError, OSError):
+    """An output path cannot be written: a file in the way, no permission, a full disk."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import sys
 import time
@@ -12,11 +13,15 @@ from rich.console import Console
 
 from .. import __version__, stopping
 from ..errors import FlavaError
+from ..io.files import explain_os_error
 from . import (ablate, classify, codebook, config, demo, embed, evaluate, export, finetune, index, info, init, predict,
                prepare, pretrain, search, serve)
 
 # Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
+
+WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
+                errno.EDQUOT}
 
 COMMANDS = (demo, init, prepare, pretrain, ablate, evaluate, embed, index, search, classify, finetune, predict, serve,
             export, codebook, config, info)
@@ -52,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except stopping.Stopped as e:
         print(f"flava {args.command}: {e.message}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # Writing where one cannot (a file in the way, no permission, a full disk) is the user's
+        # to fix; other OS errors (a missing input is checked before any work) are not caught.
+        if os.environ.get("FLAVA_DEBUG") or e.errno not in WRITE_ERRORS:
+            raise
+        print(f"flava {args.command}: error: {explain_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as e:
         took = f"{time.perf_counter() - start:.0f} s"
         if isinstance(e, stopping.Interrupted):

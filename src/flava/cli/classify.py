@@ -32,6 +32,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     import numpy as np
 
     from ..errors import InputError
+    from ..io.files import check_writable
     from ..retrieval.classify import ZeroShotClassifier, read_list, templates_from
     from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
             what = f"sub-folder {unknown[0]!r} is not among the classes" if unknown else "some images are in no sub-folder"
             raise InputError(f"--labels: {what}; name every class with --classes or drop --labels")
     templates = templates_from(args.templates)
+    check_writable(args.output, directory=False)
     model = load_for_inference(args.model, args.device, args.int8)
     console.print(f"classifying {len(inputs)} image(s) into {len(classes)} classes with {len(templates)} "
                   f"prompt template(s)")

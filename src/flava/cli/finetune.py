@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..evaluate.run import load_model
     from ..finetune.loop import finetune_image, finetune_multimodal, finetune_text
     from ..finetune.settings import TRAINING, FinetuneSettings, Resumable
+    from ..io.files import check_writable
     from ..finetune.taskmodel import TASKS, check_output, save_task_model
     from ..progress import progress_bar
 
@@ -93,6 +94,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS, 'tasks')}")
     output = Path(args.output)
     replaced = check_output(output, args.task, args.replace)
+    check_writable(output.parent)  # the task model replaces `output` whole from a folder beside it
     if replaced:
         console.print(f"note: the {replaced} task model in {output} will be replaced")
     settings = check(FinetuneSettings(

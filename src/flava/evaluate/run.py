@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..data.tokenizer import TextTokenizer
+from ..io.files import check_writable
 from ..progress import progress_bar
 from .report import summary_rows, verdict, write_report
 from .results import SuiteResult
@@ -80,6 +81,7 @@ def results_table(results: list[SuiteResult], labels: list[str], title: str) -> 
 
 def run_evaluate(model_path: str, suite_source: str, output: Path, console: Console,
                  compare_untrained: bool = False) -> list[SuiteResult]:
+    check_writable(output)  # before the suite's work, not after it
     model, resolved = load_model(model_path)
     suite = load_suite(suite_source)
     print_plan(suite, console)

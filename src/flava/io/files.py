@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, FlavaError
+from ..errors import ConfigError, FlavaError, OutputError
 
 
 def read_json(path: str | os.PathLike, what: str = "config file", error: type[FlavaError] = ConfigError,
@@ -110,3 +110,39 @@ def sha256_of(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
+    """Refuse, before any work, an output that cannot be written: `path` is a directory to write
+    into, or with `directory=False` a file to write. Nothing is created: a file is made and removed
+    in the nearest folder that exists on its path. Raises OutputError naming the path and the fix."""
+    path = Path(path).absolute()
+    if not directory and path.is_dir():
+        raise OutputError(f"{path} is a directory; name a file to write")
+    nearest = path if directory else path.parent
+    while not nearest.exists() and nearest != nearest.parent:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise OutputError(f"{nearest} is a file; choose another output (a folder of that name would be written)")
+    probe = nearest / f".flava-write-check-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise OutputError(explain_os_error(e)) from None
+
+
+def explain_os_error(e: OSError) -> str:
+    """One line for a file system error met while writing: the path, the reason, the fix."""
+    import errno
+
+    what = e.filename or "the output"
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        fix = "a file is in the way (the output, or a folder on its path, is a file): choose another output"
+    elif e.errno == errno.EISDIR:
+        fix = "a folder is in the way: name a file"
+    elif e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "the disk is full: free some space (what was saved before is kept)"
+    else:
+        fix = "this user cannot write there: choose another output or change its permissions"
+    return f"cannot write {what}: {e.strerror or e}; {fix}"

@@ -284,10 +284,10 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     skipped = trainer.skipped(everywhere=True)
     bad = trainer.bad_records(everywhere=True)
 
-    def counts(c: dict) -> str:
-        return f"{sum(c.values())} (" + ", ".join(f"{v} {k}" for k, v in c.items()) + ")" if c else "none"
+    def counts(c: dict, what: str) -> str:
+        return f"{sum(c.values())} {what} (" + ", ".join(f"{v} {k}" for k, v in c.items()) + ")" if c else f"no {what}"
 
-    console.print(f"skipped records: {counts(bad)} bad records; {counts(skipped)} draws skipped")
+    console.print(f"skipped records: {counts(bad, 'bad records')}; {counts(skipped, 'draws skipped')}")
     seen = trainer.samples_by_source()
     console.print("samples seen: " + "; ".join(f"{k}: " + ", ".join(f"{n:,} from {name}" for name, n in by.items())
                                                for k, by in seen.items()))
