@@ -115,6 +115,22 @@ def test_truncated_weights_file(saved):
         flava.load(saved)
 
 
+def test_weights_unlike_their_checksums_are_refused(saved):
+    # Bytes overwritten in place: the file still reads as weights (garbage ones). A checkpoint that
+    # recorded its files' SHA-256 (training checkpoints do) says it is not what was written.
+    from flava.io.checkpoint import write_checksums
+
+    write_checksums(saved)
+    weights = saved / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = b"\x7f" * 4096
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model.safetensors is not the file that was written"):
+        flava.load(saved)
+    (saved / "checksums.json").unlink()  # changed on purpose: it loads (as the message says)
+    flava.load(saved)
+
+
 def test_truncated_bin_file(tiny, tmp_path):
     import transformers
 

@@ -10,6 +10,7 @@ tensors under their own names.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -118,13 +119,32 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _check_sum(path: Path) -> None:
+    """Refuse a weights file that checksums.json (written with it) says is not what was written:
+    damage that leaves the file readable (flipped or overwritten bytes) would otherwise load as
+    weights and surface, if ever, as a diverging run."""
+    sums_file = path.parent / CHECKSUMS
+    if not sums_file.is_file():
+        return
+    try:
+        recorded = json.loads(sums_file.read_text()).get(path.name)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError, AttributeError):
+        return  # a damaged checksum file says nothing about the weights; reading them checks them
+    if isinstance(recorded, str) and sha256_of(path) != recorded:
+        raise CheckpointError(f"{path} is not the file that was written (its SHA-256 differs from the one in "
+                              f"{CHECKSUMS}): the copy is damaged; copy or save it again (or, if it was changed on "
+                              f"purpose, delete {CHECKSUMS})")
+
+
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory: one safetensors file, a sharded set, or a .bin."""
+    """All tensors of a checkpoint directory: one safetensors file, a sharded set, or a .bin; each
+    file checked against checksums.json where the checkpoint has one."""
     directory = Path(directory)
     single = directory / WEIGHTS
     index = directory / "model.safetensors.index.json"
     legacy = directory / "pytorch_model.bin"
     if single.is_file():
+        _check_sum(single)
         return _load_safetensors(single)
     if index.is_file():
         weight_map = read_json(index, "shard index", CheckpointError, expect=dict).get("weight_map", {})
@@ -132,9 +152,11 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             if not (directory / shard).is_file():
                 raise CheckpointError(f"shard {directory / shard} listed in {index.name} is missing")
+            _check_sum(directory / shard)
             tensors.update(_load_safetensors(directory / shard))
         return tensors
     if legacy.is_file():
+        _check_sum(legacy)
         try:
             sd = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several unrelated types for damaged zip/pickle files
