@@ -193,8 +193,11 @@ def test_image_folders_and_text_files(tmp_path):
     assert txt.rejected == {"unreadable json line": 1}
     tb = stream(txt, kind="text", batch_size=2).next_batch()
     assert isinstance(tb, TextBatch) and tb.masked_input_ids.shape[0] == 2
-    with pytest.raises(DataError, match="no .txt or .jsonl"):
+    with pytest.raises(DataError, match="nothing does not exist"):
         text_file(str(tmp_path / "nothing"))
+    (tmp_path / "notes.md").write_text("not a text corpus\n")
+    with pytest.raises(DataError, match="no .txt or .jsonl"):
+        text_file(str(tmp_path / "notes.md"))
 
 
 def test_a_source_with_no_usable_sample_is_an_error(tmp_path):

@@ -360,3 +360,17 @@ def test_an_output_that_cannot_be_written_is_refused_in_one_line_before_any_work
         err = one_line_error(capsys, cli(args))
         assert str(blocker) in err and ("in the way" in err or "is a file" in err), (args, err)
     assert blocker.read_text() == "mine\n"
+
+
+@pytest.mark.slow
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(train_data, tmp_path, capsys):
+    (tmp_path / "blank.txt").write_text("\n   \n\n")
+    run = tmp_path / "run"
+    text_only = ["--max-steps", "2", "--set", "data.mixing=[0,0,1]", "--set", "stage=text-mlm"]
+    err = one_line_error(capsys, cli(pretrain_args(train_data, run) + text_only
+                                      + ["--set", f'data.text=["{tmp_path / "blank.txt"}"]']))
+    assert "blank.txt: no shard holds a usable record" in err and (run / "train_config.json").is_file()
+    # The corrected command: nothing to resume, so it starts the run again (no --resume, no refusal).
+    assert cli(pretrain_args(train_data, run) + text_only) == 0
+    assert "holds a run that saved no checkpoint; starting it again" in " ".join(capsys.readouterr().out.split())
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -106,6 +106,8 @@ class Lane:
         self._open: tuple[Cursor, int, list, np.ndarray] | None = None
         self.opened: dict[int, dict] = {}
         """Shard -> what was rejected when it was indexed, for shards opened and not yet reported."""
+        self.met: Counter = Counter()
+        """Everything its shards' indexing rejected, for the message when none holds a record."""
 
     def _shards(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -123,6 +125,7 @@ class Lane:
                 opened = open_shard(self.source.shards[shard])
                 if opened.rejected:
                     self.opened[shard] = dict(opened.rejected)
+                    self.met.update(opened.rejected)
                 perm = np.random.default_rng([self.seed, c.epoch, shard, 1]).permutation(len(opened.records))
                 self._open = c, shard, opened.records, perm
             _, shard, records, perm = self._open
@@ -130,7 +133,9 @@ class Lane:
                 return shard, records, int(perm[position - c.start]), c.epoch
             empty = empty + 1 if not records else 0
             if empty > 2 * len(self.source.shards):
-                raise DataError(f"{self.source.name}: no shard holds a usable record")
+                why = ", ".join(f"{n} {reason}" for reason, n in self.met.most_common())
+                raise DataError(f"{self.source.name}: no shard holds a usable record"
+                                + (f" (met: {why})" if why else " (every one is empty)"))
             last = c.ordinal + 1 == len(self._shards(c.epoch))
             self.cursor = Cursor(c.epoch + last, 0 if last else c.ordinal + 1, c.start + len(records))
 

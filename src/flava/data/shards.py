@@ -22,6 +22,8 @@ from .members import hold_shard
 
 GLOB_CHARS = "*?["
 RETRIES = 3
+CHECKED_NAMED = 10_000
+"""A spec naming up to this many local files is refused at once when none of them exists."""
 STALE_PART_S = 3600
 """A partial download older than this is a dead writer's: the cache removes it."""
 
@@ -63,9 +65,15 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
             p = Path(_local(part))
             urls += sorted(str(q) for q in p.iterdir() if q.is_file() and q.name.lower().endswith(suffixes))
         else:
-            # Named shards are not checked here (millions of stat calls at start-up on a network
-            # file system); a missing one is counted when a stream reaches it.
+            # Named shards are not checked one by one (millions of stat calls at start-up on a
+            # network file system); a missing one is counted when a stream reaches it.
             urls.append(_local(part))
+    named = [u for u in urls if not is_remote(u)]
+    # ... but a spec none of whose files exist is a wrong path, said now rather than at a step.
+    if named and len(named) <= CHECKED_NAMED and not any(os.path.exists(u) for u in named):
+        raise DataError(f"{named[0]} does not exist" if [spec] == named else f"{spec}: " + (
+            f"{named[0]} does not exist" if len(named) == 1 else
+            f"none of its {len(named):,} files exists (the first: {named[0]})"))
     return urls
 
 

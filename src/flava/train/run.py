@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -107,6 +108,20 @@ def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override
                                 "changes": {k: list(v) for k, v in diff.items()}}) + "\n")
 
 
+RUN_FILES = (SETTINGS, HISTORY, "metrics.jsonl", "summary.json", "loss_curves.png", "tensorboard", "checkpoints")
+"""What a run writes beside its checkpoints (`io.runs` has the layout)."""
+
+
+def clear_unsaved_run(output: Path) -> None:
+    """Remove the files of a run that saved no checkpoint, and nothing else."""
+    for name in RUN_FILES:
+        p = output / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
 def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool) -> list[dict]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank != 0:
@@ -119,9 +134,14 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
         if rank == 0:  # one lock for the run; every process learns whether it was had
             try:
                 held.enter_context(run.lock())
-                if not resume and (run.checkpoints.exists() or (output / SETTINGS).exists()):
+                if not resume and (run.step_dirs() or run.pointer.exists()):
                     raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose "
                                       "another --output")
+                if not resume and (output / SETTINGS).exists():
+                    # Stopped or failed before its first checkpoint (bad data met at step 1, say): there
+                    # is nothing to resume, and a corrected command starts it again.
+                    console.print(f"note: {output} holds a run that saved no checkpoint; starting it again")
+                    clear_unsaved_run(output)
             except ConfigError as e:
                 refusal = str(e)
         if dist.is_initialized():
