@@ -69,6 +69,15 @@ def test_overrides():
         apply_overrides(cfg, ["image.patch_size"])
 
 
+def test_a_list_with_broken_json_is_named_as_such():
+    from flava.train.presets import train_config
+
+    for bad in ('data.pairs=["x.csv",', "data.mixing=[0.7,0.2"):
+        with pytest.raises(ConfigError, match=r"not valid JSON .*write a list as"):
+            apply_overrides(train_config("tiny"), [bad])
+    assert apply_overrides(train_config("tiny"), ["data.pairs=x.csv"]).data.pairs == ["x.csv"]
+
+
 def test_bad_images(tiny):
     s = tiny.config.image.image_size
     with pytest.raises(InputError, match=r"50x50 but the model expects 64x64"):

@@ -374,3 +374,10 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again(train_data, 
     assert cli(pretrain_args(train_data, run) + text_only) == 0
     assert "holds a run that saved no checkpoint; starting it again" in " ".join(capsys.readouterr().out.split())
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_model_settings_beside_init_are_refused_not_ignored(train_data, tmp_path, capsys):
+    code = cli(pretrain_args(train_data, tmp_path / "run") + ["--set", f"init={tmp_path / 'ckpt'}",
+                                                              "--set", "model.image.hidden_size=256"])
+    err = one_line_error(capsys, code)
+    assert "model.image.hidden_size would be ignored" in err and not (tmp_path / "run").exists()

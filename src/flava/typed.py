@@ -170,7 +170,10 @@ def set_value(cfg: Any, dotted: str, raw: str) -> None:
                 raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if raw.strip().startswith(("[", "{")):  # meant as JSON: a path never starts so
+            raise ConfigError(f"{dotted}={raw}: not valid JSON ({e.msg} at character {e.pos}); write a list as "
+                              '["a.csv", "b.csv"] (quoted for the shell) or give one path alone') from None
         value = raw
     setattr(target, parts[-1], check_value(dotted, value, _field_types(type(target))[parts[-1]]))
 

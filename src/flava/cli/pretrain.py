@@ -57,6 +57,11 @@ def settings(args: argparse.Namespace):
         cfg.save_every = args.save_every
     if args.override and not args.resume:
         raise ConfigError("--override only applies with --resume (a new run takes any settings)")
+    shaped = [s.partition("=")[0].strip() for s in args.set or [] if s.strip().startswith("model.")]
+    if cfg.init and shaped and not args.resume:
+        raise ConfigError(f"init={cfg.init} brings its own model, so {', '.join(shaped)} would be ignored: drop "
+                          "those --set flags, or start without init (init_image, init_text and init_multimodal take "
+                          "single encoders into a model of your settings)")
     return check(cfg)
 
 
