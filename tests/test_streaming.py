@@ -410,3 +410,15 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-4), (x, y)
         for name in x["losses"]:
             assert x["losses"][name] == pytest.approx(y["losses"][name], abs=1e-4), name
+
+
+def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path):
+    from flava.cli import main as cli
+
+    table = tmp_path / "pairs.csv"
+    rows = (train_data / "pairs_clean.csv").read_text().replace("img/", str(train_data / "img") + "/")
+    table.write_bytes(rows.encode() + f"{train_data / 'img' / 'a' / '0.png'},caf\xe9 au lait\n".encode("latin-1"))
+    assert cli(["prepare", "--pairs", str(table), "--output", str(tmp_path / "out"), "--workers", "1",
+                "--size", "24"]) == 0
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["samples"] == 16 and sum(report["dropped"].values()) == 1, report["dropped"]

@@ -246,6 +246,8 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
             "crops": settings.crops if tokenizer_factory else 0, "size": settings.size}
     write_json_atomic(output / INDEX, {"shardlist": shardlist, "flava": info if tokenizer_factory else None})
     dropped: Counter = Counter()
+    for src in sources:  # rows of a table refused while it was listed (undecodable, no image)
+        dropped.update(src.listing_rejected)
     for s in stats:
         dropped.update(s["dropped"])
     written = sum(s["nsamples"] for s in stats)
