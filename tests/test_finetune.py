@@ -152,6 +152,11 @@ def test_generic_text_reader(tmp_path):
     write(tmp_path / "num.csv", ["text,label"] + [f"t{i},{v}" for i, v in enumerate((10, 2, 1, 2, 10))])
     task = read_text_classification(tmp_path / "num.csv", None, tmp_path / "num.csv", val_fraction=0.4)
     assert task.label_names == ["1", "2", "10"] and len(task.val) == 2 and task.test[0].label == 2
+    # An empty label is no class and an empty text nothing to learn: skipped and said.
+    write(tmp_path / "gaps.csv", ["text,label", "a,sport", "b,", "  ,tech", "c,tech", "d,sport"])
+    task = read_text_classification(tmp_path / "gaps.csv", None, tmp_path / "gaps.csv", val_fraction=0.4)
+    assert task.label_names == ["sport", "tech"] and len(task.train) + len(task.val) == 3
+    assert any("2 train row(s) with an empty text or label skipped" in n for n in task.notes), task.notes
 
 
 # --------------------------------------------------------------------------- pairs and VQA targets

@@ -157,14 +157,18 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         if len(set(names)) != len(names) or len(names) < 2:
             raise ConfigError(f"label_names must be at least two distinct names; got {names}")
     else:
-        seen = {_text(r.get("label")).strip() for r in tables["train"][2]}
+        seen = {_text(r.get("label")).strip() for r in tables["train"][2]} - {""}
         names = sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[TextExample]] = {}
+    notes: list[str] = []
     for split, (p, has_pair, rows) in tables.items():
-        out = []
+        out, blank = [], 0
         for r in rows:
             raw = _text(r.get("label")).strip()
+            if not raw or not _text(r.get("text")).strip() or (has_pair and not _text(r.get("text2")).strip()):
+                blank += 1  # an empty label is no class, an empty text nothing to learn from
+                continue
             if regression:
                 try:
                     label: int | float = float(raw)
@@ -179,6 +183,8 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
                 label = index[raw]
             out.append(TextExample(_text(r.get("text")), label, _text(r.get("text2")) if has_pair else None))
         splits[split] = out
+        if blank:
+            notes.append(f"{blank} {split} row(s) with an empty text or label skipped ({p})")
     if "val" not in splits:
         splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed)
     splits.setdefault("test", splits["val"])
@@ -186,7 +192,7 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         metrics = ("pearson", "spearman") if regression else ("accuracy",)
     data = TextData(name or paths["train"].stem, subsample(splits["train"], limit, seed),
                     subsample(splits["val"], limit, seed + 1), subsample(splits["test"], limit, seed + 2),
-                    names, tuple(metrics))
+                    names, tuple(metrics), notes=notes)
     check_text_data(data)
     return data
 
