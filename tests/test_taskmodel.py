@@ -246,6 +246,12 @@ def test_text_regression(data, tmp_path, capsys, tokenizer):
     assert np.allclose([g["value"] for g in got], want.numpy(), atol=1e-6, rtol=0)
     assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(data / "count.csv")]) == 0
     assert "on 48 labelled inputs" in capsys.readouterr().out
+    # A blank text is no input: an error row, not a prediction.
+    (tmp_path / "blank.csv").write_text("text\nbanana banana\n   \n")
+    assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(tmp_path / "blank.csv"),
+                 "--output", str(tmp_path / "blank-out.csv")]) == 0
+    rows = list(csv.DictReader((tmp_path / "blank-out.csv").open()))
+    assert rows[0]["error"] == "" and "no text" in rows[1]["error"] and rows[1]["value"] == ""
     with pytest.raises(ConfigError, match="one output and no label names"):
         save_task_model(result, tmp_path / "bad", tokenizer=tokenizer, label_names=["a"])
 

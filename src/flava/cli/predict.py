@@ -73,8 +73,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
                             f"{', '.join(sorted(k for k in keys if k))}); a {tm.task} model needs it")
     out = Inputs()
 
-    def cell(row, options):
-        return next((row[k] for k in options if row.get(k) not in (None, "")), None)
+    def cell(row, options):  # a blank cell (spaces alone) is a missing one
+        return next((row[k] for k in options if row.get(k) is not None and str(row[k]).strip()), None)
 
     for r in rows:
         row = r.values
