@@ -191,6 +191,8 @@ def test_index_search_and_add_through_the_commands(tiny_model, photos, tmp_path,
     assert "2 nearest of 8" in capsys.readouterr().out
     assert cli(["search", "--index", str(tmp_path / "idx"), "--text", " ", "-k", "2"]) == 2
     assert "empty" in capsys.readouterr().err
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--image", str(photos)]) == 2
+    assert "a folder; give one image file" in capsys.readouterr().err
 
 
 def test_large_collections_get_an_approximate_index_within_the_budget(tmp_path):
@@ -243,3 +245,6 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
                 "--templates", "no braces"]) == 2
     assert "exactly one {}" in capsys.readouterr().err
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
+                "--templates", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt: no such file" in capsys.readouterr().err

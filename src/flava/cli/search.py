@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -37,6 +38,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise InputError(f"-k must be at least 1; got {args.k}")
     if args.text is not None and not args.text.strip():
         raise InputError("the --text query is empty")
+    if args.image is not None and not Path(args.image).is_file():
+        raise InputError(f"--image {args.image}: " + ("a folder; give one image file" if Path(args.image).is_dir()
+                                                      else "no such file"))
     index = VectorIndex.open(args.index)
     name, warning = query_model(index, args.model, args.allow_other_model)
     if warning:

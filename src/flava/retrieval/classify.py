@@ -32,6 +32,9 @@ def templates_from(value: str | None) -> tuple[str, ...]:
     """`--templates`: what `parse_templates` takes, or a file with one template per line."""
     if value is not None and value.strip().lower() not in TEMPLATE_SETS and Path(value).is_file():
         return parse_templates(read_list(value, "templates"))
+    if value is not None and "{}" not in value and Path(value).suffix.lower() in (".txt", ".csv", ".json"):
+        raise InputError(f"--templates {value}: no such file (give a file of templates, one per line, a template "
+                         "with one {}, or a named set)")
     return parse_templates(value)
 
 

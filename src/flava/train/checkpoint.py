@@ -110,8 +110,10 @@ def _choose(run, notes: list[str]) -> tuple[Path, tuple] | None:
         try:
             return target, _read(target)
         except CheckpointError as e:
-            notes.append(f"{target.name} is damaged ({e}); trying an older checkpoint")
-    raise CheckpointError(f"no intact checkpoint in {run.checkpoints}: " + "; ".join(notes))
+            notes.append(f"{target.name} is damaged ({e})")
+    raise CheckpointError(f"no intact checkpoint in {run.checkpoints} to resume from: " + "; ".join(notes)
+                          + f". Copy a good one back, or start the run again: remove {run.checkpoints} (the same "
+                          "command without --resume then starts over there) or choose another --output")
 
 
 
