@@ -84,10 +84,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
                   + (f" ({describe_checkpoint(checkpoint)})" if checkpoint["path"] != model_name(args.model) else ""))
     model = load_for_inference(checkpoint["path"], args.device, args.int8)
     with progress_bar(console) as bar:
-        task = bar.add_task("embed", total=len(inputs), info="")
+        tasks: list = []
+
+        def progress(done: int, total: int) -> None:  # the bar appears once embedding starts, not before a refusal
+            if not tasks:
+                tasks.append(bar.add_task("embed", total=total, info=""))
+            bar.update(tasks[0], completed=done)
         summary = embed_run(model, model_name(args.model), inputs, args.output, batch_size=args.batch_size,
-                            part_size=args.part_size, float16=args.float16, checkpoint=checkpoint,
-                            progress=lambda done, total: bar.update(task, completed=done))
+                            part_size=args.part_size, float16=args.float16, checkpoint=checkpoint, progress=progress)
     if summary.skipped_parts:
         console.print(f"{summary.skipped_parts} of {summary.parts} part(s) were already done and kept")
     console.print(f"wrote {summary.count} embedding(s) to {summary.output}")
