@@ -376,7 +376,8 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
     if which not in ("image", "text"):
         raise InputError(f"which must be 'image' or 'text'; got {which!r}")
     if (which == "image" and settings["modality"] == "text") or (which == "text" and settings["modality"] == "image"):
-        raise DataError(f"{d} holds {settings['modality']} embeddings only; it has no {which} embeddings")
+        raise DataError(f"{d} holds {settings['modality']} embeddings only; it has no {which} embeddings (an index holds "
+                        f"one modality: index these on their own, flava index --embeddings {d} --output ANOTHER)")
     folder, prefix = ("img_emb", "img_emb") if which == "image" else ("text_emb", "text_emb")
     vectors, meta = [], []
     n_parts = -(-settings["count"] // settings["part_size"])
