@@ -306,7 +306,10 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         (min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0)
     pairs_spec = list(pairs_spec or [])
     sources = image_sources(images_spec, pairs_spec)
-    evaluation = _stream(sources, CodebookCrops(size, settings.seed + 1, train=False), settings.eval_images,
+    # Each image once where the sources know their size: a sample of 512 from 60 images repeated them.
+    known = [s.known_size for s in sources]
+    sample = settings.eval_images if None in known else max(1, min(settings.eval_images, sum(known)))
+    evaluation = _stream(sources, CodebookCrops(size, settings.seed + 1, train=False), sample,
                          settings.seed + 1, 0)
     try:
         eval_pixels = evaluation.next_batch().pixels
