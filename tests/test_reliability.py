@@ -381,3 +381,15 @@ def test_model_settings_beside_init_are_refused_not_ignored(train_data, tmp_path
                                                               "--set", "model.image.hidden_size=256"])
     err = one_line_error(capsys, code)
     assert "model.image.hidden_size would be ignored" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_runs_summary_is_the_whole_runs(train_data, tmp_path, capsys):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    steps = ["--set", "seed=5", "--set", "save_every=2"]
+    assert cli(pretrain_args(train_data, whole) + steps + ["--max-steps", "5"]) == 0
+    assert cli(pretrain_args(train_data, cut) + steps + ["--max-steps", "2"]) == 0
+    assert cli(pretrain_args(train_data, cut) + steps + ["--max-steps", "5", "--resume"]) == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
+    assert a["first"] == pytest.approx(b["first"], abs=1e-6) and a["last"] == pytest.approx(b["last"], abs=1e-6)
+    assert set(a["first"]) == set(a["last"])

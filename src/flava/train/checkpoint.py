@@ -43,20 +43,28 @@ FULL_OPTIM = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=Fal
 
 @dataclass
 class TrainState:
-    """The loop's counters: steps taken, updates skipped for a non-finite loss or gradient, and the
-    latest such steps in a row (a resumed run's divergence patience goes on from them)."""
+    """The loop's counters: steps taken, updates skipped for a non-finite loss or gradient, the
+    latest such steps in a row (a resumed run's divergence patience goes on from them) and each
+    loss's first and latest values."""
 
     step: int = 0
     nonfinite_steps: int = 0
     nonfinite_run: list[int] = field(default_factory=list)
+    first_losses: dict[str, float] = field(default_factory=dict)
+    """Each loss's first value in the run (the closing summary's, across resumes)."""
+    last_losses: dict[str, float] = field(default_factory=dict)
+    """... and its latest."""
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps, "nonfinite_run": list(self.nonfinite_run)}
+        return {"step": self.step, "nonfinite_steps": self.nonfinite_steps, "nonfinite_run": list(self.nonfinite_run),
+                "first_losses": dict(self.first_losses), "last_losses": dict(self.last_losses)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
         self.nonfinite_run = [int(s) for s in state.get("nonfinite_run", [])]
+        self.first_losses = {str(k): float(v) for k, v in state.get("first_losses", {}).items()}
+        self.last_losses = {str(k): float(v) for k, v in state.get("last_losses", {}).items()}
 
 
 @dataclass

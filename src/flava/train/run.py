@@ -265,8 +265,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     console.print(f"data: {data}")
     if trainer.optimisation.note:
         console.print(trainer.optimisation.note)
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
+    # Saved with each checkpoint: a resumed run reports the whole run's.
+    first, last = trainer.progress.first_losses, trainer.progress.last_losses
     gradients: dict[str, dict] = {}
     """The latest measured gradient norm and cosine of each objective (pair) on each shared encoder."""
     with progress_bar(console) as progress:
@@ -293,7 +293,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         raise stopping.Stopped(trainer.stopped, f"stopped by {stopping.name(trainer.stopped)} {at}; saved "
                                                 f"{run.step(trainer.step)}: continue with the same command and --resume",
                                at)
-    table = Table(title="losses: first and last value seen in this run")
+    table = Table(title="losses: the run's first and last values")
     for col in ("loss", "first", "last"):
         table.add_column(col, justify="right" if col != "loss" else "left")
     for name in first:
