@@ -217,6 +217,9 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     assert 0 < step < 272 and "--resume" in line
     refused = Command(args(tmp_path / "cut"), tmp_path / "x")  # a plain rerun would start over
     assert refused.finish() == 2 and "add --resume" in refused.text()
+    changed = Command(args(tmp_path / "cut", "--resume", "--epochs", "2"), tmp_path / "y")
+    assert changed.finish() == 2 and "settings.epochs: 4 -> 2" in changed.text()
+    assert "fine-tuning" not in changed.out.read_text()  # refused before any progress is drawn
     out = done(Command(args(tmp_path / "cut", "--resume"), tmp_path / "r"))
     assert "resuming the fine-tuning stopped" in out
     assert not (tmp_path / "cut" / "training").exists()

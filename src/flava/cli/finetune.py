@@ -84,7 +84,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import check, to_dict
     from ..errors import ConfigError, did_you_mean
     from ..evaluate.run import load_model
-    from ..finetune.loop import finetune_image, finetune_multimodal, finetune_text
+    from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
     from ..finetune.settings import TRAINING, FinetuneSettings, Resumable
     from ..io.files import check_writable
     from ..finetune.taskmodel import TASKS, check_output, save_task_model
@@ -112,6 +112,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     resumable = Resumable(output / TRAINING, {
         "model": args.model, "task": args.task, "train": args.train, "val": args.val, "test": args.test,
         "val_fraction": args.val_fraction, "settings": to_dict(settings)})
+    if stopped:
+        check_resume(resumable)
     task = read_task(args.task, args.train, args.val, args.test, args.val_fraction, args.seed)
     if stopped:
         console.print(f"resuming the fine-tuning stopped in {output}")

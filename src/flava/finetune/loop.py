@@ -70,13 +70,30 @@ def _load_state(resumable: Resumable) -> dict | None:
     if not path.is_file():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    started = json.loads(state["started_with"])
-    if started != json.loads(json.dumps(resumable.started_with)):
-        differ = ", ".join(k for k in sorted(started.keys() | resumable.started_with.keys())
-                           if started.get(k) != resumable.started_with.get(k))
-        raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started with other {differ}; resume "
-                          "it with the same arguments, or choose another --output")
+    started, now = json.loads(state["started_with"]), json.loads(json.dumps(resumable.started_with))
+    if started != now:
+        was, asked = _flat(started), _flat(now)
+        differ = "; ".join(f"{k}: {was.get(k)!r} -> {asked.get(k)!r}" for k in sorted(was.keys() | asked.keys())
+                           if was.get(k) != asked.get(k))
+        raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started with other settings ({differ}); "
+                          "resume it with the arguments it was started with, or choose another --output")
     return state
+
+
+def check_resume(resumable: Resumable) -> None:
+    """Refuse, before any work, to resume a fine-tuning with settings it was not started with."""
+    _load_state(resumable)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of nested settings."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | None = None) -> FinetuneResult:
