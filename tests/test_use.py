@@ -2,6 +2,7 @@
 classify, as a user runs them."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -248,3 +249,16 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
                 "--templates", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt: no such file" in capsys.readouterr().err
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a"]) == 2
+    assert "two or more classes" in capsys.readouterr().err
+    # Without --output nothing is written; the table shows paths within the folder, and the truth.
+    here = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--labels"]) == 0
+    finally:
+        os.chdir(here)
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "the first 10 of 12; --output FILE.csv writes them all" in shown and "accuracy" in shown
+    assert any(f"{c}/" in shown for c in COLOURS)
+    assert not list(tmp_path.glob("predictions*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -21,7 +22,8 @@ def add(sub) -> None:
     p.add_argument("--labels", action="store_true", help="the images' sub-folder names are their true classes: "
                    "print accuracy and write a confusion matrix picture")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="classes kept per image (default 3)")
-    p.add_argument("--output", default="predictions.csv", help="CSV of predictions (default predictions.csv)")
+    p.add_argument("--output", help="write every prediction to this CSV (with --labels, a confusion matrix picture "
+                   "beside it)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--device")
     p.add_argument("--int8", action="store_true")
@@ -54,29 +56,41 @@ def run(args: argparse.Namespace, console: Console) -> None:
         if unknown or None in truth:
             what = f"sub-folder {unknown[0]!r} is not among the classes" if unknown else "some images are in no sub-folder"
             raise InputError(f"--labels: {what}; name every class with --classes or drop --labels")
+    if len(classes) < 2:
+        raise InputError(f"zero-shot classification ranks two or more classes; got {classes}: name the others with "
+                         "--classes")
     templates = templates_from(args.templates)
-    check_writable(args.output, directory=False)
+    if args.output:
+        check_writable(args.output, directory=False)
     model = load_for_inference(args.model, args.device, args.int8)
     console.print(f"classifying {len(inputs)} image(s) into {len(classes)} classes with {len(templates)} "
                   f"prompt template(s)")
     clf = ZeroShotClassifier(model, classes, templates, args.batch_size)
     predictions = clf.predict(inputs.images, args.top_k)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label", "score", "top_k", "error"] + (["true_label"] if args.labels else []))
-        for pred, t in zip(predictions, truth):
-            top = ";".join(f"{c}:{p:.4f}" for c, p in pred.top)
-            w.writerow([pred.image, pred.top[0][0] if pred.top else "", f"{pred.top[0][1]:.6f}" if pred.top else "",
-                        top, pred.error or ""] + ([t] if args.labels else []))
+    out = Path(args.output) if args.output else None
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "label", "score", "top_k", "error"] + (["true_label"] if args.labels else []))
+            for pred, t in zip(predictions, truth):
+                top = ";".join(f"{c}:{p:.4f}" for c, p in pred.top)
+                w.writerow([pred.image, pred.top[0][0] if pred.top else "",
+                            f"{pred.top[0][1]:.6f}" if pred.top else "", top, pred.error or ""]
+                           + ([t] if args.labels else []))
     failed = [p for p in predictions if p.error]
-    table = Table(title=f"predictions (all in {out})")
-    for col in ("image", "label", "probability"):
+    shown = predictions[:10]
+    table = Table(title="predictions" + (f" (all in {out})" if out else
+                                         f" (the first {len(shown)} of {len(predictions)}; --output FILE.csv writes "
+                                         "them all)" if len(predictions) > len(shown) else ""))
+    # Paths below the images' common folder: a class folder tells 0.png from 0.png.
+    root = os.path.commonpath([str(Path(p.image).parent) for p in predictions]) if predictions else ""
+    for col in ("image", "label", "probability", *(["true label"] if args.labels else [])):
         table.add_column(col)
-    for pred in predictions[:10]:
-        table.add_row(Path(pred.image).name, pred.top[0][0] if pred.top else f"[red]{pred.error}[/]",
-                      f"{pred.top[0][1]:.3f}" if pred.top else "")
+    for pred, t in zip(shown, truth):
+        table.add_row(os.path.relpath(pred.image, root) if root else pred.image,
+                      pred.top[0][0] if pred.top else f"[red]{pred.error}[/]",
+                      f"{pred.top[0][1]:.3f}" if pred.top else "", *([str(t)] if args.labels else []))
     console.print(table)
     if failed:
         console.print(f"{len(failed)} image(s) could not be read, e.g. {failed[0].image}: {failed[0].error}")
@@ -88,10 +102,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
         true_idx = np.array([classes.index(t) for _, t in ok])
         acc = float((pred_idx == true_idx).mean()) if len(ok) else float("nan")
         console.print(f"accuracy {100 * acc:.1f} % on {len(ok)} labelled image(s) (chance {100 / len(classes):.1f} %)")
-        cm = confusion_matrix(pred_idx, true_idx, len(classes))
-        picture = out.with_name(out.stem + "_confusion.png")
-        _confusion_png(cm, classes, picture, acc)
-        console.print(f"confusion matrix: {picture}")
+        if out is not None:
+            cm = confusion_matrix(pred_idx, true_idx, len(classes))
+            picture = out.with_name(out.stem + "_confusion.png")
+            _confusion_png(cm, classes, picture, acc)
+            console.print(f"confusion matrix: {picture}")
 
 
 def _confusion_png(cm, classes: list[str], path: Path, accuracy: float) -> None:
