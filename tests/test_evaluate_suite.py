@@ -206,3 +206,23 @@ def test_the_report_summary_is_one_markdown_table(tmp_path, models):
     table = md[start:md.index("", start)]
     assert table[1] == "|" + "---|" * (table[0].count("|") - 1)
     assert len({row.count("|") for row in table}) == 1, table  # every row has the header's cells
+
+
+def test_better_and_worse_are_beyond_the_test_items_noise():
+    from flava.evaluate.report import summary_rows, verdict
+    from flava.evaluate.results import SuiteResult, TaskResult
+
+    def suite(top1: float, n: int, corr: float = 50.0) -> SuiteResult:
+        return SuiteResult("s", "m", [TaskResult("probe", "linear-probe", "vision", {"top-1": top1},
+                                                 examples={"top-1": n}),
+                                      TaskResult("sts", "finetune-text", "language", {"pearson": corr})])
+
+    # One image in 60 (10.00 vs 8.33): noise. The same gap on 10,000 items is not.
+    rows = summary_rows([suite(10.0, 60), suite(8.33, 60)])
+    assert verdict(*rows[0][2:]) == "same" and rows[0][3] == pytest.approx(
+        100 * np.hypot(np.sqrt(0.1 * 0.9 / 60), np.sqrt(0.0833 * 0.9167 / 60)))
+    assert verdict(*summary_rows([suite(10.0, 10_000), suite(8.33, 10_000)])[0][2:]) == "better"
+    # A correlation is no share of items: its rows and the averages over it keep the fixed rule.
+    rows = {r[0]: r for r in summary_rows([suite(10.0, 60, 51.0), suite(8.33, 60, 50.0)])}
+    assert rows["vision average"][3] is not None and rows["language average"][3] is None
+    assert rows["macro average"][3] is None and verdict(*rows["language average"][2:]) == "better"

@@ -46,6 +46,11 @@ def read_settings(t: TaskSpec) -> tuple[FinetuneSettings, list[float] | None]:
     return settings, [float(x) for x in sweep]
 
 
+SHARES = ("accuracy", "vqa_score", "acc/F1")
+"""Headline scores that are shares of the test items (VQA's soft score and MRPC's mean of accuracy
+and F1 close enough to one for their noise)."""
+
+
 def headline(metrics_: dict[str, float], task_metrics: tuple[str, ...]) -> dict[str, float]:
     """The paper's per-task score: accuracy and F1 averaged for MRPC/QQP, else the first metric."""
     if {"accuracy", "f1"} <= set(task_metrics):
@@ -81,8 +86,9 @@ def run(job: FinetuneJob, model, tokenizer, progress) -> Measured:
         notes.append(f"learning rate {chosen:g} chosen on validation {r.metric} ({', '.join(tried)})")
     if not settings.train_encoders:
         notes.append("encoders frozen: the head alone was trained")
-    return Measured(percent(headline(r.test_metrics, tuple(data.metrics))), r.test_metrics, notes,
-                    detail={"result": r})
+    scores = percent(headline(r.test_metrics, tuple(data.metrics)))
+    shares = {k: len(data.test) for k in scores if k in SHARES}  # a correlation is no share of items
+    return Measured(scores, r.test_metrics, notes, detail={"result": r}, examples=shares)
 
 
 def pictures(result: TaskResult, base: Path) -> list[str | None]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
+
 from ..io.files import write_json_atomic, write_text_atomic
 from .kinds import task_kind
 from .results import DOMAINS, SuiteResult, TaskResult
@@ -29,32 +31,51 @@ def to_json(result: SuiteResult, pictures: dict[str, list[str]]) -> dict:
         "suite": result.name,
         "model": result.model,
         "tasks": [{"name": t.name, "kind": t.kind, "domain": t.domain, "scores": t.scores, "metrics": t.metrics,
-                   "notes": t.notes, "seconds": round(t.seconds, 2), "pictures": pictures.get(t.name, [])}
+                   "examples": t.examples, "notes": t.notes, "seconds": round(t.seconds, 2),
+                   "pictures": pictures.get(t.name, [])}
                   for t in result.tasks],
         "domain_averages": result.domain_averages(),
         "macro_average": result.macro_average(),
     }
 
 
-def summary_rows(results: list[SuiteResult]) -> list[tuple[str, str, list[float]]]:
-    """(task, score name, value per model) for every score row, then the averages."""
-    rows = []
+def summary_rows(results: list[SuiteResult]) -> list[tuple[str, str, list[float], float | None]]:
+    """(task, score name, value per model, the noise of the first two's difference) for every
+    score row, then the averages. The noise is the standard error of that difference (percent
+    points) where each score is a share of its test items, else None: binomial errors, taken as
+    independent, so conservative for two models scored on the same items; averages carry them
+    as means do."""
+    def noise(a: TaskResult, b: TaskResult, key: str) -> float | None:
+        sa, sb = a.standard_error(key), b.standard_error(key)
+        return None if sa is None or sb is None else float(np.hypot(sa, sb))
+
+    def mean_noise(parts: list[float | None]) -> float | None:
+        return None if not parts or any(p is None for p in parts) else float(np.sqrt(sum(p * p for p in parts))) / len(parts)
+
+    rows: list[tuple[str, str, list[float], float | None]] = []
+    by_domain: dict[str, list[float | None]] = {}
     for i, task in enumerate(results[0].tasks):
         for key in task.scores:
-            rows.append((task.name, key, [r.tasks[i].scores[key] for r in results]))
+            se = noise(task, results[1].tasks[i], key) if len(results) > 1 else None
+            rows.append((task.name, key, [r.tasks[i].scores[key] for r in results], se))
+            by_domain.setdefault(task.domain, []).append(se)
+    domains = []
     for domain in DOMAINS:
         if domain in results[0].domain_averages():
-            rows.append((f"{domain} average", "", [r.domain_averages()[domain] for r in results]))
-    rows.append(("macro average", "", [r.macro_average() for r in results]))
+            se = mean_noise(by_domain.get(domain, []))
+            domains.append(se)
+            rows.append((f"{domain} average", "", [r.domain_averages()[domain] for r in results], se))
+    rows.append(("macro average", "", [r.macro_average() for r in results], mean_noise(domains)))
     return rows
 
 
-def verdict(values: list[float]) -> str:
-    """How the first model compares with the second (scores are 'higher is better')."""
+def verdict(values: list[float], noise: float | None = None) -> str:
+    """How the first model compares with the second (scores are 'higher is better'): 'same' within
+    two standard errors of the difference (`noise`), or under 0.05 points where it is unknown."""
     if len(values) < 2:
         return ""
     diff = values[0] - values[1]
-    if abs(diff) < 0.05:
+    if abs(diff) <= (2 * noise if noise is not None else 0.05):
         return "same"
     return "better" if diff > 0 else "worse"
 
@@ -77,12 +98,15 @@ def write_report(results: list[SuiteResult], directory: Path, labels: list[str] 
     lines += ["", "## Summary (the shape of the paper's Table 3)", ""]
     columns = ["task", "score", *labels, *(["pretraining"] if len(results) > 1 else [])]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for task, key, values in summary_rows(results):
+    for task, key, values, noise in summary_rows(results):
         cells = " | ".join(f"{v:.2f}" for v in values)
-        lines.append(f"| {task} | {key} | {cells} |" + (f" {verdict(values)} |" if len(results) > 1 else ""))
+        lines.append(f"| {task} | {key} | {cells} |" + (f" {verdict(values, noise)} |" if len(results) > 1 else ""))
     lines += ["", "Scores are percentages (higher is better): R@k for retrieval (TR = image→text, "
               "IR = text→image), top-1 accuracy for classification and probes, the task's metric for fine-tuning "
-              "(VQA score for VQA). Domain averages are over score rows, the macro average over domains.", ""]
+              "(VQA score for VQA). Domain averages are over score rows, the macro average over domains."
+              + (" 'same': the difference is within two standard errors of the test items' sampling noise "
+                 "(binomial, per score row and through the averages), or under 0.05 points for scores that are "
+                 "no share of items." if len(results) > 1 else ""), ""]
     for j, (label, result) in enumerate(zip(labels, results)):
         lines += [f"## Details: {label}", ""]
         for task in result.tasks:

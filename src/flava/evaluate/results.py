@@ -24,6 +24,9 @@ class Measured:
     metrics: dict[str, float]
     notes: list[str] = field(default_factory=list)
     detail: Any = None
+    examples: dict[str, int] = field(default_factory=dict)
+    """Per score row that is a share of test items (an accuracy, a recall), how many items: its
+    noise is then a binomial one. Absent for scores that are no share (a correlation)."""
 
 
 @dataclass
@@ -41,6 +44,16 @@ class TaskResult:
     seconds: float = 0.0
     detail: Any = field(default=None, repr=False)
     """What the report draws from (a RetrievalResult, ProbeResult, FinetuneResult, ...)."""
+    examples: dict[str, int] = field(default_factory=dict)
+    """`Measured.examples`."""
+
+    def standard_error(self, key: str) -> float | None:
+        """The binomial standard error of score row `key` (percent), or None when it is no share."""
+        n = self.examples.get(key)
+        if not n:
+            return None
+        p = min(max(self.scores[key] / 100.0, 0.0), 1.0)
+        return 100.0 * float(np.sqrt(p * (1 - p) / n))
 
 
 @dataclass

@@ -69,10 +69,10 @@ def results_table(results: list[SuiteResult], labels: list[str], title: str) -> 
         table.add_column(label, justify="right")
     if len(results) > 1:
         table.add_column("pretraining", justify="center")
-    for task, key, values in summary_rows(results):
+    for task, key, values, noise in summary_rows(results):
         average = not key
         cells = [f"[bold]{v:.2f}[/]" if average else f"{v:.2f}" for v in values]
-        v = verdict(values)
+        v = verdict(values, noise)
         mark = {"better": "[green]better[/]", "worse": "[red]worse[/]", "same": "same"}.get(v, "")
         table.add_row(f"[bold]{task}[/]" if average else task, key, *cells, *([mark] if len(results) > 1 else []),
                       end_section=average and task.startswith("macro"))

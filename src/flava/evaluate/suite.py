@@ -48,7 +48,8 @@ class PreparedTask:
 
     def run(self, model, tokenizer, progress: Callable[[int, int], None]) -> TaskResult:
         m = task_kind(self.kind, self.name).run(self.data, model, tokenizer, progress)
-        return TaskResult(self.name, self.kind, self.domain, m.scores, m.metrics, m.notes, detail=m.detail)
+        return TaskResult(self.name, self.kind, self.domain, m.scores, m.metrics, m.notes, detail=m.detail,
+                          examples=m.examples)
 
 
 def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = None) -> PreparedTask:

@@ -104,7 +104,7 @@ def run(d: ProbeData, model, tokenizer, progress) -> Measured:
     r = linear_probe(features["train"], d.train[1], features["test"], d.test[1],
                      val=(features["val"], d.val[1]) if d.val is not None else None)
     return Measured(percent({"top-1": r.accuracy}), r.metrics, [f"λ = {r.lam:.3g} chosen on validation"],
-                    detail={"result": r, "classes": d.classes})
+                    detail={"result": r, "classes": d.classes}, examples={"top-1": len(d.test[1])})
 
 
 register(TaskKind("linear-probe", frozenset({"modality", "data", "train", "val", "test", "limit"}),

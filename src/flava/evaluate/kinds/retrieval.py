@@ -52,7 +52,9 @@ def run(galleries: list[Gallery], model, tokenizer, progress) -> Measured:
     scores = {"TR R@1": mean["image_to_text_R@1"], "TR R@5": mean["image_to_text_R@5"],
               "IR R@1": mean["text_to_image_R@1"], "IR R@5": mean["text_to_image_R@5"]}
     notes = [f"mean over {len(galleries)} galleries"] if len(galleries) > 1 else []
-    return Measured(percent(scores), mean, notes, detail={"result": results[0], "images": galleries[0][0]})
+    n_img, n_cap = sum(len(g[0]) for g in galleries), sum(len(c) for g in galleries for c in g[1])
+    return Measured(percent(scores), mean, notes, detail={"result": results[0], "images": galleries[0][0]},
+                    examples={"TR R@1": n_img, "TR R@5": n_img, "IR R@1": n_cap, "IR R@5": n_cap})
 
 
 def pictures(result: TaskResult, base: Path) -> list[str | None]:

@@ -54,7 +54,8 @@ def run(d: ZeroShotData, model, tokenizer, progress) -> Measured:
     from ..zero_shot import zero_shot_classification
 
     r = zero_shot_classification(model, d.images, d.labels, d.classes, tokenizer, d.templates, progress=progress)
-    return Measured(percent({"top-1": r.top1}), r.metrics, detail={"result": r, "classes": d.classes})
+    return Measured(percent({"top-1": r.top1}), r.metrics, detail={"result": r, "classes": d.classes},
+                    examples={"top-1": len(d.labels)})
 
 
 register(TaskKind("zero-shot", frozenset({"data", "folder", "class_names", "templates", "limit"}),
