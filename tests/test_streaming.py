@@ -422,3 +422,8 @@ def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path):
                 "--size", "24"]) == 0
     report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
     assert report["samples"] == 16 and sum(report["dropped"].values()) == 1, report["dropped"]
+    # Into a folder of other files: refused, the files left alone.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep\n")
+    assert cli(["prepare", "--pairs", str(table), "--output", str(tmp_path / "mine"), "--workers", "1"]) == 2
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]

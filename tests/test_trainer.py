@@ -215,3 +215,11 @@ def test_the_divergence_patience_goes_on_after_a_resume(data, tmp_path):
     t.save()
     resumed = Trainer(config(data, max_steps=4, save_every=100), tmp_path / "run")
     assert resumed.resume() and resumed.progress.nonfinite_run == [3, 4]
+
+
+def test_mixing_that_does_not_sum_to_one_is_said_to_be_proportions(data, tmp_path):
+    cfg = config(data)
+    cfg.data.mixing = [0.7, 0.2, 0.5]
+    t = Trainer(cfg, tmp_path / "run")
+    assert any("data.mixing=[0.7, 0.2, 0.5] sums to 1.4: taken as proportions, pairs 0.50" in n for n in t.notes)
+    assert not any("sums to" in n for n in Trainer(config(data), tmp_path / "other").notes)

@@ -191,6 +191,9 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
                 "inputs": [s.name for s in sources]}
     mark = output / "prepare_settings.json"
+    if not mark.is_file() and any(not f.name.startswith(".") for f in output.iterdir()):
+        raise DataError(f"{output} already holds other files; prepare into a new or empty directory (its shards "
+                        "and index are written beside nothing else)")
     if mark.is_file():
         before = json.loads(mark.read_text())
         if before != manifest:

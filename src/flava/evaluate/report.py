@@ -112,7 +112,7 @@ def write_report(results: list[SuiteResult], directory: Path, labels: list[str] 
         for task in result.tasks:
             lines.append(f"### {task.name} ({task.kind}, {task.domain}, {task.seconds:.0f} s)")
             lines.append("")
-            lines.append(", ".join(f"{k} {v:.4g}" for k, v in task.metrics.items()))
+            lines.append("measured (fractions, not percent): " + ", ".join(f"{k} {v:.4g}" for k, v in task.metrics.items()))
             for note in task.notes:
                 lines.append(f"- {note}")
             for pic in pictures[j].get(task.name, []):

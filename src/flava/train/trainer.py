@@ -63,8 +63,9 @@ class Trainer:
         if len(end) != len(KINDS):
             raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
                               f"probabilities (pairs, images, text); got {len(end)}")
-        self.mixing = KindMixing(self.kinds, self._mixing("mixing", cfg.data.mixing), self._mixing("mixing_end", end),
-                                 cfg.data, cfg.max_steps, self.device)
+        linear = cfg.data.mixing_schedule == "linear"
+        self.mixing = KindMixing(self.kinds, self._mixing("mixing", cfg.data.mixing),
+                                 self._mixing("mixing_end", end, say=linear), cfg.data, cfg.max_steps, self.device)
         self.progress = TrainState()
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
         """Steps whose numbers are still on the device: (row, values, names)."""
@@ -127,12 +128,16 @@ class Trainer:
         if names and not self.shared and self.world > 1:
             self.notes.append("the gradient diagnostics are off: FSDP shards the encoders' gradients")
 
-    def _mixing(self, key: str, mixing: list[float]) -> np.ndarray:
-        """The trained kinds' probabilities from a [pairs, images, text] setting, normalised."""
+    def _mixing(self, key: str, mixing: list[float], say: bool = True) -> np.ndarray:
+        """The trained kinds' probabilities from a [pairs, images, text] setting, normalised (with a
+        note, when `say`, where the setting does not sum to 1)."""
         probs = np.array([mixing[KINDS.index(k)] for k in self.kinds], dtype=float)
         if probs.sum() <= 0:
             raise ConfigError(f"data.{key} gives the {', '.join(self.kinds)} data of stage {self.cfg.stage} no "
                               f"weight; set data.{key}=[pairs, images, text] probabilities")
+        if say and abs(sum(mixing) - 1) > 1e-6:
+            self.notes.append(f"data.{key}={list(mixing)} sums to {sum(mixing):g}: taken as proportions, "
+                              + ", ".join(f"{k} {p:.2f}" for k, p in zip(self.kinds, probs / probs.sum())))
         return probs / probs.sum()
 
     def probs_at(self, step: int) -> np.ndarray:
