@@ -69,7 +69,10 @@ class DataConfig:
     """Keep remote shards in this directory (read from there after the first epoch); empty: remote
     shards are read into memory each time a stream reaches them."""
     cache_limit_gb: Positive = 50.0
-    """Largest size of `cache_dir`; the least recently used shards are removed beyond it."""
+    """Largest size of `cache_dir`; the least recently used shards are removed beyond it. A shard
+    removed while a lane reads it stays readable to that lane (its space is freed when the last
+    reader closes it: each process keeps up to 128 shards open), so give it room for the shards read
+    side by side, lanes x shard size, or the cache fetches them over and over."""
     max_text_length: Annotated[int, Range(3)] = 64
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
     crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.9
