@@ -6,6 +6,7 @@ target, so a crash or a full disk never leaves a half-written file under the rea
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -133,16 +134,14 @@ def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
 
 
 def explain_os_error(e: OSError) -> str:
-    """One line for a file system error met while writing: the path, the reason, the fix."""
-    import errno
-
-    what = e.filename or "the output"
+    """One line for a file system error (mostly met writing outputs): the path, the reason, the fix."""
+    what = e.filename or "a file"
     if e.errno in (errno.EEXIST, errno.ENOTDIR):
-        fix = "a file is in the way (the output, or a folder on its path, is a file): choose another output"
+        fix = "a file is in the way (the path, or a folder on it, is a file): choose another path"
     elif e.errno == errno.EISDIR:
         fix = "a folder is in the way: name a file"
     elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "the disk is full: free some space (what was saved before is kept)"
     else:
-        fix = "this user cannot write there: choose another output or change its permissions"
-    return f"cannot write {what}: {e.strerror or e}; {fix}"
+        fix = "this user may not use it: change its permissions or choose another path"
+    return f"cannot use {what}: {e.strerror or e}; {fix}"
