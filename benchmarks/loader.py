@@ -247,7 +247,8 @@ def main() -> int:
             print(f"  {'ratio ours/baseline':22s} {workers:7d} {ours['samples_per_s'] / base['samples_per_s']:9.2f}x "
                   f"{ours['samples_per_core_s'] / base['samples_per_core_s']:8.2f}x "
                   f"{ours['main_ms_per_batch'] / max(base['main_ms_per_batch'], 1e-9):13.2f}x", flush=True)
-    print(f"step (tiny, 224 px, patch 32, pairs, batch {args.batch}) on cached batches and fed by the loader (1 worker):")
+    print(f"step (tiny, 224 px, patch 32, pairs, batch {args.batch}) on cached batches and fed by the loader "
+          "(1 worker):")
     result["headroom"] = {}
     for name, package in impls.items():
         h = result["headroom"][name] = measure_headroom(package, shards, args.batch, args.steps)

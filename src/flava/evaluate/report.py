@@ -50,7 +50,9 @@ def summary_rows(results: list[SuiteResult]) -> list[tuple[str, str, list[float]
         return None if sa is None or sb is None else float(np.hypot(sa, sb))
 
     def mean_noise(parts: list[float | None]) -> float | None:
-        return None if not parts or any(p is None for p in parts) else float(np.sqrt(sum(p * p for p in parts))) / len(parts)
+        if not parts or any(p is None for p in parts):
+            return None
+        return float(np.sqrt(sum(p * p for p in parts))) / len(parts)
 
     rows: list[tuple[str, str, list[float], float | None]] = []
     by_domain: dict[str, list[float | None]] = {}
@@ -112,7 +114,8 @@ def write_report(results: list[SuiteResult], directory: Path, labels: list[str] 
         for task in result.tasks:
             lines.append(f"### {task.name} ({task.kind}, {task.domain}, {task.seconds:.0f} s)")
             lines.append("")
-            lines.append("measured (fractions, not percent): " + ", ".join(f"{k} {v:.4g}" for k, v in task.metrics.items()))
+            measured = ", ".join(f"{k} {v:.4g}" for k, v in task.metrics.items())
+            lines.append(f"measured (fractions, not percent): {measured}")
             for note in task.notes:
                 lines.append(f"- {note}")
             for pic in pictures[j].get(task.name, []):

@@ -371,7 +371,8 @@ class Trainer:
                 n = self.step + 1
                 save = n % self.cfg.save_every == 0 or n == self.cfg.max_steps
                 logged = n % self.cfg.log_every == 0 or n == end
-                row = self.train_step(sync=save or logged or n == first + 1, diagnose=logged and self._diagnosed(n, end))
+                row = self.train_step(sync=save or logged or n == first + 1,
+                                      diagnose=logged and self._diagnosed(n, end))
                 rows.append(row)
                 samples += row["samples"]
                 # A stop request (SIGTERM/SIGINT): this process's own, free to read, when alone;
