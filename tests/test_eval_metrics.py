@@ -251,3 +251,30 @@ def test_metrics_return_python_floats():
     assert type(M.accuracy([1], [1])) is float
     assert type(M.f1_binary([1, 0], [1, 1])) is float
     assert all(type(v) is float for v in M.retrieval_recall(np.eye(3), [0, 1, 2]).values())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_repeated_caption_texts_are_one_answer_for_every_image_that_has_them(seed):
+    # COCO and Flickr30K repeat some caption strings across images: a caption of that text is
+    # right for each of those images, whichever of the equal embeddings ties ahead.
+    rng = np.random.default_rng(seed)
+    n_images = 10
+    t2i = rng.permutation(np.array([i for i in range(n_images) for _ in range(rng.integers(1, 4))]))
+    ids = rng.integers(0, len(t2i) // 2 + 1, len(t2i))  # many texts repeated, some within one image
+    sim = tied_scores(rng, (n_images, len(t2i)))
+    own = {i: {ids[j] for j in range(len(t2i)) if t2i[j] == i} for i in range(n_images)}
+    ks = (1, 2, 5)
+    want = {}
+    for k in ks:
+        hits = [first_hit_adversarial(sim[i], [ids[j] in own[i] for j in range(len(t2i))]) < k
+                for i in range(n_images) if own[i]]
+        want[f"image_to_text_R@{k}"] = sum(hits) / len(hits)
+    for k in ks:
+        hits = [first_hit_adversarial(sim[:, j], [ids[j] in own[i] for i in range(n_images)]) < k
+                for j in range(len(t2i))]
+        want[f"text_to_image_R@{k}"] = sum(hits) / len(hits)
+    got = M.retrieval_recall(sim, t2i, ks, text_ids=ids)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    # Distinct texts: the same as giving none.
+    assert M.retrieval_recall(sim, t2i, ks, text_ids=np.arange(len(t2i))) == M.retrieval_recall(sim, t2i, ks)

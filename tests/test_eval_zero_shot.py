@@ -159,6 +159,19 @@ def test_retrieval_matches_model_embeddings_and_metrics(model, tokenizer):
     assert calls[-1] == (5 + len(flat), 5 + len(flat)) and calls[0] == (2, 5 + len(flat))
 
 
+def test_a_caption_text_two_images_share_is_right_for_both_whatever_the_batches(model, tokenizer):
+    images = random_images(3, seed=2)
+    captions = [["a dog", "a long caption about a dog running on the grass in the park"], ["a dog"], ["a cat"]]
+    runs = [zero_shot.retrieval(model, images, captions, tokenizer, text_batch_size=b) for b in (1, 2, 256)]
+    assert all(r.metrics == runs[0].metrics for r in runs)
+    sim, t2i = runs[0].similarity, runs[0].text_to_image
+    assert sim[0, 0] == sim[0, 2] and sim[1, 0] == sim[1, 2]  # one text, one embedding
+    # Image 1's own text "a dog" is caption 0's too: that caption never counts against image 1.
+    i2t, _ = metrics.retrieval_ranks(sim, t2i, [0, 1, 0, 2])
+    assert list(i2t) == list(runs[0].image_to_text_rank)
+    assert i2t[1] == int((sim[1, [1, 3]] >= sim[1, 2]).sum())  # only the captions of other texts count
+
+
 def test_retrieval_bad_inputs(model, tokenizer):
     with pytest.raises(InputError, match="2 images but captions for 1"):
         zero_shot.retrieval(model, random_images(2), [["a"]], tokenizer)

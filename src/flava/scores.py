@@ -71,16 +71,20 @@ def _binary(x, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- retrieval
 
 
-def retrieval_ranks(sim, text_to_image) -> tuple[np.ndarray, np.ndarray]:
+def retrieval_ranks(sim, text_to_image, text_ids=None) -> tuple[np.ndarray, np.ndarray]:
     """0-based ranks of the right answer for every query, ties broken against the query.
 
-    `sim` is [n_images, n_texts]; `text_to_image[j]` is the index of caption j's image.
+    `sim` is [n_images, n_texts]; `text_to_image[j]` is the index of caption j's image;
+    `text_ids[j]` (optional) names caption j's text, so that captions with the same text (COCO
+    and Flickr30K repeat some) are one answer: a caption is right for every image that has that
+    text among its captions. Without it every caption is a text of its own.
 
-    - text→image, caption j: the number of *other* images whose similarity to j is >= that of
-      j's image.
-    - image→text, image i: with s = the highest similarity of i to any of its own captions, the
-      number of captions of *other* images whose similarity to i is >= s (i's own captions never
-      count against it, tied or not). Images without a caption get rank -1 (not a query).
+    - text→image, caption j: with s = the highest similarity of j to an image that has its text,
+      the number of images without its text whose similarity to j is >= s.
+    - image→text, image i: with s = the highest similarity of i to a caption with one of its
+      texts, the number of captions with none of its texts whose similarity to i is >= s (i's
+      own texts never count against it, tied or not). Images without a caption get rank -1 (not a
+      query).
 
     Returns (image_to_text [n_images], text_to_image [n_texts]) int arrays.
     """
@@ -89,22 +93,35 @@ def retrieval_ranks(sim, text_to_image) -> tuple[np.ndarray, np.ndarray]:
     t2i = _labels(text_to_image, "text_to_image", n_images)
     if len(t2i) != n_texts:
         raise InputError(f"sim has {n_texts} text columns but text_to_image maps {len(t2i)} captions")
+    ids = np.arange(n_texts) if text_ids is None else np.asarray(text_ids)
+    if ids.shape != (n_texts,):
+        raise InputError(f"text_ids has {ids.size} entries but sim has {n_texts} text columns")
+    # The (image, caption) pairs that are right: every image having a text, with every caption of
+    # that text. Without repeated texts these are just (t2i[j], j). Never an [n_images, n_texts]
+    # mask: COCO's 5k x 25k matrix is large enough as it is.
+    _, text = np.unique(ids, return_inverse=True)
+    order = np.argsort(text, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(text[order])) + 1)  # caption indices of each text
+    alone = np.concatenate([g for g in groups if len(g) == 1] + [np.zeros(0, np.int64)])
+    shared = [(np.unique(t2i[g]), g) for g in groups if len(g) > 1]
+    pi = np.concatenate([t2i[alone]] + [np.repeat(o, len(g)) for o, g in shared])
+    pj = np.concatenate([alone] + [np.tile(g, len(o)) for o, g in shared])
+    ps = s[pi, pj]
 
-    right = s[t2i, np.arange(n_texts)]  # [n_texts] similarity of each caption to its own image
-    t2i_rank = (s >= right[None, :]).sum(axis=0) - 1  # minus the right image itself
+    right = np.full(n_texts, -np.inf)
+    np.maximum.at(right, pj, ps)
+    t2i_rank = (s >= right[None, :]).sum(axis=0) - np.bincount(pj, weights=ps >= right[pj], minlength=n_texts)
 
-    # Per image, its best own caption's score; then every caption scoring at least that, minus
-    # the own captions among them (those tied with the best). No [n_images, n_texts] masks
-    # beyond one comparison: COCO's 5k x 25k matrix is large enough as it is.
     best = np.full(n_images, -np.inf)
-    np.maximum.at(best, t2i, right)
-    own_at_best = np.bincount(t2i, weights=right >= best[t2i], minlength=n_images).astype(np.int64)
+    np.maximum.at(best, pi, ps)
+    own_at_best = np.bincount(pi, weights=ps >= best[pi], minlength=n_images)
     i2t_rank = (s >= best[:, None]).sum(axis=1) - own_at_best
+    i2t_rank = i2t_rank.astype(np.int64)
     i2t_rank[np.isneginf(best)] = -1  # images without a caption
-    return i2t_rank, t2i_rank
+    return i2t_rank, t2i_rank.astype(np.int64)
 
 
-def retrieval_recall(sim, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_recall(sim, text_to_image, ks: Sequence[int] = (1, 5, 10), text_ids=None) -> dict[str, float]:
     """Zero-shot retrieval recall at each k, as fractions in [0, 1].
 
     `sim` is [n_images, n_texts] (cosine similarities); `text_to_image[j]` is the image index of
@@ -116,13 +133,13 @@ def retrieval_recall(sim, text_to_image, ks: Sequence[int] = (1, 5, 10)) -> dict
     - "text_to_image_R@k": share of captions whose image is among the top k images.
     - "mean_recall": the mean of all the above (ALBEF's "r_mean", as a fraction).
 
-    Ties: see `retrieval_ranks` — a tied wrong candidate ranks ahead of a right one, so a query
-    hits at k iff its rank < k. k larger than the candidate count is allowed (always a hit).
+    Ties and repeated texts (`text_ids`): see `retrieval_ranks` — a tied wrong candidate ranks
+    ahead of a right one, so a query hits at k iff its rank < k. k larger than the candidate count is allowed (always a hit).
     """
     ks = list(ks)
     if not ks or any(int(k) != k or k < 1 for k in ks):
         raise InputError(f"ks must be positive integers; got {ks}")
-    i2t, t2i = retrieval_ranks(sim, text_to_image)
+    i2t, t2i = retrieval_ranks(sim, text_to_image, text_ids)
     i2t = i2t[i2t >= 0]
     if i2t.size == 0:
         raise InputError("no image has a caption: text_to_image is empty")

@@ -69,7 +69,8 @@ def retrieval(
     """Zero-shot image↔text retrieval by the cosine of the contrastive embeddings.
 
     `captions_per_image[i]` are image i's captions; an image may have none (it is then only a
-    distractor for text→image). `progress` sees images then captions, out of their sum.
+    distractor for text→image). A text repeated across images is right for each of them
+    (`scores.retrieval_ranks`). `progress` sees images then distinct captions, out of their sum.
     """
     if len(images) != len(captions_per_image):
         raise InputError(f"{len(images)} images but captions for {len(captions_per_image)}")
@@ -80,7 +81,10 @@ def retrieval(
     if not captions:
         raise InputError("no captions: every image's caption list is empty")
     check_image_files(images)
-    total = len(images) + len(captions)
+    # Each distinct text embedded once: a text repeated across images (COCO, Flickr30K) is one
+    # answer for all of them, with one embedding whatever the batches.
+    distinct, text_ids = np.unique(np.array(captions, dtype=object), return_inverse=True)
+    total = len(images) + len(distinct)
 
     def image_progress(done, _):
         progress(done, total)
@@ -88,10 +92,10 @@ def retrieval(
     def text_progress(done, _):
         progress(len(images) + done, total)
     img = image_embeddings(model, images, image_batch_size, image_progress if progress else None)
-    txt = text_embeddings(model, captions, tokenizer, text_batch_size, text_progress if progress else None)
-    sim = img.astype(np.float64) @ txt.astype(np.float64).T
-    i2t_rank, t2i_rank = metrics.retrieval_ranks(sim, t2i)
-    return RetrievalResult(metrics.retrieval_recall(sim, t2i, ks), sim, t2i, captions, i2t_rank, t2i_rank)
+    txt = text_embeddings(model, list(distinct), tokenizer, text_batch_size, text_progress if progress else None)
+    sim = img.astype(np.float64) @ txt.astype(np.float64)[text_ids].T
+    i2t_rank, t2i_rank = metrics.retrieval_ranks(sim, t2i, text_ids)
+    return RetrievalResult(metrics.retrieval_recall(sim, t2i, ks, text_ids), sim, t2i, captions, i2t_rank, t2i_rank)
 
 
 def _retrieval_set(images: list[Path], captions: list[list[str]], what: str) -> RetrievalSet:
