@@ -83,3 +83,23 @@ def test_every_built_in_kind_lives_in_its_own_module():
     assert set(kinds) >= {"retrieval", "zero-shot", "linear-probe", "finetune-text", "finetune-multimodal"}
     for name, kind in kinds.items():
         assert kind.read.__module__ == f"flava.evaluate.kinds.{name.replace('-', '_')}"
+
+
+def test_a_limit_is_a_seeded_choice_of_every_class_and_is_checked(tmp_path):
+    # The packaged sets list their training items class by class: the first 300 BBC articles
+    # are all one class, and a digits prefix is skewed too.
+    bbc = load_suite({"tasks": [{"kind": "finetune-text", "data": "bbc-news", "limit": 300}]}).tasks[0].data
+    assert len(bbc.data.train) == 300 and len({e.label for e in bbc.data.train}) == 5
+    probe = load_suite({"tasks": [{"kind": "linear-probe", "data": "bbc-news", "modality": "text", "limit": 200,
+                                   "seed": 3}]}).tasks[0].data
+    assert len(probe.train[0]) == 200 and len(set(probe.train[1].tolist())) == 5 and probe.seed == 3
+    shots = load_suite({"tasks": [{"kind": "zero-shot", "data": "easy-vqa-shapes", "limit": 30}]}).tasks[0].data
+    assert len(shots.images) == len(shots.labels) == 30
+    for bad in ("100", 0, True):
+        with pytest.raises(ConfigError, match="limit must be a positive integer"):
+            load_suite({"tasks": [{"kind": "linear-probe", "data": "digits", "limit": bad}]})
+
+
+def test_zero_shot_class_names_must_differ():
+    with pytest.raises(ConfigError, match="class names must differ; 'shape' name two classes"):
+        load_suite({"tasks": [{"kind": "zero-shot", "data": "easy-vqa-shapes", "class_names": ["shape", "shape", "x"]}]})

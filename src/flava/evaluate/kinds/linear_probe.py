@@ -11,6 +11,7 @@ import numpy as np
 from ...errors import ConfigError, DataError
 from ..packaged import bbc_news_splits, digits, easy_vqa_classes
 from ..pictures import classifier_pictures
+from ..readers.splits import check_limit, subsample
 from ..results import Measured, percent
 from ..task_spec import TaskSpec, image_folder, labelled_text
 from . import TaskKind, register
@@ -27,6 +28,8 @@ class ProbeData:
     val: Split | None
     test: Split
     classes: list[str]
+    seed: int = 0
+    """Seeds the validation hold-out when the task has no validation split."""
 
 
 def _text_splits(t: TaskSpec) -> tuple[Split, Split | None, Split, list[str]]:
@@ -72,13 +75,16 @@ def read(t: TaskSpec) -> ProbeData:
     else:
         raise ConfigError(f"{t.where}: a linear-probe task needs data, or train and test")
     limit = t.spec.get("limit")
-    if limit:
-        xtr, ytr = xtr[:limit], ytr[:limit]
+    check_limit(limit)
+    if limit is not None:  # a seeded choice: folders and packaged sets list their items class by class
+        keep = subsample(list(range(len(ytr))), limit, t.seed)
+        xtr = xtr[keep] if isinstance(xtr, np.ndarray) else [xtr[i] for i in keep]
+        ytr = np.asarray(ytr)[keep]
     if modality == "text" and data in IMAGE_DATA:
         raise ConfigError(f"{t.where}: {data} holds images; use modality 'image'")
     if modality == "image" and data == "bbc-news":
         raise ConfigError(f"{t.where}: bbc-news holds text; use modality 'text'")
-    return ProbeData(modality, (xtr, ytr), val, (xte, yte), classes)
+    return ProbeData(modality, (xtr, ytr), val, (xte, yte), classes, t.seed)
 
 
 def size(d: ProbeData) -> str:
@@ -102,7 +108,7 @@ def run(d: ProbeData, model, tokenizer, progress) -> Measured:
             features[key] = text_cls_features(model, x, tokenizer, progress=step)
         done += len(x)
     r = linear_probe(features["train"], d.train[1], features["test"], d.test[1],
-                     val=(features["val"], d.val[1]) if d.val is not None else None)
+                     val=(features["val"], d.val[1]) if d.val is not None else None, seed=d.seed)
     return Measured(percent({"top-1": r.accuracy}), r.metrics, [f"λ = {r.lam:.3g} chosen on validation"],
                     detail={"result": r, "classes": d.classes}, examples={"top-1": len(d.test[1])})
 

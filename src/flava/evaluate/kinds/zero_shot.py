@@ -11,6 +11,7 @@ import numpy as np
 from ...errors import ConfigError
 from ..packaged import easy_vqa_classes
 from ..pictures import classifier_pictures
+from ..readers.splits import check_limit, subsample
 from ..results import Measured, percent
 from ..task_spec import TaskSpec, image_folder
 from . import TaskKind, register
@@ -39,10 +40,19 @@ def read(t: TaskSpec) -> ZeroShotData:
         if not isinstance(names, list) or len(names) != len(classes):
             raise ConfigError(f"{t.where}: class_names must list {len(classes)} names (one per class folder)")
         classes = [str(n) for n in names]
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:  # one text embedding for two classes: every image of either would miss
+        raise ConfigError(f"{t.where}: class names must differ; {', '.join(map(repr, repeated))} name two classes "
+                          "(set class_names)")
     try:
         templates = parse_templates(t.spec.get("templates", "clip"))
     except ConfigError as e:
         raise ConfigError(f"{t.where}: {e}") from None
+    limit = t.spec.get("limit")
+    check_limit(limit)
+    if limit is not None:  # a seeded choice of the test images
+        keep = subsample(list(range(len(labels))), limit, t.seed)
+        images, labels = [images[i] for i in keep], np.asarray(labels)[keep]
     return ZeroShotData(images, labels, classes, list(templates))
 
 
