@@ -1,6 +1,7 @@
 """ITM negatives, zero weights, saving/loading a pretraining model, and the global contrastive
 loss across two gloo processes."""
 
+import math
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -66,6 +67,39 @@ def test_hard_negatives_follow_similarity_and_skip_true_captions():
     assert not same[p.image_index[neg], p.text_index[neg]].any()
     i2t = p.text_index[B: 2 * B]
     assert (i2t[torch.arange(B) != 4] == 4).float().mean() > 0.9
+
+
+def test_hard_negatives_are_drawn_when_the_true_captions_dominate():
+    # At a contrastive scale of 100 a true caption beats the others by hundreds of logits: a
+    # softmax over all underflows to zero for every allowed one, and the row was dropped.
+    B = 6
+    sim = torch.zeros(B, B) + torch.arange(B) * 0.5
+    sim[torch.arange(B), torch.arange(B)] = 400.0
+    same = torch.eye(B, dtype=torch.bool)
+    p = hard_negatives(sim, sim.T.clone(), same, generator=torch.Generator().manual_seed(0))
+    assert p.labels[B:].eq(0).all() and not same[p.image_index[B:], p.text_index[B:]].any()
+
+
+@pytest.mark.parametrize("contrastive", ["softmax", "sigmoid"])
+def test_hard_negatives_weigh_similarities_at_the_contrastive_scale(monkeypatch, contrastive):
+    import flava.objectives.pretraining as pretraining
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, ObjectivesConfig(itm_negatives="hard", contrastive=contrastive),
+                          codebook=flava.FlavaImageCodebook(cfg.codebook))
+    with torch.no_grad():
+        pm.model.logit_scale.fill_(math.log(50.0))
+        if contrastive == "sigmoid":
+            pm.heads.sigmoid_contrastive.logit_scale.fill_(math.log(20.0))
+    seen = []
+    real = pretraining.hard_negatives
+    monkeypatch.setattr(pretraining, "hard_negatives", lambda sim, *a, **k: seen.append(sim) or real(sim, *a, **k))
+    states, _ = pm.states(pair_batch(cfg), torch.Generator().manual_seed(1))
+    states.fused
+    image, text = (e.detach() for e in states.embeddings)
+    scale = 20.0 if contrastive == "sigmoid" else 50.0  # the scale, not its log (3.9 or 3.0)
+    torch.testing.assert_close(seen[0], scale * image @ text.T, rtol=1e-5, atol=1e-4)
 
 
 def pair_batch(cfg, B=6, seed=0):

@@ -82,10 +82,13 @@ def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, same: torch.Ten
     mine = rows[own]
     pairs = [(mine, mine, torch.ones_like(mine))]
     for sim, image_side in ((sim_i2t, True), (sim_t2i, False)):
-        weights = sim.float().softmax(dim=1).masked_fill(same, 0.0)
-        found = weights.sum(1) > 0
-        # A row with nothing to draw (every other text the same, or all weights underflowed)
-        # draws a dummy and is labelled to be ignored, so the rows keep their number.
+        # Softmax over the allowed candidates alone: the same draws as ALBEF's softmax over all
+        # with the true captions zeroed, but at a scale of 100 the latter underflows to zero for
+        # every allowed one when a true caption dominates.
+        found = (~same).any(1)
+        weights = sim.float().masked_fill(same, float("-inf")).softmax(dim=1)
+        # A row with nothing to draw (every other text the same) draws a dummy and is labelled
+        # to be ignored, so the rows keep their number.
         drawn = draw(torch.where(found[:, None], weights, 1.0), generator)[own]
         labels = torch.where(found[own], 0, IGNORE_INDEX)
         pairs.append((mine, drawn, labels) if image_side else (drawn, mine, labels))

@@ -124,6 +124,14 @@ class PairStates(_States):
     def logit_scale(self) -> torch.Tensor:
         return self.pm.logit_scale()
 
+    @property
+    def contrastive_scale(self) -> torch.Tensor:
+        """What the contrastive objective multiplies cosines by: exp of the (clamped) logit scale,
+        SigLIP's own learned temperature under the sigmoid loss."""
+        if self.objectives.contrastive == "sigmoid":
+            return self.pm.heads.sigmoid_contrastive.logit_scale.exp().detach()
+        return self.logit_scale.exp().detach()
+
     @cached_property
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Contrastive image and text embeddings of the unmasked pairs."""
@@ -207,7 +215,8 @@ class PairStates(_States):
         with torch.no_grad():
             all_img_e, all_txt_e = gather(img_e), gather(txt_e)
             same = same_text(all_ids, all_mask, all_ids, all_mask)
-            sim = self.logit_scale * all_img_e @ all_txt_e.T
+            # The contrastive logits (ALBEF's sim / temp): the scale itself, not its log.
+            sim = self.contrastive_scale * (all_img_e.float() @ all_txt_e.float().T)
             return hard_negatives(sim, sim.T, same, self.generator, own=slice(rank * B, (rank + 1) * B))
 
 
