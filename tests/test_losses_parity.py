@@ -5,6 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import hf_config, randomize_, require
 
 import flava
@@ -140,3 +141,22 @@ def test_native_batches_equal_transformers(pair):
     close(mlm.mlm, reference(ref, input_ids_masked=x["masked_ids"], attention_mask=x["mask"],
                              mlm_labels=x["mlm_labels"])["mlm"])
     assert mim.named().keys() == {"mim"} and mlm.named().keys() == {"mlm"}
+
+
+def test_contrastive_logits_are_float32_under_autocast():
+    # At a scale of 100, bfloat16 logits are off by about a tenth; the loss must not round them.
+    import math
+
+    from flava.objectives.losses import SigmoidContrastiveHead, global_contrastive_loss, sigmoid_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    img, txt = (F.normalize(torch.randn(64, 32, generator=g), dim=-1) for _ in range(2))
+    scale = torch.tensor(math.log(100.0))
+    head = SigmoidContrastiveHead(scale=math.log(100.0))
+    want = global_contrastive_loss(img, txt, scale), sigmoid_contrastive_loss(img, txt, head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = global_contrastive_loss(img, txt, scale), sigmoid_contrastive_loss(img, txt, head)
+    for w, r in zip(want, got):
+        assert r.logits_per_image.dtype == torch.float32
+        torch.testing.assert_close(r.logits_per_image, w.logits_per_image, rtol=0, atol=1e-5)
+        torch.testing.assert_close(r.loss, w.loss, rtol=0, atol=1e-6)

@@ -268,3 +268,14 @@ def test_hard_negatives_across_two_processes_with_different_text_lengths():
     for rank in range(2):
         names, finite, grad = results[rank]
         assert names == {"global_contrastive", "itm", "mmm_image", "mmm_text"} and finite and grad > 0
+
+
+def test_codebook_targets_are_the_same_under_autocast():
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cfg.codebook))
+    batch = pair_batch(cfg, B=8)
+    want = pm.image_targets(batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = pm.image_targets(batch)
+    assert torch.equal(got, want)

@@ -52,6 +52,12 @@ class ContrastiveResult:
     """Column of each local row's positive: rank * B + arange(B)."""
 
 
+def float32(like: torch.Tensor):
+    """A block whose matmuls run in float32 under autocast: contrastive logits at a scale of 100
+    rounded to bfloat16 are off by a tenth (and the loss with them)."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def global_contrastive_loss(
     image_embeddings: torch.Tensor,
     text_embeddings: torch.Tensor,
@@ -71,8 +77,9 @@ def global_contrastive_loss(
     gathered = gather_with_grad if gather_features else gather_local_grad
     all_images, all_texts, offset = gathered(image_embeddings), gathered(text_embeddings), rank * B
     scale = logit_scale.exp()
-    logits_per_image = scale * image_embeddings @ all_texts.T
-    logits_per_text = scale * text_embeddings @ all_images.T
+    with float32(image_embeddings):
+        logits_per_image = scale * image_embeddings.float() @ all_texts.float().T
+        logits_per_text = scale * text_embeddings.float() @ all_images.float().T
     labels = offset + torch.arange(B, device=image_embeddings.device)
     li, lt, lab = logits_per_image, logits_per_text, labels
     if rows is not None:
@@ -106,11 +113,12 @@ def sigmoid_contrastive_loss(image_embeddings: torch.Tensor, text_embeddings: to
     B = image_embeddings.shape[0]
     all_texts = (gather_with_grad if gather_features else gather_local_grad)(text_embeddings)
     offset = rank * B
-    logits = head.logit_scale.exp() * image_embeddings @ all_texts.T + head.logit_bias
+    with float32(image_embeddings):
+        logits = head.logit_scale.exp() * image_embeddings.float() @ all_texts.float().T + head.logit_bias
     labels = offset + torch.arange(B, device=image_embeddings.device)
     columns = torch.arange(logits.shape[1], device=logits.device)
     signs = torch.where(columns[None, :] == labels[:, None], 1.0, -1.0)
-    loss = -F.logsigmoid(signs * logits.float()).sum() / B
+    loss = -F.logsigmoid(signs * logits).sum() / B
     return ContrastiveResult(loss, logits, logits.T, labels)
 
 
