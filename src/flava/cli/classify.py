@@ -17,7 +17,7 @@ def add(sub) -> None:
     p.add_argument("--images", required=True, nargs="+", help="image files, folders (recursive) or globs")
     p.add_argument("--classes", help="class names, comma-separated, or a file with one per line (default with "
                    "--labels: the sub-folder names)")
-    p.add_argument("--templates", help="prompt templates: clip (CLIP's 18, default), short ('a photo of a {}.'), "
+    p.add_argument("--templates", help="prompt templates: clip (22 in CLIP's manner, default), short ('a photo of a {}.'), "
                    "none, a file with one template per line, or templates separated by '|'; each has one {}")
     p.add_argument("--labels", action="store_true", help="the images' sub-folder names are their true classes: "
                    "print accuracy and write a confusion matrix picture")
