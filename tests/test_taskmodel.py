@@ -86,8 +86,10 @@ def test_text_classifier_through_the_cli_equals_the_in_memory_model(data, tmp_pa
     assert main(args) == 0
     printed = " ".join(capsys.readouterr().out.split())  # lines wrap at 110 columns wherever the path ends
     assert "best validation accuracy" in printed and f"flava predict --model {out}" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "model.safetensors", "task.json",
-                                                     "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checksums.json", "model.safetensors", "special_tokens_map.json",
+                                                     "task.json", "tokenizer.json"]
+    roles = json.loads((out / "special_tokens_map.json").read_text())
+    assert roles["pad_token"] == "[PAD]" and roles["mask_token"] == "[MASK]"  # read back by load_task
     meta = json.loads((out / "task.json").read_text())
     assert meta["task"] == "text-classification" and meta["label_names"] == ["absent", "present"]
     assert list(meta["model"]) == ["text"] and meta["preprocessing"]["max_text_length"] == 64  # text tower only

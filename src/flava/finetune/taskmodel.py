@@ -32,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import to_dict
-from ..data.tokenizer import TextTokenizer
+from ..data.tokenizer import SPECIAL_MAP, TextTokenizer
 from ..data.transforms import eval_transform
 from ..errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
 from ..io.checkpoint import CHECKSUMS, write_checksums
@@ -47,7 +47,7 @@ FORMAT_VERSION = 1
 TASK_FILE = "task.json"
 WEIGHTS = "model.safetensors"
 TOKENIZER = "tokenizer.json"
-FILES = (TASK_FILE, WEIGHTS, TOKENIZER, CHECKSUMS)
+FILES = (TASK_FILE, WEIGHTS, TOKENIZER, SPECIAL_MAP, CHECKSUMS)
 
 TEXT_TASKS = ("text-classification", "text-regression")
 MULTIMODAL_TASKS = ("vqa", "visual-entailment", "image-text-classification")
@@ -250,8 +250,8 @@ class TaskModel:
             state = {k: v.detach().to("cpu").contiguous() for k, v in self.classifier.state_dict().items()}
             save_file(state, str(tmp / WEIGHTS), metadata={"format": FORMAT})
             write_json_atomic(tmp / TASK_FILE, meta)
-            if self.tokenizer is not None:
-                self.tokenizer.tok.save(str(tmp / TOKENIZER))
+            if self.tokenizer is not None:  # with its special tokens' roles, which some vocabularies do not name
+                self.tokenizer.save(tmp)
             write_checksums(tmp)
 
         replace_dir(target, fill)
