@@ -210,3 +210,20 @@ def test_the_balancing_comparison_shares_unimodal_stages_and_reports_the_spread(
     assert scores.stat().st_mtime_ns == mtime
     assert cli(args[:-len(settings)] + settings[:-2] + ["--set", "log_every=2"]) == 2  # other settings refused
     assert "holds a comparison with other settings" in capsys.readouterr().err
+
+
+def test_claims_within_the_test_items_noise_neither_hold_nor_fail():
+    from flava.recipes.ablate import claims
+
+    def row(vision, items):
+        return {"tasks": {"probe": {"domain": "vision", "scores": {"top-1": vision}, "examples": {"top-1": items}}},
+                "domain_averages": {"vision": vision}}
+
+    # One item in 8 apart: noise. The same gap over 10,000 items is not.
+    small = claims({"flava": row(75.0, 8), "flava-no-init": row(87.5, 8), "untrained": row(75.0, 8)})
+    text = "\n".join(small)
+    assert "unimodal initialisation helps vision (FLAVA over FLAVA w/o init): within noise (±" in text
+    assert "full FLAVA has the best macro average: within noise" in text
+    assert "FLAVA is not above the untrained model on: vision (within noise)" in text
+    large = "\n".join(claims({"flava": row(75.0, 10_000), "flava-no-init": row(87.5, 10_000)}))
+    assert "helps vision (FLAVA over FLAVA w/o init): does not hold here" in large

@@ -49,11 +49,7 @@ class TaskResult:
 
     def standard_error(self, key: str) -> float | None:
         """The binomial standard error of score row `key` (percent), or None when it is no share."""
-        n = self.examples.get(key)
-        if not n:
-            return None
-        p = min(max(self.scores[key] / 100.0, 0.0), 1.0)
-        return 100.0 * float(np.sqrt(p * (1 - p) / n))
+        return binomial_error(self.scores[key], self.examples.get(key))
 
 
 @dataclass
@@ -72,11 +68,39 @@ class SuiteResult:
         return out
 
     def scores(self) -> dict:
-        """The scores alone, as ablation rows keep them: per task its domain and score rows, and the
-        domain averages."""
-        return {"tasks": {t.name: {"domain": t.domain, "scores": t.scores} for t in self.tasks},
+        """The scores alone, as ablation rows keep them: per task its domain, score rows and their
+        test items (`TaskResult.examples`), and the domain averages."""
+        return {"tasks": {t.name: {"domain": t.domain, "scores": t.scores, "examples": t.examples}
+                          for t in self.tasks},
                 "domain_averages": self.domain_averages()}
 
     def macro_average(self) -> float:
         """Mean of the domain averages (the paper's macro average)."""
         return float(np.mean(list(self.domain_averages().values())))
+
+
+def binomial_error(score: float, items: int | None) -> float | None:
+    """The standard error (percent points) of a score that is a share of `items` test items."""
+    if not items:
+        return None
+    p = min(max(score / 100.0, 0.0), 1.0)
+    return 100.0 * float(np.sqrt(p * (1 - p) / items))
+
+
+def domain_noise(a: dict, b: dict) -> dict[str, float | None]:
+    """For two results in `SuiteResult.scores()` form: the standard error of the difference of
+    each domain average (the binomial errors of its score rows, taken as independent, carried as
+    means do), None where a row is no share of items or its items were not recorded."""
+    out: dict[str, float | None] = {}
+    for domain in DOMAINS:
+        parts: list[float | None] = []
+        for name, ta in a["tasks"].items():
+            tb = b["tasks"].get(name)
+            if ta["domain"] != domain or tb is None:
+                continue
+            for key, value in ta["scores"].items():
+                ea = binomial_error(value, ta.get("examples", {}).get(key))
+                eb = binomial_error(tb["scores"].get(key, value), tb.get("examples", {}).get(key))
+                parts.append(None if ea is None or eb is None else float(np.hypot(ea, eb)))
+        out[domain] = None if not parts or None in parts else float(np.sqrt(sum(p * p for p in parts))) / len(parts)
+    return out
