@@ -262,3 +262,11 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert "the first 10 of 12; --output FILE.csv writes them all" in shown and "accuracy" in shown
     assert any(f"{c}/" in shown for c in COLOURS)
     assert not list(tmp_path.glob("predictions*"))
+
+
+def test_a_resized_model_processes_images_at_its_new_size():
+    m = flava.FlavaModel(flava.preset("tiny")).eval()
+    size = m.config.image.image_size
+    m.encode_image([Image.new("RGB", (50, 50))])  # the processor exists before the resize
+    m.resize_image(2 * size)
+    assert m.processor.image_size == 2 * size and m.encode_image([Image.new("RGB", (50, 50))]).shape[0] == 1

@@ -12,7 +12,9 @@ NO_DECAY_NAMES = ("cls_token", "dist_token", "register_tokens", "pos_embed", "ma
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Norms, biases, CLS/position/mask tokens and the logit scale are not decayed."""
+    """Norms, biases, the image encoder's CLS, distillation, register, position and mask tokens
+    and the logit scale are not decayed (the text encoder's position and token-type tables are,
+    as BERT's are)."""
     return param.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES or name.endswith(".bias")
 
 

@@ -275,8 +275,11 @@ class FlavaModel(nn.Module):
         return fresh
 
     def resize_image(self, image_size: int) -> None:
-        """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""
+        """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA);
+        the processor (its tokenizer kept) crops images to it from then on."""
         self.image_encoder.resize(image_size)
+        if getattr(self, "_processor", None) is not None:
+            self._processor.image_size = image_size
 
     def block_stacks(self) -> list[Transformer]:
         """The three encoders' block stacks (for activation checkpointing, compiling, sharding)."""
