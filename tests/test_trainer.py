@@ -87,6 +87,7 @@ def test_pretrain_command_line(data, tmp_path, capsys):
     assert cli(base + ["--max-steps", "4", "--save-every", "2"]) == 0
     out = capsys.readouterr().out
     assert "skipped records:" in out and (tmp_path / "run" / "summary.json").is_file()
+    assert "the learning rate never reaches its peak" in " ".join(out.split())  # 50 warm-up steps, fewer run
     assert cli(base + ["--max-steps", "4"]) == 2  # the output already holds a run
     assert "--resume" in capsys.readouterr().err
     assert cli(base + ["--max-steps", "6", "--resume"]) == 0

@@ -265,6 +265,10 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     console.print(f"data: {data}")
     if trainer.optimisation.note:
         console.print(trainer.optimisation.note)
+    if trainer.optimisation.warmup_steps >= cfg.max_steps:
+        peak = trainer.optimisation.warmup_steps
+        console.print(f"note: the warm-up ({peak:,} steps) is as long as the run or longer ({cfg.max_steps:,}): the "
+                      f"learning rate never reaches its peak; set optim.warmup_steps below max_steps for a full schedule")
     # Saved with each checkpoint: a resumed run reports the whole run's.
     first, last = trainer.progress.first_losses, trainer.progress.last_losses
     gradients: dict[str, dict] = {}
