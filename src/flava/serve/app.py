@@ -292,6 +292,8 @@ def create_app(
             raise ApiError(400, f"{len(classes)} class names in one request; send at most {max_classes} (the "
                                 "server's --max-classes)")
         templates = parse_templates(str(form.get("templates") or "clip"))
+        if len(templates) > PROMPTS_PER_CALL:  # each class's prompts go in one model call
+            raise ApiError(400, f"{len(templates)} templates in one request; send at most {PROMPTS_PER_CALL}")
         top_k = form.get("top_k")
         try:
             top_k = min(len(classes), int(str(top_k))) if top_k not in (None, "") else min(5, len(classes))
@@ -360,7 +362,7 @@ def create_app(
         return PlainTextResponse(metrics.prometheus(), media_type="text/plain; version=0.0.4")
 
     app.add_middleware(Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router,
-                       body_timeout=body_timeout)
+                       body_timeout=body_timeout, limit=max_upload_bytes)
     return app
 
 

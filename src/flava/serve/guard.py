@@ -139,9 +139,11 @@ class Guard:
     """Outermost ASGI layer: refuses bodies over the limit (by Content-Length before reading, and
     by counting what arrives when there is none) and times every request for `Metrics`."""
 
-    def __init__(self, app, max_body: int, metrics: Metrics, router, body_timeout: float):
+    def __init__(self, app, max_body: int, metrics: Metrics, router, body_timeout: float, limit: int | None = None):
+        """`max_body` is what a body may hold (an upload and its form's framing); `limit`, the
+        upload limit the user set, is what a refusal names (default `max_body`)."""
         self.app, self.max_body, self.metrics, self.router = app, max_body, metrics, router
-        self.body_timeout = body_timeout
+        self.body_timeout, self.limit = body_timeout, limit if limit is not None else max_body
 
     def endpoint(self, scope) -> str:
         route = scope.get("route")
@@ -176,7 +178,7 @@ class Guard:
                 state["body_done"] = not message.get("more_body", False)
             return message
 
-        too_large = too_large_response(self.max_body)
+        too_large = too_large_response(self.limit)
         try:
             length = dict(scope["headers"]).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:

@@ -97,6 +97,10 @@ class RequestParser:
             raise ApiError(400, f'"{key}" must be a non-empty list of strings')
         if len(value) > self.max_batch:
             raise ApiError(400, f'{len(value)} items in "{key}"; send at most {self.max_batch} per request')
+        blank = [i for i, t in enumerate(value) if not t.strip()]
+        if blank:  # `flava embed` leaves empty texts out; a request gets told instead of a vector of nothing
+            raise ApiError(400, f'"{key}"[{blank[0]}] is empty' + (f" (and {len(blank) - 1} more)" if len(blank) > 1
+                                                                   else "") + "; send texts with words in them")
         return value
 
 
