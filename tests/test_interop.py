@@ -68,11 +68,14 @@ def test_export_roundtrip_loads_in_transformers_with_no_missing_keys(tmp_path):
     heads = randomize_(PretrainingHeads(cfg), seed=6)
     codebook = randomize_(flava.FlavaImageCodebook(cfg.codebook), seed=7)
     save_checkpoint(tmp_path / "ours", to_dict(cfg),
-                    {"model": model.state_dict(), "heads": heads.state_dict(), "codebook": codebook.state_dict()})
+                    {"model": model.state_dict(), "heads": heads.state_dict(), "codebook": codebook.state_dict()},
+                    extra={"objectives": {"mlm_weight": 0.5, "itm_weight": 2.0}})
     assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
 
     ref, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    # The objectives' weights travel: transformers' loss is the total the checkpoint trained on.
+    assert ref.config.mlm_weight == 0.5 and ref.config.itm_weight == 2.0 and ref.config.mim_weight == 1.0
     ref.eval()
     pixels, ids, mask = sample(cfg, batch=3)
     with torch.no_grad():

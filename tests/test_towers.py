@@ -370,3 +370,19 @@ def test_flava_pretrain_from_a_clip_tower(train_data, tmp_path):
     again = subprocess.run([sys.executable, "-m", "flava.cli", "pretrain", "--output", str(run), "--resume",
                             "--max-steps", "3"], env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "resumed from step 2" in again.stdout, again.stderr[-2000:]
+
+
+def test_dinov2_with_registers_resizes_its_positions_as_transformers_does_at_run_time(tmp_path):
+    # Run below its trained size (DINO's local crops): transformers' table is resized with
+    # antialiasing for this family, and so is ours, not only when the tower is loaded. (Kept at
+    # the tower's own 56 px, our table is its table; at another size it is resized once at load.)
+    ref = write_tower(tmp_path, "dinov2-registers")
+    pm = PretrainingModel(flava_config())
+    initialise_encoders(pm, image=str(tmp_path), image_size=56)
+    assert pm.model.config.image.pos_antialias
+    side = 32
+    x = pixels(side, seed=3)
+    with torch.no_grad():
+        ours = pm.model.image_encoder.eval()(x, interpolate_pos_encoding=True)
+        want = reference(ref, "dinov2-registers")(pixel_values=x)
+    torch.testing.assert_close(ours.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)

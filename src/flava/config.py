@@ -110,6 +110,9 @@ class ImageEncoderConfig(TransformerConfig):
     """A LayerNorm over the embeddings before the first block (CLIP's pre_layrnorm)."""
     patch_bias: bool = True
     """Whether the patch projection has a bias (CLIP's has none)."""
+    pos_antialias: bool = False
+    """Resize the position table with antialiasing when the image grid changes (as DINOv2 with
+    registers does in transformers)."""
 
     @property
     def grid_size(self) -> int:

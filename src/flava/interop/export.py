@@ -46,11 +46,13 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
     if extras:
         raise CheckpointError(f"this model's image encoder (from a public image tower) has {', '.join(extras)}, which "
                               "transformers' FLAVA image model cannot hold; it cannot be expressed in its format")
-    if cfg.text.norm_placement != "pre" or cfg.text.position_offset:
+    unlike = [what for what, on in (("post-norm", cfg.text.norm_placement != "pre"),
+                                    (f"numbers positions from {cfg.text.position_offset}", cfg.text.position_offset))
+              if on]
+    if unlike:
         raise CheckpointError(
-            "this model's text encoder is post-norm (started from a BERT-family tower), with positions from "
-            f"{cfg.text.position_offset}; transformers' FLAVA text model is pre-norm with positions from 0, so it cannot "
-            "be expressed in its format")
+            f"this model's text encoder (started from a BERT-family tower) is {' and '.join(unlike)}; transformers' "
+            "FLAVA text model is pre-norm and numbers positions from 0, so it cannot be expressed in its format")
     mm = cfg.multimodal.hidden_size
     if cfg.image.hidden_size != mm or cfg.text.hidden_size != mm:
         raise CheckpointError(
@@ -76,7 +78,12 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
     if codebook is None:
         notes.append("the checkpoint has no image codebook; the export sets init_codebook=false")
     tensors = {k: v.contiguous() for k, v in hf.state_dict_to_hf(ckpt.parts["model"], heads, codebook).items()}
-    _write(ckpt, out_dir, tensors, hf.config_to_hf(cfg, with_codebook=codebook is not None))
+    # The checkpoint's objective weights: transformers' loss is then the total it trained on.
+    weights = ckpt.extra.get("objectives", {})
+    loss_weights = {r.transformers_name: float(weights[r.weight]) for r in OBJECTIVES
+                    if r.transformers_name and r.weight in weights}
+    _write(ckpt, out_dir, tensors, hf.config_to_hf(cfg, with_codebook=codebook is not None,
+                                                   loss_weights=loss_weights))
     return notes
 
 

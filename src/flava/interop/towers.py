@@ -118,7 +118,7 @@ def image_config(family: Family, data: dict[str, Any]) -> ImageEncoderConfig:
             patch_size=hf._square("patch_size", d["patch_size"]), num_channels=int(d["num_channels"]),
             distillation_token=family.name == "DeiT", register_tokens=int(d.get("num_register_tokens", 0)),
             layer_scale=family.name.startswith("DINOv2"), embed_norm=family.name == "CLIP",
-            patch_bias=family.name != "CLIP")
+            patch_bias=family.name != "CLIP", pos_antialias=family.pos_antialias)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:

@@ -171,8 +171,10 @@ class ImageEncoder(nn.Module):
 
     def position_embeddings(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """[1, P + grid_h*grid_w, D] (P: CLS and a distillation token), bicubically resized when the
-        grid differs from the trained one."""
-        return resize_position_table(self.pos_embed, grid_h, grid_w, self.positioned_prefix)
+        grid differs from the model's (from this table: a public tower loaded at another size than
+        its own had its table resized once then, so other sizes differ slightly from the tower run
+        from its original table)."""
+        return resize_position_table(self.pos_embed, grid_h, grid_w, self.positioned_prefix, self.cfg.pos_antialias)
 
     def resize(self, image_size: int) -> None:
         """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA)."""
