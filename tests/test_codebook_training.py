@@ -46,6 +46,10 @@ def test_train_codebook_command(tmp_path, capsys):
     assert code == 2 and "already holds a trained codebook" in capsys.readouterr().err
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
 
+    assert cli(["info", str(out)]) == 0
+    assert "an image codebook (`flava train-codebook`), not a model: 64 tokens" in " ".join(
+        capsys.readouterr().out.split())
+
     codebook = flava.load_codebook(out)
     assert codebook.cfg.vocab_size == 64
     ids = codebook.token_ids(torch.rand(2, 3, 64, 64))

@@ -90,6 +90,9 @@ def test_text_classifier_through_the_cli_equals_the_in_memory_model(data, tmp_pa
                                                      "task.json", "tokenizer.json"]
     roles = json.loads((out / "special_tokens_map.json").read_text())
     assert roles["pad_token"] == "[PAD]" and roles["mask_token"] == "[MASK]"  # read back by load_task
+    assert main(["info", str(out)]) == 0
+    assert "a text-classification task model (`flava finetune`): 2 labels (absent, present)" in " ".join(
+        capsys.readouterr().out.split())
     meta = json.loads((out / "task.json").read_text())
     assert meta["task"] == "text-classification" and meta["label_names"] == ["absent", "present"]
     assert list(meta["model"]) == ["text"] and meta["preprocessing"]["max_text_length"] == 64  # text tower only

@@ -15,11 +15,24 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    from pathlib import Path
+
+    from ..finetune.taskmodel import TASK_FILE
     from ..loading import read_checkpoint
     from ..io.runs import resolve
 
+    if (Path(args.checkpoint) / TASK_FILE).is_file():
+        return _task_model(Path(args.checkpoint), console)
     ckpt = read_checkpoint(resolve(args.checkpoint))
     cfg = ckpt.config
+    if not ckpt.parts.get("model") and ckpt.parts.get("codebook"):
+        sd = ckpt.parts["codebook"]
+        console.print(f"{ckpt.path}: an image codebook (`flava train-codebook`), not a model: "
+                      f"{cfg.codebook.vocab_size:,} tokens from {cfg.codebook_image_size}-px images "
+                      f"({cfg.image.grid_size}x{cfg.image.grid_size} per image), "
+                      f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M parameters; pretraining takes it with "
+                      f"--set codebook={ckpt.path}")
+        return
     table = Table(title=f"{ckpt.path} ({ckpt.source} format)")
     for col in ("part", "layers", "hidden", "heads", "mlp", "tensors", "parameters"):
         table.add_column(col, justify="right" if col != "part" else "left")
@@ -38,3 +51,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
     post = "; a post-norm text encoder (from a BERT-family tower)" if cfg.text.norm_placement == "post" else ""
     console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "
                   f"{cfg.text.max_length} tokens; projection {cfg.projection_dim}{post}")
+
+
+def _task_model(path, console: Console) -> None:
+    """A fine-tuned task model: its task, outputs and the model under it."""
+    from ..finetune.load import load_task
+
+    tm = load_task(path)
+    shown = ", ".join(tm.label_names[:8]) + (", ..." if len(tm.label_names) > 8 else "")
+    outputs = f"{len(tm.label_names)} labels ({shown})" if tm.label_names else "one value (regression)"
+    params = sum(p.numel() for p in tm.classifier.parameters()) / 1e6
+    console.print(f"{path}: a {tm.task} task model (`flava finetune`): {outputs}; {params:.2f} M parameters; "
+                  f"predict with flava predict --model {path}")
