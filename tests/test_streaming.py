@@ -224,6 +224,30 @@ os._exit(0)  # gone without shutting its worker down
     assert not _alive(pid), "the worker outlived its owner"
 
 
+@pytest.mark.slow
+def test_an_owner_that_exits_is_not_held_by_a_worker_told_to_end(tmp_path):
+    # At its exit an owner joins its workers (multiprocessing's exit handler, which also sends
+    # SIGTERM, as DataLoader does to a slow one): a worker serving through SIGTERM until its owner
+    # is gone would wait for an owner waiting for it.
+    root = write_shards(tmp_path / "d", shards=2)
+    t = time.time()
+    owner = subprocess.run([sys.executable, "-c", f"""
+import multiprocessing, os, signal, time
+from flava.data.pipeline import BatchStream
+from flava.data.registry import open_source
+from flava.data.samples import SampleMaker, SampleSpec
+s = BatchStream("pairs", open_source("pairs", {str(root)!r}), SampleMaker(SampleSpec(32, 32, 4, 16), 0), 4, seed=3,
+                num_workers=1)
+s.next_batch()
+(w,) = multiprocessing.active_children()
+os.kill(w.pid, signal.SIGTERM)
+time.sleep(0.5)
+print("exiting", flush=True)  # a normal exit, the stream still open
+"""], capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert owner.returncode == 0 and "exiting" in owner.stdout, owner.stderr
+    assert time.time() - t < 15  # it does not wait out a grace period either
+
+
 def test_a_stream_draws_nothing_from_the_global_generator(tmp_path):
     # A checkpoint restores torch's global generator for dropout; a stream rebuilt on resume must
     # not move it, or the resumed run's dropout would differ from the uninterrupted run's.

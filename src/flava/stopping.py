@@ -120,9 +120,24 @@ def ignore_in_worker(*_) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
-OWNER_POLL_S = 0.5
+OWNER_POLL_S = 0.2
 """How often a loader worker told to end (SIGTERM) looks whether its owner is still there."""
 _loader_owner = 0  # the pid of the process a loader worker serves
+_owner_exiting = None
+"""A multiprocessing Event the owner sets as it exits (`prepare_loader_owner`): its exit joins its
+workers (multiprocessing's own exit handler), so one told to end must not wait for it to be gone."""
+
+
+def prepare_loader_owner() -> None:
+    """In a process about to start loader workers (forked: they inherit the event): set the event
+    at its exit, before multiprocessing's handler, registered earlier, ends and joins them."""
+    global _owner_exiting
+    if _owner_exiting is None:
+        import atexit
+        import multiprocessing
+
+        _owner_exiting = multiprocessing.Event()
+        atexit.register(_owner_exiting.set)
 
 
 def _serve_while_owner_lives(signum: int, frame) -> None:
@@ -132,7 +147,7 @@ def _serve_while_owner_lives(signum: int, frame) -> None:
         return
 
     def watch() -> None:
-        while os.getppid() == _loader_owner:
+        while os.getppid() == _loader_owner and not (_owner_exiting is not None and _owner_exiting.is_set()):
             time.sleep(OWNER_POLL_S)
         os._exit(0)
 
@@ -147,7 +162,7 @@ def quiet_loader_worker(*_) -> None:
     sooner fails the run without a checkpoint). So the worker keeps serving; its owner shuts it
     down as usual when it stops, and it ends by itself (status 0, which no owner takes for a
     failure) once its owner is gone. A worker stuck past DataLoader's own shutdown, which sends
-    SIGTERM too, ends when it frees itself or its owner exits."""
+    SIGTERM too, ends when it frees itself or its owner exits (its owner joins it then)."""
     global _loader_owner
     _loader_owner = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
-from ..stopping import quiet_loader_worker
+from ..stopping import prepare_loader_owner, quiet_loader_worker
 from .members import BadSample
 from .samples import SampleMaker
 from .sources import Source, open_shard
@@ -242,6 +242,8 @@ class BatchStream:
     def _iterator(self):
         dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors))
         # Workers leave SIGTERM/SIGINT to this process, which stops at its step's end (stopping.py).
+        if self.num_workers:
+            prepare_loader_owner()
         # The loader's own generator: an iterator (re)built on resume must not draw from the global
         # one, which the checkpoint restored for the model's dropout (samples seed themselves).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,

@@ -51,8 +51,9 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
               if on]
     if unlike:
         raise CheckpointError(
-            f"this model's text encoder (started from a BERT-family tower) is {' and '.join(unlike)}; transformers' "
-            "FLAVA text model is pre-norm and numbers positions from 0, so it cannot be expressed in its format")
+            f"this model's text encoder (started from a BERT-family tower) is {' and '.join(unlike)} while "
+            "transformers' FLAVA text model is pre-norm and numbers positions from 0, so it cannot be expressed in its "
+            "format")
     mm = cfg.multimodal.hidden_size
     if cfg.image.hidden_size != mm or cfg.text.hidden_size != mm:
         raise CheckpointError(
