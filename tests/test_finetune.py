@@ -232,7 +232,13 @@ def test_vqa_reader(tmp_path):
     task = read_vqa(*args, val_fraction=0.25, min_answer_count=1)
     assert task.label_names == ["two", "yes"]  # 3 and 3 majority answers in train: ties alphabetical
     assert (len(task.train), len(task.val), len(task.test)) == (6, 2, 8)
-    assert task.test[0].answers == {1: 1.0, 0: 2 / 3}  # "no" is not in the vocabulary
+    # Trained on min(1, n/3); scored by the official accuracy, averaged over the 10 leave-one-out
+    # subsets ("two": 2 humans -> 0.6, not 2/3). "no" is not in the vocabulary.
+    assert task.train[0].answers == {1: 1.0, 0: 2 / 3} and task.test[0].answers == {1: 1.0, 0: pytest.approx(0.6)}
+    from flava.evaluate.readers.multimodal import vqa_accuracy_scores
+
+    for n, want in ((1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0)):
+        assert vqa_accuracy_scores(["a"] * n + ["b"] * (10 - n), {"a": 0})[0] == pytest.approx(want)
     assert task.train[0].image.name.startswith("COCO_train2014_")
     (tmp_path / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
     with pytest.raises(DataError, match="2 image file"):  # two questions about the missing image

@@ -31,6 +31,19 @@ def vqa_soft_scores(human_answers: Sequence[str], vocab_index: dict[str, int]) -
     return {vocab_index[a]: min(1.0, n / 3) for a, n in counts.items() if a in vocab_index}
 
 
+def vqa_accuracy_scores(human_answers: Sequence[str], vocab_index: dict[str, int]) -> dict[int, float]:
+    """The official VQA accuracy of each answer, what validation and test are scored by: with the
+    10 human answers VQAv2 has, min(1, n / 3) averaged over the 10 subsets that leave one human
+    out (0.3, 0.6, 0.9 and 1 for 1, 2, 3 and 4+ humans); with another number of answers, min(1,
+    n / 3) as the training targets."""
+    m = len(human_answers)
+    if m != 10:
+        return vqa_soft_scores(human_answers, vocab_index)
+    counts = Counter(human_answers)
+    return {vocab_index[a]: (n * min(1.0, (n - 1) / 3) + (m - n) * min(1.0, n / 3)) / m
+            for a, n in counts.items() if a in vocab_index}
+
+
 def normalize_answer(answer: str) -> str:
     # VQAv2's answers are already normalised by its authors; only case and outer space vary.
     return answer.strip().lower()
@@ -109,7 +122,8 @@ def read_vqa(train_questions: str | Path, train_annotations: str | Path, train_i
     """VQAv2 from its JSON files (questions + annotations per split) and COCO image folders.
     Train on train2014 (minus a seeded validation share, split by image), test on val2014
     (test-dev needs the evaluation server). Answers: train's majority answers seen at least
-    `min_answer_count` times; targets: min(1, n/3) over the 10 human answers."""
+    `min_answer_count` times; training targets: min(1, n/3) over the 10 human answers; validation
+    and test scores: the official VQA accuracy (`vqa_accuracy_scores`)."""
     check_limit(limit)
     train = _vqa_split(Path(train_questions), Path(train_annotations), Path(train_images))
     test = _vqa_split(Path(test_questions), Path(test_annotations), Path(test_images))
@@ -122,10 +136,12 @@ def read_vqa(train_questions: str | Path, train_annotations: str | Path, train_i
                         f"lower min_answer_count")
     index = {a: i for i, a in enumerate(vocab)}
 
-    def examples(rs):
-        return [MultimodalExample(p, q, answers=vqa_soft_scores(h, index)) for p, q, _, h, _ in rs]
+    def examples(rs, scores):
+        return [MultimodalExample(p, q, answers=scores(h, index)) for p, q, _, h, _ in rs]
 
-    data = MultimodalData("VQAv2", examples(train), examples(val), examples(test), vocab, ("vqa_score",), "vqa")
+    # Trained on the soft targets, scored as the official evaluator scores.
+    data = MultimodalData("VQAv2", examples(train, vqa_soft_scores), examples(val, vqa_accuracy_scores),
+                          examples(test, vqa_accuracy_scores), vocab, ("vqa_score",), "vqa")
     check_multimodal_data(data)
     return data
 
