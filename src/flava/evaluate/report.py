@@ -11,7 +11,7 @@ import numpy as np
 
 from ..io.files import write_json_atomic, write_text_atomic
 from .kinds import task_kind
-from .results import DOMAINS, SuiteResult, TaskResult
+from .results import DOMAINS, SuiteResult, TaskResult, mean_error
 
 
 def _slug(text: str) -> str:
@@ -49,11 +49,6 @@ def summary_rows(results: list[SuiteResult]) -> list[tuple[str, str, list[float]
         sa, sb = a.standard_error(key), b.standard_error(key)
         return None if sa is None or sb is None else float(np.hypot(sa, sb))
 
-    def mean_noise(parts: list[float | None]) -> float | None:
-        if not parts or any(p is None for p in parts):
-            return None
-        return float(np.sqrt(sum(p * p for p in parts))) / len(parts)
-
     rows: list[tuple[str, str, list[float], float | None]] = []
     by_domain: dict[str, list[float | None]] = {}
     for i, task in enumerate(results[0].tasks):
@@ -64,10 +59,10 @@ def summary_rows(results: list[SuiteResult]) -> list[tuple[str, str, list[float]
     domains = []
     for domain in DOMAINS:
         if domain in results[0].domain_averages():
-            se = mean_noise(by_domain.get(domain, []))
+            se = mean_error(by_domain.get(domain, []))
             domains.append(se)
             rows.append((f"{domain} average", "", [r.domain_averages()[domain] for r in results], se))
-    rows.append(("macro average", "", [r.macro_average() for r in results], mean_noise(domains)))
+    rows.append(("macro average", "", [r.macro_average() for r in results], mean_error(domains)))
     return rows
 
 

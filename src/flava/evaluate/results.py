@@ -87,6 +87,14 @@ def binomial_error(score: float, items: int | None) -> float | None:
     return 100.0 * float(np.sqrt(p * (1 - p) / items))
 
 
+def mean_error(parts: list[float | None], count: int | None = None) -> float | None:
+    """The standard error of a mean of `count` (default: all of them) independent terms whose
+    errors are `parts` (terms left out count 0); None when there is none or one is unknown."""
+    if not parts or any(p is None for p in parts):
+        return None
+    return float(np.sqrt(sum(p * p for p in parts))) / (count or len(parts))
+
+
 def domain_noise(a: dict, b: dict) -> dict[str, float | None]:
     """For two results in `SuiteResult.scores()` form: the standard error of the difference of
     each domain average (the binomial errors of its score rows, taken as independent, carried as
@@ -102,5 +110,5 @@ def domain_noise(a: dict, b: dict) -> dict[str, float | None]:
                 ea = binomial_error(value, ta.get("examples", {}).get(key))
                 eb = binomial_error(tb["scores"].get(key, value), tb.get("examples", {}).get(key))
                 parts.append(None if ea is None or eb is None else float(np.hypot(ea, eb)))
-        out[domain] = None if not parts or None in parts else float(np.sqrt(sum(p * p for p in parts))) / len(parts)
+        out[domain] = mean_error(parts)
     return out

@@ -93,8 +93,11 @@ class FlavaImageCodebook(nn.Module):
 
     @torch.no_grad()
     def token_ids(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, H/8 * W/8] the most likely token of each 8x8 block, row-major."""
-        return self(pixel_values).argmax(dim=1).flatten(1)
+        """[B, H/8 * W/8] the most likely token of each 8x8 block, row-major. In float32 whatever the
+        caller's autocast: an argmax over thousands of bfloat16 logits flips some tokens, and the
+        targets a step computes must be the ones `flava prepare` stores."""
+        with torch.autocast(pixel_values.device.type, enabled=False):
+            return self(pixel_values.float()).argmax(dim=1).flatten(1)
 
 
 class CodebookDecoder(nn.Module):

@@ -267,11 +267,8 @@ class PretrainingModel(nn.Module):
             )
         if batch.codebook_pixels is None:
             raise InputError("the batch has neither image_targets nor codebook_pixels for the image codebook")
-        # In float32 whatever the step's autocast: an argmax over 8,192 bfloat16 logits flips some
-        # tokens, and the targets must be the ones `flava prepare` stores.
-        pixels = batch.codebook_pixels
-        with torch.no_grad(), torch.autocast(pixels.device.type, enabled=False):
-            ids = self.codebook.token_ids(pixels.float())
+        with torch.no_grad():
+            ids = self.codebook.token_ids(batch.codebook_pixels)
         n = batch.patch_mask.shape[1]
         if ids.shape[1] != n:
             raise InputError(

@@ -46,7 +46,7 @@ from rich.table import Table
 from .. import stopping
 from ..config import check, from_dict, to_dict
 from ..errors import ConfigError, FlavaError
-from ..evaluate.results import domain_noise
+from ..evaluate.results import domain_noise, mean_error
 from ..evaluate.suite import DOMAINS, Suite, load_suite
 from ..io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from ..train.config import TrainConfig
@@ -309,8 +309,9 @@ def claims(results: dict[str, dict]) -> list[str]:
         per = domain_noise(results[a], results[b])
         if i != MACRO:
             return per[DOMAINS[i]]
-        evaluated = [per[d] for j, d in enumerate(DOMAINS) if avg[a][j] is not None or avg[b][j] is not None]
-        return None if not evaluated or None in evaluated else float(np.sqrt(sum(e * e for e in evaluated))) / 3
+        # The macro is over the three domains, one not evaluated counting 0 on both sides.
+        return mean_error([per[d] for j, d in enumerate(DOMAINS) if avg[a][j] is not None or avg[b][j] is not None],
+                          count=len(DOMAINS))
 
     def judged(diff: float, se: float | None) -> str:
         if se is not None and abs(diff) <= 2 * se:
