@@ -9,6 +9,8 @@ from PIL import Image
 
 import flava
 from flava.cli import main as cli
+from flava.config import to_dict
+from flava.io.checkpoint import save_checkpoint
 from flava.train.codebook import token_usage
 
 
@@ -63,6 +65,18 @@ def test_train_codebook_errors(tmp_path, capsys):
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
     assert cli(["train-codebook", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2
     assert "could be read" in capsys.readouterr().err
+
+
+def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):
+    cfg = flava.preset("tiny")
+    save_checkpoint(tmp_path / "tok", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+    (tmp_path / "texts.txt").write_text("a cat\n")
+    for args in (["embed", "--model", str(tmp_path / "tok"), "--texts", str(tmp_path / "texts.txt"), "--output", str(tmp_path / "e")],
+                 ["export-hf", str(tmp_path / "tok"), str(tmp_path / "hf")]):
+        assert cli(args) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "is an image codebook (flava train-codebook), not a model" in err and "damaged" not in err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "hf").exists()
 
 
 def test_token_usage_against_a_direct_count():

@@ -42,6 +42,15 @@ class Checkpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     """Other sections of our config.json (e.g. training settings), kept as read."""
 
+    @property
+    def model_weights(self) -> dict[str, torch.Tensor]:
+        """The model's weights; a codebook's directory (`flava train-codebook`) holds none, and is
+        said to be one rather than a model missing its every weight."""
+        if not self.parts.get("model") and self.parts.get("codebook"):
+            raise CheckpointError(f"{self.path} is an image codebook (flava train-codebook), not a model: name a "
+                                  f"pretrained model, or give the codebook to pretraining as --set codebook={self.path}")
+        return self.parts.get("model") or {}
+
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read either format; weights come back in this project's names, split by part."""
@@ -119,7 +128,7 @@ def pretraining_from_checkpoint(ckpt: Checkpoint, objectives: ObjectivesConfig |
     if objectives is None:
         objectives = from_dict(ObjectivesConfig, ckpt.extra.get("objectives", {}), "objectives")
     cfg, parts = ckpt.config, ckpt.parts
-    model = build_loaded(lambda: FlavaModel(cfg), parts["model"], "model", ckpt.path)
+    model = build_loaded(lambda: FlavaModel(cfg), ckpt.model_weights, "model", ckpt.path)
     heads = PretrainingHeads(cfg, objectives)
     saved = parts.get("heads") or {}
     if not saved:
@@ -172,7 +181,7 @@ def load(
         for note in notes:
             warnings.warn(f"{ckpt.path}: {note}", stacklevel=2)
         return pm.to(device) if device is not None else pm
-    model = build_loaded(lambda: FlavaModel(ckpt.config), ckpt.parts["model"], "model", ckpt.path)
+    model = build_loaded(lambda: FlavaModel(ckpt.config), ckpt.model_weights, "model", ckpt.path)
     model.eval()
     model.processor = Processor.from_directory(ckpt.path)
     if quantize == "int8":

@@ -78,7 +78,7 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
     codebook = ckpt.parts.get("codebook") or None
     if codebook is None:
         notes.append("the checkpoint has no image codebook; the export sets init_codebook=false")
-    tensors = {k: v.contiguous() for k, v in hf.state_dict_to_hf(ckpt.parts["model"], heads, codebook).items()}
+    tensors = {k: v.contiguous() for k, v in hf.state_dict_to_hf(ckpt.model_weights, heads, codebook).items()}
     # The checkpoint's objective weights: transformers' loss is then the total it trained on.
     weights = ckpt.extra.get("objectives", {})
     loss_weights = {r.transformers_name: float(weights[r.weight]) for r in OBJECTIVES
@@ -91,7 +91,7 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
 def _export_model(ckpt: Checkpoint, out_dir: str | os.PathLike) -> list[str]:
     prefix = "flava."
     tensors = {k[len(prefix):]: v.contiguous()
-               for k, v in hf.state_dict_to_hf(ckpt.parts["model"], {}, None).items()}
+               for k, v in hf.state_dict_to_hf(ckpt.model_weights, {}, None).items()}
     _write(ckpt, out_dir, tensors,
            {**hf.config_to_hf(ckpt.config, with_codebook=False), "architectures": ["FlavaModel"]})
     return []
