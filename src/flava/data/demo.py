@@ -96,13 +96,19 @@ def easy_vqa_validation_ids() -> frozenset[int]:
 
 def bbc_news_split_ids() -> dict[str, np.ndarray]:
     """BBC News article indices (into `bbc_news_articles()`) of train, val and test: test 25 %
-    and val 10 % of the rest, both stratified by class and seeded. Only train is pretrained on."""
+    and val 10 % of the rest, both stratified by class and seeded. Only train is pretrained on.
+    Each text is in one split once: the corpus holds 100 articles twice (whitespace aside), and a
+    repeat would put test articles in train; the later copy of each is left out."""
     from sklearn.model_selection import train_test_split
 
-    _, labels = bbc_news_articles()
+    texts, labels = bbc_news_articles()
     y = np.asarray(labels)
-    tr, te = train_test_split(np.arange(len(y)), test_size=BBC_TEST_FRACTION, random_state=HELD_OUT_SEED,
-                              stratify=y)
+    first: dict[str, int] = {}
+    for i, t in enumerate(texts):
+        first.setdefault(" ".join(t.split()), i)
+    unique = np.array(sorted(first.values()))
+    tr, te = train_test_split(unique, test_size=BBC_TEST_FRACTION, random_state=HELD_OUT_SEED,
+                              stratify=y[unique])
     tr, va = train_test_split(tr, test_size=VALIDATION_FRACTION, random_state=HELD_OUT_SEED, stratify=y[tr])
     return {"train": np.sort(tr), "val": np.sort(va), "test": np.sort(te)}
 
