@@ -270,6 +270,16 @@ def test_vqa_table_reader_and_top_answers(data, tmp_path, tokenizer):
     assert task.label_names == ["blue", "red"] and task.metrics == ("vqa_score",)
     scores = {(str(e.image).split("/")[-2], tuple(sorted(e.answers.values()))) for e in task.train + task.val}
     assert ("red", (1.0,)) in scores and ("blue", (2 / 3,)) in scores  # one answer scores 1; two of three, 2/3
+    # Ten annotators (VQAv2's count): trained on min(1, n/3), validated and tested by the official
+    # VQA accuracy, where three of ten score 0.9.
+    ten = [{"image": rows[i]["image"], "question": "what colour?", "answers": ["blue"] * n + ["red"] * (10 - n)}
+           for i, n in ((1, 3), (5, 7))]
+    (data / "ten.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ten))
+    ten_task = read_multimodal_table(data / "vqa.jsonl", data / "ten.jsonl", data / "ten.jsonl", kind="vqa")
+    assert [e.answers for e in ten_task.val + ten_task.test] == [{0: 0.9, 1: 1.0}, {0: 1.0, 1: 0.9}] * 2
+    ten_task = read_multimodal_table(data / "ten.jsonl", kind="vqa", val_fraction=0.5)
+    assert [e.answers for e in ten_task.train] == [{0: 1.0, 1: 1.0}]
+    assert [sorted(e.answers.values()) for e in ten_task.val] == [[0.9, 1.0]]
     result = finetune_multimodal(flava.load(data / "ckpt"), task, FinetuneSettings(max_steps=1, batch_size=4),
                                  tokenizer)
     tm = save_task_model(result, tmp_path / "vqa", tokenizer=tokenizer)

@@ -18,7 +18,7 @@ from ...finetune.examples import (
     check_image_data,
     check_multimodal_data,
 )
-from .multimodal import answer_vocabulary, normalize_answer, vqa_soft_scores
+from .multimodal import answer_vocabulary, normalize_answer, vqa_accuracy_scores, vqa_soft_scores
 from .splits import carve
 def _cell(row: Row, keys: tuple[str, ...]):
     """The first of `keys` that the row has and fills."""
@@ -115,7 +115,8 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
                           val_fraction: float = 0.1, seed: int = 0, name: str | None = None) -> MultimodalData:
     """Tables (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder), `text` (or
     `question`) and, for classification, `label`; for VQA, `answer`, or in JSONL `answers`: a
-    list of annotators' answers, each scoring min(1, n/3) as in VQAv2 (one answer scores 1).
+    list of annotators' answers: trained on min(1, n/3) as in VQAv2 (one answer scores 1), validation
+    and test scored by the official VQA accuracy (`vqa_accuracy_scores`).
     Classes are train's labels sorted; VQA's answers are train's (majority) answers by
     frequency. Validation, when not given, is a seeded share of train's images (questions about
     one image stay together); without `path_test` validation is scored as the test."""
@@ -145,15 +146,21 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
 
         names = answer_vocabulary([majority(r[2]) for r in raw["train"]])
         index = {a: i for i, a in enumerate(names)}
-        splits = {split: [MultimodalExample(image, text, answers={index[h[0]]: 1.0} if len(h) == 1 and h[0] in index
-                                            else vqa_soft_scores(h, index)) for image, text, h in rows]
+        _val_and_test(raw, val_fraction, seed, notes, group=lambda r: str(r[0]))
+
+        def examples(rows, scores):
+            return [MultimodalExample(image, text, answers={index[h[0]]: 1.0} if len(h) == 1 and h[0] in index
+                                      else scores(h, index)) for image, text, h in rows]
+
+        # Trained on the soft targets, scored (validation and test) by the official VQA accuracy.
+        splits = {split: examples(rows, vqa_soft_scores if split == "train" else vqa_accuracy_scores)
                   for split, rows in raw.items()}
         metrics: tuple[str, ...] = ("vqa_score",)
     else:
         names = _class_names([r[-1] for r in raw["train"]])
         splits = _index_labels(raw, names, lambda f, label: MultimodalExample(f[0], f[1], label))
+        _val_and_test(splits, val_fraction, seed, notes, group=lambda ex: str(ex.image))
         metrics = ("accuracy",)
-    _val_and_test(splits, val_fraction, seed, notes, group=lambda ex: str(ex.image))
     data = MultimodalData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
                           metrics, kind, notes)
     check_multimodal_data(data)
