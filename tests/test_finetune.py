@@ -417,9 +417,16 @@ def test_errors_before_training(model, tokenizer, tmp_path):
     s = FinetuneSettings(epochs=1)
     for bad, match in ((FinetuneSettings(lr=0), "lr"), (FinetuneSettings(batch_size=0), "batch_size"),
                        (FinetuneSettings(warmup_fraction=1.0), "warmup_fraction"),
-                       (FinetuneSettings(max_text_length=500), "max_text_length")):
+                       (FinetuneSettings(max_text_length=500), "max_text_length"),
+                       (FinetuneSettings(max_text_length=2), "max_text_length .* 2 leaves no room for text: texts "
+                                                             "need at least 3")):
         with pytest.raises(ConfigError, match=match):
             finetune_text(model, task, bad, tokenizer)
+    # Below the special tokens, the tokenizers library truncates nothing: refused, not run untruncated.
+    pairs = TextData("p", [TextExample(e.text, e.label, "and a second text") for e in task.train], task.val,
+                     task.test, task.label_names, task.metrics)
+    with pytest.raises(ConfigError, match="sentence pairs need at least 5"):
+        finetune_text(model, pairs, FinetuneSettings(max_text_length=4), tokenizer)
     with pytest.raises(ConfigError, match="FlavaModel"):
         finetune_text(model.text_encoder, task, s, tokenizer)
     empty = TextData("t", task.train, [], task.test, task.label_names, task.metrics)

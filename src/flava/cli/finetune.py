@@ -88,6 +88,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..finetune.settings import TRAINING, FinetuneSettings, Resumable
     from ..io.files import check_writable
     from ..finetune.taskmodel import TASKS, check_output, save_task_model
+    from ..finetune.text import truncating_copy
     from ..progress import progress_bar
 
     if args.task not in TASKS:
@@ -125,6 +126,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"  {note}")
     model, resolved = load_model(args.model)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
+    if tokenizer is not None and settings.max_text_length is not None:  # refused before the progress bar
+        truncating_copy(tokenizer, settings.max_text_length, any(getattr(e, "text2", None) is not None for e in task.train))
     console.print(f"model: {resolved}; {'full fine-tuning' if settings.train_encoders else 'head only'}, "
                   f"lr {settings.lr:g}, {settings.epochs} epoch(s), batch {settings.batch_size}")
 

@@ -259,7 +259,7 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
     max_length = _check_common(model, tokenizer, settings)
     check_text_task(task)
     regression = task.regression
-    tok = truncating_copy(tokenizer, max_length)
+    tok = truncating_copy(tokenizer, max_length, pairs=any(e.text2 is not None for e in task.train))
     splits = {}
     for name, examples in (("train", task.train), ("val", task.val), ("test", task.test)):
         tokens = encode(tok, [e.text for e in examples], [e.text2 for e in examples])

@@ -78,7 +78,7 @@ class TaskModel:
         """What the fine-tuning run measured (validation and test metrics, steps, settings)."""
         self.path = path
         # A private truncating copy, made once: the shared tokenizer's settings stay untouched.
-        self._tok = truncating_copy(tokenizer, max_text_length) if tokenizer is not None else None
+        self._tok = truncating_copy(tokenizer, max_text_length, pairs) if tokenizer is not None else None
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""

@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from ..data.batch import attention_mask, pad_rows
 from ..data.tokenizer import TextTokenizer
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 @dataclass
@@ -23,10 +23,18 @@ class TokenizedPairs:
     """[B, L] 0 for [CLS] a [SEP], 1 for b [SEP] (and padding)."""
 
 
-def truncating_copy(tokenizer: TextTokenizer, max_length: int) -> Tokenizer:
-    # A private copy: changing the shared tokenizer's truncation would leak into its other users.
+def truncating_copy(tokenizer: TextTokenizer, max_length: int, pairs: bool = False) -> Tokenizer:
+    """A private copy that truncates to `max_length` tokens: changing the shared tokenizer's
+    truncation would leak into its other users. ConfigError when `max_length` leaves no room for
+    text beside the special tokens (the library then leaves texts whole, silently)."""
     tok = Tokenizer.from_str(tokenizer.tok.to_str())
     tok.no_padding()
+    post = tok.post_processor
+    need = (post.num_special_tokens_to_add(pairs) if post is not None else 0) + (2 if pairs else 1)
+    if max_length < need:
+        raise ConfigError(f"max_text_length (--max-text-length) {max_length} leaves no room for text: "
+                          f"{'sentence pairs need' if pairs else 'texts need'} at least {need} tokens with this "
+                          f"tokenizer's special tokens")
     tok.enable_truncation(max_length)
     return tok
 
@@ -57,5 +65,5 @@ def encode_pairs(tokenizer: TextTokenizer, texts: list[str], texts2: list[str] |
         raise DataError("no texts to encode")
     if texts2 is not None and len(texts2) != len(texts):
         raise DataError(f"{len(texts)} first texts but {len(texts2)} second texts")
-    tok = truncating_copy(tokenizer, max_length or tokenizer.max_length)
+    tok = truncating_copy(tokenizer, max_length or tokenizer.max_length, texts2 is not None)
     return TokenizedPairs(*pad(encode(tok, texts, texts2), tokenizer.pad_id))
