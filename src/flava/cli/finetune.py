@@ -127,7 +127,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     model, resolved = load_model(args.model)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
     if tokenizer is not None and settings.max_text_length is not None:  # refused before the progress bar
-        truncating_copy(tokenizer, settings.max_text_length, any(getattr(e, "text2", None) is not None for e in task.train))
+        pairs = any(getattr(e, "text2", None) is not None for e in task.train)
+        truncating_copy(tokenizer, settings.max_text_length, pairs)
     console.print(f"model: {resolved}; {'full fine-tuning' if settings.train_encoders else 'head only'}, "
                   f"lr {settings.lr:g}, {settings.epochs} epoch(s), batch {settings.batch_size}")
 
