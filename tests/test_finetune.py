@@ -138,6 +138,29 @@ def test_glue_split_is_seeded_and_bad_rows_are_named(tmp_path):
         read_glue("rte", tmp_path / "rte")
 
 
+def test_mnli_is_the_mean_of_matched_and_mismatched(tmp_path, model, tokenizer):
+    _, _, header, rows = GLUE_FILES["MNLI"]
+    write(tmp_path / "train.tsv", [header] + [r[0] for r in rows] * 5)
+    write(tmp_path / "dev_matched.tsv", [header] + [r[0] for r in rows])
+    only_matched = read_glue("mnli", tmp_path)
+    assert only_matched.test_parts is None and len(only_matched.test) == 2
+    assert only_matched.notes == ["dev_mismatched.tsv absent: scored on dev_matched.tsv alone (the paper reports "
+                                  "the mean of matched and mismatched)"]
+    # Three mismatched rows, one of each label: parts of unequal size, so the mean of the parts
+    # differs from the accuracy over both.
+    labels = ("neutral", "entailment", "contradiction")
+    write(tmp_path / "dev_mismatched.tsv", [header] + [
+        tsv(str(i), "1", f"{i}e", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)", f"premise {i}",
+            f"hypothesis {i}", label, label) for i, label in enumerate(labels)])
+    task = read_glue("mnli", tmp_path)
+    assert task.test_parts == {"matched": 2, "mismatched": 3} and task.notes == []
+    assert [e.text for e in task.test] == ["Conceptually cream.", "you know during"] + [f"premise {i}" for i in range(3)]
+    r = finetune_text(model, task, FinetuneSettings(max_steps=1, batch_size=4), tokenizer)
+    truth = np.array([e.label for e in task.test])
+    m, mm = (float(np.mean(r.predictions[s] == truth[s])) for s in (slice(0, 2), slice(2, 5)))
+    assert r.test_metrics == {"accuracy": (m + mm) / 2, "accuracy (matched)": m, "accuracy (mismatched)": mm}
+
+
 def test_generic_text_reader(tmp_path):
     write(tmp_path / "train.csv", ["text,text2,label", "a,b,sport", '"x, y",z,tech', "c,d,sport"])
     write(tmp_path / "val.tsv", ["text\ttext2\tlabel", "e\tf\ttech"])

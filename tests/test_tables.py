@@ -127,6 +127,10 @@ def test_every_user_of_tables_reads_jsonl_and_parquet_too(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"text": f"t{i}", "label": i % 2} for i in range(6)]), tmp_path / "t.parquet")
     task = read_text_classification(tmp_path / "t.parquet", None, None, val_fraction=0.34)
     assert task.label_names == ["0", "1"] and len(task.train) + len(task.val) == 6
+    # No test file: validation is scored as the test, and said (the API's test score would else
+    # read as one the checkpoint was not chosen on).
+    assert task.test is task.val and task.notes == ["validation: a seeded 34% of the training data",
+                                                    "no test split: the validation split is scored as the test"]
     src = csv_pairs(str(write(tmp_path / "p.jsonl", "jsonl")))
     assert [(r.image.name, r.caption) for r in src.records] == [("a.png", ROWS[0]["caption"]),
                                                                 ("b.png", ROWS[1]["caption"])]

@@ -41,6 +41,9 @@ class TextData:
     """Reported on val and test; the first one picks the best checkpoint."""
     notes: list[str] = field(default_factory=list)
     """What the reader skipped, and why."""
+    test_parts: dict[str, int] | None = None
+    """A test split of named consecutive parts (MNLI: matched, then mismatched) and their sizes:
+    each part is scored alone and the task's metrics are the parts' mean, as the paper reports."""
 
     @property
     def regression(self) -> bool:
@@ -147,6 +150,10 @@ def check_text_data(data: TextData) -> None:
         raise ConfigError(f"task {data.name!r}: f1 and auroc are binary metrics but the task has {n} classes")
     if "auroc" in data.metrics:
         _check_both_classes(data.name, splits, lambda rows: [ex.label for ex in rows])
+    parts = data.test_parts
+    if parts is not None and (not parts or min(parts.values()) < 1 or sum(parts.values()) != len(data.test)):
+        raise DataError(f"task {data.name!r}: test_parts {parts} must be non-empty parts that add up to the "
+                        f"{len(data.test)} test examples")
 
 
 def _check_image_classifier(data, kind: str, texts: bool) -> None:

@@ -32,7 +32,7 @@ from .examples import (
 from .heads import (ImageClassifier, ImageHead, MultimodalClassifier, MultimodalHead, TextClassifier, TextHead,
                     freeze_unused)
 from .settings import FinetuneResult, FinetuneSettings, Resumable
-from .splits import Split, dense_soft, image_cache, split_scores
+from .splits import Split, dense_soft, image_cache, part_scores, split_scores
 from .text import encode, pad, truncating_copy
 
 
@@ -49,6 +49,8 @@ class _Job:
     splits: dict[str, Split]
     inputs: Callable[[Split, torch.Tensor], dict]
     """Model inputs of the rows `idx` of a split."""
+    test_parts: dict[str, int] | None = None
+    """`TextData.test_parts`."""
 
 
 def _loss(kind: str, logits: torch.Tensor, split: Split, idx: torch.Tensor, num_outputs: int) -> torch.Tensor:
@@ -211,7 +213,10 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
                                        at)
         perm = None
     trainable.load_state_dict(best_state)
-    test_metrics, preds, probs, confusion = split_scores(job.kind, job.metrics, predict(test), test, job.num_outputs)
+    logits = predict(test)
+    test_metrics, preds, probs, confusion = split_scores(job.kind, job.metrics, logits, test, job.num_outputs)
+    if job.test_parts:
+        test_metrics = part_scores(job.kind, job.metrics, logits, test, job.num_outputs, job.test_parts)
     clf.eval()
     for split in job.splits.values():
         split.features = None
@@ -273,7 +278,7 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),
                    list(task.label_names), num_outputs, TextClassifier(tower, head), splits,
-                   _text_inputs(tokenizer.pad_id))
+                   _text_inputs(tokenizer.pad_id), getattr(task, "test_parts", None))
         result = _run(job, settings, on_step, resumable)
     result.max_text_length = max_length
     result.pairs = any(e.text2 is not None for e in task.train)

@@ -82,7 +82,8 @@ class FinetuneResult:
     best_step: int
     best_val: float
     test_metrics: dict[str, float]
-    """The task's metrics on test, scored with the best state."""
+    """The task's metrics on test, scored with the best state (a test split in parts: the parts'
+    means, and each part's as "accuracy (matched)")."""
     predictions: np.ndarray
     """Test predictions: class / answer indices, or values for regression."""
     probabilities: np.ndarray | None

@@ -98,6 +98,21 @@ def dense_soft(soft: list[dict[int, float]], num_answers: int) -> torch.Tensor:
 
 
 
+def part_scores(kind: str, names: tuple[str, ...], logits: torch.Tensor, split: Split, num_classes: int,
+                parts: dict[str, int]) -> dict[str, float]:
+    """The metrics of a split made of named consecutive parts (MNLI: matched, mismatched), as the
+    paper reports them: each part scored alone ("accuracy (matched)"), and each metric the parts'
+    mean."""
+    each, start = {}, 0
+    for part, n in parts.items():
+        rows = slice(start, start + n)
+        sub = Split(split.tokens[rows], split.targets[rows], split.soft[rows] if split.soft is not None else None)
+        each[part] = split_scores(kind, names, logits[rows], sub, num_classes)[0]
+        start += n
+    mean = {name: float(np.mean([m[name] for m in each.values()])) for name in next(iter(each.values()))}
+    return {**mean, **{f"{name} ({part})": v for part, m in each.items() for name, v in m.items()}}
+
+
 def split_scores(kind: str, names: tuple[str, ...], logits: torch.Tensor, split: Split, num_classes: int):
     """(metrics dict, predictions, probabilities or None, confusion or None)."""
     out: dict[str, float] = {}

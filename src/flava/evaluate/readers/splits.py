@@ -36,3 +36,13 @@ def check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"limit must be a positive integer or None; got {limit!r}")
 
+
+def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes: list[str],
+                 group: Callable | None = None) -> None:
+    """Carve validation out of train when it is absent; without a test split, validation is it."""
+    if "val" not in splits:
+        splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed, group)
+        notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
+    if "test" not in splits:
+        splits["test"] = splits["val"]
+        notes.append("no test split: the validation split is scored as the test")

@@ -12,7 +12,7 @@ from typing import Sequence
 from ...data.tables import read_table
 from ...errors import ConfigError, DataError
 from ...finetune.examples import TextData, TextExample, check_text_data
-from .splits import carve, check_limit, subsample
+from .splits import carve, check_limit, subsample, val_and_test
 # --------------------------------------------------------------------------- GLUE
 
 
@@ -31,6 +31,8 @@ class GlueSpec:
     metrics: tuple[str, ...]
     dev: str = "dev.tsv"
     header: bool = True
+    dev_parts: tuple[tuple[str, str], ...] = ()
+    """Named dev files scored alone and averaged (MNLI: matched and mismatched, as the paper reports)."""
 
 
 _NLI3 = ("contradiction", "entailment", "neutral")
@@ -45,7 +47,8 @@ GLUE = {
                     ("f1", "accuracy")),
     "stsb": GlueSpec("STS-B", "sentence1", "sentence2", "score", (), (), ("pearson", "spearman")),
     "mnli": GlueSpec("MNLI", "sentence1", "sentence2", "gold_label", _NLI3, _NLI3, ("accuracy",),
-                     dev="dev_matched.tsv"),
+                     dev="dev_matched.tsv",
+                     dev_parts=(("matched", "dev_matched.tsv"), ("mismatched", "dev_mismatched.tsv"))),
     "qnli": GlueSpec("QNLI", "question", "sentence", "label", _NLI2, _NLI2, ("accuracy",)),
     "rte": GlueSpec("RTE", "sentence1", "sentence2", "label", _NLI2, _NLI2, ("accuracy",)),
     "wnli": GlueSpec("WNLI", "sentence1", "sentence2", "label", ("0", "1"), ("not_entailment", "entailment"),
@@ -107,21 +110,39 @@ def glue_task_key(task_name: str) -> str:
 def read_glue(task_name: str, directory: str | Path, val_fraction: float = 0.1, seed: int = 0,
               test_file: str | None = None, limit: int | None = None) -> TextData:
     """A GLUE task from its directory as GLUE distributes it (train.tsv, dev.tsv; MNLI:
-    dev_matched.tsv). GLUE's test.tsv has no labels, so dev is the test split (the paper
-    reports dev) and validation is a seeded `val_fraction` of train. `test_file` picks another
-    labelled file (e.g. MNLI's dev_mismatched.tsv); `limit` caps each split (seeded)."""
+    dev_matched.tsv and dev_mismatched.tsv). GLUE's test.tsv has no labels, so dev is the test
+    split (the paper reports dev) and validation is a seeded `val_fraction` of train. MNLI is
+    scored as the paper reports it, the mean of matched and mismatched (`TextData.test_parts`);
+    without dev_mismatched.tsv, on matched alone, with a note. `test_file` picks one other
+    labelled file; `limit` caps each split (each test part, seeded)."""
     spec = GLUE[glue_task_key(task_name)]
     check_limit(limit)
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{spec.name}: directory {directory} does not exist")
     train, skipped_train = _glue_rows(directory / "train.tsv", spec)
-    test, skipped_test = _glue_rows(directory / (test_file or spec.dev), spec)
-    notes = [f"{n} {split} row(s) with missing fields skipped" for split, n in
-             (("train", skipped_train), ("test", skipped_test)) if n]
+    notes = []
+    parts = list(spec.dev_parts) if test_file is None else []
+    absent = [f for _, f in parts if not (directory / f).is_file()]
+    if parts and absent and (directory / spec.dev).is_file():
+        notes.append(f"{', '.join(absent)} absent: scored on {spec.dev} alone (the paper reports the mean of "
+                     f"{' and '.join(name for name, _ in parts)})")
+        parts = []
+    if parts:
+        tests, skipped_test = {}, 0
+        for i, (name, f) in enumerate(parts):
+            rows, skipped = _glue_rows(directory / f, spec)
+            tests[name], skipped_test = subsample(rows, limit, seed + 2 + i), skipped_test + skipped
+        test = [ex for rows in tests.values() for ex in rows]
+        test_parts: dict[str, int] | None = {name: len(rows) for name, rows in tests.items()}
+    else:
+        test, skipped_test = _glue_rows(directory / (test_file or spec.dev), spec)
+        test, test_parts = subsample(test, limit, seed + 2), None
+    notes += [f"{n} {split} row(s) with missing fields skipped" for split, n in
+              (("train", skipped_train), ("test", skipped_test)) if n]
     train, val = carve(train, val_fraction, seed)
-    data = TextData(spec.name, subsample(train, limit, seed), subsample(val, limit, seed + 1),
-                    subsample(test, limit, seed + 2), list(spec.label_names), spec.metrics, notes)
+    data = TextData(spec.name, subsample(train, limit, seed), subsample(val, limit, seed + 1), test,
+                    list(spec.label_names), spec.metrics, notes, test_parts)
     check_text_data(data)
     return data
 
@@ -185,9 +206,7 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         splits[split] = out
         if blank:
             notes.append(f"{blank} {split} row(s) with an empty text or label skipped ({p})")
-    if "val" not in splits:
-        splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed)
-    splits.setdefault("test", splits["val"])
+    val_and_test(splits, val_fraction, seed, notes)
     if metrics is None:
         metrics = ("pearson", "spearman") if regression else ("accuracy",)
     data = TextData(name or paths["train"].stem, subsample(splits["train"], limit, seed),

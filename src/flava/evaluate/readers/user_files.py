@@ -19,7 +19,7 @@ from ...finetune.examples import (
     check_multimodal_data,
 )
 from .multimodal import answer_vocabulary, normalize_answer, vqa_accuracy_scores, vqa_soft_scores
-from .splits import carve
+from .splits import val_and_test
 def _cell(row: Row, keys: tuple[str, ...]):
     """The first of `keys` that the row has and fills."""
     for key in keys:
@@ -58,17 +58,6 @@ def _index_labels(raw: dict[str, list], names: list[str], make: Callable) -> dic
     return out
 
 
-def _val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes: list[str],
-                  group: Callable | None = None) -> None:
-    """Carve validation out of train when it is absent; without a test split, validation is it."""
-    if "val" not in splits:
-        splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed, group)
-        notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
-    if "test" not in splits:
-        splits["test"] = splits["val"]
-        notes.append("no test split: the validation split is scored as the test")
-
-
 def _optional_paths(train, val, test) -> dict[str, Path]:
     return {split: Path(p) for split, p in (("train", train), ("val", val), ("test", test)) if p is not None}
 
@@ -103,7 +92,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
             raise DataError(f"{p} holds no labelled images")
     names = _class_names([r[-1] for r in raw["train"]])
     splits = _index_labels(raw, names, lambda f, label: ImageExample(f[0], label))
-    _val_and_test(splits, val_fraction, seed, notes)
+    val_and_test(splits, val_fraction, seed, notes)
     data = ImageData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
                      ("accuracy",), notes)
     check_image_data(data)
@@ -146,7 +135,7 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
 
         names = answer_vocabulary([majority(r[2]) for r in raw["train"]])
         index = {a: i for i, a in enumerate(names)}
-        _val_and_test(raw, val_fraction, seed, notes, group=lambda r: str(r[0]))
+        val_and_test(raw, val_fraction, seed, notes, group=lambda r: str(r[0]))
 
         def examples(rows, scores):
             return [MultimodalExample(image, text, answers={index[h[0]]: 1.0} if len(h) == 1 and h[0] in index
@@ -159,7 +148,7 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
     else:
         names = _class_names([r[-1] for r in raw["train"]])
         splits = _index_labels(raw, names, lambda f, label: MultimodalExample(f[0], f[1], label))
-        _val_and_test(splits, val_fraction, seed, notes, group=lambda ex: str(ex.image))
+        val_and_test(splits, val_fraction, seed, notes, group=lambda ex: str(ex.image))
         metrics = ("accuracy",)
     data = MultimodalData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
                           metrics, kind, notes)
