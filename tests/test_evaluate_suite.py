@@ -226,3 +226,18 @@ def test_better_and_worse_are_beyond_the_test_items_noise():
     rows = {r[0]: r for r in summary_rows([suite(10.0, 60, 51.0), suite(8.33, 60, 50.0)])}
     assert rows["vision average"][3] is not None and rows["language average"][3] is None
     assert rows["macro average"][3] is None and verdict(*rows["language average"][2:]) == "better"
+
+
+def test_a_test_folder_may_lack_some_of_the_training_classes(tmp_path):
+    from flava.errors import DataError
+    from flava.evaluate.task_spec import image_folder
+
+    for split, classes in (("train", "abc"), ("test", "ac"), ("odd", "ad")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), "red").save(tmp_path / split / c / "0.png")
+    _, _, classes = image_folder(tmp_path / "train", "task 1")
+    images, labels, names = image_folder(tmp_path / "test", "task 1", classes)
+    assert names == ["a", "b", "c"] and [(p.parent.name, int(y)) for p, y in zip(images, labels)] == [("a", 0), ("c", 2)]
+    with pytest.raises(DataError, match=r"has classes \['d'\] outside the training classes \['a', 'b', 'c'\]"):
+        image_folder(tmp_path / "odd", "task 1", classes)

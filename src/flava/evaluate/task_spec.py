@@ -51,19 +51,21 @@ def resolve_path(base: Path, value: Any, where: str, must_exist: bool = True) ->
 
 def image_folder(path: Path, where: str, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
     """A folder of class folders: (images, class indices, class names); `classes` fixes the names
-    another split (train) found."""
+    another split (train) found, of which this one may hold some only."""
     from ..data.registry import open_source
 
     src = open_source("images", str(path))
     if not src.classes:
         raise DataError(f"{where}: {path} has no class sub-folders (one folder of images per class)")
-    if classes is not None and src.classes != classes:
-        extra = sorted(set(src.classes) - set(classes))
-        raise DataError(f"{where}: {path} has classes {extra or src.classes} outside the training classes {classes}")
+    names = src.classes if classes is None else classes
+    extra = sorted(set(src.classes) - set(names))
+    if extra:
+        raise DataError(f"{where}: {path} has classes {extra} outside the training classes {classes}")
     records = [r for r in src.records if r.label >= 0]
     if not records:
         raise DataError(f"{where}: {path} holds no images")
-    return [r.image for r in records], np.array([r.label for r in records]), src.classes
+    index = np.array([names.index(c) for c in src.classes])
+    return [r.image for r in records], index[[r.label for r in records]], names
 
 
 def labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
