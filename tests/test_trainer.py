@@ -27,14 +27,22 @@ def config(data, **over) -> TrainConfig:
     return cfg
 
 
+def with_dropout(data) -> TrainConfig:
+    # Dropout draws from torch's global generator: resume must restore it, not only the data's.
+    cfg = config(data)
+    for encoder in (cfg.model.image, cfg.model.text, cfg.model.multimodal):
+        encoder.dropout = 0.1
+    return cfg
+
+
 @pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run(data, tmp_path):
-    full = Trainer(config(data), tmp_path / "full").fit()
+    full = Trainer(with_dropout(data), tmp_path / "full").fit()
     assert [r["step"] for r in full] == list(range(1, 9))
     assert {r["kind"] for r in full} >= {"pairs"}
 
-    Trainer(config(data), tmp_path / "cut").fit(max_steps=5)  # stops after step 5; last checkpoint: 3
-    resumed = Trainer(config(data), tmp_path / "cut")
+    Trainer(with_dropout(data), tmp_path / "cut").fit(max_steps=5)  # stops after step 5; last checkpoint: 3
+    resumed = Trainer(with_dropout(data), tmp_path / "cut")
     assert resumed.resume() and resumed.step == 3
     rest = resumed.fit()
     for a, b in zip(full[3:], rest):
