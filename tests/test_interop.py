@@ -105,6 +105,23 @@ def test_export_without_heads_or_codebook(tmp_path, capsys):
     _, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
+    # An earlier export is replaced; another model's folder, or the checkpoint itself, is not.
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    vit = tmp_path / "vit"
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=32)).save_pretrained(vit)
+    (vit / "NOTES.md").write_text("mine")
+    before = sorted(p.name for p in vit.iterdir())
+    capsys.readouterr()
+    for target in (vit, tmp_path / "ours"):
+        assert cli(["export-hf", str(tmp_path / "ours"), str(target)]) == 2
+        err = capsys.readouterr().err
+        assert "choose another output directory" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in vit.iterdir()) == before
+    assert flava.load(tmp_path / "ours") is not None
+    assert cli(["init", "--config", "tiny", "--output", str(vit)]) == 2
+    assert "holds another model's config.json" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_export_of_encoders_loads_as_flava_model_with_its_processor(tmp_path, capsys):

@@ -109,7 +109,9 @@ def _write(ckpt: Checkpoint, out_dir: str | os.PathLike, tensors: dict, config: 
         write_json_atomic(tmp / "config.json", config)
         write_processor_files(processor, tmp)
 
-    write_checkpoint_dir(out_dir, fill)
+    if Path(out_dir).resolve() == ckpt.path.resolve():
+        raise CheckpointError(f"{out_dir} is the checkpoint being exported; choose another output directory")
+    write_checkpoint_dir(out_dir, fill, ours=hf.is_hf_config)  # an earlier export is replaced, nothing else
 
 
 def write_processor_files(processor: Processor, directory: Path) -> None:

@@ -42,24 +42,36 @@ def read_config(directory: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- writing
 
 
-def check_replaceable(target: Path, also_ours: tuple[str, ...] = ()) -> None:
-    """Refuse to overwrite a directory that holds anything but a checkpoint of ours."""
+def check_replaceable(target: Path, also_ours: tuple[str, ...] = (),
+                      ours: Callable[[dict[str, Any]], bool] | None = None) -> None:
+    """Refuse to overwrite a directory that holds anything but a checkpoint of ours: its
+    config.json must be one `ours` accepts (by default, this project's format). A folder with
+    another config.json (a public model's, say) is someone's work, replaced whole otherwise."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} is a file; choose a directory to write to")
-    if target.is_dir():
-        names = {p.name for p in target.iterdir()}
-        if names and CONFIG not in names and not names <= set(also_ours):
-            raise CheckpointError(
-                f"{target} already holds other files and is not a checkpoint; choose another output directory"
-            )
+    if not target.is_dir():
+        return
+    names = {p.name for p in target.iterdir()}
+    if not names or names <= set(also_ours):
+        return
+    if CONFIG not in names:
+        raise CheckpointError(f"{target} already holds other files and is not a checkpoint; choose another output "
+                              f"directory")
+    try:
+        config = json.loads((target / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or not (ours or is_ours)(config):
+        raise CheckpointError(f"{target} holds another model's config.json, not what this command writes; choose "
+                              f"another output directory")
 
 
 def write_checkpoint_dir(target: str | os.PathLike, fill: Callable[[Path], None],
-                         also_ours: tuple[str, ...] = ()) -> None:
+                         also_ours: tuple[str, ...] = (), ours: Callable[[dict[str, Any]], bool] | None = None) -> None:
     """`fill(staging_dir)`, then the staging directory replaces `target` whole; refuses a target
-    that holds anything but one of our checkpoints (or only the files named in `also_ours`)."""
-    check_replaceable(Path(target), also_ours)
+    that holds anything but what this writer writes (`check_replaceable`)."""
+    check_replaceable(Path(target), also_ours, ours)
     replace_dir(target, fill)
 
 
