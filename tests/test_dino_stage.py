@@ -97,9 +97,16 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path):
                                rtol=0)
 
 
-def test_a_joint_run_takes_the_teachers_encoder(train_data, tmp_path):
+def test_a_joint_run_takes_the_teachers_encoder(train_data, tmp_path, capsys):
     stage = Trainer(dino_config(max_steps=2, save_every=2), tmp_path / "dino")
     stage.fit()
+    # The stage is no model: said so where a model is wanted, and what to do with it.
+    capsys.readouterr()
+    assert cli(["export-hf", str(tmp_path / "dino"), str(tmp_path / "hf")]) == 2
+    assert "is an image-dino stage: it holds DINO's image encoder alone" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert cli(["info", str(tmp_path / "dino")]) == 0
+    assert "an image-dino stage, not a model" in " ".join(capsys.readouterr().out.split())
     teacher = stage.model.dino.teacher.backbone.state_dict()
     assert any(not torch.equal(v, stage.model.dino.student.backbone.state_dict()[k]) for k, v in teacher.items())
 

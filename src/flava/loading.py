@@ -44,12 +44,17 @@ class Checkpoint:
 
     @property
     def model_weights(self) -> dict[str, torch.Tensor]:
-        """The model's weights; a codebook's directory (`flava train-codebook`) holds none, and is
-        said to be one rather than a model missing its every weight."""
-        if not self.parts.get("model") and self.parts.get("codebook"):
+        """The model's weights. A codebook (`flava train-codebook`) or an image-dino stage holds
+        none, and is said to be what it is rather than a model missing its every weight."""
+        if self.parts.get("model"):
+            return self.parts["model"]
+        if self.parts.get("codebook"):
             raise CheckpointError(f"{self.path} is an image codebook (flava train-codebook), not a model: name a "
                                   f"pretrained model, or give the codebook to pretraining as --set codebook={self.path}")
-        return self.parts.get("model") or {}
+        if self.parts.get("dino"):
+            raise CheckpointError(f"{self.path} is an image-dino stage: it holds DINO's image encoder alone, not a "
+                                  f"model; start a run from it with --set init_image={self.path}")
+        raise CheckpointError(f"{self.path} holds no model weights")
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -33,6 +33,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
                       f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M parameters; pretraining takes it with "
                       f"--set codebook={ckpt.path}")
         return
+    if not ckpt.parts.get("model") and ckpt.parts.get("dino"):
+        sd = ckpt.parts["dino"]
+        teacher = sum(v.numel() for k, v in sd.items() if k.startswith("teacher.backbone.")) / 1e6
+        console.print(f"{ckpt.path}: an image-dino stage, not a model: DINO's student and teacher image encoders "
+                      f"({teacher:.2f} M parameters each, {cfg.image.num_layers} layers, {cfg.image.hidden_size} "
+                      f"wide, {cfg.image.image_size} px); a run starts from its teacher with --set "
+                      f"init_image={ckpt.path}")
+        return
     table = Table(title=f"{ckpt.path} ({ckpt.source} format)")
     for col in ("part", "layers", "hidden", "heads", "mlp", "tensors", "parameters"):
         table.add_column(col, justify="right" if col != "part" else "left")
