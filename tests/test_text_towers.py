@@ -185,6 +185,11 @@ def test_a_tower_with_vocabulary_files_only_is_tokenised_through_transformers(to
     tok = TextTokenizer(tmp_path / "bert", max_length=24)
     assert tok(TEXTS).input_ids.tolist() == tokenizers["wordpiece"](TEXTS, padding=True)["input_ids"]
     assert (tok.special.cls, tok.special.mask) == (2, 4)
+    # Weights without tokenizer files: transformers builds a vocabulary of special tokens alone
+    # (every word [UNK]); refused, naming the files to copy.
+    (tmp_path / "bert" / "vocab.txt").unlink()
+    with pytest.raises(CheckpointError, match="bert has no tokenizer files .*: copy the checkpoint's tokenizer"):
+        stage_from(tmp_path / "bert")
 
 
 def test_a_model_from_a_roberta_tower_trains_saves_and_loads_with_its_tokenizer(towers, train_data, tmp_path):

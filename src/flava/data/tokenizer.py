@@ -139,6 +139,11 @@ def _from_transformers(directory: Path) -> tuple[Tokenizer, dict[str, str]]:
         raise DataError(f"{directory}: transformers built a {type(tok).__name__}, which has no `tokenizers` form; add "
                         f"the checkpoint's {TOKENIZER_FILE}")
     names = {role: name for role in ROLES if (name := _content(getattr(tok, f"{role}_token", None)))}
+    # transformers 5 builds a vocabulary of special tokens alone from a folder with no vocabulary
+    # file: every word would be [UNK].
+    if not set(backend.get_vocab()) - set(tok.all_special_tokens):
+        raise DataError(f"{directory} has no tokenizer files ({TOKENIZER_FILE}, or vocab.txt, or vocab.json and "
+                        f"merges.txt): copy the checkpoint's tokenizer files into it")
     return Tokenizer.from_str(backend.to_str()), names
 
 
