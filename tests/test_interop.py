@@ -123,6 +123,22 @@ def test_export_without_heads_or_codebook(tmp_path, capsys):
     assert "holds another model's config.json" in capsys.readouterr().err
 
 
+def test_export_of_a_sigmoid_contrastive_model_carries_no_softmax_contrastive_weight(tmp_path, capsys):
+    import json
+
+    from flava.config import ObjectivesConfig
+
+    cfg = flava.preset("tiny")
+    objectives = ObjectivesConfig(contrastive="sigmoid", global_contrastive_weight=1.0)
+    save_checkpoint(tmp_path / "ours", to_dict(cfg), {"model": flava.FlavaModel(cfg).state_dict(),
+                                                      "heads": PretrainingHeads(cfg, objectives).state_dict()},
+                    extra={"objectives": to_dict(objectives)})
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    assert "softmax contrastive weight is exported as 0" in " ".join(capsys.readouterr().out.split())
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert exported["global_contrastive_weight"] == 0.0 and exported["itm_weight"] == 1.0
+
+
 @pytest.mark.slow
 def test_export_of_encoders_loads_as_flava_model_with_its_processor(tmp_path, capsys):
     """Without heads the export is a FlavaModel: no report of unused weights, and transformers'

@@ -83,6 +83,11 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
     weights = ckpt.extra.get("objectives", {})
     loss_weights = {r.transformers_name: float(weights[r.weight]) for r in OBJECTIVES
                     if r.transformers_name and r.weight in weights}
+    if weights.get("contrastive", "softmax") != "softmax" and "global_contrastive" in loss_weights:
+        # The weight was the sigmoid loss's; transformers' contrastive loss is the softmax one.
+        loss_weights["global_contrastive"] = 0.0
+        notes.append("it trained a sigmoid contrastive loss, which transformers lacks: its softmax contrastive "
+                     "weight is exported as 0")
     _write(ckpt, out_dir, tensors, hf.config_to_hf(cfg, with_codebook=codebook is not None,
                                                    loss_weights=loss_weights))
     return notes
