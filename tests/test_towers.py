@@ -206,6 +206,10 @@ def test_the_pixel_statistics_follow_the_tower_everywhere(tmp_path):
     theirs = processor("DeiTImageProcessor").from_pretrained(tmp_path / "deit")(picture, return_tensors="pt")
     assert ours.shape == theirs["pixel_values"].shape
     assert flava.config.preset("tiny").image.image_mean == list(CLIP_MEAN)
+    # A model started from that one (a stage, then the joint run, as the README goes) reads
+    # images with the statistics its encoder learned, not the preset's.
+    again = follow_image_tower(flava_config(), str(tmp_path / "saved"))
+    assert again.image.image_mean == mean and again.image.image_std == std
 
 
 def test_without_a_preprocessor_config_the_familys_processor_defaults_apply(tmp_path):
@@ -386,3 +390,16 @@ def test_dinov2_with_registers_resizes_its_positions_as_transformers_does_at_run
         ours = pm.model.image_encoder.eval()(x, interpolate_pos_encoding=True)
         want = reference(ref, "dinov2-registers")(pixel_values=x)
     torch.testing.assert_close(ours.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)
+    # A model built at that size from a checkpoint of this one (a stage's) resizes the table as
+    # the checkpoint's encoder would, and keeps doing so.
+    pm.model.save_pretrained(tmp_path / "stage")
+    cfg = flava_config()
+    cfg.image = dataclasses.replace(pm.model.config.image, image_size=side, pos_antialias=False,
+                                    image_mean=list(CLIP_MEAN))
+    cfg = follow_image_tower(cfg, str(tmp_path / "stage"))
+    assert cfg.image.pos_antialias and cfg.image.image_mean == pm.model.config.image.image_mean
+    joint = PretrainingModel(cfg)
+    initialise_encoders(joint, image=str(tmp_path / "stage"))
+    with torch.no_grad():
+        again = joint.model.image_encoder.eval()(x)
+    torch.testing.assert_close(again.last_hidden_state, want.last_hidden_state, atol=1e-5, rtol=0)

@@ -126,7 +126,8 @@ def _group_state(own_state: dict[str, torch.Tensor], ours, ckpt: Checkpoint, nam
     if name == "image" and their_cfg.grid_size != ours_cfg.grid_size and their_cfg.patch_size == ours_cfg.patch_size:
         key = "image_encoder.pos_embed"
         if key in theirs:
-            theirs[key] = towers.resize_pos_embed(theirs[key], ours_cfg.grid_size, 1 + int(their_cfg.distillation_token))
+            prefix = 1 + int(their_cfg.distillation_token)
+            theirs[key] = towers.resize_pos_embed(theirs[key], ours_cfg.grid_size, prefix, their_cfg.pos_antialias)
             notes.append(f"position embeddings resized from {their_cfg.grid_size}x{their_cfg.grid_size} to "
                          f"{ours_cfg.grid_size}x{ours_cfg.grid_size} patches")
     if name == "multimodal":
@@ -171,13 +172,32 @@ def follow_image_tower(config: FlavaConfig, src: str, image_size: int = 0) -> Fl
     its weights); `config` itself when `src` names none. `image_size` (0: the tower's) is the side
     to run the tower at."""
     path = resolve(src)
-    if towers.family_of(read_config(path)) is None:
+    data = read_config(path)
+    if towers.family_of(data) is None:
         if image_size:
             raise ConfigError(f"init_image_size applies to public image towers ({towers.KINDS}), and {src} is none; "
                               "drop init_image_size, or set model.image.image_size")
-        return config
+        return _follow_checkpoint(config, path, data)
     tower = towers.read_tower(path, weights=False)
     return _followed(config, tower, image_size)
+
+
+def _follow_checkpoint(config: FlavaConfig, path: Path, data: dict) -> FlavaConfig:
+    """`config` reading images as the image encoder of one of our checkpoints (or a transformers
+    FLAVA) was trained to: its pixel statistics, and the antialiased position resize of a DINOv2
+    tower it came from. No weight shows these; the same weights under other statistics compute
+    other features."""
+    from ..data.processor import Processor
+
+    if not (is_ours(data) or hf.is_hf_config(data)):
+        return config  # not an image encoder's checkpoint: read_source refuses it by name
+    processor = Processor.from_directory(path)
+    image = dataclasses.replace(config.image, image_mean=list(processor.image_mean),
+                                image_std=list(processor.image_std))
+    antialias = ((data.get("model") or {}).get("image") or {}).get("pos_antialias")
+    if isinstance(antialias, bool):
+        image = dataclasses.replace(image, pos_antialias=antialias)
+    return validate(dataclasses.replace(config, image=image))
 
 
 def _followed(config: FlavaConfig, tower: towers.Tower, image_size: int) -> FlavaConfig:
