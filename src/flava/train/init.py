@@ -150,6 +150,19 @@ def _group_state(own_state: dict[str, torch.Tensor], ours, ckpt: Checkpoint, nam
     return theirs, notes
 
 
+def _check_role(path: Path, name: str) -> None:
+    """A public tower holds one encoder: refused for another by its config alone, before its
+    weights (or a text tower's tokenizer) are read."""
+    data = read_config(path)
+    family = towers.family_of(data)
+    if family is not None and name != "image":
+        raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a {family.name} checkpoint holds "
+                              f"an image encoder only")
+    if text_towers.is_text_tower_config(data) and name != "text":
+        raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a {data['model_type']} checkpoint "
+                              f"holds a text encoder only")
+
+
 def read_source(path: Path) -> Checkpoint | towers.Tower | text_towers.TowerCheckpoint:
     """One of our checkpoints, a transformers FLAVA, a public image tower or a BERT-family text
     tower; anything else is refused in one line naming what is taken."""
@@ -296,20 +309,15 @@ def initialise_encoders(pretraining_model, image: str = "", text: str = "", mult
     described, tower_image = {}, None
     for name, src in wanted.items():
         path = resolve_source(src)
+        _check_role(path, name)
         if path not in read:
             read[path] = read_source(path)
         ckpt = read[path]
         if isinstance(ckpt, towers.Tower):
-            if name != "image":
-                raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a {ckpt.family.name} "
-                                      "checkpoint holds an image encoder only")
             tower_image, sd, notes = _tower_state(model, ckpt, image_size)
             updates.update(sd)
             what = f"image encoder from the {ckpt.family.name} checkpoint {path}"
         elif isinstance(ckpt, text_towers.TowerCheckpoint):
-            if name != "text":
-                raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a {ckpt.kind} checkpoint "
-                                      f"holds a text encoder only")
             sd, head_sd, what = _tower_text(pretraining_model, ckpt)
             updates.update(sd)
             head_updates.update(head_sd)
