@@ -64,6 +64,26 @@ def test_resume_repeats_the_uninterrupted_run(data, tmp_path):
     assert isinstance(final.model, flava.FlavaModel) and final.codebook is not None
 
 
+@pytest.mark.slow
+def test_a_resume_with_other_rates_trains_at_them(data, tmp_path):
+    first = Trainer(config(data, max_steps=4, save_every=2), tmp_path / "run")
+    first.fit(max_steps=2)
+    unchanged = [(g["initial_lr"], g["lr"], g["betas"], g["eps"]) for g in first.optimizer.param_groups]
+    same = Trainer(config(data, max_steps=4, save_every=2), tmp_path / "run")
+    assert same.resume() and same.step == 2
+    assert [(g["initial_lr"], g["lr"], g["betas"], g["eps"]) for g in same.optimizer.param_groups] == unchanged
+    # --resume --override --set optim.lr=... (the way out of a divergence): the rate, betas and
+    # eps the settings give, at the restored step of the schedule, not the saved ones.
+    cfg = config(data, max_steps=4, save_every=2)
+    cfg.optim.lr, cfg.optim.beta2, cfg.optim.eps = 1e-2, 0.5, 1e-6
+    changed = Trainer(cfg, tmp_path / "run")
+    assert changed.resume() and changed.step == 2
+    for g, (initial, lr, _, _) in zip(changed.optimizer.param_groups, unchanged):
+        assert g["initial_lr"] == 1e-2 and g["betas"] == (cfg.optim.beta1, 0.5) and g["eps"] == 1e-6
+        assert g["lr"] == pytest.approx(lr * 1e-2 / initial, rel=1e-12) and lr > 0
+    assert changed.scheduler.base_lrs == [1e-2] * len(changed.optimizer.param_groups)
+
+
 def test_mixing_follows_the_probabilities_and_the_seed():
     kinds = ("pairs", "images", "text")
     probs = np.array([0.7, 0.15, 0.15])

@@ -241,8 +241,12 @@ class CheckpointManager:
                                       "with")
             stream.load_states(saved)
         pointed = run.intact_pointer()
+        # The rates, betas and eps this run's settings built (changed on resume with --override):
+        # the saved optimizer and schedule would bring back the old ones, silently.
+        built = [{k: g[k] for k in ("initial_lr", "betas", "eps")} for g in parts.optimizer.param_groups]
         self._load_weights(parts, ckpt, state, target)
         parts.scheduler.load_state_dict(state["scheduler"])
+        _keep_settings(parts.optimizer, parts.scheduler, built)
         parts.scaler.load_state_dict(state["scaler"])
         rng = state["rng"][min(self.rank, len(state["rng"]) - 1)]
         torch.set_rng_state(rng["cpu"])
@@ -276,3 +280,14 @@ class CheckpointManager:
         for name, p in model.named_parameters():
             if name not in saved:
                 optimizer.state.pop(p, None)
+
+
+def _keep_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                   built: list[dict]) -> None:
+    """Give the restored optimizer the peak rates, betas and eps the settings built, and each
+    group the rate of the restored step under them (unchanged settings: the saved values)."""
+    for group, settings in zip(optimizer.param_groups, built, strict=True):
+        group.update(settings)
+    scheduler.base_lrs = [s["initial_lr"] for s in built]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
