@@ -171,6 +171,24 @@ def test_a_second_writer_is_refused(train_data, tmp_path, capsys):
     assert "in use by another flava run (pid" in err
 
 
+def test_a_start_refused_by_the_lock_leaves_the_holders_new_directory(train_data, tmp_path, capsys, monkeypatch):
+    # Two runs started at the same moment on a new --output: both find no directory, one takes
+    # the lock. The other's failed-start cleanup must not remove what the holder is writing.
+    import flava.train.run as run_module
+
+    out, start = tmp_path / "new", run_module.run_pretrain
+
+    def the_other_run_locks_first(*args, **kwargs):
+        with RunDir(out).lock():
+            (out / "being-written").write_text("the holder's")
+            return start(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_pretrain", the_other_run_locks_first)
+    err = one_line_error(capsys, cli(pretrain_args(train_data, out) + ["--max-steps", "1"]))
+    assert "in use by another flava run (pid" in err
+    assert (out / "being-written").read_text() == "the holder's"
+
+
 @pytest.mark.slow
 def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"

@@ -68,6 +68,7 @@ def settings(args: argparse.Namespace):
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..errors import ConfigError
+    from ..io.locks import InUse
     from ..train.run import run_pretrain
 
     if args.recipe:
@@ -102,9 +103,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
     except BaseException as e:
         # A start that failed before the run began leaves no directory behind (only its lock, a
         # demo codebook) for the next attempt to trip over; one process cleans up. A stop on
-        # request keeps what it saved (a demo codebook half trained).
+        # request keeps what it saved (a demo codebook half trained); a start refused by the lock
+        # leaves the directory to the run that holds it (started at the same moment, it has
+        # written nothing yet).
         if created and not holds_run(output) and os.environ.get("RANK", "0") == "0" and \
-                not isinstance(e, stopping.Stopped):
+                not isinstance(e, (stopping.Stopped, InUse)):
             shutil.rmtree(output, ignore_errors=True)
         raise
 

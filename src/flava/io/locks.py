@@ -20,6 +20,10 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+class InUse(ConfigError):
+    """Refused: another process holds the lock. What that process owns is not this one's to clean."""
+
+
 # Descriptors of the locks this process holds; forked children close theirs.
 _HELD: set[int] = set()
 
@@ -48,7 +52,7 @@ def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            raise ConfigError(f"{what} is in use by another flava run ({holder}); {fix}") from None
+            raise InUse(f"{what} is in use by another flava run ({holder}); {fix}") from None
         _HELD.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {owner} on {socket.gethostname()}".encode(), 0)

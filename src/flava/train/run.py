@@ -22,6 +22,7 @@ from ..data.registry import KINDS
 from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import read_json, write_json_atomic
+from ..io.locks import InUse
 from ..io.runs import RunDir
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
@@ -130,7 +131,7 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
     output.mkdir(parents=True, exist_ok=True)
     run = RunDir(output)
     with contextlib.ExitStack() as held:
-        refusal = ""
+        refusal, in_use = "", False
         if rank == 0:  # one lock for the run; every process learns whether it was had
             try:
                 held.enter_context(run.lock())
@@ -143,13 +144,13 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
                     console.print(f"note: {output} holds a run that saved no checkpoint; starting it again")
                     clear_unsaved_run(output)
             except ConfigError as e:
-                refusal = str(e)
+                refusal, in_use = str(e), isinstance(e, InUse)
         if dist.is_initialized():
-            box = [refusal]
+            box = [(refusal, in_use)]
             dist.broadcast_object_list(box, src=0)
-            refusal = box[0]
+            refusal, in_use = box[0]
         if refusal:
-            raise ConfigError(refusal)
+            raise (InUse if in_use else ConfigError)(refusal)
         return _train(cfg, run, resume, console, override, rank)
 
 
