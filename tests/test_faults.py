@@ -237,3 +237,33 @@ def test_fuzzed_inputs_are_trained_on_or_counted(tmp_path):
             pass
         fuzzed["image"] += 1
     assert sum(fuzzed.values()) >= 190, fuzzed
+
+
+def test_what_a_killed_save_left_is_recovered_not_refused(tmp_path):
+    """A save (codebook or fine-tuning state) killed midway leaves a staging copy beside it, or,
+    killed between its two renames, the previous state moved aside: the next start restores the
+    previous state, tolerates and then removes the staging copy, and still refuses foreign files."""
+    from flava.errors import CheckpointError
+    from flava.finetune.taskmodel import check_output
+    from flava.io.checkpoint import check_replaceable
+    from flava.io.files import recover_replaced, replace_dir
+    from flava.train.codebook import METRICS, STATE, _check_start
+
+    out = tmp_path / "codebook"
+    replace_dir(out / STATE, lambda d: (d / "state.json").write_text(json.dumps({"step": 3})))
+    (out / METRICS).write_text("")
+    (out / STATE).rename(out / f".{STATE}.old")  # killed between the renames of the next save
+    (out / f".{STATE}.k3_x9q1z.tmp").mkdir()  # and a staging copy of another killed save
+    assert _check_start(out, resume=True) == {"step": 3}
+    check_replaceable(out, (METRICS, STATE, ".lock"))  # the final write will replace the folder
+    recover_replaced(out / STATE)
+    assert sorted(p.name for p in out.iterdir()) == [METRICS, STATE]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already holds other files"):
+        check_replaceable(out, (METRICS, STATE, ".lock"))
+
+    task = tmp_path / "task"
+    (task / ".training.ab12cd34.tmp").mkdir(parents=True)
+    assert check_output(task, "text-classification") is None
+    recover_replaced(task / "training")
+    assert list(task.iterdir()) == []

@@ -86,7 +86,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..evaluate.run import load_model
     from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
     from ..finetune.settings import TRAINING, FinetuneSettings, Resumable
-    from ..io.files import check_writable
+    from ..io.files import check_writable, recover_replaced
     from ..finetune.taskmodel import TASKS, check_output, save_task_model
     from ..finetune.text import truncating_copy
     from ..progress import progress_bar
@@ -102,7 +102,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,
         max_text_length=args.max_text_length))
-    # A fine-tuning stopped on request keeps its state in OUTPUT/training until its task model is saved.
+    # A fine-tuning stopped on request keeps its state in OUTPUT/training until its task model is saved;
+    # a save killed midway leaves the previous state (moved back) and staging copies (removed).
+    recover_replaced(output / TRAINING)
     stopped = (output / TRAINING / "state.pt").is_file()
     if stopped and not args.resume:
         raise ConfigError(f"{output} holds a fine-tuning that was stopped before it finished: add --resume to "

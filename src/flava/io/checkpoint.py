@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
-from .files import read_json, replace_dir, sha256_of, write_json_atomic
+from .files import left_by_replace, read_json, replace_dir, sha256_of, write_json_atomic
 
 FORMAT = "flava"
 FORMAT_VERSION = 1
@@ -52,7 +52,8 @@ def check_replaceable(target: Path, also_ours: tuple[str, ...] = (),
         raise CheckpointError(f"{target} is a file; choose a directory to write to")
     if not target.is_dir():
         return
-    names = {p.name for p in target.iterdir()}
+    names = {p.name for p in target.iterdir()
+             if not any(left_by_replace(p.name, ours_) for ours_ in also_ours)}  # a killed save's leftovers
     if not names or names <= set(also_ours):
         return
     if CONFIG not in names:

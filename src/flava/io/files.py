@@ -104,6 +104,26 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
         raise
 
 
+def left_by_replace(name: str, of: str) -> bool:
+    """Whether file name `name` is what a killed `replace_dir` of a directory named `of` left
+    beside it: a staging copy or the replaced one."""
+    return name == f".{of}.old" or (name.startswith(f".{of}.") and name.endswith(".tmp"))
+
+
+def recover_replaced(target: str | os.PathLike, sweep: bool = True) -> None:
+    """Undo what a killed `replace_dir(target, ...)` left: the replaced copy moved back when the
+    kill fell between its two renames (the target is then missing), and, with `sweep`, staging
+    copies removed (only the directory's one writer may sweep: another writer's may be in use)."""
+    target = Path(target)
+    old = target.with_name(f".{target.name}.old")
+    if not target.exists() and old.is_dir():
+        os.replace(old, target)
+    if sweep and target.parent.is_dir():
+        for p in target.parent.iterdir():
+            if left_by_replace(p.name, target.name):
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def sha256_of(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's contents, read in 4 MiB chunks."""
     h = hashlib.sha256()

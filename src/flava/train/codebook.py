@@ -38,7 +38,7 @@ from ..data.transforms import map_pixels
 from ..distributed import resolve_device
 from ..errors import ConfigError, DataError
 from ..io.checkpoint import check_replaceable, write_checkpoint_dir, write_checkpoint_files
-from ..io.files import read_json, replace_dir, write_json_atomic
+from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
 from ..io.runs import RunDir
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
@@ -257,6 +257,7 @@ def reconstruction_grid(run: CodebookRun, path: Path) -> None:
 
 def _check_start(output: Path, resume: bool) -> dict | None:
     """The saved state to resume from, or None for a new run; refuses what was not asked for."""
+    recover_replaced(output / STATE, sweep=False)  # a save killed between its renames: the previous one
     state = output / STATE / "state.json"
     if resume:
         if state.is_file():
@@ -321,6 +322,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     meta = {"model": to_dict(cfg), "settings": dataclasses.asdict(settings), "images": images_spec,
             "pairs": pairs_spec}
     with RunDir(output).lock():
+        recover_replaced(output / STATE)  # the one writer now: a killed save's staging copies go
         if saved is not None:
             run.load(output / STATE)
             console.print(f"resuming the codebook training in {output} at step {run.step} of {settings.steps}")
