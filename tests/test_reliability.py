@@ -190,6 +190,31 @@ def test_a_start_refused_by_the_lock_leaves_the_holders_new_directory(train_data
 
 
 @pytest.mark.slow
+def test_a_stop_in_the_last_step_ends_the_run_and_max_steps_cannot_go_back(train_data, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from flava.train.trainer import Trainer
+
+    step = Trainer.train_step
+
+    def sigterm_in_the_last_step(self, *args, **kwargs):
+        if self.step + 1 == self.cfg.max_steps:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the command's handler, acted on after the step
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", sigterm_in_the_last_step)
+    run = tmp_path / "run"
+    assert cli(pretrain_args(train_data, run) + ["--max-steps", "2"]) == 0  # finished, not "stopped" (143)
+    assert (run / "summary.json").is_file() and (run / "checkpoints" / "step_00000002").is_dir()
+    capsys.readouterr()
+    monkeypatch.setattr(Trainer, "train_step", step)
+    history = (run / "config_history.jsonl").read_text() if (run / "config_history.jsonl").exists() else ""
+    err = one_line_error(capsys, cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "1"]))
+    assert "--max-steps 1 is below the step the run reached (2)" in err
+    assert ((run / "config_history.jsonl").read_text() if (run / "config_history.jsonl").exists() else "") == history
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run, batch_size=4) + ["--max-steps", "2", "--set", "save_every=1"]) == 0

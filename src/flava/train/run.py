@@ -240,6 +240,12 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     output = run.root
     ensure_demo_codebook(cfg, output / "codebook", console, rank)
     saved = saved_settings(output) if resume else None
+    if saved is not None and cfg.max_steps < saved.max_steps:
+        newest = run.intact_pointer() or (run.step_dirs() or [None])[-1]
+        reached = int(newest.name.removeprefix("step_")) if newest is not None else 0
+        if cfg.max_steps < reached:
+            raise ConfigError(f"--max-steps {cfg.max_steps} is below the step the run reached ({reached}): a run "
+                              f"cannot go back; its earlier checkpoints are in {run.checkpoints}")
     if saved is not None:
         _accept_changes(saved, cfg, output, override, rank)
         if cfg.data.batch_size == saved.data.batch_size:
@@ -293,7 +299,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         # (stopping.agreed at a step boundary) and it saved the step it reached.
         trainer.stopped = 0
         rows = trainer.fit()
-    if trainer.stopped:
+    if trainer.stopped and trainer.step < cfg.max_steps:  # a stop at the last step is the run's end
         at = f"at step {trainer.step} of {cfg.max_steps}"
         raise stopping.Stopped(trainer.stopped, f"stopped by {stopping.name(trainer.stopped)} {at}; saved "
                                                 f"{run.step(trainer.step)}: continue with the same command and --resume",
