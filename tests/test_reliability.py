@@ -171,6 +171,14 @@ def test_a_second_writer_is_refused(train_data, tmp_path, capsys):
     assert "in use by another flava run (pid" in err
 
 
+def test_a_file_where_the_checkpoints_go_is_refused_before_training(train_data, tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("mine")
+    err = one_line_error(capsys, cli(pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "1"]))
+    assert "run/checkpoints is a file; choose another output" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was trained
+
+
 def test_a_start_refused_by_the_lock_leaves_the_holders_new_directory(train_data, tmp_path, capsys, monkeypatch):
     # Two runs started at the same moment on a new --output: both find no directory, one takes
     # the lock. The other's failed-start cleanup must not remove what the holder is writing.

@@ -21,7 +21,7 @@ from ..data.pipeline import per_process_batch
 from ..data.registry import KINDS
 from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
-from ..io.files import read_json, write_json_atomic
+from ..io.files import check_writable, read_json, write_json_atomic
 from ..io.locks import InUse
 from ..io.runs import RunDir
 from ..objectives.registry import needs_image_tokens
@@ -250,6 +250,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         _accept_changes(saved, cfg, output, override, rank)
         if cfg.data.batch_size == saved.data.batch_size:
             _keep_global_batch(cfg, run, console, rank)
+    if rank == 0:
+        check_writable(run.checkpoints)  # found here, not at the first save save_every steps later
     trainer = Trainer(cfg, output)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
