@@ -95,6 +95,16 @@ def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrup
     step = int(line.split("at step ")[1].split()[0])
     assert 50 < step < 200 and "--resume" in line
     assert json.loads((tmp_path / "cut" / "training" / "state.json").read_text())["step"] == step
+    # Damaged saved state is one line naming it; a line a kill cut short is logged again.
+    optimizer = tmp_path / "cut" / "training" / "optimizer.pt"
+    good = optimizer.read_bytes()
+    optimizer.write_bytes(good[:3000])
+    damaged = Command(codebook_args(train_data / "img", tmp_path / "cut", "--resume"), tmp_path / "d")
+    assert damaged.finish() == 2 and "training is damaged (optimizer.pt is not the file that was written" in \
+        " ".join(damaged.text().split()) and "Traceback" not in damaged.text()
+    optimizer.write_bytes(good)
+    with metrics.open("a") as f:
+        f.write('{"step": 19')
     out = done(Command(codebook_args(train_data / "img", tmp_path / "cut", "--resume"), tmp_path / "r"))
     # However the console wraps the line.
     assert f"resuming the codebook training in {tmp_path / 'cut'} at step {step} of 200" in " ".join(out.split())
@@ -220,6 +230,13 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     changed = Command(args(tmp_path / "cut", "--resume", "--epochs", "2"), tmp_path / "y")
     assert changed.finish() == 2 and "settings.epochs: 4 -> 2" in changed.text()
     assert "fine-tuning" not in changed.out.read_text()  # refused before any progress is drawn
+    state = tmp_path / "cut" / "training" / "state.pt"
+    good = state.read_bytes()
+    state.write_bytes(good[:3000])
+    damaged = Command(args(tmp_path / "cut", "--resume"), tmp_path / "d")
+    assert damaged.finish() == 2 and "state in" in damaged.text() and "is damaged (state.pt is not the file" in \
+        " ".join(damaged.text().split()) and "Traceback" not in damaged.text()
+    state.write_bytes(good)
     out = done(Command(args(tmp_path / "cut", "--resume"), tmp_path / "r"))
     assert "resuming the fine-tuning stopped" in out
     assert not (tmp_path / "cut" / "training").exists()

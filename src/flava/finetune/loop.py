@@ -8,6 +8,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,7 +18,8 @@ from torch import nn
 from .. import stopping
 from ..config import check
 from ..data.tokenizer import TextTokenizer
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import damage, write_checksums
 from ..io.files import replace_dir
 from ..model.flava import FlavaModel, init_weights
 from ..optim import build_optimizer, warmup_cosine
@@ -64,14 +66,26 @@ def _loss(kind: str, logits: torch.Tensor, split: Split, idx: torch.Tensor, num_
 
 
 def _save_state(resumable: Resumable, state: dict) -> None:
-    replace_dir(resumable.directory, lambda tmp: torch.save(state, tmp / "state.pt"))
+    def fill(tmp: Path) -> None:
+        torch.save(state, tmp / "state.pt")
+        write_checksums(tmp)
+
+    replace_dir(resumable.directory, fill)
 
 
 def _load_state(resumable: Resumable) -> dict | None:
     path = resumable.directory / "state.pt"
     if not path.is_file():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        why = damage(resumable.directory)
+        if why:
+            raise CheckpointError(why)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"the stopped fine-tuning's state in {resumable.directory} is damaged ({reason}); "
+                              f"delete it and run without --resume to fine-tune from the start") from None
     started, now = json.loads(state["started_with"]), json.loads(json.dumps(resumable.started_with))
     if started != now:
         was, asked = _flat(started), _flat(now)

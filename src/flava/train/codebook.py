@@ -36,8 +36,8 @@ from ..data.registry import demo_source, estimated_size, open_source
 from ..data.sources import ImageRecord, Source
 from ..data.transforms import map_pixels
 from ..distributed import resolve_device
-from ..errors import ConfigError, DataError
-from ..io.checkpoint import check_replaceable, write_checkpoint_dir, write_checkpoint_files
+from ..errors import CheckpointError, ConfigError, DataError
+from ..io.checkpoint import check_replaceable, damage, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
 from ..io.runs import RunDir
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
@@ -194,14 +194,24 @@ class CodebookRun:
             torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
             write_json_atomic(tmp / "state.json", {**meta, "step": self.step, "history": self.history,
                                                    "start": self.start_metrics, "stream": self.stream.state()})
+            write_checksums(tmp)
         replace_dir(directory, fill)
 
     def load(self, directory: Path) -> dict:
-        state = read_json(directory / "state.json", "codebook training state", expect=dict)
-        weights = load_file(str(directory / "weights.safetensors"))
-        self.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
-        self.decoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("decoder.")})
-        self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        why = damage(directory)
+        try:
+            if why:
+                raise CheckpointError(why)
+            state = read_json(directory / "state.json", "codebook training state", CheckpointError, expect=dict)
+            weights = load_file(str(directory / "weights.safetensors"))
+            self.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
+            self.decoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("decoder.")})
+            self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
+                                                weights_only=True))
+        except Exception as e:  # safetensors, torch and the file system raise many types for a damaged file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"the saved codebook training in {directory} is damaged ({reason}); delete it and "
+                                  f"run without --resume to train the codebook from the start") from None
         self.stream.load_states([state["stream"]])
         self.step, self.history, self.start_metrics = int(state["step"]), state["history"], state["start"]
         return state
@@ -336,13 +346,21 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     return summary
 
 
+def _step_of(row: str) -> float:
+    """A metrics line's step; a line a kill cut short has none (and is logged again)."""
+    try:
+        return json.loads(row)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict:
     settings, cfg = run.settings, run.cfg
     metrics_path = output / METRICS
     if run.step == 0:
         metrics_path.write_text("")
     else:  # rows logged after the saved step will be logged again
-        kept = [r for r in metrics_path.read_text().splitlines() if r and json.loads(r)["step"] < run.step] \
+        kept = [r for r in metrics_path.read_text().splitlines() if _step_of(r) < run.step] \
             if metrics_path.is_file() else []
         metrics_path.write_text("".join(r + "\n" for r in kept))
     start, first = time.perf_counter(), run.step
