@@ -99,9 +99,10 @@ def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrup
     optimizer = tmp_path / "cut" / "training" / "optimizer.pt"
     good = optimizer.read_bytes()
     optimizer.write_bytes(good[:3000])
-    damaged = Command(codebook_args(train_data / "img", tmp_path / "cut", "--resume"), tmp_path / "d")
+    damaged = Command(codebook_args(tmp_path / "elsewhere", tmp_path / "cut", "--resume"), tmp_path / "d")
     assert damaged.finish() == 2 and "training is damaged (optimizer.pt is not the file that was written" in \
         " ".join(damaged.text().split()) and "Traceback" not in damaged.text()
+    assert "resuming with the run's own settings; ignored: images" in " ".join(damaged.text().split())
     optimizer.write_bytes(good)
     with metrics.open("a") as f:
         f.write('{"step": 19')

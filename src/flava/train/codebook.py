@@ -301,6 +301,8 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         steps = asked["steps"] if "steps" in changed else saved["settings"]["steps"]
         settings = from_dict(CodebookTraining, {**saved["settings"], "device": settings.device,
                                                 "num_workers": settings.num_workers, "steps": steps})
+        changed += [k for k, asked_spec in (("images", images_spec), ("pairs", pairs_spec))
+                    if asked_spec and asked_spec != saved[k]]  # the run reads its own data to resume exactly
         images_spec, pairs_spec = saved["images"], saved["pairs"]
         if "steps" in changed:
             console.print(f"note: steps {saved['settings']['steps']} -> {steps} (the learning-rate and temperature "
