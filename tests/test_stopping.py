@@ -238,6 +238,14 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     assert damaged.finish() == 2 and "state in" in damaged.text() and "is damaged (state.pt is not the file" in \
         " ".join(damaged.text().split()) and "Traceback" not in damaged.text()
     state.write_bytes(good)
+    # The model named is a run that trained on meanwhile: another checkpoint, refused by name.
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model, moved)
+    weights = moved / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    (moved / "checksums.json").unlink(missing_ok=True)
+    other = Command(["finetune", "--model", str(moved)] + args(tmp_path / "cut", "--resume")[3:], tmp_path / "o")
+    assert other.finish() == 2 and "model_weights:" in other.text() and "started with other settings" in other.text()
     out = done(Command(args(tmp_path / "cut", "--resume"), tmp_path / "r"))
     assert "resuming the fine-tuning stopped" in out
     assert not (tmp_path / "cut" / "training").exists()

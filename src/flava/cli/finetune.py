@@ -87,6 +87,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
     from ..finetune.settings import TRAINING, FinetuneSettings, Resumable
     from ..io.files import check_writable, recover_replaced
+    from ..io.fingerprint import checkpoint_identity
+    from ..io.runs import resolve
     from ..finetune.taskmodel import TASKS, check_output, save_task_model
     from ..finetune.text import truncating_copy
     from ..progress import progress_bar
@@ -112,9 +114,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.resume and not stopped:
         raise ConfigError(f"--resume: {output} holds no stopped fine-tuning to continue; check the path, or leave "
                           "out --resume")
+    # The checkpoint itself, not only its name: a run's newest checkpoint moves on as it trains.
+    weights = checkpoint_identity(resolve(args.model))
     resumable = Resumable(output / TRAINING, {
-        "model": args.model, "task": args.task, "train": args.train, "val": args.val, "test": args.test,
-        "val_fraction": args.val_fraction, "settings": to_dict(settings)})
+        "model": args.model, "model_weights": f"{weights['path']} ({weights['fingerprint']})", "task": args.task,
+        "train": args.train, "val": args.val, "test": args.test, "val_fraction": args.val_fraction,
+        "settings": to_dict(settings)})
     if stopped:
         check_resume(resumable)
     task = read_task(args.task, args.train, args.val, args.test, args.val_fraction, args.seed)
