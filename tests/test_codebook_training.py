@@ -77,6 +77,12 @@ def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):
         err = " ".join(capsys.readouterr().err.split())
         assert "is an image codebook (flava train-codebook), not a model" in err and "damaged" not in err
     assert not (tmp_path / "e").exists() and not (tmp_path / "hf").exists()
+    # A trained codebook (its decoder beside it) is no model `flava init` may write over.
+    (tmp_path / "tok" / "decoder.safetensors").write_bytes(b"the decoder")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()}
+    assert cli(["init", "--config", "tiny", "--output", str(tmp_path / "tok")]) == 2
+    assert "holds files this command does not write (decoder.safetensors)" in " ".join(capsys.readouterr().err.split())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before
 
 
 def test_token_usage_against_a_direct_count():

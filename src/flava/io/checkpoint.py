@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +43,12 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def check_replaceable(target: Path, also_ours: tuple[str, ...] = (),
-                      ours: Callable[[dict[str, Any]], bool] | None = None) -> None:
+                      ours: Callable[[dict[str, Any]], bool] | None = None, only: Collection[str] | None = None) -> None:
     """Refuse to overwrite a directory that holds anything but a checkpoint of ours: its
-    config.json must be one `ours` accepts (by default, this project's format). A folder with
-    another config.json (a public model's, say) is someone's work, replaced whole otherwise."""
+    config.json must be one `ours` accepts (by default, this project's format), and with `only`
+    (the files the writer writes) it may hold no other files. A folder with another config.json
+    (a public model's), or a checkpoint of another kind (a trained codebook, a training
+    checkpoint), is someone's work, replaced whole otherwise."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} is a file; choose a directory to write to")
@@ -66,13 +68,19 @@ def check_replaceable(target: Path, also_ours: tuple[str, ...] = (),
     if not isinstance(config, dict) or not (ours or is_ours)(config):
         raise CheckpointError(f"{target} holds another model's config.json, not what this command writes; choose "
                               f"another output directory")
+    foreign = sorted(names - set(only) - set(also_ours)) if only is not None else []
+    if foreign:
+        raise CheckpointError(f"{target} holds files this command does not write ({', '.join(foreign[:3])}): another "
+                              f"kind of checkpoint (a trained codebook, a training checkpoint); choose another output "
+                              f"directory")
 
 
 def write_checkpoint_dir(target: str | os.PathLike, fill: Callable[[Path], None],
-                         also_ours: tuple[str, ...] = (), ours: Callable[[dict[str, Any]], bool] | None = None) -> None:
+                         also_ours: tuple[str, ...] = (), ours: Callable[[dict[str, Any]], bool] | None = None,
+                         only: Collection[str] | None = None) -> None:
     """`fill(staging_dir)`, then the staging directory replaces `target` whole; refuses a target
     that holds anything but what this writer writes (`check_replaceable`)."""
-    check_replaceable(Path(target), also_ours, ours)
+    check_replaceable(Path(target), also_ours, ours, only)
     replace_dir(target, fill)
 
 

@@ -13,9 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import FlavaConfig, ImageEncoderConfig, to_dict, validate
-from ..data.processor import Processor
+from ..data.processor import PROCESSOR_FILE, Processor
+from ..data.tokenizer import SPECIAL_MAP, TOKENIZER_FILE
 from ..errors import InputError
-from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
+from ..io.checkpoint import CHECKSUMS, CONFIG, WEIGHTS, write_checkpoint_dir, write_checkpoint_files
+
+SAVED_FILES = (CONFIG, WEIGHTS, CHECKSUMS, PROCESSOR_FILE, TOKENIZER_FILE, SPECIAL_MAP)
+"""What `save_pretrained` writes: a directory holding other files (a trained codebook's decoder,
+a training checkpoint's state) is not replaced by it."""
 from .encoders import EncoderOutput, ImageEncoder, MultimodalEncoder, MultimodalOutput, TextEncoder
 from .layers import Transformer
 
@@ -297,7 +302,7 @@ class FlavaModel(nn.Module):
         def fill(tmp) -> None:
             write_checkpoint_files(tmp, to_dict(self.config), {"model": self.state_dict()})
             self.save_tokenizer(tmp)
-        write_checkpoint_dir(directory, fill)
+        write_checkpoint_dir(directory, fill, only=SAVED_FILES)
 
     def save_tokenizer(self, directory: str | os.PathLike) -> None:
         """When this model's tokenizer is its own (a text tower's), write it with the processor

@@ -28,7 +28,7 @@ from ..errors import ConfigError, InputError
 from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
 from ..model.codebook import FlavaImageCodebook
 from ..model.encoders import EncoderOutput, MultimodalOutput
-from ..model.flava import LOGIT_SCALE_MAX, FlavaModel, init_weights
+from ..model.flava import LOGIT_SCALE_MAX, SAVED_FILES, FlavaModel, init_weights
 from .losses import Losses, targets_at
 from .negatives import ItmPairs, hard_negatives, same_text, swap_negatives
 from .registry import active, chosen
@@ -321,4 +321,4 @@ class PretrainingModel(nn.Module):
         def fill(tmp) -> None:
             write_checkpoint_files(tmp, to_dict(self.config), parts, extra={"objectives": to_dict(self.objectives)})
             self.model.save_tokenizer(tmp)
-        write_checkpoint_dir(directory, fill)
+        write_checkpoint_dir(directory, fill, only=SAVED_FILES)
