@@ -171,6 +171,22 @@ def test_a_second_writer_is_refused(train_data, tmp_path, capsys):
     assert "in use by another flava run (pid" in err
 
 
+def test_data_with_no_usable_sample_is_one_line_with_loader_workers_too(train_data, tmp_path, capsys):
+    (tmp_path / "header.csv").write_text("image,caption\n")
+    args = pretrain_args(train_data, tmp_path / "a", pairs=str(tmp_path / "header.csv")) + ["--max-steps", "1"]
+    assert "header.csv holds no samples" in one_line_error(capsys, cli(args))
+    (tmp_path / "bad").mkdir()
+    for i in range(3):
+        (tmp_path / "bad" / f"{i}.png").write_bytes(b"not a picture")
+    args = pretrain_args(train_data, tmp_path / "b")
+    for kind in ("pairs", "text"):  # images alone: the first step draws them
+        i = next(i for i, a in enumerate(args) if a.startswith(f"data.{kind}="))
+        del args[i - 1:i + 1]
+    args += ["--max-steps", "1", "--set", f'data.images=["{tmp_path / "bad"}"]', "--set", "data.num_workers=1"]
+    # The worker's error, not the DataLoader's traceback of it.
+    assert "bad: no usable sample in" in one_line_error(capsys, cli(args))
+
+
 def test_a_file_where_the_checkpoints_go_is_refused_before_training(train_data, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("mine")

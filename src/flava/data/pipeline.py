@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import DataError
+from ..errors import DataError, FlavaError
 from ..stopping import prepare_loader_owner, quiet_loader_worker
 from .members import BadSample
 from .samples import SampleMaker
@@ -206,6 +206,15 @@ class _Draws(IterableDataset):
             draw += 1
 
 
+def _unwrapped(e: FlavaError) -> FlavaError:
+    """A worker's error as its own one line: the DataLoader re-raises it with the worker's whole
+    traceback as its message."""
+    text, marker = str(e), f"{type(e).__module__}.{type(e).__qualname__}: "
+    if text.startswith("Caught ") and marker in text:
+        return type(e)(text.rsplit(marker, 1)[1].strip())
+    return e
+
+
 @dataclass
 class BatchStream:
     """Batches of one source for one process: draw after draw of the global stream."""
@@ -258,7 +267,10 @@ class BatchStream:
             self._it = self._iterator()
         parts = []
         for _ in range(max(1, self.num_workers)):
-            draw, slots, part, cursors, bad, opened = next(self._it)
+            try:
+                draw, slots, part, cursors, bad, opened = next(self._it)
+            except FlavaError as e:
+                raise _unwrapped(e) from None
             assert draw == self.draws, (draw, self.draws)
             parts.append((slots, part))
             for j, c in cursors.items():

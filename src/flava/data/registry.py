@@ -76,6 +76,10 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise DataError(f"give every data.{kind} source a weight, or none (then each weighs by its size)")
     srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
+    for src in srcs:
+        if src.known_size == 0:  # refused here, not at the first draw
+            raise DataError(f"{src.name} holds no samples; give data that has some (a table needs rows "
+                            f"under its header)")
     weights = weights or [None]  # the demo source stands alone
     if len(srcs) > 1 and weights[0] is None:
         weights = [float(estimated_size(s)) for s in srcs]
