@@ -99,10 +99,13 @@ def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrup
     optimizer = tmp_path / "cut" / "training" / "optimizer.pt"
     good = optimizer.read_bytes()
     optimizer.write_bytes(good[:3000])
-    damaged = Command(codebook_args(tmp_path / "elsewhere", tmp_path / "cut", "--resume"), tmp_path / "d")
+    damaged = Command(codebook_args(tmp_path / "elsewhere", tmp_path / "cut", "--resume", "--steps", "300",
+                                    "--config", "small"), tmp_path / "d")
     assert damaged.finish() == 2 and "training is damaged (optimizer.pt is not the file that was written" in \
         " ".join(damaged.text().split()) and "Traceback" not in damaged.text()
-    assert "resuming with the run's own settings; ignored: images" in " ".join(damaged.text().split())
+    # What a resume takes (steps, even at the default's value) and ignores, said.
+    said = " ".join(damaged.text().split())
+    assert "steps 200 -> 300" in said and "resuming with the run's own settings; ignored: images, config" in said
     optimizer.write_bytes(good)
     with metrics.open("a") as f:
         f.write('{"step": 19')

@@ -15,7 +15,7 @@ def add(sub) -> None:
                    help="image files, directories, globs, shards, parquet; 'demo' for the packaged demo images")
     p.add_argument("--pairs", nargs="+", default=[], help="pair data whose images to train on (shards, tables)")
     p.add_argument("--output", required=True)
-    p.add_argument("--config", default="tiny", help="preset or JSON config; its codebook section is trained")
+    p.add_argument("--config", help="preset or JSON config; its codebook section is trained (default: tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
@@ -36,13 +36,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..errors import InputError
     from ..train.codebook import CodebookTraining, run_train_codebook
 
-    cfg = validate(apply_overrides(config_from(args.config), args.set or []))
+    cfg = validate(apply_overrides(config_from(args.config or "tiny"), args.set or []))
     settings = CodebookTraining()
+    given = set()
     for field in dataclasses.fields(settings):
         value = getattr(args, field.name, None)
         if value is not None:
             setattr(settings, field.name, value)
+            given.add(field.name)
+    given |= {name for name, value in (("config", args.config), ("set", args.set)) if value}
     if not (args.images or args.pairs or args.resume):
         raise InputError("name the images to train on: --images (files, folders, shards; 'demo') or --pairs")
     run_train_codebook(args.images, Path(args.output), cfg, check(settings), console, pairs_spec=args.pairs,
-                       resume=args.resume)
+                       resume=args.resume, given=given)

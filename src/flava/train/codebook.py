@@ -289,20 +289,26 @@ def _check_start(output: Path, resume: bool) -> dict | None:
 
 
 def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, settings: CodebookTraining,
-                       console: Console, pairs_spec: list[str] | None = None, resume: bool = False) -> dict:
+                       console: Console, pairs_spec: list[str] | None = None, resume: bool = False,
+                       given: set[str] | None = None) -> dict:
+    """Train (or, `resume`, continue) the codebook in `output`. `given`: the settings the user set
+    (the command line's flags, and "config"/"set" for the model); a resumed run keeps its own and
+    names those it ignores (without `given`, settings that differ from the defaults count as set)."""
     output = Path(output)
     saved = _check_start(output, resume)
     if saved is not None:
-        asked = dataclasses.asdict(settings)
+        asked, asked_model = dataclasses.asdict(settings), to_dict(cfg)
         cfg = from_dict(FlavaConfig, saved["model"])
-        # Set explicitly (not the default) and unlike the run's: where it runs, and how long.
+        # Set explicitly and unlike the run's: where it runs, and how long, are taken.
         changed = [k for k, v in saved["settings"].items() if asked.get(k) != v
-                   and asked.get(k) != getattr(CodebookTraining(), k)]
+                   and (k in given if given is not None else asked.get(k) != getattr(CodebookTraining(), k))]
         steps = asked["steps"] if "steps" in changed else saved["settings"]["steps"]
         settings = from_dict(CodebookTraining, {**saved["settings"], "device": settings.device,
                                                 "num_workers": settings.num_workers, "steps": steps})
         changed += [k for k, asked_spec in (("images", images_spec), ("pairs", pairs_spec))
                     if asked_spec and asked_spec != saved[k]]  # the run reads its own data to resume exactly
+        if asked_model != to_dict(cfg):  # and keeps its own codebook
+            changed += sorted({"config", "set"} & (given or set()))
         images_spec, pairs_spec = saved["images"], saved["pairs"]
         if "steps" in changed:
             console.print(f"note: steps {saved['settings']['steps']} -> {steps} (the learning-rate and temperature "
