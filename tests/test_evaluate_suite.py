@@ -93,6 +93,10 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
      "labels \\['politics'\\] outside the training labels"),
     ({"kind": "finetune-text", "train": "text_train.csv", "test": "empty.csv"}, "no rows|empty"),
     ({"kind": "linear-probe", "modality": "image", "train": "train", "test": "extra_class"}, "outside the training"),
+    # One class: zero-shot would score a certain 100 % into the averages; a probe has nothing to tell apart.
+    ({"kind": "zero-shot", "folder": "one_class"}, "needs at least two classes; found only 'red'"),
+    ({"kind": "linear-probe", "modality": "text", "train": "one_label.csv", "test": "one_label.csv"},
+     "at least two classes in train; found only 'sport'"),
     ({"kind": "finetune-text", "data": "bbc-news", "settings": {"epoch": 1}}, "epoch"),
     ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": []}, "lr_sweep takes a list of positive"),
     ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4, "3e-4"]}, "lr_sweep takes a list"),
@@ -102,6 +106,9 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
 def test_bad_suites_fail_before_any_work(suite_dir, tmp_path, capsys, task, error):
     (suite_dir / "bad_labels.csv").write_text("text,label\na story,politics\n")
     (suite_dir / "empty.csv").write_text("text,label\n")
+    (suite_dir / "one_label.csv").write_text("text,label\na match,sport\na goal,sport\n")
+    (suite_dir / "one_class" / "red").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(suite_dir / "one_class" / "red" / "0.png")
     if not (suite_dir / "extra_class" / "green").exists():
         for name in ("red", "green"):
             (suite_dir / "extra_class" / name).mkdir(parents=True)

@@ -138,7 +138,7 @@ def linear_probe(
     sx, sy = _split_pair(test_x, test_y, "test", dim)
     classes = np.unique(ty)
     if len(classes) < 2:
-        raise DataError(f"a linear probe needs at least two classes in train; found only {classes[0]!r}")
+        raise DataError(f"a linear probe needs at least two classes in train; found only {classes[0].item()!r}")
     ti = np.searchsorted(classes, ty)
     si = _indices(sy, classes, "test")
     if val is None:

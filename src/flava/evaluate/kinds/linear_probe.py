@@ -80,6 +80,10 @@ def read(t: TaskSpec) -> ProbeData:
         keep = subsample(list(range(len(ytr))), limit, t.seed)
         xtr = xtr[keep] if isinstance(xtr, np.ndarray) else [xtr[i] for i in keep]
         ytr = np.asarray(ytr)[keep]
+    present = sorted(set(np.asarray(ytr).tolist()))
+    if len(present) < 2:  # refused while the data is checked, before any model is loaded
+        raise ConfigError(f"{t.where}: a linear probe needs at least two classes in train; found only "
+                          f"{', '.join(repr(classes[i]) for i in present) or 'none'}")
     if modality == "text" and data in IMAGE_DATA:
         raise ConfigError(f"{t.where}: {data} holds images; use modality 'image'")
     if modality == "image" and data == "bbc-news":

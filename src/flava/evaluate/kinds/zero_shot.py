@@ -40,6 +40,9 @@ def read(t: TaskSpec) -> ZeroShotData:
         if not isinstance(names, list) or len(names) != len(classes):
             raise ConfigError(f"{t.where}: class_names must list {len(classes)} names (one per class folder)")
         classes = [str(n) for n in names]
+    if len(classes) < 2:  # a certain answer: a free 100 % in the averages
+        raise ConfigError(f"{t.where}: zero-shot classification needs at least two classes; found only "
+                          f"{', '.join(map(repr, classes)) or 'none'} (one folder of images per class)")
     repeated = sorted({c for c in classes if classes.count(c) > 1})
     if repeated:  # one text embedding for two classes: every image of either would miss
         raise ConfigError(f"{t.where}: class names must differ; {', '.join(map(repr, repeated))} name two classes "
