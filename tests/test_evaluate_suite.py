@@ -95,6 +95,8 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
     ({"kind": "linear-probe", "modality": "image", "train": "train", "test": "extra_class"}, "outside the training"),
     # One class: zero-shot would score a certain 100 % into the averages; a probe has nothing to tell apart.
     ({"kind": "zero-shot", "folder": "one_class"}, "needs at least two classes; found only 'red'"),
+    # Found while the data is checked, not when its task runs after the others.
+    ({"kind": "zero-shot", "folder": "broken"}, r"broken/red/bad.png is not a readable image; remove or replace it"),
     ({"kind": "linear-probe", "modality": "text", "train": "one_label.csv", "test": "one_label.csv"},
      "at least two classes in train; found only 'sport'"),
     ({"kind": "finetune-text", "data": "bbc-news", "settings": {"epoch": 1}}, "epoch"),
@@ -107,6 +109,10 @@ def test_bad_suites_fail_before_any_work(suite_dir, tmp_path, capsys, task, erro
     (suite_dir / "bad_labels.csv").write_text("text,label\na story,politics\n")
     (suite_dir / "empty.csv").write_text("text,label\n")
     (suite_dir / "one_label.csv").write_text("text,label\na match,sport\na goal,sport\n")
+    for name in ("red", "blue"):
+        (suite_dir / "broken" / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(suite_dir / "broken" / name / "0.png")
+    (suite_dir / "broken" / "red" / "bad.png").write_bytes(b"not a png")
     (suite_dir / "one_class" / "red").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8)).save(suite_dir / "one_class" / "red" / "0.png")
     if not (suite_dir / "extra_class" / "green").exists():

@@ -64,8 +64,23 @@ def image_folder(path: Path, where: str, classes: list[str] | None = None) -> tu
     records = [r for r in src.records if r.label >= 0]
     if not records:
         raise DataError(f"{where}: {path} holds no images")
+    check_images([r.image for r in records], where)
     index = np.array([names.index(c) for c in src.classes])
     return [r.image for r in records], index[[r.label for r in records]], names
+
+
+def check_images(images: list, where: str) -> None:
+    """Refuse, while the suite's data is checked, an image file that does not open (empty, not an
+    image): met when its task runs, it would end the suite after the tasks before it ran."""
+    from PIL import Image
+
+    for image in images:
+        if isinstance(image, (str, Path)):
+            try:
+                with Image.open(image) as im:
+                    im.size
+            except Exception:  # PIL raises several types for files it cannot identify
+                raise DataError(f"{where}: {image} is not a readable image; remove or replace it") from None
 
 
 def labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:

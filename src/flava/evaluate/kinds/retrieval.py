@@ -12,7 +12,7 @@ from ...errors import ConfigError
 from ..packaged import easy_vqa_galleries
 from ..pictures import beside, retrieval_picture
 from ..results import Measured, TaskResult, percent
-from ..task_spec import TaskSpec
+from ..task_spec import TaskSpec, check_images
 from . import TaskKind, register
 
 Gallery = tuple[list, list[list[str]]]
@@ -31,6 +31,7 @@ def read(t: TaskSpec) -> list[Gallery]:
         rs = read_retrieval_csv(t.path(t.spec["csv"]))
     else:
         raise ConfigError(f"{t.where}: a retrieval task needs data, karpathy or csv")
+    check_images(rs.images, t.where)
     return [(rs.images, rs.captions)]
 
 
