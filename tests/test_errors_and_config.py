@@ -76,6 +76,11 @@ def test_a_list_with_broken_json_is_named_as_such():
         with pytest.raises(ConfigError, match=r"not valid JSON .*write a list as"):
             apply_overrides(train_config("tiny"), [bad])
     assert apply_overrides(train_config("tiny"), ["data.pairs=x.csv"]).data.pairs == ["x.csv"]
+    # A weighted source's mistakes are named as the source's fields, not as fitting no option.
+    with pytest.raises(ConfigError, match=r"unknown config key 'data.pairs\[0\].wieght'; did you mean 'weight'"):
+        apply_overrides(train_config("tiny"), ['data.pairs=[{"path": "x.csv", "wieght": 1}]'])
+    with pytest.raises(ConfigError, match=r"data.pairs\[0\].weight must lie in \(0, inf\)"):
+        apply_overrides(train_config("tiny"), ['data.pairs=[{"path": "x.csv", "weight": -1}]'])
 
 
 def test_bad_images(tiny):

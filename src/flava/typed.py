@@ -95,6 +95,9 @@ def check_value(path: str, value: Any, tp: Any) -> Any:
         rest = [o for o in options if o is not type(None)]
         if len(rest) == 1:
             return check_value(path, value, rest[0])
+        shaped = [o for o in rest if dataclasses.is_dataclass(o)]
+        if isinstance(value, dict) and len(shaped) == 1:
+            return check_value(path, value, shaped[0])  # a mapping is that option's: its own error names the key
         for option in rest:
             try:
                 return check_value(path, value, option)
