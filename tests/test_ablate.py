@@ -126,6 +126,11 @@ def test_local_and_global_contrastive_rows_under_torchrun(train_data, suite, tmp
     assert "global contrastive beats local" in (out / "ablation.md").read_text()
 
 
+def test_seeds_without_balancing_are_refused(tmp_path, capsys):
+    assert cli(["ablate", "--output", str(tmp_path / "a"), "--rows", "mlm", "--seeds", "0,1"]) == 2
+    assert "--seeds applies with --balancing" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
 def test_row_settings_train_what_the_paper_trains():
     cfg = demo_config()
     rows = {k: row_config(k, cfg, 5) for k in ("mim", "mlm", "flava-c-local", "flava-c", "flava-mm", "flava-no-init")}

@@ -222,6 +222,10 @@ def test_a_linear_mixing_schedule_moves_from_mixing_to_mixing_end(train_data, tm
     cfg.data.mixing_end = []
     with pytest.raises(ConfigError, match="needs data.mixing_end"):
         Trainer(cfg, tmp_path / "bad")
+    cfg.data.mixing_end = [1.0, 0.0]  # set, but the schedule left constant: refused, not ignored
+    cfg.data.mixing_schedule = "constant"
+    with pytest.raises(ConfigError, match="mixing_end is read by data.mixing_schedule='linear' alone"):
+        Trainer(cfg, tmp_path / "bad")
 
 
 KINDS3 = ("pairs", "images", "text")

@@ -31,7 +31,7 @@ def add(sub) -> None:
                    help="instead of Table 3's rows: the full FLAVA row (the demo's recipe) under each of these ways of "
                         "balancing the objectives, comma-separated, fixed among them: fixed, uncertainty, dwa, pcgrad, "
                         "mixing-adaptive (fixed, with the data kinds' mix adapted to their loss progress)")
-    p.add_argument("--seeds", default="0,1", help="with --balancing: the seeds each method runs (default 0,1)")
+    p.add_argument("--seeds", help="with --balancing: the seeds each method runs (default 0,1)")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
@@ -42,6 +42,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.balancing:
         return run_balancing_comparison(args, console)
+    if args.seeds is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError("--seeds applies with --balancing (Table 3's rows run the settings' seed once); drop it, "
+                          "or set seed=N")
     cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
     steps = args.steps if args.steps is not None else cfg.max_steps
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else default_rows(args.processes)
@@ -64,7 +69,7 @@ def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None
                               f"{flag} (the joint stage's steps: --set max_steps=N; the unimodal stages': "
                               "--unimodal-steps N)")
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        seeds = [int(s) for s in (args.seeds or "0,1").split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1; got {args.seeds!r}") from None
     cfg = demo_recipe_config() if args.config in (None, "tiny") else train_config(args.config)
