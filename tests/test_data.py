@@ -2,6 +2,7 @@
 the same batches with and without loader workers, the global batch the same on any number of
 processes."""
 
+import dataclasses
 import io
 import json
 import tarfile
@@ -34,7 +35,7 @@ def csv_dataset(tmp_path):
     rows = []
     for i in range(12):
         (tmp_path / f"{i}.png").write_bytes(png_bytes(i))
-        rows.append((f"{i}.png", f"a picture number {i}"))
+        rows.append((f"{i}.png", f"a picture number {i}" + " more" * (i % 5)))  # texts of several lengths
     (tmp_path / "zero.png").write_bytes(b"")
     (tmp_path / "cut.png").write_bytes(png_bytes(99)[:60])
     rows += [("missing.png", "gone"), ("zero.png", "empty file"), ("cut.png", "truncated"),
@@ -87,9 +88,16 @@ def test_resume_from_a_position_gives_the_same_batches(csv_dataset):
 def test_loader_workers_do_not_change_the_batches(csv_dataset):
     src = csv_pairs(str(csv_dataset))
     plain, workers = stream(src), stream(src, num_workers=2)
+    lengths = set()
     for _ in range(4):
         x, y = plain.next_batch(), workers.next_batch()
-        assert torch.equal(x.pixel_values, y.pixel_values) and torch.equal(x.mlm_labels, y.mlm_labels)
+        # Every field: the workers' parts are padded to one text length when merged.
+        for f in dataclasses.fields(x):
+            a, b = getattr(x, f.name), getattr(y, f.name)
+            assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), f.name
+        lengths.add(x.input_ids.shape[1])
+        lengths.update(int(n) for n in x.attention_mask.sum(1))
+    assert len(lengths) > 3  # captions of several lengths, so the merge pads
     assert plain.draws == workers.draws and plain.skipped == workers.skipped
 
 
