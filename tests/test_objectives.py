@@ -61,12 +61,15 @@ def test_hard_negatives_follow_similarity_and_skip_true_captions():
     B = ids.shape[0]
     sim = torch.randn(B, B) * 3
     sim[:, 4] += 20  # text 4 is the hardest negative for every image (when allowed)
-    p = hard_negatives(sim, sim.T.clone(), same, generator=torch.Generator().manual_seed(0))
+    t2i = torch.randn(B, B) * 3
+    t2i[:, 4] += 20  # and image 4 the hardest for every text: the other direction's own draw
+    p = hard_negatives(sim, t2i, same, generator=torch.Generator().manual_seed(0))
     assert p.labels[:B].eq(1).all() and p.labels[B:].eq(0).all()
     neg = p.labels == 0
     assert not same[p.image_index[neg], p.text_index[neg]].any()
-    i2t = p.text_index[B: 2 * B]
-    assert (i2t[torch.arange(B) != 4] == 4).float().mean() > 0.9
+    others = torch.arange(B) != 4
+    i2t, t2i_drawn = p.text_index[B: 2 * B], p.image_index[2 * B:]
+    assert (i2t[others] == 4).float().mean() > 0.9 and (t2i_drawn[others] == 4).float().mean() > 0.9
 
 
 def test_hard_negatives_are_drawn_when_the_true_captions_dominate():
