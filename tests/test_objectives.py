@@ -135,6 +135,38 @@ def test_pair_step_backpropagates_into_what_it_used(negatives):
     assert 0 <= out.metrics["itm_accuracy"] <= 1
 
 
+@pytest.mark.parametrize("negatives", ["swap", "hard"])
+def test_itm_and_mmm_losses_read_the_drawn_pairs(negatives):
+    """The step's ITM and MMM losses against the same computed by hand from the pairs it drew:
+    a negative row fuses an image with another caption and is labelled 0; MMM scores the matched
+    rows alone."""
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, ObjectivesConfig(itm_negatives=negatives, itm_negative_probability=0.5),
+                          codebook=flava.FlavaImageCodebook(cfg.codebook)).eval()
+    b = pair_batch(cfg)
+    with torch.no_grad():
+        out = pm(b, torch.Generator().manual_seed(1))
+        p = pm.states(b, torch.Generator().manual_seed(1))[0].itm_pairs
+        ids, mask = b.input_ids, b.attention_mask
+        neg = p.labels == 0
+        assert neg.sum() >= 2 and not same_text(ids, mask, ids, mask)[p.image_index[neg], p.text_index[neg]].any()
+        m, heads = pm.model, pm.heads
+        image = m.image_to_multimodal(m.encode_image_tokens(b.pixel_values, b.patch_mask))
+        text = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, mask))
+        fused = m.fuse_tokens(image[p.image_index], text[p.text_index], mask[p.text_index])
+        matched = (p.labels == 1)[:, None]
+        text_labels = torch.where(matched, b.mlm_labels[p.text_index], -100)
+        targets = torch.where(b.patch_mask, pm.image_targets(b), -100)
+        image_labels = torch.where(matched, targets[p.image_index], -100)
+        want = {"itm": F.cross_entropy(heads.itm(fused.cls), p.labels),
+                "mmm_text": F.cross_entropy(heads.mmm_text(fused.text).flatten(0, 1), text_labels.flatten()),
+                "mmm_image": F.cross_entropy(heads.mmm_image(fused.image_patches).flatten(0, 1), image_labels.flatten())}
+    got = out.losses.named()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def test_zero_weights_skip_their_computation(monkeypatch):
     cfg = tiny_config()
     pm = PretrainingModel(cfg, ObjectivesConfig(itm_weight=0, mmm_image_weight=0, mmm_text_weight=0))
