@@ -159,9 +159,10 @@ def test_itm_and_mmm_losses_read_the_drawn_pairs(negatives):
         text_labels = torch.where(matched, b.mlm_labels[p.text_index], -100)
         targets = torch.where(b.patch_mask, pm.image_targets(b), -100)
         image_labels = torch.where(matched, targets[p.image_index], -100)
-        want = {"itm": F.cross_entropy(heads.itm(fused.cls), p.labels),
-                "mmm_text": F.cross_entropy(heads.mmm_text(fused.text).flatten(0, 1), text_labels.flatten()),
-                "mmm_image": F.cross_entropy(heads.mmm_image(fused.image_patches).flatten(0, 1), image_labels.flatten())}
+        ce = F.cross_entropy
+        want = {"itm": ce(heads.itm(fused.cls), p.labels),
+                "mmm_text": ce(heads.mmm_text(fused.text).flatten(0, 1), text_labels.flatten()),
+                "mmm_image": ce(heads.mmm_image(fused.image_patches).flatten(0, 1), image_labels.flatten())}
     got = out.losses.named()
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-5, msg=name)
