@@ -83,6 +83,12 @@ def test_resume_from_a_position_gives_the_same_batches(csv_dataset):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert b.skipped == a.skipped
     assert not torch.equal(first.pixel_values, rest[0].pixel_values)
+    # The same file with rows removed: one shard still, but positions in it index other samples.
+    lines = csv_dataset.read_text().splitlines()
+    shorter = csv_dataset.with_name("shorter.tsv")
+    shorter.write_text("\n".join(lines[:-3]) + "\n")
+    with pytest.raises(DataError, match="holds 14 samples but the run was saved with 17: the data changed"):
+        stream(csv_pairs(str(shorter))).load_state(state)
 
 
 def test_loader_workers_do_not_change_the_batches(csv_dataset):
