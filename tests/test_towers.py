@@ -256,6 +256,12 @@ def test_checkpoints_of_the_wrong_kind_fail_in_one_line(tmp_path):
                              ).save_pretrained(tmp_path / "giant")
     with pytest.raises(CheckpointError, match="use_swiglu_ffn is true .* SwiGLU MLP"):
         initialise_encoders(pm, image=str(tmp_path / "giant"))
+    # A tower whose config.json and weights disagree: the tower's files are at fault, no setting here.
+    transformers.ViTModel(transformers.ViTConfig(**dict(ENC, hidden_size=48), image_size=16, patch_size=8)
+                          ).save_pretrained(tmp_path / "mixed")
+    transformers.ViTConfig(**ENC, image_size=16, patch_size=8).save_pretrained(tmp_path / "mixed")
+    with pytest.raises(CheckpointError, match="its config.json does not match its weights .* download the tower"):
+        initialise_encoders(pm, image=str(tmp_path / "mixed"))
     assert all(torch.equal(v, before[k]) for k, v in pm.model.state_dict().items())
 
 

@@ -273,7 +273,7 @@ def read_tower(path: str | os.PathLike) -> TowerCheckpoint:
 
 
 def check_text_fit(theirs: dict[str, torch.Tensor], own: dict[str, torch.Tensor], their_cfg: TextEncoderConfig,
-                   our_cfg: TextEncoderConfig, origin: Path | str) -> None:
+                   our_cfg: TextEncoderConfig, origin: Path | str, tower: bool = False) -> None:
     """`vit.check_fit` for a text encoder, its placement of norms and positions compared too."""
     setting = next(((n, getattr(their_cfg, n), getattr(our_cfg, n)) for n in TEXT_FIELDS
                     if getattr(their_cfg, n) != getattr(our_cfg, n)), None)
@@ -281,7 +281,7 @@ def check_text_fit(theirs: dict[str, torch.Tensor], own: dict[str, torch.Tensor]
         n, a, b = setting
         raise CheckpointError(f"cannot initialise the text encoder from {origin}: its {n} is {a!r}, this model's is "
                               f"{b!r}; set model.text.{n}={a!r} or choose a matching checkpoint")
-    check_fit("text", theirs, own, their_cfg, our_cfg, origin)
+    check_fit("text", theirs, own, their_cfg, our_cfg, origin, tower)
 
 
 def tower_text_state(ckpt: TowerCheckpoint, ours: TextEncoderConfig,
@@ -289,7 +289,8 @@ def tower_text_state(ckpt: TowerCheckpoint, ours: TextEncoderConfig,
     """The tensors to copy into a text encoder whose state dict is `own`, and the parts the tower
     lacks (they keep their initialisation). CheckpointError when it does not fit `ours`."""
     fresh = [k for k in own if k not in ckpt.state_dict and k.startswith("pooler.")]
-    check_text_fit(ckpt.state_dict, {k: v for k, v in own.items() if k not in fresh}, ckpt.config, ours, ckpt.path)
+    check_text_fit(ckpt.state_dict, {k: v for k, v in own.items() if k not in fresh}, ckpt.config, ours, ckpt.path,
+                   tower=True)
     return dict(ckpt.state_dict), ["pooler"] if fresh else []
 
 

@@ -324,9 +324,11 @@ IMAGE_ARCHITECTURE_FIELDS = ARCHITECTURE_FIELDS + ("patch_size", "num_channels",
 
 
 def check_fit(what: str, theirs: dict[str, torch.Tensor], own: dict[str, torch.Tensor],
-              their_cfg, our_cfg, origin: Path | str) -> None:
+              their_cfg, our_cfg, origin: Path | str, tower: bool = False) -> None:
     """CheckpointError naming the first weight that is missing, unexpected or of another shape,
-    and the first setting that differs (some, e.g. num_heads or the activation, change no shape)."""
+    and the first setting that differs (some, e.g. num_heads or the activation, change no shape).
+    `tower`: the encoder was built from the source's own config.json, so weights that do not fit
+    it are that config and its weights disagreeing, which no setting here can fix."""
     fields = IMAGE_ARCHITECTURE_FIELDS if isinstance(our_cfg, ImageEncoderConfig) else ARCHITECTURE_FIELDS
     setting = next(((n, getattr(their_cfg, n), getattr(our_cfg, n)) for n in fields
                     if getattr(their_cfg, n) != getattr(our_cfg, n)), None)
@@ -343,6 +345,10 @@ def check_fit(what: str, theirs: dict[str, torch.Tensor], own: dict[str, torch.T
         extra = [k for k in theirs if k not in own]
         if extra:
             problem = f"it holds {extra[0]}, which this model lacks"
+    if tower and problem and not setting:
+        raise CheckpointError(f"cannot initialise the {what} encoder from {origin}: its config.json does not match its "
+                              f"weights ({problem}); the files come from different models or were damaged: download "
+                              f"the tower again")
     if problem or setting:
         fix = f"; set model.{what}.{setting[0]}={setting[1]!r} or choose a matching checkpoint" if setting else ""
         raise CheckpointError(f"cannot initialise the {what} encoder from {origin}: "
@@ -372,7 +378,7 @@ def tower_image_state(tower: Tower, ours: ImageEncoderConfig, own: dict[str, tor
         del sd["mask_token"]
         notes.append("its mask token is dropped (use_mask_token is false)")
     fresh = [k for k in own if k not in sd and (k == "mask_token" or k.startswith("pooler."))]
-    check_fit("image", sd, {k: v for k, v in own.items() if k not in fresh}, theirs, ours, tower.path)
+    check_fit("image", sd, {k: v for k, v in own.items() if k not in fresh}, theirs, ours, tower.path, tower=True)
     if "mask_token" in fresh:
         notes.append(f"the {tower.family.name} has no mask token: ours keeps its fresh initialisation")
     if tower.dropped:
