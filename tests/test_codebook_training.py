@@ -61,6 +61,8 @@ def test_train_codebook_command(tmp_path, capsys):
 def test_train_codebook_errors(tmp_path, capsys):
     assert cli(["train-codebook", "--images", str(tmp_path / "nothing*.png"), "--output", str(tmp_path / "o")]) == 2
     assert "no image files match" in capsys.readouterr().err
+    assert cli(["train-codebook", "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err  # a path, not a pattern
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
     assert cli(["train-codebook", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2

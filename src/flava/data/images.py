@@ -22,6 +22,8 @@ def find_images(specs: list[str | os.PathLike]) -> list[Path]:
         elif p.is_file():
             found.append(p)
         else:
+            if not any(c in spec for c in "*?["):  # a plain path, not a pattern that matched nothing
+                raise DataError(f"{spec} does not exist")
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
             found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
     if not found:
