@@ -14,6 +14,7 @@ from PIL import Image
 
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
 from flava.data.pipeline import BatchStream, Layout, choose_lanes
+from flava.data.registry import open_source
 from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.sources import csv_pairs, image_folder
 from flava.data.tars import tar_pairs
@@ -212,6 +213,11 @@ def test_image_folders_and_text_files(tmp_path):
     (tmp_path / "notes.md").write_text("not a text corpus\n")
     with pytest.raises(DataError, match="no .txt or .jsonl"):
         text_file(str(tmp_path / "notes.md"))
+    # A text corpus given as images or pairs was read as a tar shard and called damaged.
+    with pytest.raises(DataError, match=r"a.txt is text, not images: .* give text as data.text"):
+        open_source("images", str(tmp_path / "a.txt"))
+    with pytest.raises(DataError, match=r"a.txt is text, not pairs"):
+        open_source("pairs", str(tmp_path / "a.txt"))
 
 
 def test_a_source_with_no_usable_sample_is_an_error(tmp_path):

@@ -42,6 +42,11 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
         return texts.text_file(spec, cache=cache)
     if kind == "pairs" and tables.is_table(spec):
         return sources.csv_pairs(spec)
+    if kind in ("pairs", "images") and spec.lower().endswith(texts.TEXT_SUFFIXES):  # read as a tar, it was "damaged"
+        raise DataError(f"{spec} is text, not {kind}: {kind} are "
+                        + ("WebDataset shards (.tar) or tables (CSV, TSV, JSONL, parquet) of image and caption"
+                           if kind == "pairs" else "image files, folders, shards or parquet")
+                        + "; give text as data.text")
     if kind == "pairs" or _is_tar_spec(spec):
         return tars.tar_source(kind, spec, cache)
     return sources.image_folder(spec)
