@@ -10,7 +10,9 @@ from PIL import Image
 import flava
 from flava.cli import main as cli
 from flava.config import to_dict
+from flava.errors import CheckpointError
 from flava.io.checkpoint import save_checkpoint
+from flava.io.runs import RunDir
 from flava.train.codebook import token_usage
 
 
@@ -85,6 +87,11 @@ def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):
     assert cli(["init", "--config", "tiny", "--output", str(tmp_path / "tok")]) == 2
     assert "holds files this command does not write (decoder.safetensors)" in " ".join(capsys.readouterr().err.split())
     assert {p.name: p.read_bytes() for p in (tmp_path / "tok").iterdir()} == before
+    # A run directory names its latest checkpoint, as it does for models.
+    run = RunDir(tmp_path / "run")
+    save_checkpoint(run.step(3), to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+    run.point_latest(3, run.step(3))
+    assert flava.load_codebook(run.root).cfg.vocab_size == cfg.codebook.vocab_size
 
 
 def test_token_usage_against_a_direct_count():
@@ -123,6 +130,11 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
     # Not asked to resume: refused, nothing lost.
     assert cli([*args, "--output", str(tmp_path / "cut")]) == 2
     assert "--resume" in capsys.readouterr().err and (tmp_path / "cut" / "training" / "state.json").is_file()
+    # Named as a codebook or a model before it is finished: said to be one, with the command that finishes it.
+    with pytest.raises(CheckpointError, match=r"training has not finished \(step 4 of 12\).*--resume --output"):
+        flava.load_codebook(tmp_path / "cut")
+    assert cli(["info", str(tmp_path / "cut")]) == 2
+    assert "image codebook whose training has not finished" in capsys.readouterr().err
     assert cli([*args, "--output", str(tmp_path / "cut"), "--resume"]) == 0
     assert "resuming the codebook training" in capsys.readouterr().out
     want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))

@@ -200,8 +200,9 @@ def load(
 
 def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
     """The dVAE image codebook from a checkpoint directory: this project's, a transformers
-    FlavaForPreTraining (its `image_codebook.*`), or a standalone transformers FlavaImageCodebook."""
-    path = checkpoint_dir(path)
+    FlavaForPreTraining (its `image_codebook.*`), or a standalone transformers FlavaImageCodebook;
+    a run or recipe directory means its latest checkpoint, as for models."""
+    path = checkpoint_dir(path) if Path(path).is_file() else resolve(path)
     data = read_config(path)
     if data.get("model_type") == "flava_image_codebook":
         try:

@@ -29,6 +29,8 @@ from .locks import hold
 CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 LOCK = ".lock"
+CODEBOOK_STATE = "training"
+"""`flava train-codebook`'s OUTPUT/training/: the resumable state of an unfinished codebook."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,12 @@ def resolve(path: str | os.PathLike) -> Path:
                               + (f"; did you mean {p.parent / close[0]}?" if close else ""))
     if (p / CONFIG).is_file():
         return p
+    state = p / CODEBOOK_STATE / "state.json"
+    if state.is_file():
+        saved = read_json(state, "codebook training state", CheckpointError, expect=dict)
+        raise CheckpointError(f"{p} is an image codebook whose training has not finished (step {saved.get('step')} "
+                              f"of {saved.get('settings', {}).get('steps')}); finish it with "
+                              f"`flava train-codebook --resume --output {p}`")
     recipe = p / "recipe.json"
     if recipe.is_file():
         # A recipe's directory (`flava pretrain --recipe`): its model is its last stage's.

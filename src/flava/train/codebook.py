@@ -39,7 +39,7 @@ from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import check_replaceable, damage, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
-from ..io.runs import RunDir
+from ..io.runs import CODEBOOK_STATE, RunDir
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
 from ..progress import progress_bar
@@ -221,8 +221,7 @@ class CodebookRun:
 
 
 METRICS = "codebook_metrics.jsonl"
-STATE = "training"
-"""OUTPUT/training/: the resumable state of an unfinished codebook run."""
+STATE = CODEBOOK_STATE
 
 
 def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
