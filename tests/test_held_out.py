@@ -61,9 +61,13 @@ def test_demo_pretraining_data_excludes_every_evaluation_example():
     assert len(held_out) > 3800
     assert not pretrain_text & held_out, sorted(pretrain_text & held_out)[:2]
     assert not pretrain_captions & held_out
-    # The splits are disjoint article sets (the corpus repeats 100 articles: each is in one split
-    # once), and pretraining keeps most of the training articles.
-    texts = [" ".join(t.split()) for split in splits.values() for t in split[0]]
-    assert len(texts) == len(set(texts)) == 2125
+    # The splits are disjoint article sets (the corpus repeats 100 articles: val and test leave out
+    # those train holds, and their own repeats), train is the seeded split every release drew (1,501
+    # articles: a model pretrained on an earlier release's never read val or test), and pretraining
+    # keeps most of the training articles.
+    norm = {k: [" ".join(t.split()) for t in splits[k][0]] for k in splits}
+    held = norm["val"] + norm["test"]
+    assert len(held) == len(set(held)) and not set(held) & set(norm["train"])
+    assert len(norm["train"]) == 1501 and len(set(norm["train"]) | set(held)) == 2125
     train_paragraphs = {p for text in splits["train"][0] for p in _paragraphs(text)}
     assert len(pretrain_text & train_paragraphs) > 0.9 * len(pretrain_text)

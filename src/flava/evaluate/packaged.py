@@ -77,9 +77,9 @@ def digits() -> tuple[list, np.ndarray, list, np.ndarray]:
 
 
 def bbc_news_splits() -> tuple[dict[str, tuple[list[str], np.ndarray]], list[str]]:
-    """BBC News's 2,125 distinct articles (of 2,225) as {"train", "val", "test": (texts, labels)} (the fixed,
-    stratified splits of `flava.data.demo.bbc_news_split_ids`, whose val and test the demo's
-    pretraining never sees) and the class names."""
+    """BBC News's articles as {"train", "val", "test": (texts, labels)} (the fixed, stratified
+    splits of `flava.data.demo.bbc_news_split_ids`, whose val and test hold no article of train,
+    which alone the demo pretrains on) and the class names."""
     from ..data.demo import BBC_NEWS_CLASSES, bbc_news_articles, bbc_news_split_ids
 
     texts, labels = bbc_news_articles()
