@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 import flava
 from conftest import pretrain_args
+from flava.io.checkpoint import write_checksums
+from flava.io.runs import RunDir
 
 # Every test here runs real CLI processes: the slow lane (those under torchrun: distributed too).
 pytestmark = pytest.mark.slow
@@ -218,8 +220,13 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
                              for i in range(300)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
 
+    # The model is named by a run directory, whose newest checkpoint may move on while it trains.
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(tiny_model, run.step(1))
+    run.point_latest(1, run.step(1))
+
     def args(out, *more):
-        return ["finetune", "--model", str(tiny_model), "--task", "text-classification", "--train",
+        return ["finetune", "--model", str(run.root), "--task", "text-classification", "--train",
                 str(tmp_path / "train.csv"), "--output", str(out), "--epochs", "4", "--batch-size", "4", *more]
 
     cut = Command(args(tmp_path / "cut"), tmp_path / "c")
@@ -241,14 +248,24 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     assert damaged.finish() == 2 and "state in" in damaged.text() and "is damaged (state.pt is not the file" in \
         " ".join(damaged.text().split()) and "Traceback" not in damaged.text()
     state.write_bytes(good)
-    # The model named is a run that trained on meanwhile: another checkpoint, refused by name.
-    moved = tmp_path / "moved"
-    shutil.copytree(tiny_model, moved)
-    weights = moved / "model.safetensors"
+    # The run trained on meanwhile: the same --model names another checkpoint, refused by its weights.
+    shutil.copytree(tiny_model, run.step(2))
+    weights = run.step(2) / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
-    (moved / "checksums.json").unlink(missing_ok=True)
-    other = Command(["finetune", "--model", str(moved)] + args(tmp_path / "cut", "--resume")[3:], tmp_path / "o")
-    assert other.finish() == 2 and "model_weights:" in other.text() and "started with other settings" in other.text()
+    (run.step(2) / "checksums.json").unlink(missing_ok=True)
+    run.point_latest(2, run.step(2))
+    other = Command(args(tmp_path / "cut", "--resume"), tmp_path / "o")
+    assert other.finish() == 2
+    said = " ".join(other.text().split())
+    assert "started with other settings (model_weights: " in said
+    assert "step_00000001" in said and "step_00000002" in said and "model:" not in said
+    run.point_latest(1, run.step(1))
+    # A state saved by a release that did not record the weights resumes (it was refused for ever).
+    saved = torch.load(state, weights_only=True)
+    saved["started_with"] = json.dumps({k: v for k, v in json.loads(saved["started_with"]).items()
+                                        if k != "model_weights"})
+    torch.save(saved, state)
+    write_checksums(state.parent)
     out = done(Command(args(tmp_path / "cut", "--resume"), tmp_path / "r"))
     assert "resuming the fine-tuning stopped" in out
     assert not (tmp_path / "cut" / "training").exists()

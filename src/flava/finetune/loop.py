@@ -87,6 +87,7 @@ def _load_state(resumable: Resumable) -> dict | None:
         raise CheckpointError(f"the stopped fine-tuning's state in {resumable.directory} is damaged ({reason}); "
                               f"delete it and run without --resume to fine-tune from the start") from None
     started, now = json.loads(state["started_with"]), json.loads(json.dumps(resumable.started_with))
+    now = _known(now, started)  # what a state saved by an earlier release recorded is what it can be held to
     if started != now:
         was, asked = _flat(started), _flat(now)
         differ = "; ".join(f"{k}: {was.get(k)!r} -> {asked.get(k)!r}" for k in sorted(was.keys() | asked.keys())
@@ -99,6 +100,12 @@ def _load_state(resumable: Resumable) -> dict | None:
 def check_resume(resumable: Resumable) -> None:
     """Refuse, before any work, to resume a fine-tuning with settings it was not started with."""
     _load_state(resumable)
+
+
+def _known(now: dict, started: dict) -> dict:
+    """`now` with only the keys `started` has (at every level)."""
+    return {k: _known(v, started[k]) if isinstance(v, dict) and isinstance(started[k], dict) else v
+            for k, v in now.items() if k in started}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
