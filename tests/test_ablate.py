@@ -131,6 +131,24 @@ def test_seeds_without_balancing_are_refused(tmp_path, capsys):
     assert "--seeds applies with --balancing" in capsys.readouterr().err and not (tmp_path / "a").exists()
 
 
+def test_balancing_rows_are_checked_before_any_trains():
+    from flava.errors import ConfigError
+    from flava.recipes.balancing import BalancingPlan, check_plan, method_config
+
+    plan = BalancingPlan(["fixed", "mixing-adaptive"], [0, 1], "demo")
+    # A linear schedule given to the comparison is replaced by the adaptive row's own mix, whole.
+    cfg = demo_config()
+    cfg.data.mixing_schedule, cfg.data.mixing_end = "linear", [0.8, 0.1, 0.1]
+    check_plan(cfg, plan)
+    adaptive = method_config(cfg, "mixing-adaptive")
+    assert adaptive.data.mixing_schedule == "adaptive" and adaptive.data.mixing_end == []
+    assert method_config(cfg, "fixed").data.mixing_end == [0.8, 0.1, 0.1]
+    # A setting no row can train with is refused with the plan, not after earlier rows trained.
+    cfg.data.mixing_schedule = "constant"
+    with pytest.raises(ConfigError, match="mixing_end is read by data.mixing_schedule='linear' alone"):
+        check_plan(cfg, plan)
+
+
 def test_row_settings_train_what_the_paper_trains():
     cfg = demo_config()
     rows = {k: row_config(k, cfg, 5) for k in ("mim", "mlm", "flava-c-local", "flava-c", "flava-mm", "flava-no-init")}

@@ -72,12 +72,16 @@ def check_plan(cfg: TrainConfig, p: BalancingPlan) -> None:
         raise ConfigError(f"--seeds needs two or more different seeds to measure the spread; got {p.seeds}")
     if p.unimodal_steps is not None and p.unimodal_steps < 1:
         raise ConfigError("--unimodal-steps must be at least 1")
+    from ..train.trainer import check_mixing
+
+    for method in p.methods:  # every row's settings before the first trains
+        check_mixing(method_config(cfg, method))
 
 
 def method_config(joint: TrainConfig, method: str) -> TrainConfig:
     c = from_dict(TrainConfig, to_dict(joint))
-    if method == ADAPTIVE_MIXING:
-        c.objectives.balancing, c.data.mixing_schedule = "fixed", "adaptive"
+    if method == ADAPTIVE_MIXING:  # the adaptive mix replaces any other schedule the comparison was given
+        c.objectives.balancing, c.data.mixing_schedule, c.data.mixing_end = "fixed", "adaptive", []
     else:
         c.objectives.balancing = method
     return check(c)

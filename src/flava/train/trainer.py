@@ -46,6 +46,17 @@ from .stage import Stage
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def check_mixing(cfg: TrainConfig) -> None:
+    """data.mixing_end goes with the linear schedule, and that schedule needs it."""
+    linear = cfg.data.mixing_schedule == "linear"
+    if cfg.data.mixing_end and not linear:  # set, and read by the 'linear' schedule alone
+        raise ConfigError(f"data.mixing_end is read by data.mixing_schedule='linear' alone (here "
+                          f"{cfg.data.mixing_schedule!r}): set the schedule too, or drop mixing_end")
+    if linear and len(cfg.data.mixing_end or []) != len(KINDS):
+        raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
+                          f"probabilities (pairs, images, text); got {len(cfg.data.mixing_end or [])}")
+
+
 class Trainer:
     """One run of one stage: `fit()` trains to `max_steps`, `resume()` continues a stopped run."""
 
@@ -59,14 +70,9 @@ class Trainer:
         # notes: what the run decided that the user should read at the start (kinds left out).
         self.kinds, self.notes = trained_kinds(cfg, self.stage)
         check_chunks(cfg, self.stage)
+        check_mixing(cfg)
         linear = cfg.data.mixing_schedule == "linear"
-        if cfg.data.mixing_end and not linear:  # set, and read by the 'linear' schedule alone
-            raise ConfigError(f"data.mixing_end is read by data.mixing_schedule='linear' alone (here "
-                              f"{cfg.data.mixing_schedule!r}): set the schedule too, or drop mixing_end")
         end = cfg.data.mixing_end if linear else cfg.data.mixing
-        if len(end) != len(KINDS):
-            raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
-                              f"probabilities (pairs, images, text); got {len(end)}")
         self.mixing = KindMixing(self.kinds, self._mixing("mixing", cfg.data.mixing),
                                  self._mixing("mixing_end", end, say=linear), cfg.data, cfg.max_steps, self.device)
         self.progress = TrainState()
