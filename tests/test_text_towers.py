@@ -3,6 +3,7 @@ written by transformers give the text encoder transformers computes, the model t
 settings and tokenizer (special ids included) and keeps them through training, saving and loading;
 the packaged MiniLM is one such tower."""
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -20,7 +21,8 @@ from flava.data.masking import TextMasking
 from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.tokenizer import TextTokenizer
 from flava.errors import CheckpointError, ConfigError
-from flava.interop.text_towers import packaged_minilm
+from flava.interop.text_towers import packaged_minilm, read_tower, tower_text_state
+from flava.model.encoders import TextEncoder
 from flava.train.config import TrainConfig
 from flava.train.init import initialise_encoders, text_source
 from flava.train.pretraining import PretrainingStage
@@ -234,6 +236,12 @@ def test_the_packaged_minilm_is_a_text_tower():
     real = batch["attention_mask"].bool()
     assert (ours[real] - theirs[real]).abs().max() < 1e-5
 
+    # A model of another vocabulary is told the setting that differs, not to download a healthy tower again.
+    other = dataclasses.replace(text, vocab_size=text.vocab_size + 8)
+    with pytest.raises(CheckpointError, match=r"its vocab_size is 30522, this model's is 30530; set "
+                                              r"model.text.vocab_size=30522") as e:
+        tower_text_state(read_tower(path), other, TextEncoder(other).state_dict())
+    assert "download" not in str(e.value)
 
 def test_what_a_text_tower_cannot_give_is_refused_in_one_line(towers, tmp_path, monkeypatch):
     electra = transformers.ElectraModel(transformers.ElectraConfig(vocab_size=30, embedding_size=16, **SMALL))

@@ -103,8 +103,9 @@ _BERT_DEFAULTS = dict(hf._HF_TRANSFORMER_DEFAULTS, vocab_size=30522, max_positio
                       pad_token_id=0, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 # Buffers older transformers saved; they hold no learned state.
 _BUFFERS = re.compile(r".*embeddings\.(position_ids|token_type_ids)")
-# Settings that change what a text encoder computes beyond those `vit.check_fit` compares.
-TEXT_FIELDS = ("norm_placement", "position_offset")
+# Settings that change what a text encoder computes, or its embeddings' shapes, beyond those
+# `vit.check_fit` compares.
+TEXT_FIELDS = ("norm_placement", "position_offset", "vocab_size", "max_position_embeddings", "type_vocab_size")
 
 
 def packaged_minilm() -> Path:
