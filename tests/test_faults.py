@@ -255,6 +255,8 @@ def test_what_a_killed_save_left_is_recovered_not_refused(tmp_path):
     (out / STATE).rename(out / f".{STATE}.old")  # killed between the renames of the next save
     (out / f".{STATE}.k3_x9q1z.tmp").mkdir()  # and a staging copy of another killed save
     assert _check_start(out, resume=True) == {"step": 3}
+    # Read where it lies: only the lock's holder moves it back (a running one may be between its renames).
+    assert (out / f".{STATE}.old").is_dir() and not (out / STATE).exists()
     check_replaceable(out, (METRICS, STATE, ".lock"))  # the final write will replace the folder
     recover_replaced(out / STATE)
     assert sorted(p.name for p in out.iterdir()) == [METRICS, STATE]

@@ -264,6 +264,24 @@ def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, caps
     assert (tmp_path / "t1" / "model.safetensors").read_bytes() == before
 
 
+def test_one_finetune_writes_an_output_at_a_time_and_a_failed_start_leaves_none(tmp_path, capsys):
+    from flava.io.runs import RunDir
+
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"text {i},{i % 2}\n" for i in range(20)))
+    args = ["finetune", "--model", str(tmp_path / "none"), "--task", "text-classification", "--train",
+            str(tmp_path / "train.csv"), "--output"]
+    with RunDir(tmp_path / "busy").lock():  # another fine-tuning writing there
+        err = one_line_error(capsys, cli([*args, str(tmp_path / "busy")]))
+    assert "is in use by another flava run" in err and (tmp_path / "busy" / ".lock").is_file()
+    err = one_line_error(capsys, cli([*args, str(tmp_path / "new")]))  # the model does not exist
+    assert "does not exist" in err and not (tmp_path / "new").exists()
+    # The lock left in a folder by a failed start on it (created before) is no foreign file.
+    (tmp_path / "kept").mkdir()
+    err = one_line_error(capsys, cli([*args, str(tmp_path / "kept")]))
+    err = one_line_error(capsys, cli([*args, str(tmp_path / "kept")]))
+    assert "does not exist" in err and "other files" not in err
+
+
 def test_prepare_of_input_with_no_usable_sample_is_an_error(tmp_path, capsys):
     (tmp_path / "fake.tar").write_text("this is a text file, not a tar\n" * 40)
     code = cli(["prepare", "--pairs", str(tmp_path / "fake.tar"), "--output", str(tmp_path / "prep"),

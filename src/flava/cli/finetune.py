@@ -79,19 +79,14 @@ def _tokenizer(checkpoint: Path, model):
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from rich.table import Table
+    import shutil
 
-    from ..config import check, to_dict
+    from ..config import check
     from ..errors import ConfigError, did_you_mean
-    from ..evaluate.run import load_model
-    from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
-    from ..finetune.settings import TRAINING, FinetuneSettings, Resumable
-    from ..io.files import check_writable, recover_replaced
-    from ..io.fingerprint import checkpoint_identity
-    from ..io.runs import resolve
-    from ..finetune.taskmodel import TASKS, check_output, save_task_model
-    from ..finetune.text import truncating_copy
-    from ..progress import progress_bar
+    from ..finetune.settings import FinetuneSettings
+    from ..finetune.taskmodel import TASKS, check_output
+    from ..io.files import check_writable
+    from ..io.runs import LOCK, RunDir
 
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS, 'tasks')}")
@@ -104,6 +99,32 @@ def run(args: argparse.Namespace, console: Console) -> None:
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,
         max_text_length=args.max_text_length))
+    # One writer per output: a second fine-tuning there would race for its state and task model.
+    created = not output.exists()
+    with RunDir(output).lock():
+        try:
+            _finetune(args, console, output, settings)
+        except BaseException:
+            if created and {p.name for p in output.iterdir()} <= {LOCK}:  # a failed start leaves nothing
+                shutil.rmtree(output)
+            raise
+
+
+def _finetune(args: argparse.Namespace, console: Console, output: Path, settings) -> None:
+    from rich.table import Table
+
+    from ..config import to_dict
+    from ..errors import ConfigError
+    from ..evaluate.run import load_model
+    from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
+    from ..finetune.settings import TRAINING, Resumable
+    from ..finetune.taskmodel import save_task_model
+    from ..finetune.text import truncating_copy
+    from ..io.files import recover_replaced
+    from ..io.fingerprint import checkpoint_identity
+    from ..io.runs import resolve
+    from ..progress import progress_bar
+
     # A fine-tuning stopped on request keeps its state in OUTPUT/training until its task model is saved;
     # a save killed midway leaves the previous state (moved back) and staging copies (removed).
     recover_replaced(output / TRAINING)

@@ -37,6 +37,7 @@ from ..data.transforms import eval_transform
 from ..errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
 from ..io.checkpoint import CHECKSUMS, write_checksums
 from ..io.files import left_by_replace, read_json, replace_dir, write_json_atomic
+from ..io.runs import LOCK
 from ..data.processor import load_image
 from .heads import ImageClassifier, ImageHead, MultimodalClassifier, MultimodalHead, TextClassifier, TextHead
 from .settings import TRAINING, FinetuneResult
@@ -270,7 +271,7 @@ def check_output(directory: str | os.PathLike, task: str | None = None, replace:
     if not target.is_dir():
         return None
     names = {p.name for p in target.iterdir() if not left_by_replace(p.name, TRAINING)}  # a killed save's leftovers
-    if names and not names <= {*FILES, TRAINING}:  # a stopped fine-tuning's state is ours too
+    if names and not names <= {*FILES, TRAINING, LOCK}:  # a stopped fine-tuning's state and lock are ours too
         raise CheckpointError(f"{target} already holds other files and is not a task model; "
                               f"choose another output directory")
     try:

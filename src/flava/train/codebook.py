@@ -266,8 +266,11 @@ def reconstruction_grid(run: CodebookRun, path: Path) -> None:
 
 def _check_start(output: Path, resume: bool) -> dict | None:
     """The saved state to resume from, or None for a new run; refuses what was not asked for."""
-    recover_replaced(output / STATE, sweep=False)  # a save killed between its renames: the previous one
+    # A save killed between its renames left the previous state beside its place; it is read there
+    # and moved back only under the lock (a running holder may be between those renames now).
     state = output / STATE / "state.json"
+    if not (output / STATE).exists() and (output / f".{STATE}.old" / "state.json").is_file():
+        state = output / f".{STATE}.old" / "state.json"
     if resume:
         if state.is_file():
             return read_json(state, "codebook training state", expect=dict)
