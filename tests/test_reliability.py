@@ -175,6 +175,10 @@ def test_data_with_no_usable_sample_is_one_line_with_loader_workers_too(train_da
     (tmp_path / "header.csv").write_text("image,caption\n")
     args = pretrain_args(train_data, tmp_path / "a", pairs=str(tmp_path / "header.csv")) + ["--max-steps", "1"]
     assert "header.csv holds no samples" in one_line_error(capsys, cli(args))
+    (tmp_path / "blank.csv").write_text("image,caption\n,a cat\n,a dog\n")  # every row rejected, and why
+    args = pretrain_args(train_data, tmp_path / "a", pairs=str(tmp_path / "blank.csv")) + ["--max-steps", "1"]
+    err = one_line_error(capsys, cli(args))
+    assert "blank.csv holds no usable sample (2 " in err and "header" not in err
     (tmp_path / "bad").mkdir()
     for i in range(3):
         (tmp_path / "bad" / f"{i}.png").write_bytes(b"not a picture")

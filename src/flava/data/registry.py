@@ -83,7 +83,9 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
     for src in srcs:
         if src.known_size == 0:  # refused here, not at the first draw
-            raise DataError(f"{src.name} holds no samples; give data that has some (a table needs rows "
+            rejected = ", ".join(f"{n} {why}" for why, n in src.listing_rejected.most_common())
+            raise DataError(f"{src.name} holds no usable sample ({rejected}); fix those rows" if rejected else
+                            f"{src.name} holds no samples; give data that has some (a table needs rows "
                             f"under its header)")
     weights = weights or [None]  # the demo source stands alone
     if len(srcs) > 1 and weights[0] is None:
