@@ -78,8 +78,10 @@ def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):
     for args in (["embed", "--model", str(tmp_path / "tok"), "--texts", str(tmp_path / "texts.txt"), "--output", str(tmp_path / "e")],
                  ["export-hf", str(tmp_path / "tok"), str(tmp_path / "hf")]):
         assert cli(args) == 2
-        err = " ".join(capsys.readouterr().err.split())
+        said = capsys.readouterr()
+        err = " ".join(said.err.split())
         assert "is an image codebook (flava train-codebook), not a model" in err and "damaged" not in err
+        assert "embedding" not in said.out  # the refusal alone, no line of work about to start
     assert not (tmp_path / "e").exists() and not (tmp_path / "hf").exists()
     # A trained codebook (its decoder beside it) is no model `flava init` may write over.
     (tmp_path / "tok" / "decoder.safetensors").write_bytes(b"the decoder")

@@ -80,9 +80,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
         inputs = pair_inputs(args.pairs)
     # Resolved once: a run directory's newest checkpoint may move on while this runs.
     checkpoint = resolve_model(args.model)
+    model = load_for_inference(checkpoint["path"], args.device, args.int8)  # a refusal comes before any line
     console.print(f"embedding {len(inputs)} {inputs.modality} input(s) with {args.model}"
                   + (f" ({describe_checkpoint(checkpoint)})" if checkpoint["path"] != model_name(args.model) else ""))
-    model = load_for_inference(checkpoint["path"], args.device, args.int8)
     with progress_bar(console) as bar:
         tasks: list = []
 
