@@ -149,6 +149,18 @@ def test_balancing_rows_are_checked_before_any_trains():
         check_plan(cfg, plan)
 
 
+def test_the_demo_codebook_is_trained_only_for_rows_that_read_image_tokens():
+    from flava.recipes.ablate import Plan, rows_needing_demo_codebook
+
+    cfg = demo_config()
+    plan = Plan(list(ROWS), 2, 2, "mim", 1, "demo")
+    assert rows_needing_demo_codebook(cfg, plan) == {"mim", "flava-mm", "flava-no-init", "flava"}
+    plan.rows = ["mlm", "flava-c", "untrained"]  # about two minutes of codebook training saved
+    assert rows_needing_demo_codebook(cfg, plan) == set()
+    cfg.codebook, plan.rows = "my-codebook", list(ROWS)
+    assert rows_needing_demo_codebook(cfg, plan) == set()
+
+
 def test_row_settings_train_what_the_paper_trains():
     cfg = demo_config()
     rows = {k: row_config(k, cfg, 5) for k in ("mim", "mlm", "flava-c-local", "flava-c", "flava-mm", "flava-no-init")}

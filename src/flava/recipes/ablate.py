@@ -224,15 +224,28 @@ def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console
     return {"row": key, "model": description, **result.scores()}
 
 
+def rows_needing_demo_codebook(cfg: TrainConfig, plan: Plan) -> set[str]:
+    """The rows of `plan` that train on the demo data with image-token objectives and no codebook
+    named: those the shared demo codebook is trained for (the text-only and contrastive rows are not)."""
+    from ..train.run import needs_demo_codebook
+
+    return {k for k in plan.rows if k != "untrained" and
+            needs_demo_codebook(_copy(cfg) if k == "flava" else row_config(k, cfg, plan.steps))}
+
+
 def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -> dict:
     """Train and evaluate every row not yet finished, then write the report."""
     check_plan(cfg, plan)
-    from ..train.run import ensure_demo_codebook
+    from ..train.run import needs_demo_codebook, train_demo_codebook
 
     suite = load_suite(plan.suite)  # every data error before any training
     output.mkdir(parents=True, exist_ok=True)
     cfg = _copy(cfg)
-    ensure_demo_codebook(cfg, output / "codebook", console)  # one codebook for every row (demo data)
+    # One codebook for every row (demo data), trained before the first row that reads image tokens;
+    # the plan names it either way, so later runs of the same command add rows that need it.
+    needing = rows_needing_demo_codebook(cfg, plan)
+    if needs_demo_codebook(cfg):
+        cfg.codebook = str(output / "codebook")
     record = output / "ablation.json"
     wanted = {"rows": plan.rows, "steps": plan.steps, "unimodal_steps": plan.unimodal_steps,
               "image_stage": plan.image_stage, "processes": plan.processes, "suite": plan.suite,
@@ -257,6 +270,8 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
         start = time.perf_counter()
         if key != "untrained" and finished_step(row_model_dir(key, output)) < plan.steps:
             try:
+                if key in needing:
+                    train_demo_codebook(cfg.model, output / "codebook", console)
                 train_row(key, cfg, plan, output, console)
             except stopping.Stopped as e:
                 raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in row {key} {e.at} (saved): "

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import stopping
-from ..config import check, from_dict, settings, to_dict
+from ..config import FlavaConfig, check, from_dict, settings, to_dict
 from ..data.pipeline import per_process_batch
 from ..data.registry import KINDS
 from ..errors import CheckpointError, ConfigError, FlavaError
@@ -220,12 +220,18 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
     codebook to make them."""
     if not needs_demo_codebook(cfg):
         return
+    train_demo_codebook(cfg.model, directory, console, rank)
+    cfg.codebook = str(directory)
+
+
+def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, rank: int = 0) -> None:
+    """The demo images' codebook for `model` in `directory`, trained unless it is there."""
     if rank == 0 and not (directory / "model.safetensors").is_file():
         console.print("no image codebook given: training one on the demo images first")
         # One stopped by SIGTERM/SIGINT continues when the command runs again.
         unfinished = (directory / CODEBOOK_STATE / "state.json").is_file()
         try:
-            run_train_codebook(["demo"], directory, cfg.model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console,
+            run_train_codebook(["demo"], directory, model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console,
                                resume=unfinished)
         except stopping.Stopped as e:
             raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} while training the demo image "
@@ -233,7 +239,6 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
                                              "to continue", e.at) from None
     if dist.is_initialized():
         dist.barrier()
-    cfg.codebook = str(directory)
 
 
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
