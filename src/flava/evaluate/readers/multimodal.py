@@ -45,7 +45,8 @@ def vqa_accuracy_scores(human_answers: Sequence[str], vocab_index: dict[str, int
 
 
 def normalize_answer(answer: str) -> str:
-    # VQAv2's answers are already normalised by its authors; only case and outer space vary.
+    # Trimmed and lower-cased only: the official VQA evaluation also strips punctuation, turns number
+    # words into digits, drops articles and restores contractions before comparing (not done here).
     return answer.strip().lower()
 
 
