@@ -75,7 +75,8 @@ def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):
     cfg = flava.preset("tiny")
     save_checkpoint(tmp_path / "tok", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
     (tmp_path / "texts.txt").write_text("a cat\n")
-    for args in (["embed", "--model", str(tmp_path / "tok"), "--texts", str(tmp_path / "texts.txt"), "--output", str(tmp_path / "e")],
+    for args in (["embed", "--model", str(tmp_path / "tok"), "--texts", str(tmp_path / "texts.txt"), "--output",
+                  str(tmp_path / "e")],
                  ["export-hf", str(tmp_path / "tok"), str(tmp_path / "hf")]):
         assert cli(args) == 2
         said = capsys.readouterr()

@@ -251,6 +251,7 @@ def test_a_test_folder_may_lack_some_of_the_training_classes(tmp_path):
             Image.new("RGB", (8, 8), "red").save(tmp_path / split / c / "0.png")
     _, _, classes = image_folder(tmp_path / "train", "task 1")
     images, labels, names = image_folder(tmp_path / "test", "task 1", classes)
-    assert names == ["a", "b", "c"] and [(p.parent.name, int(y)) for p, y in zip(images, labels)] == [("a", 0), ("c", 2)]
+    assert names == ["a", "b", "c"]
+    assert [(p.parent.name, int(y)) for p, y in zip(images, labels)] == [("a", 0), ("c", 2)]
     with pytest.raises(DataError, match=r"has classes \['d'\] outside the training classes \['a', 'b', 'c'\]"):
         image_folder(tmp_path / "odd", "task 1", classes)

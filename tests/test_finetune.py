@@ -154,7 +154,8 @@ def test_mnli_is_the_mean_of_matched_and_mismatched(tmp_path, model, tokenizer):
             f"hypothesis {i}", label, label) for i, label in enumerate(labels)])
     task = read_glue("mnli", tmp_path)
     assert task.test_parts == {"matched": 2, "mismatched": 3} and task.notes == []
-    assert [e.text for e in task.test] == ["Conceptually cream.", "you know during"] + [f"premise {i}" for i in range(3)]
+    want = ["Conceptually cream.", "you know during"] + [f"premise {i}" for i in range(3)]
+    assert [e.text for e in task.test] == want
     r = finetune_text(model, task, FinetuneSettings(max_steps=1, batch_size=4), tokenizer)
     truth = np.array([e.label for e in task.test])
     m, mm = (float(np.mean(r.predictions[s] == truth[s])) for s in (slice(0, 2), slice(2, 5)))

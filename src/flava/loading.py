@@ -50,7 +50,8 @@ class Checkpoint:
             return self.parts["model"]
         if self.parts.get("codebook"):
             raise CheckpointError(f"{self.path} is an image codebook (flava train-codebook), not a model: name a "
-                                  f"pretrained model, or give the codebook to pretraining as --set codebook={self.path}")
+                                  "pretrained model, or give the codebook to pretraining as --set "
+                                  f"codebook={self.path}")
         if self.parts.get("dino"):
             raise CheckpointError(f"{self.path} is an image-dino stage: it holds DINO's image encoder alone, not a "
                                   f"model; start a run from it with --set init_image={self.path}")

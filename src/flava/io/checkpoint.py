@@ -43,7 +43,8 @@ def read_config(directory: Path) -> dict[str, Any]:
 
 
 def check_replaceable(target: Path, also_ours: tuple[str, ...] = (),
-                      ours: Callable[[dict[str, Any]], bool] | None = None, only: Collection[str] | None = None) -> None:
+                      ours: Callable[[dict[str, Any]], bool] | None = None,
+                      only: Collection[str] | None = None) -> None:
     """Refuse to overwrite a directory that holds anything but a checkpoint of ours: its
     config.json must be one `ours` accepts (by default, this project's format), and with `only`
     (the files the writer writes) it may hold no other files. A folder with another config.json
