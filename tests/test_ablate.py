@@ -161,6 +161,20 @@ def test_the_demo_codebook_is_trained_only_for_rows_that_read_image_tokens():
     assert rows_needing_demo_codebook(cfg, plan) == set()
 
 
+def test_rows_without_image_tokens_build_before_the_shared_codebook_exists(tmp_path):
+    from flava.errors import CheckpointError
+    from flava.train.kinds import STAGES
+
+    cfg = demo_config()
+    cfg.codebook = str(tmp_path / "codebook")  # the plan names it; the first row that reads tokens trains it
+    for key in ("mlm", "flava-c"):
+        c = row_config(key, cfg, 2)
+        STAGES[c.stage](c).build()
+    c = row_config("mim", cfg, 2)
+    with pytest.raises(CheckpointError, match="codebook does not exist"):
+        STAGES[c.stage](c).build()
+
+
 def test_row_settings_train_what_the_paper_trains():
     cfg = demo_config()
     rows = {k: row_config(k, cfg, 5) for k in ("mim", "mlm", "flava-c-local", "flava-c", "flava-mm", "flava-no-init")}

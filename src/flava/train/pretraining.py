@@ -51,7 +51,10 @@ class PretrainingStage(Stage):
 
     def build(self) -> dict[str, str]:
         cfg = self.cfg
-        codebook = load_codebook(cfg.codebook) if cfg.codebook else None
+        # Read only where image tokens are: a text or contrastive stage trains without it (an ablation's
+        # shared codebook may not be trained yet when such a row runs).
+        wanted = cfg.codebook and needs_image_tokens(cfg.objectives, set(self.kinds()) & self.trained_kinds())
+        codebook = load_codebook(cfg.codebook) if wanted else None
         from .init import checkpoint_tokenizer, text_source
 
         base = read_checkpoint(cfg.init) if cfg.init else None
