@@ -247,6 +247,7 @@ def test_what_a_killed_save_left_is_recovered_not_refused(tmp_path):
     from flava.finetune.taskmodel import check_output
     from flava.io.checkpoint import check_replaceable
     from flava.io.files import recover_replaced, replace_dir
+    from flava.io.runs import codebook_state, resolve
     from flava.train.codebook import METRICS, STATE, _check_start
 
     out = tmp_path / "codebook"
@@ -257,6 +258,11 @@ def test_what_a_killed_save_left_is_recovered_not_refused(tmp_path):
     assert _check_start(out, resume=True) == {"step": 3}
     # Read where it lies: only the lock's holder moves it back (a running one may be between its renames).
     assert (out / f".{STATE}.old").is_dir() and not (out / STATE).exists()
+    # Named as a model or codebook, it is an unfinished training there too (the demo codebook's
+    # start looks for it the same way, so it resumes rather than refusing to start over it).
+    with pytest.raises(CheckpointError, match=r"training has not finished \(step 3 of \?\)"):
+        resolve(out)
+    assert codebook_state(out) == out / f".{STATE}.old" / "state.json"
     check_replaceable(out, (METRICS, STATE, ".lock"))  # the final write will replace the folder
     recover_replaced(out / STATE)
     assert sorted(p.name for p in out.iterdir()) == [METRICS, STATE]

@@ -273,7 +273,7 @@ def test_one_finetune_writes_an_output_at_a_time_and_a_failed_start_leaves_none(
     with RunDir(tmp_path / "busy").lock():  # another fine-tuning writing there
         err = one_line_error(capsys, cli([*args, str(tmp_path / "busy")]))
     assert "is in use by another flava run" in err and (tmp_path / "busy" / ".lock").is_file()
-    err = one_line_error(capsys, cli([*args, str(tmp_path / "new")]))  # the model does not exist
+    err = one_line_error(capsys, cli([*args, str(tmp_path / "new" / "sub" / "out")]))  # the model does not exist
     assert "does not exist" in err and not (tmp_path / "new").exists()
     # The lock left in a folder by a failed start on it (created before) is no foreign file.
     (tmp_path / "kept").mkdir()

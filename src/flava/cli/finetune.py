@@ -100,13 +100,17 @@ def run(args: argparse.Namespace, console: Console) -> None:
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,
         max_text_length=args.max_text_length))
     # One writer per output: a second fine-tuning there would race for its state and task model.
-    created = not output.exists()
+    made = [p for p in (output, *output.parents) if not p.exists()]  # what the lock's mkdir creates
     with RunDir(output).lock():
         try:
             _finetune(args, console, output, settings)
         except BaseException:
-            if created and {p.name for p in output.iterdir()} <= {LOCK}:  # a failed start leaves nothing
+            if made and {p.name for p in output.iterdir()} <= {LOCK}:  # a failed start leaves nothing
                 shutil.rmtree(output)
+                for folder in made[1:]:
+                    if any(folder.iterdir()):
+                        break
+                    folder.rmdir()
             raise
 
 

@@ -107,6 +107,23 @@ class RunDir:
         write_json_atomic(self.pointer, {"step": step, "path": target.name})
 
 
+def codebook_state(directory: Path) -> Path | None:
+    """The state.json of an unfinished `train-codebook` in `directory`: in its place, or where a save
+    killed between its two renames left it (moved back by the next run, under its lock); None."""
+    for where in (CODEBOOK_STATE, f".{CODEBOOK_STATE}.old"):
+        if (directory / where / "state.json").is_file():
+            return directory / where / "state.json"
+        if (directory / where).exists():
+            return None
+    return None
+
+
+def codebook_progress(saved: dict) -> str:
+    """'step N of M' of a codebook training state."""
+    settings = saved.get("settings")
+    return f"step {saved.get('step')} of {settings.get('steps') if isinstance(settings, dict) else '?'}"
+
+
 def _follow(pointer: Path) -> Path:
     try:
         target = pointer.parent / json.loads(pointer.read_text())["path"]
@@ -136,12 +153,11 @@ def resolve(path: str | os.PathLike) -> Path:
                               + (f"; did you mean {p.parent / close[0]}?" if close else ""))
     if (p / CONFIG).is_file():
         return p
-    state = p / CODEBOOK_STATE / "state.json"
-    if state.is_file():
+    state = codebook_state(p)
+    if state is not None:
         saved = read_json(state, "codebook training state", CheckpointError, expect=dict)
-        raise CheckpointError(f"{p} is an image codebook whose training has not finished (step {saved.get('step')} "
-                              f"of {saved.get('settings', {}).get('steps')}); finish it with "
-                              f"`flava train-codebook --resume --output {p}`")
+        raise CheckpointError(f"{p} is an image codebook whose training has not finished ({codebook_progress(saved)}); "
+                              f"finish it with `flava train-codebook --resume --output {p}`")
     recipe = p / "recipe.json"
     if recipe.is_file():
         # A recipe's directory (`flava pretrain --recipe`): its model is its last stage's.

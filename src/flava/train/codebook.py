@@ -39,7 +39,7 @@ from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..io.checkpoint import check_replaceable, damage, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
-from ..io.runs import CODEBOOK_STATE, RunDir
+from ..io.runs import CODEBOOK_STATE, RunDir, codebook_progress, codebook_state
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
 from ..progress import progress_bar
@@ -268,21 +268,18 @@ def _check_start(output: Path, resume: bool) -> dict | None:
     """The saved state to resume from, or None for a new run; refuses what was not asked for."""
     # A save killed between its renames left the previous state beside its place; it is read there
     # and moved back only under the lock (a running holder may be between those renames now).
-    state = output / STATE / "state.json"
-    if not (output / STATE).exists() and (output / f".{STATE}.old" / "state.json").is_file():
-        state = output / f".{STATE}.old" / "state.json"
+    state = codebook_state(output)
     if resume:
-        if state.is_file():
+        if state is not None:
             return read_json(state, "codebook training state", expect=dict)
         if (output / "model.safetensors").is_file():
             raise ConfigError(f"{output} holds a finished codebook; there is nothing to resume")
         raise ConfigError(f"--resume: {output} holds no codebook training to resume; check the path, or leave out "
                           "--resume to start one")
-    if state.is_file():
+    if state is not None:
         saved = read_json(state, "codebook training state", expect=dict)
-        raise ConfigError(f"{output} holds an unfinished codebook training (step {saved.get('step')} of "
-                          f"{saved.get('settings', {}).get('steps')}): add --resume to continue it, or choose "
-                          "another --output")
+        raise ConfigError(f"{output} holds an unfinished codebook training ({codebook_progress(saved)}): add "
+                          "--resume to continue it, or choose another --output")
     if (output / "model.safetensors").is_file():
         raise ConfigError(f"{output} already holds a trained codebook; choose another --output (or remove it to "
                           "train again there)")

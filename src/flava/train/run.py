@@ -23,11 +23,10 @@ from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import check_writable, read_json, write_json_atomic
 from ..io.locks import InUse
-from ..io.runs import RunDir
+from ..io.runs import RunDir, codebook_state
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
 from .checkpoint import STREAMS
-from .codebook import STATE as CODEBOOK_STATE
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig
 from .kinds import trained_kinds
@@ -229,7 +228,7 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
     if rank == 0 and not (directory / "model.safetensors").is_file():
         console.print("no image codebook given: training one on the demo images first")
         # One stopped by SIGTERM/SIGINT continues when the command runs again.
-        unfinished = (directory / CODEBOOK_STATE / "state.json").is_file()
+        unfinished = codebook_state(directory) is not None
         try:
             run_train_codebook(["demo"], directory, model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console,
                                resume=unfinished)
