@@ -75,11 +75,32 @@ def test_utf8_is_read_and_other_bytes_are_a_bad_row(tmp_path):
                               "unreadable json line": 1}
 
 
-def test_cells_past_the_header_are_dropped_and_missing_ones_are_none(tmp_path):
-    (tmp_path / "r.csv").write_text("a,b\n1,2,3\n4\n\n5,6\n")
+def test_empty_cells_past_the_header_are_dropped_and_missing_ones_are_none(tmp_path):
+    (tmp_path / "r.csv").write_text("a,b\n1,2,,\n4\n\n5,6\n")
     table = read_table(tmp_path / "r.csv")
     assert [r.values for r in table.rows] == [{"a": "1", "b": "2"}, {"a": "4", "b": None}, {"a": "5", "b": "6"}]
     assert [r.line for r in table.rows] == [2, 3, 5]
+
+
+def test_rows_that_are_not_well_formed_are_bad_rows_not_merged_or_cut(tmp_path):
+    # An unquoted comma shifted the label into a text's tail (the extra cell was dropped); a quote
+    # never closed took every row after it into one cell; text after a closing quote was glued on.
+    (tmp_path / "c.csv").write_text('text,label\nhello, world,pos\nfine,neg\n')
+    with pytest.raises(DataError, match=r"c\.csv, line 2: 3 cells under a header of 2; quote a cell that holds "
+                                        r"a comma"):
+        read_table(tmp_path / "c.csv")
+    (tmp_path / "q.csv").write_text('text,label\nfine,neg\n"a "quoted" thing",pos\nok,pos\n"never closed,neg\n'
+                                    'lost,neg\nalso lost,pos\n')
+    with pytest.raises(DataError, match=r"q\.csv, line 3: not a well-formed CSV row .*written twice"):
+        read_table(tmp_path / "q.csv")
+    table = read_table(tmp_path / "q.csv", bad_rows="skip")
+    assert [r.get("text") for r in table.rows] == ["fine", "ok"] and table.rejected == {"malformed csv row": 2}
+    (tmp_path / "q.csv").write_text('text,label\nfine,neg\n"never closed,neg\nlost,neg\n')
+    with pytest.raises(DataError, match=r"q\.csv, line 3: a quote opened on this line is never closed"):
+        read_table(tmp_path / "q.csv")
+    # A quoted cell may hold commas, doubled quotes and line breaks.
+    (tmp_path / "ok.csv").write_text('text,label\n"a, ""b""\nand c",pos\n')
+    assert read_table(tmp_path / "ok.csv").rows[0].values == {"text": 'a, "b"\nand c', "label": "pos"}
 
 
 def test_jsonl_columns_are_every_key_in_order_and_cells_keep_their_types(tmp_path):

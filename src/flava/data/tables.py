@@ -8,10 +8,12 @@ format is a change to this file (and its test):
   tab-separated (both with a header row, quoted as Excel writes), `.jsonl` one JSON object a line
   (its columns: every key, in order of first appearance), `.parquet` (read with pyarrow);
 - text is UTF-8; a leading byte-order mark is dropped; a row holding bytes that are not UTF-8, a
-  CSV row the csv module cannot parse and a JSONL line that is not an object are bad rows, which
-  end the read in a `DataError` naming file and line (`bad_rows="raise"`) or are counted by
-  reason and left out (`bad_rows="skip"`, for training, where one bad row must not stop a run);
-- CSV/TSV cells are strings, cells past the header are dropped and missing ones are None;
+  CSV row that is not well formed (a quote never closed, which would swallow every row after it
+  into one cell; text after a closing quote; more non-empty cells than the header names, mostly a
+  comma in an unquoted text) and a JSONL line that is not an object are bad rows, which end the
+  read in a `DataError` naming file and line (`bad_rows="raise"`) or are counted by reason and
+  left out (`bad_rows="skip"`, for training, where one bad row must not stop a run);
+- CSV/TSV cells are strings, empty cells past the header are dropped and missing ones are None;
   JSONL and parquet cells keep their JSON / Arrow types;
 - an empty file (not even a header) is an error; a header without rows is an empty table;
 - `Table.column` finds a column by its names and otherwise fails naming the columns there are
@@ -127,7 +129,7 @@ _NOT_UTF8 = "holds bytes that are not UTF-8 text; save the file as UTF-8"
 def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:
     # Bytes that are not UTF-8 survive as surrogates, so the row that holds them can be named.
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",")
+        reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",", strict=True)
         try:
             header = next(reader, None)
         except csv.Error as e:
@@ -139,17 +141,28 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
         table.columns = header
         file = str(path)
         while True:
+            start = reader.line_num + 1
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                yield _bad(reader.line_num, "malformed csv row", f"not a well-formed {kind.upper()} row ({e})")
+                if "unexpected end of data" in str(e):  # read to the end of the file looking for it
+                    yield _bad(start, "malformed csv row", "a quote opened on this line is never closed; close it, "
+                               "or double a quote inside a quoted cell")
+                    return
+                yield _bad(reader.line_num, "malformed csv row", f"not a well-formed {kind.upper()} row ({e}); "
+                           "a quote inside a quoted cell is written twice")
                 continue
             if not cells:
                 continue
             if any(map(_undecodable, cells)):
                 yield _bad(reader.line_num, "undecodable csv row", f"the row {_NOT_UTF8}")
+                continue
+            if any(c.strip() for c in cells[len(header):]):
+                yield _bad(reader.line_num, "malformed csv row",
+                           f"{len(cells)} cells under a header of {len(header)}; quote a cell that holds "
+                           f"{'a tab' if kind == 'tsv' else 'a comma'}")
                 continue
             yield Row(dict(zip(header, cells + [None] * (len(header) - len(cells)))), reader.line_num, file)
 
