@@ -179,6 +179,16 @@ def test_embedding_search(server):
     assert_same_hits(body["results"], server.index.search(vec[None], 12)[0])
 
 
+def test_post_search_reads_k_from_the_query_string_as_get_does(server):
+    png = server.images[0].read_bytes()
+    status, body, _ = server.post_form("/search?k=2", files=[("image", "a.png", png)])
+    assert status == 200 and body["k"] == 2 and len(body["results"]) == 2
+    status, body, _ = server.post_json("/search?k=3", {"position": 1})
+    assert status == 200 and len(body["results"]) == 3
+    status, body, _ = server.post_json("/search?k=3", {"position": 1, "k": 4})  # the body's own k wins
+    assert status == 200 and len(body["results"]) == 4
+
+
 def test_search_by_position(server):
     status, body, _ = server.post_json("/search", {"position": 7, "k": 3})
     assert status == 200, body
@@ -343,6 +353,16 @@ def test_bad_requests(server):
         (server.post_json("/predict", {"texts": []}), 400, "texts"),
         (server.post_json("/predict", {"texts": ["a"], "top_k": 0}), 400, "top_k"),
         (server.get("/no/such/thing"), 404, "no endpoint"),
+        # A misspelt field or parameter was dropped and answered with the defaults.
+        (server.post_json("/search", {"position": 1, "kk": 2}), 400, "unknown field 'kk' in the JSON body; did you "
+                                                                     "mean 'k'?"),
+        (server.post_form("/search", {"kk": "3"}, [("image", "a.png", png)]), 400, "unknown field 'kk' in the form"),
+        (server.post_form("/classify", {"classes": "a, b", "topk": "1"}, [("image", "a.png", png)]), 400,
+         "did you mean 'top_k'?"),
+        (server.post_json("/embed", {"text": ["a dog"]}), 400, "did you mean 'texts'?"),
+        (server.post_json("/predict", {"texts": ["a"], "topk": 2}), 400, "'topk'"),
+        (server.get("/search?q=dog&kk=3"), 400, "unknown field 'kk' in the query string"),
+        (server.post_json("/search?n=2", {"position": 1}), 400, "the query string"),
     ]
     for (status, body, _), want, phrase in cases:
         assert status == want, (want, body)

@@ -165,6 +165,7 @@ def create_app(
 
     parser = RequestParser(max_k, max_batch, max_upload_bytes, default_k)
     check_k, kind, read_json, read_form = parser.check_k, parser.kind, parser.read_json, parser.read_form
+    known, form_fields = parser.known, parser.form_fields
     form_images, form_k, string_list = parser.form_images, parser.form_k, parser.string_list
 
     def need_model() -> Embedder:
@@ -220,8 +221,9 @@ def create_app(
         }
 
     @app.get("/search")
-    async def search_text(q: str = "", k: int = default_k):
+    async def search_text(request: Request, q: str = "", k: int = default_k):
         start = time.perf_counter()
+        known(request, (), set(), "", frozenset({"q", "k"}))
         if not q.strip():
             raise ApiError(400, "the query q is empty; give some text, e.g. /search?q=a+red+square")
         k = check_k(k)
@@ -232,9 +234,13 @@ def create_app(
     @app.post("/search")
     async def search_post(request: Request):
         start = time.perf_counter()
+        # k from the body or form, else the query string (?k=N, as GET /search reads it)
+        query_k = request.query_params.get("k")
         if kind(request) == "form":
             form = await read_form(request)
-            k = form_k(form)
+            known(request, form_fields(form), {"k"}, "the form", frozenset({"k"}))
+            k = form_k(form) if form.get("k") not in (None, "") else \
+                form_k({"k": query_k}) if query_k is not None else default_k
             need_index()
             need_model()
             images = await form_images(form)
@@ -243,7 +249,8 @@ def create_app(
             vectors = await images_of(images)
             return await search(vectors, k, {"type": "image"}, start)
         body = await read_json(request)
-        k = check_k(body.get("k", default_k))
+        known(request, body, {"k", "embedding", "position"}, "the JSON body", frozenset({"k"}))
+        k = check_k(body["k"]) if "k" in body else form_k({"k": query_k}) if query_k is not None else default_k
         if "embedding" in body:
             idx = need_index()
             vec = body["embedding"]
@@ -268,10 +275,14 @@ def create_app(
         start = time.perf_counter()
         emb = need_model()
         if kind(request) == "form":
-            images = await form_images(await read_form(request))
+            form = await read_form(request)
+            known(request, form_fields(form), set(), "the form")
+            images = await form_images(form)
             vectors, what = await images_of(images), "image"
         else:
-            texts = string_list(await read_json(request), "texts")
+            body = await read_json(request)
+            known(request, body, {"texts"}, "the JSON body")
+            texts = string_list(body, "texts")
             vectors, what = await with_model(emb.texts, texts), "text"
         return {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1]), "modality": what,
                 "model": model_name, "took_ms": _ms(start)}
@@ -283,6 +294,7 @@ def create_app(
         if kind(request) != "form":
             raise ApiError(415, "send the image(s) and 'classes' as multipart/form-data")
         form = await read_form(request)
+        known(request, form_fields(form), {"classes", "templates", "top_k"}, "the form")
         classes = [c.strip() for c in str(form.get("classes") or "").split(",") if c.strip()]
         if len(classes) < 2:
             raise ApiError(400, "give at least two class names in the form field 'classes', comma-separated")
@@ -322,6 +334,7 @@ def create_app(
         texts = texts2 = images = None
         if kind(request) == "form":
             form = await read_form(request)
+            known(request, form_fields(form), {"text", "text2", "top_k"}, "the form")
             top_k = form.get("top_k") or 5
             texts = [str(v) for v in form.getlist("text") if str(v).strip()] or None
             texts2 = [str(v) for v in form.getlist("text2") if str(v).strip()] or None
@@ -329,6 +342,7 @@ def create_app(
                 images = await form_images(form)
         else:
             body = await read_json(request)
+            known(request, body, {"texts", "texts2", "top_k"}, "the JSON body")
             texts = string_list(body, "texts", required=False)
             texts2 = string_list(body, "texts2", required=False)
             top_k = body.get("top_k", 5)

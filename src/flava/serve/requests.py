@@ -4,6 +4,7 @@ refusal an `ApiError` that names the fix."""
 
 from __future__ import annotations
 
+import difflib
 import io
 import math
 from dataclasses import dataclass
@@ -34,6 +35,23 @@ class RequestParser:
         if not 1 <= k <= self.max_k:
             raise ApiError(422, f"k must lie between 1 and {self.max_k}; got {int(k)}")
         return int(k)
+
+    @staticmethod
+    def known(request: Request, given, allowed: set[str], where: str, query: frozenset[str] = frozenset()) -> None:
+        """400 naming a field of `given` (a JSON body's keys or a form's text fields) that `allowed`
+        lacks, or a query parameter outside `query`: a misspelt `kk` or `topk` was dropped and
+        answered with the defaults."""
+        for name in given:
+            if name not in allowed:
+                _unknown(name, allowed, where)
+        for name in request.query_params:
+            if name not in query:
+                _unknown(name, query, "the query string")
+
+    @staticmethod
+    def form_fields(form) -> list[str]:
+        """The names of a form's text fields (uploaded files may have any name)."""
+        return [n for n, v in form.multi_items() if not isinstance(v, UploadFile)]
 
     def kind(self, request: Request) -> str:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -117,3 +135,9 @@ def decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise ApiError(415, f"upload {name!r} is not an image that can be read (PNG, JPEG, WebP, ...)") from None
     return images
+
+
+def _unknown(name: str, allowed: set[str], where: str) -> None:
+    close = difflib.get_close_matches(name, sorted(allowed), n=1)
+    raise ApiError(400, f"unknown field {name!r} in {where}" + (f"; did you mean {close[0]!r}?" if close else
+                        f"; this endpoint reads {', '.join(sorted(allowed)) or 'none'}"))
