@@ -240,9 +240,12 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     first = rows[0]
     with torch.no_grad():
         p = torch.softmax(model.logit_scale.exp() * model.encode_image(first["image"])[0] @ t.T, dim=0)
-    assert first["label"] == classes[int(p.argmax())]
+    assert first["prediction"] == classes[int(p.argmax())]
     assert abs(float(first["score"]) - float(p.max())) < 1e-4
-    assert len(first["top_k"].split(";")) == 2
+    # predict's columns and format: one script reads both commands' files.
+    assert list(first) == ["image", "true_label", "prediction", "score", "top"]
+    top = [t.split(":") for t in first["top"].split("|")]
+    assert len(top) == 2 and top[0][0] == first["prediction"] and abs(float(top[0][1]) - float(p.max())) < 1e-4
     assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
                 "--templates", "no braces"]) == 2
     assert "exactly one {}" in capsys.readouterr().err
@@ -251,6 +254,17 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert "nope.txt: no such file" in capsys.readouterr().err
     assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a"]) == 2
     assert "two or more classes" in capsys.readouterr().err
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "nope.txt"]) == 2
+    assert "classes file nope.txt: no such file" in capsys.readouterr().err  # not a class named nope.txt
+    (tmp_path / "empty.txt").write_text("\n")
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
+                "--templates", str(tmp_path / "empty.txt")]) == 2
+    assert "separated by '|'" in capsys.readouterr().err  # the separator templates take, not commas
+    first = sorted(photos.iterdir())[0]
+    loose = next(p for p in sorted(first.iterdir()))
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(first), "--classes", "a,b", "--labels"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{loose.name} is in no class sub-folder" in err and "name every class" not in err
     # Without --output nothing is written; the table shows paths within the folder, and the truth.
     here = os.getcwd()
     os.chdir(tmp_path)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 
@@ -22,8 +21,8 @@ def add(sub) -> None:
     p.add_argument("--labels", action="store_true", help="the images' sub-folder names are their true classes: "
                    "print accuracy and write a confusion matrix picture")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="classes kept per image (default 3)")
-    p.add_argument("--output", help="write every prediction to this CSV (with --labels, a confusion matrix picture "
-                   "beside it)")
+    p.add_argument("--output", help="write every prediction to this .csv, .tsv or .jsonl file, in predict's columns "
+                   "(with --labels, a confusion matrix picture beside it)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--device")
     p.add_argument("--int8", action="store_true")
@@ -38,9 +37,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..retrieval.classify import ZeroShotClassifier, read_list, templates_from
     from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
+    from .predict import OUTPUT_SUFFIXES, write_predictions
 
     if args.top_k < 1:
         raise InputError(f"--top-k must be at least 1; got {args.top_k}")
+    if args.output and Path(args.output).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError(f"--output {args.output}: choose a .csv, .tsv or .jsonl file")
     inputs = image_inputs(args.images)
     truth = [row.get("label") for row in inputs.metadata]
     if args.classes:
@@ -53,9 +55,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise InputError("name the classes with --classes (or use --labels with class sub-folders)")
     if args.labels:
         unknown = sorted({t for t in truth if t is not None} - set(classes))
-        if unknown or None in truth:
-            what = f"sub-folder {unknown[0]!r} is not among the classes" if unknown else "some images are in no sub-folder"
-            raise InputError(f"--labels: {what}; name every class with --classes or drop --labels")
+        if unknown:
+            raise InputError(f"--labels: sub-folder {unknown[0]!r} is not among the classes; name every class with "
+                             "--classes or drop --labels")
+        if None in truth:
+            raise InputError(f"--labels: {inputs.images[truth.index(None)]} is in no class sub-folder; put each "
+                             "image in FOLDER/CLASS/, or drop --labels")
     if len(classes) < 2:
         raise InputError(f"zero-shot classification ranks two or more classes; got {classes}: name the others with "
                          "--classes")
@@ -68,16 +73,18 @@ def run(args: argparse.Namespace, console: Console) -> None:
     clf = ZeroShotClassifier(model, classes, templates, args.batch_size)
     predictions = clf.predict(inputs.images, args.top_k)
     out = Path(args.output) if args.output else None
-    if out is not None:
+    if out is not None:  # the columns and format `flava predict --output` writes
+        rows = []
+        for pred, t in zip(predictions, truth):
+            row = {"image": str(pred.image), **({"true_label": t} if args.labels else {})}
+            if pred.error:
+                row["error"] = pred.error
+            else:
+                row.update(prediction=pred.top[0][0], score=pred.top[0][1],
+                           top=[{"label": c, "score": p} for c, p in pred.top])
+            rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(["image", "label", "score", "top_k", "error"] + (["true_label"] if args.labels else []))
-            for pred, t in zip(predictions, truth):
-                top = ";".join(f"{c}:{p:.4f}" for c, p in pred.top)
-                w.writerow([pred.image, pred.top[0][0] if pred.top else "",
-                            f"{pred.top[0][1]:.6f}" if pred.top else "", top, pred.error or ""]
-                           + ([t] if args.labels else []))
+        write_predictions(out, rows)
     failed = [p for p in predictions if p.error]
     shown = predictions[:10]
     table = Table(title="predictions" + (f" (all in {out})" if out else

@@ -15,23 +15,27 @@ from ..model.flava import FlavaModel
 from .embed import Embedder
 
 
-def read_list(value: str, what: str) -> list[str]:
-    """A comma-separated list, or a file with one entry per line."""
+def read_list(value: str, what: str, separator: str = ",") -> list[str]:
+    """A list separated by `separator`, or a file with one entry per line."""
     p = Path(value)
     if p.is_file():
         items = [line.strip() for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+    elif separator not in value and p.suffix.lower() in (".txt", ".csv", ".tsv"):  # a file name, mistyped
+        raise InputError(f"{what} file {value}: no such file (give {what} separated by {separator!r}, or a file "
+                         "with one a line)")
     else:
-        items = [v.strip() for v in value.split(",")]
+        items = [v.strip() for v in value.split(separator)]
     items = [i for i in items if i]
     if not items:
-        raise InputError(f"no {what} given in {value!r}; write them comma-separated or one per line in a file")
+        raise InputError(f"no {what} given in {value!r}; write them separated by {separator!r}, or one a line in "
+                         "a file")
     return items
 
 
 def templates_from(value: str | None) -> tuple[str, ...]:
     """`--templates`: what `parse_templates` takes, or a file with one template per line."""
     if value is not None and value.strip().lower() not in TEMPLATE_SETS and Path(value).is_file():
-        return parse_templates(read_list(value, "templates"))
+        return parse_templates(read_list(value, "templates", "|"))
     if value is not None and "{}" not in value and Path(value).suffix.lower() in (".txt", ".csv", ".json"):
         raise InputError(f"--templates {value}: no such file (give a file of templates, one per line, a template "
                          "with one {}, or a named set)")
