@@ -11,6 +11,7 @@ import flava
 from flava.cli import main as cli
 from flava.objectives.pretraining import PretrainingHeads
 from flava.config import to_dict
+from flava.errors import CheckpointError
 from flava.loading import read_checkpoint
 from flava.io.checkpoint import save_checkpoint
 
@@ -120,7 +121,13 @@ def test_export_without_heads_or_codebook(tmp_path, capsys):
     assert sorted(p.name for p in vit.iterdir()) == before
     assert flava.load(tmp_path / "ours") is not None
     assert cli(["init", "--config", "tiny", "--output", str(vit)]) == 2
-    assert "holds another model's config.json" in capsys.readouterr().err
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="holds another model's config.json"):  # the library call's guard
+        flava.FlavaModel(flava.preset("tiny")).save_pretrained(vit)
+    weights = (tmp_path / "ours" / "model.safetensors").read_bytes()
+    assert cli(["init", "--config", "tiny", "--seed", "5", "--output", str(tmp_path / "ours")]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err  # ours too: it may be trained
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() == weights
 
 
 def test_export_of_a_sigmoid_contrastive_model_carries_no_softmax_contrastive_weight(tmp_path, capsys):

@@ -17,12 +17,19 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    from pathlib import Path
+
     import torch
 
     from ..config import apply_overrides, config_from, validate
+    from ..errors import ConfigError
     from ..model import FlavaModel
 
     cfg = validate(apply_overrides(config_from(args.config), args.set or []))
+    # A model there may be a trained one, with embeddings and indexes made by it: never replaced unasked.
+    if (Path(args.output) / "config.json").is_file():
+        raise ConfigError(f"{args.output} already holds a checkpoint (its config.json); choose another --output "
+                          "(or remove it to initialise a model there)")
     torch.manual_seed(args.seed)
     model = FlavaModel(cfg)
     model.save_pretrained(args.output)
