@@ -262,6 +262,21 @@ def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, caps
     err = one_line_error(capsys, code)
     assert "holds a text-classification task model" in err and "--replace" in err
     assert (tmp_path / "t1" / "model.safetensors").read_bytes() == before
+    # Named where a pretrained model is wanted, a task model is said to be one.
+    (tmp_path / "t.txt").write_text("a text\n")
+    err = one_line_error(capsys, cli(["embed", "--model", str(tmp_path / "t1"), "--texts", str(tmp_path / "t.txt"),
+                                      "--output", str(tmp_path / "e")]))
+    assert "is a task model (flava finetune), not a pretrained model" in err
+    # --resume where nothing was stopped says so alone, not first that the task model will be replaced.
+    (tmp_path / "train.csv").write_text("text,label\n")
+    code = cli(["finetune", "--model", str(tiny(tmp_path / "m", 0)), "--task", "text-classification", "--train",
+                str(tmp_path / "train.csv"), "--output", str(tmp_path / "t1"), "--resume"])
+    said = capsys.readouterr()
+    assert code == 2 and "holds no stopped fine-tuning" in said.err and "will be replaced" not in said.out
+    # A table with a header alone is said to hold no example, not to be too small to split.
+    code = cli(["finetune", "--model", str(tmp_path / "m"), "--task", "text-classification", "--train",
+                str(tmp_path / "train.csv"), "--output", str(tmp_path / "t2")])
+    assert "the training data holds 0 usable example(s)" in one_line_error(capsys, code)
 
 
 def test_one_finetune_writes_an_output_at_a_time_and_a_failed_start_leaves_none(tmp_path, capsys):

@@ -93,8 +93,6 @@ def run(args: argparse.Namespace, console: Console) -> None:
     output = Path(args.output)
     replaced = check_output(output, args.task, args.replace)
     check_writable(output.parent)  # the task model replaces `output` whole from a folder beside it
-    if replaced:
-        console.print(f"note: the {replaced} task model in {output} will be replaced")
     settings = check(FinetuneSettings(
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,
@@ -103,7 +101,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     made = [p for p in (output, *output.parents) if not p.exists()]  # what the lock's mkdir creates
     with RunDir(output).lock():
         try:
-            _finetune(args, console, output, settings)
+            _finetune(args, console, output, settings, replaced)
         except BaseException:
             if made and {p.name for p in output.iterdir()} <= {LOCK}:  # a failed start leaves nothing
                 shutil.rmtree(output)
@@ -114,7 +112,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
             raise
 
 
-def _finetune(args: argparse.Namespace, console: Console, output: Path, settings) -> None:
+def _finetune(args: argparse.Namespace, console: Console, output: Path, settings, replaced: str | None) -> None:
     from rich.table import Table
 
     from ..config import to_dict
@@ -139,6 +137,8 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     if args.resume and not stopped:
         raise ConfigError(f"--resume: {output} holds no stopped fine-tuning to continue; check the path, or leave "
                           "out --resume")
+    if replaced:  # said once the command is known to go ahead
+        console.print(f"note: the {replaced} task model in {output} will be replaced")
     # The checkpoint itself, not only its name: a run's newest checkpoint moves on as it trains.
     weights = checkpoint_identity(resolve(args.model))
     resumable = Resumable(output / TRAINING, {

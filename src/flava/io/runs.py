@@ -158,6 +158,10 @@ def resolve(path: str | os.PathLike) -> Path:
         saved = read_json(state, "codebook training state", CheckpointError, expect=dict)
         raise CheckpointError(f"{p} is an image codebook whose training has not finished ({codebook_progress(saved)}); "
                               f"finish it with `flava train-codebook --resume --output {p}`")
+    if (p / "task.json").is_file():  # `flava finetune`'s output: a head on encoders, not a pretrained model
+        raise CheckpointError(f"{p} is a task model (flava finetune), not a pretrained model: predict with it "
+                              f"(`flava predict --model {p}`, `flava serve --task {p}`), or name the model it was "
+                              "fine-tuned from")
     recipe = p / "recipe.json"
     if recipe.is_file():
         # A recipe's directory (`flava pretrain --recipe`): its model is its last stage's.

@@ -24,7 +24,9 @@ def carve(rows: list, fraction: float, seed: int, group: Callable | None = None)
         raise ConfigError(f"val_fraction must lie strictly between 0 and 1; got {fraction}")
     keys = sorted({group(r) for r in rows}) if group else list(range(len(rows)))
     if len(keys) < 2:
-        raise DataError("the training split is too small to carve a validation split from it")
+        what = f"{len(rows)} usable example(s)" + (f" of {len(keys)} image(s)" if group and rows else "")
+        raise DataError(f"the training data holds {what}: too few to carve a validation split from; give more "
+                        "rows, or a validation file")
     n_val = min(len(keys) - 1, max(1, round(fraction * len(keys))))
     val_keys = {keys[i] for i in np.random.default_rng(seed).permutation(len(keys))[:n_val]}
     if group:
