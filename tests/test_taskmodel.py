@@ -252,11 +252,18 @@ def test_text_regression(data, tmp_path, capsys, tokenizer):
     assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(data / "count.csv")]) == 0
     assert "on 48 labelled inputs" in capsys.readouterr().out
     # A blank text is no input: an error row, not a prediction.
-    (tmp_path / "blank.csv").write_text("text\nbanana banana\n   \n")
+    (tmp_path / "blank.csv").write_text("id,text\n7,banana banana\n8,   \n")
     assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(tmp_path / "blank.csv"),
                  "--output", str(tmp_path / "blank-out.csv")]) == 0
+    assert "(not used)" in capsys.readouterr().out  # not a prediction of a class called "error"
     rows = list(csv.DictReader((tmp_path / "blank-out.csv").open()))
     assert rows[0]["error"] == "" and "no text" in rows[1]["error"] and rows[1]["value"] == ""
+    assert [r["id"] for r in rows] == ["7", "8"]  # the input's other columns come along, to join on
+    # A missing column is named with the columns in the file's order and the nearest one.
+    (tmp_path / "notext.csv").write_text("txt,label\na,1\n")
+    assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(tmp_path / "notext.csv")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has no column 'text' (columns: txt, label; the nearest is 'txt')" in err
     with pytest.raises(ConfigError, match="one output and no label names"):
         save_task_model(result, tmp_path / "bad", tokenizer=tokenizer, label_names=["a"])
 

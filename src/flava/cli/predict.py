@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 OUTPUT_SUFFIXES = (".csv", ".tsv", ".jsonl")
+OUTPUT_COLUMNS = ("true_label", "prediction", "score", "top", "value", "error")
 SHOWN_ROWS = 20
 SHOWN_ERRORS = 5
 
@@ -44,6 +45,8 @@ class Inputs:
     images: list[Any] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    """A table's other columns of each row, written beside the predictions."""
 
     def add(self, fields: dict, text=None, text2=None, image=None, label=None, error=None) -> None:
         self.fields.append(fields)
@@ -66,11 +69,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
     label_keys = ("label", "answer") if tm.task == "vqa" else ("label",)
     needed = ([text_keys] if tm.uses_text else []) + ([("image",)] if tm.uses_images else []) + \
         ([("text2",)] if tm.pairs else [])
-    keys = set(table.columns)
     for options in needed:
-        if not keys & set(options):
-            raise DataError(f"{path} has no {' or '.join(map(repr, options))} column (columns: "
-                            f"{', '.join(sorted(k for k in keys if k))}); a {tm.task} model needs it")
+        table.column(*options, fix=f"a {tm.task} model needs it")
     out = Inputs()
 
     def cell(row, options):  # a blank cell (spaces alone) is a missing one
@@ -85,6 +85,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
             answers = [str(a).strip().lower() for a in row["answers"]]
             label = min(set(answers), key=lambda a: (-answers.count(a), a))
         shown = {k: row[k] for k in ("image", *text_keys, "text2") if k in row}
+        # The input's other columns (an id to join on) go to the output too, unless an output column has the name.
+        out.kept.append({k: v for k, v in row.items() if k not in shown and k not in OUTPUT_COLUMNS})
         missing = [opts[0] for opts in needed if cell(row, opts) is None]
         if missing:
             out.add(shown, error=f"{r.where}: no {' or '.join(missing)}")
@@ -144,8 +146,9 @@ def read_inputs(specs: list[str], tm) -> Inputs:
 
 def _rows(inputs: Inputs, preds: list[dict]) -> list[dict[str, Any]]:
     rows = []
-    for fields, label, pred in zip(inputs.fields, inputs.labels, preds):
-        row = {k: str(v) for k, v in fields.items()}
+    kept = inputs.kept or [{}] * len(preds)
+    for fields, other, label, pred in zip(inputs.fields, kept, inputs.labels, preds):
+        row = {k: str(v) for k, v in fields.items()} | other
         if label is not None:
             row["true_label"] = label
         if "error" in pred:
@@ -224,8 +227,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     table.add_column("prediction")
     table.add_column("score" if tm.task != "text-regression" else "", justify="right")
     for i, (fields, pred) in enumerate(zip(inputs.fields[:SHOWN_ROWS], preds[:SHOWN_ROWS])):
-        if "error" in pred:
-            table.add_row(str(i), escape(_shown(fields)), "[red]error[/]", "")
+        if "error" in pred:  # not a class called "error": the input could not be used (listed below)
+            table.add_row(str(i), escape(_shown(fields)), "[red](not used)[/]", "")
         elif "value" in pred:
             table.add_row(str(i), escape(_shown(fields)), f"{pred['value']:.4f}", "")
         else:
