@@ -248,6 +248,8 @@ def test_text_regression(data, tmp_path, capsys, tokenizer):
                             token_type_ids=enc.token_type_ids)[:, 0]
     got = tm.predict(texts=texts)
     assert all(set(g) == {"value"} for g in got)
+    with pytest.raises(InputError, match=r"texts\[1\] is empty"):
+        tm.predict(texts=["banana", "  "])
     assert np.allclose([g["value"] for g in got], want.numpy(), atol=1e-6, rtol=0)
     assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(data / "count.csv")]) == 0
     assert "on 48 labelled inputs" in capsys.readouterr().out

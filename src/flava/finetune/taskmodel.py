@@ -135,6 +135,9 @@ class TaskModel:
             bad = next((i for i, t in enumerate(values or []) if not isinstance(t, str)), None)
             if bad is not None:
                 raise InputError(f"{name} must be strings; item {bad} is a {type(values[bad]).__name__}")
+            blank = next((i for i, t in enumerate(values or []) if not t.strip()), None)
+            if blank is not None:  # as `flava predict` and the server refuse one, not a confident prediction
+                raise InputError(f"{name}[{blank}] is empty; give each input some text")
         return next(iter(lengths.values())), texts, images, texts2
 
     def _pixels(self, image, i: int) -> torch.Tensor:
