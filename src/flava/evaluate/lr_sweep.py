@@ -30,8 +30,8 @@ def read_settings(t: TaskSpec) -> tuple[FinetuneSettings, list[float] | None]:
     from ..config import from_dict
 
     merged = {**t.settings, **t.spec.get("settings", {})}
-    try:
-        settings = from_dict(FinetuneSettings, merged, f"{t.where}.settings")
+    try:  # the key path says where: "task 1: unknown config key 'settings.epoch'"
+        settings = from_dict(FinetuneSettings, merged, "settings")
     except ConfigError as e:
         raise ConfigError(f"{t.where}: {e}") from None
     sweep = t.spec.get("lr_sweep")
