@@ -220,6 +220,26 @@ def test_image_folders_and_text_files(tmp_path):
         open_source("pairs", str(tmp_path / "a.txt"))
 
 
+def test_image_files_and_globs_are_one_source_of_every_image_they_name(tmp_path):
+    from flava.data.registry import open_stream
+
+    for c in ("red", "blue"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "imgs" / c / f"{i}.png").write_bytes(png_bytes(10 * len(c) + i, size=12))
+    maker = SampleMaker(SPEC, seed=0)
+    # A glob was read as a folder's name (a traceback); files listed were a source each, drawing whole
+    # batches of one image.
+    globbed = open_stream("images", [str(tmp_path / "imgs" / "*" / "*.png")], maker, 6, seed=0)
+    listed = open_stream("images", [str(p) for p in sorted((tmp_path / "imgs").rglob("*.png"))], maker, 6, seed=0)
+    for ks in (globbed, listed):
+        assert len(ks.streams) == 1 and ks.streams[0].source.known_size == 6
+        pixels = ks.next_batch().pixel_values
+        assert len({bytes(p.numpy()) for p in pixels}) == 6  # six images, not one six times
+    with pytest.raises(DataError, match=r"p.csv is a table: .* give it as data.pairs"):
+        open_source("images", str(tmp_path / "p.csv"))
+
+
 def test_a_source_with_no_usable_sample_is_an_error(tmp_path):
     (tmp_path / "p.csv").write_text("image,caption\n" + "".join(f"missing{i}.png,x\n" for i in range(3)))
     s = stream(csv_pairs(str(tmp_path / "p.csv")), batch_size=2)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from ..errors import DataError
 from . import arrow, demo, sources, tables, tars, texts
+from .images import IMAGE_SUFFIXES, find_images
 from .shards import ShardCache, is_remote
 from .sources import Source
 
@@ -42,6 +43,9 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
         return texts.text_file(spec, cache=cache)
     if kind == "pairs" and tables.is_table(spec):
         return sources.csv_pairs(spec)
+    if kind == "images" and tables.is_table(spec) and not spec.lower().endswith(texts.TEXT_SUFFIXES):
+        raise DataError(f"{spec} is a table: images are image files, folders, globs, shards or parquet; a table of "
+                        "image and caption is pair data: give it as data.pairs")
     if kind in ("pairs", "images") and spec.lower().endswith(texts.TEXT_SUFFIXES):  # read as a tar, it was "damaged"
         raise DataError(f"{spec} is text, not {kind}: {kind} are "
                         + ("WebDataset shards (.tar) or tables (CSV, TSV, JSONL, parquet) of image and caption"
@@ -49,7 +53,23 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
                         + "; give text as data.text")
     if kind == "pairs" or _is_tar_spec(spec):
         return tars.tar_source(kind, spec, cache)
+    if is_loose_image(spec):
+        return loose_images([spec])
     return sources.image_folder(spec)
+
+
+def is_loose_image(spec: str) -> bool:
+    """An image file or a glob of them (not of shards), as opposed to a folder, shards or a table."""
+    spec = str(spec)
+    if "://" in spec or _is_tar_spec(spec):
+        return False
+    return Path(spec).is_file() and Path(spec).suffix.lower() in IMAGE_SUFFIXES or any(c in spec for c in "*?[")
+
+
+def loose_images(specs: Sequence[str]) -> Source:
+    """Image files and globs gathered into one source: a source per file drew whole batches of one
+    image, and a glob was read as a folder's name."""
+    return Source("images", [sources.ImageRecord(p) for p in find_images(list(specs))], ", ".join(map(str, specs)))
 
 
 _DEMO = {"pairs": demo.easy_vqa_pairs, "images": demo.demo_image_source, "text": demo.bbc_news_text}
@@ -80,7 +100,13 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     weights = [getattr(s, "weight", None) for s in specs]
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise DataError(f"give every data.{kind} source a weight, or none (then each weighs by its size)")
-    srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
+    if kind == "images" and paths and all(w is None for w in weights) and \
+            sum(map(is_loose_image, paths)) > 1:  # image files and globs: one source of them all
+        loose = [str(p) for p in paths if is_loose_image(p)]
+        srcs = [loose_images(loose)] + [open_source(kind, str(p), cache) for p in paths if not is_loose_image(p)]
+        weights = [None] * len(srcs)
+    else:
+        srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
     for src in srcs:
         if src.known_size == 0:  # refused here, not at the first draw
             rejected = ", ".join(f"{n} {why}" for why, n in src.listing_rejected.most_common())

@@ -30,10 +30,9 @@ from .. import stopping
 from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
     from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
-from ..data.images import IMAGE_SUFFIXES, find_images
 from ..data.pipeline import BatchStream, KindStream
-from ..data.registry import demo_source, estimated_size, open_source
-from ..data.sources import ImageRecord, Source
+from ..data.registry import demo_source, estimated_size, is_loose_image, loose_images, open_source
+from ..data.sources import Source
 from ..data.transforms import map_pixels
 from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
@@ -232,13 +231,12 @@ def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
     for spec in images:
         if spec == "demo":
             sources.append(demo_source("images"))
-        elif Path(spec).is_file() and Path(spec).suffix.lower() in IMAGE_SUFFIXES or \
-                any(c in spec for c in "*?[") and "://" not in spec:
+        elif is_loose_image(spec):
             loose.append(spec)
         else:
             sources.append(open_source("images", spec))
     if loose:
-        sources.append(Source("images", [ImageRecord(p) for p in find_images(loose)], ", ".join(loose)))
+        sources.append(loose_images(loose))
     return sources + [open_source("pairs", spec) for spec in pairs]
 
 
