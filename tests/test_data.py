@@ -238,6 +238,10 @@ def test_image_files_and_globs_are_one_source_of_every_image_they_name(tmp_path)
         assert len({bytes(p.numpy()) for p in pixels}) == 6  # six images, not one six times
     with pytest.raises(DataError, match=r"p.csv is a table: .* give it as data.pairs"):
         open_source("images", str(tmp_path / "p.csv"))
+    # A source named twice (here once relative to the working directory) is refused, not drawn twice as often.
+    with pytest.raises(DataError, match=r"data.images names .*red twice; give each source once"):
+        open_stream("images", [str(tmp_path / "imgs" / "red"), str(tmp_path / "imgs" / "blue" / ".." / "red")],
+                    maker, 6, seed=0)
 
 
 def test_a_source_with_no_usable_sample_is_an_error(tmp_path):

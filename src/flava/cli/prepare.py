@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import check_value, config_from
     from ..distributed import resolve_device
     from ..data.prepare import PrepareSettings, default_workers, prepare
-    from ..data.registry import open_source
+    from ..data.registry import check_distinct, open_source
     from ..errors import ConfigError, DataError
     from ..loading import CodebookTokenizer
     from ..progress import progress_bar
@@ -53,6 +53,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if not 0 < args.crop_scale_min <= 1:
         raise ConfigError("--crop-scale-min must be in (0, 1]")
     kind = "pairs" if args.pairs else "images"
+    check_distinct(args.pairs or args.images, f"--{kind}", "")
     sources = [open_source(kind, s) for s in (args.pairs or args.images)]
     settings = PrepareSettings(size=args.size, shard_size=args.shard_size, crops=args.crops,
                                crop_scale_min=args.crop_scale_min, codebook_image_size=model.codebook_image_size,

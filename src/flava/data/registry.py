@@ -58,6 +58,16 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     return sources.image_folder(spec)
 
 
+def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws one more often)") -> None:
+    """Each source once: a repeat drew it twice as often unsaid and its counts overwrote each other's."""
+    seen: set[str] = set()
+    for p in map(str, paths):
+        key = p if is_remote(p) else str(Path(p).resolve())
+        if key in seen:
+            raise DataError(f"{where} names {p} twice; give each source once{hint}")
+        seen.add(key)
+
+
 def is_loose_image(spec: str) -> bool:
     """An image file or a glob of them (not of shards), as opposed to a folder, shards or a table."""
     spec = str(spec)
@@ -98,6 +108,7 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
 
     paths = [getattr(s, "path", s) for s in specs]
     weights = [getattr(s, "weight", None) for s in specs]
+    check_distinct(paths, f"data.{kind}")
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise DataError(f"give every data.{kind} source a weight, or none (then each weighs by its size)")
     if kind == "images" and paths and all(w is None for w in weights) and \
