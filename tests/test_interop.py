@@ -91,6 +91,20 @@ def test_export_roundtrip_loads_in_transformers_with_no_missing_keys(tmp_path):
         x = torch.rand(2, 3, cfg.codebook_image_size, cfg.codebook_image_size)
         assert torch.equal(codebook.token_ids(x), ref.image_codebook.get_codebook_indices(x).flatten(1))
 
+    # Its processor makes the masks and codebook views of this model's grid (transformers' defaults
+    # are a 224-px model's: 14 x 14 masks and 112-px views, which its forward refused).
+    proc = transformers.FlavaProcessor.from_pretrained(tmp_path / "hf")
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    inputs = proc(images=[image, image], text=["a red square", "two dogs"], return_tensors="pt", padding=True,
+                  return_image_mask=True, return_codebook_pixels=True)
+    grid = cfg.image.grid_size
+    assert inputs["bool_masked_pos"].shape == (2, grid, grid) and 0 < int(inputs["bool_masked_pos"][0].sum()) <= \
+        round(75 / 196 * grid * grid)
+    assert inputs["codebook_pixel_values"].shape[-1] == cfg.codebook_image_size
+    inputs["input_ids"] = inputs["input_ids"] % cfg.text.vocab_size  # this model's 200-token vocabulary
+    with torch.no_grad():
+        assert torch.isfinite(ref(**inputs, return_loss=True).loss)
+
     # ...and back: the exported directory loads into our model unchanged.
     back = flava.load(tmp_path / "hf")
     for (k, a), b in zip(model.state_dict().items(), back.state_dict().values()):

@@ -112,24 +112,39 @@ def _write(ckpt: Checkpoint, out_dir: str | os.PathLike, tensors: dict, config: 
     def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json_atomic(tmp / "config.json", config)
-        write_processor_files(processor, tmp)
+        write_processor_files(processor, tmp, _masking_fields(ckpt))
 
     if Path(out_dir).resolve() == ckpt.path.resolve():
         raise CheckpointError(f"{out_dir} is the checkpoint being exported; choose another output directory")
     write_checkpoint_dir(out_dir, fill, ours=hf.is_hf_config)  # an earlier export is replaced, nothing else
 
 
-def write_processor_files(processor: Processor, directory: Path) -> None:
-    """What `transformers.FlavaProcessor.from_pretrained` reads (the image processor's settings and
-    a BERT tokenizer: tokenizer.json, vocab.txt and their configs), and flava's own processor file.
-    transformers' image processor resizes straight to the square before cropping where flava keeps
-    the aspect ratio; the two agree exactly on square images."""
+def _masking_fields(ckpt: Checkpoint) -> dict:
+    """The image processor's patch-mask and codebook-view settings for this model: transformers'
+    defaults are a 224-px model's (14 x 14 patches, 112-px codebook views), and a model of another
+    grid fails on the masks and codebook pixels they make."""
+    from ..data.masking import BlockMasking
+
+    cfg = ckpt.config
+    ratio = ckpt.extra.get("objectives", {}).get("image_mask_ratio")
+    masking = BlockMasking.for_grid(cfg.image.grid_size, ratio)
+    side = {"height": cfg.codebook_image_size, "width": cfg.codebook_image_size}
+    return {"input_size_patches": cfg.image.grid_size, "total_mask_patches": masking.num_masked,
+            "mask_group_min_patches": masking.min_block, "mask_group_min_aspect_ratio": masking.min_aspect,
+            "codebook_size": side, "codebook_crop_size": side}
+
+
+def write_processor_files(processor: Processor, directory: Path, image_fields: dict | None = None) -> None:
+    """What `transformers.FlavaProcessor.from_pretrained` reads (the image processor's settings,
+    with `image_fields` added, and a BERT tokenizer: tokenizer.json, vocab.txt and their configs),
+    and flava's own processor file. transformers' image processor resizes straight to the square
+    before cropping where flava keeps the aspect ratio; the two agree exactly on square images."""
     size = {"height": processor.image_size, "width": processor.image_size}
     write_json_atomic(directory / "preprocessor_config.json", {
         "image_processor_type": "FlavaImageProcessor", "processor_class": "FlavaProcessor",
         "do_resize": True, "size": size, "resample": 3, "do_center_crop": True, "crop_size": size,
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(processor.image_mean), "image_std": list(processor.image_std),
+        "image_mean": list(processor.image_mean), "image_std": list(processor.image_std), **(image_fields or {}),
     })
     processor.save_pretrained(directory)
     vocab = json.loads((directory / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"]
