@@ -48,9 +48,14 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
     # Other step budgets in the same directory are refused: its stages were trained with these.
     longer = [a if a != "2" or args[i - 1] != "--max-steps" else "3" for i, a in enumerate(args)]
     assert cli(longer) == 2
-    assert "other stages, steps or stage settings" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "other stages, steps or stage settings (stage 3: joint 2 steps -> joint 3 steps)" in err
     assert cli(args + ["--stage-set", "text-mlm:optim.lr=1e-3"]) == 2
-    assert "other stages, steps or stage settings" in capsys.readouterr().err
+    assert "stage 1: text-mlm 3 steps -> text-mlm 3 steps (optim.lr=1e-3)" in " ".join(capsys.readouterr().err.split())
+    # A setting every stage shares, changed after some stages trained with it: refused, named.
+    assert cli(args + ["--set", "data.batch_size=3"]) == 2
+    assert "started with other settings (data.batch_size: 4 -> 3)" in " ".join(capsys.readouterr().err.split())
+    assert cli(args + ["--set", "log_every=2"]) == 0  # what a resume may change, it may change here
     assert cli(args[:-2] + ["--stage-steps", "video=2"]) == 2
     assert "has no stage 'video'" in capsys.readouterr().err
 

@@ -113,6 +113,16 @@ def finished_step(directory: Path) -> int:
     return int(read_json(RunDir(directory).pointer, "checkpoint pointer").get("step", 0))
 
 
+def _stage_text(stage: tuple | None) -> str:
+    if stage is None:
+        return "none"
+    return f"{stage[0]} {stage[1]} steps" + (f" ({', '.join(stage[2])})" if stage[2] else "")
+
+
+def _paired(a: list, b: list) -> list[tuple]:
+    return [(a[i] if i < len(a) else None, b[i] if i < len(b) else None) for i in range(max(len(a), len(b)))]
+
+
 def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
                steps: dict[str, int] | None = None, overrides: dict[str, list[str]] | None = None) -> list[dict]:
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
@@ -128,20 +138,33 @@ def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
 
 def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, steps: dict[str, int],
                 overrides: dict[str, list[str]]) -> list[dict]:
-    from ..train.run import SETTINGS, ensure_demo_codebook, run_pretrain
+    from ..train.run import RESUMABLE, SETTINGS, changes, ensure_demo_codebook, run_pretrain
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     stages = plan(name, cfg, output, steps, overrides)
     output.mkdir(parents=True, exist_ok=True)
     record = output / RECIPE_FILE
     wanted = {"recipe": name, "stages": [{"stage": s.name, "directory": s.name, "steps": s.config.max_steps,
-                                          "settings": sorted(overrides.get(s.name, []))} for s in stages]}
+                                          "settings": sorted(overrides.get(s.name, []))} for s in stages],
+              "settings": to_dict(cfg)}
     if record.is_file():
         old = read_json(record, "recipe record", ConfigError, expect=dict)
-        if [(s.get("stage"), s.get("steps"), s.get("settings", [])) for s in old.get("stages", [])] != \
-                [(s["stage"], s["steps"], s["settings"]) for s in wanted["stages"]]:
-            raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} with other stages, steps or stage settings; "
-                              f"continue it with the same command, or choose another --output")
+        was = [(s.get("stage"), s.get("steps"), s.get("settings", [])) for s in old.get("stages", [])]
+        now = [(s["stage"], s["steps"], s["settings"]) for s in wanted["stages"]]
+        if was != now:
+            differ = "; ".join(f"stage {i}: {_stage_text(a)} -> {_stage_text(b)}"
+                               for i, (a, b) in enumerate(_paired(was, now), 1) if a != b)
+            raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} with other stages, steps or stage settings "
+                              f"({differ}); continue it with the same command, or choose another --output")
+        # The settings every stage shares: later stages trained with others than earlier ones had.
+        if isinstance(old.get("settings"), dict):  # records before they were kept: not compared
+            diff = {k: v for k, v in changes(from_dict(TrainConfig, old["settings"]), cfg).items()
+                    if k not in RESUMABLE}
+            if diff:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+                raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} started with other settings ({shown}); "
+                                  "its stages share them: continue it with the same command, or choose another "
+                                  "--output")
     if rank == 0:
         write_json_atomic(record, wanted)
     # One codebook for every stage that needs image tokens, trained once.
