@@ -67,6 +67,8 @@ def test_overrides():
         apply_overrides(cfg, ["image.patch=8"])
     with pytest.raises(ConfigError, match=r"key=value"):
         apply_overrides(cfg, ["image.patch_size"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'image\.patch'; did you mean 'image\.patch_size'"):
+        apply_overrides(cfg, ["image.patch=8"])  # the whole key, as --set takes it
 
 
 def test_a_list_with_broken_json_is_named_as_such():

@@ -111,7 +111,7 @@ def test_pretrain_command_line(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown config key 'optim.learning_rate'" in err and "lr, weight_decay" in err
     assert cli(base + ["--set", "optim.weight_decy=1"]) == 2
-    assert "did you mean 'weight_decay'" in capsys.readouterr().err
+    assert "did you mean 'optim.weight_decay'" in capsys.readouterr().err
     assert cli(base + ["--max-steps", "4", "--save-every", "2"]) == 0
     out = capsys.readouterr().out
     assert "skipped records:" in out and (tmp_path / "run" / "summary.json").is_file()

@@ -165,8 +165,11 @@ def set_value(cfg: Any, dotted: str, raw: str) -> None:
     target = cfg
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]
-        if part not in names:
-            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}{did_you_mean(part, names)}")
+        if part not in names:  # a suggestion is the whole key, as --set takes it: data.pairs, not pairs
+            hint = did_you_mean(part, names)
+            if hint.startswith("; did you mean "):
+                hint = f"; did you mean {'.'.join(parts[:i] + [difflib.get_close_matches(part, names, n=1)[0]])!r}?"
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}{hint}")
         if i < len(parts) - 1:
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
