@@ -65,6 +65,10 @@ def test_train_codebook_errors(tmp_path, capsys):
     assert "no image files match" in capsys.readouterr().err
     assert cli(["train-codebook", "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
     assert "nowhere does not exist" in capsys.readouterr().err  # a path, not a pattern
+    # Model settings as pretrain names them (model.image...) are taken: the image error comes, not 'model'.
+    assert cli(["train-codebook", "--images", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o"),
+                "--set", "model.image.image_size=96"]) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
     assert cli(["train-codebook", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2

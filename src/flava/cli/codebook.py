@@ -16,7 +16,8 @@ def add(sub) -> None:
     p.add_argument("--pairs", nargs="+", default=[], help="pair data whose images to train on (shards, tables)")
     p.add_argument("--output", required=True)
     p.add_argument("--config", help="preset or JSON config; its codebook section is trained (default: tiny)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a model setting, as pretrain names it or "
+                   "without its model. prefix: codebook.vocab_size=8192, model.image.image_size=96 (repeatable)")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", dest="batch_size", type=int)
     p.add_argument("--lr", type=float)
@@ -36,7 +37,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..errors import InputError
     from ..train.codebook import CodebookTraining, run_train_codebook
 
-    cfg = validate(apply_overrides(config_from(args.config or "tiny"), args.set or []))
+    # The model's settings, named as pretrain names them (model.image.image_size) or without the prefix.
+    overrides = [o.removeprefix("--").removeprefix("model.") for o in args.set or []]
+    cfg = validate(apply_overrides(config_from(args.config or "tiny"), overrides))
     settings = CodebookTraining()
     given = set()
     for field in dataclasses.fields(settings):
