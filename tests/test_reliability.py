@@ -9,7 +9,9 @@ import os
 import stat
 import struct
 import tarfile
+import tempfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,6 +413,21 @@ def test_presets_and_the_settings_are_discoverable(capsys):
     for key in ("optim.lr", "model.image.hidden_size", "objectives.contrastive", "max_nonfinite_steps"):
         assert key in out, key
     assert "Peak learning rate" in out and "384" in out
+
+    # A settings file over a preset it names; a mistyped preset is said to be neither.
+    from flava.train.presets import train_config
+
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "mine.json"
+        f.write_text('{"preset": "tiny", "data": {"batch_size": 4}, "max_steps": 7}')
+        cfg = train_config(str(f))
+        assert cfg.model.image.hidden_size == train_config("tiny").model.image.hidden_size and cfg.max_steps == 7
+        assert cfg.data.batch_size == 4 and cfg.optim.lr == train_config("tiny").optim.lr
+        f.write_text('{"data": {"batch_size": 4}}')  # without one, the paper's defaults: the base model
+        assert train_config(str(f)).model.image.hidden_size == 768
+    assert cli(["config", "show", "--config", "smal"]) == 2
+    assert "--config smal is neither a preset (tiny, small, base) nor a settings file; did you mean 'small'?" in \
+        " ".join(capsys.readouterr().err.split())
 
 
 def test_an_output_that_cannot_be_written_is_refused_in_one_line_before_any_work(train_data, tmp_path, capsys):

@@ -12,7 +12,8 @@ from rich.table import Table
 def add(sub) -> None:
     p = sub.add_parser("config", help="show every `flava pretrain` setting, its value and what it does")
     p.add_argument("action", choices=["show"])
-    p.add_argument("--config", help="a preset (tiny, small, base) or a JSON file of training settings")
+    p.add_argument("--config", help="a preset (tiny, small, base) or a JSON file of training settings "
+                   "(over the preset its \"preset\" key names)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting (repeatable)")
     p.set_defaults(run=run)
 

@@ -16,7 +16,9 @@ def add(sub) -> None:
     p = sub.add_parser("pretrain",
                        help="pretrain FLAVA (data.* settings name the data; none: tiny preset on the demo data)")
     p.add_argument("--config", help="a preset (tiny: the CPU demo's settings, the default; small, base: the paper's "
-                                    "optimisation scaled to your global batch) or a JSON file of training settings; "
+                                    "optimisation scaled to your global batch) or a JSON file of training settings "
+                                    "(over the preset its \"preset\" key names; without one, the paper's defaults: the "
+                                    "base model); "
                                     "`flava config show` lists every setting")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any setting, e.g. optim.lr=1e-4 or data.pairs='[\"shards/*.tar\"]'")

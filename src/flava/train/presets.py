@@ -29,10 +29,13 @@ The run prints what it trains with at the start (`Optimisation.note`).
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
-from ..config import PRESETS, from_dict, preset
+from ..config import PRESETS, from_dict, preset, to_dict
+from ..errors import ConfigError
 from ..io.files import read_json
 from .config import OptimConfig, TrainConfig
 
@@ -81,12 +84,31 @@ def demo_config(**fields) -> TrainConfig:
 
 def train_config(spec: str) -> TrainConfig:
     """Training settings from a preset name (tiny: the demo's; small, base: the paper's
-    optimisation with that model) or a JSON file of settings (the rest: the paper's defaults)."""
+    optimisation with that model) or a JSON file of settings over the preset its "preset" key
+    names (without one, the settings it leaves out are the paper's: the base model)."""
     if spec == "tiny":
         return demo_config()
     if spec in PRESETS:
         return TrainConfig(model=preset(spec))
-    return from_dict(TrainConfig, read_json(spec, "settings file"))
+    if not Path(spec).exists() and Path(spec).suffix.lower() != ".json":
+        close = difflib.get_close_matches(spec, PRESETS, n=1)
+        raise ConfigError(f"--config {spec} is neither a preset ({', '.join(PRESETS)}) nor a settings file"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    data = read_json(spec, "settings file", ConfigError, expect=dict)
+    base = data.pop("preset", None)
+    if base is None:
+        return from_dict(TrainConfig, data)
+    if base not in PRESETS:
+        raise ConfigError(f"{spec}: preset {base!r} is not one of {', '.join(PRESETS)}")
+    return from_dict(TrainConfig, _merged(to_dict(train_config(base)), data))
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over`'s values in `base`, section by section."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 @dataclass
