@@ -116,6 +116,8 @@ def test_pretrain_command_line(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "skipped records:" in out and (tmp_path / "run" / "summary.json").is_file()
     assert "the learning rate never reaches its peak" in " ".join(out.split())  # 50 warm-up steps, fewer run
+    assert cli(pretrain_args(data, tmp_path / "eq") + ["--max-steps", "2", "--set", "optim.warmup_steps=2"]) == 0
+    assert "reaches its peak at the last step and never decays" in " ".join(capsys.readouterr().out.split())
     assert cli(base + ["--max-steps", "4"]) == 2  # the output already holds a run
     assert "--resume" in capsys.readouterr().err
     assert cli(base + ["--max-steps", "6", "--resume"]) == 0

@@ -280,8 +280,11 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         console.print(trainer.optimisation.note)
     if trainer.optimisation.warmup_steps >= cfg.max_steps:
         peak = trainer.optimisation.warmup_steps
-        console.print(f"note: the warm-up ({peak:,} steps) is as long as the run or longer ({cfg.max_steps:,}): the "
-                      f"learning rate never reaches its peak; set optim.warmup_steps below max_steps for a full schedule")
+        what = "as long as the run" if peak == cfg.max_steps else "longer than the run"
+        reach = "reaches its peak at the last step and never decays" if peak == cfg.max_steps else \
+            "never reaches its peak"
+        console.print(f"note: the warm-up ({peak:,} steps) is {what} ({cfg.max_steps:,}): the learning rate {reach}; "
+                      "set optim.warmup_steps below max_steps for a full schedule")
     # Saved with each checkpoint: a resumed run reports the whole run's.
     first, last = trainer.progress.first_losses, trainer.progress.last_losses
     gradients: dict[str, dict] = {}
