@@ -310,6 +310,8 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     args = ["prepare", "--pairs", str(train_data / "pairs.csv"), "--output", str(out), "--codebook", str(codebook),
             "--shard-size", "5", "--size", "24", "--workers", "2"]
     assert cli(args) == 0
+    # Images stored smaller than the model's input are upscaled in training: said at the start.
+    assert "--size 24 is below the model's 64-px input" in " ".join(capsys.readouterr().out.split())
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["samples"] == 16 and report["dropped"] == {"missing image file": 1} and report["shards"] == 4
     index = json.loads((out / "index.json").read_text())

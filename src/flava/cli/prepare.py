@@ -65,6 +65,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     workers = args.workers or default_workers()
     output = Path(args.output)
     created = not output.exists()
+    if args.size < model.image.image_size:
+        console.print(f"note: --size {args.size} is below the model's {model.image.image_size}-px input: training "
+                      f"upscales every crop; give --size {model.image.image_size} or more")
     console.print(f"preparing {kind} from {', '.join(s.name for s in sources)} into {output} with {workers} "
                   f"process{'es' if workers > 1 else ''}" + (f"; image tokens from {args.codebook} on {device}" if tokenizer else ""))
     with progress_bar(console) as bar:

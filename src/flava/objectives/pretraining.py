@@ -244,7 +244,8 @@ class PretrainingModel(nn.Module):
             if codebook.cfg.vocab_size != config.image.vocab_size:
                 raise ConfigError(
                     f"the image codebook has {codebook.cfg.vocab_size} tokens but the MIM/MMM heads predict "
-                    f"image.vocab_size={config.image.vocab_size}; make them equal"
+                    f"image.vocab_size={config.image.vocab_size}; set model.image.vocab_size="
+                    f"{codebook.cfg.vocab_size} (or use a codebook of {config.image.vocab_size} tokens)"
                 )
             codebook.requires_grad_(False).eval()
 

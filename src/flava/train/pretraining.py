@@ -120,7 +120,9 @@ class PretrainingStage(Stage):
                 grid = int(info.get("grid", -1))
                 if grid != cfg.model.image.grid_size:
                     raise ConfigError(f"{s.source.name} was prepared for a {grid}x{grid} patch grid; the model has "
-                                      f"{cfg.model.image.grid_size}x{cfg.model.image.grid_size}")
+                                      f"{cfg.model.image.grid_size}x{cfg.model.image.grid_size}: prepare the data "
+                                      "again for this model (flava prepare with its --config), or train a model of "
+                                      "that grid")
 
     def block_stacks(self) -> list[nn.Module]:
         return self.model.model.block_stacks()
