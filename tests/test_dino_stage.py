@@ -146,7 +146,7 @@ def test_a_typo_in_the_dino_section_is_one_clear_line(tmp_path, capsys):
     base = ["pretrain", "--output", str(tmp_path / "run"), "--set", "stage=image-dino"]
     assert cli(base + ["--set", "dino.out_dimm=64"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "dino.out_dimm" in err and "'out_dim'" in err, err
+    assert len(err.splitlines()) == 1 and "dino.out_dimm" in err and "did you mean 'dino.out_dim'" in err, err
     assert cli(["config", "show", "--set", "stage=image-dino"]) == 0
     shown = capsys.readouterr().out
     assert "dino.teacher_temp" in shown and "Teacher temperature after warm-up" in shown
