@@ -318,6 +318,9 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     assert [s["nsamples"] for s in index["shardlist"]] == [5, 5, 5, 1]
     assert index["flava"]["codebook"] == load_codebook(codebook).fingerprint()
 
+    # Other settings into the same folder: refused, naming what differs.
+    assert cli([a if a != "5" else "6" for a in args]) == 2
+    assert "other inputs or settings (settings.shard_size: 5 -> 6)" in " ".join(capsys.readouterr().err.split())
     # Interrupted work resumes: a shard removed is made again, the same bytes.
     before = (out / "00001.tar").read_bytes()
     (out / "00001.tar").unlink()

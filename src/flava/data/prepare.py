@@ -180,6 +180,14 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
     return stats
 
 
+def _flat(manifest: dict) -> dict:
+    """{"settings.size": 256, "inputs": [...], ...}: a manifest's values by dotted name."""
+    out = {}
+    for k, v in manifest.items():
+        out.update({f"{k}.{j}": w for j, w in v.items()} if isinstance(v, dict) else {k: v})
+    return out
+
+
 def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
             tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
             grid: int | None = None, image_size: int | None = None, workers: int = 1,
@@ -197,8 +205,11 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     if mark.is_file():
         before = json.loads(mark.read_text())
         if before != manifest:
-            raise DataError(f"{output} holds shards prepared from other inputs or settings ({mark}); "
-                            "prepare into a new directory")
+            was, now = _flat(before), _flat(manifest)
+            differ = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+                               if was.get(k) != now.get(k))
+            raise DataError(f"{output} holds shards prepared from other inputs or settings ({differ}); finish it with "
+                            "the command that started it, or prepare into a new directory")
     else:
         write_json_atomic(mark, manifest)
     units = _units(sources, settings.shard_size)
