@@ -211,6 +211,20 @@ def test_steps_between_logs_wait_for_nothing_and_train_the_same(data, tmp_path, 
     assert logged == [4, 8] and all(r["samples_per_s"] > 0 for r in sparse)
 
 
+def test_a_loss_over_no_targets_is_left_out_of_the_row_not_logged_as_zero(data, tmp_path):
+    # Captions so short that no token is masked: the MLM and MMM-text losses average over nothing
+    # and read 0, which the rows, the summary and the curves showed as a loss that fell to 0.
+    cfg = config(data, max_steps=12)
+    cfg.objectives.text_mask_probability, cfg.data.mixing = 1e-9, [0.34, 0.33, 0.33]
+    rows = Trainer(cfg, tmp_path / "run").fit()
+    pairs = [r for r in rows if r["kind"] == "pairs"]
+    assert pairs and all("mmm_text" not in r["losses"] and "itm" in r["losses"] for r in pairs)
+    text = [r for r in rows if r["kind"] == "text"]
+    assert text and all("mlm" not in r["losses"] for r in text)
+    assert not any(k.startswith("targets/") for r in rows for k in r["metrics"])
+    assert {"mim"} <= {k for r in rows if r["kind"] == "images" for k in r["losses"]}
+
+
 def test_a_non_finite_update_is_skipped_on_the_device(data, tmp_path):
     from flava.errors import DivergedError
 

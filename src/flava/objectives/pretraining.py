@@ -18,6 +18,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,6 +37,9 @@ from .registry import active, chosen
 if TYPE_CHECKING:
     from .chunks import Chunk
 
+
+TARGETS = "targets/"
+"""Prefix of the metrics that count each objective's targets in a batch (`PretrainingModel.forward`)."""
 
 @dataclass
 class PretrainingOutput:
@@ -311,6 +315,15 @@ class PretrainingModel(nn.Module):
             else:
                 parts[record.name] = getattr(self.objectives, record.weight) * record.loss(states, head)
         metrics = states.metrics if chunk is None else {**states.metrics, **chunk.metrics}
+        # What each averaging loss averaged over (masked tokens and patches, ITM rows): a batch with
+        # none (a short caption masks no token) has a loss of 0 that is no measurement.
+        counted = [r for r in active(self.objectives, (kind,)) if r.count is not None]
+        if counted:  # the whole batch's counts over every process (a chunk's plan holds them)
+            counts = torch.stack([(r.count(states) if chunk is None else chunk.counts[r.name]).detach().float()
+                                  for r in counted])
+            if chunk is None and world().size > 1:
+                dist.all_reduce(counts)
+            metrics = {**metrics, **{f"{TARGETS}{r.name}": c for r, c in zip(counted, counts)}}
         return PretrainingOutput(Losses.from_parts(parts, like), metrics)
 
     # ------------------------------------------------------------------ io

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from .. import stopping
 from ..config import check
+from ..objectives.pretraining import TARGETS
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
 from ..distributed import resolve_device, world
@@ -332,9 +333,11 @@ class Trainer:
         values = [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         for (row, _, (losses, metrics)), v, extra in zip(pending, values, extras):
             n = len(losses)
-            row.update({"loss": v[0], "losses": dict(zip(losses, v[1:1 + n])),
-                        "metrics": {**dict(zip(metrics, v[1 + n:-3])), **extra}, "grad_norm": v[-3],
-                        "update_skipped": not v[-1] > 0})
+            named = dict(zip(metrics, v[1 + n:-3]))
+            targets = {k.removeprefix(TARGETS): named.pop(k) for k in list(named) if k.startswith(TARGETS)}
+            # A loss over no targets (no token masked on any process) reads 0 and measures nothing: left out.
+            row.update({"loss": v[0], "losses": {k: x for k, x in zip(losses, v[1:1 + n]) if targets.get(k) != 0},
+                        "metrics": {**named, **extra}, "grad_norm": v[-3], "update_skipped": not v[-1] > 0})
             self._guard(v[-2] > 0, row["step"])
             row["nonfinite_steps"] = self.nonfinite_steps
         return [row for row, _, _ in pending]
