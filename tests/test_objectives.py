@@ -315,3 +315,14 @@ def test_codebook_targets_are_the_same_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = pm.image_targets(batch)
     assert torch.equal(got, want)
+
+
+def test_a_codebook_of_another_size_says_what_to_set():
+    from flava.errors import ConfigError
+
+    cfg = preset("tiny")
+    cb = preset("tiny").codebook
+    cb.vocab_size = cfg.image.vocab_size // 2
+    with pytest.raises(ConfigError, match=rf"the image codebook has {cb.vocab_size} tokens .* set "
+                                          rf"model.image.vocab_size={cb.vocab_size}"):
+        PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cb))

@@ -359,6 +359,12 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     cfg.data.pairs = [str(train_data / "pairs.csv")]  # raw pairs need a codebook
     with pytest.raises(Exception, match="no codebook is given"):
         Trainer(cfg, tmp_path / "run2")
+    # A model of another patch grid is told how to prepare again.
+    cfg.data.pairs = [str(out)]
+    cfg.model.image.patch_size //= 2
+    with pytest.raises(Exception, match=r"was prepared for a 8x8 patch grid; the model has 16x16: prepare the data "
+                                        r"again"):
+        Trainer(cfg, tmp_path / "run3")
 
 
 def _state(pid: int) -> str:
