@@ -25,8 +25,10 @@ from .typed import (
     check,
     check_value,
     describe,
+    differences,
     field_docs,
     from_dict,
+    said,
     set_value,
     settings,
     to_dict,
@@ -34,7 +36,7 @@ from .typed import (
 
 __all__ = [
     "NonNegative", "NonNegativeInt", "Positive", "PositiveInt", "Probability", "Range", "apply_overrides", "check",
-    "check_value", "describe", "field_docs", "from_dict", "set_value", "settings", "to_dict",
+    "check_value", "describe", "differences", "field_docs", "from_dict", "said", "set_value", "settings", "to_dict",
     "Activation", "CLIP_MEAN", "CLIP_STD", "NormPlacement", "TransformerConfig", "ImageEncoderConfig",
     "TextEncoderConfig", "MultimodalEncoderConfig",
     "CodebookConfig", "FlavaConfig", "ObjectivesConfig", "PRESETS", "preset", "validate", "parameter_count",

@@ -30,6 +30,13 @@ class DivergedError(FlavaError, RuntimeError):
     """Training stopped because its loss or gradients stayed non-finite."""
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line, else its type's name: libraries raise
+    multi-line messages (tracebacks of worker processes) that one line of ours must quote."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def did_you_mean(name: str, choices: Iterable[str], known: str = "known keys") -> str:
     """'; did you mean X?' naming the nearest choice, else '; {known}: a, b, ...'."""
     choices = [str(c) for c in choices]

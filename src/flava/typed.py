@@ -166,9 +166,8 @@ def set_value(cfg: Any, dotted: str, raw: str) -> None:
     for i, part in enumerate(parts):
         names = [f.name for f in dataclasses.fields(target)]
         if part not in names:  # a suggestion is the whole key, as --set takes it: data.pairs, not pairs
-            hint = did_you_mean(part, names)
-            if hint.startswith("; did you mean "):
-                hint = f"; did you mean {'.'.join(parts[:i] + [difflib.get_close_matches(part, names, n=1)[0]])!r}?"
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {'.'.join(parts[:i] + close)!r}?" if close else did_you_mean(part, names)
             raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}{hint}")
         if i < len(parts) - 1:
             target = getattr(target, part)
@@ -218,6 +217,25 @@ def settings(cfg: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{f.name}"] = value
     return out
+
+
+def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of nested mappings (a JSON record of settings)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def differences(was: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (was, now)} of every value two records of settings (nested mappings) differ in."""
+    a, b = flat(was), flat(now)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
+def said(diff: dict[str, tuple[Any, Any]]) -> str:
+    """'key: old -> new; ...' of `differences`."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
 
 
 def describe(cfg: Any) -> list[tuple[str, Any, str]]:

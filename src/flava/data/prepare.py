@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import stopping
+from ..config import differences, said
 from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
 from .decode import open_image
@@ -180,14 +181,6 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
     return stats
 
 
-def _flat(manifest: dict) -> dict:
-    """{"settings.size": 256, "inputs": [...], ...}: a manifest's values by dotted name."""
-    out = {}
-    for k, v in manifest.items():
-        out.update({f"{k}.{j}": w for j, w in v.items()} if isinstance(v, dict) else {k: v})
-    return out
-
-
 def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
             tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
             grid: int | None = None, image_size: int | None = None, workers: int = 1,
@@ -205,10 +198,8 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     if mark.is_file():
         before = json.loads(mark.read_text())
         if before != manifest:
-            was, now = _flat(before), _flat(manifest)
-            differ = "; ".join(f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
-                               if was.get(k) != now.get(k))
-            raise DataError(f"{output} holds shards prepared from other inputs or settings ({differ}); finish it with "
+            raise DataError(f"{output} holds shards prepared from other inputs or settings "
+                            f"({said(differences(before, manifest))}); finish it with "
                             "the command that started it, or prepare into a new directory")
     else:
         write_json_atomic(mark, manifest)

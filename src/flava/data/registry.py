@@ -76,6 +76,14 @@ def is_loose_image(spec: str) -> bool:
     return Path(spec).is_file() and Path(spec).suffix.lower() in IMAGE_SUFFIXES or any(c in spec for c in "*?[")
 
 
+def image_sources(specs: Sequence[str], cache: ShardCache | None = None) -> list[Source]:
+    """Image data specs opened: folders, shards and parquet each a source, and every image file and
+    glob among them one source, last."""
+    loose = [str(s) for s in specs if is_loose_image(s)]
+    return [open_source("images", str(s), cache) for s in specs if not is_loose_image(s)] + \
+        ([loose_images(loose)] if loose else [])
+
+
 def loose_images(specs: Sequence[str]) -> Source:
     """Image files and globs gathered into one source: a source per file drew whole batches of one
     image, and a glob was read as a folder's name."""
@@ -111,10 +119,8 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     check_distinct(paths, f"data.{kind}")
     if any(w is None for w in weights) and any(w is not None for w in weights):
         raise DataError(f"give every data.{kind} source a weight, or none (then each weighs by its size)")
-    if kind == "images" and paths and all(w is None for w in weights) and \
-            sum(map(is_loose_image, paths)) > 1:  # image files and globs: one source of them all
-        loose = [str(p) for p in paths if is_loose_image(p)]
-        srcs = [loose_images(loose)] + [open_source(kind, str(p), cache) for p in paths if not is_loose_image(p)]
+    if kind == "images" and paths and all(w is None for w in weights):  # image files and globs: one source
+        srcs = image_sources(paths, cache)
         weights = [None] * len(srcs)
     else:
         srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]

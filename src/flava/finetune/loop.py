@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import stopping
-from ..config import check
+from ..config import check, differences, said
 from ..data.tokenizer import TextTokenizer
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, first_line
 from ..io.checkpoint import damage, write_checksums
 from ..io.files import replace_dir
 from ..model.flava import FlavaModel, init_weights
@@ -83,16 +83,13 @@ def _load_state(resumable: Resumable) -> dict | None:
             raise CheckpointError(why)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several unrelated types for a damaged file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"the stopped fine-tuning's state in {resumable.directory} is damaged ({reason}); "
+        raise CheckpointError(f"the stopped fine-tuning's state in {resumable.directory} is damaged ({first_line(e)}); "
                               f"delete it and run without --resume to fine-tune from the start") from None
     started, now = json.loads(state["started_with"]), json.loads(json.dumps(resumable.started_with))
     now = _known(now, started)  # what a state saved by an earlier release recorded is what it can be held to
     if started != now:
-        was, asked = _flat(started), _flat(now)
-        differ = "; ".join(f"{k}: {was.get(k)!r} -> {asked.get(k)!r}" for k in sorted(was.keys() | asked.keys())
-                           if was.get(k) != asked.get(k))
-        raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started with other settings ({differ}); "
+        raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started with other settings "
+                          f"({said(differences(started, now))}); "
                           "resume it with the arguments it was started with, or choose another --output")
     return state
 
@@ -106,17 +103,6 @@ def _known(now: dict, started: dict) -> dict:
     """`now` with only the keys `started` has (at every level)."""
     return {k: _known(v, started[k]) if isinstance(v, dict) and isinstance(started[k], dict) else v
             for k, v in now.items() if k in started}
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{dotted key: value} of nested settings."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | None = None) -> FinetuneResult:

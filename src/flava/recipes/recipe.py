@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import stopping
-from ..config import apply_overrides, check, from_dict, to_dict
+from ..config import apply_overrides, check, from_dict, said, to_dict
 from ..errors import ConfigError
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
@@ -161,8 +161,8 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
             diff = {k: v for k, v in changes(from_dict(TrainConfig, old["settings"]), cfg).items()
                     if k not in RESUMABLE}
             if diff:
-                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-                raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} started with other settings ({shown}); "
+                raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} started with other settings "
+                                  f"({said(diff)}); "
                                   "its stages share them: continue it with the same command, or choose another "
                                   "--output")
     if rank == 0:

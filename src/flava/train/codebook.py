@@ -31,11 +31,12 @@ from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, P
     from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
 from ..data.pipeline import BatchStream, KindStream
-from ..data.registry import demo_source, estimated_size, is_loose_image, loose_images, open_source
+from ..data.registry import demo_source, estimated_size, open_source
+from ..data.registry import image_sources as open_images  # this module's image_sources adds demo and pairs
 from ..data.sources import Source
 from ..data.transforms import map_pixels
 from ..distributed import resolve_device
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import CheckpointError, ConfigError, DataError, first_line
 from ..io.checkpoint import check_replaceable, damage, write_checkpoint_dir, write_checkpoint_files, write_checksums
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
 from ..io.runs import CODEBOOK_STATE, RunDir, codebook_progress, codebook_state
@@ -208,9 +209,8 @@ class CodebookRun:
             self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
                                                 weights_only=True))
         except Exception as e:  # safetensors, torch and the file system raise many types for a damaged file
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"the saved codebook training in {directory} is damaged ({reason}); delete it and "
-                                  f"run without --resume to train the codebook from the start") from None
+            raise CheckpointError(f"the saved codebook training in {directory} is damaged ({first_line(e)}); delete "
+                                  "it and run without --resume to train the codebook from the start") from None
         self.stream.load_states([state["stream"]])
         self.step, self.history, self.start_metrics = int(state["step"]), state["history"], state["start"]
         return state
@@ -227,17 +227,8 @@ def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
     """The sources named: 'demo' (the packaged demo images); image files and globs gathered into
     one source; folders, shards, tables and parquet as `flava pretrain` opens them (the images
     of pairs)."""
-    sources, loose = [], []
-    for spec in images:
-        if spec == "demo":
-            sources.append(demo_source("images"))
-        elif is_loose_image(spec):
-            loose.append(spec)
-        else:
-            sources.append(open_source("images", spec))
-    if loose:
-        sources.append(loose_images(loose))
-    return sources + [open_source("pairs", spec) for spec in pairs]
+    demo = [demo_source("images")] if "demo" in images else []
+    return demo + open_images([s for s in images if s != "demo"]) + [open_source("pairs", spec) for spec in pairs]
 
 
 def _stream(sources: list[Source], maker: CodebookCrops, batch: int, seed: int, workers: int) -> KindStream:

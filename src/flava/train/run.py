@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import stopping
-from ..config import FlavaConfig, check, from_dict, settings, to_dict
+from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict
 from ..data.pipeline import per_process_batch
 from ..data.registry import KINDS
 from ..errors import CheckpointError, ConfigError, FlavaError
@@ -90,18 +90,16 @@ def _written_before_scaling(settings: dict) -> dict:
 
 def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
     """{setting: (old value, new value)} for every setting that differs."""
-    a, b = settings(old), settings(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+    return differences(settings(old), settings(new))
 
 
 def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override: bool, rank: int) -> None:
     diff = changes(saved, cfg)
     refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
     if refused and not override:
-        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in refused.items())
         raise ConfigError(
-            f"--resume would change the run's settings ({shown}); a run keeps the settings it was started with. "
-            f"Drop those --set flags, or pass --override to change them (recorded in {output / HISTORY})")
+            f"--resume would change the run's settings ({said(refused)}); a run keeps the settings it was started "
+            f"with. Drop those --set flags, or pass --override to change them (recorded in {output / HISTORY})")
     if diff and rank == 0:
         with open(output / HISTORY, "a") as f:
             f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "override": bool(refused),
