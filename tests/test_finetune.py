@@ -18,6 +18,7 @@ from flava.finetune.examples import MultimodalData, MultimodalExample, TextData,
 from flava.evaluate.readers.multimodal import (
     answer_vocabulary,
     easy_vqa_data,
+    normalize_answer,
     read_hateful_memes,
     read_snli_ve,
     read_vqa,
@@ -214,11 +215,78 @@ def test_vqa_soft_scores_and_vocabulary():
     assert vocab == ["yes", "no"]
     vocab = answer_vocabulary(["b", "a", "c", "a", "b", "d"], max_answers=3)
     assert vocab == ["a", "b", "c"]  # frequency, then alphabetical
-    index = {"a": 0, "b": 1, "c": 2}
-    humans = ["a"] * 2 + ["b"] * 4 + ["c"] + ["zzz"] * 3
+    index = {"d": 0, "b": 1, "c": 2}  # not "a": an article, which the answers' processing drops
+    humans = ["d"] * 2 + ["b"] * 4 + ["c"] + ["zzz"] * 3
     assert vqa_soft_scores(humans, index) == {0: 2 / 3, 1: 1.0, 2: 1 / 3}
-    assert vqa_soft_scores(["a"], index) == {0: 1 / 3}  # one annotator of ten: VQAv2 rule
+    assert vqa_soft_scores(["d"], index) == {0: 1 / 3}  # one annotator of ten: VQAv2 rule
     assert vqa_soft_scores(["zzz"], index) == {}
+
+
+def test_vqa_answers_processed_as_the_official_evaluator():
+    cases = {
+        # punctuation: a mark touching a space goes, else it becomes a space; periods go unless a digit follows
+        "yes.": "yes", "yes!": "yes", "it's a dog!": "it's dog", "black/white": "black white",
+        "black / white": "black white", "red,white": "red white", "t-shirt": "t shirt", "(a) 5": "5",
+        "a.m.": "am", "3.5": "3.5", ".5": ".5", "don't.": "don't", "@home?": "home",
+        # a comma between digits anywhere removes every mark instead: "t-shirt" loses its hyphen too
+        "1,000": "1000", "1,000.5": "1000.5", "t-shirt 1,5": "tshirt 15", "1, 000": "1 000",
+        "." * 40: "." * 8,  # the evaluator removes at most 32 periods
+        # newlines and tabs, case, number words (whole words only), articles
+        "\tTwo\n dogs ": "2 dogs", "none": "0", "Ten": "10", "eleven": "eleven", "one hundred": "1 hundred",
+        "someone": "someone", "The cat": "cat", "an apple": "apple", "a": "", "theater": "theater",
+        # contractions: each with exactly one apostrophe missing, plus the table's reversed entry
+        "dont": "don't", "Cant": "can't", "couldnt've": "couldn't've", "couldn'tve": "couldn't've",
+        "couldntve": "couldntve", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "ow's'at": "'ow's'at",
+        "'ow'sat": "'ow's'at", "twas": "'twas", "somebody'd": "somebodyd", "shed": "shed", "im": "im",
+        "lets": "lets", "shes": "shes", "wed": "wed", "yall": "y'all",
+    }
+    assert {a: normalize_answer(a) for a in cases} == cases
+    from flava.evaluate.readers.multimodal import _CONTRACTIONS
+
+    assert len(_CONTRACTIONS) == 114  # 92 forms with 113 apostrophes, and "somebody'd"
+    # Idempotent on its own output (below the 32-period cap), so vocabulary entries process to themselves.
+    words = sorted(set(_CONTRACTIONS) | set(_CONTRACTIONS.values())) + list(cases)
+    marks = ["", " ", ".", ",", "!", " - ", "/", "(", ") ", "1,0", "2.5", ". ", "the ", "Two", "\t"]
+    strings = words + [a + m + b for a in words[::7] + marks for m in marks for b in marks + words[::11]]
+    strings = [s for s in strings if s.count(".") <= 32]
+    assert len(strings) > 5000
+    assert [s for s in strings if normalize_answer(normalize_answer(s)) != normalize_answer(s)] == []
+
+
+def test_vqa_accuracy_normalizes_only_when_annotators_disagree():
+    from flava.evaluate.readers.multimodal import vqa_accuracy_scores
+
+    vocab = {"2": 0, "yes": 1, "no": 2}
+    # Ten identical strings are compared as written: "Two" is no vocabulary entry, so "2" scores 0
+    # (exactly as the official evaluator scores the prediction "2"); trimming still applies.
+    assert vqa_accuracy_scores(["Two"] * 10, vocab) == {}
+    assert vqa_accuracy_scores(["Two"] * 9 + [" Two\n"], {"Two": 5}) == {5: 1.0}
+    assert vqa_accuracy_scores(["yes"] * 10, vocab) == {1: 1.0}
+    # One annotator differs: every answer is processed, and "Two" and "two." are both "2".
+    assert vqa_accuracy_scores(["Two"] * 9 + ["two."], vocab) == {0: 1.0}
+    assert vqa_accuracy_scores(["Yes"] * 4 + ["yes!"] * 3 + ["No"] * 3, vocab) == {1: 1.0, 2: pytest.approx(0.9)}
+    # Other numbers of answers and the training targets: always processed.
+    assert vqa_accuracy_scores(["Two"] * 3, vocab) == {0: 1.0}
+    assert vqa_soft_scores(["Two"] * 10, vocab) == {0: 1.0}
+    assert vqa_soft_scores(["Two", "two.", "No"], vocab) == {0: 2 / 3, 2: 1 / 3}
+
+
+def test_vqa_table_answers(tmp_path):
+    from flava.evaluate.readers.user_files import read_multimodal_table
+
+    for i in range(4):
+        png(tmp_path / f"{i}.png")
+    train = [{"image": "0.png", "question": "how many?", "answers": ["Two", "two", "2.", "3"]},
+             {"image": "1.png", "question": "is it?", "answer": "Yes."}]
+    val = [{"image": "2.png", "question": "how many?", "answers": ["Two"] * 10},
+           {"image": "2.png", "question": "how many?", "answers": ["Two"] * 9 + ["2"]},
+           {"image": "3.png", "question": "is it?", "answer": "YES"}]
+    write(tmp_path / "train.jsonl", [json.dumps(r) for r in train])
+    write(tmp_path / "val.jsonl", [json.dumps(r) for r in val])
+    task = read_multimodal_table(tmp_path / "train.jsonl", tmp_path / "val.jsonl", kind="vqa")
+    assert task.label_names == ["2", "yes"]
+    assert [e.answers for e in task.train] == [{0: 1.0}, {1: 1.0}]
+    assert [e.answers for e in task.val] == [{}, {0: 1.0}, {1: 1.0}]  # one given answer is processed
 
 
 def test_easy_vqa_task_splits_by_image():
@@ -254,7 +322,8 @@ def test_vqa_reader(tmp_path):
     args = [tmp_path / "q_train2014.json", tmp_path / "a_train2014.json", tmp_path / "train2014",
             tmp_path / "q_val2014.json", tmp_path / "a_val2014.json", tmp_path / "val2014"]
     task = read_vqa(*args, val_fraction=0.25, min_answer_count=1)
-    assert task.label_names == ["two", "yes"]  # 3 and 3 majority answers in train: ties alphabetical
+    # 3 and 3 majority answers in train ("two" processed as the official evaluator does): ties alphabetical
+    assert task.label_names == ["2", "yes"]
     assert (len(task.train), len(task.val), len(task.test)) == (6, 2, 8)
     # Trained on min(1, n/3); scored by the official accuracy, averaged over the 10 leave-one-out
     # subsets ("two": 2 humans -> 0.6, not 2/3). "no" is not in the vocabulary.
@@ -262,7 +331,13 @@ def test_vqa_reader(tmp_path):
     from flava.evaluate.readers.multimodal import vqa_accuracy_scores
 
     for n, want in ((1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0)):
-        assert vqa_accuracy_scores(["a"] * n + ["b"] * (10 - n), {"a": 0})[0] == pytest.approx(want)
+        assert vqa_accuracy_scores(["x"] * n + ["y"] * (10 - n), {"x": 0})[0] == pytest.approx(want)
+    # The evaluator compares ten identical answers as written: ten "Two" give "2" nothing, nine and a "two." 1.
+    anns[0]["answers"] = [{"answer": "Two", "answer_confidence": "yes", "answer_id": j + 1} for j in range(10)]
+    anns[1]["answers"] = anns[0]["answers"][:9] + [{"answer": "two.", "answer_confidence": "yes", "answer_id": 10}]
+    (tmp_path / "a_val2014.json").write_text(json.dumps({"annotations": anns}))
+    quirk = read_vqa(*args, val_fraction=0.25, min_answer_count=1)
+    assert [e.answers for e in quirk.test[:2]] == [{}, {0: 1.0}] and quirk.label_names == task.label_names
     assert task.train[0].image.name.startswith("COCO_train2014_")
     (tmp_path / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
     with pytest.raises(DataError, match="2 image file"):  # two questions about the missing image

@@ -3,7 +3,9 @@ SNLI-VE and Hateful Memes."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -25,9 +27,9 @@ def answer_vocabulary(answers: Sequence[str], min_count: int = 1, max_answers: i
 
 
 def vqa_soft_scores(human_answers: Sequence[str], vocab_index: dict[str, int]) -> dict[int, float]:
-    """VQAv2 soft targets: an answer given by n annotators scores min(1, n / 3); answers outside
-    the vocabulary are dropped."""
-    counts = Counter(human_answers)
+    """VQAv2 soft targets: an answer given by n annotators (after `normalize_answer`, as MMF builds
+    its targets) scores min(1, n / 3); answers outside the vocabulary are dropped."""
+    counts = Counter(normalize_answer(h) for h in human_answers)
     return {vocab_index[a]: min(1.0, n / 3) for a, n in counts.items() if a in vocab_index}
 
 
@@ -35,19 +37,77 @@ def vqa_accuracy_scores(human_answers: Sequence[str], vocab_index: dict[str, int
     """The official VQA accuracy of each answer, what validation and test are scored by: with the
     10 human answers VQAv2 has, min(1, n / 3) averaged over the 10 subsets that leave one human
     out (0.3, 0.6, 0.9 and 1 for 1, 2, 3 and 4+ humans); with another number of answers, min(1,
-    n / 3) as the training targets."""
+    n / 3) as the training targets. `human_answers` are as the annotators wrote them: the official
+    evaluator normalizes answers (and the prediction) only when the annotators disagree; when all
+    ten wrote the same string it compares that string as written (so ten "Two" never match "2")."""
     m = len(human_answers)
     if m != 10:
         return vqa_soft_scores(human_answers, vocab_index)
-    counts = Counter(human_answers)
+    stripped = [_stripped(h) for h in human_answers]
+    counts = Counter(normalize_answer(h) for h in stripped) if len(set(stripped)) > 1 else Counter(stripped)
     return {vocab_index[a]: (n * min(1.0, (n - 1) / 3) + (m - n) * min(1.0, n / 3)) / m
             for a, n in counts.items() if a in vocab_index}
 
 
+# The official VQA evaluator's answer processing (GT-Vision-Lab vqaEval.py), quirks included, so that
+# scores match its own: the punctuation it handles (not the apostrophe or the period), number words,
+# articles and the contractions it restores.
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
+_COMMA_BETWEEN_DIGITS = re.compile(r"\d,\d")
+# Its period pattern "(?!<=\d)(\.)(?!\d)" has a mistyped lookbehind, so it is "a period not followed
+# by a digit"; it passes re.UNICODE (32) as sub's count, so at most 32 periods go.
+_PERIOD = re.compile(r"\.(?!\d)")
+_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBERS["none"] = "0"
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTED = """ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't
+    he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
+    needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've
+    somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll
+    that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've
+    weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've
+    why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
+    you're you've""".split()
+
+
+def _contractions() -> dict[str, str]:
+    # The evaluator's table, for lower-cased words: each form with exactly one of its apostrophes
+    # missing, plus its one entry the wrong way round. (Its table lacks she'd, we'd, I'm, let's, she's:
+    # "shed", "wed", "im", "lets" and "shes" stay.)
+    table = {"somebody'd": "somebodyd"}
+    for form in _CONTRACTED:
+        table.update({form[:i] + form[i + 1:]: form for i, c in enumerate(form) if c == "'"})
+    return table
+
+
+_CONTRACTIONS = _contractions()
+
+
+def _stripped(answer: str) -> str:
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _punctuation(text: str) -> str:
+    # A mark that touches a space somewhere is removed everywhere, one that does not becomes a space
+    # ("black/white" -> "black white"); a comma between digits anywhere ("1,000") removes every mark.
+    remove_all = _COMMA_BETWEEN_DIGITS.search(text) is not None
+    out = text
+    for p in _PUNCTUATION:
+        out = out.replace(p, "" if remove_all or p + " " in text or " " + p in text else " ")
+    return _PERIOD.sub("", out, count=32)
+
+
+def _digits_articles(text: str) -> str:
+    words = (_NUMBERS.get(w, w) for w in text.lower().split())
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+@lru_cache(maxsize=1 << 16)  # VQAv2's millions of answers repeat a lot; about 10 us each otherwise
 def normalize_answer(answer: str) -> str:
-    # Trimmed and lower-cased only: the official VQA evaluation also strips punctuation, turns number
-    # words into digits, drops articles and restores contractions before comparing (not done here).
-    return answer.strip().lower()
+    """An answer as the official VQA evaluator processes it (and MMF, FLAVA's code base, builds its
+    answer vocabulary and targets): newlines and tabs to spaces, trimmed, punctuation, number words to
+    digits, articles dropped, contractions restored ("Two dogs." -> "2 dogs", "dont" -> "don't")."""
+    return _digits_articles(_punctuation(_stripped(answer)))
 
 
 def easy_vqa_data(val_fraction: float | None = None, seed: int = 0, limit: int | None = None) -> MultimodalData:
@@ -91,7 +151,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _vqa_split(questions_file: Path, annotations_file: Path, image_dir: Path) -> list[tuple]:
-    """(image path, question, majority answer, human answers, image id) per question."""
+    """(image path, question, majority answer (normalized), human answers (as written: the official
+    accuracy needs them so), image id) per question."""
     qdata, adata = _read_json(questions_file), _read_json(annotations_file)
     if "questions" not in qdata:
         raise DataError(f"{questions_file} has no 'questions' list; is it a VQAv2 questions file?")
@@ -111,7 +172,7 @@ def _vqa_split(questions_file: Path, annotations_file: Path, image_dir: Path) ->
         # COCO 2014 names (COCO_train2014_000000000009.jpg), else COCO 2017 names (000000000009.jpg).
         named = image_dir / f"COCO_{subtype}_{image_id:012d}.jpg" if subtype else None
         path = named if named is not None and named.is_file() else image_dir / f"{image_id:012d}.jpg"
-        humans = [normalize_answer(h["answer"]) for h in a["answers"]]
+        humans = [h["answer"] for h in a["answers"]]
         out.append((path, q["question"], normalize_answer(a["multiple_choice_answer"]), humans, image_id))
     return out
 
@@ -122,9 +183,9 @@ def read_vqa(train_questions: str | Path, train_annotations: str | Path, train_i
              limit: int | None = None) -> MultimodalData:
     """VQAv2 from its JSON files (questions + annotations per split) and COCO image folders.
     Train on train2014 (minus a seeded validation share, split by image), test on val2014
-    (test-dev needs the evaluation server). Answers: train's majority answers seen at least
-    `min_answer_count` times; training targets: min(1, n/3) over the 10 human answers; validation
-    and test scores: the official VQA accuracy (`vqa_accuracy_scores`)."""
+    (test-dev needs the evaluation server). Answers (processed by `normalize_answer`): train's majority
+    answers seen at least `min_answer_count` times; training targets: min(1, n/3) over the 10 human
+    answers; validation and test scores: the official VQA accuracy (`vqa_accuracy_scores`)."""
     check_limit(limit)
     train = _vqa_split(Path(train_questions), Path(train_annotations), Path(train_images))
     test = _vqa_split(Path(test_questions), Path(test_annotations), Path(test_images))

@@ -106,9 +106,10 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
     `question`) and, for classification, `label`; for VQA, `answer`, or in JSONL `answers`: a
     list of annotators' answers: trained on min(1, n/3) as in VQAv2 (one answer scores 1), validation
     and test scored by the official VQA accuracy (`vqa_accuracy_scores`).
-    Classes are train's labels sorted; VQA's answers are train's (majority) answers by
-    frequency. Validation, when not given, is a seeded share of train's images (questions about
-    one image stay together); without `path_test` validation is scored as the test."""
+    Classes are train's labels sorted; VQA's answers are train's (majority) answers, processed as the
+    official VQA evaluator does (`normalize_answer`), by frequency. Validation, when not given, is a
+    seeded share of train's images (questions about one image stay together); without `path_test`
+    validation is scored as the test."""
     if kind not in ("classification", "vqa"):
         raise ConfigError(f"kind {kind!r} is neither 'classification' nor 'vqa'")
     raw: dict[str, list] = {}
@@ -121,7 +122,7 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
                 answers = row.get("answers") if isinstance(row.get("answers"), list) else None
                 if answers is None:
                     answers = [_cell(row, ("answer", "answers"))]
-                rows.append((image, text, [normalize_answer(str(a)) for a in answers]))
+                rows.append((image, text, [str(a) for a in answers]))  # as written: see vqa_accuracy_scores
             else:
                 rows.append((row.where, image, text, str(_cell(row, ("label",))).strip()))
         if not rows:
@@ -133,13 +134,18 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
             counts = Counter(humans)
             return min(counts, key=lambda a: (-counts[a], a))
 
-        names = answer_vocabulary([majority(r[2]) for r in raw["train"]])
+        names = answer_vocabulary([majority([normalize_answer(a) for a in r[2]]) for r in raw["train"]])
         index = {a: i for i, a in enumerate(names)}
         val_and_test(raw, val_fraction, seed, notes, group=lambda r: str(r[0]))
 
+        def targets(h: list[str], scores) -> dict[int, float]:
+            if len(h) == 1:  # one given answer is the right one outright
+                a = normalize_answer(h[0])
+                return {index[a]: 1.0} if a in index else {}
+            return scores(h, index)
+
         def examples(rows, scores):
-            return [MultimodalExample(image, text, answers={index[h[0]]: 1.0} if len(h) == 1 and h[0] in index
-                                      else scores(h, index)) for image, text, h in rows]
+            return [MultimodalExample(image, text, answers=targets(h, scores)) for image, text, h in rows]
 
         # Trained on the soft targets, scored (validation and test) by the official VQA accuracy.
         splits = {split: examples(rows, vqa_soft_scores if split == "train" else vqa_accuracy_scores)
