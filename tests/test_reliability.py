@@ -193,6 +193,15 @@ def test_data_with_no_usable_sample_is_one_line_with_loader_workers_too(train_da
     assert "bad: no usable sample in" in one_line_error(capsys, cli(args))
 
 
+def test_one_image_as_the_image_data_is_refused(train_data, tmp_path, capsys):
+    # Every images batch was that image repeated, plain or weighted.
+    image = train_data / "img" / "a" / "3.png"
+    for spec in (f'["{image}"]', f'[{{"path": "{image}", "weight": 2}}]'):
+        args = pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "1", "--set", f"data.images={spec}"]
+        assert "3.png holds one image: every images batch would repeat it" in one_line_error(capsys, cli(args))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_file_where_the_checkpoints_go_is_refused_before_training(train_data, tmp_path, capsys):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoints").write_text("mine")

@@ -130,6 +130,9 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
             raise DataError(f"{src.name} holds no usable sample ({rejected}); fix those rows" if rejected else
                             f"{src.name} holds no samples; give data that has some (a table needs rows "
                             f"under its header)")
+        if kind == "images" and src.known_size == 1:  # every batch would be that one image repeated
+            raise DataError(f"{src.name} holds one image: every images batch would repeat it; give a folder, "
+                            f"a glob or shards of many")
     weights = weights or [None]  # the demo source stands alone
     if len(srcs) > 1 and weights[0] is None:
         weights = [float(estimated_size(s)) for s in srcs]
