@@ -28,6 +28,8 @@ def add(sub) -> None:
     p.add_argument("--num-workers", dest="num_workers", type=int, help="loader workers (default: none on the CPU)")
     p.add_argument("--save-every", dest="save_every", type=int, help="steps between resumable saves")
     p.add_argument("--log-every", dest="log_every", type=int, help="steps between logged metrics")
+    p.add_argument("--eval-images", dest="eval_images", type=int,
+                   help="images in the fixed sample scored before and after training (default 512)")
     p.add_argument("--resume", action="store_true", help="continue the unfinished training in --output")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 

@@ -7,6 +7,7 @@ Module names follow the DALL-E encoder (`blocks.input`, `blocks.group_1.block_1.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 
 import torch
@@ -96,8 +97,24 @@ class FlavaImageCodebook(nn.Module):
         """[B, H/8 * W/8] the most likely token of each 8x8 block, row-major. In float32 whatever the
         caller's autocast: an argmax over thousands of bfloat16 logits flips some tokens, and the
         targets a step computes must be the ones `flava prepare` stores."""
-        with torch.autocast(pixel_values.device.type, enabled=False):
+        with torch.autocast(pixel_values.device.type, enabled=False), _full_fp32(pixel_values.device):
             return self(pixel_values.float()).argmax(dim=1).flatten(1)
+
+
+@contextlib.contextmanager
+def _full_fp32(device: torch.device):
+    """cuDNN convolutions without TF32 (its default): TF32's 10-bit mantissa flips argmax ties, and
+    more so between the algorithms cuDNN picks for different batch sizes (a prepared shard's
+    batches against a training step's)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
 
 
 class CodebookDecoder(nn.Module):

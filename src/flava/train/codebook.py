@@ -140,14 +140,17 @@ class CodebookRun:
         mse, ids = 0.0, []
         for chunk in self.eval_pixels.split(128):
             x = _pixels(chunk, self.device)
+            tokens = self._tokens(x)  # the tokens pretraining reads (float32), not bf16's argmax
             with self._autocast():
-                tokens = self.encoder(map_pixels(x)).argmax(1)
                 recon = self.decoder.decode_tokens(tokens).float()
             ids.append(tokens.cpu())
             mse += float(F.mse_loss(recon, x, reduction="sum"))
         self.encoder.train(), self.decoder.train()
         return {"reconstruction_mse": mse / self.eval_pixels.numel(),
                 **token_usage(torch.cat(ids), self.cfg.vocab_size)}
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder.token_ids(map_pixels(x)).view(x.shape[0], x.shape[-2] // 8, x.shape[-1] // 8)
 
     def train_step(self) -> dict | None:
         """One step; the logged metrics every `log_every` steps (the only host syncs), else None."""
@@ -206,7 +209,7 @@ class CodebookRun:
             weights = load_file(str(directory / "weights.safetensors"))
             self.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
             self.decoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("decoder.")})
-            self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device,
+            self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu",
                                                 weights_only=True))
         except Exception as e:  # safetensors, torch and the file system raise many types for a damaged file
             raise CheckpointError(f"the saved codebook training in {directory} is damaged ({first_line(e)}); delete "
@@ -246,8 +249,9 @@ def _no_images(e: DataError, sources: list[Source]) -> DataError:
 def reconstruction_grid(run: CodebookRun, path: Path) -> None:
     """Originals (top row) over their reconstructions from the discrete tokens (bottom row)."""
     x = _pixels(run.eval_pixels[:8], run.device)
+    tokens = run._tokens(x)
     with torch.no_grad(), run._autocast():
-        recon = run.decoder.decode_tokens(run.encoder(map_pixels(x)).argmax(1)).float().clamp(0, 1)
+        recon = run.decoder.decode_tokens(tokens).float().clamp(0, 1)
     rows = [torch.cat(list(t.float().cpu()), dim=2) for t in (x, recon)]
     grid = (torch.cat(rows, dim=1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)
