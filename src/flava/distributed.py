@@ -23,6 +23,15 @@ def world() -> World:
     return World(0, 1)
 
 
+def data_parallel(module: torch.nn.Module, device: torch.device,
+                  find_unused_parameters: bool = False) -> torch.nn.Module:
+    """`module` under DDP over the process group, on this process's GPU (`device_ids`) or the CPU."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sends every rank's gradient back to the rank that owns the rows."""
 

@@ -128,7 +128,7 @@ def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
     from ..train.run import init_distributed
 
-    started = init_distributed()  # one process group for every stage under torchrun
+    started = init_distributed(cfg.device)  # one process group for every stage under torchrun
     try:
         return _run_recipe(name, cfg, output, console, steps or {}, overrides or {})
     finally:

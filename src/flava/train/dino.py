@@ -19,6 +19,7 @@ from torch import nn
 from ..config import FlavaConfig, ObjectivesConfig
 from ..data.samples import MultiCropMaker
 from ..data.registry import estimated_size
+from ..distributed import data_parallel
 from ..errors import ConfigError
 from ..model.encoders import ImageEncoder
 from ..objectives.dino import DinoModel, init_image_encoder, momentum_schedule
@@ -101,11 +102,8 @@ class DinoStage(Stage):
         student = self.model.dino.student
         if world == 1:
             return student
-        from torch.nn.parallel import DistributedDataParallel
-
         # DinoModel freezes what DINO never reads, so every trained parameter gets a gradient.
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(student, device_ids=ids)
+        return data_parallel(student, device)
 
     def optimized(self) -> tuple[nn.Module, tuple[str, ...]]:
         return self.model.dino.student, ()

@@ -18,7 +18,7 @@ from torch import nn
 from ..config import to_dict
 from ..data.processor import Processor
 from ..data.samples import SampleMaker, SampleSpec
-from ..distributed import world
+from ..distributed import data_parallel, world
 from ..errors import ConfigError
 from ..interop.text_towers import following
 from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint
@@ -145,11 +145,8 @@ class PretrainingStage(Stage):
                 if type(m).forward is not torch.nn.Module.forward:
                     fully_shard(m)
             return self.model
-        from torch.nn.parallel import DistributedDataParallel
-
         # Each step trains one data kind, so every step leaves some parameters unused.
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True)
+        return data_parallel(self.model, device, find_unused_parameters=True)
 
     def optimized(self) -> tuple[nn.Module, tuple[str, ...]]:
         # Encoders initialised from unimodal stages may learn more slowly (optim.init_lr_scale).

@@ -18,6 +18,7 @@ from rich.table import Table
 from .. import stopping
 from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict
 from ..data.pipeline import per_process_batch
+from ..distributed import resolve_device
 from ..data.registry import KINDS
 from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
@@ -35,20 +36,23 @@ from .trainer import Trainer
 DEMO_CODEBOOK_STEPS = 200
 
 
-def init_distributed() -> bool:
-    """Join the process group torchrun describes in the environment; False when not under torchrun."""
+def init_distributed(device: str = "auto") -> bool:
+    """Join the process group torchrun describes in the environment, over NCCL when the run's
+    `device` setting resolves to a GPU, else gloo (a CPU run on a GPU host too); False when not
+    under torchrun."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    if torch.cuda.is_available():
+    on_gpu = resolve_device(device).type == "cuda"
+    if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if on_gpu else "gloo")
     return True
 
 
 def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool = False) -> list[dict]:
     """Train `cfg` into `output`. With `resume`, `cfg` must be the run's own settings (see
     `saved_settings`) apart from the RESUMABLE ones, unless `override`."""
-    started = init_distributed()
+    started = init_distributed(cfg.device)
     try:
         return _run(cfg, output, resume, console, override)
     finally:

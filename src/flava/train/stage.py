@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..distributed import data_parallel
 from ..errors import ConfigError
 from .presets import Optimisation, scaled_optimisation
 
@@ -91,10 +92,7 @@ class Stage(ABC):
         """The module the forward runs through: `self.model`, or its DDP/FSDP form."""
         if world == 1:
             return self.model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids)
+        return data_parallel(self.model, device)
 
     def optimized(self) -> tuple[nn.Module, tuple[str, ...]]:
         """The module whose parameters the optimizer steps, and the name prefixes of those that
