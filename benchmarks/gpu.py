@@ -1,6 +1,7 @@
 """The GPU figures, measured by the project on one CUDA host in one run.
 
-Sections (each written to OUT/gpu.json as it finishes; a failed one is recorded and the rest run):
+Sections, in the order of what the issue needs most (each written to OUT/gpu.json as it finishes; a
+failed one is recorded and the rest run):
   env      torch, transformers, the GPU, and a bf16 matmul peak measured now (8192^3)
   step     the base pretraining step (pairs: contrastive, ITM, MMM image + text; backward;
            AdamW), bf16 autocast, batch 64 and 256: transformers vs flava (codebook in the step)
@@ -8,14 +9,14 @@ Sections (each written to OUT/gpu.json as it finishes; a failed one is recorded 
            `flava.syncs.sync_free`, to show what it gains); samples/s, peak GiB, MFU from
            torch.utils.flop_counter against the peak above; a torch.profiler summary of the
            prepared step at the larger batch (OUT/profile_step.txt)
-  clip     contrastive-only step, batch 256: flava's encoders vs open_clip ViT-B-16 (when installed)
-  embed    image embedding, bf16, batch 512: flava vs transformers get_image_features
+  command  the real `flava pretrain` on WebDataset shards of 256-px photo JPEGs at batch 256 and
+           64 (its own metrics.jsonl) beside the bare step's samples/s; `flava train-codebook`'s
+           images/s on the GPU against a few steps on the host's CPU, from its logged rows
   loader   loader-only samples/s at the host's core count (benchmarks/loader.py's shards and figures)
-  command  the real `flava pretrain` on WebDataset shards of 256-px photo JPEGs at batch 128 and
-           256 (its own metrics.jsonl) beside the bare step's samples/s; `flava train-codebook`
-           on the GPU against the same steps on the CPU
+  clip     contrastive-only step, batch 256, 77 tokens: flava's encoders vs open_clip ViT-B-16
+  embed    image embedding, bf16, batch 512: flava vs transformers get_image_features
 
-    python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh]
+    python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh] [--back=DIR]
 
 `--quick` runs every section at the tiny preset on whatever device there is (a check of the
 script itself, minutes on a CPU). A run keeps the sections an earlier run finished into the same
@@ -41,6 +42,8 @@ from loader import make_shards, measure_loader  # noqa: E402
 from synthetic import pair_batch  # noqa: E402
 
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else Path("gpu-out")
+BACK = next((Path(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--back=")), None)
+"""A second folder every result is also written to as it is made (the device call's $OUT)."""
 QUICK = "--quick" in sys.argv
 SKIP = {s for a in sys.argv if a.startswith("--skip=") for s in a.split("=", 1)[1].split(",")}
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -51,9 +54,14 @@ if "--fresh" not in sys.argv and (OUT / "gpu.json").is_file():
 T0 = time.time()
 
 
+def write(name: str, text: str) -> None:
+    for folder in (OUT, BACK) if BACK else (OUT,):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+
+
 def save() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "gpu.json").write_text(json.dumps(RESULT, indent=2, default=str))
+    write("gpu.json", json.dumps(RESULT, indent=2, default=str))
 
 
 def section(name):
@@ -226,13 +234,126 @@ def _step():
                 sync()
             key = "cuda_time_total" if DEV.type == "cuda" else "cpu_time_total"
             table = prof.key_averages().table(sort_by=key, row_limit=30)
-            (OUT / "profile_step.txt").write_text(table)
-            row["profile"] = str(OUT / "profile_step.txt")
+            write("profile_step.txt", table)
+            row["profile"] = "profile_step.txt"
         out[f"batch_{B}"] = row
         del ref, ours, fns
         if DEV.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def shards() -> str:
+    return make_shards(OUT / "shards", shards=4 if QUICK else 16, per=64 if QUICK else 512)
+
+
+def _flava(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    t = time.time()
+    done = subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    return done, time.time() - t
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+@section("command")
+def _command():
+    """Each sub-run is kept in RESULT as it ends (a call cut off keeps what finished, and the next
+    call runs only the rest); a sub-run that did not finish starts again from an empty folder."""
+    import shutil
+
+    res = RESULT.setdefault("command_parts", {})
+    work = OUT / "command"
+    device = "cuda" if DEV.type == "cuda" else "cpu"
+    vocab = "codebook.vocab_size=512" if QUICK else "codebook.vocab_size=8192"
+
+    def part(name: str, fn) -> None:
+        if name in res and "error" not in res[name]:
+            return
+        shutil.rmtree(work / name, ignore_errors=True)
+        try:
+            res[name] = fn(work / name)
+        except Exception as e:
+            res[name] = {"error": f"{type(e).__name__}: {e}"[:600]}
+        print(name, json.dumps(res[name], default=str)[:1500], flush=True)
+        save()
+
+    def codebook(where: str, steps: int, batch: int):
+        def run(out: Path) -> dict:
+            # Images/s from the logged rows after the first (which holds the start-up): the
+            # evaluations before and after, on a small sample here, are not training.
+            done, wall = _flava(["train-codebook", "--pairs", shards(), "--config", PRESET, "--steps", str(steps),
+                                 "--batch-size", str(batch), "--device", where, "--output", str(out),
+                                 "--log-every", "1" if steps < 8 else "4", "--eval-images", str(batch),
+                                 "--set", vocab], 400)
+            rates = [r["images_per_s"] for r in _rows(out / "codebook_metrics.jsonl")[1:] if "images_per_s" in r]
+            return {"rc": done.returncode, "wall_s": round(wall, 1), "steps": steps, "batch": batch,
+                    "images_s_median": round(float(np.median(rates)), 2) if rates else None,
+                    "tail": (done.stdout + done.stderr)[-600:]}
+        return run
+
+    def pretrain(batch: int, steps: int):
+        def run(out: Path) -> dict:
+            cb = work / f"codebook_{device}"
+            args = ["pretrain", "--output", str(out), "--config", PRESET, "--max-steps", str(steps),
+                    "--set", f'data.pairs=["{shards()}"]', "--set", f"data.batch_size={batch}",
+                    "--set", f"data.num_workers={max(1, (os.cpu_count() or 2) - 2)}", "--set", f"device={device}",
+                    "--set", "precision=bf16" if device == "cuda" else "precision=fp32", "--set", "log_every=5",
+                    "--set", f"save_every={steps}", "--set", "data.mixing=[1,0,0]", "--set", "tensorboard=false"]
+            args += ["--set", f"codebook={cb}"] if (cb / "model.safetensors").is_file() else \
+                ["--set", "objectives.mim_weight=0", "--set", "objectives.mmm_image_weight=0"]
+            done, wall = _flava(args, 400)
+            rates = [r["samples_per_s"] for r in _rows(out / "metrics.jsonl")[1:]]
+            row = {"rc": done.returncode, "wall_s": round(wall, 1), "codebook_in_step": f"codebook={cb}" in args,
+                   "samples_s_median": round(float(np.median(rates)), 1) if rates else None,
+                   "tail": (done.stdout + done.stderr)[-800:]}
+            bare = RESULT.get("step", {}).get(f"batch_{batch}", {}).get("flava", {}).get("samples_s")
+            if bare and rates:
+                row["bare_step_samples_s"], row["of_bare_step"] = bare, round(float(np.median(rates)) / bare, 3)
+            return row
+        return run
+
+    # The codebook first: the pretraining runs then put it in the step, as the bare step measured.
+    part(f"codebook_{device}", codebook(device, 6 if QUICK else 24, 8 if QUICK else 64))
+    for batch in ([8] if QUICK else [256, 64]):  # the bare step's batch sizes
+        part(f"pretrain_b{batch}", pretrain(batch, 12 if QUICK else 30))
+    if device == "cuda":  # the CPU beside it, in the same run: a few steps at a smaller batch
+        part("codebook_cpu", codebook("cpu", 3, 16))
+        gpu, cpu = (res.get(f"codebook_{w}", {}).get("images_s_median") for w in (device, "cpu"))
+        if gpu and cpu:
+            res["codebook_speedup_images_s"] = round(gpu / cpu, 1)
+    return dict(res)
+
+
+@section("loader")
+def _loader():
+    """Loader-only samples/s at the base sizes (224-px crops, 112-px codebook views), per worker count."""
+    import flava
+    import flava.data.pipeline as pipeline
+    import flava.data.samples as samples
+    from flava.data.registry import open_source
+
+    cores = os.cpu_count() or 2
+    res = {}
+    cfg = flava.preset(PRESET)
+    spec = samples.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
+    for workers in sorted({0, 1, max(1, cores // 2), max(1, cores - 1)}):
+        stream = pipeline.BatchStream("pairs", open_source("pairs", shards()), samples.SampleMaker(spec, 0),
+                                      128, seed=0, num_workers=workers)
+        for _ in range(2):
+            stream.next_batch()
+        t = time.perf_counter()
+        draws = 4 if QUICK else 16
+        for _ in range(draws):
+            stream.next_batch()
+        res[f"workers_{workers}"] = round(draws * 128 / (time.perf_counter() - t), 1)
+        stream._it = None
+    res["tiny_224_figures"] = {f"workers_{w}": measure_loader("flava", shards(), w, 64, 6)
+                               for w in (0, 1, 2)}
+    return res
 
 
 @section("clip")
@@ -244,8 +365,10 @@ def _clip():
     from flava.data.batch import PairBatch
     from flava.objectives.pretraining import PretrainingModel
     from flava.optim import build_optimizer
+    from flava.syncs import sync_free
 
-    B, L = (8 if QUICK else 256), 32
+    # open_clip's context length (the tiny preset's text encoder takes fewer positions)
+    B, L = (8 if QUICK else 256), min(77, flava.preset(PRESET).text.max_position_embeddings)
 
     def flava_figures() -> dict:  # its model and optimizer state are freed on return, before open_clip's
         cfg = flava.preset(PRESET)
@@ -257,8 +380,8 @@ def _clip():
                           ids, torch.full_like(ids, -100))
         opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
 
-        def step_ours():
-            with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        def step_ours():  # as the trainer runs it on a GPU: nothing read back (flava.syncs)
+            with torch.autocast(DEV.type, dtype=torch.bfloat16), sync_free(DEV.type == "cuda"):
                 loss = ours(batch, torch.Generator(device=DEV).manual_seed(1)).losses.total
             loss.backward()
             opt.step()
@@ -310,90 +433,6 @@ def _embed():
         for name, fn in (("transformers", lambda: ref.get_image_features(pixel_values=pixels)),
                          ("flava", lambda: ours.encode_image(pixels))):
             res[name] = {"images_s": round(B / timed(fn, 2, 6), 1)}
-    return res
-
-
-def shards() -> str:
-    return make_shards(OUT / "shards", shards=4 if QUICK else 16, per=64 if QUICK else 512)
-
-
-@section("loader")
-def _loader():
-    """Loader-only samples/s at the base sizes (224-px crops, 112-px codebook views), per worker count."""
-    import flava
-    import flava.data.pipeline as pipeline
-    import flava.data.samples as samples
-    from flava.data.registry import open_source
-
-    cores = os.cpu_count() or 2
-    res = {}
-    cfg = flava.preset(PRESET)
-    spec = samples.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
-    for workers in sorted({0, 1, max(1, cores // 2), max(1, cores - 1)}):
-        stream = pipeline.BatchStream("pairs", open_source("pairs", shards()), samples.SampleMaker(spec, 0),
-                                      128, seed=0, num_workers=workers)
-        for _ in range(2):
-            stream.next_batch()
-        t = time.perf_counter()
-        draws = 4 if QUICK else 16
-        for _ in range(draws):
-            stream.next_batch()
-        res[f"workers_{workers}"] = round(draws * 128 / (time.perf_counter() - t), 1)
-        stream._it = None
-    res["tiny_224_figures"] = {f"workers_{w}": measure_loader("flava", shards(), w, 64, 6)
-                               for w in (0, 1, 2)}
-    return res
-
-
-def _flava(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, float]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    t = time.time()
-    done = subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    return done, time.time() - t
-
-
-@section("command")
-def _command():
-    res = {}
-    work = OUT / "command"
-    device = "cuda" if DEV.type == "cuda" else "cpu"
-    cb_steps, cb_batch = (4, 8) if QUICK else (20, 64)
-    codebook = work / "cb"
-    for where in ([device, "cpu"] if device == "cuda" else ["cpu"]):
-        steps = cb_steps if where == device else max(2, cb_steps // 10)  # the CPU is slow: fewer steps
-        out = codebook if where == device else work / "cb-cpu"
-        done, wall = _flava(["train-codebook", "--pairs", shards(), "--config", PRESET, "--steps", str(steps),
-                             "--batch-size", str(cb_batch), "--device", where, "--output", str(out),
-                             "--set", "codebook.vocab_size=8192" if not QUICK else "codebook.vocab_size=512"], 1200)
-        res[f"codebook_{where}"] = {"rc": done.returncode, "wall_s": round(wall, 1), "steps": steps,
-                                    "tail": (done.stdout + done.stderr)[-800:]}
-        rows = [json.loads(x) for x in (out / "codebook_metrics.jsonl").read_text().splitlines()] \
-            if (out / "codebook_metrics.jsonl").is_file() else []
-        res[f"codebook_{where}"]["rows"] = rows[-2:]
-    for batch in ([8] if QUICK else [128, 256]):
-        run = work / f"run{batch}"
-        steps = 12 if QUICK else 50
-        args = ["pretrain", "--output", str(run), "--config", PRESET, "--max-steps", str(steps),
-                "--set", f'data.pairs=["{shards()}"]', "--set", f"data.batch_size={batch}",
-                "--set", f"data.num_workers={max(1, (os.cpu_count() or 2) - 2)}", "--set", f"device={device}",
-                "--set", "precision=bf16" if device == "cuda" else "precision=fp32", "--set", "log_every=5",
-                "--set", f"save_every={steps}", "--set", "data.mixing=[1,0,0]"]
-        args += ["--set", f"codebook={codebook}"] if (codebook / "model.safetensors").is_file() else \
-            ["--set", "objectives.mim_weight=0", "--set", "objectives.mmm_image_weight=0"]
-        done, wall = _flava(args, 600)
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-            if (run / "metrics.jsonl").is_file() else []
-        rates = [r["samples_per_s"] for r in rows[1:]]
-        res[f"pretrain_b{batch}"] = {"rc": done.returncode, "wall_s": round(wall, 1),
-                                     "samples_s_median": round(float(np.median(rates)), 1) if rates else None,
-                                     "tail": (done.stdout + done.stderr)[-1200:]}
-        bare = RESULT.get("step", {}).get(f"batch_{batch}", {}).get("flava", {}).get("samples_s")
-        if bare and rates:
-            res[f"pretrain_b{batch}"]["of_bare_step"] = round(float(np.median(rates)) / bare, 3)
-    if "codebook_cpu" in res and f"codebook_{device}" in res and device == "cuda":
-        per_step = {w: res[f"codebook_{w}"]["wall_s"] / res[f"codebook_{w}"]["steps"] for w in ("cpu", device)}
-        res["codebook_speedup_per_step"] = round(per_step["cpu"] / per_step[device], 1)
     return res
 
 

@@ -41,8 +41,9 @@ import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina",
-          "stereo_motorcycle")
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "ihc.png", "hubble_deep_field.jpg",
+          "retina.jpg", "motorcycle_left.png")
+"""scikit-image's colour photographs (skimage.data's astronaut, ..., stereo_motorcycle), read as files."""
 WORDS = ("a photograph of the red cat sitting on a wooden table near the window in the morning light with "
          "two people walking past an old building under a cloudy sky").split()
 
@@ -53,17 +54,28 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def photo_dir() -> Path:
+    """Where PHOTOS are: scikit-image's data folder, else .whl/photos (the GPU host has no
+    scikit-image; benchmarks/gpu_kit.sh copies them there)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    for folder in ([Path(spec.origin).parent / "data"] if spec and spec.origin else []) + [REPO / ".whl" / "photos"]:
+        if all((folder / name).is_file() for name in PHOTOS):
+            return folder
+    raise SystemExit("the shards' photographs are missing: install scikit-image (make install) or run "
+                     "bash benchmarks/gpu_kit.sh")
+
+
 def make_shards(root: Path, shards: int, per: int) -> str:
     """WebDataset shards of 256-px photo JPEGs (~20-40 KB, as img2dataset writes them) + captions."""
-    import skimage.data
-
     if (root / "done").is_file():
         return str(root) + "/{00000..%05d}.tar" % (shards - 1)
     root.mkdir(parents=True, exist_ok=True)
     photos = []
     for name in PHOTOS:
-        x = getattr(skimage.data, name)()
-        photos.append(Image.fromarray(x[0] if isinstance(x, tuple) else x).convert("RGB"))
+        with Image.open(photo_dir() / name) as im:
+            photos.append(im.convert("RGB"))
     rng = np.random.default_rng(0)
     for k in range(shards):
         with tarfile.open(root / f"{k:05d}.tar", "w") as tar:
