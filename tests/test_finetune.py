@@ -233,7 +233,9 @@ def test_vqa_answers_processed_as_the_official_evaluator():
         "." * 40: "." * 8,  # the evaluator removes at most 32 periods
         # newlines and tabs, case, number words (whole words only), articles
         "\tTwo\n dogs ": "2 dogs", "none": "0", "Ten": "10", "eleven": "eleven", "one hundred": "1 hundred",
-        "someone": "someone", "The cat": "cat", "an apple": "apple", "a": "", "theater": "theater",
+        "someone": "someone", "The cat": "cat", "an apple": "apple", "theater": "theater",
+        # what the processing would empty keeps its text: multiple-choice letters stay apart
+        "A": "a", "The": "the", " ? ": "?",
         # contractions: each with exactly one apostrophe missing, plus the table's reversed entry
         "dont": "don't", "Cant": "can't", "couldnt've": "couldn't've", "couldn'tve": "couldn't've",
         "couldntve": "couldntve", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "ow's'at": "'ow's'at",
@@ -257,11 +259,11 @@ def test_vqa_accuracy_normalizes_only_when_annotators_disagree():
     from flava.evaluate.readers.multimodal import vqa_accuracy_scores
 
     vocab = {"2": 0, "yes": 1, "no": 2}
-    # Ten identical strings are compared as written: "Two" is no vocabulary entry, so "2" scores 0
-    # (exactly as the official evaluator scores the prediction "2"); trimming still applies.
+    # Ten identical strings are compared lower-cased only: "two" is no vocabulary entry, so "2" scores
+    # 0 (exactly as the evaluator scores the prediction "2"); trimming still applies.
     assert vqa_accuracy_scores(["Two"] * 10, vocab) == {}
-    assert vqa_accuracy_scores(["Two"] * 9 + [" Two\n"], {"Two": 5}) == {5: 1.0}
-    assert vqa_accuracy_scores(["yes"] * 10, vocab) == {1: 1.0}
+    assert vqa_accuracy_scores(["Two"] * 9 + [" Two\n"], {"two": 5}) == {5: 1.0}
+    assert vqa_accuracy_scores(["yes"] * 10, vocab) == vqa_accuracy_scores(["Yes"] * 10, vocab) == {1: 1.0}
     # One annotator differs: every answer is processed, and "Two" and "two." are both "2".
     assert vqa_accuracy_scores(["Two"] * 9 + ["two."], vocab) == {0: 1.0}
     assert vqa_accuracy_scores(["Yes"] * 4 + ["yes!"] * 3 + ["No"] * 3, vocab) == {1: 1.0, 2: pytest.approx(0.9)}
@@ -287,6 +289,19 @@ def test_vqa_table_answers(tmp_path):
     assert task.label_names == ["2", "yes"]
     assert [e.answers for e in task.train] == [{0: 1.0}, {1: 1.0}]
     assert [e.answers for e in task.val] == [{}, {0: 1.0}, {1: 1.0}]  # one given answer is processed
+
+
+def test_predict_reads_a_vqa_tables_answers_as_the_model_names_them(tmp_path):
+    from types import SimpleNamespace
+
+    from flava.cli.predict import _table_inputs
+
+    rows = [{"image": "a.png", "question": "how many?", "answer": "Two"},
+            {"image": "a.png", "question": "how many?", "answers": ["two.", "Two", "3"]},
+            {"image": "a.png", "question": "which?", "answer": "A"}]
+    write(tmp_path / "q.jsonl", [json.dumps(r) for r in rows])
+    vqa = SimpleNamespace(task="vqa", uses_text=True, uses_images=True, pairs=False)
+    assert _table_inputs(tmp_path / "q.jsonl", vqa).labels == ["2", "2", "a"]  # a model trained on "Two" says "2"
 
 
 def test_easy_vqa_task_splits_by_image():

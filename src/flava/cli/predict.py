@@ -60,6 +60,7 @@ class Inputs:
 def _table_inputs(path: Path, tm) -> Inputs:
     from ..data.tables import read_table
     from ..errors import DataError
+    from ..evaluate.readers.multimodal import normalize_answer
 
     table = read_table(path)
     rows = table.rows
@@ -82,7 +83,7 @@ def _table_inputs(path: Path, tm) -> Inputs:
         label = cell(row, label_keys)
         if label is None and tm.task == "vqa" and isinstance(row.get("answers"), list) and row["answers"]:
             # Annotators' answers: the most common one (ties alphabetically) is the one to match.
-            answers = [str(a).strip().lower() for a in row["answers"]]
+            answers = [normalize_answer(str(a)) for a in row["answers"]]
             label = min(set(answers), key=lambda a: (-answers.count(a), a))
         shown = {k: row[k] for k in ("image", *text_keys, "text2") if k in row}
         # The input's other columns (an id to join on) go to the output too, unless an output column has the name.
@@ -94,7 +95,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
         if image is not None:
             p = Path(str(image)).expanduser()
             image = p if p.is_absolute() else path.parent / p
-        label = None if label is None else (str(label).strip().lower() if tm.task == "vqa" else str(label).strip())
+        # A VQA model's answers are processed as the VQA evaluator processes them ("Two" is "2").
+        label = None if label is None else (normalize_answer(str(label)) if tm.task == "vqa" else str(label).strip())
         out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label)
     return out
 

@@ -37,14 +37,16 @@ def vqa_accuracy_scores(human_answers: Sequence[str], vocab_index: dict[str, int
     """The official VQA accuracy of each answer, what validation and test are scored by: with the
     10 human answers VQAv2 has, min(1, n / 3) averaged over the 10 subsets that leave one human
     out (0.3, 0.6, 0.9 and 1 for 1, 2, 3 and 4+ humans); with another number of answers, min(1,
-    n / 3) as the training targets. `human_answers` are as the annotators wrote them: the official
-    evaluator normalizes answers (and the prediction) only when the annotators disagree; when all
-    ten wrote the same string it compares that string as written (so ten "Two" never match "2")."""
+    n / 3) as the training targets. `human_answers` are as the annotators wrote them: the VQA
+    challenge's evaluator (EvalAI's vqaEval.py) processes answers (and the prediction) only when the
+    annotators disagree; when all ten wrote the same string it compares it lower-cased only (so ten
+    "Yes" match "yes", ten "Two" never match "2")."""
     m = len(human_answers)
     if m != 10:
         return vqa_soft_scores(human_answers, vocab_index)
     stripped = [_stripped(h) for h in human_answers]
-    counts = Counter(normalize_answer(h) for h in stripped) if len(set(stripped)) > 1 else Counter(stripped)
+    agree = len(set(stripped)) == 1
+    counts = Counter(h.lower() for h in stripped) if agree else Counter(normalize_answer(h) for h in stripped)
     return {vocab_index[a]: (n * min(1.0, (n - 1) / 3) + (m - n) * min(1.0, n / 3)) / m
             for a, n in counts.items() if a in vocab_index}
 
@@ -104,10 +106,12 @@ def _digits_articles(text: str) -> str:
 
 @lru_cache(maxsize=1 << 16)  # VQAv2's millions of answers repeat a lot; about 10 us each otherwise
 def normalize_answer(answer: str) -> str:
-    """An answer as the official VQA evaluator processes it (and MMF, FLAVA's code base, builds its
-    answer vocabulary and targets): newlines and tabs to spaces, trimmed, punctuation, number words to
-    digits, articles dropped, contractions restored ("Two dogs." -> "2 dogs", "dont" -> "don't")."""
-    return _digits_articles(_punctuation(_stripped(answer)))
+    """An answer as the VQA challenge's evaluator processes it (and MMF, FLAVA's code base, builds
+    its answer vocabulary and targets): newlines and tabs to spaces, trimmed, punctuation, number
+    words to digits, articles dropped, contractions restored ("Two dogs." -> "2 dogs", "dont" ->
+    "don't"). An answer the processing would empty ("A", "the", "?") keeps its trimmed, lower-cased
+    text: the evaluator makes all of them "", one answer, and multiple-choice letters would merge."""
+    return _digits_articles(_punctuation(_stripped(answer))) or _stripped(answer).lower()
 
 
 def easy_vqa_data(val_fraction: float | None = None, seed: int = 0, limit: int | None = None) -> MultimodalData:
