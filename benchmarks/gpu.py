@@ -16,7 +16,7 @@ failed one is recorded and the rest run):
   clip     contrastive-only step, batch 256, 77 tokens: flava's encoders vs open_clip ViT-B-16
   embed    image embedding, bf16, batch 512: flava vs transformers get_image_features
 
-    python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh] [--back=DIR]
+    python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh] [--back=DIR] [--deadline=EPOCH_S]
 
 `--quick` runs every section at the tiny preset on whatever device there is (a check of the
 script itself, minutes on a CPU). A run keeps the sections an earlier run finished into the same
@@ -44,6 +44,8 @@ from synthetic import pair_batch  # noqa: E402
 OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else Path("gpu-out")
 BACK = next((Path(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--back=")), None)
 """A second folder every result is also written to as it is made (the device call's $OUT)."""
+DEADLINE = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--deadline=")), float("inf"))
+"""When the call ends (seconds since the epoch): a command started later must end before it."""
 QUICK = "--quick" in sys.argv
 SKIP = {s for a in sys.argv if a.startswith("--skip=") for s in a.split("=", 1)[1].split(",")}
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -248,10 +250,14 @@ def shards() -> str:
 
 
 def _flava(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, float]:
+    """The command, ended (killed, as subprocess.run kills at its timeout) before the call's deadline."""
+    left = min(timeout, DEADLINE - time.time() - 15)
+    if left < 30:
+        raise TimeoutError("too little of the call left to start it; the next call runs it")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t = time.time()
     done = subprocess.run([sys.executable, "-m", "flava.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+                          timeout=left, env=env)
     return done, time.time() - t
 
 
@@ -262,7 +268,8 @@ def _rows(path: Path) -> list[dict]:
 @section("command")
 def _command():
     """Each sub-run is kept in RESULT as it ends (a call cut off keeps what finished, and the next
-    call runs only the rest); a sub-run that did not finish starts again from an empty folder."""
+    call runs only the rest); one that failed or did not finish starts again from an empty folder
+    on the next call."""
     import shutil
 
     res = RESULT.setdefault("command_parts", {})
@@ -276,6 +283,8 @@ def _command():
         shutil.rmtree(work / name, ignore_errors=True)
         try:
             res[name] = fn(work / name)
+            if res[name]["rc"] != 0:
+                res[name]["error"] = f"exit status {res[name]['rc']}"
         except Exception as e:
             res[name] = {"error": f"{type(e).__name__}: {e}"[:600]}
         print(name, json.dumps(res[name], default=str)[:1500], flush=True)
@@ -325,7 +334,8 @@ def _command():
         gpu, cpu = (res.get(f"codebook_{w}", {}).get("images_s_median") for w in (device, "cpu"))
         if gpu and cpu:
             res["codebook_speedup_images_s"] = round(gpu / cpu, 1)
-    return dict(res)
+    failed = [name for name, r in res.items() if isinstance(r, dict) and "error" in r]
+    return {**res, "error": f"{', '.join(failed)} to run again"} if failed else dict(res)
 
 
 @section("loader")

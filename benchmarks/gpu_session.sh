@@ -37,11 +37,14 @@ for line in pathlib.Path(".whl/needs.txt").read_text().splitlines():
 EOF
 )
   echo "installing: ${missing:-nothing}" | tee "$BACK/install.txt"
+  installed=0
   if [ -n "$missing" ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $missing \
-      2>&1 | tail -5 | tee -a "$BACK/install.txt"
+      >"$WORK/pip.txt" 2>&1
+    installed=$?
+    tail -5 "$WORK/pip.txt" | tee -a "$BACK/install.txt"
   fi
-  touch /tmp/site/.installed
+  [ "$installed" -eq 0 ] && touch /tmp/site/.installed  # else the next call tries again
 fi
 export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.whl/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; nproc; } | tee "$WORK/gpu.txt" >"$BACK/gpu.txt"
@@ -52,7 +55,7 @@ if [ ! -f "$WORK/cuda_lane.done" ]; then
 fi
 left=$((LIMIT - SECONDS))
 if [ "$left" -gt 30 ]; then
-  timeout "$left" python3 benchmarks/gpu.py "$WORK" --back="$BACK" ${GPU_ARGS:-} 2>&1 \
+  timeout "$left" python3 benchmarks/gpu.py "$WORK" --back="$BACK" --deadline=$(($(date +%s) + left)) ${GPU_ARGS:-} 2>&1 \
     | tee -a "$WORK/gpu_log.txt" "$BACK/gpu_log.txt"
 fi
 echo "gpu_session: $SECONDS s; results in $BACK"

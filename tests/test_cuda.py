@@ -129,6 +129,7 @@ def test_image_tokens_on_cuda_are_the_cpus_whatever_the_batch():
     """The targets a step computes are the ones `flava prepare` stored: float32 (no TF32) on the
     GPU, so batches of another size, and the CPU, give the same tokens but for rare exact ties."""
     torch.manual_seed(0)
+    precision = torch.backends.cudnn.conv.fp32_precision
     codebook = flava.FlavaImageCodebook(flava.preset("tiny").codebook).eval()
     pixels = torch.rand(32, 3, 64, 64)
     on_cpu = codebook.token_ids(pixels)
@@ -136,7 +137,7 @@ def test_image_tokens_on_cuda_are_the_cpus_whatever_the_batch():
     whole = codebook.token_ids(pixels.cuda()).cpu()
     parts = torch.cat([codebook.token_ids(chunk.cuda()).cpu() for chunk in pixels.split(4)])
     assert (whole == parts).float().mean() >= 0.999 and (whole == on_cpu).float().mean() >= 0.995
-    assert torch.backends.cudnn.allow_tf32  # the default, left as it was
+    assert torch.backends.cudnn.conv.fp32_precision == precision  # left as it was
 
 
 def test_train_codebook_and_embed_on_cuda(train_data, tmp_path, capsys):

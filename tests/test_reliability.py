@@ -196,9 +196,13 @@ def test_data_with_no_usable_sample_is_one_line_with_loader_workers_too(train_da
 def test_one_image_as_the_image_data_is_refused(train_data, tmp_path, capsys):
     # Every images batch was that image repeated, plain or weighted.
     image = train_data / "img" / "a" / "3.png"
-    for spec in (f'["{image}"]', f'[{{"path": "{image}", "weight": 2}}]'):
+    folder = train_data / "img"
+    for spec, beside in ((f'["{image}"]', False), (f'[{{"path": "{image}", "weight": 2}}]', False),
+                         (f'["{folder}", "{image}"]', True)):
         args = pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "1", "--set", f"data.images={spec}"]
-        assert "3.png holds one image: every images batch would repeat it" in one_line_error(capsys, cli(args))
+        err = " ".join(one_line_error(capsys, cli(args)).split())
+        assert "3.png is a source of one image: every images batch drawn from it would repeat it" in err
+        assert ("move it into a folder beside it" in err) == beside
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -130,9 +130,10 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
             raise DataError(f"{src.name} holds no usable sample ({rejected}); fix those rows" if rejected else
                             f"{src.name} holds no samples; give data that has some (a table needs rows "
                             f"under its header)")
-        if kind == "images" and src.known_size == 1:  # every batch would be that one image repeated
-            raise DataError(f"{src.name} holds one image: every images batch would repeat it; give a folder, "
-                            f"a glob or shards of many")
+        if kind == "images" and src.known_size == 1:  # every batch drawn from it would be that image repeated
+            beside = " (or move it into a folder beside it)" if len(srcs) > 1 else ""
+            raise DataError(f"{src.name} is a source of one image: every images batch drawn from it would repeat "
+                            f"it; give a folder, a glob or shards of many{beside}")
     weights = weights or [None]  # the demo source stands alone
     if len(srcs) > 1 and weights[0] is None:
         weights = [float(estimated_size(s)) for s in srcs]

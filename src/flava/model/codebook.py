@@ -109,12 +109,16 @@ def _full_fp32(device: torch.device):
     if device.type != "cuda":
         yield
         return
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
+    # torch 2.9 added a per-operation setting; reading the old flag after it was used can raise.
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    owner, name, ieee = (conv, "fp32_precision", "ieee") if hasattr(conv, "fp32_precision") else \
+        (torch.backends.cudnn, "allow_tf32", False)
+    before = getattr(owner, name)
+    setattr(owner, name, ieee)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = before
+        setattr(owner, name, before)
 
 
 class CodebookDecoder(nn.Module):
