@@ -139,7 +139,7 @@ def create_app(
     app.state.metrics = metrics
 
     async def with_model(fn: Callable[..., T], *args) -> T:
-        return await run_in_threadpool(queue.call, fn, *args)
+        return await queue.call(fn, *args)
 
     async def images_of(images: list) -> np.ndarray:
         """Image embeddings, one model call per batch (others may run between)."""

@@ -48,36 +48,63 @@ class BodyTimeout(Exception):
 
 
 class ModelQueue:
-    """Model calls one at a time, first come first served; a caller that waits longer than
-    `timeout` seconds gets 503 instead of waiting on."""
+    """Model calls one at a time, first come first served, each in a worker thread. Callers wait
+    on the event loop, holding no thread: waiting threads filled the worker pool (40), so index
+    searches waited behind model calls and callers beyond 40 waited with no deadline. A caller
+    that waits longer than `timeout` seconds gets 503; one that goes away gives up its place. A
+    call whose caller went away runs to its end before the next starts (its thread cannot be
+    stopped)."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout
-        self._cond = threading.Condition()
-        self._waiting: deque[object] = deque()
+        self._waiting: deque[asyncio.Future] = deque()
         self._busy = False
 
-    def call(self, fn: Callable[..., T], *args) -> T:
-        ticket = object()
-        deadline = time.monotonic() + self.timeout
-        with self._cond:
-            self._waiting.append(ticket)
-            while self._busy or self._waiting[0] is not ticket:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._waiting.remove(ticket)
-                    self._cond.notify_all()
-                    raise ApiError(503, f"the model is busy: this request waited {self.timeout:g} s for it; retry "
-                                        "later")
-                self._cond.wait(left)
-            self._waiting.popleft()
+    async def call(self, fn: Callable[..., T], *args) -> T:
+        from starlette.concurrency import run_in_threadpool
+
+        if self._busy or self._waiting:
+            await self._turn()
+        else:
             self._busy = True
+        work = asyncio.ensure_future(run_in_threadpool(fn, *args))
+        work.add_done_callback(self._done)
+        return await asyncio.shield(work)
+
+    async def _turn(self) -> None:
+        loop = asyncio.get_running_loop()
+        turn = loop.create_future()
+        self._waiting.append(turn)
+        expiry = loop.call_later(self.timeout, self._expire, turn)
         try:
-            return fn(*args)
+            await turn
+        except BaseException:
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._release()  # handed the model just as the caller went away: pass it on
+            elif turn in self._waiting:
+                self._waiting.remove(turn)
+            raise
         finally:
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
+            expiry.cancel()
+
+    def _expire(self, turn: asyncio.Future) -> None:
+        if not turn.done():
+            self._waiting.remove(turn)
+            turn.set_exception(ApiError(503, f"the model is busy: this request waited {self.timeout:g} s for it; "
+                                             "retry later"))
+
+    def _done(self, work: asyncio.Future) -> None:
+        if not work.cancelled():
+            work.exception()  # read here: a caller that went away never reads it
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)  # the model passes to this caller: still busy
+                return
+        self._busy = False
 
 
 class Metrics:
