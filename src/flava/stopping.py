@@ -68,6 +68,11 @@ def _handle(signum: int, frame) -> None:
         return
     if not _signum:
         _signum, _first = signum, time.monotonic()
+        # Said at once (a step or a part may take a while), on stdout: a stop's one line is stderr's.
+        # os.write, not print: the handler may run while the main thread is inside a print.
+        with contextlib.suppress(OSError):
+            os.write(1, f"\n{name(signum)}: stopping at the next step or part, after saving; send it again "
+                        f"(Ctrl-C) to stop at once\n".encode())
     elif time.monotonic() - _first > REPEAT_WINDOW_S:
         raise Interrupted(signum)
 
