@@ -18,7 +18,8 @@ from ..io.files import read_json, write_json_atomic
 from .decode import open_image
 from .members import BadSample, Blob, TarMember
 from .tokenizer import TextTokenizer, TokenizedText, default_tokenizer_file
-from .transforms import CLIP_MEAN, CLIP_STD, extreme_aspect, resize_center_crop, to_rgb, to_tensor
+from .transforms import (CLIP_MEAN, CLIP_STD, extreme_aspect, resize_center_crop, single_threaded, to_rgb,
+                         to_tensor)
 
 PROCESSOR_FILE = "flava_processor.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | TarMember | Blob
@@ -159,7 +160,8 @@ class Processor:
         images = list(images)
         if not images:
             raise InputError("no images given")
-        return torch.stack([self.image(im) for im in images])
+        with single_threaded():
+            return torch.stack([self.image(im) for im in images])
 
     def __call__(self, images: Any = None, text: str | list[str] | None = None) -> dict[str, torch.Tensor]:
         """`pixel_values` and/or `input_ids` + `attention_mask`, as `FlavaModel.forward` takes them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -133,3 +134,20 @@ def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
                         scale: tuple[float, float] = (0.9, 1.0)) -> Image.Image:
     left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale)
     return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """torch on one thread inside the block, as in a DataLoader worker: an image's small resizes and
+    normalisations gain nothing from the model's thread pool, whose threads spin between them (on
+    two busy cores 2 threads made 11-20 ms a training sample, 7-24 ms an evaluation image, against
+    1.5 ms on one)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -26,7 +26,7 @@ from PIL import Image
 from ..data.processor import load_image
 from ..data.members import TarMember
 from ..data.tokenizer import TextTokenizer
-from ..data.transforms import CLIP_MEAN, CLIP_STD, Stats, eval_transform
+from ..data.transforms import CLIP_MEAN, CLIP_STD, Stats, eval_transform, single_threaded
 from ..errors import DataError, InputError
 from ..model.flava import FlavaModel
 
@@ -61,8 +61,10 @@ def pixel_batches(images: Sequence[ImageLike], size: int, batch_size: int, mean:
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1; got {batch_size}")
     for start in range(0, len(images), batch_size):
-        yield torch.stack([eval_transform(load_image(im), size, mean, std)
-                           for im in images[start:start + batch_size]])
+        with single_threaded():
+            batch = torch.stack([eval_transform(load_image(im), size, mean, std)
+                                 for im in images[start:start + batch_size]])
+        yield batch
 
 
 def _run_images(model: FlavaModel, images: Sequence[ImageLike], batch_size: int,

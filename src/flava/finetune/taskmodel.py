@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import to_dict
 from ..data.tokenizer import SPECIAL_MAP, TextTokenizer
-from ..data.transforms import eval_transform
+from ..data.transforms import eval_transform, single_threaded
 from ..errors import CheckpointError, ConfigError, DataError, FlavaError, InputError
 from ..io.checkpoint import CHECKSUMS, write_checksums
 from ..io.files import left_by_replace, read_json, replace_dir, write_json_atomic
@@ -187,14 +187,15 @@ class TaskModel:
         with torch.inference_mode():
             for start in range(0, n, batch_size):
                 rows, pixels = [], []
-                for i in range(start, min(n, start + batch_size)):
-                    if images is not None:
-                        try:
-                            pixels.append(self._pixels(images[i], i))
-                        except DataError as e:
-                            out[i] = {"error": str(e)}
-                            continue
-                    rows.append(i)
+                with single_threaded():
+                    for i in range(start, min(n, start + batch_size)):
+                        if images is not None:
+                            try:
+                                pixels.append(self._pixels(images[i], i))
+                            except DataError as e:
+                                out[i] = {"error": str(e)}
+                                continue
+                        rows.append(i)
                 if rows:
                     logits = self.classifier(**self._batch(rows, texts, texts2, pixels, device)).float().cpu()
                     for i, row in zip(rows, logits):
