@@ -112,7 +112,10 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
     fig.suptitle("pretraining losses (weighted)")
-    fig.tight_layout()
+    # Fixed margins for panels of this size: tight_layout measured every label, two thirds of the time.
+    width, height = 4.2 * cols, 3.0 * rows_n
+    fig.subplots_adjust(left=0.8 / width, right=1 - 0.2 / width, bottom=0.55 / height, top=1 - 0.8 / height,
+                        wspace=0.3, hspace=0.45)
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
