@@ -310,8 +310,11 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     args = ["prepare", "--pairs", str(train_data / "pairs.csv"), "--output", str(out), "--codebook", str(codebook),
             "--shard-size", "5", "--size", "24", "--workers", "2"]
     assert cli(args) == 0
-    # Images stored smaller than the model's input are upscaled in training: said at the start.
-    assert "--size 24 is below the model's 64-px input" in " ".join(capsys.readouterr().out.split())
+    # Images stored smaller than the model's input are upscaled in training: said at the start; and
+    # the tiny preset's heads predict another vocabulary than this codebook's 64 tokens.
+    said = " ".join(capsys.readouterr().out.split())
+    assert "--size 24 is below the model's 64-px input" in said
+    assert "the codebook has 64 tokens and the --config model's MIM/MMM heads predict 512" in said
     report = json.loads((out / "prepare_report.json").read_text())
     assert report["samples"] == 16 and report["dropped"] == {"missing image file": 1} and report["shards"] == 4
     index = json.loads((out / "index.json").read_text())
@@ -356,6 +359,12 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     rows = trainer.fit(max_steps=4)
     trained = {name for r in rows for name in r["losses"]}
     assert {"mim", "mmm_image"} <= trained and all(np.isfinite(r["loss"]) for r in rows)
+    # Heads of another vocabulary than the tokens': refused (an 8192-way head had trained on 64 tokens).
+    cfg.model.image.vocab_size = 8192
+    with pytest.raises(Exception, match=r"holds image tokens of a 64-token codebook but the MIM/MMM heads predict "
+                                        r"image.vocab_size=8192: set model.image.vocab_size=64"):
+        Trainer(cfg, tmp_path / "run4")
+    cfg.model.image.vocab_size = 64
     cfg.data.pairs = [str(train_data / "pairs.csv")]  # raw pairs need a codebook
     with pytest.raises(Exception, match="no codebook is given"):
         Trainer(cfg, tmp_path / "run2")

@@ -241,3 +241,6 @@ class CodebookTokenizer:
 
     def fingerprint(self) -> str:
         return load_codebook(self.path).fingerprint()
+
+    def vocab_size(self) -> int:
+        return load_codebook(self.path).cfg.vocab_size

@@ -62,6 +62,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     # Every worker process tokenises its shards' crops on the device, in batches.
     tokenizer = CodebookTokenizer(args.codebook, device) if args.codebook else None
     fingerprint = tokenizer.fingerprint() if tokenizer else None
+    vocab = tokenizer.vocab_size() if tokenizer else None
+    if vocab is not None and vocab != model.image.vocab_size:  # recorded: pretraining refuses another vocabulary
+        console.print(f"note: the codebook has {vocab} tokens and the --config model's MIM/MMM heads predict "
+                      f"{model.image.vocab_size}: train on these shards with model.image.vocab_size={vocab}")
     workers = args.workers or default_workers()
     output = Path(args.output)
     created = not output.exists()
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
             bar.update(task, completed=done, total=total)
 
         report = prepare(kind, sources, output, settings, tokenizer, fingerprint, grid=model.image.grid_size,
-                         image_size=model.image.image_size, workers=workers, progress=progress)
+                         image_size=model.image.image_size, workers=workers, progress=progress, vocab_size=vocab)
     if report["samples"] == 0:
         # Nothing to train on: an error, not a recipe for an empty run (and no empty shards left behind).
         if created:

@@ -184,7 +184,7 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
 def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
             tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
             grid: int | None = None, image_size: int | None = None, workers: int = 1,
-            progress: Callable[[int, int], None] | None = None) -> dict:
+            progress: Callable[[int, int], None] | None = None, vocab_size: int | None = None) -> dict:
     """Write `sources` as prepared shards in `output` (see the module docstring); returns the report."""
     if kind not in ("pairs", "images"):
         raise DataError(f"flava prepare makes pair or image shards, not {kind}")
@@ -248,7 +248,7 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     stats = [json.loads((output / f"{n:05d}.json").read_text()) for n in range(len(units))]
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
     info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,
-            "crops": settings.crops if tokenizer_factory else 0, "size": settings.size}
+            "crops": settings.crops if tokenizer_factory else 0, "size": settings.size, "vocab_size": vocab_size}
     write_json_atomic(output / INDEX, {"shardlist": shardlist, "flava": info if tokenizer_factory else None})
     dropped: Counter = Counter()
     for src in sources:  # rows of a table refused while it was listed (undecodable, no image)

@@ -117,6 +117,13 @@ class PretrainingStage(Stage):
                     raise ConfigError(
                         f"{s.source.name} holds image tokens of another codebook ({info.get('codebook')}) than "
                         f"{cfg.codebook} ({codebook.fingerprint()}): train with that codebook or none")
+                vocab = info.get("vocab_size")  # recorded since it was checked; older shards name only the codebook
+                if vocab is not None and needs_image_tokens(cfg.objectives, (kind,)) and \
+                        vocab != cfg.model.image.vocab_size:
+                    raise ConfigError(f"{s.source.name} holds image tokens of a {vocab}-token codebook but the "
+                                      f"MIM/MMM heads predict image.vocab_size={cfg.model.image.vocab_size}: set "
+                                      f"model.image.vocab_size={vocab}, or prepare the data again with a codebook of "
+                                      f"{cfg.model.image.vocab_size} tokens")
                 grid = int(info.get("grid", -1))
                 if grid != cfg.model.image.grid_size:
                     raise ConfigError(f"{s.source.name} was prepared for a {grid}x{grid} patch grid; the model has "
