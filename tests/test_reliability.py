@@ -28,7 +28,7 @@ from flava.data.decode import open_image
 from flava.data.sources import csv_pairs, read_caption
 from flava.data.tars import tar_pairs
 from flava.data.texts import text_file
-from flava.errors import CheckpointError, ConfigError
+from flava.errors import CheckpointError, ConfigError, DataError
 from flava.io.runs import RunDir
 
 
@@ -189,8 +189,25 @@ def test_data_with_no_usable_sample_is_one_line_with_loader_workers_too(train_da
         i = next(i for i, a in enumerate(args) if a.startswith(f"data.{kind}="))
         del args[i - 1:i + 1]
     args += ["--max-steps", "1", "--set", f'data.images=["{tmp_path / "bad"}"]', "--set", "data.num_workers=1"]
-    # The worker's error, not the DataLoader's traceback of it.
-    assert "bad: no usable sample in" in one_line_error(capsys, cli(args))
+    # Found by the source's probe before any worker starts.
+    assert "bad: none of its first 3 records makes a sample" in one_line_error(capsys, cli(args))
+
+
+def test_a_loader_workers_error_is_its_own_one_line():
+    # Met in a worker, the DataLoader re-raises it with the worker's whole traceback as its message.
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from flava.data.pipeline import _unwrapped
+
+    class Failing(IterableDataset):
+        def __iter__(self):
+            raise DataError("shards/x: no usable sample in 100 records drawn to replace a bad one of shard 3")
+
+    with pytest.raises(DataError) as caught:
+        next(iter(DataLoader(Failing(), batch_size=None, num_workers=1)))
+    assert "Traceback" in str(caught.value)
+    assert str(_unwrapped(caught.value)) == "shards/x: no usable sample in 100 records drawn to replace a bad one " \
+        "of shard 3"
 
 
 def test_one_image_as_the_image_data_is_refused(train_data, tmp_path, capsys):
@@ -204,6 +221,23 @@ def test_one_image_as_the_image_data_is_refused(train_data, tmp_path, capsys):
         assert "3.png is a source of one image: every images batch drawn from it would repeat it" in err
         assert ("move it into a folder beside it" in err) == beside
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_source_with_no_usable_sample_is_refused_before_training(train_data, tmp_path, capsys):
+    # Drawn at its first turn (step 40 of one user's run) it failed the run there, and its resume.
+    (tmp_path / "allbad").mkdir()
+    for i in range(2):
+        (tmp_path / "allbad" / f"{i}.jpg").write_bytes(b"\xff\xd8 not a picture")
+    images = f'data.images=["{train_data / "img"}", "{tmp_path / "allbad"}"]'
+    args = pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "1", "--set", images]
+    err = " ".join(one_line_error(capsys, cli(args)).split())
+    assert "allbad: none of its first 2 records makes a sample (2 unreadable image); fix the data or leave the " \
+        "source out" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    codebook = ["train-codebook", "--images", str(train_data / "img"), str(tmp_path / "allbad" / "0.jpg"),
+                str(tmp_path / "allbad" / "1.jpg"), "--output", str(tmp_path / "cb"), "--steps", "2"]
+    err = " ".join(one_line_error(capsys, cli(codebook)).split())
+    assert "none of its first 2 records makes a sample (2 unreadable image)" in err
 
 
 def test_a_file_where_the_checkpoints_go_is_refused_before_training(train_data, tmp_path, capsys):
@@ -464,13 +498,25 @@ def test_an_output_that_cannot_be_written_is_refused_in_one_line_before_any_work
 
 
 @pytest.mark.slow
-def test_a_run_that_failed_before_its_first_checkpoint_starts_again(train_data, tmp_path, capsys):
+def test_a_run_that_failed_before_its_first_checkpoint_starts_again(train_data, tmp_path, capsys, monkeypatch):
+    from flava.train.trainer import Trainer
+
     (tmp_path / "blank.txt").write_text("\n   \n\n")
     run = tmp_path / "run"
     text_only = ["--max-steps", "2", "--set", "data.mixing=[0,0,1]", "--set", "stage=text-mlm"]
+    # Data with nothing usable: refused before the run starts (its probe), nothing left behind.
     err = one_line_error(capsys, cli(pretrain_args(train_data, run) + text_only
                                       + ["--set", f'data.text=["{tmp_path / "blank.txt"}"]']))
-    assert "blank.txt: no shard holds a usable record" in err and (run / "train_config.json").is_file()
+    assert "blank.txt: no shard holds a usable record" in err and not run.exists()
+    # A run that fails at its first step (a shard gone since the start) has written its settings.
+    step = Trainer.train_step
+
+    def fails(self, *args, **kwargs):
+        raise DataError("shards/00003.tar went missing")
+    monkeypatch.setattr(Trainer, "train_step", fails)
+    err = one_line_error(capsys, cli(pretrain_args(train_data, run) + text_only))
+    assert "went missing" in err and (run / "train_config.json").is_file()
+    monkeypatch.setattr(Trainer, "train_step", step)
     # The corrected command: nothing to resume, so it starts the run again (no --resume, no refusal).
     assert cli(pretrain_args(train_data, run) + text_only) == 0
     assert "holds a run that saved no checkpoint; starting it again" in " ".join(capsys.readouterr().out.split())

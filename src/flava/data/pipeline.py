@@ -33,6 +33,8 @@ from .sources import Source, open_shard
 
 MAX_LANES = 64
 SUBSTITUTE_TRIES = 100
+PROBE_SHARDS = 5
+"""Shards a source's probe reads at most (`BatchStream.probe`)."""
 
 
 def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
@@ -285,6 +287,32 @@ class BatchStream:
             self.rejected.update(opened)
         self.draws += 1
         return self.maker.merge(parts)
+
+    def probe(self) -> None:
+        """Refuse, before training, a source none of whose first records makes a sample: met at a
+        later draw it failed the run there (and its resume, at the same draw)."""
+        met: Counter = Counter()
+        tried = 0
+        for shard in self.source.shards[:PROBE_SHARDS]:
+            opened = open_shard(shard)
+            met.update(opened.rejected)
+            for k, record in enumerate(opened.records[:SUBSTITUTE_TRIES - tried]):
+                try:
+                    self.maker(self.kind, record, (self.seed, 0, k, 0))
+                    return
+                except BadSample as e:
+                    met[e.kind] += 1
+                tried += 1
+            if tried >= SUBSTITUTE_TRIES:
+                break
+        why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
+        if tried == 0:
+            if len(self.source.shards) > PROBE_SHARDS:
+                return  # the first shards are empty: the stream moves on to the others
+            raise DataError(f"{self.source.name}: no shard holds a usable record"
+                            + (f" (met: {why})" if why else " (every one is empty)"))
+        raise DataError(f"{self.source.name}: none of its first {tried} records makes a sample ({why}); fix the "
+                        f"data or leave the source out")
 
     def _lay_out(self) -> None:
         g = self.batch_size * self.world

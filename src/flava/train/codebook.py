@@ -322,6 +322,8 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     sample = settings.eval_images if None in known else max(1, min(settings.eval_images, sum(known)))
     evaluation = _stream(sources, CodebookCrops(size, settings.seed + 1, train=False), sample,
                          settings.seed + 1, 0)
+    for each in evaluation.streams:  # a source with no readable image, named before training
+        each.probe()
     try:
         eval_pixels = evaluation.next_batch().pixels
     except DataError as e:

@@ -100,7 +100,10 @@ class Trainer:
             for k in self.kinds
         }
         self.data = DataAccounting(self.streams, self.world)
-        self.stage.open_data(self.streams, self.world)
+        self.stage.open_data(self.streams, self.world)  # its checks name a mismatch before a probe meets it
+        for kind_stream in self.streams.values():
+            for stream in kind_stream.streams:
+                stream.probe()
 
         self.model.to(self.device).train()
         for stack in self.stage.block_stacks():
