@@ -304,6 +304,40 @@ def test_predict_reads_a_vqa_tables_answers_as_the_model_names_them(tmp_path):
     assert _table_inputs(tmp_path / "q.jsonl", vqa).labels == ["2", "2", "a"]  # a model trained on "Two" says "2"
 
 
+def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, capsys):
+    """`flava predict` scores VQA rows against the truth the reader gives fine-tuning (the `answers`
+    list before `answer`) by the VQA score, not by matching the one `answer` column."""
+    from types import SimpleNamespace
+
+    import flava.finetune.load
+    from flava.cli import main
+    from flava.evaluate.readers.user_files import read_multimodal_table
+
+    png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "which?", "answer": "b", "answers": ["a", "a", "a", "b"]},
+            {"image": "a.png", "question": "which?", "answers": ["a"] * 2 + ["b"] * 8},  # official: 0.6
+            {"image": "a.png", "question": "which?", "answer": "A"},
+            {"image": "a.png", "question": "which?", "answers": ["b"]}]
+    write(tmp_path / "q.jsonl", [json.dumps(r) for r in rows])
+    train = [{"image": "a.png", "question": "which?", "answer": a} for a in ("a", "b", "c")]
+    write(tmp_path / "train.jsonl", [json.dumps(r) for r in train])
+    task = read_multimodal_table(tmp_path / "train.jsonl", tmp_path / "q.jsonl", tmp_path / "q.jsonl", kind="vqa")
+    finetuned = [e.answers.get(task.label_names.index("a"), 0.0) for e in task.test]
+    assert finetuned == [1.0, pytest.approx(0.6), 1.0, 0.0]
+
+    def predict(texts=None, texts2=None, images=None, top_k=3, batch_size=32, progress=None):
+        return [{"label": "a", "score": 0.5, "top": [{"label": "a", "score": 0.5}]} for _ in texts]
+
+    model = SimpleNamespace(task="vqa", uses_text=True, uses_images=True, pairs=False, predict=predict)
+    monkeypatch.setattr(flava.finetune.load, "load_task", lambda path: model)
+    out = tmp_path / "preds.jsonl"
+    assert main(["predict", "--model", "m", "--input", str(tmp_path / "q.jsonl"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"VQA score {sum(finetuned) / 4:.4f} on 4 labelled inputs" in printed and "accuracy" not in printed
+    # The label written is the answers' majority, not the `answer` column beside them.
+    assert [json.loads(line)["true_label"] for line in out.read_text().splitlines()] == ["a", "b", "a", "b"]
+
+
 def test_easy_vqa_task_splits_by_image():
     task = easy_vqa_data(val_fraction=0.2, seed=0, limit=300)
     assert (len(task.train), len(task.val), len(task.test)) == (300, 300, 300) and task.kind == "vqa"

@@ -44,17 +44,31 @@ class Inputs:
     texts2: list[str | None] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
     labels: list[str | None] = field(default_factory=list)
+    answers: list[list[str] | None] = field(default_factory=list)
+    """A VQA row's annotators' answers as written, what its prediction is scored against."""
     errors: list[str | None] = field(default_factory=list)
     kept: list[dict[str, Any]] = field(default_factory=list)
     """A table's other columns of each row, written beside the predictions."""
 
-    def add(self, fields: dict, text=None, text2=None, image=None, label=None, error=None) -> None:
+    def add(self, fields: dict, text=None, text2=None, image=None, label=None, error=None, answers=None) -> None:
         self.fields.append(fields)
         self.texts.append(text)
         self.texts2.append(text2)
         self.images.append(image)
         self.labels.append(label)
+        self.answers.append(answers)
         self.errors.append(error)
+
+
+def vqa_row_score(prediction: str, answers: list[str]) -> float:
+    """A prediction's score as fine-tuning scores a validation or test row (`read_multimodal_table`):
+    one given answer is right outright when equal after `normalize_answer`; more are scored by the
+    official VQA accuracy (`vqa_accuracy_scores`: ten answers leave one out, other counts min(1, n/3))."""
+    from ..evaluate.readers.multimodal import normalize_answer, vqa_accuracy_scores
+
+    if len(answers) == 1:
+        return float(normalize_answer(answers[0]) == prediction)
+    return vqa_accuracy_scores(answers, {prediction: 0}).get(0, 0.0)
 
 
 def _table_inputs(path: Path, tm) -> Inputs:
@@ -66,8 +80,10 @@ def _table_inputs(path: Path, tm) -> Inputs:
     rows = table.rows
     if not rows:
         raise DataError(f"{path} holds no rows")
-    text_keys = ("text", "question") if tm.task == "vqa" else ("text",)
-    label_keys = ("label", "answer") if tm.task == "vqa" else ("label",)
+    vqa = tm.task == "vqa"
+    text_keys = ("text", "question") if vqa else ("text",)
+    # VQA's answers as `read_multimodal_table` reads them ("label" last: a lenience of predict's own).
+    label_keys = ("answer", "answers", "label") if vqa else ("label",)
     needed = ([text_keys] if tm.uses_text else []) + ([("image",)] if tm.uses_images else []) + \
         ([("text2",)] if tm.pairs else [])
     for options in needed:
@@ -80,11 +96,16 @@ def _table_inputs(path: Path, tm) -> Inputs:
     for r in rows:
         row = r.values
         text, text2, image = cell(row, text_keys), cell(row, ("text2",)), cell(row, ("image",))
-        label = cell(row, label_keys)
-        if label is None and tm.task == "vqa" and isinstance(row.get("answers"), list) and row["answers"]:
-            # Annotators' answers: the most common one (ties alphabetically) is the one to match.
-            answers = [normalize_answer(str(a)) for a in row["answers"]]
-            label = min(set(answers), key=lambda a: (-answers.count(a), a))
+        answers = None
+        if vqa and isinstance(row.get("answers"), list) and row["answers"]:
+            # Annotators' answers, which the reader scores by even beside an `answer`; the most common
+            # (processed, ties alphabetically) is the label shown, as the reader builds its vocabulary.
+            answers = [str(a) for a in row["answers"]]
+            processed = [normalize_answer(a) for a in answers]
+            label = min(set(processed), key=lambda a: (-processed.count(a), a))
+        else:  # an empty `answers` list is no answer (the reader would score it 0)
+            label = cell(row, tuple(k for k in label_keys if not isinstance(row.get(k), list)))
+            answers = None if label is None or not vqa else [str(label)]
         shown = {k: row[k] for k in ("image", *text_keys, "text2") if k in row}
         # The input's other columns (an id to join on) go to the output too, unless an output column has the name.
         out.kept.append({k: v for k, v in row.items() if k not in shown and k not in OUTPUT_COLUMNS})
@@ -96,8 +117,9 @@ def _table_inputs(path: Path, tm) -> Inputs:
             p = Path(str(image)).expanduser()
             image = p if p.is_absolute() else path.parent / p
         # A VQA model's answers are processed as the VQA evaluator processes them ("Two" is "2").
-        label = None if label is None else (normalize_answer(str(label)) if tm.task == "vqa" else str(label).strip())
-        out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label)
+        label = None if label is None else (normalize_answer(str(label)) if vqa else str(label).strip())
+        out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label,
+                answers=answers)
     return out
 
 
@@ -253,6 +275,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
         mae = sum(abs(a - b) for a, b in zip(values, truth)) / len(truth)
         pearson = M.pearson(values, truth) if len(truth) > 1 else math.nan
         console.print(f"mean absolute error [bold]{mae:.4f}[/], Pearson {pearson:.4f} on {len(truth)} labelled inputs")
+    elif labelled and tm.task == "vqa":
+        # Scored as fine-tuning scores validation and test, not by matching one answer.
+        scores = [vqa_row_score(p["label"], inputs.answers[i]) for i, p in enumerate(preds)
+                  if inputs.labels[i] is not None and "error" not in p]
+        console.print(f"VQA score [bold]{sum(scores) / len(scores):.4f}[/] on {len(scores)} labelled inputs "
+                      f"({sum(s == 1 for s in scores)} scored 1)")
     elif labelled:
         right = sum(p["label"] == t for t, p in labelled)
         console.print(f"accuracy [bold]{right / len(labelled):.4f}[/] ({right} of {len(labelled)} labelled inputs)")
