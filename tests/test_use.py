@@ -1,9 +1,11 @@
 """Using a model: hub ids through a laid-out cache, the processor, embed / index / search /
 classify, as a user runs them."""
 
+import io
 import json
 import os
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -194,6 +196,85 @@ def test_index_search_and_add_through_the_commands(tiny_model, photos, tmp_path,
     assert "empty" in capsys.readouterr().err
     assert cli(["search", "--index", str(tmp_path / "idx"), "--image", str(photos)]) == 2
     assert "a folder; give one image file" in capsys.readouterr().err
+
+
+def test_shard_pairs_keep_their_captions_and_keys_through_index_and_search(tiny_model, photos, tmp_path, capsys):
+    # A WebDataset shard's captions (.txt and .json) and sample keys reach the metadata, as a table's captions do.
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i, p in enumerate(sorted(photos.rglob("*.png"))[:3]):
+            caption = f"a {p.parent.name} square".encode()
+            for name, data in ((f"s{i}.png", p.read_bytes()),
+                               (f"s{i}.json", json.dumps({"caption": caption.decode()}).encode()) if i == 2
+                               else (f"s{i}.txt", caption)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "00000.tar"),
+                "--output", str(tmp_path / "emb")]) == 0
+    meta = read_embeddings(tmp_path / "emb", "text").metadata
+    assert [(m["caption"], m["key"]) for m in meta] == [("a blue square", "s0"), ("a blue square", "s1"),
+                                                        ("a blue square", "s2")]
+    assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--which", "text",
+                "--output", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "a blue square", "-k", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)[0]
+    assert hit["item"] == "a blue square" and hit["metadata"]["key"] in ("s0", "s1", "s2")
+
+
+def test_a_missing_value_is_never_shown_as_none(tiny_model, tmp_path, capsys):
+    rows = [{"text": "a red square", "id": "1"}, {"text": "a blue square", "id": None}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.jsonl"),
+                "--output", str(tmp_path / "emb")]) == 0
+    assert read_embeddings(tmp_path / "emb").metadata[1]["id"] is None  # not the text "None"
+    assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "a blue square", "-k", "2"]) == 0
+    assert "None" not in capsys.readouterr().out
+    bare = index_from_arrays(np.eye(2, 8, dtype=np.float32), None, tmp_path / "bare", modality="text",
+                             metadata=[{"caption": None}, {"other": "x"}])
+    assert [bare.item(0), bare.item(1)] == ["", ""]
+    assert [h.item for h in bare.search(np.eye(1, 8, dtype=np.float32), k=2)[0]] == ["", ""]
+
+
+def test_a_text_tables_column_keeps_its_name(tiny_model, photos, tmp_path, capsys):
+    (tmp_path / "t.csv").write_text("text,id,caption\nhello world,1,not the text\na blue square,2,\n")
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.csv"),
+                "--output", str(tmp_path / "emb")]) == 0
+    assert read_embeddings(tmp_path / "emb").metadata[0] == {"text": "hello world", "id": "1",
+                                                             "caption": "not the text"}
+    assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
+    # A pair run's texts added beside it keep their caption column: each row's item is its own text.
+    (tmp_path / "pairs.csv").write_text(f"image,caption\n{photos / 'red' / '0.png'},a red square\n")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "pairs.csv"),
+                "--output", str(tmp_path / "pairs")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "pairs"), "--which", "text", "--output", str(tmp_path / "idx"),
+                "--add"]) == 0
+    index = VectorIndex.open(tmp_path / "idx")
+    assert [index.item(i) for i in range(3)] == ["hello world", "a blue square", "a red square"]
+    capsys.readouterr()
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "hello world", "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert sorted(h["item"] for h in hits) == ["a blue square", "a red square", "hello world"]
+    assert hits[0]["item"] == "hello world" and hits[0]["metadata"]["text"] == "hello world"
+
+
+def test_embed_refuses_when_nothing_could_be_embedded(tiny_model, photos, tmp_path, capsys):
+    (tmp_path / "pairs.csv").write_text(f"image,caption\nnope.png,a thing\ngone.png,another\n"
+                                        f"{photos / 'red' / '0.png'},\n")
+    out = tmp_path / "emb"
+    args = ["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "pairs.csv"), "--output", str(out)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("flava embed: error: none of the 3 inputs could be embedded")
+    assert "2 missing image file, 1 empty text" in err
+    assert not out.exists()  # nothing an index would take for a result, nothing a rerun would skip
+    out.mkdir()  # a directory given empty is left empty
+    assert cli(args) == 2 and not any(out.iterdir())
+    # Mended, the same command embeds what it now can.
+    shutil.copy(photos / "red" / "1.png", tmp_path / "nope.png")
+    assert cli(args) == 0 and len(read_embeddings(out).vectors) == 1
 
 
 def test_large_collections_get_an_approximate_index_within_the_budget(tmp_path):

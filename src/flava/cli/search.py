@@ -55,9 +55,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     table = Table(title=f"{len(hits)} nearest of {len(index)} in {args.index}")
     for col in ("#", "score", "item"):
         table.add_column(col)
-    extra = sorted({k for h in hits for k in h.metadata} - {"image_path", "caption"})
+    extra = sorted({k for h in hits for k in h.metadata} - {"image_path", "caption"} - {h.field for h in hits})
     for col in extra:
         table.add_column(col)
     for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), f"{h.score:.4f}", h.item, *[str(h.metadata.get(c, "")) for c in extra])
+        table.add_row(str(rank), f"{h.score:.4f}", h.item,
+                      *["" if h.metadata.get(c) is None else str(h.metadata[c]) for c in extra])
     console.print(table)

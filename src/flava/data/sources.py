@@ -39,6 +39,8 @@ class PairRecord:
     image: ImageRef
     caption: str | Member
     prepared: PreparedCrops | None = None
+    key: str | None = None
+    """A WebDataset sample's key (its members' shared name), where there is one."""
 
 
 @dataclass(frozen=True)

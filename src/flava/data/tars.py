@@ -83,7 +83,7 @@ class TarShard:
     def open(self) -> Opened:
         rejected: Counter = Counter()
         records = []
-        for members in self._members(rejected).values():
+        for key, members in self._members(rejected).items():
             image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
             prepared = PreparedCrops(members[CROPS_EXT], members[TOKENS_EXT]) \
                 if CROPS_EXT in members and TOKENS_EXT in members else None
@@ -98,7 +98,7 @@ class TarShard:
             if image is None or caption is None:
                 rejected["incomplete tar sample"] += 1
                 continue
-            records.append(PairRecord(image, caption, prepared))
+            records.append(PairRecord(image, caption, prepared, key))
         return Opened(records, rejected)
 
 

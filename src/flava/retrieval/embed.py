@@ -7,7 +7,8 @@ OUTPUT/
   embed.json                   model, modality, dimension, dtype, counts, failures (when done)
   img_emb/img_emb_00000.npy    [n, D] image embeddings of part 0 (pairs and images)
   text_emb/text_emb_00000.npy  [n, D] text embeddings of part 0 (pairs and texts)
-  metadata/metadata_00000.parquet  one row per embedding: image_path and/or caption, other columns
+  metadata/metadata_00000.parquet  one row per embedding: image_path and/or caption (a text table's text
+                                   keeps its column's name), other columns
   parts/00000.json             written last: the part is complete (a rerun skips it)
 ```
 
@@ -97,6 +98,8 @@ class Inputs:
     texts: list | None = None
     metadata: list[dict] = field(default_factory=list)
     listing_rejected: Counter = field(default_factory=Counter)
+    text_field: str = "caption"
+    """The metadata column that holds each input's text: a text table's own column name."""
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -125,7 +128,7 @@ def image_inputs(specs: Sequence[str]) -> Inputs:
 
 def text_inputs(path: str) -> Inputs:
     """One text per line of a .txt file, or the `text`/`caption` column of a table (CSV, TSV,
-    JSONL, parquet; its other columns become metadata)."""
+    JSONL, parquet; the text keeps its column's name in the metadata, beside the other columns)."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"text file {p} does not exist")
@@ -135,12 +138,17 @@ def text_inputs(path: str) -> Inputs:
             raise DataError(f"{p} has no rows")
         column = table.column("text", "caption", "sentence")
         texts = [row.get(column) for row in table.rows]
-        meta = [{"caption": t, **{k: str(v) for k, v in row.values.items() if k != column}}
+        meta = [{column: t, **{k: _cell(v) for k, v in row.values.items() if k != column}}
                 for t, row in zip(texts, table.rows)]
-        return Inputs("text", texts=texts, metadata=meta)
+        return Inputs("text", texts=texts, metadata=meta, text_field=column)
     with p.open(encoding="utf-8", errors="replace") as f:
         texts = [line.rstrip("\n") for line in f]
     return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts])
+
+
+def _cell(value):
+    """A table's other column as metadata: text, and a missing value stays missing (not "None")."""
+    return None if value is None else str(value)
 
 
 def pair_inputs(spec: str) -> Inputs:
@@ -161,7 +169,7 @@ def pair_inputs(spec: str) -> Inputs:
             images.append(image)
             texts.append(row.get(text_col))
             meta.append({"image_path": str(image), "caption": row.get(text_col),
-                         **{k: str(v) for k, v in row.items() if k not in (image_col, text_col)}})
+                         **{k: _cell(v) for k, v in row.items() if k not in (image_col, text_col)}})
         return Inputs("pair", images=images, texts=texts, metadata=meta)
     from ..data.registry import open_source
 
@@ -170,9 +178,15 @@ def pair_inputs(spec: str) -> Inputs:
     for record in source.records:
         ref = record.image
         name = f"{ref.shard}#{ref.offset}" if hasattr(ref, "shard") else str(ref)
+        caption = record.caption
+        try:  # a shard's caption member, read now for the metadata as a table's caption is
+            caption = read_caption(caption)
+        except BadSample:
+            pass  # left as it is: embedding it fails, and is counted then
         images.append(ref)
-        texts.append(record.caption)
-        meta.append({"image_path": name})
+        texts.append(caption)
+        meta.append({"image_path": name, **({"caption": caption} if isinstance(caption, str) else {}),
+                     **({"key": record.key} if getattr(record, "key", None) is not None else {})})
     return Inputs("pair", images=images, texts=texts, metadata=meta, listing_rejected=Counter(source.rejected))
 
 
@@ -242,6 +256,25 @@ def save_parquet(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def _counts(failed: Counter) -> str:
+    return ", ".join(f"{n} {why}" for why, n in failed.most_common())
+
+
+def _remove_run(out: Path, existed: bool) -> None:
+    """Take away a run that embedded nothing: no empty result for `flava index` to take, and no
+    finished parts for a rerun (its inputs mended) to skip."""
+    import shutil
+
+    (out / SETTINGS).unlink(missing_ok=True)
+    for sub in ("img_emb", "text_emb", "metadata", "parts"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    if not existed:
+        try:
+            out.rmdir()
+        except OSError:  # something else was put there meanwhile: left alone
+            pass
+
+
 def part_name(i: int) -> str:
     return f"{i:05d}"
 
@@ -253,13 +286,17 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
     `checkpoint` (`io.fingerprint.checkpoint_identity`) is recorded, and a rerun with another
     checkpoint is refused: one output never mixes the vectors of two models."""
     if len(inputs) == 0:
-        raise DataError("nothing to embed: the inputs are empty")
+        rejected = inputs.listing_rejected
+        raise DataError("nothing to embed: the inputs are empty" + (
+            f" (left out while listing them: {_counts(rejected)})" if rejected else ""))
     if part_size < 1:
         raise InputError(f"part_size must be at least 1; got {part_size}")
     out = Path(output)
     settings = {"model": model_name, "modality": inputs.modality, "inputs": inputs.fingerprint(),
                 "count": len(inputs), "part_size": part_size, "dtype": "float16" if float16 else "float32",
                 "dim": model.config.projection_dim, "checkpoint": checkpoint}
+    if inputs.text_field != "caption":  # only then: runs that name no field still resume
+        settings["text_field"] = inputs.text_field
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; choose a directory for the embeddings")
     if (out / SETTINGS).is_file():
@@ -276,6 +313,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
                             f"output directory, or delete it to start over")
     elif out.is_dir() and any(out.iterdir()):
         raise DataError(f"{out} already holds other files; choose an empty or new output directory")
+    existed = out.exists()
     for sub in ("img_emb", "text_emb", "metadata", "parts"):
         out.joinpath(sub).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SETTINGS, settings)
@@ -339,6 +377,12 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         count += len(rows)
         failed.update(part_failed)
         named += part_named
+    if count == 0:
+        _remove_run(out, existed)
+        first = named[0] if named else {}
+        where = first.get("image_path") or first.get(inputs.text_field) or f"row {first.get('row')}"
+        raise DataError(f"none of the {len(inputs)} inputs could be embedded ({_counts(failed)}"
+                        + (f"; the first: {where}: {first['error']}" if first else "") + "); nothing was written")
     write_json_atomic(out / SUMMARY, {**settings, "embedded": count, "failed": dict(failed),
                                       "failures": named, "parts": n_parts})
     return EmbedSummary(out, inputs.modality, count, failed, n_parts, skipped)
@@ -358,6 +402,8 @@ class Embeddings:
     """'image' or 'text': which vectors these are."""
     checkpoint: dict | None = None
     """The checkpoint that made them (`io.fingerprint`); None for runs of older versions."""
+    text_field: str = "caption"
+    """The metadata column holding each text (a text table's own column name)."""
 
 
 def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> Embeddings:
@@ -392,4 +438,5 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
     array = np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, settings["dim"]), np.float32)
     if len(array) != len(meta):
         raise DataError(f"{d}: {len(array)} embeddings but {len(meta)} metadata rows; the directory is damaged")
-    return Embeddings(array, meta, settings.get("model"), which, settings.get("checkpoint"))
+    return Embeddings(array, meta, settings.get("model"), which, settings.get("checkpoint"),
+                      settings.get("text_field", "caption"))

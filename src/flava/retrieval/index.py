@@ -7,7 +7,8 @@ IDX/
   index-00001.faiss               the FAISS index (inner product over L2-normalised vectors = cosine);
                                   one file per `add`, named by index.json
   index.json                      model, checkpoint, modality, dimension, size, FAISS factory string,
-                                  nprobe, sources, the index file and the metadata files
+                                  nprobe, sources, the index file and the metadata files (for texts,
+                                  the column holding each file's texts: text_fields)
   metadata/metadata_00000.parquet one row per vector, in index order; one file per `add`
   .lock                           held by `flava index --add`
 ```
@@ -22,6 +23,7 @@ sized to fit it. `add` extends an index with new embeddings without rebuilding i
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 import re
@@ -87,19 +89,23 @@ class Hit:
     score: float
     """Cosine similarity to the query."""
     item: str
-    """The image path or the text."""
+    """The image path or the text ("" where the row has none)."""
     metadata: dict
+    field: str = "image_path"
+    """The metadata column `item` comes from."""
 
 
 class VectorIndex:
     """A FAISS index and one metadata row per vector."""
 
-    def __init__(self, path: Path, index, info: dict, table):
+    def __init__(self, path: Path, index, info: dict, table, starts: list[int] | None = None):
         self.path = Path(path)
         self.faiss_index = index
         self.info = info
         self._table = table
         self._lock = threading.RLock()  # serialises `add`
+        self._starts = list(starts) if starts is not None else [0] * len(info.get("metadata_files", []))
+        """The first position of each metadata file."""
         _direct_map(index)
 
     # ------------------------------------------------------------------ opening
@@ -126,7 +132,10 @@ class VectorIndex:
                             f"build it again")
         if hasattr(index, "nprobe"):
             index.nprobe = info.get("nprobe", 1)
-        return cls(p, index, info, table)
+        starts = [0]
+        for t in tables[:-1]:
+            starts.append(starts[-1] + t.num_rows)
+        return cls(p, index, info, table, starts[:len(tables)])
 
     # ------------------------------------------------------------------ facts
 
@@ -159,9 +168,21 @@ class VectorIndex:
             raise InputError(f"position {position} is outside the index (0..{len(self) - 1})")
         return self._table.slice(position, 1).to_pylist()[0]
 
+    def field(self, position: int) -> str:
+        """The metadata column that holds the item at `position`: image_path, or the text's column
+        in the embed run it came from (`caption` in indexes older than text_fields)."""
+        if self.modality == "image":
+            return "image_path"
+        fields = self.info.get("text_fields") or []
+        file = bisect.bisect_right(self._starts, position) - 1
+        return fields[file] if 0 <= file < len(fields) else "caption"
+
+    def _item(self, row: dict, position: int) -> str:
+        value = row.get(self.field(position))
+        return "" if value is None else str(value)  # a missing value is no text, not "None"
+
     def item(self, position: int) -> str:
-        row = self.metadata(position)
-        return str(row.get("image_path") if self.modality == "image" else row.get("caption"))
+        return self._item(self.metadata(position), position)
 
     def vector(self, position: int) -> np.ndarray:
         """The stored vector (decoded: approximate for quantized indexes)."""
@@ -187,14 +208,15 @@ class VectorIndex:
         for row_scores, row_ids in zip(scores, ids):
             valid = [(int(i), float(s)) for i, s in zip(row_ids, row_scores) if i >= 0]
             rows = self._table.take([i for i, _ in valid]).to_pylist() if valid else []
-            field = "image_path" if self.modality == "image" else "caption"
-            out.append([Hit(i, s, str(row.get(field)), row) for (i, s), row in zip(valid, rows)])
+            out.append([Hit(i, s, self._item(row, i), row, self.field(i)) for (i, s), row in zip(valid, rows)])
         return out
 
     # ------------------------------------------------------------------ growing
 
-    def add(self, vectors: np.ndarray, metadata: list[dict], source: str | None = None) -> int:
-        """Append vectors and their metadata rows (one parquet file per call); returns the new size."""
+    def add(self, vectors: np.ndarray, metadata: list[dict], source: str | None = None,
+            text_field: str = "caption") -> int:
+        """Append vectors and their metadata rows (one parquet file per call; `text_field`: the
+        column of the rows that holds a text index's texts); returns the new size."""
         import faiss
 
         from .embed import save_parquet
@@ -220,6 +242,9 @@ class VectorIndex:
                 info = {**self.info, "index_file": index_file, "metadata_files": self.info["metadata_files"] + [name],
                         "size": int(self.faiss_index.ntotal),
                         "sources": self.info["sources"] + ([source] if source else [])}
+                if self.modality == "text":  # runs differ: a text table keeps its own column's name
+                    old = self.info.get("text_fields") or ["caption"] * n
+                    info["text_fields"] = old + [text_field]
                 write_json_atomic(self.path / INFO_FILE, info)  # the commit
             except BaseException:
                 if self.faiss_index.ntotal != before:  # back to what the directory still holds
@@ -227,6 +252,7 @@ class VectorIndex:
                     _direct_map(self.faiss_index)
                 raise
             self.info = info
+            self._starts.append(before)
             remove_leftovers(self.path, keep=index_file)
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -267,8 +293,9 @@ def _train_sample(vectors: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
 def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str | os.PathLike, *,
                       model: str | None = None, modality: str = "image", metadata: list[dict] | None = None,
                       memory: str | int | None = None, source: str | None = None,
-                      checkpoint: dict | None = None) -> VectorIndex:
-    """Build an index directory from vectors in memory (`items` become image_path or caption)."""
+                      checkpoint: dict | None = None, text_field: str = "caption") -> VectorIndex:
+    """Build an index directory from vectors in memory (`items` become image_path or caption;
+    `text_field`: the column of `metadata` that holds a text index's texts)."""
     import faiss
 
 
@@ -278,7 +305,7 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     if v.ndim != 2 or len(v) == 0:
         raise DataError(f"no vectors to index (shape {list(v.shape)})")
     if metadata is None:
-        field = "image_path" if modality == "image" else "caption"
+        field, text_field = ("image_path" if modality == "image" else "caption"), "caption"
         metadata = [{field: item} for item in (items or [str(i) for i in range(len(v))])]
     if len(metadata) != len(v):
         raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
@@ -299,7 +326,7 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     built = VectorIndex(out, index, info, None)
     if hasattr(index, "nprobe"):
         index.nprobe = nprobe
-    built.add(v, metadata, source)
+    built.add(v, metadata, source, text_field)
     return built
 
 
@@ -308,7 +335,8 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory
     """An index of a finished `flava embed` directory (its image vectors, or its texts for a text run)."""
     e = read_embeddings(embeddings, which)
     return index_from_arrays(e.vectors, None, output, model=e.model, modality=e.modality, metadata=e.metadata,
-                             memory=memory, source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint)
+                             memory=memory, source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint,
+                             text_field=e.text_field)
 
 
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
@@ -328,7 +356,7 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
                             f"embed with the same model")
         if str(Path(embeddings).resolve()) in index.info["sources"]:
             raise DataError(f"{embeddings} is already in the index {index_dir}")
-        index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()))
+        index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()), e.text_field)
         return index
 
 
