@@ -338,6 +338,16 @@ def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, ca
     assert [json.loads(line)["true_label"] for line in out.read_text().splitlines()] == ["a", "b", "a", "b"]
 
 
+def test_a_vqa_tables_misspelt_column_is_named_with_the_nearest(tmp_path):
+    from flava.evaluate.readers.user_files import read_multimodal_table
+
+    png(tmp_path / "0.png")
+    write(tmp_path / "q.jsonl", [json.dumps({"image": "0.png", "questoin": "how many?", "answer": "2"})])
+    with pytest.raises(DataError, match=r"no \(or an empty\) 'text' or 'question' \(fields: image, questoin, "
+                                        r"answer; the nearest is 'questoin'\)"):
+        read_multimodal_table(tmp_path / "q.jsonl", kind="vqa")
+
+
 def test_easy_vqa_task_splits_by_image():
     task = easy_vqa_data(val_fraction=0.2, seed=0, limit=300)
     assert (len(task.train), len(task.val), len(task.test)) == (300, 300, 300) and task.kind == "vqa"

@@ -27,7 +27,7 @@ import difflib
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -78,10 +78,18 @@ class Table:
             if name in self.columns:
                 return name
         wanted = " or ".join(map(repr, names))
-        close = difflib.get_close_matches(names[0], self.columns, n=1, cutoff=0.5)
-        nearest = f"; the nearest is {close[0]!r}" if close else ""
+        close = nearest(names, self.columns)
+        hint = f"; the nearest is {close!r}" if close else ""
         raise DataError(f"{self.path} has no column {wanted} (columns: {', '.join(self.columns) or 'none'}"
-                        f"{nearest}); {fix or f'rename the column to {names[0]!r}'}")
+                        f"{hint}); {fix or f'rename the column to {names[0]!r}'}")
+
+
+def nearest(wanted: Sequence[str], present: Sequence[str]) -> str | None:
+    """The name in `present` closest to any of `wanted` (a VQA table's `questoin` is nearest to
+    `question`, its second name), if one is close at all."""
+    scored = [(difflib.SequenceMatcher(None, w, p).ratio(), p) for w in wanted for p in present]
+    best = max(scored, default=(0.0, None))
+    return best[1] if best[0] >= 0.5 else None
 
 
 def is_table(path: str | Path) -> bool:

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ...data.tables import SUFFIXES, Row, read_table
+from ...data.tables import SUFFIXES, Row, nearest, read_table
 from ...errors import ConfigError, DataError
 from ...finetune.examples import (
     ImageData,
@@ -26,9 +26,10 @@ def _cell(row: Row, keys: tuple[str, ...]):
         value = row.get(key)
         if value is not None and value != "":
             return value
-    present = ", ".join(k for k in row.values if k is not None)
+    names = [k for k in row.values if k is not None]
+    close = nearest(keys, [k for k in names if k not in keys])
     raise DataError(f"{row.where} has no (or an empty) {' or '.join(map(repr, keys))} "
-                    f"(fields: {present or 'none'})")
+                    f"(fields: {', '.join(names) or 'none'}" + (f"; the nearest is {close!r})" if close else ")"))
 
 
 def _image_path(base: Path, value) -> Path:
