@@ -235,9 +235,12 @@ def main() -> int:
     ap.add_argument("--draws", type=int, default=12)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--pretrain", action="store_true", help="also time `flava pretrain`, baseline and ours")
+    ap.add_argument("--main-threads", dest="main_threads", type=int, default=1,
+                    help="torch threads of the training process (1: one core for it, the other for a worker; "
+                         "2: what `flava pretrain` without workers has on 2 cores)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    torch.set_num_threads(1)  # the training process gets one core; workers take the other
+    torch.set_num_threads(args.main_threads)
     root = Path(args.root)
     shards = make_shards(root / "shards", shards=8, per=256)
     work = Path(tempfile.mkdtemp(prefix="flava-loader-"))
@@ -246,7 +249,7 @@ def main() -> int:
         impls[f"baseline {args.baseline}"] = baseline_package(args.baseline, work)
     result: dict = {"loader": {}}
     print(f"loader: 256-px photo JPEG shards -> 224-px crops + 56-px codebook views, masks, captions; "
-          f"batch {args.batch}, {os.cpu_count()} cores")
+          f"batch {args.batch}, {os.cpu_count()} cores, {args.main_threads} torch thread(s) in the training process")
     print(f"  {'loader':22s} {'workers':>7s} {'samples/s':>10s} {'per core':>9s} {'main ms/batch':>14s}")
     for workers in (int(w) for w in args.workers.split(",")):
         for name, package in impls.items():
