@@ -100,7 +100,7 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
     ({"kind": "linear-probe", "modality": "text", "train": "one_label.csv", "test": "one_label.csv"},
      "at least two classes in train; found only 'sport'"),
     ({"kind": "finetune-text", "data": "bbc-news", "settings": {"epoch": 1}},
-     r"task \d+: unknown config key 'settings.epoch'; did you mean 'epochs'"),  # where, said once
+     r"task \d+: unknown config key 'settings.epoch'; did you mean 'settings.epochs'"),  # the whole key, once
     ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": []}, "lr_sweep takes a list of positive"),
     ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4, "3e-4"]}, "lr_sweep takes a list"),
     ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4], "settings": {"lr": 1e-3}},
