@@ -72,7 +72,7 @@ def test_train_codebook_errors(tmp_path, capsys):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
     assert cli(["train-codebook", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2
-    assert "bad: none of its first 1 records makes a sample (1 unreadable image)" in capsys.readouterr().err
+    assert "bad: none of 1 records drawn from it makes a sample (1 unreadable image)" in capsys.readouterr().err
 
 
 def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):

@@ -346,6 +346,10 @@ def test_a_vqa_tables_misspelt_column_is_named_with_the_nearest(tmp_path):
     with pytest.raises(DataError, match=r"no \(or an empty\) 'text' or 'question' \(fields: image, questoin, "
                                         r"answer; the nearest is 'questoin'\)"):
         read_multimodal_table(tmp_path / "q.jsonl", kind="vqa")
+    # An empty cell of a column that is there is no misspelling: no nearest name ('image_id' is close).
+    write(tmp_path / "e.jsonl", [json.dumps({"image": "", "image_id": 3, "question": "how many?", "answer": "2"})])
+    with pytest.raises(DataError, match=r"no \(or an empty\) 'image' \(fields: image, image_id, question, answer\)$"):
+        read_multimodal_table(tmp_path / "e.jsonl", kind="vqa")
 
 
 def test_easy_vqa_task_splits_by_image():

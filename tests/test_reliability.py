@@ -190,7 +190,7 @@ def test_data_with_no_usable_sample_is_one_line_with_loader_workers_too(train_da
         del args[i - 1:i + 1]
     args += ["--max-steps", "1", "--set", f'data.images=["{tmp_path / "bad"}"]', "--set", "data.num_workers=1"]
     # Found by the source's probe before any worker starts.
-    assert "bad: none of its first 3 records makes a sample" in one_line_error(capsys, cli(args))
+    assert "bad: none of 3 records drawn from it makes a sample" in one_line_error(capsys, cli(args))
 
 
 def test_a_loader_workers_error_is_its_own_one_line():
@@ -231,13 +231,21 @@ def test_a_source_with_no_usable_sample_is_refused_before_training(train_data, t
     images = f'data.images=["{train_data / "img"}", "{tmp_path / "allbad"}"]'
     args = pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "1", "--set", images]
     err = " ".join(one_line_error(capsys, cli(args)).split())
-    assert "allbad: none of its first 2 records makes a sample (2 unreadable image); fix the data or leave the " \
-        "source out" in err
+    assert "allbad: none of 2 records drawn from it makes a sample (2 unreadable image); fix the data or leave " \
+        "the source out" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
     codebook = ["train-codebook", "--images", str(train_data / "img"), str(tmp_path / "allbad" / "0.jpg"),
                 str(tmp_path / "allbad" / "1.jpg"), "--output", str(tmp_path / "cb"), "--steps", "2"]
     err = " ".join(one_line_error(capsys, cli(codebook)).split())
-    assert "none of its first 2 records makes a sample (2 unreadable image)" in err
+    assert "none of 2 records drawn from it makes a sample (2 unreadable image)" in err
+    # Junk listed first (a folder unzipped on a Mac: __MACOSX/._*.jpg) does not condemn a source.
+    (tmp_path / "mixed").mkdir()
+    for i in range(120):
+        (tmp_path / "mixed" / f"a_junk_{i:03d}.jpg").write_bytes(b"")
+    for i in range(30):
+        (train_data / "img" / "a" / f"{i % 16}.png").link_to(tmp_path / "mixed" / f"z_good_{i:02d}.png")
+    images = f'data.images=["{tmp_path / "mixed"}"]'
+    assert cli(pretrain_args(train_data, tmp_path / "run2") + ["--max-steps", "1", "--set", images]) == 0
 
 
 def test_a_file_where_the_checkpoints_go_is_refused_before_training(train_data, tmp_path, capsys):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 
@@ -69,10 +70,12 @@ def _handle(signum: int, frame) -> None:
     if not _signum:
         _signum, _first = signum, time.monotonic()
         # Said at once (a step or a part may take a while), on stdout: a stop's one line is stderr's.
-        # os.write, not print: the handler may run while the main thread is inside a print.
-        with contextlib.suppress(OSError):
-            os.write(1, f"\n{name(signum)}: stopping at the next step or part, after saving; send it again "
-                        f"(Ctrl-C) to stop at once\n".encode())
+        # os.write, not print: the handler may run while the main thread is inside a print. Not when
+        # stdout was closed at start: descriptor 1 may be a file this process opened since.
+        if sys.__stdout__ is not None:
+            with contextlib.suppress(OSError, ValueError):
+                os.write(sys.__stdout__.fileno(), f"\n{name(signum)}: stopping at the next step or part, after "
+                                                  f"saving; send it again (Ctrl-C) to stop at once\n".encode())
     elif time.monotonic() - _first > REPEAT_WINDOW_S:
         raise Interrupted(signum)
 

@@ -28,6 +28,7 @@ from ..stopping import prepare_loader_owner, quiet_loader_worker
 from .members import BadSample
 from .samples import SampleMaker
 from .transforms import single_threaded
+from .shards import is_remote
 from .sources import Source, open_shard
 
 
@@ -289,30 +290,36 @@ class BatchStream:
         return self.maker.merge(parts)
 
     def probe(self) -> None:
-        """Refuse, before training, a source none of whose first records makes a sample: met at a
-        later draw it failed the run there (and its resume, at the same draw)."""
+        """Refuse, before training, a source none of whose records makes a sample: met at a later
+        draw it failed the run there (and its resume, at the same draw). Up to SUBSTITUTE_TRIES
+        records are tried, drawn at random (seeded) from a few local shards, as the stream draws
+        and replaces them: junk listed first (a folder's `__MACOSX/._*.jpg`) does not condemn it.
+        Remote shards are not fetched for this (every process would download one whole)."""
+        shards = [s for s in self.source.shards if not is_remote(str(getattr(s, "url", "")))]
+        if not shards:
+            return
+        rng = np.random.default_rng([self.seed, 17])
         met: Counter = Counter()
         tried = 0
-        for shard in self.source.shards[:PROBE_SHARDS]:
-            opened = open_shard(shard)
+        for k in rng.permutation(len(shards))[:PROBE_SHARDS]:
+            opened = open_shard(shards[int(k)])
             met.update(opened.rejected)
-            for k, record in enumerate(opened.records[:SUBSTITUTE_TRIES - tried]):
+            share = max(1, SUBSTITUTE_TRIES // min(PROBE_SHARDS, len(shards)))
+            for j in rng.permutation(len(opened.records))[:share]:
                 try:
-                    self.maker(self.kind, record, (self.seed, 0, k, 0))
+                    self.maker(self.kind, opened.records[int(j)], (self.seed, int(k), int(j), 0))
                     return
                 except BadSample as e:
                     met[e.kind] += 1
                 tried += 1
-            if tried >= SUBSTITUTE_TRIES:
-                break
         why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
         if tried == 0:
-            if len(self.source.shards) > PROBE_SHARDS:
-                return  # the first shards are empty: the stream moves on to the others
+            if len(shards) > PROBE_SHARDS:
+                return  # the shards drawn are empty: the stream moves on to the others
             raise DataError(f"{self.source.name}: no shard holds a usable record"
                             + (f" (met: {why})" if why else " (every one is empty)"))
-        raise DataError(f"{self.source.name}: none of its first {tried} records makes a sample ({why}); fix the "
-                        f"data or leave the source out")
+        raise DataError(f"{self.source.name}: none of {tried} records drawn from it makes a sample ({why}); fix "
+                        f"the data or leave the source out")
 
     def _lay_out(self) -> None:
         g = self.batch_size * self.world

@@ -51,9 +51,10 @@ class ModelQueue:
     """Model calls one at a time, first come first served, each in a worker thread. Callers wait
     on the event loop, holding no thread: waiting threads filled the worker pool (40), so index
     searches waited behind model calls and callers beyond 40 waited with no deadline. A caller
-    that waits longer than `timeout` seconds gets 503; one that goes away gives up its place. A
-    call whose caller went away runs to its end before the next starts (its thread cannot be
-    stopped)."""
+    that waits longer than `timeout` seconds gets 503; one cancelled while it waits gives up its
+    place (uvicorn does not cancel a request whose client disconnected: it waits its turn, as
+    before). A call whose caller was cancelled runs to its end before the next starts (its thread
+    cannot be stopped)."""
 
     def __init__(self, timeout: float):
         self.timeout = timeout

@@ -27,7 +27,8 @@ def _cell(row: Row, keys: tuple[str, ...]):
         if value is not None and value != "":
             return value
     names = [k for k in row.values if k is not None]
-    close = nearest(keys, [k for k in names if k not in keys])
+    # A hint only when no accepted name is there at all (an empty cell of one is no misspelling).
+    close = None if set(keys) & set(names) else nearest(keys, names)
     raise DataError(f"{row.where} has no (or an empty) {' or '.join(map(repr, keys))} "
                     f"(fields: {', '.join(names) or 'none'}" + (f"; the nearest is {close!r})" if close else ")"))
 
