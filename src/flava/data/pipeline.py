@@ -138,9 +138,7 @@ class Lane:
                 return shard, records, int(perm[position - c.start]), c.epoch
             empty = empty + 1 if not records else 0
             if empty > 2 * len(self.source.shards):
-                why = ", ".join(f"{n} {reason}" for reason, n in self.met.most_common())
-                raise DataError(f"{self.source.name}: no shard holds a usable record"
-                                + (f" (met: {why})" if why else " (every one is empty)"))
+                raise no_usable_record(self.source.name, self.met)
             last = c.ordinal + 1 == len(self._shards(c.epoch))
             self.cursor = Cursor(c.epoch + last, 0 if last else c.ordinal + 1, c.start + len(records))
 
@@ -209,6 +207,12 @@ class _Draws(IterableDataset):
             part = self.maker.collate(self.kind, [out[s] for s in mine]) if mine else None
             yield draw, mine, part, {j: lane.cursor for j, lane in lanes.items()}, bad, opened
             draw += 1
+
+
+def no_usable_record(name: str, met: Counter) -> DataError:
+    """A source whose shards hold no record at all: what was met reading them, or that they are empty."""
+    why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
+    return DataError(f"{name}: no shard holds a usable record" + (f" (met: {why})" if why else " (every one is empty)"))
 
 
 def _unwrapped(e: FlavaError) -> FlavaError:
@@ -312,12 +316,11 @@ class BatchStream:
                 except BadSample as e:
                     met[e.kind] += 1
                 tried += 1
-        why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
         if tried == 0:
             if len(shards) > PROBE_SHARDS:
                 return  # the shards drawn are empty: the stream moves on to the others
-            raise DataError(f"{self.source.name}: no shard holds a usable record"
-                            + (f" (met: {why})" if why else " (every one is empty)"))
+            raise no_usable_record(self.source.name, met)
+        why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
         raise DataError(f"{self.source.name}: none of {tried} records drawn from it makes a sample ({why}); fix "
                         f"the data or leave the source out")
 
