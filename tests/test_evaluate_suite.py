@@ -256,3 +256,61 @@ def test_a_test_folder_may_lack_some_of_the_training_classes(tmp_path):
     assert [(p.parent.name, int(y)) for p, y in zip(images, labels)] == [("a", 0), ("c", 2)]
     with pytest.raises(DataError, match=r"has classes \['d'\] outside the training classes \['a', 'b', 'c'\]"):
         image_folder(tmp_path / "odd", "task 1", classes)
+
+
+def _multimodal_tables(root):
+    """VQA (JSONL, ten answers a question) and image-text classification (CSV) tables of the suite's
+    colour squares, each split its own file."""
+    for split in ("train", "test"):
+        vqa, rows = [], ["image,text,label"]
+        for colour in ("red", "blue"):
+            for i in range(4 if split == "train" else 2):
+                image = f"{split}/{colour}/{i}.png"
+                vqa.append({"image": image, "question": "what colour is it?",
+                            "answers": [colour.title()] * 7 + ["purple"] * 3})
+                rows.append(f"{image},is it {colour}?,yes")
+                rows.append(f"{image},is it {'blue' if colour == 'red' else 'red'}?,no")
+        (root / f"mm_vqa_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vqa))
+        (root / f"mm_cls_{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_finetune_multimodal_reads_a_users_tables_as_finetune_does(suite_dir):
+    from flava.cli.finetune import read_task
+    from flava.data.tokenizer import TextTokenizer
+
+    _multimodal_tables(suite_dir)
+    tasks = [{"kind": "finetune-multimodal", "name": "colour vqa", "task": "vqa", "train": "mm_vqa_train.jsonl",
+              "test": "mm_vqa_test.jsonl", "settings": {"epochs": 1, "batch_size": 4}},
+             {"kind": "finetune-multimodal", "name": "colour check", "task": "image-text-classification",
+              "train": "mm_cls_train.csv", "test": "mm_cls_test.csv", "limit": 3}]
+    vqa, cls = load_suite({"name": "t", "tasks": tasks}, base=suite_dir).tasks
+    # The same examples, vocabulary and scores as `flava finetune --task vqa` reads from these files.
+    alone = read_task("vqa", str(suite_dir / "mm_vqa_train.jsonl"), None, str(suite_dir / "mm_vqa_test.jsonl"), 0.1, 0)
+    data = vqa.data.data
+    assert data.kind == "vqa" and data.label_names == alone.label_names == ["blue", "red"]
+    assert [(e.image, e.text, e.answers) for e in data.test] == [(e.image, e.text, e.answers) for e in alone.test]
+    assert data.test[0].answers == {1: 1.0} and len(data.train) + len(data.val) == 8
+    # `limit` caps each split, a seeded choice of its rows.
+    assert cls.data.data.label_names == ["no", "yes"]
+    assert (len(cls.data.data.train), len(cls.data.data.val), len(cls.data.data.test)) == (3, 2, 3)
+    model = flava.load(suite_dir / "model")
+    result = vqa.run(model, TextTokenizer(max_length=model.config.text.max_position_embeddings), lambda d, n: None)
+    assert set(result.scores) == {"vqa_score"} and 0 <= result.metrics["vqa_score"] <= 1
+
+
+@pytest.mark.parametrize("task, error", [
+    ({"train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
+     "task None must be one of vqa, image-text-classification"),
+    ({"task": "classification", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
+     "task 'classification' must be one of"),
+    ({"task": "vqa", "train": "mm_vqa_train.jsonl"}, "needs test beside train"),
+    ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "missing.jsonl"}, r"\.test: .*missing.jsonl does not exist"),
+    ({"task": "vqa", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
+     r"^task 1: .*mm_cls_train.csv, line 2 has no .*'answer' or 'answers'"),
+])
+def test_a_users_multimodal_tables_are_checked_before_any_work(suite_dir, task, error):
+    from flava.errors import ConfigError, DataError
+
+    _multimodal_tables(suite_dir)
+    with pytest.raises((ConfigError, DataError), match=error):
+        load_suite({"name": "t", "tasks": [{"kind": "finetune-multimodal", **task}]}, base=suite_dir)

@@ -1,16 +1,22 @@
 """Fine-tuning on image + text with a 2-layer head on CLS_M, the paper's VQAv2, SNLI-VE and Hateful
-Memes rows (`vqa`, `snli-ve`, `hateful-memes`) or packaged easy-vqa; `settings` and `lr_sweep` as
-`flava.evaluate.lr_sweep` reads them."""
+Memes rows (`vqa`, `snli-ve`, `hateful-memes`), packaged easy-vqa, or a user's tables (`train`, `val`,
+`test` and `task`: `vqa` or `image-text-classification`, read as `flava finetune` reads them);
+`settings` and `lr_sweep` as `flava.evaluate.lr_sweep` reads them."""
 
 from __future__ import annotations
 
-from ...errors import ConfigError
+import dataclasses
+
+from ...errors import ConfigError, DataError
 from .. import lr_sweep
 from ...finetune.examples import check_multimodal_data
 from ..readers.multimodal import easy_vqa_data, read_hateful_memes, read_snli_ve, read_vqa
+from ..readers.splits import check_limit, subsample
+from ..readers.user_files import read_multimodal_table
 from ..task_spec import TaskSpec, check_keys
 from . import TaskKind, register
 
+TABLE_TASKS = ("vqa", "image-text-classification")
 VQA_FILES = ("train_questions", "train_annotations", "train_images", "test_questions", "test_annotations",
              "test_images")
 
@@ -36,12 +42,40 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
         data = read_snli_ve(t.path(v["dir"]), t.path(v["image_root"]), limit=limit, seed=seed)
     elif "hateful-memes" in spec:
         data = read_hateful_memes(t.path(spec["hateful-memes"]), limit=limit, seed=seed)
+    elif "train" in spec and "test" in spec:
+        data = _tables(t)
+    elif "train" in spec:
+        raise ConfigError(f"{where}: a finetune-multimodal task reading tables needs test beside train (and val "
+                          "when validation should not be carved from train)")
     else:
-        raise ConfigError(f"{where}: a finetune-multimodal task needs data, vqa, snli-ve or hateful-memes")
+        raise ConfigError(f"{where}: a finetune-multimodal task needs data, vqa, snli-ve, hateful-memes, or train "
+                          "and test tables")
     check_multimodal_data(data)
     return lr_sweep.FinetuneJob(data, settings, sweep)
 
 
-register(TaskKind("finetune-multimodal", frozenset({"data", "vqa", "snli-ve", "hateful-memes", "limit", "lr_sweep"}),
+def _tables(t: TaskSpec):
+    """A user's tables, as `flava finetune --task vqa|image-text-classification` reads them; `limit`
+    caps each split as it does the benchmarks' (a seeded choice)."""
+    spec, where = t.spec, t.where
+    if spec.get("task") not in TABLE_TASKS:
+        raise ConfigError(f"{where}: task {spec.get('task')!r} must be one of {', '.join(TABLE_TASKS)} (the table's "
+                          "answer or answers column, or its label column)")
+    limit = spec.get("limit")
+    check_limit(limit)
+    paths = [t.path(spec[k], f"{where}.{k}") if k in spec else None for k in ("train", "val", "test")]
+    try:
+        data = read_multimodal_table(*paths, kind="vqa" if spec["task"] == "vqa" else "classification", seed=t.seed,
+                                     name=t.name)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    if limit is None:
+        return data
+    return dataclasses.replace(data, train=subsample(data.train, limit, t.seed),
+                               val=subsample(data.val, limit, t.seed + 1), test=subsample(data.test, limit, t.seed + 2))
+
+
+register(TaskKind("finetune-multimodal", frozenset({"data", "vqa", "snli-ve", "hateful-memes", "train", "val", "test",
+                                                    "task", "limit", "lr_sweep"}),
                   lambda spec: "multimodal", read, lr_sweep.size, lr_sweep.run, lr_sweep.pictures,
                   datasets=("easy-vqa",)))
