@@ -29,7 +29,7 @@ from ..config import ImageEncoderConfig
 from ..distributed import world
 from ..errors import ConfigError, InputError
 from ..model.encoders import ImageEncoder
-from ..model.flava import init_weights
+from ..model.flava import init_weights, trunc_normal_
 from .dino_config import DinoConfig
 
 # --------------------------------------------------------------------------- head
@@ -243,7 +243,7 @@ def init_image_encoder(encoder: ImageEncoder, std: float) -> None:
     """FLAVA's initialisation of a fresh image encoder (truncated normal weights and tokens)."""
     init_weights(encoder, std)
     for p in encoder.token_parameters():
-        nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        trunc_normal_(p, std)
 
 
 class DinoModel(nn.Module):
