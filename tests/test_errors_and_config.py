@@ -1,6 +1,7 @@
 """Configs round-trip and are strict; every bad input ends in one clear FlavaError."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -168,12 +169,20 @@ def test_truncated_bin_file(tiny, tmp_path):
         flava.load(tmp_path)
 
 
-def test_shapes_disagree_with_config(saved):
+def test_shapes_disagree_with_config(saved, capsys):
+    assert cli(["info", str(saved)]) == 0
     data = json.loads((saved / "config.json").read_text())
     data["model"]["image"]["image_size"] = 32
     (saved / "config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"wrong shape, e.g. image_encoder.pos_embed: checkpoint \[1, 65, 128\]"):
+    wrong = r"wrong shape, e.g. image_encoder.pos_embed: checkpoint \[1, 65, 128\]"
+    with pytest.raises(CheckpointError, match=wrong):
         flava.load(saved)
+    capsys.readouterr()
+    # `info` describes it, then says what every loader would.
+    assert cli(["info", str(saved)]) == 2
+    out, err = capsys.readouterr()
+    assert "image 32 px" in out and err.startswith("flava info: error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(wrong, err) and "Every command that loads it refuses it" in err
 
 
 def test_config_with_unknown_key_in_checkpoint(saved):

@@ -92,9 +92,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     raise CheckpointError(f"{path / 'config.json'} is neither a flava nor a Hugging Face FLAVA config")
 
 
-def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, origin: Path) -> None:
-    """Strict load with one readable message for missing, unexpected or mis-shaped weights."""
-    own = module.state_dict()
+def weight_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], what: str, origin: Path) -> str | None:
+    """Why weights `sd` cannot fill a module whose state dict is `own` (on any device, meta
+    included), or None when every name and shape matches."""
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in own if k in sd and sd[k].shape != own[k].shape]
@@ -109,11 +109,18 @@ def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, orig
         problems.append(f"{len(missing)} weight(s) are missing, e.g. {missing[0]}")
     if unexpected:
         problems.append(f"{len(unexpected)} weight(s) are not expected, e.g. {unexpected[0]}")
-    if problems:
-        raise CheckpointError(
-            f"{origin}: the {what} weights do not match the config: " + "; ".join(problems)
-            + ". The weights and config.json come from different models, or the file is damaged."
-        )
+    if not problems:
+        return None
+    return (f"{origin}: the {what} weights do not match the config: " + "; ".join(problems)
+            + ". The weights and config.json come from different models, or the file is damaged.")
+
+
+def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, origin: Path) -> None:
+    """Strict load with one readable message for missing, unexpected or mis-shaped weights."""
+    own = module.state_dict()
+    problem = weight_mismatch(own, sd, what, origin)
+    if problem:
+        raise CheckpointError(problem)
     with torch.no_grad():
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 

@@ -17,8 +17,12 @@ def add(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     from pathlib import Path
 
+    import torch
+
+    from ..errors import CheckpointError
     from ..finetune.taskmodel import TASK_FILE
-    from ..loading import read_checkpoint
+    from ..loading import read_checkpoint, weight_mismatch
+    from ..model.flava import FlavaModel
     from ..io.runs import resolve
 
     if (Path(args.checkpoint) / TASK_FILE).is_file():
@@ -59,6 +63,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
     post = "; a post-norm text encoder (from a BERT-family tower)" if cfg.text.norm_placement == "post" else ""
     console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "
                   f"{cfg.text.max_length} tokens; projection {cfg.projection_dim}{post}")
+    # What every loader would refuse, said here too: the shapes the config builds (on the meta
+    # device: nothing allocated) against the weights.
+    with torch.device("meta"):
+        own = FlavaModel(cfg).state_dict()
+    problem = weight_mismatch(own, ckpt.model_weights, "model", ckpt.path)
+    if problem:
+        raise CheckpointError(problem + " Every command that loads it refuses it.")
 
 
 def _task_model(path, console: Console) -> None:
