@@ -155,6 +155,27 @@ def test_weights_unlike_their_checksums_are_refused(saved):
     flava.load(saved)
 
 
+def test_training_state_is_written_without_the_zips_crc_its_checksum_covers_it(tmp_path):
+    import zipfile
+
+    from flava.io.checkpoint import damage, save_state, write_checksums
+
+    state = {"step": 3, "optimizer": {"state": {0: {"exp_avg": torch.randn(4096)}}}}
+    save_state(state, tmp_path / "state.pt")
+    assert torch.serialization.get_crc32_options()  # the process's own setting is left as it was
+    with zipfile.ZipFile(tmp_path / "state.pt") as z:
+        assert {i.CRC for i in z.infolist()} == {0}  # torch computed none
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert torch.equal(loaded["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+    write_checksums(tmp_path)
+    assert damage(tmp_path) is None
+    data = bytearray((tmp_path / "state.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit of a tensor's bytes: the file still loads
+    (tmp_path / "state.pt").write_bytes(bytes(data))
+    torch.load(tmp_path / "state.pt", weights_only=True)
+    assert "state.pt is not the file that was written" in damage(tmp_path)
+
+
 def test_truncated_bin_file(tiny, tmp_path):
     import transformers
 

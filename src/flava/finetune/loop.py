@@ -19,7 +19,7 @@ from .. import stopping
 from ..config import check, differences, said
 from ..data.tokenizer import TextTokenizer
 from ..errors import CheckpointError, ConfigError, first_line
-from ..io.checkpoint import damage, write_checksums
+from ..io.checkpoint import damage, save_state, write_checksums
 from ..io.files import replace_dir
 from ..model.flava import FlavaModel, init_weights
 from ..optim import build_optimizer, warmup_cosine
@@ -67,7 +67,7 @@ def _loss(kind: str, logits: torch.Tensor, split: Split, idx: torch.Tensor, num_
 
 def _save_state(resumable: Resumable, state: dict) -> None:
     def fill(tmp: Path) -> None:
-        torch.save(state, tmp / "state.pt")
+        save_state(state, tmp / "state.pt")
         write_checksums(tmp)
 
     replace_dir(resumable.directory, fill)

@@ -30,7 +30,8 @@ from safetensors import SafetensorError
 from ..config import to_dict
 from ..errors import CheckpointError
 from ..loading import Checkpoint, load_weights, read_checkpoint
-from ..io.checkpoint import PARTS, damage, split_parts, write_checkpoint_dir, write_checkpoint_files, write_checksums
+from ..io.checkpoint import (PARTS, damage, save_state, split_parts, write_checkpoint_dir, write_checkpoint_files,
+                             write_checksums)
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
 
@@ -185,7 +186,7 @@ class CheckpointManager:
         def fill(tmp: Path) -> None:
             write_checkpoint_files(tmp, to_dict(model.config), split,
                                    extra={"objectives": to_dict(model.objectives), "train": to_dict(parts.settings)})
-            torch.save(state, tmp / STATE)
+            save_state(state, tmp / STATE)
             write_json_atomic(tmp / STREAMS, streams)
             if hasattr(parts.stage, "write_files"):
                 parts.stage.write_files(tmp)

@@ -37,7 +37,8 @@ from ..data.sources import Source
 from ..data.transforms import map_pixels
 from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, first_line
-from ..io.checkpoint import check_replaceable, damage, write_checkpoint_dir, write_checkpoint_files, write_checksums
+from ..io.checkpoint import (check_replaceable, damage, save_state, write_checkpoint_dir, write_checkpoint_files,
+                             write_checksums)
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
 from ..io.runs import CODEBOOK_STATE, RunDir, codebook_progress, codebook_state
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
@@ -194,7 +195,7 @@ class CodebookRun:
             weights = {**{f"encoder.{k}": v for k, v in self.encoder.state_dict().items()},
                        **{f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}}
             save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+            save_state(self.opt.state_dict(), tmp / "optimizer.pt")
             write_json_atomic(tmp / "state.json", {**meta, "step": self.step, "history": self.history,
                                                    "start": self.start_metrics, "stream": self.stream.state()})
             write_checksums(tmp)
