@@ -548,3 +548,22 @@ def test_a_resumed_runs_summary_is_the_whole_runs(train_data, tmp_path, capsys):
     a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, cut))
     assert a["first"] == pytest.approx(b["first"], abs=1e-6) and a["last"] == pytest.approx(b["last"], abs=1e-6)
     assert set(a["first"]) == set(a["last"])
+
+
+def test_init_says_where_the_checkpoints_model_differs_from_the_configs(tmp_path):
+    from flava.train.config import TrainConfig
+    from flava.train.pretraining import PretrainingStage
+
+    def stage(model):
+        s = PretrainingStage(TrainConfig(model=model, init=str(tmp_path)))
+        s.build()
+        return s
+
+    cfg = preset("tiny")
+    cfg.image.image_size = 96
+    flava.FlavaModel(cfg).save_pretrained(tmp_path)
+    assert stage(preset("tiny")).initialised["model"] == (f"the whole model from init={tmp_path}; its settings, not "
+                                                          "the config's: image.image_size 96 (the config's 64)")
+    same = stage(cfg)
+    assert same.initialised["model"] == f"the whole model from init={tmp_path}"
+    assert same.model.model.config.image.image_size == 96

@@ -26,6 +26,7 @@ from ..model.layers import Block
 from ..objectives.chunks import plan_chunks
 from ..objectives.pretraining import PretrainingModel
 from ..objectives.registry import active, needs_image_tokens
+from ..typed import differences
 from .stage import Stage, StageOutput
 
 
@@ -58,9 +59,11 @@ class PretrainingStage(Stage):
         from .init import checkpoint_tokenizer, text_source
 
         base = read_checkpoint(cfg.init) if cfg.init else None
+        asked = cfg.model
         model_cfg = base.config if base is not None else cfg.model
         self.tokenizer: str | None = checkpoint_tokenizer(base.path) if base is not None else None
         followed = ""
+        self.initialised: dict[str, str] = {}
         if cfg.init_text:
             source = text_source(cfg.init_text)
             text = following(model_cfg.text, source.config)
@@ -81,14 +84,19 @@ class PretrainingStage(Stage):
         cfg.model = model_cfg  # the data pipeline and the saved settings must match the model built
         if base is not None:
             self.model, _ = pretraining_from_checkpoint(base, cfg.objectives, codebook)
+            # The checkpoint's model replaces the config's (a preset's or a file's) whole: say where they differ.
+            shaped = [f"{k} {now}" + (f" (the config's {was})" if was is not None else "")
+                      for k, (was, now) in differences(to_dict(asked), to_dict(base.config)).items()]
+            self.initialised["model"] = f"the whole model from init={cfg.init}" + (
+                "; its settings, not the config's: " + ", ".join(shaped[:6]) + (", ..." if len(shaped) > 6 else "")
+                if shaped else "")
         else:
             self.model = PretrainingModel(model_cfg, cfg.objectives, codebook=codebook)
-        self.initialised: dict[str, str] = {}
         if cfg.init_image or cfg.init_text or cfg.init_multimodal:
             from .init import initialise_encoders
 
-            self.initialised = initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
-                                                   multimodal=cfg.init_multimodal, image_size=cfg.init_image_size)
+            self.initialised |= initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
+                                                    multimodal=cfg.init_multimodal, image_size=cfg.init_image_size)
             if followed:
                 self.initialised["text"] += followed
         cfg.model = self.model.config  # the data pipeline must match the model (a checkpoint's, a tower's)
