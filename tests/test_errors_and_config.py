@@ -155,14 +155,22 @@ def test_weights_unlike_their_checksums_are_refused(saved):
     flava.load(saved)
 
 
-def test_training_state_is_written_without_the_zips_crc_its_checksum_covers_it(tmp_path):
+@pytest.mark.skipif(not hasattr(torch.serialization, "set_crc32_options"),
+                    reason="torch before 2.5 always writes the CRC")
+def test_training_state_is_written_without_the_zips_crc_its_checksum_covers_it(tmp_path, monkeypatch):
     import zipfile
 
+    import flava.io.checkpoint as storage
     from flava.io.checkpoint import damage, save_state, write_checksums
 
     state = {"step": 3, "optimizer": {"state": {0: {"exp_avg": torch.randn(4096)}}}}
     save_state(state, tmp_path / "state.pt")
     assert torch.serialization.get_crc32_options()  # the process's own setting is left as it was
+    with monkeypatch.context() as m:  # and after a failed write too
+        m.setattr(storage.torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "No space left")))
+        with pytest.raises(OSError):
+            save_state(state, tmp_path / "other.pt")
+    assert torch.serialization.get_crc32_options()
     with zipfile.ZipFile(tmp_path / "state.pt") as z:
         assert {i.CRC for i in z.infolist()} == {0}  # torch computed none
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
@@ -204,6 +212,26 @@ def test_shapes_disagree_with_config(saved, capsys):
     out, err = capsys.readouterr()
     assert "image 32 px" in out and err.startswith("flava info: error: ") and len(err.strip().splitlines()) == 1
     assert re.search(wrong, err) and "Every command that loads it refuses it" in err
+
+
+def test_info_says_a_codebook_or_heads_its_config_does_not_build(tmp_path, capsys):
+    from flava.io.checkpoint import save_checkpoint
+    from flava.objectives.pretraining import PretrainingModel
+
+    cfg = preset("tiny")
+    save_checkpoint(tmp_path / "cb", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+    PretrainingModel(cfg).save_pretrained(tmp_path / "pm")
+    assert cli(["info", str(tmp_path / "cb")]) == 0 and cli(["info", str(tmp_path / "pm")]) == 0
+    for name, key, value in (("cb", "codebook", {"hidden_size": 8}), ("pm", "image", {"vocab_size": 64})):
+        data = json.loads((tmp_path / name / "config.json").read_text())
+        data["model"][key].update(value)
+        (tmp_path / name / "config.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert cli(["info", str(tmp_path / "cb")]) == 2
+    assert "the codebook weights do not match the config" in capsys.readouterr().err
+    assert cli(["info", str(tmp_path / "pm")]) == 2
+    assert re.search(r"the (mim|mmm_image) head weights do not match the config: .* wrong shape",
+                     capsys.readouterr().err)
 
 
 def test_config_with_unknown_key_in_checkpoint(saved):

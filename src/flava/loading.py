@@ -148,7 +148,7 @@ def pretraining_from_checkpoint(ckpt: Checkpoint, objectives: ObjectivesConfig |
         notes.append("the checkpoint has no pretraining heads; they are newly initialised")
     else:  # heads of objectives this config did not choose are dropped; missing ones start fresh
         for name, head in heads.named_children():
-            own = {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")}
+            own = _head_weights(saved, name)
             if own:
                 load_weights(head, own, f"{name} head", ckpt.path)
             else:
@@ -165,6 +165,32 @@ def pretraining_from_checkpoint(ckpt: Checkpoint, objectives: ObjectivesConfig |
     except ConfigError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
     return pm, notes
+
+
+def _head_weights(saved: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    return {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")}
+
+
+def checkpoint_mismatch(ckpt: Checkpoint) -> str | None:
+    """Why a loader would refuse the checkpoint's model, heads or codebook (weights whose names or
+    shapes its config does not build), or None. Built on the meta device: nothing is allocated."""
+    cfg, parts = ckpt.config, ckpt.parts
+    with torch.device("meta"):
+        if parts.get("model"):
+            problem = weight_mismatch(FlavaModel(cfg).state_dict(), parts["model"], "model", ckpt.path)
+            if problem:
+                return problem
+        if parts.get("heads"):
+            objectives = from_dict(ObjectivesConfig, ckpt.extra.get("objectives", {}), "objectives")
+            for name, head in PretrainingHeads(cfg, objectives).named_children():
+                own = _head_weights(parts["heads"], name)
+                problem = weight_mismatch(head.state_dict(), own, f"{name} head", ckpt.path) if own else None
+                if problem:
+                    return problem
+        if parts.get("codebook"):
+            return weight_mismatch(FlavaImageCodebook(cfg.codebook).state_dict(), parts["codebook"], "codebook",
+                                   ckpt.path)
+    return None
 
 
 def load(

@@ -17,12 +17,8 @@ def add(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     from pathlib import Path
 
-    import torch
-
-    from ..errors import CheckpointError
     from ..finetune.taskmodel import TASK_FILE
-    from ..loading import read_checkpoint, weight_mismatch
-    from ..model.flava import FlavaModel
+    from ..loading import read_checkpoint
     from ..io.runs import resolve
 
     if (Path(args.checkpoint) / TASK_FILE).is_file():
@@ -36,7 +32,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
                       f"({cfg.image.grid_size}x{cfg.image.grid_size} per image), "
                       f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M parameters; pretraining takes it with "
                       f"--set codebook={ckpt.path}")
-        return
+        return _refused(ckpt)
     if not ckpt.parts.get("model") and ckpt.parts.get("dino"):
         sd = ckpt.parts["dino"]
         teacher = sum(v.numel() for k, v in sd.items() if k.startswith("teacher.backbone.")) / 1e6
@@ -63,11 +59,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
     post = "; a post-norm text encoder (from a BERT-family tower)" if cfg.text.norm_placement == "post" else ""
     console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "
                   f"{cfg.text.max_length} tokens; projection {cfg.projection_dim}{post}")
-    # What every loader would refuse, said here too: the shapes the config builds (on the meta
-    # device: nothing allocated) against the weights.
-    with torch.device("meta"):
-        own = FlavaModel(cfg).state_dict()
-    problem = weight_mismatch(own, ckpt.model_weights, "model", ckpt.path)
+    _refused(ckpt)
+
+
+def _refused(ckpt) -> None:
+    """What every loader would refuse, said after the description: weights the config does not build."""
+    from ..errors import CheckpointError
+    from ..loading import checkpoint_mismatch
+
+    problem = checkpoint_mismatch(ckpt)
     if problem:
         raise CheckpointError(problem + " Every command that loads it refuses it.")
 

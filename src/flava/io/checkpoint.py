@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -103,20 +104,27 @@ def save_checkpoint(directory: str | os.PathLike, model_config: dict[str, Any], 
     write_checkpoint_dir(directory, lambda tmp: write_checkpoint_files(tmp, model_config, parts, extra))
 
 
+# torch's CRC setting is process-wide: saves of our own take turns, so one cannot restore it
+# under another.
+_CRC_SETTING = threading.Lock()
+
+
 def save_state(obj: Any, path: Path) -> None:
     """`torch.save` without the CRC-32 its zip format computes over every record: a directory
     holding it gets `write_checksums` (SHA-256 of every file), so the CRC was a second pass over
-    every byte, half of torch.save's time. The file loads as any torch.save file does."""
+    every byte, half of torch.save's time (torch.load never checks it). The setting is the
+    process's while the file is written: another thread's torch.save meanwhile writes no CRC either."""
     setting = getattr(torch.serialization, "set_crc32_options", None)  # torch >= 2.5
     if setting is None:
         torch.save(obj, path)
         return
-    before = torch.serialization.get_crc32_options()
-    setting(False)
-    try:
-        torch.save(obj, path)
-    finally:
-        setting(before)
+    with _CRC_SETTING:
+        before = torch.serialization.get_crc32_options()
+        setting(False)
+        try:
+            torch.save(obj, path)
+        finally:
+            setting(before)
 
 
 def write_checksums(directory: Path) -> None:
