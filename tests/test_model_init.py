@@ -21,7 +21,8 @@ def test_the_truncated_normal_is_the_distribution_torch_samples():
     torch.manual_seed(0)
     assert torch.equal(trunc_normal_(torch.empty(n), std), ours)  # a function of the seed
     theirs = nn.init.trunc_normal_(torch.empty(n), std=std, a=-2 * std, b=2 * std)
-    assert ours.abs().max() <= 2 * std
+    # The bounds come from the CDF, not from clamping a wider draw: no mass piles up at ±2 std.
+    assert (ours.abs() >= 2 * std * (1 - 1e-6)).sum() <= 2
     # Kolmogorov-Smirnov below its 1 % critical value, against the exact law and against torch's draw.
     critical = 1.63 / math.sqrt(n)
     assert stats.kstest(ours.numpy() / std, stats.truncnorm(-2, 2).cdf).statistic < critical

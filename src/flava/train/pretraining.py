@@ -30,6 +30,16 @@ from ..typed import differences
 from .stage import Stage, StageOutput
 
 
+def _whole_model(init: str, asked, built) -> str:
+    """What init= did: the checkpoint's model replaces the config's (a preset's or a file's) whole,
+    settings included; the encoders' settings first, the codebook's last."""
+    changed = sorted(differences(to_dict(asked), to_dict(built)).items(), key=lambda kv: kv[0].startswith("codebook."))
+    shaped = [f"{k} {now}" + (f" (the config's {was})" if was is not None else "") for k, (was, now) in changed]
+    more = f" and {len(shaped) - 6} more" if len(shaped) > 6 else ""
+    return f"the whole model from init={init}" + ("; its settings, not the config's: " + ", ".join(shaped[:6]) + more
+                                                  if shaped else "")
+
+
 class PretrainingStage(Stage):
     """The joint stage and the unimodal ones: which encoders train follows from the data kinds."""
 
@@ -84,22 +94,18 @@ class PretrainingStage(Stage):
         cfg.model = model_cfg  # the data pipeline and the saved settings must match the model built
         if base is not None:
             self.model, _ = pretraining_from_checkpoint(base, cfg.objectives, codebook)
-            # The checkpoint's model replaces the config's (a preset's or a file's) whole: say where they differ.
-            shaped = [f"{k} {now}" + (f" (the config's {was})" if was is not None else "")
-                      for k, (was, now) in differences(to_dict(asked), to_dict(base.config)).items()]
-            self.initialised["model"] = f"the whole model from init={cfg.init}" + (
-                "; its settings, not the config's: " + ", ".join(shaped[:6]) + (", ..." if len(shaped) > 6 else "")
-                if shaped else "")
         else:
             self.model = PretrainingModel(model_cfg, cfg.objectives, codebook=codebook)
         if cfg.init_image or cfg.init_text or cfg.init_multimodal:
             from .init import initialise_encoders
 
-            self.initialised |= initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
-                                                    multimodal=cfg.init_multimodal, image_size=cfg.init_image_size)
+            self.initialised = initialise_encoders(self.model, image=cfg.init_image, text=cfg.init_text,
+                                                   multimodal=cfg.init_multimodal, image_size=cfg.init_image_size)
             if followed:
                 self.initialised["text"] += followed
         cfg.model = self.model.config  # the data pipeline must match the model (a checkpoint's, a tower's)
+        if base is not None:
+            self.initialised = {"model": _whole_model(cfg.init, asked, cfg.model), **self.initialised}
         self.model.model.processor = Processor.from_config(self.model.config, self.tokenizer)
         return self.initialised
 

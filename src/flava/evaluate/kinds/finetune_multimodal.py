@@ -17,6 +17,7 @@ from ..task_spec import TaskSpec, check_keys
 from . import TaskKind, register
 
 TABLE_TASKS = ("vqa", "image-text-classification")
+TABLE_KEYS = ("train", "val", "test")
 VQA_FILES = ("train_questions", "train_annotations", "train_images", "test_questions", "test_annotations",
              "test_images")
 
@@ -24,6 +25,10 @@ VQA_FILES = ("train_questions", "train_annotations", "train_images", "test_quest
 def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
     settings, sweep = lr_sweep.read_settings(t)
     spec, where, limit, seed = t.spec, t.where, t.spec.get("limit"), t.seed
+    sources = [k for k in ("data", "vqa", "snli-ve", "hateful-memes") if k in spec]
+    table = [k for k in (*TABLE_KEYS, "task") if k in spec]
+    if len(sources) > 1 or (sources and table):
+        raise ConfigError(f"{where}: one data source a task: {', '.join(sources + table)} were given together")
     if t.data == "easy-vqa":
         data = easy_vqa_data(seed=seed, limit=limit)
     elif "vqa" in spec:
@@ -44,8 +49,8 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
         data = read_hateful_memes(t.path(spec["hateful-memes"]), limit=limit, seed=seed)
     elif "train" in spec and "test" in spec:
         data = _tables(t)
-    elif "train" in spec:
-        raise ConfigError(f"{where}: a finetune-multimodal task reading tables needs test beside train (and val "
+    elif table:
+        raise ConfigError(f"{where}: a finetune-multimodal task reading tables needs train and test (and val "
                           "when validation should not be carved from train)")
     else:
         raise ConfigError(f"{where}: a finetune-multimodal task needs data, vqa, snli-ve, hateful-memes, or train "
@@ -55,8 +60,8 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
 
 
 def _tables(t: TaskSpec):
-    """A user's tables, as `flava finetune --task vqa|image-text-classification` reads them; `limit`
-    caps each split as it does the benchmarks' (a seeded choice)."""
+    """A user's tables, as `flava finetune --task vqa|image-text-classification` reads them (VQA's
+    answer vocabulary from the whole training table); `limit` then caps each split, a seeded choice."""
     spec, where = t.spec, t.where
     if spec.get("task") not in TABLE_TASKS:
         raise ConfigError(f"{where}: task {spec.get('task')!r} must be one of {', '.join(TABLE_TASKS)} (the table's "
