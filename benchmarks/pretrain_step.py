@@ -11,6 +11,8 @@ tensor memory allocated during one step (torch.profiler events), optimizer state
 
 `--sync-free` also times the prepared step in `flava.syncs.sync_free()`, the forms the trainer runs
 on a GPU (masked instead of skipped padding, losses over the host's counts), here on the CPU.
+`--bf16` also times the prepared step under bfloat16 autocast on the CPU (`precision=bf16`), which
+CPUs with AMX or AVX512-BF16 run in hardware.
 `--baseline REV` also times both flava steps of the `src/flava` of git revision REV (imported
 under another name, the same weights and inputs), interleaved with ours: a before/after ratio that
 a shared machine's changing load does not skew.
@@ -49,6 +51,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sync-free", action="store_true")
+    ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--baseline")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -120,6 +123,12 @@ def main() -> int:
                 return step_ours(counted)
 
         steps["sync_free"] = step_sync_free
+    if args.bf16:
+        def step_bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):  # as the trainer's precision=bf16
+                return step_ours(prepared)
+
+        steps["bf16"] = step_bf16
     if args.baseline:
         steps.update(baseline_steps(args.baseline, args.preset, ours, batch, prepared))
     times = {k: [] for k in steps}
@@ -143,6 +152,10 @@ def main() -> int:
         result["flava_sync_free_s"] = med["sync_free"]
         print(f"flava, prepared, sync_free {med['sync_free']:.2f} s/step  peak mem {mem['sync_free']:.0f} MiB  "
               f"{med['sync_free'] / med['prepared']:.2f}x the prepared step's time")
+    if args.bf16:
+        result["flava_bf16_s"] = med["bf16"]
+        print(f"flava, prepared, bf16 autocast {med['bf16']:.2f} s/step  peak mem {mem['bf16']:.0f} MiB  "
+              f"speedup over float32 {med['prepared'] / med['bf16']:.2f}x")
     if args.baseline:
         for name in ("ours", "prepared"):
             result[f"baseline_{name}_s"] = med[f"baseline_{name}"]
