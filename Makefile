@@ -45,6 +45,7 @@ bench: install
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/pretrain_step.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/data.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/loader.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/startup.py
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/flava demo
