@@ -365,3 +365,31 @@ def test_a_resized_model_processes_images_at_its_new_size():
     m.encode_image([Image.new("RGB", (50, 50))])  # the processor exists before the resize
     m.resize_image(2 * size)
     assert m.processor.image_size == 2 * size and m.encode_image([Image.new("RGB", (50, 50))]).shape[0] == 1
+
+
+def test_the_datas_text_is_shown_as_written_never_as_markup(tiny_model, photos, tmp_path, capsys):
+    from rich.console import Console
+
+    from flava.evaluate.results import SuiteResult, TaskResult
+    from flava.evaluate.run import results_table
+
+    rows = [{"text": "photo [/credits] x", "id": "[red]7"}, {"text": "[bold]loud[/bold] y", "id": "8"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.jsonl"),
+                "--output", str(tmp_path / "emb")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
+    capsys.readouterr()
+    # A closing tag no tag opened was a traceback (rich's MarkupError); a tag that matched was eaten.
+    assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "photo", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "photo [/credits] x" in out and "[bold]loud[/bold] y" in out and "[red]7" in out
+    # Class names (a folder's) and a suite's task names too.
+    for name, colour in (("[bold]odd", "red"), ("even", "blue")):
+        (tmp_path / "marked" / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16), colour).save(tmp_path / "marked" / name / "0.png")
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(tmp_path / "marked"), "--labels"]) == 0
+    assert "[bold]odd" in capsys.readouterr().out
+    console = Console(record=True, width=120)
+    console.print(results_table([SuiteResult("s", "m", [TaskResult("[/x] probe", "linear-probe", "vision",
+                                                                   {"top-1": 50.0})])], ["m"], "t"))
+    assert "[/x] probe" in console.export_text()

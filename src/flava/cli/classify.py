@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -94,13 +95,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
     root = os.path.commonpath([str(Path(p.image).parent) for p in predictions]) if predictions else ""
     for col in ("image", "label", "probability", *(["true label"] if args.labels else [])):
         table.add_column(col)
-    for pred, t in zip(shown, truth):
-        table.add_row(os.path.relpath(pred.image, root) if root else pred.image,
-                      pred.top[0][0] if pred.top else f"[red]{pred.error}[/]",
-                      f"{pred.top[0][1]:.3f}" if pred.top else "", *([str(t)] if args.labels else []))
+    for pred, t in zip(shown, truth):  # paths, class names and errors shown as written, never as markup
+        table.add_row(escape(os.path.relpath(pred.image, root) if root else str(pred.image)),
+                      escape(pred.top[0][0]) if pred.top else f"[red]{escape(pred.error)}[/]",
+                      f"{pred.top[0][1]:.3f}" if pred.top else "", *([escape(str(t))] if args.labels else []))
     console.print(table)
     if failed:
-        console.print(f"{len(failed)} image(s) could not be read, e.g. {failed[0].image}: {failed[0].error}")
+        console.print(f"{len(failed)} image(s) could not be read, e.g. {escape(str(failed[0].image))}: "
+                      f"{escape(failed[0].error)}")
     if args.labels:
         from ..scores import confusion_matrix
 

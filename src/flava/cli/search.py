@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     extra = sorted({k for h in hits for k in h.metadata} - {"image_path", "caption"} - {h.field for h in hits})
     for col in extra:
         table.add_column(col)
-    for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), f"{h.score:.4f}", h.item,
-                      *["" if h.metadata.get(c) is None else str(h.metadata[c]) for c in extra])
+    for rank, h in enumerate(hits, 1):  # captions and metadata are the data's text, never markup
+        table.add_row(str(rank), f"{h.score:.4f}", escape(h.item),
+                      *["" if h.metadata.get(c) is None else escape(str(h.metadata[c])) for c in extra])
     console.print(table)

@@ -62,6 +62,8 @@ def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console
 
 
 def results_table(results: list[SuiteResult], labels: list[str], title: str) -> Table:
+    from rich.markup import escape
+
     table = Table(title=title)
     table.add_column("task")
     table.add_column("score")
@@ -74,7 +76,8 @@ def results_table(results: list[SuiteResult], labels: list[str], title: str) -> 
         cells = [f"[bold]{v:.2f}[/]" if average else f"{v:.2f}" for v in values]
         v = verdict(values, noise)
         mark = {"better": "[green]better[/]", "worse": "[red]worse[/]", "same": "same"}.get(v, "")
-        table.add_row(f"[bold]{task}[/]" if average else task, key, *cells, *([mark] if len(results) > 1 else []),
+        # Task names and score keys are the suite's text: shown as written, never read as markup.
+        table.add_row(f"[bold]{escape(task)}[/]" if average else escape(task), escape(key), *cells, *([mark] if len(results) > 1 else []),
                       end_section=average and task.startswith("macro"))
     return table
 
