@@ -336,6 +336,13 @@ def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, ca
     assert f"VQA score {sum(finetuned) / 4:.4f} on 4 labelled inputs" in printed and "accuracy" not in printed
     # The label written is the answers' majority, not the `answer` column beside them.
     assert [json.loads(line)["true_label"] for line in out.read_text().splitlines()] == ["a", "b", "a", "b"]
+    # A CSV keeps a row's list as JSON (it was Python's repr: ['a', 'a']).
+    assert main(["predict", "--model", "m", "--input", str(tmp_path / "q.jsonl"), "--output",
+                 str(tmp_path / "preds.csv")]) == 0
+    import csv
+
+    written = list(csv.DictReader((tmp_path / "preds.csv").open()))
+    assert json.loads(written[0]["answers"]) == ["a", "a", "a", "b"] and written[2]["answers"] == ""
 
 
 def test_a_vqa_tables_misspelt_column_is_named_with_the_nearest(tmp_path):

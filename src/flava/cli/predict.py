@@ -199,7 +199,8 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
                             lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        flat = dict(r)
+        # A list or mapping (a VQA row's answers) as JSON, not Python's repr.
+        flat = {k: json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else v for k, v in r.items()}
         if "top" in flat:
             flat["top"] = "|".join(f"{t['label']}:{t['score']:.4f}" for t in r["top"])
         writer.writerow(flat)
