@@ -2,6 +2,7 @@
 PNGs. Answers are checked against a direct `VectorIndex.search` / `Embedder` on the same inputs,
 refusals for their status and message, and the search page in real headless Chromium."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -291,15 +292,16 @@ def test_responses_are_not_held_back_by_nagle(server):
 # --------------------------------------------------------------------------- refusals
 
 
-def test_nothing_loaded_answers_409():
-    """An app with no model, index or task (uvicorn in a thread): each endpoint says what to load."""
+@contextlib.contextmanager
+def app_in_a_thread(app):
+    """A client of `app` served by uvicorn in a thread on 127.0.0.1, stopped after the block."""
     import threading
 
     import uvicorn
     from conftest import free_port
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     try:
@@ -309,6 +311,15 @@ def test_nothing_loaded_answers_409():
             time.sleep(0.02)
         client = Server.__new__(Server)
         client.url = f"http://127.0.0.1:{port}"
+        yield client
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def test_nothing_loaded_answers_409():
+    """An app with no model, index or task (uvicorn in a thread): each endpoint says what to load."""
+    with app_in_a_thread(create_app()) as client:
         assert client.get("/health")[1]["index"] is None
         for (status, body, _), flag in [
             (client.get("/search?q=dog"), "--index"),
@@ -318,10 +329,42 @@ def test_nothing_loaded_answers_409():
             (client.get("/items/0"), "--index"),
         ]:
             assert status == 409 and flag in body["error"], body
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
+
+def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path):
+    """`flava embed` over a WebDataset shard records its images as shard#offset: /items sends them."""
+    import io
+    import tarfile
+
+    from flava.cli import main as cli
+    from flava.data.members import BadSample, member_at
+
+    pngs = []
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for i, rgb in enumerate(COLOURS.values()):
+            buf = io.BytesIO()
+            Image.new("RGB", (24, 24), rgb).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+            for name, data in ((f"s{i}.png", pngs[-1]), (f"s{i}.txt", f"colour {i}".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "model")
+    assert cli(["embed", "--model", str(tmp_path / "model"), "--pairs", str(tmp_path / "00000.tar"),
+                "--output", str(tmp_path / "emb")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
+    index = VectorIndex.open(tmp_path / "idx")
+    assert index.item(0).startswith(f"{tmp_path / '00000.tar'}#")
+    with app_in_a_thread(create_app(flava.load(tmp_path / "model"), index)) as client:
+        for i, png in enumerate(pngs):
+            status, data, headers = client.get(f"/items/{i}")
+            assert status == 200 and headers["content-type"] == "image/png" and data == png
+        (tmp_path / "00000.tar").rename(tmp_path / "moved.tar")
+        status, body, _ = client.get("/items/0")
+        assert status == 404 and "is not a local file" in body["error"]
+    for offset in (0, 100, 1024):  # no header before it, not a block, a block of the first image's bytes
+        with pytest.raises(BadSample):
+            member_at(tmp_path / "moved.tar", offset)
 
 
 def test_bad_requests(server):

@@ -83,5 +83,25 @@ class Blob:
         return bytes(self.data)
 
 
+def member_at(shard: Path, offset: int) -> bytes:
+    """The bytes of the member whose data starts at `offset` of a local tar shard (what an index
+    built from shards records as `shard#offset`): its header is the 512-byte block before its data.
+    BadSample when no member's data starts there."""
+    import tarfile
+
+    if offset < 512 or offset % 512:
+        raise BadSample(f"no tar member's data starts at byte {offset}")
+    with open(shard, "rb") as f:
+        f.seek(offset - 512)
+        try:
+            info = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            raise BadSample(f"no tar member's data starts at byte {offset}") from None
+        data = f.read(info.size)
+    if not info.isfile() or len(data) != info.size:
+        raise BadSample(f"the tar member at byte {offset} is not a whole file")
+    return data
+
+
 Member = TarMember | Blob
 ImageRef = Path | Member | Image.Image

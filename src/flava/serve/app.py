@@ -11,8 +11,9 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
   `templates` ('clip', 'short', or prompts separated by '|', each with one {}) and `top_k`.
 - `POST /predict` a fine-tuned task model: JSON `{"texts": [...], "texts2": [...]?, "top_k"}` or
   multipart images + optional `text` fields.
-- `GET /items/{position}` the indexed image file at a position (only files the index records) or,
-  for a text index, `{"position", "item"}`.
+- `GET /items/{position}` the indexed image file at a position (only files the index records; an
+  image inside a local tar shard, which the index records as `shard#offset`, too) or, for a text
+  index, `{"position", "item"}`.
 - `GET /metrics` Prometheus text format: `flava_requests_total{endpoint,method,status}` and a
   summary `flava_request_latency_ms{endpoint,quantile="0.5"|"0.99"}` with `_sum`, `_count` and
   `flava_request_latency_mean_ms`; `GET /metrics?format=json` the same figures as JSON.
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -363,6 +364,10 @@ def create_app(
         if idx.modality != "image":
             return {"position": position, "item": value}
         path = Path(value)
+        shard, hash_, offset = value.rpartition("#")
+        if not path.is_file() and hash_ and offset.isdigit():  # an image inside a tar shard: shard#offset
+            data, media = await run_in_threadpool(_shard_member, Path(shard), int(offset))
+            return Response(data, media_type=media)
         if not path.is_file():
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index")
         return FileResponse(path)
@@ -378,6 +383,26 @@ def create_app(
     app.add_middleware(Guard, max_body=max_upload_bytes + FORM_OVERHEAD, metrics=metrics, router=app.router,
                        body_timeout=body_timeout, limit=max_upload_bytes)
     return app
+
+
+def _shard_member(shard: Path, offset: int) -> tuple[bytes, str]:
+    """An indexed image inside a local tar shard (`flava embed` over shards) and the media type its
+    bytes say."""
+    import io
+
+    from PIL import Image
+
+    from ..data.members import BadSample, member_at
+
+    if not shard.is_file():
+        raise ApiError(404, f"the indexed shard {shard} is not a local file (moved, or a remote one): its images are "
+                            "not served; rebuild the index from local shards")
+    try:
+        data = member_at(shard, offset)
+        with Image.open(io.BytesIO(data)) as im:
+            return data, Image.MIME.get(im.format or "", "application/octet-stream")
+    except (BadSample, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ApiError(404, f"the indexed image {shard}#{offset} cannot be read ({e}); rebuild the index") from None
 
 
 def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
