@@ -331,6 +331,67 @@ def test_nothing_loaded_answers_409():
             assert status == 409 and flag in body["error"], body
 
 
+def test_a_request_whose_client_left_gives_up_its_place_for_the_model(tmp_path, monkeypatch):
+    """uvicorn never cancels a request whose client disconnected: the queue asks, and such a
+    request (a POST's and a GET's) leaves without its model call, counted as 499."""
+    import socket
+    import threading
+
+    from flava.retrieval.embed import Embedder as Emb
+
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "model")
+    model = flava.load(tmp_path / "model")
+    index = index_from_arrays(np.eye(3, 128, dtype=np.float32), None, tmp_path / "idx", modality="text",
+                              metadata=[{"caption": c} for c in "abc"])
+    calls, release = [], threading.Event()
+    texts = Emb.texts
+
+    def recorded(self, items, *a, **k):
+        calls.append(items[0])
+        if items[0] == "slow":
+            release.wait(20)
+        return texts(self, items, *a, **k)
+
+    monkeypatch.setattr(Emb, "texts", recorded)
+
+    def waiting(client, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while client.get("/metrics?format=json")[1]["model_queue_waiting"] != n:
+            assert time.monotonic() < deadline, f"the model queue never held {n} request(s)"
+            time.sleep(0.02)
+
+    with app_in_a_thread(create_app(model, index)) as client:
+        slow = threading.Thread(target=client.post_json, args=("/embed", {"texts": ["slow"]}))
+        slow.start()
+        deadline = time.monotonic() + 10
+        while calls != ["slow"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        host, port = client.url.removeprefix("http://").split(":")
+        body = json.dumps({"texts": ["gone"]}).encode()
+        left = []
+        for n, request in enumerate([b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body,
+                                     b"GET /search?q=gone-too HTTP/1.1\r\nHost: x\r\n\r\n"], 1):
+            left.append(socket.create_connection((host, int(port)), timeout=5))
+            left[-1].sendall(request)
+            waiting(client, n)
+        for conn in left:
+            conn.close()  # both hang up while they wait
+        waiting(client, 0)  # the queue's next look (every 0.1 s) finds them gone
+        after = []
+        waits = threading.Thread(target=lambda: after.append(client.post_json("/embed", {"texts": ["after"]})))
+        waits.start()
+        waiting(client, 1)
+        release.set()
+        slow.join(20)
+        waits.join(20)
+        assert after[0][0] == 200 and calls == ["slow", "after"]
+        snapshot = client.get("/metrics?format=json")[1]
+        closed = {(r["endpoint"], r["method"]) for r in snapshot["requests"] if r["status"] == 499}
+        assert closed == {("/embed", "POST"), ("/search", "GET")}
+
+
 def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path):
     """`flava embed` over a WebDataset shard records its images as shard#offset: /items sends them."""
     import io

@@ -16,7 +16,8 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
   index, `{"position", "item"}`.
 - `GET /metrics` Prometheus text format: `flava_requests_total{endpoint,method,status}` and a
   summary `flava_request_latency_ms{endpoint,quantile="0.5"|"0.99"}` with `_sum`, `_count` and
-  `flava_request_latency_mean_ms`; `GET /metrics?format=json` the same figures as JSON.
+  `flava_request_latency_mean_ms`, and the gauge `flava_model_queue_waiting` (requests waiting for
+  the model); `GET /metrics?format=json` the same figures as JSON.
 
 The model and the index are called from Starlette's threadpool, never on the event loop. Model
 calls run one at a time (one forward pass uses every core torch has; concurrent passes would only
@@ -138,6 +139,7 @@ def create_app(
     app = FastAPI(title="flava serve", version=__version__,
                   description="Search, embed and classify with a FLAVA model.")
     app.state.metrics = metrics
+    metrics.gauges["model_queue_waiting"] = ("Requests waiting for the model.", lambda: queue.waiting)
 
     async def with_model(fn: Callable[..., T], *args) -> T:
         return await queue.call(fn, *args)

@@ -6,12 +6,14 @@ ASGI layer that bounds and times request bodies, and the handlers that answer ev
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,7 +30,7 @@ FORM_OVERHEAD = 64 * 1024
 LATENCY_WINDOW = 10_000
 """Latest requests per endpoint the latency quantiles are taken over."""
 CLIENT_CLOSED = 499
-"""The status counted for a request whose client went away before it was read (nginx's)."""
+"""The status counted for a request whose client went away before it was answered (nginx's)."""
 
 
 class ApiError(Exception):
@@ -47,38 +49,54 @@ class BodyTimeout(Exception):
     pass
 
 
+CLIENT_GONE: contextvars.ContextVar[Callable[[], Awaitable[bool]]] = contextvars.ContextVar("client_gone")
+"""Set by `Guard` for each request: whether its client has disconnected (asked without waiting)."""
+
+
+class ClientGone(Exception):
+    """The client of the request went away while it waited for the model."""
+
+
 class ModelQueue:
     """Model calls one at a time, first come first served, each in a worker thread. Callers wait
     on the event loop, holding no thread: waiting threads filled the worker pool (40), so index
     searches waited behind model calls and callers beyond 40 waited with no deadline. A caller
-    that waits longer than `timeout` seconds gets 503; one cancelled while it waits gives up its
-    place (uvicorn does not cancel a request whose client disconnected: it waits its turn, as
-    before). A call whose caller was cancelled runs to its end before the next starts (its thread
-    cannot be stopped)."""
+    that waits longer than `timeout` seconds gets 503; one cancelled while it waits, or whose
+    client disconnects (asked every `poll` seconds through `CLIENT_GONE`: uvicorn does not cancel
+    such a request), gives up its place. A call whose caller went away after it started runs to its
+    end before the next starts (its thread cannot be stopped)."""
 
-    def __init__(self, timeout: float):
-        self.timeout = timeout
+    def __init__(self, timeout: float, poll: float = 0.1):
+        self.timeout, self.poll = timeout, poll
         self._waiting: deque[asyncio.Future] = deque()
         self._busy = False
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         from starlette.concurrency import run_in_threadpool
 
+        gone = CLIENT_GONE.get(None)
         if self._busy or self._waiting:
-            await self._turn()
+            await self._turn(gone)
+            if gone is not None and await gone():  # left between the last look and its turn
+                self._release()
+                raise ClientGone
         else:
             self._busy = True
         work = asyncio.ensure_future(run_in_threadpool(fn, *args))
         work.add_done_callback(self._done)
         return await asyncio.shield(work)
 
-    async def _turn(self) -> None:
+    async def _turn(self, gone: Callable[[], Awaitable[bool]] | None) -> None:
         loop = asyncio.get_running_loop()
         turn = loop.create_future()
         self._waiting.append(turn)
         expiry = loop.call_later(self.timeout, self._expire, turn)
         try:
-            await turn
+            while not turn.done():
+                await asyncio.wait([turn], timeout=self.poll if gone is not None else None)
+                if not turn.done() and await gone():
+                    raise ClientGone
+            turn.result()  # the 503 of a caller past its deadline
         except BaseException:
             if turn.done() and not turn.cancelled() and turn.exception() is None:
                 self._release()  # handed the model just as the caller went away: pass it on
@@ -87,6 +105,11 @@ class ModelQueue:
             raise
         finally:
             expiry.cancel()
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for the model (not the one it is running for)."""
+        return len(self._waiting)
 
     def _expire(self, turn: asyncio.Future) -> None:
         if not turn.done():
@@ -117,6 +140,8 @@ class Metrics:
         self.counts: Counter[tuple[str, str, int]] = Counter()
         self.recent: dict[tuple[str, str], deque[float]] = {}
         self.totals: dict[tuple[str, str], list[float]] = {}
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        """name: (help, read), values read when asked (e.g. the model queue's length)."""
 
     def observe(self, endpoint: str, method: str, status: int, ms: float) -> None:
         with self.lock:
@@ -132,7 +157,8 @@ class Metrics:
             counts = sorted(self.counts.items())
             latency = {k: (list(v), *self.totals[k]) for k, v in sorted(self.recent.items())}
         out: dict[str, Any] = {"requests": [{"endpoint": e, "method": m, "status": s, "count": n}
-                                            for (e, m, s), n in counts], "latency_ms": []}
+                                            for (e, m, s), n in counts], "latency_ms": [],
+                               **{name: read() for name, (_, read) in self.gauges.items()}}
         for (endpoint, method), (recent, count, total) in latency.items():
             p50, p99 = np.percentile(np.asarray(recent), [50, 99]) if recent else (0.0, 0.0)
             out["latency_ms"].append({"endpoint": endpoint, "method": method, "count": int(count),
@@ -160,6 +186,8 @@ class Metrics:
         for r in snap["latency_ms"]:
             lines.append(f'flava_request_latency_mean_ms{{endpoint="{r["endpoint"]}",method="{r["method"]}"}} '
                          f'{r["mean"]:.3f}')
+        for name, (help_, _) in self.gauges.items():
+            lines += [f"# HELP flava_{name} {help_}", f"# TYPE flava_{name} gauge", f"flava_{name} {snap[name]:g}"]
         return "\n".join(lines) + "\n"
 
 
@@ -206,6 +234,25 @@ class Guard:
                 state["body_done"] = not message.get("more_body", False)
             return message
 
+        async def gone() -> bool:
+            """Whether the client disconnected, asked as Starlette's `is_disconnected` asks: a
+            receive cancelled at once unless a message is already there. Not while a body is
+            still to be read (the receive would take a part of it); a GET's empty body, which
+            no endpoint reads, is taken here."""
+            if state.get("gone"):
+                return True
+            if not state.get("body_done") and scope["method"] not in ("GET", "HEAD"):
+                return False
+            message: dict = {}
+            with anyio.CancelScope() as now:
+                now.cancel()
+                message = await receive()
+            if message.get("type") == "http.request":
+                state["body_done"] = not message.get("more_body", False)
+            state["gone"] = message.get("type") == "http.disconnect"
+            return state["gone"]
+
+        CLIENT_GONE.set(gone)
         too_large = too_large_response(self.limit)
         try:
             length = dict(scope["headers"]).get(b"content-length")
@@ -251,6 +298,11 @@ def add_error_handlers(app: FastAPI, max_body: int, body_timeout: float) -> None
     @app.exception_handler(BodyTimeout)
     async def on_body_timeout(request: Request, e: BodyTimeout):
         return body_stalled_response(body_timeout)
+
+    @app.exception_handler(ClientGone)
+    async def client_left(request: Request, e: ClientGone):
+        return JSONResponse({"error": "the client disconnected while the request waited for the model"},
+                            status_code=CLIENT_CLOSED)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, e: ClientDisconnect):
