@@ -307,7 +307,8 @@ def test_finetune_multimodal_reads_a_users_tables_as_finetune_does(suite_dir):
     ({"task": "vqa", "test": "mm_vqa_test.jsonl"}, "needs train and test"),
     ({"data": "easy-vqa", "task": "vqa", "train": "mm_vqa_train.jsonl", "test": "mm_vqa_test.jsonl"},
      "one data source a task: data, train, test, task were given together"),
-    ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "missing.jsonl"}, r"\.test: .*missing.jsonl does not exist"),
+    ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "missing.jsonl"},
+     r"\.test: .*missing.jsonl does not exist"),
     ({"task": "vqa", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
      r"^task 1: .*mm_cls_train.csv, line 2 has no .*'answer' or 'answers'"),
 ])

@@ -61,14 +61,11 @@ class Inputs:
 
 
 def vqa_row_score(prediction: str, answers: list[str]) -> float:
-    """A prediction's score as fine-tuning scores a validation or test row (`read_multimodal_table`):
-    one given answer is right outright when equal after `normalize_answer`; more are scored by the
-    official VQA accuracy (`vqa_accuracy_scores`: ten answers leave one out, other counts min(1, n/3))."""
-    from ..evaluate.readers.multimodal import normalize_answer, vqa_accuracy_scores
+    """A prediction's score as fine-tuning scores a validation or test row (`vqa_row_targets`: one
+    given answer is right outright, more are scored by the official VQA accuracy)."""
+    from ..evaluate.readers.multimodal import vqa_row_targets
 
-    if len(answers) == 1:
-        return float(normalize_answer(answers[0]) == prediction)
-    return vqa_accuracy_scores(answers, {prediction: 0}).get(0, 0.0)
+    return vqa_row_targets(answers, {prediction: 0}).get(0, 0.0)
 
 
 def _table_inputs(path: Path, tm) -> Inputs:

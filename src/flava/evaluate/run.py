@@ -77,7 +77,8 @@ def results_table(results: list[SuiteResult], labels: list[str], title: str) -> 
         v = verdict(values, noise)
         mark = {"better": "[green]better[/]", "worse": "[red]worse[/]", "same": "same"}.get(v, "")
         # Task names and score keys are the suite's text: shown as written, never read as markup.
-        table.add_row(f"[bold]{escape(task)}[/]" if average else escape(task), escape(key), *cells, *([mark] if len(results) > 1 else []),
+        table.add_row(f"[bold]{escape(task)}[/]" if average else escape(task), escape(key), *cells,
+                      *([mark] if len(results) > 1 else []),
                       end_section=average and task.startswith("macro"))
     return table
 

@@ -7,7 +7,7 @@ import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ...data.tables import Row, read_table
 from ...errors import DataError
@@ -49,6 +49,17 @@ def vqa_accuracy_scores(human_answers: Sequence[str], vocab_index: dict[str, int
     counts = Counter(h.lower() for h in stripped) if agree else Counter(normalize_answer(h) for h in stripped)
     return {vocab_index[a]: (n * min(1.0, (n - 1) / 3) + (m - n) * min(1.0, n / 3)) / m
             for a, n in counts.items() if a in vocab_index}
+
+
+def vqa_row_targets(human_answers: Sequence[str], vocab_index: dict[str, int],
+                    scores: Callable = vqa_accuracy_scores) -> dict[int, float]:
+    """A table row's answer scores (`read_multimodal_table`, `flava predict`): one given answer is
+    right outright when it equals after `normalize_answer`; more are scored by `scores`
+    (`vqa_soft_scores` for training, the official accuracy for validation and test)."""
+    if len(human_answers) == 1:
+        a = normalize_answer(human_answers[0])
+        return {vocab_index[a]: 1.0} if a in vocab_index else {}
+    return scores(human_answers, vocab_index)
 
 
 # The official VQA evaluator's answer processing (GT-Vision-Lab vqaEval.py), quirks included, so that

@@ -18,7 +18,7 @@ from ...finetune.examples import (
     check_image_data,
     check_multimodal_data,
 )
-from .multimodal import answer_vocabulary, normalize_answer, vqa_accuracy_scores, vqa_soft_scores
+from .multimodal import answer_vocabulary, normalize_answer, vqa_accuracy_scores, vqa_row_targets, vqa_soft_scores
 from .splits import val_and_test
 def _cell(row: Row, keys: tuple[str, ...]):
     """The first of `keys` that the row has and fills."""
@@ -140,14 +140,9 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
         index = {a: i for i, a in enumerate(names)}
         val_and_test(raw, val_fraction, seed, notes, group=lambda r: str(r[0]))
 
-        def targets(h: list[str], scores) -> dict[int, float]:
-            if len(h) == 1:  # one given answer is the right one outright
-                a = normalize_answer(h[0])
-                return {index[a]: 1.0} if a in index else {}
-            return scores(h, index)
-
         def examples(rows, scores):
-            return [MultimodalExample(image, text, answers=targets(h, scores)) for image, text, h in rows]
+            return [MultimodalExample(image, text, answers=vqa_row_targets(h, index, scores))
+                    for image, text, h in rows]
 
         # Trained on the soft targets, scored (validation and test) by the official VQA accuracy.
         splits = {split: examples(rows, vqa_soft_scores if split == "train" else vqa_accuracy_scores)
