@@ -8,7 +8,7 @@ import time
 import pytest
 from starlette.concurrency import run_in_threadpool
 
-from flava.serve.guard import ApiError, ModelQueue
+from flava.serve.guard import CLIENT_LEFT, ApiError, ClientGone, ModelQueue
 
 
 def test_callers_wait_in_order_without_holding_worker_threads():
@@ -93,5 +93,42 @@ def test_a_call_whose_caller_went_away_ends_before_the_next_starts():
         gate.set()
         assert await second == 1
         assert events == ["start 0", "end 0", "start 1", "end 1"]
+
+    asyncio.run(main())
+
+
+def test_a_caller_whose_client_left_gives_up_its_place_and_one_that_cannot_tell_keeps_it():
+    async def main():
+        queue, ran = ModelQueue(timeout=10), []
+        gate, hung_up = threading.Event(), asyncio.Event()
+
+        def model(i):
+            if i == 0:
+                gate.wait(10)
+            ran.append(i)
+            return i
+
+        async def leaves():  # as Guard's: returns when the client disconnects
+            await hung_up.wait()
+
+        async def cannot_tell():
+            raise RuntimeError("the server's receive failed")
+
+        async def caller(i, left):
+            CLIENT_LEFT.set(left)  # each task its own context, as each request's
+            return await queue.call(model, i)
+
+        first = asyncio.create_task(queue.call(model, 0))
+        await asyncio.sleep(0.05)
+        gone = asyncio.create_task(caller(1, leaves))
+        kept = asyncio.create_task(caller(2, cannot_tell))
+        await asyncio.sleep(0.05)
+        assert queue.waiting == 2
+        hung_up.set()
+        with pytest.raises(ClientGone):
+            await gone
+        assert queue.waiting == 1  # given up at once, while the model is still busy
+        gate.set()
+        assert await first == 0 and await kept == 2 and ran == [0, 2]
 
     asyncio.run(main())

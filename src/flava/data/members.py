@@ -83,10 +83,10 @@ class Blob:
         return bytes(self.data)
 
 
-def member_at(shard: Path, offset: int) -> bytes:
+def member_at(shard: Path, offset: int, limit: int = 64 * 2**20) -> bytes:
     """The bytes of the member whose data starts at `offset` of a local tar shard (what an index
     built from shards records as `shard#offset`): its header is the 512-byte block before its data.
-    BadSample when no member's data starts there."""
+    BadSample when no regular member's data of at most `limit` bytes starts there."""
     import tarfile
 
     if offset < 512 or offset % 512:
@@ -95,12 +95,13 @@ def member_at(shard: Path, offset: int) -> bytes:
         f.seek(offset - 512)
         try:
             info = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
-        except tarfile.HeaderError:
+        except (tarfile.HeaderError, ValueError, OverflowError):  # damaged numbers too
             raise BadSample(f"no tar member's data starts at byte {offset}") from None
-        data = f.read(info.size)
-    if not info.isfile() or len(data) != info.size:
-        raise BadSample(f"the tar member at byte {offset} is not a whole file")
-    return data
+        # A damaged header's size is not trusted with memory: at most what the file holds.
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or not 0 <= info.size <= min(
+                limit, os.fstat(f.fileno()).st_size - offset):
+            raise BadSample(f"the tar member at byte {offset} is not a whole file of at most {limit:,} bytes")
+        return f.read(info.size)
 
 
 Member = TarMember | Blob

@@ -177,7 +177,8 @@ def pair_inputs(spec: str) -> Inputs:
     images, texts, meta = [], [], []
     for record in source.records:
         ref = record.image
-        name = f"{ref.shard}#{ref.offset}" if hasattr(ref, "shard") else str(ref)
+        # The shard's absolute path: a server started in another folder finds it (serve's /items).
+        name = f"{Path(ref.shard).resolve()}#{ref.offset}" if hasattr(ref, "shard") else str(ref)
         caption = record.caption
         try:  # a shard's caption member, read now for the metadata as a table's caption is
             caption = read_caption(caption)

@@ -367,7 +367,7 @@ def create_app(
             return {"position": position, "item": value}
         path = Path(value)
         shard, hash_, offset = value.rpartition("#")
-        if not path.is_file() and hash_ and offset.isdigit():  # an image inside a tar shard: shard#offset
+        if not path.is_file() and hash_ and offset.isascii() and offset.isdigit():  # an image inside a tar shard
             data, media = await run_in_threadpool(_shard_member, Path(shard), int(offset))
             return Response(data, media_type=media)
         if not path.is_file():
@@ -394,7 +394,7 @@ def _shard_member(shard: Path, offset: int) -> tuple[bytes, str]:
 
     from PIL import Image
 
-    from ..data.members import BadSample, member_at
+    from ..data.members import member_at
 
     if not shard.is_file():
         raise ApiError(404, f"the indexed shard {shard} is not a local file (moved, or a remote one): its images are "
@@ -402,8 +402,10 @@ def _shard_member(shard: Path, offset: int) -> tuple[bytes, str]:
     try:
         data = member_at(shard, offset)
         with Image.open(io.BytesIO(data)) as im:
-            return data, Image.MIME.get(im.format or "", "application/octet-stream")
-    except (BadSample, OSError) as e:  # PIL's UnidentifiedImageError is an OSError
+            # A camera's JPEG with MPF data opens as MPO, which a browser would download, not show.
+            media = "image/jpeg" if im.format == "MPO" else Image.MIME.get(im.format or "", "application/octet-stream")
+        return data, media
+    except Exception as e:  # anything a damaged member or image raises is this item's 404
         raise ApiError(404, f"the indexed image {shard}#{offset} cannot be read ({e}); rebuild the index") from None
 
 

@@ -13,7 +13,6 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,8 +48,8 @@ class BodyTimeout(Exception):
     pass
 
 
-CLIENT_GONE: contextvars.ContextVar[Callable[[], Awaitable[bool]]] = contextvars.ContextVar("client_gone")
-"""Set by `Guard` for each request: whether its client has disconnected (asked without waiting)."""
+CLIENT_LEFT: contextvars.ContextVar[Callable[[], Awaitable[None]]] = contextvars.ContextVar("client_left")
+"""Set by `Guard` for each request: a coroutine that returns when its client disconnects."""
 
 
 class ClientGone(Exception):
@@ -62,41 +61,39 @@ class ModelQueue:
     on the event loop, holding no thread: waiting threads filled the worker pool (40), so index
     searches waited behind model calls and callers beyond 40 waited with no deadline. A caller
     that waits longer than `timeout` seconds gets 503; one cancelled while it waits, or whose
-    client disconnects (asked every `poll` seconds through `CLIENT_GONE`: uvicorn does not cancel
-    such a request), gives up its place. A call whose caller went away after it started runs to its
-    end before the next starts (its thread cannot be stopped)."""
+    client disconnects (`CLIENT_LEFT`: uvicorn does not cancel such a request), gives up its place.
+    A call whose caller went away after it started runs to its end before the next starts (its
+    thread cannot be stopped)."""
 
-    def __init__(self, timeout: float, poll: float = 0.1):
-        self.timeout, self.poll = timeout, poll
+    def __init__(self, timeout: float):
+        self.timeout = timeout
         self._waiting: deque[asyncio.Future] = deque()
         self._busy = False
 
     async def call(self, fn: Callable[..., T], *args) -> T:
         from starlette.concurrency import run_in_threadpool
 
-        gone = CLIENT_GONE.get(None)
         if self._busy or self._waiting:
-            await self._turn(gone)
-            if gone is not None and await gone():  # left between the last look and its turn
-                self._release()
-                raise ClientGone
+            await self._turn(CLIENT_LEFT.get(None))
         else:
             self._busy = True
+        # Nothing is awaited between the turn and the work: the model cannot be left held.
         work = asyncio.ensure_future(run_in_threadpool(fn, *args))
         work.add_done_callback(self._done)
         return await asyncio.shield(work)
 
-    async def _turn(self, gone: Callable[[], Awaitable[bool]] | None) -> None:
+    async def _turn(self, left: Callable[[], Awaitable[None]] | None) -> None:
         loop = asyncio.get_running_loop()
         turn = loop.create_future()
         self._waiting.append(turn)
         expiry = loop.call_later(self.timeout, self._expire, turn)
+        # One listener a waiter, blocked in its receive: costs nothing until the client leaves.
+        listener = asyncio.ensure_future(left()) if left is not None else None
         try:
-            while not turn.done():
-                await asyncio.wait([turn], timeout=self.poll if gone is not None else None)
-                if not turn.done() and await gone():
-                    raise ClientGone
-            turn.result()  # the 503 of a caller past its deadline
+            await asyncio.wait([turn, *([listener] if listener else [])], return_when=asyncio.FIRST_COMPLETED)
+            if not turn.done() and not listener.cancelled() and listener.exception() is None:
+                raise ClientGone
+            await turn  # (a listener that failed cannot tell: wait as before) the 503 past the deadline
         except BaseException:
             if turn.done() and not turn.cancelled() and turn.exception() is None:
                 self._release()  # handed the model just as the caller went away: pass it on
@@ -105,6 +102,8 @@ class ModelQueue:
             raise
         finally:
             expiry.cancel()
+            if listener is not None:
+                listener.cancel()  # a receive cancelled while it waits consumes nothing
 
     @property
     def waiting(self) -> int:
@@ -234,25 +233,16 @@ class Guard:
                 state["body_done"] = not message.get("more_body", False)
             return message
 
-        async def gone() -> bool:
-            """Whether the client disconnected, asked as Starlette's `is_disconnected` asks: a
-            receive cancelled at once unless a message is already there. Not while a body is
-            still to be read (the receive would take a part of it); a GET's empty body, which
-            no endpoint reads, is taken here."""
-            if state.get("gone"):
-                return True
+        async def left() -> None:
+            """Returns when the client disconnects. Receives only once the body is read (a
+            receive before would take a part of it) or for a GET, whose empty body no endpoint
+            reads; otherwise it cannot tell, and never returns."""
             if not state.get("body_done") and scope["method"] not in ("GET", "HEAD"):
-                return False
-            message: dict = {}
-            with anyio.CancelScope() as now:
-                now.cancel()
-                message = await receive()
-            if message.get("type") == "http.request":
-                state["body_done"] = not message.get("more_body", False)
-            state["gone"] = message.get("type") == "http.disconnect"
-            return state["gone"]
+                await asyncio.Future()
+            while (await receive())["type"] != "http.disconnect":
+                pass
 
-        CLIENT_GONE.set(gone)
+        CLIENT_LEFT.set(left)
         too_large = too_large_response(self.limit)
         try:
             length = dict(scope["headers"]).get(b"content-length")
