@@ -392,4 +392,17 @@ def test_the_datas_text_is_shown_as_written_never_as_markup(tiny_model, photos, 
     console = Console(record=True, width=120)
     console.print(results_table([SuiteResult("s", "m", [TaskResult("[/x] probe", "linear-probe", "vision",
                                                                    {"top-1": 50.0})])], ["m"], "t"))
-    assert "[/x] probe" in console.export_text()
+    from flava.evaluate.run import print_plan
+    from flava.evaluate.suite import PreparedTask, Suite
+
+    print_plan(Suite("[/s]", [PreparedTask("[/x] probe", "linear-probe", "vision", "[bold]3 rows")]), console)
+    shown = console.export_text()
+    assert shown.count("[/x] probe") == 2 and "suite [/s]" in shown and "[bold]3 rows" in shown
+    # A table's column names are the data's too, and a file name is a fine-tune's task name.
+    (tmp_path / "sized.csv").write_text("text,size [px]\nphoto,3\n")
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "sized.csv"),
+                "--output", str(tmp_path / "emb2")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "emb2"), "--output", str(tmp_path / "idx2")]) == 0
+    capsys.readouterr()
+    assert cli(["search", "--index", str(tmp_path / "idx2"), "--text", "photo", "-k", "1"]) == 0
+    assert "size [px]" in capsys.readouterr().out

@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         write_predictions(out, rows)
     failed = [p for p in predictions if p.error]
     shown = predictions[:10]
-    table = Table(title="predictions" + (f" (all in {out})" if out else
+    table = Table(title="predictions" + (f" (all in {escape(str(out))})" if out else
                                          f" (the first {len(shown)} of {len(predictions)}; --output FILE.csv writes "
                                          "them all)" if len(predictions) > len(shown) else ""))
     # Paths below the images' common folder: a class folder tells 0.png from 0.png.

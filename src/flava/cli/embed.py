@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rich.console import Console
+from rich.markup import escape
 
 
 def add(sub) -> None:
@@ -81,8 +82,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     # Resolved once: a run directory's newest checkpoint may move on while this runs.
     checkpoint = resolve_model(args.model)
     model = load_for_inference(checkpoint["path"], args.device, args.int8)  # a refusal comes before any line
-    console.print(f"embedding {len(inputs)} {inputs.modality} input(s) with {args.model}"
-                  + (f" ({describe_checkpoint(checkpoint)})" if checkpoint["path"] != model_name(args.model) else ""))
+    console.print(escape(f"embedding {len(inputs)} {inputs.modality} input(s) with {args.model}"
+                         + (f" ({describe_checkpoint(checkpoint)})" if checkpoint["path"] != model_name(args.model)
+                            else "")))
     with progress_bar(console) as bar:
         tasks: list = []
 
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
                             part_size=args.part_size, float16=args.float16, checkpoint=checkpoint, progress=progress)
     if summary.skipped_parts:
         console.print(f"{summary.skipped_parts} of {summary.parts} part(s) were already done and kept")
-    console.print(f"wrote {summary.count} embedding(s) to {summary.output}")
+    console.print(escape(f"wrote {summary.count} embedding(s) to {summary.output}"))
     if summary.failed:
         console.print("left out: " + ", ".join(f"{n} {why}" for why, n in summary.failed.most_common())
                       + f" (named in {summary.output / 'embed.json'})")

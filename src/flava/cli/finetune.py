@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 INPUTS = {
     "text-classification": "a table (CSV, TSV, JSONL, parquet) with text,label (and text2 for sentence pairs)",
@@ -152,10 +153,10 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
         console.print(f"resuming the fine-tuning stopped in {output}")
     outputs = "regression" if not task.label_names else \
         f"{len(task.label_names)} {'answers' if args.task == 'vqa' else 'labels'}"
-    console.print(f"task [bold]{task.name}[/] ({args.task}): {len(task.train)}/{len(task.val)}/"
+    console.print(f"task [bold]{escape(task.name)}[/] ({args.task}): {len(task.train)}/{len(task.val)}/"
                   f"{len(task.test) if args.test else 0} train/val/test examples, {outputs}")
     for note in task.notes:
-        console.print(f"  {note}")
+        console.print(f"  {escape(note)}")
     model, resolved = load_model(args.model)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
     if tokenizer is not None and settings.max_text_length is not None:  # refused before the progress bar
@@ -165,7 +166,7 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
                   f"lr {settings.lr:g}, {settings.epochs} epoch(s), batch {settings.batch_size}")
 
     with progress_bar(console) as progress:
-        bar = progress.add_task(f"fine-tuning {task.name}", total=None,
+        bar = progress.add_task(f"fine-tuning {escape(task.name)}", total=None,
                                 info="" if settings.train_encoders else "computing features")
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -180,7 +181,7 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
 
     best = result.val_metrics[result.eval_steps.index(result.best_step)]
     console.print(f"best validation {result.metric} at step {result.best_step} of {result.steps}")
-    table = Table(title=task.name)
+    table = Table(title=escape(task.name))
     table.add_column("metric")
     table.add_column("validation", justify="right")
     if args.test:

@@ -53,12 +53,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
         print(json.dumps([{"position": h.position, "item": h.item, "score": round(h.score, 6),
                            "metadata": h.metadata} for h in hits], ensure_ascii=False))
         return
-    table = Table(title=f"{len(hits)} nearest of {len(index)} in {args.index}")
+    table = Table(title=escape(f"{len(hits)} nearest of {len(index)} in {args.index}"))
     for col in ("#", "score", "item"):
         table.add_column(col)
     extra = sorted({k for h in hits for k in h.metadata} - {"image_path", "caption"} - {h.field for h in hits})
     for col in extra:
-        table.add_column(col)
+        table.add_column(escape(col))
     for rank, h in enumerate(hits, 1):  # captions and metadata are the data's text, never markup
         table.add_row(str(rank), f"{h.score:.4f}", escape(h.item),
                       *["" if h.metadata.get(c) is None else escape(str(h.metadata[c])) for c in extra])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ..data.tokenizer import TextTokenizer
@@ -36,9 +37,10 @@ def load_model(path: str | Path):
 
 
 def print_plan(suite: Suite, console: Console) -> None:
-    console.print(f"suite [bold]{suite.name}[/]: {len(suite.tasks)} tasks, data read and checked")
+    # Suite, task and data names are the suite's text: shown as written, never read as markup.
+    console.print(f"suite [bold]{escape(suite.name)}[/]: {len(suite.tasks)} tasks, data read and checked")
     for task in suite.tasks:
-        console.print(f"  {task.kind:<20} {task.name:<34} {task.domain:<10} {task.size}")
+        console.print(f"  {task.kind:<20} {escape(f'{task.name:<34}')} {task.domain:<10} {escape(task.size)}")
 
 
 def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console: Console) -> list[SuiteResult]:
@@ -51,7 +53,7 @@ def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console
         console.print(f"[bold]{label}[/]: {description}")
         with progress_bar(console) as progress:
             def on_task(task):
-                bar = progress.add_task(f"  {task.name}", total=None, info=task.size)
+                bar = progress.add_task(f"  {escape(task.name)}", total=None, info=escape(task.size))
 
                 def update(done: int, total: int) -> None:
                     progress.update(bar, completed=done, total=total)
@@ -62,8 +64,6 @@ def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console
 
 
 def results_table(results: list[SuiteResult], labels: list[str], title: str) -> Table:
-    from rich.markup import escape
-
     table = Table(title=title)
     table.add_column("task")
     table.add_column("score")
@@ -95,6 +95,6 @@ def run_evaluate(model_path: str, suite_source: str, output: Path, console: Cons
     results = evaluate_models(models, suite, console)
     labels = [m[0] for m in models]
     md = write_report(results, output, labels)
-    console.print(results_table(results, labels, f"{suite.name} suite (percent, higher is better)"))
+    console.print(results_table(results, labels, f"{escape(suite.name)} suite (percent, higher is better)"))
     console.print(f"report: {md} and {output / 'report.json'}")
     return results
