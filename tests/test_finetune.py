@@ -343,6 +343,12 @@ def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, ca
 
     written = list(csv.DictReader((tmp_path / "preds.csv").open()))
     assert json.loads(written[0]["answers"]) == ["a", "a", "a", "b"] and written[2]["answers"] == ""
+    # ... which a CSV table's reader takes as the list it is: the same truth and the same score again.
+    capsys.readouterr()
+    assert main(["predict", "--model", "m", "--input", str(tmp_path / "preds.csv")]) == 0
+    assert f"VQA score {sum(finetuned) / 4:.4f} on 4 labelled inputs" in capsys.readouterr().out
+    again = read_multimodal_table(tmp_path / "train.jsonl", tmp_path / "preds.csv", tmp_path / "preds.csv", kind="vqa")
+    assert [e.answers for e in again.test] == [e.answers for e in task.test]
 
 
 def test_a_vqa_tables_misspelt_column_is_named_with_the_nearest(tmp_path):

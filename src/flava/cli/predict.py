@@ -72,6 +72,7 @@ def _table_inputs(path: Path, tm) -> Inputs:
     from ..data.tables import read_table
     from ..errors import DataError
     from ..evaluate.readers.multimodal import normalize_answer
+    from ..evaluate.readers.user_files import answer_list
 
     table = read_table(path)
     rows = table.rows
@@ -93,15 +94,16 @@ def _table_inputs(path: Path, tm) -> Inputs:
     for r in rows:
         row = r.values
         text, text2, image = cell(row, text_keys), cell(row, ("text2",)), cell(row, ("image",))
-        answers = None
-        if vqa and isinstance(row.get("answers"), list) and row["answers"]:
+        answers = answer_list(row.get("answers")) if vqa else None
+        if answers:
             # Annotators' answers, which the reader scores by even beside an `answer`; the most common
             # (processed, ties alphabetically) is the label shown, as the reader builds its vocabulary.
-            answers = [str(a) for a in row["answers"]]
             processed = [normalize_answer(a) for a in answers]
             label = min(set(processed), key=lambda a: (-processed.count(a), a))
         else:  # an empty `answers` list is no answer (the reader would score it 0)
-            label = cell(row, tuple(k for k in label_keys if not isinstance(row.get(k), list)))
+            listed = answers is not None
+            label = cell(row, tuple(k for k in label_keys if not isinstance(row.get(k), list)
+                                    and not (listed and k == "answers")))
             answers = None if label is None or not vqa else [str(label)]
         shown = {k: row[k] for k in ("image", *text_keys, "text2") if k in row}
         # The input's other columns (an id to join on) go to the output too, unless an output column has the name.

@@ -4,6 +4,7 @@ the test when no test split is given."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,6 +61,17 @@ def _index_labels(raw: dict[str, list], names: list[str], make: Callable) -> dic
     return out
 
 
+def answer_list(value) -> list[str] | None:
+    """A VQA row's `answers` as a list: a JSONL or parquet list, or a CSV cell holding one as JSON
+    (as `flava predict` writes it); None when the row gives a single answer instead."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return [str(a) for a in value] if isinstance(value, list) else None
+
+
 def _optional_paths(train, val, test) -> dict[str, Path]:
     return {split: Path(p) for split, p in (("train", train), ("val", val), ("test", test)) if p is not None}
 
@@ -105,8 +117,8 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
                           path_test: str | Path | None = None, *, kind: str = "classification",
                           val_fraction: float = 0.1, seed: int = 0, name: str | None = None) -> MultimodalData:
     """Tables (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder), `text` (or
-    `question`) and, for classification, `label`; for VQA, `answer`, or in JSONL `answers`: a
-    list of annotators' answers: trained on min(1, n/3) as in VQAv2 (one answer scores 1), validation
+    `question`) and, for classification, `label`; for VQA, `answer`, or `answers`: a list of
+    annotators' answers (in a CSV, a JSON list): trained on min(1, n/3) as in VQAv2 (one answer scores 1), validation
     and test scored by the official VQA accuracy (`vqa_accuracy_scores`).
     Classes are train's labels sorted; VQA's answers are train's (majority) answers, processed as the
     official VQA evaluator does (`normalize_answer`), by frequency. Validation, when not given, is a
@@ -121,10 +133,10 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
             image = _image_path(p.parent, _cell(row, ("image",)))
             text = str(_cell(row, ("text", "question")))
             if kind == "vqa":
-                answers = row.get("answers") if isinstance(row.get("answers"), list) else None
+                answers = answer_list(row.get("answers"))
                 if answers is None:
-                    answers = [_cell(row, ("answer", "answers"))]
-                rows.append((image, text, [str(a) for a in answers]))  # as written: see vqa_accuracy_scores
+                    answers = [str(_cell(row, ("answer", "answers")))]
+                rows.append((image, text, answers))  # as written: see vqa_accuracy_scores
             else:
                 rows.append((row.where, image, text, str(_cell(row, ("label",))).strip()))
         if not rows:
