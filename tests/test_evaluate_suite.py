@@ -272,6 +272,9 @@ def _multimodal_tables(root):
                 rows.append(f"{image},is it {'blue' if colour == 'red' else 'red'}?,no")
         (root / f"mm_vqa_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vqa))
         (root / f"mm_cls_{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "broken.png").write_text("not a png")  # a test table naming it: found before any task runs
+    (root / "mm_broken.jsonl").write_text(json.dumps({"image": "broken.png", "question": "what colour is it?",
+                                                      "answer": "red"}) + "\n")
 
 
 def test_finetune_multimodal_reads_a_users_tables_as_finetune_does(suite_dir):
@@ -300,13 +303,16 @@ def test_finetune_multimodal_reads_a_users_tables_as_finetune_does(suite_dir):
 
 @pytest.mark.parametrize("task, error", [
     ({"train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
-     "task None must be one of vqa, image-text-classification"),
+     'tables need "task": "vqa" .* or "image-text-classification"'),
+    ({"task": "VQA", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"}, "did you mean 'vqa'"),
+    ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "mm_broken.jsonl"},
+     r"^task 1: .*broken.png is not a readable image"),
     ({"task": "classification", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
      "task 'classification' must be one of"),
     ({"task": "vqa", "train": "mm_vqa_train.jsonl"}, "needs train and test"),
     ({"task": "vqa", "test": "mm_vqa_test.jsonl"}, "needs train and test"),
     ({"data": "easy-vqa", "task": "vqa", "train": "mm_vqa_train.jsonl", "test": "mm_vqa_test.jsonl"},
-     "one data source a task: data, train, test, task were given together"),
+     r"names several \(data, train, test, task\)"),
     ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "missing.jsonl"},
      r"\.test: .*missing.jsonl does not exist"),
     ({"task": "vqa", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},

@@ -632,3 +632,28 @@ def test_the_text_tower_trains_whatever_the_source_model_froze():
     tower = frozen.text_tower().requires_grad_(True)
     assert all(p.requires_grad for n, p in tower.named_parameters() if ".pooler." not in n)
     assert not any(p.requires_grad for n, p in tower.named_parameters() if ".pooler." in n)
+
+
+def test_a_vqa_rows_empty_or_null_answers_are_no_answers(tmp_path, capsys):
+    from flava.cli import main
+    from flava.errors import DataError
+    from flava.evaluate.readers.user_files import read_multimodal_table
+
+    png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "question": "which?", "answers": ["a", None, "", "a"]},
+            {"image": "a.png", "question": "which?", "answers": [], "answer": "b"}]
+    write(tmp_path / "train.jsonl", [json.dumps(r) for r in rows])
+    task = read_multimodal_table(tmp_path / "train.jsonl", tmp_path / "train.jsonl", kind="vqa")
+    assert task.label_names == ["a", "b"]  # no "None" answer; the empty list's row takes its `answer`
+    assert [e.answers for e in task.val] == [{0: pytest.approx(2 / 3)}, {1: 1.0}]  # two annotators of "a"
+    # A row with neither is named (it was min() of an empty sequence, a traceback).
+    write(tmp_path / "bad.jsonl", [json.dumps({"image": "a.png", "question": "which?", "answers": []})])
+    with pytest.raises(DataError, match=r"bad.jsonl, line 1 has no \(or an empty\) 'answer'"):
+        read_multimodal_table(tmp_path / "bad.jsonl", kind="vqa")
+    import flava
+
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "model")
+    assert main(["finetune", "--model", str(tmp_path / "model"), "--task", "vqa", "--train",
+                 str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl, line 1 has no" in err and len(err.strip().splitlines()) == 1

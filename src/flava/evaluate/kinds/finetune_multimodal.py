@@ -6,14 +6,15 @@ Memes rows (`vqa`, `snli-ve`, `hateful-memes`), packaged easy-vqa, or a user's t
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
-from ...errors import ConfigError, DataError
+from ...errors import ConfigError, DataError, did_you_mean
 from .. import lr_sweep
 from ...finetune.examples import check_multimodal_data
 from ..readers.multimodal import easy_vqa_data, read_hateful_memes, read_snli_ve, read_vqa
 from ..readers.splits import check_limit, subsample
 from ..readers.user_files import read_multimodal_table
-from ..task_spec import TaskSpec, check_keys
+from ..task_spec import TaskSpec, check_images, check_keys
 from . import TaskKind, register
 
 TABLE_TASKS = ("vqa", "image-text-classification")
@@ -28,7 +29,9 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
     sources = [k for k in ("data", "vqa", "snli-ve", "hateful-memes") if k in spec]
     table = [k for k in (*TABLE_KEYS, "task") if k in spec]
     if len(sources) > 1 or (sources and table):
-        raise ConfigError(f"{where}: one data source a task: {', '.join(sources + table)} were given together")
+        raise ConfigError(f"{where}: a task reads one data source, but this one names several "
+                          f"({', '.join(sources + table)}): keep data, vqa, snli-ve, hateful-memes or the tables "
+                          "(train, test, val, task)")
     if t.data == "easy-vqa":
         data = easy_vqa_data(seed=seed, limit=limit)
     elif "vqa" in spec:
@@ -56,6 +59,9 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
         raise ConfigError(f"{where}: a finetune-multimodal task needs data, vqa, snli-ve, hateful-memes, or train "
                           "and test tables")
     check_multimodal_data(data)
+    # Opened now (their headers): met when the task runs, a broken one would end the suite there.
+    check_images(sorted({e.image for split in (data.train, data.val, data.test) for e in split
+                         if isinstance(e.image, (str, Path))}, key=str), where)
     return lr_sweep.FinetuneJob(data, settings, sweep)
 
 
@@ -63,9 +69,12 @@ def _tables(t: TaskSpec):
     """A user's tables, as `flava finetune --task vqa|image-text-classification` reads them (VQA's
     answer vocabulary from the whole training table); `limit` then caps each split, a seeded choice."""
     spec, where = t.spec, t.where
-    if spec.get("task") not in TABLE_TASKS:
-        raise ConfigError(f"{where}: task {spec.get('task')!r} must be one of {', '.join(TABLE_TASKS)} (the table's "
-                          "answer or answers column, or its label column)")
+    if "task" not in spec:
+        raise ConfigError(f"{where}: tables need \"task\": \"vqa\" (an answer or answers column) or "
+                          "\"image-text-classification\" (a label column)")
+    if spec["task"] not in TABLE_TASKS:
+        raise ConfigError(f"{where}: task {spec['task']!r} must be one of {', '.join(TABLE_TASKS)}"
+                          f"{did_you_mean(str(spec['task']).lower(), TABLE_TASKS)}")
     limit = spec.get("limit")
     check_limit(limit)
     paths = [t.path(spec[k], f"{where}.{k}") if k in spec else None for k in ("train", "val", "test")]

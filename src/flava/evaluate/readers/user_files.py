@@ -63,13 +63,16 @@ def _index_labels(raw: dict[str, list], names: list[str], make: Callable) -> dic
 
 def answer_list(value) -> list[str] | None:
     """A VQA row's `answers` as a list: a JSONL or parquet list, or a CSV cell holding one as JSON
-    (as `flava predict` writes it); None when the row gives a single answer instead."""
+    (as `flava predict` writes it), its empty and null entries left out; None when the value is no
+    list (a single answer, or none)."""
     if isinstance(value, str) and value.lstrip().startswith("["):
         try:
             value = json.loads(value)
         except ValueError:
             return None
-    return [str(a) for a in value] if isinstance(value, list) else None
+    if not isinstance(value, list):
+        return None
+    return [str(a) for a in value if a is not None and str(a).strip()]
 
 
 def _optional_paths(train, val, test) -> dict[str, Path]:
@@ -134,8 +137,8 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
             text = str(_cell(row, ("text", "question")))
             if kind == "vqa":
                 answers = answer_list(row.get("answers"))
-                if answers is None:
-                    answers = [str(_cell(row, ("answer", "answers")))]
+                if not answers:  # no list, or an empty one: the row's `answer` (named when missing)
+                    answers = [str(_cell(row, ("answer", "answers") if answers is None else ("answer",)))]
                 rows.append((image, text, answers))  # as written: see vqa_accuracy_scores
             else:
                 rows.append((row.where, image, text, str(_cell(row, ("label",))).strip()))
