@@ -171,25 +171,28 @@ def _head_weights(saved: dict[str, torch.Tensor], name: str) -> dict[str, torch.
     return {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")}
 
 
-def checkpoint_mismatch(ckpt: Checkpoint) -> str | None:
-    """Why a loader would refuse the checkpoint's model, heads or codebook (weights whose names or
-    shapes its config does not build), or None. Built on the meta device: nothing is allocated."""
+def checkpoint_mismatch(ckpt: Checkpoint) -> tuple[str, str] | None:
+    """(part, why) when a loader would refuse the checkpoint's model, heads or codebook (weights
+    whose names or shapes its config does not build), else None; the model is checked first.
+    Built on the meta device: nothing is allocated."""
     cfg, parts = ckpt.config, ckpt.parts
     with torch.device("meta"):
         if parts.get("model"):
             problem = weight_mismatch(FlavaModel(cfg).state_dict(), parts["model"], "model", ckpt.path)
             if problem:
-                return problem
+                return "model", problem
         if parts.get("heads"):
             objectives = from_dict(ObjectivesConfig, ckpt.extra.get("objectives", {}), "objectives")
             for name, head in PretrainingHeads(cfg, objectives).named_children():
                 own = _head_weights(parts["heads"], name)
                 problem = weight_mismatch(head.state_dict(), own, f"{name} head", ckpt.path) if own else None
                 if problem:
-                    return problem
+                    return "heads", problem
         if parts.get("codebook"):
-            return weight_mismatch(FlavaImageCodebook(cfg.codebook).state_dict(), parts["codebook"], "codebook",
-                                   ckpt.path)
+            problem = weight_mismatch(FlavaImageCodebook(cfg.codebook).state_dict(), parts["codebook"], "codebook",
+                                      ckpt.path)
+            if problem:
+                return "codebook", problem
     return None
 
 

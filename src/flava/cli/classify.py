@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
             cm = confusion_matrix(pred_idx, true_idx, len(classes))
             picture = out.with_name(out.stem + "_confusion.png")
             _confusion_png(cm, classes, picture, acc)
-            console.print(f"confusion matrix: {picture}")
+            console.print(f"confusion matrix: {escape(str(picture))}")
 
 
 def _confusion_png(cm, classes: list[str], path: Path, accuracy: float) -> None:

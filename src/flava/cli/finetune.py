@@ -13,7 +13,7 @@ INPUTS = {
     "text-classification": "a table (CSV, TSV, JSONL, parquet) with text,label (and text2 for sentence pairs)",
     "text-regression": "a table with text,label (a number; text2 for pairs)",
     "image-classification": "a folder with one sub-folder of images per class, or a table with image,label",
-    "vqa": "a table with image,question,answer (JSONL: answers may be a list)",
+    "vqa": "a table with image,question,answer (or answers: a list, in a CSV as JSON)",
     "visual-entailment": "a table with image,text,label",
     "image-text-classification": "a table with image,text,label",
 }

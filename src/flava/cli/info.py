@@ -32,7 +32,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
                       f"({cfg.image.grid_size}x{cfg.image.grid_size} per image), "
                       f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M parameters; pretraining takes it with "
                       f"--set codebook={ckpt.path}")
-        return _refused(ckpt)
+        return _refused(ckpt, console)
     if not ckpt.parts.get("model") and ckpt.parts.get("dino"):
         sd = ckpt.parts["dino"]
         teacher = sum(v.numel() for k, v in sd.items() if k.startswith("teacher.backbone.")) / 1e6
@@ -59,17 +59,26 @@ def run(args: argparse.Namespace, console: Console) -> None:
     post = "; a post-norm text encoder (from a BERT-family tower)" if cfg.text.norm_placement == "post" else ""
     console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "
                   f"{cfg.text.max_length} tokens; projection {cfg.projection_dim}{post}")
-    _refused(ckpt)
+    _refused(ckpt, console)
 
 
-def _refused(ckpt) -> None:
-    """What every loader would refuse, said after the description: weights the config does not build."""
+def _refused(ckpt, console: Console) -> None:
+    """What the loaders would refuse, said after the description: weights the config does not
+    build. The model's (or a codebook checkpoint's) is an error; heads or a codebook beside a model
+    only pretraining from it reads, so those are a note."""
+    from rich.markup import escape
+
     from ..errors import CheckpointError
     from ..loading import checkpoint_mismatch
 
-    problem = checkpoint_mismatch(ckpt)
-    if problem:
+    found = checkpoint_mismatch(ckpt)
+    if found is None:
+        return
+    part, problem = found
+    if part == "model" or not ckpt.parts.get("model"):
         raise CheckpointError(problem + " Every command that loads it refuses it.")
+    console.print("note: " + escape(problem) + " Pretraining from it (init=, load(pretraining=True), export-hf --as "
+                  "pretraining) refuses it; embed, classify, evaluate and finetune read the model alone.")
 
 
 def _task_model(path, console: Console) -> None:

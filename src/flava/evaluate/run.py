@@ -50,7 +50,7 @@ def evaluate_models(models: list[tuple[str, object, str]], suite: Suite, console
         # Each model's own tokenizer (a checkpoint records it when it is not BERT uncased).
         limit = model.config.text.max_length
         tokenizer = TextTokenizer(model.processor.tokenizer_file, max_length=min(limit, suite.max_text_length or limit))
-        console.print(f"[bold]{label}[/]: {description}")
+        console.print(f"[bold]{escape(label)}[/]: {escape(description)}")
         with progress_bar(console) as progress:
             def on_task(task):
                 bar = progress.add_task(f"  {escape(task.name)}", total=None, info=escape(task.size))
@@ -96,5 +96,5 @@ def run_evaluate(model_path: str, suite_source: str, output: Path, console: Cons
     labels = [m[0] for m in models]
     md = write_report(results, output, labels)
     console.print(results_table(results, labels, f"{escape(suite.name)} suite (percent, higher is better)"))
-    console.print(f"report: {md} and {output / 'report.json'}")
+    console.print(escape(f"report: {md} and {output / 'report.json'}"))
     return results

@@ -36,7 +36,7 @@ def carve(rows: list, fraction: float, seed: int, group: Callable | None = None)
 
 def check_limit(limit: int | None) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"limit must be a positive integer or None; got {limit!r}")
+        raise ConfigError(f"limit must be a positive whole number (or null: no limit); got {limit!r}")
 
 
 def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes: list[str],
