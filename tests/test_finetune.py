@@ -337,17 +337,19 @@ def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, ca
     # The label written is the answers' majority, not the `answer` column beside them.
     assert [json.loads(line)["true_label"] for line in out.read_text().splitlines()] == ["a", "b", "a", "b"]
     # A CSV keeps a row's list as JSON (it was Python's repr: ['a', 'a']).
-    assert main(["predict", "--model", "m", "--input", str(tmp_path / "q.jsonl"), "--output",
-                 str(tmp_path / "preds.csv")]) == 0
+    preds = tmp_path / "elsewhere" / "preds.csv"
+    preds.parent.mkdir()
+    assert main(["predict", "--model", "m", "--input", str(tmp_path / "q.jsonl"), "--output", str(preds)]) == 0
     import csv
 
-    written = list(csv.DictReader((tmp_path / "preds.csv").open()))
+    written = list(csv.DictReader(preds.open()))
     assert json.loads(written[0]["answers"]) == ["a", "a", "a", "b"] and written[2]["answers"] == ""
+    assert written[0]["image"] == str(tmp_path / "a.png")  # the file read, wherever the output goes
     # ... which a CSV table's reader takes as the list it is: the same truth and the same score again.
     capsys.readouterr()
-    assert main(["predict", "--model", "m", "--input", str(tmp_path / "preds.csv")]) == 0
+    assert main(["predict", "--model", "m", "--input", str(preds)]) == 0
     assert f"VQA score {sum(finetuned) / 4:.4f} on 4 labelled inputs" in capsys.readouterr().out
-    again = read_multimodal_table(tmp_path / "train.jsonl", tmp_path / "preds.csv", tmp_path / "preds.csv", kind="vqa")
+    again = read_multimodal_table(tmp_path / "train.jsonl", preds, preds, kind="vqa")
     assert [e.answers for e in again.test] == [e.answers for e in task.test]
 
 

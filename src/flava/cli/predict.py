@@ -170,8 +170,10 @@ def read_inputs(specs: list[str], tm) -> Inputs:
 def _rows(inputs: Inputs, preds: list[dict]) -> list[dict[str, Any]]:
     rows = []
     kept = inputs.kept or [{}] * len(preds)
-    for fields, other, label, pred in zip(inputs.fields, kept, inputs.labels, preds):
+    for fields, other, label, pred, image in zip(inputs.fields, kept, inputs.labels, preds, inputs.images):
         row = {k: str(v) for k, v in fields.items()} | other
+        if isinstance(image, Path):  # the file predict read: a table's path was relative to the table's folder
+            row["image"] = str(image.resolve())
         if label is not None:
             row["true_label"] = label
         if "error" in pred:
