@@ -567,3 +567,21 @@ def test_init_says_where_the_checkpoints_model_differs_from_the_configs(tmp_path
     same = stage(cfg)
     assert same.initialised["model"] == f"the whole model from init={tmp_path}"
     assert same.model.model.config.image.image_size == 96
+
+
+def test_a_run_named_with_relative_checkpoint_paths_resumes_from_any_folder(train_data, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    shutil.copytree(train_data / "codebook", tmp_path / "cb")
+    monkeypatch.chdir(tmp_path)
+    args = [a if a != f"codebook={train_data / 'codebook'}" else "codebook=cb"
+            for a in pretrain_args(train_data, tmp_path / "run")]
+    assert "codebook=cb" in args
+    assert cli(args + ["--max-steps", "2"]) == 0
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["codebook"] == str(tmp_path / "cb")
+    assert cli(args + ["--max-steps", "3", "--resume"]) == 0  # the same command again: nothing changed
+    monkeypatch.chdir(tmp_path.parent)  # elsewhere, the run's own settings still find the codebook
+    assert cli(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"]) == 0
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]

@@ -60,6 +60,12 @@ def settings(args: argparse.Namespace):
         cfg.save_every = args.save_every
     if args.override and not args.resume:
         raise ConfigError("--override only applies with --resume (a new run takes any settings)")
+    # Checkpoints named by a relative path are saved as absolute ones: a --resume from another
+    # folder reads the run's settings and must find them.
+    for key in ("codebook", "init", "init_image", "init_text", "init_multimodal"):
+        value = getattr(cfg, key)
+        if value and Path(value).expanduser().exists():
+            setattr(cfg, key, str(Path(value).expanduser().resolve()))
     shaped = [s.partition("=")[0].strip() for s in args.set or [] if s.strip().startswith("model.")]
     if cfg.init and shaped and not args.resume:
         raise ConfigError(f"init={cfg.init} brings its own model, so {', '.join(shaped)} would be ignored: drop "
