@@ -585,3 +585,21 @@ def test_a_run_named_with_relative_checkpoint_paths_resumes_from_any_folder(trai
     assert cli(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"]) == 0
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_codebook_trained_at_another_scale_than_the_models_grid_is_said(train_data):
+    from conftest import tiny_run
+    from flava.train.pretraining import PretrainingStage
+
+    cfg = tiny_run(train_data)
+    size = cfg.model.codebook_image_size  # the training codebook's own
+    stage = PretrainingStage(cfg)
+    stage.build()
+    assert "codebook" not in stage.initialised
+    cfg = tiny_run(train_data)
+    cfg.model.image.image_size = cfg.model.image.image_size * 3 // 2
+    stage = PretrainingStage(cfg)
+    stage.build()
+    grid = cfg.model.image.grid_size
+    assert f"was trained on {size}-px images ({size // 8}x{size // 8} tokens), but this model's {grid}x{grid} patch " \
+           f"grid gives it {grid * 8}-px ones" in stage.initialised["codebook"]

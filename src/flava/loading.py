@@ -256,6 +256,22 @@ def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
     return codebook.eval().requires_grad_(False)
 
 
+def codebook_trained_size(path: str | os.PathLike) -> int | None:
+    """The image side a codebook of ours was trained at (`flava train-codebook` records it; else
+    its config's), or None for a transformers codebook, which records none."""
+    path = checkpoint_dir(path) if Path(path).is_file() else resolve(path)
+    data = read_config(path)
+    if not is_ours(data):
+        return None
+    trained = (data.get("codebook_training") or {}).get("image_size")
+    if isinstance(trained, int):
+        return trained
+    try:
+        return validate(from_dict(FlavaConfig, data.get("model", {}), "model")).codebook_image_size
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass(frozen=True)
 class CodebookTokenizer:
     """Makes (in any process; it pickles as a path) a function from uint8 pixels [B, C, H, W] to
