@@ -96,7 +96,7 @@ def test_a_limit_is_a_seeded_choice_of_every_class_and_is_checked(tmp_path):
     shots = load_suite({"tasks": [{"kind": "zero-shot", "data": "easy-vqa-shapes", "limit": 30}]}).tasks[0].data
     assert len(shots.images) == len(shots.labels) == 30
     for bad in ("100", 0, True):
-        with pytest.raises(ConfigError, match="limit must be a positive integer"):
+        with pytest.raises(ConfigError, match=r"limit must be a positive whole number \(or null: no limit\)"):
             load_suite({"tasks": [{"kind": "linear-probe", "data": "digits", "limit": bad}]})
 
 
