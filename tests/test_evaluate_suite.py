@@ -272,6 +272,8 @@ def _multimodal_tables(root):
                 rows.append(f"{image},is it {'blue' if colour == 'red' else 'red'}?,no")
         (root / f"mm_vqa_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in vqa))
         (root / f"mm_cls_{split}.csv").write_text("\n".join(rows) + "\n")
+    (root / "mm_missing.jsonl").write_text(json.dumps({"image": "gone.png", "question": "what colour is it?",
+                                                       "answer": "red"}) + "\n")
     (root / "broken.png").write_text("not a png")  # a test table naming it: found before any task runs
     (root / "mm_broken.jsonl").write_text(json.dumps({"image": "broken.png", "question": "what colour is it?",
                                                       "answer": "red"}) + "\n")
@@ -305,6 +307,8 @@ def test_finetune_multimodal_reads_a_users_tables_as_finetune_does(suite_dir):
     ({"train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
      'tables need "task": "vqa" .* or "image-text-classification"'),
     ({"task": "VQA", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"}, "did you mean 'vqa'"),
+    ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "mm_missing.jsonl"},
+     r"1 image file\(s\) do not exist \(1 in test\), e.g. .*gone.png \(test\)"),
     ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "mm_broken.jsonl"},
      r"^task 1: .*broken.png is not a readable image"),
     ({"task": "classification", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
@@ -324,3 +328,10 @@ def test_a_users_multimodal_tables_are_checked_before_any_work(suite_dir, task, 
     _multimodal_tables(suite_dir)
     with pytest.raises((ConfigError, DataError), match=error):
         load_suite({"name": "t", "tasks": [{"kind": "finetune-multimodal", **task}]}, base=suite_dir)
+
+
+def test_two_unnamed_tasks_of_one_kind_are_told_to_take_names(suite_dir):
+    _multimodal_tables(suite_dir)
+    with pytest.raises(flava.ConfigError, match=r"two tasks are named 'finetune-multimodal'; .*\"name\" key"):
+        load_suite({"tasks": [{"kind": "finetune-multimodal", "task": "vqa", "train": "mm_vqa_train.jsonl",
+                               "test": "mm_vqa_test.jsonl"}] * 2}, base=suite_dir)

@@ -453,7 +453,8 @@ def test_snli_ve_and_hateful_memes_readers(tmp_path):
         read_hateful_memes(hm)
     write(hm / "dev_seen.jsonl", rows)
     (hm / "img" / "3.png").unlink()
-    with pytest.raises(DataError, match=r"3 image file\(s\) do not exist"):
+    with pytest.raises(DataError, match=r"3 image file\(s\) do not exist \(1 in train, 1 in val, 1 in test\), "
+                                         r"e.g. .*3.png \(train\)"):
         read_hateful_memes(hm)
 
 

@@ -87,7 +87,8 @@ def _task_model(path, console: Console) -> None:
 
     tm = load_task(path)
     shown = ", ".join(tm.label_names[:8]) + (", ..." if len(tm.label_names) > 8 else "")
-    outputs = f"{len(tm.label_names)} labels ({shown})" if tm.label_names else "one value (regression)"
+    kind = "answers" if tm.task == "vqa" else "labels"
+    outputs = f"{len(tm.label_names)} {kind} ({shown})" if tm.label_names else "one value (regression)"
     params = sum(p.numel() for p in tm.classifier.parameters()) / 1e6
     console.print(f"{path}: a {tm.task} task model (`flava finetune`): {outputs}; {params:.2f} M parameters; "
                   f"predict with flava predict --model {path}")

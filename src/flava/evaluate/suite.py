@@ -115,7 +115,8 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     names = [p.name for p in prepared]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
-        raise ConfigError(f"two tasks are named {dup!r}; give them distinct names")
+        raise ConfigError(f"two tasks are named {dup!r}; give them distinct names (a task's \"name\" key, whose "
+                          "default is its kind and data)")
     return Suite(str(spec.get("name", "suite")), prepared, max_text_length)
 
 

@@ -179,7 +179,7 @@ def _check_image_classifier(data, kind: str, texts: bool) -> None:
                 raise DataError(f"{where}: the text must be a string")
             if isinstance(ex.image, Path):
                 if not ex.image.is_file():
-                    missing.append(ex.image)
+                    missing.append((split, ex.image))
             elif not isinstance(ex.image, Image.Image):
                 raise DataError(f"{where}: the image must be a path or a PIL image, not {type(ex.image).__name__}")
             if kind == "vqa":
@@ -191,8 +191,10 @@ def _check_image_classifier(data, kind: str, texts: bool) -> None:
             elif isinstance(ex.label, bool) or not isinstance(ex.label, (int, np.integer)) or not 0 <= ex.label < n:
                 raise DataError(f"{where}: label {ex.label!r} is not a class index in [0, {n})")
     if missing:
-        raise DataError(f"task {data.name!r}: {len(missing)} image file(s) do not exist, e.g. {missing[0]}; "
-                        f"check the image directory")
+        counts = {s: sum(1 for m, _ in missing if m == s) for s in dict.fromkeys(m for m, _ in missing)}
+        raise DataError(f"task {data.name!r}: {len(missing)} image file(s) do not exist ("
+                        + ", ".join(f"{n} in {s}" for s, n in counts.items()) + f"), e.g. {missing[0][1]} ("
+                        f"{missing[0][0]}); check the image paths, relative to their table's folder")
     if "auroc" in data.metrics:
         _check_both_classes(data.name, splits, lambda rows: [ex.label for ex in rows])
 
