@@ -233,7 +233,8 @@ def test_info_says_a_codebook_or_heads_its_config_does_not_build(tmp_path, capsy
     assert cli(["info", str(tmp_path / "pm")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert re.search(r"note: .*the (mim|mmm_image) head weights do not match the config: .* wrong shape", out)
-    assert "Pretraining from it (init=, load(pretraining=True), export-hf --as pretraining) refuses it" in out
+    assert "Pretraining from it (init=, codebook=, load(pretraining=True), export-hf --as pretraining) " \
+           "refuses it" in out
     flava.load(tmp_path / "pm")
 
 

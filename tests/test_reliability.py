@@ -580,7 +580,11 @@ def test_a_run_named_with_relative_checkpoint_paths_resumes_from_any_folder(trai
     assert cli(args + ["--max-steps", "2"]) == 0
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["codebook"] == str(tmp_path / "cb")
-    assert cli(args + ["--max-steps", "3", "--resume"]) == 0  # the same command again: nothing changed
+    # A run saved by a release that kept the path as given: the same command again changes nothing.
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps({**saved, "codebook": "cb"}))
+    assert cli(args + ["--max-steps", "3", "--resume"]) == 0
+    history = (tmp_path / "run" / "config_history.jsonl").read_text()
+    assert "max_steps" in history and "codebook" not in history  # no change of codebook recorded either
     monkeypatch.chdir(tmp_path.parent)  # elsewhere, the run's own settings still find the codebook
     assert cli(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"]) == 0
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

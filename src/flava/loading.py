@@ -266,6 +266,8 @@ def codebook_trained_size(path: str | os.PathLike) -> int | None:
     trained = (data.get("codebook_training") or {}).get("image_size")
     if isinstance(trained, int):
         return trained
+    if (path / "model.safetensors").is_file() and read_checkpoint(path).parts.get("model"):
+        return None  # a codebook beside a model: its config is the model's, not the codebook's training
     try:
         return validate(from_dict(FlavaConfig, data.get("model", {}), "model")).codebook_image_size
     except (ConfigError, KeyError, TypeError, ValueError):

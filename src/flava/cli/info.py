@@ -77,8 +77,9 @@ def _refused(ckpt, console: Console) -> None:
     part, problem = found
     if part == "model" or not ckpt.parts.get("model"):
         raise CheckpointError(problem + " Every command that loads it refuses it.")
-    console.print("note: " + escape(problem) + " Pretraining from it (init=, load(pretraining=True), export-hf --as "
-                  "pretraining) refuses it; embed, classify, evaluate and finetune read the model alone.")
+    console.print("note: " + escape(problem) + " Pretraining from it (init=, codebook=, load(pretraining=True), "
+                  "export-hf --as pretraining) refuses it; embed, classify, evaluate and finetune read the model "
+                  "alone.")
 
 
 def _task_model(path, console: Console) -> None:

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +174,7 @@ def _rows(inputs: Inputs, preds: list[dict]) -> list[dict[str, Any]]:
     for fields, other, label, pred, image in zip(inputs.fields, kept, inputs.labels, preds, inputs.images):
         row = {k: str(v) for k, v in fields.items()} | other
         if isinstance(image, Path):  # the file predict read: a table's path was relative to the table's folder
-            row["image"] = str(image.resolve())
+            row["image"] = os.path.abspath(image)
         if label is not None:
             row["true_label"] = label
         if "error" in pred:

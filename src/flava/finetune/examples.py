@@ -194,7 +194,7 @@ def _check_image_classifier(data, kind: str, texts: bool) -> None:
         counts = {s: sum(1 for m, _ in missing if m == s) for s in dict.fromkeys(m for m, _ in missing)}
         raise DataError(f"task {data.name!r}: {len(missing)} image file(s) do not exist ("
                         + ", ".join(f"{n} in {s}" for s, n in counts.items()) + f"), e.g. {missing[0][1]} ("
-                        f"{missing[0][0]}); check the image paths, relative to their table's folder")
+                        f"{missing[0][0]}); check the image paths (a table's are relative to its folder)")
     if "auroc" in data.metrics:
         _check_both_classes(data.name, splits, lambda rows: [ex.label for ex in rows])
 

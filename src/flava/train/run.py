@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .. import stopping
@@ -92,9 +93,23 @@ def _written_before_scaling(settings: dict) -> dict:
     return settings
 
 
+CHECKPOINT_KEYS = ("codebook", "init", "init_image", "init_text", "init_multimodal")
+"""Settings that name a checkpoint: saved as absolute paths when given as relative ones."""
+
+
+def _same_place(a, b) -> bool:
+    """Whether two values of a checkpoint setting name the same existing folder (one relative, one not)."""
+    if not (isinstance(a, str) and isinstance(b, str) and a and b):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and os.path.abspath(pa) == os.path.abspath(pb)
+
+
 def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
-    """{setting: (old value, new value)} for every setting that differs."""
-    return differences(settings(old), settings(new))
+    """{setting: (old value, new value)} for every setting that differs (a checkpoint named once
+    by a relative path and once by an absolute one is no difference)."""
+    return {k: v for k, v in differences(settings(old), settings(new)).items()
+            if not (k in CHECKPOINT_KEYS and _same_place(*v))}
 
 
 def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override: bool, rank: int) -> None:
@@ -222,7 +237,7 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
     if not needs_demo_codebook(cfg):
         return
     train_demo_codebook(cfg.model, directory, console, rank)
-    cfg.codebook = str(directory)
+    cfg.codebook = os.path.abspath(directory)  # found by a --resume from another folder
 
 
 def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, rank: int = 0) -> None:
@@ -263,7 +278,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         console.print(f"resumed from step {trainer.step}")
     else:
         for what in trainer.initialised.values():
-            console.print(what)
+            console.print(escape(what))
     for note in trainer.notes:
         console.print(f"note: {note}")
     if trainer.step >= cfg.max_steps:
