@@ -241,6 +241,7 @@ def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
     a run or recipe directory means its latest checkpoint, as for models."""
     path = checkpoint_dir(path) if Path(path).is_file() else resolve(path)
     data = read_config(path)
+    trained = None
     if data.get("model_type") == "flava_image_codebook":
         try:
             cfg = hf.codebook_config_from_hf(data)
@@ -252,26 +253,14 @@ def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
         cfg, sd = ckpt.config.codebook, ckpt.parts.get("codebook") or {}
         if not sd:
             raise CheckpointError(f"{path} holds no image codebook weights")
+        # What train-codebook records; a codebook checkpoint's config says it too, but a codebook
+        # beside a model has the model's config, not its training's.
+        trained = (ckpt.extra.get("codebook_training") or {}).get("image_size")
+        if not isinstance(trained, int):
+            trained = None if ckpt.parts.get("model") else ckpt.config.codebook_image_size
     codebook = build_loaded(lambda: FlavaImageCodebook(cfg), sd, "codebook", path)
+    codebook.trained_size = trained
     return codebook.eval().requires_grad_(False)
-
-
-def codebook_trained_size(path: str | os.PathLike) -> int | None:
-    """The image side a codebook of ours was trained at (`flava train-codebook` records it; else
-    its config's), or None for a transformers codebook, which records none."""
-    path = checkpoint_dir(path) if Path(path).is_file() else resolve(path)
-    data = read_config(path)
-    if not is_ours(data):
-        return None
-    trained = (data.get("codebook_training") or {}).get("image_size")
-    if isinstance(trained, int):
-        return trained
-    if (path / "model.safetensors").is_file() and read_checkpoint(path).parts.get("model"):
-        return None  # a codebook beside a model: its config is the model's, not the codebook's training
-    try:
-        return validate(from_dict(FlavaConfig, data.get("model", {}), "model")).codebook_image_size
-    except (ConfigError, KeyError, TypeError, ValueError):
-        return None
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class FlavaImageCodebook(nn.Module):
     """dVAE encoder: image [B, C, H, W] in the `data.transforms.map_pixels` range -> logits
     [B, vocab, H/8, W/8]."""
 
+    trained_size: int | None = None
+    """The image side it was trained at, where its checkpoint says (`flava.loading.load_codebook`)."""
+
     def __init__(self, cfg: CodebookConfig):
         super().__init__()
         self.cfg = cfg

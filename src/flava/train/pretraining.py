@@ -21,7 +21,7 @@ from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import data_parallel, world
 from ..errors import ConfigError
 from ..interop.text_towers import following
-from ..loading import codebook_trained_size, load_codebook, pretraining_from_checkpoint, read_checkpoint
+from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..model.layers import Block
 from ..objectives.chunks import plan_chunks
 from ..objectives.pretraining import PretrainingModel
@@ -105,16 +105,16 @@ class PretrainingStage(Stage):
                 self.initialised["text"] += followed
         cfg.model = self.model.config  # the data pipeline must match the model (a checkpoint's, a tower's)
         if codebook is not None:
-            self._check_codebook_scale()
+            self._check_codebook_scale(codebook.trained_size)
         if base is not None:
             self.initialised = {"model": _whole_model(cfg.init, asked, cfg.model), **self.initialised}
         self.model.model.processor = Processor.from_config(self.model.config, self.tokenizer)
         return self.initialised
 
-    def _check_codebook_scale(self) -> None:
+    def _check_codebook_scale(self, trained: int | None) -> None:
         """A codebook reads any image size (it is convolutional), but one trained at another size
         than the model's grid asks of it makes tokens of another scale: said, not refused."""
-        trained, wanted = codebook_trained_size(self.cfg.codebook), self.cfg.model.codebook_image_size
+        wanted = self.cfg.model.codebook_image_size
         if trained is not None and trained != wanted:
             grid = self.cfg.model.image.grid_size
             self.initialised["codebook"] = (

@@ -12,7 +12,7 @@ from ...errors import ConfigError, DataError, did_you_mean
 from .. import lr_sweep
 from ...finetune.examples import check_multimodal_data
 from ..readers.multimodal import easy_vqa_data, read_hateful_memes, read_snli_ve, read_vqa
-from ..readers.splits import check_limit, subsample
+from ..readers.splits import check_limit, subsample_splits
 from ..readers.user_files import read_multimodal_table
 from ..task_spec import TaskSpec, check_images, check_keys
 from . import TaskKind, register
@@ -85,8 +85,8 @@ def _tables(t: TaskSpec):
         raise DataError(f"{where}: {e}") from None
     if limit is None:
         return data
-    return dataclasses.replace(data, train=subsample(data.train, limit, t.seed),
-                               val=subsample(data.val, limit, t.seed + 1), test=subsample(data.test, limit, t.seed + 2))
+    train, val, test = subsample_splits(data.train, data.val, data.test, limit, t.seed)
+    return dataclasses.replace(data, train=train, val=val, test=test)
 
 
 register(TaskKind("finetune-multimodal", frozenset({"data", "vqa", "snli-ve", "hateful-memes", "train", "val", "test",

@@ -13,7 +13,7 @@ from ...data.tables import Row, read_table
 from ...errors import DataError
 from ...io.files import read_json
 from ...finetune.examples import MultimodalData, MultimodalExample, check_multimodal_data
-from .splits import carve, check_limit, subsample
+from .splits import carve, check_limit, subsample, subsample_splits
 # --------------------------------------------------------------------------- VQA
 
 
@@ -147,8 +147,7 @@ def easy_vqa_data(val_fraction: float | None = None, seed: int = 0, limit: int |
         val = [r for r in rows["train"] if r[3] in held_out]
     else:
         train, val = carve(rows["train"], val_fraction, seed, group=lambda r: r[3])
-    train, val, test = (subsample(train, limit, seed), subsample(val, limit, seed + 1),
-                        subsample(rows["test"], limit, seed + 2))
+    train, val, test = subsample_splits(train, val, rows["test"], limit, seed)
     vocab = answer_vocabulary([r[2] for r in train])
     index = {a: i for i, a in enumerate(vocab)}
 
@@ -205,8 +204,7 @@ def read_vqa(train_questions: str | Path, train_annotations: str | Path, train_i
     train = _vqa_split(Path(train_questions), Path(train_annotations), Path(train_images))
     test = _vqa_split(Path(test_questions), Path(test_annotations), Path(test_images))
     train, val = carve(train, val_fraction, seed, group=lambda r: r[4])
-    train, val, test = (subsample(train, limit, seed), subsample(val, limit, seed + 1),
-                        subsample(test, limit, seed + 2))
+    train, val, test = subsample_splits(train, val, test, limit, seed)
     vocab = answer_vocabulary([r[2] for r in train], min_answer_count)
     if len(vocab) < 2:
         raise DataError(f"fewer than two answers occur {min_answer_count}+ times in {train_annotations}; "

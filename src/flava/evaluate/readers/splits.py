@@ -17,6 +17,11 @@ def subsample(rows: list, limit: int | None, seed: int) -> list:
     return [rows[i] for i in keep]
 
 
+def subsample_splits(train: list, val: list, test: list, limit: int | None, seed: int) -> tuple[list, list, list]:
+    """Each split `subsample`d to `limit` rows, each by its own seed (seed, seed + 1, seed + 2)."""
+    return subsample(train, limit, seed), subsample(val, limit, seed + 1), subsample(test, limit, seed + 2)
+
+
 def carve(rows: list, fraction: float, seed: int, group: Callable | None = None) -> tuple[list, list]:
     """Split off a seeded `fraction` of rows as validation. With `group`, whole groups go one way
     (questions about one image stay together, so validation images are unseen in training)."""

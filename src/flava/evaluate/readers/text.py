@@ -12,7 +12,7 @@ from typing import Sequence
 from ...data.tables import read_table
 from ...errors import ConfigError, DataError
 from ...finetune.examples import TextData, TextExample, check_text_data
-from .splits import carve, check_limit, subsample, val_and_test
+from .splits import carve, check_limit, subsample, subsample_splits, val_and_test
 # --------------------------------------------------------------------------- GLUE
 
 
@@ -209,9 +209,8 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
     val_and_test(splits, val_fraction, seed, notes)
     if metrics is None:
         metrics = ("pearson", "spearman") if regression else ("accuracy",)
-    data = TextData(name or paths["train"].stem, subsample(splits["train"], limit, seed),
-                    subsample(splits["val"], limit, seed + 1), subsample(splits["test"], limit, seed + 2),
-                    names, tuple(metrics), notes=notes)
+    data = TextData(name or paths["train"].stem, *subsample_splits(splits["train"], splits["val"], splits["test"],
+                                                                   limit, seed), names, tuple(metrics), notes=notes)
     check_text_data(data)
     return data
 
