@@ -14,6 +14,7 @@ from conftest import randomize_
 from flava.cli import main as cli
 from flava.train.config import TrainConfig
 from flava.train.presets import demo_config
+from flava.train.run import saved_settings
 from flava.train.trainer import Trainer
 
 
@@ -140,6 +141,13 @@ def test_a_transformers_vit_starts_the_stage(tmp_path):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     trainer.model.train()
     assert np.isfinite(trainer.fit()[0]["loss"])  # and it trains on from there
+    # Resumed, the run is built from its own checkpoint: the tower may be gone.
+    (tmp_path / "vit").rename(tmp_path / "gone")
+    cfg = saved_settings(tmp_path / "run")
+    cfg.max_steps = 2
+    resumed = Trainer(cfg, tmp_path / "run", resume=True)
+    assert resumed.resume() and resumed.step == 1
+    assert [row["step"] for row in resumed.fit()] == [2]
 
 
 def test_a_typo_in_the_dino_section_is_one_clear_line(tmp_path, capsys):

@@ -607,3 +607,31 @@ def test_a_codebook_trained_at_another_scale_than_the_models_grid_is_said(train_
     grid = cfg.model.image.grid_size
     assert f"was trained on {size}-px images ({size // 8}x{size // 8} tokens), but this model's {grid}x{grid} patch " \
            f"grid gives it {grid * 8}-px ones" in stage.initialised["codebook"]
+
+
+def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path):
+    # A run started from other checkpoints (a whole model, single encoders, a codebook) resumes
+    # from its own checkpoints alone: the sources of a weeks-long run may be gone by its resume.
+    import shutil
+
+    shutil.copytree(train_data / "codebook", tmp_path / "cb")
+    source = tmp_path / "source"
+    assert cli(pretrain_args(train_data, source) + ["--max-steps", "1"]) == 0
+
+    def args(run):  # the model's settings come from init
+        given = pretrain_args(train_data, run)
+        pairs = [given[i:i + 2] for i in range(3, len(given), 2)]
+        return given[:3] + [x for flag, value in pairs if not value.startswith("model.")
+                            for x in (flag, value.replace(str(train_data / "codebook"), str(tmp_path / "cb")))] + \
+            ["--set", f"init={source}", "--set", f"init_text={source}", "--set", "optim.init_lr_scale=0.5"]
+
+    assert cli(args(tmp_path / "whole") + ["--max-steps", "3"]) == 0
+    assert cli(args(tmp_path / "run") + ["--max-steps", "2"]) == 0
+    shutil.move(source, tmp_path / "gone")
+    shutil.move(tmp_path / "cb", tmp_path / "cb-gone")
+    assert cli(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "3"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    whole = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-6)
+    assert rows[-1]["lr"] == whole[-1]["lr"]

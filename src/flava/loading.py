@@ -241,23 +241,30 @@ def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
     a run or recipe directory means its latest checkpoint, as for models."""
     path = checkpoint_dir(path) if Path(path).is_file() else resolve(path)
     data = read_config(path)
-    trained = None
     if data.get("model_type") == "flava_image_codebook":
         try:
             cfg = hf.codebook_config_from_hf(data)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{path / 'config.json'}: not a usable codebook config ({e})") from None
-        sd = {hf.codebook_key_from_hf(k): v for k, v in read_weights(path).items()}
-    else:
-        ckpt = read_checkpoint(path)
-        cfg, sd = ckpt.config.codebook, ckpt.parts.get("codebook") or {}
-        if not sd:
-            raise CheckpointError(f"{path} holds no image codebook weights")
-        # What train-codebook records; a codebook checkpoint's config says it too, but a codebook
-        # beside a model has the model's config, not its training's.
-        trained = (ckpt.extra.get("codebook_training") or {}).get("image_size")
-        if not isinstance(trained, int):
-            trained = None if ckpt.parts.get("model") else ckpt.config.codebook_image_size
+        return _frozen_codebook(cfg, {hf.codebook_key_from_hf(k): v for k, v in read_weights(path).items()}, path, None)
+    ckpt = read_checkpoint(path)
+    if not ckpt.parts.get("codebook"):
+        raise CheckpointError(f"{path} holds no image codebook weights")
+    # What train-codebook records; a codebook checkpoint's config says it too, but a codebook
+    # beside a model has the model's config, not its training's.
+    trained = (ckpt.extra.get("codebook_training") or {}).get("image_size")
+    if not isinstance(trained, int):
+        trained = None if ckpt.parts.get("model") else ckpt.config.codebook_image_size
+    return codebook_of(ckpt, trained)
+
+
+def codebook_of(ckpt: Checkpoint, trained: int | None = None) -> FlavaImageCodebook | None:
+    """The frozen image codebook a read checkpoint holds beside its model (or alone), or None."""
+    sd = ckpt.parts.get("codebook")
+    return _frozen_codebook(ckpt.config.codebook, sd, ckpt.path, trained) if sd else None
+
+
+def _frozen_codebook(cfg, sd: dict[str, torch.Tensor], path: Path, trained: int | None) -> FlavaImageCodebook:
     codebook = build_loaded(lambda: FlavaImageCodebook(cfg), sd, "codebook", path)
     codebook.trained_size = trained
     return codebook.eval().requires_grad_(False)

@@ -90,6 +90,19 @@ class Stateful:
     """The data kinds' mix (`state_dict()` / `load_state_dict()`; state only when it adapts)."""
 
 
+@dataclass
+class Chosen:
+    """The checkpoint a run resumes from, read: its weights (whose config and tokenizer a resumed
+    run builds its model from), trainer state and every process's stream positions."""
+
+    target: Path
+    ckpt: Checkpoint
+    state: dict
+    streams: list
+    notes: list[str]
+    """What was passed over to choose it."""
+
+
 def _read(target: Path) -> tuple[Checkpoint, dict, list]:
     """A checkpoint's weights, trainer state and every process's stream positions, or a
     CheckpointError saying what is damaged."""
@@ -210,10 +223,10 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         return ""
 
-    def resume(self, parts: Stateful) -> list[str] | None:
-        """Load the run's newest intact checkpoint into `parts` and return notes on what was passed
-        over (damaged checkpoints, leftovers of killed writes); None when the run has no checkpoint
-        yet; a CheckpointError when none is intact. Process 0 chooses; every process loads its choice."""
+    def choose(self) -> Chosen | None:
+        """The run's newest intact checkpoint, read, with notes on what was passed over (damaged
+        checkpoints, leftovers of killed writes); None when the run has no checkpoint yet; a
+        CheckpointError when none is intact. Process 0 chooses; every process reads its choice."""
         run = self.run
         notes: list[str] = []
         choice, error = None, ""
@@ -234,7 +247,16 @@ class CheckpointManager:
             raise CheckpointError(error)
         if choice is None:
             return None
-        target, (ckpt, state, all_streams) = choice
+        target, (ckpt, state, streams) = choice
+        return Chosen(target, ckpt, state, streams, notes)
+
+    def resume(self, parts: Stateful, chosen: Chosen | None = None) -> list[str] | None:
+        """Load the run's newest intact checkpoint (`chosen`, else chosen now) into `parts` and
+        return the notes of its choice; None when the run has no checkpoint yet."""
+        chosen = chosen or self.choose()
+        if chosen is None:
+            return None
+        run, target, ckpt, state, all_streams = self.run, chosen.target, chosen.ckpt, chosen.state, chosen.streams
         for k, stream in parts.streams.items():
             saved = [s.get(k) for s in all_streams]
             if any(s is None for s in saved):
@@ -261,7 +283,7 @@ class CheckpointManager:
             parts.mixing.load_state_dict(state.get("mixing", {}))
         if self.rank == 0 and pointed != target:
             run.point_latest(parts.progress.step, target)
-        return notes
+        return chosen.notes
 
     def _load_weights(self, parts: Stateful, ckpt: Checkpoint, state: dict, target: Path) -> None:
         model, optimizer = parts.model, parts.optimizer

@@ -178,7 +178,8 @@ class TrainConfig:
     codebook: str = ""
     """Directory of the image codebook (`flava train-codebook`); needed for MIM/MMM."""
     init: str = ""
-    """Checkpoint to start from (ours or a transformers FLAVA directory)."""
+    """Checkpoint to start the whole model from: ours (checkpoints/step_N or a run directory) or a
+    transformers FLAVA directory. Read at the run's start only: a resumed run reads its own."""
     init_image: str = ""
     """Checkpoint to take the image encoder and image_projection from, after `init`: ours
     (checkpoints/step_N or a run directory, e.g. an `image-mim` stage, or an `image-dino` stage,

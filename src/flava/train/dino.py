@@ -21,6 +21,7 @@ from ..data.samples import MultiCropMaker
 from ..data.registry import estimated_size
 from ..distributed import data_parallel
 from ..errors import ConfigError
+from ..loading import Checkpoint
 from ..model.encoders import ImageEncoder
 from ..objectives.dino import DinoModel, init_image_encoder, momentum_schedule
 from .init import follow_image_tower, initialise_image_encoder
@@ -70,15 +71,15 @@ class DinoStage(Stage):
     def sample_maker(self):
         return MultiCropMaker(self.cfg.dino.crop_spec(self.cfg.model.image), self.cfg.seed)
 
-    def build(self) -> dict[str, str]:
+    def build(self, own: Checkpoint | None = None) -> dict[str, str]:
         cfg = self.cfg
-        if cfg.init_image:  # a public image tower decides the image encoder (and so the crops)
+        if cfg.init_image and own is None:  # a public image tower decides the image encoder (and so the crops)
             cfg.model = follow_image_tower(cfg.model, cfg.init_image, cfg.init_image_size)
             cfg.dino.validate(cfg.model.image)
         encoder = ImageEncoder(cfg.model.image)
         init_image_encoder(encoder, cfg.model.init_std)
         loaded = {}
-        if cfg.init_image:
+        if cfg.init_image and own is None:
             # Before DinoModel copies the student into the teacher, so both start from these weights.
             loaded["image"] = initialise_image_encoder(encoder, cfg.model, cfg.init_image)
         self.model = DinoParts(cfg.model, cfg.objectives, DinoModel(cfg.dino, encoder, cfg.model.init_std))

@@ -21,7 +21,8 @@ from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import data_parallel, world
 from ..errors import ConfigError
 from ..interop.text_towers import following
-from ..loading import load_codebook, pretraining_from_checkpoint, read_checkpoint
+from ..io.runs import resolve
+from ..loading import Checkpoint, codebook_of, load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..model.layers import Block
 from ..objectives.chunks import plan_chunks
 from ..objectives.pretraining import PretrainingModel
@@ -60,15 +61,26 @@ class PretrainingStage(Stage):
                               f"model.text.vocab_size={cfg.model.text.vocab_size}; set model.text.vocab_size={vocab}")
         return maker
 
-    def build(self) -> dict[str, str]:
+    def build(self, own: Checkpoint | None = None) -> dict[str, str]:
         cfg = self.cfg
         # Read only where image tokens are: a text or contrastive stage trains without it (an ablation's
         # shared codebook may not be trained yet when such a row runs).
         wanted = cfg.codebook and needs_image_tokens(cfg.objectives, set(self.kinds()) & self.trained_kinds())
-        codebook = load_codebook(cfg.codebook) if wanted else None
-        from .init import checkpoint_tokenizer, text_source
+        from .init import GROUPS, checkpoint_tokenizer, text_source
 
-        base = read_checkpoint(cfg.init) if cfg.init else None
+        if own is not None:
+            # The run's checkpoints hold the codebook it trains with (any init= one included).
+            codebook = codebook_of(own) or (load_codebook(cfg.codebook) if wanted else None)
+            self.tokenizer = checkpoint_tokenizer(own.path)
+            self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
+            self.model.model.processor = Processor.from_config(cfg.model, self.tokenizer)
+            # The encoders init_* gave keep their own rate (`optimized`), as at the run's start.
+            self.initialised = {name: f"the {name} encoder of init_{name}={getattr(cfg, f'init_{name}')}"
+                                for name in GROUPS if getattr(cfg, f"init_{name}")}
+            return self.initialised
+        codebook = load_codebook(cfg.codebook) if wanted else None
+
+        base = read_checkpoint(resolve(cfg.init)) if cfg.init else None
         asked = cfg.model
         model_cfg = base.config if base is not None else cfg.model
         self.tokenizer: str | None = checkpoint_tokenizer(base.path) if base is not None else None

@@ -273,7 +273,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
             _keep_global_batch(cfg, run, console, rank)
     if rank == 0:
         check_writable(run.checkpoints)  # found here, not at the first save save_every steps later
-    trainer = Trainer(cfg, output)
+    trainer = Trainer(cfg, output, resume=resume)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
     else:

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..distributed import data_parallel
 from ..errors import ConfigError
+from ..loading import Checkpoint
 from .presets import Optimisation, scaled_optimisation
 
 # The data kinds each built-in stage draws from.
@@ -76,9 +77,11 @@ class Stage(ABC):
     # ---- what it builds
 
     @abstractmethod
-    def build(self) -> dict[str, str]:
+    def build(self, own: Checkpoint | None = None) -> dict[str, str]:
         """Create `self.model` (on the CPU) and return what was initialised from elsewhere, by
-        encoder, as sentences the run prints."""
+        encoder, as sentences the run prints. `own`: the run's checkpoint it resumes from, whose
+        weights replace the model's: the model is built as that run built it (`cfg.model`, the
+        codebook and tokenizer `own` holds) without reading what the run started from."""
 
     def open_data(self, streams: dict, world: int) -> None:
         """Once the streams are open: refuse data the stage cannot train on, or read what it

@@ -74,7 +74,9 @@ def _cpu_multiplies_bf16() -> bool:
 class Trainer:
     """One run of one stage: `fit()` trains to `max_steps`, `resume()` continues a stopped run."""
 
-    def __init__(self, cfg: TrainConfig, output: Path, log=None, stage: Stage | None = None):
+    def __init__(self, cfg: TrainConfig, output: Path, log=None, stage: Stage | None = None, resume: bool = False):
+        """`resume`: the run continues from its newest checkpoint (`resume()` loads it), which the
+        model is built from: nothing the run was started from (init=, a codebook) is read again."""
         check(cfg)
         self.cfg, self.output, self.run = cfg, Path(output), RunDir(Path(output))
         self.rank, self.world = world()
@@ -102,8 +104,10 @@ class Trainer:
         self.stopped = 0
         """The signal that stopped `fit` at a step boundary (after saving it), 0 if none did."""
         torch.manual_seed(cfg.seed)
+        self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device)
+        self._chosen = self.checkpoints.choose() if resume else None
 
-        self.initialised = self.stage.build()
+        self.initialised = self.stage.build(self._chosen.ckpt if self._chosen else None)
         self.model = self.stage.model
         if cfg.model.text.max_length < cfg.data.max_text_length:
             raise ConfigError(f"data.max_text_length ({cfg.data.max_text_length}) exceeds the {cfg.model.text.max_length} "
@@ -140,7 +144,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(self.optimisation.warmup_steps, cfg.max_steps, o.min_lr_ratio))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device)
 
     def _balancing(self) -> None:
         """The balancing method (`objectives.balancing`) and the shared encoders the gradient
@@ -244,7 +247,8 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest intact checkpoint, if any; returns whether one was found. What was
         passed over on the way (damaged checkpoints, leftovers) is added to `notes`."""
-        notes = self.checkpoints.resume(self._stateful())
+        notes = self.checkpoints.resume(self._stateful(), self._chosen)
+        self._chosen = None  # its weights and optimizer state are the model's now
         if notes is not None:
             self.notes += notes + self.data.notes()
         if self.rank == 0:  # steps logged after the checkpoint (or before any) will run again
