@@ -117,7 +117,8 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
     from flava.train import codebook
 
     make_images(tmp_path / "imgs")
-    args = ["train-codebook", "--images", str(tmp_path / "imgs"), "--steps", "12", "--batch-size", "4",
+    monkeypatch.chdir(tmp_path)  # images named relative to it: the resume below runs elsewhere
+    args = ["train-codebook", "--images", "imgs", "--steps", "12", "--batch-size", "4",
             "--save-every", "4", "--set", "codebook.vocab_size=32", "--set", "codebook.hidden_size=8"]
     assert cli([*args, "--output", str(tmp_path / "whole")]) == 0
 
@@ -144,8 +145,10 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
         flava.load_codebook(tmp_path / "cut")
     assert cli(["info", str(tmp_path / "cut")]) == 2
     assert "image codebook whose training has not finished" in capsys.readouterr().err
-    assert cli([*args, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    monkeypatch.chdir(tmp_path.parent)
+    assert cli(["train-codebook", "--output", str(tmp_path / "cut"), "--resume"]) == 0
     assert "resuming the codebook training" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
     want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert not (tmp_path / "cut" / "training").exists()  # the finished codebook replaced the state

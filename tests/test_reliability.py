@@ -569,22 +569,25 @@ def test_init_says_where_the_checkpoints_model_differs_from_the_configs(tmp_path
     assert same.model.model.config.image.image_size == 96
 
 
-def test_a_run_named_with_relative_checkpoint_paths_resumes_from_any_folder(train_data, tmp_path, monkeypatch, capsys):
+def test_a_run_named_with_relative_paths_resumes_from_any_folder(train_data, tmp_path, monkeypatch, capsys):
     import shutil
 
-    shutil.copytree(train_data / "codebook", tmp_path / "cb")
+    shutil.copytree(train_data, tmp_path / "d")
     monkeypatch.chdir(tmp_path)
-    args = [a if a != f"codebook={train_data / 'codebook'}" else "codebook=cb"
-            for a in pretrain_args(train_data, tmp_path / "run")]
-    assert "codebook=cb" in args
+    args = [a.replace(str(train_data), "d") for a in pretrain_args(train_data, tmp_path / "run")]
+    args[args.index('data.images=["d/img"]')] = 'data.images=["d/img/a/*.png"]'  # a glob too
+    assert "codebook=d/codebook" in args and 'data.pairs=["d/pairs.csv"]' in args
     assert cli(args + ["--max-steps", "2"]) == 0
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
-    assert saved["codebook"] == str(tmp_path / "cb")
-    # A run saved by a release that kept the path as given: the same command again changes nothing.
-    (tmp_path / "run" / "train_config.json").write_text(json.dumps({**saved, "codebook": "cb"}))
+    assert saved["codebook"] == str(tmp_path / "d" / "codebook")
+    assert saved["data"]["pairs"] == [str(tmp_path / "d" / "pairs.csv")]
+    assert saved["data"]["images"] == [str(tmp_path / "d" / "img" / "a" / "*.png")]
+    # A run saved by a release that kept the paths as given: the same command again changes nothing.
+    (tmp_path / "run" / "train_config.json").write_text(json.dumps(
+        {**saved, "codebook": "d/codebook", "data": {**saved["data"], "text": ["d/text.txt"]}}))
     assert cli(args + ["--max-steps", "3", "--resume"]) == 0
     history = (tmp_path / "run" / "config_history.jsonl").read_text()
-    assert "max_steps" in history and "codebook" not in history  # no change of codebook recorded either
+    assert "max_steps" in history and "codebook" not in history and "data" not in history  # no change recorded
     monkeypatch.chdir(tmp_path.parent)  # elsewhere, the run's own settings still find the codebook
     assert cli(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"]) == 0
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

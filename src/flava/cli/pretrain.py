@@ -48,7 +48,8 @@ def settings(args: argparse.Namespace):
     from ..config import apply_overrides, check
     from ..errors import ConfigError
     from ..train.presets import train_config
-    from ..train.run import CHECKPOINT_KEYS, saved_settings
+    from ..train.config import anchored
+    from ..train.run import CHECKPOINT_KEYS, PLACES, saved_settings
 
     cfg = saved_settings(Path(args.output)) if args.resume and not args.config else None
     if cfg is None:
@@ -60,14 +61,15 @@ def settings(args: argparse.Namespace):
         cfg.save_every = args.save_every
     if args.override and not args.resume:
         raise ConfigError("--override only applies with --resume (a new run takes any settings)")
-    # Checkpoints named by a relative path are saved as absolute ones: a --resume from another
+    # Paths named relative to this folder are saved as absolute ones: a --resume from another
     # folder reads the run's settings and must find them. A resumed run's saved values are its own
     # (relative to where it started): only what this command names is made absolute.
     given = {s.partition("=")[0].strip() for s in args.set or []}
-    for key in CHECKPOINT_KEYS:
-        value = getattr(cfg, key)
-        if value and (not args.resume or key in given) and Path(value).expanduser().exists():
-            setattr(cfg, key, os.path.abspath(Path(value).expanduser()))
+    for key in PLACES:
+        if not args.resume or key in given:
+            section, _, name = key.rpartition(".")
+            owner = getattr(cfg, section) if section else cfg
+            setattr(owner, name, anchored(getattr(owner, name), existing=key in CHECKPOINT_KEYS))
     shaped = [s.partition("=")[0].strip() for s in args.set or [] if s.strip().startswith("model.")]
     if cfg.init and shaped and not args.resume:
         raise ConfigError(f"init={cfg.init} brings its own model, so {', '.join(shaped)} would be ignored: drop "

@@ -44,6 +44,7 @@ from ..io.runs import CODEBOOK_STATE, RunDir, codebook_progress, codebook_state
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
 from ..progress import progress_bar
+from .config import anchored
 
 
 @dataclass
@@ -281,6 +282,10 @@ def _check_start(output: Path, resume: bool) -> dict | None:
     return None
 
 
+def _anchored(specs: list[str]) -> list[str]:
+    return [s if s == "demo" else anchored(s) for s in specs]
+
+
 def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, settings: CodebookTraining,
                        console: Console, pairs_spec: list[str] | None = None, resume: bool = False,
                        given: set[str] | None = None) -> dict:
@@ -299,7 +304,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         settings = from_dict(CodebookTraining, {**saved["settings"], "device": settings.device,
                                                 "num_workers": settings.num_workers, "steps": steps})
         changed += [k for k, asked_spec in (("images", images_spec), ("pairs", pairs_spec))
-                    if asked_spec and asked_spec != saved[k]]  # the run reads its own data to resume exactly
+                    if asked_spec and _anchored(asked_spec) != _anchored(saved[k])]  # it reads its own data
         if asked_model != to_dict(cfg):  # and keeps its own codebook
             changed += sorted({"config", "set"} & (given or set()))
         images_spec, pairs_spec = saved["images"], saved["pairs"]
@@ -309,6 +314,8 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         ignored = [k for k in changed if k not in ("device", "num_workers", "steps")]
         if ignored:
             console.print(f"note: resuming with the run's own settings; ignored: {', '.join(ignored)}")
+    else:  # saved absolute: a --resume from another folder reads the same files
+        images_spec, pairs_spec = _anchored(images_spec), _anchored(pairs_spec or [])
     if cfg.image.vocab_size != cfg.codebook.vocab_size:
         console.print(f"note: image.vocab_size set to the codebook's {cfg.codebook.vocab_size} tokens")
         cfg.image.vocab_size = cfg.codebook.vocab_size

@@ -5,7 +5,10 @@ the presets, the CPU demo's settings and the scaling are in `train.presets`."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 from ..config import (
@@ -19,6 +22,7 @@ from ..config import (
     Range,
     preset,
 )
+from ..data.shards import is_remote
 from ..objectives.dino_config import DinoConfig
 
 
@@ -33,6 +37,20 @@ class SourceSpec:
 
 
 DataSpec = str | SourceSpec
+
+
+def anchored(value, existing: bool = False):
+    """`value` (a path, a data spec, or a list of them) with its relative local paths made absolute
+    against the working folder; remote specs (http, s3, pipe:, file://) as they are. `existing`:
+    only paths that exist (a checkpoint setting may be a hub id instead)."""
+    if isinstance(value, list):
+        return [anchored(v, existing) for v in value]
+    if isinstance(value, SourceSpec):
+        return dataclasses.replace(value, path=anchored(value.path, existing))
+    if not isinstance(value, str) or not value or is_remote(value) or value.startswith("file://"):
+        return value
+    path = Path(value).expanduser()
+    return os.path.abspath(path) if not existing or path.exists() else value
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
 from .checkpoint import STREAMS
 from .codebook import CodebookTraining, run_train_codebook
-from .config import TrainConfig
+from .config import TrainConfig, anchored
 from .kinds import trained_kinds
 from .trainer import Trainer
 
@@ -94,22 +94,16 @@ def _written_before_scaling(settings: dict) -> dict:
 
 
 CHECKPOINT_KEYS = ("codebook", "init", "init_image", "init_text", "init_multimodal")
-"""Settings that name a checkpoint: saved as absolute paths when given as relative ones."""
-
-
-def _same_place(a, b) -> bool:
-    """Whether two values of a checkpoint setting name the same existing folder (one relative, one not)."""
-    if not (isinstance(a, str) and isinstance(b, str) and a and b):
-        return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and os.path.abspath(pa) == os.path.abspath(pb)
+PLACES = CHECKPOINT_KEYS + ("data.pairs", "data.images", "data.text", "data.cache_dir")
+"""Settings that name local files or folders: saved as absolute paths when given as relative ones,
+so that a --resume from another folder finds them."""
 
 
 def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
-    """{setting: (old value, new value)} for every setting that differs (a checkpoint named once
-    by a relative path and once by an absolute one is no difference)."""
+    """{setting: (old value, new value)} for every setting that differs (a path named once
+    relative to this folder and once absolute is no difference)."""
     return {k: v for k, v in differences(settings(old), settings(new)).items()
-            if not (k in CHECKPOINT_KEYS and _same_place(*v))}
+            if not (k in PLACES and anchored(v[0]) == anchored(v[1]))}
 
 
 def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override: bool, rank: int) -> None:
