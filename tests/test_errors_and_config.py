@@ -220,9 +220,10 @@ def test_info_says_a_codebook_or_heads_its_config_does_not_build(tmp_path, capsy
 
     cfg = preset("tiny")
     save_checkpoint(tmp_path / "cb", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
-    PretrainingModel(cfg).save_pretrained(tmp_path / "pm")
+    PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cfg.codebook)).save_pretrained(tmp_path / "pm")
     assert cli(["info", str(tmp_path / "cb")]) == 0 and cli(["info", str(tmp_path / "pm")]) == 0
-    for name, key, value in (("cb", "codebook", {"hidden_size": 8}), ("pm", "image", {"vocab_size": 64})):
+    for name, key, value in (("cb", "codebook", {"hidden_size": 8}), ("pm", "image", {"vocab_size": 64}),
+                             ("pm", "codebook", {"hidden_size": 8})):
         data = json.loads((tmp_path / name / "config.json").read_text())
         data["model"][key].update(value)
         (tmp_path / name / "config.json").write_text(json.dumps(data))
@@ -233,6 +234,7 @@ def test_info_says_a_codebook_or_heads_its_config_does_not_build(tmp_path, capsy
     assert cli(["info", str(tmp_path / "pm")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert re.search(r"note: .*the (mim|mmm_image) head weights do not match the config: .* wrong shape", out)
+    assert re.search(r"note: .*the codebook weights do not match the config: .* wrong shape", out)  # each part
     assert "Pretraining from it (init=, codebook=, load(pretraining=True), export-hf --as pretraining) " \
            "refuses it" in out
     flava.load(tmp_path / "pm")

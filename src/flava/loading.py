@@ -171,29 +171,25 @@ def _head_weights(saved: dict[str, torch.Tensor], name: str) -> dict[str, torch.
     return {k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")}
 
 
-def checkpoint_mismatch(ckpt: Checkpoint) -> tuple[str, str] | None:
-    """(part, why) when a loader would refuse the checkpoint's model, heads or codebook (weights
-    whose names or shapes its config does not build), else None; the model is checked first.
-    Built on the meta device: nothing is allocated."""
+def checkpoint_mismatches(ckpt: Checkpoint) -> list[tuple[str, str]]:
+    """(part, why) for each of the checkpoint's model, heads and codebook that a loader would
+    refuse (weights whose names or shapes its config does not build), in that order. Built on the
+    meta device: nothing is allocated."""
     cfg, parts = ckpt.config, ckpt.parts
+    found = []
     with torch.device("meta"):
         if parts.get("model"):
-            problem = weight_mismatch(FlavaModel(cfg).state_dict(), parts["model"], "model", ckpt.path)
-            if problem:
-                return "model", problem
+            found.append(("model", weight_mismatch(FlavaModel(cfg).state_dict(), parts["model"], "model", ckpt.path)))
         if parts.get("heads"):
             objectives = from_dict(ObjectivesConfig, ckpt.extra.get("objectives", {}), "objectives")
-            for name, head in PretrainingHeads(cfg, objectives).named_children():
-                own = _head_weights(parts["heads"], name)
-                problem = weight_mismatch(head.state_dict(), own, f"{name} head", ckpt.path) if own else None
-                if problem:
-                    return "heads", problem
+            heads = [weight_mismatch(head.state_dict(), own, f"{name} head", ckpt.path)
+                     for name, head in PretrainingHeads(cfg, objectives).named_children()
+                     if (own := _head_weights(parts["heads"], name))]
+            found.append(("heads", next((h for h in heads if h), None)))
         if parts.get("codebook"):
-            problem = weight_mismatch(FlavaImageCodebook(cfg.codebook).state_dict(), parts["codebook"], "codebook",
-                                      ckpt.path)
-            if problem:
-                return "codebook", problem
-    return None
+            found.append(("codebook", weight_mismatch(FlavaImageCodebook(cfg.codebook).state_dict(), parts["codebook"],
+                                                      "codebook", ckpt.path)))
+    return [(part, why) for part, why in found if why]
 
 
 def load(

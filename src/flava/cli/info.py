@@ -69,17 +69,15 @@ def _refused(ckpt, console: Console) -> None:
     from rich.markup import escape
 
     from ..errors import CheckpointError
-    from ..loading import checkpoint_mismatch
+    from ..loading import checkpoint_mismatches
 
-    found = checkpoint_mismatch(ckpt)
-    if found is None:
-        return
-    part, problem = found
-    if part == "model" or not ckpt.parts.get("model"):
-        raise CheckpointError(problem + " Every command that loads it refuses it.")
-    console.print("note: " + escape(problem) + " Pretraining from it (init=, codebook=, load(pretraining=True), "
-                  "export-hf --as pretraining) refuses it; embed, classify, evaluate and finetune read the model "
-                  "alone.")
+    found = checkpoint_mismatches(ckpt)
+    if found and (found[0][0] == "model" or not ckpt.parts.get("model")):
+        raise CheckpointError(" ".join(problem for _, problem in found) + " Every command that loads it refuses it.")
+    for _, problem in found:
+        console.print("note: " + escape(problem) + " Pretraining from it (init=, codebook=, load(pretraining=True), "
+                      "export-hf --as pretraining) refuses it; embed, classify, evaluate and finetune read the model "
+                      "alone.")
 
 
 def _task_model(path, console: Console) -> None:
