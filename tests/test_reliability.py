@@ -619,16 +619,20 @@ def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path):
 
     shutil.copytree(train_data / "codebook", tmp_path / "cb")
     source = tmp_path / "source"
-    assert cli(pretrain_args(train_data, source) + ["--max-steps", "1"]) == 0
+    given = pretrain_args(train_data, source)
+    # The codebook's own settings differ from the config's: its checkpoints say the codebook's.
+    i = given.index("model.codebook.hidden_size=8")
+    assert cli(given[:i - 1] + given[i + 1:] + ["--max-steps", "1"]) == 0
+    assert json.loads((RunDir(source).latest() / "config.json").read_text())["model"]["codebook"]["hidden_size"] == 8
 
-    def args(run):  # the model's settings come from init
+    def args(run, init=source):  # the model's settings come from init
         given = pretrain_args(train_data, run)
         pairs = [given[i:i + 2] for i in range(3, len(given), 2)]
         return given[:3] + [x for flag, value in pairs if not value.startswith("model.")
                             for x in (flag, value.replace(str(train_data / "codebook"), str(tmp_path / "cb")))] + \
-            ["--set", f"init={source}", "--set", f"init_text={source}", "--set", "optim.init_lr_scale=0.5"]
+            ["--set", f"init={init}", "--set", f"init_text={source}", "--set", "optim.init_lr_scale=0.5"]
 
-    assert cli(args(tmp_path / "whole") + ["--max-steps", "3"]) == 0
+    assert cli(args(tmp_path / "whole", RunDir(source).latest() / "model.safetensors") + ["--max-steps", "3"]) == 0
     assert cli(args(tmp_path / "run") + ["--max-steps", "2"]) == 0
     shutil.move(source, tmp_path / "gone")
     shutil.move(tmp_path / "cb", tmp_path / "cb-gone")

@@ -461,3 +461,35 @@ def test_a_client_that_disconnects_mid_upload_is_counted_without_a_traceback(ser
     assert not any(r["status"] == 500 for r in counts), counts
     log = server["log"].read_text()
     assert "Traceback" not in log and "ClientDisconnect" not in log, log
+
+
+def test_a_start_that_fails_after_training_the_demo_codebook_keeps_it(tmp_path, capsys, monkeypatch):
+    import functools
+
+    from rich.console import Console
+
+    import flava.train.run as train_run
+    from flava.train.presets import demo_config
+
+    # An impossible device is refused before any work (the codebook was trained first, then lost).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = cli(["pretrain", "--output", str(tmp_path / "gpu"), "--set", "device=cuda"])
+    assert "CUDA is not available" in one_line_error(capsys, code) and not (tmp_path / "gpu").exists()
+    # A mistake met after the codebook: the corrected command takes it instead of minutes more.
+    monkeypatch.setattr(train_run, "DEMO_CODEBOOK_STEPS", 1)
+    monkeypatch.setattr(train_run, "CodebookTraining",
+                        functools.partial(train_run.CodebookTraining, batch_size=4, eval_images=4))
+    out = tmp_path / "run"
+    code = cli(["pretrain", "--output", str(out), "--set", "init_text=nope", "--max-steps", "1"])
+    assert "nope" in one_line_error(capsys, code)
+    weights = out / "codebook" / "model.safetensors"
+    assert weights.is_file() and not list(out.glob("*.json"))
+    written = weights.stat().st_mtime_ns
+    cfg = demo_config()
+    train_run.ensure_demo_codebook(cfg, out / "codebook", Console(), resume=False)
+    assert "an earlier start trained" in capsys.readouterr().out and weights.stat().st_mtime_ns == written
+    cfg = demo_config()
+    cfg.model.codebook.vocab_size = cfg.model.image.vocab_size = 64  # the corrected command asks for another
+    train_run.ensure_demo_codebook(cfg, out / "codebook", Console(), resume=False)
+    assert "trained for other model settings: training it again" in " ".join(capsys.readouterr().out.split())
+    assert flava.load_codebook(out / "codebook").cfg.vocab_size == 64

@@ -63,10 +63,10 @@ def settings(args: argparse.Namespace):
         raise ConfigError("--override only applies with --resume (a new run takes any settings)")
     # Paths named relative to this folder are saved as absolute ones: a --resume from another
     # folder reads the run's settings and must find them. A resumed run's saved values are its own
-    # (relative to where it started): only what this command names is made absolute.
+    # (relative to where it started): only what this command names (--config, --set) is made absolute.
     given = {s.partition("=")[0].strip() for s in args.set or []}
     for key in PLACES:
-        if not args.resume or key in given:
+        if not args.resume or args.config or key in given:
             section, _, name = key.rpartition(".")
             owner = getattr(cfg, section) if section else cfg
             setattr(owner, name, anchored(getattr(owner, name), existing=key in CHECKPOINT_KEYS))
@@ -113,12 +113,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
     try:
         run_pretrain(settings(args), output, resume=args.resume, console=console, override=args.override)
     except BaseException as e:
-        # A start that failed before the run began leaves no directory behind (only its lock, a
-        # demo codebook) for the next attempt to trip over; one process cleans up. A stop on
-        # request keeps what it saved (a demo codebook half trained); a start refused by the lock
-        # leaves the directory to the run that holds it (started at the same moment, it has
-        # written nothing yet).
-        if created and not holds_run(output) and os.environ.get("RANK", "0") == "0" and \
+        # A start that failed before the run began leaves no directory behind (only its lock) for
+        # the next attempt to trip over; one process cleans up. A trained demo codebook (minutes of
+        # work) is kept for the corrected command, as a stop on request keeps what it saved; a
+        # start refused by the lock leaves the directory to the run that holds it (started at the
+        # same moment, it has written nothing yet).
+        kept = (output / "codebook" / "model.safetensors").is_file()
+        if created and not holds_run(output) and os.environ.get("RANK", "0") == "0" and not kept and \
                 not isinstance(e, (stopping.Stopped, InUse)):
             shutil.rmtree(output, ignore_errors=True)
         raise

@@ -9,6 +9,7 @@ sharded); process 0 writes.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +197,13 @@ class CheckpointManager:
         if parts.mixing is not None:
             state["mixing"] = parts.mixing.state_dict()
 
+        # The codebook's own settings, which a codebook named by the run may have beside the
+        # config's: the checkpoint's config describes the weights it holds.
+        codebook = getattr(model, "codebook", None)
+        config = dataclasses.replace(model.config, codebook=codebook.cfg) if codebook is not None else model.config
+
         def fill(tmp: Path) -> None:
-            write_checkpoint_files(tmp, to_dict(model.config), split,
+            write_checkpoint_files(tmp, to_dict(config), split,
                                    extra={"objectives": to_dict(model.objectives), "train": to_dict(parts.settings)})
             save_state(state, tmp / STATE)
             write_json_atomic(tmp / STREAMS, streams)

@@ -11,6 +11,7 @@ contrastive logit scale's clamp after each update.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from ..config import to_dict
 from ..data.processor import Processor
 from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import data_parallel, world
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..interop.text_towers import following
 from ..io.runs import resolve
 from ..loading import Checkpoint, codebook_of, load_codebook, pretraining_from_checkpoint, read_checkpoint
@@ -69,8 +70,17 @@ class PretrainingStage(Stage):
         from .init import GROUPS, checkpoint_tokenizer, text_source
 
         if own is not None:
-            # The run's checkpoints hold the codebook it trains with (any init= one included).
-            codebook = codebook_of(own) or (load_codebook(cfg.codebook) if wanted else None)
+            # The run's checkpoints hold the codebook it trains with (any init= one included); those
+            # written before they recorded its own settings beside a config of others cannot
+            # describe it: it is read from where the run found it.
+            try:
+                codebook = codebook_of(own)
+            except CheckpointError:
+                codebook = None
+            if codebook is None and cfg.codebook and (wanted or own.parts.get("codebook")):
+                codebook = load_codebook(cfg.codebook)
+            if cfg.init:  # init= decides the model, as at the start (model.* of --config or --override too)
+                cfg.model = own.config
             self.tokenizer = checkpoint_tokenizer(own.path)
             self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
             self.model.model.processor = Processor.from_config(cfg.model, self.tokenizer)
@@ -80,7 +90,7 @@ class PretrainingStage(Stage):
             return self.initialised
         codebook = load_codebook(cfg.codebook) if wanted else None
 
-        base = read_checkpoint(resolve(cfg.init)) if cfg.init else None
+        base = read_checkpoint(cfg.init if Path(cfg.init).is_file() else resolve(cfg.init)) if cfg.init else None
         asked = cfg.model
         model_cfg = base.config if base is not None else cfg.model
         self.tokenizer: str | None = checkpoint_tokenizer(base.path) if base is not None else None

@@ -138,6 +138,7 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
     if rank != 0:
         console = Console(quiet=True)  # one process reports
     check(cfg)
+    resolve_device(cfg.device)  # refused before any work (a demo codebook trained first, then lost)
     output.mkdir(parents=True, exist_ok=True)
     run = RunDir(output)
     with contextlib.ExitStack() as held:
@@ -223,19 +224,32 @@ def needs_demo_codebook(cfg: TrainConfig) -> bool:
         not cfg.codebook and not any(getattr(cfg.data, k) for k in KINDS)
 
 
-def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, rank: int = 0) -> None:
+def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, rank: int = 0,
+                         resume: bool = True) -> None:
     """The embedded default: with the demo data and no codebook named, train one on the demo images
     into `directory` (about a minute and a half; once) and point `cfg.codebook` at it. With data
     named, the trainer checks that each source needing image tokens has them (prepared shards) or a
-    codebook to make them."""
+    codebook to make them. A new run (not `resume`) that finds one says it takes it."""
     if not needs_demo_codebook(cfg):
         return
-    train_demo_codebook(cfg.model, directory, console, rank)
+    train_demo_codebook(cfg.model, directory, console, rank, say_kept=not resume)
     cfg.codebook = os.path.abspath(directory)  # found by a --resume from another folder
 
 
-def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, rank: int = 0) -> None:
-    """The demo images' codebook for `model` in `directory`, trained unless it is there."""
+def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, rank: int = 0,
+                        say_kept: bool = False) -> None:
+    """The demo images' codebook for `model` in `directory`, trained unless one for its settings is
+    there (one for others, left by a start that failed, is trained again)."""
+    if rank == 0 and (directory / "model.safetensors").is_file():
+        trained = read_config(directory)
+        fits = (trained.get("model") or {}).get("codebook") == to_dict(model.codebook) and \
+            (trained.get("codebook_training") or {}).get("image_size") == model.codebook_image_size
+        if not fits:
+            console.print(f"the demo codebook in {escape(str(directory))} was trained for other model settings: "
+                          "training it again")
+            shutil.rmtree(directory)
+        elif say_kept:
+            console.print(f"the demo images' codebook an earlier start trained: {escape(str(directory))}")
     if rank == 0 and not (directory / "model.safetensors").is_file():
         console.print("no image codebook given: training one on the demo images first")
         # One stopped by SIGTERM/SIGINT continues when the command runs again.
@@ -253,7 +267,7 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
 
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
     output = run.root
-    ensure_demo_codebook(cfg, output / "codebook", console, rank)
+    ensure_demo_codebook(cfg, output / "codebook", console, rank, resume)
     saved = saved_settings(output) if resume else None
     if saved is not None and cfg.max_steps < saved.max_steps:
         newest = run.intact_pointer() or (run.step_dirs() or [None])[-1]

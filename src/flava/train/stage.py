@@ -81,7 +81,8 @@ class Stage(ABC):
         """Create `self.model` (on the CPU) and return what was initialised from elsewhere, by
         encoder, as sentences the run prints. `own`: the run's checkpoint it resumes from, whose
         weights replace the model's: the model is built as that run built it (`cfg.model`, the
-        codebook and tokenizer `own` holds) without reading what the run started from."""
+        codebook and tokenizer `own` holds) without reading what the run started from. A stage
+        whose build takes no `own` is built as at its start on a resume too."""
 
     def open_data(self, streams: dict, world: int) -> None:
         """Once the streams are open: refuse data the stage cannot train on, or read what it

@@ -17,6 +17,7 @@ processes train exactly like one process with N times the batch.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from pathlib import Path
 
@@ -107,7 +108,9 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device)
         self._chosen = self.checkpoints.choose() if resume else None
 
-        self.initialised = self.stage.build(self._chosen.ckpt if self._chosen else None)
+        # A stage whose build takes no checkpoint builds as at its start (reading its sources).
+        takes_own = "own" in inspect.signature(self.stage.build).parameters
+        self.initialised = self.stage.build(self._chosen.ckpt) if self._chosen and takes_own else self.stage.build()
         self.model = self.stage.model
         if cfg.model.text.max_length < cfg.data.max_text_length:
             raise ConfigError(f"data.max_text_length ({cfg.data.max_text_length}) exceeds the {cfg.model.text.max_length} "
