@@ -1,20 +1,23 @@
 """The GPU figures, measured by the project on one CUDA host in one run.
 
-Sections, in the order of what the issue needs most (each written to OUT/gpu.json as it finishes; a
-failed one is recorded and the rest run):
-  env      torch, transformers, the GPU, and a bf16 matmul peak measured now (8192^3)
+Sections, in the order they run (each written to OUT/gpu.json as it finishes; a failed one is
+recorded and the rest run): the quick ones (clip, embed: half a minute) before the real command
+(minutes), so one device call brings them back. No TF32 anywhere: the bare step, the command's
+processes and the references compute alike.
+  env      torch, transformers, the GPU, and a bf16 matmul peak measured now (8192^3, the best of
+           three trials of 100 products)
   step     the base pretraining step (pairs: contrastive, ITM, MMM image + text; backward;
            AdamW), bf16 autocast, batch 64 and 256: transformers vs flava (codebook in the step)
            vs flava with prepared image tokens (also with the CPU's syncing forms, outside
            `flava.syncs.sync_free`, to show what it gains); samples/s, peak GiB, MFU from
            torch.utils.flop_counter against the peak above; a torch.profiler summary of the
            prepared step at the larger batch (OUT/profile_step.txt)
+  clip     contrastive-only step, batch 256, 77 tokens: flava's encoders vs open_clip ViT-B-16
+  embed    image embedding, bf16, batch 512: flava vs transformers get_image_features
   command  the real `flava pretrain` on WebDataset shards of 256-px photo JPEGs at batch 256 and
            64 (its own metrics.jsonl) beside the bare step's samples/s; `flava train-codebook`'s
            images/s on the GPU against a few steps on the host's CPU, from its logged rows
   loader   loader-only samples/s at the host's core count (benchmarks/loader.py's shards and figures)
-  clip     contrastive-only step, batch 256, 77 tokens: flava's encoders vs open_clip ViT-B-16
-  embed    image embedding, bf16, batch 512: flava vs transformers get_image_features
 
     python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh] [--back=DIR] [--deadline=EPOCH_S]
 
@@ -139,7 +142,9 @@ def _env():
     n = 1024 if QUICK else 8192
     dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
     a, b = (torch.randn(n, n, device=DEV, dtype=dtype) for _ in range(2))
-    s = timed(lambda: a @ b, 3, 10)
+    # Ten 8192-cube products take about 14 ms on an H200: too short for its clocks to settle.
+    reps = 10 if QUICK or DEV.type != "cuda" else 100
+    s = min(timed(lambda: a @ b, 3, reps) for _ in range(3))
     d["matmul_tflops"] = round(2 * n**3 / s / 1e12, 2)
     d["peak_flops"] = 2 * n**3 / s
     if DEV.type == "cuda":
@@ -214,7 +219,6 @@ def steps(ref, ours, batch, hf):
 @section("step")
 def _step():
     out = {}
-    torch.backends.cuda.matmul.allow_tf32 = True
     for B in ([4] if QUICK else [64, 256]):
         ref, ours, batch, hf_in = build(B)
         ref.to(DEV).train(), ours.to(DEV).train()
@@ -263,6 +267,86 @@ def _flava(args: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+@section("clip")
+def _clip():
+    import torch.nn.functional as F
+
+    import flava
+    from flava.config import ObjectivesConfig
+    from flava.data.batch import PairBatch
+    from flava.objectives.pretraining import PretrainingModel
+    from flava.optim import build_optimizer
+    from flava.syncs import sync_free
+
+    # open_clip's context length (the tiny preset's text encoder takes fewer positions)
+    B, L = (8 if QUICK else 256), min(77, flava.preset(PRESET).text.max_position_embeddings)
+
+    def flava_figures() -> dict:  # its model and optimizer state are freed on return, before open_clip's
+        cfg = flava.preset(PRESET)
+        only = ObjectivesConfig(itm_weight=0, mmm_image_weight=0, mmm_text_weight=0, mim_weight=0, mlm_weight=0)
+        ours = PretrainingModel(cfg, only).to(DEV).train()
+        ids = torch.randint(1000, 30000, (B, L), device=DEV)
+        batch = PairBatch(torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV), ids,
+                          torch.ones_like(ids), torch.zeros(B, cfg.image.num_patches, dtype=torch.bool, device=DEV),
+                          ids, torch.full_like(ids, -100))
+        opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
+
+        def step_ours():  # as the trainer runs it on a GPU: nothing read back (flava.syncs)
+            with torch.autocast(DEV.type, dtype=torch.bfloat16), sync_free(DEV.type == "cuda"):
+                loss = ours(batch, torch.Generator(device=DEV).manual_seed(1)).losses.total
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return figures(step_ours, B, 8)
+
+    res = {"flava": flava_figures()}
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        import open_clip
+    except ImportError as e:  # open_clip needs torchvision and timm, which the GPU host has
+        res["open_clip_vit_b16"] = {"error": f"open_clip could not be imported: {e}"}
+        return res
+    model = open_clip.create_model("ViT-B-16", pretrained=None, output_dict=True).to(DEV).train()
+    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    tokens, pixels = torch.randint(1000, 30000, (B, 77), device=DEV), torch.randn(B, 3, 224, 224, device=DEV)
+
+    def step_open_clip():
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            out = model(pixels, tokens)
+            logits = out["logit_scale"] * out["image_features"] @ out["text_features"].t()
+            labels = torch.arange(B, device=DEV)
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        loss.backward()
+        opt2.step()
+        opt2.zero_grad(set_to_none=True)
+
+    res["open_clip_vit_b16"] = figures(step_open_clip, B, 8)
+    return res
+
+
+@section("embed")
+def _embed():
+    import transformers
+
+    import flava
+    from flava.interop import transformers as hf_interop
+    from flava.model.flava import FlavaModel
+
+    B = 8 if QUICK else 512
+    cfg = flava.preset(PRESET)
+    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+    ref = transformers.FlavaModel(transformers.FlavaConfig(**hf_interop.config_to_hf(cfg, False))).to(DEV, dtype).eval()
+    ours = FlavaModel(cfg).to(DEV, dtype).eval()
+    pixels = torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV, dtype=dtype)
+    res = {}
+    with torch.inference_mode():
+        for name, fn in (("transformers", lambda: ref.get_image_features(pixel_values=pixels)),
+                         ("flava", lambda: ours.encode_image(pixels))):
+            res[name] = {"images_s": round(B / timed(fn, 2, 6), 1)}
+    return res
 
 
 @section("command")
@@ -363,86 +447,6 @@ def _loader():
         stream._it = None
     res["tiny_224_figures"] = {f"workers_{w}": measure_loader("flava", shards(), w, 64, 6)
                                for w in (0, 1, 2)}
-    return res
-
-
-@section("clip")
-def _clip():
-    import torch.nn.functional as F
-
-    import flava
-    from flava.config import ObjectivesConfig
-    from flava.data.batch import PairBatch
-    from flava.objectives.pretraining import PretrainingModel
-    from flava.optim import build_optimizer
-    from flava.syncs import sync_free
-
-    # open_clip's context length (the tiny preset's text encoder takes fewer positions)
-    B, L = (8 if QUICK else 256), min(77, flava.preset(PRESET).text.max_position_embeddings)
-
-    def flava_figures() -> dict:  # its model and optimizer state are freed on return, before open_clip's
-        cfg = flava.preset(PRESET)
-        only = ObjectivesConfig(itm_weight=0, mmm_image_weight=0, mmm_text_weight=0, mim_weight=0, mlm_weight=0)
-        ours = PretrainingModel(cfg, only).to(DEV).train()
-        ids = torch.randint(1000, 30000, (B, L), device=DEV)
-        batch = PairBatch(torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV), ids,
-                          torch.ones_like(ids), torch.zeros(B, cfg.image.num_patches, dtype=torch.bool, device=DEV),
-                          ids, torch.full_like(ids, -100))
-        opt = build_optimizer(ours, lr=1e-4, weight_decay=0.1)
-
-        def step_ours():  # as the trainer runs it on a GPU: nothing read back (flava.syncs)
-            with torch.autocast(DEV.type, dtype=torch.bfloat16), sync_free(DEV.type == "cuda"):
-                loss = ours(batch, torch.Generator(device=DEV).manual_seed(1)).losses.total
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return figures(step_ours, B, 8)
-
-    res = {"flava": flava_figures()}
-    if DEV.type == "cuda":
-        torch.cuda.empty_cache()
-    try:
-        import open_clip
-    except ImportError as e:  # open_clip needs torchvision and timm, which the GPU host has
-        res["open_clip_vit_b16"] = {"error": f"open_clip could not be imported: {e}"}
-        return res
-    model = open_clip.create_model("ViT-B-16", pretrained=None, output_dict=True).to(DEV).train()
-    opt2 = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
-    tokens, pixels = torch.randint(1000, 30000, (B, 77), device=DEV), torch.randn(B, 3, 224, 224, device=DEV)
-
-    def step_open_clip():
-        with torch.autocast(DEV.type, dtype=torch.bfloat16):
-            out = model(pixels, tokens)
-            logits = out["logit_scale"] * out["image_features"] @ out["text_features"].t()
-            labels = torch.arange(B, device=DEV)
-            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
-        loss.backward()
-        opt2.step()
-        opt2.zero_grad(set_to_none=True)
-
-    res["open_clip_vit_b16"] = figures(step_open_clip, B, 8)
-    return res
-
-
-@section("embed")
-def _embed():
-    import transformers
-
-    import flava
-    from flava.interop import transformers as hf_interop
-    from flava.model.flava import FlavaModel
-
-    B = 8 if QUICK else 512
-    cfg = flava.preset(PRESET)
-    dtype = torch.bfloat16 if DEV.type == "cuda" else torch.float32
-    ref = transformers.FlavaModel(transformers.FlavaConfig(**hf_interop.config_to_hf(cfg, False))).to(DEV, dtype).eval()
-    ours = FlavaModel(cfg).to(DEV, dtype).eval()
-    pixels = torch.randn(B, 3, cfg.image.image_size, cfg.image.image_size, device=DEV, dtype=dtype)
-    res = {}
-    with torch.inference_mode():
-        for name, fn in (("transformers", lambda: ref.get_image_features(pixel_values=pixels)),
-                         ("flava", lambda: ours.encode_image(pixels))):
-            res[name] = {"images_s": round(B / timed(fn, 2, 6), 1)}
     return res
 
 

@@ -51,14 +51,19 @@ export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.whl/py${PYTHONPATH:+:$PYTHONPATH}" P
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; nproc; } \
   | tee "$WORK/gpu.txt" >"$BACK/gpu.txt"
 if [ ! -f "$WORK/cuda_lane.done" ]; then
-  timeout $((LIMIT / 3)) python3 -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider 2>&1 \
-    | tee "$WORK/cuda_lane.txt" "$BACK/cuda_lane.txt"
-  [ "${PIPESTATUS[0]}" -ne 124 ] && touch "$WORK/cuda_lane.done"
+  # SIGINT, not SIGTERM: a test inside a flava command would take SIGTERM as a graceful stop and
+  # pytest would go on past the limit; -k ends whatever still runs. -v names each test as it
+  # starts and faulthandler prints a hung one's stack, so a cut-off lane still says where it was.
+  timeout -s INT -k 15 $((LIMIT / 3)) python3 -m pytest -m cuda tests/test_cuda.py -v --tb=short \
+    -o faulthandler_timeout=90 -p no:cacheprovider 2>&1 | tee "$WORK/cuda_lane.txt" "$BACK/cuda_lane.txt"
+  # Done when its tests ran (passed or failed), not when it was cut off or could not start.
+  case "${PIPESTATUS[0]}" in 0|1) touch "$WORK/cuda_lane.done" ;; esac
 fi
 left=$((LIMIT - SECONDS))
 if [ "$left" -gt 30 ]; then
   deadline=$(($(date +%s) + left))
-  timeout "$left" python3 benchmarks/gpu.py "$WORK" --back="$BACK" --deadline="$deadline" ${GPU_ARGS:-} 2>&1 \
-    | tee -a "$WORK/gpu_log.txt" "$BACK/gpu_log.txt"
+  # gpu.py ends its commands before the deadline; -k ends a command that saves on the signal.
+  timeout -k 10 "$left" python3 benchmarks/gpu.py "$WORK" --back="$BACK" --deadline="$deadline" ${GPU_ARGS:-} \
+    2>&1 | tee -a "$WORK/gpu_log.txt" "$BACK/gpu_log.txt"
 fi
 echo "gpu_session: $SECONDS s; results in $BACK"

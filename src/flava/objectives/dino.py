@@ -113,8 +113,10 @@ class DinoLoss(nn.Module):
             log_student = F.log_softmax(student_out.float() / self.config.student_temp, dim=-1)
             # ce[q, v]: cross-entropy of teacher crop q against student crop v, averaged over images.
             ce = -torch.einsum("qbk,vbk->qv", teacher.view(2, B, K), log_student.view(V, B, K)) / B
+            # The mean over pairs of different views; a mask's fill, not its selection, which
+            # would read the mask's count back from a GPU every step.
             same_view = torch.eye(2, V, dtype=torch.bool, device=ce.device)
-            loss = ce[~same_view].mean()
+            loss = ce.masked_fill(same_view, 0).sum() / (ce.numel() - 2)
         self.update_center(teacher_out)
         return loss
 
@@ -181,14 +183,20 @@ def collapse_metrics(teacher_out: torch.Tensor, student_out: torch.Tensor, cente
 
 
 @torch.no_grad()
-def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float) -> None:
+def update_teacher(student: nn.Module, teacher: nn.Module, momentum: float,
+                   finite: torch.Tensor | None = None) -> None:
     """The teacher's EMA rule, parameter by parameter: teacher <- m * teacher + (1 - m) * student.
-    Both modules must have the same parameters in the same order (the teacher a copy of the student)."""
+    Both modules must have the same parameters in the same order (the teacher a copy of the student).
+    `finite` (a bool tensor on the device): no update where it is False, decided on the device (a
+    GPU step then waits on nothing), as a lerp of weight (1 - m) * finite."""
     s = [p.detach() for p in student.parameters()]
     t = list(teacher.parameters())
     if len(s) != len(t) or any(a.shape != b.shape for a, b in zip(s, t)):
         raise InputError("the teacher's parameters do not match the student's: the teacher must be a copy "
                          "of the student")
+    if finite is not None:
+        torch._foreach_lerp_(t, s, [finite.float() * (1.0 - momentum)] * len(t))
+        return
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
@@ -305,9 +313,10 @@ class DinoModel(nn.Module):
         loss = self.loss(student_out, teacher_out, epoch)
         return DinoOutput(loss, metrics)
 
-    def step_teacher(self, momentum: float) -> None:
-        """The EMA update of the teacher from the student (after the optimizer step)."""
-        update_teacher(self.student, self.teacher, momentum)
+    def step_teacher(self, momentum: float, finite: torch.Tensor | None = None) -> None:
+        """The EMA update of the teacher from the student (after the optimizer step); none where
+        `finite` (see update_teacher) is False."""
+        update_teacher(self.student, self.teacher, momentum, finite)
 
     def cancel_last_layer_grad(self, epoch: float) -> None:
         """Drop the gradient of the head's last layer during the first `freeze_last_layer` epochs

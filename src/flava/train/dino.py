@@ -147,7 +147,10 @@ class DinoStage(Stage):
 
     def after_update(self, step: int, finite: torch.Tensor) -> dict[str, float]:
         momentum = float(self.teacher_momentum[min(step, len(self.teacher_momentum) - 1)])
-        # A skipped update leaves the student as it was; so does the teacher (a host sync a step).
-        if bool(finite):
+        # A skipped update leaves the student as it was; so does the teacher. On the CPU the exact
+        # rule of the reference; on a GPU decided on the device (reading `finite` waits on the step).
+        if finite.device.type != "cpu":
+            self.model.dino.step_teacher(momentum, finite)
+        elif bool(finite):
             self.model.dino.step_teacher(momentum)
         return {"teacher_momentum": momentum, "epoch": self.epoch(step)}
