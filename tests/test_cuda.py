@@ -156,6 +156,31 @@ def test_train_codebook_and_embed_on_cuda(train_data, tmp_path, capsys):
     assert vectors.shape == (16, 128) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
 
 
+def test_a_task_model_predicts_on_cuda_as_on_the_cpu(tmp_path, capsys):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(8):
+            arr = np.clip(np.array(colour) + rng.integers(-25, 25, (24, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(tmp_path / "img" / name / f"{i}.png")
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "ckpt")
+    task = tmp_path / "colours"
+    assert cli(["finetune", "--model", str(tmp_path / "ckpt"), "--task", "image-classification", "--train",
+                str(tmp_path / "img"), "--output", str(task), "--epochs", "1", "--batch-size", "8",
+                "--head-only"]) == 0
+    rows = {}
+    for device in ("cuda", "cpu"):
+        out = tmp_path / f"{device}.jsonl"
+        assert cli(["predict", "--model", str(task), "--input", str(tmp_path / "img"), "--device", device,
+                    "--output", str(out)]) == 0
+        rows[device] = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["prediction"] for r in rows["cuda"]] == [r["prediction"] for r in rows["cpu"]]
+    assert np.allclose([r["score"] for r in rows["cuda"]], [r["score"] for r in rows["cpu"]], atol=1e-4)
+    assert flava.load_task(task, device="cuda").device.type == "cuda"
+
+
 @pytest.mark.parametrize("negatives,balancing", [("swap", "fixed"), ("hard", "fixed"), ("swap", "dwa"),
                                                 ("swap", "uncertainty")])
 def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, negatives, balancing):

@@ -139,8 +139,10 @@ def test_image_classifier_from_class_folders(data, tmp_path, capsys):
     capsys.readouterr()
 
     # An image folder with class sub-folders is scored; a broken file among good ones is reported.
-    assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test")]) == 0
+    assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test"), "--device", "cpu"]) == 0
     assert "accuracy 1.0000 (8 of 8 labelled inputs)" in capsys.readouterr().out
+    assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test"), "--device", "nope"]) == 2
+    assert "device 'nope' is not usable here" in capsys.readouterr().err
     good = [data / "img" / "test" / "red" / "0.png", data / "img" / "test" / "blue" / "1.png"]
     preds = tmp_path / "p.jsonl"
     assert main(["predict", "--model", str(out), "--input", str(good[0]), str(data / "broken.png"), str(good[1]),

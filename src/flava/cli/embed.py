@@ -30,8 +30,6 @@ def add(sub) -> None:
 
 def load_for_inference(name: str, device: str | None, int8: bool):
     """The model, on the device asked for (int8 runs on the CPU)."""
-    import torch
-
     from .. import load
     from ..errors import ConfigError
 
@@ -39,13 +37,22 @@ def load_for_inference(name: str, device: str | None, int8: bool):
         if device not in (None, "cpu"):
             raise ConfigError(f"--int8 runs on the CPU; drop --device {device}")
         return load(name, quantize="int8")
+    return load(name, device=inference_device(device))
+
+
+def inference_device(device: str | None) -> str:
+    """`--device` checked usable here, or by default the GPU when there is one."""
+    import torch
+
+    from ..errors import ConfigError
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise ConfigError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); use --device cpu") from None
-    return load(name, device=device)
+    return device
 
 
 def model_name(name: str) -> str:

@@ -32,6 +32,7 @@ def add(sub) -> None:
     p.add_argument("--output", help="write the predictions to this .csv, .tsv or .jsonl file")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="best labels kept per input")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     p.set_defaults(run=run)
 
 
@@ -221,6 +222,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..errors import ConfigError, DataError
     from .. import scores as M
     from ..finetune.load import load_task
+    from .embed import inference_device
     from ..io.files import check_writable
     from ..progress import progress_bar
 
@@ -231,7 +233,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         check_writable(output, directory=False)
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError("--top-k and --batch-size must be at least 1")
-    tm = load_task(args.model)
+    tm = load_task(args.model, device=inference_device(args.device))
     inputs = read_inputs(args.input, tm)
     usable = [i for i, e in enumerate(inputs.errors) if e is None]
     preds: list[dict] = [{"error": e} if e is not None else {} for e in inputs.errors]

@@ -112,13 +112,13 @@ def build_app(args: argparse.Namespace, console: Console):
         if warning:
             console.print(warning, style="bold red")
         console.print(f"index: {args.index} ({len(index):,} {index.modality}s, {index.dim} dimensions)")
+    device = "cuda" if torch.cuda.is_available() and not args.int8 else None
     if args.task:
         from .. import load_task
 
-        task = load_task(args.task)
+        task = load_task(args.task, device=device)  # beside the embedding model, not on the CPU
         console.print(f"task model: {args.task} ({task.task})")
     if model_name:
-        device = "cuda" if torch.cuda.is_available() and not args.int8 else None
         model = load(load_from, quantize="int8" if args.int8 else None, device=device)
         console.print(f"model: {model_name}{' (int8)' if args.int8 else ''}")
     return create_app(model, index, task, model_name=model_name,
