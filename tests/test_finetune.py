@@ -329,7 +329,7 @@ def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, ca
         return [{"label": "a", "score": 0.5, "top": [{"label": "a", "score": 0.5}]} for _ in texts]
 
     model = SimpleNamespace(task="vqa", uses_text=True, uses_images=True, pairs=False, predict=predict)
-    monkeypatch.setattr(flava.finetune.load, "load_task", lambda path: model)
+    monkeypatch.setattr(flava.finetune.load, "load_task", lambda path, device=None: model)
     out = tmp_path / "preds.jsonl"
     assert main(["predict", "--model", "m", "--input", str(tmp_path / "q.jsonl"), "--output", str(out)]) == 0
     printed = capsys.readouterr().out

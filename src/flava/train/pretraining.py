@@ -67,27 +67,10 @@ class PretrainingStage(Stage):
         # Read only where image tokens are: a text or contrastive stage trains without it (an ablation's
         # shared codebook may not be trained yet when such a row runs).
         wanted = cfg.codebook and needs_image_tokens(cfg.objectives, set(self.kinds()) & self.trained_kinds())
-        from .init import GROUPS, checkpoint_tokenizer, text_source
-
         if own is not None:
-            # The run's checkpoints hold the codebook it trains with (any init= one included); those
-            # written before they recorded its own settings beside a config of others cannot
-            # describe it: it is read from where the run found it.
-            try:
-                codebook = codebook_of(own)
-            except CheckpointError:
-                codebook = None
-            if codebook is None and cfg.codebook and (wanted or own.parts.get("codebook")):
-                codebook = load_codebook(cfg.codebook)
-            if cfg.init:  # init= decides the model, as at the start (model.* of --config or --override too)
-                cfg.model = own.config
-            self.tokenizer = checkpoint_tokenizer(own.path)
-            self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
-            self.model.model.processor = Processor.from_config(cfg.model, self.tokenizer)
-            # The encoders init_* gave keep their own rate (`optimized`), as at the run's start.
-            self.initialised = {name: f"the {name} encoder of init_{name}={getattr(cfg, f'init_{name}')}"
-                                for name in GROUPS if getattr(cfg, f"init_{name}")}
-            return self.initialised
+            return self._rebuild(own, wanted)
+        from .init import checkpoint_tokenizer, text_source
+
         codebook = load_codebook(cfg.codebook) if wanted else None
 
         base = read_checkpoint(cfg.init if Path(cfg.init).is_file() else resolve(cfg.init)) if cfg.init else None
@@ -131,6 +114,31 @@ class PretrainingStage(Stage):
         if base is not None:
             self.initialised = {"model": _whole_model(cfg.init, asked, cfg.model), **self.initialised}
         self.model.model.processor = Processor.from_config(self.model.config, self.tokenizer)
+        return self.initialised
+
+    def _rebuild(self, own: Checkpoint, wanted: bool) -> dict[str, str]:
+        """The model of a run resumed from its checkpoint `own`, as the run's start built it, from
+        the run's settings and what `own` holds: none of the sources it started from is read."""
+        from .init import GROUPS, checkpoint_tokenizer
+
+        cfg = self.cfg
+        # Its checkpoints hold the codebook it trains with (any init= one included); those written
+        # before they recorded the codebook's own settings beside a config of others cannot
+        # describe it: it is read from where the run found it.
+        try:
+            codebook = codebook_of(own)
+        except CheckpointError:
+            codebook = None
+        if codebook is None and cfg.codebook and (wanted or own.parts.get("codebook")):
+            codebook = load_codebook(cfg.codebook)
+        if cfg.init:  # init= decides the model, as at the start (model.* of --config or --override too)
+            cfg.model = own.config
+        self.tokenizer = checkpoint_tokenizer(own.path)
+        self.model = PretrainingModel(cfg.model, cfg.objectives, codebook=codebook)
+        self.model.model.processor = Processor.from_config(cfg.model, self.tokenizer)
+        # The encoders init_* gave keep their own rate (`optimized`), as at the run's start.
+        self.initialised = {name: f"the {name} encoder of init_{name}={getattr(cfg, f'init_{name}')}"
+                            for name in GROUPS if getattr(cfg, f"init_{name}")}
         return self.initialised
 
     def _check_codebook_scale(self, trained: int | None) -> None:
