@@ -82,6 +82,9 @@ def test_a_resume_with_other_rates_trains_at_them(data, tmp_path):
         assert g["initial_lr"] == 1e-2 and g["betas"] == (cfg.optim.beta1, 0.5) and g["eps"] == 1e-6
         assert g["lr"] == pytest.approx(lr * 1e-2 / initial, rel=1e-12) and lr > 0
     assert changed.scheduler.base_lrs == [1e-2] * len(changed.optimizer.param_groups)
+    # The first resumed step logs the rate it trains at, not the saved schedule's.
+    rate = changed.optimizer.param_groups[0]["lr"]
+    assert changed.train_step()["lr"] == rate != unchanged[0][1]
 
 
 def test_mixing_follows_the_probabilities_and_the_seed():

@@ -320,3 +320,6 @@ def _keep_settings(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
     scheduler.base_lrs = [s["initial_lr"] for s in built]
     for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * factor(scheduler.last_epoch)
+    # What the next step logs as its rate: the saved one came from the old settings' schedule (a
+    # run extended by --max-steps logged 0, the end of its first cosine, while training on).
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
