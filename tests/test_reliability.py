@@ -308,6 +308,9 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["samples"] == 4
     capsys.readouterr()
+    # A preset's settings on resume: refused at once, not after a demo codebook for the preset's data.
+    code = cli(["pretrain", "--output", str(run), "--resume", "--config", "tiny", "--max-steps", "4"])
+    assert "codebook: " in one_line_error(capsys, code) and not (run / "codebook").exists()
     code = cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "4", "--set", "data.batch_size=8"])
     err = one_line_error(capsys, code)
     assert "data.batch_size: 4 -> 8" in err and "--override" in err
@@ -625,14 +628,15 @@ def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path):
     assert cli(given[:i - 1] + given[i + 1:] + ["--max-steps", "1"]) == 0
     assert json.loads((RunDir(source).latest() / "config.json").read_text())["model"]["codebook"]["hidden_size"] == 8
 
-    def args(run, init=source):  # the model's settings come from init
+    def args(run, init=source, text=source):  # the model's settings come from init
         given = pretrain_args(train_data, run)
         pairs = [given[i:i + 2] for i in range(3, len(given), 2)]
         return given[:3] + [x for flag, value in pairs if not value.startswith("model.")
                             for x in (flag, value.replace(str(train_data / "codebook"), str(tmp_path / "cb")))] + \
-            ["--set", f"init={init}", "--set", f"init_text={source}", "--set", "optim.init_lr_scale=0.5"]
+            ["--set", f"init={init}", "--set", f"init_text={text}", "--set", "optim.init_lr_scale=0.5"]
 
-    assert cli(args(tmp_path / "whole", RunDir(source).latest() / "model.safetensors") + ["--max-steps", "3"]) == 0
+    inside = RunDir(source).latest()  # a file in a checkpoint names it too
+    assert cli(args(tmp_path / "whole", inside / "model.safetensors", inside / "config.json") + ["--max-steps", "3"]) == 0
     assert cli(args(tmp_path / "run") + ["--max-steps", "2"]) == 0
     shutil.move(source, tmp_path / "gone")
     shutil.move(tmp_path / "cb", tmp_path / "cb-gone")

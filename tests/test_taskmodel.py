@@ -126,7 +126,7 @@ def test_text_classifier_through_the_cli_equals_the_in_memory_model(data, tmp_pa
     assert rows[0]["top"].count("|") == 1  # two labels, both kept
 
 
-def test_image_classifier_from_class_folders(data, tmp_path, capsys):
+def test_image_classifier_from_class_folders(data, tmp_path, capsys, monkeypatch):
     out = tmp_path / "colours"
     args = ["finetune", "--model", str(data / "ckpt"), "--task", "image-classification", "--train",
             str(data / "img" / "train"), "--val", str(data / "img" / "val"), "--output", str(out), "--epochs", "3",
@@ -142,7 +142,11 @@ def test_image_classifier_from_class_folders(data, tmp_path, capsys):
     assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test"), "--device", "cpu"]) == 0
     assert "accuracy 1.0000 (8 of 8 labelled inputs)" in capsys.readouterr().out
     assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test"), "--device", "nope"]) == 2
-    assert "device 'nope' is not usable here" in capsys.readouterr().err
+    assert "--device 'nope' is no device: cpu, cuda, cuda:N or mps" in capsys.readouterr().err
+    with monkeypatch.context() as m:  # said as pretrain says it
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test"), "--device", "cuda"]) == 2
+    assert "device 'cuda' was asked for but CUDA is not available; use --device cpu" in capsys.readouterr().err
     good = [data / "img" / "test" / "red" / "0.png", data / "img" / "test" / "blue" / "1.png"]
     preds = tmp_path / "p.jsonl"
     assert main(["predict", "--model", str(out), "--input", str(good[0]), str(data / "broken.png"), str(good[1]),

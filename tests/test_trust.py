@@ -475,13 +475,16 @@ def test_a_start_that_fails_after_training_the_demo_codebook_keeps_it(tmp_path, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     code = cli(["pretrain", "--output", str(tmp_path / "gpu"), "--set", "device=cuda"])
     assert "CUDA is not available" in one_line_error(capsys, code) and not (tmp_path / "gpu").exists()
+    # So is a checkpoint to start from that is not there.
+    code = cli(["pretrain", "--output", str(tmp_path / "typo"), "--set", "init_text=nope"])
+    assert "nope does not exist" in one_line_error(capsys, code) and not (tmp_path / "typo").exists()
     # A mistake met after the codebook: the corrected command takes it instead of minutes more.
     monkeypatch.setattr(train_run, "DEMO_CODEBOOK_STEPS", 1)
     monkeypatch.setattr(train_run, "CodebookTraining",
                         functools.partial(train_run.CodebookTraining, batch_size=4, eval_images=4))
     out = tmp_path / "run"
-    code = cli(["pretrain", "--output", str(out), "--set", "init_text=nope", "--max-steps", "1"])
-    assert "nope" in one_line_error(capsys, code)
+    code = cli(["pretrain", "--output", str(out), "--set", "data.max_text_length=100000", "--max-steps", "1"])
+    assert "data.max_text_length" in one_line_error(capsys, code)
     weights = out / "codebook" / "model.safetensors"
     assert weights.is_file() and not list(out.glob("*.json"))
     written = weights.stat().st_mtime_ns

@@ -49,6 +49,12 @@ def inference_device(device: str | None) -> str:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        kind = torch.device(device).type
+    except RuntimeError:  # torch's message lists every device type it was built to name
+        raise ConfigError(f"--device {device!r} is no device: cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():  # as pretrain and train-codebook say it
+        raise ConfigError(f"device {device!r} was asked for but CUDA is not available; use --device cpu")
+    try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         raise ConfigError(f"device {device!r} is not usable here ({str(e).splitlines()[0]}); use --device cpu") from None

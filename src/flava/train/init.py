@@ -35,7 +35,7 @@ from ..data.tokenizer import TOKENIZER_FILE
 from ..errors import CheckpointError, ConfigError
 from ..interop import text_towers, towers
 from ..interop import transformers as hf
-from ..io.checkpoint import is_ours, read_config
+from ..io.checkpoint import checkpoint_dir, is_ours, read_config
 from ..io.runs import resolve
 from ..loading import Checkpoint, read_checkpoint
 from ..model.encoders import ImageEncoder
@@ -54,10 +54,19 @@ DINO_TEACHER = "teacher.backbone."
 
 
 def resolve_source(src: str) -> Path:
-    """A checkpoint, run or tower directory, a hub id, or a packaged tower's name (`minilm`)."""
+    """A checkpoint, run or tower directory (or a file in a checkpoint), a hub id, or a packaged
+    tower's name (`minilm`)."""
     if src in text_towers.SHORTCUTS and not Path(src).exists():
         return text_towers.SHORTCUTS[src]()
-    return resolve(src)
+    return checkpoint_dir(src) if Path(src).is_file() else resolve(src)
+
+
+def find_sources(cfg) -> None:
+    """Each checkpoint a new run starts from (`init`, `init_*`) found, not read: a mistyped one is
+    named before any work (a demo codebook trained first, then the run refused)."""
+    for key in ("init", "init_image", "init_text", "init_multimodal"):
+        if getattr(cfg, key):
+            resolve_source(getattr(cfg, key))
 
 
 def checkpoint_tokenizer(directory: Path) -> str | None:

@@ -11,7 +11,6 @@ contrastive logit scale's clamp after each update.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,7 +21,6 @@ from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import data_parallel, world
 from ..errors import CheckpointError, ConfigError
 from ..interop.text_towers import following
-from ..io.runs import resolve
 from ..loading import Checkpoint, codebook_of, load_codebook, pretraining_from_checkpoint, read_checkpoint
 from ..model.layers import Block
 from ..objectives.chunks import plan_chunks
@@ -69,11 +67,11 @@ class PretrainingStage(Stage):
         wanted = cfg.codebook and needs_image_tokens(cfg.objectives, set(self.kinds()) & self.trained_kinds())
         if own is not None:
             return self._rebuild(own, wanted)
-        from .init import checkpoint_tokenizer, text_source
+        from .init import checkpoint_tokenizer, resolve_source, text_source
 
         codebook = load_codebook(cfg.codebook) if wanted else None
 
-        base = read_checkpoint(cfg.init if Path(cfg.init).is_file() else resolve(cfg.init)) if cfg.init else None
+        base = read_checkpoint(resolve_source(cfg.init)) if cfg.init else None
         asked = cfg.model
         model_cfg = base.config if base is not None else cfg.model
         self.tokenizer: str | None = checkpoint_tokenizer(base.path) if base is not None else None

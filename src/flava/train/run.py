@@ -31,6 +31,7 @@ from ..progress import progress_bar
 from .checkpoint import STREAMS
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig, anchored
+from .init import find_sources
 from .kinds import trained_kinds
 from .trainer import Trainer
 
@@ -267,8 +268,14 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
 
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
     output = run.root
-    ensure_demo_codebook(cfg, output / "codebook", console, rank, resume)
     saved = saved_settings(output) if resume else None
+    demo = output / "codebook"
+    if saved is None:
+        find_sources(cfg)
+    # A resumed run that trained with another codebook (--resume --config tiny) is refused below,
+    # not given minutes of demo codebook first.
+    if saved is None or anchored(saved.codebook) == os.path.abspath(demo):
+        ensure_demo_codebook(cfg, demo, console, rank, resume)
     if saved is not None and cfg.max_steps < saved.max_steps:
         newest = run.intact_pointer() or (run.step_dirs() or [None])[-1]
         reached = int(newest.name.removeprefix("step_")) if newest is not None else 0
