@@ -319,6 +319,12 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["override"] and history[-1]["changes"]["data.batch_size"] == [4, 8]
     assert json.loads((run / "train_config.json").read_text())["data"]["batch_size"] == 8
+    # A checkpoint's config edited after it was written is named, not read as the model's.
+    config = RunDir(run).latest() / "config.json"
+    config.write_text(config.read_text().replace('"num_layers": 2', '"num_layers": 3', 1))
+    capsys.readouterr()
+    err = one_line_error(capsys, cli(["info", str(run)]))
+    assert "config.json is not the file that was written" in err and "delete checksums.json" in err
 
 
 @pytest.mark.slow

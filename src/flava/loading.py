@@ -22,7 +22,8 @@ from .config import FlavaConfig, ObjectivesConfig, from_dict, validate
 from .data.processor import Processor
 from .errors import CheckpointError, ConfigError
 from .interop import transformers as hf
-from .io.checkpoint import FORMAT, FORMAT_VERSION, checkpoint_dir, is_ours, read_config, read_weights, split_parts
+from .io.checkpoint import (FORMAT, FORMAT_VERSION, check_sum, checkpoint_dir, is_ours, read_config, read_weights,
+                            split_parts)
 from .io.runs import resolve
 from .model.codebook import FlavaImageCodebook
 from .model.flava import FlavaModel
@@ -61,6 +62,7 @@ class Checkpoint:
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read either format; weights come back in this project's names, split by part."""
     path = checkpoint_dir(path)
+    check_sum(path / "config.json")  # an edited config would describe other weights, or read them otherwise
     data = read_config(path)
     # The config first: an impossible one is refused before any weight is read.
     if is_ours(data):

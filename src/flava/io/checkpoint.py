@@ -165,10 +165,10 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def _check_sum(path: Path) -> None:
-    """Refuse a weights file that checksums.json (written with it) says is not what was written:
-    damage that leaves the file readable (flipped or overwritten bytes) would otherwise load as
-    weights and surface, if ever, as a diverging run."""
+def check_sum(path: Path) -> None:
+    """Refuse a file of a checkpoint that checksums.json (written with it) says is not what was
+    written: damage that leaves it readable (flipped or overwritten bytes, an edited config) would
+    otherwise load and surface, if ever, as a diverging run or a shape no config builds."""
     sums_file = path.parent / CHECKSUMS
     if not sums_file.is_file():
         return
@@ -190,7 +190,7 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     index = directory / "model.safetensors.index.json"
     legacy = directory / "pytorch_model.bin"
     if single.is_file():
-        _check_sum(single)
+        check_sum(single)
         return _load_safetensors(single)
     if index.is_file():
         weight_map = read_json(index, "shard index", CheckpointError, expect=dict).get("weight_map", {})
@@ -198,11 +198,11 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
         for shard in sorted(set(weight_map.values())):
             if not (directory / shard).is_file():
                 raise CheckpointError(f"shard {directory / shard} listed in {index.name} is missing")
-            _check_sum(directory / shard)
+            check_sum(directory / shard)
             tensors.update(_load_safetensors(directory / shard))
         return tensors
     if legacy.is_file():
-        _check_sum(legacy)
+        check_sum(legacy)
         try:
             sd = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several unrelated types for damaged zip/pickle files
