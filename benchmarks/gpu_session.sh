@@ -51,18 +51,33 @@ export PYTHONPATH="$PWD/src:/tmp/site:$PWD/.whl/py${PYTHONPATH:+:$PYTHONPATH}" P
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1; nproc; } \
   | tee "$WORK/gpu.txt" >"$BACK/gpu.txt"
 if [ ! -f "$WORK/cuda_lane.done" ]; then
-  # SIGINT, not SIGTERM: a test inside a flava command would take SIGTERM as a graceful stop and
-  # pytest would go on past the limit; -k ends whatever still runs. -v names each test as it
-  # starts and faulthandler prints a hung one's stack, so a cut-off lane still says where it was.
-  timeout -s INT -k 15 $((LIMIT / 3)) python3 -m pytest -m cuda tests/test_cuda.py -v --tb=short \
-    -o faulthandler_timeout=90 -p no:cacheprovider 2>&1 | tee "$WORK/cuda_lane.txt" "$BACK/cuda_lane.txt"
+  # Its own process group, signalled by hand: a test inside a flava command takes the first
+  # signal as a graceful stop and pytest goes on (so timeout's one signal did not end the lane),
+  # a second SIGINT 5 s later stops at once (pytest then prints its summary), and SIGKILL 10 s
+  # after that ends what still runs. -v names each test as it starts and faulthandler prints a
+  # hung one's stack, so a cut-off lane still says where it was; tee -i outlives the SIGINTs.
+  lane=$((LIMIT / 3))
+  setsid bash -c 'set -o pipefail; python3 -m pytest -m cuda tests/test_cuda.py -v --tb=short \
+    -o faulthandler_timeout=90 -p no:cacheprovider 2>&1 | tee -i "$0" "$1"' "$WORK/cuda_lane.txt" \
+    "$BACK/cuda_lane.txt" &
+  pid=$!
+  waited=0
+  while kill -0 "$pid" 2>/dev/null; do
+    case $waited in
+      "$lane"|"$((lane + 5))") kill -INT -- -"$pid" 2>/dev/null ;;
+      "$((lane + 15))") kill -KILL -- -"$pid" 2>/dev/null ;;
+    esac
+    sleep 1
+    waited=$((waited + 1))
+  done
+  wait "$pid"
   # Done when its tests ran (passed or failed), not when it was cut off or could not start.
-  case "${PIPESTATUS[0]}" in 0|1) touch "$WORK/cuda_lane.done" ;; esac
+  case $? in 0|1) touch "$WORK/cuda_lane.done" ;; esac
 fi
 left=$((LIMIT - SECONDS))
 if [ "$left" -gt 30 ]; then
   deadline=$(($(date +%s) + left))
-  # gpu.py ends its commands before the deadline; -k ends a command that saves on the signal.
+  # gpu.py ends its commands 15 s before the deadline itself; -k bounds gpu.py alone.
   timeout -k 10 "$left" python3 benchmarks/gpu.py "$WORK" --back="$BACK" --deadline="$deadline" ${GPU_ARGS:-} \
     2>&1 | tee -a "$WORK/gpu_log.txt" "$BACK/gpu_log.txt"
 fi

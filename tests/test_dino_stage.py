@@ -111,7 +111,8 @@ def test_a_joint_run_takes_the_teachers_encoder(train_data, tmp_path, capsys):
     teacher = stage.model.dino.teacher.backbone.state_dict()
     assert any(not torch.equal(v, stage.model.dino.student.backbone.state_dict()[k]) for k, v in teacher.items())
 
-    cfg = demo_config(seed=1, init_image=str(tmp_path / "dino"), codebook=str(train_data / "codebook"))
+    inside = next((tmp_path / "dino" / "checkpoints").glob("step_*")) / "config.json"  # a file names its checkpoint
+    cfg = demo_config(seed=1, init_image=str(inside), codebook=str(train_data / "codebook"))
     cfg.model.image.image_size = 32
     cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
     cfg.model.codebook.hidden_size = 8

@@ -488,9 +488,12 @@ def test_a_start_that_fails_after_training_the_demo_codebook_keeps_it(tmp_path, 
     weights = out / "codebook" / "model.safetensors"
     assert weights.is_file() and not list(out.glob("*.json"))
     written = weights.stat().st_mtime_ns
-    cfg = demo_config()
-    train_run.ensure_demo_codebook(cfg, out / "codebook", Console(), resume=False)
+    assert cli(["pretrain", "--output", str(out), "--max-steps", "1"]) == 0  # the corrected command
     assert "an earlier start trained" in capsys.readouterr().out and weights.stat().st_mtime_ns == written
+    # A resume asking for another model keeps the run's codebook (it was deleted and trained again
+    # for the new model, then the resume refused).
+    code = cli(["pretrain", "--output", str(out), "--resume", "--config", "small", "--max-steps", "2"])
+    assert "model.codebook.vocab_size" in one_line_error(capsys, code) and weights.stat().st_mtime_ns == written
     # One for other settings is trained again (the training itself is train-codebook's, tested there).
     trained = []
     monkeypatch.setattr(train_run, "run_train_codebook", lambda images, where, model, *a, **k: trained.append(model))

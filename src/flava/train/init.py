@@ -193,7 +193,7 @@ def follow_image_tower(config: FlavaConfig, src: str, image_size: int = 0) -> Fl
     """`config` with its image encoder following the public image tower `src` names (read without
     its weights); `config` itself when `src` names none. `image_size` (0: the tower's) is the side
     to run the tower at."""
-    path = resolve(src)
+    path = resolve_source(src)
     data = read_config(path)
     if towers.family_of(data) is None:
         if image_size:
@@ -368,7 +368,7 @@ def initialise_image_encoder(encoder: ImageEncoder, model_config, src: str) -> s
     (e.g. facebook/dino-vitb16; the encoder's config must follow it already: `follow_image_tower`)
     or one of our checkpoints (its image encoder; a DINO stage's teacher encoder). `model_config`
     is the FlavaConfig the encoder belongs to. Returns what was loaded from where (for the log)."""
-    path = resolve(src)
+    path = resolve_source(src)
     own = encoder.state_dict()
     source = read_source(path)
     if isinstance(source, towers.Tower):

@@ -270,12 +270,15 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     output = run.root
     saved = saved_settings(output) if resume else None
     demo = output / "codebook"
-    if saved is None:
+    if not resume:
         find_sources(cfg)
-    # A resumed run that trained with another codebook (--resume --config tiny) is refused below,
-    # not given minutes of demo codebook first.
-    if saved is None or anchored(saved.codebook) == os.path.abspath(demo):
+    # A resumed run keeps the codebook it trained with: settings that ask for another (--resume
+    # --config tiny on a run with its own, --config small on a demo run) are refused below, not
+    # given minutes of demo codebook first (the second deleted the run's own).
+    if saved is None:
         ensure_demo_codebook(cfg, demo, console, rank, resume)
+    elif needs_demo_codebook(cfg) and anchored(saved.codebook) == os.path.abspath(demo):
+        cfg.codebook = os.path.abspath(demo)
     if saved is not None and cfg.max_steps < saved.max_steps:
         newest = run.intact_pointer() or (run.step_dirs() or [None])[-1]
         reached = int(newest.name.removeprefix("step_")) if newest is not None else 0
