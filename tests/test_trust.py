@@ -499,6 +499,6 @@ def test_a_start_that_fails_after_training_the_demo_codebook_keeps_it(tmp_path, 
     monkeypatch.setattr(train_run, "run_train_codebook", lambda images, where, model, *a, **k: trained.append(model))
     cfg = demo_config()
     cfg.model.codebook.vocab_size = cfg.model.image.vocab_size = 64  # the corrected command asks for another
-    train_run.ensure_demo_codebook(cfg, out / "codebook", Console(), resume=False)
+    train_run.ensure_demo_codebook(cfg, out / "codebook", Console(), say_kept=True)
     assert "trained for other model settings: training it again" in " ".join(capsys.readouterr().out.split())
     assert [m.codebook.vocab_size for m in trained] == [64] and not weights.exists()

@@ -61,10 +61,14 @@ def resolve_source(src: str) -> Path:
     return checkpoint_dir(src) if Path(src).is_file() else resolve(src)
 
 
+INIT_KEYS = ("init", "init_image", "init_text", "init_multimodal")
+"""The settings that name a checkpoint a run starts from."""
+
+
 def find_sources(cfg) -> None:
     """Each checkpoint a new run starts from (`init`, `init_*`) found, not read: a mistyped one is
     named before any work (a demo codebook trained first, then the run refused)."""
-    for key in ("init", "init_image", "init_text", "init_multimodal"):
+    for key in INIT_KEYS:
         if getattr(cfg, key):
             resolve_source(getattr(cfg, key))
 

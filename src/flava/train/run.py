@@ -31,7 +31,7 @@ from ..progress import progress_bar
 from .checkpoint import STREAMS
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig, anchored
-from .init import find_sources
+from .init import INIT_KEYS, find_sources
 from .kinds import trained_kinds
 from .trainer import Trainer
 
@@ -94,7 +94,7 @@ def _written_before_scaling(settings: dict) -> dict:
     return settings
 
 
-CHECKPOINT_KEYS = ("codebook", "init", "init_image", "init_text", "init_multimodal")
+CHECKPOINT_KEYS = ("codebook",) + INIT_KEYS
 PLACES = CHECKPOINT_KEYS + ("data.pairs", "data.images", "data.text", "data.cache_dir")
 """Settings that name local files or folders: saved as absolute paths when given as relative ones,
 so that a --resume from another folder finds them."""
@@ -226,14 +226,14 @@ def needs_demo_codebook(cfg: TrainConfig) -> bool:
 
 
 def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, rank: int = 0,
-                         resume: bool = True) -> None:
+                         say_kept: bool = False) -> None:
     """The embedded default: with the demo data and no codebook named, train one on the demo images
     into `directory` (about a minute and a half; once) and point `cfg.codebook` at it. With data
     named, the trainer checks that each source needing image tokens has them (prepared shards) or a
-    codebook to make them. A new run (not `resume`) that finds one says it takes it."""
+    codebook to make them. `say_kept`: a new run that finds one says it takes it."""
     if not needs_demo_codebook(cfg):
         return
-    train_demo_codebook(cfg.model, directory, console, rank, say_kept=not resume)
+    train_demo_codebook(cfg.model, directory, console, rank, say_kept)
     cfg.codebook = os.path.abspath(directory)  # found by a --resume from another folder
 
 
@@ -276,7 +276,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     # --config tiny on a run with its own, --config small on a demo run) are refused below, not
     # given minutes of demo codebook first (the second deleted the run's own).
     if saved is None:
-        ensure_demo_codebook(cfg, demo, console, rank, resume)
+        ensure_demo_codebook(cfg, demo, console, rank, say_kept=not resume)
     elif needs_demo_codebook(cfg) and anchored(saved.codebook) == os.path.abspath(demo):
         cfg.codebook = os.path.abspath(demo)
     if saved is not None and cfg.max_steps < saved.max_steps:
