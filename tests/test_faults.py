@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tarfile
 import textwrap
 
@@ -17,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import pretrain_args
+from zygote import python
 from flava.cli import main as cli
 from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.registry import open_source
@@ -86,8 +86,7 @@ def _env():
 
 
 def _flava(args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flava.cli", *args], env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return python(["-m", "flava.cli", *args], _env(), timeout)
 
 
 def _rows(run) -> list[dict]:
@@ -107,8 +106,7 @@ def test_sigkill_at_seeded_points_resumes_exactly(train_data, tmp_path):
               ("checksums", int(rng.integers(1, 4))), ("pointer", int(rng.integers(1, 4)))]
     for event, n in trials:
         run = tmp_path / f"{event}{n}"
-        killed = subprocess.run([sys.executable, str(driver), event, str(n), *pretrain_args(train_data, run), *STEPS],
-                                env=_env(), capture_output=True, text=True, timeout=300)
+        killed = python([str(driver), event, str(n), *pretrain_args(train_data, run), *STEPS], _env())
         assert killed.returncode == -signal.SIGKILL, (event, n, killed.stdout + killed.stderr)
         resumed = _flava(["pretrain", "--output", str(run), "--resume"])
         assert resumed.returncode == 0, (event, n, resumed.stdout + resumed.stderr)

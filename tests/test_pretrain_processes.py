@@ -5,8 +5,6 @@ checkpoint write leaves the previous checkpoint usable; the precision and memory
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,6 +13,7 @@ from safetensors.torch import load_file
 
 import flava
 from conftest import pretrain_args, tiny_run
+from zygote import Process
 from flava.train.config import TrainConfig
 from flava.train.trainer import Trainer
 
@@ -22,15 +21,13 @@ from flava.train.trainer import Trainer
 OPTS = ["--set", "seed=5", "--set", "optim.warmup_steps=1"]
 
 
-def run(args: list[str], torchrun: int = 0, **kw) -> subprocess.Popen:
+def run(args: list[str], torchrun: int = 0) -> Process:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
-        if torchrun else [sys.executable]
-    return subprocess.Popen(launcher + ["-m", "flava.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+    return Process(launcher + ["-m", "flava.cli", *args], env, merge=True)
 
 
-def finish(p: subprocess.Popen) -> str:
+def finish(p: Process) -> str:
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     return out

@@ -8,8 +8,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from safetensors.torch import load_file
 
 import flava
 from conftest import pretrain_args
+from zygote import Process
 from flava.io.checkpoint import write_checksums
 from flava.io.runs import RunDir
 
@@ -37,10 +36,8 @@ class Command:
         where.mkdir(parents=True, exist_ok=True)
         self.out, self.err = where / "stdout.txt", where / "stderr.txt"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
-            if torchrun else [sys.executable]
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.p = subprocess.Popen(launcher + ["-m", "flava.cli", *args], env=env, stdout=out, stderr=err)
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+        self.p = Process(launcher + ["-m", "flava.cli", *args], env, self.out, self.err)
 
     def wait_for(self, ready, timeout: float = 120) -> None:
         deadline = time.time() + timeout

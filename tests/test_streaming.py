@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import free_port, pretrain_args
+from zygote import Process, python
 from flava.data import decode, texts
 from flava.data.pipeline import BatchStream, KindStream
 from flava.data.samples import SampleMaker, SampleSpec
@@ -158,8 +159,7 @@ def test_training_from_an_s3_server(tmp_path):
                 "--set", 'data.pairs=["s3://data/pairs/shard-{000..003}.tar"]', "--set", "data.num_workers=1",
                 "--set", "objectives.mmm_image_weight=0", "--set", "objectives.mim_weight=0",
                 "--set", "tensorboard=false", "--set", "log_every=1"]
-        out = subprocess.run([sys.executable, "-m", "flava.cli", *args], env={**os.environ, **env, "OMP_NUM_THREADS": "1"},
-                             capture_output=True, text=True, timeout=300)
+        out = python(["-m", "flava.cli", *args], {**os.environ, **env, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stdout + out.stderr
         summary = json.loads((run / "summary.json").read_text())
         assert summary["samples_by_source"]["pairs"] == {"s3://data/pairs/shard-{000..003}.tar": 8}
@@ -202,7 +202,7 @@ def test_a_loader_worker_told_to_end_serves_its_owner_until_shut_down(tmp_path):
 def _owner_signalling_its_worker(root, ending: str, timeout: float) -> subprocess.CompletedProcess:
     """A process that opens a stream with one loader worker, sends the worker SIGTERM (as a
     scheduler signalling the group does), prints the worker's pid and ends with `ending`."""
-    return subprocess.run([sys.executable, "-c", f"""
+    return python(["-c", f"""
 import multiprocessing, os, signal, time
 from flava.data.pipeline import BatchStream
 from flava.data.registry import open_source
@@ -215,7 +215,7 @@ os.kill(w.pid, signal.SIGTERM)
 time.sleep(0.5)
 print(w.pid, flush=True)
 {ending}
-"""], capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+"""], {**os.environ, "OMP_NUM_THREADS": "1"}, timeout)
 
 
 @pytest.mark.slow
@@ -408,13 +408,11 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
     opts = ["--max-steps", "30", "--save-every", "2", "--set", "seed=5", "--set", "optim.warmup_steps=1",
             "--set", f'data.pairs=["{shards}"]', "--set", "data.lanes=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    flava = [sys.executable, "-m", "flava.cli"]
-    whole = subprocess.Popen(flava + pretrain_args(train_data, tmp_path / "whole", batch_size=8) + opts, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    flava = ["-m", "flava.cli"]
+    whole = Process(flava + pretrain_args(train_data, tmp_path / "whole", batch_size=8) + opts, env, merge=True)
     cut = tmp_path / "cut"
-    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            "-m", "flava.cli", *pretrain_args(train_data, cut, batch_size=4), *opts], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    two = Process(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flava,
+                   *pretrain_args(train_data, cut, batch_size=4), *opts], env, merge=True)
     log = cut / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and two.poll() is None:  # kill every process after step 3 (checkpoint: 2)
@@ -431,8 +429,8 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
         time.sleep(0.05)
     steps = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip()]
     assert 3 <= max(steps) < 30, steps
-    resumed = subprocess.run(flava + ["pretrain", "--output", str(cut), "--resume", "--set", "data.batch_size=8",
-                                      "--override"], env=env, capture_output=True, text=True, timeout=300)
+    resumed = python(flava + ["pretrain", "--output", str(cut), "--resume", "--set", "data.batch_size=8",
+                              "--override"], env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     import re
 

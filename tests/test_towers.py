@@ -360,25 +360,23 @@ def test_the_dino_stage_starts_from_a_dinov2_tower(tmp_path):
 @pytest.mark.slow
 def test_flava_pretrain_from_a_clip_tower(train_data, tmp_path):
     import os
-    import subprocess
-    import sys
 
     from conftest import pretrain_args
+    from zygote import python
 
     write_tower(tmp_path / "clip", "clip")
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     args = pretrain_args(train_data, run) + ["--set", f"init_image={tmp_path / 'clip'}", "--set", "max_steps=2",
                                              "--set", "save_every=2", "--set", "model.projection_dim=16"]
-    done = subprocess.run([sys.executable, "-m", "flava.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = python(["-m", "flava.cli", *args], env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     line = next(x for x in done.stdout.splitlines() if x.startswith("image encoder from the CLIP"))
     assert "image_projection from its visual_projection" in done.stdout
     settings = json.loads((run / "train_config.json").read_text())
     assert settings["model"]["image"]["embed_norm"] and not settings["model"]["image"]["patch_bias"], line
-    again = subprocess.run([sys.executable, "-m", "flava.cli", "pretrain", "--output", str(run), "--resume",
-                            "--max-steps", "3"], env=env, capture_output=True, text=True, timeout=600)
+    again = python(["-m", "flava.cli", "pretrain", "--output", str(run), "--resume", "--max-steps", "3"], env,
+                   timeout=600)
     assert again.returncode == 0 and "resumed from step 2" in again.stdout, again.stderr[-2000:]
 
 

@@ -1,0 +1,263 @@
+"""Python processes for the tests without Python's start-up: forked from a process that imported
+torch, torch._dynamo (which every optimizer imports) and flava's CLI once.
+
+A `flava` command costs about 4 s of CPU before its first line of work, most of it those imports,
+and the suite starts about a hundred. Here each test worker keeps one such process (the zygote);
+`Process(...)` and `python(...)` ask it to fork a child, which takes the command's environment, folder
+and output files and runs `python ARGS` the way the interpreter would (`-m module`, `-c code` or a
+script path), ending through the interpreter's own exit (threads joined, atexit, exit code). The
+child is a real process: its own pid, signals, exit status, files and child processes.
+
+What it does not redo is reading the environment at import: a command whose environment differs
+from the zygote's in a variable that torch, transformers or Python read at start-up (threads,
+Hugging Face, CUDA, Python's own) is started as a plain subprocess instead. So is everything when
+FLAVA_TEST_PLAIN_PROCESSES=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot")
+# Variables read once, at import, by what the zygote preloads (or by the interpreter).
+AT_START = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_",
+            "CUDA_", "NCCL_", "PYTHON", "LD_", "MALLOC", "MPLBACKEND", "TOKENIZERS_")
+
+
+# --------------------------------------------------------------------------- the zygote process
+
+
+def _serve(requests: int, replies: int) -> dict:
+    """Fork a child for each request line; report each child's pid, and its exit code once reaped.
+    Returns only in a child, with its request."""
+    buffer = b""
+    children = set()
+    while True:
+        ready, _, _ = select.select([requests], [], [], 0.02)
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if not pid:
+                break
+            children.discard(pid)
+            os.write(replies, (json.dumps({"exited": pid, "code": os.waitstatus_to_exitcode(status)}) + "\n").encode())
+        if not ready:
+            continue
+        chunk = os.read(requests, 1 << 16)
+        if not chunk:  # the test worker is gone
+            os._exit(0)
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            request = json.loads(line)
+            pid = os.fork()
+            if pid == 0:
+                os.close(requests)
+                os.close(replies)
+                return request
+            children.add(pid)
+            os.write(replies, (json.dumps({"pid": pid}) + "\n").encode())
+
+
+def _become(request: dict) -> None:
+    """In the child: the request's files, folder and environment, then `python ARGS`."""
+    import runpy
+    import tempfile
+
+    write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for target, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], write),
+                                (2, request["stderr"], write)):
+        if path is None:  # stderr into stdout
+            os.dup2(1, target)
+            continue
+        fd = os.open(path, flags, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    tempfile.tempdir = None  # TMPDIR read again
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    args = request["args"]
+    if args[0] == "-m":
+        sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    elif args[0] == "-c":
+        sys.argv, sys.path[0] = ["-c", *args[2:]], ""
+        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+    else:
+        sys.argv, sys.path[0] = list(args), str(Path(args[0]).resolve().parent)
+        runpy.run_path(args[0], run_name="__main__")
+
+
+def _zygote_main() -> None:
+    import gc
+
+    replies = os.dup(1)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what the imports print is not a reply
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    sys.stdout.flush()  # nothing buffered for a child to write again
+    sys.stderr.flush()
+    # The preloaded objects out of the collector's reach: a child's collections (its exit's among
+    # them) would otherwise walk, and so copy, every page of the zygote's heap (1.1 s per exit).
+    gc.freeze()
+    os.write(replies, b'{"ready": true}\n')
+    request = _serve(0, replies)
+    _become(request)  # in the child: its exceptions and SystemExit end it as they end `python`
+
+
+# --------------------------------------------------------------------------- the test side
+
+
+class Zygote:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=env)
+        self.lock = threading.Lock()
+        self.changed = threading.Condition()
+        self.pids: list[int] = []
+        self.codes: dict[int, int] = {}
+        if not self.process.stdout.readline():
+            raise RuntimeError(f"the test zygote did not start (exit {self.process.wait()})")
+        threading.Thread(target=self._read, daemon=True, name="zygote-replies").start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            reply = json.loads(line)
+            with self.changed:
+                if "pid" in reply:
+                    self.pids.append(reply["pid"])
+                else:
+                    self.codes[reply["exited"]] = reply["code"]
+                self.changed.notify_all()
+
+    def fork(self, args: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str | None) -> int:
+        request = {"args": args, "env": env, "cwd": cwd, "stdout": stdout, "stderr": stderr}
+        with self.lock, self.changed:
+            self.process.stdin.write((json.dumps(request) + "\n").encode())
+            self.process.stdin.flush()
+            if not self.changed.wait_for(lambda: self.pids, timeout=30):
+                raise RuntimeError("the test zygote did not fork")
+            return self.pids.pop(0)
+
+    def exit_code(self, pid: int, timeout: float | None) -> int | None:
+        with self.changed:
+            self.changed.wait_for(lambda: pid in self.codes, timeout=timeout)
+            return self.codes.get(pid)
+
+    def takes(self, env: dict[str, str]) -> bool:
+        """Whether a child can run with `env`: nothing read at start-up differs."""
+        names = set(env) | set(self.env)
+        return not any(env.get(n) != self.env.get(n) for n in names if n.startswith(AT_START))
+
+
+_zygote: Zygote | None = None
+_started_for = -1
+
+
+def _the_zygote(env: dict[str, str]) -> Zygote | None:
+    global _zygote, _started_for
+    if os.environ.get("FLAVA_TEST_PLAIN_PROCESSES") == "1":
+        return None
+    if _zygote is None or _started_for != os.getpid():
+        _zygote, _started_for = Zygote({**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}), os.getpid()
+    return _zygote if _zygote.takes(env) else None
+
+
+class Process:
+    """A started `python ARGS` (a forked child, or a `subprocess.Popen`) with its output in files:
+    as much of Popen as the tests use."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, stdout: Path | None = None,
+                 stderr: Path | None = None, merge: bool = False, cwd: Path | None = None):
+        import tempfile
+
+        self.args, env = list(args), dict(os.environ if env is None else env)
+        if stdout is None:
+            stdout = Path(tempfile.mkdtemp(prefix="process-")) / "stdout"
+        if stderr is None and not merge:
+            stderr = stdout.with_name(stdout.name + ".err")
+        self.stdout, self.stderr = Path(stdout), (Path(stderr) if stderr else None)
+        where = str(cwd or os.getcwd())
+        for path in (self.stdout, self.stderr):  # there from the start, as Popen's files are
+            if path is not None:
+                path.write_bytes(b"")
+        self._popen, self._pid, self.returncode = None, 0, None
+        zygote = _the_zygote(env)
+        if zygote is not None:
+            self._zygote = zygote
+            self._pid = zygote.fork(self.args, env, where, str(self.stdout), str(self.stderr) if self.stderr else None)
+            return
+        with open(self.stdout, "w") as out, open(self.stderr or os.devnull, "w") as err:
+            self._popen = subprocess.Popen([sys.executable, *args], env=env, cwd=where, stdout=out,
+                                           stderr=subprocess.STDOUT if merge else err)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid if self._popen else self._pid
+
+    def _code(self, timeout: float | None) -> int | None:
+        if self._popen:
+            try:
+                return self._popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                return None
+        return self._zygote.exit_code(self._pid, timeout)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._code(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._code(timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired([sys.executable, *self.args], timeout)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def output(self) -> tuple[str, str]:
+        return (self.stdout.read_text(errors="replace"),
+                self.stderr.read_text(errors="replace") if self.stderr else "")
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Its end and output, as Popen's (text=True); killed when it outlives `timeout`."""
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.wait()
+            raise
+        return self.output()
+
+
+def python(args: list[str], env: dict[str, str] | None = None, timeout: float = 300,
+           cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python ARGS` to its end, its output captured: `subprocess.run(..., capture_output=True, text=True)`."""
+    process = Process(args, env, cwd=cwd)
+    out, err = process.communicate(timeout)
+    return subprocess.CompletedProcess([sys.executable, *args], process.returncode, out, err)
+
+
+if __name__ == "__main__":
+    _zygote_main()
