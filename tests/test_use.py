@@ -406,3 +406,66 @@ def test_the_datas_text_is_shown_as_written_never_as_markup(tiny_model, photos, 
     capsys.readouterr()
     assert cli(["search", "--index", str(tmp_path / "idx2"), "--text", "photo", "-k", "1"]) == 0
     assert "size [px]" in capsys.readouterr().out
+
+
+def _one_line(capsys, code: int) -> str:
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_embed_counts_add_up_for_a_shard_with_an_incomplete_sample(tiny_model, photos, tmp_path):
+    shard = tmp_path / "shard-0.tar"
+    with tarfile.open(shard, "w") as tar:
+        def put(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for i, p in enumerate(sorted(photos.rglob("*.png"))[:3]):
+            put(f"{i:04d}.png", p.read_bytes())
+            put(f"{i:04d}.txt", b"a square")
+        put("0003.png", b"not a png")  # unreadable
+        put("0003.txt", b"a square")
+        put("0004.png", (photos / "red" / "0.png").read_bytes())  # no caption: left out while listing
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(shard), "--output", str(tmp_path / "e")]) == 0
+    summary = json.loads((tmp_path / "e" / "embed.json").read_text())
+    assert summary["embedded"] == 3 and sum(summary["failed"].values()) == 2, summary["failed"]
+    assert summary["samples"] == summary["embedded"] + sum(summary["failed"].values()) == 5
+
+
+def test_index_add_needs_an_index_and_leaves_other_folders_alone(tiny_model, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("a red circle\na blue square\n")
+    emb = tmp_path / "emb"
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"), "--output", str(emb)]) == 0
+    capsys.readouterr()
+    err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(tmp_path / "new"), "--add"]))
+    assert "holds no vector index to add to" in err and "without --add" in err
+    assert not (tmp_path / "new").exists()
+    before = sorted(p.name for p in emb.iterdir())
+    _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(emb), "--add"]))
+    assert sorted(p.name for p in emb.iterdir()) == before  # no lock left in an embeddings folder
+
+
+def test_non_finite_weights_and_vectors_are_refused(tiny_model, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(tiny_model, bad)
+    (bad / "checksums.json").unlink(missing_ok=True)
+    weights = load_file(bad / "model.safetensors")
+    weights["model.text_projection.weight"][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "t.txt").write_text("a red circle\na blue square\n")
+    err = _one_line(capsys, cli(["embed", "--model", str(bad), "--texts", str(tmp_path / "t.txt"), "--output",
+                                 str(tmp_path / "e_nan")]))
+    assert "NaN or infinite" in err and "text_projection.weight" in err
+    # Vectors made otherwise (an earlier release, another tool) are refused by the index.
+    emb = tmp_path / "emb"
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"), "--output", str(emb)]) == 0
+    part = next((emb / "text_emb").glob("*.npy"))
+    vectors = np.load(part)
+    vectors[1, 3] = np.inf
+    np.save(part, vectors)
+    capsys.readouterr()
+    err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(tmp_path / "idx")]))
+    assert "1 of 2 text embeddings are not finite" in err and "row 1" in err

@@ -384,7 +384,10 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         where = first.get("image_path") or first.get(inputs.text_field) or f"row {first.get('row')}"
         raise DataError(f"none of the {len(inputs)} inputs could be embedded ({_counts(failed)}"
                         + (f"; the first: {where}: {first['error']}" if first else "") + "); nothing was written")
+    # `count` is what was listed; rows left out while listing (an incomplete tar sample) are in
+    # `failed` too, so `samples` = embedded + failed.
     write_json_atomic(out / SUMMARY, {**settings, "embedded": count, "failed": dict(failed),
+                                      "samples": len(inputs) + sum(inputs.listing_rejected.values()),
                                       "failures": named, "parts": n_parts})
     return EmbedSummary(out, inputs.modality, count, failed, n_parts, skipped)
 
@@ -439,5 +442,9 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
     array = np.concatenate(vectors).astype(np.float32) if vectors else np.zeros((0, settings["dim"]), np.float32)
     if len(array) != len(meta):
         raise DataError(f"{d}: {len(array)} embeddings but {len(meta)} metadata rows; the directory is damaged")
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if len(bad):  # a NaN vector is nobody's neighbour: searches would quietly find fewer hits, or none
+        raise DataError(f"{d}: {len(bad)} of {len(array)} {which} embeddings are not finite (NaN or infinity), "
+                        f"e.g. row {bad[0]}; embed again with a checkpoint whose weights are sound")
     return Embeddings(array, meta, settings.get("model"), which, settings.get("checkpoint"),
                       settings.get("text_field", "caption"))

@@ -343,6 +343,9 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
                    ) -> VectorIndex:
     """Extend an index with another embed run of the same model and modality (one writer at a
     time: the index directory's lock)."""
+    if not (Path(index_dir) / INFO_FILE).is_file():  # checked first: the lock would be left in any folder
+        raise DataError(f"{index_dir} holds no vector index to add to (no {INFO_FILE}); build one first with "
+                        f"`flava index --embeddings {embeddings} --output {index_dir}` (without --add)")
     with hold(Path(index_dir) / LOCK, str(index_dir), "wait for the other `flava index --add` to end"):
         index = VectorIndex.open(index_dir)
         e = read_embeddings(embeddings, which or index.modality)
