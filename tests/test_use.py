@@ -285,6 +285,8 @@ def test_large_collections_get_an_approximate_index_within_the_budget(tmp_path):
     assert factory.startswith("IVF4096,PQ") and 1_000_000 * (int(factory.split("PQ")[1]) + 8) * 1.1 <= 2**28
     with pytest.raises(flava.InputError, match="raise --memory"):
         choose_factory(1_000_000, 768, 2**20)
+    with pytest.raises(flava.InputError, match="need 12 KiB exactly, over the memory budget of 1 KiB"):
+        choose_factory(24, 128, 2**10)  # small sizes said as they are (was "0 MiB")
 
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(50, 32))

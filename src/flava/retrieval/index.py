@@ -64,12 +64,20 @@ def parse_memory(text: str | int | None) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:,} bytes"
+
+
 def choose_factory(n: int, dim: int, memory: int) -> tuple[str, int]:
     """(FAISS factory string, nprobe) for `n` vectors of `dim` floats within `memory` bytes."""
     flat_bytes = n * dim * 4
     if n <= EXACT_MAX:
         if flat_bytes > memory:
-            raise InputError(f"{n} vectors of {dim} floats need {flat_bytes / 2**20:.0f} MiB exactly; raise --memory")
+            raise InputError(f"{n} vectors of {dim} floats need {_size(flat_bytes)} exactly, over the memory budget "
+                             f"of {_size(memory)}; raise --memory")
         return "Flat", 1
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     nprobe = max(1, min(nlist, nlist // 16))
