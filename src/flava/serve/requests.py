@@ -1,6 +1,6 @@
 """Reading requests for the API: the content type, JSON bodies, multipart forms and their uploaded
-images (decoded in a thread, refused by size and pixel count), k, and lists of strings; each
-refusal an `ApiError` that names the fix."""
+images (decoded in a thread as the CLI decodes files, refused by size, pixel count and shape), k,
+and lists of strings; each refusal an `ApiError` that names the fix."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..data.decode import MAX_IMAGE_PIXELS, open_image
+from ..data.members import BadSample
+from ..data.transforms import MAX_ASPECT_RATIO
 from .guard import ApiError, BodyTimeout, BodyTooLarge, MiB
 
 
@@ -91,8 +94,8 @@ class RequestParser:
                                     f"{self.max_upload_bytes / MiB:.2f} MiB; send a smaller image")
             data = await up.read(self.max_upload_bytes + 1)
             if len(data) > self.max_upload_bytes:
-                raise ApiError(413, f"upload {up.filename!r} is over the limit of {self.max_upload_bytes / MiB:.2f} MiB; "
-                                    "send a smaller image")
+                raise ApiError(413, f"upload {up.filename!r} is over the limit of "
+                                    f"{self.max_upload_bytes / MiB:.2f} MiB; send a smaller image")
             raw.append((up.filename or "upload", data))
         return await run_in_threadpool(decode_images, raw)
 
@@ -123,18 +126,27 @@ class RequestParser:
 
 
 def decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:
-    """Decoded RGB images; 415 names an upload that is not an image, 413 one with too many pixels."""
+    """RGB images decoded as the CLI decodes files (`open_image`: the same pixels, e.g. 16-bit PNGs
+    scaled, not clipped, and the same size guards); each refusal names the upload."""
     images = []
     for name, data in raw:
         try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                images.append(im.convert("RGB"))
-        except Image.DecompressionBombError:
-            raise ApiError(413, f"upload {name!r} has too many pixels to decode safely; send a smaller image") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise ApiError(415, f"upload {name!r} is not an image that can be read (PNG, JPEG, WebP, ...)") from None
+            images.append(open_image(data))
+        except BadSample as e:
+            raise _refusal(name, data, e.kind) from None
     return images
+
+
+def _refusal(name: str, data: bytes, kind: str) -> ApiError:
+    if kind == "image too large":
+        return ApiError(413, f"upload {name!r} has more than {MAX_IMAGE_PIXELS:,} pixels, too many to decode "
+                             "safely; send a smaller image")
+    if kind == "extreme aspect ratio":
+        with Image.open(io.BytesIO(data)) as im:  # only its header: `open_image` checks the size before decoding
+            size = f"{im.width}x{im.height}"
+        return ApiError(400, f"upload {name!r} is {size} pixels, one side over {MAX_ASPECT_RATIO} times the other; "
+                             "crop it closer to square")
+    return ApiError(415, f"upload {name!r} is not an image that can be read (PNG, JPEG, WebP, ...)")
 
 
 def _unknown(name: str, allowed: set[str], where: str) -> None:
