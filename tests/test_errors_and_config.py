@@ -198,8 +198,12 @@ def test_truncated_bin_file(tiny, tmp_path):
         flava.load(tmp_path)
 
 
-def test_shapes_disagree_with_config(saved, capsys):
+def test_shapes_disagree_with_config(saved, tiny, capsys):
     assert cli(["info", str(saved)]) == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in capsys.readouterr().out.splitlines()
+            if line.count("│") > 2}
+    # Every tensor in a row: the projections and the temperature too, and the whole.
+    assert rows["total"] == f"{sum(p.numel() for p in tiny.parameters()) / 1e6:.2f} M", rows
     data = json.loads((saved / "config.json").read_text())
     data["model"]["image"]["image_size"] = 32
     (saved / "config.json").write_text(json.dumps(data))

@@ -471,3 +471,33 @@ def test_non_finite_weights_and_vectors_are_refused(tiny_model, tmp_path, capsys
     capsys.readouterr()
     err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(tmp_path / "idx")]))
     assert "1 of 2 text embeddings are not finite" in err and "row 1" in err
+
+
+def test_the_hints_of_index_search_and_embed_point_where_they_should(tiny_model, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("a red circle\na blue square\n")
+    emb, idx = tmp_path / "emb", tmp_path / "idx"
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"),
+                                 "--output", str(emb), "--batch-size", "0"]))
+    assert "batch_size must be at least 1" in err and not emb.exists()  # refused before the output is made
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"), "--output", str(emb)]) == 0
+    capsys.readouterr()
+    err = _one_line(capsys, cli(["search", "--index", str(emb), "--text", "a circle"]))
+    assert "holds `flava embed` output, not a vector index" in err and f"--output {emb}`" not in err
+    (tmp_path / "file.csv").write_text("x\n")
+    err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(tmp_path / "file.csv")]))
+    assert "already exists" in err and "--add" not in err  # a file is no index to add to
+    assert cli(["index", "--embeddings", str(emb), "--output", str(idx)]) == 0
+    capsys.readouterr()
+    assert "--add" in _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(idx)]))
+
+
+def test_classify_names_each_unusable_image_once(tiny_model, photos, tmp_path, capsys):
+    images = tmp_path / "imgs"
+    shutil.copytree(photos / "red", images)
+    (images / "broken.png").write_bytes(b"not a png")
+    Image.new("RGB", (5000, 10)).save(images / "wide.png")  # readable, refused for its shape
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(images), "--classes", "a,b"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "2 image(s) could not be used (unreadable, or refused for their size or shape)" in said
+    line = said.split("could not be used")[1]
+    assert line.count("broken.png") + line.count("wide.png") == 1, line  # the path once, with its reason

@@ -101,8 +101,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
                       f"{pred.top[0][1]:.3f}" if pred.top else "", *([escape(str(t))] if args.labels else []))
     console.print(table)
     if failed:
-        console.print(f"{len(failed)} image(s) could not be read, e.g. {escape(str(failed[0].image))}: "
-                      f"{escape(failed[0].error)}")
+        first = failed[0].error if str(failed[0].image) in failed[0].error else f"{failed[0].image}: {failed[0].error}"
+        console.print(f"{len(failed)} image(s) could not be used (unreadable, or refused for their size or shape), "
+                      f"e.g. {escape(first)}")
     if args.labels:
         from ..scores import confusion_matrix
 

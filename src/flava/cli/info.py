@@ -51,10 +51,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
         keys = [k for k in model if k.startswith(prefix)]
         table.add_row(name, str(enc.num_layers), str(enc.hidden_size), str(enc.num_heads), str(enc.mlp_size),
                       str(len(keys)), f"{sum(model[k].numel() for k in keys) / 1e6:.2f} M")
+    # The projections into the shared and multimodal spaces, and the contrastive temperature.
+    rest = [k for k in model if not k.startswith(tuple(prefixes.values()))]
+    table.add_row("projections", "", "", "", "", str(len(rest)), f"{sum(model[k].numel() for k in rest) / 1e6:.2f} M")
     for part in ("heads", "codebook"):
         sd = ckpt.parts.get(part) or {}
         table.add_row(part, "", "", "", "", str(len(sd)),
                       f"{sum(v.numel() for v in sd.values()) / 1e6:.2f} M" if sd else "absent")
+    every = [v for part in ("model", "heads", "codebook") for v in (ckpt.parts.get(part) or {}).values()]
+    table.add_section()
+    table.add_row("total", "", "", "", "", str(len(every)), f"{sum(v.numel() for v in every) / 1e6:.2f} M")
     console.print(table)
     post = "; a post-norm text encoder (from a BERT-family tower)" if cfg.text.norm_placement == "post" else ""
     console.print(f"image {cfg.image.image_size} px, patch {cfg.image.patch_size}; text up to "

@@ -292,6 +292,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
             f" (left out while listing them: {_counts(rejected)})" if rejected else ""))
     if part_size < 1:
         raise InputError(f"part_size must be at least 1; got {part_size}")
+    embedder = Embedder(model, batch_size)  # its settings checked before the output is made
     out = Path(output)
     settings = {"model": model_name, "modality": inputs.modality, "inputs": inputs.fingerprint(),
                 "count": len(inputs), "part_size": part_size, "dtype": "float16" if float16 else "float32",
@@ -319,7 +320,6 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         out.joinpath(sub).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SETTINGS, settings)
 
-    embedder = Embedder(model, batch_size)
     dtype = np.float16 if float16 else np.float32
     n_parts = -(-len(inputs) // part_size)
     failed: Counter = Counter(inputs.listing_rejected)

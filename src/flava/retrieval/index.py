@@ -37,7 +37,7 @@ from ..errors import DataError, InputError
 from ..io.files import fsync_file, read_json, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..io.locks import hold
-from .embed import read_embeddings
+from .embed import SETTINGS, read_embeddings
 
 INDEX_FILE = "index.faiss"
 """The FAISS file of indexes written before index.json named it."""
@@ -126,6 +126,9 @@ class VectorIndex:
 
         p = Path(path)
         if not (p / INFO_FILE).is_file():
+            if (p / SETTINGS).is_file():  # not into the embeddings' own folder
+                raise DataError(f"{p} holds `flava embed` output, not a vector index; build one from it with "
+                                f"`flava index --embeddings {p} --output INDEX_DIR` and use that")
             raise DataError(f"{p} is not a vector index (no {INFO_FILE}); build one with "
                             f"`flava index --embeddings DIR --output {p}`")
         info = read_json(p / INFO_FILE, "index description", DataError, expect=dict)
@@ -319,7 +322,8 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
         raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
     out = Path(output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out} already exists; choose a new directory, or add to it with `flava index --add`")
+        add = ", or add to it with `flava index --add`" if (out / INFO_FILE).is_file() else ""
+        raise DataError(f"{out} already exists; choose a new directory{add}")
     factory, nprobe = choose_factory(len(v), v.shape[1], parse_memory(memory))
     index = faiss.index_factory(v.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
