@@ -177,6 +177,10 @@ def test_index_search_and_add_through_the_commands(tiny_model, photos, tmp_path,
     capsys.readouterr()
     assert cli(["index", "--embeddings", str(tmp_path / "emb_green"), "--output", str(tmp_path / "idx"), "--add"]) == 2
     assert "already in the index" in capsys.readouterr().err
+    shutil.copytree(tmp_path / "emb_red", tmp_path / "copy_of_red")  # the same inputs, elsewhere
+    assert cli(["index", "--embeddings", str(tmp_path / "copy_of_red"), "--output", str(tmp_path / "idx"),
+                "--add"]) == 2
+    assert "embedded the same inputs as" in capsys.readouterr().err and len(VectorIndex.open(tmp_path / "idx")) == 8
 
     query = photos / "green" / "2.png"
     assert cli(["search", "--index", str(tmp_path / "idx"), "--image", str(query), "-k", "3", "--json"]) == 0

@@ -408,6 +408,8 @@ class Embeddings:
     """The checkpoint that made them (`io.fingerprint`); None for runs of older versions."""
     text_field: str = "caption"
     """The metadata column holding each text (a text table's own column name)."""
+    inputs: str | None = None
+    """The run's fingerprint of its inputs (`Inputs.fingerprint`)."""
 
 
 def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> Embeddings:
@@ -447,4 +449,4 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
         raise DataError(f"{d}: {len(bad)} of {len(array)} {which} embeddings are not finite (NaN or infinity), "
                         f"e.g. row {bad[0]}; embed again with a checkpoint whose weights are sound")
     return Embeddings(array, meta, settings.get("model"), which, settings.get("checkpoint"),
-                      settings.get("text_field", "caption"))
+                      settings.get("text_field", "caption"), settings.get("inputs"))

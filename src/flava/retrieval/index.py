@@ -7,7 +7,8 @@ IDX/
   index-00001.faiss               the FAISS index (inner product over L2-normalised vectors = cosine);
                                   one file per `add`, named by index.json
   index.json                      model, checkpoint, modality, dimension, size, FAISS factory string,
-                                  nprobe, sources, the index file and the metadata files (for texts,
+                                  nprobe, sources (and the fingerprint of each one's inputs:
+                                  source_inputs), the index file and the metadata files (for texts,
                                   the column holding each file's texts: text_fields)
   metadata/metadata_00000.parquet one row per vector, in index order; one file per `add`
   .lock                           held by `flava index --add`
@@ -155,6 +156,12 @@ class VectorIndex:
         return self.info.get("model")
 
     @property
+    def source_inputs(self) -> list[str | None]:
+        """The inputs fingerprint of each source (None for those an earlier release added)."""
+        known = self.info.get("source_inputs", [])
+        return known + [None] * (len(self.info["sources"]) - len(known))
+
+    @property
     def checkpoint(self) -> dict | None:
         """The checkpoint that made the vectors (`io.fingerprint`); None for older indexes."""
         return self.info.get("checkpoint")
@@ -225,9 +232,10 @@ class VectorIndex:
     # ------------------------------------------------------------------ growing
 
     def add(self, vectors: np.ndarray, metadata: list[dict], source: str | None = None,
-            text_field: str = "caption") -> int:
+            text_field: str = "caption", inputs: str | None = None) -> int:
         """Append vectors and their metadata rows (one parquet file per call; `text_field`: the
-        column of the rows that holds a text index's texts); returns the new size."""
+        column of the rows that holds a text index's texts; `inputs`: the embed run's fingerprint
+        of what it embedded); returns the new size."""
         import faiss
 
         from .embed import save_parquet
@@ -253,6 +261,8 @@ class VectorIndex:
                 info = {**self.info, "index_file": index_file, "metadata_files": self.info["metadata_files"] + [name],
                         "size": int(self.faiss_index.ntotal),
                         "sources": self.info["sources"] + ([source] if source else [])}
+                if source:  # what each source embedded, which a copy of it elsewhere shares
+                    info["source_inputs"] = self.source_inputs + [inputs]
                 if self.modality == "text":  # runs differ: a text table keeps its own column's name
                     old = self.info.get("text_fields") or ["caption"] * n
                     info["text_fields"] = old + [text_field]
@@ -304,7 +314,8 @@ def _train_sample(vectors: np.ndarray, nlist: int, seed: int = 0) -> np.ndarray:
 def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str | os.PathLike, *,
                       model: str | None = None, modality: str = "image", metadata: list[dict] | None = None,
                       memory: str | int | None = None, source: str | None = None,
-                      checkpoint: dict | None = None, text_field: str = "caption") -> VectorIndex:
+                      checkpoint: dict | None = None, text_field: str = "caption",
+                      inputs: str | None = None) -> VectorIndex:
     """Build an index directory from vectors in memory (`items` become image_path or caption;
     `text_field`: the column of `metadata` that holds a text index's texts)."""
     import faiss
@@ -338,7 +349,7 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     built = VectorIndex(out, index, info, None)
     if hasattr(index, "nprobe"):
         index.nprobe = nprobe
-    built.add(v, metadata, source, text_field)
+    built.add(v, metadata, source, text_field, inputs)
     return built
 
 
@@ -348,7 +359,7 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory
     e = read_embeddings(embeddings, which)
     return index_from_arrays(e.vectors, None, output, model=e.model, modality=e.modality, metadata=e.metadata,
                              memory=memory, source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint,
-                             text_field=e.text_field)
+                             text_field=e.text_field, inputs=e.inputs)
 
 
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
@@ -371,7 +382,11 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
                             f"embed with the same model")
         if str(Path(embeddings).resolve()) in index.info["sources"]:
             raise DataError(f"{embeddings} is already in the index {index_dir}")
-        index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()), e.text_field)
+        if e.inputs is not None and e.inputs in index.source_inputs:
+            same = index.info["sources"][index.source_inputs.index(e.inputs)]
+            raise DataError(f"{embeddings} embedded the same inputs as {same}, already in the index {index_dir}; "
+                            "adding them again would return every hit twice")
+        index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()), e.text_field, e.inputs)
         return index
 
 
