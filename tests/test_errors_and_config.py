@@ -307,3 +307,17 @@ def test_an_int8_model_says_it_cannot_be_saved(tmp_path, capsys):
     with pytest.raises(SystemExit) as done:
         cli(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"flava {flava.__version__}"
+
+
+def test_the_progress_bar_says_an_unknown_total_as_unknown():
+    import io
+
+    from rich.console import Console
+
+    from flava.progress import progress_bar
+
+    console = Console(file=io.StringIO(), width=100)
+    with progress_bar(console) as bar:
+        task = bar.add_task("computing features", total=None, info="")
+        bar.update(task, completed=3)
+    assert " 3/? " in console.file.getvalue() and "None" not in console.file.getvalue()
