@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,18 @@ def vqa_row_score(prediction: str, answers: list[str]) -> float:
     return vqa_row_targets(answers, {prediction: 0}).get(0, 0.0)
 
 
+def _check_target(raw: str, where: str) -> None:
+    """A regression table's label, refused as `flava finetune`'s reader refuses it, before any prediction."""
+    from ..errors import DataError
+
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DataError(f"{where}: target {raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: target {raw!r} is not finite")
+
+
 def _table_inputs(path: Path, tm) -> Inputs:
     from ..data.tables import read_table
     from ..errors import DataError
@@ -119,6 +132,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
             image = p if p.is_absolute() else path.parent / p
         # A VQA model's answers are processed as the VQA evaluator processes them ("Two" is "2").
         label = None if label is None else (normalize_answer(str(label)) if vqa else str(label).strip())
+        if label is not None and tm.task == "text-regression":
+            _check_target(label, r.where)
         out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label,
                 answers=answers)
     return out
@@ -146,10 +161,15 @@ def read_inputs(specs: list[str], tm) -> Inputs:
         if tm.uses_images or tm.pairs:
             raise DataError(f"{first}: a .txt input holds one text per line, but this {tm.task} model needs "
                             f"{'images' if tm.uses_images else 'sentence pairs'}; give a CSV/JSONL file")
-        for line in first.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                out.add({"text": line}, text=line)
-        if not out.fields:
+        # Bytes that are not UTF-8 survive as surrogates, so their line is named, as a table's row is.
+        for n, line in enumerate(first.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), start=1):
+            # A blank line is an input not used, as a table's empty text is: output rows stay line for line.
+            error = None if line.strip() else f"{first}, line {n}: no text"
+            if any("\udc80" <= ch <= "\udcff" for ch in line):
+                line, error = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), \
+                    f"{first}, line {n}: holds bytes that are not UTF-8 text; save the file as UTF-8"
+            out.add({"text": line}, text=line, error=error)
+        if all(e is not None for e in out.errors):
             raise DataError(f"{first} holds no text")
         return out
     if tm.uses_text:
@@ -191,6 +211,8 @@ def _rows(inputs: Inputs, preds: list[dict]) -> list[dict[str, Any]]:
 def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     from ..io.files import write_text_atomic
 
+    # A folder not there yet is made, as `classify --output` makes it (`check_writable` refused a file in the way).
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".jsonl":
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return
@@ -208,6 +230,13 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
             flat["top"] = "|".join(f"{t['label']}:{t['score']:.4f}" for t in r["top"])
         writer.writerow(flat)
     write_text_atomic(path, buf.getvalue())
+
+
+def _few(names: list[str], shown: int = 3, quote: bool = True) -> str:
+    """A few of `names` for a message: the most frequent first (ties in first-seen order)."""
+    distinct = [n for n, _ in Counter(names).most_common()]
+    text = ", ".join(repr(n) if quote else n for n in distinct[:shown])
+    return text + (f" and {len(distinct) - shown} more" if len(distinct) > shown else "")
 
 
 def _shown(fields: dict[str, Any], width: int = 60) -> str:
@@ -251,31 +280,32 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise DataError(f"none of the {len(preds)} inputs could be used; the first: {errors[0][1]}")
 
     table = Table(title=f"{tm.task} predictions ({len(preds) - len(errors)} of {len(preds)} inputs)")
+    regression = tm.task == "text-regression"
     table.add_column("#", justify="right")
     table.add_column("input")
-    table.add_column("prediction")
-    table.add_column("score" if tm.task != "text-regression" else "", justify="right")
+    # A regressor's prediction is its value alone: no score column, which would stay empty and unnamed.
+    table.add_column("predicted value" if regression else "prediction", justify="right" if regression else "left")
+    if not regression:
+        table.add_column("score", justify="right")
     for i, (fields, pred) in enumerate(zip(inputs.fields[:SHOWN_ROWS], preds[:SHOWN_ROWS])):
         if "error" in pred:  # not a class called "error": the input could not be used (listed below)
-            table.add_row(str(i), escape(_shown(fields)), "[red](not used)[/]", "")
+            table.add_row(str(i), escape(_shown(fields)), "[red](not used)[/]", *([] if regression else [""]))
         elif "value" in pred:
-            table.add_row(str(i), escape(_shown(fields)), f"{pred['value']:.4f}", "")
+            table.add_row(str(i), escape(_shown(fields)), f"{pred['value']:.4f}")
         else:
             table.add_row(str(i), escape(_shown(fields)), escape(pred["label"]), f"{pred['score']:.3f}")
     console.print(table)
     if len(preds) > SHOWN_ROWS:
         console.print(f"… and {len(preds) - SHOWN_ROWS} more")
     if errors:
-        console.print(f"[red]{len(errors)} input(s) could not be used[/]; predicted the other {len(preds) - len(errors)}:")
+        console.print(f"[red]{len(errors)} input(s) could not be used[/]; predicted the other "
+                      f"{len(preds) - len(errors)}:")
         for i, e in errors[:SHOWN_ERRORS]:
             console.print(f"  #{i}: {escape(e)}")
 
     labelled = [(inputs.labels[i], p) for i, p in enumerate(preds) if inputs.labels[i] is not None and "error" not in p]
-    if labelled and tm.task == "text-regression":
-        try:
-            truth = [float(t) for t, _ in labelled]
-        except ValueError:
-            raise DataError("the input's label column holds values that are not numbers") from None
+    if labelled and regression:
+        truth = [float(t) for t, _ in labelled]  # numbers: `_check_target` refused others before predicting
         values = [p["value"] for _, p in labelled]
         mae = sum(abs(a - b) for a, b in zip(values, truth)) / len(truth)
         pearson = M.pearson(values, truth) if len(truth) > 1 else math.nan
@@ -287,8 +317,21 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"VQA score [bold]{sum(scores) / len(scores):.4f}[/] on {len(scores)} labelled inputs "
                       f"({sum(s == 1 for s in scores)} scored 1)")
     elif labelled:
-        right = sum(p["label"] == t for t, p in labelled)
-        console.print(f"accuracy [bold]{right / len(labelled):.4f}[/] ({right} of {len(labelled)} labelled inputs)")
+        # A label the model was not trained on can never be predicted: counted and named, not scored as
+        # wrong (`finetune` and `classify --labels` refuse one), so the accuracy is the model's on its labels.
+        known = set(tm.label_names)
+        unknown = [t for t, _ in labelled if t not in known]
+        labelled = [(t, p) for t, p in labelled if t in known]
+        outside = f"not among the model's labels ({_few(tm.label_names, quote=False)})"
+        if not labelled:
+            console.print(f"no accuracy: the {len(unknown)} labelled inputs are labelled {escape(_few(unknown))}, "
+                          f"{escape(outside)}")
+        else:
+            right = sum(p["label"] == t for t, p in labelled)
+            skipped = f"; not scored: {len(unknown)} labelled {escape(_few(unknown))}, {escape(outside)}" \
+                if unknown else ""
+            console.print(f"accuracy [bold]{right / len(labelled):.4f}[/] ({right} of {len(labelled)} labelled "
+                          f"inputs{skipped})")
     if output is not None:
         write_predictions(output, _rows(inputs, preds))
         console.print(f"predictions: {output}")

@@ -1,0 +1,138 @@
+"""`flava predict` on awkward inputs: an output folder not there yet, labels the model does not know,
+blank lines of a .txt, a regression table's target that is not a number. The task models are tiny
+and untrained (a random head on the tiny preset's encoder): these tests are about predict's bookkeeping."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import flava
+from flava.cli import main
+from flava.data.tokenizer import TextTokenizer
+from flava.finetune.heads import ImageClassifier, ImageHead, TextClassifier, TextHead
+from flava.finetune.taskmodel import save_task_model
+from flava.model.encoders import ImageEncoder, TextEncoder
+from flava.model.flava import TextTower
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Task models saved as `flava finetune` saves them: text (neg, pos), regression, image (blue, red)."""
+    root = tmp_path_factory.mktemp("predict_models")
+    torch.manual_seed(0)
+    cfg = flava.preset("tiny")
+    tok = TextTokenizer(max_length=16)
+    d = cfg.text.hidden_size
+    save_task_model(TextClassifier(TextTower(TextEncoder(cfg.text)), TextHead(d, 2, 0.1)), root / "text",
+                    tokenizer=tok, label_names=["neg", "pos"])
+    save_task_model(TextClassifier(TextTower(TextEncoder(cfg.text)), TextHead(d, 1, 0.1)), root / "reg",
+                    tokenizer=tok)
+    save_task_model(ImageClassifier(ImageEncoder(cfg.image), ImageHead(cfg.image.hidden_size, 2, 0.1)),
+                    root / "image", label_names=["blue", "red"])
+    return root
+
+
+def printed(capsys) -> tuple[str, str]:
+    out, err = capsys.readouterr()
+    return " ".join(out.split()), err  # rich wraps lines wherever a word ends
+
+
+def rows_of(path):
+    return list(csv.DictReader(path.open(encoding="utf-8")))
+
+
+def test_predict_makes_the_output_folder_or_refuses_a_file_in_the_way_first(models, tmp_path, capsys):
+    texts = tmp_path / "in.txt"
+    texts.write_text("a banana\nthe tree\n")
+    out = tmp_path / "not" / "yet" / "p.csv"
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    assert [r["text"] for r in rows_of(out)] == ["a banana", "the tree"]
+    capsys.readouterr()
+    # A file where the folder would be: one line before any work, nothing written.
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts),
+                 "--output", str(blocker / "p.csv")]) == 2
+    shown, err = printed(capsys)
+    assert err.count("\n") == 1 and f"{blocker} is a file; choose another output" in err
+    assert "predictions" not in shown and blocker.read_text() == "keep me"
+
+
+def test_predict_does_not_score_labels_the_model_does_not_know(models, tmp_path, capsys):
+    table = tmp_path / "news.csv"
+    labels = ["neg", "pos", "neutral", "neg", "mixed", "pos", "neutral"]
+    table.write_text("text,label\n" + "".join(f"text number {i},{t}\n" for i, t in enumerate(labels)))
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(models / "text"), "--input", str(table), "--output", str(out)]) == 0
+    shown, _ = printed(capsys)
+    rows = rows_of(out)
+    assert [r["true_label"] for r in rows] == labels and all(r["prediction"] in ("neg", "pos") for r in rows)
+    right = sum(r["prediction"] == r["true_label"] for r in rows)
+    assert (f"accuracy {right / 4:.4f} ({right} of 4 labelled inputs; not scored: 3 labelled 'neutral', 'mixed', "
+            f"not among the model's labels (neg, pos))") in shown
+    # None it knows: no accuracy at all, rather than 0.
+    table.write_text("text,label\nsome text,neutral\nmore text,neutral\n")
+    assert main(["predict", "--model", str(models / "text"), "--input", str(table)]) == 0
+    shown, _ = printed(capsys)
+    assert "no accuracy: the 2 labelled inputs are labelled 'neutral', not among the model's labels (neg, pos)" \
+        in shown and "accuracy 0" not in shown
+    # An image folder's class sub-folder the model was not trained on.
+    rng = np.random.default_rng(0)
+    for name in ("blue", "red", "green"):
+        (tmp_path / "img" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "img" / name / f"{i}.png")
+    out = tmp_path / "img.csv"
+    assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "img"),
+                 "--output", str(out)]) == 0
+    shown, _ = printed(capsys)
+    rows = rows_of(out)
+    assert len(rows) == 6 and all(r["prediction"] for r in rows)
+    right = sum(r["prediction"] == r["true_label"] for r in rows)
+    assert (f"accuracy {right / 4:.4f} ({right} of 4 labelled inputs; not scored: 2 labelled 'green', not among "
+            f"the model's labels (blue, red))") in shown
+
+
+def test_predict_keeps_a_txt_inputs_blank_lines_as_inputs_not_used(models, tmp_path, capsys):
+    texts = tmp_path / "in.txt"
+    texts.write_text("a banana\n\n   \nthe tree\n")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    shown, _ = printed(capsys)
+    assert "(2 of 4 inputs)" in shown and "(not used)" in shown  # as a table's empty text is
+    assert f"2 input(s) could not be used; predicted the other 2: #1: {texts}, line 2: no text" in shown
+    rows = rows_of(out)
+    assert [r["text"] for r in rows] == ["a banana", "", "   ", "the tree"]  # row N is line N
+    assert [bool(r["prediction"]) for r in rows] == [True, False, False, True]
+    assert rows[2]["error"] == f"{texts}, line 3: no text"
+    texts.write_text("\n  \n")
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts)]) == 2
+    assert f"{texts} holds no text" in capsys.readouterr().err
+    texts.write_bytes(b"a banana\ncaf\xe9 au lait\n")  # latin-1, not UTF-8: that line is named, not a traceback
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    assert f"#1: {texts}, line 2: holds bytes that are not UTF-8 text" in printed(capsys)[0]
+    assert [bool(r["prediction"]) for r in rows_of(out)] == [True, False]
+
+
+def test_predict_refuses_a_regression_target_that_is_not_a_number_before_predicting(models, tmp_path, capsys):
+    table = tmp_path / "reg.csv"
+    out = tmp_path / "p.csv"
+    for value, why in (("abc", "is not a number"), ("nan", "is not finite")):
+        table.write_text(f"text,label\nfirst text,0.5\nsecond text,{value}\n")
+        assert main(["predict", "--model", str(models / "reg"), "--input", str(table), "--output", str(out)]) == 2
+        shown, err = printed(capsys)
+        assert err == f"flava predict: error: {table}, line 3: target {value!r} {why}\n"
+        assert "predictions" not in shown and not out.exists()
+
+
+def test_predict_names_every_column_of_a_regression_table(models, tmp_path, capsys):
+    table = tmp_path / "reg.csv"
+    table.write_text("text,label\nfirst text,0.5\n,1\nthird text,2\n")
+    assert main(["predict", "--model", str(models / "reg"), "--input", str(table)]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if " input " in line)
+    assert [c.strip() for c in header.strip()[1:-1].split("┃")] == ["#", "input", "predicted value"]  # none blank
+    assert "on 2 labelled inputs" in " ".join(out.split())
