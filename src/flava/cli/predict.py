@@ -71,22 +71,11 @@ def vqa_row_score(prediction: str, answers: list[str]) -> float:
     return vqa_row_targets(answers, {prediction: 0}).get(0, 0.0)
 
 
-def _check_target(raw: str, where: str) -> None:
-    """A regression table's label, refused as `flava finetune`'s reader refuses it, before any prediction."""
-    from ..errors import DataError
-
-    try:
-        value = float(raw)
-    except ValueError:
-        raise DataError(f"{where}: target {raw!r} is not a number") from None
-    if not math.isfinite(value):
-        raise DataError(f"{where}: target {raw!r} is not finite")
-
-
 def _table_inputs(path: Path, tm) -> Inputs:
     from ..data.tables import read_table
     from ..errors import DataError
     from ..evaluate.readers.multimodal import normalize_answer
+    from ..evaluate.readers.text import finite_number
     from ..evaluate.readers.user_files import answer_list
 
     table = read_table(path)
@@ -132,8 +121,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
             image = p if p.is_absolute() else path.parent / p
         # A VQA model's answers are processed as the VQA evaluator processes them ("Two" is "2").
         label = None if label is None else (normalize_answer(str(label)) if vqa else str(label).strip())
-        if label is not None and tm.task == "text-regression":
-            _check_target(label, r.where)
+        if label is not None and tm.task == "text-regression":  # refused as finetune refuses it, before predicting
+            finite_number(label, r.where, "target")
         out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label,
                 answers=answers)
     return out
@@ -305,7 +294,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     labelled = [(inputs.labels[i], p) for i, p in enumerate(preds) if inputs.labels[i] is not None and "error" not in p]
     if labelled and regression:
-        truth = [float(t) for t, _ in labelled]  # numbers: `_check_target` refused others before predicting
+        truth = [float(t) for t, _ in labelled]  # numbers: others were refused while reading
         values = [p["value"] for _, p in labelled]
         mae = sum(abs(a - b) for a, b in zip(values, truth)) / len(truth)
         pearson = M.pearson(values, truth) if len(truth) > 1 else math.nan

@@ -56,6 +56,17 @@ GLUE = {
 }
 
 
+
+def finite_number(raw: str, where: str, what: str) -> float:
+    """A table cell read as a regression label: one line naming the place when it is not a finite number."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise DataError(f"{where}: {what} {raw!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: {what} {raw!r} is not finite")
+    return value
+
 def _glue_rows(path: Path, spec: GlueSpec) -> tuple[list[TextExample], int]:
     """(examples, rows skipped for missing fields)."""
     if not path.is_file():
@@ -88,12 +99,7 @@ def _glue_rows(path: Path, spec: GlueSpec) -> tuple[list[TextExample], int]:
                                     f"{', '.join(spec.raw_labels)}")
                 label: int | float = index[raw]
             else:
-                try:
-                    label = float(raw)
-                except ValueError:
-                    raise DataError(f"{path}, line {line}: score {raw!r} is not a number") from None
-                if not math.isfinite(label):
-                    raise DataError(f"{path}, line {line}: score {raw!r} is not finite")
+                label = finite_number(raw, f"{path}, line {line}", "score")
             text2 = row[col(spec.text2)] if spec.text2 is not None else None
             examples.append(TextExample(row[col(spec.text)], label, text2))
     return examples, skipped
@@ -191,12 +197,7 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
                 blank += 1  # an empty label is no class, an empty text nothing to learn from
                 continue
             if regression:
-                try:
-                    label: int | float = float(raw)
-                except ValueError:
-                    raise DataError(f"{r.where}: target {raw!r} is not a number") from None
-                if not math.isfinite(label):
-                    raise DataError(f"{r.where}: target {raw!r} is not finite")
+                label: int | float = finite_number(raw, r.where, "target")
             elif raw not in index:
                 raise DataError(f"{r.where}: label {raw!r} is not in the label set ({', '.join(names)}); "
                                 f"labels of val and test must occur in train or in label_names")
