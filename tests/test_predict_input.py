@@ -115,6 +115,13 @@ def test_predict_keeps_a_txt_inputs_blank_lines_as_inputs_not_used(models, tmp_p
     assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
     assert f"#1: {texts}, line 2: holds bytes that are not UTF-8 text" in printed(capsys)[0]
     assert [bool(r["prediction"]) for r in rows_of(out)] == [True, False]
+    texts.write_text("a banana\fsplit nowhere\r\nthe tree\n")  # lines end at newlines only
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    assert [r["text"] for r in rows_of(out)] == ["a banana\fsplit nowhere", "the tree"]
+    texts.write_text("a banana\nthe tree\n", encoding="utf-16")  # as some editors and shells save text
+    capsys.readouterr()
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts)]) == 2
+    assert "is not UTF-8 text (UTF-16, or holds NUL bytes); save it as UTF-8" in capsys.readouterr().err
 
 
 def test_predict_refuses_a_regression_target_that_is_not_a_number_before_predicting(models, tmp_path, capsys):

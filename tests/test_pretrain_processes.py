@@ -21,10 +21,10 @@ from flava.train.trainer import Trainer
 OPTS = ["--set", "seed=5", "--set", "optim.warmup_steps=1"]
 
 
-def run(args: list[str], torchrun: int = 0) -> Process:
+def run(args: list[str], torchrun: int = 0, plain: bool = False) -> Process:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
-    return Process(launcher + ["-m", "flava.cli", *args], env, merge=True)
+    return Process(launcher + ["-m", "flava.cli", *args], env, merge=True, plain=plain)
 
 
 def finish(p: Process) -> str:
@@ -74,7 +74,7 @@ def test_two_processes_train_like_one_process_with_the_global_batch(train_data, 
 @pytest.mark.slow
 def test_a_run_killed_between_checkpoints_resumes_step_for_step(train_data, tmp_path):
     steps = ["--max-steps", "8", "--save-every", "3", *OPTS]
-    whole = run(pretrain_args(train_data, tmp_path / "whole") + steps)
+    whole = run(pretrain_args(train_data, tmp_path / "whole") + steps, plain=True)
     cut_args = pretrain_args(train_data, tmp_path / "cut") + steps
     victim = run(cut_args)
     log = tmp_path / "cut" / "metrics.jsonl"

@@ -32,12 +32,12 @@ TINY_CODEBOOK = ["--set", "codebook.hidden_size=8", "--set", "codebook.vocab_siz
 class Command:
     """`python -m flava.cli ARGS` with its output in files (no pipe to fill up)."""
 
-    def __init__(self, args: list[str], where: Path, torchrun: int = 0):
+    def __init__(self, args: list[str], where: Path, torchrun: int = 0, plain: bool = False):
         where.mkdir(parents=True, exist_ok=True)
         self.out, self.err = where / "stdout.txt", where / "stderr.txt"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
-        self.p = Process(launcher + ["-m", "flava.cli", *args], env, self.out, self.err)
+        self.p = Process(launcher + ["-m", "flava.cli", *args], env, self.out, self.err, plain=plain)
 
     def wait_for(self, ready, timeout: float = 120) -> None:
         deadline = time.time() + timeout
@@ -85,7 +85,7 @@ def codebook_args(images: Path, output: Path, *more: str) -> list[str]:
 
 def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrupted_run(train_data, tmp_path):
     steps = ["--steps", "200", "--save-every", "1000"]  # no save but the one the stop makes
-    whole = Command(codebook_args(train_data / "img", tmp_path / "whole", *steps), tmp_path / "w")
+    whole = Command(codebook_args(train_data / "img", tmp_path / "whole", *steps), tmp_path / "w", plain=True)
     cut = Command(codebook_args(train_data / "img", tmp_path / "cut", *steps), tmp_path / "c")
     metrics = tmp_path / "cut" / "codebook_metrics.jsonl"
     cut.wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2)  # step 50 logged
@@ -173,7 +173,7 @@ def test_sigterm_stops_prepare_after_a_unit_and_a_rerun_finishes_it(train_data, 
     assert not (tmp_path / "cut" / "index.json").exists()
     started.unlink()
     done(Command(args(tmp_path / "cut"), tmp_path / "r"))
-    done(Command(args(tmp_path / "whole"), tmp_path / "w"))
+    done(Command(args(tmp_path / "whole"), tmp_path / "w", plain=True))
     for name in ("00000.tar", "00001.tar", "00002.tar"):
         a, b = (tarfile.open(tmp_path / d / name) for d in ("whole", "cut"))
         assert [(m.name, a.extractfile(m).read()) for m in a] == [(m.name, b.extractfile(m).read()) for m in b]
@@ -210,7 +210,7 @@ def test_sigterm_stops_embed_at_a_part_and_a_rerun_finishes_it(tiny_model, tmp_p
     assert f"after {kept} of 40 parts" in line and 1 <= kept < 40
     assert not (tmp_path / "cut" / "embed.json").exists()
     done(Command(args(tmp_path / "cut"), tmp_path / "r"))
-    done(Command(args(tmp_path / "whole"), tmp_path / "w"))
+    done(Command(args(tmp_path / "whole"), tmp_path / "w", plain=True))
     for i in range(40):
         name = f"text_emb/text_emb_{i:05d}.npy"
         assert np.array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "cut" / name)), name
@@ -273,7 +273,7 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     out = done(Command(args(tmp_path / "cut", "--resume"), tmp_path / "r"))
     assert "resuming the fine-tuning stopped" in out
     assert not (tmp_path / "cut" / "training").exists()
-    done(Command(args(tmp_path / "whole"), tmp_path / "w"))
+    done(Command(args(tmp_path / "whole"), tmp_path / "w", plain=True))
     same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
     report = [json.loads((tmp_path / d / "task.json").read_text()) for d in ("whole", "cut")]
     assert report[0] == report[1]
@@ -293,7 +293,7 @@ PRETRAIN_STEPS = ["--max-steps", "24", "--save-every", "1000", "--set", "seed=5"
 def uninterrupted_pretrain(train_data, tmp_path_factory):
     """The metrics of the run the stopped ones must end as (one for both signals)."""
     out = tmp_path_factory.mktemp("whole")
-    done(Command(pretrain_args(train_data, out / "run") + PRETRAIN_STEPS, out / "w"))
+    done(Command(pretrain_args(train_data, out / "run") + PRETRAIN_STEPS, out / "w", plain=True))
     return metrics(out / "run")
 
 
@@ -347,7 +347,8 @@ def test_a_run_resumed_on_two_processes_keeps_its_global_batch_without_flags(tra
     done(Command(args + ["--max-steps", "2"], tmp_path / "one"))
     shutil.copytree(tmp_path / "run", tmp_path / "ref")
     # The reference: the same run resumed on the one process it was started on.
-    ref = Command(["pretrain", "--output", str(tmp_path / "ref"), "--resume", "--max-steps", "4"], tmp_path / "r")
+    ref = Command(["pretrain", "--output", str(tmp_path / "ref"), "--resume", "--max-steps", "4"], tmp_path / "r",
+                  plain=True)
     out = done(Command(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"],
                        tmp_path / "two", torchrun=2))
     assert "data.batch_size 4 per process keeps the run's global batch of 8 (it was 8 on 1)" in out, out

@@ -409,7 +409,8 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
             "--set", f'data.pairs=["{shards}"]', "--set", "data.lanes=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     flava = ["-m", "flava.cli"]
-    whole = Process(flava + pretrain_args(train_data, tmp_path / "whole", batch_size=8) + opts, env, merge=True)
+    whole = Process(flava + pretrain_args(train_data, tmp_path / "whole", batch_size=8) + opts, env, merge=True,
+                    plain=True)
     cut = tmp_path / "cut"
     two = Process(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *flava,
                    *pretrain_args(train_data, cut, batch_size=4), *opts], env, merge=True)

@@ -445,11 +445,16 @@ def test_index_add_needs_an_index_and_leaves_other_folders_alone(tiny_model, tmp
     assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"), "--output", str(emb)]) == 0
     capsys.readouterr()
     err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(tmp_path / "new"), "--add"]))
-    assert "holds no vector index to add to" in err and "without --add" in err
+    assert "is not a vector index" in err and f"--output {tmp_path / 'new'}` (without --add)" in err
     assert not (tmp_path / "new").exists()
     before = sorted(p.name for p in emb.iterdir())
-    _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(emb), "--add"]))
+    err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(emb), "--add"]))
+    assert "holds `flava embed` output" in err and "--output NEW_DIR`" in err  # a command that can work
     assert sorted(p.name for p in emb.iterdir()) == before  # no lock left in an embeddings folder
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(tmp_path / "other"), "--add"]))
+    assert "--output NEW_DIR` (without --add)" in err
 
 
 def test_non_finite_weights_and_vectors_are_refused(tiny_model, tmp_path, capsys):
@@ -486,7 +491,7 @@ def test_the_hints_of_index_search_and_embed_point_where_they_should(tiny_model,
     assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"), "--output", str(emb)]) == 0
     capsys.readouterr()
     err = _one_line(capsys, cli(["search", "--index", str(emb), "--text", "a circle"]))
-    assert "holds `flava embed` output, not a vector index" in err and f"--output {emb}`" not in err
+    assert "holds `flava embed` output, not a vector index" in err and "--output NEW_DIR`" in err
     (tmp_path / "file.csv").write_text("x\n")
     err = _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(tmp_path / "file.csv")]))
     assert "already exists" in err and "--add" not in err  # a file is no index to add to

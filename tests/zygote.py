@@ -9,9 +9,12 @@ script path), ending through the interpreter's own exit (threads joined, atexit,
 child is a real process: its own pid, signals, exit status, files and child processes.
 
 What it does not redo is reading the environment at import: a command whose environment differs
-from the zygote's in a variable that torch, transformers or Python read at start-up (threads,
-Hugging Face, CUDA, Python's own) is started as a plain subprocess instead. So is everything when
-FLAVA_TEST_PLAIN_PROCESSES=1.
+from the zygote's in anything but the variables read while a command runs (`AT_RUN`) is started as
+a plain subprocess instead. So is a command asked for with `plain=True` (a resume test's
+uninterrupted run: children share the zygote's hash seed, which a real process draws anew, so a
+result that depended on set order would match across children), and everything when
+FLAVA_TEST_PLAIN_PROCESSES=1. What the preload printed is written again at the start of each
+child's output, as a real process prints it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ import threading
 from pathlib import Path
 
 PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot")
-# Variables read once, at import, by what the zygote preloads (or by the interpreter).
-AT_START = ("OMP_", "MKL_", "KMP_", "OPENBLAS_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TORCH", "PYTORCH_",
-            "CUDA_", "NCCL_", "PYTHON", "LD_", "MALLOC", "MPLBACKEND", "TOKENIZERS_")
+# Variables read while a command runs, not at import (pytest sets PYTEST_CURRENT_TEST per test): a
+# command whose environment differs from the zygote's in any other is started as a plain process.
+AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "AWS_", "FSSPEC_", "FLAVA_", "PYTEST_")
 
 
 # --------------------------------------------------------------------------- the zygote process
@@ -62,13 +65,18 @@ def _serve(requests: int, replies: int) -> dict:
                 os.close(replies)
                 return request
             children.add(pid)
-            os.write(replies, (json.dumps({"pid": pid}) + "\n").encode())
+            os.write(replies, (json.dumps({"pid": pid, "id": request["id"]}) + "\n").encode())
 
 
-def _become(request: dict) -> None:
-    """In the child: the request's files, folder and environment, then `python ARGS`."""
+def _become(request: dict, printed: tuple[bytes, bytes]) -> None:
+    """In the child: the request's files, folder and environment, what the preload printed, fresh
+    random states (a real process draws its own), then `python ARGS`."""
     import runpy
     import tempfile
+    import types
+
+    import numpy as np
+    import torch
 
     write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     for target, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], write),
@@ -79,18 +87,23 @@ def _become(request: dict) -> None:
         fd = os.open(path, flags, 0o644)
         os.dup2(fd, target)
         os.close(fd)
+    for fd, data in zip((1, 2), printed):
+        os.write(fd, data)
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
     tempfile.tempdir = None  # TMPDIR read again
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    torch.seed()
+    np.random.seed()
     args = request["args"]
     if args[0] == "-m":
         sys.argv, sys.path[0] = [args[1], *args[2:]], os.getcwd()
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)
     elif args[0] == "-c":
         sys.argv, sys.path[0] = ["-c", *args[2:]], ""
-        exec(compile(args[1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+        main = types.ModuleType("__main__")  # its own: what it defines pickles, as in `python -c`
+        sys.modules["__main__"] = main
+        exec(compile(args[1], "<string>", "exec"), main.__dict__)
     else:
         sys.argv, sys.path[0] = list(args), str(Path(args[0]).resolve().parent)
         runpy.run_path(args[0], run_name="__main__")
@@ -98,21 +111,35 @@ def _become(request: dict) -> None:
 
 def _zygote_main() -> None:
     import gc
+    import importlib
+    import tempfile
 
     replies = os.dup(1)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # what the imports print is not a reply
-    import importlib
-
+    # What the imports print goes to files (not the replies), to be written again in each child.
+    captured = [tempfile.TemporaryFile() for _ in range(2)]
+    keep_err = os.dup(2)
+    for fd, f in zip((1, 2), captured):
+        os.dup2(f.fileno(), fd)
     for name in PRELOAD:
         importlib.import_module(name)
     sys.stdout.flush()  # nothing buffered for a child to write again
     sys.stderr.flush()
+    printed = []
+    for f in captured:
+        f.seek(0)
+        printed.append(f.read())
+        f.close()
+    os.dup2(keep_err, 2)
+    os.close(keep_err)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
     # The preloaded objects out of the collector's reach: a child's collections (its exit's among
     # them) would otherwise walk, and so copy, every page of the zygote's heap (1.1 s per exit).
     gc.freeze()
     os.write(replies, b'{"ready": true}\n')
     request = _serve(0, replies)
-    _become(request)  # in the child: its exceptions and SystemExit end it as they end `python`
+    _become(request, tuple(printed))  # in the child: its exceptions and SystemExit end it as they end `python`
 
 
 # --------------------------------------------------------------------------- the test side
@@ -125,40 +152,54 @@ class Zygote:
                                         env=env)
         self.lock = threading.Lock()
         self.changed = threading.Condition()
-        self.pids: list[int] = []
+        self.pids: dict[int, int] = {}  # request id -> pid
         self.codes: dict[int, int] = {}
+        self.requests = 0
+        self.dead = False
         if not self.process.stdout.readline():
             raise RuntimeError(f"the test zygote did not start (exit {self.process.wait()})")
         threading.Thread(target=self._read, daemon=True, name="zygote-replies").start()
 
     def _read(self) -> None:
-        for line in self.process.stdout:
-            reply = json.loads(line)
+        try:
+            for line in self.process.stdout:
+                reply = json.loads(line)
+                with self.changed:
+                    if "pid" in reply:
+                        self.codes.pop(reply["pid"], None)  # a pid used again: not the old child's end
+                        self.pids[reply["id"]] = reply["pid"]
+                    else:
+                        self.codes[reply["exited"]] = reply["code"]
+                    self.changed.notify_all()
+        finally:  # gone: no more replies, so nobody waits for one
             with self.changed:
-                if "pid" in reply:
-                    self.pids.append(reply["pid"])
-                else:
-                    self.codes[reply["exited"]] = reply["code"]
+                self.dead = True
                 self.changed.notify_all()
 
     def fork(self, args: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str | None) -> int:
-        request = {"args": args, "env": env, "cwd": cwd, "stdout": stdout, "stderr": stderr}
-        with self.lock, self.changed:
+        with self.lock:
+            self.requests += 1
+            request = {"id": self.requests, "args": args, "env": env, "cwd": cwd, "stdout": stdout, "stderr": stderr}
             self.process.stdin.write((json.dumps(request) + "\n").encode())
             self.process.stdin.flush()
-            if not self.changed.wait_for(lambda: self.pids, timeout=30):
+        with self.changed:
+            if not self.changed.wait_for(lambda: request["id"] in self.pids or self.dead, timeout=30):
                 raise RuntimeError("the test zygote did not fork")
-            return self.pids.pop(0)
+            if self.dead:
+                raise RuntimeError(f"the test zygote ended (exit {self.process.wait()})")
+            return self.pids.pop(request["id"])
 
     def exit_code(self, pid: int, timeout: float | None) -> int | None:
         with self.changed:
-            self.changed.wait_for(lambda: pid in self.codes, timeout=timeout)
+            self.changed.wait_for(lambda: pid in self.codes or self.dead, timeout=timeout)
+            if pid not in self.codes and self.dead:
+                raise RuntimeError(f"the test zygote ended (exit {self.process.wait()}) before reporting pid {pid}")
             return self.codes.get(pid)
 
     def takes(self, env: dict[str, str]) -> bool:
-        """Whether a child can run with `env`: nothing read at start-up differs."""
+        """Whether a child can run with `env`: it differs only in what is read while a command runs."""
         names = set(env) | set(self.env)
-        return not any(env.get(n) != self.env.get(n) for n in names if n.startswith(AT_START))
+        return all(n.startswith(AT_RUN) for n in names if env.get(n) != self.env.get(n))
 
 
 _zygote: Zygote | None = None
@@ -169,7 +210,7 @@ def _the_zygote(env: dict[str, str]) -> Zygote | None:
     global _zygote, _started_for
     if os.environ.get("FLAVA_TEST_PLAIN_PROCESSES") == "1":
         return None
-    if _zygote is None or _started_for != os.getpid():
+    if _zygote is None or _started_for != os.getpid() or _zygote.dead or _zygote.process.poll() is not None:
         _zygote, _started_for = Zygote({**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}), os.getpid()
     return _zygote if _zygote.takes(env) else None
 
@@ -179,7 +220,7 @@ class Process:
     as much of Popen as the tests use."""
 
     def __init__(self, args: list[str], env: dict[str, str] | None = None, stdout: Path | None = None,
-                 stderr: Path | None = None, merge: bool = False, cwd: Path | None = None):
+                 stderr: Path | None = None, merge: bool = False, cwd: Path | None = None, plain: bool = False):
         import tempfile
 
         self.args, env = list(args), dict(os.environ if env is None else env)
@@ -193,7 +234,7 @@ class Process:
             if path is not None:
                 path.write_bytes(b"")
         self._popen, self._pid, self.returncode = None, 0, None
-        zygote = _the_zygote(env)
+        zygote = None if plain else _the_zygote(env)
         if zygote is not None:
             self._zygote = zygote
             self._pid = zygote.fork(self.args, env, where, str(self.stdout), str(self.stderr) if self.stderr else None)
@@ -252,9 +293,9 @@ class Process:
 
 
 def python(args: list[str], env: dict[str, str] | None = None, timeout: float = 300,
-           cwd: Path | None = None) -> subprocess.CompletedProcess:
+           cwd: Path | None = None, plain: bool = False) -> subprocess.CompletedProcess:
     """`python ARGS` to its end, its output captured: `subprocess.run(..., capture_output=True, text=True)`."""
-    process = Process(args, env, cwd=cwd)
+    process = Process(args, env, cwd=cwd, plain=plain)
     out, err = process.communicate(timeout)
     return subprocess.CompletedProcess([sys.executable, *args], process.returncode, out, err)
 

@@ -117,12 +117,8 @@ def weight_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], w
             + ". The weights and config.json come from different models, or the file is damaged.")
 
 
-def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, origin: Path) -> None:
-    """Strict load with one readable message for missing, unexpected or mis-shaped weights."""
-    own = module.state_dict()
-    problem = weight_mismatch(own, sd, what, origin)
-    if problem:
-        raise CheckpointError(problem)
+def refuse_non_finite(sd: dict[str, torch.Tensor], what: str, origin: Path) -> None:
+    """One line naming weights that hold NaN or infinity (a model would give NaN for everything)."""
     # The extremes carry a NaN or an infinity when any value does, without a sum's overflow (0.08 s for
     # the base model's weights).
     bad = [k for k, v in sd.items()
@@ -130,6 +126,15 @@ def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, orig
     if bad:
         raise CheckpointError(f"{origin}: {len(bad)} {what} weight(s) hold NaN or infinite values, e.g. {bad[0]}: the "
                               "checkpoint is damaged or was saved after training diverged; use an earlier one")
+
+
+def load_weights(module: nn.Module, sd: dict[str, torch.Tensor], what: str, origin: Path) -> None:
+    """Strict load with one readable message for missing, unexpected or mis-shaped weights."""
+    own = module.state_dict()
+    problem = weight_mismatch(own, sd, what, origin)
+    if problem:
+        raise CheckpointError(problem)
+    refuse_non_finite(sd, what, origin)
     with torch.no_grad():
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
 

@@ -4,6 +4,7 @@ write one row per input, print a short table, count what could not be used."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import csv
 import io
 import json
@@ -150,8 +151,14 @@ def read_inputs(specs: list[str], tm) -> Inputs:
         if tm.uses_images or tm.pairs:
             raise DataError(f"{first}: a .txt input holds one text per line, but this {tm.task} model needs "
                             f"{'images' if tm.uses_images else 'sentence pairs'}; give a CSV/JSONL file")
-        # Bytes that are not UTF-8 survive as surrogates, so their line is named, as a table's row is.
-        for n, line in enumerate(first.read_text(encoding="utf-8", errors="surrogateescape").splitlines(), start=1):
+        raw = first.read_bytes()
+        if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in raw:
+            raise DataError(f"{first} is not UTF-8 text (UTF-16, or holds NUL bytes); save it as UTF-8")
+        # Bytes that are not UTF-8 survive as surrogates, so their line is named, as a table's row is;
+        # lines end at newlines only (str.splitlines also splits at form feeds and the like).
+        text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff").replace("\r\n", "\n")
+        lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+        for n, line in enumerate(lines, start=1):
             # A blank line is an input not used, as a table's empty text is: output rows stay line for line.
             error = None if line.strip() else f"{first}, line {n}: no text"
             if any("\udc80" <= ch <= "\udcff" for ch in line):

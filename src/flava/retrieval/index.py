@@ -65,10 +65,21 @@ def parse_memory(text: str | int | None) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def not_an_index(p: Path, embeddings: str | os.PathLike | None = None) -> DataError:
+    """Why `p` cannot be searched or added to, with the command that builds an index (into a folder
+    that command takes: not an embed folder, nor one holding other files)."""
+    if (p / SETTINGS).is_file():
+        return DataError(f"{p} holds `flava embed` output, not a vector index; build one from it with "
+                         f"`flava index --embeddings {p} --output NEW_DIR` and use that")
+    into = p if not p.exists() or (p.is_dir() and not any(p.iterdir())) else "NEW_DIR"
+    return DataError(f"{p} is not a vector index (no {INFO_FILE}); build one with `flava index --embeddings "
+                     f"{embeddings or 'DIR'} --output {into}`" + (" (without --add)" if embeddings else ""))
+
+
 def _size(n: int) -> str:
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{n / scale:.3g} {unit}"
+            return f"{n / scale:.0f} {unit}" if n >= 100 * scale else f"{n / scale:.3g} {unit}"
     return f"{n:,} bytes"
 
 
@@ -127,11 +138,7 @@ class VectorIndex:
 
         p = Path(path)
         if not (p / INFO_FILE).is_file():
-            if (p / SETTINGS).is_file():  # not into the embeddings' own folder
-                raise DataError(f"{p} holds `flava embed` output, not a vector index; build one from it with "
-                                f"`flava index --embeddings {p} --output INDEX_DIR` and use that")
-            raise DataError(f"{p} is not a vector index (no {INFO_FILE}); build one with "
-                            f"`flava index --embeddings DIR --output {p}`")
+            raise not_an_index(p)
         info = read_json(p / INFO_FILE, "index description", DataError, expect=dict)
         try:
             index = faiss.read_index(str(p / info.get("index_file", INDEX_FILE)))
@@ -367,8 +374,7 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
     """Extend an index with another embed run of the same model and modality (one writer at a
     time: the index directory's lock)."""
     if not (Path(index_dir) / INFO_FILE).is_file():  # checked first: the lock would be left in any folder
-        raise DataError(f"{index_dir} holds no vector index to add to (no {INFO_FILE}); build one first with "
-                        f"`flava index --embeddings {embeddings} --output {index_dir}` (without --add)")
+        raise not_an_index(Path(index_dir), embeddings)
     with hold(Path(index_dir) / LOCK, str(index_dir), "wait for the other `flava index --add` to end"):
         index = VectorIndex.open(index_dir)
         e = read_embeddings(embeddings, which or index.modality)

@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 
 from ..config import to_dict
 from ..errors import CheckpointError
-from ..loading import Checkpoint, load_weights, read_checkpoint
+from ..loading import Checkpoint, load_weights, read_checkpoint, refuse_non_finite
 from ..io.checkpoint import (PARTS, damage, save_state, split_parts, write_checkpoint_dir, write_checkpoint_files,
                              write_checksums)
 from ..io.files import read_json, write_json_atomic
@@ -299,6 +299,8 @@ class CheckpointManager:
             for part, sd in weights.items():
                 load_weights(getattr(model, part), sd, part, target)
         else:  # weights may be sharded: the distributed-aware setter
+            for part, sd in weights.items():
+                refuse_non_finite(sd, part, target)
             flat = {f"{part}.{k}": v for part, sd in weights.items() for k, v in sd.items()}
             set_model_state_dict(model, flat, options=FULL)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=FULL_OPTIM)

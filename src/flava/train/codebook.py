@@ -41,6 +41,7 @@ from ..io.checkpoint import (check_replaceable, damage, save_state, write_checkp
                              write_checksums)
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
 from ..io.runs import CODEBOOK_STATE, RunDir, codebook_progress, codebook_state
+from ..loading import refuse_non_finite
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
 from ..progress import progress_bar
@@ -209,6 +210,7 @@ class CodebookRun:
                 raise CheckpointError(why)
             state = read_json(directory / "state.json", "codebook training state", CheckpointError, expect=dict)
             weights = load_file(str(directory / "weights.safetensors"))
+            refuse_non_finite(weights, "codebook", directory)
             self.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
             self.decoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("decoder.")})
             self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu",
