@@ -112,7 +112,7 @@ def test_token_usage_against_a_direct_count():
 
 
 def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from flava.train import codebook
 
@@ -145,6 +145,19 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
         flava.load_codebook(tmp_path / "cut")
     assert cli(["info", str(tmp_path / "cut")]) == 2
     assert "image codebook whose training has not finished" in capsys.readouterr().err
+    # Weights holding a NaN (saved as a run diverged): refused in one line, the state kept.
+    from flava.io.checkpoint import write_checksums
+
+    training = tmp_path / "cut" / "training"
+    good = (training / "weights.safetensors").read_bytes()
+    weights = load_file(str(training / "weights.safetensors"))
+    next(v for v in weights.values() if v.is_floating_point()).view(-1)[0] = float("nan")
+    save_file(weights, str(training / "weights.safetensors"))
+    write_checksums(training)
+    assert cli(["train-codebook", "--output", str(tmp_path / "cut"), "--resume"]) == 2
+    assert "hold NaN or infinite values" in capsys.readouterr().err
+    (training / "weights.safetensors").write_bytes(good)
+    write_checksums(training)
     monkeypatch.chdir(tmp_path.parent)
     assert cli(["train-codebook", "--output", str(tmp_path / "cut"), "--resume"]) == 0
     assert "resuming the codebook training" in capsys.readouterr().out
