@@ -176,6 +176,10 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
         cli([*args, "--output", str(tmp_path / "short")])
     monkeypatch.setattr(codebook.CodebookRun, "train_step", real)
     capsys.readouterr()
+    # Not below where it stopped: that would save a codebook finished at step 4 of 2.
+    assert cli([*args[:3], "--output", str(tmp_path / "short"), "--resume", "--steps", "2"]) == 2
+    assert "--steps 2 is below the step the codebook training" in capsys.readouterr().err
+    assert (tmp_path / "short" / "training" / "state.json").is_file()
     assert cli([*args[:3], "--output", str(tmp_path / "short"), "--resume", "--steps", "6"]) == 0
     assert "steps 12 -> 6" in capsys.readouterr().out
     lines = [json.loads(x)["step"] for x in (tmp_path / "short" / "codebook_metrics.jsonl").read_text().splitlines()]

@@ -365,3 +365,11 @@ def test_jpegs_decode_to_pils_pixels_and_others_through_pil(tmp_path):
     (tmp_path / "cut.jpg").write_bytes((tmp_path / "rgb.jpg").read_bytes()[:3000])
     with pytest.raises(BadSample, match="unreadable image"):
         decode_rgb(tmp_path / "cut.jpg")
+
+
+@pytest.mark.parametrize("kind", ["pairs", "images", "text"])
+def test_an_empty_source_is_refused_not_read_as_the_working_folder(kind, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "0.tar").write_bytes(b"")  # what "" would have named: the folder it runs in
+    with pytest.raises(DataError, match=f"an empty {kind} source names nothing"):
+        open_source(kind, " ")

@@ -37,6 +37,8 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     spec = str(spec)
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not spec.strip():  # as a path, "" is the working folder: whatever lies there would be read
+        raise DataError(f"an empty {kind} source names nothing; give a file, folder, glob or URL")
     if arrow.is_arrow_spec(spec):
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     if kind == "text":

@@ -347,6 +347,9 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         recover_replaced(output / STATE)  # the one writer now: a killed save's staging copies go
         if saved is not None:
             run.load(output / STATE)
+            if run.step > settings.steps:  # it would save a codebook "finished" past its own end
+                raise ConfigError(f"--steps {settings.steps} is below the step the codebook training in {output} "
+                                  f"reached ({run.step}): a run cannot go back; resume with --steps {run.step} or more")
             console.print(f"resuming the codebook training in {output} at step {run.step} of {settings.steps}")
         else:
             console.print(f"training a {cfg.codebook.vocab_size}-token image codebook on "
