@@ -464,3 +464,32 @@ def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep\n")
     assert cli(["prepare", "--pairs", str(table), "--output", str(tmp_path / "mine"), "--workers", "1"]) == 2
     assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_an_unfinished_prepare_is_named_and_finished_only_from_its_own_inputs(train_data, tmp_path, monkeypatch,
+                                                                           capsys):
+    from flava.cli import main as cli
+
+    out = tmp_path / "prepared"
+    args = ["prepare", "--pairs", "pairs_clean.csv", "--output", str(out), "--workers", "1", "--shard-size", "4",
+            "--size", "24"]
+    monkeypatch.chdir(train_data)  # the input named relative to where it is run
+    assert cli(args) == 0
+    (out / "index.json").unlink()  # as a stopped prepare leaves it: the last unit and the index not written
+    for f in ("00003.json", "00003.tar", "prepare_report.json"):
+        (out / f).unlink()
+    with pytest.raises(DataError, match=r"unfinished `flava prepare` output \(3 shard\(s\) written"):
+        open_source("pairs", str(out))
+    # Another folder holding a file of the same name: not the input it was started from.
+    (tmp_path / "b").mkdir()
+    rows = (train_data / "pairs_clean.csv").read_text().splitlines()[:3]
+    (tmp_path / "b" / "pairs_clean.csv").write_text("\n".join(rows).replace("img/", f"{train_data}/img/") + "\n")
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert cli(args) == 2
+    assert "holds shards prepared from other inputs or settings" in capsys.readouterr().err
+    # The same file named from elsewhere finishes it.
+    args[2] = os.path.relpath(train_data / "pairs_clean.csv")
+    assert cli(args) == 0
+    assert json.loads((out / "prepare_report.json").read_text())["samples"] == 16
+    assert open_source("pairs", str(out)).known_size == 16

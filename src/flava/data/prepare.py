@@ -37,7 +37,8 @@ from ..io.files import atomic_path, write_json_atomic
 from .decode import open_image
 from .members import BadSample
 from .sources import ImageRecord, PairRecord, RecordShard, Source, open_shard, read_caption
-from .tars import INDEX
+from .shards import is_remote
+from .tars import INDEX, PREPARE_SETTINGS
 
 REPORT = "prepare_report.json"
 TOKENIZE_BATCH = 256
@@ -68,6 +69,12 @@ _SPACE = re.compile(r"\s+")
 def clean_caption(text: str) -> str:
     """HTML entities decoded, whitespace runs collapsed to one space, ends stripped."""
     return _SPACE.sub(" ", html.unescape(text)).strip()
+
+
+def _named(spec: str) -> str:
+    """An input as the manifest records it: a local path absolute, so that a rerun from another
+    folder names the same file, and a file of the same name there is not taken for it."""
+    return spec if is_remote(spec) or spec.startswith("file://") else os.path.abspath(os.path.expanduser(spec))
 
 
 def _units(sources: list[Source], shard_size: int) -> list:
@@ -190,13 +197,14 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
         raise DataError(f"flava prepare makes pair or image shards, not {kind}")
     output.mkdir(parents=True, exist_ok=True)
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
-                "inputs": [s.name for s in sources]}
-    mark = output / "prepare_settings.json"
+                "inputs": [_named(s.name) for s in sources]}
+    mark = output / PREPARE_SETTINGS
     if not mark.is_file() and any(not f.name.startswith(".") for f in output.iterdir()):
         raise DataError(f"{output} already holds other files; prepare into a new or empty directory (its shards "
                         "and index are written beside nothing else)")
     if mark.is_file():
         before = json.loads(mark.read_text())
+        before["inputs"] = [_named(x) for x in before.get("inputs", [])]  # earlier releases: as typed
         if before != manifest:
             raise DataError(f"{output} holds shards prepared from other inputs or settings "
                             f"({said(differences(before, manifest))}); finish it with "

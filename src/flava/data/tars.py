@@ -112,6 +112,8 @@ def _label(member: Member | None) -> int:
 
 
 INDEX = "index.json"
+PREPARE_SETTINGS = "prepare_settings.json"
+"""What `flava prepare` writes first in its output (and its index, INDEX, last)."""
 """The shard index `flava prepare` writes beside its shards (wids' shard-list layout)."""
 
 
@@ -146,6 +148,11 @@ def tar_source(kind: str, spec: str, cache=None) -> Source:
     index_url = spec if spec.endswith(".json") else None
     if index_url is None and not is_remote(spec) and (Path(spec) / INDEX).is_file():
         index_url = str(Path(spec) / INDEX)
+    if index_url is None and not is_remote(spec) and (Path(spec) / PREPARE_SETTINGS).is_file():
+        # `flava prepare` writes its index last: without one, its shards so far would pass for the whole
+        done = len(list(Path(spec).glob("[0-9]*.json")))
+        raise DataError(f"{spec} is an unfinished `flava prepare` output ({done} shard(s) written, no {INDEX} yet): "
+                        "run the same prepare command again to finish it")
     if index_url is not None:
         index = read_index(index_url)
         shards = [TarShard(s["url"], kind, cache, s["nsamples"]) for s in index["shardlist"]]
