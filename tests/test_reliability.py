@@ -5,6 +5,7 @@ and a resume survives damage."""
 import argparse
 import io
 import json
+import shutil
 import os
 import stat
 import struct
@@ -652,3 +653,12 @@ def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[-1]["loss"] == pytest.approx(whole[-1]["loss"], abs=1e-6)
     assert rows[-1]["lr"] == whole[-1]["lr"]
+
+
+def test_a_new_run_into_a_folder_of_other_files_is_refused(train_data, tmp_path, capsys):
+    # An image folder given as --output: the run's loss plot would have become a training image.
+    shutil.copytree(train_data / "img" / "a", tmp_path / "photos")
+    before = sorted(p.name for p in (tmp_path / "photos").iterdir())
+    err = one_line_error(capsys, cli(pretrain_args(train_data, tmp_path / "photos") + ["--max-steps", "1"]))
+    assert "already holds other files (e.g. 0.png); choose a new or empty --output" in err
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == before

@@ -69,6 +69,8 @@ RESUMABLE = frozenset({"max_steps", "save_every", "log_every", "diagnose_every",
                        "data.num_workers", "max_nonfinite_steps"})
 SETTINGS = "train_config.json"
 HISTORY = "config_history.jsonl"
+DEMO_CODEBOOK = "codebook"
+"""The folder of a run's own demo codebook (trained when no codebook is named)."""
 
 
 def saved_settings(output: Path) -> TrainConfig | None:
@@ -146,6 +148,14 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
         refusal, in_use = "", False
         if rank == 0:  # one lock for the run; every process learns whether it was had
             try:
+                # A folder of images, a codebook, prepared shards: the run's files would mix with them
+                # (its loss plot became a training image), and its cleanup could not tell them apart.
+                # Checked before the lock, whose file would be left there.
+                other = sorted(p.name for p in output.iterdir()
+                               if p.name not in (*RUN_FILES, DEMO_CODEBOOK) and not p.name.startswith("."))
+                if not resume and other:
+                    raise ConfigError(f"{output} already holds other files (e.g. {other[0]}); choose a new or empty "
+                                      "--output")
                 held.enter_context(run.lock())
                 if not resume and (run.step_dirs() or run.pointer.exists()):
                     raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose "
@@ -269,7 +279,7 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
     output = run.root
     saved = saved_settings(output) if resume else None
-    demo = output / "codebook"
+    demo = output / DEMO_CODEBOOK
     if not resume:
         find_sources(cfg)
     # A resumed run keeps the codebook it trained with: settings that ask for another (--resume
