@@ -287,6 +287,11 @@ def test_parquet_directories_globs_column_options_and_errors(tmp_path):
     by_keyword = arrow_pairs(str(tmp_path / "renamed.parquet"), image_column="picture", caption_column="words")
     assert [r.caption for r in by_query.records] == [r.caption for r in by_keyword.records] == \
         [r.caption for r in glob_src.records]
+    # Image data names its column the same way (its "?" is no glob), through the registry as pretraining reads it.
+    from flava.data.registry import image_sources
+
+    (images,) = image_sources([str(tmp_path / "renamed.parquet?image=picture")])
+    assert len(images) == 13
     texts = arrow_text(str(tmp_path / "renamed.parquet?text=words"))
     assert texts.records[:2] == ["a picture number 0", "a picture number 1"] and texts.records[-1] == ""
 

@@ -73,7 +73,7 @@ def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws on
 def is_loose_image(spec: str) -> bool:
     """An image file or a glob of them (not of shards), as opposed to a folder, shards or a table."""
     spec = str(spec)
-    if "://" in spec or _is_tar_spec(spec):
+    if "://" in spec or _is_tar_spec(spec) or arrow.is_arrow_spec(spec):  # `x.parquet?image=jpg` is no glob
         return False
     return Path(spec).is_file() and Path(spec).suffix.lower() in IMAGE_SUFFIXES or any(c in spec for c in "*?[")
 
