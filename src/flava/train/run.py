@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import check_writable, read_json, write_json_atomic
 from ..io.locks import InUse
-from ..io.runs import RunDir, codebook_state
+from ..io.runs import LOCK, RunDir, codebook_state
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
 from .checkpoint import STREAMS
@@ -148,15 +148,17 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
         refusal, in_use = "", False
         if rank == 0:  # one lock for the run; every process learns whether it was had
             try:
+                had_lock = (output / LOCK).exists()
+                held.enter_context(run.lock())  # first: a folder another run is writing is said to be in use
                 # A folder of images, a codebook, prepared shards: the run's files would mix with them
                 # (its loss plot became a training image), and its cleanup could not tell them apart.
-                # Checked before the lock, whose file would be left there.
                 other = sorted(p.name for p in output.iterdir()
                                if p.name not in (*RUN_FILES, DEMO_CODEBOOK) and not p.name.startswith("."))
                 if not resume and other:
+                    if not had_lock:  # nothing of this run is left in that folder
+                        held.callback((output / LOCK).unlink, missing_ok=True)
                     raise ConfigError(f"{output} already holds other files (e.g. {other[0]}); choose a new or empty "
                                       "--output")
-                held.enter_context(run.lock())
                 if not resume and (run.step_dirs() or run.pointer.exists()):
                     raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose "
                                       "another --output")
