@@ -49,6 +49,29 @@ def test_train_codebook_command(tmp_path, capsys):
     code = cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(out), "--steps", "40"])
     assert code == 2 and "already holds a trained codebook" in capsys.readouterr().err
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+    assert report["bad_records"] == {"unreadable image": 1, "empty image file": 1}
+
+    # Shards: what is met while indexing one (here a shard cut short) is said too, as pretraining says it.
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(12):
+            data = (tmp_path / "imgs" / f"{i}.png").read_bytes()
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        cut = tar.getmembers()[9].offset_data + 10  # within the tenth image
+    (tmp_path / "cut.tar").write_bytes(buf.getvalue()[:cut])
+    assert cli(["train-codebook", "--images", str(tmp_path / "cut.tar"), "--output", str(tmp_path / "tok2"),
+                "--steps", "6", "--batch-size", "4", "--set", "codebook.vocab_size=64",
+                "--set", "codebook.hidden_size=16"]) == 0  # past the shard's end: where the cut is met
+    cut_short = {"tar member past the end of its shard": 1, "corrupt tar shard (read up to the damage)": 1}
+    said = " ".join(capsys.readouterr().out.split())
+    assert "skipped " + ", ".join(f"{n} ({r})" for r, n in cut_short.items()) in said
+    assert json.loads((tmp_path / "tok2" / "codebook_report.json").read_text())["bad_records"] == cut_short
 
     assert cli(["info", str(out)]) == 0
     assert "an image codebook (`flava train-codebook`), not a model: 64 tokens" in " ".join(

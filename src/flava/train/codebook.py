@@ -45,6 +45,7 @@ from ..loading import refuse_non_finite
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
 from ..progress import progress_bar
+from .accounting import DataAccounting
 from .config import anchored
 
 
@@ -410,12 +411,15 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
         for reason, ids in s.bad.items():
             bad.setdefault(reason, set()).update(ids)
     listed = sum(s.source.known_size or estimated_size(s.source) for s in run.stream.streams)
-    if bad:  # in the order their first bad record comes in the data
-        order = sorted(bad, key=lambda r: min(bad[r]))
-        console.print("skipped " + ", ".join(f"{len(bad[r])} ({r})" for r in order))
+    # As pretraining reports them: bad records, and those rejected while listing a source or
+    # indexing a shard (a truncated shard, a sample without its image).
+    rejected = DataAccounting({"images": run.stream}, 1).bad_records()
+    if rejected:  # those met while listing first, then records in the order their first comes in the data
+        order = [r for r in rejected if r not in bad] + sorted(bad, key=lambda r: min(bad[r]))
+        console.print("skipped " + ", ".join(f"{rejected[r]} ({r})" for r in order))
     summary = {"start": run.start_metrics, "end": end, "history": run.history,
-               "images": listed - sum(len(v) for v in bad.values()), "image_size": run.size,
-               "device": run.device.type, "settings": dataclasses.asdict(settings)}
+               "images": listed - sum(len(v) for v in bad.values()), "bad_records": rejected,
+               "image_size": run.size, "device": run.device.type, "settings": dataclasses.asdict(settings)}
 
     def fill(tmp: Path) -> None:
         write_checkpoint_files(tmp, meta["model"], {"codebook": run.encoder.state_dict()},
