@@ -158,6 +158,9 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
                 if "unexpected end of data" in str(e):  # read to the end of the file looking for it
                     yield _bad(start, "malformed csv row", "a quote opened on this line is never closed; close it, "
                                "or double a quote inside a quoted cell")
+                    for line in range(start + 1, reader.line_num + 1):  # each line it took counted, not lost unsaid
+                        yield _bad(line, "line after an unclosed quote", f"unread: the quote opened on line {start} "
+                                   "is never closed")
                     return
                 yield _bad(reader.line_num, "malformed csv row", f"not a well-formed {kind.upper()} row ({e}); "
                            "a quote inside a quoted cell is written twice")
