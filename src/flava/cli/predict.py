@@ -132,6 +132,7 @@ def _table_inputs(path: Path, tm) -> Inputs:
 def read_inputs(specs: list[str], tm) -> Inputs:
     """Inputs from one table or text file, one image folder, or image files."""
     from ..data.images import IMAGE_SUFFIXES, find_images
+    from ..data.tables import NOT_UTF8, undecodable
     from ..data.tables import SUFFIXES as TABLE_SUFFIXES
     from ..errors import DataError
 
@@ -161,9 +162,9 @@ def read_inputs(specs: list[str], tm) -> Inputs:
         for n, line in enumerate(lines, start=1):
             # A blank line is an input not used, as a table's empty text is: output rows stay line for line.
             error = None if line.strip() else f"{first}, line {n}: no text"
-            if any("\udc80" <= ch <= "\udcff" for ch in line):
+            if undecodable(line):
                 line, error = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), \
-                    f"{first}, line {n}: holds bytes that are not UTF-8 text; save the file as UTF-8"
+                    f"{first}, line {n}: {NOT_UTF8}"
             out.add({"text": line}, text=line, error=error)
         if all(e is not None for e in out.errors):
             raise DataError(f"{first} holds no text")

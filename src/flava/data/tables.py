@@ -127,11 +127,12 @@ def _bad(line: int, reason: str, message: str) -> tuple[int, str, str]:
     return line, reason, message
 
 
-def _undecodable(value: Any) -> bool:
+def undecodable(value: Any) -> bool:
+    """Whether a text read with errors='surrogateescape' held bytes that are not UTF-8."""
     return isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value)
 
 
-_NOT_UTF8 = "holds bytes that are not UTF-8 text; save the file as UTF-8"
+NOT_UTF8 = "holds bytes that are not UTF-8 text; save the file as UTF-8"
 
 
 def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:
@@ -144,8 +145,8 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
             raise DataError(f"{path}, line 1: the header cannot be read as {kind.upper()} ({e})") from None
         if not header:
             raise DataError(f"{path} is empty; a table needs a header row naming its columns")
-        if any(map(_undecodable, header)):
-            raise DataError(f"{path}, line 1: the header {_NOT_UTF8}")
+        if any(map(undecodable, header)):
+            raise DataError(f"{path}, line 1: the header {NOT_UTF8}")
         table.columns = header
         file = str(path)
         while True:
@@ -167,8 +168,8 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
                 continue
             if not cells:
                 continue
-            if any(map(_undecodable, cells)):
-                yield _bad(reader.line_num, "undecodable csv row", f"the row {_NOT_UTF8}")
+            if any(map(undecodable, cells)):
+                yield _bad(reader.line_num, "undecodable csv row", f"the row {NOT_UTF8}")
                 continue
             if any(c.strip() for c in cells[len(header):]):
                 yield _bad(reader.line_num, "malformed csv row",
@@ -186,7 +187,7 @@ def _read_jsonl(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:
             try:
                 text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError:
-                yield _bad(line, "undecodable json line", f"the line {_NOT_UTF8}")
+                yield _bad(line, "undecodable json line", f"the line {NOT_UTF8}")
                 continue
             if not text.strip():
                 continue

@@ -150,6 +150,9 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
             try:
                 had_lock = (output / LOCK).exists()
                 held.enter_context(run.lock())  # first: a folder another run is writing is said to be in use
+                if not resume and (run.step_dirs() or run.pointer.exists()):
+                    raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose "
+                                      "another --output")
                 # A folder of images, a codebook, prepared shards: the run's files would mix with them
                 # (its loss plot became a training image), and its cleanup could not tell them apart.
                 other = sorted(p.name for p in output.iterdir()
@@ -159,9 +162,6 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
                         held.callback((output / LOCK).unlink, missing_ok=True)
                     raise ConfigError(f"{output} already holds other files (e.g. {other[0]}); choose a new or empty "
                                       "--output")
-                if not resume and (run.step_dirs() or run.pointer.exists()):
-                    raise ConfigError(f"{output} already holds a run; pass --resume to continue it or choose "
-                                      "another --output")
                 if not resume and (output / SETTINGS).exists():
                     # Stopped or failed before its first checkpoint (bad data met at step 1, say): there
                     # is nothing to resume, and a corrected command starts it again.
