@@ -220,6 +220,29 @@ def test_image_folders_and_text_files(tmp_path):
         open_source("pairs", str(tmp_path / "a.txt"))
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])
+def test_a_compressed_text_file_cut_short_keeps_its_lines_before_the_cut(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": zstandard.compress}[suffix]
+    lines = [f"text number {i} of a corpus" for i in range(100_000)]
+    whole = compress("\n".join(lines).encode() + b"\n")
+    # Files joined by cat (gzip members, zstd frames) read as one.
+    (tmp_path / f"whole.txt{suffix}").write_bytes(whole + compress(b"one more\n"))
+    src = text_file(str(tmp_path / f"whole.txt{suffix}"))
+    assert src.records == [*lines, "one more"] and not src.rejected
+    # A download cut short kept nothing: the file readers raise at the cut, and zstd's gave the cut
+    # line as a text.
+    (tmp_path / f"cut.txt{suffix}").write_bytes(whole[: len(whole) * 3 // 4])
+    src = text_file(str(tmp_path / f"cut.txt{suffix}"))
+    assert src.rejected == {"truncated compressed text": 1}
+    assert len(src.records) > len(lines) // 2 and src.records == lines[: len(src.records)]
+
+
 def test_image_files_and_globs_are_one_source_of_every_image_they_name(tmp_path):
     from flava.data.registry import open_stream
 

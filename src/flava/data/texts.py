@@ -3,8 +3,10 @@ ranges (a shard each) so no corpus is ever whole in memory, compressed or remote
 
 from __future__ import annotations
 
-import io
+import bz2
 import json
+import lzma
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,7 @@ class TextShard:
     def name(self) -> str:
         return self.url if self.end is None else f"{self.url}@{self.start}"
 
-    def _lines(self) -> list[bytes]:
-        from .shards import is_remote
-
+    def _lines(self, rejected: Counter) -> list[bytes]:
         if self.end is not None:
             with open(self.url, "rb") as f:
                 if self.start > 0:
@@ -50,26 +50,24 @@ class TextShard:
                         break
                     lines.append(line)
                 return lines
-        import fsspec
+        from .shards import read
 
-        if is_remote(self.url):
-            from .shards import read
-
-            raw = read(self.url, self.cache)
-            raw = raw.read_bytes() if isinstance(raw, Path) else raw
-            compression = fsspec.utils.infer_compression(self.url)
-            if compression:
-                with fsspec.compression.compr[compression](io.BytesIO(raw), mode="rb") as f:
-                    return f.read().splitlines()
+        raw = read(self.url, self.cache)
+        raw = raw.read_bytes() if isinstance(raw, Path) else raw
+        suffix = _compression_suffix(self.url)
+        if not suffix:
             return raw.splitlines()
-        with fsspec.open(self.url, "rb", compression="infer") as f:
-            return f.read().splitlines()
+        text, damage = decompress(raw, suffix)
+        if damage:
+            rejected[damage] += 1
+            text = text[:text.rfind(b"\n") + 1]  # the line the damage cut is not a text
+        return text.splitlines()
 
     def open(self) -> Opened:
         rejected: Counter = Counter()
         jsonl = self.url.lower().removesuffix(_compression_suffix(self.url)).endswith(".jsonl")
         records = []
-        for raw in self._lines():
+        for raw in self._lines(rejected):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
@@ -93,6 +91,45 @@ class TextShard:
 
 def _compression_suffix(url: str) -> str:
     return next((c for c in COMPRESSED if url.lower().endswith(c)), "")
+
+
+def _decompressor(suffix: str):
+    if suffix == ".gz":
+        return zlib.decompressobj(wbits=31)
+    if suffix == ".bz2":
+        return bz2.BZ2Decompressor()
+    if suffix == ".xz":
+        return lzma.LZMADecompressor()
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompressobj()
+
+
+_CHUNK = 1 << 14
+
+
+def decompress(raw: bytes, suffix: str) -> tuple[bytes, str | None]:
+    """The text of a compressed file (members or frames one after another, as `cat` makes them) and
+    what cut it short, if anything: a file cut short or damaged keeps what came before the cut, to
+    within a 16 KiB block (the file modules' readers raise and keep nothing; zstd's says nothing)."""
+    import zstandard
+
+    out: list[bytes] = []
+    while raw:
+        d = _decompressor(suffix)
+        for at in range(0, len(raw), _CHUNK):
+            try:
+                out.append(d.decompress(raw[at:at + _CHUNK]))
+            except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError):
+                return b"".join(out), "damaged compressed text (read up to the damage)"
+            if d.eof:
+                raw = d.unused_data + raw[at + _CHUNK:]
+                break
+        else:
+            return b"".join(out), "truncated compressed text"
+        if not raw.strip(b"\0"):  # gzip allows zero padding after the last member
+            break
+    return b"".join(out), None
 
 
 def text_file(path: str, field_name: str = "text", cache=None) -> Source:
