@@ -3,6 +3,7 @@ mistakes end in one line. Real parts throughout: the CLI, FAISS, forked and kill
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -225,6 +226,19 @@ def test_a_plain_path_is_a_list_of_sources_and_a_failed_start_leaves_nothing(tra
     code = cli(args + ["--max-steps", "1"])
     assert "nope.csv" in one_line_error(capsys, code)
     assert not (tmp_path / "failed").exists()
+
+
+@pytest.mark.slow  # a real server or CLI process
+def test_a_source_smaller_than_a_batch_is_said_at_the_start(train_data, tmp_path, capsys):
+    from conftest import pretrain_args
+
+    assert cli(pretrain_args(train_data, tmp_path / "run", batch_size=20) + ["--max-steps", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"note: data.pairs \S+pairs.csv holds 1\d samples, fewer than a batch of 20: every batch repeats "
+                     r"samples \(a pair twice in a batch is its own negative to the contrastive objective\)", out)
+    assert re.search(r"note: data.images \S+img holds \d+ samples, fewer than a batch of 20: every batch repeats "
+                     r"samples; give more data or a smaller data.batch_size", out)
+    assert "data.text" not in out  # 30 texts fill a batch of 20
 
 
 @pytest.mark.slow  # a real server or CLI process

@@ -199,6 +199,22 @@ def _described(stream, weight: float) -> str:
             + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
 
 
+def _small_sources(streams: dict, global_batch: int) -> list[str]:
+    """A source of fewer samples than a batch repeats samples within every batch; among pairs, a
+    repeated pair is a negative of itself to the contrastive objective."""
+    notes = []
+    for kind, ks in streams.items():
+        for stream in ks.streams:
+            size = stream.source.known_size
+            if size is not None and size < global_batch:
+                harm = " (a pair twice in a batch is its own negative to the contrastive objective)" \
+                    if kind == "pairs" else ""
+                notes.append(f"data.{kind} {stream.source.name} holds {size:,} sample{'s' if size != 1 else ''}, "
+                             f"fewer than a batch of {global_batch:,}: every batch repeats samples{harm}; give more "
+                             f"data or a smaller data.batch_size")
+    return notes
+
+
 def recorded_global_batch(run: RunDir) -> int | None:
     """The global batch the run's newest checkpoint was drawing (its streams record it); None
     without a readable one (resuming then reports what is wrong)."""
@@ -322,7 +338,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     procs = f" x {trainer.world} processes ({cfg.distributed})" if trainer.world > 1 else ""
     console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps; batch {cfg.data.batch_size}{procs}; "
                   f"{cfg.precision} on {trainer.device}; writing to {output}")
-    console.print(f"data: {data}")
+    console.print(f"data: {escape(data)}")
+    for note in _small_sources(trainer.streams, cfg.data.batch_size * trainer.world):
+        console.print(f"note: {escape(note)}")
     if trainer.optimisation.note:
         console.print(trainer.optimisation.note)
     if trainer.optimisation.warmup_steps >= cfg.max_steps:
