@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -487,9 +488,15 @@ def test_an_unfinished_prepare_is_named_and_finished_only_from_its_own_inputs(tr
     monkeypatch.chdir(tmp_path / "b")
     capsys.readouterr()
     assert cli(args) == 2
-    assert "holds shards prepared from other inputs or settings" in capsys.readouterr().err
+    assert "holds unfinished shards prepared from other inputs or settings" in capsys.readouterr().err
     # The same file named from elsewhere finishes it.
     args[2] = os.path.relpath(train_data / "pairs_clean.csv")
     assert cli(args) == 0
     assert json.loads((out / "prepare_report.json").read_text())["samples"] == 16
     assert open_source("pairs", str(out)).known_size == 16
+    # Finished, there is nothing to finish: other inputs are told to go to a new directory.
+    args[2] = "pairs_clean.csv"
+    capsys.readouterr()
+    assert cli(args) == 2
+    assert re.search(r"holds finished shards prepared from other inputs .*; prepare into a new directory \(or remove "
+                     "this one to prepare it again\)", " ".join(capsys.readouterr().err.split()))

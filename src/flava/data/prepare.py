@@ -206,9 +206,12 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
         before = json.loads(mark.read_text())
         before["inputs"] = [_named(x) for x in before.get("inputs", [])]  # earlier releases: as typed
         if before != manifest:
-            raise DataError(f"{output} holds shards prepared from other inputs or settings "
-                            f"({said(differences(before, manifest))}); finish it with "
-                            "the command that started it, or prepare into a new directory")
+            what = f"other inputs or settings ({said(differences(before, manifest))})"
+            if (output / INDEX).is_file():  # finished: there is nothing to finish
+                raise DataError(f"{output} holds finished shards prepared from {what}; prepare into a new "
+                                "directory (or remove this one to prepare it again)")
+            raise DataError(f"{output} holds unfinished shards prepared from {what}; finish it with the command "
+                            "that started it, or prepare into a new directory")
     else:
         write_json_atomic(mark, manifest)
     units = _units(sources, settings.shard_size)

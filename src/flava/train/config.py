@@ -60,7 +60,7 @@ class DataConfig:
     pairs: list[DataSpec] = field(default_factory=list)
     """Image-text pair sources: WebDataset .tar shards (a file, directory, glob or brace range
     `shards/{00000..06999}.tar`; local, http(s)://, s3:// or `pipe:CMD`; or the index.json of
-    `flava prepare`), .csv/.tsv files (columns image, caption), parquet files, or a Hugging Face
+    `flava prepare`), .csv/.tsv/.jsonl tables (columns image, caption), parquet files, or a Hugging Face
     dataset saved to disk (`DIR`, `DIR:train`, `DIR:train?image=jpg&caption=txt`). Each item a
     spec (sources then weigh by their size) or {"path": spec, "weight": w}. With no data of any
     kind named, the packaged demo data; otherwise an empty kind is left out."""
