@@ -299,8 +299,7 @@ class CodebookTokenizer:
                 return codebook.token_ids(map_uint8(pixels.to(device))).cpu()
         return tokenize
 
-    def fingerprint(self) -> str:
-        return load_codebook(self.path).fingerprint()
-
-    def vocab_size(self) -> int:
-        return load_codebook(self.path).cfg.vocab_size
+    def identity(self) -> tuple[str, int]:
+        """The codebook's fingerprint and vocabulary size (one read of its weights)."""
+        codebook = load_codebook(self.path)
+        return codebook.fingerprint(), codebook.cfg.vocab_size

@@ -61,8 +61,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     device = resolve_device(args.device).type
     # Every worker process tokenises its shards' crops on the device, in batches.
     tokenizer = CodebookTokenizer(args.codebook, device) if args.codebook else None
-    fingerprint = tokenizer.fingerprint() if tokenizer else None
-    vocab = tokenizer.vocab_size() if tokenizer else None
+    fingerprint, vocab = tokenizer.identity() if tokenizer else (None, None)
     if vocab is not None and vocab != model.image.vocab_size:  # recorded: pretraining refuses another vocabulary
         console.print(f"note: the codebook has {vocab} tokens and the --config model's MIM/MMM heads predict "
                       f"{model.image.vocab_size}: train on these shards with model.image.vocab_size={vocab}")
