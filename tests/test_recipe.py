@@ -45,11 +45,22 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
     assert capsys.readouterr().out.count("already finished") == 3
     assert stamp == {s: (out / s / "checkpoints" / "latest.json").stat().st_mtime_ns for s in steps}
 
-    # Other step budgets in the same directory are refused: its stages were trained with these.
-    longer = [a if a != "2" or args[i - 1] != "--max-steps" else "3" for i, a in enumerate(args)]
-    assert cli(longer) == 2
+    # A stage that later stages started from keeps its steps: they were trained from its end.
+    assert cli(args[:-2] + ["--stage-steps", "text-mlm=4", *args[-2:]]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "other stages, steps or stage settings (stage 3: joint 2 steps -> joint 3 steps)" in err
+    assert "other stages, steps or stage settings (stage 1: text-mlm 3 steps -> text-mlm 4 steps)" in err
+    assert "a stage may be given more steps while no later stage has started" in err
+    # The last stage may be lengthened: it continues from where it finished.
+    longer = [a if a != "2" or args[i - 1] != "--max-steps" else "3" for i, a in enumerate(args)]
+    assert cli(longer) == 0
+    out_text = " ".join(capsys.readouterr().out.split())
+    assert "note: stage joint lengthened from 2 to 3 steps" in out_text and out_text.count("already finished") == 2
+    assert json.loads((out / "joint" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    assert [s["steps"] for s in json.loads((out / "recipe.json").read_text())["finished"]] == [3, 2, 3]
+    # Fewer steps than it trained: refused.
+    assert cli(args) == 2
+    assert "(stage 3: joint 3 steps -> joint 2 steps)" in " ".join(capsys.readouterr().err.split())
+    args = longer
     assert cli(args + ["--stage-set", "text-mlm:optim.lr=1e-3"]) == 2
     assert "stage 1: text-mlm 3 steps -> text-mlm 3 steps (optim.lr=1e-3)" in " ".join(capsys.readouterr().err.split())
     # A setting every stage shares, changed after some stages trained with it: refused, named.

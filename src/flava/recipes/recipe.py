@@ -123,6 +123,16 @@ def _paired(a: list, b: list) -> list[tuple]:
     return [(a[i] if i < len(a) else None, b[i] if i < len(b) else None) for i in range(max(len(a), len(b)))]
 
 
+def _lengthened(pairs: list[tuple], changed: list[int], stages: list) -> bool:
+    """Whether the only change to a recipe's record is more steps for stages no later stage has
+    started from (a later stage's encoders come from an earlier one's end)."""
+    from ..train.run import SETTINGS
+
+    more = all(a is not None and b is not None and (a[0], a[2]) == (b[0], b[2]) and b[1] > a[1]
+               for a, b in (pairs[i] for i in changed))
+    return more and not any((s.directory / SETTINGS).is_file() for s in stages[min(changed) + 1:])
+
+
 def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
                steps: dict[str, int] | None = None, overrides: dict[str, list[str]] | None = None) -> list[dict]:
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
@@ -152,10 +162,18 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
         was = [(s.get("stage"), s.get("steps"), s.get("settings", [])) for s in old.get("stages", [])]
         now = [(s["stage"], s["steps"], s["settings"]) for s in wanted["stages"]]
         if was != now:
-            differ = "; ".join(f"stage {i}: {_stage_text(a)} -> {_stage_text(b)}"
-                               for i, (a, b) in enumerate(_paired(was, now), 1) if a != b)
-            raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} with other stages, steps or stage settings "
-                              f"({differ}); continue it with the same command, or choose another --output")
+            pairs = _paired(was, now)
+            changed = [i for i, (a, b) in enumerate(pairs) if a != b]
+            if _lengthened(pairs, changed, stages):
+                for i in changed:
+                    console.print(f"note: stage {pairs[i][1][0]} lengthened from {pairs[i][0][1]} to {pairs[i][1][1]} "
+                                  "steps")
+            else:
+                differ = "; ".join(f"stage {i + 1}: {_stage_text(pairs[i][0])} -> {_stage_text(pairs[i][1])}"
+                                   for i in changed)
+                raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} with other stages, steps or stage "
+                                  f"settings ({differ}); continue it with the same command (a stage may be given more "
+                                  "steps while no later stage has started), or choose another --output")
         # The settings every stage shares: later stages trained with others than earlier ones had.
         if isinstance(old.get("settings"), dict):  # records before they were kept: not compared
             diff = {k: v for k, v in changes(from_dict(TrainConfig, old["settings"]), cfg).items()
