@@ -82,6 +82,46 @@ def test_dwa_weights_follow_the_ratio_of_the_last_two_periods():
     assert torch.equal(fresh.weights, b.weights) and torch.equal(fresh.last, b.last)
 
 
+def test_dwa_weights_the_objectives_it_has_measured_and_leaves_the_others_at_1():
+    # Only pair data: MIM and MLM never train. They weighed 1 and held every weight at 1 for good.
+    b = balancer("dwa", dwa_window=2, dwa_temperature=2.0)
+    for step, (g, i) in enumerate([(4.0, 4.0)] * 2 + [(2.0, 4.0)] * 2):
+        b.observe(step, losses(global_contrastive=g, itm=i), YES)
+    r = torch.tensor([0.5, 1.0])
+    assert torch.allclose(b.weights[:2], 2 * torch.softmax(r / 2, 0)) and b.weights[:2].sum().item() == pytest.approx(2)
+    assert b.weights[2:].tolist() == [1.0, 1.0]
+    # A loss that measured nothing (no token masked) is no loss of 0: the period's mean leaves it out.
+    b = balancer("dwa", dwa_window=2, dwa_temperature=2.0)
+    measured = torch.tensor([True, False])
+    for step, (g, i) in enumerate([(4.0, 4.0), (4.0, 0.0), (2.0, 0.0), (2.0, 4.0)]):
+        b.observe(step, losses(global_contrastive=g, itm=i), YES, measured if i == 0 else None)
+    assert b.last[1].item() == 4.0 and b.before[1].item() == 4.0
+    assert torch.allclose(b.weights[:2], 2 * torch.softmax(torch.tensor([0.5, 1.0]) / 2, 0))
+
+
+def test_uncertainty_takes_no_step_on_a_loss_that_measured_nothing():
+    b = balancer("uncertainty", uncertainty_lr=0.1)
+    b.observe(0, losses(itm=0.0, global_contrastive=3.0), YES, torch.tensor([False, True]))
+    itm, contrastive = NAMES.index("itm"), NAMES.index("global_contrastive")
+    assert b.log_var[itm] == 0 and b.t[itm] == 0 and b.m[itm] == 0 and b.v[itm] == 0
+    assert b.log_var[contrastive] > 0 and b.t[contrastive] == 1
+
+
+def test_the_trainer_reads_which_losses_measured_anything_from_their_target_counts():
+    from types import SimpleNamespace
+
+    from flava.objectives.pretraining import TARGETS
+
+    names = (["global_contrastive", "mmm_image", "mmm_text"],
+             ["accuracy", f"{TARGETS}mmm_image", f"{TARGETS}mmm_text"])
+    # [total, losses..., metrics..., grad norm, finite, updated]
+    numbers = torch.tensor([5.0, 2.0, 3.0, 0.0, 0.7, 12.0, 0.0, 1.0, 1.0, 1.0])
+    holder = SimpleNamespace(_targets_at={})
+    assert Trainer._measured(holder, numbers, names).tolist() == [True, True, False]
+    assert len(holder._targets_at) == 1  # the index is made once per kind
+    assert Trainer._measured(holder, numbers, names).tolist() == [True, True, False]
+
+
 def test_pcgrad_removes_the_conflicting_component():
     g1, g2, g3 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 2.0])
     order = torch.Generator().manual_seed(0)

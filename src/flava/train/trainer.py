@@ -100,6 +100,8 @@ class Trainer:
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
         """Steps whose numbers are still on the device: (row, values, names)."""
         self._extra: list[dict] = []
+        self._targets_at: dict[tuple, torch.Tensor] = {}
+        """By a step's loss and metric names: where each loss's target count is in its numbers."""
         self.synced: list[dict] = []
         """The rows the latest synced step filled in."""
         self.stopped = 0
@@ -295,13 +297,26 @@ class Trainer:
             row["gradients"] = gradients
         numbers = self._update(sums)
         # The losses averaged over micro-batches and processes: the same on every process.
-        self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), numbers[-1] > 0)
+        self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), numbers[-1] > 0,
+                              self._measured(numbers, names))
         # The kind's progress: its configured losses' sum, whatever the balancing method scales.
         self.mixing.observe(step, kind, numbers[1:1 + len(names[0])].sum(), numbers[-1] > 0)
         self._pending.append((row, numbers, names))
         if sync:
             self.synced = self._settle()
         return row
+
+    def _measured(self, numbers: torch.Tensor, names: tuple[list[str], list[str]]) -> torch.Tensor:
+        """[losses] whether each of the step's losses measured anything: a masked objective over no
+        targets on any process (a short caption's MMM-text) reads 0, which is no loss of 0. Read on
+        the device through an index made once per kind (no host-device sync)."""
+        key = (tuple(names[0]), tuple(names[1]))
+        if key not in self._targets_at:
+            n = len(names[0])
+            at = [1 + n + names[1].index(TARGETS + k) if TARGETS + k in names[1] else -1 for k in names[0]]
+            self._targets_at[key] = torch.tensor(at, device=numbers.device)
+        at = self._targets_at[key]
+        return (at < 0) | (numbers[at.clamp(min=0)] > 0)
 
     def _to_device(self, batch):
         """A host batch on the device: pinned and copied without blocking on CUDA (the copy

@@ -36,9 +36,19 @@ class Balancer:
         f = self.factors(losses)
         return sum(f[n] * v for n, v in losses.items())
 
-    def observe(self, step: int, losses: dict[str, torch.Tensor], finite: torch.Tensor) -> None:
+    def observe(self, step: int, losses: dict[str, torch.Tensor], finite: torch.Tensor,
+                measured: torch.Tensor | None = None) -> None:
         """After the step: its losses (as given to `total`, averaged over micro-batches and
-        processes, detached) and whether it updated (a bool tensor; no host read)."""
+        processes, detached), whether it updated (a bool tensor; no host read) and which losses
+        measured anything (a bool per loss; None: all). A masked objective with nothing masked
+        reads 0: no measurement, and no loss of 0 to learn from."""
+
+    @staticmethod
+    def _counted(finite: torch.Tensor, values: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
+        """Which of a step's losses count: all of an updated step's if every one is finite, less
+        those that measured nothing."""
+        ok = finite & torch.isfinite(values).all()
+        return ok if measured is None else ok & measured
 
     def combine_gradients(self, grads: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """The shared encoders' gradient from the objectives' (one flat vector each)."""

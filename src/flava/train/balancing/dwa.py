@@ -5,11 +5,14 @@ w_k(t) = K exp(r_k(t-1) / T) / sum_i exp(r_i(t-1) / T), with r_k(t-1) = L_k(t-1)
 ratio of objective k's average loss over the last two periods and K the number of objectives;
 w_k = 1 for the first two periods. An objective whose loss falls slowly gains weight.
 
-Here a period is `objectives.dwa_window` steps (the paper's epoch); K counts every objective of
-the run, of all kinds, and each step applies its kind's weights (they sum to K over all
-objectives, not over a step's). An objective whose kind drew no step in a period keeps its
-previous average (ratio 1 next). L_k is the configured, weighted loss averaged over micro-batches
-and processes; steps whose update was skipped do not count.
+Here a period is `objectives.dwa_window` steps (the paper's epoch). An objective joins the
+weighting once it has two periods behind it; K counts those, of all kinds, and each step applies
+its kind's weights (the joined ones sum to K over all kinds, not over a step's). Until it joins, an
+objective weighs 1: at the start, and throughout for one whose kind never trains (no data, no
+share of the mix). An objective whose kind drew no step in a period keeps its previous average
+(ratio 1 next). L_k is the configured, weighted loss averaged over micro-batches and processes;
+steps whose update was skipped do not count, nor a step's loss that measured nothing (a masked
+objective with nothing masked).
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ class DynamicWeightAverage(Balancer):
         self.last, self.before = torch.zeros(k, device=device), torch.zeros(k, device=device)
         """The average loss of the last period and of the one before (0: none yet)."""
 
-    def observe(self, step, losses, finite):
+    def observe(self, step, losses, finite, measured=None):
         idx = self.positions(losses)
         values = torch.stack([v.detach().float() for v in losses.values()])
-        ok = (finite & torch.isfinite(values).all()).float()
+        ok = self._counted(finite, values, measured).float()
         self.sum[idx] += torch.nan_to_num(values) * ok
         self.count[idx] += ok
         if (step + 1) % self.window == 0:
@@ -44,9 +47,10 @@ class DynamicWeightAverage(Balancer):
         self.before, self.last = self.last, mean
         both = (self.before > 0) & (self.last > 0)
         ratio = torch.where(both, self.last / self.before.clamp(min=1e-12), torch.ones_like(mean))
-        # Until every objective has two periods behind it the weights stay 1 (the paper's start).
-        weights = len(self.names) * torch.softmax(ratio / self.temperature, 0)
-        self.weights = torch.where(both.all(), weights, torch.ones_like(weights))
+        # K: the objectives with two periods behind them; the rest weigh 1 (the paper's start).
+        logits = torch.where(both, ratio / self.temperature, float("-inf"))
+        weights = both.sum() * torch.softmax(logits, 0)
+        self.weights = torch.where(both, weights, torch.ones_like(weights))
         self.sum.zero_()
         self.count.zero_()
 

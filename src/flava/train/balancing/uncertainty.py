@@ -10,7 +10,8 @@ Here: the network's gradient is that of sum_k exp(-s_k) L_k over the step's obje
 of its data kind), with s held fixed during the step; s_k then takes one Adam step on
 d/ds_k = 1 - exp(-s_k) L_k with L_k the loss averaged over micro-batches and processes, so every
 process holds the same s. Objectives of other kinds keep theirs. A step whose update was skipped
-(non-finite) leaves s and Adam's moments as they were. L_k is the configured, weighted loss.
+(non-finite) leaves s and Adam's moments as they were, and so does a loss that measured nothing
+(a masked objective with nothing masked). L_k is the configured, weighted loss.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class UncertaintyWeighting(Balancer):
         # +s_k carries no gradient for the network; it makes the total the paper's objective.
         return super().total(losses) + sum(self.log_var[self.index[n]] for n in losses)
 
-    def observe(self, step, losses, finite):
+    def observe(self, step, losses, finite, measured=None):
         idx = self.positions(losses)
         values = torch.stack([v.detach().float() for v in losses.values()])
         s = self.log_var[idx]
@@ -47,7 +48,7 @@ class UncertaintyWeighting(Balancer):
         m = BETAS[0] * self.m[idx] + (1 - BETAS[0]) * grad
         v = BETAS[1] * self.v[idx] + (1 - BETAS[1]) * grad * grad
         new = s - self.lr * (m / (1 - BETAS[0] ** t)) / ((v / (1 - BETAS[1] ** t)).sqrt() + EPS)
-        ok = finite & torch.isfinite(new).all()
+        ok = self._counted(finite, new, measured)
         for state, value in ((self.log_var, new), (self.m, m), (self.v, v), (self.t, t)):
             state[idx] = torch.where(ok, value, state[idx])
 
