@@ -211,6 +211,30 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "nothere").exists()
 
 
+def test_a_seed_out_of_range_is_one_line_and_a_prepare_that_wrote_nothing_is_taken_over(train_data, tmp_path,
+                                                                                          capsys):
+    # numpy's generators refuse negative seeds: each was a traceback from deep in the data pipeline.
+    for args in (["pretrain", "--output", str(tmp_path / "run"), "--set", "seed=-1", "--max-steps", "1"],
+                 ["pretrain", "--output", str(tmp_path / "run"), "--set", "seed=18446744073709551616"],
+                 ["train-codebook", "--images", "demo", "--output", str(tmp_path / "cb"), "--seed", "-1"],
+                 ["prepare", "--pairs", str(train_data / "pairs_clean.csv"), "--output", str(tmp_path / "p"),
+                  "--seed", "-1"]):
+        assert re.search(r"seed must lie in \[0, 4294967295\]; got (-1|18446744073709551616)",
+                         one_line_error(capsys, cli(args))), args
+    assert not any(tmp_path.iterdir())
+    # A prepare that failed before its first unit left only its settings; the corrected command was
+    # refused as "unfinished shards prepared from other settings" for good.
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "prepare_settings.json").write_text(json.dumps({"kind": "pairs", "settings": {"seed": -1}, "codebook": None,
+                                                          "inputs": ["elsewhere.csv"]}))
+    args = ["prepare", "--pairs", str(train_data / "pairs_clean.csv"), "--output", str(out), "--workers", "1",
+            "--size", "24"]
+    assert cli(args) == 0
+    assert json.loads((out / "prepare_settings.json").read_text())["settings"]["seed"] == 0
+    assert json.loads((out / "prepare_report.json").read_text())["samples"] == 16
+
+
 @pytest.mark.slow  # a real server or CLI process
 def test_a_plain_path_is_a_list_of_sources_and_a_failed_start_leaves_nothing(train_data, tmp_path, capsys):
     from conftest import pretrain_args

@@ -42,9 +42,13 @@ class Range:
             raise ConfigError(f"{path} must lie in {self}; got {value!r}")
 
     def __str__(self) -> str:
-        low = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
-        high = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        low = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{_number(self.low)}"
+        high = "inf)" if self.high is None else f"{_number(self.high)}{')' if self.high_open else ']'}"
         return f"{low}, {high}"
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"  # a seed's bound whole, not 4.29497e+09
 
 
 PositiveInt = Annotated[int, Range(1)]
@@ -52,6 +56,8 @@ NonNegativeInt = Annotated[int, Range(0)]
 NonNegative = Annotated[float, Range(0)]
 Positive = Annotated[float, Range(0, low_open=True)]
 Probability = Annotated[float, Range(0, 1)]
+Seed = Annotated[int, Range(0, 2**32 - 1)]
+"""What every seeded generator here takes (numpy's refuses negative seeds)."""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

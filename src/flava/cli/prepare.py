@@ -37,7 +37,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..config import check_value, config_from
+    from ..config import Seed, check_value, config_from
     from ..distributed import resolve_device
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import check_distinct, open_source
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
     check_value("--crop-scale-min", args.crop_scale_min, float)
+    check_value("--seed", args.seed, Seed)
     if not 0 < args.crop_scale_min <= 1:
         raise ConfigError("--crop-scale-min must be in (0, 1]")
     kind = "pairs" if args.pairs else "images"

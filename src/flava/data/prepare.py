@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import stopping
-from ..config import differences, said
+from ..config import Seed, differences, said
 from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
 from .decode import open_image
@@ -60,7 +60,7 @@ class PrepareSettings:
     quality: int = 95
     """JPEG quality of the stored images."""
     max_caption_chars: int = 2000
-    seed: int = 0
+    seed: Seed = 0
 
 
 _SPACE = re.compile(r"\s+")
@@ -202,7 +202,10 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     if not mark.is_file() and any(not f.name.startswith(".") for f in output.iterdir()):
         raise DataError(f"{output} already holds other files; prepare into a new or empty directory (its shards "
                         "and index are written beside nothing else)")
-    if mark.is_file():
+    # A start that failed before its first unit (a bad setting, an unreadable codebook) left its
+    # settings and nothing else: a corrected command takes the folder over.
+    started = mark.is_file() and any(output.glob("[0-9]*.json"))
+    if started:
         before = json.loads(mark.read_text())
         before["inputs"] = [_named(x) for x in before.get("inputs", [])]  # earlier releases: as typed
         if before != manifest:

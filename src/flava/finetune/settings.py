@@ -9,7 +9,7 @@ from typing import Annotated
 import numpy as np
 from torch import nn
 
-from ..config import NonNegative, PositiveInt, Range
+from ..config import NonNegative, PositiveInt, Range, Seed
 
 # Confusion matrices of VQA tasks only for vocabularies small enough to read (easy-vqa's 13
 # answers, not VQAv2's 3,129).
@@ -61,7 +61,7 @@ class FinetuneSettings:
     """Examples per forward pass when computing features and evaluating."""
     max_text_length: PositiveInt | None = None
     """Tokens per text (pair) including [CLS]/[SEP]; default: the tokenizer's, capped by the model."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds the head's initialisation, dropout and the order of training examples."""
 
 

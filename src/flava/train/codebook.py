@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import stopping
 from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
-    from_dict, to_dict
+    Seed, from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
 from ..data.pipeline import BatchStream, KindStream
 from ..data.registry import demo_source, estimated_size, open_source
@@ -75,7 +75,7 @@ class CodebookTraining:
     """Decode hard one-hot samples with straight-through gradients instead of soft ones."""
     crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.35
     """Random crops cover this much of an image at least (augmentation)."""
-    seed: int = 0
+    seed: Seed = 0
     log_every: PositiveInt = 50
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the step runs: 'auto' takes the GPU when there is one."""

@@ -20,6 +20,7 @@ from ..config import (
     PositiveInt,
     Probability,
     Range,
+    Seed,
     preset,
 )
 from ..data.shards import is_remote
@@ -180,7 +181,7 @@ class TrainConfig:
     max_steps: PositiveInt = 214_286
     """Optimizer steps (the paper's: PMD drawn for 150k updates at probability 0.70); the cosine
     decays over them."""
-    seed: int = 0
+    seed: Seed = 0
     """Seeds initialisation, the data order, crops, masks and ITM negatives."""
     log_every: PositiveInt = 10
     """Write metrics every this many steps."""
