@@ -276,3 +276,149 @@ def test_claims_within_the_test_items_noise_neither_hold_nor_fail():
     assert "FLAVA is not above the untrained model on: vision (within noise)" in text
     large = "\n".join(claims({"flava": row(75.0, 10_000), "flava-no-init": row(87.5, 10_000)}))
     assert "helps vision (FLAVA over FLAVA w/o init): does not hold here" in large
+
+
+# --------------------------------------------------------------------------- records and reports, no training
+
+
+def _suite_file(suite, path, *names):
+    """A copy of the `suite` fixture with only the named tasks (its paths made absolute)."""
+    tasks = []
+    for t in json.loads(suite.read_text())["tasks"]:
+        if t["name"] in names:
+            tasks.append({k: str(suite.parent / v) if k in ("train", "test", "csv") else v for k, v in t.items()})
+    path.write_text(json.dumps({"name": "small", "tasks": tasks}))
+    return path
+
+
+# Made-up scores by domain (the balancing report's example: no language, vision 20, multimodal 15).
+FAKE = {"vision": 20.0, "language": 30.0, "multimodal": 15.0}
+
+
+def _fake_scores(tasks, seed=0):
+    return {"tasks": {t.name: {"domain": t.domain, "scores": {"s": FAKE[t.domain] + seed}, "examples": {}}
+                      for t in tasks},
+            "domain_averages": {t.domain: FAKE[t.domain] + seed for t in tasks}}
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """`flava ablate` with training replaced by a record of what would train ((run, settings)) and
+    evaluation by made-up scores of the suite's tasks."""
+    import flava.recipes.ablate as ablate
+    import flava.recipes.balancing as balancing
+    import flava.train.run as run
+
+    trained = []
+    monkeypatch.setattr(run, "run_pretrain", lambda cfg, directory, **kw: trained.append((directory.name, cfg)))
+    monkeypatch.setattr(run, "ensure_demo_codebook", lambda *a, **kw: None)
+    monkeypatch.setattr(run, "train_demo_codebook", lambda *a, **kw: None)
+    monkeypatch.setattr(ablate, "train_row", lambda key, cfg, *a: trained.append((key, cfg)))
+    monkeypatch.setattr(ablate, "evaluate_row", lambda key, cfg, suite, *a: {
+        "row": key, **_fake_scores([t for t in suite.tasks if t.domain in ROWS[key].domains])})
+    monkeypatch.setattr(balancing, "_scores", lambda method, seed, directory, suite, console: {
+        "method": method, "seed": seed, **_fake_scores(suite.tasks, seed)})
+    return trained
+
+
+def balancing_args(out, suite, methods="fixed,dwa", *extra):
+    return ["ablate", "--output", str(out), "--suite", str(suite), "--balancing", methods, "--seeds", "0,1",
+            "--unimodal-steps", "2", "--set", "max_steps=2", "--set", "codebook=cb", *extra]
+
+
+def test_a_rerun_on_a_changed_suite_file_is_refused(no_training, suite, tmp_path, capsys):
+    from flava.recipes.ablate import suite_fingerprint
+
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "topic probe", "pairs retrieval")
+    out = tmp_path / "balancing"
+    assert cli(balancing_args(out, file)) == 0
+    # Another layout of the same JSON is the same suite; other tasks are not.
+    file.write_text(json.dumps(json.loads(file.read_text()), indent=2))
+    assert cli(balancing_args(out, file)) == 0
+    _suite_file(suite, file, "colour probe", "pairs retrieval")
+    capsys.readouterr()
+    assert cli(balancing_args(out, file, "fixed,dwa,uncertainty")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"the suite {file} changed since {out}'s runs were scored on it" in err and "another --output" in err
+    assert "\n" not in err and not (out / "seed-0" / "uncertainty").exists()
+    # The same for Table 3's rows.
+    table3 = tmp_path / "ablation"
+    _suite_file(suite, file, "colour probe", "topic probe", "pairs retrieval")
+    assert cli(["ablate", "--output", str(table3), "--suite", str(file), "--rows", "mlm", "--steps", "2"]) == 0
+    _suite_file(suite, file, "topic probe")
+    capsys.readouterr()
+    assert cli(["ablate", "--output", str(table3), "--suite", str(file), "--rows", "mlm,flava-c", "--steps", "2"]) == 2
+    assert f"the suite {file} changed since {table3}'s runs were scored on it" in capsys.readouterr().err
+    # A record from before the fingerprint is not compared; the packaged suite is named by its name.
+    record = json.loads((table3 / "ablation.json").read_text())
+    del record["plan"]["suite_fingerprint"]
+    (table3 / "ablation.json").write_text(json.dumps(record))
+    assert cli(["ablate", "--output", str(table3), "--suite", str(file), "--rows", "mlm", "--steps", "2"]) == 0
+    assert suite_fingerprint("demo") == "demo"
+
+
+def test_a_rerun_with_other_settings_names_them(no_training, suite, tmp_path, capsys):
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "pairs retrieval")
+    out = tmp_path / "balancing"
+    assert cli(balancing_args(out, file, "fixed,dwa", "--set", "optim.lr=5e-4")) == 0
+    capsys.readouterr()
+    assert cli(balancing_args(out, file, "fixed,dwa", "--set", "optim.lr=1e-3")) == 2
+    err = capsys.readouterr().err
+    assert "holds a comparison with other settings (settings.optim.lr: 0.0005 -> 0.001)" in err
+    table3 = tmp_path / "ablation"
+    args = ["ablate", "--output", str(table3), "--suite", str(file), "--rows", "flava-c", "--unimodal-steps", "2",
+            "--steps", "2"]
+    assert cli(args) == 0
+    capsys.readouterr()
+    assert cli(args[:-1] + ["3"]) == 2
+    assert "holds an ablation with other steps (steps: 2 -> 3)" in capsys.readouterr().err
+
+
+def test_balancing_runs_the_image_stage_it_names(no_training, suite, tmp_path, capsys):
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "pairs retrieval")
+    assert cli(balancing_args(tmp_path / "a", file, "fixed,dwa", "--image-stage", "dino")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--balancing runs the demo's recipe, whose image stage is mim; drop --image-stage dino")
+    assert not no_training and not (tmp_path / "a").exists()
+    assert cli(balancing_args(tmp_path / "b", file, "fixed,dwa", "--image-stage", "mim")) == 0
+    assert {name for name, _ in no_training} == {"text-mlm", "image-mim", "fixed", "dwa"}
+
+
+def test_balancing_says_or_takes_the_unimodal_stages_learning_rate(no_training, suite, tmp_path, capsys):
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "pairs retrieval")
+    assert cli(balancing_args(tmp_path / "a", file)) == 0
+    lr = {name: c.optim.lr for name, c in no_training}
+    assert lr["text-mlm"] == lr["image-mim"] == 1e-3 and lr["fixed"] == lr["dwa"] != 1e-3
+    printed = " ".join(capsys.readouterr().out.split())
+    assert printed.count("note: text-mlm and image-mim train with optim.lr=1e-3, the demo recipe's unimodal "
+                         f"settings (the joint stage: optim.lr={lr['fixed']}); --set optim.lr=X sets every "
+                         "stage's") == 1
+    # The user's rate reaches every stage, as it does the full FLAVA row of Table 3.
+    no_training.clear()
+    assert cli(balancing_args(tmp_path / "b", file, "fixed,dwa", "--set", "optim.lr=2e-4")) == 0
+    assert {c.optim.lr for _, c in no_training} == {2e-4}
+    assert "note: text-mlm" not in capsys.readouterr().out
+
+
+def test_the_balancing_report_leaves_out_a_domain_the_suite_lacks(no_training, suite, tmp_path, capsys):
+    from flava.evaluate.results import SuiteResult, TaskResult
+    from flava.recipes.balancing import averages, summary, verdicts
+
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "pairs retrieval")
+    out = tmp_path / "balancing"
+    assert cli(balancing_args(out, file)) == 0
+    printed = capsys.readouterr().out
+    report = (out / "balancing.md").read_text()
+    assert "nan" not in report and "nan" not in printed
+    results = {m: {int(s): v for s, v in r.items()} for m, r in json.loads((out / "balancing.json").read_text())[
+        "results"].items()}
+    # Seed 0 scores vision 20 and multimodal 15: the macro is flava evaluate's, over those two.
+    macro = SuiteResult("", "", [TaskResult("a", "", "vision", {"s": 20.0}),
+                                 TaskResult("b", "", "multimodal", {"s": 15.0})]).macro_average()
+    assert averages(results["fixed"][0]) == (20.0, None, 15.0, macro) and macro == 17.5
+    assert summary(results)["dwa"]["language"] is None
+    assert summary(results)["dwa"]["macro"] == (pytest.approx(18.0), pytest.approx(1.0))
+    assert "| fixed | 20.50 ± 0.50 | – | 15.50 ± 0.50 | 18.00 ± 0.50 |" in report
+    assert "| fixed | 0 | 20.00 | – | 15.00 | 17.50 |" in report
+    (line,) = verdicts(results)
+    assert "language" not in line and "vision +0.00 (spread 1.00)" in line

@@ -15,12 +15,15 @@ def add(sub) -> None:
     p.add_argument("--output", required=True, help="the ablation's directory (running again continues it)")
     p.add_argument("--config", help="a preset (tiny, small, base) or a JSON file of training settings (a joint "
                                     "run's: data, model, optimizer); default: the tiny preset on the demo data")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any training setting")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any training setting, of every stage of the full FLAVA row too (with --balancing, "
+                        "the unimodal stages keep the demo recipe's optim.lr=1e-3 unless --set gives optim.lr)")
     p.add_argument("--steps", type=int, help="optimizer steps of every trained row (default: max_steps)")
     p.add_argument("--unimodal-steps", dest="unimodal_steps", type=int,
                    help="steps of each unimodal stage of the full FLAVA row (default: --steps)")
-    p.add_argument("--image-stage", dest="image_stage", choices=("dino", "mim"), default="dino",
-                   help="how the full FLAVA row pretrains its image encoder (the paper: dino)")
+    p.add_argument("--image-stage", dest="image_stage", choices=("dino", "mim"),
+                   help="how the full FLAVA row pretrains its image encoder (default: dino, the paper's; with "
+                        "--balancing: mim, the demo recipe's, the only one it runs)")
     p.add_argument("--rows", help="comma-separated rows to run (default: all; flava-c-local needs --processes 2+): "
                                   "mim, mlm, flava-c-local, flava-c, flava-mm, flava-no-init, flava, untrained")
     p.add_argument("--processes", type=int, default=1,
@@ -50,20 +53,23 @@ def run(args: argparse.Namespace, console: Console) -> None:
     cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
     steps = args.steps if args.steps is not None else cfg.max_steps
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else default_rows(args.processes)
-    plan = Plan(rows=rows, steps=steps, unimodal_steps=steps if args.unimodal_steps is None else args.unimodal_steps, image_stage=args.image_stage,
-                processes=args.processes, suite=args.suite)
+    plan = Plan(rows=rows, steps=steps, unimodal_steps=steps if args.unimodal_steps is None else args.unimodal_steps,
+                image_stage=args.image_stage or "dino", processes=args.processes, suite=args.suite)
     run_ablation(cfg, plan, Path(args.output), console)
 
 
 def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None:
     from ..config import apply_overrides, check
     from ..errors import ConfigError
-    from ..recipes.balancing import BalancingPlan, run_balancing
-    from ..recipes.recipe import demo_recipe_config
+    from ..recipes.balancing import BalancingPlan, run_balancing, stage_settings
+    from ..recipes.recipe import DEMO_RECIPE, RECIPES, demo_recipe_config
     from ..train.presets import train_config
 
-    for flag, given in (("--rows", args.rows), ("--steps", args.steps), ("--processes", args.processes != 1),
-                        ("--image-stage", args.image_stage != "dino")):
+    image_stage = RECIPES[DEMO_RECIPE][1].removeprefix("image-")
+    if args.image_stage not in (None, image_stage):
+        raise ConfigError(f"--balancing runs the demo's recipe, whose image stage is {image_stage}; drop --image-stage "
+                          f"{args.image_stage}")
+    for flag, given in (("--rows", args.rows), ("--steps", args.steps), ("--processes", args.processes != 1)):
         if given:
             raise ConfigError(f"--balancing runs the demo's recipe (text MLM, image MIM, joint) in this process; drop "
                               f"{flag} (the joint stage's steps: --set max_steps=N; the unimodal stages': "
@@ -75,4 +81,5 @@ def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None
     cfg = demo_recipe_config() if args.config in (None, "tiny") else train_config(args.config)
     cfg = check(apply_overrides(cfg, args.set or []))
     methods = [m.strip() for m in args.balancing.split(",") if m.strip()]
-    run_balancing(cfg, BalancingPlan(methods, seeds, args.suite, args.unimodal_steps), Path(args.output), console)
+    plan = BalancingPlan(methods, seeds, args.suite, args.unimodal_steps, stage_settings(args.set or []))
+    run_balancing(cfg, plan, Path(args.output), console)

@@ -32,6 +32,8 @@ and captions as the paper's do; the report says so.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import stopping
-from ..config import check, from_dict, to_dict
+from ..config import check, differences, from_dict, said, to_dict
 from ..errors import ConfigError, FlavaError
 from ..evaluate.results import domain_noise, mean_error
 from ..evaluate.suite import DOMAINS, Suite, load_suite
@@ -224,6 +226,24 @@ def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console
     return {"row": key, "model": description, **result.scores()}
 
 
+def suite_fingerprint(source: str) -> str:
+    """What identifies a suite's tasks: a packaged suite's name, or a hash of a suite file's JSON
+    (keys sorted: reformatting the file is no change)."""
+    if source == "demo":
+        return source
+    spec = read_json(Path(source), "suite file", ConfigError)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def refuse_changed_suite(old: dict, wanted: dict, output: Path) -> None:
+    """Scores kept in OUTPUT were measured on the suite's tasks when they ran: refuse to add runs
+    scored on other tasks beside them (a record older than the fingerprint is not compared)."""
+    was = old.get("suite_fingerprint")
+    if was is not None and was != wanted["suite_fingerprint"]:
+        raise ConfigError(f"the suite {wanted['suite']} changed since {output}'s runs were scored on it; restore the "
+                          "file, or choose another --output")
+
+
 def rows_needing_demo_codebook(cfg: TrainConfig, plan: Plan) -> set[str]:
     """The rows of `plan` that train on the demo data with image-token objectives and no codebook
     named: those the shared demo codebook is trained for (the text-only and contrastive rows are not)."""
@@ -249,14 +269,16 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
     record = output / "ablation.json"
     wanted = {"rows": plan.rows, "steps": plan.steps, "unimodal_steps": plan.unimodal_steps,
               "image_stage": plan.image_stage, "processes": plan.processes, "suite": plan.suite,
-              "settings": to_dict(cfg)}
+              "suite_fingerprint": suite_fingerprint(plan.suite), "settings": to_dict(cfg)}
     if record.is_file():
-        old = read_json(record, "ablation record", ConfigError, expect=dict)
-        changed = [k for k in ("steps", "unimodal_steps", "image_stage", "processes", "suite", "settings")
-                   if old.get("plan", {}).get(k) != wanted[k]]
+        old = read_json(record, "ablation record", ConfigError, expect=dict).get("plan", {})
+        keys = ("steps", "unimodal_steps", "image_stage", "processes", "suite", "settings")
+        changed = [k for k in keys if old.get(k) != wanted[k]]
         if changed:
-            raise ConfigError(f"{output} holds an ablation with other {', '.join(changed)}; continue it with the same "
-                              "command (other --rows are fine), or choose another --output")
+            diff = differences({k: old.get(k) for k in changed}, {k: wanted[k] for k in changed})
+            raise ConfigError(f"{output} holds an ablation with other {', '.join(changed)} ({said(diff)}); continue it "
+                              "with the same command (other --rows are fine), or choose another --output")
+        refuse_changed_suite(old, wanted, output)
     write_json_atomic(record, {"plan": wanted, "rows": {}})
     results: dict[str, dict] = {}
     for i, key in enumerate(plan.rows, 1):
@@ -344,7 +366,8 @@ def claims(results: dict[str, dict]) -> list[str]:
     trained = [k for k in avg if k in PAPER]
     if "flava" in avg and len(trained) > 1:
         best = max(trained, key=lambda k: avg[k][MACRO])
-        verdict = "holds" if best == "flava" else judged(avg["flava"][MACRO] - avg[best][MACRO], noise("flava", best, MACRO))
+        verdict = "holds" if best == "flava" else judged(avg["flava"][MACRO] - avg[best][MACRO],
+                                                         noise("flava", best, MACRO))
         out.append(f"full FLAVA has the best macro average: {verdict} here "
                    f"(best: {ROWS[best].label} {avg[best][MACRO]:.2f}; FLAVA {avg['flava'][MACRO]:.2f}); "
                    "paper: holds")

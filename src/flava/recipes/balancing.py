@@ -4,7 +4,9 @@ balancing its objectives, over several seeds, in one table with the spread betwe
 The balancing methods are `objectives.balancing`'s (fixed, uncertainty, dwa, pcgrad) and
 `mixing-adaptive`: fixed balancing with the data kinds' mix adapted to their loss progress
 (`data.mixing_schedule=adaptive`). The method changes only the joint stage, so each seed's text MLM
-and image MIM stages are trained once and every method's joint stage starts from them.
+and image MIM stages are trained once and every method's joint stage starts from them. Those stages
+train with the demo recipe's own settings (`DEMO_STAGE_SETTINGS`: its learning rate) unless --set
+gives the same key, which then reaches every stage, as in Table 3's full FLAVA row.
 
 ```
 OUTPUT/
@@ -21,7 +23,7 @@ Running the same command again continues where it stopped: a finished run is not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +31,14 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import stopping
-from ..config import apply_overrides, check, from_dict, to_dict
+from ..config import apply_overrides, check, differences, from_dict, said, settings, to_dict
 from ..errors import ConfigError
+from ..evaluate.results import SuiteResult, TaskResult
 from ..evaluate.suite import DOMAINS, Suite, load_suite
 from ..io.files import read_json, write_json_atomic, write_text_atomic
 from ..train.balancing import METHODS
 from ..train.config import TrainConfig
-from .ablate import averages
+from .ablate import refuse_changed_suite, suite_fingerprint
 from .recipe import DEMO_RECIPE, DEMO_STAGE_SETTINGS, DEMO_STAGE_STEPS, finished_step, plan
 
 ADAPTIVE_MIXING = "mixing-adaptive"
@@ -51,12 +54,26 @@ class BalancingPlan:
     suite: str
     unimodal_steps: int | None = None
     """Steps of each unimodal stage (default: the demo's)."""
+    stage_settings: dict[str, list[str]] = field(default_factory=lambda: stage_settings([]))
+    """KEY=VALUE settings of the unimodal stages alone: the demo's, less those the user's --set gives."""
 
     @property
     def stage_steps(self) -> dict[str, int]:
         if self.unimodal_steps is None:
             return dict(DEMO_STAGE_STEPS)
         return {stage: self.unimodal_steps for stage in DEMO_STAGE_STEPS}
+
+
+def stage_settings(user: list[str]) -> dict[str, list[str]]:
+    """The demo recipe's settings of its unimodal stages, less any key the user's --set items give:
+    those reach every stage, as Table 3's rows' do."""
+    keys = [item.split("=", 1)[0].strip().lstrip("-") for item in user]
+
+    def given(item: str) -> bool:
+        key = item.split("=", 1)[0].strip()
+        return any(key == k or key.startswith(k + ".") for k in keys)
+
+    return {stage: [item for item in items if not given(item)] for stage, items in DEMO_STAGE_SETTINGS.items()}
 
 
 def check_plan(cfg: TrainConfig, p: BalancingPlan) -> None:
@@ -96,18 +113,31 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
     suite = load_suite(p.suite)  # every data error before any training
     output.mkdir(parents=True, exist_ok=True)
     record = output / "balancing.json"
-    wanted = {"methods": p.methods, "seeds": p.seeds, "suite": p.suite, "stage_steps": p.stage_steps,
-              "settings": to_dict(cfg)}
+    wanted = {"methods": p.methods, "seeds": p.seeds, "suite": p.suite, "suite_fingerprint": suite_fingerprint(p.suite),
+              "stage_steps": p.stage_steps, "stage_settings": p.stage_settings, "settings": to_dict(cfg)}
     if record.is_file():
         old = read_json(record, "balancing record", ConfigError, expect=dict).get("plan", {})
-        if any(old.get(k) != wanted[k] for k in ("settings", "suite", "stage_steps")):
-            raise ConfigError(f"{output} holds a comparison with other settings; continue it with the same command "
-                              "(other --balancing methods and --seeds are fine), or choose another --output")
+        keys = ("settings", "suite", "stage_steps", "stage_settings")
+        # Records older than stage_settings ran the demo's, whatever --set said.
+        was = {k: old.get(k, DEMO_STAGE_SETTINGS if k == "stage_settings" else None) for k in keys}
+        diff = differences(was, {k: wanted[k] for k in keys})
+        if diff:
+            raise ConfigError(f"{output} holds a comparison with other settings ({said(diff)}); continue it with the "
+                              "same command (other --balancing methods and --seeds are fine), or choose another "
+                              "--output")
+        refuse_changed_suite(old, wanted, output)
+    noted = list(dict.fromkeys(item for items in p.stage_settings.values() for item in items))
+    if noted:
+        joint = settings(cfg)
+        keys = [item.split("=", 1)[0].strip() for item in noted]
+        console.print(f"note: {' and '.join(s for s, items in p.stage_settings.items() if items)} train with "
+                      f"{', '.join(noted)}, the demo recipe's unimodal settings (the joint stage: "
+                      f"{', '.join(f'{k}={joint.get(k)}' for k in keys)}); --set {keys[0]}=X sets every stage's")
     results: dict[str, dict[int, dict]] = {}
     total, done = len(p.methods) * len(p.seeds), 0
     for seed in p.seeds:
         seeded = apply_overrides(cfg, [f"seed={seed}"])
-        stages = plan(DEMO_RECIPE, seeded, output / f"seed-{seed}", p.stage_steps, DEMO_STAGE_SETTINGS)
+        stages = plan(DEMO_RECIPE, seeded, output / f"seed-{seed}", p.stage_steps, p.stage_settings)
         for stage in stages:
             ensure_demo_codebook(stage.config, output / "codebook", console)
         runs = [(stage.name, stage.config, stage.directory) for stage in stages[:-1]]
@@ -159,19 +189,33 @@ def _jsonable(results: dict[str, dict[int, dict]]) -> dict:
 # --------------------------------------------------------------------------- the report
 
 
-def summary(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """Per method and group (the domains and the macro average): (mean over seeds, spread = max - min)."""
-    out = {}
+def averages(scores: dict) -> tuple[float | None, float | None, float | None, float]:
+    """(vision, language, multimodal, macro) of one run as `flava evaluate` reports them: a domain
+    the suite has no task of is None, and the macro averages the domains it has."""
+    tasks = [TaskResult(name, "", t["domain"], t["scores"]) for name, t in scores["tasks"].items()]
+    result = SuiteResult("", "", tasks)
+    domains = result.domain_averages()
+    return (*(domains.get(d) for d in DOMAINS), result.macro_average())  # type: ignore[return-value]
+
+
+def summary(results: dict[str, dict[int, dict]]) -> dict[str, dict[str, tuple[float, float] | None]]:
+    """Per method and group (the domains and the macro average): (mean over seeds, spread = max - min),
+    None for a domain the suite has no task of."""
+    out: dict[str, dict[str, tuple[float, float] | None]] = {}
     for method, by_seed in results.items():
-        values = np.array([averages(s) for s in by_seed.values()], dtype=float)  # [seeds, 4]
-        out[method] = {g: (float(values[:, i].mean()), float(values[:, i].max() - values[:, i].min()))
-                       for i, g in enumerate(GROUPS)}
+        runs = [averages(s) for s in by_seed.values()]
+        out[method] = {}
+        for i, g in enumerate(GROUPS):
+            values = [r[i] for r in runs]
+            out[method][g] = None if any(v is None for v in values) else (
+                float(np.mean(values)), float(max(values) - min(values)))  # type: ignore[type-var]
     return out
 
 
 def verdicts(results: dict[str, dict[int, dict]]) -> list[str]:
     """For each method but fixed: the groups where it beats or trails fixed by more than the spread
-    (the larger of the two methods' spreads over seeds); the rest are within it."""
+    (the larger of the two methods' spreads over seeds); the rest are within it. A domain the
+    suite lacks is no group."""
     s = summary(results)
     if "fixed" not in s:
         return []
@@ -179,7 +223,9 @@ def verdicts(results: dict[str, dict[int, dict]]) -> list[str]:
     for method in [m for m in s if m != "fixed"]:
         beats, trails, within = [], [], []
         for g in GROUPS:
-            (a, sa), (b, sb) = s[method][g], s["fixed"][g]
+            if s[method][g] is None or s["fixed"][g] is None:
+                continue
+            (a, sa), (b, sb) = s[method][g], s["fixed"][g]  # type: ignore[misc]
             margin, spread = a - b, max(sa, sb)
             (beats if margin > spread else trails if -margin > spread else within).append(
                 f"{g} {margin:+.2f} (spread {spread:.2f})")
@@ -190,7 +236,9 @@ def verdicts(results: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
-def _cell(mean_spread: tuple[float, float]) -> str:
+def _cell(mean_spread: tuple[float, float] | None) -> str:
+    if mean_spread is None:
+        return "–"
     mean, spread = mean_spread
     return f"{mean:.2f} ± {spread / 2:.2f}"
 
@@ -215,14 +263,16 @@ def write_report(results: dict[str, dict[int, dict]], p: BalancingPlan, output: 
              f"The demo's recipe (text MLM {steps['text-mlm']} steps, image MIM {steps['image-mim']} steps, then "
              f"the joint stage of every objective) on suite `{p.suite}`, "
              f"seeds {seeds}; the method changes the joint stage only, and each seed's unimodal stages are shared by "
-             "every method. Percent; mean over the seeds ± half their spread (max - min).", "",
+             "every method. Percent; mean over the seeds ± half their spread (max - min); the macro average is "
+             "`flava evaluate`'s: the mean of the domains the suite has tasks in (– marks one it has none in).", "",
              "| method | " + " | ".join(GROUPS) + " |", "|" + "---|" * (len(GROUPS) + 1)]
     for method, groups in s.items():
         lines.append(f"| {method} | " + " | ".join(_cell(groups[g]) for g in GROUPS) + " |")
     lines += ["", "## Against fixed", "", "A margin counts only beyond the larger of the two methods' seed spreads.",
               ""]
     lines += [f"- {line}" for line in verdicts(results)]
-    lines += ["", "## Every run", "", "| method | seed | " + " | ".join(GROUPS) + " |", "|" + "---|" * (len(GROUPS) + 2)]
+    lines += ["", "## Every run", "", "| method | seed | " + " | ".join(GROUPS) + " |",
+              "|" + "---|" * (len(GROUPS) + 2)]
     for method, by_seed in results.items():
         for seed, scores in by_seed.items():
             lines.append(f"| {method} | {seed} | " + " | ".join(f"{v:.2f}" if v is not None else "–"
