@@ -335,3 +335,64 @@ def test_two_unnamed_tasks_of_one_kind_are_told_to_take_names(suite_dir):
     with pytest.raises(flava.ConfigError, match=r"two tasks are named 'finetune-multimodal'; .*\"name\" key"):
         load_suite({"tasks": [{"kind": "finetune-multimodal", "task": "vqa", "train": "mm_vqa_train.jsonl",
                                "test": "mm_vqa_test.jsonl"}] * 2}, base=suite_dir)
+
+
+@pytest.mark.parametrize("task, error", [
+    ({"kind": "retrieval", "data": "easy-vqa", "galleries": 0},
+     "galleries must be a whole number of at least 1; got 0$"),
+    ({"kind": "retrieval", "data": "easy-vqa", "galleries": -2}, "galleries must be a whole number of at least 1"),
+    ({"kind": "retrieval", "data": "easy-vqa", "galleries": "abc"}, "galleries must be a whole number .*; got 'abc'"),
+    ({"kind": "retrieval", "data": "easy-vqa", "galleries": True}, "galleries must be a whole number"),
+    ({"kind": "retrieval", "karpathy": "k.json", "split": 5}, "split must be a non-empty string; got 5"),
+    ({"kind": "retrieval", "csv": ""}, "csv must be a path"),
+    ({"kind": "zero-shot", "folder": "test", "name": 5}, "name must be a non-empty string; got 5"),
+    ({"kind": "zero-shot", "folder": 3}, "folder must be a path"),
+    ({"kind": "zero-shot", "folder": "test", "class_names": "red,blue"}, "class_names must be a list of names"),
+    ({"kind": "zero-shot", "folder": "test", "templates": 5}, "templates must be a template set's name"),
+    ({"kind": "zero-shot", "folder": "test", "limit": 2.5}, "limit must be a positive whole number"),
+    ({"kind": "linear-probe", "modality": 5, "data": "digits"}, "modality must be 'image' or 'text'; got 5"),
+    ({"kind": "linear-probe", "train": ["train"], "test": "test"}, "train must be a path"),
+    ({"kind": "linear-probe", "data": "digits", "seed": "x"}, "seed must be a whole number of at least 0; got 'x'"),
+    ({"kind": "linear-probe", "data": "digits", "seed": -1}, "seed must be a whole number of at least 0"),
+    ({"kind": "finetune-text", "data": "bbc-news", "settings": "fast"}, "settings must be an object; got 'fast'"),
+    ({"kind": "finetune-text", "train": "text_train.csv", "test": "text_test.csv", "label_names": "sport"},
+     "label_names must be a list of at least 2 distinct names"),
+    ({"kind": "finetune-text", "train": "text_train.csv", "test": "text_test.csv", "regression": "false"},
+     "regression must be true or false; got 'false'"),
+    ({"kind": "finetune-text", "glue": 5, "dir": "."}, "glue must be a non-empty string"),
+    ({"kind": "finetune-multimodal", "train": "t.csv", "test": "t.csv", "task": 5}, "task must be a non-empty string"),
+    ({"kind": "finetune-multimodal", "hateful-memes": 7}, "hateful-memes must be a path"),
+])
+def test_every_tasks_fields_are_checked_before_any_data_is_read(suite_dir, monkeypatch, task, error):
+    import dataclasses
+    import re
+
+    from flava.evaluate.kinds import task_kinds
+
+    def unread(t):
+        raise AssertionError("the task's data was read before its fields were checked")
+
+    for name, kind in list(task_kinds().items()):
+        monkeypatch.setitem(task_kinds(), name, dataclasses.replace(kind, read=unread))
+    with pytest.raises(flava.ConfigError) as e:  # a good task first: its data is not read either
+        load_suite({"tasks": [{"kind": "linear-probe", "data": "digits"}, task]}, base=suite_dir)
+    message = str(e.value)
+    assert message.startswith("task 2") and "\n" not in message and re.search(error, message), message
+
+
+def test_a_string_of_label_names_is_named_as_such_not_split_into_letters(suite_dir):
+    task = {"kind": "finetune-text", "train": "text_train.csv", "test": "text_test.csv", "label_names": "sport"}
+    with pytest.raises(flava.ConfigError, match=r"task 1: label_names must be a list .*; got 'sport'$"):
+        load_suite({"tasks": [task]}, base=suite_dir)
+    with pytest.raises(flava.ConfigError, match="suite: settings must be an object"):
+        load_suite({"settings": [1], "tasks": [{"kind": "linear-probe", "data": "digits"}]})
+
+
+def test_every_built_in_kinds_value_keys_have_a_check():
+    from flava.evaluate.kinds import task_kinds
+
+    # data is checked against the kind's packaged sets, vqa and snli-ve objects and lr_sweep by their readers.
+    checked_elsewhere = {"data", "vqa", "snli-ve", "lr_sweep"}
+    for name, kind in task_kinds().items():
+        if kind.read.__module__.startswith("flava.evaluate.kinds."):  # not a test's own kind
+            assert kind.keys - checked_elsewhere <= set(kind.fields), name

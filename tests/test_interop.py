@@ -221,3 +221,34 @@ def test_load_codebook_from_every_source(tmp_path):
     flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "no-codebook")
     with pytest.raises(flava.CheckpointError, match="no image codebook"):
         flava.load_codebook(tmp_path / "no-codebook")
+
+
+def test_export_refuses_weights_that_do_not_match_their_config(tmp_path, capsys):
+    """As `flava info` and every loader refuse them, before anything is written: transformers fails
+    on such an export too."""
+    tiny = flava.preset("tiny")
+    weights = flava.FlavaModel(tiny).state_dict()
+    out = tmp_path / "hf"
+    for name, edit in (("projection", lambda c: c.update(projection_dim=64)),
+                       ("mlp", lambda c: c["image"].update(mlp_size=256))):
+        cfg = to_dict(tiny)
+        edit(cfg)
+        save_checkpoint(tmp_path / name, cfg, {"model": weights})
+        for layout in ("model", "pretraining"):
+            assert cli(["export-hf", str(tmp_path / name), str(out), "--as", layout]) == 2
+            err = capsys.readouterr().err
+            assert "the model weights do not match the config" in err and len(err.strip().splitlines()) == 1, err
+            assert not out.exists()
+    # Heads another config built: refused where the export carries them, not where it leaves them out.
+    other = flava.preset("tiny")
+    other.text.vocab_size = 120
+    save_checkpoint(tmp_path / "heads", to_dict(tiny),
+                    {"model": weights, "heads": PretrainingHeads(other).state_dict()})
+    assert cli(["export-hf", str(tmp_path / "heads"), str(out)]) == 2
+    assert "mlm head weights do not match the config" in capsys.readouterr().err and not out.exists()
+    assert cli(["export-hf", str(tmp_path / "heads"), str(out), "--as", "model"]) == 0
+    # Weights a loader refuses as damaged.
+    bad = dict(weights, logit_scale=torch.tensor(float("nan")))
+    save_checkpoint(tmp_path / "nan", to_dict(tiny), {"model": bad})
+    assert cli(["export-hf", str(tmp_path / "nan"), str(tmp_path / "hf-nan")]) == 2
+    assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "hf-nan").exists()

@@ -21,6 +21,7 @@ from torch import nn
 from .config import FlavaConfig, ObjectivesConfig, from_dict, validate
 from .data.processor import Processor
 from .errors import CheckpointError, ConfigError
+from .interop import text_towers, towers
 from .interop import transformers as hf
 from .io.checkpoint import (FORMAT, FORMAT_VERSION, check_sum, checkpoint_dir, is_ours, read_config, read_weights,
                             split_parts)
@@ -91,7 +92,20 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             objectives["gather_with_grad"] = bool(data["global_backprop_contrastive"])
         return Checkpoint(path, config, {"model": model, "heads": heads, "codebook": codebook}, "transformers",
                           {"objectives": objectives})
-    raise CheckpointError(f"{path / 'config.json'} is neither a flava nor a Hugging Face FLAVA config")
+    raise CheckpointError(_not_flava(path, data))
+
+
+def _not_flava(path: Path, data: dict) -> str:
+    """Why a directory whose config.json is not FLAVA's cannot be read as a model. A public tower
+    is named as one: pretraining starts an encoder from it, nothing loads it as a model."""
+    family = towers.family_of(data)
+    if family is not None:
+        return (f"{path} is a {family.name} image tower (a ViT-like image encoder alone), not a FLAVA model: "
+                f"pretraining starts its image encoder from it with --set init_image={path}")
+    if text_towers.is_text_tower_config(data):
+        return (f"{path} is a {data['model_type']} text tower (a BERT-like text encoder alone), not a FLAVA model: "
+                f"pretraining starts its text encoder from it with --set init_text={path}")
+    return f"{path / 'config.json'} is neither a flava nor a Hugging Face FLAVA config"
 
 
 def weight_mismatch(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor], what: str, origin: Path) -> str | None:

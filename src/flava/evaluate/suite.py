@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, DataError, FlavaError
-from .kinds import task_kind
+from .kinds import TaskKind, task_kind
 from .results import DOMAINS, SuiteResult, TaskResult
-from .task_spec import TaskSpec, check_keys
+from .task_spec import OBJECT, TEXT, TaskSpec, check_fields, check_keys, whole
 
-# Keys every task may hold, whatever its kind.
+# Keys every task may hold, whatever its kind (kind and domain are checked against their choices).
 COMMON = {"kind", "name", "domain", "settings", "seed"}
+COMMON_FIELDS = {"name": TEXT, "seed": whole(0), "settings": OBJECT}
 
 
 @dataclass
@@ -52,14 +53,28 @@ class PreparedTask:
                           examples=m.examples)
 
 
-def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = None) -> PreparedTask:
-    """Read and check one task's data (every error here comes before any task runs)."""
+@dataclass(frozen=True)
+class CheckedTask:
+    """A task as written, its keys and fields checked and its defaults filled in; no data read yet."""
+
+    spec: dict
+    kind: TaskKind
+    where: str
+    name: str
+    domain: str
+    data: str | None
+
+
+def check_task(spec: dict, index: int) -> CheckedTask:
+    """Check what a task says (kind, keys, each field's type and range, packaged data, domain)
+    without reading its data."""
     named = isinstance(spec, dict) and isinstance(spec.get("name"), str)
     where = f"task {index + 1}" + (f" ({spec['name']})" if named else "")
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: a task is a JSON object, got {type(spec).__name__}")
     kind = task_kind(spec.get("kind"), where)
     check_keys(spec, kind.keys | COMMON, where)
+    check_fields(spec, {**COMMON_FIELDS, **kind.fields}, where)
     data = spec.get("data")
     if data is not None and data not in kind.datasets:
         raise DataError(f"{where}: no packaged data set {data!r} for {kind.name}; packaged: {', '.join(kind.datasets)}")
@@ -67,8 +82,13 @@ def prepare_task(spec: dict, base: Path, index: int, defaults: dict | None = Non
     if domain not in DOMAINS:
         raise ConfigError(f"{where}: domain {domain!r} must be one of {', '.join(DOMAINS)}")
     name = spec.get("name") or f"{kind.name} {data or ''}".strip()
-    read = kind.read(TaskSpec(spec, base, where, name, data, int(spec.get("seed", 0)), defaults or {}))
-    return PreparedTask(name, kind.name, domain, kind.size(read), read)
+    return CheckedTask(spec, kind, where, name, domain, data)
+
+
+def read_task(t: CheckedTask, base: Path, defaults: dict | None = None) -> PreparedTask:
+    """Read and check a checked task's data (every error here comes before any task runs)."""
+    read = t.kind.read(TaskSpec(t.spec, base, t.where, t.name, t.data, t.spec.get("seed", 0), defaults or {}))
+    return PreparedTask(t.name, t.kind.name, t.domain, t.kind.size(read), read)
 
 
 @dataclass
@@ -94,6 +114,7 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     if not isinstance(spec, dict):
         raise ConfigError("a suite is a JSON object with a list of tasks")
     check_keys(spec, {"name", "tasks", "settings", "max_text_length"}, "suite")
+    check_fields(spec, {"name": TEXT, "settings": OBJECT}, "suite")
     max_text_length = spec.get("max_text_length")
     if max_text_length is not None and (isinstance(max_text_length, bool) or not isinstance(max_text_length, int)
                                         or max_text_length < 3):
@@ -103,21 +124,26 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     if not isinstance(tasks, list) or not tasks:
         raise ConfigError("the suite has no tasks (a non-empty list under 'tasks')")
     defaults = spec.get("settings", {})
-    prepared = []
-    for i, t in enumerate(tasks):
-        try:
-            prepared.append(prepare_task(t, base, i, defaults))
-        except FlavaError as e:
-            if str(e).startswith(f"task {i + 1}"):
-                raise
-            name = f" ({t['name']})" if isinstance(t, dict) and isinstance(t.get("name"), str) else ""
-            raise type(e)(f"task {i + 1}{name}: {e}") from None
-    names = [p.name for p in prepared]
+    # Every task checked before any reads its data: a mistake in the last task is not met minutes in.
+    checked = [_in_task(i, t, check_task, t, i) for i, t in enumerate(tasks)]
+    names = [c.name for c in checked]
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise ConfigError(f"two tasks are named {dup!r}; give them distinct names (a task's \"name\" key, whose "
                           "default is its kind and data)")
+    prepared = [_in_task(i, t, read_task, c, base, defaults) for i, (t, c) in enumerate(zip(tasks, checked))]
     return Suite(str(spec.get("name", "suite")), prepared, max_text_length)
+
+
+def _in_task(index: int, task: Any, step: Callable[..., Any], *args: Any) -> Any:
+    """`step(*args)`, its errors named by the task they concern."""
+    try:
+        return step(*args)
+    except FlavaError as e:
+        if str(e).startswith(f"task {index + 1}"):
+            raise
+        name = f" ({task['name']})" if isinstance(task, dict) and isinstance(task.get("name"), str) else ""
+        raise type(e)(f"task {index + 1}{name}: {e}") from None
 
 
 def run_suite(suite: Suite, model, tokenizer, model_name: str,

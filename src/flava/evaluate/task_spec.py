@@ -3,6 +3,7 @@ paths relative to the suite file, folders of class folders, tables of labelled t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,55 @@ def check_keys(spec: dict, allowed: set[str], where: str) -> None:
     for key in spec:
         if key not in allowed:
             raise ConfigError(f"{where}: unknown key {key!r}{did_you_mean(key, sorted(allowed))}")
+
+
+@dataclass(frozen=True)
+class Field:
+    """What a task's key must hold: `ok(value)` says whether it does; `what` says it in the error."""
+
+    what: str
+    ok: Callable[[Any], bool]
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON's true is no count
+
+
+def _names(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(n, str) and n.strip() for n in v)
+
+
+def whole(least: int) -> Field:
+    return Field(f"a whole number of at least {least}", lambda v: _whole(v) and v >= least)
+
+
+def names(least: int) -> Field:
+    """A list of at least `least` distinct non-empty strings."""
+    return Field(f"a list of at least {least} distinct names (strings)",
+                 lambda v: _names(v) and len(v) >= least and len(set(v)) == len(v))
+
+
+def one_of(*choices: str) -> Field:
+    return Field(" or ".join(map(repr, choices)), lambda v: isinstance(v, str) and v in choices)
+
+
+TEXT = Field("a non-empty string", lambda v: isinstance(v, str) and bool(v.strip()))
+PATH = Field("a path (a non-empty string)", TEXT.ok)
+FLAG = Field("true or false", lambda v: isinstance(v, bool))
+OBJECT = Field("an object", lambda v: isinstance(v, dict))
+LIMIT = Field("a positive whole number (or null: no limit)", lambda v: v is None or (_whole(v) and v >= 1))
+NAMES = Field("a list of names (strings)", _names)
+TEMPLATES = Field("a template set's name, templates separated by |, or a list of templates (strings)",
+                  lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)))
+
+
+def check_fields(spec: dict, fields: Mapping[str, Field], where: str) -> None:
+    """Each key `fields` knows holds what it must, checked before any data is read: a wrong type
+    met later is a traceback from deep in a reader, or a task that runs on a misread value."""
+    for key, f in fields.items():
+        if key in spec and not f.ok(spec[key]):
+            got = repr(spec[key])
+            raise ConfigError(f"{where}: {key} must be {f.what}; got {got if len(got) <= 60 else got[:57] + '...'}")
 
 
 def resolve_path(base: Path, value: Any, where: str, must_exist: bool = True) -> Path:

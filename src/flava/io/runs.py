@@ -176,6 +176,6 @@ def resolve(path: str | os.PathLike) -> Path:
             return _follow(pointer)
     raise CheckpointError(
         f"{p} is not a checkpoint: it is neither a checkpoint directory (no {CONFIG}) nor a run directory (no "
-        f"{CHECKPOINTS}/{LATEST}); name a checkpoints/step_N directory, a run directory, a transformers FLAVA or "
-        "image tower (ViT, DeiT, DINOv2, CLIP) directory, or a hub id"
+        f"{CHECKPOINTS}/{LATEST}); name a checkpoints/step_N directory, a run directory, a transformers FLAVA "
+        "directory or a hub id (pretraining's init_image and init_text also take an image or text tower's directory)"
     )

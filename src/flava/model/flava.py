@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -297,6 +298,12 @@ class FlavaModel(nn.Module):
     def resize_image(self, image_size: int) -> None:
         """Permanently re-grid the position embeddings for a new input size (e.g. 480 px for VQA);
         the processor (its tokenizer kept) crops images to it from then on."""
+        patch = self.config.image.patch_size
+        # 0 passes the multiple-of-patch check and fails deep in torch's interpolation.
+        if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < patch:
+            raise InputError(f"image size {image_size!r} must be a whole number of pixels, a positive multiple of the "
+                             f"patch size {patch}")
+        image_size = int(image_size)
         self.image_encoder.resize(image_size)
         if getattr(self, "_processor", None) is not None:
             self._processor.image_size = image_size

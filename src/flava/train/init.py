@@ -25,6 +25,7 @@ MIM or DINO head belongs to that stage's objective.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from ..errors import CheckpointError, ConfigError
 from ..interop import text_towers, towers
 from ..interop import transformers as hf
 from ..io.checkpoint import checkpoint_dir, is_ours, read_config
+from ..io.hubcache import snapshot
 from ..io.runs import resolve
 from ..loading import Checkpoint, read_checkpoint
 from ..model.encoders import ImageEncoder
@@ -53,12 +55,28 @@ _STAGE_TRAINS = {"text-mlm": "text", "image-mim": "image", "image-dino": "image"
 DINO_TEACHER = "teacher.backbone."
 
 
+# A hub id without an owner: the hub's oldest towers keep such names (bert-base-uncased, roberta-base).
+_OWNERLESS_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}$")
+
+
 def resolve_source(src: str) -> Path:
-    """A checkpoint, run or tower directory (or a file in a checkpoint), a hub id, or a packaged
-    tower's name (`minilm`)."""
+    """A checkpoint, run or tower directory (or a file in a checkpoint), a hub id (with or without
+    its owner), or a packaged tower's name (`minilm`)."""
     if src in text_towers.SHORTCUTS and not Path(src).exists():
         return text_towers.SHORTCUTS[src]()
-    return checkpoint_dir(src) if Path(src).is_file() else resolve(src)
+    if Path(src).is_file():
+        return checkpoint_dir(src)
+    try:
+        return resolve(src)
+    except CheckpointError as e:
+        # `resolve` takes owner/name alone for a hub id; a bare name that is no path may be one too.
+        if Path(src).exists() or ".." in str(src) or not _OWNERLESS_HUB_ID.match(str(src)):
+            raise
+        local = e
+    try:
+        return snapshot(str(src))
+    except CheckpointError as hub:
+        raise CheckpointError(f"{local}; as a hub id: {hub}") from None
 
 
 INIT_KEYS = ("init", "init_image", "init_text", "init_multimodal")
@@ -68,6 +86,9 @@ INIT_KEYS = ("init", "init_image", "init_text", "init_multimodal")
 def find_sources(cfg) -> None:
     """Each checkpoint a new run starts from (`init`, `init_*`) found, not read: a mistyped one is
     named before any work (a demo codebook trained first, then the run refused)."""
+    if cfg.init_image_size and not cfg.init_image:  # it sizes init_image's tower; alone it would do nothing
+        raise ConfigError(f"init_image_size={cfg.init_image_size} applies to init_image (the public image tower it "
+                          "runs at that size); set init_image, or drop init_image_size")
     for key in INIT_KEYS:
         if getattr(cfg, key):
             resolve_source(getattr(cfg, key))

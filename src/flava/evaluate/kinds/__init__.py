@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...errors import ConfigError, did_you_mean
 from ..results import Measured, TaskResult
-from ..task_spec import TaskSpec
+from ..task_spec import Field, TaskSpec
 
 Progress = Callable[[int, int], None]
 
@@ -46,6 +46,8 @@ class TaskKind:
     file names (None for a picture it chose not to draw)."""
     datasets: tuple[str, ...] = ()
     """The packaged data sets (`flava.evaluate.packaged`) a task may name with `"data": NAME`."""
+    fields: Mapping[str, Field] = field(default_factory=dict)
+    """What its keys must hold (`task_spec.check_fields`), checked before any task's data is read."""
 
 
 _KINDS: dict[str, TaskKind] = {}
@@ -55,6 +57,9 @@ _loaded = False
 def register(kind: TaskKind) -> TaskKind:
     if kind.name in _KINDS:
         raise ValueError(f"task kind {kind.name!r} is registered twice")
+    stray = sorted(set(kind.fields) - kind.keys)
+    if stray:
+        raise ValueError(f"task kind {kind.name!r} checks keys it does not take: {stray}")
     _KINDS[kind.name] = kind
     return kind
 

@@ -12,9 +12,9 @@ from ...errors import ConfigError, DataError, did_you_mean
 from .. import lr_sweep
 from ...finetune.examples import check_multimodal_data
 from ..readers.multimodal import easy_vqa_data, read_hateful_memes, read_snli_ve, read_vqa
-from ..readers.splits import check_limit, subsample_splits
+from ..readers.splits import subsample_splits
 from ..readers.user_files import read_multimodal_table
-from ..task_spec import TaskSpec, check_images, check_keys
+from ..task_spec import LIMIT, PATH, TEXT, TaskSpec, check_images, check_keys
 from . import TaskKind, register
 
 TABLE_TASKS = ("vqa", "image-text-classification")
@@ -76,7 +76,6 @@ def _tables(t: TaskSpec):
         raise ConfigError(f"{where}: task {spec['task']!r} must be one of {', '.join(TABLE_TASKS)}"
                           f"{did_you_mean(str(spec['task']).lower(), TABLE_TASKS)}")
     limit = spec.get("limit")
-    check_limit(limit)
     paths = [t.path(spec[k], f"{where}.{k}") if k in spec else None for k in ("train", "val", "test")]
     try:
         data = read_multimodal_table(*paths, kind="vqa" if spec["task"] == "vqa" else "classification", seed=t.seed,
@@ -92,4 +91,6 @@ def _tables(t: TaskSpec):
 register(TaskKind("finetune-multimodal", frozenset({"data", "vqa", "snli-ve", "hateful-memes", "train", "val", "test",
                                                     "task", "limit", "lr_sweep"}),
                   lambda spec: "multimodal", read, lr_sweep.size, lr_sweep.run, lr_sweep.pictures,
-                  datasets=("easy-vqa",)))
+                  datasets=("easy-vqa",),
+                  fields={"hateful-memes": PATH, "train": PATH, "val": PATH, "test": PATH, "task": TEXT,
+                          "limit": LIMIT}))

@@ -8,16 +8,15 @@ from ...errors import ConfigError
 from .. import lr_sweep
 from ...finetune.examples import TextData, TextExample, check_text_data
 from ..packaged import bbc_news_splits
-from ..readers.splits import check_limit, subsample
+from ..readers.splits import subsample
 from ..readers.text import read_glue, read_text_classification
-from ..task_spec import TaskSpec
+from ..task_spec import FLAG, LIMIT, PATH, TEXT, TaskSpec, names
 from . import TaskKind, register
 
 
 def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
     settings, sweep = lr_sweep.read_settings(t)
     spec, limit = t.spec, t.spec.get("limit")
-    check_limit(limit)
     if t.data == "bbc-news":
         splits, classes = bbc_news_splits()
         tr, va, te = ([TextExample(x, int(y)) for x, y in zip(*splits[k])] for k in ("train", "val", "test"))
@@ -28,7 +27,7 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
     elif "train" in spec and "test" in spec:
         data = read_text_classification(
             t.path(spec["train"]), t.path(spec["val"]) if "val" in spec else None, t.path(spec["test"]),
-            label_names=spec.get("label_names"), regression=bool(spec.get("regression", False)), seed=t.seed,
+            label_names=spec.get("label_names"), regression=spec.get("regression", False), seed=t.seed,
             name=t.name, limit=limit)
     else:
         raise ConfigError(f"{t.where}: a finetune-text task needs data, glue (+ dir), or train and test")
@@ -39,4 +38,6 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
 register(TaskKind("finetune-text", frozenset({"data", "train", "val", "test", "regression", "label_names", "limit",
                                               "lr_sweep", "glue", "dir"}),
                   lambda spec: "language", read, lr_sweep.size, lr_sweep.run, lr_sweep.pictures,
-                  datasets=("bbc-news",)))
+                  datasets=("bbc-news",),
+                  fields={"train": PATH, "val": PATH, "test": PATH, "regression": FLAG, "label_names": names(2),
+                          "limit": LIMIT, "glue": TEXT, "dir": PATH}))

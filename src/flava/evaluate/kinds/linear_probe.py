@@ -11,9 +11,9 @@ import numpy as np
 from ...errors import ConfigError, DataError
 from ..packaged import bbc_news_splits, digits, easy_vqa_classes
 from ..pictures import classifier_pictures
-from ..readers.splits import check_limit, subsample
+from ..readers.splits import subsample
 from ..results import Measured, percent
-from ..task_spec import TaskSpec, image_folder, labelled_text
+from ..task_spec import LIMIT, PATH, TaskSpec, image_folder, labelled_text, one_of
 from . import TaskKind, register
 
 Split = tuple[list, np.ndarray]
@@ -51,8 +51,6 @@ def _text_splits(t: TaskSpec) -> tuple[Split, Split | None, Split, list[str]]:
 
 def read(t: TaskSpec) -> ProbeData:
     modality, data = t.spec.get("modality", "image"), t.data
-    if modality not in ("image", "text"):
-        raise ConfigError(f"{t.where}: modality {modality!r} must be 'image' or 'text'")
     val = None
     if data == "digits":
         xtr, ytr, xte, yte = digits()
@@ -75,7 +73,6 @@ def read(t: TaskSpec) -> ProbeData:
     else:
         raise ConfigError(f"{t.where}: a linear-probe task needs data, or train and test")
     limit = t.spec.get("limit")
-    check_limit(limit)
     if limit is not None:  # a seeded choice: folders and packaged sets list their items class by class
         keep = subsample(list(range(len(ytr))), limit, t.seed)
         xtr = xtr[keep] if isinstance(xtr, np.ndarray) else [xtr[i] for i in keep]
@@ -120,4 +117,6 @@ def run(d: ProbeData, model, tokenizer, progress) -> Measured:
 register(TaskKind("linear-probe", frozenset({"modality", "data", "train", "val", "test", "limit"}),
                   lambda spec: "vision" if spec.get("modality", "image") == "image" else "language",
                   read, size, run, classifier_pictures,
-                  datasets=("digits", "easy-vqa-shapes", "easy-vqa-colours", "bbc-news")))
+                  datasets=("digits", "easy-vqa-shapes", "easy-vqa-colours", "bbc-news"),
+                  fields={"modality": one_of("image", "text"), "train": PATH, "val": PATH, "test": PATH,
+                          "limit": LIMIT}))

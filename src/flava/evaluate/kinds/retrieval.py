@@ -12,7 +12,7 @@ from ...errors import ConfigError
 from ..packaged import easy_vqa_galleries
 from ..pictures import beside, retrieval_picture
 from ..results import Measured, TaskResult, percent
-from ..task_spec import TaskSpec, check_images
+from ..task_spec import PATH, TEXT, TaskSpec, check_images, whole
 from . import TaskKind, register
 
 Gallery = tuple[list, list[list[str]]]
@@ -23,7 +23,7 @@ def read(t: TaskSpec) -> list[Gallery]:
     from ..zero_shot import read_karpathy_json, read_retrieval_csv
 
     if t.data == "easy-vqa":
-        return easy_vqa_galleries(int(t.spec.get("galleries", 1)))
+        return easy_vqa_galleries(t.spec.get("galleries", 1))
     if "karpathy" in t.spec:
         rs = read_karpathy_json(t.path(t.spec["karpathy"]), t.spec.get("split", "test"),
                                 t.path(t.spec.get("image_root", ".")))
@@ -63,4 +63,5 @@ def pictures(result: TaskResult, base: Path) -> list[str | None]:
 
 
 register(TaskKind("retrieval", frozenset({"data", "karpathy", "split", "image_root", "csv", "galleries"}),
-                  lambda spec: "multimodal", read, size, run, pictures, datasets=("easy-vqa",)))
+                  lambda spec: "multimodal", read, size, run, pictures, datasets=("easy-vqa",),
+                  fields={"karpathy": PATH, "split": TEXT, "image_root": PATH, "csv": PATH, "galleries": whole(1)}))

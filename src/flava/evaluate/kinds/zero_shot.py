@@ -11,9 +11,9 @@ import numpy as np
 from ...errors import ConfigError
 from ..packaged import easy_vqa_classes
 from ..pictures import classifier_pictures
-from ..readers.splits import check_limit, subsample
+from ..readers.splits import subsample
 from ..results import Measured, percent
-from ..task_spec import TaskSpec, image_folder
+from ..task_spec import LIMIT, NAMES, PATH, TEMPLATES, TaskSpec, image_folder
 from . import TaskKind, register
 
 
@@ -37,9 +37,9 @@ def read(t: TaskSpec) -> ZeroShotData:
         raise ConfigError(f"{t.where}: a zero-shot task needs data or folder")
     if "class_names" in t.spec:
         names = t.spec["class_names"]
-        if not isinstance(names, list) or len(names) != len(classes):
+        if len(names) != len(classes):
             raise ConfigError(f"{t.where}: class_names must list {len(classes)} names (one per class folder)")
-        classes = [str(n) for n in names]
+        classes = list(names)
     if len(classes) < 2:  # a certain answer: a free 100 % in the averages
         raise ConfigError(f"{t.where}: zero-shot classification needs at least two classes; found only "
                           f"{', '.join(map(repr, classes)) or 'none'} (one folder of images per class)")
@@ -52,7 +52,6 @@ def read(t: TaskSpec) -> ZeroShotData:
     except ConfigError as e:
         raise ConfigError(f"{t.where}: {e}") from None
     limit = t.spec.get("limit")
-    check_limit(limit)
     if limit is not None:  # a seeded choice of the test images
         keep = subsample(list(range(len(labels))), limit, t.seed)
         images, labels = [images[i] for i in keep], np.asarray(labels)[keep]
@@ -73,4 +72,5 @@ def run(d: ZeroShotData, model, tokenizer, progress) -> Measured:
 
 register(TaskKind("zero-shot", frozenset({"data", "folder", "class_names", "templates", "limit"}),
                   lambda spec: "vision", read, size, run, classifier_pictures,
-                  datasets=("easy-vqa-shapes", "easy-vqa-colours")))
+                  datasets=("easy-vqa-shapes", "easy-vqa-colours"),
+                  fields={"folder": PATH, "class_names": NAMES, "templates": TEMPLATES, "limit": LIMIT}))
