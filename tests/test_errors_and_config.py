@@ -10,6 +10,7 @@ import flava
 from flava.cli import main as cli
 from flava.config import apply_overrides, from_dict, load_config, preset, to_dict
 from flava.errors import CheckpointError, ConfigError, InputError
+from flava.loading import load_codebook
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,11 @@ def test_missing_and_not_a_checkpoint(tmp_path):
         flava.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=r"is not a checkpoint"):
         flava.load(tmp_path)
+    # A file outside any checkpoint (a table given as the codebook) is named, not its folder.
+    (tmp_path / "pairs.csv").write_text("image,caption\n")
+    for load in (flava.load, load_codebook):
+        with pytest.raises(CheckpointError, match=r"pairs.csv is a file outside any checkpoint"):
+            load(tmp_path / "pairs.csv")
 
 
 def test_missing_weights_file(saved):
@@ -321,3 +327,81 @@ def test_the_progress_bar_says_an_unknown_total_as_unknown():
         task = bar.add_task("computing features", total=None, info="")
         bar.update(task, completed=3)
     assert " 3/? " in console.file.getvalue() and "None" not in console.file.getvalue()
+
+
+def test_resize_image_refuses_sizes_that_are_no_positive_multiple_of_the_patch():
+    model = flava.FlavaModel(preset("tiny"))
+    before = model.image_encoder.pos_embed.shape
+    for bad in (0, -8, 4, 100, 64.0, True):
+        with pytest.raises(InputError, match=r"image size .*(positive multiple|not a multiple) of the patch size 8"):
+            model.resize_image(bad)
+    assert model.image_encoder.pos_embed.shape == before and model.config.image.image_size == 64
+    model.resize_image(96)
+    assert model.config.image.image_size == 96
+
+
+def test_a_public_tower_named_as_a_model_is_said_to_be_one_with_how_to_start_from_it(tmp_path, capsys):
+    from conftest import require
+
+    transformers = require("transformers")
+    enc = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    transformers.ViTModel(transformers.ViTConfig(**enc, image_size=16, patch_size=8)).save_pretrained(tmp_path / "vit")
+    transformers.BertModel(transformers.BertConfig(**enc)).save_pretrained(tmp_path / "bert")
+    (tmp_path / "t.csv").write_text("text,label\na match,sport\na song,music\na goal,sport\nan album,music\n")
+    capsys.readouterr()  # transformers' progress bars
+    vit, bert = tmp_path / "vit", tmp_path / "bert"
+    with pytest.raises(CheckpointError, match=rf"{vit} is a ViT image tower .*not a FLAVA model: .* init_image={vit}$"):
+        flava.load(vit)
+    with pytest.raises(CheckpointError, match=rf"{bert} is a bert text tower .*BERT-like.* --set init_text={bert}$"):
+        flava.load(bert)
+    for args in (["info", str(vit)], ["evaluate", "--model", str(vit), "--suite", "demo", "--output", f"{tmp_path}/e"],
+                 ["finetune", "--model", str(vit), "--task", "text-classification", "--train", f"{tmp_path}/t.csv",
+                  "--output", str(tmp_path / "f")]):
+        assert cli(args) == 2
+        err = capsys.readouterr().err
+        assert "ViT image tower" in err and f"init_image={vit}" in err and len(err.strip().splitlines()) == 1, err
+    # A folder that is no checkpoint at all: a tower is named as what pretraining starts from, not as a model.
+    (tmp_path / "notes").mkdir()
+    assert cli(["info", str(tmp_path / "notes")]) == 2
+    err = capsys.readouterr().err
+    assert "a transformers FLAVA directory or a hub id (pretraining's init_image and init_text also take" in err, err
+
+
+def test_init_image_size_without_init_image_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "iis"
+    code = cli(["pretrain", "--output", str(out), "--set", "init_image_size=96", "--set", "stage=text-mlm",
+                "--max-steps", "1", "--set", "data.batch_size=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "init_image_size=96 applies to init_image" in err and "set init_image, or drop init_image_size" in err
+    assert not out.exists()
+
+
+def test_a_hub_id_without_its_owner_is_looked_up_as_one(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from conftest import require
+
+    from flava.train.init import resolve_source, text_source
+
+    transformers = require("transformers")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    # Not in the cache: said as a missing directory and as a hub id (the offline cache's message).
+    with pytest.raises(CheckpointError, match=r"^checkpoint directory tiny-bert does not exist; as a hub id: model "
+                                              r"'tiny-bert' is not in .* HF_HUB_OFFLINE is set"):
+        resolve_source("tiny-bert")
+    assert cli(["pretrain", "--output", "typo", "--set", "init_text=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope does not exist; as a hub id: model 'nope'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "typo").exists()
+    # In the cache (huggingface_hub's layout for an id without owner): found there, as owner/name ids are.
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=32)).save_pretrained(tmp_path / "bert")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tmp_path / "bert", repo / "snapshots" / commit)
+    assert resolve_source("tiny-bert") == repo / "snapshots" / commit
+    assert text_source("tiny-bert").tower == "bert"

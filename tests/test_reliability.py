@@ -311,7 +311,9 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     capsys.readouterr()
     # A preset's settings on resume: refused at once, not after a demo codebook for the preset's data.
     code = cli(["pretrain", "--output", str(run), "--resume", "--config", "tiny", "--max-steps", "4"])
-    assert "codebook: " in one_line_error(capsys, code) and not (run / "codebook").exists()
+    err = " ".join(one_line_error(capsys, code).split())
+    assert "codebook: " in err and not (run / "codebook").exists()
+    assert "--config gives every setting, its preset's defaults too" in err and "drop --config" in err
     code = cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "4", "--set", "data.batch_size=8"])
     err = one_line_error(capsys, code)
     assert "data.batch_size: 4 -> 8" in err and "--override" in err
@@ -320,6 +322,20 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["override"] and history[-1]["changes"]["data.batch_size"] == [4, 8]
     assert json.loads((run / "train_config.json").read_text())["data"]["batch_size"] == 8
+    # What no resume can change is refused even with --override, and the history records only what was made:
+    # another codebook was recorded and never used (the checkpoints hold the run's), and other weight shapes
+    # were blamed on the checkpoint ("the model weights do not match the config").
+    recorded = (run / "config_history.jsonl").read_text()
+    capsys.readouterr()
+    for change, said in ((f"codebook={tmp_path}", "cannot change codebook: "),
+                         ("model.text.num_layers=3", "cannot change model.text.num_layers: 2 -> 3: its checkpoints "
+                                                     "hold weights of other shapes"),
+                         ("objectives.contrastive=sigmoid", "cannot change objectives.contrastive: 'softmax' -> "
+                                                            "'sigmoid': its checkpoints hold weights of other shapes")):
+        err = " ".join(one_line_error(capsys, cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "5",
+                                                    "--override", "--set", change])).split())
+        assert said in err and "start a new run" in err, err
+        assert (run / "config_history.jsonl").read_text() == recorded
     # A checkpoint's config edited after it was written is named, not read as the model's.
     config = RunDir(run).latest() / "config.json"
     config.write_text(config.read_text().replace('"num_layers": 2', '"num_layers": 3', 1))

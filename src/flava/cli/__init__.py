@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flava {args.command}: error: {e}", file=sys.stderr)
         return 2
     except stopping.Stopped as e:
-        print(f"flava {args.command}: {e.message}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike: one says so
+            print(f"flava {args.command}: {e.message}", file=sys.stderr)
         return e.exit_code
     except OSError as e:
         # Writing where one cannot (a file in the way, no permission, a full disk) is the user's

@@ -70,12 +70,29 @@ def settings(args: argparse.Namespace):
             section, _, name = key.rpartition(".")
             owner = getattr(cfg, section) if section else cfg
             setattr(owner, name, anchored(getattr(owner, name), existing=key in CHECKPOINT_KEYS))
+    if args.resume and args.config and not args.override:
+        _refuse_config_on_resume(args.config, Path(args.output), cfg)
     shaped = [s.partition("=")[0].strip() for s in args.set or [] if s.strip().startswith("model.")]
     if cfg.init and shaped and not args.resume:
         raise ConfigError(f"init={cfg.init} brings its own model, so {', '.join(shaped)} would be ignored: drop "
                           "those --set flags, or start without init (init_image, init_text and init_multimodal take "
                           "single encoders into a model of your settings)")
     return check(cfg)
+
+
+def _refuse_config_on_resume(config: str, output: Path, cfg) -> None:
+    """--config gives every setting, its preset's defaults too: read on a resume, it seemed to change
+    settings the user never named, and "drop those --set flags" named none they gave."""
+    from ..config import said
+    from ..errors import ConfigError
+    from ..train.run import RESUMABLE, changes, saved_settings
+
+    saved = saved_settings(output)
+    refused = {k: v for k, v in changes(saved, cfg).items() if k not in RESUMABLE} if saved is not None else {}
+    if refused:
+        raise ConfigError(f"--resume --config {config} would change the run's settings ({said(refused)}): --config "
+                          "gives every setting, its preset's defaults too, and a resumed run keeps its own; drop "
+                          "--config and name a change with --set (with --override where it asks)")
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

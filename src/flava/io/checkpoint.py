@@ -223,13 +223,15 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    named = path
     if path.is_file():
         path = path.parent
     if not (path / CONFIG).is_file():
-        raise CheckpointError(
-            f"{path} is not a checkpoint: it has no {CONFIG} (expected a directory written by "
-            f"`save_pretrained` or a Hugging Face FLAVA checkpoint)"
-        )
+        # A file elsewhere (a table named as the codebook) is named itself, not its folder.
+        what = f"{named} is a file outside any checkpoint (its folder has no {CONFIG})" if named != path else \
+            f"{path} is not a checkpoint: it has no {CONFIG}"
+        raise CheckpointError(f"{what}; expected a checkpoint directory (written by `save_pretrained`, flava pretrain or "
+                              "train-codebook, or a Hugging Face FLAVA checkpoint)")
     return path
 
 

@@ -109,17 +109,55 @@ def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
             if not (k in PLACES and anchored(v[0]) == anchored(v[1]))}
 
 
-def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override: bool, rank: int) -> None:
+def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override: bool) -> dict | None:
+    """The history entry of the changes a resume makes (None: none), written once the run has
+    resumed; changes refused without --override, and those no resume can make, raise."""
     diff = changes(saved, cfg)
     refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
     if refused and not override:
         raise ConfigError(
             f"--resume would change the run's settings ({said(refused)}); a run keeps the settings it was started "
             f"with. Drop those --set flags, or pass --override to change them (recorded in {output / HISTORY})")
-    if diff and rank == 0:
-        with open(output / HISTORY, "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "override": bool(refused),
-                                "changes": {k: list(v) for k, v in diff.items()}}) + "\n")
+    _refuse_what_no_resume_changes(saved, cfg, diff)
+    if not diff:
+        return None
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "override": bool(refused),
+            "changes": {k: list(v) for k, v in diff.items()}}
+
+
+def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: dict[str, tuple]) -> None:
+    """A resumed run rebuilds its model from its own checkpoints, which hold its codebook: the
+    checkpoints it started from are not read again, nor is the codebook, and the weights keep their
+    shapes. Such a change, even with --override, would be recorded and not made."""
+    read_at_start = {k: v for k, v in diff.items() if k in CHECKPOINT_KEYS or k == "init_image_size"}
+    if read_at_start:
+        raise ConfigError(f"a resumed run cannot change {said(read_at_start)}: it continues from its own checkpoints, "
+                          "which hold its model and codebook, and reads nothing it started from again; start a new "
+                          f"run from it instead (--set init=RUN_DIR{' --set codebook=...' if 'codebook' in diff else ''})")
+    shaping = {k: v for k, v in diff.items() if k.startswith(("model.", "objectives."))}
+    if not shaping:
+        return
+    if saved.init:
+        raise ConfigError(f"a run started from init={saved.init} takes its model from it, so resuming it cannot change "
+                          f"{said(shaping)}; start a new run for other model settings")
+
+    def shapes(c: TrainConfig) -> dict[str, tuple]:
+        from ..objectives.pretraining import PretrainingModel
+
+        with torch.device("meta"):  # shapes without weights: a base model in a fifth of a second
+            return {k: tuple(v.shape) for k, v in PretrainingModel(c.model, c.objectives).state_dict().items()}
+
+    if cfg.stage == "image-dino":
+        return  # DINO's heads follow dino.*, which the checkpoint's loading names itself
+    try:
+        before, after = shapes(saved), shapes(cfg)
+    except FlavaError:
+        return  # a setting the model refuses says so when the run builds it
+    if before != after:
+        moved = sorted(set(before) ^ set(after)) or [k for k in before if before[k] != after[k]]
+        raise ConfigError(f"a resumed run cannot change {said(shaping)}: its checkpoints hold weights of other "
+                          f"shapes (e.g. {moved[0]}); start a new run (init_image=, init_text= and init_multimodal= "
+                          "take this run's encoders that still fit)")
 
 
 RUN_FILES = (SETTINGS, HISTORY, "metrics.jsonl", "summary.json", "loss_curves.png", "tensorboard", "checkpoints")
@@ -227,22 +265,20 @@ def recorded_global_batch(run: RunDir) -> int | None:
         return None
 
 
-def _keep_global_batch(cfg: TrainConfig, run: RunDir, console: Console, rank: int) -> None:
+def _keep_global_batch(cfg: TrainConfig, run: RunDir, console: Console) -> dict | None:
     """On another number of processes, a resumed run keeps its global batch: data.batch_size
-    becomes the recorded global batch over the processes (refused when it does not divide)."""
+    becomes the recorded global batch over the processes (refused when it does not divide).
+    Returns the history entry that records it (None: nothing changed)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     recorded = recorded_global_batch(run)
     if recorded is None or recorded == cfg.data.batch_size * world:
-        return
+        return None
     was = cfg.data.batch_size
     cfg.data.batch_size = per_process_batch(recorded, world, f"the run in {run.root}")
     console.print(f"resuming on {world} process{'es' if world > 1 else ''}: data.batch_size {cfg.data.batch_size} per "
                   f"process keeps the run's global batch of {recorded} (it was {was} on {recorded // was})")
-    if rank == 0:
-        with open(run.root / HISTORY, "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "derived": "processes",
-                                "processes": world, "changes": {"data.batch_size": [was, cfg.data.batch_size]}})
-                    + "\n")
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "derived": "processes", "processes": world,
+            "changes": {"data.batch_size": [was, cfg.data.batch_size]}}
 
 
 def needs_demo_codebook(cfg: TrainConfig) -> bool:
@@ -313,15 +349,19 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         if cfg.max_steps < reached:
             raise ConfigError(f"--max-steps {cfg.max_steps} is below the step the run reached ({reached}): a run "
                               f"cannot go back; its earlier checkpoints are in {run.checkpoints}")
+    history = []  # written once the run has resumed: a refused or failed resume changed nothing
     if saved is not None:
-        _accept_changes(saved, cfg, output, override, rank)
+        history.append(_accept_changes(saved, cfg, output, override))
         if cfg.data.batch_size == saved.data.batch_size:
-            _keep_global_batch(cfg, run, console, rank)
+            history.append(_keep_global_batch(cfg, run, console))
     if rank == 0:
         check_writable(run.checkpoints)  # found here, not at the first save save_every steps later
     trainer = Trainer(cfg, output, resume=resume)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
+    if rank == 0 and any(history):
+        with open(output / HISTORY, "a") as f:
+            f.writelines(json.dumps(entry) + "\n" for entry in history if entry)
     else:
         for what in trainer.initialised.values():
             console.print(escape(what))
