@@ -266,6 +266,25 @@ def test_a_source_smaller_than_a_batch_is_said_at_the_start(train_data, tmp_path
 
 
 @pytest.mark.slow  # a real server or CLI process
+def test_evaluating_a_unimodal_stage_says_what_it_left_untrained(train_data, tmp_path, capsys):
+    from conftest import pretrain_args
+    from flava.cli.evaluate import untrained_note
+
+    text = tmp_path / "text"
+    assert cli(pretrain_args(train_data, text) + ["--set", "stage=text-mlm", "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    # Its zero-shot score read as the model's, with no word that no step trained its image encoder.
+    assert cli(["evaluate", "--model", str(text), "--suite", str(tmp_path / "none.json"), "--output",
+                str(tmp_path / "e")]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "was written by a text-mlm stage, which trains the text encoder alone: the image and multimodal " \
+           "encoders are as initialised, and so are the projections" in out
+    joint = tmp_path / "joint"
+    assert cli(pretrain_args(train_data, joint) + ["--max-steps", "1"]) == 0
+    assert untrained_note(str(joint)) is None and untrained_note(str(tmp_path / "nothing")) is None
+
+
+@pytest.mark.slow  # a real server or CLI process
 def test_config_show_piped_prints_every_description_whole():
     from flava.config import describe
     from flava.train.presets import demo_config

@@ -19,6 +19,34 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    from rich.markup import escape
+
     from ..evaluate.run import run_evaluate
 
+    note = untrained_note(args.model)
+    if note:
+        console.print(f"note: {escape(note)}")
     run_evaluate(args.model, args.suite, Path(args.output), console, compare_untrained=args.compare_untrained)
+
+
+def untrained_note(model: str) -> str | None:
+    """What a unimodal stage's checkpoint leaves untrained, said before its scores are read as the
+    model's: a text-mlm stage's zero-shot score measures an image encoder no step trained."""
+    from ..errors import FlavaError
+    from ..io.checkpoint import read_config
+    from ..io.runs import resolve
+    from ..train.init import GROUPS, stage_trains
+
+    try:
+        train = read_config(resolve(model)).get("train") or {}
+    except (FlavaError, OSError):
+        return None  # loading the model says what is wrong
+    trained = stage_trains(train.get("stage"))
+    if trained is None or train.get("init"):
+        return None
+    untrained = [name for name in GROUPS if name != trained and not train.get(f"init_{name}")]
+    if not untrained:
+        return None
+    return (f"{model} was written by a {train['stage']} stage, which trains the {trained} encoder alone: the "
+            f"{' and '.join(untrained)} encoder{'s are' if len(untrained) > 1 else ' is'} as initialised, and so "
+            "are the projections; tasks that use them measure untrained parts (a fine-tune trains them)")

@@ -51,6 +51,13 @@ GROUPS = {
 }
 # The encoder each unimodal stage trains (the others stay as the stage started them).
 _STAGE_TRAINS = {"text-mlm": "text", "image-mim": "image", "image-dino": "image"}
+
+
+def stage_trains(stage: str | None) -> str | None:
+    """The one encoder a unimodal stage trains (None: a joint stage trains every one)."""
+    return _STAGE_TRAINS.get(stage)
+
+
 # Where a DINO stage's checkpoint (its `dino` part) keeps the teacher's image encoder.
 DINO_TEACHER = "teacher.backbone."
 
