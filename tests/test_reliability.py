@@ -332,16 +332,48 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
                                                      "hold weights of other shapes"),
                          ("objectives.contrastive=sigmoid", "cannot change objectives.contrastive: 'softmax' -> "
                                                             "'sigmoid': its checkpoints hold weights of other shapes")):
-        err = " ".join(one_line_error(capsys, cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "5",
-                                                    "--override", "--set", change])).split())
-        assert said in err and "start a new run" in err, err
-        assert (run / "config_history.jsonl").read_text() == recorded
+        for override in (["--override"], []):  # without it, not first sent to pass --override
+            err = " ".join(one_line_error(capsys, cli(["pretrain", "--output", str(run), "--resume", "--max-steps",
+                                                        "5", *override, "--set", change])).split())
+            assert said in err and "start a new run" in err, err
+            assert (run / "config_history.jsonl").read_text() == recorded
+    # A finished run makes no change: none is recorded (it was, with train_config.json left as it was).
+    capsys.readouterr()
+    assert cli(["pretrain", "--output", str(run), "--resume", "--override", "--set", "optim.lr=1e-4"]) == 0
+    assert "already finished at step 4" in capsys.readouterr().out
+    assert (run / "config_history.jsonl").read_text() == recorded
     # A checkpoint's config edited after it was written is named, not read as the model's.
     config = RunDir(run).latest() / "config.json"
     config.write_text(config.read_text().replace('"num_layers": 2', '"num_layers": 3', 1))
     capsys.readouterr()
     err = one_line_error(capsys, cli(["info", str(run)]))
     assert "config.json is not the file that was written" in err and "delete checksums.json" in err
+
+
+@pytest.mark.slow
+def test_a_run_started_from_checkpoints_resumes_with_other_objectives_and_says_nothing_of_its_sources(
+        train_data, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert cli(pretrain_args(train_data, first) + ["--max-steps", "1"]) == 0
+    for key in ("init", "init_text"):
+        run = tmp_path / key
+        args = pretrain_args(train_data, run)
+        if key == "init":  # it brings the model: no model.* settings beside it
+            args = [a for i, a in enumerate(args) if not (a.startswith("model.") or args[i + 1:i + 2] and
+                                                          args[i + 1].startswith("model."))]
+        assert cli(args + ["--max-steps", "1", "--set", f"{key}={first}"]) == 0
+        capsys.readouterr()
+        assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "2", "--override", "--set",
+                    "objectives.balancing=dwa"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        # A resume reads none of its sources again, and said it did whenever it recorded no change.
+        assert "resumed from step 1" in out and f"init_text={first}" not in out, out
+        assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "resumed from step 2" in out and f"init_text={first}" not in out, out
+    err = " ".join(one_line_error(capsys, cli(["pretrain", "--output", str(tmp_path / "init"), "--resume", "--override",
+                                               "--max-steps", "4", "--set", "model.projection_dim=16"])).split())
+    assert f"a run started from init={first} takes its model from it" in err
 
 
 @pytest.mark.slow

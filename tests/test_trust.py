@@ -211,6 +211,23 @@ def test_resume_of_a_directory_without_a_run_is_refused(tmp_path, capsys):
     assert not (tmp_path / "nothere").exists()
 
 
+def test_resume_with_the_preset_a_demo_run_started_from_is_no_change(tmp_path):
+    # The demo run's own codebook is not the preset's empty one: the same command plus --resume was refused.
+    from flava.cli.pretrain import _refuse_config_on_resume
+    from flava.config import to_dict
+    from flava.errors import ConfigError
+    from flava.train.presets import train_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = train_config("small")
+    saved.codebook = str(run / "codebook")
+    (run / "train_config.json").write_text(json.dumps(to_dict(saved)))
+    _refuse_config_on_resume("small", run, train_config("small"))
+    with pytest.raises(ConfigError, match=r"--resume --config tiny would change the run's settings \(.*model"):
+        _refuse_config_on_resume("tiny", run, train_config("tiny"))
+
+
 def test_a_seed_out_of_range_is_one_line_and_a_prepare_that_wrote_nothing_is_taken_over(train_data, tmp_path,
                                                                                           capsys):
     # numpy's generators refuse negative seeds: each was a traceback from deep in the data pipeline.
@@ -219,7 +236,7 @@ def test_a_seed_out_of_range_is_one_line_and_a_prepare_that_wrote_nothing_is_tak
                  ["train-codebook", "--images", "demo", "--output", str(tmp_path / "cb"), "--seed", "-1"],
                  ["prepare", "--pairs", str(train_data / "pairs_clean.csv"), "--output", str(tmp_path / "p"),
                   "--seed", "-1"]):
-        assert re.search(r"seed must lie in \[0, 4294967295\]; got (-1|18446744073709551616)",
+        assert re.search(r"seed must lie in \[0, 8796093022207\]; got (-1|18446744073709551616)",
                          one_line_error(capsys, cli(args))), args
     assert not any(tmp_path.iterdir())
     # A prepare that failed before its first unit left only its settings; the corrected command was

@@ -56,8 +56,9 @@ NonNegativeInt = Annotated[int, Range(0)]
 NonNegative = Annotated[float, Range(0)]
 Positive = Annotated[float, Range(0, low_open=True)]
 Probability = Annotated[float, Range(0, 1)]
-Seed = Annotated[int, Range(0, 2**32 - 1)]
-"""What every seeded generator here takes (numpy's refuses negative seeds)."""
+Seed = Annotated[int, Range(0, 2**43 - 1)]
+"""What every seeded generator here takes: numpy's refuses negative seeds, and torch's take 64 bits,
+which a step's seed (seed x 1,000,003 + step x 31 + micro-batch) must fit."""
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -85,10 +86,14 @@ def _refuse_config_on_resume(config: str, output: Path, cfg) -> None:
     settings the user never named, and "drop those --set flags" named none they gave."""
     from ..config import said
     from ..errors import ConfigError
-    from ..train.run import RESUMABLE, changes, saved_settings
+    from ..train.run import RESUMABLE, changes, keeps_demo_codebook, saved_settings
 
     saved = saved_settings(output)
-    refused = {k: v for k, v in changes(saved, cfg).items() if k not in RESUMABLE} if saved is not None else {}
+    if saved is None:
+        return
+    if keeps_demo_codebook(saved, cfg, output):  # as the resume will: the preset names no codebook
+        cfg = dataclasses.replace(cfg, codebook=saved.codebook)
+    refused = {k: v for k, v in changes(saved, cfg).items() if k not in RESUMABLE}
     if refused:
         raise ConfigError(f"--resume --config {config} would change the run's settings ({said(refused)}): --config "
                           "gives every setting, its preset's defaults too, and a resumed run keeps its own; drop "

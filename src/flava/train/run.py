@@ -110,15 +110,16 @@ def changes(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
 
 
 def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override: bool) -> dict | None:
-    """The history entry of the changes a resume makes (None: none), written once the run has
-    resumed; changes refused without --override, and those no resume can make, raise."""
+    """The history entry of the changes a resume makes (None: none), written with the run's
+    settings once it trains with them; changes refused without --override, and those no resume
+    can make, raise."""
     diff = changes(saved, cfg)
+    _refuse_what_no_resume_changes(saved, cfg, diff)  # first: --override would not help
     refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
     if refused and not override:
         raise ConfigError(
             f"--resume would change the run's settings ({said(refused)}); a run keeps the settings it was started "
             f"with. Drop those --set flags, or pass --override to change them (recorded in {output / HISTORY})")
-    _refuse_what_no_resume_changes(saved, cfg, diff)
     if not diff:
         return None
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "override": bool(refused),
@@ -129,26 +130,30 @@ def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: d
     """A resumed run rebuilds its model from its own checkpoints, which hold its codebook: the
     checkpoints it started from are not read again, nor is the codebook, and the weights keep their
     shapes. Such a change, even with --override, would be recorded and not made."""
-    read_at_start = {k: v for k, v in diff.items() if k in CHECKPOINT_KEYS or k == "init_image_size"}
+    # The codebook is read where the checkpoints hold none: a run started without one may name one,
+    # and a codebook folder that moved may be named again (earlier releases' checkpoints read it there).
+    read_at_start = {k: v for k, v in diff.items() if (k in CHECKPOINT_KEYS or k == "init_image_size")
+                     and not (k == "codebook" and not (v[0] and Path(anchored(v[0])).exists()))}
     if read_at_start:
         raise ConfigError(f"a resumed run cannot change {said(read_at_start)}: it continues from its own checkpoints, "
                           "which hold its model and codebook, and reads nothing it started from again; start a new "
-                          f"run from it instead (--set init=RUN_DIR{' --set codebook=...' if 'codebook' in diff else ''})")
-    shaping = {k: v for k, v in diff.items() if k.startswith(("model.", "objectives."))}
-    if not shaping:
-        return
-    if saved.init:
+                          f"run from it instead (--set init=RUN_DIR{' --set codebook=...' if 'codebook' in read_at_start else ''})")
+    model = {k: v for k, v in diff.items() if k.startswith("model.")}
+    if saved.init and model:
         raise ConfigError(f"a run started from init={saved.init} takes its model from it, so resuming it cannot change "
-                          f"{said(shaping)}; start a new run for other model settings")
+                          f"{said(model)}; start a new run for other model settings")
+    shaping = {k: v for k, v in diff.items() if k.startswith(("model.", "objectives."))}
+    if not shaping or cfg.stage == "image-dino":  # DINO's heads follow dino.*, which its loading names itself
+        return
 
     def shapes(c: TrainConfig) -> dict[str, tuple]:
         from ..objectives.pretraining import PretrainingModel
 
         with torch.device("meta"):  # shapes without weights: a base model in a fifth of a second
-            return {k: tuple(v.shape) for k, v in PretrainingModel(c.model, c.objectives).state_dict().items()}
+            # A run started from init= keeps init's model, whatever its settings say.
+            built = PretrainingModel(saved.model if saved.init else c.model, c.objectives)
+            return {k: tuple(v.shape) for k, v in built.state_dict().items()}
 
-    if cfg.stage == "image-dino":
-        return  # DINO's heads follow dino.*, which the checkpoint's loading names itself
     try:
         before, after = shapes(saved), shapes(cfg)
     except FlavaError:
@@ -289,6 +294,11 @@ def needs_demo_codebook(cfg: TrainConfig) -> bool:
         not cfg.codebook and not any(getattr(cfg.data, k) for k in KINDS)
 
 
+def keeps_demo_codebook(saved: TrainConfig, cfg: TrainConfig, output: Path) -> bool:
+    """Whether a resumed run trained on its own demo codebook and `cfg` names none: it keeps it."""
+    return needs_demo_codebook(cfg) and anchored(saved.codebook) == os.path.abspath(output / DEMO_CODEBOOK)
+
+
 def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, rank: int = 0,
                          say_kept: bool = False) -> None:
     """The embedded default: with the demo data and no codebook named, train one on the demo images
@@ -341,7 +351,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     # given minutes of demo codebook first (the second deleted the run's own).
     if saved is None:
         ensure_demo_codebook(cfg, demo, console, rank, say_kept=not resume)
-    elif needs_demo_codebook(cfg) and anchored(saved.codebook) == os.path.abspath(demo):
+    elif keeps_demo_codebook(saved, cfg, output):
         cfg.codebook = os.path.abspath(demo)
     if saved is not None and cfg.max_steps < saved.max_steps:
         newest = run.intact_pointer() or (run.step_dirs() or [None])[-1]
@@ -349,7 +359,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         if cfg.max_steps < reached:
             raise ConfigError(f"--max-steps {cfg.max_steps} is below the step the run reached ({reached}): a run "
                               f"cannot go back; its earlier checkpoints are in {run.checkpoints}")
-    history = []  # written once the run has resumed: a refused or failed resume changed nothing
+    history = []  # written with the settings, once the run trains with them: a refused resume changed nothing
     if saved is not None:
         history.append(_accept_changes(saved, cfg, output, override))
         if cfg.data.batch_size == saved.data.batch_size:
@@ -359,9 +369,6 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     trainer = Trainer(cfg, output, resume=resume)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
-    if rank == 0 and any(history):
-        with open(output / HISTORY, "a") as f:
-            f.writelines(json.dumps(entry) + "\n" for entry in history if entry)
     else:
         for what in trainer.initialised.values():
             console.print(escape(what))
@@ -373,6 +380,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         return []
     if rank == 0:
         write_json_atomic(output / SETTINGS, to_dict(cfg))
+        if any(history):
+            with open(output / HISTORY, "a") as f:
+                f.writelines(json.dumps(entry) + "\n" for entry in history if entry)
     data = "; ".join(f"{k}: " + ", ".join(_described(s, w) for s, w in zip(ks.streams, ks.weights))
                      for k, ks in trainer.streams.items())
     procs = f" x {trainer.world} processes ({cfg.distributed})" if trainer.world > 1 else ""
