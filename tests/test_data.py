@@ -241,6 +241,17 @@ def test_a_compressed_text_file_cut_short_keeps_its_lines_before_the_cut(tmp_pat
     src = text_file(str(tmp_path / f"cut.txt{suffix}"))
     assert src.rejected == {"truncated compressed text": 1}
     assert len(src.records) > len(lines) // 2 and src.records == lines[: len(src.records)]
+    # Thousands of members, as pbzip2 and bgzip write them.
+    (tmp_path / f"many.txt{suffix}").write_bytes(b"".join(compress(f"{line}\n".encode()) for line in lines[:3000]))
+    assert text_file(str(tmp_path / f"many.txt{suffix}")).records == lines[:3000]
+    # After the last member: zeros are padding; other bytes are counted, and the text before them is whole.
+    tail = compress(b"last line without a newline")
+    (tmp_path / f"padded.txt{suffix}").write_bytes(tail + bytes(64))
+    src = text_file(str(tmp_path / f"padded.txt{suffix}"))
+    assert src.records == ["last line without a newline"] and not src.rejected
+    (tmp_path / f"trailing.txt{suffix}").write_bytes(tail + b"not compressed at all")
+    src = text_file(str(tmp_path / f"trailing.txt{suffix}"))
+    assert src.records == ["last line without a newline"] and src.rejected == {"bytes after compressed text": 1}
 
 
 def test_image_files_and_globs_are_one_source_of_every_image_they_name(tmp_path):

@@ -60,6 +60,7 @@ class TextShard:
         text, damage = decompress(raw, suffix)
         if damage:
             rejected[damage] += 1
+        if damage and damage != TRAILING:
             text = text[:text.rfind(b"\n") + 1]  # the line the damage cut is not a text
         return text.splitlines()
 
@@ -106,29 +107,38 @@ def _decompressor(suffix: str):
 
 
 _CHUNK = 1 << 14
+TRAILING = "bytes after compressed text"
+"""Bytes after a complete member that start none (what gzip rejects and bz2 and xz ignore): the
+text before them is whole."""
 
 
 def decompress(raw: bytes, suffix: str) -> tuple[bytes, str | None]:
-    """The text of a compressed file (members or frames one after another, as `cat` makes them) and
-    what cut it short, if anything: a file cut short or damaged keeps what came before the cut, to
-    within a 16 KiB block (the file modules' readers raise and keep nothing; zstd's says nothing)."""
+    """The text of a compressed file (members or frames one after another, as `cat`, pbzip2 and
+    bgzip make them) and what cut it short, if anything: a file cut short or damaged keeps what
+    came before the cut, to within a 16 KiB block (the file modules' readers raise and keep
+    nothing; zstd's says nothing). Zeros after the last member (gzip's and xz's padding) are no
+    damage; other bytes there are `TRAILING`."""
     import zstandard
 
-    out: list[bytes] = []
-    while raw:
-        d = _decompressor(suffix)
-        for at in range(0, len(raw), _CHUNK):
-            try:
-                out.append(d.decompress(raw[at:at + _CHUNK]))
-            except (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError):
-                return b"".join(out), "damaged compressed text (read up to the damage)"
-            if d.eof:
-                raw = d.unused_data + raw[at + _CHUNK:]
-                break
-        else:
-            return b"".join(out), "truncated compressed text"
-        if not raw.strip(b"\0"):  # gzip allows zero padding after the last member
+    errors = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
+    view, at, out = memoryview(raw), 0, []
+    while at < len(view):
+        if at > 0 and not any(view[at:]):  # padding (any stops at a member's first byte, which is not 0)
             break
+        d, first = _decompressor(suffix), at
+        while True:
+            chunk = view[at:at + _CHUNK]
+            try:
+                out.append(d.decompress(chunk))
+            except errors:
+                damage = TRAILING if at == first > 0 else "damaged compressed text (read up to the damage)"
+                return b"".join(out), damage
+            if d.eof:
+                at += len(chunk) - len(d.unused_data)  # an offset, not a copy: a file may hold thousands
+                break
+            at += len(chunk)
+            if at >= len(view):
+                return b"".join(out), "truncated compressed text"
     return b"".join(out), None
 
 
