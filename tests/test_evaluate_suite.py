@@ -386,6 +386,14 @@ def test_a_string_of_label_names_is_named_as_such_not_split_into_letters(suite_d
         load_suite({"tasks": [task]}, base=suite_dir)
     with pytest.raises(flava.ConfigError, match="suite: settings must be an object"):
         load_suite({"settings": [1], "tasks": [{"kind": "linear-probe", "data": "digits"}]})
+    # Numbers name classes as their text does (digit folders, a table's labels 0/1/2), as the readers take them.
+    from flava.evaluate.suite import check_task
+
+    check_task({"kind": "zero-shot", "folder": "digits", "class_names": [0, 1, 2.5, "three"]}, 0)
+    check_task({**task, "label_names": [0, 1, 2]}, 0)
+    for bad in ([0, "0"], [True, False], ["a", ""]):
+        with pytest.raises(flava.ConfigError, match="label_names must be a list of at least 2 distinct names"):
+            check_task({**task, "label_names": bad}, 0)
 
 
 def test_every_built_in_kinds_value_keys_have_a_check():

@@ -52,8 +52,13 @@ def _whole(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON's true is no count
 
 
+def _name(n: Any) -> bool:
+    # A number names a class as its text does (digits' 0-9, a table's labels 0/1/2).
+    return (isinstance(n, str) and bool(n.strip())) or (isinstance(n, (int, float)) and not isinstance(n, bool))
+
+
 def _names(v: Any) -> bool:
-    return isinstance(v, list) and all(isinstance(n, str) and n.strip() for n in v)
+    return isinstance(v, list) and all(_name(n) for n in v)
 
 
 def whole(least: int) -> Field:
@@ -62,8 +67,8 @@ def whole(least: int) -> Field:
 
 def names(least: int) -> Field:
     """A list of at least `least` distinct non-empty strings."""
-    return Field(f"a list of at least {least} distinct names (strings)",
-                 lambda v: _names(v) and len(v) >= least and len(set(v)) == len(v))
+    return Field(f"a list of at least {least} distinct names (strings or numbers)",
+                 lambda v: _names(v) and len(v) >= least and len({str(n) for n in v}) == len(v))
 
 
 def one_of(*choices: str) -> Field:
@@ -75,7 +80,7 @@ PATH = Field("a path (a non-empty string)", TEXT.ok)
 FLAG = Field("true or false", lambda v: isinstance(v, bool))
 OBJECT = Field("an object", lambda v: isinstance(v, dict))
 LIMIT = Field("a positive whole number (or null: no limit)", lambda v: v is None or (_whole(v) and v >= 1))
-NAMES = Field("a list of names (strings)", _names)
+NAMES = Field("a list of names (strings or numbers)", _names)
 TEMPLATES = Field("a template set's name, templates separated by |, or a list of templates (strings)",
                   lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(t, str) for t in v)))
 

@@ -39,7 +39,7 @@ def read(t: TaskSpec) -> ZeroShotData:
         names = t.spec["class_names"]
         if len(names) != len(classes):
             raise ConfigError(f"{t.where}: class_names must list {len(classes)} names (one per class folder)")
-        classes = list(names)
+        classes = [str(n) for n in names]
     if len(classes) < 2:  # a certain answer: a free 100 % in the averages
         raise ConfigError(f"{t.where}: zero-shot classification needs at least two classes; found only "
                           f"{', '.join(map(repr, classes)) or 'none'} (one folder of images per class)")
