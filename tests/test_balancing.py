@@ -337,6 +337,19 @@ def test_an_adaptive_mix_resumed_midway_repeats_the_uninterrupted_one(train_data
     assert full[-1]["mixing"] != full[0]["mixing"]  # it adapted
 
 
+def test_an_adaptive_mix_leaves_out_a_step_with_a_loss_that_measured_nothing(train_data, tmp_path, monkeypatch):
+    # Its kind's sum lacks that loss: the step read as progress and took that kind's share down.
+    c = config(train_data, max_steps=4)
+    c.data.mixing_schedule, c.data.mixing_window = "adaptive", 100
+    t = Trainer(c, tmp_path / "run")
+    t.train_step()
+    assert t.mixing.count.sum().item() == 1
+    monkeypatch.setattr(Trainer, "_measured", lambda self, numbers, names: torch.zeros(len(names[0]), dtype=torch.bool))
+    t.step += 1
+    t.train_step()
+    assert t.mixing.count.sum().item() == 1
+
+
 def test_micro_batch_seeds_are_distinct_for_any_accumulation():
     # ITM negatives and PCGrad's order are seeded per (step, micro-batch): with 32 or more
     # micro-batches, step * 31 + micro made step s's micro 31 repeat step s + 1's micro 0.

@@ -297,10 +297,11 @@ class Trainer:
             row["gradients"] = gradients
         numbers = self._update(sums)
         # The losses averaged over micro-batches and processes: the same on every process.
-        self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), numbers[-1] > 0,
-                              self._measured(numbers, names))
-        # The kind's progress: its configured losses' sum, whatever the balancing method scales.
-        self.mixing.observe(step, kind, numbers[1:1 + len(names[0])].sum(), numbers[-1] > 0)
+        measured, updated = self._measured(numbers, names), numbers[-1] > 0
+        self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), updated, measured)
+        # The kind's progress: its configured losses' sum, whatever the balancing method scales; a
+        # step missing one of them (nothing masked) would read as progress.
+        self.mixing.observe(step, kind, numbers[1:1 + len(names[0])].sum(), updated & measured.all())
         self._pending.append((row, numbers, names))
         if sync:
             self.synced = self._settle()

@@ -48,13 +48,14 @@ class KindMixing:
             return probs / probs.sum()
         return self.probs if self.mode == "adaptive" else self.start
 
-    def observe(self, step: int, kind: str, loss: torch.Tensor, finite: torch.Tensor) -> None:
+    def observe(self, step: int, kind: str, loss: torch.Tensor, counts: torch.Tensor) -> None:
         """After step `step`: its kind, its total loss (averaged over processes; a device scalar)
-        and whether it updated. Steps whose update was skipped do not count."""
+        and whether it counts: steps whose update was skipped do not, nor those with a loss that
+        measured nothing: `counts` (a bool tensor) says which."""
         if self.mode != "adaptive":
             return
         i = self.kinds.index(kind)
-        ok = (finite & torch.isfinite(loss)).float()
+        ok = (counts & torch.isfinite(loss)).float()
         self.sum[i] += torch.nan_to_num(loss.detach().float()) * ok
         self.count[i] += ok
         if (step + 1) % self.window == 0:
