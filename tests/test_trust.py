@@ -247,6 +247,11 @@ def test_a_seed_out_of_range_is_one_line_and_a_prepare_that_wrote_nothing_is_tak
                                                           "inputs": ["elsewhere.csv"]}))
     args = ["prepare", "--pairs", str(train_data / "pairs_clean.csv"), "--output", str(out), "--workers", "1",
             "--size", "24"]
+    # Another prepare writing there holds it: a second is refused, not let take over its folder.
+    from flava.io.locks import hold
+
+    with hold(out / ".lock", "held", "test"):
+        assert "is in use by another flava run" in one_line_error(capsys, cli(args))
     assert cli(args) == 0
     assert json.loads((out / "prepare_settings.json").read_text())["settings"]["seed"] == 0
     assert json.loads((out / "prepare_report.json").read_text())["samples"] == 16

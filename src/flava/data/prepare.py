@@ -34,6 +34,8 @@ from .. import stopping
 from ..config import Seed, differences, said
 from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
+from ..io.locks import hold
+from ..io.runs import LOCK
 from .decode import open_image
 from .members import BadSample
 from .sources import ImageRecord, PairRecord, RecordShard, Source, open_shard, read_caption
@@ -196,12 +198,23 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     if kind not in ("pairs", "images"):
         raise DataError(f"flava prepare makes pair or image shards, not {kind}")
     output.mkdir(parents=True, exist_ok=True)
+    if not (output / PREPARE_SETTINGS).is_file() and any(not f.name.startswith(".") for f in output.iterdir()):
+        raise DataError(f"{output} already holds other files; prepare into a new or empty directory (its shards "
+                        "and index are written beside nothing else)")
+    # Two prepares in one folder would write its units from two settings (or take it from each other).
+    with hold(output / LOCK, str(output), "wait for the other `flava prepare` into it to end, or prepare into "
+              "another directory"):
+        return _prepare(kind, sources, output, settings, tokenizer_factory, fingerprint, grid, image_size, workers,
+                        progress, vocab_size)
+
+
+def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
+             tokenizer_factory: Callable[[], Callable] | None, fingerprint: str | None, grid: int | None,
+             image_size: int | None, workers: int, progress: Callable[[int, int], None] | None,
+             vocab_size: int | None) -> dict:
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
                 "inputs": [_named(s.name) for s in sources]}
     mark = output / PREPARE_SETTINGS
-    if not mark.is_file() and any(not f.name.startswith(".") for f in output.iterdir()):
-        raise DataError(f"{output} already holds other files; prepare into a new or empty directory (its shards "
-                        "and index are written beside nothing else)")
     # A start that failed before its first unit (a bad setting, an unreadable codebook) left its
     # settings and nothing else: a corrected command takes the folder over.
     started = mark.is_file() and any(output.glob("[0-9]*.json"))
@@ -216,6 +229,8 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
             raise DataError(f"{output} holds unfinished shards prepared from {what}; finish it with the command "
                             "that started it, or prepare into a new directory")
     else:
+        for stray in output.glob("[0-9]*.tar"):  # a unit a failed start left unfinished, maybe beyond these
+            stray.unlink()
         write_json_atomic(mark, manifest)
     units = _units(sources, settings.shard_size)
     todo = [n for n in range(len(units)) if not (output / f"{n:05d}.json").is_file()]
