@@ -230,8 +230,8 @@ def checkpoint_dir(path: str | os.PathLike) -> Path:
         # A file elsewhere (a table named as the codebook) is named itself, not its folder.
         what = f"{named} is a file outside any checkpoint (its folder has no {CONFIG})" if named != path else \
             f"{path} is not a checkpoint: it has no {CONFIG}"
-        raise CheckpointError(f"{what}; expected a checkpoint directory (written by `save_pretrained`, flava pretrain or "
-                              "train-codebook, or a Hugging Face FLAVA checkpoint)")
+        raise CheckpointError(f"{what}; expected a checkpoint directory (written by `save_pretrained`, flava "
+                              "pretrain or train-codebook, or a Hugging Face FLAVA checkpoint)")
     return path
 
 

@@ -135,9 +135,10 @@ def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: d
     read_at_start = {k: v for k, v in diff.items() if (k in CHECKPOINT_KEYS or k == "init_image_size")
                      and not (k == "codebook" and not (v[0] and Path(anchored(v[0])).exists()))}
     if read_at_start:
+        codebook = " --set codebook=..." if "codebook" in read_at_start else ""
         raise ConfigError(f"a resumed run cannot change {said(read_at_start)}: it continues from its own checkpoints, "
                           "which hold its model and codebook, and reads nothing it started from again; start a new "
-                          f"run from it instead (--set init=RUN_DIR{' --set codebook=...' if 'codebook' in read_at_start else ''})")
+                          f"run from it instead (--set init=RUN_DIR{codebook})")
     model = {k: v for k, v in diff.items() if k.startswith("model.")}
     if saved.init and model:
         raise ConfigError(f"a run started from init={saved.init} takes its model from it, so resuming it cannot change "
