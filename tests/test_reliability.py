@@ -337,6 +337,7 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
                                                         "5", *override, "--set", change])).split())
             assert said in err and "start a new run" in err, err
             assert (run / "config_history.jsonl").read_text() == recorded
+            assert f"--set init={run} --set codebook=" in err or not change.startswith("codebook")
     # A finished run makes no change: none is recorded (it was, with train_config.json left as it was).
     capsys.readouterr()
     assert cli(["pretrain", "--output", str(run), "--resume", "--override", "--set", "optim.lr=1e-4"]) == 0

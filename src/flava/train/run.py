@@ -114,7 +114,7 @@ def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override
     settings once it trains with them; changes refused without --override, and those no resume
     can make, raise."""
     diff = changes(saved, cfg)
-    _refuse_what_no_resume_changes(saved, cfg, diff)  # first: --override would not help
+    _refuse_what_no_resume_changes(saved, cfg, diff, output)  # first: --override would not help
     refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
     if refused and not override:
         raise ConfigError(
@@ -126,7 +126,7 @@ def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override
             "changes": {k: list(v) for k, v in diff.items()}}
 
 
-def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: dict[str, tuple]) -> None:
+def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: dict[str, tuple], output: Path) -> None:
     """A resumed run rebuilds its model from its own checkpoints, which hold its codebook: the
     checkpoints it started from are not read again, nor is the codebook, and the weights keep their
     shapes. Such a change, even with --override, would be recorded and not made."""
@@ -138,7 +138,7 @@ def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: d
         codebook = " --set codebook=..." if "codebook" in read_at_start else ""
         raise ConfigError(f"a resumed run cannot change {said(read_at_start)}: it continues from its own checkpoints, "
                           "which hold its model and codebook, and reads nothing it started from again; start a new "
-                          f"run from it instead (--set init=RUN_DIR{codebook})")
+                          f"run from it instead (--set init={output}{codebook})")
     model = {k: v for k, v in diff.items() if k.startswith("model.")}
     if saved.init and model:
         raise ConfigError(f"a run started from init={saved.init} takes its model from it, so resuming it cannot change "
