@@ -297,11 +297,13 @@ class Trainer:
             row["gradients"] = gradients
         numbers = self._update(sums)
         # The losses averaged over micro-batches and processes: the same on every process.
-        measured, updated = self._measured(numbers, names), numbers[-1] > 0
-        self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), updated, measured)
-        # The kind's progress: its configured losses' sum, whatever the balancing method scales; a
-        # step missing one of them (nothing masked) would read as progress.
-        self.mixing.observe(step, kind, numbers[1:1 + len(names[0])].sum(), updated & measured.all())
+        updated = numbers[-1] > 0
+        if self.balancer.learns or self.mixing.mode == "adaptive":  # else nothing reads the losses: no work
+            measured = self._measured(numbers, names)
+            self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), updated, measured)
+            # The kind's progress: its configured losses' sum, whatever the balancing method scales; a
+            # step missing one of them (nothing masked) would read as progress.
+            self.mixing.observe(step, kind, numbers[1:1 + len(names[0])].sum(), updated & measured.all())
         self._pending.append((row, numbers, names))
         if sync:
             self.synced = self._settle()

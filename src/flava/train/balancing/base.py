@@ -12,6 +12,8 @@ class Balancer:
     surgery = False
     """Whether the loop hands the method each objective's gradient on the shared encoders
     (`combine_gradients`) in place of their sum."""
+    learns = False
+    """Whether `observe` reads the step's losses (then the loop says which measured anything)."""
 
     def __init__(self, names: list[str], objectives, device: torch.device):
         self.names, self.device = list(names), device

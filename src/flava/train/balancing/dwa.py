@@ -23,6 +23,8 @@ from .base import Balancer
 
 
 class DynamicWeightAverage(Balancer):
+    learns = True
+
     def __init__(self, names, objectives, device):
         super().__init__(names, objectives, device)
         self.temperature, self.window = objectives.dwa_temperature, objectives.dwa_window

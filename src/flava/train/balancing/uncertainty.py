@@ -24,6 +24,8 @@ BETAS, EPS = (0.9, 0.999), 1e-8
 
 
 class UncertaintyWeighting(Balancer):
+    learns = True
+
     def __init__(self, names, objectives, device):
         super().__init__(names, objectives, device)
         self.lr = objectives.uncertainty_lr
