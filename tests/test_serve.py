@@ -438,6 +438,43 @@ def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path, monkeyp
         member_at(tmp_path / "damaged.tar", 512)
 
 
+def test_items_serves_the_images_of_an_index_built_from_parquet(tmp_path):
+    """`flava embed --pairs` over parquet: a path cell is recorded as the image file it names, a
+    bytes cell as where its bytes are, which /items sends."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flava.cli import main as cli
+
+    pngs = []
+    for i, rgb in enumerate(((200, 30, 30), (30, 200, 30), (30, 30, 200))):
+        buf = io.BytesIO()
+        Image.new("RGB", (24, 24), rgb).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+        (tmp_path / f"{i}.png").write_bytes(pngs[-1])
+    captions = ["red", "green", "blue"]
+    pq.write_table(pa.table({"image": pngs, "caption": captions}), tmp_path / "bytes.parquet", row_group_size=2)
+    pq.write_table(pa.table({"image": [f"{i}.png" for i in range(3)], "caption": captions}), tmp_path / "paths.parquet")
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "model")
+    for name in ("bytes", "paths"):
+        assert cli(["embed", "--model", str(tmp_path / "model"), "--pairs", str(tmp_path / f"{name}.parquet"),
+                    "--output", str(tmp_path / f"emb-{name}")]) == 0
+        assert cli(["index", "--embeddings", str(tmp_path / f"emb-{name}"), "--output", str(tmp_path / name)]) == 0
+    assert [VectorIndex.open(tmp_path / "paths").item(i) for i in range(3)] == [str(tmp_path / f"{i}.png")
+                                                                                 for i in range(3)]
+    index = VectorIndex.open(tmp_path / "bytes")
+    assert index.item(2) == f"{tmp_path / 'bytes.parquet'}#1:0:image"  # the second row group's first row
+    with app_in_a_thread(create_app(flava.load(tmp_path / "model"), index)) as client:
+        for i, png in enumerate(pngs):
+            status, data, headers = client.get(f"/items/{i}")
+            assert status == 200 and headers["content-type"] == "image/png" and data == png
+        (tmp_path / "bytes.parquet").rename(tmp_path / "moved.parquet")
+        status, body, _ = client.get("/items/0")
+        assert status == 404 and "no longer exists" in body["error"]
+
+
 def test_bad_requests(server):
     png = server.images[0].read_bytes()
     cases = [

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,6 +232,23 @@ class ArrowImage:
     def read_bytes(self) -> bytes:
         data, path = self._cell()
         return data if data is not None else path.read_bytes()
+
+    def name(self) -> str:
+        """The image file a path cell names, or where the bytes of a bytes cell are:
+        `FILE#UNIT:ROW:COLUMN`, which `image_cell` reads again."""
+        data, path = self._cell()
+        if data is None and path is not None:
+            return str(path.resolve())
+        return f"{Path(self.shard.path).resolve()}#{self.unit}:{self.row}:{self.column}"
+
+
+def image_cell(name: str) -> ArrowImage | None:
+    """The cell an `ArrowImage.name` of a bytes cell names; None for any other text."""
+    m = re.fullmatch(r"(.+\.(parquet|arrow))#(\d+):(\d+):(.+)", name, flags=re.IGNORECASE | re.DOTALL)
+    if not m:
+        return None
+    file, fmt, unit, row, column = m.groups()
+    return ArrowImage(_Shard(file, fmt.lower()), column, int(unit), int(row))
 
 
 def _is_image_type(t: pa.DataType) -> bool:

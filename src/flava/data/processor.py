@@ -42,7 +42,9 @@ def load_image(image: ImageInput) -> Image.Image:
         return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         image = Path(image)
-    if not isinstance(image, (Image.Image, Path, TarMember, Blob)):
+    # A parquet or Arrow image cell (data.arrow.ArrowImage) reads like a file; pyarrow stays unimported.
+    file_like = hasattr(image, "read_bytes") and hasattr(image, "exists")
+    if not (isinstance(image, (Image.Image, Path, TarMember, Blob)) or file_like):
         raise InputError(f"an image must be a PIL image, a numpy array or a path; got {type(image).__name__}")
     try:
         return open_image(image)

@@ -49,6 +49,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from .. import __version__
+from ..data.arrow import image_cell
 from ..errors import FlavaError
 from ..evaluate.zero_shot import class_embeddings, parse_templates
 from ..retrieval.classify import ZeroShotClassifier
@@ -370,6 +371,10 @@ def create_app(
         if not path.is_file() and hash_ and offset.isascii() and offset.isdigit():  # an image inside a tar shard
             data, media = await run_in_threadpool(_shard_member, Path(shard), int(offset))
             return Response(data, media_type=media)
+        cell = None if path.is_file() else image_cell(value)
+        if cell is not None:  # an image's bytes in a parquet or Arrow file
+            data, media = await run_in_threadpool(_cell_bytes, cell)
+            return Response(data, media_type=media)
         if not path.is_file():
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index")
         return FileResponse(path)
@@ -390,23 +395,35 @@ def create_app(
 def _shard_member(shard: Path, offset: int) -> tuple[bytes, str]:
     """An indexed image inside a local tar shard (`flava embed` over shards) and the media type its
     bytes say."""
-    import io
-
-    from PIL import Image
-
     from ..data.members import member_at
 
     if not shard.is_file():
         raise ApiError(404, f"the indexed shard {shard} is not a local file (moved, or a remote one): its images are "
                             "not served; rebuild the index from local shards")
+    return _image_response(lambda: member_at(shard, offset), f"{shard}#{offset}")
+
+
+def _cell_bytes(cell) -> tuple[bytes, str]:
+    """An indexed image held in a parquet or Arrow file (`flava embed --pairs` over one)."""
+    if not Path(cell.shard.path).is_file():
+        raise ApiError(404, f"the indexed file {cell.shard.path} no longer exists; rebuild the index")
+    return _image_response(cell.read_bytes, cell.name())
+
+
+def _image_response(read: Callable[[], bytes], where: str) -> tuple[bytes, str]:
+    """An image's bytes and the media type they say."""
+    import io
+
+    from PIL import Image
+
     try:
-        data = member_at(shard, offset)
+        data = read()
         with Image.open(io.BytesIO(data)) as im:
             # A camera's JPEG with MPF data opens as MPO, which a browser would download, not show.
             media = "image/jpeg" if im.format == "MPO" else Image.MIME.get(im.format or "", "application/octet-stream")
         return data, media
     except Exception as e:  # anything a damaged member or image raises is this item's 404
-        raise ApiError(404, f"the indexed image {shard}#{offset} cannot be read ({e}); rebuild the index") from None
+        raise ApiError(404, f"the indexed image {where} cannot be read ({e}); rebuild the index") from None
 
 
 def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
