@@ -509,13 +509,27 @@ def test_best_validation_state_scores_the_test(model, tokenizer):
     # worse validation gets, so the best state is an early one, not the final one.
     settings = FinetuneSettings(lr=3e-3, epochs=4, batch_size=16, eval_every=2, warmup_fraction=0.0)
     result = finetune_text(model, keyword_task(64, flip_eval=True), settings, tokenizer)
-    best = int(np.argmax(result.val_curve))
+    best = max(range(len(result.eval_steps)), key=lambda j: (result.val_curve[j], -result.val_losses[j]))
     assert result.eval_steps == [2, 4, 6, 8, 10, 12, 14, 16]
     assert result.best_step == result.eval_steps[best] and result.best_val == result.val_curve[best]
     assert result.val_curve[-1] < result.best_val  # so restoring the best state matters
     # Test data = validation data: scored with the restored state it gives the best value again.
     assert result.test_metrics["accuracy"] == result.best_val
     assert result.val_metrics[best]["accuracy"] == result.best_val
+
+
+def test_a_tie_on_the_validation_metric_goes_to_the_lower_validation_loss(model, tokenizer):
+    # One validation example: its accuracy is 0 or 1, so evaluations tie, and the first state that
+    # answered it (kept before, however little it had trained) is not the one most sure of it.
+    task = keyword_task(32)
+    task.val = task.val[:1]
+    settings = FinetuneSettings(lr=1e-3, epochs=2, batch_size=8, eval_every=1, warmup_fraction=0.0,
+                                train_encoders=False)
+    result = finetune_text(model, task, settings, tokenizer)
+    tied = [j for j, v in enumerate(result.val_curve) if v == result.best_val]
+    assert len(tied) > 1 and len(result.val_losses) == len(result.eval_steps) == 8
+    best = min(tied, key=lambda j: result.val_losses[j])
+    assert best != tied[0] and result.best_step == result.eval_steps[best]
 
 
 @pytest.mark.slow

@@ -327,7 +327,7 @@ def test_a_mistyped_relative_model_path_is_named_as_a_missing_directory(tmp_path
     assert "hub" not in err.lower()
 
 
-def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, capsys):
+def test_finetune_refuses_to_replace_a_task_model_unless_told(tmp_path, capsys):
     from flava.finetune.heads import TextClassifier, TextHead
     from flava.finetune.taskmodel import save_task_model
 
@@ -341,6 +341,10 @@ def test_finetune_refuses_to_replace_a_task_model_of_another_kind(tmp_path, caps
     err = one_line_error(capsys, code)
     assert "holds a text-classification task model" in err and "--replace" in err
     assert (tmp_path / "t1" / "model.safetensors").read_bytes() == before
+    # One of the same kind too: a rerun would discard a finished fine-tuning.
+    code = cli(["finetune", "--model", str(tmp_path / "none"), "--task", "text-classification",
+                "--train", str(tmp_path), "--output", str(tmp_path / "t1")])
+    assert "fine-tuning text-classification would replace it" in one_line_error(capsys, code)
     # Named where a pretrained model is wanted, a task model is said to be one.
     (tmp_path / "t.txt").write_text("a text\n")
     err = one_line_error(capsys, cli(["embed", "--model", str(tmp_path / "t1"), "--texts", str(tmp_path / "t.txt"),

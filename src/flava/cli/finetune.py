@@ -30,7 +30,7 @@ def add(sub) -> None:
     p.add_argument("--test", help="test data, scored once with the best validation state")
     p.add_argument("--output", required=True, help="the task model directory to write")
     p.add_argument("--replace", action="store_true",
-                   help="replace a task model of another kind that --output already holds")
+                   help="replace the task model that --output already holds")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, help="peak learning rate; default 1e-4, or 1e-3 with --head-only")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
@@ -48,6 +48,10 @@ def add(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the fine-tuning in --output that SIGTERM or Ctrl-C stopped (same arguments)")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
+
+
+SMALL_VAL = 20
+"""Below this many validation examples, the choice of the state kept rests on a handful of answers."""
 
 
 def read_task(kind: str, train: str, val: str | None, test: str | None, val_fraction: float, seed: int):
@@ -92,7 +96,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS, 'tasks')}")
     output = Path(args.output)
-    replaced = check_output(output, args.task, args.replace)
+    # A --resume continues what its first command (with --replace, where needed) began.
+    replaced = check_output(output, args.task, args.replace or args.resume)
     check_writable(output.parent)  # the task model replaces `output` whole from a folder beside it
     settings = check(FinetuneSettings(
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
@@ -157,6 +162,9 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
                   f"{len(task.test) if args.test else 0} train/val/test examples, {outputs}")
     for note in task.notes:
         console.print(f"  {escape(note)}")
+    if len(task.val) < SMALL_VAL:
+        console.print(f"note: validation holds {len(task.val)} example(s), from which the state kept is chosen (a "
+                      f"tie goes to the lower validation loss); give --val, or a larger --val-fraction")
     model, resolved = load_model(args.model)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
     if tokenizer is not None and settings.max_text_length is not None:  # refused before the progress bar

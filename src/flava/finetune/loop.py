@@ -159,7 +159,8 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
     eval_steps: list[int] = []
     curve: list[float] = []
     val_metrics: list[dict[str, float]] = []
-    best_state, best_val, best_step = None, -math.inf, 0
+    val_losses: list[float] = []
+    best_state, best_val, best_step, best_loss = None, -math.inf, 0, math.inf
     step = 0
     perm, first = None, 0
     saved = _load_state(resumable) if resumable is not None else None
@@ -172,7 +173,8 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
         step, perm, first, best_state = int(saved["step"]), saved["perm"], int(saved["next"]), saved["best_state"]
         record = json.loads(saved["record"])
         losses, eval_steps, curve, val_metrics = (record[k] for k in ("losses", "eval_steps", "curve", "val_metrics"))
-        best_val, best_step = record["best_val"], record["best_step"]
+        val_losses = record.get("val_losses", [])
+        best_val, best_step, best_loss = record["best_val"], record["best_step"], record.get("best_loss", math.inf)
     while step < total:
         if perm is None or first >= n:
             perm, first = torch.randperm(n, generator=order_rng), 0
@@ -195,13 +197,16 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
                 on_step(step, total, losses[-1])
             epoch_end = start + s.batch_size >= n
             if step == total or (step % s.eval_every == 0 if s.eval_every else epoch_end):
-                scores = split_scores(job.kind, job.metrics, predict(val), val, job.num_outputs)[0]
+                val_logits = predict(val)
+                scores = split_scores(job.kind, job.metrics, val_logits, val, job.num_outputs)[0]
+                val_loss = float(_loss(job.kind, val_logits, val, torch.arange(len(val)), job.num_outputs))
                 eval_steps.append(step)
                 val_metrics.append(scores)
+                val_losses.append(val_loss)
                 curve.append(scores[select])
-                # Strictly better: on a tie the earlier (less trained) state stays.
-                if best_state is None or scores[select] > best_val:
-                    best_val, best_step = scores[select], step
+                # A tie on the metric (frequent on a small validation split) goes to the lower loss.
+                if best_state is None or (scores[select], -val_loss) > (best_val, -best_loss):
+                    best_val, best_step, best_loss = scores[select], step, val_loss
                     best_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
             if step == total:
                 break
@@ -212,7 +217,8 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
                     "order_rng": order_rng.get_state(), "rng": torch.get_rng_state(), "step": step, "perm": perm,
                     "next": start + s.batch_size, "best_state": best_state,
                     "record": json.dumps({"losses": losses, "eval_steps": eval_steps, "curve": curve,
-                                          "val_metrics": val_metrics, "best_val": best_val, "best_step": best_step},
+                                          "val_metrics": val_metrics, "best_val": best_val, "best_step": best_step,
+                                          "best_loss": best_loss, "val_losses": val_losses},
                                          default=float)})
                 at = f"at step {step} of {total}"
                 raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; saved in "
@@ -232,6 +238,7 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
         val_curve=curve, val_metrics=val_metrics, best_step=best_step, best_val=best_val, test_metrics=test_metrics,
         predictions=preds, probabilities=probs, confusion=confusion, train_encoders=s.train_encoders, steps=step,
         seconds=time.perf_counter() - started, feature_seconds=feature_seconds, model=clf, kind=job.kind,
+        val_losses=val_losses,
     )
 
 

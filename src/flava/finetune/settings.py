@@ -106,4 +106,6 @@ class FinetuneResult:
     """Tokens per text (pair) the model was trained with; None for image classification."""
     pairs: bool = False
     """Whether the text task's examples were sentence pairs."""
+    val_losses: list[float] = field(default_factory=list)
+    """The training loss on validation at each evaluation: a tie on `metric` goes to the lower."""
 

@@ -267,8 +267,8 @@ class TaskModel:
 def check_output(directory: str | os.PathLike, task: str | None = None, replace: bool = False) -> str | None:
     """CheckpointError unless `directory` is absent, empty or an earlier task model: a task model
     replaces its directory whole, which must never take a checkpoint or other files with it. With
-    `task`, an earlier task model of another kind is refused too unless `replace`. Returns the kind
-    of the task model that will be replaced, if any."""
+    `task`, an earlier task model is refused too unless `replace` (a rerun would discard a finished
+    fine-tuning). Returns the kind of the task model that will be replaced, if any."""
     target = Path(directory)
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target} is a file; choose a directory for the task model")
@@ -282,7 +282,7 @@ def check_output(directory: str | os.PathLike, task: str | None = None, replace:
         old = read_json(target / TASK_FILE, "task model", CheckpointError, expect=dict).get("task")
     except CheckpointError:
         return None
-    if task is not None and old != task and not replace:
+    if task is not None and not replace:
         raise CheckpointError(f"{target} holds a {old} task model; fine-tuning {task} would replace it: choose "
                               f"another --output, or pass --replace")
     return str(old)
