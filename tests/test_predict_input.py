@@ -143,3 +143,31 @@ def test_predict_names_every_column_of_a_regression_table(models, tmp_path, caps
     header = next(line for line in out.splitlines() if " input " in line)
     assert [c.strip() for c in header.strip()[1:-1].split("┃")] == ["#", "input", "predicted value"]  # none blank
     assert "on 2 labelled inputs" in " ".join(out.split())
+
+
+def test_predict_reads_a_parquet_tables_image_bytes_and_names_a_url_as_one(models, tmp_path, capsys):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pngs = []
+    for rgb in ((20, 20, 220), (220, 20, 20)):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), rgb).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    pq.write_table(pa.table({"image": pngs, "label": ["blue", "red"]}), tmp_path / "in.parquet")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "in.parquet"),
+                 "--output", str(out)]) == 0
+    rows = rows_of(out)
+    assert [r["image"] for r in rows] == [f"{tmp_path / 'in.parquet'}, row {i}" for i in (1, 2)]  # not the bytes
+    assert all(r["prediction"] in ("blue", "red") and not r.get("error") for r in rows)
+    Image.open(io.BytesIO(pngs[0])).save(tmp_path / "0.png")
+    (tmp_path / "in.csv").write_text("image,label\nhttp://example.com/a.png,blue\n0.png,blue\n")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "in.csv"),
+                 "--output", str(out)]) == 0
+    rows = rows_of(out)
+    assert rows[0]["error"] == "cannot use image http://example.com/a.png: image URL, not downloaded"
+    assert rows[1]["prediction"] and not rows[1]["error"]

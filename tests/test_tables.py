@@ -2,6 +2,7 @@
 suffixes, BOM, encodings, bad rows, column lookup, empty files; and the one prompt-template parser."""
 
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -157,6 +158,40 @@ def test_every_user_of_tables_reads_jsonl_and_parquet_too(tmp_path):
     src = csv_pairs(str(write(tmp_path / "p.jsonl", "jsonl")))
     assert [(r.image.name, r.caption) for r in src.records] == [("a.png", ROWS[0]["caption"]),
                                                                 ("b.png", ROWS[1]["caption"])]
+
+
+def test_a_tables_images_may_be_bytes_but_urls_are_named_and_never_fetched(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from flava.data.members import URL_NOT_FETCHED, BadSample, Blob, ImageURL, table_image
+    from flava.data.processor import ImageError, load_image
+    from flava.data.sources import csv_pairs
+    from flava.evaluate.readers.user_files import read_image_classification
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(buf, format="PNG")
+    png = buf.getvalue()
+    assert table_image(tmp_path, "a/b.png") == tmp_path / "a" / "b.png"
+    assert table_image(tmp_path, "file:///x/b.png") == table_image(tmp_path, "/x/b.png") == Path("/x/b.png")
+    assert table_image(tmp_path, png) == table_image(tmp_path, {"bytes": png, "path": None}) == Blob(png)
+    assert load_image(Blob(png)).size == (8, 8) and "bytes of image data" in f"{Blob(png)}"
+    url = table_image(tmp_path, "https://example.com/a.png")
+    assert url == ImageURL("https://example.com/a.png") and table_image(tmp_path, "s3://b/k.jpg").url == "s3://b/k.jpg"
+    with pytest.raises(BadSample, match=URL_NOT_FETCHED):
+        url.read()
+    with pytest.raises(ImageError, match="cannot use image https://example.com/a.png: image URL, not downloaded"):
+        load_image("https://example.com/a.png")  # the API's string too: not a missing file "https:/example.com"
+    (tmp_path / "urls.csv").write_text("image,caption\nhttp://example.com/a.png,a\nhttp://example.com/b.png,b\n")
+    with pytest.raises(DataError, match=r"urls\.csv: its images are URLs \(http://example\.com/a\.png, \.\.\.\), "
+                                        r"which flava does not fetch"):
+        csv_pairs(str(tmp_path / "urls.csv"))
+    (tmp_path / "some.csv").write_text("image,caption\nhttp://example.com/a.png,a\nb.png,b\n")
+    assert [type(r.image) for r in csv_pairs(str(tmp_path / "some.csv")).records] == [ImageURL, type(tmp_path)]
+    (tmp_path / "labels.csv").write_text("image,label\nhttps://example.com/a.png,cat\n")
+    with pytest.raises(DataError, match=r"labels\.csv, line 2: image https://example\.com/a\.png is a URL"):
+        read_image_classification(tmp_path / "labels.csv")
 
 
 def test_one_prompt_template_parser():

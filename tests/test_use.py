@@ -226,6 +226,22 @@ def test_shard_pairs_keep_their_captions_and_keys_through_index_and_search(tiny_
     assert hit["item"] == "a blue square" and hit["metadata"]["key"] in ("s0", "s1", "s2")
 
 
+def test_a_pair_tables_image_urls_are_named_never_fetched_nor_read_as_paths(tiny_model, photos, tmp_path, capsys):
+    red = sorted((photos / "red").glob("*.png"))[0]
+    (tmp_path / "p.csv").write_text(f"url,caption\nhttp://example.com/a.png,a thing\n{red},a red square\n")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "p.csv"),
+                "--output", str(tmp_path / "emb")]) == 0
+    summary = json.loads((tmp_path / "emb" / "embed.json").read_text())
+    assert summary["embedded"] == 1 and summary["failed"] == {"image URL, not downloaded": 1}
+    assert summary["failures"][0]["image_path"] == "http://example.com/a.png"
+    (tmp_path / "all.csv").write_text("url,caption\nhttp://example.com/a.png,a\nhttps://example.com/b.jpg,b\n")
+    capsys.readouterr()
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "all.csv"),
+                "--output", str(tmp_path / "emb2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "its images are URLs (http://example.com/a.png, ...), which flava does not fetch" in err
+
+
 def test_a_missing_value_is_never_shown_as_none(tiny_model, tmp_path, capsys):
     rows = [{"text": "a red square", "id": "1"}, {"text": "a blue square", "id": None}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -73,6 +73,7 @@ def vqa_row_score(prediction: str, answers: list[str]) -> float:
 
 
 def _table_inputs(path: Path, tm) -> Inputs:
+    from ..data.members import Blob, table_image
     from ..data.tables import read_table
     from ..errors import DataError
     from ..evaluate.readers.multimodal import normalize_answer
@@ -118,8 +119,9 @@ def _table_inputs(path: Path, tm) -> Inputs:
             out.add(shown, error=f"{r.where}: no {' or '.join(missing)}")
             continue
         if image is not None:
-            p = Path(str(image)).expanduser()
-            image = p if p.is_absolute() else path.parent / p
+            image = table_image(path.parent, image)
+            if isinstance(image, Blob):  # the output names where the image was, not its bytes
+                shown["image"] = r.where
         # A VQA model's answers are processed as the VQA evaluator processes them ("Two" is "2").
         label = None if label is None else (normalize_answer(str(label)) if vqa else str(label).strip())
         if label is not None and tm.task == "text-regression":  # refused as finetune refuses it, before predicting

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .members import BadSample, Blob, ImageRef, Member, TarMember
+from .members import BadSample, Blob, ImageRef, ImageURL, Member, TarMember
 from .transforms import crop_resize, extreme_aspect, to_rgb
 
 MAX_IMAGE_PIXELS = 40_000_000
@@ -22,7 +22,7 @@ MAX_IMAGE_PIXELS = 40_000_000
 
 
 def _image_bytes(ref: Path | Member) -> bytes:
-    if isinstance(ref, (TarMember, Blob)):
+    if isinstance(ref, (TarMember, Blob, ImageURL)):
         data = ref.read()
     else:
         if not ref.exists():

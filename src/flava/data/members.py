@@ -5,10 +5,13 @@ reason a record cannot be used (counted under that name by the pipeline)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from ..errors import DataError
 
 
 class BadSample(Exception):
@@ -72,15 +75,59 @@ class TarMember:
         return data
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Blob:
-    """A tar member of a shard held in memory (a remote shard read whole)."""
+    """A tar member of a shard held in memory (a remote shard read whole), or a table's image cell."""
 
     data: bytes | memoryview
     ext: str = ""
 
     def read(self) -> bytes:
         return bytes(self.data)
+
+    def __repr__(self) -> str:  # in messages: never the bytes themselves
+        return f"<{len(self.data):,} bytes of image data>"
+
+
+@dataclass(frozen=True)
+class ImageURL:
+    """A table's image given as a URL: named, never fetched (flava reads local files and shards)."""
+
+    url: str
+    ext: str = ""
+
+    def read(self) -> bytes:
+        raise BadSample(URL_NOT_FETCHED)
+
+    def __str__(self) -> str:
+        return self.url
+
+
+URL_NOT_FETCHED = "image URL, not downloaded"
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def table_image(base: Path, value) -> Path | Blob | ImageURL:
+    """A table cell's image: a path (relative to `base`, the table's folder), the bytes of the
+    image itself (parquet; a `datasets` Image struct), or a URL, which is not fetched."""
+    if isinstance(value, dict):  # the `datasets` Image struct
+        value = value.get("bytes") or value.get("path") or ""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return Blob(bytes(value))
+    text = str(value)
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif _SCHEME.match(text):
+        return ImageURL(text)
+    p = Path(text).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def refuse_urls(table: Path, images: list) -> None:
+    """DataError when a table's images are all URLs, where each would be counted as a bad record."""
+    if images and all(isinstance(i, ImageURL) for i in images):
+        raise DataError(f"{table}: its images are URLs ({images[0]}, ...), which flava does not fetch: download "
+                        "them first (img2dataset writes WebDataset shards, which flava reads)")
 
 
 def member_at(shard: Path, offset: int, limit: int = 64 * 2**20) -> bytes:
@@ -104,5 +151,5 @@ def member_at(shard: Path, offset: int, limit: int = 64 * 2**20) -> bytes:
         return f.read(info.size)
 
 
-Member = TarMember | Blob
+Member = TarMember | Blob | ImageURL
 ImageRef = Path | Member | Image.Image

@@ -16,13 +16,13 @@ from ..config import FlavaConfig
 from ..errors import DataError, InputError
 from ..io.files import read_json, write_json_atomic
 from .decode import open_image
-from .members import BadSample, Blob, TarMember
+from .members import BadSample, Blob, ImageURL, TarMember, table_image
 from .tokenizer import TextTokenizer, TokenizedText, default_tokenizer_file
 from .transforms import (CLIP_MEAN, CLIP_STD, extreme_aspect, resize_center_crop, single_threaded, to_rgb,
                          to_tensor)
 
 PROCESSOR_FILE = "flava_processor.json"
-ImageInput = Image.Image | np.ndarray | str | os.PathLike | TarMember | Blob
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | TarMember | Blob | ImageURL
 
 
 class ImageError(DataError):
@@ -41,10 +41,10 @@ def load_image(image: ImageInput) -> Image.Image:
                              "extreme aspect ratio")
         return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
-        image = Path(image)
+        image = table_image(Path(), os.fspath(image))  # a URL is named as one, not as a missing file
     # A parquet or Arrow image cell (data.arrow.ArrowImage) reads like a file; pyarrow stays unimported.
     file_like = hasattr(image, "read_bytes") and hasattr(image, "exists")
-    if not (isinstance(image, (Image.Image, Path, TarMember, Blob)) or file_like):
+    if not (isinstance(image, (Image.Image, Path, TarMember, Blob, ImageURL)) or file_like):
         raise InputError(f"an image must be a PIL image, a numpy array or a path; got {type(image).__name__}")
     try:
         return open_image(image)

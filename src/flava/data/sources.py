@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from .images import find_images
-from .members import BadSample, ImageRef, Member, TarMember
+from .members import BadSample, ImageRef, Member, TarMember, refuse_urls, table_image
 from .tables import read_table
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
@@ -173,7 +173,8 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
         if not image:
             rejected["csv row without an image"] += 1
         else:
-            records.append(PairRecord(p.parent / str(image), "" if caption is None else str(caption)))
+            records.append(PairRecord(table_image(p.parent, image), "" if caption is None else str(caption)))
+    refuse_urls(p, [r.image for r in records])
     return Source("pairs", records, str(p), rejected)
 
 

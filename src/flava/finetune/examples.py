@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..data.members import Blob
 from ..errors import ConfigError, DataError
 
 # Metric names the fine-tuner knows (functions of flava.scores).
@@ -180,7 +181,7 @@ def _check_image_classifier(data, kind: str, texts: bool) -> None:
             if isinstance(ex.image, Path):
                 if not ex.image.is_file():
                     missing.append((split, ex.image))
-            elif not isinstance(ex.image, Image.Image):
+            elif not isinstance(ex.image, (Image.Image, Blob)):  # Blob: a table's image bytes (parquet)
                 raise DataError(f"{where}: the image must be a path or a PIL image, not {type(ex.image).__name__}")
             if kind == "vqa":
                 if ex.answers is None:

@@ -34,7 +34,7 @@ from .. import stopping
 from ..data.arrow import ArrowImage, is_arrow_spec
 from ..data.images import find_images
 from ..data.processor import ImageInput
-from ..data.members import BadSample
+from ..data.members import BadSample, refuse_urls, table_image
 from ..data.sources import read_caption
 from ..data.tables import is_table, read_table
 from ..errors import DataError, InputError
@@ -165,11 +165,13 @@ def pair_inputs(spec: str) -> Inputs:
         text_col = table.column("caption", "text")
         images, texts, meta = [], [], []
         for row in (r.values for r in table.rows):
-            image = (p.parent / str(row.get(image_col) or "")).resolve()
+            image = table_image(p.parent, row.get(image_col) or "")
+            image = image.resolve() if isinstance(image, Path) else image
             images.append(image)
             texts.append(row.get(text_col))
             meta.append({"image_path": str(image), "caption": row.get(text_col),
                          **{k: _cell(v) for k, v in row.items() if k not in (image_col, text_col)}})
+        refuse_urls(p, images)
         return Inputs("pair", images=images, texts=texts, metadata=meta)
     from ..data.registry import open_source
 

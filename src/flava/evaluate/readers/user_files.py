@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ...data.members import Blob, ImageURL, table_image
 from ...data.tables import SUFFIXES, Row, nearest, read_table
 from ...errors import ConfigError, DataError
 from ...finetune.examples import (
@@ -34,9 +35,12 @@ def _cell(row: Row, keys: tuple[str, ...]):
                     f"(fields: {', '.join(names) or 'none'}" + (f"; the nearest is {close!r})" if close else ")"))
 
 
-def _image_path(base: Path, value) -> Path:
-    p = Path(str(value)).expanduser()
-    return p if p.is_absolute() else base / p
+def _image_path(base: Path, value, where: str) -> Path | Blob:
+    image = table_image(base, value)
+    if isinstance(image, ImageURL):
+        raise DataError(f"{where}: image {image} is a URL, which flava does not fetch: download the images first "
+                        "and name their files")
+    return image
 
 
 def _class_names(labels: Sequence[str]) -> list[str]:
@@ -100,7 +104,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
                 notes.append(f"{loose} image(s) directly in {p}, outside any class folder, skipped")
             raw[split] = [(r.image, r.image, src.classes[r.label]) for r in src.records if r.label >= 0]
         elif p.is_file():
-            raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",))),
+            raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",)), row.where),
                            str(_cell(row, ("label",))).strip()) for row in read_table(p).rows]
         else:
             raise DataError(f"{p} does not exist (expected a folder of class folders or a table: "
@@ -133,7 +137,7 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
     for split, p in _optional_paths(path_train, path_val, path_test).items():
         rows = []
         for row in read_table(p).rows:
-            image = _image_path(p.parent, _cell(row, ("image",)))
+            image = _image_path(p.parent, _cell(row, ("image",)), row.where)
             text = str(_cell(row, ("text", "question")))
             if kind == "vqa":
                 answers = answer_list(row.get("answers"))
