@@ -194,6 +194,14 @@ def test_a_tables_images_may_be_bytes_but_urls_are_named_and_never_fetched(tmp_p
         read_image_classification(tmp_path / "labels.csv")
 
 
+def test_a_table_written_as_json_is_not_taken_for_a_broken_shard_index(tmp_path):
+    from flava.data.registry import open_source
+
+    (tmp_path / "rows.json").write_text('[{"image": "0.png", "caption": "a"}]')
+    with pytest.raises(DataError, match=r"rows\.json is not a shard index .*must be JSON Lines \(\.jsonl"):
+        open_source("pairs", str(tmp_path / "rows.json"))
+
+
 def test_one_prompt_template_parser():
     from flava.evaluate.zero_shot import CLIP_TEMPLATES, SHORT_TEMPLATES, parse_templates
 

@@ -226,6 +226,29 @@ def test_shard_pairs_keep_their_captions_and_keys_through_index_and_search(tiny_
     assert hit["item"] == "a blue square" and hit["metadata"]["key"] in ("s0", "s1", "s2")
 
 
+def test_a_rerun_embeds_again_a_part_whose_image_changed_and_refuses_int8_into_float_vectors(tiny_model, photos,
+                                                                                               tmp_path, capsys):
+    images = tmp_path / "imgs"
+    shutil.copytree(photos / "red", images)
+    out = tmp_path / "emb"
+    args = ["embed", "--model", str(tiny_model), "--images", str(images), "--output", str(out), "--part-size", "2"]
+    assert cli(args) == 0
+    before = read_embeddings(out).vectors
+    shutil.copy(photos / "blue" / "0.png", images / "3.png")  # the last part's image replaced under its name
+    capsys.readouterr()
+    assert cli(args) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "1 of 2 part(s) were already done and kept" in said and "1 part(s) done before were embedded again" in said
+    after = read_embeddings(out).vectors
+    np.testing.assert_array_equal(after[:3], before[:3])
+    np.testing.assert_allclose(after[3], flava.load(tiny_model).encode_image(images / "3.png")[0].numpy(), atol=1e-5)
+    assert cli(args + ["--int8"]) == 2
+    assert "holds embeddings of other inputs or settings (int8: None -> True)" in capsys.readouterr().err
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(images), "--output", str(tmp_path / "q"),
+                "--int8"]) == 0
+    assert json.loads((tmp_path / "q" / "embed.json").read_text())["int8"] is True
+
+
 def test_a_pair_tables_image_urls_are_named_never_fetched_nor_read_as_paths(tiny_model, photos, tmp_path, capsys):
     red = sorted((photos / "red").glob("*.png"))[0]
     (tmp_path / "p.csv").write_text(f"url,caption\nhttp://example.com/a.png,a thing\n{red},a red square\n")

@@ -106,9 +106,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
                 tasks.append(bar.add_task("embed", total=total, info=""))
             bar.update(tasks[0], completed=done)
         summary = embed_run(model, model_name(args.model), inputs, args.output, batch_size=args.batch_size,
-                            part_size=args.part_size, float16=args.float16, checkpoint=checkpoint, progress=progress)
+                            part_size=args.part_size, float16=args.float16, int8=args.int8, checkpoint=checkpoint,
+                            progress=progress)
     if summary.skipped_parts:
         console.print(f"{summary.skipped_parts} of {summary.parts} part(s) were already done and kept")
+    if summary.changed_parts:
+        console.print(f"{summary.changed_parts} part(s) done before were embedded again: their image files changed "
+                      "since")
     console.print(escape(f"wrote {summary.count} embedding(s) to {summary.output}"))
     if summary.failed:
         console.print("left out: " + ", ".join(f"{n} {why}" for why, n in summary.failed.most_common())

@@ -126,6 +126,9 @@ def read_index(url: str) -> dict:
         raw = read(url)
         text = raw.read_text() if isinstance(raw, Path) else raw.decode()
         index = json.loads(text)
+        if not (isinstance(index, dict) and "shardlist" in index):  # a table written as JSON, say
+            raise DataError(f"{url} is not a shard index (`flava prepare`'s {INDEX}, which lists shards): a table of "
+                            "rows must be JSON Lines (.jsonl, one object per line), CSV, TSV or parquet")
         shards = index["shardlist"]
         base = url.rsplit("/", 1)[0] if "/" in url else "."
         for s in shards:
@@ -135,6 +138,8 @@ def read_index(url: str) -> dict:
         return index
     except FileNotFoundError:
         raise DataError(f"shard index {url} does not exist") from None
+    except DataError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise DataError(f"shard index {url} could not be read ({type(e).__name__}); write it again with "
                         "`flava prepare`") from None

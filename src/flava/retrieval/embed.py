@@ -209,6 +209,8 @@ class EmbedSummary:
     parts: int
     skipped_parts: int
     """Parts found complete from an earlier run."""
+    changed_parts: int = 0
+    """Parts an earlier run had finished whose files changed since: embedded again."""
 
 
 def _check_text(text) -> str:
@@ -286,7 +288,7 @@ def part_name(i: int) -> str:
 
 
 def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | os.PathLike, *,
-              batch_size: int = 32, part_size: int = 10_000, float16: bool = False,
+              batch_size: int = 32, part_size: int = 10_000, float16: bool = False, int8: bool = False,
               progress: Callable[[int, int], None] | None = None, checkpoint: dict | None = None) -> EmbedSummary:
     """Embed `inputs` into `output` part by part; parts a previous run finished are kept.
     `checkpoint` (`io.fingerprint.checkpoint_identity`) is recorded, and a rerun with another
@@ -304,6 +306,8 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
                 "dim": model.config.projection_dim, "checkpoint": checkpoint}
     if inputs.text_field != "caption":  # only then: runs that name no field still resume
         settings["text_field"] = inputs.text_field
+    if int8:  # likewise: int8 vectors differ from float ones, and one output never mixes them
+        settings["int8"] = True
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; choose a directory for the embeddings")
     if (out / SETTINGS).is_file():
@@ -329,12 +333,16 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
     n_parts = -(-len(inputs) // part_size)
     failed: Counter = Counter(inputs.listing_rejected)
     named: list[dict] = []
-    count = skipped = done = 0
+    count = skipped = changed = done = 0
     for part in range(n_parts):
         lo, hi = part * part_size, min((part + 1) * part_size, len(inputs))
         marker = out / "parts" / f"{part_name(part)}.json"
-        if marker.is_file():
-            info = read_json(marker, "part record", DataError, expect=dict)
+        files = _files_digest(inputs.images[lo:hi]) if inputs.images is not None else None
+        info = read_json(marker, "part record", DataError, expect=dict) if marker.is_file() else None
+        if info is not None and info.get("files", files) != files:  # an image replaced under the same name
+            info = None
+            changed += 1
+        if info is not None:
             count += info["count"]
             failed.update(info["failed"])
             named += info["named"]
@@ -379,7 +387,8 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
             _save_npy(out / "text_emb" / f"text_emb_{name}.npy",
                       np.concatenate([np.zeros((0, embedder.dim), np.float32)] + texts).astype(dtype))
         save_parquet(out / "metadata" / f"metadata_{name}.parquet", [inputs.metadata[i] for i in rows])
-        write_json_atomic(marker, {"count": len(rows), "failed": dict(part_failed), "named": part_named})
+        write_json_atomic(marker, {"count": len(rows), "failed": dict(part_failed), "named": part_named,
+                                   "files": files})
         count += len(rows)
         failed.update(part_failed)
         named += part_named
@@ -394,7 +403,22 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
     write_json_atomic(out / SUMMARY, {**settings, "embedded": count, "failed": dict(failed),
                                       "samples": len(inputs) + sum(inputs.listing_rejected.values()),
                                       "failures": named, "parts": n_parts})
-    return EmbedSummary(out, inputs.modality, count, failed, n_parts, skipped)
+    return EmbedSummary(out, inputs.modality, count, failed, n_parts, skipped, changed)
+
+
+def _files_digest(images: Sequence) -> str:
+    """What the files behind a part's images are now (size and modification time of each image
+    file, shard or table): a part kept from an earlier run must have been made from these."""
+    h = hashlib.sha256()
+    for ref in images:
+        file = ref if isinstance(ref, Path) else getattr(ref, "shard", None)
+        file = getattr(file, "path", file)  # an Arrow cell's file
+        try:
+            st = os.stat(file) if file is not None else None
+            h.update(f"{file}\0{st.st_size if st else ''}\0{st.st_mtime_ns if st else ''}\n".encode())
+        except OSError:
+            h.update(f"{file}\0missing\n".encode())
+    return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- reading runs back
