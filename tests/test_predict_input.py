@@ -171,3 +171,21 @@ def test_predict_reads_a_parquet_tables_image_bytes_and_names_a_url_as_one(model
     rows = rows_of(out)
     assert rows[0]["error"] == "cannot use image http://example.com/a.png: image URL, not downloaded"
     assert rows[1]["prediction"] and not rows[1]["error"]
+
+
+def test_predict_takes_an_image_glob_and_writes_one_header_whatever_the_rows(models, tmp_path, capsys):
+    for i, rgb in enumerate(((20, 20, 220), (220, 20, 20), (20, 20, 200))):
+        Image.new("RGB", (16, 16), rgb).save(tmp_path / f"{i}{'a' if i < 2 else 'b'}.png")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "*a.png"),
+                 "--output", str(out)]) == 0  # quoted, as a shell passes a pattern that matched nothing
+    assert [r["image"] for r in rows_of(out)] == [str(tmp_path / "0a.png"), str(tmp_path / "1a.png")]
+    header = out.read_text().splitlines()[0]
+    assert header == "image,prediction,score,top,error"  # `error` there, empty, when every input was used
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "broken.png"),
+                 str(tmp_path / "0a.png"), "--output", str(out)]) == 0
+    assert out.read_text().splitlines()[0] == header
+    capsys.readouterr()
+    assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "*c.png")]) == 2
+    assert "no image files match" in capsys.readouterr().err

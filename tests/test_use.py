@@ -369,7 +369,7 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert first["prediction"] == classes[int(p.argmax())]
     assert abs(float(first["score"]) - float(p.max())) < 1e-4
     # predict's columns and format: one script reads both commands' files.
-    assert list(first) == ["image", "true_label", "prediction", "score", "top"]
+    assert list(first) == ["image", "true_label", "prediction", "score", "top", "error"]
     top = [t.split(":") for t in first["top"].split("|")]
     assert len(top) == 2 and top[0][0] == first["prediction"] and abs(float(top[0][1]) - float(p.max())) < 1e-4
     assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
@@ -537,6 +537,18 @@ def test_the_hints_of_index_search_and_embed_point_where_they_should(tiny_model,
     assert cli(["index", "--embeddings", str(emb), "--output", str(idx)]) == 0
     capsys.readouterr()
     assert "--add" in _one_line(capsys, cli(["index", "--embeddings", str(emb), "--output", str(idx)]))
+    # The index's model moved away: said as that, not as a mistyped folder near some other one.
+    shutil.copytree(tiny_model, tmp_path / "model")
+    assert cli(["embed", "--model", str(tmp_path / "model"), "--texts", str(tmp_path / "t.txt"),
+                "--output", str(tmp_path / "emb2")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "emb2"), "--output", str(tmp_path / "idx2")]) == 0
+    (tmp_path / "model").rename(tmp_path / "moved")
+    capsys.readouterr()
+    err = _one_line(capsys, cli(["search", "--index", str(tmp_path / "idx2"), "--text", "a circle"]))
+    assert f"was made with {tmp_path / 'model'}" in err and "which is gone (moved or deleted)" in err
+    assert "name where it is now with --model" in err and "did you mean" not in err
+    assert cli(["search", "--index", str(tmp_path / "idx2"), "--text", "a circle", "--model",
+                str(tmp_path / "moved")]) == 0
 
 
 def test_classify_names_each_unusable_image_once(tiny_model, photos, tmp_path, capsys):

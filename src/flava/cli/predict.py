@@ -138,7 +138,8 @@ def read_inputs(specs: list[str], tm) -> Inputs:
     from ..data.tables import SUFFIXES as TABLE_SUFFIXES
     from ..errors import DataError
 
-    paths = [Path(s) for s in specs]
+    # Image globs as `embed` and `classify` read them (a quoted pattern reaches here unexpanded).
+    paths = [p for s in specs for p in (find_images([s]) if _pattern(s) else [Path(s)])]
     first = paths[0]
     listed = first.suffix.lower() in (*TABLE_SUFFIXES, ".txt")
     if listed or first.is_dir():
@@ -188,6 +189,10 @@ def read_inputs(specs: list[str], tm) -> Inputs:
     return out
 
 
+def _pattern(spec: str) -> bool:
+    return not Path(spec).exists() and any(c in spec for c in "*?[")
+
+
 def _rows(inputs: Inputs, preds: list[dict]) -> list[dict[str, Any]]:
     rows = []
     kept = inputs.kept or [{}] * len(preds)
@@ -215,9 +220,12 @@ def write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     if path.suffix.lower() == ".jsonl":
         write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return
+    # The same header whatever the rows hold: the input's columns, then the outputs in one order,
+    # `error` always (empty where every input was used).
     columns: list[str] = []
     for r in rows:
-        columns += [k for k in r if k not in columns]
+        columns += [k for k in r if k not in columns and k not in OUTPUT_COLUMNS]
+    columns += [k for k in OUTPUT_COLUMNS if k == "error" or any(k in r for r in rows)]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, delimiter="\t" if path.suffix.lower() == ".tsv" else ",",
                             lineterminator="\n")

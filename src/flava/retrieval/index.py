@@ -401,7 +401,7 @@ def query_model(index: VectorIndex, name: str | None = None, allow_other: bool =
     `name`, the very checkpoint that made the vectors while it is there unchanged; a named model
     (or a run directory whose newest checkpoint has moved on) must have the same weights, or is
     refused unless `allow_other`, which returns the loud warning to show."""
-    from ..errors import ConfigError
+    from ..errors import CheckpointError, ConfigError
     from ..io.checkpoint import checkpoint_dir
     from ..io.fingerprint import checkpoint_identity
     from ..io.runs import resolve
@@ -412,13 +412,20 @@ def query_model(index: VectorIndex, name: str | None = None, allow_other: bool =
             raise ConfigError(f"the index {index.path} does not record its model; name one with --model")
         return str(name or index.model), None
     gone = ""
+    given = name is not None
     if name is None:
         own = Path(recorded["path"])
         if (own / "config.json").is_file() and same_checkpoint(checkpoint_identity(own, recorded), recorded):
             return str(own), None
         gone = f" ({own} is gone or changed)"
         name = index.model or str(own)
-    path = checkpoint_dir(name) if Path(name).is_file() else resolve(name)
+    try:
+        path = checkpoint_dir(name) if Path(name).is_file() else resolve(name)
+    except CheckpointError:
+        if given:
+            raise
+        raise DataError(f"the index {index.path} was made with {describe_checkpoint(recorded)}, which is gone (moved "
+                        "or deleted): name where it is now with --model") from None
     identity = checkpoint_identity(path)
     if same_checkpoint(identity, recorded):
         return str(path), None
