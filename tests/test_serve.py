@@ -205,6 +205,8 @@ def test_embed_texts_and_images(server):
     status, body, _ = server.post_json("/embed", {"texts": texts})
     assert status == 200 and body["dim"] == server.embedder.dim and body["modality"] == "text"
     np.testing.assert_allclose(body["embeddings"], server.embedder.texts(texts), atol=1e-5)
+    status, body, _ = server.post_json("/embed", {"text": texts[0]})  # the singular, as /predict's form names it
+    assert status == 200 and np.allclose(body["embeddings"], server.embedder.texts(texts[:1]), atol=1e-5)
     files = [("image", p.name, p.read_bytes()) for p in server.images[:3]]
     status, body, _ = server.post_form("/embed", files=files)
     assert status == 200 and body["modality"] == "image"
@@ -272,6 +274,10 @@ def test_predict_equals_task_model(server):
         np.testing.assert_allclose([t["score"] for t in got["top"]], [t["score"] for t in exp["top"]], atol=1e-5)
     status, body, _ = server.post_form("/predict", {"text": texts[0]})
     assert status == 200 and body["predictions"][0]["label"] == want[0]["label"]
+    # A form's field name in JSON and the JSON's in a form: either is taken.
+    for status, body, _ in (server.post_json("/predict", {"text": texts[0]}),
+                            server.post_form("/predict", {"texts": texts[0]})):
+        assert status == 200 and body["predictions"][0]["label"] == want[0]["label"], body
 
 
 def test_responses_are_not_held_back_by_nagle(server):
@@ -510,7 +516,8 @@ def test_bad_requests(server):
         (server.post_form("/search", {"kk": "3"}, [("image", "a.png", png)]), 400, "unknown field 'kk' in the form"),
         (server.post_form("/classify", {"classes": "a, b", "topk": "1"}, [("image", "a.png", png)]), 400,
          "did you mean 'top_k'?"),
-        (server.post_json("/embed", {"text": ["a dog"]}), 400, "did you mean 'texts'?"),
+        (server.post_json("/embed", {"textz": ["a dog"]}), 400, "unknown field 'textz' in the JSON body; did you mean"),
+        (server.post_json("/embed", {"text": "a", "texts": ["b"]}), 400, 'give "texts" or "text", not both'),
         (server.post_json("/predict", {"texts": ["a"], "topk": 2}), 400, "'topk'"),
         (server.get("/search?q=dog&kk=3"), 400, "unknown field 'kk' in the query string"),
         (server.post_json("/search?n=2", {"position": 1}), 400, "the query string"),

@@ -285,7 +285,7 @@ def create_app(
             vectors, what = await images_of(images), "image"
         else:
             body = await read_json(request)
-            known(request, body, {"texts"}, "the JSON body")
+            known(request, body, {"texts", "text"}, "the JSON body")
             texts = string_list(body, "texts")
             vectors, what = await with_model(emb.texts, texts), "text"
         return {"embeddings": vectors.tolist(), "dim": int(vectors.shape[1]), "modality": what,
@@ -338,15 +338,16 @@ def create_app(
         texts = texts2 = images = None
         if kind(request) == "form":
             form = await read_form(request)
-            known(request, form_fields(form), {"text", "text2", "top_k"}, "the form")
+            known(request, form_fields(form), {"text", "text2", "texts", "texts2", "top_k"}, "the form")
             top_k = form.get("top_k") or 5
-            texts = [str(v) for v in form.getlist("text") if str(v).strip()] or None
-            texts2 = [str(v) for v in form.getlist("text2") if str(v).strip()] or None
+            # Either name, as the JSON body takes either.
+            texts = [str(v) for k in ("text", "texts") for v in form.getlist(k) if str(v).strip()] or None
+            texts2 = [str(v) for k in ("text2", "texts2") for v in form.getlist(k) if str(v).strip()] or None
             if any(isinstance(v, UploadFile) for _, v in form.multi_items()):
                 images = await form_images(form)
         else:
             body = await read_json(request)
-            known(request, body, {"texts", "texts2", "top_k"}, "the JSON body")
+            known(request, body, {"texts", "texts2", "text", "text2", "top_k"}, "the JSON body")
             texts = string_list(body, "texts", required=False)
             texts2 = string_list(body, "texts2", required=False)
             top_k = body.get("top_k", 5)

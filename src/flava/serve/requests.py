@@ -109,6 +109,13 @@ class RequestParser:
             raise ApiError(422, f"k must be a whole number from 1 to {self.max_k}; got {value!r}") from None
 
     def string_list(self, body: dict, key: str, required: bool = True) -> list[str] | None:
+        """`key`'s list of strings; the singular name (`text` for `texts`) is taken for it too, as
+        the forms name their fields."""
+        singular = key.removesuffix("s")
+        if singular in body:
+            if key in body:
+                raise ApiError(400, f'give "{key}" or "{singular}", not both')
+            key = singular
         value = body.get(key)
         if value is None and not required:
             return None
