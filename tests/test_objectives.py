@@ -326,3 +326,22 @@ def test_a_codebook_of_another_size_says_what_to_set():
     with pytest.raises(ConfigError, match=rf"the image codebook has {cb.vocab_size} tokens .* set "
                                           rf"model.image.vocab_size={cb.vocab_size}"):
         PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cb))
+
+
+def test_a_zero_masking_rate_is_refused_where_an_objective_predicts_masked_positions():
+    # At 0 nothing is masked: MIM/MMM-image (or MLM/MMM-text) measured nothing on every step, the
+    # run ending with exit 0 and an empty losses table.
+    from flava.config import ObjectivesConfig
+    from flava.errors import ConfigError
+    from flava.train.config import TrainConfig
+    from flava.train.kinds import trained_kinds
+
+    with pytest.raises(ConfigError, match=r"image_mask_ratio=0 masks nothing, so MIM and MMM-image would measure "
+                                          r"nothing: .* or set objectives.mim_weight=0 and objectives.mmm_image_weight=0"):
+        trained_kinds(TrainConfig(objectives=ObjectivesConfig(image_mask_ratio=0)))
+    with pytest.raises(ConfigError, match=r"text_mask_probability=0 masks nothing, so MLM would"):
+        trained_kinds(TrainConfig(stage="text-mlm", objectives=ObjectivesConfig(text_mask_probability=0)))
+    # A rate no trained objective reads is no matter: the text stage masks no image.
+    assert trained_kinds(TrainConfig(stage="text-mlm", objectives=ObjectivesConfig(image_mask_ratio=0)))[0] == ("text",)
+    off = ObjectivesConfig(image_mask_ratio=0, mim_weight=0, mmm_image_weight=0)
+    assert trained_kinds(TrainConfig(objectives=off))[0] == ("pairs", "text")

@@ -50,6 +50,8 @@ class Objective:
     """Its `loss_info` name (and `{name}_weight` config key) in transformers' FlavaForPreTraining."""
     applies: Callable[[ObjectivesConfig], bool] = lambda o: True
     """Whether this record is the one the config chose (alternatives share a weight field)."""
+    masks: str | None = None
+    """The `ObjectivesConfig` rate whose masked positions it predicts (at 0 it measures nothing)."""
     count: Callable[[Any], torch.Tensor] | None = None
     """How many entries its loss averages over in this process's batch (masked positions, ITM
     rows). A batch in chunks (`optim.contrastive_chunks`) divides each chunk's sum by the whole
@@ -148,8 +150,9 @@ def _mmm_text_head(c: FlavaConfig) -> nn.Module:
 
 OBJECTIVES: tuple[Objective, ...] = (
     Objective("mim", "images", "mim_weight", _mim, _mim_head, image_tokens=True, transformers_name="mim",
-              count=_masked_patches),
-    Objective("mlm", "text", "mlm_weight", _mlm, _mlm_head, transformers_name="mlm", count=_masked_tokens),
+              count=_masked_patches, masks="image_mask_ratio"),
+    Objective("mlm", "text", "mlm_weight", _mlm, _mlm_head, transformers_name="mlm", count=_masked_tokens,
+              masks="text_mask_probability"),
     Objective("global_contrastive", "pairs", "global_contrastive_weight", _softmax_contrastive,
               transformers_name="global_contrastive", applies=lambda o: o.contrastive == "softmax"),
     Objective("sigmoid_contrastive", "pairs", "global_contrastive_weight", _sigmoid_contrastive,
@@ -157,9 +160,9 @@ OBJECTIVES: tuple[Objective, ...] = (
     Objective("itm", "pairs", "itm_weight", _itm, lambda c: ITMHead(c.multimodal.hidden_size),
               transformers_name="itm", count=_itm_rows),
     Objective("mmm_image", "pairs", "mmm_image_weight", _mmm_image, _mmm_image_head, image_tokens=True,
-              transformers_name="mmm_image", count=_matched_masked_patches),
+              transformers_name="mmm_image", count=_matched_masked_patches, masks="image_mask_ratio"),
     Objective("mmm_text", "pairs", "mmm_text_weight", _mmm_text, _mmm_text_head, transformers_name="mmm_text",
-              count=_matched_masked_tokens),
+              count=_matched_masked_tokens, masks="text_mask_probability"),
 )
 
 

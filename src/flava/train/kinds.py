@@ -8,6 +8,7 @@ import numpy as np
 
 from ..data.registry import KINDS
 from ..errors import ConfigError
+from ..objectives.registry import active
 from .config import TrainConfig
 from .dino import DinoStage
 from .pretraining import PretrainingStage
@@ -22,6 +23,18 @@ def step_kind(seed: int, step: int, kinds: tuple[str, ...], probs: np.ndarray) -
     return kinds[int(np.random.default_rng([seed, step, 7]).choice(len(kinds), p=probs))]
 
 
+def _check_mask_rates(cfg: TrainConfig, kinds) -> None:
+    """A masked-prediction objective at a zero masking rate predicts nothing, step after step."""
+    o = cfg.objectives
+    for rate in ("image_mask_ratio", "text_mask_probability"):
+        idle = [r for r in active(o, kinds) if r.masks == rate]
+        if idle and getattr(o, rate) == 0:
+            names = " and ".join("-".join([r.name.split("_")[0].upper(), *r.name.split("_")[1:]]) for r in idle)
+            weights = " and ".join(f"objectives.{r.weight}=0" for r in idle)
+            raise ConfigError(f"objectives.{rate}=0 masks nothing, so {names} would measure nothing: give a positive "
+                              f"rate (the default is {getattr(type(o)(), rate):.3g}), or set {weights}")
+
+
 def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[str, ...], list[str]]:
     """The data kinds a run trains on: its stage's, less those without data (the demo data
     stands in only when no data is named at all) or without an objective to train; and notes
@@ -30,6 +43,8 @@ def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[s
         raise ConfigError("data.mixing needs three non-negative probabilities (pairs, images, text); "
                           f"got {len(cfg.data.mixing)}")
     stage = stage or STAGES[cfg.stage](cfg)
+    if isinstance(stage, PretrainingStage):
+        _check_mask_rates(cfg, stage.kinds())
     kinds, notes = list(stage.kinds()), []
     given = [k for k in KINDS if getattr(cfg.data, k)]
     if given:
