@@ -337,7 +337,8 @@ def test_a_zero_masking_rate_is_refused_where_an_objective_predicts_masked_posit
     from flava.train.kinds import trained_kinds
 
     with pytest.raises(ConfigError, match=r"image_mask_ratio=0 masks nothing, so MIM and MMM-image would measure "
-                                          r"nothing: .* or set objectives.mim_weight=0 and objectives.mmm_image_weight=0"):
+                                          r"nothing: .* or set objectives.mim_weight=0 and "
+                                          r"objectives.mmm_image_weight=0"):
         trained_kinds(TrainConfig(objectives=ObjectivesConfig(image_mask_ratio=0)))
     with pytest.raises(ConfigError, match=r"text_mask_probability=0 masks nothing, so MLM would"):
         trained_kinds(TrainConfig(stage="text-mlm", objectives=ObjectivesConfig(text_mask_probability=0)))
