@@ -8,6 +8,7 @@ here, where every config imports it from.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -369,10 +370,18 @@ def load_config(path: str | os.PathLike) -> FlavaConfig:
     return validate(from_dict(FlavaConfig, data))
 
 
-def config_from(spec: str | os.PathLike | FlavaConfig) -> FlavaConfig:
-    """A config from a preset name, a JSON path, or a config object (copied)."""
+def config_from(spec: str | os.PathLike | FlavaConfig, what: str = "--config") -> FlavaConfig:
+    """A config from a preset name, a JSON path, or a config object (copied). `what` names the
+    spec in the message for a mistyped preset."""
     if isinstance(spec, FlavaConfig):
         return validate(from_dict(FlavaConfig, to_dict(spec)))
     if isinstance(spec, str) and spec in PRESETS:
         return preset(spec)
+    # A bare word that is no file was meant as a preset (as `flava pretrain --config` reads it): say
+    # so, rather than that a config file of that name does not exist.
+    if (isinstance(spec, str) and not any(sep and sep in spec for sep in ("/", os.sep, os.altsep))
+            and not spec.lower().endswith(".json") and not os.path.isfile(spec)):
+        close = difflib.get_close_matches(spec, PRESETS, n=1)
+        raise ConfigError(f"{what} {spec} is neither a preset ({', '.join(PRESETS)}) nor a config file"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
     return load_config(spec)

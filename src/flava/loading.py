@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import FlavaConfig, ObjectivesConfig, from_dict, validate
 from .data.processor import Processor
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 from .interop import text_towers, towers
 from .interop import transformers as hf
 from .io.checkpoint import (FORMAT, FORMAT_VERSION, check_sum, checkpoint_dir, is_ours, read_config, read_weights,
@@ -238,6 +238,7 @@ def load(
     """
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; use None or 'int8'")
+    check_device(device)
     ckpt = read_checkpoint(resolve(path) if not Path(path).is_file() else path)
     if pretraining:
         if quantize is not None:
@@ -257,6 +258,24 @@ def load(
     elif device is not None:
         model = model.to(device)
     return model
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """One line for a device this machine lacks, before any weight is read (torch says it with an
+    AssertionError from deep inside `.to`); the CLI's `--device` check says the same."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):  # torch's message lists every device type it was built to name
+        raise ConfigError(f"device={device!r} is no device: 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for but CUDA is not available; use device='cpu'")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # torch's first sentence; the rest lists its backends
+        why = first_line(e).split(". ")[0]
+        raise ConfigError(f"device {str(device)!r} is not usable here ({why}); use device='cpu'") from None
 
 
 def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:

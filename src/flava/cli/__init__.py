@@ -6,6 +6,8 @@ import argparse
 import contextlib
 import errno
 import os
+import select
+import signal
 import sys
 import time
 
@@ -17,11 +19,22 @@ from ..io.files import explain_os_error
 from . import (ablate, classify, codebook, config, demo, embed, evaluate, export, finetune, index, info, init, predict,
                prepare, pretrain, search, serve)
 
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # Rich would exit with 1 itself; `main` ends every command alike, plain print()s included.
+        del self._buffer[:]  # what the closed pipe did not take is not written to the next stdout
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 # Piped output (make, CI logs) gets room for the results tables instead of the 80-column default.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
+console = _Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
 WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
                 errno.EDQUOT}
+
+# What a Unix tool killed by SIGPIPE reports (128 + 13): `flava search ... | head` ends as `yes | head` does.
+BROKEN_PIPE_EXIT = 128 + getattr(signal, "SIGPIPE", 13)
 
 COMMANDS = (demo, init, prepare, pretrain, ablate, evaluate, embed, index, search, classify, finetune, predict, serve,
             export, codebook, config, info)
@@ -49,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with handling:
             args.run(args, console)
+        sys.stdout.flush()  # here, not at exit: a reader gone away is then caught below
+    except BrokenPipeError:
+        if not _stdout_gone():  # another pipe (a worker's) broke: not the reader's leaving, not to be hidden
+            raise
+        _silence_stdout()
+        return BROKEN_PIPE_EXIT
     except FlavaError as e:
         if os.environ.get("FLAVA_DEBUG"):
             raise
@@ -74,3 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flava {args.command}: interrupted after {took}", file=sys.stderr)
         return 130
     return 0
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has closed it (`| head`)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError, AttributeError):  # no descriptor, so no pipe of its own to break
+        return False
+    if not hasattr(select, "poll"):  # Windows: take the recipe's word for it
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull: what is still buffered for the closed pipe would raise again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # a stdout without a descriptor (io.UnsupportedOperation is both)
+        pass

@@ -17,8 +17,8 @@ def add(sub) -> None:
     p.add_argument("--images", required=True, nargs="+", help="image files, folders (recursive) or globs")
     p.add_argument("--classes", help="class names, comma-separated, or a file with one per line (default with "
                    "--labels: the sub-folder names)")
-    p.add_argument("--templates", help="prompt templates: clip (22 in CLIP's manner, default), short ('a photo of a {}.'), "
-                   "none, a file with one template per line, or templates separated by '|'; each has one {}")
+    p.add_argument("--templates", help="prompt templates: clip (22 in CLIP's manner, default), short ('a photo of a "
+                   "{}.'), none, a file with one template per line, or templates separated by '|'; each has one {}")
     p.add_argument("--labels", action="store_true", help="the images' sub-folder names are their true classes: "
                    "print accuracy and write a confusion matrix picture")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="classes kept per image (default 3)")
@@ -125,9 +125,12 @@ def _confusion_png(cm, classes: list[str], path: Path, accuracy: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..evaluate.pictures import count_colour
+
     size = max(4.0, 0.5 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues")
+    top = cm.max() or 1
+    ax.imshow(cm, cmap="Blues", vmin=0, vmax=top)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), classes)
     ax.set_xlabel("predicted")
@@ -135,7 +138,7 @@ def _confusion_png(cm, classes: list[str], path: Path, accuracy: float) -> None:
     ax.set_title(f"zero-shot, accuracy {100 * accuracy:.1f} %")
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8)
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8, color=count_colour(cm[i, j], top))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -22,7 +22,8 @@ INPUTS = {
 def add(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune on a task from tables (CSV, TSV, JSONL, parquet) or image "
                                         "folders and save a task model for `flava predict`")
-    p.add_argument("--model", required=True, help="a checkpoint directory, or a run directory (its newest checkpoint)")
+    p.add_argument("--model", required=True, help="checkpoint, run or recipe directory (its newest checkpoint), or a "
+                   "Hugging Face hub id")
     p.add_argument("--task", required=True, metavar="KIND",
                    help="; ".join(f"{k}: {v}" for k, v in INPUTS.items()))
     p.add_argument("--train", required=True, help="the training data (file or folder, as --task describes)")

@@ -10,7 +10,8 @@ from rich.console import Console
 def add(sub) -> None:
     p = sub.add_parser("init", help="write a newly initialised model")
     p.add_argument("--config", default="tiny", help="preset name (tiny, small, base) or a JSON config file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model setting, as `flava config "
+                   "show` names it or without its model. prefix: model.projection_dim=64 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", required=True)
     p.set_defaults(run=run)
@@ -25,7 +26,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..errors import ConfigError
     from ..model import FlavaModel
 
-    cfg = validate(apply_overrides(config_from(args.config), args.set or []))
+    # The model's settings, named as `flava config show` prints them (model.projection_dim) or without the prefix.
+    overrides = [o.removeprefix("--").removeprefix("model.") for o in args.set or []]
+    cfg = validate(apply_overrides(config_from(args.config), overrides))
     # A model there may be a trained one, with embeddings and indexes made by it: never replaced unasked.
     if (Path(args.output) / "config.json").is_file():
         raise ConfigError(f"{args.output} already holds a checkpoint (its config.json); choose another --output "

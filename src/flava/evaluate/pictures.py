@@ -34,6 +34,12 @@ def _save(fig, path: Path) -> str:
     pyplot().close(fig)
     return path.name
 
+
+def count_colour(value: float, top: float) -> str:
+    """The colour of a count drawn on a cell of a 0..top "Blues" scale: readable on the dark half too."""
+    return "white" if value > top / 2 else "black"
+
+
 def retrieval_picture(task: TaskResult, path: Path, queries: int = 4) -> str:
     """Query images, each beside its five most similar captions (its own marked)."""
     from .features import load_image
@@ -62,15 +68,15 @@ def confusion_picture(task: TaskResult, confusion: np.ndarray, classes: list[str
     plt = pyplot()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(2 + 0.45 * n, 1.6 + 0.45 * n))
-    ax.imshow(confusion, cmap="Blues")
+    top = confusion.max() or 1
+    ax.imshow(confusion, cmap="Blues", vmin=0, vmax=top)
     ax.set_xticks(range(n), classes, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    top = confusion.max() or 1
     for (r, c), v in np.ndenumerate(confusion):
         if v:
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=7, color="white" if v > top / 2 else "black")
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=7, color=count_colour(v, top))
     ax.set_title(task.name, fontsize=10)
     return _save(fig, path)
 

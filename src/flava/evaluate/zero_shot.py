@@ -3,6 +3,7 @@ classification by prompts, plus readers for the usual retrieval annotation files
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -193,6 +194,12 @@ def parse_templates(value: str | Sequence[str] | None) -> tuple[str, ...]:
     if isinstance(value, str):
         if value.strip().lower() in TEMPLATE_SETS:
             return TEMPLATE_SETS[value.strip().lower()]
+        # One word without {} near a set's name is a mistyped set, not a template missing its {}.
+        word = value.strip().lower()
+        close = difflib.get_close_matches(word, TEMPLATE_SETS, n=1, cutoff=0.7) if word.isidentifier() else []
+        if close:
+            raise ConfigError(f"template set {value.strip()!r} is unknown; did you mean {close[0]!r}? (a template "
+                              "itself holds one {} for the class name)")
         value = value.split("|")
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
         raise ConfigError(f"templates must be {', '.join(TEMPLATE_SETS)}, or strings each with one {{}}; "

@@ -77,6 +77,9 @@ def _tokenizer(path: Path, max_length: int) -> TextTokenizer:
 def load_task(directory: str | os.PathLike, device: str | torch.device | None = None) -> TaskModel:
     """A task model saved by `save_task_model` (or `flava finetune`), in eval mode, ready to
     `predict`. CheckpointError, in one line, for a missing, incomplete or damaged directory."""
+    from ..loading import check_device
+
+    check_device(device)
     path = Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"task model {path} does not exist (expected a directory written by `flava finetune`)")

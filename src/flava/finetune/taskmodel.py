@@ -115,14 +115,15 @@ class TaskModel:
         texts = list(texts) if texts is not None else None
         texts2 = list(texts2) if texts2 is not None else None
         kind = self.task
+        an = "an" if kind[0] in "aeiou" else "a"  # an image-classification model, a vqa model
         if self.uses_images and images is None:
-            raise InputError(f"a {kind} model needs images")
+            raise InputError(f"{an} {kind} model needs images")
         if not self.uses_images and images is not None:
             raise InputError(f"a {kind} model takes texts, not images")
         if self.uses_text and texts is None:
             raise InputError(f"a {kind} model needs texts")
         if not self.uses_text and texts is not None:
-            raise InputError(f"a {kind} model takes images, not texts")
+            raise InputError(f"{an} {kind} model takes images, not texts")
         if self.pairs and texts2 is None:
             raise InputError(f"this {kind} model was trained on sentence pairs; give texts2 too")
         if not self.pairs and texts2 is not None:

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FlavaConfig, ImageEncoderConfig, to_dict, validate
+from ..config import PRESETS, FlavaConfig, ImageEncoderConfig, config_from, to_dict, validate
 from ..data.processor import PROCESSOR_FILE, Processor
 from ..data.tokenizer import SPECIAL_MAP, TOKENIZER_FILE
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..io.checkpoint import CHECKSUMS, CONFIG, WEIGHTS, write_checkpoint_dir, write_checkpoint_files
 
 SAVED_FILES = (CONFIG, WEIGHTS, CHECKSUMS, PROCESSOR_FILE, TOKENIZER_FILE, SPECIAL_MAP)
@@ -74,8 +74,15 @@ def init_weights(module: nn.Module, std: float) -> None:
 class FlavaModel(nn.Module):
     """FLAVA's encoders. Heads and losses live elsewhere (`flava.model.heads`, `flava.objectives`)."""
 
-    def __init__(self, config: FlavaConfig):
+    def __init__(self, config: FlavaConfig | str | os.PathLike):
+        """`config`: a FlavaConfig, a preset's name (tiny, small, base) or the path of a JSON config
+        (as `flava.load_config` reads it)."""
         super().__init__()
+        if isinstance(config, (str, os.PathLike)):
+            config = config_from(config, "config")
+        elif not isinstance(config, FlavaConfig):
+            raise ConfigError(f"FlavaModel takes a FlavaConfig, a preset name ({', '.join(PRESETS)}) or the path of a "
+                              f"JSON config; got {type(config).__name__}")
         self.config = validate(config)
         ic, tc, mc = config.image, config.text, config.multimodal
         self.image_encoder = ImageEncoder(ic)

@@ -1,0 +1,178 @@
+"""Small defects a user walkthrough found: a closed stdout, a missing GPU, configs by path or mistyped
+preset, `--set model.*`, a task model's message, mistyped template sets, the confusion picture's counts,
+`flava finetune --model`'s help."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.colors import to_rgb
+from torch import nn
+
+import flava
+from flava.cli import BROKEN_PIPE_EXIT, main
+from flava.config import to_dict
+from flava.errors import ConfigError, InputError
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("index")
+    (root / "t.txt").write_text("\n".join(f"a blue circle number {i}" for i in range(30)) + "\n")
+    assert main(["embed", "--model", str(tiny_checkpoint), "--texts", str(root / "t.txt"), "--output",
+                 str(root / "emb"), "--device", "cpu"]) == 0
+    assert main(["index", "--embeddings", str(root / "emb"), "--output", str(root / "idx")]) == 0
+    return root / "idx"
+
+
+@pytest.mark.parametrize("buffering", [1, -1], ids=["line-buffered", "block-buffered"])
+@pytest.mark.parametrize("command", ["search --json", "config show"])  # a plain print(), rich's console
+def test_a_closed_stdout_ends_the_command_quietly(tiny_index, monkeypatch, capsys, buffering, command):
+    # `flava ... | head -c 10`: the reader is gone before the output is written (line-buffered) or flushed at
+    # the end (block-buffered).
+    argv = (["search", "--index", str(tiny_index), "--text", "a blue circle", "-k", "100", "--json"]
+            if command == "search --json" else ["config", "show", "--config", "tiny"])
+    capsys.readouterr()
+    read, write = os.pipe()
+    os.close(read)
+    stdout = open(write, "w", buffering=buffering)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    try:
+        assert main(argv) == BROKEN_PIPE_EXIT == 141
+    finally:
+        monkeypatch.undo()
+        stdout.close()  # stdout now points at devnull: what was left buffered goes nowhere, without an error
+    assert capsys.readouterr().err == ""
+    assert main(["config", "show", "--config", "tiny"]) == 0  # the console still prints to the next stdout
+    assert "model.projection_dim = 128" in capsys.readouterr().out
+
+
+def test_a_broken_pipe_other_than_stdout_is_not_hidden(monkeypatch):
+    from flava.cli import config
+
+    def broken(args, console):
+        raise BrokenPipeError(32, "Broken pipe")  # as a data loader's worker pipe would
+
+    monkeypatch.setattr(config, "run", broken)
+    with pytest.raises(BrokenPipeError):
+        main(["config", "show"])
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+@pytest.mark.parametrize("pretraining", [False, True])
+def test_load_on_a_missing_gpu_says_so_in_one_line(tiny_checkpoint, monkeypatch, device, pretraining):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device 'cuda(:0)?' was asked for but CUDA is not available; "
+                                          r"use device='cpu'$"):
+        flava.load(tiny_checkpoint, device=device, pretraining=pretraining)
+    with pytest.raises(ConfigError, match=r"CUDA is not available; use device='cpu'$"):  # before the folder is read
+        flava.load_task(tiny_checkpoint, device=device)
+    with pytest.raises(ConfigError, match=r"device='nope' is no device"):
+        flava.load(tiny_checkpoint, device="nope")
+    assert flava.load(tiny_checkpoint, device="cpu").device == torch.device("cpu")
+
+
+def test_flava_model_from_a_json_config_or_a_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    want = flava.preset("tiny")
+    want.projection_dim = 48
+    (tmp_path / "my-model").mkdir()
+    path = tmp_path / "my-model" / "config.json"
+    path.write_text(json.dumps(to_dict(want)))
+    for spec in (str(path), path, "my-model/config.json"):
+        assert flava.FlavaModel(spec).config == want
+    assert flava.FlavaModel("tiny").config == flava.preset("tiny")
+    with pytest.raises(ConfigError, match=r"^FlavaModel takes a FlavaConfig, a preset name \(tiny, small, base\) or "
+                                          r"the path of a JSON config; got dict$"):
+        flava.FlavaModel(to_dict(want))
+    with pytest.raises(ConfigError, match=r"^config tiyn is neither a preset \(tiny, small, base\) nor a config file; "
+                                          r"did you mean 'tiny'\?$"):
+        flava.FlavaModel("tiyn")
+    with pytest.raises(ConfigError, match=r"config file .*nope\.json does not exist"):
+        flava.FlavaModel(tmp_path / "nope.json")
+
+
+def test_init_takes_settings_as_config_show_names_them(tmp_path, capsys):
+    out = tmp_path / "model"
+    assert main(["init", "--config", "tiny", "--set", "model.projection_dim=64", "--set", "text.num_layers=1",
+                 "--output", str(out)]) == 0
+    cfg = flava.load_config(out / "config.json")
+    assert (cfg.projection_dim, cfg.text.num_layers) == (64, 1)
+    capsys.readouterr()
+    for key in ("model.projection_dimm", "modell.projection_dim"):
+        assert main(["init", "--config", "tiny", "--set", f"{key}=64", "--output", str(tmp_path / "other")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flava init: error: unknown config key") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_mistyped_preset_is_named_as_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for config, said in [
+        ("tiyn", "--config tiyn is neither a preset (tiny, small, base) nor a config file; did you mean 'tiny'?"),
+        ("huge", "--config huge is neither a preset (tiny, small, base) nor a config file\n"),
+        ("configs/tiny", "config file configs/tiny does not exist"),
+        ("tiyn.json", "config file tiyn.json does not exist"),
+    ]:
+        assert main(["init", "--config", config, "--output", "out"]) == 2
+        assert f"flava init: error: {said}" in capsys.readouterr().err
+    (tmp_path / "mine").write_text(json.dumps(to_dict(flava.preset("tiny"))))  # a file without a suffix is read
+    assert main(["init", "--config", "mine", "--output", "out"]) == 0
+
+
+def test_task_model_messages_take_the_right_article():
+    from flava.finetune.taskmodel import TaskModel
+
+    tm = TaskModel("image-classification", nn.Linear(2, 2), ["a", "b"], image_size=32)
+    with pytest.raises(InputError, match="^an image-classification model needs images$"):
+        tm.predict(texts=["a cat"])
+    with pytest.raises(InputError, match="^an image-classification model takes images, not texts$"):
+        tm.predict(texts=["a cat"], images=[np.zeros((32, 32, 3), np.uint8)])
+
+
+def test_a_mistyped_template_set_gets_a_did_you_mean():
+    from flava.evaluate.zero_shot import SHORT_TEMPLATES, parse_templates
+    from flava.retrieval.classify import templates_from
+
+    for value, near in [("shrot", "short"), ("Clp", "clip"), (" nnoe ", "none")]:
+        for parse in (parse_templates, templates_from):
+            with pytest.raises(ConfigError, match=rf"^template set '{value.strip()}' is unknown; did you mean "
+                                                  rf"'{near}'\?"):
+                parse(value)
+    assert templates_from("Short") == SHORT_TEMPLATES
+    assert parse_templates("a shrot {}|{}") == ("a shrot {}", "{}")  # templates given literally stay templates
+    for far in ("photo", "shrot story"):  # neither near a set nor one word: a template missing its {}
+        with pytest.raises(ConfigError, match="must contain exactly one {}"):
+            parse_templates(far)
+
+
+def test_confusion_counts_are_white_on_dark_cells(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from flava.cli.classify import _confusion_png
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read its texts
+    _confusion_png(np.array([[9, 1], [4, 5]]), ["cat", "dog"], tmp_path / "o_confusion.png", 0.7)
+    assert (tmp_path / "o_confusion.png").is_file()
+    colours = {t.get_text(): to_rgb(t.get_color()) for t in figures[0].axes[0].texts}
+    white, black = (1, 1, 1), (0, 0, 0)
+    assert colours == {"9": white, "5": white, "4": black, "1": black}
+
+
+def test_finetune_model_help_names_every_kind_of_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    helped = " ".join(capsys.readouterr().out.split())
+    assert "--model MODEL checkpoint, run or recipe directory (its newest checkpoint), or a Hugging Face hub id" \
+        in helped
