@@ -161,6 +161,34 @@ def test_bad_balancing_settings_fail_in_one_line():
         check(TrainConfig(objectives=ObjectivesConfig(dwa_temperature=0.0)))
 
 
+def test_settings_of_a_method_the_run_does_not_use_and_methods_that_cannot_act_are_said():
+    from flava.config import ObjectivesConfig
+    from flava.train.config import DataConfig
+    from flava.train.trainer import unread_settings
+
+    said = unread_settings(TrainConfig(objectives=ObjectivesConfig(dwa_temperature=5, uncertainty_lr=1,
+                                                                   itm_negatives="hard", itm_negative_probability=0.5),
+                                       data=DataConfig(mixing_window=3)), ("pairs", "images", "text"))
+    assert said == ["objectives.dwa_temperature=5 is read by objectives.balancing='dwa' alone: it does nothing in "
+                    "this run",
+                    "objectives.uncertainty_lr=1 is read by objectives.balancing='uncertainty' alone: it does nothing "
+                    "in this run",
+                    "objectives.itm_negative_probability=0.5 is read by objectives.itm_negatives='swap' alone: it does "
+                    "nothing in this run",
+                    "data.mixing_window=3 is read by data.mixing_schedule='adaptive' alone: it does nothing in this "
+                    "run"]
+    dwa = ObjectivesConfig(balancing="dwa", dwa_temperature=5)
+    assert unread_settings(TrainConfig(objectives=dwa, max_steps=500), ("pairs", "images", "text")) == []
+    (said,) = unread_settings(TrainConfig(objectives=ObjectivesConfig(balancing="dwa"), max_steps=100), ("pairs",))
+    assert "keeps every weight at 1 for two windows of dwa_window=50 steps, to the end of this 100-step run" in said
+    (said,) = unread_settings(TrainConfig(stage="image-mim", objectives=ObjectivesConfig(balancing="pcgrad"),
+                                          max_steps=500), ("images",))
+    assert said == ("objectives.balancing='pcgrad' has one objective (mim) to balance in this run: it trains as "
+                    "'fixed' does")
+    (said,) = unread_settings(TrainConfig(data=DataConfig(mixing_schedule="adaptive"), max_steps=500), ("text",))
+    assert "has one data kind to mix: it trains as 'constant' does" in said
+
+
 def config(data, **over) -> TrainConfig:
     cfg = tiny_run(data, "pairs_clean.csv", max_steps=8, save_every=4, log_every=2, seed=5, tensorboard=False)
     cfg.optim.warmup_steps = 2

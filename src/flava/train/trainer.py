@@ -28,6 +28,7 @@ import torch.distributed as dist
 from .. import stopping
 from ..config import check
 from ..objectives.pretraining import TARGETS
+from ..objectives.registry import active
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
 from ..distributed import resolve_device, world
@@ -57,6 +58,46 @@ def check_mixing(cfg: TrainConfig) -> None:
     if linear and len(cfg.data.mixing_end or []) != len(KINDS):
         raise ConfigError("data.mixing_schedule='linear' needs data.mixing_end: three non-negative "
                           f"probabilities (pairs, images, text); got {len(cfg.data.mixing_end or [])}")
+
+
+_ADAPTIVE = "data.mixing_schedule='adaptive'"
+# Settings one choice alone reads: (setting, whether this run reads it, the choice).
+_READ_BY = (
+    ("objectives.dwa_temperature", lambda c: c.objectives.balancing == "dwa", "objectives.balancing='dwa'"),
+    ("objectives.dwa_window", lambda c: c.objectives.balancing == "dwa", "objectives.balancing='dwa'"),
+    ("objectives.uncertainty_lr", lambda c: c.objectives.balancing == "uncertainty",
+     "objectives.balancing='uncertainty'"),
+    ("objectives.itm_negative_probability", lambda c: c.objectives.itm_negatives == "swap",
+     "objectives.itm_negatives='swap'"),
+    ("data.mixing_window", lambda c: c.data.mixing_schedule == "adaptive", _ADAPTIVE),
+    ("data.mixing_temperature", lambda c: c.data.mixing_schedule == "adaptive", _ADAPTIVE),
+)
+
+
+def unread_settings(cfg: TrainConfig, kinds: tuple[str, ...]) -> list[str]:
+    """Notes on settings this run leaves unread (set for a method it does not use) and on methods
+    that cannot act in it. Notes, not refusals: an ablation's --set reaches every method's run."""
+    notes = []
+    for key, reads, by in _READ_BY:
+        section, name = key.split(".")
+        value, default = getattr(getattr(cfg, section), name), getattr(type(getattr(cfg, section))(), name)
+        if value != default and not reads(cfg):
+            notes.append(f"{key}={value:g} is read by {by} alone: it does nothing in this run")
+    o, d = cfg.objectives, cfg.data
+    if cfg.stage in ("joint", "text-mlm", "image-mim"):
+        trained = [r.name for r in active(o, kinds)]
+        if o.balancing != "fixed" and len(trained) == 1:
+            notes.append(f"objectives.balancing={o.balancing!r} has one objective ({trained[0]}) to balance in "
+                         "this run: it trains as 'fixed' does")
+    if o.balancing == "dwa" and cfg.max_steps <= 2 * o.dwa_window:
+        notes.append(f"objectives.balancing='dwa' keeps every weight at 1 for two windows of dwa_window="
+                     f"{o.dwa_window} steps, to the end of this {cfg.max_steps}-step run: set a smaller "
+                     "objectives.dwa_window")
+    if d.mixing_schedule == "adaptive" and (len(kinds) == 1 or cfg.max_steps <= 2 * d.mixing_window):
+        notes.append(f"{_ADAPTIVE} has one data kind to mix: it trains as 'constant' does" if len(kinds) == 1 else
+                     f"{_ADAPTIVE} keeps data.mixing for two windows of mixing_window={d.mixing_window} steps, "
+                     f"to the end of this {cfg.max_steps}-step run: set a smaller data.mixing_window")
+    return notes
 
 
 # Notes about the machine, said once a process (a recipe or an ablation builds a trainer a stage).
@@ -140,6 +181,7 @@ class Trainer:
                     block.compile(backend=cfg.compile_backend, dynamic=True)
         self.module = self.stage.wrap(self.world, self.device)
         self._balancing()
+        self.notes += unread_settings(cfg, self.kinds)
         o = cfg.optim
         # The rate and warm-up the run trains with: as set, or scaled to its global batch.
         self.optimisation = self.stage.optimisation(self.global_batch)
