@@ -36,6 +36,9 @@ def test_the_papers_rate_and_warm_up_follow_the_global_batch():
     assert (big.lr, big.warmup_steps) == (1e-3, 5_000) and "capped" in big.note
     short = scaled_optimisation(o, 8192, 1000)
     assert short.warmup_steps == math.ceil(1000 * 10_000 / PAPER_STEPS)
+    # One step of four is no 4.7% of the run: the note says what the rounding made of it.
+    assert "warm-up 1 steps (4.7% of the 4-step run, the paper's share, rounded up to 25%;" in \
+        scaled_optimisation(o, 128, 4).note
 
 
 def test_the_demo_keeps_its_own_settings():

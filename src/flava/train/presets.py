@@ -131,8 +131,9 @@ def scaled_optimisation(optim: OptimConfig, global_batch: int, max_steps: int) -
     cap = math.ceil(WARMUP_SHARE * max_steps)
     warmup = min(by_samples, cap)
     why = (f"the same {optim.warmup_steps * ref:,} warm-up samples" if warmup == by_samples else
-           f"{WARMUP_SHARE:.1%} of the {max_steps:,}-step run, the paper's share; its {optim.warmup_steps * ref:,} "
-           f"warm-up samples would take {by_samples:,} steps")
+           f"{WARMUP_SHARE:.1%} of the {max_steps:,}-step run, the paper's share"
+           + (f", rounded up to {cap / max_steps:.0%}" if cap / max_steps > 1.5 * WARMUP_SHARE else "")
+           + f"; its {optim.warmup_steps * ref:,} warm-up samples would take {by_samples:,} steps")
     note = (f"optimisation: AdamW with lr {optim.lr:g} and {optim.warmup_steps:,} warm-up steps given for a global "
             f"batch of {ref:,}, scaled to this run's {global_batch:,}: lr {lr:.3g} (x sqrt({global_batch:,}/{ref:,})"
             + (", capped at the given rate" if global_batch > ref else "") + f"), warm-up {warmup:,} steps ({why}), "
