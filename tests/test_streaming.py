@@ -348,6 +348,11 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     # Images from a folder, labels kept.
     assert cli(["prepare", "--images", str(train_data / "img"), "--output", str(tmp_path / "imgs"),
                 "--codebook", str(codebook), "--workers", "1"]) == 0
+    assert "was trained on" not in capsys.readouterr().out  # a codebook of the model's scale
+    assert cli(["prepare", "--images", str(train_data / "img" / "a" / "0.png"), "--output", str(tmp_path / "small"),
+                "--codebook", str(codebook), "--workers", "1", "--config", "small"]) == 0
+    assert "the codebook " + str(codebook) + " was trained on 64-px images (8x8 tokens), but the --config model's " \
+           "14x14 patch grid gives it 112-px crops" in " ".join(capsys.readouterr().out.split())
     labels = [r.label for r in open_source("images", str(tmp_path / "imgs")).records]
     assert len(labels) == 16 and set(labels) == {0}
 
@@ -357,6 +362,11 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     cfg.data.mixing, cfg.tensorboard, cfg.seed = [0.5, 0.5, 0], False, 5
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.model.codebook is None  # never loaded, never run
+    assert not [n for n in trainer.notes if "crop_scale_min" in n]
+    cfg.data.crop_scale_min = 0.5  # the prepared crops were chosen at 0.9: said, as the setting cannot reach them
+    assert f"{out}: its crops were chosen when it was prepared (--crop-scale-min 0.9): data.crop_scale_min=0.5 " \
+           "does not apply to it" in Trainer(cfg, tmp_path / "run5").notes
+    cfg.data.crop_scale_min = 0.9
     rows = trainer.fit(max_steps=4)
     trained = {name for r in rows for name in r["losses"]}
     assert {"mim", "mmm_image"} <= trained and all(np.isfinite(r["loss"]) for r in rows)

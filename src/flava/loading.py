@@ -332,7 +332,8 @@ class CodebookTokenizer:
                 return codebook.token_ids(map_uint8(pixels.to(device))).cpu()
         return tokenize
 
-    def identity(self) -> tuple[str, int]:
-        """The codebook's fingerprint and vocabulary size (one read of its weights)."""
+    def identity(self) -> tuple[str, int, int | None]:
+        """The codebook's fingerprint, vocabulary size and the image size it was trained at, if
+        recorded (one read of its weights)."""
         codebook = load_codebook(self.path)
-        return codebook.fingerprint(), codebook.cfg.vocab_size
+        return codebook.fingerprint(), codebook.cfg.vocab_size, codebook.trained_size

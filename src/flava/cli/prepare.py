@@ -62,10 +62,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
     device = resolve_device(args.device).type
     # Every worker process tokenises its shards' crops on the device, in batches.
     tokenizer = CodebookTokenizer(args.codebook, device) if args.codebook else None
-    fingerprint, vocab = tokenizer.identity() if tokenizer else (None, None)
+    fingerprint, vocab, trained = tokenizer.identity() if tokenizer else (None, None, None)
     if vocab is not None and vocab != model.image.vocab_size:  # recorded: pretraining refuses another vocabulary
         console.print(f"note: the codebook has {vocab} tokens and the --config model's MIM/MMM heads predict "
                       f"{model.image.vocab_size}: train on these shards with model.image.vocab_size={vocab}")
+    wanted = model.codebook_image_size
+    if trained is not None and trained != wanted:  # as `flava pretrain` says of such a codebook
+        console.print(f"note: the codebook {args.codebook} was trained on {trained}-px images ({trained // 8}x"
+                      f"{trained // 8} tokens), but the --config model's {model.image.grid_size}x"
+                      f"{model.image.grid_size} patch grid gives it {wanted}-px crops: its tokens describe another "
+                      "scale; flava train-codebook with this model's settings makes a fitting one")
     workers = args.workers or default_workers()
     output = Path(args.output)
     created = not output.exists()

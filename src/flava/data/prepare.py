@@ -277,7 +277,8 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     stats = [json.loads((output / f"{n:05d}.json").read_text()) for n in range(len(units))]
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
     info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,
-            "crops": settings.crops if tokenizer_factory else 0, "size": settings.size, "vocab_size": vocab_size}
+            "crops": settings.crops if tokenizer_factory else 0, "size": settings.size, "vocab_size": vocab_size,
+            "crop_scale_min": settings.crop_scale_min}
     write_json_atomic(output / INDEX, {"shardlist": shardlist, "flava": info if tokenizer_factory else None})
     dropped: Counter = Counter()
     for src in sources:  # rows of a table refused while it was listed (undecodable, no image)

@@ -153,10 +153,11 @@ class PretrainingStage(Stage):
     def write_files(self, directory) -> None:
         self.model.model.save_tokenizer(directory)
 
-    def open_data(self, streams: dict, world: int) -> None:
+    def open_data(self, streams: dict, world: int) -> list[str]:
         """Prepared shards carry image-token ids from one codebook: the run's must be that one
         (or none, when every source that needs targets is prepared)."""
         codebook, cfg = self.model.codebook, self.cfg
+        notes = []
         for kind, stream in streams.items():
             for s in stream.streams:
                 info = s.source.prepared
@@ -179,12 +180,17 @@ class PretrainingStage(Stage):
                                       f"MIM/MMM heads predict image.vocab_size={cfg.model.image.vocab_size}: set "
                                       f"model.image.vocab_size={vocab}, or prepare the data again with a codebook of "
                                       f"{cfg.model.image.vocab_size} tokens")
+                boxes_at = info.get("crop_scale_min")  # recorded since it was said; older shards do not name it
+                if info.get("crops") and boxes_at is not None and boxes_at != cfg.data.crop_scale_min:
+                    notes.append(f"{s.source.name}: its crops were chosen when it was prepared (--crop-scale-min "
+                                 f"{boxes_at:g}): data.crop_scale_min={cfg.data.crop_scale_min:g} does not apply to it")
                 grid = int(info.get("grid", -1))
                 if grid != cfg.model.image.grid_size:
                     raise ConfigError(f"{s.source.name} was prepared for a {grid}x{grid} patch grid; the model has "
                                       f"{cfg.model.image.grid_size}x{cfg.model.image.grid_size}: prepare the data "
                                       "again for this model (flava prepare with its --config), or train a model of "
                                       "that grid")
+        return notes
 
     def block_stacks(self) -> list[nn.Module]:
         return self.model.model.block_stacks()

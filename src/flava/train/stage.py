@@ -84,9 +84,9 @@ class Stage(ABC):
         codebook and tokenizer `own` holds) without reading what the run started from. A stage
         whose build takes no `own` is built as at its start on a resume too."""
 
-    def open_data(self, streams: dict, world: int) -> None:
+    def open_data(self, streams: dict, world: int) -> list[str] | None:
         """Once the streams are open: refuse data the stage cannot train on, or read what it
-        needs to know of it."""
+        needs to know of it. Returns notes for the run's start, if any."""
 
     def block_stacks(self) -> list[nn.Module]:
         """The transformer stacks activation checkpointing applies to."""

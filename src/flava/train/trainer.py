@@ -173,7 +173,8 @@ class Trainer:
             for k in self.kinds
         }
         self.data = DataAccounting(self.streams, self.world)
-        self.stage.open_data(self.streams, self.world)  # its checks name a mismatch before a probe meets it
+        # Its checks name a mismatch before a probe meets it.
+        self.notes += self.stage.open_data(self.streams, self.world) or []
         for kind_stream in self.streams.values():
             for stream in kind_stream.streams:
                 stream.probe()
