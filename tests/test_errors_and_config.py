@@ -125,6 +125,10 @@ def test_missing_and_not_a_checkpoint(tmp_path):
         flava.load(tmp_path / "nope")
     with pytest.raises(CheckpointError, match=r"is not a checkpoint"):
         flava.load(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.json").write_text("{}")  # a run started, before its first save
+    with pytest.raises(CheckpointError, match=r"run is a run with no checkpoint yet .*: wait for its first"):
+        flava.load(tmp_path / "run")
     # A file outside any checkpoint (a table given as the codebook) is named, not its folder.
     (tmp_path / "pairs.csv").write_text("image,caption\n")
     for load in (flava.load, load_codebook):

@@ -312,6 +312,11 @@ def test_parquet_directories_globs_column_options_and_errors(tmp_path):
     (tmp_path / "fake.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="could not be read as a parquet file"):
         arrow_pairs(str(tmp_path / "fake.parquet"))
+    # A missing path that names its columns is said to be missing (it was "no tar shards match PATH?image=jpg").
+    from flava.data.registry import open_source
+
+    with pytest.raises(DataError, match=r"hfds does not exist \(named by .*hfds\?image=jpg&caption=txt"):
+        open_source("pairs", f"{tmp_path / 'hfds'}?image=jpg&caption=txt")
 
 
 def write_save_to_disk(directory, table: pa.Table, features: dict, files: int = 2, batch: int = 2) -> None:

@@ -346,3 +346,13 @@ def test_a_zero_masking_rate_is_refused_where_an_objective_predicts_masked_posit
     assert trained_kinds(TrainConfig(stage="text-mlm", objectives=ObjectivesConfig(image_mask_ratio=0)))[0] == ("text",)
     off = ObjectivesConfig(image_mask_ratio=0, mim_weight=0, mmm_image_weight=0)
     assert trained_kinds(TrainConfig(objectives=off))[0] == ("pairs", "text")
+
+
+def test_a_stage_with_nothing_to_train_names_the_data_it_reads():
+    from flava.errors import ConfigError
+    from flava.train.config import DataConfig, TrainConfig
+    from flava.train.kinds import trained_kinds
+
+    with pytest.raises(ConfigError, match=r"stage text-mlm has nothing to train: it trains on text, but no text data "
+                                          r"given \(data.text\).*Name data for it \(data.text\) or"):
+        trained_kinds(TrainConfig(stage="text-mlm", data=DataConfig(pairs=["pairs.csv"])))

@@ -88,6 +88,13 @@ def _parse(spec: str, kind: str, overrides: dict[str, str | None]) -> _Spec:
     return _Spec(spec, path, split, columns)
 
 
+def missing_with_columns(spec: str) -> str | None:
+    """The path of a spec that names columns (`PATH?image=COL`) where nothing lies; None otherwise."""
+    path, query = _split_query(str(spec))
+    path = _split_split(path)[0]
+    return path if query and not Path(path).exists() and not glob.has_magic(path) else None
+
+
 def is_arrow_spec(spec: str) -> bool:
     """Whether `spec` names parquet data or a `save_to_disk` directory (so the arrow_* readers should read it)."""
     path, _ = _split_split(_split_query(str(spec))[0])

@@ -39,6 +39,10 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
         raise DataError(f"unknown data kind {kind!r}; choose one of {', '.join(KINDS)}")
     if not spec.strip():  # as a path, "" is the working folder: whatever lies there would be read
         raise DataError(f"an empty {kind} source names nothing; give a file, folder, glob or URL")
+    missing = None if is_remote(spec) else arrow.missing_with_columns(spec)
+    if missing is not None:  # read as shards, it was "no tar shards match PATH?image=jpg"
+        raise DataError(f"{missing} does not exist (named by {spec}, whose columns after '?' a parquet file or a "
+                        "`datasets` directory takes)")
     if arrow.is_arrow_spec(spec):
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     if kind == "text":

@@ -174,6 +174,9 @@ def resolve(path: str | os.PathLike) -> Path:
     for pointer in (RunDir(p).pointer, p / LATEST):
         if pointer.is_file():
             return _follow(pointer)
+    if (p / "train_config.json").is_file() or (p / CHECKPOINTS).is_dir():  # a run that has saved nothing yet
+        raise CheckpointError(f"{p} is a run with no checkpoint yet (it saves one every save_every steps, and at its "
+                              "end): wait for its first, or name another checkpoint")
     raise CheckpointError(
         f"{p} is not a checkpoint: it is neither a checkpoint directory (no {CONFIG}) nor a run directory (no "
         f"{CHECKPOINTS}/{LATEST}); name a checkpoints/step_N directory, a run directory, a transformers FLAVA "

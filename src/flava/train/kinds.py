@@ -58,6 +58,6 @@ def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[s
     if not kinds:
         raise ConfigError(
             f"stage {cfg.stage} has nothing to train: it trains on {', '.join(stage.kinds())}, but "
-            + ("; ".join(notes) or "no data is given") + ". Name data for it (data.pairs, data.images, "
-            "data.text) or give its objectives a positive weight")
+            + ("; ".join(notes) or "no data is given") + ". Name data for it ("
+            + ", ".join(f"data.{k}" for k in stage.kinds()) + ") or give its objectives a positive weight")
     return tuple(kinds), notes
