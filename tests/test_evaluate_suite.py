@@ -105,6 +105,7 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
     ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4, "3e-4"]}, "lr_sweep takes a list"),
     ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4], "settings": {"lr": 1e-3}},
      "either settings.lr or lr_sweep"),
+    ({"kind": "finetune-text", "data": "bbc-news", "lr_sweep": [1e-4, 0.0001]}, r"lr_sweep names a rate twice"),
 ])
 def test_bad_suites_fail_before_any_work(suite_dir, tmp_path, capsys, task, error):
     (suite_dir / "bad_labels.csv").write_text("text,label\na story,politics\n")
@@ -147,6 +148,9 @@ def test_bad_model_or_suite_paths(suite_dir, tmp_path, capsys):
         load_suite(tmp_path / "broken.json")
     with pytest.raises(flava.ConfigError, match="no tasks"):
         load_suite({"name": "x", "tasks": []})
+    # A file's suite without a name of its own is called by the file's ("suite suite" in the report).
+    (suite_dir / "colours.json").write_text(json.dumps({"tasks": TASKS[:1]}))
+    assert load_suite(suite_dir / "colours.json").name == "colours"
 
 
 @pytest.mark.slow

@@ -71,9 +71,9 @@ def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None
                           f"{args.image_stage}")
     for flag, given in (("--rows", args.rows), ("--steps", args.steps), ("--processes", args.processes != 1)):
         if given:
-            raise ConfigError(f"--balancing runs the demo's recipe (text MLM, image MIM, joint) in this process; drop "
-                              f"{flag} (the joint stage's steps: --set max_steps=N; the unimodal stages': "
-                              "--unimodal-steps N)")
+            raise ConfigError(f"--balancing runs the demo's recipe (text MLM, image MIM, joint) as it is, in one "
+                              f"process; drop {flag} (the joint stage's steps: --set max_steps=N; the unimodal "
+                              "stages': --unimodal-steps N)")
     try:
         seeds = [int(s) for s in (args.seeds or "0,1").split(",") if s.strip()]
     except ValueError:

@@ -43,6 +43,8 @@ def read_settings(t: TaskSpec) -> tuple[FinetuneSettings, list[float] | None]:
                           f"got {sweep!r}")
     if "lr" in t.spec.get("settings", {}):
         raise ConfigError(f"{t.where}: give either settings.lr or lr_sweep, not both")
+    if len(set(map(float, sweep))) < len(sweep):  # each rate would fine-tune again for the same scores
+        raise ConfigError(f"{t.where}: lr_sweep names a rate twice ({sweep!r}); give each once")
     return settings, [float(x) for x in sweep]
 
 

@@ -102,6 +102,7 @@ class Suite:
 
 def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     """Parse and prepare a suite: a JSON file path, the name 'demo', or an already parsed dict."""
+    name = "suite"  # a file's suite without a name of its own is called by the file's
     if isinstance(source, dict):
         spec, base = source, base or Path.cwd()
     elif str(source) == "demo":
@@ -110,7 +111,7 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
         from ..io.files import read_json
 
         path = Path(source)
-        spec, base = read_json(path, "suite file"), path.parent
+        spec, base, name = read_json(path, "suite file"), path.parent, path.stem
     if not isinstance(spec, dict):
         raise ConfigError("a suite is a JSON object with a list of tasks")
     check_keys(spec, {"name", "tasks", "settings", "max_text_length"}, "suite")
@@ -132,7 +133,7 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
         raise ConfigError(f"two tasks are named {dup!r}; give them distinct names (a task's \"name\" key, whose "
                           "default is its kind and data)")
     prepared = [_in_task(i, t, read_task, c, base, defaults) for i, (t, c) in enumerate(zip(tasks, checked))]
-    return Suite(str(spec.get("name", "suite")), prepared, max_text_length)
+    return Suite(str(spec.get("name", name)), prepared, max_text_length)
 
 
 def _in_task(index: int, task: Any, step: Callable[..., Any], *args: Any) -> Any:
