@@ -341,6 +341,7 @@ def test_a_rerun_on_a_changed_suite_file_is_refused(no_training, suite, tmp_path
     err = capsys.readouterr().err.strip()
     assert f"the suite {file} changed since {out}'s runs were scored on it" in err and "another --output" in err
     assert "\n" not in err and not (out / "seed-0" / "uncertainty").exists()
+    assert "tasks.2.name: 'topic probe' -> 'pairs retrieval';" in err and "; and 3 more)" in err  # task by task
     # The same for Table 3's rows.
     table3 = tmp_path / "ablation"
     _suite_file(suite, file, "colour probe", "topic probe", "pairs retrieval")

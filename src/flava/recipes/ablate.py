@@ -226,21 +226,34 @@ def evaluate_row(key: str, cfg: TrainConfig, suite: Suite, output: Path, console
     return {"row": key, "model": description, **result.scores()}
 
 
+def suite_spec(source: str):
+    """A suite's JSON: the file's, or the packaged suite's as this release defines it."""
+    return DEMO_SUITE if source == "demo" else read_json(Path(source), "suite file", ConfigError)
+
+
 def suite_fingerprint(source: str) -> str:
     """What identifies a suite's tasks: a hash of its JSON (keys sorted: reformatting the file is
-    no change), the packaged suite's as this release defines it. The data files a suite names are
-    not read: change those and keep the suite file, and the scores compare other data."""
-    spec = DEMO_SUITE if source == "demo" else read_json(Path(source), "suite file", ConfigError)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    no change). The data files a suite names are not read: change those and keep the suite file,
+    and the scores compare other data."""
+    return hashlib.sha256(json.dumps(suite_spec(source), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def refuse_changed_suite(old: dict, wanted: dict, output: Path) -> None:
     """Scores kept in OUTPUT were measured on the suite's tasks when they ran: refuse to add runs
-    scored on other tasks beside them (a record older than the fingerprint is not compared)."""
+    scored on other tasks beside them, naming what changed where the record keeps the suite (a
+    record older than the fingerprint is not compared)."""
     was = old.get("suite_fingerprint")
     if was is not None and was != wanted["suite_fingerprint"]:
-        raise ConfigError(f"the suite {wanted['suite']} changed since {output}'s runs were scored on it; restore the "
-                          "file, or choose another --output")
+        def by_task(spec):  # task N's fields as tasks.N.key, numbered as the suite's messages number them
+            tasks = spec.get("tasks") if isinstance(spec, dict) else None
+            return {**spec, "tasks": {str(i): t for i, t in enumerate(tasks, 1)}} if isinstance(tasks, list) else spec
+
+        what = ""
+        if isinstance(old.get("suite_spec"), dict) and isinstance(wanted.get("suite_spec"), dict):
+            diff = list(differences(by_task(old["suite_spec"]), by_task(wanted["suite_spec"])).items())
+            what = f" ({said(dict(diff[:6]))}" + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "") + ")"
+        raise ConfigError(f"the suite {wanted['suite']} changed since {output}'s runs were scored on it{what}; "
+                          "restore the file, or choose another --output")
 
 
 def rows_needing_demo_codebook(cfg: TrainConfig, plan: Plan) -> set[str]:
@@ -268,7 +281,8 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
     record = output / "ablation.json"
     wanted = {"rows": plan.rows, "steps": plan.steps, "unimodal_steps": plan.unimodal_steps,
               "image_stage": plan.image_stage, "processes": plan.processes, "suite": plan.suite,
-              "suite_fingerprint": suite_fingerprint(plan.suite), "settings": to_dict(cfg)}
+              "suite_fingerprint": suite_fingerprint(plan.suite), "suite_spec": suite_spec(plan.suite),
+              "settings": to_dict(cfg)}
     if record.is_file():
         old = read_json(record, "ablation record", ConfigError, expect=dict).get("plan", {})
         keys = ("steps", "unimodal_steps", "image_stage", "processes", "suite", "settings")

@@ -38,7 +38,7 @@ from ..evaluate.suite import DOMAINS, Suite, load_suite
 from ..io.files import read_json, write_json_atomic, write_text_atomic
 from ..train.balancing import METHODS
 from ..train.config import TrainConfig
-from .ablate import refuse_changed_suite, suite_fingerprint
+from .ablate import refuse_changed_suite, suite_fingerprint, suite_spec
 from .recipe import DEMO_RECIPE, DEMO_STAGE_SETTINGS, DEMO_STAGE_STEPS, finished_step, plan
 
 ADAPTIVE_MIXING = "mixing-adaptive"
@@ -114,7 +114,7 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
     output.mkdir(parents=True, exist_ok=True)
     record = output / "balancing.json"
     wanted = {"methods": p.methods, "seeds": p.seeds, "suite": p.suite, "suite_fingerprint": suite_fingerprint(p.suite),
-              "stage_steps": p.stage_steps, "stage_settings": p.stage_settings, "settings": to_dict(cfg)}
+              "suite_spec": suite_spec(p.suite), "stage_steps": p.stage_steps, "stage_settings": p.stage_settings, "settings": to_dict(cfg)}
     if record.is_file():
         old = read_json(record, "balancing record", ConfigError, expect=dict).get("plan", {})
         keys = ("settings", "suite", "stage_steps", "stage_settings")
