@@ -114,7 +114,8 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
     output.mkdir(parents=True, exist_ok=True)
     record = output / "balancing.json"
     wanted = {"methods": p.methods, "seeds": p.seeds, "suite": p.suite, "suite_fingerprint": suite_fingerprint(p.suite),
-              "suite_spec": suite_spec(p.suite), "stage_steps": p.stage_steps, "stage_settings": p.stage_settings, "settings": to_dict(cfg)}
+              "suite_spec": suite_spec(p.suite), "stage_steps": p.stage_steps, "stage_settings": p.stage_settings,
+              "settings": to_dict(cfg)}
     if record.is_file():
         old = read_json(record, "balancing record", ConfigError, expect=dict).get("plan", {})
         keys = ("settings", "suite", "stage_steps", "stage_settings")
