@@ -521,6 +521,7 @@ def test_bad_requests(server):
         (server.post_json("/predict", {"texts": ["a"], "topk": 2}), 400, "'topk'"),
         (server.get("/search?q=dog&kk=3"), 400, "unknown field 'kk' in the query string"),
         (server.post_json("/search?n=2", {"position": 1}), 400, "the query string"),
+        (server.post_json("/search", {"embedding": [0.0] * server.embedder.dim}), 400, "all zeros"),
     ]
     for (status, body, _), want, phrase in cases:
         assert status == want, (want, body)

@@ -242,6 +242,11 @@ def test_a_rerun_embeds_again_a_part_whose_image_changed_and_refuses_int8_into_f
     after = read_embeddings(out).vectors
     np.testing.assert_array_equal(after[:3], before[:3])
     np.testing.assert_allclose(after[3], flava.load(tiny_model).encode_image(images / "3.png")[0].numpy(), atol=1e-5)
+    # An image named twice (its folder and itself) is embedded once, and the other is counted.
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(images), str(images / "0.png"), "--output",
+                str(tmp_path / "twice")]) == 0
+    summary = json.loads((tmp_path / "twice" / "embed.json").read_text())
+    assert summary["embedded"] == 4 and summary["failed"] == {"image named twice": 1}
     assert cli(args + ["--int8"]) == 2
     assert "holds embeddings of other inputs or settings (int8: None -> True)" in capsys.readouterr().err
     assert cli(["embed", "--model", str(tiny_model), "--images", str(images), "--output", str(tmp_path / "q"),
@@ -386,6 +391,16 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
                 "--templates", str(tmp_path / "empty.txt")]) == 2
     assert "separated by '|'" in capsys.readouterr().err  # the separator templates take, not commas
+    import flava.cli.embed as cli_embed
+
+    def not_loaded(*a):
+        raise AssertionError("the model was loaded before the classes were checked")
+
+    for classes, said in (("a,,b", "classes 'a,,b' holds an empty name between ','s"), ("a,b,a", "'a' is named twice")):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(cli_embed, "load_for_inference", not_loaded)
+            assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", classes]) == 2
+        assert said in capsys.readouterr().err
     first = sorted(photos.iterdir())[0]
     loose = next(p for p in sorted(first.iterdir()))
     assert cli(["classify", "--model", str(tiny_model), "--images", str(first), "--classes", "a,b", "--labels"]) == 2

@@ -65,6 +65,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if len(classes) < 2:
         raise InputError(f"zero-shot classification ranks two or more classes; got {classes}: name the others with "
                          "--classes")
+    dup = next((c for i, c in enumerate(classes) if c in classes[:i]), None)
+    if dup is not None:  # said before the model loads, not after
+        raise InputError(f"class {dup!r} is named twice")
     templates = templates_from(args.templates)
     if args.output:
         check_writable(args.output, directory=False)

@@ -25,6 +25,8 @@ def read_list(value: str, what: str, separator: str = ",") -> list[str]:
                          "with one a line)")
     else:
         items = [v.strip() for v in value.split(separator)]
+        if any(not i for i in items[:-1]):  # "a,,b" (a trailing separator is no name left out)
+            raise InputError(f"{what} {value!r} holds an empty name between {separator!r}s; name each one")
     items = [i for i in items if i]
     if not items:
         raise InputError(f"no {what} given in {value!r}; write them separated by {separator!r}, or one a line in "

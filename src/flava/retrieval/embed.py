@@ -114,16 +114,20 @@ class Inputs:
 def image_inputs(specs: Sequence[str]) -> Inputs:
     """Image files named by paths, folders (recursively) or globs; a file under a folder's
     sub-folder gets that sub-folder's name as its `label`."""
-    rows, images = [], []
+    rows, images, seen, twice = [], [], set(), Counter()
     for spec in specs:
         root = Path(spec)
         for path in find_images([spec]):
             row = {"image_path": str(path.resolve())}
+            if row["image_path"] in seen:  # a file and its folder both named: one vector, not two hits
+                twice["image named twice"] += 1
+                continue
+            seen.add(row["image_path"])
             if root.is_dir() and len(path.relative_to(root).parts) > 1:
                 row["label"] = path.relative_to(root).parts[0]
             rows.append(row)
             images.append(path)
-    return Inputs("image", images=images, metadata=rows)
+    return Inputs("image", images=images, metadata=rows, listing_rejected=twice)
 
 
 def text_inputs(path: str) -> Inputs:

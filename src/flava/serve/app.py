@@ -266,6 +266,8 @@ def create_app(
             vectors = np.asarray([vec], dtype=np.float32)
             if not np.isfinite(vectors).all():
                 raise ApiError(400, '"embedding" holds a non-finite number')
+            if not vectors.any():  # every item would score 0: a ranking of nothing
+                raise ApiError(400, '"embedding" is all zeros; send a vector with a direction')
             return await search(vectors, k, {"type": "embedding"}, start)
         if "position" in body:
             position = position_of(body["position"])
