@@ -267,7 +267,8 @@ def test_a_pair_tables_image_urls_are_named_never_fetched_nor_read_as_paths(tiny
     assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "all.csv"),
                 "--output", str(tmp_path / "emb2")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "its images are URLs (http://example.com/a.png, ...), which flava does not fetch" in err
+    assert err.count("\n") == 1
+    assert "its images are URLs (http://example.com/a.png, ...), which flava does not fetch" in err
 
 
 def test_a_missing_value_is_never_shown_as_none(tiny_model, tmp_path, capsys):
