@@ -1,6 +1,7 @@
 """Using a model: hub ids through a laid-out cache, the processor, embed / index / search /
 classify, as a user runs them."""
 
+import csv
 import io
 import json
 import os
@@ -565,6 +566,14 @@ def test_the_hints_of_index_search_and_embed_point_where_they_should(tiny_model,
     assert "name where it is now with --model" in err and "did you mean" not in err
     assert cli(["search", "--index", str(tmp_path / "idx2"), "--text", "a circle", "--model",
                 str(tmp_path / "moved")]) == 0
+
+
+def test_classify_writes_the_files_it_read_as_predict_names_them(tiny_model, photos, tmp_path, monkeypatch):
+    monkeypatch.chdir(photos.parent)  # images named relative to here: the output names them whole
+    out = tmp_path / "p.csv"
+    assert cli(["classify", "--model", str(tiny_model), "--images", f"{photos.name}/red", "--classes", "a,b",
+                "--output", str(out)]) == 0
+    assert [r["image"] for r in csv.DictReader(out.open())] == [str(p) for p in sorted((photos / "red").iterdir())]
 
 
 def test_classify_names_each_unusable_image_once(tiny_model, photos, tmp_path, capsys):

@@ -80,7 +80,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if out is not None:  # the columns and format `flava predict --output` writes
         rows = []
         for pred, t in zip(predictions, truth):
-            row = {"image": str(pred.image), **({"true_label": t} if args.labels else {})}
+            # The file read, absolute, as `predict --output` writes it.
+            row = {"image": os.path.abspath(pred.image), **({"true_label": t} if args.labels else {})}
             if pred.error:
                 row["error"] = pred.error
             else:
