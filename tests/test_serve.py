@@ -278,6 +278,10 @@ def test_predict_equals_task_model(server):
     for status, body, _ in (server.post_json("/predict", {"text": texts[0]}),
                             server.post_form("/predict", {"texts": texts[0]})):
         assert status == 200 and body["predictions"][0]["label"] == want[0]["label"], body
+    # texts2 is read as itself (this model takes no pairs, and says so), not taken for its own singular.
+    for texts2 in ({"texts2": ["a second text"]}, {"text2": "a second text"}):
+        status, body, _ = server.post_json("/predict", {"texts": texts[:1], **texts2})
+        assert status == 400 and "texts2" in body["error"] and "not both" not in body["error"], body
 
 
 def test_responses_are_not_held_back_by_nagle(server):

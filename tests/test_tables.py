@@ -176,7 +176,19 @@ def test_a_tables_images_may_be_bytes_but_urls_are_named_and_never_fetched(tmp_p
     assert table_image(tmp_path, "a/b.png") == tmp_path / "a" / "b.png"
     assert table_image(tmp_path, "file:///x/b.png") == table_image(tmp_path, "/x/b.png") == Path("/x/b.png")
     assert table_image(tmp_path, png) == table_image(tmp_path, {"bytes": png, "path": None}) == Blob(png)
-    assert load_image(Blob(png)).size == (8, 8) and "bytes of image data" in f"{Blob(png)}"
+    assert load_image(Blob(png)).size == (8, 8) and "bytes of image data, sha1 " in f"{Blob(png)}"
+    # Two images of one length are two images where examples are grouped by their image (a validation carve).
+    from flava.evaluate.readers.user_files import read_multimodal_table
+
+    pngs = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (20 * i, 0, 0)).save(buf, format="PNG", compress_level=0)
+        pngs.append(buf.getvalue())
+    assert len({len(p) for p in pngs}) == 1 and len({repr(Blob(p)) for p in pngs}) == 8
+    pq.write_table(pa.table({"image": pngs, "text": ["t"] * 8, "label": ["a", "b"] * 4}), tmp_path / "mm.parquet")
+    task = read_multimodal_table(tmp_path / "mm.parquet", val_fraction=0.25)
+    assert len(task.train) + len(task.val) == 8 and len(task.val) >= 1
     url = table_image(tmp_path, "https://example.com/a.png")
     assert url == ImageURL("https://example.com/a.png") and table_image(tmp_path, "s3://b/k.jpg").url == "s3://b/k.jpg"
     with pytest.raises(BadSample, match=URL_NOT_FETCHED):

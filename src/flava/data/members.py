@@ -4,6 +4,7 @@ reason a record cannot be used (counted under that name by the pipeline)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -85,8 +86,10 @@ class Blob:
     def read(self) -> bytes:
         return bytes(self.data)
 
-    def __repr__(self) -> str:  # in messages: never the bytes themselves
-        return f"<{len(self.data):,} bytes of image data>"
+    def __repr__(self) -> str:
+        # In messages, never the bytes themselves; the digest keeps two images apart where an
+        # example is known by its text (a validation carve groups examples by image).
+        return f"<{len(self.data):,} bytes of image data, sha1 {hashlib.sha1(self.data).hexdigest()[:12]}>"
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,8 @@ class RequestParser:
     def string_list(self, body: dict, key: str, required: bool = True) -> list[str] | None:
         """`key`'s list of strings; the singular name (`text` for `texts`) is taken for it too, as
         the forms name their fields."""
-        singular = key.removesuffix("s")
-        if singular in body:
+        singular = {"texts": "text", "texts2": "text2"}.get(key, key)
+        if singular != key and singular in body:
             if key in body:
                 raise ApiError(400, f'give "{key}" or "{singular}", not both')
             key = singular
