@@ -532,6 +532,20 @@ def test_a_tie_on_the_validation_metric_goes_to_the_lower_validation_loss(model,
     assert best != tied[0] and result.best_step == result.eval_steps[best]
 
 
+def test_the_validation_loss_in_chunks_is_the_whole_splits(monkeypatch):
+    # VQA's dense targets over all of VQAv2 val would not fit at once: the loss is summed by chunks.
+    from flava.finetune import loop
+    from flava.finetune.splits import Split
+
+    n, k = 10, 5
+    split = Split(torch.zeros((n, 3), dtype=torch.long), torch.arange(n) % k, [{i % k: 1.0, 0: 0.3} for i in range(n)])
+    logits = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    whole = {kind: float(loop._loss(kind, logits, split, torch.arange(n), k)) for kind in ("vqa", "classification")}
+    monkeypatch.setattr(loop, "VQA_SCORE_CHUNK", 3)
+    for kind, want in whole.items():
+        assert loop._val_loss(kind, logits, split, k) == pytest.approx(want, rel=1e-6)
+
+
 @pytest.mark.slow
 def test_regression_head(model, tokenizer):
     rng = np.random.default_rng(0)

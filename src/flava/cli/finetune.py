@@ -165,7 +165,8 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
         console.print(f"  {escape(note)}")
     if len(task.val) < SMALL_VAL:
         console.print(f"note: validation holds {len(task.val)} example(s), from which the state kept is chosen (a "
-                      f"tie goes to the lower validation loss); give --val, or a larger --val-fraction")
+                      "tie goes to the lower validation loss); "
+                      + ("give a larger --val" if args.val else "give --val, or a larger --val-fraction"))
     model, resolved = load_model(args.model)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
     if tokenizer is not None and settings.max_text_length is not None:  # refused before the progress bar

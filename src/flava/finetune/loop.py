@@ -34,7 +34,7 @@ from .examples import (
 from .heads import (ImageClassifier, ImageHead, MultimodalClassifier, MultimodalHead, TextClassifier, TextHead,
                     freeze_unused)
 from .settings import FinetuneResult, FinetuneSettings, Resumable
-from .splits import Split, dense_soft, image_cache, part_scores, split_scores
+from .splits import VQA_SCORE_CHUNK, Split, dense_soft, image_cache, part_scores, split_scores
 from .text import encode, pad, truncating_copy
 
 
@@ -63,6 +63,16 @@ def _loss(kind: str, logits: torch.Tensor, split: Split, idx: torch.Tensor, num_
     target = dense_soft([split.soft[i] for i in idx.tolist()], num_outputs)
     # Summed over answers, averaged over questions (ViLT and FLAVA's VQA loss).
     return F.binary_cross_entropy_with_logits(logits, target) * num_outputs
+
+
+def _val_loss(kind: str, logits: torch.Tensor, split: Split, num_outputs: int) -> float:
+    """The training loss over a whole split, in chunks: VQA's dense targets for all of VQAv2 val
+    (214k x 3,129 answers) would not fit at once."""
+    total = 0.0
+    for start in range(0, len(split), VQA_SCORE_CHUNK):
+        idx = torch.arange(start, min(start + VQA_SCORE_CHUNK, len(split)))
+        total += float(_loss(kind, logits[idx], split, idx, num_outputs)) * len(idx)
+    return total / max(1, len(split))
 
 
 def _save_state(resumable: Resumable, state: dict) -> None:
@@ -199,7 +209,7 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
             if step == total or (step % s.eval_every == 0 if s.eval_every else epoch_end):
                 val_logits = predict(val)
                 scores = split_scores(job.kind, job.metrics, val_logits, val, job.num_outputs)[0]
-                val_loss = float(_loss(job.kind, val_logits, val, torch.arange(len(val)), job.num_outputs))
+                val_loss = _val_loss(job.kind, val_logits, val, job.num_outputs)
                 eval_steps.append(step)
                 val_metrics.append(scores)
                 val_losses.append(val_loss)

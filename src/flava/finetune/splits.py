@@ -18,7 +18,7 @@ from .examples import ImageExample, MultimodalExample
 from .settings import MAX_CONFUSION_ANSWERS
 
 # Rows of dense VQA targets built at a time when scoring (VQAv2 val is 214k × 3,129 answers).
-_VQA_SCORE_CHUNK = 8192
+VQA_SCORE_CHUNK = 8192
 
 
 @dataclass
@@ -125,8 +125,8 @@ def split_scores(kind: str, names: tuple[str, ...], logits: torch.Tensor, split:
     preds = logits.argmax(dim=1).numpy()
     if kind == "vqa":
         total = 0.0
-        for start in range(0, len(preds), _VQA_SCORE_CHUNK):
-            chunk = split.soft[start:start + _VQA_SCORE_CHUNK]
+        for start in range(0, len(preds), VQA_SCORE_CHUNK):
+            chunk = split.soft[start:start + VQA_SCORE_CHUNK]
             total += M.vqa_score(preds[start:start + len(chunk)], dense_soft(chunk, num_classes).numpy()) * len(chunk)
         out["vqa_score"] = total / len(preds)
         confusion = None
