@@ -163,7 +163,7 @@ def test_bad_balancing_settings_fail_in_one_line():
 
 def test_settings_of_a_method_the_run_does_not_use_and_methods_that_cannot_act_are_said():
     from flava.config import ObjectivesConfig
-    from flava.train.config import DataConfig, OptimConfig
+    from flava.train.config import DataConfig
     from flava.train.trainer import unread_settings
 
     said = unread_settings(TrainConfig(objectives=ObjectivesConfig(dwa_temperature=5, uncertainty_lr=1,
@@ -187,12 +187,13 @@ def test_settings_of_a_method_the_run_does_not_use_and_methods_that_cannot_act_a
                     "'fixed' does")
     (said,) = unread_settings(TrainConfig(data=DataConfig(mixing_schedule="adaptive"), max_steps=500), ("text",))
     assert "has one data kind to mix: it trains as 'constant' does" in said
-    slow = TrainConfig(optim=OptimConfig(init_lr_scale=0.1, init_lr_scaled=["text"]), init_image="img", max_steps=500)
-    (said,) = unread_settings(slow, ("pairs",))
-    assert said == ("optim.init_lr_scale=0.1 slows the encoders of optim.init_lr_scaled (text) that init_* starts "
-                    "from, and this run starts none of them: it does nothing")
-    slow.init_text = "txt"
-    assert unread_settings(slow, ("pairs",)) == []
+    # The demo recipe's slower rate for initialised encoders reaches the ablation's rows that start
+    # from none: nothing said where the user set nothing.
+    from flava.recipes.ablate import row_config
+    from flava.recipes.recipe import demo_recipe_config
+
+    for row in ("flava-c", "flava-mm", "flava-no-init"):
+        assert unread_settings(row_config(row, demo_recipe_config(), 10_000), ("pairs",)) == []
 
 
 def config(data, **over) -> TrainConfig:

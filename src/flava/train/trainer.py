@@ -84,12 +84,6 @@ def unread_settings(cfg: TrainConfig, kinds: tuple[str, ...]) -> list[str]:
         if value != default and not reads(cfg):
             notes.append(f"{key}={value:g} is read by {by} alone: it does nothing in this run")
     o, d = cfg.objectives, cfg.data
-    scaled = cfg.optim.init_lr_scaled
-    # The unimodal stages of a recipe carry the joint stage's optimizer settings: said of the joint stage only.
-    if cfg.stage == "joint" and cfg.optim.init_lr_scale != 1 and not any(getattr(cfg, f"init_{e}") for e in scaled):
-        notes.append(f"optim.init_lr_scale={cfg.optim.init_lr_scale:g} slows the encoders of optim.init_lr_scaled "
-                     f"({', '.join(scaled) or 'none'}) that init_* starts from, and this run starts "
-                     + ("none of them: it does nothing" if scaled else "no encoder: it does nothing"))
     if cfg.stage in ("joint", "text-mlm", "image-mim"):
         trained = [r.name for r in active(o, kinds)]
         if o.balancing != "fixed" and len(trained) == 1:
