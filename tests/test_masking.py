@@ -85,3 +85,12 @@ def test_whole_word_masking_keeps_words_together(tokenizer):
     a = masking(ids, np.random.default_rng(5))
     b = masking(ids, np.random.default_rng(5))
     assert all((x == y).all() for x, y in zip(a, b))
+
+
+def test_a_small_ratio_masks_its_patches_though_they_make_no_block_of_the_papers_least_size():
+    # 5 % of a 14x14 grid is 10 patches, under the scaled least block (16): no block fitted, and
+    # MIM/MMM measured nothing on every sample.
+    rng = np.random.default_rng(0)
+    for grid, ratio, want in ((14, 0.05, 10), (8, 0.02, 1)):
+        masking = BlockMasking.for_grid(grid, ratio)
+        assert all(int(masking(rng).sum()) == want for _ in range(20)), (grid, ratio)

@@ -346,6 +346,12 @@ def test_a_zero_masking_rate_is_refused_where_an_objective_predicts_masked_posit
     assert trained_kinds(TrainConfig(stage="text-mlm", objectives=ObjectivesConfig(image_mask_ratio=0)))[0] == ("text",)
     off = ObjectivesConfig(image_mask_ratio=0, mim_weight=0, mmm_image_weight=0)
     assert trained_kinds(TrainConfig(objectives=off))[0] == ("pairs", "text")
+    # Nor MIM's where no image data is given: it never runs.
+    from flava.train.config import DataConfig
+
+    pairs_only = TrainConfig(objectives=ObjectivesConfig(image_mask_ratio=0, mmm_image_weight=0),
+                             data=DataConfig(pairs=["pairs.csv"]))
+    assert trained_kinds(pairs_only)[0] == ("pairs",)
 
 
 def test_a_stage_with_nothing_to_train_names_the_data_it_reads():

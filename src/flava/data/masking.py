@@ -47,8 +47,10 @@ class BlockMasking:
         """The paper's setting scaled in proportion to another patch grid."""
         n = grid * grid
         ratio = BASE_MASKED / BASE_GRID**2 if mask_ratio is None else mask_ratio
-        return cls(grid=grid, num_masked=max(1, round(ratio * n)),
-                   min_block=max(1, round(BASE_MIN_BLOCK / BASE_GRID**2 * n)))
+        num_masked = max(1, round(ratio * n))
+        # A block no smaller than the patches to mask: past it no block fits, and none were masked.
+        return cls(grid=grid, num_masked=num_masked,
+                   min_block=min(num_masked, max(1, round(BASE_MIN_BLOCK / BASE_GRID**2 * n))))
 
     def __post_init__(self) -> None:
         hi = self.max_aspect if self.max_aspect is not None else 1 / self.min_aspect

@@ -43,14 +43,14 @@ def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[s
         raise ConfigError("data.mixing needs three non-negative probabilities (pairs, images, text); "
                           f"got {len(cfg.data.mixing)}")
     stage = stage or STAGES[cfg.stage](cfg)
-    if isinstance(stage, PretrainingStage):
-        _check_mask_rates(cfg, stage.kinds())
     kinds, notes = list(stage.kinds()), []
     given = [k for k in KINDS if getattr(cfg.data, k)]
     if given:
         for k in [k for k in kinds if k not in given]:
             notes.append(f"no {k} data given (data.{k}): {k} steps are left out")
         kinds = [k for k in kinds if k in given]
+    if isinstance(stage, PretrainingStage):  # of the kinds with data: MIM without images never runs
+        _check_mask_rates(cfg, kinds)
     trained = stage.trained_kinds()
     for k in [k for k in kinds if k not in trained]:
         notes.append(f"every objective on {k} has weight 0: {k} steps are left out")
