@@ -352,7 +352,7 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     assert cli(["prepare", "--images", str(train_data / "img" / "a" / "0.png"), "--output", str(tmp_path / "small"),
                 "--codebook", str(codebook), "--workers", "1", "--config", "small"]) == 0
     assert "the codebook " + str(codebook) + " was trained on 64-px images (8x8 tokens), but the --config model's " \
-           "14x14 patch grid gives it 112-px crops" in " ".join(capsys.readouterr().out.split())
+           "14x14 patch grid gives it 112-px ones" in " ".join(capsys.readouterr().out.split())
     labels = [r.label for r in open_source("images", str(tmp_path / "imgs")).records]
     assert len(labels) == 16 and set(labels) == {0}
 

@@ -201,6 +201,15 @@ def test_a_tables_images_may_be_bytes_but_urls_are_named_and_never_fetched(tmp_p
         csv_pairs(str(tmp_path / "urls.csv"))
     (tmp_path / "some.csv").write_text("image,caption\nhttp://example.com/a.png,a\nb.png,b\n")
     assert [type(r.image) for r in csv_pairs(str(tmp_path / "some.csv")).records] == [ImageURL, type(tmp_path)]
+    # A parquet file's path cell too (read by data.arrow): named as the URL, counted as one, never a path.
+    from flava.data.decode import open_image
+    from flava.data.registry import open_source
+
+    pq.write_table(pa.table({"image": ["http://example.com/a.png"], "caption": ["a"]}), tmp_path / "u.parquet")
+    (record,) = open_source("pairs", str(tmp_path / "u.parquet")).records
+    assert record.image.name() == "http://example.com/a.png"
+    with pytest.raises(BadSample, match=URL_NOT_FETCHED):
+        open_image(record.image)
     (tmp_path / "labels.csv").write_text("image,label\nhttps://example.com/a.png,cat\n")
     with pytest.raises(DataError, match=r"labels\.csv, line 2: image https://example\.com/a\.png is a URL"):
         read_image_classification(tmp_path / "labels.csv")

@@ -301,6 +301,18 @@ def load_codebook(path: str | os.PathLike) -> FlavaImageCodebook:
     return codebook_of(ckpt, trained)
 
 
+def codebook_scale_note(codebook, trained: int | None, model: FlavaConfig, whose: str) -> str | None:
+    """A note when a codebook was trained at another image size than `model`'s grid gives it: it
+    reads any size (it is convolutional), but its tokens then describe another scale."""
+    wanted = model.codebook_image_size
+    if trained is None or trained == wanted:
+        return None
+    grid = model.image.grid_size
+    return (f"note: the codebook {codebook} was trained on {trained}-px images ({trained // 8}x{trained // 8} tokens), "
+            f"but {whose} {grid}x{grid} patch grid gives it {wanted}-px ones: its tokens describe another scale; "
+            "flava train-codebook with this model's settings makes a fitting one")
+
+
 def codebook_of(ckpt: Checkpoint, trained: int | None = None) -> FlavaImageCodebook | None:
     """The frozen image codebook a read checkpoint holds beside its model (or alone), or None."""
     sd = ckpt.parts.get("codebook")

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import check_distinct, open_source
     from ..errors import ConfigError, DataError
-    from ..loading import CodebookTokenizer
+    from ..loading import CodebookTokenizer, codebook_scale_note
     from ..progress import progress_bar
 
     model = config_from(args.config)
@@ -66,12 +66,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if vocab is not None and vocab != model.image.vocab_size:  # recorded: pretraining refuses another vocabulary
         console.print(f"note: the codebook has {vocab} tokens and the --config model's MIM/MMM heads predict "
                       f"{model.image.vocab_size}: train on these shards with model.image.vocab_size={vocab}")
-    wanted = model.codebook_image_size
-    if trained is not None and trained != wanted:  # as `flava pretrain` says of such a codebook
-        console.print(f"note: the codebook {args.codebook} was trained on {trained}-px images ({trained // 8}x"
-                      f"{trained // 8} tokens), but the --config model's {model.image.grid_size}x"
-                      f"{model.image.grid_size} patch grid gives it {wanted}-px crops: its tokens describe another "
-                      "scale; flava train-codebook with this model's settings makes a fitting one")
+    note = codebook_scale_note(args.codebook, trained, model, "the --config model's")
+    if note:  # as `flava pretrain` says of such a codebook
+        console.print(note)
     workers = args.workers or default_workers()
     output = Path(args.output)
     created = not output.exists()

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError
 from ..io.files import read_json
+from .members import Blob, ImageURL, table_image
 from .sources import ImageRecord, Opened, PairRecord, Source
 
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
@@ -218,35 +219,36 @@ class ArrowImage:
     unit: int
     row: int
 
-    def _cell(self) -> tuple[bytes | None, Path | None]:
+    def _ref(self) -> Path | Blob | ImageURL | None:
+        """What the cell holds, as a table's image cell is read (`members.table_image`): the bytes,
+        a path relative to the file's folder, or a URL, which is not fetched."""
         value = _unit(self.shard, self.unit, self.column)[self.row].as_py()
         if isinstance(value, dict):  # the `datasets` Image struct
-            data, path = value.get("bytes"), value.get("path")
-        elif isinstance(value, str):
-            data, path = None, value
-        else:
-            data, path = value, None
-        if data is not None:
-            return data, None
-        if path:
-            return None, Path(self.shard.path).parent / path  # an absolute path stays itself
-        return None, None
+            value = value.get("bytes") or value.get("path")
+        return table_image(Path(self.shard.path).parent, value) if value else None
 
     def exists(self) -> bool:
-        data, path = self._cell()
-        return data is not None or (path is not None and path.is_file())
+        ref = self._ref()
+        return ref is not None and (not isinstance(ref, Path) or ref.is_file())
 
     def read_bytes(self) -> bytes:
-        data, path = self._cell()
-        return data if data is not None else path.read_bytes()
+        ref = self._ref()
+        return ref.read_bytes() if isinstance(ref, Path) else ref.read()  # a URL's read says it is not fetched
 
     def name(self) -> str:
-        """The image file a path cell names, or where the bytes of a bytes cell are:
+        """The image file a path cell names (or its URL), or where the bytes of a bytes cell are:
         `FILE#UNIT:ROW:COLUMN`, which `image_cell` reads again."""
-        data, path = self._cell()
-        if data is None and path is not None:
-            return str(path.resolve())
+        if not _holds_bytes(self.shard, self.column):  # a bytes column's cells are not read to name them
+            ref = self._ref()
+            if isinstance(ref, (Path, ImageURL)):
+                return str(ref.resolve() if isinstance(ref, Path) else ref)
         return f"{Path(self.shard.path).resolve()}#{self.unit}:{self.row}:{self.column}"
+
+
+@functools.lru_cache(maxsize=64)
+def _holds_bytes(shard: _Shard, column: str) -> bool:
+    t = _open(shard)[0].field(column).type
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def image_cell(name: str) -> ArrowImage | None:

@@ -417,6 +417,7 @@ def _files_digest(images: Sequence) -> str:
     for ref in images:
         file = ref if isinstance(ref, Path) else getattr(ref, "shard", None)
         file = getattr(file, "path", file)  # an Arrow cell's file
+        file = os.path.abspath(file) if file is not None else None  # the same files, named from another folder
         try:
             st = os.stat(file) if file is not None else None
             h.update(f"{file}\0{st.st_size if st else ''}\0{st.st_mtime_ns if st else ''}\n".encode())

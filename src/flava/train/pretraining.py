@@ -21,7 +21,8 @@ from ..data.samples import SampleMaker, SampleSpec
 from ..distributed import data_parallel, world
 from ..errors import CheckpointError, ConfigError
 from ..interop.text_towers import following
-from ..loading import Checkpoint, codebook_of, load_codebook, pretraining_from_checkpoint, read_checkpoint
+from ..loading import (Checkpoint, codebook_of, codebook_scale_note, load_codebook, pretraining_from_checkpoint,
+                       read_checkpoint)
 from ..model.layers import Block
 from ..objectives.chunks import plan_chunks
 from ..objectives.pretraining import PretrainingModel
@@ -142,13 +143,9 @@ class PretrainingStage(Stage):
     def _check_codebook_scale(self, trained: int | None) -> None:
         """A codebook reads any image size (it is convolutional), but one trained at another size
         than the model's grid asks of it makes tokens of another scale: said, not refused."""
-        wanted = self.cfg.model.codebook_image_size
-        if trained is not None and trained != wanted:
-            grid = self.cfg.model.image.grid_size
-            self.initialised["codebook"] = (
-                f"note: the codebook {self.cfg.codebook} was trained on {trained}-px images ({trained // 8}x"
-                f"{trained // 8} tokens), but this model's {grid}x{grid} patch grid gives it {wanted}-px ones: its "
-                f"tokens describe another scale; flava train-codebook with this model's settings makes a fitting one")
+        note = codebook_scale_note(self.cfg.codebook, trained, self.cfg.model, "this model's")
+        if note:
+            self.initialised["codebook"] = note
 
     def write_files(self, directory) -> None:
         self.model.model.save_tokenizer(directory)
