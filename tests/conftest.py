@@ -29,6 +29,14 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_collection_modifyitems(config, items):
+    # The modules that start processes first, each kept whole (module fixtures are made once): the
+    # workers then end on short tests instead of one of them on a long one (xdist's worksteal
+    # hands the waiting tests out from the ends of the queues).
+    weight: dict[str, int] = {}
+    for item in items:
+        key = item.nodeid.split("::")[0]
+        weight[key] = weight.get(key, 0) + (3 if "distributed" in item.keywords else "slow" in item.keywords)
+    items.sort(key=lambda item: -weight[item.nodeid.split("::")[0]])  # stable: each module's order kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False on this machine")
