@@ -402,6 +402,18 @@ def test_a_request_whose_client_left_gives_up_its_place_for_the_model(tmp_path, 
         assert closed == {("/embed", "POST"), ("/search", "GET")}
 
 
+def assert_items_served(model, index, pngs, holder, gone: str) -> None:
+    """/items sends each indexed image's bytes, and a 404 saying `gone` once `holder` (the file
+    that holds them) is moved to moved-NAME."""
+    with app_in_a_thread(create_app(flava.load(model), index)) as client:
+        for i, png in enumerate(pngs):
+            status, data, headers = client.get(f"/items/{i}")
+            assert status == 200 and headers["content-type"] == "image/png" and data == png
+        holder.rename(holder.with_name(f"moved-{holder.name}"))
+        status, body, _ = client.get("/items/0")
+        assert status == 404 and gone in body["error"]
+
+
 def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path, monkeypatch):
     """`flava embed` over a WebDataset shard records its images as shard#offset: /items sends them."""
     import io
@@ -428,18 +440,12 @@ def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path, monkeyp
     assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
     index = VectorIndex.open(tmp_path / "idx")
     assert index.item(0).startswith(f"{tmp_path / '00000.tar'}#")
-    with app_in_a_thread(create_app(flava.load(tmp_path / "model"), index)) as client:
-        for i, png in enumerate(pngs):
-            status, data, headers = client.get(f"/items/{i}")
-            assert status == 200 and headers["content-type"] == "image/png" and data == png
-        (tmp_path / "00000.tar").rename(tmp_path / "moved.tar")
-        status, body, _ = client.get("/items/0")
-        assert status == 404 and "is not a local file" in body["error"]
+    assert_items_served(tmp_path / "model", index, pngs, tmp_path / "00000.tar", "is not a local file")
     for offset in (0, 100, 1024):  # no header before it, not a block, a block of the first image's bytes
         with pytest.raises(BadSample):
-            member_at(tmp_path / "moved.tar", offset)
+            member_at(tmp_path / "moved-00000.tar", offset)
     # A damaged header's size (4 GiB in a small file) is refused, not read into memory.
-    data = bytearray((tmp_path / "moved.tar").read_bytes())
+    data = bytearray((tmp_path / "moved-00000.tar").read_bytes())
     header = tarfile.TarInfo("s0.png")
     header.size = 2**32
     data[:512] = header.tobuf(tarfile.USTAR_FORMAT)
@@ -476,13 +482,7 @@ def test_items_serves_the_images_of_an_index_built_from_parquet(tmp_path):
                                                                                  for i in range(3)]
     index = VectorIndex.open(tmp_path / "bytes")
     assert index.item(2) == f"{tmp_path / 'bytes.parquet'}#1:0:image"  # the second row group's first row
-    with app_in_a_thread(create_app(flava.load(tmp_path / "model"), index)) as client:
-        for i, png in enumerate(pngs):
-            status, data, headers = client.get(f"/items/{i}")
-            assert status == 200 and headers["content-type"] == "image/png" and data == png
-        (tmp_path / "bytes.parquet").rename(tmp_path / "moved.parquet")
-        status, body, _ = client.get("/items/0")
-        assert status == 404 and "no longer exists" in body["error"]
+    assert_items_served(tmp_path / "model", index, pngs, tmp_path / "bytes.parquet", "no longer exists")
 
 
 def test_bad_requests(server):
