@@ -176,3 +176,40 @@ def test_finetune_model_help_names_every_kind_of_model(capsys):
     helped = " ".join(capsys.readouterr().out.split())
     assert "--model MODEL checkpoint, run or recipe directory (its newest checkpoint), or a Hugging Face hub id" \
         in helped
+
+
+def test_resizing_a_model_leaves_the_callers_config_and_other_models_alone():
+    cfg = flava.preset("tiny")
+    a, b = flava.FlavaModel(cfg), flava.FlavaModel(cfg)
+    a.resize_image(128)
+    assert a.config.image.image_size == 128 and b.config.image.image_size == cfg.image.image_size == 64
+    assert tuple(b.image_encoder.pos_embed.shape) == (1, 65, 128)
+
+
+def test_the_python_api_names_inputs_it_cannot_take():
+    from PIL import Image
+
+    from flava.data.processor import ImageError
+
+    model = flava.FlavaModel("tiny").eval()
+    raw = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)  # torchvision's read_image, say
+    with pytest.raises(InputError, match=r"pixel_values must be a float tensor of normalised pixels; got "
+                                         r"torch.uint8 values"):
+        model.encode_image(raw)
+    with pytest.raises(InputError, match="pixel_values must be a float tensor"):
+        model(pixel_values=[Image.new("RGB", (8, 8))])
+    with pytest.raises(InputError, match="attention_mask must be a tensor; got list"):
+        model.encode_text(torch.tensor([[101, 2000, 102]]), [[1, 1, 1]])
+    for bad, said in ((np.zeros((3, 64, 64), np.float32), r"shape \[3, 64, 64\]: .* channels last"),
+                      (np.full((8, 8, 3), np.nan, np.float32), "NaN or infinite"),
+                      (np.zeros((0, 0, 3), np.uint8), r"shape \[0, 0, 3\]")):
+        with pytest.raises(ImageError, match=said):
+            model.encode_image(bad)
+    for bad in (5, b"\x89PNG"):
+        with pytest.raises(InputError, match=f"got {type(bad).__name__}"):
+            model.encode_image(bad)
+    grey = np.zeros((64, 64, 1), np.uint8)
+    assert torch.equal(model.processor.images(grey), model.processor.images(grey[..., 0]))
+    # 16-bit greyscale keeps its range as an array, as it does as a PIL image (it was clipped white).
+    deep = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    assert torch.equal(model.processor.images(deep), model.processor.images(Image.fromarray(deep)))

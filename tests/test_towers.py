@@ -173,6 +173,7 @@ def test_tower_outputs_feed_the_objectives_in_flavas_layout(tmp_path):
         torch.testing.assert_close(pm2.model.image_encoder.eval()(x, mask).last_hidden_state, want, atol=1e-5, rtol=0)
     batch = ImageBatch(pixel_values=(x.clamp(-1, 1) * 100 + 128).to(torch.uint8), patch_mask=mask,
                        image_targets=torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(4)))
+    batch = batch.to("cpu")  # the loader's uint8 pixels normalised, as the trainer moves every batch
     loss = pm(batch).losses.total
     assert torch.isfinite(loss)
     loss.backward()

@@ -36,6 +36,13 @@ class ImageError(DataError):
 def load_image(image: ImageInput) -> Image.Image:
     """RGB PIL image from a PIL image, an array or a path; DataError names a bad one."""
     if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[-1] == 1:  # [H, W, 1]: greyscale
+            image = image[..., 0]
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (2, 3, 4)) or 0 in image.shape:
+            raise ImageError(f"cannot use image of shape {list(image.shape)}: an image array is [H, W] or [H, W, C] "
+                             "with C = 1 to 4, channels last", "not an image array")
+        if image.dtype.kind == "f" and not np.isfinite(image).all():
+            raise ImageError("cannot use an image array holding NaN or infinite values", "non-finite pixels")
         if image.ndim >= 2 and extreme_aspect(image.shape[1], image.shape[0]):
             raise ImageError(f"cannot use image of shape {list(image.shape)}: extreme aspect ratio",
                              "extreme aspect ratio")
@@ -159,6 +166,9 @@ class Processor:
         if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)) and not (
                 isinstance(images, np.ndarray) and images.ndim == 4):
             images = [images]
+        if isinstance(images, (bytes, bytearray)) or not hasattr(images, "__iter__"):
+            raise InputError(f"images must be an image (PIL, an array, a path) or a list of them; got "
+                             f"{type(images).__name__}")
         images = list(images)
         if not images:
             raise InputError("no images given")

@@ -28,7 +28,9 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     """RGB with the full range kept: PIL's convert clips 16- and 32-bit greyscale at 255."""
     if isinstance(image, np.ndarray):
         arr = image
-        if arr.dtype != np.uint8:
+        if arr.dtype == np.uint16:  # the full 16-bit range, as a PIL I;16 image's below
+            arr = np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        elif arr.dtype != np.uint8:
             arr = np.clip(arr * (255 if arr.max() <= 1.0 else 1), 0, 255).astype(np.uint8)
         image = Image.fromarray(arr)
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):

@@ -151,6 +151,11 @@ class ImageEncoder(nn.Module):
 
     def _check(self, pixel_values: torch.Tensor, interpolate: bool) -> None:
         cfg = self.cfg
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
+            got = f"{pixel_values.dtype} values" if isinstance(pixel_values, torch.Tensor) else \
+                type(pixel_values).__name__
+            raise InputError(f"pixel_values must be a float tensor of normalised pixels; got {got}: give raw images "
+                             "(PIL, arrays, paths) to encode_image or model.processor")
         if pixel_values.dim() != 4:
             raise InputError(
                 f"pixel_values must be [batch, {cfg.num_channels}, H, W]; got shape {tuple(pixel_values.shape)}"
@@ -242,6 +247,10 @@ class TextEncoder(nn.Module):
 
     def _check(self, input_ids: torch.Tensor, attention_mask, token_type_ids) -> None:
         cfg = self.cfg
+        for name, t in (("input_ids", input_ids), ("attention_mask", attention_mask)):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise InputError(f"{name} must be a tensor; got {type(t).__name__}: give raw texts to encode_text or "
+                                 "model.processor")
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}")
         if input_ids.dtype.is_floating_point:

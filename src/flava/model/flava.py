@@ -78,9 +78,11 @@ class FlavaModel(nn.Module):
         """`config`: a FlavaConfig, a preset's name (tiny, small, base) or the path of a JSON config
         (as `flava.load_config` reads it)."""
         super().__init__()
-        if isinstance(config, (str, os.PathLike)):
+        if isinstance(config, (str, os.PathLike, FlavaConfig)):
+            # A copy of a config object: resize_image changes this model's, never the caller's or
+            # another model's built from the same object.
             config = config_from(config, "config")
-        elif not isinstance(config, FlavaConfig):
+        else:
             raise ConfigError(f"FlavaModel takes a FlavaConfig, a preset name ({', '.join(PRESETS)}) or the path of a "
                               f"JSON config; got {type(config).__name__}")
         self.config = validate(config)
