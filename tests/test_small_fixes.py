@@ -213,3 +213,35 @@ def test_the_python_api_names_inputs_it_cannot_take():
     # 16-bit greyscale keeps its range as an array, as it does as a PIL image (it was clipped white).
     deep = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     assert torch.equal(model.processor.images(deep), model.processor.images(Image.fromarray(deep)))
+
+
+def test_processor_settings_are_checked_and_its_text_length_follows_max_length():
+    processor = flava.Processor()
+    processor.texts("x")
+    processor.max_length = 5  # the tokenizer made for the first texts kept truncating at the old length
+    assert processor.texts("one two three four five six seven eight").input_ids.shape == (1, 5)
+    for settings, said in ((dict(image_size=0), "image_size must be a whole number of at least 1"),
+                           (dict(image_size="224"), "image_size must be"),
+                           (dict(max_length=1), "max_length must be a whole number of at least 2"),
+                           (dict(image_mean=(0.5,), image_std=(0.5,)), "image_mean must be three numbers"),
+                           (dict(image_std=(0.5, 0.0, 0.5)), "image_std must be three numbers, one a channel, each "
+                                                             "above 0")):
+        with pytest.raises(ConfigError, match=said):
+            flava.Processor(**settings)
+
+
+def test_a_folder_a_task_file_and_a_bad_input_are_named_by_what_they_are(tmp_path):
+    from flava.finetune.heads import TextClassifier, TextHead
+    from flava.finetune.taskmodel import save_task_model
+
+    flava.FlavaModel("tiny").save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match=r"ckpt is a folder: name its config file \(.*ckpt/config.json\)"):
+        flava.FlavaModel(tmp_path / "ckpt")
+    model = flava.FlavaModel("tiny")
+    save_task_model(TextClassifier(model.text_tower(), TextHead(model.config.text.hidden_size, 2, 0.0)),
+                    tmp_path / "task", tokenizer=model.processor.tokenizer, label_names=["a", "b"], max_text_length=16)
+    task = flava.load_task(tmp_path / "task" / "task.json")  # a file in it, as flava.load takes one
+    for bad, said in ((5, "texts must be a string or a list of them; got int"),
+                      (b"hello", "texts must be a string or a list of them; got bytes")):
+        with pytest.raises(InputError, match=said):
+            task.predict(texts=bad)

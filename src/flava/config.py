@@ -384,4 +384,7 @@ def config_from(spec: str | os.PathLike | FlavaConfig, what: str = "--config") -
         close = difflib.get_close_matches(spec, PRESETS, n=1)
         raise ConfigError(f"{what} {spec} is neither a preset ({', '.join(PRESETS)}) nor a config file"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
+    if os.path.isdir(spec):  # a checkpoint's folder, most likely
+        raise ConfigError(f"{what} {spec} is a folder: name its config file ({os.path.join(spec, 'config.json')}), "
+                          "or load a checkpoint's weights too with flava.load")
     return load_config(spec)

@@ -3,6 +3,7 @@ transformers' processors do (resize + center crop + normalise; tokenize, pad, ma
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from PIL import Image
 
 from ..config import FlavaConfig
-from ..errors import DataError, InputError
+from ..errors import ConfigError, DataError, InputError
 from ..io.files import read_json, write_json_atomic
 from .decode import open_image
 from .members import BadSample, Blob, ImageURL, TarMember, table_image
@@ -136,9 +137,22 @@ class Processor:
     def tokenizer_path(self) -> Path:
         return Path(self.tokenizer_file) if self.tokenizer_file else default_tokenizer_file()
 
+    def __post_init__(self) -> None:
+        for name, least in (("image_size", 1), ("max_length", 2)):  # CLS and SEP take two tokens
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"Processor {name} must be a whole number of at least {least}; got {value!r}")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if len(value) != 3 or not all(isinstance(v, numbers.Real) for v in value) or (
+                    name == "image_std" and min(value) <= 0):
+                raise ConfigError(f"Processor {name} must be three numbers, one a channel"
+                                  + (", each above 0" if name == "image_std" else "") + f"; got {value!r}")
+
     @property
     def tokenizer(self) -> TextTokenizer:
-        if self._tokenizer is None:
+        # Made again when max_length was set since: the texts are truncated at the processor's length.
+        if self._tokenizer is None or self._tokenizer.max_length != self.max_length:
             self._tokenizer = TextTokenizer(self.tokenizer_path, self.max_length)
         return self._tokenizer
 

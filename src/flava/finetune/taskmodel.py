@@ -111,6 +111,10 @@ class TaskModel:
             texts2 = [texts2]
         single = isinstance(images, (Image.Image, str, os.PathLike)) or (
             isinstance(images, np.ndarray) and images.ndim in (2, 3))
+        for name, given in (("texts", texts), ("texts2", texts2), ("images", None if single else images)):
+            if given is not None and (isinstance(given, (bytes, bytearray)) or not hasattr(given, "__iter__")):
+                raise InputError(f"{name} must be {'a string' if name != 'images' else 'an image'} or a list of "
+                                 f"them; got {type(given).__name__}")
         images = [images] if single else (list(images) if images is not None else None)
         texts = list(texts) if texts is not None else None
         texts2 = list(texts2) if texts2 is not None else None
