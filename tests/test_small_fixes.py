@@ -237,6 +237,11 @@ def test_a_folder_a_task_file_and_a_bad_input_are_named_by_what_they_are(tmp_pat
     flava.FlavaModel("tiny").save_pretrained(tmp_path / "ckpt")
     with pytest.raises(ConfigError, match=r"ckpt is a folder: name its config file \(.*ckpt/config.json\)"):
         flava.FlavaModel(tmp_path / "ckpt")
+    from flava.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="flava.load takes a checkpoint or run directory, or a hub id; got "
+                                              "NoneType"):
+        flava.load(None)
     model = flava.FlavaModel("tiny")
     save_task_model(TextClassifier(model.text_tower(), TextHead(model.config.text.hidden_size, 2, 0.0)),
                     tmp_path / "task", tokenizer=model.processor.tokenizer, label_names=["a", "b"], max_text_length=16)

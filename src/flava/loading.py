@@ -233,9 +233,12 @@ def load(
     images and strings into its inputs.
 
     quantize="int8" swaps every linear layer for a dynamically quantized one (CPU inference).
-    pretraining=True returns a `PretrainingModel` (model, heads, frozen image codebook, losses);
-    `codebook` names a directory to take the image codebook from instead of the checkpoint.
+    pretraining=True returns a `PretrainingModel` (model, heads, frozen image codebook, losses) in
+    train mode, to train on; `codebook` names a directory to take the image codebook from instead
+    of the checkpoint.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"flava.load takes a checkpoint or run directory, or a hub id; got {type(path).__name__}")
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; use None or 'int8'")
     check_device(device)
