@@ -207,7 +207,7 @@ def test_a_tables_images_may_be_bytes_but_urls_are_named_and_never_fetched(tmp_p
 
     pq.write_table(pa.table({"image": ["http://example.com/a.png"], "caption": ["a"]}), tmp_path / "u.parquet")
     (record,) = open_source("pairs", str(tmp_path / "u.parquet")).records
-    assert record.image.name() == "http://example.com/a.png"
+    assert record.image.locator() == "http://example.com/a.png"
     with pytest.raises(BadSample, match=URL_NOT_FETCHED):
         open_image(record.image)
     (tmp_path / "labels.csv").write_text("image,label\nhttps://example.com/a.png,cat\n")

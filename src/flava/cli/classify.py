@@ -35,7 +35,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     from ..errors import InputError
     from ..io.files import check_writable
-    from ..retrieval.classify import ZeroShotClassifier, read_list, templates_from
+    from ..retrieval.classify import ZeroShotClassifier, check_classes, read_list, templates_from
     from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
     from .predict import OUTPUT_SUFFIXES, write_predictions
@@ -65,9 +65,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if len(classes) < 2:
         raise InputError(f"zero-shot classification ranks two or more classes; got {classes}: name the others with "
                          "--classes")
-    dup = next((c for i, c in enumerate(classes) if c in classes[:i]), None)
-    if dup is not None:  # said before the model loads, not after
-        raise InputError(f"class {dup!r} is named twice")
+    check_classes(classes)  # before the model loads, not after
     templates = templates_from(args.templates)
     if args.output:
         check_writable(args.output, directory=False)

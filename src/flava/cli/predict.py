@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import csv
+import glob
 import io
 import json
 import math
@@ -190,7 +191,7 @@ def read_inputs(specs: list[str], tm) -> Inputs:
 
 
 def _pattern(spec: str) -> bool:
-    return not Path(spec).exists() and any(c in spec for c in "*?[")
+    return glob.has_magic(spec) and not Path(spec).exists()
 
 
 def _rows(inputs: Inputs, preds: list[dict]) -> list[dict[str, Any]]:

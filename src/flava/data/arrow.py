@@ -235,7 +235,7 @@ class ArrowImage:
         ref = self._ref()
         return ref.read_bytes() if isinstance(ref, Path) else ref.read()  # a URL's read says it is not fetched
 
-    def name(self) -> str:
+    def locator(self) -> str:
         """The image file a path cell names (or its URL), or where the bytes of a bytes cell are:
         `FILE#UNIT:ROW:COLUMN`, which `image_cell` reads again."""
         if not _holds_bytes(self.shard, self.column):  # a bytes column's cells are not read to name them
@@ -252,7 +252,7 @@ def _holds_bytes(shard: _Shard, column: str) -> bool:
 
 
 def image_cell(name: str) -> ArrowImage | None:
-    """The cell an `ArrowImage.name` of a bytes cell names; None for any other text."""
+    """The cell an `ArrowImage.locator` of a bytes cell names; None for any other text."""
     m = re.fullmatch(r"(.+\.(parquet|arrow))#(\d+):(\d+):(.+)", name, flags=re.IGNORECASE | re.DOTALL)
     if not m:
         return None

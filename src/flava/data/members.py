@@ -69,6 +69,11 @@ class TarMember:
     size: int
     ext: str = ""
 
+    def locator(self) -> str:
+        """`SHARD#OFFSET`, the shard absolute: a server started in another folder reads the member
+        there again (`member_at`; serve's /items)."""
+        return f"{Path(self.shard).resolve()}#{self.offset}"
+
     def read(self) -> bytes:
         data = os.pread(_shard_fd(self.shard), self.size, self.offset)
         if len(data) != self.size:

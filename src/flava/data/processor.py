@@ -50,9 +50,10 @@ def load_image(image: ImageInput) -> Image.Image:
         return to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
         image = table_image(Path(), os.fspath(image))  # a URL is named as one, not as a missing file
-    # A parquet or Arrow image cell (data.arrow.ArrowImage) reads like a file; pyarrow stays unimported.
+    # A path, or a parquet or Arrow image cell (data.arrow.ArrowImage, which reads like a file:
+    # pyarrow stays unimported).
     file_like = hasattr(image, "read_bytes") and hasattr(image, "exists")
-    if not (isinstance(image, (Image.Image, Path, TarMember, Blob, ImageURL)) or file_like):
+    if not (isinstance(image, (Image.Image, TarMember, Blob, ImageURL)) or file_like):
         raise InputError(f"an image must be a PIL image, a numpy array or a path; got {type(image).__name__}")
     try:
         return open_image(image)

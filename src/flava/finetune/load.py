@@ -80,7 +80,7 @@ def load_task(directory: str | os.PathLike, device: str | torch.device | None = 
     from ..loading import check_device
 
     check_device(device)
-    if directory is None or not isinstance(directory, (str, os.PathLike)):
+    if not isinstance(directory, (str, os.PathLike)):
         raise CheckpointError(f"load_task takes a task model's directory; got {type(directory).__name__}")
     path = Path(directory)
     if path.is_file() and path.parent.joinpath(TASK_FILE).is_file():  # a file in it, as flava.load takes one

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class Prediction:
     error: str | None = None
 
 
+def check_classes(classes: Sequence[str]) -> None:
+    """InputError for a class named twice (its two probabilities would split one class's)."""
+    dup = next((c for i, c in enumerate(classes) if c in classes[:i]), None)
+    if dup is not None:
+        raise InputError(f"class {dup!r} is named twice")
+
+
 class ZeroShotClassifier:
     """Images against the prompt-ensemble embedding of each class; probabilities are the softmax
     of the cosine similarities times the model's learned logit scale."""
@@ -60,9 +68,7 @@ class ZeroShotClassifier:
                  batch_size: int = 32, class_vectors: np.ndarray | None = None):
         """`class_vectors`: the classes' [C, D] prompt-ensemble embeddings when the caller made them
         already (the server does, a few prompts per model call)."""
-        if len(set(classes)) != len(classes):
-            dup = next(c for c in classes if classes.count(c) > 1)
-            raise InputError(f"class {dup!r} is named twice")
+        check_classes(classes)
         self.classes = list(classes)
         self.embedder = Embedder(model, batch_size)
         if class_vectors is None:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .. import stopping
-from ..data.arrow import ArrowImage, is_arrow_spec
+from ..data.arrow import is_arrow_spec
 from ..data.images import find_images
 from ..data.processor import ImageInput
 from ..data.members import BadSample, refuse_urls, table_image
@@ -183,11 +183,8 @@ def pair_inputs(spec: str) -> Inputs:
     images, texts, meta = [], [], []
     for record in source.records:
         ref = record.image
-        # Absolute paths: a server started in another folder finds the image (serve's /items).
-        if isinstance(ref, ArrowImage):
-            name = ref.name()
-        else:
-            name = f"{Path(ref.shard).resolve()}#{ref.offset}" if hasattr(ref, "shard") else str(ref)
+        # A shard's member or a parquet cell says where it is, for serve's /items to read it again.
+        name = ref.locator() if hasattr(ref, "locator") else str(ref)
         caption = record.caption
         try:  # a shard's caption member, read now for the metadata as a table's caption is
             caption = read_caption(caption)

@@ -410,7 +410,7 @@ def _cell_bytes(cell) -> tuple[bytes, str]:
     """An indexed image held in a parquet or Arrow file (`flava embed --pairs` over one)."""
     if not Path(cell.shard.path).is_file():
         raise ApiError(404, f"the indexed file {cell.shard.path} no longer exists; rebuild the index")
-    return _image_response(cell.read_bytes, cell.name())
+    return _image_response(cell.read_bytes, cell.locator())
 
 
 def _image_response(read: Callable[[], bytes], where: str) -> tuple[bytes, str]:
