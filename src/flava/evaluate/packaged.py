@@ -33,7 +33,8 @@ def easy_vqa_classes(what: str, split: str) -> tuple[list[Path], np.ndarray, lis
     classes = sorted(set(names))
     index = {c: i for i, c in enumerate(classes)}
     if split != "test":
-        held_out = {Path(easy_vqa.get_train_image_paths()[i]) for i in easy_vqa_validation_ids()}
+        paths = easy_vqa.get_train_image_paths()  # lists the folder: once, not once per id
+        held_out = {Path(paths[i]) for i in easy_vqa_validation_ids()}
         keep = [(p in held_out) == (split == "val") for p in images]
         images = [p for p, k in zip(images, keep) if k]
         names = [n for n, k in zip(names, keep) if k]
