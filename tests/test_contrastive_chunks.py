@@ -9,10 +9,10 @@ import copy
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import flava
 from conftest import free_port, gloo_group
+from zygote import Results, spawn
 from test_objectives import pair_batch, tiny_config
 from test_syncs import HostReads
 from test_syncs import batches as syncs_batches
@@ -258,9 +258,9 @@ def _worker(rank, world, port, data, out, batch, chunks, contrastive, mode, resu
 def test_two_processes_in_chunks_equal_one_process_with_the_whole_batch(train_data, tmp_path, contrastive, mode,
                                                                        batch, chunks):
     world = 2
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, free_port(), train_data, tmp_path, batch, chunks, contrastive, mode, results),
-             nprocs=world)
+    results = Results()
+    spawn(_worker, (world, free_port(), train_data, tmp_path, batch, chunks, contrastive, mode, results),
+             world)
     one = Trainer(config(train_data, world * batch, 1, contrastive, **SEPARABLE), tmp_path / "one")
     whole = one_step(one, one._to_device(one.streams["pairs"].next_batch()), 1)
     # Each process holds its own losses (their mean is the batch's) and the averaged gradient.

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from conftest import free_port, gloo_group
+from zygote import Results, spawn
 from PIL import Image
 
 import flava
@@ -149,8 +149,8 @@ def _center_worker(rank, world, port, teacher, results):
 def test_center_is_the_mean_over_every_process():
     world = 2
     teacher = torch.randn(world * 4, 5, generator=torch.Generator().manual_seed(5))
-    results = mp.Manager().dict()
-    mp.spawn(_center_worker, args=(world, free_port(), teacher, results), nprocs=world)
+    results = Results()
+    spawn(_center_worker, (world, free_port(), teacher, results), world)
     expected = 0.1 * teacher.mean(0, keepdim=True)
     for rank in range(world):
         torch.testing.assert_close(results[rank], expected, rtol=0, atol=1e-7)

@@ -4,11 +4,11 @@ loss across two gloo processes."""
 import math
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import flava
 from conftest import free_port, gloo_group
+from zygote import Results, spawn
 from flava.config import ObjectivesConfig, preset
 from flava.data.batch import ImageBatch, PairBatch, TextBatch
 from flava.objectives.losses import global_contrastive_loss
@@ -237,8 +237,8 @@ def test_global_contrastive_two_processes_equal_one_process():
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
     scale = torch.tensor(2.0)
-    results = mp.Manager().dict()
-    mp.spawn(_contrastive_worker, args=(world, free_port(), img, txt, scale, results), nprocs=world)
+    results = Results()
+    spawn(_contrastive_worker, (world, free_port(), img, txt, scale, results), world)
 
     i, t, s = img.clone().requires_grad_(), txt.clone().requires_grad_(), scale.clone().requires_grad_()
     one = global_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s)
@@ -261,8 +261,8 @@ def test_local_contrastive_scores_every_column_but_back_propagates_to_its_own_ro
     g = torch.Generator().manual_seed(1)
     img, txt = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
     scale = torch.tensor(2.0)
-    results = mp.Manager().dict()
-    mp.spawn(_contrastive_worker, args=(world, free_port(), img, txt, scale, results, False), nprocs=world)
+    results = Results()
+    spawn(_contrastive_worker, (world, free_port(), img, txt, scale, results, False), world)
     for r in range(world):
         own = torch.zeros(world * B, dtype=torch.bool)
         own[r * B:(r + 1) * B] = True
@@ -276,8 +276,8 @@ def test_local_contrastive_scores_every_column_but_back_propagates_to_its_own_ro
         torch.testing.assert_close(results[r][2], t.grad[own], atol=1e-6, rtol=0)
         assert not i.grad[~own].any()
     # The global loss would also move the other process's rows: the two differ.
-    glob = mp.Manager().dict()
-    mp.spawn(_contrastive_worker, args=(world, free_port(), img, txt, scale, glob, True), nprocs=world)
+    glob = Results()
+    spawn(_contrastive_worker, (world, free_port(), img, txt, scale, glob, True), world)
     assert not torch.allclose(glob[0][1], results[0][1], atol=1e-6)
 
 
@@ -299,8 +299,8 @@ def _hard_negatives_worker(rank, world, port, results):
 
 @pytest.mark.distributed
 def test_hard_negatives_across_two_processes_with_different_text_lengths():
-    results = mp.Manager().dict()
-    mp.spawn(_hard_negatives_worker, args=(2, free_port(), results), nprocs=2)
+    results = Results()
+    spawn(_hard_negatives_worker, (2, free_port(), results), 2)
     for rank in range(2):
         names, finite, grad = results[rank]
         assert names == {"global_contrastive", "itm", "mmm_image", "mmm_text"} and finite and grad > 0

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import flava
@@ -18,6 +17,7 @@ from flava.interop.export import export_hf
 from flava.objectives.losses import SigmoidContrastiveHead, sigmoid_contrastive_loss
 from flava.objectives.pretraining import PretrainingModel
 from conftest import free_port, gloo_group
+from zygote import Results, spawn
 from test_objectives import pair_batch, tiny_config
 
 
@@ -65,8 +65,8 @@ def test_two_processes_equal_one_process_with_the_whole_batch():
     world, B, D = 2, 5, 16
     g = torch.Generator().manual_seed(0)
     img, txt = torch.randn(world * B, D, generator=g), torch.randn(world * B, D, generator=g)
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(world, free_port(), img, txt, results), nprocs=world)
+    results = Results()
+    spawn(_worker, (world, free_port(), img, txt, results), world)
 
     i, t, head = img.clone().requires_grad_(), txt.clone().requires_grad_(), SigmoidContrastiveHead()
     one = sigmoid_contrastive_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), head)

@@ -29,9 +29,10 @@ import threading
 from pathlib import Path
 
 PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot")
-# Variables read while a command runs, not at import (pytest sets PYTEST_CURRENT_TEST per test): a
+# Variables read while a command runs, not at import (pytest sets PYTEST_CURRENT_TEST per test; torch's
+# inductor sets TORCHINDUCTOR_CACHE_DIR in the test process the first time it looks for its cache): a
 # command whose environment differs from the zygote's in any other is started as a plain process.
-AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "AWS_", "FSSPEC_", "FLAVA_", "PYTEST_")
+AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "AWS_", "FSSPEC_", "FLAVA_", "PYTEST_", "TORCHINDUCTOR_")
 
 
 # --------------------------------------------------------------------------- the zygote process
@@ -298,6 +299,68 @@ def python(args: list[str], env: dict[str, str] | None = None, timeout: float = 
     process = Process(args, env, cwd=cwd, plain=plain)
     out, err = process.communicate(timeout)
     return subprocess.CompletedProcess([sys.executable, *args], process.returncode, out, err)
+
+
+# `fn(rank, *args)` in a forked child, `fn` and `args` pickled by the test (`fn` by reference: its
+# test module is imported again in the child, from the tests' folder).
+_SPAWNED = """
+import pickle, sys
+folder, rank = sys.argv[1], int(sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+with open(folder + "/call.pkl", "rb") as f:
+    fn, args = pickle.load(f)
+fn(rank, *args)
+"""
+
+
+class Results:
+    """What spawned children hand back, as `mp.Manager().dict()` would hold it: a child's
+    `results[key] = value` pickles the value into a file of its own, read by the test."""
+
+    def __init__(self):
+        import tempfile
+
+        self.folder = Path(tempfile.mkdtemp(prefix="results-"))
+
+    def __setitem__(self, key, value) -> None:
+        import pickle
+
+        (self.folder / f"{key}.pkl").write_bytes(pickle.dumps(value))
+
+    def __getitem__(self, key):
+        import pickle
+
+        return pickle.loads((self.folder / f"{key}.pkl").read_bytes())
+
+
+def spawn(fn, args: tuple, nprocs: int, timeout: float = 300) -> None:
+    """`torch.multiprocessing.spawn(fn, args, nprocs)` with children forked from the zygote: no
+    interpreter start or imports (about 3 s of CPU each). When a child fails, the others are
+    killed (they would wait for it in a collective) and the test fails with its output."""
+    import pickle
+    import tempfile
+    import time
+
+    folder = Path(tempfile.mkdtemp(prefix="spawn-"))
+    (folder / "call.pkl").write_bytes(pickle.dumps((fn, args)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    tests = str(Path(__file__).resolve().parent)
+    children = [Process(["-c", _SPAWNED, str(folder), str(rank), tests], env, stdout=folder / f"{rank}.out",
+                        merge=True) for rank in range(nprocs)]
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [c.poll() for c in children]
+        failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
+        if failed is None and all(code == 0 for code in codes):
+            return
+        if failed is not None or time.monotonic() > deadline:
+            for child in children:
+                child.kill()
+                child.wait()
+            rank = failed if failed is not None else codes.index(None)
+            why = f"exited with {codes[rank]}" if failed is not None else f"did not end within {timeout:g} s"
+            raise AssertionError(f"spawned rank {rank} of {fn.__qualname__} {why}:\n{children[rank].output()[0]}")
+        time.sleep(0.02)
 
 
 if __name__ == "__main__":
