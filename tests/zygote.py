@@ -15,6 +15,9 @@ uninterrupted run: children share the zygote's hash seed, which a real process d
 result that depended on set order would match across children), and everything when
 FLAVA_TEST_PLAIN_PROCESSES=1. What the preload printed is written again at the start of each
 child's output, as a real process prints it.
+
+`spawn` is torch.multiprocessing.spawn's work and `Ranks` torchrun's (a command as the processes of
+one group) with children forked the same way.
 """
 
 from __future__ import annotations
@@ -28,11 +31,15 @@ import sys
 import threading
 from pathlib import Path
 
-PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot")
+# What most commands import, `flava pretrain`'s lazily imported training loop and its TensorBoard
+# writer among them (0.9 s of each pretraining child's start).
+PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot", "flava.train.run", "torch.utils.tensorboard")
 # Variables read while a command runs, not at import (pytest sets PYTEST_CURRENT_TEST per test; torch's
-# inductor sets TORCHINDUCTOR_CACHE_DIR in the test process the first time it looks for its cache): a
-# command whose environment differs from the zygote's in any other is started as a plain process.
-AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "AWS_", "FSSPEC_", "FLAVA_", "PYTEST_", "TORCHINDUCTOR_")
+# inductor sets TORCHINDUCTOR_CACHE_DIR in the test process the first time it looks for its cache; the
+# process group's, by `Ranks`): a command whose environment differs from the zygote's in any other is
+# started as a plain process.
+AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "AWS_",
+          "FSSPEC_", "FLAVA_", "PYTEST_", "TORCHINDUCTOR_")
 
 
 # --------------------------------------------------------------------------- the zygote process
@@ -333,13 +340,32 @@ class Results:
         return pickle.loads((self.folder / f"{key}.pkl").read_bytes())
 
 
+def _wait_all(children: list[Process], timeout: float) -> tuple[int, str] | None:
+    """Wait for every child to exit 0; None when they did. When one fails, or time runs out, the
+    others are killed (they would wait for it in a collective): that child's index and what ended it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [c.poll() for c in children]
+        failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
+        if failed is None and all(code == 0 for code in codes):
+            return None
+        if failed is not None or time.monotonic() > deadline:
+            for child in children:
+                child.kill()
+                child.wait()
+            if failed is not None:
+                return failed, f"exited with {codes[failed]}"
+            return codes.index(None), f"did not end within {timeout:g} s"
+        time.sleep(0.02)
+
+
 def spawn(fn, args: tuple, nprocs: int, timeout: float = 300) -> None:
     """`torch.multiprocessing.spawn(fn, args, nprocs)` with children forked from the zygote: no
-    interpreter start or imports (about 3 s of CPU each). When a child fails, the others are
-    killed (they would wait for it in a collective) and the test fails with its output."""
+    interpreter start or imports (about 3 s of CPU each)."""
     import pickle
     import tempfile
-    import time
 
     folder = Path(tempfile.mkdtemp(prefix="spawn-"))
     (folder / "call.pkl").write_bytes(pickle.dumps((fn, args)))
@@ -347,20 +373,35 @@ def spawn(fn, args: tuple, nprocs: int, timeout: float = 300) -> None:
     tests = str(Path(__file__).resolve().parent)
     children = [Process(["-c", _SPAWNED, str(folder), str(rank), tests], env, stdout=folder / f"{rank}.out",
                         merge=True) for rank in range(nprocs)]
-    deadline = time.monotonic() + timeout
-    while True:
-        codes = [c.poll() for c in children]
-        failed = next((rank for rank, code in enumerate(codes) if code not in (None, 0)), None)
-        if failed is None and all(code == 0 for code in codes):
-            return
-        if failed is not None or time.monotonic() > deadline:
-            for child in children:
-                child.kill()
-                child.wait()
-            rank = failed if failed is not None else codes.index(None)
-            why = f"exited with {codes[rank]}" if failed is not None else f"did not end within {timeout:g} s"
-            raise AssertionError(f"spawned rank {rank} of {fn.__qualname__} {why}:\n{children[rank].output()[0]}")
-        time.sleep(0.02)
+    failed = _wait_all(children, timeout)
+    if failed is not None:
+        rank, why = failed
+        raise AssertionError(f"rank {rank} of {fn.__qualname__} {why}:\n{children[rank].output()[0]}")
+
+
+class Ranks:
+    """`python ARGS` as the `world` processes of one process group, forked from the zygote with
+    the environment torchrun gives its workers: torchrun's work without the start of torchrun and
+    of each worker (tests of torchrun itself start it). As much of Process as the tests use: the
+    ranks' output, rank 0's first."""
+
+    def __init__(self, args: list[str], world: int, env: dict[str, str]):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        group = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}
+        self.args = args
+        self.children = [Process(args, {**env, **group, "RANK": str(r), "LOCAL_RANK": str(r)}, merge=True)
+                         for r in range(world)]
+        self.returncode: int | None = None
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        failed = _wait_all(self.children, 300 if timeout is None else timeout)
+        self.returncode = 0 if failed is None else self.children[failed[0]].returncode
+        return "".join(c.output()[0] for c in self.children), ""
 
 
 if __name__ == "__main__":
