@@ -37,9 +37,9 @@ PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot", "flava.tr
 # Variables read while a command runs, not at import (pytest sets PYTEST_CURRENT_TEST per test; torch's
 # inductor sets TORCHINDUCTOR_CACHE_DIR in the test process the first time it looks for its cache; the
 # process group's, by `Ranks`): a command whose environment differs from the zygote's in any other is
-# started as a plain process.
+# started as a plain process. Not FSSPEC_*: fsspec, which the training loop imports, reads them at import.
 AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "AWS_",
-          "FSSPEC_", "FLAVA_", "PYTEST_", "TORCHINDUCTOR_")
+          "FLAVA_", "PYTEST_", "TORCHINDUCTOR_")
 
 
 # --------------------------------------------------------------------------- the zygote process
