@@ -84,7 +84,7 @@ def codebook_args(images: Path, output: Path, *more: str) -> list[str]:
 
 
 def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrupted_run(train_data, tmp_path):
-    steps = ["--steps", "200", "--save-every", "1000"]  # no save but the one the stop makes
+    steps = ["--steps", "120", "--save-every", "1000"]  # no save but the one the stop makes
     whole = Command(codebook_args(train_data / "img", tmp_path / "whole", *steps), tmp_path / "w", plain=True)
     cut = Command(codebook_args(train_data / "img", tmp_path / "cut", *steps), tmp_path / "c")
     metrics = tmp_path / "cut" / "codebook_metrics.jsonl"
@@ -92,7 +92,7 @@ def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrup
     cut.p.send_signal(signal.SIGTERM)
     line = assert_stopped(cut, signal.SIGTERM, "flava train-codebook: stopped by SIGTERM at step ")
     step = int(line.split("at step ")[1].split()[0])
-    assert 50 < step < 200 and "--resume" in line
+    assert 50 < step < 120 and "--resume" in line
     assert json.loads((tmp_path / "cut" / "training" / "state.json").read_text())["step"] == step
     # Damaged saved state is one line naming it; a line a kill cut short is logged again.
     optimizer = tmp_path / "cut" / "training" / "optimizer.pt"
@@ -104,13 +104,13 @@ def test_sigterm_stops_train_codebook_at_a_step_and_resume_ends_as_an_uninterrup
         " ".join(damaged.text().split()) and "Traceback" not in damaged.text()
     # What a resume takes (steps, even at the default's value) and ignores, said.
     said = " ".join(damaged.text().split())
-    assert "steps 200 -> 300" in said and "resuming with the run's own settings; ignored: images, config" in said
+    assert "steps 120 -> 300" in said and "resuming with the run's own settings; ignored: images, config" in said
     optimizer.write_bytes(good)
     with metrics.open("a") as f:
         f.write('{"step": 19')
     out = done(Command(codebook_args(train_data / "img", tmp_path / "cut", "--resume"), tmp_path / "r"))
     # However the console wraps the line.
-    assert f"resuming the codebook training in {tmp_path / 'cut'} at step {step} of 200" in " ".join(out.split())
+    assert f"resuming the codebook training in {tmp_path / 'cut'} at step {step} of 120" in " ".join(out.split())
     done(whole)
     same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
     same_tensors(tmp_path / "whole" / "decoder.safetensors", tmp_path / "cut" / "decoder.safetensors")
@@ -231,7 +231,7 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
 
     def args(out, *more):
         return ["finetune", "--model", str(run.root), "--task", "text-classification", "--train",
-                str(tmp_path / "train.csv"), "--output", str(out), "--epochs", "4", "--batch-size", "4", *more]
+                str(tmp_path / "train.csv"), "--output", str(out), "--epochs", "2", "--batch-size", "4", *more]
 
     cut = Command(args(tmp_path / "cut"), tmp_path / "c")
     cut.wait_for(lambda: "model: " in cut.out.read_text())
@@ -239,11 +239,11 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     cut.p.send_signal(signal.SIGTERM)
     line = assert_stopped(cut, signal.SIGTERM, "flava finetune: stopped by SIGTERM at step ")
     step = int(line.split("at step ")[1].split()[0])
-    assert 0 < step < 272 and "--resume" in line
+    assert 0 < step < 136 and "--resume" in line  # 68 steps an epoch
     refused = Command(args(tmp_path / "cut"), tmp_path / "x")  # a plain rerun would start over
     assert refused.finish() == 2 and "add --resume" in refused.text()
-    changed = Command(args(tmp_path / "cut", "--resume", "--epochs", "2"), tmp_path / "y")
-    assert changed.finish() == 2 and "settings.epochs: 4 -> 2" in changed.text()
+    changed = Command(args(tmp_path / "cut", "--resume", "--epochs", "3"), tmp_path / "y")
+    assert changed.finish() == 2 and "settings.epochs: 2 -> 3" in changed.text()
     assert "fine-tuning" not in changed.out.read_text()  # refused before any progress is drawn
     state = tmp_path / "cut" / "training" / "state.pt"
     good = state.read_bytes()
