@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import os
+import re
 import stat
 import struct
 import tarfile
@@ -588,6 +589,17 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again(train_data, 
     assert cli(pretrain_args(train_data, run) + text_only) == 0
     assert "holds a run that saved no checkpoint; starting it again" in " ".join(capsys.readouterr().out.split())
     assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_shards_none_of_which_opens_are_refused_with_the_first_ones_reason(train_data, tmp_path, capsys):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):
+        (shards / f"{k:05d}.tar").write_bytes(b"<html>an error page saved as a shard</html>" * 20)
+    err = one_line_error(capsys, cli(pretrain_args(train_data, tmp_path / "run") + [
+        "--set", f'data.pairs=["{shards}"]', "--set", "data.mixing=[1,0,0]", "--max-steps", "1"]))
+    assert "no shard holds a usable record (met: 2 corrupt tar shard (read up to the damage); the first: " in err, err
+    assert re.search(r"the first: \S*/0000[01]\.tar: corrupt tar shard \(read up to the damage\)\)", err), err
 
 
 def test_model_settings_beside_init_are_refused_not_ignored(train_data, tmp_path, capsys):

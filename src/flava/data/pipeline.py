@@ -113,6 +113,8 @@ class Lane:
         """Shard -> what was rejected when it was indexed, for shards opened and not yet reported."""
         self.met: Counter = Counter()
         """Everything its shards' indexing rejected, for the message when none holds a record."""
+        self.failure = ""
+        """Why the first shard that could not be read was not, for that message too."""
 
     def _shards(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -131,6 +133,7 @@ class Lane:
                 if opened.rejected:
                     self.opened[shard] = dict(opened.rejected)
                     self.met.update(opened.rejected)
+                self.failure = self.failure or opened.failure
                 perm = np.random.default_rng([self.seed, c.epoch, shard, 1]).permutation(len(opened.records))
                 self._open = c, shard, opened.records, perm
             _, shard, records, perm = self._open
@@ -138,7 +141,7 @@ class Lane:
                 return shard, records, int(perm[position - c.start]), c.epoch
             empty = empty + 1 if not records else 0
             if empty > 2 * len(self.source.shards):
-                raise no_usable_record(self.source.name, self.met)
+                raise no_usable_record(self.source.name, self.met, self.failure)
             last = c.ordinal + 1 == len(self._shards(c.epoch))
             self.cursor = Cursor(c.epoch + last, 0 if last else c.ordinal + 1, c.start + len(records))
 
@@ -209,10 +212,13 @@ class _Draws(IterableDataset):
             draw += 1
 
 
-def no_usable_record(name: str, met: Counter) -> DataError:
-    """A source whose shards hold no record at all: what was met reading them, or that they are empty."""
+def no_usable_record(name: str, met: Counter, failure: str = "") -> DataError:
+    """A source whose shards hold no record at all: what was met reading them (and why the first
+    that could not be read was not), or that they are empty."""
     why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
-    return DataError(f"{name}: no shard holds a usable record" + (f" (met: {why})" if why else " (every one is empty)"))
+    first = f"; the first: {failure}" if failure else ""
+    return DataError(f"{name}: no shard holds a usable record" + (f" (met: {why}{first})" if why else
+                                                                  " (every one is empty)"))
 
 
 def _unwrapped(e: FlavaError) -> FlavaError:
@@ -304,10 +310,11 @@ class BatchStream:
             return
         rng = np.random.default_rng([self.seed, 17])
         met: Counter = Counter()
-        tried = 0
+        tried, failure = 0, ""
         for k in rng.permutation(len(shards))[:PROBE_SHARDS]:
             opened = open_shard(shards[int(k)])
             met.update(opened.rejected)
+            failure = failure or opened.failure
             share = max(1, SUBSTITUTE_TRIES // min(PROBE_SHARDS, len(shards)))
             for j in rng.permutation(len(opened.records))[:share]:
                 try:
@@ -319,7 +326,7 @@ class BatchStream:
         if tried == 0:
             if len(shards) > PROBE_SHARDS:
                 return  # the shards drawn are empty: the stream moves on to the others
-            raise no_usable_record(self.source.name, met)
+            raise no_usable_record(self.source.name, met, failure)
         why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
         raise DataError(f"{self.source.name}: none of {tried} records drawn from it makes a sample ({why}); fix "
                         f"the data or leave the source out")

@@ -56,6 +56,9 @@ class Opened:
 
     records: list
     rejected: Counter = field(default_factory=Counter)
+    failure: str = ""
+    """Why the shard could not be read at all, in its reader's words (a refused connection, a
+    missing bucket): what a source none of whose shards opens is refused with."""
 
 
 @dataclass(frozen=True)
@@ -121,17 +124,27 @@ class Source:
 
 
 def open_shard(shard) -> Opened:
-    """A shard's records; a shard that cannot be read at all yields none and one rejection."""
+    """A shard's records; a shard that cannot be read at all yields none, one rejection and why."""
     try:
-        return shard.open()
-    except FileNotFoundError:
-        return Opened([], Counter({"missing shard": 1}))
-    except (OSError, DataError, tarfile.TarError, EOFError):
-        return Opened([], Counter({"unreadable shard": 1}))
+        opened = shard.open()
+    except FileNotFoundError as e:
+        return Opened([], Counter({"missing shard": 1}), _failure(shard, e))
+    except (OSError, DataError, tarfile.TarError, EOFError) as e:
+        return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e))
     except Exception as e:  # remote stores raise their own error types (timeouts, refusals)
         if type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "fsspec", "s3fs", "requests", "urllib3"):
-            return Opened([], Counter({"unreadable shard": 1}))
+            return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e))
         raise
+    if not opened.records and opened.rejected and not opened.failure:  # read, and nothing in it usable
+        opened.failure = _failure(shard, opened.rejected.most_common(1)[0][0])
+    return opened
+
+
+def _failure(shard, e: Exception | str) -> str:
+    """`shard: what went wrong`, on one line."""
+    said = next((line.strip() for line in str(e).splitlines() if line.strip()), "") or type(e).__name__
+    where = getattr(shard, "url", None) or shard.name
+    return f"{where}: {said[:300]}" if where not in said else said[:300]
 
 
 def read_caption(value: str | TarMember) -> str:
