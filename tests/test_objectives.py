@@ -135,6 +135,43 @@ def test_pair_step_backpropagates_into_what_it_used(negatives):
     assert 0 <= out.metrics["itm_accuracy"] <= 1
 
 
+def test_a_pair_step_projects_its_images_once_for_both_image_passes(monkeypatch):
+    """The masked and the whole image share one patch projection: the losses and gradients of the
+    two passes made apart, once for each pass that is read."""
+    from flava.objectives.pretraining import PairStates
+
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    pm = PretrainingModel(cfg, ObjectivesConfig(itm_negative_probability=0.5),
+                          codebook=flava.FlavaImageCodebook(cfg.codebook))
+    b = pair_batch(cfg)
+    calls = []
+    pm.model.image_encoder.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+
+    def step():
+        calls.clear()
+        pm.zero_grad()
+        out = pm(b, torch.Generator().manual_seed(1))
+        out.losses.total.backward()
+        return out.losses.named(), {n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None}
+
+    # The whole image is read for the contrastive loss, or for hard negatives; swapped negatives alone read
+    # the masked one.
+    for contrastive, negatives, reads_whole in ((1.0, "swap", True), (0.0, "hard", True), (0.0, "swap", False)):
+        pm.objectives.global_contrastive_weight, pm.objectives.itm_negatives = contrastive, negatives
+        with monkeypatch.context() as m:
+            shared = step()
+            assert len(calls) == 1, (contrastive, negatives)
+            m.setattr(PairStates, "_image_passes", property(lambda self: None))
+            apart = step()
+            assert len(calls) == 1 + reads_whole, (contrastive, negatives)
+        assert shared[0].keys() == apart[0].keys() and shared[1].keys() == apart[1].keys()
+        for name in shared[0]:
+            assert torch.equal(shared[0][name], apart[0][name]), name  # the same forward, to the bit
+        for name in shared[1]:
+            torch.testing.assert_close(shared[1][name], apart[1][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 @pytest.mark.parametrize("negatives", ["swap", "hard"])
 def test_itm_and_mmm_losses_read_the_drawn_pairs(negatives):
     """The step's ITM and MMM losses against the same computed by hand from the pairs it drew:

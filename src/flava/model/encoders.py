@@ -202,9 +202,27 @@ class ImageEncoder(nn.Module):
         """`patch_mask` [B, num_patches] (or [B, h, w]) marks patches replaced by the mask token.
         `cls_only` returns the CLS state alone and skips the work only other tokens need."""
         self._check(pixel_values, interpolate_pos_encoding)
+        return self._encode(self._patches(pixel_values), patch_mask, output_hidden_states, cls_only)
+
+    def masked_and_whole(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> tuple[EncoderOutput,
+                                                                                               EncoderOutput]:
+        """The image with `patch_mask`'s patches masked, and the whole image's CLS state
+        (`cls_only`), from one patch projection: a pretraining pair's two image passes. Under FSDP
+        it is a forward method of its own (`register_fsdp_forward_method`): one gathering of the
+        encoder's weights for both."""
+        self._check(pixel_values, False)
+        patches = self._patches(pixel_values)
+        whole = self._encode(patches, None, cls_only=True)
+        return self._encode(patches, patch_mask), whole
+
+    def _patches(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))
         grid_h, grid_w = x.shape[-2:]
-        x = x.flatten(2).transpose(1, 2)
+        return x.flatten(2).transpose(1, 2), grid_h, grid_w
+
+    def _encode(self, patches: tuple[torch.Tensor, int, int], patch_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False, cls_only: bool = False) -> EncoderOutput:
+        x, grid_h, grid_w = patches
         B, N, _ = x.shape
         if patch_mask is not None:
             if self.mask_token is None:

@@ -137,10 +137,24 @@ class PairStates(_States):
         return self.logit_scale.exp().detach()
 
     @cached_property
+    def _image_passes(self) -> tuple[EncoderOutput, EncoderOutput] | None:
+        """The masked images and the whole images' CLS states from one patch projection, when a
+        step reads both (contrastive embeddings, for the loss or hard negatives, beside ITM or
+        MMM) and is not a chunk (whose contrastive pass replays alone); else None and each pass
+        is its own."""
+        o, b = self.objectives, self.batch
+        fused = o.itm_weight > 0 or o.mmm_image_weight > 0 or o.mmm_text_weight > 0
+        whole = o.global_contrastive_weight > 0 or (o.itm_weight > 0 and o.itm_negatives == "hard")
+        if self.chunk is not None or not (fused and whole):
+            return None
+        return self.model.image_encoder.masked_and_whole(b.pixel_values, b.patch_mask)
+
+    @cached_property
     def embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Contrastive image and text embeddings of the unmasked pairs."""
         m, b = self.model, self.batch
-        image = m.image_embedding(m.encode_image_tokens(b.pixel_values, cls_only=True))
+        whole = self._image_passes[1] if self._image_passes else m.encode_image_tokens(b.pixel_values, cls_only=True)
+        image = m.image_embedding(whole)
         text = m.text_embedding(m.encode_text_tokens(b.input_ids, b.attention_mask, cls_only=True,
                                                      real_tokens=b.text_tokens))
         return image, text
@@ -148,7 +162,8 @@ class PairStates(_States):
     @cached_property
     def fused(self) -> Fused:
         o, m, b = self.objectives, self.model, self.batch
-        img_mm = m.image_to_multimodal(m.encode_image_tokens(b.pixel_values, b.patch_mask))
+        masked = self._image_passes[0] if self._image_passes else m.encode_image_tokens(b.pixel_values, b.patch_mask)
+        img_mm = m.image_to_multimodal(masked)
         txt_mm = m.text_to_multimodal(m.encode_text_tokens(b.masked_input_ids, b.attention_mask, skip_padding=True,
                                                            real_tokens=b.text_tokens))
         text_mask = b.attention_mask

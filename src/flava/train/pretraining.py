@@ -196,7 +196,7 @@ class PretrainingStage(Stage):
         if world == 1:
             return self.model
         if self.cfg.distributed == "fsdp":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
             # Blocks, then what holds the rest; FlavaModel itself is not sharded because FSDP
             # cannot shard the scalar logit scale, whose gradient the loop averages itself.
@@ -209,6 +209,8 @@ class PretrainingStage(Stage):
             for m in [*self.model.model.children(), *self.model.heads.children()]:
                 if type(m).forward is not torch.nn.Module.forward:
                     fully_shard(m)
+            # A pair's two image passes in one call (ImageEncoder.masked_and_whole), gathered as a forward.
+            register_fsdp_forward_method(self.model.model.image_encoder, "masked_and_whole")
             return self.model
         # Each step trains one data kind, so every step leaves some parameters unused.
         return data_parallel(self.model, device, find_unused_parameters=True)
