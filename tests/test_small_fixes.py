@@ -208,6 +208,10 @@ def test_the_python_api_names_inputs_it_cannot_take():
     for bad in (5, b"\x89PNG"):
         with pytest.raises(InputError, match=f"got {type(bad).__name__}"):
             model.encode_image(bad)
+    codebook = flava.FlavaImageCodebook(model.config.codebook)
+    for call in (codebook.token_ids, codebook):
+        with pytest.raises(InputError, match="the codebook takes a .* tensor .*map_pixels; got Image"):
+            call(Image.new("RGB", (64, 64)))
     grey = np.zeros((64, 64, 1), np.uint8)
     assert torch.equal(model.processor.images(grey), model.processor.images(grey[..., 0]))
     # 16-bit greyscale keeps its range as an array, as it does as a PIL image (it was clipped white).

@@ -36,6 +36,12 @@ class ResBlock(nn.Module):
         return self.id_path(x) + self.post_gain * self.res_path(x)
 
 
+def _check_tensor(pixel_values) -> None:
+    if not isinstance(pixel_values, torch.Tensor):
+        raise InputError(f"the codebook takes a [batch, 3, H, W] tensor of pixels in [0, 1] mapped by "
+                         f"flava.data.transforms.map_pixels; got {type(pixel_values).__name__}")
+
+
 ENCODER_KERNELS = (3, 3, 3, 1)
 DECODER_KERNELS = (1, 3, 3, 3)
 
@@ -86,6 +92,7 @@ class FlavaImageCodebook(nn.Module):
         return h.hexdigest()[:16]
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        _check_tensor(pixel_values)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.cfg.input_channels:
             raise InputError(
                 f"codebook input must be [batch, {self.cfg.input_channels}, H, W]; "
@@ -100,6 +107,7 @@ class FlavaImageCodebook(nn.Module):
         """[B, H/8 * W/8] the most likely token of each 8x8 block, row-major. In float32 whatever the
         caller's autocast: an argmax over thousands of bfloat16 logits flips some tokens, and the
         targets a step computes must be the ones `flava prepare` stores."""
+        _check_tensor(pixel_values)
         with torch.autocast(pixel_values.device.type, enabled=False), _full_fp32(pixel_values.device):
             return self(pixel_values.float()).argmax(dim=1).flatten(1)
 
