@@ -261,7 +261,7 @@ def test_two_processes_hold_the_balancing_state_of_one(train_data, tmp_path, met
              "--set", "objectives.dwa_window=1", "--set", "objectives.uncertainty_lr=0.1",
              "--set", "diagnose_every=1"]
     two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
-              + ["--set", f"distributed={mode}"], ranks=2)  # torchrun's own start: test_pretrain_processes
+              + ["--set", f"distributed={mode}"], ranks=2)  # torchrun's launch is test_pretrain_processes's
     one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
     finish(two)
     finish(one)

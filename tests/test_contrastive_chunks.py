@@ -259,8 +259,7 @@ def test_two_processes_in_chunks_equal_one_process_with_the_whole_batch(train_da
                                                                        batch, chunks):
     world = 2
     results = Results()
-    spawn(_worker, (world, free_port(), train_data, tmp_path, batch, chunks, contrastive, mode, results),
-             world)
+    spawn(_worker, (world, free_port(), train_data, tmp_path, batch, chunks, contrastive, mode, results), world)
     one = Trainer(config(train_data, world * batch, 1, contrastive, **SEPARABLE), tmp_path / "one")
     whole = one_step(one, one._to_device(one.streams["pairs"].next_batch()), 1)
     # Each process holds its own losses (their mean is the batch's) and the averaged gradient.

@@ -170,6 +170,15 @@ def test_a_pair_step_projects_its_images_once_for_both_image_passes(monkeypatch)
             assert torch.equal(shared[0][name], apart[0][name]), name  # the same forward, to the bit
         for name in shared[1]:
             torch.testing.assert_close(shared[1][name], apart[1][name], rtol=1e-5, atol=1e-7, msg=name)
+    # A chunk's plan reads the whole images' embeddings alone: no masked pass.
+    from flava.objectives.chunks import plan_chunks
+
+    pm.objectives.global_contrastive_weight, pm.objectives.itm_negatives = 1.0, "swap"
+    passes = []
+    pm.model.image_encoder.transformer.register_forward_hook(lambda m, args, kw, out: passes.append(kw["cls_only"]),
+                                                             with_kwargs=True)
+    plan_chunks(pm, [b.rows(slice(0, 3)), b.rows(slice(3, 6))], torch.Generator().manual_seed(1))
+    assert passes == [True, True]
 
 
 @pytest.mark.parametrize("negatives", ["swap", "hard"])

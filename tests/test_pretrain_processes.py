@@ -1,6 +1,7 @@
-"""`flava pretrain` as separate processes: two processes (under torchrun, or forked as it starts
-them) train like one process with the global batch; a run killed with SIGKILL and resumed repeats the uninterrupted run; a failed
-checkpoint write leaves the previous checkpoint usable; the precision and memory options."""
+"""`flava pretrain` as separate processes: two processes (under torchrun, or forked as it
+starts them) train like one process with the global batch; a run killed with SIGKILL and resumed
+repeats the uninterrupted run; a failed checkpoint write leaves the previous checkpoint usable;
+the precision and memory options."""
 
 import json
 import os
@@ -31,7 +32,7 @@ def run(args: list[str], torchrun: int = 0, plain: bool = False, ranks: int = 0)
     return Process(launcher + ["-m", "flava.cli", *args], env, merge=True, plain=plain)
 
 
-def finish(p: Process) -> str:
+def finish(p: Process | Ranks) -> str:
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
     return out
@@ -53,11 +54,12 @@ def test_two_processes_train_like_one_process_with_the_global_batch(train_data, 
     # gradients into whole steps of lr; eps 1e-4 makes small updates follow the gradient, so
     # the parameters check the gradients the processes averaged.
     steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.contrastive={contrastive}"]
-    # torchrun itself starts one of them; the others' ranks are forked as it would start them.
-    launch = dict(torchrun=2) if (mode, contrastive) == ("ddp", "softmax") else dict(ranks=2)
+    # torchrun itself starts a DDP and an FSDP run, whose processes (and the one-process run) each
+    # draw their own hash seed; the others' ranks are forked as it would start them (zygote.Ranks).
+    launched = (mode, contrastive) in {("ddp", "softmax"), ("fsdp", "sigmoid")}
     two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
-              + ["--set", f"distributed={mode}"], **launch)
-    one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
+              + ["--set", f"distributed={mode}"], **(dict(torchrun=2) if launched else dict(ranks=2)))
+    one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps, plain=launched)
     out = finish(two)
     finish(one)
     assert f"x 2 processes ({mode})" in out

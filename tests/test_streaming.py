@@ -151,8 +151,8 @@ def test_training_from_an_s3_server(tmp_path):
             remote, _ = batches(listed)
             assert same(local, remote)
             # Shards the store does not hold: refused, naming the first and what the store said.
-            with pytest.raises(DataError, match=r"no shard holds a usable record \(met: \d+ missing shard; the "
-                                                r"first: s3://data/pairs/gone-00\d\.tar: "):
+            with pytest.raises(DataError, match=r"no shard holds a usable record \(met: \d+ missing shard; e\.g\. "
+                                                r"s3://data/pairs/gone-00\d\.tar: .+\)"):
                 batches(open_source("pairs", "s3://data/pairs/gone-{000..001}.tar"))
         finally:
             fsspec.config.conf.pop("s3", None)

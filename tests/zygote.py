@@ -34,12 +34,15 @@ from pathlib import Path
 # What most commands import, `flava pretrain`'s lazily imported training loop and its TensorBoard
 # writer among them (0.9 s of each pretraining child's start).
 PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot", "flava.train.run", "torch.utils.tensorboard")
-# Variables read while a command runs, not at import (pytest sets PYTEST_CURRENT_TEST per test; torch's
-# inductor sets TORCHINDUCTOR_CACHE_DIR in the test process the first time it looks for its cache; the
-# process group's, by `Ranks`): a command whose environment differs from the zygote's in any other is
-# started as a plain process. Not FSSPEC_*: fsspec, which the training loop imports, reads them at import.
-AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "AWS_",
-          "FLAVA_", "PYTEST_", "TORCHINDUCTOR_")
+# Variables read while a command runs, not at import: pytest sets PYTEST_CURRENT_TEST per test;
+# torch's inductor writes TORCHINDUCTOR_CACHE_DIR into the test process the first time it looks for its
+# cache (its other settings are read when the preload imports it); `Ranks` sets the process group's; the
+# S3 test names its store's credentials. A command whose environment differs from the zygote's in any
+# other is started as a plain process (FSSPEC_* among them: fsspec, which TensorBoard's writer imports,
+# reads them at import).
+AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+          "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FLAVA_", "PYTEST_",
+          "TORCHINDUCTOR_CACHE_DIR")
 
 
 # --------------------------------------------------------------------------- the zygote process
@@ -340,9 +343,26 @@ class Results:
         return pickle.loads((self.folder / f"{key}.pkl").read_bytes())
 
 
-def _wait_all(children: list[Process], timeout: float) -> tuple[int, str] | None:
+def _start_all(start, count: int) -> list[Process]:
+    """`start(i)` for each i; when one cannot start, those already started are killed (they would
+    wait for it to join their group)."""
+    children: list[Process] = []
+    try:
+        for i in range(count):
+            children.append(start(i))
+    except BaseException:
+        for child in children:
+            child.kill()
+            child.wait()
+        raise
+    return children
+
+
+def _wait_all(children: list[Process], timeout: float) -> tuple[int | None, str] | None:
     """Wait for every child to exit 0; None when they did. When one fails, or time runs out, the
-    others are killed (they would wait for it in a collective): that child's index and what ended it."""
+    others are killed (they would wait for it in a collective): the failed child (None when time
+    ran out) and what ended it, with every child's output (the first to fail is often one that lost
+    its peer, not the cause)."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -355,9 +375,9 @@ def _wait_all(children: list[Process], timeout: float) -> tuple[int, str] | None
             for child in children:
                 child.kill()
                 child.wait()
-            if failed is not None:
-                return failed, f"exited with {codes[failed]}"
-            return codes.index(None), f"did not end within {timeout:g} s"
+            why = f"rank {failed} exited with {codes[failed]}" if failed is not None else \
+                f"rank {codes.index(None)} did not end within {timeout:g} s"
+            return failed, why + "".join(f"\n--- rank {r}:\n{c.output()[0]}" for r, c in enumerate(children))
         time.sleep(0.02)
 
 
@@ -371,19 +391,20 @@ def spawn(fn, args: tuple, nprocs: int, timeout: float = 300) -> None:
     (folder / "call.pkl").write_bytes(pickle.dumps((fn, args)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     tests = str(Path(__file__).resolve().parent)
-    children = [Process(["-c", _SPAWNED, str(folder), str(rank), tests], env, stdout=folder / f"{rank}.out",
-                        merge=True) for rank in range(nprocs)]
+    children = _start_all(lambda rank: Process(["-c", _SPAWNED, str(folder), str(rank), tests], env,
+                                               stdout=folder / f"{rank}.out", merge=True), nprocs)
     failed = _wait_all(children, timeout)
     if failed is not None:
-        rank, why = failed
-        raise AssertionError(f"rank {rank} of {fn.__qualname__} {why}:\n{children[rank].output()[0]}")
+        raise AssertionError(f"{fn.__qualname__}: {failed[1]}")
 
 
 class Ranks:
     """`python ARGS` as the `world` processes of one process group, forked from the zygote with
     the environment torchrun gives its workers: torchrun's work without the start of torchrun and
-    of each worker (tests of torchrun itself start it). As much of Process as the tests use: the
-    ranks' output, rank 0's first."""
+    of each worker. What it cannot give: the ranks share the zygote's hash seed, where torchrun's
+    each draw their own (a collective issued in set order would agree here and hang there), so
+    tests of the launch itself start torchrun. As much of Process as the tests use: the ranks'
+    output, rank 0's first."""
 
     def __init__(self, args: list[str], world: int, env: dict[str, str]):
         import socket
@@ -394,12 +415,14 @@ class Ranks:
         group = {"WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(port)}
         self.args = args
-        self.children = [Process(args, {**env, **group, "RANK": str(r), "LOCAL_RANK": str(r)}, merge=True)
-                         for r in range(world)]
+        self.children = _start_all(
+            lambda r: Process(args, {**env, **group, "RANK": str(r), "LOCAL_RANK": str(r)}, merge=True), world)
         self.returncode: int | None = None
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         failed = _wait_all(self.children, 300 if timeout is None else timeout)
+        if failed is not None and failed[0] is None:  # killed, as Process.communicate does
+            raise subprocess.TimeoutExpired([sys.executable, *self.args], timeout)
         self.returncode = 0 if failed is None else self.children[failed[0]].returncode
         return "".join(c.output()[0] for c in self.children), ""
 

@@ -114,7 +114,7 @@ class Lane:
         self.met: Counter = Counter()
         """Everything its shards' indexing rejected, for the message when none holds a record."""
         self.failure = ""
-        """Why the first shard that could not be read was not, for that message too."""
+        """The first shard that gave no record (`Opened.failure`), for that message too."""
 
     def _shards(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -213,11 +213,11 @@ class _Draws(IterableDataset):
 
 
 def no_usable_record(name: str, met: Counter, failure: str = "") -> DataError:
-    """A source whose shards hold no record at all: what was met reading them (and why the first
-    that could not be read was not), or that they are empty."""
+    """A source whose shards hold no record at all: what was met reading them (and one of them, with
+    what its reader said), or that they are empty."""
     why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
-    first = f"; the first: {failure}" if failure else ""
-    return DataError(f"{name}: no shard holds a usable record" + (f" (met: {why}{first})" if why else
+    example = f"; e.g. {failure}" if failure else ""
+    return DataError(f"{name}: no shard holds a usable record" + (f" (met: {why}{example})" if why else
                                                                   " (every one is empty)"))
 
 

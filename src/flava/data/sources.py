@@ -57,8 +57,9 @@ class Opened:
     records: list
     rejected: Counter = field(default_factory=Counter)
     failure: str = ""
-    """Why the shard could not be read at all, in its reader's words (a refused connection, a
-    missing bucket): what a source none of whose shards opens is refused with."""
+    """A shard that gave no record, named: with its reader's words where it could not be read at
+    all (a refused connection, a missing key). A source none of whose shards gives one is refused
+    with it."""
 
 
 @dataclass(frozen=True)
@@ -136,15 +137,14 @@ def open_shard(shard) -> Opened:
             return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e))
         raise
     if not opened.records and opened.rejected and not opened.failure:  # read, and nothing in it usable
-        opened.failure = _failure(shard, opened.rejected.most_common(1)[0][0])
+        opened.failure = shard.name
     return opened
 
 
-def _failure(shard, e: Exception | str) -> str:
-    """`shard: what went wrong`, on one line."""
-    said = next((line.strip() for line in str(e).splitlines() if line.strip()), "") or type(e).__name__
-    where = getattr(shard, "url", None) or shard.name
-    return f"{where}: {said[:300]}" if where not in said else said[:300]
+def _failure(shard, e: Exception) -> str:
+    """`shard: what its reader said`, on one line."""
+    said = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300] or type(e).__name__
+    return said if shard.name in said else f"{shard.name}: {said}"
 
 
 def read_caption(value: str | TarMember) -> str:

@@ -115,7 +115,7 @@ def plan_chunks(pm, parts: list, generator: torch.Generator | None = None) -> li
     alike (it gathers and reduces over processes)."""
     if len({len(p) for p in parts}) > 1:
         raise InputError(f"a batch's chunks must hold as many rows each; got {', '.join(str(len(p)) for p in parts)}")
-    made = [pm.states(part, generator) for part in parts]
+    made = [pm.states(part, generator, contrastive_only=True) for part in parts]
     states, records = [s for s, _ in made], active(pm.objectives, (made[0][1],))
     device = pm.model.device
     separable = [r for r in records if r.count is not None]

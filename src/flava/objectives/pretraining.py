@@ -120,9 +120,9 @@ def _matched_rows(labels: torch.Tensor, index: torch.Tensor, offset: int, matche
 
 class PairStates(_States):
     def __init__(self, pm: "PretrainingModel", batch: PairBatch, generator: torch.Generator | None,
-                 chunk: Chunk | None = None):
+                 chunk: Chunk | None = None, contrastive_only: bool = False):
         super().__init__(pm, batch, chunk)
-        self.generator = generator
+        self.generator, self.contrastive_only = generator, contrastive_only
 
     @cached_property
     def logit_scale(self) -> torch.Tensor:
@@ -140,12 +140,12 @@ class PairStates(_States):
     def _image_passes(self) -> tuple[EncoderOutput, EncoderOutput] | None:
         """The masked images and the whole images' CLS states from one patch projection, when a
         step reads both (contrastive embeddings, for the loss or hard negatives, beside ITM or
-        MMM) and is not a chunk (whose contrastive pass replays alone); else None and each pass
-        is its own."""
+        MMM: the objectives' weights say which) and is not a chunk's (whose contrastive pass is
+        planned and replayed alone); else None and each pass is its own."""
         o, b = self.objectives, self.batch
         fused = o.itm_weight > 0 or o.mmm_image_weight > 0 or o.mmm_text_weight > 0
         whole = o.global_contrastive_weight > 0 or (o.itm_weight > 0 and o.itm_negatives == "hard")
-        if self.chunk is not None or not (fused and whole):
+        if self.chunk is not None or self.contrastive_only or not (fused and whole):
             return None
         return self.model.image_encoder.masked_and_whole(b.pixel_values, b.patch_mask)
 
@@ -303,10 +303,11 @@ class PretrainingModel(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def states(self, batch: PairBatch | ImageBatch | TextBatch, generator: torch.Generator | None = None,
-               chunk: Chunk | None = None) -> tuple[_States, str]:
-        """The batch's lazily computed states and its kind."""
+               chunk: Chunk | None = None, contrastive_only: bool = False) -> tuple[_States, str]:
+        """The batch's lazily computed states and its kind. `contrastive_only`: a chunk's plan, which
+        reads a pair's contrastive embeddings and counts, never its masked pass."""
         if isinstance(batch, PairBatch):
-            return PairStates(self, batch, generator, chunk), "pairs"
+            return PairStates(self, batch, generator, chunk, contrastive_only), "pairs"
         if isinstance(batch, ImageBatch):
             return ImageStates(self, batch, chunk), "images"
         if isinstance(batch, TextBatch):
