@@ -7,7 +7,7 @@ step, and with the targets read from the batch as `flava prepare` stores them (t
 tensor memory allocated during one step (torch.profiler events), optimizer state included.
 
     python benchmarks/pretrain_step.py [--preset small] [--batch 16] [--steps 5] [--threads 2] [--sync-free]
-                                       [--baseline REV]
+                                       [--baseline REV] [--image-size PX --patch-size PX]
 
 `--sync-free` also times the prepared step in `flava.syncs.sync_free()`, the forms the trainer runs
 on a GPU (masked instead of skipped padding, losses over the host's counts), here on the CPU.
@@ -16,6 +16,8 @@ CPUs with AMX or AVX512-BF16 run in hardware.
 `--baseline REV` also times both flava steps of the `src/flava` of git revision REV (imported
 under another name, the same weights and inputs), interleaved with ours: a before/after ratio that
 a shared machine's changing load does not skew.
+`--image-size` and `--patch-size` change the preset's image grid (issue 21's check: `--preset tiny
+--image-size 224 --patch-size 32 --batch 64`).
 """
 
 from __future__ import annotations
@@ -54,13 +56,15 @@ def main() -> int:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--baseline")
     ap.add_argument("--json")
+    ap.add_argument("--image-size", type=int)
+    ap.add_argument("--patch-size", type=int)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     import transformers
 
     transformers.logging.set_verbosity_error()
-    cfg = flava.preset(args.preset)
+    cfg = grid(flava.preset(args.preset), args)
     ref = transformers.FlavaForPreTraining(
         transformers.FlavaConfig(**hf_interop.config_to_hf(cfg, with_codebook=True)))
     ref.train()
@@ -112,7 +116,8 @@ def main() -> int:
         return step_ours(prepared)
 
     first_ref, first_ours = step_ref(), step_ours()  # also creates the optimizer state
-    print(f"preset {args.preset}, batch {B}, {args.threads} threads; first-step loss transformers "
+    print(f"preset {args.preset} at {cfg.image.image_size} px, patch {cfg.image.patch_size}; batch {B}, "
+          f"{args.threads} threads; first-step loss transformers "
           f"{first_ref:.6f}, flava {first_ours:.6f}", flush=True)
     steps = {"ref": step_ref, "ours": step_ours, "prepared": step_prepared}
     if args.sync_free:
@@ -130,7 +135,7 @@ def main() -> int:
 
         steps["bf16"] = step_bf16
     if args.baseline:
-        steps.update(baseline_steps(args.baseline, args.preset, ours, batch, prepared))
+        steps.update(baseline_steps(args.baseline, args, ours, batch, prepared))
     times = {k: [] for k in steps}
     for _ in range(args.steps):
         for name, fn in steps.items():
@@ -139,7 +144,8 @@ def main() -> int:
             times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
     mem = {k: peak_memory_mib(fn) for k, fn in steps.items()}
-    result = dict(preset=args.preset, batch=B, threads=args.threads, transformers_s=med["ref"],
+    result = dict(preset=args.preset, image_size=cfg.image.image_size, patch_size=cfg.image.patch_size, batch=B,
+                  threads=args.threads, transformers_s=med["ref"],
                   flava_s=med["ours"], flava_prepared_s=med["prepared"], speedup=med["ref"] / med["ours"],
                   speedup_prepared=med["ref"] / med["prepared"], memory_mib=mem,
                   first_loss_transformers=float(first_ref), first_loss_flava=float(first_ours))
@@ -166,7 +172,14 @@ def main() -> int:
     return 0
 
 
-def baseline_steps(rev: str, preset: str, ours, batch, prepared) -> dict:
+def grid(cfg, args):
+    """The preset with the image size and patch size asked for."""
+    cfg.image.image_size = args.image_size or cfg.image.image_size
+    cfg.image.patch_size = args.patch_size or cfg.image.patch_size
+    return cfg
+
+
+def baseline_steps(rev: str, args, ours, batch, prepared) -> dict:
     """Steps of revision `rev`'s flava with `ours`'s weights on the same batches."""
     import atexit
     import importlib
@@ -181,7 +194,7 @@ def baseline_steps(rev: str, preset: str, ours, batch, prepared) -> dict:
     name = baseline_package(rev, where)
     old = importlib.import_module(name)
     pretraining, batches = (importlib.import_module(f"{name}.{m}") for m in ("objectives.pretraining", "data.batch"))
-    cfg = old.preset(preset)
+    cfg = grid(old.preset(args.preset), args)
     model = pretraining.PretrainingModel(cfg, codebook=old.FlavaImageCodebook(cfg.codebook))
     model.load_state_dict(ours.state_dict())
     model.train()
