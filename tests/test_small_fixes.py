@@ -212,6 +212,13 @@ def test_the_python_api_names_inputs_it_cannot_take():
     for call in (codebook.token_ids, codebook):
         with pytest.raises(InputError, match="the codebook takes a .* tensor .*map_pixels; got Image"):
             call(Image.new("RGB", (64, 64)))
+    # Settings that raw inputs would silently ignore (the processor makes their sizes and masks).
+    with pytest.raises(InputError, match="interpolate_pos_encoding applies to a pixel tensor .* resized to the "
+                                         f"model's {model.config.image.image_size} px"):
+        model.encode_image(Image.new("RGB", (320, 320)), interpolate_pos_encoding=True)
+    for given in (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), dict(token_type_ids=torch.zeros(1, 3))):
+        with pytest.raises(InputError, match="attention_mask and token_type_ids go with token ids"):
+            model.encode_text("a cat", **given)
     grey = np.zeros((64, 64, 1), np.uint8)
     assert torch.equal(model.processor.images(grey), model.processor.images(grey[..., 0]))
     # 16-bit greyscale keeps its range as an array, as it does as a PIL image (it was clipped white).

@@ -155,6 +155,9 @@ class FlavaModel(nn.Module):
         [B, 3, H, W], or raw images (PIL images, arrays, paths, or a list of them), which go
         through `self.processor` and run without autograd."""
         if not isinstance(pixel_values, torch.Tensor):
+            if interpolate_pos_encoding:  # it would change nothing: the processor makes every image this size
+                raise InputError(f"interpolate_pos_encoding applies to a pixel tensor of another size; raw images are "
+                                 f"resized to the model's {self.config.image.image_size} px by its processor")
             with torch.no_grad():
                 return self.encode_image(self.processor.images(pixel_values).to(self.device))
         return self.image_embedding(
@@ -171,6 +174,9 @@ class FlavaModel(nn.Module):
         [B, L], or a string or list of strings, which go through `self.processor` and run without
         autograd."""
         if isinstance(input_ids, (str, list, tuple)):
+            if attention_mask is not None or token_type_ids is not None:
+                raise InputError("attention_mask and token_type_ids go with token ids; raw texts are tokenised with "
+                                 "their own (model.processor.texts(...) gives both)")
             tok = self.processor.texts(input_ids)
             with torch.no_grad():
                 return self.encode_text(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))
