@@ -103,6 +103,14 @@ def test_hard_negatives_weigh_similarities_at_the_contrastive_scale(monkeypatch,
     image, text = (e.detach() for e in states.embeddings)
     scale = 20.0 if contrastive == "sigmoid" else 50.0  # the scale, not its log (3.9 or 3.0)
     torch.testing.assert_close(seen[0], scale * image @ text.T, rtol=1e-5, atol=1e-4)
+    # Under bf16 autocast the weights of the draws are float32 products, as the loss's logits are.
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states, _ = pm.states(pair_batch(cfg), torch.Generator().manual_seed(1))
+        states.fused
+    image, text = (e.detach().float() for e in states.embeddings)
+    assert seen[0].dtype == torch.float32
+    torch.testing.assert_close(seen[0], scale * image @ text.T, rtol=1e-5, atol=1e-4)
 
 
 def pair_batch(cfg, B=6, seed=0):

@@ -30,7 +30,7 @@ from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
 from ..model.codebook import FlavaImageCodebook
 from ..model.encoders import EncoderOutput, MultimodalOutput
 from ..model.flava import LOGIT_SCALE_MAX, SAVED_FILES, FlavaModel, init_weights
-from .losses import Losses, targets_at
+from .losses import Losses, float32, targets_at
 from .negatives import ItmPairs, hard_negatives, same_text, swap_negatives
 from .registry import active, chosen
 
@@ -234,8 +234,10 @@ class PairStates(_States):
         with torch.no_grad():
             all_img_e, all_txt_e = gather(img_e), gather(txt_e)
             same = same_text(all_ids, all_mask, all_ids, all_mask)
-            # The contrastive logits (ALBEF's sim / temp): the scale itself, not its log.
-            sim = self.contrastive_scale * (all_img_e.float() @ all_txt_e.float().T)
+            # The contrastive logits (ALBEF's sim / temp): the scale itself, not its log; in float32,
+            # as the loss's are (bf16 rounds them by up to 0.25, and the draws' weights by a quarter).
+            with float32(all_img_e):
+                sim = self.contrastive_scale * (all_img_e.float() @ all_txt_e.float().T)
             return hard_negatives(sim, sim.T, same, self.generator, own=slice(rank * B, (rank + 1) * B))
 
 
