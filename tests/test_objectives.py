@@ -347,8 +347,17 @@ def _hard_negatives_worker(rank, world, port, results):
                           b.masked_input_ids[:, :6], b.mlm_labels[:, :6], b.codebook_pixels)
         out = pm(b, torch.Generator().manual_seed(rank))
         out.losses.total.backward()
+        # The longest text is agreed on the host, never on the device (under NCCL a device reduction
+        # read back is a host-device sync each step): a device it cannot use is never touched.
+        import flava.distributed as distributed
+
+        distributed.start_host_group()  # gloo's own group serves: nothing to start
+        assert distributed.host_group() is None
+        longest = distributed.max_over_processes(b.input_ids.shape[1], torch.device("meta"))
+        distributed._host_group = torch.distributed.new_group(backend="gloo")  # as beside NCCL
+        beside = distributed.max_over_processes(3 + rank, torch.device("meta"))
         results[rank] = (set(out.losses.named()), bool(torch.isfinite(out.losses.total)),
-                         float(pm.model.text_encoder.word_embeddings.weight.grad.abs().sum()))
+                         float(pm.model.text_encoder.word_embeddings.weight.grad.abs().sum()), longest, beside)
 
 
 @pytest.mark.distributed
@@ -356,8 +365,9 @@ def test_hard_negatives_across_two_processes_with_different_text_lengths():
     results = Results()
     spawn(_hard_negatives_worker, (2, free_port(), results), 2)
     for rank in range(2):
-        names, finite, grad = results[rank]
+        names, finite, grad, longest, beside = results[rank]
         assert names == {"global_contrastive", "itm", "mmm_image", "mmm_text"} and finite and grad > 0
+        assert (longest, beside) == (8, 4)
 
 
 def test_codebook_targets_are_the_same_under_autocast():

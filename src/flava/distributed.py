@@ -77,12 +77,39 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+_host_group = None
+"""A gloo group beside an NCCL default group, for numbers the host reads (`host_group`)."""
+
+
+def start_host_group() -> None:
+    """Every process calls this once after joining an NCCL group (after a gloo one it does nothing)."""
+    global _host_group
+    if dist.get_backend() != "gloo":
+        _host_group = dist.new_group(backend="gloo")
+
+
+def end_host_group() -> None:
+    global _host_group
+    _host_group = None  # destroy_process_group ends every group; this forgets it
+
+
+def host_group():
+    """The group over which Python numbers are agreed without the device: an NCCL reduction of
+    them would copy to the GPU and read back, a host-device sync at every step. None: the default
+    group, gloo already (or a group some caller made without `start_host_group`: then their
+    tensors go through it on the device, as before)."""
+    return _host_group
+
+
 def max_over_processes(value: int, device: torch.device) -> int:
-    """The largest `value` any process holds (one all_reduce; every process must call it)."""
+    """The largest `value` any process holds (one all_reduce; every process must call it). On the
+    host when it can be (`host_group`), else on `device`."""
     if world().size == 1:
         return value
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    group = host_group()
+    on_device = group is None and dist.get_backend() != "gloo"
+    t = torch.tensor([value], device=device if on_device else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t)
 
 

@@ -136,14 +136,14 @@ def _lengthened(pairs: list[tuple], changed: list[int], stages: list) -> bool:
 def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
                steps: dict[str, int] | None = None, overrides: dict[str, list[str]] | None = None) -> list[dict]:
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
-    from ..train.run import init_distributed
+    from ..train.run import end_distributed, init_distributed
 
     started = init_distributed(cfg.device)  # one process group for every stage under torchrun
     try:
         return _run_recipe(name, cfg, output, console, steps or {}, overrides or {})
     finally:
         if started:
-            dist.destroy_process_group()
+            end_distributed()
 
 
 def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, steps: dict[str, int],

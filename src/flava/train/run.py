@@ -19,7 +19,7 @@ from rich.table import Table
 from .. import stopping
 from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict
 from ..data.pipeline import per_process_batch
-from ..distributed import resolve_device
+from ..distributed import end_host_group, resolve_device, start_host_group
 from ..data.registry import KINDS
 from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
@@ -48,7 +48,14 @@ def init_distributed(device: str = "auto") -> bool:
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if on_gpu else "gloo")
+    start_host_group()
     return True
+
+
+def end_distributed() -> None:
+    """Leave the group `init_distributed` joined."""
+    end_host_group()
+    dist.destroy_process_group()
 
 
 def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool = False) -> list[dict]:
@@ -59,7 +66,7 @@ def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console,
         return _run(cfg, output, resume, console, override)
     finally:
         if started:
-            dist.destroy_process_group()
+            end_distributed()
 
 
 # Settings a resumed run may change without --override: how long to run, how often to save, log
