@@ -181,6 +181,34 @@ def test_a_task_model_predicts_on_cuda_as_on_the_cpu(tmp_path, capsys):
     assert flava.load_task(task, device="cuda").device.type == "cuda"
 
 
+@pytest.mark.parametrize("train_encoders", [True, False])
+def test_finetuning_trains_on_the_models_gpu_as_on_the_cpu(train_encoders):
+    from flava.data.tokenizer import TextTokenizer
+    from flava.finetune.examples import TextData, TextExample
+    from flava.finetune.loop import finetune_text
+    from flava.finetune.settings import FinetuneSettings
+
+    def examples(n, seed):  # label 1 iff "banana" is among the words
+        rng = np.random.default_rng(seed)
+        words = [list(rng.choice(["red", "green", "house", "tree", "river", "cloud"], 5)) for _ in range(n)]
+        for i in range(1, n, 2):
+            words[i][rng.integers(0, 5)] = "banana"
+        return [TextExample(" ".join(w), i % 2) for i, w in enumerate(words)]
+
+    task = TextData("keyword", examples(32, 0), examples(16, 1), examples(16, 2), ["absent", "present"],
+                    ("accuracy",))
+    torch.manual_seed(0)
+    model = flava.FlavaModel(flava.preset("tiny")).eval()
+    # No dropout: the GPU's random draws are not the CPU's.
+    settings = FinetuneSettings(lr=1e-3, epochs=2, batch_size=8, head_dropout=0.0, train_encoders=train_encoders)
+    tokenizer = TextTokenizer(max_length=16)
+    cpu = finetune_text(model, task, settings, tokenizer)
+    gpu = finetune_text(model.cuda(), task, settings, tokenizer)
+    assert next(gpu.model.parameters()).device.type == "cuda" and model.device.type == "cuda"
+    np.testing.assert_allclose(gpu.train_loss, cpu.train_loss, rtol=1e-3, atol=1e-4)
+    assert gpu.eval_steps == cpu.eval_steps and gpu.best_step == cpu.best_step
+
+
 @pytest.mark.parametrize("negatives,balancing", [("swap", "fixed"), ("hard", "fixed"), ("swap", "dwa"),
                                                 ("swap", "uncertainty")])
 def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, negatives, balancing):

@@ -48,6 +48,7 @@ def add(sub) -> None:
                    help="tokens per text; default: the model's positions")
     p.add_argument("--resume", action="store_true",
                    help="continue the fine-tuning in --output that SIGTERM or Ctrl-C stopped (same arguments)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
@@ -125,6 +126,7 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     from ..config import to_dict
     from ..errors import ConfigError
     from ..evaluate.run import load_model
+    from .embed import inference_device
     from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
     from ..finetune.settings import TRAINING, Resumable
     from ..finetune.taskmodel import save_task_model
@@ -136,6 +138,7 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
 
     # A fine-tuning stopped on request keeps its state in OUTPUT/training until its task model is saved;
     # a save killed midway leaves the previous state (moved back) and staging copies (removed).
+    device = inference_device(args.device)  # a device that is not there, said before anything is read
     recover_replaced(output / TRAINING)
     stopped = (output / TRAINING / "state.pt").is_file()
     if stopped and not args.resume:
@@ -168,11 +171,12 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
                       "tie goes to the lower validation loss); "
                       + ("give a larger --val" if args.val else "give --val, or a larger --val-fraction"))
     model, resolved = load_model(args.model)
+    model.to(device)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
     if tokenizer is not None and settings.max_text_length is not None:  # refused before the progress bar
         pairs = any(getattr(e, "text2", None) is not None for e in task.train)
         truncating_copy(tokenizer, settings.max_text_length, pairs)
-    console.print(f"model: {resolved}; {'full fine-tuning' if settings.train_encoders else 'head only'}, "
+    console.print(f"model: {resolved} on {device}; {'full fine-tuning' if settings.train_encoders else 'head only'}, "
                   f"lr {settings.lr:g}, {settings.epochs} epoch(s), batch {settings.batch_size}")
 
     with progress_bar(console) as progress:

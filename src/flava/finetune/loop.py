@@ -50,17 +50,17 @@ class _Job:
     classifier: nn.Module
     splits: dict[str, Split]
     inputs: Callable[[Split, torch.Tensor], dict]
-    """Model inputs of the rows `idx` of a split."""
+    """Model inputs of the rows `idx` of a split (on the host)."""
     test_parts: dict[str, int] | None = None
     """`TextData.test_parts`."""
 
 
 def _loss(kind: str, logits: torch.Tensor, split: Split, idx: torch.Tensor, num_outputs: int) -> torch.Tensor:
     if kind == "classification":
-        return F.cross_entropy(logits, split.targets[idx])
+        return F.cross_entropy(logits, split.targets[idx].to(logits.device))
     if kind == "regression":
-        return F.mse_loss(logits[:, 0], split.targets[idx])
-    target = dense_soft([split.soft[i] for i in idx.tolist()], num_outputs)
+        return F.mse_loss(logits[:, 0], split.targets[idx].to(logits.device))
+    target = dense_soft([split.soft[i] for i in idx.tolist()], num_outputs).to(logits.device)
     # Summed over answers, averaged over questions (ViLT and FLAVA's VQA loss).
     return F.binary_cross_entropy_with_logits(logits, target) * num_outputs
 
@@ -116,15 +116,21 @@ def _known(now: dict, started: dict) -> dict:
 
 
 def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | None = None) -> FinetuneResult:
+    """Train on the device the classifier is on (the model's), the splits' data kept on the host."""
     started = time.perf_counter()
     s = settings
     clf = job.classifier
+    device = next(clf.parameters()).device
+
+    def inputs(split, idx):
+        return {k: v.to(device, non_blocking=True) for k, v in job.inputs(split, idx).items()}
+
     feature_seconds = 0.0
     if s.train_encoders:
         trainable: nn.Module = clf
 
         def forward(split, idx):
-            return clf(**job.inputs(split, idx))
+            return clf(**inputs(split, idx))
     else:
         t0 = time.perf_counter()
         clf.eval()
@@ -134,9 +140,9 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
                 feats = None
                 for start in range(0, len(order), s.eval_batch_size):
                     idx = torch.tensor(order[start:start + s.eval_batch_size])
-                    f = clf.features(**job.inputs(split, idx))
+                    f = clf.features(**inputs(split, idx))
                     if feats is None:
-                        feats = torch.empty((len(split), f.shape[1]), dtype=f.dtype)
+                        feats = torch.empty((len(split), f.shape[1]), dtype=f.dtype, device=device)
                     feats[idx] = f
                 split.features = feats
         feature_seconds = time.perf_counter() - t0
@@ -152,7 +158,7 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
         with torch.inference_mode():
             for start in range(0, len(order), s.eval_batch_size):
                 idx = torch.tensor(order[start:start + s.eval_batch_size])
-                logits[idx] = forward(split, idx).float()
+                logits[idx] = forward(split, idx).float().cpu()
         return logits
 
     train, val, test = job.splits["train"], job.splits["val"], job.splits["test"]
@@ -180,6 +186,8 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
         schedule.load_state_dict(saved["schedule"])
         order_rng.set_state(saved["order_rng"])
         torch.set_rng_state(saved["rng"])
+        if device.type == "cuda" and "cuda_rng" in saved:  # dropout's draws on the GPU
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         step, perm, first, best_state = int(saved["step"]), saved["perm"], int(saved["next"]), saved["best_state"]
         record = json.loads(saved["record"])
         losses, eval_steps, curve, val_metrics = (record[k] for k in ("losses", "eval_steps", "curve", "val_metrics"))
@@ -217,7 +225,8 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
                 # A tie on the metric (frequent on a small validation split) goes to the lower loss.
                 if best_state is None or (scores[select], -val_loss) > (best_val, -best_loss):
                     best_val, best_step, best_loss = scores[select], step, val_loss
-                    best_state = {k: v.detach().clone() for k, v in trainable.state_dict().items()}
+                    # On the host: a second copy of the model on the GPU would halve what fits there.
+                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainable.state_dict().items()}
             if step == total:
                 break
             if resumable is not None and (signum := stopping.requested()):
@@ -225,6 +234,7 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
                     "started_with": json.dumps(resumable.started_with), "trainable": trainable.state_dict(),
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "order_rng": order_rng.get_state(), "rng": torch.get_rng_state(), "step": step, "perm": perm,
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                     "next": start + s.batch_size, "best_state": best_state,
                     "record": json.dumps({"losses": losses, "eval_steps": eval_steps, "curve": curve,
                                           "val_metrics": val_metrics, "best_val": best_val, "best_step": best_step,
@@ -251,6 +261,12 @@ def _run(job: _Job, settings: FinetuneSettings, on_step, resumable: Resumable | 
         val_losses=val_losses,
     )
 
+
+
+def _cuda_index(model: FlavaModel) -> list[int]:
+    """The GPU whose random state a fine-tuning on it seeds (and gives back after), if any."""
+    d = model.device
+    return [torch.cuda.current_device() if d.index is None else d.index] if d.type == "cuda" else []
 
 
 def _check_common(model, tokenizer, settings) -> int:
@@ -295,13 +311,13 @@ def finetune_text(model: FlavaModel, task: TextTask, settings: FinetuneSettings,
         dtype = torch.float32 if regression else torch.long
         splits[name] = Split(tokens, torch.tensor([e.label for e in examples], dtype=dtype))
     num_outputs = 1 if regression else len(task.label_names)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_index(model)):
         torch.manual_seed(settings.seed)
         tower = model.text_tower().eval().requires_grad_(settings.train_encoders)
         head = TextHead(model.config.text.hidden_size, num_outputs, settings.head_dropout)
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "regression" if regression else "classification", tuple(task.metrics),
-                   list(task.label_names), num_outputs, TextClassifier(tower, head), splits,
+                   list(task.label_names), num_outputs, TextClassifier(tower, head).to(model.device), splits,
                    _text_inputs(tokenizer.pad_id), getattr(task, "test_parts", None))
         result = _run(job, settings, on_step, resumable)
     result.max_text_length = max_length
@@ -337,7 +353,7 @@ def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: Finet
         return {"pixel_values": pixels, "image_index": image_index, **text_inputs(split, idx)}
 
     num_outputs = len(task.label_names)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_index(model)):
         torch.manual_seed(settings.seed)
         flava = copy.deepcopy(model).eval()
         freeze_unused(flava)
@@ -347,7 +363,7 @@ def finetune_multimodal(model: FlavaModel, task: MultimodalTask, settings: Finet
                               settings.head_dropout)
         init_weights(head, model.config.init_std)
         job = _Job(task.name, task.kind, tuple(task.metrics), list(task.label_names), num_outputs,
-                   MultimodalClassifier(flava, head), splits, inputs)
+                   MultimodalClassifier(flava, head).to(model.device), splits, inputs)
         result = _run(job, settings, on_step, resumable)
     result.max_text_length = max_length
     return result
@@ -377,7 +393,7 @@ def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSetting
         return {"pixel_values": pixels[inverse]}
 
     num_outputs = len(task.label_names)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=_cuda_index(model)):
         torch.manual_seed(settings.seed)
         encoder = copy.deepcopy(model.image_encoder).eval().requires_grad_(settings.train_encoders)
         # Off the CLS path: the pooler (heads bring their own) and the mask token (no masking here).
@@ -387,7 +403,7 @@ def finetune_image(model: FlavaModel, task: ImageTask, settings: FinetuneSetting
         head = ImageHead(model.config.image.hidden_size, num_outputs, settings.head_dropout)
         init_weights(head, model.config.init_std)
         job = _Job(task.name, "classification", tuple(task.metrics), list(task.label_names), num_outputs,
-                   ImageClassifier(encoder, head), splits, inputs)
+                   ImageClassifier(encoder, head).to(model.device), splits, inputs)
         return _run(job, settings, on_step, resumable)
 
 
