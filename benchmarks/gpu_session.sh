@@ -56,9 +56,14 @@ if [ ! -f "$WORK/cuda_lane.done" ]; then
   # a second SIGINT 5 s later stops at once (pytest then prints its summary), and SIGKILL 10 s
   # after that ends what still runs. -v names each test as it starts and faulthandler prints a
   # hung one's stack, so a cut-off lane still says where it was; tee -i outlives the SIGINTs.
+  # A lane cut off by an earlier call's limit goes on without the tests that passed then.
   lane=$((LIMIT / 3))
-  setsid bash -c 'set -o pipefail; python3 -m pytest -m cuda tests/test_cuda.py -v --tb=short \
-    -o faulthandler_timeout=90 -p no:cacheprovider 2>&1 | tee -i "$0" "$1"' "$WORK/cuda_lane.txt" \
+  passed=$(grep -o '^tests/test_cuda.py::[^ ]* PASSED' "$WORK/cuda_lane.txt" 2>/dev/null | sed 's/ PASSED$//')
+  export LANE_SKIP=$(for t in $passed; do printf -- '--deselect %s ' "$t"; done)
+  [ -n "$passed" ] && echo "the lane goes on: $(echo "$passed" | wc -l) test(s) passed in an earlier call" \
+    | tee -a "$WORK/cuda_lane.txt" "$BACK/cuda_lane.txt"
+  setsid bash -c 'set -o pipefail; python3 -m pytest -m cuda tests/test_cuda.py -v --tb=short $LANE_SKIP \
+    -o faulthandler_timeout=90 -p no:cacheprovider 2>&1 | tee -i -a "$0" "$1"' "$WORK/cuda_lane.txt" \
     "$BACK/cuda_lane.txt" &
   pid=$!
   waited=0
