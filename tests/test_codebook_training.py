@@ -207,3 +207,22 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert "steps 12 -> 6" in capsys.readouterr().out
     lines = [json.loads(x)["step"] for x in (tmp_path / "short" / "codebook_metrics.jsonl").read_text().splitlines()]
     assert lines[-1] == 5 and (tmp_path / "short" / "model.safetensors").is_file()
+
+
+def test_train_codebook_help_says_the_training_defaults(capsys):
+    from flava.train.codebook import CodebookTraining
+
+    with pytest.raises(SystemExit):
+        cli(["train-codebook", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    d = CodebookTraining()
+    for option, value in (("--steps", d.steps), ("--batch-size", d.batch_size), ("--lr", d.lr)):
+        own = said.split(f"{option} {option.strip('-').upper().replace('-', '_')}")[-1].split(" --")[0]
+        assert f"(default {value:g}" in own, (option, own)
+    with pytest.raises(SystemExit):
+        cli(["serve", "--help"])
+    from flava.serve.app import create_app
+    import inspect
+
+    k = inspect.signature(create_app).parameters["default_k"].default
+    assert f"a search without k gets {k})" in " ".join(capsys.readouterr().out.split())

@@ -63,6 +63,8 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
                 "--compare-untrained"]) == 0
     printed = capsys.readouterr().out
     assert "macro average" in printed and "colour probe" in printed
+    # Said before the seconds to minutes of reading the suite's data, not only after them.
+    assert printed.index(f"reading suite {suite}'s data and checking it") < printed.index("data read and checked")
     report = json.loads((out / "report.json").read_text())
     assert report["models"] == ["model", "untrained"]
     res = report["results"][0]

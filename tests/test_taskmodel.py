@@ -216,6 +216,10 @@ def test_image_text_classifier(data, tmp_path, capsys, tokenizer):
     task = read_multimodal_table(data / "pairs.csv", val_fraction=0.25)
     # Validation is carved by image: both questions about an image fall on one side.
     assert not {e.image for e in task.train} & {e.image for e in task.val} and len(task.val) == 12
+    # ... and the note counts images, then examples: a share of images is not that share of rows.
+    images, held = len({e.image for e in task.train + task.val}), len({e.image for e in task.val})
+    assert f"validation: a seeded 25% of the training images ({held} of {images}, with 12 of the " \
+           f"{len(task.train) + 12} examples)" in task.notes
     result = finetune_multimodal(flava.load(data / "ckpt"), task, FinetuneSettings(
         lr=1e-3, max_steps=4, batch_size=8, train_encoders=False), tokenizer)
     tm = save_task_model(result, tmp_path / "mm", tokenizer=tokenizer)
@@ -270,6 +274,13 @@ def test_text_regression(data, tmp_path, capsys, tokenizer):
     assert np.allclose([g["value"] for g in got], want.numpy(), atol=1e-6, rtol=0)
     assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(data / "count.csv")]) == 0
     assert "on 48 labelled inputs" in capsys.readouterr().out
+    # A model of sentence pairs is pointed at inputs that hold pairs (a .txt holds one text a line).
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("text,text2,label\n" + "".join(f"{w} banana,{w},{i % 3}\n" for i, w in enumerate(WORDS * 2)))
+    assert main(["finetune", "--model", str(data / "ckpt"), "--task", "text-regression", "--train", str(pairs),
+                 "--output", str(tmp_path / "pairs"), "--max-steps", "1", "--head-only"]) == 0
+    printed = " ".join(capsys.readouterr().out.split())  # as one line: the console wraps long ones
+    assert "--input FILE.csv|FILE.jsonl [--output" in printed and "predict(texts=[...], texts2=[...])" in printed
     # A blank text is no input: an error row, not a prediction.
     (tmp_path / "blank.csv").write_text("id,text\n7,banana banana\n8,   \n")
     assert main(["predict", "--model", str(tmp_path / "count"), "--input", str(tmp_path / "blank.csv"),

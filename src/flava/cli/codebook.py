@@ -18,9 +18,10 @@ def add(sub) -> None:
     p.add_argument("--config", help="preset or JSON config; its codebook section is trained (default: tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a model setting, as pretrain names it or "
                    "without its model. prefix: codebook.vocab_size=8192, model.image.image_size=96 (repeatable)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
-    p.add_argument("--lr", type=float)
+    # The defaults are CodebookTraining's (a test holds them equal), said without importing torch.
+    p.add_argument("--steps", type=int, help="optimizer steps (default 300; real data wants thousands)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per step (default 32)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 0.002)")
     p.add_argument("--diversity-weight", dest="diversity_weight", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: the GPU when there is one")

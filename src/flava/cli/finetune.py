@@ -213,8 +213,8 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
                "text-regression": "FILE.csv|FILE.txt"}.get(args.task, "FILE.csv|FILE.jsonl")
     call = {"image-classification": "images=[...]", "text-classification": "texts=[...]",
             "text-regression": "texts=[...]"}.get(args.task, "images=[...], texts=[...]")
-    if tm.pairs:
-        call = "texts=[...], texts2=[...]"
+    if tm.pairs:  # a .txt holds one text a line: no pairs
+        call, example = "texts=[...], texts2=[...]", "FILE.csv|FILE.jsonl"
     console.print(f"task model: [bold]{output}[/] ({args.task}, {outputs})")
     console.print(f"predict with: flava predict --model {output} --input {example} [--output preds.csv]")
     console.print(f"in Python:    flava.load_task({str(output)!r}).predict({call})")

@@ -12,7 +12,7 @@ def add(sub) -> None:
     p.add_argument("--config", default="tiny", help="preset name (tiny, small, base) or a JSON config file")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model setting, as `flava config "
                    "show` names it or without its model. prefix: model.projection_dim=64 (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the initialisation's seed (default 0)")
     p.add_argument("--output", required=True)
     p.set_defaults(run=run)
 

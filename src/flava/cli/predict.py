@@ -33,7 +33,7 @@ def add(sub) -> None:
                         "question; a label column is scored), FILE.txt (one text per line), an image folder "
                         "(class sub-folders are scored as labels), or image files")
     p.add_argument("--output", help="write the predictions to this .csv, .tsv or .jsonl file")
-    p.add_argument("--top-k", dest="top_k", type=int, default=3, help="best labels kept per input")
+    p.add_argument("--top-k", dest="top_k", type=int, default=3, help="best labels kept per input (default 3)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     p.set_defaults(run=run)

@@ -15,7 +15,8 @@ from .. import stopping
 
 def add(sub) -> None:
     p = sub.add_parser("pretrain",
-                       help="pretrain FLAVA (data.* settings name the data; none: tiny preset on the demo data)")
+                       help="pretrain FLAVA (data.* settings name the data; none: tiny preset on the demo data; "
+                            "no codebook named: one trained on the demo images first)")
     p.add_argument("--config", help="a preset (tiny: the CPU demo's settings, the default; small, base: the paper's "
                                     "optimisation scaled to your global batch) or a JSON file of training settings "
                                     "(over the preset its \"preset\" key names; without one, the paper's defaults: the "

@@ -22,7 +22,8 @@ def add(sub) -> None:
     p.add_argument("--int8", action="store_true", help="quantize the model's linear layers to int8 (CPU)")
     p.add_argument("--max-upload-mb", dest="max_upload_mb", type=float, default=10.0,
                    help="largest image upload accepted, in MiB (default 10)")
-    p.add_argument("--max-k", dest="max_k", type=int, default=1000, help="most results one search may ask for")
+    p.add_argument("--max-k", dest="max_k", type=int, default=1000,
+                   help="most results one search may ask for (default 1000; a search without k gets 12)")
     p.add_argument("--max-classes", dest="max_classes", type=int, default=1000,
                    help="most class names one /classify may send (default 1000)")
     p.add_argument("--queue-timeout", dest="queue_timeout", type=float, default=30.0,

@@ -36,6 +36,12 @@ def load_model(path: str | Path):
     return load(p).eval(), p
 
 
+def read_suite(source: str, console: Console) -> Suite:
+    """`load_suite`, said first: reading and checking a suite's data takes seconds to minutes."""
+    console.print(f"reading suite {escape(str(source))}'s data and checking it")
+    return load_suite(source)
+
+
 def print_plan(suite: Suite, console: Console) -> None:
     # Suite, task and data names are the suite's text: shown as written, never read as markup.
     console.print(f"suite [bold]{escape(suite.name)}[/]: {len(suite.tasks)} tasks, data read and checked")
@@ -87,7 +93,7 @@ def run_evaluate(model_path: str, suite_source: str, output: Path, console: Cons
                  compare_untrained: bool = False) -> list[SuiteResult]:
     check_writable(output)  # before the suite's work, not after it
     model, resolved = load_model(model_path)
-    suite = load_suite(suite_source)
+    suite = read_suite(suite_source, console)
     print_plan(suite, console)
     models = [("model", model, str(resolved))]
     if compare_untrained:

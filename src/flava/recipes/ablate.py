@@ -49,7 +49,7 @@ from .. import stopping
 from ..config import check, differences, from_dict, said, to_dict
 from ..errors import ConfigError, FlavaError
 from ..evaluate.results import domain_noise, mean_error
-from ..evaluate.suite import DEMO_SUITE, DOMAINS, Suite, load_suite
+from ..evaluate.suite import DEMO_SUITE, DOMAINS, Suite
 from ..io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
 from ..train.config import TrainConfig
 from .recipe import RECIPES, finished_step
@@ -268,9 +268,10 @@ def rows_needing_demo_codebook(cfg: TrainConfig, plan: Plan) -> set[str]:
 def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -> dict:
     """Train and evaluate every row not yet finished, then write the report."""
     check_plan(cfg, plan)
+    from ..evaluate.run import read_suite
     from ..train.run import needs_demo_codebook, train_demo_codebook
 
-    suite = load_suite(plan.suite)  # every data error before any training
+    suite = read_suite(plan.suite, console)  # every data error before any training
     output.mkdir(parents=True, exist_ok=True)
     cfg = _copy(cfg)
     # One codebook for every row (demo data), trained before the first row that reads image tokens;

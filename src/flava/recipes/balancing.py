@@ -34,7 +34,7 @@ from .. import stopping
 from ..config import apply_overrides, check, differences, from_dict, said, settings, to_dict
 from ..errors import ConfigError
 from ..evaluate.results import SuiteResult, TaskResult
-from ..evaluate.suite import DOMAINS, Suite, load_suite
+from ..evaluate.suite import DOMAINS, Suite
 from ..io.files import read_json, write_json_atomic, write_text_atomic
 from ..train.balancing import METHODS
 from ..train.config import TrainConfig
@@ -107,10 +107,11 @@ def method_config(joint: TrainConfig, method: str) -> TrainConfig:
 def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Console) -> dict:
     """Train and evaluate every (seed, method) not yet finished, then write the report. `cfg` is
     the joint stage's settings (the demo recipe's, with the user's overrides)."""
+    from ..evaluate.run import read_suite
     from ..train.run import SETTINGS, ensure_demo_codebook, run_pretrain
 
     check_plan(cfg, p)
-    suite = load_suite(p.suite)  # every data error before any training
+    suite = read_suite(p.suite, console)  # every data error before any training
     output.mkdir(parents=True, exist_ok=True)
     record = output / "balancing.json"
     wanted = {"methods": p.methods, "seeds": p.seeds, "suite": p.suite, "suite_fingerprint": suite_fingerprint(p.suite),

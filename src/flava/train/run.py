@@ -334,7 +334,9 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
         elif say_kept:
             console.print(f"the demo images' codebook an earlier start trained: {escape(str(directory))}")
     if rank == 0 and not (directory / "model.safetensors").is_file():
-        console.print("no image codebook given: training one on the demo images first")
+        console.print(f"no image codebook given (--set codebook=DIR names one): training one on the demo images first, "
+                      f"{DEMO_CODEBOOK_STEPS} steps before the run's own (which --max-steps counts), kept in "
+                      f"{escape(str(directory))} for this run's restarts and for other runs' --set codebook=")
         # One stopped by SIGTERM/SIGINT continues when the command runs again.
         unfinished = codebook_state(directory) is not None
         try:

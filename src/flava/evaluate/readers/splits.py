@@ -48,8 +48,14 @@ def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes:
                  group: Callable | None = None) -> None:
     """Carve validation out of train when it is absent; without a test split, validation is it."""
     if "val" not in splits:
-        splits["train"], splits["val"] = carve(splits["train"], val_fraction, seed, group)
-        notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
+        rows = splits["train"]
+        splits["train"], splits["val"] = carve(rows, val_fraction, seed, group)
+        if group:  # whole images: their questions may be far more or fewer than the fraction
+            images, held = len({group(r) for r in rows}), len({group(r) for r in splits["val"]})
+            notes.append(f"validation: a seeded {val_fraction:.0%} of the training images ({held} of {images}, "
+                         f"with {len(splits['val'])} of the {len(rows)} examples)")
+        else:
+            notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
     if "test" not in splits:
         splits["test"] = splits["val"]
         notes.append("no test split: the validation split is scored as the test")
