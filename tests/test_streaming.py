@@ -99,6 +99,43 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
                                                   for c in g.rejected.values())
 
 
+def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_missing(http_server, monkeypatch,
+                                                                                      capfd):
+    import socket
+
+    from flava.data import shards
+    from flava.errors import DataError
+
+    url, _ = http_server
+    monkeypatch.setattr(shards, "FETCH_TIMEOUT_S", 0.5)
+    with socket.socket() as hole:  # takes connections and never answers: HTTP's reader waited for ever
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(8)
+        stalled = f"http://127.0.0.1:{hole.getsockname()[1]}/x.tar"
+        start = time.time()
+        with pytest.raises(OSError, match=re.escape(f"{stalled}: no answer in 0.5 s (3 attempts); is the server up")):
+            shards.read(stalled)
+        assert time.time() - start < 30
+    err = capfd.readouterr().err
+    assert err.count(f"note: {stalled}: no answer in 0.5 s (attempt ") == 2 and "(attempt 2 of 3)" in err
+    # Nothing listening: a refused connection, said and tried again, is no missing shard.
+    refused = f"http://127.0.0.1:{free_port()}/x.tar"
+    with pytest.raises(OSError, match=re.escape(refused) + r": ClientConnectorError: .*\(3 attempts\)"):
+        shards.read(refused)
+    assert capfd.readouterr().err.count("trying again") == 2
+    # What the server answers it does not hold is missing, at once.
+    with pytest.raises(FileNotFoundError):
+        shards.read(url + "/nothing.tar")
+    assert "trying again" not in capfd.readouterr().err
+    # A listing that cannot be had for want of a server says so, not to name shards one by one.
+    with pytest.raises(DataError, match=r"could not list http://127.0.0.1:\d+/: ClientConnectorError: .*; is the "
+                                        r"server up and the address right\?$"):
+        shards.expand(refused.rsplit("/", 1)[0] + "/", (".tar",))
+    # An S3 endpoint that cannot be reached (botocore's words) is met with the variable that names another.
+    assert "named by AWS_ENDPOINT_URL" in shards._hint("s3://b/x.tar", OSError(
+        'Could not connect to the endpoint URL: "https://b.s3.amazonaws.com/x.tar"'))
+
+
 def test_a_cache_smaller_than_the_shards_in_use_loses_none_of_them(tmp_path):
     # Two lanes read two shards at once from a cache that holds one: each fetch evicts the other
     # lane's shard, which it goes on reading through the descriptor it opened.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,9 @@ from .members import hold_shard
 
 GLOB_CHARS = "*?["
 RETRIES = 3
+FETCH_TIMEOUT_S = 60.0
+"""A remote read that connects, or receives anything, in no less time is given up and tried again:
+a stalled server held a run for ever (fsspec's HTTP reader waits without end)."""
 CHECKED_NAMED = 10_000
 """A spec naming up to this many local files is refused at once when none of them exists."""
 STALE_PART_S = 3600
@@ -83,9 +87,11 @@ def _expand_remote(url: str, suffixes: tuple[str, ...]) -> list[str]:
     if not (url.endswith("/") or any(c in url.split("://", 1)[1] for c in GLOB_CHARS)):
         return [url]
     try:
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
         found = fs.glob(path) if not url.endswith("/") else fs.ls(path, detail=False)
     except Exception as e:  # each backend raises its own types for refused or missing listings
+        if (cut := _connection_failure(e)) is not None:
+            raise DataError(f"could not list {url}: {_said(cut)}{_hint(url, cut)}") from None
         raise DataError(f"could not list {url} ({type(e).__name__}: {e}); name the shards one by one or "
                         "with a brace range such as shards/{00000..00099}.tar") from None
     protocol = url.split("://", 1)[0]
@@ -147,8 +153,11 @@ class ShardCache:
 
 
 def _fetch(url: str) -> bytes:
-    """A remote shard's bytes; transient failures are retried."""
-    for attempt in range(RETRIES):
+    """A remote shard's bytes. Failures that may pass (a refused or dropped connection, a stalled
+    server, a store's error) are said as they happen and tried again; a shard the store does not
+    hold raises FileNotFoundError at once; OSError when every attempt failed."""
+    last: BaseException | None = None
+    for attempt in range(1, RETRIES + 1):
         try:
             if url.startswith("pipe:"):
                 from webdataset.gopen import gopen
@@ -157,15 +166,66 @@ def _fetch(url: str) -> bytes:
                     return f.read()
             import fsspec
 
-            with fsspec.open(url, "rb") as f:
+            with fsspec.open(url, "rb", **_storage_options(url)) as f:
                 return f.read()
-        except FileNotFoundError:
-            raise
-        except Exception:  # network errors come in many types; the last one is reported
-            if attempt == RETRIES - 1:
+        except FileNotFoundError as e:
+            if _missing(e):
                 raise
-            time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+            last = e.__cause__
+        except Exception as e:  # network errors come in many types
+            last = e
+        if attempt < RETRIES:
+            wait = 0.5 * 2 ** (attempt - 1)
+            # From a loader worker too: a wait on the network is never silent.
+            print(f"note: {url}: {_said(last)} (attempt {attempt} of {RETRIES}); trying again in {wait:g} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(wait)
+    raise OSError(f"{url}: {_said(last)} ({RETRIES} attempts){_hint(url, last)}") from last
+
+
+def _storage_options(url: str) -> dict:
+    """Timeouts for the stores whose readers otherwise wait without end (HTTP) or for minutes (S3)."""
+    protocol = url.split("://", 1)[0]
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        t = FETCH_TIMEOUT_S
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": FETCH_TIMEOUT_S, "read_timeout": FETCH_TIMEOUT_S}}
+    return {}
+
+
+def _connection_failure(e: BaseException) -> BaseException | None:
+    """The failed connection or the timeout behind `e`, if that is what it is (a store that could
+    not be reached, not one that refused what was asked)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in type(e).__name__:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+def _missing(e: FileNotFoundError) -> bool:
+    """The store's "no such object", not a connection that failed: fsspec's HTTP reader raises
+    FileNotFoundError for both, the failure as its cause."""
+    cause = e.__cause__
+    return cause is None or getattr(cause, "status", None) in (404, 410)
+
+
+def _said(e: BaseException | None) -> str:
+    if isinstance(e, TimeoutError):  # aiohttp's and asyncio's say nothing themselves
+        return f"no answer in {FETCH_TIMEOUT_S:g} s"
+    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _hint(url: str, e: BaseException | None) -> str:
+    if url.startswith(("s3://", "s3a://")) and "endpoint" in str(e).lower():
+        return ("; an S3-compatible store other than AWS is named by AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL) "
+                "in the environment")
+    return "; is the server up and the address right?"
 
 
 def read(url: str, cache: ShardCache | None = None) -> bytes | Path:
