@@ -4,6 +4,7 @@ preset, `--set model.*`, a task model's message, mistyped template sets, the con
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -261,3 +262,30 @@ def test_a_folder_a_task_file_and_a_bad_input_are_named_by_what_they_are(tmp_pat
                       (b"hello", "texts must be a string or a list of them; got bytes")):
         with pytest.raises(InputError, match=said):
             task.predict(texts=bad)
+
+
+def test_progress_written_to_a_log_is_plain_lines_every_so_often(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from flava import progress
+
+    log = io.StringIO()
+    console = Console(file=log, width=40)  # no terminal: rich drew one bar at the end, cut to fit
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 3600.0)
+    with progress.progress_bar(console) as bar:
+        task = bar.add_task("steps", total=400, info="")
+        for step in range(1, 301):
+            bar.update(task, completed=step, info=f"loss {1 / step:.3f} (512 samples/s)")
+    # Nothing until the end within the interval, then one whole line (not wrapped at 40 columns).
+    assert log.getvalue().splitlines() == [log.getvalue().rstrip("\n")]
+    assert re.fullmatch(r"steps 300/400, loss 0\.003 \(512 samples/s\), 0:00:0\d elapsed, about 0:00:0\d left\n",
+                        log.getvalue()), log.getvalue()
+    log.seek(0), log.truncate()
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # a line at every change, none repeated at the end
+    with progress.progress_bar(console) as bar:
+        task = bar.add_task("features", total=None, info="")
+        for n in (8, 16):
+            bar.update(task, completed=n)
+    assert [line.split(",")[0] for line in log.getvalue().splitlines()] == ["features 8/?", "features 16/?"]
