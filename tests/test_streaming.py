@@ -97,6 +97,11 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
     gone, g = batches(open_source("pairs", url + "/shard-{000..004}.tar"), n=6)
     assert all(len(b) == 4 for b in gone) and any("missing shard" in c or "unreadable shard" in c
                                                   for c in g.rejected.values())
+    # None there: each counted once in the refusal, however often the stream came back to it.
+    from flava.errors import DataError
+
+    with pytest.raises(DataError, match=r"holds a usable record \(met: 2 missing shard; e\.g\. http://\S+/gone-00[01]"):
+        batches(open_source("pairs", url + "/gone-{000..001}.tar"))
 
 
 def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_missing(http_server, monkeypatch,

@@ -113,6 +113,7 @@ class Lane:
         """Shard -> what was rejected when it was indexed, for shards opened and not yet reported."""
         self.met: Counter = Counter()
         """Everything its shards' indexing rejected, for the message when none holds a record."""
+        self._met_in: set[int] = set()
         self.failure = ""
         """The first shard that gave no record (`Opened.failure`), for that message too."""
 
@@ -132,7 +133,9 @@ class Lane:
                 opened = open_shard(self.source.shards[shard])
                 if opened.rejected:
                     self.opened[shard] = dict(opened.rejected)
-                    self.met.update(opened.rejected)
+                    if shard not in self._met_in:  # a shard opened again (each epoch) is counted once
+                        self._met_in.add(shard)
+                        self.met.update(opened.rejected)
                 self.failure = self.failure or opened.failure
                 perm = np.random.default_rng([self.seed, c.epoch, shard, 1]).permutation(len(opened.records))
                 self._open = c, shard, opened.records, perm
