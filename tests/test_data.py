@@ -5,6 +5,7 @@ processes."""
 import dataclasses
 import io
 import json
+import re
 import tarfile
 
 import numpy as np
@@ -218,6 +219,21 @@ def test_image_folders_and_text_files(tmp_path):
         open_source("images", str(tmp_path / "a.txt"))
     with pytest.raises(DataError, match=r"a.txt is text, not pairs"):
         open_source("pairs", str(tmp_path / "a.txt"))
+    # ... and images or shards given as the other kinds ("no tar shards match" a folder of images).
+    from PIL import Image
+
+    (tmp_path / "photos" / "cats").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "cats" / "0.png")
+    with tarfile.open(tmp_path / "shard.tar", "w"):
+        pass
+    for kind, spec, said in (("pairs", "photos", "holds images without captions, which are image data (give it as "
+                                                 "data.images)"),
+                             ("pairs", "photos/*/*.png", "holds images without captions"),
+                             ("text", "photos", "holds images or shards, not text (give them as data.images or "
+                                                "data.pairs)"),
+                             ("text", "shard.tar", "holds images or shards, not text")):
+        with pytest.raises(DataError, match=re.escape(f"{tmp_path / spec} {said}")):
+            open_source(kind, str(tmp_path / spec))
 
 
 @pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz", ".zst"])

@@ -29,3 +29,20 @@ def find_images(specs: list[str | os.PathLike]) -> list[Path]:
     if not found:
         raise DataError(f"no image files match {', '.join(map(str, specs))}")
     return found
+
+
+def holds_images(spec: str) -> bool:
+    """Whether a local path, folder (searched until the first) or glob names an image file: said
+    when images are given where shards or text were asked for."""
+    if "://" in spec or spec.startswith("pipe:"):
+        return False
+    p = Path(spec)
+    candidates = p.rglob("*") if p.is_dir() else [p] if p.is_file() else map(Path, glob.iglob(spec, recursive=True))
+    return any(q.suffix.lower() in IMAGE_SUFFIXES for q in candidates)
+
+
+WRONG_KIND = {
+    "pairs": "holds images without captions, which are image data (give it as data.images); pairs are WebDataset "
+             "shards (.tar) or a table of image and caption",
+    "text": "holds images or shards, not text (give them as data.images or data.pairs); text is .txt or .jsonl",
+}

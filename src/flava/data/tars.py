@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, WRONG_KIND, holds_images
 from .members import BadSample, Blob, Member, TarMember
 from .sources import CAPTION_SUFFIXES, ImageRecord, Opened, PairRecord, PreparedCrops, Source
 
@@ -165,6 +165,10 @@ def tar_source(kind: str, spec: str, cache=None) -> Source:
         source.prepared = index.get("flava")
         return source
     urls = expand(spec, (".tar",))
+    images = kind == "pairs" and (all(u.lower().endswith(tuple(IMAGE_SUFFIXES)) for u in urls) if urls else
+                                  holds_images(spec))
+    if images:  # a glob of images matched them as shards: each read as a damaged tar
+        raise DataError(f"{spec} {WRONG_KIND['pairs']}")
     if not urls:
         raise DataError(f"no tar shards match {spec}")
     return Source(kind, name=spec, shards=[TarShard(u, kind, cache) for u in urls])

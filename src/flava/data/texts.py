@@ -154,7 +154,11 @@ def text_file(path: str, field_name: str = "text", cache=None) -> Source:
         files = expand(path, tuple(s + c for s in TEXT_SUFFIXES for c in ("", *COMPRESSED)))
     files = [f for f in files if f.lower().removesuffix(_compression_suffix(f)).endswith(TEXT_SUFFIXES)]
     if not files:
-        raise DataError(f"no .txt or .jsonl files match {path}")
+        from .images import WRONG_KIND, holds_images
+
+        shards = not is_remote(path) and any(f.lower().endswith(".tar") for f in expand(path, (".tar",)))
+        raise DataError(f"{path} {WRONG_KIND['text']}" if shards or holds_images(path) else
+                        f"no .txt or .jsonl files match {path}")
     shards: list[TextShard] = []
     for f in files:
         size = None if _compression_suffix(f) else size_of(f)
