@@ -110,6 +110,10 @@ def test_a_cut_shard_is_counted_and_a_giant_member_is_refused(tmp_path):
     src = tar_pairs(str(tmp_path / "cut.tar"))
     assert len(src.records) == 12 and src.rejected == {"truncated tar shard": 1}
     assert tar_pairs(str(tmp_path / "full.tar")).rejected == {}
+    # Cut inside that member: counted once, as it is (it was also 'corrupt tar shard').
+    (tmp_path / "cut.tar").write_bytes(data[:cut + 512 + 10])
+    src = tar_pairs(str(tmp_path / "cut.tar"))
+    assert len(src.records) == 12 and src.rejected == {"tar member past the end of its shard": 1}
 
     header = tarfile.TarInfo("big.png")
     header.size = 1 << 40  # a header claiming a 1 TiB member

@@ -60,6 +60,7 @@ class TarShard:
             f = io.BytesIO(where)
         groups: dict[str, dict[str, Member]] = {}
         try:
+            cut = False
             with f, tarfile.open(fileobj=f, mode="r:") as tar:
                 end = 0
                 for info in tar:
@@ -68,6 +69,7 @@ class TarShard:
                         continue
                     if end > total:
                         rejected["tar member past the end of its shard"] += 1
+                        cut = True
                         continue
                     split = base_plus_ext(info.name)
                     key, ext = (split[0], "." + split[1].lower()) if split[0] else (info.name, "")
@@ -77,7 +79,8 @@ class TarShard:
                 if not _end_marker_present(f, -(-end // 512) * 512, total):
                     rejected["truncated tar shard"] += 1
         except (tarfile.TarError, OSError):
-            rejected["corrupt tar shard (read up to the damage)"] += 1
+            if not cut:  # else the shard ends inside that member: tarfile's error says no more than that
+                rejected["corrupt tar shard (read up to the damage)"] += 1
         return groups
 
     def open(self) -> Opened:
