@@ -727,3 +727,43 @@ def test_a_new_run_into_a_folder_of_other_files_is_refused(train_data, tmp_path,
     err = one_line_error(capsys, cli(pretrain_args(train_data, tmp_path / "photos") + ["--max-steps", "1"]))
     assert "already holds other files (e.g. 0.png); choose a new or empty --output" in err
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == before
+
+
+def test_data_that_fails_mid_run_ends_it_with_the_steps_done_saved_and_resumable(train_data, tmp_path,
+                                                                                 one_thread):
+    # A store gone down mid-run (here: its shards turned to junk) ended the run with the steps
+    # since the last checkpoint lost; they are saved, and the resume continues as if never cut.
+    from conftest import tiny_run
+
+    from flava.train.trainer import Trainer
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        write_tar(shards / f"{k:05d}.tar", [(f"{k}{i:03d}.{ext}", data) for i in range(8) for ext, data in (
+            ("png", png(tuple(int(c) for c in rng.integers(0, 255, 3)))), ("txt", f"colour {k} {i}".encode()))])
+    whole = {f: f.read_bytes() for f in shards.iterdir()}
+
+    def cfg():
+        c = tiny_run(train_data, max_steps=6, save_every=100, log_every=1, tensorboard=False)
+        c.data.pairs, c.data.mixing = [str(shards)], [1.0, 0.0, 0.0]
+        return c
+
+    reference = [r["loss"] for r in Trainer(cfg(), tmp_path / "ref").fit()]
+    cut = Trainer(cfg(), tmp_path / "run")
+
+    def junk_after_step_3(row):
+        if row["step"] == 3:
+            for f in whole:
+                f.write_bytes(b"<html>503 Service Unavailable</html>" * 40)
+
+    cut.log = junk_after_step_3
+    with pytest.raises(DataError, match=r"; step 3 is saved in \S*step_00000003: once the data is readable, "
+                                        r"continue with --resume$"):
+        cut.fit()
+    for f, data in whole.items():
+        f.write_bytes(data)
+    again = Trainer(cfg(), tmp_path / "run")
+    assert again.resume() and again.step == 3
+    assert [r["loss"] for r in again.fit()] == pytest.approx(reference[3:], abs=1e-6)

@@ -32,7 +32,7 @@ from ..objectives.registry import active
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
 from ..distributed import resolve_device, world
-from ..errors import ConfigError, DivergedError
+from ..errors import ConfigError, DataError, DivergedError
 from ..io.runs import RunDir
 from ..model.layers import Block
 from ..optim import build_optimizer, set_weight_decay, warmup_cosine
@@ -144,6 +144,8 @@ class Trainer:
         self._targets_at: dict[tuple, torch.Tensor] = {}
         """By a step's loss and metric names: where each loss's target count is in its numbers."""
         self.synced: list[dict] = []
+        self._saved_at = 0
+        """The step of the newest checkpoint this run wrote or resumed from."""
         """The rows the latest synced step filled in."""
         self.stopped = 0
         """The signal that stopped `fit` at a step boundary (after saving it), 0 if none did."""
@@ -290,6 +292,7 @@ class Trainer:
                         self.stage, self.cfg, self.balancer, self.mixing)
 
     def save(self) -> Path:
+        self._saved_at = self.step
         return self.checkpoints.save(self._stateful())
 
     def resume(self) -> bool:
@@ -297,6 +300,7 @@ class Trainer:
         passed over on the way (damaged checkpoints, leftovers) is added to `notes`."""
         notes = self.checkpoints.resume(self._stateful(), self._chosen)
         self._chosen = None  # its weights and optimizer state are the model's now
+        self._saved_at = self.step
         if notes is not None:
             self.notes += notes + self.data.notes()
         if self.rank == 0:  # steps logged after the checkpoint (or before any) will run again
@@ -471,8 +475,11 @@ class Trainer:
                 n = self.step + 1
                 save = n % self.cfg.save_every == 0 or n == self.cfg.max_steps
                 logged = n % self.cfg.log_every == 0 or n == end
-                row = self.train_step(sync=save or logged or n == first + 1,
-                                      diagnose=logged and self._diagnosed(n, end))
+                try:
+                    row = self.train_step(sync=save or logged or n == first + 1,
+                                          diagnose=logged and self._diagnosed(n, end))
+                except DataError as e:
+                    raise self._kept(e, log, end, start, samples) from None
                 rows.append(row)
                 samples += row["samples"]
                 # A stop request (SIGTERM/SIGINT): this process's own, free to read, when alone;
@@ -482,15 +489,8 @@ class Trainer:
                     self.synced = self._settle()
                 if "loss" not in row and not stop:
                     continue
-                rate = samples / max(1e-9, time.perf_counter() - start)
+                self._report(log, end, samples / max(1e-9, time.perf_counter() - start))
                 start, samples = time.perf_counter(), 0
-                for settled in self.synced:
-                    settled["samples_per_s"] = rate
-                    if self.rank == 0 and (settled["step"] % self.cfg.log_every == 0 or settled["step"] == end):
-                        settled["skipped"], settled["bad_records"] = self.skipped(), self.bad_records()
-                        settled["samples_by_source"] = self.samples_by_source()
-                        log.write(settled)
-                    self.log(settled)
                 self._check_divergence()
                 if save or stop:
                     self.save()
@@ -500,3 +500,27 @@ class Trainer:
         if self.rank == 0 and log.path.is_file():
             plot_losses(log.path, self.output / "loss_curves.png")
         return rows
+
+    def _report(self, log: MetricsLog, end: int, rate: float) -> None:
+        """Log the rows that synced (the metrics file at `log_every`, and `self.log`)."""
+        for settled in self.synced:
+            settled["samples_per_s"] = rate
+            if self.rank == 0 and (settled["step"] % self.cfg.log_every == 0 or settled["step"] == end):
+                settled["skipped"], settled["bad_records"] = self.skipped(), self.bad_records()
+                settled["samples_by_source"] = self.samples_by_source()
+                log.write(settled)
+            self.log(settled)
+
+    def _kept(self, e: DataError, log: MetricsLog, end: int, start: float, samples: int) -> DataError:
+        """A source that failed as a step drew its batch (none of its shards usable now: a store
+        gone down; a bad record beyond replacing) ends the run. One process drawing whole batches
+        saves the steps done first: no stream moved for the failed step, so the run resumes
+        exactly once the data is readable. (Several processes could not save without the one
+        that failed; micro-batches drawn before the failing one moved their streams.)"""
+        if self.world > 1 or self.cfg.optim.grad_accumulation > 1 or self.step == self._saved_at:
+            return e
+        self.synced = self._settle()
+        self._report(log, end, samples / max(1e-9, time.perf_counter() - start))
+        path = self.save()
+        return DataError(f"{e}; step {self.step} is saved in {path}: once the data is readable, continue with "
+                         "--resume")
