@@ -1,6 +1,7 @@
 """`flava train-codebook` end to end on a few generated images (some of them broken)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -226,3 +227,35 @@ def test_train_codebook_help_says_the_training_defaults(capsys):
 
     k = inspect.signature(create_app).parameters["default_k"].default
     assert f"a search without k gets {k})" in " ".join(capsys.readouterr().out.split())
+
+
+def test_images_that_fail_mid_run_end_it_with_the_steps_done_saved(tmp_path, monkeypatch, capsys, one_thread):
+    from safetensors.torch import load_file
+
+    from flava.train import codebook
+
+    make_images(tmp_path / "imgs")
+    whole = {f: f.read_bytes() for f in (tmp_path / "imgs").iterdir()}
+    args = ["train-codebook", "--images", str(tmp_path / "imgs"), "--steps", "12", "--batch-size", "4",
+            "--save-every", "4", "--eval-images", "4", "--set", "codebook.vocab_size=32", "--set",
+            "codebook.hidden_size=8"]
+    assert cli([*args, "--output", str(tmp_path / "whole")]) == 0
+    real = codebook.CodebookRun.train_step
+
+    def store_down_at_step_6(self):  # the images turn to junk, as a network file system's might
+        if self.step == 6:
+            for f in whole:
+                f.write_bytes(b"<html>503</html>")
+        return real(self)
+
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", store_down_at_step_6)
+    capsys.readouterr()
+    assert cli([*args, "--output", str(tmp_path / "cut")]) == 2
+    assert re.search(r"; step 6 is saved in \S*cut/training: once the data is readable, continue with --resume$",
+                     capsys.readouterr().err.strip())
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", real)
+    for f, data in whole.items():
+        f.write_bytes(data)
+    assert cli([*args, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

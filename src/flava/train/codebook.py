@@ -383,12 +383,17 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     logged = first, start
     with progress_bar(console) as progress, metrics_path.open("a") as metrics:
         task = progress.add_task("dVAE", total=settings.steps, completed=run.step, info="")
-        info = ""
+        info, saved_at = "", run.step
         while run.step < settings.steps:
             try:
                 row = run.train_step()
             except DataError as e:
-                raise _no_images(e, [s.source for s in run.stream.streams]) from None
+                failed = _no_images(e, [s.source for s in run.stream.streams])
+                if run.step > saved_at:  # the batch is drawn first: no stream moved for the failed step
+                    run.save(output / STATE, meta)
+                    failed = DataError(f"{failed}; step {run.step} is saved in {output / STATE}: once the data is "
+                                       "readable, continue with --resume")
+                raise failed from None
             if row is not None:
                 now = time.perf_counter()
                 row["images_per_s"] = (run.step - logged[0]) * settings.batch_size / (now - logged[1])
@@ -400,6 +405,7 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
             progress.update(task, completed=run.step, info=f"{info}  {rate:.0f} img/s")
             if run.step % settings.save_every == 0 and run.step < settings.steps:
                 run.save(output / STATE, meta)
+                saved_at = run.step
             if (signum := stopping.requested()) and run.step < settings.steps:
                 run.save(output / STATE, meta)
                 at = f"at step {run.step} of {settings.steps}"
