@@ -136,6 +136,14 @@ def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_mi
     with pytest.raises(DataError, match=r"could not list http://127.0.0.1:\d+/: ClientConnectorError: .*; is the "
                                         r"server up and the address right\?$"):
         shards.expand(refused.rsplit("/", 1)[0] + "/", (".tar",))
+    # A server that answered (a refusal, an error of its own) is not asked about being up.
+    assert shards._hint(refused, PermissionError("403 Forbidden")) == ""
+    # The user's own fsspec settings for HTTP stay beside the timeout (explicit ones replaced them whole).
+    import fsspec
+
+    monkeypatch.setitem(fsspec.config.conf, "http", {"client_kwargs": {"trust_env": True}})
+    kwargs = shards._storage_options(refused)["client_kwargs"]
+    assert kwargs["trust_env"] is True and kwargs["timeout"].sock_read == 0.5
     # An S3 endpoint that cannot be reached (botocore's words) is met with the variable that names another.
     assert "named by AWS_ENDPOINT_URL" in shards._hint("s3://b/x.tar", OSError(
         'Could not connect to the endpoint URL: "https://b.s3.amazonaws.com/x.tar"'))

@@ -10,6 +10,7 @@ positions within a shard are what make a stream resumable exactly.
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import hashlib
 import os
@@ -23,9 +24,12 @@ from .members import hold_shard
 
 GLOB_CHARS = "*?["
 RETRIES = 3
+TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+"""aiohttp's timeouts (asyncio's, not the builtin before Python 3.11)."""
 FETCH_TIMEOUT_S = 60.0
-"""A remote read that connects, or receives anything, in no less time is given up and tried again:
-a stalled server held a run for ever (fsspec's HTTP reader waits without end)."""
+"""An HTTP read that connects, or receives anything, in no less time is given up and tried again:
+aiohttp gives a request 5 minutes in all, and fsspec's reader makes two (HEAD, then GET) before it
+fails, so a stalled server held a run silent for ten minutes a try. (s3fs's own read timeout is 15 s.)"""
 CHECKED_NAMED = 10_000
 """A spec naming up to this many local files is refused at once when none of them exists."""
 STALE_PART_S = 3600
@@ -184,16 +188,17 @@ def _fetch(url: str) -> bytes:
 
 
 def _storage_options(url: str) -> dict:
-    """Timeouts for the stores whose readers otherwise wait without end (HTTP) or for minutes (S3)."""
+    """HTTP's timeout (FETCH_TIMEOUT_S) beside the user's own fsspec settings for it, which explicit
+    arguments would replace whole (a proxy's trust_env, headers); a timeout of their own stands."""
     protocol = url.split("://", 1)[0]
-    if protocol in ("http", "https"):
-        import aiohttp
+    if protocol not in ("http", "https"):
+        return {}
+    import aiohttp
+    import fsspec
 
-        t = FETCH_TIMEOUT_S
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)}}
-    if protocol in ("s3", "s3a"):
-        return {"config_kwargs": {"connect_timeout": FETCH_TIMEOUT_S, "read_timeout": FETCH_TIMEOUT_S}}
-    return {}
+    own = {**fsspec.config.conf.get("http", {}), **fsspec.config.conf.get(protocol, {})}.get("client_kwargs") or {}
+    t = FETCH_TIMEOUT_S
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t), **own}}
 
 
 def _connection_failure(e: BaseException) -> BaseException | None:
@@ -201,7 +206,7 @@ def _connection_failure(e: BaseException) -> BaseException | None:
     not be reached, not one that refused what was asked)."""
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in type(e).__name__:
+        if isinstance(e, (ConnectionError, *TIMEOUTS)) or "Connect" in type(e).__name__:
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
@@ -215,17 +220,19 @@ def _missing(e: FileNotFoundError) -> bool:
 
 
 def _said(e: BaseException | None) -> str:
-    if isinstance(e, TimeoutError):  # aiohttp's and asyncio's say nothing themselves
+    if isinstance(e, TIMEOUTS):  # aiohttp's and asyncio's say little themselves
         return f"no answer in {FETCH_TIMEOUT_S:g} s"
     text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _hint(url: str, e: BaseException | None) -> str:
+    """What to check, where the failure says: a store that could not be reached (not one that
+    answered with a refusal: 403, 5xx, a missing package)."""
     if url.startswith(("s3://", "s3a://")) and "endpoint" in str(e).lower():
         return ("; an S3-compatible store other than AWS is named by AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL) "
                 "in the environment")
-    return "; is the server up and the address right?"
+    return "; is the server up and the address right?" if _connection_failure(e) is not None else ""
 
 
 def read(url: str, cache: ShardCache | None = None) -> bytes | Path:
