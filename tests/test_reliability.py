@@ -737,17 +737,19 @@ def test_data_that_fails_mid_run_ends_it_with_the_steps_done_saved_and_resumable
 
     from flava.train.trainer import Trainer
 
-    shards = tmp_path / "shards"
-    shards.mkdir()
+    # Two sources of pairs, drawn by weight: a failed draw must not move the choice between them.
     rng = np.random.default_rng(0)
-    for k in range(2):
-        write_tar(shards / f"{k:05d}.tar", [(f"{k}{i:03d}.{ext}", data) for i in range(8) for ext, data in (
+    for k in range(4):
+        (tmp_path / f"source-{k % 2}").mkdir(exist_ok=True)
+        write_tar(tmp_path / f"source-{k % 2}" / f"{k:05d}.tar", [(f"{k}{i:03d}.{ext}", data) for i in range(8)
+                                                                  for ext, data in (
             ("png", png(tuple(int(c) for c in rng.integers(0, 255, 3)))), ("txt", f"colour {k} {i}".encode()))])
-    whole = {f: f.read_bytes() for f in shards.iterdir()}
+    whole = {f: f.read_bytes() for f in tmp_path.glob("source-*/*.tar")}
 
     def cfg():
         c = tiny_run(train_data, max_steps=6, save_every=100, log_every=1, tensorboard=False)
-        c.data.pairs, c.data.mixing = [str(shards)], [1.0, 0.0, 0.0]
+        c.data.pairs = [{"path": str(tmp_path / f"source-{k}"), "weight": 0.5} for k in range(2)]
+        c.data.mixing = [1.0, 0.0, 0.0]
         return c
 
     reference = [r["loss"] for r in Trainer(cfg(), tmp_path / "ref").fit()]

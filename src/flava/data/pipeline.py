@@ -283,13 +283,17 @@ class BatchStream:
         """The next draw's batch for this process."""
         if self._it is None:
             self._it = self._iterator()
-        parts = []
+        got = []
         for _ in range(max(1, self.num_workers)):
             try:
                 with contextlib.nullcontext() if self.num_workers else single_threaded():
-                    draw, slots, part, cursors, bad, opened = next(self._it)
+                    got.append(next(self._it))
             except FlavaError as e:
                 raise _unwrapped(e) from None
+        # The stream's state moves once every worker's part is in: a draw that failed midway is
+        # drawn whole again by a run resumed from the state saved then.
+        parts = []
+        for draw, slots, part, cursors, bad, opened in got:
             assert draw == self.draws, (draw, self.draws)
             parts.append((slots, part))
             for j, c in cursors.items():
@@ -412,8 +416,9 @@ class KindStream:
     def next_batch(self):
         i = 0 if len(self.streams) == 1 else \
             int(np.random.default_rng([self.seed, self.draws, 13]).choice(len(self.streams), p=self.weights))
-        self.draws += 1
-        return self.streams[i].next_batch()
+        batch = self.streams[i].next_batch()
+        self.draws += 1  # only once drawn: a draw that failed is drawn again on resume
+        return batch
 
     @property
     def samples_by_source(self) -> dict[str, int]:
