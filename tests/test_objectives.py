@@ -354,8 +354,15 @@ def _hard_negatives_worker(rank, world, port, results):
         distributed.start_host_group()  # gloo's own group serves: nothing to start
         assert distributed.host_group() is None
         longest = distributed.max_over_processes(b.input_ids.shape[1], torch.device("meta"))
-        distributed._host_group = torch.distributed.new_group(backend="gloo")  # as beside NCCL
+        nccl = torch.distributed.get_backend
+        torch.distributed.get_backend = lambda *a: "nccl"  # as a GPU run joins its group
+        try:
+            distributed.start_host_group()
+        finally:
+            torch.distributed.get_backend = nccl
+        assert distributed.host_group() is not None
         beside = distributed.max_over_processes(3 + rank, torch.device("meta"))
+        distributed.end_host_group()
         results[rank] = (set(out.losses.named()), bool(torch.isfinite(out.losses.total)),
                          float(pm.model.text_encoder.word_embeddings.weight.grad.abs().sum()), longest, beside)
 

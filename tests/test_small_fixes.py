@@ -218,7 +218,7 @@ def test_the_python_api_names_inputs_it_cannot_take():
                                          f"model's {model.config.image.image_size} px"):
         model.encode_image(Image.new("RGB", (320, 320)), interpolate_pos_encoding=True)
     for given in (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), dict(token_type_ids=torch.zeros(1, 3))):
-        with pytest.raises(InputError, match="attention_mask and token_type_ids go with token ids"):
+        with pytest.raises(InputError, match="attention_mask and token_type_ids go with input_ids given as a tensor"):
             model.encode_text("a cat", **given)
     grey = np.zeros((64, 64, 1), np.uint8)
     assert torch.equal(model.processor.images(grey), model.processor.images(grey[..., 0]))
@@ -272,7 +272,7 @@ def test_progress_written_to_a_log_is_plain_lines_every_so_often(monkeypatch):
     from flava import progress
 
     log = io.StringIO()
-    console = Console(file=log, width=40)  # no terminal: rich drew one bar at the end, cut to fit
+    console = Console(file=log, width=40, force_terminal=False)  # a log: rich drew one bar at its end, cut to fit
     monkeypatch.setattr(progress, "LINE_EVERY_S", 3600.0)
     with progress.progress_bar(console) as bar:
         task = bar.add_task("steps", total=400, info="")
@@ -289,3 +289,12 @@ def test_progress_written_to_a_log_is_plain_lines_every_so_often(monkeypatch):
         for n in (8, 16):
             bar.update(task, completed=n)
     assert [line.split(",")[0] for line in log.getvalue().splitlines()] == ["features 8/?", "features 16/?"]
+    log.seek(0), log.truncate()
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 3600.0)
+    with progress.progress_bar(console) as bar:  # one block, tasks in turn (evaluate's suite)
+        first = bar.add_task("task a", total=2, info="")
+        bar.update(first, completed=2)
+        said_then = log.getvalue()
+        bar.update(bar.add_task("task b", total=2, info=""), completed=1)
+    assert said_then.startswith("task a 2/2, ")  # as it finished, not when the block ended
+    assert log.getvalue().splitlines()[1].startswith("task b 1/2, ")

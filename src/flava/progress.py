@@ -45,13 +45,14 @@ class _Lines(Progress):
 
     def _line(self, task_id, final: bool = False) -> None:
         task, now = self._tasks[task_id], time.monotonic()
+        final = final or task.finished  # said as it finishes, not when the whole block ends
         at, completed = self._said.setdefault(task_id, (now, None))
         if completed == task.completed or not final and now - at < LINE_EVERY_S:
             return
         self._said[task_id] = now, task.completed
         total = "?" if task.total is None else f"{task.total:,.0f}"
         parts = [f"{task.description} {task.completed:,.0f}/{total}", task.fields.get("info", ""),
-                 f"{timedelta(seconds=int(task.elapsed or 0))} elapsed"]
+                 f"{timedelta(seconds=int(task.finished_time or task.elapsed or 0))} elapsed"]
         if not task.finished and task.time_remaining is not None:
             parts.append(f"about {timedelta(seconds=int(task.time_remaining))} left")
         self.console.print(", ".join(p for p in parts if p), soft_wrap=True)

@@ -175,8 +175,8 @@ class FlavaModel(nn.Module):
         autograd."""
         if isinstance(input_ids, (str, list, tuple)):
             if attention_mask is not None or token_type_ids is not None:
-                raise InputError("attention_mask and token_type_ids go with token ids; raw texts are tokenised with "
-                                 "their own (model.processor.texts(...) gives both)")
+                raise InputError("attention_mask and token_type_ids go with input_ids given as a tensor; raw texts "
+                                 "are tokenised with their own (model.processor.texts(...) gives both)")
             tok = self.processor.texts(input_ids)
             with torch.no_grad():
                 return self.encode_text(tok.input_ids.to(self.device), tok.attention_mask.to(self.device))

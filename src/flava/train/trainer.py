@@ -144,9 +144,9 @@ class Trainer:
         self._targets_at: dict[tuple, torch.Tensor] = {}
         """By a step's loss and metric names: where each loss's target count is in its numbers."""
         self.synced: list[dict] = []
+        """The rows the latest synced step filled in."""
         self._saved_at = 0
         """The step of the newest checkpoint this run wrote or resumed from."""
-        """The rows the latest synced step filled in."""
         self.stopped = 0
         """The signal that stopped `fit` at a step boundary (after saving it), 0 if none did."""
         torch.manual_seed(cfg.seed)
@@ -521,6 +521,7 @@ class Trainer:
             return e
         self.synced = self._settle()
         self._report(log, end, samples / max(1e-9, time.perf_counter() - start))
+        self._check_divergence()  # a run past its patience is not saved to be resumed
         path = self.save()
         return DataError(f"{e}; step {self.step} is saved in {path}: once the data is readable, continue with "
                          "--resume")
