@@ -24,7 +24,7 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -261,7 +261,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                                  initializer=_init_worker, initargs=(tokenizer_factory,)) as pool:
             futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo]
             try:
-                for f in futures:
+                for f in as_completed(futures):  # counted as they finish, in any order (as a stop counts them)
                     f.result()
                     done += 1
                     if progress:
