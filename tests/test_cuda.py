@@ -209,6 +209,37 @@ def test_finetuning_trains_on_the_models_gpu_as_on_the_cpu(train_encoders):
     assert gpu.eval_steps == cpu.eval_steps and gpu.best_step == cpu.best_step
 
 
+def stopped_and_resumed_finetune(device, tmp_path, monkeypatch):
+    """(uninterrupted, stopped at step 5 then resumed) results of one fine-tuning with dropout on
+    `device`: a resume restores the random state of the device's dropout too."""
+    from flava import stopping
+    from flava.data.tokenizer import TextTokenizer
+    from flava.finetune import loop
+    from flava.finetune.examples import TextData, TextExample
+    from flava.finetune.settings import FinetuneSettings, Resumable
+
+    examples = [TextExample(f"{'good' if i % 2 else 'bad'} thing {i}", i % 2) for i in range(48)]
+    task = TextData("t", examples[:32], examples[32:40], examples[40:], ["bad", "good"], ("accuracy",))
+    torch.manual_seed(0)
+    model = flava.FlavaModel(flava.preset("tiny")).to(device).eval()
+    settings = FinetuneSettings(lr=1e-3, epochs=2, batch_size=4, head_dropout=0.3)
+    tokenizer = TextTokenizer(max_length=16)
+    whole = loop.finetune_text(model, task, settings, tokenizer)
+    resumable = Resumable(tmp_path / "training", {"task": "t"})
+    monkeypatch.setattr(stopping, "requested", lambda: 15 if steps and steps[-1] == 5 else 0)
+    steps = []
+    with pytest.raises(stopping.Stopped):
+        loop.finetune_text(model, task, settings, tokenizer, on_step=lambda step, *_: steps.append(step),
+                           resumable=resumable)
+    steps.clear()
+    return whole, loop.finetune_text(model, task, settings, tokenizer, resumable=resumable)
+
+
+def test_a_finetuning_stopped_on_the_gpu_resumes_with_the_gpus_dropout(tmp_path, monkeypatch):
+    whole, resumed = stopped_and_resumed_finetune("cuda", tmp_path, monkeypatch)
+    assert resumed.train_loss == whole.train_loss and resumed.test_metrics == whole.test_metrics
+
+
 @pytest.mark.parametrize("negatives,balancing", [("swap", "fixed"), ("hard", "fixed"), ("swap", "dwa"),
                                                 ("swap", "uncertainty")])
 def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, negatives, balancing):
