@@ -76,7 +76,7 @@ class TarShard:
                     groups.setdefault(key, {})[ext] = (
                         TarMember(where, info.offset_data, info.size, ext) if data is None
                         else Blob(data[info.offset_data:end], ext))
-                if not _end_marker_present(f, -(-end // 512) * 512, total):
+                if not cut and not _end_marker_present(f, -(-end // 512) * 512, total):
                     rejected["truncated tar shard"] += 1
         except (tarfile.TarError, OSError):
             if not cut:  # else the shard ends inside that member: tarfile's error says no more than that
