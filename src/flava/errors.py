@@ -37,6 +37,11 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def saved_before(e: DataError, step: int, where) -> DataError:
+    """`e`, a run's data failing, with what was kept: the step it reached, saved in `where`."""
+    return DataError(f"{e}; step {step} is saved in {where}: once the data is readable, continue with --resume")
+
+
 def did_you_mean(name: str, choices: Iterable[str], known: str = "known keys") -> str:
     """'; did you mean X?' naming the nearest choice, else '; {known}: a, b, ...'."""
     choices = [str(c) for c in choices]

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .members import hold_shard
 
 GLOB_CHARS = "*?["
@@ -222,8 +222,8 @@ def _missing(e: FileNotFoundError) -> bool:
 def _said(e: BaseException | None) -> str:
     if isinstance(e, TIMEOUTS):  # aiohttp's and asyncio's say little themselves
         return f"no answer in {FETCH_TIMEOUT_S:g} s"
-    text = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300]
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+    text = first_line(e)[:300]
+    return text if text == type(e).__name__ else f"{type(e).__name__}: {text}"
 
 
 def _hint(url: str, e: BaseException | None) -> str:

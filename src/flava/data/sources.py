@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DataError
+from ..errors import DataError, first_line
 from .images import find_images
 from .members import BadSample, ImageRef, Member, TarMember, refuse_urls, table_image
 from .tables import read_table
@@ -143,7 +143,7 @@ def open_shard(shard) -> Opened:
 
 def _failure(shard, e: Exception) -> str:
     """`shard: what its reader said`, on one line."""
-    said = next((line.strip() for line in str(e).splitlines() if line.strip()), "")[:300] or type(e).__name__
+    said = first_line(e)[:300]
     return said if shard.name in said else f"{shard.name}: {said}"
 
 

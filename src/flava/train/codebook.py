@@ -36,7 +36,7 @@ from ..data.registry import image_sources as open_images  # this module's image_
 from ..data.sources import Source
 from ..data.transforms import map_pixels
 from ..distributed import resolve_device
-from ..errors import CheckpointError, ConfigError, DataError, first_line
+from ..errors import CheckpointError, ConfigError, DataError, first_line, saved_before
 from ..io.checkpoint import (check_replaceable, damage, save_state, write_checkpoint_dir, write_checkpoint_files,
                              write_checksums)
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
@@ -391,8 +391,7 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
                 failed = _no_images(e, [s.source for s in run.stream.streams])
                 if run.step > saved_at:  # the batch is drawn first: no stream moved for the failed step
                     run.save(output / STATE, meta)
-                    failed = DataError(f"{failed}; step {run.step} is saved in {output / STATE}: once the data is "
-                                       "readable, continue with --resume")
+                    failed = saved_before(failed, run.step, output / STATE)
                 raise failed from None
             if row is not None:
                 now = time.perf_counter()

@@ -32,7 +32,7 @@ from ..objectives.registry import active
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
 from ..distributed import resolve_device, world
-from ..errors import ConfigError, DataError, DivergedError
+from ..errors import ConfigError, DataError, DivergedError, saved_before
 from ..io.runs import RunDir
 from ..model.layers import Block
 from ..optim import build_optimizer, set_weight_decay, warmup_cosine
@@ -522,6 +522,4 @@ class Trainer:
         self.synced = self._settle()
         self._report(log, end, samples / max(1e-9, time.perf_counter() - start))
         self._check_divergence()  # a run past its patience is not saved to be resumed
-        path = self.save()
-        return DataError(f"{e}; step {self.step} is saved in {path}: once the data is readable, continue with "
-                         "--resume")
+        return saved_before(e, self.step, self.save())
