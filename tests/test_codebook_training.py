@@ -1,7 +1,10 @@
 """`flava train-codebook` end to end on a few generated images (some of them broken)."""
 
 import json
+import os
 import re
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -259,3 +262,32 @@ def test_images_that_fail_mid_run_end_it_with_the_steps_done_saved(tmp_path, mon
     assert cli([*args, "--output", str(tmp_path / "cut"), "--resume"]) == 0
     want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+    # A stop requested while a step's images are awaited (a stalled store) is taken at once, with
+    # the steps done saved: a scheduler's grace period does not wait for the read to give up.
+    from flava.data.pipeline import _Draws
+
+    real_draw = _Draws._sample
+
+    def stalls_at_step_7(self, *args, **kwargs):  # an image read that hangs, in this process (no workers)
+        if not stalled and run_at[0] == 6:
+            stalled.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+        return real_draw(self, *args, **kwargs)
+
+    def step_seen(self):
+        run_at[0] = self.step
+        return real(self)
+
+    stalled, run_at = [], [0]
+    monkeypatch.setattr(_Draws, "_sample", stalls_at_step_7)
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", step_seen)
+    capsys.readouterr()
+    assert cli([*args, "--output", str(tmp_path / "stopped")]) == 143
+    assert time.monotonic() - stalled[0] < 20
+    assert "stopped by SIGTERM at step 6 of 12; saved in" in capsys.readouterr().err
+    monkeypatch.setattr(_Draws, "_sample", real_draw)
+    assert cli([*args, "--output", str(tmp_path / "stopped"), "--resume"]) == 0
+    got = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -284,21 +284,21 @@ def test_a_start_refused_by_the_lock_leaves_the_holders_new_directory(train_data
 def test_a_stop_in_the_last_step_ends_the_run_and_max_steps_cannot_go_back(train_data, tmp_path, capsys, monkeypatch):
     import signal
 
-    from flava.train.trainer import Trainer
+    from flava.train import trainer
 
-    step = Trainer.train_step
+    step = trainer.micro_step
 
-    def sigterm_in_the_last_step(self, *args, **kwargs):
-        if self.step + 1 == self.cfg.max_steps:
+    def sigterm_in_the_last_step(owner, *args, **kwargs):  # its batch drawn: a stop then waits for the step
+        if owner.step + 1 == owner.cfg.max_steps:
             os.kill(os.getpid(), signal.SIGTERM)  # recorded by the command's handler, acted on after the step
-        return step(self, *args, **kwargs)
+        return step(owner, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "train_step", sigterm_in_the_last_step)
+    monkeypatch.setattr(trainer, "micro_step", sigterm_in_the_last_step)
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run) + ["--max-steps", "2"]) == 0  # finished, not "stopped" (143)
     assert (run / "summary.json").is_file() and (run / "checkpoints" / "step_00000002").is_dir()
     capsys.readouterr()
-    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(trainer, "micro_step", step)
     history = (run / "config_history.jsonl").read_text() if (run / "config_history.jsonl").exists() else ""
     err = one_line_error(capsys, cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "1"]))
     assert "--max-steps 1 is below the step the run reached (2)" in err

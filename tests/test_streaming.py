@@ -149,6 +149,103 @@ def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_mi
         'Could not connect to the endpoint URL: "https://b.s3.amazonaws.com/x.tar"'))
 
 
+class _HoldingServer:
+    """Shards over HTTP from a thread of this process; once `hold` is set every request waits
+    (up to a minute) for `release`, as a stalled store's would."""
+
+    def __init__(self, root):
+        import functools
+        import http.server
+        import threading
+
+        self.hold, self.release, self.held = threading.Event(), threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def _wait(self):
+                if outer.hold.is_set():
+                    outer.held.set()
+                    outer.release.wait(60)
+
+            def do_GET(self):
+                self._wait()
+                super().do_GET()
+
+            def do_HEAD(self):
+                self._wait()
+                super().do_HEAD()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.slow
+def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactly(train_data, tmp_path, one_thread):
+    # A scheduler's SIGTERM while the loader waited on a stalled store was taken only once the
+    # read gave up (three minutes), past any grace period: the run was killed unsaved. The wait
+    # is given up, the steps done are saved, and the resume gives the uninterrupted run's losses.
+    import threading
+
+    from conftest import tiny_run
+
+    from flava import stopping
+    from flava.train.trainer import Trainer
+
+    server = _HoldingServer(write_shards(tmp_path / "www", shards=8, per=4))
+    try:
+        def cfg(workers):
+            c = tiny_run(train_data, max_steps=10, save_every=100, log_every=1, tensorboard=False)
+            c.data.pairs = [server.url + "/shard-{000..007}.tar"]
+            c.data.mixing, c.data.num_workers = [1.0, 0.0, 0.0], workers
+            return c
+
+        reference = [r["loss"] for r in Trainer(cfg(0), tmp_path / "ref").fit()]
+        for workers in (0, 1):
+            server.release.clear()
+            cut = Trainer(cfg(workers), tmp_path / f"run-{workers}")
+            last = [time.monotonic()]
+
+            def logged(row):
+                last[0] = time.monotonic()
+                server.hold.set()  # after step 1: the next shard read stalls (the worker's, ahead of its owner)
+
+            def signal_once_waiting():  # the owner waiting: no step for 2 s after a read stalled
+                server.held.wait(60)
+                while time.monotonic() - last[0] < 2:
+                    time.sleep(0.05)
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGTERM)
+                if not ended.wait(25):  # a stop that waits on the read is let through, to be seen late
+                    server.release.set()
+
+            cut.log, ended, sent = logged, threading.Event(), []
+            sender = threading.Thread(target=signal_once_waiting, daemon=True)
+            sender.start()
+            with stopping.handling():
+                cut.fit()
+            stopped_in = time.monotonic() - sent[0]
+            ended.set()
+            sender.join(5)
+            server.hold.clear(), server.held.clear(), server.release.set()
+            # Stopped well before the read's own limit (60 s a try, three tries), with its step saved.
+            assert cut.stopped == signal.SIGTERM and 1 <= cut.step < 10 and stopped_in < 20, (cut.step, stopped_in)
+            again = Trainer(cfg(workers), tmp_path / f"run-{workers}")
+            assert again.resume() and again.step == cut.step
+            assert [r["loss"] for r in again.fit()] == pytest.approx(reference[cut.step:], abs=1e-6), workers
+    finally:
+        server.close()
+
+
 def test_a_cache_smaller_than_the_shards_in_use_loses_none_of_them(tmp_path):
     # Two lanes read two shards at once from a cache that holds one: each fetch evicts the other
     # lane's shard, which it goes on reading through the descriptor it opened.

@@ -5,7 +5,9 @@ part), save what it has and exit with one line; a second signal stops at once.
 The command's process installs the handlers (`handling`); loops poll `requested()` (this process)
 or `agreed()` (every process of a torch.distributed group, at step boundaries only), save, and
 raise `Stopped`, which the CLI prints as one line with exit code 128 + the signal number (143 for
-SIGTERM, 130 for SIGINT). Pool processes ignore both signals (`ignore_in_worker`); DataLoader
+SIGTERM, 130 for SIGINT). A wait that holds no state of its own (a batch being drawn, which moves its
+stream only once it is whole) may be given up (`abandonable`): a stalled read then delays no stop,
+which a scheduler's grace period (often 30 s) would not wait for. Pool processes ignore both signals (`ignore_in_worker`); DataLoader
 workers ignore SIGINT and, after SIGTERM, serve until their owner shuts them down or is gone
 (`quiet_loader_worker`): a signal sent to the whole process group prints no worker tracebacks.
 """
@@ -30,6 +32,8 @@ the scheduler's SIGTERM to processes that the scheduler signals itself."""
 _owner: int | None = None  # the pid that installed the handlers: forked children defer to it
 _signum = 0
 _first = 0.0
+_abandonable = False
+_interrupt = False
 
 
 class Stopped(Exception):
@@ -44,6 +48,15 @@ class Stopped(Exception):
     @property
     def exit_code(self) -> int:
         return exit_code(self.signum)
+
+
+class Abandoned(BaseException):
+    """A stop request that came during an `abandonable` wait, which it ended. A BaseException: no
+    reader's `except Exception` may take it for a bad record."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class Interrupted(KeyboardInterrupt):
@@ -76,6 +89,8 @@ def _handle(signum: int, frame) -> None:
             with contextlib.suppress(OSError, ValueError):
                 os.write(sys.__stdout__.fileno(), f"\n{name(signum)}: stopping at the next step or part, after "
                                                   f"saving; send it again (Ctrl-C) to stop at once\n".encode())
+        if _interrupt:
+            raise Abandoned(signum)
     elif time.monotonic() - _first > REPEAT_WINDOW_S:
         raise Interrupted(signum)
 
@@ -106,6 +121,41 @@ def handling() -> Iterator[None]:
 def requested() -> int:
     """The signal number of this process's stop request, 0 when there is none."""
     return _signum if os.getpid() == _owner else 0
+
+
+@contextlib.contextmanager
+def abandonable() -> Iterator[None]:
+    """A wait that a stop request of this process may end, raising `Abandoned` (at the start too,
+    for a request already made): only for work whose end leaves no state half-changed, the caller
+    saving what it had before it. How the wait is ended is the waiter's: `poll` where it wakes up
+    now and then, `interruptible` where it runs in this process alone."""
+    global _abandonable
+    before, _abandonable = _abandonable, True
+    try:
+        poll()
+        yield
+    finally:
+        _abandonable = before
+
+
+def poll() -> None:
+    """Inside `abandonable`: `Abandoned` if a stop was requested."""
+    if _abandonable and (signum := requested()):
+        raise Abandoned(signum)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Inside `abandonable`: a stop request raises `Abandoned` from its handler, wherever the main
+    thread is in the block. Not around a transfer from another process (a loader worker's batch),
+    which an exception cut midway would leave that process to complain of."""
+    global _interrupt
+    before, _interrupt = _interrupt, _abandonable  # before the poll: a request between them is not lost
+    try:
+        poll()
+        yield
+    finally:
+        _interrupt = before
 
 
 def agreed() -> int:

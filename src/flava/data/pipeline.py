@@ -15,7 +15,6 @@ can take over.
 
 from __future__ import annotations
 
-import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError, FlavaError
+from .. import stopping
 from ..stopping import prepare_loader_owner, quiet_loader_worker
 from .members import BadSample
 from .samples import SampleMaker
@@ -35,6 +35,8 @@ from .sources import Source, open_shard
 MAX_LANES = 64
 SUBSTITUTE_TRIES = 100
 PROBE_SHARDS = 5
+POLL_S = 0.5
+"""How often the owner of loader workers that have not sent a batch looks for a stop request."""
 """Shards a source's probe reads at most (`BatchStream.probe`)."""
 
 
@@ -259,7 +261,7 @@ class BatchStream:
         self._lay_out()
         self.cursors: dict[int, Cursor] = {}
         self.notes: list[str] = []
-        self._it = None
+        self._it, self._broken = None, False
 
     @property
     def samples(self) -> int:
@@ -275,21 +277,31 @@ class BatchStream:
         # one, which the checkpoint restored for the model's dropout (samples seed themselves).
         loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=4 if self.num_workers else None, persistent_workers=False,
+                            timeout=POLL_S if self.num_workers else 0,
                             worker_init_fn=quiet_loader_worker if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.seed))
         return iter(loader)
 
     def next_batch(self):
         """The next draw's batch for this process."""
-        if self._it is None:
-            self._it = self._iterator()
+        if self._it is None or self._broken:
+            self._it, self._broken = self._iterator(), False  # from the state: as a resumed run's
         got = []
         for _ in range(max(1, self.num_workers)):
             try:
-                with contextlib.nullcontext() if self.num_workers else single_threaded():
-                    got.append(next(self._it))
+                if self.num_workers:
+                    got.append(self._received())
+                else:  # read here: a stop may end the wait wherever it is (stopping.abandonable)
+                    with single_threaded(), stopping.interruptible():
+                        got.append(next(self._it))
             except FlavaError as e:
+                self._broken = True
                 raise _unwrapped(e) from None
+            except BaseException:  # a draw given up (stopping.abandonable): its generator is spent
+                # The old iterator is kept until the next draw replaces it: dropping it now would
+                # wait for a worker stuck in a read before the run could save.
+                self._broken = True
+                raise
         # The stream's state moves once every worker's part is in: a draw that failed midway is
         # drawn whole again by a run resumed from the state saved then.
         parts = []
@@ -305,6 +317,17 @@ class BatchStream:
             self.rejected.update(opened)
         self.draws += 1
         return self.maker.merge(parts)
+
+    def _received(self):
+        """The next part from the loader's workers, looking every POLL_S whether a stop request
+        may end the wait (`stopping.poll`): a signal handler must not raise amid a transfer."""
+        while True:
+            try:
+                return next(self._it)
+            except RuntimeError as e:
+                if not str(e).startswith("DataLoader timed out"):  # the loader's `timeout` passed
+                    raise
+            stopping.poll()
 
     def probe(self) -> None:
         """Refuse, before training, a source none of whose records makes a sample: met at a later

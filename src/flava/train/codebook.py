@@ -159,7 +159,8 @@ class CodebookRun:
     def train_step(self) -> dict | None:
         """One step; the logged metrics every `log_every` steps (the only host syncs), else None."""
         st, step, vocab = self.settings, self.step, self.cfg.vocab_size
-        x = _pixels(self.stream.next_batch().pixels, self.device)
+        with stopping.abandonable():  # a stop request ends a stalled read: nothing has moved yet
+            x = _pixels(self.stream.next_batch().pixels, self.device)
         tau = st.temperature_start * math.exp(
             math.log(st.temperature_end / st.temperature_start) * step / max(1, st.steps - 1))
         lr = st.lr * self.schedule(step)
@@ -393,6 +394,8 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
                     run.save(output / STATE, meta)
                     failed = saved_before(failed, run.step, output / STATE)
                 raise failed from None
+            except stopping.Abandoned:
+                row = None  # the step's batch never came: the stop below saves the step before it
             if row is not None:
                 now = time.perf_counter()
                 row["images_per_s"] = (run.step - logged[0]) * settings.batch_size / (now - logged[1])
@@ -402,11 +405,12 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
                 info = f"mse {row['reconstruction_mse']:.4f}"
             rate = (run.step - first) * settings.batch_size / (time.perf_counter() - start)
             progress.update(task, completed=run.step, info=f"{info}  {rate:.0f} img/s")
-            if run.step % settings.save_every == 0 and run.step < settings.steps:
+            if run.step % settings.save_every == 0 and saved_at < run.step < settings.steps:
                 run.save(output / STATE, meta)
                 saved_at = run.step
             if (signum := stopping.requested()) and run.step < settings.steps:
-                run.save(output / STATE, meta)
+                if run.step > saved_at or not (output / STATE).is_dir():
+                    run.save(output / STATE, meta)
                 at = f"at step {run.step} of {settings.steps}"
                 raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; saved in {output / STATE}: "
                                                "continue with the same command and --resume", at)

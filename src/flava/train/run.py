@@ -433,6 +433,10 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         # (stopping.agreed at a step boundary) and it saved the step it reached.
         trainer.stopped = 0
         rows = trainer.fit()
+    if trainer.stopped and trainer.step == 0:  # while the first batch was awaited (stopping.abandonable)
+        raise stopping.Stopped(trainer.stopped, f"stopped by {stopping.name(trainer.stopped)} before the first step; "
+                                                "nothing to save: run the same command again to start it",
+                               "before the first step")
     if trainer.stopped and trainer.step < cfg.max_steps:  # a stop at the last step is the run's end
         at = f"at step {trainer.step} of {cfg.max_steps}"
         raise stopping.Stopped(trainer.stopped, f"stopped by {stopping.name(trainer.stopped)} {at}; saved "

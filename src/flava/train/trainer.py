@@ -330,7 +330,10 @@ class Trainer:
         accum = cfg.optim.grad_accumulation
         sums, names, samples, gradients = None, ([], []), 0, None
         for micro in range(accum):
-            batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
+            # A stop request while the step's first batch is awaited (a stalled read) ends the wait
+            # (`_abandoned`); later micro-batches' draws moved their streams, as other processes' did.
+            with stopping.abandonable() if micro == 0 and self.world == 1 else contextlib.nullcontext():
+                batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(micro_seed(cfg.seed, step, micro, accum))
             values, names, report = micro_step(self, batch, generator, step, micro, diagnose and micro == accum - 1)
@@ -480,6 +483,9 @@ class Trainer:
                                           diagnose=logged and self._diagnosed(n, end))
                 except DataError as e:
                     raise self._kept(e, log, end, start, samples) from None
+                except stopping.Abandoned as e:
+                    self._abandoned(e.signum, log, end, start, samples)
+                    break
                 rows.append(row)
                 samples += row["samples"]
                 # A stop request (SIGTERM/SIGINT): this process's own, free to read, when alone;
@@ -510,6 +516,16 @@ class Trainer:
                 settled["samples_by_source"] = self.samples_by_source()
                 log.write(settled)
             self.log(settled)
+
+    def _abandoned(self, signum: int, log: MetricsLog, end: int, start: float, samples: int) -> None:
+        """A stop request that came while a step awaited its batch: the steps done are saved as at
+        any stop. The batch's draw moved no stream, so the run resumes exactly."""
+        self.synced = self._settle()
+        self._report(log, end, samples / max(1e-9, time.perf_counter() - start))
+        self._check_divergence()
+        if self.step != self._saved_at:
+            self.save()
+        self.stopped = signum
 
     def _kept(self, e: DataError, log: MetricsLog, end: int, start: float, samples: int) -> DataError:
         """A source that failed as a step drew its batch (none of its shards usable now: a store
