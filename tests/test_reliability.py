@@ -729,6 +729,52 @@ def test_a_new_run_into_a_folder_of_other_files_is_refused(train_data, tmp_path,
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == before
 
 
+def test_a_stop_while_a_later_micro_batch_is_awaited_undoes_the_step_and_resumes_exactly(train_data, tmp_path,
+                                                                                        monkeypatch, one_thread):
+    # With gradient accumulation a stalled read may come at any micro-batch: the stop gives the wait
+    # up, and the step's earlier micro-batches (their draws, random numbers and gradients) are undone.
+    import signal
+    import time
+
+    from conftest import tiny_run
+
+    from flava import stopping
+    from flava.data import pipeline
+    from flava.train.trainer import Trainer
+
+    def cfg():
+        c = tiny_run(train_data, max_steps=5, save_every=100, log_every=1, tensorboard=False)
+        c.data.mixing, c.optim.grad_accumulation = [1.0, 0.0, 0.0], 2
+        c.model.text.dropout = 0.1  # random numbers the undone micro-batch drew
+        return c
+
+    reference = [r["loss"] for r in Trainer(cfg(), tmp_path / "ref").fit()]
+    draw, stalled = [0], []
+    real_draw, real_sample = pipeline.KindStream.next_batch, pipeline._Draws._sample
+
+    def counted(self):
+        draw[0] = self.draws
+        return real_draw(self)
+
+    def stalls_at_step_3s_second_micro_batch(self, *args):
+        if draw[0] == 5 and not stalled:
+            stalled.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+        return real_sample(self, *args)
+
+    monkeypatch.setattr(pipeline.KindStream, "next_batch", counted)
+    monkeypatch.setattr(pipeline._Draws, "_sample", stalls_at_step_3s_second_micro_batch)
+    cut = Trainer(cfg(), tmp_path / "run")
+    with stopping.handling():
+        cut.fit()
+    assert cut.stopped == signal.SIGTERM and cut.step == 2 and time.monotonic() - stalled[0] < 20
+    monkeypatch.undo()
+    again = Trainer(cfg(), tmp_path / "run")
+    assert again.resume() and again.step == 2
+    assert [r["loss"] for r in again.fit()] == pytest.approx(reference[2:], abs=1e-6)
+
+
 def test_data_that_fails_mid_run_ends_it_with_the_steps_done_saved_and_resumable(train_data, tmp_path,
                                                                                  one_thread):
     # A store gone down mid-run (here: its shards turned to junk) ended the run with the steps

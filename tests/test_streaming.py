@@ -194,6 +194,7 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
     # A scheduler's SIGTERM while the loader waited on a stalled store was taken only once the
     # read gave up (three minutes), past any grace period: the run was killed unsaved. The wait
     # is given up, the steps done are saved, and the resume gives the uninterrupted run's losses.
+    import multiprocessing
     import threading
 
     from conftest import tiny_run
@@ -231,10 +232,13 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
             cut.log, ended, sent = logged, threading.Event(), []
             sender = threading.Thread(target=signal_once_waiting, daemon=True)
             sender.start()
+            before = {p.pid for p in multiprocessing.active_children()}
             with stopping.handling():
                 cut.fit()
             stopped_in = time.monotonic() - sent[0]
             ended.set()
+            # The worker stuck in the read is gone too: the loader's own shutdown waited ~10 s for it at exit.
+            assert not [p for p in multiprocessing.active_children() if p.pid not in before]
             sender.join(5)
             server.hold.clear(), server.held.clear(), server.release.set()
             # Stopped well before the read's own limit (60 s a try, three tries), with its step saved.
@@ -244,6 +248,29 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
             assert [r["loss"] for r in again.fit()] == pytest.approx(reference[cut.step:], abs=1e-6), workers
     finally:
         server.close()
+
+
+def test_a_stop_ends_a_stalled_pipe_command_and_what_it_started(tmp_path):
+    # webdataset's pipe waited for its command at close (up to two hours), and the command's own
+    # children outlived it: a read given up ends them all.
+    import threading
+
+    from flava import stopping
+    from flava.data import shards
+
+    pid_file = tmp_path / "pid"
+    url = f"pipe:sleep 60 & echo $! > {pid_file}; wait"
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    start = time.monotonic()
+    with stopping.handling(), pytest.raises(stopping.Abandoned):
+        with stopping.abandonable(), stopping.interruptible():
+            shards.read(url)
+    assert time.monotonic() - start < 10
+    sleeper = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _state(sleeper) not in ("X", "Z") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(sleeper) in ("X", "Z")  # gone, or a zombie awaiting a reaper
 
 
 def test_a_cache_smaller_than_the_shards_in_use_loses_none_of_them(tmp_path):

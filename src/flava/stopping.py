@@ -36,6 +36,10 @@ _abandonable = False
 _interrupt = False
 
 
+BEFORE_FIRST_STEP = "before the first step"
+"""A training run's `Stopped.at` when it stopped while its first batch was awaited: nothing saved."""
+
+
 class Stopped(Exception):
     """A command stopped on request after saving what it had; `message` says where and how to go on."""
 

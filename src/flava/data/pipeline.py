@@ -15,6 +15,9 @@ can take over.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -28,7 +31,7 @@ from ..stopping import prepare_loader_owner, quiet_loader_worker
 from .members import BadSample
 from .samples import SampleMaker
 from .transforms import single_threaded
-from .shards import is_remote
+from .shards import end_pipes, is_remote
 from .sources import Source, open_shard
 
 
@@ -261,7 +264,7 @@ class BatchStream:
         self._lay_out()
         self.cursors: dict[int, Cursor] = {}
         self.notes: list[str] = []
-        self._it, self._broken = None, False
+        self._it = None
 
     @property
     def samples(self) -> int:
@@ -284,8 +287,8 @@ class BatchStream:
 
     def next_batch(self):
         """The next draw's batch for this process."""
-        if self._it is None or self._broken:
-            self._it, self._broken = self._iterator(), False  # from the state: as a resumed run's
+        if self._it is None:
+            self._it = self._iterator()
         got = []
         for _ in range(max(1, self.num_workers)):
             try:
@@ -294,13 +297,12 @@ class BatchStream:
                 else:  # read here: a stop may end the wait wherever it is (stopping.abandonable)
                     with single_threaded(), stopping.interruptible():
                         got.append(next(self._it))
-            except FlavaError as e:
-                self._broken = True
-                raise _unwrapped(e) from None
-            except BaseException:  # a draw given up (stopping.abandonable): its generator is spent
-                # The old iterator is kept until the next draw replaces it: dropping it now would
-                # wait for a worker stuck in a read before the run could save.
-                self._broken = True
+            except BaseException as e:
+                # The draw is given up (a failure, a stop): the next one starts a new iterator from
+                # the stream's state, as a resumed run would.
+                self._drop_iterator()
+                if isinstance(e, FlavaError):
+                    raise _unwrapped(e) from None
                 raise
         # The stream's state moves once every worker's part is in: a draw that failed midway is
         # drawn whole again by a run resumed from the state saved then.
@@ -317,6 +319,24 @@ class BatchStream:
             self.rejected.update(opened)
         self.draws += 1
         return self.maker.merge(parts)
+
+    def _drop_iterator(self) -> None:
+        """Forget the iterator. Its workers are killed first, with the `pipe:` commands they run:
+        one may be stuck in the read given up, and the loader's own shutdown would wait up to 10 s
+        for each (its SIGTERM is taken as a scheduler's, `stopping.quiet_loader_worker`). Nothing
+        they held is read again."""
+        it, self._it = self._it, None
+        if getattr(it, "_worker_pids_set", False):  # else torch's SIGCHLD handler calls their end a failure
+            from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+            _remove_worker_pids(id(it))
+            it._worker_pids_set = False
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                with contextlib.suppress(OSError):  # held still while the commands it started end
+                    os.kill(w.pid, signal.SIGSTOP)
+                    end_pipes(w.pid)
+                w.kill()
 
     def _received(self):
         """The next part from the loader's workers, looking every POLL_S whether a stop request
@@ -416,7 +436,7 @@ class BatchStream:
                               f"{self.kind} data ({self.source.name}) starts a new pass in a new order")
             self.seed += 1_000_003 * (self.draws + 1)
             self.draws, self.cursors = 0, {}
-        self._it = None
+        self._drop_iterator()
 
     def load_state(self, state: dict) -> None:
         self.load_states([state])

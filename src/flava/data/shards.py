@@ -11,14 +11,17 @@ positions within a shard are what make a stream resumable exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import hashlib
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import stopping
 from ..errors import DataError, first_line
 from .members import hold_shard
 
@@ -123,8 +126,12 @@ class ShardCache:
                 data = _fetch(url)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
-                tmp.write_bytes(data)
-                os.replace(tmp, target)  # other processes see a whole shard or none
+                try:
+                    tmp.write_bytes(data)
+                    os.replace(tmp, target)  # other processes see a whole shard or none
+                except BaseException:  # a full disk, a stop given up amid the write
+                    tmp.unlink(missing_ok=True)
+                    raise
             try:
                 hold_shard(target)
                 os.utime(target)  # recency for eviction
@@ -164,10 +171,7 @@ def _fetch(url: str) -> bytes:
     for attempt in range(1, RETRIES + 1):
         try:
             if url.startswith("pipe:"):
-                from webdataset.gopen import gopen
-
-                with gopen(url, "rb") as f:
-                    return f.read()
+                return _read_pipe(url)
             import fsspec
 
             with fsspec.open(url, "rb", **_storage_options(url)) as f:
@@ -178,6 +182,7 @@ def _fetch(url: str) -> bytes:
             last = e.__cause__
         except Exception as e:  # network errors come in many types
             last = e
+        stopping.poll()  # a failure a stop caused (a pipe's command ended by the same signal) is not tried again
         if attempt < RETRIES:
             wait = 0.5 * 2 ** (attempt - 1)
             # From a loader worker too: a wait on the network is never silent.
@@ -185,6 +190,43 @@ def _fetch(url: str) -> bytes:
                   file=sys.stderr, flush=True)
             time.sleep(wait)
     raise OSError(f"{url}: {_said(last)} ({RETRIES} attempts){_hint(url, last)}") from last
+
+
+def _read_pipe(url: str) -> bytes:
+    """A `pipe:` command's output, as webdataset's gopen reads it, but with the command in a
+    session of its own: a read given up (a stop, `stopping.abandonable`) ends the command and
+    whatever it started, rather than wait for it (webdataset's close waits up to two hours)."""
+    import importlib
+
+    gopen = importlib.import_module("webdataset.gopen")  # the module: the package's `gopen` is its function
+    if gopen.utils.enforce_security:  # as gopen_pipe: the user turned shell commands off
+        raise ValueError(f"{url}: webdataset's enforce_security forbids pipe: URLs")
+    f = gopen.Pipe(url[5:], mode="rb", shell=True, bufsize=8192, ignore_status=[141], start_new_session=True)
+    try:
+        data = f.read()
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.killpg(f.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            f.close()
+        raise
+    f.close()  # raises for a command that failed
+    return data
+
+
+def end_pipes(pid: int) -> None:
+    """Kill the `pipe:` commands that process `pid` (stopped, about to be killed: a loader worker
+    given up amid a read) started, each the leader of a session of its own (`_read_pipe`), which
+    would run on without it. Linux's /proc; elsewhere nothing."""
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            state = Path(stat).read_text().rsplit(")", 1)[1].split()  # after "pid (command)"
+        except (OSError, IndexError):  # gone since the listing
+            continue
+        child = int(stat.split("/")[2])
+        if int(state[1]) == pid and int(state[2]) == child:
+            with contextlib.suppress(OSError):
+                os.killpg(child, signal.SIGKILL)
 
 
 def _storage_options(url: str) -> dict:

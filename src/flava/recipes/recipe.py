@@ -200,9 +200,9 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
         try:
             run_pretrain(stage.config, stage.directory, resume=resume, console=console)
         except stopping.Stopped as e:
-            raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in stage {stage.name} {e.at} "
-                                             f"(saved in {stage.directory}): run the same command again to continue",
-                                   e.at) from None
+            saved = "" if e.at == stopping.BEFORE_FIRST_STEP else f" (saved in {stage.directory})"
+            raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in stage {stage.name} {e.at}"
+                                             f"{saved}: run the same command again to continue", e.at) from None
         done.append({"stage": stage.name, "steps": finished_step(stage.directory), "ran": True})
         if (signum := stopping.agreed()) and i < len(stages):
             at = f"after stage {stage.name} ({i} of {len(stages)})"

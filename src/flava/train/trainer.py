@@ -329,11 +329,17 @@ class Trainer:
         kind = step_kind(cfg.seed, step, self.kinds, self.probs_at(step))
         accum = cfg.optim.grad_accumulation
         sums, names, samples, gradients = None, ([], []), 0, None
+        # One process may give up awaiting a batch on a stop request (a stalled read; `_abandoned`).
+        # Past the first micro-batch the step is undone first: its draws and random numbers.
+        undo = self._undo_point(kind) if accum > 1 and self.world == 1 else None
         for micro in range(accum):
-            # A stop request while the step's first batch is awaited (a stalled read) ends the wait
-            # (`_abandoned`); later micro-batches' draws moved their streams, as other processes' did.
-            with stopping.abandonable() if micro == 0 and self.world == 1 else contextlib.nullcontext():
-                batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
+            try:
+                with stopping.abandonable() if self.world == 1 else contextlib.nullcontext():
+                    batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
+            except stopping.Abandoned:
+                if micro:
+                    undo()
+                raise
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(micro_seed(cfg.seed, step, micro, accum))
             values, names, report = micro_step(self, batch, generator, step, micro, diagnose and micro == accum - 1)
@@ -358,6 +364,21 @@ class Trainer:
         if sync:
             self.synced = self._settle()
         return row
+
+    def _undo_point(self, kind: str):
+        """A function that puts the step's stream of `kind`, the random generators and the
+        gradients back as they are now (before the step's first micro-batch)."""
+        stream, rng = self.streams[kind].state(), torch.get_rng_state()
+        device_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+        def undo() -> None:
+            self.streams[kind].load_states([stream])
+            torch.set_rng_state(rng)
+            if device_rng is not None:
+                torch.cuda.set_rng_state(device_rng, self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+
+        return undo
 
     def _measured(self, numbers: torch.Tensor, names: tuple[list[str], list[str]]) -> torch.Tensor:
         """[losses] whether each of the step's losses measured anything: a masked objective over no
