@@ -3,6 +3,7 @@ each command stops at its own boundary, saves, exits with one line and 128 + the
 and a rerun (or --resume) ends where an uninterrupted run ends; a second signal stops at once.
 Also: a run resumed on another number of processes keeps its global batch without flags."""
 
+import contextlib
 import io
 import json
 import os
@@ -145,6 +146,53 @@ def test_a_second_sigint_stops_at_once(train_data, tmp_path):
 
 
 # --------------------------------------------------------------------------- prepare
+
+
+OWNER_OF_A_POOL = """
+import multiprocessing as mp, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from flava import stopping
+if __name__ == "__main__":
+    pool = ProcessPoolExecutor(2, mp_context=mp.get_context("spawn"), initializer=stopping.ignore_in_worker)
+    pids = [pool.submit(os.getpid).result() for _ in range(4)]
+    pool.submit(time.sleep, 600)
+    print(" ".join(map(str, set(pids))), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_pool_workers_end_when_their_owner_is_killed(tmp_path):
+    # `flava prepare` killed outright (SIGKILL, the OOM killer) left its workers waiting for work
+    # for ever, a few hundred MB each: they ignore SIGTERM, and each held its own end of the pipe.
+    import subprocess
+    import sys
+
+    (tmp_path / "owner.py").write_text(OWNER_OF_A_POOL)
+    owner = subprocess.Popen([sys.executable, str(tmp_path / "owner.py")], stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        workers += [int(p) for p in owner.stdout.readline().split()]
+        assert workers and all(_alive(p) for p in workers)
+        owner.kill()
+        owner.wait(10)
+        deadline = time.time() + 10
+        while any(_alive(p) for p in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in workers)
+    finally:
+        owner.kill()
+        for p in workers:
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie left to a reaper that may never come is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_sigterm_stops_prepare_after_a_unit_and_a_rerun_finishes_it(train_data, tmp_path):

@@ -58,26 +58,30 @@ def same(a, b):
                for x, y in zip(a, b))
 
 
-@pytest.fixture
-def http_server(tmp_path):
-    root = write_shards(tmp_path / "www")
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
-                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 20
+def serve(root, port: int) -> subprocess.Popen:
+    """Python's HTTP server for `root` on 127.0.0.1:`port`, once it answers."""
     import urllib.request
 
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
     while True:
         try:
-            urllib.request.urlopen(url, timeout=1).close()
-            break
+            urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=1).close()
+            return server
         except OSError:
             if time.time() > deadline or server.poll() is not None:
                 server.kill()
                 pytest.fail("the HTTP server on 127.0.0.1 did not start")
             time.sleep(0.1)
-    yield url, root
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    root = write_shards(tmp_path / "www")
+    port = free_port()
+    server = serve(root, port)
+    yield f"http://127.0.0.1:{port}", root
     server.terminate()
     server.wait(timeout=10)
 
@@ -654,6 +658,32 @@ def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep\n")
     assert cli(["prepare", "--pairs", str(table), "--output", str(tmp_path / "mine"), "--workers", "1"]) == 2
     assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_prepare_leaves_the_inputs_a_store_failed_to_give_to_its_next_run(tmp_path, monkeypatch, capsys):
+    # A store down for a moment wrote its shards as empty, finished units: every rerun then
+    # refused the output for want of samples, for good.
+    from flava.cli import main as cli
+    from flava.data import shards
+
+    monkeypatch.setattr(shards, "RETRIES", 1)
+    root = write_shards(tmp_path / "www", shards=2, per=3)
+    port = free_port()
+    args = ["prepare", "--pairs", f"http://127.0.0.1:{port}/shard-{{000..001}}.tar", "--output", str(tmp_path / "out"),
+            "--workers", "1", "--size", "16"]
+    assert cli(args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"2 of 2 inputs could not be read (e.g. http://127.0.0.1:{port}/shard-000.tar: " in err
+    assert "run the same command again to finish once they can be read" in err
+    assert not (tmp_path / "out" / "index.json").exists()
+    server = serve(root, port)
+    try:
+        assert cli(args) == 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    assert report["samples"] == 6 and not report["dropped"]
 
 
 def test_an_unfinished_prepare_is_named_and_finished_only_from_its_own_inputs(train_data, tmp_path, monkeypatch,

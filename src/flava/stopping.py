@@ -7,9 +7,10 @@ or `agreed()` (every process of a torch.distributed group, at step boundaries on
 raise `Stopped`, which the CLI prints as one line with exit code 128 + the signal number (143 for
 SIGTERM, 130 for SIGINT). A wait that holds no state of its own (a batch being drawn, which moves its
 stream only once it is whole) may be given up (`abandonable`): a stalled read then delays no stop,
-which a scheduler's grace period (often 30 s) would not wait for. Pool processes ignore both signals (`ignore_in_worker`); DataLoader
-workers ignore SIGINT and, after SIGTERM, serve until their owner shuts them down or is gone
-(`quiet_loader_worker`): a signal sent to the whole process group prints no worker tracebacks.
+which a scheduler's grace period (often 30 s) would not wait for. Pool processes ignore both
+signals and end when their owner is gone (`ignore_in_worker`); DataLoader workers ignore SIGINT
+and, after SIGTERM, serve until their owner shuts them down or is gone (`quiet_loader_worker`): a
+signal sent to the whole process group prints no worker tracebacks.
 """
 
 from __future__ import annotations
@@ -177,9 +178,23 @@ def agreed() -> int:
 def ignore_in_worker(*_) -> None:
     """A pool process's init: SIGTERM and SIGINT are for its owner, which finishes or abandons the
     worker's work and shuts it down (a worker killed by a signal makes its owner fail with a
-    traceback instead)."""
+    traceback instead). An owner killed outright (SIGKILL, the OOM killer) cannot: the worker then
+    ends by itself within a second, where it had waited for work for ever."""
+    import threading
+
     for s in SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    owner = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == owner:
+            time.sleep(ORPHAN_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="flava-orphan-watch", daemon=True).start()
+
+
+ORPHAN_POLL_S = 0.5
 
 
 OWNER_POLL_S = 0.2

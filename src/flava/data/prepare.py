@@ -126,6 +126,10 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class Unread(Exception):
+    """A unit whose input could not be read for a reason that may pass (`Opened.passing`)."""
+
+
 def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettings,
                  tokenizer: Callable | None) -> dict:
     """Write unit `number` as NNNNN.tar + NNNNN.json; returns its counts. Runs in a pool process."""
@@ -136,6 +140,8 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
     torch.set_num_threads(1)
     out_dir = Path(out)
     opened = open_shard(unit)
+    if opened.passing:  # a store or disk that failed: left unfinished, for the next run to read
+        raise Unread(opened.failure)
     dropped: Counter = Counter(opened.rejected)
     kept: list[tuple[str, dict, object]] = []
     for i, record in enumerate(opened.records):
@@ -246,9 +252,13 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
         return stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at} (kept in {output}): run the same "
                                         "command again to finish", at)
 
+    unread: list[str] = []  # units whose input failed to be read: left for the next run
     if workers <= 1:
         for n in todo:
-            prepare_unit(n, units[n], kind, str(output), settings, tokenizer)
+            try:
+                prepare_unit(n, units[n], kind, str(output), settings, tokenizer)
+            except Unread as e:
+                unread.append(str(e))
             done += 1
             if progress:
                 progress(done, len(units))
@@ -262,7 +272,10 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
             futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo]
             try:
                 for f in as_completed(futures):  # counted as they finish, in any order (as a stop counts them)
-                    f.result()
+                    try:
+                        f.result()
+                    except Unread as e:
+                        unread.append(str(e))
                     done += 1
                     if progress:
                         progress(done, len(units))
@@ -274,6 +287,9 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                 for process in list((getattr(pool, "_processes", None) or {}).values()):
                     process.kill()
                 raise
+    if unread:
+        raise DataError(f"{len(unread)} of {len(units)} inputs could not be read (e.g. {unread[0]}); the others are "
+                        f"prepared in {output}: run the same command again to finish once they can be read")
     stats = [json.loads((output / f"{n:05d}.json").read_text()) for n in range(len(units))]
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
     info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,

@@ -60,6 +60,9 @@ class Opened:
     """A shard that gave no record, named: with its reader's words where it could not be read at
     all (a refused connection, a missing key). A source none of whose shards gives one is refused
     with it."""
+    passing: bool = False
+    """Whether the shard could not be read for a reason that may pass (a store or file system that
+    failed: OSError), not for what it holds (a damaged tar) or its absence."""
 
 
 @dataclass(frozen=True)
@@ -131,10 +134,10 @@ def open_shard(shard) -> Opened:
     except FileNotFoundError as e:
         return Opened([], Counter({"missing shard": 1}), _failure(shard, e))
     except (OSError, DataError, tarfile.TarError, EOFError) as e:
-        return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e))
+        return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e), passing=isinstance(e, OSError))
     except Exception as e:  # remote stores raise their own error types (timeouts, refusals)
         if type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "fsspec", "s3fs", "requests", "urllib3"):
-            return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e))
+            return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e), passing=True)
         raise
     if not opened.records and opened.rejected and not opened.failure:  # read, and nothing in it usable
         opened.failure = shard.name
