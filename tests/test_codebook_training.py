@@ -100,6 +100,36 @@ def test_train_codebook_errors(tmp_path, capsys):
     (tmp_path / "bad" / "x.png").write_bytes(b"junk")
     assert cli(["train-codebook", "--images", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2
     assert "bad: none of 1 records drawn from it makes a sample (1 unreadable image)" in capsys.readouterr().err
+    imgs = tmp_path / "imgs"
+    make_images(imgs, n=4)
+    # One source named twice (it had trained on each image twice, counted twice); channels the
+    # RGB images cannot have (it had failed at the first step, after its start-up).
+    for given, said in ((["--images", str(imgs), str(imgs / ".")], f"train-codebook names {imgs / '.'} twice"),
+                        (["--images", str(imgs), "--set", "codebook.input_channels=1"],
+                         "codebook.input_channels=1: training reads images as RGB, 3 channels; set it to 3")):
+        assert cli(["train-codebook", *given, "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_evaluation_sample_takes_every_source_in_proportion_each_image_once(tmp_path):
+    # Two sources of 8 images each: a sample of 16 was one batch drawn by weight, all from one of
+    # them, each image twice.
+    from flava.train.codebook import _evaluation_sample, image_sources
+
+    for name, channel in (("red", 0), ("blue", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(8):
+            arr = np.zeros((32, 32, 3), dtype=np.uint8)
+            arr[..., channel] = 100 + 10 * i
+            Image.fromarray(arr).save(tmp_path / name / f"{i}.png")
+    pixels = _evaluation_sample(image_sources([str(tmp_path / "red"), str(tmp_path / "blue")], []), 32, 1, 16)
+    colours = {tuple(int(v) for v in p.reshape(3, -1).float().mean(1).round()) for p in pixels}
+    assert len(pixels) == 16 and len(colours) == 16
+    assert sum(c[0] > 0 for c in colours) == 8 and sum(c[2] > 0 for c in colours) == 8
+    # Fewer wanted than there are: shared out, each source still in it.
+    assert len(_evaluation_sample(image_sources([str(tmp_path / "red"), str(tmp_path / "blue")], []), 32, 1, 5)) == 5
 
 
 def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):
@@ -260,6 +290,9 @@ def test_images_that_fail_mid_run_end_it_with_the_steps_done_saved(tmp_path, mon
     for f, data in whole.items():
         f.write_bytes(data)
     assert cli([*args, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    # The same command resumed: nothing is ignored (the image tokens set to the codebook's 32 had
+    # read as a --set the resume ignored).
+    assert "ignored" not in capsys.readouterr().out
     want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 

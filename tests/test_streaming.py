@@ -643,7 +643,7 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
             assert x["losses"][name] == pytest.approx(y["losses"][name], abs=1e-4), name
 
 
-def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path):
+def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path, capsys):
     from flava.cli import main as cli
 
     table = tmp_path / "pairs.csv"
@@ -658,6 +658,11 @@ def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep\n")
     assert cli(["prepare", "--pairs", str(table), "--output", str(tmp_path / "mine"), "--workers", "1"]) == 2
     assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    # No processes at all: refused (-1 had run 'with -1 process', 0 as the default).
+    for n in ("0", "-1"):
+        assert cli(["prepare", "--pairs", str(table), "--output", str(tmp_path / "none"), "--workers", n]) == 2
+        assert f"--workers must be at least 1 (it is {n})" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
 
 
 def test_prepare_leaves_the_inputs_a_store_failed_to_give_to_its_next_run(tmp_path, monkeypatch, capsys):

@@ -301,6 +301,15 @@ def preset(name: str) -> FlavaConfig:
 
 
 
+def check_rgb(cfg: FlavaConfig, prefix: str = "") -> None:
+    """Training reads images as RGB: a model built for other channel counts would fail at its first
+    step, after its start-up."""
+    for key, n in (("image.num_channels", cfg.image.num_channels), ("codebook.input_channels",
+                                                                   cfg.codebook.input_channels)):
+        if n != 3:
+            raise ConfigError(f"{prefix}{key}={n}: training reads images as RGB, 3 channels; set it to 3")
+
+
 def validate(cfg: FlavaConfig) -> FlavaConfig:
     """Check every field, then the relations between fields that a single type cannot express."""
     check(cfg)

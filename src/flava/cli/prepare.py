@@ -49,6 +49,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     for name, low in (("size", 8), ("shard_size", 1), ("crops", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (it is {args.workers}); leave it out for one per CPU core")
     check_value("--crop-scale-min", args.crop_scale_min, float)
     check_value("--seed", args.seed, Seed)
     if not 0 < args.crop_scale_min <= 1:

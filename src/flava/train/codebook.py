@@ -28,10 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from .. import stopping
 from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
-    Seed, from_dict, to_dict
+    Seed, check_rgb, from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
 from ..data.pipeline import BatchStream, KindStream
-from ..data.registry import demo_source, estimated_size, open_source
+from ..data.registry import check_distinct, demo_source, estimated_size, open_source
 from ..data.registry import image_sources as open_images  # this module's image_sources adds demo and pairs
 from ..data.sources import Source
 from ..data.transforms import map_pixels
@@ -236,6 +236,7 @@ def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
     """The sources named: 'demo' (the packaged demo images); image files and globs gathered into
     one source; folders, shards, tables and parquet as `flava pretrain` opens them (the images
     of pairs)."""
+    check_distinct([*images, *pairs], "train-codebook", " (--images and --pairs together)")
     demo = [demo_source("images")] if "demo" in images else []
     return demo + open_images([s for s in images if s != "demo"]) + [open_source("pairs", spec) for spec in pairs]
 
@@ -245,6 +246,30 @@ def _stream(sources: list[Source], maker: CodebookCrops, batch: int, seed: int, 
                for i, src in enumerate(sources)]
     weights = [float(estimated_size(src)) for src in sources] if len(sources) > 1 else [1.0]
     return KindStream("images", streams, weights, seed)
+
+
+def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int) -> torch.Tensor:
+    """The fixed sample scored before and after training: up to `wanted` center crops from every
+    source in proportion to its size, each image once (sizes of shards without an index are
+    estimated from their first). One batch drawn by weight took it all from one source, and 512
+    from 60 images repeated them."""
+    sizes = [s.known_size if s.known_size is not None else estimated_size(s) for s in sources]
+    n = max(1, min(wanted, sum(sizes)))
+    exact = [n * k / sum(sizes) for k in sizes]
+    shares = [max(1, min(k, math.floor(e))) for k, e in zip(sizes, exact)]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: math.floor(exact[i]) - exact[i])
+    while sum(shares) < n and any(shares[i] < sizes[i] for i in by_remainder):  # what rounding down left
+        for i in by_remainder:
+            if sum(shares) < n and shares[i] < sizes[i]:
+                shares[i] += 1
+    while sum(shares) > n and max(shares) > 1:  # a share of 1 for each small source
+        shares[shares.index(max(shares))] -= 1
+    crops, pixels = CodebookCrops(size, seed, train=False), []
+    for i, (source, share) in enumerate(zip(sources, shares)):
+        stream = BatchStream("images", source, crops, share, seed=seed + 7919 * i)
+        stream.probe()  # a source with no readable image, named before training
+        pixels.append(stream.next_batch().pixels)
+    return torch.cat(pixels)
 
 
 def _no_images(e: DataError, sources: list[Source]) -> DataError:
@@ -298,6 +323,11 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     names those it ignores (without `given`, settings that differ from the defaults count as set)."""
     output = Path(output)
     saved = _check_start(output, resume)
+    tokens = cfg.codebook.vocab_size
+    if cfg.image.vocab_size != tokens:  # the image tokens are the codebook's (as a run saves them)
+        cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, vocab_size=tokens))
+        if saved is None:
+            console.print(f"note: image.vocab_size set to the codebook's {tokens} tokens")
     if saved is not None:
         asked, asked_model = dataclasses.asdict(settings), to_dict(cfg)
         cfg = from_dict(FlavaConfig, saved["model"])
@@ -320,24 +350,15 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
             console.print(f"note: resuming with the run's own settings; ignored: {', '.join(ignored)}")
     else:  # saved absolute: a --resume from another folder reads the same files
         images_spec, pairs_spec = _anchored(images_spec), _anchored(pairs_spec or [])
-    if cfg.image.vocab_size != cfg.codebook.vocab_size:
-        console.print(f"note: image.vocab_size set to the codebook's {cfg.codebook.vocab_size} tokens")
-        cfg.image.vocab_size = cfg.codebook.vocab_size
+    check_rgb(cfg)
     size = cfg.codebook_image_size
     device = resolve_device(settings.device)
     workers = settings.num_workers if settings.num_workers is not None else \
         (min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0)
     pairs_spec = list(pairs_spec or [])
     sources = image_sources(images_spec, pairs_spec)
-    # Each image once where the sources know their size: a sample of 512 from 60 images repeated them.
-    known = [s.known_size for s in sources]
-    sample = settings.eval_images if None in known else max(1, min(settings.eval_images, sum(known)))
-    evaluation = _stream(sources, CodebookCrops(size, settings.seed + 1, train=False), sample,
-                         settings.seed + 1, 0)
-    for each in evaluation.streams:  # a source with no readable image, named before training
-        each.probe()
     try:
-        eval_pixels = evaluation.next_batch().pixels
+        eval_pixels = _evaluation_sample(sources, size, settings.seed + 1, settings.eval_images)
     except DataError as e:
         raise _no_images(e, sources) from None
     stream = _stream(sources, CodebookCrops(size, settings.seed, settings.crop_scale_min), settings.batch_size,

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .. import stopping
-from ..config import check
+from ..config import check, check_rgb
 from ..objectives.pretraining import TARGETS
 from ..objectives.registry import active
 from ..data.registry import KINDS, open_stream
@@ -153,6 +153,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device)
         self._chosen = self.checkpoints.choose() if resume else None
 
+        check_rgb(cfg.model, "model.")
         # A stage whose build takes no checkpoint builds as at its start (reading its sources).
         takes_own = "own" in inspect.signature(self.stage.build).parameters
         self.initialised = self.stage.build(self._chosen.ckpt) if self._chosen and takes_own else self.stage.build()
