@@ -190,6 +190,12 @@ def test_webdataset_shards(tmp_path):
     assert s.skipped["unreadable image"] >= 1
     # What indexing rejected is reported per shard as the stream reaches it.
     assert {"incomplete tar sample", "truncated tar shard"} <= {r for c in s.rejected.values() for r in c}
+    # Shards of images alone read as pairs: the refusal says they are image data.
+    with tarfile.open(tmp_path / "images-000.tar", "w") as tar:
+        add(tar, "a.png", png_bytes(1))
+    with pytest.raises(DataError, match=r"\(met: 1 incomplete tar sample; e\.g\. \S+\); a shard of images without "
+                                        r"captions is image data$"):
+        stream(tar_pairs(str(tmp_path / "images-000.tar")), batch_size=1, lanes=1).next_batch()
 
 
 def test_image_folders_and_text_files(tmp_path):
@@ -215,7 +221,7 @@ def test_image_folders_and_text_files(tmp_path):
     with pytest.raises(DataError, match="no .txt or .jsonl"):
         text_file(str(tmp_path / "notes.md"))
     # A text corpus given as images or pairs was read as a tar shard and called damaged.
-    with pytest.raises(DataError, match=r"a.txt is text, not images: .* give text as data.text"):
+    with pytest.raises(DataError, match=r"a.txt is text, not images: .* text is for pretraining's data.text \(or embed's --texts\)"):
         open_source("images", str(tmp_path / "a.txt"))
     with pytest.raises(DataError, match=r"a.txt is text, not pairs"):
         open_source("pairs", str(tmp_path / "a.txt"))
@@ -226,8 +232,8 @@ def test_image_folders_and_text_files(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "cats" / "0.png")
     with tarfile.open(tmp_path / "shard.tar", "w"):
         pass
-    for kind, spec, said in (("pairs", "photos", "holds images without captions, which are image data (give it as "
-                                                 "data.images)"),
+    for kind, spec, said in (("pairs", "photos", "holds images without captions, which are image data (--images; "
+                                                 "data.images in a training config)"),
                              ("pairs", "photos/*/*.png", "holds images without captions"),
                              ("text", "photos", "holds images or shards, not text (give them as data.images or "
                                                 "data.pairs)"),
@@ -289,7 +295,7 @@ def test_image_files_and_globs_are_one_source_of_every_image_they_name(tmp_path)
         assert len(ks.streams) == 1 and ks.streams[0].source.known_size == 6
         pixels = ks.next_batch().pixel_values
         assert len({bytes(p.numpy()) for p in pixels}) == 6  # six images, not one six times
-    with pytest.raises(DataError, match=r"p.csv is a table: .* give it as data.pairs"):
+    with pytest.raises(DataError, match=r"p.csv is a table: .* is pair data \(--pairs; data.pairs in a training config\)"):
         open_source("images", str(tmp_path / "p.csv"))
     # A source named twice (here once relative to the working directory) is refused, not drawn twice as often.
     with pytest.raises(DataError, match=r"data.images names .*red twice; give each source once"):

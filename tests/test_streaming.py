@@ -106,6 +106,12 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
 
     with pytest.raises(DataError, match=r"holds a usable record \(met: 2 missing shard; e\.g\. http://\S+/gone-00[01]"):
         batches(open_source("pairs", url + "/gone-{000..001}.tar"))
+    # A remote table or image is named as one (read as a local path, it was "http:/host/x.csv does not exist").
+    for kind, name, what in (("pairs", "pairs.csv", "table"), ("images", "x.png", "image")):
+        with pytest.raises(DataError, match=re.escape(f"{url}/{name}: remote {kind} are read from WebDataset shards "
+                                                      f"(.tar files, a folder or glob of them, or their index.json); "
+                                                      f"copy the {what} here")):
+            open_source(kind, f"{url}/{name}")
 
 
 def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_missing(http_server, monkeypatch,

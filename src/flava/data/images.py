@@ -42,7 +42,7 @@ def holds_images(spec: str) -> bool:
 
 
 WRONG_KIND = {
-    "pairs": "holds images without captions, which are image data (give it as data.images); pairs are WebDataset "
-             "shards (.tar) or a table of image and caption",
+    "pairs": "holds images without captions, which are image data (--images; data.images in a training config); "
+             "pairs are WebDataset shards (.tar) or a table of image and caption",
     "text": "holds images or shards, not text (give them as data.images or data.pairs); text is .txt or .jsonl",
 }

@@ -149,7 +149,7 @@ class Lane:
                 return shard, records, int(perm[position - c.start]), c.epoch
             empty = empty + 1 if not records else 0
             if empty > 2 * len(self.source.shards):
-                raise no_usable_record(self.source.name, self.met, self.failure)
+                raise no_usable_record(self.source.name, self.met, self.failure, self.source.kind)
             last = c.ordinal + 1 == len(self._shards(c.epoch))
             self.cursor = Cursor(c.epoch + last, 0 if last else c.ordinal + 1, c.start + len(records))
 
@@ -220,12 +220,15 @@ class _Draws(IterableDataset):
             draw += 1
 
 
-def no_usable_record(name: str, met: Counter, failure: str = "") -> DataError:
+def no_usable_record(name: str, met: Counter, failure: str = "", kind: str = "") -> DataError:
     """A source whose shards hold no record at all: what was met reading them (and one of them, with
     what its reader said), or that they are empty."""
     why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
     example = f"; e.g. {failure}" if failure else ""
-    return DataError(f"{name}: no shard holds a usable record" + (f" (met: {why}{example})" if why else
+    # Shards of images alone (`flava prepare --images` writes them), read as pairs.
+    hint = "; a shard of images without captions is image data" if kind == "pairs" and set(met) == {
+        "incomplete tar sample"} else ""
+    return DataError(f"{name}: no shard holds a usable record" + (f" (met: {why}{example}){hint}" if why else
                                                                   " (every one is empty)"))
 
 
@@ -376,7 +379,7 @@ class BatchStream:
         if tried == 0:
             if len(shards) > PROBE_SHARDS:
                 return  # the shards drawn are empty: the stream moves on to the others
-            raise no_usable_record(self.source.name, met, failure)
+            raise no_usable_record(self.source.name, met, failure, self.kind)
         why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
         raise DataError(f"{self.source.name}: none of {tried} records drawn from it makes a sample ({why}); fix "
                         f"the data or leave the source out")
