@@ -262,7 +262,7 @@ def test_train_codebook_help_says_the_training_defaults(capsys):
     assert f"a search without k gets {k})" in " ".join(capsys.readouterr().out.split())
 
 
-def test_images_that_fail_mid_run_end_it_with_the_steps_done_saved(tmp_path, monkeypatch, capsys, one_thread):
+def test_images_that_fail_or_stall_mid_run_end_it_with_the_steps_done_saved(tmp_path, monkeypatch, capsys, one_thread):
     from safetensors.torch import load_file
 
     from flava.train import codebook
@@ -324,3 +324,20 @@ def test_images_that_fail_mid_run_end_it_with_the_steps_done_saved(tmp_path, mon
     assert cli([*args, "--output", str(tmp_path / "stopped"), "--resume"]) == 0
     got = load_file(str(tmp_path / "stopped" / "model.safetensors"))
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+    # Stopped while its evaluation sample is read, before any step: nothing is saved (it had
+    # saved step 0, and the same command was then refused for want of --resume).
+    def stalls_at_once(self, *args, **kwargs):
+        if not early:
+            early.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(60)
+        return real_draw(self, *args, **kwargs)
+
+    early = []
+    monkeypatch.setattr(_Draws, "_sample", stalls_at_once)
+    assert cli([*args, "--output", str(tmp_path / "early")]) == 143
+    assert "stopped by SIGTERM before the first step; nothing to save: run the same command again to start it" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(_Draws, "_sample", real_draw)
+    assert cli([*args, "--output", str(tmp_path / "early")]) == 0

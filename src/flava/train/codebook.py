@@ -358,9 +358,12 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     pairs_spec = list(pairs_spec or [])
     sources = image_sources(images_spec, pairs_spec)
     try:
-        eval_pixels = _evaluation_sample(sources, size, settings.seed + 1, settings.eval_images)
+        with stopping.abandonable():  # reading thousands of images may take a while
+            eval_pixels = _evaluation_sample(sources, size, settings.seed + 1, settings.eval_images)
     except DataError as e:
         raise _no_images(e, sources) from None
+    except stopping.Abandoned as e:
+        raise _stopped_first(e.signum) from None
     stream = _stream(sources, CodebookCrops(size, settings.seed, settings.crop_scale_min), settings.batch_size,
                      settings.seed, workers)
     run = CodebookRun(cfg.codebook, size, settings, stream, eval_pixels, device)
@@ -379,9 +382,16 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
                           f"{', '.join(s.name for s in sources)} at {size} px ({cfg.image.grid_size}x"
                           f"{cfg.image.grid_size} tokens each), {settings.steps} steps on {device.type}"
                           + (" (bf16)" if run.dtype is not None else ""))
+            if signum := stopping.requested():
+                raise _stopped_first(signum)
             run.start_metrics = run.evaluate()
         summary = _train(run, output, meta, console)
     return summary
+
+
+def _stopped_first(signum: int) -> stopping.Stopped:
+    return stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {stopping.BEFORE_FIRST_STEP}; nothing to "
+                                    "save: run the same command again to start it", stopping.BEFORE_FIRST_STEP)
 
 
 def _step_of(row: str) -> float:
@@ -430,7 +440,9 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
                 run.save(output / STATE, meta)
                 saved_at = run.step
             if (signum := stopping.requested()) and run.step < settings.steps:
-                if run.step > saved_at or not (output / STATE).is_dir():
+                if run.step == 0:
+                    raise _stopped_first(signum)
+                if run.step > saved_at:
                     run.save(output / STATE, meta)
                 at = f"at step {run.step} of {settings.steps}"
                 raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; saved in {output / STATE}: "
