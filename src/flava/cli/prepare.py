@@ -25,7 +25,8 @@ def add(sub) -> None:
                    "codebook input sizes)")
     p.add_argument("--size", type=int, default=256, help="shorter image side after resizing (default 256)")
     p.add_argument("--shard-size", dest="shard_size", type=int, default=1000,
-                   help="samples per shard for tables and folders (default 1000)")
+                   help="samples per shard for CSV/TSV/JSONL tables and folders (default 1000); input tar shards, "
+                        "parquet row groups and Arrow record batches map one to one")
     p.add_argument("--crops", type=int, default=4, help="crop boxes tokenized per image (default 4)")
     p.add_argument("--crop-scale-min", dest="crop_scale_min", type=float, default=0.9,
                    help="smallest share of the image a crop keeps (default 0.9, as training)")
