@@ -697,6 +697,38 @@ def test_prepare_leaves_the_inputs_a_store_failed_to_give_to_its_next_run(tmp_pa
     assert report["samples"] == 6 and not report["dropped"]
 
 
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow)])  # 2: a grace of 10 s
+def test_a_stop_during_a_stalled_read_ends_prepare_promptly_and_a_rerun_finishes_it(tmp_path, workers, capsys):
+    # It waited for the read to give up (60 s a try, three tries: six minutes for two units).
+    import threading
+
+    from flava.cli import main as cli
+    from flava.data import prepare
+
+    server = _HoldingServer(write_shards(tmp_path / "www", shards=4, per=3))
+    args = ["prepare", "--pairs", server.url + "/shard-{000..003}.tar", "--output", str(tmp_path / "out"),
+            "--workers", workers, "--size", "16"]
+    try:
+        server.hold.set()
+
+        def stop_once_held():
+            server.held.wait(60)
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        sent = []
+        threading.Thread(target=stop_once_held, daemon=True).start()
+        assert cli(args) == 143
+        assert time.monotonic() - sent[0] < prepare.STOP_GRACE_S + 15
+        assert "stopped by SIGTERM after 0 of 4 units" in capsys.readouterr().err
+        assert not list((tmp_path / "out").glob(".*.tmp.*"))
+        server.hold.clear(), server.release.set()
+        assert cli(args) == 0
+        assert json.loads((tmp_path / "out" / "prepare_report.json").read_text())["samples"] == 12
+    finally:
+        server.close()
+
+
 def test_an_unfinished_prepare_is_named_and_finished_only_from_its_own_inputs(train_data, tmp_path, monkeypatch,
                                                                            capsys):
     from flava.cli import main as cli

@@ -24,7 +24,7 @@ import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +45,8 @@ from .tars import INDEX, PREPARE_SETTINGS
 REPORT = "prepare_report.json"
 TOKENIZE_BATCH = 256
 """Crops per codebook call."""
+STOP_GRACE_S = 10.0
+"""How long a stop lets the units being written finish before it gives them up."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
         for stray in output.glob("[0-9]*.tar"):  # a unit a failed start left unfinished, maybe beyond these
             stray.unlink()
         write_json_atomic(mark, manifest)
+    _remove_strays(output)
     units = _units(sources, settings.shard_size)
     todo = [n for n in range(len(units)) if not (output / f"{n:05d}.json").is_file()]
     start = time.perf_counter()
@@ -253,12 +256,26 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                                         "command again to finish", at)
 
     unread: list[str] = []  # units whose input failed to be read: left for the next run
+
+    def finished(f) -> None:
+        nonlocal done
+        try:
+            f.result()
+        except Unread as e:
+            unread.append(str(e))
+        done += 1
+        if progress:
+            progress(done, len(units))
+
     if workers <= 1:
         for n in todo:
-            try:
-                prepare_unit(n, units[n], kind, str(output), settings, tokenizer)
+            try:  # a stop ends a unit at once (a stalled read would hold it for minutes); it is written whole or not
+                with stopping.abandonable(), stopping.interruptible():
+                    prepare_unit(n, units[n], kind, str(output), settings, tokenizer)
             except Unread as e:
                 unread.append(str(e))
+            except stopping.Abandoned as e:
+                raise stopped(e.signum) from None
             done += 1
             if progress:
                 progress(done, len(units))
@@ -269,23 +286,27 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                  initializer=_init_worker, initargs=(tokenizer_factory,)) as pool:
-            futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo]
+            pending = {pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo}
             try:
-                for f in as_completed(futures):  # counted as they finish, in any order (as a stop counts them)
-                    try:
-                        f.result()
-                    except Unread as e:
-                        unread.append(str(e))
-                    done += 1
-                    if progress:
-                        progress(done, len(units))
-                    if (signum := stopping.requested()) and done < len(units):
-                        # Units being written finish (each is renamed into place whole); the rest wait.
-                        pool.shutdown(wait=True, cancel_futures=True)
+                while pending:  # counted as they finish, in any order (as a stop counts them)
+                    ended, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for f in ended:
+                        finished(f)
+                    if (signum := stopping.requested()) and pending:
+                        # Units being written have STOP_GRACE_S to finish (each is renamed into place
+                        # whole); then they are given up, as a stalled read would hold them for minutes.
+                        for f in pending:
+                            f.cancel()
+                        ended, pending = wait(pending, timeout=STOP_GRACE_S)
+                        for f in ended:
+                            if not f.cancelled():
+                                finished(f)
+                        _kill(pool)
+                        pool.shutdown(wait=True)
+                        _remove_strays(output)
                         raise stopped(signum)
             except KeyboardInterrupt:  # a second signal: the workers ignore signals, so end them here
-                for process in list((getattr(pool, "_processes", None) or {}).values()):
-                    process.kill()
+                _kill(pool)
                 raise
     if unread:
         raise DataError(f"{len(unread)} of {len(units)} inputs could not be read (e.g. {unread[0]}); the others are "
@@ -308,6 +329,17 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
               "image_tokens": bool(tokenizer_factory)}
     write_json_atomic(output / REPORT, report)
     return report
+
+
+def _remove_strays(output: Path) -> None:
+    """What units given up or killed amid their writing left (`atomic_path`'s temporaries)."""
+    for stray in output.glob(".[0-9][0-9][0-9][0-9][0-9].*.tmp.*"):
+        stray.unlink(missing_ok=True)
+
+
+def _kill(pool: ProcessPoolExecutor) -> None:
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
 
 
 _worker_tokenizer = None
