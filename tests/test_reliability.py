@@ -743,7 +743,7 @@ def test_a_stop_while_a_later_micro_batch_is_awaited_undoes_the_step_and_resumes
     from flava.train.trainer import Trainer
 
     def cfg():
-        c = tiny_run(train_data, max_steps=5, save_every=100, log_every=1, tensorboard=False)
+        c = tiny_run(train_data, max_steps=4, save_every=100, log_every=1, tensorboard=False)
         c.data.mixing, c.optim.grad_accumulation = [1.0, 0.0, 0.0], 2
         c.model.text.dropout = 0.1  # random numbers the undone micro-batch drew
         return c

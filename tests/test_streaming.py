@@ -230,9 +230,9 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
                 last[0] = time.monotonic()
                 server.hold.set()  # after step 1: the next shard read stalls (the worker's, ahead of its owner)
 
-            def signal_once_waiting():  # the owner waiting: no step for 2 s after a read stalled
+            def signal_once_waiting():  # the owner waiting: no step for 1 s after a read stalled
                 server.held.wait(60)
-                while time.monotonic() - last[0] < 2:
+                while time.monotonic() - last[0] < 1:
                     time.sleep(0.05)
                 sent.append(time.monotonic())
                 os.kill(os.getpid(), signal.SIGTERM)
@@ -697,13 +697,16 @@ def test_prepare_leaves_the_inputs_a_store_failed_to_give_to_its_next_run(tmp_pa
     assert report["samples"] == 6 and not report["dropped"]
 
 
-@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow)])  # 2: a grace of 10 s
-def test_a_stop_during_a_stalled_read_ends_prepare_promptly_and_a_rerun_finishes_it(tmp_path, workers, capsys):
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow)])  # 2: processes started
+def test_a_stop_during_a_stalled_read_ends_prepare_promptly_and_a_rerun_finishes_it(tmp_path, workers, capsys,
+                                                                                     monkeypatch):
     # It waited for the read to give up (60 s a try, three tries: six minutes for two units).
     import threading
 
     from flava.cli import main as cli
     from flava.data import prepare
+
+    monkeypatch.setattr(prepare, "STOP_GRACE_S", 1.0)  # the units being written, all stalled here
 
     server = _HoldingServer(write_shards(tmp_path / "www", shards=4, per=3))
     args = ["prepare", "--pairs", server.url + "/shard-{000..003}.tar", "--output", str(tmp_path / "out"),

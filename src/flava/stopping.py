@@ -175,6 +175,10 @@ def agreed() -> int:
     return int(t)
 
 
+ORPHAN_POLL_S = 0.5
+"""How often a pool process looks whether its owner is still there."""
+
+
 def ignore_in_worker(*_) -> None:
     """A pool process's init: SIGTERM and SIGINT are for its owner, which finishes or abandons the
     worker's work and shuts it down (a worker killed by a signal makes its owner fail with a
@@ -192,9 +196,6 @@ def ignore_in_worker(*_) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="flava-orphan-watch", daemon=True).start()
-
-
-ORPHAN_POLL_S = 0.5
 
 
 OWNER_POLL_S = 0.2

@@ -38,9 +38,9 @@ from .sources import Source, open_shard
 MAX_LANES = 64
 SUBSTITUTE_TRIES = 100
 PROBE_SHARDS = 5
+"""Shards a source's probe reads at most (`BatchStream.probe`)."""
 POLL_S = 0.5
 """How often the owner of loader workers that have not sent a batch looks for a stop request."""
-"""Shards a source's probe reads at most (`BatchStream.probe`)."""
 
 
 def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
