@@ -315,6 +315,10 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
     codebook to make them. `say_kept`: a new run that finds one says it takes it."""
     if not needs_demo_codebook(cfg):
         return
+    m = cfg.model
+    if m.image.vocab_size != m.codebook.vocab_size:  # said before minutes of codebook training, not after
+        raise ConfigError(f"model.image.vocab_size={m.image.vocab_size} but model.codebook.vocab_size="
+                          f"{m.codebook.vocab_size}: the MIM/MMM heads predict the codebook's tokens; set both alike")
     train_demo_codebook(cfg.model, directory, console, rank, say_kept)
     cfg.codebook = os.path.abspath(directory)  # found by a --resume from another folder
 
