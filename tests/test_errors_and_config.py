@@ -385,14 +385,17 @@ def test_init_image_size_without_init_image_is_refused_before_any_work(tmp_path,
 def test_a_demo_codebook_of_another_vocabulary_than_the_heads_is_refused_before_any_work(tmp_path, capsys):
     # Its training had changed model.image.vocab_size to the codebook's, unsaid; then it was
     # refused only after minutes of codebook training.
+    # A recipe and an ablation likewise, before they record their settings (a corrected command was
+    # then refused as one with other settings).
     out = tmp_path / "vocab"
-    code = cli(["pretrain", "--config", "tiny", "--output", str(out), "--set", "model.codebook.vocab_size=64",
-                "--max-steps", "1"])
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert "model.image.vocab_size=512 but model.codebook.vocab_size=64: the MIM/MMM heads predict the codebook's " \
-           "tokens; set both alike" in err
-    assert not out.exists()
+    for command in (["pretrain", "--config", "tiny", "--max-steps", "1"], ["pretrain", "--recipe", "paper"],
+                    ["ablate", "--steps", "1", "--rows", "mim"]):
+        code = cli([*command, "--output", str(out), "--set", "model.codebook.vocab_size=64"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "model.image.vocab_size=512 but model.codebook.vocab_size=64: the MIM/MMM heads predict the " \
+               "codebook's tokens; set both alike" in err
+        assert not out.exists()
 
 
 def test_a_hub_id_without_its_owner_is_looked_up_as_one(tmp_path, monkeypatch, capsys):

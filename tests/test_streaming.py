@@ -107,6 +107,8 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
     with pytest.raises(DataError, match=r"holds a usable record \(met: 2 missing shard; e\.g\. http://\S+/gone-00[01]"):
         batches(open_source("pairs", url + "/gone-{000..001}.tar"))
     # A remote table or image is named as one (read as a local path, it was "http:/host/x.csv does not exist").
+    with pytest.raises(DataError, match=re.escape(f"{url}/notes.txt is text, not pairs")):
+        open_source("pairs", f"{url}/notes.txt")
     for kind, name, what in (("pairs", "pairs.csv", "table"), ("images", "x.png", "image")):
         with pytest.raises(DataError, match=re.escape(f"{url}/{name}: remote {kind} are read from WebDataset shards "
                                                       f"(.tar files, a folder or glob of them, or their index.json); "
@@ -695,6 +697,12 @@ def test_prepare_leaves_the_inputs_a_store_failed_to_give_to_its_next_run(tmp_pa
         server.wait(timeout=10)
     report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
     assert report["samples"] == 6 and not report["dropped"]
+    # An input that fails for good (a command that fails, a store's refusal) is counted, not waited for.
+    failing = ["prepare", "--pairs", f"pipe:cat {root}/shard-000.tar", "pipe:false", "--output", str(tmp_path / "p"),
+               "--workers", "1", "--size", "16"]
+    assert cli(failing) == 0
+    report = json.loads((tmp_path / "p" / "prepare_report.json").read_text())
+    assert report["samples"] == 3 and report["dropped"] == {"unreadable shard": 1}
 
 
 @pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.slow)])  # 2: processes started

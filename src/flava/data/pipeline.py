@@ -379,7 +379,7 @@ class BatchStream:
         if tried == 0:
             if len(shards) > PROBE_SHARDS:
                 return  # the shards drawn are empty: the stream moves on to the others
-            raise no_usable_record(self.source.name, met, failure, self.kind)
+            raise no_usable_record(self.source.name, met, failure, self.source.kind)
         why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
         raise DataError(f"{self.source.name}: none of {tried} records drawn from it makes a sample ({why}); fix "
                         f"the data or leave the source out")

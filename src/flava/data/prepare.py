@@ -19,12 +19,13 @@ import html
 import io
 import json
 import os
+import queue
 import re
 import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -286,19 +287,32 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                  initializer=_init_worker, initargs=(tokenizer_factory,)) as pool:
-            pending = {pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo}
+            futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo]
+            ended: queue.Queue = queue.Queue()  # as they finish, in any order (as a stop counts them)
+            for f in futures:
+                f.add_done_callback(ended.put)
+            left = len(futures)
+
+            def next_ended(timeout: float):
+                nonlocal left
+                try:
+                    f = ended.get(timeout=timeout)
+                except queue.Empty:
+                    return None
+                left -= 1
+                return f
+
             try:
-                while pending:  # counted as they finish, in any order (as a stop counts them)
-                    ended, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-                    for f in ended:
+                while left:
+                    if (f := next_ended(0.5)) is not None:
                         finished(f)
-                    if (signum := stopping.requested()) and pending:
+                    if (signum := stopping.requested()) and left:
                         # Units being written have STOP_GRACE_S to finish (each is renamed into place
                         # whole); then they are given up, as a stalled read would hold them for minutes.
-                        for f in pending:
+                        for f in futures:
                             f.cancel()
-                        ended, pending = wait(pending, timeout=STOP_GRACE_S)
-                        for f in ended:
+                        deadline = time.monotonic() + STOP_GRACE_S
+                        while left and (f := next_ended(max(0.0, deadline - time.monotonic()))) is not None:
                             if not f.cancelled():
                                 finished(f)
                         _kill(pool)
@@ -309,7 +323,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                 _kill(pool)
                 raise
     if unread:
-        raise DataError(f"{len(unread)} of {len(units)} inputs could not be read (e.g. {unread[0]}); the others are "
+        raise DataError(f"{len(unread)} of {len(units)} inputs could not be read (e.g. {unread[0]}); what could is "
                         f"prepared in {output}: run the same command again to finish once they can be read")
     stats = [json.loads((output / f"{n:05d}.json").read_text()) for n in range(len(units))]
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]

@@ -47,6 +47,17 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     if kind == "text":
         return texts.text_file(spec, cache=cache)
+    if kind == "images" and tables.is_table(spec) and not spec.lower().endswith(texts.TEXT_SUFFIXES):
+        raise DataError(f"{spec} is a table: images are image files, folders, globs, shards or parquet; a table of "
+                        "image and caption is pair data (--pairs; data.pairs in a training config)")
+    if kind == "pairs" and tables.is_table(spec) and not is_remote(spec):
+        return sources.csv_pairs(spec)
+    if kind in ("pairs", "images") and spec.lower().endswith(texts.TEXT_SUFFIXES) and not (
+            kind == "pairs" and tables.is_table(spec)):  # read as a tar, it was "damaged"
+        raise DataError(f"{spec} is text, not {kind}: {kind} are "
+                        + ("WebDataset shards (.tar) or tables (CSV, TSV, JSONL, parquet) of image and caption"
+                           if kind == "pairs" else "image files, folders, shards or parquet")
+                        + "; text is for pretraining's data.text (or embed's --texts)")
     if is_remote(spec) and not spec.startswith("pipe:"):  # as a path, http://h/x.csv was http:/h/x.csv
         image = spec.lower().rstrip("/").endswith(tuple(IMAGE_SUFFIXES))
         one = "table" if tables.is_table(spec) else "image" if image else None
@@ -54,16 +65,6 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
             raise DataError(f"{spec}: remote {kind} are read from WebDataset shards (.tar files, a folder or glob of "
                             f"them, or their index.json); copy the {one} here and name its local path")
         return tars.tar_source(kind, spec, cache)
-    if kind == "pairs" and tables.is_table(spec):
-        return sources.csv_pairs(spec)
-    if kind == "images" and tables.is_table(spec) and not spec.lower().endswith(texts.TEXT_SUFFIXES):
-        raise DataError(f"{spec} is a table: images are image files, folders, globs, shards or parquet; a table of "
-                        "image and caption is pair data (--pairs; data.pairs in a training config)")
-    if kind in ("pairs", "images") and spec.lower().endswith(texts.TEXT_SUFFIXES):  # read as a tar, it was "damaged"
-        raise DataError(f"{spec} is text, not {kind}: {kind} are "
-                        + ("WebDataset shards (.tar) or tables (CSV, TSV, JSONL, parquet) of image and caption"
-                           if kind == "pairs" else "image files, folders, shards or parquet")
-                        + "; text is for pretraining's data.text (or embed's --texts)")
     if kind == "pairs" or _is_tar_spec(spec):
         return tars.tar_source(kind, spec, cache)
     if is_loose_image(spec):

@@ -189,7 +189,17 @@ def _fetch(url: str) -> bytes:
             print(f"note: {url}: {_said(last)} (attempt {attempt} of {RETRIES}); trying again in {wait:g} s",
                   file=sys.stderr, flush=True)
             time.sleep(wait)
-    raise OSError(f"{url}: {_said(last)} ({RETRIES} attempts){_hint(url, last)}") from last
+    failure = Unreachable if _connection_failure(last) is not None else OSError
+    raise failure(f"{url}: {_said(last)} ({RETRIES} attempts){_hint(url, last)}") from last
+
+
+class Unreachable(OSError):
+    """A store that could not be reached, or gave no answer in time, however often it was tried:
+    unlike its refusal or an error of its own, that may pass."""
+
+
+def unreachable(e: BaseException) -> bool:
+    return isinstance(e, Unreachable) or _connection_failure(e) is not None
 
 
 def _read_pipe(url: str) -> bytes:

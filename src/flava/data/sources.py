@@ -20,6 +20,7 @@ from pathlib import Path
 from ..errors import DataError, first_line
 from .images import find_images
 from .members import BadSample, ImageRef, Member, TarMember, refuse_urls, table_image
+from .shards import unreachable
 from .tables import read_table
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
@@ -61,8 +62,9 @@ class Opened:
     all (a refused connection, a missing key). A source none of whose shards gives one is refused
     with it."""
     passing: bool = False
-    """Whether the shard could not be read for a reason that may pass (a store or file system that
-    failed: OSError), not for what it holds (a damaged tar) or its absence."""
+    """Whether the shard could not be read for a reason that may pass (a store that could not be
+    reached or did not answer: `shards.unreachable`), not for what it holds (a damaged tar), its
+    absence, or the store's refusal or error (which the user must see to)."""
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,10 @@ def open_shard(shard) -> Opened:
     except FileNotFoundError as e:
         return Opened([], Counter({"missing shard": 1}), _failure(shard, e))
     except (OSError, DataError, tarfile.TarError, EOFError) as e:
-        return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e), passing=isinstance(e, OSError))
+        return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e), passing=unreachable(e))
     except Exception as e:  # remote stores raise their own error types (timeouts, refusals)
         if type(e).__module__.split(".")[0] in ("aiohttp", "botocore", "fsspec", "s3fs", "requests", "urllib3"):
-            return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e), passing=True)
+            return Opened([], Counter({"unreadable shard": 1}), _failure(shard, e), passing=unreachable(e))
         raise
     if not opened.records and opened.rejected and not opened.failure:  # read, and nothing in it usable
         opened.failure = shard.name

@@ -269,14 +269,16 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
     """Train and evaluate every row not yet finished, then write the report."""
     check_plan(cfg, plan)
     from ..evaluate.run import read_suite
-    from ..train.run import needs_demo_codebook, train_demo_codebook
+    from ..train.run import check_codebook_vocabulary, needs_demo_codebook, train_demo_codebook
 
-    suite = read_suite(plan.suite, console)  # every data error before any training
-    output.mkdir(parents=True, exist_ok=True)
     cfg = _copy(cfg)
     # One codebook for every row (demo data), trained before the first row that reads image tokens;
     # the plan names it either way, so later runs of the same command add rows that need it.
     needing = rows_needing_demo_codebook(cfg, plan)
+    if needing:
+        check_codebook_vocabulary(cfg.model)
+    suite = read_suite(plan.suite, console)  # every data error before any training
+    output.mkdir(parents=True, exist_ok=True)
     if needs_demo_codebook(cfg):
         cfg.codebook = str(output / "codebook")
     record = output / "ablation.json"

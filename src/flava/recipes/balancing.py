@@ -108,9 +108,12 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
     """Train and evaluate every (seed, method) not yet finished, then write the report. `cfg` is
     the joint stage's settings (the demo recipe's, with the user's overrides)."""
     from ..evaluate.run import read_suite
-    from ..train.run import SETTINGS, ensure_demo_codebook, run_pretrain
+    from ..train.run import SETTINGS, check_codebook_vocabulary, ensure_demo_codebook, needs_demo_codebook, \
+        run_pretrain
 
     check_plan(cfg, p)
+    if needs_demo_codebook(cfg):  # the stages' shared codebook: before the record names the settings
+        check_codebook_vocabulary(cfg.model)
     suite = read_suite(p.suite, console)  # every data error before any training
     output.mkdir(parents=True, exist_ok=True)
     record = output / "balancing.json"

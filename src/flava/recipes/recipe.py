@@ -148,10 +148,14 @@ def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
 
 def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, steps: dict[str, int],
                 overrides: dict[str, list[str]]) -> list[dict]:
-    from ..train.run import RESUMABLE, SETTINGS, changes, ensure_demo_codebook, run_pretrain
+    from ..train.run import RESUMABLE, SETTINGS, changes, check_codebook_vocabulary, ensure_demo_codebook, \
+        needs_demo_codebook, run_pretrain
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     stages = plan(name, cfg, output, steps, overrides)
+    for stage in stages:  # before the record: a corrected command is not refused as another recipe
+        if needs_demo_codebook(stage.config):
+            check_codebook_vocabulary(stage.config.model)
     output.mkdir(parents=True, exist_ok=True)
     record = output / RECIPE_FILE
     wanted = {"recipe": name, "stages": [{"stage": s.name, "directory": s.name, "steps": s.config.max_steps,

@@ -32,6 +32,7 @@ from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, P
 from ..data.codebook_crops import CodebookCrops
 from ..data.pipeline import BatchStream, KindStream
 from ..data.registry import check_distinct, demo_source, estimated_size, open_source
+from ..data.shards import is_remote
 from ..data.registry import image_sources as open_images  # this module's image_sources adds demo and pairs
 from ..data.sources import Source
 from ..data.transforms import map_pixels
@@ -250,10 +251,11 @@ def _stream(sources: list[Source], maker: CodebookCrops, batch: int, seed: int, 
 
 def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int) -> torch.Tensor:
     """The fixed sample scored before and after training: up to `wanted` center crops from every
-    source in proportion to its size, each image once (sizes of shards without an index are
-    estimated from their first). One batch drawn by weight took it all from one source, and 512
-    from 60 images repeated them."""
-    sizes = [s.known_size if s.known_size is not None else estimated_size(s) for s in sources]
+    source in proportion to its size, each image once (sizes of local shards without an index are
+    estimated from their first; remote ones, which would be fetched for it, count as `wanted`).
+    One batch drawn by weight took it all from one source, and 512 from 60 images repeated them."""
+    sizes = [s.known_size if s.known_size is not None else
+             wanted if is_remote(str(getattr(s.shards[0], "url", ""))) else estimated_size(s) for s in sources]
     n = max(1, min(wanted, sum(sizes)))
     exact = [n * k / sum(sizes) for k in sizes]
     shares = [max(1, min(k, math.floor(e))) for k, e in zip(sizes, exact)]
@@ -357,13 +359,13 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         (min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0)
     pairs_spec = list(pairs_spec or [])
     sources = image_sources(images_spec, pairs_spec)
-    try:
-        with stopping.abandonable():  # reading thousands of images may take a while
+    try:  # reading thousands of images may take a while; this process alone reads them
+        with stopping.abandonable(), stopping.interruptible():
             eval_pixels = _evaluation_sample(sources, size, settings.seed + 1, settings.eval_images)
     except DataError as e:
         raise _no_images(e, sources) from None
     except stopping.Abandoned as e:
-        raise _stopped_first(e.signum) from None
+        raise _stopped_first(e.signum, saved is not None) from None
     stream = _stream(sources, CodebookCrops(size, settings.seed, settings.crop_scale_min), settings.batch_size,
                      settings.seed, workers)
     run = CodebookRun(cfg.codebook, size, settings, stream, eval_pixels, device)
@@ -389,7 +391,11 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     return summary
 
 
-def _stopped_first(signum: int) -> stopping.Stopped:
+def _stopped_first(signum: int, resumed: bool = False) -> stopping.Stopped:
+    """A stop before this run's first step: nothing new to save (a resumed run's state is as it was)."""
+    if resumed:
+        return stopping.Stopped(signum, f"stopped by {stopping.name(signum)} before resuming; its saved state is as it "
+                                        "was: run the same command again to continue", "before resuming")
     return stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {stopping.BEFORE_FIRST_STEP}; nothing to "
                                     "save: run the same command again to start it", stopping.BEFORE_FIRST_STEP)
 

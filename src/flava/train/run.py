@@ -315,12 +315,18 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
     codebook to make them. `say_kept`: a new run that finds one says it takes it."""
     if not needs_demo_codebook(cfg):
         return
-    m = cfg.model
-    if m.image.vocab_size != m.codebook.vocab_size:  # said before minutes of codebook training, not after
-        raise ConfigError(f"model.image.vocab_size={m.image.vocab_size} but model.codebook.vocab_size="
-                          f"{m.codebook.vocab_size}: the MIM/MMM heads predict the codebook's tokens; set both alike")
+    check_codebook_vocabulary(cfg.model)
     train_demo_codebook(cfg.model, directory, console, rank, say_kept)
     cfg.codebook = os.path.abspath(directory)  # found by a --resume from another folder
+
+
+def check_codebook_vocabulary(model: FlavaConfig) -> None:
+    """A codebook to be trained for `model` makes the tokens its MIM/MMM heads predict: said before
+    minutes of codebook training, not after."""
+    if model.image.vocab_size != model.codebook.vocab_size:
+        raise ConfigError(f"model.image.vocab_size={model.image.vocab_size} but model.codebook.vocab_size="
+                          f"{model.codebook.vocab_size}: the MIM/MMM heads predict the codebook's tokens; set both "
+                          "alike")
 
 
 def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, rank: int = 0,
@@ -347,9 +353,10 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
             run_train_codebook(["demo"], directory, model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console,
                                resume=unfinished)
         except stopping.Stopped as e:
+            kept = "" if e.at == stopping.BEFORE_FIRST_STEP else f" (kept in {directory})"
             raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} while training the demo image "
-                                             f"codebook, {e.at} (kept in {directory}): run the same command again "
-                                             "to continue", e.at) from None
+                                             f"codebook, {e.at}{kept}: run the same command again to continue",
+                                   e.at) from None
     if dist.is_initialized():
         dist.barrier()
 
