@@ -236,6 +236,8 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
                 server.held.wait(60)
                 while time.monotonic() - last[0] < 1:
                     time.sleep(0.05)
+                if ended.is_set():  # the handlers are gone: the signal would end this test process
+                    return
                 sent.append(time.monotonic())
                 os.kill(os.getpid(), signal.SIGTERM)
                 if not ended.wait(25):  # a stop that waits on the read is let through, to be seen late
@@ -246,9 +248,11 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
             sender.start()
             before = {p.pid for p in multiprocessing.active_children()}
             with stopping.handling():
-                cut.fit()
+                try:
+                    cut.fit()
+                finally:
+                    ended.set()
             stopped_in = time.monotonic() - sent[0]
-            ended.set()
             # The worker stuck in the read is gone too: the loader's own shutdown waited ~10 s for it at exit.
             assert not [p for p in multiprocessing.active_children() if p.pid not in before]
             sender.join(5)
@@ -272,11 +276,15 @@ def test_a_stop_ends_a_stalled_pipe_command_and_what_it_started(tmp_path):
 
     pid_file = tmp_path / "pid"
     url = f"pipe:sleep 60 & echo $! > {pid_file}; wait"
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
     start = time.monotonic()
-    with stopping.handling(), pytest.raises(stopping.Abandoned):
-        with stopping.abandonable(), stopping.interruptible():
-            shards.read(url)
+    try:
+        with stopping.handling(), pytest.raises(stopping.Abandoned):
+            timer.start()
+            with stopping.abandonable(), stopping.interruptible():
+                shards.read(url)
+    finally:
+        timer.cancel()  # never after the handlers are gone: the signal would end this test process
     assert time.monotonic() - start < 10
     sleeper = int(pid_file.read_text())
     deadline = time.monotonic() + 5
