@@ -729,6 +729,7 @@ def test_a_new_run_into_a_folder_of_other_files_is_refused(train_data, tmp_path,
     assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_a_stop_while_a_later_micro_batch_is_awaited_undoes_the_step_and_resumes_exactly(train_data, tmp_path,
                                                                                         monkeypatch, one_thread):
     # With gradient accumulation a stalled read may come at any micro-batch: the stop gives the wait
