@@ -166,6 +166,15 @@ def pretrain_args(data, output, pairs="pairs.csv", batch_size=4) -> list[str]:
             "--set", f"data.batch_size={batch_size}", "--set", "data.num_workers=0", "--set", "log_every=1"]
 
 
+def proc_state(pid: int) -> str:
+    """A process's state letter from /proc (R, S, Z...), "X" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

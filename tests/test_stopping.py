@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import flava
-from conftest import pretrain_args
+from conftest import pretrain_args, proc_state
 from zygote import Process
 from flava.io.checkpoint import write_checksums
 from flava.io.runs import RunDir
@@ -188,11 +188,7 @@ def test_pool_workers_end_when_their_owner_is_killed(tmp_path):
 
 def _alive(pid: int) -> bool:
     """Running (a zombie left to a reaper that may never come is not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return proc_state(pid) not in ("X", "Z")
 
 
 def test_sigterm_stops_prepare_amid_a_unit_and_a_rerun_finishes_it(train_data, tmp_path):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port, pretrain_args
+from conftest import free_port, pretrain_args, proc_state
 from zygote import Process, python
 from flava.data import decode, texts
 from flava.data.pipeline import BatchStream, KindStream
@@ -288,9 +288,9 @@ def test_a_stop_ends_a_stalled_pipe_command_and_what_it_started(tmp_path):
     assert time.monotonic() - start < 10
     sleeper = int(pid_file.read_text())
     deadline = time.monotonic() + 5
-    while _state(sleeper) not in ("X", "Z") and time.monotonic() < deadline:
+    while proc_state(sleeper) not in ("X", "Z") and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _state(sleeper) in ("X", "Z")  # gone, or a zombie awaiting a reaper
+    assert proc_state(sleeper) in ("X", "Z")  # gone, or a zombie awaiting a reaper
 
 
 def test_a_cache_smaller_than_the_shards_in_use_loses_none_of_them(tmp_path):
@@ -585,14 +585,6 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
         Trainer(cfg, tmp_path / "run3")
 
 
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "X"
-
-
 def descendants(pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -636,7 +628,7 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
         os.kill(pid, signal.SIGKILL)
     two.wait()
     deadline = time.time() + 30
-    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _state(p) != "Z" for p in workers):
+    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and proc_state(p) != "Z" for p in workers):
         time.sleep(0.05)
     done = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip()]
     assert 3 <= max(done) < steps, done

@@ -41,6 +41,11 @@ BEFORE_FIRST_STEP = "before the first step"
 """A training run's `Stopped.at` when it stopped while its first batch was awaited: nothing saved."""
 
 
+def stopped_before_first_step(signum: int) -> "Stopped":
+    return Stopped(signum, f"stopped by {name(signum)} {BEFORE_FIRST_STEP}; nothing to save: run the same command "
+                           "again to start it", BEFORE_FIRST_STEP)
+
+
 class Stopped(Exception):
     """A command stopped on request after saving what it had; `message` says where and how to go on."""
 

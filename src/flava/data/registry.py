@@ -58,14 +58,13 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
                         + ("WebDataset shards (.tar) or tables (CSV, TSV, JSONL, parquet) of image and caption"
                            if kind == "pairs" else "image files, folders, shards or parquet")
                         + "; text is for pretraining's data.text (or embed's --texts)")
-    if is_remote(spec) and not spec.startswith("pipe:"):  # as a path, http://h/x.csv was http:/h/x.csv
-        image = spec.lower().rstrip("/").endswith(tuple(IMAGE_SUFFIXES))
-        one = "table" if tables.is_table(spec) else "image" if image else None
-        if one:
-            raise DataError(f"{spec}: remote {kind} are read from WebDataset shards (.tar files, a folder or glob of "
-                            f"them, or their index.json); copy the {one} here and name its local path")
-        return tars.tar_source(kind, spec, cache)
-    if kind == "pairs" or _is_tar_spec(spec):
+    remote = is_remote(spec) and not spec.startswith("pipe:")  # as a path, http://h/x.csv was http:/h/x.csv
+    one = "table" if tables.is_table(spec) else "image" if spec.lower().rstrip("/").endswith(tuple(IMAGE_SUFFIXES)) \
+        else None
+    if remote and one:
+        raise DataError(f"{spec}: remote {kind} are read from WebDataset shards (.tar files, a folder or glob of "
+                        f"them, or their index.json); copy the {one} here and name its local path")
+    if kind == "pairs" or remote or _is_tar_spec(spec):
         return tars.tar_source(kind, spec, cache)
     if is_loose_image(spec):
         return loose_images([spec])

@@ -396,8 +396,7 @@ def _stopped_first(signum: int, resumed: bool = False) -> stopping.Stopped:
     if resumed:
         return stopping.Stopped(signum, f"stopped by {stopping.name(signum)} before resuming; its saved state is as it "
                                         "was: run the same command again to continue", "before resuming")
-    return stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {stopping.BEFORE_FIRST_STEP}; nothing to "
-                                    "save: run the same command again to start it", stopping.BEFORE_FIRST_STEP)
+    return stopping.stopped_before_first_step(signum)
 
 
 def _step_of(row: str) -> float:

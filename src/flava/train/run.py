@@ -445,9 +445,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         trainer.stopped = 0
         rows = trainer.fit()
     if trainer.stopped and trainer.step == 0:  # while the first batch was awaited (stopping.abandonable)
-        raise stopping.Stopped(trainer.stopped, f"stopped by {stopping.name(trainer.stopped)} "
-                                                f"{stopping.BEFORE_FIRST_STEP}; nothing to save: run the same command "
-                                                "again to start it", stopping.BEFORE_FIRST_STEP)
+        raise stopping.stopped_before_first_step(trainer.stopped)
     if trainer.stopped and trainer.step < cfg.max_steps:  # a stop at the last step is the run's end
         at = f"at step {trainer.step} of {cfg.max_steps}"
         raise stopping.Stopped(trainer.stopped, f"stopped by {stopping.name(trainer.stopped)} {at}; saved "

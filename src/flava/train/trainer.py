@@ -542,11 +542,7 @@ class Trainer:
     def _abandoned(self, signum: int, log: MetricsLog, end: int, start: float, samples: int) -> None:
         """A stop request that came while a step awaited its batch: the steps done are saved as at
         any stop. The batch's draw moved no stream, so the run resumes exactly."""
-        self.synced = self._settle()
-        self._report(log, end, samples / max(1e-9, time.perf_counter() - start))
-        self._check_divergence()
-        if self.step != self._saved_at:
-            self.save()
+        self._save_reached(log, end, start, samples)
         self.stopped = signum
 
     def _kept(self, e: DataError, log: MetricsLog, end: int, start: float, samples: int) -> DataError:
@@ -557,7 +553,12 @@ class Trainer:
         that failed; micro-batches drawn before the failing one moved their streams.)"""
         if self.world > 1 or self.cfg.optim.grad_accumulation > 1 or self.step == self._saved_at:
             return e
+        return saved_before(e, self.step, self._save_reached(log, end, start, samples))
+
+    def _save_reached(self, log: MetricsLog, end: int, start: float, samples: int) -> Path | None:
+        """Out of the loop: log the steps done and save the step reached (None: saved already). A
+        run past its divergence patience is not saved to be resumed."""
         self.synced = self._settle()
         self._report(log, end, samples / max(1e-9, time.perf_counter() - start))
-        self._check_divergence()  # a run past its patience is not saved to be resumed
-        return saved_before(e, self.step, self.save())
+        self._check_divergence()
+        return self.save() if self.step != self._saved_at else None
