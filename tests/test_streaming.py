@@ -163,7 +163,8 @@ def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_mi
 
 class _HoldingServer:
     """Shards over HTTP from a thread of this process; once `hold` is set every request waits
-    (up to a minute) for `release`, as a stalled store's would."""
+    (up to a minute) for `release`, as a stalled store's would. While `answer` is set, every
+    request is answered with that status instead (503: come back later; 403: a refusal)."""
 
     def __init__(self, root):
         import functools
@@ -171,21 +172,27 @@ class _HoldingServer:
         import threading
 
         self.hold, self.release, self.held = threading.Event(), threading.Event(), threading.Event()
+        self.answer, self.answered = 0, 0
         outer = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
-            def _wait(self):
+            def _served(self) -> bool:
                 if outer.hold.is_set():
                     outer.held.set()
                     outer.release.wait(60)
+                if outer.answer:
+                    outer.answered += 1
+                    self.send_error(outer.answer)
+                    return False
+                return True
 
             def do_GET(self):
-                self._wait()
-                super().do_GET()
+                if self._served():
+                    super().do_GET()
 
             def do_HEAD(self):
-                self._wait()
-                super().do_HEAD()
+                if self._served():
+                    super().do_HEAD()
 
             def log_message(self, *args):
                 pass
@@ -199,6 +206,47 @@ class _HoldingServer:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_a_store_that_says_to_come_back_later_is_waited_for_and_the_stream_is_as_if_it_had_not(tmp_path, monkeypatch,
+                                                                                               capfd, workers):
+    import threading
+
+    from flava.data import pipeline, shards
+
+    monkeypatch.setattr(shards, "RETRIES", 1)
+    monkeypatch.setattr(pipeline, "OUTAGE_PAUSES_S", (0.2, 0.4))
+    root = write_shards(tmp_path / "www")
+    local, _ = batches(open_source("pairs", str(root)))
+    server = _HoldingServer(root)
+    spec = server.url + "/shard-{000..003}.tar"
+    try:
+        server.answer = 503  # S3's SlowDown, a gateway's outage: passed over, it changed what the run trained on
+        threading.Timer(1.5, lambda: setattr(server, "answer", 0)).start()
+        waited, s = batches(open_source("pairs", spec), num_workers=workers, outage_s=60)
+        assert server.answered >= 2 and same(local, waited) and not s.rejected
+        err = capfd.readouterr().err
+        assert re.search(r"note: \S+/shard-00\d\.tar: ClientResponseError: 503, message='Service Unavailable'.*; the "
+                         r"stream waits for it: reading it again in 0\.2 s \(0 s of up to 60 s, data\.outage_minutes\)", err)
+        assert re.search(r"note: \S+/shard-00\d\.tar read after [12] s of waiting", err)
+        # An outage longer than the stream waits ends it, naming the shard and the setting.
+        server.answer = 503
+        with pytest.raises(DataError, match=r"^http://\S+/shard-00\d\.tar: ClientResponseError: 503, .*: the store "
+                                            r"could not serve it for 1 s \(the stream waits up to "
+                                            r"data\.outage_minutes=0\.0166667\)$"):
+            batches(open_source("pairs", spec), num_workers=workers, outage_s=1)
+        capfd.readouterr()
+        # A refusal is no outage: counted and passed over at once, as before; so is any failure with 0.
+        for answer, outage in ((403, 60), (503, 0)):
+            server.answer, start = answer, time.time()
+            with pytest.raises(DataError, match=r"no shard holds a usable record \(met: 4 unreadable shard; e\.g\. "
+                                                rf"\S+: ClientResponseError: {answer}, "):
+                batches(open_source("pairs", spec), num_workers=workers, outage_s=outage)
+            assert time.time() - start < 10
+        assert "waits for it" not in capfd.readouterr().err
+    finally:
+        server.close()
 
 
 @pytest.mark.slow
@@ -262,6 +310,44 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
             again = Trainer(cfg(workers), tmp_path / f"run-{workers}")
             assert again.resume() and again.step == cut.step
             assert [r["loss"] for r in again.fit()] == pytest.approx(reference[cut.step:], abs=1e-6), workers
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_a_store_down_longer_than_the_run_waits_ends_it_saved_amid_an_accumulated_step(train_data, tmp_path, one_thread,
+                                                                                      monkeypatch):
+    # With gradient accumulation the run had ended unsaved: the step's first micro-batch had moved
+    # its stream. The step is undone, the steps done are saved, and the resume gives the
+    # uninterrupted run's losses.
+    from conftest import tiny_run
+
+    from flava.data import pipeline, shards
+    from flava.train.trainer import Trainer
+
+    monkeypatch.setattr(shards, "RETRIES", 1)
+    monkeypatch.setattr(pipeline, "OUTAGE_PAUSES_S", (0.2, 0.4))
+    server = _HoldingServer(write_shards(tmp_path / "www", shards=4, per=12))
+    try:
+        def cfg():
+            c = tiny_run(train_data, max_steps=6, save_every=100, log_every=1, tensorboard=False)
+            c.data.pairs, c.data.mixing, c.data.lanes = [server.url + "/shard-{000..003}.tar"], [1.0, 0.0, 0.0], 1
+            c.optim.grad_accumulation, c.data.outage_minutes = 2, 1 / 60
+            return c
+
+        reference = [r["loss"] for r in Trainer(cfg(), tmp_path / "ref").fit()]
+        cut = Trainer(cfg(), tmp_path / "run")
+        # A shard holds 3 draws of 4: step 5's first micro-batch is read from the open shard, its
+        # second opens the next.
+        cut.log = lambda row: setattr(server, "answer", 503 if row["step"] == 4 else server.answer)
+        with pytest.raises(DataError, match=r"^http://\S+/shard-00\d\.tar: ClientResponseError: 503, .*: the store "
+                                            r"could not serve it for 1 s .*; step 4 is saved in \S*step_00000004: once "
+                                            r"the data is readable, continue with --resume$"):
+            cut.fit()
+        server.answer = 0
+        again = Trainer(cfg(), tmp_path / "run")
+        assert again.resume() and again.step == 4
+        assert [r["loss"] for r in again.fit()] == pytest.approx(reference[4:], abs=1e-6)
     finally:
         server.close()
 

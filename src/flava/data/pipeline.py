@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -32,7 +34,7 @@ from .members import BadSample
 from .samples import SampleMaker
 from .transforms import single_threaded
 from .shards import end_pipes, is_remote
-from .sources import Source, open_shard
+from .sources import Opened, Source, open_shard
 
 
 MAX_LANES = 64
@@ -41,6 +43,40 @@ PROBE_SHARDS = 5
 """Shards a source's probe reads at most (`BatchStream.probe`)."""
 POLL_S = 0.5
 """How often the owner of loader workers that have not sent a batch looks for a stop request."""
+OUTAGE_S = 1800.0
+"""How long a stream waits for a store that cannot serve a shard now (`open_waiting`)."""
+OUTAGE_PAUSES_S = (5.0, 120.0)
+"""The first pause between reads of such a shard, doubled after each up to the second."""
+
+
+def open_waiting(shard, outage_s: float) -> Opened:
+    """A shard's records, read again until its store serves it (`Opened.passing`: not reached, no
+    answer, a "come back later") for up to `outage_s` seconds (0: it is counted and passed over at
+    once, as a damaged one is). Passing over it would make what a run trains on depend on when the
+    network failed, and its resume inexact. A stop ends the wait (`stopping.abandonable`); a
+    DataError once it is over."""
+    opened = open_shard(shard)
+    began, pause = time.monotonic(), OUTAGE_PAUSES_S[0]
+    while opened.passing and outage_s > 0:
+        waited = time.monotonic() - began
+        if waited >= outage_s:
+            raise DataError(f"{opened.failure}: the store could not serve it for {_duration(waited)} (the stream waits "
+                            f"up to data.outage_minutes={outage_s / 60:g})")
+        pause = min(pause, outage_s - waited)
+        # From a loader worker too: a wait on the network is never silent.
+        print(f"note: {opened.failure}; the stream waits for it: reading it again in {pause:.3g} s "
+              f"({_duration(waited)} of up to {_duration(outage_s)}, data.outage_minutes)", file=sys.stderr, flush=True)
+        time.sleep(pause)
+        pause = min(2 * pause, OUTAGE_PAUSES_S[1])
+        opened = open_shard(shard)
+        if not opened.passing:
+            print(f"note: {shard.name} read after {_duration(time.monotonic() - began)} of waiting", file=sys.stderr,
+                  flush=True)
+    return opened
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
@@ -109,8 +145,9 @@ class Cursor:
 class Lane:
     """One lane of a source: its shards in the seeded order of each epoch, one open at a time."""
 
-    def __init__(self, source: Source, lane: int, lanes: int, seed: int, cursor: Cursor | None = None):
-        self.source, self.lane, self.lanes, self.seed = source, lane, lanes, seed
+    def __init__(self, source: Source, lane: int, lanes: int, seed: int, cursor: Cursor | None = None,
+                 outage_s: float = OUTAGE_S):
+        self.source, self.lane, self.lanes, self.seed, self.outage_s = source, lane, lanes, seed, outage_s
         self.cursor = cursor or Cursor()
         self._order: tuple[int, np.ndarray] | None = None
         self._open: tuple[Cursor, int, list, np.ndarray] | None = None
@@ -135,7 +172,7 @@ class Lane:
             c = self.cursor
             if self._open is None or self._open[0] != c:
                 shard = int(self._shards(c.epoch)[c.ordinal])
-                opened = open_shard(self.source.shards[shard])
+                opened = open_waiting(self.source.shards[shard], self.outage_s)
                 if opened.rejected:
                     self.opened[shard] = dict(opened.rejected)
                     if shard not in self._met_in:  # a shard opened again (each epoch) is counted once
@@ -164,9 +201,9 @@ class _Draws(IterableDataset):
     sample), the failures met, its lanes' cursors and the shards it indexed."""
 
     def __init__(self, kind: str, source: Source, maker: SampleMaker, layout: Layout, seed: int, draw: int,
-                 cursors: dict[int, Cursor]):
+                 cursors: dict[int, Cursor], outage_s: float = OUTAGE_S):
         self.kind, self.source, self.maker, self.layout, self.seed = kind, source, maker, layout, seed
-        self.draw, self.cursors = draw, cursors
+        self.draw, self.cursors, self.outage_s = draw, cursors, outage_s
         self._others: dict[int, list] = {}
         """Shards opened for replacements of bad records (a few, most recent)."""
 
@@ -197,7 +234,7 @@ class _Draws(IterableDataset):
         if shard not in cache:
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
-            cache[shard] = open_shard(self.source.shards[shard]).records
+            cache[shard] = open_waiting(self.source.shards[shard], self.outage_s).records
         return shard, cache[shard]
 
     def __iter__(self):
@@ -205,7 +242,7 @@ class _Draws(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         layout = self.layout
         mine = [s for s, w in layout.owners(workers).items() if w == worker]
-        lanes = {j: Lane(self.source, j, layout.lanes, self.seed, self.cursors.get(j))
+        lanes = {j: Lane(self.source, j, layout.lanes, self.seed, self.cursors.get(j), self.outage_s)
                  for j in sorted({layout.lane(s) for s in mine})}
         draw = self.draw
         while True:
@@ -255,6 +292,8 @@ class BatchStream:
     num_workers: int = 0
     lanes: int = 0
     """The most lanes (see `choose_lanes`); 0: up to MAX_LANES."""
+    outage_s: float = OUTAGE_S
+    """How long a shard whose store cannot serve it now is waited for (`open_waiting`)."""
     draws: int = 0
     skipped: Counter = field(default_factory=Counter)
     """Draws skipped, by reason (a bad record drawn in three epochs counts three times)."""
@@ -275,7 +314,8 @@ class BatchStream:
         return self.draws * self.layout.global_batch
 
     def _iterator(self):
-        dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors))
+        dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors),
+                         self.outage_s)
         # Workers leave SIGTERM/SIGINT to this process, which stops at its step's end (stopping.py).
         if self.num_workers:
             prepare_loader_owner()

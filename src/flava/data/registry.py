@@ -121,11 +121,12 @@ def estimated_size(source: Source) -> int:
 
 
 def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                num_workers: int = 0, lanes: int = 0, cache: ShardCache | None = None):
+                num_workers: int = 0, lanes: int = 0, cache: ShardCache | None = None, outage_s: float | None = None):
     """The training stream of one kind: each spec (a path, or an object with `path` and `weight`)
     opened as a source; a draw picks a source by weight (plain paths weigh by their size); no
-    specs: the packaged demo data."""
-    from .pipeline import BatchStream, KindStream
+    specs: the packaged demo data. `outage_s`: how long a shard whose store cannot serve it now is
+    waited for (None: `pipeline.OUTAGE_S`)."""
+    from .pipeline import OUTAGE_S, BatchStream, KindStream
 
     paths = [getattr(s, "path", s) for s in specs]
     weights = [getattr(s, "weight", None) for s in specs]
@@ -151,5 +152,6 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     if len(srcs) > 1 and weights[0] is None:
         weights = [float(estimated_size(s)) for s in srcs]
     streams = [BatchStream(kind, src, maker, batch_size, seed=seed + 7919 * i, rank=rank, world=world,
-                           num_workers=num_workers, lanes=lanes) for i, src in enumerate(srcs)]
+                           num_workers=num_workers, lanes=lanes, outage_s=OUTAGE_S if outage_s is None else outage_s)
+               for i, src in enumerate(srcs)]
     return KindStream(kind, streams, [w if w is not None else 1.0 for w in weights], seed)

@@ -189,17 +189,17 @@ def _fetch(url: str) -> bytes:
             print(f"note: {url}: {_said(last)} (attempt {attempt} of {RETRIES}); trying again in {wait:g} s",
                   file=sys.stderr, flush=True)
             time.sleep(wait)
-    failure = Unreachable if _connection_failure(last) is not None else OSError
+    failure = Unreachable if _passing_failure(last) is not None else OSError
     raise failure(f"{url}: {_said(last)} ({RETRIES} attempts){_hint(url, last)}") from last
 
 
 class Unreachable(OSError):
-    """A store that could not be reached, or gave no answer in time, however often it was tried:
-    unlike its refusal or an error of its own, that may pass."""
+    """A store that could not be reached, gave no answer in time, or said it cannot serve now (429,
+    503, ...), however often it was tried: unlike its refusal or a missing object, that may pass."""
 
 
 def unreachable(e: BaseException) -> bool:
-    return isinstance(e, Unreachable) or _connection_failure(e) is not None
+    return isinstance(e, Unreachable) or _passing_failure(e) is not None
 
 
 def _read_pipe(url: str) -> bytes:
@@ -255,10 +255,43 @@ def _storage_options(url: str) -> dict:
 
 def _connection_failure(e: BaseException) -> BaseException | None:
     """The failed connection or the timeout behind `e`, if that is what it is (a store that could
-    not be reached, not one that refused what was asked)."""
+    not be reached or dropped the connection, not one that refused what was asked). By the names of
+    the libraries' own types (aiohttp's, botocore's, urllib3's), which few builtins cover."""
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, (ConnectionError, *TIMEOUTS)) or "Connect" in type(e).__name__:
+        if isinstance(e, (ConnectionError, *TIMEOUTS)) or any(
+                w in k.__name__ for k in type(e).__mro__ for w in CUT_CONNECTION_WORDS):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
+
+
+CUT_CONNECTION_WORDS = ("Connect", "Timeout", "Disconnected", "Payload", "IncompleteRead")
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""HTTP answers that say to come back later: a timeout, throttling (S3's 503 SlowDown, 429), a
+server or gateway failing now."""
+
+
+def _status(e: BaseException) -> int | None:
+    """The HTTP status a store answered with: aiohttp's (fsspec's HTTP) or botocore's (s3fs's)."""
+    status = getattr(e, "status", None)
+    if isinstance(status, int):
+        return status
+    response = getattr(e, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status if isinstance(status, int) else None
+    return None
+
+
+def _passing_failure(e: BaseException) -> BaseException | None:
+    """What, behind `e`, may pass: a connection that failed or timed out (`_connection_failure`),
+    or an answer saying to come back later (TRANSIENT_STATUS)."""
+    if (cut := _connection_failure(e)) is not None:
+        return cut
+    seen = 0
+    while e is not None and seen < 8:
+        if _status(e) in TRANSIENT_STATUS:
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None

@@ -138,7 +138,7 @@ def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
     from ..train.run import end_distributed, init_distributed
 
-    started = init_distributed(cfg.device)  # one process group for every stage under torchrun
+    started = init_distributed(cfg.device, cfg.data.outage_minutes)  # one process group for every stage
     try:
         return _run_recipe(name, cfg, output, console, steps or {}, overrides or {})
     finally:

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -38,16 +39,21 @@ from .trainer import Trainer
 DEMO_CODEBOOK_STEPS = 200
 
 
-def init_distributed(device: str = "auto") -> bool:
+def init_distributed(device: str = "auto", outage_minutes: float = 0.0) -> bool:
     """Join the process group torchrun describes in the environment, over NCCL when the run's
     `device` setting resolves to a GPU, else gloo (a CPU run on a GPU host too); False when not
-    under torchrun."""
+    under torchrun. Its collectives wait at least `outage_minutes` (data.outage_minutes) and 10
+    more: a process waiting out its store holds the others at the next step, and NCCL's own 10
+    minutes would end them all."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     on_gpu = resolve_device(device).type == "cuda"
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if on_gpu else "gloo")
+    from torch.distributed import constants
+
+    default = (constants.default_pg_nccl_timeout or timedelta(minutes=10)) if on_gpu else constants.default_pg_timeout
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=max(default, timedelta(minutes=outage_minutes + 10)))
     start_host_group()
     return True
 
@@ -61,7 +67,7 @@ def end_distributed() -> None:
 def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool = False) -> list[dict]:
     """Train `cfg` into `output`. With `resume`, `cfg` must be the run's own settings (see
     `saved_settings`) apart from the RESUMABLE ones, unless `override`."""
-    started = init_distributed(cfg.device)
+    started = init_distributed(cfg.device, cfg.data.outage_minutes)
     try:
         return _run(cfg, output, resume, console, override)
     finally:

@@ -166,7 +166,8 @@ class Trainer:
         cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
         self.streams = {
             k: open_stream(k, getattr(d, k), maker, d.batch_size, seed=cfg.seed + 1000 * KINDS.index(k),
-                           rank=self.rank, world=self.world, num_workers=d.num_workers, lanes=d.lanes, cache=cache)
+                           rank=self.rank, world=self.world, num_workers=d.num_workers, lanes=d.lanes, cache=cache,
+                           outage_s=d.outage_minutes * 60)
             for k in self.kinds
         }
         self.data = DataAccounting(self.streams, self.world)
@@ -330,15 +331,16 @@ class Trainer:
         kind = step_kind(cfg.seed, step, self.kinds, self.probs_at(step))
         accum = cfg.optim.grad_accumulation
         sums, names, samples, gradients = None, ([], []), 0, None
-        # One process may give up awaiting a batch on a stop request (a stalled read; `_abandoned`).
-        # Past the first micro-batch the step is undone first: its draws and random numbers.
+        # One process may give up awaiting a batch on a stop request (a stalled read; `_abandoned`),
+        # or save the steps done when its data fails (`_kept`). Past the first micro-batch the step
+        # is undone first: its draws and random numbers.
         undo = self._undo_point(kind) if accum > 1 and self.world == 1 else None
         for micro in range(accum):
             try:
                 with stopping.abandonable() if self.world == 1 else contextlib.nullcontext():
                     batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
-            except stopping.Abandoned:
-                if micro:
+            except (stopping.Abandoned, DataError):
+                if micro and undo is not None:
                     undo()
                 raise
             samples += len(batch)
@@ -546,12 +548,12 @@ class Trainer:
         self.stopped = signum
 
     def _kept(self, e: DataError, log: MetricsLog, end: int, start: float, samples: int) -> DataError:
-        """A source that failed as a step drew its batch (none of its shards usable now: a store
-        gone down; a bad record beyond replacing) ends the run. One process drawing whole batches
-        saves the steps done first: no stream moved for the failed step, so the run resumes
-        exactly once the data is readable. (Several processes could not save without the one
-        that failed; micro-batches drawn before the failing one moved their streams.)"""
-        if self.world > 1 or self.cfg.optim.grad_accumulation > 1 or self.step == self._saved_at:
+        """A source that failed as a step drew its batch (a store down for longer than
+        data.outage_minutes; none of its shards usable; a bad record beyond replacing) ends the
+        run. One process saves the steps done first: no stream moved for the failed step (its
+        earlier micro-batches were undone), so the run resumes exactly once the data is readable.
+        (Several processes could not save without the one that failed.)"""
+        if self.world > 1 or self.step == self._saved_at:
             return e
         return saved_before(e, self.step, self._save_reached(log, end, start, samples))
 
