@@ -156,6 +156,16 @@ def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_mi
     monkeypatch.setitem(fsspec.config.conf, "http", {"client_kwargs": {"trust_env": True}})
     kwargs = shards._storage_options(refused)["client_kwargs"]
     assert kwargs["trust_env"] is True and kwargs["timeout"].sock_read == 0.5
+    # S3's "come back later" (as s3fs raises it) may pass; its refusal does not.
+    from botocore.exceptions import ClientError, ReadTimeoutError
+    from s3fs.errors import translate_boto_error
+
+    def s3_error(code, status):
+        return translate_boto_error(ClientError({"Error": {"Code": code, "Message": code},
+                                                 "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"))
+
+    assert shards.unreachable(s3_error("SlowDown", 503)) and shards.unreachable(ReadTimeoutError(endpoint_url="u"))
+    assert not shards.unreachable(s3_error("AccessDenied", 403)) and not shards.unreachable(ValueError("bad tar"))
     # An S3 endpoint that cannot be reached (botocore's words) is met with the variable that names another.
     assert "named by AWS_ENDPOINT_URL" in shards._hint("s3://b/x.tar", OSError(
         'Could not connect to the endpoint URL: "https://b.s3.amazonaws.com/x.tar"'))
