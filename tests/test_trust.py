@@ -228,6 +228,25 @@ def test_resume_with_the_preset_a_demo_run_started_from_is_no_change(tmp_path):
         _refuse_config_on_resume("tiny", run, train_config("tiny"))
 
 
+def test_a_resume_may_change_how_the_data_is_fetched_but_not_which_data_it_is(tmp_path):
+    # Resuming after an outage with a longer wait, or with a cache, had needed --override.
+    import copy
+
+    from flava.errors import ConfigError
+    from flava.train.presets import train_config
+    from flava.train.run import _accept_changes
+
+    saved = train_config("tiny")
+    cfg = copy.deepcopy(saved)
+    cfg.data.outage_minutes, cfg.data.cache_dir, cfg.data.cache_limit_gb = 120, str(tmp_path / "cache"), 5
+    entry = _accept_changes(saved, cfg, tmp_path, override=False)
+    assert entry["override"] is False and set(entry["changes"]) == {"data.outage_minutes", "data.cache_dir",
+                                                                    "data.cache_limit_gb"}
+    cfg.data.lanes = 8
+    with pytest.raises(ConfigError, match=r"--resume would change the run's settings \(.*data\.lanes"):
+        _accept_changes(saved, cfg, tmp_path, override=False)
+
+
 def test_a_seed_out_of_range_is_one_line_and_a_prepare_that_wrote_nothing_is_taken_over(train_data, tmp_path,
                                                                                           capsys):
     # numpy's generators refuse negative seeds: each was a traceback from deep in the data pipeline.
