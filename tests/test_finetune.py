@@ -333,7 +333,7 @@ def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, ca
     out = tmp_path / "preds.jsonl"
     assert main(["predict", "--model", "m", "--input", str(tmp_path / "q.jsonl"), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"VQA score {sum(finetuned) / 4:.4f} on 4 labelled inputs" in printed and "accuracy" not in printed
+    assert f"VQA score {100 * sum(finetuned) / 4:.1f} % on 4 labelled inputs" in printed and "accuracy" not in printed
     # The label written is the answers' majority, not the `answer` column beside them.
     assert [json.loads(line)["true_label"] for line in out.read_text().splitlines()] == ["a", "b", "a", "b"]
     # A CSV keeps a row's list as JSON (it was Python's repr: ['a', 'a']).
@@ -348,7 +348,7 @@ def test_predict_scores_a_vqa_table_as_finetuning_does(tmp_path, monkeypatch, ca
     # ... which a CSV table's reader takes as the list it is: the same truth and the same score again.
     capsys.readouterr()
     assert main(["predict", "--model", "m", "--input", str(preds)]) == 0
-    assert f"VQA score {sum(finetuned) / 4:.4f} on 4 labelled inputs" in capsys.readouterr().out
+    assert f"VQA score {100 * sum(finetuned) / 4:.1f} % on 4 labelled inputs" in capsys.readouterr().out
     again = read_multimodal_table(tmp_path / "train.jsonl", preds, preds, kind="vqa")
     assert [e.answers for e in again.test] == [e.answers for e in task.test]
 

@@ -122,7 +122,7 @@ def test_text_classifier_through_the_cli_equals_the_in_memory_model(data, tmp_pa
     assert [r["prediction"] for r in rows] == [g["label"] for g in got]
     assert np.allclose([float(r["score"]) for r in rows], [g["score"] for g in got], atol=1e-12)
     right = sum(r["prediction"] == r["true_label"] for r in rows)
-    assert f"accuracy {right / 24:.4f} ({right} of 24 labelled inputs)" in printed and right >= 22
+    assert f"accuracy {100 * right / 24:.1f} % ({right} of 24 labelled inputs)" in printed and right >= 22
     assert rows[0]["top"].count("|") == 1  # two labels, both kept
 
 
@@ -146,7 +146,7 @@ def test_image_classifier_from_class_folders(data, tmp_path, capsys, monkeypatch
 
     # An image folder with class sub-folders is scored; a broken file among good ones is reported.
     assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test"), "--device", "cpu"]) == 0
-    assert "accuracy 1.0000 (8 of 8 labelled inputs)" in capsys.readouterr().out
+    assert "accuracy 100.0 % (8 of 8 labelled inputs)" in capsys.readouterr().out
     assert main(["predict", "--model", str(out), "--input", str(data / "img" / "test"), "--device", "nope"]) == 2
     assert "--device 'nope' is no device: cpu, cuda, cuda:N or mps" in capsys.readouterr().err
     with monkeypatch.context() as m:  # said as pretrain says it
@@ -244,7 +244,7 @@ def test_image_text_classifier(data, tmp_path, capsys, tokenizer):
     assert main(["predict", "--model", str(out), "--input", str(data / "pairs.csv"), "--output", str(preds)]) == 0
     rows = list(csv.DictReader(preds.open()))
     right = sum(r["prediction"] == r["true_label"] for r in rows)
-    assert len(rows) == 48 and f"accuracy {right / 48:.4f} ({right} of 48 labelled inputs)" in capsys.readouterr().out
+    assert len(rows) == 48 and f"accuracy {100 * right / 48:.1f} % ({right} of 48 labelled inputs)" in capsys.readouterr().out
     assert rows[0]["image"].endswith("img/train/red/0.png") and rows[0]["text"].startswith("is the")
 
 

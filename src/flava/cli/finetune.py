@@ -195,13 +195,14 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
 
     best = result.val_metrics[result.eval_steps.index(result.best_step)]
     console.print(f"best validation {result.metric} at step {result.best_step} of {result.steps}")
-    table = Table(title=escape(task.name))
+    # x100, as `evaluate` and `classify` show scores (and the paper its tables); task.json keeps fractions.
+    table = Table(title=escape(task.name), caption="scores x100")
     table.add_column("metric")
     table.add_column("validation", justify="right")
     if args.test:
         table.add_column("test", justify="right")
     for name in task.metrics:
-        table.add_row(name, f"{best[name]:.4f}", *([f"{result.test_metrics[name]:.4f}"] if args.test else []))
+        table.add_row(name, f"{100 * best[name]:.1f}", *([f"{100 * result.test_metrics[name]:.1f}"] if args.test else []))
     console.print(table)
 
     info = {"source_model": str(resolved), "settings": to_dict(settings),

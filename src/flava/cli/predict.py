@@ -322,7 +322,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         # Scored as fine-tuning scores validation and test, not by matching one answer.
         scores = [vqa_row_score(p["label"], inputs.answers[i]) for i, p in enumerate(preds)
                   if inputs.labels[i] is not None and "error" not in p]
-        console.print(f"VQA score [bold]{sum(scores) / len(scores):.4f}[/] on {len(scores)} labelled inputs "
+        console.print(f"VQA score [bold]{100 * sum(scores) / len(scores):.1f} %[/] on {len(scores)} labelled inputs "
                       f"({sum(s == 1 for s in scores)} scored 1)")
     elif labelled:
         # A label the model was not trained on can never be predicted: counted and named, not scored as
@@ -338,7 +338,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
             right = sum(p["label"] == t for t, p in labelled)
             skipped = f"; not scored: {len(unknown)} labelled {escape(_few(unknown))}, {escape(outside)}" \
                 if unknown else ""
-            console.print(f"accuracy [bold]{right / len(labelled):.4f}[/] ({right} of {len(labelled)} labelled "
+            console.print(f"accuracy [bold]{100 * right / len(labelled):.1f} %[/] ({right} of {len(labelled)} labelled "
                           f"inputs{skipped})")
     if output is not None:
         write_predictions(output, _rows(inputs, preds))
