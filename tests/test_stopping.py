@@ -262,6 +262,30 @@ def test_sigterm_stops_embed_at_a_part_and_a_rerun_finishes_it(tiny_model, tmp_p
         assert np.array_equal(np.load(tmp_path / "whole" / name), np.load(tmp_path / "cut" / name)), name
 
 
+def test_sigterm_ends_embed_reading_a_stalled_store_at_once(tiny_model, tmp_path):
+    # Remote shards are read whole before any part: a stop waited for the read to give up (60 s a
+    # try, three tries), past a scheduler's grace.
+    from test_streaming import _HoldingServer, write_shards
+
+    server = _HoldingServer(write_shards(tmp_path / "www", shards=2, per=3))
+    try:
+        server.hold.set()
+        cut = Command(["embed", "--model", str(tiny_model), "--pairs", server.url + "/shard-{000..001}.tar",
+                       "--output", str(tmp_path / "out"), "--device", "cpu"], tmp_path / "c")
+        cut.wait_for(server.held.is_set)
+        sent = time.monotonic()
+        cut.p.send_signal(signal.SIGTERM)
+        assert_stopped(cut, signal.SIGTERM, "flava embed: stopped by SIGTERM while reading the inputs; nothing was "
+                                            "written: run the same command again to start")
+        assert time.monotonic() - sent < 20 and not (tmp_path / "out").exists()
+        server.hold.clear(), server.release.set()
+        done(Command(["embed", "--model", str(tiny_model), "--pairs", server.url + "/shard-{000..001}.tar",
+                      "--output", str(tmp_path / "out"), "--device", "cpu"], tmp_path / "r"))
+        assert np.load(tmp_path / "out" / "img_emb" / "img_emb_00000.npy").shape[0] == 6
+    finally:
+        server.close()
+
+
 # --------------------------------------------------------------------------- finetune
 
 

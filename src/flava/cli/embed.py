@@ -7,6 +7,8 @@ import argparse
 from rich.console import Console
 from rich.markup import escape
 
+from .. import stopping
+
 
 def add(sub) -> None:
     p = sub.add_parser("embed", help="embed images, texts or image-caption pairs into .npy files with a parquet of "
@@ -86,12 +88,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..progress import progress_bar
     from ..retrieval.embed import embed_run, image_inputs, pair_inputs, text_inputs
 
-    if args.images:
-        inputs = image_inputs(args.images)
-    elif args.texts:
-        inputs = text_inputs(args.texts)
-    else:
-        inputs = pair_inputs(args.pairs)
+    try:  # remote shards are read whole here: a stop ends a stalled read (nothing is written yet)
+        with stopping.abandonable(), stopping.interruptible():
+            inputs = image_inputs(args.images) if args.images else text_inputs(args.texts) if args.texts else \
+                pair_inputs(args.pairs)
+    except stopping.Abandoned as e:
+        raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} while reading the inputs; nothing "
+                                         "was written: run the same command again to start") from None
     # Resolved once: a run directory's newest checkpoint may move on while this runs.
     checkpoint = resolve_model(args.model)
     model = load_for_inference(checkpoint["path"], args.device, args.int8)  # a refusal comes before any line
