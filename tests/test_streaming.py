@@ -236,6 +236,7 @@ def test_a_store_that_says_to_come_back_later_is_waited_for_and_the_stream_is_as
         threading.Timer(1.5, lambda: setattr(server, "answer", 0)).start()
         waited, s = batches(open_source("pairs", spec), num_workers=workers, outage_s=60)
         assert server.answered >= 2 and same(local, waited) and not s.rejected
+        s._drop_iterator()  # its worker, reading ahead, would wait for the outage below too
         err = capfd.readouterr().err
         assert re.search(r"note: \S+/shard-00\d\.tar: ClientResponseError: 503, message='Service Unavailable'.*; the "
                          r"stream waits for it: reading it again in 0\.2 s \(0 s of up to 60 s, data\.outage_minutes\)", err)
@@ -360,6 +361,61 @@ def test_a_store_down_longer_than_the_run_waits_ends_it_saved_amid_an_accumulate
         assert [r["loss"] for r in again.fit()] == pytest.approx(reference[4:], abs=1e-6)
     finally:
         server.close()
+
+
+@pytest.mark.slow  # processes started
+def test_a_loader_worker_that_dies_is_started_again_and_the_stream_is_as_if_it_had_not(tmp_path, capfd):
+    # torch's SIGCHLD handler raised in this process wherever it was (a step, a checkpoint's
+    # write): the run ended there, with the steps since its last checkpoint lost.
+    from torch.utils.data import get_worker_info
+
+    root = write_shards(tmp_path / "s", shards=4, per=30)
+    reference, _ = batches(open_source("pairs", str(root)), n=6)
+    got, s = batches(open_source("pairs", str(root)), n=2, num_workers=2)
+    victim = s._it._workers[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    time.sleep(0.2)  # where torch's handler raised
+    got += [s.next_batch() for _ in range(4)]
+    assert same(reference, got) and len(got) == 6
+    assert f"a loader worker died (pid {victim.pid}, killed by SIGKILL); its draw is read again by new workers" in \
+        capfd.readouterr().err
+
+    class Crashing(SampleMaker):  # a decoder that crashes on a record: every worker dies on it
+        def __call__(self, *args):
+            if get_worker_info() is not None:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().__call__(*args)
+
+    s = BatchStream("pairs", open_source("pairs", str(root)), Crashing(SPEC, 0), batch_size=4, seed=3, num_workers=1)
+    with pytest.raises(DataError, match=r"its loader workers died 4 times at draw 0 \(pid \d+, killed by SIGKILL\); "
+                                        r"SIGKILL is most often the out-of-memory killer: lower data\.num_workers"):
+        s.next_batch()
+
+
+@pytest.mark.slow
+def test_a_run_whose_loader_worker_is_killed_goes_on_as_if_it_had_not(train_data, tmp_path, one_thread):
+    from conftest import tiny_run
+
+    from flava.train.trainer import Trainer
+
+    def cfg():
+        c = tiny_run(train_data, max_steps=4, save_every=100, log_every=1, tensorboard=False)
+        c.data.mixing, c.data.num_workers = [1.0, 0.0, 0.0], 1
+        return c
+
+    reference = [r["loss"] for r in Trainer(cfg(), tmp_path / "ref").fit()]
+    run = Trainer(cfg(), tmp_path / "run")
+
+    def kill_the_worker(row):
+        if row["step"] == 2:
+            worker = run.streams["pairs"].streams[0]._it._workers[0]
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(10)
+            time.sleep(0.2)
+
+    run.log = kill_the_worker
+    assert [r["loss"] for r in run.fit()] == pytest.approx(reference, abs=1e-6)
 
 
 def test_a_stop_ends_a_stalled_pipe_command_and_what_it_started(tmp_path):

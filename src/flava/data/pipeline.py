@@ -43,6 +43,8 @@ PROBE_SHARDS = 5
 """Shards a source's probe reads at most (`BatchStream.probe`)."""
 POLL_S = 0.5
 """How often the owner of loader workers that have not sent a batch looks for a stop request."""
+WORKER_RESTARTS = 3
+"""Times one draw's loader workers may die (the OOM killer, a decoder's crash) and be started again."""
 OUTAGE_S = 1800.0
 """How long a stream waits for a store that cannot serve a shard now (`open_waiting`)."""
 OUTAGE_PAUSES_S = (5.0, 120.0)
@@ -269,6 +271,25 @@ def no_usable_record(name: str, met: Counter, failure: str = "", kind: str = "")
                                                                   " (every one is empty)"))
 
 
+class _WorkerDied(Exception):
+    """A loader worker of the draw died; its message says which and how."""
+
+
+def _death(worker) -> str:
+    code = worker.exitcode
+    how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit status {code}"
+    return f"pid {worker.pid}, {how}"
+
+
+def _forget_worker_pids(it) -> None:
+    """Take a loader iterator's workers out of torch's SIGCHLD handler."""
+    if getattr(it, "_worker_pids_set", False):
+        from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+        _remove_worker_pids(id(it))
+        it._worker_pids_set = False
+
+
 def _unwrapped(e: FlavaError) -> FlavaError:
     """A worker's error as its own one line: the DataLoader re-raises it with the worker's whole
     traceback as its message."""
@@ -326,10 +347,30 @@ class BatchStream:
                             timeout=POLL_S if self.num_workers else 0,
                             worker_init_fn=quiet_loader_worker if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.seed))
-        return iter(loader)
+        it = iter(loader)
+        # torch's SIGCHLD handler raises wherever this process is when a worker dies (amid a step, a
+        # checkpoint's write): a death is found at the draw instead (`_received`) and survived.
+        _forget_worker_pids(it)
+        return it
 
     def next_batch(self):
-        """The next draw's batch for this process."""
+        """The next draw's batch for this process. Loader workers that died (the OOM killer, a
+        decoder's crash) are started again from the stream's state, which the draw had not moved:
+        the batch is the one they would have given."""
+        deaths = 0
+        while True:
+            try:
+                return self._draw()
+            except _WorkerDied as e:
+                deaths += 1
+                if deaths > WORKER_RESTARTS:
+                    raise DataError(f"{self.source.name}: its loader workers died {deaths} times at draw "
+                                    f"{self.draws} ({e}); SIGKILL is most often the out-of-memory killer: lower "
+                                    "data.num_workers or data.batch_size") from None
+                print(f"note: {self.source.name}: a loader worker died ({e}); its draw is read again by new workers",
+                      file=sys.stderr, flush=True)
+
+    def _draw(self):
         if self._it is None:
             self._it = self._iterator()
         got = []
@@ -369,11 +410,7 @@ class BatchStream:
         for each (its SIGTERM is taken as a scheduler's, `stopping.quiet_loader_worker`). Nothing
         they held is read again."""
         it, self._it = self._it, None
-        if getattr(it, "_worker_pids_set", False):  # else torch's SIGCHLD handler calls their end a failure
-            from torch.utils.data._utils.signal_handling import _remove_worker_pids
-
-            _remove_worker_pids(id(it))
-            it._worker_pids_set = False
+        _forget_worker_pids(it)  # else torch's SIGCHLD handler calls their end a failure
         for w in getattr(it, "_workers", ()):
             if w.is_alive():
                 with contextlib.suppress(OSError):  # held still while the commands it started end
@@ -388,6 +425,8 @@ class BatchStream:
             try:
                 return next(self._it)
             except RuntimeError as e:
+                if "exited unexpectedly" in str(e):
+                    raise _WorkerDied(", ".join(_death(w) for w in self._it._workers if not w.is_alive())) from None
                 if not str(e).startswith("DataLoader timed out"):  # the loader's `timeout` passed
                     raise
             stopping.poll()
