@@ -341,7 +341,7 @@ def test_a_store_down_longer_than_the_run_waits_ends_it_saved_amid_an_accumulate
     server = _HoldingServer(write_shards(tmp_path / "www", shards=4, per=12))
     try:
         def cfg():
-            c = tiny_run(train_data, max_steps=6, save_every=100, log_every=1, tensorboard=False)
+            c = tiny_run(train_data, max_steps=5, save_every=100, log_every=1, tensorboard=False)
             c.data.pairs, c.data.mixing, c.data.lanes = [server.url + "/shard-{000..003}.tar"], [1.0, 0.0, 0.0], 1
             c.optim.grad_accumulation, c.data.outage_minutes = 2, 1 / 60
             return c
