@@ -83,8 +83,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     with progress_bar(console) as bar:
         task = bar.add_task("shards", total=None, info="")
 
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+        def progress(done: int, total: int, unread: int) -> None:
+            bar.update(task, completed=done, total=total, info=f"{unread} could not be read" if unread else "")
 
         report = prepare(kind, sources, output, settings, tokenizer, fingerprint, grid=model.image.grid_size,
                          image_size=model.image.image_size, workers=workers, progress=progress, vocab_size=vocab)

@@ -202,8 +202,9 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
 def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
             tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
             grid: int | None = None, image_size: int | None = None, workers: int = 1,
-            progress: Callable[[int, int], None] | None = None, vocab_size: int | None = None) -> dict:
-    """Write `sources` as prepared shards in `output` (see the module docstring); returns the report."""
+            progress: Callable[[int, int, int], None] | None = None, vocab_size: int | None = None) -> dict:
+    """Write `sources` as prepared shards in `output` (see the module docstring); returns the report.
+    `progress(units handled, units, of them left unread for a rerun)`."""
     if kind not in ("pairs", "images"):
         raise DataError(f"flava prepare makes pair or image shards, not {kind}")
     output.mkdir(parents=True, exist_ok=True)
@@ -219,7 +220,7 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
 
 def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
              tokenizer_factory: Callable[[], Callable] | None, fingerprint: str | None, grid: int | None,
-             image_size: int | None, workers: int, progress: Callable[[int, int], None] | None,
+             image_size: int | None, workers: int, progress: Callable[[int, int, int], None] | None,
              vocab_size: int | None) -> dict:
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
                 "inputs": [_named(s.name) for s in sources]}
@@ -247,7 +248,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     start = time.perf_counter()
     done = len(units) - len(todo)
     if progress:
-        progress(done, len(units))
+        progress(done, len(units), 0)
     tokenizer = tokenizer_factory() if tokenizer_factory is not None and workers <= 1 else None
 
     def stopped(signum: int) -> stopping.Stopped:
@@ -266,7 +267,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
             unread.append(str(e))
         done += 1
         if progress:
-            progress(done, len(units))
+            progress(done, len(units), len(unread))
 
     if workers <= 1:
         for n in todo:
@@ -279,7 +280,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                 raise stopped(e.signum) from None
             done += 1
             if progress:
-                progress(done, len(units))
+                progress(done, len(units), len(unread))
             if (signum := stopping.requested()) and done < len(units):
                 raise stopped(signum)
     else:
