@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import pretrain_args
+from zygote import Ranks
 
 from flava.recipes.ablate import PAPER, ROWS, averages, row_config
 from flava.cli import main as cli
@@ -110,9 +111,33 @@ def test_rows_are_trained_evaluated_and_reported_once(train_data, suite, tmp_pat
 
 
 @pytest.mark.distributed
-def test_local_and_global_contrastive_rows_under_torchrun(train_data, suite, tmp_path, capsys):
+def test_local_and_global_contrastive_rows_under_torchrun(train_data, suite, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import types
+
+    from flava.recipes import ablate
+
+    # The first row (the local one) starts torchrun as `flava ablate` does; the second's ranks are
+    # forked with the environment torchrun gives them (zygote.Ranks): the same launch command made
+    # again, without its three interpreter starts (about 15 s of CPU).
+    launched = []
+
+    def run(command, env=None, **kwargs):
+        launched.append(command)
+        if len(launched) == 1:
+            return subprocess.run(command, env=env, **kwargs)
+        assert command[1:3] == ["-m", "torch.distributed.run"], command
+        start = command.index("flava.cli") - 1
+        nproc = next(int(a.split("=")[1]) for a in command[:start] if a.startswith("--nproc_per_node="))
+        ranks = Ranks(command[start:], nproc, env)
+        output, _ = ranks.communicate(300)
+        assert ranks.returncode == 0, output
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(ablate, "subprocess", types.SimpleNamespace(run=run))
     out = tmp_path / "ablation"
     assert cli(ablate_args(train_data, suite, out, "--rows", "flava-c-local,flava-c", "--processes", "2")) == 0
+    assert len(launched) == 2 and str(out / "rows" / "flava-c-local") in launched[0]
     rows = json.loads((out / "ablation.json").read_text())["rows"]
     assert list(rows) == ["flava-c-local", "flava-c"]
     local = json.loads((out / "rows" / "flava-c-local" / "train_config.json").read_text())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import pretrain_args
+from conftest import narrow_args, pretrain_args
 from zygote import python
 from flava.cli import main as cli
 from flava.data.samples import SampleMaker, SampleSpec
@@ -96,7 +96,7 @@ def _rows(run) -> list[dict]:
 @pytest.mark.slow
 def test_sigkill_at_seeded_points_resumes_exactly(train_data, tmp_path):
     ref = tmp_path / "ref"
-    done = _flava(pretrain_args(train_data, ref) + STEPS, plain=True)  # its own hash seed and start
+    done = _flava(pretrain_args(train_data, ref) + narrow_args() + STEPS, plain=True)  # its own hash seed and start
     assert done.returncode == 0, done.stdout + done.stderr
     reference = _rows(ref)
     driver = tmp_path / "driver.py"
@@ -106,7 +106,7 @@ def test_sigkill_at_seeded_points_resumes_exactly(train_data, tmp_path):
               ("checksums", int(rng.integers(1, 4))), ("pointer", int(rng.integers(1, 4)))]
     for event, n in trials:
         run = tmp_path / f"{event}{n}"
-        killed = python([str(driver), event, str(n), *pretrain_args(train_data, run), *STEPS], _env())
+        killed = python([str(driver), event, str(n), *pretrain_args(train_data, run), *narrow_args(), *STEPS], _env())
         assert killed.returncode == -signal.SIGKILL, (event, n, killed.stdout + killed.stderr)
         resumed = _flava(["pretrain", "--output", str(run), "--resume"])
         assert resumed.returncode == 0, (event, n, resumed.stdout + resumed.stderr)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import flava
-from conftest import pretrain_args, tiny_run
+from conftest import narrow_args, pretrain_args, tiny_run
 from zygote import Process, Ranks
 from flava.train.config import TrainConfig
 from flava.train.trainer import Trainer
@@ -53,13 +53,15 @@ def test_two_processes_train_like_one_process_with_the_global_batch(train_data, 
     # AdamW with eps 1e-8 is blind to the gradient's scale and turns rounding noise in near-zero
     # gradients into whole steps of lr; eps 1e-4 makes small updates follow the gradient, so
     # the parameters check the gradients the processes averaged.
-    steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.contrastive={contrastive}"]
-    # torchrun itself starts a DDP and an FSDP run, whose processes (and the one-process run) each
-    # draw their own hash seed; the others' ranks are forked as it would start them (zygote.Ranks).
+    steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.contrastive={contrastive}",
+             *narrow_args()]
+    # torchrun itself starts a DDP and an FSDP run, whose processes each draw their own hash seed,
+    # not the one-process run's (forked); the others' ranks are forked as it would start them
+    # (zygote.Ranks).
     launched = (mode, contrastive) in {("ddp", "softmax"), ("fsdp", "sigmoid")}
     two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
               + ["--set", f"distributed={mode}"], **(dict(torchrun=2) if launched else dict(ranks=2)))
-    one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps, plain=launched)
+    one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)
     out = finish(two)
     finish(one)
     assert f"x 2 processes ({mode})" in out

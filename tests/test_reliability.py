@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 import flava
-from conftest import pretrain_args
+from conftest import narrow_args, pretrain_args
 from flava.cli import main as cli
 from flava.config import preset, to_dict
 from flava.data.pipeline import BatchStream
@@ -360,10 +360,10 @@ def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
 def test_a_run_started_from_checkpoints_resumes_with_other_objectives_and_says_nothing_of_its_sources(
         train_data, tmp_path, capsys):
     first = tmp_path / "first"
-    assert cli(pretrain_args(train_data, first) + ["--max-steps", "1"]) == 0
+    assert cli(pretrain_args(train_data, first) + narrow_args() + ["--max-steps", "1"]) == 0
     for key in ("init", "init_text"):
         run = tmp_path / key
-        args = pretrain_args(train_data, run)
+        args = pretrain_args(train_data, run) + narrow_args()
         if key == "init":  # it brings the model: no model.* settings beside it
             args = [a for i, a in enumerate(args) if not (a.startswith("model.") or args[i + 1:i + 2] and
                                                           args[i + 1].startswith("model."))]

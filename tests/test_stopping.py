@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import flava
-from conftest import pretrain_args, proc_state
+from conftest import narrow_args, pretrain_args, proc_state
 from zygote import Process
 from flava.io.checkpoint import write_checksums
 from flava.io.runs import RunDir
@@ -412,13 +412,13 @@ def test_under_torchrun_every_process_stops_at_the_same_step(train_data, tmp_pat
 def test_a_run_resumed_on_two_processes_keeps_its_global_batch_without_flags(train_data, tmp_path):
     # optim.eps as in test_pretrain_processes: AdamW's 1e-8 turns the processes' rounding noise in
     # near-zero gradients into whole steps of lr.
-    steps = ["--set", "seed=5", "--set", "optim.warmup_steps=1", "--set", "optim.eps=1e-4"]
+    steps = ["--set", "seed=5", "--set", "optim.warmup_steps=1", "--set", "optim.eps=1e-4", *narrow_args()]
     args = pretrain_args(train_data, tmp_path / "run", "pairs_clean.csv", batch_size=8) + steps
     done(Command(args + ["--max-steps", "2"], tmp_path / "one"))
     shutil.copytree(tmp_path / "run", tmp_path / "ref")
-    # The reference: the same run resumed on the one process it was started on.
-    ref = Command(["pretrain", "--output", str(tmp_path / "ref"), "--resume", "--max-steps", "4"], tmp_path / "r",
-                  plain=True)
+    # The reference: the same run resumed on the one process it was started on (forked: torchrun's
+    # processes draw hash seeds of their own).
+    ref = Command(["pretrain", "--output", str(tmp_path / "ref"), "--resume", "--max-steps", "4"], tmp_path / "r")
     out = done(Command(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"],
                        tmp_path / "two", torchrun=2))
     assert "data.batch_size 4 per process keeps the run's global batch of 8 (it was 8 on 1)" in out, out

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port, pretrain_args, proc_state
+from conftest import free_port, narrow_args, pretrain_args, proc_state
 from zygote import Process, python
 from flava.data import decode, texts
 from flava.data.pipeline import BatchStream, KindStream
@@ -268,7 +268,7 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
     import multiprocessing
     import threading
 
-    from conftest import tiny_run
+    from conftest import narrow, tiny_run
 
     from flava import stopping
     from flava.train.trainer import Trainer
@@ -276,7 +276,7 @@ def test_a_stop_requested_during_a_stalled_read_saves_at_once_and_resumes_exactl
     server = _HoldingServer(write_shards(tmp_path / "www", shards=8, per=4))
     try:
         def cfg(workers):
-            c = tiny_run(train_data, max_steps=10, save_every=100, log_every=1, tensorboard=False)
+            c = narrow(tiny_run(train_data, max_steps=10, save_every=100, log_every=1, tensorboard=False))
             c.data.pairs = [server.url + "/shard-{000..007}.tar"]
             c.data.mixing, c.data.num_workers = [1.0, 0.0, 0.0], workers
             return c
@@ -760,7 +760,7 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
     shards = write_shards(tmp_path / "shards", shards=4, per=6)
     steps = 12  # the kill after step 3 leaves nine to go
     opts = ["--max-steps", str(steps), "--save-every", "2", "--set", "seed=5", "--set", "optim.warmup_steps=1",
-            "--set", f'data.pairs=["{shards}"]', "--set", "data.lanes=4"]
+            "--set", f'data.pairs=["{shards}"]', "--set", "data.lanes=4", *narrow_args()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     flava = ["-m", "flava.cli"]
     whole = Process(flava + pretrain_args(train_data, tmp_path / "whole", batch_size=8) + opts, env, merge=True,

@@ -37,12 +37,14 @@ PRELOAD = ("torch", "torch._dynamo", "flava.cli", "matplotlib.pyplot", "flava.tr
 # Variables read while a command runs, not at import: pytest sets PYTEST_CURRENT_TEST per test;
 # torch's inductor writes TORCHINDUCTOR_CACHE_DIR into the test process the first time it looks for its
 # cache (its other settings are read when the preload imports it); `Ranks` sets the process group's; the
-# S3 test names its store's credentials. A command whose environment differs from the zygote's in any
-# other is started as a plain process (FSSPEC_* among them: fsspec, which TensorBoard's writer imports,
-# reads them at import).
+# S3 test names its store's credentials. KMP_* are read by none: scikit-learn, once an evaluation has
+# imported it, sets KMP_DUPLICATE_LIB_OK and KMP_INIT_AT_FORK in the test process for Intel's OpenMP,
+# which nothing here loads (torch and scikit-learn bring GNU's libgomp). A command whose environment
+# differs from the zygote's in any other is started as a plain process (FSSPEC_* among them: fsspec,
+# which TensorBoard's writer imports, reads them at import).
 AT_RUN = ("TMPDIR", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
           "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "FLAVA_", "PYTEST_",
-          "TORCHINDUCTOR_CACHE_DIR")
+          "TORCHINDUCTOR_CACHE_DIR", "KMP_")
 
 
 # --------------------------------------------------------------------------- the zygote process
