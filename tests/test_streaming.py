@@ -331,7 +331,7 @@ def test_a_store_down_longer_than_the_run_waits_ends_it_saved_amid_an_accumulate
     # With gradient accumulation the run had ended unsaved: the step's first micro-batch had moved
     # its stream. The step is undone, the steps done are saved, and the resume gives the
     # uninterrupted run's losses.
-    from conftest import tiny_run
+    from conftest import narrow, tiny_run
 
     from flava.data import pipeline, shards
     from flava.train.trainer import Trainer
@@ -341,7 +341,7 @@ def test_a_store_down_longer_than_the_run_waits_ends_it_saved_amid_an_accumulate
     server = _HoldingServer(write_shards(tmp_path / "www", shards=4, per=12))
     try:
         def cfg():
-            c = tiny_run(train_data, max_steps=5, save_every=100, log_every=1, tensorboard=False)
+            c = narrow(tiny_run(train_data, max_steps=5, save_every=100, log_every=1, tensorboard=False))
             c.data.pairs, c.data.mixing, c.data.lanes = [server.url + "/shard-{000..003}.tar"], [1.0, 0.0, 0.0], 1
             c.optim.grad_accumulation, c.data.outage_minutes = 2, 1 / 60
             return c
@@ -395,12 +395,12 @@ def test_a_loader_worker_that_dies_is_started_again_and_the_stream_is_as_if_it_h
 
 @pytest.mark.slow
 def test_a_run_whose_loader_worker_is_killed_goes_on_as_if_it_had_not(train_data, tmp_path, one_thread):
-    from conftest import tiny_run
+    from conftest import narrow, tiny_run
 
     from flava.train.trainer import Trainer
 
     def cfg():
-        c = tiny_run(train_data, max_steps=4, save_every=100, log_every=1, tensorboard=False)
+        c = narrow(tiny_run(train_data, max_steps=4, save_every=100, log_every=1, tensorboard=False))
         c.data.mixing, c.data.num_workers = [1.0, 0.0, 0.0], 1
         return c
 
