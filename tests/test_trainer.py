@@ -65,6 +65,13 @@ def test_resume_repeats_the_uninterrupted_run(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_milestones_are_saved_and_kept_beside_the_newest(data, tmp_path):
+    Trainer(narrow(config(data, max_steps=5, save_every=2, keep_every=3, keep_last=1)), tmp_path / "run").fit()
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000003", "step_00000005"]  # 3 a milestone (saved though not a save_every step), 5 the newest
+
+
+@pytest.mark.slow
 def test_a_resume_with_other_rates_trains_at_them(data, tmp_path):
     first = Trainer(config(data, max_steps=4, save_every=2), tmp_path / "run")
     first.fit(max_steps=2)

@@ -229,7 +229,7 @@ def test_resume_with_the_preset_a_demo_run_started_from_is_no_change(tmp_path):
 
 
 def test_a_resume_may_change_how_the_data_is_fetched_but_not_which_data_it_is(tmp_path):
-    # Resuming after an outage with a longer wait, or with a cache, had needed --override.
+    # Resuming after an outage with a longer wait, or with a cache, had needed --override; milestones too.
     import copy
 
     from flava.errors import ConfigError
@@ -239,9 +239,10 @@ def test_a_resume_may_change_how_the_data_is_fetched_but_not_which_data_it_is(tm
     saved = train_config("tiny")
     cfg = copy.deepcopy(saved)
     cfg.data.outage_minutes, cfg.data.cache_dir, cfg.data.cache_limit_gb = 120, str(tmp_path / "cache"), 5
+    cfg.keep_every = 1000
     entry = _accept_changes(saved, cfg, tmp_path, override=False)
     assert entry["override"] is False and set(entry["changes"]) == {"data.outage_minutes", "data.cache_dir",
-                                                                    "data.cache_limit_gb"}
+                                                                    "data.cache_limit_gb", "keep_every"}
     cfg.data.lanes = 8
     with pytest.raises(ConfigError, match=r"--resume would change the run's settings \(.*data\.lanes"):
         _accept_changes(saved, cfg, tmp_path, override=False)

@@ -54,6 +54,14 @@ class RunDir:
     def step(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}"
 
+    @staticmethod
+    def step_of(path: Path) -> int:
+        """The step of a checkpoint directory; -1 for a name not of this writer's."""
+        try:
+            return int(path.name.removeprefix("step_"))
+        except ValueError:
+            return -1
+
     def step_dirs(self) -> list[Path]:
         """Checkpoint directories, oldest first."""
         return sorted(p for p in self.checkpoints.glob("step_*") if p.is_dir())

@@ -141,10 +141,12 @@ def _choose(run, notes: list[str]) -> tuple[Path, tuple] | None:
 
 
 class CheckpointManager:
-    """`OUTPUT/checkpoints/step_N` directories, `latest.json` and the newest `keep_last` of them."""
+    """`OUTPUT/checkpoints/step_N` directories, `latest.json`, the newest `keep_last` of them and those
+    of the steps that are multiples of `keep_every` (when not 0)."""
 
-    def __init__(self, run: RunDir, keep_last: int, rank: int, world: int, device: torch.device):
+    def __init__(self, run: RunDir, keep_last: int, rank: int, world: int, device: torch.device, keep_every: int = 0):
         self.run, self.keep_last, self.rank, self.world, self.device = run, keep_last, rank, world, device
+        self.keep_every = keep_every
 
     def _rng_state(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
@@ -225,7 +227,8 @@ class CheckpointManager:
         dirs = run.step_dirs()
         newer = [p for p in dirs if p.name > target.name]
         older = [p for p in dirs if p.name <= target.name]
-        for old in newer + older[: -self.keep_last]:
+        kept = {p for p in older if self.keep_every and run.step_of(p) > 0 and run.step_of(p) % self.keep_every == 0}
+        for old in newer + [p for p in older[: -self.keep_last] if p not in kept]:
             shutil.rmtree(old, ignore_errors=True)
         return ""
 

@@ -202,6 +202,9 @@ class TrainConfig:
     """Write a checkpoint every this many steps (and at the last)."""
     keep_last: PositiveInt = 2
     """Checkpoints kept on disk (the newest ones)."""
+    keep_every: NonNegativeInt = 0
+    """Also save, and keep for good, the checkpoint of every step that is a multiple of this (0:
+    none): milestones to evaluate a run's progress by or to go back to, beyond the newest `keep_last`."""
     codebook: str = ""
     """Directory of the image codebook (`flava train-codebook`); needed for MIM/MMM."""
     init: str = ""

@@ -150,7 +150,8 @@ class Trainer:
         self.stopped = 0
         """The signal that stopped `fit` at a step boundary (after saving it), 0 if none did."""
         torch.manual_seed(cfg.seed)
-        self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device)
+        self.checkpoints = CheckpointManager(self.run, cfg.keep_last, self.rank, self.world, self.device,
+                                             cfg.keep_every)
         self._chosen = self.checkpoints.choose() if resume else None
 
         check_rgb(cfg.model, "model.")
@@ -500,7 +501,8 @@ class Trainer:
         with log if self.rank == 0 else contextlib.nullcontext():
             while self.step < end:
                 n = self.step + 1
-                save = n % self.cfg.save_every == 0 or n == self.cfg.max_steps
+                save = n % self.cfg.save_every == 0 or n == self.cfg.max_steps or \
+                    bool(self.cfg.keep_every) and n % self.cfg.keep_every == 0
                 logged = n % self.cfg.log_every == 0 or n == end
                 try:
                     row = self.train_step(sync=save or logged or n == first + 1,
