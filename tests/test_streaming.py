@@ -223,10 +223,10 @@ def test_a_store_that_says_to_come_back_later_is_waited_for_and_the_stream_is_as
                                                                                                capfd, workers):
     import threading
 
-    from flava.data import pipeline, shards
+    from flava.data import shards, sources
 
     monkeypatch.setattr(shards, "RETRIES", 1)
-    monkeypatch.setattr(pipeline, "OUTAGE_PAUSES_S", (0.2, 0.4))
+    monkeypatch.setattr(sources, "OUTAGE_PAUSES_S", (0.2, 0.4))
     root = write_shards(tmp_path / "www")
     local, _ = batches(open_source("pairs", str(root)))
     server = _HoldingServer(root)
@@ -238,14 +238,15 @@ def test_a_store_that_says_to_come_back_later_is_waited_for_and_the_stream_is_as
         assert server.answered >= 2 and same(local, waited) and not s.rejected
         s._drop_iterator()  # its worker, reading ahead, would wait for the outage below too
         err = capfd.readouterr().err
-        assert re.search(r"note: \S+/shard-00\d\.tar: ClientResponseError: 503, message='Service Unavailable'.*; the "
-                         r"stream waits for it: reading it again in 0\.2 s \(0 s of up to 60 s, data\.outage_minutes\)", err)
-        assert re.search(r"note: \S+/shard-00\d\.tar read after [12] s of waiting", err)
+        assert re.search(r"note: \S+/shard-00\d\.tar: ClientResponseError: 503, message='Service Unavailable'.*; waiting "
+                         r"for the store: reading it again in 0\.2 s \(\d s of up to 60 s, data\.outage_minutes\)", err)
+        assert re.search(r"note: \S+/shard-00\d\.tar read after [123] s of waiting", err)
         # An outage longer than the stream waits ends it, naming the shard and the setting.
         server.answer = 503
         with pytest.raises(DataError, match=r"^http://\S+/shard-00\d\.tar: ClientResponseError: 503, .*: the store "
-                                            r"could not serve it for 1 s \(the stream waits up to "
-                                            r"data\.outage_minutes=0\.0166667\)$"):
+                                            r"could not serve it for [12] s \(the wait allowed: "
+                                            r"data\.outage_minutes=0\.0166667; a shard that fails so for good is "
+                                            r"passed over with 0\)$"):
             batches(open_source("pairs", spec), num_workers=workers, outage_s=1)
         capfd.readouterr()
         # A refusal is no outage: counted and passed over at once, as before; so is any failure with 0.
@@ -255,7 +256,7 @@ def test_a_store_that_says_to_come_back_later_is_waited_for_and_the_stream_is_as
                                                 rf"\S+: ClientResponseError: {answer}, "):
                 batches(open_source("pairs", spec), num_workers=workers, outage_s=outage)
             assert time.time() - start < 10
-        assert "waits for it" not in capfd.readouterr().err
+        assert "waiting for the store" not in capfd.readouterr().err
     finally:
         server.close()
 
@@ -333,11 +334,11 @@ def test_a_store_down_longer_than_the_run_waits_ends_it_saved_amid_an_accumulate
     # uninterrupted run's losses.
     from conftest import narrow, tiny_run
 
-    from flava.data import pipeline, shards
+    from flava.data import shards, sources
     from flava.train.trainer import Trainer
 
     monkeypatch.setattr(shards, "RETRIES", 1)
-    monkeypatch.setattr(pipeline, "OUTAGE_PAUSES_S", (0.2, 0.4))
+    monkeypatch.setattr(sources, "OUTAGE_PAUSES_S", (0.2, 0.4))
     server = _HoldingServer(write_shards(tmp_path / "www", shards=4, per=12))
     try:
         def cfg():
@@ -352,7 +353,7 @@ def test_a_store_down_longer_than_the_run_waits_ends_it_saved_amid_an_accumulate
         # second opens the next.
         cut.log = lambda row: setattr(server, "answer", 503 if row["step"] == 4 else server.answer)
         with pytest.raises(DataError, match=r"^http://\S+/shard-00\d\.tar: ClientResponseError: 503, .*: the store "
-                                            r"could not serve it for 1 s .*; step 4 is saved in \S*step_00000004: once "
+                                            r"could not serve it for [12] s .*; step 4 is saved in \S*step_00000004: once "
                                             r"the data is readable, continue with --resume$"):
             cut.fit()
         server.answer = 0
@@ -854,6 +855,19 @@ def test_prepare_leaves_the_inputs_a_store_failed_to_give_to_its_next_run(tmp_pa
                "--workers", "1", "--size", "16"]
     assert cli(failing) == 0
     report = json.loads((tmp_path / "p" / "prepare_report.json").read_text())
+    assert report["samples"] == 3 and report["dropped"] == {"unreadable shard": 1}
+    # A store that keeps saying to come back later (503) holds the output until --skip-unreadable.
+    held = _HoldingServer(root)
+    try:
+        held.answer = 503
+        busy = ["prepare", "--pairs", str(root / "shard-000.tar"), held.url + "/shard-001.tar", "--output",
+                str(tmp_path / "s"), "--workers", "1", "--size", "16"]
+        assert cli(busy) == 2
+        assert "1 of 2 inputs could not be read" in " ".join(capsys.readouterr().err.split())
+        assert cli(busy + ["--skip-unreadable"]) == 0
+    finally:
+        held.close()
+    report = json.loads((tmp_path / "s" / "prepare_report.json").read_text())
     assert report["samples"] == 3 and report["dropped"] == {"unreadable shard": 1}
 
 

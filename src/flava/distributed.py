@@ -81,11 +81,12 @@ _host_group = None
 """A gloo group beside an NCCL default group, for numbers the host reads (`host_group`)."""
 
 
-def start_host_group() -> None:
-    """Every process calls this once after joining an NCCL group (after a gloo one it does nothing)."""
+def start_host_group(timeout=None) -> None:
+    """Every process calls this once after joining an NCCL group (after a gloo one it does nothing);
+    `timeout` (a timedelta) as the default group's."""
     global _host_group
     if dist.get_backend() != "gloo":
-        _host_group = dist.new_group(backend="gloo")
+        _host_group = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def end_host_group() -> None:

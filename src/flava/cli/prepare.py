@@ -34,6 +34,9 @@ def add(sub) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where the codebook tokenises (default: the GPU when there is one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-unreadable", dest="skip_unreadable", action="store_true",
+                   help="finish without the inputs a store cannot serve now (counted in the report); by default "
+                        "they are left for the next run")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
             bar.update(task, completed=done, total=total, info=f"{unread} could not be read" if unread else "")
 
         report = prepare(kind, sources, output, settings, tokenizer, fingerprint, grid=model.image.grid_size,
-                         image_size=model.image.image_size, workers=workers, progress=progress, vocab_size=vocab)
+                         image_size=model.image.image_size, workers=workers, progress=progress, vocab_size=vocab,
+                         skip_unreadable=args.skip_unreadable)
     if report["samples"] == 0:
         # Nothing to train on: an error, not a recipe for an empty run (and no empty shards left behind).
         if created:

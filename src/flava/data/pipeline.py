@@ -19,7 +19,6 @@ import contextlib
 import os
 import signal
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -34,7 +33,7 @@ from .members import BadSample
 from .samples import SampleMaker
 from .transforms import single_threaded
 from .shards import end_pipes, is_remote
-from .sources import Opened, Source, open_shard
+from .sources import OUTAGE_S, Source, open_shard, open_waiting
 
 
 MAX_LANES = 64
@@ -45,42 +44,6 @@ POLL_S = 0.5
 """How often the owner of loader workers that have not sent a batch looks for a stop request."""
 WORKER_RESTARTS = 3
 """Times one draw's loader workers may die (the OOM killer, a decoder's crash) and be started again."""
-OUTAGE_S = 1800.0
-"""How long a stream waits for a store that cannot serve a shard now (`open_waiting`)."""
-OUTAGE_PAUSES_S = (5.0, 120.0)
-"""The first pause between reads of such a shard, doubled after each up to the second."""
-
-
-def open_waiting(shard, outage_s: float) -> Opened:
-    """A shard's records, read again until its store serves it (`Opened.passing`: not reached, no
-    answer, a "come back later") for up to `outage_s` seconds (0: it is counted and passed over at
-    once, as a damaged one is). Passing over it would make what a run trains on depend on when the
-    network failed, and its resume inexact. A stop ends the wait (`stopping.abandonable`); a
-    DataError once it is over."""
-    opened = open_shard(shard)
-    began, pause = time.monotonic(), OUTAGE_PAUSES_S[0]
-    while opened.passing and outage_s > 0:
-        waited = time.monotonic() - began
-        if waited >= outage_s:
-            raise DataError(f"{opened.failure}: the store could not serve it for {_duration(waited)} (the stream waits "
-                            f"up to data.outage_minutes={outage_s / 60:g})")
-        pause = min(pause, outage_s - waited)
-        # From a loader worker too: a wait on the network is never silent.
-        print(f"note: {opened.failure}; the stream waits for it: reading it again in {pause:.3g} s "
-              f"({_duration(waited)} of up to {_duration(outage_s)}, data.outage_minutes)", file=sys.stderr, flush=True)
-        time.sleep(pause)
-        pause = min(2 * pause, OUTAGE_PAUSES_S[1])
-        opened = open_shard(shard)
-        if not opened.passing:
-            print(f"note: {shard.name} read after {_duration(time.monotonic() - began)} of waiting", file=sys.stderr,
-                  flush=True)
-    return opened
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
-
-
 def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
     """Lanes of a stream: the largest divisor of the global batch that is at most the shard count
     and `most` (MAX_LANES when 0). A lane holds one open shard at a time; several lanes put several
@@ -148,8 +111,8 @@ class Lane:
     """One lane of a source: its shards in the seeded order of each epoch, one open at a time."""
 
     def __init__(self, source: Source, lane: int, lanes: int, seed: int, cursor: Cursor | None = None,
-                 outage_s: float = OUTAGE_S):
-        self.source, self.lane, self.lanes, self.seed, self.outage_s = source, lane, lanes, seed, outage_s
+                 outage: tuple[float, str] = (OUTAGE_S, "data.outage_minutes")):
+        self.source, self.lane, self.lanes, self.seed, self.outage = source, lane, lanes, seed, outage
         self.cursor = cursor or Cursor()
         self._order: tuple[int, np.ndarray] | None = None
         self._open: tuple[Cursor, int, list, np.ndarray] | None = None
@@ -174,7 +137,7 @@ class Lane:
             c = self.cursor
             if self._open is None or self._open[0] != c:
                 shard = int(self._shards(c.epoch)[c.ordinal])
-                opened = open_waiting(self.source.shards[shard], self.outage_s)
+                opened = open_waiting(self.source.shards[shard], *self.outage)
                 if opened.rejected:
                     self.opened[shard] = dict(opened.rejected)
                     if shard not in self._met_in:  # a shard opened again (each epoch) is counted once
@@ -203,9 +166,9 @@ class _Draws(IterableDataset):
     sample), the failures met, its lanes' cursors and the shards it indexed."""
 
     def __init__(self, kind: str, source: Source, maker: SampleMaker, layout: Layout, seed: int, draw: int,
-                 cursors: dict[int, Cursor], outage_s: float = OUTAGE_S):
+                 cursors: dict[int, Cursor], outage: tuple[float, str] = (OUTAGE_S, "data.outage_minutes")):
         self.kind, self.source, self.maker, self.layout, self.seed = kind, source, maker, layout, seed
-        self.draw, self.cursors, self.outage_s = draw, cursors, outage_s
+        self.draw, self.cursors, self.outage = draw, cursors, outage
         self._others: dict[int, list] = {}
         """Shards opened for replacements of bad records (a few, most recent)."""
 
@@ -236,7 +199,7 @@ class _Draws(IterableDataset):
         if shard not in cache:
             if len(cache) >= 4:
                 cache.pop(next(iter(cache)))
-            cache[shard] = open_waiting(self.source.shards[shard], self.outage_s).records
+            cache[shard] = open_waiting(self.source.shards[shard], *self.outage).records
         return shard, cache[shard]
 
     def __iter__(self):
@@ -244,7 +207,7 @@ class _Draws(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         layout = self.layout
         mine = [s for s, w in layout.owners(workers).items() if w == worker]
-        lanes = {j: Lane(self.source, j, layout.lanes, self.seed, self.cursors.get(j), self.outage_s)
+        lanes = {j: Lane(self.source, j, layout.lanes, self.seed, self.cursors.get(j), self.outage)
                  for j in sorted({layout.lane(s) for s in mine})}
         draw = self.draw
         while True:
@@ -314,6 +277,8 @@ class BatchStream:
     lanes: int = 0
     """The most lanes (see `choose_lanes`); 0: up to MAX_LANES."""
     outage_s: float = OUTAGE_S
+    outage_setting: str = "data.outage_minutes"
+    """The setting that sets `outage_s`, named when the wait is over."""
     """How long a shard whose store cannot serve it now is waited for (`open_waiting`)."""
     draws: int = 0
     skipped: Counter = field(default_factory=Counter)
@@ -336,7 +301,7 @@ class BatchStream:
 
     def _iterator(self):
         dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors),
-                         self.outage_s)
+                         (self.outage_s, self.outage_setting))
         # Workers leave SIGTERM/SIGINT to this process, which stops at its step's end (stopping.py).
         if self.num_workers:
             prepare_loader_owner()
@@ -364,9 +329,11 @@ class BatchStream:
             except _WorkerDied as e:
                 deaths += 1
                 if deaths > WORKER_RESTARTS:
+                    why = ("SIGKILL is most often the out-of-memory killer: lower data.num_workers or data.batch_size"
+                           if "SIGKILL" in str(e) else "a crash reading a record (a decoder's on a damaged image?): "
+                           "data.num_workers=0 shows where")
                     raise DataError(f"{self.source.name}: its loader workers died {deaths} times at draw "
-                                    f"{self.draws} ({e}); SIGKILL is most often the out-of-memory killer: lower "
-                                    "data.num_workers or data.batch_size") from None
+                                    f"{self.draws} ({e}); {why}") from None
                 print(f"note: {self.source.name}: a loader worker died ({e}); its draw is read again by new workers",
                       file=sys.stderr, flush=True)
 
@@ -528,7 +495,8 @@ class KindStream:
     """The batches of one data kind: a source chosen per draw by weight (seeded by the draw), then
     that source's next batch."""
 
-    def __init__(self, kind: str, streams: list[BatchStream], weights: list[float], seed: int):
+    def __init__(self, kind: str, streams: list[BatchStream], weights: list[float], seed: int,
+                 estimated: bool = False):
         if len(streams) != len(weights) or not streams:
             raise DataError(f"the {kind} data needs one weight per source")
         total = float(sum(weights))
@@ -536,6 +504,10 @@ class KindStream:
             raise DataError(f"the {kind} sources' weights sum to {total}; give at least one a positive weight")
         self.kind, self.streams, self.seed = kind, streams, seed
         self.weights = np.array(weights, dtype=float) / total
+        self.estimated = estimated
+        """Whether the weights are the sources' sizes as estimated at start (`registry.estimated_size`),
+        which a resume takes from the state instead: shards without an index are sized by their first,
+        which may since have changed."""
         self.draws = 0
 
     def next_batch(self):
@@ -550,12 +522,14 @@ class KindStream:
         return {s.source.name: s.samples for s in self.streams}
 
     def state(self) -> dict:
-        return {"draws": self.draws, "sources": [s.state() for s in self.streams]}
+        return {"draws": self.draws, "sources": [s.state() for s in self.streams], "weights": self.weights.tolist()}
 
     def load_states(self, states: list[dict]) -> None:
         if any(len(st["sources"]) != len(self.streams) for st in states):
             raise DataError(f"the run was saved with {len(states[0]['sources'])} {self.kind} sources and has "
                             f"{len(self.streams)} now: resume with the same data")
         self.draws = int(states[0]["draws"])
+        if self.estimated and len(states[0].get("weights", ())) == len(self.streams):
+            self.weights = np.array(states[0]["weights"], dtype=float)
         for i, s in enumerate(self.streams):
             s.load_states([st["sources"][i] for st in states])

@@ -134,8 +134,10 @@ class Unread(Exception):
 
 
 def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettings,
-                 tokenizer: Callable | None) -> dict:
-    """Write unit `number` as NNNNN.tar + NNNNN.json; returns its counts. Runs in a pool process."""
+                 tokenizer: Callable | None, skip_unreadable: bool = False) -> dict:
+    """Write unit `number` as NNNNN.tar + NNNNN.json; returns its counts. Runs in a pool process.
+    An input that could not be read for a reason that may pass is left for the next run (`Unread`),
+    or with `skip_unreadable` counted and written without its samples."""
     import torch
 
     from .transforms import crop_resize
@@ -143,7 +145,7 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
     torch.set_num_threads(1)
     out_dir = Path(out)
     opened = open_shard(unit)
-    if opened.passing:  # a store or disk that failed: left unfinished, for the next run to read
+    if opened.passing and not skip_unreadable:  # a store or disk that failed: left for the next run to read
         raise Unread(opened.failure)
     dropped: Counter = Counter(opened.rejected)
     kept: list[tuple[str, dict, object]] = []
@@ -202,7 +204,8 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
 def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
             tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
             grid: int | None = None, image_size: int | None = None, workers: int = 1,
-            progress: Callable[[int, int, int], None] | None = None, vocab_size: int | None = None) -> dict:
+            progress: Callable[[int, int, int], None] | None = None, vocab_size: int | None = None,
+            skip_unreadable: bool = False) -> dict:
     """Write `sources` as prepared shards in `output` (see the module docstring); returns the report.
     `progress(units handled, units, of them left unread for a rerun)`."""
     if kind not in ("pairs", "images"):
@@ -215,13 +218,13 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     with hold(output / LOCK, str(output), "wait for the other `flava prepare` into it to end, or prepare into "
               "another directory"):
         return _prepare(kind, sources, output, settings, tokenizer_factory, fingerprint, grid, image_size, workers,
-                        progress, vocab_size)
+                        progress, vocab_size, skip_unreadable)
 
 
 def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
              tokenizer_factory: Callable[[], Callable] | None, fingerprint: str | None, grid: int | None,
              image_size: int | None, workers: int, progress: Callable[[int, int, int], None] | None,
-             vocab_size: int | None) -> dict:
+             vocab_size: int | None, skip_unreadable: bool) -> dict:
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
                 "inputs": [_named(s.name) for s in sources]}
     mark = output / PREPARE_SETTINGS
@@ -273,7 +276,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
         for n in todo:
             try:  # a stop ends a unit at once (a stalled read would hold it for minutes); it is written whole or not
                 with stopping.abandonable(), stopping.interruptible():
-                    prepare_unit(n, units[n], kind, str(output), settings, tokenizer)
+                    prepare_unit(n, units[n], kind, str(output), settings, tokenizer, skip_unreadable)
             except Unread as e:
                 unread.append(str(e))
             except stopping.Abandoned as e:
@@ -288,7 +291,8 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
 
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                  initializer=_init_worker, initargs=(tokenizer_factory,)) as pool:
-            futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings) for n in todo]
+            futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings, skip_unreadable)
+                       for n in todo]
             ended: queue.Queue = queue.Queue()  # as they finish, in any order (as a stop counts them)
             for f in futures:
                 f.add_done_callback(ended.put)
@@ -325,7 +329,8 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                 raise
     if unread:
         raise DataError(f"{len(unread)} of {len(units)} inputs could not be read (e.g. {unread[0]}); what could is "
-                        f"prepared in {output}: run the same command again to finish once they can be read")
+                        f"prepared in {output}: run the same command again to finish once they can be read (with "
+                        "--skip-unreadable, to finish without those that cannot, counted)")
     stats = [json.loads((output / f"{n:05d}.json").read_text()) for n in range(len(units))]
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
     info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,
@@ -369,8 +374,8 @@ def _init_worker(factory) -> None:
     _worker_tokenizer = factory() if factory is not None else None
 
 
-def _pooled_unit(n, unit, kind, out, settings) -> dict:
-    return prepare_unit(n, unit, kind, out, settings, _worker_tokenizer)
+def _pooled_unit(n, unit, kind, out, settings, skip_unreadable) -> dict:
+    return prepare_unit(n, unit, kind, out, settings, _worker_tokenizer, skip_unreadable)
 
 
 def default_workers() -> int:

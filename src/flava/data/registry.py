@@ -115,9 +115,10 @@ def estimated_size(source: Source) -> int:
     records of its first shard."""
     if source.known_size is not None:
         return source.known_size
-    from .sources import open_shard
+    from .sources import open_waiting
 
-    return max(1, len(open_shard(source.shards[0]).records)) * len(source.shards)
+    # Waited for: a source weighed by a store's outage would be mixed wrongly for the whole run.
+    return max(1, len(open_waiting(source.shards[0]).records)) * len(source.shards)
 
 
 def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, rank: int = 0, world: int = 1,
@@ -125,8 +126,9 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     """The training stream of one kind: each spec (a path, or an object with `path` and `weight`)
     opened as a source; a draw picks a source by weight (plain paths weigh by their size); no
     specs: the packaged demo data. `outage_s`: how long a shard whose store cannot serve it now is
-    waited for (None: `pipeline.OUTAGE_S`)."""
-    from .pipeline import OUTAGE_S, BatchStream, KindStream
+    waited for (None: `sources.OUTAGE_S`)."""
+    from .pipeline import BatchStream, KindStream
+    from .sources import OUTAGE_S
 
     paths = [getattr(s, "path", s) for s in specs]
     weights = [getattr(s, "weight", None) for s in specs]
@@ -149,9 +151,10 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
             raise DataError(f"{src.name} is a source of one image: every images batch drawn from it would repeat "
                             f"it; give a folder, a glob or shards of many{beside}")
     weights = weights or [None]  # the demo source stands alone
-    if len(srcs) > 1 and weights[0] is None:
+    estimated = len(srcs) > 1 and weights[0] is None
+    if estimated:
         weights = [float(estimated_size(s)) for s in srcs]
     streams = [BatchStream(kind, src, maker, batch_size, seed=seed + 7919 * i, rank=rank, world=world,
                            num_workers=num_workers, lanes=lanes, outage_s=OUTAGE_S if outage_s is None else outage_s)
                for i, src in enumerate(srcs)]
-    return KindStream(kind, streams, [w if w is not None else 1.0 for w in weights], seed)
+    return KindStream(kind, streams, [w if w is not None else 1.0 for w in weights], seed, estimated)

@@ -220,7 +220,10 @@ def _read_pipe(url: str) -> bytes:
         with contextlib.suppress(Exception):
             f.close()
         raise
-    f.close()  # raises for a command that failed
+    try:
+        f.close()  # raises for a command that failed
+    except OSError:
+        raise OSError(f"{url}: the command ended with exit status {f.status}") from None
     return data
 
 
@@ -259,14 +262,18 @@ def _connection_failure(e: BaseException) -> BaseException | None:
     the libraries' own types (aiohttp's, botocore's, urllib3's), which few builtins cover."""
     seen = 0
     while e is not None and seen < 8:
-        if isinstance(e, (ConnectionError, *TIMEOUTS)) or any(
-                w in k.__name__ for k in type(e).__mro__ for w in CUT_CONNECTION_WORDS):
+        names = [k.__name__ for k in type(e).__mro__]
+        if any(w in n for n in names for w in NOT_PASSING_WORDS):  # aiohttp's are ClientConnectorErrors too
+            return None
+        if isinstance(e, (ConnectionError, *TIMEOUTS)) or any(w in n for n in names for w in CUT_CONNECTION_WORDS):
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
 
 
 CUT_CONNECTION_WORDS = ("Connect", "Timeout", "Disconnected", "Payload", "IncompleteRead")
+NOT_PASSING_WORDS = ("SSL", "Certificate")
+"""A TLS handshake the client refuses (an untrusted certificate, a wrong name) is the user's to fix."""
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 """HTTP answers that say to come back later: a timeout, throttling (S3's 503 SlowDown, 429), a
 server or gateway failing now."""

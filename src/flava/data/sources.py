@@ -12,7 +12,9 @@ that fails then is skipped and counted by the pipeline.
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +106,7 @@ class Source:
         if self._opened is None:
             records, rejected = [], Counter(self.listing_rejected)
             for shard in self.shards:
-                opened = open_shard(shard)
+                opened = open_waiting(shard)  # an evaluation or embedding set with a shard missed is another
                 records += opened.records
                 rejected += opened.rejected
             self._opened = records, rejected
@@ -144,6 +146,47 @@ def open_shard(shard) -> Opened:
     if not opened.records and opened.rejected and not opened.failure:  # read, and nothing in it usable
         opened.failure = shard.name
     return opened
+
+
+class StoreOutage(DataError):
+    """A store that could not serve a shard for longer than the wait allowed (`open_waiting`)."""
+
+
+OUTAGE_S = 1800.0
+"""How long a shard whose store cannot serve it now is waited for (`open_waiting`), by default."""
+OUTAGE_PAUSES_S = (5.0, 120.0)
+"""The first pause between reads of such a shard, doubled after each up to the second."""
+
+
+def open_waiting(shard, outage_s: float = OUTAGE_S, setting: str = "data.outage_minutes") -> Opened:
+    """A shard's records, read again until its store serves it (`Opened.passing`: not reached, no
+    answer, a "come back later") for up to `outage_s` seconds from the first read (0: it is counted
+    and passed over at once, as a damaged one is). Passing over it would make what a run trains on
+    depend on when the network failed, and its resume inexact. A stop ends the wait
+    (`stopping.abandonable`); a DataError, naming `setting`, once it is over."""
+    began, pause = time.monotonic(), OUTAGE_PAUSES_S[0]
+    opened = open_shard(shard)
+    while opened.passing and outage_s > 0:
+        waited = time.monotonic() - began
+        if waited >= outage_s:
+            raise StoreOutage(f"{opened.failure}: the store could not serve it for {_duration(waited)} (the wait "
+                            f"allowed: {setting}={outage_s / 60:g}; a shard that fails so for good is passed over "
+                            f"with 0)")
+        pause = min(pause, outage_s - waited)
+        # From a loader worker too: a wait on the network is never silent.
+        print(f"note: {opened.failure}; waiting for the store: reading it again in {pause:.3g} s "
+              f"({_duration(waited)} of up to {_duration(outage_s)}, {setting})", file=sys.stderr, flush=True)
+        time.sleep(pause)
+        pause = min(2 * pause, OUTAGE_PAUSES_S[1])
+        opened = open_shard(shard)
+        if not opened.passing:
+            print(f"note: {shard.name} read after {_duration(time.monotonic() - began)} of waiting", file=sys.stderr,
+                  flush=True)
+    return opened
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _failure(shard, e: Exception) -> str:

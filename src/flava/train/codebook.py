@@ -34,7 +34,7 @@ from ..data.pipeline import BatchStream, KindStream
 from ..data.registry import check_distinct, demo_source, estimated_size, open_source
 from ..data.shards import is_remote
 from ..data.registry import image_sources as open_images  # this module's image_sources adds demo and pairs
-from ..data.sources import Source
+from ..data.sources import OUTAGE_S, Source, StoreOutage
 from ..data.transforms import map_pixels
 from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, first_line, saved_before
@@ -88,6 +88,9 @@ class CodebookTraining:
     """Steps between the resumable saves in OUTPUT/training/."""
     eval_images: PositiveInt = 512
     """Images (center crops) in the fixed sample scored before and after."""
+    outage_minutes: Annotated[float, Range(0, 10_080)] = 30.0
+    """How long a remote shard whose store cannot serve it now is waited for (as `flava
+    pretrain`'s data.outage_minutes); 0: passed over, counted."""
 
 
 def token_usage(token_ids: torch.Tensor, vocab_size: int) -> dict[str, float]:
@@ -230,6 +233,8 @@ class CodebookRun:
 
 
 METRICS = "codebook_metrics.jsonl"
+OUTAGE_SETTING = "outage_minutes"
+"""`CodebookTraining`'s, named when a store's outage outlasts it."""
 STATE = CODEBOOK_STATE
 
 
@@ -242,14 +247,17 @@ def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
     return demo + open_images([s for s in images if s != "demo"]) + [open_source("pairs", spec) for spec in pairs]
 
 
-def _stream(sources: list[Source], maker: CodebookCrops, batch: int, seed: int, workers: int) -> KindStream:
-    streams = [BatchStream("images", src, maker, batch, seed=seed + 7919 * i, num_workers=workers)
+def _stream(sources: list[Source], maker: CodebookCrops, batch: int, seed: int, workers: int,
+            outage_s: float) -> KindStream:
+    streams = [BatchStream("images", src, maker, batch, seed=seed + 7919 * i, num_workers=workers,
+                           outage_s=outage_s, outage_setting=OUTAGE_SETTING)
                for i, src in enumerate(sources)]
     weights = [float(estimated_size(src)) for src in sources] if len(sources) > 1 else [1.0]
-    return KindStream("images", streams, weights, seed)
+    return KindStream("images", streams, weights, seed, estimated=len(sources) > 1)
 
 
-def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int) -> torch.Tensor:
+def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int,
+                       outage_s: float = OUTAGE_S) -> torch.Tensor:
     """The fixed sample scored before and after training: up to `wanted` center crops from every
     source in proportion to its size, each image once (sizes of local shards without an index are
     estimated from their first; remote ones, which would be fetched for it, count as `wanted`).
@@ -268,13 +276,16 @@ def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int)
         shares[shares.index(max(shares))] -= 1
     crops, pixels = CodebookCrops(size, seed, train=False), []
     for i, (source, share) in enumerate(zip(sources, shares)):
-        stream = BatchStream("images", source, crops, share, seed=seed + 7919 * i)
+        stream = BatchStream("images", source, crops, share, seed=seed + 7919 * i, outage_s=outage_s,
+                             outage_setting=OUTAGE_SETTING)
         stream.probe()  # a source with no readable image, named before training
         pixels.append(stream.next_batch().pixels)
     return torch.cat(pixels)
 
 
 def _no_images(e: DataError, sources: list[Source]) -> DataError:
+    if isinstance(e, StoreOutage):  # the images may be fine: the store is down
+        return e
     names = ", ".join(s.name for s in sources)
     return DataError(f"no image of {names} could be read ({e})")
 
@@ -347,7 +358,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         if "steps" in changed:
             console.print(f"note: steps {saved['settings']['steps']} -> {steps} (the learning-rate and temperature "
                           "schedules now run to that)")
-        ignored = [k for k in changed if k not in ("device", "num_workers", "steps")]
+        ignored = [k for k in changed if k not in ("device", "num_workers", "steps", "outage_minutes")]
         if ignored:
             console.print(f"note: resuming with the run's own settings; ignored: {', '.join(ignored)}")
     else:  # saved absolute: a --resume from another folder reads the same files
@@ -361,13 +372,14 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     sources = image_sources(images_spec, pairs_spec)
     try:  # reading thousands of images may take a while; this process alone reads them
         with stopping.abandonable(), stopping.interruptible():
-            eval_pixels = _evaluation_sample(sources, size, settings.seed + 1, settings.eval_images)
+            eval_pixels = _evaluation_sample(sources, size, settings.seed + 1, settings.eval_images,
+                                             settings.outage_minutes * 60)
     except DataError as e:
         raise _no_images(e, sources) from None
     except stopping.Abandoned as e:
         raise _stopped_first(e.signum, saved is not None) from None
     stream = _stream(sources, CodebookCrops(size, settings.seed, settings.crop_scale_min), settings.batch_size,
-                     settings.seed, workers)
+                     settings.seed, workers, settings.outage_minutes * 60)
     run = CodebookRun(cfg.codebook, size, settings, stream, eval_pixels, device)
     meta = {"model": to_dict(cfg), "settings": dataclasses.asdict(settings), "images": images_spec,
             "pairs": pairs_spec}

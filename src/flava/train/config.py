@@ -92,13 +92,13 @@ class DataConfig:
     removed while a lane reads it stays readable to that lane (its space is freed when the last
     reader closes it: each process keeps up to 128 shards open), so give it room for the shards read
     side by side, lanes x shard size, or the cache fetches them over and over."""
-    outage_minutes: NonNegative = 30.0
+    outage_minutes: Annotated[float, Range(0, 10_080)] = 30.0
     """How long a stream waits for a remote shard whose store cannot serve it now (no connection, no
     answer, or "come back later": HTTP 408, 429, 500, 502, 503, 504, S3's SlowDown), reading it
     again meanwhile; then the run ends with its steps saved, to be resumed. Waiting, not passing over
     the shard, keeps what the run trains on independent of the network, and its resume exact. 0:
     such a shard is counted and passed over at once, as a damaged one is. Under torchrun the
-    process group's timeout is at least this plus 10 minutes, so that the others wait as long, and
+    process group's timeout is at least this plus 30 minutes, so that the others wait as long, and
     a stop request waits as long too (every process must reach the step it saves)."""
     max_text_length: Annotated[int, Range(3)] = 64
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""

@@ -42,9 +42,10 @@ DEMO_CODEBOOK_STEPS = 200
 def init_distributed(device: str = "auto", outage_minutes: float = 0.0) -> bool:
     """Join the process group torchrun describes in the environment, over NCCL when the run's
     `device` setting resolves to a GPU, else gloo (a CPU run on a GPU host too); False when not
-    under torchrun. Its collectives wait at least `outage_minutes` (data.outage_minutes) and 10
-    more: a process waiting out its store holds the others at the next step, and NCCL's own 10
-    minutes would end them all."""
+    under torchrun. Its collectives wait at least `outage_minutes` (data.outage_minutes) and 30
+    more: a process waiting out its store holds the others at the next step (its last read may
+    start just before the wait is over and take minutes itself), and NCCL's own 10 minutes would
+    end them all."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
     on_gpu = resolve_device(device).type == "cuda"
@@ -53,8 +54,9 @@ def init_distributed(device: str = "auto", outage_minutes: float = 0.0) -> bool:
     from torch.distributed import constants
 
     default = (constants.default_pg_nccl_timeout or timedelta(minutes=10)) if on_gpu else constants.default_pg_timeout
-    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=max(default, timedelta(minutes=outage_minutes + 10)))
-    start_host_group()
+    timeout = max(default, timedelta(minutes=outage_minutes + 30))
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timeout)
+    start_host_group(timeout)
     return True
 
 
