@@ -405,6 +405,36 @@ def test_under_torchrun_every_process_stops_at_the_same_step(train_data, tmp_pat
     assert len(saved) == 2 and saved[0]["pairs"]["draws"] == saved[1]["pairs"]["draws"]
 
 
+@pytest.mark.distributed
+def test_under_torchrun_a_stop_while_one_process_waits_out_its_store_saves_at_once(train_data, tmp_path):
+    # The other process waited for it in the step's collectives: the stop waited as long as the
+    # outage (data.outage_minutes), and torchrun's SIGKILL 30 s later lost every step since the
+    # last checkpoint. They now agree after each draw, and both save the step before.
+    from test_streaming import _HoldingServer, write_shards
+
+    server = _HoldingServer(write_shards(tmp_path / "www", shards=8, per=8))
+    # Two lanes, one a process; a shard gives each lane two draws. Process 1's second shard fails.
+    second = int(np.random.default_rng([5, 0]).permutation(8)[1::2][1])
+    server.answer, server.only = 503, {f"shard-{second:03d}.tar"}
+    args = pretrain_args(train_data, tmp_path / "cut") + narrow_args() + [
+        "--set", "seed=5", "--set", f'data.pairs=["{server.url}/shard-{{000..007}}.tar"]', "--set", "data.lanes=2",
+        "--set", "data.mixing=[1,0,0]", "--save-every", "1000"]
+    try:
+        cut = Command(args + ["--max-steps", "6"], tmp_path / "c", torchrun=2)
+        cut.wait_for(lambda: "waiting for the store" in cut.err.read_text(), timeout=180)
+        sent = time.monotonic()
+        cut.p.send_signal(signal.SIGTERM)
+        cut.finish(timeout=60)
+        assert time.monotonic() - sent < 20 and "flava pretrain: stopped by SIGTERM at step 2" in cut.text(), cut.text()
+        saved = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "streams.json").read_text())
+        assert [s["pairs"]["draws"] for s in saved] == [2, 2]  # process 0's third draw was undone
+        server.answer = 0
+        done(Command(["pretrain", "--output", str(tmp_path / "cut"), "--resume"], tmp_path / "r", torchrun=2))
+        assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 6
+    finally:
+        server.close()
+
+
 # --------------------------------------------------------------------------- elastic resume
 
 

@@ -174,7 +174,8 @@ def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_mi
 class _HoldingServer:
     """Shards over HTTP from a thread of this process; once `hold` is set every request waits
     (up to a minute) for `release`, as a stalled store's would. While `answer` is set, every
-    request is answered with that status instead (503: come back later; 403: a refusal)."""
+    request (for the files named in `only`, when any are) is answered with that status instead (503:
+    come back later; 403: a refusal)."""
 
     def __init__(self, root):
         import functools
@@ -182,7 +183,7 @@ class _HoldingServer:
         import threading
 
         self.hold, self.release, self.held = threading.Event(), threading.Event(), threading.Event()
-        self.answer, self.answered = 0, 0
+        self.answer, self.answered, self.only = 0, 0, set()
         outer = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -190,7 +191,7 @@ class _HoldingServer:
                 if outer.hold.is_set():
                     outer.held.set()
                     outer.release.wait(60)
-                if outer.answer:
+                if outer.answer and (not outer.only or self.path.rsplit("/", 1)[-1] in outer.only):
                     outer.answered += 1
                     self.send_error(outer.answer)
                     return False

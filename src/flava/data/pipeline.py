@@ -490,6 +490,17 @@ class BatchStream:
     def load_state(self, state: dict) -> None:
         self.load_states([state])
 
+    def snapshot(self) -> tuple:
+        """This process's position and counts now, for `restore` (a step given up: `Trainer._undo_point`)."""
+        return (self.draws, dict(self.cursors), Counter(self.skipped), {k: set(v) for k, v in self.bad.items()},
+                dict(self.rejected))
+
+    def restore(self, snapshot: tuple) -> None:
+        self.draws, cursors, skipped, bad, rejected = snapshot
+        self.cursors, self.skipped, self.rejected = dict(cursors), Counter(skipped), dict(rejected)
+        self.bad = {k: set(v) for k, v in bad.items()}
+        self._drop_iterator()  # it read ahead of the position restored
+
 
 class KindStream:
     """The batches of one data kind: a source chosen per draw by weight (seeded by the draw), then
@@ -523,6 +534,14 @@ class KindStream:
 
     def state(self) -> dict:
         return {"draws": self.draws, "sources": [s.state() for s in self.streams], "weights": self.weights.tolist()}
+
+    def snapshot(self) -> tuple:
+        return self.draws, [s.snapshot() for s in self.streams]
+
+    def restore(self, snapshot: tuple) -> None:
+        self.draws, streams = snapshot
+        for s, snap in zip(self.streams, streams):
+            s.restore(snap)
 
     def load_states(self, states: list[dict]) -> None:
         if any(len(st["sources"]) != len(self.streams) for st in states):

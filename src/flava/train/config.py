@@ -98,8 +98,8 @@ class DataConfig:
     again meanwhile; then the run ends with its steps saved, to be resumed. Waiting, not passing over
     the shard, keeps what the run trains on independent of the network, and its resume exact. 0:
     such a shard is counted and passed over at once, as a damaged one is. Under torchrun the
-    process group's timeout is at least this plus 30 minutes, so that the others wait as long, and
-    a stop request waits as long too (every process must reach the step it saves)."""
+    process group's timeout is at least this plus 30 minutes, so that the others wait as long; a
+    stop request is taken at once all the same (the processes agree after each draw)."""
     max_text_length: Annotated[int, Range(3)] = 64
     """Tokens per text, [CLS] and [SEP] included; longer texts are truncated."""
     crop_scale_min: Annotated[float, Range(0, 1, low_open=True)] = 0.9

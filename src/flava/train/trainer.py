@@ -31,7 +31,7 @@ from ..objectives.pretraining import TARGETS
 from ..objectives.registry import active
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
-from ..distributed import resolve_device, world
+from ..distributed import max_over_processes, resolve_device, world
 from ..errors import ConfigError, DataError, DivergedError, saved_before
 from ..io.runs import RunDir
 from ..model.layers import Block
@@ -332,18 +332,29 @@ class Trainer:
         kind = step_kind(cfg.seed, step, self.kinds, self.probs_at(step))
         accum = cfg.optim.grad_accumulation
         sums, names, samples, gradients = None, ([], []), 0, None
-        # One process may give up awaiting a batch on a stop request (a stalled read; `_abandoned`),
-        # or save the steps done when its data fails (`_kept`). Past the first micro-batch the step
-        # is undone first: its draws and random numbers.
-        undo = self._undo_point(kind) if accum > 1 and self.world == 1 else None
+        # A process may give up awaiting a batch on a stop request (a stalled read, a store's outage;
+        # `_abandoned`), or save the steps done when its data fails (`_kept`, one process). Past the
+        # first micro-batch the step is undone first: its draws and random numbers. Under torchrun
+        # the processes agree after each draw whether one gave up (`_draw_agreed`): the others would
+        # wait for it in the step's collectives, past any grace, and all save the step before.
+        undo = self._undo_point(kind) if accum > 1 or self.world > 1 else None
         for micro in range(accum):
             try:
-                with stopping.abandonable() if self.world == 1 else contextlib.nullcontext():
+                with stopping.abandonable():
                     batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
-            except (stopping.Abandoned, DataError):
-                if micro and undo is not None:
+            except stopping.Abandoned as e:
+                if self.world > 1:
+                    self._draw_agreed(e.signum)
+                if micro:
                     undo()
                 raise
+            except DataError:
+                if micro and self.world == 1:
+                    undo()
+                raise
+            if self.world > 1 and (signum := self._draw_agreed(0)):
+                undo()  # this process drew: another gave up
+                raise stopping.Abandoned(signum)
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(micro_seed(cfg.seed, step, micro, accum))
             values, names, report = micro_step(self, batch, generator, step, micro, diagnose and micro == accum - 1)
@@ -369,14 +380,18 @@ class Trainer:
             self.synced = self._settle()
         return row
 
+    def _draw_agreed(self, gave_up: int) -> int:
+        """The signal any process gave up its draw on (0: none), over the host's group."""
+        return max_over_processes(gave_up, self.device)
+
     def _undo_point(self, kind: str):
         """A function that puts the step's stream of `kind`, the random generators and the
         gradients back as they are now (before the step's first micro-batch)."""
-        stream, rng = self.streams[kind].state(), torch.get_rng_state()
+        stream, rng = self.streams[kind].snapshot(), torch.get_rng_state()
         device_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
 
         def undo() -> None:
-            self.streams[kind].load_states([stream])
+            self.streams[kind].restore(stream)
             torch.set_rng_state(rng)
             if device_rng is not None:
                 torch.cuda.set_rng_state(device_rng, self.device)
@@ -544,8 +559,8 @@ class Trainer:
             self.log(settled)
 
     def _abandoned(self, signum: int, log: MetricsLog, end: int, start: float, samples: int) -> None:
-        """A stop request that came while a step awaited its batch: the steps done are saved as at
-        any stop. The batch's draw moved no stream, so the run resumes exactly."""
+        """A stop request that came while a step awaited its batch (on any process): the steps done
+        are saved as at any stop. No stream is left moved by the step, so the run resumes exactly."""
         self._save_reached(log, end, start, samples)
         self.stopped = signum
 
