@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import narrow, narrow_args, tiny_run
 
 from flava.config import ObjectivesConfig
 from flava.errors import ConfigError
@@ -197,7 +197,8 @@ def test_settings_of_a_method_the_run_does_not_use_and_methods_that_cannot_act_a
 
 
 def config(data, **over) -> TrainConfig:
-    cfg = tiny_run(data, "pairs_clean.csv", max_steps=8, save_every=4, log_every=2, seed=5, tensorboard=False)
+    # The narrow model: what these runs check (a resume, the state kept, what is logged) holds for any.
+    cfg = narrow(tiny_run(data, "pairs_clean.csv", max_steps=8, save_every=4, log_every=2, seed=5, tensorboard=False))
     cfg.optim.warmup_steps = 2
     for k, v in over.items():
         setattr(cfg, k, v)
@@ -259,7 +260,7 @@ def test_two_processes_hold_the_balancing_state_of_one(train_data, tmp_path, met
 
     steps = ["--max-steps", "4", *OPTS, "--set", "optim.eps=1e-4", "--set", f"objectives.balancing={method}",
              "--set", "objectives.dwa_window=1", "--set", "objectives.uncertainty_lr=0.1",
-             "--set", "diagnose_every=1"]
+             "--set", "diagnose_every=1", *narrow_args()]
     two = run(pretrain_args(train_data, tmp_path / "two", "pairs_clean.csv", batch_size=4) + steps
               + ["--set", f"distributed={mode}"], ranks=2)  # torchrun's launch is test_pretrain_processes's
     one = run(pretrain_args(train_data, tmp_path / "one", "pairs_clean.csv", batch_size=8) + steps)

@@ -465,8 +465,8 @@ def test_a_full_disk_inside_torch_or_safetensors_is_one_line(train_data, tmp_pat
 @pytest.mark.slow
 def test_resume_survives_damage(train_data, tmp_path, capsys):
     run = tmp_path / "run"
-    assert cli(pretrain_args(train_data, run) + ["--max-steps", "4", "--set", "save_every=1",
-                                                  "--set", "keep_last=4"]) == 0
+    assert cli(pretrain_args(train_data, run) + narrow_args() + ["--max-steps", "4", "--set", "save_every=1",
+                                                                  "--set", "keep_last=4"]) == 0
     reference = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     layout = RunDir(run)
 
@@ -616,7 +616,7 @@ def test_model_settings_beside_init_are_refused_not_ignored(train_data, tmp_path
 @pytest.mark.slow
 def test_a_resumed_runs_summary_is_the_whole_runs(train_data, tmp_path, capsys):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    steps = ["--set", "seed=5", "--set", "save_every=2"]
+    steps = ["--set", "seed=5", "--set", "save_every=2", *narrow_args()]
     assert cli(pretrain_args(train_data, whole) + steps + ["--max-steps", "5"]) == 0
     assert cli(pretrain_args(train_data, cut) + steps + ["--max-steps", "2"]) == 0
     assert cli(pretrain_args(train_data, cut) + steps + ["--max-steps", "5", "--resume"]) == 0

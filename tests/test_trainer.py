@@ -29,7 +29,7 @@ def config(data, **over) -> TrainConfig:
 
 def with_dropout(data) -> TrainConfig:
     # Dropout draws from torch's global generator: resume must restore it, not only the data's.
-    cfg = config(data)
+    cfg = narrow(config(data))
     for encoder in (cfg.model.image, cfg.model.text, cfg.model.multimodal):
         encoder.dropout = 0.1
     return cfg
