@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import pretrain_args
+from conftest import narrow_args, pretrain_args
 from zygote import Ranks
 
 from flava.recipes.ablate import PAPER, ROWS, averages, row_config
@@ -45,8 +45,9 @@ def suite(tmp_path_factory):
 
 
 def ablate_args(train_data, suite, out, *extra):
-    # pretrain_args' settings (tiny data, the test codebook), less the subcommand and its --output.
-    settings = pretrain_args(train_data, out, pairs="pairs_clean.csv")[3:]
+    # pretrain_args' settings (tiny data, the test codebook), less the subcommand and its --output;
+    # the narrow model (what these tests check holds for any).
+    settings = pretrain_args(train_data, out, pairs="pairs_clean.csv")[3:] + narrow_args()
     return ["ablate", "--output", str(out), "--suite", str(suite), "--steps", "2", "--unimodal-steps", "2",
             "--image-stage", "mim", *settings, *extra]
 

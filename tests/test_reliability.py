@@ -395,7 +395,8 @@ def test_finished_runs_and_impossible_settings(train_data, tmp_path, capsys):
                       ("save_every=0", "save_every"), ("log_every=0", "log_every"),
                       ("optim.grad_accumulation=0", "grad_accumulation"), ("data.mixing=[0.5,0.5]", "mixing"),
                       ("data.num_workers=-1", "num_workers"), ("optim.lr=-1", "optim.lr"),
-                      ("optim.lr=NaN", "optim.lr")):
+                      ("optim.lr=NaN", "optim.lr"), ("data.outage_minutes=inf", "outage_minutes"),
+                      ("keep_every=-1", "keep_every")):
         code = cli(pretrain_args(train_data, tmp_path / name) + ["--set", bad])
         assert name in one_line_error(capsys, code), bad
     code = cli(pretrain_args(train_data, tmp_path / "neg") + ["--max-steps", "-5"])
@@ -649,7 +650,7 @@ def test_a_run_named_with_relative_paths_resumes_from_any_folder(train_data, tmp
 
     shutil.copytree(train_data, tmp_path / "d")
     monkeypatch.chdir(tmp_path)
-    args = [a.replace(str(train_data), "d") for a in pretrain_args(train_data, tmp_path / "run")]
+    args = [a.replace(str(train_data), "d") for a in pretrain_args(train_data, tmp_path / "run") + narrow_args()]
     args[args.index('data.images=["d/img"]')] = 'data.images=["d/img/a/*.png"]'  # a glob too
     assert "codebook=d/codebook" in args and 'data.pairs=["d/pairs.csv"]' in args
     assert cli(args + ["--max-steps", "2"]) == 0
