@@ -222,7 +222,8 @@ def test_one_image_as_the_image_data_is_refused(train_data, tmp_path, capsys):
     folder = train_data / "img"
     for spec, beside in ((f'["{image}"]', False), (f'[{{"path": "{image}", "weight": 2}}]', False),
                          (f'["{folder}", "{image}"]', True)):
-        args = pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "1", "--set", f"data.images={spec}"]
+        args = pretrain_args(train_data, tmp_path / "run") + narrow_args() + ["--max-steps", "1", "--set",
+                                                                              f"data.images={spec}"]
         err = " ".join(one_line_error(capsys, cli(args)).split())
         assert "3.png is a source of one image: every images batch drawn from it would repeat it" in err
         assert ("move it into a folder beside it" in err) == beside
@@ -695,7 +696,7 @@ def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path):
 
     shutil.copytree(train_data / "codebook", tmp_path / "cb")
     source = tmp_path / "source"
-    given = pretrain_args(train_data, source)
+    given = pretrain_args(train_data, source) + narrow_args()  # the runs below take their model from it
     # The codebook's own settings differ from the config's: its checkpoints say the codebook's.
     i = given.index("model.codebook.hidden_size=8")
     assert cli(given[:i - 1] + given[i + 1:] + ["--max-steps", "1"]) == 0
@@ -781,7 +782,7 @@ def test_data_that_fails_mid_run_ends_it_with_the_steps_done_saved_and_resumable
                                                                                  one_thread):
     # A store gone down mid-run (here: its shards turned to junk) ended the run with the steps
     # since the last checkpoint lost; they are saved, and the resume continues as if never cut.
-    from conftest import tiny_run
+    from conftest import narrow, tiny_run
 
     from flava.train.trainer import Trainer
 
@@ -795,7 +796,7 @@ def test_data_that_fails_mid_run_ends_it_with_the_steps_done_saved_and_resumable
     whole = {f: f.read_bytes() for f in tmp_path.glob("source-*/*.tar")}
 
     def cfg():
-        c = tiny_run(train_data, max_steps=6, save_every=100, log_every=1, tensorboard=False)
+        c = narrow(tiny_run(train_data, max_steps=6, save_every=100, log_every=1, tensorboard=False))
         c.data.pairs = [{"path": str(tmp_path / f"source-{k}"), "weight": 0.5} for k in range(2)]
         c.data.mixing = [1.0, 0.0, 0.0]
         return c
