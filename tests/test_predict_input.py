@@ -71,8 +71,8 @@ def test_predict_does_not_score_labels_the_model_does_not_know(models, tmp_path,
     rows = rows_of(out)
     assert [r["true_label"] for r in rows] == labels and all(r["prediction"] in ("neg", "pos") for r in rows)
     right = sum(r["prediction"] == r["true_label"] for r in rows)
-    assert (f"accuracy {100 * right / 4:.1f} % ({right} of 4 labelled inputs; not scored: 3 labelled 'neutral', 'mixed', "
-            f"not among the model's labels (neg, pos))") in shown
+    assert (f"accuracy {100 * right / 4:.1f} % ({right} of 4 labelled inputs; not scored: 3 labelled 'neutral', "
+            f"'mixed', not among the model's labels (neg, pos))") in shown
     # None it knows: no accuracy at all, rather than 0.
     table.write_text("text,label\nsome text,neutral\nmore text,neutral\n")
     assert main(["predict", "--model", str(models / "text"), "--input", str(table)]) == 0
@@ -92,8 +92,8 @@ def test_predict_does_not_score_labels_the_model_does_not_know(models, tmp_path,
     rows = rows_of(out)
     assert len(rows) == 6 and all(r["prediction"] for r in rows)
     right = sum(r["prediction"] == r["true_label"] for r in rows)
-    assert (f"accuracy {100 * right / 4:.1f} % ({right} of 4 labelled inputs; not scored: 2 labelled 'green', not among "
-            f"the model's labels (blue, red))") in shown
+    assert (f"accuracy {100 * right / 4:.1f} % ({right} of 4 labelled inputs; not scored: 2 labelled 'green', not "
+            f"among the model's labels (blue, red))") in shown
 
 
 def test_predict_keeps_a_txt_inputs_blank_lines_as_inputs_not_used(models, tmp_path, capsys):

@@ -202,7 +202,8 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     if args.test:
         table.add_column("test", justify="right")
     for name in task.metrics:
-        table.add_row(name, f"{100 * best[name]:.1f}", *([f"{100 * result.test_metrics[name]:.1f}"] if args.test else []))
+        test = [f"{100 * result.test_metrics[name]:.1f}"] if args.test else []
+        table.add_row(name, f"{100 * best[name]:.1f}", *test)
     console.print(table)
 
     info = {"source_model": str(resolved), "settings": to_dict(settings),

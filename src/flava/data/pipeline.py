@@ -44,6 +44,8 @@ POLL_S = 0.5
 """How often the owner of loader workers that have not sent a batch looks for a stop request."""
 WORKER_RESTARTS = 3
 """Times one draw's loader workers may die (the OOM killer, a decoder's crash) and be started again."""
+
+
 def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
     """Lanes of a stream: the largest divisor of the global batch that is at most the shard count
     and `most` (MAX_LANES when 0). A lane holds one open shard at a time; several lanes put several
@@ -277,9 +279,9 @@ class BatchStream:
     lanes: int = 0
     """The most lanes (see `choose_lanes`); 0: up to MAX_LANES."""
     outage_s: float = OUTAGE_S
+    """How long a shard whose store cannot serve it now is waited for (`open_waiting`)."""
     outage_setting: str = "data.outage_minutes"
     """The setting that sets `outage_s`, named when the wait is over."""
-    """How long a shard whose store cannot serve it now is waited for (`open_waiting`)."""
     draws: int = 0
     skipped: Counter = field(default_factory=Counter)
     """Draws skipped, by reason (a bad record drawn in three epochs counts three times)."""

@@ -256,6 +256,14 @@ def _storage_options(url: str) -> dict:
     return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t), **own}}
 
 
+CUT_CONNECTION_WORDS = ("Connect", "Timeout", "Disconnected", "Payload", "IncompleteRead")
+NOT_PASSING_WORDS = ("SSL", "Certificate")
+"""A TLS handshake the client refuses (an untrusted certificate, a wrong name) is the user's to fix."""
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+"""HTTP answers that say to come back later: a timeout, throttling (S3's 503 SlowDown, 429), a
+server or gateway failing now."""
+
+
 def _connection_failure(e: BaseException) -> BaseException | None:
     """The failed connection or the timeout behind `e`, if that is what it is (a store that could
     not be reached or dropped the connection, not one that refused what was asked). By the names of
@@ -269,14 +277,6 @@ def _connection_failure(e: BaseException) -> BaseException | None:
             return e
         e, seen = e.__cause__ or e.__context__, seen + 1
     return None
-
-
-CUT_CONNECTION_WORDS = ("Connect", "Timeout", "Disconnected", "Payload", "IncompleteRead")
-NOT_PASSING_WORDS = ("SSL", "Certificate")
-"""A TLS handshake the client refuses (an untrusted certificate, a wrong name) is the user's to fix."""
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
-"""HTTP answers that say to come back later: a timeout, throttling (S3's 503 SlowDown, 429), a
-server or gateway failing now."""
 
 
 def _status(e: BaseException) -> int | None:

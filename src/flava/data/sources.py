@@ -170,8 +170,8 @@ def open_waiting(shard, outage_s: float = OUTAGE_S, setting: str = "data.outage_
         waited = time.monotonic() - began
         if waited >= outage_s:
             raise StoreOutage(f"{opened.failure}: the store could not serve it for {_duration(waited)} (the wait "
-                            f"allowed: {setting}={outage_s / 60:g}; a shard that fails so for good is passed over "
-                            f"with 0)")
+                              f"allowed: {setting}={outage_s / 60:g}; a shard that fails so for good is passed over "
+                              f"with 0)")
         pause = min(pause, outage_s - waited)
         # From a loader worker too: a wait on the network is never silent.
         print(f"note: {opened.failure}; waiting for the store: reading it again in {pause:.3g} s "

@@ -80,8 +80,8 @@ def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console,
 # Settings a resumed run may change without --override: how long to run, how often to save, log
 # and diagnose, how many checkpoints to keep, TensorBoard, loader workers, the shard cache and how
 # long to wait for a store (the data order depends on none of them), and the divergence patience.
-RESUMABLE = frozenset({"max_steps", "save_every", "log_every", "diagnose_every", "keep_last", "keep_every", "tensorboard",
-                       "data.num_workers", "data.cache_dir", "data.cache_limit_gb", "data.outage_minutes",
+RESUMABLE = frozenset({"max_steps", "save_every", "log_every", "diagnose_every", "keep_last", "keep_every",
+                       "tensorboard", "data.num_workers", "data.cache_dir", "data.cache_limit_gb", "data.outage_minutes",
                        "max_nonfinite_steps"})
 SETTINGS = "train_config.json"
 HISTORY = "config_history.jsonl"
