@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import tarfile
@@ -428,6 +429,16 @@ def test_under_torchrun_a_stop_while_one_process_waits_out_its_store_saves_at_on
         assert time.monotonic() - sent < 20 and "flava pretrain: stopped by SIGTERM at step 2" in cut.text(), cut.text()
         saved = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "streams.json").read_text())
         # Process 0's third draw was undone: the state saved is the step's, as every resume reads it.
+        assert [s["pairs"]["draws"] for s in saved] == [2, 2]
+        # An outage longer than the wait: both save the steps done (the run had ended unsaved).
+        failed = Command(args + ["--max-steps", "6", "--output", str(tmp_path / "failed"), "--set",
+                                 "data.outage_minutes=0.02"], tmp_path / "f", torchrun=2)
+        assert failed.finish(timeout=120) != 0
+        said = " ".join(failed.err.read_text().split())
+        assert re.search(r"shard-\d+\.tar: ClientResponseError: 503, .* the store could not serve it for \d s .*; step 2 "
+                         r"is saved in \S*step_00000002: once the data is readable, continue with --resume", said), said
+        assert "another process's data failed at step 3" in said
+        saved = json.loads((tmp_path / "failed" / "checkpoints" / "step_00000002" / "streams.json").read_text())
         assert [s["pairs"]["draws"] for s in saved] == [2, 2]
     finally:
         server.close()

@@ -113,6 +113,10 @@ def _cpu_multiplies_bf16() -> bool:
         return False
 
 
+DATA_FAILED = 256
+"""What a process whose draw failed gives the others after it (`Trainer._draw_agreed`): above any signal."""
+
+
 class Trainer:
     """One run of one stage: `fit()` trains to `max_steps`, `resume()` continues a stopped run."""
 
@@ -349,12 +353,16 @@ class Trainer:
                     undo()
                 raise
             except DataError:
-                if micro and self.world == 1:
+                if self.world > 1:
+                    self._draw_agreed(DATA_FAILED)
+                if micro:
                     undo()
                 raise
-            if self.world > 1 and (signum := self._draw_agreed(0)):
-                undo()  # this process drew: another gave up
-                raise stopping.Abandoned(signum)
+            if self.world > 1 and (agreed := self._draw_agreed(0)):
+                undo()  # this process drew: another gave up, or its data failed
+                if agreed == DATA_FAILED:
+                    raise DataError(f"another process's data failed at step {step + 1} (its own message says how)")
+                raise stopping.Abandoned(agreed)
             samples += len(batch)
             generator = torch.Generator(self.device).manual_seed(micro_seed(cfg.seed, step, micro, accum))
             values, names, report = micro_step(self, batch, generator, step, micro, diagnose and micro == accum - 1)
@@ -381,7 +389,8 @@ class Trainer:
         return row
 
     def _draw_agreed(self, gave_up: int) -> int:
-        """The signal any process gave up its draw on (0: none), over the host's group."""
+        """DATA_FAILED when any process's draw failed, else the signal any gave up its draw on (0:
+        none), over the host's group."""
         return max_over_processes(gave_up, self.device)
 
     def _undo_point(self, kind: str):
@@ -567,10 +576,10 @@ class Trainer:
     def _kept(self, e: DataError, log: MetricsLog, end: int, start: float, samples: int) -> DataError:
         """A source that failed as a step drew its batch (a store down for longer than
         data.outage_minutes; none of its shards usable; a bad record beyond replacing) ends the
-        run. One process saves the steps done first: no stream moved for the failed step (its
-        earlier micro-batches were undone), so the run resumes exactly once the data is readable.
-        (Several processes could not save without the one that failed.)"""
-        if self.world > 1 or self.step == self._saved_at:
+        run. The steps done are saved first, by every process (they agreed on the failure after
+        the draw): no stream is left moved by the failed step, so the run resumes exactly once the
+        data is readable."""
+        if self.step == self._saved_at:
             return e
         return saved_before(e, self.step, self._save_reached(log, end, start, samples))
 
