@@ -268,15 +268,22 @@ def _connection_failure(e: BaseException) -> BaseException | None:
     """The failed connection or the timeout behind `e`, if that is what it is (a store that could
     not be reached or dropped the connection, not one that refused what was asked). By the names of
     the libraries' own types (aiohttp's, botocore's, urllib3's), which few builtins cover."""
-    seen = 0
-    while e is not None and seen < 8:
-        names = [k.__name__ for k in type(e).__mro__]
+    for x in _chain(e):
+        names = [k.__name__ for k in type(x).__mro__]
         if any(w in n for n in names for w in NOT_PASSING_WORDS):  # aiohttp's are ClientConnectorErrors too
             return None
-        if isinstance(e, (ConnectionError, *TIMEOUTS)) or any(w in n for n in names for w in CUT_CONNECTION_WORDS):
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
+        if isinstance(x, (ConnectionError, *TIMEOUTS)) or any(w in n for n in names for w in CUT_CONNECTION_WORDS):
+            return x
     return None
+
+
+def _chain(e: BaseException | None):
+    """`e` and what it was raised from or during, up to 8 deep."""
+    for _ in range(8):
+        if e is None:
+            return
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def _status(e: BaseException) -> int | None:
@@ -296,12 +303,7 @@ def _passing_failure(e: BaseException) -> BaseException | None:
     or an answer saying to come back later (TRANSIENT_STATUS)."""
     if (cut := _connection_failure(e)) is not None:
         return cut
-    seen = 0
-    while e is not None and seen < 8:
-        if _status(e) in TRANSIENT_STATUS:
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
+    return next((x for x in _chain(e) if _status(x) in TRANSIENT_STATUS), None)
 
 
 def _missing(e: FileNotFoundError) -> bool:

@@ -341,20 +341,14 @@ class Trainer:
         # first micro-batch the step is undone first: its draws and random numbers. Under torchrun
         # the processes agree after each draw whether one gave up (`_draw_agreed`): the others would
         # wait for it in the step's collectives, past any grace, and all save the step before.
-        undo = self._undo_point(kind) if accum > 1 or self.world > 1 else None
+        undo = self._undo_point(kind, accum > 1) if accum > 1 or self.world > 1 else None
         for micro in range(accum):
             try:
                 with stopping.abandonable():
                     batch = self.streams[kind].next_batch()  # on the host: micro_step moves it, whole or in chunks
-            except stopping.Abandoned as e:
+            except (stopping.Abandoned, DataError) as e:
                 if self.world > 1:
-                    self._draw_agreed(e.signum)
-                if micro:
-                    undo()
-                raise
-            except DataError:
-                if self.world > 1:
-                    self._draw_agreed(DATA_FAILED)
+                    self._draw_agreed(e.signum if isinstance(e, stopping.Abandoned) else DATA_FAILED)
                 if micro:
                     undo()
                 raise
@@ -393,18 +387,22 @@ class Trainer:
         none), over the host's group."""
         return max_over_processes(gave_up, self.device)
 
-    def _undo_point(self, kind: str):
-        """A function that puts the step's stream of `kind`, the random generators and the
-        gradients back as they are now (before the step's first micro-batch)."""
-        stream, rng = self.streams[kind].snapshot(), torch.get_rng_state()
-        device_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+    def _undo_point(self, kind: str, micro_batches: bool):
+        """A function that puts the step's stream of `kind` back as it is now (before the step's
+        first micro-batch); with `micro_batches` (a step of several, whose earlier ones ran) the
+        random generators and the gradients too. Before a step's first forward they are untouched:
+        every step of a torchrun run takes this point, so it copies nothing it need not."""
+        stream = self.streams[kind].snapshot()
+        rng = torch.get_rng_state() if micro_batches else None
+        device_rng = torch.cuda.get_rng_state(self.device) if micro_batches and self.device.type == "cuda" else None
 
         def undo() -> None:
             self.streams[kind].restore(stream)
-            torch.set_rng_state(rng)
+            if rng is not None:
+                torch.set_rng_state(rng)
+                self.optimizer.zero_grad(set_to_none=True)
             if device_rng is not None:
                 torch.cuda.set_rng_state(device_rng, self.device)
-            self.optimizer.zero_grad(set_to_none=True)
 
         return undo
 
