@@ -13,7 +13,7 @@ Figures (per loader worker count):
   training process and its workers), so 2 workers on 2 cores are not counted as one core;
 - main ms/batch: CPU milliseconds the training process spends per batch (receiving, merging).
 
-    python benchmarks/loader.py [--baseline 699a62c] [--workers 0,1,2] [--batch 64]
+    python benchmarks/loader.py [--baseline 699a62c] [--workers 0,1,2] [--batch 64] [--rounds 3]
     python benchmarks/loader.py --pretrain   # also `flava pretrain` itself, baseline and ours
 
 The baseline is the `src/flava` tree of `--baseline` (a git revision of this repository),
@@ -233,6 +233,7 @@ def main() -> int:
     ap.add_argument("--workers", default="0,1,2")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--draws", type=int, default=12)
+    ap.add_argument("--rounds", type=int, default=1, help="measurements per loader and worker count, alternated")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--pretrain", action="store_true", help="also time `flava pretrain`, baseline and ours")
     ap.add_argument("--main-threads", dest="main_threads", type=int, default=1,
@@ -252,8 +253,13 @@ def main() -> int:
           f"batch {args.batch}, {os.cpu_count()} cores, {args.main_threads} torch thread(s) in the training process")
     print(f"  {'loader':22s} {'workers':>7s} {'samples/s':>10s} {'per core':>9s} {'main ms/batch':>14s}")
     for workers in (int(w) for w in args.workers.split(",")):
-        for name, package in impls.items():
-            r = measure_loader(package, shards, workers, args.batch, args.draws)
+        # Rounds alternate the loaders, so that a shared host's drift reaches both alike; medians.
+        rounds: dict[str, list[dict]] = {name: [] for name in impls}
+        for _ in range(args.rounds):
+            for name, package in impls.items():
+                rounds[name].append(measure_loader(package, shards, workers, args.batch, args.draws))
+        for name in impls:
+            r = {k: float(np.median([x[k] for x in rounds[name]])) for k in rounds[name][0]}
             result["loader"][f"{name}/{workers}"] = r
             print(f"  {name:22s} {workers:7d} {r['samples_per_s']:10.1f} {r['samples_per_core_s']:9.1f} "
                   f"{r['main_ms_per_batch']:14.1f}", flush=True)

@@ -378,6 +378,25 @@ def test_crop_resize_is_pils_bicubic():
         assert np.abs(want - got).mean() < 0.1, box  # rounding differences in a few pixels
 
 
+def test_crop_resize_gives_the_pixels_of_torchs_kernel_on_the_crop_as_it_lies():
+    # The crop is copied to channels-last for the vectorised kernel: the pixels must be those the
+    # generic kernel gives on the crop's view of the image, which batches were made of before.
+    import skimage.data
+    import torch.nn.functional as F
+
+    from flava.data.transforms import crop_resize
+
+    arr = np.ascontiguousarray(skimage.data.astronaut()[3:, 5:])  # odd sizes: no aligned rows
+    rng = np.random.default_rng(0)
+    for _ in range(12):
+        left, top = (int(v) for v in rng.integers(0, 200, 2))
+        right, bottom = left + int(rng.integers(40, 300)), top + int(rng.integers(40, 300))
+        view = torch.from_numpy(arr[top:bottom, left:right]).permute(2, 0, 1)[None]
+        assert not view.is_contiguous(memory_format=torch.channels_last)
+        for size, got in zip((224, 56), crop_resize(arr, (left, top, right, bottom), 224, 56)):
+            assert torch.equal(got, F.interpolate(view, size=(size, size), mode="bicubic", antialias=True)[0])
+
+
 def test_a_jpeg_only_pil_reads_is_cut_where_the_crop_was_chosen_once(tmp_path):
     # Junk before a marker: libjpeg-turbo (strict) refuses it, PIL decodes it. The crop is chosen
     # once; choosing again would draw another box (and another prepared crop's targets).

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 import flava
 from conftest import narrow_args, pretrain_args, proc_state
-from zygote import Process
+from zygote import Process, Ranks
 from flava.io.checkpoint import write_checksums
 from flava.io.runs import RunDir
 
@@ -431,10 +431,12 @@ def test_under_torchrun_a_stop_while_one_process_waits_out_its_store_saves_at_on
         # Process 0's third draw was undone: the state saved is the step's, as every resume reads it.
         assert [s["pairs"]["draws"] for s in saved] == [2, 2]
         # An outage longer than the wait: both save the steps done (the run had ended unsaved).
-        failed = Command(args + ["--max-steps", "6", "--output", str(tmp_path / "failed"), "--set",
-                                 "data.outage_minutes=0.02"], tmp_path / "f", torchrun=2)
-        assert failed.finish(timeout=120) != 0
-        said = " ".join(failed.err.read_text().split())
+        # Forked as torchrun's processes (the launch itself is the stop's part above).
+        failed = Ranks(["-m", "flava.cli", *args, "--max-steps", "6", "--output", str(tmp_path / "failed"),
+                        "--set", "data.outage_minutes=0.02"], 2, {**os.environ, "OMP_NUM_THREADS": "1"})
+        out, _ = failed.communicate(timeout=120)
+        assert failed.returncode != 0, out
+        said = " ".join(out.split())
         assert re.search(r"shard-\d+\.tar: ClientResponseError: 503, .* the store could not serve it for \d s .*; step 2 "
                          r"is saved in \S*step_00000002: once the data is readable, continue with --resume", said), said
         assert "another process's data failed at step 3" in said

@@ -92,7 +92,10 @@ def crop_resize(image: Image.Image | np.ndarray, box: tuple[float, float, float,
     arr = image if isinstance(image, np.ndarray) else np.array(image.convert("RGB"))
     left, top = min(int(round(box[0])), arr.shape[1] - 1), min(int(round(box[1])), arr.shape[0] - 1)
     right, bottom = max(left + 1, int(round(box[2]))), max(top + 1, int(round(box[3])))
-    x = torch.from_numpy(arr[top:bottom, left:right]).permute(2, 0, 1)[None]
+    # Copied whole: torch's vectorised uint8 kernel takes only contiguous channels-last input
+    # (a crop's view of the image falls to its generic kernel, at the same pixels, 1.6x the time).
+    x = torch.from_numpy(arr[top:bottom, left:right]).permute(2, 0, 1)[None].contiguous(
+        memory_format=torch.channels_last)
     return [F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0] for size in sizes]
 
 
