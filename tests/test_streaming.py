@@ -116,6 +116,28 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
             open_source(kind, f"{url}/{name}")
 
 
+def test_a_host_dns_does_not_know_is_refused_at_once_and_not_waited_for_as_an_outage(train_data, tmp_path, capsys,
+                                                                                     monkeypatch):
+    # A misspelt address had been waited for as a store's outage: data.outage_minutes (30) of notes.
+    # `.invalid` is a name no DNS holds (RFC 6761).
+    from flava.cli import main as cli
+
+    for proxy in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    spec = "https://shards.no-such-host.invalid/shard-{000..003}.tar"
+    start = time.monotonic()
+    code = cli(pretrain_args(train_data, tmp_path / "run") + ["--set", f'data.pairs=["{spec}"]'])
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - start < 30, err
+    assert len(err.strip().splitlines()) == 1 and "https://shards.no-such-host.invalid/shard-000.tar: no host " \
+        "shards.no-such-host.invalid is known to DNS: is the address right?" in err, err
+    with pytest.raises(DataError, match="no host index.no-such-host.invalid is known to DNS"):
+        open_source("pairs", "http://index.no-such-host.invalid/index.json")
+    # Through a proxy the name is the proxy's to look up: nothing is refused here.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    assert len(open_source("pairs", spec).shards) == 4
+
+
 def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_missing(http_server, monkeypatch,
                                                                                       capfd):
     import socket

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import glob
 import hashlib
 import os
@@ -69,6 +70,7 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
             urls.append(part)
         elif is_remote(part):
             check_protocol(part)
+            check_host(part)
             urls += _expand_remote(part, suffixes)
         elif any(c in part for c in GLOB_CHARS):
             urls += sorted(m for m in glob.glob(_local(part), recursive=True) if Path(m).is_file())
@@ -86,6 +88,36 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
             f"{named[0]} does not exist" if len(named) == 1 else
             f"none of its {len(named):,} files exists (the first: {named[0]})"))
     return urls
+
+
+def check_host(url: str) -> None:
+    """A DataError now for an http(s) URL whose host DNS says does not exist (a misspelt address):
+    a read takes a failed lookup for an outage and waits for the store (`data.outage_minutes`).
+    A lookup that cannot be answered now is left to the read; so is a host a proxy reaches."""
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    proxies = urllib.request.getproxies()
+    if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname):
+        return
+    if _unknown_host(parts.hostname):
+        raise DataError(f"{url}: no host {parts.hostname} is known to DNS: is the address right?")
+
+
+@functools.lru_cache(maxsize=64)
+def _unknown_host(host: str) -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        return e.errno == socket.EAI_NONAME  # not EAI_AGAIN, a resolver that did not answer
+    except OSError:
+        pass
+    return False
 
 
 def _expand_remote(url: str, suffixes: tuple[str, ...]) -> list[str]:
