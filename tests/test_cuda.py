@@ -1,6 +1,7 @@
 """The CUDA lane: what must hold on a GPU host. Each test is skipped, with the reason, where CUDA
 is absent (the CPU machines this project is built on); `benchmarks/gpu.py` measures the speed."""
 
+import io
 import json
 
 import numpy as np
@@ -138,6 +139,34 @@ def test_image_tokens_on_cuda_are_the_cpus_whatever_the_batch():
     parts = torch.cat([codebook.token_ids(chunk.cuda()).cpu() for chunk in pixels.split(4)])
     assert (whole == parts).float().mean() >= 0.999 and (whole == on_cpu).float().mean() >= 0.995
     assert torch.backends.cudnn.conv.fp32_precision == precision  # left as it was
+
+
+def test_prepare_tokenises_on_cuda_in_its_own_process_as_on_the_cpu(train_data, tmp_path, capsys):
+    """Worker processes read and crop; the command's process tokenises on the GPU (one context)."""
+    import tarfile
+
+    def members(out):
+        found = {}
+        for shard in sorted(out.glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                found.update({m.name: tar.extractfile(m).read() for m in tar if m.isfile()})
+        return found
+
+    outs = {}
+    for device, workers in (("cpu", "1"), ("cuda", "2")):
+        outs[device] = tmp_path / device
+        assert cli(["prepare", "--pairs", str(train_data / "pairs.csv"), "--output", str(outs[device]), "--codebook",
+                    str(train_data / "codebook"), "--shard-size", "5", "--size", "24", "--workers", workers,
+                    "--device", device]) == 0
+    assert "image tokens from" in capsys.readouterr().out
+    cpu, gpu = members(outs["cpu"]), members(outs["cuda"])
+    assert cpu.keys() == gpu.keys() and any(k.endswith(".tokens.npy") for k in cpu)
+    for name in cpu:
+        if not name.endswith(".tokens.npy"):
+            assert cpu[name] == gpu[name], name
+    a, b = (np.concatenate([np.load(io.BytesIO(d[k])).ravel() for k in sorted(d) if k.endswith(".tokens.npy")])
+            for d in (cpu, gpu))
+    assert (a == b).mean() >= 0.99  # float32 on both; ties aside, the same ids
 
 
 def test_train_codebook_and_embed_on_cuda(train_data, tmp_path, capsys):

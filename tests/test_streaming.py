@@ -2,6 +2,7 @@
 read by byte ranges, weighted mixing, `flava prepare` and training that never runs the codebook,
 and a 2-process run killed and resumed on 1 process."""
 
+import dataclasses
 import gzip
 import io
 import json
@@ -829,6 +830,40 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-4), (x, y)
         for name in x["losses"]:
             assert x["losses"][name] == pytest.approx(y["losses"][name], abs=1e-4), name
+
+
+@dataclasses.dataclass(frozen=True)
+class _CalledWhere:
+    """A tokenizer factory that records, in a file, the processes that made a tokenizer."""
+
+    inner: object
+    record: str
+
+    def __call__(self):
+        with open(self.record, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return self.inner()
+
+
+@pytest.mark.slow  # its pool's processes start
+def test_prepare_on_a_gpu_tokenises_what_its_processes_read_in_one_process(train_data, tmp_path):
+    # Each pool process had tokenised on the device: a CUDA context and a codebook apiece, which on
+    # a small GPU could exhaust its memory. The shards are those one process writes.
+    from flava.config import preset
+    from flava.data.prepare import PrepareSettings, prepare
+    from flava.loading import CodebookTokenizer
+
+    settings = PrepareSettings(size=24, shard_size=5, codebook_image_size=preset("tiny").codebook_image_size)
+    made = {}
+    for name, workers, here in (("one", 1, False), ("pool", 2, True)):
+        record = tmp_path / f"{name}.pids"
+        tokenizer = _CalledWhere(CodebookTokenizer(str(train_data / "codebook"), "cpu"), str(record))
+        report = prepare("pairs", [open_source("pairs", str(train_data / "pairs.csv"))], tmp_path / name, settings,
+                         tokenizer, "fingerprint", workers=workers, tokenize_here=here)
+        assert report["samples"] == 16 and report["shards"] == 4 and report["image_tokens"]
+        assert record.read_text().split() == [str(os.getpid())]  # made once, here
+        made[name] = {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.tar"))}
+    assert len(made["one"]) == 4 and made["pool"] == made["one"]
 
 
 def test_prepare_counts_the_table_rows_it_could_not_read(train_data, tmp_path, capsys):

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
                                crop_scale_min=args.crop_scale_min, codebook_image_size=model.codebook_image_size,
                                seed=args.seed)
     device = resolve_device(args.device).type
-    # Every worker process tokenises its shards' crops on the device, in batches.
+    # On a GPU this process tokenises the crops the worker processes read, in batches; on the CPU
+    # each worker tokenises its own.
     tokenizer = CodebookTokenizer(args.codebook, device) if args.codebook else None
     fingerprint, vocab, trained = tokenizer.identity() if tokenizer else (None, None, None)
     if vocab is not None and vocab != model.image.vocab_size:  # recorded: pretraining refuses another vocabulary
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
         report = prepare(kind, sources, output, settings, tokenizer, fingerprint, grid=model.image.grid_size,
                          image_size=model.image.image_size, workers=workers, progress=progress, vocab_size=vocab,
-                         skip_unreadable=args.skip_unreadable)
+                         skip_unreadable=args.skip_unreadable, tokenize_here=device != "cpu")
     if report["samples"] == 0:
         # Nothing to train on: an error, not a recipe for an empty run (and no empty shards left behind).
         if created:

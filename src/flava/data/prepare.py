@@ -15,6 +15,7 @@ index (`index.json`) and the report are written last.
 
 from __future__ import annotations
 
+import collections
 import html
 import io
 import json
@@ -133,17 +134,30 @@ class Unread(Exception):
     """A unit whose input could not be read for a reason that may pass (`Opened.passing`)."""
 
 
+@dataclass
+class ReadUnit:
+    """A unit read and resized by a pool process, its crops not yet tokenised: the process that
+    holds the device tokenises every unit's crops (one device context, full batches) and writes."""
+
+    kept: list[tuple[str, dict[str, bytes]]]
+    dropped: Counter
+    name: str
+    boxes: list[np.ndarray]
+    pixels: object
+    """[kept x crops, 3, size, size] uint8 tensor."""
+
+
 def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettings,
-                 tokenizer: Callable | None, skip_unreadable: bool = False) -> dict:
+                 tokenizer: Callable | None, skip_unreadable: bool = False, crops: bool = False) -> dict | ReadUnit:
     """Write unit `number` as NNNNN.tar + NNNNN.json; returns its counts. Runs in a pool process.
     An input that could not be read for a reason that may pass is left for the next run (`Unread`),
-    or with `skip_unreadable` counted and written without its samples."""
+    or with `skip_unreadable` counted and written without its samples. With `crops` (and no
+    tokenizer), the unit is returned read, for `write_unit` with its tokens."""
     import torch
 
     from .transforms import crop_resize
 
     torch.set_num_threads(1)
-    out_dir = Path(out)
     opened = open_shard(unit)
     if opened.passing and not skip_unreadable:  # a store or disk that failed: left for the next run to read
         raise Unread(opened.failure)
@@ -175,28 +189,39 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
         parts["jpg"] = buf.getvalue()
         kept.append((f"{number:05d}{i:06d}", parts, image))
 
-    if tokenizer is not None and kept:
+    boxes, pixels = [], []
+    if (tokenizer is not None or crops) and kept:
         cs = settings.codebook_image_size
-        boxes, pixels = [], []
         for key, _, image in kept:
             rng = np.random.default_rng([settings.seed, number, int(key[5:])])
             b = _crop_boxes(image.width, image.height, settings.crops, settings.crop_scale_min, rng)
             boxes.append(b)
             scale = np.array([image.width, image.height] * 2, dtype=np.float64)
             pixels += [crop_resize(image, tuple(float(v) for v in box * scale), cs)[0] for box in b]
-        ids = []
-        for a in range(0, len(pixels), TOKENIZE_BATCH):  # uint8 crops: the device converts them
-            ids.append(tokenizer(torch.stack(pixels[a:a + TOKENIZE_BATCH])))
-        tokens = torch.cat(ids).cpu().numpy().astype(np.uint16).reshape(len(kept), settings.crops, -1)
-        for (key, parts, _), b, t in zip(kept, boxes, tokens):
-            parts["crops.npy"], parts["tokens.npy"] = _npy(b), _npy(t)
+    read = ReadUnit([(key, parts) for key, parts, _ in kept], dropped, unit.name, boxes,
+                    torch.stack(pixels) if pixels else None)
+    if crops and tokenizer is None:
+        return read
+    return write_unit(number, out, read, tokenizer)
 
+
+def write_unit(number: int, out: str, read: ReadUnit, tokenizer: Callable | None) -> dict:
+    """Unit `number`'s shard and sidecar, its crops tokenised by `tokenizer` (if any)."""
+    import torch
+
+    out_dir = Path(out)
+    if tokenizer is not None and read.kept:
+        ids = [tokenizer(read.pixels[a:a + TOKENIZE_BATCH])  # uint8 crops: the device converts them
+               for a in range(0, len(read.pixels), TOKENIZE_BATCH)]
+        tokens = torch.cat(ids).cpu().numpy().astype(np.uint16).reshape(len(read.kept), len(read.boxes[0]), -1)
+        for (key, parts), b, t in zip(read.kept, read.boxes, tokens):
+            parts["crops.npy"], parts["tokens.npy"] = _npy(b), _npy(t)
     with atomic_path(out_dir / f"{number:05d}.tar") as tmp, tarfile.open(tmp, "w") as tar:
-        for key, parts, _ in kept:
+        for key, parts in read.kept:
             for ext, data in parts.items():
                 _add(tar, f"{key}.{ext}", data)
-    stats = {"url": f"{number:05d}.tar", "nsamples": len(kept), "dropped": dict(dropped), "input": unit.name,
-             "bytes": (out_dir / f"{number:05d}.tar").stat().st_size}
+    stats = {"url": f"{number:05d}.tar", "nsamples": len(read.kept), "dropped": dict(read.dropped),
+             "input": read.name, "bytes": (out_dir / f"{number:05d}.tar").stat().st_size}
     write_json_atomic(out_dir / f"{number:05d}.json", stats)
     return stats
 
@@ -205,9 +230,11 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
             tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
             grid: int | None = None, image_size: int | None = None, workers: int = 1,
             progress: Callable[[int, int, int], None] | None = None, vocab_size: int | None = None,
-            skip_unreadable: bool = False) -> dict:
+            skip_unreadable: bool = False, tokenize_here: bool = False) -> dict:
     """Write `sources` as prepared shards in `output` (see the module docstring); returns the report.
-    `progress(units handled, units, of them left unread for a rerun)`."""
+    `progress(units handled, units, of them left unread for a rerun)`. With `tokenize_here` (a
+    tokenizer on a GPU), this process tokenises what the pool processes read: one device context
+    and full batches, where one per process could exhaust a small GPU's memory."""
     if kind not in ("pairs", "images"):
         raise DataError(f"flava prepare makes pair or image shards, not {kind}")
     output.mkdir(parents=True, exist_ok=True)
@@ -218,13 +245,13 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     with hold(output / LOCK, str(output), "wait for the other `flava prepare` into it to end, or prepare into "
               "another directory"):
         return _prepare(kind, sources, output, settings, tokenizer_factory, fingerprint, grid, image_size, workers,
-                        progress, vocab_size, skip_unreadable)
+                        progress, vocab_size, skip_unreadable, tokenize_here)
 
 
 def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
              tokenizer_factory: Callable[[], Callable] | None, fingerprint: str | None, grid: int | None,
              image_size: int | None, workers: int, progress: Callable[[int, int, int], None] | None,
-             vocab_size: int | None, skip_unreadable: bool) -> dict:
+             vocab_size: int | None, skip_unreadable: bool, tokenize_here: bool) -> dict:
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
                 "inputs": [_named(s.name) for s in sources]}
     mark = output / PREPARE_SETTINGS
@@ -252,7 +279,8 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     done = len(units) - len(todo)
     if progress:
         progress(done, len(units), 0)
-    tokenizer = tokenizer_factory() if tokenizer_factory is not None and workers <= 1 else None
+    here = tokenizer_factory is not None and (workers <= 1 or tokenize_here)
+    tokenizer = tokenizer_factory() if here else None
 
     def stopped(signum: int) -> stopping.Stopped:
         finished = sum((output / f"{n:05d}.json").is_file() for n in range(len(units)))
@@ -262,10 +290,11 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
 
     unread: list[str] = []  # units whose input failed to be read: left for the next run
 
-    def finished(f) -> None:
+    def finished(f, number: int) -> None:
         nonlocal done
         try:
-            f.result()
+            if isinstance(read := f.result(), ReadUnit):
+                write_unit(number, str(output), read, tokenizer)
         except Unread as e:
             unread.append(str(e))
         done += 1
@@ -289,37 +318,44 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     else:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(tokenizer_factory,)) as pool:
-            futures = [pool.submit(_pooled_unit, n, units[n], kind, str(output), settings, skip_unreadable)
-                       for n in todo]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                 initargs=(None if here else tokenizer_factory,)) as pool:
             ended: queue.Queue = queue.Queue()  # as they finish, in any order (as a stop counts them)
-            for f in futures:
-                f.add_done_callback(ended.put)
-            left = len(futures)
+            waiting = collections.deque(todo)
+            pending: dict = {}  # future -> its unit; a future ended is dropped, with what it read
+
+            def submit() -> None:
+                # A few units ahead of the pool: those read for this process to tokenise hold their
+                # crops' pixels until it does.
+                while waiting and len(pending) < 2 * workers:
+                    n = waiting.popleft()
+                    f = pool.submit(_pooled_unit, n, units[n], kind, str(output), settings, skip_unreadable, here)
+                    pending[f] = n
+                    f.add_done_callback(ended.put)
+            submit()
 
             def next_ended(timeout: float):
-                nonlocal left
                 try:
                     f = ended.get(timeout=timeout)
                 except queue.Empty:
                     return None
-                left -= 1
-                return f
+                return f, pending.pop(f)
 
             try:
-                while left:
-                    if (f := next_ended(0.5)) is not None:
-                        finished(f)
-                    if (signum := stopping.requested()) and left:
+                while pending:
+                    if (unit := next_ended(0.5)) is not None:
+                        finished(*unit)
+                        if not stopping.requested():
+                            submit()
+                    if (signum := stopping.requested()) and (pending or waiting):
                         # Units being written have STOP_GRACE_S to finish (each is renamed into place
                         # whole); then they are given up, as a stalled read would hold them for minutes.
-                        for f in futures:
+                        for f in list(pending):
                             f.cancel()
                         deadline = time.monotonic() + STOP_GRACE_S
-                        while left and (f := next_ended(max(0.0, deadline - time.monotonic()))) is not None:
-                            if not f.cancelled():
-                                finished(f)
+                        while pending and (unit := next_ended(max(0.0, deadline - time.monotonic()))) is not None:
+                            if not unit[0].cancelled():
+                                finished(*unit)
                         _kill(pool)
                         pool.shutdown(wait=True)
                         _remove_strays(output)
@@ -374,8 +410,8 @@ def _init_worker(factory) -> None:
     _worker_tokenizer = factory() if factory is not None else None
 
 
-def _pooled_unit(n, unit, kind, out, settings, skip_unreadable) -> dict:
-    return prepare_unit(n, unit, kind, out, settings, _worker_tokenizer, skip_unreadable)
+def _pooled_unit(n, unit, kind, out, settings, skip_unreadable, crops) -> dict | ReadUnit:
+    return prepare_unit(n, unit, kind, out, settings, _worker_tokenizer, skip_unreadable, crops)
 
 
 def default_workers() -> int:
