@@ -15,7 +15,8 @@ processes and the references compute alike.
   clip     contrastive-only step, batch 256, 77 tokens: flava's encoders vs open_clip ViT-B-16
   embed    image embedding, bf16, batch 512: flava vs transformers get_image_features
   command  the real `flava pretrain` on WebDataset shards of 256-px photo JPEGs at batch 256 and
-           64 (its own metrics.jsonl) beside the bare step's samples/s; `flava train-codebook`'s
+           64 (its own metrics.jsonl; the loader workers it chose itself) beside the bare step's
+           samples/s; `flava train-codebook`'s
            images/s on the GPU against a few steps on the host's CPU, from its logged rows
   loader   loader-only samples/s at the host's core count (benchmarks/loader.py's shards and figures)
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -393,14 +395,16 @@ def _command():
             cb = work / f"codebook_{device}"
             args = ["pretrain", "--output", str(out), "--config", PRESET, "--max-steps", str(steps),
                     "--set", f'data.pairs=["{shards()}"]', "--set", f"data.batch_size={batch}",
-                    "--set", f"data.num_workers={max(1, (os.cpu_count() or 2) - 2)}", "--set", f"device={device}",
+                    "--set", f"device={device}",  # the loader workers a user gets: data.num_workers' default
                     "--set", "precision=bf16" if device == "cuda" else "precision=fp32", "--set", "log_every=5",
                     "--set", f"save_every={steps}", "--set", "data.mixing=[1,0,0]", "--set", "tensorboard=false"]
             args += ["--set", f"codebook={cb}"] if (cb / "model.safetensors").is_file() else \
                 ["--set", "objectives.mim_weight=0", "--set", "objectives.mmm_image_weight=0"]
             done, wall = _flava(args, 400)
             rates = [r["samples_per_s"] for r in _rows(out / "metrics.jsonl")[1:]]
+            said = re.search(r"loader workers per process: pairs (\d+)", " ".join((done.stdout + done.stderr).split()))
             row = {"rc": done.returncode, "wall_s": round(wall, 1), "codebook_in_step": f"codebook={cb}" in args,
+                   "loader_workers": int(said.group(1)) if said else None,
                    "samples_s_median": round(float(np.median(rates)), 1) if rates else None,
                    "tail": (done.stdout + done.stderr)[-800:]}
             bare = RESULT.get("step", {}).get(f"batch_{batch}", {}).get("flava", {}).get("samples_s")

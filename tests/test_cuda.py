@@ -71,6 +71,21 @@ def test_the_loader_feeds_cuda_through_pinned_memory(train_data):
         assert got.is_cuda and got.dtype == want.dtype and torch.allclose(got.cpu(), want, atol=1e-6), name
 
 
+def test_a_run_on_cuda_shares_the_hosts_cores_among_its_loaders_by_default(train_data, tmp_path):
+    from conftest import tiny_run
+    from flava.data.pipeline import auto_workers
+    from flava.train.trainer import Trainer
+
+    cfg = tiny_run(train_data, "pairs_clean.csv", device="cuda", max_steps=2)
+    cfg.data.num_workers = None
+    trainer = Trainer(cfg, tmp_path / "run")
+    want = auto_workers(dict(zip(trainer.kinds, trainer.probs_at(0))))
+    assert {k: s.streams[0].num_workers for k, s in trainer.streams.items()} == want
+    assert any(n.startswith("loader workers per process: pairs ") for n in trainer.notes), trainer.notes
+    rows = trainer.fit(max_steps=2)
+    assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+
+
 def test_pretraining_resumes_exactly_on_cuda(train_data, tmp_path, monkeypatch):
     # Deterministic cuDNN kernels, and an eps that keeps AdamW from turning rounding noise in
     # near-zero gradients into whole steps (as the multi-process tests do).

@@ -329,6 +329,35 @@ def test_demo_sources():
     assert len(text) > 5000 and min(len(t) for t in text.records) >= 40
 
 
+def test_loader_workers_by_default_share_the_cores_of_a_gpu_host_by_the_kinds_steps(train_data, tmp_path,
+                                                                                      monkeypatch):
+    # One worker a kind had been the default everywhere: on a 16-core GPU host the step waited for
+    # the pairs' one worker.
+    from flava.data import pipeline
+    from flava.train.trainer import Trainer
+    from conftest import tiny_run
+
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    shares = {"pairs": 0.7, "images": 0.15, "text": 0.15}
+    assert pipeline.auto_workers(shares) == {"pairs": 8, "images": 2, "text": 2}  # 15 spare cores, 8 at most
+    assert pipeline.auto_workers({"images": 1.0}) == {"images": 8}
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight GPUs' processes share the host's cores
+    assert pipeline.auto_workers(shares) == {"pairs": 7, "images": 1, "text": 1}
+    monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert pipeline.auto_workers(shares) == {"pairs": 1, "images": 1, "text": 1}  # never none
+    # On the CPU the step needs the cores: one a kind, as before, unless set.
+    cfg = tiny_run(train_data, "pairs.csv")
+    cfg.data.num_workers = None
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert {k: s.streams[0].num_workers for k, s in trainer.streams.items()} == {k: 1 for k in trainer.kinds}
+    assert not [n for n in trainer.notes if "loader workers" in n]
+    cfg.data.num_workers = 0
+    assert all(s.streams[0].num_workers == 0 for s in Trainer(cfg, tmp_path / "run0").streams.values())
+
+
 def test_multicrop_batches_are_the_same_with_workers(tmp_path):
     from flava.data.multicrop import MultiCropSpec
     from flava.data.samples import MultiCropMaker

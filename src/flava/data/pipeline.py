@@ -46,6 +46,21 @@ WORKER_RESTARTS = 3
 """Times one draw's loader workers may die (the OOM killer, a decoder's crash) and be started again."""
 
 
+AUTO_WORKERS_MAX = 8
+"""The most loader workers a kind is given by default on a GPU host (`auto_workers`)."""
+
+
+def auto_workers(shares: dict[str, float]) -> dict[str, int]:
+    """Loader workers for each kind a run on a GPU draws, by default: the cores this process may
+    use, less one for itself (the host's processes share its cores: LOCAL_WORLD_SIZE), split by
+    the kinds' `shares` of the steps, from 1 to AUTO_WORKERS_MAX a kind. (On the CPU the step
+    needs the cores: one worker a kind.)"""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    spare = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
+    total = sum(shares.values()) or 1.0
+    return {k: max(1, min(AUTO_WORKERS_MAX, int(spare * share / total))) for k, share in shares.items()}
+
+
 def choose_lanes(global_batch: int, shards: int, most: int = 0) -> int:
     """Lanes of a stream: the largest divisor of the global batch that is at most the shard count
     and `most` (MAX_LANES when 0). A lane holds one open shard at a time; several lanes put several

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from .. import stopping
 from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
     Seed, check_rgb, from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
-from ..data.pipeline import BatchStream, KindStream
+from ..data.pipeline import BatchStream, KindStream, auto_workers
 from ..data.registry import check_distinct, demo_source, estimated_size, open_source
 from ..data.shards import is_remote
 from ..data.registry import image_sources as open_images  # this module's image_sources adds demo and pairs
@@ -367,7 +366,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     size = cfg.codebook_image_size
     device = resolve_device(settings.device)
     workers = settings.num_workers if settings.num_workers is not None else \
-        (min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0)
+        (auto_workers({"images": 1.0})["images"] if device.type == "cuda" else 0)
     pairs_spec = list(pairs_spec or [])
     sources = image_sources(images_spec, pairs_spec)
     try:  # reading thousands of images may take a while; this process alone reads them

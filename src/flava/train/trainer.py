@@ -29,6 +29,7 @@ from .. import stopping
 from ..config import check, check_rgb
 from ..objectives.pretraining import TARGETS
 from ..objectives.registry import active
+from ..data.pipeline import auto_workers
 from ..data.registry import KINDS, open_stream
 from ..data.shards import ShardCache
 from ..distributed import max_over_processes, resolve_device, world
@@ -169,9 +170,10 @@ class Trainer:
         maker = self.stage.sample_maker()
         d = cfg.data
         cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
+        workers = self._loader_workers()
         self.streams = {
             k: open_stream(k, getattr(d, k), maker, d.batch_size, seed=cfg.seed + 1000 * KINDS.index(k),
-                           rank=self.rank, world=self.world, num_workers=d.num_workers, lanes=d.lanes, cache=cache,
+                           rank=self.rank, world=self.world, num_workers=workers[k], lanes=d.lanes, cache=cache,
                            outage_s=d.outage_minutes * 60)
             for k in self.kinds
         }
@@ -229,6 +231,16 @@ class Trainer:
             self.notes.append(f"data.{key}={list(mixing)} sums to {sum(mixing):g}: taken as proportions, "
                               + ", ".join(f"{k} {p:.2f}" for k, p in zip(self.kinds, probs / probs.sum())))
         return probs / probs.sum()
+
+    def _loader_workers(self) -> dict[str, int]:
+        """data.num_workers for each kind, or its default (`auto_workers` on a GPU, said)."""
+        setting = self.cfg.data.num_workers
+        if setting is not None or self.device.type == "cpu":
+            return {k: 1 if setting is None else setting for k in self.kinds}
+        workers = auto_workers(dict(zip(self.kinds, self._mixing("mixing", self.cfg.data.mixing, say=False))))
+        self.notes.append("loader workers per process: " + ", ".join(f"{k} {n}" for k, n in workers.items())
+                          + " (from the cores and the kinds' shares; data.num_workers sets them)")
+        return workers
 
     def probs_at(self, step: int) -> np.ndarray:
         """The kinds' probabilities at `step` (`data.mixing_schedule`)."""
