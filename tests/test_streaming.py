@@ -59,6 +59,38 @@ def same(a, b):
                for x, y in zip(a, b))
 
 
+def test_a_stream_restored_to_its_snapshot_draws_and_counts_as_if_the_draws_since_had_not_been(tmp_path):
+    # Under torchrun every step takes a snapshot: it no longer copies the bad records and shard
+    # rejections met so far (which grow with the run), and takes back what the draws since added.
+    root = write_shards(tmp_path / "shards", shards=4, per=6)
+    for k in (2, 0):  # a record without its caption: its shard's rejection
+        with tarfile.open(root / f"shard-{k:03d}.tar", "a") as tar:
+            info = tarfile.TarInfo(f"00{k}0099.png")
+            data = png(7)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(root / "shard-003.tar", "a") as tar:  # an image that cannot be read: a bad record
+        for ext, data in (("png", b"not an image"), ("txt", b"a broken picture")):
+            info = tarfile.TarInfo(f"0030099.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    spec = str(root / "shard-{000..003}.tar")
+    plain, s = batches(open_source("pairs", spec), n=1)
+    s.snapshot()
+    kept = s.snapshot()
+    before = json.dumps(s.state(), sort_keys=True)
+    ahead = [s.next_batch() for _ in range(8)]  # meets both shards: the counts grow
+    assert s.state()["bad"] and len(s.state()["rejected"]) > len(json.loads(before)["rejected"])
+    s.restore(kept)
+    assert json.dumps(s.state(), sort_keys=True) == before
+    again = [s.next_batch() for _ in range(8)]
+    assert same(again, ahead)
+    whole, w = batches(open_source("pairs", spec), n=9)
+    assert same(plain + again, whole) and w.state() == s.state()
+    with pytest.raises(RuntimeError, match="latest snapshot"):  # taken before a later one
+        s.restore((0, {}, {}, []))
+
+
 def serve(root, port: int) -> subprocess.Popen:
     """Python's HTTP server for `root` on 127.0.0.1:`port`, once it answers."""
     import urllib.request

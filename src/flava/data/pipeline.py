@@ -310,6 +310,8 @@ class BatchStream:
         self.cursors: dict[int, Cursor] = {}
         self.notes: list[str] = []
         self._it = None
+        self._undo: list | None = None
+        """What draws since the latest `snapshot` added to `bad` and `rejected`, to take back."""
 
     @property
     def samples(self) -> int:
@@ -383,7 +385,12 @@ class BatchStream:
                     self.cursors[j] = c
             for reason, rid in bad:
                 self.skipped[reason] += 1
-                self.bad.setdefault(reason, set()).add(rid)
+                held = self.bad.setdefault(reason, set())
+                if self._undo is not None and rid not in held:
+                    self._undo.append((reason, rid))
+                held.add(rid)
+            if self._undo is not None:
+                self._undo += [(None, (shard, self.rejected.get(shard))) for shard in opened]
             self.rejected.update(opened)
         self.draws += 1
         return self.maker.merge(parts)
@@ -488,6 +495,7 @@ class BatchStream:
         self.seed = int(first.get("seed", self.seed))
         self.draws = int(first["draws"])
         self.cursors, self.bad, self.rejected, self.skipped = {}, {}, {}, Counter()
+        self._undo = None
         for r, st in enumerate(states):
             for j, (e, o, s) in st.get("cursors", {}).items():
                 if int(j) not in self.cursors or s > self.cursors[int(j)].start:
@@ -508,14 +516,28 @@ class BatchStream:
         self.load_states([state])
 
     def snapshot(self) -> tuple:
-        """This process's position and counts now, for `restore` (a step given up: `Trainer._undo_point`)."""
-        return (self.draws, dict(self.cursors), Counter(self.skipped), {k: set(v) for k, v in self.bad.items()},
-                dict(self.rejected))
+        """This process's position and counts now, for `restore` (a step given up: `Trainer._undo_point`,
+        which takes one each step). The bad records and shard rejections, which grow with the run,
+        are not copied: what later draws add to them is logged, to be taken back."""
+        self._undo = []
+        return self.draws, dict(self.cursors), Counter(self.skipped), self._undo
 
     def restore(self, snapshot: tuple) -> None:
-        self.draws, cursors, skipped, bad, rejected = snapshot
-        self.cursors, self.skipped, self.rejected = dict(cursors), Counter(skipped), dict(rejected)
-        self.bad = {k: set(v) for k, v in bad.items()}
+        """Back to `snapshot`, the latest taken."""
+        self.draws, cursors, skipped, undo = snapshot
+        if undo is not self._undo:
+            raise RuntimeError("a stream is restored to its latest snapshot only")
+        self.cursors, self.skipped = dict(cursors), Counter(skipped)
+        for reason, added in reversed(undo):
+            if reason is not None:
+                self.bad[reason].discard(added)
+                if not self.bad[reason]:
+                    del self.bad[reason]
+            elif added[1] is None:
+                self.rejected.pop(added[0], None)
+            else:
+                self.rejected[added[0]] = added[1]
+        undo.clear()
         self._drop_iterator()  # it read ahead of the position restored
 
 
