@@ -66,7 +66,7 @@ def end_distributed() -> None:
     dist.destroy_process_group()
 
 
-def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool = False) -> list[dict]:
+def run_pretrain(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool = False) -> None:
     """Train `cfg` into `output`. With `resume`, `cfg` must be the run's own settings (see
     `saved_settings`) apart from the RESUMABLE ones, unless `override`."""
     started = init_distributed(cfg.device, cfg.data.outage_minutes)
@@ -196,7 +196,7 @@ def clear_unsaved_run(output: Path) -> None:
             p.unlink()
 
 
-def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool) -> list[dict]:
+def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, override: bool) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank != 0:
         console = Console(quiet=True)  # one process reports
@@ -370,7 +370,7 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
         dist.barrier()
 
 
-def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> list[dict]:
+def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> None:
     output = run.root
     saved = saved_settings(output) if resume else None
     demo = output / DEMO_CODEBOOK
@@ -407,7 +407,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     if trainer.step >= cfg.max_steps:
         console.print(f"the run already finished at step {trainer.step} (max_steps {cfg.max_steps}); nothing to "
                       f"do: raise --max-steps to train it further")
-        return []
+        return
     if rank == 0:
         write_json_atomic(output / SETTINGS, to_dict(cfg))
         if any(history):
@@ -452,7 +452,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         # The loop sets the signal number when every process agreed to stop on a request
         # (stopping.agreed at a step boundary) and it saved the step it reached.
         trainer.stopped = 0
-        rows = trainer.fit()
+        trainer.fit(keep_rows=False)
     if trainer.stopped and trainer.step == 0:  # while the first batch was awaited (stopping.abandonable)
         raise stopping.stopped_before_first_step(trainer.stopped)
     if trainer.stopped and trainer.step < cfg.max_steps:  # a stop at the last step is the run's end
@@ -486,4 +486,3 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped,
                                                     "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps,
                                                     "samples_by_source": seen, "gradients": gradients})
-    return rows

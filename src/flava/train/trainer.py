@@ -522,8 +522,9 @@ class Trainer:
         k = self.cfg.diagnose_every
         return k > 0 and (n == end or n // k != (n - self.cfg.log_every) // k)
 
-    def fit(self, max_steps: int | None = None) -> list[dict]:
-        """Train to `max_steps` (default: the config's). The host syncs with the device only on
+    def fit(self, max_steps: int | None = None, keep_rows: bool = True) -> list[dict]:
+        """Train to `max_steps` (default: the config's); the steps' rows, unless not `keep_rows` (a
+        run of a million steps would hold a million: `log` and metrics.jsonl have them). The host syncs with the device only on
         the first step, logged steps, saves and the last step (and on every step under fp16 or
         DINO, whose updates are decided on the host, and once a window under adaptive mixing);
         rows between them are filled in then, and samples/s is measured over each such interval.
@@ -546,7 +547,8 @@ class Trainer:
                 except stopping.Abandoned as e:
                     self._abandoned(e.signum, log, end, start, samples)
                     break
-                rows.append(row)
+                if keep_rows:
+                    rows.append(row)
                 samples += row["samples"]
                 # A stop request (SIGTERM/SIGINT): this process's own, free to read, when alone;
                 # under torchrun agreed by every process (a collective) at the steps that sync anyway.
