@@ -241,6 +241,8 @@ def main() -> int:
                          "2: what `flava pretrain` without workers has on 2 cores)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     torch.set_num_threads(args.main_threads)
     root = Path(args.root)
     shards = make_shards(root / "shards", shards=8, per=256)

@@ -338,10 +338,14 @@ def test_loader_workers_by_default_share_the_cores_of_a_gpu_host_by_the_kinds_st
     from conftest import tiny_run
 
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(pipeline, "_cpu_quota", lambda: None)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     shares = {"pairs": 0.7, "images": 0.15, "text": 0.15}
     assert pipeline.auto_workers(shares) == {"pairs": 8, "images": 2, "text": 2}  # 15 spare cores, 8 at most
     assert pipeline.auto_workers({"images": 1.0}) == {"images": 8}
+    monkeypatch.setattr(pipeline, "_cpu_quota", lambda: 3.5)  # a container's quota: 4 cores' worth at most
+    assert pipeline.usable_cores() == 4 and pipeline.auto_workers(shares) == {"pairs": 2, "images": 1, "text": 1}
+    monkeypatch.setattr(pipeline, "_cpu_quota", lambda: None)
     monkeypatch.setattr(pipeline.os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # eight GPUs' processes share the host's cores
     assert pipeline.auto_workers(shares) == {"pairs": 7, "images": 1, "text": 1}
@@ -356,6 +360,15 @@ def test_loader_workers_by_default_share_the_cores_of_a_gpu_host_by_the_kinds_st
     assert not [n for n in trainer.notes if "loader workers" in n]
     cfg.data.num_workers = 0
     assert all(s.streams[0].num_workers == 0 for s in Trainer(cfg, tmp_path / "run0").streams.values())
+    # A kind's workers are shared by its sources by weight, one at least: not each source the kind's.
+    from flava.data.registry import open_stream
+    from flava.train.config import SourceSpec
+
+    specs = [SourceSpec(str(train_data / "pairs.csv"), 0.3), SourceSpec(str(train_data / "pairs_clean.csv"), 0.7)]
+    kind = open_stream("pairs", specs, trainer.stage.sample_maker(), 4, seed=0, kind_workers=8)
+    assert [s.num_workers for s in kind.streams] == [2, 5]
+    kind = open_stream("pairs", specs, trainer.stage.sample_maker(), 4, seed=0, num_workers=3)
+    assert [s.num_workers for s in kind.streams] == [3, 3]
 
 
 def test_multicrop_batches_are_the_same_with_workers(tmp_path):

@@ -16,6 +16,7 @@ can take over.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -50,12 +51,39 @@ AUTO_WORKERS_MAX = 8
 """The most loader workers a kind is given by default on a GPU host (`auto_workers`)."""
 
 
-def auto_workers(shares: dict[str, float]) -> dict[str, int]:
-    """Loader workers for each kind a run on a GPU draws, by default: the cores this process may
-    use, less one for itself (the host's processes share its cores: LOCAL_WORLD_SIZE), split by
-    the kinds' `shares` of the steps, from 1 to AUTO_WORKERS_MAX a kind. (On the CPU the step
-    needs the cores: one worker a kind.)"""
+def usable_cores() -> int:
+    """The cores this process may use: its affinity, within a container's CPU quota (which
+    affinity does not show)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def _cpu_quota() -> float | None:
+    """Cores' worth of CPU time the cgroup allows (v2's cpu.max, else v1's CFS quota); None: no limit."""
+    def read(name: str) -> str:
+        with open(f"/sys/fs/cgroup/{name}") as f:
+            return f.read().strip()
+
+    try:
+        quota, period = read("cpu.max").split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = read("cpu/cpu.cfs_quota_us"), read("cpu/cpu.cfs_period_us")
+        except OSError:
+            return None
+    try:
+        return None if quota in ("max", "-1") else int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def auto_workers(shares: dict[str, float]) -> dict[str, int]:
+    """Loader workers for each kind a run on a GPU draws (its sources share them), by default: the
+    cores this process may use (`usable_cores`), less one for itself, the host's processes sharing
+    them (LOCAL_WORLD_SIZE), split by the kinds' `shares` of the steps at the start, from 1 to
+    AUTO_WORKERS_MAX a kind. (On the CPU the step needs the cores: one worker a kind.)"""
+    cores = usable_cores()
     spare = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) - 1)
     total = sum(shares.values()) or 1.0
     return {k: max(1, min(AUTO_WORKERS_MAX, int(spare * share / total))) for k, share in shares.items()}

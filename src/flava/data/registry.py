@@ -122,11 +122,13 @@ def estimated_size(source: Source) -> int:
 
 
 def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                num_workers: int = 0, lanes: int = 0, cache: ShardCache | None = None, outage_s: float | None = None):
+                num_workers: int = 0, lanes: int = 0, cache: ShardCache | None = None, outage_s: float | None = None,
+                kind_workers: int | None = None):
     """The training stream of one kind: each spec (a path, or an object with `path` and `weight`)
     opened as a source; a draw picks a source by weight (plain paths weigh by their size); no
     specs: the packaged demo data. `outage_s`: how long a shard whose store cannot serve it now is
-    waited for (None: `sources.OUTAGE_S`)."""
+    waited for (None: `sources.OUTAGE_S`). Each source has `num_workers` loader workers, or with
+    `kind_workers` a share of those by its weight (at least one)."""
     from .pipeline import BatchStream, KindStream
     from .sources import OUTAGE_S
 
@@ -154,7 +156,10 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
     estimated = len(srcs) > 1 and weights[0] is None
     if estimated:
         weights = [float(estimated_size(s)) for s in srcs]
+    shares = [w if w is not None else 1.0 for w in weights]
+    workers = [num_workers] * len(srcs) if kind_workers is None else \
+        [max(1, int(kind_workers * share / max(sum(shares), 1e-12))) for share in shares]
     streams = [BatchStream(kind, src, maker, batch_size, seed=seed + 7919 * i, rank=rank, world=world,
-                           num_workers=num_workers, lanes=lanes, outage_s=OUTAGE_S if outage_s is None else outage_s)
-               for i, src in enumerate(srcs)]
+                           num_workers=n, lanes=lanes, outage_s=OUTAGE_S if outage_s is None else outage_s)
+               for i, (src, n) in enumerate(zip(srcs, workers))]
     return KindStream(kind, streams, [w if w is not None else 1.0 for w in weights], seed, estimated)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import glob
 import hashlib
 import os
@@ -65,12 +64,12 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
 
     urls: list[str] = []
     parts = expand_urls(str(spec))
+    check_hosts(parts)
     for part in parts:
         if part.startswith("pipe:"):
             urls.append(part)
         elif is_remote(part):
             check_protocol(part)
-            check_host(part)
             urls += _expand_remote(part, suffixes)
         elif any(c in part for c in GLOB_CHARS):
             urls += sorted(m for m in glob.glob(_local(part), recursive=True) if Path(m).is_file())
@@ -90,24 +89,57 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
     return urls
 
 
-def check_host(url: str) -> None:
+def check_hosts(urls: list[str]) -> None:
     """A DataError now for an http(s) URL whose host DNS says does not exist (a misspelt address):
     a read takes a failed lookup for an outage and waits for the store (`data.outage_minutes`).
-    A lookup that cannot be answered now is left to the read; so is a host a proxy reaches."""
+    Left to the read: a lookup the resolver cannot answer now, an IP address, and every host where
+    a proxy may be the one to look names up. Each host is looked up once."""
     import urllib.parse
+
+    netlocs = {}
+    for url in urls:
+        scheme, sep, rest = url.partition("://")
+        if sep and scheme in ("http", "https"):
+            netlocs.setdefault(rest.split("/", 1)[0], url)
+    if not netlocs or _proxied():
+        return
+    for url in netlocs.values():
+        try:
+            host = urllib.parse.urlsplit(url).hostname
+        except ValueError:  # not an address urllib reads: the read says what is wrong with it
+            continue
+        if host and host not in _RESOLVED and not _ip_address(host) and _unknown_host(host):
+            raise DataError(f"{url}: no host {host} is known to DNS: is the address right? (a name only a VPN "
+                            "resolves needs the VPN up)")
+
+
+_RESOLVED: set[str] = set()
+"""Hosts found (a refusal is looked up again: the next command may find it)."""
+
+
+def _proxied() -> bool:
+    """Whether a proxy may reach the stores: the environment names one, or fsspec's HTTP settings
+    pass the client one (or the environment's)."""
     import urllib.request
 
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return
-    proxies = urllib.request.getproxies()
-    if (parts.scheme in proxies or "all" in proxies) and not urllib.request.proxy_bypass(parts.hostname):
-        return
-    if _unknown_host(parts.hostname):
-        raise DataError(f"{url}: no host {parts.hostname} is known to DNS: is the address right?")
+    import fsspec
+
+    if urllib.request.getproxies():
+        return True
+    own = [fsspec.config.conf.get(p, {}).get("client_kwargs") or {} for p in ("http", "https")]
+    return any("proxy" in k or k.get("trust_env") for k in own)
 
 
-@functools.lru_cache(maxsize=64)
+def _ip_address(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 address may name its zone
+        return True
+    except ValueError:
+        return False
+
+
 def _unknown_host(host: str) -> bool:
     import socket
 
@@ -116,7 +148,8 @@ def _unknown_host(host: str) -> bool:
     except socket.gaierror as e:
         return e.errno == socket.EAI_NONAME  # not EAI_AGAIN, a resolver that did not answer
     except OSError:
-        pass
+        return False
+    _RESOLVED.add(host)
     return False
 
 

@@ -123,9 +123,9 @@ PREPARE_SETTINGS = "prepare_settings.json"
 def read_index(url: str) -> dict:
     """A shard index: {"shardlist": [{"url", "nsamples"}], "flava": {...}}; shard URLs relative
     to the index."""
-    from .shards import check_host, is_remote, read
+    from .shards import check_hosts, is_remote, read
 
-    check_host(url)
+    check_hosts([url])
     try:
         raw = read(url)
         text = raw.read_text() if isinstance(raw, Path) else raw.decode()

@@ -87,8 +87,8 @@ def crop_resize(image: Image.Image | np.ndarray, box: tuple[float, float, float,
                 ) -> list[torch.Tensor]:
     """[3, size, size] uint8 for each size: `box` (left, top, right, bottom in pixels, rounded to
     whole ones) resized with PIL's antialiased bicubic kernel, computed by torch's uint8 kernel,
-    about three times faster than PIL's own resize. `image` is a PIL image or [H, W, 3] uint8;
-    the crop is read as a channels-last view of it, the layout that kernel takes without a copy."""
+    about three times faster than PIL's own resize. `image` is a PIL image or [H, W, 3] uint8.
+    The results are channels-last in memory (stacking them into a batch makes it contiguous)."""
     arr = image if isinstance(image, np.ndarray) else np.array(image.convert("RGB"))
     left, top = min(int(round(box[0])), arr.shape[1] - 1), min(int(round(box[1])), arr.shape[0] - 1)
     right, bottom = max(left + 1, int(round(box[2]))), max(top + 1, int(round(box[3])))

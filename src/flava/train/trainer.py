@@ -173,8 +173,8 @@ class Trainer:
         workers = self._loader_workers()
         self.streams = {
             k: open_stream(k, getattr(d, k), maker, d.batch_size, seed=cfg.seed + 1000 * KINDS.index(k),
-                           rank=self.rank, world=self.world, num_workers=workers[k], lanes=d.lanes, cache=cache,
-                           outage_s=d.outage_minutes * 60)
+                           rank=self.rank, world=self.world, num_workers=d.num_workers or 0, lanes=d.lanes, cache=cache,
+                           outage_s=d.outage_minutes * 60, kind_workers=workers.get(k))
             for k in self.kinds
         }
         self.data = DataAccounting(self.streams, self.world)
@@ -233,13 +233,16 @@ class Trainer:
         return probs / probs.sum()
 
     def _loader_workers(self) -> dict[str, int]:
-        """data.num_workers for each kind, or its default (`auto_workers` on a GPU, said)."""
-        setting = self.cfg.data.num_workers
-        if setting is not None or self.device.type == "cpu":
-            return {k: 1 if setting is None else setting for k in self.kinds}
+        """Without data.num_workers, each kind's loader workers, shared by its sources: one a kind
+        on the CPU; on a GPU `auto_workers` (said). Empty when data.num_workers sets each source's."""
+        if self.cfg.data.num_workers is not None:
+            return {}
+        if self.device.type == "cpu":
+            return {k: 1 for k in self.kinds}
         workers = auto_workers(dict(zip(self.kinds, self._mixing("mixing", self.cfg.data.mixing, say=False))))
         self.notes.append("loader workers per process: " + ", ".join(f"{k} {n}" for k, n in workers.items())
-                          + " (from the cores and the kinds' shares; data.num_workers sets them)")
+                          + " (from the cores and the kinds' shares of the steps, shared by each kind's sources; "
+                            "data.num_workers sets each source's)")
         return workers
 
     def probs_at(self, step: int) -> np.ndarray:
