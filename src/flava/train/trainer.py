@@ -527,10 +527,11 @@ class Trainer:
 
     def fit(self, max_steps: int | None = None, keep_rows: bool = True) -> list[dict]:
         """Train to `max_steps` (default: the config's); the steps' rows, unless not `keep_rows` (a
-        run of a million steps would hold a million: `log` and metrics.jsonl have them). The host syncs with the device only on
-        the first step, logged steps, saves and the last step (and on every step under fp16 or
-        DINO, whose updates are decided on the host, and once a window under adaptive mixing);
-        rows between them are filled in then, and samples/s is measured over each such interval.
+        run of a million steps would hold a million: `log` and metrics.jsonl have them). The host
+        syncs with the device only on the first step, logged steps, saves and the last step (and
+        on every step under fp16 or DINO, whose updates are decided on the host, and once a window
+        under adaptive mixing); rows between them are filled in then, and samples/s is measured
+        over each such interval.
         Under torchrun a stop request is agreed on at those steps."""
         end = min(self.cfg.max_steps, max_steps if max_steps is not None else self.cfg.max_steps)
         rows = []
