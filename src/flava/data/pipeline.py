@@ -16,6 +16,7 @@ can take over.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
@@ -135,12 +136,13 @@ class Layout:
 
     def owners(self, workers: int) -> dict[int, int]:
         """Slot -> loader worker: whole lanes per worker when there are enough lanes (each shard is
-        read by one worker), else slots dealt in turn."""
+        read by one worker), else single slots; in runs, so that the workers' parts, taken in turn,
+        join in slot order with no reordering copy of the batch."""
         n = max(1, workers)
         mine = sorted({self.lane(s) for s in self.slots})
         if len(mine) >= n:
-            return {s: mine.index(self.lane(s)) % n for s in self.slots}
-        return {s: i % n for i, s in enumerate(self.slots)}
+            return {s: mine.index(self.lane(s)) * n // len(mine) for s in self.slots}
+        return {s: i * n // len(self.slots) for i, s in enumerate(self.slots)}
 
 
 @dataclass(frozen=True)
@@ -263,8 +265,57 @@ class _Draws(IterableDataset):
                 opened.update(lane.opened)
                 lane.opened = {}
             part = self.maker.collate(self.kind, [out[s] for s in mine]) if mine else None
+            if info is not None:
+                part = Packed.of(part)
             yield draw, mine, part, {j: lane.cursor for j, lane in lanes.items()}, bad, opened
             draw += 1
+
+
+class Packed:
+    """A batch part's tensors in one buffer, for its way from a loader worker: each tensor crosses
+    processes by a file descriptor of its own, sent and mapped one by one (about 0.4 ms each here,
+    seven a part; eight workers' parts of a step's batch took 20 ms of the training process). The
+    tensors come back as views of the buffer; fields sharing a tensor still do."""
+
+    ALIGN = 64
+
+    def __init__(self, kind: type, buffer: torch.Tensor, layout: dict, other: dict):
+        self.kind, self.buffer, self.layout, self.other = kind, buffer, layout, other
+
+    @classmethod
+    def of(cls, part):
+        if part is None or not dataclasses.is_dataclass(part):
+            return part
+        tensors, other, layout, at = {}, {}, {}, 0
+        first: dict[int, str] = {}
+        for f in dataclasses.fields(part):
+            value = getattr(part, f.name)
+            if not isinstance(value, torch.Tensor):
+                other[f.name] = value
+            elif id(value) in first:
+                layout[f.name] = first[id(value)]  # the name of the field holding it
+            else:
+                first[id(value)] = f.name
+                tensors[f.name] = value.contiguous()
+                layout[f.name] = (at, value.dtype, tuple(value.shape))
+                at += -(-tensors[f.name].numel() * value.element_size() // cls.ALIGN) * cls.ALIGN
+        buffer = torch.empty(at, dtype=torch.uint8)
+        for name, t in tensors.items():
+            start = layout[name][0]
+            buffer[start:start + t.numel() * t.element_size()].view(t.dtype).copy_(t.flatten())
+        return cls(type(part), buffer, layout, other)
+
+    def unpacked(self):
+        out = dict(self.other)
+        for name, where in self.layout.items():
+            if not isinstance(where, str):
+                at, dtype, shape = where
+                n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                out[name] = self.buffer[at:at + n].view(dtype).view(shape)
+        for name, where in self.layout.items():
+            if isinstance(where, str):
+                out[name] = out[where]
+        return self.kind(**out)
 
 
 def no_usable_record(name: str, met: Counter, failure: str = "", kind: str = "") -> DataError:
@@ -407,6 +458,7 @@ class BatchStream:
         parts = []
         for draw, slots, part, cursors, bad, opened in got:
             assert draw == self.draws, (draw, self.draws)
+            part = part.unpacked() if isinstance(part, Packed) else part
             parts.append((slots, part))
             for j, c in cursors.items():
                 if j not in self.cursors or c.start > self.cursors[j].start:
