@@ -403,6 +403,10 @@ def test_workers_fill_runs_of_slots_and_hand_their_parts_over_in_one_buffer():
             if len({layout.lane(s) for s in layout.slots}) >= workers:  # whole lanes: a shard read by one worker
                 assert all(len({owner[s] for s in layout.slots if layout.lane(s) == j}) == 1
                            for j in {layout.lane(s) for s in layout.slots})
+    # Balanced by slots where a process holds only part of a lane (20 slots: lanes of 8, 8 and 4).
+    for layout, most in ((Layout(160, 20, 0, 8), 12), (Layout(136, 17, 0, 8), 9), (Layout(64, 8), 24)):
+        load = np.bincount(list(layout.owners(2 if most != 24 else 3).values()))
+        assert load.max() <= most, (layout, load)
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g)
     part = PairBatch(pixels, torch.randint(0, 999, (3, 5), generator=g), torch.ones(3, 5, dtype=torch.int64),
@@ -430,6 +434,15 @@ def test_workers_fill_runs_of_slots_and_hand_their_parts_over_in_one_buffer():
     joined = merge_batches(parts, pad)
     assert torch.equal(joined.pixel_values, part.pixel_values) and torch.equal(joined.input_ids, part.input_ids)
     assert joined.codebook_pixels is joined.pixel_values
+    from flava.data.multicrop import MultiCropSpec
+    from flava.data.samples import MultiCropMaker
+
+    whole = MultiCropBatch(torch.arange(10.0).view(10, 1, 1, 1), torch.arange(5.0).view(5, 1, 1, 1))  # 5 images
+    rows = {"global": lambda s: [c * 5 + i for c in range(2) for i in s], "local": lambda s: list(s)}
+    pieces = [(s, MultiCropBatch(whole.global_crops[rows["global"](s)], whole.local_crops[rows["local"](s)]))
+              for s in ([1, 3], [0, 2, 4])]
+    back = MultiCropMaker(MultiCropSpec(8, 4, local_crops=1), 0).merge(pieces)
+    assert torch.equal(back.global_crops, whole.global_crops) and torch.equal(back.local_crops, whole.local_crops)
 
 
 def test_large_jpegs_are_decoded_at_a_reduced_scale_with_the_same_crop(tmp_path):

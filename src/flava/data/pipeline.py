@@ -138,11 +138,17 @@ class Layout:
         """Slot -> loader worker: whole lanes per worker when there are enough lanes (each shard is
         read by one worker), else single slots; in runs, so that the workers' parts, taken in turn,
         join in slot order with no reordering copy of the batch."""
-        n = max(1, workers)
-        mine = sorted({self.lane(s) for s in self.slots})
-        if len(mine) >= n:
-            return {s: mine.index(self.lane(s)) * n // len(mine) for s in self.slots}
-        return {s: i * n // len(self.slots) for i, s in enumerate(self.slots)}
+        n, slots = max(1, workers), list(self.slots)
+        if len({self.lane(s) for s in slots}) >= n:
+            # A lane goes where its middle slot falls: whole lanes, the runs balanced by slots (a
+            # process's first and last lanes may hold only part of their slots).
+            first: dict[int, int] = {}
+            last: dict[int, int] = {}
+            for i, s in enumerate(slots):
+                first.setdefault(self.lane(s), i)
+                last[self.lane(s)] = i
+            return {s: (first[self.lane(s)] + last[self.lane(s)] + 1) * n // (2 * len(slots)) for s in slots}
+        return {s: i * n // len(slots) for i, s in enumerate(slots)}
 
 
 @dataclass(frozen=True)
@@ -275,7 +281,8 @@ class Packed:
     """A batch part's tensors in one buffer, for its way from a loader worker: each tensor crosses
     processes by a file descriptor of its own, sent and mapped one by one (about 0.4 ms each here,
     seven a part; eight workers' parts of a step's batch took 20 ms of the training process). The
-    tensors come back as views of the buffer; fields sharing a tensor still do."""
+    tensors come back as views of the buffer (any one kept keeps it all); fields sharing a tensor
+    still do."""
 
     ALIGN = 64
 
@@ -299,7 +306,10 @@ class Packed:
                 tensors[f.name] = value.contiguous()
                 layout[f.name] = (at, value.dtype, tuple(value.shape))
                 at += -(-tensors[f.name].numel() * value.element_size() // cls.ALIGN) * cls.ALIGN
-        buffer = torch.empty(at, dtype=torch.uint8)
+        try:  # in shared memory from the start: made elsewhere, it is copied there when sent
+            buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(at))
+        except (AttributeError, RuntimeError):
+            buffer = torch.empty(at, dtype=torch.uint8)
         for name, t in tensors.items():
             start = layout[name][0]
             buffer[start:start + t.numel() * t.element_size()].view(t.dtype).copy_(t.flatten())
