@@ -280,7 +280,7 @@ class _Draws(IterableDataset):
 class Packed:
     """A batch part's tensors in one buffer, for its way from a loader worker: each tensor crosses
     processes by a file descriptor of its own, sent and mapped one by one (about 0.4 ms each here,
-    seven a part; eight workers' parts of a step's batch took 20 ms of the training process). The
+    seven a part: by that count, some 20 ms of the training process a step with eight workers). The
     tensors come back as views of the buffer (any one kept keeps it all); fields sharing a tensor
     still do."""
 
