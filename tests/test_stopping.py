@@ -425,8 +425,12 @@ def test_under_torchrun_a_stop_while_one_process_waits_out_its_store_saves_at_on
         cut.wait_for(lambda: "waiting for the store" in cut.err.read_text(), timeout=180)
         sent = time.monotonic()
         cut.p.send_signal(signal.SIGTERM)
-        cut.finish(timeout=60)
+        # Said once both processes saved. (Once, under the whole suite's load, the waiting process
+        # then lingered until torchrun's SIGKILL 30 s later, its step saved: hence the wait below.)
+        cut.wait_for(lambda: "flava pretrain: stopped by SIGTERM at step 2" in cut.text() or cut.p.poll() is not None,
+                     timeout=60)
         assert time.monotonic() - sent < 20 and "flava pretrain: stopped by SIGTERM at step 2" in cut.text(), cut.text()
+        cut.finish(timeout=60)
         saved = json.loads((tmp_path / "cut" / "checkpoints" / "step_00000002" / "streams.json").read_text())
         # Process 0's third draw was undone: the state saved is the step's, as every resume reads it.
         assert [s["pairs"]["draws"] for s in saved] == [2, 2]
