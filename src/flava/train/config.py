@@ -78,9 +78,10 @@ class DataConfig:
     batch_size: PositiveInt = 32
     """Samples per step on each process."""
     num_workers: NonNegativeInt | None = None
-    """Loader worker processes per data source. None: one on the CPU (the step needs the cores);
-    on a GPU the host's cores less one per process, shared by the kinds by their share of the steps
-    (`data.pipeline.auto_workers`: 1 to 8 a kind), said at the start."""
+    """Loader worker processes per data source. null (the default): one on the CPU (the step needs
+    the cores); on a GPU the host's cores less one per process, shared by the kinds by their share
+    of the steps and by each kind's sources (`data.pipeline.auto_workers`: 1 to 8 a kind), said at
+    the start."""
     lanes: NonNegativeInt = 0
     """The most shards each source's stream reads side by side (0: 64). A stream uses the largest
     divisor of the global batch (processes x batch_size) up to this and its shard count, and keeps
