@@ -121,12 +121,12 @@ def color_jitter(image: Image.Image, rng: np.random.Generator, brightness: float
     return image
 
 
-def _crop(image: Image.Image, array: np.ndarray, size: int, scale: tuple[float, float], blur_p: float,
-          solarize_p: float, spec: MultiCropSpec, rng: np.random.Generator) -> torch.Tensor:
-    left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale)
+def _crop(image: np.ndarray, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+          spec: MultiCropSpec, rng: np.random.Generator) -> torch.Tensor:
+    left, top, w, h = random_resized_crop_box(image.shape[1], image.shape[0], rng, scale)
     # PIL's bicubic kernel as torch's vectorised uint8 code computes it (`crop_resize`: a fifth of
     # PIL's time for a 224-px crop), the crop's later steps in PIL as DINO's are.
-    (pixels,) = crop_resize(array, (left, top, left + w, top + h), size)
+    (pixels,) = crop_resize(image, (left, top, left + w, top + h), size)
     crop = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     if rng.random() < 0.5:
         crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
@@ -143,12 +143,11 @@ def _crop(image: Image.Image, array: np.ndarray, size: int, scale: tuple[float, 
 
 def multi_crop(image: Image.Image | np.ndarray, spec: MultiCropSpec, rng: np.random.Generator) -> MultiCropSample:
     """Two global and `spec.local_crops` local crops of `image`, every choice drawn from `rng`."""
-    image = to_rgb(image)
-    array = np.array(image)  # writable: torch reads it
+    image = np.array(to_rgb(image))  # writable: torch reads it
     g, loc = spec.global_size, spec.local_size
-    globals_ = [_crop(image, array, g, spec.global_scale, 1.0, 0.0, spec, rng),
-                _crop(image, array, g, spec.global_scale, 0.1, 0.2, spec, rng)]
-    locals_ = [_crop(image, array, loc, spec.local_scale, 0.5, 0.0, spec, rng) for _ in range(spec.local_crops)]
+    globals_ = [_crop(image, g, spec.global_scale, 1.0, 0.0, spec, rng),
+                _crop(image, g, spec.global_scale, 0.1, 0.2, spec, rng)]
+    locals_ = [_crop(image, loc, spec.local_scale, 0.5, 0.0, spec, rng) for _ in range(spec.local_crops)]
     local = torch.stack(locals_) if locals_ else torch.empty(0, 3, loc, loc)
     return MultiCropSample(torch.stack(globals_), local)
 

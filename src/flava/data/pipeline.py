@@ -304,24 +304,24 @@ class Packed:
             else:
                 first[id(value)] = f.name
                 tensors[f.name] = value.contiguous()
-                layout[f.name] = (at, value.dtype, tuple(value.shape))
-                at += -(-tensors[f.name].numel() * value.element_size() // cls.ALIGN) * cls.ALIGN
+                size = value.numel() * value.element_size()
+                layout[f.name] = (at, size, value.dtype, tuple(value.shape))
+                at += -(-size // cls.ALIGN) * cls.ALIGN
         try:  # in shared memory from the start: made elsewhere, it is copied there when sent
             buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(at))
         except (AttributeError, RuntimeError):
             buffer = torch.empty(at, dtype=torch.uint8)
         for name, t in tensors.items():
-            start = layout[name][0]
-            buffer[start:start + t.numel() * t.element_size()].view(t.dtype).copy_(t.flatten())
+            start, size = layout[name][:2]
+            buffer[start:start + size].view(t.dtype).copy_(t.flatten())
         return cls(type(part), buffer, layout, other)
 
     def unpacked(self):
         out = dict(self.other)
         for name, where in self.layout.items():
             if not isinstance(where, str):
-                at, dtype, shape = where
-                n = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-                out[name] = self.buffer[at:at + n].view(dtype).view(shape)
+                at, size, dtype, shape = where
+                out[name] = self.buffer[at:at + size].view(dtype).view(shape)
         for name, where in self.layout.items():
             if isinstance(where, str):
                 out[name] = out[where]
