@@ -1,6 +1,6 @@
 """Small defects a user walkthrough found: a closed stdout, a missing GPU, configs by path or mistyped
 preset, `--set model.*`, a task model's message, mistyped template sets, the confusion picture's counts,
-`flava finetune --model`'s help."""
+`flava finetune --model`'s help, the end of a run without tensorboard."""
 
 import json
 import os
@@ -298,3 +298,14 @@ def test_progress_written_to_a_log_is_plain_lines_every_so_often(monkeypatch):
         bar.update(bar.add_task("task b", total=2, info=""), completed=1)
     assert said_then.startswith("task a 2/2, ")  # as it finished, not when the block ended
     assert log.getvalue().splitlines()[1].startswith("task b 1/2, ")
+
+
+def test_a_run_without_tensorboard_names_no_tensorboard_folder(train_data, tmp_path, capsys):
+    from conftest import pretrain_args
+
+    out = tmp_path / "run"
+    assert main(pretrain_args(train_data, out, "pairs_clean.csv") + ["--max-steps", "1", "--set", "tensorboard=false",
+                                                                    "--set", "save_every=1"]) == 0
+    said = "".join(capsys.readouterr().out.split())  # rich folds long paths: every space and break taken out
+    assert not (out / "tensorboard").exists()
+    assert str(out / "loss_curves.png") in said and str(out / "tensorboard") not in said

@@ -480,8 +480,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
                                                for k, by in seen.items()))
     if trainer.nonfinite_steps:
         console.print(f"updates skipped for a non-finite loss or gradient: {trainer.nonfinite_steps}")
+    board = f" and {output / 'tensorboard'}" if (output / "tensorboard").is_dir() else ""  # none with tensorboard=false
     console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
-                  f"{output / 'loss_curves.png'} and {output / 'tensorboard'}")
+                  f"{output / 'loss_curves.png'}{board}")
     if rank == 0:
         write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped,
                                                     "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps,
