@@ -19,6 +19,10 @@ processes and the references compute alike.
            samples/s; `flava train-codebook`'s
            images/s on the GPU against a few steps on the host's CPU, from its logged rows
   loader   loader-only samples/s at the host's core count (benchmarks/loader.py's shards and figures)
+  dino     the image-dino stage's feed: loader-only images/s of its multi-crops (2 x 224 + 8 x 96
+           px) at the host's cores less one, with the colour steps in the workers (as on a CPU)
+           and on the device (a GPU run's), then the real `flava pretrain --set stage=image-dino`
+           at batch 64 (images/s from its metrics.jsonl)
 
     python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh] [--back=DIR] [--deadline=EPOCH_S]
 
@@ -451,6 +455,50 @@ def _loader():
         stream._it = None
     res["tiny_224_figures"] = {f"workers_{w}": measure_loader("flava", shards(), w, 64, 6)
                                for w in (0, 1, 2)}
+    return res
+
+
+@section("dino")
+def _dino():
+    from flava.data.multicrop import MultiCropSpec
+    from flava.data.pipeline import BatchStream
+    from flava.data.registry import open_source
+    from flava.data.samples import MultiCropMaker
+
+    cores = os.cpu_count() or 2
+    workers = max(1, cores - 1)
+    size, local = (64, 32) if QUICK else (224, 96)
+    res: dict = {"workers": workers}
+    for where, on_device in (("workers", False), ("device", True)):
+        maker = MultiCropMaker(MultiCropSpec(size, local), 0, colour_on_device=on_device)
+        stream = BatchStream("images", open_source("images", shards()), maker, 64, seed=0, num_workers=workers)
+        for _ in range(2):
+            batch = stream.next_batch()
+        draws = 3 if QUICK else 12
+        t = time.perf_counter()
+        for _ in range(draws):
+            batch = stream.next_batch().to(DEV, mean=maker.spec.mean, std=maker.spec.std)
+        sync()
+        res[f"loader_colour_in_{where}_images_s"] = round(draws * 64 / (time.perf_counter() - t), 1)
+        stream._it = None
+        del batch
+    out = OUT / "dino_run"
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    device = "cuda" if DEV.type == "cuda" else "cpu"
+    done, wall = _flava(["pretrain", "--output", str(out), "--config", PRESET, "--max-steps", "6" if QUICK else "30",
+                         "--set", "stage=image-dino", "--set", f'data.images=["{shards()}"]',
+                         "--set", "data.batch_size=8" if QUICK else "data.batch_size=64", "--set", f"device={device}",
+                         "--set", "precision=bf16" if device == "cuda" else "precision=fp32",
+                         "--set", "log_every=2" if QUICK else "log_every=5", "--set", "save_every=1000",
+                         "--set", "tensorboard=false"], 300)
+    rates = [r["samples_per_s"] for r in _rows(out / "metrics.jsonl")[1:]]
+    res["command"] = {"rc": done.returncode, "wall_s": round(wall, 1),
+                      "images_s_median": round(float(np.median(rates)), 1) if rates else None,
+                      "tail": (done.stdout + done.stderr)[-800:]}
+    if done.returncode != 0:
+        res["error"] = f"the command's exit status {done.returncode}"
     return res
 
 

@@ -321,3 +321,37 @@ def test_a_pretraining_step_makes_no_host_device_sync(train_data, tmp_path, nega
         torch.cuda.set_sync_debug_mode(0)
     rows = trainer._settle()
     assert rows and all(np.isfinite(r["loss"]) and not r["update_skipped"] for r in rows)
+
+
+def test_dino_crops_are_coloured_on_cuda_as_in_the_workers_without_a_host_device_sync():
+    import skimage.data
+
+    from flava.data.multicrop import MultiCropSpec, collate_multicrop, multi_crop
+
+    spec = MultiCropSpec(global_size=64, local_size=32, local_crops=4)
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    raw = collate_multicrop([multi_crop(p, spec, np.random.default_rng([1, i]), coloured=False)
+                             for i, p in enumerate(photos)])
+    want = collate_multicrop([multi_crop(p, spec, np.random.default_rng([1, i])) for i, p in enumerate(photos)])
+    pinned = raw.pin_memory()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the trainer's copy: pinned, without waiting for the device
+    try:
+        got = pinned.to("cuda", non_blocking=True, mean=spec.mean, std=spec.std)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert got.global_crops.is_cuda and got.global_colour is None
+    assert torch.allclose(got.global_crops.cpu(), want.global_crops, atol=1e-4)
+    assert torch.allclose(got.local_crops.cpu(), want.local_crops, atol=1e-4)
+
+
+def test_the_dino_stage_on_cuda_colours_its_crops_there(tmp_path):
+    from test_dino_stage import dino_config
+
+    from flava.train.trainer import Trainer
+
+    cfg = dino_config(device="cuda", max_steps=3, save_every=3)
+    trainer = Trainer(cfg, tmp_path / "run")
+    assert trainer.stage.sample_maker().colour_on_device
+    rows = trainer.fit()
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)

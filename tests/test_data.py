@@ -385,6 +385,18 @@ def test_multicrop_batches_are_the_same_with_workers(tmp_path):
         x, y = plain.next_batch(), workers.next_batch()
         assert x.global_crops.shape == (6, 3, 16, 16) and x.local_crops.shape == (6, 3, 8, 8)
         assert torch.equal(x.global_crops, y.global_crops) and torch.equal(x.local_crops, y.local_crops)
+    # Crops left for the device to colour (a GPU run's): uint8 and their colour rows, joined as the
+    # crops are; coloured on their way, the crops the workers finish.
+    spec = maker.spec
+    raw = MultiCropMaker(spec, seed=0, colour_on_device=True)
+    later = BatchStream("images", src, raw, batch_size=3, seed=1, lanes=1, num_workers=2)
+    plain = BatchStream("images", src, maker, batch_size=3, seed=1, lanes=1, num_workers=0)
+    for _ in range(2):
+        x, y = plain.next_batch(), later.next_batch()
+        assert y.global_crops.dtype == torch.uint8 and y.global_colour.shape == y.local_colour.shape == (6, 12)
+        done = y.to("cpu", mean=spec.mean, std=spec.std)
+        assert torch.allclose(done.global_crops, x.global_crops, atol=1e-5)
+        assert torch.allclose(done.local_crops, x.local_crops, atol=1e-5)
 
 
 def test_workers_fill_runs_of_slots_and_hand_their_parts_over_in_one_buffer():

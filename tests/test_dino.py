@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import free_port, gloo_group
 from zygote import Results, spawn
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 import flava
 from flava.config import from_dict
+from flava.data import multicrop as mc
 from flava.data.multicrop import (
     MultiCropSpec,
-    _adjust_hue,
     collate_multicrop,
     multi_crop,
 )
@@ -317,10 +317,131 @@ def test_multi_crop_shapes_and_determinism():
     assert collate_multicrop([none]).local_crops is None
 
 
-def test_hue_rotation_by_half_a_turn_turns_red_to_cyan():
-    red = Image.new("RGB", (4, 4), (255, 0, 0))
-    r, g, b = _adjust_hue(red, 0.5).getpixel((0, 0))
-    assert r < 10 and g > 245 and b > 245
+def _pil_hue(image, turn):
+    """DINO's hue step in PIL's 8-bit HSV (torchvision's ColorJitter on a PIL image)."""
+    h, s, v = image.convert("HSV").split()
+    hue = ((np.asarray(h, dtype=np.int16) + round(turn * 255) % 256) % 256).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
+
+
+# DINO's photometric steps as its PIL pipeline runs them, by `colour`'s step numbers.
+PIL_STEPS = {0: lambda im, f: ImageEnhance.Brightness(im).enhance(f),
+             1: lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+             2: lambda im, f: ImageEnhance.Color(im).enhance(f), 3: _pil_hue,
+             4: lambda im, f: im.convert("L").convert("RGB"), 5: lambda im, f: im.filter(ImageFilter.GaussianBlur(f)),
+             6: lambda im, f: ImageOps.solarize(im, mc.SOLARIZE_THRESHOLD)}
+
+
+def _pil_colour(crop: np.ndarray, row: np.ndarray) -> np.ndarray:
+    """A [H, W, 3] uint8 crop through DINO's PIL steps with the choices in its colour row."""
+    im = Image.fromarray(crop)
+    if row[mc.JITTER]:
+        for step in row[mc.ORDER].astype(int):
+            im = PIL_STEPS[step](im, float(row[mc.FACTORS][step]))
+    if row[mc.GREY]:
+        im = PIL_STEPS[4](im, 0)
+    if row[mc.SIGMA]:
+        im = PIL_STEPS[5](im, float(row[mc.SIGMA]))
+    if row[mc.SOLARIZE]:
+        im = PIL_STEPS[6](im, 0)
+    return np.asarray(im, dtype=np.float32)
+
+
+def _levels(crops: torch.Tensor) -> np.ndarray:
+    """`colour`'s output at mean 0 and std 1/255: [n, 3, H, W] -> [n, H, W, 3] pixel levels."""
+    return crops.permute(0, 2, 3, 1).numpy()
+
+
+def _photos():
+    import skimage.data
+
+    return [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+
+
+LEVELS = ((0.0,) * 3, (1 / 255,) * 3)
+
+
+@pytest.mark.parametrize("step,factor,worst", [(0, 0.6, 1.5), (0, 1.4, 1.5), (1, 0.6, 1.5), (1, 1.4, 1.5),
+                                               (2, 0.8, 1.5), (2, 1.2, 1.5), (3, -0.1, 6), (3, 0.07, 6), (4, 0, 1),
+                                               (5, 0.1, 4), (5, 1.0, 6), (5, 2.0, 16), (6, 0, 1)])
+def test_each_colour_step_is_dinos_pil_step(step, factor, worst):
+    # Floating point against 8 bits: within rounding on average. Hue's largest gaps come from PIL's
+    # 8-bit hue, the blur's from PIL's box approximation of the Gaussian.
+    for photo in _photos():
+        crop = np.ascontiguousarray(photo[:224, :224])
+        row = np.zeros(mc.COLOUR_ROW, np.float32)
+        if step < 4:
+            row[mc.JITTER], row[mc.ORDER] = 1, [step] + [s for s in range(4) if s != step]
+            row[mc.FACTORS] = [1.0, 1.0, 1.0, 0.0]
+            row[mc.FACTORS.start + step] = factor
+        else:
+            row[{4: mc.GREY, 5: mc.SIGMA, 6: mc.SOLARIZE}[step]] = factor or 1
+        pixels = torch.from_numpy(crop).permute(2, 0, 1)[None]
+        ours = _levels(mc.colour(pixels, torch.from_numpy(row[None]), *LEVELS))[0]
+        gap = np.abs(ours - np.asarray(PIL_STEPS[step](Image.fromarray(crop), factor), dtype=np.float32))
+        assert gap.mean() < 0.6 and gap.max() <= worst, (step, factor, gap.mean(), gap.max())
+        if step not in (4, 6) and factor not in (0.1,):  # the step did something
+            assert np.abs(ours - crop).mean() > 2, (step, factor)
+
+
+def _one_crop(crop: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """A [3, H, W] uint8 crop through `colour`'s steps one at a time, in its row's order -> levels."""
+    y = crop[None].float() / 255
+    if row[mc.JITTER]:
+        for step in row[mc.ORDER].int().tolist():
+            y = mc._JITTER_STEPS[step](y, row[mc.FACTORS][step].view(1, 1, 1, 1))
+    if row[mc.GREY]:
+        y = mc._grey(y).expand(-1, 3, -1, -1)
+    if row[mc.SIGMA]:
+        y = mc._blur(y, row[mc.SIGMA].view(1), math.ceil(3 * float(row[mc.SIGMA])))
+    if row[mc.SOLARIZE]:
+        y = torch.where(y >= mc.SOLARIZE_THRESHOLD / 255, 1 - y, y)
+    return y[0].permute(1, 2, 0).numpy() * 255
+
+
+def test_the_colour_steps_of_every_crop_follow_its_drawn_choices_and_order():
+    """Whole multi-crops, uint8 with their colour rows, coloured as a batch: each crop as if it
+    were coloured alone, step by step in its own order; and, up to 8-bit rounding, the pictures
+    DINO's PIL steps make with the same choices."""
+    spec = MultiCropSpec(global_size=64, local_size=32, local_crops=4)
+    pil_gaps, moved, seen = [], [], set()
+    for i, photo in enumerate(_photos()):
+        views = multi_crop(photo, spec, np.random.default_rng([3, i]), coloured=False)
+        for crops, rows in ((views.global_crops, views.global_colour), (views.local_crops, views.local_colour)):
+            ours = _levels(mc.colour(crops, rows, *LEVELS))
+            for k in range(len(crops)):
+                np.testing.assert_allclose(ours[k], _one_crop(crops[k], rows[k]), atol=2e-3)
+                want = _pil_colour(crops[k].permute(1, 2, 0).numpy(), rows[k].numpy())
+                pil_gaps.append(np.abs(ours[k] - want).mean())
+                moved.append(np.abs(want - crops[k].permute(1, 2, 0).numpy()).mean())
+                seen.update(s for s, col in ((4, mc.GREY), (5, mc.SIGMA), (6, mc.SOLARIZE)) if rows[k, col])
+                seen.add(tuple(rows[k, mc.ORDER].int().tolist()) if rows[k, mc.JITTER] else "no jitter")
+    assert {4, 5, "no jitter"} <= seen and len(seen) > 10, seen  # many orders and every step met
+    assert np.mean(pil_gaps) < 2 and max(pil_gaps) < 4, pil_gaps
+    assert np.mean(moved) > 8  # the steps changed the pictures far more than the two versions differ
+
+
+def test_crops_coloured_on_their_way_to_the_device_are_the_workers_crops():
+    spec = MultiCropSpec(global_size=32, local_size=16, local_crops=3)
+    image = _photo()
+    done = [multi_crop(image, spec, np.random.default_rng([5, i])) for i in range(3)]
+    raw = [multi_crop(image, spec, np.random.default_rng([5, i]), coloured=False) for i in range(3)]
+    assert raw[0].global_crops.dtype == torch.uint8 and raw[0].global_colour.shape == (2, mc.COLOUR_ROW)
+    batch = collate_multicrop(raw)
+    moved = batch.pin_memory() if torch.cuda.is_available() else batch
+    on = moved.to("cpu", mean=spec.mean, std=spec.std)
+    want = collate_multicrop(done)
+    assert on.global_colour is None and torch.allclose(on.global_crops, want.global_crops, atol=1e-5)
+    assert torch.allclose(on.local_crops, want.local_crops, atol=1e-5)
+
+
+def test_hue_turned_by_half_a_turn_turns_red_to_cyan():
+    red = torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    row = torch.zeros(1, mc.COLOUR_ROW)
+    row[0, mc.JITTER], row[0, mc.ORDER], row[0, mc.FACTORS] = 1, torch.tensor([3.0, 0, 1, 2]), torch.tensor(
+        [1.0, 1, 1, 0.5])
+    r, g, b = _levels(mc.colour(red, row, *LEVELS))[0, 0, 0]
+    assert r < 1 and g > 254 and b > 254
 
 
 # --------------------------------------------------------------------------- collapse metrics

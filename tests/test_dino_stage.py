@@ -64,6 +64,7 @@ def test_loss_falls_on_the_demo_images(tmp_path):
     d.lr = 1e-3 * 256 / cfg.data.batch_size  # DINO's rule scales it back to 1e-3 at this batch
     d.out_dim, d.head_hidden_dim, d.head_bottleneck_dim, d.local_crops = 256, 128, 32, 4
     trainer = Trainer(cfg, tmp_path)
+    assert not trainer.stage.sample_maker().colour_on_device  # on the CPU the workers colour the crops
     settle_center(trainer)
     rows = trainer.fit()
     losses = [r["loss"] for r in rows]

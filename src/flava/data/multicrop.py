@@ -1,5 +1,4 @@
-"""DINO's multi-crop augmentation (Caron et al., 2021, §3.1 and `DataAugmentationDINO`) in PIL
-and torch.
+"""DINO's multi-crop augmentation (Caron et al., 2021, §3.1 and `DataAugmentationDINO`) in torch.
 
 Each image gives two global crops (RandomResizedCrop over 40-100 % of the area) and N local
 crops (5-40 %, at a smaller size). Every crop is flipped with p = 0.5, colour-jittered with
@@ -8,6 +7,10 @@ with p = 0.2 and Gaussian-blurred (p = 1.0 for the first global crop, 0.1 for th
 for local crops); the second global crop is also solarized with p = 0.2. The crops are then
 normalised by the model's pixel statistics (FLAVA's: CLIP's), as its other image inputs are.
 
+The geometry (crop, resize, flip) is per image, in a loader worker; the photometric steps take a
+whole batch of uint8 crops and each crop's drawn choices (a colour row), so on a GPU they run
+there and a worker's share of an image is its crops alone.
+
 Every random choice is drawn from the `numpy.random.Generator` passed in, so with the
 pipeline's `default_rng([seed, *position])` a sample's crops are a pure function of
 (seed, position) and a resumed run sees the same crops.
@@ -15,14 +18,15 @@ pipeline's `default_rng([seed, *position])` a sample's crops are a pure function
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter, ImageOps
+from PIL import Image
 
 from ..errors import DataError
-from .transforms import CLIP_MEAN, CLIP_STD, crop_resize, normalize_uint8, random_resized_crop_box, to_rgb
+from .transforms import CLIP_MEAN, CLIP_STD, Stats, crop_resize, random_resized_crop_box, to_rgb
 
 # The reference recipe is written for 224 px global crops; blur radii scale from there.
 REFERENCE_SIZE = 224
@@ -60,104 +64,202 @@ class MultiCropSpec:
 
 @dataclass
 class MultiCropSample:
-    """The crops of one image."""
+    """The crops of one image: float32 and normalised, or (`multi_crop(coloured=False)`) uint8
+    with the colour rows `colour` finishes them with."""
 
     global_crops: torch.Tensor
-    """[2, 3, global_size, global_size] float32, normalised."""
+    """[2, 3, global_size, global_size]."""
     local_crops: torch.Tensor
-    """[local_crops, 3, local_size, local_size] float32, normalised."""
+    """[local_crops, 3, local_size, local_size]."""
+    global_colour: torch.Tensor | None = None
+    """[2, COLOUR_ROW] for uint8 crops, else None."""
+    local_colour: torch.Tensor | None = None
+
+    def coloured(self, mean: Stats, std: Stats) -> "MultiCropSample":
+        if self.global_colour is None:
+            return self
+        return MultiCropSample(colour(self.global_crops, self.global_colour, mean, std),
+                               colour(self.local_crops, self.local_colour, mean, std))
 
 
 @dataclass
 class MultiCropBatch:
     """The crops of B images, crop-major: rows [k*B, (k+1)*B) are crop k of every image, the
-    order the DINO loss pairs teacher and student views by."""
+    order the DINO loss pairs teacher and student views by. Finished (float32, normalised), or
+    uint8 with colour rows: `to` finishes them on the device."""
 
     global_crops: torch.Tensor
     """[2*B, 3, G, G]."""
     local_crops: torch.Tensor | None
     """[N*B, 3, L, L], or None with no local crops."""
+    global_colour: torch.Tensor | None = None
+    """[2*B, COLOUR_ROW] for uint8 crops, else None."""
+    local_colour: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str, non_blocking: bool = False, mean=None, std=None) -> MultiCropBatch:
-        """The crops on `device` (normalised already, in the workers: `mean`/`std` are not used)."""
-        local = self.local_crops.to(device, non_blocking=non_blocking) if self.local_crops is not None else None
-        return MultiCropBatch(self.global_crops.to(device, non_blocking=non_blocking), local)
+    def to(self, device: torch.device | str, non_blocking: bool = False, mean: Stats = CLIP_MEAN,
+           std: Stats = CLIP_STD) -> MultiCropBatch:
+        """The crops on `device`, uint8 ones coloured and normalised (by `mean`/`std`, the model's) there."""
+        def finish(crops: torch.Tensor | None, rows: torch.Tensor | None) -> torch.Tensor | None:
+            if crops is None:
+                return None
+            crops = crops.to(device, non_blocking=non_blocking)
+            return crops if rows is None else colour(crops, rows.cpu(), mean, std)
+        return MultiCropBatch(finish(self.global_crops, self.global_colour),
+                              finish(self.local_crops, self.local_colour))
 
     def pin_memory(self) -> MultiCropBatch:
+        """The crops in page-locked memory (the colour rows are read on the host)."""
         local = self.local_crops.pin_memory() if self.local_crops is not None else None
-        return MultiCropBatch(self.global_crops.pin_memory(), local)
+        return MultiCropBatch(self.global_crops.pin_memory(), local, self.global_colour, self.local_colour)
 
     def __len__(self) -> int:
         """Images, not crops."""
         return self.global_crops.shape[0] // 2
 
 
-def _adjust_hue(image: Image.Image, factor: float) -> Image.Image:
-    """Rotate the hue by `factor` of a full turn (factor in [-0.5, 0.5]), in PIL's HSV space."""
-    h, s, v = image.convert("HSV").split()
-    shift = round(factor * 255) % 256
-    hue = ((np.asarray(h, dtype=np.int16) + shift) % 256).astype(np.uint8)
-    return Image.merge("HSV", (Image.fromarray(hue, "L"), s, v)).convert("RGB")
-
-
-def color_jitter(image: Image.Image, rng: np.random.Generator, brightness: float = 0.4, contrast: float = 0.4,
-                 saturation: float = 0.2, hue: float = 0.1) -> Image.Image:
-    """torchvision's ColorJitter: each factor drawn uniformly around 1 (hue around 0), then the
-    four adjustments applied in a random order."""
-    factors = (rng.uniform(max(0.0, 1 - brightness), 1 + brightness),
-               rng.uniform(max(0.0, 1 - contrast), 1 + contrast),
-               rng.uniform(max(0.0, 1 - saturation), 1 + saturation),
-               rng.uniform(-hue, hue))
-    for i in rng.permutation(4):
-        f = float(factors[i])
-        if i == 0:
-            image = ImageEnhance.Brightness(image).enhance(f)
-        elif i == 1:
-            image = ImageEnhance.Contrast(image).enhance(f)
-        elif i == 2:
-            image = ImageEnhance.Color(image).enhance(f)
-        else:
-            image = _adjust_hue(image, f)
-    return image
+# A crop's colour row: what its photometric steps drew (in the order DINO draws them), so that the
+# steps can run on a whole batch wherever it is (a GPU) with the same choices as in a worker.
+JITTER, FACTORS, ORDER, GREY, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 10, 11
+COLOUR_ROW = 12
+JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+"""Brightness, contrast and saturation factors and the hue shift (of a turn): DINO's ColorJitter(0.4, 0.4, 0.2, 0.1)."""
 
 
 def _crop(image: np.ndarray, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
-          spec: MultiCropSpec, rng: np.random.Generator) -> torch.Tensor:
+          spec: MultiCropSpec, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """A crop's uint8 pixels, resized and flipped, and its colour row."""
     left, top, w, h = random_resized_crop_box(image.shape[1], image.shape[0], rng, scale)
-    # PIL's bicubic kernel as torch's vectorised uint8 code computes it (`crop_resize`: a fifth of
-    # PIL's time for a 224-px crop), the crop's later steps in PIL as DINO's are.
     (pixels,) = crop_resize(image, (left, top, left + w, top + h), size)
-    crop = Image.fromarray(pixels.permute(1, 2, 0).numpy())
     if rng.random() < 0.5:
-        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        pixels = pixels.flip(-1)
+    row = np.zeros(COLOUR_ROW, dtype=np.float32)
     if rng.random() < 0.8:
-        crop = color_jitter(crop, rng)
-    if rng.random() < 0.2:
-        crop = crop.convert("L").convert("RGB")
+        row[JITTER] = 1
+        row[FACTORS] = [rng.uniform(*r) for r in JITTER_RANGES]
+        row[ORDER] = rng.permutation(4)  # the four adjustments in a random order, as ColorJitter
+    row[GREY] = rng.random() < 0.2
     if rng.random() < blur_p:
-        crop = crop.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(*spec.blur_radius))))
+        row[SIGMA] = rng.uniform(*spec.blur_radius)
     if solarize_p and rng.random() < solarize_p:
-        crop = ImageOps.solarize(crop, threshold=SOLARIZE_THRESHOLD)
-    return normalize_uint8(torch.from_numpy(np.array(crop)).permute(2, 0, 1), spec.mean, spec.std)
+        row[SOLARIZE] = 1
+    return pixels, row
 
 
-def multi_crop(image: Image.Image | np.ndarray, spec: MultiCropSpec, rng: np.random.Generator) -> MultiCropSample:
-    """Two global and `spec.local_crops` local crops of `image`, every choice drawn from `rng`."""
+def multi_crop(image: Image.Image | np.ndarray, spec: MultiCropSpec, rng: np.random.Generator,
+               coloured: bool = True) -> MultiCropSample:
+    """Two global and `spec.local_crops` local crops of `image`, every choice drawn from `rng`.
+    `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where the batch goes."""
     image = np.array(to_rgb(image))  # writable: torch reads it
     g, loc = spec.global_size, spec.local_size
-    globals_ = [_crop(image, g, spec.global_scale, 1.0, 0.0, spec, rng),
-                _crop(image, g, spec.global_scale, 0.1, 0.2, spec, rng)]
-    locals_ = [_crop(image, loc, spec.local_scale, 0.5, 0.0, spec, rng) for _ in range(spec.local_crops)]
-    local = torch.stack(locals_) if locals_ else torch.empty(0, 3, loc, loc)
-    return MultiCropSample(torch.stack(globals_), local)
+    crops = [_crop(image, g, spec.global_scale, 1.0, 0.0, spec, rng),
+             _crop(image, g, spec.global_scale, 0.1, 0.2, spec, rng),
+             *(_crop(image, loc, spec.local_scale, 0.5, 0.0, spec, rng) for _ in range(spec.local_crops))]
+    pixels, rows = zip(*crops)
+    rows = torch.from_numpy(np.stack(rows))
+    local = torch.stack(pixels[2:]) if spec.local_crops else torch.empty(0, 3, loc, loc, dtype=torch.uint8)
+    sample = MultiCropSample(torch.stack(pixels[:2]), local, rows[:2], rows[2:])
+    return sample.coloured(spec.mean, spec.std) if coloured else sample
+
+
+def _grey(y: torch.Tensor) -> torch.Tensor:
+    """[n, 3, H, W] -> [n, 1, H, W] luma (ITU-R 601-2, PIL's "L")."""
+    return (0.299 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2]).unsqueeze(1)
+
+
+def _blend(y: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (y * f).add_(other * (1 - f)).clamp_(0, 1)
+
+
+def _hue(y: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Each crop's hue turned by `shift` of a full turn; saturation and value kept."""
+    v, largest = y.max(1, keepdim=True)
+    c = v - y.amin(1, keepdim=True)
+    # Hue in sixths of a turn: 2 x the largest channel's index, plus (next - the one after) / chroma.
+    d = y.roll(-1, 1).sub_(y.roll(-2, 1)).gather(1, largest)
+    h = d.div_(torch.where(c > 0, c, 1.0)).add_(2 * largest).add_(6 * shift.view(-1, 1, 1, 1))
+    # Each channel from the turned hue (the closed form of HSV to RGB): v - c * clamp(min(k, 4 - k), 0, 1).
+    k = torch.cat([h + n for n in (5, 3, 1)], 1).remainder_(6)
+    return v - c * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def _blur(y: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each crop blurred by a Gaussian of its own `sigma` (pixels), separably, edges repeated;
+    `radius`: at least the largest 3 sigma."""
+    n, ch, hh, ww = y.shape
+    t = torch.arange(-radius, radius + 1, device=y.device, dtype=y.dtype)
+    # Each kernel cut at its own 3 sigma, so a crop's blur does not depend on the batch it is in.
+    sigma = sigma.view(-1, 1)
+    k = torch.exp(-t.square() / (2 * sigma.square())) * (t.abs() <= torch.ceil(3 * sigma))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(ch, 0)  # [n * ch, 2 radius + 1]
+    x = torch.nn.functional.pad(y.reshape(1, n * ch, hh, ww), (radius, radius, radius, radius), mode="replicate")
+    x = torch.nn.functional.conv2d(x, k.view(n * ch, 1, 1, -1), groups=n * ch)
+    x = torch.nn.functional.conv2d(x, k.view(n * ch, 1, -1, 1), groups=n * ch)
+    return x.view(n, ch, hh, ww)
+
+
+_JITTER_STEPS = (
+    lambda y, f: (y * f).clamp_(0, 1),                                    # brightness: towards black
+    lambda y, f: _blend(y, _grey(y).mean((1, 2, 3), keepdim=True), f),    # contrast: towards the mean grey
+    lambda y, f: _blend(y, _grey(y), f),                                  # saturation: towards its grey
+    lambda y, f: _hue(y, f),
+)
+
+
+def colour(pixels: torch.Tensor, rows: torch.Tensor, mean: Stats, std: Stats) -> torch.Tensor:
+    """DINO's photometric steps, batched: [n, 3, S, S] uint8 crops on any device and their colour
+    rows ([n, COLOUR_ROW], on the host: which crops take which step is worked out there) ->
+    float32 normalised by `mean`/`std`. Colour jitter with p = 0.8 (its four adjustments in the
+    crop's order), greyscale, Gaussian blur and solarization, as DINO's PIL steps, in floating
+    point rather than rounded to 8 bits after each. The crops' index lists and factors reach a
+    GPU in two copies that do not wait for it."""
+    host = rows.numpy()
+    steps: list[tuple[int, np.ndarray]] = []  # (step, crops): jitter steps 0-3, grey 4, blur 5, solarize 6
+    jitter = host[:, JITTER] > 0
+    for position in range(4):
+        for step in range(4):
+            steps.append((step, np.flatnonzero(jitter & (host[:, ORDER.start + position] == step))))
+    steps += [(4, np.flatnonzero(host[:, GREY] > 0)), (5, np.flatnonzero(host[:, SIGMA] > 0)),
+              (6, np.flatnonzero(host[:, SOLARIZE] > 0))]
+    steps = [(step, crops) for step, crops in steps if len(crops)]
+    values = [host[crops, FACTORS.start + step] if step < 4 else host[crops, SIGMA] if step == 5
+              else np.zeros(0, np.float32) for step, crops in steps]
+    index = torch.from_numpy(np.concatenate([c for _, c in steps] or [np.zeros(0, np.int64)]))
+    factor = torch.from_numpy(np.concatenate(values or [np.zeros(0, np.float32)]).astype(np.float32))
+    device = pixels.device
+    if device.type == "cuda":
+        index = index.pin_memory().to(device, non_blocking=True)
+        factor = factor.pin_memory().to(device, non_blocking=True)
+    else:
+        index, factor = index.to(device), factor.to(device)
+    index = index.split([len(c) for _, c in steps])
+    factor = factor.split([len(v) for v in values])
+    radius = math.ceil(3 * float(host[:, SIGMA].max())) if len(host) else 0
+    y = pixels.float().div_(255)
+    for (step, _), at, f in zip(steps, index, factor):
+        part = y.index_select(0, at)
+        if step < 4:
+            part = _JITTER_STEPS[step](part, f.view(-1, 1, 1, 1))
+        elif step == 4:
+            part = _grey(part).expand(-1, 3, -1, -1)
+        elif step == 5:
+            part = _blur(part, f, radius)
+        else:
+            part = torch.where(part >= SOLARIZE_THRESHOLD / 255, 1 - part, part)
+        y.index_copy_(0, at, part)
+    for c, (m, sd) in enumerate(zip(mean, std)):
+        y[:, c].sub_(m).div_(sd)
+    return y
 
 
 def collate_multicrop(samples: list[MultiCropSample]) -> MultiCropBatch:
     """Crop-major batches: [crop 0 of every image, crop 1 of every image, ...]."""
     if not samples:
         raise DataError("no multi-crop samples to collate: the batch is empty")
-    global_crops = torch.stack([s.global_crops for s in samples], dim=1).flatten(0, 1)
-    n_local = samples[0].local_crops.shape[0]
-    if n_local == 0:
-        return MultiCropBatch(global_crops, None)
-    return MultiCropBatch(global_crops, torch.stack([s.local_crops for s in samples], dim=1).flatten(0, 1))
+
+    def stack(name: str) -> torch.Tensor | None:
+        if getattr(samples[0], name) is None:
+            return None
+        return torch.stack([getattr(s, name) for s in samples], dim=1).flatten(0, 1)
+    if samples[0].local_crops.shape[0] == 0:
+        return MultiCropBatch(stack("global_crops"), None, stack("global_colour"), None)
+    return MultiCropBatch(*(stack(f) for f in ("global_crops", "local_crops", "global_colour", "local_colour")))

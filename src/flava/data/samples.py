@@ -125,16 +125,19 @@ class SampleMaker:
 class MultiCropMaker:
     """Turns an image record into DINO's multi-crop views (`multi_crop`), every choice drawn from
     a generator seeded by (seed, position) as `SampleMaker` does, so a resumed run sees the same
-    crops. Prepared shards' image tokens are not read: DINO needs none."""
+    crops. Prepared shards' image tokens are not read: DINO needs none. `colour_on_device`: the
+    crops leave the workers as uint8 with their colour rows, and the batch's `to` colours them on
+    the device (a GPU's share of the work; on the CPU the workers finish them)."""
 
-    def __init__(self, spec: MultiCropSpec, seed: int):
-        self.spec, self.seed = spec, seed
+    def __init__(self, spec: MultiCropSpec, seed: int, colour_on_device: bool = False):
+        self.spec, self.seed, self.colour_on_device = spec, seed, colour_on_device
 
     def __call__(self, kind: str, record, key: tuple[int, ...]):
         if kind != "images":
             raise DataError(f"DINO trains on images; it got a {kind} source")
         rng = np.random.default_rng([self.seed, *key])
-        return multi_crop(open_image(record.image if isinstance(record, ImageRecord) else record), self.spec, rng)
+        return multi_crop(open_image(record.image if isinstance(record, ImageRecord) else record), self.spec, rng,
+                          coloured=not self.colour_on_device)
 
     def collate(self, kind: str, samples: list) -> MultiCropBatch:
         return collate_multicrop(samples)
@@ -153,7 +156,7 @@ class MultiCropMaker:
             per = [v.unflatten(0, (-1, len(slots))) for v, (slots, _) in zip(views, parts)]
             whole = torch.cat(per, dim=1)
             return (whole if order is None else whole.index_select(1, order)).flatten(0, 1)
-        return MultiCropBatch(join("global_crops"), join("local_crops"))
+        return MultiCropBatch(*(join(f.name) for f in fields(MultiCropBatch)))
 
 
 def _slot_order(slots: list[int]) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import FlavaConfig, ObjectivesConfig
 from ..data.samples import MultiCropMaker
 from ..data.registry import estimated_size
-from ..distributed import data_parallel
+from ..distributed import data_parallel, resolve_device
 from ..errors import ConfigError
 from ..loading import Checkpoint
 from ..model.encoders import ImageEncoder
@@ -69,7 +69,10 @@ class DinoStage(Stage):
         return {"images"}  # DINO is the stage's one objective; the objectives' weights are the joint stages'
 
     def sample_maker(self):
-        return MultiCropMaker(self.cfg.dino.crop_spec(self.cfg.model.image), self.cfg.seed)
+        # On a GPU the crops' colour steps run there, batched: a worker's share of an image is then
+        # its crops alone (benchmarks/multicrop.py).
+        on_device = resolve_device(self.cfg.device).type != "cpu"
+        return MultiCropMaker(self.cfg.dino.crop_spec(self.cfg.model.image), self.cfg.seed, colour_on_device=on_device)
 
     def build(self, own: Checkpoint | None = None) -> dict[str, str]:
         cfg = self.cfg
