@@ -25,7 +25,7 @@ from flava.data import decode, texts
 from flava.data.pipeline import BatchStream, KindStream
 from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.registry import open_source, open_stream
-from flava.data.shards import ShardCache
+from flava.data.shards import ShardCache, expand
 from flava.errors import DataError
 
 SPEC = SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)
@@ -91,21 +91,23 @@ def test_a_stream_restored_to_its_snapshot_draws_and_counts_as_if_the_draws_sinc
         s.restore((0, {}, {}, []))
 
 
-def serve(root, port: int) -> subprocess.Popen:
-    """Python's HTTP server for `root` on 127.0.0.1:`port`, once it answers."""
+def serve(root, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
+    """Python's HTTP server for `root` on `host`:`port` (127.0.0.1, or ::1), once it answers."""
     import urllib.request
 
-    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", host,
                                "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 20
+    where = f"[{host}]" if ":" in host else host
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=1).close()
+            urllib.request.urlopen(f"http://{where}:{port}", timeout=1).close()
             return server
         except OSError:
             if time.time() > deadline or server.poll() is not None:
                 server.kill()
-                pytest.fail("the HTTP server on 127.0.0.1 did not start")
+                pytest.fail(f"the HTTP server on {host} did not start" + (
+                    " (this machine's IPv6 loopback may be off)" if ":" in host else ""))
             time.sleep(0.1)
 
 
@@ -117,6 +119,24 @@ def http_server(tmp_path):
     yield f"http://127.0.0.1:{port}", root
     server.terminate()
     server.wait(timeout=10)
+
+
+def test_shards_on_a_host_named_by_its_ipv6_address(tmp_path):
+    # Its brackets read as a glob and its colons as webdataset's `::` list joiner: no such URL
+    # could name a shard ("could not list http://[").
+    root = write_shards(tmp_path / "www")
+    port = free_port()
+    server = serve(root, port, host="::1")
+    try:
+        url = f"http://[::1]:{port}/shard-{{000..001}}.tar"
+        assert expand(url + "::" + str(root / "shard-002.tar"), (".tar",)) == [
+            f"http://[::1]:{port}/shard-000.tar", f"http://[::1]:{port}/shard-001.tar", str(root / "shard-002.tar")]
+        local, _ = batches(open_source("pairs", str(root / "shard-{000..001}.tar")))
+        remote, s = batches(open_source("pairs", url))
+        assert same(local, remote) and not s.rejected
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path):

@@ -2,7 +2,8 @@
 
 A data spec names shards: local files, directories and globs; brace ranges
 (`shards/{00000..06999}.tar`, expanded by webdataset's `expand_urls`, `::` joining lists);
-`http(s)://`, `s3://` and any other object store `fsspec` knows; and `pipe:` commands (open_clip's
+`http(s)://` (an IPv6 host in brackets too), `s3://` and any other object store `fsspec` knows; and
+`pipe:` commands (open_clip's
 convention, opened by webdataset's `gopen`). Remote shards are read whole into memory, or through
 a local cache bounded in size when one is configured, so that a shard can be read at any offset:
 positions within a shard are what make a stream resumable exactly.
@@ -15,6 +16,7 @@ import contextlib
 import glob
 import hashlib
 import os
+import re
 import signal
 import sys
 import time
@@ -58,12 +60,33 @@ def check_protocol(url: str) -> None:
         raise DataError(f"cannot read {url}: {e}") from None
 
 
-def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
-    """The shards a spec names, in order. Directories yield their files ending in `suffixes`."""
+_IPV6_HOST = re.compile(r"(?:(?<=://)|(?<=@))\[[0-9A-Za-z:.%]+\]")
+"""An IPv6 literal host (`http://[::1]:8000/...`): its colons are no `::` joining lists."""
+
+
+def _expand_urls(spec: str) -> list[str]:
+    """webdataset's `expand_urls` (`::` joins lists, braces expand), IPv6 literal hosts kept whole."""
     from webdataset.shardlists import expand_urls
 
+    hosts: list[str] = []
+
+    def hide(m: re.Match) -> str:
+        hosts.append(m.group(0))
+        return f"\0{len(hosts) - 1}\0"
+    parts = expand_urls(_IPV6_HOST.sub(hide, spec))
+    return [re.sub("\0(\\d+)\0", lambda m: hosts[int(m.group(1))], part) for part in parts] if hosts else parts
+
+
+def _path_of(url: str) -> str:
+    """A URL's path: what follows its host (whose IPv6 brackets are no glob)."""
+    rest = url.split("://", 1)[1]
+    return rest.split("/", 1)[1] if "/" in rest else ""
+
+
+def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
+    """The shards a spec names, in order. Directories yield their files ending in `suffixes`."""
     urls: list[str] = []
-    parts = expand_urls(str(spec))
+    parts = _expand_urls(str(spec))
     check_hosts(parts)
     for part in parts:
         if part.startswith("pipe:"):
@@ -154,13 +177,11 @@ def _unknown_host(host: str) -> bool:
 
 
 def _expand_remote(url: str, suffixes: tuple[str, ...]) -> list[str]:
-    import fsspec
-
-    if not (url.endswith("/") or any(c in url.split("://", 1)[1] for c in GLOB_CHARS)):
+    if not (url.endswith("/") or any(c in _path_of(url) for c in GLOB_CHARS)):
         return [url]
     try:
-        fs, path = fsspec.core.url_to_fs(url, **_storage_options(url))
-        found = fs.glob(path) if not url.endswith("/") else fs.ls(path, detail=False)
+        fs = _filesystem(url)  # which takes whole URLs
+        found = fs.glob(url) if not url.endswith("/") else fs.ls(url, detail=False)
     except Exception as e:  # each backend raises its own types for refused or missing listings
         if (cut := _connection_failure(e)) is not None:
             raise DataError(f"could not list {url}: {_said(cut)}{_hint(url, cut)}") from None
@@ -237,9 +258,7 @@ def _fetch(url: str) -> bytes:
         try:
             if url.startswith("pipe:"):
                 return _read_pipe(url)
-            import fsspec
-
-            with fsspec.open(url, "rb", **_storage_options(url)) as f:
+            with _filesystem(url).open(url, "rb") as f:
                 return f.read()
         except FileNotFoundError as e:
             if _missing(e):
@@ -305,6 +324,14 @@ def end_pipes(pid: int) -> None:
         if int(state[1]) == pid and int(state[2]) == child:
             with contextlib.suppress(OSError):
                 os.killpg(child, signal.SIGKILL)
+
+
+def _filesystem(url: str):
+    """The fsspec filesystem for `url`'s protocol. Made by protocol, not by `fsspec.open` or
+    `url_to_fs`, which read `::` as a chain of protocols (an IPv6 host's colons)."""
+    import fsspec
+
+    return fsspec.filesystem(url.split("://", 1)[0], **_storage_options(url))
 
 
 def _storage_options(url: str) -> dict:
