@@ -4,7 +4,8 @@ Each round starts two child processes, one with THP_MEM_ALLOC_ENABLE=0 and one w
 reads it once, when it first allocates), in turn, so that a shared host's drift reaches both alike.
 Each child times flava's pair step (contrastive, ITM, MMM image + text with the codebook in the
 step; backward; AdamW) on the same synthetic batch: wall and CPU seconds a step and the minor page
-faults a step (first touches of fresh memory, which the kernel zeroes page by page). Medians.
+faults a step (first touches of fresh memory, which the kernel zeroes page by page), and the
+process's peak resident memory (a huge page is resident whole). Medians.
 
     python benchmarks/hugepages.py [--preset tiny --image-size 224 --patch-size 32] [--batch 64]
                                    [--threads 2] [--steps 6] [--rounds 4]
@@ -56,8 +57,9 @@ def child(args) -> dict:
     for _ in range(args.steps):
         step()
     n = args.steps
+    use = resource.getrusage(resource.RUSAGE_SELF)
     return {"wall_s": (time.perf_counter() - wall) / n, "cpu_s": (time.process_time() - cpu) / n,
-            "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / n}
+            "faults": (use.ru_minflt - faults) / n, "peak_rss_mib": use.ru_maxrss / 1024}
 
 
 def main() -> int:
@@ -88,7 +90,8 @@ def main() -> int:
           f"{thp.read_text().strip() if thp.is_file() else 'unknown'}")
     for s, name in (("0", "4 KiB pages"), ("1", "huge pages")):
         m = med[s]
-        print(f"  {name:12s} {m['wall_s']:.3f} s a step, {m['cpu_s']:.3f} CPU s, {m['faults']:8.0f} page faults")
+        print(f"  {name:12s} {m['wall_s']:.3f} s a step, {m['cpu_s']:.3f} CPU s, {m['faults']:8.0f} page faults, "
+              f"peak resident {m['peak_rss_mib']:.0f} MiB")
     print(f"  huge pages: {med['0']['wall_s'] / med['1']['wall_s']:.2f}x the steps a second, "
           f"{med['0']['cpu_s'] / med['1']['cpu_s']:.2f}x less CPU")
     return 0

@@ -3,10 +3,9 @@
 A data spec names shards: local files, directories and globs; brace ranges
 (`shards/{00000..06999}.tar`, expanded by webdataset's `expand_urls`, `::` joining lists);
 `http(s)://` (an IPv6 host in brackets too), `s3://` and any other object store `fsspec` knows; and
-`pipe:` commands (open_clip's
-convention, opened by webdataset's `gopen`). Remote shards are read whole into memory, or through
-a local cache bounded in size when one is configured, so that a shard can be read at any offset:
-positions within a shard are what make a stream resumable exactly.
+`pipe:` commands (open_clip's convention, opened by webdataset's `gopen`). Remote shards are read
+whole into memory, or through a local cache bounded in size when one is configured, so that a
+shard can be read at any offset: positions within a shard are what make a stream resumable exactly.
 """
 
 from __future__ import annotations
