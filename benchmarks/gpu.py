@@ -18,11 +18,12 @@ processes and the references compute alike.
            64 (its own metrics.jsonl; the loader workers it chose itself) beside the bare step's
            samples/s; `flava train-codebook`'s
            images/s on the GPU against a few steps on the host's CPU, from its logged rows
-  loader   loader-only samples/s at the host's core count (benchmarks/loader.py's shards and figures)
+  loader   loader-only samples/s at the host's core count once the workers' queue is drained
+           (benchmarks/loader.py's shards and figures)
   dino     the image-dino stage's feed: loader-only images/s of its multi-crops (2 x 224 + 8 x 96
-           px) at the host's cores less one, with the colour steps in the workers (as on a CPU)
-           and on the device (a GPU run's), then the real `flava pretrain --set stage=image-dino`
-           at batch 64 (images/s from its metrics.jsonl)
+           px) at the host's cores less one, moved to the device as the trainer moves them, with
+           the colour steps in the workers (as on a CPU) and on the device (a GPU run's), then the
+           real `flava pretrain --set stage=image-dino` at batch 64 (images/s from its metrics.jsonl)
 
     python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh] [--back=DIR] [--deadline=EPOCH_S]
 
@@ -430,6 +431,21 @@ def _command():
     return {**res, "error": f"{', '.join(failed)} to run again"} if failed else dict(res)
 
 
+def steady_rate(stream, workers: int, draws: int, move=None) -> float:
+    """Samples/s of `stream` once its workers' queue is drained (each prefetches 4 batches, which
+    a short timing would count at no cost), each batch passed to `move` (then the device synced)."""
+    for _ in range(4 * workers + 2):
+        stream.next_batch()
+    sync()
+    t = time.perf_counter()
+    for _ in range(draws):
+        batch = stream.next_batch()
+        if move is not None:
+            batch = move(batch)
+    sync()
+    return round(draws * len(batch) / (time.perf_counter() - t), 1)
+
+
 @section("loader")
 def _loader():
     """Loader-only samples/s at the base sizes (224-px crops, 112-px codebook views), per worker count."""
@@ -445,13 +461,7 @@ def _loader():
     for workers in sorted({0, 1, max(1, cores // 2), max(1, cores - 1)}):
         stream = pipeline.BatchStream("pairs", open_source("pairs", shards()), samples.SampleMaker(spec, 0),
                                       128, seed=0, num_workers=workers)
-        for _ in range(2):
-            stream.next_batch()
-        t = time.perf_counter()
-        draws = 4 if QUICK else 16
-        for _ in range(draws):
-            stream.next_batch()
-        res[f"workers_{workers}"] = round(draws * 128 / (time.perf_counter() - t), 1)
+        res[f"workers_{workers}"] = steady_rate(stream, workers, 4 if QUICK else 16)
         stream._it = None
     res["tiny_224_figures"] = {f"workers_{w}": measure_loader("flava", shards(), w, 64, 6)
                                for w in (0, 1, 2)}
@@ -472,16 +482,11 @@ def _dino():
     for where, on_device in (("workers", False), ("device", True)):
         maker = MultiCropMaker(MultiCropSpec(size, local), 0, colour_on_device=on_device)
         stream = BatchStream("images", open_source("images", shards()), maker, 64, seed=0, num_workers=workers)
-        for _ in range(2):
-            batch = stream.next_batch()
-        draws = 3 if QUICK else 12
-        t = time.perf_counter()
-        for _ in range(draws):
-            batch = stream.next_batch().to(DEV, mean=maker.spec.mean, std=maker.spec.std)
-        sync()
-        res[f"loader_colour_in_{where}_images_s"] = round(draws * 64 / (time.perf_counter() - t), 1)
+        # Moved as the trainer moves a batch: pinned, without waiting, then coloured on the device.
+        pinned = DEV.type == "cuda"
+        res[f"loader_colour_in_{where}_images_s"] = steady_rate(stream, workers, 3 if QUICK else 16, lambda b: (
+            b.pin_memory() if pinned else b).to(DEV, non_blocking=pinned, mean=maker.spec.mean, std=maker.spec.std))
         stream._it = None
-        del batch
     out = OUT / "dino_run"
     import shutil
 

@@ -363,10 +363,11 @@ LEVELS = ((0.0,) * 3, (1 / 255,) * 3)
 
 @pytest.mark.parametrize("step,factor,worst", [(0, 0.6, 1.5), (0, 1.4, 1.5), (1, 0.6, 1.5), (1, 1.4, 1.5),
                                                (2, 0.8, 1.5), (2, 1.2, 1.5), (3, -0.1, 6), (3, 0.07, 6), (4, 0, 1),
-                                               (5, 0.1, 4), (5, 1.0, 6), (5, 2.0, 16), (6, 0, 1)])
+                                               (5, 0.1, 4), (5, 1.0, 6), (5, 2.0, 16), (6, 0, 0.01)])
 def test_each_colour_step_is_dinos_pil_step(step, factor, worst):
-    # Floating point against 8 bits: within rounding on average. Hue's largest gaps come from PIL's
-    # 8-bit hue, the blur's from PIL's box approximation of the Gaussian.
+    # Floating point against 8 bits: within rounding on average (solarization: exactly, at its
+    # threshold too). Hue's largest gaps come from PIL's 8-bit hue, the blur's from PIL's box
+    # approximation of the Gaussian.
     for photo in _photos():
         crop = np.ascontiguousarray(photo[:224, :224])
         row = np.zeros(mc.COLOUR_ROW, np.float32)
@@ -419,6 +420,15 @@ def test_the_colour_steps_of_every_crop_follow_its_drawn_choices_and_order():
     assert {4, 5, "no jitter"} <= seen and len(seen) > 10, seen  # many orders and every step met
     assert np.mean(pil_gaps) < 2 and max(pil_gaps) < 4, pil_gaps
     assert np.mean(moved) > 8  # the steps changed the pictures far more than the two versions differ
+
+
+def test_a_crops_blur_does_not_depend_on_the_crops_beside_it():
+    # Each kernel is cut at its own 3 sigma: a crop blurred beside one of a wider blur (a longer
+    # kernel for the batch) comes out as it does alone, up to the order of the additions.
+    y = torch.rand(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    alone = mc._blur(y[:1], torch.tensor([1.0]), 3)
+    beside = mc._blur(y, torch.tensor([1.0, 2.0]), 6)[:1]
+    assert torch.allclose(alone, beside, atol=1e-6, rtol=0), (alone - beside).abs().max()
 
 
 def test_crops_coloured_on_their_way_to_the_device_are_the_workers_crops():
