@@ -134,9 +134,28 @@ def test_shards_on_a_host_named_by_its_ipv6_address(tmp_path):
         local, _ = batches(open_source("pairs", str(root / "shard-{000..001}.tar")))
         remote, s = batches(open_source("pairs", url))
         assert same(local, remote) and not s.rejected
+        # A folder is listed; a glob is refused in one line (fsspec's listing reads the brackets as a pattern).
+        assert expand(f"http://[::1]:{port}/", (".tar",))[:2] == [f"http://[::1]:{port}/shard-000.tar",
+                                                                 f"http://[::1]:{port}/shard-001.tar"]
+        with pytest.raises(DataError, match=r"a glob is not listed on a host named by its IPv6 address.+brace range"):
+            expand(f"http://[::1]:{port}/shard-*.tar", (".tar",))
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_an_index_entry_may_chain_fsspec_protocols():
+    # Shard URLs are opened as fsspec.open opens them (its chains, and whatever a URL itself
+    # configures: an S3 object's ?versionId, an FTP host), not only by their protocol.
+    import fsspec
+
+    from flava.data.shards import read
+
+    fsspec.filesystem("memory").pipe("/chained/a.tar", b"abc")
+    try:
+        assert bytes(read("simplecache::memory://chained/a.tar")) == b"abc"
+    finally:
+        fsspec.filesystem("memory").rm("/chained", recursive=True)
 
 
 def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path):
@@ -144,6 +163,10 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
     local, _ = batches(open_source("pairs", str(root)))
     remote, s = batches(open_source("pairs", url + "/shard-{000..003}.tar"))
     assert same(local, remote) and not s.rejected
+    # Signed URLs: a query is no glob (its ? had listed the server and matched nothing).
+    signed, _ = batches(open_source("pairs", "::".join(f"{url}/shard-{i:03d}.tar?X-Amz-Signature=ab{i}"
+                                                      for i in range(4))))
+    assert same(local, signed)
     one_shard = (root / "shard-000.tar").stat().st_size
     cache = ShardCache(str(tmp_path / "cache"), max_bytes=2 * one_shard)
     cached, _ = batches(open_source("pairs", url + "/shard-{000..003}.tar", cache=cache), n=8)

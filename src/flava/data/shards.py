@@ -59,7 +59,7 @@ def check_protocol(url: str) -> None:
         raise DataError(f"cannot read {url}: {e}") from None
 
 
-_IPV6_HOST = re.compile(r"(?:(?<=://)|(?<=@))\[[0-9A-Za-z:.%]+\]")
+_IPV6_HOST = re.compile(r"(?:(?<=://)|(?<=@))\[[0-9A-Za-z:.%~_-]+\]")
 """An IPv6 literal host (`http://[::1]:8000/...`): its colons are no `::` joining lists."""
 
 
@@ -77,9 +77,11 @@ def _expand_urls(spec: str) -> list[str]:
 
 
 def _path_of(url: str) -> str:
-    """A URL's path: what follows its host (whose IPv6 brackets are no glob)."""
-    rest = url.split("://", 1)[1]
-    return rest.split("/", 1)[1] if "/" in rest else ""
+    """A URL's path: what follows its host (whose IPv6 brackets are no glob), less an http(s)
+    query (a signed URL's `?X-Amz-Signature=...` is no glob either)."""
+    scheme, _, rest = url.partition("://")
+    path = rest.split("/", 1)[1] if "/" in rest else ""
+    return path.split("?", 1)[0].split("#", 1)[0] if scheme in ("http", "https") else path
 
 
 def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -179,8 +181,12 @@ def _expand_remote(url: str, suffixes: tuple[str, ...]) -> list[str]:
     if not (url.endswith("/") or any(c in _path_of(url) for c in GLOB_CHARS)):
         return [url]
     try:
-        fs = _filesystem(url)  # which takes whole URLs
-        found = fs.glob(url) if not url.endswith("/") else fs.ls(url, detail=False)
+        if _IPV6_HOST.search(url) and not url.endswith("/"):
+            raise DataError(f"{url}: a glob is not listed on a host named by its IPv6 address (fsspec's listing reads "
+                            "its brackets as a pattern): name the shards with a brace range such as "
+                            "shards/{00000..00099}.tar, or the folder (ending in /) to take its shards")
+        fs, path = _filesystem(url)
+        found = fs.glob(path) if not url.endswith("/") else fs.ls(path, detail=False)
     except Exception as e:  # each backend raises its own types for refused or missing listings
         if (cut := _connection_failure(e)) is not None:
             raise DataError(f"could not list {url}: {_said(cut)}{_hint(url, cut)}") from None
@@ -257,7 +263,8 @@ def _fetch(url: str) -> bytes:
         try:
             if url.startswith("pipe:"):
                 return _read_pipe(url)
-            with _filesystem(url).open(url, "rb") as f:
+            fs, path = _filesystem(url)
+            with fs.open(path, "rb") as f:
                 return f.read()
         except FileNotFoundError as e:
             if _missing(e):
@@ -326,11 +333,14 @@ def end_pipes(pid: int) -> None:
 
 
 def _filesystem(url: str):
-    """The fsspec filesystem for `url`'s protocol. Made by protocol, not by `fsspec.open` or
-    `url_to_fs`, which read `::` as a chain of protocols (an IPv6 host's colons)."""
+    """(the fsspec filesystem that reads `url`, the path it takes), as `fsspec.core.url_to_fs`
+    gives them; for a host named by its IPv6 address, made by protocol (http(s): nothing in the URL
+    configures it), since fsspec reads `::` as a chain of protocols."""
     import fsspec
 
-    return fsspec.filesystem(url.split("://", 1)[0], **_storage_options(url))
+    if _IPV6_HOST.search(url):
+        return fsspec.filesystem(url.split("://", 1)[0], **_storage_options(url)), url
+    return fsspec.core.url_to_fs(url, **_storage_options(url))
 
 
 def _storage_options(url: str) -> dict:
