@@ -300,12 +300,13 @@ def test_progress_written_to_a_log_is_plain_lines_every_so_often(monkeypatch):
     assert log.getvalue().splitlines()[1].startswith("task b 1/2, ")
 
 
-def test_a_run_without_tensorboard_names_no_tensorboard_folder(train_data, tmp_path, capsys):
+def test_a_run_names_its_tensorboard_folder_only_when_it_wrote_one(train_data, tmp_path, capsys):
     from conftest import pretrain_args
 
-    out = tmp_path / "run"
-    assert main(pretrain_args(train_data, out, "pairs_clean.csv") + ["--max-steps", "1", "--set", "tensorboard=false",
-                                                                    "--set", "save_every=1"]) == 0
-    said = "".join(capsys.readouterr().out.split())  # rich folds long paths: every space and break taken out
-    assert not (out / "tensorboard").exists()
-    assert str(out / "loss_curves.png") in said and str(out / "tensorboard") not in said
+    for board in (False, True):
+        out = tmp_path / f"run-{board}"
+        assert main(pretrain_args(train_data, out, "pairs_clean.csv") + [
+            "--max-steps", "1", "--set", f"tensorboard={str(board).lower()}", "--set", "save_every=1"]) == 0
+        said = "".join(capsys.readouterr().out.split())  # rich folds long paths: every space and break taken out
+        assert (out / "tensorboard").is_dir() == board
+        assert str(out / "loss_curves.png") in said and (str(out / "tensorboard") in said) == board
