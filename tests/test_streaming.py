@@ -1093,3 +1093,21 @@ def test_an_unfinished_prepare_is_named_and_finished_only_from_its_own_inputs(tr
     assert cli(args) == 2
     assert re.search(r"holds finished shards prepared from other inputs .*; prepare into a new directory \(or remove "
                      "this one to prepare it again\)", " ".join(capsys.readouterr().err.split()))
+
+
+def test_a_local_folder_without_an_index_is_sized_by_its_shards_bytes(tmp_path):
+    # Mixing weighs plain paths by their size: one short shard that sorts first (a re-cut tail,
+    # a last upload) had sized a folder of 2 + 3 x 12 records at 8.
+    from flava.data.registry import estimated_size
+
+    rng = np.random.default_rng(0)
+    tmp_path.mkdir(exist_ok=True)
+    for k, per in enumerate((2, 12, 12, 12)):
+        with tarfile.open(tmp_path / f"shard-{k:03d}.tar", "w") as tar:
+            for i in range(per):  # photographs' worth of bytes: a tar's padding is a small share
+                for ext, data in (("jpg", rng.bytes(64_000)), ("txt", b"a caption")):
+                    info = tarfile.TarInfo(f"{k:03d}{i:04d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    source = open_source("pairs", str(tmp_path))
+    assert len(source.shards) == 4 and abs(estimated_size(source) - 38) <= 3, estimated_size(source)

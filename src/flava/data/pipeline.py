@@ -646,8 +646,8 @@ class KindStream:
         self.weights = np.array(weights, dtype=float) / total
         self.estimated = estimated
         """Whether the weights are the sources' sizes as estimated at start (`registry.estimated_size`),
-        which a resume takes from the state instead: shards without an index are sized by their first,
-        which may since have changed."""
+        which a resume takes from the state instead: shards without an index are sized from their
+        first, which may since have changed."""
         self.draws = 0
 
     def next_batch(self):

@@ -111,14 +111,20 @@ def demo_source(kind: Kind) -> Source:
 
 
 def estimated_size(source: Source) -> int:
-    """Samples in a source: known from an index or a table, else its shard count times the
-    records of its first shard."""
+    """Samples in a source: known from an index or a table, else the records of its first shard
+    scaled to all of them: by their bytes where those are known at no cost (local files, which a
+    short or a re-cut shard may make unlike the first), else by their count."""
     if source.known_size is not None:
         return source.known_size
+    from .shards import size_of
     from .sources import open_waiting
 
     # Waited for: a source weighed by a store's outage would be mixed wrongly for the whole run.
-    return max(1, len(open_waiting(source.shards[0]).records)) * len(source.shards)
+    first = max(1, len(open_waiting(source.shards[0]).records))
+    sizes = [size_of(u) if isinstance(u := getattr(s, "url", None), str) else None for s in source.shards]
+    if all(sizes) and sizes:
+        return max(1, round(first * sum(sizes) / sizes[0]))
+    return first * len(source.shards)
 
 
 def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, rank: int = 0, world: int = 1,

@@ -259,7 +259,8 @@ def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int,
                        outage_s: float = OUTAGE_S) -> torch.Tensor:
     """The fixed sample scored before and after training: up to `wanted` center crops from every
     source in proportion to its size, each image once (sizes of local shards without an index are
-    estimated from their first; remote ones, which would be fetched for it, count as `wanted`).
+    estimated from their first and their bytes; remote ones, which would be fetched for it, count
+    as `wanted`).
     One batch drawn by weight took it all from one source, and 512 from 60 images repeated them."""
     sizes = [s.known_size if s.known_size is not None else
              wanted if is_remote(str(getattr(s.shards[0], "url", ""))) else estimated_size(s) for s in sources]
