@@ -1,19 +1,24 @@
 """DINO's multi-crop augmentation (the image-dino stage's loader work per image) against an earlier
-commit's, in one process on the same photographs and seeds: images per core-second, and how far
-the crops moved (mean absolute difference in pixel levels, the same seeds).
+commit's, in one process on the same JPEGs and seeds: images per core-second, and how far the
+crops moved (mean absolute difference in pixel levels, the same seeds).
 
-    python benchmarks/multicrop.py [--baseline REV] [--images 24] [--rounds 5] [--loader]
+    python benchmarks/multicrop.py [--baseline REV] [--images 24] [--rounds 5] [--side 256] [--loader]
 
-The photographs are benchmarks/loader.py's (scikit-image's colour photographs, shorter side 256).
-Two 224-px global crops and eight 96-px local ones per image, one thread, as a loader worker runs.
-Ours is timed three ways: coloured in the worker (a CPU run), the worker's share when the colour
-steps run on the device (a GPU run: crops alone), and those steps batched (64 images) on this CPU.
+The images are benchmarks/loader.py's photographs (scikit-image's), resized to `--side` pixels on
+their shorter side and stored as JPEGs (quality 90): each is read as a loader worker reads a
+record, through each commit's `MultiCropMaker`, decoding included. Two 224-px global crops and
+eight 96-px local ones per image, one thread, as a loader worker runs. Ours is timed three ways:
+coloured in the worker (a CPU run), the worker's share when the colour steps run on the device (a
+GPU run: decoding and crops alone), and those steps batched (64 images) on this CPU.
+`--loader` also times ours through the loader with one worker, both ways (benchmarks/loader.py's
+shards read as images, batch 32): images/s and the training process's CPU ms a batch.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import sys
 import tempfile
 import time
@@ -27,13 +32,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from loader import PHOTOS, baseline_package, make_shards, photo_dir  # noqa: E402
 
 
-def photographs(n: int) -> list[Image.Image]:
+def jpegs(n: int, side: int) -> list[bytes]:
+    """`n` photographs with `side` pixels on their shorter side, as JPEG files' bytes."""
     out = []
     for i in range(n):
         with Image.open(photo_dir() / PHOTOS[i % len(PHOTOS)]) as im:
             im = im.convert("RGB")
-        f = 256 / min(im.size)
-        out.append(im.resize((round(im.width * f), round(im.height * f)), Image.BICUBIC))
+        f = side / min(im.size)
+        buf = io.BytesIO()
+        im.resize((round(im.width * f), round(im.height * f)), Image.BICUBIC).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
     return out
 
 
@@ -68,45 +76,47 @@ def main() -> int:
     ap.add_argument("--baseline", default="HEAD~1", help="git revision of the augmentation to compare with")
     ap.add_argument("--images", type=int, default=24)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--side", type=int, default=256, help="the JPEGs' shorter side in pixels")
     ap.add_argument("--loader", action="store_true", help="also time ours through the loader, 1 worker")
     ap.add_argument("--root", default="/tmp/flava_loader_bench/shards", help="where --loader's shards are (made once)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    images = photographs(args.images)
-    modules = {"ours": importlib.import_module("flava.data.multicrop"),
-               f"baseline {args.baseline}": importlib.import_module(
-                   baseline_package(args.baseline, Path(tempfile.mkdtemp(prefix="flava-multicrop-")))
-                   + ".data.multicrop")}
-    specs = {name: m.MultiCropSpec(224, 96) for name, m in modules.items()}
+    data = jpegs(args.images, args.side)
+    packages = {"ours": "flava", f"baseline {args.baseline}": baseline_package(
+        args.baseline, Path(tempfile.mkdtemp(prefix="flava-multicrop-")))}
+    makers, records = {}, {}
+    for name, package in packages.items():
+        spec = importlib.import_module(package + ".data.multicrop").MultiCropSpec(224, 96)
+        makers[name] = importlib.import_module(package + ".data.samples").MultiCropMaker(spec, 0)
+        blob = importlib.import_module(package + ".data.members").Blob  # each package reads its own records
+        records[name] = [blob(b, ".jpg") for b in data]
+    (ours, base), spec = packages, makers["ours"].spec
     # Ours with the colour steps in the worker, ours with the crops alone (the steps on the device), the baseline.
-    ways = {"ours": ("ours", {}), "ours, crops alone": ("ours", {"coloured": False}),
-            f"baseline {args.baseline}": (f"baseline {args.baseline}", {})}
-    rates: dict[str, list[float]] = {way: [] for way in ways}
+    makers["ours, crops alone"], records["ours, crops alone"] = type(makers[ours])(spec, 0, colour_on_device=True), \
+        records[ours]
+    rates: dict[str, list[float]] = {way: [] for way in makers}
     for _ in range(args.rounds):  # alternated, medians: a shared host's drift reaches both alike
-        for way, (name, kw) in ways.items():
-            m = modules[name]
+        for way, maker in makers.items():
             start = time.process_time()
-            for i, image in enumerate(images):
-                m.multi_crop(image, specs[name], np.random.default_rng([0, i]), **kw)
-            rates[way].append(len(images) / (time.process_time() - start))
-    ours_m = modules["ours"]
-    rngs = [np.random.default_rng([0, i]) for i in range(64)]
-    raw = ours_m.collate_multicrop([ours_m.multi_crop(images[i % len(images)], specs["ours"], rng, coloured=False)
-                                    for i, rng in enumerate(rngs)])
+            for i, image in enumerate(records[way]):
+                maker("images", image, (i,))
+            rates[way].append(len(data) / (time.process_time() - start))
+    raw = makers[ours].collate("images", [makers["ours, crops alone"]("images", records[ours][i % len(data)], (i,))
+                                          for i in range(64)])
     batched = []
     for _ in range(args.rounds):
         start = time.process_time()
         raw.to("cpu")
         batched.append(64 / (time.process_time() - start))
-    (ours, a), (base, b) = ((name, modules[name]) for name in modules)
     diffs = []
-    for i, image in enumerate(images):
-        x, y = (m.multi_crop(image, specs[n], np.random.default_rng([0, i])) for n, m in ((ours, a), (base, b)))
-        std = torch.tensor(specs[ours].std).view(1, 3, 1, 1) * 255  # normalised back to pixel levels
+    for i in range(len(data)):
+        x, y = (makers[name]("images", records[name][i], (i,)) for name in (ours, base))
+        std = torch.tensor(spec.std).view(1, 3, 1, 1) * 255  # normalised back to pixel levels
         diffs += [((x.global_crops - y.global_crops).abs() * std).mean().item(),
                   ((x.local_crops - y.local_crops).abs() * std).mean().item()]
     med = {name: float(np.median(r)) for name, r in rates.items()}
-    print(f"multi-crop (2 x 224 + 8 x 96 px), {args.images} photographs, {args.rounds} rounds, one thread:")
+    print(f"multi-crop (2 x 224 + 8 x 96 px), {args.images} JPEGs of {args.side} px (shorter side), {args.rounds} "
+          "rounds, one thread, decoding included:")
     for name, r in med.items():
         print(f"  {name:24s} {r:7.1f} images per core-second ({1e3 / r:.1f} ms an image)")
     r = float(np.median(batched))

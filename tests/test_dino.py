@@ -445,6 +445,44 @@ def test_crops_coloured_on_their_way_to_the_device_are_the_workers_crops():
     assert torch.allclose(on.local_crops, want.local_crops, atol=1e-5)
 
 
+def test_multi_crops_of_a_stored_jpeg_decode_it_at_the_scale_its_crops_need():
+    # A stored image is decoded by the loader's JPEG path: at full scale where a crop needs it (the
+    # very pixels of the image decoded whole), at a reduced DCT scale where every crop still gets
+    # its size in pixels (a web-sized photograph), with the same choices either way.
+    import io as _io
+
+    import skimage.data
+
+    from flava.data import decode
+    from flava.data.members import Blob
+
+    for side, reduced, spec in ((96, False, MultiCropSpec(64, 32, local_crops=3)),
+                                (768, True, MultiCropSpec(224, 96, local_crops=3))):
+        im = Image.fromarray(skimage.data.astronaut()).resize((side * 4 // 3, side), Image.BICUBIC)
+        buf = _io.BytesIO()
+        im.save(buf, "JPEG", quality=92)
+        stored = Blob(buf.getvalue(), ".jpg")
+        decoded = []
+        real = decode.decode_rgb
+
+        def spy(ref, draft=None):
+            decoded.append(real(ref, draft).shape[:2])
+            return real(ref, draft)
+        try:
+            decode.decode_rgb = spy
+            got = multi_crop(stored, spec, np.random.default_rng([2, side]), coloured=False)
+        finally:
+            decode.decode_rgb = real
+        whole = multi_crop(np.array(Image.open(_io.BytesIO(buf.getvalue())).convert("RGB")), spec,
+                           np.random.default_rng([2, side]), coloured=False)
+        assert (decoded[0][0] < side) == reduced, (side, decoded)
+        assert torch.equal(got.global_colour, whole.global_colour) and torch.equal(got.local_colour, whole.local_colour)
+        gap = (got.global_crops.float() - whole.global_crops.float()).abs().mean()
+        local = (got.local_crops.float() - whole.local_crops.float()).abs().mean()
+        # The same picture, within JPEG's own error (2.3 levels here, where the decode is scaled).
+        assert (gap == 0 and local == 0) if not reduced else (0 < gap < 4 and local < 4), (side, gap, local)
+
+
 def test_hue_turned_by_half_a_turn_turns_red_to_cyan():
     red = torch.tensor([255, 0, 0], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 4, 4)
     row = torch.zeros(1, mc.COLOUR_ROW)

@@ -93,27 +93,38 @@ def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
     return np.array(open_image(data, draft))  # a writable copy: torch wraps it
 
 
-def decode_crop(ref: ImageRef, choose: Callable[[int, int], tuple[float, float, float, float]],
-                *sizes: int) -> list[torch.Tensor]:
-    """[3, size, size] uint8 for each size: the box `choose(width, height)` picks (left, top,
-    right, bottom, in pixels of the stored image) resized. The box is chosen from the stored size
-    before decoding, so the choice is the same whatever scale the JPEG is then decoded at: the
-    smallest that still gives the box `max(sizes)` pixels each way."""
-    chosen: list = []
+Box = tuple[float, float, float, float]
+"""(left, top, right, bottom) in pixels."""
+
+
+def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]]) -> tuple[np.ndarray, list[Box]]:
+    """The image as [H, W, 3] uint8 and the boxes `plan(width, height)` picks in it. The plan is
+    made from the stored size before decoding: (box in the stored image's pixels, the side it will
+    be resized to) for each crop. A JPEG is decoded at the smallest of its DCT scales that still
+    gives every box its side in pixels each way, and the boxes are returned in the pixels decoded;
+    the plan is the same whatever that scale is."""
+    planned: list = []
 
     def least(width: int, height: int) -> tuple[int, int]:
-        # Asked again when libjpeg-turbo refuses a JPEG that PIL then decodes: the same box, since
-        # `choose` draws from the sample's generator (and picks prepared crops' targets).
-        if not chosen:
-            chosen[:] = [choose(width, height), (width, height)]
-        left, top, right, bottom = chosen[0]
-        side = max(sizes)
-        return (max(1, math.ceil(width * side / max(right - left, 1e-6))),
-                max(1, math.ceil(height * side / max(bottom - top, 1e-6))))
+        # Asked again when libjpeg-turbo refuses a JPEG that PIL then decodes: the same plan, since
+        # it draws from the sample's generator (and picks prepared crops' targets) once.
+        if not planned:
+            planned[:] = [plan(width, height), (width, height)]
+        boxes = planned[0]
+        return (max([1] + [math.ceil(width * side / max(r - l, 1e-6)) for (l, _, r, _), side in boxes]),
+                max([1] + [math.ceil(height * side / max(b - t, 1e-6)) for (_, t, _, b), side in boxes]))
 
     image = decode_rgb(ref, draft=least)
-    if not chosen:  # an in-memory image: decoded already, no draft was asked
+    if not planned:  # an in-memory image: decoded already, no draft was asked
         least(image.shape[1], image.shape[0])
-    (left, top, right, bottom), (width, height) = chosen
+    boxes, (width, height) = planned
     fx, fy = image.shape[1] / width, image.shape[0] / height
-    return crop_resize(image, (left * fx, top * fy, right * fx, bottom * fy), *sizes)
+    return image, [(left * fx, top * fy, right * fx, bottom * fy) for (left, top, right, bottom), _ in boxes]
+
+
+def decode_crop(ref: ImageRef, choose: Callable[[int, int], Box], *sizes: int) -> list[torch.Tensor]:
+    """[3, size, size] uint8 for each size: the box `choose(width, height)` picks (left, top,
+    right, bottom, in pixels of the stored image) resized, from the image decoded as
+    `decode_boxes` decodes it (the box `max(sizes)` pixels each way)."""
+    image, (box,) = decode_boxes(ref, lambda width, height: [(choose(width, height), max(sizes))])
+    return crop_resize(image, box, *sizes)

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import DataError
+from .decode import Box, decode_boxes
+from .members import ImageRef
 from .transforms import CLIP_MEAN, CLIP_STD, Stats, crop_resize, random_resized_crop_box, to_rgb
 
 # The reference recipe is written for 224 px global crops; blur radii scale from there.
@@ -125,13 +126,12 @@ JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
 """Brightness, contrast and saturation factors and the hue shift (of a turn): DINO's ColorJitter(0.4, 0.4, 0.2, 0.1)."""
 
 
-def _crop(image: np.ndarray, size: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
-          spec: MultiCropSpec, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
-    """A crop's uint8 pixels, resized and flipped, and its colour row."""
-    left, top, w, h = random_resized_crop_box(image.shape[1], image.shape[0], rng, scale)
-    (pixels,) = crop_resize(image, (left, top, left + w, top + h), size)
-    if rng.random() < 0.5:
-        pixels = pixels.flip(-1)
+def _draw(width: int, height: int, scale: tuple[float, float], blur_p: float, solarize_p: float,
+          spec: MultiCropSpec, rng: np.random.Generator) -> tuple[Box, bool, np.ndarray]:
+    """A crop's choices, drawn in DINO's order: its box (in the stored image's pixels), whether it
+    is flipped, and its colour row."""
+    left, top, w, h = random_resized_crop_box(width, height, rng, scale)
+    flip = bool(rng.random() < 0.5)
     row = np.zeros(COLOUR_ROW, dtype=np.float32)
     if rng.random() < 0.8:
         row[JITTER] = 1
@@ -142,20 +142,33 @@ def _crop(image: np.ndarray, size: int, scale: tuple[float, float], blur_p: floa
         row[SIGMA] = rng.uniform(*spec.blur_radius)
     if solarize_p and rng.random() < solarize_p:
         row[SOLARIZE] = 1
-    return pixels, row
+    return (left, top, left + w, top + h), flip, row
 
 
-def multi_crop(image: Image.Image | np.ndarray, spec: MultiCropSpec, rng: np.random.Generator,
+def multi_crop(image: ImageRef | np.ndarray, spec: MultiCropSpec, rng: np.random.Generator,
                coloured: bool = True) -> MultiCropSample:
-    """Two global and `spec.local_crops` local crops of `image`, every choice drawn from `rng`.
-    `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where the batch goes."""
-    image = np.array(to_rgb(image))  # writable: torch reads it
+    """Two global and `spec.local_crops` local crops of `image` (a stored image, decoded here at the
+    smallest DCT scale that still gives every crop its size; or one in memory), every choice drawn
+    from `rng`. `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where
+    the batch goes."""
     g, loc = spec.global_size, spec.local_size
-    crops = [_crop(image, g, spec.global_scale, 1.0, 0.0, spec, rng),
-             _crop(image, g, spec.global_scale, 0.1, 0.2, spec, rng),
-             *(_crop(image, loc, spec.local_scale, 0.5, 0.0, spec, rng) for _ in range(spec.local_crops))]
-    pixels, rows = zip(*crops)
-    rows = torch.from_numpy(np.stack(rows))
+    kinds = [(g, spec.global_scale, 1.0, 0.0), (g, spec.global_scale, 0.1, 0.2),
+             *[(loc, spec.local_scale, 0.5, 0.0)] * spec.local_crops]
+    drawn: list = []
+
+    def plan(width: int, height: int) -> list[tuple[Box, int]]:
+        drawn[:] = [_draw(width, height, *k[1:], spec, rng) for k in kinds]
+        return [(box, k[0]) for (box, _, _), k in zip(drawn, kinds)]
+    if isinstance(image, np.ndarray):
+        arr = np.array(to_rgb(image))  # writable: torch reads it
+        boxes = [box for box, _ in plan(arr.shape[1], arr.shape[0])]
+    else:
+        arr, boxes = decode_boxes(image, plan)
+    pixels = []
+    for box, (_, flip, _), (size, *_) in zip(boxes, drawn, kinds):
+        (crop,) = crop_resize(arr, box, size)
+        pixels.append(crop.flip(-1) if flip else crop)
+    rows = torch.from_numpy(np.stack([row for _, _, row in drawn]))
     local = torch.stack(pixels[2:]) if spec.local_crops else torch.empty(0, 3, loc, loc, dtype=torch.uint8)
     sample = MultiCropSample(torch.stack(pixels[:2]), local, rows[:2], rows[2:])
     return sample.coloured(spec.mean, spec.std) if coloured else sample

@@ -13,7 +13,7 @@ import torch
 from ..config import FlavaConfig, ObjectivesConfig
 from ..errors import DataError
 from .batch import IGNORE_INDEX, ImageBatch, PairBatch, TextBatch, attention_mask, pad_rows
-from .decode import decode_crop, open_image
+from .decode import decode_crop
 from .masking import BlockMasking, TextMasking
 from .members import BadSample
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
@@ -136,7 +136,7 @@ class MultiCropMaker:
         if kind != "images":
             raise DataError(f"DINO trains on images; it got a {kind} source")
         rng = np.random.default_rng([self.seed, *key])
-        return multi_crop(open_image(record.image if isinstance(record, ImageRecord) else record), self.spec, rng,
+        return multi_crop(record.image if isinstance(record, ImageRecord) else record, self.spec, rng,
                           coloured=not self.colour_on_device)
 
     def collate(self, kind: str, samples: list) -> MultiCropBatch:
