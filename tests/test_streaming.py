@@ -1111,3 +1111,36 @@ def test_a_local_folder_without_an_index_is_sized_by_its_shards_bytes(tmp_path):
                     tar.addfile(info, io.BytesIO(data))
     source = open_source("pairs", str(tmp_path))
     assert len(source.shards) == 4 and abs(estimated_size(source) - 38) <= 3, estimated_size(source)
+
+
+def test_prepare_decodes_a_large_jpeg_at_the_scale_its_size_needs():
+    # A 2048-px photograph decoded whole took most of prepare's time for it: now at the DCT scale
+    # that still leaves twice the size asked, resized to the size the stored image gives, within
+    # a level or two of resizing the whole decode.
+    import skimage.data
+
+    import flava.data.prepare as prepare
+    from flava.data import decode
+    from flava.data.members import Blob
+
+    im = Image.fromarray(skimage.data.astronaut()).resize((2731, 2048), Image.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    decoded = []
+    real = prepare.decode_rgb
+
+    def spy(ref, draft=None):
+        out = real(ref, draft)
+        decoded.append(out.shape[:2])
+        return out
+    try:
+        prepare.decode_rgb = spy
+        got = prepare._resized(Blob(buf.getvalue(), ".jpg"), 256)
+    finally:
+        prepare.decode_rgb = real
+    assert decoded == [(512, 683)]  # 1/4 scale: the smallest whose shorter side keeps 2 x 256 pixels
+    want = decode.open_image(Blob(buf.getvalue(), ".jpg")).resize((341, 256), Image.BICUBIC)  # 2731 * 256 / 2048
+    assert got.size == want.size == (341, 256)
+    assert 0 < np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean() < 2
+    small = Image.new("RGB", (200, 150))
+    assert prepare._resized(small, 256).size == (200, 150)  # smaller ones as they are

@@ -19,6 +19,7 @@ import collections
 import html
 import io
 import json
+import math
 import os
 import queue
 import re
@@ -38,7 +39,7 @@ from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
 from ..io.locks import hold
 from ..io.runs import LOCK
-from .decode import open_image
+from .decode import decode_rgb
 from .members import BadSample
 from .sources import ImageRecord, PairRecord, RecordShard, Source, open_shard, read_caption
 from .shards import is_remote
@@ -108,14 +109,32 @@ def _crop_boxes(w: int, h: int, n: int, scale_min: float, rng: np.random.Generat
     return np.asarray(boxes, dtype=np.float32)
 
 
-def _resized(image, size: int):
+REDUCING_GAP = 2.0
+
+
+def _resized(ref, size: int):
+    """The image `ref` with `size` pixels on its shorter side (smaller ones as they are). A large
+    JPEG is decoded at the smallest of its n/8 DCT scales that still leaves twice that (a
+    12-megapixel photograph decoded whole took most of a record's time); the output's size is the
+    stored image's scaled, whatever scale it was decoded at."""
     from PIL import Image
 
-    short = min(image.width, image.height)
+    stored: list[int] = []
+
+    def least(width: int, height: int) -> tuple[int, int]:
+        stored[:] = [width, height]
+        # Twice the size asked, as Pillow's thumbnail (its reducing_gap): the resize then still
+        # filters, and the result stays within a level or two of resizing the whole decode.
+        f = min(1.0, REDUCING_GAP * size / max(1, min(width, height)))
+        return max(1, math.ceil(width * f)), max(1, math.ceil(height * f))
+
+    image = Image.fromarray(decode_rgb(ref, draft=least))
+    width, height = stored or image.size
+    short = min(width, height)
     if short <= size:
         return image
     f = size / short
-    return image.resize((max(1, round(image.width * f)), max(1, round(image.height * f))), Image.BICUBIC)
+    return image.resize((max(1, round(width * f)), max(1, round(height * f))), Image.BICUBIC)
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -181,7 +200,7 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
                 ref = record.image if isinstance(record, ImageRecord) else record
                 if isinstance(record, ImageRecord) and record.label >= 0:
                     parts["cls"] = str(record.label).encode()
-            image = _resized(open_image(ref), settings.size)
+            image = _resized(ref, settings.size)
         except BadSample as e:
             dropped[e.kind] += 1
             continue
