@@ -36,7 +36,8 @@ def _image_bytes(ref: Path | Member) -> bytes:
     return data
 
 
-def _check_size(width: int, height: int) -> None:
+def check_size(width: int, height: int) -> None:
+    """BadSample for an image too large to decode or too thin to resize."""
     if width * height > MAX_IMAGE_PIXELS:
         raise BadSample("image too large")
     if extreme_aspect(width, height):
@@ -48,14 +49,14 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
     to the smallest size worth decoding: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the
     DCT domain where that still covers it (libjpeg's scaled decoding, through PIL's draft mode)."""
     if isinstance(ref, Image.Image):
-        _check_size(*ref.size)
+        check_size(*ref.size)
         return to_rgb(ref)
     try:
         data = ref if isinstance(ref, bytes) else _image_bytes(ref)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                _check_size(im.width, im.height)
+                check_size(im.width, im.height)
                 if draft is not None:
                     im.draft("RGB", draft(im.width, im.height))
                 im.load()
@@ -84,7 +85,7 @@ def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
         except ValueError:
             colorspace = None  # PIL says what is wrong with it
         if colorspace in ("YCbCr", "Gray", "RGB"):
-            _check_size(width, height)
+            check_size(width, height)
             least = draft(width, height) if draft is not None else (0, 0)
             try:
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
@@ -109,10 +110,16 @@ def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]
         # Asked again when libjpeg-turbo refuses a JPEG that PIL then decodes: the same plan, since
         # it draws from the sample's generator (and picks prepared crops' targets) once.
         if not planned:
-            planned[:] = [plan(width, height), (width, height)]
+            boxes = plan(width, height)
+            # A prepared crop read from a damaged .npy: counted, not a crash of the decoder.
+            if not all(math.isfinite(v) for box, _ in boxes for v in box) or \
+                    any(r <= l or b <= t for (l, t, r, b), _ in boxes):
+                raise BadSample("unusable crop box")
+            planned[:] = [boxes, (width, height)]
         boxes = planned[0]
-        return (max([1] + [math.ceil(width * side / max(r - l, 1e-6)) for (l, _, r, _), side in boxes]),
-                max([1] + [math.ceil(height * side / max(b - t, 1e-6)) for (_, t, _, b), side in boxes]))
+        # Never more than the stored image: a box a pixel wide asks for no larger a decode.
+        return (min(width, max([1] + [math.ceil(width * side / (r - l)) for (l, _, r, _), side in boxes])),
+                min(height, max([1] + [math.ceil(height * side / (b - t)) for (_, t, _, b), side in boxes])))
 
     image = decode_rgb(ref, draft=least)
     if not planned:  # an in-memory image: decoded already, no draft was asked

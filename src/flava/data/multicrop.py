@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .decode import Box, decode_boxes
+from .decode import Box, check_size, decode_boxes
 from .members import ImageRef
 from .transforms import CLIP_MEAN, CLIP_STD, Stats, crop_resize, random_resized_crop_box, to_rgb
 
@@ -149,7 +149,7 @@ def multi_crop(image: ImageRef | np.ndarray, spec: MultiCropSpec, rng: np.random
                coloured: bool = True) -> MultiCropSample:
     """Two global and `spec.local_crops` local crops of `image` (a stored image, decoded here at the
     smallest DCT scale that still gives every crop its size; or one in memory), every choice drawn
-    from `rng`. `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where
+    from `rng`. An image too large or too thin raises BadSample, as decoding it does. `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where
     the batch goes."""
     g, loc = spec.global_size, spec.local_size
     kinds = [(g, spec.global_scale, 1.0, 0.0), (g, spec.global_scale, 0.1, 0.2),
@@ -161,6 +161,7 @@ def multi_crop(image: ImageRef | np.ndarray, spec: MultiCropSpec, rng: np.random
         return [(box, k[0]) for (box, _, _), k in zip(drawn, kinds)]
     if isinstance(image, np.ndarray):
         arr = np.array(to_rgb(image))  # writable: torch reads it
+        check_size(arr.shape[1], arr.shape[0])  # as a decoded image is
         boxes = [box for box, _ in plan(arr.shape[1], arr.shape[0])]
     else:
         arr, boxes = decode_boxes(image, plan)
