@@ -21,9 +21,10 @@ processes and the references compute alike.
   loader   loader-only samples/s at the host's core count once the workers' queue is drained
            (benchmarks/loader.py's shards and figures)
   dino     the image-dino stage's feed: loader-only images/s of its multi-crops (2 x 224 + 8 x 96
-           px) at the host's cores less one, moved to the device as the trainer moves them, with
-           the colour steps in the workers (as on a CPU) and on the device (a GPU run's), then the
-           real `flava pretrain --set stage=image-dino` at batch 64 (images/s from its metrics.jsonl)
+           px) with 8 workers (a kind's most by default), moved to the device as the trainer moves
+           them, with the colour steps in the workers (as on a CPU) and on the device (a GPU
+           run's), then the real `flava pretrain --set stage=image-dino` at batch 64 (images/s
+           from its metrics.jsonl)
 
     python benchmarks/gpu.py OUT [--quick] [--skip=step,clip] [--fresh] [--back=DIR] [--deadline=EPOCH_S]
 
@@ -476,7 +477,7 @@ def _dino():
     from flava.data.samples import MultiCropMaker
 
     cores = os.cpu_count() or 2
-    workers = max(1, cores - 1)
+    workers = max(1, min(8, cores - 1))  # a kind's default at most; each worker holds 4 batches (shared memory)
     size, local = (64, 32) if QUICK else (224, 96)
     res: dict = {"workers": workers}
     for where, on_device in (("workers", False), ("device", True)):
