@@ -3,8 +3,9 @@
 The folder holds benchmarks/loader.py's photographs (scikit-image's) resized to `--side` pixels
 on their shorter side and stored as JPEGs (quality 90), as cameras and web crawls give them.
 Each commit's `flava prepare --images DIR --size 256 --workers 1` runs in a fresh process, in
-turn for `--rounds` rounds: images a second (the command's wall time, start-up included, and its
-report's count), and how far the prepared images moved (mean absolute difference in pixel levels).
+turn for `--rounds` rounds: images a second (the folder's images over the command's wall time,
+start-up included), and how far the prepared images moved (mean absolute difference in pixel
+levels, after each command's JPEG encoding of its output).
 
     python benchmarks/prepare_images.py [--baseline REV] [--images 48] [--side 2048] [--rounds 2]
 """

@@ -1101,7 +1101,6 @@ def test_a_local_folder_without_an_index_is_sized_by_its_shards_bytes(tmp_path):
     from flava.data.registry import estimated_size
 
     rng = np.random.default_rng(0)
-    tmp_path.mkdir(exist_ok=True)
     for k, per in enumerate((2, 12, 12, 12)):
         with tarfile.open(tmp_path / f"shard-{k:03d}.tar", "w") as tar:
             for i in range(per):  # photographs' worth of bytes: a tar's padding is a small share
@@ -1111,36 +1110,52 @@ def test_a_local_folder_without_an_index_is_sized_by_its_shards_bytes(tmp_path):
                     tar.addfile(info, io.BytesIO(data))
     source = open_source("pairs", str(tmp_path))
     assert len(source.shards) == 4 and abs(estimated_size(source) - 38) <= 3, estimated_size(source)
+    # Where a shard's bytes say nothing, its count stands: a first shard of no usable record ...
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        info = tarfile.TarInfo("0000000.jpg")
+        info.size = 64_000
+        tar.addfile(info, io.BytesIO(rng.bytes(64_000)))  # an image without its caption
+    assert estimated_size(open_source("pairs", str(tmp_path))) == 4
+    # ... and lines of text files, each cut into byte ranges of its own: each range's bytes.
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("".join(f"line of text {i:08d}\n" for i in range(10)))
+    (text / "b.txt").write_text("".join(f"line of text {i:08d}\n" for i in range(500_000)))  # 11 MB: 2 ranges
+    source = open_source("text", str(text))
+    assert len(source.shards) == 3 and abs(estimated_size(source) - 500_010) <= 5_000, estimated_size(source)
 
 
 def test_prepare_decodes_a_large_jpeg_at_the_scale_its_size_needs():
-    # A 2048-px photograph decoded whole took most of prepare's time for it: now at the DCT scale
-    # that still leaves twice the size asked, resized to the size the stored image gives, within
-    # a level or two of resizing the whole decode.
+    # A 2999 x 2049 photograph decoded whole took most of prepare's time for it: now at the DCT
+    # scale that still leaves twice the size asked (1/4), resized from the stored image's extent
+    # in it (a scaled decode's last pixel is part of one) to the size the stored image gives.
     import skimage.data
 
     import flava.data.prepare as prepare
     from flava.data import decode
     from flava.data.members import Blob
 
-    im = Image.fromarray(skimage.data.astronaut()).resize((2731, 2048), Image.BICUBIC)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=90)
+    def jpeg(w, h, mode="RGB"):
+        buf = io.BytesIO()
+        Image.fromarray(skimage.data.astronaut()).resize((w, h), Image.BICUBIC).convert(mode).save(buf, "JPEG",
+                                                                                              quality=90)
+        return Blob(buf.getvalue(), ".jpg")
+
     decoded = []
-    real = prepare.decode_rgb
+    real = prepare.decode
 
     def spy(ref, draft=None):
         out = real(ref, draft)
-        decoded.append(out.shape[:2])
+        decoded.append(out.shape[:2] if isinstance(out, np.ndarray) else out.size[::-1])
         return out
+    big, cmyk, small = jpeg(2999, 2049), jpeg(2999, 2049, "CMYK"), jpeg(300, 200)
     try:
-        prepare.decode_rgb = spy
-        got = prepare._resized(Blob(buf.getvalue(), ".jpg"), 256)
+        prepare.decode = spy
+        got, by_pil, as_is = (prepare._resized(b, 256) for b in (big, cmyk, small))
     finally:
-        prepare.decode_rgb = real
-    assert decoded == [(512, 683)]  # 1/4 scale: the smallest whose shorter side keeps 2 x 256 pixels
-    want = decode.open_image(Blob(buf.getvalue(), ".jpg")).resize((341, 256), Image.BICUBIC)  # 2731 * 256 / 2048
-    assert got.size == want.size == (341, 256)
-    assert 0 < np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean() < 2
-    small = Image.new("RGB", (200, 150))
-    assert prepare._resized(small, 256).size == (200, 150)  # smaller ones as they are
+        prepare.decode = real
+    assert decoded[0] == (513, 750)  # 1/4: the smallest n/8 scale whose shorter side keeps 2 x 256 pixels
+    want = decode.open_image(big).resize((375, 256), Image.BICUBIC)  # 2999 x 256 / 2049 = 374.7
+    assert got.size == want.size == by_pil.size == (375, 256)  # libjpeg-turbo's and PIL's (CMYK) decodes alike
+    assert np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean() < 0.6
+    assert as_is.size == (300, 200) and np.array_equal(np.asarray(as_is), np.asarray(decode.open_image(small)))

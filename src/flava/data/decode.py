@@ -69,13 +69,11 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
         raise BadSample("unreadable image") from None
 
 
-def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray:
-    """[H, W, 3] uint8 RGB, as `open_image` gives, faster for JPEGs: libjpeg-turbo through
-    simplejpeg (the same pixels as PIL, without PIL's per-image overheads; with `draft`, the
-    smallest of its n/8 DCT scales that still covers the request). Other formats, and JPEGs it
-    does not read (CMYK), go through PIL."""
+def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray | Image.Image:
+    """The image as `decode_rgb` decodes it, in the form its decoder gives: a [H, W, 3] uint8 array
+    from libjpeg-turbo, or an RGB PIL image (other formats, and JPEGs libjpeg-turbo does not read)."""
     if isinstance(ref, Image.Image):
-        return np.array(open_image(ref))
+        return open_image(ref)
     data = _image_bytes(ref)
     if data[:2] == b"\xff\xd8":
         import simplejpeg
@@ -91,7 +89,26 @@ def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
                 return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
             except ValueError:
                 pass
-    return np.array(open_image(data, draft))  # a writable copy: torch wraps it
+    return open_image(data, draft)
+
+
+def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray:
+    """[H, W, 3] uint8 RGB, as `open_image` gives, faster for JPEGs: libjpeg-turbo through
+    simplejpeg (the same pixels as PIL, without PIL's per-image overheads; with `draft`, the
+    smallest of its n/8 DCT scales that still covers the request). Other formats, and JPEGs it
+    does not read (CMYK), go through PIL."""
+    image = decode(ref, draft)
+    return image if isinstance(image, np.ndarray) else np.array(image)  # a writable copy: torch wraps it
+
+
+def dct_scale(width: int, height: int, decoded_width: int, decoded_height: int) -> tuple[float, float]:
+    """The scale a stored (width, height) image was decoded at, each way: a JPEG's n/8, whose last
+    pixel libjpeg rounds up from a part of one (so decoded / stored is slightly more than the
+    scale, and a box scaled by it would stretch towards the right and bottom edges)."""
+    for n in range(1, 9):
+        if (math.ceil(width * n / 8), math.ceil(height * n / 8)) == (decoded_width, decoded_height):
+            return n / 8, n / 8
+    return decoded_width / width, decoded_height / height
 
 
 Box = tuple[float, float, float, float]
@@ -125,7 +142,7 @@ def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]
     if not planned:  # an in-memory image: decoded already, no draft was asked
         least(image.shape[1], image.shape[0])
     boxes, (width, height) = planned
-    fx, fy = image.shape[1] / width, image.shape[0] / height
+    fx, fy = dct_scale(width, height, image.shape[1], image.shape[0])
     return image, [(left * fx, top * fy, right * fx, bottom * fy) for (left, top, right, bottom), _ in boxes]
 
 

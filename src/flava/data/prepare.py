@@ -39,7 +39,7 @@ from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
 from ..io.locks import hold
 from ..io.runs import LOCK
-from .decode import decode_rgb
+from .decode import dct_scale, decode
 from .members import BadSample
 from .sources import ImageRecord, PairRecord, RecordShard, Source, open_shard, read_caption
 from .shards import is_remote
@@ -128,13 +128,17 @@ def _resized(ref, size: int):
         f = min(1.0, REDUCING_GAP * size / max(1, min(width, height)))
         return max(1, math.ceil(width * f)), max(1, math.ceil(height * f))
 
-    image = Image.fromarray(decode_rgb(ref, draft=least))
+    image = decode(ref, draft=least)
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     width, height = stored or image.size
     short = min(width, height)
     if short <= size:
         return image
     f = size / short
-    return image.resize((max(1, round(width * f)), max(1, round(height * f))), Image.BICUBIC)
+    # The stored image's extent in the pixels decoded: a scaled decode's last pixel is part of one.
+    sx, sy = dct_scale(width, height, *image.size)
+    return image.resize((max(1, round(width * f)), max(1, round(height * f))), Image.BICUBIC,
+                        box=(0, 0, min(image.width, width * sx), min(image.height, height * sy)))
 
 
 def _npy(a: np.ndarray) -> bytes:

@@ -116,15 +116,34 @@ def estimated_size(source: Source) -> int:
     short or a re-cut shard may make unlike the first), else by their count."""
     if source.known_size is not None:
         return source.known_size
-    from .shards import size_of
     from .sources import open_waiting
 
     # Waited for: a source weighed by a store's outage would be mixed wrongly for the whole run.
-    first = max(1, len(open_waiting(source.shards[0]).records))
-    sizes = [size_of(u) if isinstance(u := getattr(s, "url", None), str) else None for s in source.shards]
-    if all(sizes) and sizes:
+    first = len(open_waiting(source.shards[0]).records)
+    sizes = [_bytes(s) for s in source.shards]
+    # Bytes stand for records only among shards stored alike (not a compressed file beside plain
+    # ones) and where the first holds any (a first shard of bad records says nothing of its bytes).
+    alike = len({_suffix(getattr(s, "url", "")) for s in source.shards}) == 1
+    if first and alike and all(sizes):
         return max(1, round(first * sum(sizes) / sizes[0]))
-    return first * len(source.shards)
+    return max(1, first) * len(source.shards)
+
+
+def _bytes(shard) -> int | None:
+    """A shard's bytes where they are known at no cost: a local file's, or its byte range's."""
+    from .shards import size_of
+
+    url = getattr(shard, "url", None)
+    if not isinstance(url, str):
+        return None
+    if getattr(shard, "end", None) is not None:  # a range of lines of a local text file
+        return shard.end - shard.start
+    return size_of(url)
+
+
+def _suffix(url: str) -> str:
+    name = url.rsplit("/", 1)[-1].lower()
+    return name.rsplit(".", 1)[-1] if "." in name else ""
 
 
 def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, rank: int = 0, world: int = 1,

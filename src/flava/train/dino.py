@@ -95,9 +95,19 @@ class DinoStage(Stage):
         if cfg.dino.steps_per_epoch:
             self.steps_per_epoch = cfg.dino.steps_per_epoch
             return
-        size = sum(estimated_size(s.source) for s in streams["images"].streams)
-        per_step = cfg.data.batch_size * world * cfg.optim.grad_accumulation
-        self.steps_per_epoch = max(1, size // per_step)
+        self._per_step = cfg.data.batch_size * world * cfg.optim.grad_accumulation
+        self._epoch_samples = sum(estimated_size(s.source) for s in streams["images"].streams)
+        self.steps_per_epoch = max(1, self._epoch_samples // self._per_step)
+
+    def state_dict(self) -> dict:
+        # The epoch's samples as estimated at the run's start: a resumed run keeps its schedules'
+        # pace though its shards, or how they are sized, changed since.
+        return {} if self.cfg.dino.steps_per_epoch else {"epoch_samples": self._epoch_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "epoch_samples" in state and not self.cfg.dino.steps_per_epoch:
+            self._epoch_samples = int(state["epoch_samples"])
+            self.steps_per_epoch = max(1, self._epoch_samples // self._per_step)
 
     def block_stacks(self) -> list[nn.Module]:
         return [self.model.dino.student.backbone.transformer]
