@@ -7,9 +7,10 @@ with p = 0.2 and Gaussian-blurred (p = 1.0 for the first global crop, 0.1 for th
 for local crops); the second global crop is also solarized with p = 0.2. The crops are then
 normalised by the model's pixel statistics (FLAVA's: CLIP's), as its other image inputs are.
 
-The geometry (crop, resize, flip) is per image, in a loader worker; the photometric steps take a
-whole batch of uint8 crops and each crop's drawn choices (a colour row), so on a GPU they run
-there and a worker's share of an image is its crops alone.
+The decoding (at the DCT scale the crops need) and the geometry (crop, resize, flip) are per image,
+in a loader worker; the photometric steps take a whole batch of uint8 crops and each crop's drawn
+choices (a colour row), so on a GPU they run there and a worker's share of an image is its decoding
+and crops alone.
 
 Every random choice is drawn from the `numpy.random.Generator` passed in, so with the
 pipeline's `default_rng([seed, *position])` a sample's crops are a pure function of
@@ -149,8 +150,8 @@ def multi_crop(image: ImageRef | np.ndarray, spec: MultiCropSpec, rng: np.random
                coloured: bool = True) -> MultiCropSample:
     """Two global and `spec.local_crops` local crops of `image` (a stored image, decoded here at the
     smallest DCT scale that still gives every crop its size; or one in memory), every choice drawn
-    from `rng`. An image too large or too thin raises BadSample, as decoding it does. `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where
-    the batch goes."""
+    from `rng`. An image too large or too thin raises BadSample, as decoding it does.
+    `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where the batch goes."""
     g, loc = spec.global_size, spec.local_size
     kinds = [(g, spec.global_scale, 1.0, 0.0), (g, spec.global_scale, 0.1, 0.2),
              *[(loc, spec.local_scale, 0.5, 0.0)] * spec.local_crops]
