@@ -180,11 +180,11 @@ def _unknown_host(host: str) -> bool:
 def _expand_remote(url: str, suffixes: tuple[str, ...]) -> list[str]:
     if not (url.endswith("/") or any(c in _path_of(url) for c in GLOB_CHARS)):
         return [url]
+    if _IPV6_HOST.search(url) and not url.endswith("/"):
+        raise DataError(f"{url}: a glob is not listed on a host named by its IPv6 address (fsspec's listing reads "
+                        "its brackets as a pattern): name the shards with a brace range such as "
+                        "shards/{00000..00099}.tar, or the folder (ending in /) to take its shards")
     try:
-        if _IPV6_HOST.search(url) and not url.endswith("/"):
-            raise DataError(f"{url}: a glob is not listed on a host named by its IPv6 address (fsspec's listing reads "
-                            "its brackets as a pattern): name the shards with a brace range such as "
-                            "shards/{00000..00099}.tar, or the folder (ending in /) to take its shards")
         fs, path = _filesystem(url)
         found = fs.glob(path) if not url.endswith("/") else fs.ls(path, detail=False)
     except Exception as e:  # each backend raises its own types for refused or missing listings

@@ -135,12 +135,6 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def random_resized_crop(image: Image.Image, size: int, rng: np.random.Generator,
-                        scale: tuple[float, float] = (0.9, 1.0)) -> Image.Image:
-    left, top, w, h = random_resized_crop_box(image.width, image.height, rng, scale)
-    return image.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-
-
 @contextlib.contextmanager
 def single_threaded():
     """torch on one thread inside the block, as in a DataLoader worker: an image's small resizes and
