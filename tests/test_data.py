@@ -563,3 +563,79 @@ def test_an_empty_source_is_refused_not_read_as_the_working_folder(kind, tmp_pat
     (tmp_path / "0.tar").write_bytes(b"")  # what "" would have named: the folder it runs in
     with pytest.raises(DataError, match=f"an empty {kind} source names nothing"):
         open_source(kind, " ")
+
+
+def _sideways(image: Image.Image, orientation: int, fmt: str = "JPEG") -> bytes:
+    """`image` saved with EXIF `orientation` (as a phone stores a photograph taken turned)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_a_photograph_stored_sideways_is_read_upright_as_its_exif_orientation_says(tmp_path):
+    # Every orientation, by libjpeg-turbo (RGB JPEGs) and by PIL (CMYK JPEGs, PNGs), full and at a
+    # reduced DCT scale: the pixels of PIL's exif_transpose, sizes and crop boxes the upright image's.
+    from PIL import ImageOps
+
+    from flava.data.decode import decode_crop, decode_rgb, jpeg_orientation, open_image
+    from flava.data.transforms import crop_resize
+
+    y, x = np.mgrid[0:96, 0:160]
+    stored = Image.fromarray(np.stack([x * 1.5, y * 2.5, x + y], -1).astype(np.uint8))  # 160 wide, 96 high
+    for orientation in range(1, 9):
+        for mode, fmt in (("RGB", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")):
+            path = tmp_path / f"o{orientation}{mode}.{fmt.lower()}"
+            path.write_bytes(_sideways(stored.convert(mode), orientation, fmt))
+            if fmt == "JPEG":
+                assert jpeg_orientation(path.read_bytes()) == orientation
+            with Image.open(path) as im:
+                want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            assert want.shape[:2] == ((96, 160) if orientation < 5 else (160, 96))
+            where = (orientation, mode, fmt)
+            assert np.array_equal(decode_rgb(path), want), where
+            assert np.array_equal(np.asarray(open_image(path)), want), where
+            asked = []
+            half = decode_rgb(path, draft=lambda w, h: asked.append((w, h)) or (w // 2, 1))
+            assert asked == [want.shape[1::-1]], where  # the draft sizes the upright image
+            if fmt == "JPEG":  # 1/2 scale each way: the width asked for decides it
+                assert half.shape[:2] == (want.shape[0] // 2, want.shape[1] // 2), where
+            box = (10.0, 20.0, 70.0, 90.0)  # in the upright image's pixels; 64 px: a whole decode
+            assert torch.equal(decode_crop(path, lambda w, h: box, 64)[0], crop_resize(want.copy(), box, 64)[0]), where
+    assert jpeg_orientation(_sideways(stored, 1)) == 1
+    plain = io.BytesIO()
+    stored.save(plain, "JPEG")
+    assert jpeg_orientation(plain.getvalue()) == 1
+    # A damaged EXIF segment is read as no orientation, not a failed image.
+    broken = bytearray(_sideways(stored, 6))
+    at = broken.index(b"Exif\x00\x00") + 6
+    broken[at:at + 4] = b"XXXX"
+    (tmp_path / "broken.jpg").write_bytes(bytes(broken))
+    assert jpeg_orientation(bytes(broken)) == 1 and decode_rgb(tmp_path / "broken.jpg").shape == (96, 160, 3)
+
+
+def test_inference_and_prepare_see_a_sideways_photograph_upright_and_an_image_in_memory_as_given(tmp_path):
+    import skimage.data
+    from PIL import ImageOps
+
+    import flava.data.prepare as prepare
+    from flava.data.members import Blob
+    from flava.data.processor import Processor
+
+    upright = Image.fromarray(skimage.data.astronaut()).crop((0, 0, 512, 320))
+    data = _sideways(upright.transpose(Image.Transpose.ROTATE_90), 6)  # stored turned, tagged to be turned back
+    (tmp_path / "phone.jpg").write_bytes(data)
+    processor = Processor(image_size=64)
+    with Image.open(tmp_path / "phone.jpg") as im:
+        shown = ImageOps.exif_transpose(im)
+        assert shown.size == (512, 320)
+        assert torch.equal(processor.image(tmp_path / "phone.jpg"), processor.image(shown))
+        # An image in memory is used as it is: the caller holds its pixels (and may have turned them).
+        assert processor.image(im).shape == processor.image(shown).shape
+        assert not torch.equal(processor.image(im), processor.image(shown))
+    # flava prepare writes it upright, without the tag: the same picture whoever reads it.
+    out = prepare._resized(Blob(data, ".jpg"), 160)
+    assert out.size == (256, 160)
+    want = shown.resize((256, 160), Image.BICUBIC)
+    assert np.abs(np.asarray(out, dtype=float) - np.asarray(want, dtype=float)).mean() < 1.0

@@ -1,6 +1,11 @@
 """Decoding images for training and inference: JPEGs by libjpeg-turbo (through simplejpeg) at the
 smallest DCT scale a crop needs, other formats through Pillow; the guards against images too
-large or too thin to decode; a crop chosen from the stored size, cut and resized in one call."""
+large or too thin to decode; a crop chosen from the stored size, cut and resized in one call.
+
+An image read from a file or bytes is turned upright as its EXIF orientation says (a phone's
+photographs are stored sideways with the tag; viewers, browsers, OpenCV and transformers'
+`load_image` show them upright), so sizes and crop boxes here are the upright image's. An
+in-memory PIL image is used as it is: its pixels may have been turned already."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .members import BadSample, Blob, ImageRef, ImageURL, Member, TarMember
 from .transforms import crop_resize, extreme_aspect, to_rgb
@@ -44,10 +49,69 @@ def check_size(width: int, height: int) -> None:
         raise BadSample("extreme aspect ratio")
 
 
+ORIENTATION = 0x0112
+"""The EXIF tag of how the stored pixels are to be shown: 1 as stored; 2-8 flipped or turned."""
+
+
+def _orientation_of(exif: Image.Exif) -> int:
+    value = exif.get(ORIENTATION, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def jpeg_orientation(data: bytes) -> int:
+    """JPEG bytes' EXIF orientation (1 without one). The segments before the image data are
+    walked by their headers (microseconds; the data itself is never scanned), and Pillow reads
+    the EXIF segment where there is one."""
+    i, end = 2, len(data)
+    while i + 4 <= end and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before the marker
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # the image data starts (or ends): EXIF comes before it
+            break
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
+            exif = Image.Exif()
+            try:
+                exif.load(data[i + 4:i + 2 + length])
+            except Exception:  # a damaged EXIF segment (Pillow raises what its parser meets): shown as stored
+                return 1
+            return _orientation_of(exif)
+        i += 2 + length
+    return 1
+
+
+def upright(array: np.ndarray, orientation: int) -> np.ndarray:
+    """[H, W, C] pixels as EXIF `orientation` says they are shown (Pillow's `exif_transpose`),
+    contiguous (torch takes no negative strides)."""
+    turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+              5: lambda a: a.swapaxes(0, 1), 6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+              7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: a.swapaxes(0, 1)[::-1]}.get(orientation)
+    return array if turned is None else np.ascontiguousarray(turned(array))
+
+
+def _upright_draft(draft: Callable[[int, int], tuple[int, int]], orientation: int
+                   ) -> Callable[[int, int], tuple[int, int]]:
+    """`draft`, which sizes the upright image, asked of the stored one (turned a quarter, its
+    width and height swap)."""
+    if orientation < 5:
+        return draft
+
+    def stored(width: int, height: int) -> tuple[int, int]:
+        w, h = draft(height, width)
+        return h, w
+    return stored
+
+
 def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int]] | None = None) -> Image.Image:
-    """Decode to RGB or raise BadSample with the reason. `draft` maps the stored (width, height)
-    to the smallest size worth decoding: a JPEG is then decoded at 1/2, 1/4 or 1/8 scale in the
-    DCT domain where that still covers it (libjpeg's scaled decoding, through PIL's draft mode)."""
+    """Decode to RGB, upright, or raise BadSample with the reason. `draft` maps the upright image's
+    (width, height) to the smallest size worth decoding: a JPEG is then decoded at 1/2, 1/4 or 1/8
+    scale in the DCT domain where that still covers it (libjpeg's scaled decoding, through PIL's
+    draft mode)."""
     if isinstance(ref, Image.Image):
         check_size(*ref.size)
         return to_rgb(ref)
@@ -57,10 +121,11 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 check_size(im.width, im.height)
+                orientation = _orientation_of(im.getexif())
                 if draft is not None:
-                    im.draft("RGB", draft(im.width, im.height))
+                    im.draft("RGB", _upright_draft(draft, orientation)(im.width, im.height))
                 im.load()
-                return to_rgb(im)
+                return to_rgb(im if orientation == 1 else ImageOps.exif_transpose(im))
     except BadSample:
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -84,11 +149,14 @@ def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = 
             colorspace = None  # PIL says what is wrong with it
         if colorspace in ("YCbCr", "Gray", "RGB"):
             check_size(width, height)
-            least = draft(width, height) if draft is not None else (0, 0)
+            orientation = jpeg_orientation(data)
+            least = _upright_draft(draft, orientation)(width, height) if draft is not None else (0, 0)
             try:
-                return simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
+                array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
             except ValueError:
                 pass
+            else:
+                return upright(array, orientation)
     return open_image(data, draft)
 
 
@@ -102,7 +170,7 @@ def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
 
 
 def dct_scale(width: int, height: int, decoded_width: int, decoded_height: int) -> tuple[float, float]:
-    """The scale a stored (width, height) image was decoded at, each way: a JPEG's n/8, whose last
+    """The scale a (width, height) image was decoded at, each way: a JPEG's n/8, whose last
     pixel libjpeg rounds up from a part of one (so decoded / stored is slightly more than the
     scale, and a box scaled by it would stretch towards the right and bottom edges)."""
     for n in range(1, 9):
@@ -117,8 +185,8 @@ Box = tuple[float, float, float, float]
 
 def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]]) -> tuple[np.ndarray, list[Box]]:
     """The image as [H, W, 3] uint8 and the boxes `plan(width, height)` picks in it. The plan is
-    made from the stored size before decoding: (box in the stored image's pixels, the side it will
-    be resized to) for each crop. A JPEG is decoded at the smallest of its DCT scales that still
+    made from the image's size (upright) before decoding: (box in its pixels, the side it will be
+    resized to) for each crop. A JPEG is decoded at the smallest of its DCT scales that still
     gives every box its side in pixels each way, and the boxes are returned in the pixels decoded;
     the plan is the same whatever that scale is."""
     planned: list = []
@@ -148,7 +216,7 @@ def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]
 
 def decode_crop(ref: ImageRef, choose: Callable[[int, int], Box], *sizes: int) -> list[torch.Tensor]:
     """[3, size, size] uint8 for each size: the box `choose(width, height)` picks (left, top,
-    right, bottom, in pixels of the stored image) resized, from the image decoded as
+    right, bottom, in pixels of the upright image) resized, from the image decoded as
     `decode_boxes` decodes it (the box `max(sizes)` pixels each way)."""
     image, (box,) = decode_boxes(ref, lambda width, height: [(choose(width, height), max(sizes))])
     return crop_resize(image, box, *sizes)
