@@ -607,12 +607,20 @@ def test_a_photograph_stored_sideways_is_read_upright_as_its_exif_orientation_sa
     plain = io.BytesIO()
     stored.save(plain, "JPEG")
     assert jpeg_orientation(plain.getvalue()) == 1
-    # A damaged EXIF segment is read as no orientation, not a failed image.
-    broken = bytearray(_sideways(stored, 6))
-    at = broken.index(b"Exif\x00\x00") + 6
-    broken[at:at + 4] = b"XXXX"
-    (tmp_path / "broken.jpg").write_bytes(bytes(broken))
-    assert jpeg_orientation(bytes(broken)) == 1 and decode_rgb(tmp_path / "broken.jpg").shape == (96, 160, 3)
+    # A damaged EXIF segment is read as no orientation, not a failed image, by libjpeg-turbo's path
+    # and PIL's (CMYK) alike, without Pillow's warnings about it.
+    import warnings
+
+    for mode in ("RGB", "CMYK"):
+        for junk in (b"XXXX", b"II*\x00\x08\x00\x00\x00\xff\xff"):
+            broken = bytearray(_sideways(stored.convert(mode), 6))
+            at = broken.index(b"Exif\x00\x00") + 6
+            broken[at:at + len(junk)] = junk
+            (tmp_path / "broken.jpg").write_bytes(bytes(broken))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert jpeg_orientation(bytes(broken)) == 1
+                assert decode_rgb(tmp_path / "broken.jpg").shape == (96, 160, 3), (mode, junk)
 
 
 def test_inference_and_prepare_see_a_sideways_photograph_upright_and_an_image_in_memory_as_given(tmp_path):

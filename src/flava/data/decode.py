@@ -53,8 +53,15 @@ ORIENTATION = 0x0112
 """The EXIF tag of how the stored pixels are to be shown: 1 as stored; 2-8 flipped or turned."""
 
 
-def _orientation_of(exif: Image.Exif) -> int:
-    value = exif.get(ORIENTATION, 1)
+def _orientation(read_exif: Callable[[], Image.Exif]) -> int:
+    """The orientation in the EXIF `read_exif()` gives; 1 where it has none, or where the EXIF is
+    damaged (an image shown as stored, not a lost one; Pillow's warnings about it kept quiet)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = read_exif().get(ORIENTATION, 1)
+    except Exception:  # Pillow raises what its TIFF parser meets
+        return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
@@ -75,12 +82,11 @@ def jpeg_orientation(data: bytes) -> int:
             break
         length = int.from_bytes(data[i + 2:i + 4], "big")
         if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
-            exif = Image.Exif()
-            try:
+            def read() -> Image.Exif:
+                exif = Image.Exif()
                 exif.load(data[i + 4:i + 2 + length])
-            except Exception:  # a damaged EXIF segment (Pillow raises what its parser meets): shown as stored
-                return 1
-            return _orientation_of(exif)
+                return exif
+            return _orientation(read)
         i += 2 + length
     return 1
 
@@ -119,9 +125,11 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
         data = ref if isinstance(ref, bytes) else _image_bytes(ref)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Damaged EXIF leaves the image as stored (`_orientation`): nothing to warn about.
+            warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
             with Image.open(io.BytesIO(data)) as im:
                 check_size(im.width, im.height)
-                orientation = _orientation_of(im.getexif())
+                orientation = _orientation(im.getexif)
                 if draft is not None:
                     im.draft("RGB", _upright_draft(draft, orientation)(im.width, im.height))
                 im.load()
