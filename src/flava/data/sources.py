@@ -195,9 +195,15 @@ def _failure(shard, e: Exception) -> str:
     return said if shard.name in said else f"{shard.name}: {said}"
 
 
-def read_caption(value: str | TarMember) -> str:
+def read_caption(value: str | TarMember | None) -> str:
+    """A caption's text: a string as it is, a shard's member read (a .json one's `caption` or
+    `text`); a table's empty cell is empty text, anything else (a number, a list) BadSample."""
     if isinstance(value, str):
         return value
+    if value is None:
+        return ""
+    if not hasattr(value, "read"):
+        raise BadSample("caption is not text")
     raw = value.read()
     try:
         text = raw.decode("utf-8")
@@ -233,8 +239,10 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
         image, caption = row.get(image_key), row.get(caption_key)
         if not image:
             rejected["csv row without an image"] += 1
+        elif caption is not None and not isinstance(caption, str):  # JSON's lists, numbers, objects
+            rejected["caption is not text"] += 1
         else:
-            records.append(PairRecord(table_image(p.parent, image), "" if caption is None else str(caption)))
+            records.append(PairRecord(table_image(p.parent, image), caption or ""))
     refuse_urls(p, [r.image for r in records])
     return Source("pairs", records, str(p), rejected)
 
