@@ -60,3 +60,116 @@ def test_embed_counts_a_text_tables_null_and_non_text_rows_without_a_traceback(t
     report = json.loads((tmp_path / "e" / "embed.json").read_text())
     assert report["failed"] == {"empty text": 2, "caption is not text": 2}
     assert [f["row"] for f in report["failures"]] == [1, 2, 3, 4]
+
+
+def captions_by_image(source) -> dict[int, str]:
+    """{the image's pixel value: its caption} of every record (the test images are flat colours)."""
+    from flava.data.decode import decode_rgb
+    from flava.data.sources import read_caption
+
+    return {int(decode_rgb(r.image)[0, 0, 0]): read_caption(r.caption) for r in source.records}
+
+
+def test_a_repeated_key_starts_another_sample_and_never_replaces_the_image_a_caption_was_written_for(tmp_path):
+    from flava.data.registry import open_source
+
+    pairs = [(f"0000{i}.png", png(10 * i + 10)) for i in range(4)] + \
+        [(f"0000{i}.txt", f"caption {i}".encode()) for i in range(4)]
+    # A stray second image under key 00001, with no caption of its own: counted, not paired.
+    tar_of(tmp_path / "dup.tar", pairs + [("00001.png", png(200))])
+    src = open_source("pairs", str(tmp_path / "dup.tar"))
+    assert captions_by_image(src) == {10: "caption 0", 20: "caption 1", 30: "caption 2", 40: "caption 3"}
+    assert src.rejected == {"incomplete tar sample": 1}
+    # Two shards joined with `tar -A` repeat every key: both halves are read, each pair kept whole.
+    second = [(f"0000{i}.png", png(10 * i + 110)) for i in range(4)] + \
+        [(f"0000{i}.txt", f"other {i}".encode()) for i in range(4)]
+    tar_of(tmp_path / "joined.tar", pairs + second)
+    src = open_source("pairs", str(tmp_path / "joined.tar"))
+    assert captions_by_image(src) == {**{10 * i + 10: f"caption {i}" for i in range(4)},
+                                      **{10 * i + 110: f"other {i}" for i in range(4)}}
+    assert len(src.records) == 8 and not src.rejected
+    # A key holding a dot: said so, not "incomplete".
+    tar_of(tmp_path / "dots.tar", [("photo0.v2.png", png(5)), ("photo0.v2.txt", b"x")])
+    assert open_source("pairs", str(tmp_path / "dots.tar")).rejected == {
+        "tar sample whose key holds a dot (a key ends at its name's first dot: rename a.b.jpg a_b.jpg)": 1}
+
+
+def test_shards_compressed_whole_are_read_named_alone_or_in_a_folder_and_a_cut_one_keeps_its_whole_samples(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    from flava.data.registry import open_source
+
+    def shard(k):
+        return [m for i in range(3)
+                for m in ((f"{k}{i}.png", png(10 * k + i, 64)), (f"{k}{i}.txt", f"c{k}{i}".encode()))]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    plain = tar_of(folder / "0.tar", shard(1)).read_bytes()
+    tar = tar_of(tmp_path / "t.tar", shard(2)).read_bytes()
+    for name, pack in (("1.tar.gz", gzip.compress), ("2.tgz", gzip.compress), ("3.tar.bz2", bz2.compress),
+                       ("4.tar.xz", lzma.compress)):
+        (folder / name).write_bytes(pack(tar))
+        alone = open_source("pairs", str(folder / name))
+        assert captions_by_image(alone) == {20 + i: f"c2{i}" for i in range(3)} and not alone.rejected, name
+    src = open_source("pairs", str(folder))
+    assert len(src.shards) == 5 and len(src.records) == 15 and not src.rejected
+    assert captions_by_image(src) == {**{10 + i: f"c1{i}" for i in range(3)}, **{20 + i: f"c2{i}" for i in range(3)}}
+    # Cut inside its last member: the samples before the cut, and the shard counted as cut short.
+    cut = gzip.compress(plain)
+    (tmp_path / "cut.tar.gz").write_bytes(cut[:len(cut) * 2 // 3])
+    short = open_source("pairs", str(tmp_path / "cut.tar.gz"))
+    assert captions_by_image(short) == {10: "c10"} and short.rejected == {"tar member past the end of its shard": 1}
+
+
+def test_an_img2dataset_folder_is_read_as_its_shards_and_a_folder_mixing_shards_and_images_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flava.data.registry import open_source
+    from flava.errors import DataError
+
+    out = tmp_path / "i2d"  # what img2dataset writes: shards, each with its metadata table and stats
+    out.mkdir()
+    for k in range(2):
+        tar_of(out / f"0000{k}.tar", [(f"0000{k}000{i}.png", png(10 * k + i)) for i in range(3)]
+               + [(f"0000{k}000{i}.txt", f"c{k}{i}".encode()) for i in range(3)])
+        pq.write_table(pa.Table.from_pylist([{"url": "http://x", "caption": "c", "key": "k", "status": "success"}]),
+                       out / f"0000{k}.parquet")
+        (out / f"0000{k}_stats.json").write_text("{}")
+    src = open_source("pairs", str(out))
+    assert len(src.records) == 6 and captions_by_image(src)[11] == "c11"
+    assert len(open_source("images", str(out)).records) == 6
+    (out / "stray.jpg").write_bytes(png(1))
+    for kind in ("pairs", "images"):
+        with pytest.raises(DataError, match=r"holds both \.tar shards and image files \(stray\.jpg\): name the "
+                                            r"shards alone \(.*\*\.tar\) or move the images"):
+            open_source(kind, str(out))
+
+
+def test_a_shard_named_by_two_sources_is_refused_in_one_line(tmp_path, capsys):
+    from flava.data.registry import open_stream
+    from flava.data.samples import SampleMaker, SampleSpec
+    from flava.errors import DataError
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(2):
+        tar_of(shards / f"0000{k}.tar", [(f"{k}{i}.png", png(k + i)) for i in range(3)]
+               + [(f"{k}{i}.txt", b"a caption") for i in range(3)])
+    spec = SampleSpec.for_model(flava.preset("tiny"), flava.config.ObjectivesConfig(), 16, 0.9)
+    for specs in ([str(shards), str(shards / "00000.tar")], [str(shards), str(shards / "*.tar")],
+                  [str(shards / "0000{0..1}.tar"), f"{tmp_path}/./shards/00001.tar"]):
+        with pytest.raises(DataError, match=r"data\.pairs: the shard .*0000[01]\.tar is named by both .* and .*; "
+                                            r"give each shard once \(a weight draws one more often\)"):
+            open_stream("pairs", specs, SampleMaker(spec, 0), 2, 0)
+    # prepare and train-codebook refuse it alike.
+    code = cli(["prepare", "--pairs", str(shards), str(shards / "00001.tar"), "--output", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "named by both" in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists()
+    code = cli(["train-codebook", "--pairs", str(shards), "--images", str(shards / "00000.tar"), "--output",
+                str(tmp_path / "cb"), "--steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "named by both" in err and "(--images and --pairs together)" in err

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import Seed, check_value, config_from
     from ..distributed import resolve_device
     from ..data.prepare import PrepareSettings, default_workers, prepare
-    from ..data.registry import check_distinct, open_source
+    from ..data.registry import check_disjoint, check_distinct, open_source
     from ..errors import ConfigError, DataError
     from ..loading import CodebookTokenizer, codebook_scale_note
     from ..progress import progress_bar
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     kind = "pairs" if args.pairs else "images"
     check_distinct(args.pairs or args.images, f"--{kind}", "")
     sources = [open_source(kind, s) for s in (args.pairs or args.images)]
+    check_disjoint(sources, f"--{kind}", "")
     settings = PrepareSettings(size=args.size, shard_size=args.shard_size, crops=args.crops,
                                crop_scale_min=args.crop_scale_min, codebook_image_size=model.codebook_image_size,
                                seed=args.seed)

@@ -25,11 +25,11 @@ KINDS: tuple[Kind, ...] = ("pairs", "images", "text")
 
 def _is_tar_spec(spec: str) -> bool:
     low = spec.lower().rstrip("/")
-    if low.endswith((".tar", ".json", "}")) or low.startswith("pipe:") or ".tar" in low:
+    if low.endswith((".tar", ".tgz", ".json", "}")) or low.startswith("pipe:") or ".tar" in low:
         return True
     p = Path(spec)
     return not is_remote(spec) and p.is_dir() and (
-        (p / tars.INDEX).is_file() or any(q.suffix == ".tar" for q in p.iterdir()))
+        (p / tars.INDEX).is_file() or any(q.name.lower().endswith(tars.TAR_SUFFIXES) for q in p.iterdir()))
 
 
 def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Source:
@@ -43,7 +43,15 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     if missing is not None:  # read as shards, it was "no tar shards match PATH?image=jpg"
         raise DataError(f"{missing} does not exist (named by {spec}, whose columns after '?' a parquet file or a "
                         "`datasets` directory takes)")
-    if arrow.is_arrow_spec(spec):
+    shard_folder = not is_remote(spec) and Path(spec).is_dir() and _is_tar_spec(spec)
+    if shard_folder:
+        loose = sorted(q.name for q in Path(spec).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        if loose:  # read as shards, the images were left out unsaid
+            raise DataError(f"{spec} holds both .tar shards and image files ({loose[0]}"
+                            f"{f' and {len(loose) - 1:,} more' if len(loose) > 1 else ''}): name the shards alone "
+                            f"({Path(spec) / '*.tar'}) or move the images to a folder of their own")
+    # img2dataset writes each shard's metadata beside it (NNNNN.parquet: urls and captions, no image).
+    if arrow.is_arrow_spec(spec) and not shard_folder:
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     if kind == "text":
         return texts.text_file(spec, cache=cache)
@@ -79,6 +87,28 @@ def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws on
         if key in seen:
             raise DataError(f"{where} names {p} twice; give each source once{hint}")
         seen.add(key)
+
+
+def check_disjoint(sources: Sequence[Source], where: str, hint: str = " (a weight draws one more often)") -> None:
+    """Each shard once: a folder and a glob or a file in it named beside each other (`shards` and
+    `shards/00000.tar`) drew those shards twice as often, unsaid. Paths are compared as written
+    made absolute, without a stat each (shard lists run to thousands)."""
+    import os
+
+    owner: dict[tuple, Source] = {}
+    for src in sources:
+        for shard in src.shards:
+            # A file (a tar's or text's url, a parquet's path), and the part of it read: a text
+            # file's byte range, a parquet row group.
+            url = getattr(shard, "url", None) or getattr(getattr(shard, "file", None), "path", None)
+            if url is None:  # records in memory: a table's rows, a folder's listing
+                continue
+            key = (url if is_remote(url) else os.path.abspath(url), getattr(shard, "start", None),
+                   getattr(shard, "unit", None))
+            if key in owner:
+                named = f"both {owner[key].name} and {src.name}" if owner[key] is not src else f"{src.name} twice"
+                raise DataError(f"{where}: the shard {url} is named by {named}; give each shard once{hint}")
+            owner[key] = src
 
 
 def is_loose_image(spec: str) -> bool:
@@ -167,6 +197,7 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
         weights = [None] * len(srcs)
     else:
         srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
+    check_disjoint(srcs, f"data.{kind}")
     for src in srcs:
         if src.known_size == 0:  # refused here, not at the first draw
             rejected = ", ".join(f"{n} {why}" for why, n in src.listing_rejected.most_common())

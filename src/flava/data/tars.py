@@ -26,14 +26,54 @@ def _end_marker_present(f, end: int, size: int) -> bool:
 
 
 TOKENS_EXT, CROPS_EXT = ".tokens.npy", ".crops.npy"
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+"""Shards a folder of them is read for: tars, and tars compressed whole as WebDataset reads them."""
+
+
+def _decompressor(head: bytes):
+    """A maker of incremental decompressors for a shard compressed whole (gzip, bzip2, xz: told by
+    its first bytes, whatever its name), or None for a plain tar."""
+    import bz2
+    import lzma
+    import zlib
+
+    if head[:2] == b"\x1f\x8b":
+        return lambda: zlib.decompressobj(31)
+    if head[:3] == b"BZh":
+        return bz2.BZ2Decompressor
+    if head[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMADecompressor
+    return None
+
+
+def _decompressed(data: bytes | memoryview, make) -> bytes:
+    """The tar inside a compressed shard: as much as its data gives (a shard cut short or damaged
+    keeps the members before the damage; the tar reader then counts it), concatenated streams
+    (`cat a.gz b.gz`) one after another."""
+    out, rest = [], bytes(data)
+    while rest:
+        d = make()
+        try:
+            out.append(d.decompress(rest))
+        except Exception:  # zlib.error, OSError, lzma.LZMAError: damaged data, read up to it
+            break
+        if not d.eof:
+            break
+        rest = d.unused_data
+    return b"".join(out)
 
 
 @dataclass(frozen=True)
 class TarShard:
     """A WebDataset tar: members sharing a key (the name up to its first dot) form one sample.
+    A member whose extension its sample holds already starts another sample of that key, as
+    WebDataset starts one where the key changes: shards joined with `tar -A` repeat every key,
+    and a stray duplicate must not replace the image its caption was written for.
 
     A shard cut short (a failed upload or copy) keeps the samples before the cut and is counted
-    as truncated; a member whose header claims more bytes than the file holds is not used."""
+    as truncated; a member whose header claims more bytes than the file holds is not used. A
+    shard compressed whole (.tar.gz, .tgz, .tar.bz2, .tar.xz) is decompressed in memory, as a
+    remote shard is read."""
 
     url: str
     kind: str
@@ -45,12 +85,21 @@ class TarShard:
     def name(self) -> str:
         return self.url
 
-    def _members(self, rejected: Counter) -> dict[str, dict[str, Member]]:
+    def _members(self, rejected: Counter) -> dict[tuple[str, int], dict[str, Member]]:
+        """{(key, n): {extension: member}}: the n-th sample of that key in the shard."""
         from webdataset.tariterators import base_plus_ext
 
         from .shards import read
 
         where = read(self.url, self.cache)
+        if isinstance(where, Path):
+            with open(where, "rb") as f:
+                head = f.read(6)
+        else:
+            head = bytes(where[:6])
+        make = _decompressor(head)
+        if make is not None:
+            where = _decompressed(where.read_bytes() if isinstance(where, Path) else where, make)
         data = None
         if isinstance(where, Path):
             f = open(where, "rb")
@@ -58,7 +107,8 @@ class TarShard:
         else:
             data, total = memoryview(where), len(where)
             f = io.BytesIO(where)
-        groups: dict[str, dict[str, Member]] = {}
+        groups: dict[tuple[str, int], dict[str, Member]] = {}
+        latest: dict[str, int] = {}
         try:
             cut = False
             with f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -73,7 +123,10 @@ class TarShard:
                         continue
                     split = base_plus_ext(info.name)
                     key, ext = (split[0], "." + split[1].lower()) if split[0] else (info.name, "")
-                    groups.setdefault(key, {})[ext] = (
+                    n = latest.get(key, 0)
+                    if ext in groups.get((key, n), ()):
+                        n = latest[key] = n + 1
+                    groups.setdefault((key, n), {})[ext] = (
                         TarMember(where, info.offset_data, info.size, ext) if data is None
                         else Blob(data[info.offset_data:end], ext))
                 if not cut and not _end_marker_present(f, -(-end // 512) * 512, total):
@@ -86,23 +139,31 @@ class TarShard:
     def open(self) -> Opened:
         rejected: Counter = Counter()
         records = []
-        for key, members in self._members(rejected).items():
+        for (key, _), members in self._members(rejected).items():
             image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
             prepared = PreparedCrops(members[CROPS_EXT], members[TOKENS_EXT]) \
                 if CROPS_EXT in members and TOKENS_EXT in members else None
             if self.kind == "images":
                 if image is None:
-                    rejected["incomplete tar sample"] += 1
+                    rejected[_incomplete(members)] += 1
                     continue
                 label = members.get(".cls")
                 records.append(ImageRecord(image, _label(label), prepared))
                 continue
             caption = next((members[e] for e in CAPTION_SUFFIXES if e in members), None)
             if image is None or caption is None:
-                rejected["incomplete tar sample"] += 1
+                rejected[_incomplete(members)] += 1
                 continue
             records.append(PairRecord(image, caption, prepared, key))
         return Opened(records, rejected)
+
+
+def _incomplete(members: dict[str, Member]) -> str:
+    """Why a sample lacks its image or caption: its members' names held a dot in their key
+    (`photo.v2.jpg` is key `photo`, extension `.v2.jpg`), or it is missing one."""
+    if any(ext.count(".") > 1 and ext.endswith((*IMAGE_SUFFIXES, *CAPTION_SUFFIXES)) for ext in members):
+        return "tar sample whose key holds a dot (a key ends at its name's first dot: rename a.b.jpg a_b.jpg)"
+    return "incomplete tar sample"
 
 
 def _label(member: Member | None) -> int:
@@ -168,7 +229,7 @@ def tar_source(kind: str, spec: str, cache=None) -> Source:
         source = Source(kind, name=spec, shards=shards, size=sum(s.size for s in shards))
         source.prepared = index.get("flava")
         return source
-    urls = expand(spec, (".tar",))
+    urls = expand(spec, TAR_SUFFIXES)
     images = kind == "pairs" and (all(u.lower().endswith(tuple(IMAGE_SUFFIXES)) for u in urls) if urls else
                                   holds_images(spec))
     if images:  # a glob of images matched them as shards: each read as a damaged tar
