@@ -173,3 +173,40 @@ def test_a_shard_named_by_two_sources_is_refused_in_one_line(tmp_path, capsys):
                 str(tmp_path / "cb"), "--steps", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "named by both" in err and "(--images and --pairs together)" in err
+
+
+def test_an_empty_shard_and_a_link_member_are_counted_by_what_they_are(tmp_path):
+    from flava.data.registry import open_source
+
+    tar_of(tmp_path / "00000.tar", [("a.png", png(1)), ("a.txt", b"x")])
+    tar_of(tmp_path / "00001.tar", [])
+    with tarfile.open(tmp_path / "00002.tar", "w") as tar:
+        for name, data in (("b.png", png(2)), ("b.txt", b"y")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("c.png")
+        link.type, link.linkname = tarfile.SYMTYPE, "b.png"
+        tar.addfile(link)
+        tar.addfile(tarfile.TarInfo("c.txt"), io.BytesIO(b""))
+    src = open_source("pairs", str(tmp_path))
+    assert len(src.records) == 2
+    assert src.rejected == {"empty tar shard": 1, "tar member that is a link (links are not followed)": 1,
+                            "incomplete tar sample": 1}
+
+
+def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(png(10))
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\n" + "".join(f"a.png,caption {i}\n" for i in range(6)))
+    args = ["prepare", "--pairs", str(table), "--output", str(tmp_path / "p"), "--size", "16", "--workers", "1"]
+    assert cli(args) == 0
+    capsys.readouterr()
+    assert cli(args) == 0  # the same input: nothing to do, and said so as before
+    with table.open("a") as f:
+        f.write("a.png,caption 6\na.png,caption 7\n")
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{table} changed since {tmp_path / 'p'} was prepared from it (then 1 file(s), 6 samples; now 1 file(s), " \
+           "8 samples): prepare into a new directory" in err

@@ -278,6 +278,9 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
              vocab_size: int | None, skip_unreadable: bool, tokenize_here: bool) -> dict:
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
                 "inputs": [_named(s.name) for s in sources]}
+    # What each input held (its files, and its samples where the listing knows them): a table or
+    # folder grown since the first run would else pass for the same and be reported finished.
+    held = [[len(s.shards), s.known_size] for s in sources]
     mark = output / PREPARE_SETTINGS
     # A start that failed before its first unit (a bad setting, an unreadable codebook) left its
     # settings and nothing else: a corrected command takes the folder over.
@@ -285,6 +288,13 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     if started:
         before = json.loads(mark.read_text())
         before["inputs"] = [_named(x) for x in before.get("inputs", [])]  # earlier releases: as typed
+        was = before.pop("held", held)  # earlier releases recorded none
+        if before == manifest and was != held:
+            changed = next(i for i, (a, b) in enumerate(zip(was, held)) if a != b)
+            counts = ["{:,} file(s)".format(n) + ("" if k is None else f", {k:,} samples") for n, k in
+                      (was[changed], held[changed])]
+            raise DataError(f"{sources[changed].name} changed since {output} was prepared from it (then {counts[0]}; "
+                            f"now {counts[1]}): prepare into a new directory (or remove this one to prepare it again)")
         if before != manifest:
             what = f"other inputs or settings ({said(differences(before, manifest))})"
             if (output / INDEX).is_file():  # finished: there is nothing to finish
@@ -295,7 +305,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     else:
         for stray in output.glob("[0-9]*.tar"):  # a unit a failed start left unfinished, maybe beyond these
             stray.unlink()
-        write_json_atomic(mark, manifest)
+        write_json_atomic(mark, {**manifest, "held": held})
     _remove_strays(output)
     units = _units(sources, settings.shard_size)
     todo = [n for n in range(len(units)) if not (output / f"{n:05d}.json").is_file()]

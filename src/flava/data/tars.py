@@ -115,6 +115,8 @@ class TarShard:
                 end = 0
                 for info in tar:
                     end = info.offset_data + info.size
+                    if info.issym() or info.islnk():  # its sample is then incomplete: this says why
+                        rejected["tar member that is a link (links are not followed)"] += 1
                     if not info.isfile():
                         continue
                     if end > total:
@@ -131,6 +133,8 @@ class TarShard:
                         else Blob(data[info.offset_data:end], ext))
                 if not cut and not _end_marker_present(f, -(-end // 512) * 512, total):
                     rejected["truncated tar shard"] += 1
+                elif not groups and not cut:
+                    rejected["empty tar shard"] += 1
         except (tarfile.TarError, OSError):
             if not cut:  # else the shard ends inside that member: tarfile's error says no more than that
                 rejected["corrupt tar shard (read up to the damage)"] += 1
