@@ -210,3 +210,22 @@ def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert f"{table} changed since {tmp_path / 'p'} was prepared from it (then 1 file(s), 6 samples; now 1 file(s), " \
            "8 samples): prepare into a new directory" in err
+
+
+def test_tables_named_where_they_cannot_be_read_as_one_are_said_to_be_tables(tmp_path):
+    from flava.data.registry import open_source
+    from flava.errors import DataError
+
+    (tmp_path / "csvs").mkdir()
+    for name in ("a.csv", "b.tsv"):
+        (tmp_path / "csvs" / name).write_text("image,caption\nx.png,a caption\n")
+    table = tmp_path / "csvs" / "a.csv"
+    cases = [("pairs", f"{table}?image=img&caption=text", r"a\.csv: a CSV, TSV or JSONL table's columns are found by "
+                                                            r"their names .*\?COLUMN=NAME is for parquet"),
+             ("pairs", str(tmp_path / "csvs"), r"csvs names 2 table\(s\) \(a\.csv, b\.tsv\): a table is a source of "
+                                               r"its own: name each"),
+             ("pairs", str(tmp_path / "csvs" / "*.csv"), r"names 1 table\(s\) \(.*a\.csv\)"),
+             ("text", str(table), r"a\.csv is a table: text sources are \.txt files")]
+    for kind, spec, said in cases:  # each had been "no tar shards match" or "no .txt or .jsonl files match"
+        with pytest.raises(DataError, match=said):
+            open_source(kind, spec)

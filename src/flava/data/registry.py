@@ -53,6 +53,7 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     # img2dataset writes each shard's metadata beside it (NNNNN.parquet: urls and captions, no image).
     if arrow.is_arrow_spec(spec) and not shard_folder:
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
+    _refuse_tables_as_several(kind, spec)
     if kind == "text":
         return texts.text_file(spec, cache=cache)
     if kind == "images" and tables.is_table(spec) and not spec.lower().endswith(texts.TEXT_SUFFIXES):
@@ -77,6 +78,38 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     if is_loose_image(spec):
         return loose_images([spec])
     return sources.image_folder(spec)
+
+
+def _refuse_tables_as_several(kind: Kind, spec: str) -> None:
+    """A CSV, TSV or JSONL table named where it cannot be read as one: with parquet's column
+    query, as text, or among others (a folder or glob of them). Read as shards or text files,
+    each was 'no tar shards match' or 'no .txt or .jsonl files match', though the files exist."""
+    if is_remote(spec):
+        return
+    path, query = spec.partition("?")[::2]
+    delimited = tuple(suffix for suffix, form in tables.FORMATS.items() if form != "parquet")
+    if query and path.lower().endswith(delimited) and Path(path).is_file():
+        raise DataError(f"{path}: a CSV, TSV or JSONL table's columns are found by their names (image and caption; "
+                        "text and label for tasks): rename them; ?COLUMN=NAME is for parquet and `datasets` sources")
+    if kind == "text" and path.lower().endswith(delimited) and not path.lower().endswith(".jsonl") \
+            and Path(path).is_file():
+        raise DataError(f"{path} is a table: text sources are .txt files (a text a line), .jsonl (a `text` field a "
+                        "line), parquet or `datasets` (?text=COLUMN): save its column as one of those")
+    if Path(path).is_dir():
+        found = sorted(q.name for q in Path(path).iterdir() if q.name.lower().endswith(delimited) and q.is_file())
+        holds_other = any(q.name.lower().endswith((*IMAGE_SUFFIXES, ".tar", ".txt", ".parquet", ".arrow"))
+                          for q in Path(path).iterdir())
+    elif any(c in path for c in "*?["):
+        import glob
+
+        found = sorted(m for m in glob.glob(path) if m.lower().endswith(delimited))
+        holds_other = False
+    else:
+        return
+    if found and not holds_other and kind == "pairs":
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise DataError(f"{spec} names {len(found):,} table(s) ({shown}): a table is a source of its own: name each "
+                        "(data.pairs=[...], or --pairs A.csv B.csv)")
 
 
 def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws one more often)") -> None:
