@@ -229,3 +229,18 @@ def test_tables_named_where_they_cannot_be_read_as_one_are_said_to_be_tables(tmp
     for kind, spec, said in cases:  # each had been "no tar shards match" or "no .txt or .jsonl files match"
         with pytest.raises(DataError, match=said):
             open_source(kind, spec)
+
+
+def test_a_tables_missing_image_files_are_estimated_from_a_sample_at_the_start(tmp_path):
+    from flava.data import registry
+    from flava.data.registry import missing_files, open_source
+
+    (tmp_path / "a.png").write_bytes(png(1))
+    rows = [("a.png" if i % 4 == 0 else f"gone{i}.png") for i in range(40)]
+    (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"{r},a caption\n" for r in rows))
+    assert missing_files(open_source("pairs", str(tmp_path / "t.csv"))) == (30, 40)
+    (tmp_path / "big.csv").write_text("image,caption\n" + "".join(f"{r},a caption\n" for r in rows * 10))
+    missing, checked = missing_files(open_source("pairs", str(tmp_path / "big.csv")))
+    assert checked == registry.MISSING_CHECKED and 0.6 < missing / checked < 0.9  # a seeded sample of 400
+    tar_of(tmp_path / "s.tar", [("k.png", png(1)), ("k.txt", b"x")])
+    assert missing_files(open_source("pairs", str(tmp_path / "s.tar"))) == (0, 0)  # shards hold their images

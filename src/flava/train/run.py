@@ -21,7 +21,7 @@ from .. import stopping
 from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict
 from ..data.pipeline import per_process_batch
 from ..distributed import end_host_group, resolve_device, start_host_group
-from ..data.registry import KINDS
+from ..data.registry import KINDS, missing_files
 from ..errors import CheckpointError, ConfigError, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import check_writable, read_json, write_json_atomic
@@ -266,10 +266,20 @@ def _small_sources(streams: dict, global_batch: int) -> list[str]:
     for kind, ks in streams.items():
         for stream in ks.streams:
             size = stream.source.known_size
-            if size is not None and size < global_batch:
+            missing, checked = missing_files(stream.source)
+            if missing:
+                share = f"{missing:,} of its {checked:,} image files" if checked == size else \
+                    f"{missing:,} of {checked:,} image files looked for (a sample of its {size:,})"
+                notes.append(f"data.{kind} {stream.source.name}: {share} do not exist; those samples are skipped "
+                             "and counted" + (" (a table's relative paths are read from its folder)"
+                                              if kind == "pairs" else ""))
+            usable = size if size is None or not missing else round(size * (checked - missing) / checked)
+            if usable is not None and usable < global_batch:
                 harm = " (a pair twice in a batch is its own negative to the contrastive objective)" \
                     if kind == "pairs" else ""
-                notes.append(f"data.{kind} {stream.source.name} holds {size:,} sample{'s' if size != 1 else ''}, "
+                holds = f"holds {usable:,} sample{'s' if usable != 1 else ''}" if usable == size else \
+                    f"holds about {usable:,} usable sample{'s' if usable != 1 else ''}"
+                notes.append(f"data.{kind} {stream.source.name} {holds}, "
                              f"fewer than a batch of {global_batch:,}: every batch repeats samples{harm}; give more "
                              f"data or a smaller data.batch_size")
     return notes
