@@ -244,3 +244,22 @@ def test_a_tables_missing_image_files_are_estimated_from_a_sample_at_the_start(t
     assert checked == registry.MISSING_CHECKED and 0.6 < missing / checked < 0.9  # a seeded sample of 400
     tar_of(tmp_path / "s.tar", [("k.png", png(1)), ("k.txt", b"x")])
     assert missing_files(open_source("pairs", str(tmp_path / "s.tar"))) == (0, 0)  # shards hold their images
+
+
+def test_small_habits_of_hand_made_data_are_read_as_meant(tmp_path):
+    from flava.data.registry import open_source
+    from flava.data.sources import csv_pairs
+
+    # A BOM before a text file's first line (Windows' Notepad), a JSONL's too: not part of the text.
+    (tmp_path / "t.txt").write_bytes("\ufefffirst line\nsecond line\n".encode())
+    (tmp_path / "t.jsonl").write_bytes('\ufeff{"text": "first"}\n{"text": "second"}\n'.encode())
+    for name in ("t.txt", "t.jsonl"):
+        src = open_source("text", str(tmp_path / name))
+        assert [r for r in src.records][0] in ("first line", "first") and not src.rejected, name
+    # A .json caption whose `caption` is empty beside a `text`: the text.
+    tar_of(tmp_path / "s.tar", [("k.png", png(1)), ("k.json", json.dumps({"caption": "", "text": "real"}).encode())])
+    assert captions_by_image(open_source("pairs", str(tmp_path / "s.tar"))) == {1: "real"}
+    # "a.png, a caption" and " a.png": the path without the space a hand-written table puts after commas.
+    (tmp_path / "a.png").write_bytes(png(3))
+    (tmp_path / "p.csv").write_text("caption,image\na caption, a.png\n")
+    assert [r.image for r in csv_pairs(str(tmp_path / "p.csv")).records] == [tmp_path / "a.png"]

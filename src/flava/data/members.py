@@ -122,7 +122,7 @@ def table_image(base: Path, value) -> Path | Blob | ImageURL:
         value = value.get("bytes") or value.get("path") or ""
     if isinstance(value, (bytes, bytearray, memoryview)):
         return Blob(bytes(value))
-    text = str(value)
+    text = str(value).strip()  # a hand-written table's "a.png, b.png": names do not end in spaces
     if text.startswith("file://"):
         text = text[len("file://"):]
     elif _SCHEME.match(text):

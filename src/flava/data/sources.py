@@ -216,9 +216,8 @@ def read_caption(value: str | TarMember | None) -> str:
             raise BadSample("unreadable caption json") from None
         if not isinstance(obj, dict):
             raise BadSample("caption json is not an object")
-        text = obj.get("caption", obj.get("text", ""))
-        if text is None:
-            text = ""
+        # The first of them that holds text: an empty `caption` beside a `text` is not the caption.
+        text = next((obj[k] for k in ("caption", "text") if obj.get(k) not in (None, "")), "")
         if not isinstance(text, str):
             raise BadSample("caption is not text")
     return text

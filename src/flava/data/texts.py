@@ -70,7 +70,7 @@ class TextShard:
         records = []
         for raw in self._lines(rejected):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8").rstrip("\r\n").removeprefix("\ufeff")  # a BOM: not text
             except UnicodeDecodeError:
                 rejected["undecodable text line"] += 1
                 continue
