@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError
 from ..io.files import read_json
+from .images import passed_over
 from .members import Blob, ImageURL, table_image
 from .sources import ImageRecord, Opened, PairRecord, Source
 
@@ -103,7 +104,7 @@ def is_arrow_spec(spec: str) -> bool:
         return True
     p = Path(path)
     return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
-                           or any(p.glob("*.parquet")))
+                           or any(not passed_over(f.name) for f in p.glob("*.parquet")))
 
 
 # --------------------------------------------------------------------------- files
@@ -188,7 +189,7 @@ def _shards(spec: _Spec) -> tuple[list[_Shard], dict]:
         return [_Shard(str(p / n), "arrow") for n in names], features
 
     if p.is_dir():
-        files = sorted(f for f in p.glob("*.parquet") if f.is_file())
+        files = sorted(f for f in p.glob("*.parquet") if f.is_file() and not passed_over(f.name))  # not ._x.parquet
     elif p.is_file():
         files = [p]
     else:

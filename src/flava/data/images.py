@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
@@ -11,20 +12,47 @@ from ..errors import DataError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
+def passed_over(name: str) -> bool:
+    """Whether a folder walk leaves out a file or folder of this name: dot-names (a notebook's
+    .ipynb_checkpoints copies, a tool's .cache, .DS_Store, macOS's AppleDouble ._x.jpg) and the
+    __MACOSX folder a zip made on a Mac holds. Copies and metadata, not the user's data: a class
+    .ipynb_checkpoints had been trained and predicted. A file named explicitly is read."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def walk_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every file below the folder `root`, in no set order, none `passed_over`."""
+    stack = [Path(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = [e for e in listing if not passed_over(e.name)]
+        except PermissionError:  # an unreadable sub-folder is passed over, as Path.rglob does
+            continue
+        for e in entries:
+            if e.is_dir(follow_symlinks=False):
+                stack.append(Path(e.path))
+            else:
+                yield Path(e.path)
+
+
 def find_images(specs: list[str | os.PathLike]) -> list[Path]:
-    """Image files named by paths, directories (searched recursively) or glob patterns."""
+    """Image files named by paths, directories (searched recursively: `walk_files`) or glob patterns."""
     found: list[Path] = []
     for spec in specs:
         spec = str(spec)
         p = Path(spec)
         if p.is_dir():
-            found += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(q for q in walk_files(p) if q.suffix.lower() in IMAGE_SUFFIXES)
         elif p.is_file():
             found.append(p)
         else:
             if not any(c in spec for c in "*?["):  # a plain path, not a pattern that matched nothing
                 raise DataError(f"{spec} does not exist")
-            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True))
+            # glob's wildcards already pass over dot-names; __MACOSX only where the pattern names it
+            matches = sorted(Path(m) for m in glob.glob(spec, recursive=True)
+                             if "__MACOSX" in spec or "__MACOSX" not in Path(m).parts)
             found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
     if not found:
         raise DataError(f"no image files match {', '.join(map(str, specs))}")
@@ -37,7 +65,7 @@ def holds_images(spec: str) -> bool:
     if "://" in spec or spec.startswith("pipe:"):
         return False
     p = Path(spec)
-    candidates = p.rglob("*") if p.is_dir() else [p] if p.is_file() else map(Path, glob.iglob(spec, recursive=True))
+    candidates = walk_files(p) if p.is_dir() else [p] if p.is_file() else map(Path, glob.iglob(spec, recursive=True))
     return any(q.suffix.lower() in IMAGE_SUFFIXES for q in candidates)
 
 

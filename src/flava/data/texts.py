@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import DataError
+from .images import walk_files
 from .sources import Opened, Source
 
 
@@ -149,7 +150,7 @@ def text_file(path: str, field_name: str = "text", cache=None) -> Source:
 
     p = Path(path)
     if not is_remote(path) and p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file())
+        files = sorted(str(f) for f in walk_files(p) if f.is_file())
     else:
         files = expand(path, tuple(s + c for s in TEXT_SUFFIXES for c in ("", *COMPRESSED)))
     files = [f for f in files if f.lower().removesuffix(_compression_suffix(f)).endswith(TEXT_SUFFIXES)]
