@@ -1,25 +1,34 @@
 """Folders walked for images, text and parquet: what is read, what is passed over and what is said."""
 
 import io
+import json
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import torch
 from PIL import Image
 
+import flava
+from flava.cli import main as cli
+from flava.cli.predict import read_inputs
 from flava.data.arrow import arrow_text
 from flava.data.images import find_images
 from flava.data.sources import image_folder
 from flava.data.texts import text_file
+from flava.errors import DataError
 from flava.evaluate.readers.user_files import read_image_classification
 from flava.retrieval.embed import image_inputs
 
 
-def image_bytes(seed: int, fmt: str = "PNG") -> bytes:
+def image_bytes(seed: int, fmt: str = "PNG", mode: str = "RGB") -> bytes:
     arr = np.random.default_rng(seed).integers(0, 255, (24, 32, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
+    Image.fromarray(arr).convert(mode).save(buf, format=fmt)
     return buf.getvalue()
 
 
@@ -59,3 +68,46 @@ def test_hidden_entries_and_macos_leftovers_are_passed_over_by_every_folder_walk
     pq.write_table(pa.table({"text": ["a", "b"]}), put(tmp_path / "pq" / "data.parquet", b""))
     put(tmp_path / "pq" / "._data.parquet", b"\0\5\26\7 AppleDouble")  # read as parquet, it was a damaged file
     assert [s.file.path for s in arrow_text(str(tmp_path / "pq")).shards] == [str(tmp_path / "pq" / "data.parquet")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(root / "ckpt")
+    return root / "ckpt"
+
+
+def test_every_image_suffix_is_found_and_the_other_files_are_said(tiny_model, tmp_path, capsys):
+    root = tmp_path / "photos"
+    # JPEG's other names (Windows' browsers save .jfif), the PPM family, icons: each a class of its own
+    kinds = (("a.jfif", "JPEG", "RGB"), ("b.jpe", "JPEG", "RGB"), ("c.jif", "JPEG", "RGB"), ("d.ppm", "PPM", "RGB"),
+             ("e.pgm", "PPM", "L"), ("f.pbm", "PPM", "1"), ("g.ico", "ICO", "RGB"), ("h.png", "PNG", "RGB"))
+    for i, (name, fmt, mode) in enumerate(kinds):
+        put(root / ("jpeg" if fmt == "JPEG" else "other") / name, image_bytes(i, fmt, mode))
+    put(root / "other" / "notes.txt", "a note")
+    put(root / "jpeg" / "README", "no suffix")
+    put(root / "jpeg" / "IMG_1.HEIC", b"\0\0\0\x18ftypheic")
+    put(root / "other" / ".DS_Store", b"\0\0\0\1Bud1")  # passed over as every dot-name is, not said
+    found = find_images([root])
+    assert [f.name for f in found] == ["a.jfif", "b.jpe", "c.jif", "d.ppm", "e.pgm", "f.pbm", "g.ico", "h.png"]
+    left_out: Counter = Counter()
+    assert find_images([root], left_out) == found and left_out == {".heic": 1, "no suffix": 1, ".txt": 1}
+    said = "(3 other files left out: .heic 1, .txt 1, no suffix 1)"
+
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(root), "--output", str(tmp_path / "emb")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"embedding 8 image input(s) {said} with" in out
+    assert json.loads((tmp_path / "emb" / "embed.json").read_text())["embedded"] == 8  # each one decoded
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(root), "--labels", "--templates", "none"]) == 0
+    assert f"classifying 8 image(s) {said} into 2 classes" in " ".join(capsys.readouterr().out.split())
+    # finetune says it under its count of examples, predict in its table's title
+    data = read_image_classification(root, root)
+    assert len(data.train) == 8 and f"in {root}: {said[1:-1]}" in data.notes
+    task = SimpleNamespace(task="image-classification", uses_text=False, uses_images=True, pairs=False)
+    inputs = read_inputs([str(root)], task)
+    assert len(inputs.images) == 8 and inputs.left_out == left_out
+    # and where no image is left, what there is is named
+    put(tmp_path / "phone" / "IMG_2.heic", b"\0\0\0\x18ftypheic")
+    with pytest.raises(DataError, match=r"^no image files match \S+phone \(1 other file left out: \.heic 1\)$"):
+        find_images([tmp_path / "phone"])

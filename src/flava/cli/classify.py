@@ -33,6 +33,7 @@ def add(sub) -> None:
 def run(args: argparse.Namespace, console: Console) -> None:
     import numpy as np
 
+    from ..data.images import said_left_out
     from ..errors import InputError
     from ..io.files import check_writable
     from ..retrieval.classify import ZeroShotClassifier, check_classes, read_list, templates_from
@@ -70,8 +71,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.output:
         check_writable(args.output, directory=False)
     model = load_for_inference(args.model, args.device, args.int8)
-    console.print(f"classifying {len(inputs)} image(s) into {len(classes)} classes with {len(templates)} "
-                  f"prompt template(s)")
+    console.print(escape(f"classifying {len(inputs)} image(s){said_left_out(inputs.left_out)} into {len(classes)} "
+                         f"classes with {len(templates)} prompt template(s)"))
     clf = ZeroShotClassifier(model, classes, templates, args.batch_size)
     predictions = clf.predict(inputs.images, args.top_k)
     out = Path(args.output) if args.output else None

@@ -86,6 +86,7 @@ def resolve_model(name: str) -> dict:
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..io.fingerprint import describe_checkpoint
     from ..progress import progress_bar
+    from ..data.images import said_left_out
     from ..retrieval.embed import embed_run, image_inputs, pair_inputs, text_inputs
 
     try:  # remote shards are read whole here: a stop ends a stalled read (nothing is written yet)
@@ -98,7 +99,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     # Resolved once: a run directory's newest checkpoint may move on while this runs.
     checkpoint = resolve_model(args.model)
     model = load_for_inference(checkpoint["path"], args.device, args.int8)  # a refusal comes before any line
-    console.print(escape(f"embedding {len(inputs)} {inputs.modality} input(s) with {args.model}"
+    console.print(escape(f"embedding {len(inputs)} {inputs.modality} input(s){said_left_out(inputs.left_out)} with "
+                         f"{args.model}"
                          + (f" ({describe_checkpoint(checkpoint)})" if checkpoint["path"] != model_name(args.model)
                             else "")))
     with progress_bar(console) as bar:

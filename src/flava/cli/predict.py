@@ -54,6 +54,8 @@ class Inputs:
     errors: list[str | None] = field(default_factory=list)
     kept: list[dict[str, Any]] = field(default_factory=list)
     """A table's other columns of each row, written beside the predictions."""
+    left_out: Counter = field(default_factory=Counter)
+    """Files in the folder given that are not images, by suffix (said with the count of inputs)."""
 
     def add(self, fields: dict, text=None, text2=None, image=None, label=None, error=None, answers=None) -> None:
         self.fields.append(fields)
@@ -178,7 +180,7 @@ def read_inputs(specs: list[str], tm) -> Inputs:
                         f"{'image and text' if tm.uses_images else 'text'} columns")
     if first.is_dir():
         root = first
-        for image in find_images([root]):
+        for image in find_images([root], out.left_out):
             parts = image.relative_to(root).parts
             # Images inside class sub-folders carry the folder's name as their label.
             out.add({"image": str(image)}, image=image, label=parts[0] if len(parts) > 1 else None)
@@ -256,6 +258,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from ..data.images import said_left_out
     from ..errors import ConfigError, DataError
     from .. import scores as M
     from ..finetune.load import load_task
@@ -287,7 +290,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if len(errors) == len(preds):
         raise DataError(f"none of the {len(preds)} inputs could be used; the first: {errors[0][1]}")
 
-    table = Table(title=f"{tm.task} predictions ({len(preds) - len(errors)} of {len(preds)} inputs)")
+    table = Table(title=escape(f"{tm.task} predictions ({len(preds) - len(errors)} of {len(preds)} inputs"
+                               f"{said_left_out(inputs.left_out, '; ', '')})"))
     regression = tm.task == "text-regression"
     table.add_column("#", justify="right")
     table.add_column("input")

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import glob
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Found in folders by these (a file named explicitly is decoded whatever its suffix): JPEG's other
+# names (Windows' browsers save .jfif) and the formats Pillow reads whole.
+IMAGE_SUFFIXES = {".png", ".apng", ".jpg", ".jpeg", ".jfif", ".jpe", ".jif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                  ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".avif"}
 
 
 def passed_over(name: str) -> bool:
@@ -37,14 +41,20 @@ def walk_files(root: str | os.PathLike) -> Iterator[Path]:
                 yield Path(e.path)
 
 
-def find_images(specs: list[str | os.PathLike]) -> list[Path]:
-    """Image files named by paths, directories (searched recursively: `walk_files`) or glob patterns."""
+def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None) -> list[Path]:
+    """Image files named by paths, directories (searched recursively: `walk_files`) or glob patterns;
+    `left_out` counts by suffix the other files the directories hold (`said_left_out`)."""
     found: list[Path] = []
+    others: Counter = Counter()
     for spec in specs:
         spec = str(spec)
         p = Path(spec)
         if p.is_dir():
-            found += sorted(q for q in walk_files(p) if q.suffix.lower() in IMAGE_SUFFIXES)
+            for q in sorted(walk_files(p)):
+                if q.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(q)
+                else:
+                    others[q.suffix.lower() or "no suffix"] += 1
         elif p.is_file():
             found.append(p)
         else:
@@ -55,8 +65,20 @@ def find_images(specs: list[str | os.PathLike]) -> list[Path]:
                              if "__MACOSX" in spec or "__MACOSX" not in Path(m).parts)
             found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
     if not found:
-        raise DataError(f"no image files match {', '.join(map(str, specs))}")
+        raise DataError(f"no image files match {', '.join(map(str, specs))}{said_left_out(others)}")
+    if left_out is not None:
+        left_out.update(others)
     return found
+
+
+def said_left_out(left_out: Counter, before: str = " (", after: str = ")") -> str:
+    """'3 other files left out: .txt 2, .heic 1' between `before` and `after`, said beside a count of
+    the images found (a photo in a format not read, .heic, is then not missed unsaid); '' for none."""
+    if not left_out:
+        return ""
+    n = sum(left_out.values())
+    kinds = ", ".join(f"{suffix} {k}" for suffix, k in sorted(left_out.items(), key=lambda x: (-x[1], x[0])))
+    return f"{before}{n} other file{'s' if n > 1 else ''} left out: {kinds}{after}"
 
 
 def holds_images(spec: str) -> bool:

@@ -100,6 +100,8 @@ class Inputs:
     listing_rejected: Counter = field(default_factory=Counter)
     text_field: str = "caption"
     """The metadata column that holds each input's text: a text table's own column name."""
+    left_out: Counter = field(default_factory=Counter)
+    """Files in the folders named that are not images, by suffix: said, not inputs that failed."""
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -114,10 +116,10 @@ class Inputs:
 def image_inputs(specs: Sequence[str]) -> Inputs:
     """Image files named by paths, folders (recursively) or globs; a file under a folder's
     sub-folder gets that sub-folder's name as its `label`."""
-    rows, images, seen, twice = [], [], set(), Counter()
+    rows, images, seen, twice, left_out = [], [], set(), Counter(), Counter()
     for spec in specs:
         root = Path(spec)
-        for path in find_images([spec]):
+        for path in find_images([spec], left_out):
             row = {"image_path": str(path.resolve())}
             if row["image_path"] in seen:  # a file and its folder both named: one vector, not two hits
                 twice["image named twice"] += 1
@@ -127,7 +129,7 @@ def image_inputs(specs: Sequence[str]) -> Inputs:
                 row["label"] = path.relative_to(root).parts[0]
             rows.append(row)
             images.append(path)
-    return Inputs("image", images=images, metadata=rows, listing_rejected=twice)
+    return Inputs("image", images=images, metadata=rows, listing_rejected=twice, left_out=left_out)
 
 
 def text_inputs(path: str) -> Inputs:

@@ -90,19 +90,23 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
     label), or a table (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder) and
     `label`. Classes are train's, sorted; without `path_val` validation is a seeded
     `val_fraction` of train, without `path_test` validation is scored as the test."""
-    from ...data.sources import image_folder
+    from ...data.images import find_images, said_left_out
 
     raw: dict[str, list] = {}
     notes: list[str] = []
     for split, p in _optional_paths(path_train, path_val, path_test).items():
         if p.is_dir():
-            src = image_folder(str(p))
-            if not src.classes:
+            others: Counter = Counter()
+            # The first sub-folder is the class, as data.sources.image_folder has it.
+            files = [(f, f.relative_to(p).parts) for f in find_images([p], others)]
+            if not any(len(parts) > 1 for _, parts in files):
                 raise DataError(f"{p} has no class sub-folders; put each class's images in a folder named after it")
-            loose = sum(r.label < 0 for r in src.records)
+            loose = sum(len(parts) == 1 for _, parts in files)
             if loose:
                 notes.append(f"{loose} image(s) directly in {p}, outside any class folder, skipped")
-            raw[split] = [(r.image, r.image, src.classes[r.label]) for r in src.records if r.label >= 0]
+            if others:
+                notes.append(f"in {p}: {said_left_out(others, '', '')}")
+            raw[split] = [(f, f, parts[0]) for f, parts in files if len(parts) > 1]
         elif p.is_file():
             raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",)), row.where),
                            str(_cell(row, ("label",))).strip()) for row in read_table(p).rows]
