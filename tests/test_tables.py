@@ -233,3 +233,23 @@ def test_one_prompt_template_parser():
     for bad in ("no slot", "two {} {}", ["a {}", 3], "|", []):
         with pytest.raises(ConfigError, match="exactly one {}|no prompt templates|templates must be"):
             parse_templates(bad)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".parquet"])
+def test_a_column_named_twice_is_refused_naming_it_and_the_file(tmp_path, suffix):
+    path = tmp_path / f"pairs{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(pa.Table.from_arrays([pa.array(["a.png"]), pa.array(["a cat"]), pa.array(["a dog"])],
+                                            names=["image", "caption", "caption"]), path)
+    else:
+        sep = "\t" if suffix == ".tsv" else ","
+        path.write_text(f"image{sep}caption{sep}caption\na.png{sep}a cat{sep}a dog\n")
+    # Read, the row had kept 'a dog' alone: the first caption column was never used, and nothing said so.
+    for bad_rows in ("raise", "skip"):
+        with pytest.raises(DataError) as e:
+            read_table(path, bad_rows=bad_rows)
+        assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+        assert str(e.value).endswith("names column 'caption' twice (columns 2 and 3); rename or remove one of them")
+    # A spreadsheet's trailing unnamed columns are no column named twice.
+    (tmp_path / "trailing.csv").write_text("image,caption,,\na.png,a cat,,\n")
+    assert read_table(tmp_path / "trailing.csv").rows[0].values["caption"] == "a cat"

@@ -15,7 +15,8 @@ format is a change to this file (and its test):
   left out (`bad_rows="skip"`, for training, where one bad row must not stop a run);
 - CSV/TSV cells are strings, empty cells past the header are dropped and missing ones are None;
   JSONL and parquet cells keep their JSON / Arrow types;
-- an empty file (not even a header) is an error; a header without rows is an empty table;
+- an empty file (not even a header) is an error; a header without rows is an empty table; a
+  column named twice in a CSV/TSV header or a parquet schema is an error;
 - `Table.column` finds a column by its names and otherwise fails naming the columns there are
   and the nearest one.
 """
@@ -135,6 +136,18 @@ def undecodable(value: Any) -> bool:
 NOT_UTF8 = "holds bytes that are not UTF-8 text; save the file as UTF-8"
 
 
+def _refuse_repeated_columns(names: Sequence[str], where: str) -> None:
+    """A column named twice is an error: a row keeps one of its cells (the last), so the other
+    column's text had been trained on or predicted from unsaid. Unnamed columns (a spreadsheet's
+    trailing empty ones) may repeat."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if name and name in seen:
+            raise DataError(f"{where} names column {name!r} twice (columns {seen[name]} and {i}); rename or "
+                            "remove one of them")
+        seen.setdefault(name, i)
+
+
 def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:
     # Bytes that are not UTF-8 survive as surrogates, so the row that holds them can be named.
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
@@ -147,6 +160,7 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
             raise DataError(f"{path} is empty; a table needs a header row naming its columns")
         if any(map(undecodable, header)):
             raise DataError(f"{path}, line 1: the header {NOT_UTF8}")
+        _refuse_repeated_columns(header, f"{path}, line 1: the header")
         table.columns = header
         file = str(path)
         while True:
@@ -211,6 +225,7 @@ def _read_parquet(path: Path, kind: str, table: Table) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
+        _refuse_repeated_columns(pq.read_schema(path).names, f"{path}: the schema")  # read_table fails in many lines
         data = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path} could not be read as parquet ({type(e).__name__}: {e}); write it again") from None
