@@ -111,3 +111,29 @@ def test_every_image_suffix_is_found_and_the_other_files_are_said(tiny_model, tm
     put(tmp_path / "phone" / "IMG_2.heic", b"\0\0\0\x18ftypheic")
     with pytest.raises(DataError, match=r"^no image files match \S+phone \(1 other file left out: \.heic 1\)$"):
         find_images([tmp_path / "phone"])
+
+
+def test_linked_folders_are_followed_once_and_a_linked_image_is_named_where_it_is_counted(tiny_model, tmp_path,
+                                                                                          capsys):
+    store = tmp_path / "store"
+    for i, cls in enumerate(("cats", "dogs")):
+        put(store / cls / f"{i}.png", image_bytes(i))
+    root = tmp_path / "train"  # a dataset assembled with ln -s: one class a folder, the other a link
+    put(root / "cats" / "0.png", image_bytes(0))
+    (root / "dogs").symlink_to(store / "dogs", target_is_directory=True)
+    (root / "cats" / "again").symlink_to(root, target_is_directory=True)  # a loop: not followed
+    (root / "cats" / "up").symlink_to("..", target_is_directory=True)
+    assert find_images([root]) == [root / "cats" / "0.png", root / "dogs" / "1.png"]
+    src = image_folder(str(root))
+    assert src.classes == ["cats", "dogs"] and [r.label for r in src.records] == [0, 1]
+    # A link beside its target: embedded once, and the one left out is named in embed.json as counted.
+    photos = tmp_path / "photos"
+    put(photos / "a.png", image_bytes(3))
+    (photos / "b.png").symlink_to(photos / "a.png")
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(photos), "--output", str(tmp_path / "e")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"left out: 1 image named twice (named in {tmp_path / 'e' / 'embed.json'})" in out
+    summary = json.loads((tmp_path / "e" / "embed.json").read_text())
+    assert summary["embedded"] == 1 and summary["failed"] == {"image named twice": 1}
+    assert summary["failures"] == [{"image_path": str(photos / "b.png"), "error": "image named twice",
+                                    "same_as": str(photos / "a.png")}]

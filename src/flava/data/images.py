@@ -25,20 +25,24 @@ def passed_over(name: str) -> bool:
 
 
 def walk_files(root: str | os.PathLike) -> Iterator[Path]:
-    """Every file below the folder `root`, in no set order, none `passed_over`."""
-    stack = [Path(root)]
+    """Every file below the folder `root`, in no set order, none `passed_over`. A link to a folder
+    is followed (datasets are assembled with `ln -s`), but not to a folder the walk is already
+    inside: a link to a parent would loop."""
+    stack = [(Path(root), (os.path.realpath(root),))]
     while stack:
-        folder = stack.pop()
+        folder, inside = stack.pop()  # `inside`: the real paths of the folders from root to here
         try:
             with os.scandir(folder) as listing:
                 entries = [e for e in listing if not passed_over(e.name)]
         except PermissionError:  # an unreadable sub-folder is passed over, as Path.rglob does
             continue
         for e in entries:
-            if e.is_dir(follow_symlinks=False):
-                stack.append(Path(e.path))
-            else:
+            if not e.is_dir():  # a file, a link to one, or a dangling link (then named unreadable)
                 yield Path(e.path)
+                continue
+            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(inside[-1], e.name)
+            if real not in inside:
+                stack.append((Path(e.path), (*inside, real)))
 
 
 def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None) -> list[Path]:

@@ -102,6 +102,8 @@ class Inputs:
     """The metadata column that holds each input's text: a text table's own column name."""
     left_out: Counter = field(default_factory=Counter)
     """Files in the folders named that are not images, by suffix: said, not inputs that failed."""
+    listing_named: list[dict] = field(default_factory=list)
+    """Inputs left out while listing them, named as embed.json's `failures` name the others."""
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -116,20 +118,24 @@ class Inputs:
 def image_inputs(specs: Sequence[str]) -> Inputs:
     """Image files named by paths, folders (recursively) or globs; a file under a folder's
     sub-folder gets that sub-folder's name as its `label`."""
-    rows, images, seen, twice, left_out = [], [], set(), Counter(), Counter()
+    rows, images, seen, twice, left_out, named = [], [], {}, Counter(), Counter(), []
     for spec in specs:
         root = Path(spec)
         for path in find_images([spec], left_out):
             row = {"image_path": str(path.resolve())}
-            if row["image_path"] in seen:  # a file and its folder both named: one vector, not two hits
+            if row["image_path"] in seen:  # a file and its folder both named, or a link: one vector, not two hits
                 twice["image named twice"] += 1
+                # Named as listed: a link and its target resolve alike.
+                named.append({"image_path": os.path.abspath(path), "error": "image named twice",
+                              "same_as": seen[row["image_path"]]})
                 continue
-            seen.add(row["image_path"])
+            seen[row["image_path"]] = os.path.abspath(path)
             if root.is_dir() and len(path.relative_to(root).parts) > 1:
                 row["label"] = path.relative_to(root).parts[0]
             rows.append(row)
             images.append(path)
-    return Inputs("image", images=images, metadata=rows, listing_rejected=twice, left_out=left_out)
+    return Inputs("image", images=images, metadata=rows, listing_rejected=twice, left_out=left_out,
+                  listing_named=named)
 
 
 def text_inputs(path: str) -> Inputs:
@@ -335,7 +341,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
     dtype = np.float16 if float16 else np.float32
     n_parts = -(-len(inputs) // part_size)
     failed: Counter = Counter(inputs.listing_rejected)
-    named: list[dict] = []
+    named: list[dict] = inputs.listing_named[:MAX_NAMED_FAILURES]
     count = skipped = changed = done = 0
     for part in range(n_parts):
         lo, hi = part * part_size, min((part + 1) * part_size, len(inputs))
@@ -397,7 +403,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         named += part_named
     if count == 0:
         _remove_run(out, existed)
-        first = named[0] if named else {}
+        first = next((n for n in named if "row" in n), named[0] if named else {})  # an input that failed
         where = first.get("image_path") or first.get(inputs.text_field) or f"row {first.get('row')}"
         raise DataError(f"none of the {len(inputs)} inputs could be embedded ({_counts(failed)}"
                         + (f"; the first: {where}: {first['error']}" if first else "") + "); nothing was written")
