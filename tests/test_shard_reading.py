@@ -263,3 +263,13 @@ def test_small_habits_of_hand_made_data_are_read_as_meant(tmp_path):
     (tmp_path / "a.png").write_bytes(png(3))
     (tmp_path / "p.csv").write_text("caption,image\na caption, a.png\n")
     assert [r.image for r in csv_pairs(str(tmp_path / "p.csv")).records] == [tmp_path / "a.png"]
+
+
+def test_a_shard_folder_passes_over_macos_leftovers(tmp_path):
+    from flava.data.registry import open_source
+
+    tar_of(tmp_path / "00000.tar", [("k.png", png(1)), ("k.txt", b"x")])
+    (tmp_path / "._00000.tar").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # a Mac's resource fork beside it
+    (tmp_path / "._stray.jpg").write_bytes(b"\x00\x05\x16\x07")
+    src = open_source("pairs", str(tmp_path))
+    assert [Path(s.url).name for s in src.shards] == ["00000.tar"] and len(src.records) == 1 and not src.rejected

@@ -15,7 +15,7 @@ from typing import Literal
 
 from ..errors import DataError
 from . import arrow, demo, sources, tables, tars, texts
-from .images import IMAGE_SUFFIXES, find_images
+from .images import IMAGE_SUFFIXES, find_images, passed_over
 from .shards import ShardCache, is_remote
 from .sources import Source
 
@@ -29,7 +29,8 @@ def _is_tar_spec(spec: str) -> bool:
         return True
     p = Path(spec)
     return not is_remote(spec) and p.is_dir() and (
-        (p / tars.INDEX).is_file() or any(q.name.lower().endswith(tars.TAR_SUFFIXES) for q in p.iterdir()))
+        (p / tars.INDEX).is_file()
+        or any(q.name.lower().endswith(tars.TAR_SUFFIXES) and not passed_over(q.name) for q in p.iterdir()))
 
 
 def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Source:
@@ -45,7 +46,8 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
                         "`datasets` directory takes)")
     shard_folder = not is_remote(spec) and Path(spec).is_dir() and _is_tar_spec(spec)
     if shard_folder:
-        loose = sorted(q.name for q in Path(spec).iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        loose = sorted(q.name for q in Path(spec).iterdir()
+                       if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file() and not passed_over(q.name))
         if loose:  # read as shards, the images were left out unsaid
             raise DataError(f"{spec} holds both .tar shards and image files ({loose[0]}"
                             f"{f' and {len(loose) - 1:,} more' if len(loose) > 1 else ''}): name the shards alone "
@@ -96,7 +98,8 @@ def _refuse_tables_as_several(kind: Kind, spec: str) -> None:
         raise DataError(f"{path} is a table: text sources are .txt files (a text a line), .jsonl (a `text` field a "
                         "line), parquet or `datasets` (?text=COLUMN): save its column as one of those")
     if Path(path).is_dir():
-        found = sorted(q.name for q in Path(path).iterdir() if q.name.lower().endswith(delimited) and q.is_file())
+        found = sorted(q.name for q in Path(path).iterdir()
+                       if q.name.lower().endswith(delimited) and q.is_file() and not passed_over(q.name))
         holds_other = any(q.name.lower().endswith((*IMAGE_SUFFIXES, ".tar", ".txt", ".parquet", ".arrow"))
                           for q in Path(path).iterdir())
     elif any(c in path for c in "*?["):

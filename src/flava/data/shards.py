@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .. import stopping
 from ..errors import DataError, first_line
+from .images import passed_over
 from .members import hold_shard
 
 GLOB_CHARS = "*?["
@@ -99,7 +100,8 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
             urls += sorted(m for m in glob.glob(_local(part), recursive=True) if Path(m).is_file())
         elif len(parts) == 1 and Path(_local(part)).is_dir():
             p = Path(_local(part))
-            urls += sorted(str(q) for q in p.iterdir() if q.is_file() and q.name.lower().endswith(suffixes))
+            urls += sorted(str(q) for q in p.iterdir()
+                           if q.is_file() and q.name.lower().endswith(suffixes) and not passed_over(q.name))
         else:
             # Named shards are not checked one by one (millions of stat calls at start-up on a
             # network file system); a missing one is counted when a stream reaches it.
