@@ -130,6 +130,11 @@ def test_the_evaluation_sample_takes_every_source_in_proportion_each_image_once(
     assert sum(c[0] > 0 for c in colours) == 8 and sum(c[2] > 0 for c in colours) == 8
     # Fewer wanted than there are: shared out, each source still in it.
     assert len(_evaluation_sample(image_sources([str(tmp_path / "red"), str(tmp_path / "blue")], []), 32, 1, 5)) == 5
+    # A table with unreadable rows: the draw replaced them by repeats of the others; now each image is in it once.
+    rows = [f"red/{i}.png,c" for i in range(8)] + ["red/gone.png,c", "blue/0.png,c"]
+    (tmp_path / "t.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    pixels = _evaluation_sample(image_sources([], [str(tmp_path / "t.csv")]), 32, 1, 10)
+    assert len(pixels) == 9 and len({p.numpy().tobytes() for p in pixels}) == 9
 
 
 def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):

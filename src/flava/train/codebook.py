@@ -282,7 +282,11 @@ def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int,
                              outage_setting=OUTAGE_SETTING)
         stream.probe()  # a source with no readable image, named before training
         pixels.append(stream.next_batch().pixels)
-    return torch.cat(pixels)
+    # A draw replaces an unreadable image by another of its source, and a source smaller than its
+    # estimate wraps around: either repeats an image (a center crop, the same pixels), kept once.
+    whole = torch.cat(pixels)
+    _, first = np.unique(whole.flatten(1).numpy(), axis=0, return_index=True)
+    return whole if len(first) == len(whole) else whole[torch.from_numpy(np.sort(first))]
 
 
 def _no_images(e: DataError, sources: list[Source]) -> DataError:
