@@ -249,10 +249,14 @@ def test_a_rerun_embeds_again_a_part_whose_image_changed_and_refuses_int8_into_f
     summary = json.loads((tmp_path / "twice" / "embed.json").read_text())
     assert summary["embedded"] == 4 and summary["failed"] == {"image named twice": 1}
     assert cli(args + ["--int8"]) == 2
-    assert "holds embeddings of other inputs or settings (int8: None -> True)" in capsys.readouterr().err
-    assert cli(["embed", "--model", str(tiny_model), "--images", str(images), "--output", str(tmp_path / "q"),
-                "--int8"]) == 0
+    assert "holds embeddings of other inputs or settings (int8: False -> True)" in capsys.readouterr().err
+    int8 = ["embed", "--model", str(tiny_model), "--images", str(images), "--output", str(tmp_path / "q")]
+    assert cli(int8 + ["--int8"]) == 0
     assert json.loads((tmp_path / "q" / "embed.json").read_text())["int8"] is True
+    # And back: a float run, which records no int8, into int8 vectors names the setting too.
+    capsys.readouterr()
+    err = _one_line(capsys, cli(int8))
+    assert "holds embeddings of other inputs or settings (int8: True -> False); choose another" in err
 
 
 def test_a_pair_tables_image_urls_are_named_never_fetched_nor_read_as_paths(tiny_model, photos, tmp_path, capsys):

@@ -328,7 +328,11 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         if checkpoint is not None:  # the same weights, however they were named
             old = {**old, "model": model_name, "checkpoint": checkpoint}
         if old != settings:
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v)
+            # Over both runs' keys: a setting recorded only when on (int8) differs by being absent.
+            absent = {"int8": False, "text_field": "caption"}
+            keys = [*settings, *(k for k in old if k not in settings)]
+            diff = ", ".join(f"{k}: {old.get(k, absent.get(k))!r} -> {settings.get(k, absent.get(k))!r}"
+                             for k in keys if old.get(k) != settings.get(k))
             raise DataError(f"{out} holds embeddings of other inputs or settings ({diff}); choose another "
                             f"output directory, or delete it to start over")
     elif out.is_dir() and any(out.iterdir()):
