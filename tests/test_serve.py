@@ -327,6 +327,27 @@ def app_in_a_thread(app):
         thread.join(10)
 
 
+def test_an_address_not_of_this_machine_names_the_host_and_a_busy_port_the_port(tmp_path, capsys):
+    """Binding is tried before the model loads: the refusal names what to change."""
+    import socket
+
+    from flava.cli import main as cli
+
+    model = str(tmp_path / "never-loaded")
+    # 192.0.2.1 is TEST-NET-1 (RFC 5737): no interface here has it.
+    assert cli(["serve", "--model", model, "--host", "192.0.2.1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert "cannot listen on 192.0.2.1 (" in err and "choose another --host" in err and "--port" not in err, err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert cli(["serve", "--model", model, "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port" in err, err
+
+
 def test_nothing_loaded_answers_409():
     """An app with no model, index or task (uvicorn in a thread): each endpoint says what to load."""
     with app_in_a_thread(create_app()) as client:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import socket
 
 from rich.console import Console
@@ -69,6 +70,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
         sock.listen(2048)
     except OSError as e:
         sock.close()
+        # No interface of this machine has that address, or no such name: the host is at fault, not the port.
+        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"cannot listen on {args.host} ({e.strerror}): it is no address of this machine; "
+                              "choose another --host (127.0.0.1 for this machine only, 0.0.0.0 for every "
+                              "interface)") from None
         raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
     try:
         app = build_app(args, console)
