@@ -519,6 +519,8 @@ def test_bad_requests(server):
         (server.post_json("/search", {"position": 12}), 404, "no item at position 12"),
         (server.post_json("/search", {"position": -3}), 404, "no item at position"),
         (server.post_json("/search", {}), 400, "embedding"),
+        (server.post_json("/search", {"position": 1, "embedding": [0.1] * server.index.dim}), 400,
+         'give "embedding" or "position" in the JSON body, not both'),
         (server.post_form("/search", files=[("image", "notes.txt", b"not an image at all")]), 415, "notes.txt"),
         (server.post_form("/embed", files=[("image", "big.png", png + b"\0" * MAX_UPLOAD)]), 413, "big.png"),
         (server.post_form("/search", files=[("image", "huge.png", b"\0" * 200_000)]), 413,

@@ -255,6 +255,8 @@ def create_app(
         body = await read_json(request)
         known(request, body, {"k", "embedding", "position"}, "the JSON body", frozenset({"k"}))
         k = check_k(body["k"]) if "k" in body else form_k({"k": query_k}) if query_k is not None else default_k
+        if "embedding" in body and "position" in body:  # one query each, as the CLI's --text or --image
+            raise ApiError(400, 'give "embedding" or "position" in the JSON body, not both')
         if "embedding" in body:
             idx = need_index()
             vec = body["embedding"]
