@@ -68,15 +68,16 @@ class Server:
     def post_json(self, path: str, obj):
         return self.request("POST", path, json.dumps(obj).encode(), "application/json")
 
-    def post_form(self, path: str, fields: dict | None = None, files: list | None = None):
+    def post_form(self, path: str, fields: dict | list | None = None, files: list | None = None):
         return self.request("POST", path, *multipart(fields or {}, files or []))
 
 
-def multipart(fields: dict, files: list) -> tuple[bytes, str]:
-    """A multipart/form-data body of text fields and (field, filename, bytes) files."""
+def multipart(fields: dict | list, files: list) -> tuple[bytes, str]:
+    """A multipart/form-data body of text fields (a dict, or (name, value) pairs: a name may repeat)
+    and (field, filename, bytes) files."""
     boundary = uuid.uuid4().hex
     out = b""
-    for name, value in fields.items():
+    for name, value in fields.items() if isinstance(fields, dict) else fields:
         out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
     for name, filename, data in files:
         out += (f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
@@ -274,6 +275,8 @@ def test_predict_equals_task_model(server):
         np.testing.assert_allclose([t["score"] for t in got["top"]], [t["score"] for t in exp["top"]], atol=1e-5)
     status, body, _ = server.post_form("/predict", {"text": texts[0]})
     assert status == 200 and body["predictions"][0]["label"] == want[0]["label"]
+    status, body, _ = server.post_form("/predict", [("text", t) for t in texts])  # one text a field
+    assert status == 200 and [p["label"] for p in body["predictions"]] == [p["label"] for p in want], body
     # A form's field name in JSON and the JSON's in a form: either is taken.
     for status, body, _ in (server.post_json("/predict", {"text": texts[0]}),
                             server.post_form("/predict", {"texts": texts[0]})):
@@ -534,6 +537,15 @@ def test_bad_requests(server):
         (server.post_form("/classify", {"classes": "red"}, [("image", "a.png", png)]), 400, "two class"),
         (server.post_form("/classify", {"classes": "a, b", "templates": "no slot"}, [("image", "a.png", png)]),
          400, "{}"),
+        # The CLI's parser for --classes (an empty name refused), and a field given twice is refused, not last-wins.
+        (server.post_form("/classify", {"classes": "red,,blue"}, [("image", "a.png", png)]), 400,
+         "classes 'red,,blue' holds an empty name between ','s; name each one"),
+        (server.post_form("/classify", [("classes", "red,blue"), ("classes", "green,grey")], [("image", "a.png", png)]),
+         400, "'classes' is given 2 times in the form; give it once"),
+        (server.post_form("/classify", {"classes": "red, blue, red"}, [("image", "a.png", png)]), 400,
+         "class 'red' is named twice"),
+        (server.get("/search?q=red&q=blue"), 400, "'q' is given 2 times in the query string; give it once"),
+        (server.post_json("/search?k=2&k=3", {"position": 1}), 400, "'k' is given 2 times in the query string"),
         (server.post_json("/predict", {"texts": []}), 400, "texts"),
         (server.post_json("/predict", {"texts": ["a"], "top_k": 0}), 400, "top_k"),
         (server.get("/no/such/thing"), 404, "no endpoint"),

@@ -16,23 +16,32 @@ from ..model.flava import FlavaModel
 from .embed import Embedder
 
 
+def split_list(value: str, what: str, separator: str = ",") -> list[str]:
+    """Names separated by `separator`, each stripped: `flava classify --classes` and the server's
+    `classes` field read a list with this one parser."""
+    items = [v.strip() for v in value.split(separator)]
+    if any(not i for i in items[:-1]):  # "a,,b" (a trailing separator is no name left out)
+        raise InputError(f"{what} {value!r} holds an empty name between {separator!r}s; name each one")
+    items = [i for i in items if i]
+    if not items:
+        raise InputError(f"no {what} given in {value!r}; write them separated by {separator!r}")
+    return items
+
+
 def read_list(value: str, what: str, separator: str = ",") -> list[str]:
-    """A list separated by `separator`, or a file with one entry per line."""
+    """A list separated by `separator` (`split_list`), or a file with one entry per line."""
     p = Path(value)
     if p.is_file():
         items = [line.strip() for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
-    elif separator not in value and p.suffix.lower() in (".txt", ".csv", ".tsv"):  # a file name, mistyped
+        items = [i for i in items if i]
+        if not items:
+            raise InputError(f"no {what} given in {value!r}; write them separated by {separator!r}, or one a line "
+                             "in a file")
+        return items
+    if separator not in value and p.suffix.lower() in (".txt", ".csv", ".tsv"):  # a file name, mistyped
         raise InputError(f"{what} file {value}: no such file (give {what} separated by {separator!r}, or a file "
                          "with one a line)")
-    else:
-        items = [v.strip() for v in value.split(separator)]
-        if any(not i for i in items[:-1]):  # "a,,b" (a trailing separator is no name left out)
-            raise InputError(f"{what} {value!r} holds an empty name between {separator!r}s; name each one")
-    items = [i for i in items if i]
-    if not items:
-        raise InputError(f"no {what} given in {value!r}; write them separated by {separator!r}, or one a line in "
-                         "a file")
-    return items
+    return split_list(value, what, separator)
 
 
 def templates_from(value: str | None) -> tuple[str, ...]:

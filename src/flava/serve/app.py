@@ -52,7 +52,7 @@ from .. import __version__
 from ..data.arrow import image_cell
 from ..errors import FlavaError
 from ..evaluate.zero_shot import class_embeddings, parse_templates
-from ..retrieval.classify import ZeroShotClassifier
+from ..retrieval.classify import ZeroShotClassifier, check_classes, split_list
 from ..retrieval.embed import Embedder
 from .guard import FORM_OVERHEAD, ApiError, Guard, Metrics, MiB, ModelQueue, add_error_handlers
 from .requests import RequestParser
@@ -303,11 +303,12 @@ def create_app(
             raise ApiError(415, "send the image(s) and 'classes' as multipart/form-data")
         form = await read_form(request)
         known(request, form_fields(form), {"classes", "templates", "top_k"}, "the form")
-        classes = [c.strip() for c in str(form.get("classes") or "").split(",") if c.strip()]
+        given = str(form.get("classes") or "")
+        # The CLI's parser and checks (a file name is only a class name here: no server file is read).
+        classes = split_list(given, "classes") if given.strip() else []
         if len(classes) < 2:
             raise ApiError(400, "give at least two class names in the form field 'classes', comma-separated")
-        if len(set(classes)) != len(classes):
-            raise ApiError(400, "the class names in 'classes' repeat; give each once")
+        check_classes(classes)
         if len(classes) > max_classes:
             raise ApiError(400, f"{len(classes)} class names in one request; send at most {max_classes} (the "
                                 "server's --max-classes)")
@@ -342,7 +343,8 @@ def create_app(
         texts = texts2 = images = None
         if kind(request) == "form":
             form = await read_form(request)
-            known(request, form_fields(form), {"text", "text2", "texts", "texts2", "top_k"}, "the form")
+            known(request, form_fields(form), {"text", "text2", "texts", "texts2", "top_k"}, "the form",
+                  repeatable=frozenset({"text", "text2", "texts", "texts2"}))  # one text a field
             top_k = form.get("top_k") or 5
             # Either name, as the JSON body takes either.
             texts = [str(v) for k in ("text", "texts") for v in form.getlist(k) if str(v).strip()] or None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import io
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,16 +41,24 @@ class RequestParser:
         return int(k)
 
     @staticmethod
-    def known(request: Request, given, allowed: set[str], where: str, query: frozenset[str] = frozenset()) -> None:
+    def known(request: Request, given, allowed: set[str], where: str, query: frozenset[str] = frozenset(),
+              repeatable: frozenset[str] = frozenset()) -> None:
         """400 naming a field of `given` (a JSON body's keys or a form's text fields) that `allowed`
         lacks, or a query parameter outside `query`: a misspelt `kk` or `topk` was dropped and
-        answered with the defaults."""
+        answered with the defaults. Likewise a field or parameter given twice, unless `repeatable`:
+        all but the last were dropped."""
         for name in given:
             if name not in allowed:
                 _unknown(name, allowed, where)
         for name in request.query_params:
             if name not in query:
                 _unknown(name, query, "the query string")
+        query_names = [n for n, _ in request.query_params.multi_items()]
+        for names, in_ in ((list(given), where), (query_names, "the query string")):
+            counts = Counter(names)
+            twice = next((n for n, c in counts.items() if c > 1 and n not in repeatable), None)
+            if twice is not None:
+                raise ApiError(400, f"{twice!r} is given {counts[twice]} times in {in_}; give it once")
 
     @staticmethod
     def form_fields(form) -> list[str]:
