@@ -544,6 +544,8 @@ def test_bad_requests(server):
          400, "'classes' is given 2 times in the form; give it once"),
         (server.post_form("/classify", {"classes": "red, blue, red"}, [("image", "a.png", png)]), 400,
          "class 'red' is named twice"),
+        (server.post_form("/classify", {"classes": "Cat, dog, CAT"}, [("image", "a.png", png)]), 400,
+         "classes 'Cat' and 'CAT' are the same to this model's tokenizer (each reads as 'cat')"),
         (server.get("/search?q=red&q=blue"), 400, "'q' is given 2 times in the query string; give it once"),
         (server.post_json("/search?k=2&k=3", {"position": 1}), 400, "'k' is given 2 times in the query string"),
         (server.post_json("/predict", {"texts": []}), 400, "texts"),

@@ -572,6 +572,20 @@ def test_the_hints_of_index_search_and_embed_point_where_they_should(tiny_model,
                 str(tmp_path / "moved")]) == 0
 
 
+def test_classify_refuses_classes_the_models_tokenizer_reads_alike(tiny_model, photos, capsys):
+    """An uncased tokenizer reads 'Cat' as 'cat', and every emoji as [UNK]: such classes tied exactly."""
+    base = ["classify", "--model", str(tiny_model), "--images", str(photos / "red"), "--templates", "none"]
+    code = cli(base + ["--classes", "Cat,dog,cat,CAT"])
+    said = capsys.readouterr()
+    assert code == 2 and said.out == "" and "Traceback" not in said.err, said  # refused before any work
+    assert said.err.strip().endswith("classes 'Cat', 'cat' and 'CAT' are the same to this model's tokenizer (each "
+                                     "reads as 'cat'), so they would tie; name classes it tells apart"), said
+    assert len(said.err.strip().splitlines()) == 1
+    err = _one_line(capsys, cli(base + ["--classes", "\N{CAT FACE},\N{DOG FACE}"]))
+    assert "classes '\N{CAT FACE}' and '\N{DOG FACE}' are the same" in err and "reads as '[UNK]'" in err
+    assert cli(base + ["--classes", "cat,dog"]) == 0
+
+
 def test_classify_writes_the_files_it_read_as_predict_names_them(tiny_model, photos, tmp_path, monkeypatch):
     monkeypatch.chdir(photos.parent)  # images named relative to here: the output names them whole
     out = tmp_path / "p.csv"

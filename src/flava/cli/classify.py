@@ -71,6 +71,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.output:
         check_writable(args.output, directory=False)
     model = load_for_inference(args.model, args.device, args.int8)
+    check_classes(classes, model.processor.tokenizer)  # names it reads alike, before any work
     console.print(escape(f"classifying {len(inputs)} image(s){said_left_out(inputs.left_out)} into {len(classes)} "
                          f"classes with {len(templates)} prompt template(s)"))
     clf = ZeroShotClassifier(model, classes, templates, args.batch_size)

@@ -264,6 +264,11 @@ class TextTokenizer:
         """One text's ids (cheaper than a batch of one: no thread pool)."""
         return self.tok.encode(text).ids
 
+    def pieces(self, text: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """One text's token ids and tokens without the model's CLS and SEP: what it reads of it."""
+        e = self.tok.encode(text, add_special_tokens=False)
+        return tuple(e.ids), tuple(e.tokens)
+
     def __call__(self, texts: list[str]) -> TokenizedText:
         ids = self.encode(texts)
         return TokenizedText(pad_rows(ids, self.special.pad), attention_mask(ids))

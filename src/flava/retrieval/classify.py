@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.tokenizer import TextTokenizer
 from ..errors import DataError, InputError
 from ..evaluate.zero_shot import CLIP_TEMPLATES, TEMPLATE_SETS, class_embeddings, parse_templates
 from ..model.flava import FlavaModel
@@ -62,11 +63,26 @@ class Prediction:
     error: str | None = None
 
 
-def check_classes(classes: Sequence[str]) -> None:
-    """InputError for a class named twice (its two probabilities would split one class's)."""
+def check_classes(classes: Sequence[str], tokenizer: TextTokenizer | None = None) -> None:
+    """InputError for a class named twice (its two probabilities would split one class's), or, given
+    the model's tokenizer, for classes it reads as the same token ids ('Cat' and 'cat' to an uncased
+    one, emoji that are all [UNK]): their prompts embed alike, so they tie exactly."""
     dup = next((c for i, c in enumerate(classes) if c in classes[:i]), None)
     if dup is not None:
         raise InputError(f"class {dup!r} is named twice")
+    if tokenizer is None:
+        return
+    read: dict[tuple[int, ...], list[str]] = {}
+    tokens = {}
+    for c in classes:
+        ids, tokens[c] = tokenizer.pieces(c)
+        read.setdefault(ids, []).append(c)
+    same = next((names for names in read.values() if len(names) > 1), None)
+    if same is not None:
+        names = ", ".join(repr(c) for c in same[:-1]) + f" and {same[-1]!r}"
+        pieces = " ".join(repr(t) for t in tokens[same[0]]) or "nothing"
+        raise InputError(f"classes {names} are the same to this model's tokenizer (each reads as {pieces}), so "
+                         "they would tie; name classes it tells apart")
 
 
 class ZeroShotClassifier:
@@ -77,7 +93,7 @@ class ZeroShotClassifier:
                  batch_size: int = 32, class_vectors: np.ndarray | None = None):
         """`class_vectors`: the classes' [C, D] prompt-ensemble embeddings when the caller made them
         already (the server does, a few prompts per model call)."""
-        check_classes(classes)
+        check_classes(classes, model.processor.tokenizer)
         self.classes = list(classes)
         self.embedder = Embedder(model, batch_size)
         if class_vectors is None:

@@ -308,7 +308,7 @@ def create_app(
         classes = split_list(given, "classes") if given.strip() else []
         if len(classes) < 2:
             raise ApiError(400, "give at least two class names in the form field 'classes', comma-separated")
-        check_classes(classes)
+        check_classes(classes, model.processor.tokenizer)  # before any of their prompts is embedded
         if len(classes) > max_classes:
             raise ApiError(400, f"{len(classes)} class names in one request; send at most {max_classes} (the "
                                 "server's --max-classes)")
