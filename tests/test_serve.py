@@ -438,6 +438,33 @@ def assert_items_served(model, index, pngs, holder, gone: str) -> None:
         assert status == 404 and gone in body["error"]
 
 
+def test_items_serves_a_file_only_while_it_is_an_image_and_as_the_image_it_is(tmp_path):
+    """What is at an indexed path now may not be what was indexed: a link to a secret, a text file,
+    a PNG renamed .jpg. Only an image is sent, typed by the format PIL reads, not by its extension."""
+    import io
+
+    images = []
+    for i, fmt in enumerate(("JPEG", "PNG", "PNG")):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), list(COLOURS.values())[i]).save(buf, format=fmt)
+        images.append(tmp_path / f"{i}.jpg")  # the second is a PNG under a .jpg name
+        images[-1].write_bytes(buf.getvalue())
+    index = index_from_arrays(np.eye(3, 8, dtype=np.float32), [str(p) for p in images], tmp_path / "idx")
+    with app_in_a_thread(create_app(None, index)) as client:
+        for i, media in ((0, "image/jpeg"), (1, "image/png")):
+            status, data, headers = client.get(f"/items/{i}")
+            assert status == 200 and headers["content-type"] == media and data == images[i].read_bytes()
+        secret = tmp_path / "secret.txt"
+        secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+        images[0].unlink()
+        images[0].symlink_to(secret)
+        images[2].write_text("a text file now")
+        for i in (0, 2):
+            status, body, _ = client.get(f"/items/{i}")
+            assert status == 404 and body["error"] == (f"the indexed image {images[i]} cannot be read (not an "
+                                                       "image); rebuild the index"), body
+
+
 def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path, monkeypatch):
     """`flava embed` over a WebDataset shard records its images as shard#offset: /items sends them."""
     import io

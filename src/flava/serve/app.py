@@ -11,9 +11,10 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
   `templates` ('clip', 'short', or prompts separated by '|', each with one {}) and `top_k`.
 - `POST /predict` a fine-tuned task model: JSON `{"texts": [...], "texts2": [...]?, "top_k"}` or
   multipart images + optional `text` fields.
-- `GET /items/{position}` the indexed image file at a position (only files the index records; an
-  image inside a local tar shard, which the index records as `shard#offset`, too) or, for a text
-  index, `{"position", "item"}`.
+- `GET /items/{position}` the indexed image file at a position (only files the index records, and
+  only while PIL still reads an image there, its media type from the format read; an image inside
+  a local tar shard, which the index records as `shard#offset`, too) or, for a text index,
+  `{"position", "item"}`.
 - `GET /metrics` Prometheus text format: `flava_requests_total{endpoint,method,status}` and a
   summary `flava_request_latency_ms{endpoint,quantile="0.5"|"0.99"}` with `_sum`, `_count` and
   `flava_request_latency_mean_ms`, and the gauge `flava_model_queue_waiting` (requests waiting for
@@ -44,7 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -384,7 +385,8 @@ def create_app(
             return Response(data, media_type=media)
         if not path.is_file():
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index")
-        return FileResponse(path)
+        data, media = await run_in_threadpool(_file_image, path)
+        return Response(data, media_type=media)
 
     @app.get("/metrics")
     async def metrics_endpoint(format: str = "prometheus"):
@@ -417,6 +419,36 @@ def _cell_bytes(cell) -> tuple[bytes, str]:
     return _image_response(cell.read_bytes, cell.locator())
 
 
+def _file_image(path: Path) -> tuple[bytes, str]:
+    """An indexed image file while it still is one: what is at the path now may have been replaced
+    (by a link to /etc/passwd, say), so its header is read, from the very file whose bytes are sent."""
+    import os
+    import stat
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        # Non-blocking: a FIFO put there meanwhile is no file to wait on.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ValueError("not a regular file")
+            with Image.open(f) as im:  # the header only: nothing but an image is read whole
+                media = _media_type(im.format)
+            f.seek(0)
+            return f.read(), media
+    except Exception as e:  # anything a missing or damaged file raises is this item's 404
+        why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ApiError(404, f"the indexed image {path} cannot be read ({why}); rebuild the index") from None
+
+
+def _media_type(format: str | None) -> str:
+    """The media type of an image format PIL read (not of a file name's extension)."""
+    from PIL import Image
+
+    # A camera's JPEG with MPF data opens as MPO, which a browser would download, not show.
+    return "image/jpeg" if format == "MPO" else Image.MIME.get(format or "", "application/octet-stream")
+
+
 def _image_response(read: Callable[[], bytes], where: str) -> tuple[bytes, str]:
     """An image's bytes and the media type they say."""
     import io
@@ -426,8 +458,7 @@ def _image_response(read: Callable[[], bytes], where: str) -> tuple[bytes, str]:
     try:
         data = read()
         with Image.open(io.BytesIO(data)) as im:
-            # A camera's JPEG with MPF data opens as MPO, which a browser would download, not show.
-            media = "image/jpeg" if im.format == "MPO" else Image.MIME.get(im.format or "", "application/octet-stream")
+            media = _media_type(im.format)
         return data, media
     except Exception as e:  # anything a damaged member or image raises is this item's 404
         raise ApiError(404, f"the indexed image {where} cannot be read ({e}); rebuild the index") from None
