@@ -203,6 +203,53 @@ def test_index_search_and_add_through_the_commands(tiny_model, photos, tmp_path,
     assert "a folder; give one image file" in capsys.readouterr().err
 
 
+def test_index_add_skips_the_items_already_in_the_index(tiny_model, photos, tmp_path, capsys):
+    """A folder that grew, embedded again and added: the items the index holds are skipped and
+    counted, the new ones added, each position's vector its own item's."""
+    folder, emb, idx = tmp_path / "imgs", tmp_path / "emb", tmp_path / "idx"
+    folder.mkdir()
+    red = sorted((photos / "red").glob("*.png"))
+    for p in red[:2]:
+        shutil.copy(p, folder / p.name)
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(folder), "--output", str(tmp_path / "e0")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "e0"), "--output", str(idx)]) == 0
+    for p in red[2:]:
+        shutil.copy(p, folder / p.name)
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(folder), "--output", str(emb)]) == 0
+    capsys.readouterr()
+    assert cli(["index", "--embeddings", str(emb), "--output", str(idx), "--add"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"added 2 vectors of {emb} to {idx}: 4 vectors (Flat); skipped 2 items already in the index" in said
+    index = VectorIndex.open(idx)
+    paths = [str((folder / p.name).resolve()) for p in red]
+    assert [index.item(i) for i in range(len(index))] == paths
+    run = read_embeddings(emb)
+    assert [m["image_path"] for m in run.metadata] == paths
+    np.testing.assert_allclose(np.stack([index.vector(i) for i in range(4)]), run.vectors, atol=1e-6)
+    assert [h.item for h in index.search(run.vectors[3:], 4)[0]][0] == paths[3]  # each hit once
+    assert len({h.item for h in index.search(run.vectors[3:], 4)[0]}) == 4
+    # Nothing new: refused in one line, the index as it was.
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(folder / red[0].name), "--output",
+                str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    err = _one_line(capsys, cli(["index", "--embeddings", str(tmp_path / "one"), "--output", str(idx), "--add"]))
+    assert f"all 1 items of {tmp_path / 'one'} are already in the index {idx}; nothing to add" in err
+    assert len(VectorIndex.open(idx)) == 4
+    # Texts: a line the index holds is skipped, whichever file it came from; an output folder embedded
+    # anew (other inputs) is no run already added.
+    (tmp_path / "a.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "b.txt").write_text("a blue square\na green star\na red circle\n")
+    embed = ["embed", "--model", str(tiny_model), "--output", str(tmp_path / "t"), "--texts"]
+    assert cli(embed + [str(tmp_path / "a.txt")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "t"), "--output", str(tmp_path / "tidx")]) == 0
+    shutil.rmtree(tmp_path / "t")
+    assert cli(embed + [str(tmp_path / "b.txt")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "t"), "--output", str(tmp_path / "tidx"), "--add"]) == 0
+    texts = VectorIndex.open(tmp_path / "tidx")
+    assert [texts.item(i) for i in range(len(texts))] == ["a red circle", "a blue square", "a green star"]
+    np.testing.assert_allclose(texts.vector(2), read_embeddings(tmp_path / "t").vectors[1], atol=1e-6)
+
+
 def test_shard_pairs_keep_their_captions_and_keys_through_index_and_search(tiny_model, photos, tmp_path, capsys):
     # A WebDataset shard's captions (.txt and .json) and sample keys reach the metadata, as a table's captions do.
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:

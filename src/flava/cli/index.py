@@ -23,8 +23,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..retrieval.index import add_embeddings, build_index
 
     if args.add:
-        index = add_embeddings(args.output, args.embeddings, args.which)
-        console.print(f"added {args.embeddings} to {args.output}: {len(index)} vectors ({index.factory})")
+        done = add_embeddings(args.output, args.embeddings, args.which)
+        skipped = f"; skipped {done.skipped} item{'s' * (done.skipped != 1)} already in the index" \
+            if done.skipped else ""
+        console.print(f"added {done.added} vector{'s' * (done.added != 1)} of {args.embeddings} to {args.output}: "
+                      f"{len(done.index)} vectors ({done.index.factory}){skipped}", soft_wrap=True)
         return
     index = build_index(args.embeddings, args.output, args.memory, args.which)
     console.print(f"indexed {len(index)} {index.modality} vectors of {index.dim} dimensions in {args.output} "

@@ -19,12 +19,14 @@ old one, so a kill at any point leaves the index as it was before or after, neve
 
 Small collections get an exact index; above `EXACT_MAX` vectors an inverted-file index whose
 lists hold the vectors themselves when they fit the memory budget, else product-quantized codes
-sized to fit it. `add` extends an index with new embeddings without rebuilding it.
+sized to fit it. `add` extends an index with new embeddings without rebuilding it; `add_embeddings`
+skips a run's items the index holds already (`item_key`).
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import os
 import re
@@ -209,6 +211,17 @@ class VectorIndex:
     def item(self, position: int) -> str:
         return self._item(self.metadata(position), position)
 
+    def item_keys(self) -> set[str]:
+        """`item_key` of every vector held."""
+        if self._table is None:
+            return set()
+        if self.modality == "image":
+            paths = self._table.column("image_path").to_pylist() if "image_path" in self._table.column_names else []
+            keys = {item_key({"image_path": v}, "image") for v in paths}
+        else:
+            keys = {item_key(row, "text", self.field(i)) for i, row in enumerate(self._table.to_pylist())}
+        return keys - {None}
+
     def vector(self, position: int) -> np.ndarray:
         """The stored vector (decoded: approximate for quantized indexes)."""
         if not 0 <= position < len(self):
@@ -291,6 +304,27 @@ class VectorIndex:
         return len(self)
 
 
+def item_key(row: dict, modality: str, text_field: str = "caption") -> str | None:
+    """What makes two metadata rows one item to an index of one model: an image by its path (or its
+    shard#offset, its table cell) alone, as a label beside it depends on the folder named; a text
+    with the rest of its row (the same caption of another image, or a row of another id, is another
+    item), whichever column held it. None for a row that names no image: the same as no other."""
+    if modality == "image":
+        return None if row.get("image_path") is None else str(row["image_path"])
+    rest = {k: v for k, v in row.items() if k != text_field and v is not None}  # None: a column another run had
+    return json.dumps([row.get(text_field), rest], sort_keys=True, default=str)
+
+
+@dataclass
+class Added:
+    """What `add_embeddings` did."""
+
+    index: VectorIndex
+    added: int
+    skipped: int
+    """The run's items already in the index (`item_key`), left out."""
+
+
 def remove_leftovers(directory: Path, keep: str) -> None:
     """Delete FAISS files index.json does not name (replaced ones, and those of killed adds)."""
     for p in directory.iterdir():
@@ -370,9 +404,10 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory
 
 
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
-                   ) -> VectorIndex:
+                   ) -> Added:
     """Extend an index with another embed run of the same model and modality (one writer at a
-    time: the index directory's lock)."""
+    time: the index directory's lock). The run's items the index holds already (`item_key`: a
+    folder embedded again once it grew) are skipped, so no hit comes back twice."""
     if not (Path(index_dir) / INFO_FILE).is_file():  # checked first: the lock would be left in any folder
         raise not_an_index(Path(index_dir), embeddings)
     with hold(Path(index_dir) / LOCK, str(index_dir), "wait for the other `flava index --add` to end"):
@@ -386,14 +421,24 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
         elif e.model != index.model:
             raise DataError(f"{embeddings} was embedded with {e.model} but the index holds {index.model}'s vectors; "
                             f"embed with the same model")
-        if str(Path(embeddings).resolve()) in index.info["sources"]:
+        source = str(Path(embeddings).resolve())
+        # The same folder embedded anew (other inputs) is added as any other run.
+        if any(s == source and (inputs is None or e.inputs is None or inputs == e.inputs)
+               for s, inputs in zip(index.info["sources"], index.source_inputs)):
             raise DataError(f"{embeddings} is already in the index {index_dir}")
         if e.inputs is not None and e.inputs in index.source_inputs:
             same = index.info["sources"][index.source_inputs.index(e.inputs)]
             raise DataError(f"{embeddings} embedded the same inputs as {same}, already in the index {index_dir}; "
                             "adding them again would return every hit twice")
-        index.add(e.vectors, e.metadata, str(Path(embeddings).resolve()), e.text_field, e.inputs)
-        return index
+        held = index.item_keys()
+        keep = [i for i, row in enumerate(e.metadata)
+                if (key := item_key(row, index.modality, e.text_field)) is None or key not in held]
+        if not keep:
+            raise DataError(f"all {len(e.metadata)} items of {embeddings} are already in the index {index_dir}; "
+                            "nothing to add")
+        # Vectors and metadata rows are taken by the same row numbers: position i stays row i's item.
+        index.add(e.vectors[keep], [e.metadata[i] for i in keep], source, e.text_field, e.inputs)
+        return Added(index, len(keep), len(e.metadata) - len(keep))
 
 
 def query_model(index: VectorIndex, name: str | None = None, allow_other: bool = False) -> tuple[str, str | None]:
