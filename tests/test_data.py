@@ -647,3 +647,17 @@ def test_inference_and_prepare_see_a_sideways_photograph_upright_and_an_image_in
     assert out.size == (256, 160)
     want = shown.resize((256, 160), Image.BICUBIC)
     assert np.abs(np.asarray(out, dtype=float) - np.asarray(want, dtype=float)).mean() < 1.0
+
+
+def test_an_orientation_xmp_gives_is_taken_by_libjpeg_turbos_path_as_by_pils():
+    # Pillow takes XMP's tiff:Orientation where EXIF has none; the two decoders must agree.
+    from flava.data.decode import decode_rgb, jpeg_orientation, open_image
+    from flava.data.members import Blob
+
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(buf, "JPEG", xmp=xmp)
+    data = buf.getvalue()
+    assert jpeg_orientation(data) == 6
+    assert decode_rgb(Blob(data)).shape == (40, 20, 3) and open_image(data).size == (20, 40)

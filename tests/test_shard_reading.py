@@ -124,6 +124,8 @@ def test_shards_compressed_whole_are_read_named_alone_or_in_a_folder_and_a_cut_o
 
 
 def test_an_img2dataset_folder_is_read_as_its_shards_and_a_folder_mixing_shards_and_images_is_refused(tmp_path):
+    import gzip
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -143,9 +145,26 @@ def test_an_img2dataset_folder_is_read_as_its_shards_and_a_folder_mixing_shards_
     assert len(open_source("images", str(out)).records) == 6
     (out / "stray.jpg").write_bytes(png(1))
     for kind in ("pairs", "images"):
-        with pytest.raises(DataError, match=r"holds both \.tar shards and image files \(stray\.jpg\): name the "
-                                            r"shards alone \(.*\*\.tar\) or move the images"):
+        with pytest.raises(DataError, match=r"i2d holds both shards \(00000\.tar\) and image files \(stray\.jpg\): "
+                                            r"name the shards alone \(.*i2d/\*\.tar\), or move the shards out"):
             open_source(kind, str(out))
+    # A class folder with an archive beside its classes: refused the same way, naming the suffix to name.
+    classes = tmp_path / "cls"
+    for name in ("cat", "dog"):
+        (classes / name).mkdir(parents=True)
+        (classes / name / "0.png").write_bytes(png(5))
+    tar_of(tmp_path / "backup.tar", [("cat/0.png", png(5))])
+    (classes / "backup.tar.gz").write_bytes(gzip.compress((tmp_path / "backup.tar").read_bytes()))
+    with pytest.raises(DataError, match=r"cls holds both shards \(backup\.tar\.gz\) and image files \(.*0\.png\): "
+                                        r"name the shards alone \(.*cls/\*\.tar\.gz\)"):
+        open_source("images", str(classes))
+    # Parquet beside a shard that is not its metadata's, in a folder whose name holds ".tar": parquet, as before.
+    data = tmp_path / "my.tarball_data"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"image": png(i), "caption": f"c{i}"} for i in range(4)]),
+                   data / "train.parquet")
+    tar_of(data / "images.tar", [("k.png", png(1)), ("k.txt", b"x")])
+    assert len(open_source("pairs", str(data)).records) == 4
 
 
 def test_a_shard_named_by_two_sources_is_refused_in_one_line(tmp_path, capsys):
@@ -164,6 +183,14 @@ def test_a_shard_named_by_two_sources_is_refused_in_one_line(tmp_path, capsys):
         with pytest.raises(DataError, match=r"data\.pairs: the shard .*0000[01]\.tar is named by both .* and .*; "
                                             r"give each shard once \(a weight draws one more often\)"):
             open_stream("pairs", specs, SampleMaker(spec, 0), 2, 0)
+    # Two columns of one parquet file are two sources, not one named twice.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"image": png(i), "en": f"e{i}", "de": f"d{i}"} for i in range(4)]),
+                   tmp_path / "x.parquet")
+    open_stream("pairs", [f"{tmp_path}/x.parquet?caption=en", f"{tmp_path}/x.parquet?caption=de"],
+                SampleMaker(spec, 0), 2, 0)
     # prepare and train-codebook refuse it alike.
     code = cli(["prepare", "--pairs", str(shards), str(shards / "00001.tar"), "--output", str(tmp_path / "p")])
     err = capsys.readouterr().err
@@ -172,27 +199,43 @@ def test_a_shard_named_by_two_sources_is_refused_in_one_line(tmp_path, capsys):
     code = cli(["train-codebook", "--pairs", str(shards), "--images", str(shards / "00000.tar"), "--output",
                 str(tmp_path / "cb"), "--steps", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and "named by both" in err and "(--images and --pairs together)" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "train-codebook: the shard" in err and "named by both" in err
 
 
-def test_an_empty_shard_and_a_link_member_are_counted_by_what_they_are(tmp_path):
+def test_an_empty_shard_a_link_and_tars_joined_with_cat_are_counted_by_what_they_are(tmp_path):
+    import gzip
+
     from flava.data.registry import open_source
 
     tar_of(tmp_path / "00000.tar", [("a.png", png(1)), ("a.txt", b"x")])
     tar_of(tmp_path / "00001.tar", [])
     with tarfile.open(tmp_path / "00002.tar", "w") as tar:
-        for name, data in (("b.png", png(2)), ("b.txt", b"y")):
+        for name, data in (("b.png", png(2)), ("b.txt", b"y"), ("c.png", png(3)), ("c.txt", b"z")):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        link = tarfile.TarInfo("c.png")
-        link.type, link.linkname = tarfile.SYMTYPE, "b.png"
-        tar.addfile(link)
-        tar.addfile(tarfile.TarInfo("c.txt"), io.BytesIO(b""))
+        for name, target in (("d.png", "b.png"), ("c.json", "c.txt")):  # d lost for it; c whole without it
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+        tar.addfile(tarfile.TarInfo("d.txt"), io.BytesIO(b""))
     src = open_source("pairs", str(tmp_path))
-    assert len(src.records) == 2
-    assert src.rejected == {"empty tar shard": 1, "tar member that is a link (links are not followed)": 1,
-                            "incomplete tar sample": 1}
+    assert len(src.records) == 3
+    assert src.rejected == {"empty tar shard": 1,
+                            "tar sample whose image or caption is a link (links in shards are not followed)": 1}
+    # Two tars joined with cat (or two gzipped ones): the reader stops at the first's end, and says so.
+    joined = tmp_path / "joined"
+    joined.mkdir()
+    a, b = (tar_of(tmp_path / f"{k}.tar", [(f"{k}.png", png(9)), (f"{k}.txt", b"w")]).read_bytes() for k in "ef")
+    (joined / "0.tar").write_bytes(a + b)
+    (joined / "1.tar.gz").write_bytes(gzip.compress(a) + gzip.compress(b))
+    src = open_source("pairs", str(joined))
+    assert len(src.records) == 2 and src.rejected == {
+        "data after the end of a tar shard (tars joined with cat: join them with tar -A)": 2}
+    # A plain tar whose first member's name begins as a bzip2 stream does ("BZh9..."): read as the tar it is.
+    tar_of(tmp_path / "bz.tar", [("BZh91AY&SY.png", png(4)), ("BZh91AY&SY.txt", b"v")])
+    assert len(open_source("pairs", str(tmp_path / "bz.tar")).records) == 1
 
 
 def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(tmp_path, capsys):
@@ -208,8 +251,36 @@ def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert f"{table} changed since {tmp_path / 'p'} was prepared from it (then 1 file(s), 6 samples; now 1 file(s), " \
-           "8 samples): prepare into a new directory" in err
+    assert f"{table} changed since {tmp_path / 'p'} was prepared from it (then 6 samples; now 8 samples): prepare " \
+           "into a new directory" in err
+
+
+def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_units_are_this_listings(tmp_path,
+                                                                                                          capsys):
+    # Its manifest records no `held`; a folder's listing changed since (hidden files passed over).
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for k in range(3):
+        tar_of(shards / f"0000{k}.tar", [(f"{k}.png", png(k)), (f"{k}.txt", b"x")])
+    args = ["prepare", "--pairs", str(shards), "--output", str(tmp_path / "p"), "--size", "16", "--workers", "1"]
+
+    def as_an_earlier_release_left_it():
+        manifest = json.loads((tmp_path / "p" / "prepare_settings.json").read_text())
+        manifest.pop("held", None)
+        (tmp_path / "p" / "prepare_settings.json").write_text(json.dumps(manifest))
+        for name in ("index.json", "prepare_report.json", "00002.json", "00002.tar"):
+            (tmp_path / "p" / name).unlink(missing_ok=True)
+
+    assert cli(args) == 0
+    as_an_earlier_release_left_it()
+    assert cli(args) == 0  # shards named as before: finished
+    assert json.loads((tmp_path / "p" / "index.json").read_text())["shardlist"][2]["nsamples"] == 1
+    as_an_earlier_release_left_it()
+    (shards / "00000.tar").rename(shards / "._00000.tar")  # now passed over: unit 0 is another shard
+    capsys.readouterr()
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "unfinished prepare started by an earlier flava" in err
 
 
 def test_tables_named_where_they_cannot_be_read_as_one_are_said_to_be_tables(tmp_path):
@@ -273,3 +344,20 @@ def test_a_shard_folder_passes_over_macos_leftovers(tmp_path):
     (tmp_path / "._stray.jpg").write_bytes(b"\x00\x05\x16\x07")
     src = open_source("pairs", str(tmp_path))
     assert [Path(s.url).name for s in src.shards] == ["00000.tar"] and len(src.records) == 1 and not src.rejected
+
+
+def test_a_parquet_source_with_a_column_named_twice_is_one_line(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flava.data.registry import open_source
+    from flava.errors import DataError
+
+    caps = pa.array(["a", "b"])
+    columns = [pa.array([png(1), png(2)]), caps, caps]
+    pq.write_table(pa.Table.from_arrays(columns, names=["image", "caption", "caption"]), tmp_path / "dup.parquet")
+    with pytest.raises(DataError, match=r"dup\.parquet.* names column 'caption' 2 times; rename or remove all but one"):
+        open_source("pairs", str(tmp_path / "dup.parquet"))
+    assert cli(["prepare", "--pairs", str(tmp_path / "dup.parquet"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

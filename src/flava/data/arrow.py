@@ -298,6 +298,8 @@ def _resolve_columns(spec: _Spec, kind: str, schema: pa.Schema, where: str) -> d
                             f"{', '.join(names)}: name one with ?{part}=COLUMN")
         if name not in names:
             raise DataError(f"{where} has no column {name!r}; its columns are {', '.join(names)}")
+        if names.count(name) > 1:  # pyarrow's schema.field raised, a traceback: which one was meant?
+            raise DataError(f"{where} names column {name!r} {names.count(name)} times; rename or remove all but one")
         ok, wanted = _CHECKS[part]
         if not ok(schema.field(name).type):
             raise DataError(f"{where}: column {name!r} holds {schema.field(name).type}; the {part} must be {wanted}")

@@ -66,10 +66,11 @@ def _orientation(read_exif: Callable[[], Image.Exif]) -> int:
 
 
 def jpeg_orientation(data: bytes) -> int:
-    """JPEG bytes' EXIF orientation (1 without one). The segments before the image data are
-    walked by their headers (microseconds; the data itself is never scanned), and Pillow reads
-    the EXIF segment where there is one."""
-    i, end = 2, len(data)
+    """JPEG bytes' orientation by Pillow's rule (EXIF's tag, else XMP's `tiff:Orientation`), as
+    the PIL path reads it: the segments before the image data are walked by their headers
+    (microseconds; the data itself is never scanned), and Pillow reads the EXIF where there is
+    one, or the whole header where XMP may say it."""
+    i, end, exif, xmp = 2, len(data), None, False
     while i + 4 <= end and data[i] == 0xFF:
         marker = data[i + 1]
         if marker == 0xFF:  # a fill byte before the marker
@@ -78,16 +79,25 @@ def jpeg_orientation(data: bytes) -> int:
         if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # the image data starts (or ends): EXIF comes before it
+        if marker in (0xD9, 0xDA):  # the image data starts (or ends): EXIF and XMP come before it
             break
         length = int.from_bytes(data[i + 2:i + 4], "big")
-        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00":
-            def read() -> Image.Exif:
-                exif = Image.Exif()
-                exif.load(data[i + 4:i + 2 + length])
-                return exif
-            return _orientation(read)
+        if marker == 0xE1 and data[i + 4:i + 10] == b"Exif\x00\x00" and exif is None:
+            exif = data[i + 4:i + 2 + length]
+        elif marker == 0xE1 and data[i + 4:i + 33] == b"http://ns.adobe.com/xap/1.0/\x00":
+            xmp = True
         i += 2 + length
+    if xmp:
+        def read() -> Image.Exif:
+            with Image.open(io.BytesIO(data)) as im:
+                return im.getexif()
+        return _orientation(read)
+    if exif is not None:
+        def parse() -> Image.Exif:
+            parsed = Image.Exif()
+            parsed.load(exif)
+            return parsed
+        return _orientation(parse)
     return 1
 
 

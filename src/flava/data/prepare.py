@@ -288,13 +288,16 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     if started:
         before = json.loads(mark.read_text())
         before["inputs"] = [_named(x) for x in before.get("inputs", [])]  # earlier releases: as typed
-        was = before.pop("held", held)  # earlier releases recorded none
-        if before == manifest and was != held:
+        was = before.pop("held", None)
+        if before == manifest and was is not None and was != held:
             changed = next(i for i, (a, b) in enumerate(zip(was, held)) if a != b)
-            counts = ["{:,} file(s)".format(n) + ("" if k is None else f", {k:,} samples") for n, k in
-                      (was[changed], held[changed])]
+            listed = not isinstance(sources[changed].shards[0], RecordShard)
+            counts = [(f"{n:,} shard(s)" if listed else "") + (", " if listed and k is not None else "")
+                      + ("" if k is None else f"{k:,} samples") for n, k in (was[changed], held[changed])]
             raise DataError(f"{sources[changed].name} changed since {output} was prepared from it (then {counts[0]}; "
                             f"now {counts[1]}): prepare into a new directory (or remove this one to prepare it again)")
+        if before == manifest and was is None and not (output / INDEX).is_file():
+            _check_units_of_an_earlier_release(output, _units(sources, settings.shard_size))
         if before != manifest:
             what = f"other inputs or settings ({said(differences(before, manifest))})"
             if (output / INDEX).is_file():  # finished: there is nothing to finish
@@ -419,6 +422,23 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
               "image_tokens": bool(tokenizer_factory)}
     write_json_atomic(output / REPORT, report)
     return report
+
+
+def _check_units_of_an_earlier_release(output: Path, units: list) -> None:
+    """An unfinished prepare an earlier release started recorded no `held`: its units must be
+    this listing's, or the shards it finishes would mix two listings (folders now pass over
+    hidden files and find more image suffixes; a table's captions that are not text are left
+    out). A shard's unit is checked by name; a slice of a folder or table cannot be, and is refused."""
+    for sidecar in sorted(output.glob("[0-9]*.json")):
+        n = int(sidecar.stem)
+        try:
+            named = json.loads(sidecar.read_text()).get("input")
+        except (OSError, ValueError):
+            continue  # a damaged sidecar: the unit is written again
+        if n >= len(units) or isinstance(units[n], RecordShard) or named != units[n].name:
+            raise DataError(f"{output} is an unfinished prepare started by an earlier flava, which listed its inputs "
+                            "otherwise (folders now pass over hidden files and find more image suffixes): prepare "
+                            "into a new directory (or remove this one to prepare it again)")
 
 
 def _remove_strays(output: Path) -> None:

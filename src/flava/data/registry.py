@@ -15,7 +15,7 @@ from typing import Literal
 
 from ..errors import DataError
 from . import arrow, demo, sources, tables, tars, texts
-from .images import IMAGE_SUFFIXES, find_images, passed_over
+from .images import IMAGE_SUFFIXES, find_images, passed_over, walk_files
 from .shards import ShardCache, is_remote
 from .sources import Source
 
@@ -23,14 +23,45 @@ Kind = Literal["pairs", "images", "text"]
 KINDS: tuple[Kind, ...] = ("pairs", "images", "text")
 
 
+def _shards_in(folder: Path) -> list[str]:
+    """The names of the tar shards (plain or compressed) directly in `folder`."""
+    return sorted(q.name for q in folder.iterdir() if q.name.lower().endswith(tars.TAR_SUFFIXES)
+                  and not passed_over(q.name))
+
+
 def _is_tar_spec(spec: str) -> bool:
-    low = spec.lower().rstrip("/")
-    if low.endswith((".tar", ".tgz", ".json", "}")) or low.startswith("pipe:") or ".tar" in low:
-        return True
     p = Path(spec)
-    return not is_remote(spec) and p.is_dir() and (
-        (p / tars.INDEX).is_file()
-        or any(q.name.lower().endswith(tars.TAR_SUFFIXES) and not passed_over(q.name) for q in p.iterdir()))
+    if not is_remote(spec) and p.is_dir():  # by what it holds, whatever its name ("my.tar_files/")
+        return (p / tars.INDEX).is_file() or bool(_shards_in(p))
+    low = spec.lower().rstrip("/")
+    return low.endswith((".tar", ".tgz", ".json", "}")) or low.startswith("pipe:") or ".tar" in low
+
+
+def _img2dataset_output(spec: str) -> bool:
+    """A folder of shards each with its metadata table beside it (NNNNN.tar + NNNNN.parquet: urls
+    and captions, no image), as img2dataset writes them: its shards are the data."""
+    p = Path(spec)
+    if is_remote(spec) or not p.is_dir():
+        return False
+    stems = {name.split(".", 1)[0] for name in _shards_in(p)}
+    metadata = [q.stem for q in p.glob("*.parquet") if not passed_over(q.name)]
+    return bool(metadata) and all(stem in stems for stem in metadata)
+
+
+def _refuse_shards_beside_images(spec: str) -> None:
+    """A folder read as shards leaves out the images beside them (a class folder's sub-folders,
+    a preview), unsaid: refused, naming both."""
+    p = Path(spec)
+    if is_remote(spec) or not p.is_dir():
+        return
+    shards = _shards_in(p)
+    if not shards:
+        return
+    images = next((str(q.relative_to(p)) for q in walk_files(p) if q.suffix.lower() in IMAGE_SUFFIXES), None)
+    if images is not None:
+        suffix = "." + shards[0].split(".", 1)[1]
+        raise DataError(f"{spec} holds both shards ({shards[0]}) and image files ({images}): name the shards alone "
+                        f"({p / ('*' + suffix)}), or move the shards out of it to read the images")
 
 
 def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Source:
@@ -44,16 +75,7 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     if missing is not None:  # read as shards, it was "no tar shards match PATH?image=jpg"
         raise DataError(f"{missing} does not exist (named by {spec}, whose columns after '?' a parquet file or a "
                         "`datasets` directory takes)")
-    shard_folder = not is_remote(spec) and Path(spec).is_dir() and _is_tar_spec(spec)
-    if shard_folder:
-        loose = sorted(q.name for q in Path(spec).iterdir()
-                       if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file() and not passed_over(q.name))
-        if loose:  # read as shards, the images were left out unsaid
-            raise DataError(f"{spec} holds both .tar shards and image files ({loose[0]}"
-                            f"{f' and {len(loose) - 1:,} more' if len(loose) > 1 else ''}): name the shards alone "
-                            f"({Path(spec) / '*.tar'}) or move the images to a folder of their own")
-    # img2dataset writes each shard's metadata beside it (NNNNN.parquet: urls and captions, no image).
-    if arrow.is_arrow_spec(spec) and not shard_folder:
+    if arrow.is_arrow_spec(spec) and not _img2dataset_output(spec):
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     _refuse_tables_as_several(kind, spec)
     if kind == "text":
@@ -76,6 +98,7 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
         raise DataError(f"{spec}: remote {kind} are read from WebDataset shards (.tar files, a folder or glob of "
                         f"them, or their index.json); copy the {one} here and name its local path")
     if kind == "pairs" or remote or _is_tar_spec(spec):
+        _refuse_shards_beside_images(spec)
         return tars.tar_source(kind, spec, cache)
     if is_loose_image(spec):
         return loose_images([spec])
@@ -100,13 +123,14 @@ def _refuse_tables_as_several(kind: Kind, spec: str) -> None:
     if Path(path).is_dir():
         found = sorted(q.name for q in Path(path).iterdir()
                        if q.name.lower().endswith(delimited) and q.is_file() and not passed_over(q.name))
-        holds_other = any(q.name.lower().endswith((*IMAGE_SUFFIXES, ".tar", ".txt", ".parquet", ".arrow"))
+        holds_other = any(q.name.lower().endswith((*IMAGE_SUFFIXES, *tars.TAR_SUFFIXES, ".txt", ".parquet", ".arrow"))
                           for q in Path(path).iterdir())
     elif any(c in path for c in "*?["):
         import glob
 
-        found = sorted(m for m in glob.glob(path) if m.lower().endswith(delimited))
-        holds_other = False
+        matched = glob.glob(path)
+        found = sorted(m for m in matched if m.lower().endswith(delimited))
+        holds_other = len(found) < len(matched)
     else:
         return
     if found and not holds_other and kind == "pairs":
@@ -139,8 +163,9 @@ def check_disjoint(sources: Sequence[Source], where: str, hint: str = " (a weigh
             url = getattr(shard, "url", None) or getattr(getattr(shard, "file", None), "path", None)
             if url is None:  # records in memory: a table's rows, a folder's listing
                 continue
+            # ... and what is read of it: another column of a parquet file, field of a JSONL file.
             key = (url if is_remote(url) else os.path.abspath(url), getattr(shard, "start", None),
-                   getattr(shard, "unit", None))
+                   getattr(shard, "unit", None), repr(getattr(shard, "columns", None)), getattr(shard, "field", None))
             if key in owner:
                 named = f"both {owner[key].name} and {src.name}" if owner[key] is not src else f"{src.name} twice"
                 raise DataError(f"{where}: the shard {url} is named by {named}; give each shard once{hint}")

@@ -32,24 +32,40 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 
 def _decompressor(head: bytes):
     """A maker of incremental decompressors for a shard compressed whole (gzip, bzip2, xz: told by
-    its first bytes, whatever its name), or None for a plain tar."""
+    its first bytes, whatever its name), or None for a plain tar. `head`: its first 262 bytes."""
     import bz2
     import lzma
     import zlib
 
-    if head[:2] == b"\x1f\x8b":
+    if head[257:262] == b"ustar":  # a tar's header: its first member's name may begin "BZh..."
+        return None
+    if head[:3] == b"\x1f\x8b\x08":
         return lambda: zlib.decompressobj(31)
-    if head[:3] == b"BZh":
+    if head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
         return bz2.BZ2Decompressor
     if head[:6] == b"\xfd7zXZ\x00":
         return lzma.LZMADecompressor
     return None
 
 
+def _data_after(f, start: int, total: int) -> bool:
+    """Whether anything but padding follows a tar's end (another tar joined with `cat`, which
+    tarfile, as WebDataset's reader, never reaches: `tar -A` joins them readably)."""
+    if total <= start:
+        return False
+    f.seek(start)
+    return any(f.read(min(total - start, 2**20)))
+
+
+_LINK = object()
+"""A link member in a sample's group: not read (it names another member), but a sample that
+lacks its image or caption for it is counted as such."""
+
+
 def _decompressed(data: bytes | memoryview, make) -> bytes:
     """The tar inside a compressed shard: as much as its data gives (a shard cut short or damaged
     keeps the members before the damage; the tar reader then counts it), concatenated streams
-    (`cat a.gz b.gz`) one after another."""
+    (`cat a.gz b.gz`) one after another (their tars joined as `cat` joins them: counted)."""
     out, rest = [], bytes(data)
     while rest:
         d = make()
@@ -94,9 +110,9 @@ class TarShard:
         where = read(self.url, self.cache)
         if isinstance(where, Path):
             with open(where, "rb") as f:
-                head = f.read(6)
+                head = f.read(262)
         else:
-            head = bytes(where[:6])
+            head = bytes(where[:262])
         make = _decompressor(head)
         if make is not None:
             where = _decompressed(where.read_bytes() if isinstance(where, Path) else where, make)
@@ -115,9 +131,8 @@ class TarShard:
                 end = 0
                 for info in tar:
                     end = info.offset_data + info.size
-                    if info.issym() or info.islnk():  # its sample is then incomplete: this says why
-                        rejected["tar member that is a link (links are not followed)"] += 1
-                    if not info.isfile():
+                    link = info.issym() or info.islnk()
+                    if not (info.isfile() or link):
                         continue
                     if end > total:
                         rejected["tar member past the end of its shard"] += 1
@@ -128,11 +143,14 @@ class TarShard:
                     n = latest.get(key, 0)
                     if ext in groups.get((key, n), ()):
                         n = latest[key] = n + 1
-                    groups.setdefault((key, n), {})[ext] = (
+                    groups.setdefault((key, n), {})[ext] = _LINK if link else (
                         TarMember(where, info.offset_data, info.size, ext) if data is None
                         else Blob(data[info.offset_data:end], ext))
-                if not cut and not _end_marker_present(f, -(-end // 512) * 512, total):
+                marker = -(-end // 512) * 512
+                if not cut and not _end_marker_present(f, marker, total):
                     rejected["truncated tar shard"] += 1
+                elif not cut and _data_after(f, marker + 1024, total):
+                    rejected["data after the end of a tar shard (tars joined with cat: join them with tar -A)"] += 1
                 elif not groups and not cut:
                     rejected["empty tar shard"] += 1
         except (tarfile.TarError, OSError):
@@ -143,28 +161,34 @@ class TarShard:
     def open(self) -> Opened:
         rejected: Counter = Counter()
         records = []
-        for (key, _), members in self._members(rejected).items():
+        for (key, _), group in self._members(rejected).items():
+            members = {ext: m for ext, m in group.items() if m is not _LINK}
+            links = [ext for ext, m in group.items() if m is _LINK]
             image = next((m for ext, m in members.items() if ext in IMAGE_SUFFIXES), None)
             prepared = PreparedCrops(members[CROPS_EXT], members[TOKENS_EXT]) \
                 if CROPS_EXT in members and TOKENS_EXT in members else None
             if self.kind == "images":
                 if image is None:
-                    rejected[_incomplete(members)] += 1
+                    rejected[_incomplete(members, links)] += 1
                     continue
                 label = members.get(".cls")
                 records.append(ImageRecord(image, _label(label), prepared))
                 continue
             caption = next((members[e] for e in CAPTION_SUFFIXES if e in members), None)
             if image is None or caption is None:
-                rejected[_incomplete(members)] += 1
+                rejected[_incomplete(members, links, image is None, caption is None)] += 1
                 continue
             records.append(PairRecord(image, caption, prepared, key))
         return Opened(records, rejected)
 
 
-def _incomplete(members: dict[str, Member]) -> str:
-    """Why a sample lacks its image or caption: its members' names held a dot in their key
-    (`photo.v2.jpg` is key `photo`, extension `.v2.jpg`), or it is missing one."""
+def _incomplete(members: dict[str, Member], links: list[str], no_image: bool = True,
+                no_caption: bool = False) -> str:
+    """Why a sample lacks its image or caption: a link stood for it (links are not followed), its
+    members' names held a dot in their key (`photo.v2.jpg` is key `photo`, extension `.v2.jpg`),
+    or it is missing one."""
+    if any(no_image and ext in IMAGE_SUFFIXES or no_caption and ext in CAPTION_SUFFIXES for ext in links):
+        return "tar sample whose image or caption is a link (links in shards are not followed)"
     if any(ext.count(".") > 1 and ext.endswith((*IMAGE_SUFFIXES, *CAPTION_SUFFIXES)) for ext in members):
         return "tar sample whose key holds a dot (a key ends at its name's first dot: rename a.b.jpg a_b.jpg)"
     return "incomplete tar sample"

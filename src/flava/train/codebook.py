@@ -244,7 +244,7 @@ def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
     check_distinct([*images, *pairs], "train-codebook", " (--images and --pairs together)")
     demo = [demo_source("images")] if "demo" in images else []
     sources = demo + open_images([s for s in images if s != "demo"]) + [open_source("pairs", spec) for spec in pairs]
-    check_disjoint(sources, "train-codebook", " (--images and --pairs together)")
+    check_disjoint(sources, "train-codebook", "")
     return sources
 
 
