@@ -573,6 +573,9 @@ def test_bad_requests(server):
          "class 'red' is named twice"),
         (server.post_form("/classify", {"classes": "Cat, dog, CAT"}, [("image", "a.png", png)]), 400,
          "classes 'Cat' and 'CAT' are the same to this model's tokenizer (each reads as 'cat')"),
+        # Past the server's cap (1000), refused before any check whose time grows with the names.
+        (server.post_form("/classify", {"classes": ",".join(["same"] + [f"c{i}" for i in range(3000)] + ["same"])},
+                          [("image", "a.png", png)]), 400, "3002 class names in one request; send at most 1000"),
         (server.get("/search?q=red&q=blue"), 400, "'q' is given 2 times in the query string; give it once"),
         (server.post_json("/search?k=2&k=3", {"position": 1}), 400, "'k' is given 2 times in the query string"),
         (server.post_json("/predict", {"texts": []}), 400, "texts"),

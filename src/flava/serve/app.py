@@ -309,10 +309,10 @@ def create_app(
         classes = split_list(given, "classes") if given.strip() else []
         if len(classes) < 2:
             raise ApiError(400, "give at least two class names in the form field 'classes', comma-separated")
-        check_classes(classes, model.processor.tokenizer)  # before any of their prompts is embedded
-        if len(classes) > max_classes:
+        if len(classes) > max_classes:  # first: the checks below take time in proportion
             raise ApiError(400, f"{len(classes)} class names in one request; send at most {max_classes} (the "
                                 "server's --max-classes)")
+        check_classes(classes, model.processor.tokenizer)  # before any of their prompts is embedded
         templates = parse_templates(str(form.get("templates") or "clip"))
         if len(templates) > PROMPTS_PER_CALL:  # each class's prompts go in one model call
             raise ApiError(400, f"{len(templates)} templates in one request; send at most {PROMPTS_PER_CALL}")
