@@ -137,3 +137,15 @@ def test_linked_folders_are_followed_once_and_a_linked_image_is_named_where_it_i
     assert summary["embedded"] == 1 and summary["failed"] == {"image named twice": 1}
     assert summary["failures"] == [{"image_path": str(photos / "b.png"), "error": "image named twice",
                                     "same_as": str(photos / "a.png")}]
+
+
+def test_a_link_to_a_folder_beside_it_is_not_walked_again(tmp_path):
+    # `current -> v2`, a common layout: each image once, under the folder that holds it.
+    root = tmp_path / "lk"
+    put(root / "v2" / "cat" / "r1.png", image_bytes(1))
+    put(root / "v1" / "cat" / "r0.png", image_bytes(0))
+    (root / "current").symlink_to("v2", target_is_directory=True)
+    (root / "v2" / "also").symlink_to(root / "v1", target_is_directory=True)  # walked already: once
+    assert find_images([root]) == [root / "v1" / "cat" / "r0.png", root / "v2" / "cat" / "r1.png"]
+    src = image_folder(str(root))
+    assert src.classes == ["v1", "v2"] and len(src.records) == 2

@@ -25,24 +25,43 @@ def passed_over(name: str) -> bool:
 
 
 def walk_files(root: str | os.PathLike) -> Iterator[Path]:
-    """Every file below the folder `root`, in no set order, none `passed_over`. A link to a folder
-    is followed (datasets are assembled with `ln -s`), but not to a folder the walk is already
-    inside: a link to a parent would loop."""
-    stack = [(Path(root), (os.path.realpath(root),))]
-    while stack:
-        folder, inside = stack.pop()  # `inside`: the real paths of the folders from root to here
-        try:
-            with os.scandir(folder) as listing:
-                entries = [e for e in listing if not passed_over(e.name)]
-        except PermissionError:  # an unreadable sub-folder is passed over, as Path.rglob does
-            continue
-        for e in entries:
-            if not e.is_dir():  # a file, a link to one, or a dangling link (then named unreadable)
-                yield Path(e.path)
+    """Every file below the folder `root`, in no set order, none `passed_over`. Folders are walked
+    once each: the tree as it lies first, then the links to folders it holds (datasets are
+    assembled with `ln -s`), in name order, where they reach a folder not walked yet and not one
+    that holds `root` (a link to a parent would loop, or walk the parent's other folders): a
+    `current -> v2` link beside `v2` had listed every image twice, as two classes."""
+    top = os.path.realpath(root)
+    walked: set[str] = set()
+    links: list[str] = []
+
+    def walk(start: str, real: str) -> Iterator[Path]:
+        stack = [(start, real)]
+        while stack:
+            folder, real = stack.pop()
+            if real in walked:
                 continue
-            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(inside[-1], e.name)
-            if real not in inside:
-                stack.append((Path(e.path), (*inside, real)))
+            walked.add(real)
+            try:
+                with os.scandir(folder) as listing:
+                    entries = [e for e in listing if not passed_over(e.name)]
+            except PermissionError:  # an unreadable sub-folder is passed over, as Path.rglob does
+                continue
+            for e in entries:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, os.path.join(real, e.name)))
+                elif e.is_symlink() and e.is_dir():
+                    links.append(e.path)
+                else:  # a file, a link to one, or a dangling link (then named unreadable)
+                    yield Path(e.path)
+
+    yield from walk(str(root), top)
+    while links:
+        pending = sorted(links)
+        links.clear()
+        for link in pending:
+            real = os.path.realpath(link)
+            if real not in walked and not (top + os.sep).startswith(real.rstrip(os.sep) + os.sep):
+                yield from walk(link, real)
 
 
 def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None) -> list[Path]:
