@@ -349,6 +349,18 @@ def test_an_address_not_of_this_machine_names_the_host_and_a_busy_port_the_port(
         assert cli(["serve", "--model", model, "--port", str(port)]) == 2
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port" in err, err
+    # An IPv6 address as a URL writes it, bracketed, is the address; a busy port on it is named as URLs name it.
+    with socket.socket(socket.AF_INET6) as busy:
+        busy.bind(("::1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        assert cli(["serve", "--model", model, "--host", "[::1]", "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot listen on [::1]:{port} (Address already in use); choose another --port" in err, err
+    # A link-local address without its interface: the host is at fault, and what it lacks is said.
+    assert cli(["serve", "--model", model, "--host", "fe80::1", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on fe80::1 (" in err and "names its interface: fe80::1%eth0" in err and "--port" not in err
 
 
 def test_nothing_loaded_answers_409():

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise ConfigError(f"--port {args.port} is not a port number; use 1 to 65535, or 0 for a free one")
     # Bound here, before loading, not by uvicorn: a busy port is one clear message at once, and
     # --port 0 prints the port it got.
+    if args.host.startswith("[") and args.host.endswith("]"):  # an IPv6 address as URLs write it
+        args.host = args.host[1:-1]
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     # proto=IPPROTO_TCP: accepted connections inherit it, and asyncio sets TCP_NODELAY only on
     # sockets that say they are TCP; without it every response waits ~40 ms for a delayed ACK.
@@ -71,11 +73,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
     except OSError as e:
         sock.close()
         # No interface of this machine has that address, or no such name: the host is at fault, not the port.
-        if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
-            raise ConfigError(f"cannot listen on {args.host} ({e.strerror}): it is no address of this machine; "
+        if isinstance(e, socket.gaierror) or e.errno in (errno.EADDRNOTAVAIL, errno.EINVAL):
+            scope = " (a link-local IPv6 address names its interface: fe80::1%eth0)" \
+                if args.host.lower().startswith("fe80:") and "%" not in args.host else ""
+            raise ConfigError(f"cannot listen on {args.host} ({e.strerror}): it is no address of this machine{scope}; "
                               "choose another --host (127.0.0.1 for this machine only, 0.0.0.0 for every "
                               "interface)") from None
-        raise ConfigError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port") from None
+        where = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+        raise ConfigError(f"cannot listen on {where}:{args.port} ({e.strerror}); choose another --port") from None
     try:
         app = build_app(args, console)
     except BaseException:
