@@ -20,7 +20,7 @@ old one, so a kill at any point leaves the index as it was before or after, neve
 Small collections get an exact index; above `EXACT_MAX` vectors an inverted-file index whose
 lists hold the vectors themselves when they fit the memory budget, else product-quantized codes
 sized to fit it. `add` extends an index with new embeddings without rebuilding it; `add_embeddings`
-skips a run's items the index holds already (`item_key`).
+skips a run's items the index holds already (`item_key`, found by `VectorIndex.holding`).
 """
 
 from __future__ import annotations
@@ -211,16 +211,44 @@ class VectorIndex:
     def item(self, position: int) -> str:
         return self._item(self.metadata(position), position)
 
-    def item_keys(self) -> set[str]:
-        """`item_key` of every vector held."""
-        if self._table is None:
-            return set()
+    def holding(self, rows: list[dict], text_field: str = "caption") -> dict[int, list[int]]:
+        """The positions holding the item (`item_key`) of each of `rows` (another run's metadata, its
+        texts in `text_field`), by row number; a row the index does not hold is absent. One
+        vectorised pass over the index's key column (`pyarrow.compute.is_in`: the image path, or
+        each file's text column) finds the candidates, and only their rows are read whole: the cost
+        grows with the run, not with the index."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if self._table is None or not rows:
+            return {}
+        wanted: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            if (key := item_key(row, self.modality, text_field)) is not None:
+                wanted.setdefault(key, []).append(i)
         if self.modality == "image":
-            paths = self._table.column("image_path").to_pylist() if "image_path" in self._table.column_names else []
-            keys = {item_key({"image_path": v}, "image") for v in paths}
-        else:
-            keys = {item_key(row, "text", self.field(i)) for i, row in enumerate(self._table.to_pylist())}
-        return keys - {None}
+            segments = [(0, len(self), "image_path")]
+            values = [row.get("image_path") for row in rows]
+        else:  # each metadata file holds its texts in its own run's column
+            segments = list(zip(self._starts, self._starts[1:] + [len(self)], map(self.field, self._starts)))
+            values = [row.get(text_field) for row in rows]
+        value_set = pa.array(list(dict.fromkeys(None if v is None else str(v) for v in values)), pa.string())
+        held: dict[int, list[int]] = {}
+        for start, end, field in segments:
+            if field not in self._table.column_names or end <= start:
+                continue
+            column = self._table.column(field).slice(start, end - start)
+            found = np.flatnonzero(pc.is_in(column, value_set=value_set).to_numpy(zero_copy_only=False))
+            if not len(found):
+                continue
+            positions = found + start
+            candidates = ([{"image_path": v} for v in column.take(found).to_pylist()] if self.modality == "image"
+                          else self._table.take(positions).to_pylist())
+            for position, row in zip(positions.tolist(), candidates):
+                if (key := item_key(row, self.modality, field)) is not None:
+                    for i in wanted.get(key, ()):
+                        held.setdefault(i, []).append(position)
+        return held
 
     def vector(self, position: int) -> np.ndarray:
         """The stored vector (decoded: approximate for quantized indexes)."""
@@ -430,9 +458,8 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
             same = index.info["sources"][index.source_inputs.index(e.inputs)]
             raise DataError(f"{embeddings} embedded the same inputs as {same}, already in the index {index_dir}; "
                             "adding them again would return every hit twice")
-        held = index.item_keys()
-        keep = [i for i, row in enumerate(e.metadata)
-                if (key := item_key(row, index.modality, e.text_field)) is None or key not in held]
+        held = index.holding(e.metadata, e.text_field)
+        keep = [i for i in range(len(e.metadata)) if i not in held]
         if not keep:
             raise DataError(f"all {len(e.metadata)} items of {embeddings} are already in the index {index_dir}; "
                             "nothing to add")
