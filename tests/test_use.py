@@ -250,6 +250,69 @@ def test_index_add_skips_the_items_already_in_the_index(tiny_model, photos, tmp_
     np.testing.assert_allclose(texts.vector(2), read_embeddings(tmp_path / "t").vectors[1], atol=1e-6)
 
 
+def test_index_add_adds_again_an_image_changed_since_it_was_indexed(tiny_model, photos, tmp_path, capsys):
+    """Another picture saved over a path the index holds, or a shard rewritten in place (its items
+    keep their shard#offset), is not 'already in the index': the index holds another picture's
+    vector there. The new vector is added and counted, with how to drop the old one."""
+    folder, idx = tmp_path / "g", tmp_path / "idx"
+    folder.mkdir()
+    red, blue = sorted((photos / "red").glob("*.png")), sorted((photos / "blue").glob("*.png"))
+    for i in range(3):
+        shutil.copy(red[i], folder / f"r{i}.png")
+    embed = ["embed", "--model", str(tiny_model), "--output"]
+    assert cli(embed + [str(tmp_path / "e1"), "--images", str(folder)]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "e1"), "--output", str(idx)]) == 0
+    shutil.copy(blue[0], folder / "r0.png")
+    shutil.copy(red[3], folder / "new.png")
+    assert cli(embed + [str(tmp_path / "e2"), "--images", str(folder)]) == 0
+    capsys.readouterr()
+    assert cli(["index", "--embeddings", str(tmp_path / "e2"), "--output", str(idx), "--add"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert (f"added 2 vectors of {tmp_path / 'e2'} to {idx}: 5 vectors (Flat); skipped 2 items already in the index; "
+            "1 item changed since it was indexed: added again; rebuild the index to drop the old vectors") in said
+    index, run = VectorIndex.open(idx), read_embeddings(tmp_path / "e2")
+    r0 = str((folder / "r0.png").resolve())
+    assert [i for i in range(len(index)) if index.item(i) == r0] == [0, 4]
+    new_r0 = run.vectors[[m["image_path"] for m in run.metadata].index(r0)]
+    np.testing.assert_allclose(index.vector(4), new_r0, atol=1e-6)
+    assert index.search(new_r0, 1)[0][0].position == 4  # the picture at r0 now is found as r0
+    # Only saved over, embedded again into the same output (which re-embeds the part): the same run
+    # and inputs, but not the same vectors.
+    shutil.copy(blue[1], folder / "r1.png")
+    assert cli(embed + [str(tmp_path / "e2"), "--images", str(folder)]) == 0
+    capsys.readouterr()
+    assert cli(["index", "--embeddings", str(tmp_path / "e2"), "--output", str(idx), "--add"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert ("added 1 vector of" in said and "6 vectors (Flat); skipped 3 items already in the index; 1 item changed "
+            "since it was indexed: added again" in said), said
+    assert VectorIndex.open(idx).item(5) == str((folder / "r1.png").resolve())
+    # A shard rewritten in place: the same members at the same offsets, the first another picture.
+
+    def shard(pictures):
+        with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+            for i, p in enumerate(pictures):
+                png = io.BytesIO()
+                Image.open(p).save(png, "PNG", compress_level=0)  # stored: the same size for the same shape
+                for name, data in ((f"s{i}.png", png.getvalue()), (f"s{i}.txt", b"a square")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    shard(red[:2])
+    assert cli(embed + [str(tmp_path / "s1"), "--pairs", str(tmp_path / "00000.tar")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "s1"), "--output", str(tmp_path / "sidx")]) == 0
+    shard([blue[0], red[1]])
+    assert cli(embed + [str(tmp_path / "s2"), "--pairs", str(tmp_path / "00000.tar")]) == 0
+    keys = [m["image_path"] for m in read_embeddings(tmp_path / "s2").metadata]
+    assert keys == [m["image_path"] for m in read_embeddings(tmp_path / "s1").metadata] and "#" in keys[0]
+    capsys.readouterr()
+    assert cli(["index", "--embeddings", str(tmp_path / "s2"), "--output", str(tmp_path / "sidx"), "--add"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert ("added 1 vector of" in said and "3 vectors (Flat); skipped 1 item already in the index; 1 item changed "
+            "since it was indexed: added again" in said), said
+    assert VectorIndex.open(tmp_path / "sidx").item(2) == keys[0]
+
+
 def test_index_add_finds_the_items_held_from_the_run_not_by_reading_every_row(tiny_model, tmp_path, capsys,
                                                                                monkeypatch):
     """Which of a run's items an index holds is found by one vectorised pass over the index's key

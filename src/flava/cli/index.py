@@ -26,8 +26,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
         done = add_embeddings(args.output, args.embeddings, args.which)
         skipped = f"; skipped {done.skipped} item{'s' * (done.skipped != 1)} already in the index" \
             if done.skipped else ""
+        were = "s changed since they were" if done.changed != 1 else " changed since it was"
+        changed = (f"; {done.changed} item{were} indexed: added again; rebuild the index to drop the old vectors"
+                   if done.changed else "")
         console.print(f"added {done.added} vector{'s' * (done.added != 1)} of {args.embeddings} to {args.output}: "
-                      f"{len(done.index)} vectors ({done.index.factory}){skipped}", soft_wrap=True)
+                      f"{len(done.index)} vectors ({done.index.factory}){skipped}{changed}", soft_wrap=True)
         return
     index = build_index(args.embeddings, args.output, args.memory, args.which)
     console.print(f"indexed {len(index)} {index.modality} vectors of {index.dim} dimensions in {args.output} "

@@ -51,6 +51,10 @@ EXACT_MAX = 100_000
 DEFAULT_MEMORY = 16 * 2**30
 TRAIN_PER_LIST = 64
 """Training vectors per inverted list (FAISS warns below 39)."""
+SAME_VECTOR = 0.9999
+"""Cosine from which a run's vector of an item the index holds is the vector held: the same image
+embedded again by the same checkpoint differs by float noise only (~1e-6); another picture saved
+over it, even a near copy (two noisy squares of one colour to the tiny test model: 0.9994), by more."""
 
 
 def parse_memory(text: str | int | None) -> int:
@@ -250,6 +254,23 @@ class VectorIndex:
                         held.setdefault(i, []).append(position)
         return held
 
+    def changed(self, held: dict[int, list[int]], vectors: np.ndarray, chunk: int = 8192) -> list[int]:
+        """The rows of `held` (`holding`) whose vector in `vectors` (an embed run of the index's own
+        checkpoint) is at none of the positions holding the item: its image changed since it was
+        indexed (a file saved over, a shard rewritten in place). The run's vectors are compared as the
+        index stores them (encoded and decoded: a quantized index holds approximate vectors)."""
+        pairs = np.array([(row, p) for row, positions in held.items() for p in positions], np.int64).reshape(-1, 2)
+        same = np.zeros(len(pairs), bool)
+        for lo in range(0, len(pairs), chunk):  # in chunks: a whole folder embedded again may be millions of rows
+            rows, positions = pairs[lo:lo + chunk, 0], pairs[lo:lo + chunk, 1]
+            stored = self.faiss_index.reconstruct_batch(positions)
+            new = self.faiss_index.sa_decode(self.faiss_index.sa_encode(np.ascontiguousarray(vectors[rows],
+                                                                                             np.float32)))
+            norms = np.linalg.norm(stored, axis=1) * np.linalg.norm(new, axis=1)
+            same[lo:lo + chunk] = (stored * new).sum(axis=1) >= SAME_VECTOR * np.maximum(norms, 1e-12)
+        unchanged = set(pairs[same, 0].tolist())
+        return sorted(set(held) - unchanged)
+
     def vector(self, position: int) -> np.ndarray:
         """The stored vector (decoded: approximate for quantized indexes)."""
         if not 0 <= position < len(self):
@@ -351,6 +372,9 @@ class Added:
     added: int
     skipped: int
     """The run's items already in the index (`item_key`), left out."""
+    changed: int = 0
+    """The run's images the index holds another vector of (changed since they were indexed): added
+    again, among `added`; the old vectors stay until the index is rebuilt."""
 
 
 def remove_leftovers(directory: Path, keep: str) -> None:
@@ -435,7 +459,8 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
                    ) -> Added:
     """Extend an index with another embed run of the same model and modality (one writer at a
     time: the index directory's lock). The run's items the index holds already (`item_key`: a
-    folder embedded again once it grew) are skipped, so no hit comes back twice."""
+    folder embedded again once it grew) are skipped, so no hit comes back twice; an image that
+    changed since it was indexed (`VectorIndex.changed`) is added again, and counted."""
     if not (Path(index_dir) / INFO_FILE).is_file():  # checked first: the lock would be left in any folder
         raise not_an_index(Path(index_dir), embeddings)
     with hold(Path(index_dir) / LOCK, str(index_dir), "wait for the other `flava index --add` to end"):
@@ -450,22 +475,30 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
             raise DataError(f"{embeddings} was embedded with {e.model} but the index holds {index.model}'s vectors; "
                             f"embed with the same model")
         source = str(Path(embeddings).resolve())
-        # The same folder embedded anew (other inputs) is added as any other run.
-        if any(s == source and (inputs is None or e.inputs is None or inputs == e.inputs)
-               for s, inputs in zip(index.info["sources"], index.source_inputs)):
-            raise DataError(f"{embeddings} is already in the index {index_dir}")
-        if e.inputs is not None and e.inputs in index.source_inputs:
-            same = index.info["sources"][index.source_inputs.index(e.inputs)]
-            raise DataError(f"{embeddings} embedded the same inputs as {same}, already in the index {index_dir}; "
-                            "adding them again would return every hit twice")
         held = index.holding(e.metadata, e.text_field)
+        # An image at a path the index holds may have changed since (a text's key is the text itself).
+        # Its vector is added again rather than replaced: positions and the metadata files of earlier
+        # adds stay as they are (a flat index renumbers on removal), and the count is said.
+        changed = index.changed(held, e.vectors) if index.modality == "image" and e.vectors.shape[1:] == (
+            index.dim,) else []
+        for i in changed:
+            del held[i]
         keep = [i for i in range(len(e.metadata)) if i not in held]
-        if not keep:
+        if not keep:  # why, the most telling first
+            # The same run (or the same inputs embedded elsewhere) is refused only when nothing in it
+            # changed: images saved over in place keep the inputs' fingerprint (paths and captions).
+            if any(s == source and (inputs is None or e.inputs is None or inputs == e.inputs)
+                   for s, inputs in zip(index.info["sources"], index.source_inputs)):
+                raise DataError(f"{embeddings} is already in the index {index_dir}")
+            if e.inputs is not None and e.inputs in index.source_inputs:
+                same = index.info["sources"][index.source_inputs.index(e.inputs)]
+                raise DataError(f"{embeddings} embedded the same inputs as {same}, already in the index "
+                                f"{index_dir}; adding them again would return every hit twice")
             raise DataError(f"all {len(e.metadata)} items of {embeddings} are already in the index {index_dir}; "
                             "nothing to add")
         # Vectors and metadata rows are taken by the same row numbers: position i stays row i's item.
         index.add(e.vectors[keep], [e.metadata[i] for i in keep], source, e.text_field, e.inputs)
-        return Added(index, len(keep), len(e.metadata) - len(keep))
+        return Added(index, len(keep), len(e.metadata) - len(keep), len(changed))
 
 
 def query_model(index: VectorIndex, name: str | None = None, allow_other: bool = False) -> tuple[str, str | None]:
