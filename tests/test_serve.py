@@ -477,6 +477,54 @@ def test_items_serves_a_file_only_while_it_is_an_image_and_as_the_image_it_is(tm
                                                        "image); rebuild the index"), body
 
 
+def test_items_streams_the_file_with_its_validators_and_answers_a_conditional_get_with_304(tmp_path):
+    """/items streams the file it checked, a chunk at a time (read whole, 8 requests for a 75 MB TIFF
+    had held it 8 times), with the Content-Length, ETag and Last-Modified Starlette's FileResponse
+    sends, so the page's thumbnails are revalidated: a matching If-None-Match (weakly compared) or
+    If-Modified-Since is a 304 without a body; If-None-Match, when given, decides alone."""
+    import hashlib
+    import tracemalloc
+    from email.utils import formatdate
+    from urllib.parse import urlsplit
+
+    big = tmp_path / "big.bmp"
+    Image.new("RGB", (2500, 2000), (10, 200, 30)).save(big)  # 15 MB, uncompressed
+    index = index_from_arrays(np.eye(1, 8, dtype=np.float32), [str(big)], tmp_path / "idx")
+    st = big.stat()
+    etag = f'"{hashlib.md5(f"{st.st_mtime}-{st.st_size}".encode()).hexdigest()}"'
+    modified = formatdate(st.st_mtime, usegmt=True)
+    with app_in_a_thread(create_app(None, index)) as client:
+        status, data, headers = client.get("/items/0")
+        assert status == 200 and headers["content-type"] == "image/bmp" and data == big.read_bytes()
+        assert (headers["content-length"], headers["etag"], headers["last-modified"]) == (str(st.st_size), etag,
+                                                                                        modified)
+        for given in ({"If-None-Match": etag}, {"If-None-Match": f'"other", W/{etag}'}, {"If-None-Match": "*"},
+                      {"If-Modified-Since": modified}):
+            status, data, headers = client.request("GET", "/items/0", headers=given)
+            assert (status, data, headers["etag"], headers["last-modified"]) == (304, b"", etag, modified), given
+        for given in ({"If-None-Match": '"other"', "If-Modified-Since": modified},
+                      {"If-Modified-Since": formatdate(st.st_mtime - 60, usegmt=True)},
+                      {"If-Modified-Since": "not a date"}):
+            assert client.request("GET", "/items/0", headers=given)[0] == 200, given
+        os.utime(big, (st.st_atime, st.st_mtime + 10))  # changed since: the old tag no longer matches
+        status, data, headers = client.request("GET", "/items/0", headers={"If-None-Match": etag})
+        assert status == 200 and headers["etag"] != etag and data == big.read_bytes()
+        # Streamed: the server holds a chunk at a time, not the file (the client reads as it comes).
+        url = urlsplit(client.url)
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+        tracemalloc.start()
+        try:
+            conn.request("GET", "/items/0")
+            response, got = conn.getresponse(), 0
+            while chunk := response.read(64 * 1024):
+                got += len(chunk)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            conn.close()
+        assert got == st.st_size and peak < st.st_size / 4, (got, peak)
+
+
 def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path, monkeypatch):
     """`flava embed` over a WebDataset shard records its images as shard#offset: /items sends them."""
     import io

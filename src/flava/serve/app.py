@@ -12,7 +12,8 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
 - `POST /predict` a fine-tuned task model: JSON `{"texts": [...], "texts2": [...]?, "top_k"}` or
   multipart images + optional `text` fields.
 - `GET /items/{position}` the indexed image file at a position (only files the index records, and
-  only while PIL still reads an image there, its media type from the format read; an image inside
+  only while PIL still reads an image there, its media type from the format read; a file streamed
+  with FileResponse's ETag and Last-Modified, 304 to a conditional GET they match; an image inside
   a local tar shard, which the index records as `shard#offset`, too) or, for a text index,
   `{"position", "item"}`.
 - `GET /metrics` Prometheus text format: `flava_requests_total{endpoint,method,status}` and a
@@ -368,7 +369,7 @@ def create_app(
         return {"predictions": _json_safe(preds), "task": tm.task, "took_ms": _ms(start)}
 
     @app.get("/items/{position}")
-    async def item(position: int):
+    async def item(position: int, request: Request):
         idx = need_index()
         position = position_of(position)
         value = idx.item(position)
@@ -385,8 +386,7 @@ def create_app(
             return Response(data, media_type=media)
         if not path.is_file():
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index")
-        data, media = await run_in_threadpool(_file_image, path)
-        return Response(data, media_type=media)
+        return await run_in_threadpool(_file_image, path, request.headers)
 
     @app.get("/metrics")
     async def metrics_endpoint(format: str = "prometheus"):
@@ -419,26 +419,68 @@ def _cell_bytes(cell) -> tuple[bytes, str]:
     return _image_response(cell.read_bytes, cell.locator())
 
 
-def _file_image(path: Path) -> tuple[bytes, str]:
+def _file_image(path: Path, request_headers: Any) -> Response:
     """An indexed image file while it still is one: what is at the path now may have been replaced
-    (by a link to /etc/passwd, say), so its header is read, from the very file whose bytes are sent."""
+    (by a link to /etc/passwd, say), so its header is read from the very file whose bytes are then
+    streamed (never read whole: a 75 MB TIFF eight times at once), with the validators Starlette's
+    FileResponse sends, so a page's thumbnails are revalidated: 304 for a matching If-None-Match or
+    If-Modified-Since. Range requests are not supported (the whole file is sent)."""
+    import hashlib
     import os
     import stat
+    from email.utils import formatdate
 
     from PIL import Image, UnidentifiedImageError
+    from starlette.responses import StreamingResponse
 
+    f = None
     try:
         # Non-blocking: a FIFO put there meanwhile is no file to wait on.
-        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ValueError("not a regular file")
-            with Image.open(f) as im:  # the header only: nothing but an image is read whole
-                media = _media_type(im.format)
-            f.seek(0)
-            return f.read(), media
+        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        with Image.open(f) as im:  # the header only: nothing but an image is read whole
+            media = _media_type(im.format)
+        f.seek(0)
     except Exception as e:  # anything a missing or damaged file raises is this item's 404
+        if f is not None:
+            f.close()
         why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
         raise ApiError(404, f"the indexed image {path} cannot be read ({why}); rebuild the index") from None
+    # Of the file opened, not of the path (which may change meanwhile); as FileResponse computes them.
+    tag = hashlib.md5(f"{st.st_mtime}-{st.st_size}".encode(), usedforsecurity=False).hexdigest()
+    validators = {"last-modified": formatdate(st.st_mtime, usegmt=True), "etag": f'"{tag}"'}
+    if _not_modified(request_headers, validators["etag"], st.st_mtime):
+        f.close()
+        return Response(status_code=304, headers=validators)
+    return StreamingResponse(_read_chunks(f, st.st_size), media_type=media,
+                             headers={"content-length": str(st.st_size), **validators})
+
+
+def _read_chunks(f, size: int, chunk: int = 64 * 2**10):
+    """The first `size` bytes of `f` (its size when opened: the Content-Length sent), then `f` closed,
+    also when the client leaves early (the generator is closed)."""
+    with f:
+        while size > 0 and (data := f.read(min(chunk, size))):
+            size -= len(data)
+            yield data
+
+
+def _not_modified(request_headers: Any, etag: str, mtime: float) -> bool:
+    """Whether a GET's conditional headers match the file (RFC 9110 13.2.2: If-None-Match, compared
+    weakly, decides alone when given; else If-Modified-Since, to the second Last-Modified shows)."""
+    from email.utils import parsedate_to_datetime
+
+    if (tags := request_headers.get("if-none-match")) is not None:
+        given = {t.strip().removeprefix("W/") for t in tags.split(",")}
+        return "*" in given or etag in given
+    if (since := request_headers.get("if-modified-since")) is not None:
+        try:
+            return int(mtime) <= parsedate_to_datetime(since).timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):  # not a date: ignored, as RFC 9110 says
+            return False
+    return False
 
 
 def _media_type(format: str | None) -> str:
