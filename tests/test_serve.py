@@ -471,10 +471,43 @@ def test_items_serves_a_file_only_while_it_is_an_image_and_as_the_image_it_is(tm
         images[0].unlink()
         images[0].symlink_to(secret)
         images[2].write_text("a text file now")
-        for i in (0, 2):
+        for i, why in ((0, "it is now a link"), (2, "not an image")):
             status, body, _ = client.get(f"/items/{i}")
-            assert status == 404 and body["error"] == (f"the indexed image {images[i]} cannot be read (not an "
-                                                       "image); rebuild the index"), body
+            assert status == 404 and body["error"] == (f"the indexed image {images[i]} cannot be read ({why}); "
+                                                       "rebuild the index"), body
+
+
+def test_items_follows_no_link_and_names_what_is_at_the_path_instead_of_an_image(tmp_path):
+    """embed records resolved paths, so a link at an indexed path was put there since: replacing an
+    indexed .jpg by a link to another user's image outside the folder must not serve that image. A
+    FIFO, a directory or a link to /dev/zero there is named for what it is, not 'no longer exists'."""
+    import io
+
+    folder, elsewhere = tmp_path / "indexed", tmp_path / "other_user"
+    folder.mkdir()
+    elsewhere.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), COLOURS["red"]).save(buf, format="JPEG")
+    images = [folder / f"{i}.jpg" for i in range(5)]
+    for p in images:
+        p.write_bytes(buf.getvalue())
+    (elsewhere / "private.jpg").write_bytes(buf.getvalue())
+    index = index_from_arrays(np.eye(5, 8, dtype=np.float32), [str(p) for p in images], tmp_path / "idx")
+    with app_in_a_thread(create_app(None, index)) as client:
+        assert client.get("/items/0")[0] == 200
+        for p, put in ((images[0], lambda p: p.symlink_to(elsewhere / "private.jpg")),
+                       (images[1], lambda p: p.symlink_to("/dev/zero")),
+                       (images[2], lambda p: p.symlink_to(tmp_path / "nowhere.jpg")),
+                       (images[3], os.mkfifo), (images[4], os.mkdir)):
+            p.unlink()
+            put(p)
+        answers = [client.get(f"/items/{i}") for i in range(5)]
+        whys = ["it is now a link"] * 3 + ["not a regular file: a FIFO", "not a regular file: a directory"]
+        for (status, body, _), p, why in zip(answers, images, whys):
+            assert (status, body) == (404, {"error": f"the indexed image {p} cannot be read ({why}); rebuild the "
+                                                     "index"}), p
+        images[0].unlink()
+        assert client.get("/items/0")[1]["error"] == f"the indexed file {images[0]} no longer exists; rebuild the index"
 
 
 def test_items_streams_the_file_with_its_validators_and_answers_a_conditional_get_with_304(tmp_path):

@@ -11,11 +11,11 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
   `templates` ('clip', 'short', or prompts separated by '|', each with one {}) and `top_k`.
 - `POST /predict` a fine-tuned task model: JSON `{"texts": [...], "texts2": [...]?, "top_k"}` or
   multipart images + optional `text` fields.
-- `GET /items/{position}` the indexed image file at a position (only files the index records, and
-  only while PIL still reads an image there, its media type from the format read; a file streamed
-  with FileResponse's ETag and Last-Modified, 304 to a conditional GET they match; an image inside
-  a local tar shard, which the index records as `shard#offset`, too) or, for a text index,
-  `{"position", "item"}`.
+- `GET /items/{position}` the indexed image file at a position (only files the index records, not
+  through a link, and only while PIL still reads an image there, its media type from the format
+  read; a file streamed with FileResponse's ETag and Last-Modified, 304 to a conditional GET they
+  match; an image inside a local tar shard, which the index records as `shard#offset`, too) or,
+  for a text index, `{"position", "item"}`.
 - `GET /metrics` Prometheus text format: `flava_requests_total{endpoint,method,status}` and a
   summary `flava_request_latency_ms{endpoint,quantile="0.5"|"0.99"}` with `_sum`, `_count` and
   `flava_request_latency_mean_ms`, and the gauge `flava_model_queue_waiting` (requests waiting for
@@ -370,6 +370,8 @@ def create_app(
 
     @app.get("/items/{position}")
     async def item(position: int, request: Request):
+        import os
+
         idx = need_index()
         position = position_of(position)
         value = idx.item(position)
@@ -384,7 +386,7 @@ def create_app(
         if cell is not None:  # an image's bytes in a parquet or Arrow file
             data, media = await run_in_threadpool(_cell_bytes, cell)
             return Response(data, media_type=media)
-        if not path.is_file():
+        if not os.path.lexists(path):  # anything else there (a link, a FIFO) is named by _file_image
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index")
         return await run_in_threadpool(_file_image, path, request.headers)
 
@@ -425,6 +427,7 @@ def _file_image(path: Path, request_headers: Any) -> Response:
     streamed (never read whole: a 75 MB TIFF eight times at once), with the validators Starlette's
     FileResponse sends, so a page's thumbnails are revalidated: 304 for a matching If-None-Match or
     If-Modified-Since. Range requests are not supported (the whole file is sent)."""
+    import errno
     import hashlib
     import os
     import stat
@@ -433,20 +436,29 @@ def _file_image(path: Path, request_headers: Any) -> Response:
     from PIL import Image, UnidentifiedImageError
     from starlette.responses import StreamingResponse
 
-    f = None
+    fd = f = None
     try:
-        # Non-blocking: a FIFO put there meanwhile is no file to wait on.
-        f = os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
-        st = os.fstat(f.fileno())
+        # Non-blocking: a FIFO put there meanwhile is no file to wait on. No link is followed: embed
+        # records resolved paths, so a link there now (to another user's image) was put in its place.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError("not a regular file")
+            kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+                     stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+            raise ValueError("not a regular file" + "".join(f": {k}" for is_, k in kinds.items() if is_(st.st_mode)))
+        f = os.fdopen(fd, "rb")
         with Image.open(f) as im:  # the header only: nothing but an image is read whole
             media = _media_type(im.format)
         f.seek(0)
     except Exception as e:  # anything a missing or damaged file raises is this item's 404
         if f is not None:
             f.close()
-        why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
+        elif fd is not None:
+            os.close(fd)
+        if isinstance(e, FileNotFoundError):  # removed since the endpoint looked
+            raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index") from None
+        link = isinstance(e, OSError) and e.errno == errno.ELOOP and os.path.islink(path)
+        why = "it is now a link" if link else "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
         raise ApiError(404, f"the indexed image {path} cannot be read ({why}); rebuild the index") from None
     # Of the file opened, not of the path (which may change meanwhile); as FileResponse computes them.
     tag = hashlib.md5(f"{st.st_mtime}-{st.st_size}".encode(), usedforsecurity=False).hexdigest()
