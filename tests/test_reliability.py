@@ -216,6 +216,7 @@ def test_a_loader_workers_error_is_its_own_one_line():
         "of shard 3"
 
 
+@pytest.mark.slow  # three `flava pretrain` starts: end to end
 def test_one_image_as_the_image_data_is_refused(train_data, tmp_path, capsys):
     # Every images batch was that image repeated, plain or weighted.
     image = train_data / "img" / "a" / "3.png"

@@ -45,6 +45,7 @@ def test_a_tables_captions_that_are_not_text_are_counted_not_trained_on_as_pytho
     assert src.rejected == {"caption is not text": 4}
 
 
+@pytest.mark.slow  # an embed run end to end
 def test_embed_counts_a_text_tables_null_and_non_text_rows_without_a_traceback(tmp_path, capsys):
     torch.manual_seed(0)
     flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "m")

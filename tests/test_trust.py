@@ -570,6 +570,7 @@ def test_a_client_that_disconnects_mid_upload_is_counted_without_a_traceback(ser
     assert "Traceback" not in log and "ClientDisconnect" not in log, log
 
 
+@pytest.mark.slow  # the demo codebook trained: end to end
 def test_a_start_that_fails_after_training_the_demo_codebook_keeps_it(tmp_path, capsys, monkeypatch):
     import functools
 
