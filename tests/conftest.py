@@ -104,6 +104,15 @@ def tmp(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A saved `tiny` model of seeded random weights (for the commands that use a model)."""
+    root = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(root / "ckpt")
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
 def train_data(tmp_path_factory):
     """Pairs (one row names a missing file; pairs_clean.csv has none), an image folder, text and a
     small random image codebook for the training tests."""

@@ -10,10 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
-import flava
 from flava.cli import main as cli
 from flava.cli.predict import read_inputs
 from flava.data.arrow import arrow_text
@@ -68,14 +66,6 @@ def test_hidden_entries_and_macos_leftovers_are_passed_over_by_every_folder_walk
     pq.write_table(pa.table({"text": ["a", "b"]}), put(tmp_path / "pq" / "data.parquet", b""))
     put(tmp_path / "pq" / "._data.parquet", b"\0\5\26\7 AppleDouble")  # read as parquet, it was a damaged file
     assert [s.file.path for s in arrow_text(str(tmp_path / "pq")).shards] == [str(tmp_path / "pq" / "data.parquet")]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    flava.FlavaModel(flava.preset("tiny")).save_pretrained(root / "ckpt")
-    return root / "ckpt"
 
 
 def test_every_image_suffix_is_found_and_the_other_files_are_said(tiny_model, tmp_path, capsys):

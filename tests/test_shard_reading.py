@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import flava
@@ -46,13 +45,11 @@ def test_a_tables_captions_that_are_not_text_are_counted_not_trained_on_as_pytho
 
 
 @pytest.mark.slow  # an embed run end to end
-def test_embed_counts_a_text_tables_null_and_non_text_rows_without_a_traceback(tmp_path, capsys):
-    torch.manual_seed(0)
-    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "m")
+def test_embed_counts_a_text_tables_null_and_non_text_rows_without_a_traceback(tiny_model, tmp_path, capsys):
     rows = [{"caption": "a red square"}, {"caption": None}, {"caption": 5}, {"caption": ["a", "b"]}, {},
             {"caption": "a blue square"}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert cli(["embed", "--model", str(tmp_path / "m"), "--texts", str(tmp_path / "t.jsonl"),
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.jsonl"),
                 "--output", str(tmp_path / "e")]) == 0
     out = capsys.readouterr()
     assert "Traceback" not in out.err

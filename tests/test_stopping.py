@@ -232,14 +232,6 @@ def test_sigterm_stops_prepare_amid_a_unit_and_a_rerun_finishes_it(train_data, t
 # --------------------------------------------------------------------------- embed
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    flava.FlavaModel(flava.preset("tiny")).save_pretrained(root / "ckpt")
-    return root / "ckpt"
-
-
 def test_sigterm_stops_embed_at_a_part_and_a_rerun_finishes_it(tiny_model, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(f"caption {i} of a thing with {i % 7} parts" for i in range(4000)) + "\n")

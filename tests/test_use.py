@@ -23,15 +23,6 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    model = flava.FlavaModel(flava.preset("tiny"))
-    model.save_pretrained(root / "ckpt")
-    return root / "ckpt"
-
-
-@pytest.fixture(scope="module")
 def photos(tmp_path_factory):
     """FOLDER/<colour>/<i>.png: 4 noisy squares per colour."""
     root = tmp_path_factory.mktemp("photos")
