@@ -184,6 +184,40 @@ def test_generic_text_reader(tmp_path):
     assert any("2 train row(s) with an empty text or label skipped" in n for n in task.notes), task.notes
 
 
+def test_validation_and_test_examples_that_are_training_examples_are_said(tmp_path):
+    # The train file given as the test, rows copied into it, one image named two ways: each had
+    # scored the model on what it trained on, unsaid (and a carve had put one image in both splits).
+    import os
+
+    from flava.evaluate.readers.user_files import read_image_classification, read_multimodal_table
+
+    write(tmp_path / "train.csv", ["text,label"] + [f"text {i},{'ab'[i % 2]}" for i in range(10)])
+    write(tmp_path / "test.csv", ["text,label", "text 1,b", "text 2,a", "new,a"])
+    task = read_text_classification(tmp_path / "train.csv", tmp_path / "train.csv", tmp_path / "test.csv")
+    assert "10 of the 10 validation examples are also training examples (the same text): the validation score " \
+           "flatters the model" in task.notes
+    assert "2 of the 3 test examples are also training examples (the same text): the test score flatters the " \
+           "model" in task.notes
+    task = read_text_classification(tmp_path / "test.csv", None, None, val_fraction=0.34)
+    assert not any("also training examples" in n for n in task.notes), task.notes
+    (tmp_path / "img").mkdir()
+    rows = ["image,label"]
+    for i in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"{tmp_path / 'img' / f'{i}.png'},{'ab'[i % 2]}")
+    write(tmp_path / "images.csv", rows)
+    write(tmp_path / "images_test.csv", ["image,label", "img/0.png,a", "img/5.png,b"])
+    task = read_image_classification(tmp_path / "images.csv", None, tmp_path / "images_test.csv", val_fraction=0.34)
+    assert "2 of the 2 test examples are also training examples (the same image file): the test score flatters " \
+           "the model" in task.notes, task.notes
+    # Image and text rows naming one image as written two ways stay on one side of the carve.
+    write(tmp_path / "pairs.csv", ["image,text,label"] + [
+        f"{f'img/{i % 3}.png' if i % 2 else tmp_path / 'img' / f'{i % 3}.png'},question {i},{'ab'[i % 2]}"
+        for i in range(12)])
+    data = read_multimodal_table(tmp_path / "pairs.csv", val_fraction=0.34)
+    assert not {os.path.realpath(e.image) for e in data.train} & {os.path.realpath(e.image) for e in data.val}
+
+
 # --------------------------------------------------------------------------- pairs and VQA targets
 
 

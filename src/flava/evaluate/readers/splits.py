@@ -44,9 +44,20 @@ def check_limit(limit: int | None) -> None:
         raise ConfigError(f"limit must be a positive whole number (or null: no limit); got {limit!r}")
 
 
+def file_identity(image) -> str:
+    """An image file as the same file whatever path names it (relative, absolute, through a link);
+    other images (a table's bytes) by what they are."""
+    import os
+
+    return os.path.realpath(image) if isinstance(image, (str, os.PathLike)) else repr(image)
+
+
 def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes: list[str],
-                 group: Callable | None = None) -> None:
-    """Carve validation out of train when it is absent; without a test split, validation is it."""
+                 group: Callable | None = None, same: Callable | None = None, what: str = "example") -> None:
+    """Carve validation out of train when it is absent; without a test split, validation is it.
+    With `same` (an example's identity: its text, its image file), the validation and test
+    examples that are also training examples are counted in a note: a file given twice, or rows
+    copied, had scored the model on what it trained on, unsaid."""
     if "val" not in splits:
         rows = splits["train"]
         splits["train"], splits["val"] = carve(rows, val_fraction, seed, group)
@@ -59,3 +70,14 @@ def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes:
     if "test" not in splits:
         splits["test"] = splits["val"]
         notes.append("no test split: the validation split is scored as the test")
+    if same is None:
+        return
+    seen = {same(r) for r in splits["train"]}
+    for split, called in (("val", "validation"), ("test", "test")):
+        rows = splits[split]
+        if split == "test" and rows is splits["val"]:
+            continue
+        n = sum(same(r) in seen for r in rows)
+        if n:
+            notes.append(f"{n} of the {len(rows)} {called} examples are also training examples (the same {what}): "
+                         f"the {called} score flatters the model")

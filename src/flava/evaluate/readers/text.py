@@ -207,7 +207,7 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         splits[split] = out
         if blank:
             notes.append(f"{blank} {split} row(s) with an empty text or label skipped ({p})")
-    val_and_test(splits, val_fraction, seed, notes)
+    val_and_test(splits, val_fraction, seed, notes, same=lambda ex: (ex.text, ex.text2), what="text")
     if metrics is None:
         metrics = ("pearson", "spearman") if regression else ("accuracy",)
     data = TextData(name or paths["train"].stem, *subsample_splits(splits["train"], splits["val"], splits["test"],

@@ -21,7 +21,7 @@ from ...finetune.examples import (
     check_multimodal_data,
 )
 from .multimodal import answer_vocabulary, normalize_answer, vqa_accuracy_scores, vqa_row_targets, vqa_soft_scores
-from .splits import val_and_test
+from .splits import file_identity, val_and_test
 def _cell(row: Row, keys: tuple[str, ...]):
     """The first of `keys` that the row has and fills."""
     for key in keys:
@@ -117,7 +117,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
             raise DataError(f"{p} holds no labelled images")
     names = _class_names([r[-1] for r in raw["train"]])
     splits = _index_labels(raw, names, lambda f, label: ImageExample(f[0], label))
-    val_and_test(splits, val_fraction, seed, notes)
+    val_and_test(splits, val_fraction, seed, notes, same=lambda ex: file_identity(ex.image), what="image file")
     data = ImageData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
                      ("accuracy",), notes)
     check_image_data(data)
@@ -161,7 +161,9 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
 
         names = answer_vocabulary([majority([normalize_answer(a) for a in r[2]]) for r in raw["train"]])
         index = {a: i for i, a in enumerate(names)}
-        val_and_test(raw, val_fraction, seed, notes, group=lambda r: str(r[0]))
+        # Grouped by the file, not the path as written: one image named two ways had been in both splits.
+        val_and_test(raw, val_fraction, seed, notes, group=lambda r: file_identity(r[0]),
+                     same=lambda r: (file_identity(r[0]), r[1]), what="image and question")
 
         def examples(rows, scores):
             return [MultimodalExample(image, text, answers=vqa_row_targets(h, index, scores))
@@ -174,7 +176,8 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
     else:
         names = _class_names([r[-1] for r in raw["train"]])
         splits = _index_labels(raw, names, lambda f, label: MultimodalExample(f[0], f[1], label))
-        val_and_test(splits, val_fraction, seed, notes, group=lambda ex: str(ex.image))
+        val_and_test(splits, val_fraction, seed, notes, group=lambda ex: file_identity(ex.image),
+                     same=lambda ex: (file_identity(ex.image), ex.text), what="image and text")
         metrics = ("accuracy",)
     data = MultimodalData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
                           metrics, kind, notes)
