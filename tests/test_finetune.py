@@ -177,6 +177,14 @@ def test_generic_text_reader(tmp_path):
     write(tmp_path / "num.csv", ["text,label"] + [f"t{i},{v}" for i, v in enumerate((10, 2, 1, 2, 10))])
     task = read_text_classification(tmp_path / "num.csv", None, tmp_path / "num.csv", val_fraction=0.4)
     assert task.label_names == ["1", "2", "10"] and len(task.val) == 2 and task.test[0].label == 2
+    # A split of another shape than train's (pairs against single texts) is refused: the model reads one.
+    write(tmp_path / "single.csv", ["text,label", "g,sport"])
+    with pytest.raises(DataError, match=r"single\.csv has no text2 column but the training file .*train\.csv has: a "
+                                        r"model trained on sentence pairs is scored on the same; add the column"):
+        read_text_classification(tmp_path / "train.csv", None, tmp_path / "single.csv")
+    with pytest.raises(DataError, match=r"val\.tsv has a text2 column but the training file .*single\.csv has none: "
+                                        r"a model trained on single texts is scored on the same; drop the column"):
+        read_text_classification(tmp_path / "single.csv", tmp_path / "val.tsv", None)
     # An empty label is no class and an empty text nothing to learn: skipped and said.
     write(tmp_path / "gaps.csv", ["text,label", "a,sport", "b,", "  ,tech", "c,tech", "d,sport"])
     task = read_text_classification(tmp_path / "gaps.csv", None, tmp_path / "gaps.csv", val_fraction=0.4)

@@ -177,6 +177,13 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         for c in ("text", "label"):
             table.column(c, fix="the file needs a header with text, label and optionally text2")
         tables[split] = (p, "text2" in table.columns, table.rows)
+    pairs = tables["train"][1]
+    for split, (p, has_pair, _) in tables.items():  # each split as train: a model reads one shape of input
+        if has_pair != pairs:
+            raise DataError(f"{p} {'has a' if has_pair else 'has no'} text2 column but the training file "
+                            f"{tables['train'][0]} {'has' if pairs else 'has none'}: a model trained on "
+                            f"{'sentence pairs' if pairs else 'single texts'} is scored on the same; "
+                            f"{'add' if pairs else 'drop'} the column")
     if regression:
         names: list[str] = []
     elif label_names is not None:
