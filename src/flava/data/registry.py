@@ -121,10 +121,11 @@ def _refuse_tables_as_several(kind: Kind, spec: str) -> None:
         raise DataError(f"{path} is a table: text sources are .txt files (a text a line), .jsonl (a `text` field a "
                         "line), parquet or `datasets` (?text=COLUMN): save its column as one of those")
     if Path(path).is_dir():
-        found = sorted(q.name for q in Path(path).iterdir()
+        entries = list(Path(path).iterdir())  # listed once: a folder of shards may hold thousands
+        found = sorted(q.name for q in entries
                        if q.name.lower().endswith(delimited) and q.is_file() and not passed_over(q.name))
         holds_other = any(q.name.lower().endswith((*IMAGE_SUFFIXES, *tars.TAR_SUFFIXES, ".txt", ".parquet", ".arrow"))
-                          for q in Path(path).iterdir())
+                          for q in entries)
     elif any(c in path for c in "*?["):
         import glob
 
