@@ -359,3 +359,67 @@ def test_a_parquet_source_with_a_column_named_twice_is_one_line(tmp_path, capsys
     assert cli(["prepare", "--pairs", str(tmp_path / "dup.parquet"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_shards_members_are_listed_as_tarfile_lists_them_in_every_header_format_and_damage(tmp_path):
+    """The loader walks plain tar headers itself (tarfile's objects cost half a small shard's
+    reading); what it lists must be tarfile's, and what it cannot read plainly is tarfile's to read."""
+    from flava.data.tars import _listing, _plain_listing
+
+    def listed_by_tarfile(data: bytes) -> list:
+        out = []
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+                for i in tar:
+                    out.append((i.name, i.offset_data, i.size, i.isfile(), i.issym() or i.islnk()))
+        except tarfile.TarError:
+            out.append("error")
+        return out
+
+    def listed_by_us(data: bytes) -> list:
+        out = []
+        try:
+            out.extend(_listing(io.BytesIO(data), len(data)))
+        except tarfile.TarError:
+            out.append("error")
+        return out
+
+    rng = np.random.default_rng(0)
+    names = ["a.jpg", "a.txt", "folder/", "d/b.jpg", "@l.jpg", "é.jpg", "x" * 120 + ".jpg", "p/" * 60 + "q.txt"]
+    made = {}
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        for mtime in (0, 1.7e9 + 0.25):  # a float time gives every member a pax header in the pax format
+            b = io.BytesIO()
+            with tarfile.open(fileobj=b, mode="w", format=fmt) as tar:
+                for name in names:
+                    info = tarfile.TarInfo(name.strip("@/"))
+                    info.mtime = mtime
+                    if name.endswith("/"):
+                        info.type = tarfile.DIRTYPE
+                    elif name.startswith("@"):
+                        info.type, info.linkname = tarfile.SYMTYPE, "a.jpg"
+                    else:
+                        info.size = int(rng.integers(0, 1500))
+                    try:
+                        tar.addfile(info, io.BytesIO(bytes(info.size)) if info.isfile() else None)
+                    except ValueError:  # a name the format cannot hold
+                        pass
+            made[fmt, mtime] = b.getvalue()
+    walked = 0
+    for (fmt, mtime), data in made.items():
+        assert listed_by_us(data) == listed_by_tarfile(data), (fmt, mtime)
+        plain = _plain_listing(io.BytesIO(data), len(data))
+        walked += plain is not None
+        # Cut anywhere, or a header damaged: the same members, or the same failure, as tarfile's.
+        for cut in [*range(0, len(data), 512), *rng.integers(1, len(data), 20)]:
+            assert listed_by_us(data[:cut]) == listed_by_tarfile(data[:cut]), (fmt, mtime, cut)
+        damaged = bytearray(data)
+        damaged[1024 + 130] ^= 0x7
+        assert listed_by_us(bytes(damaged)) == listed_by_tarfile(bytes(damaged))
+    # The formats shards are written in are walked, not left to tarfile: ustar (webdataset's
+    # writer), pax with per-member headers (tarfile's default), GNU without long names.
+    plain_ustar = tar_of(tmp_path / "u.tar", [("k.jpg", b"1"), ("k.txt", b"2")]).read_bytes()
+    assert _plain_listing(io.BytesIO(plain_ustar), len(plain_ustar)) is not None
+    assert _plain_listing(io.BytesIO(made[tarfile.PAX_FORMAT, 1.7e9 + 0.25]),
+                          len(made[tarfile.PAX_FORMAT, 1.7e9 + 0.25])) is not None
+    assert walked >= 3
