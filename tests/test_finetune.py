@@ -657,6 +657,23 @@ def test_image_cache_gives_the_eval_transform_exactly(tmp_path):
     assert torch.equal(pixels[1], eval_transform(Image.open(tmp_path / "a.png"), 32))
 
 
+def test_every_unusable_image_is_counted_and_the_first_five_named(tmp_path):
+    # The first broken file had been the only one named: a folder of them took a run each to find.
+    from flava.finetune.splits import image_cache
+
+    examples = colour_examples(1, 0)
+    for i in range(7):
+        (tmp_path / f"broken{i}.png").write_bytes(b"not a png")
+        examples.append(MultimodalExample(tmp_path / f"broken{i}.png", "q", 0))
+    with pytest.raises(DataError) as e:
+        image_cache([examples], 32)
+    message = str(e.value)
+    assert message.startswith("7 of the 8 images cannot be used; the first 5: ") and "\n" not in message
+    assert all(f"broken{i}.png (unreadable image)" in message for i in range(5))
+    assert "broken5" not in message and message.endswith("broken4.png (unreadable image); fix or remove them from "
+                                                          "the task")
+
+
 # --------------------------------------------------------------------------- errors before work
 
 

@@ -19,6 +19,8 @@ from .settings import MAX_CONFUSION_ANSWERS
 
 # Rows of dense VQA targets built at a time when scoring (VQAv2 val is 214k × 3,129 answers).
 VQA_SCORE_CHUNK = 8192
+# Unusable images named in the error (all are counted).
+NAMED_BAD = 5
 
 
 @dataclass
@@ -79,13 +81,22 @@ def image_cache(splits: list[list[MultimodalExample]] | list[list[ImageExample]]
             idx.append(keys[key])
         rows.append(torch.tensor(idx, dtype=torch.long))
     pixels = torch.empty((len(refs), 3, size, size), dtype=torch.uint8)
+    bad = []  # all of them: named one at a time, a folder of broken files took a run per file to find
     for i, ref in enumerate(refs):
         try:
             image = open_image(ref)
         except BadSample as e:
-            raise DataError(f"image {ref}: {e.kind}; fix or remove it from the task") from None
+            bad.append((ref, e.kind))
+            continue
         arr = np.asarray(resize_center_crop(image, size), dtype=np.uint8)
         pixels[i] = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+    if len(bad) == 1:
+        raise DataError(f"image {bad[0][0]}: {bad[0][1]}; fix or remove it from the task")
+    if bad:
+        first = f"; the first {NAMED_BAD}" if len(bad) > NAMED_BAD else ""
+        named = ", ".join(f"{ref} ({why})" for ref, why in bad[:NAMED_BAD])
+        raise DataError(f"{len(bad)} of the {len(refs)} images cannot be used{first}: {named}; fix or remove them "
+                        "from the task")
     return Images(pixels, tuple(mean), tuple(std)), rows
 
 
