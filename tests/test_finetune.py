@@ -674,6 +674,14 @@ def test_every_unusable_image_is_counted_and_the_first_five_named(tmp_path):
                                                           "the task")
 
 
+def test_a_regression_reports_its_mean_absolute_error_beside_the_correlations():
+    from flava.finetune.splits import Split, split_scores
+
+    split = Split([], torch.tensor([1.0, 2.0, 4.0]))
+    scores = split_scores("regression", ("pearson", "spearman"), torch.tensor([[2.0], [3.0], [5.0]]), split, 1)[0]
+    assert scores["pearson"] == pytest.approx(1.0) and scores["mae"] == pytest.approx(1.0)  # off by one, r = 1
+
+
 # --------------------------------------------------------------------------- errors before work
 
 

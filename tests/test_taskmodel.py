@@ -3,6 +3,7 @@ give exactly the in-memory classifier's outputs; damaged directories and bad ima
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -296,6 +297,20 @@ def test_text_regression(data, tmp_path, capsys, tokenizer):
     assert "has no column 'text' (columns: txt, label; the nearest is 'txt')" in err
     with pytest.raises(ConfigError, match="one output and no label names"):
         save_task_model(result, tmp_path / "bad", tokenizer=tokenizer, label_names=["a"])
+
+
+def test_finetune_shows_a_regressions_mean_absolute_error(data, tmp_path, capsys):
+    # Pearson and Spearman alone: a model off by a constant or a scale had looked perfect.
+    assert main(["finetune", "--model", str(data / "ckpt"), "--task", "text-regression", "--train",
+                 str(data / "count.csv"), "--test", str(data / "count.csv"), "--output", str(tmp_path / "out"),
+                 "--max-steps", "1", "--head-only"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if " mae " in line)
+    validation, test = map(float, re.findall(r"\d+\.\d+", row))
+    meta = json.loads((tmp_path / "out" / "task.json").read_text())["finetune"]
+    assert test == pytest.approx(meta["test_metrics"]["mae"], rel=1e-3)  # as measured, not x100
+    assert validation == pytest.approx(meta["val_metrics"]["mae"], rel=1e-3)
+    assert "scores x100; mae as measured" in " ".join(out.split())
 
 
 def test_vqa_table_reader_and_top_answers(data, tmp_path, tokenizer):

@@ -265,6 +265,14 @@ def spearman(predictions, targets) -> float:
     return _corr(average_ranks(a), average_ranks(b))
 
 
+def mean_absolute_error(predictions, targets) -> float:
+    """The mean of |prediction - target|, in the targets' units (lower is better): what a correlation
+    leaves out, as a model that is off by a constant or a scale still correlates perfectly."""
+    a, b = _scores(predictions, "predictions", 1), _scores(targets, "targets", 1)
+    _same_length(a, b, "predictions", "targets")
+    return float(np.mean(np.abs(a - b)))
+
+
 def auroc(scores, labels) -> float:
     """Area under the ROC curve for the positive class 1: the probability that a random positive
     scores above a random negative, a tied pair counting 1/2 (Mann–Whitney U / (n₊·n₋); equal to

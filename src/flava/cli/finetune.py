@@ -196,14 +196,16 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     best = result.val_metrics[result.eval_steps.index(result.best_step)]
     console.print(f"best validation {result.metric} at step {result.best_step} of {result.steps}")
     # x100, as `evaluate` and `classify` show scores (and the paper its tables); task.json keeps fractions.
-    table = Table(title=escape(task.name), caption="scores x100")
+    # The mean absolute error beside a regression's correlations, in the labels' units (not x100).
+    mae = ["mae"] if "mae" in best and "mae" not in task.metrics else []
+    table = Table(title=escape(task.name), caption="scores x100" + ("; mae as measured" if mae else ""))
     table.add_column("metric")
     table.add_column("validation", justify="right")
     if args.test:
         table.add_column("test", justify="right")
-    for name in task.metrics:
-        test = [f"{100 * result.test_metrics[name]:.1f}"] if args.test else []
-        table.add_row(name, f"{100 * best[name]:.1f}", *test)
+    for name in (*task.metrics, *mae):
+        shown = (lambda v: f"{v:.4g}") if name == "mae" else (lambda v: f"{100 * v:.1f}")
+        table.add_row(name, shown(best[name]), *([shown(result.test_metrics[name])] if args.test else []))
     console.print(table)
 
     info = {"source_model": str(resolved), "settings": to_dict(settings),

@@ -78,12 +78,12 @@ class FinetuneResult:
     eval_steps: list[int]
     val_curve: list[float]
     val_metrics: list[dict[str, float]]
-    """Every metric of the task at each evaluation."""
+    """Every metric of the task at each evaluation (a regression's with its mean absolute error, "mae")."""
     best_step: int
     best_val: float
     test_metrics: dict[str, float]
     """The task's metrics on test, scored with the best state (a test split in parts: the parts'
-    means, and each part's as "accuracy (matched)")."""
+    means, and each part's as "accuracy (matched)"); a regression's "mae" beside them."""
     predictions: np.ndarray
     """Test predictions: class / answer indices, or values for regression."""
     probabilities: np.ndarray | None

@@ -132,6 +132,8 @@ def split_scores(kind: str, names: tuple[str, ...], logits: torch.Tensor, split:
         y = split.targets.double().numpy()
         for name in names:
             out[name] = getattr(M, name)(values, y)
+        # Beside the correlations, never instead (lower is better: no metric to choose states by).
+        out["mae"] = M.mean_absolute_error(values, y)
         return out, values, None, None
     preds = logits.argmax(dim=1).numpy()
     if kind == "vqa":
