@@ -226,6 +226,16 @@ def test_validation_and_test_examples_that_are_training_examples_are_said(tmp_pa
     assert not {os.path.realpath(e.image) for e in data.train} & {os.path.realpath(e.image) for e in data.val}
 
 
+def test_a_carve_that_leaves_a_handful_to_train_on_is_warned_about(tmp_path):
+    write(tmp_path / "train.csv", ["text,label"] + [f"text {i},{'ab'[i % 2]}" for i in range(20)])
+    task = read_text_classification(tmp_path / "train.csv", None, None, val_fraction=0.95)
+    assert len(task.train) == 1
+    assert "warning: val_fraction 0.95 leaves 1 of 20 examples to train on; lower it (--val-fraction) or give " \
+           "--val" in task.notes, task.notes
+    task = read_text_classification(tmp_path / "train.csv", None, None, val_fraction=0.5)
+    assert not any(n.startswith("warning") for n in task.notes), task.notes
+
+
 # --------------------------------------------------------------------------- pairs and VQA targets
 
 

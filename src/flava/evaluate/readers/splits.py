@@ -9,6 +9,11 @@ import numpy as np
 from ...errors import ConfigError, DataError
 
 
+FEW_TO_TRAIN = 5
+"""A carve that leaves fewer training examples than this, and fewer than it took for validation, is
+warned about: a model fit to one example (`--val-fraction 0.99`) had been trained and scored unsaid."""
+
+
 def subsample(rows: list, limit: int | None, seed: int) -> list:
     """At most `limit` rows, a seeded random choice kept in file order."""
     if limit is None or len(rows) <= limit:
@@ -67,6 +72,9 @@ def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes:
                          f"with {len(splits['val'])} of the {len(rows)} examples)")
         else:
             notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
+        if len(splits["train"]) < min(FEW_TO_TRAIN, len(splits["val"])):  # the carve's doing, not the data's size
+            notes.append(f"warning: val_fraction {val_fraction:g} leaves {len(splits['train'])} of {len(rows)} "
+                         "examples to train on; lower it (--val-fraction) or give --val")
     if "test" not in splits:
         splits["test"] = splits["val"]
         notes.append("no test split: the validation split is scored as the test")
