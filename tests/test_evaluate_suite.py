@@ -273,6 +273,26 @@ def test_a_test_folder_may_lack_some_of_the_training_classes(tmp_path):
         image_folder(tmp_path / "odd", "task 1", classes)
 
 
+def test_a_linear_probe_reads_labels_as_finetune_does(tmp_path):
+    # The probe had kept " sport" and "sport" apart, and ordered 10 before 2, where finetune did neither.
+    from flava.cli.finetune import read_task
+
+    lines = ["text,label"] + [f"story {i},{lab}" for i, lab in enumerate(["sport", " sport", "Sport", "music ",
+                                                                           "music"])]
+    (tmp_path / "words.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "numbers.csv").write_text("text,label\na,10\nb,2\nc,2\nd,10\n")
+    suite = load_suite({"tasks": [{"kind": "linear-probe", "modality": "text", "train": f, "test": f, "name": f}
+                                  for f in ("words.csv", "numbers.csv")]}, base=tmp_path)
+    words, numbers = (t.data for t in suite.tasks)
+    for f, probe in (("words.csv", words), ("numbers.csv", numbers)):
+        assert probe.classes == read_task("text-classification", str(tmp_path / f), str(tmp_path / f), None, 0.1,
+                                          0).label_names
+    assert words.classes == ["Sport", "music", "sport"] and numbers.classes == ["2", "10"]
+    assert words.train[1].tolist() == [2, 2, 0, 1, 1]
+    assert words.notes == ["labels 'sport' (2 rows), 'Sport' (1 row) look alike but are 2 classes; write them one "
+                           "way to merge"]
+
+
 def _multimodal_tables(root):
     """VQA (JSONL, ten answers a question) and image-text classification (CSV) tables of the suite's
     colour squares, each split its own file."""

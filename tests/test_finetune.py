@@ -226,6 +226,31 @@ def test_validation_and_test_examples_that_are_training_examples_are_said(tmp_pa
     assert not {os.path.realpath(e.image) for e in data.train} & {os.path.realpath(e.image) for e in data.val}
 
 
+def test_look_alike_labels_stay_classes_and_are_said(tmp_path):
+    # "pos" beside "Pos", "1" beside "01" and "1.0" had become separate classes without a word.
+    from flava.evaluate.readers.user_files import read_multimodal_table
+
+    labels = ["pos"] * 3 + ["Pos", "neg", "neg ", " neg"]
+    write(tmp_path / "words.csv", ["text,label"] + [f"text {i},{lab}" for i, lab in enumerate(labels)])
+    task = read_text_classification(tmp_path / "words.csv", tmp_path / "words.csv", None)
+    assert task.label_names == ["Pos", "neg", "pos"]  # not merged; " neg" is "neg", as ever
+    assert "labels 'pos' (3 rows), 'Pos' (1 row) look alike but are 2 classes; write them one way to merge" \
+        in task.notes, task.notes
+    assert sum("look alike" in n for n in task.notes) == 1
+    write(tmp_path / "numbers.jsonl", [json.dumps({"text": f"t{i}", "label": v})
+                                       for i, v in enumerate([1, 1, "01", 1.0, 2, 2])])
+    task = read_text_classification(tmp_path / "numbers.jsonl", tmp_path / "numbers.jsonl", None)
+    assert task.label_names == ["01", "1", "1.0", "2"]
+    assert "labels '1' (2 rows), '01' (1 row), '1.0' (1 row) look alike but are 3 classes; write them one way " \
+           "to merge" in task.notes, task.notes
+    # Image and text tables, read by the same code.
+    png(tmp_path / "a.png")
+    write(tmp_path / "pairs.csv", ["image,text,label", "a.png,q1,yes", "a.png,q2,Yes ", "a.png,q3,no"])
+    task = read_multimodal_table(tmp_path / "pairs.csv", tmp_path / "pairs.csv")
+    assert task.label_names == ["Yes", "no", "yes"]
+    assert any(n.startswith("labels 'Yes' (1 row), 'yes' (1 row) look alike") for n in task.notes), task.notes
+
+
 def test_a_carve_that_leaves_a_handful_to_train_on_is_warned_about(tmp_path):
     write(tmp_path / "train.csv", ["text,label"] + [f"text {i},{'ab'[i % 2]}" for i in range(20)])
     task = read_text_classification(tmp_path / "train.csv", None, None, val_fraction=0.95)

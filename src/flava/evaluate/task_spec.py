@@ -139,8 +139,10 @@ def check_images(images: list, where: str) -> None:
 
 
 def labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
-    """A table (`flava.data.tables`) with `text` and `label` columns."""
+    """A table (`flava.data.tables`) with `text` and `label` columns; labels trimmed as `flava finetune`
+    reads them."""
     from ..data.tables import read_table
+    from .readers.labels import label_text
 
     try:
         table = read_table(path)
@@ -148,8 +150,8 @@ def labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
                        for c in ("text", "label"))
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    rows = [tuple("" if r.get(c) is None else str(r.get(c)) for c in (text, label)) for r in table.rows]
-    empty = sum(1 for t, lab in rows if not t.strip() or not lab.strip())
+    rows = [("" if r.get(text) is None else str(r.get(text)), label_text(r.get(label))) for r in table.rows]
+    empty = sum(1 for t, lab in rows if not t.strip() or not lab)
     if empty:
         raise DataError(f"{where}: {path} has {empty} row(s) with an empty text or label")
     if not rows:

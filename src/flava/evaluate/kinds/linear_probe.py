@@ -4,13 +4,14 @@ or tables of text and label (`train`, `val`, `test`), or packaged digits, easy-v
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ...errors import ConfigError, DataError
 from ..packaged import bbc_news_splits, digits, easy_vqa_classes
 from ..pictures import classifier_pictures
+from ..readers.labels import class_names, look_alike_notes
 from ..readers.splits import subsample
 from ..results import Measured, percent
 from ..task_spec import LIMIT, PATH, TaskSpec, image_folder, labelled_text, one_of
@@ -30,11 +31,14 @@ class ProbeData:
     classes: list[str]
     seed: int = 0
     """Seeds the validation hold-out when the task has no validation split."""
+    notes: list[str] = field(default_factory=list)
+    """What reading the data found worth saying (look-alike labels)."""
 
 
-def _text_splits(t: TaskSpec) -> tuple[Split, Split | None, Split, list[str]]:
+def _text_splits(t: TaskSpec, notes: list[str]) -> tuple[Split, Split | None, Split, list[str]]:
     xtr, ltr = labelled_text(t.path(t.spec["train"]), t.where)
-    classes = sorted(set(ltr))
+    classes = class_names(ltr)  # as `flava finetune` orders them
+    notes += look_alike_notes(ltr)
     index = {c: i for i, c in enumerate(classes)}
 
     def labelled(key: str) -> Split:
@@ -51,7 +55,7 @@ def _text_splits(t: TaskSpec) -> tuple[Split, Split | None, Split, list[str]]:
 
 def read(t: TaskSpec) -> ProbeData:
     modality, data = t.spec.get("modality", "image"), t.data
-    val = None
+    val, notes = None, []
     if data == "digits":
         xtr, ytr, xte, yte = digits()
         classes = [str(i) for i in range(10)]
@@ -68,8 +72,9 @@ def read(t: TaskSpec) -> ProbeData:
             xte, yte, _ = image_folder(t.path(t.spec["test"]), t.where, classes)
             if "val" in t.spec:
                 val = image_folder(t.path(t.spec["val"]), t.where, classes)[:2]
+            notes += look_alike_notes([classes[i] for i in ytr])
         else:
-            (xtr, ytr), val, (xte, yte), classes = _text_splits(t)
+            (xtr, ytr), val, (xte, yte), classes = _text_splits(t, notes)
     else:
         raise ConfigError(f"{t.where}: a linear-probe task needs data, or train and test")
     limit = t.spec.get("limit")
@@ -85,7 +90,7 @@ def read(t: TaskSpec) -> ProbeData:
         raise ConfigError(f"{t.where}: {data} holds images; use modality 'image'")
     if modality == "image" and data == "bbc-news":
         raise ConfigError(f"{t.where}: bbc-news holds text; use modality 'text'")
-    return ProbeData(modality, (xtr, ytr), val, (xte, yte), classes, t.seed)
+    return ProbeData(modality, (xtr, ytr), val, (xte, yte), classes, t.seed, notes)
 
 
 def size(d: ProbeData) -> str:
@@ -110,7 +115,7 @@ def run(d: ProbeData, model, tokenizer, progress) -> Measured:
         done += len(x)
     r = linear_probe(features["train"], d.train[1], features["test"], d.test[1],
                      val=(features["val"], d.val[1]) if d.val is not None else None, seed=d.seed)
-    return Measured(percent({"top-1": r.accuracy}), r.metrics, [f"λ = {r.lam:.3g} chosen on validation"],
+    return Measured(percent({"top-1": r.accuracy}), r.metrics, [*d.notes, f"λ = {r.lam:.3g} chosen on validation"],
                     detail={"result": r, "classes": d.classes}, examples={"top-1": len(d.test[1])})
 
 

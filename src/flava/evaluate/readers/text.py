@@ -12,6 +12,7 @@ from typing import Sequence
 from ...data.tables import read_table
 from ...errors import ConfigError, DataError
 from ...finetune.examples import TextData, TextExample, check_text_data
+from .labels import class_names, label_text, look_alike_notes
 from .splits import carve, check_limit, subsample, subsample_splits, val_and_test
 # --------------------------------------------------------------------------- GLUE
 
@@ -191,15 +192,14 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         if len(set(names)) != len(names) or len(names) < 2:
             raise ConfigError(f"label_names must be at least two distinct names; got {names}")
     else:
-        seen = {_text(r.get("label")).strip() for r in tables["train"][2]} - {""}
-        names = sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
+        names = class_names({label_text(r.get("label")) for r in tables["train"][2]} - {""})
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[TextExample]] = {}
     notes: list[str] = []
     for split, (p, has_pair, rows) in tables.items():
         out, blank = [], 0
         for r in rows:
-            raw = _text(r.get("label")).strip()
+            raw = label_text(r.get("label"))
             if not raw or not _text(r.get("text")).strip() or (has_pair and not _text(r.get("text2")).strip()):
                 blank += 1  # an empty label is no class, an empty text nothing to learn from
                 continue
@@ -212,6 +212,8 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
                 label = index[raw]
             out.append(TextExample(_text(r.get("text")), label, _text(r.get("text2")) if has_pair else None))
         splits[split] = out
+        if split == "train" and names and label_names is None:
+            notes += look_alike_notes([names[ex.label] for ex in out])
         if blank:
             notes.append(f"{blank} {split} row(s) with an empty text or label skipped ({p})")
     val_and_test(splits, val_fraction, seed, notes, same=lambda ex: (ex.text, ex.text2), what="text")

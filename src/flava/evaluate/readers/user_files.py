@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 from ...data.members import Blob, ImageURL, table_image
 from ...data.tables import SUFFIXES, Row, nearest, read_table
@@ -20,6 +20,7 @@ from ...finetune.examples import (
     check_image_data,
     check_multimodal_data,
 )
+from .labels import class_names, label_text, look_alike_notes
 from .multimodal import answer_vocabulary, normalize_answer, vqa_accuracy_scores, vqa_row_targets, vqa_soft_scores
 from .splits import file_identity, val_and_test
 def _cell(row: Row, keys: tuple[str, ...]):
@@ -41,12 +42,6 @@ def _image_path(base: Path, value, where: str) -> Path | Blob:
         raise DataError(f"{where}: image {image} is a URL, which flava does not fetch: download the images first "
                         "and name their files")
     return image
-
-
-def _class_names(labels: Sequence[str]) -> list[str]:
-    """Sorted label names, numerically when they all are integers."""
-    seen = set(labels)
-    return sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
 
 
 def _index_labels(raw: dict[str, list], names: list[str], make: Callable) -> dict[str, list]:
@@ -109,13 +104,14 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
             raw[split] = [(f, f, parts[0]) for f, parts in files if len(parts) > 1]
         elif p.is_file():
             raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",)), row.where),
-                           str(_cell(row, ("label",))).strip()) for row in read_table(p).rows]
+                           label_text(_cell(row, ("label",)))) for row in read_table(p).rows]
         else:
             raise DataError(f"{p} does not exist (expected a folder of class folders or a table: "
                             f"{', '.join(SUFFIXES)})")
         if not raw[split]:
             raise DataError(f"{p} holds no labelled images")
-    names = _class_names([r[-1] for r in raw["train"]])
+    names = class_names([r[-1] for r in raw["train"]])
+    notes += look_alike_notes([r[-1] for r in raw["train"]])
     splits = _index_labels(raw, names, lambda f, label: ImageExample(f[0], label))
     val_and_test(splits, val_fraction, seed, notes, same=lambda ex: file_identity(ex.image), what="image file")
     data = ImageData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
@@ -149,7 +145,7 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
                     answers = [str(_cell(row, ("answer", "answers") if answers is None else ("answer",)))]
                 rows.append((image, text, answers))  # as written: see vqa_accuracy_scores
             else:
-                rows.append((row.where, image, text, str(_cell(row, ("label",))).strip()))
+                rows.append((row.where, image, text, label_text(_cell(row, ("label",)))))
         if not rows:
             raise DataError(f"{p} holds no examples")
         raw[split] = rows
@@ -174,7 +170,8 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
                   for split, rows in raw.items()}
         metrics: tuple[str, ...] = ("vqa_score",)
     else:
-        names = _class_names([r[-1] for r in raw["train"]])
+        names = class_names([r[-1] for r in raw["train"]])
+        notes += look_alike_notes([r[-1] for r in raw["train"]])
         splits = _index_labels(raw, names, lambda f, label: MultimodalExample(f[0], f[1], label))
         val_and_test(splits, val_fraction, seed, notes, group=lambda ex: file_identity(ex.image),
                      same=lambda ex: (file_identity(ex.image), ex.text), what="image and text")
