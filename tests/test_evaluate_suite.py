@@ -2,6 +2,7 @@
 runs end to end into a report whose averages follow from its task scores."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -291,6 +292,21 @@ def test_a_linear_probe_reads_labels_as_finetune_does(tmp_path):
     assert words.train[1].tolist() == [2, 2, 0, 1, 1]
     assert words.notes == ["labels 'sport' (2 rows), 'Sport' (1 row) look alike but are 2 classes; write them one "
                            "way to merge"]
+
+
+def test_a_zero_shot_folder_names_its_empty_class_folders(tmp_path):
+    from flava.errors import ConfigError
+
+    for c in ("red", "blue"):
+        (tmp_path / "pets" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8), c).save(tmp_path / "pets" / c / "0.png")
+    (tmp_path / "pets" / "green").mkdir()
+    said = f"in {tmp_path / 'pets'}: 1 class folder(s) with no image in them left out: 'green'"
+    task = {"kind": "zero-shot", "folder": "pets"}
+    assert load_suite({"tasks": [task]}, base=tmp_path).tasks[0].data.notes == [said]
+    # Three names for the three folders the user sees: the error says which one is not a class.
+    with pytest.raises(ConfigError, match=re.escape(f"must list 2 names (one per class folder); {said}")):
+        load_suite({"tasks": [{**task, "class_names": ["r", "g", "b"]}]}, base=tmp_path)
 
 
 def _multimodal_tables(root):

@@ -251,6 +251,24 @@ def test_look_alike_labels_stay_classes_and_are_said(tmp_path):
     assert any(n.startswith("labels 'Yes' (1 row), 'yes' (1 row) look alike") for n in task.notes), task.notes
 
 
+def test_an_empty_class_folder_is_named_not_dropped_unsaid(tmp_path):
+    from flava.evaluate.readers.user_files import read_image_classification
+    from flava.evaluate.task_spec import image_folder
+
+    for c in ("red", "blue"):
+        for i in range(3):
+            png(tmp_path / "train" / c / f"{i}.png")
+    (tmp_path / "train" / "green").mkdir()
+    (tmp_path / "train" / ".cache").mkdir()  # passed over by every folder walk: no class, nothing to say
+    task = read_image_classification(tmp_path / "train", tmp_path / "train")
+    assert task.label_names == ["blue", "red"]
+    said = f"in {tmp_path / 'train'}: 1 class folder(s) with no image in them left out: 'green'"
+    assert said in task.notes, task.notes
+    notes = []  # the linear probe's and zero-shot's folders
+    assert image_folder(tmp_path / "train", "task 1", notes=notes)[2] == ["blue", "red"]
+    assert notes == [said]
+
+
 def test_a_carve_that_leaves_a_handful_to_train_on_is_warned_about(tmp_path):
     write(tmp_path / "train.csv", ["text,label"] + [f"text {i},{'ab'[i % 2]}" for i in range(20)])
     task = read_text_classification(tmp_path / "train.csv", None, None, val_fraction=0.95)

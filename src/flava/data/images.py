@@ -94,6 +94,22 @@ def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None)
     return found
 
 
+def empty_class_folders(root: str | os.PathLike, images: list[Path]) -> list[str]:
+    """The first-level sub-folders of `root` (class folders) that hold none of `images`, sorted:
+    such a class had vanished from the classes unsaid."""
+    root = Path(root)
+    used = {f.relative_to(root).parts[0] for f in images if len(f.relative_to(root).parts) > 1}
+    with os.scandir(root) as listing:
+        folders = [e.name for e in listing if not passed_over(e.name) and e.is_dir()]
+    return sorted(set(folders) - used)
+
+
+def said_empty(root: str | os.PathLike, folders: list[str]) -> str:
+    """The note naming `empty_class_folders` (at most five of them)."""
+    named = ", ".join(map(repr, folders[:5])) + (f" and {len(folders) - 5} more" if len(folders) > 5 else "")
+    return f"in {root}: {len(folders)} class folder(s) with no image in them left out: {named}"
+
+
 def said_left_out(left_out: Counter, before: str = " (", after: str = ")") -> str:
     """'3 other files left out: .txt 2, .heic 1' between `before` and `after`, said beside a count of
     the images found (a photo in a format not read, .heic, is then not missed unsaid); '' for none."""

@@ -104,12 +104,18 @@ def resolve_path(base: Path, value: Any, where: str, must_exist: bool = True) ->
     return p
 
 
-def image_folder(path: Path, where: str, classes: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+def image_folder(path: Path, where: str, classes: list[str] | None = None, notes: list[str] | None = None,
+                 ) -> tuple[list[Path], np.ndarray, list[str]]:
     """A folder of class folders: (images, class indices, class names); `classes` fixes the names
-    another split (train) found, of which this one may hold some only."""
+    another split (train) found, of which this one may hold some only. Class folders with no image
+    are named in `notes`."""
+    from ..data.images import empty_class_folders, said_empty
     from ..data.registry import open_source
 
     src = open_source("images", str(path))
+    empty = empty_class_folders(path, [r.image for r in src.records])
+    if empty and notes is not None:
+        notes.append(said_empty(path, empty))
     if not src.classes:
         raise DataError(f"{where}: {path} has no class sub-folders (one folder of images per class)")
     names = src.classes if classes is None else classes

@@ -32,7 +32,7 @@ class ProbeData:
     seed: int = 0
     """Seeds the validation hold-out when the task has no validation split."""
     notes: list[str] = field(default_factory=list)
-    """What reading the data found worth saying (look-alike labels)."""
+    """What reading the data found worth saying (look-alike labels, empty class folders)."""
 
 
 def _text_splits(t: TaskSpec, notes: list[str]) -> tuple[Split, Split | None, Split, list[str]]:
@@ -68,10 +68,10 @@ def read(t: TaskSpec) -> ProbeData:
         (xtr, ytr), val, (xte, yte) = splits["train"], splits["val"], splits["test"]
     elif "train" in t.spec and "test" in t.spec:
         if modality == "image":
-            xtr, ytr, classes = image_folder(t.path(t.spec["train"]), t.where)
-            xte, yte, _ = image_folder(t.path(t.spec["test"]), t.where, classes)
+            xtr, ytr, classes = image_folder(t.path(t.spec["train"]), t.where, notes=notes)
+            xte, yte, _ = image_folder(t.path(t.spec["test"]), t.where, classes, notes)
             if "val" in t.spec:
-                val = image_folder(t.path(t.spec["val"]), t.where, classes)[:2]
+                val = image_folder(t.path(t.spec["val"]), t.where, classes, notes)[:2]
             notes += look_alike_notes([classes[i] for i in ytr])
         else:
             (xtr, ytr), val, (xte, yte), classes = _text_splits(t, notes)

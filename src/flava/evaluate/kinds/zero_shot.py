@@ -4,7 +4,7 @@ easy-vqa shapes / colours; `templates` names a set or lists them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,22 +23,26 @@ class ZeroShotData:
     labels: np.ndarray
     classes: list[str]
     templates: list[str]
+    notes: list[str] = field(default_factory=list)
+    """Class folders left out for holding no image."""
 
 
 def read(t: TaskSpec) -> ZeroShotData:
     from ..zero_shot import parse_templates
 
+    notes: list[str] = []
     if t.data:
         images, labels, classes = easy_vqa_classes(t.data, "test")
     elif "folder" in t.spec:
-        images, labels, classes = image_folder(t.path(t.spec["folder"]), t.where)
+        images, labels, classes = image_folder(t.path(t.spec["folder"]), t.where, notes=notes)
         classes = [c.replace("_", " ") for c in classes]
     else:
         raise ConfigError(f"{t.where}: a zero-shot task needs data or folder")
     if "class_names" in t.spec:
         names = t.spec["class_names"]
         if len(names) != len(classes):
-            raise ConfigError(f"{t.where}: class_names must list {len(classes)} names (one per class folder)")
+            empty = f"; {notes[0]}" if notes else ""  # a folder counted by the user but holding no image
+            raise ConfigError(f"{t.where}: class_names must list {len(classes)} names (one per class folder){empty}")
         classes = [str(n) for n in names]
     if len(classes) < 2:  # a certain answer: a free 100 % in the averages
         raise ConfigError(f"{t.where}: zero-shot classification needs at least two classes; found only "
@@ -55,7 +59,7 @@ def read(t: TaskSpec) -> ZeroShotData:
     if limit is not None:  # a seeded choice of the test images
         keep = subsample(list(range(len(labels))), limit, t.seed)
         images, labels = [images[i] for i in keep], np.asarray(labels)[keep]
-    return ZeroShotData(images, labels, classes, list(templates))
+    return ZeroShotData(images, labels, classes, list(templates), notes)
 
 
 def size(d: ZeroShotData) -> str:
@@ -66,7 +70,7 @@ def run(d: ZeroShotData, model, tokenizer, progress) -> Measured:
     from ..zero_shot import zero_shot_classification
 
     r = zero_shot_classification(model, d.images, d.labels, d.classes, tokenizer, d.templates, progress=progress)
-    return Measured(percent({"top-1": r.top1}), r.metrics, detail={"result": r, "classes": d.classes},
+    return Measured(percent({"top-1": r.top1}), r.metrics, d.notes, detail={"result": r, "classes": d.classes},
                     examples={"top-1": len(d.labels)})
 
 

@@ -85,7 +85,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
     label), or a table (CSV, TSV, JSONL, parquet) with `image` (a path, relative to the file's folder) and
     `label`. Classes are train's, sorted; without `path_val` validation is a seeded
     `val_fraction` of train, without `path_test` validation is scored as the test."""
-    from ...data.images import find_images, said_left_out
+    from ...data.images import empty_class_folders, find_images, said_empty, said_left_out
 
     raw: dict[str, list] = {}
     notes: list[str] = []
@@ -101,6 +101,9 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
                 notes.append(f"{loose} image(s) directly in {p}, outside any class folder, skipped")
             if others:
                 notes.append(f"in {p}: {said_left_out(others, '', '')}")
+            empty = empty_class_folders(p, [f for f, _ in files])
+            if empty:
+                notes.append(said_empty(p, empty))
             raw[split] = [(f, f, parts[0]) for f, parts in files if len(parts) > 1]
         elif p.is_file():
             raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",)), row.where),
