@@ -228,7 +228,7 @@ def test_validation_and_test_examples_that_are_training_examples_are_said(tmp_pa
 
 def test_look_alike_labels_stay_classes_and_are_said(tmp_path):
     # "pos" beside "Pos", "1" beside "01" and "1.0" had become separate classes without a word.
-    from flava.evaluate.readers.user_files import read_multimodal_table
+    from flava.evaluate.readers.user_files import read_image_classification, read_multimodal_table
 
     labels = ["pos"] * 3 + ["Pos", "neg", "neg ", " neg"]
     write(tmp_path / "words.csv", ["text,label"] + [f"text {i},{lab}" for i, lab in enumerate(labels)])
@@ -249,6 +249,12 @@ def test_look_alike_labels_stay_classes_and_are_said(tmp_path):
     task = read_multimodal_table(tmp_path / "pairs.csv", tmp_path / "pairs.csv")
     assert task.label_names == ["Yes", "no", "yes"]
     assert any(n.startswith("labels 'Yes' (1 row), 'yes' (1 row) look alike") for n in task.notes), task.notes
+    for name, n in (("cat", 2), ("Cat", 1), ("dog", 2)):  # class folders: counted in images
+        for i in range(n):
+            png(tmp_path / "pets" / name / f"{i}.png")
+    task = read_image_classification(tmp_path / "pets", tmp_path / "pets")
+    assert "labels 'cat' (2 images), 'Cat' (1 image) look alike but are 2 classes; write them one way to " \
+           "merge" in task.notes, task.notes
 
 
 def test_an_empty_class_folder_is_named_not_dropped_unsaid(tmp_path):

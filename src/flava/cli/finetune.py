@@ -169,7 +169,8 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     if len(task.val) < SMALL_VAL:
         console.print(f"note: validation holds {len(task.val)} example(s), from which the state kept is chosen (a "
                       "tie goes to the lower validation loss); "
-                      + ("give a larger --val" if args.val else "give --val, or a larger --val-fraction"))
+                      + ("give a larger --val" if args.val else "give --val" if len(task.val) >= len(task.train)
+                         else "give --val, or a larger --val-fraction"))  # not larger where it left few to train on
     model, resolved = load_model(args.model)
     model.to(device)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None

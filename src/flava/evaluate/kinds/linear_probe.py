@@ -72,7 +72,7 @@ def read(t: TaskSpec) -> ProbeData:
             xte, yte, _ = image_folder(t.path(t.spec["test"]), t.where, classes, notes)
             if "val" in t.spec:
                 val = image_folder(t.path(t.spec["val"]), t.where, classes, notes)[:2]
-            notes += look_alike_notes([classes[i] for i in ytr])
+            notes += look_alike_notes([classes[i] for i in ytr], "image")
         else:
             (xtr, ytr), val, (xte, yte), classes = _text_splits(t, notes)
     else:

@@ -30,10 +30,10 @@ def _alike(label: str):
     return ("number", value) if math.isfinite(value) else ("text", " ".join(label.split()).casefold())
 
 
-def look_alike_notes(labels: Sequence[str]) -> list[str]:
+def look_alike_notes(labels: Sequence[str], unit: str = "row") -> list[str]:
     """One note per group of label names that differ only in case, spacing or how a number is
-    written, with each name's rows: they are separate classes (nothing is merged unasked), which a
-    typo in a few rows had made unsaid."""
+    written, with each name's count of `unit`s (rows, images): they are separate classes (nothing is
+    merged unasked), which a typo in a few rows had made unsaid."""
     rows = Counter(labels)
     groups: dict[tuple, list[str]] = {}
     for name in sorted(rows, key=lambda n: (-rows[n], n)):
@@ -41,7 +41,7 @@ def look_alike_notes(labels: Sequence[str]) -> list[str]:
     notes = []
     for names in groups.values():
         if len(names) > 1:
-            each = ", ".join(f"{n!r} ({rows[n]} row{'s' if rows[n] > 1 else ''})" for n in names[:4])
+            each = ", ".join(f"{n!r} ({rows[n]} {unit}{'s' if rows[n] > 1 else ''})" for n in names[:4])
             more = f" and {len(names) - 4} more" if len(names) > 4 else ""
             notes.append(f"labels {each}{more} look alike but are {len(names)} classes; write them one way to merge")
     return notes

@@ -114,7 +114,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
         if not raw[split]:
             raise DataError(f"{p} holds no labelled images")
     names = class_names([r[-1] for r in raw["train"]])
-    notes += look_alike_notes([r[-1] for r in raw["train"]])
+    notes += look_alike_notes([r[-1] for r in raw["train"]], "image" if Path(path_train).is_dir() else "row")
     splits = _index_labels(raw, names, lambda f, label: ImageExample(f[0], label))
     val_and_test(splits, val_fraction, seed, notes, same=lambda ex: file_identity(ex.image), what="image file")
     data = ImageData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
