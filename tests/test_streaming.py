@@ -241,6 +241,7 @@ def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_mi
 
     url, _ = http_server
     monkeypatch.setattr(shards, "FETCH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(shards, "RETRY_PAUSE_S", 0.05)  # the waits said, not waited out
     with socket.socket() as hole:  # takes connections and never answers: HTTP's reader waited for ever
         hole.bind(("127.0.0.1", 0))
         hole.listen(8)

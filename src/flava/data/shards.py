@@ -29,6 +29,8 @@ from .members import hold_shard
 
 GLOB_CHARS = "*?["
 RETRIES = 3
+RETRY_PAUSE_S = 0.5
+"""The pause before a failed read's second attempt, doubled before each later one."""
 TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 """aiohttp's timeouts (asyncio's, not the builtin before Python 3.11)."""
 FETCH_TIMEOUT_S = 60.0
@@ -276,7 +278,7 @@ def _fetch(url: str) -> bytes:
             last = e
         stopping.poll()  # a failure a stop caused (a pipe's command ended by the same signal) is not tried again
         if attempt < RETRIES:
-            wait = 0.5 * 2 ** (attempt - 1)
+            wait = RETRY_PAUSE_S * 2 ** (attempt - 1)
             # From a loader worker too: a wait on the network is never silent.
             print(f"note: {url}: {_said(last)} (attempt {attempt} of {RETRIES}); trying again in {wait:g} s",
                   file=sys.stderr, flush=True)
