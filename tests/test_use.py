@@ -304,6 +304,71 @@ def test_index_add_adds_again_an_image_changed_since_it_was_indexed(tiny_model, 
     assert VectorIndex.open(tmp_path / "sidx").item(2) == keys[0]
 
 
+def test_index_add_judges_a_local_image_changed_by_its_file_not_its_vector(tiny_model, photos, tmp_path, capsys):
+    """embed records each local image file's size and modification time; index --add judges by them:
+    the same pictures embedded elsewhere (another device or precision: vectors a little off) are not
+    added twice, and a picture saved over is added again however close its vector. A run or an index
+    of an older version, without them, is still read and judged by vector."""
+    import pyarrow.parquet as pq
+
+    from flava.retrieval.index import SAME_VECTOR
+
+    folder, idx = tmp_path / "g", tmp_path / "idx"
+    folder.mkdir()
+    red, blue = sorted((photos / "red").glob("*.png")), sorted((photos / "blue").glob("*.png"))
+    for i in range(3):
+        shutil.copy(red[i], folder / f"r{i}.png")
+    embed = ["embed", "--model", str(tiny_model), "--images", str(folder), "--output"]
+    assert cli(embed + [str(tmp_path / "e1")]) == 0
+    run = read_embeddings(tmp_path / "e1")
+    st = os.stat(folder / "r0.png")
+    assert run.files[0] == (st.st_size, st.st_mtime_ns) and run.metadata[0] == {"image_path": str(folder / "r0.png")}
+    assert cli(["index", "--embeddings", str(tmp_path / "e1"), "--output", str(idx)]) == 0
+    for copy in ("idx_old_run", "idx_old_index"):
+        shutil.copytree(idx, tmp_path / copy)
+    assert VectorIndex.open(idx).metadata(0) == {"image_path": str(folder / "r0.png")}  # no bookkeeping shown
+
+    shutil.copy(blue[0], folder / "r1.png")  # saved over
+    assert cli(embed + [str(tmp_path / "e2")]) == 0
+    # As another device would embed them: r0 and r2 a little off, r1 as close as float noise to the old r1.
+    npy = tmp_path / "e2" / "img_emb" / "img_emb_00000.npy"
+    vectors, rng = np.load(npy), np.random.default_rng(0)
+    for i in (0, 2):
+        noise = rng.normal(size=vectors.shape[1])
+        moved = vectors[i] + 0.03 * noise / np.linalg.norm(noise)
+        vectors[i] = moved / np.linalg.norm(moved)
+        assert float(vectors[i] @ run.vectors[i]) < SAME_VECTOR
+    vectors[1] = run.vectors[1]
+    np.save(npy, vectors)
+    capsys.readouterr()
+    assert cli(["index", "--embeddings", str(tmp_path / "e2"), "--output", str(idx), "--add"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert (f"added 1 vector of {tmp_path / 'e2'} to {idx}: 4 vectors (Flat); skipped 2 items already in the index; "
+            "1 item changed since it was indexed: added again; rebuild the index to drop the old vectors; changes "
+            "judged by file size and time") in said, said
+    assert VectorIndex.open(idx).item(3) == str(folder / "r1.png")
+
+    # A run of an older version (no file columns): read as before, judged by vector.
+    for part in (tmp_path / "e2" / "metadata").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).select(["image_path"]), part)
+    assert read_embeddings(tmp_path / "e2").files == [None] * 3
+    assert cli(["index", "--embeddings", str(tmp_path / "e2"), "--output", str(tmp_path / "idx_old_run"),
+                "--add"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert ("skipped 1 item already in the index; 2 items changed since they were indexed: added again; rebuild the "
+            "index to drop the old vectors; changes judged by vector (no file size and time recorded)") in said, said
+    # An index of an older version: the same.
+    for part in (tmp_path / "idx_old_index" / "metadata").glob("*.parquet"):
+        pq.write_table(pq.read_table(part).select(["image_path"]), part)
+    shutil.rmtree(tmp_path / "e2")
+    assert cli(embed + [str(tmp_path / "e2")]) == 0
+    capsys.readouterr()
+    assert cli(["index", "--embeddings", str(tmp_path / "e2"), "--output", str(tmp_path / "idx_old_index"),
+                "--add"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "1 item changed since it was indexed" in said and "changes judged by vector (no file size" in said, said
+
+
 def test_index_add_finds_the_items_held_from_the_run_not_by_reading_every_row(tiny_model, tmp_path, capsys,
                                                                                monkeypatch):
     """Which of a run's items an index holds is found by one vectorised pass over the index's key

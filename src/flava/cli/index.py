@@ -29,8 +29,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
         were = "s changed since they were" if done.changed != 1 else " changed since it was"
         changed = (f"; {done.changed} item{were} indexed: added again; rebuild the index to drop the old vectors"
                    if done.changed else "")
+        # How the images held were told unchanged or changed: exactly, or by a vector another device moves.
+        unknown = "no file size and time recorded"
+        judged = ("" if not (done.by_file or done.by_vector) else f"; changes judged by vector ({unknown})"
+                  if not done.by_file else "; changes judged by file size and time" if not done.by_vector
+                  else f"; changes judged by file size and time ({done.by_file}) and by vector ({done.by_vector}: "
+                       f"{unknown})")
         console.print(f"added {done.added} vector{'s' * (done.added != 1)} of {args.embeddings} to {args.output}: "
-                      f"{len(done.index)} vectors ({done.index.factory}){skipped}{changed}", soft_wrap=True)
+                      f"{len(done.index)} vectors ({done.index.factory}){skipped}{changed}{judged}", soft_wrap=True)
         return
     index = build_index(args.embeddings, args.output, args.memory, args.which)
     console.print(f"indexed {len(index)} {index.modality} vectors of {index.dim} dimensions in {args.output} "

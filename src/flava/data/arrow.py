@@ -236,6 +236,13 @@ class ArrowImage:
         ref = self._ref()
         return ref.read_bytes() if isinstance(ref, Path) else ref.read()  # a URL's read says it is not fetched
 
+    def file(self) -> Path | None:
+        """The local image file a path cell names; None for a bytes cell (not read to say so) or a URL."""
+        if _holds_bytes(self.shard, self.column):
+            return None
+        ref = self._ref()
+        return ref if isinstance(ref, Path) else None
+
     def locator(self) -> str:
         """The image file a path cell names (or its URL), or where the bytes of a bytes cell are:
         `FILE#UNIT:ROW:COLUMN`, which `image_cell` reads again."""

@@ -8,7 +8,8 @@ OUTPUT/
   img_emb/img_emb_00000.npy    [n, D] image embeddings of part 0 (pairs and images)
   text_emb/text_emb_00000.npy  [n, D] text embeddings of part 0 (pairs and texts)
   metadata/metadata_00000.parquet  one row per embedding: image_path and/or caption (a text table's text
-                                   keeps its column's name), other columns
+                                   keeps its column's name), other columns, and for an image read from a
+                                   local file its size and modification time (`FILE_COLUMNS`)
   parts/00000.json             written last: the part is complete (a rerun skips it)
 ```
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import stopping
-from ..data.arrow import is_arrow_spec
+from ..data.arrow import ArrowImage, is_arrow_spec
 from ..data.images import find_images
 from ..data.processor import ImageInput
 from ..data.members import BadSample, refuse_urls, table_image
@@ -47,6 +48,11 @@ SUMMARY = "embed.json"
 MODALITIES = ("image", "text", "pair")
 # Failures named one by one in embed.json; beyond this they are only counted.
 MAX_NAMED_FAILURES = 1000
+FILE_COLUMNS = ("_file_size", "_file_mtime_ns")
+"""Metadata columns (int64) of an image read from a local file: its size and modification time (ns) when
+it was read, which tell `index --add` exactly whether it was saved over since (its vector cannot: another
+device or precision moves it a little). Bookkeeping, not the input's: `read_embeddings` keeps them out of
+`Embeddings.metadata`, and an index out of its hits. Null for images in shards, image bytes, older runs."""
 
 
 class Embedder:
@@ -233,18 +239,25 @@ def _check_text(text) -> str:
     return text
 
 
-def _prepare_part(embedder: Embedder, inputs: Inputs, lo: int, hi: int) -> Iterator[tuple[list[int], dict, list]]:
-    """Batches of usable rows: (row numbers, {"pixels": ..., "texts": ...}, failures)."""
+def _prepare_part(embedder: Embedder, inputs: Inputs, lo: int, hi: int, files: dict[int, tuple[int, int]]
+                  ) -> Iterator[tuple[list[int], dict, list]]:
+    """Batches of usable rows: (row numbers, {"pixels": ..., "texts": ...}, failures); `files` gets the
+    (size, mtime_ns) of each usable row's image file (`file_identity`)."""
     proc = embedder.processor
     for start in range(lo, hi, embedder.batch_size):
         rows, pixels, texts, failures = [], [], [], []
         for i in range(start, min(start + embedder.batch_size, hi)):
             try:
                 text = _check_text(inputs.texts[i]) if inputs.texts is not None else None
+                # Taken before the read: a file saved over meanwhile is recorded as older than its
+                # vector, so the next `index --add` sees it changed rather than never.
+                identity = file_identity(inputs.images[i]) if inputs.images is not None else None
                 image = proc.image(inputs.images[i]) if inputs.images is not None else None
             except DataError as e:
                 failures.append((i, getattr(e, "kind", str(e))))
                 continue
+            if identity is not None:
+                files[i] = identity
             rows.append(i)
             if image is not None:
                 pixels.append(image)
@@ -266,7 +279,8 @@ def save_parquet(path: Path, rows: list[dict]) -> None:
     import pyarrow.parquet as pq
 
     columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("image_path", "caption"), k))
-    table = pa.table({c: [None if row.get(c) is None else str(row.get(c)) for row in rows] for c in columns}) \
+    table = pa.table({c: pa.array([row.get(c) for row in rows], pa.int64()) if c in FILE_COLUMNS else
+                      [None if row.get(c) is None else str(row.get(c)) for row in rows] for c in columns}) \
         if rows else pa.table({"image_path": pa.array([], pa.string())})
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -364,11 +378,11 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
             if progress:
                 progress(done, len(inputs))
             continue
-        images, texts, rows, part_failed, part_named = [], [], [], Counter(), []
+        images, texts, rows, part_failed, part_named, part_files = [], [], [], Counter(), [], {}
         signum = 0
         # Decoding the next batch overlaps the model's work on this one.
         with ThreadPoolExecutor(1) as pool:
-            batches = _prepare_part(embedder, inputs, lo, hi)
+            batches = _prepare_part(embedder, inputs, lo, hi, part_files)
             pending = pool.submit(next, batches, None)
             while (item := pending.result()) is not None:
                 if signum := stopping.requested():  # the part is abandoned: nothing of it is written
@@ -399,7 +413,8 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         if inputs.texts is not None:
             _save_npy(out / "text_emb" / f"text_emb_{name}.npy",
                       np.concatenate([np.zeros((0, embedder.dim), np.float32)] + texts).astype(dtype))
-        save_parquet(out / "metadata" / f"metadata_{name}.parquet", [inputs.metadata[i] for i in rows])
+        save_parquet(out / "metadata" / f"metadata_{name}.parquet",
+                     [{**inputs.metadata[i], **dict(zip(FILE_COLUMNS, part_files.get(i, ())))} for i in rows])
         write_json_atomic(marker, {"count": len(rows), "failed": dict(part_failed), "named": part_named,
                                    "files": files})
         count += len(rows)
@@ -435,6 +450,30 @@ def _files_digest(images: Sequence) -> str:
     return h.hexdigest()[:16]
 
 
+def file_identity(ref) -> tuple[int, int] | None:
+    """(size, mtime_ns) of the local file an image is read from (a path, or a table's path cell); None
+    for an image without one of its own (a shard's member, image bytes, a URL) or a file not there."""
+    file = ref if isinstance(ref, (str, os.PathLike)) else ref.file() if isinstance(ref, ArrowImage) else None
+    try:
+        st = os.stat(file) if file is not None else None
+    except OSError:  # reading it fails too, and says why
+        return None
+    return (st.st_size, st.st_mtime_ns) if st is not None else None
+
+
+def _file_identities(table) -> list[tuple[int, int] | None]:
+    """`FILE_COLUMNS` of a metadata table, per row: None where a row (or the whole table) has none."""
+    if not all(c in table.column_names for c in FILE_COLUMNS):
+        return [None] * table.num_rows
+    sizes, times = (table.column(c).to_pylist() for c in FILE_COLUMNS)
+    return [None if s is None or t is None else (int(s), int(t)) for s, t in zip(sizes, times)]
+
+
+def without_file_columns(table):
+    """A metadata table's own columns: `FILE_COLUMNS` left out."""
+    return table.select([c for c in table.column_names if c not in FILE_COLUMNS])
+
+
 # --------------------------------------------------------------------------- reading runs back
 
 
@@ -453,6 +492,9 @@ class Embeddings:
     """The metadata column holding each text (a text table's own column name)."""
     inputs: str | None = None
     """The run's fingerprint of its inputs (`Inputs.fingerprint`)."""
+    files: list[tuple[int, int] | None] | None = None
+    """Per row, the (size, mtime_ns) of its image file when embedded (`FILE_COLUMNS`); None for a row
+    without one. For image vectors only."""
 
 
 def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> Embeddings:
@@ -474,13 +516,15 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
         raise DataError(f"{d} holds {settings['modality']} embeddings only; it has no {which} embeddings (an index holds "
                         f"one modality: index these on their own, flava index --embeddings {d} --output ANOTHER)")
     folder, prefix = ("img_emb", "img_emb") if which == "image" else ("text_emb", "text_emb")
-    vectors, meta = [], []
+    vectors, meta, files = [], [], []
     n_parts = -(-settings["count"] // settings["part_size"])
     for part in range(n_parts):
         name = part_name(part)
         try:
             vectors.append(np.load(d / folder / f"{prefix}_{name}.npy"))
-            meta += pq.read_table(d / "metadata" / f"metadata_{name}.parquet").to_pylist()
+            table = pq.read_table(d / "metadata" / f"metadata_{name}.parquet")
+            files += _file_identities(table)  # parts of an older version (a run it began) have none
+            meta += without_file_columns(table).to_pylist()
         except (OSError, ValueError) as e:
             raise DataError(f"{d}: part {name} is missing or damaged ({e}); delete parts/{name}.json and run "
                             f"`flava embed` again to redo it") from None
@@ -492,4 +536,5 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
         raise DataError(f"{d}: {len(bad)} of {len(array)} {which} embeddings are not finite (NaN or infinity), "
                         f"e.g. row {bad[0]}; embed again with a checkpoint whose weights are sound")
     return Embeddings(array, meta, settings.get("model"), which, settings.get("checkpoint"),
-                      settings.get("text_field", "caption"), settings.get("inputs"))
+                      settings.get("text_field", "caption"), settings.get("inputs"),
+                      files if which == "image" else None)

@@ -10,7 +10,8 @@ IDX/
                                   nprobe, sources (and the fingerprint of each one's inputs:
                                   source_inputs), the index file and the metadata files (for texts,
                                   the column holding each file's texts: text_fields)
-  metadata/metadata_00000.parquet one row per vector, in index order; one file per `add`
+  metadata/metadata_00000.parquet one row per vector, in index order; one file per `add` (an image
+                                  read from a local file: its size and time, `embed.FILE_COLUMNS`)
   .lock                           held by `flava index --add`
 ```
 
@@ -20,7 +21,8 @@ old one, so a kill at any point leaves the index as it was before or after, neve
 Small collections get an exact index; above `EXACT_MAX` vectors an inverted-file index whose
 lists hold the vectors themselves when they fit the memory budget, else product-quantized codes
 sized to fit it. `add` extends an index with new embeddings without rebuilding it; `add_embeddings`
-skips a run's items the index holds already (`item_key`, found by `VectorIndex.holding`).
+skips a run's items the index holds already (`item_key`, found by `VectorIndex.holding`) unless they
+changed since (by their file's size and time, else by their vector: `VectorIndex.changed`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from ..errors import DataError, InputError
 from ..io.files import fsync_file, read_json, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..io.locks import hold
-from .embed import SETTINGS, read_embeddings
+from .embed import FILE_COLUMNS, SETTINGS, read_embeddings, without_file_columns
 
 INDEX_FILE = "index.faiss"
 """The FAISS file of indexes written before index.json named it."""
@@ -128,7 +130,9 @@ class VectorIndex:
         self.path = Path(path)
         self.faiss_index = index
         self.info = info
-        self._table = table
+        self._table, self._files = (without_file_columns(table), _file_columns(table)) if table is not None \
+            else (None, None)
+        """The rows' own metadata, and apart from it each row's image file identity (`FILE_COLUMNS`)."""
         self._lock = threading.RLock()  # serialises `add`
         self._starts = list(starts) if starts is not None else [0] * len(info.get("metadata_files", []))
         """The first position of each metadata file."""
@@ -254,6 +258,15 @@ class VectorIndex:
                         held.setdefault(i, []).append(position)
         return held
 
+    def files(self, positions: list[int]) -> list[tuple[int, int] | None]:
+        """The (size, mtime_ns) of the image file each position's vector was made from (`FILE_COLUMNS`);
+        None where it is not known (an image in a shard, image bytes, a vector an older version added)."""
+        if self._files is None or not positions:
+            return [None] * len(positions)
+        rows = self._files.take(positions)
+        sizes, times = (rows.column(c).to_pylist() for c in FILE_COLUMNS)
+        return [None if s is None or t is None else (s, t) for s, t in zip(sizes, times)]
+
     def changed(self, held: dict[int, list[int]], vectors: np.ndarray, chunk: int = 8192) -> list[int]:
         """The rows of `held` (`holding`) whose vector in `vectors` (an embed run of the index's own
         checkpoint) is at none of the positions holding the item: its image changed since it was
@@ -301,10 +314,12 @@ class VectorIndex:
     # ------------------------------------------------------------------ growing
 
     def add(self, vectors: np.ndarray, metadata: list[dict], source: str | None = None,
-            text_field: str = "caption", inputs: str | None = None) -> int:
+            text_field: str = "caption", inputs: str | None = None,
+            files: list[tuple[int, int] | None] | None = None) -> int:
         """Append vectors and their metadata rows (one parquet file per call; `text_field`: the
         column of the rows that holds a text index's texts; `inputs`: the embed run's fingerprint
-        of what it embedded); returns the new size."""
+        of what it embedded; `files`: each image's file identity, `Embeddings.files`); returns the
+        new size."""
         import faiss
 
         from .embed import save_parquet
@@ -315,6 +330,8 @@ class VectorIndex:
                             f"vectors")
         if len(v) != len(metadata):
             raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
+        if files is not None and self.modality == "image":  # a text index's items are no files
+            metadata = [{**row, **dict(zip(FILE_COLUMNS, f or ()))} for row, f in zip(metadata, files, strict=True)]
         with self._lock:
             n = len(self.info["metadata_files"])
             name, index_file = f"metadata_{n:05d}.parquet", f"index-{n + 1:05d}.faiss"
@@ -348,8 +365,10 @@ class VectorIndex:
             import pyarrow.parquet as pq
 
             added = pq.read_table(self.path / "metadata" / name)
-            self._table = added if self._table is None else pa.concat_tables([self._table, added],
-                                                                                promote_options="default")
+            rows, files = without_file_columns(added), _file_columns(added)
+            self._table, self._files = (rows, files) if self._table is None else (
+                pa.concat_tables([self._table, rows], promote_options="default"),
+                pa.concat_tables([self._files, files]))
         return len(self)
 
 
@@ -375,6 +394,19 @@ class Added:
     changed: int = 0
     """The run's images the index holds another vector of (changed since they were indexed): added
     again, among `added`; the old vectors stay until the index is rebuilt."""
+    by_file: int = 0
+    """Of the run's images the index holds, those judged changed or not by their file's size and time."""
+    by_vector: int = 0
+    """...and those judged by their vector: no file identity on one side (a shard's member, image bytes,
+    a run or an index of an older version)."""
+
+
+def _file_columns(table):
+    """A metadata table's `FILE_COLUMNS`, null where it has none (the files of earlier adds, shards)."""
+    import pyarrow as pa
+
+    return pa.table({c: table.column(c).cast(pa.int64()) if c in table.column_names
+                     else pa.nulls(table.num_rows, pa.int64()) for c in FILE_COLUMNS})
 
 
 def remove_leftovers(directory: Path, keep: str) -> None:
@@ -408,9 +440,10 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
                       model: str | None = None, modality: str = "image", metadata: list[dict] | None = None,
                       memory: str | int | None = None, source: str | None = None,
                       checkpoint: dict | None = None, text_field: str = "caption",
-                      inputs: str | None = None) -> VectorIndex:
+                      inputs: str | None = None, files: list | None = None) -> VectorIndex:
     """Build an index directory from vectors in memory (`items` become image_path or caption;
-    `text_field`: the column of `metadata` that holds a text index's texts)."""
+    `text_field`: the column of `metadata` that holds a text index's texts; `files`: each image's file
+    identity, `Embeddings.files`)."""
     import faiss
 
 
@@ -442,7 +475,7 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     built = VectorIndex(out, index, info, None)
     if hasattr(index, "nprobe"):
         index.nprobe = nprobe
-    built.add(v, metadata, source, text_field, inputs)
+    built.add(v, metadata, source, text_field, inputs, files)
     return built
 
 
@@ -452,7 +485,7 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory
     e = read_embeddings(embeddings, which)
     return index_from_arrays(e.vectors, None, output, model=e.model, modality=e.modality, metadata=e.metadata,
                              memory=memory, source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint,
-                             text_field=e.text_field, inputs=e.inputs)
+                             text_field=e.text_field, inputs=e.inputs, files=e.files)
 
 
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
@@ -479,8 +512,18 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
         # An image at a path the index holds may have changed since (a text's key is the text itself).
         # Its vector is added again rather than replaced: positions and the metadata files of earlier
         # adds stay as they are (a flat index renumbers on removal), and the count is said.
-        changed = index.changed(held, e.vectors) if index.modality == "image" and e.vectors.shape[1:] == (
-            index.dim,) else []
+        changed, by_file, by_vector = [], {}, {}
+        if index.modality == "image" and held:
+            # Exactly, by the file's size and time where both sides know them, against the newest
+            # vector held for it (what the index last saw of the file); else by the vector, which
+            # another device or precision moves a little.
+            rows = list(held)
+            stored = index.files([max(held[i]) for i in rows])
+            by_file = {i: f for i, f in zip(rows, stored) if f is not None and e.files and e.files[i] is not None}
+            changed = [i for i, f in by_file.items() if f != e.files[i]]
+            by_vector = {i: p for i, p in held.items() if i not in by_file}
+            if by_vector and e.vectors.shape[1:] == (index.dim,):
+                changed = sorted(changed + index.changed(by_vector, e.vectors))
         for i in changed:
             del held[i]
         keep = [i for i in range(len(e.metadata)) if i not in held]
@@ -497,8 +540,9 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
             raise DataError(f"all {len(e.metadata)} items of {embeddings} are already in the index {index_dir}; "
                             "nothing to add")
         # Vectors and metadata rows are taken by the same row numbers: position i stays row i's item.
-        index.add(e.vectors[keep], [e.metadata[i] for i in keep], source, e.text_field, e.inputs)
-        return Added(index, len(keep), len(e.metadata) - len(keep), len(changed))
+        index.add(e.vectors[keep], [e.metadata[i] for i in keep], source, e.text_field, e.inputs,
+                  [e.files[i] for i in keep] if e.files else None)
+        return Added(index, len(keep), len(e.metadata) - len(keep), len(changed), len(by_file), len(by_vector))
 
 
 def query_model(index: VectorIndex, name: str | None = None, allow_other: bool = False) -> tuple[str, str | None]:
