@@ -454,6 +454,32 @@ def test_a_rerun_embeds_again_a_part_whose_image_changed_and_refuses_int8_into_f
     assert "holds embeddings of other inputs or settings (int8: True -> False); choose another" in err
 
 
+def test_index_add_refuses_int8_vectors_into_a_float_index_and_back(tiny_model, photos, tmp_path, capsys):
+    """One checkpoint's int8 and float vectors differ: never mixed in one index, refused in one line
+    naming both kinds and the fix, the index unchanged."""
+    embed = ["embed", "--model", str(tiny_model), "--output"]
+    floats, ints = tmp_path / "f", tmp_path / "q"
+    assert cli(embed + [str(floats), "--images", str(photos / "red")]) == 0
+    assert cli(embed + [str(ints), "--images", str(photos / "green"), "--int8"]) == 0
+    fidx, qidx = tmp_path / "fidx", tmp_path / "qidx"
+    assert cli(["index", "--embeddings", str(floats), "--output", str(fidx)]) == 0
+    assert cli(["index", "--embeddings", str(ints), "--output", str(qidx)]) == 0
+    capsys.readouterr()
+    err = _one_line(capsys, cli(["index", "--embeddings", str(ints), "--output", str(fidx), "--add"]))
+    assert (f"{ints} holds int8 embeddings (embed --int8) but the index {fidx} holds float embeddings (embed without "
+            f"--int8); one index never mixes the two, whose vectors differ: embed again without --int8, or build a "
+            f"new index from {ints}") in " ".join(err.split())
+    err = _one_line(capsys, cli(["index", "--embeddings", str(floats), "--output", str(qidx), "--add"]))
+    assert "holds float embeddings (embed without --int8) but the index" in err and "embed again with --int8" in err
+    # An index of an older version, which records no kind: the run it was built from says it.
+    info = json.loads((fidx / "index.json").read_text())
+    del info["int8"]
+    (fidx / "index.json").write_text(json.dumps(info))
+    assert "holds int8 embeddings" in _one_line(capsys, cli(["index", "--embeddings", str(ints), "--output",
+                                                             str(fidx), "--add"]))
+    assert len(VectorIndex.open(fidx)) == len(VectorIndex.open(qidx)) == 4
+
+
 def test_a_pair_tables_image_urls_are_named_never_fetched_nor_read_as_paths(tiny_model, photos, tmp_path, capsys):
     red = sorted((photos / "red").glob("*.png"))[0]
     (tmp_path / "p.csv").write_text(f"url,caption\nhttp://example.com/a.png,a thing\n{red},a red square\n")

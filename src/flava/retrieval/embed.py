@@ -495,6 +495,8 @@ class Embeddings:
     files: list[tuple[int, int] | None] | None = None
     """Per row, the (size, mtime_ns) of its image file when embedded (`FILE_COLUMNS`); None for a row
     without one. For image vectors only."""
+    int8: bool = False
+    """Made by the int8 model (`embed --int8`): vectors that differ from the float model's."""
 
 
 def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> Embeddings:
@@ -537,4 +539,4 @@ def read_embeddings(directory: str | os.PathLike, which: str | None = None) -> E
                         f"e.g. row {bad[0]}; embed again with a checkpoint whose weights are sound")
     return Embeddings(array, meta, settings.get("model"), which, settings.get("checkpoint"),
                       settings.get("text_field", "caption"), settings.get("inputs"),
-                      files if which == "image" else None)
+                      files if which == "image" else None, bool(settings.get("int8", False)))

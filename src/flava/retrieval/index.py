@@ -188,6 +188,20 @@ class VectorIndex:
         return self.info["modality"]
 
     @property
+    def int8(self) -> bool | None:
+        """Whether the vectors are the int8 model's (`embed --int8`); for an index older than this
+        record, what the run it was built from says while it is there; None: not known."""
+        if "int8" in self.info:
+            return bool(self.info["int8"])
+        for source in self.info.get("sources", [])[:1]:
+            try:
+                return bool(read_json(Path(source) / SETTINGS, "embedding settings", DataError, expect=dict)
+                            .get("int8", False))
+            except DataError:  # moved or deleted since: unknown
+                pass
+        return None
+
+    @property
     def dim(self) -> int:
         return self.info["dim"]
 
@@ -440,10 +454,11 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
                       model: str | None = None, modality: str = "image", metadata: list[dict] | None = None,
                       memory: str | int | None = None, source: str | None = None,
                       checkpoint: dict | None = None, text_field: str = "caption",
-                      inputs: str | None = None, files: list | None = None) -> VectorIndex:
+                      inputs: str | None = None, files: list | None = None, int8: bool | None = None
+                      ) -> VectorIndex:
     """Build an index directory from vectors in memory (`items` become image_path or caption;
-    `text_field`: the column of `metadata` that holds a text index's texts; `files`: each image's file
-    identity, `Embeddings.files`)."""
+    `text_field`: the column of `metadata` that holds a text index's texts; `files` and `int8` as
+    `Embeddings` has them, int8 None: not recorded, not known)."""
     import faiss
 
 
@@ -470,6 +485,8 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     info = {"model": model, "checkpoint": checkpoint, "modality": modality, "dim": int(v.shape[1]), "size": 0,
             "factory": factory, "nprobe": nprobe, "metric": "inner product (cosine)", "index_file": INDEX_FILE,
             "metadata_files": [], "sources": []}
+    if int8 is not None:  # what `add` compares a run with: int8 and float vectors are never mixed
+        info["int8"] = bool(int8)
     faiss.write_index(index, str(out / INDEX_FILE))
     write_json_atomic(out / INFO_FILE, info)
     built = VectorIndex(out, index, info, None)
@@ -485,7 +502,7 @@ def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory
     e = read_embeddings(embeddings, which)
     return index_from_arrays(e.vectors, None, output, model=e.model, modality=e.modality, metadata=e.metadata,
                              memory=memory, source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint,
-                             text_field=e.text_field, inputs=e.inputs, files=e.files)
+                             text_field=e.text_field, inputs=e.inputs, files=e.files, int8=e.int8)
 
 
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
@@ -507,6 +524,11 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
         elif e.model != index.model:
             raise DataError(f"{embeddings} was embedded with {e.model} but the index holds {index.model}'s vectors; "
                             f"embed with the same model")
+        if index.int8 is not None and e.int8 != index.int8:  # the same weights, but other vectors: never mixed
+            kind = {True: "int8 embeddings (embed --int8)", False: "float embeddings (embed without --int8)"}
+            raise DataError(f"{embeddings} holds {kind[e.int8]} but the index {index_dir} holds {kind[index.int8]}; "
+                            f"one index never mixes the two, whose vectors differ: embed again "
+                            f"{'with' if index.int8 else 'without'} --int8, or build a new index from {embeddings}")
         source = str(Path(embeddings).resolve())
         held = index.holding(e.metadata, e.text_field)
         # An image at a path the index holds may have changed since (a text's key is the text itself).
