@@ -480,6 +480,31 @@ def test_index_add_refuses_int8_vectors_into_a_float_index_and_back(tiny_model, 
     assert len(VectorIndex.open(fidx)) == len(VectorIndex.open(qidx)) == 4
 
 
+def test_index_add_refuses_another_modality_or_dimension(tiny_model, photos, tmp_path, capsys):
+    """A pair run's texts asked for with --which into an index of images (each text had been added
+    under its image's path), or vectors of another dimension: refused in one line with the fix."""
+    embed = ["embed", "--model", str(tiny_model), "--output"]
+    floats, fidx = tmp_path / "f", tmp_path / "fidx"
+    assert cli(embed + [str(floats), "--images", str(photos / "red")]) == 0
+    assert cli(["index", "--embeddings", str(floats), "--output", str(fidx)]) == 0
+    (tmp_path / "p.csv").write_text(f"image,caption\n{photos / 'blue' / '0.png'},a blue square\n")
+    assert cli(embed + [str(tmp_path / "p"), "--pairs", str(tmp_path / "p.csv")]) == 0
+    capsys.readouterr()
+    err = _one_line(capsys, cli(["index", "--embeddings", str(tmp_path / "p"), "--which", "text", "--output",
+                                 str(fidx), "--add"]))
+    assert (f"the index {fidx} holds image vectors, not text ones: leave out --which text to add {tmp_path / 'p'}'s "
+            f"image vectors, or build a text index") in " ".join(err.split())
+    assert len(VectorIndex.open(fidx)) == 4
+
+    # Vectors of another dimension under the same model name (an index that records no checkpoint).
+    run = read_embeddings(floats)
+    index_from_arrays(np.eye(2, 8, dtype=np.float32), ["x", "y"], tmp_path / "narrow", model=run.model)
+    err = _one_line(capsys, cli(["index", "--embeddings", str(floats), "--output", str(tmp_path / "narrow"), "--add"]))
+    assert (f"{floats} holds {run.vectors.shape[1]}-dimensional embeddings but the index {tmp_path / 'narrow'} holds "
+            f"8-dimensional ones: embed with the index's model ({run.model}), or build a new index from "
+            f"{floats}") in " ".join(err.split())
+
+
 def test_a_pair_tables_image_urls_are_named_never_fetched_nor_read_as_paths(tiny_model, photos, tmp_path, capsys):
     red = sorted((photos / "red").glob("*.png"))[0]
     (tmp_path / "p.csv").write_text(f"url,caption\nhttp://example.com/a.png,a thing\n{red},a red square\n")

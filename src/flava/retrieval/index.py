@@ -515,6 +515,10 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
         raise not_an_index(Path(index_dir), embeddings)
     with hold(Path(index_dir) / LOCK, str(index_dir), "wait for the other `flava index --add` to end"):
         index = VectorIndex.open(index_dir)
+        if which is not None and which != index.modality:  # one index never holds two modalities
+            raise DataError(f"the index {index_dir} holds {index.modality} vectors, not {which} ones: leave out "
+                            f"--which {which} to add {embeddings}'s {index.modality} vectors, or build a {which} "
+                            f"index: flava index --embeddings {embeddings} --which {which} --output NEW_DIR")
         e = read_embeddings(embeddings, which or index.modality)
         if e.checkpoint and index.checkpoint:
             if not same_checkpoint(e.checkpoint, index.checkpoint):
@@ -529,6 +533,10 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
             raise DataError(f"{embeddings} holds {kind[e.int8]} but the index {index_dir} holds {kind[index.int8]}; "
                             f"one index never mixes the two, whose vectors differ: embed again "
                             f"{'with' if index.int8 else 'without'} --int8, or build a new index from {embeddings}")
+        if e.vectors.shape[1] != index.dim:  # an older run or index, which records no checkpoint
+            raise DataError(f"{embeddings} holds {e.vectors.shape[1]}-dimensional embeddings but the index "
+                            f"{index_dir} holds {index.dim}-dimensional ones: embed with the index's model "
+                            f"({index.model}), or build a new index from {embeddings}")
         source = str(Path(embeddings).resolve())
         held = index.holding(e.metadata, e.text_field)
         # An image at a path the index holds may have changed since (a text's key is the text itself).
@@ -544,7 +552,7 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
             by_file = {i: f for i, f in zip(rows, stored) if f is not None and e.files and e.files[i] is not None}
             changed = [i for i, f in by_file.items() if f != e.files[i]]
             by_vector = {i: p for i, p in held.items() if i not in by_file}
-            if by_vector and e.vectors.shape[1:] == (index.dim,):
+            if by_vector:
                 changed = sorted(changed + index.changed(by_vector, e.vectors))
         for i in changed:
             del held[i]
