@@ -585,6 +585,20 @@ def test_items_serves_the_images_of_an_index_built_from_shards(tmp_path, monkeyp
     index = VectorIndex.open(tmp_path / "idx")
     assert index.item(0).startswith(f"{tmp_path / '00000.tar'}#")
     assert_items_served(tmp_path / "model", index, pngs, tmp_path / "00000.tar", "is not a local file")
+    # A compressed shard's images are named by shard and member (they had been a digest of their
+    # bytes); /items says why it cannot send them.
+    import gzip
+
+    (tmp_path / "00001.tar.gz").write_bytes(gzip.compress((tmp_path / "moved-00000.tar").read_bytes()))
+    assert cli(["embed", "--model", str(tmp_path / "model"), "--pairs", str(tmp_path / "00001.tar.gz"),
+                "--output", str(tmp_path / "emb-gz")]) == 0
+    assert cli(["index", "--embeddings", str(tmp_path / "emb-gz"), "--output", str(tmp_path / "idx-gz")]) == 0
+    compressed = VectorIndex.open(tmp_path / "idx-gz")
+    assert sorted(compressed.item(i) for i in range(len(pngs))) == [
+        f"{tmp_path / '00001.tar.gz'}#s{i}.png" for i in range(len(pngs))]
+    with app_in_a_thread(create_app(None, compressed)) as client:
+        status, body, _ = client.get("/items/0")
+    assert status == 404 and "a remote or compressed shard, whose images are not served" in body["error"], body
     for offset in (0, 100, 1024):  # no header before it, not a block, a block of the first image's bytes
         with pytest.raises(BadSample):
             member_at(tmp_path / "moved-00000.tar", offset)

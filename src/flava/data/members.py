@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -87,9 +87,16 @@ class Blob:
 
     data: bytes | memoryview
     ext: str = ""
+    origin: str = field(default="", compare=False)
+    """Where it was read: `SHARD#MEMBER` for a member of a remote or compressed shard; "" for a cell."""
 
     def read(self) -> bytes:
         return bytes(self.data)
+
+    def locator(self) -> str:
+        """Its shard and member name (what `embed` records of it; serve's /items cannot read it
+        again), else the bytes' description."""
+        return self.origin or repr(self)
 
     def __repr__(self) -> str:
         # In messages, never the bytes themselves; the digest keeps two images apart where an

@@ -204,7 +204,7 @@ class TarShard:
         """{(key, n): {extension: member}}: the n-th sample of that key in the shard."""
         from webdataset.tariterators import base_plus_ext
 
-        from .shards import read
+        from .shards import is_remote, read
 
         where = read(self.url, self.cache)
         if isinstance(where, Path):
@@ -224,6 +224,7 @@ class TarShard:
             f = io.BytesIO(where)
         groups: dict[tuple[str, int], dict[str, Member]] = {}
         latest: dict[str, int] = {}
+        origin = self.url if is_remote(self.url) else str(Path(self.url).resolve())  # what embed records
         try:
             cut = False
             with f:
@@ -242,7 +243,8 @@ class TarShard:
                     if ext in groups.get((key, n), ()):
                         n = latest[key] = n + 1
                     groups.setdefault((key, n), {})[ext] = _LINK if link else (
-                        TarMember(where, offset_data, size, ext) if data is None else Blob(data[offset_data:end], ext))
+                        TarMember(where, offset_data, size, ext) if data is None
+                        else Blob(data[offset_data:end], ext, f"{origin}#{name}"))
                 marker = -(-end // 512) * 512
                 if not cut and not _end_marker_present(f, marker, total):
                     rejected["truncated tar shard"] += 1

@@ -372,6 +372,9 @@ def create_app(
     async def item(position: int, request: Request):
         import os
 
+        from ..data.shards import is_remote
+        from ..data.tars import TAR_SUFFIXES
+
         idx = need_index()
         position = position_of(position)
         value = idx.item(position)
@@ -386,6 +389,9 @@ def create_app(
         if cell is not None:  # an image's bytes in a parquet or Arrow file
             data, media = await run_in_threadpool(_cell_bytes, cell)
             return Response(data, media_type=media)
+        if hash_ and not os.path.lexists(path) and (is_remote(shard) or shard.lower().endswith(TAR_SUFFIXES[1:])):
+            raise ApiError(404, f"the indexed image {offset} is inside {shard}, a remote or compressed shard, whose "
+                                "images are not served; embed from local plain .tar shards to serve them")
         if not os.path.lexists(path):  # anything else there (a link, a FIFO) is named by _file_image
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index")
         return await run_in_threadpool(_file_image, path, request.headers)
