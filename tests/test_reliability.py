@@ -819,3 +819,17 @@ def test_data_that_fails_mid_run_ends_it_with_the_steps_done_saved_and_resumable
     again = Trainer(cfg(), tmp_path / "run")
     assert again.resume() and again.step == 3
     assert [r["loss"] for r in again.fit()] == pytest.approx(reference[3:], abs=1e-6)
+
+
+def test_a_model_that_cannot_be_built_is_refused_before_the_demo_codebook_is_trained(tmp_path, capsys, monkeypatch):
+    # With no data and no codebook named, a run trains the demo images' codebook first (minutes on a
+    # CPU): a model setting its encoders cannot take had been refused only after it.
+    import flava.train.run as run_module
+
+    monkeypatch.setattr(run_module, "run_train_codebook", lambda *a, **k: pytest.fail("the codebook was trained"))
+    for setting, said in (("model.image.num_heads=3", "image.hidden_size (128) must be divisible by image.num_heads "
+                                                      "(3)"),
+                          ("model.image.patch_size=128", "image.patch_size (128) must be at most image.image_size")):
+        code = cli(["pretrain", "--output", str(tmp_path / "run"), "--max-steps", "1", "--set", setting])
+        assert said in " ".join(one_line_error(capsys, code).split())
+        assert not (tmp_path / "run" / "codebook").exists()

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import stopping
-from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict
+from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict, validate
 from ..data.pipeline import per_process_batch
 from ..distributed import end_host_group, resolve_device, start_host_group
 from ..data.registry import KINDS, missing_files
@@ -334,6 +334,7 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
     codebook to make them. `say_kept`: a new run that finds one says it takes it."""
     if not needs_demo_codebook(cfg):
         return
+    validate(cfg.model)  # a model that cannot be built is said now, not after minutes of codebook training
     check_codebook_vocabulary(cfg.model)
     train_demo_codebook(cfg.model, directory, console, rank, say_kept)
     cfg.codebook = os.path.abspath(directory)  # found by a --resume from another folder
