@@ -499,6 +499,21 @@ def test_resume_survives_damage(train_data, tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # two runs
+def test_a_damaged_checkpoint_a_resume_passed_over_never_takes_an_intact_ones_place(train_data, tmp_path, capsys):
+    # Resumed from step 4 past a damaged step 5, the next save had kept the damaged one among the
+    # newest two and removed step 4, the only intact one before it.
+    run, layout = tmp_path / "run", RunDir(tmp_path / "run")
+    assert cli(pretrain_args(train_data, run) + narrow_args() + ["--max-steps", "5", "--set", "save_every=2",
+                                                                  "--set", "keep_last=2"]) == 0
+    assert [p.name for p in layout.step_dirs()] == ["step_00000004", "step_00000005"]
+    weights = layout.step(5) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "6"]) == 0
+    assert "resumed from step 4" in " ".join(capsys.readouterr().out.split())
+    assert [p.name for p in layout.step_dirs()] == ["step_00000004", "step_00000006"]
+
+
 def test_absurd_model_sizes_are_refused_before_allocating(tmp_path):
     cfg = to_dict(preset("tiny"))
     cfg["text"]["num_layers"] = 10_000_000

@@ -147,6 +147,8 @@ class CheckpointManager:
     def __init__(self, run: RunDir, keep_last: int, rank: int, world: int, device: torch.device, keep_every: int = 0):
         self.run, self.keep_last, self.rank, self.world, self.device = run, keep_last, rank, world, device
         self.keep_every = keep_every
+        self._resumed_at: int | None = None
+        """The step a resume continued from, until the first save after it."""
 
     def _rng_state(self) -> dict:
         state = {"cpu": torch.get_rng_state()}
@@ -223,10 +225,14 @@ class CheckpointManager:
             # torch.save and safetensors report a full disk as RuntimeError / SafetensorError.
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
             return f"could not write the checkpoint of step {step} to {target} ({reason})"
-        # Checkpoints past this one belong to a future a resumed run abandoned.
+        # Checkpoints past the one a resume continued from belong to a future it abandoned (one
+        # passed over as damaged among them): were they kept, they would count among the newest
+        # `keep_last`, and an intact one would be removed in their place.
         dirs = run.step_dirs()
-        newer = [p for p in dirs if p.name > target.name]
-        older = [p for p in dirs if p.name <= target.name]
+        newer = [p for p in dirs if p.name > target.name or p != target and self._resumed_at is not None
+                 and run.step_of(p) > self._resumed_at]
+        self._resumed_at = None
+        older = [p for p in dirs if p.name <= target.name and p not in newer]
         kept = {p for p in older if self.keep_every and run.step_of(p) > 0 and run.step_of(p) % self.keep_every == 0}
         for old in newer + [p for p in older[: -self.keep_last] if p not in kept]:
             shutil.rmtree(old, ignore_errors=True)
@@ -285,6 +291,7 @@ class CheckpointManager:
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         parts.progress.load_state_dict(state)
+        self._resumed_at = parts.progress.step
         parts.stage.load_state_dict(state.get("stage", {}))  # checkpoints before stages had state: none
         if parts.balancing is not None:  # checkpoints before balancing: the fixed sum, no state
             parts.balancing.load_state_dict(state.get("balancing", {}))
