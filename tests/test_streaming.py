@@ -26,7 +26,7 @@ from flava.data.pipeline import BatchStream, KindStream
 from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.registry import open_source, open_stream
 from flava.data.shards import ShardCache, expand
-from flava.errors import DataError
+from flava.errors import ConfigError, DataError
 
 SPEC = SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16)
 
@@ -858,6 +858,80 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     with pytest.raises(Exception, match=r"was prepared for a 8x8 patch grid; the model has 16x16: prepare the data "
                                         r"again"):
         Trainer(cfg, tmp_path / "run3")
+
+
+@pytest.fixture(scope="module")
+def prepared_thrice(train_data, tmp_path_factory):
+    """Four pairs prepared (two shards) by three codebooks: the tests' 64-token one (a), another
+    64-token one (b) and a 1024-token one (c); `prepare(out, codebook)` prepares them again."""
+    import types
+
+    import flava
+    from flava.cli import main as cli
+    from flava.config import preset, to_dict
+    from flava.io.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("prepared")
+
+    def codebook(name: str, vocab: int):
+        cfg = preset("tiny")
+        cfg.image.vocab_size = cfg.codebook.vocab_size = vocab
+        cfg.codebook.hidden_size = 8
+        torch.manual_seed(vocab + len(name))
+        save_checkpoint(root / name, to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+        return root / name
+
+    table = root / "pairs.csv"
+    table.write_text("\n".join((train_data / "pairs_clean.csv").read_text().splitlines()[:5]).replace(
+        "img/", f"{train_data}/img/") + "\n")
+
+    def prepare(out, cb):
+        assert cli(["prepare", "--pairs", str(table), "--output", str(out), "--codebook", str(cb), "--workers", "1",
+                    "--size", "64", "--shard-size", "2"]) == 0
+        return out
+
+    cb1 = train_data / "codebook"
+    a, b = prepare(root / "a", cb1), prepare(root / "b", codebook("cb2", 64))
+    c = prepare(root / "c", codebook("cb3", 1024))
+    fp1, fp2 = (json.loads((p / "index.json").read_text())["flava"]["codebook"] for p in (a, b))
+    return types.SimpleNamespace(root=root, a=a, b=b, c=c, cb1=cb1, fp1=fp1, fp2=fp2, prepare=prepare)
+
+
+def _pair_trainer(output, *pairs, codebook=None):
+    """A tiny joint run's Trainer on `pairs` alone, with 64-token heads."""
+    from flava.train.presets import demo_config
+    from flava.train.trainer import Trainer
+
+    cfg = demo_config()
+    cfg.model.image.vocab_size = cfg.model.codebook.vocab_size = 64
+    cfg.data.pairs, cfg.data.batch_size, cfg.data.num_workers, cfg.tensorboard = [str(p) for p in pairs], 4, 0, False
+    cfg.codebook = str(codebook) if codebook else ""
+    return Trainer(cfg, output)
+
+
+def test_prepared_shards_named_by_glob_or_one_by_one_get_the_folders_checks(prepared_thrice, tmp_path):
+    # Only a folder's index.json made shards prepared: named otherwise, another codebook's tokens
+    # trained under codebook=, a 1024-token codebook's ended in `IndexError: Target 519 is out of
+    # bounds`, and with no codebook the data was said to have "none precomputed".
+    import shutil
+
+    p = prepared_thrice
+    with pytest.raises(ConfigError, match=rf"{p.b}/\*.tar holds image tokens of another codebook \({p.fp2}\) than "
+                                          rf"{p.cb1}"):
+        _pair_trainer(tmp_path / "run", f"{p.b}/*.tar", codebook=p.cb1)
+    with pytest.raises(ConfigError, match=r"00000.tar holds image tokens of a 1024-token codebook but the MIM/MMM "
+                                          r"heads predict image.vocab_size=64: set model.image.vocab_size=1024"):
+        _pair_trainer(tmp_path / "run", f"{p.c}/00000.tar")
+    with pytest.raises(ConfigError, match=rf"names shards prepared otherwise \({p.a}: codebook {p.fp1}; {p.b}: "
+                                          rf"codebook {p.fp2}\): name each folder as a source of its own"):
+        _pair_trainer(tmp_path / "run", f"{p.root}/[ab]/*.tar")
+    # Its tokens are the targets: no codebook needed, none loaded.
+    assert _pair_trainer(tmp_path / "run", f"{p.b}/{{00000..00001}}.tar").model.codebook is None
+    # Shards copied without their index (or remote ones, not looked up) are not checked at the start,
+    # but ids past the heads are bad samples, not a traceback from the loss.
+    shutil.copytree(p.c, tmp_path / "loose", ignore=shutil.ignore_patterns("*.json"))
+    with pytest.raises(DataError, match=r"none of \d+ records .* prepared tokens beyond the model's image.vocab_size"):
+        _pair_trainer(tmp_path / "run", tmp_path / "loose", codebook=p.cb1)
 
 
 def descendants(pid: int) -> list[int]:

@@ -38,6 +38,8 @@ class SampleSpec:
     """Captions longer than this are treated as broken data (a page pasted into a caption)."""
     tokenizer_file: str | None = None
     """The model's tokenizer (a tokenizer.json or a directory holding one); None: BERT uncased."""
+    image_vocab_size: int | None = None
+    """The image tokens the MIM/MMM heads predict (None: no check): prepared ids beyond them are bad samples."""
 
     @classmethod
     def for_model(cls, model: FlavaConfig, objectives: ObjectivesConfig, max_text_length: int,
@@ -74,6 +76,11 @@ class SampleMaker:
             crops, tokens = read_npy(prepared.crops), read_npy(prepared.tokens)
             if crops.ndim != 2 or crops.shape[1] != 4 or tokens.shape != (len(crops), self.spec.grid ** 2):
                 raise BadSample("prepared tokens do not fit the model's patch grid")
+            # Shards whose index was not found (remote ones named by a glob) are not checked at the start:
+            # an id past the heads had ended the run in a traceback from the loss.
+            vocab = self.spec.image_vocab_size
+            if vocab is not None and tokens.size and int(tokens.max()) >= vocab:
+                raise BadSample("prepared tokens beyond the model's image.vocab_size")
             k = int(rng.integers(len(crops)))
             targets.append(torch.from_numpy(tokens[k].astype(np.int64)))
             return tuple(float(v) for v in crops[k] * np.array([width, height] * 2))

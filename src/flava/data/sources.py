@@ -100,6 +100,9 @@ class Source:
         """Samples in all shards when known without reading them (an index, a table), else None."""
         self.prepared: dict | None = None
         """What `flava prepare` recorded (codebook, crops), when the shards are prepared ones."""
+        self.prepared_apart: list[str] = []
+        """Folders of shards prepared otherwise that one glob named, each with how (pretraining
+        refuses them as one source: a draw's targets come from one codebook, or none)."""
         self._opened: tuple[list, Counter] | None = None
 
     def _read_all(self) -> tuple[list, Counter]:

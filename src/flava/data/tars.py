@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from collections import Counter
 from dataclasses import dataclass
@@ -363,7 +364,38 @@ def tar_source(kind: str, spec: str, cache=None) -> Source:
         raise DataError(f"{spec} {WRONG_KIND['pairs']}")
     if not urls:
         raise DataError(f"no tar shards match {spec}")
-    return Source(kind, name=spec, shards=[TarShard(u, kind, cache) for u in urls])
+    source = Source(kind, name=spec, shards=[TarShard(u, kind, cache) for u in urls])
+    _find_prepared(source, urls)
+    return source
+
+
+def _find_prepared(source: Source, urls: list[str]) -> None:
+    """What `flava prepare` recorded of local shards named by a glob, a pattern or one by one, read
+    from the index beside them into `source.prepared` (named so, they had trained on their stored
+    tokens unchecked: another codebook's, another vocabulary's). Remote shards are not looked up."""
+    from .shards import _local, is_remote
+
+    made: dict[str, dict | None] = {}  # by folder: its index's record (None: shards without tokens)
+    for folder in dict.fromkeys(os.path.dirname(_local(u)) or "." for u in urls if not is_remote(u)):
+        index, mark = Path(folder) / INDEX, Path(folder) / PREPARE_SETTINGS
+        if mark.is_file() and not index.is_file():
+            raise DataError(f"{source.name} names shards of an unfinished `flava prepare` output ({folder}, no "
+                            f"{INDEX} yet): run the same prepare command again to finish it")
+        try:
+            made[folder] = read_index(str(index)).get("flava") if index.is_file() else None
+        except DataError:
+            if mark.is_file():
+                raise
+            made[folder] = None  # another program's index.json: these are not prepare's shards
+    if not any(made.values()):
+        return
+    if len({json.dumps(info, sort_keys=True) for info in made.values()}) == 1:
+        source.prepared = next(iter(made.values()))
+        return
+    infos = [i for i in made.values() if i]
+    differ = [k for k in sorted(set().union(*infos)) if len({repr(i.get(k)) for i in infos}) > 1] or ["codebook"]
+    source.prepared_apart = [f"{f}: " + (f"{differ[0]} {i.get(differ[0])}" if i else "no image tokens")
+                             for f, i in made.items()]
 
 
 def tar_pairs(pattern: str, cache=None) -> Source:

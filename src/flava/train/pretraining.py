@@ -53,6 +53,8 @@ class PretrainingStage(Stage):
         cfg = self.cfg
         spec = SampleSpec.for_model(cfg.model, cfg.objectives, cfg.data.max_text_length, cfg.data.crop_scale_min,
                                     self.tokenizer)
+        if needs_image_tokens(cfg.objectives, self.trained_kinds()):
+            spec.image_vocab_size = cfg.model.image.vocab_size
         maker = SampleMaker(spec, cfg.seed)
         # Checked once here: on a GPU the text encoder does not read each batch's ids to check them.
         vocab = maker.tokenizer.vocab_size
@@ -158,6 +160,10 @@ class PretrainingStage(Stage):
         for kind, stream in streams.items():
             for s in stream.streams:
                 info = s.source.prepared
+                if s.source.prepared_apart:
+                    raise ConfigError(f"{s.source.name} names shards prepared otherwise ("
+                                      f"{'; '.join(s.source.prepared_apart[:2])}): name each folder as a source "
+                                      "of its own")
                 if info is None:
                     if codebook is None and needs_image_tokens(cfg.objectives, (kind,)):
                         raise ConfigError(
