@@ -909,6 +909,34 @@ def _pair_trainer(output, *pairs, codebook=None):
     return Trainer(cfg, output)
 
 
+@pytest.mark.slow
+def test_sources_prepared_by_other_codebooks_are_refused_together_and_on_resume(prepared_thrice, tmp_path, capsys):
+    # Without codebook= nothing compared the sources: token k meant two patches and both trained as
+    # MIM/MMM targets; and a run whose data was prepared again by another codebook resumed on.
+    import shutil
+
+    from flava.cli import main as cli
+
+    p = prepared_thrice
+    with pytest.raises(ConfigError, match=rf"data.pairs {p.a} and data.pairs {p.b} hold image tokens of different "
+                                          rf"codebooks \({p.fp1} and {p.fp2}\).*prepare them with one codebook"):
+        _pair_trainer(tmp_path / "run", p.a, p.b)
+
+    data = shutil.copytree(p.b, tmp_path / "data")
+    run = tmp_path / "resumed"
+    args = ["pretrain", "--output", str(run), "--max-steps", "1", "--set", f'data.pairs=["{data}"]', "--set",
+            "model.image.vocab_size=64", "--set", "data.batch_size=4", "--set", "data.num_workers=0", *narrow_args()]
+    assert cli(args) == 0
+    shutil.rmtree(data)
+    p.prepare(data, p.cb1)
+    capsys.readouterr()
+    assert cli([*args[:3], "--resume", "--max-steps", "2"]) == 2
+    said = capsys.readouterr().err
+    assert "Traceback" not in said
+    assert f"the run trained on image tokens of codebook {p.fp2}, but data.pairs {data} holds those of codebook " \
+           f"{p.fp1}: prepare the data again with the run's codebook" in " ".join(said.split())
+
+
 def test_prepared_shards_named_by_glob_or_one_by_one_get_the_folders_checks(prepared_thrice, tmp_path):
     # Only a folder's index.json made shards prepared: named otherwise, another codebook's tokens
     # trained under codebook=, a 1024-token codebook's ended in `IndexError: Target 519 is out of

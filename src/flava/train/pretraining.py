@@ -154,9 +154,10 @@ class PretrainingStage(Stage):
 
     def open_data(self, streams: dict, world: int) -> list[str]:
         """Prepared shards carry image-token ids from one codebook: the run's must be that one
-        (or none, when every source that needs targets is prepared)."""
+        (or none, when every source that needs targets is prepared), and every source's the same."""
         codebook, cfg = self.model.codebook, self.cfg
         notes = []
+        made: dict[str, list[str]] = {}  # codebook fingerprint -> the sources whose MIM/MMM targets it made
         for kind, stream in streams.items():
             for s in stream.streams:
                 info = s.source.prepared
@@ -176,6 +177,8 @@ class PretrainingStage(Stage):
                     raise ConfigError(
                         f"{s.source.name} holds image tokens of another codebook ({info.get('codebook')}) than "
                         f"{cfg.codebook} ({codebook.fingerprint()}): train with that codebook or none")
+                if needs_image_tokens(cfg.objectives, (kind,)):
+                    made.setdefault(info.get("codebook"), []).append(f"data.{kind} {s.source.name}")
                 vocab = info.get("vocab_size")  # recorded since it was checked; older shards name only the codebook
                 if vocab is not None and needs_image_tokens(cfg.objectives, (kind,)) and \
                         vocab != cfg.model.image.vocab_size:
@@ -193,7 +196,31 @@ class PretrainingStage(Stage):
                                       f"{cfg.model.image.grid_size}x{cfg.model.image.grid_size}: prepare the data "
                                       "again for this model (flava prepare with its --config), or train a model of "
                                       "that grid")
+        if len(made) > 1:  # without codebook= nothing else compares them: token k means another patch in each
+            (a, at), (b, bt) = list(made.items())[:2]
+            raise ConfigError(f"{at[0]} and {bt[0]} hold image tokens of different codebooks ({a} and {b}), whose "
+                              "ids mean different patches as MIM/MMM targets: prepare them with one codebook "
+                              "(flava prepare --codebook CB) or train on one of them")
+        self.tokens_from, self._tokens_in = next(iter(made.items()), (None, []))
         return notes
+
+    # The prepared data's codebook, recorded in the checkpoints: a run resumed on data prepared again
+    # by another one (a run without codebook= holds none to compare) had trained on without a word.
+    tokens_from: str | None = None
+    _tokens_in: list[str] = []
+
+    def state_dict(self) -> dict:
+        return {"image_tokens_from": self.tokens_from} if self.tokens_from else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        was = state.get("image_tokens_from")  # None: trained without prepared tokens, or saved before this
+        now, where = self.tokens_from, f"{self._tokens_in[0]} holds" if self.tokens_from else "its data get"
+        if now is None and was is not None and self.model.codebook is not None:
+            now = self.model.codebook.fingerprint()  # the run's codebook makes the targets now
+        if was is not None and now is not None and now != was:
+            raise ConfigError(f"the run trained on image tokens of codebook {was}, but {where} those of codebook "
+                              f"{now}: prepare the data again with the run's codebook (the one `flava prepare` "
+                              "was given), or start a new run from this one (--set init=RUN_FOLDER)")
 
     def block_stacks(self) -> list[nn.Module]:
         return self.model.model.block_stacks()
