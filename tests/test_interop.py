@@ -144,6 +144,35 @@ def test_export_without_heads_or_codebook(tmp_path, capsys):
     assert (tmp_path / "ours" / "model.safetensors").read_bytes() == weights
 
 
+def test_export_replaces_an_earlier_export_and_nothing_else(tmp_path, capsys):
+    """A model card added to an export, a transformers model saved by transformers, or one
+    fine-tuned from the export and saved over it: refused in one line, each file left as it was
+    (the folder was replaced whole with exit 0)."""
+    cfg = flava.preset("tiny")
+    cfg.text.vocab_size = 120
+    flava.FlavaModel(cfg).save_pretrained(tmp_path / "ours")
+    out = tmp_path / "hf"
+    assert cli(["export-hf", str(tmp_path / "ours"), str(out)]) == 0
+    assert cli(["export-hf", str(tmp_path / "ours"), str(out)]) == 0  # an earlier export alone is replaced
+
+    def refused(target, *words):
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        capsys.readouterr()
+        assert cli(["export-hf", str(tmp_path / "ours"), str(target)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and all(w in err for w in words), err
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+    (out / "README.md").write_text("# my model card")
+    refused(out, "does not write (README.md)", "move them out, export again and move them back")
+    (out / "README.md").unlink()
+    theirs = tmp_path / "theirs"
+    transformers.FlavaModel(hf_config()).save_pretrained(theirs)
+    refused(theirs, "export-hf did not write", "export to a new directory")
+    transformers.FlavaModel.from_pretrained(out).save_pretrained(out)  # "fine-tuned" and saved over the export
+    refused(out, "export-hf did not write")
+
+
 def test_export_of_a_sigmoid_contrastive_model_carries_no_softmax_contrastive_weight(tmp_path, capsys):
     import json
 

@@ -8,16 +8,25 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import FlavaConfig, ObjectivesConfig
-from ..data.processor import Processor
+from ..data.processor import PROCESSOR_FILE, Processor
+from ..data.tokenizer import SPECIAL_MAP, TOKENIZER_FILE
 from ..errors import CheckpointError
-from ..io.checkpoint import write_checkpoint_dir
+from ..io.checkpoint import CONFIG, WEIGHTS, write_checkpoint_dir
 from ..io.files import write_json_atomic
 from ..objectives.pretraining import PretrainingHeads
 from ..objectives.registry import OBJECTIVES
 from . import transformers as hf
+
+EXPORTED_FILES = (CONFIG, WEIGHTS, "preprocessor_config.json", PROCESSOR_FILE, TOKENIZER_FILE, SPECIAL_MAP, "vocab.txt",
+                  "tokenizer_config.json")
+"""What an export writes: a folder holding anything else is not replaced by the next one."""
+MARK = {"written_by": "flava export-hf"}
+"""In model.safetensors' metadata: transformers' save_pretrained (a model fine-tuned from the
+export and saved over it) writes its own, so weights it wrote are told from an export's."""
 
 
 class Checkpoint(Protocol):
@@ -110,13 +119,42 @@ def _write(ckpt: Checkpoint, out_dir: str | os.PathLike, tensors: dict, config: 
                               "differently")
 
     def fill(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", **MARK})
         write_json_atomic(tmp / "config.json", config)
         write_processor_files(processor, tmp, _masking_fields(ckpt))
 
     if Path(out_dir).resolve() == ckpt.path.resolve():
         raise CheckpointError(f"{out_dir} is the checkpoint being exported; choose another output directory")
-    write_checkpoint_dir(out_dir, fill, ours=hf.is_hf_config)  # an earlier export is replaced, nothing else
+    check_earlier_export(Path(out_dir))
+    write_checkpoint_dir(out_dir, fill, ours=hf.is_hf_config, only=EXPORTED_FILES)
+
+
+def check_earlier_export(out: Path) -> None:
+    """An output holding a transformers FLAVA is replaced whole only when it is an earlier export
+    and nothing else: a model card added to it, a hub clone's .git, or a model transformers saved
+    there (its own, or one fine-tuned from the export) would be lost with exit 0. Other folders
+    are `check_replaceable`'s to refuse."""
+    try:
+        config = json.loads((out / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict) or not hf.is_hf_config(config):
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORTED_FILES)
+    if foreign:
+        named = ", ".join(foreign[:4]) + (f" and {len(foreign) - 4} more" if len(foreign) > 4 else "")
+        raise CheckpointError(f"{out} holds files export-hf does not write ({named}), and an export replaces its "
+                              "folder whole: move them out, export again and move them back (or export to a new "
+                              "directory)")
+    try:
+        with safe_open(str(out / WEIGHTS), "pt") as f:
+            ours = (f.metadata() or {}).get("written_by") == MARK["written_by"]
+    except (OSError, SafetensorError):
+        ours = False  # no weights, or damaged: nothing shows an export wrote them
+    if not ours or PROCESSOR_FILE not in {p.name for p in out.iterdir()}:
+        raise CheckpointError(f"{out} holds a transformers FLAVA model that export-hf did not write (its {WEIGHTS} "
+                              "was saved by transformers, or by an earlier flava): export to a new directory, "
+                              "or remove it first if it is an earlier export you mean to replace")
 
 
 def _masking_fields(ckpt: Checkpoint) -> dict:
