@@ -226,6 +226,26 @@ def test_export_of_encoders_loads_as_flava_model_with_its_processor(tmp_path, ca
     close(flava.load(tmp_path / "hf").encode_image(square), theirs)
 
 
+def test_an_exports_processor_resizes_non_square_images_as_flava_does(tmp_path):
+    """transformers' processor of an export resizes the shorter side and crops the centre, as flava
+    does: the same pixels and embeddings on images that are not square (it squashed them to a
+    square; 64 * 95 / 70 = 86.9 px, where rounding to nearest had also differed)."""
+    cfg = flava.preset("tiny")
+    randomize_(flava.FlavaModel(cfg), seed=3).save_pretrained(tmp_path / "ours")
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    proc = transformers.FlavaProcessor.from_pretrained(tmp_path / "hf")
+    ref = transformers.FlavaModel.from_pretrained(tmp_path / "hf").eval()
+    ours = flava.load(tmp_path / "hf")
+    rng = np.random.default_rng(0)
+    for h, w in ((70, 95), (95, 70), (120, 64)):
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        pixels = proc(images=[image], return_tensors="pt")["pixel_values"]
+        close(pixels, ours.processor.images([image]))
+        with torch.no_grad():
+            theirs = F.normalize(ref.get_image_features(pixel_values=pixels).pooler_output[:, 0], dim=-1)
+        close(ours.encode_image(image), theirs)
+
+
 def test_export_refuses_shapes_transformers_cannot_hold(tmp_path, capsys):
     cfg = flava.preset("tiny")
     cfg.text.hidden_size = 64

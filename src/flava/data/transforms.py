@@ -45,12 +45,15 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Shorter side to `size` (bicubic), then the central size x size square."""
+    """Shorter side to `size` (bicubic), then the central size x size square. The longer side is
+    rounded down, as torchvision's Resize and transformers' `shortest_edge` resize round it: an
+    export's processor then gives these pixels exactly (rounded to nearest, they differed by a
+    pixel's scale on about half of non-square images)."""
     w, h = image.size
     if extreme_aspect(w, h):  # callers that open images themselves count this earlier (open_image)
         raise ValueError(f"a {w} x {h} image is beyond the aspect ratio of {MAX_ASPECT_RATIO}:1 that can be resized")
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    short = min(w, h)
+    nw, nh = max(size, size * w // short), max(size, size * h // short)
     image = image.resize((nw, nh), Image.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
     return image.crop((left, top, left + size, top + size))

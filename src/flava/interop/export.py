@@ -175,12 +175,13 @@ def _masking_fields(ckpt: Checkpoint) -> dict:
 def write_processor_files(processor: Processor, directory: Path, image_fields: dict | None = None) -> None:
     """What `transformers.FlavaProcessor.from_pretrained` reads (the image processor's settings,
     with `image_fields` added, and a BERT tokenizer: tokenizer.json, vocab.txt and their configs),
-    and flava's own processor file. transformers' image processor resizes straight to the square
-    before cropping where flava keeps the aspect ratio; the two agree exactly on square images."""
-    size = {"height": processor.image_size, "width": processor.image_size}
+    and flava's own processor file. The image is resized as flava resizes it, its shorter side to
+    the model's size (a height and width would squash it to a square), then centre-cropped."""
+    side = processor.image_size
     write_json_atomic(directory / "preprocessor_config.json", {
         "image_processor_type": "FlavaImageProcessor", "processor_class": "FlavaProcessor",
-        "do_resize": True, "size": size, "resample": 3, "do_center_crop": True, "crop_size": size,
+        "do_resize": True, "size": {"shortest_edge": side}, "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": side, "width": side},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(processor.image_mean), "image_std": list(processor.image_std), **(image_fields or {}),
     })
