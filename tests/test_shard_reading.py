@@ -253,6 +253,27 @@ def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(
            "into a new directory" in err
 
 
+def test_a_prepare_rerun_makes_again_a_unit_whose_shard_is_gone_or_cut(tmp_path, capsys):
+    """A unit had counted as done by its sidecar alone: a rerun called the output finished with a
+    shard missing, and pretraining trained on the others."""
+    (tmp_path / "a.png").write_bytes(png(10))
+    table = tmp_path / "t.csv"
+    table.write_text("image,caption\n" + "".join(f"a.png,caption {i}\n" for i in range(10)))
+    out = tmp_path / "p"
+    args = ["prepare", "--pairs", str(table), "--output", str(out), "--size", "16", "--workers", "1",
+            "--shard-size", "4"]
+    assert cli(args) == 0
+    whole = {f.name: f.read_bytes() for f in out.glob("0*.*")}
+    (out / "00001.tar").unlink()
+    (out / "00002.tar").write_bytes(whole["00002.tar"][:1024])
+    capsys.readouterr()
+    assert cli(args) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "note: 2 units made again: 00001.tar is missing; 00002.tar holds 1,024 bytes where" in said, said
+    assert {f.name: f.read_bytes() for f in out.glob("0*.*")} == whole  # made as before
+    assert sum(s["nsamples"] for s in json.loads((out / "index.json").read_text())["shardlist"]) == 10
+
+
 def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_units_are_this_listings(tmp_path,
                                                                                                           capsys):
     # Its manifest records no `held`; a folder's listing changed since (hidden files passed over).

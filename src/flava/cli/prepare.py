@@ -93,7 +93,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
         report = prepare(kind, sources, output, settings, tokenizer, fingerprint, grid=model.image.grid_size,
                          image_size=model.image.image_size, workers=workers, progress=progress, vocab_size=vocab,
-                         skip_unreadable=args.skip_unreadable, tokenize_here=device != "cpu")
+                         skip_unreadable=args.skip_unreadable, tokenize_here=device != "cpu",
+                         say=console.print)
     if report["samples"] == 0:
         # Nothing to train on: an error, not a recipe for an empty run (and no empty shards left behind).
         if created:

@@ -254,9 +254,11 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
             tokenizer_factory: Callable[[], Callable] | None = None, fingerprint: str | None = None,
             grid: int | None = None, image_size: int | None = None, workers: int = 1,
             progress: Callable[[int, int, int], None] | None = None, vocab_size: int | None = None,
-            skip_unreadable: bool = False, tokenize_here: bool = False) -> dict:
+            skip_unreadable: bool = False, tokenize_here: bool = False,
+            say: Callable[[str], None] | None = None) -> dict:
     """Write `sources` as prepared shards in `output` (see the module docstring); returns the report.
-    `progress(units handled, units, of them left unread for a rerun)`. With `tokenize_here` (a
+    `progress(units handled, units, of them left unread for a rerun)`; `say(line)` tells the user
+    of units made again (their shard gone or cut). With `tokenize_here` (a
     tokenizer on a GPU), this process tokenises what the pool processes read: one device context
     and full batches, where one per process could exhaust a small GPU's memory."""
     if kind not in ("pairs", "images"):
@@ -269,13 +271,14 @@ def prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSet
     with hold(output / LOCK, str(output), "wait for the other `flava prepare` into it to end, or prepare into "
               "another directory"):
         return _prepare(kind, sources, output, settings, tokenizer_factory, fingerprint, grid, image_size, workers,
-                        progress, vocab_size, skip_unreadable, tokenize_here)
+                        progress, vocab_size, skip_unreadable, tokenize_here, say)
 
 
 def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSettings,
              tokenizer_factory: Callable[[], Callable] | None, fingerprint: str | None, grid: int | None,
              image_size: int | None, workers: int, progress: Callable[[int, int, int], None] | None,
-             vocab_size: int | None, skip_unreadable: bool, tokenize_here: bool) -> dict:
+             vocab_size: int | None, skip_unreadable: bool, tokenize_here: bool,
+             say: Callable[[str], None] | None) -> dict:
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
                 "inputs": [_named(s.name) for s in sources]}
     # What each input held (its files, and its samples where the listing knows them): a table or
@@ -311,7 +314,16 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
         write_json_atomic(mark, {**manifest, "held": held})
     _remove_strays(output)
     units = _units(sources, settings.shard_size)
-    todo = [n for n in range(len(units)) if not (output / f"{n:05d}.json").is_file()]
+    why = {n: _unfinished(output, n) for n in range(len(units))}
+    todo = [n for n, w in why.items() if w is not None]
+    if broken := [w for w in why.values() if w]:
+        # A unit counts as done by its sidecar alone (stops, progress): one whose shard is gone is
+        # made again (it is made the same), not called finished with its samples left out of training.
+        for n in [n for n, w in why.items() if w]:
+            (output / f"{n:05d}.json").unlink(missing_ok=True)
+        if say:
+            say(f"note: {len(broken)} unit{'s' if len(broken) > 1 else ''} made again: {'; '.join(broken[:3])}"
+                + (f" and {len(broken) - 3} more" if len(broken) > 3 else ""))
     start = time.perf_counter()
     done = len(units) - len(todo)
     if progress:
@@ -422,6 +434,23 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
               "image_tokens": bool(tokenizer_factory)}
     write_json_atomic(output / REPORT, report)
     return report
+
+
+def _unfinished(output: Path, n: int) -> str | None:
+    """Why unit `n` is to be made: None when its sidecar and shard are in place (the shard of the
+    size the sidecar records), '' when it never was, else what is wrong."""
+    sidecar, shard = output / f"{n:05d}.json", output / f"{n:05d}.tar"
+    if not sidecar.is_file():
+        return ""
+    try:
+        recorded = json.loads(sidecar.read_text())["bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{sidecar.name} is damaged"
+    if not shard.is_file():
+        return f"{shard.name} is missing"
+    if isinstance(recorded, int) and shard.stat().st_size != recorded:
+        return f"{shard.name} holds {shard.stat().st_size:,} bytes where {recorded:,} were written"
+    return None
 
 
 def _check_units_of_an_earlier_release(output: Path, units: list) -> None:
