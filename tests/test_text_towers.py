@@ -272,6 +272,20 @@ def test_what_a_text_tower_cannot_give_is_refused_in_one_line(towers, tmp_path, 
         export_hf(read_checkpoint(tmp_path / "from-bert"), tmp_path / "hf")
 
 
+def test_a_tower_of_fewer_positions_than_the_texts_take_is_refused_with_the_setting(towers):
+    """A 40-position tower under data.max_text_length 64: refused naming the setting that fits, and
+    before a start's first work (a demo codebook of minutes), not after it."""
+    from flava.train.init import find_sources
+
+    cfg = TrainConfig(model=flava.preset("tiny"), init_text=str(towers("bert")[0]))
+    assert cfg.data.max_text_length == 64
+    with pytest.raises(ConfigError, match=r"data.max_text_length \(64\) exceeds the 40 tokens the init_text=.*bert's "
+                                          r"text encoder takes: add --set data.max_text_length=40$"):
+        find_sources(cfg)
+    cfg.data.max_text_length = 40
+    find_sources(cfg)
+
+
 def test_a_multimodal_encoder_of_another_text_width_keeps_its_text_projection_fresh(towers, tmp_path):
     flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "tiny")
     stage = stage_from(towers("bert")[0], init_multimodal=str(tmp_path / "tiny"))

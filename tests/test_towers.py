@@ -266,6 +266,24 @@ def test_checkpoints_of_the_wrong_kind_fail_in_one_line(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in pm.model.state_dict().items())
 
 
+def test_a_tower_of_other_than_three_channels_is_refused_at_the_start(tmp_path):
+    """A 1-channel ViT was taken, then training failed at its first step telling the user to
+    convert their images to RGB."""
+    transformers.ViTModel(transformers.ViTConfig(**ENC, intermediate_size=64, image_size=16, patch_size=8,
+                                                 num_channels=1)).save_pretrained(tmp_path / "grey")
+    said = r"image tower .*grey takes 1-channel images \(num_channels=1 in its config.json\).* 3-channel tower$"
+    with pytest.raises(ConfigError, match=said):
+        follow_image_tower(flava_config(), str(tmp_path / "grey"))
+    pm = PretrainingModel(flava_config())
+    with pytest.raises(ConfigError, match=said):
+        initialise_encoders(pm, image=str(tmp_path / "grey"))
+    from flava.train.config import TrainConfig
+    from flava.train.init import find_sources
+
+    with pytest.raises(ConfigError, match=said):  # before a start's first work (a demo codebook of minutes)
+        find_sources(TrainConfig(model=flava_config(), init_image=str(tmp_path / "grey")))
+
+
 def test_a_multimodal_source_beside_a_wider_tower_keeps_its_encoder_and_leaves_the_projection(tmp_path):
     torch.manual_seed(0)
     randomize_(PretrainingModel(flava_config()), seed=5).save_pretrained(tmp_path / "flava")

@@ -99,6 +99,31 @@ def find_sources(cfg) -> None:
     for key in INIT_KEYS:
         if getattr(cfg, key):
             resolve_source(getattr(cfg, key))
+    # What the sources' configs alone refuse, refused before the work a start does first (a demo codebook).
+    if cfg.init_image:
+        path = resolve_source(cfg.init_image)
+        if towers.family_of(read_config(path)) is not None:
+            check_channels(towers.read_tower(path, weights=False).image_config(cfg.model.image), path)
+    if cfg.init_text:
+        check_text_length(cfg.data.max_text_length, text_source(cfg.init_text).config.max_length, cfg.init_text)
+
+
+def check_channels(image: ImageEncoderConfig, tower: Path) -> None:
+    """Training and inference read images as RGB: a tower of other channels would be taken and fail
+    at the first step, as the images' fault ("convert them to RGB")."""
+    if image.num_channels != 3:
+        raise ConfigError(f"the image tower {tower} takes {image.num_channels}-channel images (num_channels="
+                          f"{image.num_channels} in its config.json), and flava reads images as RGB, 3 channels: "
+                          "start from a 3-channel tower")
+
+
+def check_text_length(asked: int, takes: int, init_text: str = "") -> None:
+    """data.max_text_length must fit the text encoder's positions (fewer than 64 in a small tower)."""
+    if takes < asked:
+        whose = f"init_text={init_text}'s text encoder" if init_text else \
+            "text encoder (model.text.max_position_embeddings less position_offset)"
+        raise ConfigError(f"data.max_text_length ({asked}) exceeds the {takes} tokens the {whose} takes: add "
+                          f"--set data.max_text_length={takes}")
 
 
 def checkpoint_tokenizer(directory: Path) -> str | None:
@@ -256,6 +281,7 @@ def _follow_checkpoint(config: FlavaConfig, path: Path, data: dict) -> FlavaConf
 
 def _followed(config: FlavaConfig, tower: towers.Tower, image_size: int) -> FlavaConfig:
     image = tower.image_config(config.image, image_size)
+    check_channels(image, tower.path)
     try:
         return validate(dataclasses.replace(config, image=image))
     except ConfigError as e:

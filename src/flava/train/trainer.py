@@ -45,6 +45,7 @@ from .checkpoint import CheckpointManager, Stateful, TrainState
 from .config import TrainConfig
 from .kinds import STAGES, step_kind, trained_kinds
 from .metrics import MetricsLog, plot_losses
+from .init import check_text_length
 from .stage import Stage
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -164,9 +165,7 @@ class Trainer:
         takes_own = "own" in inspect.signature(self.stage.build).parameters
         self.initialised = self.stage.build(self._chosen.ckpt) if self._chosen and takes_own else self.stage.build()
         self.model = self.stage.model
-        if cfg.model.text.max_length < cfg.data.max_text_length:
-            raise ConfigError(f"data.max_text_length ({cfg.data.max_text_length}) exceeds the {cfg.model.text.max_length} "
-                              "tokens the text encoder takes (model.text.max_position_embeddings less position_offset)")
+        check_text_length(cfg.data.max_text_length, cfg.model.text.max_length, cfg.init_text)
         maker = self.stage.sample_maker()
         d = cfg.data
         cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
