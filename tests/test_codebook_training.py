@@ -248,6 +248,25 @@ def test_train_codebook_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert lines[-1] == 5 and (tmp_path / "short" / "model.safetensors").is_file()
 
 
+def test_a_resume_below_the_step_reached_is_refused_before_any_note(tmp_path, capsys):
+    """`--resume --steps 2` at step 5 said "note: steps 40 -> 2 (the schedules now run to that)",
+    then refused."""
+    import dataclasses
+
+    from flava.config import to_dict
+    from flava.train.codebook import CodebookTraining
+
+    make_images(tmp_path / "imgs")
+    (tmp_path / "cb" / "training").mkdir(parents=True)
+    (tmp_path / "cb" / "training" / "state.json").write_text(json.dumps({
+        "model": to_dict(flava.preset("tiny")), "settings": dataclasses.asdict(CodebookTraining(steps=40)),
+        "images": [str(tmp_path / "imgs")], "pairs": [], "step": 5}))
+    assert cli(["train-codebook", "--output", str(tmp_path / "cb"), "--resume", "--steps", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "note" not in out and "--steps 2 is below the step the codebook training in" in err
+    assert "reached (5): a run cannot go back; resume with --steps 5 or more" in " ".join(err.split())
+
+
 def test_train_codebook_help_says_the_training_defaults(capsys):
     from flava.train.codebook import CodebookTraining
 

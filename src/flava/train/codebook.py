@@ -361,6 +361,8 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         if asked_model != to_dict(cfg):  # and keeps its own codebook
             changed += sorted({"config", "set"} & (given or set()))
         images_spec, pairs_spec = saved["images"], saved["pairs"]
+        if isinstance(saved.get("step"), int) and saved["step"] > steps:  # before any note, and any image read
+            raise _cannot_go_back(steps, saved["step"], output)
         if "steps" in changed:
             console.print(f"note: steps {saved['settings']['steps']} -> {steps} (the learning-rate and temperature "
                           "schedules now run to that)")
@@ -394,8 +396,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         if saved is not None:
             run.load(output / STATE)
             if run.step > settings.steps:  # it would save a codebook "finished" past its own end
-                raise ConfigError(f"--steps {settings.steps} is below the step the codebook training in {output} "
-                                  f"reached ({run.step}): a run cannot go back; resume with --steps {run.step} or more")
+                raise _cannot_go_back(settings.steps, run.step, output)
             console.print(f"resuming the codebook training in {output} at step {run.step} of {settings.steps}")
         else:
             console.print(f"training a {cfg.codebook.vocab_size}-token image codebook on "
@@ -407,6 +408,11 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
             run.start_metrics = run.evaluate()
         summary = _train(run, output, meta, console)
     return summary
+
+
+def _cannot_go_back(steps: int, reached: int, output: Path) -> ConfigError:
+    return ConfigError(f"--steps {steps} is below the step the codebook training in {output} reached ({reached}): a "
+                       f"run cannot go back; resume with --steps {reached} or more")
 
 
 def _stopped_first(signum: int, resumed: bool = False) -> stopping.Stopped:
