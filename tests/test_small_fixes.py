@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -310,3 +311,31 @@ def test_a_run_names_its_tensorboard_folder_only_when_it_wrote_one(train_data, t
         said = "".join(capsys.readouterr().out.split())  # rich folds long paths: every space and break taken out
         assert (out / "tensorboard").is_dir() == board
         assert str(out / "loss_curves.png") in said and (str(out / "tensorboard") in said) == board
+
+
+@pytest.mark.parametrize("command, said", [
+    ("prepare", "SIGINT: stopping: the units finished are kept, and a rerun finishes the rest; send it again"),
+    ("embed", "SIGINT: stopping after the batch in progress: the parts finished are kept, and a rerun finishes"),
+    ("train-codebook", "SIGINT: stopping at the next step, after saving; send it again (Ctrl-C) to stop at once"),
+])
+def test_a_stop_is_acknowledged_in_the_commands_own_words(command, said, monkeypatch, capfd):
+    """prepare works in units and embed in parts: "stopping at the next step or part" fitted neither."""
+    import importlib
+    import signal
+
+    from flava import stopping
+    from flava.cli import main
+
+    def run(args, console):  # the command's work: a stop request arrives, the command stops where it says
+        os.kill(os.getpid(), signal.SIGINT)
+        while not stopping.requested():
+            time.sleep(0.01)
+        raise stopping.Stopped(signal.SIGINT, "stopped by SIGINT")
+
+    module = {"prepare": "prepare", "embed": "embed", "train-codebook": "codebook"}[command]
+    monkeypatch.setattr(importlib.import_module(f"flava.cli.{module}"), "run", run)
+    args = {"prepare": ["--pairs", "x.csv", "--output", "o"], "embed": ["--model", "m", "--images", "i", "--output", "o"],
+            "train-codebook": ["--images", "i", "--output", "o"]}[command]
+    assert main([command, *args]) == 130
+    out = capfd.readouterr().out
+    assert said in " ".join(out.split()) and "step or part" not in out

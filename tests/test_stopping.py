@@ -132,7 +132,7 @@ def test_a_second_sigint_stops_at_once(train_data, tmp_path):
     time.sleep(3)
     cmd.p.send_signal(signal.SIGINT)
     # Said at once; a repeat within a second of it is the same request (as torchrun forwards one).
-    cmd.wait_for(lambda: "SIGINT: stopping at the next step or part, after saving" in cmd.out.read_text(), 10)
+    cmd.wait_for(lambda: "SIGINT: stopping at the next step, after saving" in cmd.out.read_text(), 10)
     time.sleep(1.5)
     assert cmd.p.poll() is None  # the first one lets the step finish
     sent = time.time()

@@ -36,6 +36,10 @@ _first = 0.0
 _abandonable = False
 _interrupt = False
 
+AT_A_STEP = "stopping at the next step, after saving"
+"""How a training command acknowledges a stop; commands that work in other units say theirs (`handling`)."""
+_said = AT_A_STEP
+
 
 BEFORE_FIRST_STEP = "before the first step"
 """A training run's `Stopped.at` when it stopped while its first batch was awaited: nothing saved."""
@@ -97,8 +101,8 @@ def _handle(signum: int, frame) -> None:
         # stdout was closed at start: descriptor 1 may be a file this process opened since.
         if sys.__stdout__ is not None:
             with contextlib.suppress(OSError, ValueError):
-                os.write(sys.__stdout__.fileno(), f"\n{name(signum)}: stopping at the next step or part, after "
-                                                  f"saving; send it again (Ctrl-C) to stop at once\n".encode())
+                os.write(sys.__stdout__.fileno(), f"\n{name(signum)}: {_said}; send it again (Ctrl-C) to stop at "
+                                                  f"once\n".encode())
         if _interrupt:
             raise Abandoned(signum)
     elif time.monotonic() - _first > REPEAT_WINDOW_S:
@@ -106,10 +110,11 @@ def _handle(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def handling() -> Iterator[None]:
+def handling(said: str = AT_A_STEP) -> Iterator[None]:
     """Stop requests are recorded (not fatal) inside the block, in the main thread of this process;
-    the previous handlers come back after it (the CLI runs inside tests' processes too)."""
-    global _owner, _signum, _first
+    the previous handlers come back after it (the CLI runs inside tests' processes too). `said`: how
+    the command acknowledges one at once (where it stops, what it keeps)."""
+    global _owner, _signum, _first, _said
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -117,7 +122,7 @@ def handling() -> Iterator[None]:
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     owner = _owner
-    _owner, _signum, _first = os.getpid(), 0, 0.0
+    _owner, _signum, _first, _said = os.getpid(), 0, 0.0, said
     for s in SIGNALS:
         signal.signal(s, _handle)
     try:

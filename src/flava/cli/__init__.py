@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    # Commands that stop at their own boundaries on SIGTERM/SIGINT say so with `graceful`; the
-    # others keep Python's defaults (SIGINT interrupts at once).
-    handling = stopping.handling() if getattr(args, "graceful", False) else contextlib.nullcontext()
+    # Commands that stop at their own boundaries on SIGTERM/SIGINT say so with `graceful` (True: at
+    # a step; else how they acknowledge a stop); the others keep Python's defaults (SIGINT interrupts at once).
+    graceful = getattr(args, "graceful", False)
+    handling = contextlib.nullcontext()
+    if graceful:
+        handling = stopping.handling(graceful) if isinstance(graceful, str) else stopping.handling()
     try:
         with handling:
             args.run(args, console)

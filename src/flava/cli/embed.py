@@ -27,7 +27,9 @@ def add(sub) -> None:
     p.add_argument("--float16", action="store_true", help="store embeddings as float16 (half the disk)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     p.add_argument("--int8", action="store_true", help="int8 linear layers (CPU inference)")
-    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
+    # Stops at its boundaries on SIGTERM/SIGINT, and says so in its own words.
+    p.set_defaults(run=run, graceful="stopping after the batch in progress: the parts finished are kept, and a "
+                                     "rerun finishes the rest")
 
 
 def load_for_inference(name: str, device: str | None, int8: bool):

@@ -37,7 +37,8 @@ def add(sub) -> None:
     p.add_argument("--skip-unreadable", dest="skip_unreadable", action="store_true",
                    help="finish without the inputs a store cannot serve now (counted in the report); by default "
                         "they are left for the next run")
-    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
+    # Stops at its boundaries on SIGTERM/SIGINT, and says so in its own words.
+    p.set_defaults(run=run, graceful="stopping: the units finished are kept, and a rerun finishes the rest")
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
