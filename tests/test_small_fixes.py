@@ -334,8 +334,8 @@ def test_a_stop_is_acknowledged_in_the_commands_own_words(command, said, monkeyp
 
     module = {"prepare": "prepare", "embed": "embed", "train-codebook": "codebook"}[command]
     monkeypatch.setattr(importlib.import_module(f"flava.cli.{module}"), "run", run)
-    args = {"prepare": ["--pairs", "x.csv", "--output", "o"], "embed": ["--model", "m", "--images", "i", "--output", "o"],
-            "train-codebook": ["--images", "i", "--output", "o"]}[command]
+    args = {"prepare": ["--pairs", "x.csv", "--output", "o"], "train-codebook": ["--images", "i", "--output", "o"],
+            "embed": ["--model", "m", "--images", "i", "--output", "o"]}[command]
     assert main([command, *args]) == 130
     out = capfd.readouterr().out
     assert said in " ".join(out.split()) and "step or part" not in out
