@@ -93,6 +93,23 @@ def test_resume_from_a_position_gives_the_same_batches(csv_dataset):
         stream(csv_pairs(str(shorter))).load_state(state)
 
 
+def test_a_text_file_edited_between_a_save_and_its_resume_is_refused(tmp_path):
+    # Byte ranges are a text source's shards: a line added at the top kept their count, and the
+    # saved positions read other lines, silently.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"note number {i} about a red square\n" for i in range(40)))
+    a = stream(text_file(str(notes)), "text")
+    a.next_batch()
+    state = a.state()
+    rest = a.next_batch()
+    b = stream(text_file(str(notes)), "text")
+    b.load_state(state)
+    assert torch.equal(b.next_batch().masked_input_ids, rest.masked_input_ids)
+    notes.write_text("A NEW FIRST LINE\n" + notes.read_text())
+    with pytest.raises(DataError, match=r"holds 1,367 bytes but the run was saved with 1,350: the data changed"):
+        stream(text_file(str(notes)), "text").load_state(state)
+
+
 def test_loader_workers_do_not_change_the_batches(csv_dataset):
     src = csv_pairs(str(csv_dataset))
     plain, workers = stream(src), stream(src, num_workers=2)

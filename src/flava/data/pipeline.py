@@ -551,7 +551,7 @@ class BatchStream:
     def state(self) -> dict:
         return {"draws": self.draws, "global_batch": self.layout.global_batch, "batch_size": self.batch_size,
                 "lanes": self.layout.lanes, "shards": len(self.source.shards), "size": self.source.known_size,
-                "seed": self.seed,
+                "bytes": self.source.known_bytes, "seed": self.seed,
                 "cursors": {str(j): [c.epoch, c.ordinal, c.start] for j, c in sorted(self.cursors.items())},
                 "skipped": dict(self.skipped), "bad": {k: sorted(v) for k, v in self.bad.items()},
                 "rejected": {str(k): v for k, v in self.rejected.items()}}
@@ -581,6 +581,12 @@ class BatchStream:
             # A table or folder of another size under the same shard count: positions saved in it
             # would index other samples, repeating or skipping some.
             raise DataError(f"the {self.kind} data ({self.source.name}) holds {now:,} samples but the run was saved "
+                            f"with {int(was):,}: the data changed; resume with the same data")
+        was, now = first.get("bytes"), self.source.known_bytes
+        if not restart and was is not None and now is not None and int(was) != now:
+            # A text file edited under the same count of byte ranges: its lines move, and the saved
+            # positions would read others (a line added at the top had resumed silently).
+            raise DataError(f"the {self.kind} data ({self.source.name}) holds {now:,} bytes but the run was saved "
                             f"with {int(was):,}: the data changed; resume with the same data")
         self.seed = int(first.get("seed", self.seed))
         self.draws = int(first["draws"])

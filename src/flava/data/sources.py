@@ -98,6 +98,8 @@ class Source:
         self.classes = list(classes or [])
         self.known_size = size if size is not None else (len(records) if records is not None else None)
         """Samples in all shards when known without reading them (an index, a table), else None."""
+        self.known_bytes: int | None = None
+        """The bytes of its files where lines, not samples, are what is cheap to know (local text)."""
         self.prepared: dict | None = None
         """What `flava prepare` recorded (codebook, crops), when the shards are prepared ones."""
         self.prepared_apart: list[str] = []
@@ -131,6 +133,8 @@ class Source:
         self.listing_rejected += other.listing_rejected
         self.known_size = None if self.known_size is None or other.known_size is None else \
             self.known_size + other.known_size
+        self.known_bytes = None if self.known_bytes is None or other.known_bytes is None else \
+            self.known_bytes + other.known_bytes
         self._opened = None
 
 

@@ -161,11 +161,13 @@ def text_file(path: str, field_name: str = "text", cache=None) -> Source:
         raise DataError(f"{path} {WRONG_KIND['text']}" if shards or holds_images(path) else
                         f"no .txt or .jsonl files match {path}")
     shards: list[TextShard] = []
-    for f in files:
-        size = None if _compression_suffix(f) else size_of(f)
-        if size is None:
+    sizes = [size_of(f) for f in files]
+    for f, size in zip(files, sizes):
+        if size is None or _compression_suffix(f):
             shards.append(TextShard(f, field=field_name, cache=cache))
         else:
             shards += [TextShard(f, a, min(a + TEXT_RANGE_BYTES, size), field_name)
                        for a in range(0, max(size, 1), TEXT_RANGE_BYTES)]
-    return Source("text", name=path, shards=shards)
+    source = Source("text", name=path, shards=shards)
+    source.known_bytes = None if None in sizes else sum(sizes)
+    return source
