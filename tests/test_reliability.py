@@ -31,7 +31,7 @@ from flava.data.sources import csv_pairs, read_caption
 from flava.data.tars import tar_pairs
 from flava.data.texts import text_file
 from flava.errors import CheckpointError, ConfigError, DataError
-from flava.io.runs import RunDir
+from flava.io.runs import RunDir, resolve
 
 
 def spec():
@@ -463,6 +463,57 @@ def test_a_full_disk_inside_torch_or_safetensors_is_one_line(train_data, tmp_pat
     code = cli(pretrain_args(train_data, tmp_path / "run") + ["--max-steps", "4", "--set", "save_every=2"])
     err = one_line_error(capsys, code)
     assert "unexpected pos" in err and "step_00000002 is intact" in err
+
+
+def test_a_run_folder_is_read_from_its_newest_intact_checkpoint_whatever_befell_latest_json(tmp_path, capsys):
+    # `flava info`, `flava.load` and `embed` had read a run through latest.json alone: one missing (a
+    # second Ctrl-C as the first save began) was "a run with no checkpoint yet"; a damaged newest
+    # checkpoint, or a pointer to a missing one, failed without naming the intact step_N --resume takes.
+    from flava.io.checkpoint import write_checksums
+
+    run = RunDir(tmp_path / "run")
+    for step in (10, 20):
+        torch.manual_seed(step)
+        flava.FlavaModel(preset("tiny")).save_pretrained(run.step(step))
+        (run.step(step) / "trainer_state.pt").write_bytes(b"state")
+        write_checksums(run.step(step))
+
+    def loaded(where=run.root):
+        return RunDir.step_of(resolve(where))
+
+    capsys.readouterr()
+    assert cli(["info", str(run.root)]) == 0
+    err = capsys.readouterr().err
+    assert "latest.json is missing" in err and "using step_00000020" in err and len(err.splitlines()) == 1, err
+    assert loaded() == 20
+    # A damaged training state leaves the weights usable; damaged weights are passed over, and said.
+    (run.step(20) / "trainer_state.pt").write_bytes(b"cut")
+    run.point_latest(20, run.step(20))
+    assert loaded() == 20 and capsys.readouterr().err == ""
+    weights_file = run.step(20) / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:1000])
+    from safetensors.torch import load_file
+
+    want = load_file(run.step(10) / "model.safetensors")["model.text_projection.weight"]
+    assert torch.equal(flava.load(run.root).text_projection.weight, want)
+    err = capsys.readouterr().err
+    assert "step_00000020 is damaged (model.safetensors is not the file that was written" in err, err
+    assert "using step_00000010, its newest intact checkpoint" in err and len(err.splitlines()) == 1
+    # latest.json naming a checkpoint that is gone; the run's checkpoints/ folder named instead of the run.
+    shutil.rmtree(run.step(20))
+    run.point_latest(30, run.step(30))
+    assert loaded(run.checkpoints) == 10
+    err = capsys.readouterr().err
+    assert "latest.json points to step_00000030, which is not a checkpoint; using step_00000010" in err, err
+    # No intact checkpoint at all: one line naming what is wrong with each; none at all: none yet.
+    (run.step(10) / "config.json").write_text("{}")
+    code = cli(["info", str(run.root)])
+    err = one_line_error(capsys, code)
+    assert "holds no usable checkpoint" in err and "step_00000010 is damaged (config.json" in err
+    shutil.rmtree(run.step(10))
+    run.pointer.unlink()
+    with pytest.raises(CheckpointError, match="is a run with no checkpoint yet"):
+        flava.load(run.root)
 
 
 @pytest.mark.slow

@@ -15,13 +15,14 @@ import difflib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .checkpoint import CONFIG
+from .checkpoint import CONFIG, damage
 from .files import read_json, write_json_atomic
 from .hubcache import looks_like_hub_id, snapshot
 from .locks import hold
@@ -30,6 +31,9 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 LOCK = ".lock"
 CODEBOOK_STATE = "training"
+STATE = "trainer_state.pt"
+STREAMS = "streams.json"
+"""A training checkpoint's state beside its weights: what `--resume` reads and a model's reader does not."""
 """`flava train-codebook`'s OUTPUT/training/: the resumable state of an unfinished codebook."""
 
 
@@ -142,6 +146,48 @@ def _follow(pointer: Path) -> Path:
     return target
 
 
+def newest_intact(run: RunDir) -> tuple[Path | None, list[str]]:
+    """The checkpoint of a run a model is read from: the one latest.json names, else the newest
+    step_N directory, passing over those whose model files are damaged (their training state is not
+    read, so a damaged one leaves the weights usable); and notes on what was passed over, naming
+    the run's checkpoints by their folder names. (None, notes) when none is usable."""
+    notes = []
+    try:
+        pointed = run.latest()
+    except CheckpointError:
+        pointed = None
+        try:
+            name = json.loads(run.pointer.read_text())["path"]
+            notes.append(f"{LATEST} points to {name}, which is not a checkpoint")
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            notes.append(f"{LATEST} is damaged")
+    if pointed is None and not run.pointer.exists() and run.step_dirs():
+        notes.append(f"{LATEST} is missing (a save stopped before naming its checkpoint)")
+    for target in [pointed] * (pointed is not None) + [p for p in reversed(run.step_dirs()) if p != pointed]:
+        why = damage(target, skip=(STATE, STREAMS)) if (target / CONFIG).is_file() else f"no {CONFIG}"
+        if why is None:
+            return target, notes
+        notes.append(f"{target.name} is damaged ({why})")
+    return None, notes
+
+
+_SAID: set[str] = set()
+
+
+def _run_checkpoint(p: Path, run: RunDir) -> Path | None:
+    """`newest_intact`, saying once on stderr what was passed over; a CheckpointError when the run
+    has checkpoints and none is usable; None when it has none."""
+    target, notes = newest_intact(run)
+    if target is None and notes:
+        raise CheckpointError(f"{p} holds no usable checkpoint: {'; '.join(notes)}; copy a good checkpoint back into "
+                              f"{run.checkpoints}, or name another checkpoint")
+    note = f"note: {p}: {'; '.join(notes)}; using {target.name}, its newest intact checkpoint" if notes else ""
+    if note and note not in _SAID:  # the commands that resolve a model twice say it once
+        _SAID.add(note)
+        print(note, file=sys.stderr, flush=True)
+    return target
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint directory, the one a run directory's checkpoints/latest.json points to, the
     newest checkpoint of a recipe directory's last stage, or a Hugging Face hub id's snapshot in
@@ -175,13 +221,20 @@ def resolve(path: str | os.PathLike) -> Path:
         # A recipe's directory (`flava pretrain --recipe`): its model is its last stage's.
         stages = read_json(recipe, "recipe record", CheckpointError, expect=dict).get("stages") or [{}]
         last = p / str(stages[-1].get("directory", ""))
-        if last != p and RunDir(last).pointer.is_file():
-            return _follow(RunDir(last).pointer)
+        target = _run_checkpoint(p, RunDir(last)) if last != p else None
+        if target is not None:
+            return target
         raise CheckpointError(f"{p} is a recipe whose last stage ({last.name}) has no checkpoint yet; run the recipe "
                               "to its end, or name one of its stages' directories")
-    for pointer in (RunDir(p).pointer, p / LATEST):
-        if pointer.is_file():
-            return _follow(pointer)
+    # A run directory, or its checkpoints/ folder: the newest checkpoint `--resume` could also take,
+    # whatever happened to latest.json (a second Ctrl-C as the first save began leaves none).
+    run = RunDir(p.parent) if p.name == CHECKPOINTS and not (p / CHECKPOINTS).is_dir() else RunDir(p)
+    if run.checkpoints.is_dir():
+        target = _run_checkpoint(p, run)
+        if target is not None:
+            return target
+    if (p / LATEST).is_file():
+        return _follow(p / LATEST)
     if (p / "train_config.json").is_file() or (p / CHECKPOINTS).is_dir():  # a run that has saved nothing yet
         raise CheckpointError(f"{p} is a run with no checkpoint yet (it saves one every save_every steps, and at its "
                               "end): wait for its first, or name another checkpoint")

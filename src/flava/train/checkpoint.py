@@ -34,10 +34,8 @@ from ..loading import Checkpoint, load_weights, read_checkpoint, refuse_non_fini
 from ..io.checkpoint import (PARTS, damage, save_state, split_parts, write_checkpoint_dir, write_checkpoint_files,
                              write_checksums)
 from ..io.files import read_json, write_json_atomic
-from ..io.runs import RunDir
+from ..io.runs import STATE, STREAMS, RunDir
 
-STATE = "trainer_state.pt"
-STREAMS = "streams.json"
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Parameters no step has used yet (e.g. poolers) have no AdamW state to restore.
 FULL_OPTIM = StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False)
