@@ -308,6 +308,43 @@ def test_a_stop_in_the_last_step_ends_the_run_and_max_steps_cannot_go_back(train
 
 
 @pytest.mark.slow
+def test_a_run_that_goes_on_past_its_summary_drops_it_and_max_steps_at_its_stop_ends_it(train_data, tmp_path, capsys,
+                                                                                       monkeypatch):
+    # Finished at 2, resumed for 4 and stopped at 3: summary.json still held step 2's results; then
+    # --max-steps 3 said "already finished at step 3; nothing to do", wrote no summary and left
+    # train_config.json at max_steps 4.
+    import signal
+
+    from flava.train import trainer
+
+    step = trainer.micro_step
+
+    def sigterm_in_step_3(owner, *args, **kwargs):
+        if owner.step + 1 == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the command's handler, acted on after the step
+        return step(owner, *args, **kwargs)
+
+    run = tmp_path / "run"
+    assert cli(pretrain_args(train_data, run) + narrow_args() + ["--max-steps", "2"]) == 0
+    assert (run / "summary.json").is_file()
+    monkeypatch.setattr(trainer, "micro_step", sigterm_in_step_3)
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "4"]) == 143
+    assert (run / "checkpoints" / "step_00000003").is_dir() and not (run / "summary.json").exists()
+    monkeypatch.setattr(trainer, "micro_step", step)
+    capsys.readouterr()
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the run stopped at step 3, which max_steps 3 makes its last; ending it there" in out, out
+    assert "already finished" not in out and "losses: the run's first and last values" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["samples_by_source"]["pairs"] and set(summary["last"]) == set(summary["first"])
+    assert json.loads((run / "train_config.json").read_text())["max_steps"] == 3
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3"]) == 0
+    assert "the run already finished at step 3 (max_steps 3)" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run, batch_size=4) + ["--max-steps", "2", "--set", "save_every=1"]) == 0

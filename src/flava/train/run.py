@@ -415,26 +415,36 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
             console.print(escape(what))
     for note in trainer.notes:
         console.print(f"note: {note}")
-    if trainer.step >= cfg.max_steps:
+    summary = output / "summary.json"
+    if trainer.step >= cfg.max_steps and summary.is_file():
         console.print(f"the run already finished at step {trainer.step} (max_steps {cfg.max_steps}); nothing to "
                       f"do: raise --max-steps to train it further")
         return
+    # A run stopped (or failed) at the step --max-steps now names ends there, with its summary; it
+    # had been called finished, with no summary, and its settings kept the longer max_steps.
+    ending = trainer.step >= cfg.max_steps
     if rank == 0:
         write_json_atomic(output / SETTINGS, to_dict(cfg))
         if any(history):
             with open(output / HISTORY, "a") as f:
                 f.writelines(json.dumps(entry) + "\n" for entry in history if entry)
+        # The summary of the end the run now goes past: left, it read as this run's until its new end.
+        summary.unlink(missing_ok=True)
+    if ending:
+        console.print(f"the run stopped at step {trainer.step}, which max_steps {cfg.max_steps} makes its last; "
+                      "ending it there")
     data = "; ".join(f"{k}: " + ", ".join(_described(s, w) for s, w in zip(ks.streams, ks.weights))
                      for k, ks in trainer.streams.items())
     procs = f" x {trainer.world} processes ({cfg.distributed})" if trainer.world > 1 else ""
-    console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps; batch {cfg.data.batch_size}{procs}; "
-                  f"{cfg.precision} on {trainer.device}; writing to {output}")
-    console.print(f"data: {escape(data)}")
-    for note in _small_sources(trainer.streams, cfg.data.batch_size * trainer.world):
-        console.print(f"note: {escape(note)}")
-    if trainer.optimisation.note:
+    if not ending:
+        console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps; batch {cfg.data.batch_size}{procs}; "
+                      f"{cfg.precision} on {trainer.device}; writing to {output}")
+        console.print(f"data: {escape(data)}")
+        for note in _small_sources(trainer.streams, cfg.data.batch_size * trainer.world):
+            console.print(f"note: {escape(note)}")
+    if trainer.optimisation.note and not ending:
         console.print(trainer.optimisation.note)
-    if trainer.optimisation.warmup_steps >= cfg.max_steps:
+    if trainer.optimisation.warmup_steps >= cfg.max_steps and not ending:
         peak = trainer.optimisation.warmup_steps
         what = "as long as the run" if peak == cfg.max_steps else "longer than the run"
         reach = "reaches its peak at the last step and never decays" if peak == cfg.max_steps else \
@@ -495,6 +505,6 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
                   f"{output / 'loss_curves.png'}{board}")
     if rank == 0:
-        write_json_atomic(output / "summary.json", {"first": first, "last": last, "skipped": skipped,
+        write_json_atomic(summary, {"first": first, "last": last, "skipped": skipped,
                                                     "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps,
                                                     "samples_by_source": seen, "gradients": gradients})
