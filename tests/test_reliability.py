@@ -345,6 +345,31 @@ def test_a_run_that_goes_on_past_its_summary_drops_it_and_max_steps_at_its_stop_
 
 
 @pytest.mark.slow
+def test_samples_are_counted_by_the_source_that_gave_them_across_a_resume_that_names_another(train_data, tmp_path,
+                                                                                              capsys):
+    # After `--resume --override` changed data.pairs, summary.json and the closing line credited every
+    # pairs sample to the new source ("pairs: 12 from again.csv" when 8 came from pairs.csv).
+    rows = (train_data / "pairs.csv").read_text().splitlines()
+    again = tmp_path / "again.csv"  # the same rows, by absolute paths: a table of the same size elsewhere
+    again.write_text("\n".join([rows[0]] + [f"{train_data / r}" for r in rows[1:]]) + "\n")
+    run = tmp_path / "run"
+    only_pairs = ["--set", "data.images=[]", "--set", "data.text=[]"]
+    assert cli(pretrain_args(train_data, run) + narrow_args() + only_pairs + ["--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3", "--override",
+                "--set", f'data.pairs=["{again}"]']) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    seen = json.loads((run / "summary.json").read_text())["samples_by_source"]["pairs"]
+    assert seen == {str(train_data / "pairs.csv"): 8, str(again): 4}, seen
+    assert f"pairs: 8 from {train_data / 'pairs.csv'}, 4 from {again}" in out, out
+    # A second resume keeps what each gave; a new batch size (a new order) keeps what came before it.
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "4", "--override",
+                "--set", "data.batch_size=2"]) == 0
+    seen = json.loads((run / "summary.json").read_text())["samples_by_source"]["pairs"]
+    assert seen == {str(train_data / "pairs.csv"): 8, str(again): 6}, seen
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run, batch_size=4) + ["--max-steps", "2", "--set", "save_every=1"]) == 0

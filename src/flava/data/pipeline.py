@@ -401,11 +401,24 @@ class BatchStream:
         self._it = None
         self._undo: list | None = None
         """What draws since the latest `snapshot` added to `bad` and `rejected`, to take back."""
+        self.earlier: dict[str, int] = {}
+        """Samples given before this source's count began, by the name of the source that gave them:
+        another source this stream continued from (resume --override of the data), or this one
+        before a new batch size started its order again."""
+        self.counted_from = 0
+        """The draw this source's count begins at."""
 
     @property
     def samples(self) -> int:
-        """Samples the global stream has given (all processes)."""
-        return self.draws * self.layout.global_batch
+        """Samples this source has given (all processes)."""
+        return (self.draws - self.counted_from) * self.layout.global_batch
+
+    @property
+    def samples_by_source(self) -> dict[str, int]:
+        """Samples given, by the source that gave them (the stream's earlier sources first)."""
+        counts = dict(self.earlier)
+        counts[self.source.name] = counts.get(self.source.name, 0) + self.samples
+        return counts
 
     def _iterator(self):
         dataset = _Draws(self.kind, self.source, self.maker, self.layout, self.seed, self.draws, dict(self.cursors),
@@ -554,7 +567,8 @@ class BatchStream:
                 "bytes": self.source.known_bytes, "seed": self.seed,
                 "cursors": {str(j): [c.epoch, c.ordinal, c.start] for j, c in sorted(self.cursors.items())},
                 "skipped": dict(self.skipped), "bad": {k: sorted(v) for k, v in self.bad.items()},
-                "rejected": {str(k): v for k, v in self.rejected.items()}}
+                "rejected": {str(k): v for k, v in self.rejected.items()},
+                "source": self.source.name, "earlier": self.earlier, "counted_from": self.counted_from}
 
     def load_states(self, states: list[dict]) -> None:
         """Continue from the states every process of a run saved, on this run's processes (any
@@ -590,6 +604,15 @@ class BatchStream:
                             f"with {int(was):,}: the data changed; resume with the same data")
         self.seed = int(first.get("seed", self.seed))
         self.draws = int(first["draws"])
+        # What the saved source gave stays its own when another is named now (or the order starts again).
+        self.earlier = {str(k): int(v) for k, v in first.get("earlier", {}).items()}
+        self.counted_from = int(first.get("counted_from", 0))
+        was_named = str(first.get("source", self.source.name))  # states before names were saved: this one
+        if was_named != self.source.name or restart:
+            given = (self.draws - self.counted_from) * saved
+            if given:
+                self.earlier[was_named] = self.earlier.get(was_named, 0) + given
+            self.counted_from = 0 if restart else self.draws
         self.cursors, self.bad, self.rejected, self.skipped = {}, {}, {}, Counter()
         self._undo = None
         for r, st in enumerate(states):
@@ -665,7 +688,11 @@ class KindStream:
 
     @property
     def samples_by_source(self) -> dict[str, int]:
-        return {s.source.name: s.samples for s in self.streams}
+        counts: dict[str, int] = {}
+        for s in self.streams:
+            for name, n in s.samples_by_source.items():
+                counts[name] = counts.get(name, 0) + n
+        return counts
 
     def state(self) -> dict:
         return {"draws": self.draws, "sources": [s.state() for s in self.streams], "weights": self.weights.tolist()}
