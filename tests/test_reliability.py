@@ -12,6 +12,7 @@ import stat
 import struct
 import tarfile
 import tempfile
+import time
 import zlib
 from pathlib import Path
 
@@ -367,6 +368,50 @@ def test_samples_are_counted_by_the_source_that_gave_them_across_a_resume_that_n
                 "--set", "data.batch_size=2"]) == 0
     seen = json.loads((run / "summary.json").read_text())["samples_by_source"]["pairs"]
     assert seen == {str(train_data / "pairs.csv"): 8, str(again): 6}, seen
+
+
+@pytest.mark.slow
+def test_a_stop_at_once_names_the_last_save_and_counts_from_the_first_signal(train_data, tmp_path, capsys,
+                                                                            monkeypatch):
+    # A second Ctrl-C after the stop's save had completed said "nothing was saved since the last save"
+    # without naming it, "after 13 s" counted from the command's start, and at start-up it said the same
+    # when nothing was ever saved.
+    import signal
+
+    from flava import stopping
+    from flava.train import run as run_module
+    from flava.train import trainer
+
+    monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)  # a second signal at once is a second request
+    resolve_device = run_module.resolve_device
+
+    def two_sigints(*args):
+        time.sleep(1.2)  # the command has run a while: the seconds said are the signals'
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(run_module, "resolve_device", two_sigints)
+    run = tmp_path / "run"
+    assert cli(pretrain_args(train_data, run) + narrow_args() + ["--max-steps", "3"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "flava pretrain: stopped at once by a second SIGINT 0 s after the first; nothing was " \
+                          "saved: run the same command again to start the run", err
+    monkeypatch.setattr(run_module, "resolve_device", resolve_device)
+    save = trainer.Trainer.save
+
+    def sigint_then_another_after_the_save(owner):
+        if owner.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the stop's save, then a second Ctrl-C
+        target = save(owner)
+        if owner.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return target
+
+    monkeypatch.setattr(trainer.Trainer, "save", sigint_then_another_after_the_save)
+    assert cli(pretrain_args(train_data, run) + narrow_args() + ["--max-steps", "3", "--set", "save_every=2"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"stopped at once by a second SIGINT 0 s after the first; saved {run / 'checkpoints' / 'step_00000002'}: " \
+           "continue with the same command and --resume" in err, err
 
 
 @pytest.mark.slow

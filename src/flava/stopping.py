@@ -35,6 +35,9 @@ _signum = 0
 _first = 0.0
 _abandonable = False
 _interrupt = False
+_saves = ""
+"""What a stop at once leaves and how to go on (`tell_saves`, `saved`); '': the command does not say."""
+_go_on = ""
 
 AT_A_STEP = "stopping at the next step, after saving"
 """How a training command acknowledges a stop; commands that work in other units say theirs (`handling`)."""
@@ -76,9 +79,26 @@ class Abandoned(BaseException):
 class Interrupted(KeyboardInterrupt):
     """A second signal: the command stops at once, without saving."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, after: float = 0.0):
         super().__init__(signum)
-        self.signum = signum
+        self.signum, self.after = signum, after
+        """`after`: seconds since the first signal."""
+        self.saves = _saves or "nothing was saved since the last save"
+        """What it leaves: the command's last save and how to go on from it."""
+
+
+def tell_saves(now: str, go_on: str) -> None:
+    """For a stop at once: what the command leaves until it saves (`now`), and how to go on from a
+    save it makes (`saved`). Without it the stop says only that nothing was saved since the last save."""
+    global _saves, _go_on
+    _saves, _go_on = now, go_on
+
+
+def saved(path) -> None:
+    """The command saved `path` (a checkpoint): a stop at once names it."""
+    global _saves
+    if _go_on:
+        _saves = f"saved {path}: {_go_on}"
 
 
 def name(signum: int) -> str:
@@ -106,7 +126,7 @@ def _handle(signum: int, frame) -> None:
         if _interrupt:
             raise Abandoned(signum)
     elif time.monotonic() - _first > REPEAT_WINDOW_S:
-        raise Interrupted(signum)
+        raise Interrupted(signum, time.monotonic() - _first)
 
 
 @contextlib.contextmanager
@@ -114,7 +134,7 @@ def handling(said: str = AT_A_STEP) -> Iterator[None]:
     """Stop requests are recorded (not fatal) inside the block, in the main thread of this process;
     the previous handlers come back after it (the CLI runs inside tests' processes too). `said`: how
     the command acknowledges one at once (where it stops, what it keeps)."""
-    global _owner, _signum, _first, _said
+    global _owner, _signum, _first, _said, _saves, _go_on
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -130,7 +150,7 @@ def handling(said: str = AT_A_STEP) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _owner, _signum = owner, 0
+        _owner, _signum, _saves, _go_on = owner, 0, "", ""
 
 
 def requested() -> int:

@@ -88,12 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flava {args.command}: error: {explain_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        took = f"{time.perf_counter() - start:.0f} s"
         if isinstance(e, stopping.Interrupted):
-            print(f"flava {args.command}: stopped at once by a second {stopping.name(e.signum)} after {took}; "
-                  "nothing was saved since the last save", file=sys.stderr)
+            print(f"flava {args.command}: stopped at once by a second {stopping.name(e.signum)} {e.after:.0f} s "
+                  f"after the first; {e.saves}", file=sys.stderr)
             return stopping.exit_code(e.signum)
-        print(f"flava {args.command}: interrupted after {took}", file=sys.stderr)
+        print(f"flava {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
         return 130
     return 0
 

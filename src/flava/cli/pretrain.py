@@ -106,6 +106,16 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..io.locks import InUse
     from ..train.run import run_pretrain
 
+    # What a second signal (a stop at once) leaves, until the run saves a checkpoint and after.
+    if args.recipe:
+        stopping.tell_saves("nothing was saved since the last checkpoint: run the same command again",
+                            "run the same command again")
+    elif args.resume:
+        stopping.tell_saves("nothing was saved since the run's last checkpoint: continue with the same command "
+                            "and --resume", "continue with the same command and --resume")
+    else:
+        stopping.tell_saves("nothing was saved: run the same command again to start the run",
+                            "continue with the same command and --resume")
     if args.recipe:
         from ..recipes.recipe import run_recipe
 

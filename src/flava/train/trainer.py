@@ -314,7 +314,9 @@ class Trainer:
 
     def save(self) -> Path:
         self._saved_at = self.step
-        return self.checkpoints.save(self._stateful())
+        target = self.checkpoints.save(self._stateful())
+        stopping.saved(target)
+        return target
 
     def resume(self) -> bool:
         """Load the newest intact checkpoint, if any; returns whether one was found. What was
@@ -323,6 +325,7 @@ class Trainer:
         self._chosen = None  # its weights and optimizer state are the model's now
         self._saved_at = self.step
         if notes is not None:
+            stopping.saved(self.run.step(self.step))
             self.notes += notes + self.data.notes()
         if self.rank == 0:  # steps logged after the checkpoint (or before any) will run again
             MetricsLog(self.output, self.cfg.tensorboard).truncate_after(self.step)
