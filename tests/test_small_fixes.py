@@ -339,3 +339,22 @@ def test_a_stop_is_acknowledged_in_the_commands_own_words(command, said, monkeyp
     assert main([command, *args]) == 130
     out = capfd.readouterr().out
     assert said in " ".join(out.split()) and "step or part" not in out
+
+
+def test_a_flag_and_a_set_of_one_setting_that_disagree_and_a_config_folder_are_one_line(tmp_path, capsys):
+    # `--max-steps 3 --set max_steps=5` trained 3 steps, the --set dropped unsaid; `--config DIR` (a
+    # folder that exists) was "settings file DIR does not exist".
+    out = str(tmp_path / "run")
+    for flag, key in (("--max-steps", "max_steps"), ("--save-every", "save_every")):
+        code = main(["pretrain", "--output", out, flag, "3", "--set", f"{key}=5"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip() == f"flava pretrain: error: {flag} 3 and --set {key}=5 disagree: give one " \
+                                            "of them", err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_config.json").write_text("{}")
+    code = main(["pretrain", "--output", out, "--config", str(tmp_path / "old")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "does not exist" not in err, err
+    assert f"--config {tmp_path / 'old'} is a directory: name a preset (tiny, small, base) or a JSON settings file " \
+           f"(a run's: --config {tmp_path / 'old' / 'train_config.json'} starts a new run with them" in err, err
+    assert not (tmp_path / "run").exists()

@@ -57,16 +57,19 @@ def settings(args: argparse.Namespace):
     if cfg is None:
         cfg = train_config(args.config or "tiny")
     cfg = apply_overrides(cfg, args.set or [])
-    if args.max_steps is not None:
-        cfg.max_steps = args.max_steps
-    if args.save_every is not None:
-        cfg.save_every = args.save_every
+    given = {s.partition("=")[0].strip() for s in args.set or []}
+    for flag, key in (("--max-steps", "max_steps"), ("--save-every", "save_every")):
+        value = getattr(args, key)
+        if value is None:
+            continue
+        if key in given and getattr(cfg, key) != value:  # which was meant? (the flag had won, unsaid)
+            raise ConfigError(f"{flag} {value} and --set {key}={getattr(cfg, key)} disagree: give one of them")
+        setattr(cfg, key, value)
     if args.override and not args.resume:
         raise ConfigError("--override only applies with --resume (a new run takes any settings)")
     # Paths named relative to this folder are saved as absolute ones: a --resume from another
     # folder reads the run's settings and must find them. A resumed run's saved values are its own
     # (relative to where it started): only what this command names (--config, --set) is made absolute.
-    given = {s.partition("=")[0].strip() for s in args.set or []}
     for key in PLACES:
         if not args.resume or args.config or key in given:
             section, _, name = key.rpartition(".")

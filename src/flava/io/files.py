@@ -24,6 +24,8 @@ def read_json(path: str | os.PathLike, what: str = "config file", error: type[Fl
               expect: type | None = None) -> Any:
     """A JSON file, or one `error` naming the file: missing, malformed, or not of type `expect`."""
     path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a directory; name the JSON file")
     if not path.is_file():
         raise error(f"{what} {path} does not exist")
     try:

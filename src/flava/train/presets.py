@@ -94,6 +94,13 @@ def train_config(spec: str) -> TrainConfig:
         close = difflib.get_close_matches(spec, PRESETS, n=1)
         raise ConfigError(f"--config {spec} is neither a preset ({', '.join(PRESETS)}) nor a settings file"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
+    if Path(spec).is_dir():
+        # A run's folder names its settings file: say it, and how to continue that run instead.
+        own = Path(spec) / "train_config.json"
+        hint = f" (a run's: --config {own} starts a new run with them; --resume --output {spec} continues it)" \
+            if own.is_file() else ""
+        raise ConfigError(f"--config {spec} is a directory: name a preset ({', '.join(PRESETS)}) or a JSON settings "
+                          f"file{hint}")
     data = read_json(spec, "settings file", ConfigError, expect=dict)
     base = data.pop("preset", None)
     if base is None:
