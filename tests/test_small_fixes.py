@@ -358,3 +358,19 @@ def test_a_flag_and_a_set_of_one_setting_that_disagree_and_a_config_folder_are_o
     assert f"--config {tmp_path / 'old'} is a directory: name a preset (tiny, small, base) or a JSON settings file " \
            f"(a run's: --config {tmp_path / 'old' / 'train_config.json'} starts a new run with them" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
+    # Ctrl-C in a command's first seconds (torch importing) printed a KeyboardInterrupt traceback
+    # through the imports. Here the interrupt comes as `import torch` begins, as the flava script.
+    import subprocess
+    from pathlib import Path
+
+    src = str(Path(flava.__file__).parents[1])
+    code = "\n".join(["import sys", "sys.argv[0] = '/venv/bin/flava'", "class Ctrl_C:",
+                      "    def find_spec(self, name, *rest):", "        if name == 'torch':",
+                      "            raise KeyboardInterrupt", "sys.meta_path.insert(0, Ctrl_C())",
+                      "from flava.cli import main"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": src})
+    assert done.returncode in (130, -2) and done.stderr == "flava: interrupted while starting\n", done.stderr

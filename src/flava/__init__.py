@@ -1,5 +1,22 @@
 """FLAVA: one model for vision, language and vision-and-language tasks."""
 
+import sys as _sys
+from os.path import basename as _basename
+
+
+def _interrupted_while_starting(kind, value, traceback, _previous=_sys.excepthook):
+    if issubclass(kind, KeyboardInterrupt):
+        print("flava: interrupted while starting", file=_sys.stderr)
+    else:
+        _previous(kind, value, traceback)
+
+
+# The command line (the `flava` script, `python -m flava.cli`), before its `main` handles signals:
+# a Ctrl-C while torch imports (the first seconds) ends in one line, not a traceback through the
+# imports. A library user's own hook is left alone.
+if _sys.argv and (_basename(_sys.argv[0]) == "flava" or _sys.argv[0] == "-m"):
+    _sys.excepthook = _interrupted_while_starting
+
 from .config import (
     CodebookConfig,
     FlavaConfig,
