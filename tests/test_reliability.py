@@ -597,6 +597,14 @@ def test_a_run_folder_is_read_from_its_newest_intact_checkpoint_whatever_befell_
     (run.step(20) / "trainer_state.pt").write_bytes(b"cut")
     run.point_latest(20, run.step(20))
     assert loaded() == 20 and capsys.readouterr().err == ""
+    # A file unlike its checksum that reads whole may have been changed on purpose: refused, naming both ways.
+    config = run.step(20) / "config.json"
+    written = config.read_text()
+    config.write_text(written.replace('"num_layers": 2', '"num_layers": 3', 1))
+    err = one_line_error(capsys, cli(["info", str(run.root)]))
+    assert "config.json is not the file that was written" in err and "delete checksums.json" in err, err
+    assert f"{run.step(10)} is intact: name it to use it" in err
+    config.write_text(written)
     weights_file = run.step(20) / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:1000])
     from safetensors.torch import load_file
@@ -613,7 +621,7 @@ def test_a_run_folder_is_read_from_its_newest_intact_checkpoint_whatever_befell_
     err = capsys.readouterr().err
     assert "latest.json points to step_00000030, which is not a checkpoint; using step_00000010" in err, err
     # No intact checkpoint at all: one line naming what is wrong with each; none at all: none yet.
-    (run.step(10) / "config.json").write_text("{}")
+    (run.step(10) / "config.json").write_text('{"format": ')
     code = cli(["info", str(run.root)])
     err = one_line_error(capsys, code)
     assert "holds no usable checkpoint" in err and "step_00000010 is damaged (config.json" in err

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
@@ -173,6 +174,33 @@ def damage(directory: Path, skip: Collection[str] = ()) -> str | None:
             return f"{name} is missing"
         if _sha256(f) != digest:
             return f"{name} is not the file that was written (truncated or corrupted)"
+    return None
+
+
+def changed_but_whole(directory: Path, skip: Collection[str] = ()) -> str | None:
+    """The first file of a checkpoint unlike its checksum that still reads whole (JSON that parses,
+    safetensors whose header covers the file): changed on purpose, perhaps, where a cut or missing
+    file is damage. None when there is none."""
+    directory = Path(directory)
+    try:
+        sums = json.loads((directory / CHECKSUMS).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    for name, digest in sums.items() if isinstance(sums, dict) else ():
+        f = directory / name
+        if name in skip or not f.is_file() or _sha256(f) == digest:
+            continue
+        try:
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            elif f.suffix == ".safetensors":
+                with safe_open(str(f), "pt"):
+                    pass
+            else:
+                continue
+        except (OSError, ValueError, SafetensorError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            continue
+        return name
     return None
 
 

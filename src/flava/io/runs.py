@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .checkpoint import CONFIG, damage
+from .checkpoint import CONFIG, changed_but_whole, check_sum, damage
 from .files import read_json, write_json_atomic
 from .hubcache import looks_like_hub_id, snapshot
 from .locks import hold
@@ -146,12 +146,14 @@ def _follow(pointer: Path) -> Path:
     return target
 
 
-def newest_intact(run: RunDir) -> tuple[Path | None, list[str]]:
+def newest_intact(run: RunDir) -> tuple[Path | None, list[str], str]:
     """The checkpoint of a run a model is read from: the one latest.json names, else the newest
     step_N directory, passing over those whose model files are damaged (their training state is not
-    read, so a damaged one leaves the weights usable); and notes on what was passed over, naming
-    the run's checkpoints by their folder names. (None, notes) when none is usable."""
-    notes = []
+    read, so a damaged one leaves the weights usable); notes on what was passed over, naming the
+    run's checkpoints by their folder names ((None, notes) when none is usable); and why not to
+    pass over a file that differs from its checksum yet reads whole (an edit made on purpose?),
+    '' when none was met."""
+    notes, edited = [], ""
     try:
         pointed = run.latest()
     except CheckpointError:
@@ -166,9 +168,15 @@ def newest_intact(run: RunDir) -> tuple[Path | None, list[str]]:
     for target in [pointed] * (pointed is not None) + [p for p in reversed(run.step_dirs()) if p != pointed]:
         why = damage(target, skip=(STATE, STREAMS)) if (target / CONFIG).is_file() else f"no {CONFIG}"
         if why is None:
-            return target, notes
+            return target, notes, edited
+        whole = changed_but_whole(target, skip=(STATE, STREAMS)) if not edited else None
+        if whole is not None:
+            try:
+                check_sum(target / whole)
+            except CheckpointError as e:
+                edited = str(e)
         notes.append(f"{target.name} is damaged ({why})")
-    return None, notes
+    return None, notes, edited
 
 
 _SAID: set[str] = set()
@@ -176,8 +184,10 @@ _SAID: set[str] = set()
 
 def _run_checkpoint(p: Path, run: RunDir) -> Path | None:
     """`newest_intact`, saying once on stderr what was passed over; a CheckpointError when the run
-    has checkpoints and none is usable; None when it has none."""
-    target, notes = newest_intact(run)
+    has checkpoints and none is usable, or one was changed after it was written; None when it has none."""
+    target, notes, edited = newest_intact(run)
+    if edited:  # not passed over unsaid: the user may mean that checkpoint
+        raise CheckpointError(edited + (f"; {target} is intact: name it to use it" if target else ""))
     if target is None and notes:
         raise CheckpointError(f"{p} holds no usable checkpoint: {'; '.join(notes)}; copy a good checkpoint back into "
                               f"{run.checkpoints}, or name another checkpoint")
