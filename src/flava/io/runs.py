@@ -31,10 +31,10 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest.json"
 LOCK = ".lock"
 CODEBOOK_STATE = "training"
+"""`flava train-codebook`'s OUTPUT/training/: the resumable state of an unfinished codebook."""
 STATE = "trainer_state.pt"
 STREAMS = "streams.json"
 """A training checkpoint's state beside its weights: what `--resume` reads and a model's reader does not."""
-"""`flava train-codebook`'s OUTPUT/training/: the resumable state of an unfinished codebook."""
 
 
 @dataclass(frozen=True)
