@@ -226,6 +226,7 @@ def test_export_of_encoders_loads_as_flava_model_with_its_processor(tmp_path, ca
     close(flava.load(tmp_path / "hf").encode_image(square), theirs)
 
 
+@pytest.mark.slow  # end to end: commands run one after another
 def test_an_exports_processor_resizes_non_square_images_as_flava_does(tmp_path):
     """transformers' processor of an export resizes the shorter side and crops the centre, as flava
     does: the same pixels and embeddings on images that are not square (it squashed them to a

@@ -572,6 +572,7 @@ def test_a_full_disk_inside_torch_or_safetensors_is_one_line(train_data, tmp_pat
     assert "unexpected pos" in err and "step_00000002 is intact" in err
 
 
+@pytest.mark.slow  # end to end: commands run one after another
 def test_a_run_folder_is_read_from_its_newest_intact_checkpoint_whatever_befell_latest_json(tmp_path, capsys):
     # `flava info`, `flava.load` and `embed` had read a run through latest.json alone: one missing (a
     # second Ctrl-C as the first save began) was "a run with no checkpoint yet"; a damaged newest

@@ -304,6 +304,7 @@ def test_index_add_adds_again_an_image_changed_since_it_was_indexed(tiny_model, 
     assert VectorIndex.open(tmp_path / "sidx").item(2) == keys[0]
 
 
+@pytest.mark.slow  # end to end: commands run one after another
 def test_index_add_judges_a_local_image_changed_by_its_file_not_its_vector(tiny_model, photos, tmp_path, capsys):
     """embed records each local image file's size and modification time; index --add judges by them:
     the same pictures embedded elsewhere (another device or precision: vectors a little off) are not
@@ -454,6 +455,7 @@ def test_a_rerun_embeds_again_a_part_whose_image_changed_and_refuses_int8_into_f
     assert "holds embeddings of other inputs or settings (int8: True -> False); choose another" in err
 
 
+@pytest.mark.slow  # end to end: commands run one after another
 def test_index_add_refuses_int8_vectors_into_a_float_index_and_back(tiny_model, photos, tmp_path, capsys):
     """One checkpoint's int8 and float vectors differ: never mixed in one index, refused in one line
     naming both kinds and the fix, the index unchanged."""
@@ -480,6 +482,7 @@ def test_index_add_refuses_int8_vectors_into_a_float_index_and_back(tiny_model, 
     assert len(VectorIndex.open(fidx)) == len(VectorIndex.open(qidx)) == 4
 
 
+@pytest.mark.slow  # end to end: commands run one after another
 def test_index_add_refuses_another_modality_or_dimension(tiny_model, photos, tmp_path, capsys):
     """A pair run's texts asked for with --which into an index of images (each text had been added
     under its image's path), or vectors of another dimension: refused in one line with the fix."""
