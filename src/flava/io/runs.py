@@ -165,7 +165,7 @@ def newest_intact(run: RunDir) -> tuple[Path | None, list[str], str]:
             notes.append(f"{LATEST} is damaged")
     if pointed is None and not run.pointer.exists() and run.step_dirs():
         notes.append(f"{LATEST} is missing (a save stopped before naming its checkpoint)")
-    for target in [pointed] * (pointed is not None) + [p for p in reversed(run.step_dirs()) if p != pointed]:
+    for target in run.candidates()[0]:  # the pointed one, then newest first, as --resume tries them
         why = damage(target, skip=(STATE, STREAMS)) if (target / CONFIG).is_file() else f"no {CONFIG}"
         if why is None:
             return target, notes, edited

@@ -227,9 +227,9 @@ class CheckpointManager:
         # passed over as damaged among them): were they kept, they would count among the newest
         # `keep_last`, and an intact one would be removed in their place.
         dirs = run.step_dirs()
-        newer = [p for p in dirs if p.name > target.name or p != target and self._resumed_at is not None
-                 and run.step_of(p) > self._resumed_at]
+        past = step if self._resumed_at is None else self._resumed_at
         self._resumed_at = None
+        newer = [p for p in dirs if p != target and run.step_of(p) > past]
         older = [p for p in dirs if p.name <= target.name and p not in newer]
         kept = {p for p in older if self.keep_every and run.step_of(p) > 0 and run.step_of(p) % self.keep_every == 0}
         for old in newer + [p for p in older[: -self.keep_last] if p not in kept]:
