@@ -100,6 +100,9 @@ def test_a_suite_runs_end_to_end_into_a_report(suite_dir, tmp_path, capsys):
     ({"kind": "zero-shot", "folder": "one_class"}, "needs at least two classes; found only 'red'"),
     # Found while the data is checked, not when its task runs after the others.
     ({"kind": "zero-shot", "folder": "broken"}, r"broken/red/bad.png is not a readable image; remove or replace it"),
+    # Every unreadable file is counted and the first few named: one run per broken file had found them.
+    ({"kind": "zero-shot", "folder": "broken_many"},
+     r"7 of the 9 images are not readable images; the first 5: (\S+/bad\d.png, ){4}\S+/bad\d.png; remove or replace them"),
     ({"kind": "linear-probe", "modality": "text", "train": "one_label.csv", "test": "one_label.csv"},
      "at least two classes in train; found only 'sport'"),
     ({"kind": "finetune-text", "data": "bbc-news", "settings": {"epoch": 1}},
@@ -118,6 +121,11 @@ def test_bad_suites_fail_before_any_work(suite_dir, tmp_path, capsys, task, erro
         (suite_dir / "broken" / name).mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8)).save(suite_dir / "broken" / name / "0.png")
     (suite_dir / "broken" / "red" / "bad.png").write_bytes(b"not a png")
+    for name in ("red", "blue"):
+        (suite_dir / "broken_many" / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(suite_dir / "broken_many" / name / "0.png")
+    for i in range(7):
+        (suite_dir / "broken_many" / "red" / f"bad{i}.png").write_bytes(b"not a png")
     (suite_dir / "one_class" / "red").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8)).save(suite_dir / "one_class" / "red" / "0.png")
     if not (suite_dir / "extra_class" / "green").exists():

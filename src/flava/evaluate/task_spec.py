@@ -135,13 +135,22 @@ def check_images(images: list, where: str) -> None:
     image): met when its task runs, it would end the suite after the tasks before it ran."""
     from PIL import Image
 
+    from ..finetune.splits import NAMED_BAD
+
+    bad = []  # all of them: named one at a time, a folder of broken files took a run per file to find
     for image in images:
         if isinstance(image, (str, Path)):
             try:
                 with Image.open(image) as im:
                     im.size
             except Exception:  # PIL raises several types for files it cannot identify
-                raise DataError(f"{where}: {image} is not a readable image; remove or replace it") from None
+                bad.append(str(image))
+    if len(bad) == 1:
+        raise DataError(f"{where}: {bad[0]} is not a readable image; remove or replace it")
+    if bad:
+        first = f"; the first {NAMED_BAD}" if len(bad) > NAMED_BAD else ""
+        raise DataError(f"{where}: {len(bad)} of the {len(images)} images are not readable images{first}: "
+                        f"{', '.join(bad[:NAMED_BAD])}; remove or replace them")
 
 
 def labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
