@@ -414,6 +414,82 @@ def test_a_stop_at_once_names_the_last_save_and_counts_from_the_first_signal(tra
            "continue with the same command and --resume" in err, err
 
 
+@pytest.mark.parametrize("command, leaves", [
+    ("prepare", "the units finished are kept: run the same command again to finish the rest"),
+    ("embed", "the parts finished are kept: run the same command again to finish the rest"),
+    ("ablate", "the runs finished are kept, and the run in progress from its last checkpoint: run the same command "
+               "again to continue"),
+    ("finetune", "nothing was saved: run the same command again to start the fine-tuning"),
+    ("finetune --resume", "nothing was saved since the stopped state it resumed from: continue with the same command "
+                          "and --resume"),
+])
+def test_a_stop_at_once_says_what_each_command_leaves(command, leaves, tmp_path, capsys, monkeypatch):
+    # Every command but pretrain said "nothing was saved since the last save", which a command that
+    # keeps its finished units, parts or runs does not mean. The command's work is two Ctrl-Cs here:
+    # what is said comes from the command's own set-up and the CLI.
+    import importlib
+    import signal
+
+    from flava import stopping
+
+    monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)
+
+    def two_sigints(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    name, *flags = command.split()
+    # finetune says what it leaves as it starts (it depends on --resume): its work is what is replaced.
+    monkeypatch.setattr(importlib.import_module(f"flava.cli.{name}"), "_finetune" if name == "finetune" else "run",
+                        two_sigints)
+    out = str(tmp_path / "out")
+    argv = {"prepare": ["--images", "x", "--output", out], "embed": ["--model", "m", "--texts", "x", "--output", out],
+            "ablate": ["--output", out], "finetune": ["--task", "image-classification", "--model", "m", "--train", "x",
+                                                      "--output", out]}[name]
+    assert cli([name, *argv, *flags]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == f"flava {name}: stopped at once by a second SIGINT 0 s after the first; {leaves}", err
+
+
+@pytest.mark.slow
+def test_a_stop_at_once_of_train_codebook_names_its_last_save(train_data, tmp_path, capsys, monkeypatch):
+    import signal
+
+    from flava import stopping
+    from flava.train import codebook
+
+    monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)
+    out = tmp_path / "cb"
+    args = ["train-codebook", "--images", str(train_data / "img"), "--output", str(out), "--batch-size", "4",
+            "--num-workers", "0", "--set", "codebook.hidden_size=8", "--set", "codebook.vocab_size=64",
+            "--steps", "4", "--save-every", "2"]
+    train_step = codebook.CodebookRun.train_step
+
+    def two_sigints_at(step):
+        def patched(run):
+            if run.step == step:
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return train_step(run)
+        return patched
+
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", two_sigints_at(1))
+    assert cli(args) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.endswith("nothing was saved: run the same command again to start the training"), err
+    assert not (out / "training").exists()
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", two_sigints_at(3))  # after the save at step 2
+    assert cli(args) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.endswith(f"saved step 2 in {out / 'training'}: continue with the same command and --resume"), err
+    assert cli(args + ["--resume"]) == 130  # it resumes at step 2 and is stopped at step 3 again
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.endswith("nothing was saved since the state it resumed from: continue with the same command and "
+                        "--resume"), err
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", train_step)
+    assert cli(args + ["--resume"]) == 0
+
+
 @pytest.mark.slow
 def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"

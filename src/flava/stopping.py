@@ -87,15 +87,16 @@ class Interrupted(KeyboardInterrupt):
         """What it leaves: the command's last save and how to go on from it."""
 
 
-def tell_saves(now: str, go_on: str) -> None:
+def tell_saves(now: str, go_on: str = "") -> None:
     """For a stop at once: what the command leaves until it saves (`now`), and how to go on from a
-    save it makes (`saved`). Without it the stop says only that nothing was saved since the last save."""
+    save it makes (`saved`; none: it names no saves). Without it the stop says only that nothing was
+    saved since the last save."""
     global _saves, _go_on
     _saves, _go_on = now, go_on
 
 
 def saved(path) -> None:
-    """The command saved `path` (a checkpoint): a stop at once names it."""
+    """The command saved `path` (a checkpoint, or words naming it): a stop at once names it."""
     global _saves
     if _go_on:
         _saves = f"saved {path}: {_go_on}"
@@ -130,10 +131,11 @@ def _handle(signum: int, frame) -> None:
 
 
 @contextlib.contextmanager
-def handling(said: str = AT_A_STEP) -> Iterator[None]:
+def handling(said: str = AT_A_STEP, leaves: str = "") -> Iterator[None]:
     """Stop requests are recorded (not fatal) inside the block, in the main thread of this process;
     the previous handlers come back after it (the CLI runs inside tests' processes too). `said`: how
-    the command acknowledges one at once (where it stops, what it keeps)."""
+    the command acknowledges one at once (where it stops, what it keeps); `leaves`: what a stop at
+    once leaves and how to go on (`tell_saves`' `now`)."""
     global _owner, _signum, _first, _said, _saves, _go_on
     import threading
 
@@ -142,7 +144,7 @@ def handling(said: str = AT_A_STEP) -> Iterator[None]:
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
     owner = _owner
-    _owner, _signum, _first, _said = os.getpid(), 0, 0.0, said
+    _owner, _signum, _first, _said, _saves = os.getpid(), 0, 0.0, said, leaves
     for s in SIGNALS:
         signal.signal(s, _handle)
     try:

@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     # Commands that stop at their own boundaries on SIGTERM/SIGINT say so with `graceful` (True: at
-    # a step; else how they acknowledge a stop); the others keep Python's defaults (SIGINT interrupts at once).
+    # a step; else how they acknowledge a stop) and what a stop at once leaves with `leaves` (or as
+    # they save: `stopping.tell_saves`); the others keep Python's defaults (SIGINT interrupts at once).
     graceful = getattr(args, "graceful", False)
     handling = contextlib.nullcontext()
     if graceful:
-        handling = stopping.handling(graceful) if isinstance(graceful, str) else stopping.handling()
+        handling = stopping.handling(graceful if isinstance(graceful, str) else stopping.AT_A_STEP,
+                                     getattr(args, "leaves", ""))
     try:
         with handling:
             args.run(args, console)

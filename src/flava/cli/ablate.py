@@ -35,7 +35,9 @@ def add(sub) -> None:
                         "balancing the objectives, comma-separated, fixed among them: fixed, uncertainty, dwa, pcgrad, "
                         "mixing-adaptive (fixed, with the data kinds' mix adapted to their loss progress)")
     p.add_argument("--seeds", help="with --balancing: the seeds each method runs (default 0,1)")
-    p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
+    # Stops at its boundaries on SIGTERM/SIGINT; a stop at once keeps what its runs saved.
+    p.set_defaults(run=run, graceful=True, leaves="the runs finished are kept, and the run in progress from its last "
+                                                  "checkpoint: run the same command again to continue")
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

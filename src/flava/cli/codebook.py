@@ -8,6 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from .. import stopping
+
 
 def add(sub) -> None:
     p = sub.add_parser("train-codebook", help="train the dVAE image codebook that gives MIM/MMM targets")
@@ -53,5 +55,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
     given |= {name for name, value in (("config", args.config), ("set", args.set)) if value}
     if not (args.images or args.pairs or args.resume):
         raise InputError("name the images to train on: --images (files, folders, shards; 'demo') or --pairs")
+    # What a second signal (a stop at once) leaves, until the training saves its state and after.
+    if args.resume:
+        stopping.tell_saves("nothing was saved since the state it resumed from: continue with the same command and "
+                            "--resume", "continue with the same command and --resume")
+    else:
+        stopping.tell_saves("nothing was saved: run the same command again to start the training",
+                            "continue with the same command and --resume")
     run_train_codebook(args.images, Path(args.output), cfg, check(settings), console, pairs_spec=args.pairs,
                        resume=args.resume, given=given)

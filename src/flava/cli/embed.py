@@ -29,7 +29,8 @@ def add(sub) -> None:
     p.add_argument("--int8", action="store_true", help="int8 linear layers (CPU inference)")
     # Stops at its boundaries on SIGTERM/SIGINT, and says so in its own words.
     p.set_defaults(run=run, graceful="stopping after the batch in progress: the parts finished are kept, and a "
-                                     "rerun finishes the rest")
+                                     "rerun finishes the rest",
+                   leaves="the parts finished are kept: run the same command again to finish the rest")
 
 
 def load_for_inference(name: str, device: str | None, int8: bool):

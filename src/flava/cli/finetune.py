@@ -9,6 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from .. import stopping
+
 INPUTS = {
     "text-classification": "a table (CSV, TSV, JSONL, parquet) with text,label (and text2 for sentence pairs)",
     "text-regression": "a table with text,label (a number; text2 for pairs)",
@@ -105,6 +107,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,
         max_text_length=args.max_text_length))
+    # What a second signal (a stop at once) leaves: a fine-tuning saves its state only when it stops on request.
+    if args.resume:
+        stopping.tell_saves("nothing was saved since the stopped state it resumed from: continue with the same "
+                            "command and --resume")
+    else:
+        stopping.tell_saves("nothing was saved: run the same command again to start the fine-tuning")
     # One writer per output: a second fine-tuning there would race for its state and task model.
     made = [p for p in (output, *output.parents) if not p.exists()]  # what the lock's mkdir creates
     with RunDir(output).lock():

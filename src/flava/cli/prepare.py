@@ -38,7 +38,8 @@ def add(sub) -> None:
                    help="finish without the inputs a store cannot serve now (counted in the report); by default "
                         "they are left for the next run")
     # Stops at its boundaries on SIGTERM/SIGINT, and says so in its own words.
-    p.set_defaults(run=run, graceful="stopping: the units finished are kept, and a rerun finishes the rest")
+    p.set_defaults(run=run, graceful="stopping: the units finished are kept, and a rerun finishes the rest",
+                   leaves="the units finished are kept: run the same command again to finish the rest")
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

@@ -207,6 +207,7 @@ class CodebookRun:
                                                    "start": self.start_metrics, "stream": self.stream.state()})
             write_checksums(tmp)
         replace_dir(directory, fill)
+        stopping.saved(f"step {self.step} in {directory}")
 
     def load(self, directory: Path) -> dict:
         why = damage(directory)
