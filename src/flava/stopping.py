@@ -95,6 +95,16 @@ def tell_saves(now: str, go_on: str = "") -> None:
     _saves, _go_on = now, go_on
 
 
+def tell_saves_of_a_run(resumed: bool, what: str, resumed_from: str) -> None:
+    """`tell_saves` for a command that saves a resumable state (`what`: "the run") and continues
+    it with --resume; `resumed_from`: what a resumed one goes back to until it saves."""
+    go_on = "continue with the same command and --resume"
+    if resumed:
+        tell_saves(f"nothing was saved since {resumed_from}: {go_on}", go_on)
+    else:
+        tell_saves(f"nothing was saved: run the same command again to start {what}", go_on)
+
+
 def saved(path) -> None:
     """The command saved `path` (a checkpoint, or words naming it): a stop at once names it."""
     global _saves

@@ -56,11 +56,6 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if not (args.images or args.pairs or args.resume):
         raise InputError("name the images to train on: --images (files, folders, shards; 'demo') or --pairs")
     # What a second signal (a stop at once) leaves, until the training saves its state and after.
-    if args.resume:
-        stopping.tell_saves("nothing was saved since the state it resumed from: continue with the same command and "
-                            "--resume", "continue with the same command and --resume")
-    else:
-        stopping.tell_saves("nothing was saved: run the same command again to start the training",
-                            "continue with the same command and --resume")
+    stopping.tell_saves_of_a_run(args.resume, "the training", "the state it resumed from")
     run_train_codebook(args.images, Path(args.output), cfg, check(settings), console, pairs_spec=args.pairs,
                        resume=args.resume, given=given)

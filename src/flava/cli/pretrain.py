@@ -113,12 +113,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.recipe:
         stopping.tell_saves("nothing was saved since the last checkpoint: run the same command again",
                             "run the same command again")
-    elif args.resume:
-        stopping.tell_saves("nothing was saved since the run's last checkpoint: continue with the same command "
-                            "and --resume", "continue with the same command and --resume")
     else:
-        stopping.tell_saves("nothing was saved: run the same command again to start the run",
-                            "continue with the same command and --resume")
+        stopping.tell_saves_of_a_run(args.resume, "the run", "the run's last checkpoint")
     if args.recipe:
         from ..recipes.recipe import run_recipe
 
