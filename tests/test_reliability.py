@@ -488,6 +488,20 @@ def test_a_stop_at_once_of_train_codebook_names_its_last_save(train_data, tmp_pa
                         "--resume"), err
     monkeypatch.setattr(codebook.CodebookRun, "train_step", train_step)
     assert cli(args + ["--resume"]) == 0
+    # The demo codebook a pretraining run trains first is continued by the same command, not --resume.
+    import functools
+
+    import flava.train.run as train_run
+
+    monkeypatch.setattr(train_run, "DEMO_CODEBOOK_STEPS", 4)
+    monkeypatch.setattr(train_run, "CodebookTraining",
+                        functools.partial(train_run.CodebookTraining, batch_size=4, eval_images=4, save_every=2))
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", two_sigints_at(3))
+    run = tmp_path / "run"
+    assert cli(["pretrain", "--output", str(run), "--max-steps", "1"]) == 130
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.endswith(f"saved step 2 in {run / 'codebook' / 'training'}: run the same command again to "
+                        "continue"), err
 
 
 @pytest.mark.slow

@@ -105,6 +105,19 @@ def tell_saves_of_a_run(resumed: bool, what: str, resumed_from: str) -> None:
         tell_saves(f"nothing was saved: run the same command again to start {what}", go_on)
 
 
+@contextlib.contextmanager
+def saves_told(now: str, go_on: str = "") -> Iterator[None]:
+    """`tell_saves` for a part of a command that saves on its own terms (a codebook a pretraining
+    run trains first); what the command had told comes back after it."""
+    global _saves, _go_on
+    before = _saves, _go_on
+    tell_saves(now, go_on)
+    try:
+        yield
+    finally:
+        _saves, _go_on = before
+
+
 def saved(path) -> None:
     """The command saved `path` (a checkpoint, or words naming it): a stop at once names it."""
     global _saves

@@ -369,9 +369,13 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
                       f"{escape(str(directory))} for this run's restarts and for other runs' --set codebook=")
         # One stopped by SIGTERM/SIGINT continues when the command runs again.
         unfinished = codebook_state(directory) is not None
+        # A stop at once names the codebook's last save, which the same command (not --resume) continues.
+        lost = " since its last save" if unfinished else ""
         try:
-            run_train_codebook(["demo"], directory, model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console,
-                               resume=unfinished)
+            with stopping.saves_told(f"nothing of the demo image codebook was saved{lost}: run the same command "
+                                     "again", "run the same command again to continue"):
+                run_train_codebook(["demo"], directory, model, CodebookTraining(steps=DEMO_CODEBOOK_STEPS), console,
+                                   resume=unfinished)
         except stopping.Stopped as e:
             kept = "" if e.at == stopping.BEFORE_FIRST_STEP else f" (kept in {directory})"
             raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} while training the demo image "
