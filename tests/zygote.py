@@ -143,9 +143,10 @@ def _end_as_python(program) -> None:
         program()
         code = 0
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-        if not isinstance(e.code, int) and e.code is not None:
-            print(e.code, file=sys.stderr)
+        code = 0 if e.code is None else e.code
+        if not isinstance(code, int):  # a message: said, and status 1
+            print(code, file=sys.stderr)
+            code = 1
     except BaseException as e:
         interrupted = isinstance(e, KeyboardInterrupt)
         try:
