@@ -21,6 +21,7 @@ from flava.data.masking import TextMasking
 from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.tokenizer import TextTokenizer
 from flava.errors import CheckpointError, ConfigError
+from flava.evaluate.run import untrained_like
 from flava.interop.text_towers import packaged_minilm, read_tower, tower_text_state
 from flava.model.encoders import TextEncoder
 from flava.train.config import TrainConfig
@@ -213,6 +214,12 @@ def test_a_model_from_a_roberta_tower_trains_saves_and_loads_with_its_tokenizer(
         assert torch.equal(proc.texts(TEXTS).input_ids, batch["input_ids"])
     with torch.no_grad():
         assert torch.allclose(model.encode_text(TEXTS), model.encode_text(batch["input_ids"], batch["attention_mask"]))
+    # The untrained baseline of `evaluate --compare-untrained` reads texts as the model does (it had
+    # read them as BERT uncased: ids past this vocabulary, or silently other ids in a larger one).
+    fresh = untrained_like(model)
+    assert torch.equal(fresh.processor.texts(TEXTS).input_ids, batch["input_ids"])
+    assert not torch.equal(fresh.text_encoder.word_embeddings.weight,
+                           model.text_encoder.word_embeddings.weight)
     # A joint stage started from that run takes its text encoder, its settings and its tokenizer.
     joint = stage_from(tmp_path / "run")
     assert joint.cfg.model.text == model.config.text and joint.tokenizer == str(ckpt / "tokenizer.json")

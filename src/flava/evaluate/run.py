@@ -19,12 +19,15 @@ from .suite import Suite, load_suite, run_suite
 
 
 def untrained_like(model, seed: int = 0):
-    """A newly initialised model of the same configuration: the baseline pretraining must beat."""
+    """A newly initialised model of the same configuration: the baseline pretraining must beat. It
+    reads texts with `model`'s tokenizer (a text tower's own, where the model was started from one)."""
     from ..model import FlavaModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return FlavaModel(model.config).eval()
+        fresh = FlavaModel(model.config).eval()
+    fresh.processor = model.processor
+    return fresh
 
 
 def load_model(path: str | Path):
