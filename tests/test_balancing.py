@@ -122,6 +122,24 @@ def test_the_trainer_reads_which_losses_measured_anything_from_their_target_coun
     assert Trainer._measured(holder, numbers, names).tolist() == [True, True, False]
 
 
+def test_a_method_starts_afresh_from_the_state_of_another():
+    # A run resumed with another method (--override) had read the other's state as its own: a KeyError.
+    for saved, resumed in (("dwa", "uncertainty"), ("uncertainty", "dwa")):
+        b = balancer(saved, dwa_window=1, uncertainty_lr=0.5)
+        for step in range(1, 4):
+            b.observe(step, losses(mim=1.0 / step, mlm=2.0), YES)
+        state = b.state_dict()
+        fresh = balancer(resumed)
+        for old in (state, {k: v for k, v in state.items() if k != "method"}):  # a checkpoint from before "method"
+            other = balancer(resumed)
+            other.load_state_dict(old)
+            assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in other.state_dict().items()
+                       if k not in ("method", "names"))
+            again = balancer(saved)
+            again.load_state_dict(old)
+            assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items() if k not in ("method", "names"))
+
+
 def test_pcgrad_removes_the_conflicting_component():
     g1, g2, g3 = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 1.0]), torch.tensor([0.0, 2.0])
     order = torch.Generator().manual_seed(0)
@@ -246,7 +264,7 @@ def test_an_adaptive_run_resumed_midway_repeats_the_uninterrupted_one(train_data
         assert a["kind"] == b["kind"] and a["loss"] == pytest.approx(b["loss"], abs=1e-6), (a, b)
         assert a["metrics"] == pytest.approx(b["metrics"], abs=1e-6)
     for k, v in full_t.balancer.state_dict().items():
-        if k != "names":
+        if k not in ("method", "names"):
             assert torch.allclose(v, resumed.balancer.state_dict()[k], atol=1e-6), k
     if method != "pcgrad":  # the weights moved and were logged
         assert any(abs(v - 1) > 1e-4 for r in full for k, v in r["metrics"].items() if k.startswith("balancing_"))

@@ -14,6 +14,8 @@ class Balancer:
     (`combine_gradients`) in place of their sum."""
     learns = False
     """Whether `observe` reads the step's losses (then the loop says which measured anything)."""
+    method = ""
+    """Its name in `METHODS`, saved with its state."""
 
     def __init__(self, names: list[str], objectives, device: torch.device):
         self.names, self.device = list(names), device
@@ -61,6 +63,12 @@ class Balancer:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def _own(self, state: dict) -> bool:
+        """Whether `state` is this method's. A run resumed with another method (`--override`) starts
+        it afresh; checkpoints from before the method was recorded are told by their keys."""
+        saved = state.get("method") or ("uncertainty" if "log_var" in state else "dwa" if "weights" in state else "")
+        return saved == self.method
 
     def _check_names(self, state: dict) -> None:
         from ...errors import CheckpointError

@@ -24,6 +24,7 @@ from .base import Balancer
 
 class DynamicWeightAverage(Balancer):
     learns = True
+    method = "dwa"
 
     def __init__(self, names, objectives, device):
         super().__init__(names, objectives, device)
@@ -57,11 +58,11 @@ class DynamicWeightAverage(Balancer):
         self.count.zero_()
 
     def state_dict(self):
-        return {"names": self.names, **{k: getattr(self, k).cpu() for k in ("weights", "sum", "count", "last",
-                                                                             "before")}}
+        return {"method": self.method, "names": self.names,
+                **{k: getattr(self, k).cpu() for k in ("weights", "sum", "count", "last", "before")}}
 
     def load_state_dict(self, state):
-        if not state:  # a checkpoint of a run that did not balance this way: start afresh
+        if not self._own(state):  # a checkpoint of a run that did not balance this way: start afresh
             return
         self._check_names(state)
         for key in ("weights", "sum", "count", "last", "before"):

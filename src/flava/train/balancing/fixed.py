@@ -7,3 +7,5 @@ from .base import Balancer
 
 class Fixed(Balancer):
     """Every factor is 1: the update is the sum of the configured, weighted losses."""
+
+    method = "fixed"

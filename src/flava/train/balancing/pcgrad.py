@@ -39,6 +39,7 @@ def project_conflicting(grads: list[torch.Tensor], generator: torch.Generator) -
 
 class PCGrad(Balancer):
     surgery = True
+    method = "pcgrad"
 
     def combine_gradients(self, grads, generator):
         return torch.stack(project_conflicting(grads, generator)).sum(0)

@@ -25,6 +25,7 @@ BETAS, EPS = (0.9, 0.999), 1e-8
 
 class UncertaintyWeighting(Balancer):
     learns = True
+    method = "uncertainty"
 
     def __init__(self, names, objectives, device):
         super().__init__(names, objectives, device)
@@ -55,11 +56,11 @@ class UncertaintyWeighting(Balancer):
             state[idx] = torch.where(ok, value, state[idx])
 
     def state_dict(self):
-        return {"names": self.names, "log_var": self.log_var.cpu(), "m": self.m.cpu(), "v": self.v.cpu(),
+        return {"method": self.method, "names": self.names, "log_var": self.log_var.cpu(), "m": self.m.cpu(), "v": self.v.cpu(),
                 "t": self.t.cpu()}
 
     def load_state_dict(self, state):
-        if not state:  # a checkpoint of a run that did not balance this way: start afresh
+        if not self._own(state):  # a checkpoint of a run that did not balance this way: start afresh
             return
         self._check_names(state)
         for key in ("log_var", "m", "v", "t"):
