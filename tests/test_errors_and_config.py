@@ -426,3 +426,11 @@ def test_a_hub_id_without_its_owner_is_looked_up_as_one(tmp_path, monkeypatch, c
     shutil.copytree(tmp_path / "bert", repo / "snapshots" / commit)
     assert resolve_source("tiny-bert") == repo / "snapshots" / commit
     assert text_source("tiny-bert").tower == "bert"
+
+
+def test_the_resume_help_names_every_setting_a_resume_may_change():
+    # The help had named 8 of the 12 (keep_every and the data cache and outage settings were missing).
+    from flava.cli.pretrain import RESUMABLE_HELP
+    from flava.train.run import RESUMABLE
+
+    assert set(RESUMABLE_HELP.split(", ")) == RESUMABLE

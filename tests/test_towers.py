@@ -248,8 +248,13 @@ def test_checkpoints_of_the_wrong_kind_fail_in_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="image encoder from .*: a bert checkpoint holds a text encoder only$"):
         initialise_encoders(pm, image=str(tmp_path / "bert"))
     write_tower(tmp_path / "clip", "clip")
-    with pytest.raises(CheckpointError, match="text encoder .* a CLIP checkpoint holds an image encoder only"):
+    # A whole CLIPModel holds a text encoder too, which is not a BERT-family one (said so, not "image only").
+    with pytest.raises(CheckpointError, match="text encoder .* a CLIP model holds an image encoder and a causal text "
+                                              r"transformer, not one of the text towers \(bert, .*\); init_image takes"):
         initialise_encoders(pm, text=str(tmp_path / "clip"))
+    write_tower(tmp_path / "clip-vision", "clip-vision")
+    with pytest.raises(CheckpointError, match="text encoder .* a CLIP checkpoint holds an image encoder only"):
+        initialise_encoders(pm, text=str(tmp_path / "clip-vision"))
     with pytest.raises(ConfigError, match="init_image_size applies to public image towers"):
         follow_image_tower(pm.config, str(tmp_path / "bert"), image_size=64)
     # SwiGLU (DINOv2 giant) is named and refused.
@@ -397,6 +402,38 @@ def test_flava_pretrain_from_a_clip_tower(train_data, tmp_path):
     again = python(["-m", "flava.cli", "pretrain", "--output", str(run), "--resume", "--max-steps", "3"], env,
                    timeout=600)
     assert again.returncode == 0 and "resumed from step 2" in again.stdout, again.stderr[-2000:]
+
+
+def test_a_setting_the_source_decides_is_refused_beside_it_and_one_it_leaves_is_taken(tmp_path, capsys):
+    # The source's value had replaced the user's without a word (a 64-px tower trained at 64 after
+    # --set model.image.image_size=32; a 2-layer text tower after model.text.num_layers=4).
+    from flava.cli import main as cli
+
+    write_tower(tmp_path / "vit", "vit")
+    capsys.readouterr()  # transformers' progress bar
+    out = tmp_path / "run"
+    refused = {
+        ("init_text=minilm", "model.text.num_layers=4"):
+            "init_text=minilm decides the text encoder's settings, so model.text.num_layers would be ignored: "
+            "drop it (of model.text, dropout and attention_dropout stay yours)",
+        (f"init_image={tmp_path / 'vit'}", "model.image.image_size=64"):
+            f"init_image={tmp_path / 'vit'} (a public image tower) decides the image encoder's settings, so "
+            "model.image.image_size would be ignored: drop it; init_image_size=N runs the tower at another image "
+            "size (of model.image, dropout, attention_dropout, use_mask_token, vocab_size stay yours)",
+    }
+    for (source, setting), said in refused.items():
+        assert cli(["pretrain", "--output", str(out), "--set", source, "--set", setting]) == 2
+        err = capsys.readouterr().err
+        assert err.strip() == f"flava pretrain: error: {said}", err
+    assert not out.exists()
+    from flava.cli.pretrain import settings
+    from flava.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain", "--output", str(out), "--set", f"init_image={tmp_path / 'vit'}",
+                                      "--set", "model.image.dropout=0.2", "--set", "init_text=minilm",
+                                      "--set", "model.text.attention_dropout=0.3"])
+    cfg = settings(args)
+    assert (cfg.model.image.dropout, cfg.model.text.attention_dropout) == (0.2, 0.3)
 
 
 def test_dinov2_with_registers_resizes_its_positions_as_transformers_does_at_run_time(tmp_path):

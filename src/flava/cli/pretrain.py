@@ -13,6 +13,11 @@ from rich.console import Console
 from .. import stopping
 
 
+# train.run.RESUMABLE (importing it here would load torch to build the parser); a test holds them equal.
+RESUMABLE_HELP = ("max_steps, save_every, log_every, diagnose_every, keep_last, keep_every, tensorboard, "
+                  "max_nonfinite_steps, data.num_workers, data.cache_dir, data.cache_limit_gb, data.outage_minutes")
+
+
 def add(sub) -> None:
     p = sub.add_parser("pretrain",
                        help="pretrain FLAVA (data.* settings name the data; none: tiny preset on the demo data; "
@@ -28,9 +33,7 @@ def add(sub) -> None:
     p.add_argument("--max-steps", dest="max_steps", type=int)
     p.add_argument("--save-every", dest="save_every", type=int)
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in OUTPUT with its own settings (only max_steps, save_every, "
-                        "log_every, diagnose_every, keep_last, tensorboard, data.num_workers, "
-                        "max_nonfinite_steps may change)")
+                   help=f"continue the run in OUTPUT with its own settings (only {RESUMABLE_HELP} may change)")
     p.add_argument("--override", action="store_true",
                    help="with --resume: allow other settings to change; the change is recorded in the run")
     p.add_argument("--recipe", choices=("paper", "paper-mim"),
@@ -82,7 +85,34 @@ def settings(args: argparse.Namespace):
         raise ConfigError(f"init={cfg.init} brings its own model, so {', '.join(shaped)} would be ignored: drop "
                           "those --set flags, or start without init (init_image, init_text and init_multimodal take "
                           "single encoders into a model of your settings)")
+    if not args.resume:
+        _refuse_what_a_source_decides(cfg, shaped)
     return check(cfg)
+
+
+def _refuse_what_a_source_decides(cfg, shaped: list[str]) -> None:
+    """A `--set model.text.*` beside init_text, or `model.image.*` beside a public image tower, that
+    the source decides had been overwritten by it without a word."""
+    from ..errors import ConfigError
+    from ..interop.text_towers import KEPT as TEXT_KEPT
+    from ..interop.towers import KEPT as IMAGE_KEPT
+    from ..interop.towers import is_tower
+    from ..train.init import resolve_source
+
+    def decided(section: str, kept: tuple[str, ...]) -> list[str]:
+        return [k for k in shaped if k == section or (k.startswith(f"{section}.") and k[len(section) + 1:] not in kept)]
+
+    text = decided("model.text", TEXT_KEPT) if cfg.init_text else []
+    if text:
+        raise ConfigError(f"init_text={cfg.init_text} decides the text encoder's settings, so {', '.join(text)} "
+                          f"would be ignored: drop {'it' if len(text) == 1 else 'them'} (of model.text, "
+                          f"{' and '.join(TEXT_KEPT)} stay yours)")
+    image = decided("model.image", IMAGE_KEPT) if cfg.init_image else []
+    if image and is_tower(resolve_source(cfg.init_image)):
+        size = "; init_image_size=N runs the tower at another image size" if "model.image.image_size" in image else ""
+        raise ConfigError(f"init_image={cfg.init_image} (a public image tower) decides the image encoder's settings, "
+                          f"so {', '.join(image)} would be ignored: drop {'it' if len(image) == 1 else 'them'}{size} "
+                          f"(of model.image, {', '.join(IMAGE_KEPT)} stay yours)")
 
 
 def _refuse_config_on_resume(config: str, output: Path, cfg) -> None:

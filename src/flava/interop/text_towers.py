@@ -174,10 +174,14 @@ def text_config_from_tower(data: dict[str, Any]) -> TextEncoderConfig:
         raise CheckpointError(f"{kind} config: not usable ({type(e).__name__}: {e})") from None
 
 
+KEPT = ("dropout", "attention_dropout")
+"""The text settings a model keeps of its own when its text encoder comes from a source."""
+
+
 def following(ours: TextEncoderConfig, theirs: TextEncoderConfig) -> TextEncoderConfig:
     """The text config of a model whose text encoder comes from `theirs`: every architecture setting
     theirs, the dropouts (training settings) ours."""
-    return replace(theirs, dropout=ours.dropout, attention_dropout=ours.attention_dropout)
+    return replace(theirs, **{k: getattr(ours, k) for k in KEPT})
 
 
 def _table(rules: list[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:

@@ -273,8 +273,7 @@ class Tower:
         return dataclasses.replace(
             c, image_size=image_size or self.preprocessing.image_size or c.image_size,
             image_mean=list(self.preprocessing.mean), image_std=list(self.preprocessing.std),
-            dropout=base.dropout, attention_dropout=base.attention_dropout, use_mask_token=base.use_mask_token,
-            vocab_size=base.vocab_size)
+            **{k: getattr(base, k) for k in KEPT})
 
     def describe(self, cfg: ImageEncoderConfig) -> str:
         """What the image config took from the tower, in a few words."""
@@ -287,6 +286,10 @@ class Tower:
                 f"{cfg.mlp_size}, {cfg.activation}, eps {cfg.layer_norm_eps:g}, patch {cfg.patch_size}, "
                 f"{cfg.image_size} px" + "".join(f", {e}" for e in extras)
                 + f"; pixel mean/std {stats} from {self.preprocessing.source}")
+
+
+KEPT = ("dropout", "attention_dropout", "use_mask_token", "vocab_size")
+"""The image settings a model keeps of its own when its image encoder comes from a tower."""
 
 
 def is_tower(path: str | os.PathLike) -> bool:

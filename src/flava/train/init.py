@@ -156,7 +156,7 @@ def text_source(src: str) -> TextSource:
         elif hf.is_hf_config(data):
             config = validate(hf.config_from_hf(data))
         elif towers.family_of(data) is not None:
-            raise CheckpointError(f"a {towers.family_of(data).name} checkpoint holds an image encoder only")
+            raise CheckpointError(_image_tower_only(data))
         else:
             raise CheckpointError(f"it is neither a FLAVA checkpoint nor a text tower (model_type "
                                   f"{data.get('model_type')!r}; text towers: {', '.join(text_towers.FAMILIES)})")
@@ -216,14 +216,20 @@ def _group_state(own_state: dict[str, torch.Tensor], ours, ckpt: Checkpoint, nam
     return theirs, notes
 
 
+def _image_tower_only(data: dict) -> str:
+    """Why a public image tower gives no other encoder than the image one."""
+    if data.get("model_type") == "clip":  # a whole CLIPModel holds a text encoder too, which is no BERT
+        return ("a CLIP model holds an image encoder and a causal text transformer, not one of the text towers "
+                f"({', '.join(text_towers.FAMILIES)}); init_image takes its image encoder")
+    return f"a {towers.family_of(data).name} checkpoint holds an image encoder only"
+
+
 def _check_role(path: Path, name: str) -> None:
     """A public tower holds one encoder: refused for another by its config alone, before its
     weights (or a text tower's tokenizer) are read."""
     data = read_config(path)
-    family = towers.family_of(data)
-    if family is not None and name != "image":
-        raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a {family.name} checkpoint holds "
-                              f"an image encoder only")
+    if towers.family_of(data) is not None and name != "image":
+        raise CheckpointError(f"cannot initialise the {name} encoder from {path}: {_image_tower_only(data)}")
     if text_towers.is_text_tower_config(data) and name != "text":
         raise CheckpointError(f"cannot initialise the {name} encoder from {path}: a {data['model_type']} checkpoint "
                               f"holds a text encoder only")
