@@ -325,15 +325,15 @@ def test_a_linear_mixing_schedule_moves_from_mixing_to_mixing_end(train_data, tm
 KINDS3 = ("pairs", "images", "text")
 
 
-def mixing(temperature=0.5):
-    """An adaptive mix of three kinds over windows of 3 steps, starting from 0.5 / 0.25 / 0.25."""
+def mixing(temperature=0.5, start=(0.5, 0.25, 0.25)):
+    """An adaptive mix of three kinds over windows of 3 steps, starting from `start`."""
     from types import SimpleNamespace
 
     import numpy as np
     from flava.train.balancing.mixing import KindMixing
 
     data = SimpleNamespace(mixing_schedule="adaptive", mixing_window=3, mixing_temperature=temperature)
-    start = np.array([0.5, 0.25, 0.25])
+    start = np.array(start)
     return KindMixing(KINDS3, start, start, data, 100, CPU)
 
 
@@ -371,11 +371,38 @@ def test_every_kind_progressing_alike_keeps_the_mix():
     assert m.probs_at(0) == pytest.approx([0.5, 0.25, 0.25])
 
 
+def test_the_kinds_given_a_share_adapt_among_themselves_and_a_zero_share_stays_0():
+    # The text kind never trains, so its mean loss stays 0: that held the whole mix at its start.
+    m = mixing(start=(0.7, 0.3, 0.0))
+    for step, (kind, loss) in enumerate([("pairs", 4.0), ("images", 2.0), ("pairs", 4.0),
+                                         ("pairs", 2.0), ("images", 2.0), ("pairs", 2.0)]):
+        m.observe(step, kind, torch.tensor(loss), YES)
+    r = {"pairs": 0.5, "images": 1.0}
+    want = [0.7 * math.exp(r["pairs"] / 0.5), 0.3 * math.exp(r["images"] / 0.5)]
+    assert m.probs_at(0) == pytest.approx([*(w / sum(want) for w in want), 0.0])
+    again = mixing(start=(0.7, 0.3, 0.0))
+    again.load_state_dict(m.state_dict())
+    assert again.probs_at(6) == pytest.approx(m.probs_at(6))
+
+
+def test_an_adaptive_mix_with_one_kind_given_a_share_is_said():
+    from flava.train.config import DataConfig
+    from flava.train.trainer import unread_settings
+
+    data = DataConfig(mixing_schedule="adaptive", mixing=[1.0, 0.0, 0.0])
+    (said,) = unread_settings(TrainConfig(data=data, max_steps=500), KINDS3)
+    assert said.startswith("data.mixing_schedule='adaptive' has one data kind that data.mixing gives a share (pairs)")
+    data.mixing = [0.7, 0.3, 0.0]
+    assert unread_settings(TrainConfig(data=data, max_steps=500), KINDS3) == []
+
+
 @pytest.mark.slow
-def test_an_adaptive_mix_resumed_midway_repeats_the_uninterrupted_one(train_data, tmp_path):
+@pytest.mark.parametrize("start", [[0.7, 0.15, 0.15], [0.7, 0.3, 0.0]])
+def test_an_adaptive_mix_resumed_midway_repeats_the_uninterrupted_one(train_data, tmp_path, start):
     def cfg():
         c = config(train_data, max_steps=12)
         c.data.mixing_schedule, c.data.mixing_window, c.data.mixing_temperature = "adaptive", 2, 0.05
+        c.data.mixing = start
         return c
 
     full_t = Trainer(cfg(), tmp_path / "full")
@@ -389,6 +416,7 @@ def test_an_adaptive_mix_resumed_midway_repeats_the_uninterrupted_one(train_data
     assert [r["mixing"] for r in full[4:]] == [r["mixing"] for r in rest]
     assert full_t.mixing.probs_at(0) == pytest.approx(resumed.mixing.probs_at(0), abs=1e-9)
     assert full[-1]["mixing"] != full[0]["mixing"]  # it adapted
+    assert all(r["mixing"]["text"] == 0 for r in full) or start[2] > 0  # a kind given no share keeps none
 
 
 def test_an_adaptive_mix_leaves_out_a_step_with_a_loss_that_measured_nothing(train_data, tmp_path, monkeypatch):

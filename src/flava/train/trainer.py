@@ -95,9 +95,15 @@ def unread_settings(cfg: TrainConfig, kinds: tuple[str, ...]) -> list[str]:
         notes.append(f"objectives.balancing='dwa' keeps every weight at 1 for two windows of dwa_window="
                      f"{o.dwa_window} steps, to the end of this {cfg.max_steps}-step run: set a smaller "
                      "objectives.dwa_window")
-    if d.mixing_schedule == "adaptive" and (len(kinds) == 1 or cfg.max_steps <= 2 * d.mixing_window):
-        notes.append(f"{_ADAPTIVE} has one data kind to mix: it trains as 'constant' does" if len(kinds) == 1 else
-                     f"{_ADAPTIVE} keeps data.mixing for two windows of mixing_window={d.mixing_window} steps, "
+    # Only kinds data.mixing gives a share adapt (a zero share stays 0).
+    shared = [k for k in kinds if len(d.mixing) != len(KINDS) or d.mixing[KINDS.index(k)] > 0]
+    if d.mixing_schedule == "adaptive" and len(kinds) == 1:
+        notes.append(f"{_ADAPTIVE} has one data kind to mix: it trains as 'constant' does")
+    elif d.mixing_schedule == "adaptive" and len(shared) == 1:
+        notes.append(f"{_ADAPTIVE} has one data kind that data.mixing gives a share ({shared[0]}), which keeps "
+                     "all the steps: it trains as 'constant' does")
+    elif d.mixing_schedule == "adaptive" and cfg.max_steps <= 2 * d.mixing_window:
+        notes.append(f"{_ADAPTIVE} keeps data.mixing for two windows of mixing_window={d.mixing_window} steps, "
                      f"to the end of this {cfg.max_steps}-step run: set a smaller data.mixing_window")
     return notes
 

@@ -9,8 +9,8 @@
   window of `data.mixing_window` steps, with r_k the ratio of kind k's mean step loss over the last
   window to the window before, p_k = m_k exp(r_k / T) / sum_i m_i exp(r_i / T), where m is
   `data.mixing` and T `data.mixing_temperature`. A kind whose loss stops falling gets more steps;
-  one that keeps falling gets fewer; with every ratio equal p stays m. Until every kind has two
-  windows behind it p is m.
+  one that keeps falling gets fewer; with every ratio equal p stays m. Until every kind with a share
+  in m has two windows behind it p is m; a kind m gives no share keeps none.
 
 The probabilities at a step are a function of the steps before it: the kinds' losses are averaged
 over processes before they reach `observe`, so every process draws the same kind, and the state
@@ -65,9 +65,11 @@ class KindMixing:
         sums, counts = self.sum.tolist(), self.count.tolist()  # the window's one host read
         mean = np.array([s / c if c > 0 else last for s, c, last in zip(sums, counts, self.last)])
         self.before, self.last = self.last, mean
-        if (self.before > 0).all() and (self.last > 0).all():
-            logits = np.log(self.start.clip(min=1e-300)) + (self.last / self.before) / self.temperature
-            logits[self.start <= 0] = -np.inf  # a kind given no share keeps none
+        # A kind given no share never trains, so its means stay 0: only the others need two windows.
+        shared = self.start > 0
+        if (self.before[shared] > 0).all() and (self.last[shared] > 0).all():
+            logits = np.full(len(self.kinds), -np.inf)  # a kind given no share keeps none
+            logits[shared] = np.log(self.start[shared]) + (self.last[shared] / self.before[shared]) / self.temperature
             p = np.exp(logits - logits.max())
             self.probs = p / p.sum()
         self.sum.zero_()
