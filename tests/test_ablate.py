@@ -432,6 +432,27 @@ def test_balancing_says_or_takes_the_unimodal_stages_learning_rate(no_training, 
     assert "note: text-mlm" not in capsys.readouterr().out
 
 
+def test_objectives_balancing_given_to_the_comparison_is_refused(no_training, suite, tmp_path, capsys):
+    # Each method's joint run sets its own: the setting reached the unimodal stages alone.
+    from flava.errors import ConfigError
+    from flava.recipes.balancing import BalancingPlan, check_plan
+
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "pairs retrieval")
+    for value, example in (("pcgrad", "fixed,pcgrad"), ("fixed", "fixed,dwa")):  # even the default, said
+        out = tmp_path / value
+        assert cli(balancing_args(out, file, "fixed,dwa", "--set", f"objectives.balancing={value}")) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.endswith(
+            f"--balancing sets objectives.balancing itself, to each method it compares "
+            f"(objectives.balancing={value} would reach the unimodal stages alone): drop it, and name the methods "
+            f"with --balancing (e.g. --balancing {example})")
+        assert not no_training and not out.exists()
+    cfg = demo_config()  # as a --config file gives it
+    cfg.objectives.balancing = "dwa"
+    with pytest.raises(ConfigError, match=r"\(objectives.balancing=dwa would reach the unimodal stages alone\)"):
+        check_plan(cfg, BalancingPlan(["fixed", "uncertainty"], [0, 1], "demo"))
+
+
 def test_the_balancing_report_leaves_out_a_domain_the_suite_lacks(no_training, suite, tmp_path, capsys):
     from flava.evaluate.results import SuiteResult, TaskResult
     from flava.recipes.balancing import averages, summary, verdicts

@@ -17,7 +17,8 @@ def add(sub) -> None:
                                     "run's: data, model, optimizer); default: the tiny preset on the demo data")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any training setting, of every stage of the full FLAVA row too (with --balancing, "
-                        "the unimodal stages keep the demo recipe's optim.lr=1e-3 unless --set gives optim.lr)")
+                        "the unimodal stages keep the demo recipe's optim.lr=1e-3 unless --set gives optim.lr, and "
+                        "--balancing, not objectives.balancing, chooses the methods)")
     p.add_argument("--steps", type=int, help="optimizer steps of every trained row (default: max_steps)")
     p.add_argument("--unimodal-steps", dest="unimodal_steps", type=int,
                    help="steps of each unimodal stage of the full FLAVA row (default: --steps)")
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None:
     from ..config import apply_overrides, check
     from ..errors import ConfigError
-    from ..recipes.balancing import BalancingPlan, run_balancing, stage_settings
+    from ..recipes.balancing import BalancingPlan, balancing_set, run_balancing, stage_settings
     from ..recipes.recipe import DEMO_RECIPE, RECIPES, demo_recipe_config
     from ..train.presets import train_config
 
@@ -80,6 +81,10 @@ def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None
         seeds = [int(s) for s in (args.seeds or "0,1").split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, e.g. 0,1; got {args.seeds!r}") from None
+    for item in args.set or []:  # even 'fixed', the default: the methods other than fixed would not train with it
+        key, _, value = item.partition("=")
+        if key.strip().lstrip("-") == "objectives.balancing":
+            raise balancing_set(value.strip().strip("'\""))
     cfg = demo_recipe_config() if args.config in (None, "tiny") else train_config(args.config)
     cfg = check(apply_overrides(cfg, args.set or []))
     methods = [m.strip() for m in args.balancing.split(",") if m.strip()]

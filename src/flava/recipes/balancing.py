@@ -76,10 +76,21 @@ def stage_settings(user: list[str]) -> dict[str, list[str]]:
     return {stage: [item for item in items if not given(item)] for stage, items in DEMO_STAGE_SETTINGS.items()}
 
 
+def balancing_set(value: str) -> ConfigError:
+    """objectives.balancing given to the comparison: each method's joint run sets its own, so the
+    setting would reach the unimodal stages alone."""
+    example = f"fixed,{value}" if value != "fixed" else "fixed,dwa"
+    return ConfigError(f"--balancing sets objectives.balancing itself, to each method it compares "
+                       f"(objectives.balancing={value} would reach the unimodal stages alone): drop it, and name the "
+                       f"methods with --balancing (e.g. --balancing {example})")
+
+
 def check_plan(cfg: TrainConfig, p: BalancingPlan) -> None:
     if cfg.stage != "joint":
         raise ConfigError(f"flava ablate --balancing trains the demo's recipe, whose stages it sets itself; drop "
                           f"stage={cfg.stage}")
+    if cfg.objectives.balancing != "fixed":  # from --set or a --config file
+        raise balancing_set(cfg.objectives.balancing)
     unknown = [m for m in p.methods if m not in CHOICES]
     if unknown:
         raise ConfigError(f"--balancing has no method {unknown[0]!r}; choose from {', '.join(CHOICES)}")
