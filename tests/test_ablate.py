@@ -432,6 +432,41 @@ def test_balancing_says_or_takes_the_unimodal_stages_learning_rate(no_training, 
     assert "note: text-mlm" not in capsys.readouterr().out
 
 
+def test_a_rerun_with_other_methods_or_seeds_reports_the_runs_finished_before(no_training, suite, tmp_path, capsys,
+                                                                             monkeypatch):
+    import flava.recipes.balancing as balancing
+
+    def scores(method, seed, directory, suite, console):  # kept on disk, as the evaluation keeps them
+        s = {"method": method, "seed": seed, **_fake_scores(suite.tasks, seed)}
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "scores.json").write_text(json.dumps(s))
+        return s
+
+    monkeypatch.setattr(balancing, "_scores", scores)
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "pairs retrieval")
+    out = tmp_path / "balancing"
+    assert cli(balancing_args(out, file, "fixed,dwa")) == 0
+    capsys.readouterr()
+    no_training.clear()
+    assert cli(balancing_args(out, file, "fixed,uncertainty")) == 0
+    assert "dwa" not in {name for name, _ in no_training}  # reported, not run again
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"note: the report also covers the runs finished earlier in {out}: dwa (seeds 0, 1)" in printed
+    results = json.loads((out / "balancing.json").read_text())["results"]
+    assert list(results) == ["fixed", "uncertainty", "dwa"] and all(list(r) == ["0", "1"] for r in results.values())
+    report = (out / "balancing.md").read_text()
+    assert "| dwa | 0 |" in report and "- dwa vs fixed:" in report and "- uncertainty vs fixed:" in report
+    # More seeds of some methods: every finished run is reported, and where seeds differ it is said.
+    assert cli(balancing_args(out, file, "dwa,fixed", "--seeds", "2,3")) == 0
+    results = json.loads((out / "balancing.json").read_text())["results"]
+    assert list(results) == ["dwa", "fixed", "uncertainty"]
+    assert list(results["fixed"]) == ["0", "1", "2", "3"] and list(results["uncertainty"]) == ["0", "1"]
+    report = (out / "balancing.md").read_text()
+    assert "seeds 0, 1, 2, 3;" in report
+    assert "- uncertainty ran seeds 0, 1, fixed 0, 1, 2, 3: their averages are over different seeds" in report
+    assert "dwa ran seeds" not in report
+
+
 def test_objectives_balancing_given_to_the_comparison_is_refused(no_training, suite, tmp_path, capsys):
     # Each method's joint run sets its own: the setting reached the unimodal stages alone.
     from flava.errors import ConfigError

@@ -18,7 +18,9 @@ OUTPUT/
   seed-S/METHOD/                  the joint stage under METHOD (a run directory) and its scores.json
 ```
 
-Running the same command again continues where it stopped: a finished run is not run again.
+Running the same command again continues where it stopped: a finished run is not run again. Run
+with other methods or seeds, it adds to the comparison: the report covers every run finished in
+OUTPUT, those asked for first (the record refuses a rerun under other settings, so they share them).
 """
 
 from __future__ import annotations
@@ -142,6 +144,10 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
                               "same command (other --balancing methods and --seeds are fine), or choose another "
                               "--output")
         refuse_changed_suite(old, wanted, output)
+    earlier = earlier_runs(output, p) if record.is_file() else {}
+    if earlier:
+        console.print(f"note: the report also covers the runs finished earlier in {output}: " + "; ".join(
+            f"{m} (seed{'s' * (len(by) > 1)} {', '.join(map(str, by))})" for m, by in earlier.items()))
     noted = list(dict.fromkeys(item for items in p.stage_settings.values() for item in items))
     if noted:
         joint = settings(cfg)
@@ -171,17 +177,41 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
                 continue
             results.setdefault(name, {})[seed] = _scores(name, seed, directory, suite, console)
             done += 1
-            write_json_atomic(record, {"plan": wanted, "results": _jsonable(results)})
+            write_json_atomic(record, {"plan": wanted, "results": _jsonable(merged(results, earlier))})
             if (signum := stopping.requested()) and done < total:
                 at = f"after seed {seed}, {name}"
                 raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; its scores are kept: run "
                                                "the same command again to continue", at)
+    results = merged(results, earlier)
     md = write_report(results, p, output)
     console.print(table(results))
-    for line in verdicts(results):
+    for line in verdicts(results) + seed_notes(results):
         console.print(f"- {line}")
     console.print(f"report: {md}")
     return results
+
+
+def earlier_runs(output: Path, p: BalancingPlan) -> dict[str, dict[int, dict]]:
+    """The scores of the runs finished in OUTPUT that this command does not ask for (other methods,
+    or other seeds), by method (this command's first) and seed. A run's scores.json is written once
+    it is trained and evaluated, as for the runs asked for."""
+    found: dict[str, dict[int, dict]] = {}
+    for path in output.glob(f"seed-*/*/{SCORES}"):
+        method, name = path.parent.name, path.parent.parent.name.removeprefix("seed-")
+        try:
+            seed = int(name)
+        except ValueError:
+            continue
+        if method in CHOICES and not (method in p.methods and seed in p.seeds):
+            found.setdefault(method, {})[seed] = read_json(path, "run scores", expect=dict)
+    order = [m for m in p.methods if m in found] + [m for m in CHOICES if m in found and m not in p.methods]
+    return {m: found[m] for m in order}
+
+
+def merged(results: dict[str, dict[int, dict]], earlier: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """This command's methods, then those only finished earlier; each method's seeds in order."""
+    return {m: dict(sorted({**results.get(m, {}), **earlier.get(m, {})}.items()))
+            for m in dict.fromkeys([*results, *earlier])}
 
 
 def _scores(method: str, seed: int, directory: Path, suite: Suite, console: Console) -> dict:
@@ -252,6 +282,16 @@ def verdicts(results: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
+def seed_notes(results: dict[str, dict[int, dict]]) -> list[str]:
+    """The methods whose seeds are not fixed's (runs finished under another --seeds): their
+    averages and spreads are over other seeds, which the margins against fixed do not correct."""
+    if "fixed" not in results:
+        return []
+    base = sorted(results["fixed"])
+    return [f"{m} ran seeds {', '.join(map(str, sorted(by)))}, fixed {', '.join(map(str, base))}: their averages are "
+            "over different seeds" for m, by in results.items() if sorted(by) != base]
+
+
 def _cell(mean_spread: tuple[float, float] | None) -> str:
     if mean_spread is None:
         return "–"
@@ -273,7 +313,7 @@ def table(results: dict[str, dict[int, dict]]) -> Table:
 
 def write_report(results: dict[str, dict[int, dict]], p: BalancingPlan, output: Path) -> Path:
     s = summary(results)
-    seeds = ", ".join(str(x) for x in p.seeds)
+    seeds = ", ".join(str(x) for x in sorted({x for by in results.values() for x in by}))
     steps = p.stage_steps
     lines = ["# Balancing the objectives: the full FLAVA row under each method", "",
              f"The demo's recipe (text MLM {steps['text-mlm']} steps, image MIM {steps['image-mim']} steps, then "
@@ -286,7 +326,7 @@ def write_report(results: dict[str, dict[int, dict]], p: BalancingPlan, output: 
         lines.append(f"| {method} | " + " | ".join(_cell(groups[g]) for g in GROUPS) + " |")
     lines += ["", "## Against fixed", "", "A margin counts only beyond the larger of the two methods' seed spreads.",
               ""]
-    lines += [f"- {line}" for line in verdicts(results)]
+    lines += [f"- {line}" for line in verdicts(results) + seed_notes(results)]
     lines += ["", "## Every run", "", "| method | seed | " + " | ".join(GROUPS) + " |",
               "|" + "---|" * (len(GROUPS) + 2)]
     for method, by_seed in results.items():
