@@ -53,7 +53,7 @@ def test_uncertainty_weights_by_exp_minus_s_and_adds_s():
     assert s[NAMES.index("itm")].item() == pytest.approx(math.log(2.0) + 0.1, abs=1e-5)
     before = b.state_dict()
     b.observe(1, losses(itm=float("nan")), torch.tensor(False))  # a skipped update changes nothing
-    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items() if k != "names")
+    assert all(torch.equal(before[k], v) for k, v in b.state_dict().items() if k not in ("method", "names"))
     for _ in range(3000):  # the optimum: exp(s) = L
         b.observe(0, losses(itm=4.0), YES)
     assert b.log_var[NAMES.index("itm")].item() == pytest.approx(math.log(4.0), abs=0.02)
@@ -295,9 +295,9 @@ def test_two_processes_hold_the_balancing_state_of_one(train_data, tmp_path, met
     ckpt = "checkpoints/step_00000004/trainer_state.pt"
     sa = torch.load(tmp_path / "two" / ckpt, weights_only=True)["balancing"]
     sb = torch.load(tmp_path / "one" / ckpt, weights_only=True)["balancing"]
-    assert sa.keys() == sb.keys()
+    assert sa.keys() == sb.keys() and sa.get("method") == sb.get("method")
     for k in sa:
-        if k != "names":
+        if k not in ("method", "names"):
             assert torch.allclose(sa[k], sb[k], atol=1e-5), k
 
 
