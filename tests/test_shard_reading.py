@@ -201,6 +201,33 @@ def test_a_shard_named_by_two_sources_is_refused_in_one_line(tmp_path, capsys):
     assert "train-codebook: the shard" in err and "named by both" in err
 
 
+def test_an_image_file_named_by_two_sources_is_refused_and_a_table_may_name_one_twice(tmp_path, capsys):
+    # A folder and a glob in it had drawn those images twice as often (prepare wrote 50 samples of 40).
+    from flava.data.registry import open_source, open_stream
+    from flava.data.samples import SampleMaker, SampleSpec
+    from flava.errors import DataError
+
+    maker = SampleMaker(SampleSpec.for_model(flava.preset("tiny"), flava.config.ObjectivesConfig(), 16, 0.9), 0)
+    (tmp_path / "imgs").mkdir()
+    for i in range(4):
+        (tmp_path / "imgs" / f"{i}.png").write_bytes(png(i))
+    for specs in ([str(tmp_path / "imgs"), str(tmp_path / "imgs" / "1*.png")],
+                  [str(tmp_path / "imgs" / "*.png"), f"{tmp_path}/./imgs/2.png"]):
+        with pytest.raises(DataError, match=r"the image .*[12]\.png is named by both .* and .*; give each image once"):
+            open_stream("images", specs, maker, 2, 0)
+    code = cli(["prepare", "--images", str(tmp_path / "imgs"), str(tmp_path / "imgs" / "3.png"),
+                "--output", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "the image" in err and "named by both" in err, err
+    # Pairs may share an image (captions of one photograph); two folders are two sets of files.
+    (tmp_path / "pairs.csv").write_text("image,caption\n" + "".join(f"imgs/0.png,caption {i}\n" for i in range(3)))
+    assert len(open_source("pairs", str(tmp_path / "pairs.csv")).records) == 3
+    (tmp_path / "more").mkdir()
+    for i in range(2):
+        (tmp_path / "more" / f"{i}.png").write_bytes(png(i))
+    open_stream("images", [str(tmp_path / "imgs"), str(tmp_path / "more")], maker, 2, 0)
+
+
 def test_an_empty_shard_a_link_and_tars_joined_with_cat_are_counted_by_what_they_are(tmp_path):
     import gzip
 

@@ -150,19 +150,29 @@ def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws on
         seen.add(key)
 
 
-def check_disjoint(sources: Sequence[Source], where: str, hint: str = " (a weight draws one more often)") -> None:
+def check_disjoint(srcs: Sequence[Source], where: str, hint: str = " (a weight draws one more often)") -> None:
     """Each shard once: a folder and a glob or a file in it named beside each other (`shards` and
-    `shards/00000.tar`) drew those shards twice as often, unsaid. Paths are compared as written
-    made absolute, without a stat each (shard lists run to thousands)."""
+    `shards/00000.tar`) drew those shards twice as often, unsaid; so did image files (`imgs` and
+    `imgs/a*.jpg`). Paths are compared as written made absolute, without a stat each (shard lists
+    run to thousands). One source may name an image twice (a table's rows), two may not."""
     import os
 
     owner: dict[tuple, Source] = {}
-    for src in sources:
+    image_owner: dict[str, Source] = {}
+    for src in srcs:
         for shard in src.shards:
             # A file (a tar's or text's url, a parquet's path), and the part of it read: a text
             # file's byte range, a parquet row group.
             url = getattr(shard, "url", None) or getattr(getattr(shard, "file", None), "path", None)
-            if url is None:  # records in memory: a table's rows, a folder's listing
+            if url is None:  # records in memory: a folder's listing, a table's rows (pairs may share an image)
+                for r in shard.records if isinstance(shard, sources.RecordShard) else ():
+                    if not isinstance(r, sources.ImageRecord) or not isinstance(r.image, Path):  # a member, pixels
+                        continue
+                    path = os.path.abspath(r.image)
+                    first = image_owner.setdefault(path, src)
+                    if first is not src:
+                        raise DataError(f"{where}: the image {r.image} is named by both {first.name} and {src.name}; "
+                                        f"give each image once{hint}")
                 continue
             # ... and what is read of it: another column of a parquet file, field of a JSONL file.
             key = (url if is_remote(url) else os.path.abspath(url), getattr(shard, "start", None),
@@ -209,8 +219,17 @@ def image_sources(specs: Sequence[str], cache: ShardCache | None = None) -> list
 
 def loose_images(specs: Sequence[str]) -> Source:
     """Image files and globs gathered into one source: a source per file drew whole batches of one
-    image, and a glob was read as a folder's name."""
-    return Source("images", [sources.ImageRecord(p) for p in find_images(list(specs))], ", ".join(map(str, specs)))
+    image, and a glob was read as a folder's name. An image two of them name is refused, as
+    `check_disjoint` refuses one that two sources name."""
+    import os
+
+    found = find_images(list(specs))
+    seen: set[str] = set()
+    twice = next((p for p in found if (key := os.path.abspath(p)) in seen or seen.add(key)), None)
+    if twice is not None:
+        by = [str(s) for s in specs if any(os.path.abspath(q) == os.path.abspath(twice) for q in find_images([s]))]
+        raise DataError(f"the image {twice} is named by both {by[0]} and {by[-1]}; give each image once")
+    return Source("images", [sources.ImageRecord(p) for p in found], ", ".join(map(str, specs)))
 
 
 _DEMO = {"pairs": demo.easy_vqa_pairs, "images": demo.demo_image_source, "text": demo.bbc_news_text}
