@@ -434,3 +434,22 @@ def test_the_resume_help_names_every_setting_a_resume_may_change():
     from flava.train.run import RESUMABLE
 
     assert set(RESUMABLE_HELP.split(", ")) == RESUMABLE
+
+
+def test_pretrains_settings_file_names_the_model_for_train_codebook_prepare_and_init(tmp_path, capsys):
+    # `{"preset": ..., "model": {...}}` had been refused ("unknown config key 'preset'") by these commands.
+    from flava.config import config_from, to_dict
+    from flava.train.presets import model_settings, train_config
+
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"preset": "tiny", "model": {"codebook": {"vocab_size": 128}}, "seed": 3}))
+    model = model_settings(str(settings))
+    assert model.codebook.vocab_size == 128 and to_dict(model) == to_dict(train_config(str(settings)).model)
+    (tmp_path / "model.json").write_text(json.dumps(to_dict(config_from("tiny"))))
+    assert to_dict(model_settings(str(tmp_path / "model.json"))) == to_dict(config_from("tiny"))
+    assert cli(["init", "--config", str(settings), "--output", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["codebook"]["vocab_size"] == 128
+    capsys.readouterr()
+    assert cli(["train-codebook", "--config", str(settings), "--output", str(tmp_path / "cb"), "--images",
+                str(tmp_path / "none")]) == 2
+    assert "none does not exist" in capsys.readouterr().err  # past --config: the settings were read

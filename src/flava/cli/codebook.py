@@ -17,7 +17,8 @@ def add(sub) -> None:
                    help="image files, directories, globs, shards, parquet; 'demo' for the packaged demo images")
     p.add_argument("--pairs", nargs="+", default=[], help="pair data whose images to train on (shards, tables)")
     p.add_argument("--output", required=True)
-    p.add_argument("--config", help="preset or JSON config; its codebook section is trained (default: tiny)")
+    p.add_argument("--config", help="a preset, a model's JSON config or pretrain's settings file; its codebook section "
+                                    "is trained (default: tiny)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a model setting, as pretrain names it or "
                    "without its model. prefix: codebook.vocab_size=8192, model.image.image_size=96 (repeatable)")
     # The defaults are CodebookTraining's (a test holds them equal), said without importing torch.
@@ -38,13 +39,14 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..config import apply_overrides, check, config_from, validate
+    from ..config import apply_overrides, check, validate
     from ..errors import InputError
     from ..train.codebook import CodebookTraining, run_train_codebook
+    from ..train.presets import model_settings
 
     # The model's settings, named as pretrain names them (model.image.image_size) or without the prefix.
     overrides = [o.removeprefix("--").removeprefix("model.") for o in args.set or []]
-    cfg = validate(apply_overrides(config_from(args.config or "tiny"), overrides))
+    cfg = validate(apply_overrides(model_settings(args.config or "tiny"), overrides))
     settings = CodebookTraining()
     given = set()
     for field in dataclasses.fields(settings):

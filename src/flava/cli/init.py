@@ -22,13 +22,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     import torch
 
-    from ..config import apply_overrides, config_from, validate
+    from ..config import apply_overrides, validate
     from ..errors import ConfigError
     from ..model import FlavaModel
+    from ..train.presets import model_settings
 
     # The model's settings, named as `flava config show` prints them (model.projection_dim) or without the prefix.
     overrides = [o.removeprefix("--").removeprefix("model.") for o in args.set or []]
-    cfg = validate(apply_overrides(config_from(args.config), overrides))
+    cfg = validate(apply_overrides(model_settings(args.config), overrides))
     # A model there may be a trained one, with embeddings and indexes made by it: never replaced unasked.
     if (Path(args.output) / "config.json").is_file():
         raise ConfigError(f"{args.output} already holds a checkpoint (its config.json); choose another --output "

@@ -43,15 +43,16 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..config import Seed, check_value, config_from
+    from ..config import Seed, check_value
     from ..distributed import resolve_device
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import check_disjoint, check_distinct, open_source
     from ..errors import ConfigError, DataError
     from ..loading import CodebookTokenizer, codebook_scale_note
     from ..progress import progress_bar
+    from ..train.presets import model_settings
 
-    model = config_from(args.config)
+    model = model_settings(args.config)
     for name, low in (("size", 8), ("shard_size", 1), ("crops", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least {low}")

@@ -82,6 +82,19 @@ def demo_config(**fields) -> TrainConfig:
     return cfg
 
 
+def model_settings(spec: str):
+    """The model `--config` names for a command that trains no FLAVA model (train-codebook, prepare,
+    init): a preset, a model's config file, or a pretraining settings file, whose model (over its
+    preset's) is taken, so one file serves pretrain and these alike."""
+    from ..config import config_from
+
+    if str(spec).lower().endswith(".json") and Path(spec).is_file():
+        data = read_json(spec, "settings file", ConfigError)
+        if isinstance(data, dict) and ("preset" in data or "model" in data):  # keys no model config has
+            return train_config(spec).model
+    return config_from(spec)
+
+
 def train_config(spec: str) -> TrainConfig:
     """Training settings from a preset name (tiny: the demo's; small, base: the paper's
     optimisation with that model) or a JSON file of settings over the preset its "preset" key
