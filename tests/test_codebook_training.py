@@ -365,3 +365,18 @@ def test_images_that_fail_or_stall_mid_run_end_it_with_the_steps_done_saved(tmp_
         capsys.readouterr().err
     monkeypatch.setattr(_Draws, "_sample", real_draw)
     assert cli([*args, "--output", str(tmp_path / "early")]) == 0
+
+
+def test_a_table_without_usable_rows_is_refused_in_one_line(tmp_path, capsys):
+    """A table of a header alone, or of a row without its image, had ended in a ZeroDivisionError's
+    traceback, where pretrain and prepare refuse it in one line."""
+    (tmp_path / "hdr.csv").write_text("image,caption\n")
+    (tmp_path / "noimage.csv").write_text("image,caption\n,a cat\n")
+    for given, said in ((["--pairs", str(tmp_path / "hdr.csv")], f"{tmp_path / 'hdr.csv'} holds no samples; give "
+                         "data that has some (a table needs rows under its header)"),
+                        (["--pairs", str(tmp_path / "noimage.csv")], f"{tmp_path / 'noimage.csv'} holds no usable "
+                         "sample (1 csv row without an image); fix those rows")):
+        assert cli(["train-codebook", *given, "--output", str(tmp_path / "o"), "--steps", "2"]) == 2
+        err = capsys.readouterr().err
+        assert said in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()

@@ -275,6 +275,15 @@ def _suffix(url: str) -> str:
     return name.rsplit(".", 1)[-1] if "." in name else ""
 
 
+def refuse_empty(src: Source) -> None:
+    """A source known to hold no usable sample (a table of a header alone), refused here, not at its first draw."""
+    if src.known_size == 0:
+        rejected = ", ".join(f"{n} {why}" for why, n in src.listing_rejected.most_common())
+        raise DataError(f"{src.name} holds no usable sample ({rejected}); fix those rows" if rejected else
+                        f"{src.name} holds no samples; give data that has some (a table needs rows "
+                        f"under its header)")
+
+
 def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, rank: int = 0, world: int = 1,
                 num_workers: int = 0, lanes: int = 0, cache: ShardCache | None = None, outage_s: float | None = None,
                 kind_workers: int | None = None):
@@ -298,11 +307,7 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
         srcs = [open_source(kind, str(p), cache) for p in paths] if paths else [demo_source(kind)]
     check_disjoint(srcs, f"data.{kind}")
     for src in srcs:
-        if src.known_size == 0:  # refused here, not at the first draw
-            rejected = ", ".join(f"{n} {why}" for why, n in src.listing_rejected.most_common())
-            raise DataError(f"{src.name} holds no usable sample ({rejected}); fix those rows" if rejected else
-                            f"{src.name} holds no samples; give data that has some (a table needs rows "
-                            f"under its header)")
+        refuse_empty(src)
         if kind == "images" and src.known_size == 1:  # every batch drawn from it would be that image repeated
             beside = " (or move it into a folder beside it)" if len(srcs) > 1 else ""
             raise DataError(f"{src.name} is a source of one image: every images batch drawn from it would repeat "

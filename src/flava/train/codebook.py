@@ -30,7 +30,7 @@ from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, P
     Seed, check_rgb, from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
 from ..data.pipeline import BatchStream, KindStream, auto_workers
-from ..data.registry import check_disjoint, check_distinct, demo_source, estimated_size, open_source
+from ..data.registry import check_disjoint, check_distinct, demo_source, estimated_size, open_source, refuse_empty
 from ..data.shards import is_remote
 from ..data.registry import image_sources as open_images  # this module's image_sources adds demo and pairs
 from ..data.sources import OUTAGE_S, Source, StoreOutage
@@ -246,6 +246,8 @@ def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
     demo = [demo_source("images")] if "demo" in images else []
     sources = demo + open_images([s for s in images if s != "demo"]) + [open_source("pairs", spec) for spec in pairs]
     check_disjoint(sources, "train-codebook", "")
+    for source in sources:  # as pretrain refuses it (its evaluation sample had divided by no images)
+        refuse_empty(source)
     return sources
 
 
