@@ -17,6 +17,7 @@ from flava.config import to_dict
 from flava.errors import CheckpointError
 from flava.io.checkpoint import save_checkpoint
 from flava.io.runs import RunDir
+from flava.train import codebook as codebook_module
 from flava.train.codebook import token_usage
 
 
@@ -365,6 +366,59 @@ def test_images_that_fail_or_stall_mid_run_end_it_with_the_steps_done_saved(tmp_
         capsys.readouterr().err
     monkeypatch.setattr(_Draws, "_sample", real_draw)
     assert cli([*args, "--output", str(tmp_path / "early")]) == 0
+
+
+REAL_STEP = (codebook_module.CodebookRun.train_step, codebook_module._gumbel_softmax)  # under any patch of them
+
+
+def _diverging_at(monkeypatch, steps, crash_at=None):
+    """Make the steps in `steps` diverge (their decoder inputs NaN, so their loss and gradients),
+    and the step `crash_at` end the process as a kill would."""
+    from flava.train import codebook
+
+    real_step, real_gumbel = REAL_STEP
+    at = [0]
+
+    def step(self):
+        if self.step == crash_at:
+            raise RuntimeError("killed")
+        at[0] = self.step
+        return real_step(self)
+
+    def gumbel(*args, **kwargs):
+        z = real_gumbel(*args, **kwargs)
+        return z * float("nan") if at[0] in steps else z
+
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", step)
+    monkeypatch.setattr(codebook, "_gumbel_softmax", gumbel)
+
+
+CODEBOOK_ARGS = ["--steps", "12", "--batch-size", "4", "--save-every", "4", "--eval-images", "4",
+                 "--set", "codebook.vocab_size=32", "--set", "codebook.hidden_size=8"]
+
+
+def test_a_resume_takes_new_save_every_and_log_every(tmp_path, monkeypatch, capsys):
+    """They were ignored ("note: ... ignored: log_every, save_every"), as pretrain's resume takes them."""
+    make_images(tmp_path / "imgs")
+    out = tmp_path / "cb"
+    _diverging_at(monkeypatch, (), crash_at=6)
+    with pytest.raises(RuntimeError):
+        cli(["train-codebook", "--images", str(tmp_path / "imgs"), *CODEBOOK_ARGS, "--output", str(out)])
+    assert json.loads((out / "training" / "state.json").read_text())["step"] == 4
+    _diverging_at(monkeypatch, (), crash_at=7)
+    capsys.readouterr()
+    with pytest.raises(RuntimeError):
+        cli(["train-codebook", "--output", str(out), "--resume", "--save-every", "2", "--log-every", "1"])
+    said = capsys.readouterr().out
+    assert "note: resuming with log_every 50 -> 1, save_every 4 -> 2" in said and "ignored" not in said, said
+    state = json.loads((out / "training" / "state.json").read_text())
+    assert state["step"] == 6 and state["settings"]["save_every"] == 2
+    rows = [json.loads(x)["step"] for x in (out / "codebook_metrics.jsonl").read_text().splitlines()]
+    assert rows == [0, 4, 5, 6]
+    # The seed is the run's own: said to be ignored.
+    monkeypatch.undo()
+    assert cli(["train-codebook", "--output", str(out), "--resume", "--seed", "3"]) == 0
+    assert "ignored: seed" in capsys.readouterr().out
 
 
 def test_a_table_without_usable_rows_is_refused_in_one_line(tmp_path, capsys):

@@ -34,7 +34,9 @@ def add(sub) -> None:
     p.add_argument("--log-every", dest="log_every", type=int, help="steps between logged metrics")
     p.add_argument("--eval-images", dest="eval_images", type=int,
                    help="images in the fixed sample scored before and after training (default 512)")
-    p.add_argument("--resume", action="store_true", help="continue the unfinished training in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the unfinished training in --output with its own settings (only --steps, "
+                        "--save-every, --log-every, --device and --num-workers may change)")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 

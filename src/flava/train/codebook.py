@@ -235,6 +235,10 @@ class CodebookRun:
 METRICS = "codebook_metrics.jsonl"
 OUTAGE_SETTING = "outage_minutes"
 """`CodebookTraining`'s, named when a store's outage outlasts it."""
+RESUMABLE = ("steps", "save_every", "log_every")
+"""Settings a resume takes when they are given (the data's order depends on none of them): how long
+to run and how often to save and log. Where it runs (device, num_workers) is taken whether given or
+not."""
 STATE = CODEBOOK_STATE
 
 
@@ -353,12 +357,15 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     if saved is not None:
         asked, asked_model = dataclasses.asdict(settings), to_dict(cfg)
         cfg = from_dict(FlavaConfig, saved["model"])
-        # Set explicitly and unlike the run's: where it runs, and how long, are taken.
-        changed = [k for k, v in saved["settings"].items() if asked.get(k) != v
-                   and (k in given if given is not None else asked.get(k) != getattr(CodebookTraining(), k))]
-        steps = asked["steps"] if "steps" in changed else saved["settings"]["steps"]
-        settings = from_dict(CodebookTraining, {**saved["settings"], "device": settings.device,
-                                                "num_workers": settings.num_workers, "steps": steps})
+        defaults = dataclasses.asdict(CodebookTraining())
+        own = {**defaults, **saved["settings"]}  # a save from before a setting existed ran with its default
+        # Set explicitly and unlike the run's: where it runs is taken, and the RESUMABLE ones.
+        changed = [k for k in asked if asked[k] != own.get(k)
+                   and (k in given if given is not None else asked[k] != defaults[k])]
+        taken = {k: asked[k] for k in changed if k in RESUMABLE}
+        steps = taken.get("steps", own["steps"])
+        settings = from_dict(CodebookTraining, {**own, "device": settings.device,
+                                                "num_workers": settings.num_workers, **taken})
         changed += [k for k, asked_spec in (("images", images_spec), ("pairs", pairs_spec))
                     if asked_spec and _anchored(asked_spec) != _anchored(saved[k])]  # it reads its own data
         if asked_model != to_dict(cfg):  # and keeps its own codebook
@@ -369,7 +376,9 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         if "steps" in changed:
             console.print(f"note: steps {saved['settings']['steps']} -> {steps} (the learning-rate and temperature "
                           "schedules now run to that)")
-        ignored = [k for k in changed if k not in ("device", "num_workers", "steps", "outage_minutes")]
+        if others := [k for k in taken if k != "steps"]:
+            console.print("note: resuming with " + ", ".join(f"{k} {own[k]:g} -> {taken[k]:g}" for k in others))
+        ignored = [k for k in changed if k not in ("device", "num_workers", *RESUMABLE)]
         if ignored:
             console.print(f"note: resuming with the run's own settings; ignored: {', '.join(ignored)}")
     else:  # saved absolute: a --resume from another folder reads the same files
