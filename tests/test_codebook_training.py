@@ -415,10 +415,35 @@ def test_a_resume_takes_new_save_every_and_log_every(tmp_path, monkeypatch, caps
     assert state["step"] == 6 and state["settings"]["save_every"] == 2
     rows = [json.loads(x)["step"] for x in (out / "codebook_metrics.jsonl").read_text().splitlines()]
     assert rows == [0, 4, 5, 6]
-    # The seed is the run's own: said to be ignored.
+    # So is the outage wait (it had been neither taken nor said to be ignored); the seed is the run's own.
     monkeypatch.undo()
-    assert cli(["train-codebook", "--output", str(out), "--resume", "--seed", "3"]) == 0
-    assert "ignored: seed" in capsys.readouterr().out
+    assert cli(["train-codebook", "--output", str(out), "--resume", "--seed", "3", "--outage-minutes", "5"]) == 0
+    said = capsys.readouterr().out
+    assert "note: resuming with outage_minutes 30 -> 5" in said and "ignored: seed" in said
+    assert json.loads((out / "codebook_report.json").read_text())["settings"]["outage_minutes"] == 5
+
+
+def test_the_outage_wait_is_set_and_named_by_its_flag(tmp_path, monkeypatch, capsys):
+    """The wait's messages named outage_minutes, which no flag set and --set refused as an unknown key."""
+    from flava.data import sources
+
+    make_images(tmp_path / "imgs")
+    assert cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(tmp_path / "o"), "--set",
+                "outage_minutes=1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set outage_minutes: outage_minutes is a training setting, not the model's; give it as " \
+           "--outage-minutes" in err and len(err.strip().splitlines()) == 1, err
+    # A store that cannot serve the images now: waited for as long as --outage-minutes says.
+    monkeypatch.setattr(sources, "OUTAGE_PAUSES_S", (0.05, 0.1))
+    monkeypatch.setattr(sources, "open_shard", lambda shard: sources.Opened([], failure=f"{shard.name}: 503",
+                                                                            passing=True))
+    assert cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(tmp_path / "o"),
+                "--outage-minutes", "0.005"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"waiting for the store: reading it again in 0\.05 s \(0 s of up to 0 s, --outage-minutes\)", err)
+    assert "could not serve it for 0 s (the wait allowed: --outage-minutes=0.005; a shard that fails so for good " \
+           "is passed over with 0)" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_table_without_usable_rows_is_refused_in_one_line(tmp_path, capsys):

@@ -34,20 +34,28 @@ def add(sub) -> None:
     p.add_argument("--log-every", dest="log_every", type=int, help="steps between logged metrics")
     p.add_argument("--eval-images", dest="eval_images", type=int,
                    help="images in the fixed sample scored before and after training (default 512)")
+    p.add_argument("--outage-minutes", dest="outage_minutes", type=float,
+                   help="how long a remote shard whose store cannot serve it now is waited for (default 30; 0: passed "
+                        "over, counted)")
     p.add_argument("--resume", action="store_true",
                    help="continue the unfinished training in --output with its own settings (only --steps, "
-                        "--save-every, --log-every, --device and --num-workers may change)")
+                        "--save-every, --log-every, --outage-minutes, --device and --num-workers may change)")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import apply_overrides, check, validate
-    from ..errors import InputError
+    from ..errors import ConfigError, InputError
     from ..train.codebook import CodebookTraining, run_train_codebook
     from ..train.presets import model_settings
 
     # The model's settings, named as pretrain names them (model.image.image_size) or without the prefix.
     overrides = [o.removeprefix("--").removeprefix("model.") for o in args.set or []]
+    flags = {f.name for f in dataclasses.fields(CodebookTraining)} & set(vars(args))
+    for key in (o.partition("=")[0].strip() for o in overrides):
+        if key in flags:  # --set takes the model's settings; the training's are flags
+            raise ConfigError(f"--set {key}: {key} is a training setting, not the model's; give it as "
+                              f"--{key.replace('_', '-')}")
     cfg = validate(apply_overrides(model_settings(args.config or "tiny"), overrides))
     settings = CodebookTraining()
     given = set()

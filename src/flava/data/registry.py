@@ -239,16 +239,17 @@ def demo_source(kind: Kind) -> Source:
     return _DEMO[kind]()
 
 
-def estimated_size(source: Source) -> int:
+def estimated_size(source: Source, outage: tuple[float, str] | None = None) -> int:
     """Samples in a source: known from an index or a table, else the records of its first shard
     scaled to all of them: by their bytes where those are known at no cost (local files, which a
-    short or a re-cut shard may make unlike the first), else by their count."""
+    short or a re-cut shard may make unlike the first), else by their count. `outage`: how long
+    its store is waited for and the setting that says so (`open_waiting`'s defaults: None)."""
     if source.known_size is not None:
         return source.known_size
     from .sources import open_waiting
 
     # Waited for: a source weighed by a store's outage would be mixed wrongly for the whole run.
-    first = len(open_waiting(source.shards[0]).records)
+    first = len(open_waiting(source.shards[0], *(outage or ())).records)
     sizes = [_bytes(s) for s in source.shards]
     # Bytes stand for records only among shards stored alike (not a compressed file beside plain
     # ones) and where the first holds any (a first shard of bad records says nothing of its bytes).

@@ -233,12 +233,12 @@ class CodebookRun:
 
 
 METRICS = "codebook_metrics.jsonl"
-OUTAGE_SETTING = "outage_minutes"
-"""`CodebookTraining`'s, named when a store's outage outlasts it."""
-RESUMABLE = ("steps", "save_every", "log_every")
+OUTAGE_SETTING = "--outage-minutes"
+"""`CodebookTraining.outage_minutes` as the command sets it, named when a store's outage outlasts it."""
+RESUMABLE = ("steps", "save_every", "log_every", "outage_minutes")
 """Settings a resume takes when they are given (the data's order depends on none of them): how long
-to run and how often to save and log. Where it runs (device, num_workers) is taken whether given or
-not."""
+to run, how often to save and log, and how long to wait for a store. Where it runs (device,
+num_workers) is taken whether given or not."""
 STATE = CODEBOOK_STATE
 
 
@@ -260,7 +260,8 @@ def _stream(sources: list[Source], maker: CodebookCrops, batch: int, seed: int, 
     streams = [BatchStream("images", src, maker, batch, seed=seed + 7919 * i, num_workers=workers,
                            outage_s=outage_s, outage_setting=OUTAGE_SETTING)
                for i, src in enumerate(sources)]
-    weights = [float(estimated_size(src)) for src in sources] if len(sources) > 1 else [1.0]
+    outage = (outage_s, OUTAGE_SETTING)
+    weights = [float(estimated_size(src, outage)) for src in sources] if len(sources) > 1 else [1.0]
     return KindStream("images", streams, weights, seed, estimated=len(sources) > 1)
 
 
@@ -493,7 +494,8 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     for s in run.stream.streams:
         for reason, ids in s.bad.items():
             bad.setdefault(reason, set()).update(ids)
-    listed = sum(s.source.known_size or estimated_size(s.source) for s in run.stream.streams)
+    outage = (settings.outage_minutes * 60, OUTAGE_SETTING)
+    listed = sum(s.source.known_size or estimated_size(s.source, outage) for s in run.stream.streams)
     # As pretraining reports them: bad records, and those rejected while listing a source or
     # indexing a shard (a truncated shard, a sample without its image).
     rejected = DataAccounting({"images": run.stream}, 1).bad_records()
