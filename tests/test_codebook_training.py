@@ -393,8 +393,103 @@ def _diverging_at(monkeypatch, steps, crash_at=None):
     monkeypatch.setattr(codebook, "_gumbel_softmax", gumbel)
 
 
+def _finite(path):
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path))
+    return weights and all(torch.isfinite(v).all() for v in weights.values())
+
+
 CODEBOOK_ARGS = ["--steps", "12", "--batch-size", "4", "--save-every", "4", "--eval-images", "4",
                  "--set", "codebook.vocab_size=32", "--set", "codebook.hidden_size=8"]
+
+
+def test_a_non_finite_step_is_skipped_counted_and_resumed_exactly(tmp_path, monkeypatch, capsys):
+    """A NaN step had updated the weights with NaN: every later step and the finished codebook were NaN."""
+    from safetensors.torch import load_file
+
+    from flava.train import codebook
+
+    make_images(tmp_path / "imgs")
+    args = ["train-codebook", "--images", str(tmp_path / "imgs"), *CODEBOOK_ARGS]
+    _diverging_at(monkeypatch, {2, 3, 6})
+    watched, real = [], codebook.CodebookRun.train_step
+
+    def watch(self):  # the weights around a skipped step
+        before = [p.detach().clone() for p in self.encoder.state_dict().values()] if self.step == 2 else None
+        row = real(self)
+        if before is not None:
+            watched.append(all(torch.equal(a, p) for a, p in zip(before, self.encoder.state_dict().values())))
+        return row
+
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", watch)
+    assert cli([*args, "--output", str(tmp_path / "whole")]) == 0
+    assert watched == [True] and "updates skipped for a non-finite loss or gradient: 3" in capsys.readouterr().out
+    assert _finite(tmp_path / "whole" / "model.safetensors") and _finite(tmp_path / "whole" / "decoder.safetensors")
+    assert json.loads((tmp_path / "whole" / "codebook_report.json").read_text())["nonfinite_steps"] == 3
+
+    # A save due while updates are skipped (steps 2 and 3: at step 4, or at a stop) waits for a finite step.
+    _diverging_at(monkeypatch, {2, 3, 6}, crash_at=5)
+    with pytest.raises(RuntimeError):
+        cli([*args, "--output", str(tmp_path / "cut")])
+    assert not (tmp_path / "cut" / "training").exists()
+    skipping = codebook.CodebookRun.train_step
+
+    def stop_at_step_3(self):  # before its batch is drawn: the step is not taken
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return skipping(self)
+
+    monkeypatch.setattr(codebook.CodebookRun, "train_step", stop_at_step_3)
+    capsys.readouterr()
+    assert cli([*args, "--output", str(tmp_path / "cut")]) == 143
+    assert "stopped by SIGTERM at step 3 of 12; its latest updates were skipped (not finite), so nothing was saved: " \
+           "run the same command again, with a lower --lr if it diverges" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "cut" / "training").exists()
+    _diverging_at(monkeypatch, {2, 3, 6}, crash_at=9)
+    with pytest.raises(RuntimeError):
+        cli([*args, "--output", str(tmp_path / "cut")])
+    state = json.loads((tmp_path / "cut" / "training" / "state.json").read_text())
+    assert state["step"] == 8 and state["nonfinite_steps"] == 3
+    _diverging_at(monkeypatch, {2, 3, 6})
+    capsys.readouterr()
+    assert cli(["train-codebook", "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    assert "updates skipped for a non-finite loss or gradient: 3" in capsys.readouterr().out
+    want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_diverging_run_stops_keeps_its_last_save_and_resumes_with_a_lower_lr(tmp_path, monkeypatch, capsys):
+    """A diverging run trained on NaN to its end, saving NaN weights over its only save, which its
+    resume then refused as damaged: all its work was lost."""
+    make_images(tmp_path / "imgs")
+    args = ["train-codebook", "--images", str(tmp_path / "imgs"), *CODEBOOK_ARGS]
+    out = tmp_path / "cb"
+    _diverging_at(monkeypatch, range(5, 100))
+    assert cli([*args, "--output", str(out), "--log-every", "1"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the loss or its gradients were not finite for 5 steps in a row (steps 5-9 in codebook_metrics.jsonl; " \
+           "their updates were skipped, --max-nonfinite-steps), so the codebook training stopped; its latest save " \
+           f"(step 4 in {out / 'training'}, made after a finite step) is kept: continue it with a lower learning " \
+           "rate, --resume --lr 0.0002 (now 0.002)" in err
+    assert json.loads((out / "training" / "state.json").read_text())["step"] == 4
+    assert _finite(out / "training" / "weights.safetensors")
+    monkeypatch.undo()
+    assert cli(["train-codebook", "--output", str(out), "--resume", "--lr", "0.0002"]) == 0
+    said = capsys.readouterr().out
+    assert "note: resuming with lr 0.002 -> 0.0002" in said and "ignored" not in said
+    assert _finite(out / "model.safetensors")
+    assert json.loads((out / "codebook_report.json").read_text())["settings"]["lr"] == 0.0002
+
+    # Diverging for real (a learning rate far too high): stopped before any save, which is said, at the
+    # save it was due (nothing logged in between), however long the run.
+    code = cli([*args, "--output", str(tmp_path / "high"), "--lr", "1e30", "--steps", "100", "--max-nonfinite-steps",
+                "2"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "2 steps in a row" in err and err.endswith(
+        "so the codebook training stopped; nothing was saved yet: run it again with a lower learning rate, "
+        "--lr 1e+29 (now 1e+30)"), err
+    assert not (tmp_path / "high" / "training").exists() and not (tmp_path / "high" / "model.safetensors").exists()
 
 
 def test_a_resume_takes_new_save_every_and_log_every(tmp_path, monkeypatch, capsys):
@@ -415,6 +510,14 @@ def test_a_resume_takes_new_save_every_and_log_every(tmp_path, monkeypatch, caps
     assert state["step"] == 6 and state["settings"]["save_every"] == 2
     rows = [json.loads(x)["step"] for x in (out / "codebook_metrics.jsonl").read_text().splitlines()]
     assert rows == [0, 4, 5, 6]
+    # A save of an earlier release (its AdamW unfused, which cannot skip a step on the device) resumes too.
+    from flava.io.checkpoint import write_checksums
+
+    optimizer = torch.load(out / "training" / "optimizer.pt", weights_only=True)
+    for group in optimizer["param_groups"]:
+        group.update(fused=None, foreach=None)
+    torch.save(optimizer, out / "training" / "optimizer.pt")
+    write_checksums(out / "training")
     # So is the outage wait (it had been neither taken nor said to be ignored); the seed is the run's own.
     monkeypatch.undo()
     assert cli(["train-codebook", "--output", str(out), "--resume", "--seed", "3", "--outage-minutes", "5"]) == 0
@@ -446,15 +549,18 @@ def test_the_outage_wait_is_set_and_named_by_its_flag(tmp_path, monkeypatch, cap
     assert not (tmp_path / "o").exists()
 
 
-def test_a_table_without_usable_rows_is_refused_in_one_line(tmp_path, capsys):
+def test_a_table_without_usable_rows_and_an_infinite_lr_are_refused_in_one_line(tmp_path, capsys):
     """A table of a header alone, or of a row without its image, had ended in a ZeroDivisionError's
-    traceback, where pretrain and prepare refuse it in one line."""
+    traceback; --lr inf was taken (and every step's loss was NaN) where --lr nan was refused."""
     (tmp_path / "hdr.csv").write_text("image,caption\n")
     (tmp_path / "noimage.csv").write_text("image,caption\n,a cat\n")
+    make_images(tmp_path / "imgs", n=4)
     for given, said in ((["--pairs", str(tmp_path / "hdr.csv")], f"{tmp_path / 'hdr.csv'} holds no samples; give "
                          "data that has some (a table needs rows under its header)"),
                         (["--pairs", str(tmp_path / "noimage.csv")], f"{tmp_path / 'noimage.csv'} holds no usable "
-                         "sample (1 csv row without an image); fix those rows")):
+                         "sample (1 csv row without an image); fix those rows"),
+                        (["--images", str(tmp_path / "imgs"), "--lr", "inf"], "lr must lie in (0, inf); got inf"),
+                        (["--images", str(tmp_path / "imgs"), "--lr", "nan"], "lr must lie in (0, inf); got nan")):
         assert cli(["train-codebook", *given, "--output", str(tmp_path / "o"), "--steps", "2"]) == 2
         err = capsys.readouterr().err
         assert said in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err

@@ -37,9 +37,13 @@ def add(sub) -> None:
     p.add_argument("--outage-minutes", dest="outage_minutes", type=float,
                    help="how long a remote shard whose store cannot serve it now is waited for (default 30; 0: passed "
                         "over, counted)")
+    p.add_argument("--max-nonfinite-steps", dest="max_nonfinite_steps", type=int,
+                   help="steps in a row whose loss or gradients are not finite (their updates skipped) before the run "
+                        "stops as diverged (default 5)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the unfinished training in --output with its own settings (only --steps, "
-                        "--save-every, --log-every, --outage-minutes, --device and --num-workers may change)")
+                   help="continue the unfinished training in --output with its own settings (only --steps, --lr, "
+                        "--save-every, --log-every, --outage-minutes, --max-nonfinite-steps, --device and "
+                        "--num-workers may change)")
     p.set_defaults(run=run, graceful=True)  # stops at its boundaries on SIGTERM/SIGINT
 
 

@@ -26,8 +26,8 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from .. import stopping
-from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, \
-    Seed, check_rgb, from_dict, to_dict
+from ..config import CodebookConfig, FlavaConfig, NonNegativeInt, PositiveInt, Range, Seed, check_rgb, from_dict, \
+    to_dict
 from ..data.codebook_crops import CodebookCrops
 from ..data.pipeline import BatchStream, KindStream, auto_workers
 from ..data.registry import check_disjoint, check_distinct, demo_source, estimated_size, open_source, refuse_empty
@@ -36,7 +36,7 @@ from ..data.registry import image_sources as open_images  # this module's image_
 from ..data.sources import OUTAGE_S, Source, StoreOutage
 from ..data.transforms import map_pixels
 from ..distributed import resolve_device
-from ..errors import CheckpointError, ConfigError, DataError, first_line, saved_before
+from ..errors import CheckpointError, ConfigError, DataError, DivergedError, first_line, saved_before
 from ..io.checkpoint import (check_replaceable, damage, save_state, write_checkpoint_dir, write_checkpoint_files,
                              write_checksums)
 from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
@@ -49,6 +49,11 @@ from .accounting import DataAccounting
 from .config import anchored
 
 
+# Infinity passes a plain Positive as NaN never does; either turns every step's loss non-finite.
+Finite = Annotated[float, Range(0, math.inf, high_open=True)]
+FinitePositive = Annotated[float, Range(0, math.inf, low_open=True, high_open=True)]
+
+
 @dataclass
 class CodebookTraining:
     """How `flava train-codebook` trains the dVAE."""
@@ -57,18 +62,18 @@ class CodebookTraining:
     """Optimizer steps (enough for the tiny demo codebook; real data wants thousands)."""
     batch_size: PositiveInt = 32
     """Images per step."""
-    lr: Positive = 2e-3
+    lr: FinitePositive = 2e-3
     """Peak AdamW learning rate (cosine decay to a tenth after a 5 % warmup)."""
-    temperature_start: Positive = 1.0
+    temperature_start: FinitePositive = 1.0
     """Gumbel-softmax temperature at the start..."""
-    temperature_end: Positive = 1 / 16
+    temperature_end: FinitePositive = 1 / 16
     """...annealed exponentially to this (DALL-E's final value)."""
-    kl_weight: NonNegative = 0.0
+    kl_weight: Finite = 0.0
     """Weight of the ELBO's per-position KL(q || uniform), ramped in over the first half."""
-    diversity_weight: NonNegative = 0.3
+    diversity_weight: Finite = 0.3
     """Weight of KL(mean q over the batch || uniform): penalises a batch that uses few codes
     (wav2vec 2.0's diversity loss), the usual cure for a collapsing codebook."""
-    entropy_weight: NonNegative = 0.05
+    entropy_weight: Finite = 0.05
     """Weight of the mean per-position entropy H(q): with the diversity term this maximises the
     mutual information between images and codes (sharp per position, spread over the batch)."""
     straight_through: bool = False
@@ -90,6 +95,9 @@ class CodebookTraining:
     outage_minutes: Annotated[float, Range(0, 10_080)] = 30.0
     """How long a remote shard whose store cannot serve it now is waited for (as `flava
     pretrain`'s data.outage_minutes); 0: passed over, counted."""
+    max_nonfinite_steps: PositiveInt = 5
+    """Steps in a row whose loss or gradients are not finite (their updates are skipped and
+    counted) before the run stops as diverged (as `flava pretrain`'s)."""
 
 
 def token_usage(token_ids: torch.Tensor, vocab_size: int) -> dict[str, float]:
@@ -129,13 +137,21 @@ class CodebookRun:
         torch.manual_seed(settings.seed)
         self.encoder = FlavaImageCodebook(cfg).to(device)
         self.decoder = CodebookDecoder(cfg).to(device).to(memory_format=torch.channels_last)
-        self.opt = torch.optim.AdamW(list(self.encoder.parameters()) + list(self.decoder.parameters()),
-                                     lr=settings.lr, weight_decay=0.0)
+        self.params = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        # Fused: it skips a non-finite step's update on the device (`found_inf`), without a host sync.
+        self.opt = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=0.0, fused=True)
         self.schedule = warmup_cosine(max(1, settings.steps // 20), settings.steps, min_ratio=0.1)
         self.eval_pixels = eval_pixels
         bf16 = settings.precision == "bf16" or (settings.precision == "auto" and device.type == "cuda")
         self.dtype = torch.bfloat16 if bf16 else None
         self.step, self.history, self.start_metrics = 0, [], None
+        self.saved_at = 0
+        """The step of the latest save (this run's or the one it resumed from); 0: none."""
+        self.nonfinite_steps, self.nonfinite_run, self.diverged_at = 0, 0, -1
+        """Updates skipped for a non-finite loss or gradient, how many of them end at the step reached,
+        and the step a run of `max_nonfinite_steps` of them ended at (-1: none), as last read."""
+        self._nonfinite = torch.tensor([0, 0, -1], device=device)
+        """The same counts kept on the device, step by step: read at the steps that sync anyway."""
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
@@ -184,30 +200,93 @@ class CodebookRun:
         loss = recon + beta * kl + st.diversity_weight * diversity + st.entropy_weight * entropy
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        # A diverging step (a NaN, an infinity) leaves the weights and the optimizer's moments as they were.
+        norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(torch.stack(norms).sum())
+        self.opt.found_inf = (~finite).float()
         self.opt.step()
+        self._count_nonfinite(finite, step)
         self.step += 1
         if step % st.log_every and step != st.steps - 1:
             return None
-        values = torch.stack([loss, recon, kl, diversity]).detach().float().tolist()
+        values = torch.cat([torch.stack([loss, recon, kl, diversity]).detach().double(),
+                            finite.double().reshape(1), self._nonfinite.double()]).tolist()
+        self._read_nonfinite(values[-3:])
         row = {"step": step, **dict(zip(("loss", "reconstruction_mse", "kl", "diversity"), values)),
-               "temperature": tau, "lr": lr}
+               "temperature": tau, "lr": lr, "update_skipped": not values[4]}
         self.history.append(row)
         return row
 
+    # ------------------------------------------------------------------ divergence
+
+    def _count_nonfinite(self, finite: torch.Tensor, step: int) -> None:
+        """Count a skipped update on the device: the total, the run of them ending here, and the
+        step where such a run first reached `max_nonfinite_steps` (a run that ended between two
+        reads still stops it: where it stops does not depend on when the host looks)."""
+        total, run, diverged = self._nonfinite.unbind()
+        skipped = (~finite).long()
+        run = (run + 1) * skipped
+        diverged = torch.where((diverged < 0) & (run >= self.settings.max_nonfinite_steps), step, diverged)
+        self._nonfinite = torch.stack([total + skipped, run, diverged])
+
+    def _read_nonfinite(self, values: list[float]) -> None:
+        self.nonfinite_steps, self.nonfinite_run, self.diverged_at = (int(v) for v in values)
+
+    def check_finite(self, state: Path, read: bool = True) -> None:
+        """Raise DivergedError when `max_nonfinite_steps` updates in a row were skipped since the run
+        began, naming the latest save (in `state`) and the cure. `read`: the device's counts (a sync),
+        else those a logged step read."""
+        if read:
+            self._read_nonfinite(self._nonfinite.tolist())
+        if self.diverged_at >= 0:
+            n = self.settings.max_nonfinite_steps
+            self._diverged(f"the loss or its gradients were not finite for {n} steps in a row (steps "
+                           f"{self.diverged_at - n + 1}-{self.diverged_at} in {METRICS}; their updates were "
+                           "skipped, --max-nonfinite-steps)", state)
+
+    def _diverged(self, what: str, state: Path) -> None:
+        lr = self.settings.lr
+        if self.saved_at:
+            cure = (f"its latest save (step {self.saved_at} in {state}, made after a finite step) is kept: continue "
+                    f"it with a lower learning rate, --resume --lr {lr / 10:g} (now {lr:g})")
+        else:
+            cure = f"nothing was saved yet: run it again with a lower learning rate, --lr {lr / 10:g} (now {lr:g})"
+        raise DivergedError(f"{what}, so the codebook training stopped; {cure}")
+
+    def _finite_weights(self, weights: dict[str, torch.Tensor], state: Path) -> dict[str, torch.Tensor]:
+        """`weights`, refused when any holds a NaN or an infinity (finite steps that grew one): never saved."""
+        bad = [k for k, v in weights.items()
+               if v.is_floating_point() and v.numel() and not all(map(torch.isfinite, torch.aminmax(v)))]
+        if bad:
+            self._diverged(f"the codebook's weights are no longer finite at step {self.step} (e.g. {bad[0]}), so "
+                           "they were not saved", state)
+        return weights
+
     # ------------------------------------------------------------------ saving and resuming
 
-    def save(self, directory: Path, meta: dict) -> None:
-        """Everything a resumed run needs, replacing `directory` whole."""
+    def save(self, directory: Path, meta: dict) -> bool:
+        """Everything a resumed run needs, replacing `directory` whole; whether it did. A run that
+        diverged raises DivergedError instead. While updates are skipped the weights are those that
+        gave the latest non-finite loss, and the latest save (the only one) is kept: a resume from
+        them with a lower learning rate would diverge again."""
+        self.check_finite(directory)
+        if self.nonfinite_run:
+            return False
+        weights = {**{f"encoder.{k}": v for k, v in self.encoder.state_dict().items()},
+                   **{f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}}
+        weights = self._finite_weights({k: v.detach().cpu().contiguous() for k, v in weights.items()}, directory)
+
         def fill(tmp: Path) -> None:
-            weights = {**{f"encoder.{k}": v for k, v in self.encoder.state_dict().items()},
-                       **{f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}}
-            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+            save_file(weights, str(tmp / "weights.safetensors"))
             save_state(self.opt.state_dict(), tmp / "optimizer.pt")
             write_json_atomic(tmp / "state.json", {**meta, "step": self.step, "history": self.history,
-                                                   "start": self.start_metrics, "stream": self.stream.state()})
+                                                   "start": self.start_metrics, "stream": self.stream.state(),
+                                                   "nonfinite_steps": self.nonfinite_steps})
             write_checksums(tmp)
         replace_dir(directory, fill)
+        self.saved_at = self.step
         stopping.saved(f"step {self.step} in {directory}")
+        return True
 
     def load(self, directory: Path) -> dict:
         why = damage(directory)
@@ -219,13 +298,19 @@ class CodebookRun:
             refuse_non_finite(weights, "codebook", directory)
             self.encoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("encoder.")})
             self.decoder.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("decoder.")})
-            self.opt.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu",
-                                                weights_only=True))
+            optimizer = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
+            for group in optimizer["param_groups"]:  # a save of an earlier release's unfused AdamW too
+                group.update(fused=True, foreach=None)
+            self.opt.load_state_dict(optimizer)
         except Exception as e:  # safetensors, torch and the file system raise many types for a damaged file
             raise CheckpointError(f"the saved codebook training in {directory} is damaged ({first_line(e)}); delete "
                                   "it and run without --resume to train the codebook from the start") from None
         self.stream.load_states([state["stream"]])
         self.step, self.history, self.start_metrics = int(state["step"]), state["history"], state["start"]
+        self.saved_at = self.step
+        # A save is made after a finite step only: no run of skipped updates goes on past it.
+        self.nonfinite_steps = int(state.get("nonfinite_steps", 0))
+        self._nonfinite = torch.tensor([self.nonfinite_steps, 0, -1], device=self.device)
         return state
 
 
@@ -235,10 +320,11 @@ class CodebookRun:
 METRICS = "codebook_metrics.jsonl"
 OUTAGE_SETTING = "--outage-minutes"
 """`CodebookTraining.outage_minutes` as the command sets it, named when a store's outage outlasts it."""
-RESUMABLE = ("steps", "save_every", "log_every", "outage_minutes")
+RESUMABLE = ("steps", "lr", "save_every", "log_every", "outage_minutes", "max_nonfinite_steps")
 """Settings a resume takes when they are given (the data's order depends on none of them): how long
-to run, how often to save and log, and how long to wait for a store. Where it runs (device,
-num_workers) is taken whether given or not."""
+to run, the learning rate's peak (the cure for a run that diverged), how often to save and log, how
+long to wait for a store, and the divergence patience. Where it runs (device, num_workers) is taken
+whether given or not."""
 STATE = CODEBOOK_STATE
 
 
@@ -457,15 +543,15 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     logged = first, start
     with progress_bar(console) as progress, metrics_path.open("a") as metrics:
         task = progress.add_task("dVAE", total=settings.steps, completed=run.step, info="")
-        info, saved_at = "", run.step
+        info = ""
         while run.step < settings.steps:
             try:
                 row = run.train_step()
             except DataError as e:
                 failed = _no_images(e, [s.source for s in run.stream.streams])
-                if run.step > saved_at:  # the batch is drawn first: no stream moved for the failed step
+                if run.step > run.saved_at:  # the batch is drawn first: no stream moved for the failed step
                     run.save(output / STATE, meta)
-                    failed = saved_before(failed, run.step, output / STATE)
+                    failed = saved_before(failed, run.saved_at, output / STATE) if run.saved_at else failed
                 raise failed from None
             except stopping.Abandoned:
                 row = None  # the step's batch never came: the stop below saves the step before it
@@ -476,19 +562,30 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 info = f"mse {row['reconstruction_mse']:.4f}"
+                run.check_finite(output / STATE, read=False)  # the counts this row read
             rate = (run.step - first) * settings.batch_size / (time.perf_counter() - start)
             progress.update(task, completed=run.step, info=f"{info}  {rate:.0f} img/s")
-            if run.step % settings.save_every == 0 and saved_at < run.step < settings.steps:
+            if run.step % settings.save_every == 0 and run.saved_at < run.step < settings.steps:
                 run.save(output / STATE, meta)
-                saved_at = run.step
             if (signum := stopping.requested()) and run.step < settings.steps:
                 if run.step == 0:
                     raise _stopped_first(signum)
-                if run.step > saved_at:
+                if run.step > run.saved_at:
                     run.save(output / STATE, meta)
                 at = f"at step {run.step} of {settings.steps}"
-                raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; saved in {output / STATE}: "
-                                               "continue with the same command and --resume", at)
+                stopped = f"stopped by {stopping.name(signum)} {at}"
+                if run.saved_at == run.step:
+                    raise stopping.Stopped(signum, f"{stopped}; saved in {output / STATE}: continue with the same "
+                                                   "command and --resume", at)
+                # Updates are being skipped: the save before them is kept (`CodebookRun.save`).
+                go_on = f"step {run.saved_at} is kept in {output / STATE}: continue with the same command and " \
+                        "--resume" if run.saved_at else "nothing was saved: run the same command again"
+                raise stopping.Stopped(signum, f"{stopped}; its latest updates were skipped (not finite), so {go_on}, "
+                                               "with a lower --lr if it diverges", at)
+    run.check_finite(output / STATE)
+    encoder = run._finite_weights({k: v.detach().cpu() for k, v in run.encoder.state_dict().items()}, output / STATE)
+    decoder = run._finite_weights({k: v.detach().cpu().contiguous() for k, v in run.decoder.state_dict().items()},
+                                  output / STATE)
     end = run.evaluate()
     bad: dict[str, set] = {}
     for s in run.stream.streams:
@@ -502,15 +599,17 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     if rejected:  # those met while listing first, then records in the order their first comes in the data
         order = [r for r in rejected if r not in bad] + sorted(bad, key=lambda r: min(bad[r]))
         console.print("skipped " + ", ".join(f"{rejected[r]} ({r})" for r in order))
+    if run.nonfinite_steps:
+        console.print(f"updates skipped for a non-finite loss or gradient: {run.nonfinite_steps}")
     summary = {"start": run.start_metrics, "end": end, "history": run.history,
                "images": listed - sum(len(v) for v in bad.values()), "bad_records": rejected,
-               "image_size": run.size, "device": run.device.type, "settings": dataclasses.asdict(settings)}
+               "nonfinite_steps": run.nonfinite_steps, "image_size": run.size, "device": run.device.type,
+               "settings": dataclasses.asdict(settings)}
 
     def fill(tmp: Path) -> None:
-        write_checkpoint_files(tmp, meta["model"], {"codebook": run.encoder.state_dict()},
+        write_checkpoint_files(tmp, meta["model"], {"codebook": encoder},
                                extra={"codebook_training": {k: v for k, v in summary.items() if k != "history"}})
-        save_file({k: v.detach().cpu().contiguous() for k, v in run.decoder.state_dict().items()},
-                  str(tmp / "decoder.safetensors"))
+        save_file(decoder, str(tmp / "decoder.safetensors"))
         write_json_atomic(tmp / "codebook_report.json", summary)
         (tmp / METRICS).write_bytes(metrics_path.read_bytes())
         reconstruction_grid(run, tmp / "reconstructions.png")
