@@ -1231,6 +1231,19 @@ def test_a_local_folder_without_an_index_is_sized_by_its_shards_bytes(tmp_path):
     assert len(source.shards) == 3 and abs(estimated_size(source) - 500_010) <= 5_000, estimated_size(source)
 
 
+def test_the_size_estimate_of_a_mix_waits_for_a_store_as_long_as_the_run_does(tmp_path, monkeypatch):
+    # Weighing sources by their first shard, the run had waited the default 30 minutes for an outage
+    # whatever data.outage_minutes said.
+    from flava.data import registry
+
+    asked = []
+    real = registry.estimated_size
+    monkeypatch.setattr(registry, "estimated_size", lambda src, outage=None: asked.append(outage) or real(src, outage))
+    a, b = write_shards(tmp_path / "a", shards=2), write_shards(tmp_path / "b", shards=2)
+    open_stream("pairs", [str(a), str(b)], SampleMaker(SPEC, 0), 2, 0, outage_s=6)
+    assert asked == [(6, "data.outage_minutes")] * 2
+
+
 def test_prepare_decodes_a_large_jpeg_at_the_scale_its_size_needs():
     # A 2999 x 2049 photograph decoded whole took most of prepare's time for it: now at the DCT
     # scale that still leaves twice the size asked (1/4), resized from the stored image's extent

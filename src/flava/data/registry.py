@@ -315,8 +315,9 @@ def open_stream(kind: Kind, specs: Sequence, maker, batch_size: int, seed: int, 
                             f"it; give a folder, a glob or shards of many{beside}")
     weights = weights or [None]  # the demo source stands alone
     estimated = len(srcs) > 1 and weights[0] is None
-    if estimated:
-        weights = [float(estimated_size(s)) for s in srcs]
+    if estimated:  # waited for as long as the run waits for a store (data.outage_minutes), not the default
+        weights = [float(estimated_size(s, (OUTAGE_S if outage_s is None else outage_s, "data.outage_minutes")))
+                   for s in srcs]
     shares = [w if w is not None else 1.0 for w in weights]
     workers = [num_workers] * len(srcs) if kind_workers is None else \
         [max(1, int(kind_workers * share / max(sum(shares), 1e-12))) for share in shares]
