@@ -221,7 +221,10 @@ def test_a_loader_workers_error_is_its_own_one_line():
 def test_one_image_as_the_image_data_is_refused(train_data, tmp_path, capsys):
     # Every images batch was that image repeated, plain or weighted.
     image = train_data / "img" / "a" / "3.png"
-    folder = train_data / "img"
+    folder = tmp_path / "other"
+    folder.mkdir()
+    for i in (1, 2):
+        shutil.copy(train_data / "img" / "a" / f"{i}.png", folder)
     for spec, beside in ((f'["{image}"]', False), (f'[{{"path": "{image}", "weight": 2}}]', False),
                          (f'["{folder}", "{image}"]', True)):
         args = pretrain_args(train_data, tmp_path / "run") + narrow_args() + ["--max-steps", "1", "--set",

@@ -414,12 +414,12 @@ def test_a_setting_the_source_decides_is_refused_beside_it_and_one_it_leaves_is_
     out = tmp_path / "run"
     refused = {
         ("init_text=minilm", "model.text.num_layers=4"):
-            "init_text=minilm decides the text encoder's settings, so model.text.num_layers would be ignored: "
-            "drop it (of model.text, dropout and attention_dropout stay yours)",
+            "init_text=minilm decides the text encoder's settings, so model.text.num_layers=4 (it has 6) would be "
+            "ignored: drop it (of model.text, dropout and attention_dropout stay yours)",
         (f"init_image={tmp_path / 'vit'}", "model.image.image_size=64"):
-            f"init_image={tmp_path / 'vit'} (a public image tower) decides the image encoder's settings, so "
-            "model.image.image_size would be ignored: drop it; init_image_size=N runs the tower at another image "
-            "size (of model.image, dropout, attention_dropout, use_mask_token, vocab_size stay yours)",
+            f"init_image={tmp_path / 'vit'} decides the image encoder's settings, so model.image.image_size=64 (it "
+            "has 48) would be ignored: drop it; init_image_size=N runs the tower at another size (a public tower "
+            "leaves dropout, attention_dropout, use_mask_token, vocab_size to you)",
     }
     for (source, setting), said in refused.items():
         assert cli(["pretrain", "--output", str(out), "--set", source, "--set", setting]) == 2
@@ -429,9 +429,11 @@ def test_a_setting_the_source_decides_is_refused_beside_it_and_one_it_leaves_is_
     from flava.cli.pretrain import settings
     from flava.cli import build_parser
 
+    # What a source leaves to the run is taken, and a value the source has anyway is no conflict.
     args = build_parser().parse_args(["pretrain", "--output", str(out), "--set", f"init_image={tmp_path / 'vit'}",
                                       "--set", "model.image.dropout=0.2", "--set", "init_text=minilm",
-                                      "--set", "model.text.attention_dropout=0.3"])
+                                      "--set", "model.text.attention_dropout=0.3", "--set", "model.text.num_layers=6",
+                                      "--set", "model.image.image_size=48"])
     cfg = settings(args)
     assert (cfg.model.image.dropout, cfg.model.text.attention_dropout) == (0.2, 0.3)
 

@@ -91,28 +91,40 @@ def settings(args: argparse.Namespace):
 
 
 def _refuse_what_a_source_decides(cfg, shaped: list[str]) -> None:
-    """A `--set model.text.*` beside init_text, or `model.image.*` beside a public image tower, that
-    the source decides had been overwritten by it without a word."""
+    """A `--set model.text.*` beside init_text, or `model.image.*` beside init_image, that the source
+    decides otherwise had been overwritten by it without a word (the same value is no conflict)."""
+    from ..config import to_dict
     from ..errors import ConfigError
     from ..interop.text_towers import KEPT as TEXT_KEPT
+    from ..interop.text_towers import following
     from ..interop.towers import KEPT as IMAGE_KEPT
-    from ..interop.towers import is_tower
-    from ..train.init import resolve_source
+    from ..train.init import follow_image_tower, text_source
 
-    def decided(section: str, kept: tuple[str, ...]) -> list[str]:
-        return [k for k in shaped if k == section or (k.startswith(f"{section}.") and k[len(section) + 1:] not in kept)]
+    def overruled(section: str, asked, decided) -> list[str]:
+        a, d = to_dict(asked), to_dict(decided)
+        said = []
+        for key in shaped:
+            if key == f"model.{section}" and a != d:
+                said.append(key)
+            elif key.startswith(f"model.{section}.") and a.get(name := key.split(".", 2)[2]) != d.get(name):
+                said.append(f"{key}={a.get(name)} (it has {d.get(name)})")
+        return said
 
-    text = decided("model.text", TEXT_KEPT) if cfg.init_text else []
-    if text:
-        raise ConfigError(f"init_text={cfg.init_text} decides the text encoder's settings, so {', '.join(text)} "
-                          f"would be ignored: drop {'it' if len(text) == 1 else 'them'} (of model.text, "
-                          f"{' and '.join(TEXT_KEPT)} stay yours)")
-    image = decided("model.image", IMAGE_KEPT) if cfg.init_image else []
-    if image and is_tower(resolve_source(cfg.init_image)):
-        size = "; init_image_size=N runs the tower at another image size" if "model.image.image_size" in image else ""
-        raise ConfigError(f"init_image={cfg.init_image} (a public image tower) decides the image encoder's settings, "
-                          f"so {', '.join(image)} would be ignored: drop {'it' if len(image) == 1 else 'them'}{size} "
-                          f"(of model.image, {', '.join(IMAGE_KEPT)} stay yours)")
+    if cfg.init_text:
+        text = overruled("text", cfg.model.text, following(cfg.model.text, text_source(cfg.init_text).config))
+        if text:
+            raise ConfigError(f"init_text={cfg.init_text} decides the text encoder's settings, so {', '.join(text)} "
+                              f"would be ignored: drop {'it' if len(text) == 1 else 'them'} (of model.text, "
+                              f"{' and '.join(TEXT_KEPT)} stay yours)")
+    if cfg.init_image:
+        image = overruled("image", cfg.model.image,
+                          follow_image_tower(cfg.model, cfg.init_image, cfg.init_image_size).image)
+        if image:
+            size = "; init_image_size=N runs the tower at another size" if any(
+                k.startswith("model.image.image_size=") for k in image) else ""
+            raise ConfigError(f"init_image={cfg.init_image} decides the image encoder's settings, so "
+                              f"{', '.join(image)} would be ignored: drop {'it' if len(image) == 1 else 'them'}{size} "
+                              f"(a public tower leaves {', '.join(IMAGE_KEPT)} to you)")
 
 
 def _refuse_config_on_resume(config: str, output: Path, cfg) -> None:
