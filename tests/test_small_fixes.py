@@ -341,6 +341,44 @@ def test_a_stop_is_acknowledged_in_the_commands_own_words(command, said, monkeyp
     assert said in " ".join(out.split()) and "step or part" not in out
 
 
+def test_signals_during_a_long_operation_are_taken_as_they_come(capfd):
+    # Python runs a handler only once the main thread is back in Python: a stop sent during a step's
+    # long operation was acknowledged when it ended, and a second signal 1.5 s later in the same
+    # operation was lost. Here the long operation is libc's system(), which holds the main thread.
+    import ctypes
+    import signal
+    import threading
+
+    from flava import stopping
+
+    seen = {}
+
+    def send(at: float, look: bool) -> None:
+        time.sleep(at)
+        os.kill(os.getpid(), signal.SIGTERM)
+        if look:  # while the operation runs: the request is known and said
+            time.sleep(0.3)
+            seen["requested"] = stopping.requested()
+            os.write(1, b"MARK\n")
+
+    with stopping.handling():
+        threads = [threading.Thread(target=send, args=(0.3, True)), threading.Thread(target=send, args=(1.8, False))]
+        for t in threads:
+            t.start()
+        began = time.monotonic()
+        with pytest.raises(stopping.Interrupted) as e:
+            ctypes.CDLL(None).system(b"sleep 3")
+            for _ in range(100):  # the handler runs at the next bytecode: nothing here is reached
+                time.sleep(0.01)
+        took = time.monotonic() - began
+        for t in threads:
+            t.join()
+    out = capfd.readouterr().out
+    assert seen["requested"] == signal.SIGTERM and took >= 2.9
+    assert out.index("SIGTERM: stopping at the next step") < out.index("MARK"), out
+    assert e.value.signum == signal.SIGTERM and 1.2 < e.value.after < 2.0, e.value.after
+
+
 def test_a_flag_and_a_set_of_one_setting_that_disagree_and_a_config_folder_are_one_line(tmp_path, capsys):
     # `--max-steps 3 --set max_steps=5` trained 3 steps, the --set dropped unsaid; `--config DIR` (a
     # folder that exists) was "settings file DIR does not exist".

@@ -19,6 +19,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -134,23 +135,87 @@ def exit_code(signum: int) -> int:
     return 128 + int(signum)
 
 
-def _handle(signum: int, frame) -> None:
+# Python runs a signal's handler only once the main thread is back in Python code: during a long
+# operation of a step (a large matmul, a collective) a stop was acknowledged late, and a second signal
+# in the same operation was lost (CPython records one pending call per signal number). So the C-level
+# handler's wakeup descriptor (signal.set_wakeup_fd) also carries each signal to a thread, which
+# notes when it came and acknowledges the first at once; the handler, when it runs, judges them all.
+_lock = threading.RLock()  # the handler may run in the main thread while it holds the lock
+_arrivals: list[tuple[int, float]] = []
+"""The stop signals of this `handling` block as they came: (number, time.monotonic())."""
+_wakeup = -1
+"""The read end of the wakeup pipe of the current `handling` block (-1: none)."""
+_owed: list[int] = []
+"""Signals counted by the handler before their byte reached the pipe (delivered to another thread)."""
+
+
+def _take_arrivals() -> None:
+    """Move the signals waiting in the wakeup pipe into `_arrivals`, timed now; the first of all
+    becomes the request and is acknowledged. Called with `_lock` held."""
     global _signum, _first
+    try:
+        data = os.read(_wakeup, 512)
+    except (BlockingIOError, OSError, ValueError):
+        data = b""
+    now = time.monotonic()
+    for s in data:
+        if s in _owed:
+            _owed.remove(s)
+        elif s in SIGNALS:
+            _arrivals.append((s, now))
+    if _arrivals and not _signum:
+        _signum, _first = _arrivals[0][0], _arrivals[0][1]
+        _acknowledge(_signum)
+
+
+def _acknowledge(signum: int) -> None:
+    # Said at once (a step or a part may take a while), on stdout: a stop's one line is stderr's.
+    # os.write, not print: the main thread may be inside a print. Not when stdout was closed at
+    # start: descriptor 1 may be a file this process opened since.
+    if sys.__stdout__ is not None:
+        with contextlib.suppress(OSError, ValueError):
+            os.write(sys.__stdout__.fileno(), f"\n{name(signum)}: {_said}; send it again (Ctrl-C) to stop at "
+                                              f"once\n".encode())
+
+
+def _watch(wakeup: int, done: threading.Event) -> None:
+    import select
+
+    while not done.is_set():
+        with contextlib.suppress(OSError, ValueError):
+            select.select([wakeup], [], [])
+        with _lock:
+            if not done.is_set():
+                _take_arrivals()
+
+
+def _handle(signum: int, frame) -> None:
     if os.getpid() != _owner:  # a forked child before its worker_init: its owner decides
         return
-    if not _signum:
-        _signum, _first = signum, time.monotonic()
-        # Said at once (a step or a part may take a while), on stdout: a stop's one line is stderr's.
-        # os.write, not print: the handler may run while the main thread is inside a print. Not when
-        # stdout was closed at start: descriptor 1 may be a file this process opened since.
-        if sys.__stdout__ is not None:
-            with contextlib.suppress(OSError, ValueError):
-                os.write(sys.__stdout__.fileno(), f"\n{name(signum)}: {_said}; send it again (Ctrl-C) to stop at "
-                                                  f"once\n".encode())
-        if _interrupt:
-            raise Abandoned(signum)
-    elif time.monotonic() - _first > REPEAT_WINDOW_S:
-        raise Interrupted(signum, time.monotonic() - _first)
+    with _lock:
+        _take_arrivals()
+        if not _arrivals:  # delivered to another thread, its byte not yet written: count it now
+            _arrivals.append((signum, time.monotonic()))
+            _owed.append(signum)
+            _take_arrivals()
+        first = _arrivals[0][1]
+        again = next((a for a in _arrivals[1:] if a[1] - first >= REPEAT_WINDOW_S), None)
+    if again is not None:
+        raise Interrupted(again[0], again[1] - first)
+    if _interrupt:
+        raise Abandoned(_signum)
+
+
+def _forget_wakeup() -> None:
+    """In a forked child: its signals are its own, not to be carried to its parent's watcher."""
+    global _wakeup
+    if _wakeup >= 0:
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+        _wakeup = -1
+
+
+os.register_at_fork(after_in_child=_forget_wakeup)
 
 
 @contextlib.contextmanager
@@ -159,15 +224,24 @@ def handling(said: str = AT_A_STEP, leaves: str = "") -> Iterator[None]:
     the previous handlers come back after it (the CLI runs inside tests' processes too). `said`: how
     the command acknowledges one at once (where it stops, what it keeps); `leaves`: what a stop at
     once leaves and how to go on (`tell_saves`' `now`)."""
-    global _owner, _signum, _first, _said, _saves, _go_on
-    import threading
+    global _owner, _signum, _first, _said, _saves, _go_on, _wakeup
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
-    owner = _owner
-    _owner, _signum, _first, _said, _saves = os.getpid(), 0, 0.0, said, leaves
+    owner, outer = _owner, _wakeup
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    with _lock:
+        _owner, _signum, _first, _said, _saves, _wakeup = os.getpid(), 0, 0.0, said, leaves, read
+        _arrivals.clear()
+        _owed.clear()
+    done = threading.Event()
+    previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    watcher = threading.Thread(target=_watch, args=(read, done), name="flava-signal-watch", daemon=True)
+    watcher.start()
     for s in SIGNALS:
         signal.signal(s, _handle)
     try:
@@ -175,7 +249,16 @@ def handling(said: str = AT_A_STEP, leaves: str = "") -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _owner, _signum, _saves, _go_on = owner, 0, "", ""
+        signal.set_wakeup_fd(previous_fd)
+        done.set()
+        with contextlib.suppress(OSError):
+            os.write(write, b"\0")  # wakes the watcher, which sees `done`
+        watcher.join(5)
+        with _lock:
+            _owner, _signum, _saves, _go_on, _wakeup = owner, 0, "", "", outer
+            _arrivals.clear()
+        os.close(read)
+        os.close(write)
 
 
 def requested() -> int:
