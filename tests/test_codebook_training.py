@@ -526,6 +526,31 @@ def test_a_resume_takes_new_save_every_and_log_every(tmp_path, monkeypatch, caps
     assert json.loads((out / "codebook_report.json").read_text())["settings"]["outage_minutes"] == 5
 
 
+def test_a_resume_whose_data_is_gone_reads_the_data_named_in_its_place(tmp_path, monkeypatch, capsys):
+    """Moved (or mounted elsewhere on another node), the data could not be named: the run's own path
+    was read and "does not exist" ended it."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    make_images(tmp_path / "imgs")
+    shutil.copytree(tmp_path / "imgs", tmp_path / "same")
+    assert cli(["train-codebook", "--images", str(tmp_path / "same"), *CODEBOOK_ARGS, "--output",
+                str(tmp_path / "whole")]) == 0
+    _diverging_at(monkeypatch, (), crash_at=6)
+    with pytest.raises(RuntimeError):
+        cli(["train-codebook", "--images", str(tmp_path / "imgs"), *CODEBOOK_ARGS, "--output", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    (tmp_path / "imgs").rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert cli(["train-codebook", "--output", str(tmp_path / "cut"), "--resume", "--images",
+                str(tmp_path / "moved")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"note: the run's images ({tmp_path / 'imgs'}) are gone: reading {tmp_path / 'moved'} in their place" in said
+    want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert "ignored" not in said and all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_the_outage_wait_is_set_and_named_by_its_flag(tmp_path, monkeypatch, capsys):
     """The wait's messages named outage_minutes, which no flag set and --set refused as an unknown key."""
     from flava.data import sources

@@ -428,6 +428,20 @@ def _anchored(specs: list[str]) -> list[str]:
     return [s if s == "demo" else anchored(s) for s in specs]
 
 
+def _gone(specs: list[str]) -> bool:
+    """Whether none of a run's local data specs names anything any more (moved, or another node's
+    mount); remote ones cannot be told so."""
+    import glob
+
+    from ..data.shards import GLOB_CHARS, _expand_urls
+
+    def there(part: str) -> bool:
+        return bool(glob.glob(part)) if any(c in part for c in GLOB_CHARS) else Path(part).exists()
+
+    local = [s for s in specs if s != "demo" and not is_remote(s)]
+    return bool(local) and len(local) == len(specs) and not any(there(p) for s in local for p in _expand_urls(s))
+
+
 def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, settings: CodebookTraining,
                        console: Console, pairs_spec: list[str] | None = None, resume: bool = False,
                        given: set[str] | None = None) -> dict:
@@ -453,11 +467,18 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         steps = taken.get("steps", own["steps"])
         settings = from_dict(CodebookTraining, {**own, "device": settings.device,
                                                 "num_workers": settings.num_workers, **taken})
-        changed += [k for k, asked_spec in (("images", images_spec), ("pairs", pairs_spec))
-                    if asked_spec and _anchored(asked_spec) != _anchored(saved[k])]  # it reads its own data
+        data = {k: _anchored(asked_spec) for k, asked_spec in (("images", images_spec), ("pairs", pairs_spec or []))
+                if asked_spec and _anchored(asked_spec) != _anchored(saved[k])}
+        # It reads its own data; data named where the run's is gone (moved, another node's mount) is
+        # taken as that data, and said so.
+        moved = {k: v for k, v in data.items() if _gone(saved[k]) and len(v) == len(saved[k])}
+        changed += [k for k in data if k not in moved]
         if asked_model != to_dict(cfg):  # and keeps its own codebook
             changed += sorted({"config", "set"} & (given or set()))
-        images_spec, pairs_spec = saved["images"], saved["pairs"]
+        for k, specs in moved.items():
+            console.print(f"note: the run's {k} ({', '.join(saved[k])}) are gone: reading {', '.join(specs)} in their "
+                          "place, as the same data moved (the resume is exact if it is)")
+        images_spec, pairs_spec = moved.get("images", saved["images"]), moved.get("pairs", saved["pairs"])
         if isinstance(saved.get("step"), int) and saved["step"] > steps:  # before any note, and any image read
             raise _cannot_go_back(steps, saved["step"], output)
         if "steps" in changed:
