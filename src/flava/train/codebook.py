@@ -622,8 +622,11 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
         console.print("skipped " + ", ".join(f"{rejected[r]} ({r})" for r in order))
     if run.nonfinite_steps:
         console.print(f"updates skipped for a non-finite loss or gradient: {run.nonfinite_steps}")
+    # A source of shards without an index is sized from its first shard: the count is then an estimate.
+    estimated = any(s.source.known_size is None for s in run.stream.streams)
     summary = {"start": run.start_metrics, "end": end, "history": run.history,
-               "images": listed - sum(len(v) for v in bad.values()), "bad_records": rejected,
+               "images": listed - sum(len(v) for v in bad.values()), "images_estimated": estimated,
+               "bad_records": rejected,
                "nonfinite_steps": run.nonfinite_steps, "image_size": run.size, "device": run.device.type,
                "settings": dataclasses.asdict(settings)}
 
