@@ -553,6 +553,18 @@ def test_a_resume_whose_data_is_gone_reads_the_data_named_in_its_place(tmp_path,
     assert "ignored" not in said and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_a_source_of_no_readable_image_is_named_alone(tmp_path, capsys):
+    """The message named every source ("no image of GOOD, BAD could be read"), the good ones too."""
+    make_images(tmp_path / "good")
+    (tmp_path / "bad").mkdir()
+    for i in range(2):
+        (tmp_path / "bad" / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    assert cli(["train-codebook", "--images", str(tmp_path / "good"), str(tmp_path / "bad"), "--output",
+                str(tmp_path / "o"), *CODEBOOK_ARGS]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"no image of {tmp_path / 'bad'} could be read" in err and str(tmp_path / "good") not in err, err
+
+
 def test_the_outage_wait_is_set_and_named_by_its_flag(tmp_path, monkeypatch, capsys):
     """The wait's messages named outage_minutes, which no flag set and --set refused as an unknown key."""
     from flava.data import sources

@@ -374,8 +374,11 @@ def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int,
     for i, (source, share) in enumerate(zip(sources, shares)):
         stream = BatchStream("images", source, crops, share, seed=seed + 7919 * i, outage_s=outage_s,
                              outage_setting=OUTAGE_SETTING)
-        stream.probe()  # a source with no readable image, named before training
-        pixels.append(stream.next_batch().pixels)
+        try:  # a source with no readable image, named (alone) before training
+            stream.probe()
+            pixels.append(stream.next_batch().pixels)
+        except DataError as e:
+            raise _no_images(e, [source]) from None
     # A draw replaces an unreadable image by another of its source, and a source smaller than its
     # estimate wraps around: either repeats an image (a center crop, the same pixels), kept once.
     whole = torch.cat(pixels)
@@ -502,8 +505,6 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
         with stopping.abandonable(), stopping.interruptible():
             eval_pixels = _evaluation_sample(sources, size, settings.seed + 1, settings.eval_images,
                                              settings.outage_minutes * 60)
-    except DataError as e:
-        raise _no_images(e, sources) from None
     except stopping.Abandoned as e:
         raise _stopped_first(e.signum, saved is not None) from None
     stream = _stream(sources, CodebookCrops(size, settings.seed, settings.crop_scale_min), settings.batch_size,
