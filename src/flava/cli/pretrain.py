@@ -110,13 +110,14 @@ def _refuse_what_a_source_decides(cfg, shaped: list[str]) -> None:
                 said.append(f"{key}={a.get(name)} (it has {d.get(name)})")
         return said
 
-    if cfg.init_text:
+    named = {key.split(".")[1] for key in shaped if key.count(".") >= 1}  # read a source only where it may conflict
+    if cfg.init_text and "text" in named:
         text = overruled("text", cfg.model.text, following(cfg.model.text, text_source(cfg.init_text).config))
         if text:
             raise ConfigError(f"init_text={cfg.init_text} decides the text encoder's settings, so {', '.join(text)} "
                               f"would be ignored: drop {'it' if len(text) == 1 else 'them'} (of model.text, "
                               f"{' and '.join(TEXT_KEPT)} stay yours)")
-    if cfg.init_image:
+    if cfg.init_image and "image" in named:
         image = overruled("image", cfg.model.image,
                           follow_image_tower(cfg.model, cfg.init_image, cfg.init_image_size).image)
         if image:
