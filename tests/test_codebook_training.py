@@ -553,6 +553,39 @@ def test_a_resume_whose_data_is_gone_reads_the_data_named_in_its_place(tmp_path,
     assert "ignored" not in said and all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_a_stop_at_once_after_the_last_step_keeps_every_step(tmp_path, monkeypatch, capsys):
+    """A second Ctrl-C in the final evaluation lost every step since the last periodic save."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    from flava import stopping
+    from flava.train import codebook
+
+    make_images(tmp_path / "imgs")
+    args = ["train-codebook", "--images", str(tmp_path / "imgs"), *CODEBOOK_ARGS, "--save-every", "5"]
+    assert cli(args + ["--output", str(tmp_path / "whole")]) == 0
+    monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)
+    evaluate, calls = codebook.CodebookRun.evaluate, []
+
+    def interrupted_at_the_end(self):
+        calls.append(self.step)
+        if len(calls) == 2:  # the final evaluation (the first scores the start)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(self)
+
+    monkeypatch.setattr(codebook.CodebookRun, "evaluate", interrupted_at_the_end)
+    capsys.readouterr()
+    assert cli(args + ["--output", str(tmp_path / "cut")]) == 130
+    assert "saved step 12 in" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cut" / "training" / "state.json").read_text())["step"] == 12
+    monkeypatch.undo()
+    assert cli(["train-codebook", "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    want, got = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "cut"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_a_source_of_no_readable_image_is_named_alone(tmp_path, capsys):
     """The message named every source ("no image of GOOD, BAD could be read"), the good ones too."""
     make_images(tmp_path / "good")

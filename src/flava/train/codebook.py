@@ -605,6 +605,8 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
                 raise stopping.Stopped(signum, f"{stopped}; its latest updates were skipped (not finite), so {go_on}, "
                                                "with a lower --lr if it diverges", at)
     run.check_finite(output / STATE)
+    if run.saved_at < run.step:  # a stop at once in the final evaluation and writing keeps every step trained
+        run.save(output / STATE, meta)
     encoder = run._finite_weights({k: v.detach().cpu() for k, v in run.encoder.state_dict().items()}, output / STATE)
     decoder = run._finite_weights({k: v.detach().cpu().contiguous() for k, v in run.decoder.state_dict().items()},
                                   output / STATE)
