@@ -138,6 +138,19 @@ def test_the_evaluation_sample_takes_every_source_in_proportion_each_image_once(
     (tmp_path / "t.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
     pixels = _evaluation_sample(image_sources([], [str(tmp_path / "t.csv")]), 32, 1, 10)
     assert len(pixels) == 9 and len({p.numpy().tobytes() for p in pixels}) == 9
+    # Row groups of 16, 16 and 8: lanes over them wrapped around the short one, and 36 of 40 were in it.
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images = []
+    for i in range(40):
+        png = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), (6 * i, 255 - 6 * i, 37 * i % 256), np.uint8)).save(png, "PNG")
+        images.append({"image": png.getvalue()})
+    pq.write_table(pa.Table.from_pylist(images), tmp_path / "groups.parquet", row_group_size=16)
+    assert len(_evaluation_sample(image_sources([str(tmp_path / "groups.parquet")], []), 32, 1, 512)) == 40
 
 
 def test_a_codebook_named_as_a_model_is_said_to_be_one(tmp_path, capsys):

@@ -371,9 +371,11 @@ def _evaluation_sample(sources: list[Source], size: int, seed: int, wanted: int,
     while sum(shares) > n and max(shares) > 1:  # a share of 1 for each small source
         shares[shares.index(max(shares))] -= 1
     crops, pixels = CodebookCrops(size, seed, train=False), []
-    for i, (source, share) in enumerate(zip(sources, shares)):
+    for i, (source, share, whole) in enumerate(zip(sources, shares, sizes)):
+        # A source taken whole is read by one lane: lanes over uneven shards wrapped around the short
+        # ones and repeated their images (36 of 40); a part of a larger one is spread over its shards.
         stream = BatchStream("images", source, crops, share, seed=seed + 7919 * i, outage_s=outage_s,
-                             outage_setting=OUTAGE_SETTING)
+                             lanes=1 if share >= whole else 0, outage_setting=OUTAGE_SETTING)
         try:  # a source with no readable image, named (alone) before training
             stream.probe()
             pixels.append(stream.next_batch().pixels)
