@@ -314,10 +314,15 @@ def test_image_files_and_globs_are_one_source_of_every_image_they_name(tmp_path)
         assert len({bytes(p.numpy()) for p in pixels}) == 6  # six images, not one six times
     with pytest.raises(DataError, match=r"p.csv is a table: .* is pair data \(--pairs; data.pairs in a training config\)"):
         open_source("images", str(tmp_path / "p.csv"))
-    # A source named twice (here once relative to the working directory) is refused, not drawn twice as often.
+    # A source named twice is refused, not drawn twice as often; under two names (a path through
+    # another folder, a link), both are said (the message had named the second twice).
     with pytest.raises(DataError, match=r"data.images names .*red twice; give each source once"):
-        open_stream("images", [str(tmp_path / "imgs" / "red"), str(tmp_path / "imgs" / "blue" / ".." / "red")],
-                    maker, 6, seed=0)
+        open_stream("images", [str(tmp_path / "imgs" / "red"), str(tmp_path / "imgs" / "red")], maker, 6, seed=0)
+    (tmp_path / "link").symlink_to(tmp_path / "imgs" / "red")
+    for other in (tmp_path / "imgs" / "blue" / ".." / "red", tmp_path / "link"):
+        with pytest.raises(DataError, match=rf"data.images names \S*imgs/red and {re.escape(str(other))}, one source "
+                                            rf"\(both are \S*imgs/red\); give each source once"):
+            open_stream("images", [str(tmp_path / "imgs" / "red"), str(other)], maker, 6, seed=0)
 
 
 def test_a_source_with_no_usable_sample_is_an_error(tmp_path):

@@ -142,12 +142,13 @@ def _refuse_tables_as_several(kind: Kind, spec: str) -> None:
 
 def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws one more often)") -> None:
     """Each source once: a repeat drew it twice as often unsaid and its counts overwrote each other's."""
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for p in map(str, paths):
         key = p if is_remote(p) else str(Path(p).resolve())
-        if key in seen:
-            raise DataError(f"{where} names {p} twice; give each source once{hint}")
-        seen.add(key)
+        if key in seen:  # a folder and a link to it are one source named twice, under two names
+            named = f"{p} twice" if seen[key] == p else f"{seen[key]} and {p}, one source (both are {key})"
+            raise DataError(f"{where} names {named}; give each source once{hint}")
+        seen[key] = p
 
 
 def check_disjoint(srcs: Sequence[Source], where: str, hint: str = " (a weight draws one more often)") -> None:
