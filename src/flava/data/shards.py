@@ -66,16 +66,16 @@ _IPV6_HOST = re.compile(r"(?:(?<=://)|(?<=@))\[[0-9A-Za-z:.%~_-]+\]")
 """An IPv6 literal host (`http://[::1]:8000/...`): its colons are no `::` joining lists."""
 
 
-def _expand_urls(spec: str) -> list[str]:
+def expand_urls(spec: str) -> list[str]:
     """webdataset's `expand_urls` (`::` joins lists, braces expand), IPv6 literal hosts kept whole."""
-    from webdataset.shardlists import expand_urls
+    from webdataset.shardlists import expand_urls as webdataset_expand
 
     hosts: list[str] = []
 
     def hide(m: re.Match) -> str:
         hosts.append(m.group(0))
         return f"\0{len(hosts) - 1}\0"
-    parts = expand_urls(_IPV6_HOST.sub(hide, spec))
+    parts = webdataset_expand(_IPV6_HOST.sub(hide, spec))
     return [re.sub("\0(\\d+)\0", lambda m: hosts[int(m.group(1))], part) for part in parts] if hosts else parts
 
 
@@ -90,7 +90,7 @@ def _path_of(url: str) -> str:
 def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
     """The shards a spec names, in order. Directories yield their files ending in `suffixes`."""
     urls: list[str] = []
-    parts = _expand_urls(str(spec))
+    parts = expand_urls(str(spec))
     check_hosts(parts)
     for part in parts:
         if part.startswith("pipe:"):

@@ -438,13 +438,13 @@ def _gone(specs: list[str]) -> bool:
     mount); remote ones cannot be told so."""
     import glob
 
-    from ..data.shards import GLOB_CHARS, _expand_urls
+    from ..data.shards import GLOB_CHARS, expand_urls
 
     def there(part: str) -> bool:
         return bool(glob.glob(part)) if any(c in part for c in GLOB_CHARS) else Path(part).exists()
 
     local = [s for s in specs if s != "demo" and not is_remote(s)]
-    return bool(local) and len(local) == len(specs) and not any(there(p) for s in local for p in _expand_urls(s))
+    return bool(local) and len(local) == len(specs) and not any(there(p) for s in local for p in expand_urls(s))
 
 
 def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, settings: CodebookTraining,
