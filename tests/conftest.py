@@ -209,6 +209,30 @@ def proc_state(pid: int) -> str:
         return "X"
 
 
+def finished(pid: int) -> bool:
+    """Every thread of the process has exited (gone, or a zombie awaiting a reaper). The leader
+    turns zombie before its other threads have exited, and they share its open files (a run's
+    lock among them) until the last one has: a thread in an fsync is killed only when it returns."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    return all(proc_state(int(t)) in ("X", "Z") for t in threads)
+
+
+def openers(path: os.PathLike) -> dict[int, list[str]]:
+    """The processes with `path` open, each with its threads' states: who holds a lock file."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in fds):
+                found[int(pid)] = [proc_state(int(t)) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

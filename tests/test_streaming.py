@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import free_port, narrow_args, pretrain_args, proc_state
+from conftest import finished, free_port, narrow_args, openers, pretrain_args, proc_state
 from zygote import Process, python
 from flava.data import decode, texts
 from flava.data.pipeline import BatchStream, KindStream
@@ -1007,13 +1007,13 @@ def test_a_two_process_run_killed_resumes_on_one_process(train_data, tmp_path):
         os.kill(pid, signal.SIGKILL)
     two.wait()
     deadline = time.time() + 30
-    while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and proc_state(p) != "Z" for p in workers):
+    while time.time() < deadline and not all(finished(p) for p in workers):
         time.sleep(0.05)
     done = [json.loads(x)["step"] for x in log.read_text().splitlines() if x.strip()]
     assert 3 <= max(done) < steps, done
     resumed = python(flava + ["pretrain", "--output", str(cut), "--resume", "--set", "data.batch_size=8",
                               "--override"], env)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr, "lock held by", openers(cut / ".lock"))
     import re
 
     at = re.search(r"resumed from step (\d+)", resumed.stdout)
