@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import flava
+from conftest import proc_state
 from flava.cli import main as cli
 from flava.io.runs import RunDir
 from flava.retrieval.embed import read_embeddings
@@ -198,6 +199,43 @@ def test_a_killed_runs_lock_is_free_while_its_forked_children_live(tmp_path, cap
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if proc.poll() is None:
+            proc.kill()
+
+
+EXITING = textwrap.dedent("""
+    import ctypes, os, sys, threading, time
+    from pathlib import Path
+    from flava.io.runs import RunDir
+    held = RunDir(Path(sys.argv[1])).lock()
+    held.__enter__()
+    def last():  # its last thread, still to end (torch's own threads end with the process)
+        time.sleep(1.5)
+        os._exit(0)
+    threading.Thread(target=last).start()
+    print("held", flush=True)
+    ctypes.CDLL(None).pthread_exit(None)  # the first thread ends: a zombie leader, its files still open
+""")
+
+
+@pytest.mark.slow  # a real process
+def test_a_lock_whose_holder_is_exiting_is_waited_for(tmp_path):
+    # A run killed and restarted at once (a scheduler's requeue): its first thread was a zombie while
+    # its others still held the lock, and the restart was refused, naming a process that had exited.
+    proc = subprocess.Popen([sys.executable, "-c", EXITING, str(tmp_path / "run")], env=env(), stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        deadline = time.monotonic() + 10
+        while proc_state(proc.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc_state(proc.pid) == "Z" and len(os.listdir(f"/proc/{proc.pid}/task")) >= 2
+        start = time.monotonic()
+        with RunDir(tmp_path / "run").lock():  # taken once its last thread has ended
+            waited = time.monotonic() - start
+        assert 0.2 < waited < 10, waited
+        assert proc.wait(10) == 0
+    finally:
         if proc.poll() is None:
             proc.kill()
 

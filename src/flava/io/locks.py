@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,29 @@ class InUse(ConfigError):
 
 # Descriptors of the locks this process holds; forked children close theirs.
 _HELD: set[int] = set()
+
+EXITING_WAIT_S = 10.0
+"""How long a lock whose holder has exited is waited for: its last threads, still exiting (one
+in an fsync is killed only when it returns), share its files until they have."""
+
+
+def _exiting(holder: str) -> bool:
+    """The holder a lock file names ("pid N on HOST") is a process of this host that has exited,
+    or whose first thread has (a zombie leader: what a killed run is while its other threads end)."""
+    m = re.fullmatch(r"pid (\d+) on (.+)", holder)
+    if m is None or m[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # another user's live process
+    try:
+        with open(f"/proc/{m[1]}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return False
 
 
 def _close_in_child() -> None:
@@ -43,16 +68,25 @@ os.register_at_fork(after_in_child=_close_in_child)
 @contextmanager
 def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
     """Hold the lock file `path` for the block, or raise ConfigError: '`what` is in use by
-    another flava run (pid N on HOST); `fix`'. The OS releases it when the holder dies."""
+    another flava run (pid N on HOST); `fix`'. The OS releases it when the holder dies; a holder
+    of this host that is exiting is waited for (EXITING_WAIT_S at most)."""
     path = Path(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     owner = os.getpid()
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-            raise InUse(f"{what} is in use by another flava run ({holder}); {fix}") from None
+        deadline = time.monotonic() + EXITING_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+                # A run killed a moment ago and restarted at once (a scheduler's requeue): its
+                # lock goes with its last thread.
+                if time.monotonic() < deadline and _exiting(holder):
+                    time.sleep(0.05)
+                    continue
+                raise InUse(f"{what} is in use by another flava run ({holder}); {fix}") from None
         _HELD.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {owner} on {socket.gethostname()}".encode(), 0)
