@@ -31,7 +31,7 @@ class _Console(Console):
 console = _Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
 WRITE_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.ENOSPC,
-                errno.EDQUOT}
+                errno.EDQUOT, errno.ENAMETOOLONG}
 
 # What a Unix tool killed by SIGPIPE reports (128 + 13): `flava search ... | head` ends as `yes | head` does.
 BROKEN_PIPE_EXIT = 128 + getattr(signal, "SIGPIPE", 13)

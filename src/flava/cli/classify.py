@@ -16,7 +16,8 @@ def add(sub) -> None:
     p.add_argument("--model", required=True, help="checkpoint or run directory, or a Hugging Face hub id")
     p.add_argument("--images", required=True, nargs="+", help="image files, folders (recursive) or globs")
     p.add_argument("--classes", help="class names, comma-separated, or a file with one per line (default with "
-                   "--labels: the sub-folder names)")
+                   "--labels: the sub-folder names, read with spaces for underscores in the prompts, as evaluate's "
+                   "zero-shot task reads them)")
     p.add_argument("--templates", help="prompt templates: clip (22 in CLIP's manner, default), short ('a photo of a "
                    "{}.'), none, a file with one template per line, or templates separated by '|'; each has one {}")
     p.add_argument("--labels", action="store_true", help="the images' sub-folder names are their true classes: "
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..data.images import said_left_out
     from ..errors import InputError
     from ..io.files import check_writable
-    from ..retrieval.classify import ZeroShotClassifier, check_classes, read_list, templates_from
+    from ..retrieval.classify import ZeroShotClassifier, check_classes, class_embeddings, read_list, templates_from
     from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
     from .predict import OUTPUT_SUFFIXES, write_predictions
@@ -74,7 +75,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
     check_classes(classes, model.processor.tokenizer)  # names it reads alike, before any work
     console.print(escape(f"classifying {len(inputs)} image(s){said_left_out(inputs.left_out)} into {len(classes)} "
                          f"classes with {len(templates)} prompt template(s)"))
-    clf = ZeroShotClassifier(model, classes, templates, args.batch_size)
+    # Folder names as evaluate's zero-shot task prompts them (dark_red: "a photo of a dark red."), so
+    # the two score a folder alike; the labels stay the folders' names.
+    vectors = None if args.classes else class_embeddings(model, [c.replace("_", " ") for c in classes],
+                                                         model.processor.tokenizer, templates)
+    clf = ZeroShotClassifier(model, classes, templates, args.batch_size, class_vectors=vectors)
     predictions = clf.predict(inputs.images, args.top_k)
     out = Path(args.output) if args.output else None
     if out is not None:  # the columns and format `flava predict --output` writes

@@ -20,9 +20,13 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
+    from ..errors import InputError
     from ..retrieval.index import add_embeddings, build_index
 
     if args.add:
+        if args.memory is not None:  # the index keeps the kind it was built as
+            raise InputError("--memory chooses the kind of a new index; an index keeps its kind when added to: "
+                             "leave out --memory with --add, or build a new index from all the embeddings")
         done = add_embeddings(args.output, args.embeddings, args.which)
         skipped = f"; skipped {done.skipped} item{'s' * (done.skipped != 1)} already in the index" \
             if done.skipped else ""
@@ -38,6 +42,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"added {done.added} vector{'s' * (done.added != 1)} of {args.embeddings} to {args.output}: "
                       f"{len(done.index)} vectors ({done.index.factory}){skipped}{changed}{judged}", soft_wrap=True)
         return
-    index = build_index(args.embeddings, args.output, args.memory, args.which)
+    built = build_index(args.embeddings, args.output, args.memory, args.which)
+    index = built.index
+    # An image of several captions is one item: its vector comes back once.
+    item = "an image" if index.modality == "image" else "a text"
+    repeats = (f"; {built.skipped} row{'s' * (built.skipped != 1)} naming {item} an earlier row named left out"
+               if built.skipped else "")
     console.print(f"indexed {len(index)} {index.modality} vectors of {index.dim} dimensions in {args.output} "
-                  f"({index.factory}; model {index.model})")
+                  f"({index.factory}; model {index.model}){repeats}", soft_wrap=True)

@@ -101,8 +101,8 @@ def table_format(path: str | Path) -> str:
     """'csv', 'tsv', 'jsonl' or 'parquet' by suffix; other suffixes are refused."""
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise DataError(f"{path}: a table is a {', '.join(SUFFIXES)} file, not "
-                        f"{suffix or 'a file without suffix'}")
+        what = "a folder" if Path(path).is_dir() else suffix or "a file without suffix"
+        raise DataError(f"{path}: a table is a {', '.join(SUFFIXES)} file, not {what}")
     return FORMATS[suffix]
 
 

@@ -162,6 +162,9 @@ def explain_os_error(e: OSError) -> str:
         fix = "a file is in the way (the path, or a folder on it, is a file): choose another path"
     elif e.errno == errno.EISDIR:
         fix = "a folder is in the way: name a file"
+    elif e.errno == errno.ENAMETOOLONG:
+        what = what if len(str(what)) <= 80 else f"{str(what)[:77]}..."
+        fix = "a file or folder name is at most 255 bytes here: shorten it"
     elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "the disk is full: free some space (what was saved before is kept)"
     else:

@@ -29,11 +29,20 @@ def split_list(value: str, what: str, separator: str = ",") -> list[str]:
     return items
 
 
+def _names_a_file(value: str) -> bool:
+    """Whether `value` is a file's path; a list longer than a file name can be (twenty class
+    names) is none, where asking the OS had raised ENAMETOOLONG."""
+    try:
+        return Path(value).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def read_list(value: str, what: str, separator: str = ",") -> list[str]:
     """A list separated by `separator` (`split_list`), or a file with one entry per line."""
     p = Path(value)
-    if p.is_file():
-        items = [line.strip() for line in p.read_text(encoding="utf-8", errors="replace").splitlines()]
+    if _names_a_file(value):
+        items = [line.strip() for line in p.read_text(encoding="utf-8-sig", errors="replace").splitlines()]
         items = [i for i in items if i]
         if not items:
             raise InputError(f"no {what} given in {value!r}; write them separated by {separator!r}, or one a line "
@@ -47,7 +56,7 @@ def read_list(value: str, what: str, separator: str = ",") -> list[str]:
 
 def templates_from(value: str | None) -> tuple[str, ...]:
     """`--templates`: what `parse_templates` takes, or a file with one template per line."""
-    if value is not None and value.strip().lower() not in TEMPLATE_SETS and Path(value).is_file():
+    if value is not None and value.strip().lower() not in TEMPLATE_SETS and _names_a_file(value):
         return parse_templates(read_list(value, "templates", "|"))
     if value is not None and "{}" not in value and Path(value).suffix.lower() in (".txt", ".csv", ".json"):
         raise InputError(f"--templates {value}: no such file (give a file of templates, one per line, a template "

@@ -159,7 +159,7 @@ def text_inputs(path: str) -> Inputs:
         meta = [{column: t, **{k: _cell(v) for k, v in row.values.items() if k != column}}
                 for t, row in zip(texts, table.rows)]
         return Inputs("text", texts=texts, metadata=meta, text_field=column)
-    with p.open(encoding="utf-8", errors="replace") as f:
+    with p.open(encoding="utf-8-sig", errors="replace") as f:  # a byte-order mark is not the first text's
         texts = [line.rstrip("\n") for line in f]
     return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts])
 

@@ -65,12 +65,13 @@ def parse_memory(text: str | int | None) -> int:
         return DEFAULT_MEMORY
     if isinstance(text, int):
         return text
-    m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([kmgt]?i?b?)?\s*", str(text).lower())
-    if not m:
+    m = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]?i?b?)?\s*", str(text).lower())
+    size = float(m.group(1)) if m else math.nan
+    if not math.isfinite(size):  # 1.2.3GB; 1e400
         raise InputError(f"memory budget {text!r} is not a size; write e.g. 4GB or 512MB")
     unit = (m.group(2) or "b").rstrip("b").rstrip("i")
     scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
+    return int(size * scale)
 
 
 def not_an_index(p: Path, embeddings: str | os.PathLike | None = None) -> DataError:
@@ -233,20 +234,22 @@ class VectorIndex:
     def item(self, position: int) -> str:
         return self._item(self.metadata(position), position)
 
-    def holding(self, rows: list[dict], text_field: str = "caption") -> dict[int, list[int]]:
+    def holding(self, rows: list[dict], text_field: str = "caption", keys: list[str | None] | None = None
+                ) -> dict[int, list[int]]:
         """The positions holding the item (`item_key`) of each of `rows` (another run's metadata, its
         texts in `text_field`), by row number; a row the index does not hold is absent. One
         vectorised pass over the index's key column (`pyarrow.compute.is_in`: the image path, or
         each file's text column) finds the candidates, and only their rows are read whole: the cost
-        grows with the run, not with the index."""
+        grows with the run, not with the index. `keys`: the rows' `item_key`s, when the caller has them."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
         if self._table is None or not rows:
             return {}
         wanted: dict[str, list[int]] = {}
-        for i, row in enumerate(rows):
-            if (key := item_key(row, self.modality, text_field)) is not None:
+        keys = [item_key(row, self.modality, text_field) for row in rows] if keys is None else keys
+        for i, key in enumerate(keys):
+            if key is not None:
                 wanted.setdefault(key, []).append(i)
         if self.modality == "image":
             segments = [(0, len(self), "image_path")]
@@ -404,7 +407,7 @@ class Added:
     index: VectorIndex
     added: int
     skipped: int
-    """The run's items already in the index (`item_key`), left out."""
+    """The run's items already in the index, or named by an earlier row of the run (`item_key`), left out."""
     changed: int = 0
     """The run's images the index holds another vector of (changed since they were indexed): added
     again, among `added`; the old vectors stay until the index is rebuilt."""
@@ -496,13 +499,32 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     return built
 
 
+def _repeats(keys: list[str | None]) -> set[int]:
+    """The rows whose item (`item_key`) an earlier row of the same run names: an image of several
+    captions (COCO's five), whose vector would otherwise come back once a caption."""
+    seen: set[str] = set()
+    out = set()
+    for i, key in enumerate(keys):
+        if key is not None:
+            if key in seen:
+                out.add(i)
+            seen.add(key)
+    return out
+
+
 def build_index(embeddings: str | os.PathLike, output: str | os.PathLike, memory: str | int | None = None,
-                which: str | None = None) -> VectorIndex:
-    """An index of a finished `flava embed` directory (its image vectors, or its texts for a text run)."""
+                which: str | None = None) -> Added:
+    """An index of a finished `flava embed` directory (its image vectors, or its texts for a text
+    run), one vector an item: `skipped` counts the rows naming an item an earlier row named."""
     e = read_embeddings(embeddings, which)
-    return index_from_arrays(e.vectors, None, output, model=e.model, modality=e.modality, metadata=e.metadata,
-                             memory=memory, source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint,
-                             text_field=e.text_field, inputs=e.inputs, files=e.files, int8=e.int8)
+    repeats = _repeats([item_key(row, e.modality, e.text_field) for row in e.metadata])
+    keep = [i for i in range(len(e.metadata)) if i not in repeats]
+    index = index_from_arrays(e.vectors[keep], None, output, model=e.model, modality=e.modality,
+                              metadata=[e.metadata[i] for i in keep], memory=memory,
+                              source=str(Path(embeddings).resolve()), checkpoint=e.checkpoint,
+                              text_field=e.text_field, inputs=e.inputs,
+                              files=[e.files[i] for i in keep] if e.files else None, int8=e.int8)
+    return Added(index, len(keep), len(repeats))
 
 
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, which: str | None = None
@@ -538,7 +560,8 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
                             f"{index_dir} holds {index.dim}-dimensional ones: embed with the index's model "
                             f"({index.model}), or build a new index from {embeddings}")
         source = str(Path(embeddings).resolve())
-        held = index.holding(e.metadata, e.text_field)
+        keys = [item_key(row, index.modality, e.text_field) for row in e.metadata]
+        held = index.holding(e.metadata, e.text_field, keys)
         # An image at a path the index holds may have changed since (a text's key is the text itself).
         # Its vector is added again rather than replaced: positions and the metadata files of earlier
         # adds stay as they are (a flat index renumbers on removal), and the count is said.
@@ -556,7 +579,8 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
                 changed = sorted(changed + index.changed(by_vector, e.vectors))
         for i in changed:
             del held[i]
-        keep = [i for i in range(len(e.metadata)) if i not in held]
+        repeats = _repeats(keys)
+        keep = [i for i in range(len(e.metadata)) if i not in held and i not in repeats]
         if not keep:  # why, the most telling first
             # The same run (or the same inputs embedded elsewhere) is refused only when nothing in it
             # changed: images saved over in place keep the inputs' fingerprint (paths and captions).

@@ -90,7 +90,8 @@ def model_settings(spec: str):
 
     if str(spec).lower().endswith(".json") and Path(spec).is_file():
         data = read_json(spec, "settings file", ConfigError)
-        if isinstance(data, dict) and ("preset" in data or "model" in data):  # keys no model config has
+        # Keys no model config has; a checkpoint's config.json holds its model under "model" too.
+        if isinstance(data, dict) and ("preset" in data or "model" in data) and data.get("format") != "flava":
             return train_config(spec).model
     return config_from(spec)
 
