@@ -2,7 +2,7 @@
 
 A spec is `PATH[:SPLIT][?KEY=COLUMN&...]`:
 
-- PATH: a .parquet file, a directory of .parquet files (not searched recursively), a glob
+- PATH: a .parquet file, a directory of .parquet files (its sub-folders too), a glob
   ending in .parquet, or a directory written by `Dataset.save_to_disk` (state.json + Arrow
   stream files) or `DatasetDict.save_to_disk` (dataset_dict.json + one sub-directory a split);
 - SPLIT: the split of a DatasetDict directory, needed when it holds more than one;
@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError
 from ..io.files import read_json
-from .images import passed_over
+from .images import files_below
 from .members import Blob, ImageURL, table_image
 from .sources import ImageRecord, Opened, PairRecord, Source
 
@@ -104,7 +104,7 @@ def is_arrow_spec(spec: str) -> bool:
         return True
     p = Path(path)
     return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
-                           or any(not passed_over(f.name) for f in p.glob("*.parquet")))
+                           or bool(files_below(p, (".parquet",))))
 
 
 # --------------------------------------------------------------------------- files
@@ -189,7 +189,7 @@ def _shards(spec: _Spec) -> tuple[list[_Shard], dict]:
         return [_Shard(str(p / n), "arrow") for n in names], features
 
     if p.is_dir():
-        files = sorted(f for f in p.glob("*.parquet") if f.is_file() and not passed_over(f.name))  # not ._x.parquet
+        files = [f for f in files_below(p, (".parquet",)) if f.is_file()]  # not ._x.parquet
     elif p.is_file():
         files = [p]
     else:

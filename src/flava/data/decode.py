@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,13 +31,32 @@ MAX_IMAGE_PIXELS = 40_000_000
 def _image_bytes(ref: Path | Member) -> bytes:
     if isinstance(ref, (TarMember, Blob, ImageURL)):
         data = ref.read()
-    else:
+    elif not isinstance(ref, (str, os.PathLike)):  # a parquet cell and the like: read as it reads itself
         if not ref.exists():
             raise BadSample("missing image file")
         try:
             data = ref.read_bytes()
         except OSError:
             raise BadSample("unreadable image") from None
+    else:
+        # Opened without waiting: a FIFO named as an image (or found in a folder, through a link)
+        # would wait for a writer for ever, and the run with it.
+        try:
+            fd = os.open(ref, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:  # a dangling link too
+            raise BadSample("missing image file") from None
+        except OSError:
+            raise BadSample("unreadable image") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise BadSample("unreadable image" if stat.S_ISDIR(mode) else "not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read()
+        except OSError:
+            raise BadSample("unreadable image") from None
+        finally:
+            os.close(fd)
     if not data:
         raise BadSample("empty image file")
     return data

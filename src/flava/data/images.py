@@ -24,12 +24,14 @@ def passed_over(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX"
 
 
-def walk_files(root: str | os.PathLike) -> Iterator[Path]:
+def walk_files(root: str | os.PathLike, file_links: set[str] | None = None) -> Iterator[Path]:
     """Every file below the folder `root`, in no set order, none `passed_over`. Folders are walked
     once each: the tree as it lies first, then the links to folders it holds (datasets are
     assembled with `ln -s`), in name order, where they reach a folder not walked yet and not one
     that holds `root` (a link to a parent would loop, or walk the parent's other folders): a
-    `current -> v2` link beside `v2` had listed every image twice, as two classes."""
+    `current -> v2` link beside `v2` had listed every image twice, as two classes. `file_links`
+    receives the files yielded that are links (told without a stat), which may name a file
+    yielded under its own name too."""
     top = os.path.realpath(root)
     walked: set[str] = set()
     links: list[str] = []
@@ -52,6 +54,8 @@ def walk_files(root: str | os.PathLike) -> Iterator[Path]:
                 elif e.is_symlink() and e.is_dir():
                     links.append(e.path)
                 else:  # a file, a link to one, or a dangling link (then named unreadable)
+                    if file_links is not None and e.is_symlink():
+                        file_links.add(os.path.abspath(e.path))
                     yield Path(e.path)
 
     yield from walk(str(root), top)
@@ -64,16 +68,25 @@ def walk_files(root: str | os.PathLike) -> Iterator[Path]:
                 yield from walk(link, real)
 
 
-def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None) -> list[Path]:
+def files_below(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files below the folder `root` (`walk_files`: its sub-folders too) whose names end in one
+    of `suffixes` (lower case), sorted: shards and parquet in sub-folders (a dataset's
+    data/train/, img2dataset's parts) had been left out unsaid."""
+    return sorted(q for q in walk_files(root) if q.name.lower().endswith(suffixes))
+
+
+def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None,
+                file_links: set[str] | None = None) -> list[Path]:
     """Image files named by paths, directories (searched recursively: `walk_files`) or glob patterns;
-    `left_out` counts by suffix the other files the directories hold (`said_left_out`)."""
+    `left_out` counts by suffix the other files the directories hold (`said_left_out`);
+    `file_links` receives the files found in directories that are links."""
     found: list[Path] = []
     others: Counter = Counter()
     for spec in specs:
         spec = str(spec)
         p = Path(spec)
         if p.is_dir():
-            for q in sorted(walk_files(p)):
+            for q in sorted(walk_files(p, file_links)):
                 if q.suffix.lower() in IMAGE_SUFFIXES:
                     found.append(q)
                 else:
@@ -92,6 +105,44 @@ def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None)
     if left_out is not None:
         left_out.update(others)
     return found
+
+
+class RealPaths:
+    """Files' paths with every link resolved, a stat per folder (cached) rather than per file, so a
+    folder of a million images costs what its folders do; a file that is itself a link (`links`)
+    is resolved alone."""
+
+    def __init__(self, links: set[str] | None = None):
+        self.links = links or set()
+        self._folders: dict[str, str] = {}
+
+    def __call__(self, path: str | os.PathLike) -> str:
+        path = os.path.abspath(path)
+        if path in self.links:
+            return os.path.realpath(path)
+        folder, name = os.path.split(path)
+        real = self._folders.get(folder)
+        if real is None:
+            real = self._folders[folder] = os.path.realpath(folder)
+        return os.path.join(real, name)
+
+
+def without_repeats(files: list[Path], links: set[str]) -> tuple[list[Path], int]:
+    """`files` less those a link names a second time (a link beside its target, two links to one
+    file), and how many were left out: the file under its own name is kept, else the first link."""
+    if not links:
+        return files, 0
+    real = RealPaths(links)
+    seen = {real(f) for f in files if os.path.abspath(f) not in links}
+    kept = []
+    for f in files:
+        if os.path.abspath(f) in links:
+            target = real(f)
+            if target in seen:
+                continue
+            seen.add(target)
+        kept.append(f)
+    return kept, len(files) - len(kept)
 
 
 def empty_class_folders(root: str | os.PathLike, images: list[Path]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from ..errors import DataError
 from . import arrow, demo, sources, tables, tars, texts
-from .images import IMAGE_SUFFIXES, find_images, passed_over, walk_files
+from .images import IMAGE_SUFFIXES, RealPaths, files_below, find_images, passed_over, walk_files
 from .shards import ShardCache, is_remote
 from .sources import Source
 
@@ -24,9 +24,8 @@ KINDS: tuple[Kind, ...] = ("pairs", "images", "text")
 
 
 def _shards_in(folder: Path) -> list[str]:
-    """The names of the tar shards (plain or compressed) directly in `folder`."""
-    return sorted(q.name for q in folder.iterdir() if q.name.lower().endswith(tars.TAR_SUFFIXES)
-                  and not passed_over(q.name))
+    """The tar shards (plain or compressed) below `folder`, as paths relative to it."""
+    return [str(q.relative_to(folder)) for q in files_below(folder, tars.TAR_SUFFIXES)]
 
 
 def _is_tar_spec(spec: str) -> bool:
@@ -43,9 +42,15 @@ def _img2dataset_output(spec: str) -> bool:
     p = Path(spec)
     if is_remote(spec) or not p.is_dir():
         return False
-    stems = {name.split(".", 1)[0] for name in _shards_in(p)}
-    metadata = [q.stem for q in p.glob("*.parquet") if not passed_over(q.name)]
+    stems = {_stem(name) for name in _shards_in(p)}
+    metadata = [_stem(str(q.relative_to(p))) for q in files_below(p, (".parquet",))]
     return bool(metadata) and all(stem in stems for stem in metadata)
+
+
+def _stem(relative: str) -> str:
+    """A file's path without its suffixes: p1/00000.tar.gz -> p1/00000."""
+    head, _, name = relative.rpartition("/")
+    return f"{head}/{name.split('.', 1)[0]}" if head else name.split(".", 1)[0]
 
 
 def _refuse_shards_beside_images(spec: str) -> None:
@@ -59,7 +64,7 @@ def _refuse_shards_beside_images(spec: str) -> None:
         return
     images = next((str(q.relative_to(p)) for q in walk_files(p) if q.suffix.lower() in IMAGE_SUFFIXES), None)
     if images is not None:
-        suffix = "." + shards[0].split(".", 1)[1]
+        suffix = "." + Path(shards[0]).name.split(".", 1)[1]
         raise DataError(f"{spec} holds both shards ({shards[0]}) and image files ({images}): name the shards alone "
                         f"({p / ('*' + suffix)}), or move the shards out of it to read the images")
 
@@ -75,6 +80,10 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
     if missing is not None:  # read as shards, it was "no tar shards match PATH?image=jpg"
         raise DataError(f"{missing} does not exist (named by {spec}, whose columns after '?' a parquet file or a "
                         "`datasets` directory takes)")
+    if is_remote(spec) and arrow.is_arrow_spec(spec):  # read as a local path, it "matched nothing"
+        also = ", .txt or .jsonl files" if kind == "text" else ""
+        raise DataError(f"{spec}: parquet is read from local files; copy it here and name its local path (remote "
+                        f"{kind} are read from WebDataset shards{also})")
     if arrow.is_arrow_spec(spec) and not _img2dataset_output(spec):
         return {"pairs": arrow.arrow_pairs, "images": arrow.arrow_images, "text": arrow.arrow_text}[kind](spec)
     _refuse_tables_as_several(kind, spec)
@@ -154,10 +163,10 @@ def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws on
 def check_disjoint(srcs: Sequence[Source], where: str, hint: str = " (a weight draws one more often)") -> None:
     """Each shard once: a folder and a glob or a file in it named beside each other (`shards` and
     `shards/00000.tar`) drew those shards twice as often, unsaid; so did image files (`imgs` and
-    `imgs/a*.jpg`). Paths are compared as written made absolute, without a stat each (shard lists
-    run to thousands). One source may name an image twice (a table's rows), two may not."""
-    import os
-
+    `imgs/a*.jpg`). Paths are compared with their folders' links resolved (`RealPaths`: a stat a
+    folder, not a file; shard lists run to thousands), so a folder and a link to it are one. One
+    source may name an image twice (a table's rows), two may not."""
+    real = RealPaths()
     owner: dict[tuple, Source] = {}
     image_owner: dict[str, Source] = {}
     for src in srcs:
@@ -169,14 +178,13 @@ def check_disjoint(srcs: Sequence[Source], where: str, hint: str = " (a weight d
                 for r in shard.records if isinstance(shard, sources.RecordShard) else ():
                     if not isinstance(r, sources.ImageRecord) or not isinstance(r.image, Path):  # a member, pixels
                         continue
-                    path = os.path.abspath(r.image)
-                    first = image_owner.setdefault(path, src)
+                    first = image_owner.setdefault(real(r.image), src)
                     if first is not src:
                         raise DataError(f"{where}: the image {r.image} is named by both {first.name} and {src.name}; "
                                         f"give each image once{hint}")
                 continue
             # ... and what is read of it: another column of a parquet file, field of a JSONL file.
-            key = (url if is_remote(url) else os.path.abspath(url), getattr(shard, "start", None),
+            key = (url if is_remote(url) else real(url), getattr(shard, "start", None),
                    getattr(shard, "unit", None), repr(getattr(shard, "columns", None)), getattr(shard, "field", None))
             if key in owner:
                 named = f"both {owner[key].name} and {src.name}" if owner[key] is not src else f"{src.name} twice"
@@ -222,13 +230,13 @@ def loose_images(specs: Sequence[str]) -> Source:
     """Image files and globs gathered into one source: a source per file drew whole batches of one
     image, and a glob was read as a folder's name. An image two of them name is refused, as
     `check_disjoint` refuses one that two sources name."""
-    import os
-
-    found = find_images(list(specs))
+    links: set[str] = set()
+    found = find_images(list(specs), file_links=links)
+    real = RealPaths(links)
     seen: set[str] = set()
-    twice = next((p for p in found if (key := os.path.abspath(p)) in seen or seen.add(key)), None)
+    twice = next((p for p in found if (key := real(p)) in seen or seen.add(key)), None)
     if twice is not None:
-        by = [str(s) for s in specs if any(os.path.abspath(q) == os.path.abspath(twice) for q in find_images([s]))]
+        by = [str(s) for s in specs if any(real(q) == real(twice) for q in find_images([s]))]
         raise DataError(f"the image {twice} is named by both {by[0]} and {by[-1]}; give each image once")
     return Source("images", [sources.ImageRecord(p) for p in found], ", ".join(map(str, specs)))
 

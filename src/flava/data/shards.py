@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .. import stopping
 from ..errors import DataError, first_line
-from .images import passed_over
+from .images import files_below
 from .members import hold_shard
 
 GLOB_CHARS = "*?["
@@ -98,12 +98,10 @@ def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
         elif is_remote(part):
             check_protocol(part)
             urls += _expand_remote(part, suffixes)
-        elif any(c in part for c in GLOB_CHARS):
+        elif any(c in part for c in GLOB_CHARS) and not os.path.exists(_local(part)):  # "wds [v1]" is a name
             urls += sorted(m for m in glob.glob(_local(part), recursive=True) if Path(m).is_file())
         elif len(parts) == 1 and Path(_local(part)).is_dir():
-            p = Path(_local(part))
-            urls += sorted(str(q) for q in p.iterdir()
-                           if q.is_file() and q.name.lower().endswith(suffixes) and not passed_over(q.name))
+            urls += [str(q) for q in files_below(_local(part), suffixes) if q.is_file()]
         else:
             # Named shards are not checked one by one (millions of stat calls at start-up on a
             # network file system); a missing one is counted when a stream reaches it.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, first_line
-from .images import find_images
+from .images import find_images, without_repeats
 from .members import BadSample, ImageRef, Member, TarMember, refuse_urls, table_image
 from .shards import unreachable
 from .tables import read_table
@@ -256,8 +256,11 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
 def image_folder(path: str) -> Source:
     """Every image below `path`; the first-level sub-folder names are the class labels."""
     root = Path(path)
-    files = find_images([root])
+    links: set[str] = set()
+    # A link beside its target drew that image twice as often (embed leaves it out, and says so).
+    files, repeats = without_repeats(find_images([root], file_links=links), links)
     classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(f, index.get(f.relative_to(root).parts[0], -1) if classes else -1) for f in files]
-    return Source("images", records, str(root), classes=classes)
+    return Source("images", records, str(root), Counter({"image named twice (a link)": repeats}) if repeats else None,
+                  classes=classes)

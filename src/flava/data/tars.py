@@ -27,13 +27,13 @@ def _end_marker_present(f, end: int, size: int) -> bool:
 
 
 TOKENS_EXT, CROPS_EXT = ".tokens.npy", ".crops.npy"
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 """Shards a folder of them is read for: tars, and tars compressed whole as WebDataset reads them."""
 
 
 def _decompressor(head: bytes):
-    """A maker of incremental decompressors for a shard compressed whole (gzip, bzip2, xz: told by
-    its first bytes, whatever its name), or None for a plain tar. `head`: its first 262 bytes."""
+    """A maker of incremental decompressors for a shard compressed whole (gzip, bzip2, xz, zstd:
+    told by its first bytes, whatever its name), or None for a plain tar. `head`: its first 262 bytes."""
     import bz2
     import lzma
     import zlib
@@ -46,6 +46,10 @@ def _decompressor(head: bytes):
         return bz2.BZ2Decompressor
     if head[:6] == b"\xfd7zXZ\x00":
         return lzma.LZMADecompressor
+    if head[:4] == b"\x28\xb5\x2f\xfd":  # a zstd frame (read as a tar, it was "corrupt")
+        import zstandard
+
+        return lambda: zstandard.ZstdDecompressor().decompressobj()
     return None
 
 
