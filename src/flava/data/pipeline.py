@@ -597,9 +597,11 @@ class BatchStream:
             raise DataError(f"the {self.kind} data ({self.source.name}) holds {now:,} samples but the run was saved "
                             f"with {int(was):,}: the data changed; resume with the same data")
         was, now = first.get("bytes"), self.source.known_bytes
-        if not restart and was is not None and now is not None and int(was) != now:
-            # A text file edited under the same count of byte ranges: its lines move, and the saved
-            # positions would read others (a line added at the top had resumed silently).
+        same = str(first.get("source", self.source.name)) == self.source.name
+        if not restart and same and was is not None and now is not None and int(was) != now:
+            # A file edited in place under the same count of byte ranges or rows: lines move, captions
+            # change, and the saved positions would read others, silently. Another source named with
+            # --override is a change the user declared: its shape (above) is all positions need.
             raise DataError(f"the {self.kind} data ({self.source.name}) holds {now:,} bytes but the run was saved "
                             f"with {int(was):,}: the data changed; resume with the same data")
         self.seed = int(first.get("seed", self.seed))

@@ -99,7 +99,8 @@ class Source:
         self.known_size = size if size is not None else (len(records) if records is not None else None)
         """Samples in all shards when known without reading them (an index, a table), else None."""
         self.known_bytes: int | None = None
-        """The bytes of its files where lines, not samples, are what is cheap to know (local text)."""
+        """The bytes of its local files (text, tables): a resume compares them, as an edit may keep
+        the count of lines or rows that positions index."""
         self.prepared: dict | None = None
         """What `flava prepare` recorded (codebook, crops), when the shards are prepared ones."""
         self.prepared_apart: list[str] = []
@@ -250,7 +251,10 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
         else:
             records.append(PairRecord(table_image(p.parent, image), caption or ""))
     refuse_urls(p, [r.image for r in records])
-    return Source("pairs", records, str(p), rejected)
+    source = Source("pairs", records, str(p), rejected)
+    # Positions index its rows: an edit that keeps their count (other captions) is told by the size.
+    source.known_bytes = p.stat().st_size
+    return source
 
 
 def image_folder(path: str) -> Source:
