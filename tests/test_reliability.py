@@ -374,6 +374,41 @@ def test_samples_are_counted_by_the_source_that_gave_them_across_a_resume_that_n
 
 
 @pytest.mark.slow
+def test_other_data_no_resume_can_follow_is_refused_once_pointing_to_a_new_run(train_data, tmp_path, capsys):
+    # `--resume --set data.pairs=OTHER` was sent to pass --override, and then refused with "the data
+    # changed; resume with the same data": a dead end. Data the saved positions cannot index is
+    # refused in one line, with or without --override, naming the way on: a new run from this one.
+    run = tmp_path / "run"
+    only_pairs = ["--set", "data.images=[]", "--set", "data.text=[]"]
+    assert cli(pretrain_args(train_data, run) + narrow_args() + only_pairs + ["--max-steps", "2"]) == 0
+    capsys.readouterr()
+    clean = train_data / "pairs_clean.csv"  # 16 rows, where the run's table has 17
+    for override in ([], ["--override"]):
+        err = " ".join(one_line_error(capsys, cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3",
+                                                    *override, "--set", f'data.pairs=["{clean}"]'])).split())
+        assert "holds 16 samples but the run was saved with 17: the data changed" in err, err
+        assert f"--output NEW --set init={run}" in err and "--override" not in err, err
+    assert not (run / "config_history.jsonl").exists()
+    # The way it names: the new data in a new run from this one's weights.
+    new = ["pretrain", "--output", str(tmp_path / "new"), "--set", f"init={run}", "--set", f'data.pairs=["{clean}"]',
+           *only_pairs, "--set", "data.batch_size=4", "--set", "data.num_workers=0", "--max-steps", "1"]
+    assert cli(new) == 0
+    # Data of the run's shape can be followed: --override is the way, and the run says where it reads.
+    same = tmp_path / "same.csv"
+    rows = (train_data / "pairs.csv").read_text().replace("colour 3", "another colour").splitlines()
+    same.write_text("\n".join([rows[0]] + [f"{train_data / r}" for r in rows[1:]]) + "\n")
+    capsys.readouterr()
+    err = one_line_error(capsys, cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3",
+                                      "--set", f'data.pairs=["{same}"]']))
+    assert "pass --override" in err, err
+    assert cli(["pretrain", "--output", str(run), "--resume", "--max-steps", "3", "--override",
+                "--set", f'data.pairs=["{same}"]']) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"the pairs data is now {same} (the run was saved on {train_data / 'pairs.csv'}): the run reads on " \
+           "from its saved positions, in the new data" in out, out
+
+
+@pytest.mark.slow
 def test_a_stop_at_once_names_the_last_save_and_counts_from_the_first_signal(train_data, tmp_path, capsys,
                                                                             monkeypatch):
     # A second Ctrl-C after the stop's save had completed said "nothing was saved since the last save"

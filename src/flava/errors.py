@@ -26,6 +26,10 @@ class DataError(FlavaError, ValueError):
     """A data path matches nothing or a data set has no usable sample."""
 
 
+class DataChanged(DataError):
+    """A resume's data unlike the data its saved stream positions index: no --override can follow it."""
+
+
 class DivergedError(FlavaError, RuntimeError):
     """Training stopped because its loss or gradients stayed non-finite."""
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import DataError, FlavaError
+from ..errors import DataChanged, DataError, FlavaError
 from .. import stopping
 from ..stopping import prepare_loader_owner, quiet_loader_worker
 from .members import BadSample
@@ -40,6 +40,9 @@ from .sources import OUTAGE_S, Source, open_shard, open_waiting
 
 MAX_LANES = 64
 SUBSTITUTE_TRIES = 100
+CHANGED = ("the data changed, and a resumed run reads on from its saved positions in the data it was saved with; "
+           "resume with that data")
+"""Why a resume on other data is refused (`DataChanged`); pretraining adds its way to train on the new data."""
 PROBE_SHARDS = 5
 """Shards a source's probe reads at most (`BatchStream.probe`)."""
 POLL_S = 0.5
@@ -587,23 +590,23 @@ class BatchStream:
                                   f"{self.batch_size} per process on {self.world} (data.batch_size was {was})")
         if not restart and (int(first["shards"]) != len(self.source.shards) or
                             int(first["lanes"]) != self.layout.lanes):
-            raise DataError(f"the {self.kind} data ({self.source.name}) has {len(self.source.shards)} shards and "
-                            f"{self.layout.lanes} lanes but the run was saved with {first['shards']} and "
-                            f"{first['lanes']}: the data changed; resume with the same data")
+            raise DataChanged(f"the {self.kind} data ({self.source.name}) has {len(self.source.shards)} shards and "
+                              f"{self.layout.lanes} lanes but the run was saved with {first['shards']} and "
+                              f"{first['lanes']}: {CHANGED}")
         was, now = first.get("size"), self.source.known_size
         if not restart and was is not None and now is not None and int(was) != now:
             # A table or folder of another size under the same shard count: positions saved in it
             # would index other samples, repeating or skipping some.
-            raise DataError(f"the {self.kind} data ({self.source.name}) holds {now:,} samples but the run was saved "
-                            f"with {int(was):,}: the data changed; resume with the same data")
+            raise DataChanged(f"the {self.kind} data ({self.source.name}) holds {now:,} samples but the run was "
+                              f"saved with {int(was):,}: {CHANGED}")
         was, now = first.get("bytes"), self.source.known_bytes
         same = str(first.get("source", self.source.name)) == self.source.name
         if not restart and same and was is not None and now is not None and int(was) != now:
             # A file edited in place under the same count of byte ranges or rows: lines move, captions
             # change, and the saved positions would read others, silently. Another source named with
             # --override is a change the user declared: its shape (above) is all positions need.
-            raise DataError(f"the {self.kind} data ({self.source.name}) holds {now:,} bytes but the run was saved "
-                            f"with {int(was):,}: the data changed; resume with the same data")
+            raise DataChanged(f"the {self.kind} data ({self.source.name}) holds {now:,} bytes but the run was "
+                              f"saved with {int(was):,}: {CHANGED}")
         self.seed = int(first.get("seed", self.seed))
         self.draws = int(first["draws"])
         # What the saved source gave stays its own when another is named now (or the order starts again).
@@ -615,6 +618,9 @@ class BatchStream:
             if given:
                 self.earlier[was_named] = self.earlier.get(was_named, 0) + given
             self.counted_from = 0 if restart else self.draws
+            if not restart:  # --override named it: same-shaped, it is read where the saved one would have been
+                self.notes.append(f"the {self.kind} data is now {self.source.name} (the run was saved on {was_named}):"
+                                  " the run reads on from its saved positions, in the new data")
         self.cursors, self.bad, self.rejected, self.skipped = {}, {}, {}, Counter()
         self._undo = None
         for r, st in enumerate(states):
@@ -709,8 +715,8 @@ class KindStream:
 
     def load_states(self, states: list[dict]) -> None:
         if any(len(st["sources"]) != len(self.streams) for st in states):
-            raise DataError(f"the run was saved with {len(states[0]['sources'])} {self.kind} sources and has "
-                            f"{len(self.streams)} now: resume with the same data")
+            raise DataChanged(f"the run was saved with {len(states[0]['sources'])} {self.kind} sources and has "
+                              f"{len(self.streams)} now: {CHANGED}")
         self.draws = int(states[0]["draws"])
         if self.estimated and len(states[0].get("weights", ())) == len(self.streams):
             self.weights = np.array(states[0]["weights"], dtype=float)

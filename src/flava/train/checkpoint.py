@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 from safetensors import SafetensorError
 
 from ..config import to_dict
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataChanged
 from ..loading import Checkpoint, load_weights, read_checkpoint, refuse_non_finite
 from ..io.checkpoint import (PARTS, damage, save_state, split_parts, write_checkpoint_dir, write_checkpoint_files,
                              write_checksums)
@@ -136,6 +136,12 @@ def _choose(run, notes: list[str]) -> tuple[Path, tuple] | None:
                           + f". Copy a good one back, or start the run again: remove {run.checkpoints} (the same "
                           "command without --resume then starts over there) or choose another --output")
 
+
+
+def on_new_data(e: DataChanged, run: Path) -> DataChanged:
+    """`e` with pretraining's way to train on the new data: a new run from this one's weights."""
+    return DataChanged(f"{e}, or train on the new data in a new run started from this one "
+                       f"(--output NEW --set init={run})")
 
 
 class CheckpointManager:
@@ -275,7 +281,10 @@ class CheckpointManager:
             if any(s is None for s in saved):
                 raise CheckpointError(f"{target} holds no {k} stream state: resume with the data the run was started "
                                       "with")
-            stream.load_states(saved)
+            try:
+                stream.load_states(saved)
+            except DataChanged as e:
+                raise on_new_data(e, run.root) from None
         pointed = run.intact_pointer()
         # The rates, betas and eps this run's settings built (changed on resume with --override):
         # the saved optimizer and schedule would bring back the old ones, silently.

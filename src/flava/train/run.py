@@ -21,15 +21,15 @@ from .. import stopping
 from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict, validate
 from ..data.pipeline import per_process_batch
 from ..distributed import end_host_group, resolve_device, start_host_group
-from ..data.registry import KINDS, missing_files
-from ..errors import CheckpointError, ConfigError, FlavaError
+from ..data.registry import KINDS, missing_files, open_stream
+from ..errors import CheckpointError, ConfigError, DataChanged, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import check_writable, read_json, write_json_atomic
 from ..io.locks import InUse
 from ..io.runs import LOCK, RunDir, codebook_state
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
-from .checkpoint import STREAMS
+from .checkpoint import STREAMS, on_new_data
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig, anchored
 from .init import INIT_KEYS, find_sources
@@ -133,6 +133,8 @@ def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override
     _refuse_what_no_resume_changes(saved, cfg, diff, output)  # first: --override would not help
     refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
     if refused and not override:
+        if any(k in refused for k in DATA_KEYS):
+            _refuse_data_no_resume_follows(cfg, RunDir(output), refused)  # first: --override would not help
         raise ConfigError(
             f"--resume would change the run's settings ({said(refused)}); a run keeps the settings it was started "
             f"with. Drop those --set flags, or pass --override to change them (recorded in {output / HISTORY})")
@@ -180,6 +182,34 @@ def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: d
         raise ConfigError(f"a resumed run cannot change {said(shaping)}: its checkpoints hold weights of other "
                           f"shapes (e.g. {moved[0]}); start a new run (init_image=, init_text= and init_multimodal= "
                           "take this run's encoders that still fit)")
+
+
+DATA_KEYS = tuple(f"data.{k}" for k in KINDS)
+
+
+def _refuse_data_no_resume_follows(cfg: TrainConfig, run: RunDir, refused: dict) -> None:
+    """Other data named on resume: the run's saved positions must index it (as many shards, lanes
+    and samples), or no --override can resume on it. Opened and checked as the resume would."""
+    latest = run.intact_pointer()
+    if latest is None:
+        return
+    try:
+        per_process = read_json(latest / STREAMS, "stream positions", expect=list)
+    except FlavaError:
+        return  # the resume itself says what is wrong with them
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    kinds, _ = trained_kinds(cfg)
+    for kind in (k for k in kinds if f"data.{k}" in refused):
+        saved = [p.get(kind) if isinstance(p, dict) else None for p in per_process]
+        if not saved or any(s is None for s in saved):
+            continue
+        d = cfg.data
+        stream = open_stream(kind, getattr(d, kind), None, d.batch_size, seed=cfg.seed, rank=rank, world=world,
+                             lanes=d.lanes, outage_s=d.outage_minutes * 60)
+        try:
+            stream.load_states(saved)
+        except DataChanged as e:
+            raise on_new_data(e, run.root) from None
 
 
 RUN_FILES = (SETTINGS, HISTORY, "metrics.jsonl", "summary.json", "loss_curves.png", "tensorboard", "checkpoints")
