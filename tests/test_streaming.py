@@ -22,6 +22,7 @@ from PIL import Image
 from conftest import finished, free_port, narrow_args, openers, pretrain_args, proc_state
 from zygote import Process, python
 from flava.data import decode, texts
+from flava.data.texts import text_file
 from flava.data.pipeline import BatchStream, KindStream
 from flava.data.samples import SampleMaker, SampleSpec
 from flava.data.registry import open_source, open_stream
@@ -743,6 +744,30 @@ def test_text_is_read_by_byte_ranges_without_losing_or_repeating_a_line(tmp_path
         f.write("".join(json.dumps({"text": x}) + "\n" for x in lines[:10]))
     z = open_source("text", str(tmp_path / "z.jsonl.gz"))
     assert len(z.shards) == 1 and z.records == lines[:10]
+
+
+def test_a_text_file_gives_the_same_texts_compressed_or_not_whatever_its_line_endings(tmp_path, monkeypatch):
+    # A file of old Mac line endings (a lone \r) was one text read by byte ranges, and 50 texts
+    # gzipped (read whole, split by bytes.splitlines). Lines end at \n, \r\n or \r in both.
+    mac = b"".join(f"classic mac line {i}\r".encode() for i in range(50))
+    (tmp_path / "cr.txt").write_bytes(mac)
+    (tmp_path / "cr.txt.gz").write_bytes(gzip.compress(mac))
+    want = [f"classic mac line {i}" for i in range(50)]
+    assert text_file(str(tmp_path / "cr.txt")).records == text_file(str(tmp_path / "cr.txt.gz")).records == want
+    # Every mix of endings, with ranges cut anywhere (between a \r and its \n too): no line lost,
+    # none read twice, the same as the compressed copy's.
+    rng = np.random.default_rng(0)
+    ends = [b"\n", b"\r", b"\r\n", b"\r\r\n", b"\n\n"]
+    for trial in range(30):
+        data = b"".join(f"t{trial} line {i}".encode() + ends[int(rng.integers(len(ends)))] for i in range(40))
+        data = data[:int(rng.integers(len(data) - 5, len(data) + 1))]  # at times no ending at the end
+        (tmp_path / "m.txt").write_bytes(data)
+        (tmp_path / "m.txt.gz").write_bytes(gzip.compress(data))
+        whole = [x.decode() for x in data.splitlines() if x.strip()]
+        monkeypatch.setattr(texts, "TEXT_RANGE_BYTES", int(rng.integers(1, 40)))
+        ranged = text_file(str(tmp_path / "m.txt"))
+        assert len(ranged.shards) > 1 and ranged.records == whole, trial
+        assert text_file(str(tmp_path / "m.txt.gz")).records == whole, trial
 
 
 def test_weighted_mixing_is_seeded_resumable_and_counted(tmp_path):

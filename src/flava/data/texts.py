@@ -38,19 +38,23 @@ class TextShard:
         return self.url if self.end is None else f"{self.url}@{self.start}"
 
     def _lines(self, rejected: Counter) -> list[bytes]:
+        # Lines end at \n, \r\n or a lone \r (old Mac files), as bytes.splitlines has it for whole files.
         if self.end is not None:
             with open(self.url, "rb") as f:
-                if self.start > 0:
-                    f.seek(self.start - 1)
-                    if f.read(1) != b"\n":
-                        f.readline()  # the line that started before this range belongs to the one before
-                lines = []
-                while f.tell() < self.end:
-                    line = f.readline()
-                    if not line:
-                        break
-                    lines.append(line)
-                return lines
+                at = self.start
+                if at > 0:
+                    f.seek(at - 1)
+                    before, here = f.read(1), f.read(1)
+                    if not (before == b"\n" or before == b"\r" and here != b"\n"):
+                        f.seek(at)  # the line that started before this range belongs to the one before
+                        at += len(_rest_of_line(f))
+                if at >= self.end:
+                    return []
+                f.seek(at)
+                data = f.read(self.end - at)
+                if not data.endswith((b"\n", b"\r")):
+                    data += _rest_of_line(f)  # the last line starting in the range, read to its end
+                return data.splitlines()
         from .shards import read
 
         raw = read(self.url, self.cache)
@@ -62,7 +66,7 @@ class TextShard:
         if damage:
             rejected[damage] += 1
         if damage and damage != TRAILING:
-            text = text[:text.rfind(b"\n") + 1]  # the line the damage cut is not a text
+            text = text[:max(text.rfind(b"\n"), text.rfind(b"\r")) + 1]  # the line the damage cut is not a text
         return text.splitlines()
 
     def open(self) -> Opened:
@@ -71,7 +75,7 @@ class TextShard:
         records = []
         for raw in self._lines(rejected):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n").removeprefix("\ufeff")  # a BOM: not text
+                line = raw.decode("utf-8").removeprefix("\ufeff")  # a BOM: not text
             except UnicodeDecodeError:
                 rejected["undecodable text line"] += 1
                 continue
@@ -89,6 +93,22 @@ class TextShard:
                     continue
             records.append(line)
         return Opened(records, rejected)
+
+
+def _rest_of_line(f) -> bytes:
+    """The bytes from `f`'s position to the end of its line, the line's ending (\\n, \\r\\n or \\r) included."""
+    out = []
+    while chunk := f.read(1 << 16):
+        ends = [i for i in (chunk.find(b"\n"), chunk.find(b"\r")) if i >= 0]
+        if not ends:
+            out.append(chunk)
+            continue
+        cut = min(ends)
+        out.append(chunk[:cut + 1])
+        if chunk[cut:cut + 1] == b"\r" and (chunk[cut + 1:cut + 2] or f.read(1)) == b"\n":
+            out.append(b"\n")
+        break
+    return b"".join(out)
 
 
 def _compression_suffix(url: str) -> str:
