@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..errors import DataError
 from ..io.files import read_json
-from .images import files_below
+from .images import files_below, holds_below
 from .members import Blob, ImageURL, table_image
 from .sources import ImageRecord, Opened, PairRecord, Source
 
@@ -104,7 +104,7 @@ def is_arrow_spec(spec: str) -> bool:
         return True
     p = Path(path)
     return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file()
-                           or bool(files_below(p, (".parquet",))))
+                           or holds_below(p, (".parquet",)))
 
 
 # --------------------------------------------------------------------------- files

@@ -75,6 +75,22 @@ def files_below(root: str | os.PathLike, suffixes: tuple[str, ...]) -> list[Path
     return sorted(q for q in walk_files(root) if q.name.lower().endswith(suffixes))
 
 
+def holds_below(root: str | os.PathLike, suffixes: tuple[str, ...]) -> bool:
+    """Whether the folder `root` holds a file ending in one of `suffixes` (lower case): at its top,
+    else in its sub-folders, where the first image file found ends the search (an image folder
+    is not walked whole to learn it holds no shards: its listing comes once, when it is read)."""
+    with os.scandir(root) as listing:
+        if any(e.name.lower().endswith(suffixes) for e in listing if not passed_over(e.name)):
+            return True
+    for q in walk_files(root):
+        name = q.name.lower()
+        if name.endswith(suffixes):
+            return True
+        if q.suffix.lower() in IMAGE_SUFFIXES:
+            return False
+    return False
+
+
 def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None,
                 file_links: set[str] | None = None) -> list[Path]:
     """Image files named by paths, directories (searched recursively: `walk_files`) or glob patterns;

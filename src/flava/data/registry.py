@@ -15,7 +15,7 @@ from typing import Literal
 
 from ..errors import DataError
 from . import arrow, demo, sources, tables, tars, texts
-from .images import IMAGE_SUFFIXES, RealPaths, files_below, find_images, passed_over, walk_files
+from .images import IMAGE_SUFFIXES, RealPaths, files_below, find_images, holds_below, passed_over, walk_files
 from .shards import ShardCache, is_remote
 from .sources import Source
 
@@ -31,7 +31,7 @@ def _shards_in(folder: Path) -> list[str]:
 def _is_tar_spec(spec: str) -> bool:
     p = Path(spec)
     if not is_remote(spec) and p.is_dir():  # by what it holds, whatever its name ("my.tar_files/")
-        return (p / tars.INDEX).is_file() or bool(_shards_in(p))
+        return (p / tars.INDEX).is_file() or holds_below(p, tars.TAR_SUFFIXES)
     low = spec.lower().rstrip("/")
     return low.endswith((".tar", ".tgz", ".json", "}")) or low.startswith("pipe:") or ".tar" in low
 
