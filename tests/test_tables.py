@@ -253,3 +253,34 @@ def test_a_column_named_twice_is_refused_naming_it_and_the_file(tmp_path, suffix
     # A spreadsheet's trailing unnamed columns are no column named twice.
     (tmp_path / "trailing.csv").write_text("image,caption,,\na.png,a cat,,\n")
     assert read_table(tmp_path / "trailing.csv").rows[0].values["caption"] == "a cat"
+
+
+def test_a_tables_bad_rows_are_said_at_a_runs_start(tmp_path):
+    # A quote never closed on line 22 of 201 left 20 rows to train on, and the start line listed
+    # those alone: the bad rows were first said in the counts at the run's end.
+    from types import SimpleNamespace
+
+    from flava.data.sources import csv_pairs
+    from flava.train.run import _source_notes
+
+    (tmp_path / "a.png").write_bytes(b"")
+    rows = ["image,caption"] + [f"a.png,caption {i}" for i in range(200)]
+    rows[21] = 'a.png,"caption 20 with 7 inch'
+    (tmp_path / "q.csv").write_text("\n".join(rows) + "\n")
+
+    def notes(name):
+        return _source_notes({"pairs": SimpleNamespace(streams=[SimpleNamespace(source=csv_pairs(tmp_path / name))])},
+                             4)
+
+    assert notes("q.csv") == [f"data.pairs {tmp_path / 'q.csv'}: a quote opened on line 22 is never closed, so lines "
+                              "22-201 are unread and 180 of its 200 rows are skipped (179 line after an unclosed "
+                              "quote, 1 malformed csv row); close that quote, or double a quote inside a quoted cell"]
+    # Any bad row is said, with the first of them.
+    rows[21] = "a.png,caption 20"
+    rows[30:30] = ["a.png,a cat, and a dog", ",no image"]
+    (tmp_path / "b.csv").write_text("\n".join(rows) + "\n")
+    assert notes("b.csv") == [f"data.pairs {tmp_path / 'b.csv'}: 2 of its 202 rows are bad and skipped (1 malformed "
+                              "csv row, 1 csv row without an image); the first, line 31: 3 cells under a header of "
+                              "2; quote a cell that holds a comma"]
+    (tmp_path / "c.csv").write_text("\n".join(rows[:30] + rows[32:]) + "\n")
+    assert notes("c.csv") == []

@@ -23,7 +23,7 @@ from ..errors import DataError, first_line
 from .images import find_images, without_repeats
 from .members import BadSample, ImageRef, Member, TarMember, refuse_urls, table_image
 from .shards import unreachable
-from .tables import read_table
+from .tables import UNCLOSED, read_table
 
 CAPTION_SUFFIXES = (".txt", ".caption", ".json")
 
@@ -95,6 +95,8 @@ class Source:
         self.shards = list(shards) if shards is not None else [RecordShard(name, tuple(records or ()))]
         self.listing_rejected = Counter(rejected or {})
         """Rejected before any shard was read (rows of a table, lines of a file read up front)."""
+        self.listing_first: dict[str, tuple[int, str]] = {}
+        """The line of each reason's first rejection there and what is wrong with it."""
         self.classes = list(classes or [])
         self.known_size = size if size is not None else (len(records) if records is not None else None)
         """Samples in all shards when known without reading them (an index, a table), else None."""
@@ -132,6 +134,7 @@ class Source:
     def extend(self, other: "Source") -> None:
         self.shards += other.shards
         self.listing_rejected += other.listing_rejected
+        self.listing_first = {**other.listing_first, **self.listing_first}
         self.known_size = None if self.known_size is None or other.known_size is None else \
             self.known_size + other.known_size
         self.known_bytes = None if self.known_bytes is None or other.known_bytes is None else \
@@ -241,20 +244,43 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
     fix = (f"rename the columns to {image_column!r} and {caption_column!r} (a parquet or datasets source "
            f"names its own: data.parquet?image=COL&caption=COL)")
     image_key, caption_key = table.column(image_column, fix=fix), table.column(caption_column, fix=fix)
-    records, rejected = [], Counter(table.rejected)
+    records, rejected, first = [], Counter(table.rejected), dict(table.first_bad)
     for row in table.rows:
         image, caption = row.get(image_key), row.get(caption_key)
         if not image:
             rejected["csv row without an image"] += 1
+            first.setdefault("csv row without an image", (row.line, f"its {image_key!r} cell is empty"))
         elif caption is not None and not isinstance(caption, str):  # JSON's lists, numbers, objects
             rejected["caption is not text"] += 1
+            first.setdefault("caption is not text", (row.line, f"its {caption_key!r} is not text"))
         else:
             records.append(PairRecord(table_image(p.parent, image), caption or ""))
     refuse_urls(p, [r.image for r in records])
     source = Source("pairs", records, str(p), rejected)
     # Positions index its rows: an edit that keeps their count (other captions) is told by the size.
     source.known_bytes = p.stat().st_size
+    source.listing_first = first
     return source
+
+
+def bad_rows_said(source: Source) -> str:
+    """A listed source's bad rows (a table's), said at a run's start: how many of its rows they
+    are and the first of them, or the quote never closed that left the rest of the file unread;
+    '' without any. They are skipped and counted; the counts at the run's end had been the first
+    word of them."""
+    bad = sum(source.listing_rejected.values())
+    if not bad:
+        return ""
+    rows = f"{bad:,} of its {bad + source.known_size:,} rows" if source.known_size is not None else \
+        f"{bad:,} row{'s' if bad != 1 else ''}"
+    counts = ", ".join(f"{n:,} {why}" for why, n in source.listing_rejected.most_common())
+    if UNCLOSED in source.listing_first:  # its lines follow the line of the quote, up to the file's end
+        opened = source.listing_first[UNCLOSED][0] - 1
+        return (f"a quote opened on line {opened:,} is never closed, so lines {opened:,}-"
+                f"{opened + source.listing_rejected[UNCLOSED]:,} are unread and {rows} are skipped ({counts}); "
+                "close that quote, or double a quote inside a quoted cell")
+    line, what = min(source.listing_first.values(), default=(0, ""))
+    return f"{rows} are bad and skipped ({counts})" + (f"; the first, line {line:,}: {what}" if line else "")
 
 
 def image_folder(path: str) -> Source:

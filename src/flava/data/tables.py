@@ -43,6 +43,8 @@ SUFFIXES = tuple(FORMATS)
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 BadRows = Literal["raise", "skip"]
+UNCLOSED = "line after an unclosed quote"
+"""The reason of each line a quote never closed took into its cell (counted, so none is lost unsaid)."""
 
 
 @dataclass(slots=True)
@@ -71,6 +73,8 @@ class Table:
     rows: list[Row]
     rejected: Counter = field(default_factory=Counter)
     """Bad rows left out under `bad_rows="skip"`, counted by reason."""
+    first_bad: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """The line of each reason's first bad row and what is wrong with it (said at a run's start)."""
 
     def column(self, *names: str, fix: str | None = None) -> str:
         """The first of `names` that is a column; else a DataError naming the columns there are
@@ -119,6 +123,7 @@ def read_table(path: str | Path, bad_rows: BadRows = "raise") -> Table:
             table.rows.append(row)
         elif bad_rows == "skip":
             table.rejected[row[1]] += 1
+            table.first_bad.setdefault(row[1], (row[0], row[2]))
         else:
             raise DataError(f"{path}, line {row[0]}: {row[2]}")
     return table
@@ -174,7 +179,7 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
                     yield _bad(start, "malformed csv row", "a quote opened on this line is never closed; close it, "
                                "or double a quote inside a quoted cell")
                     for line in range(start + 1, reader.line_num + 1):  # each line it took counted, not lost unsaid
-                        yield _bad(line, "line after an unclosed quote", f"unread: the quote opened on line {start} "
+                        yield _bad(line, UNCLOSED, f"unread: the quote opened on line {start} "
                                    "is never closed")
                     return
                 yield _bad(reader.line_num, "malformed csv row", f"not a well-formed {kind.upper()} row ({e}); "

@@ -22,6 +22,7 @@ from ..config import FlavaConfig, check, differences, from_dict, said, settings,
 from ..data.pipeline import per_process_batch
 from ..distributed import end_host_group, resolve_device, start_host_group
 from ..data.registry import KINDS, missing_files, open_stream
+from ..data.sources import bad_rows_said
 from ..errors import CheckpointError, ConfigError, DataChanged, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import check_writable, read_json, write_json_atomic
@@ -289,12 +290,15 @@ def _described(stream, weight: float) -> str:
             + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
 
 
-def _small_sources(streams: dict, global_batch: int) -> list[str]:
-    """A source of fewer samples than a batch repeats samples within every batch; among pairs, a
-    repeated pair is a negative of itself to the contrastive objective."""
+def _source_notes(streams: dict, global_batch: int) -> list[str]:
+    """What is wrong with a listed source that the run goes on with: bad rows and missing image
+    files (skipped and counted), and fewer samples than a batch, which repeats samples within
+    every batch (among pairs, a repeated pair is a negative of itself to the contrastive objective)."""
     notes = []
     for kind, ks in streams.items():
         for stream in ks.streams:
+            if bad := bad_rows_said(stream.source):
+                notes.append(f"data.{kind} {stream.source.name}: {bad}")
             size = stream.source.known_size
             missing, checked = missing_files(stream.source)
             if missing:
@@ -474,7 +478,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps; batch {cfg.data.batch_size}{procs}; "
                       f"{cfg.precision} on {trainer.device}; writing to {output}")
         console.print(f"data: {escape(data)}")
-        for note in _small_sources(trainer.streams, cfg.data.batch_size * trainer.world):
+        for note in _source_notes(trainer.streams, cfg.data.batch_size * trainer.world):
             console.print(f"note: {escape(note)}")
     if trainer.optimisation.note and not ending:
         console.print(trainer.optimisation.note)
