@@ -200,6 +200,19 @@ def test_data_with_no_usable_sample_is_one_line_with_loader_workers_too(train_da
     assert "bad: none of 3 records drawn from it makes a sample" in one_line_error(capsys, cli(args))
 
 
+def test_a_table_none_of_whose_images_exist_names_one_looked_for(train_data, tmp_path):
+    # Its paths written relative to the working folder, not to the table's: the refusal named no
+    # path, and so not where they had been looked for.
+    (tmp_path / "sub").mkdir()
+    shutil.copy(train_data / "pairs_clean.csv", tmp_path / "sub" / "p.csv")
+    stream = BatchStream("pairs", csv_pairs(str(tmp_path / "sub" / "p.csv")), SampleMaker(spec(), 0), 2, seed=0)
+    with pytest.raises(DataError) as caught:
+        stream.probe()
+    assert re.fullmatch(rf"\S+p\.csv: none of 16 records drawn from it makes a sample \(16 missing image file: e\.g\. "
+                        rf"{tmp_path / 'sub'}/img/a/\d+\.png does not exist; a table's relative paths are read from its "
+                        r"folder\); fix the data or leave the source out", str(caught.value))
+
+
 def test_a_loader_workers_error_is_its_own_one_line():
     # Met in a worker, the DataLoader re-raises it with the worker's whole traceback as its message.
     from torch.utils.data import DataLoader, IterableDataset

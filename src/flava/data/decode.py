@@ -24,6 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .members import BadSample, Blob, ImageRef, ImageURL, Member, TarMember
 from .transforms import crop_resize, extreme_aspect, to_rgb
 
+MISSING_IMAGE = "missing image file"
 MAX_IMAGE_PIXELS = 40_000_000
 """Images with more pixels are refused before decoding (a 13000x13000 PNG decodes to 1 GB)."""
 
@@ -33,7 +34,7 @@ def _image_bytes(ref: Path | Member) -> bytes:
         data = ref.read()
     elif not isinstance(ref, (str, os.PathLike)):  # a parquet cell and the like: read as it reads itself
         if not ref.exists():
-            raise BadSample("missing image file")
+            raise BadSample(MISSING_IMAGE)
         try:
             data = ref.read_bytes()
         except OSError:

@@ -23,6 +23,7 @@ import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from ..errors import DataChanged, DataError, FlavaError
 from .. import stopping
 from ..stopping import prepare_loader_owner, quiet_loader_worker
+from .decode import MISSING_IMAGE
 from .members import BadSample
 from .samples import SampleMaker
 from .transforms import single_threaded
@@ -539,7 +541,7 @@ class BatchStream:
             return
         rng = np.random.default_rng([self.seed, 17])
         met: Counter = Counter()
-        tried, failure = 0, ""
+        tried, failure, missing = 0, "", None
         for k in rng.permutation(len(shards))[:PROBE_SHARDS]:
             opened = open_shard(shards[int(k)])
             met.update(opened.rejected)
@@ -551,12 +553,18 @@ class BatchStream:
                     return
                 except BadSample as e:
                     met[e.kind] += 1
+                    image = getattr(opened.records[int(j)], "image", None)
+                    if missing is None and e.kind == MISSING_IMAGE and isinstance(image, Path):
+                        missing = image
                 tried += 1
         if tried == 0:
             if len(shards) > PROBE_SHARDS:
                 return  # the shards drawn are empty: the stream moves on to the others
             raise no_usable_record(self.source.name, met, failure, self.source.kind)
         why = ", ".join(f"{n} {reason}" for reason, n in met.most_common())
+        if missing is not None:  # which path was looked for shows where relative ones were read from
+            why += f": e.g. {os.path.abspath(missing)} does not exist" + (
+                "; a table's relative paths are read from its folder" if self.kind == "pairs" else "")
         raise DataError(f"{self.source.name}: none of {tried} records drawn from it makes a sample ({why}); fix "
                         f"the data or leave the source out")
 
