@@ -170,6 +170,32 @@ def test_naming_only_pairs_trains_only_pairs_and_says_so(train_data, tmp_path, c
     assert kinds == {"pairs"}
 
 
+def test_named_data_the_run_never_reads_is_said_at_the_start(train_data):
+    # Listed as used at the start and counted 0 at the end, with no word why.
+    from conftest import tiny_run
+    from flava.train.kinds import trained_kinds
+
+    pairs, images, text = (str(train_data / p) for p in ("pairs.csv", "img", "text.txt"))
+    kinds, notes = trained_kinds(_with(tiny_run(train_data), mixing=[1, 0, 0]))
+    assert kinds == ("pairs", "images", "text")  # read as before: the note says it
+    assert notes == [f"data.images ({images}) and data.text ({text}) are named but not read: data.mixing gives them "
+                     "a share of 0; leave them out or give them a share"]
+    _, notes = trained_kinds(_with(tiny_run(train_data), mixing=[0.5, 0, 0.5], mixing_schedule="linear",
+                                   mixing_end=[0.5, 0.5, 0]))
+    assert notes == []  # images get a share by the end
+    _, notes = trained_kinds(_with(tiny_run(train_data, stage="text-mlm")))
+    assert notes == [f"data.pairs ({pairs}) and data.images ({images}) are named but not read: stage text-mlm trains "
+                     "on text alone; leave them out or choose a stage that reads them (joint)"]
+    _, notes = trained_kinds(_with(tiny_run(train_data)))
+    assert notes == []
+
+
+def _with(cfg, **data):
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
 # --------------------------------------------------------------------------- runs
 
 

@@ -35,6 +35,16 @@ def _check_mask_rates(cfg: TrainConfig, kinds) -> None:
                               f"rate (the default is {getattr(type(o)(), rate):.3g}), or set {weights}")
 
 
+def _unread(cfg: TrainConfig, kinds: list[str], why: str, fix: str) -> str:
+    """A note on named data the run never reads (its sources had been listed as used, their count
+    at the end 0, unsaid); `{}` in `why` and `fix` is 'it' or 'them'."""
+    named = " and ".join(f"data.{k} (" + ", ".join(str(getattr(s, "path", s)) for s in getattr(cfg.data, k)) + ")"
+                         for k in kinds)
+    one = len(kinds) == 1
+    it = "it" if one else "them"
+    return f"{named} {'is' if one else 'are'} named but not read: {why.format(it)}; leave {it} out or {fix.format(it)}"
+
+
 def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[str, ...], list[str]]:
     """The data kinds a run trains on: its stage's, less those without data (the demo data
     stands in only when no data is named at all) or without an objective to train; and notes
@@ -45,6 +55,9 @@ def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[s
     stage = stage or STAGES[cfg.stage](cfg)
     kinds, notes = list(stage.kinds()), []
     given = [k for k in KINDS if getattr(cfg.data, k)]
+    if unread := [k for k in given if k not in kinds]:
+        notes.append(_unread(cfg, unread, f"stage {cfg.stage} trains on {' and '.join(kinds)} alone",
+                             "choose a stage that reads {} (joint)"))
     if given:
         for k in [k for k in kinds if k not in given]:
             notes.append(f"no {k} data given (data.{k}): {k} steps are left out")
@@ -55,6 +68,12 @@ def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[s
     for k in [k for k in kinds if k not in trained]:
         notes.append(f"every objective on {k} has weight 0: {k} steps are left out")
     kinds = [k for k in kinds if k in trained]
+    linear = cfg.data.mixing_schedule == "linear"  # a kind with no share at the start may get one by the end
+    end = cfg.data.mixing_end if linear else []
+    if unshared := [k for k in kinds if k in given and cfg.data.mixing[KINDS.index(k)] == 0
+                    and (len(end) != len(KINDS) or end[KINDS.index(k)] == 0)]:
+        notes.append(_unread(cfg, unshared, "data.mixing" + (" and data.mixing_end give" if linear else " gives")
+                             + " {} a share of 0", "give {} a share"))
     if not kinds:
         raise ConfigError(
             f"stage {cfg.stage} has nothing to train: it trains on {', '.join(stage.kinds())}, but "
