@@ -5,6 +5,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -361,6 +362,50 @@ def test_a_tables_missing_image_files_are_estimated_from_a_sample_at_the_start(t
     assert checked == registry.MISSING_CHECKED and 0.6 < missing / checked < 0.9  # a seeded sample of 400
     tar_of(tmp_path / "s.tar", [("k.png", png(1)), ("k.txt", b"x")])
     assert missing_files(open_source("pairs", str(tmp_path / "s.tar"))) == (0, 0)  # shards hold their images
+
+
+def test_shards_and_text_of_fewer_samples_than_a_batch_are_said_at_the_start(tmp_path):
+    # Said of tables alone (their size is listed): a shard of 2 pairs or a text file of 2 lines under a
+    # batch of 8 repeated samples in every batch unsaid, its start line "size read as it streams".
+    from types import SimpleNamespace
+
+    from flava.data import pipeline
+    from flava.data.pipeline import BatchStream
+    from flava.data.registry import open_source
+    from flava.data.samples import SampleMaker, SampleSpec
+    from flava.train.run import _described, _source_notes
+
+    maker = SampleMaker(SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16), 0)
+
+    def start(kind, path, batch):
+        stream = BatchStream(kind, open_source(kind, str(path)), maker, batch, seed=0)
+        stream.probe()
+        return _described(stream, 1), _source_notes({kind: SimpleNamespace(streams=[stream])}, batch)
+
+    tar_of(tmp_path / "s.tar", [("a.png", png(1)), ("a.txt", b"a cat"), ("b.png", png(2)), ("b.txt", b"a dog")])
+    assert start("pairs", tmp_path / "s.tar", 8) == (
+        f"{tmp_path / 's.tar'} (1 shards, 2 samples, 1 lanes)",
+        [f"data.pairs {tmp_path / 's.tar'} holds 2 samples, fewer than a batch of 8: every batch repeats samples (a "
+         "pair twice in a batch is its own negative to the contrastive objective); give more data or a smaller "
+         "data.batch_size"])
+    (tmp_path / "t.txt").write_text("one line\ntwo line\n")
+    assert start("text", tmp_path / "t.txt", 8)[1] == [
+        f"data.text {tmp_path / 't.txt'} holds 2 samples, fewer than a batch of 8: every batch repeats samples; give "
+        "more data or a smaller data.batch_size"]
+    assert start("text", tmp_path / "t.txt", 2) == (f"{tmp_path / 't.txt'} (1 shards, 2 samples, 1 lanes)", [])
+    # Shards the probe did not read are counted where they are small; beyond that nothing is said
+    # (an estimate is not a count).
+    (tmp_path / "d").mkdir()
+    for i in range(3):
+        tar_of(tmp_path / "d" / f"{i}.tar", [(f"{i}.png", png(i)), (f"{i}.txt", b"a square")])
+    assert start("pairs", tmp_path / "d", 8)[1] == [
+        f"data.pairs {tmp_path / 'd'} holds 3 samples, fewer than a batch of 8: every batch repeats samples (a pair "
+        "twice in a batch is its own negative to the contrastive objective); give more data or a smaller "
+        "data.batch_size"]
+    with mock.patch.object(pipeline, "COUNTED_BYTES", 1000):  # the two 10 KiB shards left: up to 10 pairs
+        assert "holds 3 samples, fewer than a batch of 16" in start("pairs", tmp_path / "d", 16)[1][0]
+        assert start("pairs", tmp_path / "d", 4) == (f"{tmp_path / 'd'} (3 shards, size read as it streams, 2 lanes)",
+                                                     [])
 
 
 def test_small_habits_of_hand_made_data_are_read_as_meant(tmp_path):

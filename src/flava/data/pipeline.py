@@ -37,7 +37,7 @@ from .members import BadSample
 from .samples import SampleMaker
 from .transforms import single_threaded
 from .shards import end_pipes, is_remote
-from .sources import OUTAGE_S, Source, open_shard, open_waiting
+from .sources import OUTAGE_S, Source, open_shard, open_waiting, shard_bytes
 
 
 MAX_LANES = 64
@@ -46,6 +46,11 @@ CHANGED = ("the data changed, and a resumed run reads on from its saved position
            "resume with that data")
 """Why a resume on other data is refused (`DataChanged`); pretraining adds its way to train on the new data."""
 PROBE_SHARDS = 5
+SAMPLE_BYTES = {"pairs": 2048, "images": 1024, "text": 1}
+"""The least bytes a usable sample takes in a shard: a tar member's header and a block of data for
+each of its image and caption; a line of text."""
+COUNTED_BYTES = 1 << 20
+"""Shards of at most these bytes (or a batch's worth of `SAMPLE_BYTES`) are counted at the start."""
 """Shards a source's probe reads at most (`BatchStream.probe`)."""
 POLL_S = 0.5
 """How often the owner of loader workers that have not sent a batch looks for a stop request."""
@@ -412,6 +417,8 @@ class BatchStream:
         before a new batch size started its order again."""
         self.counted_from = 0
         """The draw this source's count begins at."""
+        self.probed_size: int | None = None
+        """The records of a source of unknown size that `probe` counted (`_count`)."""
 
     @property
     def samples(self) -> int:
@@ -542,14 +549,17 @@ class BatchStream:
         rng = np.random.default_rng([self.seed, 17])
         met: Counter = Counter()
         tried, failure, missing = 0, "", None
+        held: dict[int, int] = {}  # records by shard read
         for k in rng.permutation(len(shards))[:PROBE_SHARDS]:
             opened = open_shard(shards[int(k)])
+            held[int(k)] = len(opened.records)
             met.update(opened.rejected)
             failure = failure or opened.failure
             share = max(1, SUBSTITUTE_TRIES // min(PROBE_SHARDS, len(shards)))
             for j in rng.permutation(len(opened.records))[:share]:
                 try:
                     self.maker(self.kind, opened.records[int(j)], (self.seed, int(k), int(j), 0))
+                    self.probed_size = self._count(shards, held)
                     return
                 except BadSample as e:
                     met[e.kind] += 1
@@ -567,6 +577,18 @@ class BatchStream:
                 "; a table's relative paths are read from its folder" if self.kind == "pairs" else "")
         raise DataError(f"{self.source.name}: none of {tried} records drawn from it makes a sample ({why}); fix "
                         f"the data or leave the source out")
+
+    def _count(self, shards: list, held: dict[int, int]) -> int | None:
+        """The records of a source of unknown size whose shards are all local and were read by the
+        probe or are small (`COUNTED_BYTES` between them, or so few bytes that they may hold fewer
+        samples than a batch): whether a batch repeats samples. None otherwise: an estimate is not said."""
+        if self.source.known_size is not None or len(shards) < len(self.source.shards):
+            return None
+        rest = [j for j in range(len(shards)) if j not in held]
+        sizes = [shard_bytes(shards[j]) for j in rest]
+        if None in sizes or sum(sizes) > max(COUNTED_BYTES, self.layout.global_batch * SAMPLE_BYTES.get(self.kind, 1)):
+            return None
+        return sum(held.values()) + sum(len(open_shard(shards[j]).records) for j in rest)
 
     def _lay_out(self) -> None:
         g = self.batch_size * self.world

@@ -259,25 +259,13 @@ def estimated_size(source: Source, outage: tuple[float, str] | None = None) -> i
 
     # Waited for: a source weighed by a store's outage would be mixed wrongly for the whole run.
     first = len(open_waiting(source.shards[0], *(outage or ())).records)
-    sizes = [_bytes(s) for s in source.shards]
+    sizes = [sources.shard_bytes(s) for s in source.shards]
     # Bytes stand for records only among shards stored alike (not a compressed file beside plain
     # ones) and where the first holds any (a first shard of bad records says nothing of its bytes).
     alike = len({_suffix(getattr(s, "url", "")) for s in source.shards}) == 1
     if first and alike and all(sizes):
         return max(1, round(first * sum(sizes) / sizes[0]))
     return max(1, first) * len(source.shards)
-
-
-def _bytes(shard) -> int | None:
-    """A shard's bytes where they are known at no cost: a local file's, or its byte range's."""
-    from .shards import size_of
-
-    url = getattr(shard, "url", None)
-    if not isinstance(url, str):
-        return None
-    if getattr(shard, "end", None) is not None:  # a range of lines of a local text file
-        return shard.end - shard.start
-    return size_of(url)
 
 
 def _suffix(url: str) -> str:

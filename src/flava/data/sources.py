@@ -196,6 +196,18 @@ def open_waiting(shard, outage_s: float = OUTAGE_S, setting: str = "data.outage_
     return opened
 
 
+def shard_bytes(shard) -> int | None:
+    """A shard's bytes where they are known at no cost: a local file's, or its byte range's."""
+    from .shards import size_of
+
+    url = getattr(shard, "url", None)
+    if not isinstance(url, str):
+        return None
+    if getattr(shard, "end", None) is not None:  # a range of lines of a local text file
+        return shard.end - shard.start
+    return size_of(url)
+
+
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 

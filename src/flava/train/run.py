@@ -283,9 +283,14 @@ def gradient_table(gradients: dict[str, dict]) -> Table:
     return table
 
 
+def _size(stream) -> int | None:
+    """A stream's samples where known at the start: listed, indexed or counted by its probe."""
+    return stream.source.known_size if stream.source.known_size is not None else stream.probed_size
+
+
 def _described(stream, weight: float) -> str:
     src = stream.source
-    size = f"{src.known_size:,} samples" if src.known_size is not None else "size read as it streams"
+    size = f"{_size(stream):,} samples" if _size(stream) is not None else "size read as it streams"
     return (f"{src.name} ({len(src.shards):,} shards, {size}, {stream.layout.lanes} lanes"
             + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
 
@@ -299,7 +304,7 @@ def _source_notes(streams: dict, global_batch: int) -> list[str]:
         for stream in ks.streams:
             if bad := bad_rows_said(stream.source):
                 notes.append(f"data.{kind} {stream.source.name}: {bad}")
-            size = stream.source.known_size
+            size = _size(stream)
             missing, checked = missing_files(stream.source)
             if missing:
                 share = f"{missing:,} of its {checked:,} image files" if checked == size else \
