@@ -190,6 +190,17 @@ def test_named_data_the_run_never_reads_is_said_at_the_start(train_data):
     assert notes == []
 
 
+@pytest.mark.slow  # a `flava pretrain` run
+def test_a_kind_given_no_share_is_said_once_not_noted_as_small(train_data, tmp_path, capsys):
+    (tmp_path / "two.txt").write_text("one line\ntwo line\n")
+    args = pretrain_args(train_data, tmp_path / "run", "pairs_clean.csv")
+    args[args.index(f'data.text=["{train_data / "text.txt"}"]')] = f'data.text=["{tmp_path / "two.txt"}"]'
+    assert cli(args + narrow_args() + ["--max-steps", "1", "--set", "data.mixing=[1,0,0]"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "are named but not read: data.mixing gives them a share of 0" in out
+    assert "two.txt holds 2 samples" not in out  # it is never read
+
+
 def _with(cfg, **data):
     for k, v in data.items():
         setattr(cfg.data, k, v)

@@ -483,7 +483,10 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         console.print(f"pretraining stage {cfg.stage} for {cfg.max_steps} steps; batch {cfg.data.batch_size}{procs}; "
                       f"{cfg.precision} on {trainer.device}; writing to {output}")
         console.print(f"data: {escape(data)}")
-        for note in _source_notes(trainer.streams, cfg.data.batch_size * trainer.world):
+        # A kind given no share is never read (trained_kinds says so): what its sources hold does not matter.
+        m = trainer.mixing
+        read = {k: trainer.streams[k] for k, a, b in zip(m.kinds, m.start, m.end) if a > 0 or b > 0}
+        for note in _source_notes(read, cfg.data.batch_size * trainer.world):
             console.print(f"note: {escape(note)}")
     if trainer.optimisation.note and not ending:
         console.print(trainer.optimisation.note)
