@@ -54,7 +54,8 @@ def walk(tiny_model, tmp_path_factory):
     for name, colour in (("dark_red", (200, 0, 0)), ("light_green", (0, 200, 0)), ("navy_blue", (0, 0, 200))):
         (root / "cls" / name).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (40, 40), tuple(min(255, c + 20 * i) for c in colour)).save(root / "cls" / name / f"{i}.png")
+            shade = tuple(min(255, c + 20 * i) for c in colour)
+            Image.new("RGB", (40, 40), shade).save(root / "cls" / name / f"{i}.png")
     return root
 
 
@@ -74,7 +75,8 @@ def test_an_image_of_several_captions_is_indexed_once(tiny_model, walk, tmp_path
     assert sorted(index.metadata(i)["image_path"] for i in range(len(index))) == \
         [f"{img}/0.png", f"{img}/1.png", f"{img}/2.png"]
     # Adding a run of the same images again adds none; nor do repeats within a new run.
-    rows2 = ["image,caption", f"{img}/2.png,the third again"] + [f"{walk}/cls/navy_blue/0.png,blue {i}" for i in range(3)]
+    rows2 = ["image,caption", f"{img}/2.png,the third again"]
+    rows2 += [f"{walk}/cls/navy_blue/0.png,blue {i}" for i in range(3)]
     (tmp_path / "more.csv").write_text("\n".join(rows2) + "\n")
     assert main(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "more.csv"), "--output",
                  str(tmp_path / "e2"), "--device", "cpu"]) == 0

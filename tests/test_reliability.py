@@ -246,8 +246,8 @@ def test_a_table_none_of_whose_images_exist_names_one_looked_for(train_data, tmp
     with pytest.raises(DataError) as caught:
         stream.probe()
     assert re.fullmatch(rf"\S+p\.csv: none of 16 records drawn from it makes a sample \(16 missing image file: e\.g\. "
-                        rf"{tmp_path / 'sub'}/img/a/\d+\.png does not exist; a table's relative paths are read from its "
-                        r"folder\); fix the data or leave the source out", str(caught.value))
+                        rf"{tmp_path / 'sub'}/img/a/\d+\.png does not exist; a table's relative paths are read "
+                        r"from its folder\); fix the data or leave the source out", str(caught.value))
 
 
 def test_a_loader_workers_error_is_its_own_one_line():
