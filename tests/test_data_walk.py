@@ -17,6 +17,7 @@ from PIL import Image
 from flava.data.decode import _image_bytes
 from flava.data.members import BadSample
 from flava.data.registry import check_disjoint, open_source
+from flava.data.sources import bad_rows_said
 from flava.errors import DataError
 
 
@@ -96,6 +97,7 @@ def test_links_never_draw_an_image_or_a_shard_twice(tmp_path):
     src = open_source("images", str(imgs))
     assert sorted(Path(r.image).name for r in src.records) == ["0.jpg", "1.jpg", "2.jpg", "3.jpg", "out.jpg"]
     assert src.rejected == {"image named twice (a link)": 2}
+    assert bad_rows_said(src) == "2 of its 7 image files are left out: 2 image named twice (a link)"
     # A folder beside another holding a link to it; a shard named through a linked folder.
     (tmp_path / "more").mkdir()
     os.symlink("../imgs", tmp_path / "more" / "a")

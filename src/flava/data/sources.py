@@ -283,6 +283,9 @@ def bad_rows_said(source: Source) -> str:
     bad = sum(source.listing_rejected.values())
     if not bad:
         return ""
+    if source.kind == "images":  # a folder's files: a link beside its target (`without_repeats`)
+        return (f"{bad:,} of its {bad + (source.known_size or 0):,} image files are left out: "
+                + ", ".join(f"{n:,} {why}" for why, n in source.listing_rejected.most_common()))
     rows = f"{bad:,} of its {bad + source.known_size:,} rows" if source.known_size is not None else \
         f"{bad:,} row{'s' if bad != 1 else ''}"
     counts = ", ".join(f"{n:,} {why}" for why, n in source.listing_rejected.most_common())
