@@ -329,7 +329,10 @@ class Process:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it ended since the poll (its peer's failure ended it): nothing to signal
+                pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)

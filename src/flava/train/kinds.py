@@ -55,8 +55,9 @@ def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[s
     stage = stage or STAGES[cfg.stage](cfg)
     kinds, notes = list(stage.kinds()), []
     given = [k for k in KINDS if getattr(cfg.data, k)]
+    unread_notes = []  # not why a stage has nothing to train
     if unread := [k for k in given if k not in kinds]:
-        notes.append(_unread(cfg, unread, f"stage {cfg.stage} trains on {' and '.join(kinds)} alone",
+        unread_notes.append(_unread(cfg, unread, f"stage {cfg.stage} trains on {' and '.join(kinds)} alone",
                              "choose a stage that reads {} (joint)"))
     if given:
         for k in [k for k in kinds if k not in given]:
@@ -72,11 +73,11 @@ def trained_kinds(cfg: TrainConfig, stage: Stage | None = None) -> tuple[tuple[s
     end = cfg.data.mixing_end if linear else []
     if unshared := [k for k in kinds if k in given and cfg.data.mixing[KINDS.index(k)] == 0
                     and (len(end) != len(KINDS) or end[KINDS.index(k)] == 0)]:
-        notes.append(_unread(cfg, unshared, "data.mixing" + (" and data.mixing_end give" if linear else " gives")
+        unread_notes.append(_unread(cfg, unshared, "data.mixing" + (" and data.mixing_end give" if linear else " gives")
                              + " {} a share of 0", "give {} a share"))
     if not kinds:
         raise ConfigError(
             f"stage {cfg.stage} has nothing to train: it trains on {', '.join(stage.kinds())}, but "
             + ("; ".join(notes) or "no data is given") + ". Name data for it ("
             + ", ".join(f"data.{k}" for k in stage.kinds()) + ") or give its objectives a positive weight")
-    return tuple(kinds), notes
+    return tuple(kinds), unread_notes + notes
