@@ -59,14 +59,17 @@ def _refuse_shards_beside_images(spec: str) -> None:
     p = Path(spec)
     if is_remote(spec) or not p.is_dir():
         return
-    shards = _shards_in(p)
-    if not shards:
-        return
-    images = next((str(q.relative_to(p)) for q in walk_files(p) if q.suffix.lower() in IMAGE_SUFFIXES), None)
-    if images is not None:
-        suffix = "." + Path(shards[0]).name.split(".", 1)[1]
-        raise DataError(f"{spec} holds both shards ({shards[0]}) and image files ({images}): name the shards alone "
-                        f"({p / ('*' + suffix)}), or move the shards out of it to read the images")
+    shard = image = None
+    for q in walk_files(p):  # one walk, ended once both are met (a shard folder is walked again to read it)
+        if shard is None and q.name.lower().endswith(tars.TAR_SUFFIXES):
+            shard = q
+        elif image is None and q.suffix.lower() in IMAGE_SUFFIXES:
+            image = q
+        if shard is not None and image is not None:
+            suffix = "." + shard.name.split(".", 1)[1]
+            raise DataError(f"{spec} holds both shards ({shard.relative_to(p)}) and image files "
+                            f"({image.relative_to(p)}): name the shards alone ({p / ('*' + suffix)}), or move the "
+                            "shards out of it to read the images")
 
 
 def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Source:
