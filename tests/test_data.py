@@ -150,6 +150,36 @@ def test_loader_workers_do_not_change_the_batches(csv_dataset):
     assert plain.draws == workers.draws and plain.skipped == workers.skipped
 
 
+def test_the_codebook_views_are_the_model_views_resized_and_pixels_cross_as_they_lie(csv_dataset):
+    # The codebook's view is the model's view resized again, one call per batch; pixels stay
+    # channels-last from the workers' batches to the device, where the copy to floats transposes.
+    import torch.nn.functional as F
+
+    spec = dataclasses.replace(SPEC, codebook_image_size=16)
+    src = csv_pairs(str(csv_dataset))
+
+    def make(workers):
+        return BatchStream("pairs", src, SampleMaker(spec, seed=0), batch_size=5, seed=1, num_workers=workers)
+    plain, workers = make(0), make(2)
+    for _ in range(3):
+        x, y = plain.next_batch(), workers.next_batch()
+        for b in (x, y):
+            assert b.pixel_values.is_contiguous(memory_format=torch.channels_last) and not b.pixel_values.is_contiguous()
+            assert b.codebook_pixels.shape == (5, 3, 16, 16) and b.codebook_pixels.dtype == torch.uint8
+        for f in dataclasses.fields(x):
+            a, b = getattr(x, f.name), getattr(y, f.name)
+            assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), f.name
+        for i in range(5):
+            one = x.pixel_values[i:i + 1].contiguous(memory_format=torch.channels_last)
+            alone = F.interpolate(one, size=(16, 16), mode="bicubic", antialias=True)
+            assert torch.equal(alone, x.codebook_pixels[i:i + 1])
+        moved, flat = x.to("cpu"), dataclasses.replace(x, pixel_values=x.pixel_values.contiguous(),
+                                                      codebook_pixels=x.codebook_pixels.contiguous()).to("cpu")
+        assert moved.pixel_values.is_contiguous() and moved.codebook_pixels.is_contiguous()
+        assert torch.equal(moved.pixel_values, flat.pixel_values)
+        assert torch.equal(moved.codebook_pixels, flat.codebook_pixels)
+
+
 def shard_set(tmp_path, shards=4, per=5):
     for k in range(shards):
         with tarfile.open(tmp_path / f"s{k}.tar", "w") as tar:
@@ -470,11 +500,14 @@ def test_workers_fill_runs_of_slots_and_hand_their_parts_over_in_one_buffer():
     part = PairBatch(pixels, torch.randint(0, 999, (3, 5), generator=g), torch.ones(3, 5, dtype=torch.int64),
                      torch.rand(3, 4, generator=g) < 0.5, torch.randint(0, 999, (3, 5), generator=g),
                      torch.full((3, 5), -100), codebook_pixels=pixels)
-    back = Packed.of(part).unpacked()
-    for f in dataclasses.fields(part):
-        a, b = getattr(part, f.name), getattr(back, f.name)
-        assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), f.name
-    assert back.codebook_pixels is back.pixel_values  # one copy still
+    for pixels_as in (pixels, pixels.contiguous(memory_format=torch.channels_last)):
+        lying = dataclasses.replace(part, pixel_values=pixels_as, codebook_pixels=pixels_as)
+        back = Packed.of(lying).unpacked()
+        for f in dataclasses.fields(part):
+            a, b = getattr(lying, f.name), getattr(back, f.name)
+            assert (a is None and b is None) or (a.dtype == b.dtype and torch.equal(a, b)), f.name
+            assert a is None or a.stride() == b.stride(), f.name  # channels-last crosses as it lies
+        assert back.codebook_pixels is back.pixel_values  # one copy still
     crops = MultiCropBatch(torch.randn(4, 3, 8, 8, generator=g), None)
     again = Packed.of(crops).unpacked()
     assert torch.equal(again.global_crops, crops.global_crops) and again.local_crops is None
@@ -492,6 +525,11 @@ def test_workers_fill_runs_of_slots_and_hand_their_parts_over_in_one_buffer():
     joined = merge_batches(parts, pad)
     assert torch.equal(joined.pixel_values, part.pixel_values) and torch.equal(joined.input_ids, part.input_ids)
     assert joined.codebook_pixels is joined.pixel_values
+    lying = [(rows, dataclasses.replace(p, pixel_values=p.pixel_values.contiguous(memory_format=torch.channels_last)))
+             for rows, p in parts]
+    joined = merge_batches(lying, pad)
+    assert torch.equal(joined.pixel_values, part.pixel_values)
+    assert joined.pixel_values.is_contiguous(memory_format=torch.channels_last)
     from flava.data.multicrop import MultiCropSpec
     from flava.data.samples import MultiCropMaker
 

@@ -313,9 +313,11 @@ class Packed:
                 layout[f.name] = first[id(value)]  # the name of the field holding it
             else:
                 first[id(value)] = f.name
-                tensors[f.name] = value.contiguous()
+                # Channels-last pixels travel as their bytes lie (NHWC), not transposed.
+                nhwc = _channels_last(value)
+                tensors[f.name] = value.permute(0, 2, 3, 1) if nhwc else value.contiguous()
                 size = value.numel() * value.element_size()
-                layout[f.name] = (at, size, value.dtype, tuple(value.shape))
+                layout[f.name] = (at, size, value.dtype, tuple(tensors[f.name].shape), nhwc)
                 at += -(-size // cls.ALIGN) * cls.ALIGN
         try:  # in shared memory from the start: made elsewhere, it is copied there when sent
             buffer = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(at))
@@ -330,12 +332,19 @@ class Packed:
         out = dict(self.other)
         for name, where in self.layout.items():
             if not isinstance(where, str):
-                at, size, dtype, shape = where
+                at, size, dtype, shape, nhwc = where
                 out[name] = self.buffer[at:at + size].view(dtype).view(shape)
+                if nhwc:
+                    out[name] = out[name].permute(0, 3, 1, 2)
         for name, where in self.layout.items():
             if isinstance(where, str):
                 out[name] = out[where]
         return self.kind(**out)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    """A 4-d tensor whose bytes lie channels-last (and not also as a contiguous one)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def no_usable_record(name: str, met: Counter, failure: str = "", kind: str = "") -> DataError:

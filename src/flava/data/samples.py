@@ -19,7 +19,7 @@ from .members import BadSample
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
 from .sources import ImageRecord, PairRecord, read_caption
 from .tokenizer import TextTokenizer
-from .transforms import random_resized_crop_box
+from .transforms import codebook_view, random_resized_crop_box, stack_views
 
 
 @dataclass
@@ -65,7 +65,7 @@ class SampleMaker:
             self.tokenizer, probability=spec.text_mask_probability, whole_word=spec.whole_word)
 
     def _image(self, ref, rng: np.random.Generator, prepared=None) -> dict:
-        s, cs = self.spec.image_size, self.spec.codebook_image_size
+        s = self.spec.image_size
         targets: list[torch.Tensor] = []
 
         def choose(width: int, height: int) -> tuple[float, float, float, float]:
@@ -85,14 +85,12 @@ class SampleMaker:
             targets.append(torch.from_numpy(tokens[k].astype(np.int64)))
             return tuple(float(v) for v in crops[k] * np.array([width, height] * 2))
 
-        # One crop feeds both the model and the codebook, so the targets describe what the model
-        # sees; with one size for both (the tiny preset) the codebook reads the same pixels.
-        pixels, *codebook = decode_crop(ref, choose, *((s,) if prepared is not None or cs == s else (s, cs)))
+        # The codebook's view is made from the batch of these (`collate`).
+        (pixels,) = decode_crop(ref, choose, s)
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
         if prepared is not None:
             return {"pixel_values": pixels, "image_targets": targets[0], "patch_mask": patch_mask}
-        return {"pixel_values": pixels, "codebook_pixels": codebook[0] if codebook else pixels,
-                "patch_mask": patch_mask}
+        return {"pixel_values": pixels, "patch_mask": patch_mask}
 
     def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:
         if not isinstance(text, str):
@@ -120,7 +118,7 @@ class SampleMaker:
         return self._text(record, rng, caption=False)
 
     def collate(self, kind: str, samples: list[dict]) -> PairBatch | ImageBatch | TextBatch:
-        return collate(kind, samples, self.tokenizer.pad_id)
+        return collate(kind, samples, self.tokenizer.pad_id, self.spec.codebook_image_size)
 
     def merge(self, parts: list[tuple[list[int], object]]) -> PairBatch | ImageBatch | TextBatch:
         """One batch from the parts loader workers made ((slots, batch) each), in slot order."""
@@ -196,15 +194,23 @@ def merge_batches(parts: list[tuple[list[int], object]], pad: dict[str, int]):
         if f.name in pad:
             longest = max(v.shape[-1] for v in values)
             values = [torch.nn.functional.pad(v, (0, longest - v.shape[-1]), value=pad[f.name]) for v in values]
-        whole = torch.cat(values)
-        # index_select copies whole rows; indexing (`whole[order]`) gathered a uint8 batch's pixels
-        # one by one, 15 times slower.
-        out[f.name] = merged[id(getattr(first, f.name))] = whole if order is None else whole.index_select(0, order)
+        whole = torch.cat(values)  # channels-last parts stay so
+        if order is not None:
+            # index_select copies whole rows; indexing (`whole[order]`) gathered a uint8 batch's
+            # pixels one by one, 15 times slower. It makes its result contiguous: channels-last
+            # rows are reordered as the bytes lie.
+            nhwc = whole.dim() == 4 and whole.is_contiguous(memory_format=torch.channels_last)
+            whole = whole.permute(0, 2, 3, 1).index_select(0, order).permute(0, 3, 1, 2) if nhwc else \
+                whole.index_select(0, order)
+        out[f.name] = merged[id(getattr(first, f.name))] = whole
     return type(first)(**out)
 
 
-def collate(kind: str, samples: list[dict], pad_id: int = 0) -> PairBatch | ImageBatch | TextBatch:
-    """Samples of one kind into a batch, texts padded with `pad_id` (the tokenizer's)."""
+def collate(kind: str, samples: list[dict], pad_id: int = 0, codebook_size: int | None = None
+            ) -> PairBatch | ImageBatch | TextBatch:
+    """Samples of one kind into a batch, texts padded with `pad_id` (the tokenizer's), pixels
+    channels-last (`stack_views`). Unprepared images get the codebook's view of the model's
+    (`codebook_view`, at `codebook_size`; None: the model's size)."""
     if kind in ("pairs", "text"):
         ids = [s["input_ids"] for s in samples]
         mask = attention_mask(ids)
@@ -212,14 +218,14 @@ def collate(kind: str, samples: list[dict], pad_id: int = 0) -> PairBatch | Imag
         labels = pad_rows([s["mlm_labels"] for s in samples], IGNORE_INDEX)
     if kind == "text":
         return TextBatch(masked, mask, labels)
-    pixels = torch.stack([s["pixel_values"] for s in samples])
+    pixels = stack_views([s["pixel_values"] for s in samples])
     patch_mask = torch.stack([s["patch_mask"] for s in samples])
     # A draw comes from one source, so its samples are all prepared (targets) or all raw (codebook input).
     if "image_targets" in samples[0]:
         targets = {"image_targets": torch.stack([s["image_targets"] for s in samples])}
     else:
-        same = samples[0]["codebook_pixels"] is samples[0]["pixel_values"]
-        targets = {"codebook_pixels": pixels if same else torch.stack([s["codebook_pixels"] for s in samples])}
+        # With one size for both (the tiny preset) the codebook reads the model's own tensor.
+        targets = {"codebook_pixels": codebook_view(pixels, codebook_size or pixels.shape[-1])}
     if kind == "images":
         return ImageBatch(pixels, patch_mask, **targets)
     return PairBatch(pixels, pad_rows(ids, pad_id), mask, patch_mask, masked, labels, **targets)

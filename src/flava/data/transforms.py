@@ -75,7 +75,7 @@ def normalize_uint8(x: torch.Tensor, mean: Stats = CLIP_MEAN, std: Stats = CLIP_
     """[..., C, H, W] uint8 pixels -> float32 normalised by `mean`/`std` (of [0, 1] pixels), on x's
     device, contiguous. The constants are Python numbers: a tensor of them made on a GPU would
     wait for the device."""
-    y = x.float().contiguous()
+    y = _float_contiguous(x)
     for c, (m, s) in enumerate(zip(mean, std)):
         y[..., c, :, :].sub_(m * 255.0).mul_(1.0 / (s * 255.0))
     return y
@@ -83,7 +83,14 @@ def normalize_uint8(x: torch.Tensor, mean: Stats = CLIP_MEAN, std: Stats = CLIP_
 
 def map_uint8(x: torch.Tensor) -> torch.Tensor:
     """[..., 3, H, W] uint8 pixels -> float32 in the image codebook's input range, contiguous."""
-    return x.float().contiguous().mul_((1 - 2 * LOGIT_LAPLACE_EPS) / 255.0).add_(LOGIT_LAPLACE_EPS)
+    return _float_contiguous(x).mul_((1 - 2 * LOGIT_LAPLACE_EPS) / 255.0).add_(LOGIT_LAPLACE_EPS)
+
+
+def _float_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """x as contiguous float32 in one pass: a channels-last batch (the loader's) is converted and
+    transposed together, where `.float().contiguous()` would transpose four times the bytes."""
+    y = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    return y.copy_(x)
 
 
 def crop_resize(image: Image.Image | np.ndarray, box: tuple[float, float, float, float], *sizes: int
@@ -91,7 +98,7 @@ def crop_resize(image: Image.Image | np.ndarray, box: tuple[float, float, float,
     """[3, size, size] uint8 for each size: `box` (left, top, right, bottom in pixels, rounded to
     whole ones) resized with PIL's antialiased bicubic kernel, computed by torch's uint8 kernel,
     about three times faster than PIL's own resize. `image` is a PIL image or [H, W, 3] uint8.
-    The results are channels-last in memory (stacking them into a batch makes it contiguous)."""
+    The results are channels-last in memory (`stack_views` keeps a batch of them so)."""
     arr = image if isinstance(image, np.ndarray) else np.array(image.convert("RGB"))
     left, top = min(int(round(box[0])), arr.shape[1] - 1), min(int(round(box[1])), arr.shape[0] - 1)
     right, bottom = max(left + 1, int(round(box[2]))), max(top + 1, int(round(box[3])))
@@ -100,6 +107,23 @@ def crop_resize(image: Image.Image | np.ndarray, box: tuple[float, float, float,
     x = torch.from_numpy(arr[top:bottom, left:right]).permute(2, 0, 1)[None].contiguous(
         memory_format=torch.channels_last)
     return [F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0] for size in sizes]
+
+
+def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """[B, 3, H, W] uint8 from [3, H, W] views, channels-last in memory: each channels-last view is
+    one block of bytes (a contiguous batch would transpose every image here, five times the cost;
+    the device's copy to float transposes it at no cost, and the CPU's in the same pass)."""
+    return torch.stack([v.permute(1, 2, 0) for v in views]).permute(0, 3, 1, 2)
+
+
+def codebook_view(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """The image codebook's [B, 3, size, size] uint8 view of a batch of the model's views: each
+    resized again with the antialiased bicubic kernel, so the image tokens describe exactly what
+    the model sees, in one vectorised call for the batch (channels-last in and out)."""
+    if pixels.shape[-1] == size and pixels.shape[-2] == size:
+        return pixels
+    x = pixels.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)
 
 
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
