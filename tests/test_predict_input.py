@@ -118,6 +118,9 @@ def test_predict_keeps_a_txt_inputs_blank_lines_as_inputs_not_used(models, tmp_p
     texts.write_text("a banana\fsplit nowhere\r\nthe tree\n")  # lines end at newlines only
     assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
     assert [r["text"] for r in rows_of(out)] == ["a banana\fsplit nowhere", "the tree"]
+    texts.write_bytes(b"a banana\rthe tree\r")  # old Mac line endings: two lines, as training reads them
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    assert [r["text"] for r in rows_of(out)] == ["a banana", "the tree"]
     texts.write_text("a banana\nthe tree\n", encoding="utf-16")  # as some editors and shells save text
     capsys.readouterr()
     assert main(["predict", "--model", str(models / "text"), "--input", str(texts)]) == 2

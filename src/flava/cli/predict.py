@@ -162,8 +162,9 @@ def read_inputs(specs: list[str], tm) -> Inputs:
         if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or b"\0" in raw:
             raise DataError(f"{first} is not UTF-8 text (UTF-16, or holds NUL bytes); save it as UTF-8")
         # Bytes that are not UTF-8 survive as surrogates, so their line is named, as a table's row is;
-        # lines end at newlines only (str.splitlines also splits at form feeds and the like).
-        text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff").replace("\r\n", "\n")
+        # lines end at \n, \r\n or a lone \r (old Mac files), as training's text files do, and at
+        # nothing else (str.splitlines also splits at form feeds and the like).
+        text = raw.decode("utf-8", "surrogateescape").removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
         lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
         for n, line in enumerate(lines, start=1):
             # A blank line is an input not used, as a table's empty text is: output rows stay line for line.
