@@ -1,6 +1,7 @@
 """The CUDA lane: what must hold on a GPU host. Each test is skipped, with the reason, where CUDA
 is absent (the CPU machines this project is built on); `benchmarks/gpu.py` measures the speed."""
 
+import dataclasses
 import io
 import json
 
@@ -69,6 +70,17 @@ def test_the_loader_feeds_cuda_through_pinned_memory(train_data):
     for name in ("pixel_values", "codebook_pixels", "input_ids", "mlm_labels", "patch_mask"):
         got, want = getattr(on_gpu, name), getattr(on_cpu, name)
         assert got.is_cuda and got.dtype == want.dtype and torch.allclose(got.cpu(), want, atol=1e-6), name
+    # A codebook view smaller than the model's; channels-last pixels pinned and copied as they lie.
+    smaller = BatchStream("pairs", csv_pairs(str(train_data / "pairs_clean.csv")),
+                          SampleMaker(dataclasses.replace(spec, codebook_image_size=16), 0), 4, seed=0, num_workers=1)
+    host = smaller.next_batch()
+    pinned = host.pin_memory()
+    assert pinned.pixel_values.stride() == host.pixel_values.stride() and pinned.codebook_pixels.is_pinned()
+    on_gpu, on_cpu = pinned.to("cuda", non_blocking=True), host.to("cpu")
+    torch.cuda.synchronize()
+    for name in ("pixel_values", "codebook_pixels"):
+        got, want = getattr(on_gpu, name), getattr(on_cpu, name)
+        assert got.is_contiguous() and torch.allclose(got.cpu(), want, atol=1e-6), name
 
 
 def test_a_run_on_cuda_shares_the_hosts_cores_among_its_loaders_by_default(train_data, tmp_path):

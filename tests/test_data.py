@@ -164,7 +164,8 @@ def test_the_codebook_views_are_the_model_views_resized_and_pixels_cross_as_they
     for _ in range(3):
         x, y = plain.next_batch(), workers.next_batch()
         for b in (x, y):
-            assert b.pixel_values.is_contiguous(memory_format=torch.channels_last) and not b.pixel_values.is_contiguous()
+            pixels = b.pixel_values
+            assert pixels.is_contiguous(memory_format=torch.channels_last) and not pixels.is_contiguous()
             assert b.codebook_pixels.shape == (5, 3, 16, 16) and b.codebook_pixels.dtype == torch.uint8
         for f in dataclasses.fields(x):
             a, b = getattr(x, f.name), getattr(y, f.name)
