@@ -52,17 +52,33 @@ sys.path.insert(0, str(Path(__file__).parent))
 from loader import make_shards, measure_loader  # noqa: E402
 from synthetic import pair_batch  # noqa: E402
 
-OUT = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else Path("gpu-out")
-BACK = next((Path(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--back=")), None)
-"""A second folder every result is also written to as it is made (the device call's $OUT)."""
-DEADLINE = next((float(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--deadline=")), float("inf"))
-"""When the call ends (seconds since the epoch): a command started later must end before it."""
-QUICK = "--quick" in sys.argv
-SKIP = {s for a in sys.argv if a.startswith("--skip=") for s in a.split("=", 1)[1].split(",")}
+
+def _arguments():
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="sections: env, step, clip, embed, "
+                                 "command, loader, dino (see the module's docstring)")
+    ap.add_argument("out", nargs="?", default="gpu-out", help="the results' folder (default gpu-out)")
+    ap.add_argument("--quick", action="store_true", help="every section at the tiny preset on whatever device there is")
+    ap.add_argument("--skip", default="", help="sections to leave out, comma-separated")
+    ap.add_argument("--fresh", action="store_true", help="measure again the sections an earlier run finished")
+    ap.add_argument("--back", help="a second folder every result is also written to as it is made (the device "
+                    "call's $OUT)")
+    ap.add_argument("--deadline", type=float, default=float("inf"),
+                    help="when the call ends (seconds since the epoch): a command started later must end before it")
+    return ap.parse_args()
+
+
+ARGS = _arguments()
+OUT = Path(ARGS.out)
+BACK = Path(ARGS.back) if ARGS.back else None
+DEADLINE = ARGS.deadline
+QUICK = ARGS.quick
+SKIP = {s for s in ARGS.skip.split(",") if s}
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = "tiny" if QUICK else "base"
 RESULT: dict = {}
-if "--fresh" not in sys.argv and (OUT / "gpu.json").is_file():
+if not ARGS.fresh and (OUT / "gpu.json").is_file():
     RESULT.update(json.loads((OUT / "gpu.json").read_text()))
 T0 = time.time()
 
