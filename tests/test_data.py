@@ -150,6 +150,32 @@ def test_loader_workers_do_not_change_the_batches(csv_dataset):
     assert plain.draws == workers.draws and plain.skipped == workers.skipped
 
 
+def test_image_folders_and_shards_changed_between_a_save_and_its_resume_are_refused(tmp_path):
+    # As many images under other names, or a shard written again with other samples under its
+    # name: the saved positions index other images, and the resume had been accepted silently.
+    folder = tmp_path / "images"
+    (folder / "cats").mkdir(parents=True)
+    for i in range(6):
+        (folder / "cats" / f"{i}.png").write_bytes(png_bytes(i, size=12))
+    a = stream(open_source("images", str(folder)), "images")
+    a.next_batch()
+    state = a.state()
+    stream(open_source("images", str(folder)), "images").load_state(state)  # unchanged: resumes
+    (folder / "cats" / "0.png").rename(folder / "cats" / "zero.png")
+    with pytest.raises(DataError, match=r"holds other files than the run was saved with \(as many\): the data changed"):
+        stream(open_source("images", str(folder)), "images").load_state(state)
+    stream(open_source("images", str(folder)), "images").load_state({**state, "names": None})  # saved before
+
+    shards = shard_set(tmp_path, shards=2, per=5)
+    a = stream(shards)
+    a.next_batch()
+    state = a.state()
+    stream(shard_set(tmp_path, shards=2, per=5)).load_state(state)  # written again alike: resumes
+    with pytest.raises(DataError, match=r"holds [\d,]+ bytes but the run was saved with [\d,]+: the data changed"):
+        # (tarfile pads a tar to 10 KiB blocks: its size tells edits past them)
+        stream(shard_set(tmp_path, shards=2, per=30)).load_state(state)
+
+
 def test_the_codebook_views_are_the_model_views_resized_and_pixels_cross_as_they_lie(csv_dataset):
     # The codebook's view is the model's view resized again, one call per batch; pixels stay
     # channels-last from the workers' batches to the device, where the copy to floats transposes.

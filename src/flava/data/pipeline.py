@@ -606,7 +606,7 @@ class BatchStream:
     def state(self) -> dict:
         return {"draws": self.draws, "global_batch": self.layout.global_batch, "batch_size": self.batch_size,
                 "lanes": self.layout.lanes, "shards": len(self.source.shards), "size": self.source.known_size,
-                "bytes": self.source.known_bytes, "seed": self.seed,
+                "bytes": self.source.known_bytes, "names": self.source.known_names, "seed": self.seed,
                 "cursors": {str(j): [c.epoch, c.ordinal, c.start] for j, c in sorted(self.cursors.items())},
                 "skipped": dict(self.skipped), "bad": {k: sorted(v) for k, v in self.bad.items()},
                 "rejected": {str(k): v for k, v in self.rejected.items()},
@@ -646,6 +646,11 @@ class BatchStream:
             # --override is a change the user declared: its shape (above) is all positions need.
             raise DataChanged(f"the {self.kind} data ({self.source.name}) holds {now:,} bytes but the run was "
                               f"saved with {int(was):,}: {CHANGED}")
+        was, now = first.get("names"), self.source.known_names
+        if not restart and same and was is not None and now is not None and was != now:
+            # A folder's images renamed, added and removed, as many as before: positions index by name.
+            raise DataChanged(f"the {self.kind} data ({self.source.name}) holds other files than the run was saved "
+                              f"with (as many): {CHANGED}")
         self.seed = int(first.get("seed", self.seed))
         self.draws = int(first["draws"])
         # What the saved source gave stays its own when another is named now (or the order starts again).

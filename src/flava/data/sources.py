@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,9 @@ class Source:
         self.known_bytes: int | None = None
         """The bytes of its local files (text, tables): a resume compares them, as an edit may keep
         the count of lines or rows that positions index."""
+        self.known_names: str | None = None
+        """A digest of the file names its records index, in order (image folders): a resume compares
+        it, as files renamed, added and removed may keep their count."""
         self.prepared: dict | None = None
         """What `flava prepare` recorded (codebook, crops), when the shards are prepared ones."""
         self.prepared_apart: list[str] = []
@@ -139,6 +143,8 @@ class Source:
             self.known_size + other.known_size
         self.known_bytes = None if self.known_bytes is None or other.known_bytes is None else \
             self.known_bytes + other.known_bytes
+        self.known_names = None if self.known_names is None or other.known_names is None else \
+            names_digest([self.known_names, other.known_names])
         self._opened = None
 
 
@@ -307,5 +313,16 @@ def image_folder(path: str) -> Source:
     classes = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
     index = {c: i for i, c in enumerate(classes)}
     records = [ImageRecord(f, index.get(f.relative_to(root).parts[0], -1) if classes else -1) for f in files]
-    return Source("images", records, str(root), Counter({"image named twice (a link)": repeats}) if repeats else None,
-                  classes=classes)
+    source = Source("images", records, str(root), Counter({"image named twice (a link)": repeats}) if repeats else None,
+                    classes=classes)
+    source.known_names = names_digest(str(f.relative_to(root)) for f in files)
+    return source
+
+
+def names_digest(names: Iterable[str]) -> str:
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    for name in names:
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+    return digest.hexdigest()

@@ -369,8 +369,22 @@ def tar_source(kind: str, spec: str, cache=None) -> Source:
     if not urls:
         raise DataError(f"no tar shards match {spec}")
     source = Source(kind, name=spec, shards=[TarShard(u, kind, cache) for u in urls])
+    source.known_bytes = _local_bytes(urls)
     _find_prepared(source, urls)
     return source
+
+
+def _local_bytes(urls: list[str]) -> int | None:
+    """The shards' bytes when every one is a local file (a stat each), else None: a resume compares
+    them, as shards written again under their names may hold other samples at the saved positions."""
+    from .shards import _local, is_remote
+
+    if any(is_remote(u) for u in urls):
+        return None
+    try:
+        return sum(os.stat(_local(u)).st_size for u in urls)
+    except OSError:  # a shard missing now is met, and counted, as the stream reaches it
+        return None
 
 
 def _find_prepared(source: Source, urls: list[str]) -> None:
