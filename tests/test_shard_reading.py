@@ -279,6 +279,17 @@ def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert f"{table} changed since {tmp_path / 'p'} was prepared from it (then 6 samples; now 8 samples): prepare " \
            "into a new directory" in err
+    # Edited in place, as many rows: other captions (a rerun after a stop had mixed old and new ones).
+    first = "image,caption\n" + "".join(f"a.png,caption {i}\n" for i in range(6))
+    edited = first.replace("caption 0", "a longer caption")
+    table.write_text(edited)
+    assert cli(args) == 2
+    assert f"(then {len(first)} bytes; now {len(edited)} bytes, as many samples)" in capsys.readouterr().err
+    # An output an earlier release prepared recorded the counts alone: those are compared.
+    mark = tmp_path / "p" / "prepare_settings.json"
+    settings = json.loads(mark.read_text())
+    mark.write_text(json.dumps({**settings, "held": [h[:2] for h in settings["held"]]}))
+    assert cli(args) == 0
 
 
 def test_a_prepare_rerun_makes_again_a_unit_whose_shard_is_gone_or_cut(tmp_path, capsys):

@@ -84,6 +84,10 @@ def _named(spec: str) -> str:
     return spec if is_remote(spec) or spec.startswith("file://") else os.path.abspath(os.path.expanduser(spec))
 
 
+def _bytes(n: int | None) -> str:
+    return "bytes unknown" if n is None else f"{n:,} bytes"
+
+
 def _units(sources: list[Source], shard_size: int) -> list:
     """Work units: each input shard, with in-memory ones cut into slices of `shard_size`."""
     units = []
@@ -283,7 +287,8 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                 "inputs": [_named(s.name) for s in sources]}
     # What each input held (its files, and its samples where the listing knows them): a table or
     # folder grown since the first run would else pass for the same and be reported finished.
-    held = [[len(s.shards), s.known_size] for s in sources]
+    # Bytes and names too: a table edited in place, or a folder's files renamed, keep their counts.
+    held = [[len(s.shards), s.known_size, s.known_bytes, s.known_names] for s in sources]
     mark = output / PREPARE_SETTINGS
     # A start that failed before its first unit (a bad setting, an unreadable codebook) left its
     # settings and nothing else: a corrected command takes the folder over.
@@ -292,13 +297,18 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
         before = json.loads(mark.read_text())
         before["inputs"] = [_named(x) for x in before.get("inputs", [])]  # earlier releases: as typed
         was = before.pop("held", None)
-        if before == manifest and was is not None and was != held:
-            changed = next(i for i, (a, b) in enumerate(zip(was, held)) if a != b)
+        # An earlier release recorded counts alone: what it recorded is compared.
+        if before == manifest and was is not None and any(list(a) != b[:len(a)] for a, b in zip(was, held)):
+            changed = next(i for i, (a, b) in enumerate(zip(was, held)) if list(a) != b[:len(a)])
+            then, now = was[changed], held[changed]
             listed = not isinstance(sources[changed].shards[0], RecordShard)
             counts = [(f"{n:,} shard(s)" if listed else "") + (", " if listed and k is not None else "")
-                      + ("" if k is None else f"{k:,} samples") for n, k in (was[changed], held[changed])]
-            raise DataError(f"{sources[changed].name} changed since {output} was prepared from it (then {counts[0]}; "
-                            f"now {counts[1]}): prepare into a new directory (or remove this one to prepare it again)")
+                      + ("" if k is None else f"{k:,} samples") for n, k, *_ in (then, now)]
+            how = f"then {counts[0]}; now {counts[1]}" if list(then[:2]) != now[:2] else \
+                f"then {_bytes(then[2])}; now {_bytes(now[2])}, as many samples" if then[2] != now[2] else \
+                "its files renamed, added or removed, as many as before"
+            raise DataError(f"{sources[changed].name} changed since {output} was prepared from it ({how}): prepare "
+                            "into a new directory (or remove this one to prepare it again)")
         if before == manifest and was is None and not (output / INDEX).is_file():
             _check_units_of_an_earlier_release(output, _units(sources, settings.shard_size))
         if before != manifest:
