@@ -107,13 +107,35 @@ def test_train_codebook_errors(tmp_path, capsys):
     make_images(imgs, n=4)
     # One source named twice (it had trained on each image twice, counted twice); channels the
     # RGB images cannot have (it had failed at the first step, after its start-up).
+    (tmp_path / "t.csv").write_text("image,caption\n" + "".join(f"{p},a square\n" for p in sorted(imgs.iterdir())))
     for given, said in ((["--images", str(imgs), str(imgs / ".")], f"train-codebook names {imgs / '.'} twice"),
+                        # A table naming a folder's images: one stream of images, each drawn twice as often.
+                        (["--images", str(imgs), "--pairs", str(tmp_path / "t.csv")],
+                         f"is named by both {imgs} and {tmp_path / 't.csv'}; give each image once (it would be drawn "
+                         "twice as often)"),
                         (["--images", str(imgs), "--set", "codebook.input_channels=1"],
                          "codebook.input_channels=1: training reads images as RGB, 3 channels; set it to 3")):
         assert cli(["train-codebook", *given, "--output", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_train_codebook_says_what_its_output_holds(tmp_path, capsys):
+    # A model's checkpoint had been called "a trained codebook" (and "a finished codebook" under
+    # --resume); a run that had not saved yet, "no codebook training to resume".
+    cfg = flava.preset("tiny")
+    save_checkpoint(tmp_path / "model", to_dict(cfg), {"model": flava.FlavaModel(cfg).state_dict()})
+    make_images(tmp_path / "imgs", n=4)
+    for resume in ([], ["--resume"]):
+        assert cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(tmp_path / "model"),
+                    *resume]) == 2
+        assert f"{tmp_path / 'model'} holds a model's checkpoint, not a codebook training; choose another --output" \
+            in capsys.readouterr().err
+    running = tmp_path / "running"
+    with RunDir(running).lock():  # a run started, nothing saved yet
+        assert cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(running), "--resume"]) == 2
+        assert f"{running} is in use by another flava run (pid {os.getpid()}" in capsys.readouterr().err
 
 
 def test_the_evaluation_sample_takes_every_source_in_proportion_each_image_once(tmp_path):
@@ -382,6 +404,27 @@ def test_images_that_fail_or_stall_mid_run_end_it_with_the_steps_done_saved(tmp_
     monkeypatch.setattr(_Draws, "_sample", real_draw)
     assert cli([*args, "--output", str(tmp_path / "early")]) == 0
 
+    # Stopped after the last step, in its final evaluation: every step is saved and the resume
+    # evaluates and writes the codebook (the stop had been said, then ignored, with exit status 0).
+    real_evaluate = codebook.CodebookRun.evaluate
+
+    def stopped_in_final(self, stoppable=False):
+        if stoppable and not late:
+            late.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(self, stoppable)
+
+    late = []
+    monkeypatch.setattr(codebook.CodebookRun, "evaluate", stopped_in_final)
+    capsys.readouterr()
+    assert cli([*args, "--output", str(tmp_path / "late")]) == 143
+    assert "stopped by SIGTERM after the last step, before the final evaluation; every step is saved in" in \
+        " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "late" / "model.safetensors").exists()
+    assert cli([*args, "--output", str(tmp_path / "late"), "--resume"]) == 0
+    got = load_file(str(tmp_path / "late" / "model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
 
 REAL_STEP = (codebook_module.CodebookRun.train_step, codebook_module._gumbel_softmax)  # under any patch of them
 
@@ -483,7 +526,7 @@ def test_a_diverging_run_stops_keeps_its_last_save_and_resumes_with_a_lower_lr(t
     _diverging_at(monkeypatch, range(5, 100))
     assert cli([*args, "--output", str(out), "--log-every", "1"]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "the loss or its gradients were not finite for 5 steps in a row (steps 5-9 in codebook_metrics.jsonl; " \
+    assert "the loss or its gradients were not finite for 5 steps in a row (steps 5-9; " \
            "their updates were skipped, --max-nonfinite-steps), so the codebook training stopped; its latest save " \
            f"(step 4 in {out / 'training'}, made after a finite step) is kept: continue it with a lower learning " \
            "rate, --resume --lr 0.0002 (now 0.002)" in err
@@ -581,12 +624,12 @@ def test_a_stop_at_once_after_the_last_step_keeps_every_step(tmp_path, monkeypat
     monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)
     evaluate, calls = codebook.CodebookRun.evaluate, []
 
-    def interrupted_at_the_end(self):
+    def interrupted_at_the_end(self, stoppable=False):
         calls.append(self.step)
         if len(calls) == 2:  # the final evaluation (the first scores the start)
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return evaluate(self)
+        return evaluate(self, stoppable)
 
     monkeypatch.setattr(codebook.CodebookRun, "evaluate", interrupted_at_the_end)
     capsys.readouterr()

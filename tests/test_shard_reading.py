@@ -384,14 +384,15 @@ def test_shards_and_text_of_fewer_samples_than_a_batch_are_said_at_the_start(tmp
     from flava.data.pipeline import BatchStream
     from flava.data.registry import open_source
     from flava.data.samples import SampleMaker, SampleSpec
-    from flava.train.run import _described, _source_notes
+    from flava.train.accounting import source_notes
+    from flava.train.run import _described
 
     maker = SampleMaker(SampleSpec(image_size=32, codebook_image_size=32, grid=4, max_text_length=16), 0)
 
     def start(kind, path, batch):
         stream = BatchStream(kind, open_source(kind, str(path)), maker, batch, seed=0)
         stream.probe()
-        return _described(stream, 1), _source_notes({kind: SimpleNamespace(streams=[stream])}, batch)
+        return _described(stream, 1), source_notes({kind: SimpleNamespace(streams=[stream])}, batch)
 
     tar_of(tmp_path / "s.tar", [("a.png", png(1)), ("a.txt", b"a cat"), ("b.png", png(2)), ("b.txt", b"a dog")])
     assert start("pairs", tmp_path / "s.tar", 8) == (
@@ -527,3 +528,22 @@ def test_a_shards_members_are_listed_as_tarfile_lists_them_in_every_header_forma
     assert _plain_listing(io.BytesIO(made[tarfile.PAX_FORMAT, 1.7e9 + 0.25]),
                           len(made[tarfile.PAX_FORMAT, 1.7e9 + 0.25])) is not None
     assert walked >= 3
+
+
+def test_shards_named_but_not_there_are_said_at_the_start_and_hold_nothing_in_a_sources_size(tmp_path):
+    # A brace range past the last shard written: each missing one was sized as the first, so the
+    # source was drawn more often than its like (83 % against 17 % for two sources of 52).
+    from types import SimpleNamespace
+
+    from flava.data.registry import estimated_size, missing_shards, open_source
+    from flava.train.accounting import source_notes
+
+    for k in range(3):
+        tar_of(tmp_path / f"{k:05d}.tar", [(f"{k}_{i}.{e}", png(k * 10 + i) if e == "png" else b"a cat")
+                                           for i in range(4) for e in ("png", "txt")])
+    src = open_source("pairs", str(tmp_path) + "/{00000..00009}.tar")
+    assert missing_shards(src) == list(range(3, 10)) and estimated_size(src) == 12
+    notes = source_notes({"pairs": SimpleNamespace(streams=[SimpleNamespace(source=src, probed_size=None)])}, 4)
+    assert notes == [f"data.pairs {src.name}: 7 of its 10 shards do not exist (e.g. {tmp_path / '00003.tar'}); they "
+                     "hold nothing, and are counted as missing when reached"]
+    assert missing_shards(open_source("pairs", str(tmp_path))) == []

@@ -261,7 +261,7 @@ def test_a_tables_bad_rows_are_said_at_a_runs_start(tmp_path):
     from types import SimpleNamespace
 
     from flava.data.sources import csv_pairs
-    from flava.train.run import _source_notes
+    from flava.train.accounting import source_notes
 
     (tmp_path / "a.png").write_bytes(b"")
     rows = ["image,caption"] + [f"a.png,caption {i}" for i in range(200)]
@@ -269,8 +269,8 @@ def test_a_tables_bad_rows_are_said_at_a_runs_start(tmp_path):
     (tmp_path / "q.csv").write_text("\n".join(rows) + "\n")
 
     def notes(name):
-        return _source_notes({"pairs": SimpleNamespace(streams=[SimpleNamespace(source=csv_pairs(tmp_path / name))])},
-                             4)
+        return source_notes({"pairs": SimpleNamespace(streams=[SimpleNamespace(source=csv_pairs(tmp_path / name))])},
+                            4)
 
     assert notes("q.csv") == [f"data.pairs {tmp_path / 'q.csv'}: a quote opened on line 22 is never closed, so lines "
                               "22-201 are unread and 180 of its 200 rows are skipped (179 line after an unclosed "

@@ -9,6 +9,7 @@ compressed; local, remote), parquet, datasets. An empty spec list means the pack
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -163,12 +164,14 @@ def check_distinct(paths: Sequence, where: str, hint: str = " (a weight draws on
         seen[key] = p
 
 
-def check_disjoint(srcs: Sequence[Source], where: str, hint: str = " (a weight draws one more often)") -> None:
+def check_disjoint(srcs: Sequence[Source], where: str, hint: str = " (a weight draws one more often)",
+                   pairs_as_images: bool = False) -> None:
     """Each shard once: a folder and a glob or a file in it named beside each other (`shards` and
     `shards/00000.tar`) drew those shards twice as often, unsaid; so did image files (`imgs` and
     `imgs/a*.jpg`). Paths are compared with their folders' links resolved (`RealPaths`: a stat a
     folder, not a file; shard lists run to thousands), so a folder and a link to it are one. One
-    source may name an image twice (a table's rows), two may not."""
+    source may name an image twice (a table's rows), two may not. `pairs_as_images`: a pair's image
+    counts as an image (train-codebook reads both as one stream of images)."""
     real = RealPaths()
     owner: dict[tuple, Source] = {}
     image_owner: dict[str, Source] = {}
@@ -179,7 +182,8 @@ def check_disjoint(srcs: Sequence[Source], where: str, hint: str = " (a weight d
             url = getattr(shard, "url", None) or getattr(getattr(shard, "file", None), "path", None)
             if url is None:  # records in memory: a folder's listing, a table's rows (pairs may share an image)
                 for r in shard.records if isinstance(shard, sources.RecordShard) else ():
-                    if not isinstance(r, sources.ImageRecord) or not isinstance(r.image, Path):  # a member, pixels
+                    image = isinstance(r, sources.ImageRecord) or pairs_as_images and isinstance(r, sources.PairRecord)
+                    if not image or not isinstance(r.image, Path):  # a member, pixels
                         continue
                     first = image_owner.setdefault(real(r.image), src)
                     if first is not src:
@@ -260,15 +264,29 @@ def estimated_size(source: Source, outage: tuple[float, str] | None = None) -> i
         return source.known_size
     from .sources import open_waiting
 
+    # A local shard named but not there (a brace range past the last one written) holds nothing: it
+    # had been counted as the first shard's like, and the source drawn that much more often.
+    gone = set(missing_shards(source))
+    there = [s for i, s in enumerate(source.shards) if i not in gone] or source.shards
     # Waited for: a source weighed by a store's outage would be mixed wrongly for the whole run.
-    first = len(open_waiting(source.shards[0], *(outage or ())).records)
-    sizes = [sources.shard_bytes(s) for s in source.shards]
+    first = len(open_waiting(there[0], *(outage or ())).records)
+    sizes = [sources.shard_bytes(s) for s in there]
     # Bytes stand for records only among shards stored alike (not a compressed file beside plain
     # ones) and where the first holds any (a first shard of bad records says nothing of its bytes).
-    alike = len({_suffix(getattr(s, "url", "")) for s in source.shards}) == 1
+    alike = len({_suffix(getattr(s, "url", "")) for s in there}) == 1
     if first and alike and all(sizes):
         return max(1, round(first * sum(sizes) / sizes[0]))
-    return max(1, first) * len(source.shards)
+    return max(1, first) * len(there)
+
+
+def missing_shards(source: Source) -> list[int]:
+    """The indices of a source's local shard files that do not exist (a stat each; remote ones and
+    records in memory are not looked for)."""
+    from .shards import _local
+
+    urls = [getattr(s, "url", None) for s in source.shards]
+    return [i for i, u in enumerate(urls) if isinstance(u, str) and not is_remote(u) and getattr(
+        source.shards[i], "end", None) is None and not os.path.exists(_local(u))]
 
 
 def _suffix(url: str) -> str:

@@ -7,6 +7,9 @@ from collections import Counter
 
 import torch.distributed as dist
 
+from ..data.registry import missing_files, missing_shards
+from ..data.sources import bad_rows_said
+
 
 class DataAccounting:
     """Counts over the streams of every data kind a run draws from."""
@@ -64,3 +67,43 @@ class DataAccounting:
     def samples_by_source(self) -> dict[str, dict[str, int]]:
         """Samples drawn so far from each source, by kind (all processes)."""
         return {k: ks.samples_by_source for k, ks in self.streams.items()}
+
+
+def stream_size(stream) -> int | None:
+    """A stream's samples where known at the start: listed, indexed or counted by its probe."""
+    return stream.source.known_size if stream.source.known_size is not None else stream.probed_size
+
+
+def source_notes(streams: dict, global_batch: int, named=lambda kind, source: f"data.{kind} {source.name}",
+                 batch_setting: str = "data.batch_size") -> list[str]:
+    """What is wrong with a source that the run goes on with: bad rows and missing image files or
+    shards (skipped and counted), and fewer samples than a batch, which repeats samples within
+    every batch (among pairs, a repeated pair is a negative of itself to the contrastive objective).
+    `named(kind, source)`: how a note names the source; `batch_setting`: the batch size's setting."""
+    notes = []
+    for kind, ks in streams.items():
+        for stream in ks.streams:
+            name = named(kind, stream.source)
+            if bad := bad_rows_said(stream.source):
+                notes.append(f"{name}: {bad}")
+            if gone := missing_shards(stream.source):
+                shards = stream.source.shards
+                notes.append(f"{name}: {len(gone):,} of its {len(shards):,} shards do not exist (e.g. "
+                             f"{shards[gone[0]].url}); they hold nothing, and are counted as missing when reached")
+            size = stream_size(stream)
+            missing, checked = missing_files(stream.source)
+            if missing:
+                share = f"{missing:,} of its {checked:,} image files" if checked == size else \
+                    f"{missing:,} of {checked:,} image files looked for (a sample of its {size:,})"
+                notes.append(f"{name}: {share} do not exist; those samples are skipped "
+                             "and counted" + (" (a table's relative paths are read from its folder)"
+                                              if kind == "pairs" else ""))
+            usable = size if size is None or not missing else round(size * (checked - missing) / checked)
+            if usable is not None and usable < global_batch:
+                harm = " (a pair twice in a batch is its own negative to the contrastive objective)" \
+                    if kind == "pairs" else ""
+                holds = f"holds {usable:,} sample{'s' if usable != 1 else ''}" if usable == size else \
+                    f"holds about {usable:,} usable sample{'s' if usable != 1 else ''}"
+                notes.append(f"{name} {holds}, fewer than a batch of {global_batch:,}: every batch repeats "
+                             f"samples{harm}; give more data or a smaller {batch_setting}")
+    return notes

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from safetensors.torch import load_file, save_file
 
@@ -45,7 +46,7 @@ from ..loading import refuse_non_finite
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
 from ..optim import warmup_cosine
 from ..progress import progress_bar
-from .accounting import DataAccounting
+from .accounting import DataAccounting, source_notes
 from .config import anchored
 
 
@@ -157,11 +158,15 @@ class CodebookRun:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Reconstruction MSE, perplexity and codes used on the fixed evaluation sample."""
+    def evaluate(self, stoppable: bool = False) -> dict | None:
+        """Reconstruction MSE, perplexity and codes used on the fixed evaluation sample; None when
+        `stoppable` and a stop is requested before it is done."""
         self.encoder.eval(), self.decoder.eval()
         mse, ids = 0.0, []
         for chunk in self.eval_pixels.split(128):
+            if stoppable and stopping.requested():
+                self.encoder.train(), self.decoder.train()
+                return None
             x = _pixels(chunk, self.device)
             tokens = self._tokens(x)  # the tokens pretraining reads (float32), not bf16's argmax
             with self._autocast():
@@ -240,9 +245,10 @@ class CodebookRun:
             self._read_nonfinite(self._nonfinite.tolist())
         if self.diverged_at >= 0:
             n = self.settings.max_nonfinite_steps
+            # Steps named alone: only logged ones have rows in the metrics file.
             self._diverged(f"the loss or its gradients were not finite for {n} steps in a row (steps "
-                           f"{self.diverged_at - n + 1}-{self.diverged_at} in {METRICS}; their updates were "
-                           "skipped, --max-nonfinite-steps)", state)
+                           f"{self.diverged_at - n + 1}-{self.diverged_at}; their updates were skipped, "
+                           "--max-nonfinite-steps)", state)
 
     def _diverged(self, what: str, state: Path) -> None:
         lr = self.settings.lr
@@ -335,7 +341,7 @@ def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
     check_distinct([*images, *pairs], "train-codebook", " (--images and --pairs together)")
     demo = [demo_source("images")] if "demo" in images else []
     sources = demo + open_images([s for s in images if s != "demo"]) + [open_source("pairs", spec) for spec in pairs]
-    check_disjoint(sources, "train-codebook", "")
+    check_disjoint(sources, "train-codebook", " (it would be drawn twice as often)", pairs_as_images=True)
     for source in sources:  # as pretrain refuses it (its evaluation sample had divided by no images)
         refuse_empty(source)
     return sources
@@ -411,11 +417,19 @@ def _check_start(output: Path, resume: bool) -> dict | None:
     # A save killed between its renames left the previous state beside its place; it is read there
     # and moved back only under the lock (a running holder may be between those renames now).
     state = codebook_state(output)
+    # A codebook is saved with its decoder and report; other weights are a model's checkpoint.
+    other = (output / "model.safetensors").is_file() and not (output / "decoder.safetensors").is_file() and \
+        not (output / "codebook_report.json").is_file()
+    if other:
+        raise ConfigError(f"{output} holds a model's checkpoint, not a codebook training; choose another --output")
     if resume:
         if state is not None:
             return read_json(state, "codebook training state", expect=dict)
         if (output / "model.safetensors").is_file():
             raise ConfigError(f"{output} holds a finished codebook; there is nothing to resume")
+        if (output / ".lock").is_file():  # a run that has not saved yet: said to be running, not to be missing
+            with RunDir(output).lock():
+                pass
         raise ConfigError(f"--resume: {output} holds no codebook training to resume; check the path, or leave out "
                           "--resume to start one")
     if state is not None:
@@ -526,6 +540,11 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
                           f"{', '.join(s.name for s in sources)} at {size} px ({cfg.image.grid_size}x"
                           f"{cfg.image.grid_size} tokens each), {settings.steps} steps on {device.type}"
                           + (" (bf16)" if run.dtype is not None else ""))
+        # As pretraining says them: bad rows, missing files and shards, fewer images than a batch.
+        for note in source_notes({"images": stream}, settings.batch_size, lambda kind, source: source.name,
+                                 "--batch-size"):
+            console.print(f"note: {escape(note)}")
+        if saved is None:
             if signum := stopping.requested():
                 raise _stopped_first(signum)
             run.start_metrics = run.evaluate()
@@ -612,7 +631,13 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     encoder = run._finite_weights({k: v.detach().cpu() for k, v in run.encoder.state_dict().items()}, output / STATE)
     decoder = run._finite_weights({k: v.detach().cpu().contiguous() for k, v in run.decoder.state_dict().items()},
                                   output / STATE)
-    end = run.evaluate()
+    end = run.evaluate(stoppable=True)
+    if end is None:  # a stop after the last step: every step is saved, the evaluation and writing are left
+        signum = stopping.requested()
+        raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} after the last step, before the final "
+                                       f"evaluation; every step is saved in {output / STATE}: continue with the same "
+                                       "command and --resume to evaluate and write the codebook",
+                               f"at step {run.step} of {settings.steps}")
     bad: dict[str, set] = {}
     for s in run.stream.streams:
         for reason, ids in s.bad.items():

@@ -21,8 +21,7 @@ from .. import stopping
 from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict, validate
 from ..data.pipeline import per_process_batch
 from ..distributed import end_host_group, resolve_device, start_host_group
-from ..data.registry import KINDS, missing_files, open_stream
-from ..data.sources import bad_rows_said
+from ..data.registry import KINDS, open_stream
 from ..errors import CheckpointError, ConfigError, DataChanged, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import check_writable, read_json, write_json_atomic
@@ -30,6 +29,7 @@ from ..io.locks import InUse
 from ..io.runs import LOCK, RunDir, codebook_state
 from ..objectives.registry import needs_image_tokens
 from ..progress import progress_bar
+from .accounting import source_notes, stream_size
 from .checkpoint import STREAMS, on_new_data
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig, anchored
@@ -283,45 +283,11 @@ def gradient_table(gradients: dict[str, dict]) -> Table:
     return table
 
 
-def _size(stream) -> int | None:
-    """A stream's samples where known at the start: listed, indexed or counted by its probe."""
-    return stream.source.known_size if stream.source.known_size is not None else stream.probed_size
-
-
 def _described(stream, weight: float) -> str:
     src = stream.source
-    size = f"{_size(stream):,} samples" if _size(stream) is not None else "size read as it streams"
+    size = f"{stream_size(stream):,} samples" if stream_size(stream) is not None else "size read as it streams"
     return (f"{src.name} ({len(src.shards):,} shards, {size}, {stream.layout.lanes} lanes"
             + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
-
-
-def _source_notes(streams: dict, global_batch: int) -> list[str]:
-    """What is wrong with a listed source that the run goes on with: bad rows and missing image
-    files (skipped and counted), and fewer samples than a batch, which repeats samples within
-    every batch (among pairs, a repeated pair is a negative of itself to the contrastive objective)."""
-    notes = []
-    for kind, ks in streams.items():
-        for stream in ks.streams:
-            if bad := bad_rows_said(stream.source):
-                notes.append(f"data.{kind} {stream.source.name}: {bad}")
-            size = _size(stream)
-            missing, checked = missing_files(stream.source)
-            if missing:
-                share = f"{missing:,} of its {checked:,} image files" if checked == size else \
-                    f"{missing:,} of {checked:,} image files looked for (a sample of its {size:,})"
-                notes.append(f"data.{kind} {stream.source.name}: {share} do not exist; those samples are skipped "
-                             "and counted" + (" (a table's relative paths are read from its folder)"
-                                              if kind == "pairs" else ""))
-            usable = size if size is None or not missing else round(size * (checked - missing) / checked)
-            if usable is not None and usable < global_batch:
-                harm = " (a pair twice in a batch is its own negative to the contrastive objective)" \
-                    if kind == "pairs" else ""
-                holds = f"holds {usable:,} sample{'s' if usable != 1 else ''}" if usable == size else \
-                    f"holds about {usable:,} usable sample{'s' if usable != 1 else ''}"
-                notes.append(f"data.{kind} {stream.source.name} {holds}, "
-                             f"fewer than a batch of {global_batch:,}: every batch repeats samples{harm}; give more "
-                             f"data or a smaller data.batch_size")
-    return notes
 
 
 def recorded_global_batch(run: RunDir) -> int | None:
@@ -486,7 +452,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         # A kind given no share is never read (trained_kinds says so): what its sources hold does not matter.
         m = trainer.mixing
         read = {k: trainer.streams[k] for k, a, b in zip(m.kinds, m.start, m.end) if a > 0 or b > 0}
-        for note in _source_notes(read, cfg.data.batch_size * trainer.world):
+        for note in source_notes(read, cfg.data.batch_size * trainer.world):
             console.print(f"note: {escape(note)}")
     if trainer.optimisation.note and not ending:
         console.print(trainer.optimisation.note)
