@@ -132,6 +132,9 @@ def test_train_codebook_says_what_its_output_holds(tmp_path, capsys):
                     *resume]) == 2
         assert f"{tmp_path / 'model'} holds a model's checkpoint, not a codebook training; choose another --output" \
             in capsys.readouterr().err
+    from flava.train.codebook import image_sources
+
+    assert [s.name for s in image_sources([], ["demo"])] == ["easy-vqa train pairs"]  # it had been "missing"
     running = tmp_path / "running"
     with RunDir(running).lock():  # a run started, nothing saved yet
         assert cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(running), "--resume"]) == 2

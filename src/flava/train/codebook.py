@@ -335,12 +335,13 @@ STATE = CODEBOOK_STATE
 
 
 def image_sources(images: list[str], pairs: list[str]) -> list[Source]:
-    """The sources named: 'demo' (the packaged demo images); image files and globs gathered into
+    """The sources named: 'demo' (the packaged demo images, or pairs); image files and globs gathered into
     one source; folders, shards, tables and parquet as `flava pretrain` opens them (the images
     of pairs)."""
     check_distinct([*images, *pairs], "train-codebook", " (--images and --pairs together)")
     demo = [demo_source("images")] if "demo" in images else []
-    sources = demo + open_images([s for s in images if s != "demo"]) + [open_source("pairs", spec) for spec in pairs]
+    sources = demo + open_images([s for s in images if s != "demo"]) + [
+        demo_source("pairs") if spec == "demo" else open_source("pairs", spec) for spec in pairs]
     check_disjoint(sources, "train-codebook", " (it would be drawn twice as often)", pairs_as_images=True)
     for source in sources:  # as pretrain refuses it (its evaluation sample had divided by no images)
         refuse_empty(source)
