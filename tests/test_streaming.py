@@ -982,6 +982,13 @@ def test_prepared_shards_named_by_glob_or_one_by_one_get_the_folders_checks(prep
         _pair_trainer(tmp_path / "run", f"{p.root}/[ab]/*.tar")
     # Its tokens are the targets: no codebook needed, none loaded.
     assert _pair_trainer(tmp_path / "run", f"{p.b}/{{00000..00001}}.tar").model.codebook is None
+    # Counted by the index too, as the folder is (they had been sized as estimates from the first).
+    from flava.data.registry import open_source
+
+    whole = open_source("pairs", str(p.b)).known_size
+    assert open_source("pairs", f"{p.b}/*.tar").known_size == whole is not None
+    assert open_source("pairs", f"{p.b}/00000.tar").known_size == json.loads(
+        (p.b / "index.json").read_text())["shardlist"][0]["nsamples"]
     # Shards copied without their index (or remote ones, not looked up) are not checked at the start,
     # but ids past the heads are bad samples, not a traceback from the loss.
     shutil.copytree(p.c, tmp_path / "loose", ignore=shutil.ignore_patterns("*.json"))

@@ -394,17 +394,24 @@ def _find_prepared(source: Source, urls: list[str]) -> None:
     from .shards import _local, is_remote
 
     made: dict[str, dict | None] = {}  # by folder: its index's record (None: shards without tokens)
+    counted: dict[str, int] = {}  # samples in the shards the indexes list, by real path
     for folder in dict.fromkeys(os.path.dirname(_local(u)) or "." for u in urls if not is_remote(u)):
         index, mark = Path(folder) / INDEX, Path(folder) / PREPARE_SETTINGS
         if mark.is_file() and not index.is_file():
             raise DataError(f"{source.name} names shards of an unfinished `flava prepare` output ({folder}, no "
                             f"{INDEX} yet): run the same prepare command again to finish it")
         try:
-            made[folder] = read_index(str(index)).get("flava") if index.is_file() else None
+            listed = read_index(str(index)) if index.is_file() else None
         except DataError:
             if mark.is_file():
                 raise
-            made[folder] = None  # another program's index.json: these are not prepare's shards
+            listed = None  # another program's index.json: these are not prepare's shards
+        made[folder] = listed.get("flava") if listed else None
+        if listed:
+            counted.update({os.path.realpath(_local(s["url"])): s["nsamples"] for s in listed["shardlist"]})
+    # Named one by one or by a glob, prepared shards are counted by their index, as the folder is.
+    if counted and all(not is_remote(u) and os.path.realpath(_local(u)) in counted for u in urls):
+        source.known_size = sum(counted[os.path.realpath(_local(u))] for u in urls)
     if not any(made.values()):
         return
     if len({json.dumps(info, sort_keys=True) for info in made.values()}) == 1:
