@@ -328,18 +328,33 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     assert "started with other settings (model_weights: " in said
     assert "step_00000001" in said and "step_00000002" in said and "model:" not in said
     run.point_latest(1, run.step(1))
+    # The training data edited since the stop, as many rows: refused as changed (a table that lost
+    # rows had ended in an IndexError, one that gained some in a false "input_ids is empty").
+    table = tmp_path / "train.csv"
+    kept = table.read_bytes()
+    table.write_bytes(kept.replace(b"thing number 7,", b"thing numbered 7,"))
+    edited = Command(args(tmp_path / "cut", "--resume"), tmp_path / "e")
+    assert edited.finish() == 2
+    assert "changed since it stopped (train.bytes: " in " ".join(edited.text().split()), edited.text()
+    table.write_bytes(kept)
+    (tmp_path / "alias").mkdir()  # the same file named another way: the same data
+    (tmp_path / "alias" / "train.csv").symlink_to(table)
     # A state saved by a release that did not record the weights resumes (it was refused for ever).
     saved = torch.load(state, weights_only=True)
     saved["started_with"] = json.dumps({k: v for k, v in json.loads(saved["started_with"]).items()
                                         if k != "model_weights"})
     torch.save(saved, state)
     write_checksums(state.parent)
-    out = done(Command(args(tmp_path / "cut", "--resume"), tmp_path / "r"))
+    alias = str(tmp_path / "alias" / "train.csv")
+    linked = [alias if a == str(table) else a for a in args(tmp_path / "cut", "--resume")]
+    out = done(Command(linked, tmp_path / "r"))
     assert "resuming the fine-tuning stopped" in out
     assert not (tmp_path / "cut" / "training").exists()
     done(Command(args(tmp_path / "whole"), tmp_path / "w", plain=True))
     same_tensors(tmp_path / "whole" / "model.safetensors", tmp_path / "cut" / "model.safetensors")
     report = [json.loads((tmp_path / d / "task.json").read_text()) for d in ("whole", "cut")]
+    assert report[1]["finetune"]["data"].pop("train") == str(tmp_path / "alias" / "train.csv")  # as the resume named it
+    report[0]["finetune"]["data"].pop("train")
     assert report[0] == report[1]
 
 

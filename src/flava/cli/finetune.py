@@ -136,7 +136,7 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     from ..evaluate.run import load_model
     from .embed import inference_device
     from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
-    from ..finetune.settings import TRAINING, Resumable
+    from ..finetune.settings import TRAINING, Resumable, data_identity
     from ..finetune.taskmodel import save_task_model
     from ..finetune.text import truncating_copy
     from ..io.files import recover_replaced
@@ -162,6 +162,7 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     resumable = Resumable(output / TRAINING, {
         "model": args.model, "model_weights": f"{weights['path']} ({weights['fingerprint']})", "task": args.task,
         "train": args.train, "val": args.val, "test": args.test, "val_fraction": args.val_fraction,
+        "data": {name: data_identity(getattr(args, name)) for name in ("train", "val", "test")},
         "settings": to_dict(settings)})
     if stopped:
         check_resume(resumable)

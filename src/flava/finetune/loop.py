@@ -97,6 +97,14 @@ def _load_state(resumable: Resumable) -> dict | None:
                               f"delete it and run without --resume to fine-tune from the start") from None
     started, now = json.loads(state["started_with"]), json.loads(json.dumps(resumable.started_with))
     now = _known(now, started)  # what a state saved by an earlier release recorded is what it can be held to
+    if "data" in started:  # the data itself, not how it was named (relative, absolute, through a link)
+        for name in ("train", "val", "test"):
+            started.pop(name, None), now.pop(name, None)
+        if started["data"] != now["data"]:
+            raise ConfigError(f"the data of the fine-tuning stopped in {resumable.directory.parent} changed since it "
+                              f"stopped ({said(differences(started['data'], now['data']))}): a resumed fine-tuning "
+                              "reads the examples it was started with; give them back as they were, or fine-tune "
+                              "into another --output")
     if started != now:
         raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started with other settings "
                           f"({said(differences(started, now))}); "

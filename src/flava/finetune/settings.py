@@ -20,6 +20,30 @@ TRAINING = "training"
 """OUTPUT/training/: the state of a fine-tuning stopped on request, which --resume continues."""
 
 
+def data_identity(spec: str | None) -> dict | None:
+    """What a fine-tuning's `--train`/`--val`/`--test` names, as a resume compares it: a file by its
+    real path and bytes, a folder (class folders of images) by its real path and the names of the
+    files below it, anything else (a packaged task) by its name. The same file named another way
+    (relative, absolute, through a link) is the same data; an edit is not."""
+    if spec is None:
+        return None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return {"path": str(path.resolve()), "bytes": path.stat().st_size}
+    if path.is_dir():
+        import hashlib
+        import os
+
+        digest = hashlib.blake2b(digest_size=8)
+        for folder, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                digest.update(os.path.relpath(os.path.join(folder, name), path).encode("utf-8", "surrogateescape")
+                              + b"\0")
+        return {"path": str(path.resolve()), "files": digest.hexdigest()}
+    return {"name": spec}
+
+
 @dataclass
 class Resumable:
     """Where a fine-tuning keeps its state when it stops on request (SIGTERM/SIGINT), and what it
