@@ -289,6 +289,33 @@ def test_a_tower_of_other_than_three_channels_is_refused_at_the_start(tmp_path):
         find_sources(TrainConfig(model=flava_config(), init_image=str(tmp_path / "grey")))
 
 
+def test_a_start_from_a_tower_trains_the_demo_codebook_for_its_image_and_refuses_a_wrong_kind_first(tmp_path,
+                                                                                                     monkeypatch):
+    # The demo codebook was trained for the preset's image (64 px, 8x8 tokens), then the tower made
+    # the model 32 px: the run trained on targets of another scale. A BERT as init_image was refused
+    # only after that codebook's minutes.
+    from rich.console import Console
+
+    from flava.train import run as run_module
+    from flava.train.config import TrainConfig
+    from flava.train.init import find_sources
+
+    write_tower(tmp_path / "vit", "vit")
+    model = flava_config()
+    model.codebook = dataclasses.replace(model.codebook, vocab_size=model.image.vocab_size)
+    cfg = TrainConfig(model=model, init_image=str(tmp_path / "vit"))
+    trained = []
+    monkeypatch.setattr(run_module, "train_demo_codebook", lambda model, *args, **kwargs: trained.append(model))
+    run_module.ensure_demo_codebook(cfg, tmp_path / "codebook", Console())
+    followed = follow_image_tower(model, str(tmp_path / "vit"))
+    assert trained[0].codebook_image_size == followed.codebook_image_size == 48 != model.codebook_image_size
+    transformers.BertModel(transformers.BertConfig(**ENC, intermediate_size=64, vocab_size=99)
+                           ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(CheckpointError, match="cannot initialise the image encoder from .*bert: a bert checkpoint "
+                                              "holds a text encoder only"):
+        find_sources(TrainConfig(model=model, init_image=str(tmp_path / "bert")))
+
+
 def test_a_multimodal_source_beside_a_wider_tower_keeps_its_encoder_and_leaves_the_projection(tmp_path):
     torch.manual_seed(0)
     randomize_(PretrainingModel(flava_config()), seed=5).save_pretrained(tmp_path / "flava")
