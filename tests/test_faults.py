@@ -265,7 +265,7 @@ def test_what_a_killed_save_left_is_recovered_not_refused(tmp_path):
     recover_replaced(out / STATE)
     assert sorted(p.name for p in out.iterdir()) == [METRICS, STATE]
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(CheckpointError, match="already holds other files"):
+    with pytest.raises(CheckpointError, match=r"already holds other files \(notes.txt\) and is not a checkpoint"):
         check_replaceable(out, (METRICS, STATE, ".lock"))
 
     task = tmp_path / "task"

@@ -63,8 +63,10 @@ def check_replaceable(target: Path, also_ours: tuple[str, ...] = (),
     if not names or names <= set(also_ours):
         return
     if CONFIG not in names:
-        raise CheckpointError(f"{target} already holds other files and is not a checkpoint; choose another output "
-                              f"directory")
+        shown = sorted(names - set(also_ours))
+        listed = ", ".join(shown[:3]) + (f" and {len(shown) - 3} more" if len(shown) > 3 else "")
+        raise CheckpointError(f"{target} already holds other files ({listed}) and is not a checkpoint; choose another "
+                              f"output directory")
     try:
         config = json.loads((target / CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError):
