@@ -3,6 +3,7 @@ blank lines of a .txt, a regression table's target that is not a number. The tas
 and untrained (a random head on the tiny preset's encoder): these tests are about predict's bookkeeping."""
 
 import csv
+import re
 
 import numpy as np
 import pytest
@@ -145,7 +146,8 @@ def test_predict_names_every_column_of_a_regression_table(models, tmp_path, caps
     out = capsys.readouterr().out
     header = next(line for line in out.splitlines() if " input " in line)
     assert [c.strip() for c in header.strip()[1:-1].split("┃")] == ["#", "input", "predicted value"]  # none blank
-    assert "on 2 labelled inputs" in " ".join(out.split())
+    said = re.search(r"Pearson (-?[\d.]+), Spearman (-?[\d.]+) on 2 labelled inputs", " ".join(out.split()))
+    assert said and abs(float(said[1])) == abs(float(said[2])) == 1.0  # two points: both correlations are +-1
 
 
 def test_predict_reads_a_parquet_tables_image_bytes_and_names_a_url_as_one(models, tmp_path, capsys):

@@ -321,8 +321,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
         truth = [float(t) for t, _ in labelled]  # numbers: others were refused while reading
         values = [p["value"] for _, p in labelled]
         mae = sum(abs(a - b) for a, b in zip(values, truth)) / len(truth)
-        pearson = M.pearson(values, truth) if len(truth) > 1 else math.nan
-        console.print(f"mean absolute error [bold]{mae:.4f}[/], Pearson {pearson:.4f} on {len(truth)} labelled inputs")
+        pearson, spearman = (M.pearson(values, truth), M.spearman(values, truth)) if len(truth) > 1 else \
+            (math.nan, math.nan)
+        console.print(f"mean absolute error [bold]{mae:.4f}[/], Pearson {pearson:.4f}, Spearman {spearman:.4f} on "
+                      f"{len(truth)} labelled inputs")
     elif labelled and tm.task == "vqa":
         # Scored as fine-tuning scores validation and test, not by matching one answer.
         scores = [vqa_row_score(p["label"], inputs.answers[i]) for i, p in enumerate(preds)
