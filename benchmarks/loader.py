@@ -132,7 +132,8 @@ def tiny_224(flava):
     return cfg
 
 
-def measure_loader(package: str, shards: str, workers: int, batch: int, draws: int) -> dict:
+def measure_loader(package: str, shards: str, workers: int, batch: int, draws: int, patch: int = 32) -> dict:
+    """`patch` sizes the codebook's view: 224 // patch * 8 px (32: 56 px; 16, the `base` preset's: 112)."""
     flava = importlib.import_module(package)
     pipeline = importlib.import_module(f"{package}.data.pipeline")
     try:
@@ -141,6 +142,7 @@ def measure_loader(package: str, shards: str, workers: int, batch: int, draws: i
         samples = pipeline
     registry = importlib.import_module(f"{package}.data.registry")
     cfg = tiny_224(flava)
+    cfg.image.patch_size = patch
     spec = samples.SampleSpec.for_model(cfg, flava.config.ObjectivesConfig(), 64, 0.9)
     stream = pipeline.BatchStream("pairs", registry.open_source("pairs", shards), samples.SampleMaker(spec, 0),
                                   batch, seed=0, num_workers=workers)
@@ -239,6 +241,9 @@ def main() -> int:
     ap.add_argument("--main-threads", dest="main_threads", type=int, default=1,
                     help="torch threads of the training process (1: one core for it, the other for a worker; "
                          "2: what `flava pretrain` without workers has on 2 cores)")
+    ap.add_argument("--loader-patch", dest="loader_patch", type=int, default=32,
+                    help="the loader figures' patch size, which sizes the codebook's view (32: 56 px; 16: the base "
+                         "preset's 112 px); the step's stays 32")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.rounds < 1:
@@ -251,7 +256,8 @@ def main() -> int:
     if args.baseline != "none":
         impls[f"baseline {args.baseline}"] = baseline_package(args.baseline, work)
     result: dict = {"loader": {}}
-    print(f"loader: 256-px photo JPEG shards -> 224-px crops + 56-px codebook views, masks, captions; "
+    print(f"loader: 256-px photo JPEG shards -> 224-px crops + {224 // args.loader_patch * 8}-px codebook views, "
+          "masks, captions; "
           f"batch {args.batch}, {os.cpu_count()} cores, {args.main_threads} torch thread(s) in the training process")
     print(f"  {'loader':22s} {'workers':>7s} {'samples/s':>10s} {'per core':>9s} {'main ms/batch':>14s}")
     for workers in (int(w) for w in args.workers.split(",")):
@@ -259,7 +265,8 @@ def main() -> int:
         rounds: dict[str, list[dict]] = {name: [] for name in impls}
         for _ in range(args.rounds):
             for name, package in impls.items():
-                rounds[name].append(measure_loader(package, shards, workers, args.batch, args.draws))
+                rounds[name].append(measure_loader(package, shards, workers, args.batch, args.draws,
+                                                   args.loader_patch))
         for name in impls:
             r = {k: float(np.median([x[k] for x in rounds[name]])) for k in rounds[name][0]}
             result["loader"][f"{name}/{workers}"] = r
