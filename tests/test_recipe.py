@@ -85,3 +85,22 @@ def test_paper_mim_and_stage_settings(tmp_path):
         plan("paper", demo_config(), tmp_path, {}, {"joint": ["init_text=x"]})
     with pytest.raises(ConfigError, match="has no stage 'image-dino'"):
         plan("paper-mim", demo_config(), tmp_path, {}, {"image-dino": ["optim.lr=1"]})
+
+
+def test_the_demo_recipes_stages_ask_the_demo_codebook_for_their_own_model_before_any_stage_trains(tmp_path,
+                                                                                                  monkeypatch):
+    # The joint stage starts from the image stage's output (init_image), which is not there until
+    # that stage has trained: following it as a public tower ended `flava demo` at its start.
+    from rich.console import Console
+
+    from flava.recipes.recipe import DEMO_RECIPE, DEMO_STAGE_SETTINGS, DEMO_STAGE_STEPS, demo_recipe_config, plan
+    from flava.train import run as run_module
+
+    asked = []
+    monkeypatch.setattr(run_module, "train_demo_codebook", lambda model, *args, **kwargs: asked.append(model))
+    out = tmp_path / "run"
+    stages = plan(DEMO_RECIPE, demo_recipe_config(0), out, DEMO_STAGE_STEPS, DEMO_STAGE_SETTINGS)
+    assert any(s.config.init_image for s in stages)
+    for stage in stages:
+        run_module.ensure_demo_codebook(stage.config, out / "codebook", Console(), 0)
+    assert asked and all(m.codebook_image_size == asked[0].codebook_image_size for m in asked)

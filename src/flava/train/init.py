@@ -269,6 +269,19 @@ def follow_image_tower(config: FlavaConfig, src: str, image_size: int = 0) -> Fl
     return _followed(config, tower, image_size)
 
 
+def tower_image_model(config: FlavaConfig, src: str, image_size: int = 0) -> FlavaConfig:
+    """`config` with the image settings the public image tower `src` gives it (what sizes a
+    codebook); `config` itself where `src` is one of our checkpoints (their pixel statistics size
+    nothing) or is not there yet (a recipe's earlier stage, trained before this one)."""
+    try:
+        path = resolve_source(src)
+    except CheckpointError:
+        return config
+    if towers.family_of(read_config(path)) is None:
+        return config
+    return _followed(config, towers.read_tower(path, weights=False), image_size)
+
+
 def _follow_checkpoint(config: FlavaConfig, path: Path, data: dict) -> FlavaConfig:
     """`config` reading images as the image encoder of one of our checkpoints (or a transformers
     FLAVA) was trained to: its pixel statistics, and the antialiased position resize of a DINOv2

@@ -33,7 +33,7 @@ from .accounting import source_notes, stream_size
 from .checkpoint import STREAMS, on_new_data
 from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig, anchored
-from .init import INIT_KEYS, find_sources, follow_image_tower
+from .init import INIT_KEYS, find_sources, tower_image_model
 from .kinds import trained_kinds
 from .trainer import Trainer
 
@@ -341,7 +341,7 @@ def ensure_demo_codebook(cfg: TrainConfig, directory: Path, console: Console, ra
         return
     validate(cfg.model)  # a model that cannot be built is said now, not after minutes of codebook training
     # The model the run builds: a public image tower decides its image size, and so the codebook's.
-    model = follow_image_tower(cfg.model, cfg.init_image, cfg.init_image_size) if cfg.init_image else cfg.model
+    model = tower_image_model(cfg.model, cfg.init_image, cfg.init_image_size) if cfg.init_image else cfg.model
     check_codebook_vocabulary(model)
     train_demo_codebook(model, directory, console, rank, say_kept)
     cfg.codebook = os.path.abspath(directory)  # found by a --resume from another folder
