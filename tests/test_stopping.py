@@ -336,6 +336,14 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     edited = Command(args(tmp_path / "cut", "--resume"), tmp_path / "e")
     assert edited.finish() == 2
     assert "changed since it stopped (train.bytes: " in " ".join(edited.text().split()), edited.text()
+    table.write_bytes(kept.replace(b"thing number 7,", b"thing number 8,"))  # as many bytes: told by their digest
+    edited = Command(args(tmp_path / "cut", "--resume"), tmp_path / "e2")
+    assert edited.finish() == 2 and "changed since it stopped (train.digest: " in " ".join(edited.text().split())
+    table.unlink()
+    gone = Command(args(tmp_path / "cut", "--resume"), tmp_path / "g")
+    assert gone.finish() == 2
+    assert f"{table} does not exist (the fine-tuning stopped in {tmp_path / 'cut'} was started on it as --train)" \
+        in " ".join(gone.text().split())
     table.write_bytes(kept)
     (tmp_path / "alias").mkdir()  # the same file named another way: the same data
     (tmp_path / "alias" / "train.csv").symlink_to(table)

@@ -95,11 +95,18 @@ def _load_state(resumable: Resumable) -> dict | None:
     except Exception as e:  # torch raises several unrelated types for a damaged file
         raise CheckpointError(f"the stopped fine-tuning's state in {resumable.directory} is damaged ({first_line(e)}); "
                               f"delete it and run without --resume to fine-tune from the start") from None
-    started, now = json.loads(state["started_with"]), json.loads(json.dumps(resumable.started_with))
-    now = _known(now, started)  # what a state saved by an earlier release recorded is what it can be held to
+    started, asked = json.loads(state["started_with"]), json.loads(json.dumps(resumable.started_with))
+    now = _known(asked, started)  # what a state saved by an earlier release recorded is what it can be held to
     if "data" in started:  # the data itself, not how it was named (relative, absolute, through a link)
+        now["data"] = asked["data"]
         for name in ("train", "val", "test"):
             started.pop(name, None), now.pop(name, None)
+        gone = [name for name, was in started["data"].items()
+                if was and "name" not in was and (now["data"].get(name) or {}).get("name")]
+        if gone:  # a file or folder it was started on, not there now
+            raise ConfigError(f"{now['data'][gone[0]]['name']} does not exist (the fine-tuning stopped in "
+                              f"{resumable.directory.parent} was started on it as --{gone[0]}); give it back, or "
+                              "fine-tune into another --output")
         if started["data"] != now["data"]:
             raise ConfigError(f"the data of the fine-tuning stopped in {resumable.directory.parent} changed since it "
                               f"stopped ({said(differences(started['data'], now['data']))}): a resumed fine-tuning "

@@ -22,25 +22,30 @@ TRAINING = "training"
 
 def data_identity(spec: str | None) -> dict | None:
     """What a fine-tuning's `--train`/`--val`/`--test` names, as a resume compares it: a file by its
-    real path and bytes, a folder (class folders of images) by its real path and the names of the
-    files below it, anything else (a packaged task) by its name. The same file named another way
-    (relative, absolute, through a link) is the same data; an edit is not."""
+    bytes (their count and digest), a folder of class folders by the names of the images below it,
+    anything else (a packaged task) by its name. Where the data lies and how it is named (relative,
+    absolute, through a link, copied elsewhere) does not matter; an edit does."""
     if spec is None:
         return None
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return {"path": str(path.resolve()), "bytes": path.stat().st_size}
-    if path.is_dir():
-        import hashlib
-        import os
+    import hashlib
+    import os
 
-        digest = hashlib.blake2b(digest_size=8)
+    path = Path(spec).expanduser()
+    digest = hashlib.blake2b(digest_size=8)
+    if path.is_file():
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return {"bytes": path.stat().st_size, "digest": digest.hexdigest()}
+    if path.is_dir():
+        from ..data.images import IMAGE_SUFFIXES
+
         for folder, dirs, files in os.walk(path):
             dirs.sort()
-            for name in sorted(files):
+            for name in sorted(f for f in files if f.lower().endswith(tuple(IMAGE_SUFFIXES))):
                 digest.update(os.path.relpath(os.path.join(folder, name), path).encode("utf-8", "surrogateescape")
                               + b"\0")
-        return {"path": str(path.resolve()), "files": digest.hexdigest()}
+        return {"images": digest.hexdigest()}
     return {"name": spec}
 
 

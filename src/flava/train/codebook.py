@@ -633,12 +633,17 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     decoder = run._finite_weights({k: v.detach().cpu().contiguous() for k, v in run.decoder.state_dict().items()},
                                   output / STATE)
     end = run.evaluate(stoppable=True)
-    if end is None:  # a stop after the last step: every step is saved, the evaluation and writing are left
+    if end is None:  # a stop after the last step: the evaluation and writing are left
         signum = stopping.requested()
-        raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} after the last step, before the final "
-                                       f"evaluation; every step is saved in {output / STATE}: continue with the same "
-                                       "command and --resume to evaluate and write the codebook",
-                               f"at step {run.step} of {settings.steps}")
+        stopped = f"stopped by {stopping.name(signum)} after the last step, before the final evaluation"
+        if run.saved_at == run.step:
+            go_on = f"every step is saved in {output / STATE}: continue with the same command and --resume to " \
+                    "evaluate and write the codebook"
+        else:  # the last steps' updates were skipped (not finite): their save was withheld
+            go_on = f"its latest updates were skipped (not finite), so step {run.saved_at} is kept in " \
+                    f"{output / STATE}: continue with the same command and --resume" if run.saved_at else \
+                "its latest updates were skipped (not finite) and nothing was saved: run the same command again"
+        raise stopping.Stopped(signum, f"{stopped}; {go_on}", f"at step {run.step} of {settings.steps}")
     bad: dict[str, set] = {}
     for s in run.stream.streams:
         for reason, ids in s.bad.items():
