@@ -35,7 +35,7 @@ from ..stopping import prepare_loader_owner, quiet_loader_worker
 from .decode import MISSING_IMAGE
 from .members import BadSample
 from .samples import SampleMaker
-from .transforms import single_threaded
+from .transforms import lies_channels_last, single_threaded
 from .shards import end_pipes, is_remote
 from .sources import OUTAGE_S, Source, open_shard, open_waiting, shard_bytes
 
@@ -314,7 +314,7 @@ class Packed:
             else:
                 first[id(value)] = f.name
                 # Channels-last pixels travel as their bytes lie (NHWC), not transposed.
-                nhwc = _channels_last(value)
+                nhwc = lies_channels_last(value)
                 tensors[f.name] = value.permute(0, 2, 3, 1) if nhwc else value.contiguous()
                 size = value.numel() * value.element_size()
                 layout[f.name] = (at, size, value.dtype, tuple(tensors[f.name].shape), nhwc)
@@ -340,11 +340,6 @@ class Packed:
             if isinstance(where, str):
                 out[name] = out[where]
         return self.kind(**out)
-
-
-def _channels_last(t: torch.Tensor) -> bool:
-    """A 4-d tensor whose bytes lie channels-last (and not also as a contiguous one)."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def no_usable_record(name: str, met: Counter, failure: str = "", kind: str = "") -> DataError:

@@ -19,7 +19,7 @@ from .members import BadSample
 from .multicrop import MultiCropBatch, MultiCropSpec, collate_multicrop, multi_crop
 from .sources import ImageRecord, PairRecord, read_caption
 from .tokenizer import TextTokenizer
-from .transforms import codebook_view, random_resized_crop_box, stack_views
+from .transforms import codebook_view, lies_channels_last, random_resized_crop_box, stack_views
 
 
 @dataclass
@@ -199,9 +199,8 @@ def merge_batches(parts: list[tuple[list[int], object]], pad: dict[str, int]):
             # index_select copies whole rows; indexing (`whole[order]`) gathered a uint8 batch's
             # pixels one by one, 15 times slower. It makes its result contiguous: channels-last
             # rows are reordered as the bytes lie.
-            nhwc = whole.dim() == 4 and whole.is_contiguous(memory_format=torch.channels_last)
-            whole = whole.permute(0, 2, 3, 1).index_select(0, order).permute(0, 3, 1, 2) if nhwc else \
-                whole.index_select(0, order)
+            whole = whole.permute(0, 2, 3, 1).index_select(0, order).permute(0, 3, 1, 2) \
+                if lies_channels_last(whole) else whole.index_select(0, order)
         out[f.name] = merged[id(getattr(first, f.name))] = whole
     return type(first)(**out)
 

@@ -109,6 +109,11 @@ def crop_resize(image: Image.Image | np.ndarray, box: tuple[float, float, float,
     return [F.interpolate(x, size=(size, size), mode="bicubic", antialias=True)[0] for size in sizes]
 
 
+def lies_channels_last(t: torch.Tensor) -> bool:
+    """A 4-d tensor whose bytes lie channels-last (and not also as a contiguous one's)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def stack_views(views: list[torch.Tensor]) -> torch.Tensor:
     """[B, 3, H, W] uint8 from [3, H, W] views, channels-last in memory: each channels-last view is
     one block of bytes (a contiguous batch would transpose every image here, five times the cost;
