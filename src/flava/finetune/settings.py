@@ -31,21 +31,22 @@ def data_identity(spec: str | None) -> dict | None:
     import os
 
     path = Path(spec).expanduser()
-    digest = hashlib.blake2b(digest_size=8)
     if path.is_file():
+        digest = hashlib.blake2b(digest_size=8)
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return {"bytes": path.stat().st_size, "digest": digest.hexdigest()}
     if path.is_dir():
         from ..data.images import IMAGE_SUFFIXES
+        from ..data.sources import names_digest
 
+        names = []
         for folder, dirs, files in os.walk(path):
             dirs.sort()
-            for name in sorted(f for f in files if f.lower().endswith(tuple(IMAGE_SUFFIXES))):
-                digest.update(os.path.relpath(os.path.join(folder, name), path).encode("utf-8", "surrogateescape")
-                              + b"\0")
-        return {"images": digest.hexdigest()}
+            names += [os.path.relpath(os.path.join(folder, f), path) for f in sorted(files)
+                      if f.lower().endswith(tuple(IMAGE_SUFFIXES))]
+        return {"images": names_digest(names)}
     return {"name": spec}
 
 

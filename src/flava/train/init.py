@@ -270,16 +270,13 @@ def follow_image_tower(config: FlavaConfig, src: str, image_size: int = 0) -> Fl
 
 
 def tower_image_model(config: FlavaConfig, src: str, image_size: int = 0) -> FlavaConfig:
-    """`config` with the image settings the public image tower `src` gives it (what sizes a
-    codebook); `config` itself where `src` is one of our checkpoints (their pixel statistics size
-    nothing) or is not there yet (a recipe's earlier stage, trained before this one)."""
+    """`config` as `follow_image_tower` makes it (a public tower's image size sizes a codebook), or
+    `config` itself where `src` is not there yet (a recipe's earlier stage, trained before this one)."""
     try:
-        path = resolve_source(src)
+        resolve_source(src)
     except CheckpointError:
         return config
-    if towers.family_of(read_config(path)) is None:
-        return config
-    return _followed(config, towers.read_tower(path, weights=False), image_size)
+    return follow_image_tower(config, src, image_size)
 
 
 def _follow_checkpoint(config: FlavaConfig, path: Path, data: dict) -> FlavaConfig:
