@@ -207,6 +207,28 @@ def test_the_codebook_views_are_the_model_views_resized_and_pixels_cross_as_they
         assert torch.equal(moved.codebook_pixels, flat.codebook_pixels)
 
 
+def test_a_codebook_view_larger_than_the_models_is_resized_from_the_crop_not_upscaled(tmp_path):
+    # Patches under 8 px: the codebook reads more pixels than the model; its view comes from the
+    # crop itself, at the pixels `flava prepare` tokenises, not from the model's smaller view.
+    from flava.data.transforms import crop_resize, random_resized_crop_box
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)).save(path)
+    spec = dataclasses.replace(SPEC, codebook_image_size=64)
+    maker = SampleMaker(spec, seed=5)
+    samples = [maker("images", path, (0, k)) for k in range(3)]
+    for k, sample in enumerate(samples):
+        draw = np.random.default_rng([5, 0, k])
+        left, top, w, h = random_resized_crop_box(90, 70, draw, spec.crop_scale)
+        model, codebook = crop_resize(np.array(Image.open(path)), (left, top, left + w, top + h), 32, 64)
+        assert torch.equal(sample["pixel_values"], model) and torch.equal(sample["codebook_pixels"], codebook)
+    batch = maker.collate("images", samples)
+    assert batch.codebook_pixels.shape == (3, 3, 64, 64)
+    assert torch.equal(batch.codebook_pixels, torch.stack([s["codebook_pixels"] for s in samples]))
+    assert batch.codebook_pixels.is_contiguous(memory_format=torch.channels_last)
+
+
 def shard_set(tmp_path, shards=4, per=5):
     for k in range(shards):
         with tarfile.open(tmp_path / f"s{k}.tar", "w") as tar:

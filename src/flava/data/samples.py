@@ -85,11 +85,16 @@ class SampleMaker:
             targets.append(torch.from_numpy(tokens[k].astype(np.int64)))
             return tuple(float(v) for v in crops[k] * np.array([width, height] * 2))
 
-        # The codebook's view is made from the batch of these (`collate`).
-        (pixels,) = decode_crop(ref, choose, s)
+        # The codebook's view is made from the batch of these (`collate`), unless it is larger than
+        # the model's (patches under 8 px): then from the crop itself, as `flava prepare` tokenises it.
+        cs = self.spec.codebook_image_size
+        own_view = prepared is None and cs > s
+        pixels, *codebook = decode_crop(ref, choose, s, cs) if own_view else decode_crop(ref, choose, s)
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
         if prepared is not None:
             return {"pixel_values": pixels, "image_targets": targets[0], "patch_mask": patch_mask}
+        if own_view:
+            return {"pixel_values": pixels, "codebook_pixels": codebook[0], "patch_mask": patch_mask}
         return {"pixel_values": pixels, "patch_mask": patch_mask}
 
     def _text(self, text: str, rng: np.random.Generator, caption: bool) -> dict:
@@ -209,7 +214,7 @@ def collate(kind: str, samples: list[dict], pad_id: int = 0, codebook_size: int 
             ) -> PairBatch | ImageBatch | TextBatch:
     """Samples of one kind into a batch, texts padded with `pad_id` (the tokenizer's), pixels
     channels-last (`stack_views`). Unprepared images get the codebook's view of the model's
-    (`codebook_view`, at `codebook_size`; None: the model's size)."""
+    (`codebook_view`, at `codebook_size`; None: the model's size) where their samples carry none."""
     if kind in ("pairs", "text"):
         ids = [s["input_ids"] for s in samples]
         mask = attention_mask(ids)
@@ -222,6 +227,8 @@ def collate(kind: str, samples: list[dict], pad_id: int = 0, codebook_size: int 
     # A draw comes from one source, so its samples are all prepared (targets) or all raw (codebook input).
     if "image_targets" in samples[0]:
         targets = {"image_targets": torch.stack([s["image_targets"] for s in samples])}
+    elif "codebook_pixels" in samples[0]:
+        targets = {"codebook_pixels": stack_views([s["codebook_pixels"] for s in samples])}
     else:
         # With one size for both (the tiny preset) the codebook reads the model's own tensor.
         targets = {"codebook_pixels": codebook_view(pixels, codebook_size or pixels.shape[-1])}
