@@ -525,6 +525,29 @@ def test_a_pair_tables_image_urls_are_named_never_fetched_nor_read_as_paths(tiny
     assert "its images are URLs (http://example.com/a.png, ...), which flava does not fetch" in err
 
 
+def test_an_empty_image_cell_and_a_dangling_link_are_named_as_the_user_wrote_them(tiny_model, photos, tmp_path,
+                                                                                   capsys):
+    red = sorted((photos / "red").glob("*.png"))[0]
+    (tmp_path / "p.csv").write_text(f"image,caption\n{red},a red square\n,no image here\n  ,blank\n")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "p.csv"),
+                "--output", str(tmp_path / "emb")]) == 0
+    summary = json.loads((tmp_path / "emb" / "embed.json").read_text())
+    # An empty path was the table's own folder, reported as an unreadable image.
+    assert summary["embedded"] == 1 and summary["failed"] == {"no image path": 2}
+    assert [(f["image_path"], f["caption"]) for f in summary["failures"]] == [("", "no image here"), ("", "blank")]
+    (tmp_path / "none.csv").write_text("image,caption\n,a\n")
+    assert "none.csv: no row names an image" in _one_line(capsys, cli(
+        ["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "none.csv"), "--output", str(tmp_path / "e2")]))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(red, folder / "red.png")
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(folder), "--output", str(tmp_path / "e3")]) == 0
+    summary = json.loads((tmp_path / "e3" / "embed.json").read_text())
+    assert summary["failed"] == {"missing image file": 1}
+    assert summary["failures"][0]["image_path"] == str(folder / "dangling.png")  # not its target's name
+
+
 def test_a_missing_value_is_never_shown_as_none(tiny_model, tmp_path, capsys):
     rows = [{"text": "a red square", "id": "1"}, {"text": "a blue square", "id": None}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

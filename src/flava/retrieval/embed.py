@@ -128,7 +128,8 @@ def image_inputs(specs: Sequence[str]) -> Inputs:
     for spec in specs:
         root = Path(spec)
         for path in find_images([spec], left_out):
-            row = {"image_path": str(path.resolve())}
+            # A dangling link is named as listed: its target's name would not say which file is broken.
+            row = {"image_path": str(path.resolve()) if path.exists() else os.path.abspath(path)}
             if row["image_path"] in seen:  # a file and its folder both named, or a link: one vector, not two hits
                 twice["image named twice"] += 1
                 # Named as listed: a link and its target resolve alike.
@@ -181,16 +182,26 @@ def pair_inputs(spec: str) -> Inputs:
             raise DataError(f"{p} has no rows")
         image_col = table.column("image", "image_path", "filepath", "url")
         text_col = table.column("caption", "text")
-        images, texts, meta = [], [], []
+        images, texts, meta, rejected, named = [], [], [], Counter(), []
         for row in (r.values for r in table.rows):
-            image = table_image(p.parent, row.get(image_col) or "")
+            cell = row.get(image_col)
+            if cell is None or (isinstance(cell, str) and not cell.strip()):
+                # Left out and named, as training counts "csv row without an image": an empty path
+                # was the table's own folder, reported as an unreadable image.
+                rejected["no image path"] += 1
+                named.append({"image_path": "", "caption": row.get(text_col), "error": "no image path"})
+                continue
+            image = table_image(p.parent, cell)
             image = image.resolve() if isinstance(image, Path) else image
             images.append(image)
             texts.append(row.get(text_col))
             meta.append({"image_path": str(image), "caption": row.get(text_col),
                          **{k: _cell(v) for k, v in row.items() if k not in (image_col, text_col)}})
+        if not images:
+            raise DataError(f"{p}: no row names an image (its {image_col!r} cells are empty)")
         refuse_urls(p, images)
-        return Inputs("pair", images=images, texts=texts, metadata=meta)
+        return Inputs("pair", images=images, texts=texts, metadata=meta, listing_rejected=rejected,
+                      listing_named=named)
     from ..data.registry import open_source
 
     source = open_source("pairs", spec)
