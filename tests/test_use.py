@@ -603,6 +603,33 @@ def test_embed_refuses_when_nothing_could_be_embedded(tiny_model, photos, tmp_pa
     assert cli(args) == 0 and len(read_embeddings(out).vectors) == 1
 
 
+def test_an_index_build_stopped_while_adding_leaves_no_index_and_its_rerun_builds_it(tmp_path, monkeypatch):
+    # A stop while the vectors were added had left an index of none that looked finished (search
+    # found "0 of 0"), and the rerun was refused as an existing index.
+    vectors = np.eye(4, 8, dtype=np.float32)
+    out = tmp_path / "idx"
+    add = VectorIndex.add
+
+    def stopped(self, *args, **kwargs):
+        add(self, vectors[:1], [{"image_path": "half"}])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VectorIndex, "add", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        index_from_arrays(vectors, list("abcd"), out)
+    assert not out.exists() and os.listdir(tmp_path) == []
+    out.mkdir()  # a folder given empty stays so
+    with pytest.raises(KeyboardInterrupt):
+        index_from_arrays(vectors, list("abcd"), out)
+    assert os.listdir(tmp_path) == ["idx"] and not any(out.iterdir())
+    monkeypatch.setattr(VectorIndex, "add", add)
+    (tmp_path / ".idx.killed.tmp").mkdir()  # what a build killed outright leaves beside its output
+    index_from_arrays(vectors, list("abcd"), out)
+    assert sorted(os.listdir(tmp_path)) == ["idx"]
+    opened = VectorIndex.open(out)
+    assert len(opened) == 4 and opened.path == out
+
+
 def test_large_collections_get_an_approximate_index_within_the_budget(tmp_path):
     assert choose_factory(1000, 64, 2**30) == ("Flat", 1)
     factory, nprobe = choose_factory(1_000_000, 768, 2**34)

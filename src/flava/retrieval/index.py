@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io.files import fsync_file, read_json, write_json_atomic
+from ..io.files import fsync_file, read_json, recover_replaced, replace_dir, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..io.locks import hold
 from .embed import FILE_COLUMNS, SETTINGS, read_embeddings, without_file_columns
@@ -484,19 +484,28 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     if not index.is_trained:
         nlist = int(factory.split(",")[0][3:])
         index.train(_train_sample(v, nlist))
-    (out / "metadata").mkdir(parents=True, exist_ok=True)
     info = {"model": model, "checkpoint": checkpoint, "modality": modality, "dim": int(v.shape[1]), "size": 0,
             "factory": factory, "nprobe": nprobe, "metric": "inner product (cosine)", "index_file": INDEX_FILE,
             "metadata_files": [], "sources": []}
     if int8 is not None:  # what `add` compares a run with: int8 and float vectors are never mixed
         info["int8"] = bool(int8)
-    faiss.write_index(index, str(out / INDEX_FILE))
-    write_json_atomic(out / INFO_FILE, info)
-    built = VectorIndex(out, index, info, None)
     if hasattr(index, "nprobe"):
         index.nprobe = nprobe
-    built.add(v, metadata, source, text_field, inputs, files)
-    return built
+    built: list[VectorIndex] = []
+
+    def fill(staging: Path) -> None:
+        (staging / "metadata").mkdir()
+        faiss.write_index(index, str(staging / INDEX_FILE))
+        write_json_atomic(staging / INFO_FILE, info)
+        built.append(VectorIndex(staging, index, info, None))
+        built[0].add(v, metadata, source, text_field, inputs, files)
+
+    # Built beside the output and moved there whole: a build stopped while adding had left an index
+    # of no vectors that looked finished, and its rerun was refused as an existing index.
+    recover_replaced(out)  # what a killed build left beside it
+    replace_dir(out, fill)
+    built[0].path = out
+    return built[0]
 
 
 def _repeats(keys: list[str | None]) -> set[int]:
