@@ -62,6 +62,27 @@ def test_predict_makes_the_output_folder_or_refuses_a_file_in_the_way_first(mode
     assert "predictions" not in shown and blocker.read_text() == "keep me"
 
 
+def test_predict_never_writes_over_its_input_nor_over_a_file_without_replace(models, tmp_path, capsys):
+    table = tmp_path / "same.csv"
+    table.write_text("text\na banana\nthe tree\n")
+    before = table.read_text()
+    for extra in ([], ["--replace"]):  # the input table had become the predictions
+        assert main(["predict", "--model", str(models / "text"), "--input", str(table), "--output", str(table),
+                     *extra]) == 2
+        _, err = printed(capsys)
+        assert err.count("\n") == 1 and f"--output {table} is an input of this command" in err
+        assert table.read_text() == before
+    notes = tmp_path / "notes.csv"
+    notes.write_text("mine\n")
+    args = ["predict", "--model", str(models / "text"), "--input", str(table), "--output", str(notes)]
+    assert main(args) == 2
+    shown, err = printed(capsys)
+    assert f"--output {notes} exists; name another file, or add --replace to write over it" in err
+    assert "predictions" not in shown and notes.read_text() == "mine\n"
+    assert main(args + ["--replace"]) == 0
+    assert [r["text"] for r in rows_of(notes)] == ["a banana", "the tree"]
+
+
 def test_predict_does_not_score_labels_the_model_does_not_know(models, tmp_path, capsys):
     table = tmp_path / "news.csv"
     labels = ["neg", "pos", "neutral", "neg", "mixed", "pos", "neutral"]
@@ -113,14 +134,17 @@ def test_predict_keeps_a_txt_inputs_blank_lines_as_inputs_not_used(models, tmp_p
     assert main(["predict", "--model", str(models / "text"), "--input", str(texts)]) == 2
     assert f"{texts} holds no text" in capsys.readouterr().err
     texts.write_bytes(b"a banana\ncaf\xe9 au lait\n")  # latin-1, not UTF-8: that line is named, not a traceback
-    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out),
+                 "--replace"]) == 0
     assert f"#1: {texts}, line 2: holds bytes that are not UTF-8 text" in printed(capsys)[0]
     assert [bool(r["prediction"]) for r in rows_of(out)] == [True, False]
     texts.write_text("a banana\fsplit nowhere\r\nthe tree\n")  # lines end at newlines only
-    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out),
+                 "--replace"]) == 0
     assert [r["text"] for r in rows_of(out)] == ["a banana\fsplit nowhere", "the tree"]
     texts.write_bytes(b"a banana\rthe tree\r")  # old Mac line endings: two lines, as training reads them
-    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out)]) == 0
+    assert main(["predict", "--model", str(models / "text"), "--input", str(texts), "--output", str(out),
+                 "--replace"]) == 0
     assert [r["text"] for r in rows_of(out)] == ["a banana", "the tree"]
     texts.write_text("a banana\nthe tree\n", encoding="utf-16")  # as some editors and shells save text
     capsys.readouterr()
@@ -172,7 +196,7 @@ def test_predict_reads_a_parquet_tables_image_bytes_and_names_a_url_as_one(model
     (tmp_path / "in.csv").write_text("image,label\nhttp://example.com/a.png,blue\n0.png,blue\n")
     capsys.readouterr()
     assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "in.csv"),
-                 "--output", str(out)]) == 0
+                 "--output", str(out), "--replace"]) == 0
     rows = rows_of(out)
     assert rows[0]["error"] == "cannot use image http://example.com/a.png: image URL, not downloaded"
     assert rows[1]["prediction"] and not rows[1]["error"]
@@ -189,7 +213,7 @@ def test_predict_takes_an_image_glob_and_writes_one_header_whatever_the_rows(mod
     assert header == "image,prediction,score,top,error"  # `error` there, empty, when every input was used
     (tmp_path / "broken.png").write_bytes(b"not a png")
     assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "broken.png"),
-                 str(tmp_path / "0a.png"), "--output", str(out)]) == 0
+                 str(tmp_path / "0a.png"), "--output", str(out), "--replace"]) == 0
     assert out.read_text().splitlines()[0] == header
     capsys.readouterr()
     assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "*c.png")]) == 2

@@ -724,6 +724,21 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert not list(tmp_path.glob("predictions*"))
 
 
+def test_classify_never_writes_over_its_inputs_nor_over_a_file_without_replace(tiny_model, photos, tmp_path,
+                                                                                capsys):
+    classes = tmp_path / "classes.csv"
+    classes.write_text("red\nblue\n")
+    args = ["classify", "--model", str(tiny_model), "--images", str(photos / "red"), "--classes", str(classes)]
+    err = _one_line(capsys, cli(args + ["--output", str(classes), "--replace"]))
+    assert f"--output {classes} is an input of this command" in err and classes.read_text() == "red\nblue\n"
+    notes = tmp_path / "notes.csv"
+    notes.write_text("mine\n")
+    err = _one_line(capsys, cli(args + ["--output", str(notes)]))
+    assert f"--output {notes} exists; name another file, or add --replace" in err and notes.read_text() == "mine\n"
+    assert cli(args + ["--output", str(notes), "--replace"]) == 0
+    assert notes.read_text().startswith("image,prediction")
+
+
 def test_a_resized_model_processes_images_at_its_new_size():
     m = flava.FlavaModel(flava.preset("tiny")).eval()
     size = m.config.image.image_size

@@ -25,6 +25,7 @@ def add(sub) -> None:
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="classes kept per image (default 3)")
     p.add_argument("--output", help="write every prediction to this .csv, .tsv or .jsonl file, in predict's columns "
                    "(with --labels, a confusion matrix picture beside it)")
+    p.add_argument("--replace", action="store_true", help="write over an --output file that exists")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--device")
     p.add_argument("--int8", action="store_true")
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     from ..data.images import said_left_out
     from ..errors import InputError
-    from ..io.files import check_writable
+    from ..io.files import check_new_file, check_writable
     from ..retrieval.classify import ZeroShotClassifier, check_classes, class_embeddings, read_list, templates_from
     from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     templates = templates_from(args.templates)
     if args.output:
         check_writable(args.output, directory=False)
+        check_new_file(args.output, [*args.images, args.classes or "", args.templates or ""], args.replace)
     model = load_for_inference(args.model, args.device, args.int8)
     check_classes(classes, model.processor.tokenizer)  # names it reads alike, before any work
     console.print(escape(f"classifying {len(inputs)} image(s){said_left_out(inputs.left_out)} into {len(classes)} "

@@ -33,6 +33,7 @@ def add(sub) -> None:
                         "question; a label column is scored), FILE.txt (one text per line), an image folder "
                         "(class sub-folders are scored as labels), or image files")
     p.add_argument("--output", help="write the predictions to this .csv, .tsv or .jsonl file")
+    p.add_argument("--replace", action="store_true", help="write over an --output file that exists")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="best labels kept per input (default 3)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from .. import scores as M
     from ..finetune.load import load_task
     from .embed import inference_device
-    from ..io.files import check_writable
+    from ..io.files import check_new_file, check_writable
     from ..progress import progress_bar
 
     output = Path(args.output) if args.output else None
@@ -272,6 +273,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise ConfigError(f"--output {output}: choose a .csv, .tsv or .jsonl file")
     if output is not None:
         check_writable(output, directory=False)
+        check_new_file(output, args.input, args.replace)
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError("--top-k and --batch-size must be at least 1")
     tm = load_task(args.model, device=inference_device(args.device))

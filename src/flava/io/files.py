@@ -155,6 +155,24 @@ def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
         raise OutputError(explain_os_error(e)) from None
 
 
+def check_new_file(path: str | os.PathLike, inputs: list[str], replace: bool) -> None:
+    """Refuse, before any work, an output file that is one of the command's `inputs` (named
+    files; folders and globs are read for images, never overwritten) and, without `replace`
+    (`--replace`), one that exists: both were replaced without a word."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    for named in inputs:
+        try:
+            same = Path(named).is_file() and os.path.samefile(named, path)
+        except OSError:  # a name too long, a folder not readable: not this file
+            same = False
+        if same:
+            raise OutputError(f"--output {path} is an input of this command; name another file to write")
+    if not replace:
+        raise OutputError(f"--output {path} exists; name another file, or add --replace to write over it")
+
+
 def explain_os_error(e: OSError) -> str:
     """One line for a file system error (mostly met writing outputs): the path, the reason, the fix."""
     what = e.filename or "a file"
