@@ -88,7 +88,7 @@ def test_vectors_record_their_checkpoint_and_refuse_another(run_with_two_checkpo
     # Another model of the same dimension, named explicitly: refused, or allowed loudly.
     code = cli(["search", "--index", str(tmp_path / "idx"), "--model", str(run.step(50)), "--text", "a red circle"])
     err = one_line_error(capsys, code)
-    assert "step 50" in err and "--allow-other-model" in err
+    assert "step 50" in err and "--allow-other-model" in err and "another weights file (the same model saved" in err
     assert cli(["search", "--index", str(tmp_path / "idx"), "--model", str(run.step(50)), "--text", "a red circle",
                 "--allow-other-model", "--json"]) == 0
     assert "WARNING" in capsys.readouterr().err

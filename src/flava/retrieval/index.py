@@ -642,7 +642,8 @@ def query_model(index: VectorIndex, name: str | None = None, allow_other: bool =
     if same_checkpoint(identity, recorded):
         return str(path), None
     message = (f"the index {index.path} holds vectors of {describe_checkpoint(recorded)}{gone}, but {name} is "
-               f"{describe_checkpoint(identity)}: its queries rank meaninglessly against them")
+               f"{describe_checkpoint(identity)}, another weights file (the same model saved in another format, "
+               f"an export, is one too): queries it embeds may rank meaninglessly against them")
     if not allow_other:
         raise DataError(f"{message}; search with the index's own checkpoint, rebuild the index with this model, "
                         f"or pass --allow-other-model")
