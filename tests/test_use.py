@@ -548,6 +548,26 @@ def test_an_empty_image_cell_and_a_dangling_link_are_named_as_the_user_wrote_the
     assert summary["failures"][0]["image_path"] == str(folder / "dangling.png")  # not its target's name
 
 
+def test_embed_leaves_out_and_names_a_tables_bad_rows_as_it_does_bad_images(tiny_model, photos, tmp_path, capsys):
+    # One bad row of a bulk input stopped the whole command.
+    (tmp_path / "t.jsonl").write_text('{"text": "a"}\n{"text": "b"\n{"text": "c"}\n')
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.jsonl"),
+                "--output", str(tmp_path / "e1")]) == 0
+    summary = json.loads((tmp_path / "e1" / "embed.json").read_text())
+    assert summary["embedded"] == 2 and summary["failed"] == {"unreadable json line": 1}
+    assert summary["failures"][0]["row"] == f"{tmp_path / 't.jsonl'}, line 2"
+    red = sorted((photos / "red").glob("*.png"))[0]
+    (tmp_path / "p.csv").write_text(f"image,caption\n{red},a red square\n{red},a,b\n")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "p.csv"),
+                "--output", str(tmp_path / "e2")]) == 0
+    summary = json.loads((tmp_path / "e2" / "embed.json").read_text())
+    assert summary["embedded"] == 1 and summary["failed"] == {"malformed csv row": 1}
+    (tmp_path / "bad.jsonl").write_text("{bad\n")
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "bad.jsonl"),
+                                 "--output", str(tmp_path / "e3")]))
+    assert "bad.jsonl: no row could be read (the first bad: line 1: not valid JSON" in err
+
+
 def test_a_missing_value_is_never_shown_as_none(tiny_model, tmp_path, capsys):
     rows = [{"text": "a red square", "id": "1"}, {"text": "a blue square", "id": None}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

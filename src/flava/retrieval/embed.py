@@ -152,17 +152,32 @@ def text_inputs(path: str) -> Inputs:
     if not p.is_file():
         raise DataError(f"text file {p} does not exist")
     if is_table(p):
-        table = read_table(p)
+        table = read_table(p, bad_rows="skip")
         if not table.rows:
-            raise DataError(f"{p} has no rows")
+            raise DataError(_no_rows(table))
         column = table.column("text", "caption", "sentence")
         texts = [row.get(column) for row in table.rows]
         meta = [{column: t, **{k: _cell(v) for k, v in row.values.items() if k != column}}
                 for t, row in zip(texts, table.rows)]
-        return Inputs("text", texts=texts, metadata=meta, text_field=column)
+        return Inputs("text", texts=texts, metadata=meta, text_field=column,
+                      listing_rejected=Counter(table.rejected), listing_named=_bad_rows(table))
     with p.open(encoding="utf-8-sig", errors="replace") as f:  # a byte-order mark is not the first text's
         texts = [line.rstrip("\n") for line in f]
     return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts])
+
+
+def _bad_rows(table) -> list[dict]:
+    """A table's rows left out (not valid JSON, cells beyond the header...), each reason's first
+    named, as embed.json's `failures` name inputs: a bulk input is not stopped by one bad row."""
+    return [{"row": f"{table.path}, line {line}", "error": reason, "detail": message}
+            for reason, (line, message) in table.first_bad.items()]
+
+
+def _no_rows(table) -> str:
+    if table.rejected:
+        line, message = next(iter(table.first_bad.values()))
+        return f"{table.path}: no row could be read (the first bad: line {line}: {message})"
+    return f"{table.path} has no rows"
 
 
 def _cell(value):
@@ -177,12 +192,13 @@ def pair_inputs(spec: str) -> Inputs:
     p = Path(spec)
     # Parquet pairs may hold the images themselves, which the data sources below decode.
     if p.is_file() and is_table(p) and not is_arrow_spec(spec):
-        table = read_table(p)
+        table = read_table(p, bad_rows="skip")
         if not table.rows:
-            raise DataError(f"{p} has no rows")
+            raise DataError(_no_rows(table))
         image_col = table.column("image", "image_path", "filepath", "url")
         text_col = table.column("caption", "text")
-        images, texts, meta, rejected, named = [], [], [], Counter(), []
+        images, texts, meta = [], [], []
+        rejected, named = Counter(table.rejected), _bad_rows(table)
         for row in (r.values for r in table.rows):
             cell = row.get(image_col)
             if cell is None or (isinstance(cell, str) and not cell.strip()):
