@@ -104,3 +104,50 @@ def test_the_demo_recipes_stages_ask_the_demo_codebook_for_their_own_model_befor
     for stage in stages:
         run_module.ensure_demo_codebook(stage.config, out / "codebook", Console(), 0)
     assert asked and all(m.codebook_image_size == asked[0].codebook_image_size for m in asked)
+
+
+@pytest.mark.slow
+def test_a_recipe_guards_its_folder_checks_every_stage_first_and_continues_where_it_was_moved(train_data, tmp_path,
+                                                                                              capsys):
+    import shutil
+
+    def args(out, *extra, codebook=None):
+        a = pretrain_args(train_data, out) + ["--recipe", "paper-mim", "--max-steps", "2", "--stage-steps",
+                                              "text-mlm=1", "--stage-steps", "image-mim=1", *extra]
+        return a + (["--set", f"codebook={codebook}"] if codebook else [])
+
+    def said(code):
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        return " ".join(err.split())
+
+    # A folder of other files is not taken over: the stages' folders would mix with them.
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "a.txt").write_text("mine")
+    assert "already holds other files (e.g. a.txt) and no recipe" in said(cli(args(out)))
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    # A setting a later stage refuses is said before the first stage trains (text-mlm had trained,
+    # then the refused record kept the corrected command out).
+    dino = pretrain_args(train_data, tmp_path / "d") + ["--recipe", "paper", "--stage-steps", "text-mlm=1",
+                                                        "--set", "optim.contrastive_chunks=2"]
+    assert "stage image-dino computes its loss over the whole batch" in said(cli(dino))
+    assert not (tmp_path / "d").exists()
+    # A stage that fails at its start (its data missing) before any trained: the corrected command runs.
+    out = tmp_path / "s"
+    assert cli(args(out, "--set", f'data.text=["{tmp_path / "gone.txt"}"]')) == 2
+    capsys.readouterr()
+    assert cli(args(out)) == 0
+    assert "no stage of the recipe in" in " ".join(capsys.readouterr().out.split())
+    # Moved, with its codebook moved too: it continues (the joint stage named its encoders' and
+    # codebook's old places, which a resume does not read).
+    codebook = tmp_path / "cb"
+    shutil.copytree(train_data / "codebook", codebook)
+    assert cli(args(tmp_path / "m", codebook=codebook)) == 0
+    shutil.move(tmp_path / "m", tmp_path / "moved")
+    shutil.move(codebook, tmp_path / "cb2")
+    longer = args(tmp_path / "moved", codebook=tmp_path / "cb2")
+    longer[longer.index("--max-steps") + 1] = "3"
+    capsys.readouterr()
+    assert cli(longer) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "moved" / "joint" / "checkpoints" / "latest.json").read_text())["step"] == 3

@@ -34,7 +34,7 @@ from ..config import apply_overrides, check, from_dict, said, to_dict
 from ..errors import ConfigError
 from ..io.files import read_json, write_json_atomic
 from ..io.runs import RunDir
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, anchored
 from ..train.presets import demo_config
 
 RECIPES = {"paper": ("text-mlm", "image-dino", "joint"), "paper-mim": ("text-mlm", "image-mim", "joint")}
@@ -133,6 +133,25 @@ def _lengthened(pairs: list[tuple], changed: list[int], stages: list) -> bool:
     return more and not any((s.directory / SETTINGS).is_file() for s in stages[min(changed) + 1:])
 
 
+def _moved_with_recipe(stage: Stage, output: Path) -> None:
+    """A stage resumed keeps the places it started from where they moved: the recipe's own
+    earlier stages and demo codebook in a folder moved or copied, and a codebook named at its new
+    place (the recipe's settings allow that where the old place is gone). A resume reads none of
+    them; naming them anew was refused as a change of what the stage started from."""
+    from ..train.run import CHECKPOINT_KEYS, saved_settings
+
+    saved = saved_settings(stage.directory)
+    if saved is None:
+        return
+    for key in CHECKPOINT_KEYS:
+        was, now = getattr(saved, key), getattr(stage.config, key)
+        if not (was and now and was != now):
+            continue
+        own = Path(now).parent == output and Path(was).name == Path(now).name
+        if own or (key == "codebook" and not Path(anchored(was)).exists()):
+            setattr(stage.config, key, was)
+
+
 def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
                steps: dict[str, int] | None = None, overrides: dict[str, list[str]] | None = None) -> list[dict]:
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
@@ -150,18 +169,33 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
                 overrides: dict[str, list[str]]) -> list[dict]:
     from ..train.run import RESUMABLE, SETTINGS, changes, check_codebook_vocabulary, ensure_demo_codebook, \
         needs_demo_codebook, run_pretrain
+    from ..train.trainer import check_stage
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     stages = plan(name, cfg, output, steps, overrides)
-    for stage in stages:  # before the record: a corrected command is not refused as another recipe
+    # Before the record, every stage: a corrected command is not refused as another recipe, and a
+    # setting a later stage refuses (DINO's optim.contrastive_chunks) is said before any stage trains.
+    for stage in stages:
+        check_stage(stage.config)
         if needs_demo_codebook(stage.config):
             check_codebook_vocabulary(stage.config.model)
-    output.mkdir(parents=True, exist_ok=True)
     record = output / RECIPE_FILE
+    # A run's folder, or one of other files: the stages' folders would mix with them.
+    other = sorted(p.name for p in output.iterdir() if not p.name.startswith(".")) \
+        if output.is_dir() and not record.is_file() else []
+    if other:
+        raise ConfigError(f"{output} already holds other files (e.g. {other[0]}) and no recipe; choose a new or "
+                          "empty --output")
+    output.mkdir(parents=True, exist_ok=True)
+    started = [s.name for s in stages if (s.directory / SETTINGS).is_file()]
     wanted = {"recipe": name, "stages": [{"stage": s.name, "directory": s.name, "steps": s.config.max_steps,
                                           "settings": sorted(overrides.get(s.name, []))} for s in stages],
               "settings": to_dict(cfg)}
-    if record.is_file():
+    if record.is_file() and not started:  # nothing trained: the corrected command starts it afresh
+        old = read_json(record, "recipe record", ConfigError, expect=dict)
+        if old.get("stages") != wanted["stages"] or old.get("settings") != wanted["settings"]:
+            console.print(f"note: no stage of the recipe in {output} had started: it starts with these settings")
+    elif record.is_file():
         old = read_json(record, "recipe record", ConfigError, expect=dict)
         was = [(s.get("stage"), s.get("steps"), s.get("settings", [])) for s in old.get("stages", [])]
         now = [(s["stage"], s["steps"], s["settings"]) for s in wanted["stages"]]
@@ -180,8 +214,9 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
                                   "steps while no later stage has started), or choose another --output")
         # The settings every stage shares: later stages trained with others than earlier ones had.
         if isinstance(old.get("settings"), dict):  # records before they were kept: not compared
+            # A codebook no longer where it was may be named where it is now, as a run's --resume may.
             diff = {k: v for k, v in changes(from_dict(TrainConfig, old["settings"]), cfg).items()
-                    if k not in RESUMABLE}
+                    if k not in RESUMABLE and not (k == "codebook" and v[0] and not Path(anchored(v[0])).exists())}
             if diff:
                 raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} started with other settings "
                                   f"({said(diff)}); "
@@ -201,6 +236,8 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
             done.append({"stage": stage.name, "steps": reached, "ran": False})
             continue
         resume = (stage.directory / SETTINGS).is_file()
+        if resume:
+            _moved_with_recipe(stage, output)
         try:
             run_pretrain(stage.config, stage.directory, resume=resume, console=console)
         except stopping.Stopped as e:

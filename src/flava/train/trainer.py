@@ -62,6 +62,34 @@ def check_mixing(cfg: TrainConfig) -> None:
                           f"probabilities (pairs, images, text); got {len(cfg.data.mixing_end or [])}")
 
 
+def mixing_of(cfg: TrainConfig, kinds: tuple[str, ...], key: str, notes: list[str] | None = None,
+              mixing: list[float] | None = None) -> np.ndarray:
+    """The trained kinds' probabilities from setting data.`key` (`mixing`, else the setting's own
+    [pairs, images, text]), normalised, with a note in `notes` where it does not sum to 1."""
+    mixing = getattr(cfg.data, key) if mixing is None else mixing
+    probs = np.array([mixing[KINDS.index(k)] for k in kinds], dtype=float)
+    if probs.sum() <= 0:
+        raise ConfigError(f"data.{key} gives the {', '.join(kinds)} data of stage {cfg.stage} no "
+                          f"weight; set data.{key}=[pairs, images, text] probabilities")
+    if notes is not None and abs(sum(mixing) - 1) > 1e-6:
+        notes.append(f"data.{key}={list(mixing)} sums to {sum(mixing):g}: taken as proportions, "
+                     + ", ".join(f"{k} {p:.2f}" for k, p in zip(kinds, probs / probs.sum())))
+    return probs / probs.sum()
+
+
+def check_stage(cfg: TrainConfig) -> None:
+    """What a run of `cfg` refuses at its start that its settings alone decide (its stage's data
+    kinds and their mixing, its chunks), without building or reading anything: a recipe checks
+    every stage so before the first trains."""
+    stage = STAGES[cfg.stage](cfg)
+    kinds, _ = trained_kinds(cfg, stage)
+    check_chunks(cfg, stage)
+    check_mixing(cfg)
+    mixing_of(cfg, kinds, "mixing")
+    if cfg.data.mixing_schedule == "linear":
+        mixing_of(cfg, kinds, "mixing_end")
+
+
 _ADAPTIVE = "data.mixing_schedule='adaptive'"
 # Settings one choice alone reads: (setting, whether this run reads it, the choice).
 _READ_BY = (
@@ -147,8 +175,9 @@ class Trainer:
         check_mixing(cfg)
         linear = cfg.data.mixing_schedule == "linear"
         end = cfg.data.mixing_end if linear else cfg.data.mixing
-        self.mixing = KindMixing(self.kinds, self._mixing("mixing", cfg.data.mixing),
-                                 self._mixing("mixing_end", end, say=linear), cfg.data, cfg.max_steps, self.device)
+        self.mixing = KindMixing(self.kinds, mixing_of(cfg, self.kinds, "mixing", self.notes),
+                                 mixing_of(cfg, self.kinds, "mixing_end", self.notes if linear else None, end),
+                                 cfg.data, cfg.max_steps, self.device)
         self.progress = TrainState()
         self._pending: list[tuple[dict, torch.Tensor, tuple]] = []
         """Steps whose numbers are still on the device: (row, values, names)."""
@@ -225,18 +254,6 @@ class Trainer:
         if names and not self.shared and self.world > 1:
             self.notes.append("the gradient diagnostics are off: FSDP shards the encoders' gradients")
 
-    def _mixing(self, key: str, mixing: list[float], say: bool = True) -> np.ndarray:
-        """The trained kinds' probabilities from a [pairs, images, text] setting, normalised (with a
-        note, when `say`, where the setting does not sum to 1)."""
-        probs = np.array([mixing[KINDS.index(k)] for k in self.kinds], dtype=float)
-        if probs.sum() <= 0:
-            raise ConfigError(f"data.{key} gives the {', '.join(self.kinds)} data of stage {self.cfg.stage} no "
-                              f"weight; set data.{key}=[pairs, images, text] probabilities")
-        if say and abs(sum(mixing) - 1) > 1e-6:
-            self.notes.append(f"data.{key}={list(mixing)} sums to {sum(mixing):g}: taken as proportions, "
-                              + ", ".join(f"{k} {p:.2f}" for k, p in zip(self.kinds, probs / probs.sum())))
-        return probs / probs.sum()
-
     def _loader_workers(self) -> dict[str, int]:
         """Without data.num_workers, each kind's loader workers, shared by its sources: one a kind
         on the CPU; on a GPU `auto_workers` (said). Empty when data.num_workers sets each source's."""
@@ -244,7 +261,7 @@ class Trainer:
             return {}
         if self.device.type == "cpu":
             return {k: 1 for k in self.kinds}
-        workers = auto_workers(dict(zip(self.kinds, self._mixing("mixing", self.cfg.data.mixing, say=False))))
+        workers = auto_workers(dict(zip(self.kinds, mixing_of(self.cfg, self.kinds, "mixing"))))
         self.notes.append("loader workers per process: " + ", ".join(f"{k} {n}" for k, n in workers.items())
                           + " (from the cores and the kinds' shares of the steps, shared by each kind's sources; "
                             "data.num_workers sets each source's)")
