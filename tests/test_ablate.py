@@ -101,10 +101,11 @@ def test_rows_are_trained_evaluated_and_reported_once(train_data, suite, tmp_pat
     other = [a if a != "2" or args[i - 1] != "--steps" else "3" for i, a in enumerate(args)]
     assert cli(other) == 2
     assert "other steps" in capsys.readouterr().err
-    # Rows may be added to a finished ablation: only they run.
+    # Rows may be added to a finished ablation: only they run, and the report keeps the earlier ones.
     assert cli(args[:-1] + ["mlm,flava-no-init"]) == 0
     assert capsys.readouterr().out.count("already trained and evaluated") == 1
-    assert list(json.loads((out / "ablation.json").read_text())["rows"]) == ["mlm", "flava-no-init"]
+    assert list(json.loads((out / "ablation.json").read_text())["rows"]) == [
+        k for k in ROWS if k in ("mim", "mlm", "flava-c", "flava", "untrained", "flava-no-init")]
     assert cli(ablate_args(train_data, suite, tmp_path / "b", "--rows", "flava-c-local")) == 2
     assert "needs --processes 2" in capsys.readouterr().err
     assert cli(ablate_args(train_data, suite, tmp_path / "c", "--rows", "flava-x")) == 2
@@ -510,3 +511,26 @@ def test_the_balancing_report_leaves_out_a_domain_the_suite_lacks(no_training, s
     assert "| fixed | 0 | 20.00 | – | 15.00 | 17.50 |" in report
     (line,) = verdicts(results)
     assert "language" not in line and "vision +0.00 (spread 1.00)" in line
+
+
+def test_an_ablation_keeps_the_rows_earlier_runs_finished_and_refuses_a_folder_of_other_files(no_training, suite,
+                                                                                               tmp_path, capsys):
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "topic probe", "pairs retrieval")
+    out = tmp_path / "ablation"
+    args = ["ablate", "--output", str(out), "--suite", str(file), "--steps", "2", "--rows"]
+    assert cli(args + ["mlm,flava-c"]) == 0
+    assert cli(args + ["mlm"]) == 0  # a rerun with fewer rows dropped the others from the report
+    assert "the report also holds the rows earlier runs finished: flava-c" in " ".join(capsys.readouterr().out.split())
+    assert list(json.loads((out / "ablation.json").read_text())["rows"]) == ["mlm", "flava-c"]
+    report = (out / "ablation.md").read_text()
+    assert all(f"| {ROWS[k].label} | {ROWS[k].paper_row} |" in report for k in ("mlm", "flava-c"))
+    # A run's, a recipe's or another folder: the rows' folders would mix with its files.
+    for command, what in ((args + ["mlm"], "ablation"), (balancing_args(tmp_path / "other", file), "balancing")):
+        other = tmp_path / "other"
+        other.mkdir(exist_ok=True)
+        (other / "notes.txt").write_text("mine")
+        command = [tmp_path / "other" if a == str(out) else a for a in command]
+        assert cli([str(a) for a in command]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{other} already holds other files (e.g. notes.txt) and no {what}" in err
+        assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]

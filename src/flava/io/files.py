@@ -155,6 +155,17 @@ def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
         raise OutputError(explain_os_error(e)) from None
 
 
+def refuse_other_files(folder: Path, record: Path, what: str) -> None:
+    """Refuse, before any work, a folder that holds files but not `record`, the file a command
+    writes first there (so every folder of its own holds it): a run's folder or one of other
+    files, which its own folders would mix with. `what` names what `record` records."""
+    other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) \
+        if folder.is_dir() and not record.is_file() else []
+    if other:
+        raise ConfigError(f"{folder} already holds other files (e.g. {other[0]}) and no {what}; choose a new or "
+                          "empty --output")
+
+
 def check_new_file(path: str | os.PathLike, inputs: list[str], replace: bool) -> None:
     """Refuse, before any work, an output file that is one of the command's `inputs` (named
     files; folders and globs are read for images, never overwritten) and, without `replace`

@@ -50,7 +50,7 @@ from ..config import check, differences, from_dict, said, to_dict
 from ..errors import ConfigError, FlavaError
 from ..evaluate.results import domain_noise, mean_error
 from ..evaluate.suite import DEMO_SUITE, DOMAINS, Suite
-from ..io.files import atomic_path, read_json, write_json_atomic, write_text_atomic
+from ..io.files import atomic_path, read_json, refuse_other_files, write_json_atomic, write_text_atomic
 from ..train.config import TrainConfig
 from .recipe import RECIPES, finished_step
 
@@ -278,10 +278,11 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
     if needing:
         check_codebook_vocabulary(cfg.model)
     suite = read_suite(plan.suite, console)  # every data error before any training
+    record = output / "ablation.json"
+    refuse_other_files(output, record, "ablation")
     output.mkdir(parents=True, exist_ok=True)
     if needs_demo_codebook(cfg):
         cfg.codebook = str(output / "codebook")
-    record = output / "ablation.json"
     wanted = {"rows": plan.rows, "steps": plan.steps, "unimodal_steps": plan.unimodal_steps,
               "image_stage": plan.image_stage, "processes": plan.processes, "suite": plan.suite,
               "suite_fingerprint": suite_fingerprint(plan.suite), "suite_spec": suite_spec(plan.suite),
@@ -312,7 +313,8 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
                     train_demo_codebook(cfg.model, output / "codebook", console)
                 train_row(key, cfg, plan, output, console)
             except stopping.Stopped as e:
-                raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in row {key} {e.at} (saved): "
+                saved = "" if e.at == stopping.BEFORE_FIRST_STEP else " (saved)"
+                raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in row {key} {e.at}{saved}: "
                                                  "run the same command again to continue", e.at) from None
         trained = time.perf_counter() - start
         results[key] = evaluate_row(key, cfg, suite, output, console)
@@ -325,6 +327,13 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
             at = f"after row {key} ({i} of {len(plan.rows)})"
             raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; its scores are kept: run the "
                                            "same command again to continue", at)
+    # Rows an earlier run of this ablation finished (the same steps and settings: others are
+    # refused above) stay in the report, in the table's order: a rerun with other --rows dropped them.
+    earlier = [k for k in ROWS if k not in results and (output / "rows" / k / SCORES).is_file()]
+    if earlier:
+        console.print(f"the report also holds the rows earlier runs finished: {', '.join(earlier)}")
+        kept = {k: read_json(output / "rows" / k / SCORES, "row scores", expect=dict) for k in earlier}
+        results = {k: results[k] if k in results else kept[k] for k in ROWS if k in results or k in kept}
     write_json_atomic(record, {"plan": wanted, "rows": results})
     md = write_ablation_report(results, plan, output)
     console.print(ablation_table(results))

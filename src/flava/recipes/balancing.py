@@ -37,7 +37,7 @@ from ..config import apply_overrides, check, differences, from_dict, said, setti
 from ..errors import ConfigError
 from ..evaluate.results import SuiteResult, TaskResult
 from ..evaluate.suite import DOMAINS, Suite
-from ..io.files import read_json, write_json_atomic, write_text_atomic
+from ..io.files import read_json, refuse_other_files, write_json_atomic, write_text_atomic
 from ..train.balancing import METHODS
 from ..train.config import TrainConfig
 from .ablate import refuse_changed_suite, suite_fingerprint, suite_spec
@@ -128,8 +128,9 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
     if needs_demo_codebook(cfg):  # the stages' shared codebook: before the record names the settings
         check_codebook_vocabulary(cfg.model)
     suite = read_suite(p.suite, console)  # every data error before any training
-    output.mkdir(parents=True, exist_ok=True)
     record = output / "balancing.json"
+    refuse_other_files(output, record, "balancing comparison")
+    output.mkdir(parents=True, exist_ok=True)
     wanted = {"methods": p.methods, "seeds": p.seeds, "suite": p.suite, "suite_fingerprint": suite_fingerprint(p.suite),
               "suite_spec": suite_spec(p.suite), "stage_steps": p.stage_steps, "stage_settings": p.stage_settings,
               "settings": to_dict(cfg)}

@@ -32,7 +32,7 @@ from rich.table import Table
 from .. import stopping
 from ..config import apply_overrides, check, from_dict, said, to_dict
 from ..errors import ConfigError
-from ..io.files import read_json, write_json_atomic
+from ..io.files import read_json, refuse_other_files, write_json_atomic
 from ..io.runs import RunDir
 from ..train.config import TrainConfig, anchored
 from ..train.presets import demo_config
@@ -180,12 +180,7 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
         if needs_demo_codebook(stage.config):
             check_codebook_vocabulary(stage.config.model)
     record = output / RECIPE_FILE
-    # A run's folder, or one of other files: the stages' folders would mix with them.
-    other = sorted(p.name for p in output.iterdir() if not p.name.startswith(".")) \
-        if output.is_dir() and not record.is_file() else []
-    if other:
-        raise ConfigError(f"{output} already holds other files (e.g. {other[0]}) and no recipe; choose a new or "
-                          "empty --output")
+    refuse_other_files(output, record, "recipe")
     output.mkdir(parents=True, exist_ok=True)
     started = [s.name for s in stages if (s.directory / SETTINGS).is_file()]
     wanted = {"recipe": name, "stages": [{"stage": s.name, "directory": s.name, "steps": s.config.max_steps,
