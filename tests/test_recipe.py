@@ -151,3 +151,14 @@ def test_a_recipe_guards_its_folder_checks_every_stage_first_and_continues_where
     capsys.readouterr()
     assert cli(longer) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "moved" / "joint" / "checkpoints" / "latest.json").read_text())["step"] == 3
+    # A finished stage removed (to free the disk) once the joint stage started from it is not trained again.
+    shutil.rmtree(tmp_path / "moved" / "text-mlm")
+    longer[longer.index("--max-steps") + 1] = "4"
+    assert cli(longer) == 0
+    assert "text-mlm: not there, and not needed: stage joint has started from it" in " ".join(
+        capsys.readouterr().out.split())
+    assert not (tmp_path / "moved" / "text-mlm").exists()
+    # Stage settings name where they were given; a stage's steps are given once.
+    assert "--stage-set text-mlm: unknown config key 'optim.lrr'" in said(cli(longer + ["--stage-set",
+                                                                                         "text-mlm:optim.lrr=3"]))
+    assert "--stage-steps names stage text-mlm twice (1 and 5)" in said(cli(longer + ["--stage-steps", "text-mlm=5"]))

@@ -97,7 +97,10 @@ def plan(name: str, cfg: TrainConfig, output: Path, steps: dict[str, int],
         for key in ("stage", "max_steps", "init", "init_text", "init_image"):
             if any(o.split("=", 1)[0].strip() == key for o in overrides.get(stage, [])):
                 raise ConfigError(f"the recipe sets {key} of stage {stage} itself; drop it from that stage's settings")
-        c = apply_overrides(c, overrides.get(stage, []))
+        try:
+            c = apply_overrides(c, overrides.get(stage, []))
+        except ConfigError as e:  # the message names a key, not where it was given
+            raise ConfigError(f"--stage-set {stage}: {e}") from None
         if stage == "joint":
             c.init_text = str(output / "text-mlm")
             c.init_image = str(output / image_stage)
@@ -230,6 +233,13 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
             console.print(f"{stage.name}: already finished ({reached} steps in {stage.directory})")
             done.append({"stage": stage.name, "steps": reached, "ran": False})
             continue
+        last = stages[-1]
+        if stage is not last and (last.directory / SETTINGS).is_file():
+            # Removed (to free the disk) after the last stage started from it, which reads it no more.
+            console.print(f"{stage.name}: {'not there' if not reached else f'at step {reached} here'}, and not needed: "
+                          f"stage {last.name} has started from it")
+            done.append({"stage": stage.name, "steps": reached, "ran": False, "needed": False})
+            continue
         resume = (stage.directory / SETTINGS).is_file()
         if resume:
             _moved_with_recipe(stage, output)
@@ -250,6 +260,7 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
     for col in ("stage", "steps", "directory", "this time"):
         table.add_column(col)
     for stage, d in zip(stages, done):
-        table.add_row(stage.name, str(d["steps"]), str(stage.directory), "trained" if d["ran"] else "already done")
+        this_time = "trained" if d["ran"] else "already done" if d.get("needed", True) else "not needed"
+        table.add_row(stage.name, str(d["steps"]), str(stage.directory), this_time)
     console.print(table)
     return done
