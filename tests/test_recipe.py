@@ -46,7 +46,7 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
     assert stamp == {s: (out / s / "checkpoints" / "latest.json").stat().st_mtime_ns for s in steps}
 
     # A stage that later stages started from keeps its steps: they were trained from its end.
-    assert cli(args[:-2] + ["--stage-steps", "text-mlm=4", *args[-2:]]) == 2
+    assert cli([a if a != "text-mlm=3" else "text-mlm=4" for a in args]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "other stages, steps or stage settings (stage 1: text-mlm 3 steps -> text-mlm 4 steps)" in err
     assert "a stage may be given more steps while no later stage has started" in err
