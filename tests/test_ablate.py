@@ -534,3 +534,22 @@ def test_an_ablation_keeps_the_rows_earlier_runs_finished_and_refuses_a_folder_o
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{other} already holds other files (e.g. notes.txt) and no {what}" in err
         assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+
+
+def test_a_balancing_comparison_stopped_before_its_first_method_finished_continues(no_training, suite, tmp_path,
+                                                                                   monkeypatch):
+    import flava.train.run as run
+
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe", "pairs retrieval")
+    out = tmp_path / "balancing"
+    trained = list(no_training)
+
+    def stopped(cfg, directory, **kw):
+        directory.mkdir(parents=True)  # a stage's folder made, then the stop
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_pretrain", stopped)
+    assert cli(balancing_args(out, file)) == 130
+    assert (out / "balancing.json").is_file()  # the folder is the comparison's: its rerun is not refused
+    monkeypatch.setattr(run, "run_pretrain", lambda cfg, directory, **kw: trained.append(directory.name))
+    assert cli(balancing_args(out, file)) == 0

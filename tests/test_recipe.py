@@ -1,6 +1,7 @@
 """`flava pretrain --recipe paper`: text-mlm, image-dino, then joint from both, in one directory."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -150,6 +151,7 @@ def test_a_recipe_guards_its_folder_checks_every_stage_first_and_continues_where
     longer[longer.index("--max-steps") + 1] = "3"
     capsys.readouterr()
     assert cli(longer) == 0, capsys.readouterr().err
+    assert "note: the codebook is no longer at" in " ".join(capsys.readouterr().out.split())
     assert json.loads((tmp_path / "moved" / "joint" / "checkpoints" / "latest.json").read_text())["step"] == 3
     # A finished stage removed (to free the disk) once the joint stage started from it is not trained again.
     shutil.rmtree(tmp_path / "moved" / "text-mlm")
@@ -159,6 +161,33 @@ def test_a_recipe_guards_its_folder_checks_every_stage_first_and_continues_where
         capsys.readouterr().out.split())
     assert not (tmp_path / "moved" / "text-mlm").exists()
     # Stage settings name where they were given; a stage's steps are given once.
-    assert "--stage-set text-mlm: unknown config key 'optim.lrr'" in said(cli(longer + ["--stage-set",
-                                                                                         "text-mlm:optim.lrr=3"]))
+    assert "stage text-mlm's settings: unknown config key 'optim.lrr'" in said(cli(longer + [
+        "--stage-set", "text-mlm:optim.lrr=3"]))
     assert "--stage-steps names stage text-mlm twice (1 and 5)" in said(cli(longer + ["--stage-steps", "text-mlm=5"]))
+
+
+def test_a_copied_recipe_folder_named_relatively_keeps_the_places_its_stages_started_from(tmp_path, monkeypatch):
+    import os
+
+    from flava.config import to_dict
+    from flava.io.files import write_json_atomic
+    from flava.recipes.recipe import Stage, _moved_with_recipe
+    from flava.train.presets import demo_config
+
+    monkeypatch.chdir(tmp_path)
+    old, new = tmp_path / "a", tmp_path / "b"
+    (old / "codebook").mkdir(parents=True)  # a copy: the original is still there
+    saved = demo_config()
+    saved.codebook, saved.init_text = str(old / "codebook"), str(old / "text-mlm")
+    (new / "joint").mkdir(parents=True)
+    write_json_atomic(new / "joint" / "train_config.json", to_dict(saved))
+    # As the recipe names them for `--output b`: the demo codebook absolute, the stages relative.
+    now = demo_config()
+    now.codebook, now.init_text = os.path.abspath("b/codebook"), "b/text-mlm"
+    stage = Stage("joint", Path("b") / "joint", now)
+    _moved_with_recipe(stage, Path("b"))
+    assert (stage.config.codebook, stage.config.init_text) == (str(old / "codebook"), str(old / "text-mlm"))
+    # Another codebook named while the one it started with is there is not taken for a move.
+    stage.config.codebook = str(tmp_path / "other")
+    _moved_with_recipe(stage, Path("b"))
+    assert stage.config.codebook == str(tmp_path / "other")

@@ -555,7 +555,7 @@ def test_embed_leaves_out_and_names_a_tables_bad_rows_as_it_does_bad_images(tiny
                 "--output", str(tmp_path / "e1")]) == 0
     summary = json.loads((tmp_path / "e1" / "embed.json").read_text())
     assert summary["embedded"] == 2 and summary["failed"] == {"unreadable json line": 1}
-    assert summary["failures"][0]["row"] == f"{tmp_path / 't.jsonl'}, line 2"
+    assert summary["failures"][0]["line"] == f"{tmp_path / 't.jsonl'}, line 2"
     red = sorted((photos / "red").glob("*.png"))[0]
     (tmp_path / "p.csv").write_text(f"image,caption\n{red},a red square\n{red},a,b\n")
     assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "p.csv"),
@@ -643,9 +643,10 @@ def test_an_index_build_stopped_while_adding_leaves_no_index_and_its_rerun_build
         index_from_arrays(vectors, list("abcd"), out)
     assert os.listdir(tmp_path) == ["idx"] and not any(out.iterdir())
     monkeypatch.setattr(VectorIndex, "add", add)
-    (tmp_path / ".idx.killed.tmp").mkdir()  # what a build killed outright leaves beside its output
+    (tmp_path / ".idx.k1lled_x.tmp").mkdir()  # what a build killed outright leaves beside its output
+    (tmp_path / ".idx.v2.k3j8q0wp.tmp").mkdir()  # another output's staging folder (idx.v2), not this one's
     index_from_arrays(vectors, list("abcd"), out)
-    assert sorted(os.listdir(tmp_path)) == ["idx"]
+    assert sorted(os.listdir(tmp_path)) == [".idx.v2.k3j8q0wp.tmp", "idx"]
     opened = VectorIndex.open(out)
     assert len(opened) == 4 and opened.path == out
 

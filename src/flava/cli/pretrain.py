@@ -168,7 +168,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
             stage, eq, n = item.partition("=")
             if not eq or not n.strip().isdigit() or int(n) < 1:
                 raise ConfigError(f"--stage-steps {item!r} must look like STAGE=N with N a positive number")
-            if stage.strip() in steps:  # the last had won without a word
+            if stage.strip() in steps:
                 raise ConfigError(f"--stage-steps names stage {stage.strip()} twice ({steps[stage.strip()]} and {n}): "
                                   "give it once")
             steps[stage.strip()] = int(n)

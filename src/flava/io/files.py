@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -89,7 +90,7 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
     try:
         _as_if_created(tmp, directory=True)
         fill(tmp)
-        for f in tmp.iterdir():
+        for f in tmp.rglob("*"):
             if f.is_file():
                 _as_if_created(f)  # some writers (safetensors) create private files
                 fsync_file(f)
@@ -109,7 +110,9 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
 def left_by_replace(name: str, of: str) -> bool:
     """Whether file name `name` is what a killed `replace_dir` of a directory named `of` left
     beside it: a staging copy or the replaced one."""
-    return name == f".{of}.old" or (name.startswith(f".{of}.") and name.endswith(".tmp"))
+    # mkdtemp's name exactly: another output named with this one's as a prefix (`idx.v2` beside
+    # `idx`) stages its own folders beside it.
+    return name == f".{of}.old" or re.fullmatch(rf"\.{re.escape(of)}\.[a-z0-9_]{{8}}\.tmp", name) is not None
 
 
 def recover_replaced(target: str | os.PathLike, sweep: bool = True) -> None:
@@ -155,11 +158,12 @@ def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
         raise OutputError(explain_os_error(e)) from None
 
 
-def refuse_other_files(folder: Path, record: Path, what: str) -> None:
+def refuse_other_files(folder: Path, record: Path, what: str, allowed: tuple[str, ...] = ()) -> None:
     """Refuse, before any work, a folder that holds files but not `record`, the file a command
     writes first there (so every folder of its own holds it): a run's folder or one of other
-    files, which its own folders would mix with. `what` names what `record` records."""
-    other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) \
+    files, which its own folders would mix with. `what` names what `record` records; `allowed`
+    names what may be there before it (a codebook placed for the command to use)."""
+    other = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name not in allowed) \
         if folder.is_dir() and not record.is_file() else []
     if other:
         raise ConfigError(f"{folder} already holds other files (e.g. {other[0]}) and no {what}; choose a new or "
@@ -169,7 +173,7 @@ def refuse_other_files(folder: Path, record: Path, what: str) -> None:
 def check_new_file(path: str | os.PathLike, inputs: list[str], replace: bool) -> None:
     """Refuse, before any work, an output file that is one of the command's `inputs` (named
     files; folders and globs are read for images, never overwritten) and, without `replace`
-    (`--replace`), one that exists: both were replaced without a word."""
+    (`--replace`), one that exists: what the file held would be lost."""
     path = Path(path)
     if not path.is_file():
         return

@@ -296,7 +296,16 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
             raise ConfigError(f"{output} holds an ablation with other {', '.join(changed)} ({said(diff)}); continue it "
                               "with the same command (other --rows are fine), or choose another --output")
         refuse_changed_suite(old, wanted, output)
-    write_json_atomic(record, {"plan": wanted, "rows": {}})
+    # Rows an earlier run of this ablation finished (the same steps and settings: others are
+    # refused above) stay in the record and the report, in the table's order.
+    earlier = [k for k in ROWS if k not in plan.rows and (output / "rows" / k / SCORES).is_file()]
+    kept = {k: read_json(output / "rows" / k / SCORES, "row scores", expect=dict) for k in earlier}
+
+    def in_order(results: dict[str, dict]) -> dict[str, dict]:
+        both = {**kept, **results}
+        return {k: both[k] for k in ROWS if k in both}
+
+    write_json_atomic(record, {"plan": wanted, "rows": in_order({})})
     results: dict[str, dict] = {}
     for i, key in enumerate(plan.rows, 1):
         row = ROWS[key]
@@ -322,18 +331,14 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
                                    "evaluate": round((time.perf_counter() - start - trained) / 60, 2)}
         scores_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(scores_path, results[key])
-        write_json_atomic(record, {"plan": wanted, "rows": results})
+        write_json_atomic(record, {"plan": wanted, "rows": in_order(results)})
         if (signum := stopping.requested()) and i < len(plan.rows):
             at = f"after row {key} ({i} of {len(plan.rows)})"
             raise stopping.Stopped(signum, f"stopped by {stopping.name(signum)} {at}; its scores are kept: run the "
                                            "same command again to continue", at)
-    # Rows an earlier run of this ablation finished (the same steps and settings: others are
-    # refused above) stay in the report, in the table's order: a rerun with other --rows dropped them.
-    earlier = [k for k in ROWS if k not in results and (output / "rows" / k / SCORES).is_file()]
     if earlier:
         console.print(f"the report also holds the rows earlier runs finished: {', '.join(earlier)}")
-        kept = {k: read_json(output / "rows" / k / SCORES, "row scores", expect=dict) for k in earlier}
-        results = {k: results[k] if k in results else kept[k] for k in ROWS if k in results or k in kept}
+    results = in_order(results)
     write_json_atomic(record, {"plan": wanted, "rows": results})
     md = write_ablation_report(results, plan, output)
     console.print(ablation_table(results))

@@ -146,6 +146,8 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
                               "--output")
         refuse_changed_suite(old, wanted, output)
     earlier = earlier_runs(output, p) if record.is_file() else {}
+    # Before anything is trained: the folder is then this comparison's, whatever stops it.
+    write_json_atomic(record, {"plan": wanted, "results": _jsonable(earlier)})
     if earlier:
         console.print(f"note: the report also covers the runs finished earlier in {output}: " + "; ".join(
             f"{m} (seed{'s' * (len(by) > 1)} {', '.join(map(str, by))})" for m, by in earlier.items()))
@@ -171,8 +173,9 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
                 try:
                     run_pretrain(c, directory, resume=(directory / SETTINGS).is_file(), console=console)
                 except stopping.Stopped as e:
+                    saved = "" if e.at == stopping.BEFORE_FIRST_STEP else " (saved)"
                     raise stopping.Stopped(e.signum, f"stopped by {stopping.name(e.signum)} in seed {seed}, {name} "
-                                                     f"{e.at} (saved): run the same command again to continue",
+                                                     f"{e.at}{saved}: run the same command again to continue",
                                            e.at) from None
             if name not in CHOICES:
                 continue

@@ -22,6 +22,7 @@ checkpoint; so running the same command again continues the recipe where it stop
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from ..config import apply_overrides, check, from_dict, said, to_dict
 from ..errors import ConfigError
 from ..io.files import read_json, refuse_other_files, write_json_atomic
 from ..io.runs import RunDir
-from ..train.config import TrainConfig, anchored
+from ..train.config import TrainConfig, moved_away
 from ..train.presets import demo_config
 
 RECIPES = {"paper": ("text-mlm", "image-dino", "joint"), "paper-mim": ("text-mlm", "image-mim", "joint")}
@@ -99,8 +100,8 @@ def plan(name: str, cfg: TrainConfig, output: Path, steps: dict[str, int],
                 raise ConfigError(f"the recipe sets {key} of stage {stage} itself; drop it from that stage's settings")
         try:
             c = apply_overrides(c, overrides.get(stage, []))
-        except ConfigError as e:  # the message names a key, not where it was given
-            raise ConfigError(f"--stage-set {stage}: {e}") from None
+        except ConfigError as e:  # the message names a key, not whose it is
+            raise ConfigError(f"stage {stage}'s settings: {e}") from None
         if stage == "joint":
             c.init_text = str(output / "text-mlm")
             c.init_image = str(output / image_stage)
@@ -150,8 +151,8 @@ def _moved_with_recipe(stage: Stage, output: Path) -> None:
         was, now = getattr(saved, key), getattr(stage.config, key)
         if not (was and now and was != now):
             continue
-        own = Path(now).parent == output and Path(was).name == Path(now).name
-        if own or (key == "codebook" and not Path(anchored(was)).exists()):
+        own = os.path.abspath(now) == os.path.abspath(output / Path(was).name)
+        if own or (key == "codebook" and moved_away(was)):
             setattr(stage.config, key, was)
 
 
@@ -170,20 +171,22 @@ def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
 
 def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, steps: dict[str, int],
                 overrides: dict[str, list[str]]) -> list[dict]:
-    from ..train.run import RESUMABLE, SETTINGS, changes, check_codebook_vocabulary, ensure_demo_codebook, \
-        needs_demo_codebook, run_pretrain
+    from ..train.run import DEMO_CODEBOOK, RESUMABLE, SETTINGS, changes, check_codebook_vocabulary, \
+        ensure_demo_codebook, needs_demo_codebook, run_pretrain
     from ..train.trainer import check_stage
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     stages = plan(name, cfg, output, steps, overrides)
-    # Before the record, every stage: a corrected command is not refused as another recipe, and a
-    # setting a later stage refuses (DINO's optim.contrastive_chunks) is said before any stage trains.
+    # Before the record, every stage still to train: a corrected command is not refused as another
+    # recipe, and a setting a later stage refuses (DINO's optim.contrastive_chunks) is said before
+    # any stage trains.
     for stage in stages:
-        check_stage(stage.config)
+        if not (stage.directory / SETTINGS).is_file():
+            check_stage(stage.config)
         if needs_demo_codebook(stage.config):
             check_codebook_vocabulary(stage.config.model)
     record = output / RECIPE_FILE
-    refuse_other_files(output, record, "recipe")
+    refuse_other_files(output, record, "recipe", allowed=(DEMO_CODEBOOK,))
     output.mkdir(parents=True, exist_ok=True)
     started = [s.name for s in stages if (s.directory / SETTINGS).is_file()]
     wanted = {"recipe": name, "stages": [{"stage": s.name, "directory": s.name, "steps": s.config.max_steps,
@@ -213,8 +216,12 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
         # The settings every stage shares: later stages trained with others than earlier ones had.
         if isinstance(old.get("settings"), dict):  # records before they were kept: not compared
             # A codebook no longer where it was may be named where it is now, as a run's --resume may.
-            diff = {k: v for k, v in changes(from_dict(TrainConfig, old["settings"]), cfg).items()
-                    if k not in RESUMABLE and not (k == "codebook" and v[0] and not Path(anchored(v[0])).exists())}
+            diff = changes(from_dict(TrainConfig, old["settings"]), cfg)
+            moved = diff.pop("codebook") if "codebook" in diff and moved_away(diff["codebook"][0]) else None
+            diff = {k: v for k, v in diff.items() if k not in RESUMABLE}
+            if moved and not diff:
+                console.print(f"note: the codebook is no longer at {moved[0]}; the stages still to train read "
+                              f"{moved[1]}: it must be the one the others trained with")
             if diff:
                 raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} started with other settings "
                                   f"({said(diff)}); "
@@ -234,8 +241,8 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
             done.append({"stage": stage.name, "steps": reached, "ran": False})
             continue
         last = stages[-1]
-        if stage is not last and (last.directory / SETTINGS).is_file():
-            # Removed (to free the disk) after the last stage started from it, which reads it no more.
+        if stage is not last and finished_step(last.directory) > 0:
+            # The last stage's checkpoints hold what it took from this one: it may be removed to free the disk.
             console.print(f"{stage.name}: {'not there' if not reached else f'at step {reached} here'}, and not needed: "
                           f"stage {last.name} has started from it")
             done.append({"stage": stage.name, "steps": reached, "ran": False, "needed": False})

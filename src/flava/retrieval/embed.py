@@ -169,7 +169,7 @@ def text_inputs(path: str) -> Inputs:
 def _bad_rows(table) -> list[dict]:
     """A table's rows left out (not valid JSON, cells beyond the header...), each reason's first
     named, as embed.json's `failures` name inputs: a bulk input is not stopped by one bad row."""
-    return [{"row": f"{table.path}, line {line}", "error": reason, "detail": message}
+    return [{"line": f"{table.path}, line {line}", "error": reason, "detail": message}
             for reason, (line, message) in table.first_bad.items()]
 
 
@@ -202,8 +202,8 @@ def pair_inputs(spec: str) -> Inputs:
         for row in (r.values for r in table.rows):
             cell = row.get(image_col)
             if cell is None or (isinstance(cell, str) and not cell.strip()):
-                # Left out and named, as training counts "csv row without an image": an empty path
-                # was the table's own folder, reported as an unreadable image.
+                # Left out and named, as training counts "csv row without an image" (an empty path
+                # would name the table's own folder).
                 rejected["no image path"] += 1
                 named.append({"image_path": "", "caption": row.get(text_col), "error": "no image path"})
                 continue

@@ -500,8 +500,8 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
         built.append(VectorIndex(staging, index, info, None))
         built[0].add(v, metadata, source, text_field, inputs, files)
 
-    # Built beside the output and moved there whole: a build stopped while adding had left an index
-    # of no vectors that looked finished, and its rerun was refused as an existing index.
+    # Built beside the output and moved there whole: a stop while adding leaves no index that
+    # looks finished with a part of its vectors, and nothing its rerun would refuse.
     recover_replaced(out)  # what a killed build left beside it
     replace_dir(out, fill)
     built[0].path = out

@@ -54,6 +54,12 @@ def anchored(value, existing: bool = False):
     return os.path.abspath(path) if not existing or path.exists() else value
 
 
+def moved_away(value: str) -> bool:
+    """Whether a codebook setting names a place that is no longer there: a codebook that moved
+    may then be named where it is (a run's checkpoints hold the one it trained with)."""
+    return bool(value) and not Path(anchored(value)).exists()
+
+
 @dataclass
 class DataConfig:
     """Where the samples come from and how they are batched."""

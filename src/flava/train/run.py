@@ -32,7 +32,7 @@ from ..progress import progress_bar
 from .accounting import source_notes, stream_size
 from .checkpoint import STREAMS, on_new_data
 from .codebook import CodebookTraining, run_train_codebook
-from .config import TrainConfig, anchored
+from .config import TrainConfig, anchored, moved_away
 from .init import INIT_KEYS, find_sources, tower_image_model
 from .kinds import trained_kinds
 from .trainer import Trainer
@@ -152,7 +152,7 @@ def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: d
     # The codebook is read where the checkpoints hold none: a run started without one may name one,
     # and a codebook folder that moved may be named again (earlier releases' checkpoints read it there).
     read_at_start = {k: v for k, v in diff.items() if (k in CHECKPOINT_KEYS or k == "init_image_size")
-                     and not (k == "codebook" and not (v[0] and Path(anchored(v[0])).exists()))}
+                     and not (k == "codebook" and (not v[0] or moved_away(v[0])))}
     if read_at_start:
         codebook = " --set codebook=..." if "codebook" in read_at_start else ""
         raise ConfigError(f"a resumed run cannot change {said(read_at_start)}: it continues from its own checkpoints, "
