@@ -92,6 +92,15 @@ def test_a_list_with_broken_json_is_named_as_such():
         apply_overrides(train_config("tiny"), ['data.pairs=[{"path": "x.csv", "wieght": 1}]'])
     with pytest.raises(ConfigError, match=r"data.pairs\[0\].weight must lie in \(0, inf\)"):
         apply_overrides(train_config("tiny"), ['data.pairs=[{"path": "x.csv", "weight": -1}]'])
+    # Infinity too (it became NaN once the weights were normalised: a traceback at the start), and
+    # any unbounded setting's; weights near the float range's end are drawn by their proportions.
+    for bad in ('data.pairs=[{"path": "x.csv", "weight": Infinity}]', "optim.lr=Infinity",
+                "optim.weight_decay=Infinity"):
+        with pytest.raises(ConfigError, match=r"must lie in .*inf\); got inf"):
+            apply_overrides(train_config("tiny"), [bad])
+    from flava.data.pipeline import KindStream
+
+    assert KindStream("pairs", [object(), object()], [1e308, 1e308], seed=0).weights.tolist() == [0.5, 0.5]
 
 
 def test_bad_images(tiny):

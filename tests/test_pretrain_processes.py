@@ -81,6 +81,25 @@ def test_two_processes_train_like_one_process_with_the_global_batch(train_data, 
     assert worst < 1e-5, worst
 
 
+@pytest.mark.distributed
+def test_a_process_killed_under_torchrun_leaves_the_other_one_line_naming_the_checkpoint(train_data, tmp_path):
+    # The survivor's collective failed with the backend's traceback (gloo: "Connection reset by
+    # peer"), which named neither the checkpoint kept nor --resume.
+    ranks = run(pretrain_args(train_data, tmp_path / "r", "pairs_clean.csv", batch_size=4)
+                + ["--max-steps", "400", "--save-every", "2", *OPTS], ranks=2)
+    pointer = tmp_path / "r" / "checkpoints" / "latest.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and not pointer.is_file():
+        time.sleep(0.05)
+    assert pointer.is_file(), ranks.communicate(timeout=60)[0]
+    ranks.children[1].send_signal(signal.SIGKILL)
+    survivor = ranks.children[0]
+    assert survivor.wait(timeout=120) == 2
+    said = survivor.output()[0]
+    assert "another process of this run ended during step" in said and "continue from it" in said, said
+    assert "Traceback" not in said and "--resume" in said
+
+
 @pytest.mark.slow
 def test_a_run_killed_between_checkpoints_resumes_step_for_step(train_data, tmp_path):
     steps = ["--max-steps", "8", "--save-every", "3", *OPTS]

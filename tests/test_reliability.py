@@ -971,7 +971,7 @@ def test_shards_none_of_which_opens_are_refused_with_the_first_ones_reason(train
         (shards / f"{k:05d}.tar").write_bytes(b"<html>an error page saved as a shard</html>" * 20)
     err = one_line_error(capsys, cli(pretrain_args(train_data, tmp_path / "run") + [
         "--set", f'data.pairs=["{shards}"]', "--set", "data.mixing=[1,0,0]", "--max-steps", "1"]))
-    assert re.search(r"no shard holds a usable record \(met: 2 corrupt tar shard \(read up to the damage\); e\.g\. "
+    assert re.search(r"no shard holds a usable record \(met: 2 not a tar archive \(or damaged at its start\); e\.g\. "
                      r"\S*/shards/0000[01]\.tar\)$", err.strip()), err
 
 

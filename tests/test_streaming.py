@@ -1310,3 +1310,16 @@ def test_prepare_decodes_a_large_jpeg_at_the_scale_its_size_needs():
     assert got.size == want.size == by_pil.size == (375, 256)  # libjpeg-turbo's and PIL's (CMYK) decodes alike
     assert np.abs(np.asarray(got, dtype=float) - np.asarray(want, dtype=float)).mean() < 0.6
     assert as_is.size == (300, 200) and np.array_equal(np.asarray(as_is), np.asarray(decode.open_image(small)))
+
+
+def test_remote_shards_without_image_tokens_are_refused_saying_how_prepared_ones_are_named(http_server, tmp_path,
+                                                                                           capsys):
+    # They were said to hold none, where prepared shards served so are read through their index.json.
+    from flava.cli import main
+
+    url, _ = http_server
+    code = main(["pretrain", "--output", str(tmp_path / "run"), "--max-steps", "1",
+                 "--set", f'data.pairs=["{url}/shard-{{000..001}}.tar"]'])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "is not known to hold image tokens (remote shards are read as prepared through their " \
+                         "folder's index.json" in err, err

@@ -447,7 +447,7 @@ def test_prepare_of_input_with_no_usable_sample_is_an_error(tmp_path, capsys):
     code = cli(["prepare", "--pairs", str(tmp_path / "fake.tar"), "--output", str(tmp_path / "prep"),
                 "--workers", "1"])
     err = one_line_error(capsys, code)
-    assert "no usable sample" in err and "corrupt tar shard" in err
+    assert "no usable sample" in err and "not a tar archive (or damaged at its start)" in err
     assert not (tmp_path / "prep").exists()
 
 

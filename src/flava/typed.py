@@ -33,7 +33,9 @@ class Range:
     high_open: bool = False
 
     def check(self, path: str, value: float) -> None:
-        ok = not (isinstance(value, float) and math.isnan(value))
+        # An unbounded side is open: infinity is no value a setting can use (a weight of it is NaN once normalised).
+        ok = not (isinstance(value, float) and not math.isfinite(value) and (
+            math.isnan(value) or (self.high if value > 0 else self.low) is None))
         if ok and self.low is not None:
             ok = value > self.low if self.low_open else value >= self.low
         if ok and self.high is not None:

@@ -719,7 +719,9 @@ class KindStream:
         if total <= 0:
             raise DataError(f"the {kind} sources' weights sum to {total}; give at least one a positive weight")
         self.kind, self.streams, self.seed = kind, streams, seed
-        self.weights = np.array(weights, dtype=float) / total
+        # Scaled by the largest first: weights near the float range's end sum past it.
+        scaled = np.array(weights, dtype=float) / max(weights)
+        self.weights = scaled / scaled.sum()
         self.estimated = estimated
         """Whether the weights are the sources' sizes as estimated at start (`registry.estimated_size`),
         which a resume takes from the state instead: shards without an index are sized from their

@@ -259,7 +259,8 @@ class TarShard:
                     rejected["empty tar shard"] += 1
         except (tarfile.TarError, OSError):
             if not cut:  # else the shard ends inside that member: tarfile's error says no more than that
-                rejected["corrupt tar shard (read up to the damage)"] += 1
+                rejected["corrupt tar shard (read up to the damage)" if groups
+                         else "not a tar archive (or damaged at its start)"] += 1
         return groups
 
     def open(self) -> Opened:

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import to_dict
 from ..data.processor import Processor
 from ..data.samples import SampleMaker, SampleSpec
+from ..data.shards import is_remote
 from ..distributed import data_parallel, world
 from ..errors import CheckpointError, ConfigError
 from ..interop.text_towers import following
@@ -167,8 +168,13 @@ class PretrainingStage(Stage):
                                       "of its own")
                 if info is None:
                     if codebook is None and needs_image_tokens(cfg.objectives, (kind,)):
+                        # Remote shards named by a range or a glob are not looked up for a prepared folder's index.
+                        remote = any(is_remote(str(getattr(shard, "url", ""))) for shard in s.source.shards)
+                        said = (" is not known to hold image tokens (remote shards are read as prepared through their "
+                                "folder's index.json: name that URL if they are `flava prepare`'s)") if remote else \
+                            " has none precomputed"
                         raise ConfigError(
-                            f"MIM/MMM need image tokens, but the {kind} data {s.source.name} has none precomputed and "
+                            f"MIM/MMM need image tokens, but the {kind} data {s.source.name}{said} and "
                             "no codebook is given: train one with `flava train-codebook --images ... --output CB` and "
                             "pass --set codebook=CB, make the shards with `flava prepare --codebook CB`, or set "
                             "objectives.mim_weight=0 and objectives.mmm_image_weight=0")

@@ -77,6 +77,13 @@ def mixing_of(cfg: TrainConfig, kinds: tuple[str, ...], key: str, notes: list[st
     return probs / probs.sum()
 
 
+def lost_peer(e: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run went away."""
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or any(
+        s in text for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL error"))
+
+
 def check_stage(cfg: TrainConfig) -> None:
     """What a run of `cfg` refuses at its start that its settings alone decide (its stage's data
     kinds and their mixing, its chunks), without building or reading anything: a recipe checks
@@ -573,6 +580,10 @@ class Trainer:
                                           diagnose=logged and self._diagnosed(n, end))
                 except DataError as e:
                     raise self._kept(e, log, end, start, samples) from None
+                except RuntimeError as e:
+                    if self.world > 1 and lost_peer(e):
+                        raise self._peer_lost(e, n) from None
+                    raise
                 except stopping.Abandoned as e:
                     self._abandoned(e.signum, log, end, start, samples)
                     break
@@ -613,6 +624,18 @@ class Trainer:
         are saved as at any stop. No stream is left moved by the step, so the run resumes exactly."""
         self._save_reached(log, end, start, samples)
         self.stopped = signum
+
+    def _peer_lost(self, e: RuntimeError, step: int) -> DataError:
+        """Another process of a torchrun run died (killed, out of memory) amid a step's collective:
+        one line naming what is kept and how to go on, where the backend's traceback said neither.
+        Nothing is saved now: the step's collectives cannot finish."""
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        lost = f"another process of this run ended during step {step} ({reason})"
+        newest = self.run.intact_pointer()
+        if newest is None:
+            return DataError(f"{lost}, before any checkpoint: run the same command again")
+        return DataError(f"{lost}; the newest checkpoint is {newest}: run the same torchrun command with --resume "
+                         "to continue from it")
 
     def _kept(self, e: DataError, log: MetricsLog, end: int, start: float, samples: int) -> DataError:
         """A source that failed as a step drew its batch (a store down for longer than
