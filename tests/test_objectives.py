@@ -433,3 +433,26 @@ def test_a_stage_with_nothing_to_train_names_the_data_it_reads():
     with pytest.raises(ConfigError, match=r"stage text-mlm has nothing to train: it trains on text, but no text data "
                                           r"given \(data.text\).*Name data for it \(data.text\) or"):
         trained_kinds(TrainConfig(stage="text-mlm", data=DataConfig(pairs=["pairs.csv"])))
+
+
+def test_rows_taken_twice_sum_their_gradients_in_the_same_order_every_time():
+    # ITM's swapped captions take a text's row twice; indexing's backward added the repeats
+    # atomically across threads on the CPU, so the gradient's bits changed from run to run.
+    from flava.objectives.pretraining import _rows
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        x, index, g = torch.randn(4, 256, requires_grad=True), torch.randint(0, 4, (20000,)), torch.randn(20000, 256)
+
+        def grad():
+            x.grad = None
+            _rows(x, index).backward(g)
+            return x.grad.clone()
+
+        first = grad()
+        assert all(torch.equal(grad(), first) for _ in range(10))
+        assert torch.equal(first, torch.zeros(4, 256).index_add_(0, index, g))
+    finally:
+        torch.set_num_threads(threads)
