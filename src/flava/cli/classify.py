@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     from ..data.images import said_left_out
     from ..errors import InputError
-    from ..io.files import check_new_file, check_writable
+    from ..io.files import check_new_file
     from ..retrieval.classify import ZeroShotClassifier, check_classes, class_embeddings, read_list, templates_from
     from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
@@ -71,7 +71,6 @@ def run(args: argparse.Namespace, console: Console) -> None:
     check_classes(classes)  # before the model loads, not after
     templates = templates_from(args.templates)
     if args.output:
-        check_writable(args.output, directory=False)
         check_new_file(args.output, [*args.images, args.classes or "", args.templates or ""], args.replace)
     model = load_for_inference(args.model, args.device, args.int8)
     check_classes(classes, model.processor.tokenizer)  # names it reads alike, before any work

@@ -265,14 +265,13 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from .. import scores as M
     from ..finetune.load import load_task
     from .embed import inference_device
-    from ..io.files import check_new_file, check_writable
+    from ..io.files import check_new_file
     from ..progress import progress_bar
 
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--output {output}: choose a .csv, .tsv or .jsonl file")
     if output is not None:
-        check_writable(output, directory=False)
         check_new_file(output, args.input, args.replace)
     if args.top_k < 1 or args.batch_size < 1:
         raise ConfigError("--top-k and --batch-size must be at least 1")

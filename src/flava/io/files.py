@@ -173,7 +173,8 @@ def refuse_other_files(folder: Path, record: Path, what: str, allowed: tuple[str
 def check_new_file(path: str | os.PathLike, inputs: list[str], replace: bool) -> None:
     """Refuse, before any work, an output file that is one of the command's `inputs` (named
     files; folders and globs are read for images, never overwritten) and, without `replace`
-    (`--replace`), one that exists: what the file held would be lost."""
+    (`--replace`), one that exists: what the file held would be lost. Writable first (`check_writable`)."""
+    check_writable(path, directory=False)
     path = Path(path)
     if not path.is_file():
         return
