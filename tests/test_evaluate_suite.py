@@ -2,6 +2,7 @@
 runs end to end into a report whose averages follow from its task scores."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -142,6 +143,43 @@ def test_bad_suites_fail_before_any_work(suite_dir, tmp_path, capsys, task, erro
 
     assert re.search(error, err), err
     assert not out.exists()
+
+
+def test_a_report_is_written_over_only_with_replace_and_lands_whole(suite_dir, tmp_path, capsys, monkeypatch):
+    # `evaluate --output` wrote over an earlier report without asking, and a stop while writing
+    # left a report half of one run and half of the other.
+    from flava.evaluate import run as evaluate_run
+
+    suite = write_suite(suite_dir, TASKS[:1], name="one.json")
+    out = tmp_path / "report"
+    args = ["evaluate", "--model", str(suite_dir / "model"), "--suite", str(suite), "--output", str(out)]
+    assert cli(args) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err == (f"flava evaluate: error: --output {out} holds a report already; name another folder, or add "
+                   "--replace to write over it\n")
+    write_report = evaluate_run.write_report
+
+    def stopped(results, directory, labels):
+        write_report(results, directory, labels)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_run, "write_report", stopped)
+    assert cli(args + ["--replace"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first and os.listdir(tmp_path) == ["report"]
+    monkeypatch.undo()
+    (out / "stale-task.png").write_bytes(b"a picture of a task the new suite lacks")
+    assert cli(args + ["--replace"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(first)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "plan.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli(args[:-1] + [str(notes)]) == 2
+    assert "already holds other files (e.g. plan.txt)" in capsys.readouterr().err
+    assert os.listdir(notes) == ["plan.txt"]
 
 
 def test_bad_model_or_suite_paths(suite_dir, tmp_path, capsys):

@@ -15,6 +15,7 @@ from PIL import Image
 
 import flava
 from flava.cli import main as cli
+from flava.io.files import building
 from flava.io.runs import RunDir
 from flava.retrieval.embed import read_embeddings
 from flava.retrieval.index import VectorIndex, choose_factory, index_from_arrays
@@ -649,6 +650,22 @@ def test_an_index_build_stopped_while_adding_leaves_no_index_and_its_rerun_build
     assert sorted(os.listdir(tmp_path)) == [".idx.v2.k3j8q0wp.tmp", "idx"]
     opened = VectorIndex.open(out)
     assert len(opened) == 4 and opened.path == out
+
+
+def test_two_builds_of_one_index_at_once_are_refused_not_raced(tmp_path):
+    # Two builds into one new output both passed its "already exists" check; the second then
+    # replaced the first's index. The lock beside the output is an OS lock: a second open file
+    # taking it is refused as another process would be.
+    vectors = np.eye(4, 8, dtype=np.float32)
+    out = tmp_path / "idx"
+    with building(out, "--output"):
+        with pytest.raises(flava.ConfigError, match=rf"^{out} is in use by another flava run \(pid {os.getpid()} "
+                           r"on .+\); wait for it to end, or choose another --output$"):
+            index_from_arrays(vectors, list("abcd"), out)
+        assert os.listdir(tmp_path) == [".idx.lock"]
+    assert os.listdir(tmp_path) == []  # the lock beside the output goes with its build
+    assert len(index_from_arrays(vectors, list("abcd"), out)) == 4
+    assert os.listdir(tmp_path) == ["idx"]
 
 
 def test_large_collections_get_an_approximate_index_within_the_budget(tmp_path):

@@ -15,6 +15,7 @@ def add(sub) -> None:
     p.add_argument("--output", required=True, help="where report.md, report.json and the pictures go")
     p.add_argument("--compare-untrained", dest="compare_untrained", action="store_true",
                    help="also run the suite on a newly initialised model of the same configuration")
+    p.add_argument("--replace", action="store_true", help="write over the report an --output folder holds")
     p.set_defaults(run=run)
 
 
@@ -26,7 +27,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     note = untrained_note(args.model)
     if note:
         console.print(f"note: {escape(note)}")
-    run_evaluate(args.model, args.suite, Path(args.output), console, compare_untrained=args.compare_untrained)
+    run_evaluate(args.model, args.suite, Path(args.output), console, compare_untrained=args.compare_untrained,
+                 replace=args.replace)
 
 
 def untrained_note(model: str) -> str | None:

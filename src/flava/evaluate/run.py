@@ -11,7 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..data.tokenizer import TextTokenizer
-from ..io.files import check_writable
+from ..errors import OutputError
+from ..io.files import building, check_writable, refuse_other_files, replace_dir
 from ..progress import progress_bar
 from .report import summary_rows, verdict, write_report
 from .results import SuiteResult
@@ -93,17 +94,24 @@ def results_table(results: list[SuiteResult], labels: list[str], title: str) -> 
 
 
 def run_evaluate(model_path: str, suite_source: str, output: Path, console: Console,
-                 compare_untrained: bool = False) -> list[SuiteResult]:
+                 compare_untrained: bool = False, replace: bool = False) -> list[SuiteResult]:
+    """The report goes to `output` whole when the suite has run (a stop before leaves any earlier
+    report as it was); a folder with a report is written over only with `replace`."""
     check_writable(output)  # before the suite's work, not after it
-    model, resolved = load_model(model_path)
-    suite = read_suite(suite_source, console)
-    print_plan(suite, console)
-    models = [("model", model, str(resolved))]
-    if compare_untrained:
-        models.append(("untrained", untrained_like(model), "the same configuration, newly initialised"))
-    results = evaluate_models(models, suite, console)
-    labels = [m[0] for m in models]
-    md = write_report(results, output, labels)
+    with building(output, "--output"):
+        if (output / "report.json").is_file() and not replace:
+            raise OutputError(f"--output {output} holds a report already; name another folder, or add --replace "
+                              "to write over it")
+        refuse_other_files(output, output / "report.json", "evaluation report")
+        model, resolved = load_model(model_path)
+        suite = read_suite(suite_source, console)
+        print_plan(suite, console)
+        models = [("model", model, str(resolved))]
+        if compare_untrained:
+            models.append(("untrained", untrained_like(model), "the same configuration, newly initialised"))
+        results = evaluate_models(models, suite, console)
+        labels = [m[0] for m in models]
+        replace_dir(output, lambda staging: write_report(results, staging, labels))
     console.print(results_table(results, labels, f"{escape(suite.name)} suite (percent, higher is better)"))
-    console.print(escape(f"report: {md} and {output / 'report.json'}"))
+    console.print(escape(f"report: {output / 'report.md'} and {output / 'report.json'}"))
     return results

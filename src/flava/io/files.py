@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, FlavaError, OutputError
+from .locks import hold
 
 
 def read_json(path: str | os.PathLike, what: str = "config file", error: type[FlavaError] = ConfigError,
@@ -127,6 +128,20 @@ def recover_replaced(target: str | os.PathLike, sweep: bool = True) -> None:
         for p in target.parent.iterdir():
             if left_by_replace(p.name, target.name):
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+@contextmanager
+def building(target: str | os.PathLike, what: str) -> Iterator[None]:
+    """One builder of the directory `target` at a time, for a command that checks it, works, then
+    moves its result there whole (`replace_dir`): a lock file beside it (`.NAME.lock`) held for the
+    block, so two builds started together cannot both pass the check, and what a killed build left
+    beside it swept first (safe now: no other builder of it runs). `what` names the option to change."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with hold(target.parent / f".{target.name}.lock", str(target),
+              f"wait for it to end, or choose another {what}", remove=True):
+        recover_replaced(target)
+        yield
 
 
 def sha256_of(path: str | os.PathLike) -> str:

@@ -66,27 +66,33 @@ os.register_at_fork(after_in_child=_close_in_child)
 
 
 @contextmanager
-def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
+def hold(path: str | os.PathLike, what: str, fix: str, remove: bool = False) -> Iterator[None]:
     """Hold the lock file `path` for the block, or raise ConfigError: '`what` is in use by
     another flava run (pid N on HOST); `fix`'. The OS releases it when the holder dies; a holder
-    of this host that is exiting is waited for (EXITING_WAIT_S at most)."""
+    of this host that is exiting is waited for (EXITING_WAIT_S at most). With `remove`, the file
+    is removed when the block ends (a lock beside what it guards, not inside it): a lock taken
+    on a file that was removed meanwhile is taken again on the file now at `path`."""
     path = Path(path)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     owner = os.getpid()
+    deadline = time.monotonic() + EXITING_WAIT_S
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            # A run killed a moment ago and restarted at once (a scheduler's requeue): its
+            # lock goes with its last thread.
+            if time.monotonic() < deadline and _exiting(holder):
+                time.sleep(0.05)
+                continue
+            raise InUse(f"{what} is in use by another flava run ({holder}); {fix}") from None
+        if remove and not _still_at(fd, path):
+            os.close(fd)  # its holder removed it between our open and our lock
+            continue
+        break
     try:
-        deadline = time.monotonic() + EXITING_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError:
-                holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
-                # A run killed a moment ago and restarted at once (a scheduler's requeue): its
-                # lock goes with its last thread.
-                if time.monotonic() < deadline and _exiting(holder):
-                    time.sleep(0.05)
-                    continue
-                raise InUse(f"{what} is in use by another flava run ({holder}); {fix}") from None
         _HELD.add(fd)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {owner} on {socket.gethostname()}".encode(), 0)
@@ -94,5 +100,16 @@ def hold(path: str | os.PathLike, what: str, fix: str) -> Iterator[None]:
     finally:
         # A forked child that runs this block's exit has already closed its copy.
         if os.getpid() == owner:
+            if remove:
+                path.unlink(missing_ok=True)  # while held: no other process holds the file removed
             _HELD.discard(fd)
             os.close(fd)
+
+
+def _still_at(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

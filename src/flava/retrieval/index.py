@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io.files import fsync_file, read_json, recover_replaced, replace_dir, write_json_atomic
+from ..io.files import building, fsync_file, read_json, replace_dir, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..io.locks import hold
 from .embed import FILE_COLUMNS, SETTINGS, read_embeddings, without_file_columns
@@ -476,36 +476,36 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
     if len(metadata) != len(v):
         raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        add = ", or add to it with `flava index --add`" if (out / INFO_FILE).is_file() else ""
-        raise DataError(f"{out} already exists; choose a new directory{add}")
-    factory, nprobe = choose_factory(len(v), v.shape[1], parse_memory(memory))
-    index = faiss.index_factory(v.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        nlist = int(factory.split(",")[0][3:])
-        index.train(_train_sample(v, nlist))
-    info = {"model": model, "checkpoint": checkpoint, "modality": modality, "dim": int(v.shape[1]), "size": 0,
-            "factory": factory, "nprobe": nprobe, "metric": "inner product (cosine)", "index_file": INDEX_FILE,
-            "metadata_files": [], "sources": []}
-    if int8 is not None:  # what `add` compares a run with: int8 and float vectors are never mixed
-        info["int8"] = bool(int8)
-    if hasattr(index, "nprobe"):
-        index.nprobe = nprobe
-    built: list[VectorIndex] = []
+    with building(out, "--output"):  # held from the check to the move: one build of `out` at a time
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            add = ", or add to it with `flava index --add`" if (out / INFO_FILE).is_file() else ""
+            raise DataError(f"{out} already exists; choose a new directory{add}")
+        factory, nprobe = choose_factory(len(v), v.shape[1], parse_memory(memory))
+        index = faiss.index_factory(v.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            nlist = int(factory.split(",")[0][3:])
+            index.train(_train_sample(v, nlist))
+        info = {"model": model, "checkpoint": checkpoint, "modality": modality, "dim": int(v.shape[1]), "size": 0,
+                "factory": factory, "nprobe": nprobe, "metric": "inner product (cosine)", "index_file": INDEX_FILE,
+                "metadata_files": [], "sources": []}
+        if int8 is not None:  # what `add` compares a run with: int8 and float vectors are never mixed
+            info["int8"] = bool(int8)
+        if hasattr(index, "nprobe"):
+            index.nprobe = nprobe
+        built: list[VectorIndex] = []
 
-    def fill(staging: Path) -> None:
-        (staging / "metadata").mkdir()
-        faiss.write_index(index, str(staging / INDEX_FILE))
-        write_json_atomic(staging / INFO_FILE, info)
-        built.append(VectorIndex(staging, index, info, None))
-        built[0].add(v, metadata, source, text_field, inputs, files)
+        def fill(staging: Path) -> None:
+            (staging / "metadata").mkdir()
+            faiss.write_index(index, str(staging / INDEX_FILE))
+            write_json_atomic(staging / INFO_FILE, info)
+            built.append(VectorIndex(staging, index, info, None))
+            built[0].add(v, metadata, source, text_field, inputs, files)
 
-    # Built beside the output and moved there whole: a stop while adding leaves no index that
-    # looks finished with a part of its vectors, and nothing its rerun would refuse.
-    recover_replaced(out)  # what a killed build left beside it
-    replace_dir(out, fill)
-    built[0].path = out
-    return built[0]
+        # Built beside the output and moved there whole: a stop while adding leaves no index that
+        # looks finished with a part of its vectors, and nothing its rerun would refuse.
+        replace_dir(out, fill)
+        built[0].path = out
+        return built[0]
 
 
 def _repeats(keys: list[str | None]) -> set[int]:
