@@ -75,10 +75,12 @@ def test_train_codebook_command(tmp_path, capsys):
                 "--set", "codebook.hidden_size=16"]) == 0  # past the shard's end: where the cut is met
     cut_short = {"tar member past the end of its shard": 1}  # once: the cut is not also a corrupt shard
     said = " ".join(capsys.readouterr().out.split())
-    assert "skipped " + ", ".join(f"{n} ({r})" for r, n in cut_short.items()) in said
+    # A reason met while indexing a shard names the first shard it was met in: where to look.
+    assert f"skipped 1 (tar member past the end of its shard, the first in {tmp_path / 'cut.tar'})" in said
     report2 = json.loads((tmp_path / "tok2" / "codebook_report.json").read_text())
     # A shard without an index is sized from its first shard: an estimate, said to be one.
     assert report2["bad_records"] == cut_short and report2["images_estimated"] is True
+    assert report2["bad_records_in"] == {"tar member past the end of its shard": str(tmp_path / "cut.tar")}
 
     assert cli(["info", str(out)]) == 0
     assert "an image codebook (`flava train-codebook`), not a model: 64 tokens" in " ".join(

@@ -396,7 +396,7 @@ def test_shards_and_text_of_fewer_samples_than_a_batch_are_said_at_the_start(tmp
 
     tar_of(tmp_path / "s.tar", [("a.png", png(1)), ("a.txt", b"a cat"), ("b.png", png(2)), ("b.txt", b"a dog")])
     assert start("pairs", tmp_path / "s.tar", 8) == (
-        f"{tmp_path / 's.tar'} (1 shards, 2 samples, 1 lanes)",
+        f"{tmp_path / 's.tar'} (1 shard, 2 samples, 1 lane)",
         [f"data.pairs {tmp_path / 's.tar'} holds 2 samples, fewer than a batch of 8: every batch repeats samples (a "
          "pair twice in a batch is its own negative to the contrastive objective); give more data or a smaller "
          "data.batch_size"])
@@ -404,7 +404,7 @@ def test_shards_and_text_of_fewer_samples_than_a_batch_are_said_at_the_start(tmp
     assert start("text", tmp_path / "t.txt", 8)[1] == [
         f"data.text {tmp_path / 't.txt'} holds 2 samples, fewer than a batch of 8: every batch repeats samples; give "
         "more data or a smaller data.batch_size"]
-    assert start("text", tmp_path / "t.txt", 2) == (f"{tmp_path / 't.txt'} (1 shards, 2 samples, 1 lanes)", [])
+    assert start("text", tmp_path / "t.txt", 2) == (f"{tmp_path / 't.txt'} (1 shard, 2 samples, 1 lane)", [])
     # Shards the probe did not read are counted where they are small; beyond that nothing is said
     # (an estimate is not a count).
     (tmp_path / "d").mkdir()

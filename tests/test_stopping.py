@@ -417,6 +417,7 @@ def test_under_torchrun_every_process_stops_at_the_same_step(train_data, tmp_pat
     cut.finish(timeout=60)
     assert "flava pretrain: stopped by SIGTERM at step " in cut.err.read_text()
     assert "Traceback" not in cut.err.read_text().split("stopped by SIGTERM")[0]
+    assert cut.out.read_text().count("SIGTERM: stopping") == 1, cut.text()  # said once, not by each process
     step = json.loads((tmp_path / "cut" / "checkpoints" / "latest.json").read_text())["step"]
     saved = json.loads((tmp_path / "cut" / "checkpoints" / f"step_{step:08d}" / "streams.json").read_text())
     assert len(saved) == 2 and saved[0]["pairs"]["draws"] == saved[1]["pairs"]["draws"]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -179,6 +180,12 @@ def test_shards_over_http_with_and_without_a_bounded_cache(http_server, tmp_path
     gone, g = batches(open_source("pairs", url + "/shard-{000..004}.tar"), n=6)
     assert all(len(b) == 4 for b in gone) and any("missing shard" in c or "unreadable shard" in c
                                                   for c in g.rejected.values())
+    # ... and named where a run reports what it skipped (it was counted, not named: in a range of
+    # thousands, which one?).
+    from flava.train.accounting import DataAccounting
+
+    counts, where = DataAccounting({"pairs": SimpleNamespace(streams=[g])}, 1).bad_records_where()
+    assert set(where) == set(counts) and set(where.values()) == {f"{url}/shard-004.tar"}
     # None there: each counted once in the refusal, however often the stream came back to it.
     from flava.errors import DataError
 

@@ -43,9 +43,14 @@ class DataAccounting:
         return dict(total)
 
     def bad_records(self, everywhere: bool = False) -> dict[str, int]:
+        return self.bad_records_where(everywhere)[0]
+
+    def bad_records_where(self, everywhere: bool = False) -> tuple[dict[str, int], dict[str, str]]:
         """Bad records by reason, each counted once however often it was drawn: those rejected when
         a source was listed or a shard indexed, and those this process's streams (or, with
-        `everywhere`, any process's) found."""
+        `everywhere`, any process's) found; and for each reason a shard's indexing gave (a missing
+        or unreadable shard, a truncated one, a sample without its image) the first such shard, in
+        the order of the run's sources: where to look."""
         streams = self.batch_streams()
         mine = ({(k, i, reason): indices for k, i, s in streams for reason, indices in s.bad.items()},
                 {(k, i, shard): counts for k, i, s in streams for shard, counts in s.rejected.items()})
@@ -62,7 +67,13 @@ class DataAccounting:
             total.update(counts)
         for (_, _, reason), indices in union.items():
             total[reason] += len(indices)
-        return dict(total)
+        order = {(k, i): n for n, (k, i, _) in enumerate(streams)}
+        sources = {(k, i): s.source for k, i, s in streams}
+        where: dict[str, str] = {}
+        for k, i, shard in sorted(shards, key=lambda key: (order[key[:2]], key[2])):
+            for reason in shards[k, i, shard]:
+                where.setdefault(reason, sources[k, i].shards[shard].name)
+        return dict(total), where
 
     def samples_by_source(self) -> dict[str, dict[str, int]]:
         """Samples drawn so far from each source, by kind (all processes)."""
@@ -88,7 +99,8 @@ def source_notes(streams: dict, global_batch: int, named=lambda kind, source: f"
                 notes.append(f"{name}: {bad}")
             if gone := missing_shards(stream.source):
                 shards = stream.source.shards
-                notes.append(f"{name}: {len(gone):,} of its {len(shards):,} shards do not exist (e.g. "
+                notes.append(f"{name}: {len(gone):,} of its {len(shards):,} shards "
+                             f"{'does' if len(gone) == 1 else 'do'} not exist (e.g. "
                              f"{shards[gone[0]].url}); they hold nothing, and are counted as missing when reached")
             size = stream_size(stream)
             missing, checked = missing_files(stream.source)

@@ -652,17 +652,18 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     listed = sum(s.source.known_size or estimated_size(s.source, outage) for s in run.stream.streams)
     # As pretraining reports them: bad records, and those rejected while listing a source or
     # indexing a shard (a truncated shard, a sample without its image).
-    rejected = DataAccounting({"images": run.stream}, 1).bad_records()
+    rejected, where = DataAccounting({"images": run.stream}, 1).bad_records_where()
     if rejected:  # those met while listing first, then records in the order their first comes in the data
         order = [r for r in rejected if r not in bad] + sorted(bad, key=lambda r: min(bad[r]))
-        console.print("skipped " + ", ".join(f"{rejected[r]} ({r})" for r in order))
+        console.print(escape("skipped " + ", ".join(
+            f"{rejected[r]} ({r}" + (f", the first in {where[r]})" if r in where else ")") for r in order)))
     if run.nonfinite_steps:
         console.print(f"updates skipped for a non-finite loss or gradient: {run.nonfinite_steps}")
     # A source of shards without an index is sized from its first shard: the count is then an estimate.
     estimated = any(s.source.known_size is None for s in run.stream.streams)
     summary = {"start": run.start_metrics, "end": end, "history": run.history,
                "images": listed - sum(len(v) for v in bad.values()), "images_estimated": estimated,
-               "bad_records": rejected,
+               "bad_records": rejected, "bad_records_in": where,
                "nonfinite_steps": run.nonfinite_steps, "image_size": run.size, "device": run.device.type,
                "settings": dataclasses.asdict(settings)}
 

@@ -286,7 +286,8 @@ def gradient_table(gradients: dict[str, dict]) -> Table:
 def _described(stream, weight: float) -> str:
     src = stream.source
     size = f"{stream_size(stream):,} samples" if stream_size(stream) is not None else "size read as it streams"
-    return (f"{src.name} ({len(src.shards):,} shards, {size}, {stream.layout.lanes} lanes"
+    shards, lanes = len(src.shards), stream.layout.lanes
+    return (f"{src.name} ({shards:,} shard{'s' * (shards != 1)}, {size}, {lanes} lane{'s' * (lanes != 1)}"
             + (f", {weight:.0%} of draws" if weight < 1 else "") + ")")
 
 
@@ -504,12 +505,15 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     if gradients:
         console.print(gradient_table(gradients))
     skipped = trainer.skipped(everywhere=True)
-    bad = trainer.bad_records(everywhere=True)
+    bad, where = trainer.bad_records_where(everywhere=True)
 
-    def counts(c: dict, what: str) -> str:
-        return f"{sum(c.values())} {what} (" + ", ".join(f"{v} {k}" for k, v in c.items()) + ")" if c else f"no {what}"
+    def counts(c: dict, one: str, many: str, where: dict) -> str:
+        said = [f"{v} {k}" + (f", the first in {where[k]}" if k in where else "") for k, v in c.items()]
+        n = sum(c.values())
+        return f"{n} {one if n == 1 else many} (" + "; ".join(said) + ")" if c else f"no {many}"
 
-    console.print(f"skipped records: {counts(bad, 'bad records')}; {counts(skipped, 'draws skipped')}")
+    console.print(escape(f"skipped records: {counts(bad, 'bad record', 'bad records', where)}; "
+                         f"{counts(skipped, 'draw skipped', 'draws skipped', {})}"))
     seen = trainer.samples_by_source()
     console.print("samples seen: " + "; ".join(f"{k}: " + ", ".join(f"{n:,} from {name}" for name, n in by.items())
                                                for k, by in seen.items()))
@@ -520,5 +524,5 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
                   f"{output / 'loss_curves.png'}{board}")
     if rank == 0:
         write_json_atomic(summary, {"first": first, "last": last, "skipped": skipped,
-                                                    "bad_records": bad, "nonfinite_steps": trainer.nonfinite_steps,
+                                                    "bad_records": bad, "bad_records_in": where, "nonfinite_steps": trainer.nonfinite_steps,
                                                     "samples_by_source": seen, "gradients": gradients})

@@ -367,6 +367,9 @@ class Trainer:
     def bad_records(self, everywhere: bool = False) -> dict[str, int]:
         return self.data.bad_records(everywhere)
 
+    def bad_records_where(self, everywhere: bool = False) -> tuple[dict[str, int], dict[str, str]]:
+        return self.data.bad_records_where(everywhere)
+
     def samples_by_source(self) -> dict[str, dict[str, int]]:
         return self.data.samples_by_source()
 
