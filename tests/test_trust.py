@@ -407,6 +407,12 @@ def test_finetune_refuses_to_replace_a_task_model_unless_told(tmp_path, capsys):
     code = cli(["finetune", "--model", str(tmp_path / "none"), "--task", "text-classification",
                 "--train", str(tmp_path), "--output", str(tmp_path / "t1")])
     assert "fine-tuning text-classification would replace it" in one_line_error(capsys, code)
+    # A failed --replace keeps the task model as it was, leaving nothing of its own in it (its lock was left).
+    names = sorted(os.listdir(tmp_path / "t1"))
+    code = cli(["finetune", "--model", str(tmp_path / "none"), "--task", "text-classification",
+                "--train", str(tmp_path), "--output", str(tmp_path / "t1"), "--replace"])
+    assert "does not exist" in one_line_error(capsys, code)
+    assert sorted(os.listdir(tmp_path / "t1")) == names
     # Named where a pretrained model is wanted, a task model is said to be one.
     (tmp_path / "t.txt").write_text("a text\n")
     err = one_line_error(capsys, cli(["embed", "--model", str(tmp_path / "t1"), "--texts", str(tmp_path / "t.txt"),

@@ -93,6 +93,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..config import check
     from ..errors import ConfigError, did_you_mean
     from ..finetune.settings import FinetuneSettings
+    from ..finetune.settings import TRAINING
     from ..finetune.taskmodel import TASKS, check_output
     from ..io.files import check_writable
     from ..io.runs import LOCK, RunDir
@@ -115,16 +116,20 @@ def run(args: argparse.Namespace, console: Console) -> None:
         stopping.tell_saves("nothing was saved: run the same command again to start the fine-tuning")
     # One writer per output: a second fine-tuning there would race for its state and task model.
     made = [p for p in (output, *output.parents) if not p.exists()]  # what the lock's mkdir creates
+    locked_before = (output / LOCK).exists()
     with RunDir(output).lock():
         try:
             _finetune(args, console, output, settings, replaced)
         except BaseException:
-            if made and {p.name for p in output.iterdir()} <= {LOCK}:  # a failed start leaves nothing
+            # A failed start leaves nothing: no folder it made, no lock beside a task model it kept.
+            if made and {p.name for p in output.iterdir()} <= {LOCK}:
                 shutil.rmtree(output)
                 for folder in made[1:]:
                     if any(folder.iterdir()):
                         break
                     folder.rmdir()
+            elif not locked_before and not (output / TRAINING).exists():
+                (output / LOCK).unlink(missing_ok=True)
             raise
 
 
