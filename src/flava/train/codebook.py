@@ -27,8 +27,8 @@ from rich.table import Table
 from safetensors.torch import load_file, save_file
 
 from .. import stopping
-from ..config import CodebookConfig, FlavaConfig, NonNegativeInt, PositiveInt, Range, Seed, check_rgb, from_dict, \
-    to_dict
+from ..config import CodebookConfig, FlavaConfig, NonNegative, NonNegativeInt, Positive, PositiveInt, Range, Seed, \
+    check_rgb, from_dict, to_dict
 from ..data.codebook_crops import CodebookCrops
 from ..data.pipeline import BatchStream, KindStream, auto_workers
 from ..data.registry import check_disjoint, check_distinct, demo_source, estimated_size, open_source, refuse_empty
@@ -50,11 +50,6 @@ from .accounting import DataAccounting, source_notes
 from .config import anchored
 
 
-# Infinity passes a plain Positive as NaN never does; either turns every step's loss non-finite.
-Finite = Annotated[float, Range(0, math.inf, high_open=True)]
-FinitePositive = Annotated[float, Range(0, math.inf, low_open=True, high_open=True)]
-
-
 @dataclass
 class CodebookTraining:
     """How `flava train-codebook` trains the dVAE."""
@@ -63,18 +58,18 @@ class CodebookTraining:
     """Optimizer steps (enough for the tiny demo codebook; real data wants thousands)."""
     batch_size: PositiveInt = 32
     """Images per step."""
-    lr: FinitePositive = 2e-3
+    lr: Positive = 2e-3
     """Peak AdamW learning rate (cosine decay to a tenth after a 5 % warmup)."""
-    temperature_start: FinitePositive = 1.0
+    temperature_start: Positive = 1.0
     """Gumbel-softmax temperature at the start..."""
-    temperature_end: FinitePositive = 1 / 16
+    temperature_end: Positive = 1 / 16
     """...annealed exponentially to this (DALL-E's final value)."""
-    kl_weight: Finite = 0.0
+    kl_weight: NonNegative = 0.0
     """Weight of the ELBO's per-position KL(q || uniform), ramped in over the first half."""
-    diversity_weight: Finite = 0.3
+    diversity_weight: NonNegative = 0.3
     """Weight of KL(mean q over the batch || uniform): penalises a batch that uses few codes
     (wav2vec 2.0's diversity loss), the usual cure for a collapsing codebook."""
-    entropy_weight: Finite = 0.05
+    entropy_weight: NonNegative = 0.05
     """Weight of the mean per-position entropy H(q): with the diversity term this maximises the
     mutual information between images and codes (sharp per position, spread over the batch)."""
     straight_through: bool = False
