@@ -1,12 +1,15 @@
 """`flava pretrain --recipe paper`: text-mlm, image-dino, then joint from both, in one directory."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import pretrain_args
 
+import flava
 from flava.cli import main as cli
 
 
@@ -147,11 +150,24 @@ def test_a_recipe_guards_its_folder_checks_every_stage_first_and_continues_where
     assert cli(args(tmp_path / "m", codebook=codebook)) == 0
     shutil.move(tmp_path / "m", tmp_path / "moved")
     shutil.move(codebook, tmp_path / "cb2")
+    # Named anew, it must be the codebook the started stages trained with (their checkpoints hold it).
+    from flava.config import preset, to_dict
+    from flava.io.checkpoint import save_checkpoint
+
+    cfg = preset("tiny")
+    cfg.image.vocab_size = cfg.codebook.vocab_size = 64
+    cfg.codebook.hidden_size = 8
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "other", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+    capsys.readouterr()
+    assert f"codebook={tmp_path / 'other'} is not the codebook stage image-mim trained with" in said(
+        cli(args(tmp_path / "moved", codebook=tmp_path / "other")))
     longer = args(tmp_path / "moved", codebook=tmp_path / "cb2")
     longer[longer.index("--max-steps") + 1] = "3"
-    capsys.readouterr()
     assert cli(longer) == 0, capsys.readouterr().err
-    assert "note: the codebook is no longer at" in " ".join(capsys.readouterr().out.split())
+    said_out = " ".join(capsys.readouterr().out.split())
+    assert re.search(r"note: the codebook is no longer at \S+; the stages still to train read \S+cb2, the codebook "
+                     r"stages image-mim and joint trained with \([0-9a-f]{16}\)", said_out), said_out
     assert json.loads((tmp_path / "moved" / "joint" / "checkpoints" / "latest.json").read_text())["step"] == 3
     # A finished stage removed (to free the disk) once the joint stage started from it is not trained again.
     shutil.rmtree(tmp_path / "moved" / "text-mlm")

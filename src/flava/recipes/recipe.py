@@ -156,6 +156,29 @@ def _moved_with_recipe(stage: Stage, output: Path) -> None:
             setattr(stage.config, key, was)
 
 
+def _same_codebook(stages: list[Stage], named: str) -> str:
+    """What a codebook named anew is, said once it is known to be the one the started stages'
+    checkpoints hold (their MIM/MMM targets came from it); ConfigError where it is another."""
+    from ..errors import CheckpointError
+    from ..loading import load_codebook
+
+    now = load_codebook(named).fingerprint()
+    compared = []
+    for stage in stages:
+        try:
+            held = load_codebook(stage.directory).fingerprint()  # its newest checkpoint's
+        except CheckpointError:  # not started, or a stage that needs no codebook
+            continue
+        if held != now:
+            raise ConfigError(f"codebook={named} is not the codebook stage {stage.name} trained with (its weights "
+                              f"{now}, the stage's {held}): name that codebook where it is now, or choose another "
+                              "--output")
+        compared.append(stage.name)
+    if not compared:
+        return "which no stage that has started used: it must be the one the others are to train with"
+    return f"the codebook stage{'s' if len(compared) > 1 else ''} {' and '.join(compared)} trained with ({now})"
+
+
 def run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console,
                steps: dict[str, int] | None = None, overrides: dict[str, list[str]] | None = None) -> list[dict]:
     """Run (or continue) every stage of the recipe in order; returns what each stage did."""
@@ -221,7 +244,7 @@ def _run_recipe(name: str, cfg: TrainConfig, output: Path, console: Console, ste
             diff = {k: v for k, v in diff.items() if k not in RESUMABLE}
             if moved and not diff:
                 console.print(f"note: the codebook is no longer at {moved[0]}; the stages still to train read "
-                              f"{moved[1]}: it must be the one the others trained with")
+                              f"{moved[1]}, {_same_codebook(stages, moved[1])}")
             if diff:
                 raise ConfigError(f"{output} holds recipe {old.get('recipe')!r} started with other settings "
                                   f"({said(diff)}); "
