@@ -10,10 +10,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..io.runs import MODEL_HELP
+
 
 def add(sub) -> None:
     p = sub.add_parser("classify", help="zero-shot classify images by class names (prompt ensembles)")
-    p.add_argument("--model", required=True, help="checkpoint or run directory, or a Hugging Face hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--images", required=True, nargs="+", help="image files, folders (recursive) or globs")
     p.add_argument("--classes", help="class names, comma-separated, or a file with one per line (default with "
                    "--labels: the sub-folder names, read with spaces for underscores in the prompts, as evaluate's "

@@ -8,12 +8,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import stopping
+from ..io.runs import MODEL_HELP
 
 
 def add(sub) -> None:
     p = sub.add_parser("embed", help="embed images, texts or image-caption pairs into .npy files with a parquet of "
                        "metadata (clip-retrieval's layout); a rerun resumes")
-    p.add_argument("--model", required=True, help="checkpoint or run directory, or a Hugging Face hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     what.add_argument("--texts", metavar="FILE", help="a .txt file (one text per line), or a table (CSV, TSV, JSONL, "

@@ -7,10 +7,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from ..io.runs import MODEL_HELP
+
 
 def add(sub) -> None:
     p = sub.add_parser("evaluate", help="run an evaluation suite and write a report (markdown, JSON, PNG)")
-    p.add_argument("--model", required=True, help="a checkpoint directory (ours or transformers'), or a run directory")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--suite", required=True, help="a suite JSON file, or 'demo' for the packaged-data suite")
     p.add_argument("--output", required=True, help="where report.md, report.json and the pictures go")
     p.add_argument("--compare-untrained", dest="compare_untrained", action="store_true",

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import stopping
+from ..io.runs import MODEL_HELP
 
 INPUTS = {
     "text-classification": "a table (CSV, TSV, JSONL, parquet) with text,label (and text2 for sentence pairs)",
@@ -24,8 +25,7 @@ INPUTS = {
 def add(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune on a task from tables (CSV, TSV, JSONL, parquet) or image "
                                         "folders and save a task model for `flava predict`")
-    p.add_argument("--model", required=True, help="checkpoint, run or recipe directory (its newest checkpoint), or a "
-                   "Hugging Face hub id")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--task", required=True, metavar="KIND",
                    help="; ".join(f"{k}: {v}" for k, v in INPUTS.items()))
     p.add_argument("--train", required=True, help="the training data (file or folder, as --task describes)")

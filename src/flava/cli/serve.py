@@ -8,11 +8,12 @@ import socket
 
 from rich.console import Console
 
+from ..io.runs import MODEL_HELP
+
 
 def add(sub) -> None:
     p = sub.add_parser("serve", help="serve search, embeddings and classification over HTTP, with a web page")
-    p.add_argument("--model", help="a checkpoint directory, run directory or hub id (default: the model the "
-                   "index was built with)")
+    p.add_argument("--model", help=MODEL_HELP + " (default: the model the index was built with)")
     p.add_argument("--index", help="a vector index made by `flava index`, to search")
     p.add_argument("--allow-other-model", dest="allow_other_model", action="store_true",
                    help="serve --index with a --model that is not the checkpoint that made it (searches then "

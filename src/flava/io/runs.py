@@ -198,6 +198,11 @@ def _run_checkpoint(p: Path, run: RunDir) -> Path | None:
     return target
 
 
+MODEL_HELP = ("a checkpoint directory (ours or transformers'), a run or recipe directory (its newest checkpoint), or a "
+              "Hugging Face hub id")
+"""What every command's --model takes (`resolve`), as its help says it."""
+
+
 def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint directory, the one a run directory's checkpoints/latest.json points to, the
     newest checkpoint of a recipe directory's last stage, or a Hugging Face hub id's snapshot in

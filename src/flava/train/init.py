@@ -98,7 +98,10 @@ def find_sources(cfg) -> None:
                           "runs at that size); set init_image, or drop init_image_size")
     for key in INIT_KEYS:
         if getattr(cfg, key):
-            path = resolve_source(getattr(cfg, key))
+            try:
+                path = resolve_source(getattr(cfg, key))
+            except CheckpointError as e:  # the setting named: a run may name four checkpoints
+                raise CheckpointError(f"{key}={getattr(cfg, key)}: {e}") from None
             if key != "init":  # a tower for another encoder, by its config alone (a BERT as init_image)
                 _check_role(path, key.removeprefix("init_"))
     # What the sources' configs alone refuse, refused before the work a start does first (a demo codebook).

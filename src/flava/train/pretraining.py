@@ -73,7 +73,10 @@ class PretrainingStage(Stage):
             return self._rebuild(own, wanted)
         from .init import checkpoint_tokenizer, resolve_source, text_source
 
-        codebook = load_codebook(cfg.codebook) if wanted else None
+        try:
+            codebook = load_codebook(cfg.codebook) if wanted else None
+        except CheckpointError as e:  # the setting named, as find_sources names init's
+            raise CheckpointError(f"codebook={cfg.codebook}: {e}") from None
 
         base = read_checkpoint(resolve_source(cfg.init)) if cfg.init else None
         asked = cfg.model

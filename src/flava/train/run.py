@@ -519,7 +519,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
                                                for k, by in seen.items()))
     if trainer.nonfinite_steps:
         console.print(f"updates skipped for a non-finite loss or gradient: {trainer.nonfinite_steps}")
-    board = f" and {output / 'tensorboard'}" if (output / "tensorboard").is_dir() else ""  # none with tensorboard=false
+    # Not one an earlier part of the run wrote before a resume with tensorboard=false.
+    board = f" and {output / 'tensorboard'}" if cfg.tensorboard and (output / "tensorboard").is_dir() else ""
     console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
                   f"{output / 'loss_curves.png'}{board}")
     if rank == 0:
