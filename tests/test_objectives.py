@@ -438,7 +438,7 @@ def test_a_stage_with_nothing_to_train_names_the_data_it_reads():
 def test_rows_taken_twice_sum_their_gradients_in_the_same_order_every_time():
     # ITM's swapped captions take a text's row twice; indexing's backward added the repeats
     # atomically across threads on the CPU, so the gradient's bits changed from run to run.
-    from flava.objectives.pretraining import _rows
+    from flava.model.layers import take_rows as _rows
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..model.encoders import ImageEncoder
 from ..model.flava import FlavaModel, TextTower
-from ..model.layers import Activation
+from ..model.layers import Activation, take_rows
 
 
 class TextHead(nn.Module):
@@ -94,7 +94,7 @@ class MultimodalClassifier(nn.Module):
         """`pixel_values` holds each distinct image of the batch once; `image_index[i]` is row i's
         image. Questions about one image share its image-encoder pass (exact: the rows are copies)."""
         f = self.flava
-        image = f.image_to_multimodal(f.encode_image_tokens(pixel_values))[image_index]
+        image = take_rows(f.image_to_multimodal(f.encode_image_tokens(pixel_values)), image_index)
         # skip_padding: zeros at text padding, which the multimodal encoder masks out anyway.
         text = f.text_to_multimodal(f.encode_text_tokens(input_ids, attention_mask, token_type_ids, skip_padding=True))
         return f.fuse_tokens(image, text, attention_mask, skip_padding=True).cls

@@ -54,6 +54,14 @@ class Activation(nn.Module):
         return self.name
 
 
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x's rows at `index`, which may repeat a row (a swapped caption, an image several questions
+    ask about): the backward sums the repeats' gradients. On the CPU index_select's backward sums
+    them in order; indexing's adds them atomically across threads, so its bits changed from run to
+    run under load (the demo's joint stage drifted). On CUDA indexing's backward is the one that sorts."""
+    return x.index_select(0, index) if x.device.type == "cpu" else x[index]
+
+
 @dataclass
 class Packing:
     """Where the real (unpadded) tokens of a [B, L] batch sit, to run linear layers on them only."""

@@ -30,6 +30,7 @@ from ..io.checkpoint import write_checkpoint_dir, write_checkpoint_files
 from ..model.codebook import FlavaImageCodebook
 from ..model.encoders import EncoderOutput, MultimodalOutput
 from ..model.flava import LOGIT_SCALE_MAX, SAVED_FILES, FlavaModel, init_weights
+from ..model.layers import take_rows
 from .losses import Losses, float32, targets_at
 from .negatives import ItmPairs, hard_negatives, same_text, swap_negatives
 from .registry import active, chosen
@@ -110,14 +111,6 @@ class Fused:
     """[R, num_text_tokens] MMM text labels alike (None when MMM-text is off)."""
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x's rows at `index`, which may repeat a row (a swapped caption is a positive too): the
-    backward sums the repeats' gradients. On the CPU index_select's backward sums them in order;
-    indexing's adds them atomically across threads, so its bits changed from run to run under load
-    (the demo's joint stage drifted). On CUDA indexing's backward is the one that sorts."""
-    return x.index_select(0, index) if x.device.type == "cpu" else x[index]
-
-
 def _matched_rows(labels: torch.Tensor, index: torch.Tensor, offset: int, matched: torch.Tensor) -> torch.Tensor:
     """[R, ...] this process's `labels` [B, ...] of the pair each matched row holds, IGNORE_INDEX in
     the other rows: a shape the host knows, where selecting the matched rows would not be."""
@@ -181,7 +174,7 @@ class PairStates(_States):
             txt_mm = gather_with_grad(F.pad(txt_mm, (0, 0, 0, pad)))
             if o.itm_negatives == "hard":
                 img_mm = gather_with_grad(img_mm)
-        mm = m.fuse_tokens(_rows(img_mm, pairs.image_index), _rows(txt_mm, pairs.text_index),
+        mm = m.fuse_tokens(take_rows(img_mm, pairs.image_index), take_rows(txt_mm, pairs.text_index),
                            text_mask[pairs.text_index], skip_padding=True)
         # Matched rows hold pair i in row i for both negative recipes.
         matched = pairs.labels == 1
