@@ -325,9 +325,18 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     other = Command(args(tmp_path / "cut", "--resume"), tmp_path / "o")
     assert other.finish() == 2
     said = " ".join(other.text().split())
-    assert "started with other settings (model_weights: " in said
+    assert "was started from other weights (" in said and "--model now gives" in said
     assert "step_00000001" in said and "step_00000002" in said and "model:" not in said
     run.point_latest(1, run.step(1))
+    # The same checkpoint named another way (a link; a job restarted from another folder) is the
+    # same model: only the epochs changed below are refused (the name had been, as another model).
+    (tmp_path / "runs-link").symlink_to(run.root)
+    renamed = [str(tmp_path / "runs-link") if a == str(run.root) else a
+               for a in args(tmp_path / "cut", "--resume", "--epochs", "2")]
+    renamed_cmd = Command(renamed, tmp_path / "n")
+    assert renamed_cmd.finish() == 2
+    said = " ".join(renamed_cmd.text().split())
+    assert "other settings (settings.epochs: 3 -> 2)" in said, said
     # The training data edited since the stop, as many rows: refused as changed (a table that lost
     # rows had ended in an IndexError, one that gained some in a false "input_ids is empty").
     table = tmp_path / "train.csv"

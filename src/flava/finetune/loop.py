@@ -112,11 +112,23 @@ def _load_state(resumable: Resumable) -> dict | None:
                               f"stopped ({said(differences(started['data'], now['data']))}): a resumed fine-tuning "
                               "reads the examples it was started with; give them back as they were, or fine-tune "
                               "into another --output")
+    if "model_weights" in started:  # the checkpoint itself, not how it was named or where it lies
+        was, weights = started.pop("model_weights"), now.pop("model_weights", "")
+        started.pop("model", None), now.pop("model", None)
+        if _fingerprint(was) != _fingerprint(weights):
+            raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started from other weights "
+                              f"({was}; --model now gives {weights}): resume it from the checkpoint it was started "
+                              "from, or choose another --output")
     if started != now:
         raise ConfigError(f"the fine-tuning in {resumable.directory.parent} was started with other settings "
                           f"({said(differences(started, now))}); "
                           "resume it with the arguments it was started with, or choose another --output")
     return state
+
+
+def _fingerprint(weights: str) -> str:
+    """The fingerprint in a recorded `PATH (FINGERPRINT)`."""
+    return weights.rsplit(" (", 1)[-1].rstrip(")")
 
 
 def check_resume(resumable: Resumable) -> None:
