@@ -174,6 +174,24 @@ def test_predict_names_every_column_of_a_regression_table(models, tmp_path, caps
     assert said and abs(float(said[1])) == abs(float(said[2])) == 1.0  # two points: both correlations are +-1
 
 
+def test_predict_keeps_input_columns_named_as_its_own_under_another_name(models, tmp_path, capsys):
+    # A column named as an output column (a rating called `score`, an earlier run's `prediction`)
+    # was dropped without a word.
+    import json
+
+    table = tmp_path / "rated.csv"
+    table.write_text("id,text,prediction,score,input_score\n7,a banana,MINE,99,x\n8,the tree,OURS,98,y\n")
+    for out in (tmp_path / "p.csv", tmp_path / "p.jsonl"):
+        assert main(["predict", "--model", str(models / "text"), "--input", str(table), "--output", str(out)]) == 0
+        shown, _ = printed(capsys)
+        assert ("note: the input's columns prediction, score are written as input_prediction, input_input_score: "
+                "the predictions use those names") in shown
+        rows = rows_of(out) if out.suffix == ".csv" else [json.loads(x) for x in out.read_text().splitlines()]
+        assert [(r["id"], r["input_prediction"], r["input_input_score"], r["input_score"]) for r in rows] == \
+            [("7", "MINE", "99", "x"), ("8", "OURS", "98", "y")]
+        assert all(r["prediction"] in ("neg", "pos") and 0 < float(r["score"]) <= 1 for r in rows)
+
+
 def test_predict_reads_a_parquet_tables_image_bytes_and_names_a_url_as_one(models, tmp_path, capsys):
     import io
 

@@ -57,6 +57,9 @@ class Inputs:
     """A table's other columns of each row, written beside the predictions."""
     left_out: Counter = field(default_factory=Counter)
     """Files in the folder given that are not images, by suffix (said with the count of inputs)."""
+    renamed: dict[str, str] = field(default_factory=dict)
+    """A table's columns named as an output column (a rating called `score`, an earlier run's
+    `prediction`), by the name they are written under beside the predictions."""
 
     def add(self, fields: dict, text=None, text2=None, image=None, label=None, error=None, answers=None) -> None:
         self.fields.append(fields)
@@ -97,6 +100,12 @@ def _table_inputs(path: Path, tm) -> Inputs:
     for options in needed:
         table.column(*options, fix=f"a {tm.task} model needs it")
     out = Inputs()
+    for name in table.columns:
+        if name in OUTPUT_COLUMNS:
+            free = f"input_{name}"
+            while free in table.columns or free in out.renamed.values():
+                free = f"input_{free}"
+            out.renamed[name] = free
 
     def cell(row, options):  # a blank cell (spaces alone) is a missing one
         return next((row[k] for k in options if row.get(k) is not None and str(row[k]).strip()), None)
@@ -116,8 +125,9 @@ def _table_inputs(path: Path, tm) -> Inputs:
                                     and not (listed and k == "answers")))
             answers = None if label is None or not vqa else [str(label)]
         shown = {k: row[k] for k in ("image", *text_keys, "text2") if k in row}
-        # The input's other columns (an id to join on) go to the output too, unless an output column has the name.
-        out.kept.append({k: v for k, v in row.items() if k not in shown and k not in OUTPUT_COLUMNS})
+        # The input's other columns (an id to join on) go to the output too, renamed where an
+        # output column has the name.
+        out.kept.append({out.renamed.get(k, k): v for k, v in row.items() if k not in shown})
         missing = [opts[0] for opts in needed if cell(row, opts) is None]
         if missing:
             out.add(shown, error=f"{r.where}: no {' or '.join(missing)}")
@@ -277,6 +287,9 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise ConfigError("--top-k and --batch-size must be at least 1")
     tm = load_task(args.model, device=inference_device(args.device))
     inputs = read_inputs(args.input, tm)
+    if inputs.renamed:
+        console.print(escape(f"note: the input's columns {', '.join(inputs.renamed)} are written as "
+                             f"{', '.join(inputs.renamed.values())}: the predictions use those names"))
     usable = [i for i, e in enumerate(inputs.errors) if e is None]
     preds: list[dict] = [{"error": e} if e is not None else {} for e in inputs.errors]
     with progress_bar(console) as progress:
