@@ -257,6 +257,18 @@ def test_look_alike_labels_stay_classes_and_are_said(tmp_path):
            "merge" in task.notes, task.notes
 
 
+def test_json_labels_are_read_as_json_writes_them_and_a_list_is_refused(tmp_path):
+    # JSON's true was Python's "True" (a CSV's "true" was then another label), and a list a class "[1]".
+    write(tmp_path / "flags.jsonl", [json.dumps({"text": f"t{i}", "label": i % 2 == 0}) for i in range(6)])
+    write(tmp_path / "flags.csv", ["text,label", "u,true", "v,false"])
+    task = read_text_classification(tmp_path / "flags.jsonl", None, tmp_path / "flags.csv", val_fraction=0.34)
+    assert task.label_names == ["false", "true"] and [e.label for e in task.test] == [1, 0]
+    write(tmp_path / "listed.jsonl", [json.dumps({"text": "a", "label": "x"}), json.dumps({"text": "b", "label": [1]})])
+    with pytest.raises(DataError, match=r"listed.jsonl, line 2: the label \[1\] is a list; a label is one text or "
+                                        r"number$"):
+        read_text_classification(tmp_path / "listed.jsonl", None, None)
+
+
 def test_an_empty_class_folder_is_named_not_dropped_unsaid(tmp_path):
     from flava.evaluate.readers.user_files import read_image_classification
     from flava.evaluate.task_spec import image_folder

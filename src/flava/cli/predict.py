@@ -83,6 +83,7 @@ def _table_inputs(path: Path, tm) -> Inputs:
     from ..data.members import Blob, table_image
     from ..data.tables import read_table
     from ..errors import DataError
+    from ..evaluate.readers.labels import label_text
     from ..evaluate.readers.multimodal import normalize_answer
     from ..evaluate.readers.text import finite_number
     from ..evaluate.readers.user_files import answer_list
@@ -137,7 +138,7 @@ def _table_inputs(path: Path, tm) -> Inputs:
             if isinstance(image, Blob):  # the output names where the image was, not its bytes
                 shown["image"] = r.where
         # A VQA model's answers are processed as the VQA evaluator processes them ("Two" is "2").
-        label = None if label is None else (normalize_answer(str(label)) if vqa else str(label).strip())
+        label = None if label is None else (normalize_answer(str(label)) if vqa else label_text(label, r.where))
         if label is not None and tm.task == "text-regression":  # refused as finetune refuses it, before predicting
             finite_number(label, r.where, "target")
         out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label,

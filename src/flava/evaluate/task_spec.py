@@ -165,7 +165,7 @@ def labelled_text(path: Path, where: str) -> tuple[list[str], list[str]]:
                        for c in ("text", "label"))
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    rows = [("" if r.get(text) is None else str(r.get(text)), label_text(r.get(label))) for r in table.rows]
+    rows = [("" if r.get(text) is None else str(r.get(text)), label_text(r.get(label), r.where)) for r in table.rows]
     empty = sum(1 for t, lab in rows if not t.strip() or not lab)
     if empty:
         raise DataError(f"{where}: {path} has {empty} row(s) with an empty text or label")

@@ -4,15 +4,26 @@ names that only look different said."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from typing import Sequence
 
+from ...errors import DataError
 
-def label_text(value) -> str:
+
+def label_text(value, where: str = "") -> str:
     """A label cell as a class name: text, trimmed (JSONL and parquet cells may be numbers; a CSV's
-    "pos " is "pos")."""
-    return "" if value is None else str(value).strip()
+    "pos " is "pos"), a JSON boolean as JSON writes it (`true`, as a CSV's reads). A list or mapping
+    (`where`: its row) is no name: DataError."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, dict)):
+        what = "mapping" if isinstance(value, dict) else "list"
+        raise DataError(f"{where}: the label {json.dumps(value)[:60]} is a {what}; a label is one text or number")
+    return str(value).strip()
 
 
 def class_names(labels: Sequence[str]) -> list[str]:

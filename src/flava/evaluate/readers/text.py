@@ -192,14 +192,14 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         if len(set(names)) != len(names) or len(names) < 2:
             raise ConfigError(f"label_names must be at least two distinct names; got {names}")
     else:
-        names = class_names({label_text(r.get("label")) for r in tables["train"][2]} - {""})
+        names = class_names({label_text(r.get("label"), r.where) for r in tables["train"][2]} - {""})
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[TextExample]] = {}
     notes: list[str] = []
     for split, (p, has_pair, rows) in tables.items():
         out, blank = [], 0
         for r in rows:
-            raw = label_text(r.get("label"))
+            raw = label_text(r.get("label"), r.where)
             if not raw or not _text(r.get("text")).strip() or (has_pair and not _text(r.get("text2")).strip()):
                 blank += 1  # an empty label is no class, an empty text nothing to learn from
                 continue

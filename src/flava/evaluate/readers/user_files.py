@@ -107,7 +107,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
             raw[split] = [(f, f, parts[0]) for f, parts in files if len(parts) > 1]
         elif p.is_file():
             raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",)), row.where),
-                           label_text(_cell(row, ("label",)))) for row in read_table(p).rows]
+                           label_text(_cell(row, ("label",)), row.where)) for row in read_table(p).rows]
         else:
             raise DataError(f"{p} does not exist (expected a folder of class folders or a table: "
                             f"{', '.join(SUFFIXES)})")
@@ -148,7 +148,7 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
                     answers = [str(_cell(row, ("answer", "answers") if answers is None else ("answer",)))]
                 rows.append((image, text, answers))  # as written: see vqa_accuracy_scores
             else:
-                rows.append((row.where, image, text, label_text(_cell(row, ("label",)))))
+                rows.append((row.where, image, text, label_text(_cell(row, ("label",)), row.where)))
         if not rows:
             raise DataError(f"{p} holds no examples")
         raw[split] = rows
