@@ -430,6 +430,16 @@ def test_finetune_refuses_to_replace_a_task_model_unless_told(tmp_path, capsys):
     assert "the training data holds 0 usable example(s)" in one_line_error(capsys, code)
 
 
+def test_finetune_refuses_a_val_fraction_beside_val(tmp_path, capsys):
+    # The fraction was not used, without a word.
+    code = cli(["finetune", "--model", str(tmp_path / "m"), "--task", "text-classification", "--train",
+                str(tmp_path / "t.csv"), "--val", str(tmp_path / "v.csv"), "--val-fraction", "0.5", "--output",
+                str(tmp_path / "o")])
+    assert "--val-fraction 0.5 carves validation out of --train, and --val gives it: drop one" in \
+        one_line_error(capsys, code)
+    assert not (tmp_path / "o").exists()
+
+
 def test_one_finetune_writes_an_output_at_a_time_and_a_failed_start_leaves_none(tmp_path, capsys):
     from flava.io.runs import RunDir
 

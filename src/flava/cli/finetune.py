@@ -12,6 +12,8 @@ from rich.markup import escape
 from .. import stopping
 from ..io.runs import MODEL_HELP
 
+VAL_FRACTION = 0.1
+
 INPUTS = {
     "text-classification": "a table (CSV, TSV, JSONL, parquet) with text,label (and text2 for sentence pairs)",
     "text-regression": "a table with text,label (a number; text2 for pairs)",
@@ -44,8 +46,8 @@ def add(sub) -> None:
     mode.add_argument("--head-only", dest="train_encoders", action="store_false",
                       help="freeze the encoders and train the head alone (much faster on a CPU)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", dest="val_fraction", type=float, default=0.1,
-                   help="share of --train held out for validation when --val is not given")
+    p.add_argument("--val-fraction", dest="val_fraction", type=float,
+                   help=f"share of --train held out for validation when --val is not given (default {VAL_FRACTION})")
     p.add_argument("--max-text-length", dest="max_text_length", type=int,
                    help="tokens per text; default: the model's positions")
     p.add_argument("--resume", action="store_true",
@@ -100,6 +102,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS, 'tasks')}")
+    if args.val is not None and args.val_fraction is not None:
+        raise ConfigError(f"--val-fraction {args.val_fraction:g} carves validation out of --train, and --val gives "
+                          "it: drop one")
+    if args.val_fraction is None:
+        args.val_fraction = VAL_FRACTION
     output = Path(args.output)
     # A --resume continues what its first command (with --replace, where needed) began.
     replaced = check_output(output, args.task, args.replace or args.resume)
