@@ -304,6 +304,9 @@ def test_sigterm_stops_finetune_at_a_step_and_resume_ends_as_an_uninterrupted_ru
     line = assert_stopped(cut, signal.SIGTERM, "flava finetune: stopped by SIGTERM at step ")
     step = int(line.split("at step ")[1].split()[0])
     assert 0 < step < 204 and "--resume" in line  # 68 steps an epoch
+    with pytest.raises(flava.CheckpointError, match="it holds a fine-tuning stopped before it finished: finish it "
+                                                    "with the same `flava finetune` command and --resume"):
+        flava.load_task(tmp_path / "cut")  # what `flava predict` says of it
     refused = Command(args(tmp_path / "cut"), tmp_path / "x")  # a plain rerun would start over
     assert refused.finish() == 2 and "add --resume" in refused.text()
     changed = Command(args(tmp_path / "cut", "--resume", "--epochs", "2"), tmp_path / "y")

@@ -430,6 +430,15 @@ def test_finetune_refuses_to_replace_a_task_model_unless_told(tmp_path, capsys):
     assert "the training data holds 0 usable example(s)" in one_line_error(capsys, code)
 
 
+def test_an_output_that_cannot_be_written_is_named_as_given_not_by_the_probe_file():
+    # Said as "cannot use /proc/.flava-write-check-27528", a file the user never named.
+    from flava.errors import OutputError
+    from flava.io.files import check_writable
+
+    with pytest.raises(OutputError, match=r"^cannot use /proc: No such file or directory; "):
+        check_writable("/proc/q7")
+
+
 def test_finetune_refuses_a_val_fraction_beside_val(tmp_path, capsys):
     # The fraction was not used, without a word.
     code = cli(["finetune", "--model", str(tmp_path / "m"), "--task", "text-classification", "--train",

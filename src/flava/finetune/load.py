@@ -20,6 +20,7 @@ from ..loading import build_loaded
 from ..model.encoders import ImageEncoder, TextEncoder
 from ..model.flava import FlavaModel, TextTower
 from .heads import ImageClassifier, ImageHead, MultimodalClassifier, MultimodalHead, TextClassifier, TextHead
+from .settings import TRAINING
 from .taskmodel import FORMAT, FORMAT_VERSION, TASK_FILE, TASKS, TEXT_TASKS, TOKENIZER, WEIGHTS, TaskModel
 
 def _get(meta: dict, key: str, kind: type, where: Path):
@@ -89,7 +90,9 @@ def load_task(directory: str | os.PathLike, device: str | torch.device | None = 
         raise CheckpointError(f"task model {path} does not exist (expected a directory written by `flava finetune`)")
     if not (path / TASK_FILE).is_file():
         hint = ("; it is a pretrained checkpoint: fine-tune it with `flava finetune` first"
-                if (path / "config.json").is_file() else "")
+                if (path / "config.json").is_file() else
+                "; it holds a fine-tuning stopped before it finished: finish it with the same `flava finetune` "
+                "command and --resume" if (path / TRAINING / "state.pt").is_file() else "")
         raise CheckpointError(f"{path} is not a task model: it has no {TASK_FILE}{hint}")
     why = damage(path)
     if why:

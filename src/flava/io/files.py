@@ -170,6 +170,7 @@ def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        e.filename = str(nearest)  # the folder the user named (or the nearest there is), not the probe
         raise OutputError(explain_os_error(e)) from None
 
 
