@@ -341,6 +341,61 @@ def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_
     assert len(err.strip().splitlines()) == 1 and "unfinished prepare started by an earlier flava" in err
 
 
+def _block_sums(pixels):
+    """A stand-in image tokenizer that any pixel's change alters: each 8-px block's sum."""
+    b, c, h, w = pixels.shape
+    return (pixels.long().reshape(b, c, h // 8, 8, w // 8, 8).sum((1, 3, 5)) % 65536).reshape(b, -1)
+
+
+def test_prepared_image_tokens_are_those_of_the_pixels_training_shows_the_model(tmp_path):
+    # They were tokenised from the image before it was stored as JPEG, at full resolution, where
+    # training decodes the stored JPEG at a reduced DCT scale: with a trained codebook 3-9 % of the
+    # targets described other pixels than the model's.
+    from flava.data.decode import decode_crop
+    from flava.data.members import Blob
+    from flava.data.prepare import PrepareSettings, prepare
+    from flava.data.registry import open_source
+    from flava.data.transforms import codebook_view
+
+    rng = np.random.default_rng(0)
+    rows = ["image,caption"]
+    for i in range(3):  # detail at several scales: smooth shapes, an edge, grain
+        small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(small).resize((300, 260), Image.BICUBIC)).astype(np.float64)
+        arr[40 + 20 * i: 120 + 20 * i, 30:200] = rng.integers(0, 256, 3)
+        arr += rng.normal(0, 30, arr.shape)
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,picture {i}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    # The model's view and the codebook's: one size (the tiny preset), the codebook's smaller (base's
+    # shape: it reads the model's view resized), larger (patches under 8 px: it reads the crop).
+    for image_size, codebook_size in ((64, 64), (96, 48), (32, 64)):
+        out = tmp_path / f"p{image_size}-{codebook_size}"
+        settings = PrepareSettings(crops=3, codebook_image_size=codebook_size, image_size=image_size)
+        prepare("pairs", [open_source("pairs", str(tmp_path / "pairs.csv"))], out, settings,
+                lambda: _block_sums, "block sums", grid=codebook_size // 8, image_size=image_size)
+        samples: dict = {}
+        with tarfile.open(out / "00000.tar") as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        compared = 0
+        for sample in samples.values():
+            boxes, stored = np.load(io.BytesIO(sample["crops.npy"])), np.load(io.BytesIO(sample["tokens.npy"]))
+            for box, tokens in zip(boxes, stored):
+                # What a step decodes for this box (`SampleMaker._image`), and the codebook's view of it (`collate`).
+                def choose(w, h, box=box):
+                    return tuple(float(v) for v in box * np.array([w, h] * 2))
+                if codebook_size > image_size:
+                    view = decode_crop(Blob(sample["jpg"], "jpg"), choose, image_size, codebook_size)[1]
+                else:
+                    view = codebook_view(decode_crop(Blob(sample["jpg"], "jpg"), choose, image_size)[0][None],
+                                         codebook_size)[0]
+                assert np.array_equal(_block_sums(view[None])[0].numpy(), tokens), (image_size, codebook_size)
+                compared += 1
+        assert compared == 3 * 3
+
+
 def test_tables_named_where_they_cannot_be_read_as_one_are_said_to_be_tables(tmp_path):
     from flava.data.registry import open_source
     from flava.errors import DataError

@@ -1090,7 +1090,8 @@ def test_prepare_on_a_gpu_tokenises_what_its_processes_read_in_one_process(train
     from flava.data.prepare import PrepareSettings, prepare
     from flava.loading import CodebookTokenizer
 
-    settings = PrepareSettings(size=24, shard_size=5, codebook_image_size=preset("tiny").codebook_image_size)
+    settings = PrepareSettings(size=24, shard_size=5, codebook_image_size=preset("tiny").codebook_image_size,
+                               image_size=preset("tiny").image.image_size)
     made = {}
     for name, workers, here in (("one", 1, False), ("pool", 2, True)):
         record = tmp_path / f"{name}.pids"

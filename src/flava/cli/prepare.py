@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     check_disjoint(sources, f"--{kind}", "")
     settings = PrepareSettings(size=args.size, shard_size=args.shard_size, crops=args.crops,
                                crop_scale_min=args.crop_scale_min, codebook_image_size=model.codebook_image_size,
-                               seed=args.seed)
+                               image_size=model.image.image_size, seed=args.seed)
     device = resolve_device(args.device).type
     # On a GPU this process tokenises the crops the worker processes read, in batches; on the CPU
     # each worker tokenises its own.

@@ -64,6 +64,9 @@ class PrepareSettings:
     """Each box keeps at least this share of the image (as training's `data.crop_scale_min`)."""
     codebook_image_size: int = 112
     """The image tokenizer's input size."""
+    image_size: int = 224
+    """The model's input size: a box's tokens are the codebook's of the model's view of it, as
+    pretraining makes that view from the stored image."""
     quality: int = 95
     """JPEG quality of the stored images."""
     max_caption_chars: int = 2000
@@ -183,7 +186,9 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
     tokenizer), the unit is returned read, for `write_unit` with its tokens."""
     import torch
 
-    from .transforms import crop_resize
+    from .decode import decode_crop
+    from .members import Blob
+    from .transforms import codebook_view
 
     torch.set_num_threads(1)
     opened = open_shard(unit)
@@ -219,13 +224,22 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
 
     boxes, pixels = [], []
     if (tokenizer is not None or crops) and kept:
-        cs = settings.codebook_image_size
-        for key, _, image in kept:
+        s, cs = settings.image_size, settings.codebook_image_size
+        for key, parts, image in kept:
             rng = np.random.default_rng([settings.seed, number, int(key[5:])])
             b = _crop_boxes(image.width, image.height, settings.crops, settings.crop_scale_min, rng)
             boxes.append(b)
-            scale = np.array([image.width, image.height] * 2, dtype=np.float64)
-            pixels += [crop_resize(image, tuple(float(v) for v in box * scale), cs)[0] for box in b]
+            # What a training step sees of the box (the stored JPEG decoded as it decodes it, at a
+            # reduced DCT scale where the box allows), and the codebook's view of that, as
+            # `SampleMaker` and `collate` make it: the targets describe the model's very pixels.
+            stored = Blob(parts["jpg"], "jpg")
+            for box in b:
+                def choose(width: int, height: int, box=box) -> tuple[float, ...]:
+                    return tuple(float(v) for v in box * np.array([width, height] * 2))
+                if cs > s:  # patches under 8 px: from the crop itself
+                    pixels.append(decode_crop(stored, choose, s, cs)[1])
+                else:
+                    pixels.append(codebook_view(decode_crop(stored, choose, s)[0][None], cs)[0])
     read = ReadUnit([(key, parts) for key, parts, _ in kept], dropped, unit.name, boxes,
                     torch.stack(pixels).numpy() if pixels else None)
     if crops and tokenizer is None:
