@@ -407,6 +407,22 @@ def test_a_demo_codebook_of_another_vocabulary_than_the_heads_is_refused_before_
         assert not out.exists()
 
 
+def test_a_mixing_the_stage_refuses_is_refused_before_the_demo_codebook_trains(tmp_path, capsys, monkeypatch):
+    # Said only after minutes of demo codebook training, leaving the codebook and a lock behind.
+    from flava.train import run as run_module
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the demo codebook was trained first")
+
+    monkeypatch.setattr(run_module, "train_demo_codebook", trained)
+    out = tmp_path / "mix"
+    code = cli(["pretrain", "--output", str(out), "--set", "data.mixing=[0,0,0]", "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "data.mixing gives the pairs, images, text data of stage joint no weight" in err
+    assert not out.exists()
+
+
 def test_a_hub_id_without_its_owner_is_looked_up_as_one(tmp_path, monkeypatch, capsys):
     import shutil
 

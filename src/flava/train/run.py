@@ -35,7 +35,7 @@ from .codebook import CodebookTraining, run_train_codebook
 from .config import TrainConfig, anchored, moved_away
 from .init import INIT_KEYS, find_sources, tower_image_model
 from .kinds import trained_kinds
-from .trainer import Trainer
+from .trainer import Trainer, check_stage
 
 DEMO_CODEBOOK_STEPS = 200
 
@@ -233,6 +233,8 @@ def _run(cfg: TrainConfig, output: Path, resume: bool, console: Console, overrid
         console = Console(quiet=True)  # one process reports
     check(cfg)
     resolve_device(cfg.device)  # refused before any work (a demo codebook trained first, then lost)
+    if not resume:  # the stage's data kinds, mixing and chunks, before minutes of demo codebook
+        check_stage(cfg)
     output.mkdir(parents=True, exist_ok=True)
     run = RunDir(output)
     with contextlib.ExitStack() as held:
