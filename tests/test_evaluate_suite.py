@@ -170,16 +170,32 @@ def test_a_report_is_written_over_only_with_replace_and_lands_whole(suite_dir, t
     assert cli(args + ["--replace"]) == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == first and os.listdir(tmp_path) == ["report"]
     monkeypatch.undo()
+    # The earlier report's pictures the new one lacks go with it; nothing else is ever written over.
+    report = json.loads((out / "report.json").read_text())
+    report["results"][0]["tasks"][0]["pictures"].append("stale-task.png")
+    (out / "report.json").write_text(json.dumps(report))
     (out / "stale-task.png").write_bytes(b"a picture of a task the new suite lacks")
     assert cli(args + ["--replace"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(first)
+    (out / "NOTES.md").write_text("mine")
+    capsys.readouterr()
+    assert cli(args + ["--replace"]) == 2
+    assert f"--output {out} holds other files than a report (e.g. NOTES.md)" in capsys.readouterr().err
+    assert (out / "NOTES.md").read_text() == "mine" and (out / "report.json").is_file()
     notes = tmp_path / "notes"
     notes.mkdir()
     (notes / "plan.txt").write_text("mine")
-    capsys.readouterr()
     assert cli(args[:-1] + [str(notes)]) == 2
-    assert "already holds other files (e.g. plan.txt)" in capsys.readouterr().err
+    assert "holds other files than a report (e.g. plan.txt)" in capsys.readouterr().err
     assert os.listdir(notes) == ["plan.txt"]
+    # The current folder, empty, takes a report (it is not moved into place whole); a failed start
+    # leaves no folder it made for its lock.
+    monkeypatch.chdir(tmp_path / "notes")
+    (notes / "plan.txt").unlink()
+    assert cli(args[:-1] + ["."]) == 0 and (notes / "report.json").is_file()
+    assert cli(["evaluate", "--model", str(tmp_path / "none"), "--suite", str(suite), "--output",
+                str(tmp_path / "new" / "deep" / "report")]) == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_model_or_suite_paths(suite_dir, tmp_path, capsys):

@@ -322,12 +322,13 @@ def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_
         tar_of(shards / f"0000{k}.tar", [(f"{k}.png", png(k)), (f"{k}.txt", b"x")])
     args = ["prepare", "--pairs", str(shards), "--output", str(tmp_path / "p"), "--size", "16", "--workers", "1"]
 
-    def as_an_earlier_release_left_it():
-        manifest = json.loads((tmp_path / "p" / "prepare_settings.json").read_text())
+    def as_an_earlier_release_left_it(out=tmp_path / "p"):
+        manifest = json.loads((out / "prepare_settings.json").read_text())
         manifest.pop("held", None)
-        (tmp_path / "p" / "prepare_settings.json").write_text(json.dumps(manifest))
+        manifest["settings"].pop("image_size", None)  # recorded since image tokens follow training's view
+        (out / "prepare_settings.json").write_text(json.dumps(manifest))
         for name in ("index.json", "prepare_report.json", "00002.json", "00002.tar"):
-            (tmp_path / "p" / name).unlink(missing_ok=True)
+            (out / name).unlink(missing_ok=True)
 
     assert cli(args) == 0
     as_an_earlier_release_left_it()
@@ -339,6 +340,24 @@ def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "unfinished prepare started by an earlier flava" in err
+    # With image tokens, whose pixels that release chose otherwise: refused, not finished with others.
+    (shards / "._00000.tar").rename(shards / "00000.tar")
+    import torch
+
+    from flava.config import preset, to_dict
+    from flava.io.checkpoint import save_checkpoint
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "cb", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+    tokens = ["prepare", "--pairs", str(shards), "--output", str(tmp_path / "t"), "--size", "16", "--workers", "1",
+              "--codebook", str(tmp_path / "cb"), "--config", "tiny"]
+    assert cli(tokens) == 0
+    as_an_earlier_release_left_it(tmp_path / "t")
+    capsys.readouterr()
+    assert cli(tokens) == 2
+    assert "holds shards an earlier flava began preparing, whose image tokens describe the image before it was " \
+           "stored" in capsys.readouterr().err
 
 
 def _block_sums(pixels):

@@ -435,7 +435,7 @@ def test_an_output_that_cannot_be_written_is_named_as_given_not_by_the_probe_fil
     from flava.errors import OutputError
     from flava.io.files import check_writable
 
-    with pytest.raises(OutputError, match=r"^cannot use /proc: No such file or directory; "):
+    with pytest.raises(OutputError, match=r"^cannot use /proc/q7: No such file or directory; "):
         check_writable("/proc/q7")
 
 

@@ -172,7 +172,7 @@ def _acknowledge(signum: int) -> None:
     # Said at once (a step or a part may take a while), on stdout: a stop's one line is stderr's.
     # os.write, not print: the main thread may be inside a print. Not when stdout was closed at
     # start: descriptor 1 may be a file this process opened since. Under torchrun, which sends a
-    # signal on to every process of its node, one of them says it (as one says the stop).
+    # signal on to every process of its node, the node's first process alone says it.
     if sys.__stdout__ is not None and os.environ.get("LOCAL_RANK", "0") == "0":
         with contextlib.suppress(OSError, ValueError):
             os.write(sys.__stdout__.fileno(), f"\n{name(signum)}: {_said}; send it again (Ctrl-C) to stop at "

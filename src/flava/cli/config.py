@@ -19,10 +19,14 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..config import apply_overrides, check, describe
+    from ..config import apply_overrides, check, describe, validate
     from ..train.presets import train_config
+    from ..train.trainer import check_stage
 
     cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
+    # What `flava pretrain` refuses of these settings alone (no data read): said here too.
+    validate(cfg.model)
+    check_stage(cfg)
     if not console.is_terminal:
         # Piped (grep, less, a file): one whole line per setting instead of a table whose
         # descriptions fold at the console's width.

@@ -94,8 +94,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     from ..config import check
     from ..errors import ConfigError, did_you_mean
-    from ..finetune.settings import FinetuneSettings
-    from ..finetune.settings import TRAINING
+    from ..finetune.settings import TRAINING, FinetuneSettings
     from ..finetune.taskmodel import TASKS, check_output
     from ..io.files import check_writable
     from ..io.runs import LOCK, RunDir

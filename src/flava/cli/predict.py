@@ -138,6 +138,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
             if isinstance(image, Blob):  # the output names where the image was, not its bytes
                 shown["image"] = r.where
         # A VQA model's answers are processed as the VQA evaluator processes them ("Two" is "2").
+        if isinstance(label, dict):  # no label to score by, as a list is none (`cell` passes lists over)
+            label = None
         label = None if label is None else (normalize_answer(str(label)) if vqa else label_text(label, r.where))
         if label is not None and tm.task == "text-regression":  # refused as finetune refuses it, before predicting
             finite_number(label, r.where, "target")
@@ -288,7 +290,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise ConfigError("--top-k and --batch-size must be at least 1")
     tm = load_task(args.model, device=inference_device(args.device))
     inputs = read_inputs(args.input, tm)
-    if inputs.renamed:
+    if inputs.renamed and output is not None:
         console.print(escape(f"note: the input's columns {', '.join(inputs.renamed)} are written as "
                              f"{', '.join(inputs.renamed.values())}: the predictions use those names"))
     usable = [i for i, e in enumerate(inputs.errors) if e is None]

@@ -311,6 +311,13 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
         before = json.loads(mark.read_text())
         before["inputs"] = [_named(x) for x in before.get("inputs", [])]  # earlier releases: as typed
         was = before.pop("held", None)
+        recorded = before.get("settings")
+        if isinstance(recorded, dict) and "image_size" not in recorded:  # begun before tokens followed training's view
+            if fingerprint is not None and not (output / INDEX).is_file():
+                raise DataError(f"{output} holds shards an earlier flava began preparing, whose image tokens describe "
+                                "the image before it was stored rather than what training shows the model: prepare "
+                                "into a new directory (or remove this one to prepare it again)")
+            recorded["image_size"] = settings.image_size  # without tokens it changes nothing
         # An earlier release recorded counts alone: what it recorded is compared.
         if before == manifest and was is not None and any(list(a) != b[:len(a)] for a, b in zip(was, held)):
             changed = next(i for i, (a, b) in enumerate(zip(was, held)) if list(a) != b[:len(a)])

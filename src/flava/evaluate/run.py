@@ -3,6 +3,11 @@ progress bars, write the report and print the results table."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -12,11 +17,15 @@ from rich.table import Table
 
 from ..data.tokenizer import TextTokenizer
 from ..errors import OutputError
-from ..io.files import building, check_writable, refuse_other_files, replace_dir
+from ..io.files import building, check_writable
 from ..progress import progress_bar
 from .report import summary_rows, verdict, write_report
 from .results import SuiteResult
 from .suite import Suite, load_suite, run_suite
+
+
+STAGING = ".report-"
+"""The prefix of the folder a report is written into inside its output before it is moved out."""
 
 
 def untrained_like(model, seed: int = 0):
@@ -93,16 +102,52 @@ def results_table(results: list[SuiteResult], labels: list[str], title: str) -> 
     return table
 
 
+def report_files(folder: Path) -> set[str]:
+    """The files of the report in `folder` (report.md, report.json and the pictures its JSON
+    lists); empty where there is none."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+        pictures = {p for r in report["results"] for t in r["tasks"] for p in t.get("pictures", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {"report.md", "report.json", *(p for p in pictures if isinstance(p, str) and "/" not in p)}
+
+
+def place_report(write: Callable[[Path], None], output: Path) -> None:
+    """`write(folder)` into a folder inside `output`, then each file moved into `output` (the JSON
+    last) and the earlier report's files the new one lacks removed: a stop before leaves the
+    earlier report as it was. The folder itself is never moved (it may be the current one)."""
+    output.mkdir(parents=True, exist_ok=True)
+    before = report_files(output)
+    staging = Path(tempfile.mkdtemp(dir=output, prefix=STAGING, suffix=".tmp"))
+    try:
+        write(staging)
+        made = sorted(p.name for p in staging.iterdir())
+        for name in sorted(made, key=lambda n: n == "report.json"):
+            os.replace(staging / name, output / name)
+        for name in before - set(made):
+            (output / name).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def run_evaluate(model_path: str, suite_source: str, output: Path, console: Console,
                  compare_untrained: bool = False, replace: bool = False) -> list[SuiteResult]:
-    """The report goes to `output` whole when the suite has run (a stop before leaves any earlier
-    report as it was); a folder with a report is written over only with `replace`."""
+    """The report goes to `output` when the suite has run (`place_report`); a folder with a
+    report is written over only with `replace`, and one with other files not at all."""
     check_writable(output)  # before the suite's work, not after it
     with building(output, "--output"):
-        if (output / "report.json").is_file() and not replace:
+        for left in output.glob(f"{STAGING}*.tmp"):  # what a killed evaluation left
+            shutil.rmtree(left, ignore_errors=True)
+        ours = report_files(output)
+        if ours and not replace:
             raise OutputError(f"--output {output} holds a report already; name another folder, or add --replace "
                               "to write over it")
-        refuse_other_files(output, output / "report.json", "evaluation report")
+        other = sorted(p.name for p in output.iterdir() if p.name not in ours and not p.name.startswith(".")) \
+            if output.is_dir() else []
+        if other:
+            raise OutputError(f"--output {output} holds other files than a report (e.g. {other[0]}); choose a new or "
+                              "empty folder")
         model, resolved = load_model(model_path)
         suite = read_suite(suite_source, console)
         print_plan(suite, console)
@@ -111,7 +156,7 @@ def run_evaluate(model_path: str, suite_source: str, output: Path, console: Cons
             models.append(("untrained", untrained_like(model), "the same configuration, newly initialised"))
         results = evaluate_models(models, suite, console)
         labels = [m[0] for m in models]
-        replace_dir(output, lambda staging: write_report(results, staging, labels))
+        place_report(lambda folder: write_report(results, folder, labels), output)
     console.print(results_table(results, labels, f"{escape(suite.name)} suite (percent, higher is better)"))
     console.print(escape(f"report: {output / 'report.md'} and {output / 'report.json'}"))
     return results

@@ -135,13 +135,22 @@ def building(target: str | os.PathLike, what: str) -> Iterator[None]:
     """One builder of the directory `target` at a time, for a command that checks it, works, then
     moves its result there whole (`replace_dir`): a lock file beside it (`.NAME.lock`) held for the
     block, so two builds started together cannot both pass the check, and what a killed build left
-    beside it swept first (safe now: no other builder of it runs). `what` names the option to change."""
-    target = Path(target)
+    beside it swept first (safe now: no other builder of it runs). `what` names the option to change.
+    Folders made for the lock are removed again where the build left nothing in them."""
+    target = Path(target).absolute()  # `.` has no name to put a lock beside
+    made = [p for p in target.parents if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
-    with hold(target.parent / f".{target.name}.lock", str(target),
-              f"wait for it to end, or choose another {what}", remove=True):
-        recover_replaced(target)
-        yield
+    try:
+        with hold(target.parent / f".{target.name}.lock", str(target),
+                  f"wait for it to end, or choose another {what}", remove=True):
+            recover_replaced(target)
+            yield
+    finally:
+        for folder in made:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: the build wrote there
+                break
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -170,7 +179,7 @@ def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        e.filename = str(nearest)  # the folder the user named (or the nearest there is), not the probe
+        e.filename = str(path)  # what the user named, not the probe file made to test it
         raise OutputError(explain_os_error(e)) from None
 
 

@@ -70,8 +70,9 @@ def hold(path: str | os.PathLike, what: str, fix: str, remove: bool = False) -> 
     """Hold the lock file `path` for the block, or raise ConfigError: '`what` is in use by
     another flava run (pid N on HOST); `fix`'. The OS releases it when the holder dies; a holder
     of this host that is exiting is waited for (EXITING_WAIT_S at most). With `remove`, the file
-    is removed when the block ends (a lock beside what it guards, not inside it): a lock taken
-    on a file that was removed meanwhile is taken again on the file now at `path`."""
+    is removed when the block ends (a lock beside what it guards, not inside it). A lock taken on
+    a file that was removed or replaced meanwhile (by such a holder, or with the folder it was in)
+    is taken again on the file now at `path`."""
     path = Path(path)
     owner = os.getpid()
     deadline = time.monotonic() + EXITING_WAIT_S
@@ -88,8 +89,8 @@ def hold(path: str | os.PathLike, what: str, fix: str, remove: bool = False) -> 
                 time.sleep(0.05)
                 continue
             raise InUse(f"{what} is in use by another flava run ({holder}); {fix}") from None
-        if remove and not _still_at(fd, path):
-            os.close(fd)  # its holder removed it between our open and our lock
+        if not _still_at(fd, path):
+            os.close(fd)  # removed between our open and our lock: the lock that counts is the file there now
             continue
         break
     try:
@@ -100,10 +101,12 @@ def hold(path: str | os.PathLike, what: str, fix: str, remove: bool = False) -> 
     finally:
         # A forked child that runs this block's exit has already closed its copy.
         if os.getpid() == owner:
-            if remove:
-                path.unlink(missing_ok=True)  # while held: no other process holds the file removed
-            _HELD.discard(fd)
-            os.close(fd)
+            try:
+                if remove and _still_at(fd, path):  # while held, and still ours: no other holder loses its file
+                    path.unlink(missing_ok=True)
+            finally:
+                _HELD.discard(fd)
+                os.close(fd)
 
 
 def _still_at(fd: int, path: Path) -> bool:

@@ -49,8 +49,8 @@ class DataAccounting:
         """Bad records by reason, each counted once however often it was drawn: those rejected when
         a source was listed or a shard indexed, and those this process's streams (or, with
         `everywhere`, any process's) found; and for each reason a shard's indexing gave (a missing
-        or unreadable shard, a truncated one, a sample without its image) the first such shard, in
-        the order of the run's sources: where to look."""
+        or unreadable shard, a truncated one, a sample without its image) one such shard, the first
+        in the order of the run's sources and their shards (not of when it was met): where to look."""
         streams = self.batch_streams()
         mine = ({(k, i, reason): indices for k, i, s in streams for reason, indices in s.bad.items()},
                 {(k, i, shard): counts for k, i, s in streams for shard, counts in s.rejected.items()})

@@ -651,7 +651,7 @@ def _train(run: CodebookRun, output: Path, meta: dict, console: Console) -> dict
     if rejected:  # those met while listing first, then records in the order their first comes in the data
         order = [r for r in rejected if r not in bad] + sorted(bad, key=lambda r: min(bad[r]))
         console.print(escape("skipped " + ", ".join(
-            f"{rejected[r]} ({r}" + (f", the first in {where[r]})" if r in where else ")") for r in order)))
+            f"{rejected[r]} ({r}" + (f", e.g. in {where[r]})" if r in where else ")") for r in order)))
     if run.nonfinite_steps:
         console.print(f"updates skipped for a non-finite loss or gradient: {run.nonfinite_steps}")
     # A source of shards without an index is sized from its first shard: the count is then an estimate.

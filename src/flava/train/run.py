@@ -510,7 +510,7 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     bad, where = trainer.bad_records_where(everywhere=True)
 
     def counts(c: dict, one: str, many: str, where: dict) -> str:
-        said = [f"{v} {k}" + (f", the first in {where[k]}" if k in where else "") for k, v in c.items()]
+        said = [f"{v} {k}" + (f", e.g. in {where[k]}" if k in where else "") for k, v in c.items()]
         n = sum(c.values())
         return f"{n} {one if n == 1 else many} (" + "; ".join(said) + ")" if c else f"no {many}"
 
@@ -526,6 +526,6 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
                   f"{output / 'loss_curves.png'}{board}")
     if rank == 0:
-        write_json_atomic(summary, {"first": first, "last": last, "skipped": skipped,
-                                                    "bad_records": bad, "bad_records_in": where, "nonfinite_steps": trainer.nonfinite_steps,
-                                                    "samples_by_source": seen, "gradients": gradients})
+        write_json_atomic(summary, {"first": first, "last": last, "skipped": skipped, "bad_records": bad,
+                                    "bad_records_in": where, "nonfinite_steps": trainer.nonfinite_steps,
+                                    "samples_by_source": seen, "gradients": gradients})
