@@ -423,6 +423,16 @@ def test_a_mixing_the_stage_refuses_is_refused_before_the_demo_codebook_trains(t
     assert not out.exists()
 
 
+def test_config_show_refuses_what_pretrain_refuses_of_the_settings_alone(capsys):
+    # It listed them, exit 0, where every other command refuses them.
+    for setting, said in (("model.image.num_heads=3", "image.hidden_size (128) must be divisible by image.num_heads"),
+                          ("data.mixing=[0.5,0.5]", "data.mixing needs three non-negative probabilities"),
+                          ("data.mixing=[0,0,0]", "gives the pairs, images, text data of stage joint no weight")):
+        code = cli(["config", "show", "--set", setting])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and said in err, (setting, err)
+
+
 def test_a_hub_id_without_its_owner_is_looked_up_as_one(tmp_path, monkeypatch, capsys):
     import shutil
 
