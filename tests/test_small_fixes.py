@@ -172,12 +172,14 @@ def test_confusion_counts_are_white_on_dark_cells(tmp_path, monkeypatch):
     assert colours == {"9": white, "5": white, "4": black, "1": black}
 
 
-def test_finetune_model_help_names_every_kind_of_model(capsys):
-    with pytest.raises(SystemExit):
-        main(["finetune", "--help"])
-    helped = " ".join(capsys.readouterr().out.split())
-    assert "--model MODEL checkpoint, run or recipe directory (its newest checkpoint), or a Hugging Face hub id" \
-        in helped
+def test_every_commands_model_help_names_every_kind_of_model(capsys):
+    # finetune's named recipes, evaluate's no hub id, embed's and classify's no recipe (all take them).
+    for command in ("finetune", "evaluate", "embed", "classify", "serve"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helped = " ".join(capsys.readouterr().out.split())
+        assert "--model MODEL a checkpoint directory (ours or transformers'), a run or recipe directory (its newest " \
+               "checkpoint), or a Hugging Face hub id" in helped, command
 
 
 def test_resizing_a_model_leaves_the_callers_config_and_other_models_alone():
