@@ -133,10 +133,11 @@ def recover_replaced(target: str | os.PathLike, sweep: bool = True) -> None:
 @contextmanager
 def building(target: str | os.PathLike, what: str) -> Iterator[None]:
     """One builder of the directory `target` at a time, for a command that checks it, works, then
-    moves its result there whole (`replace_dir`): a lock file beside it (`.NAME.lock`) held for the
-    block, so two builds started together cannot both pass the check, and what a killed build left
-    beside it swept first (safe now: no other builder of it runs). `what` names the option to change.
-    Folders made for the lock are removed again where the build left nothing in them."""
+    puts its result there (`replace_dir`; evaluate's `place_report`): a lock file beside it
+    (`.NAME.lock`) held for the block, so two builds started together cannot both pass the check,
+    and what a killed build left beside it swept first (safe now: no other builder of it runs).
+    `what` names the option to change. Folders made for the lock are removed again where the build
+    left nothing in them."""
     target = Path(target).absolute()  # `.` has no name to put a lock beside
     made = [p for p in target.parents if not p.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
