@@ -599,6 +599,31 @@ def test_a_stop_at_once_of_train_codebook_names_its_last_save(train_data, tmp_pa
 
 
 @pytest.mark.slow
+def test_weighted_sources_changed_on_resume_are_recorded_and_shown(tmp_path, capsys):
+    # {"path": ..., "weight": w} sources could not be written as JSON: a resume with --override that
+    # changed them ended in a traceback after saving the new settings unrecorded (a plain resume then
+    # trained on them unsaid), and `config show` failed on any of them.
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.txt").write_text("".join(f"{name} sentence number {i}\n" for i in range(40)))
+    run = tmp_path / "run"
+
+    def weighted(a: int) -> str:
+        return f'data.text=[{{"path":"{tmp_path / "a.txt"}","weight":{a}}},{{"path":"{tmp_path / "b.txt"}","weight":1}}]'
+
+    assert cli(["pretrain", "--output", str(run), "--max-steps", "1", "--set", "stage=text-mlm", "--set",
+                "data.batch_size=4", "--set", "tensorboard=false", "--set", weighted(1)]) == 0
+    assert cli(["pretrain", "--output", str(run), "--resume", "--override", "--max-steps", "2", "--set",
+                weighted(9)]) == 0
+    history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["changes"]["data.text"] == [
+        [{"path": str(tmp_path / "a.txt"), "weight": w}, {"path": str(tmp_path / "b.txt"), "weight": 1.0}]
+        for w in (1.0, 9.0)]
+    capsys.readouterr()
+    assert cli(["config", "show", "--set", weighted(3)]) == 0
+    assert f'data.text = [{{"path": "{tmp_path / "a.txt"}", "weight": 3.0}}' in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_runs_settings(train_data, tmp_path, capsys):
     run = tmp_path / "run"
     assert cli(pretrain_args(train_data, run, batch_size=4) + ["--max-steps", "2", "--set", "save_every=1"]) == 0

@@ -30,6 +30,7 @@ from .typed import (
     differences,
     field_docs,
     from_dict,
+    plain,
     said,
     set_value,
     settings,
@@ -38,8 +39,8 @@ from .typed import (
 
 __all__ = [
     "NonNegative", "NonNegativeInt", "Positive", "PositiveInt", "Probability", "Range", "Seed", "apply_overrides",
-    "check", "check_value", "describe", "differences", "field_docs", "from_dict", "said", "set_value", "settings",
-    "to_dict",
+    "check", "check_value", "describe", "differences", "field_docs", "from_dict", "plain", "said", "set_value",
+    "settings", "to_dict",
     "Activation", "CLIP_MEAN", "CLIP_STD", "NormPlacement", "TransformerConfig", "ImageEncoderConfig",
     "TextEncoderConfig", "MultimodalEncoderConfig",
     "CodebookConfig", "FlavaConfig", "ObjectivesConfig", "PRESETS", "preset", "validate", "parameter_count",

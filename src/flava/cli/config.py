@@ -19,7 +19,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..config import apply_overrides, check, describe, validate
+    from ..config import apply_overrides, check, describe, plain, validate
     from ..train.presets import train_config
     from ..train.trainer import check_stage
 
@@ -31,12 +31,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
         # Piped (grep, less, a file): one whole line per setting instead of a table whose
         # descriptions fold at the console's width.
         for key, value, doc in describe(cfg):
-            console.print(f"{key} = {json.dumps(value)}  # {doc}", soft_wrap=True, markup=False, highlight=False)
+            console.print(f"{key} = {json.dumps(plain(value))}  # {doc}", soft_wrap=True, markup=False, highlight=False)
         return
     table = Table(title="flava pretrain settings (set any with --set KEY=VALUE)", show_lines=False)
     table.add_column("setting", no_wrap=True)
     table.add_column("value", overflow="fold", max_width=30)
     table.add_column("what it does", overflow="fold")
     for key, value, doc in describe(cfg):
-        table.add_row(key, json.dumps(value), doc)
+        table.add_row(key, json.dumps(plain(value)), doc)
     console.print(table)

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .. import stopping
-from ..config import FlavaConfig, check, differences, from_dict, said, settings, to_dict, validate
+from ..config import FlavaConfig, check, differences, from_dict, plain, said, settings, to_dict, validate
 from ..data.pipeline import per_process_batch
 from ..distributed import end_host_group, resolve_device, start_host_group
 from ..data.registry import KINDS, open_stream
@@ -142,7 +142,7 @@ def _accept_changes(saved: TrainConfig, cfg: TrainConfig, output: Path, override
     if not diff:
         return None
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "override": bool(refused),
-            "changes": {k: list(v) for k, v in diff.items()}}
+            "changes": {k: [plain(x) for x in v] for k, v in diff.items()}}
 
 
 def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: dict[str, tuple], output: Path) -> None:
@@ -438,10 +438,11 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     # had been called finished, with no summary, and its settings kept the longer max_steps.
     ending = trainer.step >= cfg.max_steps
     if rank == 0:
+        lines = [json.dumps(entry) + "\n" for entry in history if entry]  # before either is written
         write_json_atomic(output / SETTINGS, to_dict(cfg))
-        if any(history):
+        if lines:
             with open(output / HISTORY, "a") as f:
-                f.writelines(json.dumps(entry) + "\n" for entry in history if entry)
+                f.writelines(lines)
         # The summary of the end the run now goes past: left, it read as this run's until its new end.
         summary.unlink(missing_ok=True)
     if ending:
