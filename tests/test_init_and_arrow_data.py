@@ -368,15 +368,16 @@ def test_save_to_disk_dataset_dict_images_paths_and_text(tmp_path):
     assert [r.label for r in src.records] == [0, 1, 2, 0, 1, -1, 2]
     assert np.array_equal(np.asarray(open_image(src.records[6].image)), pixels(png(6)))
     assert np.array_equal(np.asarray(open_image(src.records[2].image)), pixels(png(0)))
-    for bad in (3, 4):
-        with pytest.raises(BadSample, match="missing image file"):
+    # A path to no file is a missing file; a null cell no image at all (it was said to be a missing file).
+    for bad, why in ((3, "missing image file"), (4, "row without an image")):
+        with pytest.raises(BadSample, match=why):
             open_image(src.records[bad].image)
     assert len(arrow_images(f"{root}:test")) == 3
 
     s = BatchStream("images", src, SampleMaker(SPEC, seed=0), batch_size=2, seed=1)
     for _ in range(5):
         assert s.next_batch().pixel_values.shape == (2, 3, 32, 32)
-    assert set(s.skipped) == {"missing image file"}
+    assert set(s.skipped) == {"missing image file", "row without an image"}
 
     text = arrow_text(f"{root}:train")
     assert text.records == [f"sentence {i}" for i in range(6)] + [""]

@@ -232,6 +232,10 @@ class ArrowImage:
         ref = self._ref()
         return ref is not None and (not isinstance(ref, Path) or ref.is_file())
 
+    def missing(self) -> str:
+        """Why a cell that does not `exist` gives no image: empty (null, no bytes), or a missing file."""
+        return "row without an image" if self._ref() is None else "missing image file"
+
     def read_bytes(self) -> bytes:
         ref = self._ref()
         return ref.read_bytes() if isinstance(ref, Path) else ref.read()  # a URL's read says it is not fetched

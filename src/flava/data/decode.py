@@ -34,7 +34,7 @@ def _image_bytes(ref: Path | Member) -> bytes:
         data = ref.read()
     elif not isinstance(ref, (str, os.PathLike)):  # a parquet cell and the like: read as it reads itself
         if not ref.exists():
-            raise BadSample(MISSING_IMAGE)
+            raise BadSample(ref.missing() if hasattr(ref, "missing") else MISSING_IMAGE)
         try:
             data = ref.read_bytes()
         except OSError:
