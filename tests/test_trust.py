@@ -439,6 +439,25 @@ def test_an_output_that_cannot_be_written_is_named_as_given_not_by_the_probe_fil
         check_writable("/proc/q7")
 
 
+def test_an_output_replaced_whole_is_never_the_current_folder(tmp_path, capsys, monkeypatch):
+    # A task model, an index and a codebook are moved into place whole: `--output .` renamed the
+    # folder a shell stood in (or failed after the work with "PosixPath('.') has an empty name").
+    import numpy as np
+
+    from flava.errors import OutputError
+    from flava.retrieval.index import index_from_arrays
+
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for output in (".", ".."):
+        with pytest.raises(OutputError, match=rf"^--output {re.escape(output)} is the current folder or holds it"):
+            index_from_arrays(np.eye(4, 8, dtype=np.float32), list("abcd"), output)
+    code = cli(["finetune", "--model", str(tmp_path / "m"), "--task", "text-classification", "--train",
+                str(tmp_path / "t.csv"), "--output", "."])
+    assert "--output . is the current folder or holds it" in one_line_error(capsys, code)
+    assert os.listdir(tmp_path / "here") == []
+
+
 def test_finetune_refuses_a_val_fraction_beside_val(tmp_path, capsys):
     # The fraction was not used, without a word.
     code = cli(["finetune", "--model", str(tmp_path / "m"), "--task", "text-classification", "--train",

@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..errors import ConfigError, did_you_mean
     from ..finetune.settings import TRAINING, FinetuneSettings
     from ..finetune.taskmodel import TASKS, check_output
-    from ..io.files import check_writable
+    from ..io.files import check_not_current, check_writable
     from ..io.runs import LOCK, RunDir
 
     if args.task not in TASKS:
@@ -110,6 +110,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     # A --resume continues what its first command (with --replace, where needed) began.
     replaced = check_output(output, args.task, args.replace or args.resume)
     check_writable(output.parent)  # the task model replaces `output` whole from a folder beside it
+    check_not_current(output)
     settings = check(FinetuneSettings(
         lr=args.lr if args.lr is not None else (1e-4 if args.train_encoders else 1e-3), epochs=args.epochs,
         batch_size=args.batch_size, max_steps=args.max_steps, train_encoders=args.train_encoders, seed=args.seed,

@@ -82,10 +82,18 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def check_not_current(target: str | os.PathLike) -> None:
+    """Refuse, before any work, a directory to be replaced whole (`replace_dir`) that is the
+    current folder or holds it: renamed away, it would leave a shell standing in a removed folder."""
+    if Path.cwd().is_relative_to(Path(target).resolve()):
+        raise OutputError(f"--output {target} is the current folder or holds it; name a new folder to write")
+
+
 def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
     """Call fill(tmpdir) then move tmpdir to `target` (replacing it whole); on any failure
     `target` is untouched."""
-    target = Path(target)
+    check_not_current(target)  # callers check it before their work too
+    target = Path(target).absolute()  # `.` has no name to stage beside
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, InputError
-from ..io.files import building, fsync_file, read_json, replace_dir, write_json_atomic
+from ..io.files import building, check_not_current, fsync_file, read_json, replace_dir, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..io.locks import hold
 from .embed import FILE_COLUMNS, SETTINGS, read_embeddings, without_file_columns
@@ -475,9 +475,8 @@ def index_from_arrays(vectors: np.ndarray, items: list[str] | None, output: str 
         metadata = [{field: item} for item in (items or [str(i) for i in range(len(v))])]
     if len(metadata) != len(v):
         raise DataError(f"{len(v)} vectors but {len(metadata)} metadata rows")
+    check_not_current(output)  # the index is moved into place whole
     out = Path(output).absolute()
-    if Path.cwd().is_relative_to(out.resolve()):  # moved into place whole: never the folder a shell stands in
-        raise DataError(f"{output} is the current folder or holds it; name a new folder for the index")
     with building(out, "--output"):  # held from the check to the move: one build of `out` at a time
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             add = ", or add to it with `flava index --add`" if (out / INFO_FILE).is_file() else ""

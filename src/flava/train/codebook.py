@@ -40,7 +40,7 @@ from ..distributed import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, DivergedError, first_line, saved_before
 from ..io.checkpoint import (check_replaceable, damage, save_state, write_checkpoint_dir, write_checkpoint_files,
                              write_checksums)
-from ..io.files import read_json, recover_replaced, replace_dir, write_json_atomic
+from ..io.files import check_not_current, read_json, recover_replaced, replace_dir, write_json_atomic
 from ..io.runs import CODEBOOK_STATE, RunDir, codebook_progress, codebook_state
 from ..loading import refuse_non_finite
 from ..model.codebook import CodebookDecoder, FlavaImageCodebook
@@ -464,6 +464,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
     (the command line's flags, and "config"/"set" for the model); a resumed run keeps its own and
     names those it ignores (without `given`, settings that differ from the defaults count as set)."""
     output = Path(output)
+    check_not_current(output)  # the finished codebook replaces it whole
     saved = _check_start(output, resume)
     tokens = cfg.codebook.vocab_size
     if cfg.image.vocab_size != tokens:  # the image tokens are the codebook's (as a run saves them)
