@@ -236,7 +236,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--draws", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=1, help="measurements per loader and worker count, alternated")
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=12, help="the head-room's steps (0: loader figures only)")
     ap.add_argument("--pretrain", action="store_true", help="also time `flava pretrain`, baseline and ours")
     ap.add_argument("--main-threads", dest="main_threads", type=int, default=1,
                     help="torch threads of the training process (1: one core for it, the other for a worker; "
@@ -277,10 +277,11 @@ def main() -> int:
             print(f"  {'ratio ours/baseline':22s} {workers:7d} {ours['samples_per_s'] / base['samples_per_s']:9.2f}x "
                   f"{ours['samples_per_core_s'] / base['samples_per_core_s']:8.2f}x "
                   f"{ours['main_ms_per_batch'] / max(base['main_ms_per_batch'], 1e-9):13.2f}x", flush=True)
-    print(f"step (tiny, 224 px, patch 32, pairs, batch {args.batch}) on cached batches and fed by the loader "
-          "(1 worker):")
     result["headroom"] = {}
-    for name, package in impls.items():
+    if args.steps > 0:
+        print(f"step (tiny, 224 px, patch 32, pairs, batch {args.batch}) on cached batches and fed by the loader "
+              "(1 worker):")
+    for name, package in impls.items() if args.steps > 0 else ():
         h = result["headroom"][name] = measure_headroom(package, shards, args.batch, args.steps)
         print(f"  {name:22s} cached {h['cached_samples_per_s']:6.1f} samples/s, fed {h['fed_samples_per_s']:6.1f}: "
               f"{h['fed_over_cached']:.2f} of cached", flush=True)

@@ -121,7 +121,7 @@ REDUCING_GAP = 2.0
 
 def _resized(ref, size: int):
     """The image `ref` with `size` pixels on its shorter side (smaller ones as they are). A large
-    JPEG is decoded at the smallest of its n/8 DCT scales that still leaves twice that (a
+    JPEG is decoded at the smallest of its fast DCT scales that still leaves twice that (a
     12-megapixel photograph decoded whole took most of a record's time); the output's size is the
     stored image's scaled, whatever scale it was decoded at."""
     from PIL import Image
