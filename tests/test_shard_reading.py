@@ -322,10 +322,12 @@ def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_
         tar_of(shards / f"0000{k}.tar", [(f"{k}.png", png(k)), (f"{k}.txt", b"x")])
     args = ["prepare", "--pairs", str(shards), "--output", str(tmp_path / "p"), "--size", "16", "--workers", "1"]
 
-    def as_an_earlier_release_left_it(out=tmp_path / "p"):
+    def as_an_earlier_release_left_it(out=tmp_path / "p", since_image_size=False):
         manifest = json.loads((out / "prepare_settings.json").read_text())
         manifest.pop("held", None)
-        manifest["settings"].pop("image_size", None)  # recorded since image tokens follow training's view
+        manifest.pop("decoded", None)  # recorded since crops are decoded at libjpeg-turbo's fast scales alone
+        if not since_image_size:
+            manifest["settings"].pop("image_size", None)  # recorded since image tokens follow training's view
         (out / "prepare_settings.json").write_text(json.dumps(manifest))
         for name in ("index.json", "prepare_report.json", "00002.json", "00002.tar"):
             (out / name).unlink(missing_ok=True)
@@ -358,6 +360,14 @@ def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_
     assert cli(tokens) == 2
     assert "holds shards an earlier flava began preparing, whose image tokens describe the image before it was " \
            "stored" in capsys.readouterr().err
+    tokens[tokens.index(str(tmp_path / "t"))] = str(tmp_path / "t2")
+    assert cli(tokens) == 0
+    as_an_earlier_release_left_it(tmp_path / "t2", since_image_size=True)  # some crops decoded at 7/8 scale then
+    capsys.readouterr()
+    assert cli(tokens) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "holds shards an earlier flava began preparing, whose image " \
+        "tokens were made of some crops decoded otherwise than training now decodes them" in err
 
 
 def _block_sums(pixels):

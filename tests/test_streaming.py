@@ -874,6 +874,13 @@ def test_prepare_then_train_without_the_codebook(train_data, tmp_path, capsys):
     assert f"{out}: its crops were chosen when it was prepared (--crop-scale-min 0.9): data.crop_scale_min=0.5 " \
            "does not apply to it" in Trainer(cfg, tmp_path / "run5").notes
     cfg.data.crop_scale_min = 0.9
+    assert not [n for n in trainer.notes if "earlier flava" in n]
+    index = json.loads((out / "index.json").read_text())
+    del index["flava"]["decoded"]  # as a release before crops were decoded at the fast DCT scales alone wrote it
+    (out / "index.json").write_text(json.dumps(index))
+    assert f"{out} was prepared by an earlier flava: some of its image tokens describe slightly other pixels than " \
+           "training shows the model; prepare it again for exact MIM/MMM targets" in Trainer(cfg, tmp_path / "run6").notes
+    (out / "index.json").write_text(json.dumps({**index, "flava": {**index["flava"], "decoded": "fast-dct-scales"}}))
     rows = trainer.fit(max_steps=4)
     trained = {name for r in rows for name in r["losses"]}
     assert {"mim", "mmm_image"} <= trained and all(np.isfinite(r["loss"]) for r in rows)

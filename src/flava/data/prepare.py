@@ -39,7 +39,7 @@ from ..errors import DataError
 from ..io.files import atomic_path, write_json_atomic
 from ..io.locks import hold
 from ..io.runs import LOCK
-from .decode import dct_scale, decode
+from .decode import DECODED, dct_scale, decode
 from .members import BadSample
 from .sources import ImageRecord, PairRecord, RecordShard, Source, open_shard, read_caption
 from .shards import is_remote
@@ -298,7 +298,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
              vocab_size: int | None, skip_unreadable: bool, tokenize_here: bool,
              say: Callable[[str], None] | None) -> dict:
     manifest = {"kind": kind, "settings": asdict(settings), "codebook": fingerprint,
-                "inputs": [_named(s.name) for s in sources]}
+                "inputs": [_named(s.name) for s in sources], "decoded": DECODED}
     # What each input held (its files, and its samples where the listing knows them): a table or
     # folder grown since the first run would else pass for the same and be reported finished.
     # Bytes and names too: a table edited in place, or a folder's files renamed, keep their counts.
@@ -318,6 +318,12 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                                 "the image before it was stored rather than what training shows the model: prepare "
                                 "into a new directory (or remove this one to prepare it again)")
             recorded["image_size"] = settings.image_size  # without tokens it changes nothing
+        if before.get("decoded") != DECODED:  # begun before crops were decoded at the fast scales alone
+            if fingerprint is not None and not (output / INDEX).is_file():
+                raise DataError(f"{output} holds shards an earlier flava began preparing, whose image tokens were made "
+                                "of some crops decoded otherwise than training now decodes them: prepare into a new "
+                                "directory (or remove this one to prepare it again)")
+            before["decoded"] = DECODED  # finished, or without tokens: training says what it means (open_data)
         # An earlier release recorded counts alone: what it recorded is compared.
         if before == manifest and was is not None and any(list(a) != b[:len(a)] for a, b in zip(was, held)):
             changed = next(i for i, (a, b) in enumerate(zip(was, held)) if list(a) != b[:len(a)])
@@ -451,7 +457,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
     info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,
             "crops": settings.crops if tokenizer_factory else 0, "size": settings.size, "vocab_size": vocab_size,
-            "crop_scale_min": settings.crop_scale_min}
+            "crop_scale_min": settings.crop_scale_min, "decoded": DECODED}
     write_json_atomic(output / INDEX, {"shardlist": shardlist, "flava": info if tokenizer_factory else None})
     dropped: Counter = Counter()
     for src in sources:  # rows of a table refused while it was listed (undecodable, no image)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import to_dict
+from ..data.decode import DECODED
 from ..data.processor import Processor
 from ..data.samples import SampleMaker, SampleSpec
 from ..data.shards import is_remote
@@ -195,6 +196,13 @@ class PretrainingStage(Stage):
                                       f"MIM/MMM heads predict image.vocab_size={cfg.model.image.vocab_size}: set "
                                       f"model.image.vocab_size={vocab}, or prepare the data again with a codebook of "
                                       f"{cfg.model.image.vocab_size} tokens")
+                if needs_image_tokens(cfg.objectives, (kind,)) and info.get("crops") and \
+                        info.get("decoded") != DECODED:
+                    # Before DECODED: some crops' tokens are of pixels decoded at 7/8 scale (about 1 % of
+                    # the targets of 256-px photographs), or, earlier still, of the image before it was stored.
+                    notes.append(f"{s.source.name} was prepared by an earlier flava: some of its image tokens "
+                                 "describe slightly other pixels than training shows the model; prepare it again "
+                                 "for exact MIM/MMM targets")
                 boxes_at = info.get("crop_scale_min")  # recorded since it was said; older shards do not name it
                 if info.get("crops") and boxes_at is not None and boxes_at != cfg.data.crop_scale_min:
                     notes.append(f"{s.source.name}: its crops were chosen when it was prepared (--crop-scale-min "
