@@ -7,7 +7,7 @@ turn for `--rounds` rounds: images a second (the folder's images over the comman
 start-up included), and how far the prepared images moved (mean absolute difference in pixel
 levels, after each command's JPEG encoding of its output).
 
-    python benchmarks/prepare_images.py [--baseline REV] [--images 48] [--side 2048] [--rounds 2]
+    python benchmarks/prepare_images.py [--baseline REV] [--images 48] [--side 2048] [--rounds 2] [--codebook]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loader import PHOTOS, REPO, baseline_package, photo_dir  # noqa: E402
+from loader import PHOTOS, REPO, baseline_package, photo_dir, random_codebook  # noqa: E402
 
 
 def folder(root: Path, n: int, side: int) -> Path:
@@ -57,12 +57,17 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--side", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--codebook", action="store_true",
+                    help="with a seeded random codebook (the tiny preset's, saved by each tree): its tokens of "
+                         "each image's crops too (`flava prepare --codebook`)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="flava-prepare-bench-"))
     source = folder(work / "images", args.images, args.side)
     baseline_package(args.baseline, work)
     (work / "tree" / "src" / "flava").symlink_to(work / "flava_baseline")  # run as `flava` from its own tree
     trees = {"ours": str(REPO / "src"), f"baseline {args.baseline}": str(work / "tree" / "src")}
+    codebooks = {name: random_codebook(package, work / f"codebook-{i}")
+                 for i, (name, package) in enumerate(zip(trees, ("flava", "flava_baseline")))} if args.codebook else {}
     rates: dict[str, list[float]] = {name: [] for name in trees}
     for r in range(args.rounds):
         for name, tree in trees.items():
@@ -71,12 +76,14 @@ def main() -> int:
             env = {**os.environ, "PYTHONPATH": tree, "HF_HUB_OFFLINE": "1"}
             t = time.perf_counter()
             subprocess.run([sys.executable, "-m", "flava.cli", "prepare", "--images", str(source), "--output", str(out),
-                            "--size", "256", "--workers", "1"], env=env, check=True, capture_output=True)
+                            "--size", "256", "--workers", "1"]
+                           + (["--codebook", str(codebooks[name]), "--device", "cpu"] if codebooks else []),
+                           env=env, check=True, capture_output=True)
             rates[name].append(args.images / (time.perf_counter() - t))
     ours, base = (prepared(work / f"out-{name.split()[0]}") for name in trees)
     gaps = [float(np.abs(ours[k] - base[k]).mean()) for k in ours if k in base and ours[k].shape == base[k].shape]
-    print(f"flava prepare --images, {args.images} JPEGs of {args.side} px (shorter side) -> 256 px, one worker, "
-          f"{args.rounds} rounds:")
+    print(f"flava prepare --images{' --codebook' if codebooks else ''}, {args.images} JPEGs of {args.side} px "
+          f"(shorter side) -> 256 px, one worker, {args.rounds} rounds:")
     med = {name: statistics.median(r) for name, r in rates.items()}
     for name, r in med.items():
         print(f"  {name:24s} {r:6.1f} images/s (start-up included)")

@@ -633,6 +633,34 @@ def test_jpegs_are_decoded_only_at_the_dct_scales_faster_than_the_whole():
     assert torch.equal(got, crop_resize(whole, box, 224)[0])  # the very pixels of the whole decode
 
 
+def test_crops_of_one_image_share_each_dct_scales_decode():
+    # flava prepare tokenises 4 boxes an image, each as training decodes it: boxes needing one DCT
+    # scale share its decode (`memo`), the very pixels of decoding each alone.
+    import simplejpeg
+    import skimage.data
+
+    from flava.data.decode import decode_crop
+    from flava.data.members import Blob
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage.data.astronaut()).resize((320, 256), Image.BICUBIC).save(buf, "JPEG", quality=90)
+    data = Blob(buf.getvalue())
+    boxes = [(0.0, 0.0, 300.0, 250.0), (10.0, 5.0, 310.0, 240.0), (0.0, 0.0, 100.0, 80.0), (50.0, 40.0, 130.0, 120.0)]
+    calls = []
+    real = simplejpeg.decode_jpeg
+    try:
+        simplejpeg.decode_jpeg = lambda *a, **k: calls.append(k) or real(*a, **k)
+        alone = [decode_crop(data, lambda w, h, b=b: b, 64, 16) for b in boxes]
+        assert len(calls) == 4
+        calls.clear()
+        memo: dict = {}
+        shared = [decode_crop(data, lambda w, h, b=b: b, 64, 16, memo=memo) for b in boxes]
+    finally:
+        simplejpeg.decode_jpeg = real
+    assert [(k["min_width"], k["min_height"]) for k in calls] == [(160, 128), (320, 256)]  # 1/2, then whole
+    assert all(torch.equal(a, b) for x, y in zip(alone, shared) for a, b in zip(x, y))
+
+
 def test_crop_resize_is_pils_bicubic():
     import skimage.data
 

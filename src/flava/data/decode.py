@@ -174,9 +174,12 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
         raise BadSample("unreadable image") from None
 
 
-def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray | Image.Image:
+def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None, memo: dict | None = None
+           ) -> np.ndarray | Image.Image:
     """The image as `decode_rgb` decodes it, in the form its decoder gives: a [H, W, 3] uint8 array
-    from libjpeg-turbo, or an RGB PIL image (other formats, and JPEGs libjpeg-turbo does not read)."""
+    from libjpeg-turbo, or an RGB PIL image (other formats, and JPEGs libjpeg-turbo does not read).
+    `memo`, a dict kept for one image across calls, holds libjpeg-turbo's decodes by scale: crops
+    of one image needing one scale decode it once (the array shared: its users only read it)."""
     if isinstance(ref, Image.Image):
         return open_image(ref)
     data = _image_bytes(ref)
@@ -192,12 +195,17 @@ def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = 
             orientation = jpeg_orientation(data)
             least = fast_scale(width, height, *_upright_draft(draft, orientation)(width, height)) \
                 if draft is not None else (width, height)
+            if memo is not None and least in memo:
+                return memo[least]
             try:
                 array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
             except ValueError:
                 pass
             else:
-                return upright(array, orientation)
+                array = upright(array, orientation)
+                if memo is not None:
+                    memo[least] = array
+                return array
     return open_image(data, draft)
 
 
@@ -223,12 +231,13 @@ def fast_scale(width: int, height: int, least_width: int, least_height: int) -> 
     return width, height
 
 
-def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None) -> np.ndarray:
+def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = None,
+               memo: dict | None = None) -> np.ndarray:
     """[H, W, 3] uint8 RGB, as `open_image` gives, faster for JPEGs: libjpeg-turbo through
     simplejpeg (the same pixels as PIL, without PIL's per-image overheads; with `draft`, the
     smallest of its fast DCT scales, 1/8, 1/4, 1/2 or whole, that still covers the request, as
     PIL's draft mode picks). Other formats, and JPEGs it does not read (CMYK), go through PIL."""
-    image = decode(ref, draft)
+    image = decode(ref, draft, memo)
     return image if isinstance(image, np.ndarray) else np.array(image)  # a writable copy: torch wraps it
 
 
@@ -246,12 +255,13 @@ Box = tuple[float, float, float, float]
 """(left, top, right, bottom) in pixels."""
 
 
-def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]]) -> tuple[np.ndarray, list[Box]]:
+def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]], memo: dict | None = None
+                 ) -> tuple[np.ndarray, list[Box]]:
     """The image as [H, W, 3] uint8 and the boxes `plan(width, height)` picks in it. The plan is
     made from the image's size (upright) before decoding: (box in its pixels, the side it will be
     resized to) for each crop. A JPEG is decoded at the smallest of its fast DCT scales that still
     gives every box its side in pixels each way, and the boxes are returned in the pixels decoded;
-    the plan is the same whatever that scale is."""
+    the plan is the same whatever that scale is. `memo`: as `decode`'s."""
     planned: list = []
 
     def least(width: int, height: int) -> tuple[int, int]:
@@ -269,7 +279,7 @@ def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]
         return (min(width, max([1] + [math.ceil(width * side / (r - l)) for (l, _, r, _), side in boxes])),
                 min(height, max([1] + [math.ceil(height * side / (b - t)) for (_, t, _, b), side in boxes])))
 
-    image = decode_rgb(ref, draft=least)
+    image = decode_rgb(ref, draft=least, memo=memo)
     if not planned:  # an in-memory image: decoded already, no draft was asked
         least(image.shape[1], image.shape[0])
     boxes, (width, height) = planned
@@ -277,9 +287,10 @@ def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]
     return image, [(left * fx, top * fy, right * fx, bottom * fy) for (left, top, right, bottom), _ in boxes]
 
 
-def decode_crop(ref: ImageRef, choose: Callable[[int, int], Box], *sizes: int) -> list[torch.Tensor]:
+def decode_crop(ref: ImageRef, choose: Callable[[int, int], Box], *sizes: int, memo: dict | None = None
+                ) -> list[torch.Tensor]:
     """[3, size, size] uint8 for each size: the box `choose(width, height)` picks (left, top,
     right, bottom, in pixels of the upright image) resized, from the image decoded as
-    `decode_boxes` decodes it (the box `max(sizes)` pixels each way)."""
-    image, (box,) = decode_boxes(ref, lambda width, height: [(choose(width, height), max(sizes))])
+    `decode_boxes` decodes it (the box `max(sizes)` pixels each way; `memo`: as `decode`'s)."""
+    image, (box,) = decode_boxes(ref, lambda width, height: [(choose(width, height), max(sizes))], memo)
     return crop_resize(image, box, *sizes)

@@ -232,14 +232,14 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
             # What a training step sees of the box (the stored JPEG decoded as it decodes it, at a
             # reduced DCT scale where the box allows), and the codebook's view of that, as
             # `SampleMaker` and `collate` make it: the targets describe the model's very pixels.
-            stored = Blob(parts["jpg"], "jpg")
+            stored, decoded = Blob(parts["jpg"], "jpg"), {}  # boxes needing one DCT scale share its decode
             for box in b:
                 def choose(width: int, height: int, box=box) -> tuple[float, ...]:
                     return tuple(float(v) for v in box * np.array([width, height] * 2))
                 if cs > s:  # patches under 8 px: from the crop itself
-                    pixels.append(decode_crop(stored, choose, s, cs)[1])
+                    pixels.append(decode_crop(stored, choose, s, cs, memo=decoded)[1])
                 else:
-                    pixels.append(codebook_view(decode_crop(stored, choose, s)[0][None], cs)[0])
+                    pixels.append(codebook_view(decode_crop(stored, choose, s, memo=decoded)[0][None], cs)[0])
     read = ReadUnit([(key, parts) for key, parts, _ in kept], dropped, unit.name, boxes,
                     torch.stack(pixels).numpy() if pixels else None)
     if crops and tokenizer is None:
