@@ -787,6 +787,13 @@ def test_a_photograph_stored_sideways_is_read_upright_as_its_exif_orientation_sa
             box = (10.0, 20.0, 70.0, 90.0)  # in the upright image's pixels; 64 px: a whole decode
             assert torch.equal(decode_crop(path, lambda w, h: box, 64)[0], crop_resize(want.copy(), box, 64)[0]), where
     assert jpeg_orientation(_sideways(stored, 1)) == 1
+    # An image a pixel wide, flipped: its upright copy has no negative stride for torch to refuse.
+    for size, orientation in (((1, 1), 2), ((8, 8), 2), ((1, 5), 4), ((5, 1), 7)):
+        path = tmp_path / f"thin{size}{orientation}.jpg"
+        path.write_bytes(_sideways(Image.new("RGB", size, (200, 30, 90)), orientation))
+        crop = decode_crop(path, lambda w, h: (0.0, 0.0, float(w), float(h)), 2)[0]
+        assert crop.shape == (3, 2, 2) and abs(int(crop[0, 0, 0]) - 200) < 8, (size, orientation)
+        assert decode_crop(path, lambda w, h: (0.0, 0.0, w / 8, h / 8), 1)[0].shape == (3, 1, 1)
     plain = io.BytesIO()
     stored.save(plain, "JPEG")
     assert jpeg_orientation(plain.getvalue()) == 1

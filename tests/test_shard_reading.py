@@ -368,6 +368,17 @@ def test_an_unfinished_prepare_of_an_earlier_release_is_finished_only_where_its_
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "holds shards an earlier flava began preparing, whose image " \
         "tokens were made of some crops decoded otherwise than training now decodes them" in err
+    # Finished by that release and run again: its index still says its tokens are of before, and
+    # training's note about them stays.
+    tokens[tokens.index(str(tmp_path / "t2"))] = str(tmp_path / "t3")
+    assert cli(tokens) == 0
+    for name, at in (("prepare_settings.json", lambda d: d), ("index.json", lambda d: d["flava"])):
+        recorded = json.loads((tmp_path / "t3" / name).read_text())
+        del at(recorded)["decoded"]
+        (tmp_path / "t3" / name).write_text(json.dumps(recorded))
+    (tmp_path / "t3" / "00001.tar").unlink()  # a unit to do again
+    assert cli(tokens) == 0
+    assert "decoded" not in json.loads((tmp_path / "t3" / "index.json").read_text())["flava"]
 
 
 def _block_sums(pixels):
@@ -384,6 +395,10 @@ def test_prepared_image_tokens_are_those_of_the_pixels_training_shows_the_model(
     from flava.data.members import Blob
     from flava.data.prepare import PrepareSettings, prepare
     from flava.data.registry import open_source
+    import torch
+
+    from flava.data.samples import SampleMaker, SampleSpec
+    from flava.data.sources import open_shard
     from flava.data.transforms import codebook_view
 
     rng = np.random.default_rng(0)
@@ -423,6 +438,18 @@ def test_prepared_image_tokens_are_those_of_the_pixels_training_shows_the_model(
                 assert np.array_equal(_block_sums(view[None])[0].numpy(), tokens), (image_size, codebook_size)
                 compared += 1
         assert compared == 3 * 3
+        # Trained on them, a sample's pixels and targets are one box's, its pixels those of the decode
+        # the tokens were made from (which covers the codebook's view where that is the larger).
+        maker = SampleMaker(SampleSpec(image_size, codebook_size, codebook_size // 8, 16), seed=0)
+        for i, record in enumerate(open_shard(open_source("pairs", str(out)).shards[0]).records):
+            got = maker("pairs", record, (0, i))
+            jpg = record.image.read()
+            boxes = np.load(io.BytesIO(record.prepared.crops.read()))
+            tokens = np.load(io.BytesIO(record.prepared.tokens.read()))
+            k = next(k for k in range(len(boxes)) if np.array_equal(tokens[k], got["image_targets"].numpy()))
+            (want,) = decode_crop(Blob(jpg, "jpg"), lambda w, h: tuple(float(v) for v in boxes[k] * np.array([w, h] * 2)),
+                                  image_size, side=max(image_size, codebook_size))
+            assert torch.equal(got["pixel_values"], want), (image_size, codebook_size, i)
 
 
 def test_tables_named_where_they_cannot_be_read_as_one_are_said_to_be_tables(tmp_path):

@@ -129,7 +129,8 @@ def upright(array: np.ndarray, orientation: int) -> np.ndarray:
     turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
               5: lambda a: a.swapaxes(0, 1), 6: lambda a: a.swapaxes(0, 1)[:, ::-1],
               7: lambda a: a[::-1, ::-1].swapaxes(0, 1), 8: lambda a: a.swapaxes(0, 1)[::-1]}.get(orientation)
-    return array if turned is None else np.ascontiguousarray(turned(array))
+    # A copy, not ascontiguousarray: that keeps a negative stride on an axis of one pixel.
+    return array if turned is None else turned(array).copy()
 
 
 def _upright_draft(draft: Callable[[int, int], tuple[int, int]], orientation: int
@@ -212,7 +213,8 @@ def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = 
 FAST_EIGHTHS = (1, 2, 4)
 """The reduced DCT scales libjpeg-turbo decodes faster than the whole image (in eighths: 1/8, 1/4,
 1/2; its SIMD kernels). The others cost more than the next of these up, and 5/8-7/8 more than
-the whole: a 256-px photograph at 7/8 took 0.54 ms, whole 0.25."""
+the whole: a 256-px photograph at 7/8 took 0.54 ms, whole 0.25. An image of a few pixels, whose
+sizes at two scales round to one, may still be decoded at a slow one: at no cost that counts."""
 
 
 DECODED = "fast-dct-scales"
@@ -235,8 +237,9 @@ def decode_rgb(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | Non
                memo: dict | None = None) -> np.ndarray:
     """[H, W, 3] uint8 RGB, as `open_image` gives, faster for JPEGs: libjpeg-turbo through
     simplejpeg (the same pixels as PIL, without PIL's per-image overheads; with `draft`, the
-    smallest of its fast DCT scales, 1/8, 1/4, 1/2 or whole, that still covers the request, as
-    PIL's draft mode picks). Other formats, and JPEGs it does not read (CMYK), go through PIL."""
+    smallest of its fast DCT scales, 1/8, 1/4, 1/2 or whole, that still covers the request). Other
+    formats, and JPEGs it does not read (CMYK), go through PIL, whose draft mode may choose a
+    larger scale."""
     image = decode(ref, draft, memo)
     return image if isinstance(image, np.ndarray) else np.array(image)  # a writable copy: torch wraps it
 
@@ -287,10 +290,12 @@ def decode_boxes(ref: ImageRef, plan: Callable[[int, int], list[tuple[Box, int]]
     return image, [(left * fx, top * fy, right * fx, bottom * fy) for (left, top, right, bottom), _ in boxes]
 
 
-def decode_crop(ref: ImageRef, choose: Callable[[int, int], Box], *sizes: int, memo: dict | None = None
-                ) -> list[torch.Tensor]:
+def decode_crop(ref: ImageRef, choose: Callable[[int, int], Box], *sizes: int, memo: dict | None = None,
+                side: int | None = None) -> list[torch.Tensor]:
     """[3, size, size] uint8 for each size: the box `choose(width, height)` picks (left, top,
     right, bottom, in pixels of the upright image) resized, from the image decoded as
-    `decode_boxes` decodes it (the box `max(sizes)` pixels each way; `memo`: as `decode`'s)."""
-    image, (box,) = decode_boxes(ref, lambda width, height: [(choose(width, height), max(sizes))], memo)
+    `decode_boxes` decodes it (the box `side` pixels each way, by default `max(sizes)`; `memo`:
+    as `decode`'s)."""
+    side = max(sizes) if side is None else side
+    image, (box,) = decode_boxes(ref, lambda width, height: [(choose(width, height), side)], memo)
     return crop_resize(image, box, *sizes)

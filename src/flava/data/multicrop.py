@@ -149,7 +149,7 @@ def _draw(width: int, height: int, scale: tuple[float, float], blur_p: float, so
 def multi_crop(image: ImageRef | np.ndarray, spec: MultiCropSpec, rng: np.random.Generator,
                coloured: bool = True) -> MultiCropSample:
     """Two global and `spec.local_crops` local crops of `image` (a stored image, decoded here at the
-    smallest DCT scale that still gives every crop its size; or one in memory), every choice drawn
+    smallest fast DCT scale that still gives every crop its size; or one in memory), every choice drawn
     from `rng`. An image too large or too thin raises BadSample, as decoding it does.
     `coloured=False`: uint8 crops and their colour rows, for `colour` to finish where the batch goes."""
     g, loc = spec.global_size, spec.local_size

@@ -457,7 +457,12 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     shardlist = [{"url": s["url"], "nsamples": s["nsamples"]} for s in stats if s["nsamples"]]
     info = {"kind": kind, "codebook": fingerprint, "grid": grid, "image_size": image_size,
             "crops": settings.crops if tokenizer_factory else 0, "size": settings.size, "vocab_size": vocab_size,
-            "crop_scale_min": settings.crop_scale_min, "decoded": DECODED}
+            "crop_scale_min": settings.crop_scale_min}
+    # As the manifest says it was begun: a finished prepare of before, run again, keeps its tokens of
+    # crops decoded otherwise, and training's note about them.
+    decoded = json.loads(mark.read_text()).get("decoded")
+    if decoded is not None:
+        info["decoded"] = decoded
     write_json_atomic(output / INDEX, {"shardlist": shardlist, "flava": info if tokenizer_factory else None})
     dropped: Counter = Counter()
     for src in sources:  # rows of a table refused while it was listed (undecodable, no image)

@@ -86,10 +86,12 @@ class SampleMaker:
             return tuple(float(v) for v in crops[k] * np.array([width, height] * 2))
 
         # The codebook's view is made from the batch of these (`collate`), unless it is larger than
-        # the model's (patches under 8 px): then from the crop itself, as `flava prepare` tokenises it.
+        # the model's (patches under 8 px): then from the crop itself, as `flava prepare` tokenises it,
+        # both from a decode that covers the larger (prepared or not, the model's pixels are one).
         cs = self.spec.codebook_image_size
         own_view = prepared is None and cs > s
-        pixels, *codebook = decode_crop(ref, choose, s, cs) if own_view else decode_crop(ref, choose, s)
+        pixels, *codebook = decode_crop(ref, choose, s, cs) if own_view else \
+            decode_crop(ref, choose, s, side=max(s, cs))
         patch_mask = torch.from_numpy(self.block_masking(rng).reshape(-1))
         if prepared is not None:
             return {"pixel_values": pixels, "image_targets": targets[0], "patch_mask": patch_mask}
