@@ -607,6 +607,31 @@ def test_a_text_tables_column_keeps_its_name(tiny_model, photos, tmp_path, capsy
     assert hits[0]["item"] == "hello world" and hits[0]["metadata"]["text"] == "hello world"
 
 
+def test_a_parquet_pair_tables_other_columns_are_kept_as_a_csvs_are(tiny_model, photos, tmp_path):
+    # They were dropped without a word: only the image and caption came through.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = [str(photos / "red" / f"{i}.png") for i in range(2)]
+    blobs = [open(p, "rb").read() for p in paths]
+    for name, images in (("paths", paths), ("bytes", blobs)):
+        pq.write_table(pa.table({"image": images, "caption": ["one", "two"], "src": ["web", None], "n": [3, 4],
+                                 "image_path": ["theirs", "also theirs"]}), tmp_path / f"{name}.parquet")
+        assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / f"{name}.parquet"),
+                    "--output", str(tmp_path / name)]) == 0
+        meta = read_embeddings(tmp_path / name).metadata
+        assert [{k: v for k, v in m.items() if k != "image_path"} for m in meta] == [
+            {"caption": "one", "src": "web", "n": "3", "input_image_path": "theirs"},
+            {"caption": "two", "src": None, "n": "4", "input_image_path": "also theirs"}], name
+        if name == "paths":  # the image's own column is embed's, as a CSV's is
+            assert [m["image_path"] for m in meta] == paths
+    (tmp_path / "pairs.csv").write_text(f"image,caption,image_path\n{paths[0]},one,theirs\n")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "pairs.csv"),
+                "--output", str(tmp_path / "csv")]) == 0
+    assert read_embeddings(tmp_path / "csv").metadata == [{"image_path": paths[0], "caption": "one",
+                                                           "input_image_path": "theirs"}]
+
+
 def test_embed_refuses_when_nothing_could_be_embedded(tiny_model, photos, tmp_path, capsys):
     (tmp_path / "pairs.csv").write_text(f"image,caption\nnope.png,a thing\ngone.png,another\n"
                                         f"{photos / 'red' / '0.png'},\n")

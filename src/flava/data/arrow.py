@@ -263,6 +263,26 @@ def _holds_bytes(shard: _Shard, column: str) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
+@functools.lru_cache(maxsize=2)
+def _other_rows(shard: _Shard, unit: int, leave_out: tuple[str, ...]) -> list[dict]:
+    schema = _open(shard)[0]
+    # Binary and image-struct columns are images, not metadata.
+    names = [f.name for f in schema if f.name not in leave_out and not pa.types.is_binary(f.type)
+             and not pa.types.is_large_binary(f.type) and not (pa.types.is_struct(f.type) and _is_image_type(f.type))]
+    try:
+        if shard.format == "arrow":
+            return _arrow_batches(shard.path)[unit].select(names).to_pylist()
+        return pq.ParquetFile(shard.path).read_row_group(unit, columns=names).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{shard.path}: its other columns could not be read ({e})") from None
+
+
+def other_cells(ref: ArrowImage, leave_out: tuple[str, ...]) -> dict:
+    """The cells of `ref`'s row outside the columns `leave_out` names and the image columns (what
+    `flava embed` keeps as metadata, as it keeps a CSV's other columns); a unit is read once."""
+    return _other_rows(ref.shard, ref.unit, tuple(sorted({ref.column, *leave_out})))[ref.row]
+
+
 def image_cell(name: str) -> ArrowImage | None:
     """The cell an `ArrowImage.locator` of a bytes cell names; None for any other text."""
     m = re.fullmatch(r"(.+\.(parquet|arrow))#(\d+):(\d+):(.+)", name, flags=re.IGNORECASE | re.DOTALL)

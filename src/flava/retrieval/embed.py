@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .. import stopping
-from ..data.arrow import ArrowImage, is_arrow_spec
+from ..data.arrow import ArrowImage, is_arrow_spec, other_cells
 from ..data.images import find_images
 from ..data.processor import ImageInput
 from ..data.members import BadSample, refuse_urls, table_image
@@ -185,6 +185,12 @@ def _cell(value):
     return None if value is None else str(value)
 
 
+def _with_others(row: dict, others: dict) -> dict:
+    """`row` with a table's other columns as metadata; one named as a column of embed's own
+    (`image_path`, `caption`, `key`) kept as `input_NAME`."""
+    return {**row, **{k if k not in row else f"input_{k}": _cell(v) for k, v in others.items()}}
+
+
 def pair_inputs(spec: str) -> Inputs:
     """Image-caption pairs: a CSV, TSV or JSONL table with image and caption columns (relative image
     paths are relative to the file; other columns become metadata), or any pair source of
@@ -211,8 +217,8 @@ def pair_inputs(spec: str) -> Inputs:
             image = image.resolve() if isinstance(image, Path) else image
             images.append(image)
             texts.append(row.get(text_col))
-            meta.append({"image_path": str(image), "caption": row.get(text_col),
-                         **{k: _cell(v) for k, v in row.items() if k not in (image_col, text_col)}})
+            meta.append(_with_others({"image_path": str(image), "caption": row.get(text_col)},
+                                     {k: v for k, v in row.items() if k not in (image_col, text_col)}))
         if not images:
             raise DataError(f"{p}: no row names an image (its {image_col!r} cells are empty)")
         refuse_urls(p, images)
@@ -222,6 +228,7 @@ def pair_inputs(spec: str) -> Inputs:
 
     source = open_source("pairs", spec)
     images, texts, meta = [], [], []
+    roles = tuple(dict(getattr(source.shards[0], "columns", ())).values()) if source.shards else ()
     for record in source.records:
         ref = record.image
         # A shard's member or a parquet cell says where it is, for serve's /items to read it again.
@@ -233,8 +240,10 @@ def pair_inputs(spec: str) -> Inputs:
             pass  # left as it is: embedding it fails, and is counted then
         images.append(ref)
         texts.append(caption)
-        meta.append({"image_path": name, **({"caption": caption} if isinstance(caption, str) else {}),
-                     **({"key": record.key} if getattr(record, "key", None) is not None else {})})
+        row = {"image_path": name, **({"caption": caption} if isinstance(caption, str) else {}),
+               **({"key": record.key} if getattr(record, "key", None) is not None else {})}
+        # A parquet or `datasets` table's other columns, kept as a CSV's are.
+        meta.append(_with_others(row, other_cells(ref, roles)) if isinstance(ref, ArrowImage) else row)
     return Inputs("pair", images=images, texts=texts, metadata=meta, listing_rejected=Counter(source.rejected))
 
 
