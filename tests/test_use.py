@@ -800,6 +800,26 @@ def test_classify_never_writes_over_its_inputs_nor_over_a_file_without_replace(t
     assert f"--output {notes} exists; name another file, or add --replace" in err and notes.read_text() == "mine\n"
     assert cli(args + ["--output", str(notes), "--replace"]) == 0
     assert notes.read_text().startswith("image,prediction")
+    # With --labels, the confusion matrix picture beside --output is held to the same rules: it had
+    # been written over any file of its name, an image being classified among them.
+    import shutil
+
+    lab = tmp_path / "lab"
+    for colour in ("red", "blue"):
+        shutil.copytree(photos / colour, lab / colour)
+    shutil.copy(photos / "red" / "0.png", lab / "red" / "p_confusion.png")
+    labelled = ["classify", "--model", str(tiny_model), "--images", str(lab), "--labels"]
+    picture = lab / "red" / "p_confusion.png"
+    before = picture.read_bytes()
+    err = _one_line(capsys, cli(labelled + ["--output", str(lab / "red" / "p.csv"), "--replace"]))
+    assert f"the confusion matrix picture {picture} is an input of this command" in err
+    assert picture.read_bytes() == before and not (lab / "red" / "p.csv").exists()
+    (tmp_path / "q_confusion.png").write_bytes(b"mine")
+    err = _one_line(capsys, cli(labelled + ["--output", str(tmp_path / "q.csv")]))
+    assert f"the confusion matrix picture {tmp_path / 'q_confusion.png'} exists; name another file, or add " \
+           "--replace" in err and (tmp_path / "q_confusion.png").read_bytes() == b"mine"
+    assert cli(labelled + ["--output", str(tmp_path / "q.csv"), "--replace"]) == 0
+    assert (tmp_path / "q_confusion.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_resized_model_processes_images_at_its_new_size():

@@ -26,8 +26,9 @@ def add(sub) -> None:
                    "print accuracy and write a confusion matrix picture")
     p.add_argument("--top-k", dest="top_k", type=int, default=3, help="classes kept per image (default 3)")
     p.add_argument("--output", help="write every prediction to this .csv, .tsv or .jsonl file, in predict's columns "
-                   "(with --labels, a confusion matrix picture beside it)")
-    p.add_argument("--replace", action="store_true", help="write over an --output file that exists")
+                   "(with --labels, a confusion matrix picture beside it, NAME_confusion.png)")
+    p.add_argument("--replace", action="store_true",
+                   help="write over an --output file (and its confusion matrix picture) that exists")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=32)
     p.add_argument("--device")
     p.add_argument("--int8", action="store_true")
@@ -73,7 +74,12 @@ def run(args: argparse.Namespace, console: Console) -> None:
     check_classes(classes)  # before the model loads, not after
     templates = templates_from(args.templates)
     if args.output:
-        check_new_file(args.output, [*args.images, args.classes or "", args.templates or ""], args.replace)
+        named = [*args.images, args.classes or "", args.templates or ""]
+        check_new_file(args.output, named, args.replace)
+        if args.labels:  # the picture written beside it: never an image being classified, nor a file's loss
+            picture = confusion_picture(Path(args.output))
+            check_new_file(picture, [*named, *(str(p) for p in inputs.images if Path(p).name == picture.name)],
+                           args.replace, what="the confusion matrix picture")
     model = load_for_inference(args.model, args.device, args.int8)
     check_classes(classes, model.processor.tokenizer)  # names it reads alike, before any work
     console.print(escape(f"classifying {len(inputs)} image(s){said_left_out(inputs.left_out)} into {len(classes)} "
@@ -126,9 +132,14 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"accuracy {100 * acc:.1f} % on {len(ok)} labelled image(s) (chance {100 / len(classes):.1f} %)")
         if out is not None:
             cm = confusion_matrix(pred_idx, true_idx, len(classes))
-            picture = out.with_name(out.stem + "_confusion.png")
+            picture = confusion_picture(out)
             _confusion_png(cm, classes, picture, acc)
             console.print(f"confusion matrix: {escape(str(picture))}")
+
+
+def confusion_picture(output: Path) -> Path:
+    """The confusion matrix picture written beside `--output` with `--labels`."""
+    return output.with_name(output.stem + "_confusion.png")
 
 
 def _confusion_png(cm, classes: list[str], path: Path, accuracy: float) -> None:

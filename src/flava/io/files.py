@@ -204,10 +204,11 @@ def refuse_other_files(folder: Path, record: Path, what: str, allowed: tuple[str
                           "empty --output")
 
 
-def check_new_file(path: str | os.PathLike, inputs: list[str], replace: bool) -> None:
+def check_new_file(path: str | os.PathLike, inputs: list[str], replace: bool, what: str = "--output") -> None:
     """Refuse, before any work, an output file that is one of the command's `inputs` (named
     files; folders and globs are read for images, never overwritten) and, without `replace`
-    (`--replace`), one that exists: what the file held would be lost. Writable first (`check_writable`)."""
+    (`--replace`), one that exists: what the file held would be lost. Writable first (`check_writable`).
+    `what` names the file in the refusals (a file written beside --output says which)."""
     check_writable(path, directory=False)
     path = Path(path)
     if not path.is_file():
@@ -218,9 +219,9 @@ def check_new_file(path: str | os.PathLike, inputs: list[str], replace: bool) ->
         except OSError:  # a name too long, a folder not readable: not this file
             same = False
         if same:
-            raise OutputError(f"--output {path} is an input of this command; name another file to write")
+            raise OutputError(f"{what} {path} is an input of this command; name another file to write")
     if not replace:
-        raise OutputError(f"--output {path} exists; name another file, or add --replace to write over it")
+        raise OutputError(f"{what} {path} exists; name another file, or add --replace to write over it")
 
 
 def explain_os_error(e: OSError) -> str:
