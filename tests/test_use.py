@@ -585,6 +585,28 @@ def test_a_missing_value_is_never_shown_as_none(tiny_model, tmp_path, capsys):
     assert [h.item for h in bare.search(np.eye(1, 8, dtype=np.float32), k=2)[0]] == ["", ""]
 
 
+def test_a_text_file_is_read_as_utf8_lines_and_an_image_named_as_texts_is_refused(tiny_model, photos, tmp_path,
+                                                                                     capsys):
+    # An image named with --texts had been embedded as '\x89PNG' and the like, and a line that is not
+    # UTF-8 as '\ufffd', without a word.
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts", str(photos / "red" / "0.png"),
+                                 "--output", str(tmp_path / "img")]))
+    assert f"{photos / 'red' / '0.png'} holds binary data, not text (an image? name images with --images)" in err
+    assert not (tmp_path / "img").exists()
+    (tmp_path / "t.txt").write_bytes(b"\xef\xbb\xbfa red square\n\xff\xfe not text\r\na blue square\rlast\n")
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"),
+                "--output", str(tmp_path / "emb")]) == 0
+    assert [m["caption"] for m in read_embeddings(tmp_path / "emb").metadata] == ["a red square", "a blue square",
+                                                                                  "last"]
+    report = json.loads((tmp_path / "emb" / "embed.json").read_text())
+    assert report["failures"] == [{"line": f"{tmp_path / 't.txt'}, line 2", "error": "undecodable text line",
+                                   "detail": "the line holds bytes that are not UTF-8 text; save the file as UTF-8"}]
+    assert "left out: 1 undecodable text line" in capsys.readouterr().out
+    (tmp_path / "empty.txt").write_text("")
+    assert "empty.txt is empty" in _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts",
+                                                          str(tmp_path / "empty.txt"), "--output", str(tmp_path / "e")]))
+
+
 def test_a_text_tables_column_keeps_its_name(tiny_model, photos, tmp_path, capsys):
     (tmp_path / "t.csv").write_text("text,id,caption\nhello world,1,not the text\na blue square,2,\n")
     assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.csv"),

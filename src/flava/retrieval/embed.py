@@ -37,7 +37,7 @@ from ..data.images import find_images
 from ..data.processor import ImageInput
 from ..data.members import BadSample, refuse_urls, table_image
 from ..data.sources import read_caption
-from ..data.tables import is_table, read_table
+from ..data.tables import NOT_UTF8, is_table, read_table
 from ..errors import DataError, InputError
 from ..io.files import read_json, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
@@ -161,9 +161,25 @@ def text_inputs(path: str) -> Inputs:
                 for t, row in zip(texts, table.rows)]
         return Inputs("text", texts=texts, metadata=meta, text_field=column,
                       listing_rejected=Counter(table.rejected), listing_named=_bad_rows(table))
-    with p.open(encoding="utf-8-sig", errors="replace") as f:  # a byte-order mark is not the first text's
-        texts = [line.rstrip("\n") for line in f]
-    return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts])
+    data = p.read_bytes()
+    if b"\0" in data[:8192]:  # what no text holds, and images, archives and the like do
+        raise DataError(f"{p} holds binary data, not text (an image? name images with --images): give one text a "
+                        "line in a .txt file, or a .csv, .tsv, .jsonl or parquet table with a text column")
+    texts, rejected, named = [], Counter(), []
+    # Lines as text mode reads them (\n, \r\n, \r); a byte-order mark is not the first text's.
+    for n, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
+        try:
+            texts.append(line.decode("utf-8"))
+        except UnicodeDecodeError:  # left out and named, as a table's undecodable row is, not embedded as "\ufffd"
+            if not rejected:
+                named.append({"line": f"{p}, line {n}", "error": "undecodable text line",
+                              "detail": f"the line {NOT_UTF8}"})
+            rejected["undecodable text line"] += 1
+    if not texts:
+        raise DataError(f"{p}: no line could be read (the first bad: line {named[0]['line'].rsplit(' ', 1)[1]}: the "
+                        f"line {NOT_UTF8})" if named else f"{p} is empty")
+    return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts], listing_rejected=rejected,
+                  listing_named=named)
 
 
 def _bad_rows(table) -> list[dict]:
