@@ -481,6 +481,27 @@ def test_index_add_refuses_int8_vectors_into_a_float_index_and_back(tiny_model, 
     assert "holds int8 embeddings" in _one_line(capsys, cli(["index", "--embeddings", str(ints), "--output",
                                                              str(fidx), "--add"]))
     assert len(VectorIndex.open(fidx)) == len(VectorIndex.open(qidx)) == 4
+    # Searched, an int8 index's queries are embedded by the int8 model, as its vectors were (the float
+    # model's had ranked them); serving a float index with --int8 is refused, an int8 one is int8.
+    from rich.console import Console
+
+    from flava.cli import build_parser
+    from flava.cli.embed import load_for_inference
+    from flava.cli.serve import build_app
+    from flava.retrieval.embed import Embedder
+
+    capsys.readouterr()
+    assert cli(["search", "--index", str(qidx), "--text", "a green square", "-k", "4", "--json"]) == 0
+    got = [h["score"] for h in json.loads(capsys.readouterr().out)]
+    scores = {int8: [round(h.score, 6) for h in VectorIndex.open(qidx).search(
+        Embedder(load_for_inference(str(tiny_model), None, int8)).texts(["a green square"]), 4)[0]]
+        for int8 in (True, False)}
+    assert got == scores[True] and scores[True] != scores[False]
+    err = _one_line(capsys, cli(["serve", "--index", str(fidx), "--int8", "--port", "0"]))
+    assert f"the index {fidx} holds float embeddings (embed without --int8): serve it without --int8" in err
+    args = build_parser().parse_args(["serve", "--index", str(qidx), "--port", "0"])
+    build_app(args, Console(file=io.StringIO()))
+    assert args.int8  # the model it loads is int8
 
 
 @pytest.mark.slow  # end to end: commands run one after another
@@ -824,8 +845,6 @@ def test_classify_never_writes_over_its_inputs_nor_over_a_file_without_replace(t
     assert notes.read_text().startswith("image,prediction")
     # With --labels, the confusion matrix picture beside --output is held to the same rules: it had
     # been written over any file of its name, an image being classified among them.
-    import shutil
-
     lab = tmp_path / "lab"
     for colour in ("red", "blue"):
         shutil.copytree(photos / colour, lab / colour)

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     name, warning = query_model(index, args.model, args.allow_other_model)
     if warning:
         print(warning, file=sys.stderr)
-    embedder = Embedder(load_for_inference(name, None, False))
+    # Queries embedded as the index's vectors were: int8 activations are quantized otherwise.
+    embedder = Embedder(load_for_inference(name, None, bool(index.int8)))
     query = embedder.texts([args.text]) if args.text is not None else embedder.images([args.image])
     hits = index.search(query, args.k)[0]
     if args.json:

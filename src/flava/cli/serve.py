@@ -125,6 +125,13 @@ def build_app(args: argparse.Namespace, console: Console):
         if warning:
             console.print(warning, style="bold red")
         console.print(f"index: {args.index} ({len(index):,} {index.modality}s, {index.dim} dimensions)")
+        if index.int8 is not None and index.int8 != args.int8:  # queries embedded as its vectors were
+            if args.int8:
+                raise ConfigError(f"the index {args.index} holds float embeddings (embed without --int8): serve it "
+                                  "without --int8, or build an index of --int8 embeddings")
+            args.int8 = True
+            console.print(f"note: the index {args.index} holds int8 embeddings (embed --int8): queries are embedded "
+                          "by the int8 model too")
     device = "cuda" if torch.cuda.is_available() and not args.int8 else None
     if args.task:
         from .. import load_task
