@@ -624,8 +624,9 @@ def test_a_text_file_is_read_as_utf8_lines_and_an_image_named_as_texts_is_refuse
                                    "detail": "the line holds bytes that are not UTF-8 text; save the file as UTF-8"}]
     assert "left out: 1 undecodable text line" in capsys.readouterr().out
     (tmp_path / "empty.txt").write_text("")
-    assert "empty.txt is empty" in _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts",
-                                                          str(tmp_path / "empty.txt"), "--output", str(tmp_path / "e")]))
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "empty.txt"),
+                                 "--output", str(tmp_path / "e")]))
+    assert "empty.txt is empty" in err
 
 
 def test_a_text_tables_column_keeps_its_name(tiny_model, photos, tmp_path, capsys):
@@ -788,6 +789,17 @@ def test_classify_a_labelled_folder(tiny_model, photos, tmp_path, capsys):
     assert list(first) == ["image", "true_label", "prediction", "score", "top", "error"]
     top = [t.split(":") for t in first["top"].split("|")]
     assert len(top) == 2 and top[0][0] == first["prediction"] and abs(float(top[0][1]) - float(p.max())) < 1e-4
+    # The same classes named with --classes score as read from the folders (underscores read as spaces
+    # in the prompts either way; named, they had been prompted with the underscores).
+    for colour in COLOURS:
+        shutil.copytree(photos / colour, tmp_path / "lab" / f"dark_{colour}")
+    scores = []
+    for named in ([], ["--classes", ",".join(f"dark_{c}" for c in sorted(COLOURS))]):
+        assert cli(["classify", "--model", str(tiny_model), "--images", str(tmp_path / "lab"), "--labels",
+                    "--output", str(tmp_path / f"lab{len(named)}.csv"), *named]) == 0
+        rows = csv.DictReader((tmp_path / f"lab{len(named)}.csv").open())
+        scores.append([(r["prediction"], r["score"]) for r in rows])
+    assert scores[0] == scores[1] and scores[0][0][0].startswith("dark_")
     assert cli(["classify", "--model", str(tiny_model), "--images", str(photos), "--classes", "a,b",
                 "--templates", "no braces"]) == 2
     assert "exactly one {}" in capsys.readouterr().err

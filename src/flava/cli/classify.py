@@ -18,8 +18,8 @@ def add(sub) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--images", required=True, nargs="+", help="image files, folders (recursive) or globs")
     p.add_argument("--classes", help="class names, comma-separated, or a file with one per line (default with "
-                   "--labels: the sub-folder names, read with spaces for underscores in the prompts, as evaluate's "
-                   "zero-shot task reads them)")
+                   "--labels: the sub-folder names); underscores are read as spaces in the prompts, as evaluate's "
+                   "zero-shot task reads them")
     p.add_argument("--templates", help="prompt templates: clip (22 in CLIP's manner, default), short ('a photo of a "
                    "{}.'), none, a file with one template per line, or templates separated by '|'; each has one {}")
     p.add_argument("--labels", action="store_true", help="the images' sub-folder names are their true classes: "
@@ -84,10 +84,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     check_classes(classes, model.processor.tokenizer)  # names it reads alike, before any work
     console.print(escape(f"classifying {len(inputs)} image(s){said_left_out(inputs.left_out)} into {len(classes)} "
                          f"classes with {len(templates)} prompt template(s)"))
-    # Folder names as evaluate's zero-shot task prompts them (dark_red: "a photo of a dark red."), so
-    # the two score a folder alike; the labels stay the folders' names.
-    vectors = None if args.classes else class_embeddings(model, [c.replace("_", " ") for c in classes],
-                                                         model.processor.tokenizer, templates)
+    # Names as evaluate's zero-shot task prompts them (dark_red: "a photo of a dark red."), so the two
+    # score a folder alike, and the same names give the same scores named or read from the folders;
+    # the labels stay the names as given.
+    vectors = class_embeddings(model, [c.replace("_", " ") for c in classes], model.processor.tokenizer, templates)
     clf = ZeroShotClassifier(model, classes, templates, args.batch_size, class_vectors=vectors)
     predictions = clf.predict(inputs.images, args.top_k)
     out = Path(args.output) if args.output else None
