@@ -1054,3 +1054,7 @@ def test_classify_names_each_unusable_image_once(tiny_model, photos, tmp_path, c
     assert "2 image(s) could not be used (unreadable, or refused for their size or shape)" in said
     line = said.split("could not be used")[1]
     assert line.count("broken.png") + line.count("wide.png") == 1, line  # the path once, with its reason
+    # None usable: refused in one line (it had ended 0, a table of errors its result), nothing written.
+    err = _one_line(capsys, cli(["classify", "--model", str(tiny_model), "--images", str(images / "broken.png"),
+                                 str(images / "wide.png"), "--classes", "a,b", "--output", str(tmp_path / "p.csv")]))
+    assert "none of the 2 image(s) could be used, e.g." in err and not (tmp_path / "p.csv").exists()

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     import numpy as np
 
     from ..data.images import said_left_out
-    from ..errors import InputError
+    from ..errors import DataError, InputError
     from ..io.files import check_new_file
     from ..retrieval.classify import ZeroShotClassifier, check_classes, class_embeddings, read_list, templates_from
     from ..retrieval.embed import image_inputs
@@ -90,6 +90,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     vectors = class_embeddings(model, [c.replace("_", " ") for c in classes], model.processor.tokenizer, templates)
     clf = ZeroShotClassifier(model, classes, templates, args.batch_size, class_vectors=vectors)
     predictions = clf.predict(inputs.images, args.top_k)
+    if predictions and all(p.error for p in predictions):  # nothing classified is no result (as embed says)
+        first = predictions[0]
+        raise DataError(f"none of the {len(predictions)} image(s) could be used, e.g. "
+                        + (first.error if str(first.image) in first.error else f"{first.image}: {first.error}"))
     out = Path(args.output) if args.output else None
     if out is not None:  # the columns and format `flava predict --output` writes
         rows = []

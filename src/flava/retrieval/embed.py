@@ -389,7 +389,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         old = read_json(out / SETTINGS, "embedding settings", DataError, expect=dict)
         if checkpoint is not None and not same_checkpoint(old.get("checkpoint"), checkpoint):
             raise DataError(f"{out} holds embeddings made with {describe_checkpoint(old.get('checkpoint'))}, but this "
-                            f"command's model {model_name} is {describe_checkpoint(checkpoint)}; one output never mixes "
+                            f"command's model is {describe_checkpoint(checkpoint)}; one output never mixes "
                             f"two models' vectors: choose another --output, or delete {out} to embed again")
         if checkpoint is not None:  # the same weights, however they were named
             old = {**old, "model": model_name, "checkpoint": checkpoint}

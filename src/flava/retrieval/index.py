@@ -548,9 +548,10 @@ def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, 
     with hold(Path(index_dir) / LOCK, str(index_dir), "wait for the other `flava index --add` to end"):
         index = VectorIndex.open(index_dir)
         if which is not None and which != index.modality:  # one index never holds two modalities
+            kind = f"{'an' if which == 'image' else 'a'} {which} index"
             raise DataError(f"the index {index_dir} holds {index.modality} vectors, not {which} ones: leave out "
-                            f"--which {which} to add {embeddings}'s {index.modality} vectors, or build a {which} "
-                            f"index: flava index --embeddings {embeddings} --which {which} --output NEW_DIR")
+                            f"--which {which} to add {embeddings}'s {index.modality} vectors, or build {kind}: "
+                            f"flava index --embeddings {embeddings} --which {which} --output NEW_DIR")
         e = read_embeddings(embeddings, which or index.modality)
         if e.checkpoint and index.checkpoint:
             if not same_checkpoint(e.checkpoint, index.checkpoint):
