@@ -272,6 +272,8 @@ def create_app(
                 raise ApiError(400, '"embedding" holds a non-finite number')
             if not vectors.any():  # every item would score 0: a ranking of nothing
                 raise ApiError(400, '"embedding" is all zeros; send a vector with a direction')
+            # Scored as the index's own vectors are, by cosine: a longer vector scored past 1.
+            vectors /= np.linalg.norm(vectors)
             return await search(vectors, k, {"type": "embedding"}, start)
         if "position" in body:
             position = position_of(body["position"])
