@@ -234,6 +234,17 @@ def test_classify(server):
         got = {c["label"]: c["probability"] for c in row["classes"]}
         assert list(got) == [classes[j] for j in np.argsort(-want_p, kind="stable")]
         np.testing.assert_allclose([got[c] for c in classes], want_p, atol=1e-5)
+    # Underscores are read as spaces in the prompts, as `flava classify --classes` reads them; the
+    # labels stay as named.
+    named = ["dark_red", "green", "blue"]
+    status, dark, _ = server.post_form("/classify", {"classes": ", ".join(named), "templates": "short"}, files)
+    emb = class_embeddings(server.model, ["dark red", *classes[1:]], server.model.processor.tokenizer,
+                           ("a photo of a {}.",))
+    logits = np.exp(float(server.model.logit_scale.detach())) * (server.embedder.images(server.images[:2]) @ emb.T)
+    want = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    for row, want_p in zip(dark["results"], want):
+        got = {c["label"]: c["probability"] for c in row["classes"]}
+        np.testing.assert_allclose([got[c] for c in named], want_p, atol=1e-5)
 
 
 def test_items_serves_only_indexed_files(server):

@@ -527,5 +527,6 @@ def _image_response(read: Callable[[], bytes], where: str) -> tuple[bytes, str]:
 
 
 def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    return class_embeddings(model, classes, model.processor.tokenizer, templates)
+    # Prompted as `flava classify` and evaluate's zero-shot task prompt names: dark_red as "dark red".
+    return class_embeddings(model, [c.replace("_", " ") for c in classes], model.processor.tokenizer, templates)
 
