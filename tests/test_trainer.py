@@ -67,6 +67,38 @@ def test_resume_repeats_the_uninterrupted_run(data, tmp_path):
     assert isinstance(final.model, flava.FlavaModel) and final.codebook is not None
 
 
+def test_a_stop_amid_removing_an_old_checkpoint_leaves_it_whole_or_out_of_sight(data, tmp_path, monkeypatch):
+    # A second signal while keep_last removed an old checkpoint in place left one with its config and
+    # no weights, and the stop named the checkpoint before the one just written.
+    import shutil
+
+    from flava import stopping
+
+    real = shutil.rmtree
+
+    def cut(path, *args, **kwargs):  # the signal lands amid the deletion
+        if path.name.startswith(".step_") and (path / "model.safetensors").exists():
+            (path / "model.safetensors").unlink()
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    stopping.tell_saves("nothing was saved", "go on with --resume")
+    try:
+        monkeypatch.setattr(shutil, "rmtree", cut)
+        with pytest.raises(KeyboardInterrupt):
+            Trainer(narrow(config(data, max_steps=4, save_every=2, keep_last=1)), tmp_path / "run").fit()
+        newest = tmp_path / "run" / "checkpoints" / "step_00000004"
+        assert stopping.Interrupted(2, 1.0).saves.startswith(f"saved {newest}")
+    finally:
+        stopping.tell_saves("", "")
+        monkeypatch.setattr(shutil, "rmtree", real)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == ["step_00000004"]
+    resumed = Trainer(narrow(config(data, max_steps=4, save_every=2, keep_last=1)), tmp_path / "run")
+    assert resumed.resume() and resumed.step == 4
+    assert "removed .step_00000002.old, left by a write that was killed" in resumed.notes
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))
+
+
 @pytest.mark.slow
 def test_milestones_are_saved_and_kept_beside_the_newest(data, tmp_path):
     Trainer(narrow(config(data, max_steps=5, save_every=2, keep_every=3, keep_last=1)), tmp_path / "run").fit()

@@ -115,6 +115,18 @@ class RunDir:
                     removed.append(p)
         return removed
 
+    def discard(self, checkpoint: Path) -> None:
+        """Remove a checkpoint folder so that a stop or kill midway leaves it whole or out of sight:
+        renamed to a name the next start sweeps (`remove_orphans`), then deleted. Deleted in place, a
+        second signal had left one with its config and no weights."""
+        hidden = checkpoint.with_name(f".{checkpoint.name}.old")
+        shutil.rmtree(hidden, ignore_errors=True)
+        try:
+            os.rename(checkpoint, hidden)
+        except OSError:
+            return
+        shutil.rmtree(hidden, ignore_errors=True)
+
     def point_latest(self, step: int, target: Path) -> None:
         write_json_atomic(self.pointer, {"step": step, "path": target.name})
 

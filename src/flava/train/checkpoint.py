@@ -10,7 +10,6 @@ sharded); process 0 writes.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from safetensors import SafetensorError
 
+from .. import stopping
 from ..config import to_dict
 from ..errors import CheckpointError, DataChanged
 from ..loading import Checkpoint, load_weights, read_checkpoint, refuse_non_finite
@@ -225,6 +225,7 @@ class CheckpointManager:
             run.checkpoints.mkdir(parents=True, exist_ok=True)
             write_checkpoint_dir(target, fill)
             run.point_latest(step, target)
+            stopping.saved(target)  # a stop at once while older ones are removed below names this one
         except (OSError, RuntimeError, SafetensorError, ValueError) as e:
             # torch.save and safetensors report a full disk as RuntimeError / SafetensorError.
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
@@ -239,7 +240,7 @@ class CheckpointManager:
         older = [p for p in dirs if p.name <= target.name and p not in newer]
         kept = {p for p in older if self.keep_every and run.step_of(p) > 0 and run.step_of(p) % self.keep_every == 0}
         for old in newer + [p for p in older[: -self.keep_last] if p not in kept]:
-            shutil.rmtree(old, ignore_errors=True)
+            run.discard(old)
         return ""
 
     def choose(self) -> Chosen | None:
