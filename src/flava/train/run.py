@@ -151,10 +151,14 @@ def _refuse_what_no_resume_changes(saved: TrainConfig, cfg: TrainConfig, diff: d
     shapes. Such a change, even with --override, would be recorded and not made."""
     # The codebook is read where the checkpoints hold none: a run started without one may name one,
     # and a codebook folder that moved may be named again (earlier releases' checkpoints read it there).
-    read_at_start = {k: v for k, v in diff.items() if (k in CHECKPOINT_KEYS or k == "init_image_size")
+    # model.codebook.* too: the checkpoints hold the codebook with its own settings (they were recorded
+    # and never used).
+    read_at_start = {k: v for k, v in diff.items()
+                     if (k in CHECKPOINT_KEYS or k == "init_image_size" or k.startswith("model.codebook."))
                      and not (k == "codebook" and (not v[0] or moved_away(v[0])))}
     if read_at_start:
-        codebook = " --set codebook=..." if "codebook" in read_at_start else ""
+        codebook = " --set codebook=..." if any(k.startswith("codebook") or k.startswith("model.codebook.")
+                                                 for k in read_at_start) else ""
         raise ConfigError(f"a resumed run cannot change {said(read_at_start)}: it continues from its own checkpoints, "
                           "which hold its model and codebook, and reads nothing it started from again; start a new "
                           f"run from it instead (--set init={output}{codebook})")
