@@ -147,6 +147,45 @@ def test_a_disk_that_fills_mid_write_stops_in_one_line_and_loses_nothing(train_d
     assert [r["step"] for r in _rows(run)] == list(range(1, 7))
 
 
+@pytest.mark.slow
+def test_a_disk_that_fills_while_metrics_are_written_names_the_file(train_data, tmp_path, capsys, monkeypatch):
+    # A full disk's error names no file: the line said "cannot use a file".
+    from flava.train.metrics import MetricsLog
+
+    enter = MetricsLog.__enter__
+
+    class Fills:
+        def __init__(self, f):
+            self.f, self.flushes = f, 0
+
+        def write(self, text):
+            return self.f.write(text)
+
+        def flush(self):
+            self.flushes += 1
+            if self.flushes == 3:
+                raise OSError(28, "No space left on device")
+            self.f.flush()
+
+        def close(self):
+            self.f.close()
+
+    def entered(self):
+        enter(self)
+        self._file = Fills(self._file)
+        return self
+
+    monkeypatch.setattr(MetricsLog, "__enter__", entered)
+    run = tmp_path / "run"
+    code = cli(pretrain_args(train_data, run) + STEPS)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot use {run / 'metrics.jsonl'}" in err and "the disk is full" in err, err
+    monkeypatch.setattr(MetricsLog, "__enter__", enter)
+    assert cli(["pretrain", "--output", str(run), "--resume"]) == 0
+    assert [r["step"] for r in _rows(run)] == list(range(1, 7))
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 

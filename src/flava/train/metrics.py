@@ -24,15 +24,23 @@ class MetricsLog:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # the write that failed (a full disk) is what to say, not its repeat on close
+            if exc[0] is None:
+                raise
         self._file = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
 
     def write(self, row: dict) -> None:
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as e:  # a full disk's error names no file: the message would say "a file"
+            e.filename = e.filename or str(self.path)
+            raise
         if self.tensorboard:
             self._add_scalars(row)
 
