@@ -318,6 +318,15 @@ ORPHAN_POLL_S = 0.5
 """How often a pool process looks whether its owner is still there."""
 
 
+def ignore_after_the_end() -> None:
+    """For the `flava` process once its command has ended and said how: SIGTERM and SIGINT are
+    ignored through the interpreter's teardown (loader workers joined, files closed), where a
+    second Ctrl-C printed a traceback from the loader's cleanup and a SIGTERM turned a finished
+    run's exit 0 into 143."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 def ignore_in_worker(*_) -> None:
     """A pool process's init: SIGTERM and SIGINT are for its owner, which finishes or abandons the
     worker's work and shuts it down (a worker killed by a signal makes its owner fail with a

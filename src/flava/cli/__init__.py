@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _command(argv)
+    if argv is None:  # the `flava` process itself, not a caller's: nothing is left but its teardown
+        stopping.ignore_after_the_end()
+    return code
+
+
+def _command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     # Commands that stop at their own boundaries on SIGTERM/SIGINT say so with `graceful` (True: at
