@@ -1082,7 +1082,7 @@ def test_a_codebook_trained_at_another_scale_than_the_models_grid_is_said(train_
            f"grid gives it {grid * 8}-px ones" in stage.initialised["codebook"]
 
 
-def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path):
+def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path, capsys):
     # A run started from other checkpoints (a whole model, single encoders, a codebook) resumes
     # from its own checkpoints alone: the sources of a weeks-long run may be gone by its resume.
     import shutil
@@ -1092,8 +1092,12 @@ def test_a_resumed_run_reads_only_its_own_directory(train_data, tmp_path):
     given = pretrain_args(train_data, source) + narrow_args()  # the runs below take their model from it
     # The codebook's own settings differ from the config's: its checkpoints say the codebook's.
     i = given.index("model.codebook.hidden_size=8")
+    capsys.readouterr()
     assert cli(given[:i - 1] + given[i + 1:] + ["--max-steps", "1"]) == 0
     assert json.loads((RunDir(source).latest() / "config.json").read_text())["model"]["codebook"]["hidden_size"] == 8
+    said = " ".join(capsys.readouterr().out.split())  # the config's own, unused, said so
+    assert f"note: codebook={train_data / 'codebook'} keeps its own settings (hidden_size 8): model.codebook's " \
+           "(hidden_size " in said and "do not apply to it" in said
 
     def args(run, init=source, text=source):  # the model's settings come from init
         given = pretrain_args(train_data, run)

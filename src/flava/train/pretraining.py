@@ -117,6 +117,11 @@ class PretrainingStage(Stage):
         cfg.model = self.model.config  # the data pipeline must match the model (a checkpoint's, a tower's)
         if codebook is not None:
             self._check_codebook_scale(codebook.trained_size)
+            own, named = to_dict(codebook.cfg), to_dict(asked.codebook)
+            if differ := [k for k in own if own[k] != named.get(k)]:  # --set model.codebook.* beside it is unused
+                ours, theirs = (", ".join(f"{k} {d[k]}" for k in differ) for d in (own, named))
+                self.initialised["codebook settings"] = (f"note: codebook={cfg.codebook} keeps its own settings "
+                                                         f"({ours}): model.codebook's ({theirs}) do not apply to it")
         if base is not None:
             self.initialised = {"model": _whole_model(cfg.init, asked, cfg.model), **self.initialised}
         self.model.model.processor = Processor.from_config(self.model.config, self.tokenizer)
