@@ -180,9 +180,13 @@ def test_embedding_search(server):
     assert status == 200, body
     assert_same_hits(body["results"], server.index.search(vec[None], 12)[0])
     # A vector of any length is scored by cosine, as the index's own (10 x it had scored past 1).
-    status, longer, _ = server.post_json("/search", {"embedding": (10 * vec).tolist(), "k": 12})
-    assert status == 200 and [h["position"] for h in longer["results"]] == [h["position"] for h in body["results"]]
-    assert [h["score"] for h in longer["results"]] == pytest.approx([h["score"] for h in body["results"]], abs=1e-6)
+    for scale in (10.0, 1e-30, 1e20):  # float32's norm of the last two is 0 and infinite
+        status, longer, _ = server.post_json("/search", {"embedding": (scale * vec.astype(np.float64)).tolist(),
+                                                         "k": 12})
+        assert status == 200 and [h["position"] for h in longer["results"]] == \
+            [h["position"] for h in body["results"]], scale
+        assert [h["score"] for h in longer["results"]] == pytest.approx([h["score"] for h in body["results"]],
+                                                                        abs=1e-6), scale
 
 
 def test_post_search_reads_k_from_the_query_string_as_get_does(server):

@@ -147,19 +147,25 @@ def test_a_second_sigint_stops_at_once(train_data, tmp_path):
     assert not (tmp_path / "cb" / "training").exists()  # nothing saved on the way out
 
 
-def test_the_flava_process_ignores_signals_once_its_command_has_ended():
+def test_a_signal_in_the_flava_process_teardown_ends_it_with_its_commands_exit_code():
     # A second Ctrl-C after the stop line interrupted the loader's cleanup with a traceback, and a
     # SIGTERM during a finished run's teardown made its exit 0 a 143.
     import subprocess
     import sys
 
-    script = ("import os, signal, sys; sys.argv = ['flava', 'info', 'no-such-model']; from flava.cli import main; "
-              "code = main(); os.kill(os.getpid(), signal.SIGTERM); os.kill(os.getpid(), signal.SIGINT); "
-              "print('ended', code)")
+    script = ("import os, signal, sys; sys.argv = ['flava', 'info', 'no-such-model']; from flava.cli import entry; "
+              "code = entry(); print('ended', code, flush=True); os.kill(os.getpid(), signal.SIGTERM); "
+              "print('not reached')")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0 and done.stdout.strip() == "ended 2", (done.returncode, done.stdout, done.stderr)
-    assert len(done.stderr.strip().splitlines()) == 1  # the command's own line, no traceback
+    # Ended at once by the signal, with the command's own exit code and line.
+    assert done.returncode == 2 and done.stdout.strip() == "ended 2", (done.returncode, done.stdout, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1 and "no-such-model" in done.stderr
+    # main() called by another program leaves its signals as they were.
+    script = script.replace("import entry", "import main").replace("entry()", "main()")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == -signal.SIGTERM, (done.returncode, done.stdout, done.stderr)
 
 
 # --------------------------------------------------------------------------- prepare

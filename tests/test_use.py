@@ -497,11 +497,13 @@ def test_index_add_refuses_int8_vectors_into_a_float_index_and_back(tiny_model, 
         Embedder(load_for_inference(str(tiny_model), None, int8)).texts(["a green square"]), 4)[0]]
         for int8 in (True, False)}
     assert got == scores[True] and scores[True] != scores[False]
-    err = _one_line(capsys, cli(["serve", "--index", str(fidx), "--int8", "--port", "0"]))
-    assert f"the index {fidx} holds float embeddings (embed without --int8): serve it without --int8" in err
-    args = build_parser().parse_args(["serve", "--index", str(qidx), "--port", "0"])
-    build_app(args, Console(file=io.StringIO()))
-    assert args.int8  # the model it loads is int8
+    with pytest.raises(flava.ConfigError, match=f"the index {fidx} holds float embeddings \\(embed without "
+                       "--int8\\): serve it without --int8"):
+        build_app(build_parser().parse_args(["serve", "--index", str(fidx), "--int8"]), Console(file=io.StringIO()))
+    said = io.StringIO()
+    build_app(build_parser().parse_args(["serve", "--index", str(qidx)]), Console(file=said, width=400))
+    assert "holds int8 embeddings (embed --int8): the model is served int8" in said.getvalue()
+    assert "(int8)" in said.getvalue().splitlines()[-1]  # model: NAME (int8)
 
 
 @pytest.mark.slow  # end to end: commands run one after another
@@ -623,6 +625,10 @@ def test_a_text_file_is_read_as_utf8_lines_and_an_image_named_as_texts_is_refuse
     assert report["failures"] == [{"line": f"{tmp_path / 't.txt'}, line 2", "error": "undecodable text line",
                                    "detail": "the line holds bytes that are not UTF-8 text; save the file as UTF-8"}]
     assert "left out: 1 undecodable text line" in capsys.readouterr().out
+    (tmp_path / "u16.txt").write_text("a red square\n", encoding="utf-16")  # Notepad's "Unicode"
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "u16.txt"),
+                                 "--output", str(tmp_path / "u")]))
+    assert f"{tmp_path / 'u16.txt'} is UTF-16 text: save it as UTF-8" in err
     (tmp_path / "empty.txt").write_text("")
     err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "empty.txt"),
                                  "--output", str(tmp_path / "e")]))
@@ -669,6 +675,14 @@ def test_a_parquet_pair_tables_other_columns_are_kept_as_a_csvs_are(tiny_model, 
             {"caption": "two", "src": None, "n": "4", "input_image_path": "also theirs"}], name
         if name == "paths":  # the image's own column is embed's, as a CSV's is
             assert [m["image_path"] for m in meta] == paths
+    # A caption named by ?caption=: the table's own `caption` and `input_caption` both kept; lists as JSON.
+    pq.write_table(pa.table({"image": paths, "txt": ["one", "two"], "caption": ["c1", "c2"],
+                             "input_caption": ["i1", "i2"], "tags": [["a", "b"], []]}), tmp_path / "named.parquet")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", f"{tmp_path / 'named.parquet'}?caption=txt",
+                "--output", str(tmp_path / "named")]) == 0
+    assert read_embeddings(tmp_path / "named").metadata[0] == {
+        "image_path": paths[0], "caption": "one", "input_input_caption": "c1", "input_caption": "i1",
+        "tags": '["a", "b"]'}
     (tmp_path / "pairs.csv").write_text(f"image,caption,image_path\n{paths[0]},one,theirs\n")
     assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "pairs.csv"),
                 "--output", str(tmp_path / "csv")]) == 0
@@ -1033,6 +1047,9 @@ def test_classify_refuses_classes_the_models_tokenizer_reads_alike(tiny_model, p
     assert len(said.err.strip().splitlines()) == 1
     err = _one_line(capsys, cli(base + ["--classes", "\N{CAT FACE},\N{DOG FACE}"]))
     assert "classes '\N{CAT FACE}' and '\N{DOG FACE}' are the same" in err and "reads as '[UNK]'" in err
+    # Prompted with underscores read as spaces, dark_red and "dark red" are one prompt: they tie too.
+    err = _one_line(capsys, cli(base + ["--classes", "dark_red,dark red,blue"]))
+    assert "classes 'dark_red' and 'dark red' are the same to this model's tokenizer" in err
     assert cli(base + ["--classes", "cat,dog"]) == 0
 
 

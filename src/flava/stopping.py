@@ -318,13 +318,21 @@ ORPHAN_POLL_S = 0.5
 """How often a pool process looks whether its owner is still there."""
 
 
-def ignore_after_the_end() -> None:
-    """For the `flava` process once its command has ended and said how: SIGTERM and SIGINT are
-    ignored through the interpreter's teardown (loader workers joined, files closed), where a
-    second Ctrl-C printed a traceback from the loader's cleanup and a SIGTERM turned a finished
-    run's exit 0 into 143."""
+def end_with(code: int) -> None:
+    """For the `flava` process once its command has ended and said how: SIGTERM or SIGINT during
+    the interpreter's teardown (loader workers joined, files closed) ends it at once with the
+    command's exit code, where a second Ctrl-C printed a traceback from the loader's cleanup and a
+    SIGTERM turned a finished run's exit 0 into 143."""
+    def now(*_) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader gone, a stream closed
+                pass
+        os._exit(code)
+
     for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+        signal.signal(s, now)
 
 
 def ignore_in_worker(*_) -> None:

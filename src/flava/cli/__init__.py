@@ -53,14 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    code = _command(argv)
-    if argv is None:  # the `flava` process itself, not a caller's: nothing is left but its teardown
-        stopping.ignore_after_the_end()
+def entry() -> int:
+    """The `flava` console script and `python -m flava.cli`: `main`, after which nothing is left but
+    the process's teardown, which a signal ends at once with the command's exit code."""
+    code = main()
+    stopping.end_with(code)
     return code
 
 
-def _command(argv: list[str] | None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     # Commands that stop at their own boundaries on SIGTERM/SIGINT say so with `graceful` (True: at

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..data.images import said_left_out
     from ..errors import DataError, InputError
     from ..io.files import check_new_file
-    from ..retrieval.classify import ZeroShotClassifier, check_classes, class_embeddings, read_list, templates_from
+    from ..retrieval.classify import ZeroShotClassifier, check_classes, read_list, templates_from
     from ..retrieval.embed import image_inputs
     from .embed import load_for_inference
     from .predict import OUTPUT_SUFFIXES, write_predictions
@@ -84,16 +84,15 @@ def run(args: argparse.Namespace, console: Console) -> None:
     check_classes(classes, model.processor.tokenizer)  # names it reads alike, before any work
     console.print(escape(f"classifying {len(inputs)} image(s){said_left_out(inputs.left_out)} into {len(classes)} "
                          f"classes with {len(templates)} prompt template(s)"))
-    # Names as evaluate's zero-shot task prompts them (dark_red: "a photo of a dark red."), so the two
-    # score a folder alike, and the same names give the same scores named or read from the folders;
-    # the labels stay the names as given.
-    vectors = class_embeddings(model, [c.replace("_", " ") for c in classes], model.processor.tokenizer, templates)
-    clf = ZeroShotClassifier(model, classes, templates, args.batch_size, class_vectors=vectors)
+    # Names are prompted as evaluate's zero-shot task prompts them (`prompt_name`: dark_red as "dark
+    # red"), named or read from the folders; the labels stay the names as given.
+    clf = ZeroShotClassifier(model, classes, templates, args.batch_size)
     predictions = clf.predict(inputs.images, args.top_k)
-    if predictions and all(p.error for p in predictions):  # nothing classified is no result (as embed says)
-        first = predictions[0]
-        raise DataError(f"none of the {len(predictions)} image(s) could be used, e.g. "
-                        + (first.error if str(first.image) in first.error else f"{first.image}: {first.error}"))
+    failed = [p for p in predictions if p.error]
+    first = "" if not failed else failed[0].error if str(failed[0].image) in failed[0].error else \
+        f"{failed[0].image}: {failed[0].error}"
+    if predictions and len(failed) == len(predictions):  # nothing classified is no result (as embed says)
+        raise DataError(f"none of the {len(predictions)} image(s) could be used, e.g. {first}")
     out = Path(args.output) if args.output else None
     if out is not None:  # the columns and format `flava predict --output` writes
         rows = []
@@ -108,7 +107,6 @@ def run(args: argparse.Namespace, console: Console) -> None:
             rows.append(row)
         out.parent.mkdir(parents=True, exist_ok=True)
         write_predictions(out, rows)
-    failed = [p for p in predictions if p.error]
     shown = predictions[:10]
     table = Table(title="predictions" + (f" (all in {escape(str(out))})" if out else
                                          f" (the first {len(shown)} of {len(predictions)}; --output FILE.csv writes "
@@ -123,7 +121,6 @@ def run(args: argparse.Namespace, console: Console) -> None:
                       f"{pred.top[0][1]:.3f}" if pred.top else "", *([escape(str(t))] if args.labels else []))
     console.print(table)
     if failed:
-        first = failed[0].error if str(failed[0].image) in failed[0].error else f"{failed[0].image}: {failed[0].error}"
         console.print(f"{len(failed)} image(s) could not be used (unreadable, or refused for their size or shape), "
                       f"e.g. {escape(first)}")
     if args.labels:

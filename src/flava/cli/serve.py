@@ -114,6 +114,7 @@ def build_app(args: argparse.Namespace, console: Console):
         torch.set_num_threads(args.threads)
     index = task = model = None
     model_name = load_from = args.model
+    int8 = args.int8
     if args.index:
         from ..retrieval.index import VectorIndex, query_model
 
@@ -125,22 +126,22 @@ def build_app(args: argparse.Namespace, console: Console):
         if warning:
             console.print(warning, style="bold red")
         console.print(f"index: {args.index} ({len(index):,} {index.modality}s, {index.dim} dimensions)")
-        if index.int8 is not None and index.int8 != args.int8:  # queries embedded as its vectors were
-            if args.int8:
+        if index.int8 is not None and index.int8 != int8:  # queries embedded as its vectors were
+            if int8:
                 raise ConfigError(f"the index {args.index} holds float embeddings (embed without --int8): serve it "
                                   "without --int8, or build an index of --int8 embeddings")
-            args.int8 = True
-            console.print(f"note: the index {args.index} holds int8 embeddings (embed --int8): queries are embedded "
-                          "by the int8 model too")
-    device = "cuda" if torch.cuda.is_available() and not args.int8 else None
+            int8 = True
+            console.print(f"note: the index {args.index} holds int8 embeddings (embed --int8): the model is served "
+                          "int8 on the CPU, as --int8 serves it, so that queries are embedded as its vectors were")
+    device = "cuda" if torch.cuda.is_available() and not int8 else None
     if args.task:
         from .. import load_task
 
         task = load_task(args.task, device=device)  # beside the embedding model, not on the CPU
         console.print(f"task model: {args.task} ({task.task})")
     if model_name:
-        model = load(load_from, quantize="int8" if args.int8 else None, device=device)
-        console.print(f"model: {model_name}{' (int8)' if args.int8 else ''}")
+        model = load(load_from, quantize="int8" if int8 else None, device=device)
+        console.print(f"model: {model_name}{' (int8)' if int8 else ''}")
     return create_app(model, index, task, model_name=model_name,
                       max_upload_bytes=int(args.max_upload_mb * 2**20), max_k=args.max_k,
                       max_classes=args.max_classes, queue_timeout=args.queue_timeout, body_timeout=args.body_timeout)

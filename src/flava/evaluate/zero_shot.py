@@ -232,10 +232,16 @@ class ZeroShotResult:
         return {"top1": self.top1, "top5": self.top5}
 
 
+def prompt_name(name: str) -> str:
+    """A class name as prompts read it: underscores as spaces (a folder's dark_red: "a photo of a
+    dark red."), whether it came from a folder or was named."""
+    return name.replace("_", " ")
+
+
 def class_embeddings(model: FlavaModel, class_names: Sequence[str], tokenizer: TextTokenizer,
                      templates: Sequence[str] = CLIP_TEMPLATES, batch_size: int = 256) -> np.ndarray:
     """[C, projection_dim]: per class, the normalised embeddings of every template filled with
-    the class name, averaged, then renormalised (CLIP's prompt ensembling)."""
+    the class name (`prompt_name`), averaged, then renormalised (CLIP's prompt ensembling)."""
     if not class_names:
         raise InputError("no class names given")
     if not templates:
@@ -243,7 +249,7 @@ def class_embeddings(model: FlavaModel, class_names: Sequence[str], tokenizer: T
     bad = next((t for t in templates if t.count("{}") != 1), None)
     if bad is not None:
         raise InputError(f"prompt template {bad!r} must contain exactly one {{}} for the class name")
-    prompts = [t.format(name) for name in class_names for t in templates]
+    prompts = [t.format(prompt_name(name)) for name in class_names for t in templates]
     emb = text_embeddings(model, prompts, tokenizer, batch_size).astype(np.float64)
     mean = emb.reshape(len(class_names), len(templates), -1).mean(axis=1)
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)

@@ -123,7 +123,8 @@ class RunDir:
         shutil.rmtree(hidden, ignore_errors=True)
         try:
             os.rename(checkpoint, hidden)
-        except OSError:
+        except OSError:  # deleted in place, then, as best it can
+            shutil.rmtree(checkpoint, ignore_errors=True)
             return
         shutil.rmtree(hidden, ignore_errors=True)
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..data.tokenizer import TextTokenizer
 from ..errors import DataError, InputError
-from ..evaluate.zero_shot import CLIP_TEMPLATES, TEMPLATE_SETS, class_embeddings, parse_templates
+from ..evaluate.zero_shot import CLIP_TEMPLATES, TEMPLATE_SETS, class_embeddings, parse_templates, prompt_name
 from ..model.flava import FlavaModel
 from .embed import Embedder
 
@@ -85,8 +85,8 @@ def check_classes(classes: Sequence[str], tokenizer: TextTokenizer | None = None
         return
     read: dict[tuple[int, ...], list[str]] = {}
     tokens = {}
-    for c in classes:
-        ids, tokens[c] = tokenizer.pieces(c)
+    for c in classes:  # as the prompts read them: dark_red and "dark red" are one
+        ids, tokens[c] = tokenizer.pieces(prompt_name(c))
         read.setdefault(ids, []).append(c)
     same = next((names for names in read.values() if len(names) > 1), None)
     if same is not None:

@@ -162,22 +162,25 @@ def text_inputs(path: str) -> Inputs:
         return Inputs("text", texts=texts, metadata=meta, text_field=column,
                       listing_rejected=Counter(table.rejected), listing_named=_bad_rows(table))
     data = p.read_bytes()
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Notepad's "Unicode", PowerShell's > (NULs in every ASCII letter)
+        raise DataError(f"{p} is UTF-16 text: save it as UTF-8")
     if b"\0" in data[:8192]:  # what no text holds, and images, archives and the like do
         raise DataError(f"{p} holds binary data, not text (an image? name images with --images): give one text a "
                         "line in a .txt file, or a .csv, .tsv, .jsonl or parquet table with a text column")
-    texts, rejected, named = [], Counter(), []
+    texts, rejected, named, first_bad = [], Counter(), [], 0
     # Lines as text mode reads them (\n, \r\n, \r); a byte-order mark is not the first text's.
     for n, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
         try:
             texts.append(line.decode("utf-8"))
         except UnicodeDecodeError:  # left out and named, as a table's undecodable row is, not embedded as "\ufffd"
             if not rejected:
+                first_bad = n
                 named.append({"line": f"{p}, line {n}", "error": "undecodable text line",
                               "detail": f"the line {NOT_UTF8}"})
             rejected["undecodable text line"] += 1
     if not texts:
-        raise DataError(f"{p}: no line could be read (the first bad: line {named[0]['line'].rsplit(' ', 1)[1]}: the "
-                        f"line {NOT_UTF8})" if named else f"{p} is empty")
+        raise DataError(f"{p}: no line could be read (the first bad: line {first_bad}, which {NOT_UTF8})"
+                        if named else f"{p} is empty")
     return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts], listing_rejected=rejected,
                   listing_named=named)
 
@@ -203,8 +206,14 @@ def _cell(value):
 
 def _with_others(row: dict, others: dict) -> dict:
     """`row` with a table's other columns as metadata; one named as a column of embed's own
-    (`image_path`, `caption`, `key`) kept as `input_NAME`."""
-    return {**row, **{k if k not in row else f"input_{k}": _cell(v) for k, v in others.items()}}
+    (`image_path`, `caption`, `key`) kept as `input_NAME` (input_input_NAME where that is taken)."""
+    out = dict(row)
+    for k, v in others.items():
+        name = k
+        while name in out or (name != k and name in others):
+            name = f"input_{name}"
+        out[name] = json.dumps(v, default=str) if isinstance(v, (list, dict)) else _cell(v)
+    return out
 
 
 def pair_inputs(spec: str) -> Inputs:

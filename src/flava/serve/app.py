@@ -272,8 +272,10 @@ def create_app(
                 raise ApiError(400, '"embedding" holds a non-finite number')
             if not vectors.any():  # every item would score 0: a ranking of nothing
                 raise ApiError(400, '"embedding" is all zeros; send a vector with a direction')
-            # Scored as the index's own vectors are, by cosine: a longer vector scored past 1.
-            vectors /= np.linalg.norm(vectors)
+            # Scored as the index's own vectors are, by cosine: a longer vector scored past 1. In float64:
+            # float32's norm of 1e-30s is 0, of 1e20s infinite.
+            wide = vectors.astype(np.float64)
+            vectors = (wide / np.linalg.norm(wide)).astype(np.float32)
             return await search(vectors, k, {"type": "embedding"}, start)
         if "position" in body:
             position = position_of(body["position"])
@@ -527,6 +529,5 @@ def _image_response(read: Callable[[], bytes], where: str) -> tuple[bytes, str]:
 
 
 def _class_embeddings(model, classes: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-    # Prompted as `flava classify` and evaluate's zero-shot task prompt names: dark_red as "dark red".
-    return class_embeddings(model, [c.replace("_", " ") for c in classes], model.processor.tokenizer, templates)
+    return class_embeddings(model, classes, model.processor.tokenizer, templates)
 

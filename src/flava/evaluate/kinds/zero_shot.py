@@ -28,14 +28,14 @@ class ZeroShotData:
 
 
 def read(t: TaskSpec) -> ZeroShotData:
-    from ..zero_shot import parse_templates
+    from ..zero_shot import parse_templates, prompt_name
 
     notes: list[str] = []
     if t.data:
         images, labels, classes = easy_vqa_classes(t.data, "test")
     elif "folder" in t.spec:
         images, labels, classes = image_folder(t.path(t.spec["folder"]), t.where, notes=notes)
-        classes = [c.replace("_", " ") for c in classes]
+        classes = [prompt_name(c) for c in classes]  # shown in the report as prompted
     else:
         raise ConfigError(f"{t.where}: a zero-shot task needs data or folder")
     if "class_names" in t.spec:
