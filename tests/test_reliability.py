@@ -983,6 +983,11 @@ def test_a_run_that_failed_before_its_first_checkpoint_starts_again(train_data, 
     monkeypatch.setattr(Trainer, "train_step", fails)
     err = one_line_error(capsys, cli(pretrain_args(train_data, run) + text_only))
     assert "went missing" in err and (run / "train_config.json").is_file()
+    # --resume says so too (it started again without a word), and fails as the run did.
+    code = cli(["pretrain", "--output", str(run), "--resume"])
+    said = capsys.readouterr()
+    assert code == 2 and "went missing" in said.err
+    assert "holds a run that saved no checkpoint; starting it again" in " ".join(said.out.split())
     monkeypatch.setattr(Trainer, "train_step", step)
     # The corrected command: nothing to resume, so it starts the run again (no --resume, no refusal).
     assert cli(pretrain_args(train_data, run) + text_only) == 0

@@ -429,6 +429,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
     else:
+        if resume:  # as the plain command says of such a run
+            console.print(f"note: {output} holds a run that saved no checkpoint; starting it again")
         for what in trainer.initialised.values():
             console.print(escape(what))
     for note in trainer.notes:
