@@ -81,7 +81,7 @@ def vqa_row_score(prediction: str, answers: list[str]) -> float:
 
 def _table_inputs(path: Path, tm) -> Inputs:
     from ..data.members import Blob, table_image
-    from ..data.tables import read_table
+    from ..data.tables import kept_name, read_table
     from ..errors import DataError
     from ..evaluate.readers.labels import label_text
     from ..evaluate.readers.multimodal import normalize_answer
@@ -102,11 +102,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
         table.column(*options, fix=f"a {tm.task} model needs it")
     out = Inputs()
     for name in table.columns:
-        if name in OUTPUT_COLUMNS:
-            free = f"input_{name}"
-            while free in table.columns or free in out.renamed.values():
-                free = f"input_{free}"
-            out.renamed[name] = free
+        if name in OUTPUT_COLUMNS:  # itself among the table's columns: renamed at least once
+            out.renamed[name] = kept_name(name, {*table.columns, *out.renamed.values()})
 
     def cell(row, options):  # a blank cell (spaces alone) is a missing one
         return next((row[k] for k in options if row.get(k) is not None and str(row[k]).strip()), None)

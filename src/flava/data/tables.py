@@ -28,7 +28,7 @@ import difflib
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +95,14 @@ def nearest(wanted: Sequence[str], present: Sequence[str]) -> str | None:
     scored = [(difflib.SequenceMatcher(None, w, p).ratio(), p) for w in wanted for p in present]
     best = max(scored, default=(0.0, None))
     return best[1] if best[0] >= 0.5 else None
+
+
+def kept_name(name: str, taken: Collection[str]) -> str:
+    """A table's column `name` as a command writes it beside its own columns (`taken`): as it is
+    where free, else input_NAME (input_input_NAME, ...), never over another."""
+    while name in taken:
+        name = f"input_{name}"
+    return name
 
 
 def is_table(path: str | Path) -> bool:

@@ -37,7 +37,7 @@ from ..data.images import find_images
 from ..data.processor import ImageInput
 from ..data.members import BadSample, refuse_urls, table_image
 from ..data.sources import read_caption
-from ..data.tables import NOT_UTF8, is_table, read_table
+from ..data.tables import NOT_UTF8, is_table, kept_name, read_table
 from ..errors import DataError, InputError
 from ..io.files import read_json, write_json_atomic
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
@@ -209,9 +209,7 @@ def _with_others(row: dict, others: dict) -> dict:
     (`image_path`, `caption`, `key`) kept as `input_NAME` (input_input_NAME where that is taken)."""
     out = dict(row)
     for k, v in others.items():
-        name = k
-        while name in out or (name != k and name in others):
-            name = f"input_{name}"
+        name = kept_name(k, {*out, *others.keys() - {k}})
         out[name] = json.dumps(v, default=str) if isinstance(v, (list, dict)) else _cell(v)
     return out
 
