@@ -439,6 +439,25 @@ def test_an_output_that_cannot_be_written_is_named_as_given_not_by_the_probe_fil
         check_writable("/proc/q7")
 
 
+
+@pytest.mark.parametrize("command", [["init", "--config", "tiny"], ["export-hf", "MODEL"], ["index", "--embeddings", "E"],
+                                     ["embed", "--model", "MODEL", "--texts", "T"]])
+def test_an_output_where_nothing_can_be_made_is_one_line_before_any_work(tmp_path, capsys, command):
+    # Under /proc, init, export-hf, index and embed ended in a FileNotFoundError traceback from
+    # their first mkdir; a link to nothing was called "a file is in the way".
+    tiny(tmp_path / "m", 0)
+    (tmp_path / "t.txt").write_text("a caption\n")
+    argv = [{"MODEL": str(tmp_path / "m"), "E": str(tmp_path / "e"), "T": str(tmp_path / "t.txt")}.get(a, a)
+            for a in command]
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    cases = {"/proc/q7/run": "cannot use /proc/q7/run: No such file or directory; nothing can be made there",
+             str(tmp_path / "gone"): f"{tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which does not exist",
+             str(tmp_path / "gone" / "run"): f"{tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which"}
+    for output, said in cases.items():
+        code = cli([*argv[:1], *(argv[1:] + [output] if argv[0] == "export-hf" else argv[1:] + ["--output", output])])
+        assert said in one_line_error(capsys, code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone", "m", "t.txt"]
+
 def test_an_output_replaced_whole_is_never_the_current_folder(tmp_path, capsys, monkeypatch):
     # A task model, an index and a codebook are moved into place whole: `--output .` renamed the
     # folder a shell stood in (or failed after the work with "PosixPath('.') has an empty name").

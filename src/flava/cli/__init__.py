@@ -15,7 +15,7 @@ from rich.console import Console
 
 from .. import __version__, stopping
 from ..errors import FlavaError
-from ..io.files import explain_os_error
+from ..io.files import check_output_place, explain_os_error
 from . import (ablate, classify, codebook, config, demo, embed, evaluate, export, finetune, index, info, init, predict,
                prepare, pretrain, search, serve)
 
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                                      getattr(args, "leaves", ""))
     try:
         with handling:
+            if getattr(args, "output", None):
+                check_output_place(args.output)
             args.run(args, console)
         sys.stdout.flush()  # here, not at exit: a reader gone away is then caught below
     except BrokenPipeError:

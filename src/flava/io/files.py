@@ -178,11 +178,36 @@ def check_writable(path: str | os.PathLike, directory: bool = True) -> None:
     path = Path(path).absolute()
     if not directory and path.is_dir():
         raise OutputError(f"{path} is a directory; name a file to write")
-    nearest = path if directory else path.parent
-    while not nearest.exists() and nearest != nearest.parent:
-        nearest = nearest.parent
+    nearest = _nearest_folder(path if directory else path.parent)
     if not nearest.is_dir():
         raise OutputError(f"{nearest} is a file; choose another output (a folder of that name would be written)")
+    _probe(nearest, path)
+
+
+def check_output_place(path: str | os.PathLike) -> None:
+    """Refuse, before any command's work, an output where nothing can be made: a link to nothing,
+    a read-only or virtual file system (/proc), no permission. Probed inside `path` where it is a
+    folder, else in the nearest folder on its path; a file in the way is left to the command, which
+    knows whether it writes one."""
+    path = Path(path).absolute()
+    for on_path in (path, *path.parents):
+        if on_path.exists():
+            break
+        if on_path.is_symlink():
+            raise OutputError(f"{on_path} is a link to {os.readlink(on_path)}, which does not exist; make what it "
+                              "names, or choose another output")
+    nearest = path if path.is_dir() else _nearest_folder(path.parent)
+    if nearest.is_dir():
+        _probe(nearest, path)
+
+
+def _nearest_folder(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe(nearest: Path, path: Path) -> None:
     probe = nearest / f".flava-write-check-{os.getpid()}"
     try:
         probe.write_bytes(b"")
@@ -236,6 +261,8 @@ def explain_os_error(e: OSError) -> str:
         fix = "a file or folder name is at most 255 bytes here: shorten it"
     elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "the disk is full: free some space (what was saved before is kept)"
+    elif e.errno == errno.ENOENT:  # met where it was to be made: a virtual file system such as /proc
+        fix = "nothing can be made there: choose another path"
     else:
         fix = "this user may not use it: change its permissions or choose another path"
     return f"cannot use {what}: {e.strerror or e}; {fix}"
