@@ -635,6 +635,28 @@ def test_a_text_file_is_read_as_utf8_lines_and_an_image_named_as_texts_is_refuse
     assert "empty.txt is empty" in err
 
 
+def test_a_failed_input_is_named_by_its_line_in_the_file(tiny_model, photos, tmp_path, capsys):
+    # Failures had been named by a 0-based "row" among the inputs, which a line left out shifts,
+    # where a table's bad rows are named "FILE, line N".
+    (tmp_path / "t.txt").write_bytes(b"\xff not text\nfirst\n  \nthird\n")
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.txt"),
+                "--output", str(tmp_path / "t")]) == 0
+    failures = json.loads((tmp_path / "t" / "embed.json").read_text())["failures"]
+    assert [f.get("line") for f in failures] == [f"{tmp_path / 't.txt'}, line 1", f"{tmp_path / 't.txt'}, line 3"]
+    (tmp_path / "p.csv").write_text(f"image,caption\n{photos / 'red' / '0.png'},a red square\n\"nothere.png\",\"two\n"
+                                    f"lines\"\n{photos / 'red' / '0.png'},\n")
+    assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "p.csv"),
+                "--output", str(tmp_path / "p")]) == 0
+    failures = json.loads((tmp_path / "p" / "embed.json").read_text())["failures"]
+    assert [(f["line"], f["error"]) for f in failures] == [(f"{tmp_path / 'p.csv'}, line 4", "missing image file"),
+                                                           (f"{tmp_path / 'p.csv'}, line 5", "empty text")]
+    capsys.readouterr()
+    (tmp_path / "none.csv").write_text("image,caption\nnothere.png,x\n")
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "none.csv"),
+                                 "--output", str(tmp_path / "n")]))
+    assert f"the first: {tmp_path / 'none.csv'}, line 2 ({tmp_path / 'nothere.png'}): missing image file" in err
+
+
 def test_a_text_tables_column_keeps_its_name(tiny_model, photos, tmp_path, capsys):
     (tmp_path / "t.csv").write_text("text,id,caption\nhello world,1,not the text\na blue square,2,\n")
     assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.csv"),

@@ -110,6 +110,9 @@ class Inputs:
     """Files in the folders named that are not images, by suffix: said, not inputs that failed."""
     listing_named: list[dict] = field(default_factory=list)
     """Inputs left out while listing them, named as embed.json's `failures` name the others."""
+    lines: list[str] | None = None
+    """Where each input is in the file it was read from ('FILE, line N'), for a table or a .txt: how
+    embed.json names a failed input, as it names a table's bad rows."""
 
     def __len__(self) -> int:
         return len(self.metadata)
@@ -160,18 +163,20 @@ def text_inputs(path: str) -> Inputs:
         meta = [{column: t, **{k: _cell(v) for k, v in row.values.items() if k != column}}
                 for t, row in zip(texts, table.rows)]
         return Inputs("text", texts=texts, metadata=meta, text_field=column,
-                      listing_rejected=Counter(table.rejected), listing_named=_bad_rows(table))
+                      listing_rejected=Counter(table.rejected), listing_named=_bad_rows(table),
+                      lines=[row.where for row in table.rows])
     data = p.read_bytes()
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # Notepad's "Unicode", PowerShell's > (NULs in every ASCII letter)
         raise DataError(f"{p} is UTF-16 text: save it as UTF-8")
     if b"\0" in data[:8192]:  # what no text holds, and images, archives and the like do
         raise DataError(f"{p} holds binary data, not text (an image? name images with --images): give one text a "
                         "line in a .txt file, or a .csv, .tsv, .jsonl or parquet table with a text column")
-    texts, rejected, named, first_bad = [], Counter(), [], 0
+    texts, lines, rejected, named, first_bad = [], [], Counter(), [], 0
     # Lines as text mode reads them (\n, \r\n, \r); a byte-order mark is not the first text's.
     for n, line in enumerate(data.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):
         try:
             texts.append(line.decode("utf-8"))
+            lines.append(f"{p}, line {n}")
         except UnicodeDecodeError:  # left out and named, as a table's undecodable row is, not embedded as "\ufffd"
             if not rejected:
                 first_bad = n
@@ -182,7 +187,7 @@ def text_inputs(path: str) -> Inputs:
         raise DataError(f"{p}: no line could be read (the first bad: line {first_bad}, which {NOT_UTF8})"
                         if named else f"{p} is empty")
     return Inputs("text", texts=texts, metadata=[{"caption": t} for t in texts], listing_rejected=rejected,
-                  listing_named=named)
+                  listing_named=named, lines=lines)
 
 
 def _bad_rows(table) -> list[dict]:
@@ -226,15 +231,15 @@ def pair_inputs(spec: str) -> Inputs:
             raise DataError(_no_rows(table))
         image_col = table.column("image", "image_path", "filepath", "url")
         text_col = table.column("caption", "text")
-        images, texts, meta = [], [], []
+        images, texts, meta, lines = [], [], [], []
         rejected, named = Counter(table.rejected), _bad_rows(table)
-        for row in (r.values for r in table.rows):
+        for where, row in ((r.where, r.values) for r in table.rows):
             cell = row.get(image_col)
             if cell is None or (isinstance(cell, str) and not cell.strip()):
                 # Left out and named, as training counts "csv row without an image" (an empty path
                 # would name the table's own folder).
                 rejected["no image path"] += 1
-                named.append({"image_path": "", "caption": row.get(text_col), "error": "no image path"})
+                named.append({"line": where, "image_path": "", "caption": row.get(text_col), "error": "no image path"})
                 continue
             image = table_image(p.parent, cell)
             image = image.resolve() if isinstance(image, Path) else image
@@ -242,11 +247,12 @@ def pair_inputs(spec: str) -> Inputs:
             texts.append(row.get(text_col))
             meta.append(_with_others({"image_path": str(image), "caption": row.get(text_col)},
                                      {k: v for k, v in row.items() if k not in (image_col, text_col)}))
+            lines.append(where)
         if not images:
             raise DataError(f"{p}: no row names an image (its {image_col!r} cells are empty)")
         refuse_urls(p, images)
         return Inputs("pair", images=images, texts=texts, metadata=meta, listing_rejected=rejected,
-                      listing_named=named)
+                      listing_named=named, lines=lines)
     from ..data.registry import open_source
 
     source = open_source("pairs", spec)
@@ -451,7 +457,8 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
                 for i, why in failures:
                     part_failed[why] += 1
                     if len(named) + len(part_named) < MAX_NAMED_FAILURES:
-                        part_named.append({"row": i, **inputs.metadata[i], "error": why})
+                        part_named.append({"row": i, **({"line": inputs.lines[i]} if inputs.lines else {}),
+                                           **inputs.metadata[i], "error": why})
                 if ids:
                     if batch["pixels"] is not None:
                         images.append(embedder.pixels(batch["pixels"]))
@@ -483,6 +490,8 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         _remove_run(out, existed)
         first = next((n for n in named if "row" in n), named[0] if named else {})  # an input that failed
         where = first.get("image_path") or first.get(inputs.text_field) or f"row {first.get('row')}"
+        if first.get("line"):
+            where = f"{first['line']} ({where})" if first.get("image_path") else first["line"]
         raise DataError(f"none of the {len(inputs)} inputs could be embedded ({_counts(failed)}"
                         + (f"; the first: {where}: {first['error']}" if first else "") + "); nothing was written")
     # `count` is what was listed; rows left out while listing (an incomplete tar sample) are in
