@@ -433,7 +433,7 @@ def test_finetune_multimodal_reads_a_users_tables_as_finetune_does(suite_dir):
     ({"task": "vqa", "train": "mm_vqa_train.jsonl", "test": "missing.jsonl"},
      r"\.test: .*missing.jsonl does not exist"),
     ({"task": "vqa", "train": "mm_cls_train.csv", "test": "mm_cls_test.csv"},
-     r"^task 1: .*mm_cls_train.csv, line 2 has no .*'answer' or 'answers'"),
+     r"^task 1: .*mm_cls_train.csv has no column 'answer' or 'answers'"),
 ])
 def test_a_users_multimodal_tables_are_checked_before_any_work(suite_dir, task, error):
     from flava.errors import ConfigError, DataError

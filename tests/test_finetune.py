@@ -2,6 +2,7 @@
 fine-tuning runs that must learn, pick the best validation state and leave the caller's model alone."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -185,11 +186,12 @@ def test_generic_text_reader(tmp_path):
     with pytest.raises(DataError, match=r"val\.tsv has a text2 column but the training file .*single\.csv has none: "
                                         r"a model trained on single texts is scored on the same; drop the column"):
         read_text_classification(tmp_path / "single.csv", tmp_path / "val.tsv", None)
-    # An empty label is no class and an empty text nothing to learn: skipped and said.
+    # An empty label is no class and an empty text nothing to learn: skipped and said, each by what it lacks.
     write(tmp_path / "gaps.csv", ["text,label", "a,sport", "b,", "  ,tech", "c,tech", "d,sport"])
     task = read_text_classification(tmp_path / "gaps.csv", None, tmp_path / "gaps.csv", val_fraction=0.4)
     assert task.label_names == ["sport", "tech"] and len(task.train) + len(task.val) == 3
-    assert any("2 train row(s) with an empty text or label skipped" in n for n in task.notes), task.notes
+    assert any(n.endswith("gaps.csv): 1 with an empty label, 1 with an empty text") and n.startswith("2 train row(s)")
+               for n in task.notes), task.notes
 
 
 def test_validation_and_test_examples_that_are_training_examples_are_said(tmp_path):
@@ -471,12 +473,13 @@ def test_a_vqa_tables_misspelt_column_is_named_with_the_nearest(tmp_path):
 
     png(tmp_path / "0.png")
     write(tmp_path / "q.jsonl", [json.dumps({"image": "0.png", "questoin": "how many?", "answer": "2"})])
-    with pytest.raises(DataError, match=r"no \(or an empty\) 'text' or 'question' \(fields: image, questoin, "
+    with pytest.raises(DataError, match=r"q.jsonl has no column 'text' or 'question' \(columns: image, questoin, "
                                         r"answer; the nearest is 'questoin'\)"):
         read_multimodal_table(tmp_path / "q.jsonl", kind="vqa")
-    # An empty cell of a column that is there is no misspelling: no nearest name ('image_id' is close).
+    # An empty cell of a column that is there is no misspelling: the row is skipped and counted.
     write(tmp_path / "e.jsonl", [json.dumps({"image": "", "image_id": 3, "question": "how many?", "answer": "2"})])
-    with pytest.raises(DataError, match=r"no \(or an empty\) 'image' \(fields: image, image_id, question, answer\)$"):
+    with pytest.raises(DataError, match=r"e.jsonl has no usable row: its 1 row\(s\) were skipped \(1 with an empty "
+                                        r"image\)$"):
         read_multimodal_table(tmp_path / "e.jsonl", kind="vqa")
 
 
@@ -845,7 +848,8 @@ def test_a_vqa_rows_empty_or_null_answers_are_no_answers(tmp_path, capsys):
     assert [e.answers for e in task.val] == [{0: pytest.approx(2 / 3)}, {1: 1.0}]  # two annotators of "a"
     # A row with neither is named (it was min() of an empty sequence, a traceback).
     write(tmp_path / "bad.jsonl", [json.dumps({"image": "a.png", "question": "which?", "answers": []})])
-    with pytest.raises(DataError, match=r"bad.jsonl, line 1 has no \(or an empty\) 'answer'"):
+    with pytest.raises(DataError, match=r"bad.jsonl has no usable row: its 1 row\(s\) were skipped \(1 with an empty "
+                                        r"answer\)"):
         read_multimodal_table(tmp_path / "bad.jsonl", kind="vqa")
     import flava
 
@@ -853,4 +857,60 @@ def test_a_vqa_rows_empty_or_null_answers_are_no_answers(tmp_path, capsys):
     assert main(["finetune", "--model", str(tmp_path / "model"), "--task", "vqa", "--train",
                  str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "bad.jsonl, line 1 has no" in err and len(err.strip().splitlines()) == 1
+    assert "bad.jsonl has no usable row" in err and len(err.strip().splitlines()) == 1
+
+
+def test_rows_skipped_for_an_empty_cell_take_no_class_with_them(tmp_path):
+    # A label whose every row was skipped (an empty text or text2) had still been a class with no
+    # example, and let one-class data pass as two; a test file all skipped was "an empty test split".
+    write(tmp_path / "ghost.csv", ["text,label", "a,pos", "b,neg", "c,pos", "d,neg", ",neutral"])
+    task = read_text_classification(tmp_path / "ghost.csv", None, None, val_fraction=0.25)
+    assert task.label_names == ["neg", "pos"]
+    assert any(n.startswith("label(s) 'neutral' left with no training row") for n in task.notes), task.notes
+    write(tmp_path / "one.csv", ["text,text2,label", "a,,pos", "b,x,neg", "c,y,neg"])
+    with pytest.raises(DataError, match=r"one.csv: only label\(s\) 'neg' are left once rows with an empty cell were "
+                                        r"skipped \(1 with an empty text2\); 'pos' had no usable row"):
+        read_text_classification(tmp_path / "one.csv", None, None)
+    write(tmp_path / "unl.csv", ["text,label", "great,", "awful,"])
+    with pytest.raises(DataError, match=r"unl.csv has no usable row: its 2 row\(s\) were skipped \(2 with an empty "
+                                        r"label\)$"):
+        read_text_classification(tmp_path / "ghost.csv", None, tmp_path / "unl.csv")
+    # A text that is a list or a boolean had been trained on as "['good', 'movie']" or "True".
+    for cell, kind in ((["good", "movie"], "list"), (True, "boolean")):
+        write(tmp_path / "odd.jsonl", [json.dumps({"text": "fine", "label": "a"}), json.dumps({"text": cell, "label": "b"})])
+        with pytest.raises(DataError, match=rf"odd.jsonl, line 2: the text {re.escape(json.dumps(cell))} is a {kind}; "):
+            read_text_classification(tmp_path / "odd.jsonl", None, None)
+    # "²" is a digit to str.isdigit, not to int: it had ended in a traceback.
+    write(tmp_path / "sup.csv", ["text,label", "a,1", "b,²", "c,1", "d,²", "e,1", "f,²"])
+    assert read_text_classification(tmp_path / "sup.csv", None, None).label_names == ["1", "²"]
+
+
+def test_classes_a_split_holds_that_training_does_not_are_said(tmp_path):
+    # Forty distinct scores read as forty classes: validation held only classes never trained on, unsaid.
+    write(tmp_path / "scores.csv", ["text,label"] + [f"item {i},{i / 7:.3f}" for i in range(40)])
+    task = read_text_classification(tmp_path / "scores.csv", None, None)
+    assert any("the 40 labels are numbers, nearly one per training row" in n and "--task text-regression" in n
+               for n in task.notes), task.notes
+    assert any(n.startswith("4 of the 4 validation examples have a class no training example has") for n in task.notes)
+    write(tmp_path / "ok.csv", ["text,label"] + [f"item {i},{'ab'[i % 2]}" for i in range(40)])
+    assert not any("no training example has" in n or "numbers" in n
+                   for n in read_text_classification(tmp_path / "ok.csv", None, None).notes)
+
+
+def test_image_and_multimodal_tables_skip_and_count_an_empty_cell(tmp_path):
+    # One empty cell had stopped an image or image-text fine-tuning, where text tables skip and count it.
+    from flava.evaluate.readers.user_files import read_image_classification, read_multimodal_table
+
+    for i in range(4):
+        png(tmp_path / f"{i}.png", color=(60 * i, 0, 0))
+    write(tmp_path / "img.csv", ["image,label", "0.png,a", "1.png,b", "2.png,a", "3.png,b", ",a", "1.png,"])
+    task = read_image_classification(tmp_path / "img.csv", tmp_path / "img.csv")
+    assert len(task.train) == 4 and any(n.endswith("img.csv): 1 with an empty image, 1 with an empty label")
+                                        for n in task.notes), task.notes
+    write(tmp_path / "mm.csv", ["image,question,label", "0.png,q,a", "1.png,q,b", "2.png,,a", "3.png,q,"])
+    task = read_multimodal_table(tmp_path / "mm.csv", tmp_path / "mm.csv")
+    assert len(task.train) == 2 and any(n.endswith("mm.csv): 1 with an empty text, 1 with an empty label")
+                                        for n in task.notes), task.notes
+    write(tmp_path / "mm.jsonl", [json.dumps({"image": "0.png", "text": {"a": 1}, "label": "x"})])
+    with pytest.raises(DataError, match=r"mm.jsonl, line 1: the text \{\"a\": 1\} is a mapping"):
+        read_multimodal_table(tmp_path / "mm.jsonl")

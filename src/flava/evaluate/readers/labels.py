@@ -26,10 +26,56 @@ def label_text(value, where: str = "") -> str:
     return str(value).strip()
 
 
+def text_cell(value, where: str, what: str = "text") -> str:
+    """A text cell as text: CSV cells are strings already, JSONL and parquet ones may be numbers. A
+    boolean, list or mapping is no text (it had been trained on as "True" or "['a', 'b']"):
+    DataError naming the row (`where`) and the column (`what`)."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, list, tuple, dict)):
+        kind = "boolean" if isinstance(value, bool) else "mapping" if isinstance(value, dict) else "list"
+        raise DataError(f"{where}: the {what} {json.dumps(value)[:60]} is a {kind}; write it as one string")
+    return str(value)
+
+
+def _integer(name: str) -> int | None:
+    try:
+        return int(name)
+    except ValueError:  # "²" is a digit to str.isdigit, not to int
+        return None
+
+
 def class_names(labels: Sequence[str]) -> list[str]:
     """Sorted label names, numerically when they all are integers."""
     seen = set(labels)
-    return sorted(seen, key=int) if all(s.lstrip("-").isdigit() for s in seen) else sorted(seen)
+    if seen and all(_integer(s) is not None for s in seen):
+        return sorted(seen, key=lambda s: (int(s), s))
+    return sorted(seen)
+
+
+def unseen_classes_note(split: str, labels: Sequence[str], trained: set[str]) -> list[str]:
+    """A note when some of a split's examples have a class no training example has (a carve that
+    took a class's only rows, a rare class): they cannot be predicted right, unsaid otherwise."""
+    unseen = Counter(label for label in labels if label not in trained)
+    if not unseen:
+        return []
+    named = ", ".join(repr(n) for n, _ in unseen.most_common(3)) + (" ..." if len(unseen) > 3 else "")
+    return [f"{sum(unseen.values())} of the {len(labels)} {split} examples have a class no training example has "
+            f"({named}): no model can get them right; give each class more examples, or a {split} file"]
+
+
+def numbers_as_classes_note(names: Sequence[str], rows: int) -> list[str]:
+    """A hint when the labels are numbers, nearly one per row: a score read as that many classes."""
+    def number(name: str) -> bool:
+        try:
+            return math.isfinite(float(name))
+        except ValueError:
+            return False
+
+    if len(names) >= 10 and len(names) > rows / 2 and all(number(n) for n in names):
+        return [f"the {len(names)} labels are numbers, nearly one per training row: each is a class of its own; "
+                "to predict a number, fine-tune with --task text-regression"]
+    return []
 
 
 def _alike(label: str):

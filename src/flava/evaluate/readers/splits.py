@@ -58,26 +58,35 @@ def file_identity(image) -> str:
 
 
 def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes: list[str],
-                 group: Callable | None = None, same: Callable | None = None, what: str = "example") -> None:
+                 group: Callable | None = None, same: Callable | None = None, what: str = "example",
+                 label: Callable | None = None) -> None:
     """Carve validation out of train when it is absent; without a test split, validation is it.
     With `same` (an example's identity: its text, its image file), the validation and test
     examples that are also training examples are counted in a note: a file given twice, or rows
-    copied, had scored the model on what it trained on, unsaid."""
+    copied, had scored the model on what it trained on, unsaid. With `label` (an example's class
+    name), those whose class no training example has are counted in a note."""
     if "val" not in splits:
         rows = splits["train"]
         splits["train"], splits["val"] = carve(rows, val_fraction, seed, group)
         if group:  # whole images: their questions may be far more or fewer than the fraction
             images, held = len({group(r) for r in rows}), len({group(r) for r in splits["val"]})
-            notes.append(f"validation: a seeded {val_fraction:.0%} of the training images ({held} of {images}, "
+            notes.append(f"validation: a seeded {_percent(val_fraction)} of the training images ({held} of {images}, "
                          f"with {len(splits['val'])} of the {len(rows)} examples)")
         else:
-            notes.append(f"validation: a seeded {val_fraction:.0%} of the training data")
+            notes.append(f"validation: a seeded {_percent(val_fraction)} of the training data")
         if len(splits["train"]) < min(FEW_TO_TRAIN, len(splits["val"])):  # the carve's doing, not the data's size
             notes.append(f"warning: val_fraction {val_fraction:g} leaves {len(splits['train'])} of {len(rows)} "
                          "examples to train on; lower it (--val-fraction) or give --val")
     if "test" not in splits:
         splits["test"] = splits["val"]
         notes.append("no test split: the validation split is scored as the test")
+    if label is not None:
+        from .labels import unseen_classes_note
+
+        trained = {label(r) for r in splits["train"]}
+        for split, called in (("val", "validation"), ("test", "test")):
+            if not (split == "test" and splits["test"] is splits["val"]):
+                notes += unseen_classes_note(called, [label(r) for r in splits[split]], trained)
     if same is None:
         return
     seen = {same(r) for r in splits["train"]}
@@ -89,3 +98,7 @@ def val_and_test(splits: dict[str, list], val_fraction: float, seed: int, notes:
         if n:
             notes.append(f"{n} of the {len(rows)} {called} examples are also training examples (the same {what}): "
                          f"the {called} score flatters the model")
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.3g}%"  # 0.004 is 0.4%, not 0%

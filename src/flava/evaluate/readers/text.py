@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import csv
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ...data.tables import read_table
+from ...data.tables import Row, read_table
 from ...errors import ConfigError, DataError
 from ...finetune.examples import TextData, TextExample, check_text_data
-from .labels import class_names, label_text, look_alike_notes
+from .labels import class_names, label_text, look_alike_notes, numbers_as_classes_note, text_cell
 from .splits import carve, check_limit, subsample, subsample_splits, val_and_test
 # --------------------------------------------------------------------------- GLUE
 
@@ -185,24 +186,50 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
                             f"{tables['train'][0]} {'has' if pairs else 'has none'}: a model trained on "
                             f"{'sentence pairs' if pairs else 'single texts'} is scored on the same; "
                             f"{'add' if pairs else 'drop'} the column")
-    if regression:
-        names: list[str] = []
-    elif label_names is not None:
+    if label_names is not None and not regression:
         names = [str(n) for n in label_names]
         if len(set(names)) != len(names) or len(names) < 2:
             raise ConfigError(f"label_names must be at least two distinct names; got {names}")
-    else:
-        names = class_names({label_text(r.get("label"), r.where) for r in tables["train"][2]} - {""})
+    notes: list[str] = []
+    kept: dict[str, list[tuple[Row, str]]] = {}
+    said: dict[str, str] = {}
+    for split, (p, has_pair, rows) in tables.items():
+        kept[split], skipped = [], Counter()
+        for r in rows:
+            # An empty label is no class, an empty text nothing to learn from: each counted by what it lacks.
+            raw = label_text(r.get("label"), r.where)
+            empty = [what for what, value in (("text", text_cell(r.get("text"), r.where)),
+                                              ("text2", text_cell(r.get("text2"), r.where, "text2") if has_pair
+                                               else "-"), ("label", raw)) if not value.strip()]
+            if empty:
+                skipped[f"an empty {' and '.join(empty)}"] += 1
+            else:
+                kept[split].append((r, raw))
+        said[split] = ", ".join(f"{n} with {why}" for why, n in skipped.most_common())
+        if skipped:
+            notes.append(f"{skipped.total()} {split} row(s) skipped ({p}): {said[split]}")
+        if not kept[split]:
+            raise DataError(f"{p} has no usable row: its {len(rows)} row(s) were skipped ({said[split] or 'none'})")
+    if regression:
+        names = []
+    elif label_names is None:
+        # Train's classes are those of the rows kept: a label whose every row was skipped had been a
+        # class with no example (and let one-class data pass as two).
+        names = class_names({raw for _, raw in kept["train"]})
+        gone = sorted({label_text(r.get("label"), r.where) for r in tables["train"][2]} - set(names) - {""})
+        if gone and len(names) < 2:
+            raise DataError(f"{tables['train'][0]}: only label(s) {', '.join(map(repr, names))} are left once rows "
+                            f"with an empty cell were skipped ({said['train']}); "
+                            f"{', '.join(map(repr, gone))} had no usable row: a classifier needs two classes")
+        if gone:
+            notes.append(f"label(s) {', '.join(map(repr, gone))} left with no training row once rows were skipped: "
+                         "not classes of this model")
+        notes += numbers_as_classes_note(names, len(kept["train"]))
     index = {n: i for i, n in enumerate(names)}
     splits: dict[str, list[TextExample]] = {}
-    notes: list[str] = []
-    for split, (p, has_pair, rows) in tables.items():
-        out, blank = [], 0
-        for r in rows:
-            raw = label_text(r.get("label"), r.where)
-            if not raw or not _text(r.get("text")).strip() or (has_pair and not _text(r.get("text2")).strip()):
-                blank += 1  # an empty label is no class, an empty text nothing to learn from
-                continue
+    for split, (p, has_pair, _) in tables.items():
+        out = []
+        for r, raw in kept[split]:
             if regression:
                 label: int | float = finite_number(raw, r.where, "target")
             elif raw not in index:
@@ -210,13 +237,13 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
                                 f"labels of val and test must occur in train or in label_names")
             else:
                 label = index[raw]
-            out.append(TextExample(_text(r.get("text")), label, _text(r.get("text2")) if has_pair else None))
+            out.append(TextExample(text_cell(r.get("text"), r.where),
+                                   label, text_cell(r.get("text2"), r.where, "text2") if has_pair else None))
         splits[split] = out
         if split == "train" and names and label_names is None:
             notes += look_alike_notes([names[ex.label] for ex in out])
-        if blank:
-            notes.append(f"{blank} {split} row(s) with an empty text or label skipped ({p})")
-    val_and_test(splits, val_fraction, seed, notes, same=lambda ex: (ex.text, ex.text2), what="text")
+    val_and_test(splits, val_fraction, seed, notes, same=lambda ex: (ex.text, ex.text2), what="text",
+                 label=None if regression else lambda ex: names[ex.label])
     if metrics is None:
         metrics = ("pearson", "spearman") if regression else ("accuracy",)
     data = TextData(name or paths["train"].stem, *subsample_splits(splits["train"], splits["val"], splits["test"],
@@ -225,8 +252,4 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
     return data
 
 
-
-def _text(value) -> str:
-    """A cell as text: CSV cells are strings already, JSONL and parquet ones may be numbers."""
-    return "" if value is None else str(value)
 

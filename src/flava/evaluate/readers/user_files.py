@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...data.members import Blob, ImageURL, table_image
-from ...data.tables import SUFFIXES, Row, nearest, read_table
+from ...data.tables import SUFFIXES, Row, read_table
 from ...errors import ConfigError, DataError
 from ...finetune.examples import (
     ImageData,
@@ -20,20 +20,41 @@ from ...finetune.examples import (
     check_image_data,
     check_multimodal_data,
 )
-from .labels import class_names, label_text, look_alike_notes
+from .labels import class_names, label_text, look_alike_notes, text_cell
 from .multimodal import answer_vocabulary, normalize_answer, vqa_accuracy_scores, vqa_row_targets, vqa_soft_scores
 from .splits import file_identity, val_and_test
-def _cell(row: Row, keys: tuple[str, ...]):
-    """The first of `keys` that the row has and fills."""
-    for key in keys:
-        value = row.get(key)
-        if value is not None and value != "":
-            return value
-    names = [k for k in row.values if k is not None]
-    # A hint only when no accepted name is there at all (an empty cell of one is no misspelling).
-    close = None if set(keys) & set(names) else nearest(keys, names)
-    raise DataError(f"{row.where} has no (or an empty) {' or '.join(map(repr, keys))} "
-                    f"(fields: {', '.join(names) or 'none'}" + (f"; the nearest is {close!r})" if close else ")"))
+class _Rows:
+    """A fine-tuning table's rows with their cells as examples need them: a column none of whose
+    accepted names is in the table is refused (a misspelt header); a row with an empty cell is
+    skipped and counted by what it lacks, as text tables' are."""
+
+    def __init__(self, path: Path):
+        self.path, self.table = path, read_table(path)
+        self.skipped: Counter = Counter()
+
+    def need(self, *keys: str) -> None:
+        self.table.column(*keys, fix=f"name it {keys[0]!r}")
+
+    def filled(self, row: Row, *keys: str):
+        """The first of `keys` the row fills; else None, counted."""
+        for key in keys:
+            value = row.get(key)
+            if value is not None and (not isinstance(value, str) or value.strip()):
+                return value
+        self.skipped[f"an empty {keys[0]}"] += 1
+        return None
+
+    def said(self) -> str:
+        return ", ".join(f"{n} with {why}" for why, n in self.skipped.most_common())
+
+    def check(self, split: str, kept: list, notes: list[str]) -> None:
+        if self.skipped:
+            notes.append(f"{self.skipped.total()} {split} row(s) skipped ({self.path}): {self.said()}")
+        if not self.table.rows:
+            raise DataError(f"{self.path} has no rows")
+        if not kept:
+            raise DataError(f"{self.path} has no usable row: its {len(self.table.rows)} row(s) were skipped "
+                            f"({self.said()})")
 
 
 def _image_path(base: Path, value, where: str) -> Path | Blob:
@@ -106,8 +127,13 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
                 notes.append(said_empty(p, empty))
             raw[split] = [(f, f, parts[0]) for f, parts in files if len(parts) > 1]
         elif p.is_file():
-            raw[split] = [(row.where, _image_path(p.parent, _cell(row, ("image",)), row.where),
-                           label_text(_cell(row, ("label",)), row.where)) for row in read_table(p).rows]
+            table, raw[split] = _Rows(p), []
+            table.need("image"), table.need("label")
+            for row in table.table.rows:
+                image, label = table.filled(row, "image"), table.filled(row, "label")
+                if image is not None and label is not None:
+                    raw[split].append((row.where, _image_path(p.parent, image, row.where), label_text(label, row.where)))
+            table.check(split, raw[split], notes)
         else:
             raise DataError(f"{p} does not exist (expected a folder of class folders or a table: "
                             f"{', '.join(SUFFIXES)})")
@@ -116,7 +142,8 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
     names = class_names([r[-1] for r in raw["train"]])
     notes += look_alike_notes([r[-1] for r in raw["train"]], "image" if Path(path_train).is_dir() else "row")
     splits = _index_labels(raw, names, lambda f, label: ImageExample(f[0], label))
-    val_and_test(splits, val_fraction, seed, notes, same=lambda ex: file_identity(ex.image), what="image file")
+    val_and_test(splits, val_fraction, seed, notes, same=lambda ex: file_identity(ex.image), what="image file",
+                 label=lambda ex: names[ex.label])
     data = ImageData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
                      ("accuracy",), notes)
     check_image_data(data)
@@ -137,22 +164,28 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
     if kind not in ("classification", "vqa"):
         raise ConfigError(f"kind {kind!r} is neither 'classification' nor 'vqa'")
     raw: dict[str, list] = {}
+    notes: list[str] = []
     for split, p in _optional_paths(path_train, path_val, path_test).items():
-        rows = []
-        for row in read_table(p).rows:
-            image = _image_path(p.parent, _cell(row, ("image",)), row.where)
-            text = str(_cell(row, ("text", "question")))
+        rows, table = [], _Rows(p)
+        table.need("image"), table.need("text", "question"), table.need(*(("answer", "answers") if kind == "vqa"
+                                                                           else ("label",)))
+        for row in table.table.rows:
+            image, text = table.filled(row, "image"), table.filled(row, "text", "question")
+            if image is None or text is None:
+                continue
+            image, text = _image_path(p.parent, image, row.where), text_cell(text, row.where)
             if kind == "vqa":
                 answers = answer_list(row.get("answers"))
-                if not answers:  # no list, or an empty one: the row's `answer` (named when missing)
-                    answers = [str(_cell(row, ("answer", "answers") if answers is None else ("answer",)))]
+                if not answers:  # no list, or an empty one: the row's `answer`
+                    answer = table.filled(row, *(("answer", "answers") if answers is None else ("answer",)))
+                    if answer is None:
+                        continue
+                    answers = [text_cell(answer, row.where, "answer")]
                 rows.append((image, text, answers))  # as written: see vqa_accuracy_scores
-            else:
-                rows.append((row.where, image, text, label_text(_cell(row, ("label",)), row.where)))
-        if not rows:
-            raise DataError(f"{p} holds no examples")
+            elif (label := table.filled(row, "label")) is not None:
+                rows.append((row.where, image, text, label_text(label, row.where)))
+        table.check(split, rows, notes)
         raw[split] = rows
-    notes: list[str] = []
     if kind == "vqa":
         def majority(humans: list[str]) -> str:
             counts = Counter(humans)
@@ -177,7 +210,8 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
         notes += look_alike_notes([r[-1] for r in raw["train"]])
         splits = _index_labels(raw, names, lambda f, label: MultimodalExample(f[0], f[1], label))
         val_and_test(splits, val_fraction, seed, notes, group=lambda ex: file_identity(ex.image),
-                     same=lambda ex: (file_identity(ex.image), ex.text), what="image and text")
+                     same=lambda ex: (file_identity(ex.image), ex.text), what="image and text",
+                     label=lambda ex: names[ex.label])
         metrics = ("accuracy",)
     data = MultimodalData(name or Path(path_train).stem, splits["train"], splits["val"], splits["test"], names,
                           metrics, kind, notes)
