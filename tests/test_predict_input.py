@@ -236,3 +236,35 @@ def test_predict_takes_an_image_glob_and_writes_one_header_whatever_the_rows(mod
     capsys.readouterr()
     assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "*c.png")]) == 2
     assert "no image files match" in capsys.readouterr().err
+
+
+def test_predict_reads_a_table_as_fine_tuning_reads_it_and_refuses_a_table_among_images(models, tmp_path, capsys):
+    # A visual-entailment table's `question` column, which fine-tuning trains on, was "no column
+    # 'text'" to predict; a list or boolean text was predicted on as "['a', 'b']" or "True"; a table
+    # named after an image was read as an image.
+    from flava.finetune.heads import MultimodalClassifier, MultimodalHead
+
+    torch.manual_seed(0)
+    cfg = flava.preset("tiny")
+    save_task_model(MultimodalClassifier(flava.FlavaModel(cfg), MultimodalHead(cfg.multimodal.hidden_size, 32, 2, 0.1)),
+                    tmp_path / "ve", task="visual-entailment", tokenizer=TextTokenizer(max_length=16),
+                    label_names=["contradiction", "entailment"])
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(tmp_path / "red.png")
+    (tmp_path / "ve.csv").write_text("image,question,label\nred.png,the picture is red,entailment\n")
+    assert main(["predict", "--model", str(tmp_path / "ve"), "--input", str(tmp_path / "ve.csv"),
+                 "--output", str(tmp_path / "ve_out.csv")]) == 0
+    [row] = rows_of(tmp_path / "ve_out.csv")
+    assert row["question"] == "the picture is red" and row["prediction"] in ("contradiction", "entailment")
+    (tmp_path / "odd.jsonl").write_text('{"text": ["good", "movie"]}\n{"text": true}\n{"text": "fine"}\n')
+    assert main(["predict", "--model", str(models / "text"), "--input", str(tmp_path / "odd.jsonl"),
+                 "--output", str(tmp_path / "odd_out.csv")]) == 0
+    rows = rows_of(tmp_path / "odd_out.csv")
+    assert [r["error"] for r in rows] == [
+        f'{tmp_path / "odd.jsonl"}, line 1: the text ["good", "movie"] is a list; write it as one string',
+        f"{tmp_path / 'odd.jsonl'}, line 2: the text true is a boolean; write it as one string", ""]
+    assert rows[2]["prediction"] in ("neg", "pos")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(models / "image"), "--input", str(tmp_path / "red.png"),
+                 str(tmp_path / "ve.csv")]) == 2
+    _, err = printed(capsys)
+    assert err.count("\n") == 1 and "give one CSV/JSONL/TXT file or one folder as --input, or image files" in err

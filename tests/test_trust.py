@@ -424,10 +424,34 @@ def test_finetune_refuses_to_replace_a_task_model_unless_told(tmp_path, capsys):
                 str(tmp_path / "train.csv"), "--output", str(tmp_path / "t1"), "--resume"])
     said = capsys.readouterr()
     assert code == 2 and "holds no stopped fine-tuning" in said.err and "will be replaced" not in said.out
-    # A table with a header alone is said to hold no example, not to be too small to split.
+    # A table with a header alone is said to hold no row, not to be too small to split.
     code = cli(["finetune", "--model", str(tmp_path / "m"), "--task", "text-classification", "--train",
                 str(tmp_path / "train.csv"), "--output", str(tmp_path / "t2")])
-    assert "the training data holds 0 usable example(s)" in one_line_error(capsys, code)
+    assert f"{tmp_path / 'train.csv'} has no rows" in one_line_error(capsys, code)
+
+
+def test_finetune_refuses_a_text_length_it_cannot_use_before_any_work_and_records_where_its_inputs_are(
+        tmp_path, capsys, monkeypatch):
+    # --max-text-length was recorded and ignored for image-classification, and one past the text
+    # encoder was refused after the progress bar had begun; a --replace that was then refused had
+    # said first that the task model would be replaced; task.json named the model as typed ("m").
+    tiny(tmp_path / "m", 0)
+    (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(12)))
+    monkeypatch.chdir(tmp_path)
+    code = cli(["finetune", "--model", "m", "--task", "image-classification", "--train", "train.csv",
+                "--output", "t", "--max-text-length", "8"])
+    assert "--max-text-length truncates texts, and an image-classification model reads none" in \
+        one_line_error(capsys, code)
+    base = ["finetune", "--model", "m", "--task", "text-classification", "--train", "train.csv", "--output", "t",
+            "--epochs", "1", "--head-only"]
+    assert cli(base) == 0
+    info = json.loads((tmp_path / "t" / "task.json").read_text())["finetune"]
+    assert info["source_model"] == str(tmp_path / "m") and info["data"]["train"] == str(tmp_path / "train.csv")
+    capsys.readouterr()
+    code = cli([*base, "--replace", "--max-text-length", "1000"])
+    said = capsys.readouterr()
+    assert code == 2 and "max_text_length 1000 exceeds the 64 tokens the text encoder takes" in said.err
+    assert "fine-tuning" not in said.out and "will be replaced" not in said.out
 
 
 def test_an_output_that_cannot_be_written_is_named_as_given_not_by_the_probe_file():

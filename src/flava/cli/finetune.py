@@ -4,6 +4,7 @@ validation (and test) metrics and save a task model for `flava predict` and `fla
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from rich.console import Console
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
 
     if args.task not in TASKS:
         raise ConfigError(f"unknown task {args.task!r}{did_you_mean(args.task, TASKS, 'tasks')}")
+    if args.task == "image-classification" and args.max_text_length is not None:
+        raise ConfigError("--max-text-length truncates texts, and an image-classification model reads none: drop it")
     if args.val is not None and args.val_fraction is not None:
         raise ConfigError(f"--val-fraction {args.val_fraction:g} carves validation out of --train, and --val gives "
                           "it: drop one")
@@ -147,7 +150,8 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     from ..errors import ConfigError
     from ..evaluate.run import load_model
     from .embed import inference_device
-    from ..finetune.loop import check_resume, finetune_image, finetune_multimodal, finetune_text
+    from ..finetune.loop import (check_max_text_length, check_resume, finetune_image, finetune_multimodal,
+                                 finetune_text)
     from ..finetune.settings import TRAINING, Resumable, data_identity
     from ..finetune.taskmodel import save_task_model
     from ..finetune.text import truncating_copy
@@ -167,8 +171,6 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     if args.resume and not stopped:
         raise ConfigError(f"--resume: {output} holds no stopped fine-tuning to continue; check the path, or leave "
                           "out --resume")
-    if replaced:  # said once the command is known to go ahead
-        console.print(f"note: the {replaced} task model in {output} will be replaced")
     # The checkpoint itself, not only its name: a run's newest checkpoint moves on as it trains.
     weights = checkpoint_identity(resolve(args.model))
     resumable = Resumable(output / TRAINING, {
@@ -196,8 +198,11 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
     model.to(device)
     tokenizer = _tokenizer(Path(resolved), model) if args.task != "image-classification" else None
     if tokenizer is not None and settings.max_text_length is not None:  # refused before the progress bar
+        check_max_text_length(settings, model)
         pairs = any(getattr(e, "text2", None) is not None for e in task.train)
         truncating_copy(tokenizer, settings.max_text_length, pairs)
+    if replaced:  # said once the command is known to go ahead
+        console.print(f"note: the {replaced} task model in {output} will be replaced")
     console.print(f"model: {resolved} on {device}; {'full fine-tuning' if settings.train_encoders else 'head only'}, "
                   f"lr {settings.lr:g}, {settings.epochs} epoch(s), batch {settings.batch_size}")
 
@@ -230,8 +235,12 @@ def _finetune(args: argparse.Namespace, console: Console, output: Path, settings
         table.add_row(name, shown(best[name]), *([shown(result.test_metrics[name])] if args.test else []))
     console.print(table)
 
-    info = {"source_model": str(resolved), "settings": to_dict(settings),
-            "data": {"train": args.train, "val": args.val, "test": args.test, "val_fraction": args.val_fraction}}
+    def where(path):  # a local file as a path that still means it once the task model is moved
+        return os.path.abspath(path) if path is not None and Path(path).exists() else path
+
+    info = {"source_model": str(where(resolved)), "settings": to_dict(settings),
+            "data": {"train": where(args.train), "val": where(args.val), "test": where(args.test),
+                     "val_fraction": args.val_fraction}}
     if not args.test:  # the "test" scores were validation's again
         info["test_metrics"] = {}
     tm = save_task_model(result, output, task=args.task, tokenizer=tokenizer, info=info)

@@ -83,7 +83,8 @@ def _table_inputs(path: Path, tm) -> Inputs:
     from ..data.members import Blob, table_image
     from ..data.tables import kept_name, read_table
     from ..errors import DataError
-    from ..evaluate.readers.labels import label_text
+    from ..evaluate.readers.labels import label_text, text_cell
+    from ..finetune.taskmodel import MULTIMODAL_TASKS, a_model
     from ..evaluate.readers.multimodal import normalize_answer
     from ..evaluate.readers.text import finite_number
     from ..evaluate.readers.user_files import answer_list
@@ -93,13 +94,14 @@ def _table_inputs(path: Path, tm) -> Inputs:
     if not rows:
         raise DataError(f"{path} holds no rows")
     vqa = tm.task == "vqa"
-    text_keys = ("text", "question") if vqa else ("text",)
+    # As fine-tuning reads a table of images and texts, whatever its task: `text` or `question`.
+    text_keys = ("text", "question") if tm.task in MULTIMODAL_TASKS else ("text",)
     # VQA's answers as `read_multimodal_table` reads them ("label" last: a lenience of predict's own).
     label_keys = ("answer", "answers", "label") if vqa else ("label",)
     needed = ([text_keys] if tm.uses_text else []) + ([("image",)] if tm.uses_images else []) + \
         ([("text2",)] if tm.pairs else [])
     for options in needed:
-        table.column(*options, fix=f"a {tm.task} model needs it")
+        table.column(*options, fix=f"{a_model(tm.task)} needs it")
     out = Inputs()
     for name in table.columns:
         if name in OUTPUT_COLUMNS:  # itself among the table's columns: renamed at least once
@@ -140,8 +142,13 @@ def _table_inputs(path: Path, tm) -> Inputs:
         label = None if label is None else (normalize_answer(str(label)) if vqa else label_text(label, r.where))
         if label is not None and tm.task == "text-regression":  # refused as finetune refuses it, before predicting
             finite_number(label, r.where, "target")
-        out.add(shown, None if text is None else str(text), None if text2 is None else str(text2), image, label,
-                answers=answers)
+        try:  # a list or a boolean is no text (it had been predicted on as "['a', 'b']" or "True")
+            text = None if text is None else text_cell(text, r.where)
+            text2 = None if text2 is None else text_cell(text2, r.where, "text2")
+        except DataError as e:
+            out.add(shown, error=str(e))
+            continue
+        out.add(shown, text, text2, image, label, answers=answers)
     return out
 
 
@@ -151,12 +158,14 @@ def read_inputs(specs: list[str], tm) -> Inputs:
     from ..data.tables import NOT_UTF8, undecodable
     from ..data.tables import SUFFIXES as TABLE_SUFFIXES
     from ..errors import DataError
+    from ..finetune.taskmodel import a_model
 
     # Image globs as `embed` and `classify` read them (a quoted pattern reaches here unexpanded).
     paths = [p for s in specs for p in (find_images([s]) if _pattern(s) else [Path(s)])]
     first = paths[0]
     listed = first.suffix.lower() in (*TABLE_SUFFIXES, ".txt")
-    if listed or first.is_dir():
+    if listed or first.is_dir() or (len(paths) > 1 and any(p.suffix.lower() in (*TABLE_SUFFIXES, ".txt") or p.is_dir()
+                                                           for p in paths)):
         if len(paths) > 1:
             raise DataError(f"give one CSV/JSONL/TXT file or one folder as --input, or image files; got {len(paths)} "
                             f"inputs starting with {first}")
@@ -188,7 +197,7 @@ def read_inputs(specs: list[str], tm) -> Inputs:
             raise DataError(f"{first} holds no text")
         return out
     if tm.uses_text:
-        raise DataError(f"a {tm.task} model needs texts; give a CSV/JSONL file with "
+        raise DataError(f"{a_model(tm.task)} needs texts; give a CSV/JSONL file with "
                         f"{'image and text' if tm.uses_images else 'text'} columns")
     if first.is_dir():
         root = first

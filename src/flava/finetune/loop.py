@@ -309,10 +309,15 @@ def _check_common(model, tokenizer, settings) -> int:
     if tokenizer.vocab_size > tc.vocab_size:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but the text encoder only "
                           f"{tc.vocab_size}; use the model's tokenizer")
+    check_max_text_length(settings, model)
+    return settings.max_text_length or min(tokenizer.max_length, tc.max_length)
+
+
+def check_max_text_length(settings: FinetuneSettings, model: FlavaModel) -> None:
+    tc = model.config.text
     if settings.max_text_length is not None and settings.max_text_length > tc.max_length:
         raise ConfigError(f"max_text_length {settings.max_text_length} exceeds the {tc.max_length} tokens the text "
                           f"encoder takes")
-    return settings.max_text_length or min(tokenizer.max_length, tc.max_length)
 
 
 def _text_inputs(pad_id: int) -> Callable[[Split, torch.Tensor], dict]:

@@ -54,6 +54,11 @@ TEXT_TASKS = ("text-classification", "text-regression")
 MULTIMODAL_TASKS = ("vqa", "visual-entailment", "image-text-classification")
 TASKS = ("image-classification", *TEXT_TASKS, *MULTIMODAL_TASKS)
 
+
+def a_model(task: str) -> str:
+    """'an image-classification model', 'a vqa model'."""
+    return f"{'an' if task[0] in 'aeiou' else 'a'} {task} model"
+
 Progress = Callable[[int, int], None]
 """Called after every batch with (items done, items in total)."""
 
@@ -118,16 +123,15 @@ class TaskModel:
         images = [images] if single else (list(images) if images is not None else None)
         texts = list(texts) if texts is not None else None
         texts2 = list(texts2) if texts2 is not None else None
-        kind = self.task
-        an = "an" if kind[0] in "aeiou" else "a"  # an image-classification model, a vqa model
+        kind, model = self.task, a_model(self.task)
         if self.uses_images and images is None:
-            raise InputError(f"{an} {kind} model needs images")
+            raise InputError(f"{model} needs images")
         if not self.uses_images and images is not None:
-            raise InputError(f"a {kind} model takes texts, not images")
+            raise InputError(f"{model} takes texts, not images")
         if self.uses_text and texts is None:
-            raise InputError(f"a {kind} model needs texts")
+            raise InputError(f"{model} needs texts")
         if not self.uses_text and texts is not None:
-            raise InputError(f"{an} {kind} model takes images, not texts")
+            raise InputError(f"{model} takes images, not texts")
         if self.pairs and texts2 is None:
             raise InputError(f"this {kind} model was trained on sentence pairs; give texts2 too")
         if not self.pairs and texts2 is not None:

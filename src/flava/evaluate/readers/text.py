@@ -208,8 +208,10 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         said[split] = ", ".join(f"{n} with {why}" for why, n in skipped.most_common())
         if skipped:
             notes.append(f"{skipped.total()} {split} row(s) skipped ({p}): {said[split]}")
+        if not rows:
+            raise DataError(f"{p} has no rows")
         if not kept[split]:
-            raise DataError(f"{p} has no usable row: its {len(rows)} row(s) were skipped ({said[split] or 'none'})")
+            raise DataError(f"{p} has no usable row: its {len(rows)} row(s) were skipped ({said[split]})")
     if regression:
         names = []
     elif label_names is None:
@@ -240,6 +242,9 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
             out.append(TextExample(text_cell(r.get("text"), r.where),
                                    label, text_cell(r.get("text2"), r.where, "text2") if has_pair else None))
         splits[split] = out
+        if regression and len({ex.label for ex in out}) == 1:  # Pearson and Spearman are 0 there by definition
+            notes.append(f"every {split} target is {out[0].label:g}: nothing to regress on, and correlations with a "
+                         "constant are scored 0")
         if split == "train" and names and label_names is None:
             notes += look_alike_notes([names[ex.label] for ex in out])
     val_and_test(splits, val_fraction, seed, notes, same=lambda ex: (ex.text, ex.text2), what="text",
