@@ -131,7 +131,13 @@ def test_a_table_edited_between_a_save_and_its_resume_is_refused(csv_dataset):
         with pytest.raises(DataError, match=r"holds [\d,]+ bytes but the run was saved with [\d,]+: the data changed"):
             stream(source(), kind).load_state(state)
         # A run saved before tables' sizes were recorded still resumes.
-        stream(source(), kind).load_state({**state, "bytes": None})
+        stream(source(), kind).load_state({**state, "bytes": None, "digest": None})
+    # As many bytes too (a caption retyped): a CSV's digest tells.
+    state = stream(csv_pairs(str(csv_dataset)), "pairs").state()
+    csv_dataset.write_text(csv_dataset.read_text().replace("another caption", "ANOTHER caption"))
+    with pytest.raises(DataError, match=r"was edited since the run was saved \(as many bytes\): the data changed"):
+        stream(csv_pairs(str(csv_dataset)), "pairs").load_state(state)
+    stream(csv_pairs(str(csv_dataset)), "pairs").load_state({**state, "digest": None})  # saved before digests
 
 
 def test_loader_workers_do_not_change_the_batches(csv_dataset):

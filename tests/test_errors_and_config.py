@@ -433,6 +433,20 @@ def test_config_show_refuses_what_pretrain_refuses_of_the_settings_alone(capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and said in err, (setting, err)
 
 
+def test_a_weighted_source_without_its_path_is_one_line(tmp_path, capsys):
+    # A TypeError traceback ("missing 1 required positional argument: 'path'"), and a list's wrong
+    # item was said to fit none of "<class 'flava.train.config.SourceSpec'>".
+    for setting, said in (('data.pairs=[{"weight":2}]', 'data.pairs[0]: {"weight": 2} has no \'path\', which it needs'),
+                          ("data.pairs=[5]", "data.pairs[0]: 5 fits none of a string, an object of path, weight")):
+        code = cli(["config", "show", "--set", setting])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1 and said in err, (setting, err)
+    (tmp_path / "c.json").write_text('{"preset": "tiny", "data": {"images": [{"weight": 1}]}}')
+    code = cli(["pretrain", "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and 'data.images[0]: {"weight": 1} has no \'path\'' in err and not (tmp_path / "run").exists()
+
+
 def test_a_hub_id_without_its_owner_is_looked_up_as_one(tmp_path, monkeypatch, capsys):
     import shutil
 

@@ -285,6 +285,14 @@ def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(
     table.write_text(edited)
     assert cli(args) == 2
     assert f"(then {len(first)} bytes; now {len(edited)} bytes, as many samples)" in capsys.readouterr().err
+    # As many bytes too (a caption retyped): the rerun had printed the earlier run's table as its own.
+    table.write_text(first.replace("caption 5", "CAPTION 5"))
+    assert cli(args) == 2
+    assert f"{table} changed since {tmp_path / 'p'} was prepared from it (edited, {len(first):,} bytes as " \
+           "before)" in capsys.readouterr().err
+    table.write_text(first)
+    assert cli(args) == 0
+    assert "was prepared before from these inputs, unchanged: nothing was done" in " ".join(capsys.readouterr().out.split())
     # An output an earlier release prepared recorded the counts alone: those are compared.
     mark = tmp_path / "p" / "prepare_settings.json"
     settings = json.loads(mark.read_text())
@@ -658,3 +666,27 @@ def test_shards_named_but_not_there_are_said_at_the_start_and_hold_nothing_in_a_
     assert notes == [f"data.pairs {src.name}: 7 of its 10 shards do not exist (e.g. {tmp_path / '00003.tar'}); they "
                      "hold nothing, and are counted as missing when reached"]
     assert missing_shards(open_source("pairs", str(tmp_path))) == []
+
+
+def test_prepare_says_a_tables_stray_quotes_and_names_the_first_sample_of_each_reason_it_dropped(tmp_path, capsys):
+    # A stray quote closed lines later by an inch mark took three rows into one caption without a word;
+    # prepare counted what it dropped but never said which; a table's paths written relative to the
+    # working folder were told to be "a CSV of image,caption".
+    for name in "abcde":
+        (tmp_path / f"{name}.png").write_bytes(png(10))
+    (tmp_path / "q.tsv").write_text('image\tcaption\na.png\tfirst\nb.png\t"Big sale on TVs\nc.png\tthird\n'
+                                    'd.png\ta TV with a 55"\ne.png\tlast\nnothere.png\tgone\n')
+    assert cli(["prepare", "--pairs", str(tmp_path / "q.tsv"), "--output", str(tmp_path / "q"), "--size", "16",
+                "--workers", "1"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"note: {tmp_path / 'q.tsv'}: 1 row holds a quoted cell over several lines that read alone as rows (the " \
+           "first, lines 3-5)" in out
+    assert f"first missing image file: {tmp_path / 'nothere.png'}" in out
+    report = json.loads((tmp_path / "q" / "prepare_report.json").read_text())
+    assert report["first_dropped"] == {"missing image file": str(tmp_path / "nothere.png")}
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "t.csv").write_text("image,caption\nsub/a.png,one\n")
+    assert cli(["prepare", "--pairs", str(tmp_path / "sub" / "t.csv"), "--output", str(tmp_path / "s"),
+                "--workers", "1"]) == 2
+    assert f"(1 missing image file; the first: {tmp_path / 'sub' / 'sub' / 'a.png'}): a table's relative image " \
+           "paths are read from its folder" in capsys.readouterr().err

@@ -95,9 +95,29 @@ def test_rows_that_are_not_well_formed_are_bad_rows_not_merged_or_cut(tmp_path):
     with pytest.raises(DataError, match=r"q\.csv, line 3: not a well-formed CSV row .*written twice"):
         read_table(tmp_path / "q.csv")
     table = read_table(tmp_path / "q.csv", bad_rows="skip")
-    # The lines an unclosed quote took are counted too (they were lost unsaid: "1 malformed row" of 3).
-    assert [r.get("text") for r in table.rows] == ["fine", "ok"]
-    assert table.rejected == {"malformed csv row": 2, "line after an unclosed quote": 2}
+    # The lines a stray quote took, each a row of the header's width alone, are read as rows (they had
+    # been lost: "1 malformed row" of 3, then counted as lines after an unclosed quote).
+    assert [r.get("text") for r in table.rows] == ["fine", "ok", "lost", "also lost"]
+    assert table.rejected == {"malformed csv row": 2}
+    # Lines that are not rows alone (a text's lines) are counted as lost.
+    (tmp_path / "q2.csv").write_text('text,label\n"never closed,neg\nits second line\nand, a third,pos\nok,pos\n')
+    table = read_table(tmp_path / "q2.csv", bad_rows="skip")
+    assert table.rows == [] and table.rejected == {"malformed csv row": 1, "line after an unclosed quote": 3}
+    # A quote closed before other text: the opening line is named, and the rows between read again.
+    (tmp_path / "q3.tsv").write_text('image\tcaption\na\tfirst\nb\t"unbalanced start\nc\tthird\nd\ta 5" screen\n'
+                                     'e\tlast\n')
+    table = read_table(tmp_path / "q3.tsv", bad_rows="skip")
+    assert [(r.get("image"), r.line) for r in table.rows] == [("a", 2), ("c", 4), ("d", 5), ("e", 6)]
+    assert table.first_bad["malformed csv row"][0] == 3 and table.rejected == {"malformed csv row": 1}
+    (tmp_path / "q4.tsv").write_text('image\tcaption\nb\t"unbalanced start\nits second line\nd\ta 5" screen\n'
+                                     'e\tlast\n')
+    table = read_table(tmp_path / "q4.tsv", bad_rows="skip")
+    assert [r.get("image") for r in table.rows] == ["e"]
+    assert table.rejected == {"malformed csv row": 1, "line inside a broken quoted cell": 2}
+    # A stray quote closed lines later by an inch mark is valid CSV: kept, and the span recorded to be said.
+    (tmp_path / "q5.tsv").write_text('image\tcaption\nb\t"Big sale\nc\tthird\nd\ta 55"\ne\tlast\n')
+    table = read_table(tmp_path / "q5.tsv", bad_rows="skip")
+    assert [r.get("image") for r in table.rows] == ["b", "e"] and table.spanning == [(2, 4)]
     (tmp_path / "q.csv").write_text('text,label\nfine,neg\n"never closed,neg\nlost,neg\n')
     with pytest.raises(DataError, match=r"q\.csv, line 3: a quote opened on this line is never closed"):
         read_table(tmp_path / "q.csv")
@@ -272,9 +292,15 @@ def test_a_tables_bad_rows_are_said_at_a_runs_start(tmp_path):
         return source_notes({"pairs": SimpleNamespace(streams=[SimpleNamespace(source=csv_pairs(tmp_path / name))])},
                             4)
 
+    assert notes("q.csv") == [f"data.pairs {tmp_path / 'q.csv'}: 1 of its 200 rows are bad and skipped (1 malformed "
+                              "csv row); the first, line 22: a quote opened on this line is never closed; the 179 "
+                              "line(s) after it are read as rows of their own"]
+    rows[40] = "a.png,a cat, and a dog"  # lines after it that are not all rows alone: unread
+    (tmp_path / "q.csv").write_text("\n".join(rows) + "\n")
     assert notes("q.csv") == [f"data.pairs {tmp_path / 'q.csv'}: a quote opened on line 22 is never closed, so lines "
                               "22-201 are unread and 180 of its 200 rows are skipped (179 line after an unclosed "
                               "quote, 1 malformed csv row); close that quote, or double a quote inside a quoted cell"]
+    rows[40] = "a.png,caption 39"
     # Any bad row is said, with the first of them.
     rows[21] = "a.png,caption 20"
     rows[30:30] = ["a.png,a cat, and a dog", ",no image"]

@@ -272,6 +272,16 @@ def test_a_loss_over_no_targets_is_left_out_of_the_row_not_logged_as_zero(data, 
     assert text and all("mlm" not in r["losses"] for r in text)
     assert not any(k.startswith("targets/") for r in rows for k in r["metrics"])
     assert {"mim"} <= {k for r in rows if r["kind"] == "images" for k in r["losses"]}
+    # A text step measured nothing at all: its loss is none (it was logged, drawn and shown as 0.0)
+    # and its update is skipped (it was made of the optimizer's momentum and weight decay alone).
+    assert all(r["loss"] is None and r["update_skipped"] for r in text)
+    assert all(r["loss"] is not None and not r["update_skipped"] for r in rows if r["kind"] != "text")
+    cfg = config(data, max_steps=3, stage="text-mlm")
+    cfg.objectives.text_mask_probability = 1e-9
+    trainer = Trainer(cfg, tmp_path / "text")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    assert all(r["loss"] is None for r in trainer.fit())
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
 def test_a_non_finite_update_is_skipped_on_the_device(data, tmp_path):

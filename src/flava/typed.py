@@ -87,6 +87,8 @@ def _describe(tp: Any) -> str:
         return _describe(typing.get_args(tp)[0])
     if origin is list:
         return f"a list of {_describe((typing.get_args(tp) or (Any,))[0])}s"
+    if dataclasses.is_dataclass(tp):  # a settings object, as JSON writes one
+        return "an object of " + ", ".join(f.name for f in dataclasses.fields(tp))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
@@ -179,6 +181,10 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
                 did_you_mean(key, names)
             raise ConfigError(f"unknown config key {where!r}{hint}")
         kwargs[key] = check_value(where, value, types_[key])
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{path or 'config'}: {json.dumps(data)[:80]} has no {missing[0]!r}, which it needs")
     return check(cls(**kwargs), path)
 
 

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -47,6 +48,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..distributed import resolve_device
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import check_disjoint, check_distinct, open_source
+    from ..data.sources import bad_rows_said, spans_said
+    from ..data.tables import is_table
     from ..errors import ConfigError, DataError
     from ..loading import CodebookTokenizer, codebook_scale_note
     from ..progress import progress_bar
@@ -86,6 +89,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     if args.size < model.image.image_size:
         console.print(f"note: --size {args.size} is below the model's {model.image.image_size}-px input: training "
                       f"upscales every crop; give --size {model.image.image_size} or more")
+    for source in sources:  # a table's bad rows and likely stray quotes, as pretraining says them at its start
+        for said in (bad_rows_said(source), spans_said(source)):
+            if said:
+                console.print(f"note: {source.name}: {escape(said)}")
     console.print(f"preparing {kind} from {', '.join(s.name for s in sources)} into {output} with {workers} "
                   f"process{'es' if workers > 1 else ''}" + (f"; image tokens from {args.codebook} on {device}" if tokenizer else ""))
     with progress_bar(console) as bar:
@@ -103,6 +110,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
         if created:
             shutil.rmtree(output, ignore_errors=True)
         why = ", ".join(f"{n:,} {reason}" for reason, n in sorted(report["dropped"].items())) or "no samples found"
+        first = report["first_dropped"]
+        if "missing image file" in first and any(is_table(s.name) for s in sources):
+            raise DataError(f"no usable sample in {', '.join(s.name for s in sources)} ({why}; the first: "
+                            f"{first['missing image file']}): a table's relative image paths are read from its "
+                            "folder; write them relative to the table, or absolute")
         raise DataError(f"no usable sample in {', '.join(s.name for s in sources)} ({why}); check that --{kind} "
                         f"names {'WebDataset tar shards or a CSV of image,caption' if kind == 'pairs' else 'images'}")
     table = Table(title=f"prepared {kind}")
@@ -115,5 +127,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
     for reason, n in sorted(report["dropped"].items()):
         table.add_row(f"dropped: {reason}", f"{n:,}")
     console.print(table)
+    for reason, where in sorted(report["first_dropped"].items()):
+        console.print(f"  first {reason}: {escape(where)}")
+    if report["units_done_before"] == report["units"]:
+        console.print(f"note: {output} was prepared before from these inputs, unchanged: nothing was done, and the "
+                      "figures are that run's")
     console.print(f"train on it with --set 'data.{kind}=[\"{output}\"]'"
                   + (" (no codebook needed)" if report["image_tokens"] else ""))

@@ -602,6 +602,7 @@ class BatchStream:
         return {"draws": self.draws, "global_batch": self.layout.global_batch, "batch_size": self.batch_size,
                 "lanes": self.layout.lanes, "shards": len(self.source.shards), "size": self.source.known_size,
                 "bytes": self.source.known_bytes, "names": self.source.known_names, "seed": self.seed,
+                "digest": self.source.known_digest,
                 "cursors": {str(j): [c.epoch, c.ordinal, c.start] for j, c in sorted(self.cursors.items())},
                 "skipped": dict(self.skipped), "bad": {k: sorted(v) for k, v in self.bad.items()},
                 "rejected": {str(k): v for k, v in self.rejected.items()},
@@ -641,6 +642,10 @@ class BatchStream:
             # --override is a change the user declared: its shape (above) is all positions need.
             raise DataChanged(f"the {self.kind} data ({self.source.name}) holds {now:,} bytes but the run was "
                               f"saved with {int(was):,}: {CHANGED}")
+        was, now = first.get("digest"), self.source.known_digest
+        if not restart and same and was is not None and now is not None and was != now:
+            raise DataChanged(f"the {self.kind} data ({self.source.name}) was edited since the run was saved (as many "
+                              f"bytes): {CHANGED}")
         was, now = first.get("names"), self.source.known_names
         if not restart and same and was is not None and now is not None and was != now:
             # A folder's images renamed, added and removed, as many as before: positions index by name.

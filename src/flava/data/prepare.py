@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +176,8 @@ class ReadUnit:
     pixels: np.ndarray | None
     """[kept x crops, 3, size, size] uint8: an array, which pickles through the pool's pipe (a
     tensor would go through /dev/shm, which containers often keep small)."""
+    first: dict[str, str] = field(default_factory=dict)
+    """The first sample dropped for each reason, by where it is (a file, a shard's member)."""
 
 
 def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettings,
@@ -195,6 +197,7 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
     if opened.passing and not skip_unreadable:  # a store or disk that failed: left for the next run to read
         raise Unread(opened.failure)
     dropped: Counter = Counter(opened.rejected)
+    first: dict[str, str] = {}
     kept: list[tuple[str, dict, object]] = []
     for i, record in enumerate(opened.records):
         try:
@@ -216,6 +219,9 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
             image = _resized(ref, settings.size)
         except BadSample as e:
             dropped[e.kind] += 1
+            if e.kind not in first:
+                ref = getattr(record, "image", record)
+                first[e.kind] = ref.locator() if hasattr(ref, "locator") else str(ref)
             continue
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=settings.quality)
@@ -241,7 +247,7 @@ def prepare_unit(number: int, unit, kind: str, out: str, settings: PrepareSettin
                 else:
                     pixels.append(codebook_view(decode_crop(stored, choose, s, memo=decoded)[0][None], cs)[0])
     read = ReadUnit([(key, parts) for key, parts, _ in kept], dropped, unit.name, boxes,
-                    torch.stack(pixels).numpy() if pixels else None)
+                    torch.stack(pixels).numpy() if pixels else None, first)
     if crops and tokenizer is None:
         return read
     return write_unit(number, out, read, tokenizer)
@@ -263,7 +269,7 @@ def write_unit(number: int, out: str, read: ReadUnit, tokenizer: Callable | None
             for ext, data in parts.items():
                 _add(tar, f"{key}.{ext}", data)
     stats = {"url": f"{number:05d}.tar", "nsamples": len(read.kept), "dropped": dict(read.dropped),
-             "input": read.name, "bytes": (out_dir / f"{number:05d}.tar").stat().st_size}
+             "first_dropped": read.first, "input": read.name, "bytes": (out_dir / f"{number:05d}.tar").stat().st_size}
     write_json_atomic(out_dir / f"{number:05d}.json", stats)
     return stats
 
@@ -302,7 +308,7 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
     # What each input held (its files, and its samples where the listing knows them): a table or
     # folder grown since the first run would else pass for the same and be reported finished.
     # Bytes and names too: a table edited in place, or a folder's files renamed, keep their counts.
-    held = [[len(s.shards), s.known_size, s.known_bytes, s.known_names] for s in sources]
+    held = [[len(s.shards), s.known_size, s.known_bytes, s.known_names, s.known_digest] for s in sources]
     mark = output / PREPARE_SETTINGS
     # A start that failed before its first unit (a bad setting, an unreadable codebook) left its
     # settings and nothing else: a corrected command takes the folder over.
@@ -333,7 +339,8 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
                       + ("" if k is None else f"{k:,} samples") for n, k, *_ in (then, now)]
             how = f"then {counts[0]}; now {counts[1]}" if list(then[:2]) != now[:2] else \
                 f"then {_bytes(then[2])}; now {_bytes(now[2])}, as many samples" if then[2] != now[2] else \
-                "its files renamed, added or removed, as many as before"
+                "its files renamed, added or removed, as many as before" if then[3] != now[3] else \
+                f"edited, {_bytes(now[2])} as before"
             raise DataError(f"{sources[changed].name} changed since {output} was prepared from it ({how}): prepare "
                             "into a new directory (or remove this one to prepare it again)")
         if before == manifest and was is None and not (output / INDEX).is_file():
@@ -465,12 +472,18 @@ def _prepare(kind: str, sources: list[Source], output: Path, settings: PrepareSe
         info["decoded"] = decoded
     write_json_atomic(output / INDEX, {"shardlist": shardlist, "flava": info if tokenizer_factory else None})
     dropped: Counter = Counter()
+    first: dict[str, str] = {}  # each reason's first dropped sample, by where it is
     for src in sources:  # rows of a table refused while it was listed (undecodable, no image)
         dropped.update(src.listing_rejected)
+        for reason, (line, what) in sorted(src.listing_first.items(), key=lambda kv: kv[1][0]):
+            first.setdefault(reason, f"{src.name}, line {line:,}: {what}")
     for s in stats:
         dropped.update(s["dropped"])
+        for reason, where in s.get("first_dropped", {}).items():  # units of an earlier release have none
+            first.setdefault(reason, where)
     written = sum(s["nsamples"] for s in stats)
     report = {"kind": kind, "samples": written, "shards": len(shardlist), "dropped": dict(dropped),
+              "first_dropped": first, "units": len(units),
               "bytes": sum(s["bytes"] for s in stats), "bytes_per_sample": sum(s["bytes"] for s in stats) / max(1, written),
               "seconds_this_run": time.perf_counter() - start, "units_done_before": len(units) - len(todo),
               "image_tokens": bool(tokenizer_factory)}

@@ -11,6 +11,7 @@ that fails then is skipped and counted by the pipeline.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import tarfile
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError, first_line
+from ..io.files import sha256_of
 from .images import find_images, without_repeats
 from .members import BadSample, ImageRef, Member, TarMember, refuse_urls, table_image
 from .shards import unreachable
@@ -98,12 +100,16 @@ class Source:
         """Rejected before any shard was read (rows of a table, lines of a file read up front)."""
         self.listing_first: dict[str, tuple[int, str]] = {}
         """The line of each reason's first rejection there and what is wrong with it."""
+        self.listing_spans: list[tuple[int, int]] = []
+        """Rows of a table whose quoted cell took lines that read as rows (`Table.spanning`)."""
         self.classes = list(classes or [])
         self.known_size = size if size is not None else (len(records) if records is not None else None)
         """Samples in all shards when known without reading them (an index, a table), else None."""
         self.known_bytes: int | None = None
         """The bytes of its local files (text, tables): a resume compares them, as an edit may keep
         the count of lines or rows that positions index."""
+        self.known_digest: str | None = None
+        """A digest of its local table's bytes: an edit that keeps their count (a caption retyped)."""
         self.known_names: str | None = None
         """A digest of the file names its records index, in order (image folders): a resume compares
         it, as files renamed, added and removed may keep their count."""
@@ -139,10 +145,13 @@ class Source:
         self.shards += other.shards
         self.listing_rejected += other.listing_rejected
         self.listing_first = {**other.listing_first, **self.listing_first}
+        self.listing_spans += other.listing_spans
         self.known_size = None if self.known_size is None or other.known_size is None else \
             self.known_size + other.known_size
         self.known_bytes = None if self.known_bytes is None or other.known_bytes is None else \
             self.known_bytes + other.known_bytes
+        self.known_digest = None if self.known_digest is None or other.known_digest is None else \
+            hashlib.blake2b(f"{self.known_digest} {other.known_digest}".encode(), digest_size=16).hexdigest()
         self.known_names = None if self.known_names is None or other.known_names is None else \
             names_digest([self.known_names, other.known_names])
         self._opened = None
@@ -275,10 +284,24 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
             records.append(PairRecord(table_image(p.parent, image), caption or ""))
     refuse_urls(p, [r.image for r in records])
     source = Source("pairs", records, str(p), rejected)
-    # Positions index its rows: an edit that keeps their count (other captions) is told by the size.
+    # Positions index its rows: an edit that keeps their count (other captions) is told by the size,
+    # and one that keeps that too by the digest.
     source.known_bytes = p.stat().st_size
+    source.known_digest = sha256_of(p)
     source.listing_first = first
+    source.listing_spans = list(table.spanning)
     return source
+
+
+def spans_said(source: Source) -> str:
+    """Rows whose quoted cell took lines that read as rows of their own, said at a run's start:
+    valid CSV, kept as written, but most likely a stray quote that merged those rows into one cell."""
+    if not source.listing_spans:
+        return ""
+    (first, last), n = source.listing_spans[0], len(source.listing_spans)
+    return (f"{n:,} row{'s hold' if n > 1 else ' holds'} a quoted cell over several lines that read alone as rows (the "
+            f"first, lines {first:,}-{last:,}): a quote opened in a cell and closed lines later (an inch mark?) takes "
+            "the rows between into that cell; check that cell's quotes")
 
 
 def bad_rows_said(source: Source) -> str:

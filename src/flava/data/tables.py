@@ -28,7 +28,7 @@ import difflib
 import json
 import sys
 from collections import Counter
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,8 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 BadRows = Literal["raise", "skip"]
 UNCLOSED = "line after an unclosed quote"
 """The reason of each line a quote never closed took into its cell (counted, so none is lost unsaid)."""
+INSIDE_BROKEN = "line inside a broken quoted cell"
+"""The reason of each line a quote closed before other text took into its cell."""
 
 
 @dataclass(slots=True)
@@ -75,6 +77,10 @@ class Table:
     """Bad rows left out under `bad_rows="skip"`, counted by reason."""
     first_bad: dict[str, tuple[int, str]] = field(default_factory=dict)
     """The line of each reason's first bad row and what is wrong with it (said at a run's start)."""
+    spanning: list[tuple[int, int]] = field(default_factory=list)
+    """(first, last) line of each well-formed row whose quoted cell runs over lines that read alone
+    as rows: a stray quote closed lines later by another (an inch mark) takes those rows into one
+    cell. Kept (it is valid CSV), and said by whoever reads the table for training."""
 
     def column(self, *names: str, fix: str | None = None) -> str:
         """The first of `names` that is a column; else a DataError naming the columns there are
@@ -164,7 +170,8 @@ def _refuse_repeated_columns(names: Sequence[str], where: str) -> None:
 def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:
     # Bytes that are not UTF-8 survive as surrogates, so the row that holds them can be named.
     with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
-        reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",", strict=True)
+        delimiter = "\t" if kind == "tsv" else ","
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
         try:
             header = next(reader, None)
         except csv.Error as e:
@@ -175,35 +182,83 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
             raise DataError(f"{path}, line 1: the header {NOT_UTF8}")
         _refuse_repeated_columns(header, f"{path}, line 1: the header")
         table.columns = header
-        file = str(path)
-        while True:
-            start = reader.line_num + 1
-            try:
-                cells = next(reader)
-            except StopIteration:
+        yield from _delimited_rows(f, 1, header, kind, str(path), table)
+
+
+def _delimited_rows(lines: Iterable[str], before: int, header: list[str], kind: str, file: str,
+                    table: Table) -> Iterator[Row | tuple]:
+    """The rows of `lines`, which follow line `before` of the file. A quote opened in a cell and
+    never closed, or closed before other text, breaks its row; the lines it took are read as rows
+    again where each reads alone as a row of the header's width (the quote was a stray one), else
+    counted as lost."""
+    delimiter = "\t" if kind == "tsv" else ","
+    taken: list[str] = []  # the lines of the row being read
+
+    def feed() -> Iterator[str]:
+        for line in lines:
+            taken.append(line)
+            yield line
+
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+    while True:
+        taken.clear()
+        start = before + reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            end, inner = before + reader.line_num, taken[1:]
+            unclosed = "unexpected end of data" in str(e)  # read to the end of the file looking for it
+            broken = "is never closed" if unclosed else f"closes on line {end} before other text"
+            if _rows_of_their_own(inner, delimiter, len(header)):
+                yield _bad(start, "malformed csv row", f"a quote opened on this line {broken}; the {len(inner)} "
+                           "line(s) after it are read as rows of their own")
+                yield from _delimited_rows(inner, start, header, kind, file, table)
+            elif unclosed:
+                yield _bad(start, "malformed csv row", "a quote opened on this line is never closed; close it, "
+                           "or double a quote inside a quoted cell")
+                for line in range(start + 1, end + 1):  # each line it took counted, not lost unsaid
+                    yield _bad(line, UNCLOSED, f"unread: the quote opened on line {start} is never closed")
+            else:
+                yield _bad(start, "malformed csv row", f"not a well-formed {kind.upper()} row ({e}): a quote opened "
+                           f"on this line {broken}; a quote inside a quoted cell is written twice")
+                for line in range(start + 1, end + 1):
+                    yield _bad(line, INSIDE_BROKEN, f"unread: inside the quote opened on line {start}")
+            if unclosed:
                 return
-            except csv.Error as e:
-                if "unexpected end of data" in str(e):  # read to the end of the file looking for it
-                    yield _bad(start, "malformed csv row", "a quote opened on this line is never closed; close it, "
-                               "or double a quote inside a quoted cell")
-                    for line in range(start + 1, reader.line_num + 1):  # each line it took counted, not lost unsaid
-                        yield _bad(line, UNCLOSED, f"unread: the quote opened on line {start} "
-                                   "is never closed")
-                    return
-                yield _bad(reader.line_num, "malformed csv row", f"not a well-formed {kind.upper()} row ({e}); "
-                           "a quote inside a quoted cell is written twice")
-                continue
-            if not cells:
-                continue
-            if any(map(undecodable, cells)):
-                yield _bad(reader.line_num, "undecodable csv row", f"the row {NOT_UTF8}")
-                continue
-            if any(c.strip() for c in cells[len(header):]):
-                yield _bad(reader.line_num, "malformed csv row",
-                           f"{len(cells)} cells under a header of {len(header)}; quote a cell that holds "
-                           f"{'a tab' if kind == 'tsv' else 'a comma'}")
-                continue
-            yield Row(dict(zip(header, cells + [None] * (len(header) - len(cells)))), reader.line_num, file)
+            continue
+        end = before + reader.line_num
+        if not cells:
+            continue
+        if any(map(undecodable, cells)):
+            yield _bad(end, "undecodable csv row", f"the row {NOT_UTF8}")
+            continue
+        if any(c.strip() for c in cells[len(header):]):
+            yield _bad(end, "malformed csv row",
+                       f"{len(cells)} cells under a header of {len(header)}; quote a cell that holds "
+                       f"{'a tab' if kind == 'tsv' else 'a comma'}")
+            continue
+        if end > start and _rows_of_their_own(taken[1:], delimiter, len(header)):
+            table.spanning.append((start, end))  # well formed, but most likely a stray quote: said, not skipped
+        yield Row(dict(zip(header, cells + [None] * (len(header) - len(cells)))), end, file)
+
+
+def _rows_of_their_own(lines: list[str], delimiter: str, width: int) -> bool:
+    """Whether every one of `lines` that is not blank reads alone as a row of `width` cells (two or
+    more: in a one-column table any line would)."""
+    if width < 2 or not any(line.strip() for line in lines):
+        return False
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            cells = next(csv.reader([line], delimiter=delimiter, strict=True))
+        except csv.Error:
+            return False
+        if len(cells) != width:
+            return False
+    return True
 
 
 def _read_jsonl(path: Path, kind: str, table: Table) -> Iterator[Row | tuple]:

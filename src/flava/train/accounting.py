@@ -8,7 +8,7 @@ from collections import Counter
 import torch.distributed as dist
 
 from ..data.registry import missing_files, missing_shards
-from ..data.sources import bad_rows_said
+from ..data.sources import bad_rows_said, spans_said
 
 
 class DataAccounting:
@@ -97,6 +97,8 @@ def source_notes(streams: dict, global_batch: int, named=lambda kind, source: f"
             name = named(kind, stream.source)
             if bad := bad_rows_said(stream.source):
                 notes.append(f"{name}: {bad}")
+            if spans := spans_said(stream.source):
+                notes.append(f"{name}: {spans}")
             if gone := missing_shards(stream.source):
                 shards = stream.source.shards
                 notes.append(f"{name}: {len(gone):,} of its {len(shards):,} shards "

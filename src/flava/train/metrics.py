@@ -51,7 +51,8 @@ class MetricsLog:
             # purge_step drops events a crashed run wrote after the checkpoint it resumes from.
             self._writer = SummaryWriter(str(self.output / "tensorboard"), purge_step=row["step"])
         w, step = self._writer, row["step"]
-        w.add_scalar("loss", row["loss"], step)
+        if row["loss"] is not None:  # None: a step that measured nothing (no token masked)
+            w.add_scalar("loss", row["loss"], step)
         for group in ("losses", "metrics", "skipped", "bad_records"):
             for k, v in row.get(group, {}).items():
                 w.add_scalar(f"{group}/{k}", v, step)
@@ -99,8 +100,9 @@ def plot_losses(metrics: Path, png: Path) -> Path | None:
     series: dict[str, tuple[list[int], list[float]]] = {"total": ([], [])}
     for row in rows:
         steps, values = totals.setdefault(row.get("kind", "all"), ([], []))
-        steps.append(row["step"])
-        values.append(row["loss"])
+        if row.get("loss") is not None:  # a step that measured nothing has no loss to draw
+            steps.append(row["step"])
+            values.append(row["loss"])
         for name, value in row.get("losses", {}).items():
             steps, values = series.setdefault(name, ([], []))
             steps.append(row["step"])

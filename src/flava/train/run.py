@@ -490,8 +490,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
                 for what in ("norm", "cosine"):
                     gradients.setdefault(enc, {"norm": {}, "cosine": {}})[what].update(d[what])
             info = "  ".join(f"{k} {v:.3f}" for k, v in row["losses"].items())
+            loss = "-, nothing masked" if row["loss"] is None else f"{row['loss']:.3f}"
             progress.update(task, completed=row["step"],
-                            info=f"loss {row['loss']:.3f} ({info})  {row['samples_per_s']:.0f} samples/s")
+                            info=f"loss {loss} ({info})  {row['samples_per_s']:.0f} samples/s")
 
         trainer.log = log
         # The loop sets the signal number when every process agreed to stop on a request

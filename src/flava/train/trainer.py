@@ -418,11 +418,13 @@ class Trainer:
             row["mixing"] = {k: round(float(p), 6) for k, p in zip(self.kinds, self.probs_at(step))}
         if gradients is not None:
             row["gradients"] = gradients
-        numbers = self._update(sums)
+        # A step whose every loss measured nothing (no token masked anywhere) has no gradient to learn
+        # from: its update is skipped, not made of the optimizer's momentum and weight decay alone.
+        measured = self._measured(sums, names)
+        numbers = self._update(sums, measured.any())
         # The losses averaged over micro-batches and processes: the same on every process.
         updated = numbers[-1] > 0
         if self.balancer.learns or self.mixing.mode == "adaptive":  # else nothing reads the losses: no work
-            measured = self._measured(numbers, names)
             self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), updated, measured)
             # The kind's progress: its configured losses' sum, whatever the balancing method scales; a
             # step missing one of them (nothing masked) would read as progress.
@@ -476,7 +478,7 @@ class Trainer:
             return batch.pin_memory().to(self.device, non_blocking=True, **stats)
         return batch.to(self.device, **stats)
 
-    def _update(self, sums: torch.Tensor) -> torch.Tensor:
+    def _update(self, sums: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
         """The step's tail: average over processes, clip, the update unless something is not
         finite, the stage's after-update. Returns the step's numbers on the device: [total,
         losses..., metrics..., grad norm, finite, updated] (fp16's scaler may skip a finite
@@ -496,18 +498,19 @@ class Trainer:
         set_weight_decay(self.optimizer, self.stage.weight_decay(step))
         # fp16's loss scaler skips overflowing steps itself; anything else non-finite is divergence.
         finite = torch.isfinite(sums[0]) & (torch.isfinite(norm[0]) | self.scaler.is_enabled())
+        go = finite & measured
         if self.scaler.is_enabled() or not self.optimizer.defaults.get("fused"):
-            if bool(finite):
+            if bool(go):
                 self.scaler.step(self.optimizer)
         else:
-            self.optimizer.found_inf = (~finite).float()
+            self.optimizer.found_inf = (~go).float()
             self.optimizer.step()
-        updated = finite
+        updated = go
         if self.scaler.is_enabled():  # fp16 syncs here anyway
             scale = self.scaler.get_scale()
             self.scaler.update()
             # An overflow the scaler skipped is no update, though no divergence either: the scale adapts.
-            updated = finite & (self.scaler.get_scale() >= scale)
+            updated = go & (self.scaler.get_scale() >= scale)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._extra.append(self.stage.after_update(step, updated))
@@ -528,7 +531,9 @@ class Trainer:
             named = dict(zip(metrics, v[1 + n:-3]))
             targets = {k.removeprefix(TARGETS): named.pop(k) for k in list(named) if k.startswith(TARGETS)}
             # A loss over no targets (no token masked on any process) reads 0 and measures nothing: left out.
-            row.update({"loss": v[0], "losses": {k: x for k, x in zip(losses, v[1:1 + n]) if targets.get(k) != 0},
+            measured = {k: x for k, x in zip(losses, v[1:1 + n]) if targets.get(k) != 0}
+            # A step of nothing measured has no loss (None), not one of 0 (its update was skipped).
+            row.update({"loss": v[0] if measured or not losses else None, "losses": measured,
                         "metrics": {**named, **extra}, "grad_norm": v[-3], "update_skipped": not v[-1] > 0})
             self._guard(v[-2] > 0, row["step"])
             row["nonfinite_steps"] = self.nonfinite_steps
