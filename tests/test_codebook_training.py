@@ -691,7 +691,7 @@ def test_a_table_without_usable_rows_and_an_infinite_lr_are_refused_in_one_line(
     for given, said in ((["--pairs", str(tmp_path / "hdr.csv")], f"{tmp_path / 'hdr.csv'} holds no samples; give "
                          "data that has some (a table needs rows under its header)"),
                         (["--pairs", str(tmp_path / "noimage.csv")], f"{tmp_path / 'noimage.csv'} holds no usable "
-                         "sample (1 csv row without an image); fix those rows"),
+                         "sample (1 table row without an image); fix those rows"),
                         (["--images", str(tmp_path / "imgs"), "--lr", "inf"], "lr must lie in (0, inf); got inf"),
                         (["--images", str(tmp_path / "imgs"), "--lr", "nan"], "lr must lie in (0, inf); got nan")):
         assert cli(["train-codebook", *given, "--output", str(tmp_path / "o"), "--steps", "2"]) == 2

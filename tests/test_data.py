@@ -857,3 +857,30 @@ def test_an_orientation_xmp_gives_is_taken_by_libjpeg_turbos_path_as_by_pils():
     data = buf.getvalue()
     assert jpeg_orientation(data) == 6
     assert decode_rgb(Blob(data)).shape == (40, 20, 3) and open_image(data).size == (20, 40)
+
+
+def test_a_listing_says_the_column_it_chose_and_counts_rows_by_what_they_lack(tmp_path):
+    # A parquet's `caption` was taken over its `txt` without a word; a JSONL row without a caption
+    # was an "empty caption" and one without an image a "csv row"; a folder named as an image was
+    # "does not exist" at the start and "unreadable image" at the end.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flava.data.decode import decode
+    from flava.data.members import BadSample
+    from flava.data.registry import missing_files
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    pq.write_table(pa.table({"jpg": [png.getvalue()], "txt": ["a"], "caption": ["b"]}), tmp_path / "two.parquet")
+    assert open_source("pairs", str(tmp_path / "two.parquet")).listing_notes == [
+        "its captions are column 'caption' (also there: txt); to read another, name it: ?caption=COLUMN"]
+    assert open_source("pairs", str(tmp_path / "two.parquet") + "?caption=txt").listing_notes == []
+    (tmp_path / "a.png").write_bytes(png.getvalue())
+    (tmp_path / "t.jsonl").write_text('{"image": "a.png", "caption": "ok"}\n{"image": "a.png"}\n{"caption": "x"}\n'
+                                      '{"image": ".", "caption": "a folder"}\n')
+    source = csv_pairs(str(tmp_path / "t.jsonl"))
+    assert source.listing_rejected == {"table row without a caption": 1, "table row without an image": 1}
+    assert missing_files(source) == (0, 2)
+    with pytest.raises(BadSample, match="image path is a folder"):
+        decode(tmp_path)

@@ -76,7 +76,7 @@ def test_non_string_texts_and_captions_are_counted_not_fatal(tmp_path):
     (tmp_path / "t.jsonl").write_text('{"text": 5}\n{"text": null}\n{"text": "fine"}\n[1, 2]\n{"text": "also"}\n')
     src = text_file(str(tmp_path / "t.jsonl"))
     assert src.records == ["fine", "also"]
-    assert src.rejected == {"json line without a text string": 3}
+    assert src.rejected == {"json line without a text string in 'text'": 3}
     members = [("a.png", png()), ("a.json", b'{"caption": 5}'), ("b.png", png()), ("b.json", b'{"caption": "ok"}')]
     write_tar(tmp_path / "s.tar", members)
     records = tar_pairs(str(tmp_path / "s.tar")).records

@@ -306,7 +306,7 @@ def test_a_tables_bad_rows_are_said_at_a_runs_start(tmp_path):
     rows[30:30] = ["a.png,a cat, and a dog", ",no image"]
     (tmp_path / "b.csv").write_text("\n".join(rows) + "\n")
     assert notes("b.csv") == [f"data.pairs {tmp_path / 'b.csv'}: 2 of its 202 rows are bad and skipped (1 malformed "
-                              "csv row, 1 csv row without an image); the first, line 31: 3 cells under a header of "
+                              "csv row, 1 table row without an image); the first, line 31: 3 cells under a header of "
                               "2; quote a cell that holds a comma"]
     (tmp_path / "c.csv").write_text("\n".join(rows[:30] + rows[32:]) + "\n")
     assert notes("c.csv") == []

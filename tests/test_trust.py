@@ -735,3 +735,26 @@ def test_a_start_that_fails_after_training_the_demo_codebook_keeps_it(tmp_path, 
     train_run.ensure_demo_codebook(cfg, out / "codebook", Console(), say_kept=True)
     assert "trained for other model settings: training it again" in " ".join(capsys.readouterr().out.split())
     assert [m.codebook.vocab_size for m in trained] == [64] and not weights.exists()
+
+
+def test_a_resume_whose_data_moved_says_how_to_name_where_it_went(train_data, tmp_path, capsys):
+    # "X does not exist" alone, where --override --set data.pairs=NEW resumes on it (as
+    # train-codebook's --resume takes the images given in their place).
+    import shutil
+
+    from conftest import pretrain_args
+
+    shutil.copy(train_data / "pairs.csv", tmp_path / "pairs.csv")
+    shutil.copytree(train_data / "img", tmp_path / "img")
+    args = pretrain_args(train_data, tmp_path / "run")
+    args[args.index(f'data.pairs=["{train_data / "pairs.csv"}"]')] = f'data.pairs=["{tmp_path / "pairs.csv"}"]'
+    assert cli([*args, "--max-steps", "1"]) == 0
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "pairs.csv").rename(tmp_path / "moved" / "pairs.csv")
+    shutil.move(str(tmp_path / "img"), tmp_path / "moved" / "img")
+    capsys.readouterr()
+    code = cli(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "2"])
+    assert f"{tmp_path / 'pairs.csv'} does not exist: the run read it as data.pairs; if it moved, resume on it " \
+           "there: --resume --override --set 'data.pairs=[\"NEW PATH\"]'" in one_line_error(capsys, code)
+    assert cli(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "2", "--override",
+                "--set", f'data.pairs=["{tmp_path / "moved" / "pairs.csv"}"]']) == 0

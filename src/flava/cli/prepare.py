@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"note: --size {args.size} is below the model's {model.image.image_size}-px input: training "
                       f"upscales every crop; give --size {model.image.image_size} or more")
     for source in sources:  # a table's bad rows and likely stray quotes, as pretraining says them at its start
-        for said in (bad_rows_said(source), spans_said(source)):
+        for said in (bad_rows_said(source), spans_said(source), *source.listing_notes):
             if said:
                 console.print(f"note: {source.name}: {escape(said)}")
     console.print(f"preparing {kind} from {', '.join(s.name for s in sources)} into {output} with {workers} "

@@ -40,6 +40,7 @@ from .sources import ImageRecord, Opened, PairRecord, Source
 IMAGE_COLUMNS = ("image", "img", "jpg", "png")
 CAPTION_COLUMNS = ("caption", "text", "sentence", "txt")
 _KEYS = {"pairs": ("image", "caption"), "images": ("image", "label"), "text": ("text",)}
+_DEFAULTS = {"image": IMAGE_COLUMNS, "caption": CAPTION_COLUMNS, "text": ("text",), "label": ("label",)}
 
 
 # --------------------------------------------------------------------------- the spec
@@ -318,7 +319,7 @@ _CHECKS = {
 def _resolve_columns(spec: _Spec, kind: str, schema: pa.Schema, where: str) -> dict[str, str]:
     """Part -> column name, from the spec or the default names; each checked for its type."""
     names = schema.names
-    defaults = {"image": IMAGE_COLUMNS, "caption": CAPTION_COLUMNS, "text": ("text",), "label": ("label",)}
+    defaults = _DEFAULTS
     out = {}
     for part in _KEYS[kind]:
         name = spec.columns.get(part) or next((c for c in defaults[part] if c in names), None)
@@ -391,6 +392,12 @@ def _build(spec: _Spec, kind: str) -> Source:
         classes = [str(n) for n in names] if isinstance(names, list) else []
     source = Source(kind, name=spec.text, classes=classes, shards=shards, size=sum(s.rows for s in shards))
     source.known_bytes = sum(Path(f.path).stat().st_size for f in files)  # an edit keeping the rows (see sources)
+    schema = _open(files[0])[0]
+    for part, chosen in (columns or {}).items():  # a default picked among several: which one is said
+        others = [c for c in _DEFAULTS.get(part, ()) if c in schema.names and c != chosen]
+        if not spec.columns.get(part) and others:
+            source.listing_notes.append(f"its {part}s are column {chosen!r} (also there: {', '.join(others)}); "
+                                        f"to read another, name it: ?{part}=COLUMN")
     return source
 
 

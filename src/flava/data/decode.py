@@ -51,7 +51,7 @@ def _image_bytes(ref: Path | Member) -> bytes:
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
-                raise BadSample("unreadable image" if stat.S_ISDIR(mode) else "not a regular file")
+                raise BadSample("image path is a folder" if stat.S_ISDIR(mode) else "not a regular file")
             with os.fdopen(fd, "rb", closefd=False) as f:
                 data = f.read()
         except OSError:

@@ -100,6 +100,8 @@ class Source:
         """Rejected before any shard was read (rows of a table, lines of a file read up front)."""
         self.listing_first: dict[str, tuple[int, str]] = {}
         """The line of each reason's first rejection there and what is wrong with it."""
+        self.listing_notes: list[str] = []
+        """What its listing chose that the user may not expect (a parquet's caption column among several)."""
         self.listing_spans: list[tuple[int, int]] = []
         """Rows of a table whose quoted cell took lines that read as rows (`Table.spanning`)."""
         self.classes = list(classes or [])
@@ -146,6 +148,7 @@ class Source:
         self.listing_rejected += other.listing_rejected
         self.listing_first = {**other.listing_first, **self.listing_first}
         self.listing_spans += other.listing_spans
+        self.listing_notes += other.listing_notes
         self.known_size = None if self.known_size is None or other.known_size is None else \
             self.known_size + other.known_size
         self.known_bytes = None if self.known_bytes is None or other.known_bytes is None else \
@@ -275,8 +278,11 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
     for row in table.rows:
         image, caption = row.get(image_key), row.get(caption_key)
         if not image:
-            rejected["csv row without an image"] += 1
-            first.setdefault("csv row without an image", (row.line, f"its {image_key!r} cell is empty"))
+            rejected["table row without an image"] += 1
+            first.setdefault("table row without an image", (row.line, f"its {image_key!r} cell is empty"))
+        elif caption is None:  # a JSONL row without the key: no caption at all, not an empty one
+            rejected["table row without a caption"] += 1
+            first.setdefault("table row without a caption", (row.line, f"it has no {caption_key!r}"))
         elif caption is not None and not isinstance(caption, str):  # JSON's lists, numbers, objects
             rejected["caption is not text"] += 1
             first.setdefault("caption is not text", (row.line, f"its {caption_key!r} is not text"))

@@ -89,7 +89,7 @@ class TextShard:
                     continue
                 line = obj.get(self.field) if isinstance(obj, dict) else None
                 if not isinstance(line, str):
-                    rejected["json line without a text string"] += 1
+                    rejected[f"json line without a text string in {self.field!r}"] += 1
                     continue
             records.append(line)
         return Opened(records, rejected)

@@ -236,7 +236,7 @@ def pair_inputs(spec: str) -> Inputs:
         for where, row in ((r.where, r.values) for r in table.rows):
             cell = row.get(image_col)
             if cell is None or (isinstance(cell, str) and not cell.strip()):
-                # Left out and named, as training counts "csv row without an image" (an empty path
+                # Left out and named, as training counts "table row without an image" (an empty path
                 # would name the table's own folder).
                 rejected["no image path"] += 1
                 named.append({"line": where, "image_path": "", "caption": row.get(text_col), "error": "no image path"})

@@ -99,6 +99,7 @@ def source_notes(streams: dict, global_batch: int, named=lambda kind, source: f"
                 notes.append(f"{name}: {bad}")
             if spans := spans_said(stream.source):
                 notes.append(f"{name}: {spans}")
+            notes += [f"{name}: {note}" for note in stream.source.listing_notes]
             if gone := missing_shards(stream.source):
                 shards = stream.source.shards
                 notes.append(f"{name}: {len(gone):,} of its {len(shards):,} shards "

@@ -22,7 +22,7 @@ from ..config import FlavaConfig, check, differences, from_dict, plain, said, se
 from ..data.pipeline import per_process_batch
 from ..distributed import end_host_group, resolve_device, start_host_group
 from ..data.registry import KINDS, open_stream
-from ..errors import CheckpointError, ConfigError, DataChanged, FlavaError
+from ..errors import CheckpointError, ConfigError, DataChanged, DataError, FlavaError
 from ..io.checkpoint import read_config
 from ..io.files import check_writable, read_json, write_json_atomic
 from ..io.locks import InUse
@@ -399,6 +399,20 @@ def train_demo_codebook(model: FlavaConfig, directory: Path, console: Console, r
         dist.barrier()
 
 
+def _refuse_data_gone(cfg: TrainConfig) -> None:
+    """A resume whose data is no longer where the run read it: said with the way to name where it
+    went (it had been "X does not exist" alone)."""
+    for kind in ("pairs", "images", "text"):
+        for spec in getattr(cfg.data, kind):
+            path = spec if isinstance(spec, str) else spec.path
+            local = path.split("?", 1)[0]
+            if "://" in path or path.startswith("pipe:") or any(c in local for c in "*?[{"):
+                continue  # remote, or a pattern: its shards are checked as they are listed
+            if not Path(local).exists():
+                raise DataError(f"{local} does not exist: the run read it as data.{kind}; if it moved, resume on it "
+                                f"there: --resume --override --set 'data.{kind}=[\"NEW PATH\"]'")
+
+
 def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, override: bool, rank: int) -> None:
     output = run.root
     saved = saved_settings(output) if resume else None
@@ -425,6 +439,8 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
             history.append(_keep_global_batch(cfg, run, console))
     if rank == 0:
         check_writable(run.checkpoints)  # found here, not at the first save save_every steps later
+    if resume:
+        _refuse_data_gone(cfg)
     trainer = Trainer(cfg, output, resume=resume)
     if resume and trainer.resume():
         console.print(f"resumed from step {trainer.step}")
