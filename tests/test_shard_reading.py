@@ -40,9 +40,10 @@ def test_a_tables_captions_that_are_not_text_are_counted_not_trained_on_as_pytho
             {"image": "a.png", "caption": 5}, {"image": "a.png", "caption": None}, {"image": "a.png"}]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     src = csv_pairs(str(tmp_path / "p.jsonl"))
-    # Empty ones stay records: the sample makers count them as empty captions, as for a CSV's empty cell.
-    assert [r.caption for r in src.records] == ["a real caption", "", ""]
-    assert src.rejected == {"caption is not text": 4}
+    # Empty ones stay records: the sample makers count them as empty captions, as for a CSV's empty cell;
+    # a row without the key has no caption at all, and is counted so.
+    assert [r.caption for r in src.records] == ["a real caption", ""]
+    assert src.rejected == {"caption is not text": 4, "table row without a caption": 1}
 
 
 @pytest.mark.slow  # an embed run end to end
@@ -91,6 +92,11 @@ def test_a_repeated_key_starts_another_sample_and_never_replaces_the_image_a_cap
     tar_of(tmp_path / "dots.tar", [("photo0.v2.png", png(5)), ("photo0.v2.txt", b"x")])
     assert open_source("pairs", str(tmp_path / "dots.tar")).rejected == {
         "tar sample whose key holds a dot (a key ends at its name's first dot: rename a.b.jpg a_b.jpg)": 1}
+    # Four such samples under one key (dir/img.v0.png ... dir/img.v3.png) are four lost, not one.
+    tar_of(tmp_path / "dots4.tar", [(f"dir/img.v{i}.{ext}", png(5) if ext == "png" else b"x") for i in range(4)
+                                    for ext in ("png", "txt")])
+    assert open_source("pairs", str(tmp_path / "dots4.tar")).rejected == {
+        "tar sample whose key holds a dot (a key ends at its name's first dot: rename a.b.jpg a_b.jpg)": 4}
 
 
 def test_shards_compressed_whole_are_read_named_alone_or_in_a_folder_and_a_cut_one_keeps_its_whole_samples(tmp_path):

@@ -280,7 +280,7 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
         if not image:
             rejected["table row without an image"] += 1
             first.setdefault("table row without an image", (row.line, f"its {image_key!r} cell is empty"))
-        elif caption is None:  # a JSONL row without the key: no caption at all, not an empty one
+        elif caption_key not in row.values:  # a JSONL row without the key: no caption at all, not an empty one
             rejected["table row without a caption"] += 1
             first.setdefault("table row without a caption", (row.line, f"it has no {caption_key!r}"))
         elif caption is not None and not isinstance(caption, str):  # JSON's lists, numbers, objects

@@ -274,17 +274,23 @@ class TarShard:
                 if CROPS_EXT in members and TOKENS_EXT in members else None
             if self.kind == "images":
                 if image is None:
-                    rejected[_incomplete(members, links)] += 1
+                    rejected[_incomplete(members, links)] += _lost(members)
                     continue
                 label = members.get(".cls")
                 records.append(ImageRecord(image, _label(label), prepared))
                 continue
             caption = next((members[e] for e in CAPTION_SUFFIXES if e in members), None)
             if image is None or caption is None:
-                rejected[_incomplete(members, links, image is None, caption is None)] += 1
+                rejected[_incomplete(members, links, image is None, caption is None)] += _lost(members)
                 continue
             records.append(PairRecord(image, caption, prepared, key))
         return Opened(records, rejected)
+
+
+def _lost(members: dict[str, Member]) -> int:
+    """Samples an incomplete key stands for: one, or, where names held dots (`img.v0.jpg`,
+    `img.v1.jpg`: one key `img`), as many as its images."""
+    return max(1, sum(ext.count(".") > 1 and ext.endswith(tuple(IMAGE_SUFFIXES)) for ext in members))
 
 
 def _incomplete(members: dict[str, Member], links: list[str], no_image: bool = True,
