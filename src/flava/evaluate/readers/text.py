@@ -198,9 +198,10 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
         for r in rows:
             # An empty label is no class, an empty text nothing to learn from: each counted by what it lacks.
             raw = label_text(r.get("label"), r.where)
-            empty = [what for what, value in (("text", text_cell(r.get("text"), r.where)),
-                                              ("text2", text_cell(r.get("text2"), r.where, "text2") if has_pair
-                                               else "-"), ("label", raw)) if not value.strip()]
+            cells = {"text": text_cell(r.get("text"), r.where), "label": raw}
+            if has_pair:
+                cells["text2"] = text_cell(r.get("text2"), r.where, "text2")
+            empty = [what for what in ("text", "text2", "label") if what in cells and not cells[what].strip()]
             if empty:
                 skipped[f"an empty {' and '.join(empty)}"] += 1
             else:
@@ -255,6 +256,3 @@ def read_text_classification(path_train: str | Path, path_val: str | Path | None
                                                                    limit, seed), names, tuple(metrics), notes=notes)
     check_text_data(data)
     return data
-
-
-
