@@ -502,3 +502,15 @@ def test_pretrains_settings_file_names_the_model_for_train_codebook_prepare_and_
     assert cli(["train-codebook", "--config", str(settings), "--output", str(tmp_path / "cb"), "--images",
                 str(tmp_path / "none")]) == 2
     assert "none does not exist" in capsys.readouterr().err  # past --config: the settings were read
+
+
+def test_load_refuses_arguments_it_would_ignore(tmp_path):
+    # device= was dropped under quantize="int8" (a CPU model came back), and codebook= without
+    # pretraining=True was read by nothing.
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"quantize='int8' is for CPU inference; it cannot run on meta"):
+        flava.load(tmp_path / "m", quantize="int8", device="meta")
+    with pytest.raises(ConfigError, match=r"codebook= names the image codebook of a model to pretrain: it needs "
+                                          r"pretraining=True"):
+        flava.load(tmp_path / "m", codebook=tmp_path / "nowhere")
+    assert flava.load(tmp_path / "m", quantize="int8", device="cpu") is not None

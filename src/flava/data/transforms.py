@@ -137,9 +137,18 @@ def map_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def eval_transform(image: Image.Image | np.ndarray, size: int, mean: Stats = CLIP_MEAN,
-                   std: Stats = CLIP_STD) -> torch.Tensor:
-    """The inference transform: RGB, resize + center crop, normalisation (FLAVA's: CLIP's statistics)."""
-    return normalize(to_tensor(resize_center_crop(to_rgb(image), size)), mean, std)
+                   std: Stats = CLIP_STD, squash_to: tuple[int, int] | None = None) -> torch.Tensor:
+    """The inference transform: RGB, resize + center crop, normalisation (FLAVA's: CLIP's statistics).
+    With `squash_to` (height, width), resized to that first whatever the image's shape, then its
+    central square cropped as it is (a transformers FlavaImageProcessor whose size is a height and width)."""
+    image = to_rgb(image)
+    if squash_to is not None:
+        h, w = squash_to
+        image = image.resize((w, h), Image.BICUBIC)
+        if min(h, w) >= size:
+            left, top = (w - size) // 2, (h - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+    return normalize(to_tensor(resize_center_crop(image, size)), mean, std)
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,

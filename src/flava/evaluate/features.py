@@ -56,13 +56,13 @@ def check_image_files(images: Sequence[ImageLike]) -> None:
 
 
 def pixel_batches(images: Sequence[ImageLike], size: int, batch_size: int, mean: Stats = CLIP_MEAN,
-                  std: Stats = CLIP_STD) -> Iterator[torch.Tensor]:
+                  std: Stats = CLIP_STD, squash_to: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
     """[b, 3, size, size] eval-transformed tensors (normalised by `mean`/`std`), decoded batch by batch."""
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1; got {batch_size}")
     for start in range(0, len(images), batch_size):
         with single_threaded():
-            batch = torch.stack([eval_transform(load_image(im), size, mean, std)
+            batch = torch.stack([eval_transform(load_image(im), size, mean, std, squash_to)
                                  for im in images[start:start + batch_size]])
         yield batch
 
@@ -76,7 +76,8 @@ def _run_images(model: FlavaModel, images: Sequence[ImageLike], batch_size: int,
     done = 0
     with evaluating(model):
         ic = model.config.image
-        for pixels in pixel_batches(images, ic.image_size, batch_size, ic.image_mean, ic.image_std):
+        squash = model.processor.squash_to  # a transformers checkpoint's resize, as its processor has it
+        for pixels in pixel_batches(images, ic.image_size, batch_size, ic.image_mean, ic.image_std, squash):
             state = model.encode_image_tokens(pixels.to(device), cls_only=True)
             feats = model.image_embedding(state) if embed else state.last_hidden_state[:, 0]
             out.append(feats.float().cpu().numpy())

@@ -180,7 +180,9 @@ def write_processor_files(processor: Processor, directory: Path, image_fields: d
     side = processor.image_size
     write_json_atomic(directory / "preprocessor_config.json", {
         "image_processor_type": "FlavaImageProcessor", "processor_class": "FlavaProcessor",
-        "do_resize": True, "size": {"shortest_edge": side}, "resample": 3, "do_center_crop": True,
+        "do_resize": True, "resample": 3, "do_center_crop": True,
+        "size": {"shortest_edge": side} if processor.squash_to is None else
+        dict(zip(("height", "width"), processor.squash_to)),
         "crop_size": {"height": side, "width": side},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": list(processor.image_mean), "image_std": list(processor.image_std), **(image_fields or {}),

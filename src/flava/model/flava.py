@@ -192,6 +192,13 @@ class FlavaModel(nn.Module):
 
     @processor.setter
     def processor(self, value: Processor) -> None:
+        # One set of pixel statistics per model: every path that normalises images (the processor,
+        # training data, evaluation's features, task models) reads them, so the config takes the processor's.
+        stats = {"image_mean": list(value.image_mean), "image_std": list(value.image_std)}
+        if any(getattr(self.config.image, k) != v for k, v in stats.items()):
+            image = dataclasses.replace(self.config.image, **stats)
+            self.config = dataclasses.replace(self.config, image=image)
+            self.image_encoder.cfg = image
         self._processor = value
 
     # ------------------------------------------------------------------ multimodal
@@ -342,11 +349,12 @@ class FlavaModel(nn.Module):
         write_checkpoint_dir(directory, fill, only=SAVED_FILES)
 
     def save_tokenizer(self, directory: str | os.PathLike) -> None:
-        """When this model's tokenizer is its own (a text tower's), write it with the processor
-        settings into a checkpoint directory being written, so whatever loads the checkpoint
-        tokenises as it was trained; a checkpoint without one reads as BERT uncased."""
+        """When this model's processor is not the one its config makes (its own tokenizer, a text
+        tower's; another image or text size), write it into a checkpoint directory being written,
+        so whatever loads the checkpoint prepares inputs as it was trained; a checkpoint without
+        one reads as its config says, with BERT uncased."""
         processor = getattr(self, "_processor", None)
-        if processor is not None and processor.tokenizer_file:
+        if processor is not None and (processor.tokenizer_file or processor != Processor.from_config(self.config)):
             processor.save_pretrained(directory)
 
     def num_parameters(self) -> int:
