@@ -514,3 +514,55 @@ def test_load_refuses_arguments_it_would_ignore(tmp_path):
                                           r"pretraining=True"):
         flava.load(tmp_path / "m", codebook=tmp_path / "nowhere")
     assert flava.load(tmp_path / "m", quantize="int8", device="cpu") is not None
+
+
+def test_pixels_in_the_wrong_form_are_refused_saying_which_form_is_taken():
+    # uint8 codebook pixels (a batch not moved with .to) gave other image tokens without a word, and
+    # float64 ones a dtype RuntimeError; channels-last pixels were said to have 64 channels.
+    codebook = flava.FlavaImageCodebook(flava.preset("tiny").codebook).eval()
+    u8 = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8)
+    for call in (codebook, codebook.token_ids):
+        with pytest.raises(InputError, match=r"float tensor of pixels in \[0, 1\] mapped by .*map_pixels; got "
+                                             r"torch.uint8 values \(a data batch's uint8 codebook pixels are mapped by "
+                                             r"batch.to\(device\)\)"):
+            call(u8)
+    from flava.data.transforms import map_pixels
+
+    x = map_pixels(u8.float() / 255)
+    assert torch.equal(codebook.token_ids(x.double()), codebook.token_ids(x))
+    model = flava.FlavaModel(flava.preset("tiny")).eval()
+    size = model.config.image.image_size
+    with pytest.raises(InputError, match=r"pixel_values are \[batch, H, W, 3\] \(channels last\); .*permute\(0, 3, 1, 2\)"):
+        model.encode_image(torch.randn(2, size, size, 3))
+
+
+def test_python_callers_inputs_in_another_form_are_taken_or_refused_in_one_line(tmp_path, monkeypatch):
+    # Each had ended in a torch traceback, been iterated element by element, or been refused as
+    # the wrong kind of thing.
+    from PIL import Image
+
+    from flava.objectives.pretraining import PretrainingModel
+    from flava.retrieval.classify import ZeroShotClassifier
+
+    model = flava.FlavaModel(flava.preset("tiny")).eval()
+    size = model.config.image.image_size
+    with pytest.raises(InputError, match=r"pixel_values holds no image \(a batch of 0\)"):
+        model.encode_image(torch.randn(0, 3, size, size))
+    with pytest.raises(InputError, match=r"input_ids holds no text \(a batch of 0\)"):
+        model.encode_text(torch.zeros(0, 5, dtype=torch.long))
+    with pytest.raises(InputError, match=r"input_ids must be integer token ids as torch.long \(or int32\); got "
+                                         r"torch.uint8: input_ids.long\(\)"):
+        model.encode_text(torch.ones(1, 5, dtype=torch.uint8))
+    import numpy as np
+
+    assert torch.equal(model.encode_text(np.array(["a cat", "a dog"])), model.encode_text(["a cat", "a dog"]))
+    assert isinstance(PretrainingModel("tiny").model, flava.FlavaModel)
+    model.save_pretrained(tmp_path / "ck")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"config ck is a folder: name its config file"):
+        flava.FlavaModel("ck")
+    with pytest.raises(InputError, match=r"classes must be a list of class names; got the string 'cat,dog'"):
+        ZeroShotClassifier(model, "cat,dog")
+    image = Image.new("RGB", (40, 40), (200, 0, 0))
+    [one] = ZeroShotClassifier(model, ["cat", "dog"]).predict(image)
+    assert one.error is None and len(one.top) == 2

@@ -268,3 +268,13 @@ def test_predict_reads_a_table_as_fine_tuning_reads_it_and_refuses_a_table_among
                  str(tmp_path / "ve.csv")]) == 2
     _, err = printed(capsys)
     assert err.count("\n") == 1 and "give one CSV/JSONL/TXT file or one folder as --input, or image files" in err
+
+
+def test_a_task_model_refuses_a_tensor_or_a_mapping_of_inputs_in_one_error(models):
+    # A [3, H, W] tensor was iterated into three error rows, and a dict of texts predicted by its keys.
+    from flava.errors import InputError
+
+    with pytest.raises(InputError, match=r"images must be an image .* got a tensor"):
+        flava.load_task(models / "image").predict(images=torch.rand(3, 64, 64))
+    with pytest.raises(InputError, match=r"texts must be a list, in order; got a dict"):
+        flava.load_task(models / "text").predict(texts={"good movie": 1})

@@ -390,7 +390,7 @@ def config_from(spec: str | os.PathLike | FlavaConfig, what: str = "--config") -
     # A bare word that is no file was meant as a preset (as `flava pretrain --config` reads it): say
     # so, rather than that a config file of that name does not exist.
     if (isinstance(spec, str) and not any(sep and sep in spec for sep in ("/", os.sep, os.altsep))
-            and not spec.lower().endswith(".json") and not os.path.isfile(spec)):
+            and not spec.lower().endswith(".json") and not os.path.exists(spec)):
         close = difflib.get_close_matches(spec, PRESETS, n=1)
         raise ConfigError(f"{what} {spec} is neither a preset ({', '.join(PRESETS)}) nor a config file"
                           + (f"; did you mean {close[0]!r}?" if close else ""))

@@ -110,6 +110,13 @@ class TaskModel:
     # ------------------------------------------------------------------ prediction
 
     def _check_inputs(self, texts, images, texts2) -> tuple[int, list | None, list | None, list | None]:
+        # A tensor was iterated along its first axis (one image, three error rows); a dict by its keys.
+        if isinstance(images, torch.Tensor):
+            raise InputError("images must be an image (PIL, an array, a path) or a list of them; got a tensor: a "
+                             "task model prepares its images itself (convert it with .permute(1, 2, 0).numpy())")
+        for name, given in (("texts", texts), ("texts2", texts2), ("images", images)):
+            if isinstance(given, (dict, set)):
+                raise InputError(f"{name} must be a list, in order; got a {type(given).__name__}")
         if isinstance(texts, str):
             texts = [texts]
         if isinstance(texts2, str):

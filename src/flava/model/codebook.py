@@ -37,9 +37,12 @@ class ResBlock(nn.Module):
 
 
 def _check_tensor(pixel_values) -> None:
-    if not isinstance(pixel_values, torch.Tensor):
-        raise InputError(f"the codebook takes a [batch, 3, H, W] tensor of pixels in [0, 1] mapped by "
-                         f"flava.data.transforms.map_pixels; got {type(pixel_values).__name__}")
+    if not isinstance(pixel_values, torch.Tensor) or not pixel_values.dtype.is_floating_point:
+        # uint8 pixels read as floats had given other tokens without a word (0-255, not map_pixels' range).
+        got = f"{pixel_values.dtype} values" if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise InputError(f"the codebook takes a [batch, 3, H, W] float tensor of pixels in [0, 1] mapped by "
+                         f"flava.data.transforms.map_pixels; got {got} (a data batch's uint8 codebook pixels are "
+                         f"mapped by batch.to(device))")
 
 
 ENCODER_KERNELS = (3, 3, 3, 1)
@@ -100,6 +103,9 @@ class FlavaImageCodebook(nn.Module):
             )
         if pixel_values.shape[-1] % 8 or pixel_values.shape[-2] % 8:
             raise InputError(f"codebook input size {tuple(pixel_values.shape[-2:])} must be a multiple of 8")
+        weight = self.blocks.input.weight
+        if pixel_values.dtype != weight.dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+            pixel_values = pixel_values.to(weight.dtype)  # float64 or float16 pixels into float32 weights
         return self.blocks(pixel_values.contiguous(memory_format=torch.channels_last))
 
     @torch.no_grad()

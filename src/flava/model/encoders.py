@@ -155,12 +155,18 @@ class ImageEncoder(nn.Module):
             got = f"{pixel_values.dtype} values" if isinstance(pixel_values, torch.Tensor) else \
                 type(pixel_values).__name__
             raise InputError(f"pixel_values must be a float tensor of normalised pixels; got {got}: give raw images "
-                             "(PIL, arrays, paths) to encode_image or model.processor")
+                             "(PIL, arrays, paths) to encode_image or model.processor, and move a data batch of uint8 "
+                             "pixels with batch.to(device), which normalises them")
         if pixel_values.dim() != 4:
             raise InputError(
                 f"pixel_values must be [batch, {cfg.num_channels}, H, W]; got shape {tuple(pixel_values.shape)}"
             )
-        _, c, h, w = pixel_values.shape
+        b, c, h, w = pixel_values.shape
+        if b == 0:
+            raise InputError("pixel_values holds no image (a batch of 0)")
+        if c != cfg.num_channels and pixel_values.shape[-1] == cfg.num_channels:
+            raise InputError(f"pixel_values are [batch, H, W, {cfg.num_channels}] (channels last); the image encoder "
+                             f"takes [batch, {cfg.num_channels}, H, W]: pixel_values.permute(0, 3, 1, 2)")
         if c != cfg.num_channels:
             raise InputError(
                 f"images have {c} channels but the image encoder expects {cfg.num_channels} "
@@ -271,8 +277,12 @@ class TextEncoder(nn.Module):
                                  "model.processor")
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be [batch, length]; got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point:
-            raise InputError("input_ids must be integer token ids, not floats")
+        if input_ids.dtype.is_floating_point or input_ids.dtype in (torch.bool, torch.uint8, torch.int8,
+                                                                    torch.int16):
+            raise InputError(f"input_ids must be integer token ids as torch.long (or int32); got {input_ids.dtype}: "
+                             "input_ids.long()")
+        if input_ids.shape[0] == 0:
+            raise InputError("input_ids holds no text (a batch of 0)")
         L = input_ids.shape[1]
         if L == 0:
             raise InputError("input_ids is empty: every text needs at least one token")

@@ -9,6 +9,7 @@ import numbers
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,6 +174,8 @@ class FlavaModel(nn.Module):
         """[B, projection_dim] L2-normalised contrastive text embeddings. `input_ids` is a tensor
         [B, L], or a string or list of strings, which go through `self.processor` and run without
         autograd."""
+        if isinstance(input_ids, np.ndarray) and input_ids.dtype.kind in "UO":  # an array of strings
+            input_ids = input_ids.tolist()
         if isinstance(input_ids, (str, list, tuple)):
             if attention_mask is not None or token_type_ids is not None:
                 raise InputError("attention_mask and token_type_ids go with input_ids given as a tensor; raw texts "

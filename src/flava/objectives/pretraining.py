@@ -257,9 +257,14 @@ class PretrainingModel(nn.Module):
         codebook: FlavaImageCodebook | None = None,
     ):
         super().__init__()
+        if model is None:  # a preset's name or a config file, as FlavaModel takes them (the model's copy kept)
+            model = FlavaModel(config)
+            config = model.config
+        elif not isinstance(config, FlavaConfig):
+            raise ConfigError(f"PretrainingModel beside a model takes its FlavaConfig; got {type(config).__name__}")
         self.config = config
         self.objectives = check(objectives or ObjectivesConfig(), "objectives")
-        self.model = model if model is not None else FlavaModel(config)
+        self.model = model
         self.heads = heads if heads is not None else PretrainingHeads(config, self.objectives)
         self.codebook = codebook
         if codebook is not None:

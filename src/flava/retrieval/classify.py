@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..data.tokenizer import TextTokenizer
 from ..errors import DataError, InputError
@@ -104,6 +105,9 @@ class ZeroShotClassifier:
                  batch_size: int = 32, class_vectors: np.ndarray | None = None):
         """`class_vectors`: the classes' [C, D] prompt-ensemble embeddings when the caller made them
         already (the server does, a few prompts per model call)."""
+        if isinstance(classes, str):  # iterated, a string had been one class per character
+            raise InputError(f"classes must be a list of class names; got the string {classes[:40]!r} (for a comma-"
+                             "separated list: classes.split(','))")
         check_classes(classes, model.processor.tokenizer)
         self.classes = list(classes)
         self.embedder = Embedder(model, batch_size)
@@ -124,7 +128,11 @@ class ZeroShotClassifier:
         return p / p.sum(axis=1, keepdims=True)
 
     def predict(self, images: list, top_k: int = 5) -> list[Prediction]:
-        """One prediction per image; an unusable image gets its error and the others go on."""
+        """One prediction per image (one image alone too); an unusable image gets its error and the
+        others go on."""
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)) and not (
+                isinstance(images, np.ndarray) and images.ndim == 4):
+            images = [images]
         out = []
         for start in range(0, len(images), self.embedder.batch_size):
             chunk = images[start:start + self.embedder.batch_size]
