@@ -553,3 +553,18 @@ def test_a_balancing_comparison_stopped_before_its_first_method_finished_continu
     assert (out / "balancing.json").is_file()  # the folder is the comparison's: its rerun is not refused
     monkeypatch.setattr(run, "run_pretrain", lambda cfg, directory, **kw: trained.append(directory.name))
     assert cli(balancing_args(out, file)) == 0
+
+
+def test_a_row_the_suite_cannot_score_and_rows_naming_none_are_refused_before_any_training(no_training, suite,
+                                                                                              tmp_path, capsys):
+    # The MLM row had trained whole, then been refused for want of a language task, and the suite
+    # was then locked against the fix; --rows "" (an empty variable) ran every row, and "," none.
+    file = _suite_file(suite, tmp_path / "suite.json", "colour probe")
+    out = tmp_path / "ablation"
+    assert cli(["ablate", "--output", str(out), "--suite", str(file), "--rows", "mlm", "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"the suite {file} has no language task for row mlm: add one, or leave the row out of --rows" in err
+    assert no_training == [] and not out.exists()
+    for rows in ("", ","):
+        assert cli(["ablate", "--output", str(out), "--suite", str(file), "--rows", rows, "--steps", "2"]) == 2
+        assert f"--rows {rows!r} names no row" in capsys.readouterr().err and no_training == []

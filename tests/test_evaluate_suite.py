@@ -517,3 +517,22 @@ def test_every_built_in_kinds_value_keys_have_a_check():
     for name, kind in task_kinds().items():
         if kind.read.__module__.startswith("flava.evaluate.kinds."):  # not a test's own kind
             assert kind.keys - checked_elsewhere <= set(kind.fields), name
+
+
+def test_tasks_whose_names_differ_in_case_or_punctuation_draw_their_own_pictures():
+    # "Colours A" and "colours-a" (or two names of Chinese characters, or "untrained zs" beside the
+    # untrained model's "zs") had been drawn to one file, the second over the first.
+    from types import SimpleNamespace
+
+    from flava.evaluate.report import picture_stems
+
+    def result(*names):
+        return SimpleNamespace(tasks=[SimpleNamespace(name=n) for n in names])
+
+    stems = picture_stems([result("Colours A", "colours-a", "颜色", "形状", "untrained zs"), result("zs")],
+                          ["ours", "untrained"])
+    flat = [s for d in stems for s in d.values()]
+    assert len(set(flat)) == len(flat) == 6
+    assert stems[0] == {"Colours A": "colours-a", "colours-a": "colours-a-2", "颜色": "task", "形状": "task-2",
+                        "untrained zs": "untrained-zs"}
+    assert stems[1] == {"zs": "untrained-zs-2"}

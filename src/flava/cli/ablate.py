@@ -42,20 +42,23 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace, console: Console) -> None:
-    from ..recipes.ablate import Plan, default_rows, run_ablation
     from ..config import apply_overrides, check
+    from ..errors import ConfigError
+    from ..recipes.ablate import ROWS, Plan, default_rows, run_ablation
     from ..train.presets import train_config
 
     if args.balancing:
         return run_balancing_comparison(args, console)
     if args.seeds is not None:
-        from ..errors import ConfigError
-
         raise ConfigError("--seeds applies with --balancing (Table 3's rows run the settings' seed once); drop it, "
                           "or set seed=N")
     cfg = check(apply_overrides(train_config(args.config or "tiny"), args.set or []))
     steps = args.steps if args.steps is not None else cfg.max_steps
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else default_rows(args.processes)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows is not None else \
+        default_rows(args.processes)
+    if not rows:  # an empty $ROWS had run every row, a lone comma none (exit 0, an empty table)
+        raise ConfigError(f"--rows {args.rows!r} names no row; name some of {', '.join(ROWS)}, or leave --rows out "
+                          "for all")
     plan = Plan(rows=rows, steps=steps, unimodal_steps=steps if args.unimodal_steps is None else args.unimodal_steps,
                 image_stage=args.image_stage or "dino", processes=args.processes, suite=args.suite)
     run_ablation(cfg, plan, Path(args.output), console)

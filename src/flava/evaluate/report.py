@@ -18,12 +18,32 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def draw(task: TaskResult, directory: Path, prefix: str) -> list[str]:
-    """The task's pictures, written to `directory`; returns their file names."""
+def draw(task: TaskResult, directory: Path, stem: str) -> list[str]:
+    """The task's pictures, written to `directory` under `stem`; returns their file names."""
     if task.detail is None:
         return []
-    pictures = task_kind(task.kind, task.name).pictures(task, directory / f"{prefix}{_slug(task.name)}")
+    pictures = task_kind(task.kind, task.name).pictures(task, directory / stem)
     return [p for p in pictures if p]
+
+
+def picture_stems(results: list[SuiteResult], labels: list[str]) -> list[dict[str, str]]:
+    """Each result's tasks' file stems: a model's label, then the task's name, made file-safe and
+    made unique across the report ("Colours A" and "colours-a", two names of Chinese characters,
+    a task called "untrained zs" beside the untrained model's "zs" had drawn over each other)."""
+    taken: set[str] = set()
+    stems = []
+    for j, result in enumerate(results):
+        prefix = "" if j == 0 else f"{_slug(labels[j])}-"
+        own = {}
+        for t in result.tasks:
+            base = f"{prefix}{_slug(t.name) or 'task'}"
+            stem, n = base, 2
+            while stem in taken:
+                stem, n = f"{base}-{n}", n + 1
+            taken.add(stem)
+            own[t.name] = stem
+        stems.append(own)
+    return stems
 
 
 def to_json(result: SuiteResult, pictures: dict[str, list[str]]) -> dict:
@@ -83,9 +103,8 @@ def write_report(results: list[SuiteResult], directory: Path, labels: list[str] 
     directory.mkdir(parents=True, exist_ok=True)
     labels = labels or [r.model for r in results]
     pictures: list[dict[str, list[str]]] = []
-    for j, result in enumerate(results):
-        prefix = "" if j == 0 else f"{_slug(labels[j])}-"
-        pictures.append({t.name: draw(t, directory, prefix) for t in result.tasks})
+    for result, stems in zip(results, picture_stems(results, labels)):
+        pictures.append({t.name: draw(t, directory, stems[t.name]) for t in result.tasks})
     payload = {"models": labels, "results": [to_json(r, p) for r, p in zip(results, pictures)]}
     write_json_atomic(directory / "report.json", payload)
 

@@ -278,6 +278,13 @@ def run_ablation(cfg: TrainConfig, plan: Plan, output: Path, console: Console) -
     if needing:
         check_codebook_vocabulary(cfg.model)
     suite = read_suite(plan.suite, console)  # every data error before any training
+    # A row with nothing to be scored on, said before any row trains (it was said after its training,
+    # and the suite then locked against the fix).
+    for key in plan.rows:
+        domains = ROWS[key].domains
+        if not any(t.domain in domains for t in suite.tasks):
+            raise ConfigError(f"the suite {plan.suite} has no {'/'.join(domains)} task for row {key}: add one, or "
+                              "leave the row out of --rows")
     record = output / "ablation.json"
     refuse_other_files(output, record, "ablation")
     output.mkdir(parents=True, exist_ok=True)
