@@ -344,8 +344,9 @@ def test_a_linear_probe_reads_labels_as_finetune_does(tmp_path):
                                                                            "music"])]
     (tmp_path / "words.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "numbers.csv").write_text("text,label\na,10\nb,2\nc,2\nd,10\n")
-    suite = load_suite({"tasks": [{"kind": "linear-probe", "modality": "text", "train": f, "test": f, "name": f}
-                                  for f in ("words.csv", "numbers.csv")]}, base=tmp_path)
+    # Given a validation split: five rows of three classes hold none out (refused as the suite is read).
+    suite = load_suite({"tasks": [{"kind": "linear-probe", "modality": "text", "train": f, "val": f, "test": f,
+                                   "name": f} for f in ("words.csv", "numbers.csv")]}, base=tmp_path)
     words, numbers = (t.data for t in suite.tasks)
     for f, probe in (("words.csv", words), ("numbers.csv", numbers)):
         assert probe.classes == read_task("text-classification", str(tmp_path / f), str(tmp_path / f), None, 0.1,
@@ -536,3 +537,54 @@ def test_tasks_whose_names_differ_in_case_or_punctuation_draw_their_own_pictures
     assert stems[0] == {"Colours A": "colours-a", "colours-a": "colours-a-2", "颜色": "task", "形状": "task-2",
                         "untrained zs": "untrained-zs"}
     assert stems[1] == {"zs": "untrained-zs-2"}
+
+
+@pytest.mark.parametrize("task, error", [
+    ({"kind": "zero-shot", "data": "easy-vqa-shapes", "folder": "test"}, r"names several \(data, folder\): keep one"),
+    ({"kind": "linear-probe", "data": "digits", "train": "train", "test": "test"}, r"names several \(data, train\)"),
+    ({"kind": "linear-probe", "data": "digits", "val": "test"}, "val goes with train, which this task does not name "
+                                                               r"\(it reads data\): drop val"),
+    ({"kind": "retrieval", "csv": "pairs.csv", "galleries": 7}, r"galleries goes with data, .* \(it reads csv\)"),
+    ({"kind": "retrieval", "csv": "pairs.csv", "image_root": "/nowhere"}, "image_root goes with karpathy"),
+    ({"kind": "finetune-text", "data": "bbc-news", "glue": "MRPC", "dir": "."}, r"names several \(data, glue\)"),
+    ({"kind": "finetune-text", "data": "bbc-news", "label_names": ["a", "b"]}, "label_names goes with train"),
+    ({"kind": "zero-shot", "data": "easy-vqa-shapes", "settings": {"epochs": 3}},
+     "settings are fine-tuning's .*; a zero-shot task trains nothing"),
+])
+def test_a_key_no_part_of_a_task_reads_is_refused(suite_dir, task, error):
+    # Each had been accepted and read by nothing: a folder beside packaged data evaluated the
+    # packaged set, a glue beside bbc-news ran BBC News, galleries and split beside a csv did nothing.
+    from flava.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=error):
+        load_suite({"name": "t", "tasks": [task]}, base=suite_dir)
+
+
+def test_the_suites_settings_are_checked_whatever_its_tasks():
+    from flava.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^suite: unknown config key 'settings.bogus_key'"):
+        load_suite({"settings": {"bogus_key": 1}, "tasks": [{"kind": "zero-shot", "data": "easy-vqa-shapes"}]})
+
+
+def test_a_linear_probe_cut_by_limit_is_refused_as_the_suite_is_read(suite_dir, tmp_path):
+    # It had failed once its features were computed, after the tasks before it, and the report was lost;
+    # the message named a class by its index and no task.
+    from flava.errors import ConfigError
+
+    probe = {"kind": "linear-probe", "name": "lp", "modality": "image", "train": "train", "test": "test"}
+    with pytest.raises(ConfigError, match=r"^task 1 \(lp\): too few training examples \(3, by limit 3\) to hold out "
+                                          r"a validation split; give a \"val\" split"):
+        load_suite({"tasks": [{**probe, "limit": 3}]}, base=suite_dir)
+    # Three classes of four images (listed class by class), cut to two images of two classes.
+    from flava.evaluate.readers.splits import subsample
+
+    for split in ("train", "test"):
+        for c, rgb in enumerate(((200, 0, 0), (0, 200, 0), (0, 0, 200))):
+            (tmp_path / split / f"c{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (16, 16), rgb).save(tmp_path / split / f"c{c}" / f"{i}.png")
+    seed = next(s for s in range(100) if len({i // 4 for i in subsample(list(range(12)), 2, s)}) == 2)
+    with pytest.raises(ConfigError, match=r"^task 1 \(lp\): the test split holds classes the training split \(limit 2\) "
+                                          r"lacks \('c\d'\): a linear probe only predicts classes it trained on"):
+        load_suite({"tasks": [{**probe, "val": "test", "limit": 2, "seed": seed}]}, base=tmp_path)

@@ -31,8 +31,10 @@ from .results import DOMAINS, SuiteResult, TaskResult
 from .task_spec import OBJECT, TEXT, TaskSpec, check_fields, check_keys, whole
 
 # Keys every task may hold, whatever its kind (kind and domain are checked against their choices).
-COMMON = {"kind", "name", "domain", "settings", "seed"}
-COMMON_FIELDS = {"name": TEXT, "seed": whole(0), "settings": OBJECT}
+COMMON = {"kind", "name", "domain", "seed"}
+"""Keys every task may hold; `settings` only the kinds that fine-tune (it had been taken, and read by
+nothing, from any task)."""
+COMMON_FIELDS = {"name": TEXT, "seed": whole(0)}
 
 
 @dataclass
@@ -73,6 +75,9 @@ def check_task(spec: dict, index: int) -> CheckedTask:
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: a task is a JSON object, got {type(spec).__name__}")
     kind = task_kind(spec.get("kind"), where)
+    if "settings" in spec and "settings" not in kind.keys:
+        raise ConfigError(f"{where}: settings are fine-tuning's (finetune-text, finetune-multimodal); a {kind.name} "
+                          "task trains nothing: drop them")
     check_keys(spec, kind.keys | COMMON, where)
     check_fields(spec, {**COMMON_FIELDS, **kind.fields}, where)
     data = spec.get("data")
@@ -125,6 +130,7 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
     if not isinstance(tasks, list) or not tasks:
         raise ConfigError("the suite has no tasks (a non-empty list under 'tasks')")
     defaults = spec.get("settings", {})
+    _check_settings(defaults)
     # Every task checked before any reads its data: a mistake in the last task is not met minutes in.
     checked = [_in_task(i, t, check_task, t, i) for i, t in enumerate(tasks)]
     names = [c.name for c in checked]
@@ -134,6 +140,18 @@ def load_suite(source: str | Path | dict, base: Path | None = None) -> Suite:
                           "default is its kind and data)")
     prepared = [_in_task(i, t, read_task, c, base, defaults) for i, (t, c) in enumerate(zip(tasks, checked))]
     return Suite(str(spec.get("name", name)), prepared, max_text_length)
+
+
+def _check_settings(settings: dict) -> None:
+    """The suite's fine-tuning settings, checked whatever its tasks (a typo had passed where no task
+    fine-tunes, and been met only by the first that did)."""
+    from ..config import from_dict
+    from ..finetune.settings import FinetuneSettings
+
+    try:
+        from_dict(FinetuneSettings, settings, "settings")
+    except ConfigError as e:
+        raise ConfigError(f"suite: {e}") from None
 
 
 def _in_task(index: int, task: Any, step: Callable[..., Any], *args: Any) -> Any:

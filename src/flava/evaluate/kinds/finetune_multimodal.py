@@ -14,7 +14,7 @@ from ...finetune.examples import check_multimodal_data
 from ..readers.multimodal import easy_vqa_data, read_hateful_memes, read_snli_ve, read_vqa
 from ..readers.splits import subsample_splits
 from ..readers.user_files import read_multimodal_table
-from ..task_spec import LIMIT, PATH, TEXT, TaskSpec, check_images, check_keys
+from ..task_spec import LIMIT, OBJECT, PATH, TEXT, TaskSpec, check_images, check_keys
 from . import TaskKind, register
 
 TABLE_TASKS = ("vqa", "image-text-classification")
@@ -89,8 +89,8 @@ def _tables(t: TaskSpec):
 
 
 register(TaskKind("finetune-multimodal", frozenset({"data", "vqa", "snli-ve", "hateful-memes", "train", "val", "test",
-                                                    "task", "limit", "lr_sweep"}),
+                                                    "task", "limit", "lr_sweep", "settings"}),
                   lambda spec: "multimodal", read, lr_sweep.size, lr_sweep.run, lr_sweep.pictures,
                   datasets=("easy-vqa",),
                   fields={"hateful-memes": PATH, "train": PATH, "val": PATH, "test": PATH, "task": TEXT,
-                          "limit": LIMIT}))
+                          "limit": LIMIT, "settings": OBJECT}))

@@ -10,11 +10,12 @@ from ...finetune.examples import TextData, TextExample, check_text_data
 from ..packaged import bbc_news_splits
 from ..readers.splits import subsample
 from ..readers.text import read_glue, read_text_classification
-from ..task_spec import FLAG, LIMIT, PATH, TEXT, TaskSpec, names
+from ..task_spec import FLAG, LIMIT, OBJECT, PATH, TEXT, TaskSpec, names, one_source
 from . import TaskKind, register
 
 
 def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
+    one_source(t, {"data": (), "glue": ("dir",), "train": ("val", "test", "regression", "label_names")})
     settings, sweep = lr_sweep.read_settings(t)
     spec, limit = t.spec, t.spec.get("limit")
     if t.data == "bbc-news":
@@ -36,8 +37,8 @@ def read(t: TaskSpec) -> lr_sweep.FinetuneJob:
 
 
 register(TaskKind("finetune-text", frozenset({"data", "train", "val", "test", "regression", "label_names", "limit",
-                                              "lr_sweep", "glue", "dir"}),
+                                              "lr_sweep", "glue", "dir", "settings"}),
                   lambda spec: "language", read, lr_sweep.size, lr_sweep.run, lr_sweep.pictures,
                   datasets=("bbc-news",),
                   fields={"train": PATH, "val": PATH, "test": PATH, "regression": FLAG, "label_names": names(2),
-                          "limit": LIMIT, "glue": TEXT, "dir": PATH}))
+                          "limit": LIMIT, "glue": TEXT, "dir": PATH, "settings": OBJECT}))

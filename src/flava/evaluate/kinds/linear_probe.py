@@ -14,7 +14,7 @@ from ..pictures import classifier_pictures
 from ..readers.labels import class_names, look_alike_notes
 from ..readers.splits import subsample
 from ..results import Measured, percent
-from ..task_spec import LIMIT, PATH, TaskSpec, image_folder, labelled_text, one_of
+from ..task_spec import LIMIT, PATH, TaskSpec, image_folder, labelled_text, one_of, one_source
 from . import TaskKind, register
 
 Split = tuple[list, np.ndarray]
@@ -54,6 +54,7 @@ def _text_splits(t: TaskSpec, notes: list[str]) -> tuple[Split, Split | None, Sp
 
 
 def read(t: TaskSpec) -> ProbeData:
+    one_source(t, {"data": (), "train": ("val", "test")})
     modality, data = t.spec.get("modality", "image"), t.data
     val, notes = None, []
     if data == "digits":
@@ -86,6 +87,21 @@ def read(t: TaskSpec) -> ProbeData:
     if len(present) < 2:  # refused while the data is checked, before any model is loaded
         raise ConfigError(f"{t.where}: a linear probe needs at least two classes in train; found only "
                           f"{', '.join(repr(classes[i]) for i in present) or 'none'}")
+    # What the probe would refuse once features were computed, after the tasks before it (their report lost).
+    after = f" (limit {limit})" if limit is not None else ""
+    for name, split in (("test", (xte, yte)), ("val", val)):
+        unseen = sorted(set(np.asarray(split[1]).tolist()) - set(present)) if split is not None else []
+        if unseen:
+            raise ConfigError(f"{t.where}: the {name} split holds classes the training split{after} lacks "
+                              f"({', '.join(repr(classes[i]) for i in unseen[:5])}): a linear probe only predicts "
+                              "classes it trained on; raise limit, or give more training examples")
+    if val is None:
+        from ..probe import VAL_FRACTION, stratified_holdout
+
+        if not stratified_holdout(np.asarray(ytr), VAL_FRACTION, t.seed).any():
+            raise ConfigError(f"{t.where}: too few training examples ({len(ytr)}"
+                              + (f", by limit {limit}" if limit is not None else "") + ") to hold out a validation "
+                              "split; give a \"val\" split, or more training examples")
     if modality == "text" and data in IMAGE_DATA:
         raise ConfigError(f"{t.where}: {data} holds images; use modality 'image'")
     if modality == "image" and data == "bbc-news":

@@ -12,7 +12,7 @@ from ...errors import ConfigError
 from ..packaged import easy_vqa_galleries
 from ..pictures import beside, retrieval_picture
 from ..results import Measured, TaskResult, percent
-from ..task_spec import PATH, TEXT, TaskSpec, check_images, whole
+from ..task_spec import PATH, TEXT, TaskSpec, check_images, one_source, whole
 from . import TaskKind, register
 
 Gallery = tuple[list, list[list[str]]]
@@ -22,6 +22,7 @@ Gallery = tuple[list, list[list[str]]]
 def read(t: TaskSpec) -> list[Gallery]:
     from ..zero_shot import read_karpathy_json, read_retrieval_csv
 
+    one_source(t, {"data": ("galleries",), "karpathy": ("split", "image_root"), "csv": ()})
     if t.data == "easy-vqa":
         return easy_vqa_galleries(t.spec.get("galleries", 1))
     if "karpathy" in t.spec:

@@ -13,7 +13,7 @@ from ..packaged import easy_vqa_classes
 from ..pictures import classifier_pictures
 from ..readers.splits import subsample
 from ..results import Measured, percent
-from ..task_spec import LIMIT, NAMES, PATH, TEMPLATES, TaskSpec, image_folder
+from ..task_spec import LIMIT, NAMES, PATH, TEMPLATES, TaskSpec, image_folder, one_source
 from . import TaskKind, register
 
 
@@ -30,6 +30,7 @@ class ZeroShotData:
 def read(t: TaskSpec) -> ZeroShotData:
     from ..zero_shot import parse_templates, prompt_name
 
+    one_source(t, {"data": (), "folder": ()})
     notes: list[str] = []
     if t.data:
         images, labels, classes = easy_vqa_classes(t.data, "test")
