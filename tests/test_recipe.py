@@ -73,6 +73,10 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
     assert cli(args + ["--set", "log_every=2"]) == 0  # what a resume may change, it may change here
     assert cli(args[:-2] + ["--stage-steps", "video=2"]) == 2
     assert "has no stage 'video'" in capsys.readouterr().err
+    # --stage-steps joint=N beside another --max-steps (both the joint stage's): the first had won unsaid.
+    assert cli(args + ["--stage-steps", "joint=5"]) == 2
+    assert "--stage-steps joint=5 and --max-steps 3 both give the joint stage's steps: give one" in \
+        capsys.readouterr().err
 
 
 def test_paper_mim_and_stage_settings(tmp_path):

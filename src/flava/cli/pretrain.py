@@ -172,6 +172,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
                 raise ConfigError(f"--stage-steps names stage {stage.strip()} twice ({steps[stage.strip()]} and {n}): "
                                   "give it once")
             steps[stage.strip()] = int(n)
+        if "joint" in steps and args.max_steps is not None and args.max_steps != steps["joint"]:
+            # Both give the joint stage's steps: the one --stage-steps gave had won unsaid.
+            raise ConfigError(f"--stage-steps joint={steps['joint']} and --max-steps {args.max_steps} both give the "
+                              "joint stage's steps: give one")
         overrides: dict[str, list[str]] = {}
         for item in args.stage_set or []:
             stage, colon, setting = item.partition(":")
