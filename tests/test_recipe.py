@@ -77,6 +77,9 @@ def test_the_paper_recipe_runs_its_stages_and_continues_where_it_stopped(train_d
     assert cli(args + ["--stage-steps", "joint=5"]) == 2
     assert "--stage-steps joint=5 and --max-steps 3 both give the joint stage's steps: give one" in \
         capsys.readouterr().err
+    # --resume of the recipe's folder had said it "holds no run to continue".
+    assert cli(["pretrain", "--output", str(out), "--resume"]) == 2
+    assert "holds a recipe's stages, each a run of its own; a recipe continues by itself" in capsys.readouterr().err
 
 
 def test_paper_mim_and_stage_settings(tmp_path):

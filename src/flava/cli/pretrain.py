@@ -188,6 +188,10 @@ def run(args: argparse.Namespace, console: Console) -> None:
         raise ConfigError("--stage-steps and --stage-set only apply with --recipe")
     output = Path(args.output)
     if args.resume and not holds_run(output):
+        if (output / "recipe.json").is_file():  # the recipe's directory, not one of its stages' runs
+            raise ConfigError(f"--resume: {output} holds a recipe's stages, each a run of its own; a recipe continues "
+                              "by itself: run its --recipe command again (or --resume one stage's run, e.g. "
+                              f"{output / 'joint'})")
         # Else a mistyped path would start a new run on the demo data (minutes of codebook first).
         raise ConfigError(f"--resume: {output} holds no run to continue (no train_config.json, no checkpoints); "
                           "check the path, or drop --resume to start a new run there")
