@@ -560,6 +560,12 @@ def test_a_key_no_part_of_a_task_reads_is_refused(suite_dir, task, error):
         load_suite({"name": "t", "tasks": [task]}, base=suite_dir)
 
 
+def test_a_source_key_given_as_null_names_no_source(suite_dir):
+    # "data": null reads as absent (as the suite's checks read it), not as a second source.
+    suite = load_suite({"tasks": [{"kind": "zero-shot", "data": None, "folder": "test", "name": "zs"}]}, base=suite_dir)
+    assert suite.tasks[0].name == "zs"
+
+
 def test_the_suites_settings_are_checked_whatever_its_tasks():
     from flava.errors import ConfigError
 

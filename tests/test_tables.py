@@ -114,6 +114,18 @@ def test_rows_that_are_not_well_formed_are_bad_rows_not_merged_or_cut(tmp_path):
     table = read_table(tmp_path / "q4.tsv", bad_rows="skip")
     assert [r.get("image") for r in table.rows] == ["e"]
     assert table.rejected == {"malformed csv row": 1, "line inside a broken quoted cell": 2}
+    # Where bad rows stop the command, the stray quote is named with its fix.
+    (tmp_path / "r.csv").write_text('text,label\nfine,neg\n"never closed,neg\nlost,neg\n')
+    with pytest.raises(DataError, match=r"r\.csv, line 3: a quote opened on this line is never closed \(.*\); close it, "
+                                        r"or double a quote inside a quoted cell"):
+        read_table(tmp_path / "r.csv")
+    # A header over two lines: the rows' lines counted from where it ends.
+    (tmp_path / "h.csv").write_text('image,"cap\ntion"\na.jpg,one\nb.jpg,"two\n')
+    table = read_table(tmp_path / "h.csv", bad_rows="skip")
+    assert [r.line for r in table.rows] == [3] and table.first_bad["malformed csv row"][0] == 4
+    # A line with fewer cells than the header is a row as the reader reads it: re-read, not lost.
+    (tmp_path / "w.csv").write_text('image,caption,label\na.jpg,"5 inch,x\nb.jpg,nice,\nc.jpg,ok\n')
+    assert [r.get("image") for r in read_table(tmp_path / "w.csv", bad_rows="skip").rows] == ["b.jpg", "c.jpg"]
     # A stray quote closed lines later by an inch mark is valid CSV: kept, and the span recorded to be said.
     (tmp_path / "q5.tsv").write_text('image\tcaption\nb\t"Big sale\nc\tthird\nd\ta 55"\ne\tlast\n')
     table = read_table(tmp_path / "q5.tsv", bad_rows="skip")
@@ -293,8 +305,9 @@ def test_a_tables_bad_rows_are_said_at_a_runs_start(tmp_path):
                             4)
 
     assert notes("q.csv") == [f"data.pairs {tmp_path / 'q.csv'}: 1 of its 200 rows are bad and skipped (1 malformed "
-                              "csv row); the first, line 22: a quote opened on this line is never closed; the 179 "
-                              "line(s) after it are read as rows of their own"]
+                              "csv row); the first, line 22: a quote opened on this line is never closed (the 179 "
+                              "line(s) after it read alone as rows, and are read so where bad rows are skipped); close "
+                              "it, or double a quote inside a quoted cell"]
     rows[40] = "a.png,a cat, and a dog"  # lines after it that are not all rows alone: unread
     (tmp_path / "q.csv").write_text("\n".join(rows) + "\n")
     assert notes("q.csv") == [f"data.pairs {tmp_path / 'q.csv'}: a quote opened on line 22 is never closed, so lines "

@@ -184,7 +184,8 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and f.init
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
-        raise ConfigError(f"{path or 'config'}: {json.dumps(data)[:80]} has no {missing[0]!r}, which it needs")
+        raise ConfigError(f"{path or 'config'}: {json.dumps(data, default=str)[:80]} has no {missing[0]!r}, which it "
+                          "needs")
     return check(cls(**kwargs), path)
 
 

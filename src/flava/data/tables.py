@@ -12,7 +12,10 @@ format is a change to this file (and its test):
   into one cell; text after a closing quote; more non-empty cells than the header names, mostly a
   comma in an unquoted text) and a JSONL line that is not an object are bad rows, which end the
   read in a `DataError` naming file and line (`bad_rows="raise"`) or are counted by reason and
-  left out (`bad_rows="skip"`, for training, where one bad row must not stop a run);
+  left out (`bad_rows="skip"`, for training, where one bad row must not stop a run); a stray
+  quote makes only its own row bad there: the lines it took are read again as rows where each reads
+  alone as one (else counted each), and a quoted cell closed lines later whose lines read as rows
+  is kept (valid CSV) and recorded in `Table.spanning` for the run to say;
 - CSV/TSV cells are strings, empty cells past the header are dropped and missing ones are None;
   JSONL and parquet cells keep their JSON / Arrow types;
 - an empty file (not even a header) is an error; a header without rows is an empty table; a
@@ -182,7 +185,7 @@ def _read_delimited(path: Path, kind: str, table: Table) -> Iterator[Row | tuple
             raise DataError(f"{path}, line 1: the header {NOT_UTF8}")
         _refuse_repeated_columns(header, f"{path}, line 1: the header")
         table.columns = header
-        yield from _delimited_rows(f, 1, header, kind, str(path), table)
+        yield from _delimited_rows(f, reader.line_num, header, kind, str(path), table)  # a header may span lines
 
 
 def _delimited_rows(lines: Iterable[str], before: int, header: list[str], kind: str, file: str,
@@ -212,8 +215,9 @@ def _delimited_rows(lines: Iterable[str], before: int, header: list[str], kind: 
             unclosed = "unexpected end of data" in str(e)  # read to the end of the file looking for it
             broken = "is never closed" if unclosed else f"closes on line {end} before other text"
             if _rows_of_their_own(inner, delimiter, len(header)):
-                yield _bad(start, "malformed csv row", f"a quote opened on this line {broken}; the {len(inner)} "
-                           "line(s) after it are read as rows of their own")
+                yield _bad(start, "malformed csv row", f"a quote opened on this line {broken} (the {len(inner)} "
+                           "line(s) after it read alone as rows, and are read so where bad rows are skipped); close "
+                           "it, or double a quote inside a quoted cell")
                 yield from _delimited_rows(inner, start, header, kind, file, table)
             elif unclosed:
                 yield _bad(start, "malformed csv row", "a quote opened on this line is never closed; close it, "
@@ -245,8 +249,8 @@ def _delimited_rows(lines: Iterable[str], before: int, header: list[str], kind: 
 
 
 def _rows_of_their_own(lines: list[str], delimiter: str, width: int) -> bool:
-    """Whether every one of `lines` that is not blank reads alone as a row of `width` cells (two or
-    more: in a one-column table any line would)."""
+    """Whether every one of `lines` that is not blank reads alone as a row of a table `width` cells
+    wide: two cells or more (in a one-column table any line would), none past the width filled."""
     if width < 2 or not any(line.strip() for line in lines):
         return False
     for line in lines:
@@ -256,7 +260,7 @@ def _rows_of_their_own(lines: list[str], delimiter: str, width: int) -> bool:
             cells = next(csv.reader([line], delimiter=delimiter, strict=True))
         except csv.Error:
             return False
-        if len(cells) != width:
+        if len(cells) < 2 or any(c.strip() for c in cells[width:]):
             return False
     return True
 

@@ -38,12 +38,12 @@ def one_source(t: TaskSpec, sources: dict[str, tuple[str, ...]]) -> None:
     """ConfigError for a task that names several of its kind's data sources (each key of
     `sources`), or a key that goes with a source it does not name: a task reads one, and the
     others' keys had been read by nothing, unsaid (a folder beside data, a glue beside data)."""
-    named = [k for k in sources if k in t.spec]
+    named = [k for k in sources if t.spec.get(k) is not None]  # "data": null names none, as the suite reads it
     if len(named) > 1:
         raise ConfigError(f"{t.where}: a task reads one data source, but this one names several "
                           f"({', '.join(named)}): keep one")
     for source, keys in sources.items():
-        stray = [k for k in keys if k in t.spec and source not in named]
+        stray = [k for k in keys if t.spec.get(k) is not None and source not in named]
         if stray:
             raise ConfigError(f"{t.where}: {stray[0]} goes with {source}, which this task does not name"
                               + (f" (it reads {named[0]})" if named else "") + f": drop {stray[0]}")

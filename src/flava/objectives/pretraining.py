@@ -248,6 +248,16 @@ class PairStates(_States):
 class PretrainingModel(nn.Module):
     """Everything one pretraining step needs; the codebook is frozen and never trained here."""
 
+    @property
+    def config(self) -> FlavaConfig:
+        """The model's config, one object with it: what changes the model's (a processor's pixel
+        statistics, a new image encoder) is what this saves."""
+        return self.model.config
+
+    @config.setter
+    def config(self, value: FlavaConfig) -> None:
+        self.model.config = value
+
     def __init__(
         self,
         config: FlavaConfig,
@@ -262,9 +272,8 @@ class PretrainingModel(nn.Module):
             config = model.config
         elif not isinstance(config, FlavaConfig):
             raise ConfigError(f"PretrainingModel beside a model takes its FlavaConfig; got {type(config).__name__}")
-        self.config = config
-        self.objectives = check(objectives or ObjectivesConfig(), "objectives")
         self.model = model
+        self.objectives = check(objectives or ObjectivesConfig(), "objectives")
         self.heads = heads if heads is not None else PretrainingHeads(config, self.objectives)
         self.codebook = codebook
         if codebook is not None:

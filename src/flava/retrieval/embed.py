@@ -396,6 +396,9 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         settings["text_field"] = inputs.text_field
     if int8:  # likewise: int8 vectors differ from float ones, and one output never mixes them
         settings["int8"] = True
+    squash = model.processor.squash_to
+    if inputs.images is not None and squash is not None:  # likewise: images squashed, not cropped (flava-full's)
+        settings["squash_to"] = list(squash)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; choose a directory for the embeddings")
     if (out / SETTINGS).is_file():
@@ -408,7 +411,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
             old = {**old, "model": model_name, "checkpoint": checkpoint}
         if old != settings:
             # Over both runs' keys: a setting recorded only when on (int8) differs by being absent.
-            absent = {"int8": False, "text_field": "caption"}
+            absent = {"int8": False, "text_field": "caption", "squash_to": None}
             keys = [*settings, *(k for k in old if k not in settings)]
             diff = ", ".join(f"{k}: {old.get(k, absent.get(k))!r} -> {settings.get(k, absent.get(k))!r}"
                              for k in keys if old.get(k) != settings.get(k))

@@ -418,13 +418,11 @@ class Trainer:
             row["mixing"] = {k: round(float(p), 6) for k, p in zip(self.kinds, self.probs_at(step))}
         if gradients is not None:
             row["gradients"] = gradients
-        # A step whose every loss measured nothing (no token masked anywhere) has no gradient to learn
-        # from: its update is skipped, not made of the optimizer's momentum and weight decay alone.
-        measured = self._measured(sums, names)
-        numbers = self._update(sums, measured.any())
+        numbers = self._update(sums, names)
         # The losses averaged over micro-batches and processes: the same on every process.
         updated = numbers[-1] > 0
         if self.balancer.learns or self.mixing.mode == "adaptive":  # else nothing reads the losses: no work
+            measured = self._measured(numbers, names)
             self.balancer.observe(step, dict(zip(names[0], numbers[1:1 + len(names[0])])), updated, measured)
             # The kind's progress: its configured losses' sum, whatever the balancing method scales; a
             # step missing one of them (nothing masked) would read as progress.
@@ -478,9 +476,9 @@ class Trainer:
             return batch.pin_memory().to(self.device, non_blocking=True, **stats)
         return batch.to(self.device, **stats)
 
-    def _update(self, sums: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    def _update(self, sums: torch.Tensor, names: tuple[list[str], list[str]]) -> torch.Tensor:
         """The step's tail: average over processes, clip, the update unless something is not
-        finite, the stage's after-update. Returns the step's numbers on the device: [total,
+        finite or no loss measured anything, the stage's after-update. Returns the step's numbers on the device: [total,
         losses..., metrics..., grad norm, finite, updated] (fp16's scaler may skip a finite
         step's update on an overflow). The fused AdamW skips a non-finite update on
         the device itself (its `found_inf`), so the step needs no host-device sync; fp16's
@@ -498,7 +496,10 @@ class Trainer:
         set_weight_decay(self.optimizer, self.stage.weight_decay(step))
         # fp16's loss scaler skips overflowing steps itself; anything else non-finite is divergence.
         finite = torch.isfinite(sums[0]) & (torch.isfinite(norm[0]) | self.scaler.is_enabled())
-        go = finite & measured
+        # A step whose every loss measured nothing (no token masked on any process: read from the
+        # averaged sums, so every process decides alike) has no gradient to learn from: its update is
+        # skipped, not made of the optimizer's momentum and weight decay alone.
+        go = finite & self._measured(sums, names).any()
         if self.scaler.is_enabled() or not self.optimizer.defaults.get("fused"):
             if bool(go):
                 self.scaler.step(self.optimizer)

@@ -39,10 +39,9 @@ def text_cell(value, where: str, what: str = "text") -> str:
 
 
 def _integer(name: str) -> int | None:
-    try:
-        return int(name)
-    except ValueError:  # "²" is a digit to str.isdigit, not to int
-        return None
+    # Decimal digits alone, a minus allowed: "²" is a digit to str.isdigit, not to int, and "+1"
+    # an int to int() that earlier releases sorted as text.
+    return int(name) if name.lstrip("-").isdecimal() else None
 
 
 def class_names(labels: Sequence[str]) -> list[str]:

@@ -36,13 +36,20 @@ class _Rows:
         self.table.column(*keys, fix=f"name it {keys[0]!r}")
 
     def filled(self, row: Row, *keys: str):
-        """The first of `keys` the row fills; else None, counted."""
+        """The first of `keys` the row fills; else None."""
         for key in keys:
             value = row.get(key)
             if value is not None and (not isinstance(value, str) or value.strip()):
                 return value
-        self.skipped[f"an empty {keys[0]}"] += 1
         return None
+
+    def lacks(self, **cells) -> bool:
+        """Whether a row lacks one of `cells` (its values, None where empty): counted once, by what
+        it lacks, as text tables count theirs."""
+        empty = [name for name, value in cells.items() if value is None]
+        if empty:
+            self.skipped[f"an empty {' and '.join(empty)}"] += 1
+        return bool(empty)
 
     def said(self) -> str:
         return ", ".join(f"{n} with {why}" for why, n in self.skipped.most_common())
@@ -131,7 +138,7 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
             table.need("image"), table.need("label")
             for row in table.table.rows:
                 image, label = table.filled(row, "image"), table.filled(row, "label")
-                if image is not None and label is not None:
+                if not table.lacks(image=image, label=label):
                     raw[split].append((row.where, _image_path(p.parent, image, row.where), label_text(label, row.where)))
             table.check(split, raw[split], notes)
         else:
@@ -171,19 +178,21 @@ def read_multimodal_table(path_train: str | Path, path_val: str | Path | None = 
                                                                            else ("label",)))
         for row in table.table.rows:
             image, text = table.filled(row, "image"), table.filled(row, "text", "question")
-            if image is None or text is None:
-                continue
-            image, text = _image_path(p.parent, image, row.where), text_cell(text, row.where)
             if kind == "vqa":
                 answers = answer_list(row.get("answers"))
-                if not answers:  # no list, or an empty one: the row's `answer`
-                    answer = table.filled(row, *(("answer", "answers") if answers is None else ("answer",)))
-                    if answer is None:
-                        continue
-                    answers = [text_cell(answer, row.where, "answer")]
-                rows.append((image, text, answers))  # as written: see vqa_accuracy_scores
-            elif (label := table.filled(row, "label")) is not None:
-                rows.append((row.where, image, text, label_text(label, row.where)))
+                # No list, or an empty one: the row's `answer`.
+                answer = None if answers else table.filled(row, *(("answer", "answers") if answers is None
+                                                                  else ("answer",)))
+                if table.lacks(image=image, text=text, answer=answers or answer):
+                    continue
+                answers = answers or [text_cell(answer, row.where, "answer")]
+                rows.append((_image_path(p.parent, image, row.where), text_cell(text, row.where), answers))
+            else:
+                label = table.filled(row, "label")
+                if table.lacks(image=image, text=text, label=label):
+                    continue
+                rows.append((row.where, _image_path(p.parent, image, row.where), text_cell(text, row.where),
+                             label_text(label, row.where)))
         table.check(split, rows, notes)
         raw[split] = rows
     if kind == "vqa":
