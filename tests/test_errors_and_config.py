@@ -532,7 +532,8 @@ def test_pixels_in_the_wrong_form_are_refused_saying_which_form_is_taken():
     assert torch.equal(codebook.token_ids(x.double()), codebook.token_ids(x))
     model = flava.FlavaModel(flava.preset("tiny")).eval()
     size = model.config.image.image_size
-    with pytest.raises(InputError, match=r"pixel_values are \[batch, H, W, 3\] \(channels last\); .*permute\(0, 3, 1, 2\)"):
+    with pytest.raises(InputError, match=r"pixel_values are \[batch, H, W, 3\] \(channels last\); "
+                                         r".*permute\(0, 3, 1, 2\)"):
         model.encode_image(torch.randn(2, size, size, 3))
 
 

@@ -591,6 +591,7 @@ def test_a_linear_probe_cut_by_limit_is_refused_as_the_suite_is_read(suite_dir, 
             for i in range(4):
                 Image.new("RGB", (16, 16), rgb).save(tmp_path / split / f"c{c}" / f"{i}.png")
     seed = next(s for s in range(100) if len({i // 4 for i in subsample(list(range(12)), 2, s)}) == 2)
-    with pytest.raises(ConfigError, match=r"^task 1 \(lp\): the test split holds classes the training split \(limit 2\) "
-                                          r"lacks \('c\d'\): a linear probe only predicts classes it trained on"):
+    with pytest.raises(ConfigError, match=r"^task 1 \(lp\): the test split holds classes the training split "
+                                          r"\(limit 2\) lacks \('c\d'\): a linear probe only predicts classes it "
+                                          r"trained on"):
         load_suite({"tasks": [{**probe, "val": "test", "limit": 2, "seed": seed}]}, base=tmp_path)

@@ -877,8 +877,10 @@ def test_rows_skipped_for_an_empty_cell_take_no_class_with_them(tmp_path):
         read_text_classification(tmp_path / "ghost.csv", None, tmp_path / "unl.csv")
     # A text that is a list or a boolean had been trained on as "['good', 'movie']" or "True".
     for cell, kind in ((["good", "movie"], "list"), (True, "boolean")):
-        write(tmp_path / "odd.jsonl", [json.dumps({"text": "fine", "label": "a"}), json.dumps({"text": cell, "label": "b"})])
-        with pytest.raises(DataError, match=rf"odd.jsonl, line 2: the text {re.escape(json.dumps(cell))} is a {kind}; "):
+        write(tmp_path / "odd.jsonl", [json.dumps({"text": "fine", "label": "a"}),
+                                       json.dumps({"text": cell, "label": "b"})])
+        said = re.escape(json.dumps(cell))
+        with pytest.raises(DataError, match=rf"odd.jsonl, line 2: the text {said} is a {kind}; "):
             read_text_classification(tmp_path / "odd.jsonl", None, None)
     # "²" is a digit to str.isdigit, not to int: it had ended in a traceback.
     write(tmp_path / "sup.csv", ["text,label", "a,1", "b,²", "c,1", "d,²", "e,1", "f,²"])
@@ -910,9 +912,9 @@ def test_image_and_multimodal_tables_skip_and_count_an_empty_cell(tmp_path):
     write(tmp_path / "img.csv", ["image,label", "0.png,a", "1.png,b", "2.png,a", "3.png,b", ",a", "1.png,", ","])
     task = read_image_classification(tmp_path / "img.csv", tmp_path / "img.csv")
     # A row is counted once, by all it lacks.
-    assert len(task.train) == 4 and any(n.startswith("3 train row(s) skipped") and n.endswith(
-        "img.csv): 1 with an empty image, 1 with an empty label, 1 with an empty image and label") for n in task.notes), \
-        task.notes
+    counts = "1 with an empty image, 1 with an empty label, 1 with an empty image and label"
+    assert len(task.train) == 4 and any(n.startswith("3 train row(s) skipped") and n.endswith(f"img.csv): {counts}")
+                                        for n in task.notes), task.notes
     write(tmp_path / "mm.csv", ["image,question,label", "0.png,q,a", "1.png,q,b", "2.png,,a", "3.png,q,"])
     task = read_multimodal_table(tmp_path / "mm.csv", tmp_path / "mm.csv")
     assert len(task.train) == 2 and any(n.endswith("mm.csv): 1 with an empty text, 1 with an empty label")

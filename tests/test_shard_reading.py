@@ -298,7 +298,8 @@ def test_a_prepare_rerun_on_an_input_that_grew_is_refused_not_reported_finished(
            "before)" in capsys.readouterr().err
     table.write_text(first)
     assert cli(args) == 0
-    assert "was prepared before from these inputs, unchanged: nothing was done" in " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().out.split())
+    assert "was prepared before from these inputs, unchanged: nothing was done" in out
     # An output an earlier release prepared recorded the counts alone: those are compared.
     mark = tmp_path / "p" / "prepare_settings.json"
     settings = json.loads(mark.read_text())

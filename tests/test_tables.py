@@ -116,8 +116,8 @@ def test_rows_that_are_not_well_formed_are_bad_rows_not_merged_or_cut(tmp_path):
     assert table.rejected == {"malformed csv row": 1, "line inside a broken quoted cell": 2}
     # Where bad rows stop the command, the stray quote is named with its fix.
     (tmp_path / "r.csv").write_text('text,label\nfine,neg\n"never closed,neg\nlost,neg\n')
-    with pytest.raises(DataError, match=r"r\.csv, line 3: a quote opened on this line is never closed \(.*\); close it, "
-                                        r"or double a quote inside a quoted cell"):
+    with pytest.raises(DataError, match=r"r\.csv, line 3: a quote opened on this line is never closed \(.*\); "
+                                        r"close it, or double a quote inside a quoted cell"):
         read_table(tmp_path / "r.csv")
     # A header over two lines: the rows' lines counted from where it ends.
     (tmp_path / "h.csv").write_text('image,"cap\ntion"\na.jpg,one\nb.jpg,"two\n')

@@ -464,8 +464,8 @@ def test_an_output_that_cannot_be_written_is_named_as_given_not_by_the_probe_fil
 
 
 
-@pytest.mark.parametrize("command", [["init", "--config", "tiny"], ["export-hf", "MODEL"], ["index", "--embeddings", "E"],
-                                     ["embed", "--model", "MODEL", "--texts", "T"]])
+@pytest.mark.parametrize("command", [["init", "--config", "tiny"], ["export-hf", "MODEL"],
+                                     ["index", "--embeddings", "E"], ["embed", "--model", "MODEL", "--texts", "T"]])
 def test_an_output_where_nothing_can_be_made_is_one_line_before_any_work(tmp_path, capsys, command):
     # Under /proc, init, export-hf, index and embed ended in a FileNotFoundError traceback from
     # their first mkdir; a link to nothing was called "a file is in the way".

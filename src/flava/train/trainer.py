@@ -478,11 +478,11 @@ class Trainer:
 
     def _update(self, sums: torch.Tensor, names: tuple[list[str], list[str]]) -> torch.Tensor:
         """The step's tail: average over processes, clip, the update unless something is not
-        finite or no loss measured anything, the stage's after-update. Returns the step's numbers on the device: [total,
-        losses..., metrics..., grad norm, finite, updated] (fp16's scaler may skip a finite
-        step's update on an overflow). The fused AdamW skips a non-finite update on
-        the device itself (its `found_inf`), so the step needs no host-device sync; fp16's
-        loss scaler, which decides on the host, and stages that must know (DINO's EMA) sync."""
+        finite or no loss measured anything, the stage's after-update. Returns the step's numbers on
+        the device: [total, losses..., metrics..., grad norm, finite, updated] (fp16's scaler may
+        skip a finite step's update on an overflow). The fused AdamW skips a non-finite update on
+        the device itself (its `found_inf`), so the step needs no host-device sync; fp16's loss
+        scaler, which decides on the host, and stages that must know (DINO's EMA) sync."""
         step = self.step
         self._sync_replicated()
         if self.world > 1:
@@ -499,7 +499,8 @@ class Trainer:
         # A step whose every loss measured nothing (no token masked on any process: read from the
         # averaged sums, so every process decides alike) has no gradient to learn from: its update is
         # skipped, not made of the optimizer's momentum and weight decay alone.
-        go = finite & self._measured(sums, names).any()
+        measured = self._measured(sums, names)
+        go = finite & measured.any() if measured.numel() else finite
         if self.scaler.is_enabled() or not self.optimizer.defaults.get("fused"):
             if bool(go):
                 self.scaler.step(self.optimizer)

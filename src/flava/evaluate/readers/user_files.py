@@ -139,7 +139,8 @@ def read_image_classification(path_train: str | Path, path_val: str | Path | Non
             for row in table.table.rows:
                 image, label = table.filled(row, "image"), table.filled(row, "label")
                 if not table.lacks(image=image, label=label):
-                    raw[split].append((row.where, _image_path(p.parent, image, row.where), label_text(label, row.where)))
+                    raw[split].append((row.where, _image_path(p.parent, image, row.where),
+                                       label_text(label, row.where)))
             table.check(split, raw[split], notes)
         else:
             raise DataError(f"{p} does not exist (expected a folder of class folders or a table: "
