@@ -48,7 +48,7 @@ def run(args: argparse.Namespace, console: Console) -> None:
     from ..distributed import resolve_device
     from ..data.prepare import PrepareSettings, default_workers, prepare
     from ..data.registry import check_disjoint, check_distinct, open_source
-    from ..data.sources import bad_rows_said, spans_said
+    from ..data.sources import listing_said
     from ..data.tables import is_table
     from ..errors import ConfigError, DataError
     from ..loading import CodebookTokenizer, codebook_scale_note
@@ -90,9 +90,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
         console.print(f"note: --size {args.size} is below the model's {model.image.image_size}-px input: training "
                       f"upscales every crop; give --size {model.image.image_size} or more")
     for source in sources:  # a table's bad rows and likely stray quotes, as pretraining says them at its start
-        for said in (bad_rows_said(source), spans_said(source), *source.listing_notes):
-            if said:
-                console.print(f"note: {source.name}: {escape(said)}")
+        for said in listing_said(source):
+            console.print(f"note: {source.name}: {escape(said)}")
     console.print(f"preparing {kind} from {', '.join(s.name for s in sources)} into {output} with {workers} "
                   f"process{'es' if workers > 1 else ''}" + (f"; image tokens from {args.codebook} on {device}" if tokenizer else ""))
     with progress_bar(console) as bar:

@@ -378,6 +378,7 @@ def _build(spec: _Spec, kind: str) -> Source:
     for file in files:
         schema, unit_rows = _open(file)
         if columns is None:
+            first_names = schema.names  # what the defaults were chosen among (said below)
             columns = _resolve_columns(spec, kind, schema, file.path)
             features = features or _hf_features(schema)
         else:
@@ -392,9 +393,8 @@ def _build(spec: _Spec, kind: str) -> Source:
         classes = [str(n) for n in names] if isinstance(names, list) else []
     source = Source(kind, name=spec.text, classes=classes, shards=shards, size=sum(s.rows for s in shards))
     source.known_bytes = sum(Path(f.path).stat().st_size for f in files)  # an edit keeping the rows (see sources)
-    schema = _open(files[0])[0]
     for part, chosen in (columns or {}).items():  # a default picked among several: which one is said
-        others = [c for c in _DEFAULTS.get(part, ()) if c in schema.names and c != chosen]
+        others = [c for c in _DEFAULTS.get(part, ()) if c in first_names and c != chosen]
         if not spec.columns.get(part) and others:
             source.listing_notes.append(f"its {part}s are column {chosen!r} (also there: {', '.join(others)}); "
                                         f"to read another, name it: ?{part}=COLUMN")

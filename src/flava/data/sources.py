@@ -299,6 +299,12 @@ def csv_pairs(path: str, image_column: str = "image", caption_column: str = "cap
     return source
 
 
+def listing_said(source: Source) -> list[str]:
+    """What a source's listing found worth saying at a run's start (`pretrain`, `prepare`): its bad
+    rows, its rows a stray quote likely merged, and what it chose (a parquet's caption column)."""
+    return [said for said in (bad_rows_said(source), spans_said(source), *source.listing_notes) if said]
+
+
 def spans_said(source: Source) -> str:
     """Rows whose quoted cell took lines that read as rows of their own, said at a run's start:
     valid CSV, kept as written, but most likely a stray quote that merged those rows into one cell."""

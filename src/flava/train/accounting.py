@@ -8,7 +8,7 @@ from collections import Counter
 import torch.distributed as dist
 
 from ..data.registry import missing_files, missing_shards
-from ..data.sources import bad_rows_said, spans_said
+from ..data.sources import listing_said
 
 
 class DataAccounting:
@@ -95,11 +95,7 @@ def source_notes(streams: dict, global_batch: int, named=lambda kind, source: f"
     for kind, ks in streams.items():
         for stream in ks.streams:
             name = named(kind, stream.source)
-            if bad := bad_rows_said(stream.source):
-                notes.append(f"{name}: {bad}")
-            if spans := spans_said(stream.source):
-                notes.append(f"{name}: {spans}")
-            notes += [f"{name}: {note}" for note in stream.source.listing_notes]
+            notes += [f"{name}: {said}" for said in listing_said(stream.source)]
             if gone := missing_shards(stream.source):
                 shards = stream.source.shards
                 notes.append(f"{name}: {len(gone):,} of its {len(shards):,} shards "
