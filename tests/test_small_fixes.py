@@ -416,3 +416,24 @@ def test_a_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": src})
     assert done.returncode in (130, -2) and done.stderr == "flava: interrupted while starting\n", done.stderr
+
+
+def test_sigterm_to_a_command_without_stopping_points_ends_it_in_one_line(monkeypatch, capfd):
+    # `flava evaluate` (or index, search...) had ended under SIGTERM without a word, exit 143 from
+    # Python's default; Ctrl-C said "interrupted".
+    import importlib
+    import signal
+
+    from flava.cli import main
+
+    def run(args, console):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not end the command")
+
+    monkeypatch.setattr(importlib.import_module("flava.cli.evaluate"), "run", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["evaluate", "--model", "m", "--suite", "demo", "--output", "o"]) == 143
+    err = capfd.readouterr().err
+    assert err.startswith("flava evaluate: stopped by SIGTERM after ") and len(err.splitlines()) == 1, err
+    assert signal.getsignal(signal.SIGTERM) is before

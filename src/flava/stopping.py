@@ -262,6 +262,31 @@ def handling(said: str = AT_A_STEP, leaves: str = "") -> Iterator[None]:
         os.close(write)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM to a command without stopping points of its own (evaluate, index, ...): it ends at once
+    as Ctrl-C ends it, saying so, where Python's default had ended it without a word."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def terminable() -> Iterator[None]:
+    """Inside the block, in the main thread, SIGTERM raises `Terminated`; the previous handler comes
+    back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(*_) -> None:
+        raise Terminated()
+
+    before = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def requested() -> int:
     """The signal number of this process's stop request, 0 when there is none."""
     return _signum if os.getpid() == _owner else 0
