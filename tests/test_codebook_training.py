@@ -54,6 +54,11 @@ def test_train_codebook_command(tmp_path, capsys):
     code = cli(["train-codebook", "--images", str(tmp_path / "imgs"), "--output", str(out), "--steps", "40"])
     assert code == 2 and "already holds a trained codebook" in capsys.readouterr().err
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
+    # --resume --steps to train it longer: why it cannot, and what can.
+    code = cli(["train-codebook", "--output", str(out), "--resume", "--steps", "80"])
+    err = capsys.readouterr().err
+    assert code == 2 and "training state is not kept" in err and "start a new run with more --steps" in err, err
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
     assert report["bad_records"] == {"unreadable image": 1, "empty image file": 1}
 
     # Shards: what is met while indexing one (here a shard cut short) is said too, as pretraining says it.

@@ -422,7 +422,9 @@ def _check_start(output: Path, resume: bool) -> dict | None:
         if state is not None:
             return read_json(state, "codebook training state", expect=dict)
         if (output / "model.safetensors").is_file():
-            raise ConfigError(f"{output} holds a finished codebook; there is nothing to resume")
+            raise ConfigError(f"{output} holds a finished codebook, whose training state is not kept once it is "
+                              "written: there is nothing to resume; to train one longer, start a new run with more "
+                              "--steps in another --output")
         if (output / ".lock").is_file():  # a run that has not saved yet: said to be running, not to be missing
             with RunDir(output).lock():
                 pass
