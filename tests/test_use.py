@@ -593,11 +593,16 @@ def test_embed_leaves_out_and_names_a_tables_bad_rows_as_it_does_bad_images(tiny
 
 
 def test_a_missing_value_is_never_shown_as_none(tiny_model, tmp_path, capsys):
-    rows = [{"text": "a red square", "id": "1"}, {"text": "a blue square", "id": None}]
+    rows = [{"text": "a red square", "id": "1", "tags": ["x", "y"], "o": {"a": "b"}, "ok": True, "n": 3},
+            {"text": "a blue square", "id": None}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "t.jsonl"),
                 "--output", str(tmp_path / "emb")]) == 0
-    assert read_embeddings(tmp_path / "emb").metadata[1]["id"] is None  # not the text "None"
+    meta = read_embeddings(tmp_path / "emb").metadata
+    assert meta[1]["id"] is None  # not the text "None"
+    # A text table's other cells as --pairs writes them: JSON, not Python's "['x', 'y']" or "True".
+    assert {k: meta[0][k] for k in ("tags", "o", "ok", "n")} == {"tags": '["x", "y"]', "o": '{"a": "b"}',
+                                                                 "ok": "true", "n": "3"}
     assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "idx")]) == 0
     capsys.readouterr()
     assert cli(["search", "--index", str(tmp_path / "idx"), "--text", "a blue square", "-k", "2"]) == 0

@@ -205,8 +205,11 @@ def _no_rows(table) -> str:
 
 
 def _cell(value):
-    """A table's other column as metadata: text, and a missing value stays missing (not "None")."""
-    return None if value is None else str(value)
+    """A table's other column as metadata: text (a JSONL list, object or boolean as JSON), and a
+    missing value stays missing (not "None")."""
+    if value is None:
+        return None
+    return json.dumps(value, default=str) if isinstance(value, (list, dict, bool)) else str(value)
 
 
 def _with_others(row: dict, others: dict) -> dict:
@@ -215,7 +218,7 @@ def _with_others(row: dict, others: dict) -> dict:
     out = dict(row)
     for k, v in others.items():
         name = kept_name(k, {*out, *others.keys() - {k}})
-        out[name] = json.dumps(v, default=str) if isinstance(v, (list, dict)) else _cell(v)
+        out[name] = _cell(v)
     return out
 
 
