@@ -704,6 +704,11 @@ def test_bad_requests(server):
                           [("image", "a.png", png)]), 400, "3002 class names in one request; send at most 1000"),
         (server.get("/search?q=red&q=blue"), 400, "'q' is given 2 times in the query string; give it once"),
         (server.post_json("/search?k=2&k=3", {"position": 1}), 400, "'k' is given 2 times in the query string"),
+        # A JSON key given twice had been answered with its last value.
+        (server.request("POST", "/search", b'{"position": 3, "position": 4, "k": 1}', "application/json"), 400,
+         "'position' is given 2 times in the JSON body; give it once"),
+        (server.request("POST", "/embed", b'{"texts": ["a"], "texts": ["b"]}', "application/json"), 400,
+         "'texts' is given 2 times in the JSON body"),
         (server.post_json("/predict", {"texts": []}), 400, "texts"),
         (server.post_json("/predict", {"texts": ["a"], "top_k": 0}), 400, "top_k"),
         (server.get("/no/such/thing"), 404, "no endpoint"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -74,12 +75,22 @@ class RequestParser:
         raise ApiError(415, f"send application/json or multipart/form-data, not {ctype or 'no content type'}")
 
     async def read_json(self, request: Request) -> dict:
+        objects: list[list[tuple]] = []  # each object's keys as sent, the outermost last: json keeps a key's last value
+
+        def keep(pairs: list[tuple]) -> dict:
+            objects.append(pairs)
+            return dict(pairs)
+
         try:
-            body = await request.json()
+            body = json.loads(await request.body(), object_pairs_hook=keep)
         except ValueError:  # malformed JSON or not UTF-8
             raise ApiError(400, "the request body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the JSON body must be an object, e.g. {\"texts\": [\"a dog\"]}")
+        counts = Counter(k for k, _ in objects[-1])
+        twice = next((k for k, c in counts.items() if c > 1), None)
+        if twice is not None:
+            raise ApiError(400, f"{twice!r} is given {counts[twice]} times in the JSON body; give it once")
         return body
 
     async def read_form(self, request: Request):
