@@ -238,6 +238,11 @@ def test_classify(server):
         got = {c["label"]: c["probability"] for c in row["classes"]}
         assert list(got) == [classes[j] for j in np.argsort(-want_p, kind="stable")]
         np.testing.assert_allclose([got[c] for c in classes], want_p, atol=1e-5)
+    # Each class's cosine similarity is "similarity": "score" is a probability in /predict and the CLI.
+    for row, want_s in zip(body["results"], scores):
+        assert {c["label"]: c["similarity"] for c in row["classes"]} == pytest.approx(dict(zip(classes, want_s)),
+                                                                                        abs=1e-5)
+        assert all("score" not in c for c in row["classes"])
     # Underscores are read as spaces in the prompts, as `flava classify --classes` reads them; the
     # labels stay as named.
     named = ["dark_red", "green", "blue"]

@@ -401,7 +401,7 @@ def test_finetune_refuses_to_replace_a_task_model_unless_told(tmp_path, capsys):
     code = cli(["finetune", "--model", str(tmp_path / "none"), "--task", "image-classification",
                 "--train", str(tmp_path), "--output", str(tmp_path / "t1")])
     err = one_line_error(capsys, code)
-    assert "holds a text-classification task model" in err and "--replace" in err
+    assert "holds a task model for text-classification" in err and "--replace" in err
     assert (tmp_path / "t1" / "model.safetensors").read_bytes() == before
     # One of the same kind too: a rerun would discard a finished fine-tuning.
     code = cli(["finetune", "--model", str(tmp_path / "none"), "--task", "text-classification",

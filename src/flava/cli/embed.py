@@ -18,7 +18,7 @@ def add(sub) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--images", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
     what.add_argument("--texts", metavar="FILE", help="a .txt file (one text per line), or a table (CSV, TSV, JSONL, "
-                      "parquet) with a text or caption column")
+                      "parquet) with a text, caption or sentence column")
     what.add_argument("--pairs", metavar="CSV|SHARDS", help="a CSV/TSV/JSONL table with image and caption "
                       "columns, WebDataset shards or parquet")
     p.add_argument("--output", required=True, help="directory for img_emb/, text_emb/, metadata/ and embed.json")

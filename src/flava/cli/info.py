@@ -9,8 +9,9 @@ from rich.table import Table
 
 
 def add(sub) -> None:
-    p = sub.add_parser("info", help="describe a checkpoint (ours or Hugging Face's)")
-    p.add_argument("checkpoint", help="a checkpoint directory, run directory or Hugging Face hub id")
+    p = sub.add_parser("info", help="describe a checkpoint (ours or Hugging Face's), a codebook or a task model")
+    p.add_argument("checkpoint", help="a checkpoint, run, recipe, codebook or task model directory, or a Hugging "
+                                      "Face hub id")
     p.set_defaults(run=run)
 
 

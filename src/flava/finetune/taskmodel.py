@@ -299,7 +299,7 @@ def check_output(directory: str | os.PathLike, task: str | None = None, replace:
     except CheckpointError:
         return None
     if task is not None and not replace:
-        raise CheckpointError(f"{target} holds a {old} task model; fine-tuning {task} would replace it: choose "
+        raise CheckpointError(f"{target} holds a task model for {old}; fine-tuning {task} would replace it: choose "
                               f"another --output, or pass --replace")
     return str(old)
 

@@ -8,7 +8,8 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
   Answer: `{"results": [{"position", "item", "score", "metadata"}], "took_ms", "k", "query"}`.
 - `POST /embed` JSON `{"texts": [...]}` or multipart images -> `{"embeddings", "dim", "took_ms"}`.
 - `POST /classify` multipart image(s) + form fields `classes` (comma-separated), optional
-  `templates` ('clip', 'short', or prompts separated by '|', each with one {}) and `top_k`.
+  `templates` ('clip', 'short', or prompts separated by '|', each with one {}) and `top_k` ->
+  `{"results": [{"classes": [{"label", "probability", "similarity"}]}], "templates", "took_ms"}`.
 - `POST /predict` a fine-tuned task model: JSON `{"texts": [...], "texts2": [...]?, "top_k"}` or
   multipart images + optional `text` fields.
 - `GET /items/{position}` the indexed image file at a position (only files the index records, not
@@ -338,8 +339,9 @@ def create_app(
         results = []
         for row_p, row_s in zip(probs, scores):
             order = np.argsort(-row_p, kind="stable")[:top_k]
+            # "similarity", not "score": /predict's and the CLI's `score` is a probability.
             results.append({"classes": [{"label": classes[j], "probability": float(row_p[j]),
-                                         "score": float(row_s[j])} for j in order]})
+                                         "similarity": float(row_s[j])} for j in order]})
         return {"results": results, "templates": len(templates), "took_ms": _ms(start)}
 
     @app.post("/predict")

@@ -535,7 +535,7 @@ def run_train_codebook(images_spec: list[str], output: Path, cfg: FlavaConfig, s
                 raise _cannot_go_back(settings.steps, run.step, output)
             console.print(f"resuming the codebook training in {output} at step {run.step} of {settings.steps}")
         else:
-            console.print(f"training a {cfg.codebook.vocab_size}-token image codebook on "
+            console.print(f"training an image codebook of {cfg.codebook.vocab_size} tokens on "
                           f"{', '.join(s.name for s in sources)} at {size} px ({cfg.image.grid_size}x"
                           f"{cfg.image.grid_size} tokens each), {settings.steps} steps on {device.type}"
                           + (" (bf16)" if run.dtype is not None else ""))
