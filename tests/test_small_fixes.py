@@ -5,6 +5,7 @@ preset, `--set model.*`, a task model's message, mistyped template sets, the con
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -437,3 +438,23 @@ def test_sigterm_to_a_command_without_stopping_points_ends_it_in_one_line(monkey
     err = capfd.readouterr().err
     assert err.startswith("flava evaluate: stopped by SIGTERM after ") and len(err.splitlines()) == 1, err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_run_names_its_loss_curves_only_when_it_drew_them(train_data, tmp_path, capsys):
+    # A run stopped before its first logged step, then ended where it stopped (--resume --max-steps
+    # at its step), had named a loss_curves.png that nothing drew: its log held no row.
+    from conftest import pretrain_args
+
+    out = tmp_path / "run"
+    args = pretrain_args(train_data, out, "pairs_clean.csv") + ["--set", "log_every=1000", "--set", "save_every=2"]
+    assert main(args + ["--max-steps", "3"]) == 0
+    shutil.rmtree(out / "checkpoints" / "step_00000003")  # as a stop at step 2 leaves it, unlogged
+    (out / "checkpoints" / "latest.json").unlink()
+    (out / "metrics.jsonl").write_text("")
+    (out / "loss_curves.png").unlink()
+    (out / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["pretrain", "--output", str(out), "--resume", "--max-steps", "2"]) == 0
+    said = "".join(capsys.readouterr().out.split())
+    assert f"metricsin{out / 'metrics.jsonl'}" in said and "loss_curves.png" not in said, said
+    assert not (out / "loss_curves.png").exists()

@@ -547,8 +547,9 @@ def _train(cfg: TrainConfig, run: RunDir, resume: bool, console: Console, overri
         console.print(f"updates skipped for a non-finite loss or gradient: {trainer.nonfinite_steps}")
     # Not one an earlier part of the run wrote before a resume with tensorboard=false.
     board = f" and {output / 'tensorboard'}" if cfg.tensorboard and (output / "tensorboard").is_dir() else ""
-    console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}, "
-                  f"{output / 'loss_curves.png'}{board}")
+    # None where no step was logged: a run stopped before its first logged step and ended where it stopped.
+    curves = f", {output / 'loss_curves.png'}" if (output / "loss_curves.png").is_file() else ""
+    console.print(f"checkpoints in {trainer.run.checkpoints}; metrics in {output / 'metrics.jsonl'}{curves}{board}")
     if rank == 0:
         write_json_atomic(summary, {"first": first, "last": last, "skipped": skipped, "bad_records": bad,
                                     "bad_records_in": where, "nonfinite_steps": trainer.nonfinite_steps,
