@@ -3,7 +3,9 @@ give exactly the in-memory classifier's outputs; damaged directories and bad ima
 
 import csv
 import json
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -162,6 +164,14 @@ def test_image_classifier_from_class_folders(data, tmp_path, capsys, monkeypatch
     assert "1 input(s) could not be used" in printed and "broken.png: unreadable image" in printed
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [r.get("prediction") for r in rows] == ["red", None, "blue"] and "unreadable" in rows[1]["error"]
+    # A name that is not UTF-8 is an error row: the output table cannot hold it (it was a traceback).
+    odd = os.fsdecode(bytes(tmp_path) + b"/odd\xffname.png")
+    shutil.copy(good[0], odd)
+    assert main(["predict", "--model", str(out), "--input", odd, str(good[1]), "--output", str(preds),
+                 "--replace"]) == 0
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r.get("prediction") for r in rows] == [None, "blue"], rows
+    assert rows[0]["error"].endswith("odd\ufffdname.png: its name is not UTF-8; rename it"), rows[0]
 
     # The same image as a path, a PIL image and an array gives the same prediction: the same to the
     # bit alone; in one batch, to float precision (some CPUs' matmul kernels round a batch's first

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 import tarfile
 
 import numpy as np
@@ -1102,3 +1103,23 @@ def test_classify_names_each_unusable_image_once(tiny_model, photos, tmp_path, c
     err = _one_line(capsys, cli(["classify", "--model", str(tiny_model), "--images", str(images / "broken.png"),
                                  str(images / "wide.png"), "--classes", "a,b", "--output", str(tmp_path / "p.csv")]))
     assert "none of the 2 image(s) could be used, e.g." in err and not (tmp_path / "p.csv").exists()
+
+
+def test_an_image_whose_name_is_not_utf8_is_counted_not_a_traceback(tiny_model, photos, tmp_path, capsys):
+    # Its name cannot go into parquet, embed.json or a UTF-8 table: embed and classify --output had
+    # ended in a UnicodeEncodeError traceback, and embed's half-made output refused the rerun.
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    shutil.copy(photos / "red" / "0.png", folder / "ok.png")
+    bad = os.fsdecode(bytes(folder) + b"/bad\xffname.png")
+    shutil.copy(photos / "blue" / "0.png", bad)
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(folder), "--output", str(tmp_path / "e")]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "1 other file left out: 1 with a name that is not UTF-8 (rename them)" in said, said
+    assert [Path(m["image_path"]).name for m in read_embeddings(tmp_path / "e").metadata] == ["ok.png"]
+    assert cli(["classify", "--model", str(tiny_model), "--images", str(folder), "--classes", "red,blue",
+                "--output", str(tmp_path / "c.csv")]) == 0
+    assert [r["image"] for r in csv.DictReader(open(tmp_path / "c.csv"))] == [str(folder / "ok.png")]
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--images", bad, "--output",
+                                 str(tmp_path / "e2")]))
+    assert "no image files match" in err and "not UTF-8" in err, err

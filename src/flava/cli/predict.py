@@ -154,14 +154,14 @@ def _table_inputs(path: Path, tm) -> Inputs:
 
 def read_inputs(specs: list[str], tm) -> Inputs:
     """Inputs from one table or text file, one image folder, or image files."""
-    from ..data.images import IMAGE_SUFFIXES, find_images
+    from ..data.images import IMAGE_SUFFIXES, find_images, utf8_name
     from ..data.tables import NOT_UTF8, undecodable
     from ..data.tables import SUFFIXES as TABLE_SUFFIXES
     from ..errors import DataError
     from ..finetune.taskmodel import a_model
 
     # Image globs as `embed` and `classify` read them (a quoted pattern reaches here unexpanded).
-    paths = [p for s in specs for p in (find_images([s]) if _pattern(s) else [Path(s)])]
+    paths = [p for s in specs for p in (find_images([s], utf8_names=True) if _pattern(s) else [Path(s)])]
     first = paths[0]
     listed = first.suffix.lower() in (*TABLE_SUFFIXES, ".txt")
     if listed or first.is_dir() or (len(paths) > 1 and any(p.suffix.lower() in (*TABLE_SUFFIXES, ".txt") or p.is_dir()
@@ -201,7 +201,7 @@ def read_inputs(specs: list[str], tm) -> Inputs:
                         f"{'image and text' if tm.uses_images else 'text'} columns")
     if first.is_dir():
         root = first
-        for image in find_images([root], out.left_out):
+        for image in find_images([root], out.left_out, utf8_names=True):
             parts = image.relative_to(root).parts
             # Images inside class sub-folders carry the folder's name as their label.
             out.add({"image": str(image)}, image=image, label=parts[0] if len(parts) > 1 else None)
@@ -209,6 +209,10 @@ def read_inputs(specs: list[str], tm) -> Inputs:
     for p in paths:
         if p.suffix.lower() not in IMAGE_SUFFIXES and not p.is_file():
             raise DataError(f"input {p} is neither an image file nor a CSV/JSONL/TXT file or folder")
+        if not utf8_name(p):  # an error row: the output table is UTF-8 and cannot hold the name as it is
+            shown = os.fsencode(p).decode("utf-8", "replace")
+            out.add({"image": shown}, error=f"{shown}: its name is not UTF-8; rename it")
+            continue
         out.add({"image": str(p)}, image=p)
     return out
 

@@ -92,32 +92,44 @@ def holds_below(root: str | os.PathLike, suffixes: tuple[str, ...]) -> bool:
 
 
 def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None,
-                file_links: set[str] | None = None) -> list[Path]:
+                file_links: set[str] | None = None, utf8_names: bool = False) -> list[Path]:
     """Image files named by paths, directories (searched recursively: `walk_files`) or glob patterns;
     `left_out` counts by suffix the other files the directories hold (`said_left_out`);
-    `file_links` receives the files found in directories that are links."""
+    `file_links` receives the files found in directories that are links. `utf8_names`: for a
+    command that writes each file's name to parquet or a UTF-8 table, which cannot hold a name
+    that is not UTF-8: such a file is left out and counted (`NOT_UTF8_NAME`), not a traceback."""
     found: list[Path] = []
     others: Counter = Counter()
+
+    def take(q: Path) -> None:
+        if utf8_names and not utf8_name(q):
+            others[NOT_UTF8_NAME] += 1
+        else:
+            found.append(q)
+
     for spec in specs:
         spec = str(spec)
         p = Path(spec)
         if p.is_dir():
             for q in sorted(walk_files(p, file_links)):
                 if q.suffix.lower() in IMAGE_SUFFIXES:
-                    found.append(q)
+                    take(q)
                 else:
                     others[q.suffix.lower() or "no suffix"] += 1
         elif p.is_file():
-            found.append(p)
+            take(p)
         else:
             if not any(c in spec for c in "*?["):  # a plain path, not a pattern that matched nothing
                 raise DataError(f"{spec} does not exist")
             # glob's wildcards already pass over dot-names; __MACOSX only where the pattern names it
             matches = sorted(Path(m) for m in glob.glob(spec, recursive=True)
                              if "__MACOSX" in spec or "__MACOSX" not in Path(m).parts)
-            found += [m for m in matches if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES]
+            for m in matches:
+                if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES:
+                    take(m)
     if not found:
-        raise DataError(f"no image files match {', '.join(map(str, specs))}{said_left_out(others)}")
+        named = ", ".join(os.fsencode(s).decode("utf-8", "replace") for s in specs)  # a name not UTF-8 shown, not raised
+        raise DataError(f"no image files match {named}{said_left_out(others)}")
     if left_out is not None:
         left_out.update(others)
     return found
@@ -177,13 +189,27 @@ def said_empty(root: str | os.PathLike, folders: list[str]) -> str:
     return f"in {root}: {len(folders)} class folder(s) with no image in them left out: {named}"
 
 
+NOT_UTF8_NAME = "with a name that is not UTF-8 (rename them)"
+"""How `find_images` counts an image file whose name is not UTF-8 among the files left out."""
+
+
+def utf8_name(path: str | os.PathLike) -> bool:
+    """Whether a path can be written as UTF-8 text (JSON, parquet, a CSV)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # the undecodable bytes of a name, kept by Python as lone surrogates
+        return False
+    return True
+
+
 def said_left_out(left_out: Counter, before: str = " (", after: str = ")") -> str:
     """'3 other files left out: .txt 2, .heic 1' between `before` and `after`, said beside a count of
     the images found (a photo in a format not read, .heic, is then not missed unsaid); '' for none."""
     if not left_out:
         return ""
     n = sum(left_out.values())
-    kinds = ", ".join(f"{suffix} {k}" for suffix, k in sorted(left_out.items(), key=lambda x: (-x[1], x[0])))
+    kinds = ", ".join(f"{k} {why}" if why == NOT_UTF8_NAME else f"{why} {k}"
+                      for why, k in sorted(left_out.items(), key=lambda x: (-x[1], x[0])))
     return f"{before}{n} other file{'s' if n > 1 else ''} left out: {kinds}{after}"
 
 

@@ -130,7 +130,7 @@ def image_inputs(specs: Sequence[str]) -> Inputs:
     rows, images, seen, twice, left_out, named = [], [], {}, Counter(), Counter(), []
     for spec in specs:
         root = Path(spec)
-        for path in find_images([spec], left_out):
+        for path in find_images([spec], left_out, utf8_names=True):
             # A dangling link is named as listed: its target's name would not say which file is broken.
             row = {"image_path": str(path.resolve()) if path.exists() else os.path.abspath(path)}
             if row["image_path"] in seen:  # a file and its folder both named, or a link: one vector, not two hits
