@@ -501,6 +501,30 @@ def test_items_serves_a_file_only_while_it_is_an_image_and_as_the_image_it_is(tm
                                                        "rebuild the index"), body
 
 
+def test_items_refuses_a_file_saved_over_since_it_was_indexed(tmp_path):
+    """Another picture saved at an indexed path had been served beside the old image's score: the
+    size and modification time embed recorded tell it apart, as `index --add` tells it."""
+    import io
+
+    images = []
+    for i, colour in enumerate(("red", "blue")):
+        buf = io.BytesIO()
+        Image.new("RGB", (16 + 8 * i, 16), COLOURS[colour]).save(buf, format="BMP")
+        images.append(tmp_path / f"{i}.bmp")
+        images[-1].write_bytes(buf.getvalue())
+    files = [(p.stat().st_size, p.stat().st_mtime_ns) for p in images]
+    assert files[0][0] != files[1][0]  # told apart by size: a write within the clock's tick keeps the time
+    index = index_from_arrays(np.eye(2, 8, dtype=np.float32), [str(p) for p in images], tmp_path / "idx", files=files)
+    with app_in_a_thread(create_app(None, index)) as client:
+        assert [client.get(f"/items/{i}")[0] for i in range(2)] == [200, 200]
+        images[0].write_bytes(images[1].read_bytes())  # another picture at the same path
+        status, body, _ = client.get("/items/0")
+        assert status == 404 and body["error"] == (
+            f"the indexed image {images[0]} was changed since it was indexed (its size or modification time "
+            "differ): it is not the image its vector was made from; rebuild the index"), body
+        assert client.get("/items/1")[0] == 200
+
+
 def test_items_follows_no_link_and_names_what_is_at_the_path_instead_of_an_image(tmp_path):
     """embed records resolved paths, so a link at an indexed path was put there since: replacing an
     indexed .jpg by a link to another user's image outside the folder must not serve that image. A

@@ -13,8 +13,8 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
 - `POST /predict` a fine-tuned task model: JSON `{"texts": [...], "texts2": [...]?, "top_k"}` or
   multipart images + optional `text` fields.
 - `GET /items/{position}` the indexed image file at a position (only files the index records, not
-  through a link, and only while PIL still reads an image there, its media type from the format
-  read; a file streamed with FileResponse's ETag and Last-Modified, 304 to a conditional GET they
+  through a link, and only while PIL still reads an image there and its size and modification time
+  are those embed recorded, its media type from the format read; a file streamed with FileResponse's ETag and Last-Modified, 304 to a conditional GET they
   match; an image inside a local tar shard, which the index records as `shard#offset`, too) or,
   for a text index, `{"position", "item"}`.
 - `GET /metrics` Prometheus text format: `flava_requests_total{endpoint,method,status}` and a
@@ -400,7 +400,7 @@ def create_app(
                                 "images are not served; embed from local plain .tar shards to serve them")
         if not os.path.lexists(path):  # anything else there (a link, a FIFO) is named by _file_image
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index")
-        return await run_in_threadpool(_file_image, path, request.headers)
+        return await run_in_threadpool(_file_image, path, request.headers, idx.files([position])[0])
 
     @app.get("/metrics")
     async def metrics_endpoint(format: str = "prometheus"):
@@ -433,12 +433,14 @@ def _cell_bytes(cell) -> tuple[bytes, str]:
     return _image_response(cell.read_bytes, cell.locator())
 
 
-def _file_image(path: Path, request_headers: Any) -> Response:
+def _file_image(path: Path, request_headers: Any, indexed: tuple[int, int] | None = None) -> Response:
     """An indexed image file while it still is one: what is at the path now may have been replaced
     (by a link to /etc/passwd, say), so its header is read from the very file whose bytes are then
     streamed (never read whole: a 75 MB TIFF eight times at once), with the validators Starlette's
     FileResponse sends, so a page's thumbnails are revalidated: 304 for a matching If-None-Match or
-    If-Modified-Since. Range requests are not supported (the whole file is sent)."""
+    If-Modified-Since. Range requests are not supported (the whole file is sent). `indexed`: the
+    file's size and modification time (ns) when it was embedded, where the index knows them: a
+    file saved over since is not the image its vector and score belong to, as `index --add` judges."""
     import errno
     import hashlib
     import os
@@ -459,6 +461,8 @@ def _file_image(path: Path, request_headers: Any) -> Response:
                      stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
             raise ValueError("not a regular file" + "".join(f": {k}" for is_, k in kinds.items() if is_(st.st_mode)))
         f = os.fdopen(fd, "rb")
+        if indexed is not None and (st.st_size, st.st_mtime_ns) != indexed:
+            raise _Changed()
         with Image.open(f) as im:  # the header only: nothing but an image is read whole
             media = _media_type(im.format)
         f.seek(0)
@@ -469,6 +473,10 @@ def _file_image(path: Path, request_headers: Any) -> Response:
             os.close(fd)
         if isinstance(e, FileNotFoundError):  # removed since the endpoint looked
             raise ApiError(404, f"the indexed file {path} no longer exists; rebuild the index") from None
+        if isinstance(e, _Changed):
+            raise ApiError(404, f"the indexed image {path} was changed since it was indexed (its size or "
+                                "modification time differ): it is not the image its vector was made from; rebuild "
+                                "the index") from None
         link = isinstance(e, OSError) and e.errno == errno.ELOOP and os.path.islink(path)
         why = "it is now a link" if link else "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
         raise ApiError(404, f"the indexed image {path} cannot be read ({why}); rebuild the index") from None
@@ -480,6 +488,10 @@ def _file_image(path: Path, request_headers: Any) -> Response:
         return Response(status_code=304, headers=validators)
     return StreamingResponse(_read_chunks(f, st.st_size), media_type=media,
                              headers={"content-length": str(st.st_size), **validators})
+
+
+class _Changed(Exception):
+    """An indexed file whose size or modification time is not the index's."""
 
 
 def _read_chunks(f, size: int, chunk: int = 64 * 2**10):
