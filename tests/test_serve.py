@@ -180,7 +180,9 @@ def test_embedding_search(server):
     assert status == 200, body
     assert_same_hits(body["results"], server.index.search(vec[None], 12)[0])
     # A vector of any length is scored by cosine, as the index's own (10 x it had scored past 1).
-    for scale in (10.0, 1e-30, 1e20):  # float32's norm of the last two is 0 and infinite
+    # float32's norm of 1e-30s is 0 and of 1e20s infinite; 1e300 is finite JSON but infinite as float32,
+    # and float64's norm of 1e200s and 1e-200s is infinite and 0 (1e300 had been called non-finite).
+    for scale in (10.0, 1e-30, 1e20, 1e300, 1e200, 1e-200):
         status, longer, _ = server.post_json("/search", {"embedding": (scale * vec.astype(np.float64)).tolist(),
                                                          "k": 12})
         assert status == 200 and [h["position"] for h in longer["results"]] == \

@@ -268,14 +268,15 @@ def create_app(
                 raise ApiError(400, '"embedding" must be a list of numbers')
             if len(vec) != idx.dim:
                 raise ApiError(400, f'"embedding" has {len(vec)} numbers; this index needs {idx.dim}')
-            vectors = np.asarray([vec], dtype=np.float32)
-            if not np.isfinite(vectors).all():
+            # In float64: JSON numbers up to 1e308 are finite there, and float32 would make 1e300 infinite.
+            wide = np.asarray([vec], dtype=np.float64)
+            if not np.isfinite(wide).all():
                 raise ApiError(400, '"embedding" holds a non-finite number')
-            if not vectors.any():  # every item would score 0: a ranking of nothing
+            if not wide.any():  # every item would score 0: a ranking of nothing
                 raise ApiError(400, '"embedding" is all zeros; send a vector with a direction')
-            # Scored as the index's own vectors are, by cosine: a longer vector scored past 1. In float64:
-            # float32's norm of 1e-30s is 0, of 1e20s infinite.
-            wide = vectors.astype(np.float64)
+            # Scored as the index's own vectors are, by cosine: a longer vector scored past 1. Scaled by
+            # its largest number first: float64's norm of 1e200s is infinite, of 1e-200s 0.
+            wide /= np.abs(wide).max()
             vectors = (wide / np.linalg.norm(wide)).astype(np.float32)
             return await search(vectors, k, {"type": "embedding"}, start)
         if "position" in body:
