@@ -747,6 +747,9 @@ def test_bad_requests(server):
         (server.post_json("/search", {"position": 1, "kk": 2}), 400, "unknown field 'kk' in the JSON body; did you "
                                                                      "mean 'k'?"),
         (server.post_form("/search", {"kk": "3"}, [("image", "a.png", png)]), 400, "unknown field 'kk' in the form"),
+        (server.get("/health?x=1"), 400, "unknown field 'x' in the query string; this endpoint reads none"),
+        (server.get("/metrics?fromat=json"), 400, "unknown field 'fromat' in the query string; did you mean 'format'?"),
+        (server.get("/items/0?size=small"), 400, "unknown field 'size' in the query string"),
         (server.post_form("/classify", {"classes": "a, b", "topk": "1"}, [("image", "a.png", png)]), 400,
          "did you mean 'top_k'?"),
         (server.post_json("/embed", {"textz": ["a dog"]}), 400, "unknown field 'textz' in the JSON body; did you mean"),

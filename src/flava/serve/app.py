@@ -216,7 +216,8 @@ def create_app(
         return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text("utf-8"))
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        known(request, (), set(), "")  # `/health?verbose=1` answered as if read: refused, as elsewhere
         return {
             "status": "ok", "version": __version__, "model": model_name,
             "dim": embedder.dim if embedder is not None else None,
@@ -377,6 +378,7 @@ def create_app(
 
     @app.get("/items/{position}")
     async def item(position: int, request: Request):
+        known(request, (), set(), "")
         import os
 
         from ..data.shards import is_remote
@@ -404,7 +406,8 @@ def create_app(
         return await run_in_threadpool(_file_image, path, request.headers, idx.files([position])[0])
 
     @app.get("/metrics")
-    async def metrics_endpoint(format: str = "prometheus"):
+    async def metrics_endpoint(request: Request, format: str = "prometheus"):
+        known(request, (), set(), "", frozenset({"format"}))
         if format == "json":
             return metrics.snapshot()
         if format != "prometheus":
