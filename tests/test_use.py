@@ -1123,3 +1123,22 @@ def test_an_image_whose_name_is_not_utf8_is_counted_not_a_traceback(tiny_model, 
     err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--images", bad, "--output",
                                  str(tmp_path / "e2")]))
     assert "no image files match" in err and "not UTF-8" in err, err
+
+
+def test_two_embed_runs_never_write_one_output_at_once(tiny_model, photos, tmp_path, capsys):
+    # Both had found it empty and gone ahead, or one had said it "already holds other files".
+    from flava.io.locks import hold
+
+    out = tmp_path / "e"
+    out.mkdir()
+    with hold(out / ".lock", str(out), "wait", remove=True):  # another embed, writing there now
+        err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--images", str(photos), "--output",
+                                     str(out)]))
+        assert f"{out} is in use by another flava run (pid {os.getpid()}" in err and "wait for the other `flava embed` to end" in err
+    assert list(out.iterdir()) == []
+    assert cli(["embed", "--model", str(tiny_model), "--images", str(photos), "--output", str(out)]) == 0
+    assert not (out / ".lock").exists() and len(read_embeddings(out).metadata) == 12
+    # A run that could write nothing leaves no folder it made.
+    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "none.txt"),
+                "--output", str(tmp_path / "made")]) == 2
+    assert not (tmp_path / "made").exists()

@@ -19,6 +19,7 @@ Row i of a part's arrays and its metadata describe the same input; inputs that c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,6 +41,8 @@ from ..data.sources import read_caption
 from ..data.tables import NOT_UTF8, is_table, kept_name, read_table
 from ..errors import DataError, InputError
 from ..io.files import read_json, write_json_atomic
+from ..io.locks import hold
+from ..io.runs import LOCK
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
 from ..model.flava import FlavaModel
 
@@ -359,19 +362,14 @@ def _counts(failed: Counter) -> str:
     return ", ".join(f"{n} {why}" for why, n in failed.most_common())
 
 
-def _remove_run(out: Path, existed: bool) -> None:
+def _remove_run(out: Path) -> None:
     """Take away a run that embedded nothing: no empty result for `flava index` to take, and no
-    finished parts for a rerun (its inputs mended) to skip."""
+    finished parts for a rerun (its inputs mended) to skip (`embed_run` removes the folder it made)."""
     import shutil
 
     (out / SETTINGS).unlink(missing_ok=True)
     for sub in ("img_emb", "text_emb", "metadata", "parts"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    if not existed:
-        try:
-            out.rmdir()
-        except OSError:  # something else was put there meanwhile: left alone
-            pass
 
 
 def part_name(i: int) -> str:
@@ -404,6 +402,21 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         settings["squash_to"] = list(squash)
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file; choose a directory for the embeddings")
+    existed = out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # one run writes an output at a time: two had both found it empty, and one called it "other files"
+        with hold(out / LOCK, str(out), "wait for the other `flava embed` to end, or choose another --output",
+                  remove=True):
+            return _embed_into(out, embedder, inputs, settings, checkpoint, part_size, float16, progress)
+    finally:
+        if not existed:  # a run that wrote nothing (refused, or nothing could be embedded) leaves no folder
+            with contextlib.suppress(OSError):
+                out.rmdir()
+
+
+def _embed_into(out: Path, embedder: "Embedder", inputs: Inputs, settings: dict, checkpoint: dict | None,
+                part_size: int, float16: bool, progress: Callable[[int, int], None] | None) -> EmbedSummary:
+    """`embed_run` under the output's lock."""
     if (out / SETTINGS).is_file():
         old = read_json(out / SETTINGS, "embedding settings", DataError, expect=dict)
         if checkpoint is not None and not same_checkpoint(old.get("checkpoint"), checkpoint):
@@ -411,7 +424,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
                             f"command's model is {describe_checkpoint(checkpoint)}; one output never mixes "
                             f"two models' vectors: choose another --output, or delete {out} to embed again")
         if checkpoint is not None:  # the same weights, however they were named
-            old = {**old, "model": model_name, "checkpoint": checkpoint}
+            old = {**old, "model": settings["model"], "checkpoint": checkpoint}
         if old != settings:
             # Over both runs' keys: a setting recorded only when on (int8) differs by being absent.
             absent = {"int8": False, "text_field": "caption", "squash_to": None}
@@ -420,9 +433,8 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
                              for k in keys if old.get(k) != settings.get(k))
             raise DataError(f"{out} holds embeddings of other inputs or settings ({diff}); choose another "
                             f"output directory, or delete it to start over")
-    elif out.is_dir() and any(out.iterdir()):
+    elif any(p.name != LOCK for p in out.iterdir()):
         raise DataError(f"{out} already holds other files; choose an empty or new output directory")
-    existed = out.exists()
     for sub in ("img_emb", "text_emb", "metadata", "parts"):
         out.joinpath(sub).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / SETTINGS, settings)
@@ -493,7 +505,7 @@ def embed_run(model: FlavaModel, model_name: str, inputs: Inputs, output: str | 
         failed.update(part_failed)
         named += part_named
     if count == 0:
-        _remove_run(out, existed)
+        _remove_run(out)
         first = next((n for n in named if "row" in n), named[0] if named else {})  # an input that failed
         where = first.get("image_path") or first.get(inputs.text_field) or f"row {first.get('row')}"
         if first.get("line"):
