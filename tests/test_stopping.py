@@ -161,6 +161,14 @@ def test_a_signal_in_the_flava_process_teardown_ends_it_with_its_commands_exit_c
     # Ended at once by the signal, with the command's own exit code and line.
     assert done.returncode == 2 and done.stdout.strip() == "ended 2", (done.returncode, done.stdout, done.stderr)
     assert len(done.stderr.strip().splitlines()) == 1 and "no-such-model" in done.stderr
+    # Past the exit handlers Python puts back the default handlers: a SIGTERM there (here from the
+    # last object freed) had ended the finished command with 143.
+    late = ("import os, signal, sys, time; sys.argv = ['flava', 'info', 'no-such-model']; from flava.cli import entry\n"
+            "class Late:\n    def __del__(self):\n        os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.2)\n"
+            "        os.write(1, b'lived on')\nlate = Late()\nsys.exit(entry())")
+    done = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stdout == "lived on", (done.returncode, done.stdout, done.stderr)
     # main() called by another program leaves its signals as they were.
     script = script.replace("import entry", "import main").replace("entry()", "main()")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

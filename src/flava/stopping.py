@@ -15,6 +15,7 @@ signal sent to the whole process group prints no worker tracebacks.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -343,11 +344,19 @@ ORPHAN_POLL_S = 0.5
 """How often a pool process looks whether its owner is still there."""
 
 
+_ending = False
+"""Whether `end_with` was called: the process is past its command."""
+
+
 def end_with(code: int) -> None:
     """For the `flava` process once its command has ended and said how: SIGTERM or SIGINT during
     the interpreter's teardown (loader workers joined, files closed) ends it at once with the
     command's exit code, where a second Ctrl-C printed a traceback from the loader's cleanup and a
-    SIGTERM turned a finished run's exit 0 into 143."""
+    SIGTERM turned a finished run's exit 0 into 143. Past the exit handlers, where Python puts
+    back the default handlers of the signals it handled (and a signal then ended a finished run
+    with 143), they are ignored until the process has ended (`_ignored_at_the_end`)."""
+    global _ending
+
     def now(*_) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -358,6 +367,15 @@ def end_with(code: int) -> None:
 
     for s in SIGNALS:
         signal.signal(s, now)
+    _ending = True
+
+
+@atexit.register  # at import, so that it runs after the exit handlers registered since (LIFO)
+def _ignored_at_the_end() -> None:
+    # Python keeps an ignored signal ignored through its finalization, and resets handled ones.
+    if _ending and threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
 
 def ignore_in_worker(*_) -> None:
