@@ -263,23 +263,26 @@ def handling(said: str = AT_A_STEP, leaves: str = "") -> Iterator[None]:
         os.close(write)
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM to a command without stopping points of its own (evaluate, index, ...): it ends at once
-    as Ctrl-C ends it, saying so, where Python's default had ended it without a word."""
-
-    signum = signal.SIGTERM
-
-
 @contextlib.contextmanager
-def terminable() -> Iterator[None]:
-    """Inside the block, in the main thread, SIGTERM raises `Terminated`; the previous handler comes
-    back after it."""
+def terminable(command: str) -> Iterator[None]:
+    """For a command without stopping points of its own (evaluate, index, ...): inside the block,
+    in the main thread, SIGTERM ends the process at once, as Python's default did, but saying so in
+    one line (`flava COMMAND: stopped by SIGTERM after N s`) with exit code 143. Not by raising: an
+    exception raised in a callback from C++ (matplotlib's) came out as another one, a traceback.
+    The previous handler comes back after the block."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    began = time.perf_counter()
 
-    def terminate(*_) -> None:
-        raise Terminated()
+    def terminate(signum, _frame) -> None:
+        try:
+            sys.stdout.flush()
+            print(f"flava {command}: stopped by {name(signum)} after {time.perf_counter() - began:.0f} s",
+                  file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # a reader gone, a stream closed
+            pass
+        os._exit(exit_code(signum))
 
     before = signal.signal(signal.SIGTERM, terminate)
     try:

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     # a step; else how they acknowledge a stop) and what a stop at once leaves with `leaves` (or as
     # they save: `stopping.tell_saves`); the others end at once on either, saying so.
     graceful = getattr(args, "graceful", False)
-    handling = stopping.terminable()
+    handling = stopping.terminable(args.command)
     if graceful:
         handling = stopping.handling(graceful if isinstance(graceful, str) else stopping.AT_A_STEP,
                                      getattr(args, "leaves", ""))
@@ -102,10 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, stopping.Interrupted):
             print(f"flava {args.command}: stopped at once by a second {stopping.name(e.signum)} {e.after:.0f} s "
                   f"after the first; {e.saves}", file=sys.stderr)
-            return stopping.exit_code(e.signum)
-        if isinstance(e, stopping.Terminated):
-            print(f"flava {args.command}: stopped by SIGTERM after {time.perf_counter() - start:.0f} s",
-                  file=sys.stderr)
             return stopping.exit_code(e.signum)
         print(f"flava {args.command}: interrupted after {time.perf_counter() - start:.0f} s", file=sys.stderr)
         return 130
