@@ -13,7 +13,10 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+import flava
 
 from conftest import narrow_args, pretrain_args
 from zygote import python
@@ -145,6 +148,56 @@ def test_a_disk_that_fills_mid_write_stops_in_one_line_and_loses_nothing(train_d
     monkeypatch.setattr(io_checkpoint, "save_file", save_file)
     assert cli(["pretrain", "--output", str(run), "--resume"]) == 0
     assert [r["step"] for r in _rows(run)] == list(range(1, 7))
+
+
+def test_a_full_disk_said_in_a_librarys_own_words_is_one_line(tmp_path, capsys, monkeypatch):
+    # safetensors (finetune's task model, a codebook), torch.save and numpy (embed) say a full disk in
+    # words of their own, without errno: each had been a traceback, and the fine-tuning lost with it.
+    import shutil
+    from collections import namedtuple
+
+    from safetensors import SafetensorError
+
+    import flava.io.checkpoint as io_checkpoint
+    import flava.retrieval.embed as embed
+    from flava.io.files import replace_dir
+
+    def no_space(*_, **__):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(OSError) as e:
+        replace_dir(tmp_path / "model", lambda tmp: no_space())
+    assert e.value.errno == 28 and e.value.filename == str(tmp_path / "model")
+    assert not list(tmp_path.iterdir())  # the staging copy taken away
+    with pytest.raises(SafetensorError):  # another library error is not taken for a full disk
+        replace_dir(tmp_path / "model", lambda tmp: (_ for _ in ()).throw(SafetensorError("header too large")))
+
+    model = tmp_path / "m"
+    torch.manual_seed(0)
+    flava.FlavaModel(flava.preset("tiny")).save_pretrained(model)
+    monkeypatch.setattr(io_checkpoint, "save_file", no_space)
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    (tmp_path / "cb").mkdir()
+    code = cli(["train-codebook", "--images", str(tmp_path / "a.png"), "--output", str(tmp_path / "cb" / "out"),
+                "--steps", "1", "--batch-size", "1", "--eval-images", "1", "--set", "codebook.vocab_size=16",
+                "--set", "codebook.hidden_size=8"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot use {tmp_path / 'cb' / 'out'}: No space left on device; the disk is full" in err, err
+
+    # numpy's words: "N requested and M written", with free space nearly gone.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 20, (10 << 20) - 4096, 4096))
+    monkeypatch.setattr(embed.np, "save", lambda *_: (_ for _ in ()).throw(OSError("6400 requested and 2016 written")))
+    code = cli(["embed", "--model", str(model), "--images", str(tmp_path / "a.png"), "--output", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "the disk is full" in err, err
+    assert not list((tmp_path / "e" / "img_emb").iterdir())  # no half-written .tmp left
+    # A read-only file system is no permission to change (it had been said so).
+    from flava.io.files import explain_os_error
+
+    assert explain_os_error(OSError(30, "Read-only file system", "/mnt/ro/run")) == \
+        "cannot use /mnt/ro/run: Read-only file system; its file system is read-only: choose another path"
 
 
 @pytest.mark.slow

@@ -89,6 +89,28 @@ def check_not_current(target: str | os.PathLike) -> None:
         raise OutputError(f"--output {target} is the current folder or holds it; name a new folder to write")
 
 
+NEARLY_FULL_BYTES = 1 << 20
+"""Free space below which a failed write is taken for a full disk (`disk_full`)."""
+
+
+def disk_full(e: BaseException, where: str | os.PathLike) -> OSError | None:
+    """A failed write's error as the full disk it was: safetensors (SafetensorError), torch.save
+    (RuntimeError: "unexpected pos") and numpy (OSError without errno) say it in words of their own,
+    which reached users as tracebacks; None for other errors."""
+    from safetensors import SafetensorError
+
+    if not isinstance(e, (OSError, RuntimeError, SafetensorError)) or isinstance(e, OSError) and e.errno is not None:
+        return None
+    text = str(e)
+    try:
+        nearly_full = shutil.disk_usage(where).free < NEARLY_FULL_BYTES
+    except OSError:
+        nearly_full = False
+    if "No space left on device" in text or "os error 28" in text or nearly_full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+    return None
+
+
 def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:
     """Call fill(tmpdir) then move tmpdir to `target` (replacing it whole); on any failure
     `target` is untouched."""
@@ -111,8 +133,12 @@ def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, tmp)  # before the staging copy is removed, which frees what it took
         shutil.rmtree(tmp, ignore_errors=True)
+        if full is not None:
+            full.filename = str(target)
+            raise full from e
         raise
 
 
@@ -261,6 +287,8 @@ def explain_os_error(e: OSError) -> str:
         fix = "a file or folder name is at most 255 bytes here: shorten it"
     elif e.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "the disk is full: free some space (what was saved before is kept)"
+    elif e.errno == errno.EROFS:
+        fix = "its file system is read-only: choose another path"
     elif e.errno == errno.ENOENT:  # met where it was to be made: a virtual file system such as /proc
         fix = "nothing can be made there: choose another path"
     else:

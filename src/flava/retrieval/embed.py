@@ -40,7 +40,7 @@ from ..data.members import BadSample, refuse_urls, table_image
 from ..data.sources import read_caption
 from ..data.tables import NOT_UTF8, is_table, kept_name, read_table
 from ..errors import DataError, InputError
-from ..io.files import read_json, write_json_atomic
+from ..io.files import disk_full, read_json, write_json_atomic
 from ..io.locks import hold
 from ..io.runs import LOCK
 from ..io.fingerprint import describe_checkpoint, same_checkpoint
@@ -340,8 +340,15 @@ def _prepare_part(embedder: Embedder, inputs: Inputs, lo: int, hi: int, files: d
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    except BaseException as e:
+        full = disk_full(e, tmp)  # numpy says a full disk without its errno: "6400 requested and 2016 written"
+        tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
+        raise
     os.replace(tmp, path)
 
 
