@@ -1125,6 +1125,16 @@ def test_an_image_whose_name_is_not_utf8_is_counted_not_a_traceback(tiny_model, 
     assert "no image files match" in err and "not UTF-8" in err, err
 
 
+def test_texts_that_name_a_folder_or_a_device_say_what_they_are(tiny_model, tmp_path, capsys):
+    # Both had been "text file X does not exist".
+    for path, said in ((tmp_path, f"{tmp_path} is a folder; --texts takes one file"),
+                       ("/dev/null", "text file /dev/null is not a regular file (a device or a pipe)"),
+                       (tmp_path / "no.txt", f"text file {tmp_path / 'no.txt'} does not exist")):
+        err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--texts", str(path), "--output",
+                                     str(tmp_path / "e")]))
+        assert said in err, err
+
+
 def test_two_embed_runs_never_write_one_output_at_once(tiny_model, photos, tmp_path, capsys):
     # Both had found it empty and gone ahead, or one had said it "already holds other files".
     from flava.io.locks import hold

@@ -156,7 +156,10 @@ def text_inputs(path: str) -> Inputs:
     JSONL, parquet; the text keeps its column's name in the metadata, beside the other columns)."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"text file {p} does not exist")
+        if p.is_dir():
+            raise DataError(f"{p} is a folder; --texts takes one file: a .txt (one text per line) or a table")
+        raise DataError(f"text file {p} " + ("is not a regular file (a device or a pipe): save the texts to a file "
+                                             "first" if p.exists() else "does not exist"))
     if is_table(p):
         table = read_table(p, bad_rows="skip")
         if not table.rows:
