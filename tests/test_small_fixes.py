@@ -455,3 +455,12 @@ def test_a_run_names_its_loss_curves_only_when_it_drew_them(train_data, tmp_path
     said = "".join(capsys.readouterr().out.split())
     assert f"metricsin{out / 'metrics.jsonl'}" in said and "loss_curves.png" not in said, said
     assert not (out / "loss_curves.png").exists()
+
+
+def test_a_resumes_batch_note_never_says_zero_processes():
+    # A train_config.json whose batch was edited by hand to 8 against a recorded global batch of 4
+    # had been said as "it was 8 on 0".
+    from flava.train.run import _was
+
+    assert _was(8, 4) == "the run's settings say 8 per process, which no number of processes makes 4"
+    assert (_was(4, 4), _was(4, 8)) == ("it was 4 on 1 process", "it was 4 on 2 processes")

@@ -524,7 +524,7 @@ def test_a_run_resumed_on_two_processes_keeps_its_global_batch_without_flags(tra
     ref = Command(["pretrain", "--output", str(tmp_path / "ref"), "--resume", "--max-steps", "4"], tmp_path / "r")
     out = done(Command(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"],
                        tmp_path / "two", torchrun=2))
-    assert "data.batch_size 4 per process keeps the run's global batch of 8 (it was 8 on 1)" in out, out
+    assert "data.batch_size 4 per process keeps the run's global batch of 8 (it was 8 on 1 process)" in out, out
     assert "resumed from step 2" in out and "batch 4 x 2 processes" in out
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"]["batch_size"] == 4
     history = [json.loads(x) for x in (tmp_path / "run" / "config_history.jsonl").read_text().splitlines()]

@@ -320,9 +320,18 @@ def _keep_global_batch(cfg: TrainConfig, run: RunDir, console: Console) -> dict 
     was = cfg.data.batch_size
     cfg.data.batch_size = per_process_batch(recorded, world, f"the run in {run.root}")
     console.print(f"resuming on {world} process{'es' if world > 1 else ''}: data.batch_size {cfg.data.batch_size} per "
-                  f"process keeps the run's global batch of {recorded} (it was {was} on {recorded // was})")
+                  f"process keeps the run's global batch of {recorded} ({_was(was, recorded)})")
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "derived": "processes", "processes": world,
             "changes": {"data.batch_size": [was, cfg.data.batch_size]}}
+
+
+def _was(per_process: int, recorded: int) -> str:
+    """How the settings' batch drew the recorded global batch: on so many processes, or not at all
+    (a train_config.json edited by hand: "it was 8 on 0" had been said)."""
+    if recorded % per_process == 0:
+        n = recorded // per_process
+        return f"it was {per_process} on {n} process{'es' if n > 1 else ''}"
+    return f"the run's settings say {per_process} per process, which no number of processes makes {recorded}"
 
 
 def needs_demo_codebook(cfg: TrainConfig) -> bool:
