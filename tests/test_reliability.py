@@ -873,6 +873,7 @@ def test_resume_survives_damage(train_data, tmp_path, capsys):
     rows = resume_to(6)
     out = " ".join(capsys.readouterr().out.split())  # lines wrap at 110 columns wherever the path ends
     assert "latest.json is damaged" in out and "step_00000005 is damaged" in out
+    assert "name a checkpoints/step_N directory" not in out  # a model's advice, nothing --resume can do
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
 
 

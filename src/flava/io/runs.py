@@ -153,7 +153,7 @@ def _follow(pointer: Path) -> Path:
     try:
         target = pointer.parent / json.loads(pointer.read_text())["path"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"{pointer} is damaged; name a checkpoints/step_N directory instead") from None
+        raise CheckpointError(f"{pointer} is damaged") from None
     if not (target / CONFIG).is_file():
         raise CheckpointError(f"{pointer} points to {target}, which is not a checkpoint")
     return target
@@ -262,7 +262,10 @@ def resolve(path: str | os.PathLike) -> Path:
         if target is not None:
             return target
     if (p / LATEST).is_file():
-        return _follow(p / LATEST)
+        try:
+            return _follow(p / LATEST)
+        except CheckpointError as e:  # named directly: the step directories are the way round it
+            raise CheckpointError(f"{e}; name a checkpoints/step_N directory instead") from None
     if (p / "train_config.json").is_file() or (p / CHECKPOINTS).is_dir():  # a run that has saved nothing yet
         raise CheckpointError(f"{p} is a run with no checkpoint yet (it saves one every save_every steps, and at its "
                               "end): wait for its first, or name another checkpoint")
