@@ -320,6 +320,7 @@ def test_a_run_names_its_tensorboard_folder_only_when_it_wrote_one(train_data, t
     ("prepare", "SIGINT: stopping: the units finished are kept, and a rerun finishes the rest; send it again"),
     ("embed", "SIGINT: stopping after the batch in progress: the parts finished are kept, and a rerun finishes"),
     ("train-codebook", "SIGINT: stopping at the next step, after saving; send it again (Ctrl-C) to stop at once"),
+    ("ablate", "SIGINT: stopping at the next training step, or once the evaluation in progress ends, after saving"),
 ])
 def test_a_stop_is_acknowledged_in_the_commands_own_words(command, said, monkeypatch, capfd):
     """prepare works in units and embed in parts: "stopping at the next step or part" fitted neither."""
@@ -335,10 +336,10 @@ def test_a_stop_is_acknowledged_in_the_commands_own_words(command, said, monkeyp
             time.sleep(0.01)
         raise stopping.Stopped(signal.SIGINT, "stopped by SIGINT")
 
-    module = {"prepare": "prepare", "embed": "embed", "train-codebook": "codebook"}[command]
+    module = {"prepare": "prepare", "embed": "embed", "train-codebook": "codebook", "ablate": "ablate"}[command]
     monkeypatch.setattr(importlib.import_module(f"flava.cli.{module}"), "run", run)
     args = {"prepare": ["--pairs", "x.csv", "--output", "o"], "train-codebook": ["--images", "i", "--output", "o"],
-            "embed": ["--model", "m", "--images", "i", "--output", "o"]}[command]
+            "embed": ["--model", "m", "--images", "i", "--output", "o"], "ablate": ["--output", "o"]}[command]
     assert main([command, *args]) == 130
     out = capfd.readouterr().out
     assert said in " ".join(out.split()) and "step or part" not in out
