@@ -249,14 +249,36 @@ def test_an_exports_processor_resizes_non_square_images_as_flava_does(tmp_path):
         close(ours.encode_image(image), theirs)
 
 
-def test_export_refuses_shapes_transformers_cannot_hold(tmp_path, capsys):
+def test_encoders_of_other_widths_export_and_the_pretraining_layout_is_refused(tmp_path, capsys):
+    # transformers' FlavaModel sizes each projection by its own encoder: such a model (one started
+    # from a narrower tower) had been refused whatever the layout asked for.
     cfg = flava.preset("tiny")
     cfg.text.hidden_size = 64
     cfg.text.num_heads = 2
-    flava.FlavaModel(cfg).save_pretrained(tmp_path / "ours")
-    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 2
-    assert "hidden sizes to be equal" in capsys.readouterr().err
+    ours = randomize_(flava.FlavaModel(cfg), seed=3)
+    ours.save_pretrained(tmp_path / "ours")
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--as", "pretraining"]) == 2
+    assert "export the encoders alone (--as model), which transformers' FlavaModel holds" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+    assert cli(["export-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    ref = transformers.FlavaModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[101, 7, 8, 9, 102]])
+    pixels = torch.randn(1, 3, cfg.image.image_size, cfg.image.image_size)
+    with torch.no_grad():
+        theirs = ref(input_ids=ids, pixel_values=pixels)
+        mine = ours.eval()(input_ids=ids, pixel_values=pixels)
+    close(mine.text.last_hidden_state, theirs.text_embeddings)
+    close(mine.multimodal.last_hidden_state, theirs.multimodal_embeddings)
+    # What it cannot hold is named as a setting, not blamed on a tower the model never came from.
+    for setting, said in (("image.patch_bias", "this model's image encoder has no patch bias, which transformers'"),
+                          ("text.position_offset", "this model's text encoder numbers positions from 2 while")):
+        cfg = flava.preset("tiny")
+        part, key = setting.split(".")
+        setattr(getattr(cfg, part), key, False if key == "patch_bias" else 2)
+        flava.FlavaModel(cfg).save_pretrained(tmp_path / key)
+        assert cli(["export-hf", str(tmp_path / key), str(tmp_path / f"hf-{key}")]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "tower" not in err, err
 
 
 def test_load_codebook_from_every_source(tmp_path):

@@ -53,27 +53,26 @@ def export_hf(ckpt: Checkpoint, out_dir: str | os.PathLike, seed: int = 0, model
                                     ("a LayerNorm before the blocks", ic.embed_norm),
                                     ("no patch bias", not ic.patch_bias)) if on]
     if extras:
-        raise CheckpointError(f"this model's image encoder (from a public image tower) has {', '.join(extras)}, which "
-                              "transformers' FLAVA image model cannot hold; it cannot be expressed in its format")
-    unlike = [what for what, on in (("post-norm", cfg.text.norm_placement != "pre"),
+        # Settings public image towers bring (a DeiT's distillation token, DINOv2's LayerScale), or set by hand.
+        raise CheckpointError(f"this model's image encoder has {', '.join(extras)}, which transformers' FLAVA image "
+                              "model cannot hold; it cannot be expressed in its format")
+    unlike = [what for what, on in (("is post-norm", cfg.text.norm_placement != "pre"),
                                     (f"numbers positions from {cfg.text.position_offset}", cfg.text.position_offset))
               if on]
     if unlike:
         raise CheckpointError(
-            f"this model's text encoder (started from a BERT-family tower) is {' and '.join(unlike)} while "
-            "transformers' FLAVA text model is pre-norm and numbers positions from 0, so it cannot be expressed in its "
-            "format")
+            f"this model's text encoder {' and '.join(unlike)} while transformers' FLAVA text model is pre-norm and "
+            "numbers positions from 0, so it cannot be expressed in its format")
+    if model_only is None:
+        model_only = not ckpt.parts.get("heads")
+    if model_only:  # FlavaModel sizes each encoder's projections by that encoder: any widths
+        return _export_model(ckpt, out_dir)
     mm = cfg.multimodal.hidden_size
     if cfg.image.hidden_size != mm or cfg.text.hidden_size != mm:
         raise CheckpointError(
-            "transformers' FLAVA sizes its MMM heads and projections by the unimodal encoders, so it needs "
-            f"image, text and multimodal hidden sizes to be equal (here {cfg.image.hidden_size}, "
-            f"{cfg.text.hidden_size}, {mm}); this model cannot be expressed in its format"
-        )
-    if model_only is None:
-        model_only = not ckpt.parts.get("heads")
-    if model_only:
-        return _export_model(ckpt, out_dir)
+            "transformers' FlavaForPreTraining sizes its MMM heads by the unimodal encoders, so it needs image, text "
+            f"and multimodal hidden sizes to be equal (here {cfg.image.hidden_size}, {cfg.text.hidden_size}, {mm}); "
+            "export the encoders alone (--as model), which transformers' FlavaModel holds")
     heads = ckpt.parts.get("heads") or {}
     if not heads:
         torch.manual_seed(seed)
