@@ -99,6 +99,24 @@ def test_dwa_weights_the_objectives_it_has_measured_and_leaves_the_others_at_1()
     assert torch.allclose(b.weights[:2], 2 * torch.softmax(torch.tensor([0.5, 1.0]) / 2, 0))
 
 
+def test_dwa_at_any_temperature_gives_finite_weights_and_weights_driven_out_of_use_are_named():
+    # A temperature float32 holds as 0 (1e-50) made every weight NaN for good (0 / 0 in the softmax).
+    for temperature, expected in ((1e-50, [0.0, 4.0, 0.0, 0.0]), (1e300, [1.0] * 4)):
+        b = balancer("dwa", dwa_window=1, dwa_temperature=temperature)
+        for step, values in enumerate([(4.0, 4.0, 4.0, 4.0), (2.0, 4.0, 1.0, 3.0)]):
+            b.observe(step, losses(**dict(zip(NAMES, values))), YES)
+        assert b.weights.tolist() == pytest.approx(expected), temperature
+        assert b.unusable() is None
+    # Uncertainty's log-variances driven far by a huge rate weigh objectives by inf or 0: a run that
+    # then diverges had been told to lower optim.lr, which changes nothing.
+    b = balancer("uncertainty", uncertainty_lr=1e6)
+    b.observe(0, losses(global_contrastive=0.1, itm=5.0), YES)
+    said = b.unusable()
+    assert said == ("objectives.balancing='uncertainty' weighs objectives by factors no longer usable "
+                    "(global_contrastive inf): lower objectives.uncertainty_lr (now 1e+06)"), said
+    assert balancer("uncertainty").unusable() is None and balancer("fixed").unusable() is None
+
+
 def test_uncertainty_takes_no_step_on_a_loss_that_measured_nothing():
     b = balancer("uncertainty", uncertainty_lr=0.1)
     b.observe(0, losses(itm=0.0, global_contrastive=3.0), YES, torch.tensor([False, True]))

@@ -554,12 +554,15 @@ class Trainer:
         streak = self.progress.nonfinite_run
         if len(streak) >= self.cfg.max_nonfinite_steps:
             latest = self.run.intact_pointer()
+            # Weights that a balancing method drove to infinity or 0 make every loss so: no rate helps.
+            blamed = self.balancer.unusable()
             raise DivergedError(
                 f"the loss or its gradients were not finite at steps {streak[0]}-{streak[-1]} "
                 f"({len(streak)} in a row; their updates were skipped), so the run stopped. "
-                + (f"The newest checkpoint, {latest}, holds finite weights: " if latest else "")
-                + f"lower optim.lr (now {self.cfg.optim.lr:g}) or clip harder (optim.grad_clip) and "
-                + ("resume with --resume --override" if latest else "start again"))
+                + (f"{blamed}, and start again" if blamed else
+                   (f"The newest checkpoint, {latest}, holds finite weights: " if latest else "")
+                   + f"lower optim.lr (now {self.cfg.optim.lr:g}) or clip harder (optim.grad_clip) and "
+                   + ("resume with --resume --override" if latest else "start again")))
 
     def _diagnosed(self, n: int, end: int) -> bool:
         """Whether logged step `n` measures the gradient diagnostics: the first logged step at or

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -53,6 +55,19 @@ class Balancer:
         those that measured nothing."""
         ok = finite & torch.isfinite(values).all()
         return ok if measured is None else ok & measured
+
+    def unusable(self) -> str | None:
+        """Why the method's factors are what made the loss non-finite (a weight that is not), with
+        the setting to change; None when they are usable. Read once a run diverges (a host read)."""
+        factors = self.factors(self.names)
+        bad = {n: float(f) for n, f in factors.items() if not math.isfinite(float(f))}
+        if not bad:
+            return None
+        said = ", ".join(f"{n} {v:g}" for n, v in bad.items())
+        return f"objectives.balancing='{self.method}' weighs objectives by factors no longer usable ({said}): {self.fix}"
+
+    fix = ""
+    """What to change when `unusable` says so."""
 
     def combine_gradients(self, grads: list[torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """The shared encoders' gradient from the objectives' (one flat vector each)."""

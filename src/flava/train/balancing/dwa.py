@@ -51,7 +51,10 @@ class DynamicWeightAverage(Balancer):
         both = (self.before > 0) & (self.last > 0)
         ratio = torch.where(both, self.last / self.before.clamp(min=1e-12), torch.ones_like(mean))
         # K: the objectives with two periods behind them; the rest weigh 1 (the paper's start).
-        logits = torch.where(both, ratio / self.temperature, float("-inf"))
+        # Softmax of ratio / T, shifted by the largest ratio first and divided below it only: a
+        # temperature float32 holds as 0 (1e-50) had made every weight NaN (0 / 0), for good.
+        shifted = ratio - torch.where(both, ratio, float("-inf")).max()
+        logits = torch.where(both, torch.where(shifted < 0, shifted / self.temperature, 0.0), float("-inf"))
         weights = both.sum() * torch.softmax(logits, 0)
         self.weights = torch.where(both, weights, torch.ones_like(weights))
         self.sum.zero_()

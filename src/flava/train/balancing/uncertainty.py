@@ -34,6 +34,10 @@ class UncertaintyWeighting(Balancer):
         self.log_var = torch.zeros(k, device=device)
         self.m, self.v, self.t = (torch.zeros(k, device=device) for _ in range(3))
 
+    @property
+    def fix(self) -> str:
+        return f"lower objectives.uncertainty_lr (now {self.lr:g})"
+
     def factors(self, losses):
         w = torch.exp(-self.log_var)
         return {n: w[self.index[n]] for n in losses}
