@@ -24,6 +24,8 @@ CONFIGS = {
         mim_weight=0.5, mlm_weight=2.0, itm_weight=0.25, global_contrastive_weight=1.5, mmm_image_weight=0.7,
         mmm_text_weight=1.3,
     ),
+    # A codebook of fewer tokens than the heads predict: transformers takes it, and so must a load.
+    "small-codebook": hf_config(codebook=dict(vocab_size=16)),
 }
 
 

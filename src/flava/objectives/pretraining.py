@@ -277,7 +277,9 @@ class PretrainingModel(nn.Module):
         self.heads = heads if heads is not None else PretrainingHeads(config, self.objectives)
         self.codebook = codebook
         if codebook is not None:
-            if codebook.cfg.vocab_size != config.image.vocab_size:
+            # Fewer tokens than the heads predict are targets all the same, as transformers takes them
+            # (a checkpoint's heads cannot be resized); more would name classes the heads lack.
+            if codebook.cfg.vocab_size > config.image.vocab_size:
                 raise ConfigError(
                     f"the image codebook has {codebook.cfg.vocab_size} tokens but the MIM/MMM heads predict "
                     f"image.vocab_size={config.image.vocab_size}; set model.image.vocab_size="

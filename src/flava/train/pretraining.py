@@ -106,6 +106,12 @@ class PretrainingStage(Stage):
         if base is not None:
             self.model, _ = pretraining_from_checkpoint(base, cfg.objectives, codebook)
         else:
+            if codebook is not None and codebook.cfg.vocab_size < model_cfg.image.vocab_size:
+                # A new model's heads can be sized to the codebook: classes no token names waste them.
+                raise ConfigError(
+                    f"the image codebook has {codebook.cfg.vocab_size} tokens but the MIM/MMM heads would predict "
+                    f"image.vocab_size={model_cfg.image.vocab_size}; set model.image.vocab_size="
+                    f"{codebook.cfg.vocab_size} (or use a codebook of {model_cfg.image.vocab_size} tokens)")
             self.model = PretrainingModel(model_cfg, cfg.objectives, codebook=codebook)
         if cfg.init_image or cfg.init_text or cfg.init_multimodal:
             from .init import initialise_encoders
@@ -195,8 +201,9 @@ class PretrainingStage(Stage):
                 if needs_image_tokens(cfg.objectives, (kind,)):
                     made.setdefault(info.get("codebook"), []).append(f"data.{kind} {s.source.name}")
                 vocab = info.get("vocab_size")  # recorded since it was checked; older shards name only the codebook
+                # Fewer tokens than the heads predict only where the heads are a checkpoint's (init=).
                 if vocab is not None and needs_image_tokens(cfg.objectives, (kind,)) and \
-                        vocab != cfg.model.image.vocab_size:
+                        (vocab > cfg.model.image.vocab_size or vocab < cfg.model.image.vocab_size and not cfg.init):
                     raise ConfigError(f"{s.source.name} holds image tokens of a {vocab}-token codebook but the "
                                       f"MIM/MMM heads predict image.vocab_size={cfg.model.image.vocab_size}: set "
                                       f"model.image.vocab_size={vocab}, or prepare the data again with a codebook of "
