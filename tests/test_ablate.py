@@ -160,13 +160,17 @@ def test_seeds_without_balancing_are_refused(tmp_path, capsys):
 
 def test_balancing_rows_are_checked_before_any_trains():
     from flava.errors import ConfigError
-    from flava.recipes.balancing import BalancingPlan, check_plan, method_config
+    from flava.recipes.balancing import BalancingPlan, check_plan, method_config, mixing_note
 
     plan = BalancingPlan(["fixed", "mixing-adaptive"], [0, 1], "demo")
-    # A linear schedule given to the comparison is replaced by the adaptive row's own mix, whole.
+    # A linear schedule given to the comparison is replaced by the adaptive row's own mix, whole, and said.
     cfg = demo_config()
+    assert mixing_note(cfg, plan) is None
     cfg.data.mixing_schedule, cfg.data.mixing_end = "linear", [0.8, 0.1, 0.1]
     check_plan(cfg, plan)
+    assert mixing_note(cfg, plan) == ("mixing-adaptive adapts the data mix itself, in place of "
+                                      "data.mixing_schedule=linear, which the other methods follow")
+    assert mixing_note(cfg, BalancingPlan(["fixed", "dwa"], [0, 1], "demo")) is None
     adaptive = method_config(cfg, "mixing-adaptive")
     assert adaptive.data.mixing_schedule == "adaptive" and adaptive.data.mixing_end == []
     assert method_config(cfg, "fixed").data.mixing_end == [0.8, 0.1, 0.1]
@@ -568,3 +572,11 @@ def test_a_row_the_suite_cannot_score_and_rows_naming_none_are_refused_before_an
     for rows in ("", ","):
         assert cli(["ablate", "--output", str(out), "--suite", str(file), "--rows", rows, "--steps", "2"]) == 2
         assert f"--rows {rows!r} names no row" in capsys.readouterr().err and no_training == []
+
+
+def test_rows_beside_balancing_are_refused_with_their_own_hint(tmp_path, capsys):
+    # The hint had been the one for --steps ("the joint stage's steps: --set max_steps=N").
+    assert cli(["ablate", "--output", str(tmp_path / "a"), "--balancing", "fixed,dwa", "--rows", "flava"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("drop --rows (its rows are the --balancing methods, each run once per seed)") and "max_steps" not in err
+    assert not (tmp_path / "a").exists()

@@ -78,9 +78,11 @@ def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None
                           f"{args.image_stage}")
     for flag, given in (("--rows", args.rows), ("--steps", args.steps), ("--processes", args.processes != 1)):
         if given:
+            # Each flag's own hint: --rows had been given the one for steps.
+            hint = {"--steps": " (the joint stage's steps: --set max_steps=N; the unimodal stages': --unimodal-steps N)",
+                    "--rows": " (its rows are the --balancing methods, each run once per seed)"}.get(flag, "")
             raise ConfigError(f"--balancing runs the demo's recipe (text MLM, image MIM, joint) as it is, in one "
-                              f"process; drop {flag} (the joint stage's steps: --set max_steps=N; the unimodal "
-                              "stages': --unimodal-steps N)")
+                              f"process; drop {flag}{hint}")
     try:
         seeds = [int(s) for s in (args.seeds or "0,1").split(",") if s.strip()]
     except ValueError:

@@ -108,6 +108,15 @@ def check_plan(cfg: TrainConfig, p: BalancingPlan) -> None:
         check_mixing(method_config(cfg, method))
 
 
+def mixing_note(cfg: TrainConfig, p: BalancingPlan) -> str | None:
+    """What the adaptive mix replaces, where it replaces a schedule the other methods follow: the
+    comparison is then of two mixes as well as of the methods (it had been done without a word)."""
+    if ADAPTIVE_MIXING not in p.methods or cfg.data.mixing_schedule == "constant":
+        return None
+    return (f"{ADAPTIVE_MIXING} adapts the data mix itself, in place of data.mixing_schedule="
+            f"{cfg.data.mixing_schedule}, which the other methods follow")
+
+
 def method_config(joint: TrainConfig, method: str) -> TrainConfig:
     c = from_dict(TrainConfig, to_dict(joint))
     if method == ADAPTIVE_MIXING:  # the adaptive mix replaces any other schedule the comparison was given
@@ -158,6 +167,8 @@ def run_balancing(cfg: TrainConfig, p: BalancingPlan, output: Path, console: Con
         console.print(f"note: {' and '.join(s for s, items in p.stage_settings.items() if items)} train with "
                       f"{', '.join(noted)}, the demo recipe's unimodal settings (the joint stage: "
                       f"{', '.join(f'{k}={joint.get(k)}' for k in keys)}); --set {keys[0]}=X sets every stage's")
+    if note := mixing_note(cfg, p):
+        console.print(f"note: {note}")
     results: dict[str, dict[int, dict]] = {}
     total, done = len(p.methods) * len(p.seeds), 0
     for seed in p.seeds:
