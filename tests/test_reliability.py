@@ -139,6 +139,20 @@ def test_sixteen_bit_greys_keep_their_range_and_bombs_are_refused_before_decodin
     (tmp_path / "bomb.png").write_bytes(bomb)
     with pytest.raises(flava.data.members.BadSample, match="image too large"):
         open_image(tmp_path / "bomb.png")
+    # A phone's 45 MP JPEG is decoded at half scale (DCT domain), not refused; so is one in training's
+    # libjpeg-turbo path; the same pixels either way. A PNG of as many pixels is still refused.
+    from flava.data.decode import decode_rgb, jpeg_within_limit
+
+    Image.new("RGB", (9000, 5000), (20, 120, 220)).save(tmp_path / "phone.jpg", quality=80)
+    assert jpeg_within_limit(9000, 5000) == (4500, 2500) and jpeg_within_limit(4000, 3000) is None
+    photo = open_image(tmp_path / "phone.jpg")
+    assert photo.size == (4500, 2500) and photo.getpixel((10, 10)) == pytest.approx((20, 120, 220), abs=3)
+    assert np.array_equal(decode_rgb(tmp_path / "phone.jpg"), np.asarray(photo))
+    assert decode_rgb(tmp_path / "phone.jpg", draft=lambda w, h: (w // 16, h // 16)).shape == (625, 1125, 3)
+    wide = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 5000, 8, 2, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    with pytest.raises(flava.data.members.BadSample, match="image too large"):
+        open_image(wide)
 
     (tmp_path / "c.txt").write_bytes(b"first line\nbroken \xff line\nthird line\n")
     src = text_file(str(tmp_path / "c.txt"))

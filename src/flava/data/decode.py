@@ -26,7 +26,8 @@ from .transforms import crop_resize, extreme_aspect, to_rgb
 
 MISSING_IMAGE = "missing image file"
 MAX_IMAGE_PIXELS = 40_000_000
-"""Images with more pixels are refused before decoding (a 13000x13000 PNG decodes to 1 GB)."""
+"""Images with more pixels are refused before decoding (a 13000x13000 PNG decodes to 1 GB); a JPEG
+is decoded at the largest of libjpeg's 1/2, 1/4 and 1/8 scales within it (`jpeg_within_limit`)."""
 
 
 def _image_bytes(ref: Path | Member) -> bytes:
@@ -61,6 +62,24 @@ def _image_bytes(ref: Path | Member) -> bytes:
     if not data:
         raise BadSample("empty image file")
     return data
+
+
+def jpeg_within_limit(width: int, height: int) -> tuple[int, int] | None:
+    """For a JPEG of more than MAX_IMAGE_PIXELS (a 48-108 MP phone photograph): the size of its
+    largest DCT-domain scale (1/2, 1/4, 1/8) within them, which libjpeg decodes without the whole
+    image's memory; None when even 1/8 is larger, or when the image needs no scaling."""
+    if width * height <= MAX_IMAGE_PIXELS:
+        return None
+    for n in (4, 2, 1):  # eighths
+        w, h = math.ceil(width * n / 8), math.ceil(height * n / 8)
+        if w * h <= MAX_IMAGE_PIXELS:
+            return w, h
+    return None
+
+
+def _capped(least: tuple[int, int], cap: tuple[int, int] | None) -> tuple[int, int]:
+    """A decode request (`least`) no larger than `cap` in either side."""
+    return least if cap is None else (min(least[0], cap[0]), min(least[1], cap[1]))
 
 
 def check_size(width: int, height: int) -> None:
@@ -161,10 +180,12 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
             # Damaged EXIF leaves the image as stored (`_orientation`): nothing to warn about.
             warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
             with Image.open(io.BytesIO(data)) as im:
-                check_size(im.width, im.height)
+                cap = jpeg_within_limit(im.width, im.height) if im.format == "JPEG" else None
+                check_size(*(cap or im.size))
                 orientation = _orientation(im.getexif)
-                if draft is not None:
-                    im.draft("RGB", _upright_draft(draft, orientation)(im.width, im.height))
+                if draft is not None or cap is not None:
+                    least = _upright_draft(draft, orientation)(im.width, im.height) if draft is not None else im.size
+                    im.draft("RGB", _capped(least, cap))
                 im.load()
                 return to_rgb(im if orientation == 1 else ImageOps.exif_transpose(im))
     except BadSample:
@@ -192,10 +213,11 @@ def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = 
         except ValueError:
             colorspace = None  # PIL says what is wrong with it
         if colorspace in ("YCbCr", "Gray", "RGB"):
-            check_size(width, height)
+            cap = jpeg_within_limit(width, height)
+            check_size(*(cap or (width, height)))
             orientation = jpeg_orientation(data)
-            least = fast_scale(width, height, *_upright_draft(draft, orientation)(width, height)) \
-                if draft is not None else (width, height)
+            least = _capped(fast_scale(width, height, *_upright_draft(draft, orientation)(width, height))
+                            if draft is not None else (width, height), cap)
             if memo is not None and least in memo:
                 return memo[least]
             try:

@@ -166,8 +166,8 @@ def decode_images(raw: list[tuple[str, bytes]]) -> list[Image.Image]:
 
 def _refusal(name: str, data: bytes, kind: str) -> ApiError:
     if kind == "image too large":
-        return ApiError(413, f"upload {name!r} has more than {MAX_IMAGE_PIXELS:,} pixels, too many to decode "
-                             "safely; send a smaller image")
+        return ApiError(413, f"upload {name!r} has more than {MAX_IMAGE_PIXELS:,} pixels (a JPEG: 64 times that), "
+                             "too many to decode safely; send a smaller image")
     if kind == "extreme aspect ratio":
         with Image.open(io.BytesIO(data)) as im:  # only its header: `open_image` checks the size before decoding
             size = f"{im.width}x{im.height}"
