@@ -407,6 +407,23 @@ def test_a_demo_codebook_of_another_vocabulary_than_the_heads_is_refused_before_
         assert not out.exists()
 
 
+def test_a_new_run_given_a_codebook_of_fewer_tokens_is_told_to_size_its_heads(tmp_path, capsys):
+    # A checkpoint's heads may predict more classes than its codebook has (transformers takes it);
+    # a new model's are sized to the codebook instead of leaving classes no token names.
+    from flava.io.checkpoint import save_checkpoint
+
+    cfg = preset("tiny")
+    cfg.codebook.vocab_size = 64
+    save_checkpoint(tmp_path / "cb", to_dict(cfg), {"codebook": flava.FlavaImageCodebook(cfg.codebook).state_dict()})
+    out = tmp_path / "run"
+    code = cli(["pretrain", "--config", "tiny", "--max-steps", "1", "--output", str(out), "--set",
+                f"codebook={tmp_path / 'cb'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "the image codebook has 64 tokens but the MIM/MMM heads would predict image.vocab_size=512; set " \
+           "model.image.vocab_size=64" in err, err
+
+
 def test_a_mixing_the_stage_refuses_is_refused_before_the_demo_codebook_trains(tmp_path, capsys, monkeypatch):
     # Said only after minutes of demo codebook training, leaving the codebook and a lock behind.
     from flava.train import run as run_module

@@ -241,9 +241,9 @@ def test_missing_codebook_is_a_clear_error():
     b = pair_batch(cfg)
     with pytest.raises(flava.InputError, match="train-codebook"):
         pm(ImageBatch(b.pixel_values, b.patch_mask, codebook_pixels=b.codebook_pixels))
-    with pytest.raises(flava.ConfigError, match="image.vocab_size"):
+    with pytest.raises(flava.ConfigError, match="image.vocab_size"):  # tokens the heads cannot predict
         cfg2 = tiny_config()
-        cfg2.codebook.vocab_size = 32
+        cfg2.codebook.vocab_size = cfg2.image.vocab_size * 2
         PretrainingModel(cfg2, codebook=flava.FlavaImageCodebook(cfg2.codebook))
 
 
@@ -393,10 +393,16 @@ def test_a_codebook_of_another_size_says_what_to_set():
 
     cfg = preset("tiny")
     cb = preset("tiny").codebook
-    cb.vocab_size = cfg.image.vocab_size // 2
+    cb.vocab_size = cfg.image.vocab_size * 2
     with pytest.raises(ConfigError, match=rf"the image codebook has {cb.vocab_size} tokens .* set "
                                           rf"model.image.vocab_size={cb.vocab_size}"):
         PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cb))
+    # Fewer tokens than the heads predict are targets all the same, as transformers takes them: a
+    # checkpoint's heads cannot be resized (a new run is told to size them: test_errors_and_config).
+    cb.vocab_size = cfg.image.vocab_size // 2
+    pm = PretrainingModel(cfg, codebook=flava.FlavaImageCodebook(cb))
+    pixels = torch.rand(2, 3, cfg.image.image_size, cfg.image.image_size)
+    assert int(pm.codebook.token_ids(pixels).max()) < cb.vocab_size
 
 
 def test_a_zero_masking_rate_is_refused_where_an_objective_predicts_masked_positions():
