@@ -711,11 +711,12 @@ def test_a_parquet_pair_tables_other_columns_are_kept_as_a_csvs_are(tiny_model, 
     assert read_embeddings(tmp_path / "named").metadata[0] == {
         "image_path": paths[0], "caption": "one", "input_input_caption": "c1", "input_caption": "i1",
         "tags": '["a", "b"]'}
-    (tmp_path / "pairs.csv").write_text(f"image,caption,image_path\n{paths[0]},one,theirs\n")
+    (tmp_path / "pairs.csv").write_text(f"image,caption,image_path,_file_size\n{paths[0]},one,theirs,USER\n")
     assert cli(["embed", "--model", str(tiny_model), "--pairs", str(tmp_path / "pairs.csv"),
                 "--output", str(tmp_path / "csv")]) == 0
+    # A column named as embed's bookkeeping (_file_size) is kept too; it had been overwritten unsaid.
     assert read_embeddings(tmp_path / "csv").metadata == [{"image_path": paths[0], "caption": "one",
-                                                           "input_image_path": "theirs"}]
+                                                           "input_image_path": "theirs", "input__file_size": "USER"}]
 
 
 def test_embed_refuses_when_nothing_could_be_embedded(tiny_model, photos, tmp_path, capsys):

@@ -166,7 +166,7 @@ def text_inputs(path: str) -> Inputs:
             raise DataError(_no_rows(table))
         column = table.column("text", "caption", "sentence")
         texts = [row.get(column) for row in table.rows]
-        meta = [{column: t, **{k: _cell(v) for k, v in row.values.items() if k != column}}
+        meta = [_with_others({column: t}, {k: v for k, v in row.values.items() if k != column})
                 for t, row in zip(texts, table.rows)]
         return Inputs("text", texts=texts, metadata=meta, text_field=column,
                       listing_rejected=Counter(table.rejected), listing_named=_bad_rows(table),
@@ -220,10 +220,13 @@ def _cell(value):
 
 def _with_others(row: dict, others: dict) -> dict:
     """`row` with a table's other columns as metadata; one named as a column of embed's own
-    (`image_path`, `caption`, `key`) kept as `input_NAME` (input_input_NAME where that is taken)."""
+    (`image_path`, `caption`, `key`, `FILE_COLUMNS`) kept as `input_NAME` (input_input_NAME where that
+    is taken)."""
     out = dict(row)
     for k, v in others.items():
-        name = kept_name(k, {*out, *others.keys() - {k}})
+        # Nor over embed's bookkeeping (FILE_COLUMNS): a column `_file_size` of the table's own had been
+        # overwritten by the file's size without a word.
+        name = kept_name(k, {*out, *FILE_COLUMNS, *others.keys() - {k}})
         out[name] = _cell(v)
     return out
 
