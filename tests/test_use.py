@@ -1153,3 +1153,22 @@ def test_two_embed_runs_never_write_one_output_at_once(tiny_model, photos, tmp_p
     assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "none.txt"),
                 "--output", str(tmp_path / "made")]) == 2
     assert not (tmp_path / "made").exists()
+
+
+def test_a_product_quantized_index_scores_by_cosine_and_finds_an_indexed_vector_first(tmp_path, monkeypatch):
+    # Its inner products are of vectors the codes lengthened: "cosines" past 1 (1.003), and an indexed
+    # image searched with its own vector not first. The shortlist is ranked again by cosine.
+    import flava.retrieval.index as index_module
+
+    monkeypatch.setattr(index_module, "choose_factory", lambda n, dim, memory: ("IVF4,PQ8x6", 4))
+    rng = np.random.default_rng(0)
+    # Embeddings as a model's are: clustered, near neighbours closer than the codes' error.
+    centres = rng.standard_normal((20, 32))
+    v = (centres[rng.integers(0, 20, 2000)] + 0.15 * rng.standard_normal((2000, 32))).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    index = index_from_arrays(v, None, tmp_path / "pq", modality="text")
+    hits = index.search(v[:200], k=5)
+    scores = np.array([[h.score for h in row] for row in hits])
+    assert scores.max() <= 1 + 1e-6 and (np.diff(scores, axis=1) <= 1e-7).all()
+    first = sum(row[0].position == i for i, row in enumerate(hits))
+    assert first >= 50, first  # 69 of 200 here; ranked by the codes' inner products, 2 (and scores to 1.047)
