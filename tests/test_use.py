@@ -406,9 +406,11 @@ def test_shard_pairs_keep_their_captions_and_keys_through_index_and_search(tiny_
     with tarfile.open(tmp_path / "00000.tar", "w") as tar:
         for i, p in enumerate(sorted(photos.rglob("*.png"))[:3]):
             caption = f"a {p.parent.name} square".encode()
+            sidecar = [(f"s{i}.json", json.dumps({"url": f"http://example.org/{i}.png", "width": 48, "key": f"s{i}",
+                                                  "caption": caption.decode()}).encode())] if i == 1 else []
             for name, data in ((f"s{i}.png", p.read_bytes()),
                                (f"s{i}.json", json.dumps({"caption": caption.decode()}).encode()) if i == 2
-                               else (f"s{i}.txt", caption)):
+                               else (f"s{i}.txt", caption), *sidecar):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -417,6 +419,9 @@ def test_shard_pairs_keep_their_captions_and_keys_through_index_and_search(tiny_
     meta = read_embeddings(tmp_path / "emb", "text").metadata
     assert [(m["caption"], m["key"]) for m in meta] == [("a blue square", "s0"), ("a blue square", "s1"),
                                                         ("a blue square", "s2")]
+    # img2dataset's .json beside a .txt caption: its fields kept, those the sample has already not twice.
+    assert meta[1] == {"caption": "a blue square", "key": "s1", "url": "http://example.org/1.png", "width": "48",
+                       "image_path": meta[1]["image_path"]}, meta[1]
     assert cli(["index", "--embeddings", str(tmp_path / "emb"), "--which", "text",
                 "--output", str(tmp_path / "idx")]) == 0
     capsys.readouterr()

@@ -47,6 +47,8 @@ class PairRecord:
     prepared: PreparedCrops | None = None
     key: str | None = None
     """A WebDataset sample's key (its members' shared name), where there is one."""
+    sidecar: Member | None = None
+    """A WebDataset sample's `.json` member (img2dataset's url, size, ...): metadata `flava embed` keeps."""
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,7 @@ class TarShard:
             if image is None or caption is None:
                 rejected[_incomplete(members, links, image is None, caption is None)] += _lost(members)
                 continue
-            records.append(PairRecord(image, caption, prepared, key))
+            records.append(PairRecord(image, caption, prepared, key, members.get(".json")))
         return Opened(records, rejected)
 
 

@@ -218,6 +218,19 @@ def _cell(value):
     return json.dumps(value, default=str) if isinstance(value, (list, dict, bool)) else str(value)
 
 
+def _sidecar(member) -> dict:
+    """A WebDataset sample's `.json` member as metadata (img2dataset writes its url, sizes and
+    status there; its key and caption, the same as the sample's, are left to the sample's); {} for
+    none, or one that is not a JSON object (the sample is embedded all the same)."""
+    if member is None:
+        return {}
+    try:
+        value = json.loads(member.read())
+    except (OSError, ValueError, BadSample):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _with_others(row: dict, others: dict) -> dict:
     """`row` with a table's other columns as metadata; one named as a column of embed's own
     (`image_path`, `caption`, `key`, `FILE_COLUMNS`) kept as `input_NAME` (input_input_NAME where that
@@ -283,8 +296,9 @@ def pair_inputs(spec: str) -> Inputs:
         texts.append(caption)
         row = {"image_path": name, **({"caption": caption} if isinstance(caption, str) else {}),
                **({"key": record.key} if getattr(record, "key", None) is not None else {})}
-        # A parquet or `datasets` table's other columns, kept as a CSV's are.
-        meta.append(_with_others(row, other_cells(ref, roles)) if isinstance(ref, ArrowImage) else row)
+        # A parquet or `datasets` table's other columns, and a shard sample's .json, kept as a CSV's are.
+        others = other_cells(ref, roles) if isinstance(ref, ArrowImage) else _sidecar(getattr(record, "sidecar", None))
+        meta.append(_with_others(row, {k: v for k, v in others.items() if row.get(k, ...) != v}))
     return Inputs("pair", images=images, texts=texts, metadata=meta, listing_rejected=Counter(source.rejected))
 
 
