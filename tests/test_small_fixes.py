@@ -429,13 +429,20 @@ def test_sigterm_to_a_command_without_stopping_points_ends_it_in_one_line():
 
     script = ("import os, signal, sys, time\nimport flava.cli.evaluate as ev\nfrom flava.cli import main\n"
               "def run(args, console):\n    print('working', flush=True)\n    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    time.sleep(5)\n    print('not stopped')\n"
+              "    time.sleep(1)\n    print('not stopped')\n"
               "ev.run = run\nsys.exit(main(['evaluate', '--model', 'm', '--suite', 'demo', '--output', 'o']))")
     src = str(Path(flava.__file__).parents[1])
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 143 and done.stdout == "working\n", (done.returncode, done.stdout, done.stderr)
     assert re.fullmatch(r"flava evaluate: stopped by SIGTERM after \d+ s\n", done.stderr), done.stderr
+    # A program that calls main with a SIGTERM handler of its own keeps it (it had been replaced by one
+    # that ends the process, the program's clean-up never run).
+    script = script.replace("ev.run = run", "signal.signal(signal.SIGTERM, lambda *_: print('own handler', flush=True))"
+                                            "\nev.run = run").replace("print('not stopped')", "print('went on')")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": src, "HF_HUB_OFFLINE": "1"})
+    assert done.stdout == "working\nown handler\nwent on\n", (done.returncode, done.stdout, done.stderr)
 
 
 def test_a_run_names_its_loss_curves_only_when_it_drew_them(train_data, tmp_path, capsys):

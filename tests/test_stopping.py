@@ -169,6 +169,19 @@ def test_a_signal_in_the_flava_process_teardown_ends_it_with_its_commands_exit_c
     done = subprocess.run([sys.executable, "-c", late], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and done.stdout == "lived on", (done.returncode, done.stdout, done.stderr)
+    # The exit handlers that join loader workers (multiprocessing's) stay interruptible: one waiting
+    # on a stuck worker had ignored the signal until the worker ended.
+    stuck = ("import sys; sys.argv = ['flava']; import flava\nimport multiprocessing as mp, signal, time\n"
+             "from flava import stopping\n"
+             "def child():\n    signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)\n"
+             "if __name__ == '__main__':\n    mp.get_context('fork').Process(target=child, daemon=True).start()\n"
+             "    print('ended', flush=True)\n    stopping.end_with(3)")
+    proc = subprocess.Popen([sys.executable, "-c", stuck], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.stdout.readline() == "ended\n"
+    time.sleep(1)  # in multiprocessing's exit handler, joining the child
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 3
     # main() called by another program leaves its signals as they were.
     script = script.replace("import entry", "import main").replace("entry()", "main()")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,

@@ -17,6 +17,18 @@ def _interrupted_while_starting(kind, value, traceback, _previous=_sys.excepthoo
 if _sys.argv and (_basename(_sys.argv[0]) == "flava" or _sys.argv[0] == "-m"):
     _sys.excepthook = _interrupted_while_starting
 
+
+def _last_at_exit() -> None:
+    stopping = _sys.modules.get("flava.stopping")
+    if stopping is not None:
+        stopping.ignored_at_the_end()
+
+
+# Registered before torch and multiprocessing are imported, so that it runs after their exit
+# handlers (last registered, first run): those (loader workers terminated and joined) stay
+# interruptible by `stopping.end_with`'s handlers.
+__import__("atexit").register(_last_at_exit)
+
 from .config import (
     CodebookConfig,
     FlavaConfig,

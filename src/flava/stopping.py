@@ -15,7 +15,6 @@ signal sent to the whole process group prints no worker tracebacks.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import signal
@@ -270,7 +269,9 @@ def terminable(command: str) -> Iterator[None]:
     one line (`flava COMMAND: stopped by SIGTERM after N s`) with exit code 143. Not by raising: an
     exception raised in a callback from C++ (matplotlib's) came out as another one, a traceback.
     The previous handler comes back after the block."""
-    if threading.current_thread() is not threading.main_thread():
+    # Only over Python's default: a program that calls `main` with a handler of its own keeps it.
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
     began = time.perf_counter()
@@ -357,7 +358,7 @@ def end_with(code: int) -> None:
     command's exit code, where a second Ctrl-C printed a traceback from the loader's cleanup and a
     SIGTERM turned a finished run's exit 0 into 143. Past the exit handlers, where Python puts
     back the default handlers of the signals it handled (and a signal then ended a finished run
-    with 143), they are ignored until the process has ended (`_ignored_at_the_end`)."""
+    with 143), they are ignored until the process has ended (`ignored_at_the_end`)."""
     global _ending
 
     def now(*_) -> None:
@@ -373,9 +374,9 @@ def end_with(code: int) -> None:
     _ending = True
 
 
-@atexit.register  # at import, so that it runs after the exit handlers registered since (LIFO)
-def _ignored_at_the_end() -> None:
-    # Python keeps an ignored signal ignored through its finalization, and resets handled ones.
+def ignored_at_the_end() -> None:
+    """The last exit handler (`flava/__init__` registers it before any other): past it Python keeps
+    an ignored signal ignored through its finalization, and resets handled ones to their defaults."""
     if _ending and threading.current_thread() is threading.main_thread():
         for s in SIGNALS:
             signal.signal(s, signal.SIG_IGN)
