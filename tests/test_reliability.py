@@ -125,7 +125,7 @@ def test_a_cut_shard_is_counted_and_a_giant_member_is_refused(tmp_path):
     assert src.rejected["tar member past the end of its shard"] == 1
 
 
-def test_sixteen_bit_greys_keep_their_range_and_bombs_are_refused_before_decoding(tmp_path):
+def test_sixteen_bit_greys_keep_their_range_and_bombs_are_refused_before_decoding(tmp_path, monkeypatch):
     grey = np.full((8, 8), 32768, dtype=np.uint16)
     Image.fromarray(grey).save(tmp_path / "g16.png")
     rgb = np.asarray(open_image(tmp_path / "g16.png"))
@@ -139,16 +139,25 @@ def test_sixteen_bit_greys_keep_their_range_and_bombs_are_refused_before_decodin
     (tmp_path / "bomb.png").write_bytes(bomb)
     with pytest.raises(flava.data.members.BadSample, match="image too large"):
         open_image(tmp_path / "bomb.png")
-    # A phone's 45 MP JPEG is decoded at half scale (DCT domain), not refused; so is one in training's
-    # libjpeg-turbo path; the same pixels either way. A PNG of as many pixels is still refused.
+    # A phone's 45-108 MP JPEG is decoded at the largest DCT scale within the limit, not refused, by
+    # PIL's path and by training's libjpeg-turbo path alike: the limits lowered here, as such a
+    # photograph meets them (ours, 40 MP, and PIL's own bomb limit, 89 MP). A PNG as large is refused.
+    import flava.data.decode as decode_module
     from flava.data.decode import decode_rgb, jpeg_within_limit
 
-    Image.new("RGB", (9000, 5000), (20, 120, 220)).save(tmp_path / "phone.jpg", quality=80)
-    assert jpeg_within_limit(9000, 5000) == (4500, 2500) and jpeg_within_limit(4000, 3000) is None
-    photo = open_image(tmp_path / "phone.jpg")
-    assert photo.size == (4500, 2500) and photo.getpixel((10, 10)) == pytest.approx((20, 120, 220), abs=3)
-    assert np.array_equal(decode_rgb(tmp_path / "phone.jpg"), np.asarray(photo))
-    assert decode_rgb(tmp_path / "phone.jpg", draft=lambda w, h: (w // 16, h // 16)).shape == (625, 1125, 3)
+    assert jpeg_within_limit(9000, 5000) == (4500, 2500) and jpeg_within_limit(12000, 9000) == (6000, 4500)
+    assert jpeg_within_limit(4000, 3000) is None
+    monkeypatch.setattr(decode_module, "MAX_IMAGE_PIXELS", 2_000_000)
+    Image.new("RGB", (2001, 1201), (20, 120, 220)).save(tmp_path / "odd.jpg", quality=80)
+    photo = open_image(tmp_path / "odd.jpg")  # odd sides: PIL scales by whole sides
+    assert photo.size == (1001, 601) and photo.getpixel((10, 10)) == pytest.approx((20, 120, 220), abs=3)
+    assert np.array_equal(decode_rgb(tmp_path / "odd.jpg"), np.asarray(photo))
+    assert decode_rgb(tmp_path / "odd.jpg", draft=lambda w, h: (w // 16, h // 16)).shape == (151, 251, 3)
+    Image.new("CMYK", (2001, 1201)).save(tmp_path / "cmyk.jpg", quality=80)  # libjpeg-turbo's path cannot: PIL's
+    assert open_image(tmp_path / "cmyk.jpg").size == (1001, 601)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)
+    Image.new("RGB", (3000, 2000), (20, 120, 220)).save(tmp_path / "big.jpg", quality=80)
+    assert open_image(tmp_path / "big.jpg").size == (1500, 1000) == decode_rgb(tmp_path / "big.jpg").shape[1::-1]
     wide = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 9000, 5000, 8, 2, 0, 0, 0)) \
         + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
     with pytest.raises(flava.data.members.BadSample, match="image too large"):

@@ -175,6 +175,10 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
         return to_rgb(ref)
     try:
         data = ref if isinstance(ref, bytes) else _image_bytes(ref)
+        if _large_jpeg(data):  # past PIL's own bomb limit too (89 MP): libjpeg-turbo at a DCT scale within ours
+            array = _libjpeg(data, draft)
+            if array is not None:
+                return Image.fromarray(array)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             # Damaged EXIF leaves the image as stored (`_orientation`): nothing to warn about.
@@ -185,7 +189,10 @@ def open_image(ref: ImageRef | bytes, draft: Callable[[int, int], tuple[int, int
                 orientation = _orientation(im.getexif)
                 if draft is not None or cap is not None:
                     least = _upright_draft(draft, orientation)(im.width, im.height) if draft is not None else im.size
-                    im.draft("RGB", _capped(least, cap))
+                    # PIL scales by whole sides (size // request): a cap rounded up would keep the whole image.
+                    floor = None if cap is None else (im.width // math.ceil(im.width / cap[0]),
+                                                      im.height // math.ceil(im.height / cap[1]))
+                    im.draft("RGB", _capped(least, floor))
                 im.load()
                 return to_rgb(im if orientation == 1 else ImageOps.exif_transpose(im))
     except BadSample:
@@ -205,31 +212,52 @@ def decode(ref: ImageRef, draft: Callable[[int, int], tuple[int, int]] | None = 
     if isinstance(ref, Image.Image):
         return open_image(ref)
     data = _image_bytes(ref)
-    if data[:2] == b"\xff\xd8":
-        import simplejpeg
+    array = _libjpeg(data, draft, memo)
+    return array if array is not None else open_image(data, draft)
 
-        try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-        except ValueError:
-            colorspace = None  # PIL says what is wrong with it
-        if colorspace in ("YCbCr", "Gray", "RGB"):
-            cap = jpeg_within_limit(width, height)
-            check_size(*(cap or (width, height)))
-            orientation = jpeg_orientation(data)
-            least = _capped(fast_scale(width, height, *_upright_draft(draft, orientation)(width, height))
-                            if draft is not None else (width, height), cap)
-            if memo is not None and least in memo:
-                return memo[least]
-            try:
-                array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
-            except ValueError:
-                pass
-            else:
-                array = upright(array, orientation)
-                if memo is not None:
-                    memo[least] = array
-                return array
-    return open_image(data, draft)
+
+def _large_jpeg(data: bytes) -> bool:
+    """Whether `data` is a JPEG whose header names more than MAX_IMAGE_PIXELS."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    import simplejpeg
+
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return False
+    return width * height > MAX_IMAGE_PIXELS
+
+
+def _libjpeg(data: bytes, draft: Callable[[int, int], tuple[int, int]] | None = None, memo: dict | None = None
+             ) -> np.ndarray | None:
+    """[H, W, 3] uint8, upright: JPEG bytes libjpeg-turbo reads (YCbCr, grey or RGB), at the smallest
+    fast scale `draft` allows and at most `jpeg_within_limit`'s; None for other bytes (PIL's then)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    import simplejpeg
+
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # PIL says what is wrong with it
+    if colorspace not in ("YCbCr", "Gray", "RGB"):
+        return None
+    cap = jpeg_within_limit(width, height)
+    check_size(*(cap or (width, height)))
+    orientation = jpeg_orientation(data)
+    least = _capped(fast_scale(width, height, *_upright_draft(draft, orientation)(width, height))
+                    if draft is not None else (width, height), cap)
+    if memo is not None and least in memo:
+        return memo[least]
+    try:
+        array = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=least[0], min_height=least[1])
+    except ValueError:
+        return None
+    array = upright(array, orientation)
+    if memo is not None:
+        memo[least] = array
+    return array
 
 
 FAST_EIGHTHS = (1, 2, 4)
