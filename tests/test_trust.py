@@ -240,6 +240,28 @@ def test_a_lock_whose_holder_is_exiting_is_waited_for(tmp_path):
             proc.kill()
 
 
+def test_a_file_system_without_locks_is_said_not_taken_for_a_held_lock(tmp_path, monkeypatch, capsys):
+    # flock failing with ENOLCK (NFS without its lock daemon) or ENOSYS (Lustre mounted noflock) had
+    # been "in use by another flava run (another process)": every run there refused.
+    import errno
+
+    from flava.io import locks
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    with RunDir(tmp_path / "run").lock():
+        pass
+    err = capsys.readouterr().err
+    assert err == f"note: {tmp_path / 'run'} is on a file system that takes no locks (No locks available): nothing " \
+                  "stops a second run from writing there at the same time\n", err
+    monkeypatch.setattr(locks.fcntl, "flock", lambda fd, op: (_ for _ in ()).throw(OSError(errno.EWOULDBLOCK, "busy")))
+    with pytest.raises(flava.errors.ConfigError, match="is in use by another flava run"):
+        with RunDir(tmp_path / "run").lock():
+            pass
+
+
 # --------------------------------------------------------------------------- one clear line, nothing left behind
 
 

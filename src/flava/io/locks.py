@@ -11,10 +11,12 @@ them, and a second lock in the same process would be granted silently.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,7 +82,14 @@ def hold(path: str | os.PathLike, what: str, fix: str, remove: bool = False) -> 
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                # A file system without locks (Lustre mounted noflock, NFS without its lock daemon):
+                # nobody holds it, and no run could; said, not refused as "in use".
+                os.close(fd)
+                _say_unlocked(path, e)
+                yield
+                return
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)
             # A run killed a moment ago and restarted at once (a scheduler's requeue): its
@@ -107,6 +116,11 @@ def hold(path: str | os.PathLike, what: str, fix: str, remove: bool = False) -> 
             finally:
                 _HELD.discard(fd)
                 os.close(fd)
+
+
+def _say_unlocked(path: Path, e: OSError) -> None:
+    print(f"note: {path.parent} is on a file system that takes no locks ({e.strerror or e}): nothing stops a "
+          "second run from writing there at the same time", file=sys.stderr)
 
 
 def _still_at(fd: int, path: Path) -> bool:
