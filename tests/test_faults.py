@@ -193,6 +193,13 @@ def test_a_full_disk_said_in_a_librarys_own_words_is_one_line(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "the disk is full" in err, err
     assert not list((tmp_path / "e" / "img_emb").iterdir())  # no half-written .tmp left
+    # Words decide, the free space only for a short write's: a CUDA error on a nearly full disk is no
+    # full disk, and a quota said in a library's words (os error 122) is a quota.
+    from flava.io.files import disk_full
+
+    assert disk_full(RuntimeError("CUDA error: an illegal memory access"), tmp_path) is None
+    quota = disk_full(SafetensorError("I/O error: Disk quota exceeded (os error 122)"), tmp_path)
+    assert quota is not None and quota.errno == 122
     # A read-only file system is no permission to change (it had been said so).
     from flava.io.files import explain_os_error
 

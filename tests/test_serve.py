@@ -740,6 +740,8 @@ def test_bad_requests(server):
          "'position' is given 2 times in the JSON body; give it once"),
         (server.request("POST", "/embed", b'{"texts": ["a"], "texts": ["b"]}', "application/json"), 400,
          "'texts' is given 2 times in the JSON body"),
+        (server.request("POST", "/search", b'{"embedding": [1' + b"0" * 400 + b", 0" * (server.index.dim - 1) + b"]}",
+                        "application/json"), 400, '"embedding" holds a number too large for float64'),
         (server.post_json("/predict", {"texts": []}), 400, "texts"),
         (server.post_json("/predict", {"texts": ["a"], "top_k": 0}), 400, "top_k"),
         (server.get("/no/such/thing"), 404, "no endpoint"),

@@ -1154,10 +1154,12 @@ def test_two_embed_runs_never_write_one_output_at_once(tiny_model, photos, tmp_p
     assert list(out.iterdir()) == []
     assert cli(["embed", "--model", str(tiny_model), "--images", str(photos), "--output", str(out)]) == 0
     assert not (out / ".lock").exists() and len(read_embeddings(out).metadata) == 12
-    # A run that could write nothing leaves no folder it made.
-    assert cli(["embed", "--model", str(tiny_model), "--texts", str(tmp_path / "none.txt"),
-                "--output", str(tmp_path / "made")]) == 2
-    assert not (tmp_path / "made").exists()
+    # A run that could embed nothing leaves no folder it made (its inputs listed, none decoded).
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"\x89PNG\r\n not an image")
+    err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--images", str(tmp_path / "broken"),
+                                 "--output", str(tmp_path / "made")]))
+    assert "none of the 1 inputs could be embedded" in err and not (tmp_path / "made").exists()
 
 
 def test_a_product_quantized_index_scores_by_cosine_and_finds_an_indexed_vector_first(tmp_path, monkeypatch):

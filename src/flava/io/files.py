@@ -94,21 +94,25 @@ NEARLY_FULL_BYTES = 1 << 20
 
 
 def disk_full(e: BaseException, where: str | os.PathLike) -> OSError | None:
-    """A failed write's error as the full disk it was: safetensors (SafetensorError), torch.save
-    (RuntimeError: "unexpected pos") and numpy (OSError without errno) say it in words of their own,
-    which reached users as tracebacks; None for other errors."""
+    """A failed write's error as the full disk (or quota) it was: safetensors (SafetensorError: "os
+    error 28"), torch.save (RuntimeError: "unexpected pos") and numpy (OSError without errno: "N
+    requested and M written") say it in words of their own, which reached users as tracebacks; the
+    words of a short write count only with the disk nearly full. None for other errors."""
     from safetensors import SafetensorError
 
     if not isinstance(e, (OSError, RuntimeError, SafetensorError)) or isinstance(e, OSError) and e.errno is not None:
         return None
     text = str(e)
+    for code in (errno.EDQUOT, errno.ENOSPC):
+        if os.strerror(code) in text or f"os error {code})" in text:
+            return OSError(code, os.strerror(code), str(where))
+    if not ("unexpected pos" in text or re.search(r"\d+ requested and \d+ written", text)):
+        return None
     try:
         nearly_full = shutil.disk_usage(where).free < NEARLY_FULL_BYTES
     except OSError:
         nearly_full = False
-    if "No space left on device" in text or "os error 28" in text or nearly_full:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
-    return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) if nearly_full else None
 
 
 def replace_dir(target: str | os.PathLike, fill: Callable[[Path], None]) -> None:

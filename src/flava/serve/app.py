@@ -270,7 +270,10 @@ def create_app(
             if len(vec) != idx.dim:
                 raise ApiError(400, f'"embedding" has {len(vec)} numbers; this index needs {idx.dim}')
             # In float64: JSON numbers up to 1e308 are finite there, and float32 would make 1e300 infinite.
-            wide = np.asarray([vec], dtype=np.float64)
+            try:
+                wide = np.asarray([vec], dtype=np.float64)
+            except OverflowError:  # a JSON integer past float64 (10**400)
+                raise ApiError(400, '"embedding" holds a number too large for float64') from None
             if not np.isfinite(wide).all():
                 raise ApiError(400, '"embedding" holds a non-finite number')
             if not wide.any():  # every item would score 0: a ranking of nothing
