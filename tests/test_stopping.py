@@ -128,7 +128,7 @@ def test_a_second_sigint_stops_at_once(train_data, tmp_path):
     # second does not.
     cmd = Command(codebook_args(train_data / "img", tmp_path / "cb", "--steps", "3", "--batch-size", "384",
                                 "--num-workers", "0", "--set", "codebook.hidden_size=64"), tmp_path / "c")
-    cmd.wait_for(lambda: "training a 64-token" in cmd.out.read_text())
+    cmd.wait_for(lambda: "training an image codebook of 64 tokens" in cmd.out.read_text())
     time.sleep(3)
     cmd.p.send_signal(signal.SIGINT)
     # Said at once; a repeat within a second of it is the same request (as torchrun forwards one).
@@ -537,7 +537,8 @@ def test_a_run_resumed_on_two_processes_keeps_its_global_batch_without_flags(tra
     ref = Command(["pretrain", "--output", str(tmp_path / "ref"), "--resume", "--max-steps", "4"], tmp_path / "r")
     out = done(Command(["pretrain", "--output", str(tmp_path / "run"), "--resume", "--max-steps", "4"],
                        tmp_path / "two", torchrun=2))
-    assert "data.batch_size 4 per process keeps the run's global batch of 8 (it was 8 on 1 process)" in out, out
+    said = " ".join(out.split())  # rich folds lines at 110 columns
+    assert "data.batch_size 4 per process keeps the run's global batch of 8 (it was 8 on 1 process)" in said, out
     assert "resumed from step 2" in out and "batch 4 x 2 processes" in out
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"]["batch_size"] == 4
     history = [json.loads(x) for x in (tmp_path / "run" / "config_history.jsonl").read_text().splitlines()]
