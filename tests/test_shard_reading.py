@@ -697,3 +697,15 @@ def test_prepare_says_a_tables_stray_quotes_and_names_the_first_sample_of_each_r
                 "--workers", "1"]) == 2
     assert f"(1 missing image file; the first: {tmp_path / 'sub' / 'sub' / 'a.png'}): a table's relative image " \
            "paths are read from its folder" in capsys.readouterr().err
+
+
+def test_a_brace_range_of_more_shards_than_any_data_set_is_refused_before_it_is_built():
+    # {00000..99999999}, digits to spare, had built 100 million names (20 GB) without a word, and no
+    # SIGTERM stopped it.
+    from flava.data.shards import expand_urls
+    from flava.errors import DataError
+
+    assert len(expand_urls("s3://b/{000..999}-{a,b}.tar")) == 2000
+    with pytest.raises(DataError, match=r"http://h/A/\{00000..99999999\}.tar names 100,000,000 shards with its "
+                                        r"braces, more than 10,000,000: check the range"):
+        expand_urls("http://h/A/{00000..99999999}.tar")

@@ -66,10 +66,28 @@ _IPV6_HOST = re.compile(r"(?:(?<=://)|(?<=@))\[[0-9A-Za-z:.%~_-]+\]")
 """An IPv6 literal host (`http://[::1]:8000/...`): its colons are no `::` joining lists."""
 
 
+MAX_NAMED_SHARDS = 10_000_000
+"""The most shards braces may name: a range typed with digits to spare ({00000..99999999}) had built
+a list of 100 million names, 20 GB, before a word was said."""
+
+
+def _braced(spec: str) -> int:
+    """How many names the brace groups of `spec` expand to (their product), counted before expanding."""
+    n = 1
+    for group in re.findall(r"\{([^{}]*)\}", spec):
+        bounds = re.fullmatch(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*", group)
+        n *= abs(int(bounds[2]) - int(bounds[1])) + 1 if bounds else group.count(",") + 1
+    return n
+
+
 def expand_urls(spec: str) -> list[str]:
     """webdataset's `expand_urls` (`::` joins lists, braces expand), IPv6 literal hosts kept whole."""
     from webdataset.shardlists import expand_urls as webdataset_expand
 
+    for part in spec.split("::"):
+        if (n := _braced(part)) > MAX_NAMED_SHARDS:
+            raise DataError(f"{part} names {n:,} shards with its braces, more than {MAX_NAMED_SHARDS:,}: check the "
+                            "range (a brace range counts every number between its ends)")
     hosts: list[str] = []
 
     def hide(m: re.Match) -> str:
