@@ -498,7 +498,9 @@ def test_an_output_where_nothing_can_be_made_is_one_line_before_any_work(tmp_pat
     (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
     cases = {"/proc/q7/run": "cannot use /proc/q7/run: No such file or directory; nothing can be made there",
              str(tmp_path / "gone"): f"{tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which does not exist",
-             str(tmp_path / "gone" / "run"): f"{tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which"}
+             str(tmp_path / "gone" / "run"): f"{tmp_path / 'gone'} is a link to {tmp_path / 'nowhere'}, which",
+             # A URL had become a local folder named `s3:` (prepare --output s3://...).
+             "s3://bucket/run": "s3://bucket/run is a remote place; outputs are written to a local or mounted"}
     for output, said in cases.items():
         code = cli([*argv[:1], *(argv[1:] + [output] if argv[0] == "export-hf" else argv[1:] + ["--output", output])])
         assert said in one_line_error(capsys, code)

@@ -218,7 +218,11 @@ def check_output_place(path: str | os.PathLike) -> None:
     """Refuse, before any command's work, an output where nothing can be made: a link to nothing,
     a read-only or virtual file system (/proc), no permission. Probed inside `path` where it is a
     folder, else in the nearest folder on its path; a file in the way is left to the command, which
-    knows whether it writes one."""
+    knows whether it writes one. A URL (s3://, http://) is refused: it had become a local folder
+    named `s3:`."""
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(path)):
+        raise OutputError(f"{path} is a remote place; outputs are written to a local or mounted directory: write "
+                          "there, then copy it (aws s3 sync, rclone), or mount the bucket")
     path = Path(path).absolute()
     for on_path in (path, *path.parents):
         if on_path.exists():
