@@ -709,3 +709,21 @@ def test_a_brace_range_of_more_shards_than_any_data_set_is_refused_before_it_is_
     with pytest.raises(DataError, match=r"http://h/A/\{00000..99999999\}.tar names 100,000,000 shards with its "
                                         r"braces, more than 10,000,000: check the range"):
         expand_urls("http://h/A/{00000..99999999}.tar")
+
+
+def test_a_cache_that_cannot_hold_a_shard_is_said_and_the_shard_read_without_it(tmp_path, monkeypatch, capsys):
+    # A full cache disk had counted every shard it could not hold as unreadable (the run exiting 0
+    # after 3 of 12 shards), and a cache_dir that is a file as every shard missing.
+    from flava.data import shards
+    from flava.errors import DataError
+
+    monkeypatch.setattr(shards, "_fetch", lambda url: b"the shard's bytes")
+    (tmp_path / "afile").write_text("")
+    cache = shards.ShardCache(str(tmp_path / "afile"), 2**30)  # nothing can be made inside a file
+    assert cache.get("http://h/0.tar") == b"the shard's bytes" and cache.get("http://h/1.tar") == b"the shard's bytes"
+    err = capsys.readouterr().err
+    assert err.count("note: data.cache_dir=") == 1 and "shards are read without it" in err, err
+    with pytest.raises(DataError, match=rf"data.cache_dir={tmp_path / 'afile'} cannot be used \(File exists\)"):
+        shards.check_cache_dir(str(tmp_path / "afile"))
+    shards.check_cache_dir(str(tmp_path / "fresh" / "cache"))  # made where it can be
+    assert (tmp_path / "fresh" / "cache").is_dir() and not list((tmp_path / "fresh" / "cache").iterdir())

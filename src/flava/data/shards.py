@@ -228,19 +228,25 @@ class ShardCache:
         name = hashlib.sha256(url.encode()).hexdigest()[:24] + "-" + url.rstrip("/").rsplit("/", 1)[-1][-40:]
         return Path(self.root) / name
 
-    def get(self, url: str) -> Path:
+    def get(self, url: str) -> Path | bytes:
         """The shard's local copy, opened by this process (`hold_shard`): evicting it later, here
-        or in another process, removes the file but not this reader's descriptor."""
+        or in another process, removes the file but not this reader's descriptor. Its bytes, not
+        kept, where the cache cannot hold it (a full disk): said once, not counted against the shard."""
         target = self.path(url)
         for _ in range(3):
             if not target.is_file():
                 data = _fetch(url)
-                target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
                 try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
                     tmp.write_bytes(data)
                     os.replace(tmp, target)  # other processes see a whole shard or none
-                except BaseException:  # a full disk, a stop given up amid the write
+                except OSError as e:  # the local disk's failure, not the shard's: read on without the cache
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+                    _cache_failed(self.root, e)
+                    return data
+                except BaseException:  # a stop given up amid the write
                     tmp.unlink(missing_ok=True)
                     raise
             try:
@@ -448,6 +454,29 @@ def _hint(url: str, e: BaseException | None) -> str:
         return ("; an S3-compatible store other than AWS is named by AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL) "
                 "in the environment")
     return "; is the server up and the address right?" if _connection_failure(e) is not None else ""
+
+
+_CACHE_SAID: set[str] = set()
+
+
+def _cache_failed(root: str, e: OSError) -> None:
+    if root not in _CACHE_SAID:  # once per process
+        _CACHE_SAID.add(root)
+        print(f"note: data.cache_dir={root} cannot hold a shard ({e.strerror or e}): shards are read without it "
+              "from now on, each time they are met", file=sys.stderr, flush=True)
+
+
+def check_cache_dir(root: str) -> None:
+    """DataError naming data.cache_dir where no shard could be kept (a file, /proc, no permission):
+    its every shard had been counted as missing or unreadable."""
+    probe = Path(root) / f".flava-cache-check-{os.getpid()}"
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DataError(f"data.cache_dir={root} cannot be used ({e.strerror or e}): name a folder this user may "
+                        "write, or leave it out to read remote shards without a cache") from None
 
 
 def read(url: str, cache: ShardCache | None = None) -> bytes | Path:

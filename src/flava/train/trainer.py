@@ -31,7 +31,7 @@ from ..objectives.pretraining import TARGETS
 from ..objectives.registry import active
 from ..data.pipeline import auto_workers
 from ..data.registry import KINDS, open_stream
-from ..data.shards import ShardCache
+from ..data.shards import ShardCache, check_cache_dir
 from ..distributed import max_over_processes, resolve_device, world
 from ..errors import ConfigError, DataError, DivergedError, saved_before
 from ..io.runs import RunDir
@@ -210,6 +210,8 @@ class Trainer:
         check_text_length(cfg.data.max_text_length, cfg.model.text.max_length, cfg.init_text)
         maker = self.stage.sample_maker()
         d = cfg.data
+        if d.cache_dir:
+            check_cache_dir(d.cache_dir)
         cache = ShardCache(d.cache_dir, int(d.cache_limit_gb * 2**30)) if d.cache_dir else None
         workers = self._loader_workers()
         self.streams = {
