@@ -1338,3 +1338,15 @@ def test_remote_shards_without_image_tokens_are_refused_saying_how_prepared_ones
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "is not known to hold image tokens (remote shards are read as prepared through their " \
                          "folder's index.json" in err, err
+
+
+def test_a_remote_text_file_or_table_named_with_a_query_string_is_read_by_its_name(http_server):
+    # notes.txt?v=1 was "no .txt or .jsonl files match", notes.txt.gz?sig=1 too, and pairs.csv?v=2 was
+    # read as a tar ("not a tar archive") instead of refused as a remote table.
+    url, root = http_server
+    (root / "notes.txt").write_text("a first line\na second line\n")
+    (root / "notes.txt.gz").write_bytes(gzip.compress(b"a first line\na second line\n"))
+    for name in ("notes.txt?v=1", "notes.txt.gz?sig=1"):
+        assert text_file(f"{url}/{name}").records == ["a first line", "a second line"], name
+    with pytest.raises(DataError, match=r"pairs.csv\?v=2: remote pairs are read from WebDataset shards"):
+        open_source("pairs", f"{url}/pairs.csv?v=2")

@@ -17,7 +17,7 @@ from typing import Literal
 from ..errors import DataError
 from . import arrow, demo, sources, tables, tars, texts
 from .images import IMAGE_SUFFIXES, RealPaths, files_below, find_images, holds_below, passed_over, walk_files
-from .shards import ShardCache, is_remote
+from .shards import ShardCache, bare_name, is_remote
 from .sources import Source
 
 Kind = Literal["pairs", "images", "text"]
@@ -105,8 +105,9 @@ def open_source(kind: Kind, spec: str, cache: ShardCache | None = None) -> Sourc
                            if kind == "pairs" else "image files, folders, shards or parquet")
                         + "; text is for pretraining's data.text (or embed's --texts)")
     remote = is_remote(spec) and not spec.startswith("pipe:")  # as a path, http://h/x.csv was http:/h/x.csv
-    one = "table" if tables.is_table(spec) else "image" if spec.lower().rstrip("/").endswith(tuple(IMAGE_SUFFIXES)) \
-        else None
+    named = bare_name(spec)  # http://h/x.csv?v=2 was read as a tar
+    one = "table" if tables.is_table(named) else "image" if named.lower().rstrip("/").endswith(
+        tuple(IMAGE_SUFFIXES)) else None
     if remote and one:
         raise DataError(f"{spec}: remote {kind} are read from WebDataset shards (.tar files, a folder or glob of "
                         f"them, or their index.json); copy the {one} here and name its local path")

@@ -97,6 +97,12 @@ def expand_urls(spec: str) -> list[str]:
     return [re.sub("\0(\\d+)\0", lambda m: hosts[int(m.group(1))], part) for part in parts] if hosts else parts
 
 
+def bare_name(url: str) -> str:
+    """A data spec as its name ends, less an http(s) URL's query and fragment (a signed URL's
+    `?X-Amz-Signature=...`, a `?v=2`), which had hidden its .csv or .txt."""
+    return url.split("?", 1)[0].split("#", 1)[0] if url.startswith(("http://", "https://")) else url
+
+
 def _path_of(url: str) -> str:
     """A URL's path: what follows its host (whose IPv6 brackets are no glob), less an http(s)
     query (a signed URL's `?X-Amz-Signature=...` is no glob either)."""

@@ -71,7 +71,7 @@ class TextShard:
 
     def open(self) -> Opened:
         rejected: Counter = Counter()
-        jsonl = self.url.lower().removesuffix(_compression_suffix(self.url)).endswith(".jsonl")
+        jsonl = _text_name(self.url).endswith(".jsonl")
         records = []
         for raw in self._lines(rejected):
             try:
@@ -112,7 +112,16 @@ def _rest_of_line(f) -> bytes:
 
 
 def _compression_suffix(url: str) -> str:
-    return next((c for c in COMPRESSED if url.lower().endswith(c)), "")
+    from .shards import bare_name
+
+    return next((c for c in COMPRESSED if bare_name(url).lower().endswith(c)), "")
+
+
+def _text_name(url: str) -> str:
+    """How a text file's name ends, less its compression and an http(s) query."""
+    from .shards import bare_name
+
+    return bare_name(url).lower().removesuffix(_compression_suffix(url))
 
 
 def _decompressor(suffix: str):
@@ -173,7 +182,7 @@ def text_file(path: str, field_name: str = "text", cache=None) -> Source:
         files = sorted(str(f) for f in walk_files(p) if f.is_file())
     else:
         files = expand(path, tuple(s + c for s in TEXT_SUFFIXES for c in ("", *COMPRESSED)))
-    files = [f for f in files if f.lower().removesuffix(_compression_suffix(f)).endswith(TEXT_SUFFIXES)]
+    files = [f for f in files if _text_name(f).endswith(TEXT_SUFFIXES)]
     if not files:
         from .images import WRONG_KIND, holds_images
 
