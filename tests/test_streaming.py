@@ -291,9 +291,14 @@ def test_a_server_that_cannot_be_reached_is_tried_again_said_and_never_called_mi
 
     assert shards.unreachable(s3_error("SlowDown", 503)) and shards.unreachable(ReadTimeoutError(endpoint_url="u"))
     assert not shards.unreachable(s3_error("AccessDenied", 403)) and not shards.unreachable(ValueError("bad tar"))
-    # An S3 endpoint that cannot be reached (botocore's words) is met with the variable that names another.
-    assert "named by AWS_ENDPOINT_URL" in shards._hint("s3://b/x.tar", OSError(
-        'Could not connect to the endpoint URL: "https://b.s3.amazonaws.com/x.tar"'))
+    # An S3 endpoint that cannot be reached (botocore's words) is met with the variable that names another,
+    # and where one is named, with the store it names (it had been told to name one all the same).
+    for name in ("AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    unreached = OSError('Could not connect to the endpoint URL: "https://b.s3.amazonaws.com/x.tar"')
+    assert "named by AWS_ENDPOINT_URL" in shards._hint("s3://b/x.tar", unreached)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert shards._hint("s3://b/x.tar", unreached) == "; is the store AWS_ENDPOINT_URL=http://127.0.0.1:9 names up?"
 
 
 class _HoldingServer:

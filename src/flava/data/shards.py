@@ -457,8 +457,12 @@ def _hint(url: str, e: BaseException | None) -> str:
     """What to check, where the failure says: a store that could not be reached (not one that
     answered with a refusal: 403, 5xx, a missing package)."""
     if url.startswith(("s3://", "s3a://")) and "endpoint" in str(e).lower():
-        return ("; an S3-compatible store other than AWS is named by AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL) "
-                "in the environment")
+        named = next((k for k in ("AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL") if os.environ.get(k)), None)
+        if named is None:
+            return ("; an S3-compatible store other than AWS is named by AWS_ENDPOINT_URL (or FSSPEC_S3_ENDPOINT_URL) "
+                    "in the environment")
+        # Named already (it had been told to name it): the store it names is what to check.
+        return f"; is the store {named}={os.environ[named]} names up?"
     return "; is the server up and the address right?" if _connection_failure(e) is not None else ""
 
 
