@@ -1355,3 +1355,22 @@ def test_a_remote_text_file_or_table_named_with_a_query_string_is_read_by_its_na
         assert text_file(f"{url}/{name}").records == ["a first line", "a second line"], name
     with pytest.raises(DataError, match=r"pairs.csv\?v=2: remote pairs are read from WebDataset shards"):
         open_source("pairs", f"{url}/pairs.csv?v=2")
+
+
+def test_credentials_a_store_refuses_are_said_at_once_not_tried_again(monkeypatch, capfd):
+    # Missing or wrong S3 keys had been tried three times a shard, pauses between: minutes of notes
+    # for 40 shards, hours for thousands, before a run was refused.
+    from botocore.exceptions import NoCredentialsError
+
+    from flava.data import shards
+
+    def no_keys(url):
+        raise NoCredentialsError()
+
+    monkeypatch.setattr(shards, "_filesystem", no_keys)
+    with pytest.raises(OSError, match=r"s3://b/0.tar: NoCredentialsError: Unable to locate credentials; give the "
+                                      r"store's credentials \(AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"):
+        shards._fetch("s3://b/0.tar")
+    assert "attempt 1 of" not in capfd.readouterr().err
+    with pytest.raises(DataError, match=r"could not list s3://b/ \(NoCredentialsError: .*\); give the store's"):
+        shards.expand("s3://b/", (".tar",))

@@ -216,6 +216,8 @@ def _expand_remote(url: str, suffixes: tuple[str, ...]) -> list[str]:
     except Exception as e:  # each backend raises its own types for refused or missing listings
         if (cut := _connection_failure(e)) is not None:
             raise DataError(f"could not list {url}: {_said(cut)}{_hint(url, cut)}") from None
+        if _credentials_failure(e):  # no listing, nor any read, would do better
+            raise DataError(f"could not list {url} ({type(e).__name__}: {first_line(e)}){CREDENTIALS_HINT}") from None
         raise DataError(f"could not list {url} ({type(e).__name__}: {e}); name the shards one by one or "
                         "with a brace range such as shards/{00000..00099}.tar") from None
     protocol = url.split("://", 1)[0]
@@ -305,6 +307,8 @@ def _fetch(url: str) -> bytes:
         except Exception as e:  # network errors come in many types
             last = e
         stopping.poll()  # a failure a stop caused (a pipe's command ended by the same signal) is not tried again
+        if _credentials_failure(last):  # the same answer each time: 3 tries of every shard had taken minutes
+            raise OSError(f"{url}: {_said(last)}{CREDENTIALS_HINT}") from last
         if attempt < RETRIES:
             wait = RETRY_PAUSE_S * 2 ** (attempt - 1)
             # From a loader worker too: a wait on the network is never silent.
@@ -313,6 +317,24 @@ def _fetch(url: str) -> bytes:
             time.sleep(wait)
     failure = Unreachable if _passing_failure(last) is not None else OSError
     raise failure(f"{url}: {_said(last)} ({RETRIES} attempts){_hint(url, last)}") from last
+
+
+CREDENTIALS_HINT = ("; give the store's credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or "
+                    "~/.aws/credentials) and check them")
+CREDENTIAL_WORDS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
+
+
+def _credentials_failure(e: BaseException | None) -> bool:
+    """Whether a store refused the credentials, or none were found (botocore's errors, as s3fs
+    passes them on): no retry can help."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError") or \
+                any(w in str(e) for w in CREDENTIAL_WORDS):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class Unreachable(OSError):
