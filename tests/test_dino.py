@@ -277,6 +277,13 @@ def test_config_reads_strictly_and_sizes_local_crops():
         DinoConfig(local_crop_size=20).validate(base)
     with pytest.raises(ConfigError, match="local_crop_scale_min"):
         DinoConfig(local_crop_scale_min=0.5).validate(base)
+    # One output trained nothing (its loss 0 at every step), and a "local" crop above the global size
+    # had been taken without a word.
+    with pytest.raises(ConfigError, match=r"dino.out_dim \(1\) must be at least 2"):
+        DinoConfig(out_dim=1).validate(base)
+    with pytest.raises(ConfigError, match=r"dino.local_crop_size \(256\) is larger than the global crops' "
+                                          r"model.image.image_size \(224\)"):
+        DinoConfig(local_crop_size=256).validate(base)
 
 
 # --------------------------------------------------------------------------- multi-crop

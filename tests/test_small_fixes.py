@@ -472,3 +472,18 @@ def test_a_resumes_batch_note_never_says_zero_processes():
 
     assert _was(8, 4) == "the run's settings say 8 per process, which no number of processes makes 4"
     assert (_was(4, 4), _was(4, 8)) == ("it was 4 on 1 process", "it was 4 on 2 processes")
+
+
+def test_a_lost_peers_reason_is_cut_at_a_word():
+    # gloo's words had been cut mid-word: "This is typically caused by a rem)".
+    from types import SimpleNamespace
+
+    from flava.train.trainer import Trainer
+
+    gloo = ("[../third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:39822: Connection reset by "
+            "peer. This is typically caused by a remote peer exiting, which may be due to an error on that side")
+    owner = SimpleNamespace(run=SimpleNamespace(intact_pointer=lambda: None))
+    said = str(Trainer._peer_lost(owner, RuntimeError(gloo), 10))
+    reason = said.split("(", 1)[1].rsplit(")", 1)[0]
+    assert reason.endswith("...") and gloo.startswith(reason[:-3]) and gloo[len(reason) - 3] in " ,.;:", said
+    assert said.endswith(", before any checkpoint: run the same command again")

@@ -104,7 +104,14 @@ class DinoConfig:
                               f"dino.local_crop_scale_max ({self.local_crop_scale_max})")
         if self.global_crop_scale_min <= 0:
             raise ConfigError("dino.global_crop_scale_min must be above 0")
+        if self.out_dim < 2:  # one prototype: the loss is 0 whatever the encoder, which then learns nothing
+            raise ConfigError(f"dino.out_dim ({self.out_dim}) must be at least 2: over one output the softmax is 1 "
+                              "and the loss 0 (the paper's is 65536)")
         size = self.local_size(image)
+        if size > image.image_size:  # a "local" view larger than the global ones is no local view
+            raise ConfigError(f"dino.local_crop_size ({size}) is larger than the global crops' "
+                              f"model.image.image_size ({image.image_size}); local crops are the small views "
+                              f"(the paper's 96 beside 224)")
         if size % image.patch_size:
             raise ConfigError(f"dino.local_crop_size ({size}) must be a multiple of the patch size "
                               f"{image.patch_size}; try {max(1, round(size / image.patch_size)) * image.patch_size}")

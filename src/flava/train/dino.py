@@ -58,7 +58,8 @@ class DinoStage(Stage):
                                   "encoder with init_image (a public image tower or one of our checkpoints) instead")
         if cfg.distributed == "fsdp":
             raise ConfigError("stage image-dino runs with distributed=ddp (the teacher is an EMA copy of the whole "
-                              "student); set distributed=ddp")
+                              "student); set distributed=ddp (in a recipe, for that stage alone: --stage-set "
+                              "image-dino:distributed=ddp)")
         self.teacher_momentum = momentum_schedule(cfg.dino.momentum_teacher, 1.0, cfg.max_steps)
         self.decay = momentum_schedule(cfg.dino.weight_decay, cfg.dino.weight_decay_end, cfg.max_steps)
 

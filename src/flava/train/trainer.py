@@ -644,7 +644,9 @@ class Trainer:
         """Another process of a torchrun run died (killed, out of memory) amid a step's collective:
         one line naming what is kept and how to go on, where the backend's traceback said neither.
         Nothing is saved now: the step's collectives cannot finish."""
-        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if len(reason) > 160:  # gloo's words run on: cut at a word, said to be cut
+            reason = reason[:160].rsplit(" ", 1)[0].rstrip(".,;:") + "..."
         lost = f"another process of this run ended during step {step} ({reason})"
         newest = self.run.intact_pointer()
         if newest is None:
