@@ -580,3 +580,15 @@ def test_rows_beside_balancing_are_refused_with_their_own_hint(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err.endswith("drop --rows (its rows are the --balancing methods, each run once per seed)") and "max_steps" not in err
     assert not (tmp_path / "a").exists()
+
+
+def test_a_row_or_a_stage_setting_named_twice_is_refused(tmp_path, capsys):
+    # --rows mlm,mlm trained MLM twice; --stage-set twice for one key took the last unsaid, where
+    # --stage-steps twice was refused.
+    assert cli(["ablate", "--output", str(tmp_path / "a"), "--rows", "mlm,mlm"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--rows names mlm twice: name each row once")
+    assert cli(["pretrain", "--recipe", "paper", "--output", str(tmp_path / "r"), "--stage-set",
+                "text-mlm:optim.lr=1e-3", "--stage-set", "text-mlm:optim.lr=2e-3"]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "--stage-set sets optim.lr of stage text-mlm twice (1e-3 and 2e-3): give it once")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "r").exists()

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace, console: Console) -> None:
     steps = args.steps if args.steps is not None else cfg.max_steps
     rows = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows is not None else \
         default_rows(args.processes)
+    if twice := next((r for i, r in enumerate(rows) if r in rows[:i]), None):  # it had trained the row twice
+        raise ConfigError(f"--rows names {twice} twice: name each row once")
     if not rows:  # an empty $ROWS had run every row, a lone comma none (exit 0, an empty table)
         raise ConfigError(f"--rows {args.rows!r} names no row; name some of {', '.join(ROWS)}, or leave --rows out "
                           "for all")

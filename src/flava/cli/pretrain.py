@@ -181,6 +181,11 @@ def run(args: argparse.Namespace, console: Console) -> None:
             stage, colon, setting = item.partition(":")
             if not colon or "=" not in setting:
                 raise ConfigError(f"--stage-set {item!r} must look like STAGE:KEY=VALUE, e.g. text-mlm:optim.lr=1e-3")
+            key = setting.partition("=")[0].strip()
+            given = next((s for s in overrides.get(stage.strip(), []) if s.partition("=")[0].strip() == key), None)
+            if given is not None:  # as --stage-steps refuses a stage twice: the last had won unsaid
+                raise ConfigError(f"--stage-set sets {key} of stage {stage.strip()} twice ({given.partition('=')[2]} "
+                                  f"and {setting.partition('=')[2]}): give it once")
             overrides.setdefault(stage.strip(), []).append(setting.strip())
         run_recipe(args.recipe, settings(args), Path(args.output), console, steps, overrides)
         return
