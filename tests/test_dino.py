@@ -156,6 +156,26 @@ def test_center_is_the_mean_over_every_process():
         torch.testing.assert_close(results[rank], expected, rtol=0, atol=1e-7)
 
 
+def _dims_worker(rank, world, port, teacher, results):
+    with gloo_group(rank, world, port):
+        rows = teacher.shape[0] // world
+        mine = teacher[rank * rows:(rank + 1) * rows]
+        results[rank] = collapse_metrics(mine, mine.repeat(2, 1), torch.zeros(1, teacher.shape[1]), 0.04, 0.1)[
+            "dims_in_use"].item()
+
+
+@pytest.mark.distributed
+def test_dims_in_use_counts_every_processs_batch():
+    # Counted on each process's batch and averaged, it had made 2 processes look more collapsed than 1
+    # process of their whole batch.
+    world, K = 2, 64
+    teacher = torch.randn(world * 8, K, generator=torch.Generator().manual_seed(6)) * 2
+    results = Results()
+    spawn(_dims_worker, (world, free_port(), teacher, results), world)
+    whole = len(torch.unique(teacher.argmax(-1))) / K
+    assert results[0] == results[1] == pytest.approx(whole)
+
+
 def _softmax(xs):
     top = max(xs)
     e = [math.exp(x - top) for x in xs]

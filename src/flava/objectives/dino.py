@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from ..config import ImageEncoderConfig
-from ..distributed import world
+from ..distributed import gather, world
 from ..errors import ConfigError, InputError
 from ..model.encoders import ImageEncoder
 from ..model.flava import init_weights, trunc_normal_
@@ -163,7 +163,8 @@ def collapse_metrics(teacher_out: torch.Tensor, student_out: torch.Tensor, cente
     - `kl_teacher_student`: mean KL(P_t || P_s) over the global crops (student rows in the same
       crop-major order as the teacher's); near 0 with a high entropy is uniform collapse.
     - `dims_in_use`: the share of the K dimensions that are the argmax of at least one teacher
-      output in this process's batch: 1/K when every image maps to the same dimension.
+      output in the batch of every process (one process's had made more processes look more
+      collapsed): 1/K when every image maps to the same dimension.
     """
     t = teacher_out.detach().float()
     s = student_out.detach().float()[: t.shape[0]]
@@ -171,7 +172,7 @@ def collapse_metrics(teacher_out: torch.Tensor, student_out: torch.Tensor, cente
     pt = log_pt.exp()
     log_ps = F.log_softmax(s / student_temp, dim=-1)
     used = torch.zeros(t.shape[1], dtype=torch.bool, device=t.device)
-    used[pt.argmax(dim=-1)] = True
+    used[gather(pt.argmax(dim=-1))] = True
     return {
         "teacher_entropy": -(pt * log_pt).sum(-1).mean(),
         "kl_teacher_student": (pt * (log_pt - log_ps)).sum(-1).mean(),
