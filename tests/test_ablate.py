@@ -578,7 +578,8 @@ def test_rows_beside_balancing_are_refused_with_their_own_hint(tmp_path, capsys)
     # The hint had been the one for --steps ("the joint stage's steps: --set max_steps=N").
     assert cli(["ablate", "--output", str(tmp_path / "a"), "--balancing", "fixed,dwa", "--rows", "flava"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("drop --rows (its rows are the --balancing methods, each run once per seed)") and "max_steps" not in err
+    assert err.endswith("drop --rows (its rows are the --balancing methods, each run once per seed)")
+    assert "max_steps" not in err
     assert not (tmp_path / "a").exists()
 
 

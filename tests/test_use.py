@@ -1150,7 +1150,8 @@ def test_two_embed_runs_never_write_one_output_at_once(tiny_model, photos, tmp_p
     with hold(out / ".lock", str(out), "wait", remove=True):  # another embed, writing there now
         err = _one_line(capsys, cli(["embed", "--model", str(tiny_model), "--images", str(photos), "--output",
                                      str(out)]))
-        assert f"{out} is in use by another flava run (pid {os.getpid()}" in err and "wait for the other `flava embed` to end" in err
+        assert f"{out} is in use by another flava run (pid {os.getpid()}" in err
+        assert "wait for the other `flava embed` to end" in err
     assert list(out.iterdir()) == []
     assert cli(["embed", "--model", str(tiny_model), "--images", str(photos), "--output", str(out)]) == 0
     assert not (out / ".lock").exists() and len(read_embeddings(out).metadata) == 12

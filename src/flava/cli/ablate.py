@@ -37,8 +37,8 @@ def add(sub) -> None:
                         "mixing-adaptive (fixed, with the data kinds' mix adapted to their loss progress)")
     p.add_argument("--seeds", help="with --balancing: the seeds each method runs (default 0,1)")
     # Stops at its boundaries on SIGTERM/SIGINT; a stop at once keeps what its runs saved.
-    p.set_defaults(run=run, graceful="stopping at the next training step, or once the evaluation in progress ends, "
-                                     "after saving", leaves="the runs finished are kept, and the run in progress from its last "
+    p.set_defaults(run=run, graceful="stopping at the next training step, or once the evaluation in progress "
+                                     "ends, after saving", leaves="the runs finished are kept, and the run in progress from its last "
                                                   "checkpoint: run the same command again to continue")
 
 
@@ -81,7 +81,8 @@ def run_balancing_comparison(args: argparse.Namespace, console: Console) -> None
     for flag, given in (("--rows", args.rows), ("--steps", args.steps), ("--processes", args.processes != 1)):
         if given:
             # Each flag's own hint: --rows had been given the one for steps.
-            hint = {"--steps": " (the joint stage's steps: --set max_steps=N; the unimodal stages': --unimodal-steps N)",
+            hint = {"--steps": " (the joint stage's steps: --set max_steps=N; the unimodal stages': "
+                               "--unimodal-steps N)",
                     "--rows": " (its rows are the --balancing methods, each run once per seed)"}.get(flag, "")
             raise ConfigError(f"--balancing runs the demo's recipe (text MLM, image MIM, joint) as it is, in one "
                               f"process; drop {flag}{hint}")

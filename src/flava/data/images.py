@@ -128,7 +128,8 @@ def find_images(specs: list[str | os.PathLike], left_out: Counter | None = None,
                 if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES:
                     take(m)
     if not found:
-        named = ", ".join(os.fsencode(s).decode("utf-8", "replace") for s in specs)  # a name not UTF-8 shown, not raised
+        # A name not UTF-8 shown, not raised as it is printed.
+        named = ", ".join(os.fsencode(s).decode("utf-8", "replace") for s in specs)
         raise DataError(f"no image files match {named}{said_left_out(others)}")
     if left_out is not None:
         left_out.update(others)

@@ -64,7 +64,8 @@ class Balancer:
         if not bad:
             return None
         said = ", ".join(f"{n} {v:g}" for n, v in bad.items())
-        return f"objectives.balancing='{self.method}' weighs objectives by factors no longer usable ({said}): {self.fix}"
+        return (f"objectives.balancing='{self.method}' weighs objectives by factors no longer usable ({said}): "
+                f"{self.fix}")
 
     fix = ""
     """What to change when `unusable` says so."""
