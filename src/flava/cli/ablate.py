@@ -38,8 +38,9 @@ def add(sub) -> None:
     p.add_argument("--seeds", help="with --balancing: the seeds each method runs (default 0,1)")
     # Stops at its boundaries on SIGTERM/SIGINT; a stop at once keeps what its runs saved.
     p.set_defaults(run=run, graceful="stopping at the next training step, or once the evaluation in progress "
-                                     "ends, after saving", leaves="the runs finished are kept, and the run in progress from its last "
-                                                  "checkpoint: run the same command again to continue")
+                                     "ends, after saving",
+                    leaves="the runs finished are kept, and the run in progress from its last checkpoint: run the "
+                           "same command again to continue")
 
 
 def run(args: argparse.Namespace, console: Console) -> None:

@@ -15,8 +15,9 @@ Endpoints (a refusal is JSON `{"error": message}` with a 4xx status; an internal
 - `GET /items/{position}` the indexed image file at a position (only files the index records, not
   through a link, and only while PIL still reads an image there and its size and modification time
   are those embed recorded, its media type from the format read; a file streamed with
-  FileResponse's ETag and Last-Modified, 304 to a conditional GET they match; an image inside a local tar shard, which the index records as `shard#offset`, too) or,
-  for a text index, `{"position", "item"}`.
+  FileResponse's ETag and Last-Modified, 304 to a conditional GET they match; an image inside a
+  local tar shard, which the index records as `shard#offset`, too) or, for a text index,
+  `{"position", "item"}`.
 - `GET /metrics` Prometheus text format: `flava_requests_total{endpoint,method,status}` and a
   summary `flava_request_latency_ms{endpoint,quantile="0.5"|"0.99"}` with `_sum`, `_count` and
   `flava_request_latency_mean_ms`, and the gauge `flava_model_queue_waiting` (requests waiting for
