@@ -494,8 +494,8 @@ _CACHE_SAID: set[str] = set()
 def _cache_failed(root: str, e: OSError) -> None:
     if root not in _CACHE_SAID:  # once per process
         _CACHE_SAID.add(root)
-        print(f"note: data.cache_dir={root} cannot hold a shard ({e.strerror or e}): shards are read without it "
-              "from now on, each time they are met", file=sys.stderr, flush=True)
+        print(f"note: data.cache_dir={root} cannot hold a shard ({e.strerror or e}): a shard it cannot hold is read "
+              "without it, each time it is met", file=sys.stderr, flush=True)
 
 
 def check_cache_dir(root: str) -> None:
