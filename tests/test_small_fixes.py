@@ -420,6 +420,7 @@ def test_a_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
     assert done.returncode in (130, -2) and done.stderr == "flava: interrupted while starting\n", done.stderr
 
 
+@pytest.mark.slow  # two CLI processes
 def test_sigterm_to_a_command_without_stopping_points_ends_it_in_one_line():
     # `flava evaluate` (or index, search...) had ended under SIGTERM without a word, exit 143 from
     # Python's default; Ctrl-C said "interrupted". It is not raised as an exception: one raised in a
@@ -445,6 +446,7 @@ def test_sigterm_to_a_command_without_stopping_points_ends_it_in_one_line():
     assert done.stdout == "working\nown handler\nwent on\n", (done.returncode, done.stdout, done.stderr)
 
 
+@pytest.mark.slow  # a run and its resume
 def test_a_run_names_its_loss_curves_only_when_it_drew_them(train_data, tmp_path, capsys):
     # A run stopped before its first logged step, then ended where it stopped (--resume --max-steps
     # at its step), had named a loss_curves.png that nothing drew: its log held no row.
