@@ -106,9 +106,8 @@ def bare_name(url: str) -> str:
 def _path_of(url: str) -> str:
     """A URL's path: what follows its host (whose IPv6 brackets are no glob), less an http(s)
     query (a signed URL's `?X-Amz-Signature=...` is no glob either)."""
-    scheme, _, rest = url.partition("://")
-    path = rest.split("/", 1)[1] if "/" in rest else ""
-    return path.split("?", 1)[0].split("#", 1)[0] if scheme in ("http", "https") else path
+    rest = bare_name(url).partition("://")[2]
+    return rest.split("/", 1)[1] if "/" in rest else ""
 
 
 def expand(spec: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -327,14 +326,8 @@ CREDENTIAL_WORDS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken
 def _credentials_failure(e: BaseException | None) -> bool:
     """Whether a store refused the credentials, or none were found (botocore's errors, as s3fs
     passes them on): no retry can help."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if type(e).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError") or \
-                any(w in str(e) for w in CREDENTIAL_WORDS):
-            return True
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return False
+    return any(type(x).__name__ in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError")
+               or any(w in str(x) for w in CREDENTIAL_WORDS) for x in _chain(e))
 
 
 class Unreachable(OSError):
